@@ -1,0 +1,164 @@
+"""The configuration as typed values (SPEC §1). Durations are float seconds, sizes int bytes.
+
+Loading, ``${VAR}`` expansion, strict structuring and error messages live in
+``waypoint.config.load``; this module only describes the shape and defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from attrs import field, frozen
+
+ProviderName = Literal["tailscale", "static"]
+TlsMode = Literal["off", "optional", "require"]
+BackendTls = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
+PasswordEncryption = Literal["auto", "scram-sha-256", "md5"]
+StateBackend = Literal["memory", "redis"]
+ListenerMode = Literal["postgres"]
+
+
+@frozen
+class StaticIdentity:
+    """One ``[[identity.static]]`` entry: peers in ``cidr`` are this identity."""
+
+    cidr: str
+    login: str
+    node: str
+    tags: tuple[str, ...] = ()
+    # The capability rules (same JSON shape as a Tailscale grant element).
+    # Given either as inline TOML (``grants``) or a JSON string (``grants_json``);
+    # the loader normalizes both into ``grants``.
+    grants: tuple[Any, ...] = ()
+    grants_json: str | None = None
+
+
+@frozen
+class IdentityConfig:
+    provider: ProviderName = "tailscale"
+    socket: str = "/var/run/tailscale/tailscaled.sock"
+    capability: str = "redo.com/cap/waypoint"
+    timeout: float = 5.0
+    static: tuple[StaticIdentity, ...] = ()
+
+
+@frozen
+class RevalidationConfig:
+    interval: float = 60.0  # 0 disables
+
+
+@frozen
+class ProvisioningConfig:
+    allow_raw_sql: bool = False
+
+
+@frozen
+class LimitsConfig:
+    max_conns_total: int = 1000
+    max_conns_per_user: int = 0
+    max_conn_duration: float = 0.0
+    max_bytes_per_conn: int = 0
+
+
+@frozen
+class DefaultsConfig:
+    limits: LimitsConfig = field(factory=LimitsConfig)
+
+
+@frozen
+class StateConfig:
+    backend: StateBackend = "memory"
+    url: str | None = None
+    key_prefix: str = "waypoint:"
+    lease: float = 30.0
+
+
+@frozen
+class MetricsConfig:
+    listen: str | None = None
+
+
+@frozen
+class PostgresListenerConfig:
+    admin_user: str
+    admin_password: str = field(repr=False)
+    admin_database: str = "postgres"
+    user_prefix: str = "wp_"
+    user_ttl: float = 86400.0
+    allow_raw_sql: bool | None = None
+    password_encryption: PasswordEncryption = "auto"
+    reap_interval: float | None = None
+    reassign_to: str | None = None
+    reap_on_cockroachdb: bool = False
+
+    @property
+    def effective_reap_interval(self) -> float:
+        if self.reap_interval is not None:
+            return self.reap_interval
+        return min(self.user_ttl / 4, 3600.0)
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` → (host, port). Raises ValueError."""
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0 or value[end + 1 : end + 2] != ":":
+            raise ValueError(f"{value!r} is not host:port")
+        host, port_s = value[1:end], value[end + 2 :]
+    else:
+        host, sep, port_s = value.rpartition(":")
+        if not sep or not host or ":" in host:
+            raise ValueError(f"{value!r} is not host:port")
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"{value!r} has no valid port")
+    return host, int(port_s)
+
+
+@frozen
+class ListenerConfig:
+    name: str
+    listen: str
+    backend: str
+    postgres: PostgresListenerConfig
+    mode: ListenerMode = "postgres"
+    tls_mode: TlsMode = "optional"
+    use_tailscale_tls: bool = False
+    cert_file: str | None = None
+    key_file: str | None = None
+    backend_tls: BackendTls = "prefer"
+    backend_ca_file: str | None = None
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return split_host_port(self.listen)
+
+    @property
+    def backend_address(self) -> tuple[str, int]:
+        return split_host_port(self.backend)
+
+
+@frozen
+class Config:
+    listeners: tuple[ListenerConfig, ...] = ()
+    handshake_timeout: float = 15.0
+    drain_timeout: float = 30.0
+    identity: IdentityConfig = field(factory=IdentityConfig)
+    revalidation: RevalidationConfig = field(factory=RevalidationConfig)
+    provisioning: ProvisioningConfig = field(factory=ProvisioningConfig)
+    defaults: DefaultsConfig = field(factory=DefaultsConfig)
+    state: StateConfig = field(factory=StateConfig)
+    metrics: MetricsConfig = field(factory=MetricsConfig)
+    # Where the file came from (for messages); not a TOML key.
+    source: str | None = field(default=None, eq=False)
+
+    def allow_raw_sql(self, listener: ListenerConfig) -> bool:
+        """The per-listener override of ``[provisioning] allow_raw_sql``."""
+        if listener.postgres.allow_raw_sql is not None:
+            return listener.postgres.allow_raw_sql
+        return self.provisioning.allow_raw_sql
+
+    def listener(self, name: str) -> ListenerConfig:
+        for lst in self.listeners:
+            if lst.name == name:
+                return lst
+        raise KeyError(name)
