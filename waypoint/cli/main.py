@@ -1,17 +1,43 @@
-"""The ``waypoint`` command line."""
+"""The ``waypoint`` command line.
+
+Each subcommand lives in its own module ``waypoint.cli.<name>`` exposing
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported lazily.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from waypoint import __version__
 
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("waypoint.cli.run_cmd", "run the daemon"),
+    "check": ("waypoint.cli.check", "validate a config file and print the effective configuration"),
+    "explain": ("waypoint.cli.explain", "show how a grant evaluates for an identity"),
+    "roles": ("waypoint.cli.roles", "list or reap the roles Waypoint created"),
+    "demo": ("waypoint.cli.demo", "run everything locally: throwaway PostgreSQL, static identity, Waypoint"),
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="waypoint", description="PostgreSQL access proxy for Tailscale networks")
+
+def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="waypoint", description="PostgreSQL access proxy for Tailscale networks"
+    )
     parser.add_argument("--version", action="version", version=f"waypoint {__version__}")
-    parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name and available_only:
+                continue
+            raise
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sp)
+        sp.set_defaults(_module=module)
     return parser
 
 
@@ -21,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return 0
+    result: int = args._module.run(args)
+    return result
 
 
 if __name__ == "__main__":
