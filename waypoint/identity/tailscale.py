@@ -1,0 +1,134 @@
+"""Identity from tailscaled: a LocalAPI whois, turned into an :class:`Identity`.
+
+The whois JSON is untrusted input: :func:`identity_from_whois` checks every
+field it reads and turns any wrong shape into :class:`MalformedResponse`
+(never a KeyError or TypeError). Unknown fields are ignored and ``null`` is
+accepted for every list and map, as tailscale-localapi.md requires.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from waypoint.config.model import IdentityConfig
+from waypoint.identity.localapi import LocalAPIClient, MalformedResponse
+from waypoint.identity.model import Identity
+
+__all__ = ["TailscaleProvider", "identity_from_whois"]
+
+
+def _optional_object(value: Any, what: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise MalformedResponse(f"{what} is a JSON {_kind(value)}, not an object")
+    return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _node_name(node: dict[str, Any]) -> str:
+    computed = node.get("ComputedName")
+    if computed is not None and not isinstance(computed, str):
+        raise MalformedResponse(
+            f"whois Node.ComputedName is a JSON {_kind(computed)}, not a string"
+        )
+    if computed:
+        return computed
+    name = node.get("Name")
+    if name is not None and not isinstance(name, str):
+        raise MalformedResponse(f"whois Node.Name is a JSON {_kind(name)}, not a string")
+    label = (name or "").rstrip(".").split(".", 1)[0]
+    if not label:
+        raise MalformedResponse("whois answer has neither Node.ComputedName nor a Node.Name")
+    return label
+
+
+def _tags(node: dict[str, Any]) -> tuple[str, ...]:
+    tags = node.get("Tags")
+    if tags is None:
+        return ()
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise MalformedResponse("whois Node.Tags is not an array of strings")
+    return tuple(tags)
+
+
+def _rules(body: dict[str, Any], capability: str) -> tuple[dict[str, Any], ...]:
+    cap_map = _optional_object(body.get("CapMap"), "whois CapMap")
+    if cap_map is None:
+        return ()
+    rules = cap_map.get(capability)
+    if rules is None:
+        return ()
+    if not isinstance(rules, list):
+        raise MalformedResponse(
+            f"whois CapMap[{capability!r}] is a JSON {_kind(rules)}, not an array"
+        )
+    for index, rule in enumerate(rules):
+        if not isinstance(rule, dict):
+            raise MalformedResponse(
+                f"whois CapMap[{capability!r}][{index}] is a JSON {_kind(rule)}, not an object"
+            )
+    return tuple(rules)
+
+
+def identity_from_whois(body: Any, capability: str) -> Identity:
+    """The :class:`Identity` in a decoded whois answer. Raises :class:`MalformedResponse`."""
+    if not isinstance(body, dict):
+        raise MalformedResponse(f"whois answer is a JSON {_kind(body)}, not an object")
+    profile = _optional_object(body.get("UserProfile"), "whois UserProfile")
+    if profile is None:
+        raise MalformedResponse("whois answer has no UserProfile")
+    login = profile.get("LoginName")
+    if not isinstance(login, str) or not login:
+        raise MalformedResponse("whois UserProfile.LoginName is missing or not a non-empty string")
+    node = _optional_object(body.get("Node"), "whois Node")
+    if node is None:
+        raise MalformedResponse("whois answer has no Node")
+    return Identity(
+        login=login,
+        node=_node_name(node),
+        tags=_tags(node),
+        rules=_rules(body, capability),
+    )
+
+
+class TailscaleProvider:
+    """:class:`~waypoint.identity.model.IdentityProvider` backed by tailscaled's LocalAPI."""
+
+    def __init__(self, cfg: IdentityConfig, *, client: LocalAPIClient | None = None) -> None:
+        self.capability = cfg.capability
+        self.client = client or LocalAPIClient(cfg.socket, timeout=cfg.timeout)
+
+    def __repr__(self) -> str:
+        return f"TailscaleProvider({self.client!r}, capability={self.capability!r})"
+
+    async def whois(self, host: str, port: int) -> Identity:
+        """Who is at (host, port). Raises an :class:`~waypoint.identity.model.IdentityError`
+        subclass: PeerNotFound, BadAddress, MalformedResponse or LocalAPIUnavailable."""
+        body = await self.client.whois_raw(host, port)
+        try:
+            return identity_from_whois(body, self.capability)
+        except MalformedResponse as exc:
+            raise MalformedResponse(f"tailscaled whois {host}:{port}: {exc}") from None
+
+    async def cert_pair(self, domain: str, *, min_validity: float | None) -> tuple[bytes, bytes]:
+        """(key_pem, cert_chain_pem) for ``domain`` from tailscaled (see LocalAPIClient.cert_pair)."""
+        return await self.client.cert_pair(domain, min_validity=min_validity)
+
+    async def aclose(self) -> None:
+        """Nothing to release: every LocalAPI call uses its own connection."""
