@@ -1,0 +1,170 @@
+"""Message-boundary tracking for relayed PostgreSQL v3 traffic (sans-IO).
+
+The relay never parses what it forwards; it only needs to know where one typed
+message ends and the next begins, in each direction, so that Waypoint can end a
+session with a FATAL ErrorResponse *between* two messages (SPEC §4 step 7), and
+so that a later statement-logging capability can hook on message headers.
+
+Every typed message is ``type (1 byte) + int32 length (counting itself) + body``.
+:class:`BoundaryTracker` is fed the relayed chunks in order and skips from header
+to header: its cost is proportional to the number of headers in a chunk, never
+to the number of bytes (a 1 GiB DataRow costs one header decode). A header may
+be split across chunks; the tracker keeps the (at most 4) bytes it has seen.
+
+No I/O, no clock, no threads: the relay engine (``waypoint.proxy.relay``) feeds it
+from its loop, tests feed it bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+
+# TODO(pgwire): waypoint/pgwire/errors.py (ProtocolError family) is being written by
+# another helper; until it lands this module carries a compatible local class.
+class ProtocolError(Exception):
+    """The byte stream is not valid PostgreSQL v3 framing."""
+
+    def __init__(self, message: str, sqlstate: str = "08P01") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+__all__ = ["MAX_MESSAGE_LENGTH", "BoundaryTracker", "HeaderCallback", "ProtocolError"]
+
+#: Largest value the int32 length word can carry (PostgreSQL's own bound).
+MAX_MESSAGE_LENGTH = 0x7FFFFFFF
+
+_HEADER = struct.Struct("!Bi")
+_HEADER_SIZE = _HEADER.size  # 5
+
+#: ``on_header(type_byte, length)``: called once per message header, in order.
+#: ``length`` counts itself (the body is ``length - 4`` bytes). It runs on the
+#: relay's hot path: keep it cheap and never block in it.
+HeaderCallback = Callable[[int, int], None]
+
+
+class BoundaryTracker:
+    """Follows message boundaries in one direction of a v3 byte stream.
+
+    A fresh tracker assumes the stream starts at a message boundary (after the
+    startup phase: the relay begins after ReadyForQuery).
+
+    After :class:`~waypoint.pgwire.errors.ProtocolError` the stream is not a v3
+    stream any more; the tracker must not be fed again (the relay ends).
+    """
+
+    __slots__ = ("_header", "_skip", "messages", "on_header")
+
+    def __init__(self, on_header: HeaderCallback | None = None) -> None:
+        #: Body bytes of the current message still to be skipped.
+        self._skip = 0
+        #: Bytes of a header split across chunks (0..4 of them).
+        self._header = bytearray()
+        #: Number of message headers seen so far.
+        self.messages = 0
+        #: Optional hook, see :data:`HeaderCallback`; ``None`` costs nothing.
+        self.on_header = on_header
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when everything fed so far ends exactly at the end of a message."""
+        return self._skip == 0 and not self._header
+
+    def __repr__(self) -> str:
+        return (
+            f"BoundaryTracker(messages={self.messages}, at_boundary={self.at_boundary}, "
+            f"skip={self._skip}, partial_header={len(self._header)})"
+        )
+
+    # -- feeding -------------------------------------------------------------------------
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
+        """Account for the next ``chunk`` of the stream (any size, including empty)."""
+        n = len(chunk)
+        if self._header:
+            pos = self._complete_header(chunk, n)
+            if self._header:  # still incomplete: the whole chunk was header bytes
+                return
+        else:
+            pos = self._skip
+        if pos + _HEADER_SIZE <= n:
+            pos = self._walk(chunk, pos, n)
+        if pos >= n:
+            self._skip = pos - n
+        else:
+            self._skip = 0
+            self._header += chunk[pos:n]
+
+    def feed_until_boundary(self, chunk: bytes | bytearray | memoryview) -> int:
+        """Consume ``chunk`` only up to the next message boundary; return how many bytes.
+
+        Used to end a relay between two messages: the relay forwards
+        ``chunk[:returned]`` and then, if :attr:`at_boundary` is true, injects its
+        own message. Returns 0 when the tracker is already at a boundary, and
+        ``len(chunk)`` (with :attr:`at_boundary` possibly still false) when no
+        boundary is reached inside ``chunk``. At most one header is decoded.
+        """
+        if self.at_boundary:
+            return 0
+        n = len(chunk)
+        if self._header:
+            pos = self._complete_header(chunk, n)
+            if self._header:
+                return n
+        else:
+            pos = self._skip
+        if pos <= n:
+            self._skip = 0
+            return pos
+        self._skip = pos - n
+        return n
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _walk(self, chunk: bytes | bytearray | memoryview, pos: int, n: int) -> int:
+        """Skip every whole header that starts in ``chunk[pos:n]``; return the position
+        after the last message body (which may lie beyond ``n``)."""
+        unpack = _HEADER.unpack_from
+        callback = self.on_header
+        count = 0
+        limit = n - _HEADER_SIZE
+        try:
+            while pos <= limit:
+                type_byte, length = unpack(chunk, pos)
+                if length < 4:
+                    raise _bad_length(type_byte, length)
+                if callback is not None:
+                    callback(type_byte, length)
+                count += 1
+                pos += 1 + length
+        finally:
+            self.messages += count
+        return pos
+
+    def _complete_header(self, chunk: bytes | bytearray | memoryview, n: int) -> int:
+        """Add bytes of ``chunk`` to a split header. Returns the position in ``chunk``
+        after the body of the completed message (possibly beyond ``n``), or ``n`` if
+        the header is still incomplete."""
+        header = self._header
+        take = min(_HEADER_SIZE - len(header), n)
+        header += chunk[:take]
+        if len(header) < _HEADER_SIZE:
+            return n
+        type_byte: int
+        length: int
+        type_byte, length = _HEADER.unpack_from(header, 0)
+        header.clear()
+        if length < 4:
+            raise _bad_length(type_byte, length)
+        if self.on_header is not None:
+            self.on_header(type_byte, length)
+        self.messages += 1
+        return take + length - 4
+
+
+def _bad_length(type_byte: int, length: int) -> ProtocolError:
+    shown = chr(type_byte) if 0x20 < type_byte < 0x7F else f"0x{type_byte:02x}"
+    return ProtocolError(
+        f"invalid message length {length} for message type {shown!r} (must be at least 4)"
+    )
