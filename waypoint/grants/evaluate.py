@@ -1,0 +1,211 @@
+"""Capability rules + listener + database (+ preset cap) → EffectiveGrant or Refusal (SPEC §3).
+
+Semantics:
+- A rule applies when its ``backends`` has this listener. No rule applies:
+  ``28000`` (not authorized for the listener).
+- Per applying rule: the exact database entry if present, else ``*``. The
+  wildcard covers only databases **not listed in that rule**; another rule's
+  ``*`` still applies. Results are united across rules.
+- Pairs stay paired per entry: every permission of an entry pairs with every
+  schema of that entry, never with another rule's schemas (no flattening).
+  All pairs are kept (readonly and readwrite on one schema both stay), so no
+  information is lost; provisioning grants each pair's group.
+- An entry with ``sql`` becomes a :class:`CustomGrant` carrying its own pairs
+  and SQL; those pairs are **not** also in ``privileges`` (the private group
+  carries both, so REVOKE in its SQL carves holes in its own presets).
+- Preset cap: every pair's preset becomes ``min(cap, granted)`` (never
+  elevates); all raw SQL is dropped and custom grants turn into plain capped
+  pairs. Nothing left after the cap: ``42501``.
+- Raw SQL left and ``allow_raw_sql`` false: ``42501``.
+- Limits: per field the strictest positive value across the applying rules'
+  top-level and listener-level ``limits`` and ``[defaults.limits]``; 0 is
+  unset. Rules that do not mention this listener contribute no limits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from attrs import frozen
+
+from waypoint import errors
+from waypoint.config.model import LimitsConfig
+from waypoint.errors import Refusal
+from waypoint.grants.model import CustomGrant, EffectiveGrant, Limits, Preset, SchemaPrivilege
+from waypoint.grants.rules import WILDCARD, ParsedRules, RuleError, parse_rules
+from waypoint.identity.model import Identity
+
+
+@frozen
+class Evaluation:
+    """The outcome plus the parse warnings (unknown fields) the caller should log."""
+
+    result: EffectiveGrant | Refusal
+    warnings: tuple[str, ...] = ()
+
+
+def _strictest(values: Iterable[float]) -> float:
+    positive = [v for v in values if v > 0]
+    return min(positive) if positive else 0
+
+
+def _pairs(permissions: Iterable[Preset], schemas: Iterable[str]) -> frozenset[SchemaPrivilege]:
+    schema_list = tuple(schemas)
+    return frozenset(SchemaPrivilege(p, s) for p in permissions for s in schema_list)
+
+
+def _cap(pairs: Iterable[SchemaPrivilege], cap: Preset) -> frozenset[SchemaPrivilege]:
+    return frozenset(SchemaPrivilege(min(cap, pair.preset), pair.schema) for pair in pairs)
+
+
+def _custom_sort_key(c: CustomGrant) -> tuple[tuple[tuple[int, str], ...], tuple[str, ...]]:
+    return tuple((int(p.preset), p.schema) for p in sorted(c.privileges)), c.sql
+
+
+def evaluate_parsed(
+    parsed: ParsedRules,
+    listener: str,
+    database: str,
+    *,
+    defaults: LimitsConfig,
+    preset_cap: Preset | None = None,
+    allow_raw_sql: bool,
+) -> EffectiveGrant | Refusal:
+    """Evaluate already-parsed rules (see the module docstring for the semantics)."""
+    matched_listener = False
+    privileges: set[SchemaPrivilege] = set()
+    custom: set[CustomGrant] = set()
+    rule_conns: list[int] = [defaults.max_conns_per_user]
+    listener_conns: list[int] = []
+    durations: list[float] = [defaults.max_conn_duration]
+    sizes: list[int] = [defaults.max_bytes_per_conn]
+
+    for rule in parsed.rules:
+        backend = rule.backends.get(listener)
+        if backend is None:
+            continue
+        matched_listener = True
+        rule_conns.append(rule.limits.max_conns)
+        listener_conns.append(backend.limits.max_conns)
+        durations.extend((rule.limits.max_conn_duration, backend.limits.max_conn_duration))
+        sizes.extend((rule.limits.max_bytes_per_conn, backend.limits.max_bytes_per_conn))
+        if backend.pg is None:
+            continue
+        entry = backend.pg.databases.get(database)
+        if entry is None:
+            entry = backend.pg.databases.get(WILDCARD)
+        if entry is None:
+            continue
+        pairs = _pairs(entry.permissions, entry.schemas)
+        if entry.sql:
+            custom.add(CustomGrant(privileges=pairs, sql=entry.sql))
+        else:
+            privileges |= pairs
+
+    if not matched_listener:
+        return errors.not_authorized_listener(
+            listener, detail=f"none of {len(parsed.rules)} capability rule(s) has this listener"
+        )
+    if not privileges and not custom:
+        return errors.not_authorized_database(
+            database,
+            listener,
+            detail=f'no rule for listener "{listener}" has an entry for this database or "*"',
+        )
+
+    custom_grants: tuple[CustomGrant, ...]
+    if preset_cap is not None:
+        capped = _cap(privileges, preset_cap)
+        for grant in custom:
+            capped |= _cap(grant.privileges, preset_cap)
+        if not capped:
+            return errors.not_authorized_database(
+                database,
+                listener,
+                detail=(
+                    f"the preset cap {preset_cap.label} drops raw SQL, "
+                    "and the grant holds nothing else"
+                ),
+            )
+        final_privileges = capped
+        custom_grants = ()
+    else:
+        final_privileges = frozenset(privileges)
+        custom_grants = tuple(sorted(custom, key=_custom_sort_key))
+        if not allow_raw_sql and any(c.sql for c in custom_grants):
+            count = sum(len(c.sql) for c in custom_grants)
+            return errors.raw_sql_not_allowed(
+                listener,
+                detail=f"{count} raw SQL statement(s) for database {database!r}; allow_raw_sql is off",
+            )
+
+    limits = Limits(
+        max_conns_user=int(_strictest(rule_conns)),
+        max_conns_listener=int(_strictest(listener_conns)),
+        max_conn_duration=float(_strictest(durations)),
+        max_bytes_per_conn=int(_strictest(sizes)),
+    )
+    return EffectiveGrant(
+        listener=listener,
+        database=database,
+        privileges=final_privileges,
+        custom=custom_grants,
+        limits=limits,
+        preset_cap=preset_cap,
+    )
+
+
+def evaluate_rules(
+    rules: Sequence[Any],
+    listener: str,
+    database: str,
+    *,
+    defaults: LimitsConfig,
+    preset_cap: Preset | None = None,
+    allow_raw_sql: bool,
+) -> Evaluation:
+    """Parse raw rule objects and evaluate them; keeps the parse warnings."""
+    try:
+        parsed = parse_rules(list(rules))
+    except RuleError as exc:
+        first = exc.problems[0]
+        more = f" (and {len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
+        detail = "; ".join(exc.problems)
+        if exc.warnings:
+            detail += "; also: " + "; ".join(exc.warnings)
+        return Evaluation(errors.bad_grant(first + more, detail=detail), exc.warnings)
+    result = evaluate_parsed(
+        parsed,
+        listener,
+        database,
+        defaults=defaults,
+        preset_cap=preset_cap,
+        allow_raw_sql=allow_raw_sql,
+    )
+    return Evaluation(result, parsed.warnings)
+
+
+def evaluate(
+    identity: Identity,
+    listener: str,
+    database: str,
+    *,
+    defaults: LimitsConfig,
+    preset_cap: Preset | None = None,
+    allow_raw_sql: bool,
+) -> EffectiveGrant | Refusal:
+    """What ``identity`` may do on ``listener`` / ``database``, or why not.
+
+    Malformed rules refuse with ``28000`` (``bad_grant``) whose log-only
+    detail names every bad field; use :func:`evaluate_rules` to also get the
+    unknown-field warnings.
+    """
+    return evaluate_rules(
+        identity.rules,
+        listener,
+        database,
+        defaults=defaults,
+        preset_cap=preset_cap,
+        allow_raw_sql=allow_raw_sql,
+    ).result
