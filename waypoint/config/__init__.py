@@ -1,5 +1,12 @@
 """Configuration: typed model (``model``) and TOML loading (``load``)."""
 
+from waypoint.config.load import (
+    ConfigError,
+    ConfigProblem,
+    load_config,
+    load_config_text,
+    render_config,
+)
 from waypoint.config.model import (
     Config,
     DefaultsConfig,
@@ -12,10 +19,14 @@ from waypoint.config.model import (
     RevalidationConfig,
     StateConfig,
     StaticIdentity,
+    split_host_port,
 )
+from waypoint.config.units import format_duration, format_size, parse_duration, parse_size
 
 __all__ = [
     "Config",
+    "ConfigError",
+    "ConfigProblem",
     "DefaultsConfig",
     "IdentityConfig",
     "LimitsConfig",
@@ -26,4 +37,12 @@ __all__ = [
     "RevalidationConfig",
     "StateConfig",
     "StaticIdentity",
+    "format_duration",
+    "format_size",
+    "load_config",
+    "load_config_text",
+    "parse_duration",
+    "parse_size",
+    "render_config",
+    "split_host_port",
 ]

@@ -1,5 +1,8 @@
 """The configuration as typed values (SPEC §1). Durations are float seconds, sizes int bytes.
 
+Every ``float`` field is a duration (written as ``"90s"`` in TOML); ``int``
+fields with ``metadata={"unit": "size"}`` are sizes (``"10GB"`` or bytes).
+
 Loading, ``${VAR}`` expansion, strict structuring and error messages live in
 ``waypoint.config.load``; this module only describes the shape and defaults.
 """
@@ -57,7 +60,8 @@ class LimitsConfig:
     max_conns_total: int = 1000
     max_conns_per_user: int = 0
     max_conn_duration: float = 0.0
-    max_bytes_per_conn: int = 0
+    # A size: the loader accepts integers (bytes) or strings such as "10GB".
+    max_bytes_per_conn: int = field(default=0, metadata={"unit": "size"})
 
 
 @frozen

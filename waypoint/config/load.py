@@ -1,0 +1,913 @@
+"""Loading the TOML configuration (SPEC §1) into :class:`waypoint.config.model.Config`.
+
+Steps: parse with tomlkit → plain Python values → ``${VAR}`` expansion per
+string value → strict structuring with cattrs (no coercion; durations and
+sizes through :mod:`waypoint.config.units`; unknown keys refused with a
+suggestion) → cross-field validation → normalization (``grants_json`` parsed
+into ``grants``). Every problem found is reported at once in one
+:class:`ConfigError`, one line each, as ``FILE:LINE: key.path: message``.
+Neither tomlkit items nor cattrs carry line numbers, so the line is found by
+locating the key path in the source text (:class:`KeyLocator`).
+
+:func:`render_config` turns a Config back into TOML (``waypoint check``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import ipaddress
+import json
+import os
+import re
+import typing
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import attrs
+import cattrs
+import tomlkit
+import tomlkit.exceptions
+from attrs import frozen
+from cattrs.cols import homogenous_tuple_structure_factory
+from cattrs.errors import ForbiddenExtraKeysError
+from cattrs.gen import make_dict_structure_fn
+
+from waypoint.config.model import (
+    Config,
+    IdentityConfig,
+    ListenerConfig,
+    MetricsConfig,
+    PostgresListenerConfig,
+    StaticIdentity,
+    split_host_port,
+)
+from waypoint.config.units import format_duration, format_size, parse_duration, parse_size
+
+__all__ = [
+    "ConfigError",
+    "ConfigProblem",
+    "KeyLocator",
+    "KeyPath",
+    "expand_env",
+    "format_key_path",
+    "load_config",
+    "load_config_text",
+    "render_config",
+]
+
+KeyPath = tuple[str | int, ...]
+
+#: attrs field metadata marking an ``int`` field as a size (bytes; accepts "10GB").
+#: Every ``float`` field of the config is a duration in seconds.
+UNIT_KEY = "unit"
+
+SECRET_MASK = "********"
+
+_MAX_USER_PREFIX_BYTES = 16
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@frozen
+class ConfigProblem:
+    """One problem in a configuration file."""
+
+    source: str
+    line: int | None
+    path: KeyPath
+    message: str
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
+        if self.path:
+            return f"{where}: {format_key_path(self.path)}: {self.message}"
+        return f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid. ``str()`` lists every problem, one per line."""
+
+    def __init__(self, problems: Sequence[ConfigProblem]) -> None:
+        self.problems: tuple[ConfigProblem, ...] = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def format_key_path(path: KeyPath) -> str:
+    """``("listeners", 1, "postgres", "admin_password")`` → ``listeners[1].postgres.admin_password``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _BARE_KEY.fullmatch(part):
+            out += f".{part}" if out else part
+        else:
+            quoted = json.dumps(part)
+            out += f".{quoted}" if out else quoted
+    return out
+
+
+# --------------------------------------------------------------------------- line locator
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class KeyLocator:
+    """Maps key paths to the line (1-based) where they appear in TOML source text.
+
+    Walks the text line by line, tracking the current table header and the
+    index of each array of tables (``[[listeners]]``), so that
+    ``("listeners", 1, "postgres", "admin_password")`` finds the
+    ``admin_password`` line under the second ``[[listeners]]``'s
+    ``[listeners.postgres]``. Keys inside inline tables and multi-line arrays
+    are not indexed: :meth:`line_of` then answers with the line of the
+    longest indexed prefix of the path (the key holding the inline value).
+    """
+
+    def __init__(self, text: str) -> None:
+        self._lines: dict[KeyPath, int] = {}
+        self._scan(text)
+
+    def line_of(self, path: KeyPath) -> int | None:
+        for n in range(len(path), 0, -1):
+            line = self._lines.get(path[:n])
+            if line is not None:
+                return line
+        return None
+
+    def _record(self, path: KeyPath, lineno: int) -> None:
+        self._lines.setdefault(path, lineno)
+
+    def _scan(self, text: str) -> None:
+        aot_index: dict[KeyPath, int] = {}
+        current: KeyPath = ()
+        depth = 0  # open [ and { of a value that spans lines
+        open_string: str | None = None  # delimiter of a multi-line string
+
+        def resolve(parts: Sequence[str]) -> KeyPath:
+            path: KeyPath = ()
+            for part in parts:
+                path = (*path, part)
+                if path in aot_index:
+                    path = (*path, aot_index[path])
+            return path
+
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            pos = 0
+            if open_string is not None:
+                end = line.find(open_string)
+                if end < 0:
+                    continue
+                open_string = None
+                pos = end + 3
+            elif depth == 0:
+                stripped = line.lstrip()
+                indent = len(line) - len(stripped)
+                if stripped.startswith("[["):
+                    parsed = _parse_dotted_key(line, indent + 2)
+                    if parsed is not None and parsed[0]:
+                        parts = parsed[0]
+                        array = (*resolve(parts[:-1]), parts[-1])
+                        index = aot_index.get(array, -1) + 1
+                        aot_index[array] = index
+                        self._record(array, lineno)
+                        current = (*array, index)
+                        self._record(current, lineno)
+                    continue
+                if stripped.startswith("["):
+                    parsed = _parse_dotted_key(line, indent + 1)
+                    if parsed is not None and parsed[0]:
+                        current = resolve(parsed[0])
+                        for n in range(1, len(current) + 1):
+                            self._record(current[:n], lineno)
+                    continue
+                parsed = _parse_dotted_key(line, indent)
+                if parsed is not None:
+                    parts, after = parsed
+                    rest = line[after:].lstrip()
+                    if parts and rest.startswith("="):
+                        for n in range(1, len(parts) + 1):
+                            self._record((*current, *parts[:n]), lineno)
+                        pos = line.index("=", after) + 1
+                    else:
+                        continue
+                else:
+                    continue
+            depth, open_string = _scan_value(line, pos, depth)
+
+
+def _parse_dotted_key(line: str, pos: int) -> tuple[list[str], int] | None:
+    """Parse ``a.b."c d"`` starting at ``pos``; return the parts and the end position."""
+    parts: list[str] = []
+    n = len(line)
+    while True:
+        while pos < n and line[pos] in " \t":
+            pos += 1
+        if pos >= n:
+            return None
+        ch = line[pos]
+        if ch == '"':
+            end = pos + 1
+            buf = []
+            while end < n and line[end] != '"':
+                if line[end] == "\\" and end + 1 < n:
+                    buf.append(line[end : end + 2])
+                    end += 2
+                    continue
+                buf.append(line[end])
+                end += 1
+            if end >= n:
+                return None
+            try:
+                parts.append(json.loads('"' + "".join(buf) + '"'))
+            except ValueError:
+                parts.append("".join(buf))
+            pos = end + 1
+        elif ch == "'":
+            end = line.find("'", pos + 1)
+            if end < 0:
+                return None
+            parts.append(line[pos + 1 : end])
+            pos = end + 1
+        else:
+            m = _BARE_KEY.match(line, pos)
+            if m is None:
+                return None
+            parts.append(m.group(0))
+            pos = m.end()
+        while pos < n and line[pos] in " \t":
+            pos += 1
+        if pos < n and line[pos] == ".":
+            pos += 1
+            continue
+        return parts, pos
+
+
+def _scan_value(line: str, pos: int, depth: int) -> tuple[int, str | None]:
+    """Track bracket depth and multi-line strings through the rest of a line."""
+    n = len(line)
+    while pos < n:
+        ch = line[pos]
+        if ch == "#":
+            break
+        if ch in "\"'":
+            triple = ch * 3
+            if line.startswith(triple, pos):
+                end = line.find(triple, pos + 3)
+                if end < 0:
+                    return depth, triple
+                pos = end + 3
+                continue
+            end = pos + 1
+            while end < n and line[end] != ch:
+                end += 2 if (ch == '"' and line[end] == "\\") else 1
+            pos = end + 1
+            continue
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        pos += 1
+    return depth, None
+
+
+# --------------------------------------------------------------------------- ${VAR}
+
+_ENV_TOKEN = re.compile(r"\$\$\{|\$\{(?P<name>[^}]*)\}|\$\{")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def expand_env(value: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
+    """Expand ``${VAR}`` in one string value; ``$${`` is a literal ``${``.
+
+    Returns the expanded text and a list of problems (missing or malformed
+    variables; those occurrences are left as written). A ``$`` not followed
+    by ``{`` is kept as it is.
+    """
+    out: list[str] = []
+    problems: list[str] = []
+    pos = 0
+    for m in _ENV_TOKEN.finditer(value):
+        out.append(value[pos : m.start()])
+        token = m.group(0)
+        name = m.group("name")
+        if token == "$${":
+            out.append("${")
+        elif name is None:
+            problems.append("unterminated ${ (write $${ for a literal ${)")
+            out.append(token)
+        elif not _ENV_NAME.fullmatch(name):
+            problems.append(f"invalid environment variable name ${{{name}}}")
+            out.append(token)
+        elif name not in environ:
+            problems.append(f"environment variable {name} is not set")
+            out.append(token)
+        else:
+            out.append(environ[name])
+        pos = m.end()
+    out.append(value[pos:])
+    return "".join(out), problems
+
+
+def _expand_tree(
+    value: Any, path: KeyPath, environ: Mapping[str, str], problems: list[tuple[KeyPath, str]]
+) -> Any:
+    if isinstance(value, str):
+        expanded, errs = expand_env(value, environ)
+        problems.extend((path, e) for e in errs)
+        return expanded
+    if isinstance(value, dict):
+        return {k: _expand_tree(v, (*path, k), environ, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_tree(v, (*path, i), environ, problems) for i, v in enumerate(value)]
+    return value
+
+
+# --------------------------------------------------------------------------- strict structuring
+
+
+class _Invalid(ValueError):
+    """Raised by our structure hooks; the message is shown to the user as is."""
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {value!r}"
+    if isinstance(value, str):
+        return f"string {json.dumps(value)}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+def _strict_bool(value: Any, _: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected a boolean (true or false, unquoted), got {_describe(value)}")
+    return value
+
+
+def _strict_int(value: Any, _: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"expected an integer, got {_describe(value)}")
+    return value
+
+
+def _strict_str(value: Any, _: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {_describe(value)}")
+    return value
+
+
+def _duration(value: Any, _: Any) -> float:
+    if not isinstance(value, str):
+        raise _Invalid(
+            f'expected a duration string such as "90s", "15m" or "1h30m", got {_describe(value)}'
+            " (durations are strings; bare numbers are not accepted)"
+        )
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+
+
+def _size(value: Any, _: Any) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+
+
+def _is_literal(tp: Any) -> bool:
+    return typing.get_origin(tp) is Literal
+
+
+def _literal(value: Any, tp: Any) -> Any:
+    allowed = typing.get_args(tp)
+    if value in allowed and type(value) is type(allowed[0]):
+        return value
+    shown = ", ".join(json.dumps(a) for a in allowed)
+    hint = ""
+    if isinstance(value, str):
+        close = difflib.get_close_matches(value, [str(a) for a in allowed], n=1)
+        if close:
+            hint = f" (did you mean {json.dumps(close[0])}?)"
+    return _raise(f"must be one of {shown}, got {_describe(value)}{hint}")
+
+
+def _raise(message: str) -> Any:
+    raise _Invalid(message)
+
+
+def _is_homogeneous_tuple(tp: Any) -> bool:
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def _valid_keys(cl: type) -> list[str]:
+    return [f.name for f in attrs.fields(cl) if not (cl is Config and f.name == "source")]
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    conv.register_structure_hook(bool, _strict_bool)
+    conv.register_structure_hook(int, _strict_int)
+    conv.register_structure_hook(float, _duration)
+    conv.register_structure_hook(str, _strict_str)
+    conv.register_structure_hook_func(_is_literal, _literal)
+
+    def tuple_factory(tp: Any) -> Callable[[Any, Any], Any]:
+        inner = homogenous_tuple_structure_factory(tp, conv)
+
+        def structure(value: Any, t: Any) -> Any:
+            if not isinstance(value, list):
+                raise _Invalid(f"expected an array, got {_describe(value)}")
+            return inner(value, t)
+
+        return structure
+
+    conv.register_structure_hook_factory(_is_homogeneous_tuple, tuple_factory)
+
+    def attrs_factory(cl: Any) -> Callable[[Any, Any], Any]:
+        overrides: dict[str, Any] = {}
+        for f in attrs.fields(cl):
+            if f.metadata.get(UNIT_KEY) == "size":
+                overrides[f.name] = cattrs.override(struct_hook=_size)
+        if cl is Config:
+            overrides["source"] = cattrs.override(omit=True)
+        inner = make_dict_structure_fn(cl, conv, **overrides)
+
+        def structure(value: Any, t: Any) -> Any:
+            if not isinstance(value, dict):
+                raise _Invalid(f"expected a table, got {_describe(value)}")
+            return inner(value, t)
+
+        return structure
+
+    conv.register_structure_hook_factory(attrs.has, attrs_factory)
+    return conv
+
+
+_CONVERTER = _make_converter()
+
+_PATH_PART = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\['((?:[^'\\]|\\.)*)'\]")
+
+
+def _parse_cattrs_path(text: str) -> KeyPath:
+    """``$.listeners[0].postgres`` → ``("listeners", 0, "postgres")``."""
+    assert text.startswith("$")
+    path: list[str | int] = []
+    for m in _PATH_PART.finditer(text, 1):
+        name, index, key = m.groups()
+        if name is not None:
+            path.append(name)
+        elif index is not None:
+            path.append(int(index))
+        else:
+            path.append(key)
+    return tuple(path)
+
+
+def _structure(data: dict[str, Any]) -> tuple[Config | None, list[tuple[KeyPath, str]]]:
+    try:
+        return _CONVERTER.structure(data, Config), []
+    except Exception as exc:  # ClassValidationError, or a bare hook error
+        captured: list[tuple[BaseException, Any]] = []
+
+        def remember(e: BaseException, tp: Any) -> str:
+            captured.append((e, tp))
+            return f"#{len(captured) - 1}"
+
+        problems: list[tuple[KeyPath, str]] = []
+        for line in cattrs.transform_error(exc, path="$", format_exception=remember):
+            marker, _, path_text = line.rpartition(" @ ")
+            path = _parse_cattrs_path(path_text)
+            err, tp = captured[int(marker[1:])]
+            problems.extend(_describe_structure_error(err, tp, path))
+        return None, problems
+
+
+def _describe_structure_error(
+    err: BaseException, tp: Any, path: KeyPath
+) -> Iterator[tuple[KeyPath, str]]:
+    if isinstance(err, ForbiddenExtraKeysError):
+        valid = _valid_keys(err.cl)
+        for key in sorted(err.extra_fields):
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            yield (*path, key), f"unknown key{hint}; valid keys here: {', '.join(valid)}"
+    elif isinstance(err, KeyError):
+        if tp is not None and attrs.has(tp):
+            header = ".".join(p for p in path if isinstance(p, str))
+            yield path, f"required table [{header}] is missing"
+        else:
+            yield path, "required key is missing"
+    elif isinstance(err, _Invalid):
+        yield path, str(err)
+    else:
+        yield path, f"invalid value ({type(err).__name__}: {err})"
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _sanitize_part(text: str) -> str:
+    """The role-name sanitizing of SPEC §5, to compare listener names as they will appear."""
+    return re.sub(r"[^a-z0-9]", "_", text.lower())
+
+
+def _check_host_port(value: str | None, path: KeyPath, out: list[tuple[KeyPath, str]]) -> None:
+    if value is None:
+        return
+    try:
+        split_host_port(value)
+    except ValueError as exc:
+        out.append((path, f'{exc} (expected "host:port" or "[v6]:port")'))
+
+
+def _validate(cfg: Config) -> list[tuple[KeyPath, str]]:
+    out: list[tuple[KeyPath, str]] = []
+
+    if cfg.handshake_timeout <= 0:
+        out.append((("handshake_timeout",), "must be greater than 0s"))
+    if cfg.identity.timeout <= 0:
+        out.append((("identity", "timeout"), "must be greater than 0s"))
+    if cfg.state.lease <= 0:
+        out.append((("state", "lease"), "must be greater than 0s"))
+
+    # identity
+    ident = cfg.identity
+    if ident.provider == "tailscale":
+        if not ident.socket:
+            out.append((("identity", "socket"), "must not be empty"))
+        if not ident.capability:
+            out.append((("identity", "capability"), "must not be empty"))
+    if ident.provider == "static" and not ident.static:
+        out.append(
+            (
+                ("identity", "static"),
+                'provider = "static" needs at least one [[identity.static]] entry',
+            )
+        )
+    for i, entry in enumerate(ident.static):
+        base: KeyPath = ("identity", "static", i)
+        try:
+            ipaddress.ip_network(entry.cidr, strict=True)
+        except ValueError as exc:
+            hint = ""
+            with contextlib.suppress(ValueError):
+                hint = f" (did you mean {ipaddress.ip_network(entry.cidr, strict=False)}?)"
+            out.append(((*base, "cidr"), f"invalid network {json.dumps(entry.cidr)}: {exc}{hint}"))
+        if not entry.login:
+            out.append(((*base, "login"), "must not be empty"))
+        if not entry.node:
+            out.append(((*base, "node"), "must not be empty"))
+        if entry.grants and entry.grants_json is not None:
+            out.append(((*base, "grants_json"), "set either grants or grants_json, not both"))
+        for j, rule in enumerate(entry.grants):
+            if not isinstance(rule, dict):
+                out.append(
+                    ((*base, "grants", j), f"a grant rule must be a table, got {_describe(rule)}")
+                )
+
+    # limits
+    limits = cfg.defaults.limits
+    lpath: KeyPath = ("defaults", "limits")
+    if limits.max_conns_total <= 0:
+        out.append(((*lpath, "max_conns_total"), "must be greater than 0"))
+    if limits.max_conns_per_user < 0:
+        out.append(((*lpath, "max_conns_per_user"), "must not be negative (0 means no limit)"))
+
+    # state
+    if cfg.state.backend == "redis":
+        if not cfg.state.url:
+            out.append(
+                (
+                    ("state", "url"),
+                    'backend = "redis" requires url (e.g. "redis://127.0.0.1:6379/0")',
+                )
+            )
+        else:
+            scheme = urllib.parse.urlsplit(cfg.state.url).scheme
+            if scheme not in ("redis", "rediss", "unix"):
+                out.append((("state", "url"), "must be a redis://, rediss:// or unix:// URL"))
+    if not cfg.state.key_prefix:
+        out.append((("state", "key_prefix"), "must not be empty"))
+
+    _check_host_port(cfg.metrics.listen, ("metrics", "listen"), out)
+
+    # listeners
+    if not cfg.listeners:
+        out.append((("listeners",), "at least one [[listeners]] table is required"))
+    seen_names: dict[str, int] = {}
+    seen_parts: dict[str, int] = {}
+    for i, lst in enumerate(cfg.listeners):
+        out.extend(_validate_listener(cfg, i, lst))
+        npath: KeyPath = ("listeners", i, "name")
+        if lst.name in seen_names:
+            out.append(
+                (
+                    npath,
+                    f"duplicate listener name {json.dumps(lst.name)} (also listeners[{seen_names[lst.name]}])",
+                )
+            )
+            continue
+        seen_names[lst.name] = i
+        part = _sanitize_part(lst.name)
+        if lst.name and part in seen_parts:
+            other = cfg.listeners[seen_parts[part]].name
+            out.append(
+                (
+                    npath,
+                    f"listener names {json.dumps(other)} and {json.dumps(lst.name)} give the same"
+                    f" role-name part {json.dumps(part)}; rename one",
+                )
+            )
+        seen_parts.setdefault(part, i)
+    return out
+
+
+def _validate_listener(cfg: Config, i: int, lst: ListenerConfig) -> list[tuple[KeyPath, str]]:
+    out: list[tuple[KeyPath, str]] = []
+    base: KeyPath = ("listeners", i)
+    if not lst.name.strip():
+        out.append(((*base, "name"), "must not be empty (it is part of every role name)"))
+    elif lst.name != lst.name.strip():
+        out.append(((*base, "name"), "must not start or end with whitespace"))
+    _check_host_port(lst.listen, (*base, "listen"), out)
+    _check_host_port(lst.backend, (*base, "backend"), out)
+    try:
+        if lst.backend_address[1] == 0:
+            out.append(((*base, "backend"), "port 0 is not a valid backend port"))
+    except ValueError:
+        pass
+    if lst.cert_file is not None and lst.key_file is None:
+        out.append(((*base, "cert_file"), "cert_file is set but key_file is missing"))
+    if lst.key_file is not None and lst.cert_file is None:
+        out.append(((*base, "key_file"), "key_file is set but cert_file is missing"))
+    if lst.tls_mode == "require" and lst.cert_file is None and not lst.use_tailscale_tls:
+        out.append(
+            (
+                (*base, "tls_mode"),
+                'tls_mode = "require" needs a certificate: set cert_file and key_file, or use_tailscale_tls = true',
+            )
+        )
+
+    pg = lst.postgres
+    pbase: KeyPath = (*base, "postgres")
+    if not pg.admin_user:
+        out.append(((*pbase, "admin_user"), "must not be empty"))
+    if not pg.admin_password:
+        out.append(((*pbase, "admin_password"), "must not be empty"))
+    if not pg.admin_database:
+        out.append(((*pbase, "admin_database"), "must not be empty"))
+    if not re.fullmatch(r"[a-z0-9_]+", pg.user_prefix):
+        out.append(
+            (
+                (*pbase, "user_prefix"),
+                f"must be non-empty and use only lowercase letters, digits and _ (got {json.dumps(pg.user_prefix)})",
+            )
+        )
+    elif len(pg.user_prefix.encode()) > _MAX_USER_PREFIX_BYTES:
+        out.append(
+            ((*pbase, "user_prefix"), f"must be at most {_MAX_USER_PREFIX_BYTES} bytes long")
+        )
+    if pg.user_ttl <= 0:
+        out.append(((*pbase, "user_ttl"), "must be greater than 0s"))
+    elif pg.user_ttl < 2 * cfg.handshake_timeout:
+        out.append(
+            (
+                (*pbase, "user_ttl"),
+                f"must be at least twice handshake_timeout ({format_duration(2 * cfg.handshake_timeout)}),"
+                f" got {format_duration(pg.user_ttl)}",
+            )
+        )
+    if pg.reap_interval is not None and pg.reap_interval <= 0:
+        out.append(((*pbase, "reap_interval"), "must be greater than 0s"))
+    if pg.reassign_to is not None and not pg.reassign_to:
+        out.append(((*pbase, "reassign_to"), "must not be empty (leave it out to use admin_user)"))
+    return out
+
+
+# --------------------------------------------------------------------------- normalization
+
+
+def _normalize_grants(cfg: Config) -> tuple[Config, list[tuple[KeyPath, str]]]:
+    """Parse every ``grants_json`` into ``grants`` (a JSON object is one rule)."""
+    problems: list[tuple[KeyPath, str]] = []
+    entries: list[StaticIdentity] = []
+    changed = False
+    for i, entry in enumerate(cfg.identity.static):
+        if entry.grants_json is None or entry.grants:
+            entries.append(entry)
+            continue
+        path: KeyPath = ("identity", "static", i, "grants_json")
+        try:
+            parsed = json.loads(entry.grants_json)
+        except ValueError as exc:
+            problems.append((path, f"invalid JSON: {exc}"))
+            entries.append(entry)
+            continue
+        rules = [parsed] if isinstance(parsed, dict) else parsed
+        if not isinstance(rules, list):
+            problems.append(
+                (path, f"must be a JSON array of rule objects, got {_describe(parsed)}")
+            )
+            entries.append(entry)
+            continue
+        for j, rule in enumerate(rules):
+            if not isinstance(rule, dict):
+                problems.append((path, f"rule {j} must be a JSON object, got {_describe(rule)}"))
+        entries.append(attrs.evolve(entry, grants=tuple(rules), grants_json=None))
+        changed = True
+    if not changed:
+        return cfg, problems
+    identity: IdentityConfig = attrs.evolve(cfg.identity, static=tuple(entries))
+    return attrs.evolve(cfg, identity=identity), problems
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Load and validate the TOML file at ``path``. Raises :class:`ConfigError`."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            [ConfigProblem(source, None, (), f"cannot read the file: {reason}")]
+        ) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            [ConfigProblem(source, line, (), "the file is not valid UTF-8")]
+        ) from None
+    return load_config_text(text, source=source)
+
+
+def load_config_text(
+    text: str, *, source: str = "<string>", environ: Mapping[str, str] | None = None
+) -> Config:
+    """Load and validate TOML text. ``environ`` defaults to ``os.environ``.
+
+    Raises :class:`ConfigError` listing every problem found.
+    """
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    try:
+        doc = tomlkit.parse(text)
+    except tomlkit.exceptions.ParseError as exc:
+        message = str(exc)
+        # tomlkit appends " at line L col C"; we give the line in front instead.
+        message = re.sub(r" at line \d+ col \d+$", "", message)
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    source, exc.line, (), f"TOML syntax error: {message} (column {exc.col})"
+                )
+            ]
+        ) from None
+    except tomlkit.exceptions.TOMLKitError as exc:
+        raise ConfigError([ConfigProblem(source, None, (), f"TOML error: {exc}")]) from None
+
+    locator = KeyLocator(text)
+
+    def problem(path: KeyPath, message: str) -> ConfigProblem:
+        return ConfigProblem(source, locator.line_of(path), path, message)
+
+    plain: dict[str, Any] = doc.unwrap()
+    env_problems: list[tuple[KeyPath, str]] = []
+    data = _expand_tree(plain, (), env, env_problems)
+
+    cfg, problems = _structure(data)
+    problems = env_problems + problems
+    if cfg is not None:
+        cfg, grant_problems = _normalize_grants(cfg)
+        bad_env_paths = {p for p, _ in env_problems}
+        problems += [(p, m) for p, m in _validate(cfg) + grant_problems if p not in bad_env_paths]
+    if problems:
+        found = [problem(p, m) for p, m in problems]
+        found.sort(key=lambda pr: (pr.line is None, pr.line or 0))
+        raise ConfigError(found)
+    assert cfg is not None
+    return attrs.evolve(cfg, source=source)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _mask_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:{SECRET_MASK}@{host}"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is not None:
+        netloc += f":{port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _plain_to_item(value: Any) -> Any:
+    """Plain JSON-like data → tomlkit inline values (tables inline, arrays of anything)."""
+    if isinstance(value, dict):
+        table = tomlkit.inline_table()
+        for k, v in value.items():
+            table[k] = _plain_to_item(v)
+        return table
+    if isinstance(value, (list, tuple)):
+        arr = tomlkit.array()
+        for v in value:
+            arr.append(_plain_to_item(v))
+        return arr
+    return value
+
+
+def _unset_note(obj: Any, name: str, root: Config) -> str:
+    """What an unset optional key means, for the comment ``waypoint check`` prints."""
+    if isinstance(obj, PostgresListenerConfig):
+        if name == "allow_raw_sql":
+            return f"not set: [provisioning] allow_raw_sql = {str(root.provisioning.allow_raw_sql).lower()} applies"
+        if name == "reap_interval":
+            return (
+                f"not set: min(user_ttl / 4, 1h) = {format_duration(obj.effective_reap_interval)}"
+            )
+        if name == "reassign_to":
+            return f"not set: admin_user ({json.dumps(obj.admin_user)})"
+    if isinstance(obj, MetricsConfig) and name == "listen":
+        return "not set: no metrics endpoint"
+    return "not set"
+
+
+def _render_fields(obj: Any, table: Any, mask: bool, root: Config) -> None:
+    for f in attrs.fields(type(obj)):
+        if isinstance(obj, Config) and f.name == "source":
+            continue
+        value = getattr(obj, f.name)
+        name = f.name
+        if attrs.has(type(value)):
+            continue  # sub-tables are added after the scalar keys
+        if value is None:
+            table.add(tomlkit.comment(f"{name}: {_unset_note(obj, name, root)}"))
+            continue
+        if isinstance(value, tuple) and value and attrs.has(type(value[0])):
+            continue  # arrays of tables come last
+        if mask and name == "admin_password":
+            value = SECRET_MASK
+        elif mask and name == "url" and isinstance(value, str):
+            value = _mask_url(value)
+        elif f.metadata.get(UNIT_KEY) == "size":
+            value = format_size(value)
+        elif isinstance(value, float):
+            value = format_duration(value)
+        elif isinstance(value, tuple):
+            value = _plain_to_item(list(value))
+        table.add(name, value)
+    for f in attrs.fields(type(obj)):
+        value = getattr(obj, f.name)
+        if attrs.has(type(value)):
+            sub = tomlkit.table()
+            _render_fields(value, sub, mask, root)
+            table.add(f.name, sub)
+    for f in attrs.fields(type(obj)):
+        value = getattr(obj, f.name)
+        if isinstance(value, tuple) and value and attrs.has(type(value[0])):
+            aot = tomlkit.aot()
+            for element in value:
+                sub = tomlkit.table()
+                _render_fields(element, sub, mask, root)
+                aot.append(sub)
+            table.add(f.name, aot)
+
+
+def render_config(config: Config, *, mask_secrets: bool = True) -> str:
+    """The effective configuration as TOML: every key, defaults included.
+
+    Durations and sizes are written in their string forms. With
+    ``mask_secrets`` (the default) ``admin_password`` and the password in a
+    Redis URL are replaced by ``********``. Keys that are not set (no
+    default) appear as comments. Without masking, the text loads back into
+    an equal Config.
+    """
+    doc = tomlkit.document()
+    if config.source:
+        doc.add(tomlkit.comment(f"effective configuration of {config.source}"))
+    _render_fields(config, doc, mask_secrets, config)
+    return tomlkit.dumps(doc)
