@@ -501,8 +501,10 @@ def _describe_structure_error(
         valid = _valid_keys(err.cl)
         for key in sorted(err.extra_fields):
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-            hint = f' (did you mean "{close[0]}"?)' if close else ""
-            yield (*path, key), f"unknown key{hint}; valid keys here: {', '.join(valid)}"
+            if close:
+                yield (*path, key), f'unknown key (did you mean "{close[0]}"?)'
+            else:
+                yield (*path, key), f"unknown key; valid keys here: {', '.join(valid)}"
     elif isinstance(err, KeyError):
         if tp is not None and attrs.has(tp):
             header = ".".join(p for p in path if isinstance(p, str))

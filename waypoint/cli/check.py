@@ -1,0 +1,38 @@
+"""``waypoint check -c FILE``: validate a configuration and print the effective one.
+
+Exit 0 and the effective configuration as TOML on stdout (every key, defaults
+included, secrets masked); exit 1 and every problem on stderr, one per line,
+as ``FILE:LINE: key.path: message``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from waypoint.config.load import ConfigError, load_config, render_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        default="waypoint.toml",
+        metavar="FILE",
+        help="configuration file (default: waypoint.toml)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        count = len(exc.problems)
+        print(str(exc), file=sys.stderr)
+        print(
+            f"{args.config}: {count} problem{'s' if count != 1 else ''}, configuration not valid",
+            file=sys.stderr,
+        )
+        return 1
+    sys.stdout.write(render_config(config, mask_secrets=True))
+    return 0
