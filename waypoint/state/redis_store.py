@@ -1,0 +1,592 @@
+"""Shared state in Redis, for several Waypoint instances behind one address.
+
+Transport: redis-py's synchronous client in worker threads under one
+``trio.CapacityLimiter`` (see docs/scaling.md for why not trio-asyncio). Every call is
+bounded twice: socket timeouts on the connection and ``trio.fail_after`` around the thread.
+
+Slot counts are per-instance leases. Each limit key is a hash with two fields per
+instance: ``c:<instance>`` (its live sessions) and ``e:<instance>`` (when that count expires,
+in Redis server milliseconds). The acquire script drops entries whose expiry passed, so the
+slots of an instance that died come back after ``lease``. A live instance's maintenance task
+re-asserts its own count on every key it holds every ``lease / 3`` (also repairing any write
+that failed), and refreshes ``{prefix}instance:<id>``.
+
+One user's keys share a cluster hash tag (``{<principal>}``) and are changed by one script;
+the deployment total lives on its own key and is changed by a second script, so no script
+ever touches two cluster slots.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import redis
+import trio
+from attrs import define, field
+
+from waypoint import errors
+from waypoint.errors import Refusal
+from waypoint.state.base import (
+    LIMIT_TOTAL,
+    LIMIT_USER,
+    CancelTable,
+    LockToken,
+    SlotLease,
+    SlotRequest,
+    SlotUsage,
+    StateUnavailableError,
+    cancel_key_digest,
+    format_backend,
+    limit_listener,
+    parse_backend,
+    validate_cancel_args,
+)
+
+log = logging.getLogger("waypoint.state")
+
+T = TypeVar("T")
+
+# What "Redis is unavailable" looks like from here.
+UNAVAILABLE: tuple[type[BaseException], ...] = (redis.RedisError, OSError, trio.TooSlowError)
+
+_RETRY_MIN = 0.05
+_LOCK_POLL_MIN = 0.01
+_LOCK_POLL_MAX = 0.2
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# Sum the live counts of KEY, deleting entries of instances whose lease expired.
+_LIVE_COUNT = """
+local function live_count(key, now)
+  local flat = redis.call('HGETALL', key)
+  local counts, exps = {}, {}
+  for j = 1, #flat, 2 do
+    local f, v = flat[j], tonumber(flat[j + 1])
+    local kind, id = string.sub(f, 1, 2), string.sub(f, 3)
+    if kind == 'c:' then counts[id] = v elseif kind == 'e:' then exps[id] = v end
+  end
+  local total = 0
+  for id, c in pairs(counts) do
+    local e = exps[id]
+    if e == nil or e < now then
+      redis.call('HDEL', key, 'c:' .. id, 'e:' .. id)
+    else
+      total = total + c
+    end
+  end
+  for id, _ in pairs(exps) do
+    if counts[id] == nil then redis.call('HDEL', key, 'e:' .. id) end
+  end
+  return total
+end
+local function keep(key, lease)
+  if redis.call('PTTL', key) < 2 * lease then redis.call('PEXPIRE', key, 2 * lease) end
+end
+"""
+
+# KEYS: limit keys (one cluster slot). ARGV: instance, lease_ms, limit per key (0 = none).
+# Returns {0, 0} when granted (every key incremented), else {index of the full key, count}.
+ACQUIRE_LUA = (
+    _NOW_MS
+    + _LIVE_COUNT
+    + """
+local iid, lease = ARGV[1], tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  local limit = tonumber(ARGV[2 + i])
+  local n = live_count(key, now)
+  if limit > 0 and n >= limit then return {i, n} end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('HINCRBY', key, 'c:' .. iid, 1)
+  redis.call('HSET', key, 'e:' .. iid, now + lease)
+  keep(key, lease)
+end
+return {0, 0}
+"""
+)
+
+# KEYS: limit keys (one slot). ARGV: instance. Gives back one slot on each key.
+RELEASE_LUA = """
+local iid = ARGV[1]
+for _, key in ipairs(KEYS) do
+  local v = redis.call('HINCRBY', key, 'c:' .. iid, -1)
+  if v <= 0 then redis.call('HDEL', key, 'c:' .. iid, 'e:' .. iid) end
+  if redis.call('HLEN', key) == 0 then redis.call('DEL', key) end
+end
+return 1
+"""
+
+# KEYS: one limit key. ARGV: instance, count, lease_ms. Sets this instance's count (idempotent).
+RECONCILE_LUA = (
+    _NOW_MS
+    + _LIVE_COUNT
+    + """
+local iid, count, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local key = KEYS[1]
+if count > 0 then
+  redis.call('HSET', key, 'c:' .. iid, count, 'e:' .. iid, now + lease)
+  keep(key, lease)
+else
+  redis.call('HDEL', key, 'c:' .. iid, 'e:' .. iid)
+  if redis.call('HLEN', key) == 0 then redis.call('DEL', key) end
+end
+return 1
+"""
+)
+
+# KEYS: one limit key. ARGV: instance, lease_ms. Extends this instance's entry if present
+# (commutes with concurrent acquires and releases of the same instance).
+REFRESH_LUA = (
+    _NOW_MS
+    + _LIVE_COUNT
+    + """
+local iid, lease = ARGV[1], tonumber(ARGV[2])
+local key = KEYS[1]
+if redis.call('HEXISTS', key, 'c:' .. iid) == 1 then
+  redis.call('HSET', key, 'e:' .. iid, now + lease)
+  keep(key, lease)
+end
+return 1
+"""
+)
+
+# KEYS: limit keys. Returns the live count of each.
+COUNT_LUA = (
+    _NOW_MS
+    + _LIVE_COUNT
+    + """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = live_count(key, now) end
+return out
+"""
+)
+
+# KEYS: the lock key. ARGV: token. Deletes the lock only if the token still owns it.
+UNLOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _part(text: str) -> str:
+    """Encode a key component: braces (cluster hash tags) and '%' can never come from data."""
+    return quote(text, safe="@.-_+:=/ ")
+
+
+@define
+class KeyLayout:
+    """Where everything lives in Redis (see docs/scaling.md)."""
+
+    prefix: str
+
+    def user(self, principal: str) -> str:
+        return f"{self.prefix}slots:{{{_part(principal)}}}:user"
+
+    def user_listener(self, principal: str, listener: str) -> str:
+        return f"{self.prefix}slots:{{{_part(principal)}}}:listener:{_part(listener)}"
+
+    def total(self) -> str:
+        return f"{self.prefix}slots:total"
+
+    def instance(self, instance_id: str) -> str:
+        return f"{self.prefix}instance:{_part(instance_id)}"
+
+    def cancel(self, pid: int, secret: bytes) -> str:
+        return f"{self.prefix}cancel:{cancel_key_digest(pid, secret)}"
+
+    def lock(self, name: str) -> str:
+        return f"{self.prefix}lock:{_part(name)}"
+
+
+@define
+class _Held:
+    """This instance's view of one limit key."""
+
+    confirmed: int = 0  # sessions of this instance counted on the key
+    in_flight: int = 0  # scripts changing the key right now
+    dirty: bool = False  # Redis may disagree with ``confirmed``: re-assert it
+    reconciling: trio.Event | None = None
+
+
+@define
+class RedisStateStore:
+    """A :class:`~waypoint.state.base.StateStore` on Redis. Open it with
+    :func:`waypoint.state.open_state`, which also runs :meth:`run_maintenance`; a store whose
+    maintenance does not run behaves like an instance that died: its slots expire after
+    ``lease``."""
+
+    _client: redis.Redis
+    _layout: KeyLayout
+    _lease: float
+    instance_id: str
+    _limiter: trio.CapacityLimiter
+    _op_timeout: float
+    _held: dict[str, _Held] = field(factory=dict)
+    _leases: dict[str, SlotLease] = field(factory=dict)
+    _cancel: CancelTable = field(factory=CancelTable)
+    _wake: trio.Event = field(factory=trio.Event)
+    _scripts: dict[str, Any] = field(factory=dict)
+    _closed: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self._lease <= 0:
+            raise ValueError("[state] lease must be positive")
+        for name, text in (
+            ("acquire", ACQUIRE_LUA),
+            ("release", RELEASE_LUA),
+            ("reconcile", RECONCILE_LUA),
+            ("refresh", REFRESH_LUA),
+            ("count", COUNT_LUA),
+            ("unlock", UNLOCK_LUA),
+        ):
+            self._scripts[name] = self._client.register_script(text)
+
+    @property
+    def _lease_ms(self) -> int:
+        return max(1, int(self._lease * 1000))
+
+    # -- transport ---------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[], T], timeout: float | None = None) -> T:
+        with trio.fail_after(self._op_timeout if timeout is None else timeout):
+            return await trio.to_thread.run_sync(fn, limiter=self._limiter, abandon_on_cancel=True)
+
+    async def _script(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        script = self._scripts[name]
+        return await self._run(functools.partial(script, keys=list(keys), args=list(args)))
+
+    # -- slot bookkeeping --------------------------------------------------------------------
+
+    async def _begin(self, keys: Sequence[str]) -> list[_Held]:
+        while True:
+            busy = [
+                h.reconciling
+                for k in keys
+                if (h := self._held.get(k)) is not None and h.reconciling is not None
+            ]
+            if not busy:
+                break
+            await busy[0].wait()
+        held = [self._held.setdefault(k, _Held()) for k in keys]
+        for h in held:
+            h.in_flight += 1
+        return held
+
+    def _end(self, keys: Sequence[str], held: list[_Held], delta: int, *, certain: bool) -> None:
+        for key, h in zip(keys, held, strict=True):
+            h.in_flight -= 1
+            h.confirmed = max(0, h.confirmed + delta)
+            if not certain:
+                h.dirty = True
+                self._wake.set()
+            self._maybe_forget(key, h)
+
+    def _maybe_forget(self, key: str, h: _Held) -> None:
+        if h.confirmed == 0 and h.in_flight == 0 and not h.dirty and h.reconciling is None:
+            self._held.pop(key, None)
+
+    async def _change(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """Run a slot script; on success the local count moves with it. Returns None if Redis
+        did not answer (the keys are then marked for repair)."""
+        held = await self._begin(keys)
+        result: Any = None
+        certain = False
+        try:
+            result = await self._script(name, keys, args)
+            certain = True
+        except UNAVAILABLE as exc:
+            log.warning("shared state (Redis) unavailable during %s: %s", name, _describe(exc))
+        finally:
+            if name == "acquire":
+                granted = certain and int(result[0]) == 0
+                self._end(keys, held, 1 if granted else 0, certain=certain)
+            else:  # release: the slot is gone locally whatever Redis answered
+                self._end(keys, held, -1, certain=certain)
+        return result if certain else None
+
+    async def acquire_slot(self, req: SlotRequest) -> SlotLease | Refusal:
+        user_keys = [
+            self._layout.user(req.principal),
+            self._layout.user_listener(req.principal, req.listener),
+        ]
+        total_key = [self._layout.total()]
+        iid = self.instance_id
+        res = await self._change(
+            "acquire", user_keys, [iid, self._lease_ms, req.max_user, req.max_user_listener]
+        )
+        if res is None:
+            return errors.identity_unavailable("shared state (Redis)", "slot acquire failed")
+        if int(res[0]) != 0:
+            if int(res[0]) == 1:
+                return errors.limit_reached(LIMIT_USER, req.max_user, f"principal={req.principal}")
+            return errors.limit_reached(
+                limit_listener(req.listener), req.max_user_listener, f"principal={req.principal}"
+            )
+        refusal: Refusal | None = None
+        granted = False
+        try:
+            res = await self._change("acquire", total_key, [iid, self._lease_ms, req.max_total])
+            if res is None:
+                refusal = errors.identity_unavailable(
+                    "shared state (Redis)", "total slot acquire failed"
+                )
+            elif int(res[0]) != 0:
+                refusal = errors.limit_reached(LIMIT_TOTAL, req.max_total)
+            else:
+                granted = True
+        finally:
+            if not granted:
+                # Undo the user-level slot (also when cancelled).
+                await self._undo(user_keys)
+        if refusal is not None:
+            return refusal
+        lease = SlotLease(secrets.token_hex(12), req.principal, req.listener)
+        self._leases[lease.lease_id] = lease
+        return lease
+
+    async def _undo(self, keys: list[str]) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self._op_timeout):
+                await self._change("release", keys, [self.instance_id])
+                return
+        # Not answered in time: take the slot back locally; maintenance repairs Redis.
+        for key in keys:
+            h = self._held.get(key)
+            if h is not None and h.confirmed > 0:
+                h.confirmed -= 1
+                h.dirty = True
+        self._wake.set()
+
+    async def release_slot(self, lease: SlotLease) -> None:
+        if self._leases.pop(lease.lease_id, None) is None:
+            return  # already released (idempotent)
+        groups = (
+            [
+                self._layout.user(lease.principal),
+                self._layout.user_listener(lease.principal, lease.listener),
+            ],
+            [self._layout.total()],
+        )
+        # Shielded and bounded: a session ending by cancellation still gives its slot back.
+        with trio.CancelScope(shield=True):
+            for keys in groups:
+                with trio.move_on_after(2 * self._op_timeout):
+                    await self._change("release", keys, [self.instance_id])
+
+    async def slot_usage(self, principal: str, listener: str) -> SlotUsage:
+        try:
+            user = await self._script(
+                "count",
+                [self._layout.user(principal), self._layout.user_listener(principal, listener)],
+                [],
+            )
+            total = await self._script("count", [self._layout.total()], [])
+        except UNAVAILABLE as exc:
+            raise StateUnavailableError(
+                f"shared state (Redis) unavailable: {_describe(exc)}"
+            ) from exc
+        return SlotUsage(int(user[0]), int(user[1]), int(total[0]))
+
+    # -- maintenance -------------------------------------------------------------------------
+
+    async def run_maintenance(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Heartbeat every lease/3 and repair dirty keys soon after they turn dirty."""
+        task_status.started()
+        backoff = _RETRY_MIN
+        next_beat = trio.current_time()
+        while True:
+            if trio.current_time() >= next_beat:
+                await self._heartbeat()
+                next_beat = trio.current_time() + self._lease / 3
+            elif self._dirty_keys():
+                await self._repair(self._dirty_keys())
+            wait_until = next_beat
+            if self._dirty_keys():
+                wait_until = min(wait_until, trio.current_time() + backoff)
+                backoff = min(backoff * 2, self._lease / 3)
+            else:
+                backoff = _RETRY_MIN
+            self._wake = trio.Event()
+            with trio.move_on_at(wait_until):
+                await self._wake.wait()
+
+    def _dirty_keys(self) -> list[str]:
+        return [k for k, h in self._held.items() if h.dirty]
+
+    async def _heartbeat(self) -> None:
+        try:
+            await self._run(
+                functools.partial(
+                    self._client.set,
+                    self._layout.instance(self.instance_id),
+                    "1",
+                    px=self._lease_ms,
+                )
+            )
+        except UNAVAILABLE as exc:
+            log.warning("shared state (Redis) heartbeat failed: %s", _describe(exc))
+            return
+        await self._repair(list(self._held))
+
+    async def _repair(self, keys: list[str]) -> None:
+        """Re-assert this instance's count on each key; stop at the first failure."""
+        for key in keys:
+            h = self._held.get(key)
+            if h is None:
+                continue
+            try:
+                if h.in_flight > 0 or h.reconciling is not None:
+                    if not h.dirty:
+                        await self._script("refresh", [key], [self.instance_id, self._lease_ms])
+                    continue
+                await self._reconcile(key, h)
+            except UNAVAILABLE as exc:
+                log.warning("shared state (Redis) repair failed: %s", _describe(exc))
+                return
+
+    async def _reconcile(self, key: str, h: _Held) -> None:
+        done = trio.Event()
+        h.reconciling = done
+        ok = False
+        try:
+            await self._script("reconcile", [key], [self.instance_id, h.confirmed, self._lease_ms])
+            ok = True
+        finally:
+            h.reconciling = None
+            done.set()
+            if ok:
+                h.dirty = False
+            self._maybe_forget(key, h)
+
+    # -- cancel keys -------------------------------------------------------------------------
+
+    async def register_cancel_key(
+        self, pid: int, secret: bytes, backend: tuple[str, int], ttl: float
+    ) -> None:
+        validate_cancel_args(pid, secret)
+        self._cancel.register(pid, secret, backend, ttl)
+        key = self._layout.cancel(pid, secret)
+        try:
+            await self._run(
+                functools.partial(
+                    self._client.set, key, format_backend(backend), px=max(1, int(ttl * 1000))
+                )
+            )
+        except UNAVAILABLE as exc:
+            log.warning(
+                "shared state (Redis) unavailable: cancel key kept on this instance only: %s",
+                _describe(exc),
+            )
+
+    async def unregister_cancel_key(self, pid: int, secret: bytes) -> None:
+        self._cancel.unregister(pid, secret)
+        try:
+            await self._run(
+                functools.partial(self._client.delete, self._layout.cancel(pid, secret))
+            )
+        except UNAVAILABLE as exc:
+            log.warning(
+                "shared state (Redis) unavailable removing a cancel key: %s", _describe(exc)
+            )
+
+    async def lookup_cancel_key(self, pid: int, secret: bytes) -> tuple[str, int] | None:
+        local = self._cancel.lookup(pid, secret)
+        if local is not None:
+            return local
+        if not 4 <= len(secret) <= 256 or not 0 <= pid <= 0xFFFFFFFF:
+            return None
+        try:
+            raw = await self._run(
+                functools.partial(self._client.get, self._layout.cancel(pid, secret))
+            )
+        except UNAVAILABLE as exc:
+            log.warning(
+                "shared state (Redis) unavailable: cancel request dropped: %s", _describe(exc)
+            )
+            return None
+        if raw is None:
+            return None
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        backend = parse_backend(text)
+        if backend is None:
+            log.warning("malformed cancel-key value in shared state; cancel request dropped")
+        return backend
+
+    # -- locks -------------------------------------------------------------------------------
+
+    async def acquire_lock(self, name: str, *, ttl: float, deadline: float) -> LockToken | None:
+        if ttl <= 0:
+            raise ValueError("lock ttl must be positive")
+        key = self._layout.lock(name)
+        token = secrets.token_hex(16)
+        delay = _LOCK_POLL_MIN
+        while True:
+            remaining = deadline - trio.current_time()
+            try:
+                taken = await self._run(
+                    functools.partial(
+                        self._client.set, key, token, nx=True, px=max(1, int(ttl * 1000))
+                    ),
+                    timeout=max(0.001, min(self._op_timeout, remaining)),
+                )
+                if taken:
+                    return LockToken(name, token)
+            except UNAVAILABLE as exc:
+                log.warning("shared state (Redis) unavailable taking a lock: %s", _describe(exc))
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                return None
+            await trio.sleep(min(delay, remaining))
+            delay = min(delay * 2, _LOCK_POLL_MAX)
+
+    async def release_lock(self, token: LockToken) -> None:
+        try:
+            with trio.CancelScope(shield=True):
+                await self._script("unlock", [self._layout.lock(token.name)], [token.token])
+        except UNAVAILABLE as exc:
+            log.warning(
+                "shared state (Redis) unavailable releasing a lock (it expires by its ttl): %s",
+                _describe(exc),
+            )
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Give back this instance's remaining slots and heartbeat, then close the pool.
+        Shielded, bounded by a few operation timeouts."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True), trio.move_on_after(3 * self._op_timeout):
+            try:
+                for key, h in list(self._held.items()):
+                    h.confirmed = 0
+                    await self._reconcile(key, h)
+                await self._run(
+                    functools.partial(self._client.delete, self._layout.instance(self.instance_id))
+                )
+            except UNAVAILABLE as exc:
+                log.warning(
+                    "shared state (Redis) unavailable at shutdown; this instance's slots expire "
+                    "by their lease: %s",
+                    _describe(exc),
+                )
+        with trio.CancelScope(shield=True), trio.move_on_after(self._op_timeout):
+            await trio.to_thread.run_sync(self._client.close, abandon_on_cancel=True)
+
+
+def _describe(exc: BaseException) -> str:
+    """Exception text safe for logs (redis-py messages carry host:port, never the password)."""
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"
