@@ -1,0 +1,250 @@
+"""Admin sessions: pg8000 connections in worker threads (SPEC §5 "Admin sessions", §12).
+
+One small pool of idle connections per target database (grants must run
+connected to the client's database) plus dedicated connections handed out for
+session-level role locks. Every blocking call runs through
+``trio.to_thread.run_sync(..., limiter=...)`` with one shared
+:class:`trio.CapacityLimiter`. Each session is opened with
+``statement_timeout``, ``lock_timeout``, ``search_path = pg_catalog, pg_temp``
+and ``application_name = 'waypoint-admin'`` in the startup packet, so no
+statement runs before they apply and nothing from a client's startup packet
+ever reaches an admin session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+import struct
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Final, TypeVar
+
+import pg8000.native
+import trio
+from pg8000.exceptions import DatabaseError, InterfaceError
+
+from waypoint.config.model import ListenerConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+APPLICATION_NAME: Final = "waypoint-admin"
+MAX_IDLE_PER_DATABASE: Final = 4
+
+
+class AdminError(Exception):
+    """An admin statement or connection failed. ``fields`` are the server's error fields.
+
+    ``sqlstate`` is the server's code (``fields['C']``) or ``None`` for a connection
+    failure without an ErrorResponse. The message never carries SQL text.
+    """
+
+    def __init__(self, message: str, fields: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.fields: dict[str, str] = dict(fields or {})
+
+    @property
+    def sqlstate(self) -> str | None:
+        return self.fields.get("C")
+
+
+def error_fields(exc: BaseException) -> dict[str, str]:
+    """The server's ErrorResponse fields of a pg8000 DatabaseError (``args[0]``), else {}."""
+    if isinstance(exc, DatabaseError) and exc.args and isinstance(exc.args[0], dict):
+        return {str(k): str(v) for k, v in exc.args[0].items()}
+    return {}
+
+
+def wrap_error(exc: BaseException, what: str) -> AdminError:
+    fields = error_fields(exc)
+    if fields:
+        return AdminError(
+            f"{what}: {fields.get('S', 'ERROR')} {fields.get('C', '?')} {fields.get('M', '')}",
+            fields,
+        )
+    return AdminError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def build_ssl_context(listener: ListenerConfig) -> ssl.SSLContext | bool | None:
+    """pg8000's ``ssl_context`` for ``backend_tls``: False = no TLS, None = prefer."""
+    mode = listener.backend_tls
+    if mode == "disable":
+        return False
+    if mode == "prefer":
+        return None
+    ctx = ssl.create_default_context()
+    if mode == "require":
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    if listener.backend_ca_file:
+        ctx.load_verify_locations(cafile=listener.backend_ca_file)
+    ctx.check_hostname = mode == "verify-full"
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class AdminSession:
+    """One pg8000 connection, used by one thread at a time. Not thread-safe by itself."""
+
+    def __init__(self, conn: pg8000.native.Connection, database: str) -> None:
+        self._conn = conn
+        self.database = database
+        self.broken = False
+
+    def run(self, sql: str, **params: Any) -> list[list[Any]]:
+        """Run one statement (blocking). Marks the session broken on a connection error."""
+        try:
+            rows = self._conn.run(sql, **params)
+        except DatabaseError as exc:
+            if error_fields(exc).get("V", error_fields(exc).get("S")) in ("FATAL", "PANIC"):
+                self.broken = True
+            raise
+        except (InterfaceError, OSError, struct.error):
+            self.broken = True
+            raise
+        return list(rows) if rows is not None else []
+
+    def rollback_quietly(self) -> None:
+        if self.broken:
+            return
+        try:
+            self._conn.run("ROLLBACK")
+        except Exception:
+            self.broken = True
+
+    def close(self) -> None:
+        self.broken = True
+        with contextlib.suppress(Exception):
+            self._conn.close()
+
+
+class AdminPools:
+    """Admin connections for one listener: idle pools per database, dedicated lock sessions."""
+
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        *,
+        limiter: trio.CapacityLimiter,
+        connect_timeout: float,
+        statement_timeout: float = 10.0,
+        lock_timeout: float = 5.0,
+        max_idle_per_database: int = MAX_IDLE_PER_DATABASE,
+    ) -> None:
+        self._listener = listener
+        self._limiter = limiter
+        self._connect_timeout = connect_timeout
+        self._statement_timeout = statement_timeout
+        self._lock_timeout = lock_timeout
+        self._max_idle = max_idle_per_database
+        self._idle: dict[str, list[AdminSession]] = defaultdict(list)
+        self._ssl_context = build_ssl_context(listener)
+        self._closed = False
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        return self._limiter
+
+    @property
+    def admin_database(self) -> str:
+        return self._listener.postgres.admin_database
+
+    def _options(self) -> str:
+        st = max(1, int(self._statement_timeout * 1000))
+        lt = max(1, int(self._lock_timeout * 1000))
+        return (
+            f"-c statement_timeout={st} -c lock_timeout={lt} "
+            "-c search_path=pg_catalog,pg_temp -c idle_in_transaction_session_timeout="
+            f"{st * 2}"
+        )
+
+    def _connect_blocking(self, database: str) -> AdminSession:
+        host, port = self._listener.backend_address
+        pgc = self._listener.postgres
+        # The socket timeout bounds connect and every read; statement_timeout fires first.
+        timeout = max(self._connect_timeout, self._statement_timeout + 5.0)
+        try:
+            conn = pg8000.native.Connection(
+                user=pgc.admin_user,
+                password=pgc.admin_password,
+                host=host,
+                port=port,
+                database=database,
+                ssl_context=self._ssl_context,
+                timeout=timeout,
+                application_name=APPLICATION_NAME,
+                startup_params={"options": self._options()},
+            )
+        except DatabaseError as exc:
+            raise wrap_error(exc, f"admin connection to database {database!r} failed") from None
+        except (InterfaceError, OSError, ssl.SSLError) as exc:
+            raise AdminError(
+                f"admin connection to database {database!r} at {host}:{port} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        return AdminSession(conn, database)
+
+    async def connect(self, database: str) -> AdminSession:
+        """A new dedicated session (not pooled), bounded by the connect timeout."""
+        if self._closed:
+            raise AdminError("admin pools are closed")
+        with trio.fail_after(self._connect_timeout + self._statement_timeout + 5.0):
+            return await trio.to_thread.run_sync(
+                self._connect_blocking, database, limiter=self._limiter
+            )
+
+    async def call(self, session: AdminSession, fn: Callable[[AdminSession], T]) -> T:
+        """Run ``fn(session)`` in a worker thread under the limiter."""
+        return await trio.to_thread.run_sync(fn, session, limiter=self._limiter)
+
+    @contextlib.asynccontextmanager
+    async def session(self, database: str) -> AsyncIterator[AdminSession]:
+        """Check out a pooled session for ``database``; broken ones are discarded."""
+        idle = self._idle[database]
+        sess = idle.pop() if idle else await self.connect(database)
+        try:
+            yield sess
+        finally:
+            if sess.broken or self._closed or len(self._idle[database]) >= self._max_idle:
+                sess.close()
+            else:
+                self._idle[database].append(sess)
+
+    async def run(self, database: str, fn: Callable[[AdminSession], T]) -> T:
+        """Run ``fn`` on a pooled session of ``database`` in one worker-thread hop.
+
+        On a server error the transaction is rolled back (in the same hop) and the
+        error re-raised as :class:`AdminError` with the server's fields.
+        """
+
+        def guarded(sess: AdminSession) -> T:
+            try:
+                return fn(sess)
+            except DatabaseError as exc:
+                sess.rollback_quietly()
+                raise wrap_error(exc, "admin statement failed") from None
+            except AdminError:
+                sess.rollback_quietly()
+                raise
+            except (InterfaceError, OSError, struct.error) as exc:
+                sess.close()
+                raise AdminError(f"admin connection lost: {type(exc).__name__}: {exc}") from None
+            except BaseException:
+                sess.rollback_quietly()
+                raise
+
+        async with self.session(database) as sess:
+            return await self.call(sess, guarded)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        sessions = [s for lst in self._idle.values() for s in lst]
+        self._idle.clear()
+        for sess in sessions:
+            with trio.move_on_after(2.0) as scope:
+                scope.shield = True
+                await trio.to_thread.run_sync(sess.close, limiter=self._limiter)

@@ -1,0 +1,157 @@
+"""SQL text for provisioning (SPEC §5): pure functions, no I/O.
+
+DDL takes no bind parameters, so every identifier goes through
+``pg8000.native.identifier()`` (always double-quoted) and every literal
+through ``pg8000.native.literal()``. Catalog queries are schema-qualified
+(admin sessions pin ``search_path = pg_catalog, pg_temp``) and take
+parameters (``:name`` placeholders of ``pg8000.native``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Final
+
+from pg8000.native import identifier, literal
+
+from waypoint.grants.model import Preset
+
+ROLE_LOCK_CLASS: Final = 1
+GROUP_LOCK_CLASS: Final = 2
+
+# Relation kinds whose appearance changes what ``ON ALL TABLES/SEQUENCES IN SCHEMA`` covers.
+_RELKINDS: Final = "('r','p','v','m','f','S')"
+
+
+def lock_key(*parts: str) -> int:
+    """A signed 32-bit advisory-lock key from the exact parts (NUL-separated)."""
+    digest = hashlib.sha256("\x00".join(parts).encode("utf-8")).digest()
+    return int(struct.unpack(">i", digest[:4])[0])
+
+
+def role_lock_key(role: str) -> int:
+    return lock_key(role)
+
+
+def group_lock_key(database: str, schema: str) -> int:
+    return lock_key(database, schema)
+
+
+def timestamp_literal(ts: datetime) -> str:
+    """``'2026-01-02 03:04:05.678901+00'`` for ``VALID UNTIL`` (computed by Waypoint, UTC)."""
+    if ts.tzinfo is None:
+        raise ValueError("VALID UNTIL needs an aware datetime")
+    text = ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+    return str(literal(text))
+
+
+def preset_grants(preset: Preset, schema: str, grantee: str) -> list[str]:
+    """SPEC §5's table: what a group of ``preset`` gets on schema ``schema``."""
+    s = identifier(schema)
+    g = identifier(grantee)
+    if preset == Preset.READONLY:
+        return [
+            f"GRANT USAGE ON SCHEMA {s} TO {g}",
+            f"GRANT SELECT ON ALL TABLES IN SCHEMA {s} TO {g}",
+            f"GRANT SELECT ON ALL SEQUENCES IN SCHEMA {s} TO {g}",
+        ]
+    if preset == Preset.READWRITE:
+        return [
+            *preset_grants(Preset.READONLY, schema, grantee),
+            f"GRANT INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} TO {g}",
+            f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {s} TO {g}",
+        ]
+    if preset == Preset.ADMIN:
+        return [
+            f"GRANT ALL PRIVILEGES ON ALL TABLES IN SCHEMA {s} TO {g}",
+            f"GRANT ALL PRIVILEGES ON ALL SEQUENCES IN SCHEMA {s} TO {g}",
+            f"GRANT USAGE, CREATE ON SCHEMA {s} TO {g}",
+        ]
+    raise ValueError(f"unknown preset {preset!r}")
+
+
+def create_group(group: str, database: str, comment: str) -> list[str]:
+    """A shared NOLOGIN group: its marker, and CONNECT on its database (granted once, here)."""
+    g = identifier(group)
+    return [
+        f"CREATE ROLE {g} NOLOGIN",
+        f"COMMENT ON ROLE {g} IS {literal(comment)}",
+        f"GRANT CONNECT ON DATABASE {identifier(database)} TO {g}",
+    ]
+
+
+def create_login_role(role: str, verifier: str, valid_until: datetime) -> str:
+    return (
+        f"CREATE ROLE {identifier(role)} LOGIN INHERIT NOCREATEDB NOCREATEROLE NOREPLICATION "
+        f"PASSWORD {literal(verifier)} VALID UNTIL {timestamp_literal(valid_until)}"
+    )
+
+
+def set_password(role: str, verifier: str, valid_until: datetime) -> str:
+    return (
+        f"ALTER ROLE {identifier(role)} PASSWORD {literal(verifier)} "
+        f"VALID UNTIL {timestamp_literal(valid_until)}"
+    )
+
+
+def set_valid_until(role: str, valid_until: datetime) -> str:
+    return f"ALTER ROLE {identifier(role)} VALID UNTIL {timestamp_literal(valid_until)}"
+
+
+def comment_on_role(role: str, comment: str) -> str:
+    return f"COMMENT ON ROLE {identifier(role)} IS {literal(comment)}"
+
+
+def grant_role_to_admin(role: str, inherit_clause: str) -> str:
+    """15: ``GRANT r TO CURRENT_USER``; 16+: ``... WITH INHERIT TRUE`` (for REASSIGN/DROP OWNED)."""
+    return f"GRANT {identifier(role)} TO CURRENT_USER{inherit_clause}"
+
+
+def grant_membership(group: str, role: str) -> str:
+    return f"GRANT {identifier(group)} TO {identifier(role)}"
+
+
+def revoke_membership(group: str, role: str) -> str:
+    return f"REVOKE {identifier(group)} FROM {identifier(role)}"
+
+
+def reassign_owned(role: str) -> str:
+    return f"REASSIGN OWNED BY {identifier(role)} TO CURRENT_USER"
+
+
+def advisory_xact_lock(key: int) -> str:
+    return f"SELECT pg_catalog.pg_advisory_xact_lock({GROUP_LOCK_CLASS}, {int(key)})"
+
+
+# Catalog queries (parameters with pg8000.native's :name style).
+
+ROLES_QUERY: Final = (
+    "SELECT r.rolname, pg_catalog.shobj_description(r.oid, 'pg_authid'), r.rolcanlogin "
+    "FROM pg_catalog.pg_roles AS r WHERE r.rolname = ANY(CAST(:names AS pg_catalog.text[]))"
+)
+
+MEMBERSHIPS_QUERY: Final = (
+    "SELECT g.rolname, pg_catalog.shobj_description(g.oid, 'pg_authid') "
+    "FROM pg_catalog.pg_auth_members AS m "
+    "JOIN pg_catalog.pg_roles AS g ON g.oid = m.roleid "
+    "JOIN pg_catalog.pg_roles AS u ON u.oid = m.member "
+    "WHERE u.rolname = :role"
+)
+
+SCHEMA_SIGNATURE_QUERY: Final = (
+    "SELECT n.nspname, pg_catalog.count(c.oid), "
+    "COALESCE(pg_catalog.max(c.oid::pg_catalog.int8), 0) "
+    "FROM pg_catalog.pg_namespace AS n "
+    f"LEFT JOIN pg_catalog.pg_class AS c ON c.relnamespace = n.oid AND c.relkind IN {_RELKINDS} "
+    "WHERE n.nspname = ANY(CAST(:schemas AS pg_catalog.text[])) "
+    "GROUP BY n.nspname"
+)
+
+
+def sorted_group_lock_statements(database: str, schemas: Iterable[str]) -> list[str]:
+    """SPEC §5 lock order step 3: one xact lock per touched schema, in sorted key order."""
+    keys = sorted({group_lock_key(database, s) for s in schemas})
+    return [advisory_xact_lock(k) for k in keys]
