@@ -130,7 +130,9 @@ def test_huge_message_costs_one_header_and_is_skipped_across_chunks() -> None:
 def test_length_below_four_is_a_protocol_error(length: int) -> None:
     tracker = BoundaryTracker()
     bad = b"Q" + struct.pack("!i", length)
-    with pytest.raises(ProtocolError, match=rf"invalid message length {length} for message type 'Q'"):
+    with pytest.raises(
+        ProtocolError, match=rf"invalid message length {length} for message type 'Q'"
+    ):
         tracker.feed(message(b"Z", b"I") + bad)
     assert tracker.messages == 1
 

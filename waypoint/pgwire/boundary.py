@@ -30,6 +30,7 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.sqlstate = sqlstate
 
+
 __all__ = ["MAX_MESSAGE_LENGTH", "BoundaryTracker", "HeaderCallback", "ProtocolError"]
 
 #: Largest value the int32 length word can carry (PostgreSQL's own bound).

@@ -1,0 +1,942 @@
+"""The relay: the data path of every session after the handshake (SPEC §4 step 7).
+
+Two implementations with one contract:
+
+* :class:`RelayEngine` — ONE OS thread running a level-triggered ``select.epoll``
+  loop over every relayed plain socket (PERF.md: 0.94–0.97x PgBouncer, where a
+  trio task per direction reaches ~0.5x). The session task does its handshake
+  in trio, detaches the two sockets and calls :meth:`RelayEngine.start_relay`;
+  it then awaits :meth:`RelayHandle.wait`. Opened and closed with the trio app
+  by :func:`open_relay_engine`.
+* :func:`relay_streams` / :class:`StreamRelay` — a trio task per direction over
+  ``trio.abc.Stream`` objects, used when a side is TLS (``trio.SSLStream``).
+
+Both track message boundaries in both directions (``BoundaryTracker``), count
+bytes, enforce ``max_bytes`` over both directions, and can be told to end the
+session with a FATAL ErrorResponse injected toward the client exactly at a
+server→client message boundary (``terminate``). Neither closes the sockets or
+streams it was given: the session does that after reading the verdict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import os
+import select
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Final, Literal, Protocol
+
+import attrs
+import trio
+
+from waypoint.pgwire.boundary import BoundaryTracker, ProtocolError
+
+__all__ = [
+    "DEFAULT_BOUNDARY_TIMEOUT",
+    "DEFAULT_FLUSH_TIMEOUT",
+    "RECV_BUFFER_SIZE",
+    "RelayControl",
+    "RelayEngine",
+    "RelayEngineError",
+    "RelayHandle",
+    "RelayReason",
+    "RelayResult",
+    "StreamRelay",
+    "open_relay_engine",
+    "relay_streams",
+]
+
+RelayReason = Literal["client_closed", "backend_closed", "byte_limit", "terminated", "error"]
+
+#: Bytes read per ``recv_into``; also the bound on what the engine buffers per direction.
+RECV_BUFFER_SIZE: Final = 64 * 1024
+#: How long ``terminate`` waits for the next server→client boundary before closing without the FATAL.
+DEFAULT_BOUNDARY_TIMEOUT: Final = 2.0
+#: How long data already read is flushed to the other side after EOF or a FATAL.
+DEFAULT_FLUSH_TIMEOUT: Final = 2.0
+#: How long a cancelled ``wait()`` / engine shutdown waits for the engine thread to answer.
+_TEARDOWN_TIMEOUT: Final = 5.0
+
+
+@attrs.frozen
+class RelayResult:
+    """The verdict of one relay.
+
+    ``reason`` is the first cause that ended it. ``fatal_sent`` is true when the
+    FATAL given to ``terminate`` (or ``byte_limit_error``) was written completely to
+    the client. ``error`` is a log-only description (an OS error text or a protocol
+    violation; never payload bytes).
+    """
+
+    reason: RelayReason
+    bytes_from_client: int
+    bytes_from_backend: int
+    error: str | None = None
+    fatal_sent: bool = False
+    messages_from_client: int = 0
+    messages_from_backend: int = 0
+
+
+class RelayEngineError(RuntimeError):
+    """The engine is not running (not started, stopped, or its thread failed)."""
+
+
+class RelayControl(Protocol):
+    """What the session task holds while a relay runs, whichever implementation."""
+
+    @property
+    def bytes_from_client(self) -> int: ...
+
+    @property
+    def bytes_from_backend(self) -> int: ...
+
+    def terminate(self, fatal: bytes, *, timeout: float = DEFAULT_BOUNDARY_TIMEOUT) -> None:
+        """End the relay: at the next server→client message boundary send ``fatal`` to
+        the client and stop; if no boundary comes within ``timeout`` seconds, stop
+        without it. Idempotent: the first call wins. Never blocks."""
+        ...
+
+    async def wait(self) -> RelayResult:
+        """The verdict. If the caller is cancelled, the relay is torn down first."""
+        ...
+
+
+def _check_limits(max_bytes: int, byte_limit_error: bytes) -> None:
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0 (0 = no limit), got {max_bytes}")
+    if max_bytes and not byte_limit_error:
+        raise ValueError("max_bytes needs byte_limit_error (the FATAL ErrorResponse to send)")
+
+
+# ======================================================================================
+# The epoll engine
+# ======================================================================================
+
+_EPOLLIN: Final = select.EPOLLIN
+_EPOLLOUT: Final = select.EPOLLOUT
+_EPOLLBAD: Final = select.EPOLLERR | select.EPOLLHUP
+_PEER_GONE_ERRNOS: Final = frozenset(
+    {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN}
+)
+
+
+class _Side:
+    """One socket of a relay: what is read from it and what waits to be written to it."""
+
+    __slots__ = (
+        "fd",
+        "is_client",
+        "mask",
+        "out",
+        "peer",
+        "reading",
+        "received",
+        "recv_into",
+        "relay",
+        "send",
+        "sock",
+        "tracker",
+    )
+
+    def __init__(
+        self, relay: _Relay, sock: socket.socket, tracker: BoundaryTracker, is_client: bool
+    ) -> None:
+        self.relay = relay
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.recv_into = sock.recv_into
+        self.send = sock.send
+        self.tracker = tracker
+        self.is_client = is_client
+        self.received = 0
+        #: Bytes read from the peer, not yet written to this socket (bounded by one recv).
+        self.out: bytes = b""
+        self.reading = True
+        #: The epoll mask currently registered (0: not registered).
+        self.mask = 0
+        self.peer: _Side = self  # set right after construction
+
+
+class _Relay:
+    """Engine-thread state of one relay. Mutated only by the engine thread, except
+    the read-only counters the trio side reads."""
+
+    __slots__ = (
+        "backend",
+        "client",
+        "closing",
+        "deadline",
+        "done",
+        "error",
+        "fatal",
+        "fatal_queued",
+        "fatal_sent",
+        "handle",
+        "limit",
+        "limit_fatal",
+        "reason",
+        "total",
+    )
+
+    def __init__(self, handle: RelayHandle, max_bytes: int, byte_limit_error: bytes) -> None:
+        self.handle = handle
+        self.limit = max_bytes if max_bytes > 0 else math.inf
+        self.limit_fatal = byte_limit_error
+        self.total = 0
+        self.client: _Side
+        self.backend: _Side
+        self.reason: RelayReason | None = None
+        self.error: str | None = None
+        #: The FATAL to inject at the next server→client boundary (terminating), or None.
+        self.fatal: bytes | None = None
+        self.fatal_queued = False
+        self.fatal_sent = False
+        #: Flushing what is owed before ending (after EOF, an error, or a queued FATAL).
+        self.closing = False
+        #: Monotonic deadline while terminating or flushing; inf otherwise.
+        self.deadline = math.inf
+        self.done = False
+
+
+class RelayHandle:
+    """The session's handle on one relay run by :class:`RelayEngine` (a :class:`RelayControl`)."""
+
+    __slots__ = ("_done", "_engine", "_relay", "_result")
+
+    def __init__(self, engine: RelayEngine) -> None:
+        self._engine = engine
+        self._done = trio.Event()
+        self._result: RelayResult | None = None
+        self._relay: _Relay
+
+    @property
+    def bytes_from_client(self) -> int:
+        return self._relay.client.received
+
+    @property
+    def bytes_from_backend(self) -> int:
+        return self._relay.backend.received
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes the engine holds for this relay, read but not yet written (≤ 2 recv buffers)."""
+        relay = self._relay
+        return len(relay.client.out) + len(relay.backend.out)
+
+    @property
+    def result(self) -> RelayResult | None:
+        """The verdict once the relay has ended, else None."""
+        return self._result
+
+    def terminate(self, fatal: bytes, *, timeout: float = DEFAULT_BOUNDARY_TIMEOUT) -> None:
+        if not fatal:
+            raise ValueError("terminate needs the FATAL ErrorResponse bytes to send")
+        self._engine._command(("terminate", self._relay, fatal, timeout))
+
+    def abort(self) -> None:
+        """End the relay at once, without a FATAL (reason ``terminated``). Never blocks."""
+        self._engine._command(("abort", self._relay, None, 0.0))
+
+    async def wait(self) -> RelayResult:
+        try:
+            await self._done.wait()
+        except BaseException:
+            # Cancelled (or interrupted): tear the relay down before unwinding so that
+            # no socket stays registered with the engine after the session closes it.
+            self.abort()
+            with trio.CancelScope(shield=True), trio.move_on_after(_TEARDOWN_TIMEOUT):
+                await self._done.wait()
+            raise
+        assert self._result is not None
+        return self._result
+
+    def _finished(self, result: RelayResult) -> None:  # runs in the trio thread
+        self._result = result
+        self._done.set()
+
+
+_Command = tuple[str, "_Relay | None", "bytes | None", float]
+
+
+class RelayEngine:
+    """One OS thread relaying every plain-socket session with a level-triggered epoll loop.
+
+    Create it with :func:`open_relay_engine`. All public methods are called from the
+    trio thread; everything else runs in the engine thread.
+    """
+
+    def __init__(self, *, recv_buffer_size: int = RECV_BUFFER_SIZE) -> None:
+        if recv_buffer_size < 1024:
+            raise ValueError(f"recv_buffer_size must be >= 1024, got {recv_buffer_size}")
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._epoll = select.epoll()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wake_fd, _EPOLLIN)
+        self._commands: deque[_Command] = deque()
+        self._sides: dict[int, _Side] = {}
+        self._relays: set[_Relay] = set()
+        self._timed: set[_Relay] = set()
+        self._buf = bytearray(recv_buffer_size)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        self._failure: str | None = None
+
+    # -- trio side -------------------------------------------------------------------------
+
+    @property
+    def active_relays(self) -> int:
+        """Relays currently registered (a gauge for metrics)."""
+        return len(self._relays)
+
+    @property
+    def epoll_fileno(self) -> int:
+        return self._epoll.fileno()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._closed
+
+    def start_relay(
+        self,
+        client_sock: socket.socket,
+        backend_sock: socket.socket,
+        *,
+        max_bytes: int = 0,
+        byte_limit_error: bytes = b"",
+        client_tracker: BoundaryTracker | None = None,
+        backend_tracker: BoundaryTracker | None = None,
+        initial_to_client: bytes = b"",
+        initial_to_backend: bytes = b"",
+    ) -> RelayHandle:
+        """Hand two connected sockets to the engine; returns at once.
+
+        ``max_bytes`` (0 = none) bounds the bytes read from both sides together; past
+        it the relay ends with ``byte_limit_error`` (a FATAL ErrorResponse) sent to the
+        client at a message boundary. ``initial_to_*`` are bytes the handshake already
+        read past the start of the relay (they go out first and are counted). Both
+        directions start at a message boundary. The sockets are switched to
+        non-blocking mode and are never closed by the engine.
+        """
+        if not self.running:
+            raise RelayEngineError(self._failure or "the relay engine is not running")
+        _check_limits(max_bytes, byte_limit_error)
+        for sock in (client_sock, backend_sock):
+            if sock.fileno() < 0:
+                raise ValueError("cannot relay a closed socket")
+        if client_sock.fileno() == backend_sock.fileno():
+            raise ValueError("client and backend must be different sockets")
+        client_sock.setblocking(False)
+        backend_sock.setblocking(False)
+        handle = RelayHandle(self)
+        relay = _Relay(handle, max_bytes, byte_limit_error)
+        relay.client = _Side(relay, client_sock, client_tracker or BoundaryTracker(), True)
+        relay.backend = _Side(relay, backend_sock, backend_tracker or BoundaryTracker(), False)
+        relay.client.peer = relay.backend
+        relay.backend.peer = relay.client
+        if initial_to_backend:
+            relay.backend.out = bytes(initial_to_backend)
+            relay.client.received = len(initial_to_backend)
+            relay.client.tracker.feed(initial_to_backend)
+            relay.client.reading = False
+        if initial_to_client:
+            relay.client.out = bytes(initial_to_client)
+            relay.backend.received = len(initial_to_client)
+            relay.backend.tracker.feed(initial_to_client)
+            relay.backend.reading = False
+        relay.total = relay.client.received + relay.backend.received
+        handle._relay = relay
+        self._command(("add", relay, None, 0.0))
+        return handle
+
+    def _command(self, command: _Command) -> None:
+        with self._lock:
+            if not self._closed:
+                self._commands.append(command)
+                os.eventfd_write(self._wake_fd, 1)
+                return
+        # The engine thread is gone: a relay that never started ends here.
+        kind, relay, _, _ = command
+        if kind == "add" and relay is not None:
+            self._finish(relay, "terminated", self._failure or "relay engine stopped")
+
+    def _start(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+        self._thread = threading.Thread(
+            target=self._thread_main, name="waypoint-relay", daemon=True
+        )
+        self._thread.start()
+
+    async def _stop(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        self._command(("stop", None, None, 0.0))
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(thread.join, _TEARDOWN_TIMEOUT)
+            if thread.is_alive():  # pragma: no cover - the loop answers within one poll
+                raise RelayEngineError("the relay engine thread did not stop in time")
+            # Let the completion callbacks the thread scheduled run before we return.
+            await trio.lowlevel.checkpoint()
+
+    # -- engine thread ---------------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug: fail every relay loudly rather than hang them
+            self._failure = f"relay engine failed: {type(exc).__name__}: {exc}"
+            for relay in list(self._relays):
+                self._finish(relay, "error", self._failure)
+        finally:
+            with self._lock:
+                self._closed = True
+            for relay in list(self._relays):
+                self._finish(relay, "terminated", "relay engine stopped")
+            while self._commands:
+                kind, queued, _, _ = self._commands.popleft()
+                if kind == "add" and queued is not None:
+                    self._finish(queued, "terminated", self._failure or "relay engine stopped")
+            self._epoll.close()
+            os.close(self._wake_fd)
+
+    def _loop(self) -> None:
+        poll = self._epoll.poll
+        sides = self._sides
+        timed = self._timed
+        wake_fd = self._wake_fd
+        buf = self._buf
+        view = memoryview(buf)
+        monotonic = time.monotonic
+        while True:
+            if timed:
+                next_deadline = min(r.deadline for r in timed)
+                timeout = max(0.0, next_deadline - monotonic())
+            else:
+                timeout = -1.0
+            for fd, events in poll(timeout):
+                side = sides.get(fd)
+                if side is None:
+                    if fd == wake_fd and self._run_commands():
+                        return
+                    continue
+                relay = side.relay
+                if relay.done:
+                    continue
+                if events & _EPOLLOUT or (events & _EPOLLBAD and side.out):
+                    self._flush(side)
+                    if relay.done or not side.reading:
+                        continue
+                if not (side.reading and events & (_EPOLLIN | _EPOLLBAD)):
+                    continue
+                # ---- hot path: one recv, one send --------------------------------------
+                try:
+                    n = side.recv_into(buf)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    self._socket_error(side, exc)
+                    continue
+                if n == 0:
+                    self._eof(side)
+                    continue
+                side.received += n
+                total = relay.total = relay.total + n
+                chunk = view[:n]
+                if total > relay.limit and relay.fatal is None:
+                    self._begin_terminate(
+                        relay, relay.limit_fatal, "byte_limit", DEFAULT_BOUNDARY_TIMEOUT
+                    )
+                if relay.fatal is not None:
+                    self._read_while_terminating(side, chunk)
+                    continue
+                try:
+                    side.tracker.feed(chunk)
+                except ProtocolError as exc:
+                    self._finish(relay, "error", f"{_who(side)}: {exc}")
+                    continue
+                peer = side.peer
+                try:
+                    sent = peer.send(chunk)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    self._socket_error(peer, exc)
+                    continue
+                if sent < n:
+                    peer.out = bytes(chunk[sent:])
+                    side.reading = False
+                    self._update(side)
+                    self._update(peer)
+            if timed:
+                now = monotonic()
+                for relay in [r for r in timed if r.deadline <= now]:
+                    self._finish(relay, relay.reason or "terminated", relay.error)
+
+    def _run_commands(self) -> bool:
+        """Drain the command queue; True when the engine must stop."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake_fd)
+        commands = self._commands
+        while commands:
+            kind, relay, fatal, timeout = commands.popleft()
+            if kind == "stop":
+                return True
+            assert relay is not None
+            if kind == "add":
+                self._add(relay)
+            elif relay.done or relay not in self._relays:
+                continue
+            elif kind == "terminate":
+                assert fatal is not None
+                if relay.fatal is None and relay.reason is None:
+                    self._begin_terminate(relay, fatal, "terminated", timeout)
+            elif kind == "abort":
+                self._finish(relay, relay.reason or "terminated", relay.error or "relay aborted")
+        return False
+
+    def _add(self, relay: _Relay) -> None:
+        for side in (relay.client, relay.backend):
+            if side.fd in self._sides:
+                self._finish(relay, "error", f"file descriptor {side.fd} is already being relayed")
+                return
+        self._relays.add(relay)
+        for side in (relay.client, relay.backend):
+            self._sides[side.fd] = side
+        for side in (relay.client, relay.backend):
+            try:
+                self._update(side)
+            except OSError as exc:
+                self._finish(relay, "error", f"cannot watch {_who(side)} socket: {exc}")
+                return
+        # Bytes handed over by the handshake: try to write them now.
+        for side in (relay.client, relay.backend):
+            if side.out and not relay.done:
+                self._flush(side)
+
+    def _update(self, side: _Side) -> None:
+        """Register the interest ``side`` needs now. A side that neither reads nor writes
+        is unregistered, so that level-triggered HUP/ERR cannot spin the loop."""
+        mask = (_EPOLLIN if side.reading else 0) | (_EPOLLOUT if side.out else 0)
+        old = side.mask
+        if mask == old:
+            return
+        if mask == 0:
+            self._epoll.unregister(side.fd)
+        elif old == 0:
+            self._epoll.register(side.fd, mask)
+        else:
+            self._epoll.modify(side.fd, mask)
+        side.mask = mask
+
+    def _flush(self, side: _Side) -> None:
+        """Write what is pending toward ``side``; resume reading its peer when drained."""
+        relay = side.relay
+        data = side.out
+        try:
+            sent = side.send(data)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._socket_error(side, exc)
+            return
+        side.out = data[sent:]
+        if side.out:
+            self._update(side)
+            return
+        if relay.fatal_queued and side.is_client:
+            relay.fatal_sent = True
+        if relay.closing:
+            # Done once nothing is left to write.
+            if not relay.client.out and not relay.backend.out:
+                self._finish(relay, relay.reason or "terminated", relay.error)
+            else:
+                self._update(side)
+            return
+        peer = side.peer
+        if not (relay.fatal is not None and peer.is_client):
+            peer.reading = True
+        self._update(side)
+        self._update(peer)
+
+    def _begin_terminate(
+        self, relay: _Relay, fatal: bytes, reason: RelayReason, timeout: float
+    ) -> None:
+        relay.fatal = fatal
+        relay.reason = reason
+        self._set_deadline(relay, timeout)
+        client, backend = relay.client, relay.backend
+        client.reading = False  # nothing more goes to the backend
+        backend.out = b""
+        self._update(backend)
+        self._update(client)
+        if backend.tracker.at_boundary:
+            self._queue_fatal(relay)
+
+    def _queue_fatal(self, relay: _Relay) -> None:
+        """Everything read from the backend ends at a boundary: the FATAL goes next."""
+        assert relay.fatal is not None
+        client, backend = relay.client, relay.backend
+        client.out += relay.fatal
+        relay.fatal_queued = True
+        relay.closing = True
+        relay.deadline = time.monotonic() + DEFAULT_FLUSH_TIMEOUT
+        self._timed.add(relay)
+        backend.reading = False
+        self._update(backend)
+        self._flush(client)
+
+    def _read_while_terminating(self, side: _Side, chunk: memoryview) -> None:
+        relay = side.relay
+        if relay.done or relay.closing or side.is_client:
+            return  # input past the end that was decided is dropped
+        try:
+            taken = side.tracker.feed_until_boundary(chunk)
+        except ProtocolError as exc:
+            self._finish(relay, "error", f"{_who(side)}: {exc}")
+            return
+        client = relay.client
+        client.out += chunk[:taken]
+        if side.tracker.at_boundary:
+            self._queue_fatal(relay)
+            return
+        # No boundary yet (a long message): forward it all, keep going until the deadline.
+        side.reading = False
+        self._update(side)
+        self._flush(client)
+
+    def _eof(self, side: _Side) -> None:
+        relay = side.relay
+        if relay.reason is None:
+            relay.reason = "client_closed" if side.is_client else "backend_closed"
+        self._closing(relay, side)
+
+    def _socket_error(self, side: _Side, exc: OSError) -> None:
+        relay = side.relay
+        if relay.reason is None:
+            if exc.errno in _PEER_GONE_ERRNOS:
+                relay.reason = "client_closed" if side.is_client else "backend_closed"
+            else:
+                relay.reason = "error"
+            relay.error = f"{_who(side)} socket: {exc}"
+        elif relay.error is None:
+            relay.error = f"{_who(side)} socket: {exc}"
+        # The broken side can take nothing more; flush what the other one is owed.
+        side.out = b""
+        self._closing(relay, side)
+
+    def _closing(self, relay: _Relay, gone: _Side) -> None:
+        """``gone`` closed: stop reading, flush what is owed to the other side (bounded)."""
+        gone.out = b""
+        other = gone.peer
+        relay.closing = True
+        relay.client.reading = relay.backend.reading = False
+        if not other.out:
+            self._finish(relay, relay.reason or "terminated", relay.error)
+            return
+        self._set_deadline(relay, DEFAULT_FLUSH_TIMEOUT)
+        self._update(gone)
+        self._update(other)
+        self._flush(other)
+
+    def _set_deadline(self, relay: _Relay, timeout: float) -> None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        if deadline < relay.deadline:
+            relay.deadline = deadline
+        self._timed.add(relay)
+
+    def _finish(self, relay: _Relay, reason: RelayReason, error: str | None) -> None:
+        if relay.done:
+            return
+        relay.done = True
+        for side in (relay.client, relay.backend):
+            if self._sides.get(side.fd) is side:
+                del self._sides[side.fd]
+            if side.mask:
+                with contextlib.suppress(OSError, ValueError):
+                    self._epoll.unregister(side.fd)
+                side.mask = 0
+        self._relays.discard(relay)
+        self._timed.discard(relay)
+        result = RelayResult(
+            reason=reason,
+            bytes_from_client=relay.client.received,
+            bytes_from_backend=relay.backend.received,
+            error=error,
+            fatal_sent=relay.fatal_sent,
+            messages_from_client=relay.client.tracker.messages,
+            messages_from_backend=relay.backend.tracker.messages,
+        )
+        relay.client.out = relay.backend.out = b""
+        token = self._token
+        if token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(relay.handle._finished, result)
+
+
+def _who(side: _Side) -> str:
+    return "client" if side.is_client else "backend"
+
+
+@contextlib.asynccontextmanager
+async def open_relay_engine(
+    *, recv_buffer_size: int = RECV_BUFFER_SIZE
+) -> AsyncIterator[RelayEngine]:
+    """Run a :class:`RelayEngine` thread for the duration of the block.
+
+    On exit every relay still running ends with reason ``terminated`` and the thread is
+    joined (bounded).
+    """
+    engine = RelayEngine(recv_buffer_size=recv_buffer_size)
+    engine._start(trio.lowlevel.current_trio_token())
+    try:
+        yield engine
+    finally:
+        await engine._stop()
+
+
+# ======================================================================================
+# The trio stream fallback (TLS on either side)
+# ======================================================================================
+
+
+class StreamRelay:
+    """Relay two ``trio.abc.Stream`` objects with a task per direction (a :class:`RelayControl`).
+
+    Same semantics as :meth:`RelayEngine.start_relay`; the relay runs inside
+    :meth:`wait`, in the caller's task. ``terminate`` may be called before or while
+    ``wait`` runs. Streams are not closed.
+    """
+
+    def __init__(
+        self,
+        client: trio.abc.Stream,
+        backend: trio.abc.Stream,
+        *,
+        max_bytes: int = 0,
+        byte_limit_error: bytes = b"",
+        client_tracker: BoundaryTracker | None = None,
+        backend_tracker: BoundaryTracker | None = None,
+        initial_to_client: bytes = b"",
+        initial_to_backend: bytes = b"",
+        recv_buffer_size: int = RECV_BUFFER_SIZE,
+    ) -> None:
+        _check_limits(max_bytes, byte_limit_error)
+        self._client = client
+        self._backend = backend
+        self._limit = max_bytes if max_bytes > 0 else math.inf
+        self._limit_fatal = byte_limit_error
+        self._client_tracker = client_tracker or BoundaryTracker()
+        self._backend_tracker = backend_tracker or BoundaryTracker()
+        self._initial_to_client = bytes(initial_to_client)
+        self._initial_to_backend = bytes(initial_to_backend)
+        self._recv_size = recv_buffer_size
+        self._from_client = 0
+        self._from_backend = 0
+        self._reason: RelayReason | None = None
+        self._error: str | None = None
+        self._fatal: bytes | None = None
+        self._fatal_timeout = DEFAULT_BOUNDARY_TIMEOUT
+        self._fatal_sent = False
+        self._started = False
+        self._outer: trio.CancelScope | None = None
+        self._client_reader: trio.CancelScope | None = None
+        self._backend_recv: trio.CancelScope | None = None
+        self._result: RelayResult | None = None
+
+    @property
+    def bytes_from_client(self) -> int:
+        return self._from_client
+
+    @property
+    def bytes_from_backend(self) -> int:
+        return self._from_backend
+
+    @property
+    def result(self) -> RelayResult | None:
+        return self._result
+
+    def terminate(self, fatal: bytes, *, timeout: float = DEFAULT_BOUNDARY_TIMEOUT) -> None:
+        if not fatal:
+            raise ValueError("terminate needs the FATAL ErrorResponse bytes to send")
+        self._begin_terminate(fatal, "terminated", timeout)
+
+    def _begin_terminate(self, fatal: bytes, reason: RelayReason, timeout: float) -> None:
+        if self._fatal is not None or self._reason is not None or self._result is not None:
+            return
+        self._fatal = fatal
+        self._reason = reason
+        self._fatal_timeout = timeout
+        if self._outer is not None:
+            self._outer.deadline = min(self._outer.deadline, trio.current_time() + timeout)
+        if self._client_reader is not None:
+            self._client_reader.cancel()
+        if self._backend_recv is not None and self._backend_tracker.at_boundary:
+            self._backend_recv.cancel()  # idle at a boundary: inject now
+
+    def _end(self, reason: RelayReason, error: str | None = None) -> None:
+        if self._reason is None:
+            self._reason = reason
+        if self._error is None:
+            self._error = error
+        assert self._outer is not None
+        self._outer.cancel()
+
+    async def wait(self) -> RelayResult:
+        if self._started:
+            raise RuntimeError("a StreamRelay runs once")
+        self._started = True
+        with trio.CancelScope() as outer:
+            self._outer = outer
+            if self._fatal is not None:
+                outer.deadline = trio.current_time() + self._fatal_timeout
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._client_to_backend)
+                nursery.start_soon(self._backend_to_client)
+        self._result = RelayResult(
+            reason=self._reason or "terminated",
+            bytes_from_client=self._from_client,
+            bytes_from_backend=self._from_backend,
+            error=self._error,
+            fatal_sent=self._fatal_sent,
+            messages_from_client=self._client_tracker.messages,
+            messages_from_backend=self._backend_tracker.messages,
+        )
+        return self._result
+
+    def _count(self, n: int, from_client: bool) -> None:
+        if from_client:
+            self._from_client += n
+        else:
+            self._from_backend += n
+        if self._from_client + self._from_backend > self._limit:
+            self._begin_terminate(self._limit_fatal, "byte_limit", DEFAULT_BOUNDARY_TIMEOUT)
+
+    async def _send(
+        self, stream: trio.abc.Stream, data: bytes | bytearray, to_client: bool
+    ) -> bool:
+        """Write to one side; False (and the relay ends) if that side is gone."""
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._end("client_closed" if to_client else "backend_closed", _describe(exc, to_client))
+            return False
+        return True
+
+    async def _receive(
+        self, stream: trio.abc.Stream, from_client: bool
+    ) -> bytes | bytearray | None:
+        """Read from one side; None (and the relay ends) at EOF or if that side is gone."""
+        reason: RelayReason = "client_closed" if from_client else "backend_closed"
+        try:
+            data = await stream.receive_some(self._recv_size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._end(reason, _describe(exc, from_client))
+            return None
+        if not data:
+            self._end(reason)
+            return None
+        return data
+
+    async def _client_to_backend(self) -> None:
+        tracker = self._client_tracker
+        backend = self._backend
+        try:
+            if self._initial_to_backend:
+                self._count(len(self._initial_to_backend), True)
+                tracker.feed(self._initial_to_backend)
+                if not await self._send(backend, self._initial_to_backend, False):
+                    return
+            with trio.CancelScope() as reader:
+                self._client_reader = reader
+                if self._fatal is not None:
+                    reader.cancel()
+                while True:
+                    data = await self._receive(self._client, True)
+                    if data is None:
+                        return
+                    self._count(len(data), True)
+                    if self._fatal is not None:
+                        return  # past the end that was decided: dropped
+                    tracker.feed(data)
+                    if not await self._send(backend, data, False):
+                        return
+        except ProtocolError as exc:
+            self._end("error", f"client: {exc}")
+
+    async def _backend_to_client(self) -> None:
+        tracker = self._backend_tracker
+        client = self._client
+        try:
+            if self._initial_to_client:
+                self._count(len(self._initial_to_client), False)
+                tracker.feed(self._initial_to_client)
+                if not await self._send(client, self._initial_to_client, True):
+                    return
+            while True:
+                if self._fatal is not None and tracker.at_boundary:
+                    if await self._send(client, self._fatal, True):
+                        self._fatal_sent = True
+                        self._end("terminated")
+                    return
+                with trio.CancelScope() as recv_scope:
+                    self._backend_recv = recv_scope
+                    data = await self._receive(self._backend, False)
+                self._backend_recv = None
+                if recv_scope.cancelled_caught:
+                    continue  # terminate() while idle at a boundary: inject now
+                if data is None:
+                    return
+                self._count(len(data), False)
+                if self._fatal is not None:
+                    taken = tracker.feed_until_boundary(data)
+                    if not await self._send(client, data[:taken], True):
+                        return
+                    continue
+                tracker.feed(data)
+                if not await self._send(client, data, True):
+                    return
+        except ProtocolError as exc:
+            self._end("error", f"backend: {exc}")
+
+
+def _describe(exc: BaseException, client: bool) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None:
+        text = f"{text} ({type(cause).__name__}: {cause})"
+    return f"{'client' if client else 'backend'} stream: {text}"
+
+
+async def relay_streams(
+    client: trio.abc.Stream,
+    backend: trio.abc.Stream,
+    *,
+    max_bytes: int = 0,
+    byte_limit_error: bytes = b"",
+    client_tracker: BoundaryTracker | None = None,
+    backend_tracker: BoundaryTracker | None = None,
+    on_start: Callable[[StreamRelay], None] | None = None,
+) -> RelayResult:
+    """Relay two trio streams until one side closes; see :class:`StreamRelay`.
+
+    ``on_start`` receives the :class:`StreamRelay` (the control handle) before relaying
+    starts, so another task can ``terminate`` it.
+    """
+    relay = StreamRelay(
+        client,
+        backend,
+        max_bytes=max_bytes,
+        byte_limit_error=byte_limit_error,
+        client_tracker=client_tracker,
+        backend_tracker=backend_tracker,
+    )
+    if on_start is not None:
+        on_start(relay)
+    return await relay.wait()
