@@ -1,0 +1,256 @@
+"""The same behaviour suite against both state backends (memory and the machine's Redis)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+
+import pytest
+import trio
+from state_support import REDIS_URL, delete_prefix, require_redis, unique_prefix
+
+from waypoint.config.model import StateConfig
+from waypoint.errors import Refusal
+from waypoint.state import LockToken, SlotLease, SlotRequest, StateStore, open_state
+
+OpenStore = Callable[..., AbstractAsyncContextManager[StateStore]]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def open_store(backend: str) -> Iterator[OpenStore]:
+    prefix = unique_prefix()
+    if backend == "redis":
+        require_redis()
+
+    def factory(lease: float = 30.0) -> AbstractAsyncContextManager[StateStore]:
+        cfg = StateConfig(
+            backend="redis" if backend == "redis" else "memory",
+            url=REDIS_URL if backend == "redis" else None,
+            key_prefix=prefix,
+            lease=lease,
+        )
+        return open_state(cfg)
+
+    yield factory
+    if backend == "redis":
+        delete_prefix(prefix)
+
+
+@pytest.fixture
+async def store(open_store: OpenStore) -> AsyncIterator[StateStore]:
+    async with open_store() as s:
+        yield s
+
+
+def req(
+    principal: str = "alice@example.com", listener: str = "pg-main", **limits: int
+) -> SlotRequest:
+    limits.setdefault("max_total", 1000)
+    return SlotRequest(principal, listener, **limits)
+
+
+def assert_refused(result: SlotLease | Refusal, which: str, value: int) -> None:
+    assert isinstance(result, Refusal), result
+    assert result.sqlstate == "53300"
+    assert f"limit {which} = {value}" in result.message
+
+
+async def test_200_concurrent_acquires_grant_exactly_the_user_limit(store: StateStore) -> None:
+    results: list[SlotLease | Refusal] = []
+
+    async def one() -> None:
+        results.append(await store.acquire_slot(req(max_user=10)))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for _ in range(200):
+                nursery.start_soon(one)
+    leases = [r for r in results if isinstance(r, SlotLease)]
+    refusals = [r for r in results if isinstance(r, Refusal)]
+    assert len(leases) == 10
+    assert len(refusals) == 190
+    for r in refusals:
+        assert_refused(r, "max_conns (all listeners)", 10)
+    usage = await store.slot_usage("alice@example.com", "pg-main")
+    assert (usage.user, usage.user_listener, usage.total) == (10, 10, 10)
+    for lease in leases:
+        await store.release_slot(lease)
+    usage = await store.slot_usage("alice@example.com", "pg-main")
+    assert (usage.user, usage.user_listener, usage.total) == (0, 0, 0)
+
+
+async def test_listener_limit_caps_only_that_listener(store: StateStore) -> None:
+    a1 = await store.acquire_slot(req(listener="a", max_user_listener=2))
+    a2 = await store.acquire_slot(req(listener="a", max_user_listener=2))
+    assert isinstance(a1, SlotLease) and isinstance(a2, SlotLease)
+    assert_refused(
+        await store.acquire_slot(req(listener="a", max_user_listener=2)),
+        "max_conns on listener a",
+        2,
+    )
+    b1 = await store.acquire_slot(req(listener="b", max_user_listener=2))
+    assert isinstance(b1, SlotLease)
+    usage = await store.slot_usage("alice@example.com", "a")
+    assert (usage.user, usage.user_listener) == (3, 2)
+
+
+async def test_user_limit_spans_all_listeners(store: StateStore) -> None:
+    for listener in ("a", "a", "b"):
+        assert isinstance(await store.acquire_slot(req(listener=listener, max_user=3)), SlotLease)
+    assert_refused(
+        await store.acquire_slot(req(listener="c", max_user=3)), "max_conns (all listeners)", 3
+    )
+    # The refusal took nothing on listener c.
+    usage = await store.slot_usage("alice@example.com", "c")
+    assert (usage.user, usage.user_listener, usage.total) == (3, 0, 3)
+
+
+async def test_total_limit_caps_the_deployment_and_refusal_leaks_no_user_slot(
+    store: StateStore,
+) -> None:
+    for i in range(5):
+        assert isinstance(await store.acquire_slot(req(principal=f"u{i}", max_total=5)), SlotLease)
+    assert_refused(await store.acquire_slot(req(principal="u9", max_total=5)), "max_conns_total", 5)
+    usage = await store.slot_usage("u9", "pg-main")
+    assert (usage.user, usage.user_listener, usage.total) == (0, 0, 5)
+
+
+async def test_unlimited_scopes_still_count(store: StateStore) -> None:
+    leases = [await store.acquire_slot(req(max_total=0)) for _ in range(3)]
+    assert all(isinstance(lease, SlotLease) for lease in leases)
+    usage = await store.slot_usage("alice@example.com", "pg-main")
+    assert (usage.user, usage.user_listener, usage.total) == (3, 3, 3)
+    # A later request with a limit sees the sessions taken without one.
+    assert_refused(await store.acquire_slot(req(max_user=3)), "max_conns (all listeners)", 3)
+
+
+async def test_distinct_principals_have_independent_budgets(store: StateStore) -> None:
+    web1 = "tagged-devices:web1"
+    web2 = "tagged-devices:web2"
+    assert isinstance(await store.acquire_slot(req(principal=web1, max_user=1)), SlotLease)
+    assert_refused(
+        await store.acquire_slot(req(principal=web1, max_user=1)), "max_conns (all listeners)", 1
+    )
+    assert isinstance(await store.acquire_slot(req(principal=web2, max_user=1)), SlotLease)
+
+
+async def test_release_is_idempotent(store: StateStore) -> None:
+    first = await store.acquire_slot(req(max_user=2))
+    second = await store.acquire_slot(req(max_user=2))
+    assert isinstance(first, SlotLease) and isinstance(second, SlotLease)
+    await store.release_slot(first)
+    await store.release_slot(first)
+    usage = await store.slot_usage("alice@example.com", "pg-main")
+    assert (usage.user, usage.total) == (1, 1)
+    assert isinstance(await store.acquire_slot(req(max_user=2)), SlotLease)
+    assert_refused(await store.acquire_slot(req(max_user=2)), "max_conns (all listeners)", 2)
+
+
+async def test_principals_with_key_syntax_stay_apart(store: StateStore) -> None:
+    odd = "a}:listener:x{b%"
+    assert isinstance(await store.acquire_slot(req(principal=odd, max_user=1)), SlotLease)
+    assert isinstance(
+        await store.acquire_slot(req(principal="a", listener="x", max_user=1)), SlotLease
+    )
+    assert_refused(
+        await store.acquire_slot(req(principal=odd, max_user=1)), "max_conns (all listeners)", 1
+    )
+
+
+async def test_cancel_key_routes_only_with_the_exact_secret(store: StateStore) -> None:
+    secret = bytes(range(32))
+    await store.register_cancel_key(4242, secret, ("10.0.1.10", 5432), ttl=60)
+    assert await store.lookup_cancel_key(4242, secret) == ("10.0.1.10", 5432)
+    assert await store.lookup_cancel_key(4242, secret[:-1] + b"\xff") is None
+    assert await store.lookup_cancel_key(4243, secret) is None
+    await store.unregister_cancel_key(4242, secret)
+    assert await store.lookup_cancel_key(4242, secret) is None
+
+
+async def test_cancel_key_with_ipv6_backend_and_short_secret(store: StateStore) -> None:
+    await store.register_cancel_key(7, b"\x00\x01\x02\x03", ("::1", 6543), ttl=60)
+    assert await store.lookup_cancel_key(7, b"\x00\x01\x02\x03") == ("::1", 6543)
+
+
+async def test_cancel_key_expires_after_its_ttl(store: StateStore) -> None:
+    await store.register_cancel_key(99, b"s" * 32, ("127.0.0.1", 5432), ttl=0.3)
+    assert await store.lookup_cancel_key(99, b"s" * 32) == ("127.0.0.1", 5432)
+    await trio.sleep(0.6)
+    assert await store.lookup_cancel_key(99, b"s" * 32) is None
+
+
+async def test_bad_cancel_key_arguments_are_rejected(store: StateStore) -> None:
+    with pytest.raises(ValueError, match=r"4\.\.256 bytes"):
+        await store.register_cancel_key(1, b"", ("h", 1), ttl=1)
+    with pytest.raises(ValueError, match="32 bits"):
+        await store.register_cancel_key(-1, b"abcd", ("h", 1), ttl=1)
+
+
+async def test_lock_excludes_a_second_holder_until_released(store: StateStore) -> None:
+    first = await store.acquire_lock("role:wp_alice", ttl=30, deadline=trio.current_time() + 1)
+    assert isinstance(first, LockToken)
+    assert (
+        await store.acquire_lock("role:wp_alice", ttl=30, deadline=trio.current_time() + 0.2)
+        is None
+    )
+    other = await store.acquire_lock("role:wp_bob", ttl=30, deadline=trio.current_time() + 1)
+    assert isinstance(other, LockToken)
+    await store.release_lock(first)
+    again = await store.acquire_lock("role:wp_alice", ttl=30, deadline=trio.current_time() + 1)
+    assert isinstance(again, LockToken)
+
+
+async def test_waiting_lock_acquirer_gets_it_when_released(store: StateStore) -> None:
+    held = await store.acquire_lock("l", ttl=30, deadline=trio.current_time() + 1)
+    assert held is not None
+    got: list[LockToken | None] = []
+
+    async def waiter() -> None:
+        got.append(await store.acquire_lock("l", ttl=30, deadline=trio.current_time() + 5))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.sleep(0.2)
+        assert got == []
+        await store.release_lock(held)
+    assert got and got[0] is not None
+
+
+async def test_stale_lock_token_cannot_release_the_new_holder(store: StateStore) -> None:
+    old = await store.acquire_lock("l", ttl=0.3, deadline=trio.current_time() + 1)
+    assert old is not None
+    new = await store.acquire_lock("l", ttl=30, deadline=trio.current_time() + 3)
+    assert new is not None  # taken after the old one expired
+    await store.release_lock(old)  # stale: must not free the lock
+    assert await store.acquire_lock("l", ttl=30, deadline=trio.current_time() + 0.2) is None
+    await store.release_lock(new)
+    assert await store.acquire_lock("l", ttl=30, deadline=trio.current_time() + 1) is not None
+
+
+async def test_lock_gives_mutual_exclusion_to_concurrent_tasks(store: StateStore) -> None:
+    inside = 0
+    max_inside = 0
+    entered = 0
+
+    async def worker() -> None:
+        nonlocal inside, max_inside, entered
+        token = await store.acquire_lock("crit", ttl=30, deadline=trio.current_time() + 20)
+        assert token is not None
+        inside += 1
+        entered += 1
+        max_inside = max(max_inside, inside)
+        await trio.sleep(0.01)
+        inside -= 1
+        await store.release_lock(token)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(worker)
+    assert entered == 10
+    assert max_inside == 1
