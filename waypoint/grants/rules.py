@@ -29,7 +29,7 @@ import contextvars
 import difflib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NewType, TypeVar, cast, get_args, get_origin
+from typing import Any, TypeVar, cast, get_args, get_origin
 
 import attrs
 import cattrs
@@ -40,18 +40,13 @@ from cattrs.errors import (
     IterableValidationError,
     IterableValidationNote,
 )
-from cattrs.gen import make_dict_structure_fn
+from cattrs.gen import make_dict_structure_fn, override
 
 from waypoint.config.units import parse_duration, parse_size
 from waypoint.grants.model import Preset
 from waypoint.grants.presets import preset_from_name
 
 WILDCARD = "*"
-
-# Distinct types so the converter can apply the right strict hook per field.
-Count = NewType("Count", int)
-Duration = NewType("Duration", float)  # seconds
-Size = NewType("Size", int)  # bytes
 
 
 class RuleError(ValueError):
@@ -66,9 +61,9 @@ class RuleError(ValueError):
 
 @frozen
 class RuleLimits:
-    max_conns: Count = Count(0)
-    max_conn_duration: Duration = Duration(0.0)
-    max_bytes_per_conn: Size = Size(0)
+    max_conns: int = 0
+    max_conn_duration: float = 0.0  # seconds
+    max_bytes_per_conn: int = 0
 
 
 @frozen
@@ -202,6 +197,16 @@ def _structure_preset(obj: object, _: type) -> Preset:
 T = TypeVar("T")
 
 
+# Per-field strict hooks: counts, durations (seconds or "1h30m") and sizes (bytes or "10GB").
+_FIELD_HOOKS: dict[type, dict[str, Callable[[object, Any], Any]]] = {
+    RuleLimits: {
+        "max_conns": _structure_count,
+        "max_conn_duration": _structure_duration,
+        "max_bytes_per_conn": _structure_size,
+    }
+}
+
+
 def _tuple_factory(cl: Any, conv: cattrs.Converter) -> Callable[[object, Any], tuple[Any, ...]]:
     args = get_args(cl)
     item_type = args[0] if args else Any
@@ -257,7 +262,10 @@ def _mapping_factory(cl: Any, conv: cattrs.Converter) -> Callable[[object, Any],
 
 
 def _class_factory(cl: type[T], conv: cattrs.Converter) -> Callable[[object, Any], T]:
-    inner = make_dict_structure_fn(cl, conv)  # type: ignore[arg-type,unused-ignore]
+    overrides = {
+        name: override(struct_hook=hook) for name, hook in _FIELD_HOOKS.get(cl, {}).items()
+    }
+    inner = make_dict_structure_fn(cl, conv, **overrides)  # type: ignore[arg-type,unused-ignore]
     known = [a.name for a in attrs.fields(cast(Any, cl))]
     what = _WHAT.get(cl, cl.__name__)
 
@@ -291,9 +299,6 @@ def _is_mapping(t: Any) -> bool:
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
     conv.register_structure_hook(str, _structure_str)
-    conv.register_structure_hook(Count, _structure_count)
-    conv.register_structure_hook(Duration, _structure_duration)
-    conv.register_structure_hook(Size, _structure_size)
     conv.register_structure_hook(Preset, _structure_preset)
     conv.register_structure_hook_factory(_is_tuple, lambda t, c=conv: _tuple_factory(t, c))
     conv.register_structure_hook_factory(_is_mapping, lambda t, c=conv: _mapping_factory(t, c))
