@@ -28,7 +28,7 @@ class ProtocolError(Exception):
 
     default_sqlstate = "08P01"
 
-    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.sqlstate = sqlstate if sqlstate is not None else self.default_sqlstate

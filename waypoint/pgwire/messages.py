@@ -68,6 +68,7 @@ _I32 = struct.Struct("!i")
 def _str_tuple(items: Iterable[str]) -> tuple[str, ...]:
     return tuple(items)
 
+
 _TEXT = "utf-8"
 _ERRORS = "surrogateescape"
 

@@ -259,14 +259,11 @@ def _parse_parameters(body_untrusted: bytes) -> dict[str, str]:
     end = len(body_untrusted)
     while True:
         if pos >= end:
-            raise ProtocolError(
-                "startup packet: parameter list is missing its final terminator"
-            )
+            raise ProtocolError("startup packet: parameter list is missing its final terminator")
         name_end = body_untrusted.find(b"\0", pos)
         if name_end < 0:
             raise ProtocolError(
-                f"startup packet: unterminated parameter name at offset {pos} "
-                "of the parameter list"
+                f"startup packet: unterminated parameter name at offset {pos} of the parameter list"
             )
         if name_end == pos:
             # An empty name is the list terminator; it must be the last byte.
@@ -285,7 +282,9 @@ def _parse_parameters(body_untrusted: bytes) -> dict[str, str]:
             raise ProtocolError(f"startup packet: unterminated value of parameter {name!r}")
         if name in params:
             raise ProtocolError(f"startup packet: duplicate parameter {name!r}")
-        params[name] = _decode(body_untrusted[value_start:value_end], f"value of parameter {name!r}")
+        params[name] = _decode(
+            body_untrusted[value_start:value_end], f"value of parameter {name!r}"
+        )
         pos = value_end + 1
 
 
