@@ -203,9 +203,7 @@ def _parse_addr_port(value: str) -> IPAddress | None:
         if value.startswith("["):
             end = value.index("]")
             rest = value[end + 1 :]
-            if rest and (
-                not rest.startswith(":") or not rest[1:].isdigit() or int(rest[1:]) > 65535
-            ):
+            if not rest.startswith(":") or not rest[1:].isdigit() or int(rest[1:]) > 65535:
                 return None
             ip = ipaddress.ip_address(value[1:end])
             return ip if isinstance(ip, ipaddress.IPv6Address) else None
