@@ -608,6 +608,21 @@ def _validate(cfg: Config) -> list[tuple[KeyPath, str]]:
     # listeners
     if not cfg.listeners:
         out.append((("listeners",), "at least one [[listeners]] table is required"))
+    seen_listen: dict[str, int] = {}
+    for i, lst in enumerate(cfg.listeners):
+        try:
+            host, port = lst.listen_address
+        except ValueError:
+            continue
+        key = f"{host.lower()}:{port}"
+        if port != 0 and key in seen_listen:
+            out.append(
+                (
+                    ("listeners", i, "listen"),
+                    f"address {lst.listen} is also used by listeners[{seen_listen[key]}]",
+                )
+            )
+        seen_listen.setdefault(key, i)
     seen_names: dict[str, int] = {}
     seen_parts: dict[str, int] = {}
     for i, lst in enumerate(cfg.listeners):

@@ -1,0 +1,930 @@
+"""Loading and validating the TOML configuration (SPEC §1)."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from waypoint.config import (
+    Config,
+    ConfigError,
+    ConfigProblem,
+    load_config,
+    load_config_text,
+    render_config,
+)
+from waypoint.config.load import KeyLocator, expand_env, format_key_path
+
+DATA = Path(__file__).parent / "data"
+SRC = "test.toml"
+
+LISTENER = """\
+[[listeners]]
+name = "pg-main"
+listen = "127.0.0.1:5432"
+backend = "10.0.0.1:5432"
+
+[listeners.postgres]
+admin_user = "admin"
+admin_password = "pw"
+"""
+
+
+def cfg(text: str, environ: dict[str, str] | None = None) -> Config:
+    return load_config_text(textwrap.dedent(text), source=SRC, environ=environ or {})
+
+
+def problems(text: str, environ: dict[str, str] | None = None) -> list[ConfigProblem]:
+    with pytest.raises(ConfigError) as info:
+        cfg(text, environ)
+    # the message lists every problem, one per line, as FILE:LINE: path: message
+    assert str(info.value).splitlines() == [str(p) for p in info.value.problems]
+    return list(info.value.problems)
+
+
+def line_no(text: str, needle: str, occurrence: int = 1) -> int:
+    """1-based number of the line containing ``needle`` (the n-th such line)."""
+    seen = 0
+    for i, line in enumerate(textwrap.dedent(text).splitlines(), start=1):
+        if needle in line:
+            seen += 1
+            if seen == occurrence:
+                return i
+    raise AssertionError(f"{needle!r} not in text")
+
+
+def one_problem(
+    text: str,
+    path: str,
+    fragment: str,
+    *,
+    needle: str | None,
+    environ: dict[str, str] | None = None,
+) -> ConfigProblem:
+    """Assert that loading fails with exactly one problem at ``path``; check file, line, message."""
+    found = problems(text, environ)
+    assert len(found) == 1, [str(p) for p in found]
+    (p,) = found
+    assert p.source == SRC
+    assert format_key_path(p.path) == path
+    assert fragment in p.message, str(p)
+    expected_line = None if needle is None else line_no(text, needle)
+    assert p.line == expected_line, str(p)
+    rendered = str(p)
+    prefix = SRC if expected_line is None else f"{SRC}:{expected_line}"
+    assert rendered.startswith(f"{prefix}: {path}: "), rendered
+    return p
+
+
+# --------------------------------------------------------------------------- defaults and the SPEC example
+
+
+def test_minimal_config_gets_spec_defaults() -> None:
+    c = cfg(LISTENER)
+    assert c.handshake_timeout == 15.0
+    assert c.drain_timeout == 30.0
+    assert c.identity.provider == "tailscale"
+    assert c.identity.socket == "/var/run/tailscale/tailscaled.sock"
+    assert c.identity.capability == "redo.com/cap/waypoint"
+    assert c.identity.timeout == 5.0
+    assert c.revalidation.interval == 60.0
+    assert c.provisioning.allow_raw_sql is False
+    lim = c.defaults.limits
+    assert (lim.max_conns_total, lim.max_conns_per_user) == (1000, 0)
+    assert (lim.max_conn_duration, lim.max_bytes_per_conn) == (0.0, 0)
+    assert c.state.backend == "memory"
+    assert c.state.url is None
+    assert c.state.key_prefix == "waypoint:"
+    assert c.state.lease == 30.0
+    assert c.metrics.listen is None
+    (lst,) = c.listeners
+    assert lst.mode == "postgres"
+    assert lst.tls_mode == "optional"
+    assert lst.use_tailscale_tls is False
+    assert lst.backend_tls == "prefer"
+    assert lst.listen_address == ("127.0.0.1", 5432)
+    pg = lst.postgres
+    assert pg.admin_database == "postgres"
+    assert pg.user_prefix == "wp_"
+    assert pg.user_ttl == 86400.0
+    assert pg.allow_raw_sql is None
+    assert pg.password_encryption == "auto"
+    assert pg.effective_reap_interval == 3600.0
+    assert pg.reassign_to is None
+    assert pg.reap_on_cockroachdb is False
+    assert c.source == SRC
+
+
+def test_spec_example_loads_unchanged() -> None:
+    c = load_config_text(
+        (DATA / "spec_example.toml").read_text(),
+        source="spec_example.toml",
+        environ={"PG_ADMIN_PASSWORD": "from-env"},
+    )
+    assert c.handshake_timeout == 15.0
+    assert c.drain_timeout == 30.0
+    assert c.identity.timeout == 5.0
+    assert c.revalidation.interval == 60.0
+    assert c.defaults.limits.max_conns_total == 1000
+    assert c.defaults.limits.max_conns_per_user == 10
+    assert c.defaults.limits.max_conn_duration == 8 * 3600.0
+    assert c.defaults.limits.max_bytes_per_conn == 10_000_000_000
+    (lst,) = c.listeners
+    assert (lst.name, lst.listen, lst.backend) == ("pg-main", "0.0.0.0:5432", "10.0.1.10:5432")
+    assert lst.use_tailscale_tls is True
+    assert lst.postgres.admin_user == "waypoint_admin"
+    assert lst.postgres.admin_password == "from-env"
+    assert lst.postgres.user_ttl == 86400.0
+    assert c.allow_raw_sql(lst) is False
+
+
+def test_spec_example_file_matches_spec_text() -> None:
+    spec = Path("/work/shared/SPEC.md")
+    if not spec.exists():
+        pytest.fail("SPEC.md not found; this test pins tests/data/spec_example.toml to it")
+    text = spec.read_text()
+    start = text.index("```toml\n") + len("```toml\n")
+    end = text.index("```", start)
+    assert (DATA / "spec_example.toml").read_text() == text[start:end]
+
+
+def test_load_config_reads_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "waypoint.toml"
+    path.write_text(LISTENER)
+    c = load_config(path)
+    assert c.source == str(path)
+    assert c.listeners[0].name == "pg-main"
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match=r"nope\.toml: cannot read the file"):
+        load_config(path)
+
+
+def test_non_utf8_file_is_a_config_error_with_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_bytes(b'handshake_timeout = "15s"\nname = "\xff"\n')
+    with pytest.raises(ConfigError, match=r"bad\.toml:2: the file is not valid UTF-8"):
+        load_config(path)
+
+
+def test_toml_syntax_error_names_file_and_line() -> None:
+    text = 'handshake_timeout = "15s"\n[identity\nprovider = "static"\n'
+    found = problems(text)
+    assert len(found) == 1
+    assert found[0].line == 2
+    assert str(found[0]).startswith(f"{SRC}:2: TOML syntax error")
+
+
+def test_duplicate_key_is_a_syntax_error() -> None:
+    found = problems(LISTENER + 'admin_user = "again"\n')
+    assert len(found) == 1
+    assert "TOML" in found[0].message
+
+
+# --------------------------------------------------------------------------- strictness
+
+
+def test_string_false_for_allow_raw_sql_is_rejected() -> None:
+    text = '[provisioning]\nallow_raw_sql = "false"\n' + LISTENER
+    one_problem(
+        text, "provisioning.allow_raw_sql", "expected a boolean", needle='allow_raw_sql = "false"'
+    )
+
+
+def test_string_for_max_conns_total_is_rejected() -> None:
+    text = '[defaults.limits]\nmax_conns_total = "10"\n' + LISTENER
+    one_problem(
+        text,
+        "defaults.limits.max_conns_total",
+        'expected an integer, got string "10"',
+        needle="max_conns_total",
+    )
+
+
+def test_bare_integer_duration_is_rejected() -> None:
+    text = "handshake_timeout = 15\n" + LISTENER
+    p = one_problem(text, "handshake_timeout", "durations are strings", needle="handshake_timeout")
+    assert "integer 15" in p.message
+
+
+def test_boolean_is_not_an_integer() -> None:
+    text = "[defaults.limits]\nmax_conns_per_user = true\n" + LISTENER
+    one_problem(
+        text,
+        "defaults.limits.max_conns_per_user",
+        "expected an integer, got boolean true",
+        needle="max_conns_per_user",
+    )
+
+
+def test_integer_is_not_a_string() -> None:
+    text = LISTENER.replace('admin_user = "admin"', "admin_user = 5")
+    one_problem(
+        text,
+        "listeners[0].postgres.admin_user",
+        "expected a string, got integer 5",
+        needle="admin_user",
+    )
+
+
+def test_float_is_not_an_integer() -> None:
+    text = "[defaults.limits]\nmax_conns_total = 10.0\n" + LISTENER
+    one_problem(
+        text, "defaults.limits.max_conns_total", "expected an integer", needle="max_conns_total"
+    )
+
+
+def test_string_is_not_an_array_of_tags() -> None:
+    text = LISTENER + textwrap.dedent(
+        """\
+        [identity]
+        provider = "static"
+        [[identity.static]]
+        cidr = "127.0.0.0/8"
+        login = "alice@example.com"
+        node = "laptop"
+        tags = "tag:dev"
+        """
+    )
+    one_problem(text, "identity.static[0].tags", "expected an array, got string", needle="tags =")
+
+
+def test_listeners_as_single_table_is_rejected() -> None:
+    text = '[listeners]\nname = "x"\n'
+    one_problem(text, "listeners", "expected an array, got a table", needle="[listeners]")
+
+
+def test_size_string_and_integer_are_both_accepted() -> None:
+    assert (
+        cfg(
+            '[defaults.limits]\nmax_bytes_per_conn = "1MiB"\n' + LISTENER
+        ).defaults.limits.max_bytes_per_conn
+        == 1024**2
+    )
+    assert (
+        cfg(
+            "[defaults.limits]\nmax_bytes_per_conn = 4096\n" + LISTENER
+        ).defaults.limits.max_bytes_per_conn
+        == 4096
+    )
+
+
+def test_bad_size_unit_is_rejected() -> None:
+    text = '[defaults.limits]\nmax_bytes_per_conn = "10XB"\n' + LISTENER
+    one_problem(
+        text, "defaults.limits.max_bytes_per_conn", "unknown size unit", needle="max_bytes_per_conn"
+    )
+
+
+def test_negative_size_is_rejected() -> None:
+    text = "[defaults.limits]\nmax_bytes_per_conn = -1\n" + LISTENER
+    one_problem(
+        text, "defaults.limits.max_bytes_per_conn", "negative size", needle="max_bytes_per_conn"
+    )
+
+
+def test_negative_duration_is_rejected() -> None:
+    text = '[defaults.limits]\nmax_conn_duration = "-1h"\n' + LISTENER
+    one_problem(
+        text, "defaults.limits.max_conn_duration", "negative duration", needle="max_conn_duration"
+    )
+
+
+def test_negative_max_conns_per_user_is_rejected() -> None:
+    text = "[defaults.limits]\nmax_conns_per_user = -3\n" + LISTENER
+    one_problem(
+        text,
+        "defaults.limits.max_conns_per_user",
+        "must not be negative",
+        needle="max_conns_per_user",
+    )
+
+
+def test_zero_max_conns_total_is_rejected() -> None:
+    text = "[defaults.limits]\nmax_conns_total = 0\n" + LISTENER
+    one_problem(text, "defaults.limits.max_conns_total", "greater than 0", needle="max_conns_total")
+
+
+def test_zero_handshake_timeout_is_rejected() -> None:
+    text = 'handshake_timeout = "0s"\n' + LISTENER
+    one_problem(text, "handshake_timeout", "greater than 0s", needle="handshake_timeout")
+
+
+def test_zero_revalidation_interval_disables_and_is_allowed() -> None:
+    assert cfg('[revalidation]\ninterval = "0s"\n' + LISTENER).revalidation.interval == 0.0
+
+
+# --------------------------------------------------------------------------- unknown keys
+
+
+def test_unknown_key_suggests_the_close_match() -> None:
+    text = LISTENER.replace('admin_password = "pw"', 'admin_password = "pw"\nadmin_pasword = "x"')
+    one_problem(
+        text,
+        "listeners[0].postgres.admin_pasword",
+        'did you mean "admin_password"?',
+        needle="admin_pasword",
+    )
+
+
+def test_unknown_key_in_second_listener_has_its_line() -> None:
+    second = LISTENER.replace('"pg-main"', '"pg-two"').replace("user_prefix", "x")
+    second = second.replace('admin_user = "admin"', 'admin_user = "admin"\nuser_prefx = "wp_"')
+    text = LISTENER + "\n" + second
+    one_problem(
+        text, "listeners[1].postgres.user_prefx", 'did you mean "user_prefix"?', needle="user_prefx"
+    )
+
+
+def test_unknown_root_key_suggests_and_lists() -> None:
+    text = 'handshake_timout = "5s"\n' + LISTENER
+    one_problem(
+        text, "handshake_timout", 'did you mean "handshake_timeout"?', needle="handshake_timout"
+    )
+
+
+def test_unknown_key_without_close_match_lists_valid_keys() -> None:
+    text = '[metrics]\nzzz = "1"\n' + LISTENER
+    one_problem(text, "metrics.zzz", "valid keys here: listen", needle="zzz")
+
+
+def test_unknown_table_is_rejected_with_suggestion() -> None:
+    text = "[provisionng]\nallow_raw_sql = true\n" + LISTENER
+    one_problem(text, "provisionng", 'did you mean "provisioning"?', needle="[provisionng]")
+
+
+def test_source_is_not_a_toml_key() -> None:
+    text = 'source = "x"\n' + LISTENER
+    one_problem(text, "source", "unknown key", needle="source")
+
+
+# --------------------------------------------------------------------------- ${VAR}
+
+
+def test_env_variable_is_expanded() -> None:
+    text = LISTENER.replace('"pw"', '"${PGPW}"')
+    assert cfg(text, {"PGPW": "secret"}).listeners[0].postgres.admin_password == "secret"
+
+
+def test_env_variable_expands_inside_a_longer_string() -> None:
+    text = LISTENER.replace('"10.0.0.1:5432"', '"${DBHOST}:5432"')
+    assert cfg(text, {"DBHOST": "db.internal"}).listeners[0].backend == "db.internal:5432"
+
+
+def test_missing_env_variable_names_variable_key_and_line() -> None:
+    text = LISTENER.replace('"pw"', '"${PG_ADMIN_PASSWORD}"')
+    one_problem(
+        text,
+        "listeners[0].postgres.admin_password",
+        "environment variable PG_ADMIN_PASSWORD is not set",
+        needle="admin_password",
+    )
+
+
+def test_double_dollar_brace_writes_a_literal() -> None:
+    text = LISTENER.replace('"pw"', '"a$${NOT_A_VAR}b"')
+    assert cfg(text).listeners[0].postgres.admin_password == "a${NOT_A_VAR}b"
+
+
+def test_lone_dollar_is_left_alone() -> None:
+    text = LISTENER.replace('"pw"', '"pa$$word$ and $HOME"')
+    assert cfg(text).listeners[0].postgres.admin_password == "pa$$word$ and $HOME"
+
+
+def test_unterminated_env_reference_is_an_error() -> None:
+    text = LISTENER.replace('"pw"', '"${OOPS"')
+    one_problem(
+        text, "listeners[0].postgres.admin_password", "unterminated ${", needle="admin_password"
+    )
+
+
+def test_env_expansion_is_per_value_not_over_the_text() -> None:
+    # A ${...} inside a TOML comment is not a value: nothing to expand, no error.
+    text = "# admin_password = ${NOT_SET}\n" + LISTENER
+    assert cfg(text).listeners[0].postgres.admin_password == "pw"
+
+
+def test_expand_env_reports_every_missing_variable() -> None:
+    value, errs = expand_env("${A}-${B}-${C}", {"B": "b"})
+    assert value == "${A}-b-${C}"
+    assert errs == ["environment variable A is not set", "environment variable C is not set"]
+
+
+def test_env_expansion_reaches_values_in_static_grants_but_not_keys() -> None:
+    text = LISTENER + textwrap.dedent(
+        """\
+        [identity]
+        provider = "static"
+        [[identity.static]]
+        cidr = "127.0.0.0/8"
+        login = "${WHO}"
+        node = "laptop"
+        grants = [{ backends = { "pg-main" = { pg = { databases = { "${DB}" = { permissions = ["${PRESET}"] } } } } } }]
+        """
+    )
+    c = cfg(text, {"WHO": "alice@example.com", "DB": "app", "PRESET": "readonly"})
+    entry = c.identity.static[0]
+    assert entry.login == "alice@example.com"
+    assert entry.grants == (
+        {"backends": {"pg-main": {"pg": {"databases": {"${DB}": {"permissions": ["readonly"]}}}}}},
+    )
+
+
+def test_missing_env_variable_in_an_array_points_at_its_key() -> None:
+    text = LISTENER + STATIC + 'tags = ["tag:a", "${TAG}"]\n'
+    one_problem(
+        text, "identity.static[0].tags[1]", "environment variable TAG is not set", needle="tags ="
+    )
+
+
+# --------------------------------------------------------------------------- listeners
+
+
+def test_no_listener_is_an_error() -> None:
+    one_problem(
+        'handshake_timeout = "15s"\n', "listeners", "at least one [[listeners]]", needle=None
+    )
+
+
+def test_duplicate_listener_names_are_rejected() -> None:
+    text = LISTENER + "\n" + LISTENER.replace("127.0.0.1:5432", "127.0.0.1:5433")
+    found = problems(text)
+    assert len(found) == 1
+    assert format_key_path(found[0].path) == "listeners[1].name"
+    assert 'duplicate listener name "pg-main"' in found[0].message
+    assert found[0].line == line_no(text, 'name = "pg-main"', occurrence=2)
+
+
+def test_two_listeners_on_one_address_are_rejected() -> None:
+    text = LISTENER + "\n" + LISTENER.replace('"pg-main"', '"pg-two"')
+    found = problems(text)
+    assert len(found) == 1
+    assert format_key_path(found[0].path) == "listeners[1].listen"
+    assert "also used by listeners[0]" in found[0].message
+    assert found[0].line == line_no(text, "listen =", occurrence=2)
+
+
+def test_listener_names_that_sanitize_alike_are_rejected() -> None:
+    text = LISTENER + "\n" + LISTENER.replace('"pg-main"', '"pg_main"').replace(":5432", ":5433", 1)
+    found = problems(text)
+    assert len(found) == 1
+    assert format_key_path(found[0].path) == "listeners[1].name"
+    assert "same role-name part" in found[0].message
+    assert found[0].line == line_no(text, 'name = "pg_main"')
+
+
+def test_empty_listener_name_is_rejected() -> None:
+    one_problem(
+        LISTENER.replace('"pg-main"', '""'),
+        "listeners[0].name",
+        "must not be empty",
+        needle="name =",
+    )
+
+
+def test_mode_other_than_postgres_is_rejected() -> None:
+    text = LISTENER.replace('name = "pg-main"', 'name = "pg-main"\nmode = "mysql"')
+    one_problem(
+        text, "listeners[0].mode", 'must be one of "postgres", got string "mysql"', needle="mode ="
+    )
+
+
+def test_bad_tls_mode_is_rejected_with_hint() -> None:
+    text = LISTENER.replace('name = "pg-main"', 'name = "pg-main"\ntls_mode = "requir"')
+    one_problem(text, "listeners[0].tls_mode", 'did you mean "require"?', needle="tls_mode")
+
+
+def test_bad_backend_tls_is_rejected() -> None:
+    text = LISTENER.replace('name = "pg-main"', 'name = "pg-main"\nbackend_tls = "verify"')
+    p = one_problem(text, "listeners[0].backend_tls", "must be one of", needle="backend_tls")
+    assert '"verify-full"' in p.message
+
+
+def test_cert_file_without_key_file_is_rejected() -> None:
+    text = LISTENER.replace('name = "pg-main"', 'name = "pg-main"\ncert_file = "/c.pem"')
+    one_problem(text, "listeners[0].cert_file", "key_file is missing", needle="cert_file")
+
+
+def test_key_file_without_cert_file_is_rejected() -> None:
+    text = LISTENER.replace('name = "pg-main"', 'name = "pg-main"\nkey_file = "/k.pem"')
+    one_problem(text, "listeners[0].key_file", "cert_file is missing", needle="key_file")
+
+
+def test_tls_require_without_certificate_source_is_rejected() -> None:
+    text = LISTENER.replace('name = "pg-main"', 'name = "pg-main"\ntls_mode = "require"')
+    one_problem(text, "listeners[0].tls_mode", "needs a certificate", needle="tls_mode")
+
+
+def test_tls_require_with_tailscale_tls_or_files_is_accepted() -> None:
+    ts = LISTENER.replace(
+        'name = "pg-main"', 'name = "pg-main"\ntls_mode = "require"\nuse_tailscale_tls = true'
+    )
+    assert cfg(ts).listeners[0].tls_mode == "require"
+    files = LISTENER.replace(
+        'name = "pg-main"',
+        'name = "pg-main"\ntls_mode = "require"\ncert_file = "/c"\nkey_file = "/k"',
+    )
+    assert cfg(files).listeners[0].cert_file == "/c"
+
+
+def test_verify_full_without_ca_file_uses_system_cas_and_is_accepted() -> None:
+    text = LISTENER.replace('name = "pg-main"', 'name = "pg-main"\nbackend_tls = "verify-full"')
+    lst = cfg(text).listeners[0]
+    assert (lst.backend_tls, lst.backend_ca_file) == ("verify-full", None)
+
+
+def test_missing_postgres_table_is_rejected() -> None:
+    text = '[[listeners]]\nname = "a"\nlisten = "127.0.0.1:1"\nbackend = "h:2"\n'
+    one_problem(
+        text,
+        "listeners[0].postgres",
+        "required table [listeners.postgres] is missing",
+        needle="[[listeners]]",
+    )
+
+
+def test_missing_admin_user_is_rejected() -> None:
+    text = LISTENER.replace('admin_user = "admin"\n', "")
+    one_problem(
+        text,
+        "listeners[0].postgres.admin_user",
+        "required key is missing",
+        needle="[listeners.postgres]",
+    )
+
+
+def test_missing_admin_password_is_rejected() -> None:
+    text = LISTENER.replace('admin_password = "pw"\n', "")
+    one_problem(
+        text,
+        "listeners[0].postgres.admin_password",
+        "required key is missing",
+        needle="[listeners.postgres]",
+    )
+
+
+def test_empty_admin_password_is_rejected() -> None:
+    text = LISTENER.replace('"pw"', '""')
+    one_problem(
+        text, "listeners[0].postgres.admin_password", "must not be empty", needle="admin_password"
+    )
+
+
+def test_listen_not_host_port_is_rejected() -> None:
+    text = LISTENER.replace('"127.0.0.1:5432"', '"5432"')
+    one_problem(text, "listeners[0].listen", "is not host:port", needle="listen =")
+
+
+def test_backend_without_valid_port_is_rejected() -> None:
+    text = LISTENER.replace('"10.0.0.1:5432"', '"db:99999"')
+    one_problem(text, "listeners[0].backend", "no valid port", needle="backend =")
+
+
+def test_backend_port_zero_is_rejected() -> None:
+    text = LISTENER.replace('"10.0.0.1:5432"', '"db:0"')
+    one_problem(text, "listeners[0].backend", "port 0", needle="backend =")
+
+
+def test_ipv6_listen_address_is_accepted() -> None:
+    text = LISTENER.replace('"127.0.0.1:5432"', '"[::1]:5432"')
+    assert cfg(text).listeners[0].listen_address == ("::1", 5432)
+
+
+def test_uppercase_user_prefix_is_rejected() -> None:
+    text = LISTENER.replace('admin_password = "pw"', 'admin_password = "pw"\nuser_prefix = "WP_"')
+    one_problem(
+        text, "listeners[0].postgres.user_prefix", "lowercase letters", needle="user_prefix"
+    )
+
+
+def test_long_user_prefix_is_rejected() -> None:
+    text = LISTENER.replace(
+        'admin_password = "pw"', 'admin_password = "pw"\nuser_prefix = "waypoint_users_x_"'
+    )
+    one_problem(text, "listeners[0].postgres.user_prefix", "at most 16 bytes", needle="user_prefix")
+
+
+def test_zero_user_ttl_is_rejected() -> None:
+    text = LISTENER.replace('admin_password = "pw"', 'admin_password = "pw"\nuser_ttl = "0s"')
+    one_problem(text, "listeners[0].postgres.user_ttl", "greater than 0s", needle="user_ttl")
+
+
+def test_user_ttl_below_twice_handshake_timeout_is_rejected() -> None:
+    text = 'handshake_timeout = "20s"\n' + LISTENER.replace(
+        'admin_password = "pw"', 'admin_password = "pw"\nuser_ttl = "30s"'
+    )
+    one_problem(
+        text,
+        "listeners[0].postgres.user_ttl",
+        "at least twice handshake_timeout (40s)",
+        needle="user_ttl",
+    )
+
+
+def test_bad_password_encryption_is_rejected() -> None:
+    text = LISTENER.replace(
+        'admin_password = "pw"', 'admin_password = "pw"\npassword_encryption = "sha1"'
+    )
+    p = one_problem(
+        text,
+        "listeners[0].postgres.password_encryption",
+        "must be one of",
+        needle="password_encryption",
+    )
+    assert '"scram-sha-256"' in p.message
+
+
+def test_zero_reap_interval_is_rejected() -> None:
+    text = LISTENER.replace('admin_password = "pw"', 'admin_password = "pw"\nreap_interval = "0s"')
+    one_problem(
+        text, "listeners[0].postgres.reap_interval", "greater than 0s", needle="reap_interval"
+    )
+
+
+def test_per_listener_allow_raw_sql_overrides_provisioning() -> None:
+    text = "[provisioning]\nallow_raw_sql = true\n" + LISTENER.replace(
+        'admin_password = "pw"', 'admin_password = "pw"\nallow_raw_sql = false'
+    )
+    c = cfg(text)
+    assert c.provisioning.allow_raw_sql is True
+    assert c.allow_raw_sql(c.listeners[0]) is False
+
+
+# --------------------------------------------------------------------------- identity
+
+
+STATIC = """\
+[identity]
+provider = "static"
+
+[[identity.static]]
+cidr = "127.0.0.0/8"
+login = "alice@example.com"
+node = "laptop"
+"""
+
+
+def test_static_provider_without_entries_is_rejected() -> None:
+    text = '[identity]\nprovider = "static"\n' + LISTENER
+    one_problem(text, "identity.static", "at least one [[identity.static]]", needle="[identity]")
+
+
+def test_bad_provider_is_rejected() -> None:
+    text = '[identity]\nprovider = "statik"\n' + LISTENER
+    one_problem(text, "identity.provider", 'did you mean "static"?', needle="provider")
+
+
+def test_static_cidr_must_be_a_network() -> None:
+    text = STATIC.replace("127.0.0.0/8", "localhost") + LISTENER
+    one_problem(text, "identity.static[0].cidr", 'invalid network "localhost"', needle="cidr")
+
+
+def test_static_cidr_with_host_bits_suggests_the_network() -> None:
+    text = STATIC.replace("127.0.0.0/8", "10.1.2.3/24") + LISTENER
+    one_problem(text, "identity.static[0].cidr", "did you mean 10.1.2.0/24?", needle="cidr")
+
+
+def test_static_entry_needs_login() -> None:
+    text = STATIC.replace('login = "alice@example.com"\n', "") + LISTENER
+    one_problem(
+        text, "identity.static[0].login", "required key is missing", needle="[[identity.static]]"
+    )
+
+
+def test_static_entry_needs_non_empty_node() -> None:
+    text = STATIC.replace('"laptop"', '""') + LISTENER
+    one_problem(text, "identity.static[0].node", "must not be empty", needle="node =")
+
+
+def test_second_static_entry_error_has_its_line() -> None:
+    text = STATIC + '\n[[identity.static]]\ncidr = "::1/128"\nlogin = "bob"\nnode = ""\n' + LISTENER
+    one_problem(text, "identity.static[1].node", "must not be empty", needle='node = ""')
+
+
+def test_static_grants_become_plain_python_values() -> None:
+    text = (
+        STATIC
+        + 'tags = ["tag:dev"]\ngrants = [{ backends = { "pg-main" = { pg = { databases = { "*" = { permissions = ["readonly"] } } } } } }]\n'
+        + LISTENER
+    )
+    entry = cfg(text).identity.static[0]
+    assert entry.tags == ("tag:dev",)
+    (rule,) = entry.grants
+    assert type(rule) is dict
+    perms = rule["backends"]["pg-main"]["pg"]["databases"]["*"]["permissions"]
+    assert type(perms) is list
+    assert perms == ["readonly"]
+
+
+def test_grants_json_array_is_parsed_into_grants() -> None:
+    text = (
+        STATIC
+        + """grants_json = '[{"backends": {"pg-main": {}}}, {"limits": {"max_conns": 2}}]'\n"""
+        + LISTENER
+    )
+    entry = cfg(text).identity.static[0]
+    assert entry.grants == ({"backends": {"pg-main": {}}}, {"limits": {"max_conns": 2}})
+    assert entry.grants_json is None
+
+
+def test_grants_json_object_is_one_rule() -> None:
+    text = STATIC + """grants_json = '{"backends": {"pg-main": {}}}'\n""" + LISTENER
+    assert cfg(text).identity.static[0].grants == ({"backends": {"pg-main": {}}},)
+
+
+def test_grants_json_invalid_json_is_rejected() -> None:
+    text = STATIC + """grants_json = '[{"backends": '\n""" + LISTENER
+    one_problem(text, "identity.static[0].grants_json", "invalid JSON", needle="grants_json")
+
+
+def test_grants_json_scalar_is_rejected() -> None:
+    text = STATIC + """grants_json = '"readonly"'\n""" + LISTENER
+    one_problem(
+        text, "identity.static[0].grants_json", "must be a JSON array", needle="grants_json"
+    )
+
+
+def test_grants_and_grants_json_together_are_rejected() -> None:
+    text = STATIC + "grants = [{ backends = {} }]\ngrants_json = '[]'\n" + LISTENER
+    one_problem(text, "identity.static[0].grants_json", "not both", needle="grants_json")
+
+
+def test_grant_rule_that_is_not_a_table_is_rejected() -> None:
+    text = STATIC + 'grants = ["readonly"]\n' + LISTENER
+    one_problem(text, "identity.static[0].grants[0]", "must be a table", needle="grants =")
+
+
+# --------------------------------------------------------------------------- state and metrics
+
+
+def test_redis_backend_requires_url() -> None:
+    text = '[state]\nbackend = "redis"\n' + LISTENER
+    one_problem(text, "state.url", "requires url", needle="[state]")
+
+
+def test_redis_url_must_be_a_redis_url() -> None:
+    text = '[state]\nbackend = "redis"\nurl = "http://x"\n' + LISTENER
+    one_problem(text, "state.url", "redis://", needle="url =")
+
+
+def test_bad_state_backend_is_rejected() -> None:
+    text = '[state]\nbackend = "etcd"\n' + LISTENER
+    one_problem(text, "state.backend", 'must be one of "memory", "redis"', needle="backend =")
+
+
+def test_metrics_listen_must_be_host_port() -> None:
+    text = '[metrics]\nlisten = "9187"\n' + LISTENER
+    one_problem(text, "metrics.listen", "is not host:port", needle="listen =")
+
+
+# --------------------------------------------------------------------------- several problems at once
+
+
+def test_every_problem_is_reported_in_line_order() -> None:
+    text = textwrap.dedent(
+        """\
+        handshake_timeout = 15
+        [provisioning]
+        allow_raw_sql = "no"
+        [[listeners]]
+        name = "a"
+        listen = "127.0.0.1:1"
+        backend = "h:2"
+        [listeners.postgres]
+        admin_user = "u"
+        admin_pasword = "p"
+        """
+    )
+    found = problems(text)
+    assert [(p.line, format_key_path(p.path)) for p in found] == [
+        (1, "handshake_timeout"),
+        (3, "provisioning.allow_raw_sql"),
+        (8, "listeners[0].postgres.admin_password"),
+        (10, "listeners[0].postgres.admin_pasword"),
+    ]
+
+
+def test_secret_values_never_appear_in_error_messages() -> None:
+    text = LISTENER.replace(
+        'admin_password = "pw"', 'admin_password = "hunter2-secret"\nadmin_pasword = 1'
+    )
+    text = text.replace('"127.0.0.1:5432"', '"nope"')
+    found = problems(text)
+    assert found
+    assert all("hunter2-secret" not in str(p) for p in found)
+
+
+# --------------------------------------------------------------------------- the line locator
+
+
+def test_locator_tracks_array_of_tables_indexes() -> None:
+    text = textwrap.dedent(
+        """\
+        [[listeners]]
+        name = "a"
+        [listeners.postgres]
+        admin_user = "x"
+        [[listeners]]
+        name = "b"
+        [listeners.postgres]
+        admin_password = "y"
+        """
+    )
+    loc = KeyLocator(text)
+    assert loc.line_of(("listeners", 0, "postgres", "admin_user")) == 4
+    assert loc.line_of(("listeners", 1, "name")) == 6
+    assert loc.line_of(("listeners", 1, "postgres", "admin_password")) == 8
+    assert loc.line_of(("listeners", 1, "postgres", "missing")) == 7
+    assert loc.line_of(("listeners", 2)) == 1
+    assert loc.line_of(("nothing",)) is None
+
+
+def test_locator_handles_dotted_and_quoted_keys_and_multiline_values() -> None:
+    text = textwrap.dedent(
+        '''\
+        defaults.limits.max_conns_total = 5
+        note = """
+        fake = 1
+        [not_a_table]
+        """
+        arr = [
+          "x = 1",
+          { a = 1 },
+        ]
+        "quoted key" = 1
+        [ state ]
+        url = "redis://h" # comment = 2
+        '''
+    )
+    loc = KeyLocator(text)
+    assert loc.line_of(("defaults", "limits", "max_conns_total")) == 1
+    assert loc.line_of(("fake",)) is None
+    assert loc.line_of(("not_a_table",)) is None
+    assert loc.line_of(("arr", 1, "a")) == 6
+    assert loc.line_of(("quoted key",)) == 10
+    assert loc.line_of(("state", "url")) == 12
+
+
+def test_format_key_path_quotes_unusual_keys() -> None:
+    assert (
+        format_key_path(("listeners", 1, "postgres", "admin_password"))
+        == "listeners[1].postgres.admin_password"
+    )
+    assert format_key_path(("a", "b c")) == 'a."b c"'
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def test_rendered_config_loads_back_equal_without_masking() -> None:
+    text = (
+        'handshake_timeout = "20s"\n'
+        '[defaults.limits]\nmax_bytes_per_conn = "1500B"\nmax_conn_duration = "1h30m"\n'
+        '[state]\nbackend = "redis"\nurl = "redis://:pw@127.0.0.1:6379/0"\n'
+        + STATIC
+        + 'tags = ["tag:a"]\ngrants_json = \'[{"backends": {"pg-main": {"pg": {"databases": {"*": {"permissions": ["readonly"]}}}}}}]\'\n'
+        + LISTENER
+    )
+    original = cfg(text)
+    again = load_config_text(render_config(original, mask_secrets=False), environ={})
+    assert again == original
+
+
+def test_rendered_config_masks_secrets() -> None:
+    text = (
+        '[state]\nbackend = "redis"\nurl = "redis://user:topsecret@127.0.0.1:6379/0"\n'
+        + LISTENER.replace('"pw"', '"hunter2"')
+    )
+    out = render_config(cfg(text))
+    assert "hunter2" not in out
+    assert "topsecret" not in out
+    assert 'admin_password = "********"' in out
+    assert 'url = "redis://user:********@127.0.0.1:6379/0"' in out
+
+
+def test_rendered_config_writes_units_and_all_defaults() -> None:
+    out = render_config(cfg(LISTENER))
+    for line in (
+        'handshake_timeout = "15s"',
+        'interval = "1m"',
+        "max_conns_total = 1000",
+        'user_ttl = "24h"',
+        'lease = "30s"',
+        "# reap_interval: not set: min(user_ttl / 4, 1h) = 1h",
+    ):
+        assert line in out, line
+
+
+def test_environ_argument_replaces_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WP_TEST_ONLY_VAR", "from-process")
+    text = LISTENER.replace('"pw"', '"${WP_TEST_ONLY_VAR}"')
+    assert cfg(text, {"WP_TEST_ONLY_VAR": "given"}).listeners[0].postgres.admin_password == "given"
+    c = load_config_text(textwrap.dedent(text))
+    assert c.listeners[0].postgres.admin_password == os.environ["WP_TEST_ONLY_VAR"]
