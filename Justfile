@@ -11,7 +11,7 @@ test *ARGS: check
 check:
     ruff check
     mypy
-    cd tests && mypy --strict pgcluster.py fixtures_pg.py
+    MYPYPATH=tests mypy --strict tests/pgcluster.py tests/fixtures_pg.py tests/test_pgcluster.py tests/test_pg_login.py
 
 # The slow soak / load / long fuzz runs (opt-in).
 slow *ARGS:
