@@ -227,3 +227,24 @@ def test_rendered_text_is_the_validated_text() -> None:
     entry = "GRANT SELECT ON public.t TO {{.Role}} -- ; DROP TABLE x"
     (out,) = render_and_validate([entry], role=ROLE, database=DB, dialect=PG)
     assert out == f'GRANT SELECT ON public.t TO "{ROLE}" -- ; DROP TABLE x'
+
+
+def test_touched_schemas_lists_every_schema_for_group_locks() -> None:
+    from waypoint.provision.rawsql import DATABASE_LEVEL, touched_schemas
+
+    stmts = render_and_validate(
+        [
+            "GRANT SELECT ON public.t, app.u TO {{.Role}}",
+            "GRANT EXECUTE ON FUNCTION api.f(int) TO {{.Role}}",
+            "GRANT SELECT ON ALL TABLES IN SCHEMA reporting TO {{.Role}}",
+            "GRANT USAGE ON TYPE types.mood TO {{.Role}}",
+            "ALTER DEFAULT PRIVILEGES IN SCHEMA defaults GRANT SELECT ON TABLES TO {{.Role}}",
+            "GRANT TEMPORARY ON DATABASE {{.Database}} TO {{.Role}}",
+        ],
+        role=ROLE,
+        database=DB,
+        dialect=PG,
+    )
+    assert touched_schemas(stmts) == {
+        "public", "app", "api", "reporting", "types", "defaults", DATABASE_LEVEL
+    }  # fmt: skip

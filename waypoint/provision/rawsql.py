@@ -315,3 +315,49 @@ def _objtype_name(objtype: Any) -> str:
         return _REFUSED_NAMES[objtype]
     name = getattr(objtype, "name", str(objtype))
     return str(name).removeprefix("OBJECT_").replace("_", " ")
+
+
+DATABASE_LEVEL: Final = ""
+
+
+def touched_schemas(statements: Sequence[str]) -> set[str]:
+    """Schemas that validated statements change ACLs in (for the group locks of SPEC §5).
+
+    Database-level forms (``ON DATABASE``, ``ALTER DEFAULT PRIVILEGES`` without
+    ``IN SCHEMA``) are reported as :data:`DATABASE_LEVEL` (the empty string).
+    """
+    out: set[str] = set()
+    for sql in statements:
+        for raw in pglast.parse_sql(sql):
+            stmt = raw.stmt
+            if isinstance(stmt, ast.AlterDefaultPrivilegesStmt):
+                schemas = [
+                    _string_value(v, what="schema name")
+                    for opt in stmt.options or ()
+                    if isinstance(opt, ast.DefElem) and opt.defname == "schemas"
+                    for v in opt.arg or ()
+                ]
+                out.update(schemas or [DATABASE_LEVEL])
+            elif isinstance(stmt, ast.GrantStmt):
+                out.update(_grant_schemas(stmt))
+    return out
+
+
+def _grant_schemas(stmt: ast.GrantStmt) -> set[str]:
+    objects = stmt.objects or ()
+    if stmt.objtype == ObjectType.OBJECT_DATABASE:
+        return {DATABASE_LEVEL}
+    if (
+        stmt.targtype == GrantTargetType.ACL_TARGET_ALL_IN_SCHEMA
+        or stmt.objtype == ObjectType.OBJECT_SCHEMA
+    ):
+        return {_string_value(o, what="schema name") for o in objects}
+    out: set[str] = set()
+    for obj in objects:
+        if isinstance(obj, ast.RangeVar) and obj.schemaname:
+            out.add(str(obj.schemaname))
+        elif isinstance(obj, ast.ObjectWithArgs) and obj.objname:
+            out.add(str(obj.objname[0].sval))
+        elif isinstance(obj, tuple) and obj and isinstance(obj[0], ast.String):
+            out.add(str(obj[0].sval))
+    return out

@@ -1,0 +1,851 @@
+"""The provisioning engine (SPEC §5): one :class:`Provisioner` per listener.
+
+Lock order (SPEC §5), never violated here:
+
+1. the in-process per-role lock (single flight; a :class:`trio.Semaphore` per
+   role that the reaper takes through :meth:`Provisioner.role_guard`),
+2. the cross-instance role lock (:class:`~waypoint.provision.locks.RoleLockBackend`,
+   by default a session-level advisory lock on a dedicated connection to
+   ``admin_database``), held across COMMIT and the caller's upstream login,
+3. first thing in the one transaction in the target database, the group locks
+   ``pg_advisory_xact_lock(2, h(db, schema))`` in sorted order.
+
+A provision runs for a new role, a changed grant, no cached secret, a cached
+secret whose ``VALID UNTIL`` is within ``handshake_timeout``, or ``rotate=True``.
+Otherwise :meth:`Provisioner.credentials` answers from the cache with no admin
+round trip. The plaintext secret never leaves this process: the server gets a
+verifier computed here (SCRAM, or md5 when configured/required).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Final, Literal
+
+import trio
+from attrs import define, field, frozen
+
+from waypoint.config.model import ListenerConfig
+from waypoint.errors import Refusal, bad_grant, provisioning_failed
+from waypoint.grants import naming
+from waypoint.grants.model import EffectiveGrant
+from waypoint.identity.model import Identity
+from waypoint.pgwire.scram import ScramKeys, make_md5_verifier, make_scram_verifier
+from waypoint.provision import sql
+from waypoint.provision.admin import AdminError, AdminPools, AdminSession
+from waypoint.provision.dialect import CockroachDialect, Dialect, detect_dialect
+from waypoint.provision.locks import (
+    PgAdvisoryRoleLock,
+    RoleLease,
+    RoleLockBackend,
+    RoleLockTimeout,
+)
+from waypoint.provision.rawsql import RawSqlError, render_and_validate, touched_schemas
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_SQLSTATES: Final = frozenset({"23505", "XX000", "40P01"})
+SECRET_BYTES: Final = 32
+EXTEND_BATCH: Final = 8
+
+
+# -- public values -------------------------------------------------------------
+
+
+@frozen
+class Credentials:
+    """What the proxy logs in to the backend with. The secret is never in a repr."""
+
+    role: str
+    secret: str = field(repr=False)
+    scram_keys: ScramKeys | None = field(repr=False)
+    valid_until: datetime
+    provisioned: bool
+
+
+class ProvisionError(Exception):
+    """Provisioning failed; ``refusal`` is what the client sees (58000 unless said otherwise)."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(f"{refusal.sqlstate}: {refusal.message}")
+        self.refusal = refusal
+
+
+class DatabaseMissing(ProvisionError):
+    """The target database does not exist: ``fields`` are the server's 3D000 error fields,
+    for the proxy to forward as the FATAL the client would have got directly."""
+
+    def __init__(self, fields: Mapping[str, str]) -> None:
+        self.fields = dict(fields)
+        super().__init__(
+            Refusal(
+                self.fields.get("C", "3D000"),
+                self.fields.get("M", "database does not exist"),
+            )
+        )
+
+
+def new_correlation_id() -> str:
+    return secrets.token_hex(6)
+
+
+def grant_fingerprint(grant: EffectiveGrant) -> str:
+    """What decides a role's privileges (limits excluded): changes force a new secret."""
+    doc = {
+        "listener": grant.listener,
+        "database": grant.database,
+        "cap": grant.preset_cap.label if grant.preset_cap is not None else None,
+        "privileges": sorted([p.preset.label, p.schema] for p in grant.privileges),
+        "custom": sorted(
+            [sorted([p.preset.label, p.schema] for p in c.privileges), list(c.sql)]
+            for c in grant.custom
+        ),
+    }
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# -- the plan: what groups a grant needs (pure) ----------------------------------
+
+
+@frozen
+class GroupPlan:
+    name: str
+    comment: str
+    # (schema, statements that need the schema to exist); applied in order.
+    schema_grants: tuple[tuple[str, tuple[str, ...]], ...]
+    raw_sql: tuple[str, ...]
+    schemas: frozenset[str]  # what its ACL statements touch (group locks and signature)
+
+
+@frozen
+class ProvisionPlan:
+    role: str
+    database: str
+    owner: naming.RoleOwner
+    comment: str
+    groups: tuple[GroupPlan, ...]
+
+    @property
+    def schemas(self) -> frozenset[str]:
+        out: set[str] = set()
+        for g in self.groups:
+            out |= g.schemas
+        return frozenset(out)
+
+
+def build_plan(
+    prefix: str, role: str, identity: Identity, grant: EffectiveGrant, dialect: Dialect
+) -> ProvisionPlan:
+    """The groups for ``grant``. Raises RawSqlError for a refused raw-SQL entry."""
+    db = grant.database
+    groups: list[GroupPlan] = []
+    for sp in sorted(grant.privileges):
+        name = naming.group_name(prefix, sp.preset, sp.schema, db)
+        groups.append(
+            GroupPlan(
+                name=name,
+                comment=naming.group_comment(sp.preset, sp.schema, db),
+                schema_grants=((sp.schema, tuple(sql.preset_grants(sp.preset, sp.schema, name))),),
+                raw_sql=(),
+                schemas=frozenset({sp.schema}),
+            )
+        )
+    for custom in grant.custom:
+        name = naming.custom_group_name(prefix, custom, db)
+        raw = tuple(render_and_validate(custom.sql, role=name, database=db, dialect=dialect))
+        pairs = sorted(custom.privileges)
+        groups.append(
+            GroupPlan(
+                name=name,
+                comment=naming.custom_group_comment(custom, db),
+                schema_grants=tuple(
+                    (sp.schema, tuple(sql.preset_grants(sp.preset, sp.schema, name)))
+                    for sp in pairs
+                ),
+                raw_sql=raw,
+                schemas=frozenset({sp.schema for sp in pairs} | touched_schemas(raw)),
+            )
+        )
+    # One group per name (two identical custom entries share their group).
+    unique = {g.name: g for g in groups}
+    owner = naming.role_owner(identity, grant.listener, db, grant.preset_cap)
+    comment = naming.role_comment(identity, grant.listener, db, grant.preset_cap)
+    return ProvisionPlan(role, db, owner, comment, tuple(unique.values()))
+
+
+# -- the transaction (runs in a worker thread) ----------------------------------
+
+
+class _RoleNotOurs(Exception):
+    def __init__(self, role: str) -> None:
+        super().__init__(
+            f"role {role!r} exists but is not owned by this identity (or not Waypoint's)"
+        )
+
+
+class _GroupNotOurs(Exception):
+    def __init__(self, group: str) -> None:
+        super().__init__(f"group {group!r} exists without Waypoint's group marker")
+
+
+class _RoleMissing(Exception):
+    def __init__(self, role: str) -> None:
+        super().__init__(f"role {role!r} does not exist")
+
+
+Signature = tuple[tuple[str, int, int], ...]
+
+
+@frozen
+class _PasswordChange:
+    verifier: str = field(repr=False)
+    valid_until: datetime
+
+
+@frozen
+class _TxnResult:
+    created: bool
+    signatures: dict[str, Signature]
+    reassigned: bool
+    granted: tuple[str, ...]
+    revoked: tuple[str, ...]
+
+
+def _provision_txn(
+    sess: AdminSession,
+    plan: ProvisionPlan,
+    password: _PasswordChange | None,
+    known_signatures: Mapping[str, Signature],
+    inherit_clause: str,
+) -> _TxnResult:
+    """One transaction in the target database. Blocking; call in a worker thread."""
+    sess.run("BEGIN")
+    for stmt in sql.sorted_group_lock_statements(plan.database, plan.schemas):
+        sess.run(stmt)
+
+    names = [plan.role, *(g.name for g in plan.groups)]
+    existing = {
+        str(r[0]): (r[1] if r[1] is None else str(r[1]))
+        for r in sess.run(sql.ROLES_QUERY, names=names)
+    }
+    role_exists = plan.role in existing
+    if role_exists and naming.parse_role_comment(existing[plan.role] or "") != plan.owner:
+        raise _RoleNotOurs(plan.role)
+    if not role_exists and password is None:
+        raise _RoleMissing(plan.role)
+
+    schemas = sorted(s for s in plan.schemas if s)
+    present: dict[str, tuple[int, int]] = {}
+    if schemas:
+        for nsp, count, maxoid in sess.run(sql.SCHEMA_SIGNATURE_QUERY, schemas=schemas):
+            present[str(nsp)] = (int(count), int(maxoid))
+
+    signatures: dict[str, Signature] = {}
+    for group in plan.groups:
+        sig: Signature = tuple(
+            (s, *present.get(s, (-1, -1))) for s in sorted(x for x in group.schemas if x)
+        )
+        signatures[group.name] = sig
+        if group.name not in existing:
+            for stmt in sql.create_group(group.name, plan.database, group.comment):
+                sess.run(stmt)
+        else:
+            if naming.parse_group_comment(existing[group.name] or "") is None:
+                raise _GroupNotOurs(group.name)
+            if known_signatures.get(group.name) == sig:
+                continue
+        for schema, stmts in group.schema_grants:
+            if schema not in present:
+                continue  # a schema that does not exist (yet): its signature will change
+            for stmt in stmts:
+                sess.run(stmt)
+        for stmt in group.raw_sql:
+            sess.run(stmt)
+
+    if password is not None:
+        if role_exists:
+            sess.run(sql.set_password(plan.role, password.verifier, password.valid_until))
+        else:
+            sess.run(sql.create_login_role(plan.role, password.verifier, password.valid_until))
+            sess.run(sql.comment_on_role(plan.role, plan.comment))
+            sess.run(sql.grant_role_to_admin(plan.role, inherit_clause))
+
+    current: set[str] = set()
+    if role_exists:
+        for gname, comment in sess.run(sql.MEMBERSHIPS_QUERY, role=plan.role):
+            if naming.parse_group_comment(str(comment or "")) is not None:
+                current.add(str(gname))
+    desired = {g.name for g in plan.groups}
+    extra = sorted(current - desired)
+    missing = sorted(desired - current)
+    reassigned = False
+    if extra:
+        sess.run(sql.reassign_owned(plan.role))
+        reassigned = True
+        for g in extra:
+            sess.run(sql.revoke_membership(g, plan.role))
+    for g in missing:
+        sess.run(sql.grant_membership(g, plan.role))
+    sess.run("COMMIT")
+    return _TxnResult(not role_exists, signatures, reassigned, tuple(missing), tuple(extra))
+
+
+# -- single flight ---------------------------------------------------------------
+
+Phase = Literal["provisioning", "holding", "failed", "done"]
+
+
+class _LeaderGone(Exception):
+    """The task running a shared provision was cancelled; a waiter retries on its own."""
+
+
+@define
+class _Flight:
+    fingerprint: str
+    phase: Phase = "provisioning"
+    participants: int = 1
+    done: trio.Event = field(factory=trio.Event)
+    creds: Credentials | None = None
+    error: BaseException | None = None
+    lease: RoleLease | None = None
+
+
+@define
+class _RoleState:
+    sem: trio.Semaphore = field(factory=lambda: trio.Semaphore(1))
+    flight: _Flight | None = None
+    changed: trio.Event = field(factory=trio.Event)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+@frozen
+class _Cached:
+    secret: str = field(repr=False)
+    scram_keys: ScramKeys | None = field(repr=False)
+    valid_until: datetime
+    fingerprint: str
+
+
+@frozen
+class _ServerInfo:
+    dialect: Dialect
+    password_encryption: str
+
+
+# -- the provisioner ---------------------------------------------------------------
+
+
+class Provisioner:
+    """Creates and maintains the short-lived roles of one listener."""
+
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        *,
+        handshake_timeout: float,
+        clock: Callable[[], float] = time.time,
+        limiter: trio.CapacityLimiter | None = None,
+        lock_backend: RoleLockBackend | None = None,
+        statement_timeout: float | None = None,
+    ) -> None:
+        self._listener = listener
+        self._pg = listener.postgres
+        self._handshake_timeout = handshake_timeout
+        self._clock = clock
+        self._limiter = limiter or trio.CapacityLimiter(8)
+        st = statement_timeout if statement_timeout is not None else max(handshake_timeout, 5.0)
+        self._pools = AdminPools(
+            listener,
+            limiter=self._limiter,
+            connect_timeout=handshake_timeout,
+            statement_timeout=st,
+            lock_timeout=max(1.0, st / 2),
+        )
+        self._custom_lock_backend = lock_backend is not None
+        self._locks: RoleLockBackend = lock_backend or PgAdvisoryRoleLock(self._pools)
+        self._states: dict[str, _RoleState] = {}
+        self._cache: dict[str, _Cached] = {}
+        self._resolved: dict[tuple[str, str, str, str, str | None], str] = {}
+        self._group_signatures: dict[str, Signature] = {}
+        self._info: _ServerInfo | None = None
+        self._info_lock = trio.Lock()
+
+    # -- naming ----------------------------------------------------------------
+
+    def _name_key(
+        self, identity: Identity, grant: EffectiveGrant
+    ) -> tuple[str, str, str, str, str | None]:
+        cap = grant.preset_cap.label if grant.preset_cap is not None else None
+        return (identity.login, identity.node, grant.listener, grant.database, cap)
+
+    def _base_name(self, identity: Identity, grant: EffectiveGrant) -> str:
+        return naming.role_name(
+            self._pg.user_prefix,
+            self._listener.name,
+            identity.login,
+            identity.node,
+            grant.database,
+            grant.preset_cap,
+        )
+
+    def role_for(self, identity: Identity, grant: EffectiveGrant) -> str:
+        """The role name for this caller (the collision fallback once it has been resolved)."""
+        return self._resolved.get(self._name_key(identity, grant)) or self._base_name(
+            identity, grant
+        )
+
+    async def _resolve_role(self, identity: Identity, grant: EffectiveGrant) -> str:
+        key = self._name_key(identity, grant)
+        if key in self._resolved:
+            return self._resolved[key]
+        base = self._base_name(identity, grant)
+        owner = naming.role_owner(identity, grant.listener, grant.database, grant.preset_cap)
+        fallback = naming.collision_role_name(base, owner.key())
+
+        def lookup(sess: AdminSession) -> dict[str, str | None]:
+            rows = sess.run(sql.ROLES_QUERY, names=[base, fallback])
+            return {str(r[0]): (None if r[1] is None else str(r[1])) for r in rows}
+
+        found = await self._pools.run(self._pools.admin_database, lookup)
+        for candidate in (base, fallback):
+            if candidate not in found or naming.parse_role_comment(found[candidate] or "") == owner:
+                self._resolved[key] = candidate
+                if candidate != base:
+                    log.info("role name %s is taken; using %s for this identity", base, candidate)
+                return candidate
+        raise _RoleNotOurs(fallback)
+
+    # -- server info -------------------------------------------------------------
+
+    async def _server_info(self) -> _ServerInfo:
+        if self._info is not None:
+            return self._info
+        async with self._info_lock:
+            if self._info is None:
+
+                def probe(sess: AdminSession) -> tuple[str, str]:
+                    rows = sess.run(
+                        "SELECT pg_catalog.version(), "
+                        "pg_catalog.current_setting('password_encryption', true)"
+                    )
+                    return str(rows[0][0]), str(rows[0][1] or "scram-sha-256")
+
+                version, enc = await self._pools.run(self._pools.admin_database, probe)
+                dialect = detect_dialect(version)
+                if isinstance(dialect, CockroachDialect) and not self._custom_lock_backend:
+                    raise ProvisionError(
+                        provisioning_failed(
+                            new_correlation_id(),
+                            "CockroachDB has no advisory locks: configure [state] backend = "
+                            '"redis" so role locks use Redis',
+                        )
+                    )
+                self._info = _ServerInfo(dialect, enc)
+            return self._info
+
+    def _use_md5(self, info: _ServerInfo) -> bool:
+        mode = self._pg.password_encryption
+        if mode == "md5":
+            return True
+        if mode == "scram-sha-256":
+            return False
+        return info.password_encryption.lower() == "md5"
+
+    # -- the cache ----------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
+
+    def _cached(self, role: str, fingerprint: str) -> _Cached | None:
+        entry = self._cache.get(role)
+        if entry is None or entry.fingerprint != fingerprint:
+            return None
+        if entry.valid_until.timestamp() - self._clock() <= self._handshake_timeout:
+            return None
+        return entry
+
+    def _state(self, role: str) -> _RoleState:
+        st = self._states.get(role)
+        if st is None:
+            st = self._states[role] = _RoleState()
+        return st
+
+    def _deadline(self) -> float:
+        return min(trio.current_effective_deadline(), trio.current_time() + self._handshake_timeout)
+
+    # -- credentials ----------------------------------------------------------------
+
+    @asynccontextmanager
+    async def credentials(
+        self, identity: Identity, grant: EffectiveGrant, *, rotate: bool = False
+    ) -> AsyncIterator[Credentials]:
+        """Credentials for logging in as this caller's role (see the module docstring).
+
+        When a provision ran, the role lock stays held while the ``async with`` body
+        runs and is released on exit (also on error or cancellation).
+        """
+        cid = new_correlation_id()
+        fingerprint = grant_fingerprint(grant)
+        deadline = self._deadline()
+        try:
+            with trio.fail_at(deadline):
+                role = await self._resolve_role(identity, grant)
+        except trio.TooSlowError:
+            raise ProvisionError(
+                provisioning_failed(cid, "timed out resolving the role name")
+            ) from None
+        except _RoleNotOurs as exc:
+            raise ProvisionError(provisioning_failed(cid, str(exc))) from None
+        except AdminError as exc:
+            raise self._admin_failure(cid, exc) from None
+
+        st = self._state(role)
+        while True:
+            flight = st.flight
+            if flight is not None and flight.phase == "provisioning":
+                if flight.fingerprint != fingerprint:
+                    await self._wait(flight.done, deadline, cid)
+                    continue
+                flight.participants += 1
+                try:
+                    await self._wait(flight.done, deadline, cid)
+                    if flight.creds is None:
+                        if isinstance(flight.error, ProvisionError):
+                            raise flight.error
+                        continue  # the leader was cancelled: try again ourselves
+                    yield flight.creds
+                    return
+                finally:
+                    await self._leave(st, flight)
+            if not rotate:
+                entry = self._cached(role, fingerprint)
+                if entry is not None:
+                    yield Credentials(
+                        role, entry.secret, entry.scram_keys, entry.valid_until, False
+                    )
+                    return
+            try:
+                st.sem.acquire_nowait()
+            except trio.WouldBlock:
+                await self._wait(st.changed, deadline, cid)
+                continue
+            break
+
+        # We lead a new flight.
+        flight = _Flight(fingerprint)
+        st.flight = flight
+        st.notify()
+        try:
+            creds, lease = await self._provision(identity, grant, role, fingerprint, deadline, cid)
+        except BaseException as exc:
+            flight.phase = "failed"
+            flight.error = exc if isinstance(exc, ProvisionError) else _LeaderGone()
+            flight.participants -= 1
+            if st.flight is flight:
+                st.flight = None
+            st.sem.release()
+            flight.done.set()
+            st.notify()
+            raise
+        flight.creds = creds
+        flight.lease = lease
+        flight.phase = "holding"
+        flight.done.set()
+        st.notify()
+        try:
+            yield creds
+        finally:
+            await self._leave(st, flight)
+
+    async def _wait(self, event: trio.Event, deadline: float, cid: str) -> None:
+        try:
+            with trio.fail_at(deadline):
+                await event.wait()
+        except trio.TooSlowError:
+            raise ProvisionError(
+                provisioning_failed(cid, "timed out waiting for a concurrent provision")
+            ) from None
+
+    async def _leave(self, st: _RoleState, flight: _Flight) -> None:
+        if flight.phase in ("failed", "done"):
+            flight.participants -= 1
+            return
+        flight.participants -= 1
+        if flight.participants > 0 or flight.phase != "holding":
+            return
+        flight.phase = "done"
+        if st.flight is flight:
+            st.flight = None
+        try:
+            if flight.lease is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+                    await self._locks.release(flight.lease)
+        finally:
+            st.sem.release()
+            st.notify()
+
+    # -- the provision ------------------------------------------------------------
+
+    async def _provision(
+        self,
+        identity: Identity,
+        grant: EffectiveGrant,
+        role: str,
+        fingerprint: str,
+        deadline: float,
+        cid: str,
+    ) -> tuple[Credentials, RoleLease]:
+        try:
+            with trio.fail_at(deadline):
+                info = await self._server_info()
+                plan = self._plan(identity, grant, role, info, cid)
+                secret = secrets.token_urlsafe(SECRET_BYTES)
+                valid_until = datetime.fromtimestamp(self._clock() + self._pg.user_ttl, UTC)
+                use_md5 = self._use_md5(info)
+
+                def make_verifier() -> tuple[str, ScramKeys | None]:
+                    if use_md5:
+                        return make_md5_verifier(secret, role), None
+                    return make_scram_verifier(secret)
+
+                verifier, keys = await trio.to_thread.run_sync(make_verifier, limiter=self._limiter)
+                lease = await self._locks.acquire(role, deadline)
+                try:
+                    await self._run_txn(plan, _PasswordChange(verifier, valid_until), info)
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await self._locks.release(lease)
+                    raise
+        except (trio.TooSlowError, RoleLockTimeout):
+            raise ProvisionError(
+                provisioning_failed(cid, f"timed out provisioning role {role}")
+            ) from None
+        except AdminError as exc:
+            raise self._admin_failure(cid, exc) from None
+        except (_RoleNotOurs, _GroupNotOurs, _RoleMissing) as exc:
+            self._resolved.pop(self._name_key(identity, grant), None)
+            raise ProvisionError(provisioning_failed(cid, str(exc))) from None
+        self._cache[role] = _Cached(secret, keys, valid_until, fingerprint)
+        return Credentials(role, secret, keys, valid_until, True), lease
+
+    def _plan(
+        self,
+        identity: Identity,
+        grant: EffectiveGrant,
+        role: str,
+        info: _ServerInfo,
+        cid: str,
+    ) -> ProvisionPlan:
+        try:
+            return build_plan(self._pg.user_prefix, role, identity, grant, info.dialect)
+        except RawSqlError as exc:
+            raise ProvisionError(bad_grant(str(exc), f"correlation id {cid}")) from None
+
+    async def _run_txn(
+        self, plan: ProvisionPlan, password: _PasswordChange | None, info: _ServerInfo
+    ) -> _TxnResult:
+        inherit = info.dialect.admin_inherit_clause
+        for attempt in (1, 2):
+            known = {
+                g.name: self._group_signatures[g.name]
+                for g in plan.groups
+                if g.name in self._group_signatures
+            }
+
+            def txn(sess: AdminSession, known: dict[str, Signature] = known) -> _TxnResult:
+                return _provision_txn(sess, plan, password, known, inherit)
+
+            try:
+                result = await self._pools.run(plan.database, txn)
+            except AdminError as exc:
+                if exc.sqlstate == "3D000":
+                    raise DatabaseMissing(exc.fields) from None
+                if attempt == 1 and exc.sqlstate in RETRYABLE_SQLSTATES:
+                    log.info("provision of %s hit %s; retrying once", plan.role, exc.sqlstate)
+                    continue
+                raise
+            self._group_signatures.update(result.signatures)
+            if result.created:
+                log.info("created role %s", plan.role)
+            if result.granted or result.revoked:
+                log.info(
+                    "role %s: granted %s, revoked %s%s",
+                    plan.role,
+                    list(result.granted),
+                    list(result.revoked),
+                    " (objects reassigned)" if result.reassigned else "",
+                )
+            return result
+        raise AssertionError("unreachable")
+
+    def _admin_failure(self, cid: str, exc: AdminError) -> ProvisionError:
+        if exc.sqlstate == "3D000":
+            return DatabaseMissing(exc.fields)
+        log.warning("provisioning failed (correlation id %s): %s", cid, exc)
+        return ProvisionError(provisioning_failed(cid, str(exc)))
+
+    # -- other operations ----------------------------------------------------------
+
+    @asynccontextmanager
+    async def role_guard(self, role: str) -> AsyncIterator[None]:
+        """Lock order step 1 for ``role`` (the reaper takes it before the role lock)."""
+        st = self._state(role)
+        await st.sem.acquire()
+        try:
+            yield
+        finally:
+            st.sem.release()
+            st.notify()
+
+    @property
+    def lock_backend(self) -> RoleLockBackend:
+        return self._locks
+
+    @property
+    def pools(self) -> AdminPools:
+        return self._pools
+
+    async def reconcile(self, identity: Identity, grant: EffectiveGrant) -> None:
+        """Bring the role's memberships to ``grant`` (a revalidation downgrade); no new secret."""
+        cid = new_correlation_id()
+        role = self.role_for(identity, grant)
+        deadline = trio.current_time() + self._handshake_timeout
+        try:
+            with trio.fail_at(deadline):
+                async with self.role_guard(role):
+                    info = await self._server_info()
+                    plan = self._plan(identity, grant, role, info, cid)
+                    lease = await self._locks.acquire(role, deadline)
+                    try:
+                        await self._run_txn(plan, None, info)
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await self._locks.release(lease)
+        except (trio.TooSlowError, RoleLockTimeout):
+            raise ProvisionError(
+                provisioning_failed(cid, f"timed out reconciling role {role}")
+            ) from None
+        except AdminError as exc:
+            raise self._admin_failure(cid, exc) from None
+        except (_RoleNotOurs, _GroupNotOurs, _RoleMissing) as exc:
+            raise ProvisionError(provisioning_failed(cid, str(exc))) from None
+        entry = self._cache.get(role)
+        if entry is not None:
+            self._cache[role] = _Cached(
+                entry.secret, entry.scram_keys, entry.valid_until, grant_fingerprint(grant)
+            )
+
+    async def extend_validity(self, roles: Iterable[str]) -> None:
+        """Push ``VALID UNTIL`` to now + user_ttl for Waypoint's roles among ``roles``.
+
+        Batched; a role that is busy (a provision in this process, or its role lock held
+        elsewhere) is skipped this round.
+        """
+        pending = sorted(set(roles))
+        for i in range(0, len(pending), EXTEND_BATCH):
+            await self._extend_batch(pending[i : i + EXTEND_BATCH])
+
+    async def _extend_batch(self, roles: list[str]) -> None:
+        held: list[tuple[str, RoleLease]] = []
+        guarded: list[_RoleState] = []
+        try:
+            for role in roles:
+                st = self._state(role)
+                try:
+                    st.sem.acquire_nowait()
+                except trio.WouldBlock:
+                    continue
+                guarded.append(st)
+                lease = await self._locks.try_acquire(role)
+                if lease is not None:
+                    held.append((role, lease))
+            if not held:
+                return
+            until = datetime.fromtimestamp(self._clock() + self._pg.user_ttl, UTC)
+            names = [r for r, _ in held]
+
+            def txn(sess: AdminSession) -> list[str]:
+                sess.run("BEGIN")
+                done: list[str] = []
+                for name, comment, _login in sess.run(sql.ROLES_QUERY, names=names):
+                    if naming.parse_role_comment(str(comment or "")) is None:
+                        continue
+                    sess.run(sql.set_valid_until(str(name), until))
+                    done.append(str(name))
+                sess.run("COMMIT")
+                return done
+
+            with trio.fail_after(self._handshake_timeout):
+                extended = await self._pools.run(self._pools.admin_database, txn)
+            for name in extended:
+                entry = self._cache.get(name)
+                if entry is not None:
+                    self._cache[name] = _Cached(
+                        entry.secret, entry.scram_keys, until, entry.fingerprint
+                    )
+        finally:
+            with trio.CancelScope(shield=True):
+                for _, lease in held:
+                    await self._locks.release(lease)
+            for st in guarded:
+                st.sem.release()
+                st.notify()
+
+    async def strip(self, role: str) -> None:
+        """Access revoked: drop Waypoint group memberships and expire the role now."""
+        cid = new_correlation_id()
+        deadline = trio.current_time() + self._handshake_timeout
+        now = self._now()
+        self._cache.pop(role, None)
+
+        def txn(sess: AdminSession) -> None:
+            sess.run("BEGIN")
+            rows = sess.run(sql.ROLES_QUERY, names=[role])
+            if not rows:
+                sess.run("ROLLBACK")
+                return
+            if naming.parse_role_comment(str(rows[0][1] or "")) is None:
+                raise _RoleNotOurs(role)
+            for gname, comment in sess.run(sql.MEMBERSHIPS_QUERY, role=role):
+                if naming.parse_group_comment(str(comment or "")) is not None:
+                    sess.run(sql.revoke_membership(str(gname), role))
+            sess.run(sql.set_valid_until(role, now))
+            sess.run("COMMIT")
+
+        try:
+            with trio.fail_at(deadline):
+                async with self.role_guard(role):
+                    lease = await self._locks.acquire(role, deadline)
+                    try:
+                        await self._pools.run(self._pools.admin_database, txn)
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await self._locks.release(lease)
+        except (trio.TooSlowError, RoleLockTimeout):
+            raise ProvisionError(
+                provisioning_failed(cid, f"timed out stripping role {role}")
+            ) from None
+        except AdminError as exc:
+            raise self._admin_failure(cid, exc) from None
+        except _RoleNotOurs as exc:
+            raise ProvisionError(provisioning_failed(cid, str(exc))) from None
+
+    def forget(self, role: str) -> None:
+        """Drop the cached secret of ``role`` (the next connection provisions)."""
+        self._cache.pop(role, None)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._locks.aclose()
+            await self._pools.aclose()
