@@ -28,7 +28,7 @@ _LOCK_POLL_MIN = 0.005
 _LOCK_POLL_MAX = 0.1
 
 
-@define
+@define(eq=False)  # a store is a thing, compared by identity
 class MemoryStateStore:
     """State for one Waypoint process. All methods run on the trio thread; the slot
     check-and-increment contains no checkpoint, so concurrent sessions cannot both pass."""

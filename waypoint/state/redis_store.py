@@ -216,7 +216,7 @@ class _Held:
     reconciling: trio.Event | None = None
 
 
-@define
+@define(eq=False)  # a store is a thing, compared by identity
 class RedisStateStore:
     """A :class:`~waypoint.state.base.StateStore` on Redis. Open it with
     :func:`waypoint.state.open_state`, which also runs :meth:`run_maintenance`; a store whose

@@ -1,0 +1,288 @@
+"""Redis-only behaviour: several instances, leases of dead instances, outages, key layout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+import redis
+import trio
+from redis.crc import key_slot
+from state_support import (
+    REDIS_URL,
+    OwnRedis,
+    delete_prefix,
+    redis_client,
+    require_redis,
+    unique_prefix,
+)
+
+from waypoint.config.model import StateConfig
+from waypoint.errors import Refusal
+from waypoint.state import SlotLease, SlotRequest, StateStore, open_state
+from waypoint.state.redis_store import KeyLayout, RedisStateStore
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    require_redis()
+    p = unique_prefix()
+    yield p
+    delete_prefix(p)
+
+
+def cfg(prefix: str, *, url: str = REDIS_URL, lease: float = 30.0) -> StateConfig:
+    return StateConfig(backend="redis", url=url, key_prefix=prefix, lease=lease)
+
+
+@pytest.fixture
+async def own_redis() -> AsyncIterator[OwnRedis]:
+    server = OwnRedis()
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None:
+            server.proc.send_signal(signal.SIGCONT)
+        server.stop()
+
+
+def req(principal: str = "alice@example.com", **limits: int) -> SlotRequest:
+    limits.setdefault("max_total", 1000)
+    return SlotRequest(principal, "pg-main", **limits)
+
+
+def unmaintained_store(prefix: str, lease: float, url: str = REDIS_URL) -> RedisStateStore:
+    """An instance whose heartbeat never runs: it behaves like one that died."""
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1)
+    return RedisStateStore(
+        client, KeyLayout(prefix), lease, "dead-instance", trio.CapacityLimiter(4), 2.0
+    )
+
+
+async def wait_for(
+    predicate_async: Callable[[], Awaitable[bool]], timeout: float, interval: float = 0.1
+) -> float:
+    start = trio.current_time()
+    with trio.fail_after(timeout):
+        while not await predicate_async():
+            await trio.sleep(interval)
+    return trio.current_time() - start
+
+
+async def test_two_instances_share_one_user_budget(prefix: str) -> None:
+    async with (
+        open_state(cfg(prefix), instance_id="a") as a,
+        open_state(cfg(prefix), instance_id="b") as b,
+    ):
+        a1 = await a.acquire_slot(req(max_user=3))
+        a2 = await a.acquire_slot(req(max_user=3))
+        b1 = await b.acquire_slot(req(max_user=3))
+        assert all(isinstance(x, SlotLease) for x in (a1, a2, b1))
+        refused = await a.acquire_slot(req(max_user=3))
+        assert isinstance(refused, Refusal) and refused.sqlstate == "53300"
+        assert isinstance(b1, SlotLease)
+        await b.release_slot(b1)
+        assert isinstance(await a.acquire_slot(req(max_user=3)), SlotLease)
+        usage = await b.slot_usage("alice@example.com", "pg-main")
+        assert (usage.user, usage.total) == (3, 3)
+
+
+async def test_200_concurrent_acquires_across_two_instances_grant_exactly_10(prefix: str) -> None:
+    results: list[tuple[StateStore, SlotLease | Refusal]] = []
+    async with (
+        open_state(cfg(prefix), instance_id="a") as a,
+        open_state(cfg(prefix), instance_id="b") as b,
+    ):
+
+        async def one(store: StateStore) -> None:
+            results.append((store, await store.acquire_slot(req(max_user=10))))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(200):
+                    nursery.start_soon(one, a if i % 2 else b)
+        granted = [(store, r) for store, r in results if isinstance(r, SlotLease)]
+        assert len(granted) == 10
+        assert {store for store, _ in granted} == {a, b}
+        for _, r in results:
+            if isinstance(r, Refusal):
+                assert "max_conns (all listeners) = 10" in r.message
+        for store, lease in granted:
+            await store.release_slot(lease)
+        usage = await a.slot_usage("alice@example.com", "pg-main")
+        assert (usage.user, usage.user_listener, usage.total) == (0, 0, 0)
+
+
+async def test_dead_instance_slots_expire_within_the_lease(prefix: str) -> None:
+    limits = {"max_user": 4, "max_total": 4}
+    async with open_state(cfg(prefix, lease=1.0), instance_id="live") as live:
+        # The live instance holds a slot too, so its heartbeat keeps the keys themselves alive:
+        # only the per-instance lease can free the dead instance's slots.
+        assert isinstance(await live.acquire_slot(req(**limits)), SlotLease)
+        dead = unmaintained_store(prefix, lease=1.0)
+        for _ in range(3):
+            assert isinstance(await dead.acquire_slot(req(**limits)), SlotLease)
+        dead._client.close()  # never releases, never heartbeats
+        start = time.monotonic()
+        assert isinstance(await live.acquire_slot(req(**limits)), Refusal)
+
+        async def granted() -> bool:
+            return isinstance(await live.acquire_slot(req(**limits)), SlotLease)
+
+        await wait_for(granted, timeout=5)
+        assert time.monotonic() - start < 3.0
+        usage = await live.slot_usage("alice@example.com", "pg-main")
+        assert (usage.user, usage.total) == (2, 2)
+
+
+async def test_live_instance_keeps_its_slots_past_the_lease(prefix: str) -> None:
+    async with open_state(cfg(prefix, lease=1.0), instance_id="live") as live:
+        for _ in range(2):
+            assert isinstance(await live.acquire_slot(req(max_user=2)), SlotLease)
+        await trio.sleep(2.5)  # 2.5 leases: only the heartbeat keeps them
+        async with open_state(cfg(prefix, lease=1.0), instance_id="other") as other:
+            usage = await other.slot_usage("alice@example.com", "pg-main")
+            assert (usage.user, usage.total) == (2, 2)
+            assert isinstance(await other.acquire_slot(req(max_user=2)), Refusal)
+        assert redis_client().exists(f"{prefix}instance:live") == 1
+
+
+async def test_closing_an_instance_gives_back_its_slots(prefix: str) -> None:
+    async with open_state(cfg(prefix), instance_id="a") as a:
+        assert isinstance(await a.acquire_slot(req(max_user=1)), SlotLease)
+    async with open_state(cfg(prefix), instance_id="b") as b:
+        assert isinstance(await b.acquire_slot(req(max_user=1)), SlotLease)
+    assert redis_client().exists(f"{prefix}instance:a") == 0
+
+
+async def test_cancel_keys_route_across_instances_and_hide_the_secret(prefix: str) -> None:
+    secret = os.urandom(32)
+    async with (
+        open_state(cfg(prefix), instance_id="a") as a,
+        open_state(cfg(prefix), instance_id="b") as b,
+    ):
+        await a.register_cancel_key(1234, secret, ("10.0.0.5", 5432), ttl=60)
+        assert await b.lookup_cancel_key(1234, secret) == ("10.0.0.5", 5432)
+        assert await b.lookup_cancel_key(1234, os.urandom(32)) is None
+        keys = [k.decode() for k in redis_client().scan_iter(match=f"{prefix}cancel:*")]
+        assert len(keys) == 1
+        assert secret.hex() not in keys[0]
+        ttl_ms = redis_client().pttl(keys[0])
+        assert 0 < ttl_ms <= 60_000
+        await a.unregister_cancel_key(1234, secret)
+        assert await b.lookup_cancel_key(1234, secret) is None
+        await a.register_cancel_key(77, secret, ("10.0.0.6", 5433), ttl=0.4)
+        assert await b.lookup_cancel_key(77, secret) == ("10.0.0.6", 5433)
+        await trio.sleep(0.8)
+        assert await b.lookup_cancel_key(77, secret) is None
+
+
+async def test_lock_is_exclusive_across_instances(prefix: str) -> None:
+    async with (
+        open_state(cfg(prefix), instance_id="a") as a,
+        open_state(cfg(prefix), instance_id="b") as b,
+    ):
+        token = await a.acquire_lock("role:wp_x", ttl=30, deadline=trio.current_time() + 1)
+        assert token is not None
+        assert await b.acquire_lock("role:wp_x", ttl=30, deadline=trio.current_time() + 0.3) is None
+        await b.release_lock(token.__class__(token.name, "forged-token"))
+        assert await b.acquire_lock("role:wp_x", ttl=30, deadline=trio.current_time() + 0.2) is None
+        await a.release_lock(token)
+        assert (
+            await b.acquire_lock("role:wp_x", ttl=30, deadline=trio.current_time() + 1) is not None
+        )
+
+
+async def test_lock_expires_by_its_ttl_across_instances(prefix: str) -> None:
+    async with (
+        open_state(cfg(prefix), instance_id="a") as a,
+        open_state(cfg(prefix), instance_id="b") as b,
+    ):
+        assert await a.acquire_lock("l", ttl=0.5, deadline=trio.current_time() + 1) is not None
+        start = trio.current_time()
+        token = await b.acquire_lock("l", ttl=30, deadline=trio.current_time() + 5)
+        assert token is not None
+        assert trio.current_time() - start >= 0.2
+
+
+def test_one_users_keys_share_a_cluster_slot_and_total_is_apart() -> None:
+    layout = KeyLayout("waypoint:")
+    for principal in ("alice@example.com", "tagged-devices:web1", "a}b{c", "{x}"):
+        user = layout.user(principal)
+        listener = layout.user_listener(principal, "pg-main")
+        assert key_slot(user.encode()) == key_slot(listener.encode())
+        assert user.count("{") == 1 and user.count("}") == 1
+    assert "{" not in layout.total()
+    assert layout.user("alice@example.com") == "waypoint:slots:{alice@example.com}:user"
+    assert (
+        layout.user_listener("tagged-devices:web1", "pg-main")
+        == "waypoint:slots:{tagged-devices:web1}:listener:pg-main"
+    )
+
+
+async def test_unreachable_redis_fails_closed() -> None:
+    from state_support import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    async with open_state(cfg(unique_prefix(), url=url), op_timeout=0.5) as store:
+        with trio.fail_after(5):
+            refused = await store.acquire_slot(req(max_user=10))
+            assert isinstance(refused, Refusal)
+            assert refused.sqlstate == "08004"
+            assert "shared state (Redis)" in refused.message
+            assert await store.lookup_cancel_key(1, b"abcd") is None
+            assert await store.acquire_lock("l", ttl=1, deadline=trio.current_time() + 0.3) is None
+
+
+async def test_redis_restart_fails_closed_then_release_lands(own_redis: OwnRedis) -> None:
+    prefix = unique_prefix()
+    async with open_state(cfg(prefix, url=own_redis.url, lease=3.0), op_timeout=0.5) as store:
+        first = await store.acquire_slot(req(max_user=5))
+        second = await store.acquire_slot(req(max_user=5))
+        assert isinstance(first, SlotLease) and isinstance(second, SlotLease)
+        own_redis.stop()
+        with trio.fail_after(5):
+            refused = await store.acquire_slot(req(max_user=5))
+        assert isinstance(refused, Refusal) and refused.sqlstate == "08004"
+        with trio.fail_after(5):
+            await store.release_slot(first)  # must not raise
+        own_redis.start()  # empty: --save ''
+
+        async def repaired() -> bool:
+            usage = await store.slot_usage("alice@example.com", "pg-main")
+            return (usage.user, usage.user_listener, usage.total) == (1, 1, 1)
+
+        await wait_for(repaired, timeout=10)
+        await store.release_slot(second)
+        usage = await store.slot_usage("alice@example.com", "pg-main")
+        assert (usage.user, usage.total) == (0, 0)
+
+
+async def test_release_during_a_stall_is_retried_and_lands(own_redis: OwnRedis) -> None:
+    prefix = unique_prefix()
+    assert own_redis.proc is not None
+    async with open_state(cfg(prefix, url=own_redis.url, lease=30.0), op_timeout=0.5) as store:
+        leases = [await store.acquire_slot(req(max_user=5)) for _ in range(3)]
+        assert all(isinstance(x, SlotLease) for x in leases)
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            start = trio.current_time()
+            first = leases[0]
+            assert isinstance(first, SlotLease)
+            await store.release_slot(first)
+            assert trio.current_time() - start < 3.0  # bounded, never hangs the session
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+
+        async def landed() -> bool:
+            usage = await store.slot_usage("alice@example.com", "pg-main")
+            return (usage.user, usage.user_listener, usage.total) == (2, 2, 2)
+
+        # Well before the next heartbeat (lease/3 = 10 s): the background retry did it.
+        await wait_for(landed, timeout=6)
