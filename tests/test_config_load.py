@@ -7,6 +7,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from waypoint.config import (
     Config,
@@ -928,3 +930,40 @@ def test_environ_argument_replaces_process_environment(
     assert cfg(text, {"WP_TEST_ONLY_VAR": "given"}).listeners[0].postgres.admin_password == "given"
     c = load_config_text(textwrap.dedent(text))
     assert c.listeners[0].postgres.admin_password == os.environ["WP_TEST_ONLY_VAR"]
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+@given(st.text(max_size=300))
+def test_arbitrary_text_gives_config_or_config_error(text: str) -> None:
+    try:
+        load_config_text(text, environ={})
+    except ConfigError as exc:
+        assert exc.problems
+        assert all(str(p).startswith("<string>") for p in exc.problems)
+
+
+_SPEC_LINES = (DATA / "spec_example.toml").read_text().splitlines()
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, len(_SPEC_LINES) - 1),
+            st.sampled_from(['"x"', "1", "true", "[]", "{}", '"-1s"', '"${NOPE}"', "[[", "= 3"]),
+        ),
+        max_size=4,
+    )
+)
+def test_damaged_spec_example_gives_config_or_config_error(edits: list[tuple[int, str]]) -> None:
+    lines = list(_SPEC_LINES)
+    for index, replacement in edits:
+        key, sep, _ = lines[index].partition("=")
+        lines[index] = f"{key}= {replacement}" if sep else replacement
+    try:
+        load_config_text("\n".join(lines), environ={"PG_ADMIN_PASSWORD": "pw"})
+    except ConfigError as exc:
+        assert exc.problems
+        for p in exc.problems:
+            assert p.line is None or 1 <= p.line <= len(lines)

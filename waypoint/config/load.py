@@ -368,9 +368,11 @@ def _strict_str(value: Any, _: Any) -> str:
 
 def _duration(value: Any, _: Any) -> float:
     if not isinstance(value, str):
+        note = ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            note = " (durations are strings with a unit; bare numbers are not accepted)"
         raise _Invalid(
-            f'expected a duration string such as "90s", "15m" or "1h30m", got {_describe(value)}'
-            " (durations are strings; bare numbers are not accepted)"
+            f'expected a duration string such as "90s", "15m" or "1h30m", got {_describe(value)}{note}'
         )
     try:
         return parse_duration(value)
