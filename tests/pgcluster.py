@@ -692,7 +692,7 @@ class PgCluster:
             conn.close()
         return [list(row) for row in rows or []]
 
-    def psql(self, sql: str, *, user: str = SUPERUSER, dbname: str = "postgres") -> str:
+    def psql(self, sql: str, user: str = SUPERUSER, dbname: str = "postgres") -> str:
         """Run SQL through this cluster's own psql over the unix socket (unaligned, tuples
         only, stop on the first error); returns stdout, raises PgClusterError with stderr."""
         self._require_running()

@@ -143,11 +143,13 @@ def test_pg_db_is_a_fresh_database(pg: PgCluster, pg_db: str) -> None:
     assert pg.execute("SELECT current_database()", dbname=pg_db) == [[pg_db]]
 
 
+@pytest.mark.pg
 def test_ssl_with_embedded_18_is_a_clear_error() -> None:
     with pytest.raises(PgClusterError, match="no SSL support"):
         PgCluster.start("18", ssl=True)
 
 
+@pytest.mark.pg
 @pytest.mark.parametrize("version", ["system", "18"])
 def test_stop_leaves_no_process_and_no_directory(version: str) -> None:
     with PgCluster.start(
@@ -174,6 +176,7 @@ def test_stop_leaves_no_process_and_no_directory(version: str) -> None:
     cluster.stop()  # idempotent
 
 
+@pytest.mark.pg
 def test_cluster_of_a_killed_process_is_reaped() -> None:
     tests_dir = Path(__file__).parent
     script = textwrap.dedent(
