@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -35,9 +37,7 @@ from waypoint.pgwire import (
     parse_terminate,
 )
 
-text_st = st.text(
-    st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=50
-)
+text_st = st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=50)
 nonempty_text_st = text_st.filter(bool)
 field_code_st = st.characters(min_codepoint=1, max_codepoint=127)
 fields_st = st.dictionaries(field_code_st, text_st, max_size=18)
@@ -185,19 +185,15 @@ def test_malformed_backend_messages_give_precise_errors(msg: Message, message: s
 
 @given(type_=st.sampled_from(list(b"RSKZENv")), body=st.binary(max_size=100))
 def test_random_backend_bodies_raise_only_protocol_error(type_: int, body: bytes) -> None:
-    try:
+    with contextlib.suppress(ProtocolError):
         parse_backend_message(Message(bytes([type_]), body))
-    except ProtocolError:
-        pass
 
 
 @given(body=st.binary(max_size=100))
 def test_random_frontend_bodies_raise_only_protocol_error(body: bytes) -> None:
     for parse in (parse_password_message, parse_sasl_initial_response, parse_sasl_response):
-        try:
+        with contextlib.suppress(ProtocolError):
             parse(Message(b"p", body))
-        except ProtocolError:
-            pass
 
 
 def test_sasl_initial_response_with_negative_length_is_refused() -> None:
@@ -210,7 +206,7 @@ def test_sasl_initial_response_with_negative_length_is_refused() -> None:
 def test_value_validation_in_builders() -> None:
     with pytest.raises(ValueError, match="4 bytes"):
         AuthenticationMD5Password(b"abc")
-    with pytest.raises(ValueError, match="4..256"):
+    with pytest.raises(ValueError, match=r"4\.\.256"):
         BackendKeyData(1, b"abc")
     with pytest.raises(ValueError, match="field code"):
         ErrorResponse({"MM": "x"})

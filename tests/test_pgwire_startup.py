@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import pytest
@@ -25,12 +26,8 @@ from waypoint.pgwire import (
 )
 from waypoint.pgwire.startup import FirstPacket
 
-name_st = st.text(
-    st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), min_size=1, max_size=20
-)
-value_st = st.text(
-    st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=40
-)
+name_st = st.text(st.characters(codec="utf-8", exclude_characters="\0"), min_size=1, max_size=20)
+value_st = st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=40)
 params_st = st.dictionaries(name_st, value_st, max_size=12)
 secret_st = st.binary(min_size=4, max_size=256)
 pid_st = st.integers(-(2**31), 2**31 - 1)
@@ -239,14 +236,10 @@ def test_parse_first_packet_refuses_incomplete_and_trailing_data() -> None:
 
 @given(st.binary(max_size=300))
 def test_random_bytes_into_first_packet_parser_raise_only_protocol_error(data: bytes) -> None:
-    try:
+    with contextlib.suppress(ProtocolError):
         parse_first_packet(data)
-    except ProtocolError:
-        pass
-    try:
+    with contextlib.suppress(ProtocolError):
         _read_all(data, step=1)
-    except ProtocolError:
-        pass
 
 
 @given(st.binary(max_size=200), st.integers(0, 255))
@@ -254,10 +247,8 @@ def test_random_bodies_behind_a_valid_length_raise_only_protocol_error(
     body: bytes, first: int
 ) -> None:
     data = struct.pack("!I", len(body) + 5) + bytes([first]) + body
-    try:
+    with contextlib.suppress(ProtocolError):
         parse_first_packet(data)
-    except ProtocolError:
-        pass
 
 
 def test_builders_refuse_what_cannot_be_sent() -> None:
@@ -265,7 +256,7 @@ def test_builders_refuse_what_cannot_be_sent() -> None:
         build_startup_message({"": "x"})
     with pytest.raises(ValueError, match="NUL"):
         build_startup_message({"a": "b\0c"})
-    with pytest.raises(ValueError, match="4..256 bytes, got 3"):
+    with pytest.raises(ValueError, match=r"4\.\.256 bytes, got 3"):
         build_cancel_request(1, b"abc")
     with pytest.raises(ValueError, match="does not fit an Int32"):
         build_cancel_request(2**31, b"abcd")
