@@ -96,6 +96,11 @@ class RelayControl(Protocol):
     @property
     def bytes_from_backend(self) -> int: ...
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes read from one side and not yet written to the other (bounded)."""
+        ...
+
     def terminate(self, fatal: bytes, *, timeout: float = DEFAULT_BOUNDARY_TIMEOUT) -> None:
         """End the relay: at the next server→client message boundary send ``fatal`` to
         the client and stop; if no boundary comes within ``timeout`` seconds, stop
@@ -542,6 +547,7 @@ class RelayEngine:
         try:
             sent = side.send(data)
         except (BlockingIOError, InterruptedError):
+            self._update(side)  # make sure write interest is registered
             return
         except OSError as exc:
             self._socket_error(side, exc)
@@ -739,6 +745,7 @@ class StreamRelay:
         self._recv_size = recv_buffer_size
         self._from_client = 0
         self._from_backend = 0
+        self._in_flight = 0
         self._reason: RelayReason | None = None
         self._error: str | None = None
         self._fatal: bytes | None = None
@@ -757,6 +764,10 @@ class StreamRelay:
     @property
     def bytes_from_backend(self) -> int:
         return self._from_backend
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._in_flight
 
     @property
     def result(self) -> RelayResult | None:
@@ -822,11 +833,14 @@ class StreamRelay:
         self, stream: trio.abc.Stream, data: bytes | bytearray, to_client: bool
     ) -> bool:
         """Write to one side; False (and the relay ends) if that side is gone."""
+        self._in_flight += len(data)
         try:
             await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._end("client_closed" if to_client else "backend_closed", _describe(exc, to_client))
             return False
+        finally:
+            self._in_flight -= len(data)
         return True
 
     async def _receive(
