@@ -1,1 +1,1 @@
-"""observability"""
+"""Logging (human / JSON lines) and Prometheus metrics; imported by anyone."""

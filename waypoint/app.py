@@ -1,0 +1,255 @@
+"""``waypoint.run(config)``: the root nursery wiring listeners, revalidation, the reaper, metrics,
+and graceful shutdown (SPEC §11)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+
+from waypoint import errors
+from waypoint.config.model import Config, split_host_port
+from waypoint.identity import make_provider
+from waypoint.identity.localapi import LocalAPIClient
+from waypoint.identity.tailscale import TailscaleProvider
+from waypoint.observability.log import get_logger
+from waypoint.observability.metrics import Metrics
+from waypoint.provision.engine import Provisioner
+from waypoint.proxy.backend import backend_ssl_context
+from waypoint.proxy.listener import accept_loop, open_listener
+from waypoint.proxy.registry import RefusalCache, SessionRegistry
+from waypoint.proxy.relay import open_relay_engine
+from waypoint.proxy.revalidation import revalidation_loop
+from waypoint.proxy.session import ListenerContext
+from waypoint.proxy.tls import MIN_VALIDITY, ClientTLS
+from waypoint.state import open_state
+
+log = get_logger("app")
+
+# After the drain deadline, sessions get their FATAL; this long to go before they are cut.
+FINAL_GRACE = 5.0
+
+
+@attrs.define(eq=False)
+class Running:
+    """What ``task_status.started()`` reports: the bound addresses, and a handle to stop."""
+
+    addresses: dict[str, list[tuple[str, int]]]
+    metrics_address: tuple[str, int] | None
+    metrics: Metrics
+    registry: SessionRegistry
+    contexts: dict[str, ListenerContext]
+    _shutdown: trio.Event
+    _immediate: trio.Event
+
+    def shutdown(self, *, immediate: bool = False) -> None:
+        """Begin a graceful drain (or end sessions at once with ``immediate``)."""
+        self._shutdown.set()
+        if immediate:
+            self._immediate.set()
+
+    def address(self, listener: str) -> tuple[str, int]:
+        return self.addresses[listener][0]
+
+
+async def run(
+    config: Config,
+    *,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run Waypoint until shutdown. Returns after a graceful drain (SIGINT/SIGTERM when
+    ``handle_signals``, or :meth:`Running.shutdown`)."""
+    metrics = Metrics()
+    registry = SessionRegistry()
+    shutdown = trio.Event()
+    immediate = trio.Event()
+    provider = make_provider(config.identity)
+    cert_client: LocalAPIClient | None = None
+    if any(lst.use_tailscale_tls for lst in config.listeners):
+        if isinstance(provider, TailscaleProvider):
+            cert_client = provider.client
+        else:
+            cert_client = LocalAPIClient(
+                config.identity.socket, timeout=max(config.identity.timeout, 30.0)
+            )
+
+    async def fetch_cert(domain: str) -> tuple[bytes, bytes]:
+        assert cert_client is not None
+        return await cert_client.cert_pair(domain, min_validity=MIN_VALIDITY)
+
+    admin_limiter = trio.CapacityLimiter(16)
+    pbkdf2_limiter = trio.CapacityLimiter(2)
+    contexts: dict[str, ListenerContext] = {}
+    try:
+        async with open_state(config.state) as state, open_relay_engine() as engine:
+            refusals = RefusalCache()
+            for lst in config.listeners:
+                contexts[lst.name] = ListenerContext(
+                    config=config,
+                    listener=lst,
+                    identity=provider,
+                    provisioner=Provisioner(
+                        lst, handshake_timeout=config.handshake_timeout, limiter=admin_limiter
+                    ),
+                    state=state,
+                    engine=engine,
+                    tls=ClientTLS(lst, fetch_cert=fetch_cert if cert_client else None),
+                    backend_ssl=backend_ssl_context(lst),
+                    registry=registry,
+                    refusals=refusals,
+                    metrics=metrics,
+                    pbkdf2_limiter=pbkdf2_limiter,
+                )
+            try:
+                await _serve(
+                    config,
+                    contexts,
+                    registry,
+                    metrics,
+                    shutdown,
+                    immediate,
+                    handle_signals,
+                    task_status,
+                )
+            finally:
+                with trio.CancelScope(shield=True):
+                    for ctx in contexts.values():
+                        with trio.move_on_after(5):
+                            await ctx.provisioner.aclose()
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await provider.aclose()
+
+
+async def _serve(
+    config: Config,
+    contexts: dict[str, ListenerContext],
+    registry: SessionRegistry,
+    metrics: Metrics,
+    shutdown: trio.Event,
+    immediate: trio.Event,
+    handle_signals: bool,
+    task_status: trio.TaskStatus[Running],
+) -> None:
+    async with trio.open_nursery() as root:
+        # Sessions live in their own nursery so accepting can stop while they drain.
+        async with trio.open_nursery() as sessions:
+            accept_scope = trio.CancelScope()
+            addresses: dict[str, list[tuple[str, int]]] = {}
+            sockets: list[tuple[ListenerContext, trio.SocketListener]] = []
+            for name, ctx in contexts.items():
+                listeners = await open_listener(ctx)
+                addresses[name] = []
+                for sl in listeners:
+                    sockname = sl.socket.getsockname()
+                    addresses[name].append((str(sockname[0]), int(sockname[1])))
+                    sockets.append((ctx, sl))
+                log.info(
+                    "listening",
+                    listener=name,
+                    addresses=addresses[name],
+                    backend=ctx.listener.backend,
+                )
+
+            metrics_address: tuple[str, int] | None = None
+            if config.metrics.listen:
+                from waypoint.observability.metrics_server import serve_metrics
+
+                mhost, mport = split_host_port(config.metrics.listen)
+                metrics_address = await root.start(serve_metrics, mhost, mport, metrics)
+
+            background = trio.CancelScope()
+
+            async def run_background() -> None:
+                with background:
+                    async with trio.open_nursery() as bg:
+                        bg.start_soon(
+                            revalidation_loop, contexts, registry, config.revalidation.interval
+                        )
+                        for start in _extra_background(config, contexts, registry, metrics):
+                            bg.start_soon(start)
+                        await trio.sleep_forever()
+
+            root.start_soon(run_background)
+            if handle_signals:
+                root.start_soon(_signal_watcher, shutdown, immediate)
+
+            async def run_accept() -> None:
+                with accept_scope:
+                    async with trio.open_nursery() as acc:
+                        for ctx, sl in sockets:
+                            acc.start_soon(accept_loop, ctx, sl, sessions)
+                for _, sl in sockets:
+                    with trio.CancelScope(shield=True):
+                        await sl.aclose()
+
+            sessions.start_soon(run_accept)
+            task_status.started(
+                Running(
+                    addresses, metrics_address, metrics, registry, contexts, shutdown, immediate
+                )
+            )
+
+            await shutdown.wait()
+            log.info("shutdown_begin", sessions=len(registry), drain_timeout=config.drain_timeout)
+            accept_scope.cancel()
+            for ctx in contexts.values():
+                ctx.accepting = False
+            drained = False
+            with trio.move_on_after(config.drain_timeout):
+                async with trio.open_nursery() as waiter:
+
+                    async def _wait_drain() -> None:
+                        await registry.wait_empty()
+                        waiter.cancel_scope.cancel()
+
+                    async def _wait_immediate() -> None:
+                        await immediate.wait()
+                        waiter.cancel_scope.cancel()
+
+                    waiter.start_soon(_wait_drain)
+                    waiter.start_soon(_wait_immediate)
+                drained = len(registry) == 0
+            if not drained:
+                log.info("drain_deadline", sessions=len(registry))
+                for live in registry:
+                    live.end(errors.shutting_down())
+                with trio.move_on_after(FINAL_GRACE):
+                    await registry.wait_empty()
+            sessions.cancel_scope.cancel()
+        background.cancel()
+        root.cancel_scope.cancel()
+    log.info("shutdown_complete")
+
+
+def _extra_background(
+    config: Config,
+    contexts: dict[str, ListenerContext],
+    registry: SessionRegistry,
+    metrics: Metrics,
+) -> list[Callable[[], Awaitable[None]]]:
+    """Background services beside revalidation (the reaper), if available."""
+    import importlib
+
+    try:
+        module = importlib.import_module("waypoint.reaper.service")
+    except ImportError:
+        return []
+    tasks: list[Callable[[], Awaitable[None]]] = module.reaper_tasks(
+        config, contexts, registry, metrics
+    )
+    return tasks
+
+
+async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        count = 0
+        async for signum in signals:
+            count += 1
+            log.info("signal", signal=signal.Signals(signum).name, count=count)
+            shutdown.set()
+            if count >= 2:
+                immediate.set()

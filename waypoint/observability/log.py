@@ -1,0 +1,111 @@
+"""Structured event logging: one event name plus fields, rendered human-readable or as JSON lines.
+
+Callers never pass secrets; values are rendered with ``repr``-free formatting and long values are
+cut. ``configure(fmt)`` is called once by the CLI (or by tests).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import sys
+from typing import Any, Literal, TextIO
+
+LOGGER_NAME = "waypoint"
+_MAX_VALUE = 2000
+
+Format = Literal["human", "json"]
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = getattr(record, "wp_fields", {})
+        out: dict[str, Any] = {
+            "ts": _dt.datetime.fromtimestamp(record.created, _dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "event": getattr(record, "wp_event", record.getMessage()),
+        }
+        for key, value in fields.items():
+            out[key] = _clip(value)
+        if record.exc_info and record.exc_info[1] is not None:
+            out["exception"] = _clip(f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}")
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class _HumanFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = getattr(record, "wp_fields", {})
+        ts = _dt.datetime.fromtimestamp(record.created).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        event = getattr(record, "wp_event", record.getMessage())
+        parts = [f"{ts} {record.levelname:<7} {event}"]
+        for key, value in fields.items():
+            if value is None:
+                continue
+            text = str(_clip(value))
+            if not text or any(c in text for c in ' "=\n\t'):
+                text = json.dumps(text, ensure_ascii=False)
+            parts.append(f"{key}={text}")
+        line = " ".join(parts)
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            line += f" exception={json.dumps(str(_clip(f'{type(exc).__name__}: {exc}')))}"
+        return line
+
+
+def _clip(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > _MAX_VALUE:
+        return value[:_MAX_VALUE] + "…"
+    return value
+
+
+def configure(
+    fmt: Format = "human", *, level: int = logging.INFO, stream: TextIO | None = None
+) -> None:
+    """Route Waypoint's events to ``stream`` (stderr by default) in the given format."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _HumanFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+class EventLogger:
+    """``log.info("session_end", conn_id=..., bytes_in=...)``: an event name and fields."""
+
+    def __init__(self, component: str, **context: Any) -> None:
+        self._logger = logging.getLogger(f"{LOGGER_NAME}.{component}")
+        self._context = context
+
+    def bind(self, **context: Any) -> EventLogger:
+        child = EventLogger.__new__(EventLogger)
+        child._logger = self._logger
+        child._context = {**self._context, **context}
+        return child
+
+    def _log(self, level: int, event: str, exc: bool, fields: dict[str, Any]) -> None:
+        if not self._logger.isEnabledFor(level):
+            return
+        merged = {**self._context, **fields}
+        self._logger.log(level, event, exc_info=exc, extra={"wp_event": event, "wp_fields": merged})
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._log(logging.DEBUG, event, False, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log(logging.INFO, event, False, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log(logging.WARNING, event, False, fields)
+
+    def error(self, event: str, *, exc_info: bool = False, **fields: Any) -> None:
+        self._log(logging.ERROR, event, exc_info, fields)
+
+
+def get_logger(component: str, **context: Any) -> EventLogger:
+    return EventLogger(component, **context)

@@ -1,0 +1,114 @@
+"""Prometheus metrics (SPEC §11, issue 8). One registry per app, so tests can run several apps.
+
+No per-user label by default (cardinality): listeners, outcomes and SQLSTATEs only.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_HANDSHAKE_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections_active = Gauge(
+            "waypoint_connections_active", "Client connections open now", ["listener"], registry=r
+        )
+        self.connections_total = Counter(
+            "waypoint_connections", "Client connections accepted", ["listener"], registry=r
+        )
+        self.sessions_total = Counter(
+            "waypoint_sessions_ended",
+            "Connections ended, by outcome",
+            ["listener", "outcome"],
+            registry=r,
+        )
+        self.refused_total = Counter(
+            "waypoint_connections_refused",
+            "Connections refused before the relay, by SQLSTATE",
+            ["listener", "sqlstate"],
+            registry=r,
+        )
+        self.handshake_seconds = Histogram(
+            "waypoint_handshake_seconds",
+            "Time from accept to ReadyForQuery",
+            ["listener"],
+            buckets=_HANDSHAKE_BUCKETS,
+            registry=r,
+        )
+        self.provision_seconds = Histogram(
+            "waypoint_provision_seconds",
+            "Time of provisions that ran (not cached)",
+            ["listener"],
+            buckets=_HANDSHAKE_BUCKETS,
+            registry=r,
+        )
+        self.provision_errors = Counter(
+            "waypoint_provision_errors", "Provisions that failed", ["listener"], registry=r
+        )
+        self.backend_login_failures = Counter(
+            "waypoint_backend_login_failures",
+            "Backend logins that failed",
+            ["listener"],
+            registry=r,
+        )
+        self.bytes_total = Counter(
+            "waypoint_relayed_bytes",
+            "Bytes relayed, by direction",
+            ["listener", "direction"],
+            registry=r,
+        )
+        self.revalidation_runs = Counter(
+            "waypoint_revalidation_runs", "Revalidation passes", registry=r
+        )
+        self.revalidation_failures = Counter(
+            "waypoint_revalidation_failures",
+            "Sessions whose revalidation failed or revoked access",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.reaper_runs = Counter(
+            "waypoint_reaper_runs", "Reaper passes", ["listener"], registry=r
+        )
+        self.reaper_dropped = Counter(
+            "waypoint_reaper_dropped_roles", "Roles dropped by the reaper", ["listener"], registry=r
+        )
+        self.reaper_errors = Counter(
+            "waypoint_reaper_errors", "Roles the reaper failed to drop", ["listener"], registry=r
+        )
+
+    # -- the calls the session makes ------------------------------------------------
+    def connection_opened(self, listener: str) -> None:
+        self.connections_total.labels(listener).inc()
+        self.connections_active.labels(listener).inc()
+
+    def connection_closed(
+        self, listener: str, outcome: str, sqlstate: str | None, bytes_in: int, bytes_out: int
+    ) -> None:
+        self.connections_active.labels(listener).dec()
+        self.sessions_total.labels(listener, outcome).inc()
+        if bytes_in:
+            self.bytes_total.labels(listener, "client_to_backend").inc(bytes_in)
+        if bytes_out:
+            self.bytes_total.labels(listener, "backend_to_client").inc(bytes_out)
+
+    def refused(self, listener: str, sqlstate: str) -> None:
+        self.refused_total.labels(listener, sqlstate).inc()
+
+    def handshake_done(self, listener: str, seconds: float) -> None:
+        self.handshake_seconds.labels(listener).observe(seconds)
+
+    def provisioned(self, listener: str, seconds: float) -> None:
+        self.provision_seconds.labels(listener).observe(seconds)
+
+    def provision_failed(self, listener: str) -> None:
+        self.provision_errors.labels(listener).inc()
+
+    def backend_login_failed(self, listener: str) -> None:
+        self.backend_login_failures.labels(listener).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,231 @@
+"""The backend side of a session: connect, TLS per ``backend_tls``, log in as the provisioned role,
+read the session start up to ReadyForQuery (SPEC §4 step 5, §8)."""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import Mapping
+
+import attrs
+import trio
+
+from waypoint.config.model import ListenerConfig
+from waypoint.pgwire import (
+    Authenticated,
+    BackendError,
+    BackendKeyData,
+    ErrorResponse,
+    LoginError,
+    MessageReader,
+    NegotiateProtocolVersion,
+    ParameterStatus,
+    ReadyForQuery,
+    ScramKeys,
+    Send,
+    UpstreamLogin,
+    build_ssl_request,
+    build_startup_message,
+    parse_backend_message,
+    tls_server_end_point_hash,
+)
+from waypoint.pgwire.errors import ProtocolError
+
+RECV_SIZE = 64 * 1024
+
+
+class BackendUnavailable(Exception):
+    """TCP connect or TLS setup to the backend failed (08006 for the client)."""
+
+
+def backend_ssl_context(listener: ListenerConfig) -> ssl.SSLContext | None:
+    """The client-side TLS context for ``backend_tls`` (None for ``disable``)."""
+    mode = listener.backend_tls
+    if mode == "disable":
+        return None
+    if mode in ("verify-ca", "verify-full"):
+        ctx = ssl.create_default_context(cafile=listener.backend_ca_file)
+        ctx.check_hostname = mode == "verify-full"
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+@attrs.define(eq=False)
+class BackendConnection:
+    socket_stream: trio.SocketStream
+    stream: trio.abc.Stream  # socket_stream, or an SSLStream over it
+    tls: bool
+    cert_der: bytes | None
+    address: tuple[str, int]
+
+    async def aclose(self) -> None:
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(1),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+        ):
+            await self.stream.aclose()
+
+
+async def _recv_exact(stream: trio.abc.Stream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some(n - len(buf))
+        if not chunk:
+            raise BackendUnavailable("backend closed the connection during TLS negotiation")
+        buf += chunk
+    return bytes(buf)
+
+
+async def connect_backend(
+    listener: ListenerConfig, ssl_context: ssl.SSLContext | None
+) -> BackendConnection:
+    """Open the TCP connection and negotiate TLS per ``backend_tls``. The caller bounds the time."""
+    host, port = listener.backend_address
+    try:
+        sock_stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise BackendUnavailable(f"connect to {host}:{port} failed: {exc}") from exc
+    conn = BackendConnection(sock_stream, sock_stream, False, None, (host, port))
+    if ssl_context is None:
+        return conn
+    try:
+        await sock_stream.send_all(build_ssl_request())
+        answer = await _recv_exact(sock_stream, 1)
+        if answer == b"N":
+            if listener.backend_tls == "prefer":
+                return conn
+            raise BackendUnavailable(
+                f"backend {host}:{port} refused TLS but backend_tls = {listener.backend_tls}"
+            )
+        if answer != b"S":
+            raise BackendUnavailable(f"backend answered SSLRequest with {answer!r}")
+        ssl_stream = trio.SSLStream(
+            sock_stream,
+            ssl_context,
+            server_hostname=host if listener.backend_tls == "verify-full" else None,
+            https_compatible=False,
+        )
+        await ssl_stream.do_handshake()
+        cert = ssl_stream.getpeercert(binary_form=True)
+        conn.stream = ssl_stream
+        conn.tls = True
+        conn.cert_der = cert
+        return conn
+    except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+        await conn.aclose()
+        raise BackendUnavailable(f"TLS to backend {host}:{port} failed: {exc}") from exc
+    except BaseException:
+        await conn.aclose()
+        raise
+
+
+@attrs.define(eq=False)
+class BackendSessionStart:
+    """What the backend said between AuthenticationOk and ReadyForQuery, to forward verbatim."""
+
+    raw: bytes  # ParameterStatus / BackendKeyData / NoticeResponse ... ReadyForQuery, verbatim
+    key: BackendKeyData | None
+    negotiate: NegotiateProtocolVersion | None
+    parameters: dict[str, str]
+    leftover: bytes  # bytes the backend sent after ReadyForQuery (forward before relaying)
+    method: str | None
+
+
+async def login_backend(
+    conn: BackendConnection,
+    *,
+    role: str,
+    secret: str,
+    scram_keys: ScramKeys | None,
+    database: str,
+    parameters: Mapping[str, str],
+    protocol: tuple[int, int],
+    limiter: trio.CapacityLimiter | None = None,
+) -> BackendSessionStart:
+    """Authenticate as ``role`` and read the session start. Raises BackendError (the backend's own
+    ErrorResponse, to forward), LoginError / ProtocolError (misbehaving backend) or
+    BackendUnavailable (connection lost)."""
+    stream = conn.stream
+    cb = None
+    if conn.tls and conn.cert_der:
+        try:
+            cb = tls_server_end_point_hash(conn.cert_der)
+        except ProtocolError:
+            cb = None
+    login = UpstreamLogin(role, secret, scram_keys=scram_keys, tls_server_end_point=cb)
+    startup = {"user": role, "database": database}
+    for k, v in parameters.items():
+        if k not in ("user", "database"):
+            startup[k] = v
+    reader = MessageReader()
+    try:
+        await stream.send_all(build_startup_message(startup, protocol=protocol))
+        # Authentication.
+        while not login.authenticated:
+            msg = reader.next_message()
+            if msg is None:
+                data = await stream.receive_some(RECV_SIZE)
+                if not data:
+                    raise BackendUnavailable("backend closed the connection during login")
+                reader.feed(data)
+                continue
+            if login.will_derive_key(msg):
+                step = await trio.to_thread.run_sync(login.receive_message, msg, limiter=limiter)
+            else:
+                step = login.receive_message(msg)
+            if isinstance(step, Send):
+                await stream.send_all(step.data)
+            elif isinstance(step, Authenticated):
+                break
+        # Session start up to ReadyForQuery.
+        out = bytearray()
+        key: BackendKeyData | None = None
+        params: dict[str, str] = {}
+        for notice in login.notices:
+            out += notice.encode()
+        while True:
+            msg = reader.next_message()
+            if msg is None:
+                data = await stream.receive_some(RECV_SIZE)
+                if not data:
+                    raise BackendUnavailable("backend closed the connection before ReadyForQuery")
+                reader.feed(data)
+                continue
+            parsed = parse_backend_message(msg)
+            if isinstance(parsed, ErrorResponse):
+                raise BackendError(parsed.fields)
+            out += msg.raw
+            if isinstance(parsed, BackendKeyData):
+                key = parsed
+            elif isinstance(parsed, ParameterStatus):
+                params[parsed.name] = parsed.value
+            elif isinstance(parsed, ReadyForQuery):
+                break
+        return BackendSessionStart(
+            raw=bytes(out),
+            key=key,
+            negotiate=login.negotiate,
+            parameters=params,
+            leftover=reader.take_buffered(),
+            method=login.method,
+        )
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise BackendUnavailable(f"backend connection lost during login: {exc}") from exc
+
+
+__all__ = [
+    "BackendConnection",
+    "BackendError",
+    "BackendSessionStart",
+    "BackendUnavailable",
+    "LoginError",
+    "backend_ssl_context",
+    "connect_backend",
+    "login_backend",
+]

@@ -1,0 +1,132 @@
+"""Live sessions (for revalidation, drain and metrics) and the short refusal cache (SPEC §4 step 8)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Callable, Iterator, Mapping
+
+import attrs
+import trio
+
+from waypoint.errors import Refusal
+from waypoint.grants.model import EffectiveGrant, Preset
+from waypoint.identity.model import Identity
+from waypoint.pgwire import build_error_response
+from waypoint.proxy.relay import RelayControl
+
+
+def fatal_bytes(refusal: Refusal) -> bytes:
+    return build_error_response("FATAL", refusal.sqlstate, refusal.message, hint=refusal.hint)
+
+
+@attrs.define(eq=False)
+class LiveSession:
+    """One relayed session, as revalidation and shutdown see it."""
+
+    conn_id: str
+    listener: str
+    peer: tuple[str, int]
+    identity: Identity
+    grant: EffectiveGrant
+    database: str
+    preset_cap: Preset | None
+    role: str
+    started: float
+    relay: RelayControl | None = None
+    ended_by: Refusal | None = None
+    _pending_end: Refusal | None = None
+
+    def attach(self, relay: RelayControl) -> None:
+        self.relay = relay
+        if self._pending_end is not None:
+            relay.terminate(fatal_bytes(self._pending_end))
+
+    def end(self, refusal: Refusal) -> None:
+        """Ask the relay to end the session with a FATAL at the next message boundary."""
+        if self.ended_by is not None:
+            return
+        self.ended_by = refusal
+        if self.relay is not None:
+            self.relay.terminate(fatal_bytes(refusal))
+        else:
+            self._pending_end = refusal
+
+
+class SessionRegistry:
+    def __init__(self) -> None:
+        self._sessions: dict[str, LiveSession] = {}
+        self._changed = trio.Event()
+
+    def add(self, session: LiveSession) -> None:
+        self._sessions[session.conn_id] = session
+
+    def remove(self, session: LiveSession) -> None:
+        self._sessions.pop(session.conn_id, None)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def __iter__(self) -> Iterator[LiveSession]:
+        return iter(list(self._sessions.values()))
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def roles_in_use(self, listener: str) -> set[str]:
+        return {s.role for s in self._sessions.values() if s.listener == listener}
+
+    async def wait_empty(self) -> None:
+        while self._sessions:
+            await self._changed.wait()
+
+
+_conn_counter = itertools.count(1)
+
+
+def new_conn_id() -> str:
+    """A short id for log lines and 58000 messages (unique per process, not secret)."""
+    import secrets
+
+    return f"{secrets.token_hex(3)}-{next(_conn_counter)}"
+
+
+@attrs.define
+class _CachedRefusal:
+    refusal: Refusal
+    expires: float
+
+
+class RefusalCache:
+    """Refusals cached per (peer IP, startup parameters) for a few seconds.
+
+    libpq and asyncpg with ``sslmode=prefer`` retry without TLS after any ErrorResponse sent
+    before AuthenticationOk; the retry must cost no second whois or provision, and under
+    ``tls_mode=require`` its "TLS is required" message repeats the first reason.
+    """
+
+    def __init__(self, ttl: float = 5.0, clock: Callable[[], float] = trio.current_time) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._entries: dict[tuple[str, str], _CachedRefusal] = {}
+
+    @staticmethod
+    def _key(peer_ip: str, parameters: Mapping[str, str]) -> tuple[str, str]:
+        h = hashlib.sha256()
+        for k, v in sorted(parameters.items()):
+            h.update(k.encode("utf-8", "replace") + b"\0" + v.encode("utf-8", "replace") + b"\0")
+        return peer_ip, h.hexdigest()
+
+    def get(self, peer_ip: str, parameters: Mapping[str, str]) -> Refusal | None:
+        entry = self._entries.get(self._key(peer_ip, parameters))
+        if entry is None:
+            return None
+        if entry.expires <= self._clock():
+            self._entries.pop(self._key(peer_ip, parameters), None)
+            return None
+        return entry.refusal
+
+    def put(self, peer_ip: str, parameters: Mapping[str, str], refusal: Refusal) -> None:
+        now = self._clock()
+        if len(self._entries) > 10_000:
+            self._entries = {k: e for k, e in self._entries.items() if e.expires > now}
+        self._entries[self._key(peer_ip, parameters)] = _CachedRefusal(refusal, now + self.ttl)

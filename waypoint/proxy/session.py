@@ -1,0 +1,669 @@
+"""One client connection, start to end (SPEC §4): first packet, TLS, identity, grant, slot,
+provisioning, backend login, relay, and the one log line when it ends.
+
+Every step before the relay runs inside one cancel scope bounded by ``handshake_timeout``.
+A failure here ends this connection only: the task catches its own errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from collections.abc import Mapping
+
+import attrs
+import trio
+
+from waypoint import errors
+from waypoint.config.model import Config, ListenerConfig
+from waypoint.errors import Refusal
+from waypoint.grants.evaluate import evaluate
+from waypoint.grants.model import EffectiveGrant
+from waypoint.grants.presets import parse_preset_cap
+from waypoint.identity.model import Identity, IdentityError, IdentityProvider
+from waypoint.observability.log import EventLogger, get_logger
+from waypoint.observability.metrics import Metrics
+from waypoint.pgwire import (
+    AuthenticationOk,
+    BackendError,
+    CancelRequest,
+    DirectTLS,
+    FirstPacketReader,
+    GSSENCRequest,
+    LoginError,
+    NegotiateProtocolVersion,
+    ProtocolError,
+    SSLRequest,
+    StartupMessage,
+    build_error_response,
+)
+from waypoint.provision.engine import DatabaseMissing, Provisioner, ProvisionError
+from waypoint.proxy.backend import (
+    BackendConnection,
+    BackendSessionStart,
+    BackendUnavailable,
+    connect_backend,
+    login_backend,
+)
+from waypoint.proxy.cancel import forward_cancel
+from waypoint.proxy.registry import (
+    LiveSession,
+    RefusalCache,
+    SessionRegistry,
+    fatal_bytes,
+    new_conn_id,
+)
+from waypoint.proxy.relay import RelayEngine, RelayResult, StreamRelay
+from waypoint.proxy.streams import PrefixedStream
+from waypoint.proxy.tls import (
+    ALPN_POSTGRESQL,
+    ClientHelloError,
+    ClientTLS,
+    client_hello_length,
+    parse_client_hello,
+)
+from waypoint.state.base import SlotLease, SlotRequest, StateStore
+
+RECV_SIZE = 16 * 1024
+# Newest protocol minor version Waypoint speaks (3.2: variable-length cancel keys).
+MAX_MINOR = 2
+# How many SSLRequest / GSSENCRequest rounds a client may make before its startup packet.
+MAX_NEGOTIATION_ROUNDS = 4
+# Cancel keys live this long in shared state at most (a session ends sooner, and unregisters).
+CANCEL_KEY_TTL = 7 * 24 * 3600.0
+
+
+@attrs.define(eq=False)
+class ListenerContext:
+    """Everything a connection task of one listener needs, owned by the app's nursery."""
+
+    config: Config
+    listener: ListenerConfig
+    identity: IdentityProvider
+    provisioner: Provisioner
+    state: StateStore
+    engine: RelayEngine | None
+    tls: ClientTLS
+    backend_ssl: ssl.SSLContext | None
+    registry: SessionRegistry
+    refusals: RefusalCache
+    metrics: Metrics
+    pbkdf2_limiter: trio.CapacityLimiter
+    accepting: bool = True
+
+    @property
+    def allow_raw_sql(self) -> bool:
+        return self.config.allow_raw_sql(self.listener)
+
+
+class _Refused(Exception):
+    """Ends the handshake with a FATAL to the client (already TLS-negotiated, if any)."""
+
+    def __init__(self, refusal: Refusal, *, cache: bool = True) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
+        self.cache = cache
+
+
+class _ForwardBackendError(Exception):
+    """Ends the handshake by forwarding the backend's own ErrorResponse verbatim."""
+
+    def __init__(self, fields: Mapping[str, str]) -> None:
+        super().__init__(fields.get("M", ""))
+        self.fields = dict(fields)
+
+
+class _Close(Exception):
+    """Ends the connection without a message (TLS failures, cancel requests, garbage)."""
+
+
+@attrs.define(eq=False)
+class _Client:
+    raw: trio.SocketStream
+    stream: trio.abc.Stream
+    peer: tuple[str, int]
+    tls: bool = False
+    tls_version: str | None = None
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def receive(self) -> bytes:
+        try:
+            data = await self.stream.receive_some(RECV_SIZE)
+        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            raise _Close(f"client connection broke: {exc}") from exc
+        if not data:
+            raise _Close("client closed the connection")
+        return bytes(data)
+
+
+@attrs.define(eq=False)
+class _Outcome:
+    """What the connection log line reports."""
+
+    outcome: str = "closed"
+    sqlstate: str | None = None
+    detail: str | None = None
+    identity: Identity | None = None
+    database: str | None = None
+    role: str | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    relay_reason: str | None = None
+
+
+def _peer_of(stream: trio.SocketStream) -> tuple[str, int]:
+    try:
+        addr = stream.socket.getpeername()
+    except OSError:
+        return ("?", 0)
+    host = str(addr[0])
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, int(addr[1])
+
+
+async def serve_connection(ctx: ListenerContext, raw: trio.SocketStream) -> None:
+    """The connection task. Never raises (except Cancelled): one bad client affects nobody."""
+    conn_id = new_conn_id()
+    peer = _peer_of(raw)
+    client = _Client(raw, raw, peer)
+    log = get_logger(
+        "session", conn_id=conn_id, listener=ctx.listener.name, peer=f"{peer[0]}:{peer[1]}"
+    )
+    out = _Outcome()
+    started = trio.current_time()
+    ctx.metrics.connection_opened(ctx.listener.name)
+    try:
+        await _run(ctx, client, conn_id, log, out)
+    except _Close as exc:
+        out.outcome = "closed"
+        out.detail = str(exc)
+    except Exception as exc:  # a bug: log it, end this connection only
+        out.outcome = "error"
+        out.detail = f"{type(exc).__name__}: {exc}"
+        log.error("session_internal_error", exc_info=True, error=out.detail)
+    finally:
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(1),
+            contextlib.suppress(
+                trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError
+            ),
+        ):
+            await client.stream.aclose()
+        duration = trio.current_time() - started
+        ctx.metrics.connection_closed(
+            ctx.listener.name, out.outcome, out.sqlstate, out.bytes_in, out.bytes_out
+        )
+        ident = out.identity
+        log.info(
+            "connection_end",
+            outcome=out.outcome,
+            sqlstate=out.sqlstate,
+            login=ident.login if ident else None,
+            node=ident.node if ident else None,
+            db=out.database,
+            role=out.role,
+            tls=client.tls,
+            relay_end=out.relay_reason,
+            bytes_in=out.bytes_in,
+            bytes_out=out.bytes_out,
+            duration_ms=round(duration * 1000, 1),
+            detail=out.detail,
+        )
+
+
+async def _run(
+    ctx: ListenerContext, client: _Client, conn_id: str, log: EventLogger, out: _Outcome
+) -> None:
+    startup: StartupMessage | None = None
+    handshake_started = trio.current_time()
+    with trio.move_on_after(ctx.config.handshake_timeout) as handshake_scope:
+        try:
+            startup, pending = await _negotiate(ctx, client)
+            if startup is None:
+                return
+            established = await _authorize_and_connect(ctx, client, startup, conn_id, log, out)
+        except _Refused as exc:
+            await _refuse(ctx, client, startup, exc.refusal, out, log, cache=exc.cache)
+            return
+        except _ForwardBackendError as exc:
+            out.outcome = "backend_error"
+            out.sqlstate = exc.fields.get("C")
+            out.detail = exc.fields.get("M")
+            await _send_quietly(client, _error_from_fields(exc.fields))
+            return
+    if handshake_scope.cancelled_caught:
+        out.outcome = "handshake_timeout"
+        out.sqlstate = "08006"
+        if startup is not None:
+            await _send_quietly(
+                client,
+                build_error_response("FATAL", "08006", "Waypoint handshake timed out; try again"),
+            )
+        return
+    ctx.metrics.handshake_done(ctx.listener.name, trio.current_time() - handshake_started)
+    backend, start, slot, live = established
+    try:
+        await _relay(ctx, client, backend, start, live, pending, out, log)
+    finally:
+        ctx.registry.remove(live)
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await ctx.state.release_slot(slot)
+            if start.key is not None:
+                try:
+                    await ctx.state.unregister_cancel_key(start.key.pid, start.key.secret)
+                except Exception as exc:
+                    log.warning("cancel_key_unregister_failed", error=str(exc))
+        await backend.aclose()
+
+
+async def _send_quietly(client: _Client, data: bytes) -> None:
+    with (
+        trio.CancelScope(shield=True),
+        trio.move_on_after(1),
+        contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError
+        ),
+    ):
+        await client.send(data)
+
+
+def _error_from_fields(fields: Mapping[str, str]) -> bytes:
+    from waypoint.pgwire import ErrorResponse
+
+    return ErrorResponse(fields).encode()
+
+
+async def _refuse(
+    ctx: ListenerContext,
+    client: _Client,
+    startup: StartupMessage | None,
+    refusal: Refusal,
+    out: _Outcome,
+    log: EventLogger,
+    *,
+    cache: bool,
+) -> None:
+    out.outcome = "refused"
+    out.sqlstate = refusal.sqlstate
+    out.detail = refusal.detail or refusal.message
+    ctx.metrics.refused(ctx.listener.name, refusal.sqlstate)
+    if cache and startup is not None:
+        ctx.refusals.put(client.peer[0], startup.parameters, refusal)
+    await _send_quietly(
+        client,
+        build_error_response("FATAL", refusal.sqlstate, refusal.message, hint=refusal.hint),
+    )
+
+
+# --------------------------------------------------------------------------- first packet
+
+
+async def _negotiate(ctx: ListenerContext, client: _Client) -> tuple[StartupMessage | None, bytes]:
+    """SSLRequest / GSSENCRequest / direct TLS / CancelRequest loop up to the StartupMessage.
+
+    Returns (startup, bytes the client sent after it), or (None, b"") when the connection
+    was a cancel request."""
+    reader = FirstPacketReader()
+    rounds = 0
+    while True:
+        try:
+            event = reader.next_event()
+        except ProtocolError as exc:
+            raise _Refused(Refusal(exc.sqlstate, str(exc)), cache=False) from exc
+        if event is None:
+            reader.feed(await client.receive())
+            continue
+        rounds += 1
+        if rounds > MAX_NEGOTIATION_ROUNDS:
+            raise _Refused(errors.protocol_violation("too many negotiation requests"), cache=False)
+        if isinstance(event, StartupMessage):
+            return event, reader.take_buffered()
+        if isinstance(event, CancelRequest):
+            await forward_cancel(event, ctx.state, ctx.listener, ctx.backend_ssl)
+            return None, b""
+        if isinstance(event, GSSENCRequest):
+            await client.send(b"N")
+            continue
+        if isinstance(event, SSLRequest):
+            if client.tls:
+                raise _Refused(errors.protocol_violation("SSLRequest inside TLS"), cache=False)
+            if reader.buffered:
+                # Bytes sent before our answer travelled in plaintext (CVE-2021-23214).
+                raise _Close("client sent data after SSLRequest before the answer")
+            if not ctx.tls.enabled:
+                await client.send(b"N")
+                continue
+            await client.send(b"S")
+            hello = await _read_client_hello(client, b"")
+            await _start_tls(ctx, client, hello, direct=False)
+            reader = FirstPacketReader()
+            continue
+        if isinstance(event, DirectTLS):
+            if client.tls or not ctx.tls.enabled:
+                raise _Close("direct TLS on a listener without TLS")
+            hello = await _read_client_hello(client, event.data)
+            await _start_tls(ctx, client, hello, direct=True)
+            reader = FirstPacketReader()
+            continue
+        raise _Close(f"unexpected first packet {type(event).__name__}")  # pragma: no cover
+
+
+async def _read_client_hello(client: _Client, have: bytes) -> bytes:
+    buf = bytearray(have)
+    while True:
+        try:
+            n = client_hello_length(buf)
+        except ClientHelloError as exc:
+            raise _Close(f"bad TLS ClientHello: {exc}") from exc
+        if n is not None:
+            return bytes(buf)
+        buf += await client.receive()
+
+
+async def _start_tls(ctx: ListenerContext, client: _Client, hello: bytes, *, direct: bool) -> None:
+    try:
+        info = parse_client_hello(hello)
+    except ClientHelloError as exc:
+        raise _Close(f"bad TLS ClientHello: {exc}") from exc
+    if direct and ALPN_POSTGRESQL not in info.alpn:
+        # PostgreSQL 17 refuses direct TLS without ALPN "postgresql" (protects against
+        # cross-protocol attacks); so do we.
+        raise _Close("direct TLS without ALPN postgresql")
+    context = await ctx.tls.context_for(info.server_name)
+    if context is None:
+        raise _Close(f"no certificate for server name {info.server_name!r}")
+    tls_stream = trio.SSLStream(PrefixedStream(client.raw, hello), context, server_side=True)
+    try:
+        await tls_stream.do_handshake()
+    except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+        raise _Close(f"TLS handshake failed: {exc}") from exc
+    if direct and tls_stream.selected_alpn_protocol() != ALPN_POSTGRESQL:
+        raise _Close("direct TLS: ALPN postgresql was not negotiated")
+    client.stream = tls_stream
+    client.tls = True
+    client.tls_version = tls_stream.version()
+
+
+# --------------------------------------------------------------------------- authorization
+
+
+_OWN_PARAMETERS = frozenset({"user", "database", "replication"})
+
+
+async def _authorize_and_connect(
+    ctx: ListenerContext,
+    client: _Client,
+    startup: StartupMessage,
+    conn_id: str,
+    log: EventLogger,
+    out: _Outcome,
+) -> tuple[BackendConnection, BackendSessionStart, SlotLease, LiveSession]:
+    listener = ctx.listener
+    params = startup.parameters
+    if not ctx.accepting:
+        raise _Refused(errors.not_accepting(), cache=False)
+    cached = ctx.refusals.get(client.peer[0], params)
+    if listener.tls_mode == "require" and not client.tls:
+        raise _Refused(errors.tls_required(cached.message if cached else None), cache=False)
+    if cached is not None:
+        raise _Refused(cached, cache=False)
+    user = params.get("user")
+    if not user:
+        raise _Refused(
+            Refusal(errors.NOT_AUTHORIZED, "no PostgreSQL user name specified in startup packet")
+        )
+    database = params.get("database") or user
+    out.database = database
+    replication = params.get("replication", "").lower()
+    if replication not in ("", "false", "off", "no", "0"):
+        raise _Refused(errors.replication_refused())
+
+    cap = parse_preset_cap(params)
+    if isinstance(cap, Refusal):
+        raise _Refused(cap)
+    forward = {
+        k: v
+        for k, v in cap.forward_parameters.items()
+        if k not in _OWN_PARAMETERS and not k.startswith("_pq_.")
+    }
+
+    try:
+        identity = await ctx.identity.whois(*client.peer)
+    except IdentityError as exc:
+        raise _Refused(exc.refusal) from exc
+    out.identity = identity
+    log = log.bind(login=identity.login, node=identity.node, db=database)
+
+    grant = evaluate(
+        identity,
+        listener.name,
+        database,
+        defaults=ctx.config.defaults.limits,
+        preset_cap=cap.cap,
+        allow_raw_sql=ctx.allow_raw_sql,
+    )
+    if isinstance(grant, Refusal):
+        raise _Refused(grant)
+
+    lease = await ctx.state.acquire_slot(
+        SlotRequest(
+            principal=identity.principal,
+            listener=listener.name,
+            max_user=grant.limits.max_conns_user,
+            max_user_listener=grant.limits.max_conns_listener,
+            max_total=ctx.config.defaults.limits.max_conns_total,
+        )
+    )
+    if isinstance(lease, Refusal):
+        raise _Refused(lease, cache=False)
+    try:
+        backend, start, role = await _provision_and_login(
+            ctx, startup, identity, grant, database, forward, conn_id, log, out
+        )
+    except BaseException:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await ctx.state.release_slot(lease)
+        raise
+    try:
+        # The client sees: NegotiateProtocolVersion (if due), AuthenticationOk, then the
+        # backend's own ParameterStatus / BackendKeyData / notices and ReadyForQuery.
+        preamble = bytearray()
+        npv = _client_negotiation(startup, start.negotiate)
+        if npv is not None:
+            preamble += npv.encode()
+        preamble += AuthenticationOk().encode()
+        preamble += start.raw
+        await client.send(bytes(preamble))
+        if start.key is not None:
+            await ctx.state.register_cancel_key(
+                start.key.pid, start.key.secret, backend.address, CANCEL_KEY_TTL
+            )
+    except BaseException:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await ctx.state.release_slot(lease)
+        await backend.aclose()
+        raise
+    live = LiveSession(
+        conn_id=conn_id,
+        listener=listener.name,
+        peer=client.peer,
+        identity=identity,
+        grant=grant,
+        database=database,
+        preset_cap=cap.cap,
+        role=role,
+        started=trio.current_time(),
+    )
+    ctx.registry.add(live)
+    return backend, start, lease, live
+
+
+def _client_negotiation(
+    startup: StartupMessage, backend_npv: NegotiateProtocolVersion | None
+) -> NegotiateProtocolVersion | None:
+    """The one NegotiateProtocolVersion the client gets, if something changed (SPEC §4 step 1)."""
+    requested = startup.protocol[1]
+    asked_backend = min(requested, MAX_MINOR)
+    backend_minor = backend_npv.newest_minor if backend_npv is not None else asked_backend
+    final = min(requested, MAX_MINOR, backend_minor)
+    options = startup.protocol_options
+    if final == requested and not options:
+        return None
+    return NegotiateProtocolVersion(final, options)
+
+
+async def _provision_and_login(
+    ctx: ListenerContext,
+    startup: StartupMessage,
+    identity: Identity,
+    grant: EffectiveGrant,
+    database: str,
+    forward: Mapping[str, str],
+    conn_id: str,
+    log: EventLogger,
+    out: _Outcome,
+) -> tuple[BackendConnection, BackendSessionStart, str]:
+    protocol = (3, min(startup.protocol[1], MAX_MINOR))
+    rotate = False
+    while True:
+        t0 = trio.current_time()
+        try:
+            async with ctx.provisioner.credentials(identity, grant, rotate=rotate) as creds:
+                if creds.provisioned:
+                    ctx.metrics.provisioned(ctx.listener.name, trio.current_time() - t0)
+                out.role = creds.role
+                try:
+                    backend = await connect_backend(ctx.listener, ctx.backend_ssl)
+                except BackendUnavailable as exc:
+                    raise _Refused(
+                        errors.backend_unavailable(ctx.listener.name, str(exc)), cache=False
+                    ) from exc
+                try:
+                    start = await login_backend(
+                        backend,
+                        role=creds.role,
+                        secret=creds.secret,
+                        scram_keys=creds.scram_keys,
+                        database=database,
+                        parameters=forward,
+                        protocol=protocol,
+                        limiter=ctx.pbkdf2_limiter,
+                    )
+                    return backend, start, creds.role
+                except BaseException:
+                    await backend.aclose()
+                    raise
+        except DatabaseMissing as exc:
+            raise _ForwardBackendError(exc.fields) from exc
+        except ProvisionError as exc:
+            ctx.metrics.provision_failed(ctx.listener.name)
+            refusal = exc.refusal
+            log.error("provision_failed", sqlstate=refusal.sqlstate, detail=refusal.detail)
+            raise _Refused(refusal, cache=refusal.sqlstate != errors.PROVISIONING_FAILED) from exc
+        except BackendError as exc:
+            if exc.sqlstate == "28P01":
+                if not rotate and not creds.provisioned:
+                    # Another instance rotated the secret: provision once more.
+                    log.info("backend_login_rotating", role=creds.role)
+                    rotate = True
+                    continue
+                ctx.metrics.backend_login_failed(ctx.listener.name)
+                raise _Refused(
+                    errors.backend_login_failed(f"backend said 28P01 for role {creds.role}"),
+                    cache=False,
+                ) from exc
+            raise _ForwardBackendError(exc.fields) from exc
+        except (LoginError, ProtocolError) as exc:
+            ctx.metrics.backend_login_failed(ctx.listener.name)
+            raise _Refused(errors.backend_login_failed(str(exc)), cache=False) from exc
+        except BackendUnavailable as exc:
+            raise _Refused(
+                errors.backend_unavailable(ctx.listener.name, str(exc)), cache=False
+            ) from exc
+
+
+# --------------------------------------------------------------------------- relay
+
+
+def _detach(stream: trio.SocketStream) -> socket.socket:
+    fd = stream.socket.detach()
+    return socket.socket(fileno=fd)
+
+
+async def _relay(
+    ctx: ListenerContext,
+    client: _Client,
+    backend: BackendConnection,
+    start: BackendSessionStart,
+    live: LiveSession,
+    pending: bytes,
+    out: _Outcome,
+    log: EventLogger,
+) -> None:
+    limits = live.grant.limits
+    byte_limit_fatal = b""
+    if limits.max_bytes_per_conn > 0:
+        byte_limit_fatal = fatal_bytes(
+            errors.session_limit("max_bytes_per_conn", f"{limits.max_bytes_per_conn} bytes")
+        )
+    result: RelayResult
+    async with trio.open_nursery() as nursery:
+        if limits.max_conn_duration > 0:
+            nursery.start_soon(_duration_timer, live, limits.max_conn_duration)
+        if ctx.engine is not None and not client.tls and not backend.tls:
+            client_sock = _detach(client.raw)
+            backend_sock = _detach(backend.socket_stream)
+            try:
+                handle = ctx.engine.start_relay(
+                    client_sock,
+                    backend_sock,
+                    max_bytes=limits.max_bytes_per_conn,
+                    byte_limit_error=byte_limit_fatal,
+                    initial_to_client=start.leftover,
+                    initial_to_backend=pending,
+                )
+                live.attach(handle)
+                result = await handle.wait()
+            finally:
+                client_sock.close()
+                backend_sock.close()
+        else:
+            relay = StreamRelay(
+                client.stream,
+                backend.stream,
+                max_bytes=limits.max_bytes_per_conn,
+                byte_limit_error=byte_limit_fatal,
+                initial_to_client=start.leftover,
+                initial_to_backend=pending,
+            )
+            live.attach(relay)
+            result = await relay.wait()
+        nursery.cancel_scope.cancel()
+    out.bytes_in = result.bytes_from_client
+    out.bytes_out = result.bytes_from_backend
+    out.relay_reason = result.reason
+    if result.reason == "terminated" and live.ended_by is not None:
+        out.outcome = "ended"
+        out.sqlstate = live.ended_by.sqlstate
+        out.detail = live.ended_by.message
+    elif result.reason == "byte_limit":
+        out.outcome = "ended"
+        out.sqlstate = errors.LIMIT_REACHED
+        out.detail = "max_bytes_per_conn"
+    elif result.reason == "error":
+        out.outcome = "relay_error"
+        out.detail = result.error
+    else:
+        out.outcome = result.reason
+
+
+async def _duration_timer(live: LiveSession, seconds: float) -> None:
+    await trio.sleep(seconds)
+    from waypoint.config.units import format_duration
+
+    live.end(errors.session_limit("max_conn_duration", format_duration(seconds)))

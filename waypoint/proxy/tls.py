@@ -1,0 +1,241 @@
+"""Client-side TLS for listeners: certificate choice by SNI, Tailscale certificates, ClientHello peeking.
+
+Certificate choice (SPEC §4, issue 5): the file certificate when the SNI matches one of its
+names or no SNI was sent; a Tailscale certificate fetched through the LocalAPI for other names
+when ``use_tailscale_tls`` (cached, renewed ahead of expiry; a failed fetch falls back to a
+still-valid cached one). ALPN ``postgresql`` is offered on every context.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import ssl
+import tempfile
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+from cryptography import x509
+
+from waypoint.config.model import ListenerConfig
+from waypoint.observability.log import get_logger
+
+log = get_logger("tls")
+
+ALPN_POSTGRESQL = "postgresql"
+MAX_CLIENT_HELLO = 64 * 1024
+# Renew a cached Tailscale certificate when it expires sooner than this.
+RENEW_BEFORE = 14 * 24 * 3600.0
+# The min_validity we ask tailscaled for (it renews first if the cached one expires sooner).
+MIN_VALIDITY = 30 * 24 * 3600.0
+
+CertFetcher = Callable[[str], Awaitable[tuple[bytes, bytes]]]
+
+
+class ClientHelloError(ValueError):
+    pass
+
+
+def client_hello_length(buf: bytes | bytearray) -> int | None:
+    """How many bytes of ``buf`` hold the complete ClientHello handshake message (which may span
+    several TLS records), or None if more are needed. Raises ClientHelloError if ``buf`` is not a
+    TLS handshake."""
+    offset = 0
+    handshake = bytearray()
+    while True:
+        if len(buf) < offset + 5:
+            return None
+        if buf[offset] != 0x16:
+            raise ClientHelloError("not a TLS handshake record")
+        rec_len = int.from_bytes(buf[offset + 3 : offset + 5], "big")
+        if rec_len == 0 or rec_len > 16384 + 2048:
+            raise ClientHelloError(f"bad TLS record length {rec_len}")
+        if len(buf) < offset + 5 + rec_len:
+            return None
+        handshake += buf[offset + 5 : offset + 5 + rec_len]
+        offset += 5 + rec_len
+        if len(handshake) >= 4:
+            if handshake[0] != 0x01:
+                raise ClientHelloError("first handshake message is not a ClientHello")
+            need = 4 + int.from_bytes(handshake[1:4], "big")
+            if need > MAX_CLIENT_HELLO:
+                raise ClientHelloError("ClientHello too large")
+            if len(handshake) >= need:
+                return offset
+        if offset > MAX_CLIENT_HELLO:
+            raise ClientHelloError("ClientHello too large")
+
+
+@attrs.frozen
+class ClientHelloInfo:
+    server_name: str | None
+    alpn: tuple[str, ...]
+
+
+def parse_client_hello(buf: bytes | bytearray) -> ClientHelloInfo:
+    """SNI and ALPN offers of a complete ClientHello (as returned by :func:`client_hello_length`)."""
+    handshake = bytearray()
+    offset = 0
+    while offset + 5 <= len(buf):
+        rec_len = int.from_bytes(buf[offset + 3 : offset + 5], "big")
+        handshake += buf[offset + 5 : offset + 5 + rec_len]
+        offset += 5 + rec_len
+    try:
+        body_len = int.from_bytes(handshake[1:4], "big")
+        body = memoryview(bytes(handshake[4 : 4 + body_len]))
+        p = 2 + 32  # client_version, random
+        p += 1 + body[p]  # session id
+        p += 2 + int.from_bytes(body[p : p + 2], "big")  # cipher suites
+        p += 1 + body[p]  # compression methods
+        if p >= len(body):
+            return ClientHelloInfo(None, ())
+        ext_end = p + 2 + int.from_bytes(body[p : p + 2], "big")
+        p += 2
+        server_name: str | None = None
+        alpn: list[str] = []
+        while p + 4 <= ext_end and p + 4 <= len(body):
+            ext_type = int.from_bytes(body[p : p + 2], "big")
+            ext_len = int.from_bytes(body[p + 2 : p + 4], "big")
+            data = body[p + 4 : p + 4 + ext_len]
+            p += 4 + ext_len
+            if ext_type == 0 and len(data) >= 5:  # server_name
+                q = 2
+                while q + 3 <= len(data):
+                    name_type = data[q]
+                    name_len = int.from_bytes(data[q + 1 : q + 3], "big")
+                    name = bytes(data[q + 3 : q + 3 + name_len])
+                    q += 3 + name_len
+                    if name_type == 0:
+                        server_name = name.decode("ascii", "replace").rstrip(".").lower()
+                        break
+            elif ext_type == 16 and len(data) >= 2:  # ALPN
+                q = 2
+                while q < len(data):
+                    n = data[q]
+                    alpn.append(bytes(data[q + 1 : q + 1 + n]).decode("ascii", "replace"))
+                    q += 1 + n
+        return ClientHelloInfo(server_name, tuple(alpn))
+    except (IndexError, ValueError) as exc:
+        raise ClientHelloError(f"malformed ClientHello: {exc}") from exc
+
+
+def _server_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols([ALPN_POSTGRESQL])
+    return ctx
+
+
+def _cert_names(cert: x509.Certificate) -> tuple[str, ...]:
+    names: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        names.extend(n.lower() for n in san.value.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        pass
+    return tuple(names)
+
+
+def _name_matches(sni: str, names: tuple[str, ...]) -> bool:
+    for name in names:
+        if name == sni:
+            return True
+        if name.startswith("*.") and "." in sni and sni.split(".", 1)[1] == name[2:]:
+            return True
+    return False
+
+
+def _context_from_pem(key_pem: bytes, chain_pem: bytes) -> ssl.SSLContext:
+    ctx = _server_context()
+    # ssl can only load certificates from files: write them to a private temp dir briefly.
+    with tempfile.TemporaryDirectory(prefix="waypoint-cert-") as tmp:
+        os.chmod(tmp, 0o700)
+        cert_path = os.path.join(tmp, "cert.pem")
+        key_path = os.path.join(tmp, "key.pem")
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key_pem)
+        with open(cert_path, "wb") as f:
+            f.write(chain_pem)
+        ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
+@attrs.define
+class _CachedCert:
+    context: ssl.SSLContext
+    not_after: float
+
+
+class ClientTLS:
+    """Chooses the server certificate for a client connection by SNI."""
+
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        *,
+        fetch_cert: CertFetcher | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.listener = listener
+        self._fetch = fetch_cert if listener.use_tailscale_tls else None
+        self._clock = clock or (lambda: _dt.datetime.now(_dt.UTC).timestamp())
+        self._file_ctx: ssl.SSLContext | None = None
+        self._file_names: tuple[str, ...] = ()
+        self._ts_cache: dict[str, _CachedCert] = {}
+        self._ts_locks: dict[str, trio.Lock] = {}
+        if listener.cert_file and listener.key_file:
+            ctx = _server_context()
+            ctx.load_cert_chain(listener.cert_file, listener.key_file)
+            self._file_ctx = ctx
+            with open(listener.cert_file, "rb") as f:
+                self._file_names = _cert_names(x509.load_pem_x509_certificate(f.read()))
+
+    @property
+    def enabled(self) -> bool:
+        return self.listener.tls_mode != "off" and (
+            self._file_ctx is not None or self._fetch is not None
+        )
+
+    async def context_for(self, server_name: str | None) -> ssl.SSLContext | None:
+        """The context to answer a ClientHello with this SNI, or None if no certificate fits."""
+        if self._file_ctx is not None and (
+            server_name is None or _name_matches(server_name, self._file_names)
+        ):
+            return self._file_ctx
+        if self._fetch is not None and server_name:
+            ctx = await self._tailscale_context(server_name)
+            if ctx is not None:
+                return ctx
+        return self._file_ctx
+
+    async def _tailscale_context(self, domain: str) -> ssl.SSLContext | None:
+        assert self._fetch is not None
+        now = self._clock()
+        cached = self._ts_cache.get(domain)
+        if cached is not None and cached.not_after - now > RENEW_BEFORE:
+            return cached.context
+        lock = self._ts_locks.setdefault(domain, trio.Lock())
+        async with lock:
+            cached = self._ts_cache.get(domain)
+            now = self._clock()
+            if cached is not None and cached.not_after - now > RENEW_BEFORE:
+                return cached.context
+            try:
+                key_pem, chain_pem = await self._fetch(domain)
+                ctx = _context_from_pem(key_pem, chain_pem)
+                leaf = x509.load_pem_x509_certificate(chain_pem)
+                not_after = leaf.not_valid_after_utc.timestamp()
+            except Exception as exc:
+                log.warning("tailscale_cert_fetch_failed", domain=domain, error=str(exc))
+                if cached is not None and cached.not_after > now:
+                    return cached.context
+                return None
+            self._ts_cache[domain] = _CachedCert(ctx, not_after)
+            log.info(
+                "tailscale_cert_loaded",
+                domain=domain,
+                not_after=leaf.not_valid_after_utc.isoformat(),
+            )
+            return ctx
