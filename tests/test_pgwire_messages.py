@@ -143,7 +143,7 @@ def test_terminate_round_trips() -> None:
 
 def test_negotiate_protocol_version_wire_format() -> None:
     raw = NegotiateProtocolVersion(2, ("_pq_.a",)).encode()
-    assert raw == b"v\x00\x00\x00\x13\x00\x00\x00\x02\x00\x00\x00\x01_pq_.a\x00"
+    assert raw == b"v\x00\x00\x00\x13\x00\x03\x00\x02\x00\x00\x00\x01_pq_.a\x00"
 
 
 @pytest.mark.parametrize(
@@ -172,9 +172,10 @@ def test_negotiate_protocol_version_wire_format() -> None:
         (Message(b"E", b"Mx"), "unterminated value of field 'M'"),
         (Message(b"E", b"Mx\0My\0\0"), "duplicate field 'M'"),
         (Message(b"N", b"\0z"), "malformed NoticeResponse: 1 unexpected bytes"),
-        (Message(b"v", b"\0\0\0\0\0\0\0\x05a\0"), "option count 5 exceeds the 2 remaining bytes"),
-        (Message(b"v", b"\0\0\0\0\xff\xff\xff\xff"), "negative option count -1"),
-        (Message(b"v", b"\xff\xff\xff\xff\0\0\0\0"), "minor version -1 out of range"),
+        (Message(b"v", b"\0\3\0\0\0\0\0\x05a\0"), "option count 5 exceeds the 2 remaining bytes"),
+        (Message(b"v", b"\0\3\0\0\xff\xff\xff\xff"), "negative option count -1"),
+        (Message(b"v", b"\0\0\0\0\0\0\0\0"), r"protocol version 0\.0 is not 3\.x"),
+        (Message(b"v", b"\xff\xff\xff\xff\0\0\0\0"), r"protocol version 65535\.65535 is not 3\.x"),
         (Message(b"D", b""), "unexpected backend message type b'D' during startup"),
     ],
 )
@@ -212,3 +213,10 @@ def test_value_validation_in_builders() -> None:
         ErrorResponse({"MM": "x"})
     with pytest.raises(ValueError, match="NUL"):
         ParameterStatus("a\0", "b").encode()
+
+
+def test_negotiate_protocol_version_parses_postgres_15_bytes() -> None:
+    """PostgreSQL 15 answering a 3.2 startup: the full version code 3.0, no options."""
+    parsed = parse_backend_message(Message(b"v", b"\x00\x03\x00\x00\x00\x00\x00\x00"))
+    assert parsed == NegotiateProtocolVersion(0, ())
+    assert isinstance(parsed, NegotiateProtocolVersion) and parsed.newest_version == (3, 0)

@@ -329,23 +329,37 @@ def _parse_ready_for_query(body: bytes) -> ReadyForQuery:
 
 @attrs.frozen
 class NegotiateProtocolVersion:
-    """The server's newest supported minor version for the requested major,
-    and the protocol options (``_pq_.*``) it did not recognise."""
+    """The server's newest supported minor version for the requested major
+    (3), and the protocol options (``_pq_.*``) it did not recognise.
 
-    newest_minor: int
+    On the wire the version is the full protocol code, ``(3 << 16) | minor``,
+    as PostgreSQL sends it.
+    """
+
+    newest_minor: int = attrs.field()
     unrecognized: tuple[str, ...] = attrs.field(converter=_str_tuple, default=())
 
+    @newest_minor.validator
+    def _check_minor(self, _a: attrs.Attribute[int], value: int) -> None:
+        if not 0 <= value <= 0xFFFF:
+            raise ValueError(f"minor protocol version {value} out of range 0..65535")
+
+    @property
+    def newest_version(self) -> tuple[int, int]:
+        return (3, self.newest_minor)
+
     def encode(self) -> bytes:
-        body = _I32.pack(self.newest_minor) + _I32.pack(len(self.unrecognized))
+        body = _I32.pack((3 << 16) | self.newest_minor) + _I32.pack(len(self.unrecognized))
         body += b"".join(_cstr(name, "option name") for name in self.unrecognized)
         return build_message(b"v", body)
 
 
 def _parse_negotiate(body: bytes) -> NegotiateProtocolVersion:
     cur = _Cursor(body, "NegotiateProtocolVersion")
-    minor = cur.int32("the newest minor version")
-    if minor < 0 or minor > 0xFFFF:
-        raise cur.error(f"minor version {minor} out of range")
+    version = cur.int32("the newest protocol version")
+    major, minor = (version >> 16) & 0xFFFF, version & 0xFFFF
+    if major != 3:
+        raise cur.error(f"protocol version {major}.{minor} is not 3.x")
     count = cur.int32("the option count")
     if count < 0:
         raise cur.error(f"negative option count {count}")
