@@ -20,16 +20,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-
-# TODO(pgwire): waypoint/pgwire/errors.py (ProtocolError family) is being written by
-# another helper; until it lands this module carries a compatible local class.
-class ProtocolError(Exception):
-    """The byte stream is not valid PostgreSQL v3 framing."""
-
-    def __init__(self, message: str, sqlstate: str = "08P01") -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-
+from waypoint.pgwire.errors import ProtocolError
 
 __all__ = ["MAX_MESSAGE_LENGTH", "BoundaryTracker", "HeaderCallback", "ProtocolError"]
 
