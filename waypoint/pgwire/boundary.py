@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from waypoint.pgwire.errors import ProtocolError
+from .errors import ProtocolError
 
 __all__ = ["MAX_MESSAGE_LENGTH", "BoundaryTracker", "HeaderCallback", "ProtocolError"]
 
