@@ -1,0 +1,201 @@
+"""End-to-end test support: a Waypoint app in-process (or as a `waypoint run` subprocess) in
+front of a throwaway cluster, with the LocalAPI stand-in as tailscaled.
+
+    async with e2e_env(pg, tmp_path) as env:
+        env.grant("127.0.0.2", {"app": {"permissions": ["readonly"]}})
+        r = await env.psql("select 1", peer=..., dbname="app")
+
+Identities: a client bound to 127.0.0.N is identity N (all of 127.0.0.0/8 is loopback).
+psql/psycopg/asyncpg cannot bind a source address: they come from 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import subprocess
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pg8000.native
+import trio
+from localapi_standin import LocalAPIStandin, run_standin
+from pgcluster import PgCluster
+
+from waypoint.app import Running, run
+from waypoint.config.load import load_config_text
+from waypoint.config.model import Config
+
+LISTENER = "pg-main"
+_db_counter = itertools.count(1)
+
+
+def db_rule(databases: Mapping[str, Any], *, listener: str = LISTENER, **extra: Any) -> dict[str, Any]:
+    """One capability rule granting ``databases`` (the ``pg.databases`` map) on ``listener``."""
+    backend: dict[str, Any] = {"pg": {"databases": dict(databases)}}
+    if "listener_limits" in extra:
+        backend["limits"] = extra.pop("listener_limits")
+    rule: dict[str, Any] = {"backends": {listener: backend}}
+    rule.update(extra)
+    return rule
+
+
+def make_config_text(
+    cluster: PgCluster,
+    *,
+    socket_path: str,
+    listener_extra: str = "",
+    postgres_extra: str = "",
+    root_extra: str = "",
+    tables_extra: str = "",
+    tls_mode: str = "off",
+    backend_tls: str = "disable",
+) -> str:
+    return f"""
+handshake_timeout = "10s"
+drain_timeout = "5s"
+{root_extra}
+
+[identity]
+provider = "tailscale"
+socket = "{socket_path}"
+timeout = "2s"
+
+[revalidation]
+interval = "0s"
+
+{tables_extra}
+
+[[listeners]]
+name = "{LISTENER}"
+listen = "127.0.0.1:0"
+backend = "{cluster.host}:{cluster.port}"
+tls_mode = "{tls_mode}"
+backend_tls = "{backend_tls}"
+{listener_extra}
+
+[listeners.postgres]
+admin_user = "{cluster.admin_user}"
+admin_password = "{cluster.admin_password}"
+{postgres_extra}
+"""
+
+
+def create_app_database(cluster: PgCluster, name: str | None = None, *, tables: Sequence[str] = ("t",)) -> str:
+    """A fresh database owned by the (non-superuser) admin with tables owned by the admin."""
+    name = name or f"app{os.getpid()}_{next(_db_counter)}"
+    cluster.create_database(name, owner=cluster.admin_user)
+    stmts = [f"SET ROLE {cluster.admin_user}"]
+    for t in tables:
+        stmts.append(f"CREATE TABLE public.{t} (id int primary key, v text)")
+        stmts.append(f"INSERT INTO public.{t} VALUES (1, 'one')")
+    cluster.execute("; ".join(stmts), dbname=name)
+    return name
+
+
+@attrs.define
+class PsqlResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@attrs.define(eq=False)
+class E2EEnv:
+    cluster: PgCluster
+    standin: LocalAPIStandin
+    running: Running
+    config: Config
+
+    @property
+    def host(self) -> str:
+        return self.running.address(LISTENER)[0]
+
+    @property
+    def port(self) -> int:
+        return self.running.address(LISTENER)[1]
+
+    def grant(
+        self,
+        ip: str,
+        databases: Mapping[str, Any] | None = None,
+        *,
+        rules: Sequence[Any] | None = None,
+        login: str | None = None,
+        node: str | None = None,
+        tags: Sequence[str] = (),
+    ) -> None:
+        """Give the peer at ``ip`` these grants (replacing any it had)."""
+        if rules is None:
+            rules = [db_rule(databases or {})]
+        n = ip.rsplit(".", 1)[-1]
+        self.standin.set_peer(
+            ip,
+            login=login or f"user{n}@example.com",
+            node=node or f"node{n}",
+            tags=tags,
+            rules=list(rules),
+        )
+
+    def dsn(self, dbname: str, *, user: str = "anyone", sslmode: str = "disable", **extra: str) -> str:
+        parts = [f"host={self.host}", f"port={self.port}", f"dbname={dbname}", f"user={user}", f"sslmode={sslmode}"]
+        parts += [f"{k}={v}" for k, v in extra.items()]
+        return " ".join(parts)
+
+    async def psql(
+        self, sql: str, dbname: str, *, sslmode: str = "disable", timeout: float = 30, env: Mapping[str, str] | None = None, **extra: str
+    ) -> PsqlResult:
+        cmd = [str(self.cluster.binary("psql")), self.dsn(dbname, sslmode=sslmode, **extra), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]
+        full_env = {**os.environ, **(env or {})}
+        full_env.pop("PGPASSWORD", None)
+
+        def _run() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
+
+        r = await trio.to_thread.run_sync(_run)
+        return PsqlResult(r.returncode, r.stdout, r.stderr)
+
+    async def pg8000_connect(self, dbname: str, *, source: str = "127.0.0.1", **kwargs: Any) -> pg8000.native.Connection:
+        def _connect() -> pg8000.native.Connection:
+            return pg8000.native.Connection(
+                user="anyone", host=self.host, port=self.port, database=dbname,
+                source_address=(source, 0), timeout=30, **kwargs,
+            )
+
+        return await trio.to_thread.run_sync(_connect)
+
+
+@contextlib.asynccontextmanager
+async def run_waypoint(config: Config) -> AsyncIterator[Running]:
+    """``waypoint.run(config)`` in-process for the block; shut down (immediately) at the end."""
+    async with trio.open_nursery() as nursery:
+        running: Running = await nursery.start(run, config)
+        try:
+            yield running
+        finally:
+            running.shutdown(immediate=True)
+
+
+@contextlib.asynccontextmanager
+async def e2e_env(
+    cluster: PgCluster,
+    tmp_path: Path,
+    **config_kwargs: Any,
+) -> AsyncIterator[E2EEnv]:
+    async with run_standin(tmp_path) as standin:
+        text = make_config_text(cluster, socket_path=standin.socket_path, **config_kwargs)
+        config = load_config_text(text, source="e2e.toml")
+        async with run_waypoint(config) as running:
+            yield E2EEnv(cluster, standin, running, config)
+
+
+def peers_file(path: Path, peers: Sequence[Mapping[str, Any]]) -> Path:
+    """Write a stand-in peers file atomically (for the stand-in as a process)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"peers": list(peers)}))
+    tmp.replace(path)
+    return path
