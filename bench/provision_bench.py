@@ -25,12 +25,12 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from pgcluster import PgCluster  # noqa: E402
+from pgcluster import PgCluster
 
-from waypoint.config.model import ListenerConfig, PostgresListenerConfig  # noqa: E402
-from waypoint.grants.model import EffectiveGrant, Preset, SchemaPrivilege  # noqa: E402
-from waypoint.identity.model import Identity  # noqa: E402
-from waypoint.provision.engine import Provisioner  # noqa: E402
+from waypoint.config.model import ListenerConfig, PostgresListenerConfig
+from waypoint.grants.model import EffectiveGrant, Preset, SchemaPrivilege
+from waypoint.identity.model import Identity
+from waypoint.provision.engine import Provisioner
 
 DB = "benchdb"
 
