@@ -1,0 +1,204 @@
+"""Relay data-path benchmark: epoll engine vs trio streams vs direct vs PgBouncer.
+
+``python -m bench.relay_bench [--duration 5] [--rounds 3] [--clients 1,8,32]``
+
+Starts a throwaway PostgreSQL (tests/pgcluster.py), then for each round and client
+count runs ``pgbench -S -T <duration> -c <n> -j 2`` against every system in turn
+(interleaved), and prints TPS medians and the ratio to PgBouncer (session mode) and to
+direct. Each relay runs in its own process: a relay-only listener (accept, connect to the
+backend, hand both sockets to the relay; no auth, no parsing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from waypoint.proxy.relay import RelayEngine, open_relay_engine, relay_streams
+
+_TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
+
+
+# -- the relay-only listener (child process) ----------------------------------------------
+
+
+async def _serve(mode: str, listen_port: int, backend: tuple[str, int]) -> None:
+    listeners = await trio.open_tcp_listeners(listen_port, host="127.0.0.1")
+
+    async def engine_conn(engine: RelayEngine, client: trio.SocketStream) -> None:
+        backend_stream = await trio.open_tcp_stream(*backend)
+        c = socket.socket(fileno=client.socket.detach())
+        b = socket.socket(fileno=backend_stream.socket.detach())
+        for s in (c, b):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await engine.start_relay(c, b).wait()
+        finally:
+            c.close()
+            b.close()
+
+    async def streams_conn(client: trio.SocketStream) -> None:
+        async with client, await trio.open_tcp_stream(*backend) as backend_stream:
+            await relay_streams(client, backend_stream)
+
+    if mode == "engine":
+        async with open_relay_engine() as engine:
+
+            async def handler(stream: trio.SocketStream) -> None:
+                await engine_conn(engine, stream)
+
+            await trio.serve_listeners(handler, listeners)
+    else:
+        await trio.serve_listeners(streams_conn, listeners)
+
+
+# -- the harness --------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def _pgbouncer(
+    backend_port: int, password: str, tmp: Path
+) -> tuple[subprocess.Popen[bytes], int] | None:
+    exe = shutil.which("pgbouncer")
+    if exe is None:
+        return None
+    port = _free_port()
+    ini = tmp / "pgbouncer.ini"
+    ini.write_text(
+        "[databases]\n"
+        f"postgres = host=127.0.0.1 port={backend_port} user=postgres password={password}\n"
+        "[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        "auth_type = any\npool_mode = session\nmax_client_conn = 200\n"
+        "default_pool_size = 64\nlogfile =\npidfile =\n"
+    )
+    os.chmod(tmp, 0o755)
+    os.chmod(ini, 0o644)
+    cmd = [exe, str(ini)]
+    if os.geteuid() == 0:
+        cmd = [exe, "-u", "postgres", str(ini)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_port(port)
+    return proc, port
+
+
+def _pgbench(port: int, clients: int, duration: int, password: str) -> float:
+    env = {**os.environ, "PGPASSWORD": password}
+    out = subprocess.run(
+        ["pgbench", "-S", "-n", "-T", str(duration), "-c", str(clients), "-j", "2",
+         "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "postgres"],
+        env=env, capture_output=True, text=True, timeout=duration + 60, check=False,
+    )  # fmt: skip
+    m = _TPS.search(out.stdout)
+    if m is None:
+        raise RuntimeError(f"pgbench failed on port {port}: {out.stderr.strip()[-500:]}")
+    return float(m.group(1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--serve", choices=["engine", "streams"], help=argparse.SUPPRESS)
+    parser.add_argument("--listen-port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--backend-port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        trio.run(_serve, args.serve, args.listen_port, ("127.0.0.1", args.backend_port))
+        return 0
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from pgcluster import PgCluster  # type: ignore[import-not-found]
+
+    clients = [int(c) for c in args.clients.split(",")]
+    cluster = PgCluster.start(max_connections=200)
+    procs: list[subprocess.Popen[bytes]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="wp-relay-bench-"))
+    try:
+        password = cluster.superuser_password
+        subprocess.run(
+            ["pgbench", "-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p", str(cluster.port),
+             "-U", "postgres", "postgres"],
+            env={**os.environ, "PGPASSWORD": password}, check=True, capture_output=True,
+            timeout=120,
+        )  # fmt: skip
+        systems: dict[str, int] = {"direct": cluster.port}
+        bouncer = _pgbouncer(cluster.port, password, tmp)
+        if bouncer is not None:
+            procs.append(bouncer[0])
+            systems["pgbouncer"] = bouncer[1]
+        for mode in ("engine", "streams"):
+            port = _free_port()
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.relay_bench",
+                        "--serve",
+                        mode,
+                        "--listen-port",
+                        str(port),
+                        "--backend-port",
+                        str(cluster.port),
+                    ],
+                )
+            )
+            _wait_port(port)
+            systems[mode] = port
+        results: dict[tuple[str, int], list[float]] = {}
+        for rnd in range(args.rounds):
+            for n in clients:
+                for name, port in systems.items():
+                    tps = _pgbench(port, n, args.duration, password)
+                    results.setdefault((name, n), []).append(tps)
+                    print(f"round {rnd + 1} clients {n:>2} {name:<9} {tps:>10.0f} tps", flush=True)
+        print("\nclients | " + " | ".join(systems) + " | engine/pgbouncer | engine/direct")
+        for n in clients:
+            med = {name: statistics.median(results[(name, n)]) for name in systems}
+            cells = " | ".join(f"{med[name]:,.0f}" for name in systems)
+            vs_bouncer = f"{med['engine'] / med['pgbouncer']:.2f}x" if "pgbouncer" in med else "n/a"
+            print(f"{n} | {cells} | {vs_bouncer} | {med['engine'] / med['direct']:.2f}x")
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        cluster.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
