@@ -269,6 +269,10 @@ def embedded_bindir() -> Path:
 # --- small helpers --------------------------------------------------------------------------
 
 
+# The two verifiers are made here on purpose rather than with waypoint.pgwire.scram: the
+# harness stays an independent oracle (scramp's verifier) for the login code under test.
+
+
 def scram_verifier(password: str, *, iterations: int = 4096) -> str:
     """A PostgreSQL ``SCRAM-SHA-256$...`` verifier for ``password`` (computed here, so the
     password itself never travels in SQL text or statement logs)."""
@@ -303,7 +307,8 @@ def _free_port() -> int:
         return port
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (signal 0)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -340,9 +345,9 @@ def _teardown(res: _Resources) -> None:
             )
         if pid is not None:
             deadline = time.monotonic() + 10
-            while _pid_alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
         res.started = False
@@ -357,19 +362,19 @@ def reap_orphans() -> list[Path]:
     """
     removed: list[Path] = []
     namespace = _pid_namespace()
+    try:
+        run_as = _RunAs.for_current_process()
+    except PgClusterError:
+        return removed
     for candidate in glob.glob(os.path.join(tempfile.gettempdir(), _TMP_PREFIX + "*")):
         root = Path(candidate)
         try:
             owner = json.loads((root / _OWNER_FILE).read_text())
             owner_pid = int(owner["pid"])
-            if owner["pid_namespace"] != namespace or _pid_alive(owner_pid):
+            if owner["pid_namespace"] != namespace or pid_alive(owner_pid):
                 continue
             pg_ctl = Path(owner["pg_ctl"])
         except (OSError, ValueError, KeyError, TypeError):
-            continue
-        try:
-            run_as = _RunAs.for_current_process()
-        except PgClusterError:
             continue
         _teardown(_Resources(root=root, datadir=root / "data", pg_ctl=pg_ctl, run_as=run_as))
         removed.append(root)
@@ -576,6 +581,11 @@ class PgCluster:
     def stop(self) -> None:
         """Stop the server (``pg_ctl stop -m immediate``) and remove its temp dir. Idempotent."""
         self._finalizer()
+
+    @property
+    def postmaster_pid(self) -> int | None:
+        """The postmaster's process id while it runs (from postmaster.pid)."""
+        return _postmaster_pid(self.datadir) if self.running else None
 
     @property
     def running(self) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import pg8000.native
 import psycopg
 import pytest
-from pgcluster import PgCluster, PgClusterError, reap_orphans
+from pgcluster import PgCluster, PgClusterError, pid_alive, reap_orphans
 
 
 def _login(cluster: PgCluster, user: str, password: str | None) -> str:
@@ -32,16 +31,12 @@ def _login(cluster: PgCluster, user: str, password: str | None) -> str:
         conn.close()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _postmaster_pid(cluster: PgCluster) -> int:
-    return int((cluster.datadir / "postmaster.pid").read_text().splitlines()[0])
+def _wait_gone(pid: int) -> bool:
+    """Whether the process is gone within 5 s."""
+    deadline = time.monotonic() + 5
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not pid_alive(pid)
 
 
 def test_both_versions_start_and_report_their_major(pg15: PgCluster, pg18: PgCluster) -> None:
@@ -165,14 +160,12 @@ def test_stop_leaves_no_process_and_no_directory(version: str) -> None:
         assert "log-marker-42" in log
         assert cluster.superuser_password not in log
         assert cluster.admin_password not in log
-        pid, root = _postmaster_pid(cluster), cluster.root
-        assert _pid_alive(pid)
+        pid, root = cluster.postmaster_pid, cluster.root
+        assert pid is not None and pid_alive(pid)
     assert not cluster.running
+    assert cluster.postmaster_pid is None
     assert not root.exists()
-    deadline = time.monotonic() + 5
-    while _pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _pid_alive(pid)
+    assert _wait_gone(pid)
     cluster.stop()  # idempotent
 
 
@@ -197,10 +190,7 @@ def test_cluster_of_a_killed_process_is_reaped() -> None:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
     root, pid = Path(root_text), int(pid_text)
-    assert root.exists() and _pid_alive(pid)
+    assert root.exists() and pid_alive(pid)
     assert root in reap_orphans()
     assert not root.exists()
-    deadline = time.monotonic() + 5
-    while _pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _pid_alive(pid)
+    assert _wait_gone(pid)
