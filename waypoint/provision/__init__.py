@@ -1,1 +1,22 @@
-"""provision"""
+"""Provisioning: admin sessions, role lifecycle, groups, raw-SQL validation, dialects (SPEC §5-6)."""
+
+from waypoint.provision.engine import (
+    Credentials,
+    DatabaseMissing,
+    ProvisionError,
+    Provisioner,
+)
+from waypoint.provision.locks import RoleLease, RoleLockBackend, RoleLockTimeout
+from waypoint.provision.rawsql import RawSqlError, render_and_validate
+
+__all__ = [
+    "Credentials",
+    "DatabaseMissing",
+    "ProvisionError",
+    "Provisioner",
+    "RawSqlError",
+    "RoleLease",
+    "RoleLockBackend",
+    "RoleLockTimeout",
+    "render_and_validate",
+]
