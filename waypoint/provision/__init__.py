@@ -3,8 +3,8 @@
 from waypoint.provision.engine import (
     Credentials,
     DatabaseMissing,
-    ProvisionError,
     Provisioner,
+    ProvisionError,
 )
 from waypoint.provision.locks import RoleLease, RoleLockBackend, RoleLockTimeout
 from waypoint.provision.rawsql import RawSqlError, render_and_validate
