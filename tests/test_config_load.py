@@ -594,6 +594,13 @@ def test_uppercase_user_prefix_is_rejected() -> None:
     )
 
 
+def test_reserved_pg_user_prefix_is_rejected() -> None:
+    text = LISTENER.replace('admin_password = "pw"', 'admin_password = "pw"\nuser_prefix = "pg_x_"')
+    one_problem(
+        text, "listeners[0].postgres.user_prefix", "PostgreSQL reserves", needle="user_prefix"
+    )
+
+
 def test_long_user_prefix_is_rejected() -> None:
     text = LISTENER.replace(
         'admin_password = "pw"', 'admin_password = "pw"\nuser_prefix = "waypoint_users_x_"'

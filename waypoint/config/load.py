@@ -698,6 +698,13 @@ def _validate_listener(cfg: Config, i: int, lst: ListenerConfig) -> list[tuple[K
         out.append(
             ((*pbase, "user_prefix"), f"must be at most {_MAX_USER_PREFIX_BYTES} bytes long")
         )
+    elif pg.user_prefix.startswith("pg_"):
+        out.append(
+            (
+                (*pbase, "user_prefix"),
+                "must not start with pg_ (PostgreSQL reserves those role names)",
+            )
+        )
     if pg.user_ttl <= 0:
         out.append(((*pbase, "user_ttl"), "must be greater than 0s"))
     elif pg.user_ttl < 2 * cfg.handshake_timeout:
