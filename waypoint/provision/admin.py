@@ -33,6 +33,7 @@ T = TypeVar("T")
 
 APPLICATION_NAME: Final = "waypoint-admin"
 MAX_IDLE_PER_DATABASE: Final = 4
+MAX_OPEN_PER_DATABASE: Final = 8
 
 
 class AdminError(Exception):
@@ -134,6 +135,7 @@ class AdminPools:
         statement_timeout: float = 10.0,
         lock_timeout: float = 5.0,
         max_idle_per_database: int = MAX_IDLE_PER_DATABASE,
+        max_open_per_database: int = MAX_OPEN_PER_DATABASE,
     ) -> None:
         self._listener = listener
         self._limiter = limiter
@@ -142,6 +144,10 @@ class AdminPools:
         self._lock_timeout = lock_timeout
         self._max_idle = max_idle_per_database
         self._idle: dict[str, list[AdminSession]] = defaultdict(list)
+        self._max_open = max_open_per_database
+        # Bounds the pooled (DDL) sessions checked out per database; waits are bounded by
+        # the caller's cancel scope (the handshake deadline).
+        self._slots: dict[str, trio.Semaphore] = {}
         self._ssl_context = build_ssl_context(listener)
         self._closed = False
 
@@ -204,15 +210,26 @@ class AdminPools:
     @contextlib.asynccontextmanager
     async def session(self, database: str) -> AsyncIterator[AdminSession]:
         """Check out a pooled session for ``database``; broken ones are discarded."""
-        idle = self._idle[database]
-        sess = idle.pop() if idle else await self.connect(database)
-        try:
-            yield sess
-        finally:
-            if sess.broken or self._closed or len(self._idle[database]) >= self._max_idle:
-                sess.close()
-            else:
-                self._idle[database].append(sess)
+        slots = self._slots.get(database)
+        if slots is None:
+            slots = self._slots[database] = trio.Semaphore(self._max_open)
+        async with slots:
+            idle = self._idle[database]
+            sess = idle.pop() if idle else await self.connect(database)
+            try:
+                yield sess
+            finally:
+                if sess.broken or self._closed or len(self._idle[database]) >= self._max_idle:
+                    await self.close_session(sess)
+                else:
+                    self._idle[database].append(sess)
+
+    async def close_session(self, sess: AdminSession) -> None:
+        """Close in a worker thread (Terminate + socket close), shielded and bounded."""
+        with trio.move_on_after(2.0) as scope:
+            scope.shield = True
+            await trio.to_thread.run_sync(sess.close, limiter=self._limiter)
+        sess.broken = True
 
     async def run(self, database: str, fn: Callable[[AdminSession], T]) -> T:
         """Run ``fn`` on a pooled session of ``database`` in one worker-thread hop.
@@ -245,6 +262,4 @@ class AdminPools:
         sessions = [s for lst in self._idle.values() for s in lst]
         self._idle.clear()
         for sess in sessions:
-            with trio.move_on_after(2.0) as scope:
-                scope.shield = True
-                await trio.to_thread.run_sync(sess.close, limiter=self._limiter)
+            await self.close_session(sess)
