@@ -54,10 +54,13 @@ def make_config_text(
     tables_extra: str = "",
     tls_mode: str = "off",
     backend_tls: str = "disable",
+    handshake_timeout: str = "10s",
+    drain_timeout: str = "5s",
+    revalidation_interval: str = "0s",
 ) -> str:
     return f"""
-handshake_timeout = "10s"
-drain_timeout = "5s"
+handshake_timeout = "{handshake_timeout}"
+drain_timeout = "{drain_timeout}"
 {root_extra}
 
 [identity]
@@ -66,7 +69,7 @@ socket = "{socket_path}"
 timeout = "2s"
 
 [revalidation]
-interval = "0s"
+interval = "{revalidation_interval}"
 
 {tables_extra}
 
@@ -147,9 +150,22 @@ class E2EEnv:
         return " ".join(parts)
 
     async def psql(
-        self, sql: str, dbname: str, *, sslmode: str = "disable", timeout: float = 30, env: Mapping[str, str] | None = None, **extra: str
+        self,
+        sql: str,
+        dbname: str,
+        *,
+        sslmode: str = "disable",
+        timeout: float = 30,
+        env: Mapping[str, str] | None = None,
+        binary: str | None = None,
+        **extra: str,
     ) -> PsqlResult:
-        cmd = [str(self.cluster.binary("psql")), self.dsn(dbname, sslmode=sslmode, **extra), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]
+        """Run psql (the cluster's own, or ``binary``: /usr/bin/psql has SSL, psql 18 has not).
+        ``sql`` may hold several statements; ``\\conninfo`` lines are passed as extra -c."""
+        cmd = [binary or str(self.cluster.binary("psql")), self.dsn(dbname, sslmode=sslmode, **extra), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"]
+        for part in sql.split("\n"):
+            if part.strip():
+                cmd += ["-c", part]
         full_env = {**os.environ, **(env or {})}
         full_env.pop("PGPASSWORD", None)
 
@@ -158,6 +174,23 @@ class E2EEnv:
 
         r = await trio.to_thread.run_sync(_run)
         return PsqlResult(r.returncode, r.stdout, r.stderr)
+
+    async def assert_clean(self, *, timeout: float = 10.0) -> None:
+        """No live session, no slot held, no cancel key left (waits up to ``timeout``)."""
+        from waypoint.state.memory import MemoryStateStore
+
+        ctx = self.running.contexts[LISTENER]
+        usage_total = keys = -1
+        with trio.move_on_after(timeout):
+            while True:
+                usage_total = (await ctx.state.slot_usage("nobody", LISTENER)).total
+                keys = len(ctx.state._cancel) if isinstance(ctx.state, MemoryStateStore) else 0
+                if len(self.running.registry) == 0 and usage_total == 0 and keys == 0:
+                    return
+                await trio.sleep(0.05)
+        raise AssertionError(
+            f"not clean: sessions={len(self.running.registry)} slots={usage_total} cancel_keys={keys}"
+        )
 
     async def pg8000_connect(self, dbname: str, *, source: str = "127.0.0.1", **kwargs: Any) -> pg8000.native.Connection:
         def _connect() -> pg8000.native.Connection:
@@ -191,6 +224,35 @@ async def e2e_env(
         config = load_config_text(text, source="e2e.toml")
         async with run_waypoint(config) as running:
             yield E2EEnv(cluster, standin, running, config)
+
+
+@attrs.frozen
+class CertFiles:
+    """A trustme server certificate written to files (for ``cert_file`` / ``key_file``)."""
+
+    ca_pem: Path
+    cert_pem: Path
+    key_pem: Path
+
+    def listener_extra(self) -> str:
+        return f'cert_file = "{self.cert_pem}"\nkey_file = "{self.key_pem}"'
+
+
+def make_cert_files(directory: Path, *names: str) -> CertFiles:
+    """A fresh CA and a server certificate for ``names`` (default localhost, 127.0.0.1)."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert(*(names or ("localhost", "127.0.0.1")))
+    directory.mkdir(parents=True, exist_ok=True)
+    files = CertFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    ca.cert_pem.write_to_path(str(files.ca_pem))
+    cert.cert_chain_pems[0].write_to_path(str(files.cert_pem))
+    for extra in cert.cert_chain_pems[1:]:
+        extra.write_to_path(str(files.cert_pem), append=True)
+    cert.private_key_pem.write_to_path(str(files.key_pem))
+    files.key_pem.chmod(0o600)
+    return files
 
 
 def peers_file(path: Path, peers: Sequence[Mapping[str, Any]]) -> Path:

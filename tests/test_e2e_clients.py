@@ -1,0 +1,167 @@
+"""Real clients through Waypoint (issue 5 acceptance): psql with sslmode disable / prefer /
+require, psycopg 3, asyncpg and pg8000, each with an arbitrary user name, getting exactly the
+granted privileges; and the libpq-reachable preset cap ``options=-c waypoint.presets=...``."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import pg8000.native
+import psycopg
+import pytest
+import trio
+from e2e_support import E2EEnv, create_app_database, e2e_env, make_cert_files
+from pgcluster import PgCluster
+
+from waypoint.grants.naming import role_name
+from waypoint.grants.presets import parse_preset_list
+
+SYSTEM_PSQL = "/usr/bin/psql"  # libpq 15 with SSL (psql 18 of the wheel has none)
+
+
+def _psycopg_session(dsn: str) -> tuple[str, bool, str]:
+    with psycopg.connect(dsn, connect_timeout=20) as conn:
+        user = conn.execute("select current_user").fetchone()
+        row = conn.execute("select v from t where id = 1").fetchone()
+        assert user is not None and row is not None
+        try:
+            conn.execute("insert into t values (50, 'x')")
+        except psycopg.errors.InsufficientPrivilege as exc:
+            denied = str(exc)
+        else:  # pragma: no cover - the assertion below reports it
+            denied = ""
+        return str(user[0]), bool(conn.info.pgconn.ssl_in_use), str(row[0]) + "|" + denied
+
+
+async def _asyncpg_session(host: str, port: int, db: str) -> tuple[str, str, str]:
+    conn = await asyncpg.connect(
+        host=host, port=port, user="whoever", database=db, ssl="prefer", timeout=20
+    )
+    try:
+        user = await conn.fetchval("select current_user")
+        v = await conn.fetchval("select v from t where id = 1")
+        try:
+            await conn.execute("insert into t values (51, 'x')")
+        except asyncpg.exceptions.InsufficientPrivilegeError as exc:
+            denied = str(exc)
+        else:  # pragma: no cover
+            denied = ""
+        return str(user), str(v), denied
+    finally:
+        await conn.close(timeout=5)
+
+
+def _pg8000_session(env: E2EEnv, db: str) -> tuple[str, str]:
+    conn = pg8000.native.Connection(
+        user="any_name_at_all", host=env.host, port=env.port, database=db, timeout=20
+    )
+    try:
+        rows = conn.run("select v from t where id = 1")
+        try:
+            conn.run("insert into t values (52, 'x')")
+        except pg8000.native.DatabaseError as exc:
+            denied = str(exc)
+        else:  # pragma: no cover
+            denied = ""
+        return str(rows[0][0]), denied
+    finally:
+        conn.close()
+
+
+async def test_every_client_gets_readonly_grant_select_ok_insert_denied(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    db = create_app_database(pg)
+    certs = make_cert_files(tmp_path / "certs")
+    with trio.fail_after(120):
+        async with e2e_env(
+            pg, tmp_path, tls_mode="optional", listener_extra=certs.listener_extra()
+        ) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}}, login="carol@example.com")
+            for sslmode, tls in (("disable", False), ("prefer", True), ("require", True)):
+                r = await env.psql(
+                    "select current_user, v from t\n\\conninfo",
+                    db,
+                    sslmode=sslmode,
+                    binary=SYSTEM_PSQL,
+                    user=f"random_{sslmode}",
+                )
+                assert r.returncode == 0, (sslmode, r.stderr)
+                assert "wp_pg_main_carol_example_com" in r.stdout
+                assert "|one" in r.stdout
+                assert ("SSL connection" in r.stdout) is tls, (sslmode, r.stdout)
+                r = await env.psql(
+                    "insert into t values (2, 'two')", db, sslmode=sslmode, binary=SYSTEM_PSQL
+                )
+                assert r.returncode != 0
+                assert "permission denied for table t" in r.stderr, r.stderr
+
+            user, ssl_in_use, rest = await trio.to_thread.run_sync(
+                _psycopg_session, env.dsn(db, user="psycopg_user", sslmode="require")
+            )
+            assert user.startswith("wp_pg_main_carol_example_com")
+            assert ssl_in_use
+            assert rest.startswith("one|") and "permission denied for table t" in rest
+
+            user, v, denied = await trio.to_thread.run_sync(
+                asyncio.run, _asyncpg_session(env.host, env.port, db)
+            )
+            assert user.startswith("wp_pg_main_carol_example_com")
+            assert v == "one"
+            assert "permission denied for table t" in denied
+
+            v, denied = await trio.to_thread.run_sync(_pg8000_session, env, db)
+            assert v == "one"
+            assert "permission denied for table t" in denied and "42501" in denied
+
+            await env.assert_clean()
+
+
+@pytest.mark.parametrize("form", ["options", "startup_parameter"])
+async def test_preset_option_caps_readwrite_grant_to_readonly(
+    pg: PgCluster, tmp_path: Path, form: str
+) -> None:
+    db = create_app_database(pg)
+    with trio.fail_after(90):
+        async with e2e_env(pg, tmp_path) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readwrite"]}}, login="dave@example.com")
+            if form == "options":
+                extra = {"options": "'-c waypoint.presets=readonly'"}
+                r = await env.psql("select current_user\ninsert into t values (3, 'x')", db, **extra)
+                assert r.returncode != 0
+                assert "permission denied for table t" in r.stderr, r.stderr
+                role = r.stdout.strip().splitlines()[0]
+            else:
+
+                def _run() -> tuple[str, str]:
+                    conn = pg8000.native.Connection(
+                        user="x",
+                        host=env.host,
+                        port=env.port,
+                        database=db,
+                        timeout=20,
+                        startup_params={"waypoint_presets": "readonly"},
+                    )
+                    try:
+                        name = str(conn.run("select current_user")[0][0])
+                        try:
+                            conn.run("insert into t values (3, 'x')")
+                        except pg8000.native.DatabaseError as exc:
+                            return name, str(exc)
+                        return name, ""
+                    finally:
+                        conn.close()
+
+                role, denied = await trio.to_thread.run_sync(_run)
+                assert "permission denied for table t" in denied
+            expected = role_name(
+                "wp_", "pg-main", "dave@example.com", "node1", db, parse_preset_list("readonly")
+            )
+            assert role == expected, (role, expected)
+            assert expected.endswith("_preset_readonly") or len(expected.encode()) == 63
+            # Without the cap the same identity writes.
+            r = await env.psql("insert into t values (4, 'y')", db)
+            assert r.returncode == 0, r.stderr
+            await env.assert_clean()
