@@ -7,6 +7,7 @@ Each walkthrough step says what it shows, the expected outcome in brackets (``[w
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import shutil
@@ -112,12 +113,17 @@ def waypoint_program() -> str:
     return f"{shlex.quote(sys.executable)} -m waypoint.cli.main"
 
 
+def roles_command_available() -> bool:
+    """Whether this installation has ``waypoint roles`` (the walkthrough lists it only then)."""
+    return importlib.util.find_spec("waypoint.cli.roles") is not None
+
+
 def steps(*, psql: str, host: str, port: int, config_path: Path) -> list[Step]:
     def conn(db: str, extra: str = "") -> str:
         return f'"host={host} port={port} dbname={db} user=demo{extra}"'
 
     cap = " options='-c waypoint.presets=readonly'"
-    return [
+    out = [
         Step(
             "Read the sample data (your grant: readwrite on demo)",
             "works",
@@ -147,12 +153,16 @@ def steps(*, psql: str, host: str, port: int, config_path: Path) -> list[Step]:
             "works",
             f'{psql} {conn("demo")} -c "SELECT current_user"',
         ),
-        Step(
-            "List the roles Waypoint created",
-            "works",
-            f"{waypoint_program()} roles list -c {shlex.quote(str(config_path))}",
-        ),
     ]
+    if roles_command_available():
+        out.append(
+            Step(
+                "List the roles Waypoint created",
+                "works",
+                f"{waypoint_program()} roles list -c {shlex.quote(str(config_path))}",
+            )
+        )
+    return out
 
 
 def render(
