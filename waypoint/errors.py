@@ -119,10 +119,12 @@ def identity_unavailable(what: str, detail: str = "") -> Refusal:
 
 
 def provisioning_failed(conn_id: str, detail: str = "") -> Refusal:
+    # The log-only detail carries the correlation id too, so every log line that records this
+    # refusal can be found from the id the client was shown.
     return Refusal(
         PROVISIONING_FAILED,
         f"provisioning your database role failed (correlation id {conn_id})",
-        detail,
+        f"correlation id {conn_id}: {detail}" if detail else f"correlation id {conn_id}",
     )
 
 

@@ -2,6 +2,12 @@
 
 Callers never pass secrets; values are rendered with ``repr``-free formatting and long values are
 cut. ``configure(fmt)`` is called once by the CLI (or by tests).
+
+JSON lines always carry the keys of :data:`STABLE_KEYS` (``null`` when a line has no such
+value), then the event's other fields. Records from plain stdlib loggers under ``waypoint``
+(the provisioning engine logs ``logging.getLogger("waypoint.provision...")`` with plain
+messages) become JSON lines too: ``event`` is the logger name without the ``waypoint.`` prefix
+(``provision.engine``) and ``message`` the formatted text.
 """
 
 from __future__ import annotations
@@ -18,28 +24,66 @@ _MAX_VALUE = 2000
 Format = Literal["human", "json"]
 
 
+#: Keys every JSON line carries, in this order (``null`` when the line has no such value).
+STABLE_KEYS: tuple[str, ...] = (
+    "ts",
+    "level",
+    "event",
+    "conn_id",
+    "listener",
+    "login",
+    "node",
+    "db",
+    "role",
+    "sqlstate",
+    "duration_ms",
+    "bytes_in",
+    "bytes_out",
+)
+
+
+def _component(name: str) -> str:
+    prefix = LOGGER_NAME + "."
+    return name[len(prefix) :] if name.startswith(prefix) else name
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = getattr(record, "wp_fields", {})
-        out: dict[str, Any] = {
-            "ts": _dt.datetime.fromtimestamp(record.created, _dt.UTC).isoformat(
-                timespec="milliseconds"
-            ),
-            "level": record.levelname.lower(),
-            "event": getattr(record, "wp_event", record.getMessage()),
-        }
+        out: dict[str, Any] = dict.fromkeys(STABLE_KEYS)
+        out["ts"] = _dt.datetime.fromtimestamp(record.created, _dt.UTC).isoformat(
+            timespec="milliseconds"
+        )
+        out["level"] = record.levelname.lower()
+        event = getattr(record, "wp_event", None)
+        if event is None:  # a plain stdlib record: name the source, keep the text apart
+            out["event"] = _component(record.name)
+            out["message"] = _clip(_message(record))
+        else:
+            out["event"] = event
         for key, value in fields.items():
+            if key in ("ts", "level", "event"):
+                key = f"field_{key}"
             out[key] = _clip(value)
         if record.exc_info and record.exc_info[1] is not None:
             out["exception"] = _clip(f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}")
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+def _message(record: logging.LogRecord) -> str:
+    try:
+        return record.getMessage()
+    except (TypeError, ValueError):  # a bad %-format in a caller: still one valid line
+        return f"{record.msg} {record.args!r}"
+
+
 class _HumanFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = getattr(record, "wp_fields", {})
         ts = _dt.datetime.fromtimestamp(record.created).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-        event = getattr(record, "wp_event", record.getMessage())
+        event = getattr(record, "wp_event", None)
+        if event is None:
+            event = f"{_component(record.name)}: {_message(record)}"
         parts = [f"{ts} {record.levelname:<7} {event}"]
         for key, value in fields.items():
             if value is None:
