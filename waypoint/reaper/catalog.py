@@ -1,0 +1,108 @@
+"""SQL text of the role reaper (SPEC §10): catalog queries and the DDL of a drop. Pure, no I/O.
+
+Catalog references are schema-qualified (admin sessions pin ``search_path =
+pg_catalog, pg_temp``); queries take ``pg8000.native`` ``:name`` parameters;
+DDL quotes identifiers with ``pg8000.native.identifier()``.
+
+Where a role holds objects or privileges is read from ``pg_shdepend`` (a shared
+catalog, the very table ``DROP ROLE`` consults to refuse with 2BP01): its
+``dbid`` names every database to visit, ``dbid = 0`` rows (privileges on
+databases, owned databases) are handled from any database.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from pg8000.native import identifier
+
+LIKE_ESCAPE: Final = "!"
+
+
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching names that start with ``prefix`` exactly (``_`` is not a
+    wildcard here; escape character ``!``)."""
+    escaped = "".join(LIKE_ESCAPE + ch if ch in ("_", "%", LIKE_ESCAPE) else ch for ch in prefix)
+    return escaped + "%"
+
+
+# One row per role whose name starts with the prefix:
+# name, comment, valid_until (NULL when unset or infinite), expired, live sessions,
+# groups it is a member of, roles that are members of it (the admin itself excluded: on 16+
+# the creator of a role holds a membership row carrying ADMIN OPTION).
+ROLES_QUERY: Final = (
+    "SELECT r.rolname::pg_catalog.text, "
+    "pg_catalog.shobj_description(r.oid, 'pg_authid'), "
+    "CASE WHEN pg_catalog.isfinite(r.rolvaliduntil) THEN r.rolvaliduntil END, "
+    "COALESCE(r.rolvaliduntil < pg_catalog.now(), false), "
+    "(SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity AS a "
+    " WHERE a.usesysid = r.oid), "
+    "ARRAY(SELECT g.rolname::pg_catalog.text FROM pg_catalog.pg_auth_members AS m "
+    " JOIN pg_catalog.pg_roles AS g ON g.oid = m.roleid WHERE m.member = r.oid ORDER BY 1), "
+    "ARRAY(SELECT u.rolname::pg_catalog.text FROM pg_catalog.pg_auth_members AS m "
+    " JOIN pg_catalog.pg_roles AS u ON u.oid = m.member "
+    " WHERE m.roleid = r.oid AND u.rolname <> CURRENT_USER ORDER BY 1) "
+    "FROM pg_catalog.pg_roles AS r "
+    f"WHERE r.rolname LIKE :pattern ESCAPE '{LIKE_ESCAPE}' "
+    "ORDER BY r.rolname"
+)
+
+# The same columns for one role by exact name (the re-check under the locks).
+ROLE_QUERY: Final = ROLES_QUERY.replace(
+    f"WHERE r.rolname LIKE :pattern ESCAPE '{LIKE_ESCAPE}' ", "WHERE r.rolname = :name "
+)
+
+# Databases where the role has dependencies (owned objects, privileges, policies, default ACLs).
+DEPENDENT_DATABASES_QUERY: Final = (
+    "SELECT DISTINCT d.datname::pg_catalog.text, d.datallowconn "
+    "FROM pg_catalog.pg_shdepend AS s "
+    "JOIN pg_catalog.pg_database AS d ON d.oid = s.dbid "
+    "WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass "
+    "AND s.refobjid = (SELECT r.oid FROM pg_catalog.pg_roles AS r WHERE r.rolname = :role) "
+    "ORDER BY 1"
+)
+
+# Connectable databases (to tell a group's vanished database from a live one).
+CONNECTABLE_DATABASES_QUERY: Final = (
+    "SELECT d.datname::pg_catalog.text FROM pg_catalog.pg_database AS d "
+    "WHERE d.datallowconn ORDER BY 1"
+)
+
+# Schemas of the current database in which the role owns objects or holds privileges: the
+# schemas whose group locks (SPEC §5 lock order step 3) its REASSIGN/DROP OWNED must take.
+DEPENDENT_SCHEMAS_QUERY: Final = (
+    "SELECT DISTINCT n.nspname::pg_catalog.text "
+    "FROM pg_catalog.pg_shdepend AS s "
+    "JOIN pg_catalog.pg_namespace AS n ON n.oid = CASE "
+    " WHEN s.classid = 'pg_catalog.pg_class'::pg_catalog.regclass THEN "
+    "  (SELECT c.relnamespace FROM pg_catalog.pg_class AS c WHERE c.oid = s.objid) "
+    " WHEN s.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass THEN "
+    "  (SELECT p.pronamespace FROM pg_catalog.pg_proc AS p WHERE p.oid = s.objid) "
+    " WHEN s.classid = 'pg_catalog.pg_type'::pg_catalog.regclass THEN "
+    "  (SELECT t.typnamespace FROM pg_catalog.pg_type AS t WHERE t.oid = s.objid) "
+    " WHEN s.classid = 'pg_catalog.pg_namespace'::pg_catalog.regclass THEN s.objid "
+    " WHEN s.classid = 'pg_catalog.pg_default_acl'::pg_catalog.regclass THEN "
+    "  (SELECT da.defaclnamespace FROM pg_catalog.pg_default_acl AS da WHERE da.oid = s.objid) "
+    "END "
+    "WHERE s.dbid = (SELECT d.oid FROM pg_catalog.pg_database AS d "
+    " WHERE d.datname = pg_catalog.current_database()) "
+    "AND s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass "
+    "AND s.refobjid = (SELECT r.oid FROM pg_catalog.pg_roles AS r WHERE r.rolname = :role) "
+    "ORDER BY 1"
+)
+
+VERSION_QUERY: Final = "SELECT pg_catalog.version()"
+
+
+def reassign_owned(role: str, to: str | None) -> str:
+    """``REASSIGN OWNED BY r TO <to>``; ``to=None`` means the admin (``CURRENT_USER``)."""
+    target = "CURRENT_USER" if to is None else identifier(to)
+    return f"REASSIGN OWNED BY {identifier(role)} TO {target}"
+
+
+def drop_owned(role: str) -> str:
+    return f"DROP OWNED BY {identifier(role)}"
+
+
+def drop_role(role: str) -> str:
+    return f"DROP ROLE {identifier(role)}"

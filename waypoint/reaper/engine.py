@@ -1,0 +1,524 @@
+"""One reaper pass (SPEC §10, §5 "Locking", §12): drop the expired roles Waypoint created.
+
+A pass, for one listener:
+
+1. list the roles whose name starts with ``user_prefix`` **and** that carry Waypoint's
+   marker (:func:`waypoint.grants.naming.parse_role_comment`); a role with the prefix but
+   no marker is never touched;
+2. candidates: ``VALID UNTIL`` passed (the server's clock), no session in
+   ``pg_stat_activity``, not in use by this instance (``roles_in_use()``);
+3. for each candidate, in lock order: the in-process role guard
+   (:meth:`Provisioner.role_guard`, waited for briefly), then one attempt at the
+   cross-instance role lock (``try_acquire``; busy → skipped this pass), then under both:
+   re-check, and in every database where ``pg_shdepend`` says the role holds objects or
+   privileges ``REASSIGN OWNED BY r TO <reassign_to or admin>`` and ``DROP OWNED BY r``,
+   each transaction first taking the group locks ``pg_advisory_xact_lock(2, h(db, schema))``
+   of the schemas involved (sorted); finally in ``admin_database``, in the same transaction
+   as the last re-check, ``DROP ROLE r``;
+4. Waypoint's group roles (``{prefix}grp_*`` with the group marker) that no role is a
+   member of any more (the admin's own ADMIN OPTION row excluded) are dropped the same way,
+   in their own database under their group locks, membership re-checked under them.
+
+A failure on one role is logged, reported and the pass goes on; the next pass retries (the
+``VALID UNTIL`` backstop keeps an undropped role harmless). ``dry_run`` computes the same
+plan and changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Collection, Iterable
+from datetime import datetime
+from functools import partial
+from typing import Any, Final, Literal
+
+import trio
+from attrs import frozen
+
+from waypoint.config.model import ListenerConfig
+from waypoint.grants import naming
+from waypoint.observability.log import get_logger
+from waypoint.provision import sql as provision_sql
+from waypoint.provision.admin import AdminError, AdminPools, AdminSession
+from waypoint.provision.dialect import Dialect, detect_dialect
+from waypoint.provision.engine import Provisioner
+from waypoint.provision.locks import RoleLease
+from waypoint.reaper import catalog
+
+GUARD_WAIT: Final = 1.0
+ROLE_TIMEOUT: Final = 60.0
+MAX_DROPS_PER_PASS: Final = 200
+RELEASE_TIMEOUT: Final = 5.0
+
+
+# -- values ------------------------------------------------------------------------
+
+
+@frozen
+class RoleInfo:
+    """A role with the listener's prefix, as the catalog shows it now."""
+
+    name: str
+    comment: str | None
+    valid_until: datetime | None  # None: unset or infinite
+    expired: bool
+    live_sessions: int
+    groups: tuple[str, ...]  # roles it is a member of
+    members: tuple[str, ...]  # roles that are members of it (the admin excluded)
+
+    @property
+    def owner(self) -> naming.RoleOwner | None:
+        """The identity recorded in Waypoint's role marker, or None (not a Waypoint user role)."""
+        return naming.parse_role_comment(self.comment or "")
+
+    @property
+    def group_owner(self) -> naming.GroupOwner | None:
+        """What Waypoint's group marker records, or None (not a Waypoint group)."""
+        return naming.parse_group_comment(self.comment or "")
+
+
+@frozen
+class RoleListing:
+    """Waypoint's user roles and group roles under one prefix (unmarked roles left out)."""
+
+    roles: tuple[RoleInfo, ...]
+    groups: tuple[RoleInfo, ...]
+
+
+@frozen
+class Skipped:
+    role: str
+    reason: str
+
+
+@frozen
+class Failure:
+    role: str
+    reason: str
+
+
+@frozen
+class ReapReport:
+    """What one pass did (or, with ``dry_run``, would do)."""
+
+    listener: str
+    dry_run: bool
+    dropped_roles: tuple[str, ...] = ()
+    dropped_groups: tuple[str, ...] = ()
+    skipped: tuple[Skipped, ...] = ()
+    failed: tuple[Failure, ...] = ()
+    deferred: int = 0  # candidates left for the next pass (the per-pass bound)
+    disabled: str | None = None  # why the pass did nothing at all (CockroachDB)
+
+
+class ReapError(Exception):
+    """The pass could not run at all (e.g. listing the roles failed)."""
+
+
+# -- internals -------------------------------------------------------------------------
+
+
+class _NotEligible(Exception):
+    """Raised inside a drop transaction when the re-check under the locks says no."""
+
+    def __init__(self, reason: str, *, gone: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.gone = gone
+
+
+Check = Callable[[AdminSession], None]
+_Outcome = Literal["dropped"] | Skipped | Failure
+
+
+def _parse_rows(rows: Iterable[list[Any]]) -> list[RoleInfo]:
+    out: list[RoleInfo] = []
+    for name, comment, until, expired, live, groups, members in rows:
+        out.append(
+            RoleInfo(
+                name=str(name),
+                comment=None if comment is None else str(comment),
+                valid_until=until if isinstance(until, datetime) else None,
+                expired=bool(expired),
+                live_sessions=int(str(live)),
+                groups=tuple(str(g) for g in (groups or ())),
+                members=tuple(str(m) for m in (members or ())),
+            )
+        )
+    return out
+
+
+def _admin_reason(exc: AdminError) -> str:
+    detail = exc.fields.get("D")
+    text = str(exc)
+    return f"{text} ({detail})" if detail else text
+
+
+def _drop_txn(
+    sess: AdminSession,
+    role: str,
+    *,
+    database: str,
+    reassign_to: str | None,
+    extra_schemas: Collection[str],
+    check: Check,
+    drop_role: bool,
+    inherit_clause: str,
+) -> None:
+    """One transaction in ``database``: group locks, re-check, REASSIGN/DROP OWNED [, DROP ROLE].
+
+    ``REASSIGN OWNED`` and ``DROP OWNED`` need the privileges of ``role``: the admin makes
+    itself a member first (15: ``GRANT r TO CURRENT_USER``; 16+: ``... WITH INHERIT TRUE``,
+    which its ADMIN OPTION on roles it created allows). Provisioning already does this for
+    login roles; groups, and roles of a cluster upgraded from 15, need it here.
+    Blocking (a worker thread). ``pools.run`` rolls back on any exception.
+    """
+    sess.run("BEGIN")
+    schemas = {str(r[0]) for r in sess.run(catalog.DEPENDENT_SCHEMAS_QUERY, role=role)}
+    schemas |= set(extra_schemas)
+    for stmt in provision_sql.sorted_group_lock_statements(database, schemas):
+        sess.run(stmt)
+    check(sess)
+    sess.run(provision_sql.grant_role_to_admin(role, inherit_clause))
+    sess.run(catalog.reassign_owned(role, reassign_to))
+    sess.run(catalog.drop_owned(role))
+    if drop_role:
+        sess.run(catalog.drop_role(role))
+    sess.run("COMMIT")
+
+
+def _one_role(sess: AdminSession, name: str) -> RoleInfo | None:
+    rows = _parse_rows(sess.run(catalog.ROLE_QUERY, name=name))
+    return rows[0] if rows else None
+
+
+# -- the reaper -----------------------------------------------------------------------------
+
+
+class Reaper:
+    """Reaps the roles of one listener through its :class:`Provisioner`'s admin sessions and
+    locks. ``roles_in_use`` returns the roles this instance's live sessions use;
+    ``known_listeners`` are the listener names this instance serves: roles whose marker
+    names this listener, or a listener not among them (a removed or renamed listener), are
+    this reaper's to drop."""
+
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        provisioner: Provisioner,
+        *,
+        roles_in_use: Callable[[], Collection[str]] = frozenset,
+        known_listeners: Collection[str] = (),
+        guard_wait: float = GUARD_WAIT,
+        role_timeout: float = ROLE_TIMEOUT,
+        max_drops_per_pass: int = MAX_DROPS_PER_PASS,
+    ) -> None:
+        if max_drops_per_pass < 1:
+            raise ValueError("max_drops_per_pass must be at least 1")
+        self._listener = listener
+        self._pg = listener.postgres
+        self._prov = provisioner
+        self._pools: AdminPools = provisioner.pools
+        self._roles_in_use = roles_in_use
+        self._known = frozenset(known_listeners) | {listener.name}
+        self._guard_wait = guard_wait
+        self._role_timeout = role_timeout
+        self._max_drops = max_drops_per_pass
+        self._dialect: Dialect | None = None
+        self._log = get_logger("reaper", listener=listener.name)
+
+    @property
+    def listener_name(self) -> str:
+        return self._listener.name
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def dialect(self) -> Dialect:
+        """The server's dialect (``SELECT version()`` once)."""
+        if self._dialect is None:
+            rows = await self._pools.run(
+                self._pools.admin_database, lambda s: s.run(catalog.VERSION_QUERY)
+            )
+            self._dialect = detect_dialect(str(rows[0][0]))
+        return self._dialect
+
+    async def list_roles(self) -> RoleListing:
+        """Waypoint's roles and groups under this listener's prefix (marker required)."""
+        pattern = catalog.like_prefix(self._pg.user_prefix)
+        try:
+            rows = await self._pools.run(
+                self._pools.admin_database,
+                lambda s: s.run(catalog.ROLES_QUERY, pattern=pattern),
+            )
+        except AdminError as exc:
+            raise ReapError(f"listing roles failed: {_admin_reason(exc)}") from None
+        infos = _parse_rows(rows)
+        roles = tuple(i for i in infos if i.owner is not None)
+        groups = tuple(i for i in infos if i.owner is None and i.group_owner is not None)
+        return RoleListing(roles, groups)
+
+    def _mine(self, info: RoleInfo) -> bool:
+        owner = info.owner
+        return owner is not None and (
+            owner.listener == self._listener.name or owner.listener not in self._known
+        )
+
+    # -- a pass --------------------------------------------------------------------------
+
+    async def run_pass(self, *, dry_run: bool = False) -> ReapReport:
+        """One pass. Raises :class:`ReapError` when the roles cannot even be listed."""
+        name = self._listener.name
+        try:
+            dialect = await self.dialect()
+        except AdminError as exc:
+            raise ReapError(f"cannot reach the server: {_admin_reason(exc)}") from None
+        if not dialect.reaper_enabled(self._pg.reap_on_cockroachdb):
+            return ReapReport(
+                name,
+                dry_run,
+                disabled=f"{dialect.name}: the reaper is off (set reap_on_cockroachdb = true)",
+            )
+        listing = await self.list_roles()
+        in_use = set(self._roles_in_use())
+        skipped: list[Skipped] = []
+        failed: list[Failure] = []
+        dropped: list[str] = []
+        candidates: list[RoleInfo] = []
+        for info in listing.roles:
+            if not info.expired or not self._mine(info):
+                continue
+            if info.live_sessions:
+                skipped.append(Skipped(info.name, f"{info.live_sessions} live session(s)"))
+            elif info.name in in_use:
+                skipped.append(Skipped(info.name, "in use by this instance"))
+            else:
+                candidates.append(info)
+        budget = self._max_drops
+        deferred = max(0, len(candidates) - budget)
+        for info in candidates[:budget]:
+            budget -= 1
+            if dry_run:
+                dropped.append(info.name)
+                continue
+            outcome = await self._reap_role(info.name)
+            self._record(info.name, outcome, dropped, skipped, failed)
+
+        dropped_groups: list[str] = []
+        if dry_run:
+            gone = set(dropped)
+            groups = [g for g in listing.groups if set(g.members) <= gone]
+        else:
+            try:
+                groups = [g for g in (await self.list_roles()).groups if not g.members]
+            except ReapError as exc:
+                failed.append(Failure("(groups)", str(exc)))
+                groups = []
+        group_candidates = groups[: max(0, budget)]
+        deferred += len(groups) - len(group_candidates)
+        connectable: set[str] | None = None
+        for info in group_candidates:
+            if dry_run:
+                dropped_groups.append(info.name)
+                continue
+            if connectable is None:
+                try:
+                    connectable = await self._connectable_databases()
+                except AdminError as exc:
+                    failed.append(Failure("(groups)", _admin_reason(exc)))
+                    break
+            outcome = await self._reap_group(info, connectable)
+            self._record(info.name, outcome, dropped_groups, skipped, failed)
+
+        report = ReapReport(
+            name,
+            dry_run,
+            dropped_roles=tuple(dropped),
+            dropped_groups=tuple(dropped_groups),
+            skipped=tuple(skipped),
+            failed=tuple(failed),
+            deferred=deferred,
+        )
+        if dropped or dropped_groups or failed or deferred:
+            self._log.info(
+                "reap_pass",
+                dry_run=dry_run,
+                dropped_roles=len(dropped),
+                dropped_groups=len(dropped_groups),
+                skipped=len(skipped),
+                failed=len(failed),
+                deferred=deferred,
+            )
+        return report
+
+    def _record(
+        self,
+        role: str,
+        outcome: _Outcome,
+        dropped: list[str],
+        skipped: list[Skipped],
+        failed: list[Failure],
+    ) -> None:
+        if outcome == "dropped":
+            dropped.append(role)
+            self._log.info("role_dropped", role=role)
+        elif isinstance(outcome, Skipped):
+            skipped.append(outcome)
+        elif isinstance(outcome, Failure):
+            failed.append(outcome)
+            self._log.warning("role_drop_failed", role=role, reason=outcome.reason)
+
+    async def _connectable_databases(self) -> set[str]:
+        rows = await self._pools.run(
+            self._pools.admin_database, lambda s: s.run(catalog.CONNECTABLE_DATABASES_QUERY)
+        )
+        return {str(r[0]) for r in rows}
+
+    async def _dependent_databases(self, role: str) -> list[tuple[str, bool]]:
+        rows = await self._pools.run(
+            self._pools.admin_database,
+            lambda s: s.run(catalog.DEPENDENT_DATABASES_QUERY, role=role),
+        )
+        return [(str(r[0]), bool(r[1])) for r in rows]
+
+    # -- user roles ------------------------------------------------------------------------
+
+    async def _reap_role(self, role: str) -> _Outcome:
+        try:
+            with trio.fail_after(self._role_timeout):
+                async with contextlib.AsyncExitStack() as stack:
+                    entered = False
+                    with trio.move_on_after(self._guard_wait):
+                        await stack.enter_async_context(self._prov.role_guard(role))
+                        entered = True
+                    if not entered:
+                        return Skipped(role, "busy: being provisioned by this instance")
+                    lease = await self._prov.lock_backend.try_acquire(role)
+                    if lease is None:
+                        return Skipped(role, "busy: role lock held (being provisioned)")
+                    stack.push_async_callback(self._release, lease)
+                    return await self._drop_role_locked(role)
+        except trio.TooSlowError:
+            return Failure(role, f"timed out after {self._role_timeout:g}s")
+        except _NotEligible as exc:
+            return Skipped(role, exc.reason)
+        except AdminError as exc:
+            return Failure(role, _admin_reason(exc))
+        except Exception as exc:  # one role's trouble never ends the pass
+            return Failure(role, f"{type(exc).__name__}: {exc}")
+
+    async def _release(self, lease: RoleLease) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+            await self._prov.lock_backend.release(lease)
+
+    async def _drop_role_locked(self, role: str) -> _Outcome:
+        admin_db = self._pools.admin_database
+
+        def recheck(sess: AdminSession, in_use: frozenset[str]) -> None:
+            info = _one_role(sess, role)
+            if info is None:
+                raise _NotEligible("already dropped", gone=True)
+            if not self._mine(info):
+                raise _NotEligible("no Waypoint marker for this listener any more")
+            if not info.expired:
+                raise _NotEligible("VALID UNTIL was extended")
+            if info.live_sessions:
+                raise _NotEligible(f"{info.live_sessions} live session(s)")
+            if role in in_use:
+                raise _NotEligible("in use by this instance")
+
+        snapshot = frozenset(self._roles_in_use())
+        await self._pools.run(admin_db, lambda s: recheck(s, snapshot))
+        for database, allowconn in await self._dependent_databases(role):
+            if database == admin_db or not allowconn:
+                continue  # admin_database last; a non-connectable one fails DROP ROLE (2BP01)
+            snapshot = frozenset(self._roles_in_use())
+            try:
+                await self._drop_in(database, role, partial(recheck, in_use=snapshot))
+            except AdminError as exc:
+                if exc.sqlstate != "3D000":  # dropped meanwhile: nothing left there
+                    raise
+        snapshot = frozenset(self._roles_in_use())
+        await self._drop_in(admin_db, role, partial(recheck, in_use=snapshot), drop_role=True)
+        return "dropped"
+
+    async def _drop_in(
+        self,
+        database: str,
+        role: str,
+        check: Check,
+        *,
+        extra_schemas: Collection[str] = (),
+        drop_role: bool = False,
+    ) -> None:
+        inherit_clause = (await self.dialect()).admin_inherit_clause
+
+        def txn(sess: AdminSession) -> None:
+            _drop_txn(
+                sess,
+                role,
+                database=database,
+                reassign_to=self._pg.reassign_to,
+                extra_schemas=extra_schemas,
+                check=check,
+                drop_role=drop_role,
+                inherit_clause=inherit_clause,
+            )
+
+        await self._pools.run(database, txn)
+
+    # -- groups --------------------------------------------------------------------------
+
+    async def _reap_group(self, info: RoleInfo, connectable: set[str]) -> _Outcome:
+        group = info.name
+        owner = info.group_owner
+        if owner is None:  # listed as a group, so it had the marker
+            return Skipped(group, "no Waypoint group marker")
+
+        def recheck(sess: AdminSession) -> None:
+            now = _one_role(sess, group)
+            if now is None:
+                raise _NotEligible("already dropped", gone=True)
+            if now.group_owner is None:
+                raise _NotEligible("no Waypoint group marker any more")
+            if now.members:
+                raise _NotEligible(f"has {len(now.members)} member(s) again")
+
+        # The group's privileges live in its own database, where provisioning takes the group
+        # locks; a database that is gone (or not connectable) cannot be provisioned into.
+        home = owner.database if owner.database in connectable else self._pools.admin_database
+        home_schemas = (
+            {owner.schema} if owner.schema is not None and home == owner.database else set()
+        )
+        try:
+            with trio.fail_after(self._role_timeout):
+                for database, allowconn in await self._dependent_databases(group):
+                    if database == home or not allowconn:
+                        continue
+                    try:
+                        await self._drop_in(database, group, recheck)
+                    except AdminError as exc:
+                        if exc.sqlstate != "3D000":
+                            raise
+                await self._drop_in(
+                    home, group, recheck, extra_schemas=home_schemas, drop_role=True
+                )
+        except trio.TooSlowError:
+            return Failure(group, f"timed out after {self._role_timeout:g}s")
+        except _NotEligible as exc:
+            return Skipped(group, exc.reason)
+        except AdminError as exc:
+            return Failure(group, _admin_reason(exc))
+        except Exception as exc:
+            return Failure(group, f"{type(exc).__name__}: {exc}")
+        return "dropped"
+
+
+__all__ = [
+    "Failure",
+    "ReapError",
+    "ReapReport",
+    "Reaper",
+    "RoleInfo",
+    "RoleListing",
+    "Skipped",
+]
