@@ -57,6 +57,7 @@ def make_config_text(
     handshake_timeout: str = "10s",
     drain_timeout: str = "5s",
     revalidation_interval: str = "0s",
+    backend: str | None = None,
 ) -> str:
     return f"""
 handshake_timeout = "{handshake_timeout}"
@@ -76,7 +77,7 @@ interval = "{revalidation_interval}"
 [[listeners]]
 name = "{LISTENER}"
 listen = "127.0.0.1:0"
-backend = "{cluster.host}:{cluster.port}"
+backend = "{backend or f"{cluster.host}:{cluster.port}"}"
 tls_mode = "{tls_mode}"
 backend_tls = "{backend_tls}"
 {listener_extra}
@@ -261,3 +262,135 @@ def peers_file(path: Path, peers: Sequence[Mapping[str, Any]]) -> Path:
     tmp.write_text(json.dumps({"peers": list(peers)}))
     tmp.replace(path)
     return path
+
+
+# --- raw wire clients (hostile-client and fault tests) ----------------------------------------
+
+PROTOCOL_3_0 = 3 << 16
+SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
+
+
+def raw_startup_packet(
+    params: Mapping[str, str] | Sequence[tuple[str, str]], *, protocol: int = PROTOCOL_3_0
+) -> bytes:
+    """A StartupMessage built byte by byte (no validation: hostile tests send what they like).
+    Keys and values are UTF-8; a sequence of pairs may repeat keys."""
+    pairs = params.items() if isinstance(params, Mapping) else params
+    body = bytearray(protocol.to_bytes(4, "big"))
+    for key, value in pairs:
+        body += key.encode() + b"\0" + value.encode() + b"\0"
+    body += b"\0"
+    return (len(body) + 4).to_bytes(4, "big") + bytes(body)
+
+
+def parse_server_messages(data: bytes) -> list[tuple[str, bytes]]:
+    """Split server bytes into (type, payload) messages; a trailing partial message is dropped.
+    A lone ``S``/``N`` answer to an SSLRequest must be stripped by the caller first."""
+    out: list[tuple[str, bytes]] = []
+    pos = 0
+    while pos + 5 <= len(data):
+        kind = chr(data[pos])
+        length = int.from_bytes(data[pos + 1 : pos + 5], "big")
+        if length < 4 or pos + 1 + length > len(data):
+            break
+        out.append((kind, data[pos + 5 : pos + 1 + length]))
+        pos += 1 + length
+    return out
+
+
+def error_fields(payload: bytes) -> dict[str, str]:
+    """The fields of an ErrorResponse / NoticeResponse payload, keyed by their code letter."""
+    fields: dict[str, str] = {}
+    for part in payload.split(b"\0"):
+        if part:
+            fields[chr(part[0])] = part[1:].decode("utf-8", "replace")
+    return fields
+
+
+@attrs.frozen
+class WireReply:
+    """What a raw client saw: every byte the server sent, whether it closed, and when."""
+
+    data: bytes
+    closed: bool  # the server closed (EOF or reset) before the client gave up
+    elapsed: float  # seconds from connect to close (or to giving up)
+
+    @property
+    def messages(self) -> list[tuple[str, bytes]]:
+        return parse_server_messages(self.data)
+
+    @property
+    def error(self) -> dict[str, str] | None:
+        """The first ErrorResponse's fields, or None."""
+        for kind, payload in self.messages:
+            if kind == "E":
+                return error_fields(payload)
+        return None
+
+    @property
+    def authenticated(self) -> bool:
+        return any(k == "R" and p[:4] == b"\0\0\0\0" for k, p in self.messages)
+
+
+async def raw_exchange(
+    host: str,
+    port: int,
+    chunks: Sequence[bytes],
+    *,
+    source: str = "127.0.0.1",
+    delay: float = 0.0,
+    timeout: float = 10.0,
+) -> WireReply:
+    """Connect from ``source``, send ``chunks`` (``delay`` seconds apart), and read until the
+    server closes or ``timeout`` passes. Sending stops quietly once the server has closed."""
+    stream = await trio.open_tcp_stream(host, port, local_address=source)
+    started = trio.current_time()
+    received = bytearray()
+    closed = False
+    async with stream:
+
+        async def sender() -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                for i, chunk in enumerate(chunks):
+                    if i and delay:
+                        await trio.sleep(delay)
+                    await stream.send_all(chunk)
+
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender)
+                while True:
+                    try:
+                        data = await stream.receive_some(65536)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                    if not data:
+                        closed = True
+                        break
+                    received += data
+                nursery.cancel_scope.cancel()
+    return WireReply(bytes(received), closed, trio.current_time() - started)
+
+
+def tls_client_hello(*, alpn: Sequence[str] = (), server_name: str | None = "localhost") -> bytes:
+    """The bytes of a real TLS ClientHello (from the ssl module), to send without a handshake."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def roles_with_prefix(cluster: PgCluster, prefix: str) -> set[str]:
+    """Names of the cluster's roles starting with ``prefix`` (``_`` matched literally)."""
+    rows = cluster.execute(
+        "SELECT rolname FROM pg_catalog.pg_roles WHERE starts_with(rolname, :p)", p=prefix
+    )
+    return {str(r[0]) for r in rows}

@@ -531,33 +531,33 @@ async def _provision_and_login(
     protocol = (3, min(startup.protocol[1], MAX_MINOR))
     rotate = False
     while True:
+        # The backend connection first: a backend that is down is 08006 "unavailable" (the
+        # provisioner's admin connection would fail too, and say 58000 "provisioning failed").
+        try:
+            backend = await connect_backend(ctx.listener, ctx.backend_ssl)
+        except BackendUnavailable as exc:
+            raise _Refused(
+                errors.backend_unavailable(ctx.listener.name, str(exc)), cache=False
+            ) from exc
+        logged_in = False
         t0 = trio.current_time()
         try:
             async with ctx.provisioner.credentials(identity, grant, rotate=rotate) as creds:
                 if creds.provisioned:
                     ctx.metrics.provisioned(ctx.listener.name, trio.current_time() - t0)
                 out.role = creds.role
-                try:
-                    backend = await connect_backend(ctx.listener, ctx.backend_ssl)
-                except BackendUnavailable as exc:
-                    raise _Refused(
-                        errors.backend_unavailable(ctx.listener.name, str(exc)), cache=False
-                    ) from exc
-                try:
-                    start = await login_backend(
-                        backend,
-                        role=creds.role,
-                        secret=creds.secret,
-                        scram_keys=creds.scram_keys,
-                        database=database,
-                        parameters=forward,
-                        protocol=protocol,
-                        limiter=ctx.pbkdf2_limiter,
-                    )
-                    return backend, start, creds.role
-                except BaseException:
-                    await backend.aclose()
-                    raise
+                start = await login_backend(
+                    backend,
+                    role=creds.role,
+                    secret=creds.secret,
+                    scram_keys=creds.scram_keys,
+                    database=database,
+                    parameters=forward,
+                    protocol=protocol,
+                    limiter=ctx.pbkdf2_limiter,
+                )
+                logged_in = True
+                return backend, start, creds.role
         except DatabaseMissing as exc:
             raise _ForwardBackendError(exc.fields) from exc
         except ProvisionError as exc:
@@ -585,6 +585,9 @@ async def _provision_and_login(
             raise _Refused(
                 errors.backend_unavailable(ctx.listener.name, str(exc)), cache=False
             ) from exc
+        finally:
+            if not logged_in:
+                await backend.aclose()
 
 
 # --------------------------------------------------------------------------- relay

@@ -1,0 +1,195 @@
+"""Refusals a person can read (SPEC §4): through psql with ``sslmode=prefer`` (libpq retries
+without TLS after an error, and the retry shows the same reason without a second whois, thanks
+to the refusal cache of step 8), with the SQLSTATE checked through psycopg."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from pathlib import Path
+
+import pg8000.native
+import pytest
+import trio
+from e2e_support import (
+    LISTENER,
+    CertFiles,
+    E2EEnv,
+    create_app_database,
+    db_rule,
+    e2e_env,
+    make_cert_files,
+)
+from pgcluster import PgCluster
+
+SYSTEM_PSQL = "/usr/bin/psql"
+
+
+_checks = itertools.count(1)
+
+
+def _sqlstate_of(
+    host: str, port: int, db: str, *, tls: bool | None = None, **startup: str
+) -> tuple[str | None, str]:
+    """The SQLSTATE of a refused login, as pg8000 reports the ErrorResponse fields (libpq
+    clients see connection errors as text only). ``tls``: None tries TLS first (pg8000's
+    default), False never."""
+    try:
+        conn = pg8000.native.Connection(
+            user="anyone",
+            host=host,
+            port=port,
+            database=db,
+            timeout=20,
+            application_name=f"probe{next(_checks)}",
+            ssl_context=tls,
+            startup_params=startup,
+        )
+    except pg8000.native.DatabaseError as exc:
+        fields = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+        return fields.get("C"), str(fields.get("M", exc))
+    conn.close()
+    return None, "connected"
+
+
+async def _refused(
+    env: E2EEnv, db: str, *, fragment: str, sqlstate: str, whois: int | None, **extra: str
+) -> str:
+    """psql (prefer) is refused with ``fragment`` on every attempt; psycopg sees ``sqlstate``.
+    ``whois``: how many whois requests the psql attempts may cost (None: not checked)."""
+    # A fresh application_name per check: an earlier refusal is cached for 5 s per startup
+    # packet, and a test changes grants faster than that.
+    tag = f"check{next(_checks)}"
+    before = env.standin.whois_count("127.0.0.1")
+    r = await env.psql(
+        "select 1", db, sslmode="prefer", binary=SYSTEM_PSQL, application_name=tag, **extra
+    )
+    after = env.standin.whois_count("127.0.0.1")
+    assert r.returncode != 0, r.stdout
+    assert fragment in r.stderr, r.stderr
+    # libpq reports both attempts: the TLS one and the plaintext retry; both carry the reason.
+    attempts = [line for line in r.stderr.splitlines() if "FATAL" in line]
+    assert attempts and all(fragment in line for line in attempts), r.stderr
+    if whois is not None:
+        assert after - before == whois, (before, after, r.stderr)
+    startup: dict[str, str] = {}
+    if "options" in extra:
+        startup["options"] = extra["options"].strip("'")
+    state, message = await trio.to_thread.run_sync(
+        lambda: _sqlstate_of(env.host, env.port, db, **startup)
+    )
+    assert state == sqlstate, (state, message)
+    assert fragment in message
+    return r.stderr
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> CertFiles:
+    return make_cert_files(tmp_path / "certs")
+
+
+async def test_refusals_are_readable_and_the_retry_costs_no_second_whois(
+    pg: PgCluster, tmp_path: Path, certs: CertFiles
+) -> None:
+    db = create_app_database(pg)
+    other = create_app_database(pg)
+    with trio.fail_after(150):
+        async with e2e_env(
+            pg, tmp_path, tls_mode="optional", listener_extra=certs.listener_extra()
+        ) as env:
+            # No grant for this listener (a grant for another one only).
+            env.grant("127.0.0.1", rules=[db_rule({db: {"permissions": ["readonly"]}}, listener="pg-other")])
+            stderr = await _refused(
+                env, db, fragment=f'no Waypoint grant for listener "{LISTENER}"', sqlstate="28000", whois=1
+            )
+            assert len([ln for ln in stderr.splitlines() if "FATAL" in ln]) == 2, stderr
+
+            # Database not granted.
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            await _refused(
+                env, other, fragment=f'not authorized for database "{other}"', sqlstate="42501", whois=1
+            )
+
+            # A bad preset parameter (refused before any whois).
+            await _refused(
+                env,
+                db,
+                fragment="preset",
+                sqlstate="22023",
+                whois=0,
+                options="'-c waypoint.presets=superuser'",
+            )
+
+            # Nonexistent database: the backend's own 3D000, forwarded verbatim.
+            env.grant("127.0.0.1", {"no_such_db_here": {"permissions": ["readonly"]}})
+            stderr = await _refused(
+                env,
+                "no_such_db_here",
+                fragment='database "no_such_db_here" does not exist',
+                sqlstate="3D000",
+                whois=None,
+            )
+
+            # Over the connection limit: one session held by pg8000 (same identity).
+            env.grant(
+                "127.0.0.1",
+                rules=[db_rule({db: {"permissions": ["readonly"]}}, limits={"max_conns": 1})],
+            )
+            held = await env.pg8000_connect(db)
+            try:
+                assert await trio.to_thread.run_sync(held.run, "select 1") == [[1]]
+                # 53300 is transient: not cached, so each attempt asks whois again.
+                await _refused(env, db, fragment="too many connections", sqlstate="53300", whois=2)
+            finally:
+                await trio.to_thread.run_sync(held.close)
+            r = await env.psql("select 1", db, sslmode="prefer", binary=SYSTEM_PSQL)
+            assert r.returncode == 0, r.stderr
+            await env.assert_clean()
+
+
+async def test_backend_down_is_08006_and_not_cached(pg15: PgCluster, tmp_path: Path, certs: CertFiles) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]  # nothing listens there once closed
+    with trio.fail_after(60):
+        async with e2e_env(
+            pg15,
+            tmp_path,
+            tls_mode="optional",
+            listener_extra=certs.listener_extra(),
+            backend=f"127.0.0.1:{dead_port}",
+        ) as env:
+            env.grant("127.0.0.1", {"whatever": {"permissions": ["readonly"]}})
+            await _refused(env, "whatever", fragment="unavailable", sqlstate="08006", whois=2)
+            await env.assert_clean()
+
+
+async def test_tls_required_refuses_plaintext_and_repeats_the_cached_reason(
+    pg15: PgCluster, tmp_path: Path, certs: CertFiles
+) -> None:
+    db = create_app_database(pg15)
+    with trio.fail_after(60):
+        async with e2e_env(
+            pg15, tmp_path, tls_mode="require", listener_extra=certs.listener_extra()
+        ) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            r = await env.psql("select 1", db, sslmode="disable", binary=SYSTEM_PSQL)
+            assert r.returncode != 0
+            assert "TLS is required" in r.stderr, r.stderr
+            state, message = await trio.to_thread.run_sync(lambda: _sqlstate_of(env.host, env.port, db, tls=False))
+            assert state == "28000", message
+            assert "TLS is required" in message
+            r = await env.psql("select 1", db, sslmode="prefer", binary=SYSTEM_PSQL)
+            assert r.returncode == 0, r.stderr
+            # Refused over TLS (no grant): the plaintext retry says "TLS is required" and repeats
+            # the first reason, with no second whois.
+            env.grant("127.0.0.1", rules=[db_rule({db: {"permissions": ["readonly"]}}, listener="pg-other")])
+            before = env.standin.whois_count("127.0.0.1")
+            r = await env.psql("select 1", db, sslmode="prefer", binary=SYSTEM_PSQL, application_name="second")
+            assert r.returncode != 0
+            assert env.standin.whois_count("127.0.0.1") - before == 1
+            fatal = [ln for ln in r.stderr.splitlines() if "FATAL" in ln]
+            assert len(fatal) == 2, r.stderr
+            assert "no Waypoint grant" in fatal[0]
+            assert "TLS is required" in fatal[1] and "no Waypoint grant" in fatal[1], r.stderr
+            await env.assert_clean()
