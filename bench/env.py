@@ -106,7 +106,7 @@ def peer(ip: str, database: str) -> dict[str, Any]:
 
 def identity_ips(first: int, count: int) -> list[str]:
     """``count`` loopback addresses 127.0.0.<first>, 127.0.0.<first + 1>, ..."""
-    if not (1 <= first and first + count - 1 <= 254):
+    if not (first >= 1 and first + count - 1 <= 254):
         raise ValueError(f"identities 127.0.0.{first}..+{count} do not fit in 127.0.0.1..254")
     return [f"127.0.0.{i}" for i in range(first, first + count)]
 
