@@ -1,12 +1,20 @@
 """Relay data-path benchmark: epoll engine vs trio streams vs direct vs PgBouncer.
 
-``python -m bench.relay_bench [--duration 5] [--rounds 3] [--clients 1,8,32]``
+``python -m bench.relay_bench [--duration 5] [--rounds 3] [--clients 1,8,32]
+[--systems direct,pgbouncer,engine,streams]``
 
 Starts a throwaway PostgreSQL (tests/pgcluster.py), then for each round and client
 count runs ``pgbench -S -T <duration> -c <n> -j 2`` against every system in turn
 (interleaved), and prints TPS medians and the ratio to PgBouncer (session mode) and to
 direct. Each relay runs in its own process: a relay-only listener (accept, connect to the
 backend, hand both sockets to the relay; no auth, no parsing).
+
+Environment switches for the relay processes (measurement only):
+
+* ``RELAY_BENCH_PROFILE=<dir>``: run the engine thread under cProfile and write
+  ``<dir>/engine-<pid>.prof`` when the process is told to stop (SIGTERM).
+* ``RELAY_BENCH_SWITCHINTERVAL=<seconds>``: ``sys.setswitchinterval`` in the relay
+  processes (the GIL hand-off interval between the engine thread and trio).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -33,8 +42,27 @@ _TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
 # -- the relay-only listener (child process) ----------------------------------------------
 
 
+def _profile_engine(engine: RelayEngine, out_dir: str) -> None:
+    """Run the engine thread's loop under cProfile; dump the stats when it returns."""
+    import cProfile
+
+    loop = engine._loop
+
+    def profiled() -> None:
+        profiler = cProfile.Profile()
+        try:
+            profiler.runcall(loop)
+        finally:
+            profiler.dump_stats(os.path.join(out_dir, f"engine-{os.getpid()}.prof"))
+
+    engine._loop = profiled  # type: ignore[method-assign]
+
+
 async def _serve(mode: str, listen_port: int, backend: tuple[str, int]) -> None:
     listeners = await trio.open_tcp_listeners(listen_port, host="127.0.0.1")
+    switch = os.environ.get("RELAY_BENCH_SWITCHINTERVAL")
+    if switch:
+        sys.setswitchinterval(float(switch))
 
     async def engine_conn(engine: RelayEngine, client: trio.SocketStream) -> None:
         backend_stream = await trio.open_tcp_stream(*backend)
@@ -52,15 +80,35 @@ async def _serve(mode: str, listen_port: int, backend: tuple[str, int]) -> None:
         async with client, await trio.open_tcp_stream(*backend) as backend_stream:
             await relay_streams(client, backend_stream)
 
-    if mode == "engine":
-        async with open_relay_engine() as engine:
+    async def stop_on_sigterm(scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                scope.cancel()
+                return
 
-            async def handler(stream: trio.SocketStream) -> None:
-                await engine_conn(engine, stream)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_on_sigterm, scope)
+            if mode == "engine":
+                profile_dir = os.environ.get("RELAY_BENCH_PROFILE")
+                engine_cm = open_relay_engine()
+                if profile_dir:
+                    # The thread starts inside open_relay_engine: wrap the loop first.
+                    original_start = RelayEngine._start
 
-            await trio.serve_listeners(handler, listeners)
-    else:
-        await trio.serve_listeners(streams_conn, listeners)
+                    def start(self: RelayEngine, token: trio.lowlevel.TrioToken) -> None:
+                        _profile_engine(self, profile_dir)
+                        original_start(self, token)
+
+                    RelayEngine._start = start  # type: ignore[method-assign]
+                async with engine_cm as engine:
+
+                    async def handler(stream: trio.SocketStream) -> None:
+                        await engine_conn(engine, stream)
+
+                    await trio.serve_listeners(handler, listeners)
+            else:
+                await trio.serve_listeners(streams_conn, listeners)
 
 
 # -- the harness --------------------------------------------------------------------------
@@ -128,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument(
+        "--systems",
+        default="direct,pgbouncer,engine,streams",
+        help="comma-separated subset of direct,pgbouncer,engine,streams",
+    )
     parser.add_argument("--serve", choices=["engine", "streams"], help=argparse.SUPPRESS)
     parser.add_argument("--listen-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend-port", type=int, help=argparse.SUPPRESS)
@@ -140,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     from pgcluster import PgCluster  # type: ignore[import-not-found]
 
     clients = [int(c) for c in args.clients.split(",")]
+    wanted = set(args.systems.split(","))
+    unknown = wanted - {"direct", "pgbouncer", "engine", "streams"}
+    if unknown:
+        parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
     cluster = PgCluster.start(max_connections=200)
     procs: list[subprocess.Popen[bytes]] = []
     tmp = Path(tempfile.mkdtemp(prefix="wp-relay-bench-"))
@@ -151,12 +208,16 @@ def main(argv: list[str] | None = None) -> int:
             env={**os.environ, "PGPASSWORD": password}, check=True, capture_output=True,
             timeout=120,
         )  # fmt: skip
-        systems: dict[str, int] = {"direct": cluster.port}
-        bouncer = _pgbouncer(cluster.port, password, tmp)
+        systems: dict[str, int] = {}
+        if "direct" in wanted:
+            systems["direct"] = cluster.port
+        bouncer = _pgbouncer(cluster.port, password, tmp) if "pgbouncer" in wanted else None
         if bouncer is not None:
             procs.append(bouncer[0])
             systems["pgbouncer"] = bouncer[1]
         for mode in ("engine", "streams"):
+            if mode not in wanted:
+                continue
             port = _free_port()
             procs.append(
                 subprocess.Popen(
@@ -186,8 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         for n in clients:
             med = {name: statistics.median(results[(name, n)]) for name in systems}
             cells = " | ".join(f"{med[name]:,.0f}" for name in systems)
-            vs_bouncer = f"{med['engine'] / med['pgbouncer']:.2f}x" if "pgbouncer" in med else "n/a"
-            print(f"{n} | {cells} | {vs_bouncer} | {med['engine'] / med['direct']:.2f}x")
+            engine = med.get("engine")
+            bouncer_tps = med.get("pgbouncer")
+            direct_tps = med.get("direct")
+            vs_bouncer = f"{engine / bouncer_tps:.2f}x" if engine and bouncer_tps else "n/a"
+            vs_direct = f"{engine / direct_tps:.2f}x" if engine and direct_tps else "n/a"
+            print(f"{n} | {cells} | {vs_bouncer} | {vs_direct}")
     finally:
         for proc in procs:
             proc.terminate()

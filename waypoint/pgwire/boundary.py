@@ -29,6 +29,7 @@ MAX_MESSAGE_LENGTH = 0x7FFFFFFF
 
 _HEADER = struct.Struct("!Bi")
 _HEADER_SIZE = _HEADER.size  # 5
+_unpack_header = _HEADER.unpack_from
 
 #: ``on_header(type_byte, length)``: called once per message header, in order.
 #: ``length`` counts itself (the body is ``length - 4`` bytes). It runs on the
@@ -74,14 +75,44 @@ class BoundaryTracker:
     def feed(self, chunk: bytes | bytearray | memoryview) -> None:
         """Account for the next ``chunk`` of the stream (any size, including empty)."""
         n = len(chunk)
+        skip = self._skip
+        if skip >= n and not self._header:
+            # The whole chunk lies inside the current message body (or is empty).
+            self._skip = skip - n
+            return
         if self._header:
             pos = self._complete_header(chunk, n)
             if self._header:  # still incomplete: the whole chunk was header bytes
                 return
         else:
-            pos = self._skip
-        if pos + _HEADER_SIZE <= n:
-            pos = self._walk(chunk, pos, n)
+            pos = skip
+        limit = n - _HEADER_SIZE
+        if pos <= limit:
+            # Skip from header to header (inlined: this runs once per relayed chunk).
+            callback = self.on_header
+            count = 0
+            if callback is None:
+                while pos <= limit:
+                    type_byte, length = _unpack_header(chunk, pos)
+                    if length < 4:
+                        self.messages += count
+                        raise _bad_length(type_byte, length)
+                    count += 1
+                    pos += 1 + length
+            else:
+                while pos <= limit:
+                    type_byte, length = _unpack_header(chunk, pos)
+                    if length < 4:
+                        self.messages += count
+                        raise _bad_length(type_byte, length)
+                    try:
+                        callback(type_byte, length)
+                    except BaseException:
+                        self.messages += count
+                        raise
+                    count += 1
+                    pos += 1 + length
+            self.messages += count
         if pos >= n:
             self._skip = pos - n
         else:
@@ -113,26 +144,6 @@ class BoundaryTracker:
         return n
 
     # -- internals -------------------------------------------------------------------------
-
-    def _walk(self, chunk: bytes | bytearray | memoryview, pos: int, n: int) -> int:
-        """Skip every whole header that starts in ``chunk[pos:n]``; return the position
-        after the last message body (which may lie beyond ``n``)."""
-        unpack = _HEADER.unpack_from
-        callback = self.on_header
-        count = 0
-        limit = n - _HEADER_SIZE
-        try:
-            while pos <= limit:
-                type_byte, length = unpack(chunk, pos)
-                if length < 4:
-                    raise _bad_length(type_byte, length)
-                if callback is not None:
-                    callback(type_byte, length)
-                count += 1
-                pos += 1 + length
-        finally:
-            self.messages += count
-        return pos
 
     def _complete_header(self, chunk: bytes | bytearray | memoryview, n: int) -> int:
         """Add bytes of ``chunk`` to a split header. Returns the position in ``chunk``
