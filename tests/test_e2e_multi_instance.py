@@ -1,0 +1,182 @@
+"""Two Waypoint instances sharing Redis state (issue 6): one user's ``max_conns`` holds across
+both, and a CancelRequest sent to instance B cancels a query running through instance A.
+
+Both instances run in this process (``run_waypoint`` twice) in front of one cluster and one
+LocalAPI stand-in, with ``[state] backend = "redis"`` and a key prefix unique to the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pg8000.native
+import pytest
+import trio
+from e2e_support import LISTENER, create_app_database, db_rule, make_config_text, run_waypoint
+from localapi_standin import LocalAPIStandin, run_standin
+from pg8000.exceptions import DatabaseError
+from pgcluster import PgCluster
+
+from waypoint.app import Running
+from waypoint.config.load import load_config_text
+from waypoint.pgwire import (
+    BackendKeyData,
+    ErrorResponse,
+    MessageReader,
+    build_cancel_request,
+    build_message,
+    build_startup_message,
+    parse_backend_message,
+)
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@contextlib.asynccontextmanager
+async def two_instances(
+    pg: PgCluster, tmp_path: Path
+) -> AsyncIterator[tuple[LocalAPIStandin, Running, Running]]:
+    key_prefix = f"wp-multi-{secrets.token_hex(6)}:"
+    async with run_standin(tmp_path) as standin:
+        text = make_config_text(
+            pg,
+            socket_path=standin.socket_path,
+            tables_extra=(
+                f'[state]\nbackend = "redis"\nurl = "{REDIS_URL}"\nkey_prefix = "{key_prefix}"\n'
+            ),
+        )
+        config = load_config_text(text, source="multi.toml")
+        async with run_waypoint(config) as a, run_waypoint(config) as b:
+            assert a.address(LISTENER) != b.address(LISTENER)
+            yield standin, a, b
+
+
+async def connect(running: Running, db: str, source: str) -> pg8000.native.Connection:
+    host, port = running.address(LISTENER)
+
+    def go() -> pg8000.native.Connection:
+        return pg8000.native.Connection(
+            user="anyone",
+            host=host,
+            port=port,
+            database=db,
+            source_address=(source, 0),
+            timeout=30,
+        )
+
+    with trio.fail_after(30):
+        return await trio.to_thread.run_sync(go)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    if isinstance(exc, DatabaseError) and exc.args and isinstance(exc.args[0], dict):
+        return str(exc.args[0].get("C"))
+    return None
+
+
+async def test_max_conns_holds_across_two_instances(pg: PgCluster, tmp_path: Path) -> None:
+    db = create_app_database(pg)
+    async with two_instances(pg, tmp_path) as (standin, a, b):
+        ip = "127.0.0.2"
+        standin.set_peer(
+            ip,
+            login="carol@example.com",
+            node="carol-laptop",
+            rules=[db_rule({db: {"permissions": ["readonly"]}}, limits={"max_conns": 2})],
+        )
+        open_conns: list[pg8000.native.Connection] = []
+        try:
+            open_conns.append(await connect(a, db, ip))
+            open_conns.append(await connect(b, db, ip))
+            for conn in open_conns:
+                assert await trio.to_thread.run_sync(conn.run, "SELECT v FROM t") == [["one"]]
+            for third_via in (a, b):
+                with pytest.raises(DatabaseError) as info:
+                    open_conns.append(await connect(third_via, db, ip))
+                assert sqlstate(info.value) == "53300", info.value
+            # A slot freed on one instance is usable through the other.
+            await trio.to_thread.run_sync(open_conns.pop(0).close)
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        open_conns.append(await connect(b, db, ip))
+                        break
+                    except DatabaseError as exc:
+                        assert sqlstate(exc) == "53300", exc
+                        await trio.sleep(0.2)
+        finally:
+            for conn in open_conns:
+                await trio.to_thread.run_sync(conn.close)
+
+
+class RawClient:
+    """Just enough of the frontend protocol to learn the cancel key and run one query."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.reader = MessageReader()
+        self.started = False
+
+    async def next(self) -> Any:
+        """The next message: parsed when it is a startup-phase one or an ErrorResponse,
+        else its type byte (query results are not parsed here)."""
+        while True:
+            msg = self.reader.next_message()
+            if msg is not None:
+                if msg.type in (b"T", b"D", b"C", b"I", b"N", b"A", b"S", b"Z") and self.started:
+                    return msg.type
+                return parse_backend_message(msg)
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise EOFError("Waypoint closed the connection")
+            self.reader.feed(data)
+
+    async def startup(self, db: str) -> BackendKeyData:
+        await self.stream.send_all(build_startup_message({"user": "anyone", "database": db}))
+        key: BackendKeyData | None = None
+        while True:
+            msg = await self.next()
+            if isinstance(msg, ErrorResponse):
+                raise AssertionError(f"login refused: {dict(msg.fields)}")
+            if isinstance(msg, BackendKeyData):
+                key = msg
+            if type(msg).__name__ == "ReadyForQuery":
+                self.started = True
+                break
+        assert key is not None, "no BackendKeyData before ReadyForQuery"
+        return key
+
+
+async def test_cancel_sent_to_instance_b_cancels_query_running_through_a(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    db = create_app_database(pg)
+    async with two_instances(pg, tmp_path) as (standin, a, b):
+        standin.set_peer(
+            "127.0.0.1",
+            login="dave@example.com",
+            node="dave-laptop",
+            rules=[db_rule({db: {"permissions": ["readonly"]}})],
+        )
+        with trio.fail_after(30):
+            stream = await trio.open_tcp_stream(*a.address(LISTENER))
+        async with stream:
+            client = RawClient(stream)
+            with trio.fail_after(30):
+                key = await client.startup(db)
+            await stream.send_all(build_message(b"Q", b"select pg_sleep(30)\0"))
+            await trio.sleep(0.3)  # let the query start on the backend
+            with trio.fail_after(10):
+                cancel = await trio.open_tcp_stream(*b.address(LISTENER))
+                async with cancel:
+                    await cancel.send_all(build_cancel_request(key.pid, key.secret))
+            with trio.fail_after(2):
+                while True:
+                    msg = await client.next()
+                    if isinstance(msg, ErrorResponse):
+                        break
+            assert msg.sqlstate == "57014", dict(msg.fields)
