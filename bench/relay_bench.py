@@ -7,7 +7,9 @@ Starts a throwaway PostgreSQL (tests/pgcluster.py), then for each round and clie
 count runs ``pgbench -S -T <duration> -c <n> -j 2`` against every system in turn
 (interleaved), and prints TPS medians and the ratio to PgBouncer (session mode) and to
 direct. Each relay runs in its own process: a relay-only listener (accept, connect to the
-backend, hand both sockets to the relay; no auth, no parsing).
+backend, pass the startup phase through unparsed up to the first ReadyForQuery, then
+hand both sockets to the relay, which therefore starts at a message boundary and tracks
+real message headers, as in ``waypoint run``).
 
 Environment switches for the relay processes (measurement only):
 
@@ -26,6 +28,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -58,6 +61,56 @@ def _profile_engine(engine: RelayEngine, out_dir: str) -> None:
     engine._loop = profiled  # type: ignore[method-assign]
 
 
+_SSL_REQUEST = 80877103
+_GSSENC_REQUEST = 80877104
+_AUTH_NEEDS_REPLY = frozenset({3, 5, 10, 11})  # cleartext, MD5, SASL, SASL continue
+
+
+class _Reader:
+    """Exact reads from a trio stream (the startup phase only; never reads ahead)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+
+    async def exactly(self, n: int) -> bytes:
+        data = bytearray()
+        while len(data) < n:
+            chunk = await self.stream.receive_some(n - len(data))
+            if not chunk:
+                raise EOFError("peer closed during the startup phase")
+            data += chunk
+        return bytes(data)
+
+    async def message(self) -> bytes:
+        header = await self.exactly(5)
+        (length,) = struct.unpack_from("!i", header, 1)
+        return header + await self.exactly(length - 4)
+
+
+async def _pass_startup(client: trio.SocketStream, backend: trio.SocketStream) -> None:
+    """Forward the startup phase unparsed until the backend's first ReadyForQuery."""
+    c, b = _Reader(client), _Reader(backend)
+    with trio.fail_after(30):
+        while True:  # SSLRequest / GSSENCRequest (answered "N" by a non-TLS server), startup
+            head = await c.exactly(8)
+            length, code = struct.unpack("!ii", head)
+            packet = head + await c.exactly(length - 8)
+            await backend.send_all(packet)
+            if code not in (_SSL_REQUEST, _GSSENC_REQUEST):
+                break
+            await client.send_all(await b.exactly(1))
+        while True:
+            msg = await b.message()
+            await client.send_all(msg)
+            kind = msg[:1]
+            if kind == b"Z":
+                return
+            if kind == b"E":
+                raise EOFError("the backend refused the login")
+            if kind == b"R" and struct.unpack_from("!i", msg, 5)[0] in _AUTH_NEEDS_REPLY:
+                await backend.send_all(await c.message())
+
+
 async def _serve(mode: str, listen_port: int, backend: tuple[str, int]) -> None:
     listeners = await trio.open_tcp_listeners(listen_port, host="127.0.0.1")
     switch = os.environ.get("RELAY_BENCH_SWITCHINTERVAL")
@@ -66,6 +119,12 @@ async def _serve(mode: str, listen_port: int, backend: tuple[str, int]) -> None:
 
     async def engine_conn(engine: RelayEngine, client: trio.SocketStream) -> None:
         backend_stream = await trio.open_tcp_stream(*backend)
+        try:
+            await _pass_startup(client, backend_stream)
+        except (EOFError, trio.BrokenResourceError, trio.TooSlowError):
+            await client.aclose()
+            await backend_stream.aclose()
+            return
         c = socket.socket(fileno=client.socket.detach())
         b = socket.socket(fileno=backend_stream.socket.detach())
         for s in (c, b):
@@ -78,6 +137,10 @@ async def _serve(mode: str, listen_port: int, backend: tuple[str, int]) -> None:
 
     async def streams_conn(client: trio.SocketStream) -> None:
         async with client, await trio.open_tcp_stream(*backend) as backend_stream:
+            try:
+                await _pass_startup(client, backend_stream)
+            except (EOFError, trio.BrokenResourceError, trio.TooSlowError):
+                return
             await relay_streams(client, backend_stream)
 
     async def stop_on_sigterm(scope: trio.CancelScope) -> None:
