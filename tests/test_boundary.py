@@ -177,3 +177,36 @@ def test_header_callback_counts_query_and_parse_headers() -> None:
     )
     tracker.feed(bytearray(stream))
     assert kinds == ["Q", "P", "S"]
+
+
+def test_chunk_inside_one_body_decodes_no_header() -> None:
+    """A chunk that lies wholly inside a message body is accounted without decoding:
+    bytes that look like headers there are payload, not messages."""
+    seen: list[int] = []
+    tracker = BoundaryTracker(on_header=lambda t, n: seen.append(t))
+    body = message(b"Q", b"x" * 20) * 10  # header-shaped payload inside a DataRow
+    tracker.feed(b"D" + struct.pack("!i", 4 + len(body)))
+    for i in range(0, len(body), 7):
+        tracker.feed(body[i : i + 7])
+    assert seen == [ord("D")]
+    assert tracker.at_boundary and tracker.messages == 1
+
+
+def test_callback_error_propagates_and_counts_only_earlier_messages() -> None:
+    def hook(type_byte: int, length: int) -> None:
+        if type_byte == ord("P"):
+            raise RuntimeError("hook failed")
+
+    tracker = BoundaryTracker(on_header=hook)
+    with pytest.raises(RuntimeError, match="hook failed"):
+        tracker.feed(message(b"Q", b"a\x00") + message(b"S", b"") + message(b"P", b"b"))
+    assert tracker.messages == 2
+
+
+def test_bad_length_after_a_split_header_counts_messages_before_it() -> None:
+    tracker = BoundaryTracker()
+    whole = message(b"Q", b"select 1\x00")
+    tracker.feed(whole[:3])
+    with pytest.raises(ProtocolError, match="message type 'X'"):
+        tracker.feed(whole[3:] + message(b"S", b"") + b"X" + struct.pack("!i", 2))
+    assert tracker.messages == 2

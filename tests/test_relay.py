@@ -323,6 +323,36 @@ async def test_byte_limit_counts_client_bytes_too(harness: Harness) -> None:
     assert result.fatal_sent
 
 
+async def test_byte_limit_is_not_crossed_by_exactly_max_bytes(harness: Harness) -> None:
+    query, ready = message(b"Q", b"select 1\x00"), message(b"Z", b"I")
+    s = await harness.open(max_bytes=len(query) + len(ready), byte_limit_error=LIMIT_FATAL)
+    await s.client.send_all(query)
+    assert await read_all(s.backend, len(query)) == query
+    await s.backend.send_all(ready)
+    assert await read_all(s.client, len(ready)) == ready
+    assert s.control.bytes_from_client + s.control.bytes_from_backend == len(query + ready)
+    await s.client.send_all(query)  # past the limit: not forwarded, the FATAL goes out
+    result = await s.result()
+    s.close_proxy_side()
+    assert await read_to_eof(s.client) == LIMIT_FATAL
+    assert await read_to_eof(s.backend) == b""
+    assert result.reason == "byte_limit"
+    assert result.fatal_sent
+
+
+async def test_handshake_leftovers_past_the_byte_limit_end_the_relay(harness: Harness) -> None:
+    leftover = message(b"S", b"a\x00b\x00") + message(b"Z", b"I")
+    s = await harness.open(
+        max_bytes=len(leftover) - 1, byte_limit_error=LIMIT_FATAL, initial_to_client=leftover
+    )
+    result = await s.result()  # ends without any further input
+    s.close_proxy_side()
+    assert await read_to_eof(s.client) == leftover + LIMIT_FATAL
+    assert await read_to_eof(s.backend) == b""
+    assert result.reason == "byte_limit"
+    assert result.fatal_sent
+
+
 async def test_terminate_mid_stream_injects_fatal_exactly_at_a_boundary(harness: Harness) -> None:
     s = await harness.open()
     rng = random.Random(7)

@@ -543,6 +543,9 @@ class RelayEngine:
             except OSError as exc:
                 self._finish(relay, "error", f"cannot watch {_who(side)} socket: {exc}")
                 return
+        if relay.budget < 0:  # the handshake's leftovers alone exceed max_bytes
+            self._begin_terminate(relay, relay.limit_fatal, "byte_limit", DEFAULT_BOUNDARY_TIMEOUT)
+            return
         # Bytes handed over by the handshake: try to write them now.
         for side in (relay.client, relay.backend):
             if side.out and not relay.done:
