@@ -1,0 +1,115 @@
+"""A reaper pass meets SQL that fails for one role (issue 9, point 3; SPEC §10, §12).
+
+One expired role owns a table in a database the admin may not connect to, so its
+``REASSIGN OWNED`` / ``DROP OWNED`` cannot run there and ``DROP ROLE`` fails. The pass
+reports that role as failed and still drops the others; the next pass retries it and,
+once the obstacle is gone, drops it. Waypoint keeps serving, and no advisory lock is left
+held by an admin session.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pg8000.native
+import pytest
+import trio
+from e2e_support import LISTENER, E2EEnv, create_app_database, e2e_env, roles_with_prefix
+from pgcluster import PgCluster
+
+from waypoint.reaper import Reaper
+
+pytestmark = pytest.mark.pg
+
+IDENTITIES = ("127.0.0.7", "127.0.0.8", "127.0.0.9")
+
+
+def _reaper(env: E2EEnv) -> Reaper:
+    ctx = env.running.contexts[LISTENER]
+    return Reaper(
+        ctx.listener,
+        ctx.provisioner,
+        roles_in_use=lambda: env.running.registry.roles_in_use(LISTENER),
+        known_listeners={LISTENER},
+    )
+
+
+def _admin_advisory_locks(cluster: PgCluster) -> int:
+    rows = cluster.execute(
+        "SELECT count(*) FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a "
+        "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted AND a.usename = :u",
+        u=cluster.admin_user,
+    )
+    return int(rows[0][0])
+
+
+async def test_reaper_pass_goes_on_when_one_roles_drop_fails(pg15: PgCluster, tmp_path: Path) -> None:
+    prefix = f"wpreap{os.getpid() % 100000}_"
+    db = create_app_database(pg15)
+    locked = f"locked{os.getpid()}_{db}"
+    pg15.create_database(locked)
+    pg15.execute(f"REVOKE CONNECT ON DATABASE {pg8000.native.identifier(locked)} FROM PUBLIC")
+    try:
+        with trio.fail_after(180):
+            async with e2e_env(
+                pg15,
+                tmp_path,
+                postgres_extra=f'user_prefix = "{prefix}"\nreap_interval = "1h"',
+            ) as env:
+                roles: dict[str, str] = {}
+                for ip in IDENTITIES:
+                    env.grant(ip, {db: {"permissions": ["readonly"]}})
+                    conn = await env.pg8000_connect(db, source=ip)
+                    try:
+                        roles[ip] = (await trio.to_thread.run_sync(conn.run, "SELECT current_user"))[0][0]
+                    finally:
+                        await trio.to_thread.run_sync(conn.close)
+                await env.assert_clean()
+                stuck, *others = (roles[ip] for ip in IDENTITIES)
+                assert set(roles.values()) <= roles_with_prefix(pg15, prefix)
+
+                # The obstacle: a table owned by `stuck` where the admin cannot connect.
+                pg15.execute(
+                    f"CREATE TABLE public.obstacle (i int); "
+                    f"ALTER TABLE public.obstacle OWNER TO {pg8000.native.identifier(stuck)}",
+                    dbname=locked,
+                )
+                for role in roles.values():
+                    pg15.execute(
+                        f"ALTER ROLE {pg8000.native.identifier(role)} VALID UNTIL '2000-01-01'"
+                    )
+
+                reaper = _reaper(env)
+                report = await reaper.run_pass()
+                failed = {f.role: f.reason for f in report.failed}
+                assert stuck in failed, report
+                assert failed[stuck], report
+                assert set(others) <= set(report.dropped_roles), report
+                left = roles_with_prefix(pg15, prefix)
+                assert stuck in left
+                assert not set(others) & left
+                assert _admin_advisory_locks(pg15) == 0
+
+                # Waypoint keeps serving a caller meanwhile.
+                env.grant("127.0.0.10", {db: {"permissions": ["readonly"]}})
+                conn = await env.pg8000_connect(db, source="127.0.0.10")
+                try:
+                    rows = await trio.to_thread.run_sync(conn.run, "SELECT v FROM public.t")
+                    assert rows == [["one"]]
+                finally:
+                    await trio.to_thread.run_sync(conn.close)
+                await env.assert_clean()
+
+                # The next pass retries the stuck role (and fails the same way) ...
+                again = await reaper.run_pass()
+                assert stuck in {f.role for f in again.failed}, again
+                # ... and drops it once the obstacle is gone.
+                pg15.execute("DROP TABLE public.obstacle", dbname=locked)
+                final = await reaper.run_pass()
+                assert stuck in final.dropped_roles, final
+                assert not final.failed, final
+                assert stuck not in roles_with_prefix(pg15, prefix)
+                assert _admin_advisory_locks(pg15) == 0
+    finally:
+        pg15.drop_database(locked)
