@@ -367,7 +367,7 @@ class LocalAPIStandin:
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         try:
             await sock.bind(self.socket_path)
-            sock.listen(128)
+            sock.listen(0xFFFF)  # the kernel caps it at net.core.somaxconn, as for tailscaled (Go)
             listener = trio.SocketListener(sock)
         except BaseException:
             sock.close()
