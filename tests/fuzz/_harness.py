@@ -38,14 +38,15 @@ def instrumentation(active: bool) -> AbstractContextManager[Any]:
     """
     if not active:
         return contextlib.nullcontext()
-    import atheris
+    import atheris  # type: ignore[import-untyped]
 
-    return atheris.instrument_imports(include=list(INSTRUMENTED))
+    hook: AbstractContextManager[Any] = atheris.instrument_imports(include=list(INSTRUMENTED))
+    return hook
 
 
 def fuzz(test_one_input: Callable[[bytes], None]) -> None:
     """Run libFuzzer on ``test_one_input`` with the command line's arguments."""
-    import atheris
+    import atheris  # type: ignore[import-untyped]
 
     atheris.Setup(sys.argv, test_one_input)
     atheris.Fuzz()

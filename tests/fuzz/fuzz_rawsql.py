@@ -39,6 +39,7 @@ def assert_pinned_to_role(sql: str, role: str) -> None:
     stmts = pglast.parse_sql(sql)
     assert len(stmts) == 1, f"{len(stmts)} statements accepted"
     stmt = stmts[0].stmt
+    grant: object
     if isinstance(stmt, ast.AlterDefaultPrivilegesStmt):
         for opt in stmt.options or ():
             assert isinstance(opt, ast.DefElem) and opt.defname == "schemas", opt
