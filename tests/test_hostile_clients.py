@@ -34,7 +34,7 @@ from pgcluster import PgCluster, PgClusterError
 
 HANDSHAKE = 2.0
 # A refused or stalled connection must be gone by the handshake timeout plus this margin.
-MARGIN = 1.5
+MARGIN = 2.5
 PREFIX = "wp_"
 ATTACKER = "127.0.0.66"
 INJECTION = "x'; DROP TABLE t; --"
@@ -152,32 +152,32 @@ async def test_slowloris_startup_is_closed_by_the_handshake_timeout(
         await env.assert_clean()
 
 
-@pytest.mark.parametrize(
-    ("length", "what"),
-    [
-        (10005, "one past PostgreSQL's limit"),
-        (0x7FFFFFFF, "2 GiB"),
-        (0xFFFFFFFF, "negative as int32"),
-        (7, "shorter than its header"),
-        (0, "zero"),
-    ],
-)
+BAD_LENGTHS = [
+    (10005, "one past PostgreSQL's limit"),
+    (0x7FFFFFFF, "2 GiB"),
+    (0xFFFFFFFF, "negative as int32"),
+    (7, "shorter than its header"),
+    (0, "zero"),
+]
+
+
 async def test_first_packet_length_out_of_range_is_refused_with_08p01(
-    logged_pg: PgCluster, tmp_path: Path, certs: CertFiles, length: int, what: str
+    logged_pg: PgCluster, tmp_path: Path, certs: CertFiles
 ) -> None:
     db = create_app_database(logged_pg)
     async with _env(logged_pg, tmp_path, certs) as env:
         env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
-        packet = length.to_bytes(4, "big") + (3 << 16).to_bytes(4, "big") + b"user\0x\0\0"
-        with trio.fail_after(15):
-            reply = await raw_exchange(env.host, env.port, [packet], source=ATTACKER)
-        _assert_closed_in_time(reply, what)
-        err = reply.error
-        assert err is not None, (what, reply.data)
-        assert err["S"] == "FATAL" and err["C"] == "08P01", err
-        assert "length" in err["M"], err
+        for length, what in BAD_LENGTHS:
+            packet = length.to_bytes(4, "big") + (3 << 16).to_bytes(4, "big") + b"user\0x\0\0"
+            with trio.fail_after(15):
+                reply = await raw_exchange(env.host, env.port, [packet], source=ATTACKER)
+            _assert_closed_in_time(reply, what)
+            err = reply.error
+            assert err is not None, (what, reply.data)
+            assert err["S"] == "FATAL" and err["C"] == "08P01", (what, err)
+            assert "length" in err["M"], (what, err)
+            await _normal_client_works(env, db)
         assert env.standin.whois_count(ATTACKER) == 0
-        await _normal_client_works(env, db)
 
 
 async def test_first_packet_that_claims_more_than_it_sends_is_closed_in_time(
@@ -216,50 +216,50 @@ async def test_startup_with_10000_parameters_is_refused(
         await _normal_client_works(env, db)
 
 
-@pytest.mark.parametrize("alpn", [(), ("http/1.1",)], ids=["no-alpn", "alpn-http"])
 async def test_direct_tls_without_alpn_postgresql_is_closed(
-    logged_pg: PgCluster, tmp_path: Path, certs: CertFiles, alpn: tuple[str, ...]
+    logged_pg: PgCluster, tmp_path: Path, certs: CertFiles
 ) -> None:
     db = create_app_database(logged_pg)
     async with _env(logged_pg, tmp_path, certs) as env:
         env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
-        hello = tls_client_hello(alpn=alpn)
-        assert hello[0] == 0x16
-        with trio.fail_after(15):
-            reply = await raw_exchange(env.host, env.port, [hello], source=ATTACKER)
-        _assert_closed_in_time(reply, "direct TLS without ALPN")
-        # Nothing in plaintext and no ServerHello: at most a TLS alert record.
-        assert reply.data == b"" or reply.data[0] == 0x15, reply.data[:40]
-        await _normal_client_works(env, db)
+        for alpn in [(), ("http/1.1",)]:
+            hello = tls_client_hello(alpn=alpn)
+            assert hello[0] == 0x16
+            with trio.fail_after(15):
+                reply = await raw_exchange(env.host, env.port, [hello], source=ATTACKER)
+            _assert_closed_in_time(reply, f"direct TLS with ALPN {alpn}")
+            # Nothing in plaintext and no ServerHello: at most a TLS alert record.
+            assert reply.data == b"" or reply.data[0] == 0x15, (alpn, reply.data[:40])
+            await _normal_client_works(env, db)
 
 
-@pytest.mark.parametrize(
-    ("garbage", "what"),
-    [
-        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP request"),
-        (b"\x16\x03\x01\x00\x20" + b"\xff" * 32, "handshake record with a garbage body"),
-        (b"\x16\x03\x01\xff\xff" + b"\x01" * 10, "handshake record that never completes"),
-        (b"\x00" * 64, "zeros"),
-        (raw_startup_packet({"user": "x"}), "a plaintext startup after S"),
-    ],
-)
+TLS_GARBAGE = [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP request"),
+    (b"\x16\x03\x01\x00\x20" + b"\xff" * 32, "handshake record with a garbage body"),
+    (b"\x16\x03\x01\xff\xff" + b"\x01" * 10, "handshake record that never completes"),
+    (b"\x00" * 64, "zeros"),
+    (raw_startup_packet({"user": "x"}), "a plaintext startup after S"),
+]
+
+
 async def test_tls_handshake_garbage_after_s_is_closed(
-    logged_pg: PgCluster, tmp_path: Path, certs: CertFiles, garbage: bytes, what: str
+    logged_pg: PgCluster, tmp_path: Path, certs: CertFiles
 ) -> None:
     db = create_app_database(logged_pg)
     async with _env(logged_pg, tmp_path, certs) as env:
         env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
-        # The garbage goes after the answer (a client sending it earlier is refused anyway).
-        with trio.fail_after(15):
-            reply = await raw_exchange(
-                env.host, env.port, [SSL_REQUEST, garbage], source=ATTACKER, delay=0.2
-            )
-        _assert_closed_in_time(reply, what)
-        assert reply.data[:1] == b"S", reply.data[:40]
-        rest = reply.data[1:]
-        assert rest == b"" or rest[0] == 0x15, (what, rest[:40])
+        for garbage, what in TLS_GARBAGE:
+            # The garbage goes after the answer (a client sending it earlier is refused anyway).
+            with trio.fail_after(15):
+                reply = await raw_exchange(
+                    env.host, env.port, [SSL_REQUEST, garbage], source=ATTACKER, delay=0.2
+                )
+            _assert_closed_in_time(reply, what)
+            assert reply.data[:1] == b"S", (what, reply.data[:40])
+            rest = reply.data[1:]
+            assert rest == b"" or rest[0] == 0x15, (what, rest[:40])
+            await _normal_client_works(env, db)
         assert env.standin.whois_count(ATTACKER) == 0
-        await _normal_client_works(env, db)
 
 
 async def test_sql_injection_in_startup_parameters_runs_nothing(
@@ -328,44 +328,44 @@ async def test_sql_injection_in_startup_parameters_runs_nothing(
 
 
 WEIRD_IDENTITIES = [
-    pytest.param("o'brien\"; DROP TABLE t; --@example.com", "it's\\node", id="quotes-backslash"),
-    pytest.param("nul\x00user@example.com", "nul\x00node", id="nul"),
-    pytest.param("zoë.名前@例え.jp", "ノード-1", id="unicode"),
-    pytest.param("a" * 1024 + "@example.com", "n" * 1024, id="1kB"),
+    ("o'brien\"; DROP TABLE t; --@example.com", "it's\\node"),  # quotes, backslash
+    ("nul\x00user@example.com", "nul\x00node"),
+    ("zoë.名前@例え.jp", "ノード-1"),
+    ("a" * 1024 + "@example.com", "n" * 1024),  # 1 kB
 ]
 
 
-@pytest.mark.parametrize(("login", "node"), WEIRD_IDENTITIES)
 async def test_identity_strings_from_localapi_are_data(
-    logged_pg: PgCluster, tmp_path: Path, certs: CertFiles, login: str, node: str
+    logged_pg: PgCluster, tmp_path: Path, certs: CertFiles
 ) -> None:
     """A login or node name full of quotes, backslashes, NULs, Unicode or 1 kB long is data:
     the role name is sanitized, the owner recorded exactly, and nothing is injected."""
+    from waypoint.grants.naming import parse_role_comment
+
     db = create_app_database(logged_pg)
     log_start = len(logged_pg.read_log())
     async with _env(logged_pg, tmp_path, certs) as env:
         env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
-        env.grant(ATTACKER, {db: {"permissions": ["readonly"]}}, login=login, node=node)
-        conn = await env.pg8000_connect(db, source=ATTACKER)
-        try:
-            rows = await trio.to_thread.run_sync(
-                conn.run,
-                "SELECT current_user, pg_catalog.shobj_description(r.oid, 'pg_authid'), "
-                "(SELECT v FROM public.t WHERE id = 1) "
-                "FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
-            )
-        finally:
-            await trio.to_thread.run_sync(conn.close)
-        role, comment, value = rows[0]
-        assert re.fullmatch(r"[a-z0-9_]{1,63}", role), role
-        assert len(role.encode()) <= 63
-        assert value == "one"
-        from waypoint.grants.naming import parse_role_comment
-
-        owner = parse_role_comment(comment)
-        assert owner is not None, comment
-        assert (owner.login, owner.node, owner.database) == (login, node.split(".")[0], db)
-        await _normal_client_works(env, db)
+        for n, (login, node) in enumerate(WEIRD_IDENTITIES):
+            ip = f"127.0.0.{70 + n}"
+            env.grant(ip, {db: {"permissions": ["readonly"]}}, login=login, node=node)
+            conn = await env.pg8000_connect(db, source=ip)
+            try:
+                rows = await trio.to_thread.run_sync(
+                    conn.run,
+                    "SELECT current_user, pg_catalog.shobj_description(r.oid, 'pg_authid'), "
+                    "(SELECT v FROM public.t WHERE id = 1) "
+                    "FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
+                )
+            finally:
+                await trio.to_thread.run_sync(conn.close)
+            role, comment, value = rows[0]
+            assert re.fullmatch(r"[a-z0-9_]{1,63}", role), (login, role)
+            assert value == "one"
+            owner = parse_role_comment(comment)
+            assert owner is not None, (login, comment)
+            assert (owner.login, owner.node, owner.database) == (login, node, db)
+            await _normal_client_works(env, db)
     for sql in _executed_statements(logged_pg.read_log()[log_start:]):
         assert "DropStmt" not in _statement_kinds(sql), sql
     assert logged_pg.execute("SELECT count(*) FROM public.t", dbname=db) == [[1]]
