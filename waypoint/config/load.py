@@ -325,6 +325,36 @@ def _expand_tree(
     return value
 
 
+def _expanded_values(value: Any, environ: Mapping[str, str]) -> dict[str, str]:
+    """Environment values that ``${VAR}`` references in ``value`` expand to (value → ``${VAR}``),
+    longest first; values shorter than 3 characters are not worth hiding and would garble text."""
+    found: dict[str, str] = {}
+
+    def walk(v: Any) -> None:
+        if isinstance(v, str):
+            for m in _ENV_TOKEN.finditer(v):
+                name = m.group("name")
+                if name and name in environ and len(environ[name]) >= 3:
+                    found.setdefault(environ[name], f"${{{name}}}")
+        elif isinstance(v, dict):
+            for item in v.values():
+                walk(item)
+        elif isinstance(v, list):
+            for item in v:
+                walk(item)
+
+    walk(value)
+    return dict(sorted(found.items(), key=lambda kv: -len(kv[0])))
+
+
+def _scrub(message: str, values: Mapping[str, str]) -> str:
+    for secret, placeholder in values.items():
+        for form in (secret, json.dumps(secret)[1:-1], repr(secret)[1:-1]):
+            if form:
+                message = message.replace(form, placeholder)
+    return message
+
+
 # --------------------------------------------------------------------------- strict structuring
 
 
@@ -823,7 +853,10 @@ def load_config_text(
         bad_env_paths = {p for p, _ in env_problems}
         problems += [(p, m) for p, m in _validate(cfg) + grant_problems if p not in bad_env_paths]
     if problems:
-        found = [problem(p, m) for p, m in problems]
+        # A value expanded from the environment may be a secret (it may land in the wrong
+        # field by mistake): messages name the variable, never its value.
+        scrub = _expanded_values(plain, env)
+        found = [problem(p, _scrub(m, scrub)) for p, m in problems]
         found.sort(key=lambda pr: (pr.line is None, pr.line or 0))
         raise ConfigError(found)
     assert cfg is not None
