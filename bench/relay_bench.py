@@ -1,7 +1,12 @@
 """Relay data-path benchmark: epoll engine vs trio streams vs direct vs PgBouncer.
 
 ``python -m bench.relay_bench [--duration 5] [--rounds 3] [--clients 1,8,32]
-[--systems direct,pgbouncer,engine,streams]``
+[--systems direct,pgbouncer,engine,streams] [--tls]``
+
+``--tls``: clients speak TLS to the relays and to PgBouncer (``sslmode=require``, a
+throwaway trustme certificate; the backend link stays plain). The engine decrypts in
+its thread (``start_relay_tls``), the streams relay uses ``trio.SSLStream``. Direct is
+left out (the throwaway cluster has no TLS).
 
 Starts a throwaway PostgreSQL (tests/pgcluster.py), then for each round and client
 count runs ``pgbench -S -T <duration> -c <n> -j 2`` against every system in turn
@@ -27,6 +32,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import struct
 import subprocess
@@ -37,7 +43,7 @@ from pathlib import Path
 
 import trio
 
-from waypoint.proxy.relay import RelayEngine, open_relay_engine, relay_streams
+from waypoint.proxy.relay import RelayEngine, open_relay_engine, relay_streams, tls_handover
 
 _TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
 
@@ -69,7 +75,7 @@ _AUTH_NEEDS_REPLY = frozenset({3, 5, 10, 11})  # cleartext, MD5, SASL, SASL cont
 class _Reader:
     """Exact reads from a trio stream (the startup phase only; never reads ahead)."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
 
     async def exactly(self, n: int) -> bytes:
@@ -87,32 +93,52 @@ class _Reader:
         return header + await self.exactly(length - 4)
 
 
-async def _pass_startup(client: trio.SocketStream, backend: trio.SocketStream) -> None:
-    """Forward the startup phase unparsed until the backend's first ReadyForQuery."""
+async def _pass_startup(
+    client: trio.SocketStream,
+    backend: trio.SocketStream,
+    tls: ssl.SSLContext | None = None,
+) -> trio.abc.Stream:
+    """Forward the startup phase unparsed until the backend's first ReadyForQuery.
+
+    With ``tls``, an SSLRequest is answered "S" and the client side becomes a server-side
+    ``trio.SSLStream``, which is returned (else ``client``)."""
+    client_stream: trio.abc.Stream = client
     c, b = _Reader(client), _Reader(backend)
     with trio.fail_after(30):
         while True:  # SSLRequest / GSSENCRequest (answered "N" by a non-TLS server), startup
             head = await c.exactly(8)
             length, code = struct.unpack("!ii", head)
             packet = head + await c.exactly(length - 8)
+            if code == _SSL_REQUEST and tls is not None and client_stream is client:
+                await client.send_all(b"S")
+                tls_stream = trio.SSLStream(client, tls, server_side=True)
+                await tls_stream.do_handshake()
+                client_stream, c = tls_stream, _Reader(tls_stream)
+                continue
             await backend.send_all(packet)
             if code not in (_SSL_REQUEST, _GSSENC_REQUEST):
                 break
-            await client.send_all(await b.exactly(1))
+            await client_stream.send_all(await b.exactly(1))
         while True:
             msg = await b.message()
-            await client.send_all(msg)
+            await client_stream.send_all(msg)
             kind = msg[:1]
             if kind == b"Z":
-                return
+                return client_stream
             if kind == b"E":
                 raise EOFError("the backend refused the login")
             if kind == b"R" and struct.unpack_from("!i", msg, 5)[0] in _AUTH_NEEDS_REPLY:
                 await backend.send_all(await c.message())
 
 
-async def _serve(mode: str, listen_port: int, backend: tuple[str, int]) -> None:
+async def _serve(
+    mode: str, listen_port: int, backend: tuple[str, int], cert_dir: str | None = None
+) -> None:
     listeners = await trio.open_tcp_listeners(listen_port, host="127.0.0.1")
+    tls: ssl.SSLContext | None = None
+    if cert_dir:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(os.path.join(cert_dir, "cert.pem"), os.path.join(cert_dir, "key.pem"))
     switch = os.environ.get("RELAY_BENCH_SWITCHINTERVAL")
     if switch:
         sys.setswitchinterval(float(switch))
@@ -120,17 +146,24 @@ async def _serve(mode: str, listen_port: int, backend: tuple[str, int]) -> None:
     async def engine_conn(engine: RelayEngine, client: trio.SocketStream) -> None:
         backend_stream = await trio.open_tcp_stream(*backend)
         try:
-            await _pass_startup(client, backend_stream)
+            client_stream = await _pass_startup(client, backend_stream, tls)
         except (EOFError, trio.BrokenResourceError, trio.TooSlowError):
             await client.aclose()
             await backend_stream.aclose()
             return
+        handover = None
+        if isinstance(client_stream, trio.SSLStream):
+            handover = tls_handover(client_stream)
         c = socket.socket(fileno=client.socket.detach())
         b = socket.socket(fileno=backend_stream.socket.detach())
         for s in (c, b):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            await engine.start_relay(c, b).wait()
+            if handover is None:
+                handle = engine.start_relay(c, b)
+            else:
+                handle = engine.start_relay_tls(c, b, handover)
+            await handle.wait()
         finally:
             c.close()
             b.close()
@@ -138,10 +171,10 @@ async def _serve(mode: str, listen_port: int, backend: tuple[str, int]) -> None:
     async def streams_conn(client: trio.SocketStream) -> None:
         async with client, await trio.open_tcp_stream(*backend) as backend_stream:
             try:
-                await _pass_startup(client, backend_stream)
+                client_stream = await _pass_startup(client, backend_stream, tls)
             except (EOFError, trio.BrokenResourceError, trio.TooSlowError):
                 return
-            await relay_streams(client, backend_stream)
+            await relay_streams(client_stream, backend_stream)
 
     async def stop_on_sigterm(scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -196,7 +229,7 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 def _pgbouncer(
-    backend_port: int, password: str, tmp: Path
+    backend_port: int, password: str, tmp: Path, cert_dir: Path | None = None
 ) -> tuple[subprocess.Popen[bytes], int] | None:
     exe = shutil.which("pgbouncer")
     if exe is None:
@@ -210,6 +243,12 @@ def _pgbouncer(
         f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
         "auth_type = any\npool_mode = session\nmax_client_conn = 200\n"
         "default_pool_size = 64\nlogfile =\npidfile =\n"
+        + (
+            f"client_tls_sslmode = require\nclient_tls_cert_file = {cert_dir}/cert.pem\n"
+            f"client_tls_key_file = {cert_dir}/key.pem\n"
+            if cert_dir is not None
+            else ""
+        )
     )
     os.chmod(tmp, 0o755)
     os.chmod(ini, 0o644)
@@ -221,17 +260,28 @@ def _pgbouncer(
     return proc, port
 
 
-def _pgbench(port: int, clients: int, duration: int, password: str) -> float:
-    env = {**os.environ, "PGPASSWORD": password}
-    out = subprocess.run(
-        ["pgbench", "-S", "-n", "-T", str(duration), "-c", str(clients), "-j", "2",
-         "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "postgres"],
-        env=env, capture_output=True, text=True, timeout=duration + 60, check=False,
-    )  # fmt: skip
-    m = _TPS.search(out.stdout)
-    if m is None:
-        raise RuntimeError(f"pgbench failed on port {port}: {out.stderr.strip()[-500:]}")
-    return float(m.group(1))
+def _pgbench(port: int, clients: int, duration: int, password: str, tls: bool = False) -> float:
+    """TPS of one pgbench run. A run that ends without a result (seen on a shared machine:
+    exit by a signal, no output) is retried once, loudly; a second failure raises."""
+    env = {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "require" if tls else "disable"}
+    for attempt in (1, 2):
+        out = subprocess.run(
+            ["pgbench", "-S", "-n", "-T", str(duration), "-c", str(clients), "-j", "2",
+             "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "postgres"],
+            env=env, capture_output=True, text=True, timeout=duration + 60, check=False,
+        )  # fmt: skip
+        m = _TPS.search(out.stdout)
+        if m is not None:
+            return float(m.group(1))
+        detail = (
+            f"pgbench on port {port} with {clients} clients gave no result "
+            f"(exit status {out.returncode}): stderr {out.stderr.strip()[-400:]!r} "
+            f"stdout {out.stdout.strip()[-400:]!r}"
+        )
+        if attempt == 2:
+            raise RuntimeError(detail)
+        print(f"warning: {detail}; retrying once", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,12 +294,16 @@ def main(argv: list[str] | None = None) -> int:
         default="direct,pgbouncer,engine,streams",
         help="comma-separated subset of direct,pgbouncer,engine,streams",
     )
+    parser.add_argument("--tls", action="store_true", help="clients speak TLS to the relays")
     parser.add_argument("--serve", choices=["engine", "streams"], help=argparse.SUPPRESS)
+    parser.add_argument("--cert-dir", help=argparse.SUPPRESS)
     parser.add_argument("--listen-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        trio.run(_serve, args.serve, args.listen_port, ("127.0.0.1", args.backend_port))
+        trio.run(
+            _serve, args.serve, args.listen_port, ("127.0.0.1", args.backend_port), args.cert_dir
+        )
         return 0
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -271,10 +325,24 @@ def main(argv: list[str] | None = None) -> int:
             env={**os.environ, "PGPASSWORD": password}, check=True, capture_output=True,
             timeout=120,
         )  # fmt: skip
+        cert_dir: Path | None = None
+        if args.tls:
+            import trustme
+
+            cert_dir = tmp / "tls"
+            cert_dir.mkdir()
+            cert = trustme.CA().issue_cert("127.0.0.1")
+            cert.cert_chain_pems[0].write_to_path(str(cert_dir / "cert.pem"))
+            cert.private_key_pem.write_to_path(str(cert_dir / "key.pem"))
+            os.chmod(cert_dir, 0o755)
+            for name in ("cert.pem", "key.pem"):
+                os.chmod(cert_dir / name, 0o644)  # PgBouncer runs as postgres
         systems: dict[str, int] = {}
-        if "direct" in wanted:
+        if "direct" in wanted and not args.tls:
             systems["direct"] = cluster.port
-        bouncer = _pgbouncer(cluster.port, password, tmp) if "pgbouncer" in wanted else None
+        bouncer = (
+            _pgbouncer(cluster.port, password, tmp, cert_dir) if "pgbouncer" in wanted else None
+        )
         if bouncer is not None:
             procs.append(bouncer[0])
             systems["pgbouncer"] = bouncer[1]
@@ -294,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                         str(port),
                         "--backend-port",
                         str(cluster.port),
+                        *(["--cert-dir", str(cert_dir)] if cert_dir is not None else []),
                     ],
                 )
             )
@@ -303,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             for n in clients:
                 for name, port in systems.items():
-                    tps = _pgbench(port, n, args.duration, password)
+                    tps = _pgbench(
+                        port, n, args.duration, password, tls=name != "direct" and args.tls
+                    )
                     results.setdefault((name, n), []).append(tps)
                     print(f"round {rnd + 1} clients {n:>2} {name:<9} {tps:>10.0f} tps", flush=True)
         print("\nclients | " + " | ".join(systems) + " | engine/pgbouncer | engine/direct")

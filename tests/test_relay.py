@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import socket
+import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +15,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trustme
 
 from waypoint.pgwire.boundary import BoundaryTracker
 from waypoint.proxy.relay import (
@@ -24,6 +26,7 @@ from waypoint.proxy.relay import (
     RelayResult,
     StreamRelay,
     open_relay_engine,
+    tls_handover,
 )
 
 
@@ -68,7 +71,7 @@ def epoll_registered_fds(engine: RelayEngine) -> int:
 class Session:
     """One relayed connection: the application ends and the relay's control handle."""
 
-    client: trio.SocketStream  # what the PostgreSQL client holds
+    client: trio.abc.Stream  # what the PostgreSQL client holds (TLS in "engine-tls")
     backend: trio.SocketStream  # what the PostgreSQL server holds
     control: RelayControl
     proxy_socks: tuple[socket.socket, socket.socket]
@@ -106,6 +109,34 @@ def _stream(sock: socket.socket) -> trio.SocketStream:
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
+_CA = trustme.CA()
+_SERVER_CERT = _CA.issue_cert("relay.test")
+
+
+def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    _SERVER_CERT.configure_cert(server)
+    client = ssl.create_default_context()
+    _CA.configure_trust(client)
+    return server, client
+
+
+async def _tls_pair(
+    client_app: socket.socket, client_proxy: socket.socket
+) -> tuple[trio.SSLStream[trio.SocketStream], trio.SSLStream[trio.SocketStream]]:
+    """Handshake over the client's connection: (the app's TLS stream, the proxy's)."""
+    server_ctx, client_ctx = _tls_contexts()
+    app = trio.SSLStream(
+        _stream(client_app), client_ctx, server_hostname="relay.test", https_compatible=True
+    )
+    proxy = trio.SSLStream(_stream(client_proxy), server_ctx, server_side=True)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(app.do_handshake)
+            n.start_soon(proxy.do_handshake)
+    return app, proxy
+
+
 @attrs.define
 class Harness:
     kind: str
@@ -117,6 +148,16 @@ class Harness:
     ) -> Session:
         client_app, client_proxy = _pair(socket_kind, bufsize)
         backend_proxy, backend_app = _pair(socket_kind, bufsize)
+        if self.engine is not None and self.kind == "engine-tls":
+            app, proxy = await _tls_pair(client_app, client_proxy)
+            handover = tls_handover(proxy)
+            raw = proxy.transport_stream
+            assert isinstance(raw, trio.SocketStream)
+            tls_sock = socket.socket(fileno=raw.socket.detach())
+            handle = self.engine.start_relay_tls(tls_sock, backend_proxy, handover, **kw)
+            return Session(
+                app, _stream(backend_app), handle, (tls_sock, backend_proxy), handle.wait
+            )
         if self.engine is not None:
             handle = self.engine.start_relay(client_proxy, backend_proxy, **kw)
             return Session(
@@ -145,18 +186,18 @@ class Harness:
         )
 
 
-@pytest.fixture(params=["engine", "streams"])
+@pytest.fixture(params=["engine", "engine-tls", "streams"])
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     async with trio.open_nursery() as nursery:
-        if request.param == "engine":
+        if request.param in ("engine", "engine-tls"):
             async with open_relay_engine() as engine:
-                yield Harness("engine", engine, nursery)
+                yield Harness(request.param, engine, nursery)
         else:
             yield Harness("streams", None, nursery)
         nursery.cancel_scope.cancel()
 
 
-async def read_all(stream: trio.SocketStream, n: int) -> bytes:
+async def read_all(stream: trio.abc.Stream, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         data = await stream.receive_some(65536)
@@ -166,7 +207,7 @@ async def read_all(stream: trio.SocketStream, n: int) -> bytes:
     return bytes(buf)
 
 
-async def read_to_eof(stream: trio.SocketStream) -> bytes:
+async def read_to_eof(stream: trio.abc.Stream) -> bytes:
     buf = bytearray()
     while data := await stream.receive_some(65536):
         buf += data
@@ -182,7 +223,7 @@ async def test_large_random_payloads_pass_both_ways_unchanged(harness: Harness) 
     got: dict[str, bytes] = {}
 
     async def side(
-        name: str, out: trio.SocketStream, inp: trio.SocketStream, data: bytes, n: int
+        name: str, out: trio.abc.Stream, inp: trio.abc.Stream, data: bytes, n: int
     ) -> None:
         async with trio.open_nursery() as n2:
             n2.start_soon(out.send_all, data)
@@ -233,6 +274,8 @@ async def test_eof_from_either_side_ends_relay_with_that_reason(
     s = await harness.open()
     await s.client.send_all(message(b"Q", b"select 1\x00"))
     assert await read_all(s.backend, 14) == message(b"Q", b"select 1\x00")
+    await s.backend.send_all(message(b"Z", b"I"))
+    assert await read_all(s.client, 6) == message(b"Z", b"I")
     await (s.client if closer == "client" else s.backend).aclose()
     result = await s.result()
     assert result.reason == f"{closer}_closed"
@@ -279,7 +322,8 @@ async def test_slow_reader_keeps_relay_buffering_bounded(harness: Harness) -> No
         # Nobody reads on the client side: the backend must be blocked long before 20 MB.
         assert sent < 3_000_000
         assert s.control.bytes_from_backend < 3_000_000
-        assert peak <= RECV_BUFFER_SIZE
+        # TLS adds its record framing (about 22 bytes per 16 KiB record) to one buffer.
+        assert peak <= RECV_BUFFER_SIZE + (1024 if harness.kind == "engine-tls" else 0)
         received = await read_all(s.client, total)
         assert len(received) == total
         n.cancel_scope.cancel()

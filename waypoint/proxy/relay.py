@@ -26,11 +26,12 @@ import math
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import attrs
 import trio
@@ -48,8 +49,10 @@ __all__ = [
     "RelayReason",
     "RelayResult",
     "StreamRelay",
+    "TlsHandover",
     "open_relay_engine",
     "relay_streams",
+    "tls_handover",
 ]
 
 RelayReason = Literal["client_closed", "backend_closed", "byte_limit", "terminated", "error"]
@@ -149,6 +152,7 @@ class _Side:
         "relay",
         "send",
         "sock",
+        "tls",
         "tracker",
     )
 
@@ -170,6 +174,8 @@ class _Side:
         #: The epoll mask currently registered (0: not registered).
         self.mask = 0
         self.peer: _Side = self  # set right after construction
+        #: The client's TLS session when the client side speaks TLS (engine-thread only).
+        self.tls: TlsHandover | None = None
 
 
 class _Relay:
@@ -191,6 +197,7 @@ class _Relay:
         "limit",
         "limit_fatal",
         "reason",
+        "tls",
     )
 
     def __init__(self, handle: RelayHandle, max_bytes: int, byte_limit_error: bytes) -> None:
@@ -213,6 +220,55 @@ class _Relay:
         #: Monotonic deadline while terminating or flushing; inf otherwise.
         self.deadline = math.inf
         self.done = False
+        #: The client side speaks TLS: both sides are served off the plaintext hot path.
+        self.tls = False
+
+
+@attrs.frozen
+class TlsHandover:
+    """A client TLS session moved from trio into the engine after its handshake.
+
+    ``ssl_object`` must be a server-side :class:`ssl.SSLObject` whose handshake is
+    complete, reading ciphertext from ``incoming`` and writing it to ``outgoing``
+    (which must be empty). ``unsent`` is ciphertext produced but not yet sent (trio
+    holds back TLS 1.3 session tickets until the first write); it goes out first.
+    Ciphertext already in ``incoming`` (pipelined by the client) is decrypted first.
+    From the hand-over on, only the engine thread touches these objects.
+    """
+
+    ssl_object: ssl.SSLObject
+    incoming: ssl.MemoryBIO
+    outgoing: ssl.MemoryBIO
+    unsent: bytes = b""
+
+
+def tls_handover(stream: trio.SSLStream[Any]) -> TlsHandover:
+    """The TLS state of a trio ``SSLStream`` (after its handshake) for
+    :meth:`RelayEngine.start_relay_tls`. The stream must not be used afterwards.
+
+    Relies on ``trio.SSLStream`` keeping its ``SSLObject`` and memory BIOs in
+    ``_ssl_object``, ``_incoming`` and ``_outgoing``, and held-back session tickets in
+    ``_delayed_outgoing`` (true for trio 0.2x–0.3x); raises ``ValueError`` if they are
+    missing or if the stream still has ciphertext in its outgoing BIO.
+    """
+    ssl_object = getattr(stream, "_ssl_object", None)
+    incoming = getattr(stream, "_incoming", None)
+    outgoing = getattr(stream, "_outgoing", None)
+    if not (
+        isinstance(ssl_object, ssl.SSLObject)
+        and isinstance(incoming, ssl.MemoryBIO)
+        and isinstance(outgoing, ssl.MemoryBIO)
+    ):
+        raise ValueError("this trio.SSLStream does not expose its SSLObject and BIOs")
+    if outgoing.pending:
+        raise ValueError("the TLS stream still has unsent ciphertext")
+    delayed = getattr(stream, "_delayed_outgoing", None)
+    if delayed is not None and not isinstance(delayed, bytes | bytearray):
+        raise ValueError("this trio.SSLStream holds back ciphertext in an unknown form")
+    unsent = bytes(delayed or b"")
+    if delayed is not None:
+        stream._delayed_outgoing = None  # type: ignore[attr-defined]  # now the engine's
+    return TlsHandover(ssl_object, incoming, outgoing, unsent)
 
 
 class RelayHandle:
@@ -290,7 +346,9 @@ class RelayEngine:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, _EPOLLIN)
         self._commands: deque[_Command] = deque()
+        #: Sides of plain relays (the hot path) and of relays with a TLS client.
         self._sides: dict[int, _Side] = {}
+        self._tls_sides: dict[int, _Side] = {}
         self._relays: set[_Relay] = set()
         self._timed: set[_Relay] = set()
         self._buf = bytearray(recv_buffer_size)
@@ -335,6 +393,66 @@ class RelayEngine:
         directions start at a message boundary. The sockets are switched to
         non-blocking mode and are never closed by the engine.
         """
+        return self._start_relay(
+            client_sock,
+            backend_sock,
+            None,
+            max_bytes=max_bytes,
+            byte_limit_error=byte_limit_error,
+            client_tracker=client_tracker,
+            backend_tracker=backend_tracker,
+            initial_to_client=initial_to_client,
+            initial_to_backend=initial_to_backend,
+        )
+
+    def start_relay_tls(
+        self,
+        client_sock: socket.socket,
+        backend_sock: socket.socket,
+        client_tls: TlsHandover,
+        *,
+        max_bytes: int = 0,
+        byte_limit_error: bytes = b"",
+        client_tracker: BoundaryTracker | None = None,
+        backend_tracker: BoundaryTracker | None = None,
+        initial_to_client: bytes = b"",
+        initial_to_backend: bytes = b"",
+    ) -> RelayHandle:
+        """Like :meth:`start_relay`, for a client that speaks TLS: ``client_sock`` is the
+        raw TCP socket under ``client_tls`` (see :func:`tls_handover`); the backend side
+        is plain. The engine decrypts and encrypts in its thread. Byte counts, limits and
+        message boundaries are in plaintext; ``initial_to_client`` is plaintext (it is
+        encrypted before anything else is sent). No close_notify is sent at the end.
+        """
+        if not client_tls.ssl_object.server_side:
+            raise ValueError("client_tls must be the server side of the client's TLS session")
+        if client_tls.outgoing.pending:
+            raise ValueError("client_tls still has unsent ciphertext")
+        return self._start_relay(
+            client_sock,
+            backend_sock,
+            client_tls,
+            max_bytes=max_bytes,
+            byte_limit_error=byte_limit_error,
+            client_tracker=client_tracker,
+            backend_tracker=backend_tracker,
+            initial_to_client=initial_to_client,
+            initial_to_backend=initial_to_backend,
+        )
+
+    def _start_relay(
+        self,
+        client_sock: socket.socket,
+        backend_sock: socket.socket,
+        client_tls: TlsHandover | None,
+        *,
+        max_bytes: int,
+        byte_limit_error: bytes,
+        client_tracker: BoundaryTracker | None,
+        backend_tracker: BoundaryTracker | None,
+        initial_to_client: bytes,
+        initial_to_backend: bytes,
+    ) -> RelayHandle:
         if not self.running:
             raise RelayEngineError(self._failure or "the relay engine is not running")
         _check_limits(max_bytes, byte_limit_error)
@@ -351,15 +469,21 @@ class RelayEngine:
         relay.backend = _Side(relay, backend_sock, backend_tracker or BoundaryTracker(), False)
         relay.client.peer = relay.backend
         relay.backend.peer = relay.client
+        if client_tls is not None:
+            relay.tls = True
+            relay.client.tls = client_tls
+            relay.client.out = client_tls.unsent
         if initial_to_backend:
             relay.backend.out = bytes(initial_to_backend)
             relay.client.received = len(initial_to_backend)
             relay.client.tracker.feed(initial_to_backend)
             relay.client.reading = False
         if initial_to_client:
-            relay.client.out = bytes(initial_to_client)
+            relay.client.out += _wire(relay.client, initial_to_client)
             relay.backend.received = len(initial_to_client)
             relay.backend.tracker.feed(initial_to_client)
+            relay.backend.reading = False
+        if relay.client.out:  # nothing overtakes what the client is owed first
             relay.backend.reading = False
         relay.budget = relay.limit - (relay.client.received + relay.backend.received)
         handle._relay = relay
@@ -431,6 +555,8 @@ class RelayEngine:
         readable = _EPOLLIN
         max_events = _MAX_EVENTS
         other_event = self._other_event
+        tls_sides = self._tls_sides
+        tls_event = self._tls_event
         while True:
             if timed:
                 next_deadline = min(r.deadline for r in timed)
@@ -440,7 +566,10 @@ class RelayEngine:
             for fd, events in poll(timeout, max_events):
                 side = sides.get(fd)
                 if side is None:
-                    if fd == wake_fd and self._run_commands():
+                    side = tls_sides.get(fd)
+                    if side is not None:
+                        tls_event(side, events)
+                    elif fd == wake_fd and self._run_commands():
                         return
                     continue
                 if events != readable:
@@ -507,6 +636,122 @@ class RelayEngine:
             self._begin_terminate(relay, relay.limit_fatal, "byte_limit", DEFAULT_BOUNDARY_TIMEOUT)
         self._read_while_terminating(side, chunk)
 
+    # -- relays with a TLS client (off the plaintext hot path) ---------------------------
+
+    def _tls_event(self, side: _Side, events: int) -> None:
+        if side.relay.done:
+            return
+        if events & _EPOLLOUT or (events & _EPOLLBAD and side.out):
+            self._flush(side)
+            if side.relay.done:
+                return
+        if not (side.reading and events & (_EPOLLIN | _EPOLLBAD)):
+            return
+        if side.is_client:
+            self._tls_read(side, True)
+        else:
+            self._tls_backend_read(side)
+
+    def _tls_backend_read(self, side: _Side) -> None:
+        """Plaintext from the backend, encrypted toward the TLS client."""
+        buf = self._buf
+        try:
+            n = side.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._socket_error(side, exc)
+            return
+        if n == 0:
+            self._eof(side)
+            return
+        self._tls_forward(side, memoryview(buf)[:n])
+
+    def _tls_read(self, side: _Side, receive: bool) -> None:
+        """Ciphertext from the TLS client: receive it (if ``receive``), then decrypt and
+        forward everything that is complete, until back-pressure or the relay ends."""
+        tls = side.tls
+        assert tls is not None
+        relay = side.relay
+        if receive:
+            buf = self._buf
+            try:
+                n = side.recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._socket_error(side, exc)
+                return
+            if n == 0:
+                tls.incoming.write_eof()
+            else:
+                tls.incoming.write(memoryview(buf)[:n])
+        read = tls.ssl_object.read
+        size = len(self._buf)
+        while side.reading and not relay.done:
+            try:
+                data = read(size)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self._eof(side)
+                return
+            except ssl.SSLError as exc:
+                self._tls_error(side, exc)
+                return
+            if not data:
+                self._eof(side)
+                return
+            self._tls_forward(side, memoryview(data))
+        if tls.outgoing.pending and not relay.done:
+            # Reading produced records of its own (a key update answer, an alert).
+            side.out += tls.outgoing.read()
+            self._flush(side)
+
+    def _tls_forward(self, side: _Side, chunk: memoryview) -> None:
+        """Count, track and pass on one chunk read from ``side`` (plaintext)."""
+        relay = side.relay
+        n = len(chunk)
+        side.received += n
+        relay.budget -= n
+        if relay.budget < 0:
+            self._read_past_end(side, chunk)
+            return
+        try:
+            side.feed(chunk)
+        except ProtocolError as exc:
+            self._finish(relay, "error", f"{_who(side)}: {exc}")
+            return
+        peer = side.peer
+        if peer.tls is not None:
+            try:
+                data: bytes | memoryview = _wire(peer, chunk)
+            except ssl.SSLError as exc:
+                self._tls_error(peer, exc)
+                return
+        else:
+            data = chunk
+        try:
+            sent = peer.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._socket_error(peer, exc)
+            return
+        if sent != len(data):
+            peer.out = bytes(data[sent:])
+            side.reading = False
+            self._update(side)
+            self._update(peer)
+
+    def _tls_error(self, side: _Side, exc: ssl.SSLError) -> None:
+        relay = side.relay
+        if relay.reason is None:
+            relay.reason = "error"
+            relay.error = f"client TLS: {exc.reason or type(exc).__name__}"
+        side.out = b""
+        self._closing(relay, side)
+
     def _run_commands(self) -> bool:
         """Drain the command queue; True when the engine must stop."""
         with contextlib.suppress(BlockingIOError):
@@ -531,12 +776,13 @@ class RelayEngine:
 
     def _add(self, relay: _Relay) -> None:
         for side in (relay.client, relay.backend):
-            if side.fd in self._sides:
+            if side.fd in self._sides or side.fd in self._tls_sides:
                 self._finish(relay, "error", f"file descriptor {side.fd} is already being relayed")
                 return
         self._relays.add(relay)
+        table = self._tls_sides if relay.tls else self._sides
         for side in (relay.client, relay.backend):
-            self._sides[side.fd] = side
+            table[side.fd] = side
         for side in (relay.client, relay.backend):
             try:
                 self._update(side)
@@ -550,6 +796,9 @@ class RelayEngine:
         for side in (relay.client, relay.backend):
             if side.out and not relay.done:
                 self._flush(side)
+        client = relay.client
+        if client.tls is not None and client.reading and not relay.done:
+            self._tls_read(client, False)  # ciphertext the client pipelined after its handshake
 
     def _update(self, side: _Side) -> None:
         """Register the interest ``side`` needs now. A side that neither reads nor writes
@@ -596,6 +845,10 @@ class RelayEngine:
             peer.reading = True
         self._update(side)
         self._update(peer)
+        if peer.tls is not None and peer.reading:
+            # Decrypted or undecrypted input may wait inside the TLS objects, where
+            # epoll cannot see it.
+            self._tls_read(peer, False)
 
     def _begin_terminate(
         self, relay: _Relay, fatal: bytes, reason: RelayReason, timeout: float
@@ -616,7 +869,11 @@ class RelayEngine:
         """Everything read from the backend ends at a boundary: the FATAL goes next."""
         assert relay.fatal is not None
         client, backend = relay.client, relay.backend
-        client.out += relay.fatal
+        try:
+            client.out += _wire(client, relay.fatal)
+        except ssl.SSLError as exc:
+            self._tls_error(client, exc)
+            return
         relay.fatal_queued = True
         relay.closing = True
         relay.deadline = time.monotonic() + DEFAULT_FLUSH_TIMEOUT
@@ -635,7 +892,11 @@ class RelayEngine:
             self._finish(relay, "error", f"{_who(side)}: {exc}")
             return
         client = relay.client
-        client.out += chunk[:taken]
+        try:
+            client.out += _wire(client, chunk[:taken])
+        except ssl.SSLError as exc:
+            self._tls_error(client, exc)
+            return
         if side.tracker.at_boundary:
             self._queue_fatal(relay)
             return
@@ -690,8 +951,9 @@ class RelayEngine:
         relay.done = True
         for side in (relay.client, relay.backend):
             side.reading = False
-            if self._sides.get(side.fd) is side:
-                del self._sides[side.fd]
+            table = self._tls_sides if relay.tls else self._sides
+            if table.get(side.fd) is side:
+                del table[side.fd]
             if side.mask:
                 with contextlib.suppress(OSError, ValueError):
                     self._epoll.unregister(side.fd)
@@ -712,6 +974,15 @@ class RelayEngine:
         if token is not None:
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(relay.handle._finished, result)
+
+
+def _wire(side: _Side, data: bytes | bytearray | memoryview) -> bytes:
+    """What to put on ``side``'s socket for plaintext ``data``: itself, or TLS records."""
+    tls = side.tls
+    if tls is None:
+        return bytes(data)
+    tls.ssl_object.write(data)
+    return tls.outgoing.read()
 
 
 def _who(side: _Side) -> str:
