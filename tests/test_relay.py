@@ -613,3 +613,63 @@ async def test_start_relay_rejects_bad_arguments() -> None:
             engine.start_relay(a, b)
         b.close()
         assert engine.active_relays == 0
+
+
+async def _tls_relay(
+    engine: RelayEngine, prefetch: int = 0, forward: bool = True, **kw: Any
+) -> tuple[trio.SSLStream[trio.SocketStream], trio.SocketStream, socket.socket, Any]:
+    """A TLS client relayed by the engine. With ``prefetch``, the proxy's trio stream
+    first reads that many plaintext bytes (passed on as ``initial_to_backend`` if
+    ``forward``, else consumed as a handshake would), so the rest of what the client
+    sent sits inside the TLS objects at the hand-over."""
+    client_app, client_proxy = _pair("tcp", None)
+    backend_proxy, backend_app = _pair("tcp", None)
+    app, proxy = await _tls_pair(client_app, client_proxy)
+    initial = b""
+    if prefetch:
+        await app.send_all(kw.pop("pipelined"))
+        while len(initial) < prefetch:
+            initial += await proxy.receive_some(prefetch - len(initial))
+    handover = tls_handover(proxy)
+    raw = proxy.transport_stream
+    assert isinstance(raw, trio.SocketStream)
+    tls_sock = socket.socket(fileno=raw.socket.detach())
+    handle = engine.start_relay_tls(
+        tls_sock, backend_proxy, handover, initial_to_backend=initial if forward else b"", **kw
+    )
+    return app, _stream(backend_app), tls_sock, handle
+
+
+@pytest.mark.parametrize("forward", [True, False])
+async def test_tls_input_buffered_at_handover_is_relayed_first(forward: bool) -> None:
+    first = message(b"Q", b"select 1\x00")
+    batch = message(b"P", b"\x00select 1\x00\x00\x00") + message(b"S", b"") * 50
+    expected = first + batch if forward else batch
+    async with open_relay_engine() as engine:
+        app, backend, tls_sock, handle = await _tls_relay(
+            engine, prefetch=len(first), forward=forward, pipelined=first + batch
+        )
+        with trio.fail_after(10):
+            assert await read_all(backend, len(expected)) == expected
+            await backend.send_all(message(b"Z", b"I"))
+            assert await read_all(app, 6) == message(b"Z", b"I")
+            await app.aclose()
+            result = await handle.wait()
+        tls_sock.close()
+    assert result.reason == "client_closed"
+    assert result.bytes_from_client == len(expected)
+    assert result.messages_from_client == (52 if forward else 51)
+
+
+async def test_tls_garbage_from_the_client_ends_the_relay_with_an_error() -> None:
+    async with open_relay_engine() as engine:
+        app, _backend, tls_sock, handle = await _tls_relay(engine)
+        # Bytes that are no TLS record, written under the TLS layer.
+        raw = app.transport_stream
+        assert isinstance(raw, trio.SocketStream)
+        with trio.fail_after(10):
+            await raw.send_all(b"\x17\x03\x03\x00\x10" + bytes(16))
+            result = await handle.wait()
+        tls_sock.close()
+    assert result.reason == "error"
+    assert result.error is not None and result.error.startswith("client TLS: ")
