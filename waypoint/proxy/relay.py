@@ -7,9 +7,13 @@ Two implementations with one contract:
   trio task per direction reaches ~0.5x). The session task does its handshake
   in trio, detaches the two sockets and calls :meth:`RelayEngine.start_relay`;
   it then awaits :meth:`RelayHandle.wait`. Opened and closed with the trio app
-  by :func:`open_relay_engine`.
+  by :func:`open_relay_engine`. A client that speaks TLS can be relayed by the
+  engine too: after the TLS handshake in trio, :func:`tls_handover` takes the
+  ``SSLObject`` and its memory BIOs out of the ``trio.SSLStream`` and
+  :meth:`RelayEngine.start_relay_tls` decrypts/encrypts in the engine thread
+  (off the plaintext hot path; the backend side stays plain).
 * :func:`relay_streams` / :class:`StreamRelay` — a trio task per direction over
-  ``trio.abc.Stream`` objects, used when a side is TLS (``trio.SSLStream``).
+  ``trio.abc.Stream`` objects, for any pair of streams (TLS on the backend side).
 
 Both track message boundaries in both directions (``BoundaryTracker``), count
 bytes, enforce ``max_bytes`` over both directions, and can be told to end the
