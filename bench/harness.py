@@ -262,11 +262,18 @@ def machine_meta() -> dict[str, str]:
             if line.startswith("MemTotal:"):
                 meta["memory"] = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
                 break
-        meta["load_note"] = "load average at start: " + Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
+        meta["load_note"] = "load average (1, 5, 15 min) at start: " + _loadavg()
     except OSError:
         pass
     meta["kernel"] = platform.release()
     return meta
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def git_sha() -> str:
