@@ -170,3 +170,61 @@ def test_one_refused_entry_refuses_the_list_and_names_it(entries: list[str]) -> 
     assert len(out) == len(entries)
     for final in out:
         assert_pinned_to_role(final, ROLE)
+
+
+# ------------------------------------------------ regression: deep trees crashed pglast
+
+# Found while fuzzing: pglast builds its Python AST recursively on the C stack, and a
+# statement PostgreSQL's parser accepts, such as SELECT 1+1+... with ~30,000 terms,
+# killed the process with SIGSEGV (a raw SQL entry in a capability rule could take the
+# whole proxy down). The validator now measures the tree depth from the parser's JSON
+# first. Checked in a child process, so that a regression fails this test instead of
+# killing the test run.
+_DEEP_SCRIPT = """
+import sys
+from waypoint.provision.dialect import PostgresDialect
+from waypoint.provision.rawsql import RawSqlError, render_and_validate
+
+for sql in sys.argv[1:]:
+    entry = sql.replace("@", "{{.Role}}")
+    try:
+        render_and_validate([entry], role="r", database="d", dialect=PostgresDialect("PG", 18))
+    except RawSqlError as exc:
+        print("refused:", exc.reason[:60])
+    else:
+        print("accepted")
+"""
+
+
+def test_deeply_nested_statements_are_refused_without_crashing() -> None:
+    import subprocess
+    import sys
+
+    deep = [
+        "SELECT 1" + "+1" * 30_000,  # segfaulted in pglast.parse_sql
+        "GRANT SELECT ON public.t TO @; SELECT 1" + "+1" * 29_000,
+        "SELECT 'a'" + "||'a'" * 12_000,
+        "SELECT " + "CASE WHEN true THEN " * 1500 + "1" + " END" * 1500,
+        "GRANT SELECT ON public.t TO @ " + "-- " + "x" * 70_000,  # over the length bound
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", _DEEP_SCRIPT, *deep],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"validator crashed (rc {proc.returncode}): {proc.stderr[-500:]}"
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(deep) and all(line.startswith("refused:") for line in lines), lines
+
+
+def test_depth_bound_leaves_every_allowed_shape_accepted() -> None:
+    for entry in [
+        "GRANT EXECUTE ON FUNCTION api.f(integer, text, numeric(10,2)[], api.mood) TO {{.Role}}",
+        "ALTER DEFAULT PRIVILEGES IN SCHEMA app, public REVOKE ALL ON FUNCTIONS FROM {{.Role}}",
+        "GRANT SELECT (" + ", ".join(f"c{i}" for i in range(1600)) + ") ON public.t TO {{.Role}}",
+        "GRANT SELECT ON " + ", ".join(f"s.t{i}" for i in range(500)) + " TO {{.Role}}",
+    ]:
+        (final,) = render_and_validate([entry], role=ROLE, database=DATABASE, dialect=DIALECTS[0])
+        assert_pinned_to_role(final, ROLE)

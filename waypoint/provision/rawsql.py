@@ -22,6 +22,12 @@ from pglast.enums import DropBehavior, GrantTargetType, ObjectType, RoleSpecType
 from waypoint.provision.dialect import Dialect
 
 _TEMPLATE_RE: Final = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+# Bounds on what reaches pglast's AST builder, which recurses on the C stack: a deep tree
+# (``SELECT 1+1+...`` with ~30,000 terms) crashes the process with SIGSEGV, where
+# PostgreSQL's own parser returns it fine. Allowed statements are about 8..20 deep.
+_MAX_STATEMENT_LENGTH: Final = 64 * 1024
+_MAX_TREE_DEPTH: Final = 64
+_JSON_STRING_RE: Final = re.compile(r'"(?:[^"\\]|\\.)*"')
 _FOR_ALL_ROLES_RE: Final = re.compile(r"\bFOR\s+ALL\s+ROLES\b", re.IGNORECASE)
 _ENTRY_PREVIEW: Final = 160
 
@@ -167,7 +173,18 @@ def validate_statement(sql: str, *, role: str, database: str, dialect: Dialect) 
         raise ValueError("NUL character in statement")
     if dialect.refuses_for_all_roles and _FOR_ALL_ROLES_RE.search(sql):
         raise ValueError("FOR ALL ROLES is refused: it changes other roles' default privileges")
+    if len(sql) > _MAX_STATEMENT_LENGTH:
+        raise ValueError(
+            f"statement of {len(sql)} characters is longer than the limit of "
+            f"{_MAX_STATEMENT_LENGTH}"
+        )
     try:
+        depth = _parse_tree_depth(sql)
+        if depth > _MAX_TREE_DEPTH:
+            raise ValueError(
+                f"statement nests {depth} levels deep, more than any allowed statement "
+                f"({_MAX_TREE_DEPTH})"
+            )
         stmts = pglast.parse_sql(sql)
     except pglast.parser.ParseError as exc:
         raise ValueError(f"not valid SQL: {exc}") from None
@@ -185,6 +202,20 @@ def validate_statement(sql: str, *, role: str, database: str, dialect: Dialect) 
             f"{type(stmt).__name__} is not allowed: only GRANT/REVOKE of privileges and "
             "ALTER DEFAULT PRIVILEGES"
         )
+
+
+def _parse_tree_depth(sql: str) -> int:
+    """Nesting depth of the parse tree, read from the parser's JSON output without
+    recursion (no Python AST is built). Raises ``pglast.parser.ParseError``."""
+    tree = _JSON_STRING_RE.sub('""', pglast.parser.parse_sql_json(sql))
+    depth = deepest = 0
+    for ch in tree:
+        if ch in "{[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "}]":
+            depth -= 1
+    return deepest
 
 
 def _check_default_privileges(stmt: ast.AlterDefaultPrivilegesStmt, *, role: str) -> None:
