@@ -1,0 +1,279 @@
+"""Query cancellation through Waypoint (SPEC §7) and protocol 3.2 (issue 11, point 3).
+
+psql's Ctrl-C, psycopg's ``cancel()`` / ``cancel_safe()``, libpq 18 negotiating protocol 3.2
+with PostgreSQL 18 (a 32-byte cancel key) and down to 3.0 with PostgreSQL 15, and a
+CancelRequest whose key has the wrong length being ignored."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from e2e_support import E2EEnv, create_app_database, e2e_env
+from pgcluster import PgCluster
+
+CANCELED = "canceling statement due to user request"
+
+
+async def _psql_ctrl_c(env: E2EEnv, db: str, *, binary: str, extra_env: dict[str, str]) -> None:
+    """psql runs pg_sleep(30) through Waypoint; SIGINT must cancel it within 2 s."""
+    cmd = [binary, env.dsn(db, sslmode="disable"), "-X", "-c", "select pg_sleep(30)"]
+    full_env = {**os.environ, **extra_env}
+
+    def run() -> tuple[int, str, float]:
+        proc = subprocess.Popen(
+            cmd, env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            # Wait until the statement runs (the session is in the registry and had time to send).
+            deadline = time.monotonic() + 20
+            while not len(env.running.registry) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=10)
+            return proc.returncode, err, time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    rc, err, elapsed = await trio.to_thread.run_sync(run)
+    assert CANCELED in err, err
+    assert rc != 0
+    assert elapsed < 2.0, elapsed
+
+
+_PSYCOPG_CANCEL = r"""
+import json, sys, threading, time
+import psycopg
+dsn, method = sys.argv[1], sys.argv[2]
+with psycopg.connect(dsn, connect_timeout=20) as conn:
+    errors = []
+    def canceller():
+        time.sleep(0.7)
+        try:
+            getattr(conn, method)()
+        except BaseException as exc:
+            errors.append(repr(exc))
+    t = threading.Thread(target=canceller)
+    t0 = time.monotonic()
+    t.start()
+    try:
+        conn.execute("select pg_sleep(30)")
+        message = "not canceled"
+    except psycopg.errors.QueryCanceled as exc:
+        message = str(exc)
+    elapsed = time.monotonic() - t0
+    t.join(5)
+    conn.rollback()
+    one = conn.execute("select 1").fetchone()[0]
+    print(json.dumps({"message": message, "elapsed": elapsed, "errors": errors,
+                      "protocol": conn.info.pgconn.full_protocol_version, "one": one}))
+"""
+
+
+def _psycopg_cancel(dsn: str, method: str) -> tuple[str, float, int, int]:
+    """pg_sleep(30) canceled by ``conn.<method>()`` from another thread; the session works
+    afterwards. In a child process: libpq's blocking PQcancel (``cancel()``) holds the GIL,
+    which would stall the in-process Waypoint it talks to."""
+    r = subprocess.run(
+        [sys.executable, "-c", _PSYCOPG_CANCEL, dsn, method],
+        capture_output=True, text=True, timeout=40, stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert not out["errors"], out
+    return out["message"], out["elapsed"], out["protocol"], out["one"]
+
+
+async def test_psql_ctrl_c_and_psycopg_cancel(pg: PgCluster, tmp_path: Path) -> None:
+    db = create_app_database(pg)
+    with trio.fail_after(120):
+        async with e2e_env(pg, tmp_path) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            await _psql_ctrl_c(env, db, binary="/usr/bin/psql", extra_env={})
+            await env.assert_clean()
+            for method in ("cancel", "cancel_safe"):
+                message, elapsed, _, one = await trio.to_thread.run_sync(
+                    _psycopg_cancel, env.dsn(db), method
+                )
+                assert CANCELED in message, (method, message)
+                assert elapsed < 3.0 and one == 1
+            await env.assert_clean()
+
+
+async def test_protocol_32_with_postgresql_18(pg18: PgCluster, tmp_path: Path) -> None:
+    db = create_app_database(pg18)
+    with trio.fail_after(120):
+        async with e2e_env(pg18, tmp_path) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            message, elapsed, protocol, one = await trio.to_thread.run_sync(
+                _psycopg_cancel, env.dsn(db, max_protocol_version="3.2"), "cancel_safe"
+            )
+            assert protocol == 30002
+            assert CANCELED in message and elapsed < 3.0 and one == 1
+
+            # What Waypoint forwarded: a 32-byte key in BackendKeyData.
+            raw = await trio.to_thread.run_sync(_RawSession.open, env, db, 2)
+            try:
+                assert raw.protocol == 2
+                assert len(raw.secret) == 32
+                await _cancel_checks(env, raw)
+            finally:
+                raw.close()
+
+            # psql 18 (libpq 18) on 3.2: Ctrl-C.
+            await _psql_ctrl_c(
+                env, db, binary=str(pg18.binary("psql")), extra_env={"PGMAXPROTOCOLVERSION": "3.2"}
+            )
+            await env.assert_clean()
+
+
+async def test_protocol_32_is_negotiated_down_with_postgresql_15(
+    pg15: PgCluster, tmp_path: Path
+) -> None:
+    db = create_app_database(pg15)
+    with trio.fail_after(90):
+        async with e2e_env(pg15, tmp_path) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            message, _, protocol, one = await trio.to_thread.run_sync(
+                _psycopg_cancel, env.dsn(db, max_protocol_version="3.2"), "cancel_safe"
+            )
+            assert protocol == 30000
+            assert CANCELED in message and one == 1
+            raw = await trio.to_thread.run_sync(_RawSession.open, env, db, 2)
+            try:
+                assert raw.protocol == 0  # NegotiateProtocolVersion said 3.0
+                assert len(raw.secret) == 4
+                await _cancel_checks(env, raw)
+            finally:
+                raw.close()
+            await env.assert_clean()
+
+
+async def _cancel_checks(env: E2EEnv, raw: _RawSession) -> None:
+    """A CancelRequest with a key of the wrong length (or wrong bytes) is ignored; the right key
+    cancels."""
+    wrong_len = raw.secret + b"\x00" if len(raw.secret) == 4 else raw.secret[:4]
+    wrong_bytes = bytes(b ^ 0xFF for b in raw.secret)
+
+    def run() -> tuple[str, str]:
+        raw.send_query("select pg_sleep(1.5), 'done'")
+        time.sleep(0.3)
+        for secret in (wrong_len, wrong_bytes):
+            _send_cancel(env, raw.pid, secret)
+        first = raw.read_result(timeout=10)
+        raw.send_query("select pg_sleep(30)")
+        time.sleep(0.5)
+        _send_cancel(env, raw.pid, raw.secret)
+        second = raw.read_result(timeout=5)
+        return first, second
+
+    first, second = await trio.to_thread.run_sync(run)
+    assert first == "ok:done", first
+    assert second.startswith("error:57014"), second
+
+
+def _send_cancel(env: E2EEnv, pid: int, secret: bytes) -> None:
+    packet = struct.pack("!iii", 12 + len(secret), 80877102, pid) + secret
+    with socket.create_connection((env.host, env.port), timeout=5) as s:
+        s.sendall(packet)
+        s.settimeout(5)
+        # Waypoint closes the connection once it has forwarded (or dropped) the request.
+        while s.recv(1024):
+            pass
+
+
+class _RawSession:
+    """A minimal protocol-3 client over a plain socket (to see what Waypoint forwards)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.protocol = -1
+        self.pid = 0
+        self.secret = b""
+
+    @classmethod
+    def open(cls, env: E2EEnv, db: str, minor: int) -> _RawSession:
+        sock = socket.create_connection((env.host, env.port), timeout=20)
+        self = cls(sock)
+        body = struct.pack("!i", (3 << 16) | minor)
+        for k, v in (("user", "raw"), ("database", db)):
+            body += k.encode() + b"\0" + v.encode() + b"\0"
+        body += b"\0"
+        sock.sendall(struct.pack("!i", len(body) + 4) + body)
+        self.protocol = minor
+        while True:
+            kind, payload = self.read_message()
+            if kind == b"v":
+                self.protocol = struct.unpack("!i", payload[:4])[0] & 0xFFFF
+            elif kind == b"K":
+                self.pid = struct.unpack("!i", payload[:4])[0]
+                self.secret = payload[4:]
+            elif kind == b"E":
+                raise AssertionError(f"login refused: {payload!r}")
+            elif kind == b"Z":
+                return self
+
+    def read_message(self) -> tuple[bytes, bytes]:
+        while True:
+            if len(self.buf) >= 5:
+                (length,) = struct.unpack("!i", self.buf[1:5])
+                if len(self.buf) >= 1 + length:
+                    kind, payload = self.buf[:1], self.buf[5 : 1 + length]
+                    self.buf = self.buf[1 + length :]
+                    return kind, payload
+            data = self.sock.recv(65536)
+            if not data:
+                raise AssertionError("connection closed")
+            self.buf += data
+
+    def send_query(self, sql: str) -> None:
+        body = sql.encode() + b"\0"
+        self.sock.sendall(b"Q" + struct.pack("!i", len(body) + 4) + body)
+
+    def read_result(self, *, timeout: float) -> str:
+        self.sock.settimeout(timeout)
+        result = ""
+        while True:
+            kind, payload = self.read_message()
+            if kind == b"D":
+                # Last column of the row, as text.
+                (ncols,) = struct.unpack("!h", payload[:2])
+                p = 2
+                value = b""
+                for _ in range(ncols):
+                    (n,) = struct.unpack("!i", payload[p : p + 4])
+                    value = payload[p + 4 : p + 4 + n] if n >= 0 else b""
+                    p += 4 + max(n, 0)
+                result = "ok:" + value.decode()
+            elif kind == b"E":
+                fields = dict(
+                    (f[:1].decode(), f[1:].decode()) for f in payload.split(b"\0") if f
+                )
+                result = f"error:{fields.get('C')}:{fields.get('M')}"
+            elif kind == b"Z":
+                return result
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"X\0\0\0\4")
+        except OSError:
+            pass
+        self.sock.close()
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
