@@ -1,9 +1,20 @@
 """PENDING (not collected: the name does not start with test_): exposes a Waypoint bug.
 
-After the backend restarts, the admin pool still holds the idle pg8000 session of an earlier
-provision; the next provision takes it, the first statement fails with "network error", and
-the caller is refused with 58000 instead of Waypoint discarding the dead session and opening a
-new one. Rename to tests/test_faults_admin_pool.py once fixed.
+After the backend restarts, the provisioner's pools still hold idle pg8000 sessions from
+before (admin sessions per database, and the role-lock connections). Each later provision
+takes one of them and fails on its first statement with "network error":
+
+1. and 2. ``AdminPools.run`` (waypoint/provision/admin.py:250-252) turns it into
+   ``AdminError("admin connection lost")`` and the caller gets 58000 (engine.py:695);
+3. ``RoleLockBackend.acquire`` (waypoint/provision/locks.py:115, via ``_try_lock`` at :94 and
+   ``AdminPools.call``) lets pg8000's ``InterfaceError`` escape unwrapped: session.py logs
+   ``session_internal_error`` and the client gets no ErrorResponse at all, just a closed
+   connection.
+
+Observed: a new identity's first three connections after ``pg_ctl restart`` all fail (two
+58000, one bare close). Expected: a pooled session found dead is discarded and the statement
+retried once on a fresh connection (or idle sessions checked before reuse), so the first
+connection after the restart succeeds. Rename to tests/test_faults_admin_pool.py once fixed.
 """
 
 from __future__ import annotations
