@@ -15,6 +15,8 @@ import contextlib
 import itertools
 import json
 import os
+import socket
+import struct
 import subprocess
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -394,3 +396,96 @@ def roles_with_prefix(cluster: PgCluster, prefix: str) -> set[str]:
         "SELECT rolname FROM pg_catalog.pg_roles WHERE starts_with(rolname, :p)", p=prefix
     )
     return {str(r[0]) for r in rows}
+
+
+class RawSession:
+    """A minimal protocol-3 client over a plain socket (to see what Waypoint forwards)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.protocol = -1
+        self.pid = 0
+        self.secret = b""
+
+    @classmethod
+    def open(cls, env: E2EEnv, db: str, minor: int = 0, source: str = "127.0.0.1") -> RawSession:
+        sock = socket.create_connection((env.host, env.port), timeout=20, source_address=(source, 0))
+        self = cls(sock)
+        body = struct.pack("!i", (3 << 16) | minor)
+        for k, v in (("user", "raw"), ("database", db)):
+            body += k.encode() + b"\0" + v.encode() + b"\0"
+        body += b"\0"
+        sock.sendall(struct.pack("!i", len(body) + 4) + body)
+        self.protocol = minor
+        while True:
+            kind, payload = self.read_message()
+            if kind == b"v":
+                self.protocol = struct.unpack("!i", payload[:4])[0] & 0xFFFF
+            elif kind == b"K":
+                self.pid = struct.unpack("!i", payload[:4])[0]
+                self.secret = payload[4:]
+            elif kind == b"E":
+                raise AssertionError(f"login refused: {payload!r}")
+            elif kind == b"Z":
+                return self
+
+    def read_message(self) -> tuple[bytes, bytes]:
+        while True:
+            if len(self.buf) >= 5:
+                (length,) = struct.unpack("!i", self.buf[1:5])
+                if len(self.buf) >= 1 + length:
+                    kind, payload = self.buf[:1], self.buf[5 : 1 + length]
+                    self.buf = self.buf[1 + length :]
+                    return kind, payload
+            data = self.sock.recv(65536)
+            if not data:
+                raise AssertionError("connection closed")
+            self.buf += data
+
+    def send_query(self, sql: str) -> None:
+        body = sql.encode() + b"\0"
+        self.sock.sendall(b"Q" + struct.pack("!i", len(body) + 4) + body)
+
+    def read_result(self, *, timeout: float) -> str:
+        self.sock.settimeout(timeout)
+        result = ""
+        while True:
+            kind, payload = self.read_message()
+            if kind == b"D":
+                # Last column of the row, as text.
+                (ncols,) = struct.unpack("!h", payload[:2])
+                p = 2
+                value = b""
+                for _ in range(ncols):
+                    (n,) = struct.unpack("!i", payload[p : p + 4])
+                    value = payload[p + 4 : p + 4 + n] if n >= 0 else b""
+                    p += 4 + max(n, 0)
+                result = "ok:" + value.decode()
+            elif kind == b"E":
+                fields = dict(
+                    (f[:1].decode(), f[1:].decode()) for f in payload.split(b"\0") if f
+                )
+                result = f"error:{fields.get('C')}:{fields.get('M')}"
+            elif kind == b"Z":
+                return result
+
+    def read_result_of(self, sql: str, *, timeout: float = 10) -> str:
+        self.send_query(sql)
+        return self.read_result(timeout=timeout)
+
+    def read_until_closed(self, *, timeout: float) -> dict[str, str]:
+        """Without sending anything: the fields of the ErrorResponse Waypoint sends before it
+        closes (AssertionError if it closes without one)."""
+        self.sock.settimeout(timeout)
+        while True:
+            kind, payload = self.read_message()
+            if kind == b"E":
+                return dict((f[:1].decode(), f[1:].decode()) for f in payload.split(b"\0") if f)
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"X\0\0\0\4")
+        except OSError:
+            pass
+        self.sock.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from e2e_support import E2EEnv, create_app_database, e2e_env
+from e2e_support import E2EEnv, RawSession, create_app_database, e2e_env
 from pgcluster import PgCluster
 
 CANCELED = "canceling statement due to user request"
@@ -126,7 +126,7 @@ async def test_protocol_32_with_postgresql_18(pg18: PgCluster, tmp_path: Path) -
             assert CANCELED in message and elapsed < 3.0 and one == 1
 
             # What Waypoint forwarded: a 32-byte key in BackendKeyData.
-            raw = await trio.to_thread.run_sync(_RawSession.open, env, db, 2)
+            raw = await trio.to_thread.run_sync(RawSession.open, env, db, 2)
             try:
                 assert raw.protocol == 2
                 assert len(raw.secret) == 32
@@ -153,7 +153,7 @@ async def test_protocol_32_is_negotiated_down_with_postgresql_15(
             )
             assert protocol == 30000
             assert CANCELED in message and one == 1
-            raw = await trio.to_thread.run_sync(_RawSession.open, env, db, 2)
+            raw = await trio.to_thread.run_sync(RawSession.open, env, db, 2)
             try:
                 assert raw.protocol == 0  # NegotiateProtocolVersion said 3.0
                 assert len(raw.secret) == 4
@@ -163,7 +163,7 @@ async def test_protocol_32_is_negotiated_down_with_postgresql_15(
             await env.assert_clean()
 
 
-async def _cancel_checks(env: E2EEnv, raw: _RawSession) -> None:
+async def _cancel_checks(env: E2EEnv, raw: RawSession) -> None:
     """A CancelRequest with a key of the wrong length (or wrong bytes) is ignored; the right key
     cancels."""
     wrong_len = raw.secret + b"\x00" if len(raw.secret) == 4 else raw.secret[:4]
@@ -194,86 +194,6 @@ def _send_cancel(env: E2EEnv, pid: int, secret: bytes) -> None:
         # Waypoint closes the connection once it has forwarded (or dropped) the request.
         while s.recv(1024):
             pass
-
-
-class _RawSession:
-    """A minimal protocol-3 client over a plain socket (to see what Waypoint forwards)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = b""
-        self.protocol = -1
-        self.pid = 0
-        self.secret = b""
-
-    @classmethod
-    def open(cls, env: E2EEnv, db: str, minor: int) -> _RawSession:
-        sock = socket.create_connection((env.host, env.port), timeout=20)
-        self = cls(sock)
-        body = struct.pack("!i", (3 << 16) | minor)
-        for k, v in (("user", "raw"), ("database", db)):
-            body += k.encode() + b"\0" + v.encode() + b"\0"
-        body += b"\0"
-        sock.sendall(struct.pack("!i", len(body) + 4) + body)
-        self.protocol = minor
-        while True:
-            kind, payload = self.read_message()
-            if kind == b"v":
-                self.protocol = struct.unpack("!i", payload[:4])[0] & 0xFFFF
-            elif kind == b"K":
-                self.pid = struct.unpack("!i", payload[:4])[0]
-                self.secret = payload[4:]
-            elif kind == b"E":
-                raise AssertionError(f"login refused: {payload!r}")
-            elif kind == b"Z":
-                return self
-
-    def read_message(self) -> tuple[bytes, bytes]:
-        while True:
-            if len(self.buf) >= 5:
-                (length,) = struct.unpack("!i", self.buf[1:5])
-                if len(self.buf) >= 1 + length:
-                    kind, payload = self.buf[:1], self.buf[5 : 1 + length]
-                    self.buf = self.buf[1 + length :]
-                    return kind, payload
-            data = self.sock.recv(65536)
-            if not data:
-                raise AssertionError("connection closed")
-            self.buf += data
-
-    def send_query(self, sql: str) -> None:
-        body = sql.encode() + b"\0"
-        self.sock.sendall(b"Q" + struct.pack("!i", len(body) + 4) + body)
-
-    def read_result(self, *, timeout: float) -> str:
-        self.sock.settimeout(timeout)
-        result = ""
-        while True:
-            kind, payload = self.read_message()
-            if kind == b"D":
-                # Last column of the row, as text.
-                (ncols,) = struct.unpack("!h", payload[:2])
-                p = 2
-                value = b""
-                for _ in range(ncols):
-                    (n,) = struct.unpack("!i", payload[p : p + 4])
-                    value = payload[p + 4 : p + 4 + n] if n >= 0 else b""
-                    p += 4 + max(n, 0)
-                result = "ok:" + value.decode()
-            elif kind == b"E":
-                fields = dict(
-                    (f[:1].decode(), f[1:].decode()) for f in payload.split(b"\0") if f
-                )
-                result = f"error:{fields.get('C')}:{fields.get('M')}"
-            elif kind == b"Z":
-                return result
-
-    def close(self) -> None:
-        try:
-            self.sock.sendall(b"X\0\0\0\4")
-        except OSError:
-            pass
-        self.sock.close()
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
