@@ -52,6 +52,13 @@ class AdminError(Exception):
         return self.fields.get("C")
 
 
+class AdminConnectionLost(AdminError):
+    """The admin connection broke (network error, server restart): no server error fields."""
+
+
+CONNECTION_ERRORS: Final = (InterfaceError, OSError, struct.error)
+
+
 def error_fields(exc: BaseException) -> dict[str, str]:
     """The server's ErrorResponse fields of a pg8000 DatabaseError (``args[0]``), else {}."""
     if isinstance(exc, DatabaseError) and exc.args and isinstance(exc.args[0], dict):
@@ -95,6 +102,9 @@ class AdminSession:
         self._conn = conn
         self.database = database
         self.broken = False
+        # True once the session has been handed out of an idle pool: it may have died while
+        # idle (a server restart), which only the next statement can tell.
+        self.reused = False
 
     def run(self, sql: str, **params: Any) -> list[list[Any]]:
         """Run one statement (blocking). Marks the session broken on a connection error."""
@@ -215,7 +225,11 @@ class AdminPools:
             slots = self._slots[database] = trio.Semaphore(self._max_open)
         async with slots:
             idle = self._idle[database]
-            sess = idle.pop() if idle else await self.connect(database)
+            if idle:
+                sess = idle.pop()
+                sess.reused = True
+            else:
+                sess = await self.connect(database)
             try:
                 yield sess
             finally:
@@ -247,15 +261,26 @@ class AdminPools:
             except AdminError:
                 sess.rollback_quietly()
                 raise
-            except (InterfaceError, OSError, struct.error) as exc:
+            except CONNECTION_ERRORS as exc:
                 sess.close()
-                raise AdminError(f"admin connection lost: {type(exc).__name__}: {exc}") from None
+                raise AdminConnectionLost(
+                    f"admin connection lost: {type(exc).__name__}: {exc}"
+                ) from None
             except BaseException:
                 sess.rollback_quietly()
                 raise
 
-        async with self.session(database) as sess:
-            return await self.call(sess, guarded)
+        # A pooled session may have died while idle (the server restarted): that failure
+        # happens before anything ran, so the work is retried once on a fresh connection.
+        # ``fn`` is one transaction; a connection lost mid-transaction rolled it back.
+        while True:
+            async with self.session(database) as sess:
+                try:
+                    return await self.call(sess, guarded)
+                except AdminConnectionLost:
+                    if not sess.reused:
+                        raise
+            log.info("admin session found dead in the pool; retrying on a new connection")
 
     async def aclose(self) -> None:
         self._closed = True

@@ -19,8 +19,15 @@ from typing import Any, Final, Protocol
 
 import trio
 from attrs import field, frozen
+from pg8000.exceptions import DatabaseError
 
-from waypoint.provision.admin import AdminPools, AdminSession
+from waypoint.provision.admin import (
+    CONNECTION_ERRORS,
+    AdminConnectionLost,
+    AdminPools,
+    AdminSession,
+    wrap_error,
+)
 from waypoint.provision.sql import ROLE_LOCK_CLASS, role_lock_key
 
 RETRY_MIN: Final = 0.020
@@ -73,6 +80,7 @@ class PgAdvisoryRoleLock:
         while self._idle:
             sess = self._idle.pop()
             if not sess.broken:
+                sess.reused = True
                 return sess
         return await self._pools.connect(self._pools.admin_database)
 
@@ -91,14 +99,36 @@ class PgAdvisoryRoleLock:
 
     @staticmethod
     def _try_lock(sess: AdminSession, key: int) -> bool:
-        rows = sess.run(f"SELECT pg_catalog.pg_try_advisory_lock({ROLE_LOCK_CLASS}, :k)", k=key)
+        try:
+            rows = sess.run(f"SELECT pg_catalog.pg_try_advisory_lock({ROLE_LOCK_CLASS}, :k)", k=key)
+        except DatabaseError as exc:
+            raise wrap_error(exc, "role lock failed") from None
+        except CONNECTION_ERRORS as exc:
+            raise AdminConnectionLost(
+                f"role lock connection lost: {type(exc).__name__}: {exc}"
+            ) from None
         return bool(rows[0][0])
+
+    async def _try_lock_on(self, sess: AdminSession, key: int) -> tuple[AdminSession, bool]:
+        """One try; a session that died while idle is replaced once by a fresh one."""
+        try:
+            return sess, await self._pools.call(sess, lambda s: self._try_lock(s, key))
+        except AdminConnectionLost:
+            if not sess.reused:
+                raise
+        await self._close(sess)
+        sess = await self._pools.connect(self._pools.admin_database)
+        try:
+            return sess, await self._pools.call(sess, lambda s: self._try_lock(s, key))
+        except BaseException:
+            await self._close(sess)
+            raise
 
     async def try_acquire(self, role: str) -> RoleLease | None:
         sess = await self._checkout()
         key = role_lock_key(role)
         try:
-            got = await self._pools.call(sess, lambda s: self._try_lock(s, key))
+            sess, got = await self._try_lock_on(sess, key)
         except BaseException:
             await self._close(sess)
             raise
@@ -112,7 +142,7 @@ class PgAdvisoryRoleLock:
         key = role_lock_key(role)
         try:
             while True:
-                got = await self._pools.call(sess, lambda s: self._try_lock(s, key))
+                sess, got = await self._try_lock_on(sess, key)
                 if got:
                     return RoleLease(role, sess)
                 now = trio.current_time()
