@@ -194,11 +194,13 @@ def _parse_retry_after(value: bytes | None) -> float | None:
     if value is None:
         return None
     text = value.decode("latin-1").strip()
-    if text.isdigit():
-        return float(int(text))
+    # ASCII digits only ("²".isdigit() is true) and a bounded length (int() refuses
+    # over 4300 digits, float() over ~308): anything else is not a delay we can use.
+    if text.isascii() and text.isdigit():
+        return float(int(text)) if len(text) <= 12 else None
     try:
         when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when is None:
         return None
