@@ -60,6 +60,7 @@ def make_config_text(
     drain_timeout: str = "5s",
     revalidation_interval: str = "0s",
     backend: str | None = None,
+    listen: str = "127.0.0.1:0",
 ) -> str:
     return f"""
 handshake_timeout = "{handshake_timeout}"
@@ -78,7 +79,7 @@ interval = "{revalidation_interval}"
 
 [[listeners]]
 name = "{LISTENER}"
-listen = "127.0.0.1:0"
+listen = "{listen}"
 backend = "{backend or f"{cluster.host}:{cluster.port}"}"
 tls_mode = "{tls_mode}"
 backend_tls = "{backend_tls}"
