@@ -1,0 +1,142 @@
+"""Client TLS (issue 11 point 4, issue 5): direct SSL from libpq 18 (``sslnegotiation=direct``),
+refusals readable over it, direct TLS without ALPN ``postgresql`` refused; Tailscale certificates
+chosen by SNI, fetched once, and a failed fetch falling back to the file certificate."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from pathlib import Path
+
+import psycopg
+import trio
+from cryptography import x509
+from e2e_support import LISTENER, E2EEnv, create_app_database, db_rule, e2e_env, make_cert_files
+from pgcluster import PgCluster
+
+
+def _psycopg_direct(dsn: str) -> tuple[bool, str]:
+    with psycopg.connect(dsn, connect_timeout=20) as conn:
+        row = conn.execute("select v from t").fetchone()
+        assert row is not None
+        return bool(conn.info.pgconn.ssl_in_use), str(row[0])
+
+
+def _psycopg_error(dsn: str) -> str:
+    try:
+        with psycopg.connect(dsn, connect_timeout=20):
+            return "connected"
+    except psycopg.OperationalError as exc:
+        return str(exc)
+
+
+def _direct_tls(
+    env: E2EEnv, *, alpn: list[str] | None, server_name: str | None, cafile: Path | None
+) -> x509.Certificate:
+    """A direct TLS handshake with the listener (as libpq's sslnegotiation=direct starts);
+    returns the server's certificate. Raises ssl.SSLError / OSError if refused."""
+    ctx = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+    if cafile is None:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if alpn is not None:
+        ctx.set_alpn_protocols(alpn)
+    with socket.create_connection((env.host, env.port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return x509.load_der_x509_certificate(der)
+
+
+def _names(cert: x509.Certificate) -> list[str]:
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    return [str(n) for n in san.value.get_values_for_type(x509.DNSName)]
+
+
+async def test_direct_ssl_from_libpq_18(pg: PgCluster, tmp_path: Path) -> None:
+    db = create_app_database(pg)
+    certs = make_cert_files(tmp_path / "certs")
+    with trio.fail_after(90):
+        async with e2e_env(
+            pg, tmp_path, tls_mode="optional", listener_extra=certs.listener_extra()
+        ) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            dsn = env.dsn(db, sslmode="require", sslnegotiation="direct")
+            ssl_in_use, v = await trio.to_thread.run_sync(_psycopg_direct, dsn)
+            assert ssl_in_use and v == "one"
+
+            # verify-full against the trustme CA works too.
+            dsn_full = env.dsn(
+                db, sslmode="verify-full", sslnegotiation="direct", sslrootcert=str(certs.ca_pem)
+            ).replace("host=127.0.0.1", "host=localhost hostaddr=127.0.0.1")
+            ssl_in_use, _ = await trio.to_thread.run_sync(_psycopg_direct, dsn_full)
+            assert ssl_in_use
+
+            # A refusal is readable over direct TLS.
+            env.grant("127.0.0.1", rules=[db_rule({db: {"permissions": ["readonly"]}}, listener="other")])
+            message = await trio.to_thread.run_sync(
+                _psycopg_error, env.dsn(db, sslmode="require", sslnegotiation="direct", application_name="x")
+            )
+            assert f'no Waypoint grant for listener "{LISTENER}"' in message, message
+
+            # Direct TLS without ALPN "postgresql" is refused (no handshake), with ALPN it works.
+            cert = await trio.to_thread.run_sync(
+                lambda: _direct_tls(env, alpn=["postgresql"], server_name=None, cafile=None)
+            )
+            assert "localhost" in _names(cert)
+            for alpn in (None, ["http/1.1"]):
+                try:
+                    await trio.to_thread.run_sync(
+                        lambda a=alpn: _direct_tls(env, alpn=a, server_name=None, cafile=None)
+                    )
+                except (ssl.SSLError, OSError):
+                    pass
+                else:
+                    raise AssertionError(f"direct TLS with ALPN {alpn} was accepted")
+            await env.assert_clean()
+
+
+async def test_tailscale_certificate_by_sni_cached_and_file_fallback(
+    pg15: PgCluster, tmp_path: Path
+) -> None:
+    db = create_app_database(pg15)
+    certs = make_cert_files(tmp_path / "certs")
+    name = "waypoint.tail1234.ts.net"
+    with trio.fail_after(90):
+        async with e2e_env(
+            pg15,
+            tmp_path,
+            tls_mode="optional",
+            listener_extra=certs.listener_extra() + "\nuse_tailscale_tls = true",
+        ) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            env.standin.add_cert_domain(name)
+            ts_ca = tmp_path / "ts-ca.pem"
+            env.standin.ca.cert_pem.write_to_path(str(ts_ca))
+
+            for _ in range(3):
+                cert = await trio.to_thread.run_sync(
+                    lambda: _direct_tls(env, alpn=["postgresql"], server_name=name, cafile=ts_ca)
+                )
+                assert _names(cert) == [name]
+            fetches = [r for r in env.standin.requests if "/localapi/v0/cert/" in r]
+            assert len(fetches) == 1, env.standin.requests
+
+            # A libpq client with SNI through the usual SSLRequest path gets it too.
+            ssl_in_use, v = await trio.to_thread.run_sync(
+                _psycopg_direct,
+                env.dsn(db, sslmode="verify-full", sslrootcert=str(ts_ca)).replace(
+                    "host=127.0.0.1", f"host={name} hostaddr=127.0.0.1"
+                ),
+            )
+            assert ssl_in_use and v == "one"
+
+            # A failed fetch (tailscaled refuses) falls back to the file certificate.
+            env.standin.set_cert_fault("forbidden")
+            other = "other.tail1234.ts.net"
+            env.standin.add_cert_domain(other)
+            cert = await trio.to_thread.run_sync(
+                lambda: _direct_tls(env, alpn=["postgresql"], server_name=other, cafile=None)
+            )
+            assert "localhost" in _names(cert)
+            await env.assert_clean()
