@@ -485,8 +485,6 @@ class RawSession:
                 return dict((f[:1].decode(), f[1:].decode()) for f in payload.split(b"\0") if f)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.sendall(b"X\0\0\0\4")
-        except OSError:
-            pass
         self.sock.close()

@@ -5,6 +5,7 @@ granted privileges; and the libpq-reachable preset cap ``options=-c waypoint.pre
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import asyncpg
@@ -165,3 +166,29 @@ async def test_preset_option_caps_readwrite_grant_to_readonly(
             r = await env.psql("insert into t values (4, 'y')", db)
             assert r.returncode == 0, r.stderr
             await env.assert_clean()
+
+
+async def test_one_log_line_per_connection_and_no_secret_in_logs(
+    pg15: PgCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="waypoint")
+    db = create_app_database(pg15)
+    with trio.fail_after(60):
+        async with e2e_env(pg15, tmp_path) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}}, login="fay@example.com")
+            r = await env.psql("select 1", db)
+            assert r.returncode == 0, r.stderr
+            r = await env.psql("select 1", "not_granted_db")
+            assert r.returncode != 0
+            await env.assert_clean()
+    ends = [r for r in caplog.records if getattr(r, "wp_event", None) == "connection_end"]
+    assert len(ends) == 2, [r.getMessage() for r in ends]
+    fields = [getattr(r, "wp_fields", {}) for r in ends]
+    assert [f["outcome"] for f in fields] == ["client_closed", "refused"], fields
+    assert fields[0]["login"] == "fay@example.com" and fields[0]["bytes_out"] > 0
+    assert fields[1]["sqlstate"] == "42501"
+    text = "\n".join(
+        f"{r.getMessage()} {getattr(r, 'wp_fields', {})} {r.exc_info}" for r in caplog.records
+    )
+    assert pg15.admin_password not in text
+    assert "SCRAM-SHA-256$" not in text and "md5" not in text.lower().replace("md5sum", "")

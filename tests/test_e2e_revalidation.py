@@ -4,6 +4,7 @@ sessions with a FATAL 53400 naming the limit (an idle session too)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,9 @@ async def _run_error(conn: pg8000.native.Connection, sql: str) -> dict[str, Any]
 
 
 async def _close(conn: pg8000.native.Connection) -> None:
-    try:
+    # Already closed by Waypoint, possibly.
+    with contextlib.suppress(pg8000.native.InterfaceError, OSError):
         await trio.to_thread.run_sync(conn.close)
-    except (pg8000.native.InterfaceError, OSError):
-        pass  # already closed by Waypoint
 
 
 async def test_revalidation_downgrades_live_and_closes_revoked_and_unidentifiable(

@@ -41,11 +41,13 @@ def _direct_tls(
         ctx.verify_mode = ssl.CERT_NONE
     if alpn is not None:
         ctx.set_alpn_protocols(alpn)
-    with socket.create_connection((env.host, env.port), timeout=10) as raw:
-        with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
-            der = tls.getpeercert(binary_form=True)
-            assert der is not None
-            return x509.load_der_x509_certificate(der)
+    with (
+        socket.create_connection((env.host, env.port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der)
 
 
 def _names(cert: x509.Certificate) -> list[str]:
