@@ -305,7 +305,8 @@ def render_chart(r: Results, path: Path) -> str | None:
     ax1.set_xticks(range(len(clients)), [f"{n} clients" for n in clients])
     ax1.set_ylabel("TPS (pgbench -S), median")
     ax1.set_title("Relay throughput")
-    ax1.legend(fontsize=8)
+    if present:
+        ax1.legend(fontsize=8)
     labels: list[str] = []
     values: list[float] = []
     for s, lab in (("direct", "direct\nSCRAM"), ("waypoint", "Waypoint")):
@@ -317,11 +318,14 @@ def render_chart(r: Results, path: Path) -> str | None:
     if warm:
         labels += ["burst p50", "burst p99"]
         values += [statistics.median(b.p50_ms for b in warm), statistics.median(b.p99_ms for b in warm)]
-    bars_ = ax2.bar(range(len(values)), values, color=["tab:blue", "tab:green", "tab:olive", "tab:red"][: len(values)])
-    ax2.bar_label(bars_, fmt="%.1f", fontsize=8)
-    ax2.set_xticks(range(len(values)), labels, fontsize=8)
-    ax2.set_yscale("log")
-    ax2.set_ylabel("ms (log scale)")
+    if values and min(values) > 0:
+        bars_ = ax2.bar(range(len(values)), values, color=["tab:blue", "tab:green", "tab:olive", "tab:red"][: len(values)])
+        ax2.bar_label(bars_, fmt="%.1f", fontsize=8)
+        ax2.set_xticks(range(len(values)), labels, fontsize=8)
+        ax2.set_yscale("log")
+        ax2.set_ylabel("ms (log scale)")
+    else:
+        ax2.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax2.transAxes)
     ax2.set_title("Connection setup")
     title = f"Waypoint bench {r.meta.get('date', '')} {r.meta.get('host', '')}"
     fig.suptitle(title + (" (quick)" if r.meta.get("quick") else ""))
