@@ -8,6 +8,7 @@ to ReadyForQuery, ErrorResponse, Terminate.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
@@ -107,10 +108,8 @@ async def open_session(
 async def terminate(stream: trio.SocketStream) -> None:
     """Send Terminate and close (best effort)."""
     with trio.move_on_after(5):
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await stream.send_all(b"X\0\0\0\4")
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
     await trio.aclose_forcefully(stream)
 
 
