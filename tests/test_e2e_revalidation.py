@@ -94,6 +94,14 @@ async def test_duration_and_byte_limits_end_sessions_with_53400(
                 "127.0.0.6",
                 rules=[db_rule({db: {"permissions": ["readonly"]}}, limits={"max_bytes_per_conn": 100000})],
             )
+            env.grant(
+                "127.0.0.1",
+                rules=[db_rule({db: {"permissions": ["readonly"]}}, limits={"max_bytes_per_conn": 100000})],
+            )
+            # psql mid-query reads the FATAL (pg8000 cannot: it reads on to ReadyForQuery).
+            r = await env.psql("select repeat('y', 300000)", db)
+            assert r.returncode != 0
+            assert "FATAL" in r.stderr and "max_bytes_per_conn" in r.stderr, r.stderr
             idle = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source="127.0.0.5"))
             busy = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source="127.0.0.6"))
             try:
