@@ -147,7 +147,8 @@ def check_load(text: str, *, redis_secret_only_in_url: bool = True) -> Config | 
         cfg = load_config_text(text, source="gen.toml", environ=ENVIRON)
     except ConfigError as exc:
         assert exc.problems
-        lines = text.count("\n") + 1
+        # tomlkit numbers lines as str.splitlines() does, the key locator by LF.
+        lines = max(text.count("\n") + 1, len(text.splitlines()))
         for problem in exc.problems:
             assert problem.line is None or 1 <= problem.line <= lines
             rendered = str(problem)
