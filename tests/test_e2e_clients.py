@@ -8,7 +8,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import pg8000.native
 import psycopg
 import pytest
@@ -129,8 +129,11 @@ async def test_preset_option_caps_readwrite_grant_to_readonly(
         async with e2e_env(pg, tmp_path) as env:
             env.grant("127.0.0.1", {db: {"permissions": ["readwrite"]}}, login="dave@example.com")
             if form == "options":
-                extra = {"options": "'-c waypoint.presets=readonly'"}
-                r = await env.psql("select current_user\ninsert into t values (3, 'x')", db, **extra)
+                r = await env.psql(
+                    "select current_user\ninsert into t values (3, 'x')",
+                    db,
+                    options="'-c waypoint.presets=readonly'",
+                )
                 assert r.returncode != 0
                 assert "permission denied for table t" in r.stderr, r.stderr
                 role = r.stdout.strip().splitlines()[0]

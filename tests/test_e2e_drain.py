@@ -49,7 +49,7 @@ def _standin(tmp: Path, db: str) -> Iterator[str]:
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        assert line.startswith("ready"), (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert line.startswith("ready"), (line, proc.poll())
         yield sock
     finally:
         proc.terminate()

@@ -53,7 +53,13 @@ def _sqlstate_of(
 
 
 async def _refused(
-    env: E2EEnv, db: str, *, fragment: str, sqlstate: str, whois: int | None, **extra: str
+    env: E2EEnv,
+    db: str,
+    *,
+    fragment: str,
+    sqlstate: str,
+    whois: int | None,
+    options: str | None = None,
 ) -> str:
     """psql (prefer) is refused with ``fragment`` on every attempt; psycopg sees ``sqlstate``.
     ``whois``: how many whois requests the psql attempts may cost (None: not checked)."""
@@ -61,9 +67,17 @@ async def _refused(
     # packet, and a test changes grants faster than that.
     tag = f"check{next(_checks)}"
     before = env.standin.whois_count("127.0.0.1")
-    r = await env.psql(
-        "select 1", db, sslmode="prefer", binary=SYSTEM_PSQL, application_name=tag, **extra
-    )
+    if options:
+        r = await env.psql(
+            "select 1",
+            db,
+            sslmode="prefer",
+            binary=SYSTEM_PSQL,
+            application_name=tag,
+            options=f"'{options}'",
+        )
+    else:
+        r = await env.psql("select 1", db, sslmode="prefer", binary=SYSTEM_PSQL, application_name=tag)
     after = env.standin.whois_count("127.0.0.1")
     assert r.returncode != 0, r.stdout
     assert fragment in r.stderr, r.stderr
@@ -72,11 +86,10 @@ async def _refused(
     assert attempts and all(fragment in line for line in attempts), r.stderr
     if whois is not None:
         assert after - before == whois, (before, after, r.stderr)
-    startup: dict[str, str] = {}
-    if "options" in extra:
-        startup["options"] = extra["options"].strip("'")
     state, message = await trio.to_thread.run_sync(
-        lambda: _sqlstate_of(env.host, env.port, db, **startup)
+        lambda: _sqlstate_of(env.host, env.port, db, options=options)
+        if options
+        else _sqlstate_of(env.host, env.port, db)
     )
     assert state == sqlstate, (state, message)
     assert fragment in message
@@ -117,7 +130,7 @@ async def test_refusals_are_readable_and_the_retry_costs_no_second_whois(
                 fragment="preset",
                 sqlstate="22023",
                 whois=0,
-                options="'-c waypoint.presets=superuser'",
+                options="-c waypoint.presets=superuser",
             )
 
             # Nonexistent database: the backend's own 3D000, forwarded verbatim.

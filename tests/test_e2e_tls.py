@@ -4,6 +4,7 @@ chosen by SNI, fetched once, and a failed fetch falling back to the file certifi
 
 from __future__ import annotations
 
+import functools
 import socket
 import ssl
 from pathlib import Path
@@ -89,7 +90,7 @@ async def test_direct_ssl_from_libpq_18(pg: PgCluster, tmp_path: Path) -> None:
             for alpn in (None, ["http/1.1"]):
                 try:
                     await trio.to_thread.run_sync(
-                        lambda a=alpn: _direct_tls(env, alpn=a, server_name=None, cafile=None)
+                        functools.partial(_direct_tls, env, alpn=alpn, server_name=None, cafile=None)
                     )
                 except (ssl.SSLError, OSError):
                     pass
