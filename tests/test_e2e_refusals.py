@@ -4,10 +4,12 @@ to the refusal cache of step 8), with the SQLSTATE checked through psycopg."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import socket
 from pathlib import Path
 
+import asyncpg  # type: ignore[import-untyped]
 import pg8000.native
 import pytest
 import trio
@@ -94,6 +96,17 @@ async def _refused(
     assert state == sqlstate, (state, message)
     assert fragment in message
     return r.stderr
+
+
+async def _asyncpg_error(env: E2EEnv, db: str) -> str:
+    try:
+        conn = await asyncpg.connect(
+            host=env.host, port=env.port, user="u", database=db, ssl="prefer", timeout=20
+        )
+    except asyncpg.PostgresError as exc:
+        return str(exc)
+    await conn.close(timeout=5)
+    return "connected"
 
 
 @pytest.fixture
@@ -205,4 +218,10 @@ async def test_tls_required_refuses_plaintext_and_repeats_the_cached_reason(
             assert len(fatal) == 2, r.stderr
             assert "no Waypoint grant" in fatal[0]
             assert "TLS is required" in fatal[1] and "no Waypoint grant" in fatal[1], r.stderr
+
+            # asyncpg (ssl="prefer") shows the user only the second error: it names the reason.
+            before = env.standin.whois_count("127.0.0.1")
+            message = await trio.to_thread.run_sync(asyncio.run, _asyncpg_error(env, db))
+            assert "TLS is required" in message and "no Waypoint grant" in message, message
+            assert env.standin.whois_count("127.0.0.1") - before == 1
             await env.assert_clean()
