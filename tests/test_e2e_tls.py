@@ -76,9 +76,12 @@ async def test_direct_ssl_from_libpq_18(pg: PgCluster, tmp_path: Path) -> None:
             assert ssl_in_use
 
             # A refusal is readable over direct TLS.
-            env.grant("127.0.0.1", rules=[db_rule({db: {"permissions": ["readonly"]}}, listener="other")])
+            env.grant(
+                "127.0.0.1", rules=[db_rule({db: {"permissions": ["readonly"]}}, listener="other")]
+            )
             message = await trio.to_thread.run_sync(
-                _psycopg_error, env.dsn(db, sslmode="require", sslnegotiation="direct", application_name="x")
+                _psycopg_error,
+                env.dsn(db, sslmode="require", sslnegotiation="direct", application_name="x"),
             )
             assert f'no Waypoint grant for listener "{LISTENER}"' in message, message
 
@@ -90,7 +93,9 @@ async def test_direct_ssl_from_libpq_18(pg: PgCluster, tmp_path: Path) -> None:
             for alpn in (None, ["http/1.1"]):
                 try:
                     await trio.to_thread.run_sync(
-                        functools.partial(_direct_tls, env, alpn=alpn, server_name=None, cafile=None)
+                        functools.partial(
+                            _direct_tls, env, alpn=alpn, server_name=None, cafile=None
+                        )
                     )
                 except (ssl.SSLError, OSError):
                     pass
@@ -142,4 +147,43 @@ async def test_tailscale_certificate_by_sni_cached_and_file_fallback(
                 lambda: _direct_tls(env, alpn=["postgresql"], server_name=other, cafile=None)
             )
             assert "localhost" in _names(cert)
+            await env.assert_clean()
+
+
+def _tls_session_sees_relay(
+    dsn: str, engine_relays: functools.partial[int]
+) -> tuple[bool, int, int]:
+    """Open a TLS session, run queries big enough to span several TLS records, and report
+    how many relays the epoll engine holds meanwhile."""
+    with psycopg.connect(dsn, connect_timeout=20) as conn:
+        conn.execute("select v from t").fetchone()
+        during = engine_relays()
+        row = conn.execute(
+            "select length(string_agg(md5(i::text), '')) from generate_series(1, 20000) i"
+        ).fetchone()
+        assert row is not None
+        return bool(conn.info.pgconn.ssl_in_use), during, int(row[0])
+
+
+async def test_client_tls_sessions_are_relayed_by_the_engine(pg: PgCluster, tmp_path: Path) -> None:
+    """After the handshake, a client-TLS session is handed from trio to the epoll engine (the
+    trio stream relay is the fallback for backend TLS only)."""
+    db = create_app_database(pg)
+    certs = make_cert_files(tmp_path / "certs")
+    with trio.fail_after(90):
+        async with e2e_env(
+            pg, tmp_path, tls_mode="optional", listener_extra=certs.listener_extra()
+        ) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            engine = env.running.contexts[LISTENER].engine
+            assert engine is not None
+            relays = functools.partial(lambda e: e.active_relays, engine)
+            for negotiation in ("postgres", "direct"):
+                dsn = env.dsn(db, sslmode="require", sslnegotiation=negotiation)
+                ssl_in_use, during, length = await trio.to_thread.run_sync(
+                    _tls_session_sees_relay, dsn, relays
+                )
+                assert ssl_in_use
+                assert during == 1
+                assert length == 20000 * 32
             await env.assert_clean()

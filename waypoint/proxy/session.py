@@ -54,7 +54,13 @@ from waypoint.proxy.registry import (
     fatal_bytes,
     new_conn_id,
 )
-from waypoint.proxy.relay import RelayEngine, RelayResult, StreamRelay
+from waypoint.proxy.relay import (
+    RelayEngine,
+    RelayResult,
+    StreamRelay,
+    TlsHandover,
+    tls_handover,
+)
 from waypoint.proxy.streams import PrefixedStream
 from waypoint.proxy.tls import (
     ALPN_POSTGRESQL,
@@ -593,6 +599,26 @@ async def _provision_and_login(
 # --------------------------------------------------------------------------- relay
 
 
+def _client_tls_handover(client: _Client) -> TlsHandover | None:
+    """Take the client's TLS session out of trio for the engine, or None (then the trio
+    stream relay serves it): only a trio SSLStream over our PrefixedStream whose peeked
+    ClientHello has been fully consumed, with no ciphertext pending."""
+    stream = client.stream
+    if not isinstance(stream, trio.SSLStream):
+        return None
+    transport = stream.transport_stream
+    if (
+        not isinstance(transport, PrefixedStream)
+        or transport.pending
+        or transport.inner is not client.raw
+    ):
+        return None
+    try:
+        return tls_handover(stream)
+    except ValueError:
+        return None
+
+
 def _detach(stream: trio.SocketStream) -> socket.socket:
     fd = stream.socket.detach()
     return socket.socket(fileno=fd)
@@ -618,18 +644,36 @@ async def _relay(
     async with trio.open_nursery() as nursery:
         if limits.max_conn_duration > 0:
             nursery.start_soon(_duration_timer, live, limits.max_conn_duration)
-        if ctx.engine is not None and not client.tls and not backend.tls:
+        # The epoll engine relays plain sockets and client TLS (handed over from trio after
+        # the handshake); backend TLS stays on the trio stream relay.
+        handover: TlsHandover | None = None
+        use_engine = ctx.engine is not None and not backend.tls
+        if use_engine and client.tls:
+            handover = _client_tls_handover(client)
+            use_engine = handover is not None
+        if ctx.engine is not None and use_engine:
             client_sock = _detach(client.raw)
             backend_sock = _detach(backend.socket_stream)
             try:
-                handle = ctx.engine.start_relay(
-                    client_sock,
-                    backend_sock,
-                    max_bytes=limits.max_bytes_per_conn,
-                    byte_limit_error=byte_limit_fatal,
-                    initial_to_client=start.leftover,
-                    initial_to_backend=pending,
-                )
+                if handover is not None:
+                    handle = ctx.engine.start_relay_tls(
+                        client_sock,
+                        backend_sock,
+                        handover,
+                        max_bytes=limits.max_bytes_per_conn,
+                        byte_limit_error=byte_limit_fatal,
+                        initial_to_client=start.leftover,
+                        initial_to_backend=pending,
+                    )
+                else:
+                    handle = ctx.engine.start_relay(
+                        client_sock,
+                        backend_sock,
+                        max_bytes=limits.max_bytes_per_conn,
+                        byte_limit_error=byte_limit_fatal,
+                        initial_to_client=start.leftover,
+                        initial_to_backend=pending,
+                    )
                 live.attach(handle)
                 result = await handle.wait()
             finally:

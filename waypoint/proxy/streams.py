@@ -16,6 +16,11 @@ class PrefixedStream(trio.abc.Stream):
         self.inner = inner
         self._prefix = bytearray(prefix)
 
+    @property
+    def pending(self) -> int:
+        """Prefix bytes not yet read."""
+        return len(self._prefix)
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
 
