@@ -48,10 +48,16 @@ async def revalidate_once(
                 found = exc
             identities[live.peer] = found
         if isinstance(found, IdentityError):
-            _end(ctx, live, "identity lookup failed", found.refusal.detail or found.refusal.message)
+            _end(
+                ctx,
+                live,
+                "identity_lookup_failed",
+                "identity lookup failed",
+                found.refusal.detail or found.refusal.message,
+            )
             continue
         if (found.login, found.node) != (live.identity.login, live.identity.node):
-            _end(ctx, live, "the address now belongs to another identity", "identity changed")
+            _end(ctx, live, "identity_changed", "the address now belongs to another identity", None)
             continue
         grant = evaluate(
             found,
@@ -69,7 +75,7 @@ async def revalidate_once(
                     await ctx.provisioner.strip(live.role)
                 except Exception as exc:
                     log.error("strip_failed", role=live.role, error=str(exc))
-            _end(ctx, live, grant.message, grant.detail)
+            _end(ctx, live, "access_revoked", grant.message, grant.detail)
             continue
         live.identity = found
         if grant == live.grant:
@@ -84,7 +90,13 @@ async def revalidate_once(
             except Exception as exc:
                 # Fail closed: the role may hold more than the grant now allows.
                 log.error("reconcile_failed", role=live.role, error=str(exc))
-                _end(ctx, live, "the changed grant could not be applied", str(exc))
+                _end(
+                    ctx,
+                    live,
+                    "reconcile_failed",
+                    "the changed grant could not be applied",
+                    str(exc),
+                )
                 continue
         live.grant = grant
         extend.setdefault(live.listener, set()).add(live.role)
@@ -95,10 +107,14 @@ async def revalidate_once(
             log.error("extend_validity_failed", listener=listener, error=str(exc))
 
 
-def _end(ctx: ListenerContext, live: LiveSession, reason: str, detail: str | None) -> None:
-    ctx.metrics.revalidation_failures.labels(live.listener, reason[:40]).inc()
+def _end(
+    ctx: ListenerContext, live: LiveSession, kind: str, reason: str, detail: str | None
+) -> None:
+    """End ``live``; ``kind`` is a fixed metric label, ``reason`` the client's text."""
+    ctx.metrics.revalidation_failures.labels(live.listener, kind).inc()
     log.info(
         "session_revoked",
+        kind=kind,
         conn_id=live.conn_id,
         listener=live.listener,
         login=live.identity.login,
