@@ -29,6 +29,9 @@ MAX_CLIENT_HELLO = 64 * 1024
 RENEW_BEFORE = 14 * 24 * 3600.0
 # The min_validity we ask tailscaled for (it renews first if the cached one expires sooner).
 MIN_VALIDITY = 30 * 24 * 3600.0
+# After a failed fetch, handshakes with that name do not ask tailscaled again for this long
+# (or for its Retry-After, when rate-limited), so a failing tailscaled is not hammered.
+FETCH_BACKOFF = 30.0
 
 CertFetcher = Callable[[str], Awaitable[tuple[bytes, bytes]]]
 
@@ -185,6 +188,7 @@ class ClientTLS:
         self._file_names: tuple[str, ...] = ()
         self._ts_cache: dict[str, _CachedCert] = {}
         self._ts_locks: dict[str, trio.Lock] = {}
+        self._ts_backoff: dict[str, float] = {}
         if listener.cert_file and listener.key_file:
             ctx = _server_context()
             ctx.load_cert_chain(listener.cert_file, listener.key_file)
@@ -222,17 +226,25 @@ class ClientTLS:
             now = self._clock()
             if cached is not None and cached.not_after - now > RENEW_BEFORE:
                 return cached.context
+            if self._ts_backoff.get(domain, 0.0) > now:
+                return cached.context if cached is not None and cached.not_after > now else None
             try:
                 key_pem, chain_pem = await self._fetch(domain)
                 ctx = _context_from_pem(key_pem, chain_pem)
                 leaf = x509.load_pem_x509_certificate(chain_pem)
                 not_after = leaf.not_valid_after_utc.timestamp()
             except Exception as exc:
-                log.warning("tailscale_cert_fetch_failed", domain=domain, error=str(exc))
+                retry_after = getattr(exc, "retry_after", None)
+                backoff = max(FETCH_BACKOFF, float(retry_after or 0.0))
+                self._ts_backoff[domain] = now + backoff
+                log.warning(
+                    "tailscale_cert_fetch_failed", domain=domain, error=str(exc), retry_in=backoff
+                )
                 if cached is not None and cached.not_after > now:
                     return cached.context
                 return None
             self._ts_cache[domain] = _CachedCert(ctx, not_after)
+            self._ts_backoff.pop(domain, None)
             log.info(
                 "tailscale_cert_loaded",
                 domain=domain,
