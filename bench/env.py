@@ -25,6 +25,8 @@ from typing import Any
 
 import attrs
 
+from waypoint.demo.pgrun import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
 if str(TESTS) not in sys.path:
@@ -42,13 +44,6 @@ _STOP_WAIT = 15.0
 
 class BenchSetupError(RuntimeError):
     """Something the benchmark needs could not be set up (the message says what)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_port(port: int, proc: subprocess.Popen[Any] | None, what: str, timeout: float = _PORT_WAIT) -> None:
