@@ -43,7 +43,13 @@ from waypoint.config.model import (
     StaticIdentity,
     split_host_port,
 )
-from waypoint.config.units import format_duration, format_size, parse_duration, parse_size
+from waypoint.config.units import (
+    describe_value,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_size,
+)
 
 __all__ = [
     "ConfigError",
@@ -362,37 +368,21 @@ class _Invalid(ValueError):
     """Raised by our structure hooks; the message is shown to the user as is."""
 
 
-def _describe(value: object) -> str:
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, int):
-        return f"integer {value}"
-    if isinstance(value, float):
-        return f"float {value!r}"
-    if isinstance(value, str):
-        return f"string {json.dumps(value)}"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return type(value).__name__
-
-
 def _strict_bool(value: Any, _: Any) -> bool:
     if not isinstance(value, bool):
-        raise _Invalid(f"expected a boolean (true or false, unquoted), got {_describe(value)}")
+        raise _Invalid(f"expected a boolean (true or false, unquoted), got {describe_value(value)}")
     return value
 
 
 def _strict_int(value: Any, _: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid(f"expected an integer, got {_describe(value)}")
+        raise _Invalid(f"expected an integer, got {describe_value(value)}")
     return value
 
 
 def _strict_str(value: Any, _: Any) -> str:
     if not isinstance(value, str):
-        raise _Invalid(f"expected a string, got {_describe(value)}")
+        raise _Invalid(f"expected a string, got {describe_value(value)}")
     return value
 
 
@@ -402,7 +392,7 @@ def _duration(value: Any, _: Any) -> float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             note = " (durations are strings with a unit; bare numbers are not accepted)"
         raise _Invalid(
-            f'expected a duration string such as "90s", "15m" or "1h30m", got {_describe(value)}{note}'
+            f'expected a duration string such as "90s", "15m" or "1h30m", got {describe_value(value)}{note}'
         )
     try:
         return parse_duration(value)
@@ -431,7 +421,7 @@ def _literal(value: Any, tp: Any) -> Any:
         close = difflib.get_close_matches(value, [str(a) for a in allowed], n=1)
         if close:
             hint = f" (did you mean {json.dumps(close[0])}?)"
-    return _raise(f"must be one of {shown}, got {_describe(value)}{hint}")
+    return _raise(f"must be one of {shown}, got {describe_value(value)}{hint}")
 
 
 def _raise(message: str) -> Any:
@@ -460,7 +450,7 @@ def _make_converter() -> cattrs.Converter:
 
         def structure(value: Any, t: Any) -> Any:
             if not isinstance(value, list):
-                raise _Invalid(f"expected an array, got {_describe(value)}")
+                raise _Invalid(f"expected an array, got {describe_value(value)}")
             return inner(value, t)
 
         return structure
@@ -478,7 +468,7 @@ def _make_converter() -> cattrs.Converter:
 
         def structure(value: Any, t: Any) -> Any:
             if not isinstance(value, dict):
-                raise _Invalid(f"expected a table, got {_describe(value)}")
+                raise _Invalid(f"expected a table, got {describe_value(value)}")
             return inner(value, t)
 
         return structure
@@ -608,7 +598,10 @@ def _validate(cfg: Config) -> list[tuple[KeyPath, str]]:
         for j, rule in enumerate(entry.grants):
             if not isinstance(rule, dict):
                 out.append(
-                    ((*base, "grants", j), f"a grant rule must be a table, got {_describe(rule)}")
+                    (
+                        (*base, "grants", j),
+                        f"a grant rule must be a table, got {describe_value(rule)}",
+                    )
                 )
 
     # limits
@@ -774,13 +767,15 @@ def _normalize_grants(cfg: Config) -> tuple[Config, list[tuple[KeyPath, str]]]:
         rules = [parsed] if isinstance(parsed, dict) else parsed
         if not isinstance(rules, list):
             problems.append(
-                (path, f"must be a JSON array of rule objects, got {_describe(parsed)}")
+                (path, f"must be a JSON array of rule objects, got {describe_value(parsed)}")
             )
             entries.append(entry)
             continue
         for j, rule in enumerate(rules):
             if not isinstance(rule, dict):
-                problems.append((path, f"rule {j} must be a JSON object, got {_describe(rule)}"))
+                problems.append(
+                    (path, f"rule {j} must be a JSON object, got {describe_value(rule)}")
+                )
         entries.append(attrs.evolve(entry, grants=tuple(rules), grants_json=None))
         changed = True
     if not changed:

@@ -18,6 +18,7 @@ number of bytes (``"1.5KB"`` is 1500; ``"1.5B"`` is refused).
 from __future__ import annotations
 
 import decimal
+import json
 import re
 from decimal import Decimal
 
@@ -62,7 +63,9 @@ _SIZE_HINT = 'sizes are integers (bytes) or strings like "10GB", "512MiB" or "10
 def parse_duration(text: str) -> float:
     """``"1h30m"`` → ``5400.0``. Raises ValueError with a message fit for a user."""
     if not isinstance(text, str) or isinstance(text, bool):
-        raise ValueError(f"expected a duration string, got {_describe(text)}; {_DURATION_HINT}")
+        raise ValueError(
+            f"expected a duration string, got {describe_value(text)}; {_DURATION_HINT}"
+        )
     s = text
     if s == "":
         raise ValueError(f"empty duration; {_DURATION_HINT}")
@@ -96,7 +99,7 @@ def format_duration(seconds: float) -> str:
     ``parse_duration(format_duration(x)) == x`` for every finite ``x >= 0``.
     """
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise ValueError(f"expected a number of seconds, got {_describe(seconds)}")
+        raise ValueError(f"expected a number of seconds, got {describe_value(seconds)}")
     if seconds != seconds or seconds in (float("inf"), float("-inf")):
         raise ValueError(f"cannot format a non-finite duration {seconds!r}")
     if seconds < 0:
@@ -133,13 +136,13 @@ def parse_size(value: int | str) -> int:
     Raises ValueError with a message fit for a user.
     """
     if isinstance(value, bool):
-        raise ValueError(f"expected a size, got {_describe(value)}; {_SIZE_HINT}")
+        raise ValueError(f"expected a size, got {describe_value(value)}; {_SIZE_HINT}")
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"negative size {value} is not allowed")
         return value
     if not isinstance(value, str):
-        raise ValueError(f"expected a size, got {_describe(value)}; {_SIZE_HINT}")
+        raise ValueError(f"expected a size, got {describe_value(value)}; {_SIZE_HINT}")
     s = value.strip()
     if s.startswith("-"):
         raise ValueError(f"negative size {value!r} is not allowed")
@@ -169,7 +172,7 @@ def format_size(size: int) -> int | str:
     ``0`` → ``0`` (an integer: zero means "no limit" and reads best as a number).
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ValueError(f"expected a non-negative integer size, got {_describe(size)}")
+        raise ValueError(f"expected a non-negative integer size, got {describe_value(size)}")
     if size == 0:
         return 0
     names = {
@@ -196,7 +199,9 @@ def _plain(d: Decimal) -> str:
     return text
 
 
-def _describe(value: object) -> str:
+def describe_value(value: object) -> str:
+    """A config value as a problem message names it, in TOML's terms: ``string "10"``,
+    ``integer 10``, ``boolean true``, ``a table``, ``an array``."""
     if isinstance(value, bool):
         return f"boolean {str(value).lower()}"
     if isinstance(value, int):
@@ -204,5 +209,9 @@ def _describe(value: object) -> str:
     if isinstance(value, float):
         return f"float {value!r}"
     if isinstance(value, str):
-        return f"string {value!r}"
+        return f"string {json.dumps(value)}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
     return type(value).__name__
