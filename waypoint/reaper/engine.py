@@ -397,14 +397,19 @@ class Reaper:
                         return Skipped(role, "busy: role lock held (being provisioned)")
                     stack.push_async_callback(self._release, lease)
                     return await self._drop_role_locked(role)
-        except trio.TooSlowError:
-            return Failure(role, f"timed out after {self._role_timeout:g}s")
-        except _NotEligible as exc:
-            return Skipped(role, exc.reason)
-        except AdminError as exc:
-            return Failure(role, _admin_reason(exc))
         except Exception as exc:  # one role's trouble never ends the pass
-            return Failure(role, f"{type(exc).__name__}: {exc}")
+            return self._error_outcome(role, exc)
+
+    def _error_outcome(self, name: str, exc: Exception) -> _Outcome:
+        """What the reap of one role or group that raised ``exc`` comes to: a skip when it
+        turned out not to be eligible, else a failure with the reason."""
+        if isinstance(exc, trio.TooSlowError):
+            return Failure(name, f"timed out after {self._role_timeout:g}s")
+        if isinstance(exc, _NotEligible):
+            return Skipped(name, exc.reason)
+        if isinstance(exc, AdminError):
+            return Failure(name, _admin_reason(exc))
+        return Failure(name, f"{type(exc).__name__}: {exc}")
 
     async def _release(self, lease: RoleLease) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
@@ -502,14 +507,8 @@ class Reaper:
                 await self._drop_in(
                     home, group, recheck, extra_schemas=home_schemas, drop_role=True
                 )
-        except trio.TooSlowError:
-            return Failure(group, f"timed out after {self._role_timeout:g}s")
-        except _NotEligible as exc:
-            return Skipped(group, exc.reason)
-        except AdminError as exc:
-            return Failure(group, _admin_reason(exc))
-        except Exception as exc:
-            return Failure(group, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # one group's trouble never ends the pass
+            return self._error_outcome(group, exc)
         return "dropped"
 
 
