@@ -698,6 +698,17 @@ class Provisioner:
     # -- other operations ----------------------------------------------------------
 
     @asynccontextmanager
+    async def _role_lock(self, role: str, deadline: float) -> AsyncIterator[None]:
+        """Hold the cross-instance lock of ``role`` for the block (acquired by ``deadline``,
+        raising RoleLockTimeout after it; released shielded from cancellation)."""
+        lease = await self._locks.acquire(role, deadline)
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._locks.release(lease)
+
+    @asynccontextmanager
     async def role_guard(self, role: str) -> AsyncIterator[None]:
         """Lock order step 1 for ``role`` (the reaper takes it before the role lock)."""
         st = self._state(role)
@@ -726,12 +737,8 @@ class Provisioner:
                 async with self.role_guard(role):
                     info = await self._server_info()
                     plan = self._plan(identity, grant, role, info, cid)
-                    lease = await self._locks.acquire(role, deadline)
-                    try:
+                    async with self._role_lock(role, deadline):
                         await self._run_txn(plan, None, info)
-                    finally:
-                        with trio.CancelScope(shield=True):
-                            await self._locks.release(lease)
         except (trio.TooSlowError, RoleLockTimeout):
             raise ProvisionError(
                 provisioning_failed(cid, f"timed out reconciling role {role}")
@@ -825,13 +832,8 @@ class Provisioner:
 
         try:
             with trio.fail_at(deadline):
-                async with self.role_guard(role):
-                    lease = await self._locks.acquire(role, deadline)
-                    try:
-                        await self._pools.run(self._pools.admin_database, txn)
-                    finally:
-                        with trio.CancelScope(shield=True):
-                            await self._locks.release(lease)
+                async with self.role_guard(role), self._role_lock(role, deadline):
+                    await self._pools.run(self._pools.admin_database, txn)
         except (trio.TooSlowError, RoleLockTimeout):
             raise ProvisionError(
                 provisioning_failed(cid, f"timed out stripping role {role}")
