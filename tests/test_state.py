@@ -188,7 +188,16 @@ async def test_bad_cancel_key_arguments_are_rejected(store: StateStore) -> None:
     with pytest.raises(ValueError, match=r"4\.\.256 bytes"):
         await store.register_cancel_key(1, b"", ("h", 1), ttl=1)
     with pytest.raises(ValueError, match="32 bits"):
-        await store.register_cancel_key(-1, b"abcd", ("h", 1), ttl=1)
+        await store.register_cancel_key(-(2**31) - 1, b"abcd", ("h", 1), ttl=1)
+    with pytest.raises(ValueError, match="32 bits"):
+        await store.register_cancel_key(2**32, b"abcd", ("h", 1), ttl=1)
+
+
+async def test_cancel_key_with_the_pid_sign_bit_set_routes(store: StateStore) -> None:
+    # The wire core reads BackendKeyData's pid as a signed Int32; a key whose pid has the
+    # top bit set (CockroachDB's 64-bit keys) must register and route, not raise.
+    await store.register_cancel_key(-5, b"k" * 8, ("127.0.0.1", 26257), ttl=60)
+    assert await store.lookup_cancel_key(-5, b"k" * 8) == ("127.0.0.1", 26257)
 
 
 async def test_lock_excludes_a_second_holder_until_released(store: StateStore) -> None:

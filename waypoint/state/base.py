@@ -131,7 +131,9 @@ def parse_backend(text: str) -> tuple[str, int] | None:
 
 
 def validate_cancel_args(pid: int, secret: bytes) -> None:
-    if not 0 <= pid <= 0xFFFFFFFF:
+    # The wire core reads the pid as a signed Int32 (PostgreSQL's pids are positive, but
+    # CockroachDB's 64-bit cancel key can set the top bit); both signs name the same key.
+    if not -(2**31) <= pid <= 0xFFFFFFFF:
         raise ValueError("cancel key pid must fit in 32 bits")
     if not 4 <= len(secret) <= 256:
         raise ValueError("cancel key secret must be 4..256 bytes")
