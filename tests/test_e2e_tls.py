@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import socket
 import ssl
+import struct
 from pathlib import Path
 
 import psycopg
@@ -186,4 +187,38 @@ async def test_client_tls_sessions_are_relayed_by_the_engine(pg: PgCluster, tmp_
                 assert ssl_in_use
                 assert during == 1
                 assert length == 20000 * 32
+            await env.assert_clean()
+
+
+def _pipelined_after_ssl_request(host: str, port: int, db: str) -> bytes:
+    ssl_request = struct.pack("!ii", 8, 80877103)
+    body = struct.pack("!i", 3 << 16) + b"user\0x\0database\0" + db.encode() + b"\0\0"
+    startup = struct.pack("!i", len(body) + 4) + body
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(ssl_request + startup)
+        s.settimeout(10)
+        received = b""
+        while chunk := s.recv(4096):
+            received += chunk
+        return received
+
+
+async def test_plaintext_pipelined_after_ssl_request_is_refused(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """CVE-2021-23214: bytes sent after SSLRequest, before the server's answer, travelled in
+    plaintext; the session closes without answering ``S`` and without a whois."""
+    db = create_app_database(pg)
+    certs = make_cert_files(tmp_path / "certs")
+    with trio.fail_after(60):
+        async with e2e_env(
+            pg, tmp_path, tls_mode="optional", listener_extra=certs.listener_extra()
+        ) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            received = await trio.to_thread.run_sync(
+                _pipelined_after_ssl_request, env.host, env.port, db
+            )
+            assert not received.startswith(b"S")
+            assert b"R\x00\x00\x00\x08\x00\x00\x00\x00" not in received  # no AuthenticationOk
+            assert not [r for r in env.standin.requests if "whois" in r]
             await env.assert_clean()

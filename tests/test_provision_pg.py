@@ -535,3 +535,34 @@ async def test_plaintext_secret_never_in_server_log(logged_pg: PgCluster, encryp
     assert "ALTER ROLE" in text and "PASSWORD" in text  # the log really has the statements
     assert c.secret not in text
     assert c2.secret not in text
+
+
+async def test_admin_sessions_pin_search_path_and_timeouts(pg: PgCluster) -> None:
+    """SPEC §12 (PgBouncer CVE-2025-12819): admin sessions pin ``search_path`` to
+    ``pg_catalog, pg_temp`` and bound every statement, whatever the server's defaults."""
+    from waypoint.provision.admin import AdminPools
+
+    pg.execute(f"ALTER ROLE {pg.admin_user} SET search_path = public, \"$user\"")
+    try:
+        pools = AdminPools(
+            listener_for(pg),
+            limiter=trio.CapacityLimiter(2),
+            connect_timeout=10,
+            statement_timeout=7,
+            lock_timeout=3,
+        )
+        try:
+            rows = await pools.run(
+                "postgres",
+                lambda s: s.run(
+                    "SELECT pg_catalog.current_setting('search_path'), "
+                    "pg_catalog.current_setting('statement_timeout'), "
+                    "pg_catalog.current_setting('lock_timeout'), "
+                    "pg_catalog.current_setting('application_name')"
+                ),
+            )
+        finally:
+            await pools.aclose()
+    finally:
+        pg.execute(f"ALTER ROLE {pg.admin_user} RESET search_path")
+    assert rows == [["pg_catalog,pg_temp", "7s", "3s", "waypoint-admin"]]

@@ -158,7 +158,16 @@ async def login_backend(
             cb = tls_server_end_point_hash(conn.cert_der)
         except ProtocolError:
             cb = None
-    login = UpstreamLogin(role, secret, scram_keys=scram_keys, tls_server_end_point=cb)
+    # Over TLS, a role with a SCRAM verifier must log in with SCRAM-SHA-256-PLUS: without
+    # channel binding, a man in the middle of an unverified TLS link (backend_tls = prefer /
+    # require) could ask for the password in cleartext or relay the SCRAM exchange.
+    login = UpstreamLogin(
+        role,
+        secret,
+        scram_keys=scram_keys,
+        tls_server_end_point=cb,
+        channel_binding_required=cb is not None and scram_keys is not None,
+    )
     startup = {"user": role, "database": database}
     for k, v in parameters.items():
         if k not in ("user", "database"):

@@ -1,0 +1,135 @@
+"""Backend TLS (SPEC §8): verify-full against the backend's CA, a wrong CA refused (08006),
+SCRAM-SHA-256-PLUS required over a TLS backend link (a backend asking for a cleartext password
+is refused instead of being handed the role's secret), and cancel forwarded over TLS."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pg8000.native
+import pytest
+import trio
+import trustme
+from e2e_support import LISTENER, E2EEnv, RawSession, create_app_database, e2e_env
+from pgcluster import PgCluster
+
+
+@pytest.fixture(scope="module")
+def pg15_ssl_cleartext() -> Iterator[PgCluster]:
+    """A TLS backend whose pg_hba asks every Waypoint role for a cleartext password."""
+    cluster = PgCluster.start("system", ssl=True, hba_default_method="password")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _ssl_in_use(env: E2EEnv, db: str) -> tuple[bool, str]:
+    conn = pg8000.native.Connection(
+        user="anyone", host=env.host, port=env.port, database=db, ssl_context=False, timeout=20
+    )
+    try:
+        (row,) = conn.run(
+            "select s.ssl, current_user from pg_catalog.pg_stat_ssl s "
+            "where s.pid = pg_catalog.pg_backend_pid()"
+        )
+        return bool(row[0]), str(row[1])
+    finally:
+        conn.close()
+
+
+def _login_error(env: E2EEnv, db: str) -> dict[str, str]:
+    try:
+        pg8000.native.Connection(
+            user="anyone", host=env.host, port=env.port, database=db, ssl_context=False, timeout=20
+        ).close()
+    except pg8000.native.DatabaseError as exc:
+        return {str(k): str(v) for k, v in exc.args[0].items()}
+    raise AssertionError("login through Waypoint unexpectedly succeeded")
+
+
+def _backend_tls_extra(ca: Path) -> str:
+    return f'backend_ca_file = "{ca}"'
+
+
+async def test_verify_full_against_the_backend_ca(pg15_ssl: PgCluster, tmp_path: Path) -> None:
+    assert pg15_ssl.ca_pem_path is not None
+    db = create_app_database(pg15_ssl)
+    with trio.fail_after(90):
+        async with e2e_env(
+            pg15_ssl,
+            tmp_path,
+            backend_tls="verify-full",
+            listener_extra=_backend_tls_extra(pg15_ssl.ca_pem_path),
+        ) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            ssl_in_use, user = await trio.to_thread.run_sync(_ssl_in_use, env, db)
+            assert ssl_in_use
+            assert user.startswith("wp_pg_main_")
+            await env.assert_clean()
+
+
+async def test_verify_full_with_a_wrong_ca_is_refused(pg15_ssl: PgCluster, tmp_path: Path) -> None:
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    db = create_app_database(pg15_ssl)
+    with trio.fail_after(90):
+        async with e2e_env(
+            pg15_ssl,
+            tmp_path,
+            backend_tls="verify-full",
+            listener_extra=_backend_tls_extra(other_ca),
+        ) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            fields = await trio.to_thread.run_sync(_login_error, env, db)
+            assert fields["C"] == "08006", fields
+            assert LISTENER in fields["M"]
+            await env.assert_clean()
+
+
+async def test_cleartext_request_over_tls_is_refused_not_answered(
+    pg15_ssl_cleartext: PgCluster, tmp_path: Path
+) -> None:
+    """A TLS backend (or a man in the middle of an unverified link) that asks for the password
+    in cleartext gets nothing: over TLS, Waypoint logs in only with SCRAM-SHA-256-PLUS."""
+    db = create_app_database(pg15_ssl_cleartext)
+    with trio.fail_after(90):
+        async with e2e_env(pg15_ssl_cleartext, tmp_path, backend_tls="require") as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            fields = await trio.to_thread.run_sync(_login_error, env, db)
+            assert fields["C"] == "08004", fields
+            await env.assert_clean()
+    # The server saw no password at all: its log has no authentication failure for the role
+    # and no successful login by it.
+    log = pg15_ssl_cleartext.read_log()
+    assert "password authentication failed" not in log
+
+
+async def test_cancel_is_forwarded_over_tls(pg15_ssl: PgCluster, tmp_path: Path) -> None:
+    db = create_app_database(pg15_ssl)
+    with trio.fail_after(90):
+        async with e2e_env(pg15_ssl, tmp_path, backend_tls="require") as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            raw = await trio.to_thread.run_sync(RawSession.open, env, db)
+
+            def run() -> str:
+                raw.send_query("select pg_sleep(30)")
+                time.sleep(0.5)
+                packet = struct.pack("!iii", 12 + len(raw.secret), 80877102, raw.pid) + raw.secret
+                with socket.create_connection((env.host, env.port), timeout=5) as s:
+                    s.sendall(packet)
+                    s.settimeout(5)
+                    while s.recv(1024):
+                        pass
+                return raw.read_result(timeout=5)
+
+            try:
+                result = await trio.to_thread.run_sync(run)
+            finally:
+                raw.close()
+            assert result.startswith("error:57014"), result
+            await env.assert_clean()
