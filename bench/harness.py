@@ -219,7 +219,7 @@ def measure_bulk(env: BenchEnv, p: Profile, r: Results) -> None:
     for rep in range(p.repetitions):
         for t in ts.values():
             args = ["-X", "-h", "127.0.0.1", "-p", str(t.port), "-d", BENCH_DB, "-v", "ON_ERROR_STOP=1", "-c", sql]
-            r.command(_describe(t, ["psql", *args[:3], "<port>", *args[4:-1], f'"{sql}"']))
+            r.command(_describe(t, ["psql", *args[:4], "<port>", *args[5:-1], f'"{sql}"']))
             start = time.perf_counter()
             proc = subprocess.run(
                 [env.binary("psql"), *args], env=_clean_env(t.env), capture_output=True, text=True,
