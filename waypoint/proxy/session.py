@@ -8,6 +8,7 @@ A failure here ends this connection only: the task catches its own errors.
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import ssl
 from collections.abc import Mapping
@@ -654,26 +655,20 @@ async def _relay(
         if ctx.engine is not None and use_engine:
             client_sock = _detach(client.raw)
             backend_sock = _detach(backend.socket_stream)
+            start_engine = (
+                ctx.engine.start_relay
+                if handover is None
+                else functools.partial(ctx.engine.start_relay_tls, client_tls=handover)
+            )
             try:
-                if handover is not None:
-                    handle = ctx.engine.start_relay_tls(
-                        client_sock,
-                        backend_sock,
-                        handover,
-                        max_bytes=limits.max_bytes_per_conn,
-                        byte_limit_error=byte_limit_fatal,
-                        initial_to_client=start.leftover,
-                        initial_to_backend=pending,
-                    )
-                else:
-                    handle = ctx.engine.start_relay(
-                        client_sock,
-                        backend_sock,
-                        max_bytes=limits.max_bytes_per_conn,
-                        byte_limit_error=byte_limit_fatal,
-                        initial_to_client=start.leftover,
-                        initial_to_backend=pending,
-                    )
+                handle = start_engine(
+                    client_sock,
+                    backend_sock,
+                    max_bytes=limits.max_bytes_per_conn,
+                    byte_limit_error=byte_limit_fatal,
+                    initial_to_client=start.leftover,
+                    initial_to_backend=pending,
+                )
                 live.attach(handle)
                 result = await handle.wait()
             finally:
