@@ -441,3 +441,39 @@ def test_whois_addr_round_trips_through_the_query(ip: Any, port: int) -> None:
 def test_client_rejects_nonpositive_timeout() -> None:
     with pytest.raises(ValueError):
         LocalAPIClient("/x", timeout=0)
+
+
+async def test_concurrent_whois_calls_are_capped(tmp_path: Path) -> None:
+    """A burst of lookups never has more than ``max_concurrent`` connections to tailscaled in
+    flight (its listen backlog is finite); every lookup still answers."""
+    from waypoint.identity.localapi import LocalAPIClient
+
+    async with run_standin(tmp_path) as standin:
+        standin.set_peer("127.0.0.2", login="alice@example.com", node="alice-laptop")
+        client = LocalAPIClient(standin.socket_path, timeout=10.0, max_concurrent=3)
+        in_flight = 0
+        peak = 0
+        inner = client._get
+
+        async def counting_get(target: str, what: str) -> Any:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                await trio.sleep(0.01)
+                return await inner(target, what)
+            finally:
+                in_flight -= 1
+
+        client._get = counting_get  # type: ignore[method-assign]
+        answers: list[str] = []
+
+        async def one() -> None:
+            body = await client.whois_raw("127.0.0.2", 4000)
+            answers.append(body["UserProfile"]["LoginName"])
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(40):
+                nursery.start_soon(one)
+        assert answers == ["alice@example.com"] * 40
+        assert peak == 3

@@ -231,11 +231,19 @@ class LocalAPIResponse:
         return None
 
 
+DEFAULT_MAX_CONCURRENT = 64
+
+
 class LocalAPIClient:
     """Talks to tailscaled at ``socket_path``; every call finishes within ``timeout`` seconds."""
 
     def __init__(
-        self, socket_path: str, *, timeout: float, max_response: int = DEFAULT_MAX_RESPONSE
+        self,
+        socket_path: str,
+        *,
+        timeout: float,
+        max_response: int = DEFAULT_MAX_RESPONSE,
+        max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     ) -> None:
         if not math.isfinite(timeout) or timeout <= 0:
             raise ValueError(
@@ -246,6 +254,9 @@ class LocalAPIClient:
         self.socket_path = socket_path
         self.timeout = timeout
         self.max_response = max_response
+        # At most this many requests in flight: a burst of connects must not overflow
+        # tailscaled's listen backlog; waiting for a slot counts against ``timeout``.
+        self._in_flight = trio.Semaphore(max_concurrent)
 
     def __repr__(self) -> str:
         return f"LocalAPIClient({self.socket_path!r}, timeout={self.timeout!r})"
@@ -311,7 +322,8 @@ class LocalAPIClient:
         what = f"GET {target.partition('?')[0]} on {self.socket_path}"
         try:
             with trio.fail_after(self.timeout):
-                return await self._get(target, what)
+                async with self._in_flight:
+                    return await self._get(target, what)
         except trio.TooSlowError:
             raise LocalAPIUnavailable(
                 f"{what}: no complete answer within {self.timeout:g}s"
