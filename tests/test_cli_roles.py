@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 from pgcluster import PgCluster
+from provision_support import role_exists, setup_app_db
 from test_reaper_pg import (
     ALICE,
     BOB,
@@ -18,8 +19,6 @@ from test_reaper_pg import (
     grant,
     listener_for,
     new_prefix,
-    role_exists,
-    setup_app_db,
 )
 
 from waypoint.cli.main import main

@@ -16,6 +16,7 @@ from e2e_support import LISTENER, E2EEnv, create_app_database, make_config_text,
 from localapi_standin import run_standin
 from pg8000.exceptions import DatabaseError
 from pgcluster import PgCluster
+from provision_support import role_exists
 
 from waypoint.config.load import load_config_text
 
@@ -54,10 +55,6 @@ async def connect(env: E2EEnv, db: str, source: str) -> pg8000.native.Connection
             ):
                 raise
     raise AssertionError("unreachable")
-
-
-def role_exists(pg: PgCluster, role: str) -> bool:
-    return bool(pg.execute("SELECT 1 FROM pg_roles WHERE rolname = :r", r=role))
 
 
 async def current_user(conn: pg8000.native.Connection) -> str:

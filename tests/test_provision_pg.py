@@ -14,6 +14,7 @@ import pytest
 import trio
 from pg8000.exceptions import DatabaseError
 from pgcluster import PgCluster
+from provision_support import role_exists, setup_app_db
 
 from waypoint.config.model import ListenerConfig, PostgresListenerConfig
 from waypoint.grants import naming
@@ -45,24 +46,6 @@ def grant(
         database=db,
         privileges=frozenset(SchemaPrivilege(p, s) for p, s in pairs),
         custom=custom,
-    )
-
-
-def setup_app_db(pg: PgCluster, db: str) -> None:
-    """``app_owner`` owns schemas public and app, each with a table ``t`` (one row)."""
-    pg.execute(
-        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'app_owner') "
-        "THEN CREATE ROLE app_owner NOLOGIN; END IF; END $$"
-    )
-    pg.execute(f"GRANT app_owner TO {pg.admin_user}")
-    pg.psql(
-        "ALTER SCHEMA public OWNER TO app_owner;"
-        "CREATE SCHEMA app AUTHORIZATION app_owner;"
-        "SET ROLE app_owner;"
-        "CREATE TABLE public.t (id serial PRIMARY KEY, v text);"
-        "CREATE TABLE app.t (id serial PRIMARY KEY, v text);"
-        "INSERT INTO public.t (v) VALUES ('p'); INSERT INTO app.t (v) VALUES ('a');",
-        dbname=db,
     )
 
 
@@ -112,10 +95,6 @@ async def assert_denied(pg: PgCluster, creds: Credentials, db: str, sql: str) ->
     with pytest.raises(DatabaseError) as info:
         await run_as(pg, creds, db, sql)
     assert sqlstate(info.value) == "42501", info.value
-
-
-def role_exists(pg: PgCluster, role: str) -> bool:
-    return bool(pg.execute("SELECT 1 FROM pg_roles WHERE rolname = :r", r=role))
 
 
 # -- role lifecycle -------------------------------------------------------------------
@@ -542,7 +521,7 @@ async def test_admin_sessions_pin_search_path_and_timeouts(pg: PgCluster) -> Non
     ``pg_catalog, pg_temp`` and bound every statement, whatever the server's defaults."""
     from waypoint.provision.admin import AdminPools
 
-    pg.execute(f"ALTER ROLE {pg.admin_user} SET search_path = public, \"$user\"")
+    pg.execute(f'ALTER ROLE {pg.admin_user} SET search_path = public, "$user"')
     try:
         pools = AdminPools(
             listener_for(pg),
