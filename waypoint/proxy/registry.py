@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import secrets
 from collections.abc import Callable, Iterator, Mapping
 
 import attrs
@@ -85,8 +86,6 @@ _conn_counter = itertools.count(1)
 
 def new_conn_id() -> str:
     """A short id for log lines and 58000 messages (unique per process, not secret)."""
-    import secrets
-
     return f"{secrets.token_hex(3)}-{next(_conn_counter)}"
 
 

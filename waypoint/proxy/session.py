@@ -18,6 +18,7 @@ import trio
 
 from waypoint import errors
 from waypoint.config.model import Config, ListenerConfig
+from waypoint.config.units import format_duration
 from waypoint.errors import Refusal
 from waypoint.grants.evaluate import evaluate
 from waypoint.grants.model import EffectiveGrant
@@ -30,6 +31,7 @@ from waypoint.pgwire import (
     BackendError,
     CancelRequest,
     DirectTLS,
+    ErrorResponse,
     FirstPacketReader,
     GSSENCRequest,
     LoginError,
@@ -241,7 +243,7 @@ async def _run(
             out.outcome = "backend_error"
             out.sqlstate = exc.fields.get("C")
             out.detail = exc.fields.get("M")
-            await _send_quietly(client, _error_from_fields(exc.fields))
+            await _send_quietly(client, ErrorResponse(exc.fields).encode())
             return
     if handshake_scope.cancelled_caught:
         out.outcome = "handshake_timeout"
@@ -277,12 +279,6 @@ async def _send_quietly(client: _Client, data: bytes) -> None:
         ),
     ):
         await client.send(data)
-
-
-def _error_from_fields(fields: Mapping[str, str]) -> bytes:
-    from waypoint.pgwire import ErrorResponse
-
-    return ErrorResponse(fields).encode()
 
 
 async def _refuse(
@@ -706,6 +702,4 @@ async def _relay(
 
 async def _duration_timer(live: LiveSession, seconds: float) -> None:
     await trio.sleep(seconds)
-    from waypoint.config.units import format_duration
-
     live.end(errors.session_limit("max_conn_duration", format_duration(seconds)))
