@@ -17,7 +17,6 @@ import pytest
 import trio
 import trustme
 
-from waypoint.pgwire.boundary import BoundaryTracker
 from waypoint.proxy.relay import (
     RECV_BUFFER_SIZE,
     RelayControl,
@@ -529,8 +528,7 @@ async def test_handshake_leftovers_go_first_and_are_counted(harness: Harness) ->
 
 async def test_client_header_hook_sees_each_statement_message(harness: Harness) -> None:
     seen: list[str] = []
-    tracker = BoundaryTracker(on_header=lambda t, n: seen.append(chr(t)))
-    s = await harness.open(client_tracker=tracker)
+    s = await harness.open(on_client_header=lambda t, n: seen.append(chr(t)))
     batch = (
         message(b"P", b"\x00select 1\x00\x00\x00") + message(b"B", bytes(10)) + message(b"S", b"")
     )

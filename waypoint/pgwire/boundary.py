@@ -22,7 +22,13 @@ from collections.abc import Callable
 
 from .errors import ProtocolError
 
-__all__ = ["MAX_MESSAGE_LENGTH", "BoundaryTracker", "HeaderCallback", "ProtocolError"]
+__all__ = [
+    "MAX_MESSAGE_LENGTH",
+    "BoundaryTracker",
+    "HeaderCallback",
+    "ProtocolError",
+    "bad_length_error",
+]
 
 #: Largest value the int32 length word can carry (PostgreSQL's own bound).
 MAX_MESSAGE_LENGTH = 0x7FFFFFFF
@@ -96,7 +102,7 @@ class BoundaryTracker:
                     type_byte, length = _unpack_header(chunk, pos)
                     if length < 4:
                         self.messages += count
-                        raise _bad_length(type_byte, length)
+                        raise bad_length_error(type_byte, length)
                     count += 1
                     pos += 1 + length
             else:
@@ -104,7 +110,7 @@ class BoundaryTracker:
                     type_byte, length = _unpack_header(chunk, pos)
                     if length < 4:
                         self.messages += count
-                        raise _bad_length(type_byte, length)
+                        raise bad_length_error(type_byte, length)
                     try:
                         callback(type_byte, length)
                     except BaseException:
@@ -159,14 +165,14 @@ class BoundaryTracker:
         type_byte, length = _HEADER.unpack_from(header, 0)
         header.clear()
         if length < 4:
-            raise _bad_length(type_byte, length)
+            raise bad_length_error(type_byte, length)
         if self.on_header is not None:
             self.on_header(type_byte, length)
         self.messages += 1
         return take + length - 4
 
 
-def _bad_length(type_byte: int, length: int) -> ProtocolError:
+def bad_length_error(type_byte: int, length: int) -> ProtocolError:
     shown = chr(type_byte) if 0x20 < type_byte < 0x7F else f"0x{type_byte:02x}"
     return ProtocolError(
         f"invalid message length {length} for message type {shown!r} (must be at least 4)"

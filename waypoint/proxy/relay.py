@@ -40,7 +40,8 @@ from typing import Any, Final, Literal, Protocol
 import attrs
 import trio
 
-from waypoint.pgwire.boundary import BoundaryTracker, ProtocolError
+from waypoint.pgwire.boundary import BoundaryTracker, HeaderCallback, ProtocolError
+from waypoint.proxy import _pump
 
 __all__ = [
     "DEFAULT_BOUNDARY_TIMEOUT",
@@ -140,44 +141,42 @@ _PEER_GONE_ERRNOS: Final = frozenset(
 )
 
 
-class _Side:
-    """One socket of a relay: what is read from it and what waits to be written to it."""
+#: ``_Relay.budget`` when there is no byte limit, and once terminating (every read then
+#: takes the Python path: the C loop hands back any read that takes the budget below 0).
+_NO_LIMIT: Final = 1 << 62
+_TERMINATING: Final = -(1 << 62)
 
-    __slots__ = (
-        "fd",
-        "feed",
-        "is_client",
-        "mask",
-        "out",
-        "peer",
-        "reading",
-        "received",
-        "recv_into",
-        "relay",
-        "send",
-        "sock",
-        "tls",
-        "tracker",
-    )
+
+class _Side(_pump.Lane):
+    """One socket of a relay: what is read from it and what waits to be written to it.
+
+    The C base (``_pump.Lane``) holds what the C loop needs: ``fd``, ``reading``,
+    ``received``, the shared byte ``budget`` and the message-boundary tracker
+    (``feed``, ``feed_until_boundary``, ``at_boundary``, ``messages``; the semantics of
+    :class:`~waypoint.pgwire.boundary.BoundaryTracker`).
+    """
+
+    __slots__ = ("is_client", "mask", "out", "peer", "recv_into", "relay", "send", "sock", "tls")
 
     def __init__(
-        self, relay: _Relay, sock: socket.socket, tracker: BoundaryTracker, is_client: bool
+        self,
+        relay: _Relay,
+        sock: socket.socket,
+        is_client: bool,
+        on_header: HeaderCallback | None = None,
     ) -> None:
+        super().__init__(sock.fileno())
+        self.hook = on_header
         self.relay = relay
         self.sock = sock
-        self.fd = sock.fileno()
         self.recv_into = sock.recv_into
         self.send = sock.send
-        self.tracker = tracker
-        self.feed = tracker.feed
         self.is_client = is_client
-        self.received = 0
         #: Bytes read from the peer, not yet written to this socket (bounded by one recv).
         self.out: bytes = b""
-        self.reading = True
         #: The epoll mask currently registered (0: not registered).
         self.mask = 0
-        self.peer: _Side = self  # set right after construction
+        self.peer: _Side = self  # set by _Relay.link
         #: The client's TLS session when the client side speaks TLS (engine-thread only).
         self.tls: TlsHandover | None = None
 
@@ -188,7 +187,6 @@ class _Relay:
 
     __slots__ = (
         "backend",
-        "budget",
         "client",
         "closing",
         "deadline",
@@ -206,11 +204,8 @@ class _Relay:
 
     def __init__(self, handle: RelayHandle, max_bytes: int, byte_limit_error: bytes) -> None:
         self.handle = handle
-        self.limit = max_bytes if max_bytes > 0 else math.inf
+        self.limit = max_bytes if max_bytes > 0 else _NO_LIMIT
         self.limit_fatal = byte_limit_error
-        #: ``limit`` minus the bytes read so far; forced to -inf once terminating, so that
-        #: the hot path needs a single comparison (``< 0``) to leave the plain case.
-        self.budget: float = self.limit
         self.client: _Side
         self.backend: _Side
         self.reason: RelayReason | None = None
@@ -226,6 +221,30 @@ class _Relay:
         self.done = False
         #: The client side speaks TLS: both sides are served off the plaintext hot path.
         self.tls = False
+
+    def link(self, client: _Side, backend: _Side) -> None:
+        self.client = client
+        self.backend = backend
+        client.link(backend)  # the client lane holds the shared budget
+        client.peer = backend
+        backend.peer = client
+        self.budget = self.limit
+
+    @property
+    def budget(self) -> int:
+        """``limit`` minus the bytes read so far; forced to ``_TERMINATING`` once
+        terminating, so that the hot path needs a single comparison (``< 0``) to leave
+        the plain case."""
+        return self.client.budget
+
+    @budget.setter
+    def budget(self, value: int) -> None:
+        self.client.budget = value
+
+    @property
+    def pumped(self) -> bool:
+        """Served by the C loop: plain sockets, no header hooks."""
+        return not self.tls and self.client.hook is None and self.backend.hook is None
 
 
 @attrs.frozen
@@ -356,6 +375,8 @@ class RelayEngine:
         self._relays: set[_Relay] = set()
         self._timed: set[_Relay] = set()
         self._buf = bytearray(recv_buffer_size)
+        #: The C loop over ``_epoll`` and ``_buf``; it serves the sides of pumped relays.
+        self._pump = _pump.Pump(self._epoll.fileno(), self._buf, _MAX_EVENTS)
         self._thread: threading.Thread | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -383,8 +404,8 @@ class RelayEngine:
         *,
         max_bytes: int = 0,
         byte_limit_error: bytes = b"",
-        client_tracker: BoundaryTracker | None = None,
-        backend_tracker: BoundaryTracker | None = None,
+        on_client_header: HeaderCallback | None = None,
+        on_backend_header: HeaderCallback | None = None,
         initial_to_client: bytes = b"",
         initial_to_backend: bytes = b"",
     ) -> RelayHandle:
@@ -395,7 +416,9 @@ class RelayEngine:
         client at a message boundary. ``initial_to_*`` are bytes the handshake already
         read past the start of the relay (they go out first and are counted). Both
         directions start at a message boundary. The sockets are switched to
-        non-blocking mode and are never closed by the engine.
+        non-blocking mode and are never closed by the engine. ``on_*_header(type, length)``
+        is called for each message header read from that side (in the engine thread; a
+        relay with a hook is served by the Python loop, not the C one).
         """
         return self._start_relay(
             client_sock,
@@ -403,8 +426,8 @@ class RelayEngine:
             None,
             max_bytes=max_bytes,
             byte_limit_error=byte_limit_error,
-            client_tracker=client_tracker,
-            backend_tracker=backend_tracker,
+            on_client_header=on_client_header,
+            on_backend_header=on_backend_header,
             initial_to_client=initial_to_client,
             initial_to_backend=initial_to_backend,
         )
@@ -417,8 +440,8 @@ class RelayEngine:
         *,
         max_bytes: int = 0,
         byte_limit_error: bytes = b"",
-        client_tracker: BoundaryTracker | None = None,
-        backend_tracker: BoundaryTracker | None = None,
+        on_client_header: HeaderCallback | None = None,
+        on_backend_header: HeaderCallback | None = None,
         initial_to_client: bytes = b"",
         initial_to_backend: bytes = b"",
     ) -> RelayHandle:
@@ -438,8 +461,8 @@ class RelayEngine:
             client_tls,
             max_bytes=max_bytes,
             byte_limit_error=byte_limit_error,
-            client_tracker=client_tracker,
-            backend_tracker=backend_tracker,
+            on_client_header=on_client_header,
+            on_backend_header=on_backend_header,
             initial_to_client=initial_to_client,
             initial_to_backend=initial_to_backend,
         )
@@ -452,8 +475,8 @@ class RelayEngine:
         *,
         max_bytes: int,
         byte_limit_error: bytes,
-        client_tracker: BoundaryTracker | None,
-        backend_tracker: BoundaryTracker | None,
+        on_client_header: HeaderCallback | None,
+        on_backend_header: HeaderCallback | None,
         initial_to_client: bytes,
         initial_to_backend: bytes,
     ) -> RelayHandle:
@@ -469,10 +492,10 @@ class RelayEngine:
         backend_sock.setblocking(False)
         handle = RelayHandle(self)
         relay = _Relay(handle, max_bytes, byte_limit_error)
-        relay.client = _Side(relay, client_sock, client_tracker or BoundaryTracker(), True)
-        relay.backend = _Side(relay, backend_sock, backend_tracker or BoundaryTracker(), False)
-        relay.client.peer = relay.backend
-        relay.backend.peer = relay.client
+        relay.link(
+            _Side(relay, client_sock, True, on_client_header),
+            _Side(relay, backend_sock, False, on_backend_header),
+        )
         if client_tls is not None:
             relay.tls = True
             relay.client.tls = client_tls
@@ -480,12 +503,12 @@ class RelayEngine:
         if initial_to_backend:
             relay.backend.out = bytes(initial_to_backend)
             relay.client.received = len(initial_to_backend)
-            relay.client.tracker.feed(initial_to_backend)
+            relay.client.feed(initial_to_backend)
             relay.client.reading = False
         if initial_to_client:
             relay.client.out += _wire(relay.client, initial_to_client)
             relay.backend.received = len(initial_to_client)
-            relay.backend.tracker.feed(initial_to_client)
+            relay.backend.feed(initial_to_client)
             relay.backend.reading = False
         if relay.client.out:  # nothing overtakes what the client is owed first
             relay.backend.reading = False
@@ -546,19 +569,18 @@ class RelayEngine:
             os.close(self._wake_fd)
 
     def _loop(self) -> None:
-        # The hot path: everything it touches is a local, and the common event (a
-        # relayed socket readable, nothing pending, not terminating) costs one dict
-        # lookup, one recv_into, one O(headers) boundary feed and one send.
-        poll = self._epoll.poll
+        # The hot path is in C (``_pump.Pump.run``): it waits, and relays every plain
+        # readable socket (recv, count, skip headers, send) without the GIL until an
+        # event needs Python. What it hands back is dispatched here.
+        run = self._pump.run
         sides = self._sides
         timed = self._timed
         wake_fd = self._wake_fd
-        buf = self._buf
-        view = memoryview(buf)
+        view = memoryview(self._buf)
         monotonic = time.monotonic
         readable = _EPOLLIN
-        max_events = _MAX_EVENTS
         other_event = self._other_event
+        read_plain = self._read_plain
         tls_sides = self._tls_sides
         tls_event = self._tls_event
         while True:
@@ -567,7 +589,7 @@ class RelayEngine:
                 timeout = max(0.0, next_deadline - monotonic())
             else:
                 timeout = -1.0
-            for fd, events in poll(timeout, max_events):
+            for code, fd, events, n, arg in run(timeout):
                 side = sides.get(fd)
                 if side is None:
                     side = tls_sides.get(fd)
@@ -576,51 +598,78 @@ class RelayEngine:
                     elif fd == wake_fd and self._run_commands():
                         return
                     continue
-                if events != readable:
-                    if not other_event(side, events):
-                        continue
-                elif not side.reading:
-                    continue  # stale: this batch already changed the relay
-                try:
-                    n = side.recv_into(buf)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as exc:
-                    self._socket_error(side, exc)
-                    continue
-                if n == 0:
+                if code == _pump.EVENT:
+                    # Not plain readability, or a relay the C loop does not serve.
+                    if events != readable:
+                        if not other_event(side, events):
+                            continue
+                    elif not side.reading:
+                        continue  # stale: this batch already changed the relay
+                    read_plain(side)
+                elif code == _pump.PARTIAL:
+                    assert isinstance(arg, int)
+                    self._hold(side, view[arg:n])
+                elif code == _pump.EOF:
                     self._eof(side)
-                    continue
-                side.received += n
-                relay = side.relay
-                chunk = view[:n]
-                relay.budget -= n
-                if relay.budget < 0:  # past max_bytes, or terminating
-                    self._read_past_end(side, chunk)
-                    continue
-                try:
-                    side.feed(chunk)
-                except ProtocolError as exc:
-                    self._finish(relay, "error", f"{_who(side)}: {exc}")
-                    continue
-                peer = side.peer
-                try:
-                    sent = peer.send(chunk)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError as exc:
-                    self._socket_error(peer, exc)
-                    continue
-                if sent != n:
-                    # Back-pressure: hold the rest, stop reading until the peer drains.
-                    peer.out = bytes(chunk[sent:])
-                    side.reading = False
-                    self._update(side)
-                    self._update(peer)
+                elif code == _pump.PAST_END:
+                    self._read_past_end(side, view[:n])
+                elif code == _pump.PROTOCOL:
+                    self._finish(side.relay, "error", f"{_who(side)}: {arg}")
+                elif code == _pump.RECV_ERROR:
+                    assert isinstance(arg, int)
+                    self._socket_error(side, OSError(arg, os.strerror(arg)))
+                elif code == _pump.SEND_ERROR:
+                    assert isinstance(arg, int)
+                    self._socket_error(side.peer, OSError(arg, os.strerror(arg)))
             if timed:
                 now = monotonic()
                 for relay in [r for r in timed if r.deadline <= now]:
                     self._finish(relay, relay.reason or "terminated", relay.error)
+
+    def _read_plain(self, side: _Side) -> None:
+        """Read ``side`` once and pass the chunk on (the C loop's work, in Python: for
+        relays with header hooks, and reads that follow another event)."""
+        buf = self._buf
+        try:
+            n = side.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._socket_error(side, exc)
+            return
+        if n == 0:
+            self._eof(side)
+            return
+        side.received += n
+        relay = side.relay
+        chunk = memoryview(buf)[:n]
+        relay.budget -= n
+        if relay.budget < 0:  # past max_bytes, or terminating
+            self._read_past_end(side, chunk)
+            return
+        try:
+            side.feed(chunk)
+        except ProtocolError as exc:
+            self._finish(relay, "error", f"{_who(side)}: {exc}")
+            return
+        peer = side.peer
+        try:
+            sent = peer.send(chunk)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._socket_error(peer, exc)
+            return
+        if sent != n:
+            self._hold(side, chunk[sent:])
+
+    def _hold(self, side: _Side, rest: memoryview) -> None:
+        """Back-pressure: keep what the peer did not take, stop reading until it drains."""
+        peer = side.peer
+        peer.out = bytes(rest)
+        side.reading = False
+        self._update(side)
+        self._update(peer)
 
     def _other_event(self, side: _Side, events: int) -> bool:
         """Anything but plain readability (writable, HUP, ERR, several at once). Flushes
@@ -787,6 +836,9 @@ class RelayEngine:
         table = self._tls_sides if relay.tls else self._sides
         for side in (relay.client, relay.backend):
             table[side.fd] = side
+        if relay.pumped:
+            self._pump.add(relay.client)
+            self._pump.add(relay.backend)
         for side in (relay.client, relay.backend):
             try:
                 self._update(side)
@@ -859,14 +911,14 @@ class RelayEngine:
     ) -> None:
         relay.fatal = fatal
         relay.reason = reason
-        relay.budget = -math.inf  # every later read takes the terminating path
+        relay.budget = _TERMINATING  # every later read takes the terminating path
         self._set_deadline(relay, timeout)
         client, backend = relay.client, relay.backend
         client.reading = False  # nothing more goes to the backend
         backend.out = b""
         self._update(backend)
         self._update(client)
-        if backend.tracker.at_boundary:
+        if backend.at_boundary:
             self._queue_fatal(relay)
 
     def _queue_fatal(self, relay: _Relay) -> None:
@@ -891,7 +943,7 @@ class RelayEngine:
         if relay.done or relay.closing or side.is_client:
             return  # input past the end that was decided is dropped
         try:
-            taken = side.tracker.feed_until_boundary(chunk)
+            taken = side.feed_until_boundary(chunk)
         except ProtocolError as exc:
             self._finish(relay, "error", f"{_who(side)}: {exc}")
             return
@@ -901,7 +953,7 @@ class RelayEngine:
         except ssl.SSLError as exc:
             self._tls_error(client, exc)
             return
-        if side.tracker.at_boundary:
+        if side.at_boundary:
             self._queue_fatal(relay)
             return
         # No boundary yet (a long message): forward it all, keep going until the deadline.
@@ -955,6 +1007,7 @@ class RelayEngine:
         relay.done = True
         for side in (relay.client, relay.backend):
             side.reading = False
+            self._pump.discard(side)
             table = self._tls_sides if relay.tls else self._sides
             if table.get(side.fd) is side:
                 del table[side.fd]
@@ -970,8 +1023,8 @@ class RelayEngine:
             bytes_from_backend=relay.backend.received,
             error=error,
             fatal_sent=relay.fatal_sent,
-            messages_from_client=relay.client.tracker.messages,
-            messages_from_backend=relay.backend.tracker.messages,
+            messages_from_client=relay.client.messages,
+            messages_from_backend=relay.backend.messages,
         )
         relay.client.out = relay.backend.out = b""
         token = self._token
@@ -1030,8 +1083,8 @@ class StreamRelay:
         *,
         max_bytes: int = 0,
         byte_limit_error: bytes = b"",
-        client_tracker: BoundaryTracker | None = None,
-        backend_tracker: BoundaryTracker | None = None,
+        on_client_header: HeaderCallback | None = None,
+        on_backend_header: HeaderCallback | None = None,
         initial_to_client: bytes = b"",
         initial_to_backend: bytes = b"",
         recv_buffer_size: int = RECV_BUFFER_SIZE,
@@ -1041,8 +1094,8 @@ class StreamRelay:
         self._backend = backend
         self._limit = max_bytes if max_bytes > 0 else math.inf
         self._limit_fatal = byte_limit_error
-        self._client_tracker = client_tracker or BoundaryTracker()
-        self._backend_tracker = backend_tracker or BoundaryTracker()
+        self._client_tracker = BoundaryTracker(on_client_header)
+        self._backend_tracker = BoundaryTracker(on_backend_header)
         self._initial_to_client = bytes(initial_to_client)
         self._initial_to_backend = bytes(initial_to_backend)
         self._recv_size = recv_buffer_size
@@ -1237,8 +1290,8 @@ async def relay_streams(
     *,
     max_bytes: int = 0,
     byte_limit_error: bytes = b"",
-    client_tracker: BoundaryTracker | None = None,
-    backend_tracker: BoundaryTracker | None = None,
+    on_client_header: HeaderCallback | None = None,
+    on_backend_header: HeaderCallback | None = None,
     on_start: Callable[[StreamRelay], None] | None = None,
 ) -> RelayResult:
     """Relay two trio streams until one side closes; see :class:`StreamRelay`.
@@ -1251,8 +1304,8 @@ async def relay_streams(
         backend,
         max_bytes=max_bytes,
         byte_limit_error=byte_limit_error,
-        client_tracker=client_tracker,
-        backend_tracker=backend_tracker,
+        on_client_header=on_client_header,
+        on_backend_header=on_backend_header,
     )
     if on_start is not None:
         on_start(relay)

@@ -1,0 +1,929 @@
+/*
+ * waypoint.proxy._pump — the relay engine's hot path in C (Linux, epoll).
+ *
+ * The relay engine (relay.py) runs one OS thread with a level-triggered epoll loop.
+ * Written in Python, each relayed chunk costs ~2.5 us of interpreter time and a GIL
+ * hand-off around every system call; on a 2-core machine that is the difference
+ * between Waypoint and PgBouncer (bench/results, issue 7). This module moves only the
+ * common case into C, with the GIL released for as long as nothing else happens:
+ *
+ *     epoll_wait -> recv into one buffer -> count -> skip message headers -> send
+ *
+ * Everything else (back-pressure, EOF, errors, byte limits, FATAL injection at a
+ * boundary, TLS, commands from trio) stays in relay.py: Pump.run() returns to Python
+ * at the first event it does not handle, with what it already did to that event.
+ *
+ * Types:
+ *   Lane  one socket of a relay: fd, the peer Lane, the bytes read from it, whether
+ *         reading is wanted, the byte budget (shared by the two lanes of a relay), and
+ *         the message-boundary tracker for what is read from it. Same semantics as
+ *         waypoint.pgwire.boundary.BoundaryTracker (tests compare the two on random
+ *         input). relay.py subclasses it (_Side) and adds its Python-level state.
+ *   Pump  the fd -> Lane table of the plain relays the C loop serves, over the
+ *         engine's epoll fd and its receive buffer.
+ *
+ * Threading: a Pump and its Lanes are used by one thread (the engine thread), except
+ * that other threads may read Lane.received / Lane.messages (aligned 64-bit loads).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#define HEADER_SIZE 5
+
+/* What Pump.run() reports (the first element of each tuple). */
+enum {
+    CODE_EVENT = 0,     /* an epoll event for Python to handle as it is */
+    CODE_EOF = 1,       /* recv returned 0 */
+    CODE_RECV_ERROR = 2,/* recv failed: arg = errno */
+    CODE_PAST_END = 3,  /* n bytes read into the buffer took the budget below 0 */
+    CODE_PROTOCOL = 4,  /* n bytes read; a header had an invalid length: arg = exception */
+    CODE_PARTIAL = 5,   /* n bytes read, arg sent to the peer: the rest is in buffer[arg:n] */
+    CODE_SEND_ERROR = 6 /* n bytes read, sending them to the peer failed: arg = errno */
+};
+
+static PyObject *bad_length_func; /* waypoint.pgwire.boundary.bad_length_error */
+
+/* ----------------------------------------------------------------------------------- */
+/* Lane                                                                                  */
+/* ----------------------------------------------------------------------------------- */
+
+typedef struct Lane {
+    PyObject_HEAD
+    int fd;
+    int reading;
+    int in_pump;
+    int hlen;                    /* bytes of a split header held in header[] */
+    struct Lane *peer;           /* strong reference, or NULL */
+    struct Lane *owner;          /* the lane holding the relay's budget: self or peer */
+    PyObject *hook;              /* on_header(type, length) or NULL; Python path only */
+    long long received;
+    long long messages;
+    long long skip;              /* body bytes of the current message still to skip */
+    long long budget;
+    unsigned char header[HEADER_SIZE];
+} Lane;
+
+static PyTypeObject LaneType;
+
+/* The int32 length word of a message header (big-endian). */
+static inline int32_t
+read_length(const unsigned char *p)
+{
+    return (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) |
+                     (uint32_t)p[3]);
+}
+
+/* Complete a split header with bytes of chunk. Returns the position in the chunk after
+ * the body of the completed message (possibly beyond n), or n if still incomplete;
+ * -1 on an invalid length. */
+static long long
+complete_header(Lane *lane, const unsigned char *p, long long n, int *bad_type, int32_t *bad_len,
+                int *got_header)
+{
+    long long take = HEADER_SIZE - lane->hlen;
+    if (take > n)
+        take = n;
+    memcpy(lane->header + lane->hlen, p, (size_t)take);
+    lane->hlen += (int)take;
+    *got_header = 0;
+    if (lane->hlen < HEADER_SIZE)
+        return n;
+    lane->hlen = 0;
+    int32_t length = read_length(lane->header + 1);
+    if (length < 4) {
+        *bad_type = lane->header[0];
+        *bad_len = length;
+        return -1;
+    }
+    *got_header = 1;
+    lane->messages += 1;
+    return take + (long long)length - 4;
+}
+
+/* The hook-free tracker: BoundaryTracker.feed without callbacks. */
+static int
+feed_fast(Lane *lane, const unsigned char *p, long long n, int *bad_type, int32_t *bad_len)
+{
+    long long skip = lane->skip;
+    long long pos;
+    if (lane->hlen == 0) {
+        if (skip >= n) {
+            lane->skip = skip - n;
+            return 0;
+        }
+        pos = skip;
+    }
+    else {
+        int got;
+        pos = complete_header(lane, p, n, bad_type, bad_len, &got);
+        if (pos < 0)
+            return -1;
+        if (lane->hlen)
+            return 0;
+    }
+    long long count = 0;
+    while (pos <= n - HEADER_SIZE) {
+        int32_t length = read_length(p + pos + 1);
+        if (length < 4) {
+            lane->messages += count;
+            *bad_type = p[pos];
+            *bad_len = length;
+            return -1;
+        }
+        count += 1;
+        pos += 1 + (long long)length;
+    }
+    lane->messages += count;
+    if (pos >= n) {
+        lane->skip = pos - n;
+    }
+    else {
+        lane->skip = 0;
+        memcpy(lane->header, p + pos, (size_t)(n - pos));
+        lane->hlen = (int)(n - pos);
+    }
+    return 0;
+}
+
+static PyObject *
+make_protocol_error(int type_byte, int32_t length)
+{
+    return PyObject_CallFunction(bad_length_func, "ii", type_byte, (int)length);
+}
+
+/* feed() from Python, with the hook called once per header when one is set. */
+static int
+feed_with_hook(Lane *lane, const unsigned char *p, long long n)
+{
+    int bad_type = 0;
+    int32_t bad_len = 0;
+    if (lane->hook == NULL) {
+        if (feed_fast(lane, p, n, &bad_type, &bad_len) < 0)
+            goto bad;
+        return 0;
+    }
+    long long pos;
+    if (lane->hlen == 0) {
+        if (lane->skip >= n) {
+            lane->skip -= n;
+            return 0;
+        }
+        pos = lane->skip;
+    }
+    else {
+        int got;
+        pos = complete_header(lane, p, n, &bad_type, &bad_len, &got);
+        if (pos < 0)
+            goto bad;
+        if (lane->hlen)
+            return 0;
+        /* complete_header counted the message; the hook sees it now. */
+        PyObject *r = PyObject_CallFunction(lane->hook, "ii", lane->header[0],
+                                            (int)read_length(lane->header + 1));
+        if (r == NULL) {
+            /* Mirror BoundaryTracker: the header is consumed, the stream is broken. */
+            lane->skip = pos >= n ? pos - n : 0;
+            return -1;
+        }
+        Py_DECREF(r);
+    }
+    while (pos <= n - HEADER_SIZE) {
+        int type_byte = p[pos];
+        int32_t length = read_length(p + pos + 1);
+        if (length < 4) {
+            bad_type = type_byte;
+            bad_len = length;
+            goto bad;
+        }
+        PyObject *r = PyObject_CallFunction(lane->hook, "ii", type_byte, (int)length);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        lane->messages += 1;
+        pos += 1 + (long long)length;
+    }
+    if (pos >= n) {
+        lane->skip = pos - n;
+    }
+    else {
+        lane->skip = 0;
+        memcpy(lane->header, p + pos, (size_t)(n - pos));
+        lane->hlen = (int)(n - pos);
+    }
+    return 0;
+bad: {
+    PyObject *exc = make_protocol_error(bad_type, bad_len);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return -1;
+}
+}
+
+static int
+Lane_init(Lane *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", NULL};
+    int fd;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i", kwlist, &fd))
+        return -1;
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "a Lane needs an open file descriptor");
+        return -1;
+    }
+    if (self->in_pump) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot re-initialize a Lane in a Pump");
+        return -1;
+    }
+    self->fd = fd;
+    self->reading = 1;
+    self->hlen = 0;
+    self->received = 0;
+    self->messages = 0;
+    self->skip = 0;
+    self->budget = 0;
+    if (self->owner == NULL)
+        self->owner = self;
+    return 0;
+}
+
+static PyObject *
+Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Lane *self = (Lane *)type->tp_alloc(type, 0);
+    if (self != NULL) {
+        self->fd = -1;
+        self->owner = self;
+    }
+    return (PyObject *)self;
+}
+
+static int
+Lane_traverse(Lane *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->peer);
+    Py_VISIT(self->hook);
+    return 0;
+}
+
+static int
+Lane_clear(Lane *self)
+{
+    self->owner = self;
+    Py_CLEAR(self->peer);
+    Py_CLEAR(self->hook);
+    return 0;
+}
+
+static void
+Lane_dealloc(Lane *self)
+{
+    /* Also reached from a Python subclass's dealloc, which owns the type reference. */
+    PyObject_GC_UnTrack(self);
+    Lane_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Lane_link(Lane *self, PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, &LaneType)) {
+        PyErr_SetString(PyExc_TypeError, "link() needs a Lane");
+        return NULL;
+    }
+    Lane *peer = (Lane *)arg;
+    if (peer == self) {
+        PyErr_SetString(PyExc_ValueError, "a Lane cannot be its own peer");
+        return NULL;
+    }
+    if (self->peer != NULL || peer->peer != NULL) {
+        PyErr_SetString(PyExc_ValueError, "Lane already linked");
+        return NULL;
+    }
+    Py_INCREF(peer);
+    self->peer = peer;
+    Py_INCREF(self);
+    peer->peer = self;
+    self->owner = self;
+    peer->owner = self;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Lane_feed(Lane *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int rc = feed_with_hook(self, (const unsigned char *)view.buf, (long long)view.len);
+    PyBuffer_Release(&view);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Lane_feed_until_boundary(Lane *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *p = (const unsigned char *)view.buf;
+    long long n = (long long)view.len;
+    long long result;
+    if (self->skip == 0 && self->hlen == 0) {
+        result = 0;
+    }
+    else {
+        long long pos;
+        if (self->hlen) {
+            int bad_type = 0, got = 0;
+            int32_t bad_len = 0;
+            pos = complete_header(self, p, n, &bad_type, &bad_len, &got);
+            if (pos < 0) {
+                PyBuffer_Release(&view);
+                PyObject *exc = make_protocol_error(bad_type, bad_len);
+                if (exc != NULL) {
+                    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+                    Py_DECREF(exc);
+                }
+                return NULL;
+            }
+            if (got && self->hook != NULL) {
+                PyObject *r = PyObject_CallFunction(self->hook, "ii", self->header[0],
+                                                    (int)read_length(self->header + 1));
+                if (r == NULL) {
+                    PyBuffer_Release(&view);
+                    return NULL;
+                }
+                Py_DECREF(r);
+            }
+            if (self->hlen) {
+                PyBuffer_Release(&view);
+                return PyLong_FromLongLong(n);
+            }
+        }
+        else {
+            pos = self->skip;
+        }
+        if (pos <= n) {
+            self->skip = 0;
+            result = pos;
+        }
+        else {
+            self->skip = pos - n;
+            result = n;
+        }
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromLongLong(result);
+}
+
+static PyObject *
+Lane_get_at_boundary(Lane *self, void *closure)
+{
+    return PyBool_FromLong(self->skip == 0 && self->hlen == 0);
+}
+
+static PyObject *
+Lane_get_budget(Lane *self, void *closure)
+{
+    return PyLong_FromLongLong(self->owner->budget);
+}
+
+static int
+Lane_set_budget(Lane *self, PyObject *value, void *closure)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete budget");
+        return -1;
+    }
+    long long v = PyLong_AsLongLong(value);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    self->owner->budget = v;
+    return 0;
+}
+
+static PyObject *
+Lane_get_reading(Lane *self, void *closure)
+{
+    return PyBool_FromLong(self->reading);
+}
+
+static int
+Lane_set_reading(Lane *self, PyObject *value, void *closure)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete reading");
+        return -1;
+    }
+    int v = PyObject_IsTrue(value);
+    if (v < 0)
+        return -1;
+    self->reading = v;
+    return 0;
+}
+
+static PyObject *
+Lane_get_linked(Lane *self, void *closure)
+{
+    return PyBool_FromLong(self->peer != NULL);
+}
+
+static PyObject *
+Lane_get_hook(Lane *self, void *closure)
+{
+    if (self->hook == NULL)
+        Py_RETURN_NONE;
+    Py_INCREF(self->hook);
+    return self->hook;
+}
+
+static int
+Lane_set_hook(Lane *self, PyObject *value, void *closure)
+{
+    if (self->in_pump) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot set a hook on a Lane in a Pump");
+        return -1;
+    }
+    if (value == Py_None)
+        value = NULL;
+    if (value != NULL && !PyCallable_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "hook must be callable or None");
+        return -1;
+    }
+    Py_XINCREF(value);
+    Py_XSETREF(self->hook, value);
+    return 0;
+}
+
+static PyObject *
+Lane_get_partial_header(Lane *self, void *closure)
+{
+    return PyLong_FromLong(self->hlen);
+}
+
+static PyObject *
+Lane_get_skip(Lane *self, void *closure)
+{
+    return PyLong_FromLongLong(self->skip);
+}
+
+static PyMethodDef Lane_methods[] = {
+    {"link", (PyCFunction)Lane_link, METH_O,
+     "link(peer): make the two lanes each other's peer; self holds the shared budget."},
+    {"feed", (PyCFunction)Lane_feed, METH_O,
+     "Account for the next chunk read from this lane (BoundaryTracker.feed)."},
+    {"feed_until_boundary", (PyCFunction)Lane_feed_until_boundary, METH_O,
+     "Consume the chunk only up to the next message boundary; return how many bytes."},
+    {NULL},
+};
+
+static PyMemberDef Lane_members[] = {
+    {"fd", T_INT, offsetof(Lane, fd), READONLY, "the socket's file descriptor"},
+    {"received", T_LONGLONG, offsetof(Lane, received), 0, "bytes read from this lane"},
+    {"messages", T_LONGLONG, offsetof(Lane, messages), READONLY,
+     "message headers seen in what was read"},
+    {"in_pump", T_BOOL, offsetof(Lane, in_pump), READONLY, "served by a Pump's C loop"},
+    {NULL},
+};
+
+static PyGetSetDef Lane_getset[] = {
+    {"at_boundary", (getter)Lane_get_at_boundary, NULL,
+     "everything fed so far ends exactly at the end of a message", NULL},
+    {"budget", (getter)Lane_get_budget, (setter)Lane_set_budget,
+     "bytes the relay may still read (shared by both lanes); < 0 sends reads to Python", NULL},
+    {"reading", (getter)Lane_get_reading, (setter)Lane_set_reading, "reads are wanted", NULL},
+    {"linked", (getter)Lane_get_linked, NULL, "link() was called", NULL},
+    {"hook", (getter)Lane_get_hook, (setter)Lane_set_hook,
+     "on_header(type, length) per message header, or None", NULL},
+    {"partial_header", (getter)Lane_get_partial_header, NULL,
+     "bytes of a header split across chunks", NULL},
+    {"skip", (getter)Lane_get_skip, NULL, "body bytes still to skip", NULL},
+    {NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "waypoint.proxy._pump.Lane",
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "One socket of a relay, with its message-boundary tracker.",
+    .tp_new = Lane_new,
+    .tp_init = (initproc)Lane_init,
+    .tp_dealloc = (destructor)Lane_dealloc,
+    .tp_traverse = (traverseproc)Lane_traverse,
+    .tp_clear = (inquiry)Lane_clear,
+    .tp_methods = Lane_methods,
+    .tp_members = Lane_members,
+    .tp_getset = Lane_getset,
+};
+
+/* ----------------------------------------------------------------------------------- */
+/* Pump                                                                                  */
+/* ----------------------------------------------------------------------------------- */
+
+typedef struct {
+    int code;
+    int fd;
+    uint32_t events;
+    long long n;
+    long long arg; /* errno, bytes sent */
+    int bad_type;
+    int32_t bad_len;
+} Report;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    Py_buffer buffer;
+    int has_buffer;
+    Lane **table; /* indexed by fd */
+    int capacity;
+    Py_ssize_t count;
+    struct epoll_event *events;
+    int max_events;
+    Report *reports;
+    int running;
+} Pump;
+
+static int
+Pump_init(Pump *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"epoll_fd", "buffer", "max_events", NULL};
+    int epfd;
+    int max_events = 256;
+    PyObject *buffer;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO|i", kwlist, &epfd, &buffer, &max_events))
+        return -1;
+    if (self->has_buffer || self->table != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Pump already initialized");
+        return -1;
+    }
+    if (epfd < 0 || max_events < 1 || max_events > 65536) {
+        PyErr_SetString(PyExc_ValueError, "bad epoll fd or max_events");
+        return -1;
+    }
+    if (PyObject_GetBuffer(buffer, &self->buffer, PyBUF_WRITABLE) < 0)
+        return -1;
+    self->has_buffer = 1;
+    if (self->buffer.len < 1) {
+        PyErr_SetString(PyExc_ValueError, "the buffer must not be empty");
+        return -1;
+    }
+    self->epfd = epfd;
+    self->max_events = max_events;
+    self->events = PyMem_Calloc((size_t)max_events, sizeof(struct epoll_event));
+    self->reports = PyMem_Calloc((size_t)max_events, sizeof(Report));
+    if (self->events == NULL || self->reports == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static int
+Pump_traverse(Pump *self, visitproc visit, void *arg)
+{
+    for (int i = 0; i < self->capacity; i++)
+        Py_VISIT(self->table[i]);
+    return 0;
+}
+
+static int
+Pump_clear(Pump *self)
+{
+    for (int i = 0; i < self->capacity; i++) {
+        if (self->table[i] != NULL) {
+            self->table[i]->in_pump = 0;
+            Py_CLEAR(self->table[i]);
+        }
+    }
+    self->count = 0;
+    return 0;
+}
+
+static void
+Pump_dealloc(Pump *self)
+{
+    PyObject_GC_UnTrack(self);
+    Pump_clear(self);
+    PyMem_Free(self->table);
+    PyMem_Free(self->events);
+    PyMem_Free(self->reports);
+    if (self->has_buffer)
+        PyBuffer_Release(&self->buffer);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Pump_add(Pump *self, PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, &LaneType)) {
+        PyErr_SetString(PyExc_TypeError, "add() needs a Lane");
+        return NULL;
+    }
+    Lane *lane = (Lane *)arg;
+    if (self->running) {
+        PyErr_SetString(PyExc_RuntimeError, "Pump.add() during run()");
+        return NULL;
+    }
+    if (lane->fd < 0 || lane->peer == NULL) {
+        PyErr_SetString(PyExc_ValueError, "only an initialized, linked Lane can be pumped");
+        return NULL;
+    }
+    if (lane->hook != NULL) {
+        PyErr_SetString(PyExc_ValueError, "a Lane with a hook is served by Python, not a Pump");
+        return NULL;
+    }
+    if (lane->in_pump) {
+        PyErr_SetString(PyExc_ValueError, "Lane already in a Pump");
+        return NULL;
+    }
+    int fd = lane->fd;
+    if (fd >= self->capacity) {
+        int capacity = self->capacity ? self->capacity : 64;
+        while (capacity <= fd)
+            capacity *= 2;
+        Lane **table = PyMem_Realloc(self->table, (size_t)capacity * sizeof(Lane *));
+        if (table == NULL)
+            return PyErr_NoMemory();
+        memset(table + self->capacity, 0, (size_t)(capacity - self->capacity) * sizeof(Lane *));
+        self->table = table;
+        self->capacity = capacity;
+    }
+    if (self->table[fd] != NULL) {
+        PyErr_Format(PyExc_ValueError, "file descriptor %d is already pumped", fd);
+        return NULL;
+    }
+    Py_INCREF(lane);
+    self->table[fd] = lane;
+    lane->in_pump = 1;
+    self->count += 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Pump_discard(Pump *self, PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, &LaneType)) {
+        PyErr_SetString(PyExc_TypeError, "discard() needs a Lane");
+        return NULL;
+    }
+    Lane *lane = (Lane *)arg;
+    if (self->running) {
+        PyErr_SetString(PyExc_RuntimeError, "Pump.discard() during run()");
+        return NULL;
+    }
+    int fd = lane->fd;
+    if (fd >= 0 && fd < self->capacity && self->table[fd] == lane) {
+        self->table[fd] = NULL;
+        lane->in_pump = 0;
+        self->count -= 1;
+        Py_DECREF(lane);
+    }
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t
+Pump_len(Pump *self)
+{
+    return self->count;
+}
+
+static double
+monotonic_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Serve one readable lane in C. Returns 1 when a report was written (stop the batch),
+ * 0 when the chunk went through (or there was nothing to read). */
+static int
+pump_lane(Pump *self, Lane *lane, Report *rep)
+{
+    unsigned char *buf = (unsigned char *)self->buffer.buf;
+    size_t size = (size_t)self->buffer.len;
+    ssize_t n;
+    do {
+        n = recv(lane->fd, buf, size, MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return 0;
+        rep->code = CODE_RECV_ERROR;
+        rep->arg = errno;
+        return 1;
+    }
+    if (n == 0) {
+        rep->code = CODE_EOF;
+        return 1;
+    }
+    rep->n = n;
+    lane->received += n;
+    Lane *owner = lane->owner;
+    owner->budget -= n;
+    if (owner->budget < 0) {
+        rep->code = CODE_PAST_END;
+        return 1;
+    }
+    if (feed_fast(lane, buf, n, &rep->bad_type, &rep->bad_len) < 0) {
+        rep->code = CODE_PROTOCOL;
+        return 1;
+    }
+    ssize_t sent;
+    do {
+        sent = send(lane->peer->fd, buf, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (sent < 0 && errno == EINTR);
+    if (sent < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            rep->code = CODE_SEND_ERROR;
+            rep->arg = errno;
+            return 1;
+        }
+        sent = 0;
+    }
+    if (sent != n) {
+        rep->code = CODE_PARTIAL;
+        rep->arg = sent;
+        return 1;
+    }
+    return 0;
+}
+
+static PyObject *
+Pump_run(Pump *self, PyObject *args)
+{
+    double timeout;
+    if (!PyArg_ParseTuple(args, "d", &timeout))
+        return NULL;
+    if (self->running) {
+        PyErr_SetString(PyExc_RuntimeError, "Pump.run() is not reentrant");
+        return NULL;
+    }
+    if (!self->has_buffer || self->events == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Pump not initialized");
+        return NULL;
+    }
+    int nreports = 0;
+    int failed_errno = 0;
+    double deadline = timeout >= 0 ? monotonic_now() + timeout : -1.0;
+    self->running = 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        int wait_ms = -1;
+        if (deadline >= 0) {
+            double left = deadline - monotonic_now();
+            if (left <= 0)
+                wait_ms = 0;
+            else
+                wait_ms = (int)(left * 1000.0) + 1; /* round up: never return early */
+        }
+        int ready = epoll_wait(self->epfd, self->events, self->max_events, wait_ms);
+        if (ready < 0) {
+            if (errno == EINTR)
+                continue;
+            failed_errno = errno;
+            break;
+        }
+        for (int i = 0; i < ready; i++) {
+            int fd = self->events[i].data.fd;
+            uint32_t events = self->events[i].events;
+            Lane *lane = (fd >= 0 && fd < self->capacity) ? self->table[fd] : NULL;
+            Report *rep = &self->reports[nreports];
+            if (lane == NULL || events != EPOLLIN) {
+                rep->code = CODE_EVENT;
+                rep->fd = fd;
+                rep->events = events;
+                rep->n = 0;
+                rep->arg = 0;
+                nreports++;
+                if (lane != NULL)
+                    break; /* Python changes this relay: the rest of the batch comes again */
+                continue;
+            }
+            if (!lane->reading)
+                continue; /* stale */
+            rep->fd = fd;
+            rep->events = events;
+            rep->n = 0;
+            rep->arg = 0;
+            if (pump_lane(self, lane, rep)) {
+                nreports++;
+                break;
+            }
+        }
+        if (nreports > 0)
+            break;
+        if (deadline >= 0 && monotonic_now() >= deadline)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    self->running = 0;
+    if (failed_errno) {
+        errno = failed_errno;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *list = PyList_New(nreports);
+    if (list == NULL)
+        return NULL;
+    for (int i = 0; i < nreports; i++) {
+        Report *rep = &self->reports[i];
+        PyObject *arg;
+        if (rep->code == CODE_PROTOCOL) {
+            arg = make_protocol_error(rep->bad_type, rep->bad_len);
+            if (arg == NULL) {
+                Py_DECREF(list);
+                return NULL;
+            }
+        }
+        else {
+            arg = PyLong_FromLongLong(rep->arg);
+        }
+        PyObject *item = Py_BuildValue("(iiLLN)", rep->code, rep->fd, (long long)rep->events,
+                                       rep->n, arg);
+        if (item == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, item);
+    }
+    return list;
+}
+
+static PyMethodDef Pump_methods[] = {
+    {"add", (PyCFunction)Pump_add, METH_O, "Serve this linked Lane's reads in C."},
+    {"discard", (PyCFunction)Pump_discard, METH_O, "Stop serving this Lane (if served)."},
+    {"run", (PyCFunction)Pump_run, METH_VARARGS,
+     "run(timeout): wait and pump until an event needs Python or timeout seconds pass "
+     "(< 0: no bound). Returns a list of (code, fd, events, n, arg)."},
+    {NULL},
+};
+
+static PySequenceMethods Pump_as_sequence = {
+    .sq_length = (lenfunc)Pump_len,
+};
+
+static PyTypeObject PumpType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "waypoint.proxy._pump.Pump",
+    .tp_basicsize = sizeof(Pump),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The fd -> Lane table of the relays served in C, over an epoll fd.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Pump_init,
+    .tp_dealloc = (destructor)Pump_dealloc,
+    .tp_traverse = (traverseproc)Pump_traverse,
+    .tp_clear = (inquiry)Pump_clear,
+    .tp_methods = Pump_methods,
+    .tp_as_sequence = &Pump_as_sequence,
+};
+
+/* ----------------------------------------------------------------------------------- */
+
+static struct PyModuleDef pump_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "waypoint.proxy._pump",
+    .m_doc = "The relay engine's hot path in C (see relay.py).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__pump(void)
+{
+    PyObject *boundary = PyImport_ImportModule("waypoint.pgwire.boundary");
+    if (boundary == NULL)
+        return NULL;
+    bad_length_func = PyObject_GetAttrString(boundary, "bad_length_error");
+    Py_DECREF(boundary);
+    if (bad_length_func == NULL)
+        return NULL;
+    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&PumpType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&pump_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Lane", (PyObject *)&LaneType) < 0 ||
+        PyModule_AddObjectRef(m, "Pump", (PyObject *)&PumpType) < 0 ||
+        PyModule_AddIntConstant(m, "EVENT", CODE_EVENT) < 0 ||
+        PyModule_AddIntConstant(m, "EOF", CODE_EOF) < 0 ||
+        PyModule_AddIntConstant(m, "RECV_ERROR", CODE_RECV_ERROR) < 0 ||
+        PyModule_AddIntConstant(m, "PAST_END", CODE_PAST_END) < 0 ||
+        PyModule_AddIntConstant(m, "PROTOCOL", CODE_PROTOCOL) < 0 ||
+        PyModule_AddIntConstant(m, "PARTIAL", CODE_PARTIAL) < 0 ||
+        PyModule_AddIntConstant(m, "SEND_ERROR", CODE_SEND_ERROR) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
