@@ -174,6 +174,7 @@ class BenchEnv:
     pgbouncer_port: int | None
     pgbouncer_note: str
     pgbouncer_version: str | None
+    pgbouncer_pid: int | None
     peers_file: Path
     peers: dict[str, dict[str, Any]]
 
@@ -200,6 +201,14 @@ class BenchEnv:
 
     def waypoint_cpu_seconds(self) -> float:
         return cpu_seconds(self.waypoint.pid)
+
+    def proxy_cpu_seconds(self, target: str) -> float | None:
+        """CPU seconds used so far by the proxy process behind ``target`` (None: direct)."""
+        if target.startswith("waypoint"):
+            return cpu_seconds(self.waypoint.pid)
+        if target == "pgbouncer" and self.pgbouncer_pid is not None:
+            return cpu_seconds(self.pgbouncer_pid)
+        return None
 
     def check_alive(self) -> None:
         if self.waypoint.poll() is not None:
@@ -259,7 +268,7 @@ def ensure_pgbouncer(log: Callable[[str], None], *, install_timeout: float = 300
 
 def _start_pgbouncer(
     exe: str, cluster: Any, password: str, tmp: Path, stack: contextlib.ExitStack
-) -> tuple[int, str]:
+) -> tuple[int, str, int]:
     port = free_port()
     bdir = tmp / "pgbouncer"
     bdir.mkdir(mode=0o755)
@@ -286,7 +295,7 @@ def _start_pgbouncer(
     stack.callback(stop_process, proc)
     wait_port(port, proc, "pgbouncer")
     version = _run_checked([exe, "--version"]).splitlines()[0].strip()
-    return port, version
+    return port, version, proc.pid
 
 
 @contextlib.contextmanager
@@ -369,16 +378,18 @@ def open_bench_env(
 
         bouncer_port: int | None = None
         bouncer_version: str | None = None
+        bouncer_pid: int | None = None
         note = "PgBouncer not requested"
         if with_pgbouncer:
             exe, note = ensure_pgbouncer(log)
             if exe is not None:
-                bouncer_port, bouncer_version = _start_pgbouncer(exe, cluster, scram_password, tmp, stack)
+                bouncer_port, bouncer_version, bouncer_pid = _start_pgbouncer(exe, cluster, scram_password, tmp, stack)
 
         yield BenchEnv(
             cluster=cluster, tmp=tmp, scram_password=scram_password, waypoint=waypoint,
             waypoint_port=port, waypoint_log=wp_log, waypoint_command=wp_cmd, tls=tls,
             pgbouncer_port=bouncer_port, pgbouncer_note=note, pgbouncer_version=bouncer_version,
+            pgbouncer_pid=bouncer_pid,
             peers_file=peers_file, peers=peers,
         )  # fmt: skip
 

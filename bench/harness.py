@@ -139,7 +139,7 @@ def measure_relay(env: BenchEnv, p: Profile, r: Results) -> None:
     for rep in range(p.repetitions):
         for n in p.relay_clients:
             for t in ts.values():
-                cpu0, wall0 = env.waypoint_cpu_seconds(), time.monotonic()
+                cpu0, wall0 = env.proxy_cpu_seconds(t.name), time.monotonic()
                 relay_args = ["-S", "-n", "-T", str(p.relay_seconds), "-c", str(n), "-j", "2"]
                 try:
                     out = run_pgbench(env, t, relay_args, p.relay_seconds + 120, r)
@@ -148,16 +148,17 @@ def measure_relay(env: BenchEnv, p: Profile, r: Results) -> None:
                     relay_args[3] = str(3 * p.relay_seconds)
                     r.notes.append(f"{exc} (connection setup took the whole run); retried with -T {relay_args[3]}")
                     log(r.notes[-1])
-                    cpu0, wall0 = env.waypoint_cpu_seconds(), time.monotonic()
+                    cpu0, wall0 = env.proxy_cpu_seconds(t.name), time.monotonic()
                     out = run_pgbench(env, t, relay_args, 3 * p.relay_seconds + 120, r)
-                cpu = (env.waypoint_cpu_seconds() - cpu0) / (time.monotonic() - wall0)
+                cpu1 = env.proxy_cpu_seconds(t.name)
+                wall = time.monotonic() - wall0
                 m = _TPS.search(out)
                 if m is None:
                     raise BenchSetupError(f"no tps line in pgbench output for {t.name}:\n{out[-500:]}")
                 tps = float(m.group(1))
                 r.relay.setdefault(t.name, {}).setdefault(n, []).append(tps)
-                if t.name.startswith("waypoint"):
-                    r.relay_cpu.setdefault(t.name, {}).setdefault(n, []).append(cpu)
+                if cpu0 is not None and cpu1 is not None:
+                    r.relay_cpu.setdefault(t.name, {}).setdefault(n, []).append((cpu1 - cpu0) / wall)
                 log(f"relay rep {rep + 1}/{p.repetitions} clients {n:>2} {t.name:<13} {tps:>10,.0f} tps")
 
 

@@ -132,7 +132,7 @@ async def _pass_startup(
 
 
 async def _serve(
-    mode: str, listen_port: int, backend: tuple[str, int], cert_dir: str | None = None
+    mode: str, listen_port: int, backend: tuple[str, int] | str, cert_dir: str | None = None
 ) -> None:
     listeners = await trio.open_tcp_listeners(listen_port, host="127.0.0.1")
     tls: ssl.SSLContext | None = None
@@ -143,8 +143,13 @@ async def _serve(
     if switch:
         sys.setswitchinterval(float(switch))
 
+    async def open_backend() -> trio.SocketStream:
+        if isinstance(backend, str):
+            return await trio.open_unix_socket(backend)
+        return await trio.open_tcp_stream(*backend)
+
     async def engine_conn(engine: RelayEngine, client: trio.SocketStream) -> None:
-        backend_stream = await trio.open_tcp_stream(*backend)
+        backend_stream = await open_backend()
         try:
             client_stream = await _pass_startup(client, backend_stream, tls)
         except (EOFError, trio.BrokenResourceError, trio.TooSlowError):
@@ -157,7 +162,8 @@ async def _serve(
         c = socket.socket(fileno=client.socket.detach())
         b = socket.socket(fileno=backend_stream.socket.detach())
         for s in (c, b):
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if s.family != socket.AF_UNIX:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             if handover is None:
                 handle = engine.start_relay(c, b)
@@ -169,7 +175,7 @@ async def _serve(
             b.close()
 
     async def streams_conn(client: trio.SocketStream) -> None:
-        async with client, await trio.open_tcp_stream(*backend) as backend_stream:
+        async with client, await open_backend() as backend_stream:
             try:
                 client_stream = await _pass_startup(client, backend_stream, tls)
             except (EOFError, trio.BrokenResourceError, trio.TooSlowError):
@@ -229,7 +235,11 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 def _pgbouncer(
-    backend_port: int, password: str, tmp: Path, cert_dir: Path | None = None
+    backend_port: int,
+    password: str,
+    tmp: Path,
+    cert_dir: Path | None = None,
+    backend_socket_dir: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], int] | None:
     exe = shutil.which("pgbouncer")
     if exe is None:
@@ -238,7 +248,8 @@ def _pgbouncer(
     ini = tmp / "pgbouncer.ini"
     ini.write_text(
         "[databases]\n"
-        f"postgres = host=127.0.0.1 port={backend_port} user=postgres password={password}\n"
+        f"postgres = host={backend_socket_dir or '127.0.0.1'} port={backend_port} "
+        f"user=postgres password={password}\n"
         "[pgbouncer]\n"
         f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
         "auth_type = any\npool_mode = session\nmax_client_conn = 200\n"
@@ -295,15 +306,20 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated subset of direct,pgbouncer,engine,streams",
     )
     parser.add_argument("--tls", action="store_true", help="clients speak TLS to the relays")
+    parser.add_argument(
+        "--backend-unix",
+        action="store_true",
+        help="the relays and PgBouncer reach PostgreSQL over its unix socket (clients: TCP)",
+    )
     parser.add_argument("--serve", choices=["engine", "streams"], help=argparse.SUPPRESS)
     parser.add_argument("--cert-dir", help=argparse.SUPPRESS)
     parser.add_argument("--listen-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend-port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--backend-path", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        trio.run(
-            _serve, args.serve, args.listen_port, ("127.0.0.1", args.backend_port), args.cert_dir
-        )
+        backend: tuple[str, int] | str = args.backend_path or ("127.0.0.1", args.backend_port)
+        trio.run(_serve, args.serve, args.listen_port, backend, args.cert_dir)
         return 0
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -341,7 +357,15 @@ def main(argv: list[str] | None = None) -> int:
         if "direct" in wanted and not args.tls:
             systems["direct"] = cluster.port
         bouncer = (
-            _pgbouncer(cluster.port, password, tmp, cert_dir) if "pgbouncer" in wanted else None
+            _pgbouncer(
+                cluster.port,
+                password,
+                tmp,
+                cert_dir,
+                cluster.socket_dir if args.backend_unix else None,
+            )
+            if "pgbouncer" in wanted
+            else None
         )
         if bouncer is not None:
             procs.append(bouncer[0])
@@ -363,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--backend-port",
                         str(cluster.port),
                         *(["--cert-dir", str(cert_dir)] if cert_dir is not None else []),
+                        *(["--backend-path", cluster.socket_path()] if args.backend_unix else []),
                     ],
                 )
             )

@@ -52,7 +52,7 @@ class Results:
 
     meta: dict[str, Any] = attrs.field(factory=dict)
     relay: dict[str, dict[int, list[float]]] = attrs.field(factory=dict)  # system -> clients -> TPS
-    relay_cpu: dict[str, dict[int, list[float]]] = attrs.field(factory=dict)  # waypoint CPU s/s
+    relay_cpu: dict[str, dict[int, list[float]]] = attrs.field(factory=dict)  # proxy CPU s/s
     connect: dict[str, list[float]] = attrs.field(factory=dict)  # system -> avg connection ms
     bursts: list[BurstSample] = attrs.field(factory=list)
     bulk: dict[str, list[float]] = attrs.field(factory=dict)  # system -> MB/s
@@ -116,6 +116,14 @@ def bars(r: Results) -> list[Bar]:
     return out
 
 
+def _cpu_per_txn(r: Results, system: str, clients: int) -> float | None:
+    """Median over repetitions of the proxy's CPU time per transaction, in microseconds."""
+    cpu = r.relay_cpu.get(system, {}).get(clients, [])
+    tps = r.relay.get(system, {}).get(clients, [])
+    per = [c / t * 1e6 for c, t in zip(cpu, tps, strict=False) if t > 0]
+    return median(per)
+
+
 def _fmt(v: float | None, spec: str = ",.0f") -> str:
     return "—" if v is None else format(v, spec)
 
@@ -171,18 +179,19 @@ def render_markdown(r: Results, chart_name: str | None) -> str:
         f"## Relay: `pgbench -S -T {m.get('relay_seconds', '?')} -j 2`, TPS",
         "",
         "| clients | " + " | ".join(SYSTEM_LABELS[s] for s in present)
-        + " | Waypoint/PgBouncer | Waypoint/direct | Waypoint TLS/direct | Waypoint CPU (cores busy) |",
-        "|---|" + "---|" * (len(present) + 4),
+        + " | Waypoint/PgBouncer | Waypoint/direct | Waypoint TLS/direct"
+        + " | CPU µs/transaction: Waypoint | PgBouncer |",
+        "|---|" + "---|" * (len(present) + 5),
     ]
     for n in clients:
         med = {s: median(r.relay[s].get(n, [])) for s in present}
-        cpu = median(r.relay_cpu.get("waypoint", {}).get(n, []))
+        cpu_us = {s: _cpu_per_txn(r, s, n) for s in ("waypoint", "pgbouncer")}
         lines.append(
             f"| {n} | " + " | ".join(_fmt(med[s]) for s in present)
             + f" | {_x(ratio(med.get('waypoint'), med.get('pgbouncer')))}"
             + f" | {_x(ratio(med.get('waypoint'), med.get('direct')))}"
             + f" | {_x(ratio(med.get('waypoint_tls'), med.get('direct')))}"
-            + f" | {_fmt(cpu, '.2f')} |"
+            + f" | {_fmt(cpu_us['waypoint'], '.1f')} | {_fmt(cpu_us['pgbouncer'], '.1f')} |"
         )
     lines += ["", "Samples (TPS per repetition):", ""]
     for s in present:

@@ -158,6 +158,10 @@ class Harness:
                 app, _stream(backend_app), handle, (tls_sock, backend_proxy), handle.wait
             )
         if self.engine is not None:
+            if self.kind == "engine-py":
+                # Header hooks keep a relay off the C loop: the Python read path serves it.
+                kw.setdefault("on_client_header", lambda t, n: None)
+                kw.setdefault("on_backend_header", lambda t, n: None)
             handle = self.engine.start_relay(client_proxy, backend_proxy, **kw)
             return Session(
                 _stream(client_app),
@@ -185,10 +189,10 @@ class Harness:
         )
 
 
-@pytest.fixture(params=["engine", "engine-tls", "streams"])
+@pytest.fixture(params=["engine", "engine-py", "engine-tls", "streams"])
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     async with trio.open_nursery() as nursery:
-        if request.param in ("engine", "engine-tls"):
+        if request.param in ("engine", "engine-py", "engine-tls"):
             async with open_relay_engine() as engine:
                 yield Harness(request.param, engine, nursery)
         else:
@@ -577,6 +581,29 @@ async def test_two_hundred_relays_opened_and_closed_leave_no_registered_fds() ->
                     sock.close()
             assert engine.active_relays == 0
             assert epoll_registered_fds(engine) == 1
+
+
+async def test_plain_relays_run_in_the_c_loop_and_hooked_ones_in_python() -> None:
+    socks = [s for _ in range(4) for s in socket.socketpair()]
+    c_app, c_proxy, b_proxy, b_app, c2_app, c2_proxy, b2_proxy, b2_app = socks
+    async with open_relay_engine() as engine:
+        plain = engine.start_relay(c_proxy, b_proxy)
+        seen: list[int] = []
+        hooked = engine.start_relay(c2_proxy, b2_proxy, on_client_header=lambda t, n: seen.append(t))
+        for app, far in ((c_app, b_app), (c2_app, b2_app)):
+            app.sendall(message(b"Q", b"select 1\x00"))
+            far.settimeout(5)
+            assert far.recv(100) == message(b"Q", b"select 1\x00")
+        assert plain._relay.client.in_pump and plain._relay.backend.in_pump
+        assert not hooked._relay.client.in_pump and not hooked._relay.backend.in_pump
+        assert seen == [ord("Q")]
+        assert len(engine._pump) == 2
+        c_app.close()
+        with trio.fail_after(5):
+            assert (await plain.wait()).reason == "client_closed"
+        assert not plain._relay.client.in_pump and len(engine._pump) == 0
+    for sock in socks:
+        sock.close()
 
 
 async def test_engine_thread_exits_on_context_exit_and_ends_live_relays() -> None:

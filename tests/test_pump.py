@@ -1,0 +1,388 @@
+"""The relay engine's C hot path (waypoint/proxy/_pump.c), without the engine.
+
+The tracker half is checked against the sans-IO reference
+(:class:`waypoint.pgwire.boundary.BoundaryTracker`) on random streams cut at random
+places; the pump half over real socket pairs, one report code at a time.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import select
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from waypoint.pgwire.boundary import BoundaryTracker, ProtocolError
+from waypoint.proxy import _pump
+from waypoint.proxy._pump import Lane, Pump
+
+
+def message(type_byte: bytes, body: bytes) -> bytes:
+    return type_byte + struct.pack("!i", len(body) + 4) + body
+
+
+# -- the tracker: same answers as BoundaryTracker ----------------------------------------
+
+_bodies = st.binary(max_size=40)
+_messages = st.lists(
+    st.tuples(st.integers(0, 255), _bodies).map(lambda tb: message(bytes([tb[0]]), tb[1])),
+    max_size=12,
+)
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    chunks, last = [], 0
+    for p in [*points, len(data)]:
+        chunks.append(data[last:p])
+        last = p
+    return chunks
+
+
+def _state(t: BoundaryTracker) -> tuple[int, bool, int, int]:
+    return (t.messages, t.at_boundary, t._skip, len(t._header))
+
+
+def _lane_state(lane: Lane) -> tuple[int, bool, int, int]:
+    return (lane.messages, lane.at_boundary, lane.skip, lane.partial_header)
+
+
+@pytest.fixture
+def fd() -> Iterator[int]:
+    a, b = socket.socketpair()
+    yield a.fileno()
+    a.close()
+    b.close()
+
+
+@given(
+    stream=_messages,
+    garbage=st.binary(max_size=12),
+    cuts=st.lists(st.integers(0, 10_000), max_size=8),
+)
+def test_lane_feed_matches_boundary_tracker(stream: list[bytes], garbage: bytes, cuts: list[int]) -> None:
+    data = b"".join(stream) + garbage
+    ref = BoundaryTracker()
+    lane = Lane(0)
+    for chunk in _split(data, cuts):
+        ref_error = lane_error = None
+        try:
+            ref.feed(chunk)
+        except ProtocolError as exc:
+            ref_error = str(exc)
+        try:
+            lane.feed(chunk)
+        except ProtocolError as exc:
+            lane_error = str(exc)
+        assert lane_error == ref_error
+        if ref_error is not None:
+            assert lane.messages == ref.messages
+            return
+        assert _lane_state(lane) == _state(ref)
+
+
+@given(
+    stream=_messages,
+    cuts=st.lists(st.integers(0, 10_000), min_size=1, max_size=6),
+    stop=st.integers(0, 10_000),
+)
+def test_lane_feed_until_boundary_matches_boundary_tracker(
+    stream: list[bytes], cuts: list[int], stop: int
+) -> None:
+    data = b"".join(stream)
+    chunks = _split(data, cuts)
+    k = stop % len(chunks)
+    ref, lane = BoundaryTracker(), Lane(0)
+    for chunk in chunks[:k]:
+        ref.feed(chunk)
+        lane.feed(chunk)
+    for chunk in chunks[k:]:
+        assert lane.feed_until_boundary(chunk) == ref.feed_until_boundary(chunk)
+        assert _lane_state(lane) == _state(ref)
+
+
+@given(stream=_messages, cuts=st.lists(st.integers(0, 10_000), max_size=8))
+def test_lane_hook_sees_the_headers_boundary_tracker_sees(
+    stream: list[bytes], cuts: list[int]
+) -> None:
+    data = b"".join(stream)
+    seen_ref: list[tuple[int, int]] = []
+    seen_lane: list[tuple[int, int]] = []
+    ref = BoundaryTracker(on_header=lambda t, n: seen_ref.append((t, n)))
+    lane = Lane(0)
+    lane.hook = lambda t, n: seen_lane.append((t, n))
+    for chunk in _split(data, cuts):
+        ref.feed(chunk)
+        lane.feed(chunk)
+    assert seen_lane == seen_ref
+    assert lane.messages == ref.messages == len(stream)
+
+
+def test_lane_reports_the_same_error_text_as_the_reference() -> None:
+    lane = Lane(0)
+    with pytest.raises(ProtocolError, match=r"invalid message length 3 for message type 'Q'"):
+        lane.feed(b"Q\x00\x00\x00\x03")
+    lane = Lane(0)
+    lane.feed(b"\x00\xff")  # a header split across chunks
+    with pytest.raises(ProtocolError, match=r"length -1 for message type '0x00'"):
+        lane.feed(b"\xff\xff\xff")
+
+
+def test_a_hook_that_raises_stops_the_feed() -> None:
+    lane = Lane(0)
+
+    def hook(t: int, n: int) -> None:
+        raise RuntimeError("hook failed")
+
+    lane.hook = hook
+    with pytest.raises(RuntimeError, match="hook failed"):
+        lane.feed(message(b"Q", b"x"))
+
+
+def test_huge_lengths_do_not_overflow() -> None:
+    lane = Lane(0)
+    lane.feed(b"D\x7f\xff\xff\xff" + bytes(10))
+    assert lane.skip == 0x7FFFFFFF - 4 - 10
+    assert not lane.at_boundary
+
+
+# -- the Lane API -----------------------------------------------------------------------
+
+
+def test_lane_api_rejects_misuse(fd: int) -> None:
+    with pytest.raises(ValueError):
+        Lane(-1)
+    a, b, c = Lane(fd), Lane(fd), Lane(fd)
+    with pytest.raises(ValueError, match="own peer"):
+        a.link(a)
+    with pytest.raises(TypeError):
+        a.link(object())  # type: ignore[arg-type]
+    a.link(b)
+    assert a.linked and b.linked and not c.linked
+    with pytest.raises(ValueError, match="already linked"):
+        a.link(c)
+    with pytest.raises(ValueError, match="already linked"):
+        c.link(b)
+    with pytest.raises(TypeError, match="callable"):
+        c.hook = 42  # type: ignore[assignment]
+
+
+def test_linked_lanes_share_one_budget(fd: int) -> None:
+    a, b = Lane(fd), Lane(fd)
+    a.link(b)
+    a.budget = 100
+    assert b.budget == 100
+    b.budget -= 30
+    assert a.budget == 70
+
+
+def test_lanes_in_a_reference_cycle_are_collected(fd: int) -> None:
+    freed: list[str] = []
+
+    class Side(Lane):
+        __slots__ = ("other", "tag")
+
+        def __del__(self) -> None:
+            freed.append(self.tag)
+
+    a, b = Side(fd), Side(fd)
+    a.tag, b.tag = "a", "b"
+    a.link(b)
+    a.other, b.other = b, a
+    del a, b
+    gc.collect()
+    assert sorted(freed) == ["a", "b"]
+
+
+# -- the pump over real sockets -------------------------------------------------------------
+
+
+class Rig:
+    """client_app <-> [client lane | pump | backend lane] <-> backend_app, over socket pairs."""
+
+    def __init__(self, bufsize: int = 4096) -> None:
+        self.client_app, client_proxy = socket.socketpair()
+        backend_proxy, self.backend_app = socket.socketpair()
+        self.socks = [self.client_app, client_proxy, backend_proxy, self.backend_app]
+        for s in (client_proxy, backend_proxy):
+            s.setblocking(False)
+        self.epoll = select.epoll()
+        self.buf = bytearray(bufsize)
+        self.pump = Pump(self.epoll.fileno(), self.buf, 16)
+        self.client = Lane(client_proxy.fileno())
+        self.backend = Lane(backend_proxy.fileno())
+        self.client.link(self.backend)
+        self.client.budget = 1 << 62
+        for lane in (self.client, self.backend):
+            self.epoll.register(lane.fd, select.EPOLLIN)
+            self.pump.add(lane)
+        self.client_proxy, self.backend_proxy = client_proxy, backend_proxy
+
+    def close(self) -> None:
+        self.pump.discard(self.client)
+        self.pump.discard(self.backend)
+        self.epoll.close()
+        for s in self.socks:
+            s.close()
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    r = Rig()
+    yield r
+    r.close()
+
+
+def test_pump_relays_both_ways_and_counts(rig: Rig) -> None:
+    q = message(b"Q", b"select 1\x00")
+    rig.client_app.sendall(q)
+    assert rig.pump.run(0.05) == []  # relayed in C: nothing for Python
+    assert rig.backend_app.recv(100) == q
+    reply = message(b"T", bytes(20)) + message(b"Z", b"I")
+    rig.backend_app.sendall(reply)
+    rig.pump.run(0.2)
+    assert rig.client_app.recv(100) == reply
+    assert (rig.client.received, rig.backend.received) == (len(q), len(reply))
+    assert (rig.client.messages, rig.backend.messages) == (1, 2)
+    assert rig.client.budget == (1 << 62) - len(q) - len(reply)
+
+
+def test_pump_returns_empty_after_the_timeout(rig: Rig) -> None:
+    assert rig.pump.run(0.0) == []
+    assert rig.pump.run(0.01) == []
+
+
+def test_pump_reports_eof(rig: Rig) -> None:
+    rig.client_app.shutdown(socket.SHUT_WR)
+    assert rig.pump.run(1.0) == [(_pump.EOF, rig.client.fd, select.EPOLLIN, 0, 0)]
+
+
+def test_pump_reports_an_event_for_an_fd_it_does_not_serve(rig: Rig) -> None:
+    other_a, other_b = socket.socketpair()
+    try:
+        rig.epoll.register(other_a.fileno(), select.EPOLLIN)
+        other_b.send(b"x")
+        assert rig.pump.run(1.0) == [(_pump.EVENT, other_a.fileno(), select.EPOLLIN, 0, 0)]
+    finally:
+        other_a.close()
+        other_b.close()
+
+
+def test_pump_reports_other_events_of_served_lanes(rig: Rig) -> None:
+    rig.epoll.modify(rig.client.fd, select.EPOLLIN | select.EPOLLOUT)
+    [(code, fd, events, _, _)] = rig.pump.run(1.0)
+    assert (code, fd) == (_pump.EVENT, rig.client.fd)
+    assert events & select.EPOLLOUT
+
+
+def test_pump_skips_a_lane_that_is_not_reading(rig: Rig) -> None:
+    rig.client.reading = False
+    rig.client_app.sendall(message(b"Q", b"x\x00"))
+    assert rig.pump.run(0.05) == []
+    assert rig.client.received == 0
+
+
+def test_pump_hands_back_a_read_past_the_budget(rig: Rig) -> None:
+    rig.client.budget = 5
+    q = message(b"Q", b"select 1\x00")
+    rig.client_app.sendall(q)
+    [(code, fd, _, n, _)] = rig.pump.run(1.0)
+    assert (code, fd, n) == (_pump.PAST_END, rig.client.fd, len(q))
+    assert bytes(rig.buf[:n]) == q
+    assert rig.client.received == len(q)
+    assert rig.client.budget == 5 - len(q)
+    assert rig.client.messages == 0  # not fed: Python decides what to forward
+
+
+def test_pump_hands_back_a_protocol_error(rig: Rig) -> None:
+    rig.backend_app.sendall(b"Z\x00\x00\x00\x02")
+    [(code, fd, _, n, exc)] = rig.pump.run(1.0)
+    assert (code, fd, n) == (_pump.PROTOCOL, rig.backend.fd, 5)
+    assert isinstance(exc, ProtocolError)
+    assert "invalid message length 2 for message type 'Z'" in str(exc)
+
+
+def test_pump_hands_back_the_rest_of_a_partial_send(rig: Rig) -> None:
+    rig.backend_proxy.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    rig.backend_app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    body = bytes(1000)
+    sent_total = 0
+    while True:
+        rig.client_app.sendall(message(b"d", body))
+        sent_total += 1005
+        reports = rig.pump.run(1.0)
+        if reports:
+            break
+    [(code, fd, _, n, sent)] = reports
+    assert (code, fd) == (_pump.PARTIAL, rig.client.fd)
+    assert isinstance(sent, int) and 0 <= sent < n
+
+
+def test_pump_reports_a_send_error(rig: Rig) -> None:
+    rig.epoll.unregister(rig.backend.fd)  # only the client side is watched
+    rig.backend_app.close()
+    rig.socks.remove(rig.backend_app)
+    rig.client_app.sendall(message(b"Q", b"x\x00"))
+    [(code, fd, _, n, arg)] = rig.pump.run(1.0)
+    assert (code, fd, n) == (_pump.SEND_ERROR, rig.client.fd, 7)
+    assert arg in (errno.EPIPE, errno.ECONNRESET)
+
+
+def test_pump_table_rules(rig: Rig, fd: int) -> None:
+    assert len(rig.pump) == 2
+    assert rig.client.in_pump
+    with pytest.raises(ValueError, match="already"):
+        rig.pump.add(rig.client)
+    lone = Lane(fd)
+    with pytest.raises(ValueError, match="linked"):
+        rig.pump.add(lone)
+    hooked, peer = Lane(fd), Lane(fd)
+    hooked.link(peer)
+    hooked.hook = lambda t, n: None
+    with pytest.raises(ValueError, match="hook"):
+        rig.pump.add(hooked)
+    with pytest.raises(RuntimeError, match="hook"):
+        rig.client.hook = lambda t, n: None
+    twin, twin_peer = Lane(rig.client.fd), Lane(fd)
+    twin.link(twin_peer)
+    with pytest.raises(ValueError, match="already pumped"):
+        rig.pump.add(twin)
+    rig.pump.discard(rig.client)
+    rig.pump.discard(rig.client)  # idempotent
+    assert len(rig.pump) == 1 and not rig.client.in_pump
+    rig.pump.discard(twin)  # not in the table: nothing happens
+    assert len(rig.pump) == 1
+
+
+def test_pump_grows_its_table_for_high_fds(rig: Rig) -> None:
+    extra = [socket.socket() for _ in range(200)]
+    try:
+        a, b = socket.socketpair()
+        extra += [a, b]
+        la, lb = Lane(a.fileno()), Lane(b.fileno())
+        la.link(lb)
+        rig.pump.add(la)
+        rig.pump.add(lb)
+        assert len(rig.pump) == 4
+        rig.pump.discard(la)
+        rig.pump.discard(lb)
+    finally:
+        for s in extra:
+            s.close()
+
+
+def test_pump_rejects_a_read_only_buffer() -> None:
+    ep = select.epoll()
+    try:
+        with pytest.raises(BufferError):
+            Pump(ep.fileno(), b"read-only")
+        with pytest.raises(ValueError):
+            Pump(ep.fileno(), bytearray())
+    finally:
+        ep.close()
