@@ -16,13 +16,17 @@ command -v "$PY" >/dev/null 2>&1 || die "no $PY on PATH (Python 3.11+ is needed;
   || die "$PY is $("$PY" -V 2>&1); Waypoint needs Python 3.11+ (set PYTHON=...)"
 
 # System packages: PostgreSQL server and pgbench (the system cluster in tests, the benchmark),
-# Redis (state tests), the venv module.
+# Redis (state tests), the venv module, a C compiler and the Python headers (the relay's C
+# extension, waypoint/proxy/_pump.c).
 need_apt=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 || command -v pgbench >/dev/null 2>&1 || need_apt+=(postgresql-contrib)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need_apt+=(pgbouncer)
 [ -x "$VENV/bin/python" ] || "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
+"$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || need_apt+=(python3-dev)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "dev.sh: installing ${need_apt[*]}" >&2
@@ -33,8 +37,9 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
   fi
 fi
 
-# The venv: (re)installed whenever pyproject.toml changes. Failures stop here, loudly.
-stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+# The venv: (re)installed whenever pyproject.toml, setup.py or the C extension changes (an
+# editable install builds the extension once). Failures stop here, loudly.
+stamp="$VENV/.installed-$(cat pyproject.toml setup.py waypoint/proxy/_pump.c | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV" || die "could not create the venv at $VENV"
   export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore

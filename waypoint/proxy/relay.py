@@ -2,9 +2,11 @@
 
 Two implementations with one contract:
 
-* :class:`RelayEngine` — ONE OS thread running a level-triggered ``select.epoll``
-  loop over every relayed plain socket (PERF.md: 0.94–0.97x PgBouncer, where a
-  trio task per direction reaches ~0.5x). The session task does its handshake
+* :class:`RelayEngine` — ONE OS thread running a level-triggered epoll loop over
+  every relayed socket (PERF.md: a trio task per direction reaches ~0.5x PgBouncer).
+  The common case (a plain socket readable: recv, count, skip headers, send) runs
+  in C without the GIL (``_pump.Pump.run``, waypoint/proxy/_pump.c); everything
+  else is handled here in Python, on the same thread. The session task does its handshake
   in trio, detaches the two sockets and calls :meth:`RelayEngine.start_relay`;
   it then awaits :meth:`RelayHandle.wait`. Opened and closed with the trio app
   by :func:`open_relay_engine`. A client that speaks TLS can be relayed by the
@@ -41,7 +43,14 @@ import attrs
 import trio
 
 from waypoint.pgwire.boundary import BoundaryTracker, HeaderCallback, ProtocolError
-from waypoint.proxy import _pump
+
+try:
+    from waypoint.proxy import _pump
+except ImportError as exc:  # pragma: no cover - a source tree without the build step
+    raise ImportError(
+        "waypoint.proxy._pump (the relay's C hot path) is not built: install the project "
+        "with pip (a C compiler and the Python headers are needed), e.g. pip install -e ."
+    ) from exc
 
 __all__ = [
     "DEFAULT_BOUNDARY_TIMEOUT",
