@@ -159,6 +159,29 @@ make_protocol_error(int type_byte, int32_t length)
     return PyObject_CallFunction(bad_length_func, "ii", type_byte, (int)length);
 }
 
+/* Raise the ProtocolError for an invalid length; returns -1. */
+static int
+set_protocol_error(int type_byte, int32_t length)
+{
+    PyObject *exc = make_protocol_error(type_byte, length);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return -1;
+}
+
+/* The argument as a Lane, or NULL with TypeError ("<what> needs a Lane"). */
+static Lane *
+as_lane(PyObject *arg, const char *what)
+{
+    if (!PyObject_TypeCheck(arg, &LaneType)) {
+        PyErr_Format(PyExc_TypeError, "%s needs a Lane", what);
+        return NULL;
+    }
+    return (Lane *)arg;
+}
+
 /* feed() from Python, with the hook called once per header when one is set. */
 static int
 feed_with_hook(Lane *lane, const unsigned char *p, long long n)
@@ -219,14 +242,8 @@ feed_with_hook(Lane *lane, const unsigned char *p, long long n)
         lane->hlen = (int)(n - pos);
     }
     return 0;
-bad: {
-    PyObject *exc = make_protocol_error(bad_type, bad_len);
-    if (exc != NULL) {
-        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-        Py_DECREF(exc);
-    }
-    return -1;
-}
+bad:
+    return set_protocol_error(bad_type, bad_len);
 }
 
 static int
@@ -296,11 +313,9 @@ Lane_dealloc(Lane *self)
 static PyObject *
 Lane_link(Lane *self, PyObject *arg)
 {
-    if (!PyObject_TypeCheck(arg, &LaneType)) {
-        PyErr_SetString(PyExc_TypeError, "link() needs a Lane");
+    Lane *peer = as_lane(arg, "link()");
+    if (peer == NULL)
         return NULL;
-    }
-    Lane *peer = (Lane *)arg;
     if (peer == self) {
         PyErr_SetString(PyExc_ValueError, "a Lane cannot be its own peer");
         return NULL;
@@ -351,11 +366,7 @@ Lane_feed_until_boundary(Lane *self, PyObject *arg)
             pos = complete_header(self, p, n, &bad_type, &bad_len, &got);
             if (pos < 0) {
                 PyBuffer_Release(&view);
-                PyObject *exc = make_protocol_error(bad_type, bad_len);
-                if (exc != NULL) {
-                    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-                    Py_DECREF(exc);
-                }
+                set_protocol_error(bad_type, bad_len);
                 return NULL;
             }
             if (got && self->hook != NULL) {
@@ -628,11 +639,9 @@ Pump_dealloc(Pump *self)
 static PyObject *
 Pump_add(Pump *self, PyObject *arg)
 {
-    if (!PyObject_TypeCheck(arg, &LaneType)) {
-        PyErr_SetString(PyExc_TypeError, "add() needs a Lane");
+    Lane *lane = as_lane(arg, "add()");
+    if (lane == NULL)
         return NULL;
-    }
-    Lane *lane = (Lane *)arg;
     if (self->running) {
         PyErr_SetString(PyExc_RuntimeError, "Pump.add() during run()");
         return NULL;
@@ -675,11 +684,9 @@ Pump_add(Pump *self, PyObject *arg)
 static PyObject *
 Pump_discard(Pump *self, PyObject *arg)
 {
-    if (!PyObject_TypeCheck(arg, &LaneType)) {
-        PyErr_SetString(PyExc_TypeError, "discard() needs a Lane");
+    Lane *lane = as_lane(arg, "discard()");
+    if (lane == NULL)
         return NULL;
-    }
-    Lane *lane = (Lane *)arg;
     if (self->running) {
         PyErr_SetString(PyExc_RuntimeError, "Pump.discard() during run()");
         return NULL;

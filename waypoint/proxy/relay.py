@@ -635,23 +635,31 @@ class RelayEngine:
                 for relay in [r for r in timed if r.deadline <= now]:
                     self._finish(relay, relay.reason or "terminated", relay.error)
 
-    def _read_plain(self, side: _Side) -> None:
-        """Read ``side`` once and pass the chunk on (the C loop's work, in Python: for
-        relays with header hooks, and reads that follow another event)."""
+    def _recv(self, side: _Side) -> memoryview | None:
+        """Read ``side`` once into the engine's buffer: the chunk, or None when there was
+        nothing to read or the side is gone (EOF and errors are dealt with here)."""
         buf = self._buf
         try:
             n = side.recv_into(buf)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError as exc:
             self._socket_error(side, exc)
-            return
+            return None
         if n == 0:
             self._eof(side)
+            return None
+        return memoryview(buf)[:n]
+
+    def _read_plain(self, side: _Side) -> None:
+        """Read ``side`` once and pass the chunk on (the C loop's work, in Python: for
+        relays with header hooks, and reads that follow another event)."""
+        chunk = self._recv(side)
+        if chunk is None:
             return
+        n = len(chunk)
         side.received += n
         relay = side.relay
-        chunk = memoryview(buf)[:n]
         relay.budget -= n
         if relay.budget < 0:  # past max_bytes, or terminating
             self._read_past_end(side, chunk)
@@ -716,18 +724,9 @@ class RelayEngine:
 
     def _tls_backend_read(self, side: _Side) -> None:
         """Plaintext from the backend, encrypted toward the TLS client."""
-        buf = self._buf
-        try:
-            n = side.recv_into(buf)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._socket_error(side, exc)
-            return
-        if n == 0:
-            self._eof(side)
-            return
-        self._tls_forward(side, memoryview(buf)[:n])
+        chunk = self._recv(side)
+        if chunk is not None:
+            self._tls_forward(side, chunk)
 
     def _tls_read(self, side: _Side, receive: bool) -> None:
         """Ciphertext from the TLS client: receive it (if ``receive``), then decrypt and
