@@ -178,6 +178,42 @@ async def test_metrics_count_connections_refusals_handshakes_and_bytes(
                 > 0
             )
         assert value(body, "waypoint_sessions_ended_total", listener=LISTENER, outcome="refused") == 2
+        # The second login of 127.0.0.1 had its backend connection opened during the whois;
+        # the refused one from that (warm) peer had one opened too, closed unused.
+        prefetch = "waypoint_backend_prefetches_total"
+        assert value(body, prefetch, listener=LISTENER, outcome="used") == 1
+        assert value(body, prefetch, listener=LISTENER, outcome="discarded") == 1
+
+
+@pytest.mark.pg
+async def test_backend_prefetch_only_for_peers_whose_last_login_succeeded(
+    pg15: PgCluster,
+) -> None:
+    db = create_app_database(pg15)
+    config = load_config_text(static_config(pg15, db), source="metrics.toml")
+    prefetch = "waypoint_backend_prefetches_total"
+    async with run_waypoint(config) as running:
+
+        async def login_and_query() -> None:
+            conn = await connect(running, db)
+            assert await query(conn, "SELECT v FROM t") == [["one"]]
+            conn.close()
+
+        # An unknown peer never gets a backend connection before its identity is known.
+        for _ in range(2):
+            assert (await refused_sqlstate(running, db, source="127.0.0.9"))[0] == "28000"
+        await login_and_query()  # cold: connects after the whois
+        await login_and_query()  # warm: connected during the whois
+        body = await scrape_until_idle(running)
+        assert value(body, prefetch, listener=LISTENER, outcome="used") == 1
+        assert value(body, prefetch, listener=LISTENER, outcome="discarded") == 0
+        # A refusal makes the peer cold again.
+        assert (await refused_sqlstate(running, "postgres"))[0] == "42501"
+        await login_and_query()  # cold again
+        await login_and_query()  # warm
+        body = await scrape_until_idle(running)
+        assert value(body, prefetch, listener=LISTENER, outcome="used") == 2
+        assert value(body, prefetch, listener=LISTENER, outcome="discarded") == 1
 
 
 @pytest.mark.pg
@@ -200,6 +236,7 @@ async def test_metrics_families_have_help_and_no_per_user_labels(pg15: PgCluster
             "waypoint_provision_seconds",
             "waypoint_provision_errors",
             "waypoint_backend_login_failures",
+            "waypoint_backend_prefetches",
             "waypoint_relayed_bytes",
             "waypoint_revalidation_runs",
             "waypoint_revalidation_failures",

@@ -55,6 +55,12 @@ class Metrics:
             ["listener"],
             registry=r,
         )
+        self.backend_prefetches = Counter(
+            "waypoint_backend_prefetches",
+            "Backend connections opened during the whois of a warm peer, by outcome",
+            ["listener", "outcome"],
+            registry=r,
+        )
         self.bytes_total = Counter(
             "waypoint_relayed_bytes",
             "Bytes relayed, by direction",
@@ -109,6 +115,9 @@ class Metrics:
 
     def backend_login_failed(self, listener: str) -> None:
         self.backend_login_failures.labels(listener).inc()
+
+    def backend_prefetched(self, listener: str, used: bool) -> None:
+        self.backend_prefetches.labels(listener, "used" if used else "discarded").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

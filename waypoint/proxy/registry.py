@@ -129,3 +129,51 @@ class RefusalCache:
         if len(self._entries) > 10_000:
             self._entries = {k: e for k, e in self._entries.items() if e.expires > now}
         self._entries[self._key(peer_ip, parameters)] = _CachedRefusal(refusal, now + self.ttl)
+
+
+class WarmPeers:
+    """Peer addresses that logged in recently (a few minutes), for the backend prefetch.
+
+    A warm peer's next connection opens its backend connection while its identity is
+    looked up (``session._BackendPrefetch``), hiding the TCP (and TLS) connect and
+    PostgreSQL's fork behind the whois. Only peers that got through the whole handshake
+    are warm, so a peer that is refused, or unknown to the tailnet, never makes
+    Waypoint open a backend connection before its identity and grant are checked.
+    Bounded: the oldest entries go first past ``max_entries``.
+    """
+
+    def __init__(
+        self,
+        ttl: float = 600.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        if ttl <= 0 or max_entries <= 0:
+            raise ValueError("ttl and max_entries must be positive")
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._clock = clock
+        self._seen: dict[str, float] = {}  # peer IP -> last login; insertion order = age
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def is_warm(self, peer_ip: str) -> bool:
+        seen = self._seen.get(peer_ip)
+        if seen is None:
+            return False
+        if self._clock() - seen >= self.ttl:
+            del self._seen[peer_ip]
+            return False
+        return True
+
+    def mark(self, peer_ip: str) -> None:
+        """``peer_ip`` completed a handshake now."""
+        self._seen.pop(peer_ip, None)
+        self._seen[peer_ip] = self._clock()
+        while len(self._seen) > self.max_entries:
+            del self._seen[next(iter(self._seen))]
+
+    def forget(self, peer_ip: str) -> None:
+        """``peer_ip`` was refused: its next connection waits for its identity again."""
+        self._seen.pop(peer_ip, None)

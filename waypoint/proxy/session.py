@@ -22,7 +22,7 @@ from waypoint.config.units import format_duration
 from waypoint.errors import Refusal
 from waypoint.grants.evaluate import evaluate
 from waypoint.grants.model import EffectiveGrant
-from waypoint.grants.presets import parse_preset_cap
+from waypoint.grants.presets import PresetCapResult, parse_preset_cap
 from waypoint.identity.model import Identity, IdentityError, IdentityProvider
 from waypoint.observability.log import EventLogger, get_logger
 from waypoint.observability.metrics import Metrics
@@ -54,6 +54,7 @@ from waypoint.proxy.registry import (
     LiveSession,
     RefusalCache,
     SessionRegistry,
+    WarmPeers,
     fatal_bytes,
     new_conn_id,
 )
@@ -100,6 +101,8 @@ class ListenerContext:
     metrics: Metrics
     pbkdf2_limiter: trio.CapacityLimiter
     accepting: bool = True
+    #: Peers that logged in recently: their backend connection opens during the whois.
+    warm_peers: WarmPeers = attrs.field(factory=WarmPeers)
 
     @property
     def allow_raw_sql(self) -> bool:
@@ -435,10 +438,105 @@ async def _authorize_and_connect(
         if k not in _OWN_PARAMETERS and not k.startswith("_pq_.")
     }
 
+    prefetch = _BackendPrefetch(ctx) if ctx.warm_peers.is_warm(client.peer[0]) else None
+    established = False
     try:
-        identity = await ctx.identity.whois(*client.peer)
-    except IdentityError as exc:
-        raise _Refused(exc.refusal) from exc
+        result = await _establish(
+            ctx, client, startup, database, cap, forward, prefetch, conn_id, log, out
+        )
+        established = True
+        ctx.warm_peers.mark(client.peer[0])
+        return result
+    finally:
+        if not established:
+            ctx.warm_peers.forget(client.peer[0])
+        if prefetch is not None:
+            await prefetch.aclose()
+
+
+class _BackendPrefetch:
+    """The backend connection of a warm peer, opened while its identity is looked up.
+
+    ``run`` never raises BackendUnavailable: the failure is kept and raised by ``take``,
+    where the connection would have been opened without a prefetch. ``aclose`` closes a
+    connection nobody took (a refusal, a rotation that reconnects).
+    """
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self._ctx = ctx
+        self._done = trio.Event()
+        self._backend: BackendConnection | None = None
+        self._failure: BackendUnavailable | None = None
+        self._taken = False
+
+    async def run(self) -> None:
+        try:
+            self._backend = await connect_backend(self._ctx.listener, self._ctx.backend_ssl)
+        except BackendUnavailable as exc:
+            self._failure = exc
+        finally:
+            self._done.set()
+
+    @property
+    def available(self) -> bool:
+        """Not taken yet, and the attempt finished (the whois waited for it)."""
+        return not self._taken and self._done.is_set()
+
+    def take(self) -> BackendConnection:
+        """The connection (once), or the attempt's BackendUnavailable."""
+        assert self.available
+        self._taken = True
+        self._ctx.metrics.backend_prefetched(self._ctx.listener.name, used=True)
+        if self._failure is not None:
+            raise self._failure
+        assert self._backend is not None
+        backend, self._backend = self._backend, None
+        return backend
+
+    async def aclose(self) -> None:
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            self._ctx.metrics.backend_prefetched(self._ctx.listener.name, used=False)
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await backend.aclose()
+
+
+async def _whois(
+    ctx: ListenerContext, client: _Client, prefetch: _BackendPrefetch | None
+) -> Identity | Refusal:
+    """Who the peer is; with a prefetch, its backend connection opens meanwhile."""
+    if prefetch is None:
+        try:
+            return await ctx.identity.whois(*client.peer)
+        except IdentityError as exc:
+            return exc.refusal
+    answer: Identity | Refusal
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(prefetch.run)
+        try:
+            answer = await ctx.identity.whois(*client.peer)
+        except IdentityError as exc:
+            answer = exc.refusal
+            nursery.cancel_scope.cancel()  # no backend connection for a refused peer
+    return answer
+
+
+async def _establish(
+    ctx: ListenerContext,
+    client: _Client,
+    startup: StartupMessage,
+    database: str,
+    cap: PresetCapResult,
+    forward: dict[str, str],
+    prefetch: _BackendPrefetch | None,
+    conn_id: str,
+    log: EventLogger,
+    out: _Outcome,
+) -> tuple[BackendConnection, BackendSessionStart, SlotLease, LiveSession]:
+    listener = ctx.listener
+    identity = await _whois(ctx, client, prefetch)
+    if isinstance(identity, Refusal):
+        raise _Refused(identity)
     out.identity = identity
     log = log.bind(login=identity.login, node=identity.node, db=database)
 
@@ -466,7 +564,7 @@ async def _authorize_and_connect(
         raise _Refused(lease, cache=False)
     try:
         backend, start, role = await _provision_and_login(
-            ctx, startup, identity, grant, database, forward, conn_id, log, out
+            ctx, startup, identity, grant, database, forward, prefetch, conn_id, log, out
         )
     except BaseException:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -527,6 +625,7 @@ async def _provision_and_login(
     grant: EffectiveGrant,
     database: str,
     forward: Mapping[str, str],
+    prefetch: _BackendPrefetch | None,
     conn_id: str,
     log: EventLogger,
     out: _Outcome,
@@ -537,7 +636,10 @@ async def _provision_and_login(
         # The backend connection first: a backend that is down is 08006 "unavailable" (the
         # provisioner's admin connection would fail too, and say 58000 "provisioning failed").
         try:
-            backend = await connect_backend(ctx.listener, ctx.backend_ssl)
+            if prefetch is not None and prefetch.available:
+                backend = prefetch.take()
+            else:
+                backend = await connect_backend(ctx.listener, ctx.backend_ssl)
         except BackendUnavailable as exc:
             raise _Refused(
                 errors.backend_unavailable(ctx.listener.name, str(exc)), cache=False
