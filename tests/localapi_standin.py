@@ -244,6 +244,11 @@ class LocalAPIStandin:
         self._cert_pems: dict[str, bytes] = {}
         self._cert_fault: tuple[str, str] | None = None
         self._next_id = 1000
+        #: Connections accepted so far (keep-alive clients reuse theirs).
+        self.connections = 0
+        #: Close each connection after one answer, as an idle timeout would (the answer
+        #: itself still promises keep-alive).
+        self.close_after_answer = False
 
     # -- the test API ------------------------------------------------------
 
@@ -381,6 +386,7 @@ class LocalAPIStandin:
                 os.unlink(self.socket_path)
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
+        self.connections += 1
         async with stream:
             conn = h11.Connection(h11.SERVER)
             with contextlib.suppress(
@@ -401,7 +407,7 @@ class LocalAPIStandin:
                     await self._send(conn, stream, answer)
                     if answer.fault == "close_mid_response" or conn.our_state is not h11.DONE:
                         return
-                    if conn.their_state is not h11.DONE:
+                    if conn.their_state is not h11.DONE or self.close_after_answer:
                         return
                     conn.start_next_cycle()
 

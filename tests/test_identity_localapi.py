@@ -477,3 +477,62 @@ async def test_concurrent_whois_calls_are_capped(tmp_path: Path) -> None:
                 nursery.start_soon(one)
         assert answers == ["alice@example.com"] * 40
         assert peak == 3
+
+
+# -- keep-alive ----------------------------------------------------------------
+
+
+async def test_sequential_calls_reuse_one_kept_alive_connection(
+    standin: LocalAPIStandin,
+) -> None:
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a")
+    client = LocalAPIClient(standin.socket_path, timeout=2.0)
+    for _ in range(5):
+        body = await client.whois_raw("127.0.0.2", 5000)
+        assert body["UserProfile"]["LoginName"] == "alice@example.com"
+    assert standin.connections == 1
+    await client.aclose()
+    await client.whois_raw("127.0.0.2", 5000)  # after aclose: a new connection
+    assert standin.connections == 2
+    await client.aclose()
+
+
+async def test_a_kept_connection_closed_while_idle_is_replaced_transparently(
+    standin: LocalAPIStandin,
+) -> None:
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a")
+    standin.close_after_answer = True
+    client = LocalAPIClient(standin.socket_path, timeout=2.0)
+    for _ in range(3):
+        body = await client.whois_raw("127.0.0.2", 5000)
+        assert body["UserProfile"]["LoginName"] == "alice@example.com"
+        await trio.sleep(0.01)  # let the stand-in's close arrive
+    assert standin.connections == 3
+    assert len(standin.requests) == 3  # each request sent once: the stale ones never got it
+    await client.aclose()
+
+
+async def test_concurrent_calls_keep_at_most_max_idle_connections(
+    standin: LocalAPIStandin,
+) -> None:
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a")
+    client = LocalAPIClient(standin.socket_path, timeout=5.0, max_idle=2)
+    async with trio.open_nursery() as nursery:
+        for _ in range(6):
+            nursery.start_soon(client.whois_raw, "127.0.0.2", 5000)
+    assert len(client._idle) == 2
+    await client.aclose()
+    assert client._idle == []
+
+
+async def test_an_error_answer_does_not_poison_the_kept_connection(
+    standin: LocalAPIStandin,
+) -> None:
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a")
+    client = LocalAPIClient(standin.socket_path, timeout=2.0)
+    with pytest.raises(PeerNotFound):
+        await client.whois_raw("127.0.0.9", 5000)
+    body = await client.whois_raw("127.0.0.2", 5000)
+    assert body["UserProfile"]["LoginName"] == "alice@example.com"
+    assert standin.connections == 1
+    await client.aclose()

@@ -232,6 +232,12 @@ class LocalAPIResponse:
 
 
 DEFAULT_MAX_CONCURRENT = 64
+#: Idle keep-alive connections kept for the next requests.
+DEFAULT_MAX_IDLE = 8
+
+
+class _Stale(Exception):
+    """A kept-alive connection turned out closed before any answer: retry on a new one."""
 
 
 class LocalAPIClient:
@@ -244,6 +250,7 @@ class LocalAPIClient:
         timeout: float,
         max_response: int = DEFAULT_MAX_RESPONSE,
         max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+        max_idle: int = DEFAULT_MAX_IDLE,
     ) -> None:
         if not math.isfinite(timeout) or timeout <= 0:
             raise ValueError(
@@ -257,6 +264,10 @@ class LocalAPIClient:
         # At most this many requests in flight: a burst of connects must not overflow
         # tailscaled's listen backlog; waiting for a slot counts against ``timeout``.
         self._in_flight = trio.Semaphore(max_concurrent)
+        # Keep-alive: connections whose last exchange ended cleanly, newest last. Saves
+        # the connect (and tailscaled's accept) on every whois of a connect burst.
+        self._idle: list[tuple[trio.SocketStream, h11.Connection]] = []
+        self._max_idle = max_idle
 
     def __repr__(self) -> str:
         return f"LocalAPIClient({self.socket_path!r}, timeout={self.timeout!r})"
@@ -318,7 +329,8 @@ class LocalAPIClient:
         return split_pem_pair(resp.body)
 
     async def get(self, target: str) -> LocalAPIResponse:
-        """One bounded GET on a fresh connection. Transport faults raise LocalAPIUnavailable."""
+        """One bounded GET (on a kept-alive connection when one is idle). Transport faults raise
+        LocalAPIUnavailable."""
         what = f"GET {target.partition('?')[0]} on {self.socket_path}"
         try:
             with trio.fail_after(self.timeout):
@@ -329,13 +341,40 @@ class LocalAPIClient:
                 f"{what}: no complete answer within {self.timeout:g}s"
             ) from None
 
+    async def aclose(self) -> None:
+        """Close the idle keep-alive connections."""
+        idle, self._idle = self._idle, []
+        for stream, _ in idle:
+            await stream.aclose()
+
     async def _get(self, target: str, what: str) -> LocalAPIResponse:
+        if self._idle:
+            stream, conn = self._idle.pop()
+            try:
+                return await self._exchange(stream, conn, target, what, reused=True)
+            except _Stale:
+                pass  # tailscaled closed it while it was idle: once more, on a new connection
         try:
             stream = await trio.open_unix_socket(self.socket_path)
         except OSError as exc:
             raise LocalAPIUnavailable(f"connect to {self.socket_path} failed: {exc}") from None
-        async with stream:
-            conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=16 * 1024)
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=16 * 1024)
+        return await self._exchange(stream, conn, target, what, reused=False)
+
+    async def _exchange(
+        self,
+        stream: trio.SocketStream,
+        conn: h11.Connection,
+        target: str,
+        what: str,
+        *,
+        reused: bool,
+    ) -> LocalAPIResponse:
+        """One GET on ``stream``; keeps the connection for the next call when it ended
+        cleanly. On a ``reused`` connection, a failure before any answer byte raises
+        :class:`_Stale` (a GET is safe to send again)."""
+        keep = False
+        try:
             request = h11.Request(
                 method="GET",
                 target=target,
@@ -343,22 +382,35 @@ class LocalAPIClient:
                     ("Host", LOCALAPI_HOST),
                     ("User-Agent", "waypoint"),
                     ("Accept", "*/*"),
-                    ("Connection", "close"),
                 ],
             )
             try:
                 payload = (conn.send(request) or b"") + (conn.send(h11.EndOfMessage()) or b"")
                 await stream.send_all(payload)
-            except OSError as exc:
-                raise LocalAPIUnavailable(f"{what}: sending the request failed: {exc}") from None
-            except trio.BrokenResourceError as exc:
+            except (OSError, trio.BrokenResourceError) as exc:
+                if reused:
+                    raise _Stale from None
+                cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
                 raise LocalAPIUnavailable(
-                    f"{what}: sending the request failed: {exc.__cause__ or exc}"
+                    f"{what}: sending the request failed: {cause or exc}"
                 ) from None
-            return await self._read_response(conn, stream, what)
+            response = await self._read_response(conn, stream, what, stale_ok=reused)
+            if (
+                conn.our_state is h11.DONE
+                and conn.their_state is h11.DONE
+                and len(self._idle) < self._max_idle
+            ):
+                conn.start_next_cycle()
+                keep = True
+            return response
+        finally:
+            if keep:
+                self._idle.append((stream, conn))
+            else:
+                await stream.aclose()
 
     async def _read_response(
-        self, conn: h11.Connection, stream: trio.SocketStream, what: str
+        self, conn: h11.Connection, stream: trio.SocketStream, what: str, *, stale_ok: bool
     ) -> LocalAPIResponse:
         status: int | None = None
         headers: tuple[tuple[bytes, bytes], ...] = ()
@@ -375,9 +427,13 @@ class LocalAPIClient:
                 try:
                     data = await stream.receive_some(_READ_SIZE)
                 except (OSError, trio.BrokenResourceError) as exc:
+                    if stale_ok and received == 0:
+                        raise _Stale from None
                     raise LocalAPIUnavailable(
                         f"{what}: reading the answer failed: {exc.__cause__ or exc}"
                     ) from None
+                if not data and stale_ok and received == 0:
+                    raise _Stale
                 received += len(data)
                 if received > self.max_response + 64 * 1024:
                     raise MalformedResponse(

@@ -131,4 +131,5 @@ class TailscaleProvider:
         return await self.client.cert_pair(domain, min_validity=min_validity)
 
     async def aclose(self) -> None:
-        """Nothing to release: every LocalAPI call uses its own connection."""
+        """Close the LocalAPI client's idle keep-alive connections."""
+        await self.client.aclose()
