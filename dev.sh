@@ -17,7 +17,7 @@ command -v "$PY" >/dev/null 2>&1 || die "no $PY on PATH (Python 3.11+ is needed;
 
 # System packages: PostgreSQL server and pgbench (the system cluster in tests, the benchmark),
 # Redis (state tests), the venv module, a C compiler and the Python headers (the relay's C
-# extension, waypoint/proxy/_pump.c).
+# extension, waypoint/proxy/relay/_pump.c).
 need_apt=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 || command -v pgbench >/dev/null 2>&1 || need_apt+=(postgresql-contrib)
@@ -39,7 +39,7 @@ fi
 
 # The venv: (re)installed whenever pyproject.toml, setup.py or the C extension changes (an
 # editable install builds the extension once). Failures stop here, loudly.
-stamp="$VENV/.installed-$(cat pyproject.toml setup.py waypoint/proxy/_pump.c | sha256sum | cut -c1-16)"
+stamp="$VENV/.installed-$(cat pyproject.toml setup.py waypoint/proxy/relay/_pump.c | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV" || die "could not create the venv at $VENV"
   export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore

@@ -1,4 +1,4 @@
-"""The relay engine's C hot path (waypoint/proxy/_pump.c), without the engine.
+"""The relay engine's C hot path (waypoint/proxy/relay/_pump.c), without the engine.
 
 The tracker half is checked against the sans-IO reference
 (:class:`waypoint.pgwire.boundary.BoundaryTracker`) on random streams cut at random
@@ -19,8 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from waypoint.pgwire.boundary import BoundaryTracker, ProtocolError
-from waypoint.proxy import _pump
-from waypoint.proxy._pump import Lane, Pump
+from waypoint.proxy.relay import _pump
+from waypoint.proxy.relay._pump import Lane, Pump
 
 
 def message(type_byte: bytes, body: bytes) -> bytes:

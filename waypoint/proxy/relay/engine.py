@@ -1,27 +1,8 @@
-"""The relay: the data path of every session after the handshake (SPEC §4 step 7).
+"""The epoll relay engine: one OS thread for every relayed socket pair.
 
-Two implementations with one contract:
-
-* :class:`RelayEngine` — ONE OS thread running a level-triggered epoll loop over
-  every relayed socket (PERF.md: a trio task per direction reaches ~0.5x PgBouncer).
-  The common case (a plain socket readable: recv, count, skip headers, send) runs
-  in C without the GIL (``_pump.Pump.run``, waypoint/proxy/_pump.c); everything
-  else is handled here in Python, on the same thread. The session task does its handshake
-  in trio, detaches the two sockets and calls :meth:`RelayEngine.start_relay`;
-  it then awaits :meth:`RelayHandle.wait`. Opened and closed with the trio app
-  by :func:`open_relay_engine`. A client that speaks TLS can be relayed by the
-  engine too: after the TLS handshake in trio, :func:`tls_handover` takes the
-  ``SSLObject`` and its memory BIOs out of the ``trio.SSLStream`` and
-  :meth:`RelayEngine.start_relay_tls` decrypts/encrypts in the engine thread
-  (off the plaintext hot path; the backend side stays plain).
-* :func:`relay_streams` / :class:`StreamRelay` — a trio task per direction over
-  ``trio.abc.Stream`` objects, for any pair of streams (TLS on the backend side).
-
-Both track message boundaries in both directions (``BoundaryTracker``), count
-bytes, enforce ``max_bytes`` over both directions, and can be told to end the
-session with a FATAL ErrorResponse injected toward the client exactly at a
-server→client message boundary (``terminate``). Neither closes the sockets or
-streams it was given: the session does that after reading the verdict.
+The common case runs in C (``_pump``, waypoint/proxy/relay/_pump.c); this module is
+everything else: hand-over from trio, back-pressure, EOF and errors, byte limits,
+FATAL injection at a message boundary, client TLS, commands and the verdict.
 """
 
 from __future__ import annotations
@@ -36,109 +17,32 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Final, Literal, Protocol
+from collections.abc import AsyncIterator
+from typing import Any, Final
 
 import attrs
 import trio
 
-from waypoint.pgwire.boundary import BoundaryTracker, HeaderCallback, ProtocolError
+from waypoint.pgwire.boundary import HeaderCallback, ProtocolError
+
+from .base import (
+    DEFAULT_BOUNDARY_TIMEOUT,
+    DEFAULT_FLUSH_TIMEOUT,
+    RECV_BUFFER_SIZE,
+    TEARDOWN_TIMEOUT,
+    RelayEngineError,
+    RelayReason,
+    RelayResult,
+    check_limits,
+)
 
 try:
-    from waypoint.proxy import _pump
+    from . import _pump
 except ImportError as exc:  # pragma: no cover - a source tree without the build step
     raise ImportError(
-        "waypoint.proxy._pump (the relay's C hot path) is not built: install the project "
-        "with pip (a C compiler and the Python headers are needed), e.g. pip install -e ."
+        "waypoint.proxy.relay._pump (the relay's C hot path) is not built: install the "
+        "project with pip (a C compiler and the Python headers are needed), e.g. pip install -e ."
     ) from exc
-
-__all__ = [
-    "DEFAULT_BOUNDARY_TIMEOUT",
-    "DEFAULT_FLUSH_TIMEOUT",
-    "RECV_BUFFER_SIZE",
-    "RelayControl",
-    "RelayEngine",
-    "RelayEngineError",
-    "RelayHandle",
-    "RelayReason",
-    "RelayResult",
-    "StreamRelay",
-    "TlsHandover",
-    "open_relay_engine",
-    "relay_streams",
-    "tls_handover",
-]
-
-RelayReason = Literal["client_closed", "backend_closed", "byte_limit", "terminated", "error"]
-
-#: Bytes read per ``recv_into``; also the bound on what the engine buffers per direction.
-RECV_BUFFER_SIZE: Final = 64 * 1024
-#: How long ``terminate`` waits for the next server→client boundary before closing without the FATAL.
-DEFAULT_BOUNDARY_TIMEOUT: Final = 2.0
-#: How long data already read is flushed to the other side after EOF or a FATAL.
-DEFAULT_FLUSH_TIMEOUT: Final = 2.0
-#: How long a cancelled ``wait()`` / engine shutdown waits for the engine thread to answer.
-_TEARDOWN_TIMEOUT: Final = 5.0
-
-
-@attrs.frozen
-class RelayResult:
-    """The verdict of one relay.
-
-    ``reason`` is the first cause that ended it. ``fatal_sent`` is true when the
-    FATAL given to ``terminate`` (or ``byte_limit_error``) was written completely to
-    the client. ``error`` is a log-only description (an OS error text or a protocol
-    violation; never payload bytes).
-    """
-
-    reason: RelayReason
-    bytes_from_client: int
-    bytes_from_backend: int
-    error: str | None = None
-    fatal_sent: bool = False
-    messages_from_client: int = 0
-    messages_from_backend: int = 0
-
-
-class RelayEngineError(RuntimeError):
-    """The engine is not running (not started, stopped, or its thread failed)."""
-
-
-class RelayControl(Protocol):
-    """What the session task holds while a relay runs, whichever implementation."""
-
-    @property
-    def bytes_from_client(self) -> int: ...
-
-    @property
-    def bytes_from_backend(self) -> int: ...
-
-    @property
-    def buffered_bytes(self) -> int:
-        """Bytes read from one side and not yet written to the other (bounded)."""
-        ...
-
-    def terminate(self, fatal: bytes, *, timeout: float = DEFAULT_BOUNDARY_TIMEOUT) -> None:
-        """End the relay: at the next server→client message boundary send ``fatal`` to
-        the client and stop; if no boundary comes within ``timeout`` seconds, stop
-        without it. Idempotent: the first call wins. Never blocks."""
-        ...
-
-    async def wait(self) -> RelayResult:
-        """The verdict. If the caller is cancelled, the relay is torn down first."""
-        ...
-
-
-def _check_limits(max_bytes: int, byte_limit_error: bytes) -> None:
-    if max_bytes < 0:
-        raise ValueError(f"max_bytes must be >= 0 (0 = no limit), got {max_bytes}")
-    if max_bytes and not byte_limit_error:
-        raise ValueError("max_bytes needs byte_limit_error (the FATAL ErrorResponse to send)")
-
-
-# ======================================================================================
-# The epoll engine
-# ======================================================================================
 
 _EPOLLIN: Final = select.EPOLLIN
 _EPOLLOUT: Final = select.EPOLLOUT
@@ -349,7 +253,7 @@ class RelayHandle:
             # Cancelled (or interrupted): tear the relay down before unwinding so that
             # no socket stays registered with the engine after the session closes it.
             self.abort()
-            with trio.CancelScope(shield=True), trio.move_on_after(_TEARDOWN_TIMEOUT):
+            with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_TIMEOUT):
                 await self._done.wait()
             raise
         assert self._result is not None
@@ -491,7 +395,7 @@ class RelayEngine:
     ) -> RelayHandle:
         if not self.running:
             raise RelayEngineError(self._failure or "the relay engine is not running")
-        _check_limits(max_bytes, byte_limit_error)
+        check_limits(max_bytes, byte_limit_error)
         for sock in (client_sock, backend_sock):
             if sock.fileno() < 0:
                 raise ValueError("cannot relay a closed socket")
@@ -550,7 +454,7 @@ class RelayEngine:
             return
         self._command(("stop", None, None, 0.0))
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(thread.join, _TEARDOWN_TIMEOUT)
+            await trio.to_thread.run_sync(thread.join, TEARDOWN_TIMEOUT)
             if thread.is_alive():  # pragma: no cover - the loop answers within one poll
                 raise RelayEngineError("the relay engine thread did not stop in time")
             # Let the completion callbacks the thread scheduled run before we return.
@@ -1069,252 +973,3 @@ async def open_relay_engine(
         yield engine
     finally:
         await engine._stop()
-
-
-# ======================================================================================
-# The trio stream fallback (TLS on either side)
-# ======================================================================================
-
-
-class StreamRelay:
-    """Relay two ``trio.abc.Stream`` objects with a task per direction (a :class:`RelayControl`).
-
-    Same semantics as :meth:`RelayEngine.start_relay`; the relay runs inside
-    :meth:`wait`, in the caller's task. ``terminate`` may be called before or while
-    ``wait`` runs. Streams are not closed.
-    """
-
-    def __init__(
-        self,
-        client: trio.abc.Stream,
-        backend: trio.abc.Stream,
-        *,
-        max_bytes: int = 0,
-        byte_limit_error: bytes = b"",
-        on_client_header: HeaderCallback | None = None,
-        on_backend_header: HeaderCallback | None = None,
-        initial_to_client: bytes = b"",
-        initial_to_backend: bytes = b"",
-        recv_buffer_size: int = RECV_BUFFER_SIZE,
-    ) -> None:
-        _check_limits(max_bytes, byte_limit_error)
-        self._client = client
-        self._backend = backend
-        self._limit = max_bytes if max_bytes > 0 else math.inf
-        self._limit_fatal = byte_limit_error
-        self._client_tracker = BoundaryTracker(on_client_header)
-        self._backend_tracker = BoundaryTracker(on_backend_header)
-        self._initial_to_client = bytes(initial_to_client)
-        self._initial_to_backend = bytes(initial_to_backend)
-        self._recv_size = recv_buffer_size
-        self._from_client = 0
-        self._from_backend = 0
-        self._in_flight = 0
-        self._reason: RelayReason | None = None
-        self._error: str | None = None
-        self._fatal: bytes | None = None
-        self._fatal_timeout = DEFAULT_BOUNDARY_TIMEOUT
-        self._fatal_sent = False
-        self._started = False
-        self._outer: trio.CancelScope | None = None
-        self._client_reader: trio.CancelScope | None = None
-        self._backend_recv: trio.CancelScope | None = None
-        self._result: RelayResult | None = None
-
-    @property
-    def bytes_from_client(self) -> int:
-        return self._from_client
-
-    @property
-    def bytes_from_backend(self) -> int:
-        return self._from_backend
-
-    @property
-    def buffered_bytes(self) -> int:
-        return self._in_flight
-
-    @property
-    def result(self) -> RelayResult | None:
-        return self._result
-
-    def terminate(self, fatal: bytes, *, timeout: float = DEFAULT_BOUNDARY_TIMEOUT) -> None:
-        if not fatal:
-            raise ValueError("terminate needs the FATAL ErrorResponse bytes to send")
-        self._begin_terminate(fatal, "terminated", timeout)
-
-    def _begin_terminate(self, fatal: bytes, reason: RelayReason, timeout: float) -> None:
-        if self._fatal is not None or self._reason is not None or self._result is not None:
-            return
-        self._fatal = fatal
-        self._reason = reason
-        self._fatal_timeout = timeout
-        if self._outer is not None:
-            self._outer.deadline = min(self._outer.deadline, trio.current_time() + timeout)
-        if self._client_reader is not None:
-            self._client_reader.cancel()
-        if self._backend_recv is not None and self._backend_tracker.at_boundary:
-            self._backend_recv.cancel()  # idle at a boundary: inject now
-
-    def _end(self, reason: RelayReason, error: str | None = None) -> None:
-        if self._reason is None:
-            self._reason = reason
-        if self._error is None:
-            self._error = error
-        assert self._outer is not None
-        self._outer.cancel()
-
-    async def wait(self) -> RelayResult:
-        if self._started:
-            raise RuntimeError("a StreamRelay runs once")
-        self._started = True
-        with trio.CancelScope() as outer:
-            self._outer = outer
-            if self._fatal is not None:
-                outer.deadline = trio.current_time() + self._fatal_timeout
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._client_to_backend)
-                nursery.start_soon(self._backend_to_client)
-        self._result = RelayResult(
-            reason=self._reason or "terminated",
-            bytes_from_client=self._from_client,
-            bytes_from_backend=self._from_backend,
-            error=self._error,
-            fatal_sent=self._fatal_sent,
-            messages_from_client=self._client_tracker.messages,
-            messages_from_backend=self._backend_tracker.messages,
-        )
-        return self._result
-
-    def _count(self, n: int, from_client: bool) -> None:
-        if from_client:
-            self._from_client += n
-        else:
-            self._from_backend += n
-        if self._from_client + self._from_backend > self._limit:
-            self._begin_terminate(self._limit_fatal, "byte_limit", DEFAULT_BOUNDARY_TIMEOUT)
-
-    async def _send(
-        self, stream: trio.abc.Stream, data: bytes | bytearray, to_client: bool
-    ) -> bool:
-        """Write to one side; False (and the relay ends) if that side is gone."""
-        self._in_flight += len(data)
-        try:
-            await stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._end("client_closed" if to_client else "backend_closed", _describe(exc, to_client))
-            return False
-        finally:
-            self._in_flight -= len(data)
-        return True
-
-    async def _receive(
-        self, stream: trio.abc.Stream, from_client: bool
-    ) -> bytes | bytearray | None:
-        """Read from one side; None (and the relay ends) at EOF or if that side is gone."""
-        reason: RelayReason = "client_closed" if from_client else "backend_closed"
-        try:
-            data = await stream.receive_some(self._recv_size)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._end(reason, _describe(exc, from_client))
-            return None
-        if not data:
-            self._end(reason)
-            return None
-        return data
-
-    async def _client_to_backend(self) -> None:
-        tracker = self._client_tracker
-        backend = self._backend
-        try:
-            if self._initial_to_backend:
-                self._count(len(self._initial_to_backend), True)
-                tracker.feed(self._initial_to_backend)
-                if not await self._send(backend, self._initial_to_backend, False):
-                    return
-            with trio.CancelScope() as reader:
-                self._client_reader = reader
-                if self._fatal is not None:
-                    reader.cancel()
-                while True:
-                    data = await self._receive(self._client, True)
-                    if data is None:
-                        return
-                    self._count(len(data), True)
-                    if self._fatal is not None:
-                        return  # past the end that was decided: dropped
-                    tracker.feed(data)
-                    if not await self._send(backend, data, False):
-                        return
-        except ProtocolError as exc:
-            self._end("error", f"client: {exc}")
-
-    async def _backend_to_client(self) -> None:
-        tracker = self._backend_tracker
-        client = self._client
-        try:
-            if self._initial_to_client:
-                self._count(len(self._initial_to_client), False)
-                tracker.feed(self._initial_to_client)
-                if not await self._send(client, self._initial_to_client, True):
-                    return
-            while True:
-                if self._fatal is not None and tracker.at_boundary:
-                    if await self._send(client, self._fatal, True):
-                        self._fatal_sent = True
-                        self._end("terminated")
-                    return
-                with trio.CancelScope() as recv_scope:
-                    self._backend_recv = recv_scope
-                    data = await self._receive(self._backend, False)
-                self._backend_recv = None
-                if recv_scope.cancelled_caught:
-                    continue  # terminate() while idle at a boundary: inject now
-                if data is None:
-                    return
-                self._count(len(data), False)
-                if self._fatal is not None:
-                    taken = tracker.feed_until_boundary(data)
-                    if not await self._send(client, data[:taken], True):
-                        return
-                    continue
-                tracker.feed(data)
-                if not await self._send(client, data, True):
-                    return
-        except ProtocolError as exc:
-            self._end("error", f"backend: {exc}")
-
-
-def _describe(exc: BaseException, client: bool) -> str:
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    cause = exc.__cause__
-    if cause is not None:
-        text = f"{text} ({type(cause).__name__}: {cause})"
-    return f"{'client' if client else 'backend'} stream: {text}"
-
-
-async def relay_streams(
-    client: trio.abc.Stream,
-    backend: trio.abc.Stream,
-    *,
-    max_bytes: int = 0,
-    byte_limit_error: bytes = b"",
-    on_client_header: HeaderCallback | None = None,
-    on_backend_header: HeaderCallback | None = None,
-    on_start: Callable[[StreamRelay], None] | None = None,
-) -> RelayResult:
-    """Relay two trio streams until one side closes; see :class:`StreamRelay`.
-
-    ``on_start`` receives the :class:`StreamRelay` (the control handle) before relaying
-    starts, so another task can ``terminate`` it.
-    """
-    relay = StreamRelay(
-        client,
-        backend,
-        max_bytes=max_bytes,
-        byte_limit_error=byte_limit_error,
-        on_client_header=on_client_header,
-        on_backend_header=on_backend_header,
-    )
-    if on_start is not None:
-        on_start(relay)
-    return await relay.wait()

@@ -1,7 +1,7 @@
 /*
- * waypoint.proxy._pump — the relay engine's hot path in C (Linux, epoll).
+ * waypoint.proxy.relay._pump — the relay engine's hot path in C (Linux, epoll).
  *
- * The relay engine (relay.py) runs one OS thread with a level-triggered epoll loop.
+ * The relay engine (engine.py) runs one OS thread with a level-triggered epoll loop.
  * Written in Python, each relayed chunk costs ~2.5 us of interpreter time and a GIL
  * hand-off around every system call; on a 2-core machine that is the difference
  * between Waypoint and PgBouncer (bench/results, issue 7). This module moves only the
@@ -10,7 +10,7 @@
  *     epoll_wait -> recv into one buffer -> count -> skip message headers -> send
  *
  * Everything else (back-pressure, EOF, errors, byte limits, FATAL injection at a
- * boundary, TLS, commands from trio) stays in relay.py: Pump.run() returns to Python
+ * boundary, TLS, commands from trio) stays in engine.py: Pump.run() returns to Python
  * at the first event it does not handle, with what it already did to that event.
  *
  * Types:
@@ -18,7 +18,7 @@
  *         reading is wanted, the byte budget (shared by the two lanes of a relay), and
  *         the message-boundary tracker for what is read from it. Same semantics as
  *         waypoint.pgwire.boundary.BoundaryTracker (tests compare the two on random
- *         input). relay.py subclasses it (_Side) and adds its Python-level state.
+ *         input). engine.py subclasses it (_Side) and adds its Python-level state.
  *   Pump  the fd -> Lane table of the plain relays the C loop serves, over the
  *         engine's epoll fd and its receive buffer.
  *
@@ -525,7 +525,7 @@ static PyGetSetDef Lane_getset[] = {
 };
 
 static PyTypeObject LaneType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "waypoint.proxy._pump.Lane",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "waypoint.proxy.relay._pump.Lane",
     .tp_basicsize = sizeof(Lane),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "One socket of a relay, with its message-boundary tracker.",
@@ -883,7 +883,7 @@ static PySequenceMethods Pump_as_sequence = {
 };
 
 static PyTypeObject PumpType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "waypoint.proxy._pump.Pump",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "waypoint.proxy.relay._pump.Pump",
     .tp_basicsize = sizeof(Pump),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "The fd -> Lane table of the relays served in C, over an epoll fd.",
@@ -900,8 +900,8 @@ static PyTypeObject PumpType = {
 
 static struct PyModuleDef pump_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "waypoint.proxy._pump",
-    .m_doc = "The relay engine's hot path in C (see relay.py).",
+    .m_name = "waypoint.proxy.relay._pump",
+    .m_doc = "The relay engine's hot path in C (see engine.py).",
     .m_size = -1,
 };
 
