@@ -108,18 +108,34 @@ complete_header(Lane *lane, const unsigned char *p, long long n, int *bad_type, 
     return take + (long long)length - 4;
 }
 
-/* The hook-free tracker: BoundaryTracker.feed without callbacks. */
+/* hook(type, length); 0, or -1 with a Python exception set. GIL held. */
 static int
-feed_fast(Lane *lane, const unsigned char *p, long long n, int *bad_type, int32_t *bad_len)
+call_hook(PyObject *hook, int type_byte, int32_t length)
 {
-    long long skip = lane->skip;
+    PyObject *r = PyObject_CallFunction(hook, "ii", type_byte, (int)length);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* BoundaryTracker.feed. With with_hook (the GIL held), lane->hook(type, length) runs once
+ * per header. Returns 0; -1 with *bad_type / *bad_len set for an invalid length; -2 when
+ * the hook raised (a Python exception is set). Without with_hook it touches no Python
+ * object, so the pump calls it with the GIL released. */
+static int
+feed(Lane *lane, const unsigned char *p, long long n, int with_hook, int *bad_type,
+     int32_t *bad_len)
+{
+    PyObject *hook = with_hook ? lane->hook : NULL;
     long long pos;
     if (lane->hlen == 0) {
-        if (skip >= n) {
-            lane->skip = skip - n;
+        if (lane->skip >= n) {
+            /* The whole chunk lies inside the current message body (or is empty). */
+            lane->skip -= n;
             return 0;
         }
-        pos = skip;
+        pos = lane->skip;
     }
     else {
         int got;
@@ -128,24 +144,39 @@ feed_fast(Lane *lane, const unsigned char *p, long long n, int *bad_type, int32_
             return -1;
         if (lane->hlen)
             return 0;
+        if (hook != NULL && call_hook(hook, lane->header[0], read_length(lane->header + 1)) < 0) {
+            lane->messages -= 1; /* as BoundaryTracker: counted once its hook returned */
+            lane->skip = pos >= n ? pos - n : 0;
+            return -2;
+        }
     }
+    int rc = 0;
     long long count = 0;
+    Py_XINCREF(hook); /* the hook may replace itself */
     while (pos <= n - HEADER_SIZE) {
         int32_t length = read_length(p + pos + 1);
         if (length < 4) {
-            lane->messages += count;
             *bad_type = p[pos];
             *bad_len = length;
-            return -1;
+            rc = -1;
+            break;
+        }
+        if (hook != NULL && call_hook(hook, p[pos], length) < 0) {
+            rc = -2;
+            break;
         }
         count += 1;
         pos += 1 + (long long)length;
     }
+    Py_XDECREF(hook);
     lane->messages += count;
+    if (rc < 0)
+        return rc;
     if (pos >= n) {
         lane->skip = pos - n;
     }
     else {
+        /* A header split across chunks: keep its first bytes. */
         lane->skip = 0;
         memcpy(lane->header, p + pos, (size_t)(n - pos));
         lane->hlen = (int)(n - pos);
@@ -180,70 +211,6 @@ as_lane(PyObject *arg, const char *what)
         return NULL;
     }
     return (Lane *)arg;
-}
-
-/* feed() from Python, with the hook called once per header when one is set. */
-static int
-feed_with_hook(Lane *lane, const unsigned char *p, long long n)
-{
-    int bad_type = 0;
-    int32_t bad_len = 0;
-    if (lane->hook == NULL) {
-        if (feed_fast(lane, p, n, &bad_type, &bad_len) < 0)
-            goto bad;
-        return 0;
-    }
-    long long pos;
-    if (lane->hlen == 0) {
-        if (lane->skip >= n) {
-            lane->skip -= n;
-            return 0;
-        }
-        pos = lane->skip;
-    }
-    else {
-        int got;
-        pos = complete_header(lane, p, n, &bad_type, &bad_len, &got);
-        if (pos < 0)
-            goto bad;
-        if (lane->hlen)
-            return 0;
-        /* complete_header counted the message; the hook sees it now. */
-        PyObject *r = PyObject_CallFunction(lane->hook, "ii", lane->header[0],
-                                            (int)read_length(lane->header + 1));
-        if (r == NULL) {
-            /* Mirror BoundaryTracker: the header is consumed, the stream is broken. */
-            lane->skip = pos >= n ? pos - n : 0;
-            return -1;
-        }
-        Py_DECREF(r);
-    }
-    while (pos <= n - HEADER_SIZE) {
-        int type_byte = p[pos];
-        int32_t length = read_length(p + pos + 1);
-        if (length < 4) {
-            bad_type = type_byte;
-            bad_len = length;
-            goto bad;
-        }
-        PyObject *r = PyObject_CallFunction(lane->hook, "ii", type_byte, (int)length);
-        if (r == NULL)
-            return -1;
-        Py_DECREF(r);
-        lane->messages += 1;
-        pos += 1 + (long long)length;
-    }
-    if (pos >= n) {
-        lane->skip = pos - n;
-    }
-    else {
-        lane->skip = 0;
-        memcpy(lane->header, p + pos, (size_t)(n - pos));
-        lane->hlen = (int)(n - pos);
-    }
-    return 0;
-bad:
-    return set_protocol_error(bad_type, bad_len);
 }
 
 static int
@@ -339,8 +306,13 @@ Lane_feed(Lane *self, PyObject *arg)
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    int rc = feed_with_hook(self, (const unsigned char *)view.buf, (long long)view.len);
+    int bad_type = 0;
+    int32_t bad_len = 0;
+    int rc = feed(self, (const unsigned char *)view.buf, (long long)view.len, 1, &bad_type,
+                  &bad_len);
     PyBuffer_Release(&view);
+    if (rc == -1)
+        set_protocol_error(bad_type, bad_len);
     if (rc < 0)
         return NULL;
     Py_RETURN_NONE;
@@ -745,7 +717,7 @@ pump_lane(Pump *self, Lane *lane, Report *rep)
         rep->code = CODE_PAST_END;
         return 1;
     }
-    if (feed_fast(lane, buf, n, &rep->bad_type, &rep->bad_len) < 0) {
+    if (feed(lane, buf, n, 0, &rep->bad_type, &rep->bad_len) < 0) {
         rep->code = CODE_PROTOCOL;
         return 1;
     }
