@@ -22,6 +22,8 @@ from pathlib import Path
 import attrs
 import pytest
 
+from waypoint.identity.localapi import DEFAULT_MAX_IDLE as LOCALAPI_MAX_IDLE
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -53,6 +55,8 @@ class ProcessFigures:
     fds: int
     threads: int
     rss_kib: int
+    #: Of ``fds``, the TCP sockets (client and backend connections, listeners).
+    tcp_fds: int
 
 
 @attrs.frozen
@@ -63,11 +67,31 @@ class PgbenchResult:
     output: str
 
 
+def _tcp_inodes() -> set[str]:
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        inodes.update(line.split()[9] for line in lines if len(line.split()) > 9)
+    return inodes
+
+
 def _figures(pid: int) -> ProcessFigures:
+    fd_dir = f"/proc/{pid}/fd"
+    targets = []
+    for fd in os.listdir(fd_dir):
+        try:
+            targets.append(os.readlink(f"{fd_dir}/{fd}"))
+        except OSError:
+            continue  # closed meanwhile
+    tcp = _tcp_inodes()
     return ProcessFigures(
-        fds=len(os.listdir(f"/proc/{pid}/fd")),
+        fds=len(targets),
         threads=len(os.listdir(f"/proc/{pid}/task")),
         rss_kib=rss_kib(pid),
+        tcp_fds=sum(1 for t in targets if t.startswith("socket:[") and t[8:-1] in tcp),
     )
 
 
@@ -159,14 +183,24 @@ def _run_load(
         assert result.failed == 0, result.output[-3000:]
         assert result.processed > 0
 
-        # All closed: back to the starting counts (idle worker threads retire after ~10 s).
-        fds_back = _wait_until(lambda: _figures(pid).fds <= warmed.fds, 60)
+        # All closed: back to the starting counts (idle worker threads retire after ~10 s):
+        # every TCP socket (client, backend), and the other descriptors give or take the
+        # LocalAPI client's keep-alive connections (unix sockets, bounded, kept idle).
+        fds_back = _wait_until(
+            lambda: (f := _figures(pid)).tcp_fds <= warmed.tcp_fds
+            and f.fds <= warmed.fds + LOCALAPI_MAX_IDLE,
+            60,
+        )
         threads_back = _wait_until(lambda: _figures(pid).threads <= warmed.threads, 60)
         rss_back = _wait_until(lambda: rss_kib(pid) <= warmed.rss_kib * 1.10, 60)
         after = _figures(pid)
         locks = _admin_advisory_locks(env)
         report(f"after {after}; admin advisory locks held: {locks}")
-        assert fds_back, f"file descriptors: {after.fds} after, {warmed.fds} after warm-up"
+        assert fds_back, (
+            f"file descriptors: {after.fds} after ({after.tcp_fds} TCP), {warmed.fds} after "
+            f"warm-up ({warmed.tcp_fds} TCP; + up to {LOCALAPI_MAX_IDLE} kept-alive LocalAPI "
+            "connections)"
+        )
         assert threads_back, f"threads: {after.threads} after, {warmed.threads} after warm-up"
         assert rss_back, f"RSS: {after.rss_kib} KiB after, {warmed.rss_kib} KiB after warm-up"
         assert locks == 0
