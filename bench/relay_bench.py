@@ -5,7 +5,7 @@
 
 ``--tls``: clients speak TLS to the relays and to PgBouncer (``sslmode=require``, a
 throwaway trustme certificate; the backend link stays plain). The engine decrypts in
-its thread (``start_relay_tls``), the streams relay uses ``trio.SSLStream``. Direct is
+its thread (``start_relay(client_tls=...)``), the streams relay uses ``trio.SSLStream``. Direct is
 left out (the throwaway cluster has no TLS).
 
 Starts a throwaway PostgreSQL (tests/pgcluster.py), then for each round and client
@@ -165,10 +165,7 @@ async def _serve(
             if s.family != socket.AF_UNIX:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            if handover is None:
-                handle = engine.start_relay(c, b)
-            else:
-                handle = engine.start_relay_tls(c, b, handover)
+            handle = engine.start_relay(c, b, client_tls=handover)
             await handle.wait()
         finally:
             c.close()

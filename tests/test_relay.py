@@ -153,7 +153,7 @@ class Harness:
             raw = proxy.transport_stream
             assert isinstance(raw, trio.SocketStream)
             tls_sock = socket.socket(fileno=raw.socket.detach())
-            handle = self.engine.start_relay_tls(tls_sock, backend_proxy, handover, **kw)
+            handle = self.engine.start_relay(tls_sock, backend_proxy, client_tls=handover, **kw)
             return Session(
                 app, _stream(backend_app), handle, (tls_sock, backend_proxy), handle.wait
             )
@@ -659,8 +659,12 @@ async def _tls_relay(
     raw = proxy.transport_stream
     assert isinstance(raw, trio.SocketStream)
     tls_sock = socket.socket(fileno=raw.socket.detach())
-    handle = engine.start_relay_tls(
-        tls_sock, backend_proxy, handover, initial_to_backend=initial if forward else b"", **kw
+    handle = engine.start_relay(
+        tls_sock,
+        backend_proxy,
+        client_tls=handover,
+        initial_to_backend=initial if forward else b"",
+        **kw,
     )
     return app, _stream(backend_app), tls_sock, handle
 

@@ -8,7 +8,6 @@ A failure here ends this connection only: the task catches its own errors.
 from __future__ import annotations
 
 import contextlib
-import functools
 import socket
 import ssl
 from collections.abc import Mapping
@@ -753,15 +752,11 @@ async def _relay(
         if ctx.engine is not None and use_engine:
             client_sock = _detach(client.raw)
             backend_sock = _detach(backend.socket_stream)
-            start_engine = (
-                ctx.engine.start_relay
-                if handover is None
-                else functools.partial(ctx.engine.start_relay_tls, client_tls=handover)
-            )
             try:
-                handle = start_engine(
+                handle = ctx.engine.start_relay(
                     client_sock,
                     backend_sock,
+                    client_tls=handover,
                     max_bytes=limits.max_bytes_per_conn,
                     byte_limit_error=byte_limit_fatal,
                     initial_to_client=start.leftover,

@@ -12,7 +12,7 @@ Two implementations with one contract:
   by :func:`open_relay_engine`. A client that speaks TLS can be relayed by the
   engine too: after the TLS handshake in trio, :func:`tls_handover` takes the
   ``SSLObject`` and its memory BIOs out of the ``trio.SSLStream`` and
-  :meth:`RelayEngine.start_relay_tls` decrypts/encrypts in the engine thread
+  :meth:`RelayEngine.start_relay` with ``client_tls`` decrypts/encrypts in the engine thread
   (off the plaintext hot path; the backend side stays plain).
 * :func:`relay_streams` / :class:`StreamRelay` — a trio task per direction over
   ``trio.abc.Stream`` objects, for any pair of streams (TLS on the backend side).

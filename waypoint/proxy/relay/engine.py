@@ -180,7 +180,8 @@ class TlsHandover:
 
 def tls_handover(stream: trio.SSLStream[Any]) -> TlsHandover:
     """The TLS state of a trio ``SSLStream`` (after its handshake) for
-    :meth:`RelayEngine.start_relay_tls`. The stream must not be used afterwards.
+    :meth:`RelayEngine.start_relay` (``client_tls``). The stream must not be used
+    afterwards.
 
     Relies on ``trio.SSLStream`` keeping its ``SSLObject`` and memory BIOs in
     ``_ssl_object``, ``_incoming`` and ``_outgoing``, and held-back session tickets in
@@ -315,6 +316,7 @@ class RelayEngine:
         client_sock: socket.socket,
         backend_sock: socket.socket,
         *,
+        client_tls: TlsHandover | None = None,
         max_bytes: int = 0,
         byte_limit_error: bytes = b"",
         on_client_header: HeaderCallback | None = None,
@@ -332,67 +334,18 @@ class RelayEngine:
         non-blocking mode and are never closed by the engine. ``on_*_header(type, length)``
         is called for each message header read from that side (in the engine thread; a
         relay with a hook is served by the Python loop, not the C one).
-        """
-        return self._start_relay(
-            client_sock,
-            backend_sock,
-            None,
-            max_bytes=max_bytes,
-            byte_limit_error=byte_limit_error,
-            on_client_header=on_client_header,
-            on_backend_header=on_backend_header,
-            initial_to_client=initial_to_client,
-            initial_to_backend=initial_to_backend,
-        )
 
-    def start_relay_tls(
-        self,
-        client_sock: socket.socket,
-        backend_sock: socket.socket,
-        client_tls: TlsHandover,
-        *,
-        max_bytes: int = 0,
-        byte_limit_error: bytes = b"",
-        on_client_header: HeaderCallback | None = None,
-        on_backend_header: HeaderCallback | None = None,
-        initial_to_client: bytes = b"",
-        initial_to_backend: bytes = b"",
-    ) -> RelayHandle:
-        """Like :meth:`start_relay`, for a client that speaks TLS: ``client_sock`` is the
-        raw TCP socket under ``client_tls`` (see :func:`tls_handover`); the backend side
-        is plain. The engine decrypts and encrypts in its thread. Byte counts, limits and
-        message boundaries are in plaintext; ``initial_to_client`` is plaintext (it is
-        encrypted before anything else is sent). No close_notify is sent at the end.
+        ``client_tls``: the client speaks TLS; ``client_sock`` is the raw TCP socket under
+        it (see :func:`tls_handover`), the backend side is plain. The engine decrypts and
+        encrypts in its thread. Byte counts, limits and message boundaries are in
+        plaintext; ``initial_to_client`` is plaintext (it is encrypted before anything
+        else is sent). No close_notify is sent at the end.
         """
-        if not client_tls.ssl_object.server_side:
-            raise ValueError("client_tls must be the server side of the client's TLS session")
-        if client_tls.outgoing.pending:
-            raise ValueError("client_tls still has unsent ciphertext")
-        return self._start_relay(
-            client_sock,
-            backend_sock,
-            client_tls,
-            max_bytes=max_bytes,
-            byte_limit_error=byte_limit_error,
-            on_client_header=on_client_header,
-            on_backend_header=on_backend_header,
-            initial_to_client=initial_to_client,
-            initial_to_backend=initial_to_backend,
-        )
-
-    def _start_relay(
-        self,
-        client_sock: socket.socket,
-        backend_sock: socket.socket,
-        client_tls: TlsHandover | None,
-        *,
-        max_bytes: int,
-        byte_limit_error: bytes,
-        on_client_header: HeaderCallback | None,
-        on_backend_header: HeaderCallback | None,
-        initial_to_client: bytes,
-        initial_to_backend: bytes,
-    ) -> RelayHandle:
+        if client_tls is not None:
+            if not client_tls.ssl_object.server_side:
+                raise ValueError("client_tls must be the server side of the client's TLS session")
+            if client_tls.outgoing.pending:
+                raise ValueError("client_tls still has unsent ciphertext")
         if not self.running:
             raise RelayEngineError(self._failure or "the relay engine is not running")
         check_limits(max_bytes, byte_limit_error)
