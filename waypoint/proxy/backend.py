@@ -11,6 +11,7 @@ import attrs
 import trio
 
 from waypoint.config.model import ListenerConfig
+from waypoint.observability.metrics import Metrics
 from waypoint.pgwire import (
     Authenticated,
     BackendError,
@@ -231,6 +232,7 @@ async def login_backend(
 __all__ = [
     "BackendConnection",
     "BackendError",
+    "BackendPrefetch",
     "BackendSessionStart",
     "BackendUnavailable",
     "LoginError",
@@ -238,3 +240,55 @@ __all__ = [
     "connect_backend",
     "login_backend",
 ]
+
+
+class BackendPrefetch:
+    """A backend connection opened ahead of need: for a warm peer, while its identity is
+    looked up (``session._whois``).
+
+    ``run`` never raises BackendUnavailable: the failure is kept and raised by ``take``,
+    where the connection would have been opened without a prefetch. ``aclose`` closes a
+    connection nobody took (a refusal, a rotation that reconnects).
+    """
+
+    def __init__(
+        self, listener: ListenerConfig, ssl_context: ssl.SSLContext | None, metrics: Metrics
+    ) -> None:
+        self._listener = listener
+        self._ssl_context = ssl_context
+        self._metrics = metrics
+        self._done = trio.Event()
+        self._backend: BackendConnection | None = None
+        self._failure: BackendUnavailable | None = None
+        self._taken = False
+
+    async def run(self) -> None:
+        try:
+            self._backend = await connect_backend(self._listener, self._ssl_context)
+        except BackendUnavailable as exc:
+            self._failure = exc
+        finally:
+            self._done.set()
+
+    @property
+    def available(self) -> bool:
+        """Not taken yet, and the attempt finished (the whois waited for it)."""
+        return not self._taken and self._done.is_set()
+
+    def take(self) -> BackendConnection:
+        """The connection (once), or the attempt's BackendUnavailable."""
+        assert self.available
+        self._taken = True
+        self._metrics.backend_prefetched(self._listener.name, used=True)
+        if self._failure is not None:
+            raise self._failure
+        assert self._backend is not None
+        backend, self._backend = self._backend, None
+        return backend
+
+    async def aclose(self) -> None:
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            self._metrics.backend_prefetched(self._listener.name, used=False)
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await backend.aclose()

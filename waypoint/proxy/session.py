@@ -43,6 +43,7 @@ from waypoint.pgwire import (
 from waypoint.provision.engine import DatabaseMissing, Provisioner, ProvisionError
 from waypoint.proxy.backend import (
     BackendConnection,
+    BackendPrefetch,
     BackendSessionStart,
     BackendUnavailable,
     connect_backend,
@@ -437,7 +438,11 @@ async def _authorize_and_connect(
         if k not in _OWN_PARAMETERS and not k.startswith("_pq_.")
     }
 
-    prefetch = _BackendPrefetch(ctx) if ctx.warm_peers.is_warm(client.peer[0]) else None
+    prefetch = (
+        BackendPrefetch(ctx.listener, ctx.backend_ssl, ctx.metrics)
+        if ctx.warm_peers.is_warm(client.peer[0])
+        else None
+    )
     established = False
     try:
         result = await _establish(
@@ -453,55 +458,8 @@ async def _authorize_and_connect(
             await prefetch.aclose()
 
 
-class _BackendPrefetch:
-    """The backend connection of a warm peer, opened while its identity is looked up.
-
-    ``run`` never raises BackendUnavailable: the failure is kept and raised by ``take``,
-    where the connection would have been opened without a prefetch. ``aclose`` closes a
-    connection nobody took (a refusal, a rotation that reconnects).
-    """
-
-    def __init__(self, ctx: ListenerContext) -> None:
-        self._ctx = ctx
-        self._done = trio.Event()
-        self._backend: BackendConnection | None = None
-        self._failure: BackendUnavailable | None = None
-        self._taken = False
-
-    async def run(self) -> None:
-        try:
-            self._backend = await connect_backend(self._ctx.listener, self._ctx.backend_ssl)
-        except BackendUnavailable as exc:
-            self._failure = exc
-        finally:
-            self._done.set()
-
-    @property
-    def available(self) -> bool:
-        """Not taken yet, and the attempt finished (the whois waited for it)."""
-        return not self._taken and self._done.is_set()
-
-    def take(self) -> BackendConnection:
-        """The connection (once), or the attempt's BackendUnavailable."""
-        assert self.available
-        self._taken = True
-        self._ctx.metrics.backend_prefetched(self._ctx.listener.name, used=True)
-        if self._failure is not None:
-            raise self._failure
-        assert self._backend is not None
-        backend, self._backend = self._backend, None
-        return backend
-
-    async def aclose(self) -> None:
-        backend, self._backend = self._backend, None
-        if backend is not None:
-            self._ctx.metrics.backend_prefetched(self._ctx.listener.name, used=False)
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await backend.aclose()
-
-
 async def _whois(
-    ctx: ListenerContext, client: _Client, prefetch: _BackendPrefetch | None
+    ctx: ListenerContext, client: _Client, prefetch: BackendPrefetch | None
 ) -> Identity | Refusal:
     """Who the peer is; with a prefetch, its backend connection opens meanwhile."""
     if prefetch is None:
@@ -527,7 +485,7 @@ async def _establish(
     database: str,
     cap: PresetCapResult,
     forward: dict[str, str],
-    prefetch: _BackendPrefetch | None,
+    prefetch: BackendPrefetch | None,
     conn_id: str,
     log: EventLogger,
     out: _Outcome,
@@ -624,7 +582,7 @@ async def _provision_and_login(
     grant: EffectiveGrant,
     database: str,
     forward: Mapping[str, str],
-    prefetch: _BackendPrefetch | None,
+    prefetch: BackendPrefetch | None,
     conn_id: str,
     log: EventLogger,
     out: _Outcome,
