@@ -165,15 +165,23 @@ class StreamRelay:
             return None
         return data
 
+    async def _send_initial(
+        self, data: bytes, tracker: BoundaryTracker, stream: trio.abc.Stream, to_client: bool
+    ) -> bool:
+        """Bytes the handshake read past the start of the relay: counted, tracked and sent
+        before anything else; False if the relay ended."""
+        if not data:
+            return True
+        self._count(len(data), not to_client)
+        tracker.feed(data)
+        return await self._send(stream, data, to_client)
+
     async def _client_to_backend(self) -> None:
         tracker = self._client_tracker
         backend = self._backend
         try:
-            if self._initial_to_backend:
-                self._count(len(self._initial_to_backend), True)
-                tracker.feed(self._initial_to_backend)
-                if not await self._send(backend, self._initial_to_backend, False):
-                    return
+            if not await self._send_initial(self._initial_to_backend, tracker, backend, False):
+                return
             with trio.CancelScope() as reader:
                 self._client_reader = reader
                 if self._fatal is not None:
@@ -195,11 +203,8 @@ class StreamRelay:
         tracker = self._backend_tracker
         client = self._client
         try:
-            if self._initial_to_client:
-                self._count(len(self._initial_to_client), False)
-                tracker.feed(self._initial_to_client)
-                if not await self._send(client, self._initial_to_client, True):
-                    return
+            if not await self._send_initial(self._initial_to_client, tracker, client, True):
+                return
             while True:
                 if self._fatal is not None and tracker.at_boundary:
                     if await self._send(client, self._fatal, True):
