@@ -23,7 +23,7 @@ from state_support import (
 from waypoint.config.model import StateConfig
 from waypoint.errors import Refusal
 from waypoint.state import SlotLease, SlotRequest, StateStore, open_state
-from waypoint.state.redis_store import KeyLayout, RedisStateStore
+from waypoint.state.redis_store import ACQUIRE_LUA, RELEASE_LUA, KeyLayout, RedisStateStore
 
 pytestmark = pytest.mark.redis
 
@@ -277,6 +277,9 @@ async def test_release_during_a_stall_is_retried_and_lands(own_redis: OwnRedis) 
             assert isinstance(first, SlotLease)
             await store.release_slot(first)
             assert trio.current_time() - start < 3.0  # bounded, never hangs the session
+            # Stay stalled a while: the background repair fails several times meanwhile,
+            # and its back-off must not grow past a few seconds because of that.
+            await trio.sleep_until(start + 4.0)
         finally:
             own_redis.proc.send_signal(signal.SIGCONT)
 
@@ -284,5 +287,36 @@ async def test_release_during_a_stall_is_retried_and_lands(own_redis: OwnRedis) 
             usage = await store.slot_usage("alice@example.com", "pg-main")
             return (usage.user, usage.user_listener, usage.total) == (2, 2, 2)
 
-        # Well before the next heartbeat (lease/3 = 10 s): the background retry did it.
+        # Well before the next heartbeat (lease/3 = 10 s): the background retry did it
+        # (its back-off is capped at 2 s).
         await wait_for(landed, timeout=6)
+
+
+async def test_writes_sent_before_a_reassertion_are_fenced(prefix: str) -> None:
+    """A stalled Redis may execute a write whose answer timed out after the repair that
+    re-asserted the count: it must not count twice (the CI flake this replaced: a late release
+    undercounted the total until the next heartbeat)."""
+    before = time.time_ns() // 1000  # older than any epoch of the store opened below
+    raw = redis_client()
+    release = raw.register_script(RELEASE_LUA)
+    acquire = raw.register_script(ACQUIRE_LUA)
+    layout = KeyLayout(prefix)
+    user = layout.user("alice@example.com")
+    async with open_state(cfg(prefix, lease=0.6), instance_id="fenced") as store:
+        for _ in range(2):
+            assert isinstance(await store.acquire_slot(req(max_user=5)), SlotLease)
+
+        async def reasserted() -> bool:
+            return raw.hget(user, "s:fenced") is not None
+
+        await wait_for(reasserted, timeout=5)  # the heartbeat (lease / 3) re-asserted it
+        assert release(keys=[user], args=["fenced", before]) == 0
+        assert acquire(keys=[user], args=["fenced", 600, before, 0]) == [-1, 0]
+        usage = await store.slot_usage("alice@example.com", "pg-main")
+        assert (usage.user, usage.total) == (2, 2)
+        # A write carrying a current epoch is applied (what the store itself sends).
+        now = time.time_ns() // 1000 + 10**9
+        assert release(keys=[user], args=["fenced", now]) == 1
+        usage = await store.slot_usage("alice@example.com", "pg-main")
+        assert usage.user == 1
+    raw.close()

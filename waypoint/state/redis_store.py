@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -63,27 +64,33 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# Sum the live counts of KEY, deleting entries of instances whose lease expired.
+# Sum the live counts of KEY, deleting entries of instances whose lease expired. An entry is
+# c:<id> (count; absent = 0), e:<id> (when it stops counting) and s:<id> (the fence: the epoch
+# of that instance's last re-assertion; writes carrying an older epoch are stale, see below).
 _LIVE_COUNT = """
 local function live_count(key, now)
   local flat = redis.call('HGETALL', key)
-  local counts, exps = {}, {}
+  local counts, exps, fences = {}, {}, {}
   for j = 1, #flat, 2 do
     local f, v = flat[j], tonumber(flat[j + 1])
     local kind, id = string.sub(f, 1, 2), string.sub(f, 3)
-    if kind == 'c:' then counts[id] = v elseif kind == 'e:' then exps[id] = v end
+    if kind == 'c:' then counts[id] = v
+    elseif kind == 'e:' then exps[id] = v
+    elseif kind == 's:' then fences[id] = v end
   end
   local total = 0
-  for id, c in pairs(counts) do
-    local e = exps[id]
-    if e == nil or e < now then
-      redis.call('HDEL', key, 'c:' .. id, 'e:' .. id)
-    else
-      total = total + c
+  for id, e in pairs(exps) do
+    if e < now then
+      redis.call('HDEL', key, 'c:' .. id, 'e:' .. id, 's:' .. id)
+    elseif counts[id] ~= nil then
+      total = total + counts[id]
     end
   end
-  for id, _ in pairs(exps) do
-    if counts[id] == nil then redis.call('HDEL', key, 'e:' .. id) end
+  for id, _ in pairs(counts) do
+    if exps[id] == nil then redis.call('HDEL', key, 'c:' .. id) end
+  end
+  for id, _ in pairs(fences) do
+    if exps[id] == nil then redis.call('HDEL', key, 's:' .. id) end
   end
   return total
 end
@@ -92,15 +99,30 @@ local function keep(key, lease)
 end
 """
 
-# KEYS: limit keys (one cluster slot). ARGV: instance, lease_ms, limit per key (0 = none).
-# Returns {0, 0} when granted (every key incremented), else {index of the full key, count}.
+# True when KEY's fence for instance IID is newer than EPOCH: the write was sent before this
+# instance's last re-assertion of the key (a write whose answer timed out, executed late by a
+# Redis that stalled), which already accounts for it.
+_FENCED = """
+local function fenced(key, iid, epoch)
+  local s = redis.call('HGET', key, 's:' .. iid)
+  return s and tonumber(s) > epoch
+end
+"""
+
+# KEYS: limit keys (one cluster slot). ARGV: instance, lease_ms, epoch, limit per key (0 =
+# none). Returns {0, 0} when granted (every key incremented), {-1, 0} when stale (fenced),
+# else {index of the full key, count}.
 ACQUIRE_LUA = (
     _NOW_MS
     + _LIVE_COUNT
+    + _FENCED
     + """
-local iid, lease = ARGV[1], tonumber(ARGV[2])
+local iid, lease, epoch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+for _, key in ipairs(KEYS) do
+  if fenced(key, iid, epoch) then return {-1, 0} end
+end
 for i, key in ipairs(KEYS) do
-  local limit = tonumber(ARGV[2 + i])
+  local limit = tonumber(ARGV[3 + i])
   local n = live_count(key, now)
   if limit > 0 and n >= limit then return {i, n} end
 end
@@ -113,31 +135,43 @@ return {0, 0}
 """
 )
 
-# KEYS: limit keys (one slot). ARGV: instance. Gives back one slot on each key.
-RELEASE_LUA = """
-local iid = ARGV[1]
+# KEYS: limit keys (one slot). ARGV: instance, epoch. Gives back one slot on each key; returns
+# 1, or 0 when stale (fenced). At zero the count field goes; e: and s: stay until e: passes,
+# so the fence outlives the count.
+RELEASE_LUA = (
+    _FENCED
+    + """
+local iid, epoch = ARGV[1], tonumber(ARGV[2])
+for _, key in ipairs(KEYS) do
+  if fenced(key, iid, epoch) then return 0 end
+end
 for _, key in ipairs(KEYS) do
   local v = redis.call('HINCRBY', key, 'c:' .. iid, -1)
-  if v <= 0 then redis.call('HDEL', key, 'c:' .. iid, 'e:' .. iid) end
+  if v <= 0 then redis.call('HDEL', key, 'c:' .. iid) end
   if redis.call('HLEN', key) == 0 then redis.call('DEL', key) end
 end
 return 1
 """
+)
 
-# KEYS: one limit key. ARGV: instance, count, lease_ms. Sets this instance's count (idempotent).
+# KEYS: one limit key. ARGV: instance, count, lease_ms, epoch (newer than any write this
+# instance sent to the key before). Sets this instance's count (idempotent) and its fence, so
+# that older writes still queued in a stalled Redis are ignored; returns 0 if itself stale.
 RECONCILE_LUA = (
     _NOW_MS
     + _LIVE_COUNT
+    + _FENCED
     + """
-local iid, count, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local iid, count, lease, epoch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local key = KEYS[1]
+if fenced(key, iid, tonumber(epoch)) then return 0 end
 if count > 0 then
-  redis.call('HSET', key, 'c:' .. iid, count, 'e:' .. iid, now + lease)
-  keep(key, lease)
+  redis.call('HSET', key, 'c:' .. iid, count)
 else
-  redis.call('HDEL', key, 'c:' .. iid, 'e:' .. iid)
-  if redis.call('HLEN', key) == 0 then redis.call('DEL', key) end
+  redis.call('HDEL', key, 'c:' .. iid)
 end
+redis.call('HSET', key, 'e:' .. iid, now + lease, 's:' .. iid, epoch)
+keep(key, lease)
 return 1
 """
 )
@@ -233,6 +267,9 @@ class RedisStateStore:
     _leases: dict[str, SlotLease] = field(factory=dict)
     _cancel: CancelTable = field(factory=CancelTable)
     _wake: trio.Event = field(factory=trio.Event)
+    # Fencing epoch: writes carry the current one, each re-assertion takes a new one. Starts
+    # at the wall clock in microseconds, so a restarted process with the same id is newer.
+    _epoch: int = field(init=False, factory=lambda: time.time_ns() // 1000)
     _scripts: dict[str, Any] = field(factory=dict)
     _closed: bool = False
 
@@ -293,15 +330,24 @@ class RedisStateStore:
         if h.confirmed == 0 and h.in_flight == 0 and not h.dirty and h.reconciling is None:
             self._held.pop(key, None)
 
-    async def _change(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        """Run a slot script; on success the local count moves with it. Returns None if Redis
-        did not answer (the keys are then marked for repair)."""
+    async def _change(self, name: str, keys: Sequence[str], limits: Sequence[int] = ()) -> Any:
+        """Run the acquire or release script; on success the local count moves with it.
+        Returns None if Redis did not answer or the write was fenced (the keys are then marked
+        for repair)."""
         held = await self._begin(keys)
         result: Any = None
         certain = False
         try:
+            # The epoch is read after _begin: a re-assertion it waited for has a newer one.
+            args: list[str | int] = [self.instance_id, self._epoch]
+            if name == "acquire":
+                args = [self.instance_id, self._lease_ms, self._epoch, *limits]
             result = await self._script(name, keys, args)
-            certain = True
+            if int(result[0] if name == "acquire" else result) == (-1 if name == "acquire" else 0):
+                # Not applied: only a write older than a re-assertion can be; repair it.
+                log.warning("shared state (Redis): %s was fenced by a newer re-assertion", name)
+            else:
+                certain = True
         except UNAVAILABLE as exc:
             log.warning("shared state (Redis) unavailable during %s: %s", name, _describe(exc))
         finally:
@@ -318,10 +364,7 @@ class RedisStateStore:
             self._layout.user_listener(req.principal, req.listener),
         ]
         total_key = [self._layout.total()]
-        iid = self.instance_id
-        res = await self._change(
-            "acquire", user_keys, [iid, self._lease_ms, req.max_user, req.max_user_listener]
-        )
+        res = await self._change("acquire", user_keys, [req.max_user, req.max_user_listener])
         if res is None:
             return errors.identity_unavailable("shared state (Redis)", "slot acquire failed")
         if int(res[0]) != 0:
@@ -333,7 +376,7 @@ class RedisStateStore:
         refusal: Refusal | None = None
         granted = False
         try:
-            res = await self._change("acquire", total_key, [iid, self._lease_ms, req.max_total])
+            res = await self._change("acquire", total_key, [req.max_total])
             if res is None:
                 refusal = errors.identity_unavailable(
                     "shared state (Redis)", "total slot acquire failed"
@@ -355,7 +398,7 @@ class RedisStateStore:
     async def _undo(self, keys: list[str]) -> None:
         with trio.CancelScope(shield=True):
             with trio.move_on_after(self._op_timeout):
-                await self._change("release", keys, [self.instance_id])
+                await self._change("release", keys)
                 return
         # Not answered in time: take the slot back locally; maintenance repairs Redis.
         for key in keys:
@@ -379,7 +422,7 @@ class RedisStateStore:
         with trio.CancelScope(shield=True):
             for keys in groups:
                 with trio.move_on_after(2 * self._op_timeout):
-                    await self._change("release", keys, [self.instance_id])
+                    await self._change("release", keys)
 
     async def slot_usage(self, principal: str, listener: str) -> SlotUsage:
         try:
@@ -458,9 +501,12 @@ class RedisStateStore:
         done = trio.Event()
         h.reconciling = done
         ok = False
+        self._epoch += 1
         try:
-            await self._script("reconcile", [key], [self.instance_id, h.confirmed, self._lease_ms])
-            ok = True
+            args: list[str | int] = [self.instance_id, h.confirmed, self._lease_ms, self._epoch]
+            ok = int(await self._script("reconcile", [key], args)) == 1
+            if not ok:
+                log.warning("shared state (Redis): a re-assertion was fenced; retrying")
         finally:
             h.reconciling = None
             done.set()
