@@ -297,6 +297,23 @@ async def test_secret_close_to_valid_until_is_not_reused() -> None:
         assert second.provisioned and second.secret != first.secret
 
 
+async def test_peek_gives_cached_credentials_only_while_a_handshake_could_use_them() -> None:
+    locks = FakeLocks()
+    clock = [1_000_000.0]
+    p = FakeProvisioner(locks, clock)
+    g = grant((RO, "public"))
+    assert p.peek(p.role_for(ALICE, g)) is None  # nothing cached: no round trip either
+    async with p.credentials(ALICE, g) as first:
+        pass
+    peeked = p.peek(first.role)
+    assert peeked is not None and not peeked.provisioned
+    assert (peeked.role, peeked.secret) == (first.role, first.secret)
+    assert first.secret not in repr(peeked)
+    assert p.provisions == 1 and locks.acquired == 1  # peeking provisions and locks nothing
+    clock[0] += 3600.0 - 4.0  # VALID UNTIL is 4 s away, handshake_timeout is 5 s
+    assert p.peek(first.role) is None
+
+
 async def test_grant_change_and_rotate_each_provision_again() -> None:
     locks = FakeLocks()
     p = FakeProvisioner(locks, [1_000_000.0])

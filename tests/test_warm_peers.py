@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from waypoint.proxy.registry import WarmPeers
+from waypoint.proxy.registry import LoginGuess, WarmPeers
 
 
 class Clock:
@@ -59,3 +59,21 @@ def test_bad_bounds_are_refused() -> None:
         WarmPeers(ttl=0)
     with pytest.raises(ValueError):
         WarmPeers(max_entries=0)
+
+
+def test_a_peer_keeps_what_it_logged_in_as_until_it_goes_cold() -> None:
+    clock = Clock()
+    warm = WarmPeers(ttl=60, clock=clock)
+    guess = LoginGuess.of("wp_alice", "app", {"b": "2", "a": "1"}, (3, 0))
+    assert guess == LoginGuess.of("wp_alice", "app", {"a": "1", "b": "2"}, (3, 0))
+    assert guess != LoginGuess.of("wp_alice", "app", {"a": "1"}, (3, 0))
+    assert guess != LoginGuess.of("wp_alice", "app", {"a": "1", "b": "2"}, (3, 2))
+    warm.mark("a")
+    assert warm.is_warm("a") and warm.guess("a") is None  # warm, nothing to log in as
+    warm.mark("a", guess)
+    assert warm.guess("a") == guess
+    clock.now += 60
+    assert warm.guess("a") is None and not warm.is_warm("a")
+    warm.mark("a", guess)
+    warm.forget("a")
+    assert warm.guess("a") is None

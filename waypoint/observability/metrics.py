@@ -57,8 +57,9 @@ class Metrics:
         )
         self.backend_prefetches = Counter(
             "waypoint_backend_prefetches",
-            "Backend connections opened during the whois of a warm peer, by outcome",
-            ["listener", "outcome"],
+            "Backend connections opened (stage connected) or also logged in (stage logged_in)"
+            " during the whois of a warm peer, by outcome",
+            ["listener", "stage", "outcome"],
             registry=r,
         )
         self.bytes_total = Counter(
@@ -116,8 +117,9 @@ class Metrics:
     def backend_login_failed(self, listener: str) -> None:
         self.backend_login_failures.labels(listener).inc()
 
-    def backend_prefetched(self, listener: str, used: bool) -> None:
-        self.backend_prefetches.labels(listener, "used" if used else "discarded").inc()
+    def backend_prefetched(self, listener: str, *, logged_in: bool, used: bool) -> None:
+        stage = "logged_in" if logged_in else "connected"
+        self.backend_prefetches.labels(listener, stage, "used" if used else "discarded").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -475,6 +475,18 @@ class Provisioner:
             return None
         return entry
 
+    def peek(self, role: str) -> Credentials | None:
+        """The cached credentials of ``role`` if they are valid for a handshake, whatever
+        grant they were provisioned for; no database access and no lock. For a login made
+        ahead of need (``proxy.backend.BackendPrefetch``): :meth:`credentials` still decides
+        whether the caller gets that session."""
+        entry = self._cache.get(role)
+        if entry is None:
+            return None
+        if entry.valid_until.timestamp() - self._clock() <= self._handshake_timeout:
+            return None
+        return Credentials(role, entry.secret, entry.scram_keys, entry.valid_until, False)
+
     def _state(self, role: str) -> _RoleState:
         st = self._states.get(role)
         if st is None:

@@ -131,13 +131,31 @@ class RefusalCache:
         self._entries[self._key(peer_ip, parameters)] = _CachedRefusal(refusal, now + self.ttl)
 
 
+@attrs.frozen
+class LoginGuess:
+    """What a peer's last handshake logged in to the backend as. Its next connection, if it
+    asks for the same database, parameters and protocol, logs in so during the whois."""
+
+    role: str
+    database: str
+    parameters: tuple[tuple[str, str], ...]  # sorted
+    protocol: tuple[int, int]
+
+    @staticmethod
+    def of(
+        role: str, database: str, parameters: Mapping[str, str], protocol: tuple[int, int]
+    ) -> LoginGuess:
+        return LoginGuess(role, database, tuple(sorted(parameters.items())), protocol)
+
+
 class WarmPeers:
     """Peer addresses that logged in recently (a few minutes), for the backend prefetch.
 
     A warm peer's next connection opens its backend connection while its identity is
-    looked up (``session._BackendPrefetch``), hiding the TCP (and TLS) connect and
-    PostgreSQL's fork behind the whois. Only peers that got through the whole handshake
-    are warm, so a peer that is refused, or unknown to the tailnet, never makes
+    looked up (``backend.BackendPrefetch``), hiding the TCP (and TLS) connect and
+    PostgreSQL's fork behind the whois, and, when the peer asks for what its last handshake
+    got (:class:`LoginGuess`), the backend login too. Only peers that got through the whole
+    handshake are warm, so a peer that is refused, or unknown to the tailnet, never makes
     Waypoint open a backend connection before its identity and grant are checked.
     Bounded: the oldest entries go first past ``max_entries``.
     """
@@ -153,24 +171,33 @@ class WarmPeers:
         self.ttl = ttl
         self.max_entries = max_entries
         self._clock = clock
-        self._seen: dict[str, float] = {}  # peer IP -> last login; insertion order = age
+        # peer IP -> (last login, what it logged in as); insertion order = age
+        self._seen: dict[str, tuple[float, LoginGuess | None]] = {}
 
     def __len__(self) -> int:
         return len(self._seen)
 
     def is_warm(self, peer_ip: str) -> bool:
-        seen = self._seen.get(peer_ip)
-        if seen is None:
-            return False
-        if self._clock() - seen >= self.ttl:
-            del self._seen[peer_ip]
-            return False
-        return True
+        return self._entry(peer_ip) is not None
 
-    def mark(self, peer_ip: str) -> None:
-        """``peer_ip`` completed a handshake now."""
+    def guess(self, peer_ip: str) -> LoginGuess | None:
+        """What a warm peer logged in as last time (None when cold or not recorded)."""
+        entry = self._entry(peer_ip)
+        return None if entry is None else entry[1]
+
+    def _entry(self, peer_ip: str) -> tuple[float, LoginGuess | None] | None:
+        entry = self._seen.get(peer_ip)
+        if entry is None:
+            return None
+        if self._clock() - entry[0] >= self.ttl:
+            del self._seen[peer_ip]
+            return None
+        return entry
+
+    def mark(self, peer_ip: str, guess: LoginGuess | None = None) -> None:
+        """``peer_ip`` completed a handshake now (logged in as ``guess``)."""
         self._seen.pop(peer_ip, None)
-        self._seen[peer_ip] = self._clock()
+        self._seen[peer_ip] = (self._clock(), guess)
         while len(self._seen) > self.max_entries:
             del self._seen[next(iter(self._seen))]
 

@@ -46,12 +46,14 @@ from waypoint.proxy.backend import (
     BackendPrefetch,
     BackendSessionStart,
     BackendUnavailable,
+    PlannedLogin,
     connect_backend,
     login_backend,
 )
 from waypoint.proxy.cancel import forward_cancel
 from waypoint.proxy.registry import (
     LiveSession,
+    LoginGuess,
     RefusalCache,
     SessionRegistry,
     WarmPeers,
@@ -438,24 +440,50 @@ async def _authorize_and_connect(
         if k not in _OWN_PARAMETERS and not k.startswith("_pq_.")
     }
 
-    prefetch = (
-        BackendPrefetch(ctx.listener, ctx.backend_ssl, ctx.metrics)
-        if ctx.warm_peers.is_warm(client.peer[0])
-        else None
-    )
+    protocol = (3, min(startup.protocol[1], MAX_MINOR))
+    prefetch = _plan_prefetch(ctx, client.peer[0], database, forward, protocol)
     established = False
     try:
         result = await _establish(
             ctx, client, startup, database, cap, forward, prefetch, conn_id, log, out
         )
         established = True
-        ctx.warm_peers.mark(client.peer[0])
+        role = result[3].role
+        ctx.warm_peers.mark(client.peer[0], LoginGuess.of(role, database, forward, protocol))
         return result
     finally:
         if not established:
             ctx.warm_peers.forget(client.peer[0])
         if prefetch is not None:
             await prefetch.aclose()
+
+
+def _plan_prefetch(
+    ctx: ListenerContext,
+    peer_ip: str,
+    database: str,
+    forward: Mapping[str, str],
+    protocol: tuple[int, int],
+) -> BackendPrefetch | None:
+    """For a warm peer, the backend connection to open during its whois; logged in as its
+    last role when it asks for the same session and that role's credentials are cached."""
+    if not ctx.warm_peers.is_warm(peer_ip):
+        return None
+    guess = ctx.warm_peers.guess(peer_ip)
+    login = None
+    if guess is not None and guess == LoginGuess.of(guess.role, database, forward, protocol):
+        creds = ctx.provisioner.peek(guess.role)
+        if creds is not None:
+            login = PlannedLogin(
+                role=creds.role,
+                secret=creds.secret,
+                scram_keys=creds.scram_keys,
+                database=database,
+                parameters=dict(forward),
+                protocol=protocol,
+                limiter=ctx.pbkdf2_limiter,
+            )
+    return BackendPrefetch(ctx.listener, ctx.backend_ssl, ctx.metrics, login)
 
 
 async def _whois(
@@ -592,10 +620,12 @@ async def _provision_and_login(
     while True:
         # The backend connection first: a backend that is down is 08006 "unavailable" (the
         # provisioner's admin connection would fail too, and say 58000 "provisioning failed").
+        # A session the prefetch logged in already is taken below if the credentials match.
+        backend: BackendConnection | None = None
         try:
             if prefetch is not None and prefetch.available:
                 backend = prefetch.take()
-            else:
+            elif prefetch is None or not prefetch.logged_in or rotate:
                 backend = await connect_backend(ctx.listener, ctx.backend_ssl)
         except BackendUnavailable as exc:
             raise _Refused(
@@ -608,6 +638,17 @@ async def _provision_and_login(
                 if creds.provisioned:
                     ctx.metrics.provisioned(ctx.listener.name, trio.current_time() - t0)
                 out.role = creds.role
+                if backend is None:
+                    assert prefetch is not None
+                    ready = (
+                        None
+                        if creds.provisioned
+                        else prefetch.take_session(creds.role, creds.secret)
+                    )
+                    if ready is not None:
+                        logged_in = True
+                        return ready[0], ready[1], creds.role
+                    backend = await connect_backend(ctx.listener, ctx.backend_ssl)
                 start = await login_backend(
                     backend,
                     role=creds.role,
@@ -648,7 +689,7 @@ async def _provision_and_login(
                 errors.backend_unavailable(ctx.listener.name, str(exc)), cache=False
             ) from exc
         finally:
-            if not logged_in:
+            if not logged_in and backend is not None:
                 await backend.aclose()
 
 
