@@ -139,20 +139,25 @@ class BackendSessionStart:
     method: str | None
 
 
-async def login_backend(
-    conn: BackendConnection,
-    *,
-    role: str,
-    secret: str,
-    scram_keys: ScramKeys | None,
-    database: str,
-    parameters: Mapping[str, str],
-    protocol: tuple[int, int],
-    limiter: trio.CapacityLimiter | None = None,
-) -> BackendSessionStart:
-    """Authenticate as ``role`` and read the session start. Raises BackendError (the backend's own
-    ErrorResponse, to forward), LoginError / ProtocolError (misbehaving backend) or
-    BackendUnavailable (connection lost)."""
+@attrs.frozen
+class BackendLogin:
+    """Who to log in to the backend as, and the session asked for. Made ahead of need
+    (``BackendPrefetch``) with credentials the provisioner already holds
+    (``Provisioner.peek``) for the role the peer's last handshake got."""
+
+    role: str
+    secret: str = attrs.field(repr=False)
+    scram_keys: ScramKeys | None = attrs.field(repr=False)
+    database: str
+    parameters: Mapping[str, str]
+    protocol: tuple[int, int]
+    limiter: trio.CapacityLimiter | None = None
+
+
+async def login_backend(conn: BackendConnection, login: BackendLogin) -> BackendSessionStart:
+    """Authenticate as ``login.role`` and read the session start. Raises BackendError (the
+    backend's own ErrorResponse, to forward), LoginError / ProtocolError (misbehaving backend)
+    or BackendUnavailable (connection lost)."""
     stream = conn.stream
     cb = None
     if conn.tls and conn.cert_der:
@@ -163,22 +168,22 @@ async def login_backend(
     # Over TLS, a role with a SCRAM verifier must log in with SCRAM-SHA-256-PLUS: without
     # channel binding, a man in the middle of an unverified TLS link (backend_tls = prefer /
     # require) could ask for the password in cleartext or relay the SCRAM exchange.
-    login = UpstreamLogin(
-        role,
-        secret,
-        scram_keys=scram_keys,
+    upstream = UpstreamLogin(
+        login.role,
+        login.secret,
+        scram_keys=login.scram_keys,
         tls_server_end_point=cb,
-        channel_binding_required=cb is not None and scram_keys is not None,
+        channel_binding_required=cb is not None and login.scram_keys is not None,
     )
-    startup = {"user": role, "database": database}
-    for k, v in parameters.items():
+    startup = {"user": login.role, "database": login.database}
+    for k, v in login.parameters.items():
         if k not in ("user", "database"):
             startup[k] = v
     reader = MessageReader()
     try:
-        await stream.send_all(build_startup_message(startup, protocol=protocol))
+        await stream.send_all(build_startup_message(startup, protocol=login.protocol))
         # Authentication.
-        while not login.authenticated:
+        while not upstream.authenticated:
             msg = reader.next_message()
             if msg is None:
                 data = await stream.receive_some(RECV_SIZE)
@@ -186,10 +191,12 @@ async def login_backend(
                     raise BackendUnavailable("backend closed the connection during login")
                 reader.feed(data)
                 continue
-            if login.will_derive_key(msg):
-                step = await trio.to_thread.run_sync(login.receive_message, msg, limiter=limiter)
+            if upstream.will_derive_key(msg):
+                step = await trio.to_thread.run_sync(
+                    upstream.receive_message, msg, limiter=login.limiter
+                )
             else:
-                step = login.receive_message(msg)
+                step = upstream.receive_message(msg)
             if isinstance(step, Send):
                 await stream.send_all(step.data)
             elif isinstance(step, Authenticated):
@@ -198,7 +205,7 @@ async def login_backend(
         out = bytearray()
         key: BackendKeyData | None = None
         params: dict[str, str] = {}
-        for notice in login.notices:
+        for notice in upstream.notices:
             out += notice.encode()
         while True:
             msg = reader.next_message()
@@ -221,10 +228,10 @@ async def login_backend(
         return BackendSessionStart(
             raw=bytes(out),
             key=key,
-            negotiate=login.negotiate,
+            negotiate=upstream.negotiate,
             parameters=params,
             leftover=reader.take_buffered(),
-            method=login.method,
+            method=upstream.method,
         )
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise BackendUnavailable(f"backend connection lost during login: {exc}") from exc
@@ -233,34 +240,20 @@ async def login_backend(
 __all__ = [
     "BackendConnection",
     "BackendError",
+    "BackendLogin",
     "BackendPrefetch",
     "BackendSessionStart",
     "BackendUnavailable",
     "LoginError",
-    "PlannedLogin",
     "backend_ssl_context",
     "connect_backend",
     "login_backend",
 ]
 
 
-@attrs.frozen
-class PlannedLogin:
-    """A backend login to make ahead of need, with credentials the provisioner already
-    holds (``Provisioner.peek``) for the role the peer's last handshake got."""
-
-    role: str
-    secret: str = attrs.field(repr=False)
-    scram_keys: ScramKeys | None = attrs.field(repr=False)
-    database: str
-    parameters: Mapping[str, str]
-    protocol: tuple[int, int]
-    limiter: trio.CapacityLimiter | None = None
-
-
 class BackendPrefetch:
     """A backend connection opened ahead of need: for a warm peer, while its identity is
-    looked up (``session._whois``), and, with a :class:`PlannedLogin`, logged in too.
+    looked up (``session._whois``), and, with a :class:`BackendLogin`, logged in too.
 
     Without a login, ``run`` never raises BackendUnavailable: the failure is kept and raised
     by ``take``, where the connection would have been opened without a prefetch. With one,
@@ -275,7 +268,7 @@ class BackendPrefetch:
         listener: ListenerConfig,
         ssl_context: ssl.SSLContext | None,
         metrics: Metrics,
-        login: PlannedLogin | None = None,
+        login: BackendLogin | None = None,
     ) -> None:
         self._listener = listener
         self._ssl_context = ssl_context
@@ -300,19 +293,10 @@ class BackendPrefetch:
             self._done.set()
 
     async def _log_in(
-        self, backend: BackendConnection, login: PlannedLogin
+        self, backend: BackendConnection, login: BackendLogin
     ) -> BackendSessionStart | None:
         try:
-            return await login_backend(
-                backend,
-                role=login.role,
-                secret=login.secret,
-                scram_keys=login.scram_keys,
-                database=login.database,
-                parameters=login.parameters,
-                protocol=login.protocol,
-                limiter=login.limiter,
-            )
+            return await login_backend(backend, login)
         except (BackendError, LoginError, ProtocolError, BackendUnavailable):
             # A role dropped or rotated meanwhile, a backend gone: the real login will say.
             return None

@@ -40,13 +40,13 @@ from waypoint.pgwire import (
     StartupMessage,
     build_error_response,
 )
-from waypoint.provision.engine import DatabaseMissing, Provisioner, ProvisionError
+from waypoint.provision.engine import Credentials, DatabaseMissing, Provisioner, ProvisionError
 from waypoint.proxy.backend import (
     BackendConnection,
+    BackendLogin,
     BackendPrefetch,
     BackendSessionStart,
     BackendUnavailable,
-    PlannedLogin,
     connect_backend,
     login_backend,
 )
@@ -474,16 +474,26 @@ def _plan_prefetch(
     if guess is not None and guess == LoginGuess.of(guess.role, database, forward, protocol):
         creds = ctx.provisioner.peek(guess.role)
         if creds is not None:
-            login = PlannedLogin(
-                role=creds.role,
-                secret=creds.secret,
-                scram_keys=creds.scram_keys,
-                database=database,
-                parameters=dict(forward),
-                protocol=protocol,
-                limiter=ctx.pbkdf2_limiter,
-            )
+            login = _backend_login(ctx, creds, database, forward, protocol)
     return BackendPrefetch(ctx.listener, ctx.backend_ssl, ctx.metrics, login)
+
+
+def _backend_login(
+    ctx: ListenerContext,
+    creds: Credentials,
+    database: str,
+    forward: Mapping[str, str],
+    protocol: tuple[int, int],
+) -> BackendLogin:
+    return BackendLogin(
+        role=creds.role,
+        secret=creds.secret,
+        scram_keys=creds.scram_keys,
+        database=database,
+        parameters=dict(forward),
+        protocol=protocol,
+        limiter=ctx.pbkdf2_limiter,
+    )
 
 
 async def _whois(
@@ -650,14 +660,7 @@ async def _provision_and_login(
                         return ready[0], ready[1], creds.role
                     backend = await connect_backend(ctx.listener, ctx.backend_ssl)
                 start = await login_backend(
-                    backend,
-                    role=creds.role,
-                    secret=creds.secret,
-                    scram_keys=creds.scram_keys,
-                    database=database,
-                    parameters=forward,
-                    protocol=protocol,
-                    limiter=ctx.pbkdf2_limiter,
+                    backend, _backend_login(ctx, creds, database, forward, protocol)
                 )
                 logged_in = True
                 return backend, start, creds.role
