@@ -36,11 +36,11 @@ def _garbage() -> list[bytes]:
 
 
 async def test_idle_and_garbage_sockets_neither_block_clients_nor_linger(
-    pg15: PgCluster, tmp_path: Path
+    pg: PgCluster, tmp_path: Path
 ) -> None:
-    db = create_app_database(pg15)
+    db = create_app_database(pg)
     with trio.fail_after(60):
-        async with e2e_env(pg15, tmp_path, handshake_timeout="2s") as env:
+        async with e2e_env(pg, tmp_path, handshake_timeout="2s") as env:
             env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
             await _abuse(env, db)
             await env.assert_clean()

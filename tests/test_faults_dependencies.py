@@ -38,11 +38,11 @@ PREFIX = "wp_"
 IDENTITY_TIMEOUT = 2.0  # make_config_text's [identity] timeout
 
 
-@pytest.fixture
-def own_pg() -> Iterator[PgCluster]:
-    """A cluster this test may stop, start and restart."""
+@pytest.fixture(params=["system", "18"], ids=["pg15", "pg18"])
+def own_pg(request: pytest.FixtureRequest) -> Iterator[PgCluster]:
+    """A cluster this test may stop, start and restart (PostgreSQL 15 and 18)."""
     try:
-        cluster = PgCluster.start("system")
+        cluster = PgCluster.start(request.param)
     except PgClusterError as exc:
         pytest.fail(f"PostgreSQL could not start: {exc}", pytrace=False)
     try:
@@ -132,19 +132,19 @@ async def test_backend_restart_mid_session_errors_the_session_and_waypoint_keeps
 
 
 async def test_wrong_admin_password_is_58000_with_a_correlation_id_and_a_log_line(
-    pg15: PgCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    pg: PgCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    db = create_app_database(pg15)
-    bad = pg15.admin_password + "-wrong"
-    before = roles_with_prefix(pg15, PREFIX)
+    db = create_app_database(pg)
+    bad = pg.admin_password + "-wrong"
+    before = roles_with_prefix(pg, PREFIX)
     caplog.set_level(logging.INFO, logger="waypoint")
     async with run_standin(tmp_path) as standin:
-        text = make_config_text(pg15, socket_path=standin.socket_path)
-        real = f'admin_password = "{pg15.admin_password}"'
+        text = make_config_text(pg, socket_path=standin.socket_path)
+        real = f'admin_password = "{pg.admin_password}"'
         assert real in text
         config = load_config_text(text.replace(real, f'admin_password = "{bad}"'), source="bad.toml")
         async with run_waypoint(config) as running:
-            env = E2EEnv(pg15, standin, running, config)
+            env = E2EEnv(pg, standin, running, config)
             env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
             for _ in range(2):  # not cached: every attempt is refused the same way
                 err, _ = await _refused(env, db)
@@ -165,26 +165,26 @@ async def test_wrong_admin_password_is_58000_with_a_correlation_id_and_a_log_lin
             # Neither password appears in any log line.
             for r in caplog.records:
                 line = f"{r.getMessage()} {getattr(r, 'wp_fields', '')}"
-                assert bad not in line and pg15.admin_password not in line
+                assert bad not in line and pg.admin_password not in line
             await env.assert_clean()
-    assert roles_with_prefix(pg15, PREFIX) == before
+    assert roles_with_prefix(pg, PREFIX) == before
 
 
 async def test_localapi_unavailable_fails_closed_with_08004_in_time(
-    pg15: PgCluster, tmp_path: Path
+    pg: PgCluster, tmp_path: Path
 ) -> None:
     """tailscaled's socket missing, tailscaled hanging, tailscaled answering 500: each caller
     is refused with 08004 within the identity timeout plus 2 s, and no role is created; once
     tailscaled is back, callers get in (a fresh identity each time: refusals are cached per
     peer for 5 s)."""
-    db = create_app_database(pg15)
+    db = create_app_database(pg)
     with trio.fail_after(120):
-        async with e2e_env(pg15, tmp_path) as env:
+        async with e2e_env(pg, tmp_path) as env:
             for n, fault in enumerate(("missing", "hang", "status500")):
                 refused_ip, later_ip = f"127.0.0.{20 + 2 * n}", f"127.0.0.{21 + 2 * n}"
                 for ip in (refused_ip, later_ip):
                     env.grant(ip, {db: {"permissions": ["readonly"]}})
-                before = roles_with_prefix(pg15, PREFIX)
+                before = roles_with_prefix(pg, PREFIX)
                 moved = env.standin.socket_path + ".gone"
                 if fault == "missing":
                     Path(env.standin.socket_path).rename(moved)
@@ -195,7 +195,7 @@ async def test_localapi_unavailable_fails_closed_with_08004_in_time(
                     assert err.get("C") == "08004", (fault, err)
                     assert "unavailable" in err.get("M", ""), (fault, err)
                     assert elapsed < IDENTITY_TIMEOUT + 2, (fault, elapsed)
-                assert roles_with_prefix(pg15, PREFIX) == before, fault
+                assert roles_with_prefix(pg, PREFIX) == before, fault
                 await env.assert_clean()
                 if fault == "missing":
                     Path(moved).rename(env.standin.socket_path)
@@ -206,15 +206,15 @@ async def test_localapi_unavailable_fails_closed_with_08004_in_time(
 
 
 async def test_redis_stopped_refuses_new_connections_and_live_sessions_continue(
-    pg15: PgCluster, tmp_path: Path
+    pg: PgCluster, tmp_path: Path
 ) -> None:
-    db = create_app_database(pg15)
+    db = create_app_database(pg)
     redis = OwnRedis()
     redis.start()
     try:
         state = f'[state]\nbackend = "redis"\nurl = "{redis.url}"\nkey_prefix = "wpfault:"\n'
         with trio.fail_after(120):
-            async with e2e_env(pg15, tmp_path, tables_extra=state) as env:
+            async with e2e_env(pg, tmp_path, tables_extra=state) as env:
                 env.grant("127.0.0.4", {db: {"permissions": ["readonly"]}}, login="r4@example.com")
                 env.grant("127.0.0.5", {db: {"permissions": ["readonly"]}}, login="r5@example.com")
                 env.grant("127.0.0.6", {db: {"permissions": ["readonly"]}}, login="r6@example.com")
@@ -222,11 +222,11 @@ async def test_redis_stopped_refuses_new_connections_and_live_sessions_continue(
                 try:
                     assert await _query(live, "SELECT 1") == [[1]]
                     redis.stop()
-                    before = roles_with_prefix(pg15, PREFIX)
+                    before = roles_with_prefix(pg, PREFIX)
                     err, elapsed = await _refused(env, db, source="127.0.0.5")
                     assert err.get("C") == "08004", err
                     assert elapsed < 10, elapsed
-                    assert roles_with_prefix(pg15, PREFIX) == before
+                    assert roles_with_prefix(pg, PREFIX) == before
                     # The live session goes on.
                     assert await _query(live, "SELECT v FROM public.t WHERE id = 1") == [["one"]]
                     redis.start()

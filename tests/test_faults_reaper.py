@@ -44,16 +44,16 @@ def _admin_advisory_locks(cluster: PgCluster) -> int:
     return int(rows[0][0])
 
 
-async def test_reaper_pass_goes_on_when_one_roles_drop_fails(pg15: PgCluster, tmp_path: Path) -> None:
+async def test_reaper_pass_goes_on_when_one_roles_drop_fails(pg: PgCluster, tmp_path: Path) -> None:
     prefix = f"wpreap{os.getpid() % 100000}_"
-    db = create_app_database(pg15)
+    db = create_app_database(pg)
     locked = f"locked{os.getpid()}_{db}"
-    pg15.create_database(locked)
-    pg15.execute(f"REVOKE CONNECT ON DATABASE {pg8000.native.identifier(locked)} FROM PUBLIC")
+    pg.create_database(locked)
+    pg.execute(f"REVOKE CONNECT ON DATABASE {pg8000.native.identifier(locked)} FROM PUBLIC")
     try:
         with trio.fail_after(180):
             async with e2e_env(
-                pg15,
+                pg,
                 tmp_path,
                 postgres_extra=f'user_prefix = "{prefix}"\nreap_interval = "1h"',
             ) as env:
@@ -67,16 +67,16 @@ async def test_reaper_pass_goes_on_when_one_roles_drop_fails(pg15: PgCluster, tm
                         await trio.to_thread.run_sync(conn.close)
                 await env.assert_clean()
                 stuck, *others = (roles[ip] for ip in IDENTITIES)
-                assert set(roles.values()) <= roles_with_prefix(pg15, prefix)
+                assert set(roles.values()) <= roles_with_prefix(pg, prefix)
 
                 # The obstacle: a table owned by `stuck` where the admin cannot connect.
-                pg15.execute(
+                pg.execute(
                     f"CREATE TABLE public.obstacle (i int); "
                     f"ALTER TABLE public.obstacle OWNER TO {pg8000.native.identifier(stuck)}",
                     dbname=locked,
                 )
                 for role in roles.values():
-                    pg15.execute(
+                    pg.execute(
                         f"ALTER ROLE {pg8000.native.identifier(role)} VALID UNTIL '2000-01-01'"
                     )
 
@@ -86,10 +86,10 @@ async def test_reaper_pass_goes_on_when_one_roles_drop_fails(pg15: PgCluster, tm
                 assert stuck in failed, report
                 assert failed[stuck], report
                 assert set(others) <= set(report.dropped_roles), report
-                left = roles_with_prefix(pg15, prefix)
+                left = roles_with_prefix(pg, prefix)
                 assert stuck in left
                 assert not set(others) & left
-                assert _admin_advisory_locks(pg15) == 0
+                assert _admin_advisory_locks(pg) == 0
 
                 # Waypoint keeps serving a caller meanwhile.
                 env.grant("127.0.0.10", {db: {"permissions": ["readonly"]}})
@@ -105,11 +105,11 @@ async def test_reaper_pass_goes_on_when_one_roles_drop_fails(pg15: PgCluster, tm
                 again = await reaper.run_pass()
                 assert stuck in {f.role for f in again.failed}, again
                 # ... and drops it once the obstacle is gone.
-                pg15.execute("DROP TABLE public.obstacle", dbname=locked)
+                pg.execute("DROP TABLE public.obstacle", dbname=locked)
                 final = await reaper.run_pass()
                 assert stuck in final.dropped_roles, final
                 assert not final.failed, final
-                assert stuck not in roles_with_prefix(pg15, prefix)
-                assert _admin_advisory_locks(pg15) == 0
+                assert stuck not in roles_with_prefix(pg, prefix)
+                assert _admin_advisory_locks(pg) == 0
     finally:
-        pg15.drop_database(locked)
+        pg.drop_database(locked)

@@ -42,11 +42,12 @@ INJECTION = "x'; DROP TABLE t; --"
 pytestmark = pytest.mark.pg
 
 
-@pytest.fixture(scope="module")
-def logged_pg() -> Iterator[PgCluster]:
-    """A cluster of its own that logs every statement (to prove what ran and what did not)."""
+@pytest.fixture(scope="module", params=["system", "18"], ids=["pg15", "pg18"])
+def logged_pg(request: pytest.FixtureRequest) -> Iterator[PgCluster]:
+    """A cluster of its own that logs every statement (to prove what ran and what did not),
+    PostgreSQL 15 and 18."""
     try:
-        cluster = PgCluster.start("system", log_statement="all")
+        cluster = PgCluster.start(request.param, log_statement="all")
     except PgClusterError as exc:
         pytest.fail(f"PostgreSQL could not start: {exc}", pytrace=False)
     try:
