@@ -92,6 +92,56 @@ admin_password = "{cluster.admin_password}"
 """
 
 
+@attrs.frozen
+class StaticPeer:
+    """A ``[[identity.static]]`` entry: a source address and who it is."""
+
+    cidr: str
+    login: str
+    node: str
+    rules: Sequence[Mapping[str, Any]]  # capability rules (``db_rule``)
+
+
+def make_static_config_text(
+    cluster: PgCluster, peers: Sequence[StaticPeer], *, tables_extra: str = ""
+) -> str:
+    """A config with static identities (no LocalAPI) and one plaintext listener on
+    ``cluster``, for tests of what Waypoint itself reports (logs, metrics)."""
+    identities = "".join(
+        f"""
+[[identity.static]]
+cidr = "{p.cidr}"
+login = "{p.login}"
+node = "{p.node}"
+grants_json = {json.dumps(json.dumps(list(p.rules)))}
+"""
+        for p in peers
+    )
+    return f"""
+handshake_timeout = "10s"
+drain_timeout = "2s"
+
+[identity]
+provider = "static"
+{identities}
+[revalidation]
+interval = "0s"
+
+{tables_extra}
+
+[[listeners]]
+name = "{LISTENER}"
+listen = "127.0.0.1:0"
+backend = "{cluster.host}:{cluster.port}"
+tls_mode = "off"
+backend_tls = "disable"
+
+[listeners.postgres]
+admin_user = "{cluster.admin_user}"
+admin_password = "{cluster.admin_password}"
+"""
+
+
 def create_app_database(cluster: PgCluster, name: str | None = None, *, tables: Sequence[str] = ("t",)) -> str:
     """A fresh database owned by the (non-superuser) admin with tables owned by the admin."""
     name = name or f"app{os.getpid()}_{next(_db_counter)}"

@@ -11,7 +11,13 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from e2e_support import create_app_database, run_waypoint
+from e2e_support import (
+    StaticPeer,
+    create_app_database,
+    db_rule,
+    make_static_config_text,
+    run_waypoint,
+)
 from pgcluster import PgCluster
 from test_metrics import LISTENER, connect, query, refused_sqlstate
 
@@ -54,46 +60,21 @@ BROKEN_GRANT = {
 
 
 def config_text(cluster: PgCluster, db: str) -> str:
-    def grant(spec: dict[str, Any]) -> str:
-        rules = [{"backends": {LISTENER: {"pg": {"databases": {db: spec}}}}}]
-        return json.dumps(json.dumps(rules))
-
-    return f"""
-handshake_timeout = "10s"
-drain_timeout = "2s"
-
-[identity]
-provider = "static"
-
-[[identity.static]]
-cidr = "127.0.0.1/32"
-login = "alice@example.com"
-node = "alice-laptop"
-grants_json = {grant({"permissions": ["readwrite"]})}
-
-[[identity.static]]
-cidr = "127.0.0.2/32"
-login = "bob@example.com"
-node = "bob-laptop"
-grants_json = {grant(BROKEN_GRANT)}
-
-[revalidation]
-interval = "0s"
-
-[provisioning]
-allow_raw_sql = true
-
-[[listeners]]
-name = "{LISTENER}"
-listen = "127.0.0.1:0"
-backend = "{cluster.host}:{cluster.port}"
-tls_mode = "off"
-backend_tls = "disable"
-
-[listeners.postgres]
-admin_user = "{cluster.admin_user}"
-admin_password = "{cluster.admin_password}"
-"""
+    return make_static_config_text(
+        cluster,
+        [
+            StaticPeer(
+                "127.0.0.1/32",
+                "alice@example.com",
+                "alice-laptop",
+                [db_rule({db: {"permissions": ["readwrite"]}})],
+            ),
+            StaticPeer(
+                "127.0.0.2/32", "bob@example.com", "bob-laptop", [db_rule({db: BROKEN_GRANT})]
+            ),
+        ],
+        tables_extra="[provisioning]\nallow_raw_sql = true",
+    )
 
 
 @pytest.fixture
@@ -127,7 +108,9 @@ async def test_json_log_lines_have_stable_keys_and_never_a_secret(
         conn = await connect(running, db)  # cached secret: no provision
         await query(conn, "SELECT 1")
         conn.close()
-        conn = await connect(running, db, startup_params={"options": "-c waypoint.presets=readonly"})
+        conn = await connect(
+            running, db, startup_params={"options": "-c waypoint.presets=readonly"}
+        )
         await query(conn, "SELECT 1")
         conn.close()
         assert (await refused_sqlstate(running, db, source="127.0.0.9"))[0] == "28000"
@@ -220,4 +203,3 @@ def test_human_format_is_one_readable_line_with_the_source_of_stdlib_records() -
     first, second = buffer.getvalue().splitlines()
     assert first.endswith("INFO    provision.engine: created role wp_x")
     assert second.endswith('INFO    connection_end login="a b" bytes_in=3')
-

@@ -3,13 +3,18 @@ has HELP text, and no label identifies a user."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pg8000.native
 import pytest
 import trio
-from e2e_support import create_app_database, run_waypoint
+from e2e_support import (
+    StaticPeer,
+    create_app_database,
+    db_rule,
+    make_static_config_text,
+    run_waypoint,
+)
 from pgcluster import PgCluster
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -19,41 +24,16 @@ from waypoint.config.load import load_config_text
 LISTENER = "pg-main"
 
 
-def static_config(cluster: PgCluster, db: str, *, extra_static: str = "") -> str:
-    grant = json.dumps(
-        [{"backends": {LISTENER: {"pg": {"databases": {db: {"permissions": ["readonly"]}}}}}}]
+def static_config(cluster: PgCluster, db: str) -> str:
+    alice = StaticPeer(
+        "127.0.0.1/32",
+        "alice@example.com",
+        "alice-laptop",
+        [db_rule({db: {"permissions": ["readonly"]}}, listener=LISTENER)],
     )
-    return f"""
-handshake_timeout = "10s"
-drain_timeout = "2s"
-
-[identity]
-provider = "static"
-
-[[identity.static]]
-cidr = "127.0.0.1/32"
-login = "alice@example.com"
-node = "alice-laptop"
-grants_json = {json.dumps(grant)}
-{extra_static}
-
-[revalidation]
-interval = "0s"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[[listeners]]
-name = "{LISTENER}"
-listen = "127.0.0.1:0"
-backend = "{cluster.host}:{cluster.port}"
-tls_mode = "off"
-backend_tls = "disable"
-
-[listeners.postgres]
-admin_user = "{cluster.admin_user}"
-admin_password = "{cluster.admin_password}"
-"""
+    return make_static_config_text(
+        cluster, [alice], tables_extra='[metrics]\nlisten = "127.0.0.1:0"'
+    )
 
 
 async def connect(
