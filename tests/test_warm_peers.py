@@ -68,6 +68,9 @@ def test_a_peer_keeps_what_it_logged_in_as_until_it_goes_cold() -> None:
     assert guess == LoginGuess.of("wp_alice", "app", {"a": "1", "b": "2"}, (3, 0))
     assert guess != LoginGuess.of("wp_alice", "app", {"a": "1"}, (3, 0))
     assert guess != LoginGuess.of("wp_alice", "app", {"a": "1", "b": "2"}, (3, 2))
+    assert guess.same_session("app", {"a": "1", "b": "2"}, (3, 0))
+    assert not guess.same_session("other", {"a": "1", "b": "2"}, (3, 0))
+    assert not guess.same_session("app", {"a": "1", "b": "2", "c": "3"}, (3, 0))
     warm.mark("a")
     assert warm.is_warm("a") and warm.guess("a") is None  # warm, nothing to log in as
     warm.mark("a", guess)

@@ -147,6 +147,12 @@ class LoginGuess:
     ) -> LoginGuess:
         return LoginGuess(role, database, tuple(sorted(parameters.items())), protocol)
 
+    def same_session(
+        self, database: str, parameters: Mapping[str, str], protocol: tuple[int, int]
+    ) -> bool:
+        """Whether a new connection asks for the session this guess was made for."""
+        return self == LoginGuess.of(self.role, database, parameters, protocol)
+
 
 class WarmPeers:
     """Peer addresses that logged in recently (a few minutes), for the backend prefetch.

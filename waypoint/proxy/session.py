@@ -440,7 +440,7 @@ async def _authorize_and_connect(
         if k not in _OWN_PARAMETERS and not k.startswith("_pq_.")
     }
 
-    protocol = (3, min(startup.protocol[1], MAX_MINOR))
+    protocol = _backend_protocol(startup)
     prefetch = _plan_prefetch(ctx, client.peer[0], database, forward, protocol)
     established = False
     try:
@@ -458,6 +458,11 @@ async def _authorize_and_connect(
             await prefetch.aclose()
 
 
+def _backend_protocol(startup: StartupMessage) -> tuple[int, int]:
+    """The protocol version Waypoint asks the backend for: the client's, up to 3.2."""
+    return (3, min(startup.protocol[1], MAX_MINOR))
+
+
 def _plan_prefetch(
     ctx: ListenerContext,
     peer_ip: str,
@@ -471,7 +476,7 @@ def _plan_prefetch(
         return None
     guess = ctx.warm_peers.guess(peer_ip)
     login = None
-    if guess is not None and guess == LoginGuess.of(guess.role, database, forward, protocol):
+    if guess is not None and guess.same_session(database, forward, protocol):
         creds = ctx.provisioner.peek(guess.role)
         if creds is not None:
             login = _backend_login(ctx, creds, database, forward, protocol)
@@ -625,7 +630,7 @@ async def _provision_and_login(
     log: EventLogger,
     out: _Outcome,
 ) -> tuple[BackendConnection, BackendSessionStart, str]:
-    protocol = (3, min(startup.protocol[1], MAX_MINOR))
+    protocol = _backend_protocol(startup)
     rotate = False
     while True:
         # The backend connection first: a backend that is down is 08006 "unavailable" (the
