@@ -18,7 +18,8 @@ from waypoint.config import (
     load_config_text,
     render_config,
 )
-from waypoint.config.load import KeyLocator, expand_env, format_key_path
+from waypoint.config.env import expand_env
+from waypoint.config.keys import KeyLocator, format_key_path
 
 DATA = Path(__file__).parent / "data"
 SRC = "test.toml"

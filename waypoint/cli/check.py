@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from waypoint.config.load import ConfigError, load_config, render_config
+from waypoint.config.load import ConfigError, load_config
+from waypoint.config.render import render_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,6 @@ from waypoint.config.load import (
     ConfigProblem,
     load_config,
     load_config_text,
-    render_config,
 )
 from waypoint.config.model import (
     Config,
@@ -21,6 +20,7 @@ from waypoint.config.model import (
     StaticIdentity,
     split_host_port,
 )
+from waypoint.config.render import render_config
 from waypoint.config.units import format_duration, format_size, parse_duration, parse_size
 
 __all__ = [

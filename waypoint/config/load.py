@@ -9,7 +9,9 @@ into ``grants``). Every problem found is reported at once in one
 Neither tomlkit items nor cattrs carry line numbers, so the line is found by
 locating the key path in the source text (:class:`KeyLocator`).
 
-:func:`render_config` turns a Config back into TOML (``waypoint check``).
+:func:`waypoint.config.render.render_config` turns a Config back into TOML
+(``waypoint check``); ``${VAR}`` expansion is :mod:`waypoint.config.env`, key paths and
+their lines :mod:`waypoint.config.keys`.
 """
 
 from __future__ import annotations
@@ -34,42 +36,33 @@ from cattrs.cols import homogenous_tuple_structure_factory
 from cattrs.errors import ForbiddenExtraKeysError
 from cattrs.gen import make_dict_structure_fn
 
+from waypoint.config.env import expand_tree, expanded_values, scrub
+from waypoint.config.keys import KeyLocator, KeyPath, format_key_path
 from waypoint.config.model import (
     Config,
     IdentityConfig,
     ListenerConfig,
-    MetricsConfig,
-    PostgresListenerConfig,
     StaticIdentity,
     split_host_port,
 )
 from waypoint.config.units import (
     describe_value,
     format_duration,
-    format_size,
     parse_duration,
     parse_size,
 )
 
 __all__ = [
+    "UNIT_KEY",
     "ConfigError",
     "ConfigProblem",
-    "KeyLocator",
-    "KeyPath",
-    "expand_env",
-    "format_key_path",
     "load_config",
     "load_config_text",
-    "render_config",
 ]
-
-KeyPath = tuple[str | int, ...]
 
 #: attrs field metadata marking an ``int`` field as a size (bytes; accepts "10GB").
 #: Every ``float`` field of the config is a duration in seconds.
 UNIT_KEY = "unit"
-
-SECRET_MASK = "********"
 
 _MAX_USER_PREFIX_BYTES = 16
 
@@ -99,266 +92,6 @@ class ConfigError(Exception):
     def __init__(self, problems: Sequence[ConfigProblem]) -> None:
         self.problems: tuple[ConfigProblem, ...] = tuple(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
-
-
-def format_key_path(path: KeyPath) -> str:
-    """``("listeners", 1, "postgres", "admin_password")`` → ``listeners[1].postgres.admin_password``."""
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif _BARE_KEY.fullmatch(part):
-            out += f".{part}" if out else part
-        else:
-            quoted = json.dumps(part)
-            out += f".{quoted}" if out else quoted
-    return out
-
-
-# --------------------------------------------------------------------------- line locator
-
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-class KeyLocator:
-    """Maps key paths to the line (1-based) where they appear in TOML source text.
-
-    Walks the text line by line, tracking the current table header and the
-    index of each array of tables (``[[listeners]]``), so that
-    ``("listeners", 1, "postgres", "admin_password")`` finds the
-    ``admin_password`` line under the second ``[[listeners]]``'s
-    ``[listeners.postgres]``. Keys inside inline tables and multi-line arrays
-    are not indexed: :meth:`line_of` then answers with the line of the
-    longest indexed prefix of the path (the key holding the inline value).
-    """
-
-    def __init__(self, text: str) -> None:
-        self._lines: dict[KeyPath, int] = {}
-        self._scan(text)
-
-    def line_of(self, path: KeyPath) -> int | None:
-        for n in range(len(path), 0, -1):
-            line = self._lines.get(path[:n])
-            if line is not None:
-                return line
-        return None
-
-    def _record(self, path: KeyPath, lineno: int) -> None:
-        self._lines.setdefault(path, lineno)
-
-    def _scan(self, text: str) -> None:
-        aot_index: dict[KeyPath, int] = {}
-        current: KeyPath = ()
-        depth = 0  # open [ and { of a value that spans lines
-        open_string: str | None = None  # delimiter of a multi-line string
-
-        def resolve(parts: Sequence[str]) -> KeyPath:
-            path: KeyPath = ()
-            for part in parts:
-                path = (*path, part)
-                if path in aot_index:
-                    path = (*path, aot_index[path])
-            return path
-
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            pos = 0
-            if open_string is not None:
-                end = line.find(open_string)
-                if end < 0:
-                    continue
-                open_string = None
-                pos = end + 3
-            elif depth == 0:
-                stripped = line.lstrip()
-                indent = len(line) - len(stripped)
-                if stripped.startswith("[["):
-                    parsed = _parse_dotted_key(line, indent + 2)
-                    if parsed is not None and parsed[0]:
-                        parts = parsed[0]
-                        array = (*resolve(parts[:-1]), parts[-1])
-                        index = aot_index.get(array, -1) + 1
-                        aot_index[array] = index
-                        self._record(array, lineno)
-                        current = (*array, index)
-                        self._record(current, lineno)
-                    continue
-                if stripped.startswith("["):
-                    parsed = _parse_dotted_key(line, indent + 1)
-                    if parsed is not None and parsed[0]:
-                        current = resolve(parsed[0])
-                        for n in range(1, len(current) + 1):
-                            self._record(current[:n], lineno)
-                    continue
-                parsed = _parse_dotted_key(line, indent)
-                if parsed is not None:
-                    parts, after = parsed
-                    rest = line[after:].lstrip()
-                    if parts and rest.startswith("="):
-                        for n in range(1, len(parts) + 1):
-                            self._record((*current, *parts[:n]), lineno)
-                        pos = line.index("=", after) + 1
-                    else:
-                        continue
-                else:
-                    continue
-            depth, open_string = _scan_value(line, pos, depth)
-
-
-def _parse_dotted_key(line: str, pos: int) -> tuple[list[str], int] | None:
-    """Parse ``a.b."c d"`` starting at ``pos``; return the parts and the end position."""
-    parts: list[str] = []
-    n = len(line)
-    while True:
-        while pos < n and line[pos] in " \t":
-            pos += 1
-        if pos >= n:
-            return None
-        ch = line[pos]
-        if ch == '"':
-            end = pos + 1
-            buf = []
-            while end < n and line[end] != '"':
-                if line[end] == "\\" and end + 1 < n:
-                    buf.append(line[end : end + 2])
-                    end += 2
-                    continue
-                buf.append(line[end])
-                end += 1
-            if end >= n:
-                return None
-            try:
-                parts.append(json.loads('"' + "".join(buf) + '"'))
-            except ValueError:
-                parts.append("".join(buf))
-            pos = end + 1
-        elif ch == "'":
-            end = line.find("'", pos + 1)
-            if end < 0:
-                return None
-            parts.append(line[pos + 1 : end])
-            pos = end + 1
-        else:
-            m = _BARE_KEY.match(line, pos)
-            if m is None:
-                return None
-            parts.append(m.group(0))
-            pos = m.end()
-        while pos < n and line[pos] in " \t":
-            pos += 1
-        if pos < n and line[pos] == ".":
-            pos += 1
-            continue
-        return parts, pos
-
-
-def _scan_value(line: str, pos: int, depth: int) -> tuple[int, str | None]:
-    """Track bracket depth and multi-line strings through the rest of a line."""
-    n = len(line)
-    while pos < n:
-        ch = line[pos]
-        if ch == "#":
-            break
-        if ch in "\"'":
-            triple = ch * 3
-            if line.startswith(triple, pos):
-                end = line.find(triple, pos + 3)
-                if end < 0:
-                    return depth, triple
-                pos = end + 3
-                continue
-            end = pos + 1
-            while end < n and line[end] != ch:
-                end += 2 if (ch == '"' and line[end] == "\\") else 1
-            pos = end + 1
-            continue
-        if ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth = max(0, depth - 1)
-        pos += 1
-    return depth, None
-
-
-# --------------------------------------------------------------------------- ${VAR}
-
-_ENV_TOKEN = re.compile(r"\$\$\{|\$\{(?P<name>[^}]*)\}|\$\{")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def expand_env(value: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
-    """Expand ``${VAR}`` in one string value; ``$${`` is a literal ``${``.
-
-    Returns the expanded text and a list of problems (missing or malformed
-    variables; those occurrences are left as written). A ``$`` not followed
-    by ``{`` is kept as it is.
-    """
-    out: list[str] = []
-    problems: list[str] = []
-    pos = 0
-    for m in _ENV_TOKEN.finditer(value):
-        out.append(value[pos : m.start()])
-        token = m.group(0)
-        name = m.group("name")
-        if token == "$${":
-            out.append("${")
-        elif name is None:
-            problems.append("unterminated ${ (write $${ for a literal ${)")
-            out.append(token)
-        elif not _ENV_NAME.fullmatch(name):
-            problems.append(f"invalid environment variable name ${{{name}}}")
-            out.append(token)
-        elif name not in environ:
-            problems.append(f"environment variable {name} is not set")
-            out.append(token)
-        else:
-            out.append(environ[name])
-        pos = m.end()
-    out.append(value[pos:])
-    return "".join(out), problems
-
-
-def _expand_tree(
-    value: Any, path: KeyPath, environ: Mapping[str, str], problems: list[tuple[KeyPath, str]]
-) -> Any:
-    if isinstance(value, str):
-        expanded, errs = expand_env(value, environ)
-        problems.extend((path, e) for e in errs)
-        return expanded
-    if isinstance(value, dict):
-        return {k: _expand_tree(v, (*path, k), environ, problems) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand_tree(v, (*path, i), environ, problems) for i, v in enumerate(value)]
-    return value
-
-
-def _expanded_values(value: Any, environ: Mapping[str, str]) -> dict[str, str]:
-    """Environment values that ``${VAR}`` references in ``value`` expand to (value → ``${VAR}``),
-    longest first; values shorter than 3 characters are not worth hiding and would garble text."""
-    found: dict[str, str] = {}
-
-    def walk(v: Any) -> None:
-        if isinstance(v, str):
-            for m in _ENV_TOKEN.finditer(v):
-                name = m.group("name")
-                if name and name in environ and len(environ[name]) >= 3:
-                    found.setdefault(environ[name], f"${{{name}}}")
-        elif isinstance(v, dict):
-            for item in v.values():
-                walk(item)
-        elif isinstance(v, list):
-            for item in v:
-                walk(item)
-
-    walk(value)
-    return dict(sorted(found.items(), key=lambda kv: -len(kv[0])))
-
-
-def _scrub(message: str, values: Mapping[str, str]) -> str:
-    for secret, placeholder in values.items():
-        for form in (secret, json.dumps(secret)[1:-1], repr(secret)[1:-1]):
-            if form:
-                message = message.replace(form, placeholder)
-    return message
 
 
 # --------------------------------------------------------------------------- strict structuring
@@ -839,7 +572,7 @@ def load_config_text(
 
     plain: dict[str, Any] = doc.unwrap()
     env_problems: list[tuple[KeyPath, str]] = []
-    data = _expand_tree(plain, (), env, env_problems)
+    data = expand_tree(plain, (), env, env_problems)
 
     cfg, problems = _structure(data)
     problems = env_problems + problems
@@ -850,118 +583,9 @@ def load_config_text(
     if problems:
         # A value expanded from the environment may be a secret (it may land in the wrong
         # field by mistake): messages name the variable, never its value.
-        scrub = _expanded_values(plain, env)
-        found = [problem(p, _scrub(m, scrub)) for p, m in problems]
+        secrets = expanded_values(plain, env)
+        found = [problem(p, scrub(m, secrets)) for p, m in problems]
         found.sort(key=lambda pr: (pr.line is None, pr.line or 0))
         raise ConfigError(found)
     assert cfg is not None
     return attrs.evolve(cfg, source=source)
-
-
-# --------------------------------------------------------------------------- rendering
-
-
-def _mask_url(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:{SECRET_MASK}@{host}"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if port is not None:
-        netloc += f":{port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def _plain_to_item(value: Any) -> Any:
-    """Plain JSON-like data → tomlkit inline values (tables inline, arrays of anything)."""
-    if isinstance(value, dict):
-        table = tomlkit.inline_table()
-        for k, v in value.items():
-            table[k] = _plain_to_item(v)
-        return table
-    if isinstance(value, (list, tuple)):
-        arr = tomlkit.array()
-        for v in value:
-            arr.append(_plain_to_item(v))
-        return arr
-    return value
-
-
-def _unset_note(obj: Any, name: str, root: Config) -> str:
-    """What an unset optional key means, for the comment ``waypoint check`` prints."""
-    if isinstance(obj, PostgresListenerConfig):
-        if name == "allow_raw_sql":
-            return f"not set: [provisioning] allow_raw_sql = {str(root.provisioning.allow_raw_sql).lower()} applies"
-        if name == "reap_interval":
-            return (
-                f"not set: min(user_ttl / 4, 1h) = {format_duration(obj.effective_reap_interval)}"
-            )
-        if name == "reassign_to":
-            return f"not set: admin_user ({json.dumps(obj.admin_user)})"
-    if isinstance(obj, MetricsConfig) and name == "listen":
-        return "not set: no metrics endpoint"
-    return "not set"
-
-
-def _render_fields(obj: Any, table: Any, mask: bool, root: Config) -> None:
-    for f in attrs.fields(type(obj)):
-        if isinstance(obj, Config) and f.name == "source":
-            continue
-        value = getattr(obj, f.name)
-        name = f.name
-        if attrs.has(type(value)):
-            continue  # sub-tables are added after the scalar keys
-        if value is None:
-            table.add(tomlkit.comment(f"{name}: {_unset_note(obj, name, root)}"))
-            continue
-        if isinstance(value, tuple) and value and attrs.has(type(value[0])):
-            continue  # arrays of tables come last
-        if mask and name == "admin_password":
-            value = SECRET_MASK
-        elif mask and name == "url" and isinstance(value, str):
-            value = _mask_url(value)
-        elif f.metadata.get(UNIT_KEY) == "size":
-            value = format_size(value)
-        elif isinstance(value, float):
-            value = format_duration(value)
-        elif isinstance(value, tuple):
-            value = _plain_to_item(list(value))
-        table.add(name, value)
-    for f in attrs.fields(type(obj)):
-        value = getattr(obj, f.name)
-        if attrs.has(type(value)):
-            sub = tomlkit.table()
-            _render_fields(value, sub, mask, root)
-            table.add(f.name, sub)
-    for f in attrs.fields(type(obj)):
-        value = getattr(obj, f.name)
-        if isinstance(value, tuple) and value and attrs.has(type(value[0])):
-            aot = tomlkit.aot()
-            for element in value:
-                sub = tomlkit.table()
-                _render_fields(element, sub, mask, root)
-                aot.append(sub)
-            table.add(f.name, aot)
-
-
-def render_config(config: Config, *, mask_secrets: bool = True) -> str:
-    """The effective configuration as TOML: every key, defaults included.
-
-    Durations and sizes are written in their string forms. With
-    ``mask_secrets`` (the default) ``admin_password`` and the password in a
-    Redis URL are replaced by ``********``. Keys that are not set (no
-    default) appear as comments. Without masking, the text loads back into
-    an equal Config.
-    """
-    doc = tomlkit.document()
-    if config.source:
-        doc.add(tomlkit.comment(f"effective configuration of {config.source}"))
-    _render_fields(config, doc, mask_secrets, config)
-    return tomlkit.dumps(doc)
