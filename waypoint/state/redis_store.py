@@ -338,12 +338,17 @@ class RedisStateStore:
         result: Any = None
         certain = False
         try:
-            # The epoch is read after _begin: a re-assertion it waited for has a newer one.
-            args: list[str | int] = [self.instance_id, self._epoch]
-            if name == "acquire":
-                args = [self.instance_id, self._lease_ms, self._epoch, *limits]
+            # The epoch is read after _begin: a re-assertion it waited for has an older one.
+            epoch = self._epoch
+            acquire = name == "acquire"
+            args: list[str | int] = (
+                [self.instance_id, self._lease_ms, epoch, *limits]
+                if acquire
+                else [self.instance_id, epoch]
+            )
             result = await self._script(name, keys, args)
-            if int(result[0] if name == "acquire" else result) == (-1 if name == "acquire" else 0):
+            fenced = int(result[0]) == -1 if acquire else int(result) == 0
+            if fenced:
                 # Not applied: only a write older than a re-assertion can be; repair it.
                 log.warning("shared state (Redis): %s was fenced by a newer re-assertion", name)
             else:
