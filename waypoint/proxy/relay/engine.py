@@ -514,17 +514,7 @@ class RelayEngine:
         chunk = self._recv(side)
         if chunk is None:
             return
-        n = len(chunk)
-        side.received += n
-        relay = side.relay
-        relay.budget -= n
-        if relay.budget < 0:  # past max_bytes, or terminating
-            self._read_past_end(side, chunk)
-            return
-        try:
-            side.feed(chunk)
-        except ProtocolError as exc:
-            self._finish(relay, "error", f"{_who(side)}: {exc}")
+        if not self._account(side, chunk):
             return
         peer = side.peer
         try:
@@ -534,8 +524,26 @@ class RelayEngine:
         except OSError as exc:
             self._socket_error(peer, exc)
             return
-        if sent != n:
+        if sent != len(chunk):
             self._hold(side, chunk[sent:])
+
+    def _account(self, side: _Side, chunk: memoryview) -> bool:
+        """Count one chunk read from ``side`` against the relay's budget and feed it to the
+        boundary tracker; False when it is not to be passed on (past max_bytes or while
+        terminating, or malformed: both already dealt with)."""
+        n = len(chunk)
+        side.received += n
+        relay = side.relay
+        relay.budget -= n
+        if relay.budget < 0:  # past max_bytes, or terminating
+            self._read_past_end(side, chunk)
+            return False
+        try:
+            side.feed(chunk)
+        except ProtocolError as exc:
+            self._finish(relay, "error", f"{_who(side)}: {exc}")
+            return False
+        return True
 
     def _hold(self, side: _Side, rest: memoryview) -> None:
         """Back-pressure: keep what the peer did not take, stop reading until it drains."""
@@ -628,17 +636,7 @@ class RelayEngine:
 
     def _tls_forward(self, side: _Side, chunk: memoryview) -> None:
         """Count, track and pass on one chunk read from ``side`` (plaintext)."""
-        relay = side.relay
-        n = len(chunk)
-        side.received += n
-        relay.budget -= n
-        if relay.budget < 0:
-            self._read_past_end(side, chunk)
-            return
-        try:
-            side.feed(chunk)
-        except ProtocolError as exc:
-            self._finish(relay, "error", f"{_who(side)}: {exc}")
+        if not self._account(side, chunk):
             return
         peer = side.peer
         if peer.tls is not None:
