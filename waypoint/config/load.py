@@ -294,6 +294,8 @@ def _validate(cfg: Config) -> list[tuple[KeyPath, str]]:
 
     if cfg.handshake_timeout <= 0:
         out.append((("handshake_timeout",), "must be greater than 0s"))
+    if cfg.backend_end_timeout <= 0:
+        out.append((("backend_end_timeout",), "must be greater than 0s"))
     if cfg.identity.timeout <= 0:
         out.append((("identity", "timeout"), "must be greater than 0s"))
     if cfg.state.lease <= 0:
@@ -471,6 +473,8 @@ def _validate_listener(cfg: Config, i: int, lst: ListenerConfig) -> list[tuple[K
                 f" got {format_duration(pg.user_ttl)}",
             )
         )
+    if pg.client_connection_check_interval < 0:
+        out.append(((*pbase, "client_connection_check_interval"), "must not be negative"))
     if pg.reap_interval is not None and pg.reap_interval <= 0:
         out.append(((*pbase, "reap_interval"), "must be greater than 0s"))
     if pg.reassign_to is not None and not pg.reassign_to:

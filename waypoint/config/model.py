@@ -94,6 +94,8 @@ class PostgresListenerConfig:
     reap_interval: float | None = None
     reassign_to: str | None = None
     reap_on_cockroachdb: bool = False
+    #: ``ALTER ROLE ... SET client_connection_check_interval`` on provisioned roles (14+); 0: unset.
+    client_connection_check_interval: float = 5.0
 
     @property
     def effective_reap_interval(self) -> float:
@@ -146,6 +148,9 @@ class Config:
     listeners: tuple[ListenerConfig, ...] = ()
     handshake_timeout: float = 15.0
     drain_timeout: float = 30.0
+    #: How long the end of a session may take to stop its backend's work before the admin
+    #: terminates it (``pg_terminate_backend``).
+    backend_end_timeout: float = 2.0
     identity: IdentityConfig = field(factory=IdentityConfig)
     revalidation: RevalidationConfig = field(factory=RevalidationConfig)
     provisioning: ProvisioningConfig = field(factory=ProvisioningConfig)

@@ -77,6 +77,13 @@ class Metrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.backend_ends = Counter(
+            "waypoint_backend_ends",
+            "Backends ended by Waypoint: why the session (or orphan) ended, and how the backend "
+            "was stopped (backend_closed, terminate, cancel, pg_terminate_backend, unconfirmed)",
+            ["reason", "how"],
+            registry=r,
+        )
         self.reaper_runs = Counter(
             "waypoint_reaper_runs", "Reaper passes", ["listener"], registry=r
         )
@@ -88,6 +95,10 @@ class Metrics:
         )
 
     # -- the calls the session makes ------------------------------------------------
+    def backend_ended(self, reason: str, how: str) -> None:
+        """A session's backend was ended (``how``) after its relay ended (``reason``)."""
+        self.backend_ends.labels(reason, how).inc()
+
     def connection_opened(self, listener: str) -> None:
         self.connections_total.labels(listener).inc()
         self.connections_active.labels(listener).inc()
