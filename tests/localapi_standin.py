@@ -678,7 +678,12 @@ def _load_peers_file(standin: LocalAPIStandin, path: Path) -> None:
     )
 
 
-async def _watch_peers_file(standin: LocalAPIStandin, path: Path) -> None:
+async def _watch_peers_file(
+    standin: LocalAPIStandin,
+    path: Path,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     def signature() -> tuple[int, int] | None:
         try:
             st = path.stat()
@@ -711,6 +716,8 @@ async def _watch_peers_file(standin: LocalAPIStandin, path: Path) -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(on_signal)
+            # Watching (file and SIGHUP) before "ready": a change right after it is seen.
+            task_status.started()
             while True:
                 await trio.sleep(0.1)
                 now = signature()
@@ -732,7 +739,7 @@ async def _main_async(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(standin.serve)
             if path is not None:
-                nursery.start_soon(_watch_peers_file, standin, path)
+                await nursery.start(_watch_peers_file, standin, path)
             print(f"ready {standin.socket_path}", flush=True)
             async for _ in stop_signals:
                 nursery.cancel_scope.cancel()
