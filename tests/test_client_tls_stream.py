@@ -212,6 +212,24 @@ async def test_a_stalled_handshake_ends_at_the_callers_deadline(
     app_sock.close()
 
 
+async def test_a_read_cut_short_by_a_deadline_leaves_the_stream_usable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A cancelled receive takes no bytes off the socket: after its deadline the session can
+    still answer over TLS, and a later read gets what the client sent meanwhile."""
+    app, tls, _raw = await _handshake()
+    with trio.move_on_after(15) as scope:
+        await tls.receive_some()
+    assert scope.cancelled_caught
+    with trio.fail_after(10):
+        await tls.send_all(b"E fatal")
+        assert await _read_exactly(app, 7) == b"E fatal"
+        await app.send_all(b"late")
+        assert await _read_exactly(tls, 4) == b"late"
+    await app.aclose()
+    await tls.aclose()
+
+
 async def test_garbage_after_the_client_hello_fails_the_handshake_with_an_alert() -> None:
     server_ctx, client_ctx = _contexts()
     app_sock, proxy_sock = _tcp_pair()
@@ -239,6 +257,39 @@ async def test_garbage_after_the_client_hello_fails_the_handshake_with_an_alert(
         client.read(1024)
     assert "ALERT" in str(alert.value).upper(), alert.value
     app_sock.close()
+
+
+def _connect_error(dsn: str) -> str:
+    try:
+        with psycopg.connect(dsn, connect_timeout=20):
+            return "connected"
+    except psycopg.OperationalError as exc:
+        return str(exc)
+
+
+async def test_the_handshake_deadline_fatal_reaches_a_tls_client(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """tailscaled hangs on the whois: at the handshake deadline the client reads Waypoint's
+    FATAL over its TLS session (both negotiations)."""
+    db = create_app_database(pg)
+    certs = make_cert_files(tmp_path / "certs")
+    with trio.fail_after(60):
+        async with e2e_env(
+            pg,
+            tmp_path,
+            tls_mode="require",
+            handshake_timeout="1s",
+            listener_extra=certs.listener_extra(),
+        ) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            env.standin.set_fault("hang", "127.0.0.1")
+            for negotiation in ("postgres", "direct"):
+                dsn = env.dsn(db, sslmode="require", sslnegotiation=negotiation)
+                message = await trio.to_thread.run_sync(_connect_error, dsn)
+                assert "Waypoint handshake timed out" in message, message
+            env.standin.set_fault(None, "127.0.0.1")
+            await env.assert_clean()
 
 
 class _NoTrioSSLStream:

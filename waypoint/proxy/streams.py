@@ -73,21 +73,27 @@ class ServerTLSStream(trio.abc.Stream):
         self._check_usable()
         if self._handshake_done:
             return
-        while True:
-            try:
-                self._ssl.do_handshake()
-            except ssl.SSLWantReadError:
-                await self._flush()
-                await self._fill()
-                continue
-            except ssl.SSLError as exc:
-                await self._send_alert()
-                self._broken = f"TLS handshake failed: {exc}"
-                raise trio.BrokenResourceError(self._broken) from exc
-            break
-        # The server's last flight (and TLS 1.3 session tickets) go out now: a PostgreSQL
-        # client writes its startup packet next and waits for an answer, never for these.
-        await self._flush()
+        try:
+            while True:
+                try:
+                    self._ssl.do_handshake()
+                except ssl.SSLWantReadError:
+                    await self._flush()
+                    await self._fill()
+                    continue
+                except ssl.SSLError as exc:
+                    await self._send_alert()
+                    self._broken = f"TLS handshake failed: {exc}"
+                    raise trio.BrokenResourceError(self._broken) from exc
+                break
+            # The server's last flight (and TLS 1.3 session tickets) go out now: a PostgreSQL
+            # client writes its startup packet next and waits for an answer, never for these.
+            await self._flush()
+        except BaseException as exc:
+            # Cancelled (the deadline) or failed half-way: this TLS state is never used again.
+            if self._broken is None:
+                self._broken = f"TLS handshake did not complete: {exc!r}"
+            raise
         self._handshake_done = True
 
     # -- trio.abc.Stream --------------------------------------------------------------------
@@ -178,11 +184,14 @@ class ServerTLSStream(trio.abc.Stream):
             raise RuntimeError("do_handshake() first")
 
     async def _fill(self) -> None:
-        """One receive of ciphertext from the socket into the incoming BIO."""
+        """One receive of ciphertext from the socket into the incoming BIO. A cancelled
+        receive takes no bytes off the socket (trio), so the stream stays usable: the
+        session can still send its FATAL after its deadline cut a read short."""
         try:
             data = await self.transport_stream.receive_some(RECV_SIZE)
+        except trio.Cancelled:
+            raise
         except BaseException as exc:
-            # Cancelled (the deadline) or failed: a record may be half-read.
             self._broken = f"receive from the client failed: {exc!r}"
             raise
         if data:
