@@ -19,6 +19,7 @@ from state_support import (
     require_redis,
     unique_prefix,
 )
+from state_support import cancel_target as target
 
 from waypoint.config.model import StateConfig
 from waypoint.errors import Refusal
@@ -167,8 +168,8 @@ async def test_cancel_keys_route_across_instances_and_hide_the_secret(prefix: st
         open_state(cfg(prefix), instance_id="a") as a,
         open_state(cfg(prefix), instance_id="b") as b,
     ):
-        await a.register_cancel_key(1234, secret, ("10.0.0.5", 5432), ttl=60)
-        assert await b.lookup_cancel_key(1234, secret) == ("10.0.0.5", 5432)
+        await a.register_cancel_key(1234, secret, target("10.0.0.5", 5432), ttl=60)
+        assert await b.lookup_cancel_key(1234, secret) == target("10.0.0.5", 5432)
         assert await b.lookup_cancel_key(1234, os.urandom(32)) is None
         keys = [k.decode() for k in redis_client().scan_iter(match=f"{prefix}cancel:*")]
         assert len(keys) == 1
@@ -177,8 +178,8 @@ async def test_cancel_keys_route_across_instances_and_hide_the_secret(prefix: st
         assert 0 < ttl_ms <= 60_000
         await a.unregister_cancel_key(1234, secret)
         assert await b.lookup_cancel_key(1234, secret) is None
-        await a.register_cancel_key(77, secret, ("10.0.0.6", 5433), ttl=0.4)
-        assert await b.lookup_cancel_key(77, secret) == ("10.0.0.6", 5433)
+        await a.register_cancel_key(77, secret, target("10.0.0.6", 5433), ttl=0.4)
+        assert await b.lookup_cancel_key(77, secret) == target("10.0.0.6", 5433)
         await trio.sleep(0.8)
         assert await b.lookup_cancel_key(77, secret) is None
 

@@ -36,15 +36,14 @@ from waypoint.state.base import (
     LIMIT_TOTAL,
     LIMIT_USER,
     CancelTable,
+    CancelTarget,
     LockToken,
     SlotLease,
     SlotRequest,
     SlotUsage,
     StateUnavailableError,
     cancel_key_digest,
-    format_backend,
     limit_listener,
-    parse_backend,
     validate_cancel_args,
 )
 
@@ -522,15 +521,15 @@ class RedisStateStore:
     # -- cancel keys -------------------------------------------------------------------------
 
     async def register_cancel_key(
-        self, pid: int, secret: bytes, backend: tuple[str, int], ttl: float
+        self, pid: int, secret: bytes, target: CancelTarget, ttl: float
     ) -> None:
         validate_cancel_args(pid, secret)
-        self._cancel.register(pid, secret, backend, ttl)
+        self._cancel.register(pid, secret, target, ttl)
         key = self._layout.cancel(pid, secret)
         try:
             await self._run(
                 functools.partial(
-                    self._client.set, key, format_backend(backend), px=max(1, int(ttl * 1000))
+                    self._client.set, key, target.encode(), px=max(1, int(ttl * 1000))
                 )
             )
         except UNAVAILABLE as exc:
@@ -550,11 +549,14 @@ class RedisStateStore:
                 "shared state (Redis) unavailable removing a cancel key: %s", _describe(exc)
             )
 
-    async def lookup_cancel_key(self, pid: int, secret: bytes) -> tuple[str, int] | None:
+    async def lookup_cancel_key(self, pid: int, secret: bytes) -> CancelTarget | None:
+        """The target registered for the key, here or by another instance. What comes from
+        Redis is anyone-who-can-write-Redis's claim: the cancel path checks it against this
+        instance's configuration before it connects anywhere."""
         local = self._cancel.lookup(pid, secret)
         if local is not None:
             return local
-        if not 4 <= len(secret) <= 256 or not 0 <= pid <= 0xFFFFFFFF:
+        if not 4 <= len(secret) <= 256 or not -(2**31) <= pid <= 0xFFFFFFFF:
             return None
         try:
             raw = await self._run(
@@ -568,10 +570,10 @@ class RedisStateStore:
         if raw is None:
             return None
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        backend = parse_backend(text)
-        if backend is None:
+        target = CancelTarget.decode(text)
+        if target is None:
             log.warning("malformed cancel-key value in shared state; cancel request dropped")
-        return backend
+        return target
 
     # -- locks -------------------------------------------------------------------------------
 
