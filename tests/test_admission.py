@@ -1,6 +1,6 @@
-"""Pre-authentication bounds without the network: the per-address cancel token buckets, the
-handshake gate, burst logging, the accept back-off on EMFILE (MockClock) and the open-file
-limit raised at start."""
+"""Pre-authentication bounds without PostgreSQL: the per-address cancel token buckets, the
+handshake gate, burst logging, the accept back-off on EMFILE (MockClock), the open-file limit
+raised at start, and where Waypoint's own cancels may go."""
 
 from __future__ import annotations
 
@@ -14,9 +14,13 @@ import trio.testing
 from e2e_support import LogRecords, capture_logs
 
 from waypoint.app import raise_nofile_limit
+from waypoint.config.model import ListenerConfig, PostgresListenerConfig
 from waypoint.observability.log import get_logger
+from waypoint.pgwire import CancelRequest, build_cancel_request
 from waypoint.proxy.admission import AcceptBackoff, BurstLog, HandshakeGate, TokenBuckets
+from waypoint.proxy.cancel import forward_cancel
 from waypoint.proxy.listener import accept_forever
+from waypoint.state import CancelTarget, MemoryStateStore
 
 
 @pytest.fixture
@@ -170,3 +174,60 @@ def test_nofile_limit_is_raised_to_the_hard_limit() -> None:
     raise_nofile_limit()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert soft == hard
+
+
+async def test_waypoints_own_cancel_goes_only_to_the_configured_backend() -> None:
+    """``forward_cancel`` (Waypoint cancelling its own session's statement) sends to the
+    listener's configured backend and never to an address a cancel entry names otherwise."""
+    configured, other = trio.socket.socket(), trio.socket.socket()
+    with configured, other:
+        for s in (configured, other):
+            await s.bind(("127.0.0.1", 0))
+            s.listen(4)
+        port, other_port = configured.getsockname()[1], other.getsockname()[1]
+        listener = ListenerConfig(
+            name="pg-main",
+            listen="127.0.0.1:0",
+            backend=f"127.0.0.1:{port}",
+            postgres=PostgresListenerConfig(admin_user="a", admin_password="p"),
+            backend_tls="disable",
+        )
+        store = MemoryStateStore()
+        secret = b"\x01\x02\x03\x04"
+        for target in (
+            CancelTarget("pg-main", ("127.0.0.1", other_port), "ann@example.com"),
+            CancelTarget("pg-other", ("127.0.0.1", port), "ann@example.com"),
+        ):
+            await store.register_cancel_key(7, secret, target, ttl=60)
+            assert not await forward_cancel(CancelRequest(7, secret), store, listener, None)
+        await store.register_cancel_key(
+            7, secret, CancelTarget("pg-main", ("127.0.0.1", port), "ann@example.com"), ttl=60
+        )
+        received = b""
+
+        async def serve_one() -> None:
+            nonlocal received
+            conn, _ = await configured.accept()
+            with conn:
+                while len(received) < 16:
+                    chunk = await conn.recv(64)
+                    if not chunk:
+                        break
+                    received += chunk
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_one)
+                assert await forward_cancel(CancelRequest(7, secret), store, listener, None)
+        assert received == build_cancel_request(7, secret)
+        with trio.move_on_after(0.2):
+            await other.accept()
+            raise AssertionError("a cancel went to the address the entry named")
+
+
+def test_cancel_targets_round_trip_and_bare_or_malformed_values_name_no_owner() -> None:
+    target = CancelTarget("pg-main", ("::1", 5432), "tagged-devices/web1")
+    assert CancelTarget.decode(target.encode()) == target
+    assert CancelTarget.decode("10.0.0.5:5432") == CancelTarget("", ("10.0.0.5", 5432), "")
+    for bad in ("", "{", "[]", '{"l": 1, "b": "h:1", "p": "x"}', '{"l": "a", "b": "h", "p": ""}'):
+        assert CancelTarget.decode(bad) is None, bad
