@@ -83,7 +83,7 @@ class AdmissionConfig:
 
     # Connections from one source address still in their handshake (accepted, not yet
     # relaying); one more is closed at once.
-    max_handshakes_per_address: int = 32
+    max_handshakes_per_address: int = 128
     # CancelRequests per source address: a bucket of ``cancel_burst`` tokens, one token
     # back every ``cancel_interval``.
     cancel_burst: int = 20
