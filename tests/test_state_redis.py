@@ -23,7 +23,7 @@ from state_support import cancel_target as target
 
 from waypoint.config.model import StateConfig
 from waypoint.errors import Refusal
-from waypoint.state import SlotLease, SlotRequest, StateStore, open_state
+from waypoint.state import SlotLease, SlotRequest, StateStore, cancel_key_digest, open_state
 from waypoint.state.redis_store import ACQUIRE_LUA, RELEASE_LUA, KeyLayout, RedisStateStore
 
 pytestmark = pytest.mark.redis
@@ -182,6 +182,29 @@ async def test_cancel_keys_route_across_instances_and_hide_the_secret(prefix: st
         assert await b.lookup_cancel_key(77, secret) == target("10.0.0.6", 5433)
         await trio.sleep(0.8)
         assert await b.lookup_cancel_key(77, secret) is None
+
+
+async def test_cancel_values_written_by_others_are_read_bounded_and_parsed_strictly(
+    prefix: str,
+) -> None:
+    """Whoever can write Redis chooses a cancel key's value: the lookup reads at most a few
+    KiB of it and gives a target only for a well-formed one (a bare ``host:port`` names no
+    listener and no owner, so no cancel matches it)."""
+    client = redis_client()
+    async with open_state(cfg(prefix), instance_id="b") as b:
+        good = target("10.0.0.5", 5432)
+        cases: list[tuple[bytes, object]] = [
+            (good.encode().encode(), good),
+            (b"10.0.0.9:6379", target("10.0.0.9", 6379, listener="", principal="")),
+            (b'{"l": "pg-main", "b": "10.0.0.5", "p": "x"}', None),
+            (b"\xff\xfe", None),
+            (good.encode().encode() + b" " * 5000, None),  # oversized
+        ]
+        for i, (value, expected) in enumerate(cases):
+            secret = os.urandom(8)
+            client.set(f"{prefix}cancel:{cancel_key_digest(i + 1, secret)}", value, px=60_000)
+            assert await b.lookup_cancel_key(i + 1, secret) == expected, value[:60]
+    client.close()
 
 
 async def test_lock_is_exclusive_across_instances(prefix: str) -> None:

@@ -55,6 +55,8 @@ T = TypeVar("T")
 UNAVAILABLE: tuple[type[BaseException], ...] = (redis.RedisError, OSError, trio.TooSlowError)
 
 _RETRY_MIN = 0.05
+# Longest cancel-key value read back (an encoded CancelTarget is far shorter).
+MAX_CANCEL_VALUE = 4096
 _LOCK_POLL_MIN = 0.01
 _LOCK_POLL_MAX = 0.2
 
@@ -559,18 +561,24 @@ class RedisStateStore:
         if not 4 <= len(secret) <= 256 or not -(2**31) <= pid <= 0xFFFFFFFF:
             return None
         try:
+            # At most MAX_CANCEL_VALUE bytes: a value someone wrote there could be huge.
             raw = await self._run(
-                functools.partial(self._client.get, self._layout.cancel(pid, secret))
+                functools.partial(
+                    self._client.getrange,
+                    self._layout.cancel(pid, secret),
+                    0,
+                    MAX_CANCEL_VALUE - 1,
+                )
             )
         except UNAVAILABLE as exc:
             log.warning(
                 "shared state (Redis) unavailable: cancel request dropped: %s", _describe(exc)
             )
             return None
-        if raw is None:
+        if not raw:  # no such key
             return None
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        target = CancelTarget.decode(text)
+        target = None if len(raw) >= MAX_CANCEL_VALUE else CancelTarget.decode(text)
         if target is None:
             log.warning("malformed cancel-key value in shared state; cancel request dropped")
         return target
