@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import resource
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import trio
@@ -14,12 +16,20 @@ import trio.testing
 from e2e_support import LogRecords, capture_logs
 
 from waypoint.app import raise_nofile_limit
-from waypoint.config.model import ListenerConfig, PostgresListenerConfig
+from waypoint.config.model import AdmissionConfig, ListenerConfig, PostgresListenerConfig
 from waypoint.observability.log import get_logger
+from waypoint.observability.metrics import Metrics
 from waypoint.pgwire import CancelRequest, build_cancel_request
-from waypoint.proxy.admission import AcceptBackoff, BurstLog, HandshakeGate, TokenBuckets
+from waypoint.proxy.admission import (
+    AcceptBackoff,
+    Admission,
+    BurstLog,
+    HandshakeGate,
+    TokenBuckets,
+)
 from waypoint.proxy.cancel import forward_cancel
-from waypoint.proxy.listener import accept_forever
+from waypoint.proxy.listener import accept_forever, accept_loop
+from waypoint.proxy.session import ListenerContext
 from waypoint.state import CancelTarget, MemoryStateStore
 
 
@@ -231,3 +241,26 @@ def test_cancel_targets_round_trip_and_bare_or_malformed_values_name_no_owner() 
     assert CancelTarget.decode("10.0.0.5:5432") == CancelTarget("", ("10.0.0.5", 5432), "")
     for bad in ("", "{", "[]", '{"l": 1, "b": "h:1", "p": "x"}', '{"l": "a", "b": "h", "p": ""}'):
         assert CancelTarget.decode(bad) is None, bad
+
+
+async def test_accept_loop_counts_emfile_in_the_metric_by_errno(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    metrics = Metrics()
+    # accept_loop reads only the listener's name, the metrics and the admission bounds.
+    ctx = cast(
+        ListenerContext,
+        SimpleNamespace(
+            listener=SimpleNamespace(name="pg-main"),
+            metrics=metrics,
+            admission=Admission(AdmissionConfig(), metrics),
+        ),
+    )
+    listener = cast(trio.SocketListener, _FailingListener(3))
+    async with trio.open_nursery() as sessions:
+        with trio.move_on_after(60):
+            await accept_loop(ctx, listener, sessions)
+    value = metrics.registry.get_sample_value(
+        "waypoint_accept_errors_total", {"listener": "pg-main", "errno": "EMFILE"}
+    )
+    assert value == 3.0
