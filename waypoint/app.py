@@ -169,6 +169,8 @@ async def _serve(
                         bg.start_soon(
                             revalidation_loop, contexts, registry, config.revalidation.interval
                         )
+                        for ctx in contexts.values():
+                            bg.start_soon(ctx.provisioner.pools.expire_idle_forever)
                         for start in _extra_background(config, contexts, registry, metrics):
                             bg.start_soon(start)
                         await trio.sleep_forever()

@@ -376,6 +376,7 @@ class Provisioner:
             connect_timeout=handshake_timeout,
             statement_timeout=st,
             lock_timeout=max(1.0, st / 2),
+            idle_timeout=self._pg.admin_idle_timeout,
         )
         self._custom_lock_backend = lock_backend is not None
         pg_locks = PgAdvisoryRoleLock(self._pools)
