@@ -8,6 +8,9 @@
   ``template1``: the client gets 42501 with the reason.
 - A database name over PostgreSQL's 63-byte limit is refused (42622) instead of being
   evaluated as a name the server would cut to another database's.
+- The group locks still do their work from ``admin_database``: a provision waits for one held
+  there, and the reaper's transaction stops before any change when the role has objects in a
+  schema whose lock it does not hold.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from __future__ import annotations
 import itertools
 import os
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 from e2e_support import (
     LISTENER,
@@ -28,8 +33,14 @@ from e2e_support import (
 )
 from pgcluster import PgCluster
 
+from waypoint.config.model import ListenerConfig, PostgresListenerConfig
 from waypoint.grants import naming
+from waypoint.grants.model import EffectiveGrant, Preset, SchemaPrivilege
+from waypoint.identity.model import Identity
 from waypoint.provision import sql
+from waypoint.provision.engine import Provisioner, ProvisionError
+from waypoint.reaper import catalog
+from waypoint.reaper import engine as reaper_engine
 
 ATTACKER = "127.0.0.2"
 _names = itertools.count(1)
@@ -173,3 +184,87 @@ async def test_a_database_name_over_63_bytes_is_refused_not_truncated_into_anoth
                 assert "63 bytes" in fields["M"], fields
     finally:
         pg.drop_database(long_name)
+
+
+# -- the group locks still serialize Waypoint's own work, now in admin_database ---------------
+
+
+async def test_a_group_lock_held_in_admin_database_holds_back_a_provision_until_released(
+    pg: PgCluster,
+) -> None:
+    """Another Waypoint instance (here: a plain admin session) holding the group lock of
+    ``(db, public)`` in ``admin_database`` makes a provision that grants on ``public`` wait;
+    past its deadline it fails with 58000, and once the lock is released it succeeds."""
+    db = create_app_database(pg)
+    lst = ListenerConfig(
+        name=LISTENER,
+        listen="127.0.0.1:0",
+        backend=f"{pg.host}:{pg.port}",
+        backend_tls="disable",
+        postgres=PostgresListenerConfig(
+            admin_user=pg.admin_user, admin_password=pg.admin_password
+        ),
+    )
+    other = pg.connect(user=pg.admin_user, dbname=lst.postgres.admin_database)
+    key = sql.group_lock_key(db, "public")
+    grant = EffectiveGrant(
+        listener=LISTENER,
+        database=db,
+        privileges=frozenset({SchemaPrivilege(Preset.READONLY, "public")}),
+    )
+    alice = Identity(login="alice@example.com", node="laptop")
+    prov = Provisioner(lst, handshake_timeout=2.0)
+    try:
+        other.run(f"SELECT pg_advisory_lock({sql.GROUP_LOCK_CLASS}, {key})")
+        with trio.fail_after(30):
+            with pytest.raises(ProvisionError) as info:
+                async with prov.credentials(alice, grant):
+                    pass
+            assert info.value.refusal.sqlstate == "58000"
+            assert "timed out" in info.value.refusal.detail
+            other.run(f"SELECT pg_advisory_unlock({sql.GROUP_LOCK_CLASS}, {key})")
+            async with prov.credentials(alice, grant) as creds:
+                assert creds.provisioned
+    finally:
+        other.close()
+        await prov.aclose()
+
+
+class _CatalogSession:
+    """Answers the reaper's dependent-schemas query; records every statement."""
+
+    def __init__(self, schemas: list[str]) -> None:
+        self.schemas = schemas
+        self.statements: list[str] = []
+
+    def run(self, text: str, **params: Any) -> list[list[Any]]:
+        self.statements.append(text)
+        if text == catalog.DEPENDENT_SCHEMAS_QUERY:
+            return [[s] for s in self.schemas]
+        return []
+
+
+def test_a_reap_transaction_touching_a_schema_it_has_not_locked_stops_before_any_change() -> None:
+    sess = _CatalogSession(["public", "app"])
+    checked: list[object] = []
+
+    def drop(locked: set[str]) -> None:
+        reaper_engine._drop_txn(
+            sess,  # type: ignore[arg-type]
+            "wp_r",
+            database="appdb",
+            reassign_to=None,
+            locked=locked,
+            check=checked.append,
+            drop_role=False,
+            inherit_clause="",
+        )
+
+    with pytest.raises(reaper_engine._MoreSchemas) as info:
+        drop({"public"})
+    assert info.value.schemas == {"public", "app"}
+    assert checked == [] and sess.statements == ["BEGIN", catalog.DEPENDENT_SCHEMAS_QUERY]
+
+    drop({"public", "app"})
+    assert checked == [sess]
+    assert sess.statements[-1] == "COMMIT"
