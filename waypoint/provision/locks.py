@@ -1,4 +1,4 @@
-"""Waypoint's cross-instance locks (SPEC §5 "Locking"): the role lock and the group locks.
+"""Waypoint's cross-instance locks: the role lock and the group locks.
 
 Every one of them is a session-level advisory lock on a dedicated admin
 connection to ``admin_database``, a database no grant reaches: advisory locks
