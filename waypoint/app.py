@@ -184,6 +184,8 @@ async def _serve(
                         bg.start_soon(
                             revalidation_loop, contexts, registry, config.revalidation.interval
                         )
+                        for ctx in contexts.values():
+                            bg.start_soon(ctx.provisioner.pools.expire_idle_forever)
                         bg.start_soon(admission.run)
                         for start in _extra_background(config, contexts, registry, metrics):
                             bg.start_soon(start)
