@@ -6,16 +6,18 @@ reads from its closed client), holding privileges, locks and connections. A role
 caller can also log in directly once it has set itself a password. These are ended here, as a
 separate step beside the role reaper, in two passes:
 
-- **at start** (:meth:`OrphanSweeper.sweep`, ``expired_only=False``), before the instance
+- **at start** (:meth:`OrphanSweeper.sweep`, ``start``), before the instance
   accepts connections: every backend of this listener's Waypoint roles is an orphan, unless
   the shared state shows a live session of the role's caller on this listener on another
   instance (Redis; the memory store knows only this instance, which has none yet);
-- **every reaper pass** (``expired_only=True``): backends of roles whose ``VALID UNTIL``
-  passed more than ``grace`` ago (server clock) and that no session of this instance uses,
-  with the same shared-state check. Revalidation pushes ``VALID UNTIL`` forward for every
-  role a live session uses, so a role expired for longer than the grace has no live session
-  on a revalidating instance; its backends are ended, and the reaper drops the role at a
-  later pass once ``pg_stat_activity`` shows none.
+- **every reaper pass** (``periodic``): with shared state, every backend no session of this
+  instance owns and whose caller holds no slot on this listener on any instance (a slot is
+  taken before a backend is connected and given back once it is gone); with the memory
+  store, which cannot see other instances, only backends of roles whose ``VALID UNTIL``
+  passed more than ``grace`` ago (server clock): revalidation pushes ``VALID UNTIL`` forward
+  for every role a live session uses, so such a role has no live session on a revalidating
+  instance. The reaper drops an expired role at a later pass once ``pg_stat_activity``
+  shows none.
 
 Which roles are this listener's is the reaper's rule: the role marker names this listener,
 or a listener this instance does not serve.
@@ -52,7 +54,7 @@ BACKENDS_QUERY: Final = (
     "ORDER BY 2, 1"
 )
 
-Pass = Literal["start", "expired"]
+Pass = Literal["start", "periodic"]
 
 
 @attrs.frozen
@@ -74,7 +76,8 @@ class OrphanSweeper:
 
     ``roles_in_use`` and ``pids_in_use``: this instance's live sessions (a backend of theirs is
     never an orphan). ``live_elsewhere(principal)``: whether the shared state shows a live
-    session of that caller on this listener (another instance's); None: no shared state."""
+    session of that caller on this listener (another instance's); None: no shared state (the
+    memory store), so the periodic pass takes only roles expired past the grace."""
 
     def __init__(
         self,
@@ -120,15 +123,15 @@ class OrphanSweeper:
         return out
 
     async def sweep(self, kind: Pass) -> OrphanReport:
-        """End the orphans: every one (``start``) or those of roles expired past the grace
-        (``expired``). Raises on an admin error (the caller logs it; the next pass retries)."""
+        """End the orphans (see the module docstring for what each pass takes). Raises on an
+        admin or shared-state error (the caller logs it; the next pass retries)."""
         in_roles = set(self._roles_in_use())
         in_pids = set(self._pids_in_use())
         elsewhere: dict[str, bool] = {}
         by_role: dict[str, list[int]] = {}
         kept: list[tuple[str, str]] = []
         for b in await self.backends():
-            if kind == "expired" and not b.expired_past_grace:
+            if kind == "periodic" and self._live_elsewhere is None and not b.expired_past_grace:
                 continue
             if b.role in in_roles or b.pid in in_pids:
                 kept.append((b.role, "in use by this instance"))

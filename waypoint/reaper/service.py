@@ -1,6 +1,6 @@
 """The reaper as a background service of ``waypoint.run`` (``app._extra_background`` calls
 :func:`reaper_tasks`): one periodic task per listener, counted in the metrics. Each pass first
-ends the orphan backends of roles expired past the grace (:mod:`waypoint.reaper.orphans`),
+ends orphan backends (:mod:`waypoint.reaper.orphans`),
 then drops roles. :func:`sweep_orphans_at_start` is the one sweep ``run`` makes before it
 accepts connections.
 
@@ -54,7 +54,7 @@ def _sweeper(
         return usage.user_listener > 0
 
     def on_ended(kind: Pass, count: int) -> None:
-        reason = "orphan_at_start" if kind == "start" else "orphan_expired"
+        reason = "orphan_at_start" if kind == "start" else "orphan"
         for _ in range(count):
             metrics.backend_ended(reason, "pg_terminate_backend")
 
@@ -64,7 +64,7 @@ def _sweeper(
         known_listeners=known,
         roles_in_use=roles_in_use,
         pids_in_use=lambda: registry.backend_pids(name),
-        live_elsewhere=live_elsewhere,
+        live_elsewhere=live_elsewhere if ctx.config.state.backend != "memory" else None,
         on_ended=on_ended,
     )
 
@@ -127,12 +127,12 @@ def _make_task(
 ) -> Callable[[], Awaitable[None]]:
     async def one_pass() -> None:
         metrics.reaper_runs.labels(name).inc()
-        # A separate step: orphan backends of expired roles end first (their roles are
-        # dropped at a later pass, once pg_stat_activity shows no session of them).
+        # A separate step: orphan backends end first (an expired role is dropped at a later
+        # pass, once pg_stat_activity shows no session of it).
         try:
-            await sweeper.sweep("expired")
+            await sweeper.sweep("periodic")
         except Exception as exc:
-            log.warning("orphan_sweep_failed", listener=name, sweep="expired", error=str(exc))
+            log.warning("orphan_sweep_failed", listener=name, sweep="periodic", error=str(exc))
             metrics.reaper_errors.labels(name).inc()
         report = await reaper.run_pass()
         dropped = len(report.dropped_roles) + len(report.dropped_groups)
