@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pg8000.native
+import pytest
 import trio
 from e2e_support import (
     E2EEnv,
@@ -153,17 +154,21 @@ RO = {"permissions": ["readonly"]}
 # --- the client goes ----------------------------------------------------------------------------
 
 
-async def test_client_killed_during_sleep_ends_backend(pg: PgCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("statement", [SLEEP, LOOP], ids=["sleep", "insert_loop"])
+async def test_client_killed_ends_backend(pg: PgCluster, tmp_path: Path, statement: str) -> None:
     db = create_app_database(pg)
     app = f"wp-kill-{secrets.token_hex(4)}"
     async with e2e_env(pg, tmp_path) as env:
-        env.grant("127.0.0.1", {db: RO})
+        env.grant("127.0.0.1", {db: RW})
+        # The caller turns the server's own client check off: nothing relies on it.
         cmd = [
             str(pg.binary("psql")),
             env.dsn(db, application_name=app),
             "-X",
             "-c",
-            SLEEP,
+            "SET client_connection_check_interval = 0",
+            "-c",
+            statement,
         ]
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -182,9 +187,12 @@ async def test_client_killed_during_sleep_ends_backend(pg: PgCluster, tmp_path: 
                         pid = int(rows[0][0])
                         break
                     await trio.sleep(0.05)
+            if statement == LOOP:
+                await wait_rows(pg, db, 3)
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             await wait_gone(pg, pid)
+            await assert_rows_stopped(pg, db)
             await wait_metric(env.running, "client_closed", "cancel")
         finally:
             if proc.poll() is None:
@@ -193,7 +201,8 @@ async def test_client_killed_during_sleep_ends_backend(pg: PgCluster, tmp_path: 
         await env.assert_clean()
 
 
-async def test_client_dropped_during_insert_loop_stops_it(pg: PgCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("statement", [SLEEP, LOOP], ids=["sleep", "insert_loop"])
+async def test_client_dropped_ends_backend(pg: PgCluster, tmp_path: Path, statement: str) -> None:
     db = create_app_database(pg)
     async with e2e_env(pg, tmp_path) as env:
         env.grant("127.0.0.2", {db: RW})
@@ -203,9 +212,12 @@ async def test_client_dropped_during_insert_loop_stops_it(pg: PgCluster, tmp_pat
             lambda: raw.read_result_of("show client_connection_check_interval")
         )
         assert interval == "ok:5s", interval
-        raw.send_query(LOOP)
-        await wait_running(pg, raw.pid, "LOOP")
-        await wait_rows(pg, db, 3)
+        off = "SET client_connection_check_interval = 0"
+        assert await trio.to_thread.run_sync(lambda: raw.read_result_of(off)) == ""
+        raw.send_query(statement)
+        await wait_running(pg, raw.pid, statement[:20])
+        if statement == LOOP:
+            await wait_rows(pg, db, 3)
         drop(raw)
         await wait_gone(pg, raw.pid)
         await assert_rows_stopped(pg, db)
@@ -541,6 +553,9 @@ async def test_waypoint_killed_then_restarted_ends_orphans(pg: PgCluster, tmp_pa
             lambda: RawSession.open(env, db, source="127.0.0.14")  # type: ignore[arg-type]
         )
         try:
+            # Off, as a caller may set it: the server alone would never notice Waypoint's end.
+            off = "SET client_connection_check_interval = 0"
+            assert await trio.to_thread.run_sync(lambda: raw.read_result_of(off)) == ""
             raw.send_query(LOOP)
             await wait_running(pg, raw.pid, "LOOP")
             await wait_rows(pg, db, 3)
