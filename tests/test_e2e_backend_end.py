@@ -224,6 +224,34 @@ async def test_client_dropped_ends_backend(pg: PgCluster, tmp_path: Path, statem
         await env.assert_clean()
 
 
+async def test_statement_that_swallows_cancel_is_terminated_by_the_admin(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """A loop that catches query_canceled and never reads its client: neither Terminate nor
+    CancelRequest stops it; the admin's pg_terminate_backend does."""
+    db = create_app_database(pg)
+    stubborn = (
+        "DO $$ BEGIN LOOP "
+        "INSERT INTO public.t VALUES ((SELECT pg_catalog.max(id) + 1 FROM public.t), 'loop'); "
+        "COMMIT; "
+        "BEGIN PERFORM pg_catalog.pg_sleep(0.2); EXCEPTION WHEN query_canceled THEN NULL; END; "
+        "END LOOP; END $$"
+    )
+    async with e2e_env(pg, tmp_path) as env:
+        env.grant("127.0.0.15", {db: RW})
+        raw = await open_raw(env, db, "127.0.0.15")
+        off = "SET client_connection_check_interval = 0"
+        assert await trio.to_thread.run_sync(lambda: raw.read_result_of(off)) == ""
+        raw.send_query(stubborn)
+        await wait_running(pg, raw.pid, "query_canceled")
+        await wait_rows(pg, db, 3)
+        drop(raw)
+        await wait_gone(pg, raw.pid)
+        await assert_rows_stopped(pg, db)
+        await wait_metric(env.running, "client_closed", "pg_terminate_backend")
+        await env.assert_clean()
+
+
 # --- Waypoint ends the session ------------------------------------------------------------------
 
 
