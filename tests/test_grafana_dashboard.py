@@ -127,6 +127,8 @@ def test_every_metric_the_dashboard_queries_is_exported() -> None:
         "waypoint_revalidation_failures_total",
         "waypoint_provision_errors_total",
         "waypoint_backend_login_failures_total",
+        "waypoint_cancel_requests_total",
+        "waypoint_accept_errors_total",
     ):
         assert name in queried, name
 
