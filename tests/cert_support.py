@@ -1,21 +1,25 @@
-"""Certificates that trustme does not make: an Ed25519 CA and server certificate (their
-signature has no separate hash, so no tls-server-end-point channel binding exists for them)."""
+"""Certificates that trustme does not make: Ed25519 (its signature has no separate hash, so no
+tls-server-end-point channel binding exists for it) and RSASSA-PSS (bound with the hash named
+in its signature's parameters)."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
 from pathlib import Path
+from typing import Any, Literal
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
+
+KeyType = Literal["ed25519", "rsa-pss"]
 
 
 @attrs.frozen
-class Ed25519Certificate:
+class TestCertificate:
     ca_pem: bytes
     cert_pem: bytes
     key_pem: bytes
@@ -30,10 +34,24 @@ class Ed25519Certificate:
         return paths
 
 
-def make_ed25519_certificate(host: str = "127.0.0.1") -> Ed25519Certificate:
-    """An Ed25519 CA and an Ed25519 server certificate it signed, for ``host`` (an IP address)."""
+def _key(key_type: KeyType) -> Any:
+    if key_type == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _sign_args(key_type: KeyType) -> dict[str, Any]:
+    if key_type == "ed25519":
+        return {"algorithm": None}
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+    return {"algorithm": hashes.SHA384(), "rsa_padding": pss}
+
+
+def make_certificate(key_type: KeyType, host: str = "127.0.0.1") -> TestCertificate:
+    """A CA and a server certificate it signed, for ``host`` (an IP address): Ed25519 keys
+    and signatures, or RSA keys with RSASSA-PSS (SHA-384) signatures."""
     now = datetime.datetime.now(datetime.UTC)
-    ca_key = ed25519.Ed25519PrivateKey.generate()
+    ca_key = _key(key_type)
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Waypoint test Ed25519 CA")])
     ca = (
         x509.CertificateBuilder()
@@ -58,9 +76,9 @@ def make_ed25519_certificate(host: str = "127.0.0.1") -> Ed25519Certificate:
             ),
             critical=True,
         )
-        .sign(ca_key, None)
+        .sign(ca_key, **_sign_args(key_type))
     )
-    key = ed25519.Ed25519PrivateKey.generate()
+    key = _key(key_type)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
@@ -74,10 +92,10 @@ def make_ed25519_certificate(host: str = "127.0.0.1") -> Ed25519Certificate:
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, None)
+        .sign(ca_key, **_sign_args(key_type))
     )
     pem = serialization.Encoding.PEM
-    return Ed25519Certificate(
+    return TestCertificate(
         ca_pem=ca.public_bytes(pem),
         cert_pem=cert.public_bytes(pem),
         key_pem=key.private_bytes(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from cert_support import make_ed25519_certificate
+from cert_support import make_certificate
 
 from waypoint.config.model import ListenerConfig, PostgresListenerConfig
 from waypoint.pgwire import LoginError, make_scram_verifier
@@ -87,7 +87,7 @@ def _listener(port: int, backend_tls: str, ca_file: Path) -> ListenerConfig:
 async def test_unbindable_certificate_asking_for_cleartext_gets_no_password(
     tmp_path: Path, backend_tls: str, message: str
 ) -> None:
-    ca_file, cert_file, key_file = make_ed25519_certificate().write(tmp_path)
+    ca_file, cert_file, key_file = make_certificate("ed25519").write(tmp_path)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert_file, key_file)
     fake = FakeBackend(server_context)

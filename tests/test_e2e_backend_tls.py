@@ -13,40 +13,56 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pg8000.native
 import pytest
 import test_logs
 import trio
 import trustme
-from cert_support import make_ed25519_certificate
+from cert_support import KeyType, make_certificate
 from e2e_support import LISTENER, E2EEnv, RawSession, create_app_database, e2e_env
 from pgcluster import PgCluster, _HbaEntry
+
+import waypoint.proxy.backend
+from waypoint.pgwire import UpstreamLogin
 
 json_log = test_logs.json_log  # Waypoint's log as JSON lines into a buffer
 
 
-@pytest.fixture(scope="module")
-def pg15_ssl_ed25519() -> Iterator[tuple[PgCluster, Path]]:
-    """A TLS backend whose server certificate is Ed25519 (no channel binding can exist for it;
-    PostgreSQL still offers SCRAM-SHA-256-PLUS), and the CA file that verifies it.
+def _pg15_ssl_with(key_type: KeyType) -> Iterator[tuple[PgCluster, Path]]:
+    """A TLS backend whose server certificate is of ``key_type``, and the CA file that
+    verifies it.
 
     Waypoint's admin connection (pg8000) takes SCRAM-SHA-256-PLUS whenever it is offered, and
-    PostgreSQL cannot complete that with this certificate: the admin logs in by ``trust`` here
-    so that the provisioned roles' own (scram-sha-256) logins are what the tests exercise."""
+    PostgreSQL cannot complete that with an Ed25519 certificate: the admin logs in by ``trust``
+    here so that the provisioned roles' own (scram-sha-256) logins are what the tests exercise."""
     cluster = PgCluster.start("system", ssl=True)
     try:
-        cert = make_ed25519_certificate(cluster.host)
+        cert = make_certificate(key_type, cluster.host)
         cluster._write_datadir_file("server.crt", cert.cert_pem.decode(), 0o644)
         cluster._write_datadir_file("server.key", cert.key_pem.decode(), 0o600)
         cluster._hba_users.append(_HbaEntry("host", cluster.admin_user, "trust"))
         cluster.reload()  # pg_hba.conf, and the TLS files: PostgreSQL reloads them on SIGHUP
         assert cluster.ca_pem_path is not None
-        ca = cluster.ca_pem_path.with_name("ed25519-ca.pem")
+        ca = cluster.ca_pem_path.with_name(f"{key_type}-ca.pem")
         ca.write_bytes(cert.ca_pem)
         yield cluster, ca
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def pg15_ssl_ed25519() -> Iterator[tuple[PgCluster, Path]]:
+    """No channel binding can exist for its certificate; PostgreSQL still offers
+    SCRAM-SHA-256-PLUS."""
+    yield from _pg15_ssl_with("ed25519")
+
+
+@pytest.fixture(scope="module")
+def pg15_ssl_rsa_pss() -> Iterator[tuple[PgCluster, Path]]:
+    """Its certificate is signed with RSASSA-PSS (SHA-384 in the signature's parameters)."""
+    yield from _pg15_ssl_with("rsa-pss")
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +212,36 @@ async def test_ed25519_backend_certificate_under_verify_full_logs_in_unbound(
             assert ssl_in_use
             assert user.startswith("wp_pg_main_")
             await env.assert_clean()
+
+
+class _RecordingLogin(UpstreamLogin):
+    """UpstreamLogin that keeps every instance, to read the method each login used."""
+
+    made: ClassVar[list[UpstreamLogin]] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.made.append(self)
+
+
+async def test_rsa_pss_backend_certificate_binds_as_postgres_does(
+    pg15_ssl_rsa_pss: tuple[PgCluster, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The roles log in with SCRAM-SHA-256-PLUS (required over TLS), and PostgreSQL accepts the
+    binding: Waypoint hashes an RSASSA-PSS certificate with the hash PostgreSQL uses."""
+    cluster, _ca = pg15_ssl_rsa_pss
+    monkeypatch.setattr(_RecordingLogin, "made", [])
+    monkeypatch.setattr(waypoint.proxy.backend, "UpstreamLogin", _RecordingLogin)
+    db = create_app_database(cluster)
+    with trio.fail_after(90):
+        async with e2e_env(cluster, tmp_path, backend_tls="require") as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            ssl_in_use, user = await trio.to_thread.run_sync(_ssl_in_use, env, db)
+            assert ssl_in_use
+            assert user.startswith("wp_pg_main_")
+            await env.assert_clean()
+    methods = {login.method for login in _RecordingLogin.made if login.authenticated}
+    assert methods == {"SCRAM-SHA-256-PLUS"}
 
 
 async def test_cancel_is_forwarded_over_tls(pg15_ssl: PgCluster, tmp_path: Path) -> None:
