@@ -1,4 +1,4 @@
-"""``waypoint check -c FILE`` (SPEC §11)."""
+"""``waypoint check -c FILE``: the effective configuration with secrets masked, or every problem."""
 
 from __future__ import annotations
 
