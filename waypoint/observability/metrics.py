@@ -81,7 +81,7 @@ class Metrics:
             "waypoint_backend_ends",
             "Backends ended by Waypoint: why the session (or orphan) ended, and how the backend "
             "was stopped (backend_closed, terminate, cancel, pg_terminate_backend, unconfirmed)",
-            ["reason", "how"],
+            ["listener", "reason", "how"],
             registry=r,
         )
         self.reaper_runs = Counter(
@@ -115,9 +115,9 @@ class Metrics:
         )
 
     # -- the calls the session makes ------------------------------------------------
-    def backend_ended(self, reason: str, how: str) -> None:
-        """A session's backend was ended (``how``) after its relay ended (``reason``)."""
-        self.backend_ends.labels(reason, how).inc()
+    def backend_ended(self, listener: str, reason: str, how: str, count: int = 1) -> None:
+        """Backends ended (``how``) because their session, or orphan, ended (``reason``)."""
+        self.backend_ends.labels(listener, reason, how).inc(count)
 
     def connection_opened(self, listener: str) -> None:
         self.connections_total.labels(listener).inc()

@@ -159,9 +159,10 @@ async def _end_role_backends(ctx: ListenerContext, registry: SessionRegistry, ro
     except Exception as exc:
         log.error("role_backends_end_failed", role=role, error=str(exc))
         return
-    for _ in pids:
-        ctx.metrics.backend_ended("access_revoked_role", "pg_terminate_backend")
     if pids:
+        ctx.metrics.backend_ended(
+            ctx.listener.name, "access_revoked_role", "pg_terminate_backend", len(pids)
+        )
         log.info("role_backends_ended", role=role, pids=pids, reason="access_revoked")
 
 

@@ -341,7 +341,7 @@ async def _end_session(
         )
     out.backend_end = ended
     out.backend_end_ms = round((trio.current_time() - began) * 1000, 1)
-    ctx.metrics.backend_ended(reason, ended.how)
+    ctx.metrics.backend_ended(ctx.listener.name, reason, ended.how)
     if link.sock is not None:
         link.sock.close()
     with trio.move_on_after(1):

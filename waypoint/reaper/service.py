@@ -55,8 +55,7 @@ def _sweeper(
 
     def on_ended(kind: Pass, count: int) -> None:
         reason = "orphan_at_start" if kind == "start" else "orphan"
-        for _ in range(count):
-            metrics.backend_ended(reason, "pg_terminate_backend")
+        metrics.backend_ended(name, reason, "pg_terminate_backend", count)
 
     return OrphanSweeper(
         ctx.listener,
