@@ -461,8 +461,9 @@ async def test_tightened_limits_end_open_sessions(pg: PgCluster, tmp_path: Path)
 async def test_revocation_on_one_instance_ends_backend_of_another(
     pg: PgCluster, tmp_path: Path
 ) -> None:
-    """Instance A revalidates, instance B does not: A's revocation ends the role's backend
-    behind B's session too (shared Redis state)."""
+    """Instance B runs a session's loop; instance A starts after it: A's start sweep leaves
+    B's backend alone (the caller holds a slot in Redis). A revalidates, B does not: A's
+    revocation ends the role's backend behind B's session too."""
     db = create_app_database(pg)
     key_prefix = f"wp-end-{secrets.token_hex(6)}:"
     state = f'[state]\nbackend = "redis"\nurl = "{REDIS_URL}"\nkey_prefix = "{key_prefix}"\n'
@@ -477,30 +478,34 @@ async def test_revocation_on_one_instance_ends_backend_of_another(
             )
             return load_config_text(text, source="multi.toml")
 
-        async with run_waypoint(config("1s")) as a, run_waypoint(config("0s")) as b:
-            ip = "127.0.0.13"
-            standin.set_peer(ip, login="fay@example.com", node="fay-pc", rules=[db_rule({db: RW})])
-            env_a = E2EEnv(pg, standin, a, config("1s"))
-            env_b = E2EEnv(pg, standin, b, config("0s"))
-            via_a = await open_raw(env_a, db, ip)
-            via_b = await open_raw(env_b, db, ip)
+        ip = "127.0.0.13"
+        standin.set_peer(ip, login="fay@example.com", node="fay-pc", rules=[db_rule({db: RW})])
+        async with run_waypoint(config("0s")) as b:
+            via_b = await open_raw(E2EEnv(pg, standin, b, config("0s")), db, ip)
             try:
                 via_b.send_query(LOOP)
                 await wait_running(pg, via_b.pid, "LOOP")
                 await wait_rows(pg, db, 3)
-                standin.set_peer(
-                    ip,
-                    login="fay@example.com",
-                    node="fay-pc",
-                    rules=[db_rule({db: RW}, listener="elsewhere")],
-                )
-                err = await read_fatal(via_a)
-                assert err.get("C") == "28000", err
-                await wait_gone(pg, via_a.pid)
-                await wait_gone(pg, via_b.pid)
-                await assert_rows_stopped(pg, db)
+                async with run_waypoint(config("1s")) as a:
+                    # A's start sweep ran before it accepted: B's session is not an orphan.
+                    await wait_rows(pg, db, await trio.to_thread.run_sync(_count, pg, db) + 3)
+                    assert await trio.to_thread.run_sync(_activity, pg, via_b.pid)
+                    via_a = await open_raw(E2EEnv(pg, standin, a, config("1s")), db, ip)
+                    try:
+                        standin.set_peer(
+                            ip,
+                            login="fay@example.com",
+                            node="fay-pc",
+                            rules=[db_rule({db: RW}, listener="elsewhere")],
+                        )
+                        err = await read_fatal(via_a)
+                        assert err.get("C") == "28000", err
+                        await wait_gone(pg, via_a.pid)
+                        await wait_gone(pg, via_b.pid)
+                        await assert_rows_stopped(pg, db)
+                    finally:
+                        via_a.close()
             finally:
-                via_a.close()
                 via_b.close()
 
 

@@ -688,9 +688,12 @@ async def _establish(
                 start.key.pid, start.key.secret, target, CANCEL_KEY_TTL
             )
     except BaseException:
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            await ctx.state.release_slot(lease)
-        await backend.aclose()
+        # An idle backend that just logged in: it exits on the end of its stream. Closed
+        # before the slot goes back.
+        with trio.CancelScope(shield=True):
+            await backend.aclose()
+            with trio.move_on_after(2):
+                await ctx.state.release_slot(lease)
         raise
     live = LiveSession(
         conn_id=conn_id,
