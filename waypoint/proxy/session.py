@@ -330,30 +330,33 @@ async def _end_session(
             return await terminate_pid(ctx.provisioner.pools, pid, live.role, wait)
 
     began = trio.current_time()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_close_client, client)
-        ended = await stop_backend(
-            link.sock,
-            closed_by_backend=out.relay_reason == "backend_closed",
-            send_cancel=cancel,
-            terminate=terminate,
-            bound=ctx.config.backend_end_timeout,
-        )
-    out.backend_end = ended
-    out.backend_end_ms = round((trio.current_time() - began) * 1000, 1)
-    ctx.metrics.backend_ended(ctx.listener.name, reason, ended.how)
-    if link.sock is not None:
-        link.sock.close()
-    with trio.move_on_after(1):
-        await backend.aclose()
-    ctx.registry.remove(live)
-    with trio.move_on_after(2):
-        await ctx.state.release_slot(slot)
-        if key is not None:
-            try:
-                await ctx.state.unregister_cancel_key(key.pid, key.secret)
-            except Exception as exc:
-                log.warning("cancel_key_unregister_failed", error=str(exc))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_close_client, client)
+            ended = await stop_backend(
+                link.sock,
+                closed_by_backend=out.relay_reason == "backend_closed",
+                send_cancel=cancel,
+                terminate=terminate,
+                bound=ctx.config.backend_end_timeout,
+            )
+        out.backend_end = ended
+        out.backend_end_ms = round((trio.current_time() - began) * 1000, 1)
+        ctx.metrics.backend_ended(ctx.listener.name, reason, ended.how)
+    finally:
+        # Whatever happened above, the session's resources go back (last: the slot).
+        if link.sock is not None:
+            link.sock.close()
+        with trio.move_on_after(1):
+            await backend.aclose()
+        ctx.registry.remove(live)
+        with trio.move_on_after(2):
+            await ctx.state.release_slot(slot)
+            if key is not None:
+                try:
+                    await ctx.state.unregister_cancel_key(key.pid, key.secret)
+                except Exception as exc:
+                    log.warning("cancel_key_unregister_failed", error=str(exc))
 
 
 async def _close_client(client: _Client) -> None:
