@@ -72,7 +72,9 @@ class DefaultsConfig:
 @frozen
 class StateConfig:
     backend: StateBackend = "memory"
-    url: str | None = None
+    url: str | None = field(default=None, repr=False)
+    # A file holding ``url`` (it carries the Redis password); read at every load.
+    url_file: str | None = None
     key_prefix: str = "waypoint:"
     lease: float = 30.0
 
@@ -98,7 +100,9 @@ class MetricsConfig:
 @frozen
 class PostgresListenerConfig:
     admin_user: str
+    # Required: given here, or read from ``admin_password_file`` by the loader.
     admin_password: str = field(repr=False)
+    admin_password_file: str | None = None
     admin_database: str = "postgres"
     user_prefix: str = "wp_"
     user_ttl: float = 86400.0
