@@ -16,6 +16,8 @@ where Waypoint can see it (tailscale-localapi.md):
 - ``GET /localapi/v0/cert/<domain>?type=pair&min_validity=...`` serves an EC
   key and certificate chain from a trustme CA for configured domains (500 for
   others); switches for 403 and 429 + ``Retry-After``;
+- ``GET /localapi/v0/status`` answers ``{"Version", "BackendState"}`` (``backend_state``,
+  "Running" unless a test changes it); the global fault applies to it;
 - fault switches, global or per peer IP: ``hang`` (never answer), ``status500``,
   ``status400`` (tailscaled's answer to a bad address, for any address),
   ``malformed_json``, ``close_mid_response`` (headers and half a body, then
@@ -243,6 +245,9 @@ class LocalAPIStandin:
         self._cert_domains: set[str] = set()
         self._cert_pems: dict[str, bytes] = {}
         self._cert_fault: tuple[str, str] | None = None
+        #: What ``GET /localapi/v0/status`` reports as ``BackendState`` (tailscaled's states:
+        #: NoState, NeedsLogin, NeedsMachineAuth, Stopped, Starting, Running).
+        self.backend_state = "Running"
         self._next_id = 1000
         #: Connections accepted so far (keep-alive clients reuse theirs).
         self.connections = 0
@@ -484,6 +489,12 @@ class LocalAPIStandin:
             return self._whois(params)
         if path.startswith("/localapi/v0/cert/"):
             return self._cert(urllib.parse.unquote(path[len("/localapi/v0/cert/") :]), params)
+        if path == "/localapi/v0/status":
+            # The global fault applies (a hung tailscaled hangs here too).
+            body = json.dumps({"Version": "standin", "BackendState": self.backend_state})
+            return self._faulty(self._faults.get(None)) or _Answer(
+                200, body.encode(), content_type="application/json"
+            )
         return _text(404, "404 page not found")
 
     def _whois(self, params: dict[str, list[str]]) -> _Answer:

@@ -9,6 +9,7 @@ import trio
 
 from waypoint.config.load import ConfigError, load_config
 from waypoint.observability.log import configure, get_logger
+from waypoint.service.notify import Notifier
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     log = get_logger("cli")
     try:
-        trio.run(lambda: run_app(config, handle_signals=True))
+        trio.run(lambda: run_app(config, handle_signals=True, notifier=Notifier()))
     except KeyboardInterrupt:  # pragma: no cover - signals are handled inside
         return 130
     except OSError as exc:

@@ -372,6 +372,8 @@ def _validate(cfg: Config) -> list[tuple[KeyPath, str]]:
         out.append((("state", "key_prefix"), "must not be empty"))
 
     _check_host_port(cfg.metrics.listen, ("metrics", "listen"), out)
+    if cfg.metrics.readiness_timeout <= 0:
+        out.append((("metrics", "readiness_timeout"), "must be greater than 0s"))
 
     # listeners
     if not cfg.listeners:

@@ -95,6 +95,9 @@ class AdmissionConfig:
 @frozen
 class MetricsConfig:
     listen: str | None = None
+    # Bound on each /readyz dependency check (they run concurrently): one without an answer
+    # by then fails.
+    readiness_timeout: float = 2.0
 
 
 @frozen
@@ -163,6 +166,8 @@ class Config:
     listeners: tuple[ListenerConfig, ...] = ()
     handshake_timeout: float = 15.0
     drain_timeout: float = 30.0
+    # After a shutdown signal, how long /readyz answers 503 while listeners still accept.
+    drain_delay: float = 0.0
     identity: IdentityConfig = field(factory=IdentityConfig)
     revalidation: RevalidationConfig = field(factory=RevalidationConfig)
     provisioning: ProvisioningConfig = field(factory=ProvisioningConfig)
