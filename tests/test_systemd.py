@@ -219,6 +219,11 @@ def run_daemon(tmp: Path, address: str, watchdog_usec: int | None) -> list[list[
             if watchdog_usec is not None:
                 while sum(m == ["WATCHDOG=1"] for m in messages) < 3:
                     messages.append(receive(sock))
+                # systemctl reload: SIGHUP must not end it (the loop goes on pinging).
+                daemon.proc.send_signal(signal.SIGHUP)
+                while sum(m == ["WATCHDOG=1"] for m in messages) < 5:
+                    messages.append(receive(sock))
+                assert daemon.proc.poll() is None, daemon.output()
             daemon.proc.send_signal(signal.SIGTERM)
             while messages[-1][0] != "STOPPING=1":
                 messages.append(receive(sock))
@@ -242,7 +247,7 @@ def test_waypoint_run_notifies_ready_watchdog_stopping_in_order(tmp_path: Path) 
     assert re.fullmatch(r"STATUS=serving 1 listener\(s\)", messages[0][1])
     assert kinds.count("READY=1") == 1 and kinds.count("STOPPING=1") == 1
     stop = kinds.index("STOPPING=1")
-    assert kinds[1:stop].count("WATCHDOG=1") >= 3
+    assert kinds[1:stop].count("WATCHDOG=1") >= 5
     assert set(kinds[1:stop]) == {"WATCHDOG=1"}
     assert messages[stop][1] == "STATUS=draining 0 session(s)"
     # After STOPPING=1 only watchdog pings (the drain keeps the loop alive and pinging).

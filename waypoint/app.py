@@ -350,9 +350,16 @@ def _extra_background(
 
 
 async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         count = 0
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                # The reload signal (systemd's ExecReload): this version does not re-read its
+                # configuration, and a SIGHUP must not end the process as its default would.
+                log.warning(
+                    "sighup_ignored", note="the configuration is not reloaded; restart to apply"
+                )
+                continue
             count += 1
             log.info("signal", signal=signal.Signals(signum).name, count=count)
             shutdown.set()
