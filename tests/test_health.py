@@ -257,19 +257,19 @@ async def test_each_dependency_check_fails_alone_and_recovers(
                 await wait_for(address, set())
 
                 # tailscaled hanging: accepts, never answers.
-                tailscaled.standin.set_fault("hang")
+                tailscaled.standin.status_fault = "hang"
                 _, doc = await wait_for(address, {"identity"})
                 assert "no answer" in doc["checks"]["identity"]["detail"], doc
-                tailscaled.standin.set_fault(None)
+                tailscaled.standin.status_fault = None
                 await wait_for(address, set())
 
                 # tailscaled up but logged out.
-                tailscaled.standin.backend_state = "NeedsLogin"
+                tailscaled.standin.status_extra = {"BackendState": "NeedsLogin"}
                 _, doc = await wait_for(address, {"identity"})
                 assert (
                     doc["checks"]["identity"]["detail"] == "tailscaled is NeedsLogin, not Running"
                 )
-                tailscaled.standin.backend_state = "Running"
+                tailscaled.standin.status_extra = {}
                 await wait_for(address, set())
 
                 # Redis stopped.

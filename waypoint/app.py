@@ -93,6 +93,10 @@ async def run(
         assert cert_client is not None
         return await cert_client.cert_pair(domain, min_validity=MIN_VALIDITY)
 
+    async def cert_domains() -> tuple[str, ...]:
+        assert cert_client is not None
+        return await cert_client.cert_domains()
+
     admin_limiter = trio.CapacityLimiter(16)
     pbkdf2_limiter = trio.CapacityLimiter(2)
     contexts: dict[str, ListenerContext] = {}
@@ -109,7 +113,11 @@ async def run(
                     ),
                     state=state,
                     engine=engine,
-                    tls=ClientTLS(lst, fetch_cert=fetch_cert if cert_client else None),
+                    tls=ClientTLS(
+                        lst,
+                        fetch_cert=fetch_cert if cert_client else None,
+                        cert_domains=cert_domains if cert_client else None,
+                    ),
                     backend_ssl=backend_ssl_context(lst),
                     registry=registry,
                     refusals=refusals,
@@ -194,6 +202,8 @@ async def _serve(
                         bg.start_soon(
                             revalidation_loop, contexts, registry, config.revalidation.interval
                         )
+                        for ctx in contexts.values():
+                            bg.start_soon(ctx.provisioner.pools.expire_idle_forever)
                         bg.start_soon(admission.run)
                         for start in _extra_background(config, contexts, registry, metrics):
                             bg.start_soon(start)

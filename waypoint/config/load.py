@@ -485,6 +485,8 @@ def _validate_listener(cfg: Config, i: int, lst: ListenerConfig) -> list[tuple[K
         )
     if pg.reap_interval is not None and pg.reap_interval <= 0:
         out.append(((*pbase, "reap_interval"), "must be greater than 0s"))
+    if pg.admin_idle_timeout <= 0:
+        out.append(((*pbase, "admin_idle_timeout"), "must be greater than 0s"))
     if pg.reassign_to is not None and not pg.reassign_to:
         out.append(((*pbase, "reassign_to"), "must not be empty (leave it out to use admin_user)"))
     return out

@@ -114,6 +114,7 @@ class PostgresListenerConfig:
     reap_interval: float | None = None
     reassign_to: str | None = None
     reap_on_cockroachdb: bool = False
+    admin_idle_timeout: float = 60.0
 
     @property
     def effective_reap_interval(self) -> float:

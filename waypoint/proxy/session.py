@@ -66,9 +66,8 @@ from waypoint.proxy.relay import (
     RelayResult,
     StreamRelay,
     TlsHandover,
-    tls_handover,
 )
-from waypoint.proxy.streams import PrefixedStream
+from waypoint.proxy.streams import ServerTLSStream
 from waypoint.proxy.tls import (
     ALPN_POSTGRESQL,
     ClientHelloError,
@@ -408,10 +407,12 @@ async def _start_tls(ctx: ListenerContext, client: _Client, hello: bytes, *, dir
     context = await ctx.tls.context_for(info.server_name)
     if context is None:
         raise _Close(f"no certificate for server name {info.server_name!r}")
-    tls_stream = trio.SSLStream(PrefixedStream(client.raw, hello), context, server_side=True)
+    # Waypoint's own SSLObject and memory BIOs from the first byte: the peeked ClientHello is
+    # its first input, and the relay later takes this very TLS state over (``handover``).
+    tls_stream = ServerTLSStream(client.raw, context, hello)
     try:
         await tls_stream.do_handshake()
-    except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
         raise _Close(f"TLS handshake failed: {exc}") from exc
     if direct and tls_stream.selected_alpn_protocol() != ALPN_POSTGRESQL:
         raise _Close("direct TLS: ALPN postgresql was not negotiated")
@@ -567,6 +568,7 @@ async def _establish(
         identity,
         listener.name,
         database,
+        admin_database=listener.postgres.admin_database,
         defaults=ctx.config.defaults.limits,
         preset_cap=cap.cap,
         allow_raw_sql=ctx.allow_raw_sql,
@@ -729,22 +731,14 @@ async def _provision_and_login(
 
 
 def _client_tls_handover(client: _Client) -> TlsHandover | None:
-    """Take the client's TLS session out of trio for the engine, or None (then the trio
-    stream relay serves it): only a trio SSLStream over our PrefixedStream whose peeked
-    ClientHello has been fully consumed, with no ciphertext pending."""
+    """The client's TLS session for the engine, or None (then the trio stream relay serves
+    it): Waypoint's own TLS stream over the accepted socket, intact and with nothing unsent."""
     stream = client.stream
-    if not isinstance(stream, trio.SSLStream):
-        return None
-    transport = stream.transport_stream
-    if (
-        not isinstance(transport, PrefixedStream)
-        or transport.pending
-        or transport.inner is not client.raw
-    ):
+    if not isinstance(stream, ServerTLSStream) or stream.transport_stream is not client.raw:
         return None
     try:
-        return tls_handover(stream)
-    except ValueError:
+        return stream.handover()
+    except (ValueError, trio.BrokenResourceError, trio.ClosedResourceError):
         return None
 
 
@@ -773,8 +767,8 @@ async def _relay(
     async with trio.open_nursery() as nursery:
         if limits.max_conn_duration > 0:
             nursery.start_soon(_duration_timer, live, limits.max_conn_duration)
-        # The epoll engine relays plain sockets and client TLS (handed over from trio after
-        # the handshake); backend TLS stays on the trio stream relay.
+        # The epoll engine relays plain sockets and client TLS (the session's own SSLObject
+        # and BIOs, handed over after the startup); backend TLS stays on the trio stream relay.
         handover: TlsHandover | None = None
         use_engine = ctx.engine is not None and not backend.tls
         if use_engine and client.tls:
