@@ -169,8 +169,10 @@ admin_password = "unused-here"
 class Daemon:
     """``waypoint run`` with NOTIFY_SOCKET (and WATCHDOG_USEC) as systemd would set them."""
 
-    def __init__(self, tmp: Path, address: str, watchdog_usec: int | None) -> None:
-        self.port, self.metrics = free_port(), free_port()
+    def __init__(
+        self, tmp: Path, address: str, watchdog_usec: int | None, port: int | None = None
+    ) -> None:
+        self.port, self.metrics = port or free_port(), free_port()
         config = tmp / "waypoint.toml"
         config.write_text(CONFIG.format(port=self.port, metrics=self.metrics, backend=free_port()))
         env = {**os.environ, "NOTIFY_SOCKET": address}
@@ -257,3 +259,21 @@ def test_waypoint_run_notifies_ready_watchdog_stopping_in_order(tmp_path: Path) 
 def test_no_watchdog_pings_without_watchdog_usec(tmp_path: Path) -> None:
     messages = run_daemon(tmp_path, str(tmp_path / "notify.sock"), watchdog_usec=None)
     assert [m[0] for m in messages] == ["READY=1", "STOPPING=1"]
+
+
+def test_no_ready_when_a_listener_cannot_be_bound(tmp_path: Path) -> None:
+    """READY=1 follows the binding: a listener whose port is taken means exit 1, no READY."""
+    address = str(tmp_path / "notify.sock")
+    with notify_socket(address) as sock, socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        daemon = Daemon(tmp_path, address, None, port=int(taken.getsockname()[1]))
+        try:
+            daemon.proc.wait(30)
+            assert daemon.proc.returncode == 1, daemon.output()
+        finally:
+            daemon.stop()
+        assert "startup_failed" in (tmp_path / "waypoint.log").read_text()
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sock.recv(4096)

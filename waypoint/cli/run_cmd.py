@@ -39,4 +39,18 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("startup_failed", error=str(exc))
         return 1
+    except BaseExceptionGroup as group:
+        # An OSError at start (a listen address in use) arrives wrapped by trio's nurseries.
+        failed, rest = group.split(OSError)
+        if failed is None or rest is not None:
+            raise
+        log.error("startup_failed", error="; ".join(str(e) for e in _leaves(failed)))
+        return 1
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[OSError]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
