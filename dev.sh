@@ -44,7 +44,8 @@ command -v "$PY" >/dev/null 2>&1 || die "no $PY on PATH (Python 3.11+ is needed;
 
 # System packages: PostgreSQL server and pgbench (the system cluster in tests, the benchmark),
 # Redis (state tests), systemd (systemd-analyze verify of contrib/systemd), the venv module,
-# a C compiler and the Python headers (the relay's C extension, waypoint/proxy/relay/_pump.c). WAYPOINT_NO_SYSTEM_PACKAGES=1 skips this step.
+# a C compiler and the Python headers (the relay's C extension, waypoint/proxy/relay/_pump.c).
+# WAYPOINT_NO_SYSTEM_PACKAGES=1 skips this step.
 need_apt=()
 if [ "${WAYPOINT_NO_SYSTEM_PACKAGES:-0}" != 1 ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need_apt+=(postgresql)
