@@ -113,6 +113,12 @@ class Metrics:
             ["listener", "errno"],
             registry=r,
         )
+        self.readiness_checks = Counter(
+            "waypoint_readiness_checks",
+            "Readiness dependency checks run for /readyz, by check and outcome (ok, failed)",
+            ["check", "outcome"],
+            registry=r,
+        )
 
     # -- the calls the session makes ------------------------------------------------
     def backend_ended(self, listener: str, reason: str, how: str, count: int = 1) -> None:
@@ -160,6 +166,9 @@ class Metrics:
 
     def accept_failed(self, listener: str, errno_name: str) -> None:
         self.accept_errors.labels(listener, errno_name).inc()
+
+    def readiness_checked(self, check: str, outcome: str) -> None:
+        self.readiness_checks.labels(check, outcome).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
