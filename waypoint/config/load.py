@@ -485,8 +485,6 @@ def _validate_listener(cfg: Config, i: int, lst: ListenerConfig) -> list[tuple[K
                 f" got {format_duration(pg.user_ttl)}",
             )
         )
-    if pg.client_connection_check_interval < 0:
-        out.append(((*pbase, "client_connection_check_interval"), "must not be negative"))
     if pg.reap_interval is not None and pg.reap_interval <= 0:
         out.append(((*pbase, "reap_interval"), "must be greater than 0s"))
     if pg.admin_idle_timeout <= 0:
