@@ -46,6 +46,12 @@ class PostgresDialect:
         return " WITH INHERIT TRUE" if self.major >= 16 else ""
 
     @property
+    def member_clause(self) -> str:
+        """How a user role joins a group: on 16+ without SET, so that it can never ``SET
+        ROLE`` to the shared group and create objects (code) the group would own."""
+        return " WITH INHERIT TRUE, SET FALSE" if self.major >= 16 else ""
+
+    @property
     def role_lookup_sql(self) -> str:
         """One row (rolname, comment, rolcanlogin) when the role ``$1`` exists."""
         return (
@@ -80,6 +86,10 @@ class CockroachDialect:
 
     @property
     def admin_inherit_clause(self) -> str:
+        return ""
+
+    @property
+    def member_clause(self) -> str:
         return ""
 
     @property

@@ -214,7 +214,7 @@ class _PasswordChange:
 class _TxnResult:
     created: bool
     signatures: dict[str, Signature]
-    reassigned: bool
+    dropped_triggers: tuple[str, ...]
     granted: tuple[str, ...]
     revoked: tuple[str, ...]
 
@@ -225,6 +225,7 @@ def _provision_txn(
     password: _PasswordChange | None,
     known_signatures: Mapping[str, Signature],
     inherit_clause: str,
+    member_clause: str = "",
 ) -> _TxnResult:
     """One transaction in the target database. Blocking; call in a worker thread."""
     sess.run("BEGIN")
@@ -239,8 +240,9 @@ def _provision_txn(
     role_exists = plan.role in existing
     if role_exists and naming.parse_role_comment(existing[plan.role] or "") != plan.owner:
         raise _RoleNotOurs(plan.role)
-    if not role_exists and password is None:
-        raise _RoleMissing(plan.role)
+    retired = role_exists and naming.is_retired_comment(existing[plan.role] or "")
+    if (not role_exists or retired) and password is None:
+        raise _RoleMissing(plan.role)  # a retired role comes back only with a new secret
 
     schemas = sorted(s for s in plan.schemas if s)
     present: dict[str, tuple[int, int]] = {}
@@ -273,6 +275,8 @@ def _provision_txn(
     if password is not None:
         if role_exists:
             sess.run(sql.set_password(plan.role, password.verifier, password.valid_until))
+            if retired:  # its own caller again (the marker matched): active once more
+                sess.run(sql.comment_on_role(plan.role, plan.comment))
         else:
             sess.run(sql.create_login_role(plan.role, password.verifier, password.valid_until))
             sess.run(sql.comment_on_role(plan.role, plan.comment))
@@ -286,16 +290,30 @@ def _provision_txn(
     desired = {g.name for g in plan.groups}
     extra = sorted(current - desired)
     missing = sorted(desired - current)
-    reassigned = False
+    # Objects the role created stay its own: nothing is ever reassigned (to the admin or
+    # anyone), so its SECURITY DEFINER functions, views and rules run with the privileges the
+    # role holds from now on. Its triggers on tables it no longer may put triggers on go.
+    dropped: tuple[str, ...] = ()
     if extra:
-        sess.run(sql.reassign_owned(plan.role))
-        reassigned = True
         for g in extra:
             sess.run(sql.revoke_membership(g, plan.role))
+        dropped = drop_foreign_triggers(sess, plan.role, lost_only=True)
     for g in missing:
-        sess.run(sql.grant_membership(g, plan.role))
+        sess.run(sql.grant_membership(g, plan.role, member_clause))
     sess.run("COMMIT")
-    return _TxnResult(not role_exists, signatures, reassigned, tuple(missing), tuple(extra))
+    return _TxnResult(not role_exists, signatures, dropped, tuple(missing), tuple(extra))
+
+
+def drop_foreign_triggers(sess: AdminSession, role: str, *, lost_only: bool) -> tuple[str, ...]:
+    """In the current database and transaction: drop the trigger functions ``role`` owns that
+    fire on tables it does not own (with their triggers; see
+    :data:`sql.FOREIGN_TRIGGER_FUNCTIONS_QUERY`). ``lost_only``: only those on tables where
+    the role no longer holds TRIGGER. Returns the functions dropped. Blocking."""
+    found = sess.run(sql.FOREIGN_TRIGGER_FUNCTIONS_QUERY, role=role, lost=lost_only)
+    names = tuple(str(r[0]) for r in found)
+    for name in names:
+        sess.run(sql.drop_function_cascade(name))
+    return names
 
 
 # -- single flight ---------------------------------------------------------------
@@ -668,6 +686,7 @@ class Provisioner:
         self, plan: ProvisionPlan, password: _PasswordChange | None, info: _ServerInfo
     ) -> _TxnResult:
         inherit = info.dialect.admin_inherit_clause
+        member = info.dialect.member_clause
         for attempt in (1, 2):
             known = {
                 g.name: self._group_signatures[g.name]
@@ -676,7 +695,7 @@ class Provisioner:
             }
 
             def txn(sess: AdminSession, known: dict[str, Signature] = known) -> _TxnResult:
-                return _provision_txn(sess, plan, password, known, inherit)
+                return _provision_txn(sess, plan, password, known, inherit, member)
 
             try:
                 result = await self._pools.run(plan.database, txn)
@@ -692,11 +711,16 @@ class Provisioner:
                 log.info("created role %s", plan.role)
             if result.granted or result.revoked:
                 log.info(
-                    "role %s: granted %s, revoked %s%s",
+                    "role %s: granted %s, revoked %s",
                     plan.role,
                     list(result.granted),
                     list(result.revoked),
-                    " (objects reassigned)" if result.reassigned else "",
+                )
+            if result.dropped_triggers:
+                log.info(
+                    "role %s: dropped its trigger functions on tables it does not own: %s",
+                    plan.role,
+                    list(result.dropped_triggers),
                 )
             return result
         raise AssertionError("unreachable")
@@ -822,7 +846,9 @@ class Provisioner:
                 st.notify()
 
     async def strip(self, role: str) -> None:
-        """Access revoked: drop Waypoint group memberships and expire the role now."""
+        """Access revoked: drop Waypoint group memberships, expire the role now, and drop its
+        trigger functions on tables it does not own, in every database where it owns objects.
+        Its objects stay its own (nothing is reassigned)."""
         cid = new_correlation_id()
         deadline = trio.current_time() + self._handshake_timeout
         now = self._now()
@@ -842,10 +868,34 @@ class Provisioner:
             sess.run(sql.set_valid_until(role, now))
             sess.run("COMMIT")
 
+        def owned_in(sess: AdminSession) -> list[str]:
+            return [str(r[0]) for r in sess.run(sql.OWNED_DATABASES_QUERY, role=role)]
+
+        def untrigger(sess: AdminSession) -> tuple[str, ...]:
+            sess.run("BEGIN")
+            dropped = drop_foreign_triggers(sess, role, lost_only=False)
+            sess.run("COMMIT")
+            return dropped
+
         try:
             with trio.fail_at(deadline):
                 async with self.role_guard(role), self._role_lock(role, deadline):
                     await self._pools.run(self._pools.admin_database, txn)
+                    for database in await self._pools.run(self._pools.admin_database, owned_in):
+                        try:
+                            dropped = await self._pools.run(database, untrigger)
+                        except AdminError as exc:
+                            if exc.sqlstate == "3D000":  # dropped meanwhile
+                                continue
+                            raise
+                        if dropped:
+                            log.info(
+                                "role %s: dropped its trigger functions on tables it does not "
+                                "own in %s: %s",
+                                role,
+                                database,
+                                list(dropped),
+                            )
         except (trio.TooSlowError, RoleLockTimeout):
             raise ProvisionError(
                 provisioning_failed(cid, f"timed out stripping role {role}")
