@@ -438,3 +438,85 @@ async def test_reassign_to_receives_objects_whose_code_then_runs_as_its_caller(
         await env.prov.aclose()
         pg.execute(f"DROP OWNED BY {identifier(target)}", dbname=app_db)
         pg.execute(f"DROP ROLE {identifier(target)}")
+
+
+# -- code owned by a shared group -------------------------------------------------------
+
+GROUP_PLANT = """
+CREATE FUNCTION public.gpwn(cmd text) RETURNS text LANGUAGE plpgsql SECURITY DEFINER
+  SET search_path = pg_catalog AS $$BEGIN EXECUTE cmd; RETURN current_user; END$$;
+CREATE VIEW public.gpeek AS SELECT v FROM public.t;
+GRANT SELECT ON public.gpeek TO PUBLIC;
+CREATE FUNCTION public.gtrap() RETURNS trigger LANGUAGE plpgsql
+  SET search_path = pg_catalog AS $$BEGIN RETURN NEW; END$$;
+CREATE TRIGGER gtrap AFTER INSERT ON public.t FOR EACH ROW EXECUTE FUNCTION public.gtrap();
+"""
+
+
+def server_major(pg: PgCluster) -> int:
+    return int(str(pg.execute("SHOW server_version_num")[0][0])) // 10000
+
+
+async def test_member_cannot_set_role_to_its_group_on_16_and_later(
+    pg: PgCluster, app_db: str, env: Env
+) -> None:
+    """16+: memberships are granted WITH SET FALSE, so a group never owns a caller's code."""
+    alice = await env.provision(ALICE, grant(app_db, (ADM, "public")))
+    group = naming.group_name(env.prefix, ADM, "public", app_db)
+    if server_major(pg) < 16:
+        await query_as(pg, alice, app_db, f"SET ROLE {identifier(group)}")  # 15: allowed
+        return
+    assert await sqlstate_of(pg, alice, app_db, f"SET ROLE {identifier(group)}") == "42501"
+    # ... while the privileges still come through inheritance.
+    await query_as(pg, alice, app_db, "INSERT INTO public.t (v) VALUES ('inherited')")
+
+
+@pytest.mark.parametrize("path", ["downgrade", "revocation", "reap"])
+async def test_group_code_is_disarmed_when_a_member_leaves(pg15: PgCluster, path: str) -> None:
+    """15 has no SET option: a member can SET ROLE to its group and leave code the group owns
+    (which runs with the group's privileges for anyone). Once a member leaves, that code runs
+    as its callers and the group's trigger on a foreign table is gone."""
+    pg = pg15
+    db = f"own_{path}_{new_prefix()}".rstrip("_")
+    pg.create_database(db)
+    prefix = new_prefix()
+    env = Env(pg, prefix, listener_for(pg, prefix))
+    try:
+        setup_app_db(pg, db)
+        alice = await env.provision(ALICE, grant(db, (ADM, "public")))
+        group = naming.group_name(prefix, ADM, "public", db)
+        await query_as(pg, alice, db, f"SET ROLE {identifier(group)};" + GROUP_PLANT)
+        bob = await env.provision(BOB, grant(db, (RO, "public")))
+        assert await query_as(pg, bob, db, "SELECT public.gpwn('SELECT 1')") == [[group]]
+
+        await _shrink_group(path, pg, env, db, alice)
+
+        assert await query_as(pg, bob, db, "SELECT public.gpwn('SELECT 1')") == [[bob.role]]
+        insert = "INSERT INTO public.t (v) VALUES (''pwned'')"
+        assert await sqlstate_of(pg, bob, db, f"SELECT public.gpwn('{insert}')") == "42501"
+        assert pg.execute("SELECT reloptions FROM pg_class WHERE relname = 'gpeek'", dbname=db) == [
+            [["security_invoker=true"]]
+        ]
+        assert triggers_on_t(pg, db) == []
+        assert pg.execute(
+            "SELECT pg_get_userbyid(proowner)::text FROM pg_proc WHERE proname = 'gpwn'",
+            dbname=db,
+        ) == [[group]]  # never the admin's
+    finally:
+        await env.prov.aclose()
+        pg.drop_database(db)
+
+
+async def _shrink_group(path: str, pg: PgCluster, env: Env, db: str, alice: Credentials) -> None:
+    if path == "downgrade":
+        await env.prov.reconcile(ALICE, grant(db, (RO, "public")))
+    elif path == "revocation":
+        await env.prov.strip(alice.role)
+    else:
+        expire(pg, alice.role)
+        with trio.fail_after(60):
+            report = await env.reaper().run_pass()
+        group = naming.group_name(env.prefix, ADM, "public", db)
+        assert report.dropped_roles == (alice.role,), report  # alice herself owns nothing
+        assert [s.role for s in report.skipped] == [group], report
+        assert "kept" in report.skipped[0].reason

@@ -293,24 +293,102 @@ def _provision_txn(
     # Objects the role created stay its own: nothing is ever reassigned (to the admin or
     # anyone), so its SECURITY DEFINER functions, views and rules run with the privileges the
     # role holds from now on. Its triggers on tables it no longer may put triggers on go.
+    # A group's own code (a member may have created it after SET ROLE on 15; 16+ grants no
+    # SET) is disarmed whenever a member leaves, so no former member keeps its privileges.
     dropped: tuple[str, ...] = ()
     if extra:
         for g in extra:
             sess.run(sql.revoke_membership(g, plan.role))
-        dropped = drop_foreign_triggers(sess, plan.role, lost_only=True)
+        dropped = drop_foreign_triggers(
+            sess, plan.role, lost_only=True, inherit_clause=inherit_clause
+        )
+        for g in extra:
+            dropped += drop_foreign_triggers(
+                sess, g, lost_only=False, inherit_clause=inherit_clause
+            )
+            disarm_code(sess, g, inherit_clause)
     for g in missing:
         sess.run(sql.grant_membership(g, plan.role, member_clause))
     sess.run("COMMIT")
     return _TxnResult(not role_exists, signatures, dropped, tuple(missing), tuple(extra))
 
 
-def drop_foreign_triggers(sess: AdminSession, role: str, *, lost_only: bool) -> tuple[str, ...]:
+def _act_as(sess: AdminSession, owner: str, inherit_clause: str) -> None:
+    """Give the admin the privileges of ``owner`` (it created the role, so it may: 15
+    CREATEROLE, 16+ its ADMIN OPTION) unless it has them: needed to alter or drop what
+    ``owner`` owns. Waypoint's login roles have it from creation, its groups not."""
+    if not sess.run(sql.ADMIN_HAS_ROLE_QUERY, role=owner)[0][0]:
+        sess.run(sql.grant_role_to_admin(owner, inherit_clause))
+
+
+def disarm_code(sess: AdminSession, owner: str, inherit_clause: str = "") -> int:
+    """In the current database and transaction: make the code ``owner`` owns run as whoever
+    calls it (SECURITY INVOKER routines, ``security_invoker`` views) and drop the rules on its
+    tables (see :data:`sql.DEFINER_ROUTINES_QUERY`). Returns how many objects changed."""
+    routines = [str(r[0]) for r in sess.run(sql.DEFINER_ROUTINES_QUERY, role=owner)]
+    views = [(str(a), str(b)) for a, b in sess.run(sql.OWNED_VIEWS_QUERY, role=owner)]
+    rules = [(str(a), str(b), str(c)) for a, b, c in sess.run(sql.OWNED_RULES_QUERY, role=owner)]
+    if routines or views or rules:
+        _act_as(sess, owner, inherit_clause)
+    for sig in routines:
+        sess.run(sql.make_invoker(sig))
+    for schema, view in views:
+        sess.run(sql.view_as_invoker(schema, view))
+    for schema, table, rule in rules:
+        sess.run(sql.drop_rule(schema, table, rule))
+    return len(routines) + len(views) + len(rules)
+
+
+async def disarm_everywhere(
+    pools: AdminPools,
+    owner: str,
+    *,
+    group: bool,
+    inherit_clause: str,
+    check: Callable[[AdminSession], object] | None = None,
+) -> None:
+    """In every connectable database where ``owner`` owns objects, one transaction each:
+    ``check`` (raising stops it), its trigger functions on tables it does not own dropped,
+    and for a Waypoint group (``group``) its code disarmed (:func:`disarm_code`)."""
+
+    def owned_in(sess: AdminSession) -> list[str]:
+        return [str(r[0]) for r in sess.run(sql.OWNED_DATABASES_QUERY, role=owner)]
+
+    def txn(sess: AdminSession) -> None:
+        sess.run("BEGIN")
+        if check is not None:
+            check(sess)
+        dropped = drop_foreign_triggers(sess, owner, lost_only=False, inherit_clause=inherit_clause)
+        changed = disarm_code(sess, owner, inherit_clause) if group else 0
+        sess.run("COMMIT")
+        if dropped or changed:
+            log.info(
+                "%s: dropped trigger functions on tables it does not own %s; disarmed %d "
+                "object(s) of its code",
+                owner,
+                list(dropped),
+                changed,
+            )
+
+    for database in await pools.run(pools.admin_database, owned_in):
+        try:
+            await pools.run(database, txn)
+        except AdminError as exc:
+            if exc.sqlstate != "3D000":  # a database dropped meanwhile has nothing left
+                raise
+
+
+def drop_foreign_triggers(
+    sess: AdminSession, role: str, *, lost_only: bool, inherit_clause: str = ""
+) -> tuple[str, ...]:
     """In the current database and transaction: drop the trigger functions ``role`` owns that
     fire on tables it does not own (with their triggers; see
     :data:`sql.FOREIGN_TRIGGER_FUNCTIONS_QUERY`). ``lost_only``: only those on tables where
     the role no longer holds TRIGGER. Returns the functions dropped. Blocking."""
     found = sess.run(sql.FOREIGN_TRIGGER_FUNCTIONS_QUERY, role=role, lost=lost_only)
     names = tuple(str(r[0]) for r in found)
+    if names:
+        _act_as(sess, role, inherit_clause)
     for name in names:
         sess.run(sql.drop_function_cascade(name))
     return names
@@ -854,47 +932,36 @@ class Provisioner:
         now = self._now()
         self._cache.pop(role, None)
 
-        def txn(sess: AdminSession) -> None:
+        def txn(sess: AdminSession) -> list[str] | None:
             sess.run("BEGIN")
             rows = sess.run(sql.ROLES_QUERY, names=[role])
             if not rows:
                 sess.run("ROLLBACK")
-                return
+                return None
             if naming.parse_role_comment(str(rows[0][1] or "")) is None:
                 raise _RoleNotOurs(role)
+            revoked: list[str] = []
             for gname, comment in sess.run(sql.MEMBERSHIPS_QUERY, role=role):
                 if naming.parse_group_comment(str(comment or "")) is not None:
                     sess.run(sql.revoke_membership(str(gname), role))
+                    revoked.append(str(gname))
             sess.run(sql.set_valid_until(role, now))
             sess.run("COMMIT")
-
-        def owned_in(sess: AdminSession) -> list[str]:
-            return [str(r[0]) for r in sess.run(sql.OWNED_DATABASES_QUERY, role=role)]
-
-        def untrigger(sess: AdminSession) -> tuple[str, ...]:
-            sess.run("BEGIN")
-            dropped = drop_foreign_triggers(sess, role, lost_only=False)
-            sess.run("COMMIT")
-            return dropped
+            return revoked
 
         try:
             with trio.fail_at(deadline):
                 async with self.role_guard(role), self._role_lock(role, deadline):
-                    await self._pools.run(self._pools.admin_database, txn)
-                    for database in await self._pools.run(self._pools.admin_database, owned_in):
-                        try:
-                            dropped = await self._pools.run(database, untrigger)
-                        except AdminError as exc:
-                            if exc.sqlstate == "3D000":  # dropped meanwhile
-                                continue
-                            raise
-                        if dropped:
-                            log.info(
-                                "role %s: dropped its trigger functions on tables it does not "
-                                "own in %s: %s",
-                                role,
-                                database,
-                                list(dropped),
+                    info = await self._server_info()
+                    inherit = info.dialect.admin_inherit_clause
+                    revoked = await self._pools.run(self._pools.admin_database, txn)
+                    if revoked is not None:
+                        await disarm_everywhere(
+                            self._pools, role, group=False, inherit_clause=inherit
+                        )
+                        for g in revoked:
+                            await disarm_everywhere(
+                                self._pools, g, group=True, inherit_clause=inherit
                             )
         except (trio.TooSlowError, RoleLockTimeout):
             raise ProvisionError(

@@ -127,6 +127,20 @@ def drop_function_cascade(signature: str) -> str:
     return f"DROP FUNCTION {signature} CASCADE"
 
 
+def make_invoker(signature: str) -> str:
+    """``ALTER ROUTINE <f>(<args>) SECURITY INVOKER``; ``signature`` is the server's own
+    ``regprocedure`` output, never caller text."""
+    return f"ALTER ROUTINE {signature} SECURITY INVOKER"
+
+
+def view_as_invoker(schema: str, view: str) -> str:
+    return f"ALTER VIEW {identifier(schema)}.{identifier(view)} SET (security_invoker = true)"
+
+
+def drop_rule(schema: str, table: str, rule: str) -> str:
+    return f"DROP RULE {identifier(rule)} ON {identifier(schema)}.{identifier(table)}"
+
+
 def advisory_xact_lock(key: int) -> str:
     return f"SELECT pg_catalog.pg_advisory_xact_lock({GROUP_LOCK_CLASS}, {int(key)})"
 
@@ -175,6 +189,42 @@ OWNED_DATABASES_QUERY: Final = (
     "AND s.refobjid = (SELECT r.oid FROM pg_catalog.pg_roles AS r WHERE r.rolname = :role) "
     "AND d.datallowconn "
     "ORDER BY 1"
+)
+
+# Code a role owns in the current database that runs with its owner's privileges whoever
+# calls it: SECURITY DEFINER functions and procedures, views (unless security_invoker, which
+# PostgreSQL has from 15 on), and rules on its tables other than a view's own ``_RETURN``.
+# Disarmed (:func:`waypoint.provision.engine.disarm_code`) before such code could run with
+# privileges its author does not hold: a Waypoint group's (created by a member after SET
+# ROLE) when a member leaves it, a reaped role's before its objects go to ``reassign_to``.
+DEFINER_ROUTINES_QUERY: Final = (
+    "SELECT p.oid::pg_catalog.regprocedure::pg_catalog.text FROM pg_catalog.pg_proc AS p "
+    "JOIN pg_catalog.pg_roles AS r ON r.oid = p.proowner "
+    "WHERE r.rolname = :role AND p.prosecdef ORDER BY 1"
+)
+OWNED_VIEWS_QUERY: Final = (
+    "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text "
+    "FROM pg_catalog.pg_class AS c "
+    "JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace "
+    "JOIN pg_catalog.pg_roles AS r ON r.oid = c.relowner "
+    "WHERE r.rolname = :role AND c.relkind = 'v' "
+    "AND pg_catalog.current_setting('server_version_num')::pg_catalog.int4 >= 150000 "
+    "ORDER BY 1, 2"
+)
+OWNED_RULES_QUERY: Final = (
+    "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text, "
+    "w.rulename::pg_catalog.text "
+    "FROM pg_catalog.pg_rewrite AS w "
+    "JOIN pg_catalog.pg_class AS c ON c.oid = w.ev_class "
+    "JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace "
+    "JOIN pg_catalog.pg_roles AS r ON r.oid = c.relowner "
+    "WHERE r.rolname = :role AND w.rulename <> '_RETURN' ORDER BY 1, 2, 3"
+)
+
+
+ADMIN_HAS_ROLE_QUERY: Final = (
+    "SELECT pg_catalog.pg_has_role(CURRENT_USER, r.oid, 'USAGE') "
+    "FROM pg_catalog.pg_roles AS r WHERE r.rolname = :role"
 )
 
 SCHEMA_SIGNATURE_QUERY: Final = (

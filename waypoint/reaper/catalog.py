@@ -148,29 +148,9 @@ REASSIGN_TARGET_QUERY: Final = (
     "FROM pg_catalog.pg_roles AS r WHERE r.rolname = :name"
 )
 
-# Code the role owns in the current database that would run as its new owner once
-# reassigned: SECURITY DEFINER functions and procedures, views (owner's privileges unless
-# security_invoker), and rules on its tables other than a view's own ``_RETURN``.
-DEFINER_ROUTINES_QUERY: Final = (
-    "SELECT p.oid::pg_catalog.regprocedure::pg_catalog.text FROM pg_catalog.pg_proc AS p "
-    "JOIN pg_catalog.pg_roles AS r ON r.oid = p.proowner "
-    "WHERE r.rolname = :role AND p.prosecdef ORDER BY 1"
-)
-OWNED_VIEWS_QUERY: Final = (
-    "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text "
-    "FROM pg_catalog.pg_class AS c "
-    "JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace "
-    "JOIN pg_catalog.pg_roles AS r ON r.oid = c.relowner "
-    "WHERE r.rolname = :role AND c.relkind = 'v' ORDER BY 1, 2"
-)
-OWNED_RULES_QUERY: Final = (
-    "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text, "
-    "w.rulename::pg_catalog.text "
-    "FROM pg_catalog.pg_rewrite AS w "
-    "JOIN pg_catalog.pg_class AS c ON c.oid = w.ev_class "
-    "JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace "
-    "JOIN pg_catalog.pg_roles AS r ON r.oid = c.relowner "
-    "WHERE r.rolname = :role AND w.rulename <> '_RETURN' ORDER BY 1, 2, 3"
+COMMENT_QUERY: Final = (
+    "SELECT pg_catalog.shobj_description(r.oid, 'pg_authid') FROM pg_catalog.pg_roles AS r "
+    "WHERE r.rolname = :name"
 )
 
 VERSION_QUERY: Final = "SELECT pg_catalog.version()"
@@ -205,20 +185,6 @@ OBJECT_KINDS: Final = {
 def reassign_owned(role: str, to: str) -> str:
     """``REASSIGN OWNED BY r TO <to>`` (``to`` is a checked ``reassign_to``, never the admin)."""
     return f"REASSIGN OWNED BY {identifier(role)} TO {identifier(to)}"
-
-
-def make_invoker(signature: str) -> str:
-    """``ALTER ROUTINE <f>(<args>) SECURITY INVOKER``; ``signature`` is the server's own
-    ``regprocedure`` output, never caller text."""
-    return f"ALTER ROUTINE {signature} SECURITY INVOKER"
-
-
-def view_as_invoker(schema: str, view: str) -> str:
-    return f"ALTER VIEW {identifier(schema)}.{identifier(view)} SET (security_invoker = true)"
-
-
-def drop_rule(schema: str, table: str, rule: str) -> str:
-    return f"DROP RULE {identifier(rule)} ON {identifier(schema)}.{identifier(table)}"
 
 
 def revoke_role(group: str, member: str) -> str:

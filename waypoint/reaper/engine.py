@@ -54,7 +54,12 @@ from waypoint.observability.log import get_logger
 from waypoint.provision import sql as provision_sql
 from waypoint.provision.admin import AdminError, AdminPools, AdminSession
 from waypoint.provision.dialect import Dialect, detect_dialect
-from waypoint.provision.engine import Provisioner, drop_foreign_triggers
+from waypoint.provision.engine import (
+    Provisioner,
+    disarm_code,
+    disarm_everywhere,
+    drop_foreign_triggers,
+)
 from waypoint.provision.locks import RoleLease
 from waypoint.reaper import catalog
 
@@ -220,18 +225,6 @@ def reassign_target_problem(sess: AdminSession, target: str) -> str | None:
     )
 
 
-def _neutralize_code(sess: AdminSession, role: str) -> None:
-    """Before ``REASSIGN OWNED``: the code ``role`` owns in this database runs as whoever
-    calls it from now on (SECURITY INVOKER routines, ``security_invoker`` views), and rules
-    on its tables (which run as the table's owner) are dropped."""
-    for (sig,) in sess.run(catalog.DEFINER_ROUTINES_QUERY, role=role):
-        sess.run(catalog.make_invoker(str(sig)))
-    for schema, view in sess.run(catalog.OWNED_VIEWS_QUERY, role=role):
-        sess.run(catalog.view_as_invoker(str(schema), str(view)))
-    for schema, table, rule in sess.run(catalog.OWNED_RULES_QUERY, role=role):
-        sess.run(catalog.drop_rule(str(schema), str(table), str(rule)))
-
-
 def _admin_reason(exc: AdminError) -> str:
     detail = exc.fields.get("D")
     text = str(exc)
@@ -275,8 +268,8 @@ def _drop_txn(
         if owned:
             raise _NotEligible(f"owns {owned} object(s) in {database}")
     else:
-        drop_foreign_triggers(sess, role, lost_only=False)
-        _neutralize_code(sess, role)
+        drop_foreign_triggers(sess, role, lost_only=False, inherit_clause=inherit_clause)
+        disarm_code(sess, role, inherit_clause)
         sess.run(catalog.reassign_owned(role, reassign_to))
     sess.run(catalog.drop_owned(role))
     if drop_role:
@@ -610,11 +603,16 @@ class Reaper:
         admin_db = self._pools.admin_database
         past = provision_sql.timestamp_literal(RETIRED_VALID_UNTIL)
 
-        def strip(sess: AdminSession, in_use: frozenset[str]) -> None:
+        def strip(sess: AdminSession, in_use: frozenset[str]) -> list[str]:
             sess.run("BEGIN")
             recheck(sess, in_use)
+            groups: list[str] = []
             for group, member in sess.run(catalog.ALL_MEMBERSHIPS_QUERY, role=role):
                 sess.run(catalog.revoke_role(str(group), str(member)))
+                if str(member) == role and naming.parse_group_comment(
+                    str(sess.run(catalog.COMMENT_QUERY, name=str(group))[0][0] or "")
+                ):
+                    groups.append(str(group))
             left = sess.run(catalog.ALL_MEMBERSHIPS_QUERY, role=role)
             if left:
                 pairs = ", ".join(f"{g} to {m}" for g, m in left)
@@ -628,12 +626,7 @@ class Reaper:
                     catalog.reset_role_settings(role, None if database is None else str(database))
                 )
             sess.run("COMMIT")
-
-        def untrigger(sess: AdminSession, in_use: frozenset[str]) -> None:
-            sess.run("BEGIN")
-            recheck(sess, in_use)
-            drop_foreign_triggers(sess, role, lost_only=False)
-            sess.run("COMMIT")
+            return groups
 
         def mark(sess: AdminSession, in_use: frozenset[str]) -> None:
             sess.run("BEGIN")
@@ -643,18 +636,20 @@ class Reaper:
             sess.run(catalog.comment_on_role(role, naming.retired_role_comment(owner)))
             sess.run("COMMIT")
 
-        await self._pools.run(admin_db, partial(strip, in_use=frozenset(self._roles_in_use())))
-        owned_dbs = await self._pools.run(
-            admin_db, lambda s: s.run(provision_sql.OWNED_DATABASES_QUERY, role=role)
+        groups = await self._pools.run(
+            admin_db, partial(strip, in_use=frozenset(self._roles_in_use()))
         )
-        for (database,) in owned_dbs:
-            try:
-                await self._pools.run(
-                    str(database), partial(untrigger, in_use=frozenset(self._roles_in_use()))
-                )
-            except AdminError as exc:
-                if exc.sqlstate != "3D000":
-                    raise
+        snapshot = frozenset(self._roles_in_use())
+
+        def still_eligible(sess: AdminSession) -> None:
+            recheck(sess, snapshot)
+
+        inherit = (await self.dialect()).admin_inherit_clause
+        await disarm_everywhere(
+            self._pools, role, group=False, inherit_clause=inherit, check=still_eligible
+        )
+        for group in groups:
+            await disarm_everywhere(self._pools, group, group=True, inherit_clause=inherit)
         await self._pools.run(admin_db, partial(mark, in_use=frozenset(self._roles_in_use())))
         return "retired"
 
@@ -707,10 +702,23 @@ class Reaper:
             {owner.schema} if owner.schema is not None and home == owner.database else set()
         )
         if info.owned and self._pg.reassign_to is None:
-            # Objects a member created after SET ROLE to the group: never given to the admin.
+            # Objects a member created after SET ROLE to the group: never given to the admin;
+            # the group is kept, its code disarmed.
+            try:
+                with trio.fail_after(self._role_timeout):
+                    await disarm_everywhere(
+                        self._pools,
+                        group,
+                        group=True,
+                        inherit_clause=(await self.dialect()).admin_inherit_clause,
+                        check=recheck,
+                    )
+            except Exception as exc:
+                return self._error_outcome(group, exc)
             return Skipped(
                 group,
-                f"owns {info.owned} object(s) (created by a member through SET ROLE); kept",
+                f"owns {info.owned} object(s) (created by a member after SET ROLE); kept, "
+                "its code runs as its callers",
             )
         try:
             with trio.fail_after(self._role_timeout):
