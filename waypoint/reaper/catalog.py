@@ -161,7 +161,7 @@ OBJECT_KINDS: Final = {
     "pg_proc": "functions",
     "pg_type": "types",
     "pg_namespace": "schemas",
-    "pg_largeobject_metadata": "large objects",
+    "pg_largeobject": "large objects",
     "pg_default_acl": "default privileges",
     "pg_operator": "operators",
     "pg_collation": "collations",

@@ -398,6 +398,14 @@ class Reaper:
                 dry_run,
                 disabled=f"{dialect.name}: the reaper is off (set reap_on_cockroachdb = true)",
             )
+        if self._pg.reassign_to is not None:
+            try:
+                problem = await self.check_reassign_to()
+            except AdminError as exc:
+                raise ReapError(f"cannot check reassign_to: {_admin_reason(exc)}") from None
+            if problem is not None:
+                # Every pass, the first one at startup included, refuses: nothing is reaped.
+                raise ReapError(f"reassign_to refused, nothing reaped: {problem}")
         listing = await self.list_roles()
         in_use = set(self._roles_in_use())
         skipped: list[Skipped] = []
