@@ -3,7 +3,6 @@ secrets masked."""
 
 from __future__ import annotations
 
-import json
 import urllib.parse
 from typing import Any
 
@@ -62,7 +61,7 @@ def _unset_note(obj: Any, name: str, root: Config) -> str:
                 f"not set: min(user_ttl / 4, 1h) = {format_duration(obj.effective_reap_interval)}"
             )
         if name == "reassign_to":
-            return f"not set: admin_user ({json.dumps(obj.admin_user)})"
+            return "not set: a reaped role that owns objects is retired (kept, NOLOGIN)"
     if isinstance(obj, MetricsConfig) and name == "listen":
         return "not set: no metrics endpoint"
     return "not set"
