@@ -14,9 +14,10 @@ A pass, for one listener:
    re-checked in every transaction, one of:
 
    - the role owns nothing anywhere (``pg_shdepend`` owner rows): in every database where it
-     holds privileges ``DROP OWNED BY r`` (which then only revokes), each transaction first
-     taking the group locks ``pg_advisory_xact_lock(2, h(db, schema))`` of the schemas
-     involved (sorted); finally in ``admin_database`` ``DROP ROLE r``;
+     holds privileges ``DROP OWNED BY r`` (which then only revokes), each transaction run
+     under the group locks ``(2, h(db, schema))`` of the schemas involved (sorted; held in
+     ``admin_database``, see :class:`waypoint.provision.locks.GroupLocks`); finally in
+     ``admin_database`` ``DROP ROLE r``;
    - it owns objects and ``reassign_to`` is set (and passes its checks now): in every such
      database its trigger functions on tables it does not own are dropped, the code it owns
      is made to run as its invoker (SECURITY INVOKER routines, ``security_invoker`` views,
@@ -237,13 +238,14 @@ def _drop_txn(
     *,
     database: str,
     reassign_to: str | None,
-    extra_schemas: Collection[str],
+    locked: Collection[str],
     check: Check,
     drop_role: bool,
     inherit_clause: str,
 ) -> None:
-    """One transaction in ``database``: group locks, re-check, [REASSIGN OWNED,] DROP OWNED
-    [, DROP ROLE].
+    """One transaction in ``database``: re-check, [REASSIGN OWNED,] DROP OWNED [, DROP ROLE],
+    under the group locks of the schemas ``locked`` (held by the caller). Objects in a schema
+    outside ``locked`` (created since the caller looked) raise :class:`_MoreSchemas`.
 
     Without ``reassign_to`` the role must own nothing here (re-checked): ``DROP OWNED`` then
     only revokes its privileges, it never drops a caller's objects. With ``reassign_to``
@@ -257,14 +259,14 @@ def _drop_txn(
     Blocking (a worker thread). ``pools.run`` rolls back on any exception.
     """
     sess.run("BEGIN")
-    schemas = {str(r[0]) for r in sess.run(catalog.DEPENDENT_SCHEMAS_QUERY, role=role)}
-    schemas |= set(extra_schemas)
-    for stmt in provision_sql.sorted_group_lock_statements(database, schemas):
-        sess.run(stmt)
+    schemas = _dependent_schemas(sess, role)
+    if not schemas <= set(locked):
+        raise _MoreSchemas(schemas)
     check(sess)
     sess.run(provision_sql.grant_role_to_admin(role, inherit_clause))
     if reassign_to is None:
-        owned = int(str(sess.run(catalog.OWNED_HERE_QUERY, role=role)[0][0]))
+        rows = sess.run(catalog.OWNED_HERE_QUERY, role=role)
+        owned = int(str(rows[0][0])) if rows else 0
         if owned:
             raise _NotEligible(f"owns {owned} object(s) in {database}")
     else:
@@ -275,6 +277,18 @@ def _drop_txn(
     if drop_role:
         sess.run(catalog.drop_role(role))
     sess.run("COMMIT")
+
+
+class _MoreSchemas(Exception):
+    """The role has objects in schemas whose group locks are not held: retry with them."""
+
+    def __init__(self, schemas: set[str]) -> None:
+        super().__init__(f"objects in schemas {sorted(schemas)}")
+        self.schemas = schemas
+
+
+def _dependent_schemas(sess: AdminSession, role: str) -> set[str]:
+    return {str(r[0]) for r in sess.run(catalog.DEPENDENT_SCHEMAS_QUERY, role=role)}
 
 
 def _one_role(sess: AdminSession, name: str) -> RoleInfo | None:
@@ -670,21 +684,33 @@ class Reaper:
         extra_schemas: Collection[str] = (),
         drop_role: bool = False,
     ) -> None:
-        inherit_clause = (await self.dialect()).admin_inherit_clause
+        dialect = await self.dialect()
 
-        def txn(sess: AdminSession) -> None:
+        def txn(sess: AdminSession, locked: frozenset[str]) -> None:
             _drop_txn(
                 sess,
                 role,
                 database=database,
                 reassign_to=self._pg.reassign_to,
-                extra_schemas=extra_schemas,
+                locked=locked,
                 check=check,
                 drop_role=drop_role,
-                inherit_clause=inherit_clause,
+                inherit_clause=dialect.admin_inherit_clause,
             )
 
-        await self._pools.run(database, txn)
+        # The schemas to lock are read first; the transaction re-reads them under the locks
+        # and asks again when objects appeared elsewhere (bounded by the role's timeout).
+        locked = set(extra_schemas) | await self._pools.run(
+            database, lambda s: _dependent_schemas(s, role)
+        )
+        while True:
+            held = frozenset(locked)
+            try:
+                async with self._prov.group_locks(database, held, dialect):
+                    await self._pools.run(database, partial(txn, locked=held))
+                return
+            except _MoreSchemas as exc:
+                locked |= exc.schemas
 
     # -- groups --------------------------------------------------------------------------
 
