@@ -521,3 +521,47 @@ async def _shrink_group(path: str, pg: PgCluster, env: Env, db: str, alice: Cred
         assert report.dropped_roles == (alice.role,), report  # alice herself owns nothing
         assert [s.role for s in report.skipped] == [group], report
         assert "kept" in report.skipped[0].reason
+
+
+async def test_role_with_only_default_privileges_is_dropped_not_retired(
+    pg: PgCluster, app_db: str, env: Env
+) -> None:
+    """``ALTER DEFAULT PRIVILEGES`` leaves a setting, not an object: nothing to keep."""
+    ro = await env.provision(ALICE, grant(app_db, (RO, "public")))
+    await query_as(pg, ro, app_db, "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO PUBLIC")
+    expire(pg, ro.role)
+    with trio.fail_after(60):
+        report = await env.reaper().run_pass()
+    assert report.dropped_roles == (ro.role,) and report.retired_roles == (), report
+    assert not role_exists(pg, ro.role)
+
+
+async def test_membership_the_admin_cannot_revoke_fails_the_retirement_loudly(
+    pg: PgCluster, app_db: str, env: Env
+) -> None:
+    """16+: a membership the superuser granted is not the admin's to revoke. The rest of the
+    retirement holds (NOLOGIN, Waypoint's groups gone), the role is not marked retired, and
+    the pass says why; once the operator revokes it, the next pass finishes."""
+    alice = await env.provision(ALICE, grant(app_db, (ADM, "public")))
+    await query_as(pg, alice, app_db, "CREATE TABLE public.mine (x int)")
+    pg.execute(f"GRANT app_owner TO {identifier(alice.role)}")  # by the superuser
+    expire(pg, alice.role)
+    with trio.fail_after(60):
+        report = await env.reaper().run_pass()
+    if server_major(pg) < 16:  # 15: CREATEROLE revokes any membership
+        assert report.retired_roles == (alice.role,), report
+        assert members_of(pg, alice.role) == []
+        return
+    assert [f.role for f in report.failed] == [alice.role], report
+    assert "app_owner to " in report.failed[0].reason
+    assert members_of(pg, alice.role) == ["app_owner"]
+    row = pg.execute(
+        "SELECT rolcanlogin, shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = :r",
+        r=alice.role,
+    )
+    assert row[0][0] is False and not naming.is_retired_comment(row[0][1])
+
+    pg.execute(f"REVOKE app_owner FROM {identifier(alice.role)}")
+    with trio.fail_after(60):
+        again = await env.reaper().run_pass()
+    assert again.retired_roles == (alice.role,), again

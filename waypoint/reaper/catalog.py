@@ -17,6 +17,7 @@ from typing import Final
 from pg8000.native import identifier, literal
 
 LIKE_ESCAPE: Final = "!"
+_DEFAULT_ACL: Final = "'pg_catalog.pg_default_acl'::pg_catalog.regclass"
 
 
 def like_prefix(prefix: str) -> str:
@@ -31,7 +32,7 @@ def like_prefix(prefix: str) -> str:
 # groups it is a member of, roles that are members of it (the admin itself excluded: on 16+
 # the creator of a role holds a membership row carrying ADMIN OPTION), and how many objects
 # it owns in the whole cluster (``pg_shdepend`` owner rows: relations, functions, types,
-# schemas, large objects, default privileges ... of every database).
+# schemas, large objects ... of every database; default privileges are not objects).
 ROLES_QUERY: Final = (
     "SELECT r.rolname::pg_catalog.text, "
     "pg_catalog.shobj_description(r.oid, 'pg_authid'), "
@@ -46,7 +47,8 @@ ROLES_QUERY: Final = (
     " WHERE m.roleid = r.oid AND u.rolname <> CURRENT_USER ORDER BY 1), "
     "(SELECT pg_catalog.count(*) FROM pg_catalog.pg_shdepend AS s "
     " WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass "
-    " AND s.refobjid = r.oid AND s.deptype = 'o') "
+    " AND s.refobjid = r.oid AND s.deptype = 'o' "
+    f" AND s.classid <> {_DEFAULT_ACL}) "
     "FROM pg_catalog.pg_roles AS r "
     f"WHERE r.rolname LIKE :pattern ESCAPE '{LIKE_ESCAPE}' "
     "ORDER BY r.rolname"
@@ -110,10 +112,12 @@ OWNED_SUMMARY_QUERY: Final = (
 )
 
 # How many objects the role owns in the current database (the re-check before DROP OWNED,
-# which must only ever revoke privileges, never drop a caller's objects).
+# which must only ever revoke privileges, never drop a caller's objects; its default
+# privileges, ``ALTER DEFAULT PRIVILEGES`` settings rather than objects, may go).
 OWNED_HERE_QUERY: Final = (
     "SELECT pg_catalog.count(*) FROM pg_catalog.pg_shdepend AS s "
     "WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass AND s.deptype = 'o' "
+    f"AND s.classid <> {_DEFAULT_ACL} "
     "AND s.dbid = (SELECT d.oid FROM pg_catalog.pg_database AS d "
     " WHERE d.datname = pg_catalog.current_database()) "
     "AND s.refobjid = (SELECT r.oid FROM pg_catalog.pg_roles AS r WHERE r.rolname = :role)"

@@ -48,6 +48,7 @@ from typing import Any, Final, Literal
 
 import trio
 from attrs import frozen
+from pg8000.exceptions import DatabaseError
 
 from waypoint.config.model import ListenerConfig
 from waypoint.grants import naming
@@ -625,30 +626,31 @@ class Reaper:
         admin_db = self._pools.admin_database
         past = provision_sql.timestamp_literal(RETIRED_VALID_UNTIL)
 
-        def strip(sess: AdminSession, in_use: frozenset[str]) -> list[str]:
+        def strip(sess: AdminSession, in_use: frozenset[str]) -> tuple[list[str], list[str]]:
             sess.run("BEGIN")
             recheck(sess, in_use)
             groups: list[str] = []
             for group, member in sess.run(catalog.ALL_MEMBERSHIPS_QUERY, role=role):
-                sess.run(catalog.revoke_role(str(group), str(member)))
+                # A membership another role granted may not be the admin's to revoke (16+):
+                # the rest of the retirement goes on, and the pass reports it.
+                sess.run("SAVEPOINT revoke_one")
+                try:
+                    sess.run(catalog.revoke_role(str(group), str(member)))
+                except DatabaseError:
+                    sess.run("ROLLBACK TO SAVEPOINT revoke_one")
+                sess.run("RELEASE SAVEPOINT revoke_one")
                 if str(member) == role and naming.parse_group_comment(
                     str(sess.run(catalog.COMMENT_QUERY, name=str(group))[0][0] or "")
                 ):
                     groups.append(str(group))
-            left = sess.run(catalog.ALL_MEMBERSHIPS_QUERY, role=role)
-            if left:
-                pairs = ", ".join(f"{g} to {m}" for g, m in left)
-                raise _Refused(
-                    f"could not revoke membership ({pairs}): granted by another role; "
-                    "revoke it, the next pass retires the role"
-                )
             sess.run(catalog.retire_role(role, past))
             for (database,) in sess.run(catalog.ROLE_SETTINGS_QUERY, role=role):
                 sess.run(
                     catalog.reset_role_settings(role, None if database is None else str(database))
                 )
+            left = [f"{g} to {m}" for g, m in sess.run(catalog.ALL_MEMBERSHIPS_QUERY, role=role)]
             sess.run("COMMIT")
-            return groups
+            return groups, left
 
         def mark(sess: AdminSession, in_use: frozenset[str]) -> None:
             sess.run("BEGIN")
@@ -658,7 +660,7 @@ class Reaper:
             sess.run(catalog.comment_on_role(role, naming.retired_role_comment(owner)))
             sess.run("COMMIT")
 
-        groups = await self._pools.run(
+        groups, left = await self._pools.run(
             admin_db, partial(strip, in_use=frozenset(self._roles_in_use()))
         )
         snapshot = frozenset(self._roles_in_use())
@@ -672,6 +674,11 @@ class Reaper:
         )
         for group in groups:
             await disarm_everywhere(self._pools, group, group=True, inherit_clause=inherit)
+        if left:  # not marked retired: the next pass tries again
+            raise _Refused(
+                f"retired except for membership(s) the admin could not revoke ({', '.join(left)}:"
+                " granted by another role); revoke them and the next pass finishes"
+            )
         await self._pools.run(admin_db, partial(mark, in_use=frozenset(self._roles_in_use())))
         return "retired"
 
