@@ -232,6 +232,7 @@ def _provision_txn(
     known_signatures: Mapping[str, Signature],
     inherit_clause: str,
     member_clause: str = "",
+    disarm: bool = True,
 ) -> _TxnResult:
     """One transaction in the target database, under the group locks of ``plan.schemas``
     (held by the caller in ``admin_database``). Blocking; call in a worker thread."""
@@ -301,9 +302,9 @@ def _provision_txn(
     # A group's own code (a member may have created it after SET ROLE on 15; 16+ grants no
     # SET) is disarmed whenever a member leaves, so no former member keeps its privileges.
     dropped: tuple[str, ...] = ()
-    if extra:
-        for g in extra:
-            sess.run(sql.revoke_membership(g, plan.role))
+    for g in extra:
+        sess.run(sql.revoke_membership(g, plan.role))
+    if extra and disarm:  # PostgreSQL (CockroachDB has no functions owned this way)
         dropped = drop_foreign_triggers(
             sess, plan.role, lost_only=True, inherit_clause=inherit_clause
         )
@@ -774,6 +775,7 @@ class Provisioner:
     ) -> _TxnResult:
         inherit = info.dialect.admin_inherit_clause
         member = info.dialect.member_clause
+        disarm = not isinstance(info.dialect, CockroachDialect)
         for attempt in (1, 2):
             known = {
                 g.name: self._group_signatures[g.name]
@@ -782,7 +784,7 @@ class Provisioner:
             }
 
             def txn(sess: AdminSession, known: dict[str, Signature] = known) -> _TxnResult:
-                return _provision_txn(sess, plan, password, known, inherit, member)
+                return _provision_txn(sess, plan, password, known, inherit, member, disarm)
 
             try:
                 async with self.group_locks(plan.database, plan.schemas, info.dialect):
@@ -974,7 +976,7 @@ class Provisioner:
                     info = await self._server_info()
                     inherit = info.dialect.admin_inherit_clause
                     revoked = await self._pools.run(self._pools.admin_database, txn)
-                    if revoked is not None:
+                    if revoked is not None and not isinstance(info.dialect, CockroachDialect):
                         await disarm_everywhere(
                             self._pools, role, group=False, inherit_clause=inherit
                         )

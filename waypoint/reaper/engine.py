@@ -271,6 +271,9 @@ def _drop_txn(
         if owned:
             raise _NotEligible(f"owns {owned} object(s) in {database}")
     else:
+        problem = reassign_target_problem(sess, reassign_to)  # again, in this transaction
+        if problem is not None:
+            raise _Refused(f"reassign_to refused, nothing reaped: {problem}")
         drop_foreign_triggers(sess, role, lost_only=False, inherit_clause=inherit_clause)
         disarm_code(sess, role, inherit_clause)
         sess.run(catalog.reassign_owned(role, reassign_to))
