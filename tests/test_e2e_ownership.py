@@ -9,11 +9,13 @@ its rows."""
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import pg8000.native
+import pytest
 import trio
 from e2e_support import create_app_database, e2e_env
 from pg8000.native import identifier
@@ -21,6 +23,9 @@ from pgcluster import PgCluster
 from test_e2e_reaper import connect, current_user, short_ttl_env
 
 from waypoint.grants import naming
+from waypoint.identity.model import Identity
+
+IDENT = Identity(login="stale@example.com", node="stale-node")
 
 PWN = (
     "CREATE FUNCTION public.{name}(cmd text) RETURNS text LANGUAGE plpgsql SECURITY DEFINER "
@@ -157,3 +162,54 @@ async def test_reaped_callers_function_runs_as_a_retired_role_and_its_table_stay
             assert await _run(back, "SELECT count(*) FROM public.mine") == [[2]]
         finally:
             await _close(back)
+
+
+async def test_waypoint_started_with_a_privileged_reassign_to_reaps_nothing_and_says_why(
+    pg: PgCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The catalog check at startup: the first pass (and every one after) refuses."""
+    from e2e_support import LISTENER, make_config_text, run_waypoint
+    from localapi_standin import run_standin
+
+    from waypoint.config.load import load_config_text
+
+    keeper = f"keeper_{os.getpid()}_{next(_counter)}"
+    pg.execute(f"CREATE ROLE {keeper} LOGIN")
+    prefix = f"k{os.getpid() % 100000}x{next(_counter)}_"
+    stale = f"{prefix}stale"
+    pg.execute(f"CREATE ROLE {stale} LOGIN VALID UNTIL '2000-01-01'")
+    pg.execute(f"COMMENT ON ROLE {stale} IS '{naming.role_comment(IDENT, LISTENER, 'postgres')}'")
+    try:
+        async with run_standin(tmp_path) as standin:
+            text = make_config_text(
+                pg,
+                socket_path=standin.socket_path,
+                postgres_extra=(
+                    f'user_prefix = "{prefix}"\nreap_interval = "1s"\nreassign_to = "{keeper}"'
+                ),
+            )
+            config = load_config_text(text, source="e2e-keeper.toml")
+            with caplog.at_level(logging.ERROR):
+                async with run_waypoint(config) as running:
+
+                    def errors() -> float:
+                        value = running.metrics.registry.get_sample_value(
+                            "waypoint_reaper_errors_total", {"listener": LISTENER}
+                        )
+                        return value or 0.0
+
+                    with trio.fail_after(30):
+                        while errors() < 2:
+                            await trio.sleep(0.2)
+        assert pg.execute("SELECT 1 FROM pg_roles WHERE rolname = :r", r=stale) == [[1]]
+        failures = [
+            str(getattr(r, "wp_fields", {}).get("error"))
+            for r in caplog.records
+            if getattr(r, "wp_event", None) == "reap_pass_failed"
+        ]
+        assert failures, [r.getMessage() for r in caplog.records]
+        assert "reassign_to refused, nothing reaped" in failures[0]
+        assert f"role '{keeper}' has LOGIN" in failures[0]
+    finally:
+        pg.execute(f"DROP ROLE IF EXISTS {stale}")
+        pg.execute(f"DROP ROLE {keeper}")
