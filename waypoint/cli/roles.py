@@ -1,5 +1,5 @@
 """``waypoint roles list|reap -c FILE``: the roles Waypoint created, and one reaper pass
-(SPEC §10, §11).
+(docs/operations.md).
 
 ``list`` prints, per listener, each Waypoint role (name, the identity recorded in its
 marker, listener, database, ``VALID UNTIL`` or ``retired``, live sessions, groups, and what

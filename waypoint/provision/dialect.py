@@ -1,4 +1,4 @@
-"""Which SQL server Waypoint administers (SPEC §5 "Dialect").
+"""Which SQL server Waypoint administers.
 
 ``SELECT version()`` runs once on the first admin session of a listener; a
 version string containing ``CockroachDB`` selects :class:`CockroachDialect`,
@@ -42,7 +42,7 @@ class PostgresDialect:
 
     @property
     def admin_inherit_clause(self) -> str:
-        """How the admin becomes a member of a role it creates (SPEC §5, 15 vs 16+)."""
+        """How the admin becomes a member of a role it creates (15 vs 16+)."""
         return " WITH INHERIT TRUE" if self.major >= 16 else ""
 
     @property

@@ -1,6 +1,6 @@
-"""The provisioning engine (SPEC §5): one :class:`Provisioner` per listener.
+"""The provisioning engine: one :class:`Provisioner` per listener.
 
-Lock order (SPEC §5), never violated here:
+Lock order, never violated here:
 
 1. the in-process per-role lock (single flight; a :class:`trio.Semaphore` per
    role that the reaper takes through :meth:`Provisioner.role_guard`),

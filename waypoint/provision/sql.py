@@ -1,4 +1,4 @@
-"""SQL text for provisioning (SPEC §5): pure functions, no I/O.
+"""SQL text for provisioning: pure functions, no I/O.
 
 DDL takes no bind parameters, so every identifier goes through
 ``pg8000.native.identifier()`` (always double-quoted) and every literal
@@ -49,7 +49,7 @@ def timestamp_literal(ts: datetime) -> str:
 
 
 def preset_grants(preset: Preset, schema: str, grantee: str) -> list[str]:
-    """SPEC §5's table: what a group of ``preset`` gets on schema ``schema``."""
+    """The presets' table (docs/policy.md): what a group of ``preset`` gets on schema ``schema``."""
     s = identifier(schema)
     g = identifier(grantee)
     if preset == Preset.READONLY:

@@ -1,4 +1,4 @@
-"""SQL text of the role reaper (SPEC §10): catalog queries and the DDL of a drop. Pure, no I/O.
+"""SQL text of the role reaper: catalog queries and the DDL of a drop. Pure, no I/O.
 
 Catalog references are schema-qualified (admin sessions pin ``search_path =
 pg_catalog, pg_temp``); queries take ``pg8000.native`` ``:name`` parameters;
@@ -76,7 +76,7 @@ CONNECTABLE_DATABASES_QUERY: Final = (
 )
 
 # Schemas of the current database in which the role owns objects or holds privileges: the
-# schemas whose group locks (SPEC §5 lock order step 3) its REASSIGN/DROP OWNED must take.
+# schemas whose group locks (lock order step 3) its REASSIGN/DROP OWNED must take.
 DEPENDENT_SCHEMAS_QUERY: Final = (
     "SELECT DISTINCT n.nspname::pg_catalog.text "
     "FROM pg_catalog.pg_shdepend AS s "

@@ -1,4 +1,4 @@
-"""One reaper pass (SPEC §10, §5 "Locking", §12): drop or retire the expired roles Waypoint
+"""One reaper pass (docs/operations.md): drop or retire the expired roles Waypoint
 created.
 
 A pass, for one listener:
