@@ -43,13 +43,15 @@ command -v "$PY" >/dev/null 2>&1 || die "no $PY on PATH (Python 3.11+ is needed;
   || die "$PY is $("$PY" -V 2>&1); Waypoint needs Python 3.11+ (set PYTHON=...)"
 
 # System packages: PostgreSQL server and pgbench (the system cluster in tests, the benchmark),
-# Redis (state tests), the venv module, a C compiler and the Python headers (the relay's C
-# extension, waypoint/proxy/relay/_pump.c). WAYPOINT_NO_SYSTEM_PACKAGES=1 skips this step.
+# Redis (state tests), systemd (systemd-analyze verify of contrib/systemd), the venv module,
+# a C compiler and the Python headers (the relay's C extension, waypoint/proxy/relay/_pump.c).
+# WAYPOINT_NO_SYSTEM_PACKAGES=1 skips this step.
 need_apt=()
 if [ "${WAYPOINT_NO_SYSTEM_PACKAGES:-0}" != 1 ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need_apt+=(postgresql)
   ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 || command -v pgbench >/dev/null 2>&1 || need_apt+=(postgresql-contrib)
   command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+  command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
   command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need_apt+=(pgbouncer)
   [ -x "$VENV/bin/python" ] || "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
   command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)

@@ -67,8 +67,12 @@ def pg15_ssl_rsa_pss() -> Iterator[tuple[PgCluster, Path]]:
 
 @pytest.fixture(scope="module")
 def pg15_ssl_cleartext() -> Iterator[PgCluster]:
-    """A TLS backend whose pg_hba asks every Waypoint role for a cleartext password."""
+    """A TLS backend whose pg_hba asks every Waypoint role for a cleartext password (the
+    admin keeps SCRAM: an admin asked for cleartext over an unverified link is refused
+    first, tests/test_admin_auth_fail_closed.py)."""
     cluster = PgCluster.start("system", ssl=True, hba_default_method="password")
+    cluster._hba_users.append(_HbaEntry("host", cluster.admin_user, "scram-sha-256"))
+    cluster.reload()
     try:
         yield cluster
     finally:

@@ -13,6 +13,7 @@ import tomlkit
 from waypoint.config.keys import KeyPath
 from waypoint.config.load import UNIT_KEY
 from waypoint.config.model import Config, MetricsConfig, PostgresListenerConfig
+from waypoint.config.secrets import FILE_KEYS
 from waypoint.config.units import format_duration, format_size
 
 __all__ = ["SECRET_MASK", "render_config"]
@@ -93,6 +94,11 @@ def _render_fields(
         here = (*path, name)
         if attrs.has(type(value)):
             continue  # sub-tables are added after the scalar keys
+        file_key = FILE_KEYS.get(name)
+        if file_key is not None and getattr(obj, file_key, None) is not None:
+            # Read from a file: the file is named (its key comes next), never its content.
+            table.add(tomlkit.comment(f"{name}: read from {file_key}"))
+            continue
         if value is None:
             table.add(tomlkit.comment(f"{name}: {_unset_note(obj, name, root, path, masked)}"))
             continue
