@@ -69,7 +69,7 @@ class _Side(_pump.Lane):
     :class:`~waypoint.pgwire.boundary.BoundaryTracker`).
     """
 
-    __slots__ = ("is_client", "mask", "out", "peer", "recv_into", "relay", "send", "sock", "tls")
+    __slots__ = ("is_client", "mask", "out", "peer", "recv", "relay", "send", "sock", "tls")
 
     def __init__(
         self,
@@ -82,7 +82,7 @@ class _Side(_pump.Lane):
         self.hook = on_header
         self.relay = relay
         self.sock = sock
-        self.recv_into = sock.recv_into
+        self.recv = sock.recv
         self.send = sock.send
         self.is_client = is_client
         #: Bytes read from the peer, not yet written to this socket (bounded by one recv).
@@ -288,9 +288,12 @@ class RelayEngine:
         self._tls_sides: dict[int, _Side] = {}
         self._relays: set[_Relay] = set()
         self._timed: set[_Relay] = set()
-        self._buf = bytearray(recv_buffer_size)
-        #: The C loop over ``_epoll`` and ``_buf``; it serves the sides of pumped relays.
-        self._pump = _pump.Pump(self._epoll.fileno(), self._buf, _MAX_EVENTS)
+        #: Bytes per read. Every read in Python gets a bytes object of its own, and the C
+        #: loop reads into a buffer of its own whose data reports carry copies: no
+        #: buffer is shared between relays, so no relay can be handed another's bytes.
+        self._recv_size = recv_buffer_size
+        #: The C loop over ``_epoll``; it serves the sides of pumped relays.
+        self._pump = _pump.Pump(self._epoll.fileno(), recv_buffer_size, _MAX_EVENTS)
         self._thread: threading.Thread | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -442,7 +445,6 @@ class RelayEngine:
         sides = self._sides
         timed = self._timed
         wake_fd = self._wake_fd
-        view = memoryview(self._buf)
         monotonic = time.monotonic
         readable = _EPOLLIN
         other_event = self._other_event
@@ -455,7 +457,7 @@ class RelayEngine:
                 timeout = max(0.0, next_deadline - monotonic())
             else:
                 timeout = -1.0
-            for code, fd, events, n, arg in run(timeout):
+            for code, fd, events, _n, arg in run(timeout):
                 side = sides.get(fd)
                 if side is None:
                     side = tls_sides.get(fd)
@@ -473,13 +475,15 @@ class RelayEngine:
                         continue  # stale: this batch already changed the relay
                     read_plain(side)
                 elif code == _pump.PARTIAL:
-                    assert isinstance(arg, int)
-                    self._hold(side, view[arg:n])
+                    assert isinstance(arg, bytes)  # the part the peer did not take
+                    self._hold(side, arg)
                 elif code == _pump.EOF:
                     self._eof(side)
                 elif code == _pump.PAST_END:
-                    self._read_past_end(side, view[:n])
+                    assert isinstance(arg, bytes)  # the chunk that crossed the budget
+                    self._read_past_end(side, arg)
                 elif code == _pump.PROTOCOL:
+                    assert isinstance(arg, ProtocolError)
                     self._finish(side.relay, "error", f"{_who(side)}: {arg}")
                 elif code == _pump.RECV_ERROR:
                     assert isinstance(arg, int)
@@ -492,21 +496,20 @@ class RelayEngine:
                 for relay in [r for r in timed if r.deadline <= now]:
                     self._finish(relay, relay.reason or "terminated", relay.error)
 
-    def _recv(self, side: _Side) -> memoryview | None:
-        """Read ``side`` once into the engine's buffer: the chunk, or None when there was
-        nothing to read or the side is gone (EOF and errors are dealt with here)."""
-        buf = self._buf
+    def _recv(self, side: _Side) -> bytes | None:
+        """Read ``side`` once: the chunk (a bytes object of its own), or None when there
+        was nothing to read or the side is gone (EOF and errors are dealt with here)."""
         try:
-            n = side.recv_into(buf)
+            data = side.recv(self._recv_size)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
             self._socket_error(side, exc)
             return None
-        if n == 0:
+        if not data:
             self._eof(side)
             return None
-        return memoryview(buf)[:n]
+        return data
 
     def _read_plain(self, side: _Side) -> None:
         """Read ``side`` once and pass the chunk on (the C loop's work, in Python: for
@@ -527,7 +530,7 @@ class RelayEngine:
         if sent != len(chunk):
             self._hold(side, chunk[sent:])
 
-    def _account(self, side: _Side, chunk: memoryview) -> bool:
+    def _account(self, side: _Side, chunk: bytes) -> bool:
         """Count one chunk read from ``side`` against the relay's budget and feed it to the
         boundary tracker; False when it is not to be passed on (past max_bytes or while
         terminating, or malformed: both already dealt with)."""
@@ -545,10 +548,10 @@ class RelayEngine:
             return False
         return True
 
-    def _hold(self, side: _Side, rest: memoryview) -> None:
+    def _hold(self, side: _Side, rest: bytes) -> None:
         """Back-pressure: keep what the peer did not take, stop reading until it drains."""
         peer = side.peer
-        peer.out = bytes(rest)
+        peer.out = rest
         side.reading = False
         self._update(side)
         self._update(peer)
@@ -564,7 +567,7 @@ class RelayEngine:
                 return False
         return side.reading and bool(events & (_EPOLLIN | _EPOLLBAD))
 
-    def _read_past_end(self, side: _Side, chunk: memoryview) -> None:
+    def _read_past_end(self, side: _Side, chunk: bytes) -> None:
         """A read that took the relay past ``max_bytes``, or any read while terminating."""
         relay = side.relay
         if relay.fatal is None:
@@ -600,20 +603,19 @@ class RelayEngine:
         assert tls is not None
         relay = side.relay
         if receive:
-            buf = self._buf
             try:
-                n = side.recv_into(buf)
+                ciphertext = side.recv(self._recv_size)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self._socket_error(side, exc)
                 return
-            if n == 0:
+            if not ciphertext:
                 tls.incoming.write_eof()
             else:
-                tls.incoming.write(memoryview(buf)[:n])
+                tls.incoming.write(ciphertext)
         read = tls.ssl_object.read
-        size = len(self._buf)
+        size = self._recv_size
         while side.reading and not relay.done:
             try:
                 data = read(size)
@@ -628,20 +630,20 @@ class RelayEngine:
             if not data:
                 self._eof(side)
                 return
-            self._tls_forward(side, memoryview(data))
+            self._tls_forward(side, data)
         if tls.outgoing.pending and not relay.done:
             # Reading produced records of its own (a key update answer, an alert).
             side.out += tls.outgoing.read()
             self._flush(side)
 
-    def _tls_forward(self, side: _Side, chunk: memoryview) -> None:
+    def _tls_forward(self, side: _Side, chunk: bytes) -> None:
         """Count, track and pass on one chunk read from ``side`` (plaintext)."""
         if not self._account(side, chunk):
             return
         peer = side.peer
         if peer.tls is not None:
             try:
-                data: bytes | memoryview = _wire(peer, chunk)
+                data = _wire(peer, chunk)
             except ssl.SSLError as exc:
                 self._tls_error(peer, exc)
                 return
@@ -655,7 +657,7 @@ class RelayEngine:
             self._socket_error(peer, exc)
             return
         if sent != len(data):
-            peer.out = bytes(data[sent:])
+            peer.out = data[sent:]
             side.reading = False
             self._update(side)
             self._update(peer)
@@ -801,7 +803,7 @@ class RelayEngine:
         self._update(backend)
         self._flush(client)
 
-    def _read_while_terminating(self, side: _Side, chunk: memoryview) -> None:
+    def _read_while_terminating(self, side: _Side, chunk: bytes) -> None:
         relay = side.relay
         if relay.done or relay.closing or side.is_client:
             return  # input past the end that was decided is dropped
