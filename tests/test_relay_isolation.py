@@ -27,7 +27,6 @@ from waypoint.proxy.relay import (
     RelayHandle,
     RelayResult,
     open_relay_engine,
-    tls_handover,
 )
 
 #: The relay kinds: how the client side is served, and which sides have a header hook.
@@ -75,7 +74,7 @@ async def open_session(engine: RelayEngine, kind: str, marker: bytes, size: int,
     down = session_stream(marker, b"<", size, rng)
     if kind.startswith("tls"):
         app, proxy = await _tls_pair(client_app, client_proxy)
-        handover = tls_handover(proxy)
+        handover = proxy.handover()
         raw = proxy.transport_stream
         assert isinstance(raw, trio.SocketStream)
         tls_sock = socket.socket(fileno=raw.socket.detach())

@@ -34,7 +34,7 @@ from .base import (
     RelayResult,
 )
 from .bridge import RelayHandle
-from .client_tls import TlsHandover, tls_handover
+from .client_tls import TlsHandover
 from .engine import RelayEngine, open_relay_engine
 from .streams import StreamRelay, relay_streams
 
@@ -52,5 +52,4 @@ __all__ = [
     "TlsHandover",
     "open_relay_engine",
     "relay_streams",
-    "tls_handover",
 ]

@@ -3,16 +3,15 @@ and the record transforms the engine thread applies to it (no I/O here).
 
 The interface by which the engine receives a client's TLS session is :class:`TlsHandover`:
 a server-side :class:`ssl.SSLObject` with its incoming / outgoing :class:`ssl.MemoryBIO`
-and any ciphertext produced but not yet sent. Whoever did the handshake builds it.
+and any ciphertext produced but not yet sent. Whoever did the handshake builds it (a
+session: ``waypoint.proxy.streams.ServerTLSStream.handover``).
 """
 
 from __future__ import annotations
 
 import ssl
-from typing import Any
 
 import attrs
-import trio
 
 
 @attrs.frozen
@@ -38,36 +37,6 @@ class TlsHandover:
             raise ValueError("client_tls must be the server side of the client's TLS session")
         if self.outgoing.pending:
             raise ValueError("client_tls still has unsent ciphertext")
-
-
-def tls_handover(stream: trio.SSLStream[Any]) -> TlsHandover:
-    """The TLS state of a trio ``SSLStream`` (after its handshake) for
-    :meth:`RelayEngine.start_relay` (``client_tls``). The stream must not be used
-    afterwards.
-
-    Relies on ``trio.SSLStream`` keeping its ``SSLObject`` and memory BIOs in
-    ``_ssl_object``, ``_incoming`` and ``_outgoing``, and held-back session tickets in
-    ``_delayed_outgoing`` (true for trio 0.2x–0.3x); raises ``ValueError`` if they are
-    missing or if the stream still has ciphertext in its outgoing BIO.
-    """
-    ssl_object = getattr(stream, "_ssl_object", None)
-    incoming = getattr(stream, "_incoming", None)
-    outgoing = getattr(stream, "_outgoing", None)
-    if not (
-        isinstance(ssl_object, ssl.SSLObject)
-        and isinstance(incoming, ssl.MemoryBIO)
-        and isinstance(outgoing, ssl.MemoryBIO)
-    ):
-        raise ValueError("this trio.SSLStream does not expose its SSLObject and BIOs")
-    if outgoing.pending:
-        raise ValueError("the TLS stream still has unsent ciphertext")
-    delayed = getattr(stream, "_delayed_outgoing", None)
-    if delayed is not None and not isinstance(delayed, bytes | bytearray):
-        raise ValueError("this trio.SSLStream holds back ciphertext in an unknown form")
-    unsent = bytes(delayed or b"")
-    if delayed is not None:
-        stream._delayed_outgoing = None  # type: ignore[attr-defined]  # now the engine's
-    return TlsHandover(ssl_object, incoming, outgoing, unsent)
 
 
 class TlsEnd(Exception):

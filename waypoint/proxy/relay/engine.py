@@ -26,10 +26,10 @@ from waypoint.pgwire.boundary import HeaderCallback
 from . import _pump
 from .base import RECV_BUFFER_SIZE, TEARDOWN_TIMEOUT, RelayEngineError, check_limits
 from .bridge import Commands, RelayHandle, Reporter
-from .client_tls import TlsHandover, tls_handover
+from .client_tls import TlsHandover
 from .loop import EpollLoop, Relay, wire
 
-__all__ = ["RelayEngine", "RelayHandle", "TlsHandover", "open_relay_engine", "tls_handover"]
+__all__ = ["RelayEngine", "RelayHandle", "TlsHandover", "open_relay_engine"]
 
 
 class RelayEngine:
