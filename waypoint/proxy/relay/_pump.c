@@ -4,13 +4,14 @@
  * The relay engine (engine.py) runs one OS thread with a level-triggered epoll loop.
  * Written in Python, each relayed chunk costs ~2.5 us of interpreter time and a GIL
  * hand-off around every system call; on a 2-core machine that is the difference
- * between Waypoint and PgBouncer (bench/results, issue 7). This module moves only the
+ * between Waypoint and PgBouncer (bench/results). This module moves only the
  * common case into C, with the GIL released for as long as nothing else happens:
  *
  *     epoll_wait -> recv into the pump's buffer -> count -> skip message headers -> send
  *
  * Everything else (back-pressure, EOF, errors, byte limits, FATAL injection at a
- * boundary, TLS, commands from trio) stays in engine.py: Pump.run() returns to Python
+ * boundary, TLS, header hooks, commands from trio) stays in Python (loop.py drives,
+ * core.py decides): Pump.run() returns to Python
  * at the first event it does not handle, with what it already did to that event.
  *
  * Types:
@@ -18,7 +19,7 @@
  *         reading is wanted, the byte budget (shared by the two lanes of a relay), and
  *         the message-boundary tracker for what is read from it. Same semantics as
  *         waypoint.pgwire.boundary.BoundaryTracker (tests compare the two on random
- *         input). engine.py subclasses it (_Side) and adds its Python-level state.
+ *         input). loop.py subclasses it (Side) and adds its Python-level state.
  *   Pump  the fd -> Lane table of the plain relays the C loop serves, over the
  *         engine's epoll fd, with a receive buffer of its own.
  *
@@ -29,7 +30,7 @@
  * bytes the peer did not take; PAST_END: the whole chunk) gets them as a bytes object
  * of its own. So a report refers to no shared memory at all: whatever Python does with
  * one report (other relays' reads included) cannot change the bytes of another, and no
- * session can be handed bytes that another session read. The Python paths of engine.py
+ * session can be handed bytes that another session read. The Python paths of loop.py
  * read into bytes objects of their own too (no engine-wide buffer).
  *
  * Threading: a Pump and its Lanes are used by one thread (the engine thread), except
@@ -42,7 +43,6 @@
 #include <structmember.h>
 
 #include <errno.h>
-#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
