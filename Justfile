@@ -29,3 +29,11 @@ demo *ARGS:
 # The benchmark harness (see bench/README.md).
 bench *ARGS:
     python -m bench {{ARGS}}
+
+# A wheel with the compiled relay extension, repaired to a manylinux tag: dist/*manylinux*.whl
+# (installs with pip on a machine with no C compiler; see README "Install").
+wheel:
+    rm -rf dist/wheel-build
+    python -m pip wheel --no-deps --wheel-dir dist/wheel-build .
+    python -m auditwheel repair --wheel-dir dist dist/wheel-build/waypoint-*.whl
+    rm -rf dist/wheel-build

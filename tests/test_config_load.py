@@ -308,6 +308,14 @@ def test_zero_handshake_timeout_is_rejected() -> None:
     one_problem(text, "handshake_timeout", "greater than 0s", needle="handshake_timeout")
 
 
+def test_zero_readiness_timeout_is_rejected_and_drain_delay_defaults_to_zero() -> None:
+    text = '[metrics]\nreadiness_timeout = "0s"\n' + LISTENER
+    one_problem(text, "metrics.readiness_timeout", "greater than 0s", needle="readiness_timeout")
+    loaded = cfg('drain_delay = "10s"\n' + LISTENER)
+    assert loaded.drain_delay == 10.0 and loaded.metrics.readiness_timeout == 2.0
+    assert cfg(LISTENER).drain_delay == 0.0
+
+
 def test_zero_revalidation_interval_disables_and_is_allowed() -> None:
     assert cfg('[revalidation]\ninterval = "0s"\n' + LISTENER).revalidation.interval == 0.0
 
