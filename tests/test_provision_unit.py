@@ -10,6 +10,7 @@ import trio
 
 from waypoint.config.model import ListenerConfig, PostgresListenerConfig
 from waypoint.errors import provisioning_failed
+from waypoint.grants import naming
 from waypoint.grants.model import CustomGrant, EffectiveGrant, Limits, Preset, SchemaPrivilege
 from waypoint.identity.model import Identity
 from waypoint.provision import sql
@@ -246,7 +247,8 @@ class FakeProvisioner(Provisioner):
 
         secret = secrets.token_urlsafe(32)
         until = datetime.fromtimestamp(self._clock() + self._pg.user_ttl, UTC)
-        self._cache[role] = _Cached(secret, None, until, fingerprint)
+        owner = naming.role_owner(identity, grant.listener, grant.database, grant.preset_cap)
+        self._cache[role] = _Cached(secret, None, until, fingerprint, owner)
         return Credentials(role, secret, None, until, True), lease
 
 
@@ -408,3 +410,35 @@ async def test_extend_validity_skips_roles_with_a_running_flight() -> None:
         # The in-process guard is taken: the extension must not even try the role lock.
         await p.extend_validity([role])
     assert locks.acquired == 0
+
+
+class SameNameProvisioner(FakeProvisioner):
+    """Every caller maps to one role name (a collision of sanitized names, before any marker
+    is checked): the cache and the single flight alone must keep the callers apart."""
+
+    async def _resolve_role(self, identity: Identity, grant: EffectiveGrant) -> str:
+        return "wp_pg_main_ann_lee_x_com_pc_app"
+
+
+async def test_cached_secret_and_shared_flight_never_cross_to_another_caller() -> None:
+    locks = FakeLocks()
+    p = SameNameProvisioner(locks, [1_000_000.0])
+    g = grant((RO, "public"))
+    dot = Identity(login="ann.lee@x.com", node="pc")
+    dash = Identity(login="ann-lee@x.com", node="pc")
+    got: dict[str, list[str]] = {dot.login: [], dash.login: []}
+
+    async def one(who: Identity) -> None:
+        async with p.credentials(who, g) as c:
+            got[who.login].append(c.secret)
+
+    async with trio.open_nursery() as n:  # at the same moment: no joining the other's flight
+        n.start_soon(one, dot)
+        n.start_soon(one, dash)
+    assert p.provisions == 2
+    assert not set(got[dot.login]) & set(got[dash.login])
+    await one(dot)  # the cache holds dash's secret now: dot provisions, never reuses it
+    assert p.provisions == 3
+    assert got[dot.login][-1] not in got[dash.login]
+    await one(dot)  # its own cached secret
+    assert p.provisions == 3
