@@ -642,22 +642,34 @@ async def _race_once(
     return a.role, b.role
 
 
-@pytest.mark.parametrize("instances", [1, 2], ids=["one_instance", "two_instances"])
-async def test_lookalikes_connecting_at_once_get_two_roles(
-    pg: PgCluster, app_db: str, instances: int
-) -> None:
+async def _lookalike_races(pg: PgCluster, db: str, instances: int, iterations: int) -> None:
     who = (Identity(login="ann.lee@x.com", node="pc"), Identity(login="ann-lee@x.com", node="pc"))
-    for i in range(6):
+    for i in range(iterations):
         first = Provisioner(listener_for(pg), handshake_timeout=15.0)
         second = first if instances == 1 else Provisioner(listener_for(pg), handshake_timeout=15.0)
         order = (first, second) if i % 2 == 0 else (second, first)
         try:
-            roles = await _race_once(pg, app_db, order, who)
+            roles = await _race_once(pg, db, order, who)
             # The same processes again, with everything cached: still each its own.
-            await _race_once(pg, app_db, order, who)
+            await _race_once(pg, db, order, who)
         finally:
             await first.aclose()
             if second is not first:
                 await second.aclose()
         for role in roles:
             _drop_role(pg, role)
+
+
+@pytest.mark.parametrize("instances", [1, 2], ids=["one_instance", "two_instances"])
+async def test_lookalikes_connecting_at_once_get_two_roles(
+    pg: PgCluster, app_db: str, instances: int
+) -> None:
+    await _lookalike_races(pg, app_db, instances, iterations=6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("instances", [1, 2], ids=["one_instance", "two_instances"])
+async def test_lookalikes_connecting_at_once_get_two_roles_many_times(
+    pg: PgCluster, app_db: str, instances: int
+) -> None:
+    await _lookalike_races(pg, app_db, instances, iterations=100)
