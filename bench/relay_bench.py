@@ -4,9 +4,11 @@
 [--systems direct,pgbouncer,engine,streams] [--tls]``
 
 ``--tls``: clients speak TLS to the relays and to PgBouncer (``sslmode=require``, a
-throwaway trustme certificate; the backend link stays plain). The engine decrypts in
-its thread (``start_relay(client_tls=...)``), the streams relay uses ``trio.SSLStream``. Direct is
-left out (the throwaway cluster has no TLS).
+throwaway trustme certificate; the backend link stays plain). Both relays do the handshake
+on Waypoint's own TLS stream (``waypoint.proxy.streams.ServerTLSStream``), as a session does;
+the engine then decrypts in its thread (``start_relay(client_tls=stream.handover())``), the
+streams relay keeps reading and writing that stream. Direct is left out (the throwaway
+cluster has no TLS).
 
 Starts a throwaway PostgreSQL (tests/pgcluster.py), then for each round and client
 count runs ``pgbench -S -T <duration> -c <n> -j 2`` against every system in turn
@@ -43,7 +45,8 @@ from pathlib import Path
 
 import trio
 
-from waypoint.proxy.relay import RelayEngine, open_relay_engine, relay_streams, tls_handover
+from waypoint.proxy.relay import RelayEngine, open_relay_engine, relay_streams
+from waypoint.proxy.streams import ServerTLSStream
 
 _TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
 
@@ -101,7 +104,8 @@ async def _pass_startup(
     """Forward the startup phase unparsed until the backend's first ReadyForQuery.
 
     With ``tls``, an SSLRequest is answered "S" and the client side becomes a server-side
-    ``trio.SSLStream``, which is returned (else ``client``)."""
+    :class:`ServerTLSStream` (as a Waypoint session makes it), which is returned (else
+    ``client``)."""
     client_stream: trio.abc.Stream = client
     c, b = _Reader(client), _Reader(backend)
     with trio.fail_after(30):
@@ -111,7 +115,7 @@ async def _pass_startup(
             packet = head + await c.exactly(length - 8)
             if code == _SSL_REQUEST and tls is not None and client_stream is client:
                 await client.send_all(b"S")
-                tls_stream = trio.SSLStream(client, tls, server_side=True)
+                tls_stream = ServerTLSStream(client, tls)
                 await tls_stream.do_handshake()
                 client_stream, c = tls_stream, _Reader(tls_stream)
                 continue
@@ -157,8 +161,8 @@ async def _serve(
             await backend_stream.aclose()
             return
         handover = None
-        if isinstance(client_stream, trio.SSLStream):
-            handover = tls_handover(client_stream)
+        if isinstance(client_stream, ServerTLSStream):
+            handover = client_stream.handover()
         c = socket.socket(fileno=client.socket.detach())
         b = socket.socket(fileno=backend_stream.socket.detach())
         for s in (c, b):

@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import socket
 import struct
 import subprocess
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from pgcluster import PgCluster
 from waypoint.app import Running, run
 from waypoint.config.load import load_config_text
 from waypoint.config.model import Config
+from waypoint.observability.log import LOGGER_NAME
 
 LISTENER = "pg-main"
 _db_counter = itertools.count(1)
@@ -538,3 +540,43 @@ class RawSession:
         with contextlib.suppress(OSError):
             self.sock.sendall(b"X\0\0\0\4")
         self.sock.close()
+
+
+# --- log capture ------------------------------------------------------------------------------
+
+
+class LogRecords(logging.Handler):
+    """Every record of Waypoint's log tree while installed (see :func:`capture_logs`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def event_names(self) -> list[str]:
+        return [str(getattr(r, "wp_event", r.getMessage())) for r in self.records]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The fields of each line whose event is ``name``."""
+        return [
+            dict(getattr(r, "wp_fields", {}))
+            for r in self.records
+            if getattr(r, "wp_event", None) == name
+        ]
+
+
+@contextlib.contextmanager
+def capture_logs() -> Iterator[LogRecords]:
+    """Collect Waypoint's log records (all levels) for the block."""
+    logger = logging.getLogger(LOGGER_NAME)
+    handler = LogRecords()
+    saved = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)

@@ -16,6 +16,10 @@ where Waypoint can see it (tailscale-localapi.md):
 - ``GET /localapi/v0/cert/<domain>?type=pair&min_validity=...`` serves an EC
   key and certificate chain from a trustme CA for configured domains (500 for
   others); switches for 403 and 429 + ``Retry-After``;
+- ``GET /localapi/v0/status`` (``?peers=false`` honoured: no ``Peer`` map) answers this
+  node's status: ``Self`` (its ``DNSName``), ``MagicDNSSuffix``, ``CurrentTailnet`` and
+  ``CertDomains``, the names it can get certificates for (the configured cert domains;
+  ``null`` when there are none, as when HTTPS is off for the tailnet);
 - fault switches, global or per peer IP: ``hang`` (never answer), ``status500``,
   ``status400`` (tailscaled's answer to a bad address, for any address),
   ``malformed_json``, ``close_mid_response`` (headers and half a body, then
@@ -30,7 +34,8 @@ In tests::
         ...
 
 ``set_peer`` may be called again at any time (grants change while sessions
-are live); ``standin.requests`` logs ``"GET <target>"`` for every request.
+are live); ``standin.requests`` logs ``"GET <target>"`` for every request
+(``whois_count``, ``cert_count`` and ``status_count`` count them by kind).
 
 As a process (subprocess end-to-end tests, the benchmark harness)::
 
@@ -244,6 +249,8 @@ class LocalAPIStandin:
         self._cert_pems: dict[str, bytes] = {}
         self._cert_fault: tuple[str, str] | None = None
         self._next_id = 1000
+        #: Fields that replace those of the status answer (to serve a malformed one).
+        self.status_extra: dict[str, Any] = {}
         #: Connections accepted so far (keep-alive clients reuse theirs).
         self.connections = 0
         #: Close each connection after one answer, as an idle timeout would (the answer
@@ -309,6 +316,16 @@ class LocalAPIStandin:
         if kind is not None and kind not in ("forbidden", "rate_limited"):
             raise ValueError(f"unknown cert fault {kind!r}")
         self._cert_fault = None if kind is None else (kind, retry_after)
+
+    def cert_count(self) -> int:
+        """How many certificate requests arrived (any domain, answered or not)."""
+        return sum(1 for rec in self.recorded if rec.target.startswith("/localapi/v0/cert/"))
+
+    def status_count(self) -> int:
+        """How many status requests arrived."""
+        return sum(
+            1 for rec in self.recorded if rec.target.partition("?")[0] == "/localapi/v0/status"
+        )
 
     def whois_count(self, ip: str | None = None) -> int:
         """How many whois requests arrived (for ``ip`` only, when given)."""
@@ -482,6 +499,10 @@ class LocalAPIStandin:
             if req.method != "GET":
                 return _text(405, "want GET")
             return self._whois(params)
+        if path == "/localapi/v0/status":
+            if req.method != "GET":
+                return _text(405, "want GET")
+            return self._status(params)
         if path.startswith("/localapi/v0/cert/"):
             return self._cert(urllib.parse.unquote(path[len("/localapi/v0/cert/") :]), params)
         return _text(404, "404 page not found")
@@ -502,6 +523,49 @@ class LocalAPIStandin:
             return _text(404, "no match for IP:port")
         body = json.dumps(peer.body(), indent="\t").encode()
         return _Answer(200, body, content_type="application/json")
+
+    def _status(self, params: dict[str, list[str]]) -> _Answer:
+        """This node's status (ipnstate.Status), the fields a client may read and some more."""
+        domains = sorted(self._cert_domains)
+        dns_name = (domains[0] if domains else f"waypoint.{self.tailnet}") + "."
+        ips = ["100.100.1.1", "fd7a:115c:a1e0::1"]
+        body: dict[str, Any] = {
+            "Version": "1.80.0-standin",
+            "TUN": True,
+            "BackendState": "Running",
+            "HaveNodeKey": True,
+            "AuthURL": "",
+            "TailscaleIPs": ips,
+            "Self": {
+                "ID": "nSELF0000CNTRL",
+                "PublicKey": "nodekey:" + "0" * 64,
+                "HostName": dns_name.split(".", 1)[0],
+                "DNSName": dns_name,
+                "OS": "linux",
+                "UserID": 7_000_001,
+                "TailscaleIPs": ips,
+                "AllowedIPs": [f"{ips[0]}/32", f"{ips[1]}/128"],
+                "Tags": ["tag:waypoint"],
+                "Online": True,
+                "InNetworkMap": True,
+                "InMagicSock": False,
+                "InEngine": False,
+            },
+            "Health": [],
+            "MagicDNSSuffix": self.tailnet,
+            "CurrentTailnet": {
+                "Name": "example.com",
+                "MagicDNSSuffix": self.tailnet,
+                "MagicDNSEnabled": True,
+            },
+            "CertDomains": domains or None,
+            "User": {"7000001": {"ID": 7_000_001, "LoginName": "tagged-devices"}},
+            "ClientVersion": None,
+        }
+        if (params.get("peers") or ["true"])[0] != "false":
+            body["Peer"] = {}
+        body.update(json.loads(json.dumps(self.status_extra)))
+        return _Answer(200, json.dumps(body, indent="\t").encode(), content_type="application/json")
 
     @staticmethod
     def _faulty(kind: str | None) -> _Answer | None:
@@ -614,7 +678,12 @@ def _load_peers_file(standin: LocalAPIStandin, path: Path) -> None:
     )
 
 
-async def _watch_peers_file(standin: LocalAPIStandin, path: Path) -> None:
+async def _watch_peers_file(
+    standin: LocalAPIStandin,
+    path: Path,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     def signature() -> tuple[int, int] | None:
         try:
             st = path.stat()
@@ -647,6 +716,8 @@ async def _watch_peers_file(standin: LocalAPIStandin, path: Path) -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(on_signal)
+            # Watching (file and SIGHUP) before "ready": a change right after it is seen.
+            task_status.started()
             while True:
                 await trio.sleep(0.1)
                 now = signature()
@@ -668,7 +739,7 @@ async def _main_async(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(standin.serve)
             if path is not None:
-                nursery.start_soon(_watch_peers_file, standin, path)
+                await nursery.start(_watch_peers_file, standin, path)
             print(f"ready {standin.socket_path}", flush=True)
             async for _ in stop_signals:
                 nursery.cancel_scope.cancel()

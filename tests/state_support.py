@@ -10,6 +10,8 @@ import uuid
 
 import redis
 
+from waypoint.state import CancelTarget
+
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -26,6 +28,13 @@ def require_redis(url: str = REDIS_URL) -> None:
             f"Redis at {url} is not reachable ({exc}); start one (.ci/run does) — "
             "the Redis state tests fail rather than skip"
         ) from exc
+
+
+def cancel_target(
+    host: str, port: int, listener: str = "pg-main", principal: str = "alice@example.com"
+) -> CancelTarget:
+    """A cancel target for the state tests (the backend address is what they vary)."""
+    return CancelTarget(listener, (host, port), principal)
 
 
 def unique_prefix() -> str:

@@ -7,6 +7,7 @@ CancelRequest whose key has the wrong length being ignored."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -18,7 +19,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from e2e_support import E2EEnv, RawSession, create_app_database, e2e_env
+from e2e_support import (
+    LISTENER,
+    E2EEnv,
+    RawSession,
+    capture_logs,
+    create_app_database,
+    e2e_env,
+)
 from pgcluster import PgCluster
 
 CANCELED = "canceling statement due to user request"
@@ -186,14 +194,165 @@ async def _cancel_checks(env: E2EEnv, raw: RawSession) -> None:
     assert second.startswith("error:57014"), second
 
 
-def _send_cancel(env: E2EEnv, pid: int, secret: bytes) -> None:
+def _send_cancel(env: E2EEnv, pid: int, secret: bytes, *, source: str = "127.0.0.1") -> None:
     packet = struct.pack("!iii", 12 + len(secret), 80877102, pid) + secret
-    with socket.create_connection((env.host, env.port), timeout=5) as s:
+    with socket.create_connection((env.host, env.port), timeout=5, source_address=(source, 0)) as s:
         s.sendall(packet)
         s.settimeout(5)
         # Waypoint closes the connection once it has forwarded (or dropped) the request.
         while s.recv(1024):
             pass
+
+
+def cancel_outcomes(env: E2EEnv) -> dict[str, float]:
+    """``waypoint_cancel_requests_total`` by outcome (absent ones left out)."""
+    out: dict[str, float] = {}
+    for family in env.running.metrics.registry.collect():
+        for sample in family.samples:
+            name, labels = sample.name, sample.labels
+            if name == "waypoint_cancel_requests_total" and labels["listener"] == LISTENER:
+                out[labels["outcome"]] = sample.value
+    return out
+
+
+def backend_state(cluster: PgCluster, pid: int) -> tuple[str, str] | None:
+    """(state, query) of backend ``pid`` in pg_stat_activity, or None if it is gone."""
+    rows = cluster.execute("SELECT state, query FROM pg_stat_activity WHERE pid = :p", p=pid)
+    return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
+
+def wait_until_running(cluster: PgCluster, pid: int, marker: str, timeout: float = 20.0) -> None:
+    """Poll pg_stat_activity (bounded) until backend ``pid`` runs a statement containing
+    ``marker``."""
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        seen = backend_state(cluster, pid)
+        if seen is not None and seen[0] == "active" and marker in seen[1]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"backend {pid} never ran {marker!r}: {seen}")
+
+
+def _cancel_attempts(
+    env: E2EEnv, raw: RawSession, marker: str, strangers: list[str], owner: str
+) -> tuple[list[tuple[str, str] | None], str]:
+    """Run a long statement on ``raw``; once it runs, each stranger sends the right key, and
+    the statement's state is read after each; then ``owner`` sends it. Returns the states and
+    the statement's result."""
+    raw.send_query(f"select pg_sleep(30) /* {marker} */")
+    wait_until_running(env.cluster, raw.pid, marker)
+    states = []
+    for source in strangers:
+        # Waypoint closes a cancel connection only after it has sent the request on (and the
+        # server has closed it) or dropped it, so the statement's state is final here.
+        _send_cancel(env, raw.pid, raw.secret, source=source)
+        states.append(backend_state(env.cluster, raw.pid))
+    _send_cancel(env, raw.pid, raw.secret, source=owner)
+    return states, raw.read_result(timeout=10)
+
+
+async def test_a_cancel_from_another_identity_with_the_right_key_does_not_cancel(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    db = create_app_database(pg)
+    rights = {db: {"permissions": ["readonly"]}}
+    with trio.fail_after(120):
+        async with e2e_env(pg, tmp_path) as env:
+            env.grant("127.0.0.2", rights, login="ann@example.com", node="ann-laptop")
+            env.grant("127.0.0.3", rights, login="bob@example.com", node="bob-laptop")
+            # The same login on another node is the same identity.
+            env.grant("127.0.0.6", rights, login="ann@example.com", node="ann-phone")
+            for ip, node in (("127.0.0.4", "web1"), ("127.0.0.5", "web2")):
+                env.grant(ip, rights, login="tagged-devices", node=node, tags=["tag:web"])
+
+            ann = await trio.to_thread.run_sync(RawSession.open, env, db, 0, "127.0.0.2")
+            try:
+                states, result = await trio.to_thread.run_sync(
+                    _cancel_attempts,
+                    env,
+                    ann,
+                    "ann",
+                    ["127.0.0.3", "127.0.0.9", "127.0.0.4"],  # bob, not a tailnet peer, a tag
+                    "127.0.0.6",
+                )
+            finally:
+                ann.close()
+            for state in states:
+                assert state is not None and state[0] == "active", states
+            assert result.startswith("error:57014"), result
+
+            # A tagged node is its node: another node with the same tag cannot cancel.
+            web1 = await trio.to_thread.run_sync(RawSession.open, env, db, 0, "127.0.0.4")
+            try:
+                states, result = await trio.to_thread.run_sync(
+                    _cancel_attempts, env, web1, "web1", ["127.0.0.5"], "127.0.0.4"
+                )
+            finally:
+                web1.close()
+            assert states[0] is not None and states[0][0] == "active", states
+            assert result.startswith("error:57014"), result
+
+            assert cancel_outcomes(env) == {
+                "wrong_identity": 3.0,
+                "unidentified": 1.0,
+                "forwarded": 2.0,
+            }
+            await env.assert_clean()
+
+
+async def test_a_cancel_flood_is_rate_limited_per_address_and_logged_per_burst(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    db = create_app_database(pg)
+    flood = 500
+    with trio.fail_after(120), capture_logs() as logs:
+        async with e2e_env(
+            pg,
+            tmp_path,
+            tables_extra='[admission]\ncancel_burst = 20\ncancel_interval = "1h"\n',
+        ) as env:
+            env.grant("127.0.0.2", {db: {"permissions": ["readonly"]}})
+            # One summary window for the whole test (the default is 10 s, which a slow machine
+            # could reach mid-flood: that would add a summary line, still bounded).
+            cancel_log = env.running.contexts[LISTENER].admission.cancel_log
+            cancel_log.window = 3600.0
+
+            def send_flood() -> None:
+                for _ in range(flood):
+                    _send_cancel(
+                        env, int.from_bytes(os.urandom(4), "big") >> 1, os.urandom(4),
+                        source="127.0.0.9",
+                    )
+
+            await trio.to_thread.run_sync(send_flood)
+            # 20 tokens, none back within the hour: the rest never reached the whois.
+            assert cancel_outcomes(env) == {"unidentified": 20.0, "rate_limited": 480.0}
+
+            # Another address still cancels its own statement.
+            owner = await trio.to_thread.run_sync(RawSession.open, env, db, 0, "127.0.0.2")
+            try:
+                _, result = await trio.to_thread.run_sync(
+                    _cancel_attempts, env, owner, "owner", [], "127.0.0.2"
+                )
+            finally:
+                owner.close()
+            assert result.startswith("error:57014"), result
+
+            # What the burst's window end writes (the app's flush task, at the window's end).
+            cancel_log.flush()
+            cancel_lines = [
+                str(getattr(r, "wp_event", ""))
+                for r in logs.records
+                if r.levelno >= logging.INFO and str(getattr(r, "wp_event", "")).startswith("cancel")
+            ]
+            assert cancel_lines == ["cancel_refused", "cancel_forwarded", "cancel_refused"]
+            first, summary = logs.events("cancel_refused")
+            assert first["count"] == 1 and first["source"] == "127.0.0.9"
+            assert summary["reason"] == "summary" and summary["count"] == flood - 1
+            assert summary["by_reason"] == "rate_limited=480,unidentified=19"
+            assert summary["sources"] == "127.0.0.9"
+            await env.assert_clean()
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

@@ -20,6 +20,7 @@ from e2e_support import LISTENER, create_app_database, db_rule, make_config_text
 from localapi_standin import LocalAPIStandin, run_standin
 from pg8000.exceptions import DatabaseError
 from pgcluster import PgCluster
+from state_support import redis_client
 
 from waypoint.app import Running
 from waypoint.config.load import load_config_text
@@ -32,6 +33,7 @@ from waypoint.pgwire import (
     build_startup_message,
     parse_backend_message,
 )
+from waypoint.state import CancelTarget, cancel_key_digest
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -180,3 +182,112 @@ async def test_cancel_sent_to_instance_b_cancels_query_running_through_a(
                     if isinstance(msg, ErrorResponse):
                         break
             assert msg.sqlstate == "57014", dict(msg.fields)
+
+
+def cancel_outcome(running: Running, outcome: str) -> float:
+    value = running.metrics.registry.get_sample_value(
+        "waypoint_cancel_requests_total", {"listener": LISTENER, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+async def send_cancel(running: Running, pid: int, secret: bytes, source: str) -> None:
+    """A CancelRequest from ``source``; returns once the instance has closed the connection
+    (it closes after it has sent the request on, or dropped it)."""
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(*running.address(LISTENER), local_address=source)
+        async with stream:
+            await stream.send_all(build_cancel_request(pid, secret))
+            while await stream.receive_some(1024):
+                pass
+
+
+async def wait_until_running(pg: PgCluster, pid: int, timeout: float = 20.0) -> None:
+    """Poll pg_stat_activity (bounded) until backend ``pid`` runs pg_sleep."""
+    with trio.move_on_after(timeout):
+        while True:
+            state = await trio.to_thread.run_sync(backend_state, pg, pid)
+            if state is not None and state[0] == "active" and "pg_sleep" in state[1]:
+                return
+            await trio.sleep(0.05)
+    raise AssertionError(f"backend {pid} never ran pg_sleep")
+
+
+def backend_state(pg: PgCluster, pid: int) -> tuple[str, str] | None:
+    rows = pg.execute("SELECT state, query FROM pg_stat_activity WHERE pid = :p", p=pid)
+    return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
+
+async def test_a_cancel_via_b_from_another_identity_does_not_cancel_the_query_through_a(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    db = create_app_database(pg)
+    async with two_instances(pg, tmp_path) as (standin, a, b):
+        rules = [db_rule({db: {"permissions": ["readonly"]}})]
+        standin.set_peer("127.0.0.2", login="erin@example.com", node="erin-pc", rules=rules)
+        standin.set_peer("127.0.0.3", login="mallory@example.com", node="mal-pc", rules=rules)
+        with trio.fail_after(30):
+            stream = await trio.open_tcp_stream(*a.address(LISTENER), local_address="127.0.0.2")
+        async with stream:
+            client = RawClient(stream)
+            with trio.fail_after(30):
+                key = await client.startup(db)
+            await stream.send_all(build_message(b"Q", b"select pg_sleep(30)\0"))
+            await wait_until_running(pg, key.pid)
+
+            # The right key, through the other instance, from another identity: nothing.
+            await send_cancel(b, key.pid, key.secret, "127.0.0.3")
+            state = await trio.to_thread.run_sync(backend_state, pg, key.pid)
+            assert state is not None and state[0] == "active", state
+            assert cancel_outcome(b, "wrong_identity") == 1.0
+
+            # The owner, through the other instance: cancelled.
+            await send_cancel(b, key.pid, key.secret, "127.0.0.2")
+            with trio.fail_after(5):
+                while True:
+                    msg = await client.next()
+                    if isinstance(msg, ErrorResponse):
+                        break
+            assert msg.sqlstate == "57014", dict(msg.fields)
+            assert cancel_outcome(b, "forwarded") == 1.0
+
+
+async def test_a_poisoned_redis_cancel_entry_makes_no_connection_to_its_address(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """Whoever can write Redis writes a cancel entry naming another host and port (in the old
+    bare format and in the current one, with the sender's own identity): no instance connects
+    there, and each attempt is counted."""
+    db = create_app_database(pg)
+    async with two_instances(pg, tmp_path) as (standin, a, _b):
+        standin.set_peer(
+            "127.0.0.2",
+            login="erin@example.com",
+            node="erin-pc",
+            rules=[db_rule({db: {"permissions": ["readonly"]}})],
+        )
+        prefix = a.contexts[LISTENER].config.state.key_prefix
+        bait = trio.socket.socket()
+        await bait.bind(("127.0.0.1", 0))
+        bait.listen(16)
+        bait_port = bait.getsockname()[1]
+        poisoned = [
+            f"127.0.0.1:{bait_port}",
+            CancelTarget(LISTENER, ("127.0.0.1", bait_port), "erin@example.com").encode(),
+            CancelTarget("elsewhere", ("127.0.0.1", bait_port), "erin@example.com").encode(),
+        ]
+        client = redis_client(REDIS_URL)
+        with bait:
+            for i, value in enumerate(poisoned):
+                pid, secret = 4000 + i, secrets.token_bytes(4)
+                client.set(f"{prefix}cancel:{cancel_key_digest(pid, secret)}", value, px=60_000)
+                await send_cancel(a, pid, secret, "127.0.0.2")
+            # Nothing connected to the bait (every attempt above has finished; wait a bound
+            # more for anything late).
+            with trio.move_on_after(1.0):
+                conn, _ = await bait.accept()
+                conn.close()
+                raise AssertionError("Waypoint connected to the address in a Redis entry")
+        client.close()
+        assert cancel_outcome(a, "target_refused") == 3.0
+        assert cancel_outcome(a, "forwarded") == 0.0

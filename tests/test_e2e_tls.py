@@ -120,6 +120,8 @@ async def test_tailscale_certificate_by_sni_cached_and_file_fallback(
         ) as env:
             env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
             env.standin.add_cert_domain(name)
+            other = "other.tail1234.ts.net"
+            env.standin.add_cert_domain(other)
             ts_ca = tmp_path / "ts-ca.pem"
             env.standin.ca.cert_pem.write_to_path(str(ts_ca))
 
@@ -142,12 +144,56 @@ async def test_tailscale_certificate_by_sni_cached_and_file_fallback(
 
             # A failed fetch (tailscaled refuses) falls back to the file certificate.
             env.standin.set_cert_fault("forbidden")
-            other = "other.tail1234.ts.net"
-            env.standin.add_cert_domain(other)
             cert = await trio.to_thread.run_sync(
                 lambda: _direct_tls(env, alpn=["postgresql"], server_name=other, cafile=None)
             )
             assert "localhost" in _names(cert)
+            await env.assert_clean()
+
+
+async def test_unknown_server_names_make_no_certificate_requests(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """Server names the node cannot hold, sent before any identity check, get the file
+    certificate without a certificate request to tailscaled (its status is asked once); the
+    node's own name still gets its Tailscale certificate."""
+    db = create_app_database(pg)
+    certs = make_cert_files(tmp_path / "certs")
+    own = "waypoint.tail1234.ts.net"
+    with trio.fail_after(90):
+        async with e2e_env(
+            pg,
+            tmp_path,
+            tls_mode="optional",
+            listener_extra=certs.listener_extra() + "\nuse_tailscale_tls = true",
+        ) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            env.standin.add_cert_domain(own)
+            ts_ca = tmp_path / "ts-ca.pem"
+            env.standin.ca.cert_pem.write_to_path(str(ts_ca))
+
+            def handshakes() -> list[list[str]]:
+                return [
+                    _names(
+                        _direct_tls(
+                            env,
+                            alpn=["postgresql"],
+                            server_name=f"n{i}.tail1234.ts.net",
+                            cafile=None,
+                        )
+                    )
+                    for i in range(40)
+                ]
+
+            for names in await trio.to_thread.run_sync(handshakes):
+                assert "localhost" in names
+            assert env.standin.cert_count() == 0, env.standin.requests
+            assert env.standin.status_count() == 1, env.standin.requests
+            cert = await trio.to_thread.run_sync(
+                lambda: _direct_tls(env, alpn=["postgresql"], server_name=own, cafile=ts_ca)
+            )
+            assert _names(cert) == [own]
+            assert env.standin.cert_count() == 1
             await env.assert_clean()
 
 

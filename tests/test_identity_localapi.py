@@ -30,7 +30,12 @@ from waypoint.identity import (
     PeerNotFound,
     TailscaleProvider,
 )
-from waypoint.identity.localapi import format_go_duration, format_whois_addr, split_pem_pair
+from waypoint.identity.localapi import (
+    MAX_CERT_DOMAINS,
+    format_go_duration,
+    format_whois_addr,
+    split_pem_pair,
+)
 
 CAP = "redo.com/cap/waypoint"
 RULE = {
@@ -373,6 +378,30 @@ async def test_cert_for_invalid_domain_is_refused_without_asking(
         await LocalAPIClient(standin.socket_path, timeout=2.0).cert_pair(domain, min_validity=None)
     assert info.value.status is None
     assert standin.requests == []
+
+
+async def test_cert_domains_come_from_the_status_normalised(standin: LocalAPIStandin) -> None:
+    client = LocalAPIClient(standin.socket_path, timeout=2.0)
+    assert await client.cert_domains() == ()  # HTTPS off for the tailnet: CertDomains is null
+    standin.add_cert_domain("Waypoint.tail1234.ts.net.")
+    standin.add_cert_domain("db.tail1234.ts.net")
+    standin.add_cert_domain("bad name.ts.net")  # never a certificate name: dropped
+    # In the status's order ("Waypoint…" sorts first in the stand-in), lower case, no dot.
+    assert await client.cert_domains() == ("waypoint.tail1234.ts.net", "db.tail1234.ts.net")
+    assert standin.requests[-1] == "GET /localapi/v0/status?peers=false"
+
+
+async def test_cert_domains_are_bounded_and_a_bad_status_is_an_error(
+    standin: LocalAPIStandin,
+) -> None:
+    client = LocalAPIClient(standin.socket_path, timeout=2.0)
+    for i in range(MAX_CERT_DOMAINS * 3):
+        standin.add_cert_domain(f"n{i:03d}.tail1234.ts.net")
+    assert len(await client.cert_domains()) == MAX_CERT_DOMAINS
+    for bad in ([17], "waypoint.tail1234.ts.net", {"a": 1}):
+        standin.status_extra = {"CertDomains": bad}
+        with pytest.raises(MalformedResponse):
+            await client.cert_domains()
 
 
 def test_pem_pair_split_does_not_depend_on_order() -> None:

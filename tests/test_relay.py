@@ -25,8 +25,8 @@ from waypoint.proxy.relay import (
     RelayResult,
     StreamRelay,
     open_relay_engine,
-    tls_handover,
 )
+from waypoint.proxy.streams import ServerTLSStream
 
 
 def message(type_byte: bytes, body: bytes) -> bytes:
@@ -122,13 +122,14 @@ def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
 
 async def _tls_pair(
     client_app: socket.socket, client_proxy: socket.socket
-) -> tuple[trio.SSLStream[trio.SocketStream], trio.SSLStream[trio.SocketStream]]:
-    """Handshake over the client's connection: (the app's TLS stream, the proxy's)."""
+) -> tuple[trio.SSLStream[trio.SocketStream], ServerTLSStream]:
+    """Handshake over the client's connection: (the app's TLS stream, the proxy's, as a
+    session makes it)."""
     server_ctx, client_ctx = _tls_contexts()
     app = trio.SSLStream(
         _stream(client_app), client_ctx, server_hostname="relay.test", https_compatible=True
     )
-    proxy = trio.SSLStream(_stream(client_proxy), server_ctx, server_side=True)
+    proxy = ServerTLSStream(_stream(client_proxy), server_ctx)
     with trio.fail_after(10):
         async with trio.open_nursery() as n:
             n.start_soon(app.do_handshake)
@@ -149,7 +150,7 @@ class Harness:
         backend_proxy, backend_app = _pair(socket_kind, bufsize)
         if self.engine is not None and self.kind == "engine-tls":
             app, proxy = await _tls_pair(client_app, client_proxy)
-            handover = tls_handover(proxy)
+            handover = proxy.handover()
             raw = proxy.transport_stream
             assert isinstance(raw, trio.SocketStream)
             tls_sock = socket.socket(fileno=raw.socket.detach())
@@ -655,7 +656,7 @@ async def _tls_relay(
         await app.send_all(kw.pop("pipelined"))
         while len(initial) < prefetch:
             initial += await proxy.receive_some(prefetch - len(initial))
-    handover = tls_handover(proxy)
+    handover = proxy.handover()
     raw = proxy.transport_stream
     assert isinstance(raw, trio.SocketStream)
     tls_sock = socket.socket(fileno=raw.socket.detach())

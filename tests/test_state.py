@@ -8,6 +8,7 @@ from contextlib import AbstractAsyncContextManager
 import pytest
 import trio
 from state_support import REDIS_URL, delete_prefix, require_redis, unique_prefix
+from state_support import cancel_target as target
 
 from waypoint.config.model import StateConfig
 from waypoint.errors import Refusal
@@ -164,8 +165,8 @@ async def test_principals_with_key_syntax_stay_apart(store: StateStore) -> None:
 
 async def test_cancel_key_routes_only_with_the_exact_secret(store: StateStore) -> None:
     secret = bytes(range(32))
-    await store.register_cancel_key(4242, secret, ("10.0.1.10", 5432), ttl=60)
-    assert await store.lookup_cancel_key(4242, secret) == ("10.0.1.10", 5432)
+    await store.register_cancel_key(4242, secret, target("10.0.1.10", 5432), ttl=60)
+    assert await store.lookup_cancel_key(4242, secret) == target("10.0.1.10", 5432)
     assert await store.lookup_cancel_key(4242, secret[:-1] + b"\xff") is None
     assert await store.lookup_cancel_key(4243, secret) is None
     await store.unregister_cancel_key(4242, secret)
@@ -173,31 +174,31 @@ async def test_cancel_key_routes_only_with_the_exact_secret(store: StateStore) -
 
 
 async def test_cancel_key_with_ipv6_backend_and_short_secret(store: StateStore) -> None:
-    await store.register_cancel_key(7, b"\x00\x01\x02\x03", ("::1", 6543), ttl=60)
-    assert await store.lookup_cancel_key(7, b"\x00\x01\x02\x03") == ("::1", 6543)
+    await store.register_cancel_key(7, b"\x00\x01\x02\x03", target("::1", 6543), ttl=60)
+    assert await store.lookup_cancel_key(7, b"\x00\x01\x02\x03") == target("::1", 6543)
 
 
 async def test_cancel_key_expires_after_its_ttl(store: StateStore) -> None:
-    await store.register_cancel_key(99, b"s" * 32, ("127.0.0.1", 5432), ttl=0.3)
-    assert await store.lookup_cancel_key(99, b"s" * 32) == ("127.0.0.1", 5432)
+    await store.register_cancel_key(99, b"s" * 32, target("127.0.0.1", 5432), ttl=0.3)
+    assert await store.lookup_cancel_key(99, b"s" * 32) == target("127.0.0.1", 5432)
     await trio.sleep(0.6)
     assert await store.lookup_cancel_key(99, b"s" * 32) is None
 
 
 async def test_bad_cancel_key_arguments_are_rejected(store: StateStore) -> None:
     with pytest.raises(ValueError, match=r"4\.\.256 bytes"):
-        await store.register_cancel_key(1, b"", ("h", 1), ttl=1)
+        await store.register_cancel_key(1, b"", target("h", 1), ttl=1)
     with pytest.raises(ValueError, match="32 bits"):
-        await store.register_cancel_key(-(2**31) - 1, b"abcd", ("h", 1), ttl=1)
+        await store.register_cancel_key(-(2**31) - 1, b"abcd", target("h", 1), ttl=1)
     with pytest.raises(ValueError, match="32 bits"):
-        await store.register_cancel_key(2**32, b"abcd", ("h", 1), ttl=1)
+        await store.register_cancel_key(2**32, b"abcd", target("h", 1), ttl=1)
 
 
 async def test_cancel_key_with_the_pid_sign_bit_set_routes(store: StateStore) -> None:
     # The wire core reads BackendKeyData's pid as a signed Int32; a key whose pid has the
     # top bit set (CockroachDB's 64-bit keys) must register and route, not raise.
-    await store.register_cancel_key(-5, b"k" * 8, ("127.0.0.1", 26257), ttl=60)
-    assert await store.lookup_cancel_key(-5, b"k" * 8) == ("127.0.0.1", 26257)
+    await store.register_cancel_key(-5, b"k" * 8, target("127.0.0.1", 26257), ttl=60)
+    assert await store.lookup_cancel_key(-5, b"k" * 8) == target("127.0.0.1", 26257)
 
 
 async def test_lock_excludes_a_second_holder_until_released(store: StateStore) -> None:

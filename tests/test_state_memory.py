@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
+from state_support import cancel_target as target
 
 from waypoint.config.model import StateConfig
 from waypoint.state import MemoryStateStore, SlotLease, SlotRequest, open_state
@@ -14,9 +15,9 @@ async def test_cancel_key_expires_exactly_at_its_ttl(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = MemoryStateStore()
-    await store.register_cancel_key(1, b"abcd", ("db", 5432), ttl=3600)
+    await store.register_cancel_key(1, b"abcd", target("db", 5432), ttl=3600)
     await trio.sleep(3599)
-    assert await store.lookup_cancel_key(1, b"abcd") == ("db", 5432)
+    assert await store.lookup_cancel_key(1, b"abcd") == target("db", 5432)
     await trio.sleep(2)
     assert await store.lookup_cancel_key(1, b"abcd") is None
 
@@ -25,19 +26,19 @@ async def test_reregistering_a_cancel_key_replaces_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = MemoryStateStore()
-    await store.register_cancel_key(1, b"abcd", ("old", 1), ttl=10)
-    await store.register_cancel_key(1, b"abcd", ("new", 2), ttl=10)
-    assert await store.lookup_cancel_key(1, b"abcd") == ("new", 2)
-    await store.register_cancel_key(1, b"efgh", ("other", 3), ttl=10)
+    await store.register_cancel_key(1, b"abcd", target("old", 1), ttl=10)
+    await store.register_cancel_key(1, b"abcd", target("new", 2), ttl=10)
+    assert await store.lookup_cancel_key(1, b"abcd") == target("new", 2)
+    await store.register_cancel_key(1, b"efgh", target("other", 3), ttl=10)
     await store.unregister_cancel_key(1, b"abcd")
     assert await store.lookup_cancel_key(1, b"abcd") is None
-    assert await store.lookup_cancel_key(1, b"efgh") == ("other", 3)
+    assert await store.lookup_cancel_key(1, b"efgh") == target("other", 3)
 
 
 async def test_expired_cancel_keys_are_purged(autojump_clock: trio.testing.MockClock) -> None:
     store = MemoryStateStore()
     for pid in range(2048):
-        await store.register_cancel_key(pid, b"abcd", ("db", 5432), ttl=1)
+        await store.register_cancel_key(pid, b"abcd", target("db", 5432), ttl=1)
         await trio.sleep(0.01)
     assert len(store._cancel) < 2048
 

@@ -19,10 +19,11 @@ from state_support import (
     require_redis,
     unique_prefix,
 )
+from state_support import cancel_target as target
 
 from waypoint.config.model import StateConfig
 from waypoint.errors import Refusal
-from waypoint.state import SlotLease, SlotRequest, StateStore, open_state
+from waypoint.state import SlotLease, SlotRequest, StateStore, cancel_key_digest, open_state
 from waypoint.state.redis_store import ACQUIRE_LUA, RELEASE_LUA, KeyLayout, RedisStateStore
 
 pytestmark = pytest.mark.redis
@@ -167,8 +168,8 @@ async def test_cancel_keys_route_across_instances_and_hide_the_secret(prefix: st
         open_state(cfg(prefix), instance_id="a") as a,
         open_state(cfg(prefix), instance_id="b") as b,
     ):
-        await a.register_cancel_key(1234, secret, ("10.0.0.5", 5432), ttl=60)
-        assert await b.lookup_cancel_key(1234, secret) == ("10.0.0.5", 5432)
+        await a.register_cancel_key(1234, secret, target("10.0.0.5", 5432), ttl=60)
+        assert await b.lookup_cancel_key(1234, secret) == target("10.0.0.5", 5432)
         assert await b.lookup_cancel_key(1234, os.urandom(32)) is None
         keys = [k.decode() for k in redis_client().scan_iter(match=f"{prefix}cancel:*")]
         assert len(keys) == 1
@@ -177,10 +178,33 @@ async def test_cancel_keys_route_across_instances_and_hide_the_secret(prefix: st
         assert 0 < ttl_ms <= 60_000
         await a.unregister_cancel_key(1234, secret)
         assert await b.lookup_cancel_key(1234, secret) is None
-        await a.register_cancel_key(77, secret, ("10.0.0.6", 5433), ttl=0.4)
-        assert await b.lookup_cancel_key(77, secret) == ("10.0.0.6", 5433)
+        await a.register_cancel_key(77, secret, target("10.0.0.6", 5433), ttl=0.4)
+        assert await b.lookup_cancel_key(77, secret) == target("10.0.0.6", 5433)
         await trio.sleep(0.8)
         assert await b.lookup_cancel_key(77, secret) is None
+
+
+async def test_cancel_values_written_by_others_are_read_bounded_and_parsed_strictly(
+    prefix: str,
+) -> None:
+    """Whoever can write Redis chooses a cancel key's value: the lookup reads at most a few
+    KiB of it and gives a target only for a well-formed one (a bare ``host:port`` names no
+    listener and no owner, so no cancel matches it)."""
+    client = redis_client()
+    async with open_state(cfg(prefix), instance_id="b") as b:
+        good = target("10.0.0.5", 5432)
+        cases: list[tuple[bytes, object]] = [
+            (good.encode().encode(), good),
+            (b"10.0.0.9:6379", target("10.0.0.9", 6379, listener="", principal="")),
+            (b'{"l": "pg-main", "b": "10.0.0.5", "p": "x"}', None),
+            (b"\xff\xfe", None),
+            (good.encode().encode() + b" " * 5000, None),  # oversized
+        ]
+        for i, (value, expected) in enumerate(cases):
+            secret = os.urandom(8)
+            client.set(f"{prefix}cancel:{cancel_key_digest(i + 1, secret)}", value, px=60_000)
+            assert await b.lookup_cancel_key(i + 1, secret) == expected, value[:60]
+    client.close()
 
 
 async def test_lock_is_exclusive_across_instances(prefix: str) -> None:

@@ -3,6 +3,7 @@ and graceful shutdown (SPEC §11)."""
 
 from __future__ import annotations
 
+import resource
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -17,6 +18,7 @@ from waypoint.identity.tailscale import TailscaleProvider
 from waypoint.observability.log import get_logger
 from waypoint.observability.metrics import Metrics
 from waypoint.provision.engine import Provisioner
+from waypoint.proxy.admission import Admission
 from waypoint.proxy.backend import backend_ssl_context
 from waypoint.proxy.listener import accept_loop, open_listener
 from waypoint.proxy.registry import RefusalCache, SessionRegistry
@@ -62,7 +64,9 @@ async def run(
 ) -> None:
     """Run Waypoint until shutdown. Returns after a graceful drain (SIGINT/SIGTERM when
     ``handle_signals``, or :meth:`Running.shutdown`)."""
+    raise_nofile_limit()
     metrics = Metrics()
+    admission = Admission(config.admission, metrics)
     registry = SessionRegistry()
     shutdown = trio.Event()
     immediate = trio.Event()
@@ -80,6 +84,10 @@ async def run(
         assert cert_client is not None
         return await cert_client.cert_pair(domain, min_validity=MIN_VALIDITY)
 
+    async def cert_domains() -> tuple[str, ...]:
+        assert cert_client is not None
+        return await cert_client.cert_domains()
+
     admin_limiter = trio.CapacityLimiter(16)
     pbkdf2_limiter = trio.CapacityLimiter(2)
     contexts: dict[str, ListenerContext] = {}
@@ -96,16 +104,22 @@ async def run(
                     ),
                     state=state,
                     engine=engine,
-                    tls=ClientTLS(lst, fetch_cert=fetch_cert if cert_client else None),
+                    tls=ClientTLS(
+                        lst,
+                        fetch_cert=fetch_cert if cert_client else None,
+                        cert_domains=cert_domains if cert_client else None,
+                    ),
                     backend_ssl=backend_ssl_context(lst),
                     registry=registry,
                     refusals=refusals,
                     metrics=metrics,
                     pbkdf2_limiter=pbkdf2_limiter,
+                    admission=admission,
                 )
             try:
                 await _serve(
                     config,
+                    admission,
                     contexts,
                     registry,
                     metrics,
@@ -126,6 +140,7 @@ async def run(
 
 async def _serve(
     config: Config,
+    admission: Admission,
     contexts: dict[str, ListenerContext],
     registry: SessionRegistry,
     metrics: Metrics,
@@ -169,6 +184,9 @@ async def _serve(
                         bg.start_soon(
                             revalidation_loop, contexts, registry, config.revalidation.interval
                         )
+                        for ctx in contexts.values():
+                            bg.start_soon(ctx.provisioner.pools.expire_idle_forever)
+                        bg.start_soon(admission.run)
                         for start in _extra_background(config, contexts, registry, metrics):
                             bg.start_soon(start)
                         await trio.sleep_forever()
@@ -223,6 +241,29 @@ async def _serve(
         background.cancel()
         root.cancel_scope.cancel()
     log.info("shutdown_complete")
+
+
+def raise_nofile_limit(
+    getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+    setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
+) -> int:
+    """Raise the soft open-file limit to the hard limit (each connection holds one or two
+    descriptors; the usual soft limit of 1024 is reached long before memory). Returns the
+    soft limit now in force."""
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY:
+        target = hard
+    else:
+        target = max(soft, hard)
+    if target == soft:
+        return soft
+    try:
+        setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("nofile_limit_unchanged", soft=soft, hard=hard, error=str(exc))
+        return soft
+    log.info("nofile_limit_raised", soft_was=soft, soft=target, hard=hard)
+    return target
 
 
 def _extra_background(

@@ -7,6 +7,7 @@ from waypoint.config.load import (
     load_config_text,
 )
 from waypoint.config.model import (
+    AdmissionConfig,
     Config,
     DefaultsConfig,
     IdentityConfig,
@@ -24,6 +25,7 @@ from waypoint.config.render import render_config
 from waypoint.config.units import format_duration, format_size, parse_duration, parse_size
 
 __all__ = [
+    "AdmissionConfig",
     "Config",
     "ConfigError",
     "ConfigProblem",

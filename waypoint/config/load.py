@@ -298,6 +298,13 @@ def _validate(cfg: Config) -> list[tuple[KeyPath, str]]:
         out.append((("identity", "timeout"), "must be greater than 0s"))
     if cfg.state.lease <= 0:
         out.append((("state", "lease"), "must be greater than 0s"))
+    adm = cfg.admission
+    if adm.max_handshakes_per_address <= 0:
+        out.append((("admission", "max_handshakes_per_address"), "must be greater than 0"))
+    if adm.cancel_burst <= 0:
+        out.append((("admission", "cancel_burst"), "must be greater than 0"))
+    if adm.cancel_interval <= 0:
+        out.append((("admission", "cancel_interval"), "must be greater than 0s"))
 
     # identity
     ident = cfg.identity
@@ -473,6 +480,8 @@ def _validate_listener(cfg: Config, i: int, lst: ListenerConfig) -> list[tuple[K
         )
     if pg.reap_interval is not None and pg.reap_interval <= 0:
         out.append(((*pbase, "reap_interval"), "must be greater than 0s"))
+    if pg.admin_idle_timeout <= 0:
+        out.append(((*pbase, "admin_idle_timeout"), "must be greater than 0s"))
     if pg.reassign_to is not None and not pg.reassign_to:
         out.append(((*pbase, "reassign_to"), "must not be empty (leave it out to use admin_user)"))
     return out

@@ -78,6 +78,19 @@ class StateConfig:
 
 
 @frozen
+class AdmissionConfig:
+    """Bounds on what a peer can make Waypoint hold before its identity is known."""
+
+    # Connections from one source address still in their handshake (accepted, not yet
+    # relaying); one more is closed at once.
+    max_handshakes_per_address: int = 128
+    # CancelRequests per source address: a bucket of ``cancel_burst`` tokens, one token
+    # back every ``cancel_interval``.
+    cancel_burst: int = 20
+    cancel_interval: float = 0.2
+
+
+@frozen
 class MetricsConfig:
     listen: str | None = None
 
@@ -94,6 +107,7 @@ class PostgresListenerConfig:
     reap_interval: float | None = None
     reassign_to: str | None = None
     reap_on_cockroachdb: bool = False
+    admin_idle_timeout: float = 60.0
 
     @property
     def effective_reap_interval(self) -> float:
@@ -151,6 +165,7 @@ class Config:
     provisioning: ProvisioningConfig = field(factory=ProvisioningConfig)
     defaults: DefaultsConfig = field(factory=DefaultsConfig)
     state: StateConfig = field(factory=StateConfig)
+    admission: AdmissionConfig = field(factory=AdmissionConfig)
     metrics: MetricsConfig = field(factory=MetricsConfig)
     # Where the file came from (for messages); not a TOML key.
     source: str | None = field(default=None, eq=False)

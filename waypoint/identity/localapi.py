@@ -35,12 +35,15 @@ from waypoint.identity.model import IdentityError
 
 LOCALAPI_HOST: Final = "local-tailscaled.sock"
 DEFAULT_MAX_RESPONSE: Final = 1024 * 1024  # 1 MiB: a whois is a few KiB, a cert pair ~4 KiB
+#: How many of this node's certificate names are kept (a node has one or two).
+MAX_CERT_DOMAINS: Final = 32
 _READ_SIZE: Final = 65536
 _MAX_DETAIL_BODY: Final = 200  # how much of a (non-secret) error body goes into a log detail
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE",
     "LOCALAPI_HOST",
+    "MAX_CERT_DOMAINS",
     "BadAddress",
     "CertUnavailable",
     "LocalAPIClient",
@@ -327,6 +330,34 @@ class LocalAPIClient:
                 detail += f" (retry after {retry_after:g}s)"
             raise CertUnavailable(detail, status=resp.status, retry_after=retry_after)
         return split_pem_pair(resp.body)
+
+    async def cert_domains(self) -> tuple[str, ...]:
+        """``GET /localapi/v0/status?peers=false``: the DNS names this node can get
+        certificates for (its ``CertDomains``), lower case without the trailing dot, in
+        tailscaled's order, at most ``MAX_CERT_DOMAINS``. Empty when HTTPS certificates are
+        off for the tailnet. Raises :class:`MalformedResponse` for a body that is not a
+        status object and :class:`LocalAPIUnavailable` for any non-200 answer or transport
+        fault.
+        """
+        resp = await self.get("/localapi/v0/status?peers=false")
+        if resp.status != 200:
+            raise LocalAPIUnavailable(
+                f"tailscaled status: HTTP {resp.status} {_body_excerpt(resp.body)}"
+            )
+        body = _decode_json_object(resp.body, "tailscaled status")
+        raw = body.get("CertDomains")
+        if raw is None:
+            return ()
+        if not isinstance(raw, list) or not all(isinstance(d, str) for d in raw):
+            raise MalformedResponse("tailscaled status: CertDomains is not a list of names")
+        names: list[str] = []
+        for domain in raw:
+            name = domain.rstrip(".").lower()
+            if _valid_domain(name) and name not in names:
+                names.append(name)
+            if len(names) == MAX_CERT_DOMAINS:
+                break
+        return tuple(names)
 
     async def get(self, target: str) -> LocalAPIResponse:
         """One bounded GET (on a kept-alive connection when one is idle). Transport faults raise

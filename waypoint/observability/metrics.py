@@ -87,6 +87,26 @@ class Metrics:
             "waypoint_reaper_errors", "Roles the reaper failed to drop", ["listener"], registry=r
         )
 
+        self.cancel_requests = Counter(
+            "waypoint_cancel_requests",
+            "CancelRequests received, by outcome",
+            ["listener", "outcome"],
+            registry=r,
+        )
+        self.handshakes_refused = Counter(
+            "waypoint_handshakes_refused",
+            "Connections closed at accept because their source address had"
+            " max_handshakes_per_address connections in their handshake",
+            ["listener"],
+            registry=r,
+        )
+        self.accept_errors = Counter(
+            "waypoint_accept_errors",
+            "Transient accept() failures (each followed by a bounded back-off), by errno",
+            ["listener", "errno"],
+            registry=r,
+        )
+
     # -- the calls the session makes ------------------------------------------------
     def connection_opened(self, listener: str) -> None:
         self.connections_total.labels(listener).inc()
@@ -120,6 +140,15 @@ class Metrics:
     def backend_prefetched(self, listener: str, *, logged_in: bool, used: bool) -> None:
         stage = "logged_in" if logged_in else "connected"
         self.backend_prefetches.labels(listener, stage, "used" if used else "discarded").inc()
+
+    def cancel_request(self, listener: str, outcome: str) -> None:
+        self.cancel_requests.labels(listener, outcome).inc()
+
+    def handshake_refused(self, listener: str) -> None:
+        self.handshakes_refused.labels(listener).inc()
+
+    def accept_failed(self, listener: str, errno_name: str) -> None:
+        self.accept_errors.labels(listener, errno_name).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,8 +7,13 @@ Lock order (SPEC §5), never violated here:
 2. the cross-instance role lock (:class:`~waypoint.provision.locks.RoleLockBackend`,
    by default a session-level advisory lock on a dedicated connection to
    ``admin_database``), held across COMMIT and the caller's upstream login,
-3. first thing in the one transaction in the target database, the group locks
-   ``pg_advisory_xact_lock(2, h(db, schema))`` in sorted order.
+3. before the one transaction in the target database starts, the group locks
+   ``(2, h(db, schema))`` in sorted order (:class:`~waypoint.provision.locks.GroupLocks`:
+   session-level advisory locks on another dedicated connection to ``admin_database``),
+   released after it ends.
+
+No lock lives in a target database: advisory locks are per database and their keys are
+computable, so a caller's session there could take or block them.
 
 A provision runs for a new role, a changed grant, no cached secret, a cached
 secret whose ``VALID UNTIL`` is within ``handshake_timeout``, or ``rotate=True``.
@@ -25,7 +30,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from typing import Final, Literal
 
@@ -42,6 +47,7 @@ from waypoint.provision import sql
 from waypoint.provision.admin import AdminError, AdminPools, AdminSession
 from waypoint.provision.dialect import CockroachDialect, Dialect, detect_dialect
 from waypoint.provision.locks import (
+    GroupLocks,
     PgAdvisoryRoleLock,
     RoleLease,
     RoleLockBackend,
@@ -232,10 +238,9 @@ def _provision_txn(
     known_signatures: Mapping[str, Signature],
     inherit_clause: str,
 ) -> _TxnResult:
-    """One transaction in the target database. Blocking; call in a worker thread."""
+    """One transaction in the target database, under the group locks of ``plan.schemas``
+    (held by the caller in ``admin_database``). Blocking; call in a worker thread."""
     sess.run("BEGIN")
-    for stmt in sql.sorted_group_lock_statements(plan.database, plan.schemas):
-        sess.run(stmt)
 
     names = [plan.role, *(g.name for g in plan.groups)]
     existing = {
@@ -381,9 +386,13 @@ class Provisioner:
             connect_timeout=handshake_timeout,
             statement_timeout=st,
             lock_timeout=max(1.0, st / 2),
+            idle_timeout=self._pg.admin_idle_timeout,
         )
         self._custom_lock_backend = lock_backend is not None
-        self._locks: RoleLockBackend = lock_backend or PgAdvisoryRoleLock(self._pools)
+        pg_locks = PgAdvisoryRoleLock(self._pools)
+        self._locks: RoleLockBackend = lock_backend or pg_locks
+        self._pg_locks = pg_locks
+        self._group_locks = GroupLocks(pg_locks.sessions)
         self._states: dict[str, _RoleState] = {}
         self._cache: dict[str, _Cached] = {}
         self._resolved: dict[tuple[str, str, str, str, str | None], str] = {}
@@ -753,7 +762,8 @@ class Provisioner:
                 return _provision_txn(sess, plan, password, known, inherit)
 
             try:
-                result = await self._pools.run(plan.database, txn)
+                async with self.group_locks(plan.database, plan.schemas, info.dialect):
+                    result = await self._pools.run(plan.database, txn)
             except AdminError as exc:
                 if exc.sqlstate == "3D000":
                     raise DatabaseMissing(exc.fields) from None
@@ -808,6 +818,15 @@ class Provisioner:
     @property
     def lock_backend(self) -> RoleLockBackend:
         return self._locks
+
+    def group_locks(
+        self, database: str, schemas: Iterable[str], dialect: Dialect
+    ) -> AbstractAsyncContextManager[None]:
+        """Lock order step 3 for a transaction in ``database`` touching ``schemas`` (none on
+        a server without advisory locks, where the role lock serializes provisioning)."""
+        if not dialect.has_advisory_locks:
+            return nullcontext()
+        return self._group_locks.hold(database, schemas)
 
     @property
     def pools(self) -> AdminPools:
@@ -934,4 +953,6 @@ class Provisioner:
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await self._locks.aclose()
+            if self._pg_locks is not self._locks:
+                await self._pg_locks.aclose()
             await self._pools.aclose()

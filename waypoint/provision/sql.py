@@ -122,10 +122,6 @@ def reassign_owned(role: str) -> str:
     return f"REASSIGN OWNED BY {identifier(role)} TO CURRENT_USER"
 
 
-def advisory_xact_lock(key: int) -> str:
-    return f"SELECT pg_catalog.pg_advisory_xact_lock({GROUP_LOCK_CLASS}, {int(key)})"
-
-
 # Catalog queries (parameters with pg8000.native's :name style).
 
 ROLES_QUERY: Final = (
@@ -151,7 +147,7 @@ SCHEMA_SIGNATURE_QUERY: Final = (
 )
 
 
-def sorted_group_lock_statements(database: str, schemas: Iterable[str]) -> list[str]:
-    """SPEC §5 lock order step 3: one xact lock per touched schema, in sorted key order."""
-    keys = sorted({group_lock_key(database, s) for s in schemas})
-    return [advisory_xact_lock(k) for k in keys]
+def group_lock_keys(database: str, schemas: Iterable[str]) -> list[int]:
+    """Lock order step 3: one group-lock key per touched schema, in sorted order (the locks
+    themselves are taken in ``admin_database``, see :mod:`waypoint.provision.locks`)."""
+    return sorted({group_lock_key(database, s) for s in schemas})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import attrs
 import trio
@@ -41,6 +41,7 @@ from waypoint.pgwire import (
     build_error_response,
 )
 from waypoint.provision.engine import Credentials, DatabaseMissing, Provisioner, ProvisionError
+from waypoint.proxy.admission import Admission
 from waypoint.proxy.backend import (
     BackendConnection,
     BackendLogin,
@@ -50,7 +51,7 @@ from waypoint.proxy.backend import (
     connect_backend,
     login_backend,
 )
-from waypoint.proxy.cancel import forward_cancel
+from waypoint.proxy.cancel import serve_cancel_request
 from waypoint.proxy.registry import (
     LiveSession,
     LoginGuess,
@@ -65,9 +66,8 @@ from waypoint.proxy.relay import (
     RelayResult,
     StreamRelay,
     TlsHandover,
-    tls_handover,
 )
-from waypoint.proxy.streams import PrefixedStream
+from waypoint.proxy.streams import ServerTLSStream
 from waypoint.proxy.tls import (
     ALPN_POSTGRESQL,
     ClientHelloError,
@@ -75,7 +75,7 @@ from waypoint.proxy.tls import (
     client_hello_length,
     parse_client_hello,
 )
-from waypoint.state.base import SlotLease, SlotRequest, StateStore
+from waypoint.state.base import CancelTarget, SlotLease, SlotRequest, StateStore
 
 RECV_SIZE = 16 * 1024
 # Newest protocol minor version Waypoint speaks (3.2: variable-length cancel keys).
@@ -105,6 +105,8 @@ class ListenerContext:
     accepting: bool = True
     #: Peers that logged in recently: their backend connection opens during the whois.
     warm_peers: WarmPeers = attrs.field(factory=WarmPeers)
+    #: The app's pre-authentication bounds (handshakes per address, cancel rate).
+    admission: Admission = attrs.field(kw_only=True)
 
     @property
     def allow_raw_sql(self) -> bool:
@@ -179,8 +181,13 @@ def _peer_of(stream: trio.SocketStream) -> tuple[str, int]:
     return host, int(addr[1])
 
 
-async def serve_connection(ctx: ListenerContext, raw: trio.SocketStream) -> None:
-    """The connection task. Never raises (except Cancelled): one bad client affects nobody."""
+async def serve_connection(
+    ctx: ListenerContext,
+    raw: trio.SocketStream,
+    handshake_done: Callable[[], None] | None = None,
+) -> None:
+    """The connection task. Never raises (except Cancelled): one bad client affects nobody.
+    ``handshake_done`` is called once the handshake is over (before the relay starts)."""
     conn_id = new_conn_id()
     peer = _peer_of(raw)
     client = _Client(raw, raw, peer)
@@ -191,7 +198,7 @@ async def serve_connection(ctx: ListenerContext, raw: trio.SocketStream) -> None
     started = trio.current_time()
     ctx.metrics.connection_opened(ctx.listener.name)
     try:
-        await _run(ctx, client, conn_id, log, out)
+        await _run(ctx, client, conn_id, log, out, handshake_done)
     except _Close as exc:
         out.outcome = "closed"
         out.detail = str(exc)
@@ -231,7 +238,12 @@ async def serve_connection(ctx: ListenerContext, raw: trio.SocketStream) -> None
 
 
 async def _run(
-    ctx: ListenerContext, client: _Client, conn_id: str, log: EventLogger, out: _Outcome
+    ctx: ListenerContext,
+    client: _Client,
+    conn_id: str,
+    log: EventLogger,
+    out: _Outcome,
+    handshake_done: Callable[[], None] | None = None,
 ) -> None:
     startup: StartupMessage | None = None
     handshake_started = trio.current_time()
@@ -250,6 +262,8 @@ async def _run(
             out.detail = exc.fields.get("M")
             await _send_quietly(client, ErrorResponse(exc.fields).encode())
             return
+    if handshake_done is not None:
+        handshake_done()
     if handshake_scope.cancelled_caught:
         out.outcome = "handshake_timeout"
         out.sqlstate = "08006"
@@ -332,7 +346,15 @@ async def _negotiate(ctx: ListenerContext, client: _Client) -> tuple[StartupMess
         if isinstance(event, StartupMessage):
             return event, reader.take_buffered()
         if isinstance(event, CancelRequest):
-            await forward_cancel(event, ctx.state, ctx.listener, ctx.backend_ssl)
+            await serve_cancel_request(
+                event,
+                client.peer,
+                admission=ctx.admission,
+                identity=ctx.identity,
+                state=ctx.state,
+                listener=ctx.listener,
+                ssl_context=ctx.backend_ssl,
+            )
             return None, b""
         if isinstance(event, GSSENCRequest):
             await client.send(b"N")
@@ -385,10 +407,12 @@ async def _start_tls(ctx: ListenerContext, client: _Client, hello: bytes, *, dir
     context = await ctx.tls.context_for(info.server_name)
     if context is None:
         raise _Close(f"no certificate for server name {info.server_name!r}")
-    tls_stream = trio.SSLStream(PrefixedStream(client.raw, hello), context, server_side=True)
+    # Waypoint's own SSLObject and memory BIOs from the first byte: the peeked ClientHello is
+    # its first input, and the relay later takes this very TLS state over (``handover``).
+    tls_stream = ServerTLSStream(client.raw, context, hello)
     try:
         await tls_stream.do_handshake()
-    except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
         raise _Close(f"TLS handshake failed: {exc}") from exc
     if direct and tls_stream.selected_alpn_protocol() != ALPN_POSTGRESQL:
         raise _Close("direct TLS: ALPN postgresql was not negotiated")
@@ -544,6 +568,7 @@ async def _establish(
         identity,
         listener.name,
         database,
+        admin_database=listener.postgres.admin_database,
         defaults=ctx.config.defaults.limits,
         preset_cap=cap.cap,
         allow_raw_sql=ctx.allow_raw_sql,
@@ -581,8 +606,9 @@ async def _establish(
         preamble += start.raw
         await client.send(bytes(preamble))
         if start.key is not None:
+            target = CancelTarget(listener.name, backend.address, identity.principal)
             await ctx.state.register_cancel_key(
-                start.key.pid, start.key.secret, backend.address, CANCEL_KEY_TTL
+                start.key.pid, start.key.secret, target, CANCEL_KEY_TTL
             )
     except BaseException:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -705,22 +731,14 @@ async def _provision_and_login(
 
 
 def _client_tls_handover(client: _Client) -> TlsHandover | None:
-    """Take the client's TLS session out of trio for the engine, or None (then the trio
-    stream relay serves it): only a trio SSLStream over our PrefixedStream whose peeked
-    ClientHello has been fully consumed, with no ciphertext pending."""
+    """The client's TLS session for the engine, or None (then the trio stream relay serves
+    it): Waypoint's own TLS stream over the accepted socket, intact and with nothing unsent."""
     stream = client.stream
-    if not isinstance(stream, trio.SSLStream):
-        return None
-    transport = stream.transport_stream
-    if (
-        not isinstance(transport, PrefixedStream)
-        or transport.pending
-        or transport.inner is not client.raw
-    ):
+    if not isinstance(stream, ServerTLSStream) or stream.transport_stream is not client.raw:
         return None
     try:
-        return tls_handover(stream)
-    except ValueError:
+        return stream.handover()
+    except (ValueError, trio.BrokenResourceError, trio.ClosedResourceError):
         return None
 
 
@@ -749,8 +767,8 @@ async def _relay(
     async with trio.open_nursery() as nursery:
         if limits.max_conn_duration > 0:
             nursery.start_soon(_duration_timer, live, limits.max_conn_duration)
-        # The epoll engine relays plain sockets and client TLS (handed over from trio after
-        # the handshake); backend TLS stays on the trio stream relay.
+        # The epoll engine relays plain sockets and client TLS (the session's own SSLObject
+        # and BIOs, handed over after the startup); backend TLS stays on the trio stream relay.
         handover: TlsHandover | None = None
         use_engine = ctx.engine is not None and not backend.tls
         if use_engine and client.tls:

@@ -1,9 +1,14 @@
 """Client-side TLS for listeners: certificate choice by SNI, Tailscale certificates, ClientHello peeking.
 
-Certificate choice (SPEC §4, issue 5): the file certificate when the SNI matches one of its
-names or no SNI was sent; a Tailscale certificate fetched through the LocalAPI for other names
-when ``use_tailscale_tls`` (cached, renewed ahead of expiry; a failed fetch falls back to a
+Certificate choice (SPEC §4): the file certificate when the SNI matches one of its names or no
+SNI was sent; with ``use_tailscale_tls``, a Tailscale certificate fetched through the LocalAPI
+for a name this node can hold (cached, renewed ahead of expiry; a failed fetch falls back to a
 still-valid cached one). ALPN ``postgresql`` is offered on every context.
+
+The server name arrives before anything is known about the peer, so it never creates state or
+a request of its own: the node's certificate names come from tailscaled's status (asked at
+most once per ``NAMES_REFRESH``, whatever peers send), a certificate is fetched only for one of
+them, and every per-name table is keyed by those names alone.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import datetime as _dt
 import os
 import ssl
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
@@ -32,8 +37,16 @@ MIN_VALIDITY = 30 * 24 * 3600.0
 # After a failed fetch, handshakes with that name do not ask tailscaled again for this long
 # (or for its Retry-After, when rate-limited), so a failing tailscaled is not hammered.
 FETCH_BACKOFF = 30.0
+# The node's certificate names (tailscaled's status) are asked again after this long; after a
+# failed status request, after FETCH_BACKOFF. Server names never trigger more requests.
+NAMES_REFRESH = 60.0
+# At most this many certificate names are kept (a node has one or two): every per-name table
+# below is bounded by it.
+MAX_OWN_NAMES = 32
 
 CertFetcher = Callable[[str], Awaitable[tuple[bytes, bytes]]]
+#: The DNS names this node can get certificates for (LocalAPIClient.cert_domains).
+CertDomains = Callable[[], Awaitable[Sequence[str]]]
 
 
 class ClientHelloError(ValueError):
@@ -172,20 +185,33 @@ class _CachedCert:
 
 
 class ClientTLS:
-    """Chooses the server certificate for a client connection by SNI."""
+    """Chooses the server certificate for a client connection by SNI.
+
+    With ``use_tailscale_tls``, ``fetch_cert`` fetches a certificate pair for one name and
+    ``cert_domains`` lists the names this node can hold; both are required.
+    """
 
     def __init__(
         self,
         listener: ListenerConfig,
         *,
         fetch_cert: CertFetcher | None = None,
+        cert_domains: CertDomains | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.listener = listener
         self._fetch = fetch_cert if listener.use_tailscale_tls else None
+        if self._fetch is not None and cert_domains is None:
+            raise ValueError("fetching Tailscale certificates needs the node's cert_domains")
+        self._cert_domains = cert_domains
         self._clock = clock or (lambda: _dt.datetime.now(_dt.UTC).timestamp())
         self._file_ctx: ssl.SSLContext | None = None
         self._file_names: tuple[str, ...] = ()
+        # The node's certificate names, and until when they are believed (a clock time).
+        self._own_names: frozenset[str] = frozenset()
+        self._own_until = float("-inf")
+        self._own_lock = trio.Lock()
+        # Keyed by the node's own names only (at most MAX_OWN_NAMES entries each).
         self._ts_cache: dict[str, _CachedCert] = {}
         self._ts_locks: dict[str, trio.Lock] = {}
         self._ts_backoff: dict[str, float] = {}
@@ -214,12 +240,41 @@ class ClientTLS:
                 return ctx
         return self._file_ctx
 
+    async def own_names(self) -> frozenset[str]:
+        """The names this node can get certificates for, as tailscaled last said (asked
+        again at most once per ``NAMES_REFRESH``; after a failure, the names known before,
+        for ``FETCH_BACKOFF``)."""
+        assert self._cert_domains is not None
+        if self._own_until > self._clock():
+            return self._own_names
+        async with self._own_lock:
+            now = self._clock()
+            if self._own_until > now:
+                return self._own_names
+            try:
+                names = await self._cert_domains()
+            except Exception as exc:
+                self._own_until = now + FETCH_BACKOFF
+                log.warning(
+                    "tailscale_cert_domains_failed", error=str(exc), retry_in=FETCH_BACKOFF
+                )
+                return self._own_names
+            self._own_names = frozenset(n.rstrip(".").lower() for n in names[:MAX_OWN_NAMES])
+            self._own_until = now + NAMES_REFRESH
+            for table in (self._ts_cache, self._ts_locks, self._ts_backoff):
+                for name in [n for n in table if n not in self._own_names]:
+                    del table[name]
+            return self._own_names
+
     async def _tailscale_context(self, domain: str) -> ssl.SSLContext | None:
         assert self._fetch is not None
         now = self._clock()
         cached = self._ts_cache.get(domain)
         if cached is not None and cached.not_after - now > RENEW_BEFORE:
             return cached.context
+        if domain not in await self.own_names():
+            # Not a name this node can hold: tailscaled would refuse it. No request, no entry.
+            return None
         lock = self._ts_locks.setdefault(domain, trio.Lock())
         async with lock:
             cached = self._ts_cache.get(domain)
@@ -236,14 +291,16 @@ class ClientTLS:
             except Exception as exc:
                 retry_after = getattr(exc, "retry_after", None)
                 backoff = max(FETCH_BACKOFF, float(retry_after or 0.0))
-                self._ts_backoff[domain] = now + backoff
+                if domain in self._own_names:  # still the node's (the names may have changed)
+                    self._ts_backoff[domain] = now + backoff
                 log.warning(
                     "tailscale_cert_fetch_failed", domain=domain, error=str(exc), retry_in=backoff
                 )
                 if cached is not None and cached.not_after > now:
                     return cached.context
                 return None
-            self._ts_cache[domain] = _CachedCert(ctx, not_after)
+            if domain in self._own_names:
+                self._ts_cache[domain] = _CachedCert(ctx, not_after)
             self._ts_backoff.pop(domain, None)
             log.info(
                 "tailscale_cert_loaded",

@@ -12,9 +12,10 @@ A pass, for one listener:
    cross-instance role lock (``try_acquire``; busy → skipped this pass), then under both:
    re-check, and in every database where ``pg_shdepend`` says the role holds objects or
    privileges ``REASSIGN OWNED BY r TO <reassign_to or admin>`` and ``DROP OWNED BY r``,
-   each transaction first taking the group locks ``pg_advisory_xact_lock(2, h(db, schema))``
-   of the schemas involved (sorted); finally in ``admin_database``, in the same transaction
-   as the last re-check, ``DROP ROLE r``;
+   each transaction run under the group locks ``(2, h(db, schema))`` of the schemas
+   involved (sorted; held in ``admin_database``, see :class:`waypoint.provision.locks.GroupLocks`);
+   finally in ``admin_database``, in the same transaction as the last re-check,
+   ``DROP ROLE r``;
 4. Waypoint's group roles (``{prefix}grp_*`` with the group marker) that no role is a
    member of any more (the admin's own ADMIN OPTION row excluded) are dropped the same way,
    in their own database under their group locks, membership re-checked under them.
@@ -160,12 +161,14 @@ def _drop_txn(
     *,
     database: str,
     reassign_to: str | None,
-    extra_schemas: Collection[str],
+    locked: Collection[str],
     check: Check,
     drop_role: bool,
     inherit_clause: str,
 ) -> None:
-    """One transaction in ``database``: group locks, re-check, REASSIGN/DROP OWNED [, DROP ROLE].
+    """One transaction in ``database``: re-check, REASSIGN/DROP OWNED [, DROP ROLE], under the
+    group locks of the schemas ``locked`` (held by the caller). Objects in a schema outside
+    ``locked`` (created since the caller looked) raise :class:`_MoreSchemas`.
 
     ``REASSIGN OWNED`` and ``DROP OWNED`` need the privileges of ``role``: the admin makes
     itself a member first (15: ``GRANT r TO CURRENT_USER``; 16+: ``... WITH INHERIT TRUE``,
@@ -174,10 +177,9 @@ def _drop_txn(
     Blocking (a worker thread). ``pools.run`` rolls back on any exception.
     """
     sess.run("BEGIN")
-    schemas = {str(r[0]) for r in sess.run(catalog.DEPENDENT_SCHEMAS_QUERY, role=role)}
-    schemas |= set(extra_schemas)
-    for stmt in provision_sql.sorted_group_lock_statements(database, schemas):
-        sess.run(stmt)
+    schemas = _dependent_schemas(sess, role)
+    if not schemas <= set(locked):
+        raise _MoreSchemas(schemas)
     check(sess)
     sess.run(provision_sql.grant_role_to_admin(role, inherit_clause))
     sess.run(catalog.reassign_owned(role, reassign_to))
@@ -185,6 +187,18 @@ def _drop_txn(
     if drop_role:
         sess.run(catalog.drop_role(role))
     sess.run("COMMIT")
+
+
+class _MoreSchemas(Exception):
+    """The role has objects in schemas whose group locks are not held: retry with them."""
+
+    def __init__(self, schemas: set[str]) -> None:
+        super().__init__(f"objects in schemas {sorted(schemas)}")
+        self.schemas = schemas
+
+
+def _dependent_schemas(sess: AdminSession, role: str) -> set[str]:
+    return {str(r[0]) for r in sess.run(catalog.DEPENDENT_SCHEMAS_QUERY, role=role)}
 
 
 def _one_role(sess: AdminSession, name: str) -> RoleInfo | None:
@@ -455,21 +469,33 @@ class Reaper:
         extra_schemas: Collection[str] = (),
         drop_role: bool = False,
     ) -> None:
-        inherit_clause = (await self.dialect()).admin_inherit_clause
+        dialect = await self.dialect()
 
-        def txn(sess: AdminSession) -> None:
+        def txn(sess: AdminSession, locked: frozenset[str]) -> None:
             _drop_txn(
                 sess,
                 role,
                 database=database,
                 reassign_to=self._pg.reassign_to,
-                extra_schemas=extra_schemas,
+                locked=locked,
                 check=check,
                 drop_role=drop_role,
-                inherit_clause=inherit_clause,
+                inherit_clause=dialect.admin_inherit_clause,
             )
 
-        await self._pools.run(database, txn)
+        # The schemas to lock are read first; the transaction re-reads them under the locks
+        # and asks again when objects appeared elsewhere (bounded by the role's timeout).
+        locked = set(extra_schemas) | await self._pools.run(
+            database, lambda s: _dependent_schemas(s, role)
+        )
+        while True:
+            held = frozenset(locked)
+            try:
+                async with self._prov.group_locks(database, held, dialect):
+                    await self._pools.run(database, partial(txn, locked=held))
+                return
+            except _MoreSchemas as exc:
+                locked |= exc.schemas
 
     # -- groups --------------------------------------------------------------------------
 

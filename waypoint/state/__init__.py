@@ -14,6 +14,7 @@ from waypoint.config.model import StateConfig
 from waypoint.state.base import (
     LIMIT_TOTAL,
     LIMIT_USER,
+    CancelTarget,
     LockToken,
     SlotLease,
     SlotRequest,
@@ -28,6 +29,7 @@ from waypoint.state.memory import MemoryStateStore
 __all__ = [
     "LIMIT_TOTAL",
     "LIMIT_USER",
+    "CancelTarget",
     "LockToken",
     "MemoryStateStore",
     "SlotLease",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import struct
 from typing import Protocol
 
@@ -72,6 +73,48 @@ class SlotUsage:
 
 
 @frozen
+class CancelTarget:
+    """What a cancel key names: the listener whose backend issued it, that backend's address
+    (as configured when the session began) and whose session it is (``Identity.principal``).
+
+    A target read from shared state is a claim, not an address to trust: the cancel path
+    sends only to the backend configured for ``listener`` and only for a peer whose identity
+    is ``principal``."""
+
+    listener: str
+    backend: tuple[str, int]
+    principal: str
+
+    def encode(self) -> str:
+        return json.dumps(
+            {"l": self.listener, "b": format_backend(self.backend), "p": self.principal},
+            separators=(",", ":"),
+        )
+
+    @staticmethod
+    def decode(text: str) -> CancelTarget | None:
+        """Parse a stored target; a bare ``host:port`` (the format before targets named their
+        listener and owner) parses with an empty listener and principal, which no cancel
+        matches. None if malformed."""
+        if not text.startswith("{"):
+            backend = parse_backend(text)
+            return None if backend is None else CancelTarget("", backend, "")
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        listener, address, principal = data.get("l"), data.get("b"), data.get("p")
+        if not (
+            isinstance(listener, str) and isinstance(address, str) and isinstance(principal, str)
+        ):
+            return None
+        backend = parse_backend(address)
+        return None if backend is None else CancelTarget(listener, backend, principal)
+
+
+@frozen
 class LockToken:
     """A held lock: its name and the random token that proves ownership."""
 
@@ -92,12 +135,12 @@ class StateStore(Protocol):
     async def slot_usage(self, principal: str, listener: str) -> SlotUsage: ...
 
     async def register_cancel_key(
-        self, pid: int, secret: bytes, backend: tuple[str, int], ttl: float
+        self, pid: int, secret: bytes, target: CancelTarget, ttl: float
     ) -> None: ...
 
     async def unregister_cancel_key(self, pid: int, secret: bytes) -> None: ...
 
-    async def lookup_cancel_key(self, pid: int, secret: bytes) -> tuple[str, int] | None: ...
+    async def lookup_cancel_key(self, pid: int, secret: bytes) -> CancelTarget | None: ...
 
     async def acquire_lock(self, name: str, *, ttl: float, deadline: float) -> LockToken | None:
         """Retry until ``deadline`` (absolute, ``trio.current_time()``); None if not taken."""
@@ -142,7 +185,7 @@ def validate_cancel_args(pid: int, secret: bytes) -> None:
 @define
 class _CancelEntry:
     secret: bytes = field(repr=False)
-    backend: tuple[str, int]
+    target: CancelTarget
     expires: float
 
 
@@ -153,7 +196,7 @@ class CancelTable:
     _by_pid: dict[int, list[_CancelEntry]] = field(factory=dict)
     _registrations: int = 0
 
-    def register(self, pid: int, secret: bytes, backend: tuple[str, int], ttl: float) -> None:
+    def register(self, pid: int, secret: bytes, target: CancelTarget, ttl: float) -> None:
         now = trio.current_time()
         self._registrations += 1
         if self._registrations % 1024 == 0:
@@ -163,7 +206,7 @@ class CancelTable:
             for e in self._by_pid.get(pid, [])
             if e.expires > now and not hmac.compare_digest(e.secret, secret)
         ]
-        entries.append(_CancelEntry(bytes(secret), backend, now + ttl))
+        entries.append(_CancelEntry(bytes(secret), target, now + ttl))
         self._by_pid[pid] = entries
 
     def unregister(self, pid: int, secret: bytes) -> None:
@@ -178,13 +221,13 @@ class CancelTable:
         else:
             self._by_pid.pop(pid, None)
 
-    def lookup(self, pid: int, secret: bytes) -> tuple[str, int] | None:
+    def lookup(self, pid: int, secret: bytes) -> CancelTarget | None:
         now = trio.current_time()
-        found: tuple[str, int] | None = None
+        found: CancelTarget | None = None
         # Compare against every live entry so timing does not say which one matched.
         for e in self._by_pid.get(pid, []):
             if hmac.compare_digest(e.secret, secret) and e.expires > now:
-                found = e.backend
+                found = e.target
         return found
 
     def _purge(self, now: float) -> None:

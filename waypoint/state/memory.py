@@ -14,6 +14,7 @@ from waypoint.state.base import (
     LIMIT_TOTAL,
     LIMIT_USER,
     CancelTable,
+    CancelTarget,
     LockToken,
     SlotLease,
     SlotRequest,
@@ -76,15 +77,15 @@ class MemoryStateStore:
         )
 
     async def register_cancel_key(
-        self, pid: int, secret: bytes, backend: tuple[str, int], ttl: float
+        self, pid: int, secret: bytes, target: CancelTarget, ttl: float
     ) -> None:
         validate_cancel_args(pid, secret)
-        self._cancel.register(pid, secret, backend, ttl)
+        self._cancel.register(pid, secret, target, ttl)
 
     async def unregister_cancel_key(self, pid: int, secret: bytes) -> None:
         self._cancel.unregister(pid, secret)
 
-    async def lookup_cancel_key(self, pid: int, secret: bytes) -> tuple[str, int] | None:
+    async def lookup_cancel_key(self, pid: int, secret: bytes) -> CancelTarget | None:
         await trio.lowlevel.checkpoint()
         return self._cancel.lookup(pid, secret)
 

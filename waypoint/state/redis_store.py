@@ -36,15 +36,14 @@ from waypoint.state.base import (
     LIMIT_TOTAL,
     LIMIT_USER,
     CancelTable,
+    CancelTarget,
     LockToken,
     SlotLease,
     SlotRequest,
     SlotUsage,
     StateUnavailableError,
     cancel_key_digest,
-    format_backend,
     limit_listener,
-    parse_backend,
     validate_cancel_args,
 )
 
@@ -56,6 +55,8 @@ T = TypeVar("T")
 UNAVAILABLE: tuple[type[BaseException], ...] = (redis.RedisError, OSError, trio.TooSlowError)
 
 _RETRY_MIN = 0.05
+# Longest cancel-key value read back (an encoded CancelTarget is far shorter).
+MAX_CANCEL_VALUE = 4096
 _LOCK_POLL_MIN = 0.01
 _LOCK_POLL_MAX = 0.2
 
@@ -522,15 +523,15 @@ class RedisStateStore:
     # -- cancel keys -------------------------------------------------------------------------
 
     async def register_cancel_key(
-        self, pid: int, secret: bytes, backend: tuple[str, int], ttl: float
+        self, pid: int, secret: bytes, target: CancelTarget, ttl: float
     ) -> None:
         validate_cancel_args(pid, secret)
-        self._cancel.register(pid, secret, backend, ttl)
+        self._cancel.register(pid, secret, target, ttl)
         key = self._layout.cancel(pid, secret)
         try:
             await self._run(
                 functools.partial(
-                    self._client.set, key, format_backend(backend), px=max(1, int(ttl * 1000))
+                    self._client.set, key, target.encode(), px=max(1, int(ttl * 1000))
                 )
             )
         except UNAVAILABLE as exc:
@@ -550,28 +551,37 @@ class RedisStateStore:
                 "shared state (Redis) unavailable removing a cancel key: %s", _describe(exc)
             )
 
-    async def lookup_cancel_key(self, pid: int, secret: bytes) -> tuple[str, int] | None:
+    async def lookup_cancel_key(self, pid: int, secret: bytes) -> CancelTarget | None:
+        """The target registered for the key, here or by another instance. What comes from
+        Redis is anyone-who-can-write-Redis's claim: the cancel path checks it against this
+        instance's configuration before it connects anywhere."""
         local = self._cancel.lookup(pid, secret)
         if local is not None:
             return local
-        if not 4 <= len(secret) <= 256 or not 0 <= pid <= 0xFFFFFFFF:
+        if not 4 <= len(secret) <= 256 or not -(2**31) <= pid <= 0xFFFFFFFF:
             return None
         try:
+            # At most MAX_CANCEL_VALUE bytes: a value someone wrote there could be huge.
             raw = await self._run(
-                functools.partial(self._client.get, self._layout.cancel(pid, secret))
+                functools.partial(
+                    self._client.getrange,
+                    self._layout.cancel(pid, secret),
+                    0,
+                    MAX_CANCEL_VALUE - 1,
+                )
             )
         except UNAVAILABLE as exc:
             log.warning(
                 "shared state (Redis) unavailable: cancel request dropped: %s", _describe(exc)
             )
             return None
-        if raw is None:
+        if not raw:  # no such key
             return None
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        backend = parse_backend(text)
-        if backend is None:
+        target = None if len(raw) >= MAX_CANCEL_VALUE else CancelTarget.decode(text)
+        if target is None:
             log.warning("malformed cancel-key value in shared state; cancel request dropped")
-        return backend
+        return target
 
     # -- locks -------------------------------------------------------------------------------
 
