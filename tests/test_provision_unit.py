@@ -436,8 +436,17 @@ async def test_cached_secret_and_shared_flight_never_cross_to_another_caller() -
         n.start_soon(one, dash)
     assert p.provisions == 2
     assert not set(got[dot.login]) & set(got[dash.login])
-    await one(dot)  # the cache holds dash's secret now: dot provisions, never reuses it
+    # The cache holds the secret of whoever provisioned last: the other one provisions anew,
+    # never reuses it.
+    cached = p.peek("wp_pg_main_ann_lee_x_com_pc_app")
+    assert cached is not None
+    last = dot if cached.secret in got[dot.login] else dash
+    other = dash if last is dot else dot
+    await one(other)
     assert p.provisions == 3
-    assert got[dot.login][-1] not in got[dash.login]
-    await one(dot)  # its own cached secret
+    assert got[other.login][-1] not in got[last.login]
+    await one(other)  # its own cached secret
     assert p.provisions == 3
+    await one(last)  # the cache now holds other's: last provisions again
+    assert p.provisions == 4
+    assert not set(got[dot.login]) & set(got[dash.login])
