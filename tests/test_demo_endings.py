@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -109,7 +111,8 @@ def procs() -> Iterator[list[subprocess.Popen[Any]]]:
 
 
 def _start_demo(procs: list[subprocess.Popen[Any]], **kwargs: Any) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(DEMO, stdin=subprocess.DEVNULL, text=True, env=_env(), **kwargs)
+    kwargs.setdefault("env", _env())
+    proc = subprocess.Popen(DEMO, stdin=subprocess.DEVNULL, text=True, **kwargs)
     procs.append(proc)
     return proc
 
@@ -221,3 +224,49 @@ def test_an_error_while_serving_still_stops_postgres_and_removes_the_data(
     with pytest.raises(RuntimeError, match="something broke"):
         demo_cli.run(args)
     _assert_nothing_left(seen["root"], seen["pid"], "after an error")
+
+
+def _processes_under(path: Path) -> list[int]:
+    """Processes whose command line names ``path`` (a server started for a data dir there)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(path).encode() in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_while_setting_up_leaves_nothing(
+    signum: signal.Signals, procs: list[subprocess.Popen[Any]]
+) -> None:
+    """A signal while initdb / the server start / the sample data run (a temp dir of its own,
+    so what another run leaves cannot be mistaken for this one's)."""
+    tmp = Path(tempfile.mkdtemp(prefix="wp-demo-setup-"))
+    os.chmod(tmp, 0o755)  # the postgres OS user traverses it when we are root
+    try:
+        demo = _start_demo(
+            procs,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**_env(), "TMPDIR": str(tmp)},
+        )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not list(tmp.glob("waypoint-demo-*/data")) and time.monotonic() < deadline:
+            assert demo.poll() is None, "the demo ended before it set anything up"
+            time.sleep(0.02)
+        assert list(tmp.glob("waypoint-demo-*/data")), "the demo never started initdb"
+        demo.send_signal(signum)
+        assert demo.wait(END_TIMEOUT) != 0  # interrupted, not a normal end
+        deadline = time.monotonic() + END_TIMEOUT
+        while _processes_under(tmp) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _processes_under(tmp), "a server of the interrupted demo is still running"
+        assert not list(tmp.glob("waypoint-demo-*")), "the interrupted demo left its temp dir"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

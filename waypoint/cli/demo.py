@@ -181,43 +181,57 @@ def _run_with_cluster(cluster: DemoCluster, port: int) -> int:
 
 async def _serve(config: Config, cluster: DemoCluster, config_path: Path) -> None:
     from waypoint.app import run as run_app
+
+    # Every stop signal is ours from the first moment trio runs: while Waypoint runs it takes
+    # SIGINT/SIGTERM itself (and drains); SIGHUP (the terminal closed), a signal while it is
+    # still starting, and the output losing its reader (``waypoint demo | head``) are the
+    # demo's to answer.
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as stop_signals:
+        async with trio.open_nursery() as nursery:
+            started: list[Running] = []
+
+            async def app(
+                task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+            ) -> None:
+                await run_app(config, handle_signals=True, task_status=task_status)
+                nursery.cancel_scope.cancel()  # Waypoint has drained: the watchers end too
+
+            async def watch_signals() -> None:
+                async for signum in stop_signals:
+                    log.info("signal", signal=signal.Signals(signum).name)
+                    if started:
+                        started[0].shutdown()
+                    else:
+                        nursery.cancel_scope.cancel()  # still starting: stop starting
+
+            nursery.start_soon(watch_signals)
+            running: Running = await nursery.start(app)
+            started.append(running)
+            nursery.start_soon(_stop_when_output_gone, running)
+            await _print_walkthrough(config, cluster, config_path, running)
+
+
+async def _print_walkthrough(
+    config: Config, cluster: DemoCluster, config_path: Path, running: Running
+) -> None:
     from waypoint.demo.walkthrough import psql_program, render, steps
 
-    async with trio.open_nursery() as nursery:
-
-        async def app(task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED) -> None:
-            await run_app(config, handle_signals=True, task_status=task_status)
-            nursery.cancel_scope.cancel()  # Waypoint has drained: the watchers end too
-
-        running: Running = await nursery.start(app)
-        # Waypoint drains on SIGINT/SIGTERM itself; the demo adds SIGHUP (its terminal
-        # closed) and its output losing its reader (``waypoint demo | head``).
-        nursery.start_soon(_stop_on_hangup, running)
-        nursery.start_soon(_stop_when_output_gone, running)
-        host, port = running.address(config.listeners[0].name)
-        server = (
-            f"{cluster.server_version} ({cluster.binaries.kind}: {cluster.bindir}), "
-            f"127.0.0.1:{cluster.port}"
-        )
-        text = render(
-            steps=steps(
-                psql=psql_program(cluster.bindir), host=host, port=port, config_path=config_path
-            ),
-            address=(host, port),
-            metrics_address=running.metrics_address,
-            server=server,
-            data_dir=cluster.root,
-            config_path=config_path,
-        )
-        _say(text, sys.stdout)
-
-
-async def _stop_on_hangup(running: Running) -> None:
-    with trio.open_signal_receiver(signal.SIGHUP) as signals:
-        async for _ in signals:
-            log.info("signal", signal="SIGHUP")
-            running.shutdown()
-            return
+    host, port = running.address(config.listeners[0].name)
+    server = (
+        f"{cluster.server_version} ({cluster.binaries.kind}: {cluster.bindir}), "
+        f"127.0.0.1:{cluster.port}"
+    )
+    text = render(
+        steps=steps(
+            psql=psql_program(cluster.bindir), host=host, port=port, config_path=config_path
+        ),
+        address=(host, port),
+        metrics_address=running.metrics_address,
+        server=server,
+        data_dir=cluster.root,
+        config_path=config_path,
+    )
+    _say(text, sys.stdout)
 
 
 OUTPUT_CHECK_INTERVAL = 0.2
