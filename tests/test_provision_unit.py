@@ -303,16 +303,20 @@ async def test_peek_gives_cached_credentials_only_while_a_handshake_could_use_th
     clock = [1_000_000.0]
     p = FakeProvisioner(locks, clock)
     g = grant((RO, "public"))
-    assert p.peek(p.role_for(ALICE, g)) is None  # nothing cached: no round trip either
+    alice = Provisioner.owner_of(ALICE, g)
+    assert p.peek(p.role_for(ALICE, g), alice) is None  # nothing cached: no round trip either
     async with p.credentials(ALICE, g) as first:
         pass
-    peeked = p.peek(first.role)
+    peeked = p.peek(first.role, alice)
     assert peeked is not None and not peeked.provisioned
     assert (peeked.role, peeked.secret) == (first.role, first.secret)
     assert first.secret not in repr(peeked)
     assert p.provisions == 1 and locks.acquired == 1  # peeking provisions and locks nothing
+    # Only for the caller the secret was set for (the early login of a warm peer).
+    assert p.peek(first.role, None) is None
+    assert p.peek(first.role, Provisioner.owner_of(Identity("alice_x", "laptop"), g)) is None
     clock[0] += 3600.0 - 4.0  # VALID UNTIL is 4 s away, handshake_timeout is 5 s
-    assert p.peek(first.role) is None
+    assert p.peek(first.role, alice) is None
 
 
 async def test_grant_change_and_rotate_each_provision_again() -> None:
@@ -438,10 +442,11 @@ async def test_cached_secret_and_shared_flight_never_cross_to_another_caller() -
     assert not set(got[dot.login]) & set(got[dash.login])
     # The cache holds the secret of whoever provisioned last: the other one provisions anew,
     # never reuses it.
-    cached = p.peek("wp_pg_main_ann_lee_x_com_pc_app")
-    assert cached is not None
-    last = dot if cached.secret in got[dot.login] else dash
+    role = "wp_pg_main_ann_lee_x_com_pc_app"
+    last = dot if p.peek(role, Provisioner.owner_of(dot, g)) is not None else dash
+    assert p.peek(role, Provisioner.owner_of(last, g)) is not None
     other = dash if last is dot else dot
+    assert p.peek(role, Provisioner.owner_of(other, g)) is None  # no early login with it
     await one(other)
     assert p.provisions == 3
     assert got[other.login][-1] not in got[last.login]
