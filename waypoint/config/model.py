@@ -72,7 +72,9 @@ class DefaultsConfig:
 @frozen
 class StateConfig:
     backend: StateBackend = "memory"
-    url: str | None = None
+    url: str | None = field(default=None, repr=False)
+    # A file holding ``url`` (it carries the Redis password); read at every load.
+    url_file: str | None = None
     key_prefix: str = "waypoint:"
     lease: float = 30.0
 
@@ -93,12 +95,17 @@ class AdmissionConfig:
 @frozen
 class MetricsConfig:
     listen: str | None = None
+    # Bound on each /readyz dependency check (they run concurrently): one without an answer
+    # by then fails.
+    readiness_timeout: float = 2.0
 
 
 @frozen
 class PostgresListenerConfig:
     admin_user: str
+    # Required: given here, or read from ``admin_password_file`` by the loader.
     admin_password: str = field(repr=False)
+    admin_password_file: str | None = None
     admin_database: str = "postgres"
     user_prefix: str = "wp_"
     user_ttl: float = 86400.0
@@ -160,6 +167,8 @@ class Config:
     listeners: tuple[ListenerConfig, ...] = ()
     handshake_timeout: float = 15.0
     drain_timeout: float = 30.0
+    # After a shutdown signal, how long /readyz answers 503 while listeners still accept.
+    drain_delay: float = 0.0
     identity: IdentityConfig = field(factory=IdentityConfig)
     revalidation: RevalidationConfig = field(factory=RevalidationConfig)
     provisioning: ProvisioningConfig = field(factory=ProvisioningConfig)

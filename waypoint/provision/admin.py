@@ -41,6 +41,66 @@ MAX_OPEN_PER_DATABASE: Final = 8
 IDLE_TIMEOUT: Final = 60.0
 
 
+AUTH_OK: Final = 0
+AUTH_CLEARTEXT: Final = 3
+AUTH_MD5: Final = 5
+AUTH_SASL: Final = 10
+
+
+def admin_auth_refusal(
+    code: int, mechanisms: list[str], *, tls: bool, verified: bool
+) -> str | None:
+    """Why the admin password must not answer this authentication request, or ``None``.
+
+    Over a TLS link whose server is not verified (``backend_tls`` = ``prefer``, ``require``,
+    ``verify-ca``), whoever holds the other end may be a man in the middle with any
+    certificate: it must get neither the password (cleartext), nor a replayable hash of it
+    (MD5), nor a SCRAM exchange it could relay to the real server (SCRAM without channel
+    binding). Only SCRAM-SHA-256-PLUS, bound to the certificate the link actually presents,
+    is safe there. Over ``verify-full`` the server is authenticated, and the server's own
+    choice stands; over a plaintext link (``disable``) the operator chose no protection.
+    """
+    if not tls or verified:
+        return None
+    if code == AUTH_CLEARTEXT:
+        what = "a cleartext password"
+    elif code == AUTH_MD5:
+        what = "an MD5 password"
+    elif code == AUTH_SASL and "SCRAM-SHA-256-PLUS" not in mechanisms:
+        what = "SCRAM without channel binding (offered: " + ", ".join(mechanisms) + ")"
+    else:
+        return None
+    return (
+        f"the backend asked the admin login for {what} over a TLS link whose server is not "
+        "verified; refusing, because a man in the middle could take the password. Use "
+        "backend_tls = verify-full, or scram-sha-256 for the admin in pg_hba.conf"
+    )
+
+
+class _FailClosedConnection(pg8000.native.Connection):  # type: ignore[misc]
+    """pg8000's connection, refusing what :func:`admin_auth_refusal` refuses before it
+    answers an authentication request (pg8000 itself answers whatever the server asks)."""
+
+    def handle_AUTHENTICATION_REQUEST(self, data: bytes, context: Any) -> None:
+        (code,) = struct.unpack_from("!i", data)
+        mechanisms = (
+            [m.decode("ascii", "replace") for m in bytes(data[4:]).split(b"\0") if m]
+            if code == AUTH_SASL
+            else []
+        )
+        sock = getattr(self, "_usock", None)
+        tls = isinstance(sock, ssl.SSLSocket)
+        verified = (
+            isinstance(sock, ssl.SSLSocket)
+            and sock.context.verify_mode == ssl.CERT_REQUIRED
+            and sock.context.check_hostname
+        )
+        refusal = admin_auth_refusal(code, mechanisms, tls=tls, verified=verified)
+        if refusal is not None:
+            raise InterfaceError(refusal)
+        super().handle_AUTHENTICATION_REQUEST(data, context)
+
+
 class AdminError(Exception):
     """An admin statement or connection failed. ``fields`` are the server's error fields.
 
@@ -195,7 +255,7 @@ class AdminPools:
         # The socket timeout bounds connect and every read; statement_timeout fires first.
         timeout = max(self._connect_timeout, self._statement_timeout + 5.0)
         try:
-            conn = pg8000.native.Connection(
+            conn = _FailClosedConnection(
                 user=pgc.admin_user,
                 password=pgc.admin_password,
                 host=host,

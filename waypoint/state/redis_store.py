@@ -620,6 +620,14 @@ class RedisStateStore:
                 _describe(exc),
             )
 
+    async def ping(self) -> None:
+        """One PING, bounded by the operation timeout (the readiness check). Raises
+        :class:`StateUnavailableError` when Redis does not answer."""
+        try:
+            await self._run(self._client.ping)
+        except UNAVAILABLE as exc:
+            raise StateUnavailableError(f"Redis did not answer: {_describe(exc)}") from None
+
     # -- shutdown ----------------------------------------------------------------------------
 
     async def aclose(self) -> None:
