@@ -182,10 +182,9 @@ def _run_with_cluster(cluster: DemoCluster, port: int) -> int:
 async def _serve(config: Config, cluster: DemoCluster, config_path: Path) -> None:
     from waypoint.app import run as run_app
 
-    # Every stop signal is ours from the first moment trio runs: while Waypoint runs it takes
-    # SIGINT/SIGTERM itself (and drains); SIGHUP (the terminal closed), a signal while it is
-    # still starting, and the output losing its reader (``waypoint demo | head``) are the
-    # demo's to answer.
+    # Every stop signal is the demo's, from the first moment trio runs (Waypoint's own handling
+    # is off: as a daemon it ignores SIGHUP, which for the demo means its terminal closed):
+    # the first one drains Waypoint (or stops it starting), a second one ends sessions at once.
     with trio.open_signal_receiver(*_STOP_SIGNALS) as stop_signals:
         async with trio.open_nursery() as nursery:
             started: list[Running] = []
@@ -193,14 +192,16 @@ async def _serve(config: Config, cluster: DemoCluster, config_path: Path) -> Non
             async def app(
                 task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
             ) -> None:
-                await run_app(config, handle_signals=True, task_status=task_status)
+                await run_app(config, handle_signals=False, task_status=task_status)
                 nursery.cancel_scope.cancel()  # Waypoint has drained: the watchers end too
 
             async def watch_signals() -> None:
+                count = 0
                 async for signum in stop_signals:
-                    log.info("signal", signal=signal.Signals(signum).name)
+                    count += 1
+                    log.info("signal", signal=signal.Signals(signum).name, count=count)
                     if started:
-                        started[0].shutdown()
+                        started[0].shutdown(immediate=count >= 2)
                     else:
                         nursery.cancel_scope.cancel()  # still starting: stop starting
 
