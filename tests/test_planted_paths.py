@@ -204,3 +204,30 @@ def test_planted_embedded_server_copy_is_never_run(
     # What the harness then runs is a real server (and the planted one stays untouched).
     mode = os.lstat(bindir / "pg_ctl").st_mode
     assert stat.S_ISREG(mode)
+
+
+def test_files_written_into_the_server_users_directories_never_follow_its_links(
+    tmp_path: Path,
+) -> None:
+    """The data directory belongs to the server user (``postgres`` when we are root): a link
+    it put where the harness or the demo writes must not redirect that write."""
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    datadir = tmp_path / "data"
+    datadir.mkdir()
+    (datadir / ".waypoint.conf.tmp").symlink_to(victim)
+    run_as = pgrun.RunAs(uid=None, gid=None, home=str(tmp_path))
+    pgrun.write_file(datadir / "waypoint.conf", "port = '1'\n", run_as)
+    assert victim.read_text() == "untouched\n"
+    assert (datadir / "waypoint.conf").read_text() == "port = '1'\n"
+    assert not (datadir / "waypoint.conf").is_symlink()
+
+    (datadir / "postgresql.conf").symlink_to(victim)
+    fake_bindir = tmp_path / "bin"
+    fake_bindir.mkdir()
+    (fake_bindir / "initdb").write_text("#!/bin/sh\nexit 0\n")
+    os.chmod(fake_bindir / "initdb", 0o755)
+    runner = pgrun.Runner(run_as=run_as)
+    with pytest.raises(OSError):
+        pgrun.initdb(runner, fake_bindir, datadir, auth=(), include="x.conf", timeout=30)
+    assert victim.read_text() == "untouched\n"

@@ -458,8 +458,13 @@ def reap_orphans(prefix: str, owner_file: str, run_as: RunAs) -> list[Path]:
 def write_file(path: Path, text: str, run_as: RunAs, mode: int = 0o600) -> None:
     """Write ``path`` atomically (a temp file renamed over it) with ``mode``, owned by the
     server user."""
+    # The directory is the server user's: never write through a link it may have put there.
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     os.chmod(tmp, mode)
     run_as.chown(tmp)
     os.replace(tmp, path)
@@ -503,7 +508,9 @@ def initdb(
         timeout=timeout,
         cwd=cwd,
     )  # fmt: skip
-    with (datadir / "postgresql.conf").open("a") as f:
+    # Written by the server user: appended to only if it is still its regular file.
+    fd = os.open(datadir / "postgresql.conf", os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    with os.fdopen(fd, "a") as f:
         f.write(f"\ninclude {conf_quote(include)}\n")
 
 
