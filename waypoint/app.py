@@ -1,5 +1,5 @@
 """``waypoint.run(config)``: the root nursery wiring listeners, revalidation, the reaper, metrics,
-and graceful shutdown (SPEC §11)."""
+and graceful shutdown (docs/operations.md#shutdown)."""
 
 from __future__ import annotations
 

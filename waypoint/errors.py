@@ -1,4 +1,4 @@
-"""Client-facing refusals: one table of SQLSTATEs and messages (SPEC §4).
+"""Client-facing refusals: one table of SQLSTATEs and messages (docs/troubleshooting.md).
 
 Every error a client sees is built here, as data: the SQLSTATE, the message the
 client reads, and a log-only ``detail`` that never leaves the process.

@@ -1,4 +1,4 @@
-"""``waypoint explain``: how a capability grant evaluates for one identity (SPEC §11).
+"""``waypoint explain``: how a capability grant evaluates for one identity (docs/policy.md).
 
 Rules come from ``--rules FILE.json`` (an array of rule objects, one rule
 object, or a whole LocalAPI whois body with ``CapMap``), else from the
