@@ -105,6 +105,7 @@ def test_troubleshooting_quotes_the_refusal_messages() -> None:
         errors.backend_unavailable("L"),
         errors.backend_login_failed(),
         errors.identity_unavailable("tailscaled"),
+        errors.state_unavailable(),
         errors.tls_required(),
         errors.replication_refused(),
         errors.shutting_down(),

@@ -129,6 +129,16 @@ def backend_login_failed(detail: str = "") -> Refusal:
 
 
 def identity_unavailable(what: str, detail: str = "") -> Refusal:
+    """The identity provider (tailscaled, or its certificate service) is unavailable."""
+    return dependency_unavailable(what, detail)
+
+
+def state_unavailable(detail: str = "") -> Refusal:
+    """The shared state store (Redis) is unavailable: no slot can be counted."""
+    return dependency_unavailable("shared state (Redis)", detail)
+
+
+def dependency_unavailable(what: str, detail: str = "") -> Refusal:
     return Refusal(
         LOGIN_FAILED,
         f"{what} is unavailable; Waypoint refuses connections until it is back",
