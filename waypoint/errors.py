@@ -22,14 +22,6 @@ class Refusal:
         return Refusal(self.sqlstate, self.message, detail, self.hint)
 
 
-class RefusedError(Exception):
-    """Raised where a refusal must unwind a call stack; carries the :class:`Refusal`."""
-
-    def __init__(self, refusal: Refusal) -> None:
-        super().__init__(f"{refusal.sqlstate}: {refusal.message}")
-        self.refusal = refusal
-
-
 # SQLSTATE codes used by Waypoint (one place).
 NOT_AUTHORIZED = "28000"
 DB_NOT_AUTHORIZED = "42501"

@@ -23,15 +23,11 @@ from collections.abc import Callable
 from .errors import ProtocolError
 
 __all__ = [
-    "MAX_MESSAGE_LENGTH",
     "BoundaryTracker",
     "HeaderCallback",
     "ProtocolError",
     "bad_length_error",
 ]
-
-#: Largest value the int32 length word can carry (PostgreSQL's own bound).
-MAX_MESSAGE_LENGTH = 0x7FFFFFFF
 
 _HEADER = struct.Struct("!Bi")
 _HEADER_SIZE = _HEADER.size  # 5
