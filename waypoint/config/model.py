@@ -19,6 +19,8 @@ BackendTls = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
 PasswordEncryption = Literal["auto", "scram-sha-256", "md5"]
 StateBackend = Literal["memory", "redis"]
 ListenerMode = Literal["postgres"]
+LogFormat = Literal["human", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 @frozen
@@ -101,6 +103,15 @@ class MetricsConfig:
 
 
 @frozen
+class LogConfig:
+    """Log lines; both switch at once on a reload."""
+
+    # Unset: the ``--log-format`` flag of ``waypoint run`` (human by default).
+    format: LogFormat | None = None
+    level: LogLevel = "info"
+
+
+@frozen
 class PostgresListenerConfig:
     admin_user: str
     # Required: given here, or read from ``admin_password_file`` by the loader.
@@ -176,6 +187,9 @@ class Config:
     state: StateConfig = field(factory=StateConfig)
     admission: AdmissionConfig = field(factory=AdmissionConfig)
     metrics: MetricsConfig = field(factory=MetricsConfig)
+    log: LogConfig = field(factory=LogConfig)
+    # ``waypoint run`` writes its process id here (``waypoint reload`` signals it); unset: none.
+    pid_file: str | None = None
     # Where the file came from (for messages); not a TOML key.
     source: str | None = field(default=None, eq=False)
 

@@ -4,7 +4,7 @@ reconcile the role live. Gone, or identity lookup failing: strip the role, FATAL
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import trio
 
@@ -13,6 +13,7 @@ from waypoint.errors import Refusal
 from waypoint.grants.evaluate import evaluate
 from waypoint.identity.model import Identity, IdentityError
 from waypoint.observability.log import get_logger
+from waypoint.provision.engine import Provisioner
 from waypoint.proxy.registry import LiveSession, SessionRegistry
 from waypoint.proxy.session import ListenerContext
 
@@ -21,9 +22,15 @@ log = get_logger("revalidation")
 # A pass never takes longer than this (each LocalAPI call and admin statement has its own bound).
 PASS_BOUND = 60.0
 
+#: Which context revalidates a session (after a reload: the listener's current settings, with
+#: the provisioner of the backend the session is on). Default: the listener's current context.
+ContextFor = Callable[[LiveSession], ListenerContext | None]
+
 
 async def revalidate_once(
-    contexts: Mapping[str, ListenerContext], registry: SessionRegistry
+    contexts: Mapping[str, ListenerContext],
+    registry: SessionRegistry,
+    context_for: ContextFor | None = None,
 ) -> None:
     sessions = list(registry)
     if not sessions:
@@ -31,13 +38,13 @@ async def revalidate_once(
     any_ctx = next(iter(contexts.values()))
     any_ctx.metrics.revalidation_runs.inc()
     identities: dict[tuple[str, int], Identity | IdentityError] = {}
-    extend: dict[str, set[str]] = {}
+    extend: dict[Provisioner, tuple[str, set[str]]] = {}
     stripped: set[tuple[str, str]] = set()
     reconciled: set[tuple[str, str]] = set()
     for live in sessions:
         if live.ended_by is not None:
             continue
-        ctx = contexts.get(live.listener)
+        ctx = context_for(live) if context_for is not None else contexts.get(live.listener)
         if ctx is None:
             continue
         found = identities.get(live.peer)
@@ -80,7 +87,7 @@ async def revalidate_once(
             continue
         live.identity = found
         if grant == live.grant:
-            extend.setdefault(live.listener, set()).add(live.role)
+            extend.setdefault(ctx.provisioner, (live.listener, set()))[1].add(live.role)
             continue
         key = (live.listener, live.role)
         if key not in reconciled:
@@ -100,10 +107,10 @@ async def revalidate_once(
                 )
                 continue
         live.grant = grant
-        extend.setdefault(live.listener, set()).add(live.role)
-    for listener, roles in extend.items():
+        extend.setdefault(ctx.provisioner, (live.listener, set()))[1].add(live.role)
+    for provisioner, (listener, roles) in extend.items():
         try:
-            await contexts[listener].provisioner.extend_validity(roles)
+            await provisioner.extend_validity(roles)
         except Exception as exc:
             log.error("extend_validity_failed", listener=listener, error=str(exc))
 
@@ -127,7 +134,10 @@ def _end(
 
 
 async def revalidation_loop(
-    contexts: Mapping[str, ListenerContext], registry: SessionRegistry, interval: float
+    contexts: Mapping[str, ListenerContext],
+    registry: SessionRegistry,
+    interval: float,
+    context_for: ContextFor | None = None,
 ) -> None:
     if interval <= 0:
         return
@@ -135,7 +145,7 @@ async def revalidation_loop(
         await trio.sleep(interval)
         with trio.move_on_after(max(PASS_BOUND, interval)) as scope:
             try:
-                await revalidate_once(contexts, registry)
+                await revalidate_once(contexts, registry, context_for)
             except Exception as exc:
                 log.error("revalidation_pass_failed", exc_info=True, error=str(exc))
         if scope.cancelled_caught:

@@ -625,6 +625,7 @@ async def _establish(
         preset_cap=cap.cap,
         role=role,
         started=trio.current_time(),
+        owner=ctx,
     )
     ctx.registry.add(live)
     return backend, start, lease, live
