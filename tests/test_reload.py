@@ -278,33 +278,36 @@ async def test_a_removed_listener_stops_accepting_and_drains_its_sessions(
         base = make_config_text(pg, socket_path=standin.socket_path, drain_timeout="2s")
         path.write_text(base + second_listener(pg))
         grant_both(standin, "127.0.0.2", db, 2)
-        async with waypoint_from(path) as running:
-            kept = await connect(running, db, "127.0.0.2")
-            draining = await connect(running, db, "127.0.0.2", listener=OTHER)
-            other_address = running.address(OTHER)
-            path.write_text(base)
-            assert await running.reload() == "applied"
-            assert OTHER not in running.addresses and OTHER not in running.contexts
-            # Its socket is closed: new connections are refused by the kernel.
-            with pytest.raises(OSError):
-                with trio.fail_after(10):
-                    await trio.open_tcp_stream(*other_address)
-            # Its session goes on for now, then is ended at the drain deadline with a FATAL.
-            assert await query(draining, "select v from t") == [["one"]]
-            ended: BaseException | None = None
-            with trio.fail_after(30):
-                while ended is None:
-                    try:
-                        await query(draining, "select 1")
-                    except (DatabaseError, InterfaceError) as exc:
-                        ended = exc
-                    await trio.sleep(0.2)
-            assert sqlstate(ended) == "57P01", ended
-            assert "removed from Waypoint's configuration" in str(ended), ended
-            # The session on the listener that stayed was never touched.
-            assert await query(kept, "select v from t") == [["one"]]
-            for conn in (kept, draining):
-                await close(conn)
+        with captured_logs() as logs:
+            async with waypoint_from(path) as running:
+                kept = await connect(running, db, "127.0.0.2")
+                draining = await connect(running, db, "127.0.0.2", listener=OTHER)
+                other_address = running.address(OTHER)
+                path.write_text(base)
+                assert await running.reload() == "applied"
+                assert OTHER not in running.addresses and OTHER not in running.contexts
+                # Its socket is closed by then: new connections are refused by the kernel.
+                with pytest.raises(OSError):
+                    with trio.fail_after(10):
+                        await trio.open_tcp_stream(*other_address)
+                # Its session goes on for now, then is ended at the drain deadline.
+                assert await query(draining, "select v from t") == [["one"]]
+                with trio.fail_after(30):
+                    while True:
+                        try:
+                            await query(draining, "select 1")
+                        except (DatabaseError, InterfaceError):
+                            break
+                        await trio.sleep(0.2)
+                # The session on the listener that stayed was never touched.
+                assert await query(kept, "select v from t") == [["one"]]
+                for conn in (kept, draining):
+                    await close(conn)
+            text = logs.getvalue()
+    ends = [line for line in text.splitlines() if "connection_end" in line and OTHER in line]
+    assert len(ends) == 1, text
+    assert "sqlstate=57P01" in ends[0] and "removed from Waypoint's configuration" in ends[0]
+    assert "listener_drain_deadline listener=pg-other sessions=1" in text
 
 
 async def test_a_rotated_admin_password_file_takes_effect_at_the_reload(

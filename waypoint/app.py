@@ -132,6 +132,13 @@ class _Listening:
     sockets: list[trio.SocketListener]
     addresses: list[tuple[str, int]]
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: Set once the accept loops ended and the sockets are closed.
+    closed: trio.Event = attrs.field(factory=trio.Event)
+
+    async def stop(self) -> None:
+        """Stop accepting; returns once the sockets are closed (new connections are refused)."""
+        self.scope.cancel()
+        await self.closed.wait()
 
 
 class _Service:
@@ -281,6 +288,7 @@ class _Service:
             with trio.CancelScope(shield=True):
                 for sl in listening.sockets:
                     await sl.aclose()
+            listening.closed.set()
 
     async def _start_accepting(self, name: str, listening: _Listening) -> None:
         assert self._sessions is not None
@@ -599,15 +607,19 @@ class _Service:
             )
         for name in plan.rebind:
             old = self.listening[name]
-            old.scope.cancel()
             await self._start_accepting(name, staged.bound[name])
+            await old.stop()
         for name in plan.removed:
             listening = self.listening.pop(name)
-            ctx = self.contexts.pop(name)
+            del self.contexts[name]
             self.health.listener_stopped(name)
             self.health.remove_check(f"backend:{name}")
+            for c in listening.holder.contexts():
+                c.accepting = False
+            await listening.stop()
+            self._draining.append(listening.holder)
             assert self._background is not None
-            self._background.start_soon(self._drain_listener, name, listening, ctx)
+            self._background.start_soon(self._drain_listener, name, listening.holder)
         for name in plan.changed:
             self.health.add_check(
                 f"backend:{name}", backend_check(self.contexts[name].provisioner.pools)
@@ -654,17 +666,11 @@ class _Service:
             for c in holder.contexts()
         )
 
-    async def _drain_listener(self, name: str, listening: _Listening, ctx: ListenerContext) -> None:
-        """A listener removed by a reload: stop accepting, let its sessions finish within
-        ``drain_timeout``, then end the rest with a FATAL."""
-        holder = listening.holder
-        self._draining.append(holder)
+    async def _drain_listener(self, name: str, holder: CurrentContext) -> None:
+        """A listener removed by a reload (no longer accepting): let its sessions finish
+        within ``drain_timeout``, then end the rest with a FATAL."""
         try:
-            listening.scope.cancel()
             contexts = holder.contexts()
-            for c in contexts:
-                if c is not holder.current or c is ctx:
-                    c.accepting = False
             log.info(
                 "listener_draining",
                 listener=name,
