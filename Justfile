@@ -13,6 +13,11 @@ check:
     mypy
     MYPYPATH=tests mypy tests/pgcluster.py tests/fixtures_pg.py tests/test_pgcluster.py tests/test_pg_login.py
 
+# The relay's C extension under AddressSanitizer + UndefinedBehaviorSanitizer (PYTHONMALLOC=malloc):
+# a temporary sanitizer build, then tests/test_pump.py against it. CI runs it after the suite.
+sanitize *ARGS:
+    ./.ci/sanitize {{ARGS}}
+
 # The slow soak / load / long fuzz runs (opt-in).
 slow *ARGS:
     python -m pytest -m slow {{ARGS}}

@@ -160,7 +160,8 @@ def test_check_masks_every_value_expanded_from_the_environment(
     assert 'node = "********"' in out
     assert 'tags = ["tag:plain", "********"]' in out
     assert 'grants = ["********"]' in out  # made from a grants_json that expanded a variable
-    assert "reassign_to: not set: admin_user (********)" in out
+    # the reassign_to note names no other key's value (it once quoted admin_user)
+    assert "reassign_to: not set: a reaped role that owns objects is retired" in out
     # what did not come from the environment is shown as it is
     assert 'node = "literal-${NOT_EXPANDED}"' in out
     assert 'login = "alice@example.com"' in out

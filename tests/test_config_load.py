@@ -654,6 +654,35 @@ def test_zero_reap_interval_is_rejected() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("admin", "must not be admin_user"),
+        ("", "must not be empty"),
+        ("wp_someone", "starts with user_prefix"),
+        ("pg_write_server_files", "predefined role"),
+        ("PUBLIC", "not a role that can own objects"),
+        ("current_user", "not a role that can own objects"),
+    ],
+)
+def test_reassign_to_that_could_run_callers_code_with_privileges_is_refused(
+    value: str, fragment: str
+) -> None:
+    text = LISTENER.replace(
+        'admin_password = "pw"', f'admin_password = "pw"\nreassign_to = "{value}"'
+    )
+    p = one_problem(text, "listeners[0].postgres.reassign_to", fragment, needle="reassign_to")
+    if value:
+        assert "NOLOGIN role with none of SUPERUSER" in p.message
+
+
+def test_reassign_to_a_plain_role_name_is_left_to_the_catalog_check() -> None:
+    text = LISTENER.replace(
+        'admin_password = "pw"', 'admin_password = "pw"\nreassign_to = "app_keeper"'
+    )
+    assert cfg(text).listeners[0].postgres.reassign_to == "app_keeper"
+
+
 def test_per_listener_allow_raw_sql_overrides_provisioning() -> None:
     text = "[provisioning]\nallow_raw_sql = true\n" + LISTENER.replace(
         'admin_password = "pw"', 'admin_password = "pw"\nallow_raw_sql = false'

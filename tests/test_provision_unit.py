@@ -85,7 +85,7 @@ def test_password_statement_quotes_the_verifier_literal() -> None:
     ts = datetime(2030, 1, 1, tzinfo=UTC)
     stmt = sql.set_password("wp_r", "SCRAM-SHA-256$4096:c2FsdA==$a:b", ts)
     assert stmt == (
-        "ALTER ROLE \"wp_r\" PASSWORD 'SCRAM-SHA-256$4096:c2FsdA==$a:b' "
+        "ALTER ROLE \"wp_r\" LOGIN PASSWORD 'SCRAM-SHA-256$4096:c2FsdA==$a:b' "
         "VALID UNTIL '2030-01-01 00:00:00.000000+00'"
     )
 

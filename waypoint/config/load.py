@@ -487,9 +487,47 @@ def _validate_listener(cfg: Config, i: int, lst: ListenerConfig) -> list[tuple[K
         out.append(((*pbase, "reap_interval"), "must be greater than 0s"))
     if pg.admin_idle_timeout <= 0:
         out.append(((*pbase, "admin_idle_timeout"), "must be greater than 0s"))
-    if pg.reassign_to is not None and not pg.reassign_to:
-        out.append(((*pbase, "reassign_to"), "must not be empty (leave it out to use admin_user)"))
+    if pg.reassign_to is not None:
+        problem = _reassign_to_problem(pg.reassign_to, pg.admin_user, pg.user_prefix)
+        if problem is not None:
+            out.append(((*pbase, "reassign_to"), problem))
     return out
+
+
+# What ``reassign_to`` must be (the catalog part is checked against the server by the reaper,
+# at its first pass when Waypoint starts and before every reassignment).
+_REASSIGN_RULE = (
+    "reassign_to must name a NOLOGIN role with none of SUPERUSER, CREATEROLE, CREATEDB, "
+    "BYPASSRLS, REPLICATION and no role memberships (leave it out: roles that own objects "
+    "are retired instead)"
+)
+_RESERVED_ROLE_NAMES = frozenset({"public", "current_user", "session_user", "current_role", "none"})
+
+
+def _reassign_to_problem(target: str, admin_user: str, user_prefix: str) -> str | None:
+    """Why ``reassign_to`` is refused without asking the server (None: the server decides)."""
+    if not target:
+        return "must not be empty (leave it out: roles that own objects are retired instead)"
+    if target == admin_user:
+        return (
+            "must not be admin_user: a reaped caller's SECURITY DEFINER functions and views "
+            f"would run with the admin's privileges; {_REASSIGN_RULE}"
+        )
+    if target.lower() in _RESERVED_ROLE_NAMES:
+        return f"{json.dumps(target)} is not a role that can own objects; {_REASSIGN_RULE}"
+    if target.startswith("pg_"):
+        return (
+            f"{json.dumps(target)} is a PostgreSQL predefined role (pg_*), which carries "
+            f"privileges; {_REASSIGN_RULE}"
+        )
+    if user_prefix and target.startswith(user_prefix):
+        return (
+            f"{json.dumps(target)} starts with user_prefix: it would be one of Waypoint's own "
+            f"roles; {_REASSIGN_RULE}"
+        )
+    if len(target.encode()) > 63:
+        return "must be at most 63 bytes long (a PostgreSQL role name)"
+    return None
 
 
 # --------------------------------------------------------------------------- normalization

@@ -3,7 +3,6 @@ secrets masked."""
 
 from __future__ import annotations
 
-import json
 import urllib.parse
 from collections.abc import Collection
 from typing import Any
@@ -78,10 +77,7 @@ def _unset_note(obj: Any, name: str, root: Config, path: KeyPath, masked: _Maske
                 f"not set: min(user_ttl / 4, 1h) = {format_duration(obj.effective_reap_interval)}"
             )
         if name == "reassign_to":
-            admin_user = (
-                SECRET_MASK if masked.covers((*path, "admin_user")) else json.dumps(obj.admin_user)
-            )
-            return f"not set: admin_user ({admin_user})"
+            return "not set: a reaped role that owns objects is retired (kept, NOLOGIN)"
     if isinstance(obj, MetricsConfig) and name == "listen":
         return "not set: no metrics endpoint"
     return "not set"
