@@ -7,12 +7,14 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
 import trio
 from e2e_support import run_waypoint
 from state_support import free_port
 from test_reload import captured_logs
 
 from waypoint.config.load import load_config, load_config_text
+from waypoint.identity.model import IdentityError
 from waypoint.service.reload import plan_reload
 
 # Nothing listens there: these tests never reach a backend.
@@ -143,3 +145,20 @@ async def test_the_reload_line_names_kept_settings(tmp_path: Path) -> None:
     line = next(line for line in text.splitlines() if "config_reloaded" in line)
     assert "changed=[]" in line and "settings=[]" in line, line
     assert "kept_until_restart=\"['state.lease', 'admission.max_handshakes_per_address']\"" in line, line
+
+
+async def test_the_static_identity_table_changes_live(tmp_path: Path) -> None:
+    path = tmp_path / "w.toml"
+    path.write_text(_text(("a", "127.0.0.1:0")))
+    added = '[[identity.static]]\ncidr = "127.0.0.10/32"\nlogin = "new@example.com"\nnode = "new-node"\n'
+    async with run_waypoint(load_config(path)) as running:
+        with pytest.raises(IdentityError):
+            await running.contexts["a"].identity.whois("127.0.0.10", 1)
+        path.write_text(_text(("a", "127.0.0.1:0"), extra=added + '\n[identity]\ntimeout = "9s"\n'))
+        # A second [identity] table is a TOML error: nothing changes.
+        assert await running.reload() == "invalid"
+        path.write_text(_text(("a", "127.0.0.1:0"), extra=added))
+        assert await running.reload() == "applied"
+        found = await running.contexts["a"].identity.whois("127.0.0.10", 1)
+        assert (found.login, found.node) == ("new@example.com", "new-node")
+        assert len(running.config.identity.static) == 2

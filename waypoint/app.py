@@ -206,7 +206,11 @@ class _Service:
         return self._cert_client
 
     def build_context(
-        self, config: Config, lst: ListenerConfig, previous: ListenerContext | None
+        self,
+        config: Config,
+        lst: ListenerConfig,
+        previous: ListenerContext | None,
+        provider: IdentityProvider | None = None,
     ) -> ListenerContext:
         """A context for ``lst``; the provisioner of ``previous`` is kept when its backend and
         role settings are unchanged (its credential cache and admin pool go on). Raises
@@ -234,7 +238,7 @@ class _Service:
         return ListenerContext(
             config=config,
             listener=lst,
-            identity=self.provider,
+            identity=provider or self.provider,
             provisioner=provisioner,
             state=self.state,
             engine=self.engine,
@@ -557,11 +561,14 @@ class _Service:
         load), the new sockets (addresses bind). On failure, what was made is undone."""
         config = plan.config
         staged = _Staged()
+        if config.identity != self.config.identity:
+            # Only the static provider's table changes live (plan_reload keeps the rest).
+            staged.provider = make_provider(config.identity)
         before = set(self.provisioners)
         try:
             for lst in config.listeners:
                 staged.contexts[lst.name] = self.build_context(
-                    config, lst, self.contexts.get(lst.name)
+                    config, lst, self.contexts.get(lst.name), staged.provider
                 )
             for name in (*plan.added, *plan.rebind):
                 holder = (
@@ -587,6 +594,8 @@ class _Service:
         old_config = self.config
         config = plan.config
         self.config = config
+        if staged.provider is not None:
+            self.provider = staged.provider
         fmt = config.log.format or self.log_format
         switch(fmt, LEVELS[config.log.level])
         replaced: list[tuple[CurrentContext, ListenerContext]] = []
@@ -701,6 +710,8 @@ class _Staged:
 
     contexts: dict[str, ListenerContext] = attrs.field(factory=dict)
     bound: dict[str, _Listening] = attrs.field(factory=dict)
+    #: A new identity provider (a changed static table), or None to keep the running one.
+    provider: IdentityProvider | None = None
 
 
 def _add_health_checks(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 import tomlkit
@@ -31,7 +32,8 @@ __all__ = [
 ]
 
 #: Sections and root keys that a reload cannot change while serving: the shared state store
-#: (``[state]``), the identity provider (``[identity]``), the pre-authentication bounds
+#: (``[state]``), the identity provider (``[identity]``; but the ``[[identity.static]]``
+#: entries of the static provider change live), the pre-authentication bounds
 #: (``[admission]``), the metrics endpoint (``[metrics]``) and ``pid_file``.
 RESTART_ONLY: tuple[str, ...] = ("state", "identity", "admission", "metrics", "pid_file")
 
@@ -69,9 +71,13 @@ def _differing(prefix: str, old: object, new: object) -> list[str]:
 def plan_reload(running: Config, loaded: Config) -> Plan:
     """Compare; nothing here touches the running service."""
     kept: list[str] = []
+    keep: dict[str, Any] = {key: getattr(running, key) for key in RESTART_ONLY}
+    if running.identity.provider == loaded.identity.provider == "static":
+        # The static table is only data: a new provider serves it.
+        keep["identity"] = attrs.evolve(running.identity, static=loaded.identity.static)
     for key in RESTART_ONLY:
-        kept += _differing(key, getattr(running, key), getattr(loaded, key))
-    config = attrs.evolve(loaded, **{key: getattr(running, key) for key in RESTART_ONLY})
+        kept += _differing(key, keep[key], getattr(loaded, key))
+    config = attrs.evolve(loaded, **keep)
     old = {lst.name: lst for lst in running.listeners}
     new = {lst.name: lst for lst in config.listeners}
     added = tuple(name for name in new if name not in old)
@@ -80,7 +86,7 @@ def plan_reload(running: Config, loaded: Config) -> Plan:
     rebind = tuple(name for name in changed if old[name].listen != new[name].listen)
     settings: list[str] = []
     for f in attrs.fields(Config):
-        if f.name in RESTART_ONLY or f.name in ("listeners", "source"):
+        if f.name in ("listeners", "source"):
             continue
         settings += _differing(f.name, getattr(running, f.name), getattr(config, f.name))
     return Plan(config, added, removed, changed, rebind, tuple(kept), tuple(settings))
