@@ -107,7 +107,8 @@ async def connect(
 
     def go() -> pg8000.native.Connection:
         return pg8000.native.Connection(
-            user="anyone", host=host, port=port, database=db, source_address=(source, 0), timeout=30
+            user="anyone", host=host, port=port, database=db, source_address=(source, 0),
+            timeout=30, ssl_context=False,
         )
 
     with trio.fail_after(30):
@@ -378,3 +379,51 @@ def test_the_hash_is_that_of_waypoint_check_output(
     printed = capsys.readouterr().out
     assert "s3cret-value" not in printed and "10.9.8.7" not in printed
     assert config_hash(load_config(path)) == hashlib.sha256(printed.encode()).hexdigest()
+
+
+async def test_a_tls_setting_applies_to_new_sessions_and_the_live_one_goes_on(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    import ssl
+
+    from e2e_support import make_cert_files
+
+    db = create_app_database(pg)
+    certs = make_cert_files(tmp_path / "certs")
+    path = tmp_path / "waypoint.toml"
+    async with run_standin(tmp_path) as standin:
+        path.write_text(make_config_text(pg, socket_path=standin.socket_path, tls_mode="off"))
+        standin.set_peer(
+            "127.0.0.2", login="a@example.com", node="a", rules=[db_rule({db: {"permissions": ["readonly"]}})]
+        )
+        async with waypoint_from(path) as running:
+            plain = await connect(running, db, "127.0.0.2")
+            path.write_text(
+                make_config_text(
+                    pg,
+                    socket_path=standin.socket_path,
+                    tls_mode="require",
+                    listener_extra=certs.listener_extra(),
+                )
+            )
+            assert await running.reload() == "applied"
+            # New plaintext connections are refused; TLS ones are served.
+            with pytest.raises(DatabaseError) as info:
+                await connect(running, db, "127.0.0.2")
+            assert "TLS is required" in str(info.value)
+            tls = ssl.create_default_context(cafile=str(certs.ca_pem))
+            host, port = running.address(LISTENER)
+
+            def go() -> pg8000.native.Connection:
+                return pg8000.native.Connection(
+                    user="anyone", host=host, port=port, database=db,
+                    source_address=("127.0.0.2", 0), timeout=30, ssl_context=tls,
+                )
+
+            with trio.fail_after(30):
+                secure = await trio.to_thread.run_sync(go)
+            assert await query(secure, "select v from t") == [["one"]]
+            # The plaintext session from before the reload is not touched.
+            assert await query(plain, "select v from t") == [["one"]]
+            for conn in (plain, secure):
+                await close(conn)
