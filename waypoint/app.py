@@ -76,8 +76,8 @@ class Running:
     async def reload(self, config: Config | None = None) -> str:
         """Reload as SIGHUP does: re-read the file the running configuration came from (or
         apply ``config``, already loaded). Returns the outcome: ``applied``, ``invalid`` (the
-        file did not validate) or ``failed`` (it could not be applied); nothing changes
-        unless ``applied``."""
+        file did not validate), ``failed`` (it could not be applied) or ``skipped`` (a drain
+        has begun); nothing changes unless ``applied``."""
         assert self._service is not None
         return await self._service.reload(config)
 
@@ -505,7 +505,17 @@ class _Service:
                 return "skipped"
             source = self.config.source
             self.notifier.reloading(status=f"reloading {source or 'the configuration'}")
-            outcome, status = await self._reload(loaded)
+            try:
+                outcome, status = await self._reload(loaded)
+            except Exception as exc:
+                # A reload never ends the service, whatever went wrong.
+                log.error(
+                    "config_reload_failed",
+                    exc_info=True,
+                    file=source,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                outcome, status = "failed", f"serving {len(self.contexts)} listener(s)"
             self.metrics.config_reloaded(outcome)
             self.notifier.ready(status=status)
             return outcome
