@@ -38,7 +38,10 @@ def _config(
         tables_extra=f'[defaults.limits]\nmax_conns_total = {total}\n\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n',
     )
     text = text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"')
-    return f'pid_file = "{pid_file}"\n' + text
+    # The role TTL too ([listeners.postgres] is the last table): each reload gives the
+    # listener a new provisioner while connections of the previous one are mid-handshake.
+    ttl = "1d" if total % 2 else "2d"
+    return f'pid_file = "{pid_file}"\n' + text + f'user_ttl = "{ttl}"\n'
 
 
 def _write(path: Path, text: str) -> None:
@@ -122,7 +125,7 @@ def _sighup_during_burst(cluster: PgCluster, tmp_path: Path, count: int) -> None
                 result = runner.submit(_burst, port, db, count, 16, done)
                 total = 1000
                 while not done.is_set():
-                    total = 1999 - total  # 1000, 999, 1000, ...: every reload changes a limit
+                    total = 1999 - total  # 1000, 999, 1000, ...: every reload changes settings
                     _write(path, _config(cluster, db, pid_file, port, metrics, total))
                     if signals % 20 != 5:
                         proc.send_signal(signal.SIGHUP)
@@ -161,6 +164,8 @@ def _sighup_during_burst(cluster: PgCluster, tmp_path: Path, count: int) -> None
         text = output()
         assert text.count("config_reloaded") == reloads
         assert "config_reload_invalid" not in text and "config_reload_failed" not in text
+        # The reloads replaced the listener's context (and its provisioner) under the burst.
+        assert "changed=\"['pg-main']\"" in text
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as resp:
             body = resp.read().decode()
         assert f'waypoint_config_reloads_total{{outcome="applied"}} {float(reloads)}' in body
