@@ -403,6 +403,8 @@ class _Service:
                 if handle_signals:
                     root.start_soon(_signal_watcher, self.shutdown, self.immediate, self)
                 root.start_soon(self._reload_loop)
+                # Before accepting: the backends a killed predecessor left behind end now.
+                await _sweep_orphans(self.contexts, registry, self.metrics)
                 for name, listening in bound.items():
                     await self._start_accepting(name, listening)
                 running = Running(
@@ -460,7 +462,7 @@ class _Service:
                 if not drained:
                     log.info("drain_deadline", sessions=len(registry))
                     for live in registry:
-                        live.end(errors.shutting_down())
+                        live.end(errors.shutting_down(), "drain_deadline")
                     with trio.move_on_after(FINAL_GRACE):
                         await registry.wait_empty()
                 sessions.cancel_scope.cancel()
@@ -702,7 +704,7 @@ class _Service:
                 ended = 0
                 for live in self.registry:
                     if live.owner in contexts:
-                        live.end(errors.listener_removed())
+                        live.end(errors.listener_removed(), "listener_removed")
                         ended += 1
                 log.info("listener_drain_deadline", listener=name, sessions=ended)
                 with trio.move_on_after(FINAL_GRACE):
@@ -788,6 +790,19 @@ def _extra_background(
         config, contexts, registry, metrics
     )
     return tasks
+
+
+async def _sweep_orphans(
+    contexts: dict[str, ListenerContext], registry: SessionRegistry, metrics: Metrics
+) -> None:
+    """The reaper's start sweep of orphan backends, if the reaper is available."""
+    import importlib
+
+    try:
+        module = importlib.import_module("waypoint.reaper.service")
+    except ImportError:
+        return
+    await module.sweep_orphans_at_start(contexts, registry, metrics)
 
 
 async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event, service: _Service) -> None:
