@@ -3,7 +3,8 @@ that adds a listener, raises a limit, switches JSON logs on and moves the listen
 to another port; the new settings hold for new sessions at once; an invalid file changes
 nothing and its one log line names every problem; a removed listener stops accepting and
 drains its sessions (ended with a FATAL at ``drain_timeout``); a rotated admin password file
-is read at the reload. End to end on PostgreSQL 15 and 18."""
+is read at the reload; a TLS setting applies to new connections; a tightened limit ends a
+live session at its next revalidation. End to end on PostgreSQL 15 and 18."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import contextlib
 import io
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -427,3 +428,54 @@ async def test_a_tls_setting_applies_to_new_sessions_and_the_live_one_goes_on(
             assert await query(plain, "select v from t") == [["one"]]
             for conn in (plain, secure):
                 await close(conn)
+
+
+async def test_a_tightened_limit_reaches_live_sessions_at_their_next_revalidation(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    db = create_app_database(pg)
+    path = tmp_path / "waypoint.toml"
+    async with run_standin(tmp_path) as standin:
+
+        def text(per_user: int) -> str:
+            return make_config_text(
+                pg,
+                socket_path=standin.socket_path,
+                revalidation_interval="1s",
+                tables_extra=f"[defaults.limits]\nmax_conns_per_user = {per_user}",
+            )
+
+        path.write_text(text(3))
+        standin.set_peer(
+            "127.0.0.2", login="a@example.com", node="a", rules=[db_rule({db: {"permissions": ["readonly"]}})]
+        )
+        with captured_logs() as logs:
+            await _tighten(path, text, db)
+        log_text = logs.getvalue()
+    over = [line for line in log_text.splitlines() if "session_over_limit" in line]
+    assert len(over) == 1 and "limit=1" in over[0], log_text
+    assert "sqlstate=53400" in log_text
+
+
+async def _tighten(path: Path, text: Callable[[int], str], db: str) -> None:
+    """Two sessions of one user open under a limit of 3; the reload lowers it to 1."""
+    async with waypoint_from(path) as running:
+        older = await connect(running, db, "127.0.0.2")
+        newer = await connect(running, db, "127.0.0.2")
+        path.write_text(text(1))
+        assert await running.reload() == "applied"
+        # A new session is refused at once (two are open, the limit is one now)...
+        with pytest.raises(DatabaseError) as info:
+            await connect(running, db, "127.0.0.2")
+        assert sqlstate(info.value) == "53300", info.value
+        # ...and the next revalidation ends the newer open one; the older one goes on.
+        with trio.fail_after(30):
+            while True:
+                try:
+                    await query(newer, "select 1")
+                except (DatabaseError, InterfaceError):
+                    break
+                await trio.sleep(0.2)
+        assert await query(older, "select v from t") == [["one"]]
+        for conn in (older, newer):
+            await close(conn)
