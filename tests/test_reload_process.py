@@ -237,3 +237,48 @@ def test_waypoint_reload_refuses_an_invalid_file_and_signals_through_the_pid_fil
         if sleeper.poll() is None:
             sleeper.kill()
             sleeper.wait(10)
+
+
+def test_waypoint_run_takes_the_log_format_and_level_from_the_file(tmp_path: Path) -> None:
+    """``[log] format`` wins over ``--log-format``; ``[log] level`` drops the lines below it."""
+    port = free_port()
+    path = tmp_path / "w.toml"
+    path.write_text(
+        '[log]\nformat = "json"\nlevel = "warning"\n\n[identity]\nprovider = "static"\n\n'
+        '[[identity.static]]\ncidr = "127.0.0.9/32"\nlogin = "n@example.com"\nnode = "n"\n\n'
+        f'[[listeners]]\nname = "a"\nlisten = "127.0.0.1:{port}"\nbackend = "127.0.0.1:{free_port()}"\n'
+        'tls_mode = "off"\n[listeners.postgres]\nadmin_user = "a"\nadmin_password = "p"\n'
+    )
+    log = (tmp_path / "w.log").open("w+")
+    proc = subprocess.Popen(
+        [str(WAYPOINT), "run", "-c", str(path), "--log-format", "human"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        # A warning: a SIGHUP for a file that no longer validates (an error line, in JSON).
+        path.write_text(path.read_text() + "bogus = 1\n")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "config_reload_invalid" not in (tmp_path / "w.log").read_text():
+            assert time.monotonic() < deadline, (tmp_path / "w.log").read_text()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+    lines = (tmp_path / "w.log").read_text().splitlines()
+    assert lines and all(line.startswith("{") for line in lines), lines
+    assert not any('"level": "info"' in line for line in lines), lines
+    assert any('"event": "config_reload_invalid"' in line for line in lines)

@@ -74,7 +74,9 @@ def _pid_file(path: str | None) -> Iterator[None]:
         return
     pid = os.getpid()
     tmp = f"{path}.{pid}.tmp"
-    with open(tmp, "w", encoding="ascii") as f:
+    # A fresh file (never through a link someone left at that name), then renamed over.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
         f.write(f"{pid}\n")
     os.replace(tmp, path)
     try:
