@@ -162,3 +162,24 @@ async def test_the_static_identity_table_changes_live(tmp_path: Path) -> None:
         found = await running.contexts["a"].identity.whois("127.0.0.10", 1)
         assert (found.login, found.node) == ("new@example.com", "new-node")
         assert len(running.config.identity.static) == 2
+
+
+async def test_a_certificate_file_that_does_not_load_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "w.toml"
+    path.write_text(_text(("a", "127.0.0.1:0")))
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_text("not a certificate\n")
+    key.write_text("not a key\n")
+    key.chmod(0o600)
+    async with run_waypoint(load_config(path)) as running:
+        ctx = running.contexts["a"]
+        tls = f'cert_file = "{cert}"\nkey_file = "{key}"\n[listeners.postgres]'
+        path.write_text(
+            _text(("a", "127.0.0.1:0")).replace('tls_mode = "off"', 'tls_mode = "require"').replace(
+                "[listeners.postgres]", tls
+            )
+        )
+        outcome = await running.reload()
+        assert outcome == "failed", outcome
+        assert running.contexts["a"] is ctx and ctx.listener.tls_mode == "off"
+        assert running.config.listener("a").tls_mode == "off"
