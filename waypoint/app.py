@@ -30,6 +30,7 @@ from waypoint.proxy.relay import RelayEngine, open_relay_engine
 from waypoint.proxy.revalidation import revalidation_loop
 from waypoint.proxy.session import ListenerContext
 from waypoint.proxy.tls import MIN_VALIDITY, ClientTLS
+from waypoint.reaper import service as reaper_service
 from waypoint.service.health import Health, SupportsPing, backend_check, identity_check
 from waypoint.service.notify import Notifier
 from waypoint.service.reload import Plan, config_hash, plan_reload, provisioner_inputs_equal
@@ -40,6 +41,11 @@ log = get_logger("app")
 
 # After the drain deadline, sessions get their FATAL; this long to go before they are cut.
 FINAL_GRACE = 5.0
+
+
+class StartupRefused(Exception):
+    """The configuration loaded, but what it names on the server must not be used (a
+    ``reassign_to`` role that could run callers' objects with privileges)."""
 
 
 @attrs.define(eq=False)
@@ -376,6 +382,11 @@ class _Service:
                 try:
                     for name, ctx in self.contexts.items():
                         bound[name] = await self._bind(CurrentContext(ctx), ctx)
+                    # A reassign_to that could hand callers' objects to a privileged role
+                    # refuses the start.
+                    problems = await reaper_service.reassign_target_problems(self.contexts)
+                    if problems:
+                        raise StartupRefused("; ".join(problems))
                 except BaseException:
                     for listening in bound.values():
                         for sl in listening.sockets:
@@ -582,6 +593,11 @@ class _Service:
                 staged.contexts[lst.name] = self.build_context(
                     config, lst, self.contexts.get(lst.name), staged.provider
                 )
+            # A reassign_to that startup would refuse fails the reload the same way.
+            checked = {name: staged.contexts[name] for name in (*plan.added, *plan.changed)}
+            problems = await reaper_service.reassign_target_problems(checked)
+            if problems:
+                raise StartupRefused("; ".join(problems))
             for name in (*plan.added, *plan.rebind):
                 holder = (
                     CurrentContext(staged.contexts[name])
@@ -779,30 +795,15 @@ def _extra_background(
     registry: SessionRegistry,
     metrics: Metrics,
 ) -> list[Callable[[], Awaitable[None]]]:
-    """Background services beside revalidation (the reaper), if available."""
-    import importlib
-
-    try:
-        module = importlib.import_module("waypoint.reaper.service")
-    except ImportError:
-        return []
-    tasks: list[Callable[[], Awaitable[None]]] = module.reaper_tasks(
-        config, contexts, registry, metrics
-    )
-    return tasks
+    """Background services beside revalidation: the reaper's periodic task per listener."""
+    return reaper_service.reaper_tasks(config, contexts, registry, metrics)
 
 
 async def _sweep_orphans(
     contexts: dict[str, ListenerContext], registry: SessionRegistry, metrics: Metrics
 ) -> None:
-    """The reaper's start sweep of orphan backends, if the reaper is available."""
-    import importlib
-
-    try:
-        module = importlib.import_module("waypoint.reaper.service")
-    except ImportError:
-        return
-    await module.sweep_orphans_at_start(contexts, registry, metrics)
+    """The reaper's start sweep of orphan backends."""
+    await reaper_service.sweep_orphans_at_start(contexts, registry, metrics)
 
 
 async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event, service: _Service) -> None:
