@@ -479,3 +479,32 @@ async def _tighten(path: Path, text: Callable[[int], str], db: str) -> None:
         assert await query(older, "select v from t") == [["one"]]
         for conn in (older, newer):
             await close(conn)
+
+
+async def test_a_reassign_to_that_startup_would_refuse_fails_the_reload(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    import os
+
+    keeper = f"keeper_reload_{os.getpid()}"
+    pg.execute(f"CREATE ROLE {keeper} LOGIN")
+    path = tmp_path / "waypoint.toml"
+    try:
+        async with run_standin(tmp_path) as standin:
+            path.write_text(make_config_text(pg, socket_path=standin.socket_path))
+            with captured_logs() as logs:
+                async with waypoint_from(path) as running:
+                    ctx = running.contexts[LISTENER]
+                    path.write_text(
+                        make_config_text(
+                            pg, socket_path=standin.socket_path, postgres_extra=f'reassign_to = "{keeper}"'
+                        )
+                    )
+                    assert await running.reload() == "failed"
+                    assert running.contexts[LISTENER] is ctx
+                    assert running.config.listener(LISTENER).postgres.reassign_to is None
+                text = logs.getvalue()
+        failed = [line for line in text.splitlines() if "config_reload_failed" in line]
+        assert len(failed) == 1 and f"role '{keeper}' has LOGIN" in failed[0], text
+    finally:
+        pg.execute(f"DROP ROLE {keeper}")
