@@ -75,6 +75,25 @@ class StateConfig:
     url: str | None = None
     key_prefix: str = "waypoint:"
     lease: float = 30.0
+    # Highly available Redis (docs/scaling.md): Sentinel, or Cluster. Exactly one of ``url``,
+    # ``sentinels`` and ``cluster = true`` names where Redis is.
+    sentinels: tuple[str, ...] = ()
+    service_name: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    cluster: bool = False
+    nodes: tuple[str, ...] = ()
+    # The Redis servers' credentials with ``sentinels`` or ``cluster`` (``url`` carries its own).
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def redis_mode(self) -> Literal["url", "sentinel", "cluster"]:
+        """Where Redis is: one server (``url``), Sentinel, or Cluster."""
+        if self.cluster:
+            return "cluster"
+        if self.sentinels:
+            return "sentinel"
+        return "url"
 
 
 @frozen

@@ -81,7 +81,7 @@ def _render_fields(obj: Any, table: Any, mask: bool, root: Config) -> None:
             continue
         if isinstance(value, tuple) and value and attrs.has(type(value[0])):
             continue  # arrays of tables come last
-        if mask and name == "admin_password":
+        if mask and name in ("admin_password", "password", "sentinel_password"):
             value = SECRET_MASK
         elif mask and name == "url" and isinstance(value, str):
             value = _mask_url(value)
@@ -113,8 +113,8 @@ def render_config(config: Config, *, mask_secrets: bool = True) -> str:
     """The effective configuration as TOML: every key, defaults included.
 
     Durations and sizes are written in their string forms. With
-    ``mask_secrets`` (the default) ``admin_password`` and the password in a
-    Redis URL are replaced by ``********``. Keys that are not set (no
+    ``mask_secrets`` (the default) ``admin_password``, the Redis passwords of
+    ``[state]`` and the password in a Redis URL are replaced by ``********``. Keys that are not set (no
     default) appear as comments. Without masking, the text loads back into
     an equal Config.
     """

@@ -14,23 +14,38 @@ that failed), and refreshes ``{prefix}instance:<id>``.
 One user's keys share a cluster hash tag (``{<principal>}``) and are changed by one script;
 the deployment total lives on its own key and is changed by a second script, so no script
 ever touches two cluster slots.
+
+Where Redis is (:func:`make_client`): one server (``url``), a Sentinel-managed master
+(``sentinels``), or a Redis Cluster (``cluster = true``), each through redis-py's own sync
+client. None of them retries a command: a script whose answer was lost may have run, and
+running it again would count twice; the store marks the keys for repair instead. Every new
+connection (a restart, a failover, a topology change) may reach a server that lost the last
+acknowledged writes, so it makes the store re-assert everything it holds.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import redis
+import redis.cluster
+import redis.sentinel
 import trio
 from attrs import define, field
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisClusterException
+from redis.retry import Retry
 
 from waypoint import errors
+from waypoint.config.model import StateConfig, split_host_port
 from waypoint.errors import Refusal
 from waypoint.state.base import (
     LIMIT_TOTAL,
@@ -51,8 +66,14 @@ log = logging.getLogger("waypoint.state")
 
 T = TypeVar("T")
 
-# What "Redis is unavailable" looks like from here.
-UNAVAILABLE: tuple[type[BaseException], ...] = (redis.RedisError, OSError, trio.TooSlowError)
+# What "Redis is unavailable" looks like from here. RedisClusterException (no cluster node
+# answers, or the slot table is incomplete) is not a RedisError.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    redis.RedisError,
+    RedisClusterException,
+    OSError,
+    trio.TooSlowError,
+)
 
 _RETRY_MIN = 0.05
 # Longest cancel-key value read back (an encoded CancelTarget is far shorter).
@@ -211,6 +232,164 @@ return 0
 """
 
 
+class RedisClient(Protocol):
+    """The commands the store sends: what ``redis.Redis`` (one server or a Sentinel-managed
+    master) and ``redis.cluster.RedisCluster`` have in common."""
+
+    def set(
+        self, name: str, value: str, *, px: int | None = None, nx: bool = False
+    ) -> Any: ...
+
+    def delete(self, *names: str) -> Any: ...
+
+    def getrange(self, key: str, start: int, end: int) -> Any: ...
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: str | int) -> Any: ...
+
+    def script_load(self, script: bytes) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+ConnectHook = Callable[[], None]
+
+
+class LazyClusterClient:
+    """A ``RedisCluster`` made at its first use, in a worker thread.
+
+    redis-py's cluster client reads the slot table from a seed node when it is created, so
+    making it where the store is opened would block the event loop and fail the start when
+    the cluster is down; here a call made while no seed answers fails like any unavailable
+    Redis (the store refuses connections) and the next call tries again."""
+
+    def __init__(self, make: Callable[[], redis.cluster.RedisCluster]) -> None:
+        self._make = make
+        self._lock = threading.Lock()
+        self._client: redis.cluster.RedisCluster | None = None
+        self._closed = False
+
+    def _get(self) -> redis.cluster.RedisCluster:
+        with self._lock:
+            if self._closed:
+                raise redis.ConnectionError("the Redis Cluster client is closed")
+            if self._client is None:
+                self._client = self._make()
+            return self._client
+
+    def set(self, name: str, value: str, *, px: int | None = None, nx: bool = False) -> Any:
+        return self._get().set(name, value, px=px, nx=nx)
+
+    def delete(self, *names: str) -> Any:
+        return self._get().delete(*names)
+
+    def getrange(self, key: str, start: int, end: int) -> Any:
+        return self._get().getrange(key, start, end)
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: str | int) -> Any:
+        return self._get().evalsha(sha, numkeys, *keys_and_args)
+
+    def script_load(self, script: bytes) -> Any:
+        return self._get().script_load(script)  # to every primary
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+def _no_retry() -> Retry:
+    return Retry(NoBackoff(), 0)
+
+
+def make_client(
+    cfg: StateConfig, *, max_connections: int, op_timeout: float, on_connect: ConnectHook
+) -> RedisClient:
+    """The redis-py client for ``cfg`` (one server, Sentinel or Cluster). ``on_connect``
+    runs in the connecting thread after every new connection to a Redis server."""
+
+    def plain_hook(conn: Any) -> None:  # redis_connect_func replaces the handshake
+        conn.on_connect()
+        on_connect()
+
+    def cluster_hook(_conn: Any) -> None:  # RedisCluster runs it after its handshake
+        on_connect()
+
+    timeouts: dict[str, Any] = {
+        "socket_timeout": op_timeout,
+        "socket_connect_timeout": min(1.0, op_timeout),
+    }
+    mode = cfg.redis_mode
+    if mode == "url":
+        if not cfg.url:
+            raise ValueError('[state] backend = "redis" needs [state] url')
+        pool = redis.BlockingConnectionPool.from_url(
+            cfg.url,
+            max_connections=max_connections,
+            timeout=op_timeout,
+            retry=_no_retry(),
+            redis_connect_func=plain_hook,
+            **timeouts,
+        )
+        return redis.Redis(connection_pool=pool, retry=_no_retry())
+    credentials: dict[str, Any] = {"username": cfg.username, "password": cfg.password}
+    if mode == "sentinel":
+        if not cfg.service_name:
+            raise ValueError("[state] sentinels needs [state] service_name")
+        sentinel = redis.sentinel.Sentinel(
+            [split_host_port(a) for a in cfg.sentinels],
+            sentinel_kwargs={"password": cfg.sentinel_password, **timeouts},
+            **timeouts,
+        )
+        # SentinelConnectionPool does not block for a free connection; the store's capacity
+        # limiter already keeps the calls (and so the connections) to max_connections.
+        client: redis.Redis = sentinel.master_for(
+            cfg.service_name,
+            max_connections=max_connections,
+            retry=_no_retry(),
+            redis_connect_func=plain_hook,
+            **credentials,
+            **timeouts,
+        )
+        return client
+    if not cfg.nodes:
+        raise ValueError("[state] cluster = true needs [state] nodes")
+    # (redis-py leaves ClusterNode's constructor unannotated.)
+    seeds = [
+        redis.cluster.ClusterNode(*split_host_port(a))  # type: ignore[no-untyped-call]
+        for a in cfg.nodes
+    ]
+
+    def make() -> redis.cluster.RedisCluster:
+        return redis.cluster.RedisCluster(
+            startup_nodes=seeds,
+            retry=_no_retry(),
+            max_connections=max_connections,
+            redis_connect_func=cluster_hook,
+            **credentials,
+            **timeouts,
+        )
+
+    return LazyClusterClient(make)
+
+
+def _script_entry(text: str) -> tuple[bytes, str]:
+    body = text.encode()
+    return body, hashlib.sha1(body).hexdigest()
+
+
+# Every script, by name: its text and SHA-1 (what EVALSHA names it by).
+SCRIPTS: dict[str, tuple[bytes, str]] = {
+    "acquire": _script_entry(ACQUIRE_LUA),
+    "release": _script_entry(RELEASE_LUA),
+    "reconcile": _script_entry(RECONCILE_LUA),
+    "refresh": _script_entry(REFRESH_LUA),
+    "count": _script_entry(COUNT_LUA),
+    "unlock": _script_entry(UNLOCK_LUA),
+}
+
+
 def _part(text: str) -> str:
     """Encode a key component: braces (cluster hash tags) and '%' can never come from data."""
     return quote(text, safe="@.-_+:=/ ")
@@ -258,7 +437,7 @@ class RedisStateStore:
     maintenance does not run behaves like an instance that died: its slots expire after
     ``lease``."""
 
-    _client: redis.Redis
+    _client: RedisClient
     _layout: KeyLayout
     _lease: float
     instance_id: str
@@ -271,21 +450,20 @@ class RedisStateStore:
     # Fencing epoch: writes carry the current one, each re-assertion takes a new one. Starts
     # at the wall clock in microseconds, so a restarted process with the same id is newer.
     _epoch: int = field(init=False, factory=lambda: time.time_ns() // 1000)
-    _scripts: dict[str, Any] = field(factory=dict)
     _closed: bool = False
+    # Set from a worker thread when a new connection to Redis was made (see
+    # :meth:`note_new_connection`); read and cleared on the trio side.
+    _reconnected: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self._lease <= 0:
             raise ValueError("[state] lease must be positive")
-        for name, text in (
-            ("acquire", ACQUIRE_LUA),
-            ("release", RELEASE_LUA),
-            ("reconcile", RECONCILE_LUA),
-            ("refresh", REFRESH_LUA),
-            ("count", COUNT_LUA),
-            ("unlock", UNLOCK_LUA),
-        ):
-            self._scripts[name] = self._client.register_script(text)
+
+    def note_new_connection(self) -> None:
+        """Called in a worker thread after each new connection to a Redis server. That server
+        may be a replica just promoted, or a restarted one, missing the writes its predecessor
+        acknowledged last: the next calls re-assert every count this instance holds."""
+        self._reconnected = True
 
     @property
     def _lease_ms(self) -> int:
@@ -294,12 +472,35 @@ class RedisStateStore:
     # -- transport ---------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[[], T], timeout: float | None = None) -> T:
-        with trio.fail_after(self._op_timeout if timeout is None else timeout):
-            return await trio.to_thread.run_sync(fn, limiter=self._limiter, abandon_on_cancel=True)
+        try:
+            with trio.fail_after(self._op_timeout if timeout is None else timeout):
+                return await trio.to_thread.run_sync(
+                    fn, limiter=self._limiter, abandon_on_cancel=True
+                )
+        finally:
+            if self._reconnected:
+                self._reconnected = False
+                self._reassert_all()
+
+    def _reassert_all(self) -> None:
+        """Mark every key this instance holds for re-assertion (a new connection was made)."""
+        for h in self._held.values():
+            h.dirty = True
+        if self._held:
+            self._wake.set()
 
     async def _script(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        script = self._scripts[name]
-        return await self._run(functools.partial(script, keys=list(keys), args=list(args)))
+        text, sha = SCRIPTS[name]
+        client = self._client
+
+        def call() -> Any:
+            try:
+                return client.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:  # a server that has not seen it (restarted, promoted, new)
+                client.script_load(text)
+                return client.evalsha(sha, len(keys), *keys, *args)
+
+        return await self._run(call)
 
     # -- slot bookkeeping --------------------------------------------------------------------
 
