@@ -132,8 +132,12 @@ end
 """
 
 # KEYS: limit keys (one cluster slot). ARGV: instance, lease_ms, epoch, limit per key (0 =
-# none). Returns {0, 0} when granted (every key incremented), {-1, 0} when stale (fenced),
-# else {index of the full key, count}.
+# none), then per key 1 if this instance holds sessions there (optional; 0 = no check).
+# Returns {0, 0} when granted (every key incremented), {-1, 0} when stale (fenced), {-2, 0}
+# when a key this instance holds sessions on has no live entry of it (Redis lost writes it
+# acknowledged: a restart, a failover; or the entry's lease ran out), else {index of the
+# full key, count}. Only acquires and re-assertions write e:, and nothing but its expiry
+# removes it, so the check holds whatever order this instance's concurrent scripts run in.
 ACQUIRE_LUA = (
     _NOW_MS
     + _LIVE_COUNT
@@ -142,6 +146,12 @@ ACQUIRE_LUA = (
 local iid, lease, epoch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 for _, key in ipairs(KEYS) do
   if fenced(key, iid, epoch) then return {-1, 0} end
+end
+for i, key in ipairs(KEYS) do
+  if (tonumber(ARGV[3 + #KEYS + i]) or 0) > 0 then
+    local until_ms = tonumber(redis.call('HGET', key, 'e:' .. iid) or '0')
+    if until_ms < now then return {-2, 0} end
+  end
 end
 for i, key in ipairs(KEYS) do
   local limit = tonumber(ARGV[3 + i])
@@ -374,6 +384,10 @@ def make_client(
     return LazyClusterClient(make)
 
 
+# What _change_once returns when an acquire found Redis missing this instance's counts.
+_LOST = object()
+
+
 def _script_entry(text: str) -> tuple[bytes, str]:
     body = text.encode()
     return body, hashlib.sha1(body).hexdigest()
@@ -428,6 +442,7 @@ class _Held:
     in_flight: int = 0  # scripts changing the key right now
     dirty: bool = False  # Redis may disagree with ``confirmed``: re-assert it
     reconciling: trio.Event | None = None
+    idle: trio.Event | None = None  # set when in_flight drops to zero (someone waits for it)
 
 
 @define(eq=False)  # a store is a thing, compared by identity
@@ -504,16 +519,39 @@ class RedisStateStore:
 
     # -- slot bookkeeping --------------------------------------------------------------------
 
-    async def _begin(self, keys: Sequence[str]) -> list[_Held]:
+    async def _begin(self, keys: Sequence[str], *, acquire: bool) -> list[_Held] | None:
+        """Count a script on ``keys`` as in flight, after any re-assertion of them.
+
+        A key marked for repair is re-asserted before a script counts on it (here, once the
+        writes in flight on it have ended), so a key that is never idle under load cannot put
+        its repair off for ever, and no slot is granted against a count this instance knows
+        may be wrong. If that re-assertion fails: an acquire gets what Redis raised (and is
+        refused); a release gets None, is applied locally only, and the re-assertion that
+        follows writes the lower count."""
         while True:
             busy = [
                 h.reconciling
                 for k in keys
                 if (h := self._held.get(k)) is not None and h.reconciling is not None
             ]
-            if not busy:
+            if busy:
+                await busy[0].wait()
+                continue
+            dirty = [(k, h) for k in keys if (h := self._held.get(k)) is not None and h.dirty]
+            if not dirty:
                 break
-            await busy[0].wait()
+            key, h = dirty[0]
+            if h.in_flight > 0:
+                if h.idle is None:
+                    h.idle = trio.Event()
+                await h.idle.wait()
+                continue
+            try:
+                await self._reconcile(key, h)
+            except UNAVAILABLE:
+                if acquire:
+                    raise
+                return None
         held = [self._held.setdefault(k, _Held()) for k in keys]
         for h in held:
             h.in_flight += 1
@@ -526,6 +564,9 @@ class RedisStateStore:
             if not certain:
                 h.dirty = True
                 self._wake.set()
+            if h.in_flight == 0 and h.idle is not None:
+                h.idle.set()
+                h.idle = None
             self._maybe_forget(key, h)
 
     def _maybe_forget(self, key: str, h: _Held) -> None:
@@ -535,16 +576,44 @@ class RedisStateStore:
     async def _change(self, name: str, keys: Sequence[str], limits: Sequence[int] = ()) -> Any:
         """Run the acquire or release script; on success the local count moves with it.
         Returns None if Redis did not answer or the write was fenced (the keys are then marked
-        for repair)."""
-        held = await self._begin(keys)
+        for repair). An acquire that finds Redis lost this instance's counts on a key
+        re-asserts them and tries once more."""
+        for attempt in (1, 2):
+            result = await self._change_once(name, keys, limits)
+            if result is not _LOST:
+                return result
+            if attempt == 2:
+                return None
+        raise AssertionError("unreachable")
+
+    async def _change_once(self, name: str, keys: Sequence[str], limits: Sequence[int]) -> Any:
+        acquire = name == "acquire"
+        try:
+            maybe_held = await self._begin(keys, acquire=acquire)
+        except UNAVAILABLE as exc:
+            log.warning(
+                "shared state (Redis) unavailable re-asserting counts before %s: %s",
+                name,
+                _describe(exc),
+            )
+            return None
+        if maybe_held is None:  # a release on keys awaiting their re-assertion
+            for key in keys:
+                h = self._held.setdefault(key, _Held())
+                h.confirmed = max(0, h.confirmed - 1)
+                h.dirty = True
+            self._wake.set()
+            return None
+        held = maybe_held
         result: Any = None
         certain = False
         try:
             # The epoch is read after _begin: a re-assertion it waited for has an older one.
             epoch = self._epoch
-            acquire = name == "acquire"
+            # The keys Redis must hold a live entry of this instance on.
+            holds = [1 if h.confirmed > 0 else 0 for h in held]
             args: list[str | int] = (
-                [self.instance_id, self._lease_ms, epoch, *limits]
+                [self.instance_id, self._lease_ms, epoch, *limits, *holds]
                 if acquire
                 else [self.instance_id, epoch]
             )
@@ -553,16 +622,24 @@ class RedisStateStore:
             if fenced:
                 # Not applied: only a write older than a re-assertion can be; repair it.
                 log.warning("shared state (Redis): %s was fenced by a newer re-assertion", name)
+            elif acquire and int(result[0]) == -2:
+                log.warning(
+                    "shared state (Redis) lost this instance's counts (a restart or a "
+                    "failover); re-asserting them before the next acquire"
+                )
+                result = _LOST
             else:
                 certain = True
         except UNAVAILABLE as exc:
             log.warning("shared state (Redis) unavailable during %s: %s", name, _describe(exc))
         finally:
-            if name == "acquire":
+            if acquire:
                 granted = certain and int(result[0]) == 0
                 self._end(keys, held, 1 if granted else 0, certain=certain)
             else:  # release: the slot is gone locally whatever Redis answered
                 self._end(keys, held, -1, certain=certain)
+        if result is _LOST:
+            return _LOST
         return result if certain else None
 
     async def acquire_slot(self, req: SlotRequest) -> SlotLease | Refusal:
