@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import redis
 
@@ -111,7 +111,7 @@ class _Servers:
             self.kill(port)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> _Servers:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
