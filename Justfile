@@ -13,6 +13,11 @@ check:
     mypy
     MYPYPATH=tests mypy tests/pgcluster.py tests/fixtures_pg.py tests/test_pgcluster.py tests/test_pg_login.py
 
+# The relay's C extension under AddressSanitizer + UndefinedBehaviorSanitizer (PYTHONMALLOC=malloc):
+# a temporary sanitizer build, then tests/test_pump.py against it. CI runs it after the suite.
+sanitize *ARGS:
+    ./.ci/sanitize {{ARGS}}
+
 # The slow soak / load / long fuzz runs (opt-in).
 slow *ARGS:
     python -m pytest -m slow {{ARGS}}
@@ -24,3 +29,11 @@ demo *ARGS:
 # The benchmark harness (see bench/README.md).
 bench *ARGS:
     python -m bench {{ARGS}}
+
+# A wheel with the compiled relay extension, repaired to a manylinux tag: dist/*manylinux*.whl
+# (installs with pip on a machine with no C compiler; see README "Install").
+wheel:
+    rm -rf dist/wheel-build
+    python -m pip wheel --no-deps --wheel-dir dist/wheel-build .
+    python -m auditwheel repair --wheel-dir dist dist/wheel-build/waypoint-*.whl
+    rm -rf dist/wheel-build

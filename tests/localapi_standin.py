@@ -19,7 +19,8 @@ where Waypoint can see it (tailscale-localapi.md):
 - ``GET /localapi/v0/status`` (``?peers=false`` honoured: no ``Peer`` map) answers this
   node's status: ``Self`` (its ``DNSName``), ``MagicDNSSuffix``, ``CurrentTailnet`` and
   ``CertDomains``, the names it can get certificates for (the configured cert domains;
-  ``null`` when there are none, as when HTTPS is off for the tailnet);
+  ``null`` when there are none, as when HTTPS is off for the tailnet); ``status_extra``
+  replaces fields of it, ``status_fault`` (a fault kind, below) makes it fail alone;
 - fault switches, global or per peer IP: ``hang`` (never answer), ``status500``,
   ``status400`` (tailscaled's answer to a bad address, for any address),
   ``malformed_json``, ``close_mid_response`` (headers and half a body, then
@@ -251,6 +252,9 @@ class LocalAPIStandin:
         self._next_id = 1000
         #: Fields that replace those of the status answer (to serve a malformed one).
         self.status_extra: dict[str, Any] = {}
+        #: A fault for the status answer alone (``hang``: a tailscaled that accepts and never
+        #: answers), independent of the whois faults.
+        self.status_fault: Fault | None = None
         #: Connections accepted so far (keep-alive clients reuse theirs).
         self.connections = 0
         #: Close each connection after one answer, as an idle timeout would (the answer
@@ -526,6 +530,9 @@ class LocalAPIStandin:
 
     def _status(self, params: dict[str, list[str]]) -> _Answer:
         """This node's status (ipnstate.Status), the fields a client may read and some more."""
+        fault = self._faulty(self.status_fault)
+        if fault is not None:
+            return fault
         domains = sorted(self._cert_domains)
         dns_name = (domains[0] if domains else f"waypoint.{self.tailnet}") + "."
         ips = ["100.100.1.1", "fd7a:115c:a1e0::1"]

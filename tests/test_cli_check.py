@@ -1,4 +1,4 @@
-"""``waypoint check -c FILE`` (SPEC §11)."""
+"""``waypoint check -c FILE``: the effective configuration with secrets masked, or every problem."""
 
 from __future__ import annotations
 
@@ -123,3 +123,46 @@ def test_check_runs_as_a_subprocess(tmp_path: Path) -> None:
         f"{DATA / 'spec_example.toml'}:{expected_line}: listeners[0].postgres.admin_password:"
         " environment variable PG_ADMIN_PASSWORD is not set"
     )
+
+
+def test_check_masks_every_value_expanded_from_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admin password put in ``admin_user`` by mistake (or any secret in any field) is
+    masked because it came from ``${VAR}``, not because of the key it sits in."""
+    monkeypatch.setenv("PG_ADMIN_PASSWORD", "hunter2-very-secret")
+    monkeypatch.setenv("MISPLACED_SECRET", "s3cr3t-in-the-wrong-key")
+    monkeypatch.setenv("NODE_SECRET", "node-n0de-secret")
+    monkeypatch.setenv("TAG_SECRET", "tag-t4g-secret")
+    monkeypatch.setenv("GRANT_DB", "grant-db-secret")
+    text = (
+        (DATA / "spec_example.toml")
+        .read_text()
+        .replace('admin_user = "waypoint_admin"', 'admin_user = "${MISPLACED_SECRET}"')
+        .replace('provider = "tailscale"', 'provider = "static"')
+    )
+    text += (
+        "\n[[identity.static]]\n"
+        'cidr = "127.0.0.1/32"\nlogin = "alice@example.com"\nnode = "pre-${NODE_SECRET}"\n'
+        'tags = ["tag:plain", "${TAG_SECRET}"]\n'
+        "\n[[identity.static]]\n"
+        'cidr = "127.0.0.2/32"\nlogin = "bob@example.com"\nnode = "literal-$${NOT_EXPANDED}"\n'
+        """grants_json = '[{"dbs": {"${GRANT_DB}": {"permissions": ["readonly"]}}}]'\n"""
+    )
+    path = tmp_path / "waypoint.toml"
+    path.write_text(text)
+    assert main(["check", "-c", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    for secret in ("hunter2", "s3cr3t", "n0de", "t4g", "grant-db"):
+        assert secret not in out, secret
+    assert 'admin_user = "********"' in out
+    assert 'node = "********"' in out
+    assert 'tags = ["tag:plain", "********"]' in out
+    assert 'grants = ["********"]' in out  # made from a grants_json that expanded a variable
+    # the reassign_to note names no other key's value (it once quoted admin_user)
+    assert "reassign_to: not set: a reaped role that owns objects is retired" in out
+    # what did not come from the environment is shown as it is
+    assert 'node = "literal-${NOT_EXPANDED}"' in out
+    assert 'login = "alice@example.com"' in out
+    assert 'admin_database = "postgres"' in out

@@ -93,7 +93,7 @@ def test_roles_reap_dry_run_prints_the_plan_and_changes_nothing(
     out = capsys.readouterr().out
     assert f"{LISTENER}: dropped role {alice}" in out
     assert f"{LISTENER}: dropped group {group}" in out
-    assert "2 role(s) and 1 group(s) dropped, 0 skipped, 0 failed" in out
+    assert "2 role(s) and 1 group(s) dropped, 0 role(s) retired, 0 skipped, 0 failed" in out
     assert not role_exists(pg, alice) and not role_exists(pg, group)
 
 
@@ -108,15 +108,51 @@ def test_roles_list_shows_identity_database_validity_and_groups(
     assert main(["roles", "list", "-c", str(config)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].startswith(f"listener {LISTENER} (prefix {prefix}, 1 roles, 1 groups")
+    assert lines[0].startswith(
+        f"listener {LISTENER} (prefix {prefix}, 1 roles (0 retired), 1 groups"
+    )
     header = lines[1].split()
     assert header[:4] == ["ROLE", "IDENTITY", "LISTENER", "DATABASE"]
     row = next(line for line in lines if line.startswith(alice + " "))
     assert f"{ALICE.login} on {ALICE.node}" in row
     assert f" {app_db} " in row and f" {LISTENER} " in row
-    assert row.rstrip().endswith(group)
+    assert row.split()[-2:] == [group, "-"]  # groups, owns nothing
     assert "(expired)" not in row
-    assert any(line.startswith(group) and line.rstrip().endswith(" 1") for line in lines)
+    assert any(line.startswith(group) and line.split()[-2:] == ["1", "-"] for line in lines)
+
+
+def test_roles_reap_retires_an_owner_and_list_shows_what_it_owns(
+    pg: PgCluster, app_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prefix = new_prefix()
+    (alice,) = provision(pg, prefix, app_db, ALICE)
+    # What the caller would have created (a table with a row, a function, a large object).
+    pg.execute(f"GRANT CREATE ON SCHEMA public TO {alice}", dbname=app_db)
+    pg.execute(
+        f"SET ROLE {alice}; CREATE TABLE public.kept_{prefix} (x int); "
+        f"INSERT INTO public.kept_{prefix} VALUES (1); "
+        f"CREATE FUNCTION public.f_{prefix}() RETURNS int LANGUAGE sql AS 'SELECT 1'; "
+        "SELECT lo_from_bytea(0, 'x')",
+        dbname=app_db,
+    )
+    expire(pg, alice)
+    config = write_config(pg, tmp_path, prefix)
+
+    assert main(["roles", "reap", "-c", str(config), "--dry-run"]) == 0
+    assert f"{LISTENER}: would retire role {alice}" in capsys.readouterr().out
+    assert main(["roles", "reap", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"{LISTENER}: retired role {alice} (it owns objects; they stay its own)" in out
+    assert "0 role(s) and 1 group(s) dropped, 1 role(s) retired" in out
+
+    assert main(["roles", "list", "-c", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "1 roles (1 retired)" in lines[0]
+    row = next(line for line in lines if line.startswith(alice + " "))
+    assert " retired " in row
+    owns = row.split(" - ", 1)[1].strip()  # after the (empty) GROUPS column
+    assert owns == f"{app_db}: 1 functions, 1 large objects, 1 relations"
+    assert pg.execute(f"SELECT x FROM public.kept_{prefix}", dbname=app_db) == [[1]]
 
 
 def test_roles_unknown_listener_is_a_usage_error(

@@ -308,6 +308,14 @@ def test_zero_handshake_timeout_is_rejected() -> None:
     one_problem(text, "handshake_timeout", "greater than 0s", needle="handshake_timeout")
 
 
+def test_zero_readiness_timeout_is_rejected_and_drain_delay_defaults_to_zero() -> None:
+    text = '[metrics]\nreadiness_timeout = "0s"\n' + LISTENER
+    one_problem(text, "metrics.readiness_timeout", "greater than 0s", needle="readiness_timeout")
+    loaded = cfg('drain_delay = "10s"\n' + LISTENER)
+    assert loaded.drain_delay == 10.0 and loaded.metrics.readiness_timeout == 2.0
+    assert cfg(LISTENER).drain_delay == 0.0
+
+
 def test_zero_revalidation_interval_disables_and_is_allowed() -> None:
     assert cfg('[revalidation]\ninterval = "0s"\n' + LISTENER).revalidation.interval == 0.0
 
@@ -644,6 +652,35 @@ def test_zero_reap_interval_is_rejected() -> None:
     one_problem(
         text, "listeners[0].postgres.reap_interval", "greater than 0s", needle="reap_interval"
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("admin", "must not be admin_user"),
+        ("", "must not be empty"),
+        ("wp_someone", "starts with user_prefix"),
+        ("pg_write_server_files", "predefined role"),
+        ("PUBLIC", "not a role that can own objects"),
+        ("current_user", "not a role that can own objects"),
+    ],
+)
+def test_reassign_to_that_could_run_callers_code_with_privileges_is_refused(
+    value: str, fragment: str
+) -> None:
+    text = LISTENER.replace(
+        'admin_password = "pw"', f'admin_password = "pw"\nreassign_to = "{value}"'
+    )
+    p = one_problem(text, "listeners[0].postgres.reassign_to", fragment, needle="reassign_to")
+    if value:
+        assert "NOLOGIN role with none of SUPERUSER" in p.message
+
+
+def test_reassign_to_a_plain_role_name_is_left_to_the_catalog_check() -> None:
+    text = LISTENER.replace(
+        'admin_password = "pw"', 'admin_password = "pw"\nreassign_to = "app_keeper"'
+    )
+    assert cfg(text).listeners[0].postgres.reassign_to == "app_keeper"
 
 
 def test_per_listener_allow_raw_sql_overrides_provisioning() -> None:

@@ -186,9 +186,9 @@ def test_demo_config_gives_the_demo_identity_readwrite_on_demo_and_readonly_on_r
     identity = provider.lookup("127.0.0.1")
     assert identity is not None and identity.login == LOGIN
     limits = config.defaults.limits
-    demo = evaluate(identity, LISTENER, "demo", defaults=limits, allow_raw_sql=False)
-    reports = evaluate(identity, LISTENER, "reports", defaults=limits, allow_raw_sql=False)
-    other = evaluate(identity, LISTENER, "postgres", defaults=limits, allow_raw_sql=False)
+    demo = evaluate(identity, LISTENER, "demo", admin_database="postgres", defaults=limits, allow_raw_sql=False)
+    reports = evaluate(identity, LISTENER, "reports", admin_database="postgres", defaults=limits, allow_raw_sql=False)
+    other = evaluate(identity, LISTENER, "postgres", admin_database="postgres", defaults=limits, allow_raw_sql=False)
     assert isinstance(demo, EffectiveGrant) and isinstance(reports, EffectiveGrant)
     assert {p.preset for p in demo.privileges} == {Preset.READWRITE}
     assert {p.preset for p in reports.privileges} == {Preset.READONLY}

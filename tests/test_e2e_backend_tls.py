@@ -1,27 +1,78 @@
-"""Backend TLS (SPEC §8): verify-full against the backend's CA, a wrong CA refused (08006),
+"""Backend TLS: verify-full against the backend's CA, a wrong CA refused (08006),
 SCRAM-SHA-256-PLUS required over a TLS backend link (a backend asking for a cleartext password
-is refused instead of being handed the role's secret), and cancel forwarded over TLS."""
+is refused instead of being handed the role's secret), a certificate that cannot be bound
+(Ed25519) failing the login closed unless verify-full, and cancel forwarded over TLS."""
 
 from __future__ import annotations
 
+import io
+import json
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pg8000.native
 import pytest
+import test_logs
 import trio
 import trustme
+from cert_support import KeyType, make_certificate
 from e2e_support import LISTENER, E2EEnv, RawSession, create_app_database, e2e_env
-from pgcluster import PgCluster
+from pgcluster import PgCluster, _HbaEntry
+
+import waypoint.proxy.backend
+from waypoint.pgwire import UpstreamLogin
+
+json_log = test_logs.json_log  # Waypoint's log as JSON lines into a buffer
+
+
+def _pg15_ssl_with(key_type: KeyType) -> Iterator[tuple[PgCluster, Path]]:
+    """A TLS backend whose server certificate is of ``key_type``, and the CA file that
+    verifies it.
+
+    Waypoint's admin connection (pg8000) takes SCRAM-SHA-256-PLUS whenever it is offered, and
+    PostgreSQL cannot complete that with an Ed25519 certificate: the admin logs in by ``trust``
+    here so that the provisioned roles' own (scram-sha-256) logins are what the tests exercise."""
+    cluster = PgCluster.start("system", ssl=True)
+    try:
+        cert = make_certificate(key_type, cluster.host)
+        cluster._write_datadir_file("server.crt", cert.cert_pem.decode(), 0o644)
+        cluster._write_datadir_file("server.key", cert.key_pem.decode(), 0o600)
+        cluster._hba_users.append(_HbaEntry("host", cluster.admin_user, "trust"))
+        cluster.reload()  # pg_hba.conf, and the TLS files: PostgreSQL reloads them on SIGHUP
+        assert cluster.ca_pem_path is not None
+        ca = cluster.ca_pem_path.with_name(f"{key_type}-ca.pem")
+        ca.write_bytes(cert.ca_pem)
+        yield cluster, ca
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def pg15_ssl_ed25519() -> Iterator[tuple[PgCluster, Path]]:
+    """No channel binding can exist for its certificate; PostgreSQL still offers
+    SCRAM-SHA-256-PLUS."""
+    yield from _pg15_ssl_with("ed25519")
+
+
+@pytest.fixture(scope="module")
+def pg15_ssl_rsa_pss() -> Iterator[tuple[PgCluster, Path]]:
+    """Its certificate is signed with RSASSA-PSS (SHA-384 in the signature's parameters)."""
+    yield from _pg15_ssl_with("rsa-pss")
 
 
 @pytest.fixture(scope="module")
 def pg15_ssl_cleartext() -> Iterator[PgCluster]:
-    """A TLS backend whose pg_hba asks every Waypoint role for a cleartext password."""
+    """A TLS backend whose pg_hba asks every Waypoint role for a cleartext password (the
+    admin keeps SCRAM: an admin asked for cleartext over an unverified link is refused
+    first, tests/test_admin_auth_fail_closed.py)."""
     cluster = PgCluster.start("system", ssl=True, hba_default_method="password")
+    cluster._hba_users.append(_HbaEntry("host", cluster.admin_user, "scram-sha-256"))
+    cluster.reload()
     try:
         yield cluster
     finally:
@@ -107,6 +158,94 @@ async def test_cleartext_request_over_tls_is_refused_not_answered(
     # and no successful login by it.
     log = pg15_ssl_cleartext.read_log()
     assert "password authentication failed" not in log
+
+
+def test_postgres_itself_cannot_bind_an_ed25519_certificate(
+    pg15_ssl_ed25519: tuple[PgCluster, Path],
+) -> None:
+    """What PostgreSQL does (be_tls_get_certificate_hash): it offers SCRAM-SHA-256-PLUS, and a
+    client that takes it fails, the server finding no digest for the signature."""
+    cluster, _ca = pg15_ssl_ed25519
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with pytest.raises(pg8000.native.DatabaseError, match="could not find digest for NID"):
+        pg8000.native.Connection(
+            user=cluster.superuser,
+            password=cluster.superuser_password,
+            host=cluster.host,
+            port=cluster.port,
+            database="postgres",
+            ssl_context=context,
+            timeout=20,
+        ).close()
+
+
+async def test_ed25519_backend_certificate_fails_the_login_closed(
+    pg15_ssl_ed25519: tuple[PgCluster, Path], tmp_path: Path, json_log: io.StringIO
+) -> None:
+    """No tls-server-end-point hash exists for an Ed25519 certificate: over an unverified link
+    the login fails before the role's secret is used, and the log names the algorithm."""
+    cluster, _ca = pg15_ssl_ed25519
+    db = create_app_database(cluster)
+    with trio.fail_after(90):
+        async with e2e_env(cluster, tmp_path, backend_tls="require") as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            fields = await trio.to_thread.run_sync(_login_error, env, db)
+            assert fields["C"] == "08004", fields
+            await env.assert_clean()
+    logged = json.dumps(test_logs.parse_lines(json_log))
+    assert "signed with Ed25519 (1.3.101.112)" in logged
+    assert "backend_tls = verify-full" in logged
+    assert "password authentication failed" not in cluster.read_log()
+
+
+async def test_ed25519_backend_certificate_under_verify_full_logs_in_unbound(
+    pg15_ssl_ed25519: tuple[PgCluster, Path], tmp_path: Path
+) -> None:
+    """With the certificate verified (CA and host name), SCRAM runs without channel binding
+    against a real server that offers SCRAM-SHA-256-PLUS."""
+    cluster, ca = pg15_ssl_ed25519
+    db = create_app_database(cluster)
+    with trio.fail_after(90):
+        async with e2e_env(
+            cluster, tmp_path, backend_tls="verify-full", listener_extra=_backend_tls_extra(ca)
+        ) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            ssl_in_use, user = await trio.to_thread.run_sync(_ssl_in_use, env, db)
+            assert ssl_in_use
+            assert user.startswith("wp_pg_main_")
+            await env.assert_clean()
+
+
+class _RecordingLogin(UpstreamLogin):
+    """UpstreamLogin that keeps every instance, to read the method each login used."""
+
+    made: ClassVar[list[UpstreamLogin]] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.made.append(self)
+
+
+async def test_rsa_pss_backend_certificate_binds_as_postgres_does(
+    pg15_ssl_rsa_pss: tuple[PgCluster, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The roles log in with SCRAM-SHA-256-PLUS (required over TLS), and PostgreSQL accepts the
+    binding: Waypoint hashes an RSASSA-PSS certificate with the hash PostgreSQL uses."""
+    cluster, _ca = pg15_ssl_rsa_pss
+    monkeypatch.setattr(_RecordingLogin, "made", [])
+    monkeypatch.setattr(waypoint.proxy.backend, "UpstreamLogin", _RecordingLogin)
+    db = create_app_database(cluster)
+    with trio.fail_after(90):
+        async with e2e_env(cluster, tmp_path, backend_tls="require") as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            ssl_in_use, user = await trio.to_thread.run_sync(_ssl_in_use, env, db)
+            assert ssl_in_use
+            assert user.startswith("wp_pg_main_")
+            await env.assert_clean()
+    methods = {login.method for login in _RecordingLogin.made if login.authenticated}
+    assert methods == {"SCRAM-SHA-256-PLUS"}
 
 
 async def test_cancel_is_forwarded_over_tls(pg15_ssl: PgCluster, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from waypoint.provision.rawsql import RawSqlError, render_and_validate
 
 LISTENER = "pg-main"
 DATABASE = "app"
+ADMIN_DATABASE = "postgres"
 DEFAULTS = LimitsConfig(max_conns_per_user=4, max_conn_duration=7200.0)
 CAPABILITY = "example.com/cap/waypoint"
 
@@ -206,7 +207,7 @@ def test_arbitrary_rules_give_a_grant_or_a_refusal(
 ) -> None:
     rules = _as_json(rules)
     evaluation = evaluate_rules(
-        rules, LISTENER, DATABASE, defaults=DEFAULTS, preset_cap=cap, allow_raw_sql=allow_raw_sql
+        rules, LISTENER, DATABASE, admin_database=ADMIN_DATABASE, defaults=DEFAULTS, preset_cap=cap, allow_raw_sql=allow_raw_sql
     )
     check_result(evaluation.result, cap, allow_raw_sql)
     assert all(isinstance(w, str) for w in evaluation.warnings)
@@ -222,7 +223,7 @@ def test_any_json_document_as_rules_never_raises(doc: Any) -> None:
         if isinstance(rules, list):
             check_result(
                 evaluate_rules(
-                    rules, LISTENER, DATABASE, defaults=DEFAULTS, allow_raw_sql=True
+                    rules, LISTENER, DATABASE, admin_database=ADMIN_DATABASE, defaults=DEFAULTS, allow_raw_sql=True
                 ).result,
                 None,
                 True,
@@ -247,10 +248,10 @@ def test_rules_for_other_listeners_change_nothing(
     except RuleError:
         return
     before = evaluate_rules(
-        rules, LISTENER, DATABASE, defaults=DEFAULTS, preset_cap=cap, allow_raw_sql=True
+        rules, LISTENER, DATABASE, admin_database=ADMIN_DATABASE, defaults=DEFAULTS, preset_cap=cap, allow_raw_sql=True
     )
     after = evaluate_rules(
-        rules + unrelated, LISTENER, DATABASE, defaults=DEFAULTS, preset_cap=cap, allow_raw_sql=True
+        rules + unrelated, LISTENER, DATABASE, admin_database=ADMIN_DATABASE, defaults=DEFAULTS, preset_cap=cap, allow_raw_sql=True
     )
     if isinstance(before.result, EffectiveGrant):
         assert after.result == before.result
@@ -263,10 +264,10 @@ def test_rules_for_other_listeners_change_nothing(
 def test_a_preset_cap_never_grants_more_than_no_cap(rules: list[Any], cap: Preset) -> None:
     rules = _as_json(rules)
     uncapped = evaluate_rules(
-        rules, LISTENER, DATABASE, defaults=DEFAULTS, allow_raw_sql=True
+        rules, LISTENER, DATABASE, admin_database=ADMIN_DATABASE, defaults=DEFAULTS, allow_raw_sql=True
     ).result
     capped = evaluate_rules(
-        rules, LISTENER, DATABASE, defaults=DEFAULTS, preset_cap=cap, allow_raw_sql=True
+        rules, LISTENER, DATABASE, admin_database=ADMIN_DATABASE, defaults=DEFAULTS, preset_cap=cap, allow_raw_sql=True
     ).result
     if not isinstance(capped, EffectiveGrant):
         return
@@ -312,7 +313,7 @@ def test_whois_to_grant_to_raw_sql_never_crashes(
         return
     assert isinstance(identity, Identity)
     result = evaluate(
-        identity, LISTENER, DATABASE, defaults=DEFAULTS, preset_cap=cap, allow_raw_sql=allow_raw_sql
+        identity, LISTENER, DATABASE, admin_database=ADMIN_DATABASE, defaults=DEFAULTS, preset_cap=cap, allow_raw_sql=allow_raw_sql
     )
     check_result(result, cap, allow_raw_sql)
     if isinstance(result, EffectiveGrant):

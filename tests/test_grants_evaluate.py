@@ -34,12 +34,14 @@ def run(
     cap: Preset | None = None,
     allow_raw_sql: bool = True,
     defaults: LimitsConfig = NO_DEFAULTS,
+    admin_database: str = "postgres",
 ) -> EffectiveGrant | Refusal:
     identity = Identity(login="alice@example.com", node="alice-laptop", rules=tuple(rules))
     return evaluate(
         identity,
         listener,
         database,
+        admin_database=admin_database,
         defaults=defaults,
         preset_cap=cap,
         allow_raw_sql=allow_raw_sql,
@@ -430,9 +432,81 @@ def test_evaluate_rules_returns_unknown_field_warnings_once_per_name() -> None:
     rule = db_rule("pg-main", {"app": {"permissions": ["readonly"], "colour": "red"}})
     rule["note"] = "x"
     evaluation = evaluate_rules(
-        [rule, rule], "pg-main", "app", defaults=NO_DEFAULTS, allow_raw_sql=False
+        [rule, rule],
+        "pg-main",
+        "app",
+        admin_database="postgres",
+        defaults=NO_DEFAULTS,
+        allow_raw_sql=False,
     )
     assert isinstance(evaluation.result, EffectiveGrant)
     assert len(evaluation.warnings) == 2
     assert any('"colour"' in w for w in evaluation.warnings)
     assert any('"note"' in w for w in evaluation.warnings)
+
+
+# -- reserved databases and over-long names -----------------------------------------------
+
+
+@pytest.mark.parametrize("database", ["template0", "template1", "postgres", "wp_admin"])
+@pytest.mark.parametrize("admin_database", ["postgres", "wp_admin"])
+def test_the_wildcard_never_covers_the_templates_or_the_admin_database(
+    database: str, admin_database: str
+) -> None:
+    rules = [db_rule("pg-main", {"*": {"permissions": ["readonly"]}})]
+    result = run(rules, database, admin_database=admin_database)
+    if database in ("template0", "template1", admin_database):
+        assert isinstance(result, Refusal), result
+        assert result.sqlstate == "42501"
+        assert "reserves" in result.message and f'"{database}"' in result.message
+        assert '"*" never covers it' in result.detail
+    else:
+        assert granted(result).privileges == {P(RO, "public")}
+
+
+@pytest.mark.parametrize("database", ["template0", "template1", "postgres"])
+def test_a_rule_naming_a_reserved_database_is_refused_with_the_reason(database: str) -> None:
+    rules = [
+        db_rule("pg-main", {database: {"permissions": ["admin"]}}),
+        db_rule("pg-main", {"*": {"permissions": ["readonly"]}}),
+    ]
+    result = run(rules, database, admin_database="postgres")
+    assert isinstance(result, Refusal), result
+    assert result.sqlstate == "42501"
+    what = "the admin database" if database == "postgres" else "a template database"
+    assert what in result.message
+    assert "names it explicitly" in result.detail
+
+
+def test_a_reserved_database_still_answers_28000_for_a_listener_without_a_rule() -> None:
+    result = run([db_rule("other", {"*": {"permissions": ["readonly"]}})], "template1")
+    assert isinstance(result, Refusal) and result.sqlstate == "28000"
+
+
+@pytest.mark.parametrize(
+    ("database", "ok"),
+    [
+        ("a" * 63, True),
+        ("a" * 64, False),
+        ("é" * 31 + "a", True),  # 63 bytes
+        ("é" * 32, False),  # 64 bytes: PostgreSQL would cut it
+        ("a" * 62 + "é", False),  # 64 bytes; a cut on the character boundary gives 62
+    ],
+)
+def test_a_database_name_over_63_bytes_is_refused_never_evaluated(database: str, ok: bool) -> None:
+    # With the exact name readonly and "*" readwrite, the over-long name PostgreSQL would cut
+    # to ``long`` must not get readwrite there.
+    long = database.encode()[:63].decode("utf-8", "ignore")
+    rules = [
+        db_rule(
+            "pg-main",
+            {long: {"permissions": ["readonly"]}, "*": {"permissions": ["readwrite"]}},
+        )
+    ]
+    result = run(rules, database)
+    if ok:
+        assert granted(result).privileges == {P(RO, "public")}
+    else:
+        assert isinstance(result, Refusal), result
+        assert result.sqlstate == "42622"
+        assert "63 bytes" in result.message

@@ -220,6 +220,34 @@ def test_channel_binding_required_without_certificate_hash_is_login_error() -> N
         _feed(login, AuthenticationSASL(("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256")).encode())
 
 
+@pytest.mark.parametrize(
+    "request_message",
+    [
+        AuthenticationOk().encode(),
+        AuthenticationCleartextPassword().encode(),
+        AuthenticationMD5Password(b"abcd").encode(),
+    ],
+)
+def test_scram_required_refuses_every_other_method(request_message: bytes) -> None:
+    """A verified TLS link whose certificate cannot be bound: still no password leaves."""
+    login = UpstreamLogin(USER, PASSWORD, scram_required=True)
+    with pytest.raises(LoginError, match="SCRAM is required over this TLS link"):
+        _feed(login, request_message)
+    assert login.method is None
+
+
+def test_scram_required_runs_scram_unbound(verifier_and_keys: tuple[str, ScramKeys]) -> None:
+    verifier, keys = verifier_and_keys
+    backend = ScramBackend(
+        _auth_info_from_verifier(verifier), mechanisms=("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256")
+    )
+    login = UpstreamLogin(USER, PASSWORD, scram_keys=keys, scram_required=True)
+    backend.run(login)
+    assert backend.chosen == "SCRAM-SHA-256"
+    assert backend.client_first.startswith(b"n,,")  # no binding data: the honest "n" flag
+    assert login.authenticated
+
+
 def test_send_step_repr_hides_the_password() -> None:
     login = UpstreamLogin(USER, PASSWORD)
     (step,) = _feed(login, AuthenticationCleartextPassword().encode())

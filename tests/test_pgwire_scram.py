@@ -8,7 +8,7 @@ import hashlib
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 from scramp.core import CBindData
 
@@ -90,17 +90,46 @@ def test_ecdsa_certificate_hash_follows_its_signature_hash(
     assert certificate_signature_oid(der) == sig_oid
 
 
-def test_ed25519_certificate_cannot_be_bound(rsa_key: rsa.RSAPrivateKey) -> None:
-    der = _cert(ed25519.Ed25519PrivateKey.generate(), None)
-    with pytest.raises(UnsupportedCertificate, match=r"signature algorithm 1\.3\.101\.112"):
+@pytest.mark.parametrize(
+    ("key", "name", "oid"),
+    [
+        (ed25519.Ed25519PrivateKey.generate(), "Ed25519", r"1\.3\.101\.112"),
+        (ed448.Ed448PrivateKey.generate(), "Ed448", r"1\.3\.101\.113"),
+    ],
+    ids=["ed25519", "ed448"],
+)
+def test_eddsa_certificate_cannot_be_bound_and_the_error_names_it(
+    key: object, name: str, oid: str
+) -> None:
+    """EdDSA signatures have no separate hash, so RFC 5929 defines no tls-server-end-point
+    data for them (PostgreSQL's server and libpq fail the exchange too)."""
+    der = _cert(key, None)
+    with pytest.raises(UnsupportedCertificate, match=rf"signed with {name} \({oid}\)"):
         tls_server_end_point_hash(der)
 
 
-def test_rsa_pss_certificate_cannot_be_bound(rsa_key: rsa.RSAPrivateKey) -> None:
-    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
-    der = _cert(rsa_key, hashes.SHA256(), rsa_padding=pss)
-    with pytest.raises(UnsupportedCertificate, match=r"1\.2\.840\.113549\.1\.1\.10"):
-        tls_server_end_point_hash(der)
+@pytest.mark.parametrize(
+    ("algorithm", "expected_hash"),
+    [(hashes.SHA256(), "sha256"), (hashes.SHA384(), "sha384"), (hashes.SHA512(), "sha512")],
+)
+def test_rsa_pss_certificate_binds_with_the_hash_in_its_parameters(
+    rsa_key: rsa.RSAPrivateKey, algorithm: hashes.HashAlgorithm, expected_hash: str
+) -> None:
+    """As PostgreSQL 15 and later (OpenSSL's X509_get_signature_info): the RSASSA-PSS
+    parameters' hashAlgorithm."""
+    pss = padding.PSS(mgf=padding.MGF1(algorithm), salt_length=algorithm.digest_size)
+    der = _cert(rsa_key, algorithm, rsa_padding=pss)
+    assert certificate_signature_oid(der) == "1.2.840.113549.1.1.10"
+    assert tls_server_end_point_hash(der) == hashlib.new(expected_hash, der).digest()
+
+
+def test_unknown_signature_algorithm_cannot_be_bound(rsa_key: rsa.RSAPrivateKey) -> None:
+    der = _cert(rsa_key, hashes.SHA256())
+    at = der.rindex(SHA256_WITH_RSA)
+    unknown = bytes.fromhex("06092a864886f70d010163")  # 1.2.840.113549.1.1.99
+    relabelled = der[:at] + unknown + der[at + len(unknown) :]
+    with pytest.raises(UnsupportedCertificate, match=r"1\.2\.840\.113549\.1\.1\.99"):
+        tls_server_end_point_hash(relabelled)
 
 
 @pytest.mark.parametrize(

@@ -283,15 +283,18 @@ async def test_downgrade_takes_effect_in_live_session(
         await run_as(pg, again, app_db, "SELECT 1")
 
 
-async def test_objects_created_by_role_survive_downgrade_reassigned(
+async def test_objects_created_by_role_survive_downgrade_still_its_own(
     pg: PgCluster, app_db: str, prov: Provisioner
 ) -> None:
+    """Never reassigned to the admin: the role keeps its objects (tests/test_ownership_pg.py
+    checks what they can do afterwards)."""
     async with prov.credentials(ALICE, grant(app_db, (ADM, "public"))) as c:
-        await run_as(pg, c, app_db, "CREATE TABLE public.mine (x int)")
+        await run_as(pg, c, app_db, "CREATE TABLE public.mine (x int); INSERT INTO public.mine VALUES (1)")
     owner_q = "SELECT tableowner FROM pg_tables WHERE schemaname = 'public' AND tablename = 'mine'"
     assert pg.execute(owner_q, dbname=app_db) == [[c.role]]
     await prov.reconcile(ALICE, grant(app_db, (RO, "public")))
-    assert pg.execute(owner_q, dbname=app_db) == [[pg.admin_user]]
+    assert pg.execute(owner_q, dbname=app_db) == [[c.role]]
+    assert pg.execute("SELECT x FROM public.mine", dbname=app_db) == [[1]]
 
 
 async def test_additive_change_does_not_reassign(

@@ -85,7 +85,7 @@ def test_password_statement_quotes_the_verifier_literal() -> None:
     ts = datetime(2030, 1, 1, tzinfo=UTC)
     stmt = sql.set_password("wp_r", "SCRAM-SHA-256$4096:c2FsdA==$a:b", ts)
     assert stmt == (
-        "ALTER ROLE \"wp_r\" PASSWORD 'SCRAM-SHA-256$4096:c2FsdA==$a:b' "
+        "ALTER ROLE \"wp_r\" LOGIN PASSWORD 'SCRAM-SHA-256$4096:c2FsdA==$a:b' "
         "VALID UNTIL '2030-01-01 00:00:00.000000+00'"
     )
 
@@ -100,10 +100,9 @@ def test_lock_keys_are_deterministic_signed_int32() -> None:
 
 
 def test_group_locks_are_sorted_and_deduplicated() -> None:
-    stmts = sql.sorted_group_lock_statements("app", ["z", "a", "m", "a"])
-    keys = [int(s.rsplit(", ", 1)[1].rstrip(")")) for s in stmts]
+    keys = sql.group_lock_keys("app", ["z", "a", "m", "a"])
     assert keys == sorted(keys) and len(keys) == 3
-    assert all(s.startswith("SELECT pg_catalog.pg_advisory_xact_lock(2, ") for s in stmts)
+    assert set(keys) == {sql.group_lock_key("app", s) for s in "zam"}
 
 
 def test_admin_membership_uses_inherit_on_16_and_later() -> None:

@@ -117,14 +117,12 @@ async def env(pg: PgCluster) -> AsyncIterator[Env]:
         await e.prov.aclose()
 
 
-async def test_expired_idle_role_is_dropped_and_its_table_reassigned_to_admin(
+async def test_expired_idle_role_owning_nothing_is_dropped_with_its_group(
     pg: PgCluster, app_db: str, env: Env
 ) -> None:
     g = grant(app_db, (Preset.ADMIN, "app"))
     creds = await env.provision(ALICE, g)
-    await run_as(
-        pg, creds, app_db, "CREATE TABLE app.mine (x int); INSERT INTO app.mine VALUES (7)"
-    )
+    await run_as(pg, creds, app_db, "INSERT INTO app.t (v) VALUES ('kept')")
     group = naming.group_name(env.prefix, Preset.ADMIN, "app", app_db)
     assert role_exists(pg, group)
     expire(pg, creds.role)
@@ -133,21 +131,50 @@ async def test_expired_idle_role_is_dropped_and_its_table_reassigned_to_admin(
         report = await env.reaper().run_pass()
 
     assert report.dropped_roles == (creds.role,)
+    assert report.retired_roles == ()
     assert report.dropped_groups == (group,), report  # its only member is gone
     assert report.failed == () and not report.dry_run
     assert not role_exists(pg, creds.role)
     assert not role_exists(pg, group)
-    # The table survives, owned by the admin (reassign_to defaults to admin_user).
-    assert pg.execute(
-        "SELECT tableowner FROM pg_tables WHERE schemaname = 'app' AND tablename = 'mine'",
-        dbname=app_db,
-    ) == [[pg.admin_user]]
-    assert pg.execute("SELECT x FROM app.mine", dbname=app_db) == [[7]]
+    assert pg.execute("SELECT count(*) FROM app.t WHERE v = 'kept'", dbname=app_db) == [[1]]
 
     # Idempotent: the next pass finds nothing to do.
     with trio.fail_after(60):
         again = await env.reaper().run_pass()
     assert (again.dropped_roles, again.dropped_groups, again.failed) == ((), (), ())
+
+
+async def test_expired_role_owning_a_table_is_retired_and_the_table_kept(
+    pg: PgCluster, app_db: str, env: Env
+) -> None:
+    g = grant(app_db, (Preset.ADMIN, "app"))
+    creds = await env.provision(ALICE, g)
+    await run_as(
+        pg, creds, app_db, "CREATE TABLE app.mine (x int); INSERT INTO app.mine VALUES (7)"
+    )
+    group = naming.group_name(env.prefix, Preset.ADMIN, "app", app_db)
+    expire(pg, creds.role)
+
+    with trio.fail_after(60):
+        report = await env.reaper().run_pass()
+
+    assert report.retired_roles == (creds.role,), report
+    assert report.dropped_roles == () and report.failed == ()
+    assert report.dropped_groups == (group,), report  # its only member left it
+    assert role_exists(pg, creds.role) and not role_exists(pg, group)
+    # The table survives with its rows, still the caller's own (never the admin's).
+    assert pg.execute(
+        "SELECT tableowner FROM pg_tables WHERE schemaname = 'app' AND tablename = 'mine'",
+        dbname=app_db,
+    ) == [[creds.role]]
+    assert pg.execute("SELECT x FROM app.mine", dbname=app_db) == [[7]]
+    with pytest.raises(pg8000.native.DatabaseError):
+        await run_as(pg, creds, app_db, "SELECT 1")  # NOLOGIN, no password
+
+    # The next pass leaves the retired role alone.
+    with trio.fail_after(60):
+        again = await env.reaper().run_pass()
+    assert (again.dropped_roles, again.retired_roles, again.failed) == ((), (), ())
 
 
 async def test_reassign_to_names_the_new_owner_of_reaped_objects(
@@ -159,6 +186,7 @@ async def test_reassign_to_names_the_new_owner_of_reaped_objects(
     try:
         creds = await env.provision(ALICE, grant(app_db, (Preset.ADMIN, "app")))
         await run_as(pg, creds, app_db, "CREATE TABLE app.kept (x int)")
+        # app_owner qualifies: NOLOGIN, no attributes, a member of no role.
         expire(pg, creds.role)
         with trio.fail_after(60):
             report = await env.reaper().run_pass()

@@ -39,7 +39,7 @@ from waypoint.state import (
     StateUnavailableError,
     open_state,
 )
-from waypoint.state.redis_store import ACQUIRE_LUA, KeyLayout
+from waypoint.state.redis_store import ACQUIRE_LUA, KeyLayout, RedisStateStore
 
 LEASE = 3.0  # short, so a lost release frees within the test; production uses 30 s
 OP_TIMEOUT = 0.5
@@ -178,6 +178,9 @@ async def test_sentinel_failover_during_a_burst_fails_closed_and_loses_nothing(
             refused = await store.acquire_slot(req("alice@example.com"))
             assert isinstance(refused, Refusal) and refused.sqlstate == "08004", refused
             assert await store.lookup_cancel_key(1, b"abcd") is None
+            assert isinstance(store, RedisStateStore)
+            with pytest.raises(StateUnavailableError):
+                await store.ping()  # the readiness check says so too
     burst = Burst()
     async with (
         open_state(cfg, instance_id="a", op_timeout=OP_TIMEOUT) as a,
@@ -206,6 +209,9 @@ async def test_sentinel_failover_during_a_burst_fails_closed_and_loses_nothing(
             assert isinstance(probe, Refusal), probe
             assert probe.sqlstate == "08004", probe
             assert "shared state (Redis) is unavailable" in probe.message
+            assert isinstance(a, RedisStateStore)
+            with pytest.raises(StateUnavailableError):
+                await a.ping()
             last_seen_replica = killed_at
             with trio.fail_after(FAILOVER_BOUND):
                 while True:
@@ -320,6 +326,8 @@ async def test_cluster_spreads_principals_over_the_masters_and_keeps_one_princip
             assert client(user).exists(layout.user(principal)) == 1
             homes.add(user)
         assert len(homes) == 3  # really spread over the cluster
+        assert isinstance(store, RedisStateStore)
+        await store.ping()  # the readiness check
         usage = await store.slot_usage(principals[0], "pg-a")
         assert (usage.user, usage.user_listener, usage.total) == (1, 1, 24)
         for lease in leases:
@@ -358,6 +366,9 @@ async def test_cluster_unreachable_fails_closed_and_a_later_seed_is_used(
             assert isinstance(refused, Refusal) and refused.sqlstate == "08004"
             assert await store.lookup_cancel_key(1, b"abcd") is None
             assert await store.acquire_lock("l", ttl=1, deadline=trio.current_time() + 0.3) is None
+            assert isinstance(store, RedisStateStore)
+            with pytest.raises(StateUnavailableError):
+                await store.ping()
     # A dead seed first, a live one next: the client starts from whichever answers.
     nodes = (dead, cluster_servers.nodes[1])
     async with open_state(cluster_cfg(nodes, prefix), op_timeout=2.0) as store:

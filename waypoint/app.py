@@ -3,6 +3,7 @@ and graceful shutdown (SPEC §11)."""
 
 from __future__ import annotations
 
+import functools
 import resource
 import signal
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,8 @@ from waypoint.proxy.relay import open_relay_engine
 from waypoint.proxy.revalidation import revalidation_loop
 from waypoint.proxy.session import ListenerContext
 from waypoint.proxy.tls import MIN_VALIDITY, ClientTLS
+from waypoint.service.health import Health, SupportsPing, backend_check, identity_check
+from waypoint.service.notify import Notifier
 from waypoint.state import open_state
 
 log = get_logger("app")
@@ -45,6 +48,8 @@ class Running:
     contexts: dict[str, ListenerContext]
     _shutdown: trio.Event
     _immediate: trio.Event
+    #: What ``/healthz`` and ``/readyz`` answer from.
+    health: Health | None = attrs.field(default=None, kw_only=True)
 
     def shutdown(self, *, immediate: bool = False) -> None:
         """Begin a graceful drain (or end sessions at once with ``immediate``)."""
@@ -60,12 +65,16 @@ async def run(
     config: Config,
     *,
     handle_signals: bool = False,
+    notifier: Notifier | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run Waypoint until shutdown. Returns after a graceful drain (SIGINT/SIGTERM when
-    ``handle_signals``, or :meth:`Running.shutdown`)."""
+    ``handle_signals``, or :meth:`Running.shutdown`). ``notifier`` tells the service manager
+    (``waypoint run`` passes one reading ``NOTIFY_SOCKET``; by default nothing is sent)."""
     raise_nofile_limit()
     metrics = Metrics()
+    notifier = notifier or Notifier({})
+    health = Health(timeout=config.metrics.readiness_timeout, metrics=metrics)
     admission = Admission(config.admission, metrics)
     registry = SessionRegistry()
     shutdown = trio.Event()
@@ -116,6 +125,7 @@ async def run(
                     pbkdf2_limiter=pbkdf2_limiter,
                     admission=admission,
                 )
+            _add_health_checks(config, health, provider, state, contexts)
             try:
                 await _serve(
                     config,
@@ -126,6 +136,8 @@ async def run(
                     shutdown,
                     immediate,
                     handle_signals,
+                    health,
+                    notifier,
                     task_status,
                 )
             finally:
@@ -147,9 +159,13 @@ async def _serve(
     shutdown: trio.Event,
     immediate: trio.Event,
     handle_signals: bool,
+    health: Health,
+    notifier: Notifier,
     task_status: trio.TaskStatus[Running],
 ) -> None:
     async with trio.open_nursery() as root:
+        await root.start(health.run)
+        health.expect_listeners(list(contexts))
         # Sessions live in their own nursery so accepting can stop while they drain.
         async with trio.open_nursery() as sessions:
             accept_scope = trio.CancelScope()
@@ -174,7 +190,9 @@ async def _serve(
                 from waypoint.observability.metrics_server import serve_metrics
 
                 mhost, mport = split_host_port(config.metrics.listen)
-                metrics_address = await root.start(serve_metrics, mhost, mport, metrics)
+                metrics_address = await root.start(
+                    functools.partial(serve_metrics, mhost, mport, metrics, health=health)
+                )
 
             background = trio.CancelScope()
 
@@ -184,6 +202,8 @@ async def _serve(
                         bg.start_soon(
                             revalidation_loop, contexts, registry, config.revalidation.interval
                         )
+                        for ctx in contexts.values():
+                            bg.start_soon(ctx.provisioner.pools.expire_idle_forever)
                         bg.start_soon(admission.run)
                         for start in _extra_background(config, contexts, registry, metrics):
                             bg.start_soon(start)
@@ -193,24 +213,56 @@ async def _serve(
             if handle_signals:
                 root.start_soon(_signal_watcher, shutdown, immediate)
 
-            async def run_accept() -> None:
+            async def accepting(
+                ctx: ListenerContext,
+                sl: trio.SocketListener,
+                *,
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+            ) -> None:
+                task_status.started()
+                await accept_loop(ctx, sl, sessions)
+
+            async def run_accept(*, task_status: trio.TaskStatus[None]) -> None:
                 with accept_scope:
                     async with trio.open_nursery() as acc:
                         for ctx, sl in sockets:
-                            acc.start_soon(accept_loop, ctx, sl, sessions)
+                            await acc.start(accepting, ctx, sl)
+                        for name in contexts:
+                            health.listener_accepting(name, addresses[name])
+                        task_status.started()
+                for name in contexts:
+                    health.listener_stopped(name)
                 for _, sl in sockets:
                     with trio.CancelScope(shield=True):
                         await sl.aclose()
 
-            sessions.start_soon(run_accept)
+            await sessions.start(run_accept)
             task_status.started(
                 Running(
-                    addresses, metrics_address, metrics, registry, contexts, shutdown, immediate
+                    addresses,
+                    metrics_address,
+                    metrics,
+                    registry,
+                    contexts,
+                    shutdown,
+                    immediate,
+                    health=health,
                 )
             )
+            # Every listener is bound and accepting (and the metrics endpoint answers).
+            notifier.ready(status=f"serving {len(contexts)} listener(s)")
+            root.start_soon(notifier.watchdog_loop)
 
             await shutdown.wait()
+            # Readiness goes first, so balancers polling /readyz move traffic before the
+            # listeners stop accepting (``drain_delay`` gives them time to notice).
+            health.begin_drain()
+            notifier.stopping(status=f"draining {len(registry)} session(s)")
             log.info("shutdown_begin", sessions=len(registry), drain_timeout=config.drain_timeout)
+            if config.drain_delay > 0 and not immediate.is_set():
+                log.info("drain_delay", seconds=config.drain_delay)
+                with trio.move_on_after(config.drain_delay):
+                    await immediate.wait()
             accept_scope.cancel()
             for ctx in contexts.values():
                 ctx.accepting = False
@@ -239,6 +291,30 @@ async def _serve(
         background.cancel()
         root.cancel_scope.cancel()
     log.info("shutdown_complete")
+
+
+def _add_health_checks(
+    config: Config,
+    health: Health,
+    provider: object,
+    state: object,
+    contexts: dict[str, ListenerContext],
+) -> None:
+    """The readiness checks of this configuration (see :mod:`waypoint.service.health`)."""
+    if isinstance(provider, TailscaleProvider):
+        health.add_check("identity", identity_check(provider.client.get))
+    for name, ctx in contexts.items():
+        health.add_check(f"backend:{name}", backend_check(ctx.provisioner.pools))
+    if config.state.backend == "redis" and isinstance(state, SupportsPing):
+        health.add_check("redis", _ping_check(state))
+
+
+def _ping_check(state: SupportsPing) -> Callable[[], Awaitable[str]]:
+    async def check() -> str:
+        await state.ping()
+        return "PING answered"
+
+    return check
 
 
 def raise_nofile_limit(
@@ -284,9 +360,16 @@ def _extra_background(
 
 
 async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         count = 0
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                # The reload signal (systemd's ExecReload): this version does not re-read its
+                # configuration, and a SIGHUP must not end the process as its default would.
+                log.warning(
+                    "sighup_ignored", note="the configuration is not reloaded; restart to apply"
+                )
+                continue
             count += 1
             log.info("signal", signal=signal.Signals(signum).name, count=count)
             shutdown.set()

@@ -33,6 +33,7 @@ class RefusedError(Exception):
 # SQLSTATE codes used by Waypoint (one place).
 NOT_AUTHORIZED = "28000"
 DB_NOT_AUTHORIZED = "42501"
+NAME_TOO_LONG = "42622"
 BAD_PARAMETER = "22023"
 TOO_MANY_CONNECTIONS = "53300"
 BACKEND_UNAVAILABLE = "08006"
@@ -65,6 +66,23 @@ def not_authorized_database(database: str, listener: str, detail: str = "") -> R
         DB_NOT_AUTHORIZED,
         f'not authorized for database "{database}" on listener "{listener}"',
         detail,
+    )
+
+
+def reserved_database(database: str, listener: str, what: str, detail: str = "") -> Refusal:
+    return Refusal(
+        DB_NOT_AUTHORIZED,
+        f'not authorized for database "{database}" on listener "{listener}": it is {what}, '
+        "which Waypoint reserves and never grants",
+        detail,
+    )
+
+
+def database_name_too_long(database: str, size: int, limit: int) -> Refusal:
+    return Refusal(
+        NAME_TOO_LONG,
+        f"database name is {size} bytes long; PostgreSQL names are at most {limit} bytes "
+        "and Waypoint does not let the server cut a longer one to another database's name",
     )
 
 

@@ -45,12 +45,15 @@ def check(rules: object, control: int) -> Evaluation:
         rules if isinstance(rules, list) else [rules],
         listener,
         database,
+        admin_database="postgres",
         defaults=DEFAULTS,
         preset_cap=cap,
         allow_raw_sql=allow_raw_sql,
     )
     result = evaluation.result
     assert all(isinstance(w, str) for w in evaluation.warnings)
+    if database == "postgres":  # the admin database: never granted, whatever the rules say
+        assert isinstance(result, Refusal)
     if isinstance(result, Refusal):
         assert len(result.sqlstate) == 5 and result.message
         return evaluation

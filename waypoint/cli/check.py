@@ -2,14 +2,21 @@
 
 Exit 0 and the effective configuration as TOML on stdout (every key, defaults
 included, secrets masked); exit 1 and every problem on stderr, one per line,
-as ``FILE:LINE: key.path: message``.
+as ``FILE:LINE: key.path: message``. Every value that came from a ``${VAR}``
+expansion is masked, whatever its key: the environment may hold a secret put in
+the wrong field by mistake.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+import tomlkit
+
+from waypoint.config.env import expanded_paths
+from waypoint.config.keys import KeyPath
 from waypoint.config.load import ConfigError, load_config
 from waypoint.config.render import render_config
 
@@ -35,5 +42,12 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    sys.stdout.write(render_config(config, mask_secrets=True))
+    sys.stdout.write(render_config(config, mask_secrets=True, expanded=_expanded(args.config)))
     return 0
+
+
+def _expanded(path: str) -> set[KeyPath]:
+    """Where the file (already loaded and valid) expands a ``${VAR}``."""
+    with open(path, encoding="utf-8") as f:
+        plain = tomlkit.parse(f.read()).unwrap()
+    return expanded_paths(plain, os.environ)

@@ -1,10 +1,11 @@
 """``waypoint roles list|reap -c FILE``: the roles Waypoint created, and one reaper pass
-(SPEC §10, §11).
+(docs/operations.md).
 
 ``list`` prints, per listener, each Waypoint role (name, the identity recorded in its
-marker, listener, database, ``VALID UNTIL``, live sessions, groups) and each Waypoint
-group with its members. ``reap`` runs one pass and prints what it dropped, skipped and
-could not drop; with ``--dry-run`` it prints what a pass would drop and changes nothing.
+marker, listener, database, ``VALID UNTIL`` or ``retired``, live sessions, groups, and what
+it owns: counts per kind per database) and each Waypoint group with its members. ``reap``
+runs one pass and prints what it dropped, retired, skipped and could not drop; with
+``--dry-run`` it prints what a pass would do and changes nothing.
 
 Exit status: 0 done; 1 the server could not be reached or some role could not be
 dropped; 2 configuration or usage error.
@@ -23,7 +24,14 @@ import trio
 from waypoint.config.load import ConfigError, load_config
 from waypoint.config.model import Config, ListenerConfig
 from waypoint.provision.engine import Provisioner
-from waypoint.reaper.engine import Reaper, ReapError, ReapReport, RoleInfo, RoleListing
+from waypoint.reaper.engine import (
+    Owned,
+    Reaper,
+    ReapError,
+    ReapReport,
+    RoleInfo,
+    RoleListing,
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -34,7 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="roles_command", metavar="ACTION", required=True)
     for name, help_text in (
         ("list", "list the roles and groups Waypoint created"),
-        ("reap", "run one reaper pass: drop expired roles and unused groups"),
+        (
+            "reap",
+            "run one reaper pass: drop (or, owning objects, retire) expired roles; drop "
+            "unused groups",
+        ),
     ):
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument(
@@ -91,17 +103,20 @@ async def _list(config: Config, listeners: Sequence[ListenerConfig], out: TextIO
         reaper, prov = _reaper(config, lst)
         try:
             listing = await reaper.list_roles()
+            owned = await reaper.owned_summary()
         except ReapError as exc:
             print(f"{lst.name}: {exc}", file=sys.stderr)
             status = EXIT_FAILED
             continue
         finally:
             await prov.aclose()
-        _print_listing(lst, listing, out)
+        _print_listing(lst, listing, out, owned)
     return status
 
 
 def _format_until(info: RoleInfo) -> str:
+    if info.retired:
+        return "retired"
     if info.valid_until is None:
         return "expired" if info.expired else "never"
     text = info.valid_until.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
@@ -114,16 +129,28 @@ def _table(rows: list[tuple[str, ...]], out: TextIO) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)
 
 
-def _print_listing(lst: ListenerConfig, listing: RoleListing, out: TextIO) -> None:
+def format_owned(role: str, owned: Sequence[Owned]) -> str:
+    """``appdb: 1 functions, 2 relations; cluster: 1 databases`` (``-`` when nothing)."""
+    per_db: dict[str, list[str]] = {}
+    for o in owned:
+        if o.role == role:
+            per_db.setdefault(o.database or "cluster", []).append(f"{o.count} {o.kind}")
+    return "; ".join(f"{db}: {', '.join(sorted(kinds))}" for db, kinds in per_db.items()) or "-"
+
+
+def _print_listing(
+    lst: ListenerConfig, listing: RoleListing, out: TextIO, owned: Sequence[Owned] = ()
+) -> None:
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    retired = sum(1 for r in listing.roles if r.retired)
     print(
-        f"listener {lst.name} (prefix {lst.postgres.user_prefix}, {len(listing.roles)} roles, "
-        f"{len(listing.groups)} groups, as of {now}):",
+        f"listener {lst.name} (prefix {lst.postgres.user_prefix}, {len(listing.roles)} roles "
+        f"({retired} retired), {len(listing.groups)} groups, as of {now}):",
         file=out,
     )
     if listing.roles:
         rows: list[tuple[str, ...]] = [
-            ("ROLE", "IDENTITY", "LISTENER", "DATABASE", "VALID UNTIL", "LIVE", "GROUPS")
+            ("ROLE", "IDENTITY", "LISTENER", "DATABASE", "VALID UNTIL", "LIVE", "GROUPS", "OWNS")
         ]
         for info in listing.roles:
             owner = info.owner
@@ -140,16 +167,25 @@ def _print_listing(lst: ListenerConfig, listing: RoleListing, out: TextIO) -> No
                     _format_until(info),
                     str(info.live_sessions),
                     ",".join(info.groups) or "-",
+                    format_owned(info.name, owned),
                 )
             )
         _table(rows, out)
     if listing.groups:
-        grows: list[tuple[str, ...]] = [("GROUP", "DATABASE", "GRANTS", "MEMBERS")]
+        grows: list[tuple[str, ...]] = [("GROUP", "DATABASE", "GRANTS", "MEMBERS", "OWNS")]
         for info in listing.groups:
             g = info.group_owner
             assert g is not None
             what = f"{g.preset} on {g.schema}" if g.kind == "preset" else f"raw SQL {g.digest}"
-            grows.append((info.name, g.database, what, str(len(info.members))))
+            grows.append(
+                (
+                    info.name,
+                    g.database,
+                    what,
+                    str(len(info.members)),
+                    format_owned(info.name, owned),
+                )
+            )
         print(file=out)
         _table(grows, out)
 
@@ -180,8 +216,11 @@ def _print_report(report: ReapReport, out: TextIO) -> None:
         print(f"{name}: nothing done: {report.disabled}", file=out)
         return
     verb = "would drop" if report.dry_run else "dropped"
+    retire = "would retire" if report.dry_run else "retired"
     for role in report.dropped_roles:
         print(f"{name}: {verb} role {role}", file=out)
+    for role in report.retired_roles:
+        print(f"{name}: {retire} role {role} (it owns objects; they stay its own)", file=out)
     for group in report.dropped_groups:
         print(f"{name}: {verb} group {group}", file=out)
     for s in report.skipped:
@@ -190,7 +229,8 @@ def _print_report(report: ReapReport, out: TextIO) -> None:
         print(f"{name}: could not drop {f.role}: {f.reason}", file=out)
     summary = (
         f"{name}: {len(report.dropped_roles)} role(s) and {len(report.dropped_groups)} "
-        f"group(s) {verb}, {len(report.skipped)} skipped, {len(report.failed)} failed"
+        f"group(s) {verb}, {len(report.retired_roles)} role(s) {retire}, "
+        f"{len(report.skipped)} skipped, {len(report.failed)} failed"
     )
     if report.deferred:
         summary += f", {report.deferred} left for the next pass"

@@ -9,6 +9,7 @@ import trio
 
 from waypoint.config.load import ConfigError, load_config
 from waypoint.observability.log import configure, get_logger
+from waypoint.service.notify import Notifier
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,10 +33,24 @@ def run(args: argparse.Namespace) -> int:
 
     log = get_logger("cli")
     try:
-        trio.run(lambda: run_app(config, handle_signals=True))
+        trio.run(lambda: run_app(config, handle_signals=True, notifier=Notifier()))
     except KeyboardInterrupt:  # pragma: no cover - signals are handled inside
         return 130
     except OSError as exc:
         log.error("startup_failed", error=str(exc))
         return 1
+    except BaseExceptionGroup as group:
+        # An OSError at start (a listen address in use) arrives wrapped by trio's nurseries.
+        failed, rest = group.split(OSError)
+        if failed is None or rest is not None:
+            raise
+        log.error("startup_failed", error="; ".join(str(e) for e in _leaves(failed)))
+        return 1
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[OSError]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out

@@ -1,5 +1,5 @@
-"""``${VAR}`` expansion of configuration string values (SPEC §1), and scrubbing the
-expanded values out of messages."""
+"""``${VAR}`` expansion of configuration string values, finding where it happened (so that
+``waypoint check`` masks those values), and scrubbing the expanded values out of messages."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from waypoint.config.keys import KeyPath
 
-__all__ = ["expand_env", "expand_tree", "expanded_values", "scrub"]
+__all__ = ["expand_env", "expand_tree", "expanded_paths", "expanded_values", "scrub"]
 
 
 _ENV_TOKEN = re.compile(r"\$\$\{|\$\{(?P<name>[^}]*)\}|\$\{")
@@ -61,6 +61,26 @@ def expand_tree(
     if isinstance(value, list):
         return [expand_tree(v, (*path, i), environ, problems) for i, v in enumerate(value)]
     return value
+
+
+def expanded_paths(value: Any, environ: Mapping[str, str], path: KeyPath = ()) -> set[KeyPath]:
+    """Key paths of the string values in which a ``${VAR}`` expands (``$${`` does not)."""
+    if isinstance(value, str):
+        expands = any(
+            (name := m.group("name")) is not None
+            and _ENV_NAME.fullmatch(name) is not None
+            and name in environ
+            for m in _ENV_TOKEN.finditer(value)
+        )
+        return {path} if expands else set()
+    found: set[KeyPath] = set()
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found |= expanded_paths(v, environ, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found |= expanded_paths(v, environ, (*path, i))
+    return found
 
 
 def expanded_values(value: Any, environ: Mapping[str, str]) -> dict[str, str]:

@@ -45,6 +45,7 @@ from waypoint.config.model import (
     StaticIdentity,
     split_host_port,
 )
+from waypoint.config.secrets import FILE_KEYS, resolve_secret_files
 from waypoint.config.units import (
     describe_value,
     format_duration,
@@ -264,6 +265,8 @@ def _describe_structure_error(
         if tp is not None and attrs.has(tp):
             header = ".".join(p for p in path if isinstance(p, str))
             yield path, f"required table [{header}] is missing"
+        elif path and path[-1] in FILE_KEYS:
+            yield path, f"required key is missing (set {path[-1]} or {FILE_KEYS[path[-1]]})"
         else:
             yield path, "required key is missing"
     elif isinstance(err, _Invalid):
@@ -438,6 +441,8 @@ def _validate(cfg: Config) -> list[tuple[KeyPath, str]]:
         out.append((("state", "key_prefix"), "must not be empty"))
 
     _check_host_port(cfg.metrics.listen, ("metrics", "listen"), out)
+    if cfg.metrics.readiness_timeout <= 0:
+        out.append((("metrics", "readiness_timeout"), "must be greater than 0s"))
 
     # listeners
     if not cfg.listeners:
@@ -549,9 +554,49 @@ def _validate_listener(cfg: Config, i: int, lst: ListenerConfig) -> list[tuple[K
         )
     if pg.reap_interval is not None and pg.reap_interval <= 0:
         out.append(((*pbase, "reap_interval"), "must be greater than 0s"))
-    if pg.reassign_to is not None and not pg.reassign_to:
-        out.append(((*pbase, "reassign_to"), "must not be empty (leave it out to use admin_user)"))
+    if pg.admin_idle_timeout <= 0:
+        out.append(((*pbase, "admin_idle_timeout"), "must be greater than 0s"))
+    if pg.reassign_to is not None:
+        problem = _reassign_to_problem(pg.reassign_to, pg.admin_user, pg.user_prefix)
+        if problem is not None:
+            out.append(((*pbase, "reassign_to"), problem))
     return out
+
+
+# What ``reassign_to`` must be (the catalog part is checked against the server by the reaper,
+# at its first pass when Waypoint starts and before every reassignment).
+_REASSIGN_RULE = (
+    "reassign_to must name a NOLOGIN role with none of SUPERUSER, CREATEROLE, CREATEDB, "
+    "BYPASSRLS, REPLICATION and no role memberships (leave it out: roles that own objects "
+    "are retired instead)"
+)
+_RESERVED_ROLE_NAMES = frozenset({"public", "current_user", "session_user", "current_role", "none"})
+
+
+def _reassign_to_problem(target: str, admin_user: str, user_prefix: str) -> str | None:
+    """Why ``reassign_to`` is refused without asking the server (None: the server decides)."""
+    if not target:
+        return "must not be empty (leave it out: roles that own objects are retired instead)"
+    if target == admin_user:
+        return (
+            "must not be admin_user: a reaped caller's SECURITY DEFINER functions and views "
+            f"would run with the admin's privileges; {_REASSIGN_RULE}"
+        )
+    if target.lower() in _RESERVED_ROLE_NAMES:
+        return f"{json.dumps(target)} is not a role that can own objects; {_REASSIGN_RULE}"
+    if target.startswith("pg_"):
+        return (
+            f"{json.dumps(target)} is a PostgreSQL predefined role (pg_*), which carries "
+            f"privileges; {_REASSIGN_RULE}"
+        )
+    if user_prefix and target.startswith(user_prefix):
+        return (
+            f"{json.dumps(target)} starts with user_prefix: it would be one of Waypoint's own "
+            f"roles; {_REASSIGN_RULE}"
+        )
+    if len(target.encode()) > 63:
+        return "must be at most 63 bytes long (a PostgreSQL role name)"
+    return None
 
 
 # --------------------------------------------------------------------------- normalization
@@ -649,17 +694,31 @@ def load_config_text(
     plain: dict[str, Any] = doc.unwrap()
     env_problems: list[tuple[KeyPath, str]] = []
     data = expand_tree(plain, (), env, env_problems)
+    # ``admin_password_file`` and the like: read on every load, so a reload sees a rotation.
+    file_values, bad_file_paths = resolve_secret_files(data, env_problems)
 
     cfg, problems = _structure(data)
-    problems = env_problems + problems
+    problems = env_problems + [(p, m) for p, m in problems if p not in bad_file_paths]
     if cfg is not None:
         cfg, grant_problems = _normalize_grants(cfg)
-        bad_env_paths = {p for p, _ in env_problems}
-        problems += [(p, m) for p, m in _validate(cfg) + grant_problems if p not in bad_env_paths]
+        bad_paths = {p for p, _ in env_problems} | bad_file_paths
+        problems += [(p, m) for p, m in _validate(cfg) + grant_problems if p not in bad_paths]
     if problems:
         # A value expanded from the environment may be a secret (it may land in the wrong
-        # field by mistake): messages name the variable, never its value.
+        # field by mistake): messages name the variable, never its value. A value read from
+        # a secret file is reported at its ``_file`` key and never quoted either.
         secrets = expanded_values(plain, env)
+        for path, value in file_values.items():
+            if len(value) >= 3:
+                secrets.setdefault(value, f"<{FILE_KEYS[str(path[-1])]}>")
+        secrets = dict(sorted(secrets.items(), key=lambda kv: -len(kv[0])))
+        problems = [
+            (
+                (*p[:-1], FILE_KEYS[str(p[-1])]) if p in file_values else p,
+                f"the value read from the file {m}" if p in file_values else m,
+            )
+            for p, m in problems
+        ]
         found = [problem(p, scrub(m, secrets)) for p, m in problems]
         found.sort(key=lambda pr: (pr.line is None, pr.line or 0))
         raise ConfigError(found)

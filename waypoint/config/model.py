@@ -72,7 +72,9 @@ class DefaultsConfig:
 @frozen
 class StateConfig:
     backend: StateBackend = "memory"
-    url: str | None = None
+    url: str | None = field(default=None, repr=False)
+    # A file holding ``url`` (it carries the Redis password); read at every load.
+    url_file: str | None = None
     key_prefix: str = "waypoint:"
     lease: float = 30.0
     # Highly available Redis (docs/scaling.md): Sentinel, or Cluster. Exactly one of ``url``,
@@ -112,12 +114,17 @@ class AdmissionConfig:
 @frozen
 class MetricsConfig:
     listen: str | None = None
+    # Bound on each /readyz dependency check (they run concurrently): one without an answer
+    # by then fails.
+    readiness_timeout: float = 2.0
 
 
 @frozen
 class PostgresListenerConfig:
     admin_user: str
+    # Required: given here, or read from ``admin_password_file`` by the loader.
     admin_password: str = field(repr=False)
+    admin_password_file: str | None = None
     admin_database: str = "postgres"
     user_prefix: str = "wp_"
     user_ttl: float = 86400.0
@@ -126,6 +133,7 @@ class PostgresListenerConfig:
     reap_interval: float | None = None
     reassign_to: str | None = None
     reap_on_cockroachdb: bool = False
+    admin_idle_timeout: float = 60.0
 
     @property
     def effective_reap_interval(self) -> float:
@@ -178,6 +186,8 @@ class Config:
     listeners: tuple[ListenerConfig, ...] = ()
     handshake_timeout: float = 15.0
     drain_timeout: float = 30.0
+    # After a shutdown signal, how long /readyz answers 503 while listeners still accept.
+    drain_delay: float = 0.0
     identity: IdentityConfig = field(factory=IdentityConfig)
     revalidation: RevalidationConfig = field(factory=RevalidationConfig)
     provisioning: ProvisioningConfig = field(factory=ProvisioningConfig)

@@ -20,12 +20,18 @@ Semantics:
 - Limits: per field the strictest positive value across the applying rules'
   top-level and listener-level ``limits`` and ``[defaults.limits]``; 0 is
   unset. Rules that do not mention this listener contribute no limits.
+- Reserved databases: ``template0``, ``template1`` and the listener's
+  ``admin_database`` (where Waypoint's locks live) are never granted, whether
+  a rule names them or ``*`` would cover them: ``42501`` with the reason.
+- A database name longer than PostgreSQL's 63 bytes (``NAMEDATALEN - 1``) is
+  refused with ``42622``: the server would cut it to another name, so a grant
+  evaluated on the name as sent would not be the grant of the database used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from attrs import frozen
 
@@ -35,6 +41,41 @@ from waypoint.errors import Refusal
 from waypoint.grants.model import CustomGrant, EffectiveGrant, Limits, Preset, SchemaPrivilege
 from waypoint.grants.rules import WILDCARD, ParsedRules, RuleError, parse_rules
 from waypoint.identity.model import Identity
+
+MAX_DATABASE_NAME_BYTES: Final = 63
+TEMPLATE_DATABASES: Final = frozenset({"template0", "template1"})
+
+
+def reserved_databases(admin_database: str) -> frozenset[str]:
+    """The databases no grant reaches: the templates and the listener's ``admin_database``."""
+    return TEMPLATE_DATABASES | {admin_database}
+
+
+def _database_refusal(
+    parsed: ParsedRules, listener: str, database: str, admin_database: str
+) -> Refusal | None:
+    """Why ``database`` can never be granted on ``listener``, or None."""
+    size = len(database.encode("utf-8", "surrogatepass"))
+    if size > MAX_DATABASE_NAME_BYTES:
+        return errors.database_name_too_long(database, size, MAX_DATABASE_NAME_BYTES)
+    if database in reserved_databases(admin_database):
+        named = any(
+            backend.pg is not None and database in backend.pg.databases
+            for rule in parsed.rules
+            if (backend := rule.backends.get(listener)) is not None
+        )
+        what = "the admin database" if database == admin_database else "a template database"
+        return errors.reserved_database(
+            database,
+            listener,
+            what,
+            detail=(
+                "a rule names it explicitly; Waypoint never grants it"
+                if named
+                else '"*" never covers it'
+            ),
+        )
+    return None
 
 
 @frozen
@@ -68,6 +109,7 @@ def evaluate_parsed(
     listener: str,
     database: str,
     *,
+    admin_database: str,
     defaults: LimitsConfig,
     preset_cap: Preset | None = None,
     allow_raw_sql: bool,
@@ -107,6 +149,9 @@ def evaluate_parsed(
         return errors.not_authorized_listener(
             listener, detail=f"none of {len(parsed.rules)} capability rule(s) has this listener"
         )
+    refused = _database_refusal(parsed, listener, database, admin_database)
+    if refused is not None:
+        return refused
     if not privileges and not custom:
         return errors.not_authorized_database(
             database,
@@ -161,6 +206,7 @@ def evaluate_rules(
     listener: str,
     database: str,
     *,
+    admin_database: str,
     defaults: LimitsConfig,
     preset_cap: Preset | None = None,
     allow_raw_sql: bool,
@@ -179,6 +225,7 @@ def evaluate_rules(
         parsed,
         listener,
         database,
+        admin_database=admin_database,
         defaults=defaults,
         preset_cap=preset_cap,
         allow_raw_sql=allow_raw_sql,
@@ -191,6 +238,7 @@ def evaluate(
     listener: str,
     database: str,
     *,
+    admin_database: str,
     defaults: LimitsConfig,
     preset_cap: Preset | None = None,
     allow_raw_sql: bool,
@@ -205,6 +253,7 @@ def evaluate(
         identity.rules,
         listener,
         database,
+        admin_database=admin_database,
         defaults=defaults,
         preset_cap=preset_cap,
         allow_raw_sql=allow_raw_sql,

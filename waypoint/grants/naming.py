@@ -36,6 +36,7 @@ MAX_PREFIX_BYTES = 40
 COMMENT_MARKER = "waypoint:v1"
 _ROLE_COMMENT_PREFIX = COMMENT_MARKER + " "
 _GROUP_COMMENT_PREFIX = COMMENT_MARKER + " group "
+_RETIRED_COMMENT_PREFIX = COMMENT_MARKER + " retired "
 
 _ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 
@@ -250,8 +251,22 @@ def _optional_str(value: object) -> bool:
     return value is None or isinstance(value, str)
 
 
+def retired_role_comment(owner: RoleOwner) -> str:
+    """``waypoint:v1 retired {...}``: the marker of a role the reaper retired instead of
+    dropping (it still owns objects); the same owner as :func:`role_comment`."""
+    return _RETIRED_COMMENT_PREFIX + owner.key()
+
+
+def is_retired_comment(text: str) -> bool:
+    """Whether ``text`` is a valid :func:`retired_role_comment` marker."""
+    return text.startswith(_RETIRED_COMMENT_PREFIX) and parse_role_comment(text) is not None
+
+
 def parse_role_comment(text: str) -> RoleOwner | None:
-    """The owner recorded by :func:`role_comment`; None for anything else (not ours)."""
+    """The owner recorded by :func:`role_comment` (or :func:`retired_role_comment`); None for
+    anything else (not ours)."""
+    if text.startswith(_RETIRED_COMMENT_PREFIX):
+        text = _ROLE_COMMENT_PREFIX + text[len(_RETIRED_COMMENT_PREFIX) :]
     data = _load_object(text, _ROLE_COMMENT_PREFIX)
     if data is None or set(data) != {"database", "listener", "login", "node", "preset"}:
         return None

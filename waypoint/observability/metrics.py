@@ -106,6 +106,12 @@ class Metrics:
             ["listener", "errno"],
             registry=r,
         )
+        self.readiness_checks = Counter(
+            "waypoint_readiness_checks",
+            "Readiness dependency checks run for /readyz, by check and outcome (ok, failed)",
+            ["check", "outcome"],
+            registry=r,
+        )
 
     # -- the calls the session makes ------------------------------------------------
     def connection_opened(self, listener: str) -> None:
@@ -149,6 +155,9 @@ class Metrics:
 
     def accept_failed(self, listener: str, errno_name: str) -> None:
         self.accept_errors.labels(listener, errno_name).inc()
+
+    def readiness_checked(self, check: str, outcome: str) -> None:
+        self.readiness_checks.labels(check, outcome).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

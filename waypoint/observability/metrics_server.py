@@ -1,8 +1,10 @@
-"""The Prometheus text endpoint: a tiny HTTP/1.1 server (h11) serving ``GET /metrics``."""
+"""The metrics listener: a tiny HTTP/1.1 server (h11) serving ``GET /metrics`` (Prometheus text)
+and, when the app hands it its health state, ``GET /healthz`` and ``GET /readyz`` (JSON)."""
 
 from __future__ import annotations
 
 import contextlib
+from typing import Protocol
 
 import h11
 import trio
@@ -14,38 +16,66 @@ log = get_logger("metrics")
 
 REQUEST_TIMEOUT = 5.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+JSON_TYPE = b"application/json"
 
 
-async def _handle(stream: trio.abc.Stream, metrics: Metrics) -> None:
+class HealthEndpoints(Protocol):
+    """What ``/healthz`` and ``/readyz`` answer: (HTTP status, JSON body). ``ready`` bounds
+    its own wait (its checks run under a deadline)."""
+
+    def live(self) -> tuple[int, bytes]: ...
+
+    async def ready(self) -> tuple[int, bytes]: ...
+
+
+async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Request | None:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(4096)
+            conn.receive_data(bytes(data))
+            if not data:
+                return None
+            continue
+        return event if isinstance(event, h11.Request) else None
+
+
+async def _answer(
+    request: h11.Request, metrics: Metrics, health: HealthEndpoints | None
+) -> tuple[int, bytes, bytes]:
+    path = request.target.split(b"?")[0]
+    if request.method == b"GET" and path == b"/metrics":
+        return 200, CONTENT_TYPE.encode(), metrics.render()
+    if request.method == b"GET" and health is not None and path == b"/healthz":
+        status, body = health.live()
+        return status, JSON_TYPE, body
+    if request.method == b"GET" and health is not None and path == b"/readyz":
+        status, body = await health.ready()
+        return status, JSON_TYPE, body
+    return 404, b"text/plain", b"not found\n"
+
+
+async def _handle(
+    stream: trio.abc.Stream, metrics: Metrics, health: HealthEndpoints | None = None
+) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
     try:
+        request: h11.Request | None = None
         with trio.move_on_after(REQUEST_TIMEOUT):
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(4096)
-                    conn.receive_data(bytes(data))
-                    if not data:
-                        return
-                    continue
-                if isinstance(event, h11.Request):
-                    if event.method == b"GET" and event.target.split(b"?")[0] == b"/metrics":
-                        body = metrics.render()
-                        status, ctype = 200, CONTENT_TYPE.encode()
-                    else:
-                        body, status, ctype = b"not found\n", 404, b"text/plain"
-                    headers = [
-                        (b"content-type", ctype),
-                        (b"content-length", str(len(body)).encode()),
-                        (b"connection", b"close"),
-                    ]
-                    await stream.send_all(
-                        conn.send(h11.Response(status_code=status, headers=headers))
-                    )
-                    await stream.send_all(conn.send(h11.Data(data=body)))
-                    await stream.send_all(conn.send(h11.EndOfMessage()))
-                    return
-                return
+            request = await _read_request(conn, stream)
+        if request is None:
+            return
+        status, ctype, body = await _answer(request, metrics, health)
+        headers = [
+            (b"content-type", ctype),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+            (b"connection", b"close"),
+        ]
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
+            await stream.send_all(conn.send(h11.Data(data=body)))
+            await stream.send_all(conn.send(h11.EndOfMessage()))
     except (h11.RemoteProtocolError, trio.BrokenResourceError, OSError) as exc:
         log.debug("metrics_request_failed", error=str(exc))
     finally:
@@ -62,6 +92,7 @@ async def serve_metrics(
     port: int,
     metrics: Metrics,
     *,
+    health: HealthEndpoints | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     listeners = await trio.open_tcp_listeners(port, host=host)
@@ -70,6 +101,6 @@ async def serve_metrics(
     task_status.started((str(addr[0]), int(addr[1])))
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _handle(stream, metrics)
+        await _handle(stream, metrics, health)
 
     await trio.serve_listeners(handler, listeners)

@@ -119,7 +119,10 @@ class UpstreamLogin:
     ``tls_server_end_point`` is the RFC 5929 hash of the backend certificate
     (see :func:`tls_server_end_point_hash`); given, SCRAM-SHA-256-PLUS is used
     when offered.  ``channel_binding_required`` refuses every login that is
-    not SCRAM-SHA-256-PLUS (as libpq's ``channel_binding=require``).
+    not SCRAM-SHA-256-PLUS (as libpq's ``channel_binding=require``);
+    ``scram_required`` refuses every login that is not SCRAM (no cleartext or
+    MD5 password, no trust) but lets SCRAM run unbound: for a TLS link whose
+    server certificate is verified but cannot be bound.
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class UpstreamLogin:
         scram_keys: ScramKeys | None = None,
         tls_server_end_point: bytes | None = None,
         channel_binding_required: bool = False,
+        scram_required: bool = False,
     ) -> None:
         if tls_server_end_point is not None and not tls_server_end_point:
             raise ValueError("tls_server_end_point cannot be empty")
@@ -138,6 +142,7 @@ class UpstreamLogin:
         self._keys = scram_keys
         self._cb_data = tls_server_end_point
         self._cb_required = channel_binding_required
+        self._scram_required = scram_required or channel_binding_required
         self._state = _State.AWAIT_REQUEST
         self.negotiate: NegotiateProtocolVersion | None = None
         self.notices: list[NoticeResponse] = []
@@ -208,6 +213,11 @@ class UpstreamLogin:
         if self._cb_required:
             raise LoginError(
                 f"channel binding is required, but the backend asked for {method} authentication"
+            )
+        if self._scram_required:
+            raise LoginError(
+                f"SCRAM is required over this TLS link, but the backend asked for {method} "
+                "authentication"
             )
 
     def _on_trust(self, msg: BackendMessage) -> LoginStep:

@@ -3,8 +3,9 @@ the ``tls-server-end-point`` channel binding (RFC 5929).
 
 scramp makes the verifiers' arithmetic reference and plays the server in
 tests; the proof arithmetic here exists so that a login can reuse the
-SaltedPassword kept from when the verifier was made (SPEC §8 way (b)), with no
-PBKDF2 on the connect path.
+SaltedPassword kept from when the verifier was made, with no PBKDF2 on the
+connect path. Certificates are parsed with ``cryptography`` (the one X.509
+parser of the program; parsing is not I/O).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import secrets
 from typing import Final
 
 import attrs
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
 from scramp.utils import saslprep
 
 from .errors import LoginError, UnsupportedCertificate
@@ -242,102 +246,55 @@ def verify_server_final(data_untrusted: bytes, expected_signature: bytes) -> Non
 
 # ------------------------------------------------------- channel binding hash
 
-# DER-encoded signature algorithm OIDs → hash for tls-server-end-point.  MD5
-# and SHA-1 are replaced by SHA-256 (RFC 5929 §4.1), as PostgreSQL does.
-# Algorithms without a separate hash (RSASSA-PSS, Ed25519, Ed448) are refused,
-# as PostgreSQL refuses them.
-_SIGNATURE_HASHES: Final[dict[str, str]] = {
-    "1.2.840.113549.1.1.4": "sha256",  # md5WithRSAEncryption
-    "1.2.840.113549.1.1.5": "sha256",  # sha1WithRSAEncryption
-    "1.3.14.3.2.29": "sha256",  # sha1WithRSASignature (OIW)
-    "1.2.840.113549.1.1.14": "sha224",
-    "1.2.840.113549.1.1.11": "sha256",
-    "1.2.840.113549.1.1.12": "sha384",
-    "1.2.840.113549.1.1.13": "sha512",
-    "1.2.840.10045.4.1": "sha256",  # ecdsa-with-SHA1
-    "1.2.840.10045.4.3.1": "sha224",
-    "1.2.840.10045.4.3.2": "sha256",
-    "1.2.840.10045.4.3.3": "sha384",
-    "1.2.840.10045.4.3.4": "sha512",
-    "1.2.840.10040.4.3": "sha256",  # dsa-with-sha1
-    "2.16.840.1.101.3.4.3.1": "sha224",  # dsa-with-sha224
-    "2.16.840.1.101.3.4.3.2": "sha256",  # dsa-with-sha256
-    "2.16.840.1.101.3.4.3.10": "sha3_256",  # ecdsa-with-SHA3-256
-    "2.16.840.1.101.3.4.3.11": "sha3_384",
-    "2.16.840.1.101.3.4.3.12": "sha3_512",
-    "2.16.840.1.101.3.4.3.14": "sha3_256",  # RSA with SHA3-256
-    "2.16.840.1.101.3.4.3.15": "sha3_384",
-    "2.16.840.1.101.3.4.3.16": "sha3_512",
+#: Signature algorithms with no separate hash: no tls-server-end-point data exists
+#: for a certificate signed with them (RFC 5929 leaves it undefined; PostgreSQL's
+#: server and libpq fail the SCRAM-SHA-256-PLUS exchange for them too).
+_UNBINDABLE: Final[dict[str, str]] = {
+    "1.3.101.112": "Ed25519",
+    "1.3.101.113": "Ed448",
 }
 
 
-def _der_tlv(data: bytes, pos: int, what: str) -> tuple[int, int, int]:
-    """(tag, content start, content end) of the DER element at ``pos``."""
-    if pos + 2 > len(data):
-        raise UnsupportedCertificate(f"certificate DER truncated at {what}")
-    tag = data[pos]
-    first = data[pos + 1]
-    pos += 2
-    if first < 0x80:
-        length = first
-    else:
-        count = first & 0x7F
-        if count == 0 or count > 4 or pos + count > len(data):
-            raise UnsupportedCertificate(f"certificate DER has a bad length at {what}")
-        length = int.from_bytes(data[pos : pos + count], "big")
-        pos += count
-    end = pos + length
-    if end > len(data):
-        raise UnsupportedCertificate(f"certificate DER truncated in {what}")
-    return tag, pos, end
-
-
-def _decode_oid(raw: bytes) -> str:
-    if not raw:
-        raise UnsupportedCertificate("certificate DER has an empty algorithm OID")
-    arcs: list[int] = []
-    value = 0
-    for byte in raw:
-        value = (value << 7) | (byte & 0x7F)
-        if not byte & 0x80:
-            arcs.append(value)
-            value = 0
-    if raw[-1] & 0x80:
-        raise UnsupportedCertificate("certificate DER has a truncated algorithm OID")
-    first = arcs[0]
-    head = [0, first] if first < 40 else [1, first - 40] if first < 80 else [2, first - 80]
-    return ".".join(str(a) for a in head + arcs[1:])
+def _load_certificate(cert_der: bytes) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(cert_der)
+    except ValueError as exc:
+        raise UnsupportedCertificate(f"not a DER certificate: {str(exc)[:120]}") from None
 
 
 def certificate_signature_oid(cert_der: bytes) -> str:
     """The dotted OID of the certificate's signatureAlgorithm."""
-    tag, start, end = _der_tlv(cert_der, 0, "Certificate")
-    if tag != 0x30 or end != len(cert_der):
-        raise UnsupportedCertificate("not a DER certificate (outer SEQUENCE)")
-    tag, _tbs_start, tbs_end = _der_tlv(cert_der, start, "tbsCertificate")
-    if tag != 0x30:
-        raise UnsupportedCertificate("not a DER certificate (tbsCertificate)")
-    tag, alg_start, _alg_end = _der_tlv(cert_der, tbs_end, "signatureAlgorithm")
-    if tag != 0x30:
-        raise UnsupportedCertificate("not a DER certificate (signatureAlgorithm)")
-    tag, oid_start, oid_end = _der_tlv(cert_der, alg_start, "signature OID")
-    if tag != 0x06:
-        raise UnsupportedCertificate("not a DER certificate (signature OID)")
-    return _decode_oid(cert_der[oid_start:oid_end])
+    return _load_certificate(cert_der).signature_algorithm_oid.dotted_string
 
 
 def tls_server_end_point_hash(cert_der: bytes) -> bytes:
     """RFC 5929 ``tls-server-end-point`` data for the backend's certificate:
-    its DER hashed with its signature's hash (SHA-256 for MD5 and SHA-1).
+    its DER hashed with its signature's hash, SHA-256 when that is MD5 or SHA-1.
 
-    Parses the signatureAlgorithm itself (no dependency on ``cryptography``).
-    Certificates whose signature has no separate hash (RSASSA-PSS, EdDSA)
-    raise :class:`UnsupportedCertificate`: PostgreSQL cannot bind them either.
+    As PostgreSQL's ``be_tls_get_certificate_hash`` (OpenSSL's
+    ``X509_get_signature_info``): an RSASSA-PSS signature binds with the hash
+    named in its parameters; Ed25519 and Ed448 have no such hash and raise
+    :class:`UnsupportedCertificate` naming the algorithm, as does anything
+    that is not a certificate or whose signature algorithm is unknown.
     """
-    oid = certificate_signature_oid(cert_der)
-    name = _SIGNATURE_HASHES.get(oid)
-    if name is None:
+    cert = _load_certificate(cert_der)
+    oid = cert.signature_algorithm_oid.dotted_string
+    unbindable = _UNBINDABLE.get(oid)
+    if unbindable is not None:
+        raise UnsupportedCertificate(
+            f"the certificate is signed with {unbindable} ({oid}), which has no "
+            "tls-server-end-point hash: channel binding is impossible with it"
+        )
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        algorithm = None
+    if algorithm is None:
         raise UnsupportedCertificate(
             f"no tls-server-end-point hash for certificate signature algorithm {oid}"
         )
-    return hashlib.new(name, cert_der).digest()
+    if isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(cert_der)
+    return digest.finalize()

@@ -2,7 +2,11 @@
 
 One small pool of idle connections per target database (grants must run
 connected to the client's database) plus dedicated connections handed out for
-session-level role locks. Every blocking call runs through
+session-level locks. A pooled session idle for ``idle_timeout`` is closed
+(:meth:`AdminPools.expire_idle`, run by :meth:`AdminPools.expire_idle_forever`
+in the background), so no admin session lingers in a database it has no work
+in: an idle session in a template database would make ``CREATE DATABASE``
+from it fail, and one in any database blocks ``DROP DATABASE``. Every blocking call runs through
 ``trio.to_thread.run_sync(..., limiter=...)`` with one shared
 :class:`trio.CapacityLimiter`. Each session is opened with
 ``statement_timeout``, ``lock_timeout``, ``search_path = pg_catalog, pg_temp``
@@ -34,6 +38,67 @@ T = TypeVar("T")
 APPLICATION_NAME: Final = "waypoint-admin"
 MAX_IDLE_PER_DATABASE: Final = 4
 MAX_OPEN_PER_DATABASE: Final = 8
+IDLE_TIMEOUT: Final = 60.0
+
+
+AUTH_OK: Final = 0
+AUTH_CLEARTEXT: Final = 3
+AUTH_MD5: Final = 5
+AUTH_SASL: Final = 10
+
+
+def admin_auth_refusal(
+    code: int, mechanisms: list[str], *, tls: bool, verified: bool
+) -> str | None:
+    """Why the admin password must not answer this authentication request, or ``None``.
+
+    Over a TLS link whose server is not verified (``backend_tls`` = ``prefer``, ``require``,
+    ``verify-ca``), whoever holds the other end may be a man in the middle with any
+    certificate: it must get neither the password (cleartext), nor a replayable hash of it
+    (MD5), nor a SCRAM exchange it could relay to the real server (SCRAM without channel
+    binding). Only SCRAM-SHA-256-PLUS, bound to the certificate the link actually presents,
+    is safe there. Over ``verify-full`` the server is authenticated, and the server's own
+    choice stands; over a plaintext link (``disable``) the operator chose no protection.
+    """
+    if not tls or verified:
+        return None
+    if code == AUTH_CLEARTEXT:
+        what = "a cleartext password"
+    elif code == AUTH_MD5:
+        what = "an MD5 password"
+    elif code == AUTH_SASL and "SCRAM-SHA-256-PLUS" not in mechanisms:
+        what = "SCRAM without channel binding (offered: " + ", ".join(mechanisms) + ")"
+    else:
+        return None
+    return (
+        f"the backend asked the admin login for {what} over a TLS link whose server is not "
+        "verified; refusing, because a man in the middle could take the password. Use "
+        "backend_tls = verify-full, or scram-sha-256 for the admin in pg_hba.conf"
+    )
+
+
+class _FailClosedConnection(pg8000.native.Connection):  # type: ignore[misc]
+    """pg8000's connection, refusing what :func:`admin_auth_refusal` refuses before it
+    answers an authentication request (pg8000 itself answers whatever the server asks)."""
+
+    def handle_AUTHENTICATION_REQUEST(self, data: bytes, context: Any) -> None:
+        (code,) = struct.unpack_from("!i", data)
+        mechanisms = (
+            [m.decode("ascii", "replace") for m in bytes(data[4:]).split(b"\0") if m]
+            if code == AUTH_SASL
+            else []
+        )
+        sock = getattr(self, "_usock", None)
+        tls = isinstance(sock, ssl.SSLSocket)
+        verified = (
+            isinstance(sock, ssl.SSLSocket)
+            and sock.context.verify_mode == ssl.CERT_REQUIRED
+            and sock.context.check_hostname
+        )
+        refusal = admin_auth_refusal(code, mechanisms, tls=tls, verified=verified)
+        if refusal is not None:
+            raise InterfaceError(refusal)
+        super().handle_AUTHENTICATION_REQUEST(data, context)
 
 
 class AdminError(Exception):
@@ -105,6 +170,8 @@ class AdminSession:
         # True once the session has been handed out of an idle pool: it may have died while
         # idle (a server restart), which only the next statement can tell.
         self.reused = False
+        # ``trio.current_time()`` when it last went back to an idle pool.
+        self.idle_since = 0.0
 
     def run(self, sql: str, **params: Any) -> list[list[Any]]:
         """Run one statement (blocking). Marks the session broken on a connection error."""
@@ -146,7 +213,10 @@ class AdminPools:
         lock_timeout: float = 5.0,
         max_idle_per_database: int = MAX_IDLE_PER_DATABASE,
         max_open_per_database: int = MAX_OPEN_PER_DATABASE,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
+        if idle_timeout <= 0:
+            raise ValueError("idle_timeout must be greater than 0")
         self._listener = listener
         self._limiter = limiter
         self._connect_timeout = connect_timeout
@@ -160,6 +230,7 @@ class AdminPools:
         self._slots: dict[str, trio.Semaphore] = {}
         self._ssl_context = build_ssl_context(listener)
         self._closed = False
+        self._idle_timeout = idle_timeout
 
     @property
     def limiter(self) -> trio.CapacityLimiter:
@@ -184,7 +255,7 @@ class AdminPools:
         # The socket timeout bounds connect and every read; statement_timeout fires first.
         timeout = max(self._connect_timeout, self._statement_timeout + 5.0)
         try:
-            conn = pg8000.native.Connection(
+            conn = _FailClosedConnection(
                 user=pgc.admin_user,
                 password=pgc.admin_password,
                 host=host,
@@ -236,7 +307,38 @@ class AdminPools:
                 if sess.broken or self._closed or len(self._idle[database]) >= self._max_idle:
                     await self.close_session(sess)
                 else:
+                    sess.idle_since = trio.current_time()
                     self._idle[database].append(sess)
+
+    @property
+    def idle_timeout(self) -> float:
+        return self._idle_timeout
+
+    def idle_count(self, database: str) -> int:
+        """How many idle sessions the pool keeps for ``database``."""
+        return len(self._idle.get(database, ()))
+
+    async def expire_idle(self) -> int:
+        """Close every pooled session idle for ``idle_timeout`` or longer; how many."""
+        cutoff = trio.current_time() - self._idle_timeout
+        expired: list[AdminSession] = []
+        for database in list(self._idle):
+            keep = [s for s in self._idle[database] if s.idle_since > cutoff]
+            expired += [s for s in self._idle[database] if s.idle_since <= cutoff]
+            if keep:
+                self._idle[database] = keep
+            else:
+                del self._idle[database]
+        for sess in expired:
+            await self.close_session(sess)
+        return len(expired)
+
+    async def expire_idle_forever(self) -> None:
+        """Every quarter of ``idle_timeout``, :meth:`expire_idle`: a session is closed at the
+        latest ``1.25 * idle_timeout`` after it went idle."""
+        while not self._closed:
+            await trio.sleep(self._idle_timeout / 4)
+            await self.expire_idle()
 
     async def close_session(self, sess: AdminSession) -> None:
         """Close in a worker thread (Terminate + socket close), shielded and bounded."""

@@ -1,4 +1,4 @@
-"""Which SQL server Waypoint administers (SPEC §5 "Dialect").
+"""Which SQL server Waypoint administers.
 
 ``SELECT version()`` runs once on the first admin session of a listener; a
 version string containing ``CockroachDB`` selects :class:`CockroachDialect`,
@@ -42,8 +42,14 @@ class PostgresDialect:
 
     @property
     def admin_inherit_clause(self) -> str:
-        """How the admin becomes a member of a role it creates (SPEC §5, 15 vs 16+)."""
+        """How the admin becomes a member of a role it creates (15 vs 16+)."""
         return " WITH INHERIT TRUE" if self.major >= 16 else ""
+
+    @property
+    def member_clause(self) -> str:
+        """How a user role joins a group: on 16+ without SET, so that it can never ``SET
+        ROLE`` to the shared group and create objects (code) the group would own."""
+        return " WITH INHERIT TRUE, SET FALSE" if self.major >= 16 else ""
 
     @property
     def role_lookup_sql(self) -> str:
@@ -80,6 +86,10 @@ class CockroachDialect:
 
     @property
     def admin_inherit_clause(self) -> str:
+        return ""
+
+    @property
+    def member_clause(self) -> str:
         return ""
 
     @property

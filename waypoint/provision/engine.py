@@ -1,14 +1,19 @@
-"""The provisioning engine (SPEC §5): one :class:`Provisioner` per listener.
+"""The provisioning engine: one :class:`Provisioner` per listener.
 
-Lock order (SPEC §5), never violated here:
+Lock order, never violated here:
 
 1. the in-process per-role lock (single flight; a :class:`trio.Semaphore` per
    role that the reaper takes through :meth:`Provisioner.role_guard`),
 2. the cross-instance role lock (:class:`~waypoint.provision.locks.RoleLockBackend`,
    by default a session-level advisory lock on a dedicated connection to
    ``admin_database``), held across COMMIT and the caller's upstream login,
-3. first thing in the one transaction in the target database, the group locks
-   ``pg_advisory_xact_lock(2, h(db, schema))`` in sorted order.
+3. before the one transaction in the target database starts, the group locks
+   ``(2, h(db, schema))`` in sorted order (:class:`~waypoint.provision.locks.GroupLocks`:
+   session-level advisory locks on another dedicated connection to ``admin_database``),
+   released after it ends.
+
+No lock lives in a target database: advisory locks are per database and their keys are
+computable, so a caller's session there could take or block them.
 
 A provision runs for a new role, a changed grant, no cached secret, a cached
 secret whose ``VALID UNTIL`` is within ``handshake_timeout``, or ``rotate=True``.
@@ -25,7 +30,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from typing import Final, Literal
 
@@ -42,6 +47,7 @@ from waypoint.provision import sql
 from waypoint.provision.admin import AdminError, AdminPools, AdminSession
 from waypoint.provision.dialect import CockroachDialect, Dialect, detect_dialect
 from waypoint.provision.locks import (
+    GroupLocks,
     PgAdvisoryRoleLock,
     RoleLease,
     RoleLockBackend,
@@ -214,7 +220,7 @@ class _PasswordChange:
 class _TxnResult:
     created: bool
     signatures: dict[str, Signature]
-    reassigned: bool
+    dropped_triggers: tuple[str, ...]
     granted: tuple[str, ...]
     revoked: tuple[str, ...]
 
@@ -225,11 +231,12 @@ def _provision_txn(
     password: _PasswordChange | None,
     known_signatures: Mapping[str, Signature],
     inherit_clause: str,
+    member_clause: str = "",
+    disarm: bool = True,
 ) -> _TxnResult:
-    """One transaction in the target database. Blocking; call in a worker thread."""
+    """One transaction in the target database, under the group locks of ``plan.schemas``
+    (held by the caller in ``admin_database``). Blocking; call in a worker thread."""
     sess.run("BEGIN")
-    for stmt in sql.sorted_group_lock_statements(plan.database, plan.schemas):
-        sess.run(stmt)
 
     names = [plan.role, *(g.name for g in plan.groups)]
     existing = {
@@ -239,8 +246,9 @@ def _provision_txn(
     role_exists = plan.role in existing
     if role_exists and naming.parse_role_comment(existing[plan.role] or "") != plan.owner:
         raise _RoleNotOurs(plan.role)
-    if not role_exists and password is None:
-        raise _RoleMissing(plan.role)
+    retired = role_exists and naming.is_retired_comment(existing[plan.role] or "")
+    if (not role_exists or retired) and password is None:
+        raise _RoleMissing(plan.role)  # a retired role comes back only with a new secret
 
     schemas = sorted(s for s in plan.schemas if s)
     present: dict[str, tuple[int, int]] = {}
@@ -273,6 +281,8 @@ def _provision_txn(
     if password is not None:
         if role_exists:
             sess.run(sql.set_password(plan.role, password.verifier, password.valid_until))
+            if retired:  # its own caller again (the marker matched): active once more
+                sess.run(sql.comment_on_role(plan.role, plan.comment))
         else:
             sess.run(sql.create_login_role(plan.role, password.verifier, password.valid_until))
             sess.run(sql.comment_on_role(plan.role, plan.comment))
@@ -286,16 +296,108 @@ def _provision_txn(
     desired = {g.name for g in plan.groups}
     extra = sorted(current - desired)
     missing = sorted(desired - current)
-    reassigned = False
-    if extra:
-        sess.run(sql.reassign_owned(plan.role))
-        reassigned = True
+    # Objects the role created stay its own: nothing is ever reassigned (to the admin or
+    # anyone), so its SECURITY DEFINER functions, views and rules run with the privileges the
+    # role holds from now on. Its triggers on tables it no longer may put triggers on go.
+    # A group's own code (a member may have created it after SET ROLE on 15; 16+ grants no
+    # SET) is disarmed whenever a member leaves, so no former member keeps its privileges.
+    dropped: tuple[str, ...] = ()
+    for g in extra:
+        sess.run(sql.revoke_membership(g, plan.role))
+    if extra and disarm:  # PostgreSQL (CockroachDB has no functions owned this way)
+        dropped = drop_foreign_triggers(
+            sess, plan.role, lost_only=True, inherit_clause=inherit_clause
+        )
         for g in extra:
-            sess.run(sql.revoke_membership(g, plan.role))
+            dropped += drop_foreign_triggers(
+                sess, g, lost_only=False, inherit_clause=inherit_clause
+            )
+            disarm_code(sess, g, inherit_clause)
     for g in missing:
-        sess.run(sql.grant_membership(g, plan.role))
+        sess.run(sql.grant_membership(g, plan.role, member_clause))
     sess.run("COMMIT")
-    return _TxnResult(not role_exists, signatures, reassigned, tuple(missing), tuple(extra))
+    return _TxnResult(not role_exists, signatures, dropped, tuple(missing), tuple(extra))
+
+
+def _act_as(sess: AdminSession, owner: str, inherit_clause: str) -> None:
+    """Give the admin the privileges of ``owner`` (it created the role, so it may: 15
+    CREATEROLE, 16+ its ADMIN OPTION) unless it has them: needed to alter or drop what
+    ``owner`` owns. Waypoint's login roles have it from creation, its groups not."""
+    if not sess.run(sql.ADMIN_HAS_ROLE_QUERY, role=owner)[0][0]:
+        sess.run(sql.grant_role_to_admin(owner, inherit_clause))
+
+
+def disarm_code(sess: AdminSession, owner: str, inherit_clause: str = "") -> int:
+    """In the current database and transaction: make the code ``owner`` owns run as whoever
+    calls it (SECURITY INVOKER routines, ``security_invoker`` views) and drop the rules on its
+    tables (see :data:`sql.DEFINER_ROUTINES_QUERY`). Returns how many objects changed."""
+    routines = [str(r[0]) for r in sess.run(sql.DEFINER_ROUTINES_QUERY, role=owner)]
+    views = [(str(a), str(b)) for a, b in sess.run(sql.OWNED_VIEWS_QUERY, role=owner)]
+    rules = [(str(a), str(b), str(c)) for a, b, c in sess.run(sql.OWNED_RULES_QUERY, role=owner)]
+    if routines or views or rules:
+        _act_as(sess, owner, inherit_clause)
+    for sig in routines:
+        sess.run(sql.make_invoker(sig))
+    for schema, view in views:
+        sess.run(sql.view_as_invoker(schema, view))
+    for schema, table, rule in rules:
+        sess.run(sql.drop_rule(schema, table, rule))
+    return len(routines) + len(views) + len(rules)
+
+
+async def disarm_everywhere(
+    pools: AdminPools,
+    owner: str,
+    *,
+    group: bool,
+    inherit_clause: str,
+    check: Callable[[AdminSession], object] | None = None,
+) -> None:
+    """In every connectable database where ``owner`` owns objects, one transaction each:
+    ``check`` (raising stops it), its trigger functions on tables it does not own dropped,
+    and for a Waypoint group (``group``) its code disarmed (:func:`disarm_code`)."""
+
+    def owned_in(sess: AdminSession) -> list[str]:
+        return [str(r[0]) for r in sess.run(sql.OWNED_DATABASES_QUERY, role=owner)]
+
+    def txn(sess: AdminSession) -> None:
+        sess.run("BEGIN")
+        if check is not None:
+            check(sess)
+        dropped = drop_foreign_triggers(sess, owner, lost_only=False, inherit_clause=inherit_clause)
+        changed = disarm_code(sess, owner, inherit_clause) if group else 0
+        sess.run("COMMIT")
+        if dropped or changed:
+            log.info(
+                "%s: dropped trigger functions on tables it does not own %s; disarmed %d "
+                "object(s) of its code",
+                owner,
+                list(dropped),
+                changed,
+            )
+
+    for database in await pools.run(pools.admin_database, owned_in):
+        try:
+            await pools.run(database, txn)
+        except AdminError as exc:
+            if exc.sqlstate != "3D000":  # a database dropped meanwhile has nothing left
+                raise
+
+
+def drop_foreign_triggers(
+    sess: AdminSession, role: str, *, lost_only: bool, inherit_clause: str = ""
+) -> tuple[str, ...]:
+    """In the current database and transaction: drop the trigger functions ``role`` owns that
+    fire on tables it does not own (with their triggers; see
+    :data:`sql.FOREIGN_TRIGGER_FUNCTIONS_QUERY`). ``lost_only``: only those on tables where
+    the role no longer holds TRIGGER. Returns the functions dropped. Blocking."""
+    found = sess.run(sql.FOREIGN_TRIGGER_FUNCTIONS_QUERY, role=role, lost=lost_only)
+    names = tuple(str(r[0]) for r in found)
+    if names:
+        _act_as(sess, role, inherit_clause)
+    for name in names:
+        sess.run(sql.drop_function_cascade(name))
+    return names
 
 
 # -- single flight ---------------------------------------------------------------
@@ -371,9 +473,13 @@ class Provisioner:
             connect_timeout=handshake_timeout,
             statement_timeout=st,
             lock_timeout=max(1.0, st / 2),
+            idle_timeout=self._pg.admin_idle_timeout,
         )
         self._custom_lock_backend = lock_backend is not None
-        self._locks: RoleLockBackend = lock_backend or PgAdvisoryRoleLock(self._pools)
+        pg_locks = PgAdvisoryRoleLock(self._pools)
+        self._locks: RoleLockBackend = lock_backend or pg_locks
+        self._pg_locks = pg_locks
+        self._group_locks = GroupLocks(pg_locks.sessions)
         self._states: dict[str, _RoleState] = {}
         self._cache: dict[str, _Cached] = {}
         self._resolved: dict[tuple[str, str, str, str, str | None], str] = {}
@@ -668,6 +774,8 @@ class Provisioner:
         self, plan: ProvisionPlan, password: _PasswordChange | None, info: _ServerInfo
     ) -> _TxnResult:
         inherit = info.dialect.admin_inherit_clause
+        member = info.dialect.member_clause
+        disarm = not isinstance(info.dialect, CockroachDialect)
         for attempt in (1, 2):
             known = {
                 g.name: self._group_signatures[g.name]
@@ -676,10 +784,11 @@ class Provisioner:
             }
 
             def txn(sess: AdminSession, known: dict[str, Signature] = known) -> _TxnResult:
-                return _provision_txn(sess, plan, password, known, inherit)
+                return _provision_txn(sess, plan, password, known, inherit, member, disarm)
 
             try:
-                result = await self._pools.run(plan.database, txn)
+                async with self.group_locks(plan.database, plan.schemas, info.dialect):
+                    result = await self._pools.run(plan.database, txn)
             except AdminError as exc:
                 if exc.sqlstate == "3D000":
                     raise DatabaseMissing(exc.fields) from None
@@ -692,11 +801,16 @@ class Provisioner:
                 log.info("created role %s", plan.role)
             if result.granted or result.revoked:
                 log.info(
-                    "role %s: granted %s, revoked %s%s",
+                    "role %s: granted %s, revoked %s",
                     plan.role,
                     list(result.granted),
                     list(result.revoked),
-                    " (objects reassigned)" if result.reassigned else "",
+                )
+            if result.dropped_triggers:
+                log.info(
+                    "role %s: dropped its trigger functions on tables it does not own: %s",
+                    plan.role,
+                    list(result.dropped_triggers),
                 )
             return result
         raise AssertionError("unreachable")
@@ -734,6 +848,15 @@ class Provisioner:
     @property
     def lock_backend(self) -> RoleLockBackend:
         return self._locks
+
+    def group_locks(
+        self, database: str, schemas: Iterable[str], dialect: Dialect
+    ) -> AbstractAsyncContextManager[None]:
+        """Lock order step 3 for a transaction in ``database`` touching ``schemas`` (none on
+        a server without advisory locks, where the role lock serializes provisioning)."""
+        if not dialect.has_advisory_locks:
+            return nullcontext()
+        return self._group_locks.hold(database, schemas)
 
     @property
     def pools(self) -> AdminPools:
@@ -822,30 +945,45 @@ class Provisioner:
                 st.notify()
 
     async def strip(self, role: str) -> None:
-        """Access revoked: drop Waypoint group memberships and expire the role now."""
+        """Access revoked: drop Waypoint group memberships, expire the role now, and drop its
+        trigger functions on tables it does not own, in every database where it owns objects.
+        Its objects stay its own (nothing is reassigned)."""
         cid = new_correlation_id()
         deadline = trio.current_time() + self._handshake_timeout
         now = self._now()
         self._cache.pop(role, None)
 
-        def txn(sess: AdminSession) -> None:
+        def txn(sess: AdminSession) -> list[str] | None:
             sess.run("BEGIN")
             rows = sess.run(sql.ROLES_QUERY, names=[role])
             if not rows:
                 sess.run("ROLLBACK")
-                return
+                return None
             if naming.parse_role_comment(str(rows[0][1] or "")) is None:
                 raise _RoleNotOurs(role)
+            revoked: list[str] = []
             for gname, comment in sess.run(sql.MEMBERSHIPS_QUERY, role=role):
                 if naming.parse_group_comment(str(comment or "")) is not None:
                     sess.run(sql.revoke_membership(str(gname), role))
+                    revoked.append(str(gname))
             sess.run(sql.set_valid_until(role, now))
             sess.run("COMMIT")
+            return revoked
 
         try:
             with trio.fail_at(deadline):
                 async with self.role_guard(role), self._role_lock(role, deadline):
-                    await self._pools.run(self._pools.admin_database, txn)
+                    info = await self._server_info()
+                    inherit = info.dialect.admin_inherit_clause
+                    revoked = await self._pools.run(self._pools.admin_database, txn)
+                    if revoked is not None and not isinstance(info.dialect, CockroachDialect):
+                        await disarm_everywhere(
+                            self._pools, role, group=False, inherit_clause=inherit
+                        )
+                        for g in revoked:
+                            await disarm_everywhere(
+                                self._pools, g, group=True, inherit_clause=inherit
+                            )
         except (trio.TooSlowError, RoleLockTimeout):
             raise ProvisionError(
                 provisioning_failed(cid, f"timed out stripping role {role}")
@@ -862,4 +1000,6 @@ class Provisioner:
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await self._locks.aclose()
+            if self._pg_locks is not self._locks:
+                await self._pg_locks.aclose()
             await self._pools.aclose()

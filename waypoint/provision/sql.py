@@ -1,4 +1,4 @@
-"""SQL text for provisioning (SPEC §5): pure functions, no I/O.
+"""SQL text for provisioning: pure functions, no I/O.
 
 DDL takes no bind parameters, so every identifier goes through
 ``pg8000.native.identifier()`` (always double-quoted) and every literal
@@ -49,7 +49,7 @@ def timestamp_literal(ts: datetime) -> str:
 
 
 def preset_grants(preset: Preset, schema: str, grantee: str) -> list[str]:
-    """SPEC §5's table: what a group of ``preset`` gets on schema ``schema``."""
+    """The presets' table (docs/policy.md): what a group of ``preset`` gets on schema ``schema``."""
     s = identifier(schema)
     g = identifier(grantee)
     if preset == Preset.READONLY:
@@ -91,8 +91,9 @@ def create_login_role(role: str, verifier: str, valid_until: datetime) -> str:
 
 
 def set_password(role: str, verifier: str, valid_until: datetime) -> str:
+    """A new secret; ``LOGIN`` again too (a retired role coming back to its own caller)."""
     return (
-        f"ALTER ROLE {identifier(role)} PASSWORD {literal(verifier)} "
+        f"ALTER ROLE {identifier(role)} LOGIN PASSWORD {literal(verifier)} "
         f"VALID UNTIL {timestamp_literal(valid_until)}"
     )
 
@@ -110,20 +111,34 @@ def grant_role_to_admin(role: str, inherit_clause: str) -> str:
     return f"GRANT {identifier(role)} TO CURRENT_USER{inherit_clause}"
 
 
-def grant_membership(group: str, role: str) -> str:
-    return f"GRANT {identifier(group)} TO {identifier(role)}"
+def grant_membership(group: str, role: str, member_clause: str = "") -> str:
+    """``GRANT g TO r``; ``member_clause`` the dialect's (16+: no SET to the group)."""
+    return f"GRANT {identifier(group)} TO {identifier(role)}{member_clause}"
 
 
 def revoke_membership(group: str, role: str) -> str:
     return f"REVOKE {identifier(group)} FROM {identifier(role)}"
 
 
-def reassign_owned(role: str) -> str:
-    return f"REASSIGN OWNED BY {identifier(role)} TO CURRENT_USER"
+def drop_function_cascade(signature: str) -> str:
+    """``DROP FUNCTION <f>(<args>) CASCADE``. ``signature`` is the server's own
+    ``regprocedure`` output (names quoted and schema-qualified by the server, the admin's
+    ``search_path`` being pinned to ``pg_catalog, pg_temp``), never caller text."""
+    return f"DROP FUNCTION {signature} CASCADE"
 
 
-def advisory_xact_lock(key: int) -> str:
-    return f"SELECT pg_catalog.pg_advisory_xact_lock({GROUP_LOCK_CLASS}, {int(key)})"
+def make_invoker(signature: str) -> str:
+    """``ALTER ROUTINE <f>(<args>) SECURITY INVOKER``; ``signature`` is the server's own
+    ``regprocedure`` output, never caller text."""
+    return f"ALTER ROUTINE {signature} SECURITY INVOKER"
+
+
+def view_as_invoker(schema: str, view: str) -> str:
+    return f"ALTER VIEW {identifier(schema)}.{identifier(view)} SET (security_invoker = true)"
+
+
+def drop_rule(schema: str, table: str, rule: str) -> str:
+    return f"DROP RULE {identifier(rule)} ON {identifier(schema)}.{identifier(table)}"
 
 
 # Catalog queries (parameters with pg8000.native's :name style).
@@ -141,6 +156,73 @@ MEMBERSHIPS_QUERY: Final = (
     "WHERE u.rolname = :role"
 )
 
+# Trigger functions the role owns that fire on a table the role does not own, in the current
+# database: code the role wrote that runs as whoever writes to someone else's table (a
+# superuser included). With :lost true, only those on tables where the role no longer has the
+# TRIGGER privilege (after a downgrade's REVOKEs in the same transaction). A function
+# returning ``trigger`` cannot be called from SQL, so triggers are its only dependents and
+# ``DROP FUNCTION ... CASCADE`` removes exactly those triggers; it needs the privileges of the
+# function's owner only (the admin is a member of every role it created), not of the tables.
+FOREIGN_TRIGGER_FUNCTIONS_QUERY: Final = (
+    "SELECT DISTINCT p.oid::pg_catalog.regprocedure::pg_catalog.text "
+    "FROM pg_catalog.pg_trigger AS t "
+    "JOIN pg_catalog.pg_proc AS p ON p.oid = t.tgfoid "
+    "JOIN pg_catalog.pg_class AS c ON c.oid = t.tgrelid "
+    "JOIN pg_catalog.pg_roles AS r ON r.oid = p.proowner "
+    "WHERE r.rolname = :role AND c.relowner <> p.proowner "
+    "AND (NOT CAST(:lost AS pg_catalog.bool) "
+    " OR NOT pg_catalog.has_table_privilege(r.oid, c.oid, 'TRIGGER')) "
+    "ORDER BY 1"
+)
+
+# Connectable databases where the role owns objects (``pg_shdepend`` owner rows, a shared
+# catalog: large objects, functions, relations, types, schemas, default privileges ...).
+OWNED_DATABASES_QUERY: Final = (
+    "SELECT DISTINCT d.datname::pg_catalog.text "
+    "FROM pg_catalog.pg_shdepend AS s "
+    "JOIN pg_catalog.pg_database AS d ON d.oid = s.dbid "
+    "WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass AND s.deptype = 'o' "
+    "AND s.refobjid = (SELECT r.oid FROM pg_catalog.pg_roles AS r WHERE r.rolname = :role) "
+    "AND d.datallowconn "
+    "ORDER BY 1"
+)
+
+# Code a role owns in the current database that runs with its owner's privileges whoever
+# calls it: SECURITY DEFINER functions and procedures, views (unless security_invoker, which
+# PostgreSQL has from 15 on), and rules on its tables other than a view's own ``_RETURN``.
+# Disarmed (:func:`waypoint.provision.engine.disarm_code`) before such code could run with
+# privileges its author does not hold: a Waypoint group's (created by a member after SET
+# ROLE) when a member leaves it, a reaped role's before its objects go to ``reassign_to``.
+DEFINER_ROUTINES_QUERY: Final = (
+    "SELECT p.oid::pg_catalog.regprocedure::pg_catalog.text FROM pg_catalog.pg_proc AS p "
+    "JOIN pg_catalog.pg_roles AS r ON r.oid = p.proowner "
+    "WHERE r.rolname = :role AND p.prosecdef ORDER BY 1"
+)
+OWNED_VIEWS_QUERY: Final = (
+    "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text "
+    "FROM pg_catalog.pg_class AS c "
+    "JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace "
+    "JOIN pg_catalog.pg_roles AS r ON r.oid = c.relowner "
+    "WHERE r.rolname = :role AND c.relkind = 'v' "
+    "AND pg_catalog.current_setting('server_version_num')::pg_catalog.int4 >= 150000 "
+    "ORDER BY 1, 2"
+)
+OWNED_RULES_QUERY: Final = (
+    "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text, "
+    "w.rulename::pg_catalog.text "
+    "FROM pg_catalog.pg_rewrite AS w "
+    "JOIN pg_catalog.pg_class AS c ON c.oid = w.ev_class "
+    "JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace "
+    "JOIN pg_catalog.pg_roles AS r ON r.oid = c.relowner "
+    "WHERE r.rolname = :role AND w.rulename <> '_RETURN' ORDER BY 1, 2, 3"
+)
+
+
+ADMIN_HAS_ROLE_QUERY: Final = (
+    "SELECT pg_catalog.pg_has_role(CURRENT_USER, r.oid, 'USAGE') "
+    "FROM pg_catalog.pg_roles AS r WHERE r.rolname = :role"
+)
+
 SCHEMA_SIGNATURE_QUERY: Final = (
     "SELECT n.nspname, pg_catalog.count(c.oid), "
     "COALESCE(pg_catalog.max(c.oid::pg_catalog.int8), 0) "
@@ -151,7 +233,7 @@ SCHEMA_SIGNATURE_QUERY: Final = (
 )
 
 
-def sorted_group_lock_statements(database: str, schemas: Iterable[str]) -> list[str]:
-    """SPEC §5 lock order step 3: one xact lock per touched schema, in sorted key order."""
-    keys = sorted({group_lock_key(database, s) for s in schemas})
-    return [advisory_xact_lock(k) for k in keys]
+def group_lock_keys(database: str, schemas: Iterable[str]) -> list[int]:
+    """Lock order step 3: one group-lock key per touched schema, in sorted order (the locks
+    themselves are taken in ``admin_database``, see :mod:`waypoint.provision.locks`)."""
+    return sorted({group_lock_key(database, s) for s in schemas})

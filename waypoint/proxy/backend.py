@@ -1,5 +1,5 @@
 """The backend side of a session: connect, TLS per ``backend_tls``, log in as the provisioned role,
-read the session start up to ReadyForQuery (SPEC §4 step 5, §8)."""
+read the session start up to ReadyForQuery."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from waypoint.pgwire import (
     ReadyForQuery,
     ScramKeys,
     Send,
+    UnsupportedCertificate,
     UpstreamLogin,
     build_ssl_request,
     build_startup_message,
@@ -64,6 +65,8 @@ class BackendConnection:
     tls: bool
     cert_der: bytes | None
     address: tuple[str, int]
+    #: The certificate was checked against the CA and the host name (backend_tls = verify-full).
+    verified_host: bool = False
 
     async def aclose(self) -> None:
         with (
@@ -118,6 +121,7 @@ async def connect_backend(
         conn.stream = ssl_stream
         conn.tls = True
         conn.cert_der = cert
+        conn.verified_host = listener.backend_tls == "verify-full"
         return conn
     except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
         await conn.aclose()
@@ -154,26 +158,47 @@ class BackendLogin:
     limiter: trio.CapacityLimiter | None = None
 
 
+def _channel_binding(conn: BackendConnection, login: BackendLogin) -> bytes | None:
+    """The ``tls-server-end-point`` hash of the backend's certificate (None without TLS).
+
+    Over TLS, a role with a SCRAM verifier logs in only with SCRAM-SHA-256-PLUS: without
+    channel binding, a man in the middle of an unverified TLS link (``backend_tls = prefer``
+    or ``require``, or ``verify-ca`` with another certificate of the same CA) could ask for
+    the password in cleartext or relay the SCRAM exchange. So a certificate that cannot be
+    bound (Ed25519, Ed448, an unknown signature algorithm; PostgreSQL cannot bind them
+    either) fails such a login before a byte of it is sent, except under ``verify-full``,
+    where the certificate itself proves the server: SCRAM then runs unbound, and still no
+    other method is accepted.
+    """
+    if not conn.tls:
+        return None
+    try:
+        if not conn.cert_der:
+            raise UnsupportedCertificate("the backend presented no certificate")
+        return tls_server_end_point_hash(conn.cert_der)
+    except UnsupportedCertificate as exc:
+        if login.scram_keys is None or conn.verified_host:
+            return None  # an md5 role (no binding to require), or a verified server
+        raise LoginError(
+            f"cannot bind the login to the backend's TLS certificate: {exc}; use "
+            "backend_tls = verify-full, or give the server an RSA or ECDSA certificate"
+        ) from None
+
+
 async def login_backend(conn: BackendConnection, login: BackendLogin) -> BackendSessionStart:
     """Authenticate as ``login.role`` and read the session start. Raises BackendError (the
     backend's own ErrorResponse, to forward), LoginError / ProtocolError (misbehaving backend)
     or BackendUnavailable (connection lost)."""
     stream = conn.stream
-    cb = None
-    if conn.tls and conn.cert_der:
-        try:
-            cb = tls_server_end_point_hash(conn.cert_der)
-        except ProtocolError:
-            cb = None
-    # Over TLS, a role with a SCRAM verifier must log in with SCRAM-SHA-256-PLUS: without
-    # channel binding, a man in the middle of an unverified TLS link (backend_tls = prefer /
-    # require) could ask for the password in cleartext or relay the SCRAM exchange.
+    cb = _channel_binding(conn, login)
+    scram_role = conn.tls and login.scram_keys is not None
     upstream = UpstreamLogin(
         login.role,
         login.secret,
         scram_keys=login.scram_keys,
         tls_server_end_point=cb,
-        channel_binding_required=cb is not None and login.scram_keys is not None,
+        channel_binding_required=scram_role and cb is not None,
+        scram_required=scram_role,
     )
     startup = {"user": login.role, "database": login.database}
     for k, v in login.parameters.items():

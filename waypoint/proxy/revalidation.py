@@ -63,6 +63,7 @@ async def revalidate_once(
             found,
             live.listener,
             live.database,
+            admin_database=ctx.listener.postgres.admin_database,
             defaults=ctx.config.defaults.limits,
             preset_cap=live.preset_cap,
             allow_raw_sql=ctx.allow_raw_sql,

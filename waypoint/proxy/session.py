@@ -568,6 +568,7 @@ async def _establish(
         identity,
         listener.name,
         database,
+        admin_database=listener.postgres.admin_database,
         defaults=ctx.config.defaults.limits,
         preset_cap=cap.cap,
         allow_raw_sql=ctx.allow_raw_sql,

@@ -1,4 +1,5 @@
-"""The role reaper (SPEC §10): drops the expired roles and unused groups Waypoint created."""
+"""The role reaper: drops (or retires) the expired roles and drops the unused groups Waypoint
+created (docs/operations.md)."""
 
 from waypoint.reaper.engine import (
     Failure,

@@ -1,4 +1,5 @@
-"""One reaper pass (SPEC §10, §5 "Locking", §12): drop the expired roles Waypoint created.
+"""One reaper pass (docs/operations.md): drop or retire the expired roles Waypoint
+created.
 
 A pass, for one listener:
 
@@ -9,15 +10,28 @@ A pass, for one listener:
    ``pg_stat_activity``, not in use by this instance (``roles_in_use()``);
 3. for each candidate, in lock order: the in-process role guard
    (:meth:`Provisioner.role_guard`, waited for briefly), then one attempt at the
-   cross-instance role lock (``try_acquire``; busy → skipped this pass), then under both:
-   re-check, and in every database where ``pg_shdepend`` says the role holds objects or
-   privileges ``REASSIGN OWNED BY r TO <reassign_to or admin>`` and ``DROP OWNED BY r``,
-   each transaction first taking the group locks ``pg_advisory_xact_lock(2, h(db, schema))``
-   of the schemas involved (sorted); finally in ``admin_database``, in the same transaction
-   as the last re-check, ``DROP ROLE r``;
+   cross-instance role lock (``try_acquire``; busy → skipped this pass), then under both,
+   re-checked in every transaction, one of:
+
+   - the role owns nothing anywhere (``pg_shdepend`` owner rows): in every database where it
+     holds privileges ``DROP OWNED BY r`` (which then only revokes), each transaction run
+     under the group locks ``(2, h(db, schema))`` of the schemas involved (sorted; held in
+     ``admin_database``, see :class:`waypoint.provision.locks.GroupLocks`); finally in
+     ``admin_database`` ``DROP ROLE r``;
+   - it owns objects and ``reassign_to`` is set (and passes its checks now): in every such
+     database its trigger functions on tables it does not own are dropped, the code it owns
+     is made to run as its invoker (SECURITY INVOKER routines, ``security_invoker`` views,
+     no rules), then ``REASSIGN OWNED BY r TO reassign_to`` and ``DROP OWNED BY r``; then
+     ``DROP ROLE r``;
+   - otherwise it is **retired**: every membership revoked, NOLOGIN, no password,
+     ``VALID UNTIL`` in the past, per-role settings reset, its trigger functions on tables
+     it does not own dropped, and its marker turned into the retired marker. Its objects and
+     data stay its own; a later pass drops it once it owns nothing. Nothing is ever
+     reassigned to the admin;
 4. Waypoint's group roles (``{prefix}grp_*`` with the group marker) that no role is a
-   member of any more (the admin's own ADMIN OPTION row excluded) are dropped the same way,
-   in their own database under their group locks, membership re-checked under them.
+   member of any more (the admin's own ADMIN OPTION row excluded) and that own nothing are
+   dropped the same way, in their own database under their group locks, membership
+   re-checked under them.
 
 A failure on one role is logged, reported and the pass goes on; the next pass retries (the
 ``VALID UNTIL`` backstop keeps an undropped role harmless). ``dry_run`` computes the same
@@ -28,12 +42,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Collection, Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Final, Literal
 
 import trio
 from attrs import frozen
+from pg8000.exceptions import DatabaseError
 
 from waypoint.config.model import ListenerConfig
 from waypoint.grants import naming
@@ -41,7 +56,12 @@ from waypoint.observability.log import get_logger
 from waypoint.provision import sql as provision_sql
 from waypoint.provision.admin import AdminError, AdminPools, AdminSession
 from waypoint.provision.dialect import Dialect, detect_dialect
-from waypoint.provision.engine import Provisioner
+from waypoint.provision.engine import (
+    Provisioner,
+    disarm_code,
+    disarm_everywhere,
+    drop_foreign_triggers,
+)
 from waypoint.provision.locks import RoleLease
 from waypoint.reaper import catalog
 
@@ -49,6 +69,7 @@ GUARD_WAIT: Final = 1.0
 ROLE_TIMEOUT: Final = 60.0
 MAX_DROPS_PER_PASS: Final = 200
 RELEASE_TIMEOUT: Final = 5.0
+RETIRED_VALID_UNTIL: Final = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 # -- values ------------------------------------------------------------------------
@@ -65,6 +86,12 @@ class RoleInfo:
     live_sessions: int
     groups: tuple[str, ...]  # roles it is a member of
     members: tuple[str, ...]  # roles that are members of it (the admin excluded)
+    owned: int = 0  # objects it owns in the whole cluster (pg_shdepend owner rows)
+
+    @property
+    def retired(self) -> bool:
+        """Whether the reaper retired it (it owned objects when it expired)."""
+        return naming.is_retired_comment(self.comment or "")
 
     @property
     def owner(self) -> naming.RoleOwner | None:
@@ -86,6 +113,16 @@ class RoleListing:
 
 
 @frozen
+class Owned:
+    """How many objects of one kind a role owns in one database (None: cluster-wide)."""
+
+    role: str
+    database: str | None
+    kind: str
+    count: int
+
+
+@frozen
 class Skipped:
     role: str
     reason: str
@@ -104,6 +141,7 @@ class ReapReport:
     listener: str
     dry_run: bool
     dropped_roles: tuple[str, ...] = ()
+    retired_roles: tuple[str, ...] = ()  # owned objects: retired, not dropped
     dropped_groups: tuple[str, ...] = ()
     skipped: tuple[Skipped, ...] = ()
     failed: tuple[Failure, ...] = ()
@@ -127,13 +165,17 @@ class _NotEligible(Exception):
         self.gone = gone
 
 
+class _Refused(Exception):
+    """The reap of one role cannot go on safely (its reason is reported as a failure)."""
+
+
 Check = Callable[[AdminSession], None]
-_Outcome = Literal["dropped"] | Skipped | Failure
+_Outcome = Literal["dropped", "retired"] | Skipped | Failure
 
 
 def _parse_rows(rows: Iterable[list[Any]]) -> list[RoleInfo]:
     out: list[RoleInfo] = []
-    for name, comment, until, expired, live, groups, members in rows:
+    for name, comment, until, expired, live, groups, members, owned in rows:
         out.append(
             RoleInfo(
                 name=str(name),
@@ -143,9 +185,46 @@ def _parse_rows(rows: Iterable[list[Any]]) -> list[RoleInfo]:
                 live_sessions=int(str(live)),
                 groups=tuple(str(g) for g in (groups or ())),
                 members=tuple(str(m) for m in (members or ())),
+                owned=int(str(owned)),
             )
         )
     return out
+
+
+def reassign_target_problem(sess: AdminSession, target: str) -> str | None:
+    """Why ``target`` may not receive a caller's objects (None: it may). A role that could
+    log in, holds any of SUPERUSER / CREATEROLE / CREATEDB / BYPASSRLS / REPLICATION, or is a
+    member of any role would run the caller's code (SECURITY DEFINER functions, views) with
+    more than the caller had. Blocking."""
+    rows = sess.run(catalog.REASSIGN_TARGET_QUERY, name=target)
+    if not rows:
+        return f"role {target!r} does not exist"
+    login, superuser, createrole, createdb, bypassrls, replication, groups = rows[0]
+    attrs = [
+        name
+        for name, held in (
+            ("LOGIN", login),
+            ("SUPERUSER", superuser),
+            ("CREATEROLE", createrole),
+            ("CREATEDB", createdb),
+            ("BYPASSRLS", bypassrls),
+            ("REPLICATION", replication),
+        )
+        if held
+    ]
+    problems: list[str] = []
+    if attrs:
+        problems.append("has " + ", ".join(attrs))
+    if groups:
+        problems.append("is a member of " + ", ".join(str(g) for g in groups))
+    if not problems:
+        return None
+    return (
+        f"role {target!r} {' and '.join(problems)}: objects of reaped roles (their SECURITY "
+        "DEFINER functions and views) would run with its privileges; use a NOLOGIN role "
+        "with none of SUPERUSER, CREATEROLE, CREATEDB, BYPASSRLS, REPLICATION and no "
+        "memberships"
+    )
 
 
 def _admin_reason(exc: AdminError) -> str:
@@ -160,12 +239,19 @@ def _drop_txn(
     *,
     database: str,
     reassign_to: str | None,
-    extra_schemas: Collection[str],
+    locked: Collection[str],
     check: Check,
     drop_role: bool,
     inherit_clause: str,
 ) -> None:
-    """One transaction in ``database``: group locks, re-check, REASSIGN/DROP OWNED [, DROP ROLE].
+    """One transaction in ``database``: re-check, [REASSIGN OWNED,] DROP OWNED [, DROP ROLE],
+    under the group locks of the schemas ``locked`` (held by the caller). Objects in a schema
+    outside ``locked`` (created since the caller looked) raise :class:`_MoreSchemas`.
+
+    Without ``reassign_to`` the role must own nothing here (re-checked): ``DROP OWNED`` then
+    only revokes its privileges, it never drops a caller's objects. With ``reassign_to``
+    (checked by the caller in this pass) the role's foreign-table trigger functions are
+    dropped and its code made to run as its invoker before ``REASSIGN OWNED``.
 
     ``REASSIGN OWNED`` and ``DROP OWNED`` need the privileges of ``role``: the admin makes
     itself a member first (15: ``GRANT r TO CURRENT_USER``; 16+: ``... WITH INHERIT TRUE``,
@@ -174,17 +260,39 @@ def _drop_txn(
     Blocking (a worker thread). ``pools.run`` rolls back on any exception.
     """
     sess.run("BEGIN")
-    schemas = {str(r[0]) for r in sess.run(catalog.DEPENDENT_SCHEMAS_QUERY, role=role)}
-    schemas |= set(extra_schemas)
-    for stmt in provision_sql.sorted_group_lock_statements(database, schemas):
-        sess.run(stmt)
+    schemas = _dependent_schemas(sess, role)
+    if not schemas <= set(locked):
+        raise _MoreSchemas(schemas)
     check(sess)
     sess.run(provision_sql.grant_role_to_admin(role, inherit_clause))
-    sess.run(catalog.reassign_owned(role, reassign_to))
+    if reassign_to is None:
+        rows = sess.run(catalog.OWNED_HERE_QUERY, role=role)
+        owned = int(str(rows[0][0])) if rows else 0
+        if owned:
+            raise _NotEligible(f"owns {owned} object(s) in {database}")
+    else:
+        problem = reassign_target_problem(sess, reassign_to)  # again, in this transaction
+        if problem is not None:
+            raise _Refused(f"reassign_to refused, nothing reaped: {problem}")
+        drop_foreign_triggers(sess, role, lost_only=False, inherit_clause=inherit_clause)
+        disarm_code(sess, role, inherit_clause)
+        sess.run(catalog.reassign_owned(role, reassign_to))
     sess.run(catalog.drop_owned(role))
     if drop_role:
         sess.run(catalog.drop_role(role))
     sess.run("COMMIT")
+
+
+class _MoreSchemas(Exception):
+    """The role has objects in schemas whose group locks are not held: retry with them."""
+
+    def __init__(self, schemas: set[str]) -> None:
+        super().__init__(f"objects in schemas {sorted(schemas)}")
+        self.schemas = schemas
+
+
+def _dependent_schemas(sess: AdminSession, role: str) -> set[str]:
+    return {str(r[0]) for r in sess.run(catalog.DEPENDENT_SCHEMAS_QUERY, role=role)}
 
 
 def _one_role(sess: AdminSession, name: str) -> RoleInfo | None:
@@ -257,6 +365,36 @@ class Reaper:
         groups = tuple(i for i in infos if i.owner is None and i.group_owner is not None)
         return RoleListing(roles, groups)
 
+    async def owned_summary(self) -> tuple[Owned, ...]:
+        """What the roles under this listener's prefix own, per database and kind."""
+        pattern = catalog.like_prefix(self._pg.user_prefix)
+        try:
+            rows = await self._pools.run(
+                self._pools.admin_database,
+                lambda s: s.run(catalog.OWNED_SUMMARY_QUERY, pattern=pattern),
+            )
+        except AdminError as exc:
+            raise ReapError(f"listing owned objects failed: {_admin_reason(exc)}") from None
+        return tuple(
+            Owned(
+                str(role),
+                None if db is None else str(db),
+                catalog.OBJECT_KINDS.get(str(cls), str(cls)),
+                int(str(n)),
+            )
+            for role, db, cls, n in rows
+        )
+
+    async def check_reassign_to(self) -> str | None:
+        """Why the configured ``reassign_to`` is refused, read from the catalog now (None: not
+        set, or acceptable). Raises AdminError when the server cannot be asked."""
+        target = self._pg.reassign_to
+        if target is None:
+            return None
+        return await self._pools.run(
+            self._pools.admin_database, lambda s: reassign_target_problem(s, target)
+        )
+
     def _mine(self, info: RoleInfo) -> bool:
         owner = info.owner
         return owner is not None and (
@@ -278,15 +416,26 @@ class Reaper:
                 dry_run,
                 disabled=f"{dialect.name}: the reaper is off (set reap_on_cockroachdb = true)",
             )
+        if self._pg.reassign_to is not None:
+            try:
+                problem = await self.check_reassign_to()
+            except AdminError as exc:
+                raise ReapError(f"cannot check reassign_to: {_admin_reason(exc)}") from None
+            if problem is not None:
+                # Every pass, the first one at startup included, refuses: nothing is reaped.
+                raise ReapError(f"reassign_to refused, nothing reaped: {problem}")
         listing = await self.list_roles()
         in_use = set(self._roles_in_use())
         skipped: list[Skipped] = []
         failed: list[Failure] = []
         dropped: list[str] = []
+        retired: list[str] = []
         candidates: list[RoleInfo] = []
         for info in listing.roles:
             if not info.expired or not self._mine(info):
                 continue
+            if info.retired and info.owned and self._pg.reassign_to is None:
+                continue  # retired and still owning objects: nothing to do until it owns none
             if info.live_sessions:
                 skipped.append(Skipped(info.name, f"{info.live_sessions} live session(s)"))
             elif info.name in in_use:
@@ -298,14 +447,15 @@ class Reaper:
         for info in candidates[:budget]:
             budget -= 1
             if dry_run:
-                dropped.append(info.name)
+                owns = info.owned and self._pg.reassign_to is None
+                (retired if owns else dropped).append(info.name)
                 continue
             outcome = await self._reap_role(info.name)
-            self._record(info.name, outcome, dropped, skipped, failed)
+            self._record(info.name, outcome, dropped, skipped, failed, retired)
 
         dropped_groups: list[str] = []
         if dry_run:
-            gone = set(dropped)
+            gone = set(dropped) | set(retired)
             groups = [g for g in listing.groups if set(g.members) <= gone]
         else:
             try:
@@ -327,22 +477,24 @@ class Reaper:
                     failed.append(Failure("(groups)", _admin_reason(exc)))
                     break
             outcome = await self._reap_group(info, connectable)
-            self._record(info.name, outcome, dropped_groups, skipped, failed)
+            self._record(info.name, outcome, dropped_groups, skipped, failed, [])
 
         report = ReapReport(
             name,
             dry_run,
             dropped_roles=tuple(dropped),
+            retired_roles=tuple(retired),
             dropped_groups=tuple(dropped_groups),
             skipped=tuple(skipped),
             failed=tuple(failed),
             deferred=deferred,
         )
-        if dropped or dropped_groups or failed or deferred:
+        if dropped or retired or dropped_groups or failed or deferred:
             self._log.info(
                 "reap_pass",
                 dry_run=dry_run,
                 dropped_roles=len(dropped),
+                retired_roles=len(retired),
                 dropped_groups=len(dropped_groups),
                 skipped=len(skipped),
                 failed=len(failed),
@@ -357,10 +509,14 @@ class Reaper:
         dropped: list[str],
         skipped: list[Skipped],
         failed: list[Failure],
+        retired: list[str],
     ) -> None:
         if outcome == "dropped":
             dropped.append(role)
             self._log.info("role_dropped", role=role)
+        elif outcome == "retired":
+            retired.append(role)
+            self._log.info("role_retired", role=role)
         elif isinstance(outcome, Skipped):
             skipped.append(outcome)
         elif isinstance(outcome, Failure):
@@ -409,6 +565,8 @@ class Reaper:
             return Skipped(name, exc.reason)
         if isinstance(exc, AdminError):
             return Failure(name, _admin_reason(exc))
+        if isinstance(exc, _Refused):
+            return Failure(name, str(exc))
         return Failure(name, f"{type(exc).__name__}: {exc}")
 
     async def _release(self, lease: RoleLease) -> None:
@@ -418,7 +576,7 @@ class Reaper:
     async def _drop_role_locked(self, role: str) -> _Outcome:
         admin_db = self._pools.admin_database
 
-        def recheck(sess: AdminSession, in_use: frozenset[str]) -> None:
+        def recheck(sess: AdminSession, in_use: frozenset[str]) -> RoleInfo:
             info = _one_role(sess, role)
             if info is None:
                 raise _NotEligible("already dropped", gone=True)
@@ -430,21 +588,102 @@ class Reaper:
                 raise _NotEligible(f"{info.live_sessions} live session(s)")
             if role in in_use:
                 raise _NotEligible("in use by this instance")
+            return info
 
         snapshot = frozenset(self._roles_in_use())
-        await self._pools.run(admin_db, lambda s: recheck(s, snapshot))
+        info = await self._pools.run(admin_db, lambda s: recheck(s, snapshot))
+        target = self._pg.reassign_to
+        if target is not None:
+            problem = await self.check_reassign_to()
+            if problem is not None:
+                raise _Refused(f"reassign_to refused, nothing reaped: {problem}")
+        elif info.owned:
+            return await self._retire_locked(role, recheck)
+
+        def owns_nothing(sess: AdminSession, in_use: frozenset[str]) -> None:
+            now = recheck(sess, in_use)
+            if target is None and now.owned:
+                raise _NotEligible(f"owns {now.owned} object(s) now; retired next pass")
+
         for database, allowconn in await self._dependent_databases(role):
             if database == admin_db or not allowconn:
                 continue  # admin_database last; a non-connectable one fails DROP ROLE (2BP01)
             snapshot = frozenset(self._roles_in_use())
             try:
-                await self._drop_in(database, role, partial(recheck, in_use=snapshot))
+                await self._drop_in(database, role, partial(owns_nothing, in_use=snapshot))
             except AdminError as exc:
                 if exc.sqlstate != "3D000":  # dropped meanwhile: nothing left there
                     raise
         snapshot = frozenset(self._roles_in_use())
-        await self._drop_in(admin_db, role, partial(recheck, in_use=snapshot), drop_role=True)
+        await self._drop_in(admin_db, role, partial(owns_nothing, in_use=snapshot), drop_role=True)
         return "dropped"
+
+    async def _retire_locked(
+        self, role: str, recheck: Callable[[AdminSession, frozenset[str]], RoleInfo]
+    ) -> _Outcome:
+        """The role owns objects: keep them (and their data) its own and take away everything
+        else. First in ``admin_database``: every membership revoked (verified), NOLOGIN, no
+        password, ``VALID UNTIL`` in the past, per-role settings reset; then in every database
+        where it owns objects its trigger functions on tables it does not own are dropped;
+        last the retired marker, so that a failure on the way is retried by the next pass."""
+        admin_db = self._pools.admin_database
+        past = provision_sql.timestamp_literal(RETIRED_VALID_UNTIL)
+
+        def strip(sess: AdminSession, in_use: frozenset[str]) -> tuple[list[str], list[str]]:
+            sess.run("BEGIN")
+            recheck(sess, in_use)
+            groups: list[str] = []
+            for group, member in sess.run(catalog.ALL_MEMBERSHIPS_QUERY, role=role):
+                # A membership another role granted may not be the admin's to revoke (16+):
+                # the rest of the retirement goes on, and the pass reports it.
+                sess.run("SAVEPOINT revoke_one")
+                try:
+                    sess.run(catalog.revoke_role(str(group), str(member)))
+                except DatabaseError:
+                    sess.run("ROLLBACK TO SAVEPOINT revoke_one")
+                sess.run("RELEASE SAVEPOINT revoke_one")
+                if str(member) == role and naming.parse_group_comment(
+                    str(sess.run(catalog.COMMENT_QUERY, name=str(group))[0][0] or "")
+                ):
+                    groups.append(str(group))
+            sess.run(catalog.retire_role(role, past))
+            for (database,) in sess.run(catalog.ROLE_SETTINGS_QUERY, role=role):
+                sess.run(
+                    catalog.reset_role_settings(role, None if database is None else str(database))
+                )
+            left = [f"{g} to {m}" for g, m in sess.run(catalog.ALL_MEMBERSHIPS_QUERY, role=role)]
+            sess.run("COMMIT")
+            return groups, left
+
+        def mark(sess: AdminSession, in_use: frozenset[str]) -> None:
+            sess.run("BEGIN")
+            info = recheck(sess, in_use)
+            owner = info.owner
+            assert owner is not None  # recheck: still ours
+            sess.run(catalog.comment_on_role(role, naming.retired_role_comment(owner)))
+            sess.run("COMMIT")
+
+        groups, left = await self._pools.run(
+            admin_db, partial(strip, in_use=frozenset(self._roles_in_use()))
+        )
+        snapshot = frozenset(self._roles_in_use())
+
+        def still_eligible(sess: AdminSession) -> None:
+            recheck(sess, snapshot)
+
+        inherit = (await self.dialect()).admin_inherit_clause
+        await disarm_everywhere(
+            self._pools, role, group=False, inherit_clause=inherit, check=still_eligible
+        )
+        for group in groups:
+            await disarm_everywhere(self._pools, group, group=True, inherit_clause=inherit)
+        if left:  # not marked retired: the next pass tries again
+            raise _Refused(
+                f"retired except for membership(s) the admin could not revoke ({', '.join(left)}:"
+                " granted by another role); revoke them and the next pass finishes"
+            )
+        await self._pools.run(admin_db, partial(mark, in_use=frozenset(self._roles_in_use())))
+        return "retired"
 
     async def _drop_in(
         self,
@@ -455,21 +694,33 @@ class Reaper:
         extra_schemas: Collection[str] = (),
         drop_role: bool = False,
     ) -> None:
-        inherit_clause = (await self.dialect()).admin_inherit_clause
+        dialect = await self.dialect()
 
-        def txn(sess: AdminSession) -> None:
+        def txn(sess: AdminSession, locked: frozenset[str]) -> None:
             _drop_txn(
                 sess,
                 role,
                 database=database,
                 reassign_to=self._pg.reassign_to,
-                extra_schemas=extra_schemas,
+                locked=locked,
                 check=check,
                 drop_role=drop_role,
-                inherit_clause=inherit_clause,
+                inherit_clause=dialect.admin_inherit_clause,
             )
 
-        await self._pools.run(database, txn)
+        # The schemas to lock are read first; the transaction re-reads them under the locks
+        # and asks again when objects appeared elsewhere (bounded by the role's timeout).
+        locked = set(extra_schemas) | await self._pools.run(
+            database, lambda s: _dependent_schemas(s, role)
+        )
+        while True:
+            held = frozenset(locked)
+            try:
+                async with self._prov.group_locks(database, held, dialect):
+                    await self._pools.run(database, partial(txn, locked=held))
+                return
+            except _MoreSchemas as exc:
+                locked |= exc.schemas
 
     # -- groups --------------------------------------------------------------------------
 
@@ -494,8 +745,30 @@ class Reaper:
         home_schemas = (
             {owner.schema} if owner.schema is not None and home == owner.database else set()
         )
+        if info.owned and self._pg.reassign_to is None:
+            # Objects a member created after SET ROLE to the group: never given to the admin;
+            # the group is kept, its code disarmed.
+            try:
+                with trio.fail_after(self._role_timeout):
+                    await disarm_everywhere(
+                        self._pools,
+                        group,
+                        group=True,
+                        inherit_clause=(await self.dialect()).admin_inherit_clause,
+                        check=recheck,
+                    )
+            except Exception as exc:
+                return self._error_outcome(group, exc)
+            return Skipped(
+                group,
+                f"owns {info.owned} object(s) (created by a member after SET ROLE); kept, "
+                "its code runs as its callers",
+            )
         try:
             with trio.fail_after(self._role_timeout):
+                problem = await self.check_reassign_to()
+                if problem is not None:
+                    raise _Refused(f"reassign_to refused, nothing reaped: {problem}")
                 for database, allowconn in await self._dependent_databases(group):
                     if database == home or not allowconn:
                         continue

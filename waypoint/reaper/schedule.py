@@ -1,4 +1,4 @@
-"""When passes run (SPEC §10, §12): one at start, then every ``reap_interval``; passes never
+"""When passes run: one at start, then every ``reap_interval``; passes never
 overlap (one loop runs them in turn), each is bounded in time, and a failing pass is logged
 and retried at the next tick, forever."""
 

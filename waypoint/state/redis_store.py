@@ -258,6 +258,8 @@ class RedisClient(Protocol):
 
     def script_load(self, script: bytes) -> Any: ...
 
+    def ping(self) -> Any: ...
+
     def close(self) -> None: ...
 
 
@@ -300,6 +302,9 @@ class LazyClusterClient:
 
     def script_load(self, script: bytes) -> Any:
         return self._get().script_load(script)  # to every primary
+
+    def ping(self) -> Any:
+        return self._get().ping()
 
     def close(self) -> None:
         with self._lock:
@@ -897,6 +902,14 @@ class RedisStateStore:
                 "shared state (Redis) unavailable releasing a lock (it expires by its ttl): %s",
                 _describe(exc),
             )
+
+    async def ping(self) -> None:
+        """One PING, bounded by the operation timeout (the readiness check). Raises
+        :class:`StateUnavailableError` when Redis does not answer."""
+        try:
+            await self._run(self._client.ping)
+        except UNAVAILABLE as exc:
+            raise StateUnavailableError(f"Redis did not answer: {_describe(exc)}") from None
 
     # -- shutdown ----------------------------------------------------------------------------
 

@@ -1,27 +1,27 @@
-"""The relay: the data path of every session after the handshake (SPEC §4 step 7).
+"""The relay: the data path of every session after the handshake.
 
-Two implementations with one contract:
+One state machine, two drivers:
 
-* :class:`RelayEngine` — ONE OS thread running a level-triggered epoll loop over
-  every relayed socket (PERF.md: a trio task per direction reaches ~0.5x PgBouncer).
-  The common case (a plain socket readable: recv, count, skip headers, send) runs
-  in C without the GIL (``_pump.Pump.run``, waypoint/proxy/_pump.c); everything
-  else is handled here in Python, on the same thread. The session task does its handshake
-  in trio, detaches the two sockets and calls :meth:`RelayEngine.start_relay`;
-  it then awaits :meth:`RelayHandle.wait`. Opened and closed with the trio app
-  by :func:`open_relay_engine`. A client that speaks TLS can be relayed by the
-  engine too: after the TLS handshake in trio, :func:`tls_handover` takes the
-  ``SSLObject`` and its memory BIOs out of the ``trio.SSLStream`` and
-  :meth:`RelayEngine.start_relay` with ``client_tls`` decrypts/encrypts in the engine thread
-  (off the plaintext hot path; the backend side stays plain).
+* :class:`~waypoint.proxy.relay.core.RelayCore` (core.py) — what a relay means, sans I/O:
+  byte counts, the byte budget over both directions, the FATAL ErrorResponse injected
+  toward the client exactly at a server→client message boundary, flush-then-finish after
+  EOF or an error, and the verdict (:class:`RelayResult`).
+* :class:`RelayEngine` — ONE OS thread running a level-triggered epoll loop over every
+  relayed socket (loop.py). The common case (a plain socket readable: recv, count, skip
+  headers, send) runs in C without the GIL (``_pump.Pump.run``,
+  waypoint/proxy/relay/_pump.c); every other read is decided by the relay's core. The
+  session task does its handshake in trio, detaches the two sockets and calls
+  :meth:`RelayEngine.start_relay`; it then awaits :meth:`RelayHandle.wait` (bridge.py).
+  Opened and closed with the trio app by :func:`open_relay_engine`. A client that speaks
+  TLS is relayed by the engine too: its TLS session is handed over as a
+  :class:`TlsHandover` (client_tls.py) and decrypted/encrypted in the engine thread (off
+  the plaintext hot path; the backend side stays plain).
 * :func:`relay_streams` / :class:`StreamRelay` — a trio task per direction over
   ``trio.abc.Stream`` objects, for any pair of streams (TLS on the backend side).
 
-Both track message boundaries in both directions (``BoundaryTracker``), count
-bytes, enforce ``max_bytes`` over both directions, and can be told to end the
-session with a FATAL ErrorResponse injected toward the client exactly at a
-server→client message boundary (``terminate``). Neither closes the sockets or
-streams it was given: the session does that after reading the verdict.
+No buffer is shared between relays: whatever one relay's bytes do, they cannot reach
+another relay's peer. Neither driver closes the sockets or streams it was given: the
+session does that after reading the verdict.
 """
 
 from .base import (
@@ -33,7 +33,9 @@ from .base import (
     RelayReason,
     RelayResult,
 )
-from .engine import RelayEngine, RelayHandle, TlsHandover, open_relay_engine, tls_handover
+from .bridge import RelayHandle
+from .client_tls import TlsHandover
+from .engine import RelayEngine, open_relay_engine
 from .streams import StreamRelay, relay_streams
 
 __all__ = [
@@ -50,5 +52,4 @@ __all__ = [
     "TlsHandover",
     "open_relay_engine",
     "relay_streams",
-    "tls_handover",
 ]

@@ -4,13 +4,14 @@
  * The relay engine (engine.py) runs one OS thread with a level-triggered epoll loop.
  * Written in Python, each relayed chunk costs ~2.5 us of interpreter time and a GIL
  * hand-off around every system call; on a 2-core machine that is the difference
- * between Waypoint and PgBouncer (bench/results, issue 7). This module moves only the
+ * between Waypoint and PgBouncer (bench/results). This module moves only the
  * common case into C, with the GIL released for as long as nothing else happens:
  *
- *     epoll_wait -> recv into one buffer -> count -> skip message headers -> send
+ *     epoll_wait -> recv into the pump's buffer -> count -> skip message headers -> send
  *
  * Everything else (back-pressure, EOF, errors, byte limits, FATAL injection at a
- * boundary, TLS, commands from trio) stays in engine.py: Pump.run() returns to Python
+ * boundary, TLS, header hooks, commands from trio) stays in Python (loop.py drives,
+ * core.py decides): Pump.run() returns to Python
  * at the first event it does not handle, with what it already did to that event.
  *
  * Types:
@@ -18,12 +19,24 @@
  *         reading is wanted, the byte budget (shared by the two lanes of a relay), and
  *         the message-boundary tracker for what is read from it. Same semantics as
  *         waypoint.pgwire.boundary.BoundaryTracker (tests compare the two on random
- *         input). engine.py subclasses it (_Side) and adds its Python-level state.
+ *         input). loop.py subclasses it (Side) and adds its Python-level state.
  *   Pump  the fd -> Lane table of the plain relays the C loop serves, over the
- *         engine's epoll fd and its receive buffer.
+ *         engine's epoll fd, with a receive buffer of its own.
+ *
+ * Isolation (what a report may point to): a Pump reads into a buffer of its own,
+ * allocated here and never exposed to Python; only pump_lane() writes it, only inside
+ * run(), and one batch holds at most one report about bytes read (a report that carries
+ * data ends the batch). Before run() returns, a report that carries data (PARTIAL: the
+ * bytes the peer did not take; PAST_END: the whole chunk) gets them as a bytes object
+ * of its own. So a report refers to no shared memory at all: whatever Python does with
+ * one report (other relays' reads included) cannot change the bytes of another, and no
+ * session can be handed bytes that another session read. The Python paths of loop.py
+ * read into bytes objects of their own too (no engine-wide buffer).
  *
  * Threading: a Pump and its Lanes are used by one thread (the engine thread), except
- * that other threads may read Lane.received / Lane.messages (aligned 64-bit loads).
+ * that other threads (the trio thread, with the GIL) read Lane.received and
+ * Lane.messages while the engine thread writes them without the GIL: both go through
+ * relaxed __atomic loads and stores (one writer; readers need untorn values only).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -37,15 +50,30 @@
 #include <time.h>
 
 #define HEADER_SIZE 5
+/* epoll_wait's bound for one wait (ms): a long timeout is waited in slices. */
+#define MAX_WAIT_MS (1 << 30)
+
+/* The counters other threads read: one writer (the thread that owns the lane). */
+static inline long long
+load_count(const long long *p)
+{
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+static inline void
+add_count(long long *p, long long delta)
+{
+    __atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) + delta, __ATOMIC_RELAXED);
+}
 
 /* What Pump.run() reports (the first element of each tuple). */
 enum {
     CODE_EVENT = 0,     /* an epoll event for Python to handle as it is */
     CODE_EOF = 1,       /* recv returned 0 */
     CODE_RECV_ERROR = 2,/* recv failed: arg = errno */
-    CODE_PAST_END = 3,  /* n bytes read into the buffer took the budget below 0 */
+    CODE_PAST_END = 3,  /* n bytes read took the budget below 0: arg = those bytes (a copy) */
     CODE_PROTOCOL = 4,  /* n bytes read; a header had an invalid length: arg = exception */
-    CODE_PARTIAL = 5,   /* n bytes read, arg sent to the peer: the rest is in buffer[arg:n] */
+    CODE_PARTIAL = 5,   /* n bytes read, some sent: arg = the bytes the peer did not take (a copy) */
     CODE_SEND_ERROR = 6 /* n bytes read, sending them to the peer failed: arg = errno */
 };
 
@@ -104,7 +132,7 @@ complete_header(Lane *lane, const unsigned char *p, long long n, int *bad_type, 
         return -1;
     }
     *got_header = 1;
-    lane->messages += 1;
+    add_count(&lane->messages, 1);
     return take + (long long)length - 4;
 }
 
@@ -127,8 +155,8 @@ static int
 feed(Lane *lane, const unsigned char *p, long long n, int with_hook, int *bad_type,
      int32_t *bad_len)
 {
-    PyObject *hook = with_hook ? lane->hook : NULL;
     long long pos;
+    int completed = 0;
     if (lane->hlen == 0) {
         if (lane->skip >= n) {
             /* The whole chunk lies inside the current message body (or is empty). */
@@ -144,15 +172,26 @@ feed(Lane *lane, const unsigned char *p, long long n, int with_hook, int *bad_ty
             return -1;
         if (lane->hlen)
             return 0;
-        if (hook != NULL && call_hook(hook, lane->header[0], read_length(lane->header + 1)) < 0) {
-            lane->messages -= 1; /* as BoundaryTracker: counted once its hook returned */
+        completed = 1;
+    }
+    /* Every hook call holds a strong reference: a hook may replace itself (lane.hook =
+     * other), which drops the lane's own reference to it. As BoundaryTracker, the hook
+     * that completes a split header is called first; the rest of the chunk goes to the
+     * hook in place after that call. */
+    if (completed && with_hook && lane->hook != NULL) {
+        PyObject *first = Py_NewRef(lane->hook);
+        int failed = call_hook(first, lane->header[0], read_length(lane->header + 1)) < 0;
+        Py_DECREF(first);
+        if (failed) {
+            add_count(&lane->messages, -1); /* as BoundaryTracker: counted once its hook returned */
             lane->skip = pos >= n ? pos - n : 0;
             return -2;
         }
     }
+    PyObject *hook = with_hook ? lane->hook : NULL;
+    Py_XINCREF(hook);
     int rc = 0;
     long long count = 0;
-    Py_XINCREF(hook); /* the hook may replace itself */
     while (pos <= n - HEADER_SIZE) {
         int32_t length = read_length(p + pos + 1);
         if (length < 4) {
@@ -169,7 +208,7 @@ feed(Lane *lane, const unsigned char *p, long long n, int with_hook, int *bad_ty
         pos += 1 + (long long)length;
     }
     Py_XDECREF(hook);
-    lane->messages += count;
+    add_count(&lane->messages, count);
     if (rc < 0)
         return rc;
     if (pos >= n) {
@@ -262,7 +301,16 @@ Lane_traverse(Lane *self, visitproc visit, void *arg)
 static int
 Lane_clear(Lane *self)
 {
-    self->owner = self;
+    Lane *peer = self->peer;
+    if (peer != NULL && peer->owner == self) {
+        /* The peer borrowed our budget: it keeps its own from now on. */
+        peer->budget = self->budget;
+        peer->owner = peer;
+    }
+    if (self->owner != self) {
+        self->budget = self->owner->budget;
+        self->owner = self;
+    }
     Py_CLEAR(self->peer);
     Py_CLEAR(self->hook);
     return 0;
@@ -342,13 +390,13 @@ Lane_feed_until_boundary(Lane *self, PyObject *arg)
                 return NULL;
             }
             if (got && self->hook != NULL) {
-                PyObject *r = PyObject_CallFunction(self->hook, "ii", self->header[0],
-                                                    (int)read_length(self->header + 1));
-                if (r == NULL) {
+                PyObject *hook = Py_NewRef(self->hook); /* it may replace itself */
+                int rc = call_hook(hook, self->header[0], read_length(self->header + 1));
+                Py_DECREF(hook);
+                if (rc < 0) {
                     PyBuffer_Release(&view);
                     return NULL;
                 }
-                Py_DECREF(r);
             }
             if (self->hlen) {
                 PyBuffer_Release(&view);
@@ -451,6 +499,32 @@ Lane_set_hook(Lane *self, PyObject *value, void *closure)
 }
 
 static PyObject *
+Lane_get_received(Lane *self, void *closure)
+{
+    return PyLong_FromLongLong(load_count(&self->received));
+}
+
+static int
+Lane_set_received(Lane *self, PyObject *value, void *closure)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete received");
+        return -1;
+    }
+    long long v = PyLong_AsLongLong(value);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    __atomic_store_n(&self->received, v, __ATOMIC_RELAXED);
+    return 0;
+}
+
+static PyObject *
+Lane_get_messages(Lane *self, void *closure)
+{
+    return PyLong_FromLongLong(load_count(&self->messages));
+}
+
+static PyObject *
 Lane_get_partial_header(Lane *self, void *closure)
 {
     return PyLong_FromLong(self->hlen);
@@ -474,9 +548,6 @@ static PyMethodDef Lane_methods[] = {
 
 static PyMemberDef Lane_members[] = {
     {"fd", T_INT, offsetof(Lane, fd), READONLY, "the socket's file descriptor"},
-    {"received", T_LONGLONG, offsetof(Lane, received), 0, "bytes read from this lane"},
-    {"messages", T_LONGLONG, offsetof(Lane, messages), READONLY,
-     "message headers seen in what was read"},
     {"in_pump", T_BOOL, offsetof(Lane, in_pump), READONLY, "served by a Pump's C loop"},
     {NULL},
 };
@@ -493,6 +564,10 @@ static PyGetSetDef Lane_getset[] = {
     {"partial_header", (getter)Lane_get_partial_header, NULL,
      "bytes of a header split across chunks", NULL},
     {"skip", (getter)Lane_get_skip, NULL, "body bytes still to skip", NULL},
+    {"received", (getter)Lane_get_received, (setter)Lane_set_received,
+     "bytes read from this lane (readable from any thread)", NULL},
+    {"messages", (getter)Lane_get_messages, NULL,
+     "message headers seen in what was read (readable from any thread)", NULL},
     {NULL},
 };
 
@@ -528,8 +603,8 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int epfd;
-    Py_buffer buffer;
-    int has_buffer;
+    unsigned char *buf; /* private: see "Isolation" above */
+    Py_ssize_t bufsize;
     Lane **table; /* indexed by fd */
     int capacity;
     Py_ssize_t count;
@@ -542,13 +617,13 @@ typedef struct {
 static int
 Pump_init(Pump *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"epoll_fd", "buffer", "max_events", NULL};
+    static char *kwlist[] = {"epoll_fd", "buffer_size", "max_events", NULL};
     int epfd;
+    Py_ssize_t bufsize;
     int max_events = 256;
-    PyObject *buffer;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO|i", kwlist, &epfd, &buffer, &max_events))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "in|i", kwlist, &epfd, &bufsize, &max_events))
         return -1;
-    if (self->has_buffer || self->table != NULL) {
+    if (self->buf != NULL || self->table != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Pump already initialized");
         return -1;
     }
@@ -556,18 +631,17 @@ Pump_init(Pump *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "bad epoll fd or max_events");
         return -1;
     }
-    if (PyObject_GetBuffer(buffer, &self->buffer, PyBUF_WRITABLE) < 0)
-        return -1;
-    self->has_buffer = 1;
-    if (self->buffer.len < 1) {
-        PyErr_SetString(PyExc_ValueError, "the buffer must not be empty");
+    if (bufsize < 1 || bufsize > (1 << 30)) {
+        PyErr_SetString(PyExc_ValueError, "buffer_size must be between 1 and 2**30");
         return -1;
     }
     self->epfd = epfd;
     self->max_events = max_events;
     self->events = PyMem_Calloc((size_t)max_events, sizeof(struct epoll_event));
     self->reports = PyMem_Calloc((size_t)max_events, sizeof(Report));
-    if (self->events == NULL || self->reports == NULL) {
+    self->buf = PyMem_Malloc((size_t)bufsize);
+    self->bufsize = bufsize;
+    if (self->events == NULL || self->reports == NULL || self->buf == NULL) {
         PyErr_NoMemory();
         return -1;
     }
@@ -603,8 +677,7 @@ Pump_dealloc(Pump *self)
     PyMem_Free(self->table);
     PyMem_Free(self->events);
     PyMem_Free(self->reports);
-    if (self->has_buffer)
-        PyBuffer_Release(&self->buffer);
+    PyMem_Free(self->buf);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -692,8 +765,8 @@ monotonic_now(void)
 static int
 pump_lane(Pump *self, Lane *lane, Report *rep)
 {
-    unsigned char *buf = (unsigned char *)self->buffer.buf;
-    size_t size = (size_t)self->buffer.len;
+    unsigned char *buf = self->buf;
+    size_t size = (size_t)self->bufsize;
     ssize_t n;
     do {
         n = recv(lane->fd, buf, size, MSG_DONTWAIT);
@@ -710,7 +783,7 @@ pump_lane(Pump *self, Lane *lane, Report *rep)
         return 1;
     }
     rep->n = n;
-    lane->received += n;
+    add_count(&lane->received, n);
     Lane *owner = lane->owner;
     owner->budget -= n;
     if (owner->budget < 0) {
@@ -751,7 +824,7 @@ Pump_run(Pump *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "Pump.run() is not reentrant");
         return NULL;
     }
-    if (!self->has_buffer || self->events == NULL) {
+    if (self->buf == NULL || self->events == NULL || self->reports == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Pump not initialized");
         return NULL;
     }
@@ -766,6 +839,8 @@ Pump_run(Pump *self, PyObject *args)
             double left = deadline - monotonic_now();
             if (left <= 0)
                 wait_ms = 0;
+            else if (left >= MAX_WAIT_MS / 1000.0)
+                wait_ms = MAX_WAIT_MS; /* a long (or infinite) timeout: wait in slices */
             else
                 wait_ms = (int)(left * 1000.0) + 1; /* round up: never return early */
         }
@@ -827,8 +902,19 @@ Pump_run(Pump *self, PyObject *args)
                 return NULL;
             }
         }
+        else if (rep->code == CODE_PAST_END || rep->code == CODE_PARTIAL) {
+            /* The batch's only data report (it ended the batch): its bytes are copied
+             * out of the pump's buffer before anything else can run. */
+            long long from = rep->code == CODE_PARTIAL ? rep->arg : 0;
+            arg = PyBytes_FromStringAndSize((const char *)self->buf + from,
+                                            (Py_ssize_t)(rep->n - from));
+        }
         else {
             arg = PyLong_FromLongLong(rep->arg);
+        }
+        if (arg == NULL) {
+            Py_DECREF(list);
+            return NULL;
         }
         PyObject *item = Py_BuildValue("(iiLLN)", rep->code, rep->fd, (long long)rep->events,
                                        rep->n, arg);

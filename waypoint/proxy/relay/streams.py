@@ -3,28 +3,23 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import trio
 
-from waypoint.pgwire.boundary import BoundaryTracker, HeaderCallback, ProtocolError
+from waypoint.pgwire.boundary import HeaderCallback
 
-from .base import (
-    DEFAULT_BOUNDARY_TIMEOUT,
-    RECV_BUFFER_SIZE,
-    RelayReason,
-    RelayResult,
-    check_limits,
-)
+from .base import DEFAULT_BOUNDARY_TIMEOUT, RECV_BUFFER_SIZE, RelayResult
+from .core import RelayCore, TrackedDirection
 
 
 class StreamRelay:
     """Relay two ``trio.abc.Stream`` objects with a task per direction (a :class:`RelayControl`).
 
-    Same semantics as :meth:`RelayEngine.start_relay`; the relay runs inside
-    :meth:`wait`, in the caller's task. ``terminate`` may be called before or while
-    ``wait`` runs. Streams are not closed.
+    Same semantics as :meth:`RelayEngine.start_relay`: both are drivers of one
+    :class:`~waypoint.proxy.relay.core.RelayCore`, which decides what a read means. The
+    relay runs inside :meth:`wait`, in the caller's task. ``terminate`` may be called
+    before or while ``wait`` runs. Streams are not closed.
     """
 
     def __init__(
@@ -40,37 +35,33 @@ class StreamRelay:
         initial_to_backend: bytes = b"",
         recv_buffer_size: int = RECV_BUFFER_SIZE,
     ) -> None:
-        check_limits(max_bytes, byte_limit_error)
         self._client = client
         self._backend = backend
-        self._limit = max_bytes if max_bytes > 0 else math.inf
-        self._limit_fatal = byte_limit_error
-        self._client_tracker = BoundaryTracker(on_client_header)
-        self._backend_tracker = BoundaryTracker(on_backend_header)
+        self._from_client = TrackedDirection(on_client_header)
+        self._from_backend = TrackedDirection(on_backend_header)
+        self._core = RelayCore(
+            self._from_client,
+            self._from_backend,
+            max_bytes=max_bytes,
+            byte_limit_error=byte_limit_error,
+        )
         self._initial_to_client = bytes(initial_to_client)
         self._initial_to_backend = bytes(initial_to_backend)
         self._recv_size = recv_buffer_size
-        self._from_client = 0
-        self._from_backend = 0
         self._in_flight = 0
-        self._reason: RelayReason | None = None
-        self._error: str | None = None
-        self._fatal: bytes | None = None
-        self._fatal_timeout = DEFAULT_BOUNDARY_TIMEOUT
-        self._fatal_sent = False
         self._started = False
         self._outer: trio.CancelScope | None = None
-        self._client_reader: trio.CancelScope | None = None
+        #: The scopes of the receives in progress (cancelled when the relay's state changes).
+        self._client_recv: trio.CancelScope | None = None
         self._backend_recv: trio.CancelScope | None = None
-        self._result: RelayResult | None = None
 
     @property
     def bytes_from_client(self) -> int:
-        return self._from_client
+        return self._from_client.received
 
     @property
     def bytes_from_backend(self) -> int:
-        return self._from_backend
+        return self._from_backend.received
 
     @property
     def buffered_bytes(self) -> int:
@@ -78,158 +69,140 @@ class StreamRelay:
 
     @property
     def result(self) -> RelayResult | None:
-        return self._result
+        return self._core.result
 
     def terminate(self, fatal: bytes, *, timeout: float = DEFAULT_BOUNDARY_TIMEOUT) -> None:
         if not fatal:
             raise ValueError("terminate needs the FATAL ErrorResponse bytes to send")
-        self._begin_terminate(fatal, "terminated", timeout)
+        if self._core.terminate(fatal, "terminated", timeout, trio.current_time()):
+            self._end_decided()
 
-    def _begin_terminate(self, fatal: bytes, reason: RelayReason, timeout: float) -> None:
-        if self._fatal is not None or self._reason is not None or self._result is not None:
-            return
-        self._fatal = fatal
-        self._reason = reason
-        self._fatal_timeout = timeout
+    # -- reacting to the core ----------------------------------------------------------------
+
+    def _end_decided(self) -> None:
+        """The core decided an end: no more client input; the FATAL goes at a boundary."""
+        core = self._core
         if self._outer is not None:
-            self._outer.deadline = min(self._outer.deadline, trio.current_time() + timeout)
-        if self._client_reader is not None:
-            self._client_reader.cancel()
-        if self._backend_recv is not None and self._backend_tracker.at_boundary:
+            self._outer.deadline = min(self._outer.deadline, core.deadline)
+        if self._client_recv is not None:
+            self._client_recv.cancel()
+        if self._backend_recv is not None and core.fatal_due:
             self._backend_recv.cancel()  # idle at a boundary: inject now
 
-    def _end(self, reason: RelayReason, error: str | None = None) -> None:
-        if self._reason is None:
-            self._reason = reason
-        if self._error is None:
-            self._error = error
+    def _closing(self) -> None:
+        """A side closed or failed: stop reading; sends in progress get until the deadline."""
+        for scope in (self._client_recv, self._backend_recv):
+            if scope is not None:
+                scope.cancel()
+        if self._outer is not None:
+            self._outer.deadline = min(self._outer.deadline, self._core.deadline)
+
+    def _stop(self) -> None:
+        """The relay is over (nothing is owed to either side)."""
         assert self._outer is not None
         self._outer.cancel()
+
+    # -- the relay ---------------------------------------------------------------------------
 
     async def wait(self) -> RelayResult:
         if self._started:
             raise RuntimeError("a StreamRelay runs once")
         self._started = True
-        with trio.CancelScope() as outer:
-            self._outer = outer
-            if self._fatal is not None:
-                outer.deadline = trio.current_time() + self._fatal_timeout
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._client_to_backend)
-                nursery.start_soon(self._backend_to_client)
-        self._result = RelayResult(
-            reason=self._reason or "terminated",
-            bytes_from_client=self._from_client,
-            bytes_from_backend=self._from_backend,
-            error=self._error,
-            fatal_sent=self._fatal_sent,
-            messages_from_client=self._client_tracker.messages,
-            messages_from_backend=self._backend_tracker.messages,
-        )
-        return self._result
+        core = self._core
+        if core.result is None:
+            core.start(self._initial_to_client, self._initial_to_backend, trio.current_time())
+        if core.result is None:
+            with trio.CancelScope(deadline=core.deadline) as outer:
+                self._outer = outer
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._client_to_backend)
+                    nursery.start_soon(self._backend_to_client)
+        return core.end()
 
-    def _count(self, n: int, from_client: bool) -> None:
-        if from_client:
-            self._from_client += n
-        else:
-            self._from_backend += n
-        if self._from_client + self._from_backend > self._limit:
-            self._begin_terminate(self._limit_fatal, "byte_limit", DEFAULT_BOUNDARY_TIMEOUT)
-
-    async def _send(
-        self, stream: trio.abc.Stream, data: bytes | bytearray, to_client: bool
-    ) -> bool:
-        """Write to one side; False (and the relay ends) if that side is gone."""
+    async def _send(self, stream: trio.abc.Stream, data: bytes | bytearray, to_client: bool) -> bool:
+        """Write to one side; False (and the relay is closing) if that side is gone."""
         self._in_flight += len(data)
         try:
             await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._end("client_closed" if to_client else "backend_closed", _describe(exc, to_client))
+            side = self._from_client if to_client else self._from_backend
+            self._core.closed(side, trio.current_time(), _describe(exc, to_client))
+            self._closing()
             return False
         finally:
             self._in_flight -= len(data)
         return True
 
-    async def _receive(
-        self, stream: trio.abc.Stream, from_client: bool
-    ) -> bytes | bytearray | None:
-        """Read from one side; None (and the relay ends) at EOF or if that side is gone."""
-        reason: RelayReason = "client_closed" if from_client else "backend_closed"
-        try:
-            data = await stream.receive_some(self._recv_size)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._end(reason, _describe(exc, from_client))
-            return None
-        if not data:
-            self._end(reason)
-            return None
-        return data
+    async def _receive(self, stream: trio.abc.Stream, from_client: bool) -> bytes | None:
+        """Read from one side; None at EOF, if that side is gone (the relay is then
+        closing), or when the relay's state changed (the caller looks again)."""
+        side = self._from_client if from_client else self._from_backend
+        with trio.CancelScope() as scope:
+            if from_client:
+                self._client_recv = scope
+            else:
+                self._backend_recv = scope
+            try:
+                data = await stream.receive_some(self._recv_size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._core.closed(side, trio.current_time(), _describe(exc, from_client))
+                self._closing()
+                return None
+            finally:
+                if from_client:
+                    self._client_recv = None
+                else:
+                    self._backend_recv = None
+            if not data:
+                self._core.closed(side, trio.current_time())
+                self._closing()
+                return None
+            return bytes(data)
+        return None  # cancelled: the relay's state changed
 
-    async def _send_initial(
-        self, data: bytes, tracker: BoundaryTracker, stream: trio.abc.Stream, to_client: bool
-    ) -> bool:
-        """Bytes the handshake read past the start of the relay: counted, tracked and sent
-        before anything else; False if the relay ended."""
-        if not data:
-            return True
-        self._count(len(data), not to_client)
-        tracker.feed(data)
-        return await self._send(stream, data, to_client)
+    def _pass_on(self, side: TrackedDirection, data: bytes) -> bytes | None:
+        """The core's answer to a read: what to send on, or None when the relay is over."""
+        core = self._core
+        out = core.read(side, data, trio.current_time())
+        if core.result is not None:
+            self._stop()
+            return None
+        if core.terminating:
+            self._end_decided()
+        return out
 
     async def _client_to_backend(self) -> None:
-        tracker = self._client_tracker
-        backend = self._backend
-        try:
-            if not await self._send_initial(self._initial_to_backend, tracker, backend, False):
+        core = self._core
+        initial = b"" if core.terminating else self._initial_to_backend
+        if initial and not await self._send(self._backend, initial, False):
+            return
+        while not (core.terminating or core.closing or core.result is not None):
+            data = await self._receive(self._client, True)
+            if data is None:
+                continue
+            out = self._pass_on(self._from_client, data)
+            if out and not await self._send(self._backend, out, False):
                 return
-            with trio.CancelScope() as reader:
-                self._client_reader = reader
-                if self._fatal is not None:
-                    reader.cancel()
-                while True:
-                    data = await self._receive(self._client, True)
-                    if data is None:
-                        return
-                    self._count(len(data), True)
-                    if self._fatal is not None:
-                        return  # past the end that was decided: dropped
-                    tracker.feed(data)
-                    if not await self._send(backend, data, False):
-                        return
-        except ProtocolError as exc:
-            self._end("error", f"client: {exc}")
 
     async def _backend_to_client(self) -> None:
-        tracker = self._backend_tracker
-        client = self._client
-        try:
-            if not await self._send_initial(self._initial_to_client, tracker, client, True):
+        core = self._core
+        if self._initial_to_client and not await self._send(self._client, self._initial_to_client, True):
+            return
+        while core.result is None:
+            if core.fatal_due:
+                fatal = core.take_fatal(trio.current_time())
+                if await self._send(self._client, fatal, True):
+                    core.client_drained()
+                    self._stop()
                 return
-            while True:
-                if self._fatal is not None and tracker.at_boundary:
-                    if await self._send(client, self._fatal, True):
-                        self._fatal_sent = True
-                        self._end("terminated")
-                    return
-                with trio.CancelScope() as recv_scope:
-                    self._backend_recv = recv_scope
-                    data = await self._receive(self._backend, False)
-                self._backend_recv = None
-                if recv_scope.cancelled_caught:
-                    continue  # terminate() while idle at a boundary: inject now
-                if data is None:
-                    return
-                self._count(len(data), False)
-                if self._fatal is not None:
-                    taken = tracker.feed_until_boundary(data)
-                    if not await self._send(client, data[:taken], True):
-                        return
-                    continue
-                tracker.feed(data)
-                if not await self._send(client, data, True):
-                    return
-        except ProtocolError as exc:
-            self._end("error", f"backend: {exc}")
+            if core.closing:
+                return
+            data = await self._receive(self._backend, False)
+            if data is None:
+                continue
+            out = self._pass_on(self._from_backend, data)
+            if out and not await self._send(self._client, out, True):
+                return
 
 
 def _describe(exc: BaseException, client: bool) -> str:

@@ -1,0 +1,564 @@
+"""The relay engine's epoll loop: everything that runs in the engine thread.
+
+The common case runs in C (``_pump.Pump.run``, waypoint/proxy/relay/_pump.c): it waits,
+and relays every plain readable socket (recv, count, skip headers, send) without the GIL
+until an event needs Python. What it hands back is dispatched here: back-pressure, EOF and
+errors, reads past the byte budget, relays with header hooks, client TLS
+(client_tls.py) and commands from trio (bridge.py). What a read means (counts, the
+budget, the decided end, the FATAL at a boundary, flush-then-finish, the verdict) is
+decided by each relay's :class:`~waypoint.proxy.relay.core.RelayCore`; this module only
+moves bytes and keeps epoll interest in step.
+
+Isolation: every chunk handled here is a bytes object of its own (``sock.recv`` in
+Python; the C loop's data reports carry copies out of its private buffer), so nothing one
+relay does can change the bytes another relay is about to send.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import socket
+import ssl
+import time
+from typing import Final
+
+from waypoint.pgwire.boundary import HeaderCallback, ProtocolError
+
+from .base import RelayReason
+from .bridge import Command, Commands, RelayHandle, Reporter
+from .client_tls import TlsEnd, TlsHandover, decrypt, encrypt, own_records, take_ciphertext
+from .core import RelayCore
+
+try:
+    from . import _pump
+except ImportError as exc:  # pragma: no cover - a source tree without the build step
+    raise ImportError(
+        "waypoint.proxy.relay._pump (the relay's C hot path) is not built: install the "
+        "project with pip (a C compiler and the Python headers are needed), e.g. pip install -e ."
+    ) from exc
+
+_EPOLLIN: Final = select.EPOLLIN
+_EPOLLOUT: Final = select.EPOLLOUT
+_EPOLLBAD: Final = select.EPOLLERR | select.EPOLLHUP
+#: Events taken per ``epoll_wait`` (the C loop's batch).
+_MAX_EVENTS: Final = 256
+_PEER_GONE_ERRNOS: Final = frozenset(
+    {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN}
+)
+
+
+class Side(_pump.Lane):
+    """One socket of a relay: what is read from it and what waits to be written to it.
+
+    The C base (``_pump.Lane``) holds what the C loop needs: ``fd``, ``reading``,
+    ``received``, the shared byte ``budget`` and the message-boundary tracker
+    (``feed``, ``feed_until_boundary``, ``at_boundary``, ``messages``; the semantics of
+    :class:`~waypoint.pgwire.boundary.BoundaryTracker`). It is the relay core's
+    :class:`~waypoint.proxy.relay.core.Direction`.
+    """
+
+    __slots__ = ("is_client", "mask", "out", "peer", "recv", "relay", "send", "sock", "tls")
+
+    def __init__(
+        self,
+        relay: Relay,
+        sock: socket.socket,
+        is_client: bool,
+        on_header: HeaderCallback | None = None,
+    ) -> None:
+        super().__init__(sock.fileno())
+        self.hook = on_header
+        self.relay = relay
+        self.sock = sock
+        self.recv = sock.recv
+        self.send = sock.send
+        self.is_client = is_client
+        #: Bytes for this socket not yet written (bounded by one recv, plus a FATAL).
+        self.out: bytes = b""
+        #: The epoll mask currently registered (0: not registered).
+        self.mask = 0
+        self.peer: Side = self  # set by Relay
+        #: The client's TLS session when the client side speaks TLS (engine-thread only).
+        self.tls: TlsHandover | None = None
+
+
+class Relay:
+    """One relay's sockets and its core. Mutated only by the engine thread once added,
+    except the counters the trio side reads."""
+
+    __slots__ = ("backend", "client", "core", "finished", "handle", "stopped", "tls")
+
+    def __init__(
+        self,
+        client_sock: socket.socket,
+        backend_sock: socket.socket,
+        *,
+        max_bytes: int,
+        byte_limit_error: bytes,
+        on_client_header: HeaderCallback | None,
+        on_backend_header: HeaderCallback | None,
+        client_tls: TlsHandover | None,
+    ) -> None:
+        self.client = client = Side(self, client_sock, True, on_client_header)
+        self.backend = backend = Side(self, backend_sock, False, on_backend_header)
+        client.link(backend)  # the client lane holds the shared budget
+        client.peer = backend
+        backend.peer = client
+        self.core = RelayCore(client, backend, max_bytes=max_bytes, byte_limit_error=byte_limit_error)
+        #: The client side speaks TLS: both sides are served off the plaintext hot path.
+        self.tls = client_tls is not None
+        client.tls = client_tls
+        self.handle: RelayHandle
+        #: The decided end has been applied to the sockets (client no longer read).
+        self.stopped = False
+        #: Torn down (unregistered, verdict reported).
+        self.finished = False
+
+    @property
+    def pumped(self) -> bool:
+        """Served by the C loop: plain sockets, no header hooks."""
+        return not self.tls and self.client.hook is None and self.backend.hook is None
+
+
+def wire(side: Side, plaintext: bytes) -> bytes:
+    """What to put on ``side``'s socket for ``plaintext``: itself, or TLS records."""
+    return plaintext if side.tls is None else encrypt(side.tls, plaintext)
+
+
+def _who(side: Side) -> str:
+    return "client" if side.is_client else "backend"
+
+
+class EpollLoop:
+    """The engine thread's state and its loop (see the module docstring)."""
+
+    def __init__(self, recv_buffer_size: int, commands: Commands) -> None:
+        self._commands = commands
+        self.epoll = select.epoll()
+        self.epoll.register(commands.wake_fd, _EPOLLIN)
+        #: Sides of plain relays (the C loop's, or hooked) and of relays with a TLS client.
+        self._sides: dict[int, Side] = {}
+        self._tls_sides: dict[int, Side] = {}
+        self.relays: set[Relay] = set()
+        self._timed: set[Relay] = set()
+        #: Bytes per read (each read in Python gets a bytes object of its own).
+        self._recv_size = recv_buffer_size
+        #: The C loop over ``epoll``, with a receive buffer of its own.
+        self.pump = _pump.Pump(self.epoll.fileno(), recv_buffer_size, _MAX_EVENTS)
+        self._reporter: Reporter | None = None
+        self.failure: str | None = None
+
+    # -- the thread -----------------------------------------------------------------------
+
+    def run(self, reporter: Reporter) -> None:
+        """The engine thread's body: loop until told to stop, then end every relay."""
+        self._reporter = reporter
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug: fail every relay loudly rather than hang them
+            self.failure = f"relay engine failed: {type(exc).__name__}: {exc}"
+            for relay in list(self.relays):
+                self._finish(relay, "error", self.failure, force=True)
+        finally:
+            left = self._commands.close()
+            for relay in list(self.relays):
+                self._finish(relay, "terminated", "relay engine stopped")
+            for kind, queued, _, _ in left:
+                if kind == "add" and queued is not None:
+                    self._finish(queued, "terminated", self.failure or "relay engine stopped")
+            self.epoll.close()
+
+    def _loop(self) -> None:
+        run = self.pump.run
+        sides = self._sides
+        tls_sides = self._tls_sides
+        timed = self._timed
+        wake_fd = self._commands.wake_fd
+        monotonic = time.monotonic
+        readable = _EPOLLIN
+        other_event = self._other_event
+        read_plain = self._read_plain
+        tls_event = self._tls_event
+        while True:
+            timeout = max(0.0, min(r.core.deadline for r in timed) - monotonic()) if timed else -1.0
+            for code, fd, events, _n, arg in run(timeout):
+                side = sides.get(fd)
+                if side is None:
+                    side = tls_sides.get(fd)
+                    if side is not None:
+                        tls_event(side, events)
+                    elif fd == wake_fd and self._run_commands():
+                        return
+                    continue
+                if code == _pump.EVENT:
+                    # Not plain readability, or a relay the C loop does not serve.
+                    if events != readable:
+                        if not other_event(side, events):
+                            continue
+                    elif not side.reading:
+                        continue  # stale: this batch already changed the relay
+                    read_plain(side)
+                elif code == _pump.PARTIAL:
+                    assert isinstance(arg, bytes)  # what the peer did not take (a copy)
+                    self._hold(side, arg)
+                elif code == _pump.EOF:
+                    self._closed(side)
+                elif code == _pump.PAST_END:
+                    assert isinstance(arg, bytes)  # the chunk (a copy), counted, not fed
+                    self._after_read(side, side.relay.core.read_counted(side, arg, monotonic()))
+                elif code == _pump.PROTOCOL:
+                    assert isinstance(arg, ProtocolError)
+                    self._finish(side.relay, "error", f"{_who(side)}: {arg}")
+                elif code == _pump.RECV_ERROR:
+                    assert isinstance(arg, int)
+                    self._socket_error(side, OSError(arg, os.strerror(arg)))
+                elif code == _pump.SEND_ERROR:
+                    assert isinstance(arg, int)
+                    self._socket_error(side.peer, OSError(arg, os.strerror(arg)))
+            if timed:
+                now = monotonic()
+                for relay in [r for r in timed if r.core.expired(now)]:
+                    self._finish(relay)
+
+    # -- commands from trio ----------------------------------------------------------------
+
+    def _run_commands(self) -> bool:
+        """Run what trio asked for; True when the engine must stop (relays added with
+        or after the stop are ended with every other on the way out)."""
+        stop = False
+        for command in self._commands.take():
+            if command[0] == "stop":
+                stop = True
+            else:
+                self._run_command(command)
+        return stop
+
+    def _run_command(self, command: Command) -> None:
+        kind, relay, fatal, timeout = command
+        assert relay is not None
+        if kind == "add":
+            self._add(relay)
+        elif relay.finished or relay not in self.relays:
+            pass
+        elif kind == "terminate":
+            assert fatal is not None
+            if relay.core.terminate(fatal, "terminated", timeout, time.monotonic()):
+                self._begin_end(relay)
+        elif kind == "abort":
+            self._finish(relay, "terminated", "relay aborted")
+
+    def _add(self, relay: Relay) -> None:
+        for side in (relay.client, relay.backend):
+            if side.fd in self._sides or side.fd in self._tls_sides:
+                self._finish(relay, "error", f"file descriptor {side.fd} is already being relayed")
+                return
+        if relay.core.done:  # the handshake's leftovers were malformed
+            self._finish(relay)
+            return
+        self.relays.add(relay)
+        table = self._tls_sides if relay.tls else self._sides
+        for side in (relay.client, relay.backend):
+            table[side.fd] = side
+        if relay.pumped:
+            self.pump.add(relay.client)
+            self.pump.add(relay.backend)
+        for side in (relay.client, relay.backend):
+            try:
+                self._update(side)
+            except OSError as exc:
+                self._finish(relay, "error", f"cannot watch {_who(side)} socket: {exc}")
+                return
+        if relay.core.terminating:  # the handshake's leftovers alone exceed max_bytes
+            self._begin_end(relay)
+            return
+        # Bytes handed over by the handshake: try to write them now.
+        for side in (relay.client, relay.backend):
+            if side.out and not relay.finished:
+                self._flush(side)
+        client = relay.client
+        if client.tls is not None and client.reading and not relay.finished:
+            self._tls_read(client, False)  # ciphertext the client pipelined after its handshake
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def _recv(self, side: Side) -> bytes | None:
+        """Read ``side`` once: the chunk (a bytes object of its own), or None when there
+        was nothing to read or the side is gone (EOF and errors are dealt with here)."""
+        try:
+            data = side.recv(self._recv_size)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            self._socket_error(side, exc)
+            return None
+        if not data:
+            self._closed(side)
+            return None
+        return data
+
+    def _read_plain(self, side: Side) -> None:
+        """Read ``side`` once and pass the chunk on (the C loop's work, in Python: for
+        relays with header hooks or a TLS client, and reads that follow another event)."""
+        chunk = self._recv(side)
+        if chunk is not None:
+            self._after_read(side, side.relay.core.read(side, chunk, time.monotonic()))
+
+    def _after_read(self, side: Side, data: bytes) -> None:
+        """Act on the core's answer to a read from ``side``: ``data`` goes to the peer."""
+        relay = side.relay
+        core = relay.core
+        if core.done:
+            self._finish(relay)
+            return
+        if not core.terminating:
+            if data:
+                self._forward(side, data)
+            return
+        self._stop_for_end(relay)
+        client = relay.client
+        if data and not self._queue(client, data):  # backend bytes up to the boundary
+            return
+        if core.fatal_due:
+            self._queue_fatal(relay)
+        elif data:
+            # No boundary yet (a long message): forward it, keep going until the deadline.
+            side.reading = False
+            self._update(side)
+            self._flush(client)
+
+    def _forward(self, side: Side, data: bytes) -> None:
+        """Send ``data`` read from ``side`` to its peer; hold what it does not take."""
+        peer = side.peer
+        if peer.tls is not None:
+            try:
+                data = encrypt(peer.tls, data)
+            except ssl.SSLError as exc:
+                self._tls_error(peer, exc)
+                return
+        try:
+            sent = peer.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._socket_error(peer, exc)
+            return
+        if sent != len(data):
+            self._hold(side, data[sent:])
+
+    def _hold(self, side: Side, rest: bytes) -> None:
+        """Back-pressure: keep what the peer did not take, stop reading until it drains."""
+        peer = side.peer
+        peer.out = rest
+        side.reading = False
+        self._update(side)
+        self._update(peer)
+
+    def _other_event(self, side: Side, events: int) -> bool:
+        """Anything but plain readability (writable, HUP, ERR, several at once). Flushes
+        what is pending toward ``side``; True when ``side`` should be read now."""
+        if side.relay.finished:
+            return False
+        if events & _EPOLLOUT or (events & _EPOLLBAD and side.out):
+            self._flush(side)
+            if side.relay.finished:
+                return False
+        return side.reading and bool(events & (_EPOLLIN | _EPOLLBAD))
+
+    # -- client TLS (off the plaintext hot path) -------------------------------------------
+
+    def _tls_event(self, side: Side, events: int) -> None:
+        if not self._other_event(side, events):
+            return
+        if side.is_client:
+            self._tls_read(side, True)
+        else:
+            self._read_plain(side)  # plaintext from the backend, encrypted by _forward
+
+    def _tls_read(self, side: Side, receive: bool) -> None:
+        """Ciphertext from the TLS client: receive it (if ``receive``), then decrypt and
+        pass on everything that is complete, until back-pressure or the relay ends."""
+        tls = side.tls
+        assert tls is not None
+        relay = side.relay
+        if receive:
+            try:
+                ciphertext = side.recv(self._recv_size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._socket_error(side, exc)
+                return
+            take_ciphertext(tls, ciphertext)
+        size = self._recv_size
+        core = relay.core
+        while side.reading and not relay.finished:
+            try:
+                data = decrypt(tls, size)
+            except TlsEnd:
+                self._closed(side)
+                return
+            except ssl.SSLError as exc:
+                self._tls_error(side, exc)
+                return
+            if data is None:
+                break
+            self._after_read(side, core.read(side, data, time.monotonic()))
+        if not relay.finished and (records := own_records(tls)):
+            side.out += records
+            self._flush(side)
+
+    def _tls_error(self, side: Side, exc: ssl.SSLError) -> None:
+        side.relay.core.closed(
+            side, time.monotonic(), f"client TLS: {exc.reason or type(exc).__name__}", gone=False
+        )
+        self._closing(side.relay, side)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def _queue(self, side: Side, plaintext: bytes) -> bool:
+        """Append ``plaintext`` to what goes to ``side``; False if TLS failed (handled)."""
+        try:
+            side.out += wire(side, plaintext)
+        except ssl.SSLError as exc:
+            self._tls_error(side, exc)
+            return False
+        return True
+
+    def _update(self, side: Side) -> None:
+        """Register the interest ``side`` needs now. A side that neither reads nor writes
+        is unregistered, so that level-triggered HUP/ERR cannot spin the loop."""
+        mask = (_EPOLLIN if side.reading else 0) | (_EPOLLOUT if side.out else 0)
+        old = side.mask
+        if mask == old:
+            return
+        if mask == 0:
+            self.epoll.unregister(side.fd)
+        elif old == 0:
+            self.epoll.register(side.fd, mask)
+        else:
+            self.epoll.modify(side.fd, mask)
+        side.mask = mask
+
+    def _flush(self, side: Side) -> None:
+        """Write what is pending toward ``side``; resume reading its peer when drained."""
+        relay = side.relay
+        core = relay.core
+        data = side.out
+        try:
+            sent = side.send(data)
+        except (BlockingIOError, InterruptedError):
+            self._update(side)  # make sure write interest is registered
+            return
+        except OSError as exc:
+            self._socket_error(side, exc)
+            return
+        side.out = data[sent:]
+        if side.out:
+            self._update(side)
+            return
+        if side.is_client:
+            core.client_drained()
+        if core.closing:
+            # Done once nothing is left to write.
+            if not relay.client.out and not relay.backend.out:
+                self._finish(relay)
+            else:
+                self._update(side)
+            return
+        peer = side.peer
+        if not (core.terminating and peer.is_client):
+            peer.reading = True
+        self._update(side)
+        self._update(peer)
+        if peer.tls is not None and peer.reading:
+            # Decrypted or undecrypted input may wait inside the TLS objects, where
+            # epoll cannot see it.
+            self._tls_read(peer, False)
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def _begin_end(self, relay: Relay) -> None:
+        """The core decided an end (terminate, or the byte limit): apply it."""
+        self._stop_for_end(relay)
+        if relay.core.fatal_due:
+            self._queue_fatal(relay)
+
+    def _stop_for_end(self, relay: Relay) -> None:
+        """Once per relay: nothing more goes to the backend, the deadline is watched."""
+        if relay.stopped:
+            return
+        relay.stopped = True
+        self._timed.add(relay)
+        client, backend = relay.client, relay.backend
+        client.reading = False
+        backend.out = b""
+        self._update(backend)
+        self._update(client)
+
+    def _queue_fatal(self, relay: Relay) -> None:
+        """Everything read from the backend ends at a boundary: the FATAL goes next."""
+        fatal = relay.core.take_fatal(time.monotonic())
+        self._timed.add(relay)
+        client, backend = relay.client, relay.backend
+        if not self._queue(client, fatal):
+            return
+        backend.reading = False
+        self._update(backend)
+        self._flush(client)
+
+    def _closed(self, side: Side) -> None:
+        """EOF from ``side``."""
+        side.relay.core.closed(side, time.monotonic())
+        self._closing(side.relay, side)
+
+    def _socket_error(self, side: Side, exc: OSError) -> None:
+        gone = exc.errno in _PEER_GONE_ERRNOS
+        side.relay.core.closed(side, time.monotonic(), f"{_who(side)} socket: {exc}", gone=gone)
+        self._closing(side.relay, side)
+
+    def _closing(self, relay: Relay, gone: Side) -> None:
+        """``gone`` closed or failed: stop reading, flush what the other side is owed
+        (bounded by the core's deadline), then finish."""
+        gone.out = b""
+        other = gone.peer
+        relay.client.reading = relay.backend.reading = False
+        if not other.out:
+            self._finish(relay)
+            return
+        self._timed.add(relay)
+        self._update(gone)
+        self._update(other)
+        self._flush(other)
+
+    def _finish(
+        self,
+        relay: Relay,
+        reason: RelayReason | None = None,
+        error: str | None = None,
+        *,
+        force: bool = False,
+    ) -> None:
+        """Tear the relay down and report the core's verdict (``reason`` / ``error``
+        count only if no cause was recorded before, unless ``force``)."""
+        if relay.finished:
+            return
+        relay.finished = True
+        result = relay.core.end(reason, error, force=force)
+        for side in (relay.client, relay.backend):
+            side.reading = False
+            self.pump.discard(side)
+            table = self._tls_sides if relay.tls else self._sides
+            if table.get(side.fd) is side:
+                del table[side.fd]
+            if side.mask:
+                with contextlib.suppress(OSError, ValueError):
+                    self.epoll.unregister(side.fd)
+                side.mask = 0
+        self.relays.discard(relay)
+        self._timed.discard(relay)
+        relay.client.out = relay.backend.out = b""
+        if self._reporter is not None:
+            self._reporter.report(relay.handle, result)
