@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from waypoint.config import ConfigError, load_config_text
@@ -132,3 +134,42 @@ def test_bad_ha_settings_are_named(state: str, expected: list[str]) -> None:
 def test_a_bad_password_value_is_never_quoted() -> None:
     found = problems('backend = "redis"\nurl = "redis://h:6379"\npassword = "hunter2-secret"\n')
     assert found and all("hunter2" not in p for p in found)
+
+
+def _secret_file(tmp_path: Path, name: str, text: str, mode: int = 0o600) -> str:
+    path = tmp_path / name
+    path.write_text(text + "\n")
+    path.chmod(mode)
+    return str(path)
+
+
+def test_redis_passwords_come_from_owner_only_files(tmp_path: Path) -> None:
+    data = _secret_file(tmp_path, "redis_pw", "data-secret")
+    sentinel = _secret_file(tmp_path, "sentinel_pw", "sentinel-secret")
+    c = load(
+        'backend = "redis"\nsentinels = ["h:26379"]\nservice_name = "m"\n'
+        f'password_file = "{data}"\nsentinel_password_file = "{sentinel}"\n'
+    )
+    assert (c.state.password, c.state.sentinel_password) == ("data-secret", "sentinel-secret")
+    text = render_config(c)
+    assert "secret" not in text
+    assert "# password: read from password_file" in text
+    assert "# sentinel_password: read from sentinel_password_file" in text
+
+
+def test_a_redis_password_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    data = _secret_file(tmp_path, "redis_pw", "data-secret", mode=0o644)
+    found = problems(
+        f'backend = "redis"\ncluster = true\nnodes = ["h:1"]\npassword_file = "{data}"\n'
+    )
+    assert len(found) == 1 and "state.password_file:" in found[0], found
+    assert "data-secret" not in found[0]
+
+
+def test_a_redis_password_and_its_file_together_are_refused(tmp_path: Path) -> None:
+    data = _secret_file(tmp_path, "redis_pw", "data-secret")
+    found = problems(
+        'backend = "redis"\ncluster = true\nnodes = ["h:1"]\n'
+        f'password = "x"\npassword_file = "{data}"\n'
+    )
+    assert len(found) == 1 and "set either password or password_file, not both" in found[0]

@@ -82,11 +82,13 @@ class StateConfig:
     sentinels: tuple[str, ...] = ()
     service_name: str | None = None
     sentinel_password: str | None = field(default=None, repr=False)
+    sentinel_password_file: str | None = None
     cluster: bool = False
     nodes: tuple[str, ...] = ()
     # The Redis servers' credentials with ``sentinels`` or ``cluster`` (``url`` carries its own).
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    password_file: str | None = None  # files holding them; read at every load
 
     @property
     def redis_mode(self) -> Literal["url", "sentinel", "cluster"]:
