@@ -261,6 +261,27 @@ class SentinelServers(_Servers):
         # the master's INFO: a failover needs both.
         wait_until("three Sentinels that know each other and the replica", sentinels_know_everyone)
 
+    def rejoin(self, port: int) -> None:
+        """Start the killed server at ``port`` again; the Sentinels make it a replica of the
+        current master. Returns once it is in sync and every Sentinel counts it as up."""
+        self.spawn(port, _data_node_args(port, self.dir / str(port)))
+
+        def synced_replica() -> bool:
+            info: dict[str, Any] = client(port).info("replication")
+            return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+        wait_until(f"{port} back as a replica in sync", synced_replica)
+
+        def every_sentinel_sees_it_up() -> bool:
+            for sport in self.sentinel_ports:
+                replicas = command(self.sentinel(sport), "SENTINEL", "REPLICAS", SERVICE)
+                entries = [str(r) for r in replicas if str(port) in str(r)]
+                if not entries or any("s_down" in e or "disconnected" in e for e in entries):
+                    return False
+            return True
+
+        wait_until(f"every Sentinel to see {port} up", every_sentinel_sees_it_up)
+
     def master_address(self) -> tuple[str, int] | None:
         """The master the Sentinels name now (asking them in turn)."""
         for port in self.sentinel_ports:

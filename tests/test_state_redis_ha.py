@@ -164,12 +164,124 @@ async def wait_until_async(what: str, check: Callable[[], Awaitable[bool]], time
     raise AssertionError(f"not within {timeout}s: {what}")
 
 
+async def burst_through_a_failover(
+    servers: SentinelServers, a: StateStore, b: StateStore, old_master: int, replica: int
+) -> None:
+    """Kill ``old_master`` during a burst from instances ``a`` and ``b``; check every promise
+    of docs/scaling.md ("What a failover looks like") up to ``replica`` serving as master."""
+    assert await trio.to_thread.run_sync(servers.master_address) == ("127.0.0.1", old_master)
+    burst = Burst()
+    stores = [a, b]
+    async with trio.open_nursery() as nursery:
+        for i in range(len(PRINCIPALS) * WORKERS_PER_PRINCIPAL):
+            own, other = (a, b) if i % 2 else (b, a)
+            nursery.start_soon(worker, burst, own, other, PRINCIPALS[i % len(PRINCIPALS)])
+
+        # 1. Healthy: every acquire is granted (each principal has exactly as many
+        # workers as its limit, so a single count too many would refuse one).
+        await trio.sleep(1.0)
+        before = list(burst.outcomes)
+        assert len(before) > 50, len(before)
+        assert all(o.granted for o in before), [o for o in before if not o.granted][:3]
+        assert burst.cancel_missed == 0
+
+        # 2. Kill the master mid-burst. Until the Sentinels promote the replica no master
+        # answers: nothing may be granted then. The replica's role, polled below, says
+        # until when that certainly held.
+        servers.kill(old_master)  # returns once the process is gone
+        killed_at = time.monotonic()
+        probe = await a.acquire_slot(req("probe@example.com", limit=1))
+        assert isinstance(probe, Refusal), probe
+        assert probe.sqlstate == "08004", probe
+        assert "shared state (Redis) is unavailable" in probe.message
+        assert isinstance(a, RedisStateStore)
+        with pytest.raises(StateUnavailableError):
+            await a.ping()
+        last_seen_replica = killed_at
+        with trio.fail_after(FAILOVER_BOUND):
+            while True:
+                now = time.monotonic()
+                role = await trio.to_thread.run_sync(servers.role, replica)
+                if role != "slave":
+                    break
+                last_seen_replica = now
+                await trio.sleep(0.05)
+            while await trio.to_thread.run_sync(servers.master_address) != (
+                "127.0.0.1",
+                replica,
+            ):
+                await trio.sleep(0.05)
+        assert last_seen_replica > killed_at + 0.5  # Sentinel waits down-after (1 s)
+        blind = [o for o in burst.outcomes if o.started > killed_at and o.ended < last_seen_replica]
+        assert blind, "the burst made no acquire while no master answered"
+        assert not any(o.granted for o in blind), "granted while no master answered"
+        assert all(o.sqlstate == "08004" for o in blind), {o.sqlstate for o in blind}
+
+        # 3. The Sentinels name the new master: slots and cancel keys work again at the
+        # first call, on both instances.
+
+        async def both_work() -> bool:
+            for store, peer in ((a, b), (b, a)):
+                lease = await store.acquire_slot(req("check@example.com", limit=2))
+                if not isinstance(lease, SlotLease):
+                    return False
+                await store.release_slot(lease)
+                secret = os.urandom(8)
+                target = cancel_target("10.0.1.10", 5432)
+                await store.register_cancel_key(1, secret, target, ttl=30)
+                found = await peer.lookup_cancel_key(1, secret)
+                await store.unregister_cancel_key(1, secret)
+                if found != target:
+                    return False
+            return True
+
+        await wait_until_async("slots and cancel keys after failover", both_work, RECOVERY_BOUND)
+        recovered = len(burst.outcomes)
+        burst.require_cancel = True
+        settled = killed_at + LEASE + 0.5
+        await trio.sleep(max(1.5, settled + 1.5 - time.monotonic()))
+        burst.stop.set()
+    after = burst.outcomes[recovered:]
+    assert sum(o.granted for o in after) > 20, len(after)
+    # Every cancel key written after recovery was found by the other instance.
+    assert burst.cancel_missed_when_required == 0
+    # Nothing is "unavailable" any more. A count the old master acknowledged but never
+    # passed on may still refuse (53300) until the instances re-assert their counts, or,
+    # on a key the instance no longer holds, until its lease runs out; never later.
+    assert all(o.granted or o.sqlstate == "53300" for o in after)
+    late = [o for o in after if o.started > settled]
+    assert len(late) > 20, len(late)
+    assert all(o.granted for o in late), sum(not o.granted for o in late)
+
+    # 4. Every worker released what it held. Within a lease (a release the old master
+    # took but never passed on frees by its lease; a lost acquire is overwritten by the
+    # next re-assertion) every count is back to zero, seen from both instances.
+    async def all_zero() -> bool:
+        return await usage_everywhere(stores) == {(0, 0, 0)}
+
+    await wait_until_async("counts back to zero", all_zero, LEASE + 5.0)
+
+    # 5. Nothing double-counted or leaked: every principal gets exactly its limit again,
+    # from both instances together, and no more.
+    leases: list[tuple[StateStore, SlotLease]] = []
+    for principal in PRINCIPALS:
+        for i in range(WORKERS_PER_PRINCIPAL):
+            store = stores[i % 2]
+            got = await store.acquire_slot(req(principal))
+            assert isinstance(got, SlotLease), (principal, i, got)
+            leases.append((store, got))
+        over = await a.acquire_slot(req(principal))
+        assert isinstance(over, Refusal) and over.sqlstate == "53300", over
+    for store, lease in leases:
+        await store.release_slot(lease)
+    assert await usage_everywhere(stores) == {(0, 0, 0)}
+
+
 async def test_sentinel_failover_during_a_burst_fails_closed_and_loses_nothing(
     sentinel_servers: SentinelServers,
 ) -> None:
     servers = sentinel_servers
     old_master, replica = servers.master_port, servers.replica_port
-    assert servers.master_address() == ("127.0.0.1", old_master)
     cfg = sentinel_cfg(servers, f"wpha:{secrets.token_hex(4)}:")
     # Sentinels that refuse the password name no master: fail closed, at once.
     wrong = evolve(cfg, sentinel_password="not-the-password")
@@ -181,125 +293,40 @@ async def test_sentinel_failover_during_a_burst_fails_closed_and_loses_nothing(
             assert isinstance(store, RedisStateStore)
             with pytest.raises(StateUnavailableError):
                 await store.ping()  # the readiness check says so too
-    burst = Burst()
     async with (
         open_state(cfg, instance_id="a", op_timeout=OP_TIMEOUT) as a,
         open_state(cfg, instance_id="b", op_timeout=OP_TIMEOUT) as b,
     ):
-        stores = [a, b]
-        async with trio.open_nursery() as nursery:
-            for i in range(len(PRINCIPALS) * WORKERS_PER_PRINCIPAL):
-                own, other = (a, b) if i % 2 else (b, a)
-                nursery.start_soon(worker, burst, own, other, PRINCIPALS[i % len(PRINCIPALS)])
+        await burst_through_a_failover(servers, a, b, old_master, replica)
+    assert_nothing_counted(replica, cfg.key_prefix)
 
-            # 1. Healthy: every acquire is granted (each principal has exactly as many
-            # workers as its limit, so a single count too many would refuse one).
-            await trio.sleep(1.0)
-            before = list(burst.outcomes)
-            assert len(before) > 50, len(before)
-            assert all(o.granted for o in before), [o for o in before if not o.granted][:3]
-            assert burst.cancel_missed == 0
 
-            # 2. Kill the master mid-burst. Until the Sentinels promote the replica no master
-            # answers: nothing may be granted then. The replica's role, polled below, says
-            # until when that certainly held.
-            servers.kill(old_master)  # returns once the process is gone
-            killed_at = time.monotonic()
-            probe = await a.acquire_slot(req("probe@example.com", limit=1))
-            assert isinstance(probe, Refusal), probe
-            assert probe.sqlstate == "08004", probe
-            assert "shared state (Redis) is unavailable" in probe.message
-            assert isinstance(a, RedisStateStore)
-            with pytest.raises(StateUnavailableError):
-                await a.ping()
-            last_seen_replica = killed_at
-            with trio.fail_after(FAILOVER_BOUND):
-                while True:
-                    now = time.monotonic()
-                    role = await trio.to_thread.run_sync(servers.role, replica)
-                    if role != "slave":
-                        break
-                    last_seen_replica = now
-                    await trio.sleep(0.05)
-                while await trio.to_thread.run_sync(servers.master_address) != (
-                    "127.0.0.1",
-                    replica,
-                ):
-                    await trio.sleep(0.05)
-            assert last_seen_replica > killed_at + 0.5  # Sentinel waits down-after (1 s)
-            blind = [
-                o for o in burst.outcomes if o.started > killed_at and o.ended < last_seen_replica
-            ]
-            assert blind, "the burst made no acquire while no master answered"
-            assert not any(o.granted for o in blind), "granted while no master answered"
-            assert all(o.sqlstate == "08004" for o in blind), {o.sqlstate for o in blind}
+@pytest.mark.slow
+async def test_sentinel_fails_over_and_back_during_bursts(
+    sentinel_servers: SentinelServers,
+) -> None:
+    """The long version: the old master comes back (Sentinel makes it a replica of the new
+    one), then the new master is killed in turn, each time during a burst."""
+    servers = sentinel_servers
+    first, second = servers.master_port, servers.replica_port
+    cfg = sentinel_cfg(servers, f"wpha:{secrets.token_hex(4)}:")
+    async with (
+        open_state(cfg, instance_id="a", op_timeout=OP_TIMEOUT) as a,
+        open_state(cfg, instance_id="b", op_timeout=OP_TIMEOUT) as b,
+    ):
+        await burst_through_a_failover(servers, a, b, first, second)
+        await trio.to_thread.run_sync(servers.rejoin, first)
+        await burst_through_a_failover(servers, a, b, second, first)
+    assert_nothing_counted(first, cfg.key_prefix)
 
-            # 3. The Sentinels name the new master: slots and cancel keys work again at the
-            # first call, on both instances.
 
-            async def both_work() -> bool:
-                for store, peer in ((a, b), (b, a)):
-                    lease = await store.acquire_slot(req("check@example.com", limit=2))
-                    if not isinstance(lease, SlotLease):
-                        return False
-                    await store.release_slot(lease)
-                    secret = os.urandom(8)
-                    target = cancel_target("10.0.1.10", 5432)
-                    await store.register_cancel_key(1, secret, target, ttl=30)
-                    found = await peer.lookup_cancel_key(1, secret)
-                    await store.unregister_cancel_key(1, secret)
-                    if found != target:
-                        return False
-                return True
-
-            await wait_until_async(
-                "slots and cancel keys after failover", both_work, RECOVERY_BOUND
-            )
-            recovered = len(burst.outcomes)
-            burst.require_cancel = True
-            settled = killed_at + LEASE + 0.5
-            await trio.sleep(max(1.5, settled + 1.5 - time.monotonic()))
-            burst.stop.set()
-        after = burst.outcomes[recovered:]
-        assert sum(o.granted for o in after) > 20, len(after)
-        # Every cancel key written after recovery was found by the other instance.
-        assert burst.cancel_missed_when_required == 0
-        # Nothing is "unavailable" any more. A count the old master acknowledged but never
-        # passed on may still refuse (53300) until the instances re-assert their counts, or,
-        # on a key the instance no longer holds, until its lease runs out; never later.
-        assert all(o.granted or o.sqlstate == "53300" for o in after)
-        late = [o for o in after if o.started > settled]
-        assert len(late) > 20, len(late)
-        assert all(o.granted for o in late), sum(not o.granted for o in late)
-
-        # 4. Every worker released what it held. Within a lease (a release the old master
-        # took but never passed on frees by its lease; a lost acquire is overwritten by the
-        # next re-assertion) every count is back to zero, seen from both instances.
-        async def all_zero() -> bool:
-            return await usage_everywhere(stores) == {(0, 0, 0)}
-
-        await wait_until_async("counts back to zero", all_zero, LEASE + 5.0)
-
-        # 5. Nothing double-counted or leaked: every principal gets exactly its limit again,
-        # from both instances together, and no more.
-        leases: list[tuple[StateStore, SlotLease]] = []
-        for principal in PRINCIPALS:
-            for i in range(WORKERS_PER_PRINCIPAL):
-                store = stores[i % 2]
-                got = await store.acquire_slot(req(principal))
-                assert isinstance(got, SlotLease), (principal, i, got)
-                leases.append((store, got))
-            over = await a.acquire_slot(req(principal))
-            assert isinstance(over, Refusal) and over.sqlstate == "53300", over
-        for store, lease in leases:
-            await store.release_slot(lease)
-        assert await usage_everywhere(stores) == {(0, 0, 0)}
-    # Both instances gave back what they held at shutdown, on the new master.
-    new_master = client(replica)
+def assert_nothing_counted(port: int, prefix: str) -> None:
+    """No slot key on the master at ``port`` counts a session (both instances closed)."""
+    master = client(port)
     counted = [
         key
-        for key in new_master.scan_iter(match=f"{cfg.key_prefix}slots:*")
-        if any(_text(f).startswith("c:") for f in new_master.hkeys(key))
+        for key in master.scan_iter(match=f"{prefix}slots:*")
+        if any(_text(f).startswith("c:") for f in master.hkeys(key))
     ]
     assert counted == []
 
