@@ -593,21 +593,23 @@ class RedisStateStore:
 
     async def _change_once(self, name: str, keys: Sequence[str], limits: Sequence[int]) -> Any:
         acquire = name == "acquire"
+        began = False
         try:
             maybe_held = await self._begin(keys, acquire=acquire)
-        except UNAVAILABLE as exc:
+            began = True
+        except UNAVAILABLE as exc:  # only an acquire's re-assertion raises
             log.warning(
                 "shared state (Redis) unavailable re-asserting counts before %s: %s",
                 name,
                 _describe(exc),
             )
             return None
-        if maybe_held is None:  # a release on keys awaiting their re-assertion
-            for key in keys:
-                h = self._held.setdefault(key, _Held())
-                h.confirmed = max(0, h.confirmed - 1)
-                h.dirty = True
-            self._wake.set()
+        finally:
+            if not began and not acquire:
+                # Cancelled while waiting (a bounded release): the slot is still gone.
+                self._release_locally(keys)
+        if maybe_held is None:  # a release on keys whose re-assertion failed
+            self._release_locally(keys)
             return None
         held = maybe_held
         result: Any = None
@@ -684,18 +686,19 @@ class RedisStateStore:
         self._leases[lease.lease_id] = lease
         return lease
 
-    async def _undo(self, keys: list[str]) -> None:
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(self._op_timeout):
-                await self._change("release", keys)
-                return
-        # Not answered in time: take the slot back locally; maintenance repairs Redis.
+    def _release_locally(self, keys: Sequence[str]) -> None:
+        """A release Redis did not get: count it here; the re-assertion writes it."""
         for key in keys:
-            h = self._held.get(key)
-            if h is not None and h.confirmed > 0:
-                h.confirmed -= 1
-                h.dirty = True
+            h = self._held.setdefault(key, _Held())
+            h.confirmed = max(0, h.confirmed - 1)
+            h.dirty = True
         self._wake.set()
+
+    async def _undo(self, keys: list[str]) -> None:
+        # Shielded and bounded; every way out of a release counts it locally exactly once
+        # (a release that did not reach Redis marks the keys for repair).
+        with trio.CancelScope(shield=True), trio.move_on_after(self._op_timeout):
+            await self._change("release", keys)
 
     async def release_slot(self, lease: SlotLease) -> None:
         if self._leases.pop(lease.lease_id, None) is None:
