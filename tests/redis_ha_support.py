@@ -134,6 +134,9 @@ def _data_node_args(port: int, workdir: Path) -> list[str]:
         PASSWORD,
         "--masterauth",
         PASSWORD,
+        # A replica syncs at once (the default waits 5 s for more replicas to share a sync).
+        "--repl-diskless-sync-delay",
+        "0",
     ]
 
 
@@ -215,7 +218,10 @@ class SentinelServers(_Servers):
     def sentinel(self, port: int) -> redis.Redis:
         return client(port, SENTINEL_PASSWORD)
 
-    def start(self) -> None:
+    def start(self, *, ready_to_fail_over: bool = True) -> None:
+        """Start everything; with ``ready_to_fail_over``, also wait until the Sentinels know
+        each other and the replica (a few seconds of hello messages), which a failover needs
+        and a test that only uses the master does not."""
         self.master_port = free_port()
         self.replica_port = free_port()
         for port, extra in (
@@ -259,7 +265,14 @@ class SentinelServers(_Servers):
 
         # Sentinels find each other through hello messages (every 2 s) and the replica through
         # the master's INFO: a failover needs both.
-        wait_until("three Sentinels that know each other and the replica", sentinels_know_everyone)
+        if ready_to_fail_over:
+            wait_until(
+                "three Sentinels that know each other and the replica", sentinels_know_everyone
+            )
+        else:
+            wait_until(
+                "the Sentinels to name the master", lambda: self.master_address() is not None
+            )
 
     def rejoin(self, port: int) -> None:
         """Start the killed server at ``port`` again; the Sentinels make it a replica of the
