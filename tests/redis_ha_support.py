@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import redis
+import trustme
 
 PASSWORD = "data-node-pw"
 SENTINEL_PASSWORD = "sentinel-pw"
@@ -75,10 +76,6 @@ def command(c: redis.Redis, *args: str) -> Any:
     return c.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
-def _answers(port: int) -> bool:
-    return bool(client(port).ping())
-
-
 def client(port: int, password: str | None = PASSWORD) -> redis.Redis:
     return redis.Redis(
         "127.0.0.1", port, password=password, socket_timeout=2, socket_connect_timeout=2
@@ -88,9 +85,50 @@ def client(port: int, password: str | None = PASSWORD) -> redis.Redis:
 class _Servers:
     """Processes started in one temporary directory."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, *, tls: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"wp-{label}-"))
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.tls = tls
+        self.ca_file = self.dir / "ca.pem"
+        self.cert_file = self.dir / "server.pem"
+        self.key_file = self.dir / "server.key"
+        if tls:
+            ca = trustme.CA()
+            cert = ca.issue_cert("127.0.0.1")
+            ca.cert_pem.write_to_path(str(self.ca_file))
+            cert.cert_chain_pems[0].write_to_path(str(self.cert_file))
+            cert.private_key_pem.write_to_path(str(self.key_file))
+
+    def client(self, port: int, password: str | None = PASSWORD) -> redis.Redis:
+        """A client of the server at ``port`` (TLS, verified against the CA, when ``tls``)."""
+        if not self.tls:
+            return client(port, password)
+        return redis.Redis(
+            "127.0.0.1",
+            port,
+            password=password,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            ssl=True,
+            ssl_ca_certs=str(self.ca_file),
+        )
+
+    def answers(self, port: int) -> bool:
+        return bool(self.client(port).ping())
+
+    def tls_args(self, *, sentinel: bool = False) -> list[str]:
+        """redis-server arguments for TLS on the port given with ``--tls-port``."""
+        if not self.tls:
+            return []
+        args = [
+            *("--tls-cert-file", str(self.cert_file), "--tls-key-file", str(self.key_file)),
+            *("--tls-ca-cert-file", str(self.ca_file), "--tls-auth-clients", "no"),
+            *("--tls-replication", "yes"),
+        ]
+        return args if sentinel else [*args, "--tls-cluster", "yes"]
+
+    def port_args(self, port: int) -> list[str]:
+        return ["--port", "0", "--tls-port", str(port)] if self.tls else ["--port", str(port)]
 
     def spawn(self, port: int, args: list[str]) -> None:
         log = (self.dir / f"{port}.log").open("wb")
@@ -118,10 +156,10 @@ class _Servers:
         self.stop()
 
 
-def _data_node_args(port: int, workdir: Path) -> list[str]:
+def _data_node_args(servers: _Servers, port: int, workdir: Path) -> list[str]:
     return [
-        "--port",
-        str(port),
+        *servers.port_args(port),
+        *servers.tls_args(),
         "--bind",
         "127.0.0.1",
         "--save",
@@ -143,8 +181,8 @@ def _data_node_args(port: int, workdir: Path) -> list[str]:
 class RedisClusterServers(_Servers):
     """Three masters, no replicas, every slot assigned (``redis-cli --cluster create``)."""
 
-    def __init__(self) -> None:
-        super().__init__("cluster")
+    def __init__(self, *, tls: bool = False) -> None:
+        super().__init__("cluster", tls=tls)
         self.ports: list[int] = []
 
     @property
@@ -159,7 +197,7 @@ class RedisClusterServers(_Servers):
             self.spawn(
                 port,
                 [
-                    *_data_node_args(port, workdir),
+                    *_data_node_args(self, port, workdir),
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -170,10 +208,11 @@ class RedisClusterServers(_Servers):
             )
             self.ports.append(port)
         for port in self.ports:
-            wait_until(f"cluster node {port}", functools.partial(_answers, port))
+            wait_until(f"cluster node {port}", functools.partial(self.answers, port))
         subprocess.run(
             [
                 _exe("redis-cli"),
+                *(("--tls", "--cacert", str(self.ca_file)) if self.tls else ()),
                 *("-a", PASSWORD, "--no-auth-warning", "--cluster", "create"),
                 *self.nodes,
                 "--cluster-yes",
@@ -185,7 +224,7 @@ class RedisClusterServers(_Servers):
 
         def all_ok() -> bool:
             for port in self.ports:
-                info = command(client(port), "CLUSTER", "INFO")
+                info = command(self.client(port), "CLUSTER", "INFO")
                 text = info.decode() if isinstance(info, bytes) else str(info)
                 if "cluster_state:ok" not in text:
                     return False
@@ -195,8 +234,8 @@ class RedisClusterServers(_Servers):
 
     def node_of(self, key: str) -> int:
         """The port of the master serving ``key``'s slot."""
-        slot = int(command(client(self.ports[0]), "CLUSTER", "KEYSLOT", key))
-        for start, end, master, *_ in command(client(self.ports[0]), "CLUSTER", "SLOTS"):
+        slot = int(command(self.client(self.ports[0]), "CLUSTER", "KEYSLOT", key))
+        for start, end, master, *_ in command(self.client(self.ports[0]), "CLUSTER", "SLOTS"):
             if int(start) <= slot <= int(end):
                 return int(master[1])
         raise AssertionError(f"no node serves slot {slot}")
@@ -205,8 +244,8 @@ class RedisClusterServers(_Servers):
 class SentinelServers(_Servers):
     """One master, one replica, three Sentinels (quorum 2), with passwords everywhere."""
 
-    def __init__(self) -> None:
-        super().__init__("sentinel")
+    def __init__(self, *, tls: bool = False) -> None:
+        super().__init__("sentinel", tls=tls)
         self.master_port = 0
         self.replica_port = 0
         self.sentinel_ports: list[int] = []
@@ -216,7 +255,7 @@ class SentinelServers(_Servers):
         return tuple(f"127.0.0.1:{p}" for p in self.sentinel_ports)
 
     def sentinel(self, port: int) -> redis.Redis:
-        return client(port, SENTINEL_PASSWORD)
+        return self.client(port, SENTINEL_PASSWORD)
 
     def start(self, *, ready_to_fail_over: bool = True) -> None:
         """Start everything; with ``ready_to_fail_over``, also wait until the Sentinels know
@@ -230,10 +269,10 @@ class SentinelServers(_Servers):
         ):
             workdir = self.dir / str(port)
             workdir.mkdir()
-            self.spawn(port, [*_data_node_args(port, workdir), *extra])
+            self.spawn(port, [*_data_node_args(self, port, workdir), *extra])
 
         def replica_synced() -> bool:
-            info: dict[str, Any] = client(self.replica_port).info("replication")
+            info: dict[str, Any] = self.client(self.replica_port).info("replication")
             return info.get("master_link_status") == "up"
 
         wait_until("the replica in sync", replica_synced)
@@ -251,7 +290,10 @@ class SentinelServers(_Servers):
                 f"sentinel failover-timeout {SERVICE} 10000\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n"
             )
-            self.spawn(port, [str(conf), "--sentinel"])
+            self.spawn(
+                port,
+                [str(conf), "--sentinel", *self.port_args(port), *self.tls_args(sentinel=True)],
+            )
             self.sentinel_ports.append(port)
 
         def sentinels_know_everyone() -> bool:
@@ -277,10 +319,10 @@ class SentinelServers(_Servers):
     def rejoin(self, port: int) -> None:
         """Start the killed server at ``port`` again; the Sentinels make it a replica of the
         current master. Returns once it is in sync and every Sentinel counts it as up."""
-        self.spawn(port, _data_node_args(port, self.dir / str(port)))
+        self.spawn(port, _data_node_args(self, port, self.dir / str(port)))
 
         def synced_replica() -> bool:
-            info: dict[str, Any] = client(port).info("replication")
+            info: dict[str, Any] = self.client(port).info("replication")
             return info.get("role") == "slave" and info.get("master_link_status") == "up"
 
         wait_until(f"{port} back as a replica in sync", synced_replica)
@@ -309,6 +351,6 @@ class SentinelServers(_Servers):
         return None
 
     def role(self, port: int) -> str:
-        found = command(client(port), "ROLE")
+        found = command(self.client(port), "ROLE")
         role = found[0]
         return role.decode() if isinstance(role, bytes) else str(role)

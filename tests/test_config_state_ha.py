@@ -51,6 +51,12 @@ def test_cluster_configuration_loads() -> None:
     c = load('backend = "redis"\ncluster = true\nnodes = ["10.0.2.31:6379"]\n').state
     assert c.redis_mode == "cluster"
     assert c.nodes == ("10.0.2.31:6379",)
+    assert (c.tls, c.tls_ca_file) == (False, None)
+    c = load(
+        'backend = "redis"\ncluster = true\nnodes = ["h:1"]\ntls = true\n'
+        'tls_ca_file = "/etc/waypoint/redis-ca.pem"\n'
+    ).state
+    assert (c.tls, c.tls_ca_file) == (True, "/etc/waypoint/redis-ca.pem")
 
 
 def test_a_single_url_is_still_the_plain_mode() -> None:
@@ -117,6 +123,14 @@ def test_check_masks_both_redis_passwords() -> None:
         (
             'backend = "redis"\ncluster = true\nnodes = ["h:1"]\npassword = ""\n',
             ["state.password: must not be empty"],
+        ),
+        (
+            'backend = "redis"\nurl = "redis://h:6379"\ntls = true\n',
+            ["state.tls: is for sentinels and cluster; with url", "rediss://"],
+        ),
+        (
+            'backend = "redis"\ncluster = true\nnodes = ["h:1"]\ntls_ca_file = "/ca.pem"\n',
+            ["state.tls_ca_file: is only used with tls = true"],
         ),
         ('sentinels = ["h:26379"]\n', ['state.sentinels: is only used with backend = "redis"']),
         ("cluster = true\n", ['state.cluster: is only used with backend = "redis"']),

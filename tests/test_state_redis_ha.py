@@ -12,9 +12,11 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 import trio
+import trustme
 from attrs import define, evolve, field
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
@@ -402,3 +404,51 @@ async def test_cluster_unreachable_fails_closed_and_a_later_seed_is_used(
         lease = await store.acquire_slot(req("alice@example.com"))
         assert isinstance(lease, SlotLease), lease
         await store.release_slot(lease)
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(params=["cluster", "sentinel"])
+def tls_servers(request: pytest.FixtureRequest) -> Iterator[RedisClusterServers | SentinelServers]:
+    """Servers (and Sentinels) that speak only TLS, with a certificate of a private CA."""
+    if request.param == "cluster":
+        with RedisClusterServers(tls=True) as cluster:
+            cluster.start()
+            yield cluster
+    else:
+        with SentinelServers(tls=True) as sentinel:
+            sentinel.start(ready_to_fail_over=False)
+            yield sentinel
+
+
+async def test_tls_to_every_server_is_verified_against_the_configured_ca(
+    tls_servers: RedisClusterServers | SentinelServers, tmp_path: Path
+) -> None:
+    prefix = f"wpha:{secrets.token_hex(4)}:"
+    if isinstance(tls_servers, RedisClusterServers):
+        base = cluster_cfg(tls_servers.nodes[:1], prefix)
+    else:
+        base = evolve(sentinel_cfg(tls_servers, prefix), lease=30.0)
+    cfg = evolve(base, tls=True, tls_ca_file=str(tls_servers.ca_file))
+    async with open_state(cfg, op_timeout=2.0) as store:
+        lease = await store.acquire_slot(req("alice@example.com"))
+        assert isinstance(lease, SlotLease), lease
+        secret = os.urandom(16)
+        await store.register_cancel_key(7, secret, cancel_target("10.0.1.10", 5432), ttl=30)
+        assert await store.lookup_cancel_key(7, secret) is not None
+        token = await store.acquire_lock("l", ttl=5, deadline=trio.current_time() + 2)
+        assert token is not None
+        await store.release_lock(token)
+        await store.release_slot(lease)
+        usage = await store.slot_usage("alice@example.com", LISTENER)
+        assert (usage.user, usage.total) == (0, 0)
+    # A certificate the configured CA did not sign, or no TLS at all: nothing is granted.
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    for wrong in (evolve(cfg, tls_ca_file=str(other_ca)), evolve(base, tls=False)):
+        async with open_state(wrong, op_timeout=OP_TIMEOUT) as store:
+            with trio.fail_after(10):
+                refused = await store.acquire_slot(req("alice@example.com"))
+                assert isinstance(refused, Refusal) and refused.sqlstate == "08004", refused
+                assert await store.lookup_cancel_key(7, secret) is None

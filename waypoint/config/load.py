@@ -330,18 +330,20 @@ def _validate_state(cfg: Config, out: list[tuple[KeyPath, str]]) -> None:
         if scheme not in ("redis", "rediss", "unix"):
             out.append((("state", "url"), "must be a redis://, rediss:// or unix:// URL"))
     if mode == "url":
-        for key in ("username", "password"):
-            if getattr(st, key) is not None:
+        for key in ("username", "password", "tls"):
+            if getattr(st, key) not in (None, False):
                 out.append(
                     (
                         ("state", key),
-                        "is for sentinels and cluster; with url, the credentials go in the URL "
-                        '("redis://user:password@host:6379/0")',
+                        "is for sentinels and cluster; with url, the credentials and TLS go in "
+                        'the URL ("rediss://user:password@host:6379/0")',
                     )
                 )
-    for key in ("username", "password", "sentinel_password", "service_name"):
+    for key in ("username", "password", "sentinel_password", "service_name", "tls_ca_file"):
         if getattr(st, key) == "":
             out.append((("state", key), "must not be empty (leave it out instead)"))
+    if st.tls_ca_file is not None and not st.tls:
+        out.append((("state", "tls_ca_file"), "is only used with tls = true"))
     if st.sentinels:
         for i, address in enumerate(st.sentinels):
             _check_host_port(address, ("state", "sentinels", i), out)

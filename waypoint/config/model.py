@@ -89,6 +89,10 @@ class StateConfig:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     password_file: str | None = None  # files holding them; read at every load
+    # TLS to the Redis servers and Sentinels with ``sentinels`` or ``cluster`` (``url`` says
+    # rediss://); certificates are verified against ``tls_ca_file`` or the system's store.
+    tls: bool = False
+    tls_ca_file: str | None = None
 
     @property
     def redis_mode(self) -> Literal["url", "sentinel", "cluster"]:

@@ -349,12 +349,20 @@ def make_client(
         )
         return redis.Redis(connection_pool=pool, retry=_no_retry())
     credentials: dict[str, Any] = {"username": cfg.username, "password": cfg.password}
+    tls: dict[str, Any] = {}
+    if cfg.tls:
+        tls = {
+            "ssl": True,
+            "ssl_cert_reqs": "required",
+            "ssl_check_hostname": True,
+            "ssl_ca_certs": cfg.tls_ca_file,
+        }
     if mode == "sentinel":
         if not cfg.service_name:
             raise ValueError("[state] sentinels needs [state] service_name")
         sentinel = redis.sentinel.Sentinel(
             [split_host_port(a) for a in cfg.sentinels],
-            sentinel_kwargs={"password": cfg.sentinel_password, **timeouts},
+            sentinel_kwargs={"password": cfg.sentinel_password, **tls, **timeouts},
             **timeouts,
         )
         # SentinelConnectionPool does not block for a free connection; the store's capacity
@@ -365,6 +373,7 @@ def make_client(
             retry=_no_retry(),
             redis_connect_func=plain_hook,
             **credentials,
+            **tls,
             **timeouts,
         )
         return client
@@ -383,6 +392,7 @@ def make_client(
             max_connections=max_connections,
             redis_connect_func=cluster_hook,
             **credentials,
+            **tls,
             **timeouts,
         )
 
