@@ -106,6 +106,7 @@ async def open_state(
     )
     hook.store = store
     try:
+        await store.warm_up()
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run_maintenance)
             try:

@@ -916,6 +916,16 @@ class RedisStateStore:
                 _describe(exc),
             )
 
+    async def warm_up(self) -> None:
+        """Connect once, bounded by a few call timeouts, so that the first session does not
+        pay for it (a cluster client reads the slot table and the server's command table
+        when it is made, which takes a while on a busy machine). Failure is logged only:
+        the calls that follow fail closed and try again."""
+        try:
+            await self._run(self._client.ping, timeout=3 * self._op_timeout)
+        except UNAVAILABLE as exc:
+            log.warning("shared state (Redis) unavailable at start: %s", _describe(exc))
+
     async def ping(self) -> None:
         """One PING, bounded by the operation timeout (the readiness check). Raises
         :class:`StateUnavailableError` when Redis does not answer."""
