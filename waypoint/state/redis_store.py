@@ -405,7 +405,7 @@ _LOST = object()
 
 def _script_entry(text: str) -> tuple[bytes, str]:
     body = text.encode()
-    return body, hashlib.sha1(body).hexdigest()
+    return body, hashlib.sha1(body, usedforsecurity=False).hexdigest()
 
 
 # Every script, by name: its text and SHA-1 (what EVALSHA names it by).
