@@ -12,6 +12,7 @@ import trio
 
 from waypoint.errors import Refusal
 from waypoint.grants.model import EffectiveGrant, Preset
+from waypoint.grants.naming import RoleOwner
 from waypoint.identity.model import Identity
 from waypoint.pgwire import build_error_response
 from waypoint.proxy.relay import RelayControl
@@ -34,8 +35,16 @@ class LiveSession:
     preset_cap: Preset | None
     role: str
     started: float
+    #: The backend's process id (from its BackendKeyData), None if it sent none.
+    backend_pid: int | None = None
     relay: RelayControl | None = None
     ended_by: Refusal | None = None
+    #: Why Waypoint ended it (a fixed metric label), when it did.
+    end_kind: str | None = None
+    #: The relay is over; the backend is being ended (the slot is still held).
+    closing: bool = False
+    #: The ``max_conn_duration`` timer's scope; revalidation moves its deadline.
+    duration_scope: trio.CancelScope | None = None
     _pending_end: Refusal | None = None
 
     def attach(self, relay: RelayControl) -> None:
@@ -43,11 +52,13 @@ class LiveSession:
         if self._pending_end is not None:
             relay.terminate(fatal_bytes(self._pending_end))
 
-    def end(self, refusal: Refusal) -> None:
-        """Ask the relay to end the session with a FATAL at the next message boundary."""
-        if self.ended_by is not None:
+    def end(self, refusal: Refusal, kind: str = "ended") -> None:
+        """Ask the relay to end the session with a FATAL at the next message boundary.
+        ``kind`` is why, a fixed label (``access_revoked``, ``max_conn_duration``, ...)."""
+        if self.ended_by is not None or self.closing:
             return
         self.ended_by = refusal
+        self.end_kind = kind
         if self.relay is not None:
             self.relay.terminate(fatal_bytes(refusal))
         else:
@@ -75,6 +86,14 @@ class SessionRegistry:
 
     def roles_in_use(self, listener: str) -> set[str]:
         return {s.role for s in self._sessions.values() if s.listener == listener}
+
+    def backend_pids(self, listener: str) -> set[int]:
+        """The backend pids of this instance's sessions on ``listener`` (ending ones too)."""
+        return {
+            s.backend_pid
+            for s in self._sessions.values()
+            if s.listener == listener and s.backend_pid is not None
+        }
 
     async def wait_empty(self) -> None:
         while self._sessions:
@@ -140,18 +159,29 @@ class LoginGuess:
     database: str
     parameters: tuple[tuple[str, str], ...]  # sorted
     protocol: tuple[int, int]
+    #: The caller that role was that time: the early login uses a cached secret only if it is
+    #: still that caller's (``Provisioner.peek``).
+    owner: RoleOwner | None = None
 
     @staticmethod
     def of(
-        role: str, database: str, parameters: Mapping[str, str], protocol: tuple[int, int]
+        role: str,
+        database: str,
+        parameters: Mapping[str, str],
+        protocol: tuple[int, int],
+        owner: RoleOwner | None = None,
     ) -> LoginGuess:
-        return LoginGuess(role, database, tuple(sorted(parameters.items())), protocol)
+        return LoginGuess(role, database, tuple(sorted(parameters.items())), protocol, owner)
 
     def same_session(
         self, database: str, parameters: Mapping[str, str], protocol: tuple[int, int]
     ) -> bool:
         """Whether a new connection asks for the session this guess was made for."""
-        return self == LoginGuess.of(self.role, database, parameters, protocol)
+        return (self.database, self.parameters, self.protocol) == (
+            database,
+            tuple(sorted(parameters.items())),
+            protocol,
+        )
 
 
 class WarmPeers:
