@@ -79,6 +79,31 @@ class StateConfig:
     url_file: str | None = None
     key_prefix: str = "waypoint:"
     lease: float = 30.0
+    # Highly available Redis (docs/scaling.md): Sentinel, or Cluster. Exactly one of ``url``,
+    # ``sentinels`` and ``cluster = true`` names where Redis is.
+    sentinels: tuple[str, ...] = ()
+    service_name: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    sentinel_password_file: str | None = None
+    cluster: bool = False
+    nodes: tuple[str, ...] = ()
+    # The Redis servers' credentials with ``sentinels`` or ``cluster`` (``url`` carries its own).
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    password_file: str | None = None  # files holding them; read at every load
+    # TLS to the Redis servers and Sentinels with ``sentinels`` or ``cluster`` (``url`` says
+    # rediss://); certificates are verified against ``tls_ca_file`` or the system's store.
+    tls: bool = False
+    tls_ca_file: str | None = None
+
+    @property
+    def redis_mode(self) -> Literal["url", "sentinel", "cluster"]:
+        """Where Redis is: one server (``url``), Sentinel, or Cluster."""
+        if self.cluster:
+            return "cluster"
+        if self.sentinels:
+            return "sentinel"
+        return "url"
 
 
 @frozen
