@@ -16,6 +16,7 @@ CLI = Path(__file__).resolve().parent.parent / "waypoint" / "cli"
 #: Each command that reads the configuration, with what else it requires.
 COMMANDS = [
     ["run"],
+    ["reload"],
     ["check"],
     ["explain", "--login", "a@example.com", "--node", "n", "--db", "d"],
     ["roles", "list"],

@@ -711,6 +711,7 @@ async def _establish(
         role=role,
         started=trio.current_time(),
         backend_pid=start.key.pid if start.key is not None else None,
+        owner=ctx,
     )
     ctx.registry.add(live)
     return backend, start, lease, live
