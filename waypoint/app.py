@@ -13,6 +13,7 @@ import trio
 
 from waypoint import errors
 from waypoint.config.model import Config, split_host_port
+from waypoint.console.hub import ConsoleHub
 from waypoint.identity import make_provider
 from waypoint.identity.localapi import LocalAPIClient
 from waypoint.identity.tailscale import TailscaleProvider
@@ -103,6 +104,7 @@ async def run(
     try:
         async with open_state(config.state) as state, open_relay_engine() as engine:
             refusals = RefusalCache()
+            console = ConsoleHub.for_state(state, registry)
             for lst in config.listeners:
                 contexts[lst.name] = ListenerContext(
                     config=config,
@@ -124,6 +126,7 @@ async def run(
                     metrics=metrics,
                     pbkdf2_limiter=pbkdf2_limiter,
                     admission=admission,
+                    console=console,
                 )
             _add_health_checks(config, health, provider, state, contexts)
             try:
@@ -205,6 +208,10 @@ async def _serve(
                         for ctx in contexts.values():
                             bg.start_soon(ctx.provisioner.pools.expire_idle_forever)
                         bg.start_soon(admission.run)
+                        for ctx in contexts.values():
+                            if ctx.console is not None:
+                                bg.start_soon(ctx.console.run)
+                                break
                         for start in _extra_background(config, contexts, registry, metrics):
                             bg.start_soon(start)
                         await trio.sleep_forever()

@@ -35,6 +35,9 @@ class LiveSession:
     role: str
     started: float
     relay: RelayControl | None = None
+    tls: bool = False
+    #: "idle", "active" or "idle in transaction" when the relay reports ReadyForQuery; else "".
+    state: str = ""
     ended_by: Refusal | None = None
     _pending_end: Refusal | None = None
 

@@ -18,8 +18,10 @@ import trio
 from waypoint import errors
 from waypoint.config.model import Config, ListenerConfig
 from waypoint.config.units import format_duration
+from waypoint.console.hub import Caller, ConsoleHub
+from waypoint.console.server import serve_console
 from waypoint.errors import Refusal
-from waypoint.grants.evaluate import evaluate
+from waypoint.grants.evaluate import console_access, evaluate
 from waypoint.grants.model import EffectiveGrant
 from waypoint.grants.presets import PresetCapResult, parse_preset_cap
 from waypoint.identity.model import Identity, IdentityError, IdentityProvider
@@ -107,6 +109,8 @@ class ListenerContext:
     warm_peers: WarmPeers = attrs.field(factory=WarmPeers)
     #: The app's pre-authentication bounds (handshakes per address, cancel rate).
     admission: Admission = attrs.field(kw_only=True)
+    #: The console (its database, SHOW SESSIONS, KILL, LOCK); None: no console database.
+    console: ConsoleHub | None = attrs.field(default=None, kw_only=True)
 
     @property
     def allow_raw_sql(self) -> bool:
@@ -246,13 +250,19 @@ async def _run(
     handshake_done: Callable[[], None] | None = None,
 ) -> None:
     startup: StartupMessage | None = None
+    console: Caller | None = None
+    established: tuple[BackendConnection, BackendSessionStart, SlotLease, LiveSession] | None
+    established = None
     handshake_started = trio.current_time()
     with trio.move_on_after(ctx.config.handshake_timeout) as handshake_scope:
         try:
             startup, pending = await _negotiate(ctx, client)
             if startup is None:
                 return
-            established = await _authorize_and_connect(ctx, client, startup, conn_id, log, out)
+            if _asks_for_console(ctx, startup):
+                console = await _authorize_console(ctx, client, startup, conn_id, out)
+            else:
+                established = await _authorize_and_connect(ctx, client, startup, conn_id, log, out)
         except _Refused as exc:
             await _refuse(ctx, client, startup, exc.refusal, out, log, cache=exc.cache)
             return
@@ -274,6 +284,20 @@ async def _run(
             )
         return
     ctx.metrics.handshake_done(ctx.listener.name, trio.current_time() - handshake_started)
+    if console is not None:
+        assert startup is not None and ctx.console is not None
+        out.outcome = "console"
+        await serve_console(
+            ctx.console,
+            console,
+            startup.parameters,
+            client.send,
+            client.receive,
+            pending,
+            _console_preamble(startup),
+        )
+        return
+    assert established is not None
     backend, start, slot, live = established
     try:
         await _relay(ctx, client, backend, start, live, pending, out, log)
@@ -575,6 +599,10 @@ async def _establish(
     )
     if isinstance(grant, Refusal):
         raise _Refused(grant)
+    if ctx.console is not None:
+        locked = await ctx.console.lock_refusal(identity)
+        if locked is not None:
+            raise _Refused(locked, cache=False)
 
     lease = await ctx.state.acquire_slot(
         SlotRequest(
@@ -625,6 +653,7 @@ async def _establish(
         preset_cap=cap.cap,
         role=role,
         started=trio.current_time(),
+        tls=client.tls,
     )
     ctx.registry.add(live)
     return backend, start, lease, live
@@ -725,6 +754,49 @@ async def _provision_and_login(
         finally:
             if not logged_in and backend is not None:
                 await backend.aclose()
+
+
+# --------------------------------------------------------------------------- console
+
+
+def _asks_for_console(ctx: ListenerContext, startup: StartupMessage) -> bool:
+    params = startup.parameters
+    database = params.get("database") or params.get("user")
+    return ctx.console is not None and database == ctx.listener.console_database
+
+
+async def _authorize_console(
+    ctx: ListenerContext, client: _Client, startup: StartupMessage, conn_id: str, out: _Outcome
+) -> Caller:
+    """Who may use this listener's console database: a known peer whose grant gives
+    ``"console"`` for the listener, and whose login is not locked."""
+    assert ctx.console is not None
+    out.database = ctx.listener.console_database
+    if not ctx.accepting:
+        raise _Refused(errors.not_accepting(), cache=False)
+    if ctx.listener.tls_mode == "require" and not client.tls:
+        raise _Refused(errors.tls_required(), cache=False)
+    try:
+        identity = await ctx.identity.whois(*client.peer)
+    except IdentityError as exc:
+        raise _Refused(exc.refusal, cache=False) from exc
+    out.identity = identity
+    access = console_access(identity, ctx.listener.name)
+    if isinstance(access, Refusal):
+        raise _Refused(access, cache=False)
+    locked = await ctx.console.lock_refusal(identity)
+    if locked is not None:
+        raise _Refused(locked, cache=False)
+    return Caller(
+        identity, access, ctx.listener.name, conn_id, f"{client.peer[0]}:{client.peer[1]}"
+    )
+
+
+def _console_preamble(startup: StartupMessage) -> bytes:
+    """The console speaks protocol 3.0 only: a newer client is told so first."""
+    if startup.protocol[1] == 0 and not startup.protocol_options:
+        return b""
+    return NegotiateProtocolVersion(0, startup.protocol_options).encode()
 
 
 # --------------------------------------------------------------------------- relay
