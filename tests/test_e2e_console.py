@@ -23,7 +23,7 @@ from console_support import (
     psycopg_rows,
     sessions_of,
 )
-from e2e_support import E2EEnv, RawSession, capture_logs, create_app_database, db_rule, e2e_env
+from e2e_support import E2EEnv, RawSession, capture_logs, create_app_database, e2e_env
 from pg8000.exceptions import DatabaseError
 from pgcluster import PgCluster
 
