@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psycopg
 import pytest
 import trio
 from console_support import (
@@ -19,6 +20,7 @@ from console_support import (
     admin_rule,
     console_run,
     jdbc,
+    psycopg_dsn,
     psycopg_error,
     psycopg_rows,
     sessions_of,
@@ -176,6 +178,17 @@ async def test_read_only_console_and_refusals(pg: PgCluster, tmp_path: Path) -> 
             # An unknown peer: refused too.
             refused = await _refused(env, CONSOLE_DB, "127.0.0.9")
             assert refused["C"] == "28000"
+
+            # A console session whose grant is withdrawn: its next statement ends it (28000).
+            console = await trio.to_thread.run_sync(
+                lambda: psycopg.connect(psycopg_dsn(env.host, env.port), autocommit=True)
+            )
+            with console:
+                assert await trio.to_thread.run_sync(lambda: console.execute("SHOW LOCKS").fetchall()) == []
+                env.grant("127.0.0.1", rules=[], login=ADMIN, node="ops-laptop")
+                with pytest.raises(psycopg.OperationalError) as info:
+                    await trio.to_thread.run_sync(console.execute, "SHOW LOCKS")
+                assert info.value.sqlstate == "28000"
 
 
 @pytest.mark.parametrize(

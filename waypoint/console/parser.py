@@ -155,11 +155,9 @@ def tokenize(text: str) -> list[Token]:
                 i += 1
             tokens.append(Token("number", text[start:i], start + 1))
             continue
-        if ch in '=,;.()"':
-            tokens.append(Token("punct", ch, i + 1))
-            i += 1
-            continue
-        raise ConsoleSyntaxError(f'syntax error at or near "{ch}"', i + 1)
+        # Any other character is a token of its own: the parser names it in its error.
+        tokens.append(Token("punct", ch, i + 1))
+        i += 1
     tokens.append(Token("end", "", n + 1))
     return tokens
 

@@ -10,7 +10,8 @@ import trio
 
 from waypoint.console import parser
 from waypoint.console.hub import Caller, ConsoleHub
-from waypoint.pgwire.messages import BackendKeyData
+from waypoint.errors import Refusal
+from waypoint.pgwire.messages import BackendKeyData, build_error_response
 from waypoint.pgwire.responder import Responder, Statement, StatementError, Terminated
 
 #: What the console reports as ParameterStatus (drivers read these at connect).
@@ -48,9 +49,12 @@ async def serve_console(
     receive: Callable[[], Awaitable[bytes]],
     pending: bytes,
     preamble: bytes = b"",
+    recheck: Callable[[], Awaitable[Caller | Refusal]] | None = None,
 ) -> None:
     """Serve one console session until the client terminates or goes away. ``receive``
-    returns b"" (or raises) when the client is gone; ``preamble`` goes before the start."""
+    returns b"" (or raises) when the client is gone; ``preamble`` goes before the start.
+    ``recheck`` looks the caller up again before every statement: a caller whose grant no
+    longer gives the console (or whose login was locked) gets the refusal as a FATAL."""
     key = BackendKeyData(0, secrets.token_bytes(4))
     responder = Responder(describe, server_parameters(startup), key)
     await send(preamble + responder.start())
@@ -74,4 +78,13 @@ async def serve_console(
                     await send(out)
             return
         assert isinstance(event, Statement)
+        if recheck is not None:
+            current = await recheck()
+            if isinstance(current, Refusal):
+                out = responder.data_to_send()
+                fatal = build_error_response("FATAL", current.sqlstate, current.message)
+                with trio.move_on_after(1):
+                    await send(out + fatal)
+                return
+            caller = current
         responder.answer(await hub.execute(caller, event.sql))

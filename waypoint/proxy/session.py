@@ -8,6 +8,7 @@ A failure here ends this connection only: the task catches its own errors.
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import ssl
 from collections.abc import Callable, Mapping
@@ -295,6 +296,7 @@ async def _run(
             client.receive,
             pending,
             _console_preamble(startup),
+            functools.partial(_recheck_console, ctx, client, conn_id),
         )
         return
     assert established is not None
@@ -770,23 +772,31 @@ async def _authorize_console(
 ) -> Caller:
     """Who may use this listener's console database: a known peer whose grant gives
     ``"console"`` for the listener, and whose login is not locked."""
-    assert ctx.console is not None
     out.database = ctx.listener.console_database
     if not ctx.accepting:
         raise _Refused(errors.not_accepting(), cache=False)
     if ctx.listener.tls_mode == "require" and not client.tls:
         raise _Refused(errors.tls_required(), cache=False)
+    caller = await _recheck_console(ctx, client, conn_id)
+    if isinstance(caller, Refusal):
+        raise _Refused(caller, cache=False)
+    out.identity = caller.identity
+    return caller
+
+
+async def _recheck_console(ctx: ListenerContext, client: _Client, conn_id: str) -> Caller | Refusal:
+    """The console caller as of now (identity, grant, locks), or why it is refused."""
+    assert ctx.console is not None
     try:
         identity = await ctx.identity.whois(*client.peer)
     except IdentityError as exc:
-        raise _Refused(exc.refusal, cache=False) from exc
-    out.identity = identity
+        return exc.refusal
     access = console_access(identity, ctx.listener.name)
     if isinstance(access, Refusal):
-        raise _Refused(access, cache=False)
+        return access
     locked = await ctx.console.lock_refusal(identity)
     if locked is not None:
-        raise _Refused(locked, cache=False)
+        return locked
     return Caller(
         identity, access, ctx.listener.name, conn_id, f"{client.peer[0]}:{client.peer[1]}"
     )
