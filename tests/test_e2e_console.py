@@ -106,6 +106,10 @@ async def test_clients_read_sessions_and_kill_ends_one(pg: PgCluster, tmp_path: 
             fields = await _ended(victim)
             assert fields["C"] == "57P01"
             assert ADMIN in fields["M"] and "ops-laptop" in fields["M"]
+            # Its backend ended too (polled, bounded).
+            with trio.fail_after(15):
+                while pg.execute("SELECT 1 FROM pg_stat_activity WHERE pid = :p", p=victim.pid):
+                    await trio.sleep(0.05)
             audited = [e for e in logs.events("console_command") if e["statement"].startswith("KILL")]
             assert audited and audited[0]["login"] == ADMIN and audited[0]["tag"] == "KILL 1"
             with trio.fail_after(10):

@@ -243,6 +243,8 @@ async def _serve(
                     with trio.CancelScope(shield=True):
                         await sl.aclose()
 
+            # Before accepting: the backends a killed predecessor left behind end now.
+            await _sweep_orphans(contexts, registry, metrics)
             await sessions.start(run_accept)
             task_status.started(
                 Running(
@@ -291,7 +293,7 @@ async def _serve(
             if not drained:
                 log.info("drain_deadline", sessions=len(registry))
                 for live in registry:
-                    live.end(errors.shutting_down())
+                    live.end(errors.shutting_down(), "drain_deadline")
                 with trio.move_on_after(FINAL_GRACE):
                     await registry.wait_empty()
             sessions.cancel_scope.cancel()
@@ -364,6 +366,19 @@ def _extra_background(
         config, contexts, registry, metrics
     )
     return tasks
+
+
+async def _sweep_orphans(
+    contexts: dict[str, ListenerContext], registry: SessionRegistry, metrics: Metrics
+) -> None:
+    """The reaper's start sweep of orphan backends, if the reaper is available."""
+    import importlib
+
+    try:
+        module = importlib.import_module("waypoint.reaper.service")
+    except ImportError:
+        return
+    await module.sweep_orphans_at_start(contexts, registry, metrics)
 
 
 async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event) -> None:

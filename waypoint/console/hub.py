@@ -131,7 +131,7 @@ class ConsoleHub:
             for live in self.registry:
                 for lock in locks:
                     if lock.applies(live.identity.login, live.identity.node):
-                        self._end(live, lock.by, f"locked: {lock.reason}")
+                        self._end(live, lock.by, f"locked: {lock.reason}", "console_lock")
                         break
 
     def _record(self) -> InstanceRecord:
@@ -164,8 +164,8 @@ class ConsoleHub:
             statement=statement if isinstance(statement, str) else "",
         )
 
-    def _end(self, live: LiveSession, by: str, reason: str) -> None:
-        if live.ended_by is not None:
+    def _end(self, live: LiveSession, by: str, reason: str, kind: str = "console_kill") -> None:
+        if live.ended_by is not None or live.closing:
             return
         log.info(
             "console_session_ended",
@@ -176,7 +176,7 @@ class ConsoleHub:
             by=by,
             reason=reason,
         )
-        live.end(errors.killed_by(by, reason))
+        live.end(errors.killed_by(by, reason), kind)
 
     # -- new connections ---------------------------------------------------------------------
 
@@ -304,7 +304,7 @@ class ConsoleHub:
             await self.directory.set_lock(lock)
             for live in self.registry:
                 if lock.applies(live.identity.login, live.identity.node):
-                    self._end(live, caller.who, f"locked: {lock.reason}")
+                    self._end(live, caller.who, f"locked: {lock.reason}", "console_lock")
             what = command.login + (f" on node {command.node}" if command.node else "")
             log.info(
                 "console_lock",
