@@ -91,6 +91,23 @@ async def test_clients_read_sessions_and_kill_ends_one(pg: PgCluster, tmp_path: 
             [row] = [x for x in rows if x[3] == VICTIM]
             conn_id = row[0]
             assert int(row[11]) > 0 and int(row[12]) > 0  # bytes in / out
+            assert row[10] == "idle"  # state, from pg_stat_activity
+
+            # state: idle in transaction, then active (polled, bounded).
+            other = await _open(env, db)
+            assert (await trio.to_thread.run_sync(other.read_result_of, "BEGIN")) == ""
+            with trio.fail_after(15):
+                while "idle in transaction" not in [
+                    r[10] for r in (await psycopg_rows(env.host, env.port, "SHOW SESSIONS"))[1]
+                ]:
+                    await trio.sleep(0.1)
+            other.send_query("SELECT pg_catalog.pg_sleep(30)")
+            with trio.fail_after(15):
+                while "active" not in [
+                    r[10] for r in (await psycopg_rows(env.host, env.port, "SHOW SESSIONS"))[1]
+                ]:
+                    await trio.sleep(0.1)
+            other.close()
             cols, instances = await psycopg_rows(env.host, env.port, "show instances;")
             assert cols == ["instance", "started", "sessions", "last_seen"] and len(instances) == 1
 

@@ -13,6 +13,7 @@ import trio
 
 from waypoint import errors
 from waypoint.config.model import Config, split_host_port
+from waypoint.console.activity import backend_states
 from waypoint.console.hub import ConsoleHub
 from waypoint.identity import make_provider
 from waypoint.identity.localapi import LocalAPIClient
@@ -104,7 +105,9 @@ async def run(
     try:
         async with open_state(config.state) as state, open_relay_engine() as engine:
             refusals = RefusalCache()
-            console = ConsoleHub.for_state(state, registry)
+            console = ConsoleHub.for_state(
+                state, registry, probe=functools.partial(backend_states, contexts)
+            )
             for lst in config.listeners:
                 contexts[lst.name] = ListenerContext(
                     config=config,

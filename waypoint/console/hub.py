@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
@@ -76,20 +76,32 @@ class Caller:
         return f"{self.identity.login} (node {self.identity.node})"
 
 
+#: Reads what each session's backend is doing: conn_id → ``pg_stat_activity.state``.
+StateProbe = Callable[[Sequence[LiveSession]], Awaitable[dict[str, str]]]
+#: How often (in ticks) the hub refreshes its sessions' states for the other instances.
+STATE_EVERY = 4
+
+
 @attrs.define(eq=False)
 class ConsoleHub:
     registry: SessionRegistry
     directory: ConsoleDirectory
     instance_id: str
     wall: Callable[[], float] = time.time
+    probe: StateProbe | None = None
     started: float = attrs.field(init=False)
+    _ticks: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
         self.started = self.wall()
 
     @classmethod
     def for_state(
-        cls, state: StateStore, registry: SessionRegistry, wall: Callable[[], float] = time.time
+        cls,
+        state: StateStore,
+        registry: SessionRegistry,
+        wall: Callable[[], float] = time.time,
+        probe: StateProbe | None = None,
     ) -> ConsoleHub:
         from waypoint.state.redis_store import RedisStateStore
 
@@ -98,7 +110,7 @@ class ConsoleHub:
             directory = RedisDirectory(state, wall)
         else:
             directory = MemoryDirectory(wall)
-        return cls(registry, directory, _instance_id(state), wall)
+        return cls(registry, directory, _instance_id(state), wall, probe)
 
     # -- the background task -----------------------------------------------------------------
 
@@ -119,8 +131,29 @@ class ConsoleHub:
             ):
                 await self.directory.withdraw(self.instance_id)
 
+    async def refresh_states(self) -> None:
+        """Ask the backends what this instance's sessions are doing (bounded; on failure the
+        last known states stay)."""
+        if self.probe is None:
+            return
+        sessions = list(self.registry)
+        if not sessions:
+            return
+        states: dict[str, str] = {}
+        with trio.move_on_after(2):
+            try:
+                states = await self.probe(sessions)
+            except Exception as exc:
+                log.warning("console_state_probe_failed", error=str(exc))
+        for live in sessions:
+            if live.conn_id in states:
+                live.state = states[live.conn_id]
+
     async def tick(self) -> None:
         """One round: publish, take kill requests, apply locks."""
+        if self._ticks % STATE_EVERY == 0:
+            await self.refresh_states()
+        self._ticks += 1
         await self.directory.publish(self._record(), LIST_TTL)
         for request in await self.directory.take_kills(self.instance_id):
             for live in self.registry:
@@ -326,6 +359,7 @@ class ConsoleHub:
         return sorted([self._record(), *others], key=lambda r: r.instance)
 
     async def _sessions(self) -> list[SessionRecord]:
+        await self.refresh_states()
         out = [s for rec in await self._instances() for s in rec.sessions]
         return sorted(out, key=lambda s: (s.started, s.conn_id))
 

@@ -38,7 +38,7 @@ class LiveSession:
     backend_pid: int | None = None
     relay: RelayControl | None = None
     tls: bool = False
-    #: "idle", "active" or "idle in transaction" when the relay reports ReadyForQuery; else "".
+    #: What the backend is doing (``pg_stat_activity.state``) as the console last read it.
     state: str = ""
     ended_by: Refusal | None = None
     #: Why Waypoint ended it (a fixed metric label), when it did.
