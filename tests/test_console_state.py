@@ -248,3 +248,15 @@ async def test_hub_tick_applies_remote_kills_and_locks() -> None:
     assert other_relay.fatal is None
     await hub_b.tick()
     assert other_relay.fatal is not None and b"locked: r" in other_relay.fatal
+
+
+async def test_lock_check_fails_closed_when_state_is_unavailable() -> None:
+    class Down(MemoryDirectory):
+        async def lock_for(self, login: str, node: str) -> LockRecord | None:
+            from waypoint.state.base import StateUnavailableError
+
+            raise StateUnavailableError("Redis did not answer")
+
+    hub = ConsoleHub(SessionRegistry(), Down(Wall()), "a", Wall())
+    refusal = await hub.lock_refusal(Identity("bob", "laptop"))
+    assert refusal is not None and refusal.sqlstate == "08004"

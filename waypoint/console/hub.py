@@ -115,13 +115,19 @@ class ConsoleHub:
     # -- the background task -----------------------------------------------------------------
 
     async def run(self) -> None:
+        failing = False
         try:
             while True:
                 with trio.move_on_after(5 * INTERVAL):
                     try:
                         await self.tick()
+                        if failing:
+                            log.info("console_sync_recovered")
+                        failing = False
                     except StateUnavailableError as exc:
-                        log.warning("console_sync_failed", error=str(exc))
+                        if not failing:  # once per episode, not every interval
+                            log.warning("console_sync_failed", error=str(exc))
+                        failing = True
                 await trio.sleep(INTERVAL)
         finally:
             with (
@@ -219,7 +225,7 @@ class ConsoleHub:
         try:
             lock = await self.directory.lock_for(identity.login, identity.node)
         except StateUnavailableError as exc:
-            return errors.Refusal(errors.LOGIN_FAILED, "shared state unavailable", str(exc))
+            return errors.identity_unavailable("shared state (Redis)", f"lock check failed: {exc}")
         if lock is None:
             return None
         until = _iso(lock.expires) or "UNLOCK"
