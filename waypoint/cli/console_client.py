@@ -66,9 +66,12 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], out: Text
 
 
 def execute(
-    args: argparse.Namespace, sql: str, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+    args: argparse.Namespace, sql: str, *, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
-    """Run ``sql`` and print its answer; errors go to ``err`` with their SQLSTATE."""
+    """Run ``sql`` and print its answer (standard output by default); errors go to ``err``
+    (standard error) with their SQLSTATE."""
+    out = out or sys.stdout
+    err = err or sys.stderr
     import pg8000.exceptions
 
     try:
