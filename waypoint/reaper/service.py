@@ -17,6 +17,7 @@ import trio
 
 from waypoint.config.model import Config
 from waypoint.observability.log import get_logger
+from waypoint.provision.admin import AdminError
 from waypoint.reaper.engine import Reaper
 from waypoint.reaper.orphans import OrphanSweeper, Pass
 from waypoint.reaper.schedule import reap_periodically
@@ -84,6 +85,29 @@ async def sweep_orphans_at_start(
                 log.warning("orphan_sweep_failed", listener=name, sweep="start", error=str(exc))
     if scope.cancelled_caught:
         log.warning("orphan_sweep_timeout", sweep="start", timeout=START_SWEEP_TIMEOUT)
+
+
+async def reassign_target_problems(contexts: Mapping[str, ListenerContext]) -> list[str]:
+    """Why each listener's ``reassign_to`` may not receive callers' objects, read from the
+    catalog now (startup refuses to run with any). A server that cannot be asked is logged
+    and skipped: every reaper pass checks again before it reassigns anything."""
+    known = frozenset(contexts)
+    problems: list[str] = []
+    for name, ctx in contexts.items():
+        if ctx.listener.mode != "postgres" or ctx.listener.postgres.reassign_to is None:
+            continue
+        reaper = Reaper(ctx.listener, ctx.provisioner, roles_in_use=set, known_listeners=known)
+        problem: str | None = None
+        with trio.move_on_after(START_SWEEP_TIMEOUT) as scope:
+            try:
+                problem = await reaper.check_reassign_to()
+            except AdminError as exc:
+                log.warning("reassign_to_unchecked", listener=name, error=str(exc))
+        if scope.cancelled_caught:
+            log.warning("reassign_to_unchecked", listener=name, error="timed out")
+        if problem is not None:
+            problems.append(f"listener {name!r}: reassign_to refused: {problem}")
+    return problems
 
 
 def reaper_tasks(
