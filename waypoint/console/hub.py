@@ -91,6 +91,7 @@ class ConsoleHub:
     probe: StateProbe | None = None
     started: float = attrs.field(init=False)
     _ticks: int = attrs.field(init=False, default=0)
+    _published: tuple[tuple[str, str], ...] | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         self.started = self.wall()
@@ -159,8 +160,13 @@ class ConsoleHub:
         """One round: publish, take kill requests, apply locks."""
         if self._ticks % STATE_EVERY == 0:
             await self.refresh_states()
+        # The list is rewritten when its sessions changed, else every STATE_EVERY ticks (byte
+        # counts and states as of then): a large list is not sent to Redis twice a second.
+        shape = tuple((live.conn_id, live.state) for live in self.registry)
+        if shape != self._published or self._ticks % STATE_EVERY == 0:
+            await self.directory.publish(self._record(), LIST_TTL)
+            self._published = shape
         self._ticks += 1
-        await self.directory.publish(self._record(), LIST_TTL)
         for request in await self.directory.take_kills(self.instance_id):
             for live in self.registry:
                 if live.conn_id == request.conn_id:

@@ -26,7 +26,7 @@ from waypoint.state.base import StateUnavailableError
 from waypoint.state.redis_store import UNAVAILABLE, RedisStateStore, _part
 
 #: Longest JSON value read back from Redis (anyone who can write Redis could make it huge).
-MAX_VALUE = 4 * 1024 * 1024
+MAX_VALUE = 32 * 1024 * 1024
 
 
 @attrs.frozen
