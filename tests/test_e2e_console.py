@@ -229,9 +229,13 @@ async def test_bad_console_input_gets_42601_with_position(pg15: PgCluster, tmp_p
     async with e2e_env(pg15, tmp_path) as env:
         env.grant("127.0.0.1", rules=[admin_rule()], login=ADMIN, node="ops-laptop")
         for sql, position in BAD_INPUT:
-            err = await psycopg_error(env.host, env.port, sql)
+            with capture_logs() as logs:
+                err = await psycopg_error(env.host, env.port, sql)
             assert err.sqlstate == "42601", sql
             assert err.diag.statement_position == str(position), (sql, str(err))
+            # Refused input is audited too.
+            first = logs.events("console_command")[0]
+            assert (first["statement"], first["sqlstate"], first["login"]) == (sql, "42601", ADMIN)
             r = await env.psql(sql, CONSOLE_DB)
             assert r.returncode != 0 and "ERROR:" in r.stderr and "LINE 1:" in r.stderr, r.stderr
         # (pgjdbc splits "a; b" into two statements itself: that case is left out.)

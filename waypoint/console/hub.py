@@ -259,24 +259,24 @@ class ConsoleHub:
                     result = await self._run(caller, command)
                 except StateUnavailableError as exc:
                     result = StatementError("58000", f"shared state unavailable: {exc}")
-        if not (
-            isinstance(result, Result)
-            and result.tag in ("SET", "RESET", "BEGIN", "COMMIT", "ROLLBACK", "DISCARD ALL")
-        ):
-            log.info(
-                "console_command",
-                conn_id=caller.conn_id,
-                listener=caller.listener,
-                login=caller.identity.login,
-                node=caller.identity.node,
-                peer=caller.peer,
-                access=caller.access,
-                statement=sql[:1024],
-                outcome="ok" if isinstance(result, Result) else "error",
-                tag=result.tag if isinstance(result, Result) else None,
-                sqlstate=result.sqlstate if isinstance(result, StatementError) else None,
-            )
+        self.audit(caller, sql, result)
         return result
+
+    def audit(self, caller: Caller, sql: str, result: Result | StatementError) -> None:
+        """The log event of one console statement: who, what, and how it ended."""
+        log.info(
+            "console_command",
+            conn_id=caller.conn_id,
+            listener=caller.listener,
+            login=caller.identity.login,
+            node=caller.identity.node,
+            peer=caller.peer,
+            access=caller.access,
+            statement=sql[:1024],
+            outcome="ok" if isinstance(result, Result) else "error",
+            tag=result.tag if isinstance(result, Result) else None,
+            sqlstate=result.sqlstate if isinstance(result, StatementError) else None,
+        )
 
     async def _run(self, caller: Caller, command: parser.Command) -> Result:
         cols = parser.columns_of(command)

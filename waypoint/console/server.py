@@ -56,7 +56,16 @@ async def serve_console(
     ``recheck`` looks the caller up again before every statement: a caller whose grant no
     longer gives the console (or whose login was locked) gets the refusal as a FATAL."""
     key = BackendKeyData(0, secrets.token_bytes(4))
-    responder = Responder(describe, server_parameters(startup), key)
+
+    def checked(sql: str) -> tuple[str, ...] | StatementError:
+        # Statements refused here (at Parse, or before a simple Query runs) never reach
+        # ``hub.execute``: they are audited here.
+        found = describe(sql)
+        if isinstance(found, StatementError):
+            hub.audit(caller, sql, found)
+        return found
+
+    responder = Responder(checked, server_parameters(startup), key)
     await send(preamble + responder.start())
     if pending:
         responder.feed(pending)

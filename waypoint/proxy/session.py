@@ -269,7 +269,7 @@ async def _run(
             if startup is None:
                 return
             if _asks_for_console(ctx, startup):
-                console = await _authorize_console(ctx, client, startup, conn_id, out)
+                console = await _authorize_console(ctx, client, conn_id, out)
             else:
                 established = await _authorize_and_connect(ctx, client, startup, conn_id, log, out)
         except _Refused as exc:
@@ -852,7 +852,7 @@ def _asks_for_console(ctx: ListenerContext, startup: StartupMessage) -> bool:
 
 
 async def _authorize_console(
-    ctx: ListenerContext, client: _Client, startup: StartupMessage, conn_id: str, out: _Outcome
+    ctx: ListenerContext, client: _Client, conn_id: str, out: _Outcome
 ) -> Caller:
     """Who may use this listener's console database: a known peer whose grant gives
     ``"console"`` for the listener, and whose login is not locked."""
