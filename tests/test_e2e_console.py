@@ -25,7 +25,14 @@ from console_support import (
     psycopg_rows,
     sessions_of,
 )
-from e2e_support import E2EEnv, RawSession, capture_logs, create_app_database, e2e_env
+from e2e_support import (
+    E2EEnv,
+    RawSession,
+    capture_logs,
+    create_app_database,
+    e2e_env,
+    make_cert_files,
+)
 from pg8000.exceptions import DatabaseError
 from pgcluster import PgCluster
 
@@ -243,3 +250,19 @@ async def test_bad_console_input_gets_42601_with_position(pg15: PgCluster, tmp_p
         out = await jdbc(env.host, env.port, *single, "SHOW LOCKS")
         assert [line.split()[:2] for line in out[: len(single)]] == [["ERROR", "42601"]] * len(single)
         assert out[-1].startswith("COLUMNS\tlogin"), out
+
+
+async def test_console_over_tls_with_a_custom_database_name(pg15: PgCluster, tmp_path: Path) -> None:
+    """The console answers through the client's TLS session, under ``console_database``; the
+    default name then reaches the backend like any database name (and is refused here)."""
+    certs = make_cert_files(tmp_path / "certs")
+    extra = certs.listener_extra() + '\nconsole_database = "wpconsole"'
+    async with e2e_env(pg15, tmp_path, tls_mode="require", listener_extra=extra) as env:
+        env.grant("127.0.0.1", rules=[admin_rule()], login=ADMIN, node="ops-laptop")
+        r = await env.psql("SHOW INSTANCES", "wpconsole", sslmode="require", binary="/usr/bin/psql")
+        assert r.returncode == 0, r.stderr
+        assert len(r.stdout.strip().splitlines()) == 1
+        r = await env.psql("SHOW INSTANCES", CONSOLE_DB, sslmode="require", binary="/usr/bin/psql")
+        assert r.returncode != 0 and "not authorized" in r.stderr, r.stderr
+        r = await env.psql("SHOW INSTANCES", "wpconsole", sslmode="disable", binary="/usr/bin/psql")
+        assert r.returncode != 0 and "TLS" in r.stderr
