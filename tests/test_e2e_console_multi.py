@@ -106,6 +106,11 @@ async def test_show_kill_and_lock_across_instances(pg: PgCluster, tmp_path: Path
             hub_b = b.contexts[LISTENER].console
             assert hub_b is not None and row["instance"] == hub_b.instance_id
             assert row["database"] == db and row["node"] == "victim-box"
+            # B's refresh of its sessions' states reaches A (polled, bounded).
+            with trio.fail_after(15):
+                while row["state"] != "idle":
+                    await trio.sleep(0.2)
+                    [row] = await _wait_listed(a, VICTIM, 1)
             await console_run(a, f"KILL '{row['conn_id']}'")
             fields = await _fatal(on_b)
             assert fields["C"] == "57P01" and ADMIN in fields["M"]

@@ -89,6 +89,8 @@ class ConsoleHub:
     instance_id: str
     wall: Callable[[], float] = time.time
     probe: StateProbe | None = None
+    #: Other instances read this one's list (Redis): keep its states fresh in the background.
+    shared: bool = False
     started: float = attrs.field(init=False)
     _ticks: int = attrs.field(init=False, default=0)
     _published: tuple[tuple[str, str], ...] | None = attrs.field(init=False, default=None)
@@ -107,11 +109,12 @@ class ConsoleHub:
         from waypoint.state.redis_store import RedisStateStore
 
         directory: ConsoleDirectory
+        shared = isinstance(state, RedisStateStore)
         if isinstance(state, RedisStateStore):
             directory = RedisDirectory(state, wall)
         else:
             directory = MemoryDirectory(wall)
-        return cls(registry, directory, _instance_id(state), wall, probe)
+        return cls(registry, directory, _instance_id(state), wall, probe, shared)
 
     # -- the background task -----------------------------------------------------------------
 
@@ -158,7 +161,7 @@ class ConsoleHub:
 
     async def tick(self) -> None:
         """One round: publish, take kill requests, apply locks."""
-        if self._ticks % STATE_EVERY == 0:
+        if self.shared and self._ticks % STATE_EVERY == 0:
             await self.refresh_states()
         # The list is rewritten when its sessions changed, else every STATE_EVERY ticks (byte
         # counts and states as of then): a large list is not sent to Redis twice a second.
@@ -191,6 +194,7 @@ class ConsoleHub:
     def _session_record(self, live: LiveSession, now: float) -> SessionRecord:
         relay = live.relay
         age = trio.current_time() - live.started
+        # The current or last statement, when statement audit keeps one on the session.
         statement = getattr(live, "last_statement", None)
         return SessionRecord(
             conn_id=live.conn_id,
