@@ -578,8 +578,10 @@ async def _authorize_and_connect(
             ctx, client, startup, database, cap, forward, prefetch, conn_id, log, out
         )
         established = True
-        role = result[3].role
-        ctx.warm_peers.mark(client.peer[0], LoginGuess.of(role, database, forward, protocol))
+        live = result[3]
+        owner = ctx.provisioner.owner_of(live.identity, live.grant)
+        guess = LoginGuess.of(live.role, database, forward, protocol, owner)
+        ctx.warm_peers.mark(client.peer[0], guess)
         return result
     finally:
         if not established:
@@ -607,7 +609,7 @@ def _plan_prefetch(
     guess = ctx.warm_peers.guess(peer_ip)
     login = None
     if guess is not None and guess.same_session(database, forward, protocol):
-        creds = ctx.provisioner.peek(guess.role)
+        creds = ctx.provisioner.peek(guess.role, guess.owner)
         if creds is not None:
             login = _backend_login(ctx, creds, database, forward, protocol)
     return BackendPrefetch(ctx.listener, ctx.backend_ssl, ctx.metrics, login)
