@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -25,17 +26,33 @@ def admin_rule(level: str = "admin", listener: str = LISTENER) -> dict[str, Any]
     return {"backends": {listener: {"console": level}}}
 
 
+#: Debian's pgjdbc (package libpostgresql-jdbc-java, which dev.sh installs).
+DEBIAN_PGJDBC_JAR = "/usr/share/java/postgresql.jar"
+
+
+def _version_key(path: str) -> tuple[int, ...]:
+    """A Maven cache jar's version as numbers (``.../42.7.10/...`` after ``.../42.7.9/...``)."""
+    version = Path(path).parent.name
+    return tuple(int(part) for part in re.findall(r"\d+", version))
+
+
 def pgjdbc_jar() -> str:
-    """The pgjdbc jar: ``WAYPOINT_PGJDBC_JAR``, else the newest in the local Maven cache."""
+    """The pgjdbc jar: Debian's, else ``WAYPOINT_PGJDBC_JAR``, else the newest in the local
+    Maven cache."""
+    if os.path.isfile(DEBIAN_PGJDBC_JAR):
+        return DEBIAN_PGJDBC_JAR
     env = os.environ.get("WAYPOINT_PGJDBC_JAR")
     if env:
         return env
-    found = sorted(
-        glob.glob(os.path.expanduser("~/.m2/repository/org/postgresql/postgresql/*/postgresql-*.jar"))
+    found = glob.glob(
+        os.path.expanduser("~/.m2/repository/org/postgresql/postgresql/*/postgresql-*.jar")
     )
     if not found:
-        raise AssertionError("pgjdbc jar not found: set WAYPOINT_PGJDBC_JAR")
-    return found[-1]
+        raise AssertionError(
+            f"pgjdbc jar not found: install libpostgresql-jdbc-java ({DEBIAN_PGJDBC_JAR}, "
+            "dev.sh does) or set WAYPOINT_PGJDBC_JAR"
+        )
+    return max(found, key=_version_key)
 
 
 async def jdbc(host: str, port: int, *statements: str, db: str = CONSOLE_DB) -> list[str]:

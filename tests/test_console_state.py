@@ -135,11 +135,11 @@ async def test_hostile_values_in_redis_are_skipped() -> None:
             assert isinstance(store, RedisStateStore)
             d = RedisDirectory(store, Wall())
             client = redis_client()
-            client.hset(prefix + "console:locks", "x", "not json")
-            client.hset(prefix + "console:locks", "y", '{"login": 1}')
-            client.rpush(prefix + "console:kills:a", "[]")
-            client.zadd(prefix + "console:instances", {"z": 10**15})
-            client.set(prefix + "console:sessions:z", '{"instance": "z"}')
+            client.hset(prefix + "console:{console}:locks", "x", "not json")
+            client.hset(prefix + "console:{console}:locks", "y", '{"login": 1}')
+            client.rpush(prefix + "console:{console}:kills:a", "[]")
+            client.zadd(prefix + "console:{console}:instances", {"z": 10**15})
+            client.set(prefix + "console:{console}:sessions:z", '{"instance": "z"}')
             assert await d.locks() == []
             assert await d.lock_for("x", "y") is None
             assert await d.take_kills("a") == []

@@ -169,6 +169,14 @@ def shutting_down() -> Refusal:
     return Refusal(SHUTDOWN, "Waypoint is shutting down; the session was ended at the drain deadline")
 
 
+def listener_removed() -> Refusal:
+    return Refusal(
+        SHUTDOWN,
+        "this listener was removed from Waypoint's configuration;"
+        " the session was ended at the drain deadline",
+    )
+
+
 def not_accepting() -> Refusal:
     return Refusal(SHUTDOWN, "Waypoint is shutting down and accepts no new connections")
 

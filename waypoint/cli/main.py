@@ -15,6 +15,7 @@ from waypoint import __version__
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("waypoint.cli.run_cmd", "run the daemon"),
+    "reload": ("waypoint.cli.reload", "validate a config file and make the running daemon reload it"),
     "check": ("waypoint.cli.check", "validate a config file and print the effective configuration"),
     "explain": ("waypoint.cli.explain", "show how a grant evaluates for an identity"),
     "roles": ("waypoint.cli.roles", "list or reap the roles Waypoint created"),

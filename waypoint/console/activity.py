@@ -4,10 +4,10 @@ admin connection. The admin sees its roles' backends (it is a member of each rol
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
-from waypoint.provision.admin import AdminSession
+from waypoint.provision.admin import AdminPools, AdminSession
 from waypoint.proxy.registry import LiveSession
 from waypoint.proxy.session import ListenerContext
 
@@ -18,17 +18,23 @@ _STATES: Final = (
 
 
 async def backend_states(
-    contexts: Mapping[str, ListenerContext], sessions: Sequence[LiveSession]
+    context_for: Callable[[LiveSession], ListenerContext | None],
+    sessions: Sequence[LiveSession],
 ) -> dict[str, str]:
     """conn_id → the backend's ``pg_stat_activity.state`` for ``sessions`` (one statement per
-    listener). Sessions whose backend is not found are left out."""
-    by_listener: dict[str, list[LiveSession]] = {}
+    backend server). ``context_for`` names the context whose admin pool reaches a session's
+    backend (None: none does). Sessions whose backend is not found are left out."""
+    groups: dict[int, tuple[AdminPools, list[LiveSession]]] = {}
     for live in sessions:
-        if live.backend_pid is not None and live.listener in contexts:
-            by_listener.setdefault(live.listener, []).append(live)
+        if live.backend_pid is None:
+            continue
+        ctx = context_for(live)
+        if ctx is None:
+            continue
+        pools = ctx.provisioner.pools
+        groups.setdefault(id(pools), (pools, []))[1].append(live)
     out: dict[str, str] = {}
-    for listener, group in by_listener.items():
-        pools = contexts[listener].provisioner.pools
+    for pools, group in groups.values():
         pids = sorted({int(s.backend_pid) for s in group if s.backend_pid is not None})
         roles = sorted({s.role for s in group})
 

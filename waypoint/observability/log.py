@@ -179,6 +179,34 @@ def configure(
     logger.propagate = False
 
 
+LEVELS: dict[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def current_format() -> Format:
+    """The format Waypoint's handlers write now (human when none is configured)."""
+    for handler in logging.getLogger(LOGGER_NAME).handlers:
+        if isinstance(handler.formatter, _JsonFormatter):
+            return "json"
+    return "human"
+
+
+def switch(fmt: Format, level: int) -> None:
+    """Change the format and level of Waypoint's configured handlers in place (a reload):
+    the lines go on to the same stream."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if not logger.handlers:
+        configure(fmt, level=level)
+        return
+    for handler in logger.handlers:
+        handler.setFormatter(_JsonFormatter() if fmt == "json" else _HumanFormatter())
+    logger.setLevel(level)
+
+
 class EventLogger:
     """``log.info("session_end", conn_id=..., bytes_in=...)``: an event name and fields."""
 

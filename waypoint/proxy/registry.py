@@ -49,6 +49,9 @@ class LiveSession:
     #: The ``max_conn_duration`` timer's scope; revalidation moves its deadline.
     duration_scope: trio.CancelScope | None = None
     _pending_end: Refusal | None = None
+    #: The listener context that accepted it (after a reload, maybe no longer the current one:
+    #: its backend and provisioner stay the session's own).
+    owner: object | None = attrs.field(default=None, kw_only=True)
 
     def attach(self, relay: RelayControl) -> None:
         self.relay = relay

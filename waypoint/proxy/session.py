@@ -742,6 +742,7 @@ async def _establish(
         started=trio.current_time(),
         backend_pid=start.key.pid if start.key is not None else None,
         tls=client.tls,
+        owner=ctx,
     )
     ctx.registry.add(live)
     return backend, start, lease, live

@@ -193,7 +193,8 @@ class RedisDirectory:
     wall: Callable[[], float]
 
     def _key(self, *parts: str) -> str:
-        return self.store._layout.prefix + "console:" + ":".join(_part(p) for p in parts)
+        # One cluster hash tag for every console key: MGET and the pipelines name several.
+        return self.store._layout.prefix + "console:{console}:" + ":".join(_part(p) for p in parts)
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
         try:
