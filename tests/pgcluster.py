@@ -61,7 +61,7 @@ HbaConnection = Literal["host", "hostssl", "hostnossl"]
 HOST = pgrun.HOST
 SUPERUSER = pgrun.SUPERUSER
 ADMIN_USER = "waypoint_admin"
-#: Test clients bind 127.0.0.N to act as identity N (SPEC §0), so hba covers all of loopback.
+#: Test clients bind 127.0.0.N to act as identity N (docs/design.md#tests), so hba covers all of loopback.
 LOOPBACK_NET = "127.0.0.0/8"
 
 _TMP_PREFIX = "waypoint-pg-"

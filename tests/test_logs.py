@@ -1,4 +1,4 @@
-"""Logs (issue 8 point 4): JSON lines with stable keys, stdlib records rendered as JSON too, the
+"""Logs (docs/observability.md): JSON lines with stable keys, stdlib records rendered as JSON too, the
 58000 correlation id findable in the log, and no password or role secret in any line."""
 
 from __future__ import annotations

@@ -177,7 +177,7 @@ async def test_another_instance_sees_no_cache_and_provisions(
         await other.aclose()
 
 
-# -- presets (SPEC §5's table) ------------------------------------------------------
+# -- presets (docs/policy.md's table) --------------------------------------------------
 
 
 async def test_readonly_grant_allows_select_and_denies_insert(
@@ -520,7 +520,7 @@ async def test_plaintext_secret_never_in_server_log(logged_pg: PgCluster, encryp
 
 
 async def test_admin_sessions_pin_search_path_and_timeouts(pg: PgCluster) -> None:
-    """SPEC §12 (PgBouncer CVE-2025-12819): admin sessions pin ``search_path`` to
+    """The PgBouncer lesson (CVE-2025-12819, docs/design.md): admin sessions pin ``search_path`` to
     ``pg_catalog, pg_temp`` and bound every statement, whatever the server's defaults."""
     from waypoint.provision.admin import AdminPools
 

@@ -1,6 +1,6 @@
 """``waypoint.run(config)``: the root nursery wiring listeners, revalidation, the reaper, metrics,
 graceful shutdown, and the configuration reload (SIGHUP) that changes listeners and settings
-while sessions go on."""
+while sessions go on (docs/operations.md)."""
 
 from __future__ import annotations
 

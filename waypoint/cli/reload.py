@@ -16,15 +16,10 @@ import sys
 
 from waypoint.config.load import ConfigError, load_config
 
+TAKES_CONFIG = True  # -c/--config: the configuration file the daemon runs
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-c",
-        "--config",
-        default="waypoint.toml",
-        metavar="FILE",
-        help="the configuration file the daemon runs (default: waypoint.toml)",
-    )
     parser.add_argument(
         "--pid-file",
         metavar="FILE",

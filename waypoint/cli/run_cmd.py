@@ -15,9 +15,10 @@ from waypoint.config.load import ConfigError, load_config
 from waypoint.observability.log import LEVELS, configure, get_logger
 from waypoint.service.notify import Notifier
 
+TAKES_CONFIG = True
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", default="waypoint.toml", help="config file (TOML)")
     parser.add_argument(
         "--log-format",
         choices=["human", "json"],

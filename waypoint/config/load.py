@@ -1,4 +1,4 @@
-"""Loading the TOML configuration (SPEC §1) into :class:`waypoint.config.model.Config`.
+"""Loading the TOML configuration (docs/configuration.md) into :class:`waypoint.config.model.Config`.
 
 Steps: parse with tomlkit → plain Python values → ``${VAR}`` expansion per
 string value → strict structuring with cattrs (no coercion; durations and
@@ -279,7 +279,7 @@ def _describe_structure_error(
 
 
 def _sanitize_part(text: str) -> str:
-    """The role-name sanitizing of SPEC §5, to compare listener names as they will appear."""
+    """The role-name sanitizing (docs/design.md), to compare listener names as they will appear."""
     return re.sub(r"[^a-z0-9]", "_", text.lower())
 
 

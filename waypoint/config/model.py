@@ -1,4 +1,4 @@
-"""The configuration as typed values (SPEC §1). Durations are float seconds, sizes int bytes.
+"""The configuration as typed values (docs/configuration.md). Durations are float seconds, sizes int bytes.
 
 Every ``float`` field is a duration (written as ``"90s"`` in TOML); ``int``
 fields with ``metadata={"unit": "size"}`` are sizes (``"10GB"`` or bytes).

@@ -1,4 +1,4 @@
-"""Prometheus metrics (SPEC §11, issue 8). One registry per app, so tests can run several apps.
+"""Prometheus metrics (docs/observability.md). One registry per app, so tests can run several apps.
 
 No per-user label by default (cardinality): listeners, outcomes and SQLSTATEs only.
 """

@@ -580,8 +580,8 @@ class Provisioner:
                     raise ProvisionError(
                         provisioning_failed(
                             new_correlation_id(),
-                            "CockroachDB has no advisory locks: configure [state] backend = "
-                            '"redis" so role locks use Redis',
+                            "CockroachDB has no advisory locks and Waypoint has no other role "
+                            "lock for it: provisioning on CockroachDB is not supported",
                         )
                     )
                 self._info = _ServerInfo(dialect, enc)

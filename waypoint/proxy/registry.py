@@ -1,4 +1,4 @@
-"""Live sessions (for revalidation, drain and metrics) and the short refusal cache (SPEC §4 step 8)."""
+"""Live sessions (for revalidation, drain and metrics) and the short refusal cache (docs/protocol.md)."""
 
 from __future__ import annotations
 

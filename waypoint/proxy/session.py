@@ -1,4 +1,4 @@
-"""One client connection, start to end (SPEC §4): first packet, TLS, identity, grant, slot,
+"""One client connection, start to end (docs/protocol.md): first packet, TLS, identity, grant, slot,
 provisioning, backend login, relay, and the one log line when it ends.
 
 Every step before the relay runs inside one cancel scope bounded by ``handshake_timeout``.
@@ -751,7 +751,7 @@ async def _establish(
 def _client_negotiation(
     startup: StartupMessage, backend_npv: NegotiateProtocolVersion | None
 ) -> NegotiateProtocolVersion | None:
-    """The one NegotiateProtocolVersion the client gets, if something changed (SPEC §4 step 1)."""
+    """The one NegotiateProtocolVersion the client gets, if something changed (docs/protocol.md)."""
     requested = startup.protocol[1]
     asked_backend = min(requested, MAX_MINOR)
     backend_minor = backend_npv.newest_minor if backend_npv is not None else asked_backend

@@ -718,7 +718,7 @@ class RedisStateStore:
         total_key = [self._layout.total()]
         res = await self._change("acquire", user_keys, [req.max_user, req.max_user_listener])
         if res is None:
-            return errors.identity_unavailable("shared state (Redis)", "slot acquire failed")
+            return errors.state_unavailable("slot acquire failed")
         if int(res[0]) != 0:
             if int(res[0]) == 1:
                 return errors.limit_reached(LIMIT_USER, req.max_user, f"principal={req.principal}")
@@ -730,9 +730,7 @@ class RedisStateStore:
         try:
             res = await self._change("acquire", total_key, [req.max_total])
             if res is None:
-                refusal = errors.identity_unavailable(
-                    "shared state (Redis)", "total slot acquire failed"
-                )
+                refusal = errors.state_unavailable("total slot acquire failed")
             elif int(res[0]) != 0:
                 refusal = errors.limit_reached(LIMIT_TOTAL, req.max_total)
             else:
