@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import resource
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
@@ -15,6 +15,8 @@ import trio
 from waypoint import errors
 from waypoint.config.load import ConfigError, load_config
 from waypoint.config.model import Config, ListenerConfig, split_host_port
+from waypoint.console.activity import backend_states
+from waypoint.console.hub import ConsoleHub
 from waypoint.identity import make_provider
 from waypoint.identity.localapi import LocalAPIClient
 from waypoint.identity.model import IdentityProvider
@@ -173,6 +175,9 @@ class _Service:
         self.engine = engine
         self.registry = SessionRegistry()
         self.refusals = RefusalCache()
+        #: The console (one per service, every listener's console database); its state
+        #: probe reads the contexts current when it runs, so listeners a reload adds count.
+        self.console = ConsoleHub.for_state(state, self.registry, probe=self._backend_states)
         self.admin_limiter = trio.CapacityLimiter(16)
         self.pbkdf2_limiter = trio.CapacityLimiter(2)
         self.contexts: dict[str, ListenerContext] = {}
@@ -256,6 +261,7 @@ class _Service:
             pbkdf2_limiter=self.pbkdf2_limiter,
             admission=self.admission,
             warm_peers=previous.warm_peers if previous is not None else WarmPeers(),
+            console=self.console,
         )
 
     def context_for(self, live: LiveSession) -> ListenerContext | None:
@@ -269,6 +275,11 @@ class _Service:
         if owner is None or owner.provisioner is current.provisioner:
             return current
         return attrs.evolve(current, provisioner=owner.provisioner)
+
+    async def _backend_states(self, sessions: Sequence[LiveSession]) -> dict[str, str]:
+        """The console's ``state`` column: each session's backend asked through the admin
+        pool of the backend it is on (:meth:`context_for`, so after a reload too)."""
+        return await backend_states(self.context_for, sessions)
 
     # -- serving -----------------------------------------------------------------------
 
@@ -321,6 +332,7 @@ class _Service:
         async with trio.open_nursery() as bg:
             self._background = bg
             bg.start_soon(self.admission.run)
+            bg.start_soon(self.console.run)
             for provisioner in set(ctx.provisioner for ctx in self.contexts.values()):
                 self._start_expiry(provisioner)
             self._restart_revalidation()

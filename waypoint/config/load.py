@@ -520,6 +520,11 @@ def _validate_listener(cfg: Config, i: int, lst: ListenerConfig) -> list[tuple[K
             )
         )
 
+    if not lst.console_database or len(lst.console_database.encode()) > 63:
+        out.append(((*base, "console_database"), "must be 1 to 63 bytes long"))
+    elif lst.console_database in ("template0", "template1", lst.postgres.admin_database):
+        out.append(((*base, "console_database"), "must not name a template or the admin_database"))
+
     pg = lst.postgres
     pbase: KeyPath = (*base, "postgres")
     if not pg.admin_user:

@@ -190,6 +190,8 @@ class ListenerConfig:
     key_file: str | None = None
     backend_tls: BackendTls = "prefer"
     backend_ca_file: str | None = None
+    #: The virtual database Waypoint itself answers on this listener (the console).
+    console_database: str = "waypoint"
 
     @property
     def listen_address(self) -> tuple[str, int]:

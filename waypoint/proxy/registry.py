@@ -38,6 +38,9 @@ class LiveSession:
     #: The backend's process id (from its BackendKeyData), None if it sent none.
     backend_pid: int | None = None
     relay: RelayControl | None = None
+    tls: bool = False
+    #: What the backend is doing (``pg_stat_activity.state``) as the console last read it.
+    state: str = ""
     ended_by: Refusal | None = None
     #: Why Waypoint ended it (a fixed metric label), when it did.
     end_kind: str | None = None

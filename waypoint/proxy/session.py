@@ -8,6 +8,7 @@ A failure here ends this connection only: the task catches its own errors.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import socket
 import ssl
@@ -19,8 +20,10 @@ import trio
 from waypoint import errors
 from waypoint.config.model import Config, ListenerConfig
 from waypoint.config.units import format_duration
+from waypoint.console.hub import Caller, ConsoleHub
+from waypoint.console.server import serve_console
 from waypoint.errors import Refusal
-from waypoint.grants.evaluate import evaluate
+from waypoint.grants.evaluate import console_access, evaluate
 from waypoint.grants.model import EffectiveGrant
 from waypoint.grants.presets import PresetCapResult, parse_preset_cap
 from waypoint.identity.model import Identity, IdentityError, IdentityProvider
@@ -110,6 +113,8 @@ class ListenerContext:
     warm_peers: WarmPeers = attrs.field(factory=WarmPeers)
     #: The app's pre-authentication bounds (handshakes per address, cancel rate).
     admission: Admission = attrs.field(kw_only=True)
+    #: The console (its database, SHOW SESSIONS, KILL, LOCK); None: no console database.
+    console: ConsoleHub | None = attrs.field(default=None, kw_only=True)
 
     @property
     def allow_raw_sql(self) -> bool:
@@ -254,13 +259,19 @@ async def _run(
     handshake_done: Callable[[], None] | None = None,
 ) -> None:
     startup: StartupMessage | None = None
+    console: Caller | None = None
+    established: tuple[BackendConnection, BackendSessionStart, SlotLease, LiveSession] | None
+    established = None
     handshake_started = trio.current_time()
     with trio.move_on_after(ctx.config.handshake_timeout) as handshake_scope:
         try:
             startup, pending = await _negotiate(ctx, client)
             if startup is None:
                 return
-            established = await _authorize_and_connect(ctx, client, startup, conn_id, log, out)
+            if _asks_for_console(ctx, startup):
+                console = await _authorize_console(ctx, client, conn_id, out)
+            else:
+                established = await _authorize_and_connect(ctx, client, startup, conn_id, log, out)
         except _Refused as exc:
             await _refuse(ctx, client, startup, exc.refusal, out, log, cache=exc.cache)
             return
@@ -282,6 +293,21 @@ async def _run(
             )
         return
     ctx.metrics.handshake_done(ctx.listener.name, trio.current_time() - handshake_started)
+    if console is not None:
+        assert startup is not None and ctx.console is not None
+        out.outcome = "console"
+        await serve_console(
+            ctx.console,
+            console,
+            startup.parameters,
+            client.send,
+            client.receive,
+            pending,
+            _console_preamble(startup),
+            functools.partial(_recheck_console, ctx, client, conn_id),
+        )
+        return
+    assert established is not None
     backend, start, slot, live = established
     link = _BackendLink(backend.socket_stream.socket)
     try:
@@ -657,6 +683,10 @@ async def _establish(
     )
     if isinstance(grant, Refusal):
         raise _Refused(grant)
+    if ctx.console is not None:
+        locked = await ctx.console.lock_refusal(identity)
+        if locked is not None:
+            raise _Refused(locked, cache=False)
 
     lease = await ctx.state.acquire_slot(
         SlotRequest(
@@ -711,6 +741,7 @@ async def _establish(
         role=role,
         started=trio.current_time(),
         backend_pid=start.key.pid if start.key is not None else None,
+        tls=client.tls,
         owner=ctx,
     )
     ctx.registry.add(live)
@@ -812,6 +843,57 @@ async def _provision_and_login(
         finally:
             if not logged_in and backend is not None:
                 await backend.aclose()
+
+
+# --------------------------------------------------------------------------- console
+
+
+def _asks_for_console(ctx: ListenerContext, startup: StartupMessage) -> bool:
+    params = startup.parameters
+    database = params.get("database") or params.get("user")
+    return ctx.console is not None and database == ctx.listener.console_database
+
+
+async def _authorize_console(
+    ctx: ListenerContext, client: _Client, conn_id: str, out: _Outcome
+) -> Caller:
+    """Who may use this listener's console database: a known peer whose grant gives
+    ``"console"`` for the listener, and whose login is not locked."""
+    out.database = ctx.listener.console_database
+    if not ctx.accepting:
+        raise _Refused(errors.not_accepting(), cache=False)
+    if ctx.listener.tls_mode == "require" and not client.tls:
+        raise _Refused(errors.tls_required(), cache=False)
+    caller = await _recheck_console(ctx, client, conn_id)
+    if isinstance(caller, Refusal):
+        raise _Refused(caller, cache=False)
+    out.identity = caller.identity
+    return caller
+
+
+async def _recheck_console(ctx: ListenerContext, client: _Client, conn_id: str) -> Caller | Refusal:
+    """The console caller as of now (identity, grant, locks), or why it is refused."""
+    assert ctx.console is not None
+    try:
+        identity = await ctx.identity.whois(*client.peer)
+    except IdentityError as exc:
+        return exc.refusal
+    access = console_access(identity, ctx.listener.name)
+    if isinstance(access, Refusal):
+        return access
+    locked = await ctx.console.lock_refusal(identity)
+    if locked is not None:
+        return locked
+    return Caller(
+        identity, access, ctx.listener.name, conn_id, f"{client.peer[0]}:{client.peer[1]}"
+    )
+
+
+def _console_preamble(startup: StartupMessage) -> bytes:
+    """The console speaks protocol 3.0 only: a newer client is told so first."""
+    if startup.protocol[1] == 0 and not startup.protocol_options:
+        return b""
+    return NegotiateProtocolVersion(0, startup.protocol_options).encode()
 
 
 # --------------------------------------------------------------------------- relay
