@@ -12,6 +12,7 @@ import attrs
 import trio
 
 from waypoint import errors
+from waypoint.audit.service import open_audit
 from waypoint.config.model import Config, split_host_port
 from waypoint.identity import make_provider
 from waypoint.identity.localapi import LocalAPIClient
@@ -101,7 +102,16 @@ async def run(
     pbkdf2_limiter = trio.CapacityLimiter(2)
     contexts: dict[str, ListenerContext] = {}
     try:
-        async with open_state(config.state) as state, open_relay_engine() as engine:
+        async with (
+            open_state(config.state) as state,
+            open_audit(
+                config.audit,
+                metrics=metrics,
+                instance=getattr(state, "instance_id", None),
+                log_error=_audit_error,
+            ) as audit,
+            open_relay_engine() as engine,
+        ):
             refusals = RefusalCache()
             for lst in config.listeners:
                 contexts[lst.name] = ListenerContext(
@@ -124,6 +134,7 @@ async def run(
                     metrics=metrics,
                     pbkdf2_limiter=pbkdf2_limiter,
                     admission=admission,
+                    audit=audit,
                 )
             _add_health_checks(config, health, provider, state, contexts)
             try:
@@ -375,3 +386,8 @@ async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event) -> None:
             shutdown.set()
             if count >= 2:
                 immediate.set()
+
+
+def _audit_error(message: str) -> None:
+    """A failed write to the audit sink (it is retried; sessions wait or close)."""
+    log.error("audit_sink_failed", error=message)

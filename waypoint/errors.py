@@ -179,3 +179,14 @@ def session_limit(which: str, value: str) -> Refusal:
 
 def access_revoked(reason: str) -> Refusal:
     return Refusal(NOT_AUTHORIZED, f"session ended: access revoked on revalidation ({reason})")
+
+
+AUDIT_UNAVAILABLE = "58030"  # io_error
+
+
+def audit_unavailable() -> Refusal:
+    return Refusal(
+        AUDIT_UNAVAILABLE,
+        "session ended: the statement audit cannot record statements "
+        '(audit sink failing or full, on_error = "close")',
+    )

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("waypoint.cli.check", "validate a config file and print the effective configuration"),
     "explain": ("waypoint.cli.explain", "show how a grant evaluates for an identity"),
     "roles": ("waypoint.cli.roles", "list or reap the roles Waypoint created"),
+    "audit": ("waypoint.cli.audit", "verify or search statement audit files"),
     "demo": ("waypoint.cli.demo", "run everything locally: throwaway PostgreSQL, static identity, Waypoint"),
 }
 

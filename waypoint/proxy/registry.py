@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import secrets
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -15,6 +16,9 @@ from waypoint.grants.model import EffectiveGrant, Preset
 from waypoint.identity.model import Identity
 from waypoint.pgwire import build_error_response
 from waypoint.proxy.relay import RelayControl
+
+if TYPE_CHECKING:
+    from waypoint.audit.session import SessionAudit
 
 
 def fatal_bytes(refusal: Refusal) -> bytes:
@@ -36,6 +40,9 @@ class LiveSession:
     started: float
     relay: RelayControl | None = None
     ended_by: Refusal | None = None
+    #: The statement audit of this session (None when audit is off); its read-only
+    #: ``last_statement`` is the text of the current or last statement.
+    audit: SessionAudit | None = None
     _pending_end: Refusal | None = None
 
     def attach(self, relay: RelayControl) -> None:

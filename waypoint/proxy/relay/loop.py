@@ -23,7 +23,7 @@ import select
 import socket
 import ssl
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from waypoint.pgwire.boundary import HeaderCallback, ProtocolError
 
@@ -31,6 +31,9 @@ from .base import RelayReason
 from .bridge import Command, Commands, RelayHandle, Reporter
 from .client_tls import TlsEnd, TlsHandover, decrypt, encrypt, own_records, take_ciphertext
 from .core import RelayCore
+
+if TYPE_CHECKING:
+    from waypoint.audit.session import SessionAudit
 
 try:
     from . import _pump
@@ -45,6 +48,8 @@ _EPOLLOUT: Final = select.EPOLLOUT
 _EPOLLBAD: Final = select.EPOLLERR | select.EPOLLHUP
 #: Events taken per ``epoll_wait`` (the C loop's batch).
 _MAX_EVENTS: Final = 256
+#: How often a session waiting for the audit sink looks again (epoll timeout bound).
+_AUDIT_POLL: Final = 0.02
 _PEER_GONE_ERRNOS: Final = frozenset(
     {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN}
 )
@@ -89,7 +94,7 @@ class Relay:
     """One relay's sockets and its core. Mutated only by the engine thread once added,
     except the counters the trio side reads."""
 
-    __slots__ = ("backend", "client", "core", "finished", "handle", "stopped", "tls")
+    __slots__ = ("audit", "backend", "client", "core", "finished", "handle", "stopped", "tls")
 
     def __init__(
         self,
@@ -101,7 +106,10 @@ class Relay:
         on_client_header: HeaderCallback | None,
         on_backend_header: HeaderCallback | None,
         client_tls: TlsHandover | None,
+        audit: SessionAudit | None = None,
     ) -> None:
+        #: The statement audit of this session (None: audit off; the C loop serves it).
+        self.audit = audit
         self.client = client = Side(self, client_sock, True, on_client_header)
         self.backend = backend = Side(self, backend_sock, False, on_backend_header)
         client.link(backend)  # the client lane holds the shared budget
@@ -119,8 +127,13 @@ class Relay:
 
     @property
     def pumped(self) -> bool:
-        """Served by the C loop: plain sockets, no header hooks."""
-        return not self.tls and self.client.hook is None and self.backend.hook is None
+        """Served by the C loop: plain sockets, no header hooks, no audit."""
+        return (
+            not self.tls
+            and self.audit is None
+            and self.client.hook is None
+            and self.backend.hook is None
+        )
 
 
 def wire(side: Side, plaintext: bytes) -> bytes:
@@ -144,6 +157,8 @@ class EpollLoop:
         self._tls_sides: dict[int, Side] = {}
         self.relays: set[Relay] = set()
         self._timed: set[Relay] = set()
+        #: Relays whose client is not read until the audit sink has room: since when.
+        self._audit_waiting: dict[Relay, float] = {}
         #: Bytes per read (each read in Python gets a bytes object of its own).
         self._recv_size = recv_buffer_size
         #: The C loop over ``epoll``, with a receive buffer of its own.
@@ -184,6 +199,8 @@ class EpollLoop:
         tls_event = self._tls_event
         while True:
             timeout = max(0.0, min(r.core.deadline for r in timed) - monotonic()) if timed else -1.0
+            if self._audit_waiting:
+                timeout = _AUDIT_POLL if timeout < 0 else min(timeout, _AUDIT_POLL)
             for code, fd, events, _n, arg in run(timeout):
                 side = sides.get(fd)
                 if side is None:
@@ -222,6 +239,8 @@ class EpollLoop:
                 now = monotonic()
                 for relay in [r for r in timed if r.core.expired(now)]:
                     self._finish(relay)
+            if self._audit_waiting:
+                self._audit_resume()
 
     # -- commands from trio ----------------------------------------------------------------
 
@@ -302,6 +321,8 @@ class EpollLoop:
     def _read_plain(self, side: Side) -> None:
         """Read ``side`` once and pass the chunk on (the C loop's work, in Python: for
         relays with header hooks or a TLS client, and reads that follow another event)."""
+        if side.is_client and side.relay.audit is not None and self._audit_hold(side):
+            return
         chunk = self._recv(side)
         if chunk is not None:
             self._after_read(side, side.relay.core.read(side, chunk, time.monotonic()))
@@ -315,6 +336,9 @@ class EpollLoop:
             return
         if not core.terminating:
             if data:
+                audit = relay.audit
+                if audit is not None and not self._audit(audit, side, data):
+                    return
                 self._forward(side, data)
             return
         self._stop_for_end(relay)
@@ -395,6 +419,8 @@ class EpollLoop:
         size = self._recv_size
         core = relay.core
         while side.reading and not relay.finished:
+            if relay.audit is not None and self._audit_hold(side):
+                break
             try:
                 data = decrypt(tls, size)
             except TlsEnd:
@@ -409,6 +435,68 @@ class EpollLoop:
         if not relay.finished and (records := own_records(tls)):
             side.out += records
             self._flush(side)
+
+    # -- statement audit ----------------------------------------------------------------
+
+    def _audit(self, audit: SessionAudit, side: Side, data: bytes) -> bool:
+        """Record ``data`` (read from ``side``) before it is forwarded; False when it must
+        not be (the session is being ended for the audit, or the tracker failed)."""
+        now = time.monotonic()
+        try:
+            if not side.is_client:
+                audit.backend(data, now)
+                return True
+            if audit.client(data, now):
+                return True
+        except Exception as exc:  # a bug in the tracker: never relay unrecorded
+            self._finish(side.relay, "error", f"statement audit failed: {type(exc).__name__}: {exc}")
+            return False
+        self._audit_close(side.relay)
+        return False
+
+    def _audit_hold(self, side: Side) -> bool:
+        """Before reading the client: True when it must not be read now (the sink is
+        full: the session waits; or it ends, with ``on_error = "close"``)."""
+        relay = side.relay
+        audit = relay.audit
+        assert audit is not None
+        if audit.must_close:
+            audit.close()
+            self._audit_close(relay)
+            return True
+        if not audit.must_wait:
+            return False
+        side.reading = False
+        self._update(side)
+        self._audit_waiting.setdefault(relay, time.monotonic())
+        return True
+
+    def _audit_close(self, relay: Relay) -> None:
+        audit = relay.audit
+        assert audit is not None
+        if relay.core.terminate(audit.fatal, "terminated", 2.0, time.monotonic()):
+            self._begin_end(relay)
+
+    def _audit_resume(self) -> None:
+        """Sessions waiting for the sink read again once it has room."""
+        now = time.monotonic()
+        for relay, since in list(self._audit_waiting.items()):
+            audit = relay.audit
+            assert audit is not None
+            if relay.finished or relay.stopped:
+                del self._audit_waiting[relay]
+                continue
+            if audit.must_wait:
+                continue
+            del self._audit_waiting[relay]
+            audit.blocked(now - since)
+            client = relay.client
+            if relay.backend.out:
+                continue  # back-pressure: the flush resumes reading
+            client.reading = True
+            self._update(client)
+            if client.tls is not None:
+                self._tls_read(client, False)
 
     def _tls_error(self, side: Side, exc: ssl.SSLError) -> None:
         side.relay.core.closed(
@@ -559,6 +647,7 @@ class EpollLoop:
                 side.mask = 0
         self.relays.discard(relay)
         self._timed.discard(relay)
+        self._audit_waiting.pop(relay, None)
         relay.client.out = relay.backend.out = b""
         if self._reporter is not None:
             self._reporter.report(relay.handle, result)
