@@ -151,7 +151,9 @@ def test_copy_in_counts_rows_and_copy_data() -> None:
     (copy,) = t.backend(msg(b"G", b"\0\0\0"), 0.1)
     assert copy["event"] == "copy" and copy["direction"] == "in"
     assert copy["statement_id"] == rec["statement_id"]
-    assert t.client(msg(b"d", b"1\n") + msg(b"d", b"2\n") + msg(b"d", b"3\n") + msg(b"c"), 0.2) == []
+    assert (
+        t.client(msg(b"d", b"1\n") + msg(b"d", b"2\n") + msg(b"d", b"3\n") + msg(b"c"), 0.2) == []
+    )
     (res,) = t.backend(complete("COPY 3") + READY, 0.3)
     assert res["rows"] == 3 and res["copy_data"] == 3 and res["tag"] == "COPY 3"
 
@@ -159,7 +161,9 @@ def test_copy_in_counts_rows_and_copy_data() -> None:
 def test_copy_out_is_recorded() -> None:
     t = tracker()
     t.client(query("copy t to stdout"), 0.0)
-    out = t.backend(msg(b"H", b"\0\0\0") + msg(b"d", b"x") + msg(b"c") + complete("COPY 1") + READY, 0.0)
+    out = t.backend(
+        msg(b"H", b"\0\0\0") + msg(b"d", b"x") + msg(b"c") + complete("COPY 1") + READY, 0.0
+    )
     assert [r["event"] for r in out] == ["copy", "result"]
     assert out[0]["direction"] == "out" and out[1]["rows"] == 1
 
@@ -252,7 +256,9 @@ def _run(front_cuts: list[int], back_cuts: list[int]) -> list[dict[str, Any]]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(min_value=0), max_size=30), st.lists(st.integers(min_value=0), max_size=30))
+@given(
+    st.lists(st.integers(min_value=0), max_size=30), st.lists(st.integers(min_value=0), max_size=30)
+)
 def test_any_split_of_the_stream_gives_the_same_records(fc: list[int], bc: list[int]) -> None:
     assert _run(fc, bc) == _run([], [])
 
@@ -269,4 +275,6 @@ def test_random_frontend_noise_never_raises(seed: int) -> None:
     for _ in range(300):
         kind = rng.choice(b"QPBECFSdHDXcf")
         t.client(msg(bytes([kind]), rng.randbytes(rng.choice([0, 1, 3, 9, 40]))), 0.0)
-        t.backend(msg(bytes([rng.choice(b"CEZIsGHW12")]), rng.randbytes(rng.choice([0, 2, 9]))), 0.0)
+        t.backend(
+            msg(bytes([rng.choice(b"CEZIsGHW12")]), rng.randbytes(rng.choice([0, 2, 9]))), 0.0
+        )
