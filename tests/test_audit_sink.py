@@ -195,3 +195,12 @@ def test_a_failing_writer_is_retried_and_nothing_is_dropped() -> None:
     assert not sink.failed and sink.written == 5
     assert [json.loads(x)["n"] for x in writer.lines] == [0, 1, 2, 3, 4]
     sink.stop()
+
+
+def test_a_device_that_fails_is_reported_and_never_rotated() -> None:
+    writer = FileWriter("/dev/full", max_size=1024, keep=2)
+    for _ in range(3):
+        with pytest.raises(OSError):
+            writer.write([b'{"x":1}\n' * 200])
+    writer.close()
+    assert Path("/dev/full").exists() and not Path("/dev/full.1").exists()

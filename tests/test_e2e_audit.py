@@ -58,7 +58,9 @@ def _psycopg_work(dsn: str) -> int:
     """Prepared statements, a pipeline, COPY, an error; returns the backend pid."""
     with psycopg.connect(dsn, connect_timeout=20, autocommit=True) as conn:
         for i in range(5):
-            conn.execute("select v from t where id = %s::int /* prepared */", (str(i),), prepare=True)
+            conn.execute(
+                "select v from t where id = %s::int /* prepared */", (str(i),), prepare=True
+            )
         with conn.pipeline():
             conn.execute("select %s::int /* pipe-a */", (1,))
             conn.execute("select %s::text /* pipe-b */", ("b",))
@@ -236,3 +238,50 @@ def res_of(recs: list[dict[str, Any]], stmt: dict[str, Any]) -> dict[str, Any]:
         and x["statement_id"] == stmt["statement_id"]
     ]
     return r
+
+
+def _metric(env: E2EEnv, name: str) -> float:
+    total = 0.0
+    for family in env.running.metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == name:
+                total += sample.value
+    return total
+
+
+def _two_statements(dsn: str) -> str:
+    with psycopg.connect(dsn, connect_timeout=20, autocommit=True) as conn:
+        conn.execute("select 1 /* recorded before the sink failed */")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                conn.execute("select 2 /* must not run unrecorded */")
+            except psycopg.OperationalError as exc:
+                return f"{exc.sqlstate}: {exc}"
+            time.sleep(0.05)
+    return "never closed"
+
+
+async def test_a_failing_sink_with_on_error_close_ends_the_session(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """The audit file is /dev/full: every write fails (ENOSPC). With ``on_error = "close"``
+    the session ends with a FATAL that says why, and the metrics count it."""
+    db = create_app_database(pg)
+    section = audit_section(Path("/dev/full")) + 'on_error = "close"\n'
+    with trio.fail_after(120):
+        async with e2e_env(pg, tmp_path, tables_extra=section) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}}, login=LOGIN)
+            outcome = await trio.to_thread.run_sync(_two_statements, env.dsn(db))
+            assert outcome.startswith("58030: ") and "audit" in outcome, outcome
+            assert _metric(env, "waypoint_audit_sink_errors_total") >= 1
+            assert _metric(env, "waypoint_audit_sessions_closed_total") >= 1
+            assert _metric(env, "waypoint_audit_records_total") == 0
+            # The statement that could not be recorded never ran.
+            rows = pg.execute(
+                "select count(*) from pg_stat_activity where query like :q and datname = :d",
+                q="%must not run unrecorded%",
+                d=db,
+            )
+            assert rows[0][0] == 0
+            await env.assert_clean()

@@ -14,6 +14,7 @@ successful one; the writer retries the same lines every ``retry_interval`` secon
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -79,15 +80,16 @@ class FileWriter:
         self.path = Path(path)
         self.max_size = max_size
         self.keep = keep
-        self._file: BinaryIO | None = None
+        self._fd: int | None = None
         self._size = 0
 
-    def _open(self) -> BinaryIO:
-        if self._file is None:
-            self._file = open(self.path, "ab")  # noqa: SIM115 - kept open across writes
-            os.chmod(self.path, 0o600)
-            self._size = self._file.tell()
-        return self._file
+    def _open(self) -> int:
+        if self._fd is None:
+            # Created owner-only; an existing file keeps its mode.
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = fd
+            self._size = os.lseek(fd, 0, os.SEEK_END)
+        return self._fd
 
     def last_line(self) -> bytes | None:
         for candidate in [self.path, *(self._rotated(i) for i in range(1, self.keep + 1))]:
@@ -100,9 +102,7 @@ class FileWriter:
         return self.path.with_name(f"{self.path.name}.{i}")
 
     def _rotate(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self.close()
         if self.keep == 0:
             self.path.unlink(missing_ok=True)
         else:
@@ -115,9 +115,10 @@ class FileWriter:
 
     def write(self, lines: list[bytes]) -> None:
         batch: list[bytes] = []
-        size = self._size if self._file is not None else _size(self.path)
+        size = self._size if self._fd is not None else _size(self.path)
+        rotate = self.path.is_file() or not self.path.exists()  # never rename a device
         for line in lines:
-            if size > 0 and size + len(line) > self.max_size:
+            if rotate and size > 0 and size + len(line) > self.max_size:
                 if batch:
                     self._emit(batch)
                     batch = []
@@ -129,16 +130,26 @@ class FileWriter:
             self._emit(batch)
 
     def _emit(self, batch: list[bytes]) -> None:
-        f = self._open()
-        data = b"".join(batch)
-        f.write(data)
-        f.flush()
-        self._size += len(data)
+        """Write whole lines, unbuffered. On failure the file is cut back to where the
+        batch began (no partial line stays behind; the sink retries the batch)."""
+        fd = self._open()
+        data = memoryview(b"".join(batch))
+        try:
+            while data:
+                written = os.write(fd, data)
+                data = data[written:]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._size)
+            self.close()
+            raise
+        self._size = os.lseek(fd, 0, os.SEEK_END)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _size(path: Path) -> int:
