@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from waypoint.audit.tracker import AuditTracker
+from waypoint.audit.tracker import AuditTracker, with_context
 
 
 def msg(kind: bytes, body: bytes = b"") -> bytes:
@@ -63,11 +63,13 @@ def test_simple_query_and_its_result() -> None:
     t = tracker()
     (rec,) = t.client(query("select 1"), 10.0)
     assert rec["event"] == "query" and rec["protocol"] == "simple" and rec["text"] == "select 1"
-    assert rec["login"] == "alice@example.com"
+    full = with_context(rec)
+    assert full["login"] == "alice@example.com" and full["conn_id"] == "c1"
     assert t.last_statement == "select 1"
     (res,) = t.backend(msg(b"T", b"x") + msg(b"D", b"y") + complete("SELECT 1") + READY, 10.25)
     assert res["event"] == "result" and res["statement_id"] == rec["statement_id"]
     assert res["status"] == "ok" and res["tag"] == "SELECT 1" and res["duration_ms"] == 250.0
+    assert with_context(res)["login"] == "alice@example.com"
 
 
 def test_multi_statement_query_with_an_error_carries_the_sqlstate() -> None:
@@ -278,3 +280,10 @@ def test_random_frontend_noise_never_raises(seed: int) -> None:
         t.backend(
             msg(bytes([rng.choice(b"CEZIsGHW12")]), rng.randbytes(rng.choice([0, 2, 9]))), 0.0
         )
+
+
+def test_a_huge_query_in_one_chunk_is_cut_the_same_way() -> None:
+    text = ("select '" + "z" * 300_000 + "'").encode()
+    (rec,) = tracker(max_statement_bytes=100).client(msg(b"Q", text + b"\0"), 0.0)
+    assert rec["text"] == text[:100].decode() and rec["text_bytes"] == len(text)
+    assert rec["text_sha256"] == hashlib.sha256(text).hexdigest()

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal, Protocol
 
+from .tracker import CONTEXT_KEY
+
 OnError = Literal["block", "close"]
 #: ``prev`` of the first record ever written.
 GENESIS: Final = "0" * 64
@@ -181,8 +183,20 @@ def _last_line(path: Path) -> bytes | None:
         return None
 
 
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+_iso_cache: list[Any] = [None, ""]
+
+
 def _iso(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="microseconds")
+    """UTC ISO 8601 with microseconds (the date part is formatted once per second)."""
+    second = int(ts)
+    if _iso_cache[0] != second:
+        stamp = datetime.datetime.fromtimestamp(second, datetime.UTC)
+        _iso_cache[0], _iso_cache[1] = second, stamp.strftime("%Y-%m-%dT%H:%M:%S")
+    micros = int((ts - second) * 1_000_000)
+    return f"{_iso_cache[1]}.{micros:06d}+00:00"
 
 
 class AuditSink:
@@ -195,6 +209,7 @@ class AuditSink:
         on_error: OnError = "block",
         max_queue: int = 10000,
         retry_interval: float = 1.0,
+        flush_interval: float = 0.01,
         on_written: Callable[[int], None] | None = None,
         on_sink_error: Callable[[], None] | None = None,
         log_error: Callable[[str], None] | None = None,
@@ -205,6 +220,10 @@ class AuditSink:
         self.on_error = on_error
         self.max_queue = max_queue
         self.retry_interval = retry_interval
+        #: The writer wakes this often, or as soon as the queue is a quarter full: records
+        #: are written in batches, not one thread hand-off per record.
+        self.flush_interval = flush_interval
+        self._wake_at = max(1, max_queue // 4)
         self._on_written = on_written
         self._on_sink_error = on_sink_error
         self._log_error = log_error
@@ -242,7 +261,8 @@ class AuditSink:
         produces them, so the queue exceeds its bound by at most one chunk's records."""
         with self._cond:
             self._queue.extend(records)
-            self._cond.notify()
+            if len(self._queue) >= self._wake_at:
+                self._cond.notify()
 
     @property
     def queued(self) -> int:
@@ -267,7 +287,9 @@ class AuditSink:
         while True:
             with self._cond:
                 while not self._queue and not self._stopping:
-                    self._cond.wait()
+                    self._cond.wait(self.flush_interval)
+                if len(self._queue) < self._wake_at and not self._stopping:
+                    self._cond.wait(self.flush_interval)  # let a batch gather
                 if not self._queue and self._stopping:
                     return
                 batch = list(self._queue)
@@ -300,15 +322,22 @@ class AuditSink:
     def _encode(self, batch: list[dict[str, Any]]) -> tuple[list[bytes], str, int]:
         prev, seq = self._prev, self._seq
         lines: list[bytes] = []
+        dumps = _dumps
+        sha256 = hashlib.sha256
         for record in batch:
             seq += 1
-            out = {"seq": seq, "prev": prev}
-            out.update(record)
-            ts = out.get("time")
+            ctx = record.get(CONTEXT_KEY)
+            if ctx is not None:
+                record = dict(record)
+                del record[CONTEXT_KEY]
+            ts = record.get("time")
             if isinstance(ts, float):
-                out["time"] = _iso(ts)
-            line = json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
-            prev = hashlib.sha256(line).hexdigest()
+                record["time"] = _iso(ts)
+            body = dumps(record)
+            head = f'{{"seq":{seq},"prev":"{prev}",'
+            text = f"{head}{ctx},{body[1:]}" if ctx else f"{head}{body[1:]}"
+            line = text.encode()
+            prev = sha256(line).hexdigest()
             lines.append(line + b"\n")
         return lines, prev, seq
 

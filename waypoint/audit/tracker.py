@@ -31,12 +31,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import struct
 from collections import deque
 from collections.abc import Callable, Generator, Mapping
 from typing import Any, Final, Literal
 
 ParameterMode = Literal["none", "hash", "full"]
+#: A record's session context: JSON object members (``"login":"…","node":"…"``), serialized
+#: once per session; the sink writes them into the line in place of this key.
+CONTEXT_KEY: Final = "_context"
+#: The context fields a ``result`` or ``copy`` record carries.
+_SHORT_CONTEXT: Final = ("instance", "conn_id", "login", "node", "database")
 Record = dict[str, Any]
 
 #: Cap on names (statement, portal) kept from the wire.
@@ -89,6 +95,18 @@ class _Text:
                 self.kept += data[:room]
             self.hasher.update(data)
         self.size += n
+
+    @classmethod
+    def whole(cls, data: bytes, cap: int) -> _Text:
+        """A field already complete in memory (the common case of a small message)."""
+        text = cls(cap)
+        text.size = len(data)
+        if len(data) <= cap:
+            text.kept = bytearray(data)
+        else:
+            text.kept = bytearray(data[:cap])
+            text.hasher = hashlib.sha256(data)
+        return text
 
     @property
     def truncated(self) -> bool:
@@ -218,6 +236,12 @@ class AuditTracker:
         if max_statement_bytes < 1:
             raise ValueError("max_statement_bytes must be >= 1")
         self.context = dict(context)
+        #: The context as JSON members, serialized once (the sink splices it into each
+        #: line: ``CONTEXT_KEY``); results and copy records carry a shorter one.
+        self._ctx = _members(self.context)
+        self._ctx_short = _members(
+            {k: self.context[k] for k in _SHORT_CONTEXT if k in self.context}
+        )
         self.parameters = parameters
         self.cap = max_statement_bytes
         self._wall = wall_clock
@@ -230,8 +254,10 @@ class AuditTracker:
         self.seq = 0
         #: The text of the current or last statement run (what a console shows).
         self.last_statement: str | None = None
-        self._front = _Framer(_FRONT_PARSED, self._front_parser, self._on_front)
-        self._back = _Framer(_BACK_PARSED, _back_parser, self._on_back)
+        self._front = _Framer(
+            _FRONT_PARSED, self._front_parser, self._on_front, _front_fast(self.cap)
+        )
+        self._back = _Framer(_BACK_PARSED, _back_parser, self._on_back, _back_fast)
         self._out: list[Record] = []
         self._now = 0.0
         #: The COPY the client is sending data for (its pending entry).
@@ -275,7 +301,7 @@ class AuditTracker:
         rec: Record = {"event": event, "statement_id": self.seq, "protocol": protocol}
         if self._wall is not None:
             rec["time"] = self._wall()
-        rec.update(self.context)
+        rec[CONTEXT_KEY] = self._ctx
         rec.update(fields)
         self._out.append(rec)
         return rec
@@ -349,9 +375,7 @@ class AuditTracker:
         res: Record = {"event": "result", "statement_id": rec["statement_id"]}
         if self._wall is not None:
             res["time"] = self._wall()
-        for key in ("conn_id", "instance", "login", "node", "database"):
-            if key in self.context:
-                res[key] = self.context[key]
+        res[CONTEXT_KEY] = self._ctx_short
         res["status"] = status
         if tags:
             res["tag"] = tags[-1]
@@ -421,10 +445,21 @@ class AuditTracker:
             }
             if self._wall is not None:
                 res["time"] = self._wall()
-            for key in ("conn_id", "login", "node", "database"):
-                if key in self.context:
-                    res[key] = self.context[key]
+            res[CONTEXT_KEY] = self._ctx_short
             self._out.append(res)
+
+
+def _members(fields: Mapping[str, Any]) -> str:
+    return json.dumps(dict(fields), separators=(",", ":"), ensure_ascii=False)[1:-1]
+
+
+def with_context(record: Record) -> Record:
+    """``record`` with its context members merged in (what the sink writes)."""
+    out = {k: v for k, v in record.items() if k != CONTEXT_KEY}
+    ctx = record.get(CONTEXT_KEY)
+    if ctx:
+        out.update(json.loads("{" + ctx + "}"))
+    return out
 
 
 def _malformed(body: dict[str, Any]) -> dict[str, Any]:
@@ -606,18 +641,41 @@ def _parse_error() -> _Parser:
     return {"sqlstate": sqlstate}
 
 
+def _front_fast(cap: int) -> Callable[[int, bytes], dict[str, Any] | None]:
+    def fast(kind: int, body: bytes) -> dict[str, Any] | None:
+        if kind == _Q and body.endswith(b"\0"):
+            return {"text": _Text.whole(body[:-1], cap)}
+        if kind == _E:
+            nul = body.find(b"\0")
+            if nul >= 0 and len(body) - nul == 5:
+                return {"portal": body[:nul].decode("utf-8", "replace")[:_NAME_CAP]}
+        return None
+
+    return fast
+
+
+def _back_fast(kind: int, body: bytes) -> dict[str, Any] | None:
+    if kind == _BC and body.endswith(b"\0") and len(body) <= _BACKEND_CAP:
+        return {"tag": body[:-1].decode("utf-8", "replace")}
+    return None
+
+
 class _Framer:
     """Splits one direction into messages: bodies of ``parsed`` types go through their
     parser (bounded memory), the others are skipped; ``on_message(type, result)``."""
 
-    __slots__ = ("body", "header", "kind", "make", "on_message", "parsed", "skip")
+    __slots__ = ("body", "fast", "header", "kind", "make", "on_message", "parsed", "skip")
 
     def __init__(
         self,
         parsed: frozenset[int],
         make: Callable[[int], _Parser],
         on_message: Callable[[int, dict[str, Any] | None], None],
+        fast: Callable[[int, bytes], dict[str, Any] | None] | None = None,
     ) -> None:
+        #: For a whole body in one chunk: the result without a body parser, or None
+        #: (then the parser runs).
+        self.fast = fast
         self.parsed = parsed
         self.make = make
         self.on_message = on_message
@@ -648,6 +706,22 @@ class _Framer:
             if not self.header and n - pos >= 5:
                 kind, length = _HEADER.unpack_from(view, pos)
                 pos += 5
+                size = length - 4 if length > 4 else 0
+                if pos + size <= n:  # the whole message is in this chunk
+                    if kind not in self.parsed:
+                        self.on_message(kind, None)
+                        pos += size
+                        continue
+                    fast = self.fast
+                    if fast is not None:
+                        result = fast(kind, chunk[pos : pos + size])
+                        if result is not None:
+                            self.kind = kind
+                            self.on_message(kind, result)
+                            pos += size
+                            continue
+                self._start(kind, size)
+                continue
             else:
                 take = min(5 - len(self.header), n - pos)
                 self.header += view[pos : pos + take]
