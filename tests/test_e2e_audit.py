@@ -249,17 +249,12 @@ def _metric(env: E2EEnv, name: str) -> float:
     return total
 
 
-def _two_statements(dsn: str) -> str:
-    with psycopg.connect(dsn, connect_timeout=20, autocommit=True) as conn:
-        conn.execute("select 1 /* recorded before the sink failed */")
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                conn.execute("select 2 /* must not run unrecorded */")
-            except psycopg.OperationalError as exc:
-                return f"{exc.sqlstate}: {exc}"
-            time.sleep(0.05)
-    return "never closed"
+def _after_failure(conn: psycopg.Connection[Any]) -> str:
+    try:
+        conn.execute("select 2 /* must not run unrecorded */")
+    except psycopg.OperationalError as exc:
+        return f"{exc.sqlstate}: {exc}"
+    return "not closed"
 
 
 async def test_a_failing_sink_with_on_error_close_ends_the_session(
@@ -272,9 +267,19 @@ async def test_a_failing_sink_with_on_error_close_ends_the_session(
     with trio.fail_after(120):
         async with e2e_env(pg, tmp_path, tables_extra=section) as env:
             env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}}, login=LOGIN)
-            outcome = await trio.to_thread.run_sync(_two_statements, env.dsn(db))
+            conn = await trio.to_thread.run_sync(
+                lambda: psycopg.connect(env.dsn(db), connect_timeout=20, autocommit=True)
+            )
+            try:
+                # Recorded (queued) before the sink is known to fail: it runs.
+                await trio.to_thread.run_sync(conn.execute, "select 1 /* before the failure */")
+                with trio.fail_after(20):
+                    while _metric(env, "waypoint_audit_sink_errors_total") < 1:
+                        await trio.sleep(0.02)
+                outcome = await trio.to_thread.run_sync(_after_failure, conn)
+            finally:
+                await trio.to_thread.run_sync(conn.close)
             assert outcome.startswith("58030: ") and "audit" in outcome, outcome
-            assert _metric(env, "waypoint_audit_sink_errors_total") >= 1
             assert _metric(env, "waypoint_audit_sessions_closed_total") >= 1
             assert _metric(env, "waypoint_audit_records_total") == 0
             # The statement that could not be recorded never ran.
