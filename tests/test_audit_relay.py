@@ -4,6 +4,7 @@ ends it with a FATAL. Real sockets, no PostgreSQL."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import struct
@@ -148,7 +149,7 @@ async def test_a_full_sink_makes_the_session_wait_and_nothing_runs_unrecorded(dr
             pytest.fail(f"forwarded while the audit queue was full: {extra!r}")
         writer.gate.set()
         assert await read_exactly(backend, len(q3)) == q3
-        await poll(lambda: sink.queued == 0, "drained")
+        await poll(lambda: len(writer.texts()) == 3, "every record written")
         assert writer.texts() == ["select 1", "select 2", "select 3"]
         await poll(lambda: counts["blocked"] > 0, "blocked time counted")
     sink.stop()
@@ -181,4 +182,33 @@ async def test_a_failing_sink_with_close_ends_the_session_with_a_fatal(driver: s
         with trio.move_on_after(0.2):
             rest = await backend.receive_some(1024)
             assert rest == b""
+    sink.stop()
+
+
+@pytest.mark.parametrize("driver", ["engine", "streams"])
+async def test_every_statement_is_recorded_in_order_big_and_small(driver: str) -> None:
+    """Many small statements (the engine's C loop records them through its tap) and
+    statements larger than the tap (recorded by Python before they are sent)."""
+    writer = GateWriter()
+    writer.gate.set()
+    counts: dict[str, Any] = {}
+    audit = make_audit(writer, "block", 10_000, counts)
+    sink: AuditSink = counts["sink"]
+    big = "select '" + "x" * (600 * 1024) + "'"
+    texts = [f"select {i}" for i in range(300)] + [big] + [f"select {i}" for i in range(300, 310)]
+    async with relayed(driver, audit) as (client, backend, _control, _engine):
+        payload = b"".join(query(t) for t in texts)
+
+        async def send() -> None:
+            await client.send_all(payload)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            assert await read_exactly(backend, len(payload)) == payload
+        await poll(lambda: len(writer.texts()) == len(texts), "every record written")
+    recorded = writer.texts()
+    assert recorded[:300] == texts[:300] and recorded[301:] == texts[301:]
+    (big_rec,) = [json.loads(x) for x in writer.lines if json.loads(x).get("text_truncated")]
+    assert big_rec["text_bytes"] == len(big)
+    assert big_rec["text_sha256"] == hashlib.sha256(big.encode()).hexdigest()
     sink.stop()

@@ -60,6 +60,14 @@ class SessionAudit:
             self.sink.put(records)
         return True
 
+    def forwarded(self, from_client: bool, data: bytes, now: float) -> None:
+        """Record bytes the relay's C loop already sent (they were held in its bounded
+        tap until now): always queued."""
+        tracker = self.tracker
+        records = tracker.client(data, now) if from_client else tracker.backend(data, now)
+        if records:
+            self.sink.put(records)
+
     def backend(self, data: bytes, now: float) -> None:
         records: list[Record] = self.tracker.backend(data, now)
         if records:

@@ -22,6 +22,7 @@ import os
 import select
 import socket
 import ssl
+import struct
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -48,8 +49,13 @@ _EPOLLOUT: Final = select.EPOLLOUT
 _EPOLLBAD: Final = select.EPOLLERR | select.EPOLLHUP
 #: Events taken per ``epoll_wait`` (the C loop's batch).
 _MAX_EVENTS: Final = 256
-#: How often a session waiting for the audit sink looks again (epoll timeout bound).
+#: How often a session waiting for the audit sink looks again, and how often the audit
+#: taps of relays served in C are read (epoll timeout bound).
 _AUDIT_POLL: Final = 0.02
+#: Bytes an audited relay served in C may read ahead of its records (its tap's bound);
+#: a read that does not fit is recorded by Python before it is sent.
+_TAP_MAX: Final = 256 * 1024
+_TAP_RECORD: Final = struct.Struct("=cId")
 _PEER_GONE_ERRNOS: Final = frozenset(
     {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN}
 )
@@ -115,7 +121,9 @@ class Relay:
         client.link(backend)  # the client lane holds the shared budget
         client.peer = backend
         backend.peer = client
-        self.core = RelayCore(client, backend, max_bytes=max_bytes, byte_limit_error=byte_limit_error)
+        self.core = RelayCore(
+            client, backend, max_bytes=max_bytes, byte_limit_error=byte_limit_error
+        )
         #: The client side speaks TLS: both sides are served off the plaintext hot path.
         self.tls = client_tls is not None
         client.tls = client_tls
@@ -127,13 +135,14 @@ class Relay:
 
     @property
     def pumped(self) -> bool:
-        """Served by the C loop: plain sockets, no header hooks, no audit."""
-        return (
-            not self.tls
-            and self.audit is None
-            and self.client.hook is None
-            and self.backend.hook is None
-        )
+        """Served by the C loop: plain sockets, no header hooks. An audited relay is when
+        its sink blocks (``on_error = "block"``): the C loop appends what it reads to the
+        relay's bounded audit tap before sending it, and the tap is recorded after each
+        batch. With ``"close"`` every read is recorded by Python before it is sent, so that
+        a sink known to fail ends the session before one more statement goes through."""
+        if self.tls or self.client.hook is not None or self.backend.hook is not None:
+            return False
+        return self.audit is None or self.audit.sink.on_error == "block"
 
 
 def wire(side: Side, plaintext: bytes) -> bytes:
@@ -159,6 +168,8 @@ class EpollLoop:
         self._timed: set[Relay] = set()
         #: Relays whose client is not read until the audit sink has room: since when.
         self._audit_waiting: dict[Relay, float] = {}
+        #: Audited relays served in C: their taps are read after every batch.
+        self._tapped: set[Relay] = set()
         #: Bytes per read (each read in Python gets a bytes object of its own).
         self._recv_size = recv_buffer_size
         #: The C loop over ``epoll``, with a receive buffer of its own.
@@ -199,7 +210,7 @@ class EpollLoop:
         tls_event = self._tls_event
         while True:
             timeout = max(0.0, min(r.core.deadline for r in timed) - monotonic()) if timed else -1.0
-            if self._audit_waiting:
+            if self._audit_waiting or self._tapped:
                 timeout = _AUDIT_POLL if timeout < 0 else min(timeout, _AUDIT_POLL)
             for code, fd, events, _n, arg in run(timeout):
                 side = sides.get(fd)
@@ -235,10 +246,15 @@ class EpollLoop:
                 elif code == _pump.SEND_ERROR:
                     assert isinstance(arg, int)
                     self._socket_error(side.peer, OSError(arg, os.strerror(arg)))
+                elif code == _pump.TAP:
+                    assert isinstance(arg, bytes)  # counted and fed, not sent (a copy)
+                    self._after_read(side, arg)
             if timed:
                 now = monotonic()
                 for relay in [r for r in timed if r.core.expired(now)]:
                     self._finish(relay)
+            if self._tapped:
+                self._drain_taps()
             if self._audit_waiting:
                 self._audit_resume()
 
@@ -282,6 +298,9 @@ class EpollLoop:
         for side in (relay.client, relay.backend):
             table[side.fd] = side
         if relay.pumped:
+            if relay.audit is not None:
+                relay.client.tap_enable(_TAP_MAX)
+                self._tapped.add(relay)
             self.pump.add(relay.client)
             self.pump.add(relay.backend)
         for side in (relay.client, relay.backend):
@@ -441,15 +460,22 @@ class EpollLoop:
     def _audit(self, audit: SessionAudit, side: Side, data: bytes) -> bool:
         """Record ``data`` (read from ``side``) before it is forwarded; False when it must
         not be (the session is being ended for the audit, or the tracker failed)."""
+        relay = side.relay
         now = time.monotonic()
         try:
+            if relay in self._tapped and relay.client.tap_used:
+                self._drain_tap(relay)  # what the C loop read first is recorded first
+                if relay.finished:
+                    return False
             if not side.is_client:
                 audit.backend(data, now)
                 return True
             if audit.client(data, now):
                 return True
         except Exception as exc:  # a bug in the tracker: never relay unrecorded
-            self._finish(side.relay, "error", f"statement audit failed: {type(exc).__name__}: {exc}")
+            self._finish(
+                side.relay, "error", f"statement audit failed: {type(exc).__name__}: {exc}"
+            )
             return False
         self._audit_close(side.relay)
         return False
@@ -470,6 +496,47 @@ class EpollLoop:
         self._update(side)
         self._audit_waiting.setdefault(relay, time.monotonic())
         return True
+
+    def _drain_tap(self, relay: Relay) -> None:
+        """Record what the C loop read for ``relay`` (already sent: its bytes were in the
+        bounded tap before that)."""
+        audit = relay.audit
+        assert audit is not None
+        data = relay.client.take_tap()
+        pos, n = 0, len(data)
+        unpack = _TAP_RECORD.unpack_from
+        size = _TAP_RECORD.size
+        while pos < n:
+            direction, length, at = unpack(data, pos)
+            pos += size
+            audit.forwarded(direction == b"c", data[pos : pos + length], at)
+            pos += length
+
+    def _drain_taps(self) -> None:
+        """After each batch: record every tap, then (the sink may have filled meanwhile)
+        park the client of every audited relay while the sink is full (``block``) or end
+        the session (``close``), before the C loop reads again."""
+        for relay in list(self._tapped):
+            if relay.finished:
+                self._tapped.discard(relay)
+            elif relay.client.tap_used:
+                try:
+                    self._drain_tap(relay)
+                except Exception as exc:  # a bug in the tracker: end the relay
+                    self._finish(
+                        relay, "error", f"statement audit failed: {type(exc).__name__}: {exc}"
+                    )
+        for relay in list(self._tapped):
+            audit = relay.audit
+            assert audit is not None
+            if audit.must_close:
+                audit.close()
+                self._audit_close(relay)
+            elif audit.must_wait and relay not in self._audit_waiting and relay.client.reading:
+                client = relay.client
+                client.reading = False
+                self._update(client)
+                self._audit_waiting[relay] = time.monotonic()
 
     def _audit_close(self, relay: Relay) -> None:
         audit = relay.audit
@@ -557,7 +624,9 @@ class EpollLoop:
                 self._update(side)
             return
         peer = side.peer
-        if not (core.terminating and peer.is_client):
+        if not (core.terminating and peer.is_client) and not (
+            peer.is_client and relay in self._audit_waiting
+        ):
             peer.reading = True
         self._update(side)
         self._update(peer)
@@ -634,6 +703,11 @@ class EpollLoop:
         if relay.finished:
             return
         relay.finished = True
+        if relay in self._tapped:
+            self._tapped.discard(relay)
+            if relay.client.tap_used:
+                with contextlib.suppress(Exception):  # the verdict goes out whatever happens
+                    self._drain_tap(relay)
         result = relay.core.end(reason, error, force=force)
         for side in (relay.client, relay.backend):
             side.reading = False
