@@ -19,7 +19,7 @@ import trio
 from waypoint.audit.session import SessionAudit
 from waypoint.audit.sink import AuditSink, OnError
 from waypoint.audit.tracker import AuditTracker
-from waypoint.proxy.relay import RelayControl, RelayEngine, StreamRelay, open_relay_engine
+from waypoint.proxy.relay import RelayControl, RelayEngine, StreamRelay, _pump, open_relay_engine
 
 FATAL_TEXT = b"audit unavailable"
 
@@ -212,3 +212,16 @@ async def test_every_statement_is_recorded_in_order_big_and_small(driver: str) -
     assert big_rec["text_bytes"] == len(big)
     assert big_rec["text_sha256"] == hashlib.sha256(big.encode()).hexdigest()
     sink.stop()
+
+
+def test_the_tap_is_bounded_and_emptied() -> None:
+    a, b = socket.socketpair()
+    try:
+        lane = _pump.Lane(a.fileno())
+        with pytest.raises(ValueError):
+            lane.tap_enable(10)
+        lane.tap_enable(4096)
+        assert lane.tap_used == 0 and lane.take_tap() == b""
+    finally:
+        a.close()
+        b.close()
