@@ -13,6 +13,7 @@ import attrs
 import trio
 
 from waypoint import errors
+from waypoint.audit.service import AuditService, open_audit
 from waypoint.config.load import ConfigError, load_config
 from waypoint.config.model import Config, ListenerConfig, split_host_port
 from waypoint.console.activity import backend_states
@@ -109,7 +110,16 @@ async def run(
     provider = make_provider(config.identity)
     service: _Service | None = None
     try:
-        async with open_state(config.state) as state, open_relay_engine() as engine:
+        async with (
+            open_state(config.state) as state,
+            open_audit(
+                config.audit,
+                metrics=metrics,
+                instance=getattr(state, "instance_id", None),
+                log_error=_audit_error,
+            ) as audit,
+            open_relay_engine() as engine,
+        ):
             service = _Service(
                 config,
                 metrics=metrics,
@@ -120,6 +130,7 @@ async def run(
                 state=state,
                 engine=engine,
             )
+            service.audit = audit
             for lst in config.listeners:
                 service.contexts[lst.name] = service.build_context(config, lst, None)
             _add_health_checks(config, health, provider, state, service.contexts)
@@ -173,6 +184,8 @@ class _Service:
         self.provider = provider
         self.state = state
         self.engine = engine
+        #: The statement audit (opened once at start: ``[audit]`` changes need a restart).
+        self.audit: AuditService | None = None
         self.registry = SessionRegistry()
         self.refusals = RefusalCache()
         #: The console (one per service, every listener's console database); its state
@@ -262,6 +275,7 @@ class _Service:
             admission=self.admission,
             warm_peers=previous.warm_peers if previous is not None else WarmPeers(),
             console=self.console,
+            audit=self.audit,
         )
 
     def context_for(self, live: LiveSession) -> ListenerContext | None:
@@ -833,3 +847,8 @@ async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event, service: 
             shutdown.set()
             if count >= 2:
                 immediate.set()
+
+
+def _audit_error(message: str) -> None:
+    """A failed write to the audit sink (it is retried; sessions wait or close)."""
+    log.error("audit_sink_failed", error=message)

@@ -211,3 +211,14 @@ def login_locked(principal: str, who: str, reason: str, until: str) -> Refusal:
         NOT_AUTHORIZED,
         f"not authorized: {principal} is locked by {who} (until {until}): {reason}",
     )
+
+
+AUDIT_UNAVAILABLE = "58030"  # io_error
+
+
+def audit_unavailable() -> Refusal:
+    return Refusal(
+        AUDIT_UNAVAILABLE,
+        "session ended: the statement audit cannot record statements "
+        '(audit sink failing or full, on_error = "close")',
+    )

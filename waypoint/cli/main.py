@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "roles": ("waypoint.cli.roles", "list or reap the roles Waypoint created"),
     "sessions": ("waypoint.cli.sessions", "list or end live sessions through a listener's console"),
     "lock": ("waypoint.cli.lock", "lock a login out, unlock it, or list locks (console)"),
+    "audit": ("waypoint.cli.audit", "verify or search statement audit files"),
     "demo": ("waypoint.cli.demo", "run everything locally: throwaway PostgreSQL, static identity, Waypoint"),
 }
 

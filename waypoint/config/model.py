@@ -19,6 +19,9 @@ BackendTls = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
 PasswordEncryption = Literal["auto", "scram-sha-256", "md5"]
 StateBackend = Literal["memory", "redis"]
 ListenerMode = Literal["postgres"]
+AuditSinkName = Literal["file", "stdout"]
+AuditParameters = Literal["none", "hash", "full"]
+AuditOnError = Literal["block", "close"]
 LogFormat = Literal["human", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -117,6 +120,22 @@ class AdmissionConfig:
     # back every ``cancel_interval``.
     cancel_burst: int = 20
     cancel_interval: float = 0.2
+
+
+@frozen
+class AuditConfig:
+    """Statement audit (off by default): every statement, with who sent it."""
+
+    enabled: bool = False
+    sink: AuditSinkName = "file"
+    file: str | None = None
+    # Past this size the file is rotated (file.1 ... file.<keep>).
+    max_size: int = field(default=100 * 1024 * 1024, metadata={"unit": "size"})
+    keep: int = 10
+    parameters: AuditParameters = "none"
+    # Statement texts and parameters longer than this are cut (marked, with their SHA-256).
+    max_statement_bytes: int = field(default=64 * 1024, metadata={"unit": "size"})
+    on_error: AuditOnError = "block"
 
 
 @frozen
@@ -219,6 +238,7 @@ class Config:
     state: StateConfig = field(factory=StateConfig)
     admission: AdmissionConfig = field(factory=AdmissionConfig)
     metrics: MetricsConfig = field(factory=MetricsConfig)
+    audit: AuditConfig = field(factory=AuditConfig)
     log: LogConfig = field(factory=LogConfig)
     # ``waypoint run`` writes its process id here (``waypoint reload`` signals it); unset: none.
     pid_file: str | None = None

@@ -195,7 +195,7 @@ class ConsoleHub:
         relay = live.relay
         age = trio.current_time() - live.started
         # The current or last statement, when statement audit keeps one on the session.
-        statement = getattr(live, "last_statement", None)
+        statement = live.audit.last_statement if live.audit is not None else None
         return SessionRecord(
             conn_id=live.conn_id,
             instance=self.instance_id,

@@ -18,6 +18,8 @@ import attrs
 import trio
 
 from waypoint import errors
+from waypoint.audit.service import AuditService
+from waypoint.audit.session import SessionAudit
 from waypoint.config.model import Config, ListenerConfig
 from waypoint.config.units import format_duration
 from waypoint.console.hub import Caller, ConsoleHub
@@ -115,6 +117,8 @@ class ListenerContext:
     admission: Admission = attrs.field(kw_only=True)
     #: The console (its database, SHOW SESSIONS, KILL, LOCK); None: no console database.
     console: ConsoleHub | None = attrs.field(default=None, kw_only=True)
+    #: The statement audit (None: ``[audit]`` is off, and no relay carries a hook).
+    audit: AuditService | None = attrs.field(default=None, kw_only=True)
 
     @property
     def allow_raw_sql(self) -> bool:
@@ -933,6 +937,7 @@ async def _relay(
         byte_limit_fatal = fatal_bytes(
             errors.session_limit("max_bytes_per_conn", f"{limits.max_bytes_per_conn} bytes")
         )
+    audit = _session_audit(ctx, client, live)
     result: RelayResult
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_duration_timer, live)
@@ -957,6 +962,7 @@ async def _relay(
                     byte_limit_error=byte_limit_fatal,
                     initial_to_client=start.leftover,
                     initial_to_backend=pending,
+                    audit=audit,
                 )
                 live.attach(handle)
                 result = await handle.wait()
@@ -970,6 +976,7 @@ async def _relay(
                 byte_limit_error=byte_limit_fatal,
                 initial_to_client=start.leftover,
                 initial_to_backend=pending,
+                audit=audit,
             )
             live.attach(relay)
             result = await relay.wait()
@@ -977,7 +984,12 @@ async def _relay(
     out.bytes_in = result.bytes_from_client
     out.bytes_out = result.bytes_from_backend
     out.relay_reason = result.reason
-    if result.reason == "terminated" and live.ended_by is not None:
+    if result.reason == "terminated" and audit is not None and audit.closed:
+        out.outcome = "ended"
+        out.sqlstate = errors.AUDIT_UNAVAILABLE
+        out.detail = "audit sink cannot record statements"
+        live.end_kind = live.end_kind or "audit_unavailable"
+    elif result.reason == "terminated" and live.ended_by is not None:
         out.outcome = "ended"
         out.sqlstate = live.ended_by.sqlstate
         out.detail = live.ended_by.message
@@ -990,6 +1002,26 @@ async def _relay(
         out.detail = result.error
     else:
         out.outcome = result.reason
+
+
+def _session_audit(ctx: ListenerContext, client: _Client, live: LiveSession) -> SessionAudit | None:
+    """This session's statement audit (None when audit is off), set on ``live``."""
+    if ctx.audit is None:
+        return None
+    identity = live.identity
+    live.audit = ctx.audit.for_session(
+        listener=live.listener,
+        conn_id=live.conn_id,
+        client=f"{live.peer[0]}:{live.peer[1]}",
+        login=identity.login,
+        node=identity.node,
+        node_id=identity.node_id or None,
+        tags=list(identity.tags),
+        database=live.database,
+        role=live.role,
+        tls=client.tls,
+    )
+    return live.audit
 
 
 def set_duration_deadline(live: LiveSession) -> None:

@@ -74,8 +74,14 @@ enum {
     CODE_PAST_END = 3,  /* n bytes read took the budget below 0: arg = those bytes (a copy) */
     CODE_PROTOCOL = 4,  /* n bytes read; a header had an invalid length: arg = exception */
     CODE_PARTIAL = 5,   /* n bytes read, some sent: arg = the bytes the peer did not take (a copy) */
-    CODE_SEND_ERROR = 6 /* n bytes read, sending them to the peer failed: arg = errno */
+    CODE_SEND_ERROR = 6,/* n bytes read, sending them to the peer failed: arg = errno */
+    CODE_TAP = 7        /* n bytes read, counted and fed, not sent: the relay's audit tap is
+                         * full: arg = those bytes (a copy) */
 };
+
+/* An audit tap record: direction ('c' client, 'b' backend), uint32 length, double
+ * monotonic time (native byte order, no padding: struct "=cId"), then the bytes. */
+#define TAP_HEADER 13
 
 static PyObject *bad_length_func; /* waypoint.pgwire.boundary.bad_length_error */
 
@@ -97,6 +103,12 @@ typedef struct Lane {
     long long skip;              /* body bytes of the current message still to skip */
     long long budget;
     unsigned char header[HEADER_SIZE];
+    /* The audit tap (on the owner lane): what both lanes read, appended before it is sent.
+     * tap_max 0: no tap. Raw memory (PyMem_Raw*): grown without the GIL. */
+    unsigned char *tap;
+    Py_ssize_t tap_used;
+    Py_ssize_t tap_cap;
+    Py_ssize_t tap_max;
 } Lane;
 
 static PyTypeObject LaneType;
@@ -317,11 +329,21 @@ Lane_clear(Lane *self)
 }
 
 static void
+tap_free(Lane *self)
+{
+    PyMem_RawFree(self->tap);
+    self->tap = NULL;
+    self->tap_used = 0;
+    self->tap_cap = 0;
+}
+
+static void
 Lane_dealloc(Lane *self)
 {
     /* Also reached from a Python subclass's dealloc, which owns the type reference. */
     PyObject_GC_UnTrack(self);
     Lane_clear(self);
+    tap_free(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -536,7 +558,44 @@ Lane_get_skip(Lane *self, void *closure)
     return PyLong_FromLongLong(self->skip);
 }
 
+static PyObject *
+Lane_tap_enable(Lane *self, PyObject *arg)
+{
+    Py_ssize_t max = PyLong_AsSsize_t(arg);
+    if (max == -1 && PyErr_Occurred())
+        return NULL;
+    if (max < 1024 || max > (1 << 30)) {
+        PyErr_SetString(PyExc_ValueError, "tap size must be between 1024 and 2**30");
+        return NULL;
+    }
+    self->tap_max = max;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Lane_take_tap(Lane *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *out = PyBytes_FromStringAndSize((const char *)self->tap, self->tap_used);
+    if (out == NULL)
+        return NULL;
+    self->tap_used = 0;
+    if (self->tap_cap > 65536)
+        tap_free(self); /* an idle session keeps no large buffer */
+    return out;
+}
+
+static PyObject *
+Lane_get_tap_used(Lane *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->tap_used);
+}
+
 static PyMethodDef Lane_methods[] = {
+    {"tap_enable", (PyCFunction)Lane_tap_enable, METH_O,
+     "tap_enable(max_bytes): append what both lanes read to this (owner) lane's audit tap "
+     "before it is sent; a read that does not fit is reported as TAP."},
+    {"take_tap", (PyCFunction)Lane_take_tap, METH_NOARGS,
+     "The tap's records (struct '=cId' + bytes each), emptied."},
     {"link", (PyCFunction)Lane_link, METH_O,
      "link(peer): make the two lanes each other's peer; self holds the shared budget."},
     {"feed", (PyCFunction)Lane_feed, METH_O,
@@ -564,6 +623,7 @@ static PyGetSetDef Lane_getset[] = {
     {"partial_header", (getter)Lane_get_partial_header, NULL,
      "bytes of a header split across chunks", NULL},
     {"skip", (getter)Lane_get_skip, NULL, "body bytes still to skip", NULL},
+    {"tap_used", (getter)Lane_get_tap_used, NULL, "bytes in the audit tap", NULL},
     {"received", (getter)Lane_get_received, (setter)Lane_set_received,
      "bytes read from this lane (readable from any thread)", NULL},
     {"messages", (getter)Lane_get_messages, NULL,
@@ -760,6 +820,38 @@ monotonic_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* Append a record to the owner's tap; 0 when it does not fit (or memory ran out). No GIL. */
+static int
+tap_append(Lane *owner, int from_client, const unsigned char *p, ssize_t n)
+{
+    Py_ssize_t need = owner->tap_used + TAP_HEADER + n;
+    if (need > owner->tap_max)
+        return 0;
+    if (need > owner->tap_cap) {
+        Py_ssize_t cap = owner->tap_cap * 2;
+        if (cap < 4096)
+            cap = 4096;
+        if (cap < need)
+            cap = need;
+        if (cap > owner->tap_max)
+            cap = owner->tap_max;
+        unsigned char *grown = PyMem_RawRealloc(owner->tap, (size_t)cap);
+        if (grown == NULL)
+            return 0;
+        owner->tap = grown;
+        owner->tap_cap = cap;
+    }
+    unsigned char *out = owner->tap + owner->tap_used;
+    uint32_t len = (uint32_t)n;
+    double now = monotonic_now();
+    out[0] = from_client ? 'c' : 'b';
+    memcpy(out + 1, &len, 4);
+    memcpy(out + 5, &now, 8);
+    memcpy(out + TAP_HEADER, p, (size_t)n);
+    owner->tap_used = need;
+    return 1;
+}
+
 /* Serve one readable lane in C. Returns 1 when a report was written (stop the batch),
  * 0 when the chunk went through (or there was nothing to read). */
 static int
@@ -792,6 +884,10 @@ pump_lane(Pump *self, Lane *lane, Report *rep)
     }
     if (feed(lane, buf, n, 0, &rep->bad_type, &rep->bad_len) < 0) {
         rep->code = CODE_PROTOCOL;
+        return 1;
+    }
+    if (owner->tap_max > 0 && !tap_append(owner, lane == owner, buf, n)) {
+        rep->code = CODE_TAP; /* Python records it, then sends it */
         return 1;
     }
     ssize_t sent;
@@ -902,7 +998,8 @@ Pump_run(Pump *self, PyObject *args)
                 return NULL;
             }
         }
-        else if (rep->code == CODE_PAST_END || rep->code == CODE_PARTIAL) {
+        else if (rep->code == CODE_PAST_END || rep->code == CODE_PARTIAL ||
+                 rep->code == CODE_TAP) {
             /* The batch's only data report (it ended the batch): its bytes are copied
              * out of the pump's buffer before anything else can run. */
             long long from = rep->code == CODE_PARTIAL ? rep->arg : 0;
@@ -986,7 +1083,8 @@ PyInit__pump(void)
         PyModule_AddIntConstant(m, "PAST_END", CODE_PAST_END) < 0 ||
         PyModule_AddIntConstant(m, "PROTOCOL", CODE_PROTOCOL) < 0 ||
         PyModule_AddIntConstant(m, "PARTIAL", CODE_PARTIAL) < 0 ||
-        PyModule_AddIntConstant(m, "SEND_ERROR", CODE_SEND_ERROR) < 0) {
+        PyModule_AddIntConstant(m, "SEND_ERROR", CODE_SEND_ERROR) < 0 ||
+        PyModule_AddIntConstant(m, "TAP", CODE_TAP) < 0) {
         Py_DECREF(m);
         return NULL;
     }

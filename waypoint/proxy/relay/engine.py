@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -28,6 +29,9 @@ from .base import RECV_BUFFER_SIZE, TEARDOWN_TIMEOUT, RelayEngineError, check_li
 from .bridge import Commands, RelayHandle, Reporter
 from .client_tls import TlsHandover
 from .loop import EpollLoop, Relay, wire
+
+if TYPE_CHECKING:
+    from waypoint.audit.session import SessionAudit
 
 __all__ = ["RelayEngine", "RelayHandle", "TlsHandover", "open_relay_engine"]
 
@@ -80,6 +84,7 @@ class RelayEngine:
         on_backend_header: HeaderCallback | None = None,
         initial_to_client: bytes = b"",
         initial_to_backend: bytes = b"",
+        audit: SessionAudit | None = None,
     ) -> RelayHandle:
         """Hand two connected sockets to the engine; returns at once.
 
@@ -97,6 +102,10 @@ class RelayEngine:
         encrypts in its thread. Byte counts, limits and message boundaries are in
         plaintext; ``initial_to_client`` is plaintext (it is encrypted before anything
         else is sent). No close_notify is sent at the end.
+
+        ``audit``: record every statement (see :mod:`waypoint.audit`): the relay is then
+        served by the Python loop, and no client bytes are forwarded before their records
+        are queued.
         """
         if client_tls is not None:
             client_tls.check()
@@ -118,12 +127,19 @@ class RelayEngine:
             on_client_header=on_client_header,
             on_backend_header=on_backend_header,
             client_tls=client_tls,
+            audit=audit,
         )
         handle = relay.handle = RelayHandle(self._commands, relay)
         client, backend = relay.client, relay.backend
         if client_tls is not None:
             client.out = client_tls.unsent
         relay.core.start(bytes(initial_to_client), bytes(initial_to_backend), time.monotonic())
+        if audit is not None and not relay.core.done:
+            now = time.monotonic()
+            if initial_to_client:
+                audit.backend(bytes(initial_to_client), now)
+            if initial_to_backend and not audit.client(bytes(initial_to_backend), now):
+                relay.core.terminate(audit.fatal, "terminated", 2.0, now)
         if initial_to_backend:
             backend.out = bytes(initial_to_backend)
             client.reading = False
