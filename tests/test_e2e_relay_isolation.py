@@ -7,7 +7,7 @@ reading while they keep sending (the relay toward the backend backs up). Each se
 checks that every row it reads is exactly the one it asked for, and that what its backend
 stored is exactly what it sent; no row of any session carries another session's marker.
 
-The default suite runs each PostgreSQL version for a few seconds;
+The default suite runs each PostgreSQL version for 10 seconds;
 ``-m slow`` for 5 minutes (``WAYPOINT_ISOLATION_SECONDS`` overrides either).
 """
 
@@ -173,7 +173,7 @@ async def _isolation_run(pg: PgCluster, tmp_path: Path, seconds: float) -> None:
 async def test_concurrent_sessions_read_and_store_only_their_own_bytes(
     pg: PgCluster, tmp_path: Path
 ) -> None:
-    seconds = float(os.environ.get("WAYPOINT_ISOLATION_SECONDS", "4"))
+    seconds = float(os.environ.get("WAYPOINT_ISOLATION_SECONDS", "10"))
     await _isolation_run(pg, tmp_path, seconds)
 
 
