@@ -202,8 +202,10 @@ class RedisClusterServers(_Servers):
                     "yes",
                     "--cluster-config-file",
                     str(workdir / "nodes.conf"),
+                    # generous: on a loaded 2-core machine a node can miss pings for seconds,
+                    # and a node marked failing takes the (replica-less) cluster down
                     "--cluster-node-timeout",
-                    "2000",
+                    "15000",
                 ],
             )
             self.ports.append(port)

@@ -80,12 +80,17 @@ def _session(env: E2EEnv, db: str, i: int, seconds: float, copy_first: bool) -> 
                     time.sleep(0.002)  # a slow reader: the relay toward it backs up
             assert expected == READ_ROWS
             read += READ_ROWS
-        stored = conn.execute(
+        # Streamed and compared row by row: a long run stores gigabytes, which a fetchall
+        # (and a list of the expected rows beside it) would hold in this process at once.
+        count = 0
+        for seq, payload in conn.cursor().stream(
             "SELECT seq, payload FROM sink WHERE sess = %s ORDER BY seq", (marker,)
-        ).fetchall()
-    assert stored == [(k, _payload(marker, k)) for k in range(sent)], (
-        f"session {marker}: its backend stored {len(stored)} rows, not the {sent} it sent"
-    )
+        ):
+            assert (seq, payload) == (count, _payload(marker, count)), (
+                f"session {marker}: stored row {count} is {seq}, {payload[:60]!r}"
+            )
+            count += 1
+    assert count == sent, f"session {marker}: its backend stored {count} rows, not the {sent} it sent"
     return marker, read, sent
 
 
