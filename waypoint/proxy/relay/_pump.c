@@ -43,11 +43,18 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
+
+#include <dlfcn.h>
+#include <openssl/bio.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
 #define HEADER_SIZE 5
 /* epoll_wait's bound for one wait (ms): a long timeout is waited in slices. */
@@ -74,10 +81,16 @@ enum {
     CODE_PAST_END = 3,  /* n bytes read took the budget below 0: arg = those bytes (a copy) */
     CODE_PROTOCOL = 4,  /* n bytes read; a header had an invalid length: arg = exception */
     CODE_PARTIAL = 5,   /* n bytes read, some sent: arg = the bytes the peer did not take (a copy) */
-    CODE_SEND_ERROR = 6 /* n bytes read, sending them to the peer failed: arg = errno */
+    CODE_SEND_ERROR = 6,/* n bytes read, sending them to the peer failed: arg = errno */
+    CODE_TLS_END = 7,   /* the client's TLS stream ended (close_notify): plaintext before it passed on */
+    CODE_TLS_ERROR = 8, /* the client's TLS session failed (this lane's, or the peer's when
+                           encrypting toward it): arg = OpenSSL's reason (str) */
+    CODE_TLS_OWN = 9    /* decrypting made TLS write records of its own (a key update answer,
+                           an alert): Python takes them with tls_own() and sends them */
 };
 
 static PyObject *bad_length_func; /* waypoint.pgwire.boundary.bad_length_error */
+static PyObject *ssl_error_type;  /* ssl.SSLError */
 
 /* ----------------------------------------------------------------------------------- */
 /* Lane                                                                                  */
@@ -97,6 +110,13 @@ typedef struct Lane {
     long long skip;              /* body bytes of the current message still to skip */
     long long budget;
     unsigned char header[HEADER_SIZE];
+    /* Client TLS (see "Client TLS" below): the session's SSL and its memory BIOs, owned
+     * by the Python objects in tls_refs (the ssl.SSLObject's _ssl._SSLSocket and the two
+     * ssl.MemoryBIO), which this lane keeps alive. NULL: this lane's socket is plain. */
+    SSL *ssl;
+    BIO *rbio;
+    BIO *wbio;
+    PyObject *tls_refs;
 } Lane;
 
 static PyTypeObject LaneType;
@@ -295,6 +315,7 @@ Lane_traverse(Lane *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->peer);
     Py_VISIT(self->hook);
+    Py_VISIT(self->tls_refs);
     return 0;
 }
 
@@ -313,6 +334,9 @@ Lane_clear(Lane *self)
     }
     Py_CLEAR(self->peer);
     Py_CLEAR(self->hook);
+    self->ssl = NULL;
+    self->rbio = self->wbio = NULL;
+    Py_CLEAR(self->tls_refs);
     return 0;
 }
 
@@ -536,6 +560,313 @@ Lane_get_skip(Lane *self, void *closure)
     return PyLong_FromLongLong(self->skip);
 }
 
+
+/* ----------------------------------------------------------------------------------- */
+/* Client TLS                                                                            */
+/* ----------------------------------------------------------------------------------- */
+/*
+ * The client's TLS handshake is done in Python (waypoint/proxy/streams.py: certificate
+ * choice by SNI, ALPN, direct TLS) by an ssl.SSLObject over two ssl.MemoryBIO. After it,
+ * tls_attach() takes the very SSL* of that SSLObject, and its two memory BIOs, so that
+ * the pump runs the record layer (SSL_read / SSL_write of application data) without the
+ * GIL. CPython does not expose the SSL*: tls_attach() reads it out of the _ssl objects,
+ * whose leading fields are declared below as CPython 3.11 to 3.13 lay them out, and
+ * refuses (returns False: the engine then keeps the Python record layer) unless
+ *   - the _ssl module resolves SSL_read / SSL_write / BIO_write to the same functions as
+ *     this module (one libssl in the process) and reports the same OpenSSL version;
+ *   - the objects are of the _ssl types (the context: or a subclass) and those types are
+ *     large enough for the fields read;
+ *   - the socket's context field is the very context object Python reports for it, the
+ *     SSL* belongs to that context's SSL_CTX, and its read / write BIOs are the two
+ *     MemoryBIO objects handed over;
+ *   - the session is a server's, its handshake is complete, and no key-log callback is set.
+ * The lane keeps those Python objects alive; from the hand-over on only the engine
+ * thread uses them (Python never touches the SSLObject again). Renegotiation is refused
+ * (SSL_OP_NO_RENEGOTIATION); TLS 1.3 key updates are answered by OpenSSL (the answer is a
+ * CODE_TLS_OWN report). */
+
+typedef struct {
+    PyObject_HEAD
+    SSL_CTX *ctx;
+} SSLContextHead;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *Socket;
+    SSL *ssl;
+    PyObject *ctx;
+} SSLSocketHead;
+
+typedef struct {
+    PyObject_HEAD
+    BIO *bio;
+} MemoryBIOHead;
+
+/* -1: not checked yet; 0: the _ssl module uses another libssl; 1: the same. */
+static int same_libssl = -1;
+/* _ssl._SSLSocket, _ssl._SSLContext, _ssl.MemoryBIO (once same_libssl == 1). */
+static PyTypeObject *ssl_socket_type, *ssl_context_type, *memory_bio_type;
+
+/* The _ssl type called name, at least size bytes large, in *out (a new reference). */
+static int
+get_ssl_type(PyObject *mod, const char *name, size_t size, PyTypeObject **out)
+{
+    PyObject *t = PyObject_GetAttrString(mod, name);
+    if (t == NULL)
+        return -1;
+    if (!PyType_Check(t) || (size_t)((PyTypeObject *)t)->tp_basicsize < size) {
+        Py_DECREF(t);
+        return 0;
+    }
+    *out = (PyTypeObject *)t;
+    return 1;
+}
+
+static int
+check_same_libssl(void)
+{
+    if (same_libssl >= 0)
+        return same_libssl;
+    same_libssl = 0;
+    PyObject *mod = PyImport_ImportModule("_ssl");
+    if (mod == NULL)
+        return -1;
+    int types = get_ssl_type(mod, "_SSLSocket", sizeof(SSLSocketHead), &ssl_socket_type);
+    if (types > 0)
+        types = get_ssl_type(mod, "_SSLContext", sizeof(SSLContextHead), &ssl_context_type);
+    if (types > 0)
+        types = get_ssl_type(mod, "MemoryBIO", sizeof(MemoryBIOHead), &memory_bio_type);
+    if (types <= 0) {
+        Py_DECREF(mod);
+        return types;
+    }
+    PyObject *file = PyObject_GetAttrString(mod, "__file__");
+    PyObject *version = PyObject_GetAttrString(mod, "OPENSSL_VERSION_NUMBER");
+    Py_DECREF(mod);
+    if (file == NULL || version == NULL) {
+        Py_XDECREF(file);
+        Py_XDECREF(version);
+        PyErr_Clear(); /* a built-in _ssl: its libssl cannot be told apart, refuse */
+        return 0;
+    }
+    unsigned long v = PyLong_AsUnsignedLong(version);
+    Py_DECREF(version);
+    const char *path = PyUnicode_AsUTF8(file);
+    if (path == NULL || (v == (unsigned long)-1 && PyErr_Occurred())) {
+        Py_DECREF(file);
+        return -1;
+    }
+    void *handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    Py_DECREF(file);
+    if (handle == NULL)
+        return 0;
+    int same = v == OpenSSL_version_num() && dlsym(handle, "SSL_read") == (void *)SSL_read &&
+               dlsym(handle, "SSL_write") == (void *)SSL_write &&
+               dlsym(handle, "BIO_write") == (void *)BIO_write;
+    dlclose(handle);
+    same_libssl = same;
+    return same;
+}
+
+
+/* OpenSSL's reason for an error code, as the str of a report or an exception. */
+static PyObject *
+tls_reason(unsigned long code)
+{
+    const char *reason = code ? ERR_reason_error_string(code) : NULL;
+    return PyUnicode_FromString(reason ? reason : "TLS failure");
+}
+
+/* Raise ssl.SSLError for OpenSSL's last error (the thread's error queue is cleared). */
+static PyObject *
+raise_tls_error(void)
+{
+    unsigned long code = ERR_peek_last_error();
+    ERR_clear_error();
+    PyObject *reason = tls_reason(code);
+    if (reason == NULL)
+        return NULL;
+    PyObject *exc = PyObject_CallFunction(ssl_error_type, "iO", 1, reason);
+    if (exc != NULL && PyObject_SetAttrString(exc, "reason", reason) == 0)
+        PyErr_SetObject(ssl_error_type, exc);
+    Py_XDECREF(exc);
+    Py_DECREF(reason);
+    return NULL;
+}
+
+/* What the write BIO holds, as bytes (empty: nothing). */
+static PyObject *
+drain_bio(BIO *bio)
+{
+    size_t pending = BIO_ctrl_pending(bio);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)pending);
+    if (out == NULL || pending == 0)
+        return out;
+    int got = BIO_read(bio, PyBytes_AS_STRING(out), (int)pending);
+    if (got != (int)pending) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_RuntimeError, "TLS write buffer: short read");
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *
+Lane_tls_attach(Lane *self, PyObject *args)
+{
+    PyObject *sslobject, *incoming, *outgoing;
+    if (!PyArg_ParseTuple(args, "OOO", &sslobject, &incoming, &outgoing))
+        return NULL;
+    if (self->ssl != NULL || self->in_pump) {
+        PyErr_SetString(PyExc_RuntimeError, "tls_attach() once, before the Lane is pumped");
+        return NULL;
+    }
+    int same = check_same_libssl();
+    if (same < 0)
+        return NULL;
+    if (!same)
+        Py_RETURN_FALSE;
+    PyObject *sock = PyObject_GetAttrString(sslobject, "_sslobj");
+    if (sock == NULL)
+        return NULL;
+    PyObject *context = PyObject_GetAttrString(sock, "context");
+    if (context == NULL) {
+        Py_DECREF(sock);
+        return NULL;
+    }
+    /* ssl.SSLContext subclasses _ssl._SSLContext: its leading fields stay where they are. */
+    int ok = Py_IS_TYPE(sock, ssl_socket_type) && PyObject_TypeCheck(context, ssl_context_type) &&
+             Py_IS_TYPE(incoming, memory_bio_type) && Py_IS_TYPE(outgoing, memory_bio_type) &&
+             ((SSLSocketHead *)sock)->ctx == context;
+    SSL *ssl = ok ? ((SSLSocketHead *)sock)->ssl : NULL;
+    SSL_CTX *ctx = ok ? ((SSLContextHead *)context)->ctx : NULL;
+    BIO *rbio = ok ? ((MemoryBIOHead *)incoming)->bio : NULL;
+    BIO *wbio = ok ? ((MemoryBIOHead *)outgoing)->bio : NULL;
+    ok = ok && ssl != NULL && ctx != NULL && SSL_get_SSL_CTX(ssl) == ctx &&
+         SSL_get_rbio(ssl) == rbio && SSL_get_wbio(ssl) == wbio && SSL_is_server(ssl) &&
+         SSL_is_init_finished(ssl) && SSL_CTX_get_keylog_callback(ctx) == NULL &&
+         BIO_ctrl_pending(wbio) == 0;
+    Py_DECREF(context);
+    if (!ok) {
+        Py_DECREF(sock);
+        Py_RETURN_FALSE;
+    }
+    PyObject *refs = PyTuple_Pack(4, sslobject, sock, incoming, outgoing);
+    Py_DECREF(sock);
+    if (refs == NULL)
+        return NULL;
+    SSL_set_options(ssl, SSL_OP_NO_RENEGOTIATION);
+    Py_XSETREF(self->tls_refs, refs);
+    self->ssl = ssl;
+    self->rbio = rbio;
+    self->wbio = wbio;
+    Py_RETURN_TRUE;
+}
+
+static int
+require_tls(Lane *self)
+{
+    if (self->ssl == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this Lane has no TLS session (tls_attach)");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+Lane_tls_take(Lane *self, PyObject *arg)
+{
+    if (require_tls(self) < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (view.len > INT_MAX) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_OverflowError, "ciphertext chunk too large");
+        return NULL;
+    }
+    int rc = 0;
+    if (view.len == 0)
+        BIO_set_mem_eof_return(self->rbio, 0); /* EOF under TLS */
+    else
+        rc = BIO_write(self->rbio, view.buf, (int)view.len) == (int)view.len ? 0 : -1;
+    PyBuffer_Release(&view);
+    if (rc < 0)
+        return raise_tls_error();
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Lane_tls_decrypt(Lane *self, PyObject *arg)
+{
+    if (require_tls(self) < 0)
+        return NULL;
+    Py_ssize_t size = PyLong_AsSsize_t(arg);
+    if (size == -1 && PyErr_Occurred())
+        return NULL;
+    if (size < 1 || size > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "size must be between 1 and 2**31-1");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL)
+        return NULL;
+    size_t got = 0;
+    if (SSL_read_ex(self->ssl, PyBytes_AS_STRING(out), (size_t)size, &got) == 1) {
+        if (_PyBytes_Resize(&out, (Py_ssize_t)got) < 0)
+            return NULL;
+        return out;
+    }
+    Py_DECREF(out);
+    int err = SSL_get_error(self->ssl, 0);
+    if (err == SSL_ERROR_WANT_READ) {
+        ERR_clear_error();
+        Py_RETURN_NONE;
+    }
+    if (err == SSL_ERROR_ZERO_RETURN || err == SSL_ERROR_SYSCALL ||
+        (err == SSL_ERROR_SSL &&
+         ERR_GET_REASON(ERR_peek_last_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING)) {
+        ERR_clear_error();
+        return PyBytes_FromStringAndSize(NULL, 0); /* the end of the client's stream */
+    }
+    return raise_tls_error();
+}
+
+static PyObject *
+Lane_tls_encrypt(Lane *self, PyObject *arg)
+{
+    if (require_tls(self) < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int ok = 1;
+    if (view.len > 0) {
+        size_t written = 0;
+        ok = SSL_write_ex(self->ssl, view.buf, (size_t)view.len, &written) == 1 &&
+             written == (size_t)view.len;
+    }
+    PyBuffer_Release(&view);
+    if (!ok)
+        return raise_tls_error();
+    return drain_bio(self->wbio);
+}
+
+static PyObject *
+Lane_tls_own(Lane *self, PyObject *noargs)
+{
+    if (require_tls(self) < 0)
+        return NULL;
+    return drain_bio(self->wbio);
+}
+
+static PyObject *
+Lane_get_tls(Lane *self, void *closure)
+{
+    return PyBool_FromLong(self->ssl != NULL);
+}
+
 static PyMethodDef Lane_methods[] = {
     {"link", (PyCFunction)Lane_link, METH_O,
      "link(peer): make the two lanes each other's peer; self holds the shared budget."},
@@ -543,6 +874,17 @@ static PyMethodDef Lane_methods[] = {
      "Account for the next chunk read from this lane (BoundaryTracker.feed)."},
     {"feed_until_boundary", (PyCFunction)Lane_feed_until_boundary, METH_O,
      "Consume the chunk only up to the next message boundary; return how many bytes."},
+    {"tls_attach", (PyCFunction)Lane_tls_attach, METH_VARARGS,
+     "tls_attach(ssl_object, incoming, outgoing): run this client lane's TLS record layer "
+     "in C on the session's own SSL; False when it cannot be taken over safely."},
+    {"tls_take", (PyCFunction)Lane_tls_take, METH_O,
+     "Ciphertext received from the client (b'': EOF under TLS)."},
+    {"tls_decrypt", (PyCFunction)Lane_tls_decrypt, METH_O,
+     "tls_decrypt(size): plaintext; None until more ciphertext comes; b'' at the end."},
+    {"tls_encrypt", (PyCFunction)Lane_tls_encrypt, METH_O,
+     "The TLS records for the plaintext (raises ssl.SSLError)."},
+    {"tls_own", (PyCFunction)Lane_tls_own, METH_NOARGS,
+     "Records TLS wrote by itself while decrypting (a key update answer, an alert)."},
     {NULL},
 };
 
@@ -559,6 +901,7 @@ static PyGetSetDef Lane_getset[] = {
      "bytes the relay may still read (shared by both lanes); < 0 sends reads to Python", NULL},
     {"reading", (getter)Lane_get_reading, (setter)Lane_set_reading, "reads are wanted", NULL},
     {"linked", (getter)Lane_get_linked, NULL, "link() was called", NULL},
+    {"tls_in_c", (getter)Lane_get_tls, NULL, "the client's TLS record layer runs in C", NULL},
     {"hook", (getter)Lane_get_hook, (setter)Lane_set_hook,
      "on_header(type, length) per message header, or None", NULL},
     {"partial_header", (getter)Lane_get_partial_header, NULL,
@@ -598,12 +941,16 @@ typedef struct {
     long long arg; /* errno, bytes sent */
     int bad_type;
     int32_t bad_len;
+    int from_tbuf;   /* PARTIAL of ciphertext: tbuf[arg:tlen], then what more holds */
+    long long tlen;
+    BIO *more;
 } Report;
 
 typedef struct {
     PyObject_HEAD
     int epfd;
-    unsigned char *buf; /* private: see "Isolation" above */
+    unsigned char *buf;  /* private: see "Isolation" above */
+    unsigned char *tbuf; /* private too: ciphertext to or from TLS clients */
     Py_ssize_t bufsize;
     Lane **table; /* indexed by fd */
     int capacity;
@@ -640,8 +987,9 @@ Pump_init(Pump *self, PyObject *args, PyObject *kwds)
     self->events = PyMem_Calloc((size_t)max_events, sizeof(struct epoll_event));
     self->reports = PyMem_Calloc((size_t)max_events, sizeof(Report));
     self->buf = PyMem_Malloc((size_t)bufsize);
+    self->tbuf = PyMem_Malloc((size_t)bufsize);
     self->bufsize = bufsize;
-    if (self->events == NULL || self->reports == NULL || self->buf == NULL) {
+    if (self->events == NULL || self->reports == NULL || self->buf == NULL || self->tbuf == NULL) {
         PyErr_NoMemory();
         return -1;
     }
@@ -678,6 +1026,7 @@ Pump_dealloc(Pump *self)
     PyMem_Free(self->events);
     PyMem_Free(self->reports);
     PyMem_Free(self->buf);
+    PyMem_Free(self->tbuf);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -760,28 +1109,52 @@ monotonic_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* Serve one readable lane in C. Returns 1 when a report was written (stop the batch),
- * 0 when the chunk went through (or there was nothing to read). */
+/* Encrypt n plaintext bytes toward peer (a TLS client) and send the records. 1 when a
+ * report was written: TLS_ERROR, SEND_ERROR, or PARTIAL with the ciphertext the client
+ * did not take (tbuf[arg:tlen] and what its write BIO still holds). */
 static int
-pump_lane(Pump *self, Lane *lane, Report *rep)
+send_tls(Pump *self, Lane *peer, const unsigned char *data, long long n, Report *rep)
 {
-    unsigned char *buf = self->buf;
-    size_t size = (size_t)self->bufsize;
-    ssize_t n;
-    do {
-        n = recv(lane->fd, buf, size, MSG_DONTWAIT);
-    } while (n < 0 && errno == EINTR);
-    if (n < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
+    size_t written = 0;
+    if (SSL_write_ex(peer->ssl, data, (size_t)n, &written) != 1 || written != (size_t)n) {
+        rep->code = CODE_TLS_ERROR;
+        rep->arg = (long long)ERR_peek_last_error();
+        ERR_clear_error();
+        return 1;
+    }
+    int size = self->bufsize > INT_MAX ? INT_MAX : (int)self->bufsize;
+    for (;;) {
+        int m = BIO_read(peer->wbio, self->tbuf, size);
+        if (m <= 0)
             return 0;
-        rep->code = CODE_RECV_ERROR;
-        rep->arg = errno;
-        return 1;
+        ssize_t sent;
+        do {
+            sent = send(peer->fd, self->tbuf, (size_t)m, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } while (sent < 0 && errno == EINTR);
+        if (sent < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                rep->code = CODE_SEND_ERROR;
+                rep->arg = errno;
+                return 1;
+            }
+            sent = 0;
+        }
+        if (sent != m) {
+            rep->code = CODE_PARTIAL;
+            rep->from_tbuf = 1;
+            rep->arg = sent;
+            rep->tlen = m;
+            rep->more = peer->wbio;
+            return 1;
+        }
     }
-    if (n == 0) {
-        rep->code = CODE_EOF;
-        return 1;
-    }
+}
+
+/* n bytes read from lane (plaintext, in data): count, track, pass on to the peer. 1 when
+ * a report was written (stop the batch). */
+static int
+pass_on(Pump *self, Lane *lane, const unsigned char *data, long long n, Report *rep)
+{
     rep->n = n;
     add_count(&lane->received, n);
     Lane *owner = lane->owner;
@@ -790,13 +1163,16 @@ pump_lane(Pump *self, Lane *lane, Report *rep)
         rep->code = CODE_PAST_END;
         return 1;
     }
-    if (feed(lane, buf, n, 0, &rep->bad_type, &rep->bad_len) < 0) {
+    if (feed(lane, data, n, 0, &rep->bad_type, &rep->bad_len) < 0) {
         rep->code = CODE_PROTOCOL;
         return 1;
     }
+    Lane *peer = lane->peer;
+    if (peer->ssl != NULL)
+        return send_tls(self, peer, data, n, rep);
     ssize_t sent;
     do {
-        sent = send(lane->peer->fd, buf, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
+        sent = send(peer->fd, data, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
     } while (sent < 0 && errno == EINTR);
     if (sent < 0) {
         if (errno != EAGAIN && errno != EWOULDBLOCK) {
@@ -812,6 +1188,78 @@ pump_lane(Pump *self, Lane *lane, Report *rep)
         return 1;
     }
     return 0;
+}
+
+/* recv from lane into into. > 0: bytes read; 0: nothing to read; -1: a report (EOF, error). */
+static ssize_t
+receive(Pump *self, Lane *lane, unsigned char *into, Report *rep)
+{
+    ssize_t n;
+    do {
+        n = recv(lane->fd, into, (size_t)self->bufsize, MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return 0;
+        rep->code = CODE_RECV_ERROR;
+        rep->arg = errno;
+        return -1;
+    }
+    if (n == 0) {
+        rep->code = CODE_EOF;
+        return -1;
+    }
+    return n;
+}
+
+/* A TLS client's lane: its ciphertext (in tbuf) goes to its read BIO; every record that
+ * is complete is decrypted into buf and passed on. */
+static int
+pump_tls_in(Pump *self, Lane *lane, Report *rep)
+{
+    ssize_t n = receive(self, lane, self->tbuf, rep);
+    if (n <= 0)
+        return n < 0;
+    if (n > INT_MAX || BIO_write(lane->rbio, self->tbuf, (int)n) != (int)n) {
+        rep->code = CODE_TLS_ERROR;
+        rep->arg = (long long)ERR_peek_last_error();
+        ERR_clear_error();
+        return 1;
+    }
+    for (;;) {
+        size_t got = 0;
+        if (SSL_read_ex(lane->ssl, self->buf, (size_t)self->bufsize, &got) != 1) {
+            int err = SSL_get_error(lane->ssl, 0);
+            if (err == SSL_ERROR_WANT_READ)
+                break;
+            rep->arg = (long long)ERR_peek_last_error();
+            ERR_clear_error();
+            rep->code = err == SSL_ERROR_ZERO_RETURN || err == SSL_ERROR_SYSCALL ? CODE_TLS_END
+                                                                                : CODE_TLS_ERROR;
+            return 1;
+        }
+        if (pass_on(self, lane, self->buf, (long long)got, rep))
+            return 1;
+    }
+    ERR_clear_error();
+    if (BIO_ctrl_pending(lane->wbio) > 0) {
+        rep->code = CODE_TLS_OWN;
+        return 1;
+    }
+    return 0;
+}
+
+/* Serve one readable lane in C. Returns 1 when a report was written (stop the batch),
+ * 0 when the chunk went through (or there was nothing to read). */
+static int
+pump_lane(Pump *self, Lane *lane, Report *rep)
+{
+    if (lane->ssl != NULL)
+        return pump_tls_in(self, lane, rep);
+    ssize_t n = receive(self, lane, self->buf, rep);
+    if (n <= 0)
+        return n < 0;
+    return pass_on(self, lane, self->buf, (long long)n, rep);
 }
 
 static PyObject *
@@ -873,6 +1321,7 @@ Pump_run(Pump *self, PyObject *args)
             rep->events = events;
             rep->n = 0;
             rep->arg = 0;
+            rep->from_tbuf = 0;
             if (pump_lane(self, lane, rep)) {
                 nreports++;
                 break;
@@ -901,6 +1350,23 @@ Pump_run(Pump *self, PyObject *args)
                 Py_DECREF(list);
                 return NULL;
             }
+        }
+        else if (rep->code == CODE_PARTIAL && rep->from_tbuf) {
+            /* Ciphertext for a TLS client that it did not take: copied out of the pump's
+             * buffer, with what the session's own write BIO still holds behind it. */
+            size_t head = (size_t)(rep->tlen - rep->arg);
+            size_t more = BIO_ctrl_pending(rep->more);
+            arg = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(head + more));
+            if (arg != NULL) {
+                memcpy(PyBytes_AS_STRING(arg), self->tbuf + rep->arg, head);
+                if (more && BIO_read(rep->more, PyBytes_AS_STRING(arg) + head, (int)more) != (int)more)
+                    Py_CLEAR(arg);
+                if (arg == NULL && !PyErr_Occurred())
+                    PyErr_SetString(PyExc_RuntimeError, "TLS write buffer: short read");
+            }
+        }
+        else if (rep->code == CODE_TLS_ERROR) {
+            arg = tls_reason((unsigned long)rep->arg);
         }
         else if (rep->code == CODE_PAST_END || rep->code == CODE_PARTIAL) {
             /* The batch's only data report (it ended the batch): its bytes are copied
@@ -973,6 +1439,13 @@ PyInit__pump(void)
     Py_DECREF(boundary);
     if (bad_length_func == NULL)
         return NULL;
+    PyObject *ssl = PyImport_ImportModule("ssl");
+    if (ssl == NULL)
+        return NULL;
+    ssl_error_type = PyObject_GetAttrString(ssl, "SSLError");
+    Py_DECREF(ssl);
+    if (ssl_error_type == NULL)
+        return NULL;
     if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&PumpType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&pump_module);
@@ -986,7 +1459,10 @@ PyInit__pump(void)
         PyModule_AddIntConstant(m, "PAST_END", CODE_PAST_END) < 0 ||
         PyModule_AddIntConstant(m, "PROTOCOL", CODE_PROTOCOL) < 0 ||
         PyModule_AddIntConstant(m, "PARTIAL", CODE_PARTIAL) < 0 ||
-        PyModule_AddIntConstant(m, "SEND_ERROR", CODE_SEND_ERROR) < 0) {
+        PyModule_AddIntConstant(m, "SEND_ERROR", CODE_SEND_ERROR) < 0 ||
+        PyModule_AddIntConstant(m, "TLS_END", CODE_TLS_END) < 0 ||
+        PyModule_AddIntConstant(m, "TLS_ERROR", CODE_TLS_ERROR) < 0 ||
+        PyModule_AddIntConstant(m, "TLS_OWN", CODE_TLS_OWN) < 0) {
         Py_DECREF(m);
         return NULL;
     }
