@@ -44,7 +44,8 @@ command -v "$PY" >/dev/null 2>&1 || die "no $PY on PATH (Python 3.11+ is needed;
 
 # System packages: PostgreSQL server and pgbench (the system cluster in tests, the benchmark),
 # Redis (state tests), systemd (systemd-analyze verify of contrib/systemd), the venv module,
-# a C compiler and the Python headers (the relay's C extension, waypoint/proxy/relay/_pump.c).
+# a C compiler, the Python headers and OpenSSL's headers (libssl-dev: the relay's C extension,
+# waypoint/proxy/relay/_pump.c, runs the client TLS record layer).
 # WAYPOINT_NO_SYSTEM_PACKAGES=1 skips this step.
 need_apt=()
 if [ "${WAYPOINT_NO_SYSTEM_PACKAGES:-0}" != 1 ]; then
@@ -57,6 +58,7 @@ if [ "${WAYPOINT_NO_SYSTEM_PACKAGES:-0}" != 1 ]; then
   command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
   "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
     || need_apt+=(python3-dev)
+  [ -f /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
 fi
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

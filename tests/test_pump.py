@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from waypoint.pgwire.boundary import BoundaryTracker, ProtocolError
 from waypoint.proxy.relay import _pump
 from waypoint.proxy.relay._pump import Lane, Pump
+from waypoint.proxy.relay.client_tls import c_tls_available
 
 
 def message(type_byte: bytes, body: bytes) -> bytes:
@@ -474,6 +475,12 @@ def test_pump_rejects_a_bad_buffer_size() -> None:
 
 _TLS_CA = trustme.CA()
 _TLS_CERT = _TLS_CA.issue_cert("pump.test")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bound() -> None:
+    """OpenSSL's functions, as Python's _ssl resolves them, given to the pump."""
+    assert c_tls_available()
 
 
 class TlsPeer:

@@ -50,11 +50,44 @@
 #include <sys/socket.h>
 #include <time.h>
 
-#include <dlfcn.h>
 #include <openssl/bio.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
+
+/* OpenSSL is not linked: every OpenSSL function this module calls is the one the _ssl
+ * module itself resolves (tls_bind(), given their addresses by client_tls.py through
+ * ctypes on the _ssl module), so the SSL* taken from an ssl.SSLObject is always driven by
+ * the very library that made it, and the extension adds no library to the process (or to
+ * a repaired wheel). Until bound, no TLS lane can exist. Only OpenSSL's headers are
+ * needed at build time (Debian: libssl-dev). */
+#define OSSL_FUNCTIONS(X)                                                                         \
+    X(SSL_read_ex) X(SSL_write_ex) X(SSL_get_error) X(SSL_get_SSL_CTX) X(SSL_get_rbio)          \
+    X(SSL_get_wbio) X(SSL_is_server) X(SSL_is_init_finished) X(SSL_CTX_get_keylog_callback)     \
+    X(SSL_set_options) X(BIO_write) X(BIO_read) X(BIO_ctrl_pending) X(BIO_ctrl)                 \
+    X(ERR_peek_last_error) X(ERR_clear_error) X(ERR_reason_error_string) X(OpenSSL_version_num)
+#define OSSL_POINTER(name) static __typeof__(name) *p_##name;
+OSSL_FUNCTIONS(OSSL_POINTER)
+#undef OSSL_POINTER
+/* From here on every call (also those inside OpenSSL's macros) goes through the pointers. */
+#define SSL_read_ex p_SSL_read_ex
+#define SSL_write_ex p_SSL_write_ex
+#define SSL_get_error p_SSL_get_error
+#define SSL_get_SSL_CTX p_SSL_get_SSL_CTX
+#define SSL_get_rbio p_SSL_get_rbio
+#define SSL_get_wbio p_SSL_get_wbio
+#define SSL_is_server p_SSL_is_server
+#define SSL_is_init_finished p_SSL_is_init_finished
+#define SSL_CTX_get_keylog_callback p_SSL_CTX_get_keylog_callback
+#define SSL_set_options p_SSL_set_options
+#define BIO_write p_BIO_write
+#define BIO_read p_BIO_read
+#define BIO_ctrl_pending p_BIO_ctrl_pending
+#define BIO_ctrl p_BIO_ctrl
+#define ERR_peek_last_error p_ERR_peek_last_error
+#define ERR_clear_error p_ERR_clear_error
+#define ERR_reason_error_string p_ERR_reason_error_string
+#define OpenSSL_version_num p_OpenSSL_version_num
 
 #define HEADER_SIZE 5
 /* epoll_wait's bound for one wait (ms): a long timeout is waited in slices. */
@@ -572,8 +605,8 @@ Lane_get_skip(Lane *self, void *closure)
  * GIL. CPython does not expose the SSL*: tls_attach() reads it out of the _ssl objects,
  * whose leading fields are declared below as CPython 3.11 to 3.13 lay them out, and
  * refuses (returns False: the engine then keeps the Python record layer) unless
- *   - the _ssl module resolves SSL_read / SSL_write / BIO_write to the same functions as
- *     this module (one libssl in the process) and reports the same OpenSSL version;
+ *   - OpenSSL was bound (tls_bind: the _ssl module's own functions, OpenSSL 3, the
+ *     version the _ssl module reports);
  *   - the objects are of the _ssl types (the context: or a subclass) and those types are
  *     large enough for the fields read;
  *   - the socket's context field is the very context object Python reports for it, the
@@ -602,12 +635,13 @@ typedef struct {
     BIO *bio;
 } MemoryBIOHead;
 
-/* -1: not checked yet; 0: the _ssl module uses another libssl; 1: the same. */
-static int same_libssl = -1;
-/* _ssl._SSLSocket, _ssl._SSLContext, _ssl.MemoryBIO (once same_libssl == 1). */
+/* tls_bind() succeeded: the function pointers are set, and the _ssl types known. */
+static int tls_bound;
+/* _ssl._SSLSocket, _ssl._SSLContext, _ssl.MemoryBIO. */
 static PyTypeObject *ssl_socket_type, *ssl_context_type, *memory_bio_type;
 
-/* The _ssl type called name, at least size bytes large, in *out (a new reference). */
+/* The _ssl type called name, at least size bytes large, in *out (a new reference).
+ * 1: found; 0: not usable; -1: an exception. */
 static int
 get_ssl_type(PyObject *mod, const char *name, size_t size, PyTypeObject **out)
 {
@@ -618,56 +652,74 @@ get_ssl_type(PyObject *mod, const char *name, size_t size, PyTypeObject **out)
         Py_DECREF(t);
         return 0;
     }
-    *out = (PyTypeObject *)t;
+    Py_XSETREF(*out, (PyTypeObject *)t);
     return 1;
 }
 
-static int
-check_same_libssl(void)
+#define OSSL_NAME(name) #name,
+static const char *const ossl_names[] = {OSSL_FUNCTIONS(OSSL_NAME) NULL};
+#undef OSSL_NAME
+
+/* tls_bind({name: address}): the addresses of the _ssl module's OpenSSL functions (every
+ * name of TLS_FUNCTIONS). True when client TLS can run in C: OpenSSL 3, the version the
+ * _ssl module reports, and _ssl types of the expected size. Once bound, it stays bound. */
+static PyObject *
+pump_tls_bind(PyObject *module, PyObject *addresses)
 {
-    if (same_libssl >= 0)
-        return same_libssl;
-    same_libssl = 0;
+    if (tls_bound)
+        Py_RETURN_TRUE;
+    if (!PyDict_Check(addresses)) {
+        PyErr_SetString(PyExc_TypeError, "tls_bind() needs a dict of addresses");
+        return NULL;
+    }
+    void *found[sizeof(ossl_names) / sizeof(ossl_names[0])];
+    for (size_t i = 0; ossl_names[i] != NULL; i++) {
+        PyObject *v = PyDict_GetItemString(addresses, ossl_names[i]);
+        if (v == NULL || v == Py_None)
+            Py_RETURN_FALSE;
+        found[i] = PyLong_AsVoidPtr(v);
+        if (found[i] == NULL) {
+            if (PyErr_Occurred())
+                return NULL;
+            Py_RETURN_FALSE;
+        }
+    }
     PyObject *mod = PyImport_ImportModule("_ssl");
     if (mod == NULL)
-        return -1;
-    int types = get_ssl_type(mod, "_SSLSocket", sizeof(SSLSocketHead), &ssl_socket_type);
-    if (types > 0)
-        types = get_ssl_type(mod, "_SSLContext", sizeof(SSLContextHead), &ssl_context_type);
-    if (types > 0)
-        types = get_ssl_type(mod, "MemoryBIO", sizeof(MemoryBIOHead), &memory_bio_type);
-    if (types <= 0) {
-        Py_DECREF(mod);
-        return types;
-    }
-    PyObject *file = PyObject_GetAttrString(mod, "__file__");
+        return NULL;
     PyObject *version = PyObject_GetAttrString(mod, "OPENSSL_VERSION_NUMBER");
-    Py_DECREF(mod);
-    if (file == NULL || version == NULL) {
-        Py_XDECREF(file);
-        Py_XDECREF(version);
-        PyErr_Clear(); /* a built-in _ssl: its libssl cannot be told apart, refuse */
-        return 0;
+    if (version == NULL) {
+        Py_DECREF(mod);
+        return NULL;
     }
-    unsigned long v = PyLong_AsUnsignedLong(version);
+    unsigned long expected = PyLong_AsUnsignedLong(version);
     Py_DECREF(version);
-    const char *path = PyUnicode_AsUTF8(file);
-    if (path == NULL || (v == (unsigned long)-1 && PyErr_Occurred())) {
-        Py_DECREF(file);
-        return -1;
+    if (expected == (unsigned long)-1 && PyErr_Occurred()) {
+        Py_DECREF(mod);
+        return NULL;
     }
-    void *handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
-    Py_DECREF(file);
-    if (handle == NULL)
-        return 0;
-    int same = v == OpenSSL_version_num() && dlsym(handle, "SSL_read") == (void *)SSL_read &&
-               dlsym(handle, "SSL_write") == (void *)SSL_write &&
-               dlsym(handle, "BIO_write") == (void *)BIO_write;
-    dlclose(handle);
-    same_libssl = same;
-    return same;
+    int ok = get_ssl_type(mod, "_SSLSocket", sizeof(SSLSocketHead), &ssl_socket_type);
+    if (ok > 0)
+        ok = get_ssl_type(mod, "_SSLContext", sizeof(SSLContextHead), &ssl_context_type);
+    if (ok > 0)
+        ok = get_ssl_type(mod, "MemoryBIO", sizeof(MemoryBIOHead), &memory_bio_type);
+    Py_DECREF(mod);
+    if (ok < 0)
+        return NULL;
+    if (ok == 0)
+        Py_RETURN_FALSE;
+    /* OpenSSL_version_num is the last name: ask the library itself which it is. */
+    unsigned long (*version_num)(void) = (unsigned long (*)(void))found[sizeof(ossl_names) / sizeof(ossl_names[0]) - 2];
+    unsigned long actual = version_num();
+    if (actual != expected || actual < 0x30000000UL || actual >= 0x40000000UL)
+        Py_RETURN_FALSE;
+    size_t i = 0;
+#define OSSL_SET(name) p_##name = (__typeof__(p_##name))found[i++];
+    OSSL_FUNCTIONS(OSSL_SET)
+#undef OSSL_SET
+    tls_bound = 1;
+    Py_RETURN_TRUE;
 }
-
 
 /* OpenSSL's reason for an error code, as the str of a report or an exception. */
 static PyObject *
@@ -721,10 +773,7 @@ Lane_tls_attach(Lane *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "tls_attach() once, before the Lane is pumped");
         return NULL;
     }
-    int same = check_same_libssl();
-    if (same < 0)
-        return NULL;
-    if (!same)
+    if (!tls_bound)
         Py_RETURN_FALSE;
     PyObject *sock = PyObject_GetAttrString(sslobject, "_sslobj");
     if (sock == NULL)
@@ -1422,11 +1471,19 @@ static PyTypeObject PumpType = {
 
 /* ----------------------------------------------------------------------------------- */
 
+static PyMethodDef pump_functions[] = {
+    {"tls_bind", (PyCFunction)pump_tls_bind, METH_O,
+     "tls_bind({name: address}): the _ssl module's OpenSSL functions (TLS_FUNCTIONS); True "
+     "when client TLS can run in C."},
+    {NULL},
+};
+
 static struct PyModuleDef pump_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "waypoint.proxy.relay._pump",
     .m_doc = "The relay engine's hot path in C (see engine.py).",
     .m_size = -1,
+    .m_methods = pump_functions,
 };
 
 PyMODINIT_FUNC
@@ -1451,6 +1508,20 @@ PyInit__pump(void)
     PyObject *m = PyModule_Create(&pump_module);
     if (m == NULL)
         return NULL;
+    size_t nnames = sizeof(ossl_names) / sizeof(ossl_names[0]) - 1;
+    PyObject *names = PyTuple_New((Py_ssize_t)nnames);
+    for (size_t i = 0; names != NULL && i < nnames; i++) {
+        PyObject *name = PyUnicode_FromString(ossl_names[i]);
+        if (name == NULL)
+            Py_CLEAR(names);
+        else
+            PyTuple_SET_ITEM(names, (Py_ssize_t)i, name);
+    }
+    if (names == NULL || PyModule_AddObject(m, "TLS_FUNCTIONS", names) < 0) {
+        Py_XDECREF(names);
+        Py_DECREF(m);
+        return NULL;
+    }
     if (PyModule_AddObjectRef(m, "Lane", (PyObject *)&LaneType) < 0 ||
         PyModule_AddObjectRef(m, "Pump", (PyObject *)&PumpType) < 0 ||
         PyModule_AddIntConstant(m, "EVENT", CODE_EVENT) < 0 ||

@@ -15,6 +15,9 @@ SEND_ERROR: Final[int]
 TLS_END: Final[int]
 TLS_ERROR: Final[int]
 TLS_OWN: Final[int]
+TLS_FUNCTIONS: Final[tuple[str, ...]]
+
+def tls_bind(addresses: dict[str, int | None], /) -> bool: ...
 
 class Lane:
     """One socket of a relay, with its message-boundary tracker."""

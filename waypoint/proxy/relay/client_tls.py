@@ -21,13 +21,14 @@ The engine then runs the record layer in one of two ways, behind one interface
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import ssl
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import attrs
 
-if TYPE_CHECKING:
-    from . import _pump
+from . import _pump
 
 
 @attrs.frozen
@@ -131,11 +132,34 @@ class CRecords:
         return self.lane.tls_own()
 
 
+@functools.cache
+def c_tls_available() -> bool:
+    """The C loop can run client TLS: it was given the OpenSSL functions of Python's own
+    ``_ssl`` module (resolved by ctypes through that module, so the very library that made
+    every ``SSLObject``), and they are OpenSSL 3 of the version ``_ssl`` reports. False for
+    an ``_ssl`` built into the interpreter or without those functions."""
+    try:
+        import _ssl
+
+        lib = ctypes.CDLL(_ssl.__file__)
+        addresses = {
+            name: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in _pump.TLS_FUNCTIONS
+        }
+    except (AttributeError, OSError):
+        return False
+    return _pump.tls_bind(addresses)
+
+
 def records_for(lane: _pump.Lane, tls: TlsHandover, *, c_tls: bool) -> TlsRecords:
     """The record layer for a handed-over session: in C on ``lane`` when ``c_tls`` and the
     lane can take the session over safely, else in Python."""
     debugging = getattr(tls.ssl_object.context, "_msg_callback", None) is not None
-    if c_tls and not debugging and lane.tls_attach(tls.ssl_object, tls.incoming, tls.outgoing):
+    if (
+        c_tls
+        and not debugging
+        and c_tls_available()
+        and lane.tls_attach(tls.ssl_object, tls.incoming, tls.outgoing)
+    ):
         return CRecords(lane)
     return PythonRecords(tls)
 
