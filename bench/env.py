@@ -176,10 +176,10 @@ class BenchEnv:
     pgbouncer_version: str | None
     pgbouncer_pid: int | None
     peers_file: Path
+    peers: dict[str, dict[str, Any]]
     #: A second PgBouncer with client TLS (client_tls_sslmode = require, Waypoint's certificate).
     pgbouncer_tls_port: int | None = None
     pgbouncer_tls_pid: int | None = None
-    peers: dict[str, dict[str, Any]]
 
     @property
     def direct_port(self) -> int:

@@ -64,7 +64,7 @@
 #define OSSL_FUNCTIONS(X)                                                                         \
     X(SSL_read_ex) X(SSL_write_ex) X(SSL_get_error) X(SSL_get_SSL_CTX) X(SSL_get_rbio)          \
     X(SSL_get_wbio) X(SSL_is_server) X(SSL_is_init_finished) X(SSL_CTX_get_keylog_callback)     \
-    X(SSL_set_options) X(BIO_write) X(BIO_read) X(BIO_ctrl_pending) X(BIO_ctrl)                 \
+    X(SSL_set_options) X(SSL_pending) X(BIO_write) X(BIO_read) X(BIO_ctrl_pending) X(BIO_ctrl)                 \
     X(ERR_peek_last_error) X(ERR_clear_error) X(ERR_reason_error_string) X(OpenSSL_version_num)
 #define OSSL_POINTER(name) static __typeof__(name) *p_##name;
 OSSL_FUNCTIONS(OSSL_POINTER)
@@ -80,6 +80,7 @@ OSSL_FUNCTIONS(OSSL_POINTER)
 #define SSL_is_init_finished p_SSL_is_init_finished
 #define SSL_CTX_get_keylog_callback p_SSL_CTX_get_keylog_callback
 #define SSL_set_options p_SSL_set_options
+#define SSL_pending p_SSL_pending
 #define BIO_write p_BIO_write
 #define BIO_read p_BIO_read
 #define BIO_ctrl_pending p_BIO_ctrl_pending
@@ -1289,6 +1290,8 @@ pump_tls_in(Pump *self, Lane *lane, Report *rep)
         }
         if (pass_on(self, lane, self->buf, (long long)got, rep))
             return 1;
+        if (SSL_pending(lane->ssl) == 0 && BIO_ctrl_pending(lane->rbio) == 0)
+            break; /* nothing left that could decrypt without more ciphertext */
     }
     ERR_clear_error();
     if (BIO_ctrl_pending(lane->wbio) > 0) {
