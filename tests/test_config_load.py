@@ -316,6 +316,22 @@ def test_zero_readiness_timeout_is_rejected_and_drain_delay_defaults_to_zero() -
     assert cfg(LISTENER).drain_delay == 0.0
 
 
+def test_backend_end_timeout_must_be_positive_and_the_check_interval_may_be_off() -> None:
+    one_problem(
+        'backend_end_timeout = "0s"\n' + LISTENER,
+        "backend_end_timeout",
+        "greater than 0s",
+        needle="backend_end_timeout",
+    )
+    loaded = cfg(LISTENER)
+    assert loaded.backend_end_timeout == 2.0
+    assert loaded.listeners[0].postgres.client_connection_check_interval == 5.0
+    off = LISTENER.replace(
+        'admin_password = "pw"', 'admin_password = "pw"\nclient_connection_check_interval = "0s"'
+    )
+    assert cfg(off).listeners[0].postgres.client_connection_check_interval == 0.0
+
+
 def test_zero_revalidation_interval_disables_and_is_allowed() -> None:
     assert cfg('[revalidation]\ninterval = "0s"\n' + LISTENER).revalidation.interval == 0.0
 

@@ -187,9 +187,13 @@ async def test_one_log_line_per_connection_and_no_secret_in_logs(
     ends = [r for r in caplog.records if getattr(r, "wp_event", None) == "connection_end"]
     assert len(ends) == 2, [r.getMessage() for r in ends]
     fields = [getattr(r, "wp_fields", {}) for r in ends]
-    assert [f["outcome"] for f in fields] == ["client_closed", "refused"], fields
-    assert fields[0]["login"] == "fay@example.com" and fields[0]["bytes_out"] > 0
-    assert fields[1]["sqlstate"] == "42501"
+    # A session's line comes once its backend is gone, possibly after the next one's.
+    by_outcome = {f["outcome"]: f for f in fields}
+    assert sorted(by_outcome) == ["client_closed", "refused"], fields
+    relayed = by_outcome["client_closed"]
+    assert relayed["login"] == "fay@example.com" and relayed["bytes_out"] > 0
+    assert relayed["backend_end"] in ("terminate", "backend_closed"), relayed
+    assert by_outcome["refused"]["sqlstate"] == "42501"
     text = "\n".join(
         f"{r.getMessage()} {getattr(r, 'wp_fields', {})} {r.exc_info}" for r in caplog.records
     )

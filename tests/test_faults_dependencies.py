@@ -167,7 +167,7 @@ async def test_wrong_admin_password_is_58000_with_a_correlation_id_and_a_log_lin
                 line = f"{r.getMessage()} {getattr(r, 'wp_fields', '')}"
                 assert bad not in line and pg.admin_password not in line
             await env.assert_clean()
-    assert roles_with_prefix(pg, PREFIX) == before
+    assert roles_with_prefix(pg, PREFIX) <= before  # none created (the reaper may drop leftovers)
 
 
 async def test_localapi_unavailable_fails_closed_with_08004_in_time(
@@ -195,7 +195,7 @@ async def test_localapi_unavailable_fails_closed_with_08004_in_time(
                     assert err.get("C") == "08004", (fault, err)
                     assert "unavailable" in err.get("M", ""), (fault, err)
                     assert elapsed < IDENTITY_TIMEOUT + 2, (fault, elapsed)
-                assert roles_with_prefix(pg, PREFIX) == before, fault
+                assert roles_with_prefix(pg, PREFIX) <= before  # none created (the reaper may drop leftovers), fault
                 await env.assert_clean()
                 if fault == "missing":
                     Path(moved).rename(env.standin.socket_path)
@@ -226,7 +226,7 @@ async def test_redis_stopped_refuses_new_connections_and_live_sessions_continue(
                     err, elapsed = await _refused(env, db, source="127.0.0.5")
                     assert err.get("C") == "08004", err
                     assert elapsed < 10, elapsed
-                    assert roles_with_prefix(pg, PREFIX) == before
+                    assert roles_with_prefix(pg, PREFIX) <= before  # none created (the reaper may drop leftovers)
                     # The live session goes on.
                     assert await _query(live, "SELECT v FROM public.t WHERE id = 1") == [["one"]]
                     redis.start()

@@ -213,7 +213,7 @@ async def test_startup_with_10000_parameters_is_refused(
         assert err is not None and err["C"] == "08P01", (err, reply.data[:200])
         assert "length" in err["M"], err
         assert env.standin.whois_count(ATTACKER) == 0
-        assert roles_with_prefix(logged_pg, PREFIX) == before
+        assert roles_with_prefix(logged_pg, PREFIX) <= before  # none created
         await _normal_client_works(env, db)
 
 
@@ -285,7 +285,7 @@ async def test_sql_injection_in_startup_parameters_runs_nothing(
         err = await attempt(database=INJECTION)
         assert err is not None and err["C"] == "42501", err
         assert f'"{INJECTION}"' in err["M"], err
-        assert roles_with_prefix(logged_pg, PREFIX) == before
+        assert roles_with_prefix(logged_pg, PREFIX) <= before  # none created
         await _normal_client_works(env, db)
         roles_now = roles_with_prefix(logged_pg, PREFIX)
 

@@ -27,6 +27,7 @@ from waypoint.proxy.relay import open_relay_engine
 from waypoint.proxy.revalidation import revalidation_loop
 from waypoint.proxy.session import ListenerContext
 from waypoint.proxy.tls import MIN_VALIDITY, ClientTLS
+from waypoint.reaper import service as reaper_service
 from waypoint.service.health import Health, SupportsPing, backend_check, identity_check
 from waypoint.service.notify import Notifier
 from waypoint.state import open_state
@@ -35,6 +36,11 @@ log = get_logger("app")
 
 # After the drain deadline, sessions get their FATAL; this long to go before they are cut.
 FINAL_GRACE = 5.0
+
+
+class StartupRefused(Exception):
+    """The configuration loaded, but what it names on the server must not be used (a
+    ``reassign_to`` role that could run callers' objects with privileges)."""
 
 
 @attrs.define(eq=False)
@@ -236,6 +242,13 @@ async def _serve(
                     with trio.CancelScope(shield=True):
                         await sl.aclose()
 
+            # Before accepting: a reassign_to that could hand callers' objects to a
+            # privileged role refuses the start; the backends a killed predecessor left
+            # behind end now.
+            problems = await reaper_service.reassign_target_problems(contexts)
+            if problems:
+                raise StartupRefused("; ".join(problems))
+            await _sweep_orphans(contexts, registry, metrics)
             await sessions.start(run_accept)
             task_status.started(
                 Running(
@@ -284,7 +297,7 @@ async def _serve(
             if not drained:
                 log.info("drain_deadline", sessions=len(registry))
                 for live in registry:
-                    live.end(errors.shutting_down())
+                    live.end(errors.shutting_down(), "drain_deadline")
                 with trio.move_on_after(FINAL_GRACE):
                     await registry.wait_empty()
             sessions.cancel_scope.cancel()
@@ -346,17 +359,15 @@ def _extra_background(
     registry: SessionRegistry,
     metrics: Metrics,
 ) -> list[Callable[[], Awaitable[None]]]:
-    """Background services beside revalidation (the reaper), if available."""
-    import importlib
+    """Background services beside revalidation: the reaper's periodic task per listener."""
+    return reaper_service.reaper_tasks(config, contexts, registry, metrics)
 
-    try:
-        module = importlib.import_module("waypoint.reaper.service")
-    except ImportError:
-        return []
-    tasks: list[Callable[[], Awaitable[None]]] = module.reaper_tasks(
-        config, contexts, registry, metrics
-    )
-    return tasks
+
+async def _sweep_orphans(
+    contexts: dict[str, ListenerContext], registry: SessionRegistry, metrics: Metrics
+) -> None:
+    """The reaper's start sweep of orphan backends."""
+    await reaper_service.sweep_orphans_at_start(contexts, registry, metrics)
 
 
 async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event) -> None:

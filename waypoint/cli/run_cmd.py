@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"{args.config}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    from waypoint.app import StartupRefused
     from waypoint.app import run as run_app
 
     log = get_logger("cli")
@@ -36,12 +37,12 @@ def run(args: argparse.Namespace) -> int:
         trio.run(lambda: run_app(config, handle_signals=True, notifier=Notifier()))
     except KeyboardInterrupt:  # pragma: no cover - signals are handled inside
         return 130
-    except OSError as exc:
+    except (OSError, StartupRefused) as exc:
         log.error("startup_failed", error=str(exc))
         return 1
     except BaseExceptionGroup as group:
         # An OSError at start (a listen address in use) arrives wrapped by trio's nurseries.
-        failed, rest = group.split(OSError)
+        failed, rest = group.split((OSError, StartupRefused))
         if failed is None or rest is not None:
             raise
         log.error("startup_failed", error="; ".join(str(e) for e in _leaves(failed)))
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _leaves(group: BaseExceptionGroup[OSError]) -> list[BaseException]:
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     out: list[BaseException] = []
     for exc in group.exceptions:
         out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])

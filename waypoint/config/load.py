@@ -297,6 +297,8 @@ def _validate(cfg: Config) -> list[tuple[KeyPath, str]]:
 
     if cfg.handshake_timeout <= 0:
         out.append((("handshake_timeout",), "must be greater than 0s"))
+    if cfg.backend_end_timeout <= 0:
+        out.append((("backend_end_timeout",), "must be greater than 0s"))
     if cfg.identity.timeout <= 0:
         out.append((("identity", "timeout"), "must be greater than 0s"))
     if cfg.state.lease <= 0:

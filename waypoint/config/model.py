@@ -115,6 +115,8 @@ class PostgresListenerConfig:
     reassign_to: str | None = None
     reap_on_cockroachdb: bool = False
     admin_idle_timeout: float = 60.0
+    #: ``ALTER ROLE ... SET client_connection_check_interval`` on provisioned roles (14+); 0: unset.
+    client_connection_check_interval: float = 5.0
 
     @property
     def effective_reap_interval(self) -> float:
@@ -169,6 +171,9 @@ class Config:
     drain_timeout: float = 30.0
     # After a shutdown signal, how long /readyz answers 503 while listeners still accept.
     drain_delay: float = 0.0
+    #: How long the end of a session may take to stop its backend's work before the admin
+    #: terminates it (``pg_terminate_backend``).
+    backend_end_timeout: float = 2.0
     identity: IdentityConfig = field(factory=IdentityConfig)
     revalidation: RevalidationConfig = field(factory=RevalidationConfig)
     provisioning: ProvisioningConfig = field(factory=ProvisioningConfig)

@@ -77,6 +77,13 @@ class Metrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.backend_ends = Counter(
+            "waypoint_backend_ends",
+            "Backends ended by Waypoint: why the session (or orphan) ended, and how the backend "
+            "was stopped (backend_closed, terminate, cancel, pg_terminate_backend, unconfirmed)",
+            ["listener", "reason", "how"],
+            registry=r,
+        )
         self.reaper_runs = Counter(
             "waypoint_reaper_runs", "Reaper passes", ["listener"], registry=r
         )
@@ -114,6 +121,10 @@ class Metrics:
         )
 
     # -- the calls the session makes ------------------------------------------------
+    def backend_ended(self, listener: str, reason: str, how: str, count: int = 1) -> None:
+        """Backends ended (``how``) because their session, or orphan, ended (``reason``)."""
+        self.backend_ends.labels(listener, reason, how).inc(count)
+
     def connection_opened(self, listener: str) -> None:
         self.connections_total.labels(listener).inc()
         self.connections_active.labels(listener).inc()

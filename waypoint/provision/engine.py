@@ -45,7 +45,7 @@ from waypoint.identity.model import Identity
 from waypoint.pgwire.scram import ScramKeys, make_md5_verifier, make_scram_verifier
 from waypoint.provision import sql
 from waypoint.provision.admin import AdminError, AdminPools, AdminSession
-from waypoint.provision.dialect import CockroachDialect, Dialect, detect_dialect
+from waypoint.provision.dialect import CockroachDialect, Dialect, PostgresDialect, detect_dialect
 from waypoint.provision.locks import (
     GroupLocks,
     PgAdvisoryRoleLock,
@@ -214,6 +214,8 @@ Signature = tuple[tuple[str, int, int], ...]
 class _PasswordChange:
     verifier: str = field(repr=False)
     valid_until: datetime
+    #: ``ALTER ROLE ... SET`` statements applied with the secret (created or rotated).
+    settings: tuple[str, ...] = ()
 
 
 @frozen
@@ -287,6 +289,8 @@ def _provision_txn(
             sess.run(sql.create_login_role(plan.role, password.verifier, password.valid_until))
             sess.run(sql.comment_on_role(plan.role, plan.comment))
             sess.run(sql.grant_role_to_admin(plan.role, inherit_clause))
+        for stmt in password.settings:
+            sess.run(stmt)
 
     current: set[str] = set()
     if role_exists:
@@ -560,6 +564,21 @@ class Provisioner:
                 self._info = _ServerInfo(dialect, enc)
             return self._info
 
+    def _role_settings(self, role: str, info: _ServerInfo) -> tuple[str, ...]:
+        """Per-role settings: ``client_connection_check_interval`` (PostgreSQL 14+), so a
+        backend whose client is gone notices it during a long statement. A first line only:
+        the caller can change it for its own session, and Waypoint's session end does not
+        rely on it."""
+        interval = self._pg.client_connection_check_interval
+        dialect = info.dialect
+        if interval <= 0 or not isinstance(dialect, PostgresDialect) or dialect.major < 14:
+            return ()
+        return (
+            sql.set_role_setting(
+                role, "client_connection_check_interval", f"{interval * 1000:.0f}ms"
+            ),
+        )
+
     def _use_md5(self, info: _ServerInfo) -> bool:
         mode = self._pg.password_encryption
         if mode == "md5":
@@ -740,7 +759,8 @@ class Provisioner:
                 verifier, keys = await trio.to_thread.run_sync(make_verifier, limiter=self._limiter)
                 lease = await self._locks.acquire(role, deadline)
                 try:
-                    await self._run_txn(plan, _PasswordChange(verifier, valid_until), info)
+                    change = _PasswordChange(verifier, valid_until, self._role_settings(role, info))
+                    await self._run_txn(plan, change, info)
                 except BaseException:
                     with trio.CancelScope(shield=True):
                         await self._locks.release(lease)

@@ -102,6 +102,11 @@ def set_valid_until(role: str, valid_until: datetime) -> str:
     return f"ALTER ROLE {identifier(role)} VALID UNTIL {timestamp_literal(valid_until)}"
 
 
+def set_role_setting(role: str, name: str, value: str) -> str:
+    """``ALTER ROLE r SET name = 'value'`` (the role's default for new sessions)."""
+    return f"ALTER ROLE {identifier(role)} SET {identifier(name)} = {literal(value)}"
+
+
 def comment_on_role(role: str, comment: str) -> str:
     return f"COMMENT ON ROLE {identifier(role)} IS {literal(comment)}"
 

@@ -1,6 +1,11 @@
-"""Revalidation (SPEC §9): every ``interval``, re-identify each live session and re-evaluate its
+"""Revalidation: every ``interval``, re-identify each live session and re-evaluate its
 grant. Unchanged: extend the role's VALID UNTIL (batched per role). Changed but still granted:
-reconcile the role live. Gone, or identity lookup failing: strip the role, FATAL, close."""
+reconcile the role live, cancel the statements its backends are running (they started under
+the old privileges), and apply tightened limits to the open sessions (a passed
+``max_conn_duration`` or ``max_bytes_per_conn``, or more sessions than ``max_conns``, end
+with the limit's FATAL 53400). Gone, or identity lookup failing: FATAL, close; a grant that is
+gone strips the role and ends every backend of it, not only this instance's sessions (those
+of other instances, orphans of a crashed one, direct logins with a self-set password)."""
 
 from __future__ import annotations
 
@@ -11,10 +16,13 @@ import trio
 from waypoint import errors
 from waypoint.errors import Refusal
 from waypoint.grants.evaluate import evaluate
+from waypoint.grants.model import EffectiveGrant
 from waypoint.identity.model import Identity, IdentityError
 from waypoint.observability.log import get_logger
+from waypoint.provision.backends import cancel_role_statements, terminate_role_backends
 from waypoint.proxy.registry import LiveSession, SessionRegistry
-from waypoint.proxy.session import ListenerContext
+from waypoint.proxy.session import ListenerContext, set_duration_deadline
+from waypoint.state.base import SlotUsage
 
 log = get_logger("revalidation")
 
@@ -34,8 +42,10 @@ async def revalidate_once(
     extend: dict[str, set[str]] = {}
     stripped: set[tuple[str, str]] = set()
     reconciled: set[tuple[str, str]] = set()
+    cancelled: set[tuple[str, str]] = set()
+    changed_principals: set[tuple[str, str]] = set()
     for live in sessions:
-        if live.ended_by is not None:
+        if live.ended_by is not None or live.closing:
             continue
         ctx = contexts.get(live.listener)
         if ctx is None:
@@ -99,8 +109,24 @@ async def revalidate_once(
                     str(exc),
                 )
                 continue
+        privileges_changed = (grant.privileges, grant.custom) != (
+            live.grant.privileges,
+            live.grant.custom,
+        )
+        if key not in cancelled and privileges_changed:
+            cancelled.add(key)
+            await _cancel_statements(ctx, live.role)
+        old = live.grant
         live.grant = grant
+        _apply_limits(live, old)
+        changed_principals.add((live.listener, live.identity.principal))
         extend.setdefault(live.listener, set()).add(live.role)
+    # Every backend of a role whose grant is gone ends, wherever it came from. This
+    # instance's own sessions of it end through their session's end (FATAL first).
+    for listener, role in sorted(stripped):
+        await _end_role_backends(contexts[listener], registry, role)
+    for listener, principal in sorted(changed_principals):
+        await _enforce_max_conns(contexts[listener], registry, principal)
     for listener, roles in extend.items():
         try:
             await contexts[listener].provisioner.extend_validity(roles)
@@ -123,7 +149,84 @@ def _end(
         reason=reason,
         detail=detail,
     )
-    live.end(errors.access_revoked(reason))
+    live.end(errors.access_revoked(reason), kind)
+
+
+async def _end_role_backends(ctx: ListenerContext, registry: SessionRegistry, role: str) -> None:
+    keep = registry.backend_pids(ctx.listener.name)
+    try:
+        pids = await terminate_role_backends(ctx.provisioner.pools, role, keep)
+    except Exception as exc:
+        log.error("role_backends_end_failed", role=role, error=str(exc))
+        return
+    if pids:
+        ctx.metrics.backend_ended(
+            ctx.listener.name, "access_revoked_role", "pg_terminate_backend", len(pids)
+        )
+        log.info("role_backends_ended", role=role, pids=pids, reason="access_revoked")
+
+
+async def _cancel_statements(ctx: ListenerContext, role: str) -> None:
+    try:
+        pids = await cancel_role_statements(ctx.provisioner.pools, role)
+    except Exception as exc:
+        log.error("role_statements_cancel_failed", role=role, error=str(exc))
+        return
+    if pids:
+        log.info("role_statements_cancelled", role=role, pids=pids, reason="grant_changed")
+
+
+def _apply_limits(live: LiveSession, old: EffectiveGrant) -> None:
+    """An open session follows its changed grant's limits: the duration timer moves (a
+    passed limit fires now), and a session already past a lower byte limit ends. The relay
+    itself keeps cutting at the byte limit the session started with; a lower one is
+    checked here, at each revalidation."""
+    limits = live.grant.limits
+    if limits.max_conn_duration != old.limits.max_conn_duration:
+        set_duration_deadline(live)
+    relay = live.relay
+    cap = limits.max_bytes_per_conn
+    if cap > 0 and relay is not None and relay.bytes_from_client + relay.bytes_from_backend >= cap:
+        live.end(errors.session_limit("max_bytes_per_conn", f"{cap} bytes"), "max_bytes_per_conn")
+
+
+async def _enforce_max_conns(
+    ctx: ListenerContext, registry: SessionRegistry, principal: str
+) -> None:
+    """A lowered ``max_conns`` ends the newest open sessions past it. Counted against the
+    shared slot state too (every instance's sessions); several instances may each end their
+    newest, so a tightened limit can end more sessions than the excess, never fewer."""
+    listener = ctx.listener.name
+    try:
+        usage: SlotUsage | None = await ctx.state.slot_usage(principal, listener)
+    except Exception as exc:
+        log.warning("slot_usage_failed", error=str(exc))
+        usage = None
+    for scope in ("user", "listener"):
+        open_now = [
+            s
+            for s in registry
+            if s.identity.principal == principal
+            and s.ended_by is None
+            and not s.closing
+            and (scope == "user" or s.listener == listener)
+        ]
+        limits = [_conn_limit(s, scope) for s in open_now if _conn_limit(s, scope) > 0]
+        if not limits:
+            continue
+        limit = min(limits)
+        count = len(open_now)
+        if usage is not None:
+            count = max(count, usage.user if scope == "user" else usage.user_listener)
+        excess = min(len(open_now), count - limit)
+        for live in sorted(open_now, key=lambda s: s.started, reverse=True)[: max(0, excess)]:
+            log.info("session_over_limit", conn_id=live.conn_id, limit=limit, scope=scope)
+            live.end(errors.session_limit("max_conns", str(limit)), "max_conns")
+
+
+def _conn_limit(live: LiveSession, scope: str) -> int:
+    limits = live.grant.limits
+    return limits.max_conns_user if scope == "user" else limits.max_conns_listener
 
 
 async def revalidation_loop(

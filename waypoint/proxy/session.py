@@ -8,6 +8,7 @@ A failure here ends this connection only: the task catches its own errors.
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 import ssl
 from collections.abc import Callable, Mapping
@@ -40,6 +41,7 @@ from waypoint.pgwire import (
     StartupMessage,
     build_error_response,
 )
+from waypoint.provision.backends import terminate_pid
 from waypoint.provision.engine import Credentials, DatabaseMissing, Provisioner, ProvisionError
 from waypoint.proxy.admission import Admission
 from waypoint.proxy.backend import (
@@ -51,7 +53,8 @@ from waypoint.proxy.backend import (
     connect_backend,
     login_backend,
 )
-from waypoint.proxy.cancel import serve_cancel_request
+from waypoint.proxy.backend_end import BackendEnd, stop_backend
+from waypoint.proxy.cancel import send_cancel, serve_cancel_request
 from waypoint.proxy.registry import (
     LiveSession,
     LoginGuess,
@@ -168,6 +171,8 @@ class _Outcome:
     bytes_in: int = 0
     bytes_out: int = 0
     relay_reason: str | None = None
+    backend_end: BackendEnd | None = None
+    backend_end_ms: float | None = None
 
 
 def _peer_of(stream: trio.SocketStream) -> tuple[str, int]:
@@ -230,6 +235,9 @@ async def serve_connection(
             role=out.role,
             tls=client.tls,
             relay_end=out.relay_reason,
+            backend_end=out.backend_end.how if out.backend_end else None,
+            backend_end_detail=out.backend_end.detail if out.backend_end else None,
+            backend_end_ms=out.backend_end_ms,
             bytes_in=out.bytes_in,
             bytes_out=out.bytes_out,
             duration_ms=round(duration * 1000, 1),
@@ -275,18 +283,90 @@ async def _run(
         return
     ctx.metrics.handshake_done(ctx.listener.name, trio.current_time() - handshake_started)
     backend, start, slot, live = established
+    link = _BackendLink(backend.socket_stream.socket)
     try:
-        await _relay(ctx, client, backend, start, live, pending, out, log)
+        await _relay(ctx, client, backend, start, live, link, pending, out, log)
     finally:
+        with trio.CancelScope(shield=True):
+            await _end_session(ctx, client, backend, start, slot, live, link, out, log)
+
+
+@attrs.define(eq=False)
+class _BackendLink:
+    """The backend connection's raw socket, kept open past the relay for the backend's end."""
+
+    sock: trio.socket.SocketType | None
+
+
+async def _end_session(
+    ctx: ListenerContext,
+    client: _Client,
+    backend: BackendConnection,
+    start: BackendSessionStart,
+    slot: SlotLease,
+    live: LiveSession,
+    link: _BackendLink,
+    out: _Outcome,
+    log: EventLogger,
+) -> None:
+    """The one way a relayed session ends, whatever ended its relay (the caller shields it):
+    the client's connection closes, the backend is ended (:mod:`waypoint.proxy.backend_end`),
+    and only then are the session's slot and cancel key given back, so the limits count
+    what exists on the server."""
+    live.closing = True
+    reason = live.end_kind or out.relay_reason or "cancelled"
+    key = start.key
+    cancel = terminate = None
+    if key is not None:
+        pid, secret = key.pid, key.secret
+
+        async def cancel() -> None:
+            # Waypoint's own cancel, to the configured backend (no rate limit or identity).
+            await send_cancel(
+                ctx.listener.backend_address, pid, secret, ctx.listener, ctx.backend_ssl
+            )
+
+        async def terminate(wait: float) -> bool:
+            return await terminate_pid(ctx.provisioner.pools, pid, live.role, wait)
+
+    began = trio.current_time()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_close_client, client)
+            ended = await stop_backend(
+                link.sock,
+                closed_by_backend=out.relay_reason == "backend_closed",
+                send_cancel=cancel,
+                terminate=terminate,
+                bound=ctx.config.backend_end_timeout,
+            )
+        out.backend_end = ended
+        out.backend_end_ms = round((trio.current_time() - began) * 1000, 1)
+        ctx.metrics.backend_ended(ctx.listener.name, reason, ended.how)
+    finally:
+        # Whatever happened above, the session's resources go back (last: the slot).
+        if link.sock is not None:
+            link.sock.close()
+        with trio.move_on_after(1):
+            await backend.aclose()
         ctx.registry.remove(live)
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
+        with trio.move_on_after(2):
             await ctx.state.release_slot(slot)
-            if start.key is not None:
+            if key is not None:
                 try:
-                    await ctx.state.unregister_cancel_key(start.key.pid, start.key.secret)
+                    await ctx.state.unregister_cancel_key(key.pid, key.secret)
                 except Exception as exc:
                     log.warning("cancel_key_unregister_failed", error=str(exc))
-        await backend.aclose()
+
+
+async def _close_client(client: _Client) -> None:
+    with (
+        trio.move_on_after(1),
+        contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError
+        ),
+    ):
+        await client.stream.aclose()
 
 
 async def _send_quietly(client: _Client, data: bytes) -> None:
@@ -611,9 +691,12 @@ async def _establish(
                 start.key.pid, start.key.secret, target, CANCEL_KEY_TTL
             )
     except BaseException:
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            await ctx.state.release_slot(lease)
-        await backend.aclose()
+        # An idle backend that just logged in: it exits on the end of its stream. Closed
+        # before the slot goes back.
+        with trio.CancelScope(shield=True):
+            await backend.aclose()
+            with trio.move_on_after(2):
+                await ctx.state.release_slot(lease)
         raise
     live = LiveSession(
         conn_id=conn_id,
@@ -625,6 +708,7 @@ async def _establish(
         preset_cap=cap.cap,
         role=role,
         started=trio.current_time(),
+        backend_pid=start.key.pid if start.key is not None else None,
     )
     ctx.registry.add(live)
     return backend, start, lease, live
@@ -753,6 +837,7 @@ async def _relay(
     backend: BackendConnection,
     start: BackendSessionStart,
     live: LiveSession,
+    link: _BackendLink,
     pending: bytes,
     out: _Outcome,
     log: EventLogger,
@@ -765,8 +850,7 @@ async def _relay(
         )
     result: RelayResult
     async with trio.open_nursery() as nursery:
-        if limits.max_conn_duration > 0:
-            nursery.start_soon(_duration_timer, live, limits.max_conn_duration)
+        nursery.start_soon(_duration_timer, live)
         # The epoll engine relays plain sockets and client TLS (the session's own SSLObject
         # and BIOs, handed over after the startup); backend TLS stays on the trio stream relay.
         handover: TlsHandover | None = None
@@ -777,6 +861,8 @@ async def _relay(
         if ctx.engine is not None and use_engine:
             client_sock = _detach(client.raw)
             backend_sock = _detach(backend.socket_stream)
+            # The backend socket outlives the relay: the session's end reads its EOF.
+            link.sock = trio.socket.from_stdlib_socket(backend_sock)
             try:
                 handle = ctx.engine.start_relay(
                     client_sock,
@@ -791,7 +877,6 @@ async def _relay(
                 result = await handle.wait()
             finally:
                 client_sock.close()
-                backend_sock.close()
         else:
             relay = StreamRelay(
                 client.stream,
@@ -822,6 +907,24 @@ async def _relay(
         out.outcome = result.reason
 
 
-async def _duration_timer(live: LiveSession, seconds: float) -> None:
-    await trio.sleep(seconds)
-    live.end(errors.session_limit("max_conn_duration", format_duration(seconds)))
+def set_duration_deadline(live: LiveSession) -> None:
+    """Point the session's ``max_conn_duration`` timer at its grant's limit (revalidation
+    calls this after a grant change: a lower limit already passed ends the session now)."""
+    scope = live.duration_scope
+    if scope is not None:
+        seconds = live.grant.limits.max_conn_duration
+        scope.deadline = live.started + seconds if seconds > 0 else math.inf
+
+
+async def _duration_timer(live: LiveSession) -> None:
+    with trio.CancelScope() as scope:
+        live.duration_scope = scope
+        set_duration_deadline(live)
+        await trio.sleep_forever()
+    live.duration_scope = None
+    if scope.cancelled_caught:
+        seconds = live.grant.limits.max_conn_duration
+        live.end(
+            errors.session_limit("max_conn_duration", format_duration(seconds)),
+            "max_conn_duration",
+        )

@@ -1,5 +1,8 @@
 """The reaper as a background service of ``waypoint.run`` (``app._extra_background`` calls
-:func:`reaper_tasks`): one periodic task per listener, counted in the metrics.
+:func:`reaper_tasks`): one periodic task per listener, counted in the metrics. Each pass first
+ends orphan backends (:mod:`waypoint.reaper.orphans`),
+then drops roles. :func:`sweep_orphans_at_start` is the one sweep ``run`` makes before it
+accepts connections.
 
 Proxy types are imported for type checking only: the reaper does not depend on the proxy
 at run time (ARCHITECTURE.md).
@@ -8,16 +11,103 @@ at run time (ARCHITECTURE.md).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
+
+import trio
 
 from waypoint.config.model import Config
+from waypoint.observability.log import get_logger
+from waypoint.provision.admin import AdminError
 from waypoint.reaper.engine import Reaper
+from waypoint.reaper.orphans import OrphanSweeper, Pass
 from waypoint.reaper.schedule import reap_periodically
 
 if TYPE_CHECKING:
     from waypoint.observability.metrics import Metrics
     from waypoint.proxy.registry import SessionRegistry
     from waypoint.proxy.session import ListenerContext
+
+#: The start sweep waits this long at most (per instance) before accepting connections.
+START_SWEEP_TIMEOUT: Final = 10.0
+
+log = get_logger("reaper")
+
+
+def _sweeper(
+    ctx: ListenerContext,
+    contexts: Mapping[str, ListenerContext],
+    registry: SessionRegistry,
+    metrics: Metrics,
+) -> OrphanSweeper:
+    known = frozenset(contexts)
+    name = ctx.listener.name
+
+    def roles_in_use() -> set[str]:
+        out: set[str] = set()
+        for listener in known:
+            out |= registry.roles_in_use(listener)
+        return out
+
+    async def live_elsewhere(principal: str) -> bool:
+        # Slots are taken before a backend is connected and given back after it is gone:
+        # a slot of this caller on this listener may be a live session of another instance.
+        usage = await ctx.state.slot_usage(principal, name)
+        return usage.user_listener > 0
+
+    def on_ended(kind: Pass, count: int) -> None:
+        reason = "orphan_at_start" if kind == "start" else "orphan"
+        metrics.backend_ended(name, reason, "pg_terminate_backend", count)
+
+    return OrphanSweeper(
+        ctx.listener,
+        ctx.provisioner.pools,
+        known_listeners=known,
+        roles_in_use=roles_in_use,
+        pids_in_use=lambda: registry.backend_pids(name),
+        live_elsewhere=live_elsewhere if ctx.config.state.backend != "memory" else None,
+        on_ended=on_ended,
+    )
+
+
+async def sweep_orphans_at_start(
+    contexts: Mapping[str, ListenerContext], registry: SessionRegistry, metrics: Metrics
+) -> None:
+    """End the orphans of every postgres listener once (a restarted instance's leftovers).
+    Bounded; a failure is logged and the instance starts anyway (the periodic pass retries
+    for roles past their expiry)."""
+    with trio.move_on_after(START_SWEEP_TIMEOUT) as scope:
+        for name, ctx in contexts.items():
+            if ctx.listener.mode != "postgres":
+                continue
+            try:
+                await _sweeper(ctx, contexts, registry, metrics).sweep("start")
+            except Exception as exc:
+                log.warning("orphan_sweep_failed", listener=name, sweep="start", error=str(exc))
+    if scope.cancelled_caught:
+        log.warning("orphan_sweep_timeout", sweep="start", timeout=START_SWEEP_TIMEOUT)
+
+
+async def reassign_target_problems(contexts: Mapping[str, ListenerContext]) -> list[str]:
+    """Why each listener's ``reassign_to`` may not receive callers' objects, read from the
+    catalog now (startup refuses to run with any). A server that cannot be asked is logged
+    and skipped: every reaper pass checks again before it reassigns anything."""
+    known = frozenset(contexts)
+    problems: list[str] = []
+    for name, ctx in contexts.items():
+        if ctx.listener.mode != "postgres" or ctx.listener.postgres.reassign_to is None:
+            continue
+        reaper = Reaper(ctx.listener, ctx.provisioner, roles_in_use=set, known_listeners=known)
+        problem: str | None = None
+        with trio.move_on_after(START_SWEEP_TIMEOUT) as scope:
+            try:
+                problem = await reaper.check_reassign_to()
+            except AdminError as exc:
+                log.warning("reassign_to_unchecked", listener=name, error=str(exc))
+        if scope.cancelled_caught:
+            log.warning("reassign_to_unchecked", listener=name, error="timed out")
+        if problem is not None:
+            problems.append(f"listener {name!r}: reassign_to refused: {problem}")
+    return problems
 
 
 def reaper_tasks(
@@ -46,17 +136,27 @@ def reaper_tasks(
             roles_in_use=roles_in_use,
             known_listeners=known,
         )
+        sweeper = _sweeper(ctx, contexts, registry, metrics)
         tasks.append(
-            _make_task(reaper, name, ctx.listener.postgres.effective_reap_interval, metrics)
+            _make_task(
+                reaper, sweeper, name, ctx.listener.postgres.effective_reap_interval, metrics
+            )
         )
     return tasks
 
 
 def _make_task(
-    reaper: Reaper, name: str, interval: float, metrics: Metrics
+    reaper: Reaper, sweeper: OrphanSweeper, name: str, interval: float, metrics: Metrics
 ) -> Callable[[], Awaitable[None]]:
     async def one_pass() -> None:
         metrics.reaper_runs.labels(name).inc()
+        # A separate step: orphan backends end first (an expired role is dropped at a later
+        # pass, once pg_stat_activity shows no session of it).
+        try:
+            await sweeper.sweep("periodic")
+        except Exception as exc:
+            log.warning("orphan_sweep_failed", listener=name, sweep="periodic", error=str(exc))
+            metrics.reaper_errors.labels(name).inc()
         report = await reaper.run_pass()
         dropped = len(report.dropped_roles) + len(report.dropped_groups)
         if dropped:

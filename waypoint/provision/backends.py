@@ -1,0 +1,109 @@
+"""Admin statements on the backends of Waypoint's roles: terminate one session's backend,
+every backend of a role, or cancel a role's running statements.
+
+``pg_stat_activity`` shows every backend's pid and user name to any role; the admin may
+signal the backends of the roles it provisions (it is a member of each). Pure SQL through
+:class:`~waypoint.provision.admin.AdminPools`; the session end, revalidation and the
+reaper's orphan sweep use them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Final
+
+import trio
+
+from waypoint.provision.admin import AdminPools, AdminSession
+
+#: How often ``pg_stat_activity`` is read while waiting for a terminated backend to go.
+POLL_INTERVAL: Final = 0.05
+
+_TERMINATE_PID: Final = (
+    "SELECT pg_catalog.pg_terminate_backend(s.pid) FROM ("
+    "SELECT a.pid FROM pg_catalog.pg_stat_activity AS a "
+    "WHERE a.pid = :pid AND a.usename = :role OFFSET 0) AS s"
+)
+_PID_PRESENT: Final = (
+    "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity AS a "
+    "WHERE a.pid = :pid AND a.usename = :role"
+)
+# OFFSET 0 keeps the filter in the subquery: the signal goes only to the rows it selects.
+_SIGNAL_ROLE: Final = (
+    "SELECT s.pid, pg_catalog.{fn}(s.pid) FROM ("
+    "SELECT a.pid FROM pg_catalog.pg_stat_activity AS a "
+    "WHERE a.usename = :role AND a.pid <> pg_catalog.pg_backend_pid() "
+    "AND NOT (a.pid = ANY(CAST(:keep AS pg_catalog.int4[]))){extra} OFFSET 0) AS s"
+)
+_TERMINATE_ROLE: Final = _SIGNAL_ROLE.format(fn="pg_terminate_backend", extra="")
+_CANCEL_ROLE: Final = _SIGNAL_ROLE.format(fn="pg_cancel_backend", extra=" AND a.state = 'active'")
+
+
+_TERMINATE_PIDS: Final = (
+    "SELECT s.pid, pg_catalog.pg_terminate_backend(s.pid) FROM ("
+    "SELECT a.pid FROM pg_catalog.pg_stat_activity AS a "
+    "WHERE a.usename = :role AND a.pid = ANY(CAST(:pids AS pg_catalog.int4[])) OFFSET 0) AS s"
+)
+
+
+async def terminate_pid(pools: AdminPools, pid: int, role: str, wait: float) -> bool:
+    """``pg_terminate_backend(pid)`` if ``pid`` is still a backend of ``role``; then wait up to
+    ``wait`` seconds for it to leave ``pg_stat_activity``. Returns whether it is gone."""
+    database = pools.admin_database
+
+    def kill(sess: AdminSession) -> int:
+        sess.run(_TERMINATE_PID, pid=pid, role=role)
+        return int(sess.run(_PID_PRESENT, pid=pid, role=role)[0][0])
+
+    def present(sess: AdminSession) -> int:
+        return int(sess.run(_PID_PRESENT, pid=pid, role=role)[0][0])
+
+    left = await pools.run(database, kill)
+    with trio.move_on_after(wait):
+        while left:
+            await trio.sleep(POLL_INTERVAL)
+            left = await pools.run(database, present)
+    return left == 0
+
+
+async def _signal_role(pools: AdminPools, sql: str, role: str, keep: Collection[int]) -> list[int]:
+    def run(sess: AdminSession) -> list[int]:
+        rows = sess.run(sql, role=role, keep=sorted(int(p) for p in keep))
+        return [int(r[0]) for r in rows if r[1]]
+
+    return await pools.run(pools.admin_database, run)
+
+
+async def terminate_role_backends(
+    pools: AdminPools, role: str, keep: Collection[int] = ()
+) -> list[int]:
+    """Terminate every backend of ``role`` (on any instance, or a direct login) except the
+    pids in ``keep`` (sessions of this instance, which end through their own path).
+    Returns the pids signalled."""
+    return await _signal_role(pools, _TERMINATE_ROLE, role, keep)
+
+
+async def cancel_role_statements(
+    pools: AdminPools, role: str, keep: Collection[int] = ()
+) -> list[int]:
+    """Cancel the running statement of every active backend of ``role`` (a statement that
+    started under privileges the role no longer has). Returns the pids signalled."""
+    return await _signal_role(pools, _CANCEL_ROLE, role, keep)
+
+
+async def terminate_pids(pools: AdminPools, role: str, pids: Collection[int]) -> list[int]:
+    """Terminate those of ``pids`` that are still backends of ``role``; returns them."""
+
+    def run(sess: AdminSession) -> list[int]:
+        rows = sess.run(_TERMINATE_PIDS, role=role, pids=sorted(int(p) for p in pids))
+        return [int(r[0]) for r in rows if r[1]]
+
+    return await pools.run(pools.admin_database, run)
+
+
+__all__ = [
+    "cancel_role_statements",
+    "terminate_pid",
+    "terminate_pids",
+    "terminate_role_backends",
+]
