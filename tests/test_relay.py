@@ -24,6 +24,7 @@ from waypoint.proxy.relay import (
     RelayEngineError,
     RelayResult,
     StreamRelay,
+    client_tls,
     open_relay_engine,
 )
 from waypoint.proxy.streams import ServerTLSStream
@@ -653,7 +654,7 @@ async def test_start_relay_rejects_bad_arguments() -> None:
 
 
 async def _tls_relay(
-    engine: RelayEngine, prefetch: int = 0, forward: bool = True, **kw: Any
+    engine: RelayEngine, prefetch: int = 0, forward: bool = True, in_c: bool | None = None, **kw: Any
 ) -> tuple[trio.SSLStream[trio.SocketStream], trio.SocketStream, socket.socket, Any]:
     """A TLS client relayed by the engine. With ``prefetch``, the proxy's trio stream
     first reads that many plaintext bytes (passed on as ``initial_to_backend`` if
@@ -678,7 +679,7 @@ async def _tls_relay(
         initial_to_backend=initial if forward else b"",
         **kw,
     )
-    assert_tls_path(handle, in_c=engine._loop.c_tls)
+    assert_tls_path(handle, in_c=engine._loop.c_tls if in_c is None else in_c)
     return app, _stream(backend_app), tls_sock, handle
 
 
@@ -702,6 +703,47 @@ async def test_tls_input_buffered_at_handover_is_relayed_first(forward: bool, c_
     assert result.reason == "client_closed"
     assert result.bytes_from_client == len(expected)
     assert result.messages_from_client == (52 if forward else 51)
+
+
+async def test_without_c_tls_the_engine_keeps_the_python_record_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interpreter whose OpenSSL the C loop cannot bind (client_tls.c_tls_available)
+    gets the Python record layer, which relays all the same."""
+    monkeypatch.setattr(client_tls, "c_tls_available", lambda: False)
+    async with open_relay_engine() as engine:
+        app, backend, tls_sock, handle = await _tls_relay(engine, in_c=False)
+        with trio.fail_after(10):
+            q = message(b"Q", b"select 1\x00")
+            await app.send_all(q)
+            assert await read_all(backend, len(q)) == q
+            reply = message(b"D", os.urandom(100_000)) + message(b"Z", b"I")
+            await backend.send_all(reply)
+            assert await read_all(app, len(reply)) == reply
+            await app.aclose()
+            result = await handle.wait()
+        tls_sock.close()
+    assert result.reason == "client_closed"
+
+
+@pytest.mark.parametrize("c_tls", [True, False], ids=["c-tls", "py-tls"])
+async def test_tls_close_notify_ends_the_relay_as_client_closed(c_tls: bool) -> None:
+    async with open_relay_engine(c_tls=c_tls) as engine:
+        app, backend, tls_sock, handle = await _tls_relay(engine)
+        with trio.fail_after(10):
+            q = message(b"Q", b"select 1\x00")
+            await app.send_all(q)
+            assert await read_all(backend, len(q)) == q
+            # close_notify alone, the socket left open (no reset racing it): what
+            # trio.SSLStream's aclose() writes before it closes the socket.
+            ssl_object: ssl.SSLObject = getattr(app, "_ssl_object")  # noqa: B009
+            outgoing: ssl.MemoryBIO = getattr(app, "_outgoing")  # noqa: B009
+            with pytest.raises(ssl.SSLWantReadError):
+                ssl_object.unwrap()
+            await app.transport_stream.send_all(outgoing.read())
+            result = await handle.wait()
+        await app.transport_stream.aclose()
+        tls_sock.close()
+    assert result.reason == "client_closed" and result.error is None
+    assert result.bytes_from_client == len(q)
 
 
 @pytest.mark.parametrize("c_tls", [True, False], ids=["c-tls", "py-tls"])

@@ -9,9 +9,11 @@
  *
  *     epoll_wait -> recv into the pump's buffer -> count -> skip message headers -> send
  *
+ * and, for a client that speaks TLS (see "Client TLS"), the same with its records
+ * decrypted on the way in and encrypted on the way out, on the session's own SSL.
  * Everything else (back-pressure, EOF, errors, byte limits, FATAL injection at a
- * boundary, TLS, header hooks, commands from trio) stays in Python (loop.py drives,
- * core.py decides): Pump.run() returns to Python
+ * boundary, TLS alerts and close_notify, header hooks, commands from trio) stays in Python
+ * (loop.py drives, core.py decides): Pump.run() returns to Python
  * at the first event it does not handle, with what it already did to that event.
  *
  * Types:
@@ -23,12 +25,14 @@
  *   Pump  the fd -> Lane table of the plain relays the C loop serves, over the
  *         engine's epoll fd, with a receive buffer of its own.
  *
- * Isolation (what a report may point to): a Pump reads into a buffer of its own,
- * allocated here and never exposed to Python; only pump_lane() writes it, only inside
- * run(), and one batch holds at most one report about bytes read (a report that carries
- * data ends the batch). Before run() returns, a report that carries data (PARTIAL: the
- * bytes the peer did not take; PAST_END: the whole chunk) gets them as a bytes object
- * of its own. So a report refers to no shared memory at all: whatever Python does with
+ * Isolation (what a report may point to): a Pump reads into buffers of its own (buf:
+ * plaintext; tbuf: TLS clients' ciphertext), allocated here and never exposed to Python;
+ * only pump_lane() writes them, only inside run(), and one batch holds at most one report
+ * about bytes read (a report that carries data ends the batch). Before run() returns, a
+ * report that carries data (PARTIAL: the bytes the peer did not take, for a TLS client
+ * the ciphertext it did not take followed by what its own session's write BIO still
+ * holds; PAST_END: the whole chunk) gets them as a bytes object of its own. Every TLS
+ * session's records stay in that session's own BIOs. So a report refers to no shared memory at all: whatever Python does with
  * one report (other relays' reads included) cannot change the bytes of another, and no
  * session can be handed bytes that another session read. The Python paths of loop.py
  * read into bytes objects of their own too (no engine-wide buffer).

@@ -122,7 +122,8 @@ class Relay:
 
     @property
     def pumped(self) -> bool:
-        """Served by the C loop: plain sockets, no header hooks."""
+        """Served by the C loop: plain sockets or a TLS client whose record layer runs in C,
+        no header hooks."""
         return not self.tls and self.client.hook is None and self.backend.hook is None
 
 
