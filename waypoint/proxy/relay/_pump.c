@@ -1005,6 +1005,7 @@ typedef struct {
     int epfd;
     unsigned char *buf;  /* private: see "Isolation" above */
     unsigned char *tbuf; /* private too: ciphertext to or from TLS clients */
+    Py_ssize_t tbufsize; /* bufsize and room for the records' framing */
     Py_ssize_t bufsize;
     Lane **table; /* indexed by fd */
     int capacity;
@@ -1041,7 +1042,10 @@ Pump_init(Pump *self, PyObject *args, PyObject *kwds)
     self->events = PyMem_Calloc((size_t)max_events, sizeof(struct epoll_event));
     self->reports = PyMem_Calloc((size_t)max_events, sizeof(Report));
     self->buf = PyMem_Malloc((size_t)bufsize);
-    self->tbuf = PyMem_Malloc((size_t)bufsize);
+    /* One buffer of plaintext encrypted fits in one send: TLS adds at most a few hundred
+     * bytes per 16 KiB record. */
+    self->tbufsize = bufsize + (bufsize / 16384 + 1) * 512;
+    self->tbuf = PyMem_Malloc((size_t)self->tbufsize);
     self->bufsize = bufsize;
     if (self->events == NULL || self->reports == NULL || self->buf == NULL || self->tbuf == NULL) {
         PyErr_NoMemory();
@@ -1176,7 +1180,7 @@ send_tls(Pump *self, Lane *peer, const unsigned char *data, long long n, Report 
         ERR_clear_error();
         return 1;
     }
-    int size = self->bufsize > INT_MAX ? INT_MAX : (int)self->bufsize;
+    int size = self->tbufsize > INT_MAX ? INT_MAX : (int)self->tbufsize;
     for (;;) {
         int m = BIO_read(peer->wbio, self->tbuf, size);
         if (m <= 0)
