@@ -1,6 +1,6 @@
 """``python -m bench [--quick] [--out-dir DIR] [--only relay,connect,burst,bulk,footprint]``
 
-Waypoint's benchmark harness (issue 7 point 1): one throwaway cluster, the LocalAPI stand-in
+Waypoint's benchmark harness: one throwaway cluster, the LocalAPI stand-in
 and ``waypoint run`` as processes, PgBouncer in session mode; relay TPS, connection setup,
 concurrent logins, bulk COPY and idle-session footprint; interleaved systems, medians.
 Writes ``<out-dir>/<date>-<host>[-quick].md`` (+ ``.json``, ``.png``) and prints the table.

@@ -93,7 +93,7 @@ def _bar(name: str, target: str, value: float | None, ok: bool | None) -> Bar:
 
 
 def bars(r: Results) -> list[Bar]:
-    """Issue 7's bars, each with its measured value and verdict."""
+    """The bars (bench/README.md), each with its measured value and verdict."""
     out: list[Bar] = []
     for n in sorted(r.relay.get("waypoint", {})):
         v = ratio(median(r.relay["waypoint"][n]), median(r.relay.get("pgbouncer", {}).get(n, [])))
@@ -176,7 +176,7 @@ def render_markdown(r: Results, chart_name: str | None) -> str:
         "",
         f"Medians of {reps} interleaved repetition(s) per cell (systems run A B C D A B C D …).",
         "",
-        "## Bars (issue 7; PERF.md: the deciding relay ratio is Waypoint/PgBouncer)",
+        "## Bars (the deciding relay ratio is Waypoint/PgBouncer; see bench/README.md)",
         "",
         "| bar | target | measured | verdict |",
         "|---|---|---|---|",

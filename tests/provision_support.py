@@ -26,3 +26,16 @@ def setup_app_db(pg: PgCluster, db: str) -> None:
 
 def role_exists(pg: PgCluster, role: str) -> bool:
     return bool(pg.execute("SELECT 1 FROM pg_roles WHERE rolname = :r", r=role))
+
+
+def role_marker_login(pg: PgCluster, role: str) -> str | None:
+    """The login the role's ownership marker names (None: no role, or no Waypoint marker)."""
+    from waypoint.grants import naming
+
+    rows = pg.execute(
+        "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = :r", r=role
+    )
+    if not rows:
+        return None
+    owner = naming.parse_role_comment(str(rows[0][0] or ""))
+    return None if owner is None else owner.login

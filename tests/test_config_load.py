@@ -1,4 +1,4 @@
-"""Loading and validating the TOML configuration (SPEC §1)."""
+"""Loading and validating the TOML configuration (docs/configuration.md)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def one_problem(
     return p
 
 
-# --------------------------------------------------------------------------- defaults and the SPEC example
+# --------------------------------------------------------------------------- defaults and the example config
 
 
 def test_minimal_config_gets_spec_defaults() -> None:

@@ -1,4 +1,4 @@
-"""`waypoint demo`: the walkthrough it prints is true (issue 8 point 2, issue 11 point 5).
+"""`waypoint demo`: the walkthrough it prints is true (README.md, Quickstart).
 
 The demo runs as a subprocess, exactly as a person would start it; the test reads the printed
 walkthrough, runs every printed command and checks each one behaves as the walkthrough says
@@ -127,7 +127,7 @@ def test_demo_walkthrough_behaves_as_printed_and_ctrl_c_cleans_up(postgres: str)
             assert _field(text, "PostgreSQL").startswith("18.")
         steps = _steps(text)
         commands = [command for _, _, _, command in steps]
-        # The walkthrough shows what issue 8 asks for (so this test cannot pass on an empty one).
+        # The walkthrough shows reads and writes (so this test cannot pass on an empty one).
         assert any("dbname=demo " in c and "SELECT" in c for c in commands)
         assert any("dbname=demo " in c and "INSERT" in c and "presets" not in c for c in commands)
         assert any("dbname=reports " in c and "INSERT" in c for c in commands)

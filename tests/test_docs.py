@@ -1,4 +1,4 @@
-"""The README's promises and the docs' links hold (issue 8 points 1 and 5).
+"""The README's promises and the docs' links hold; the repository cites only itself.
 
 Config keys are checked against docs/configuration.md by tests/test_config_docs.py; this file
 checks the README quickstart, CI's entry point, links, and that the troubleshooting and
@@ -19,7 +19,16 @@ from waypoint.observability.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-OWN_DOCS = ["policy.md", "troubleshooting.md", "comparison.md", "architecture.md", "observability.md"]
+OWN_DOCS = [
+    "policy.md",
+    "troubleshooting.md",
+    "comparison.md",
+    "architecture.md",
+    "observability.md",
+    "design.md",
+    "protocol.md",
+    "localapi.md",
+]
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -96,6 +105,7 @@ def test_troubleshooting_quotes_the_refusal_messages() -> None:
         errors.backend_unavailable("L"),
         errors.backend_login_failed(),
         errors.identity_unavailable("tailscaled"),
+        errors.state_unavailable(),
         errors.tls_required(),
         errors.replication_refused(),
         errors.shutting_down(),
@@ -117,3 +127,67 @@ def test_observability_doc_lists_every_metric_and_stable_log_key() -> None:
         assert f"`{exposed}`" in text, f"metric {exposed} is not documented"
     for key in STABLE_KEYS:
         assert f"`{key}`" in text, f"log key {key} is not documented"
+
+
+# Citations of what a reader of this repository does not have: the product spec, the notes
+# beside it, and the issue tracker. What a comment or page needs from them lives in docs/.
+_OUTSIDE_CITATION = re.compile(
+    r"\bSPEC\b"
+    r"|(?<!\d )§"  # a section sign not after a standard's number ("RFC 5802 §3")
+    r"|\b(?:PERF|ARCHITECTURE|STYLE)\.md\b"
+    r"|tailscale-localapi"
+    r"|/work/shared"
+    r"|\b[Ii]ssues? \d"
+    r"|\b[Ii]ssue #\d"
+)
+_CITATION_ROOTS = ["waypoint", "tests", "bench", "docs", "contrib", ".ci"]
+_CITATION_FILES = ["README.md", "Justfile", "dev.sh", "pyproject.toml", "setup.py"]
+_TEXT_SUFFIXES = {".py", ".md", ".c", ".h", ".toml", ".sh", ".json", ".txt", ".cfg", ".ini", ""}
+_SKIP_DIRS = {"__pycache__", ".hypothesis", ".pytest_cache", "build"}
+
+
+def _cited_files() -> list[Path]:
+    files = [ROOT / name for name in _CITATION_FILES]
+    for root in _CITATION_ROOTS:
+        for path in sorted((ROOT / root).rglob("*")):
+            if (
+                path.is_file()
+                and path.suffix in _TEXT_SUFFIXES
+                and not _SKIP_DIRS & set(path.relative_to(ROOT).parts)
+                and path != Path(__file__).resolve()
+            ):
+                files.append(path)
+    return files
+
+
+def test_the_citation_pattern_catches_every_outside_reference() -> None:
+    for cited in [
+        "(SPEC §4 step 7)",
+        "see SPEC",
+        "as §5 says",
+        "PERF.md",
+        "tailscale-localapi.md",
+        "ARCHITECTURE.md",
+        "STYLE.md",
+        "issue 7",
+        "Issue 7's bars",
+        "issues 4 and 8",
+        "/work/shared/SPEC.md",
+    ]:
+        assert _OUTSIDE_CITATION.search(cited), cited
+    for fine in ["RFC 5802 §3", "SPEC_EXAMPLE", "spec_example.toml", "docs/design.md", "issued"]:
+        assert not _OUTSIDE_CITATION.search(fine), fine
+
+
+def test_the_repository_cites_only_itself() -> None:
+    files = _cited_files()
+    assert len(files) > 100 and ROOT / "waypoint" / "app.py" in files
+    hits = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in files
+        for number, line in enumerate(
+            path.read_text(encoding="utf-8", errors="replace").splitlines(), 1
+        )
+        if _OUTSIDE_CITATION.search(line)
+    ]
+    assert hits == [], "cite a page in docs/ instead:\n" + "\n".join(hits)

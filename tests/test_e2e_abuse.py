@@ -1,4 +1,4 @@
-"""Hostile and idle connections (SPEC §4): 200 idle sockets and garbage senders do not stop a
+"""Hostile and idle connections (docs/protocol.md): 200 idle sockets and garbage senders do not stop a
 normal client; the handshake timeout frees them (the server closes every one)."""
 
 from __future__ import annotations

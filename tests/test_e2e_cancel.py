@@ -1,4 +1,4 @@
-"""Query cancellation through Waypoint (SPEC §7) and protocol 3.2 (issue 11, point 3).
+"""Query cancellation through Waypoint and protocol 3.2 (docs/protocol.md).
 
 psql's Ctrl-C, psycopg's ``cancel()`` / ``cancel_safe()``, libpq 18 negotiating protocol 3.2
 with PostgreSQL 18 (a 32-byte cancel key) and down to 3.0 with PostgreSQL 15, and a

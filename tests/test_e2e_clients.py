@@ -1,4 +1,4 @@
-"""Real clients through Waypoint (issue 5 acceptance): psql with sslmode disable / prefer /
+"""Real clients through Waypoint (docs/protocol.md): psql with sslmode disable / prefer /
 require, psycopg 3, asyncpg and pg8000, each with an arbitrary user name, getting exactly the
 granted privileges; and the libpq-reachable preset cap ``options=-c waypoint.presets=...``."""
 

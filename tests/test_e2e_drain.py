@@ -1,4 +1,4 @@
-"""Graceful shutdown of a real ``waypoint run -c FILE`` process (SPEC §11): after SIGTERM an open
+"""Graceful shutdown of a real ``waypoint run -c FILE`` process (docs/operations.md#shutdown): after SIGTERM an open
 session keeps working until it ends, new connections are refused, and the process exits 0 once
 the session closes; a session still open at the drain deadline gets FATAL 57P01; a second
 SIGTERM ends sessions at once. The LocalAPI stand-in runs as its own process."""

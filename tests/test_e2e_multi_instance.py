@@ -1,4 +1,4 @@
-"""Two Waypoint instances sharing Redis state (issue 6): one user's ``max_conns`` holds across
+"""Two Waypoint instances sharing Redis state (docs/scaling.md): one user's ``max_conns`` holds across
 both, and a CancelRequest sent to instance B cancels a query running through instance A.
 
 Both instances run in this process (``run_waypoint`` twice) in front of one cluster and one

@@ -1,6 +1,6 @@
-"""The reaper inside a running Waypoint (issue 6): ``user_ttl = "3s"``, ``reap_interval =
+"""The reaper inside a running Waypoint: ``user_ttl = "3s"``, ``reap_interval =
 "1s"``. Expiry is decided by the server's clock, so these tests use real time with generous
-bounds (SPEC §0)."""
+bounds (docs/design.md#tests)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Refusals a person can read (SPEC §4): through psql with ``sslmode=prefer`` (libpq retries
+"""Refusals a person can read (docs/protocol.md): through psql with ``sslmode=prefer`` (libpq retries
 without TLS after an error, and the retry shows the same reason without a second whois, thanks
 to the refusal cache of step 8), with the SQLSTATE checked through psycopg."""
 

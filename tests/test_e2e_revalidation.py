@@ -1,4 +1,4 @@
-"""Sessions Waypoint changes or ends while they run (SPEC §4 step 7, §9): revalidation applies a
+"""Sessions Waypoint changes or ends while they run (docs/operations.md#when-a-session-ends): revalidation applies a
 downgrade live, closes on revocation or a failing identity lookup; duration and byte limits end
 sessions with a FATAL 53400 naming the limit (an idle session too)."""
 

@@ -1,4 +1,4 @@
-"""Client TLS (issue 11 point 4, issue 5): direct SSL from libpq 18 (``sslnegotiation=direct``),
+"""Client TLS (docs/protocol.md, docs/localapi.md): direct SSL from libpq 18 (``sslnegotiation=direct``),
 refusals readable over it, direct TLS without ALPN ``postgresql`` refused; Tailscale certificates
 chosen by SNI, fetched once, and a failed fetch falling back to the file certificate."""
 

@@ -1,4 +1,4 @@
-"""Faults in Waypoint's dependencies (issue 9, point 3): the backend restarting or down, a
+"""Faults in Waypoint's dependencies (docs/security.md, fail-closed): the backend restarting or down, a
 wrong admin password, tailscaled missing or hanging, Redis stopping. Each time the client gets
 a clear refusal (SQLSTATE and message) or, for a live session the fault kills, an error;
 Waypoint stays up; nothing is granted while a dependency fails (no role created, no session

@@ -1,4 +1,4 @@
-"""A reaper pass meets SQL that fails for one role (issue 9, point 3; SPEC §10, §12).
+"""A reaper pass meets SQL that fails for one role (docs/operations.md#the-role-reaper).
 
 One expired role owns a table in a database the admin may not connect to, so its
 ``REASSIGN OWNED`` / ``DROP OWNED`` cannot run there and ``DROP ROLE`` fails. The pass

@@ -4,7 +4,7 @@ added, tables dropped) → Config or ConfigError, never another exception; probl
 point at lines of the text; secrets referenced from their own fields never show in a
 problem message.
 
-test_config_load.py covers arbitrary text and a damaged SPEC example; this file
+test_config_load.py covers arbitrary text and a damaged example config (data/spec_example.toml); this file
 generates well-formed TOML so that the validation behind the TOML parser is reached.
 """
 

@@ -1,4 +1,4 @@
-"""Raw SQL entries as untrusted input (SPEC §6): arbitrary text → statements or
+"""Raw SQL entries as untrusted input (docs/security.md): arbitrary text → statements or
 RawSqlError only; and what is accepted is exactly one privilege GRANT/REVOKE or
 ALTER DEFAULT PRIVILEGES whose one grantee is the role, as PostgreSQL's own parser
 (pglast) reads the very text that will run.

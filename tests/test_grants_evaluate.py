@@ -1,4 +1,4 @@
-"""Grant evaluation (SPEC §3): table-driven, one behaviour per case."""
+"""Grant evaluation (docs/policy.md): table-driven, one behaviour per case."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The client's preset cap: startup parameters and libpq ``options`` (SPEC §4 step 3)."""
+"""The client's preset cap: startup parameters and libpq ``options`` (docs/policy.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hostile clients against a running Waypoint (issue 9, point 2).
+"""Hostile clients against a running Waypoint (docs/security.md, hostile clients).
 
 Each attack gets a clear ErrorResponse (SQLSTATE and message, read with a raw socket) or a
 clean close within the handshake timeout (2 s here); a refused caller gets no role; no SQL

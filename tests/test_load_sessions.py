@@ -1,4 +1,4 @@
-"""Load through one Waypoint (issue 9, point 4): many concurrent pgbench sessions with mixed
+"""Load through one Waypoint: many concurrent pgbench sessions with mixed
 queries through a ``waypoint run`` subprocess, then all closed, and Waypoint is back where it
 was: file descriptors and threads at their counts after a warm-up at the same concurrency,
 RSS within 10 % of its value then (so allocator high-water marks are not taken for leaks),

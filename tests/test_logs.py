@@ -1,4 +1,4 @@
-"""Logs (issue 8 point 4): JSON lines with stable keys, stdlib records rendered as JSON too, the
+"""Logs (docs/observability.md): JSON lines with stable keys, stdlib records rendered as JSON too, the
 58000 correlation id findable in the log, and no password or role secret in any line."""
 
 from __future__ import annotations
@@ -203,3 +203,111 @@ def test_human_format_is_one_readable_line_with_the_source_of_stdlib_records() -
     first, second = buffer.getvalue().splitlines()
     assert first.endswith("INFO    provision.engine: created role wp_x")
     assert second.endswith('INFO    connection_end login="a b" bytes_in=3')
+
+
+# -- client-chosen values never reach the log raw ---------------------------------------------
+
+# Control characters, C1 controls, line separators and a bidirectional override.
+HOSTILE = "app\rFORGED level=error\x1b[2K\n2026-01-01 fake\x85\x9b31m\x7f\u2028\u2029\u202e\x00"
+
+# Every field a client chooses (directly, or through its node name or its refusal).
+CLIENT_FIELDS = (
+    "db",
+    "login",
+    "node",
+    "user",
+    "application_name",
+    "server_name",
+    "domain",
+    "peer",
+    "role",
+    "detail",
+    "error",
+)
+
+
+@contextlib.contextmanager
+def captured(fmt: str) -> Iterator[io.StringIO]:
+    logger = logging.getLogger(LOGGER_NAME)
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    buffer = io.StringIO()
+    configure("json" if fmt == "json" else "human", stream=buffer)
+    try:
+        yield buffer
+    finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        for handler in saved[0]:
+            logger.addHandler(handler)
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
+
+
+def _assert_printable_lines(text: str, count: int) -> list[str]:
+    lines = text.split("\n")
+    assert lines[-1] == "" and len(lines) == count + 1, lines
+    for line in lines[:-1]:
+        assert line.isprintable(), [c for c in line if not c.isprintable()]
+    return lines[:-1]
+
+
+@pytest.mark.parametrize("field", CLIENT_FIELDS)
+@pytest.mark.parametrize("fmt", ["human", "json"])
+def test_control_characters_in_a_client_chosen_field_are_escaped(fmt: str, field: str) -> None:
+    with captured(fmt) as buffer:
+        get_logger("session").info("connection_end", **{field: HOSTILE, "outcome": "refused"})
+        try:
+            raise ValueError(HOSTILE)
+        except ValueError:
+            get_logger("session").error("session_internal_error", exc_info=True, **{field: "x"})
+        logging.getLogger("waypoint.provision.engine").info("role name %s is taken", HOSTILE)
+    first, second, third = _assert_printable_lines(buffer.getvalue(), 3)
+    if fmt == "json":
+        assert json.loads(first)[field] == HOSTILE
+        assert json.loads(second)["exception"] == f"ValueError: {HOSTILE}"
+        assert json.loads(third)["message"] == f"role name {HOSTILE} is taken"
+    else:
+        escaped = (
+            r'"app\rFORGED level=error\x1b[2K\n2026-01-01 fake\x85\x9b31m\x7f'
+            r'\u2028\u2029\u202e\x00"'
+        )
+        assert f" {field}={escaped} " in first + " "
+        assert "outcome=refused" in first
+        assert r'exception="ValueError: app\rFORGED' in second
+        assert third.endswith(
+            r"provision.engine: role name app\rFORGED level=error\x1b[2K\n"
+            r"2026-01-01 fake\x85\x9b31m\x7f\u2028\u2029\u202e\x00 is taken"
+        )
+
+
+def test_human_values_keep_printable_unicode_and_quote_what_could_split_them() -> None:
+    with captured("human") as buffer:
+        get_logger("session").info("e", a="héllo", b='x" y=1', c="back\\slash", d="")
+    (line,) = _assert_printable_lines(buffer.getvalue(), 1)
+    assert line.endswith(r' e a=héllo b="x\" y=1" c="back\\slash" d=""')
+
+
+@pytest.mark.pg
+@pytest.mark.parametrize("fmt", ["human", "json"])
+async def test_hostile_database_and_application_name_end_to_end(pg15: PgCluster, fmt: str) -> None:
+    db = create_app_database(pg15)
+    config = load_config_text(config_text(pg15, db), source="logs.toml")
+    hostile_db = db + "\rFORGED\x1b[2K\x85"
+    with captured(fmt) as buffer:
+        async with run_waypoint(config) as running:
+            # Not granted: a refusal whose detail and log line carry the client's name.
+            sqlstate, _ = await refused_sqlstate(
+                running, hostile_db, application_name="psql\x1b]0;pwned\x07"
+            )
+            assert sqlstate == "42501"  # no grant for that database
+            conn = await connect(running, db, application_name="ok\r\x1b[1A")
+            await query(conn, "SELECT 1")
+            conn.close()
+    text = buffer.getvalue()
+    lines = _assert_printable_lines(text, text.count("\n"))
+    ends = [line for line in lines if "connection_end" in line]
+    assert len(ends) == 2, lines
+    if fmt == "json":
+        assert hostile_db in [json.loads(line)["db"] for line in ends]
+    else:
+        assert any(r"FORGED\x1b[2K\x85" in line for line in ends)

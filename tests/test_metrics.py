@@ -1,4 +1,4 @@
-"""The Prometheus endpoint (issue 8 point 3): counters move with real connections, every family
+"""The Prometheus endpoint (docs/observability.md): counters move with real connections, every family
 has HELP text, and no label identifies a user."""
 
 from __future__ import annotations

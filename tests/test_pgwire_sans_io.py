@@ -1,6 +1,6 @@
 """waypoint.pgwire is sans-IO: its own import statements name no I/O, clock or
 concurrency module and nothing else of Waypoint, and its code calls no
-socket or ssl function (SPEC §0: scramp itself imports ssl; that is allowed)."""
+socket or ssl function (scramp itself imports ssl; that is allowed: docs/design.md#tests)."""
 
 from __future__ import annotations
 

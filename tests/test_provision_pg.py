@@ -14,7 +14,7 @@ import pytest
 import trio
 from pg8000.exceptions import DatabaseError
 from pgcluster import PgCluster
-from provision_support import role_exists, setup_app_db
+from provision_support import role_exists, role_marker_login, setup_app_db
 
 from waypoint.config.model import ListenerConfig, PostgresListenerConfig
 from waypoint.grants import naming
@@ -177,7 +177,7 @@ async def test_another_instance_sees_no_cache_and_provisions(
         await other.aclose()
 
 
-# -- presets (SPEC §5's table) ------------------------------------------------------
+# -- presets (docs/policy.md's table) --------------------------------------------------
 
 
 async def test_readonly_grant_allows_select_and_denies_insert(
@@ -520,7 +520,7 @@ async def test_plaintext_secret_never_in_server_log(logged_pg: PgCluster, encryp
 
 
 async def test_admin_sessions_pin_search_path_and_timeouts(pg: PgCluster) -> None:
-    """SPEC §12 (PgBouncer CVE-2025-12819): admin sessions pin ``search_path`` to
+    """The PgBouncer lesson (CVE-2025-12819, docs/design.md): admin sessions pin ``search_path`` to
     ``pg_catalog, pg_temp`` and bound every statement, whatever the server's defaults."""
     from waypoint.provision.admin import AdminPools
 
@@ -548,3 +548,131 @@ async def test_admin_sessions_pin_search_path_and_timeouts(pg: PgCluster) -> Non
     finally:
         pg.execute(f"ALTER ROLE {pg.admin_user} RESET search_path")
     assert rows == [["pg_catalog,pg_temp", "7s", "3s", "waypoint-admin"]]
+
+
+# -- one caller never gets another caller's role ---------------------------------------------
+
+
+async def _whoami(pg: PgCluster, creds: Credentials, db: str) -> str:
+    rows = await run_as(pg, creds, db, "SELECT current_user")
+    return str(rows[0][0])
+
+
+def _drop_role(pg: PgCluster, role: str) -> None:
+    """What a reaper (of this or another instance) does to an expired role."""
+    pg.execute(f"DROP ROLE IF EXISTS {pg8000.native.identifier(role)}")
+
+
+async def _assert_own_role(pg: PgCluster, creds: Credentials, who: Identity, db: str) -> None:
+    assert role_marker_login(pg, creds.role) == who.login
+    assert await _whoami(pg, creds, db) == creds.role
+
+
+async def _connect_like_a_session(
+    pg: PgCluster, prov: Provisioner, who: Identity, g: EffectiveGrant, db: str
+) -> Credentials:
+    """What the proxy session does: log in with the credentials; a cached secret the server
+    no longer accepts (28P01: another instance changed the role) means one more provision.
+    Asserts the login lands in a role whose marker names ``who``."""
+    rotate = False
+    while True:
+        async with prov.credentials(who, g, rotate=rotate) as c:
+            try:
+                assert await _whoami(pg, c, db) == c.role
+            except DatabaseError as exc:
+                if sqlstate(exc) == "28P01" and not rotate and not c.provisioned:
+                    rotate = True
+                    continue
+                raise
+            assert role_marker_login(pg, c.role) == who.login
+            return c
+
+
+@pytest.mark.parametrize("instances", [1, 2], ids=["one_instance", "two_instances"])
+async def test_reaped_name_taken_by_lookalike_never_hands_its_role_back(
+    pg: PgCluster, app_db: str, instances: int
+) -> None:
+    dot = Identity(login="mary.sue@example.com", node="pc")
+    under = Identity(login="mary_sue@example.com", node="pc")
+    g = grant(app_db, (RO, "public"))
+    first = Provisioner(listener_for(pg), handshake_timeout=15.0)
+    second = first if instances == 1 else Provisioner(listener_for(pg), handshake_timeout=15.0)
+    try:
+        async with first.credentials(dot, g) as a:
+            await _assert_own_role(pg, a, dot, app_db)
+        _drop_role(pg, a.role)  # reaped (the cache of ``first`` is not told)
+        async with second.credentials(under, g) as b:
+            await _assert_own_role(pg, b, under, app_db)
+        assert b.role == a.role  # the name was free again: the look-alike got it
+        for _ in range(2):  # what the first answer left behind, then a cache hit
+            c = await _connect_like_a_session(pg, first, dot, g, app_db)
+            assert c.role != b.role
+            assert c.secret != b.secret
+            # No early login (a warm peer's) with the other caller's secret either.
+            assert first.peek(b.role, Provisioner.owner_of(dot, g)) is None
+        d = await _connect_like_a_session(pg, second, under, g, app_db)
+        assert d.role == b.role
+        assert role_marker_login(pg, b.role) == under.login
+    finally:
+        await first.aclose()
+        if second is not first:
+            await second.aclose()
+
+
+async def _race_once(
+    pg: PgCluster, db: str, provs: tuple[Provisioner, Provisioner], who: tuple[Identity, Identity]
+) -> tuple[str, str]:
+    g = grant(db, (RO, "public"))
+    got: dict[str, Credentials] = {}
+    start = trio.Event()
+
+    async def one(p: Provisioner, ident: Identity) -> None:
+        await start.wait()
+        async with p.credentials(ident, g) as c:
+            got[ident.login] = c
+            await _assert_own_role(pg, c, ident, db)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, provs[0], who[0])
+            nursery.start_soon(one, provs[1], who[1])
+            await trio.sleep(0)
+            start.set()
+    a, b = got[who[0].login], got[who[1].login]
+    assert a.role != b.role
+    assert role_marker_login(pg, a.role) == who[0].login
+    assert role_marker_login(pg, b.role) == who[1].login
+    return a.role, b.role
+
+
+async def _lookalike_races(pg: PgCluster, db: str, instances: int, iterations: int) -> None:
+    who = (Identity(login="ann.lee@x.com", node="pc"), Identity(login="ann-lee@x.com", node="pc"))
+    for i in range(iterations):
+        first = Provisioner(listener_for(pg), handshake_timeout=15.0)
+        second = first if instances == 1 else Provisioner(listener_for(pg), handshake_timeout=15.0)
+        order = (first, second) if i % 2 == 0 else (second, first)
+        try:
+            roles = await _race_once(pg, db, order, who)
+            # The same processes again, with everything cached: still each its own.
+            await _race_once(pg, db, order, who)
+        finally:
+            await first.aclose()
+            if second is not first:
+                await second.aclose()
+        for role in roles:
+            _drop_role(pg, role)
+
+
+@pytest.mark.parametrize("instances", [1, 2], ids=["one_instance", "two_instances"])
+async def test_lookalikes_connecting_at_once_get_two_roles(
+    pg: PgCluster, app_db: str, instances: int
+) -> None:
+    await _lookalike_races(pg, app_db, instances, iterations=6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("instances", [1, 2], ids=["one_instance", "two_instances"])
+async def test_lookalikes_connecting_at_once_get_two_roles_many_times(
+    pg: PgCluster, app_db: str, instances: int
+) -> None:
+    await _lookalike_races(pg, app_db, instances, iterations=100)

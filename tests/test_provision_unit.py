@@ -10,6 +10,7 @@ import trio
 
 from waypoint.config.model import ListenerConfig, PostgresListenerConfig
 from waypoint.errors import provisioning_failed
+from waypoint.grants import naming
 from waypoint.grants.model import CustomGrant, EffectiveGrant, Limits, Preset, SchemaPrivilege
 from waypoint.identity.model import Identity
 from waypoint.provision import sql
@@ -245,7 +246,8 @@ class FakeProvisioner(Provisioner):
 
         secret = secrets.token_urlsafe(32)
         until = datetime.fromtimestamp(self._clock() + self._pg.user_ttl, UTC)
-        self._cache[role] = _Cached(secret, None, until, fingerprint)
+        owner = naming.role_owner(identity, grant.listener, grant.database, grant.preset_cap)
+        self._cache[role] = _Cached(secret, None, until, fingerprint, owner)
         return Credentials(role, secret, None, until, True), lease
 
 
@@ -301,16 +303,20 @@ async def test_peek_gives_cached_credentials_only_while_a_handshake_could_use_th
     clock = [1_000_000.0]
     p = FakeProvisioner(locks, clock)
     g = grant((RO, "public"))
-    assert p.peek(p.role_for(ALICE, g)) is None  # nothing cached: no round trip either
+    alice = Provisioner.owner_of(ALICE, g)
+    assert p.peek(p.role_for(ALICE, g), alice) is None  # nothing cached: no round trip either
     async with p.credentials(ALICE, g) as first:
         pass
-    peeked = p.peek(first.role)
+    peeked = p.peek(first.role, alice)
     assert peeked is not None and not peeked.provisioned
     assert (peeked.role, peeked.secret) == (first.role, first.secret)
     assert first.secret not in repr(peeked)
     assert p.provisions == 1 and locks.acquired == 1  # peeking provisions and locks nothing
+    # Only for the caller the secret was set for (the early login of a warm peer).
+    assert p.peek(first.role, None) is None
+    assert p.peek(first.role, Provisioner.owner_of(Identity("alice_x", "laptop"), g)) is None
     clock[0] += 3600.0 - 4.0  # VALID UNTIL is 4 s away, handshake_timeout is 5 s
-    assert p.peek(first.role) is None
+    assert p.peek(first.role, alice) is None
 
 
 async def test_grant_change_and_rotate_each_provision_again() -> None:
@@ -407,3 +413,45 @@ async def test_extend_validity_skips_roles_with_a_running_flight() -> None:
         # The in-process guard is taken: the extension must not even try the role lock.
         await p.extend_validity([role])
     assert locks.acquired == 0
+
+
+class SameNameProvisioner(FakeProvisioner):
+    """Every caller maps to one role name (a collision of sanitized names, before any marker
+    is checked): the cache and the single flight alone must keep the callers apart."""
+
+    async def _resolve_role(self, identity: Identity, grant: EffectiveGrant) -> str:
+        return "wp_pg_main_ann_lee_x_com_pc_app"
+
+
+async def test_cached_secret_and_shared_flight_never_cross_to_another_caller() -> None:
+    locks = FakeLocks()
+    p = SameNameProvisioner(locks, [1_000_000.0])
+    g = grant((RO, "public"))
+    dot = Identity(login="ann.lee@x.com", node="pc")
+    dash = Identity(login="ann-lee@x.com", node="pc")
+    got: dict[str, list[str]] = {dot.login: [], dash.login: []}
+
+    async def one(who: Identity) -> None:
+        async with p.credentials(who, g) as c:
+            got[who.login].append(c.secret)
+
+    async with trio.open_nursery() as n:  # at the same moment: no joining the other's flight
+        n.start_soon(one, dot)
+        n.start_soon(one, dash)
+    assert p.provisions == 2
+    assert not set(got[dot.login]) & set(got[dash.login])
+    # The cache holds the secret of whoever provisioned last: the other one provisions anew,
+    # never reuses it.
+    role = "wp_pg_main_ann_lee_x_com_pc_app"
+    last = dot if p.peek(role, Provisioner.owner_of(dot, g)) is not None else dash
+    assert p.peek(role, Provisioner.owner_of(last, g)) is not None
+    other = dash if last is dot else dot
+    assert p.peek(role, Provisioner.owner_of(other, g)) is None  # no early login with it
+    await one(other)
+    assert p.provisions == 3
+    assert got[other.login][-1] not in got[last.login]
+    await one(other)  # its own cached secret
+    assert p.provisions == 3
+    await one(last)  # the cache now holds other's: last provisions again
+    assert p.provisions == 4
+    assert not set(got[dot.login]) & set(got[dash.login])

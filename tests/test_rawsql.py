@@ -1,4 +1,4 @@
-"""Raw SQL grant validation (SPEC §6): corpora of accepted and refused entries."""
+"""Raw SQL grant validation (docs/policy.md): corpora of accepted and refused entries."""
 
 from __future__ import annotations
 

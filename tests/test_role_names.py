@@ -1,4 +1,4 @@
-"""Role and group names, pinned vectors and properties (SPEC §5)."""
+"""Role and group names, pinned vectors and properties (docs/design.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""The same behaviour suite against both state backends (memory and the machine's Redis)."""
+"""The same behaviour suite against every state backend: memory, the machine's Redis, a
+three-master Redis Cluster and a Sentinel-managed master (both started by this module).
+
+On the cluster every script must keep to one hash slot (the server refuses a script whose keys
+span slots, and redis-py refuses to send one), so the suite passing there is the check that
+the key layout and the scripts keep to that rule."""
 
 from __future__ import annotations
 
@@ -7,6 +12,13 @@ from contextlib import AbstractAsyncContextManager
 
 import pytest
 import trio
+from redis_ha_support import (
+    PASSWORD,
+    SENTINEL_PASSWORD,
+    SERVICE,
+    RedisClusterServers,
+    SentinelServers,
+)
 from state_support import REDIS_URL, delete_prefix, require_redis, unique_prefix
 from state_support import cancel_target as target
 
@@ -17,29 +29,59 @@ from waypoint.state import LockToken, SlotLease, SlotRequest, StateStore, open_s
 OpenStore = Callable[..., AbstractAsyncContextManager[StateStore]]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A three-master Redis Cluster of this module's own (every slot served)."""
+    with RedisClusterServers() as servers:
+        servers.start()
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def redis_sentinel() -> Iterator[SentinelServers]:
+    """A master, a replica and three Sentinels of this module's own."""
+    with SentinelServers() as servers:
+        servers.start(ready_to_fail_over=False)  # nothing here fails over
+        yield servers
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster", "redis-sentinel"])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture
-def open_store(backend: str) -> Iterator[OpenStore]:
+def open_store(backend: str, request: pytest.FixtureRequest) -> Iterator[OpenStore]:
     prefix = unique_prefix()
+    where: dict[str, object] = {}
     if backend == "redis":
         require_redis()
+        where = {"url": REDIS_URL}
+    elif backend == "redis-cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        where = {"cluster": True, "nodes": cluster.nodes[:1], "password": PASSWORD}
+    elif backend == "redis-sentinel":
+        sentinel: SentinelServers = request.getfixturevalue("redis_sentinel")
+        where = {
+            "sentinels": sentinel.sentinels,
+            "service_name": SERVICE,
+            "password": PASSWORD,
+            "sentinel_password": SENTINEL_PASSWORD,
+        }
 
     def factory(lease: float = 30.0) -> AbstractAsyncContextManager[StateStore]:
         cfg = StateConfig(
-            backend="redis" if backend == "redis" else "memory",
-            url=REDIS_URL if backend == "redis" else None,
+            backend="memory" if backend == "memory" else "redis",
             key_prefix=prefix,
             lease=lease,
+            **where,  # type: ignore[arg-type]
         )
         return open_state(cfg)
 
     yield factory
     if backend == "redis":
         delete_prefix(prefix)
+    # The cluster and the Sentinel-managed servers are this module's own: they go with it.
 
 
 @pytest.fixture

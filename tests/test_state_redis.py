@@ -344,3 +344,56 @@ async def test_writes_sent_before_a_reassertion_are_fenced(prefix: str) -> None:
         usage = await store.slot_usage("alice@example.com", "pg-main")
         assert usage.user == 1
     raw.close()
+
+
+async def test_a_redis_that_restarted_empty_gets_the_counts_back_before_any_grant(
+    own_redis: OwnRedis,
+) -> None:
+    """A Redis that lost acknowledged writes (restarted empty, or a replica promoted before
+    it had them) must not grant against the counts it lost: the first acquire on such a key
+    sees this instance's entry missing, re-asserts it and only then counts."""
+    prefix = unique_prefix()
+    async with open_state(cfg(prefix, url=own_redis.url, lease=30.0), op_timeout=0.5) as store:
+        for _ in range(3):
+            assert isinstance(await store.acquire_slot(req(max_user=3, max_total=3)), SlotLease)
+        own_redis.stop()
+        own_redis.start()  # empty: --save ''
+        results: list[SlotLease | Refusal] = []
+
+        async def one() -> None:
+            results.append(await store.acquire_slot(req(max_user=3, max_total=3)))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(one)
+        assert not [r for r in results if isinstance(r, SlotLease)], "granted past the limit"
+        assert all(r.sqlstate in ("53300", "08004") for r in results if isinstance(r, Refusal))
+        assert sum(r.sqlstate == "53300" for r in results if isinstance(r, Refusal)) >= 5
+        usage = await store.slot_usage("alice@example.com", "pg-main")
+        assert (usage.user, usage.user_listener, usage.total) == (3, 3, 3)
+
+
+async def test_a_release_cut_off_by_its_bound_still_gives_the_slot_back(prefix: str) -> None:
+    """A release waits for the writes in flight on a key marked for repair. If its bound runs
+    out meanwhile, the slot must still be gone from this instance's count (else every later
+    re-assertion would write one session too many, for ever)."""
+    async with open_state(cfg(prefix), instance_id="w", op_timeout=0.2) as store:
+        assert isinstance(store, RedisStateStore)
+        leases = [await store.acquire_slot(req(max_user=5)) for _ in range(2)]
+        first = leases[0]
+        assert isinstance(first, SlotLease)
+        user = KeyLayout(prefix).user("alice@example.com")
+        held = store._held[user]
+        held.dirty = True
+        held.in_flight += 1  # a write that does not end within the release's bound
+        with trio.fail_after(5):
+            await store.release_slot(first)  # bounded: 2 x the call timeout per key group
+        held.in_flight -= 1
+        store._wake.set()
+
+        async def repaired() -> bool:
+            usage = await store.slot_usage("alice@example.com", "pg-main")
+            return (usage.user, usage.user_listener, usage.total) == (1, 1, 1)
+
+        await wait_for(repaired, timeout=5)

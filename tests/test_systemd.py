@@ -2,7 +2,8 @@
 hardening; the notify protocol, against a fake ``NOTIFY_SOCKET`` (a unix datagram socket of
 the test's own, by path and by abstract name) with a real ``waypoint run`` process: READY=1
 only once the listeners accept, WATCHDOG=1 pings when WATCHDOG_USEC is set, STOPPING=1 at the
-SIGTERM drain, in that order."""
+SIGTERM drain, in that order; RELOADING=1 (with MONOTONIC_USEC) then READY=1 around a SIGHUP
+reload."""
 
 from __future__ import annotations
 
@@ -241,16 +242,28 @@ def run_daemon(tmp: Path, address: str, watchdog_usec: int | None) -> list[list[
             daemon.stop()
 
 
-def test_waypoint_run_notifies_ready_watchdog_stopping_in_order(tmp_path: Path) -> None:
+def test_waypoint_run_notifies_ready_watchdog_reloading_stopping_in_order(
+    tmp_path: Path,
+) -> None:
     address = f"@waypoint-test-{uuid.uuid4().hex}"
     messages = run_daemon(tmp_path, address, watchdog_usec=400_000)
     kinds = [m[0] for m in messages]
     assert kinds[0] == "READY=1"
     assert re.fullmatch(r"STATUS=serving 1 listener\(s\)", messages[0][1])
-    assert kinds.count("READY=1") == 1 and kinds.count("STOPPING=1") == 1
+    assert kinds.count("STOPPING=1") == 1
     stop = kinds.index("STOPPING=1")
+    # The SIGHUP reload: RELOADING=1 with MONOTONIC_USEC, then READY=1 again, nothing between
+    # but watchdog pings.
+    assert kinds.count("RELOADING=1") == 1 and kinds.count("READY=1") == 2
+    reloading = kinds.index("RELOADING=1")
+    ready_again = kinds.index("READY=1", 1)
+    assert 0 < reloading < ready_again < stop
+    assert re.fullmatch(r"MONOTONIC_USEC=\d+", messages[reloading][1])
+    assert re.fullmatch(r"STATUS=serving 1 listener\(s\)", messages[ready_again][1])
+    assert set(kinds[reloading + 1 : ready_again]) <= {"WATCHDOG=1"}
+    others = {"WATCHDOG=1", "RELOADING=1", "READY=1"}
+    assert set(kinds[1:stop]) == others
     assert kinds[1:stop].count("WATCHDOG=1") >= 5
-    assert set(kinds[1:stop]) == {"WATCHDOG=1"}
     assert messages[stop][1] == "STATUS=draining 0 session(s)"
     # After STOPPING=1 only watchdog pings (the drain keeps the loop alive and pinging).
     assert set(kinds[stop + 1 :]) <= {"WATCHDOG=1"}

@@ -1,5 +1,6 @@
 """``waypoint.run(config)``: the root nursery wiring listeners, revalidation, the reaper, metrics,
-and graceful shutdown (SPEC §11)."""
+graceful shutdown, and the configuration reload (SIGHUP) that changes listeners and settings
+while sessions go on (docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -12,25 +13,29 @@ import attrs
 import trio
 
 from waypoint import errors
-from waypoint.config.model import Config, split_host_port
+from waypoint.config.load import ConfigError, load_config
+from waypoint.config.model import Config, ListenerConfig, split_host_port
 from waypoint.identity import make_provider
 from waypoint.identity.localapi import LocalAPIClient
+from waypoint.identity.model import IdentityProvider
 from waypoint.identity.tailscale import TailscaleProvider
-from waypoint.observability.log import get_logger
+from waypoint.observability.log import LEVELS, Format, current_format, get_logger, switch
 from waypoint.observability.metrics import Metrics
 from waypoint.provision.engine import Provisioner
 from waypoint.proxy.admission import Admission
 from waypoint.proxy.backend import backend_ssl_context
-from waypoint.proxy.listener import accept_loop, open_listener
-from waypoint.proxy.registry import RefusalCache, SessionRegistry
-from waypoint.proxy.relay import open_relay_engine
+from waypoint.proxy.listener import CurrentContext, accept_loop, open_listener
+from waypoint.proxy.registry import LiveSession, RefusalCache, SessionRegistry, WarmPeers
+from waypoint.proxy.relay import RelayEngine, open_relay_engine
 from waypoint.proxy.revalidation import revalidation_loop
 from waypoint.proxy.session import ListenerContext
 from waypoint.proxy.tls import MIN_VALIDITY, ClientTLS
 from waypoint.reaper import service as reaper_service
 from waypoint.service.health import Health, SupportsPing, backend_check, identity_check
 from waypoint.service.notify import Notifier
+from waypoint.service.reload import Plan, config_hash, plan_reload, provisioner_inputs_equal
 from waypoint.state import open_state
+from waypoint.state.base import StateStore
 
 log = get_logger("app")
 
@@ -51,11 +56,13 @@ class Running:
     metrics_address: tuple[str, int] | None
     metrics: Metrics
     registry: SessionRegistry
+    #: Each listener's current context (a reload replaces entries in this very dict).
     contexts: dict[str, ListenerContext]
     _shutdown: trio.Event
     _immediate: trio.Event
     #: What ``/healthz`` and ``/readyz`` answer from.
     health: Health | None = attrs.field(default=None, kw_only=True)
+    _service: _Service | None = attrs.field(default=None, kw_only=True)
 
     def shutdown(self, *, immediate: bool = False) -> None:
         """Begin a graceful drain (or end sessions at once with ``immediate``)."""
@@ -66,6 +73,20 @@ class Running:
     def address(self, listener: str) -> tuple[str, int]:
         return self.addresses[listener][0]
 
+    @property
+    def config(self) -> Config:
+        """The configuration in force (after the last successful reload)."""
+        assert self._service is not None
+        return self._service.config
+
+    async def reload(self, config: Config | None = None) -> str:
+        """Reload as SIGHUP does: re-read the file the running configuration came from (or
+        apply ``config``, already loaded). Returns the outcome: ``applied``, ``invalid`` (the
+        file did not validate), ``failed`` (it could not be applied) or ``skipped`` (a drain
+        has begun); nothing changes unless ``applied``."""
+        assert self._service is not None
+        return await self._service.reload(config)
+
 
 async def run(
     config: Config,
@@ -75,235 +96,650 @@ async def run(
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run Waypoint until shutdown. Returns after a graceful drain (SIGINT/SIGTERM when
-    ``handle_signals``, or :meth:`Running.shutdown`). ``notifier`` tells the service manager
+    ``handle_signals``, or :meth:`Running.shutdown`); SIGHUP (with ``handle_signals``) or
+    :meth:`Running.reload` reloads the configuration. ``notifier`` tells the service manager
     (``waypoint run`` passes one reading ``NOTIFY_SOCKET``; by default nothing is sent)."""
     raise_nofile_limit()
     metrics = Metrics()
     notifier = notifier or Notifier({})
     health = Health(timeout=config.metrics.readiness_timeout, metrics=metrics)
     admission = Admission(config.admission, metrics)
-    registry = SessionRegistry()
-    shutdown = trio.Event()
-    immediate = trio.Event()
     provider = make_provider(config.identity)
-    cert_client: LocalAPIClient | None = None
-    if any(lst.use_tailscale_tls for lst in config.listeners):
-        if isinstance(provider, TailscaleProvider):
-            cert_client = provider.client
-        else:
-            cert_client = LocalAPIClient(
-                config.identity.socket, timeout=max(config.identity.timeout, 30.0)
-            )
-
-    async def fetch_cert(domain: str) -> tuple[bytes, bytes]:
-        assert cert_client is not None
-        return await cert_client.cert_pair(domain, min_validity=MIN_VALIDITY)
-
-    async def cert_domains() -> tuple[str, ...]:
-        assert cert_client is not None
-        return await cert_client.cert_domains()
-
-    admin_limiter = trio.CapacityLimiter(16)
-    pbkdf2_limiter = trio.CapacityLimiter(2)
-    contexts: dict[str, ListenerContext] = {}
+    service: _Service | None = None
     try:
         async with open_state(config.state) as state, open_relay_engine() as engine:
-            refusals = RefusalCache()
+            service = _Service(
+                config,
+                metrics=metrics,
+                health=health,
+                notifier=notifier,
+                admission=admission,
+                provider=provider,
+                state=state,
+                engine=engine,
+            )
             for lst in config.listeners:
-                contexts[lst.name] = ListenerContext(
-                    config=config,
-                    listener=lst,
-                    identity=provider,
-                    provisioner=Provisioner(
-                        lst, handshake_timeout=config.handshake_timeout, limiter=admin_limiter
-                    ),
-                    state=state,
-                    engine=engine,
-                    tls=ClientTLS(
-                        lst,
-                        fetch_cert=fetch_cert if cert_client else None,
-                        cert_domains=cert_domains if cert_client else None,
-                    ),
-                    backend_ssl=backend_ssl_context(lst),
-                    registry=registry,
-                    refusals=refusals,
-                    metrics=metrics,
-                    pbkdf2_limiter=pbkdf2_limiter,
-                    admission=admission,
-                )
-            _add_health_checks(config, health, provider, state, contexts)
-            try:
-                await _serve(
-                    config,
-                    admission,
-                    contexts,
-                    registry,
-                    metrics,
-                    shutdown,
-                    immediate,
-                    handle_signals,
-                    health,
-                    notifier,
-                    task_status,
-                )
-            finally:
-                with trio.CancelScope(shield=True):
-                    for ctx in contexts.values():
-                        with trio.move_on_after(5):
-                            await ctx.provisioner.aclose()
+                service.contexts[lst.name] = service.build_context(config, lst, None)
+            _add_health_checks(config, health, provider, state, service.contexts)
+            await service.serve(handle_signals, task_status)
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            await provider.aclose()
+        with trio.CancelScope(shield=True):
+            if service is not None:
+                await service.aclose()
+            with trio.move_on_after(2):
+                await provider.aclose()
 
 
-async def _serve(
-    config: Config,
-    admission: Admission,
-    contexts: dict[str, ListenerContext],
-    registry: SessionRegistry,
-    metrics: Metrics,
-    shutdown: trio.Event,
-    immediate: trio.Event,
-    handle_signals: bool,
-    health: Health,
-    notifier: Notifier,
-    task_status: trio.TaskStatus[Running],
-) -> None:
-    async with trio.open_nursery() as root:
-        await root.start(health.run)
-        health.expect_listeners(list(contexts))
-        # Sessions live in their own nursery so accepting can stop while they drain.
-        async with trio.open_nursery() as sessions:
-            accept_scope = trio.CancelScope()
-            addresses: dict[str, list[tuple[str, int]]] = {}
-            sockets: list[tuple[ListenerContext, trio.SocketListener]] = []
-            for name, ctx in contexts.items():
-                listeners = await open_listener(ctx)
-                addresses[name] = []
-                for sl in listeners:
-                    sockname = sl.socket.getsockname()
-                    addresses[name].append((str(sockname[0]), int(sockname[1])))
-                    sockets.append((ctx, sl))
-                log.info(
-                    "listening",
-                    listener=name,
-                    addresses=addresses[name],
-                    backend=ctx.listener.backend,
+@attrs.define(eq=False)
+class _Listening:
+    """One listener's bound sockets and the scope of their accept loops."""
+
+    holder: CurrentContext
+    sockets: list[trio.SocketListener]
+    addresses: list[tuple[str, int]]
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: Set once the accept loops ended and the sockets are closed.
+    closed: trio.Event = attrs.field(factory=trio.Event)
+
+    async def stop(self) -> None:
+        """Stop accepting; returns once the sockets are closed (new connections are refused)."""
+        self.scope.cancel()
+        await self.closed.wait()
+
+
+class _Service:
+    """The running service: its listeners, their contexts, the background tasks, and the
+    reload that changes them while sessions go on."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics,
+        health: Health,
+        notifier: Notifier,
+        admission: Admission,
+        provider: IdentityProvider,
+        state: StateStore,
+        engine: RelayEngine,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.health = health
+        self.notifier = notifier
+        self.admission = admission
+        self.provider = provider
+        self.state = state
+        self.engine = engine
+        self.registry = SessionRegistry()
+        self.refusals = RefusalCache()
+        self.admin_limiter = trio.CapacityLimiter(16)
+        self.pbkdf2_limiter = trio.CapacityLimiter(2)
+        self.contexts: dict[str, ListenerContext] = {}
+        self.listening: dict[str, _Listening] = {}
+        #: Every provisioner not yet closed (current ones, and earlier ones live sessions use).
+        self.provisioners: set[Provisioner] = set()
+        self.shutdown = trio.Event()
+        self.immediate = trio.Event()
+        self.reload_requested = trio.Event()
+        self._reload_lock = trio.Lock()
+        self._cert_client: LocalAPIClient | None = None
+        self._own_cert_client = False
+        self._sessions: trio.Nursery | None = None
+        self._background: trio.Nursery | None = None
+        self._revalidation = trio.CancelScope()
+        self._reapers = trio.CancelScope()
+        self._expiry: dict[Provisioner, trio.CancelScope] = {}
+        self._draining: list[CurrentContext] = []
+        self.running: Running | None = None
+        #: The log format when ``[log] format`` is unset (``waypoint run --log-format``).
+        self.log_format: Format = current_format()
+        self._hash = config_hash(config)
+        metrics.config_loaded(self._hash)
+
+    # -- contexts ----------------------------------------------------------------------
+
+    def _cert_source(self) -> LocalAPIClient:
+        if self._cert_client is None:
+            if isinstance(self.provider, TailscaleProvider):
+                self._cert_client = self.provider.client
+            else:
+                ident = self.config.identity
+                self._cert_client = LocalAPIClient(
+                    ident.socket, timeout=max(ident.timeout, 30.0)
+                )
+                self._own_cert_client = True
+        return self._cert_client
+
+    def build_context(
+        self,
+        config: Config,
+        lst: ListenerConfig,
+        previous: ListenerContext | None,
+        provider: IdentityProvider | None = None,
+    ) -> ListenerContext:
+        """A context for ``lst``; the provisioner of ``previous`` is kept when its backend and
+        role settings are unchanged (its credential cache and admin pool go on). Raises
+        (OSError, ssl.SSLError, ValueError) for TLS files that cannot be loaded."""
+        fetch_cert: Callable[[str], Awaitable[tuple[bytes, bytes]]] | None = None
+        cert_domains: Callable[[], Awaitable[tuple[str, ...]]] | None = None
+        if lst.use_tailscale_tls:
+            client = self._cert_source()
+
+            async def fetch(domain: str) -> tuple[bytes, bytes]:
+                return await client.cert_pair(domain, min_validity=MIN_VALIDITY)
+
+            fetch_cert, cert_domains = fetch, client.cert_domains
+        tls = ClientTLS(lst, fetch_cert=fetch_cert, cert_domains=cert_domains)
+        backend_ssl = backend_ssl_context(lst)
+        if previous is not None and provisioner_inputs_equal(
+            previous.listener, lst, previous.config, config
+        ):
+            provisioner = previous.provisioner
+        else:
+            provisioner = Provisioner(
+                lst, handshake_timeout=config.handshake_timeout, limiter=self.admin_limiter
+            )
+        self.provisioners.add(provisioner)
+        return ListenerContext(
+            config=config,
+            listener=lst,
+            identity=provider or self.provider,
+            provisioner=provisioner,
+            state=self.state,
+            engine=self.engine,
+            tls=tls,
+            backend_ssl=backend_ssl,
+            registry=self.registry,
+            refusals=self.refusals,
+            metrics=self.metrics,
+            pbkdf2_limiter=self.pbkdf2_limiter,
+            admission=self.admission,
+            warm_peers=previous.warm_peers if previous is not None else WarmPeers(),
+        )
+
+    def context_for(self, live: LiveSession) -> ListenerContext | None:
+        """The context that revalidates ``live``: its listener's current settings (limits,
+        preset caps, grants) with the provisioner of the backend the session is on; the
+        accepting context itself when its listener was removed (it drains)."""
+        owner = live.owner if isinstance(live.owner, ListenerContext) else None
+        current = self.contexts.get(live.listener)
+        if current is None:
+            return owner
+        if owner is None or owner.provisioner is current.provisioner:
+            return current
+        return attrs.evolve(current, provisioner=owner.provisioner)
+
+    # -- serving -----------------------------------------------------------------------
+
+    async def _bind(self, holder: CurrentContext, ctx: ListenerContext) -> _Listening:
+        sockets = await open_listener(ctx)
+        addresses = []
+        for sl in sockets:
+            sockname = sl.socket.getsockname()
+            addresses.append((str(sockname[0]), int(sockname[1])))
+        return _Listening(holder, sockets, addresses)
+
+    async def _accept(
+        self,
+        listening: _Listening,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        assert self._sessions is not None
+        sessions = self._sessions
+        try:
+            with listening.scope:
+                async with trio.open_nursery() as acc:
+                    for sl in listening.sockets:
+                        acc.start_soon(accept_loop, listening.holder, sl, sessions)
+                    task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                for sl in listening.sockets:
+                    await sl.aclose()
+            listening.closed.set()
+
+    async def _start_accepting(self, name: str, listening: _Listening) -> None:
+        assert self._sessions is not None
+        await self._sessions.start(self._accept, listening)
+        self.listening[name] = listening
+        self.health.listener_accepting(name, listening.addresses)
+        log.info(
+            "listening",
+            listener=name,
+            addresses=listening.addresses,
+            backend=listening.holder.current.listener.backend,
+        )
+
+    def _addresses(self) -> dict[str, list[tuple[str, int]]]:
+        return {name: list(lst.addresses) for name, lst in self.listening.items()}
+
+    async def _run_background(
+        self, *, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with trio.open_nursery() as bg:
+            self._background = bg
+            bg.start_soon(self.admission.run)
+            for provisioner in set(ctx.provisioner for ctx in self.contexts.values()):
+                self._start_expiry(provisioner)
+            self._restart_revalidation()
+            self._restart_reapers()
+            task_status.started(bg)
+            await trio.sleep_forever()
+
+    def _start_expiry(self, provisioner: Provisioner) -> None:
+        assert self._background is not None
+        if provisioner in self._expiry:
+            return
+        scope = self._expiry[provisioner] = trio.CancelScope()
+
+        async def expire() -> None:
+            with scope:
+                await provisioner.pools.expire_idle_forever()
+
+        self._background.start_soon(expire)
+
+    def _restart_revalidation(self) -> None:
+        assert self._background is not None
+        self._revalidation.cancel()
+        scope = self._revalidation = trio.CancelScope()
+        interval = self.config.revalidation.interval
+
+        async def revalidate() -> None:
+            with scope:
+                await revalidation_loop(
+                    self.contexts, self.registry, interval, context_for=self.context_for
                 )
 
-            metrics_address: tuple[str, int] | None = None
-            if config.metrics.listen:
-                from waypoint.observability.metrics_server import serve_metrics
+        self._background.start_soon(revalidate)
 
-                mhost, mport = split_host_port(config.metrics.listen)
-                metrics_address = await root.start(
-                    functools.partial(serve_metrics, mhost, mport, metrics, health=health)
-                )
+    def _restart_reapers(self) -> None:
+        assert self._background is not None
+        self._reapers.cancel()
+        scope = self._reapers = trio.CancelScope()
+        tasks = _extra_background(self.config, dict(self.contexts), self.registry, self.metrics)
 
-            background = trio.CancelScope()
+        async def reapers() -> None:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    for start in tasks:
+                        nursery.start_soon(start)
 
-            async def run_background() -> None:
-                with background:
-                    async with trio.open_nursery() as bg:
-                        bg.start_soon(
-                            revalidation_loop, contexts, registry, config.revalidation.interval
+        self._background.start_soon(reapers)
+
+    async def serve(self, handle_signals: bool, task_status: trio.TaskStatus[Running]) -> None:
+        config = self.config
+        health = self.health
+        registry = self.registry
+        async with trio.open_nursery() as root:
+            await root.start(health.run)
+            health.expect_listeners(list(self.contexts))
+            # Sessions live in their own nursery so accepting can stop while they drain.
+            async with trio.open_nursery() as sessions:
+                self._sessions = sessions
+                bound: dict[str, _Listening] = {}
+                try:
+                    for name, ctx in self.contexts.items():
+                        bound[name] = await self._bind(CurrentContext(ctx), ctx)
+                    # A reassign_to that could hand callers' objects to a privileged role
+                    # refuses the start.
+                    problems = await reaper_service.reassign_target_problems(self.contexts)
+                    if problems:
+                        raise StartupRefused("; ".join(problems))
+                except BaseException:
+                    for listening in bound.values():
+                        for sl in listening.sockets:
+                            with trio.CancelScope(shield=True):
+                                await sl.aclose()
+                    raise
+                metrics_address: tuple[str, int] | None = None
+                if config.metrics.listen:
+                    from waypoint.observability.metrics_server import serve_metrics
+
+                    mhost, mport = split_host_port(config.metrics.listen)
+                    try:
+                        metrics_address = await root.start(
+                            functools.partial(
+                                serve_metrics, mhost, mport, self.metrics, health=health
+                            )
                         )
-                        for ctx in contexts.values():
-                            bg.start_soon(ctx.provisioner.pools.expire_idle_forever)
-                        bg.start_soon(admission.run)
-                        for start in _extra_background(config, contexts, registry, metrics):
-                            bg.start_soon(start)
-                        await trio.sleep_forever()
+                    except BaseException:
+                        for listening in bound.values():
+                            for sl in listening.sockets:
+                                with trio.CancelScope(shield=True):
+                                    await sl.aclose()
+                        raise
+                await root.start(self._run_background)
+                if handle_signals:
+                    root.start_soon(_signal_watcher, self.shutdown, self.immediate, self)
+                root.start_soon(self._reload_loop)
+                # Before accepting: the backends a killed predecessor left behind end now.
+                await _sweep_orphans(self.contexts, registry, self.metrics)
+                for name, listening in bound.items():
+                    await self._start_accepting(name, listening)
+                running = Running(
+                    self._addresses(),
+                    metrics_address,
+                    self.metrics,
+                    registry,
+                    self.contexts,
+                    self.shutdown,
+                    self.immediate,
+                    health=health,
+                    service=self,
+                )
+                self.running = running
+                task_status.started(running)
+                # Every listener is bound and accepting (and the metrics endpoint answers).
+                self.notifier.ready(status=f"serving {len(self.contexts)} listener(s)")
+                root.start_soon(self.notifier.watchdog_loop)
 
-            root.start_soon(run_background)
-            if handle_signals:
-                root.start_soon(_signal_watcher, shutdown, immediate)
-
-            async def accepting(
-                ctx: ListenerContext,
-                sl: trio.SocketListener,
-                *,
-                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-            ) -> None:
-                task_status.started()
-                await accept_loop(ctx, sl, sessions)
-
-            async def run_accept(*, task_status: trio.TaskStatus[None]) -> None:
-                with accept_scope:
-                    async with trio.open_nursery() as acc:
-                        for ctx, sl in sockets:
-                            await acc.start(accepting, ctx, sl)
-                        for name in contexts:
-                            health.listener_accepting(name, addresses[name])
-                        task_status.started()
-                for name in contexts:
+                await self.shutdown.wait()
+                # Take the reload lock: no reload opens a listener while the drain runs.
+                await self._reload_lock.acquire()
+                config = self.config
+                # Readiness goes first, so balancers polling /readyz move traffic before the
+                # listeners stop accepting (``drain_delay`` gives them time to notice).
+                health.begin_drain()
+                self.notifier.stopping(status=f"draining {len(registry)} session(s)")
+                log.info(
+                    "shutdown_begin", sessions=len(registry), drain_timeout=config.drain_timeout
+                )
+                if config.drain_delay > 0 and not self.immediate.is_set():
+                    log.info("drain_delay", seconds=config.drain_delay)
+                    with trio.move_on_after(config.drain_delay):
+                        await self.immediate.wait()
+                for name, listening in self.listening.items():
+                    listening.scope.cancel()
                     health.listener_stopped(name)
-                for _, sl in sockets:
-                    with trio.CancelScope(shield=True):
-                        await sl.aclose()
+                for ctx in self._all_contexts():
+                    ctx.accepting = False
+                drained = False
+                with trio.move_on_after(config.drain_timeout):
+                    async with trio.open_nursery() as waiter:
 
-            # Before accepting: a reassign_to that could hand callers' objects to a
-            # privileged role refuses the start; the backends a killed predecessor left
-            # behind end now.
-            problems = await reaper_service.reassign_target_problems(contexts)
+                        async def _wait_drain() -> None:
+                            await registry.wait_empty()
+                            waiter.cancel_scope.cancel()
+
+                        async def _wait_immediate() -> None:
+                            await self.immediate.wait()
+                            waiter.cancel_scope.cancel()
+
+                        waiter.start_soon(_wait_drain)
+                        waiter.start_soon(_wait_immediate)
+                    drained = len(registry) == 0
+                if not drained:
+                    log.info("drain_deadline", sessions=len(registry))
+                    for live in registry:
+                        live.end(errors.shutting_down(), "drain_deadline")
+                    with trio.move_on_after(FINAL_GRACE):
+                        await registry.wait_empty()
+                sessions.cancel_scope.cancel()
+            root.cancel_scope.cancel()
+        log.info("shutdown_complete")
+
+    def _all_contexts(self) -> list[ListenerContext]:
+        """Current contexts, and earlier ones whose connections still run."""
+        seen: dict[int, ListenerContext] = {id(ctx): ctx for ctx in self.contexts.values()}
+        for holder in [lst.holder for lst in self.listening.values()] + self._draining:
+            for ctx in holder.contexts():
+                seen[id(ctx)] = ctx
+        return list(seen.values())
+
+    async def aclose(self) -> None:
+        """Close every provisioner (and a certificate client of our own); shielded by the
+        caller."""
+        for provisioner in list(self.provisioners):
+            with trio.move_on_after(5):
+                await provisioner.aclose()
+        self.provisioners.clear()
+        if self._own_cert_client and self._cert_client is not None:
+            with trio.move_on_after(2):
+                await self._cert_client.aclose()
+
+    # -- reload ------------------------------------------------------------------------
+
+    async def _reload_loop(self) -> None:
+        """Run the reloads SIGHUP asks for, one at a time; signals that arrive during one
+        reload make one more (not one each)."""
+        while True:
+            await self.reload_requested.wait()
+            self.reload_requested = trio.Event()
+            await self.reload(None)
+
+    async def reload(self, loaded: Config | None) -> str:
+        if self.shutdown.is_set():
+            log.warning("config_reload_skipped", reason="shutting down")
+            return "skipped"
+        async with self._reload_lock:
+            if self.shutdown.is_set():
+                return "skipped"
+            source = self.config.source
+            self.notifier.reloading(status=f"reloading {source or 'the configuration'}")
+            try:
+                outcome, status = await self._reload(loaded)
+            except Exception as exc:
+                # A reload never ends the service, whatever went wrong.
+                log.error(
+                    "config_reload_failed",
+                    exc_info=True,
+                    file=source,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                outcome, status = "failed", f"serving {len(self.contexts)} listener(s)"
+            self.metrics.config_reloaded(outcome)
+            self.notifier.ready(status=status)
+            return outcome
+
+    async def _reload(self, loaded: Config | None) -> tuple[str, str]:
+        source = self.config.source
+        serving = f"serving {len(self.contexts)} listener(s)"
+        if loaded is None:
+            if source is None:
+                log.error("config_reload_failed", reason="the configuration came from no file")
+                return "failed", serving + "; reload failed"
+            try:
+                loaded = await trio.to_thread.run_sync(load_config, source)
+            except ConfigError as exc:
+                log.error(
+                    "config_reload_invalid",
+                    file=source,
+                    problems=len(exc.problems),
+                    error=str(exc),
+                    note="nothing changed; the previous configuration still serves",
+                )
+                return "invalid", serving + "; the reloaded configuration is not valid"
+        plan = plan_reload(self.config, loaded)
+        new_hash = await trio.to_thread.run_sync(config_hash, loaded)
+        try:
+            staged = await self._stage(plan)
+        except Exception as exc:
+            log.error(
+                "config_reload_failed",
+                file=source,
+                error=f"{type(exc).__name__}: {exc}",
+                note="nothing changed; the previous configuration still serves",
+            )
+            return "failed", serving + "; reload failed"
+        await self._commit(plan, staged)
+        self.metrics.config_loaded(new_hash, previous=self._hash)
+        self._hash = new_hash
+        log.info(
+            "config_reloaded",
+            file=source,
+            hash=new_hash,
+            added=list(plan.added),
+            removed=list(plan.removed),
+            changed=list(plan.changed),
+            settings=list(plan.settings),
+            kept_until_restart=list(plan.kept),
+            sessions=len(self.registry),
+        )
+        return "applied", f"serving {len(self.contexts)} listener(s)"
+
+    async def _stage(self, plan: Plan) -> _Staged:
+        """Everything that can fail, before anything changes: the new contexts (TLS files
+        load), the new sockets (addresses bind). On failure, what was made is undone."""
+        config = plan.config
+        staged = _Staged()
+        if config.identity != self.config.identity:
+            # Only the static provider's table changes live (plan_reload keeps the rest).
+            staged.provider = make_provider(config.identity)
+        before = set(self.provisioners)
+        try:
+            for lst in config.listeners:
+                staged.contexts[lst.name] = self.build_context(
+                    config, lst, self.contexts.get(lst.name), staged.provider
+                )
+            # A reassign_to that startup would refuse fails the reload the same way.
+            checked = {name: staged.contexts[name] for name in (*plan.added, *plan.changed)}
+            problems = await reaper_service.reassign_target_problems(checked)
             if problems:
                 raise StartupRefused("; ".join(problems))
-            await _sweep_orphans(contexts, registry, metrics)
-            await sessions.start(run_accept)
-            task_status.started(
-                Running(
-                    addresses,
-                    metrics_address,
-                    metrics,
-                    registry,
-                    contexts,
-                    shutdown,
-                    immediate,
-                    health=health,
+            for name in (*plan.added, *plan.rebind):
+                holder = (
+                    CurrentContext(staged.contexts[name])
+                    if name in plan.added
+                    else self.listening[name].holder
                 )
+                staged.bound[name] = await self._bind(holder, staged.contexts[name])
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for listening in staged.bound.values():
+                    for sl in listening.sockets:
+                        await sl.aclose()
+                for provisioner in self.provisioners - before:
+                    self.provisioners.discard(provisioner)
+                    with trio.move_on_after(5):
+                        await provisioner.aclose()
+            raise
+        return staged
+
+    async def _commit(self, plan: Plan, staged: _Staged) -> None:
+        """Apply a staged reload; nothing here fails."""
+        old_config = self.config
+        config = plan.config
+        self.config = config
+        if staged.provider is not None:
+            self.provider = staged.provider
+        fmt = config.log.format or self.log_format
+        switch(fmt, LEVELS[config.log.level])
+        replaced: list[tuple[CurrentContext, ListenerContext]] = []
+        for name, ctx in staged.contexts.items():
+            if name in plan.added:
+                continue
+            holder = self.listening[name].holder
+            replaced.append((holder, holder.current))
+            holder.current = ctx
+            self.contexts[name] = ctx
+        for name in plan.added:
+            self.contexts[name] = staged.contexts[name]
+        self.health.expect_listeners([lst.name for lst in config.listeners])
+        for name in plan.added:
+            await self._start_accepting(name, staged.bound[name])
+            self.health.add_check(
+                f"backend:{name}", backend_check(self.contexts[name].provisioner.pools)
             )
-            # Every listener is bound and accepting (and the metrics endpoint answers).
-            notifier.ready(status=f"serving {len(contexts)} listener(s)")
-            root.start_soon(notifier.watchdog_loop)
+        for name in plan.rebind:
+            old = self.listening[name]
+            await self._start_accepting(name, staged.bound[name])
+            await old.stop()
+        for name in plan.removed:
+            listening = self.listening.pop(name)
+            del self.contexts[name]
+            self.health.listener_stopped(name)
+            self.health.remove_check(f"backend:{name}")
+            for c in listening.holder.contexts():
+                c.accepting = False
+            await listening.stop()
+            self._draining.append(listening.holder)
+            assert self._background is not None
+            self._background.start_soon(self._drain_listener, name, listening.holder)
+        for name in plan.changed:
+            self.health.add_check(
+                f"backend:{name}", backend_check(self.contexts[name].provisioner.pools)
+            )
+        current = {ctx.provisioner for ctx in self.contexts.values()}
+        for provisioner in current:
+            self._start_expiry(provisioner)
+        for holder, old_ctx in replaced:
+            if old_ctx.provisioner not in current:
+                assert self._background is not None
+                self._background.start_soon(self._retire, holder, old_ctx)
+        if config.revalidation.interval != old_config.revalidation.interval:
+            self._restart_revalidation()
+        if plan.added or plan.removed or plan.changed:
+            self._restart_reapers()
+        if self.running is not None:
+            self.running.addresses.clear()
+            self.running.addresses.update(self._addresses())
 
-            await shutdown.wait()
-            # Readiness goes first, so balancers polling /readyz move traffic before the
-            # listeners stop accepting (``drain_delay`` gives them time to notice).
-            health.begin_drain()
-            notifier.stopping(status=f"draining {len(registry)} session(s)")
-            log.info("shutdown_begin", sessions=len(registry), drain_timeout=config.drain_timeout)
-            if config.drain_delay > 0 and not immediate.is_set():
-                log.info("drain_delay", seconds=config.drain_delay)
-                with trio.move_on_after(config.drain_delay):
-                    await immediate.wait()
-            accept_scope.cancel()
-            for ctx in contexts.values():
-                ctx.accepting = False
-            drained = False
-            with trio.move_on_after(config.drain_timeout):
-                async with trio.open_nursery() as waiter:
+    async def _retire(self, holder: CurrentContext, ctx: ListenerContext) -> None:
+        """Close a provisioner no current context uses once the sessions of ``ctx`` are over
+        (they keep their backend until they end)."""
+        await holder.wait_idle(ctx)
+        await self._close_if_unused(ctx.provisioner)
 
-                    async def _wait_drain() -> None:
-                        await registry.wait_empty()
-                        waiter.cancel_scope.cancel()
+    async def _close_if_unused(self, provisioner: Provisioner) -> None:
+        if self._provisioner_in_use(provisioner) or provisioner not in self.provisioners:
+            return
+        self.provisioners.discard(provisioner)
+        scope = self._expiry.pop(provisioner, None)
+        if scope is not None:
+            scope.cancel()
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await provisioner.aclose()
 
-                    async def _wait_immediate() -> None:
-                        await immediate.wait()
-                        waiter.cancel_scope.cancel()
+    def _provisioner_in_use(self, provisioner: Provisioner) -> bool:
+        """A current context uses it, or a connection of an earlier context still runs."""
+        if any(c.provisioner is provisioner for c in self.contexts.values()):
+            return True
+        holders = [lst.holder for lst in self.listening.values()] + self._draining
+        return any(
+            c.provisioner is provisioner and holder.tasks(c)
+            for holder in holders
+            for c in holder.contexts()
+        )
 
-                    waiter.start_soon(_wait_drain)
-                    waiter.start_soon(_wait_immediate)
-                drained = len(registry) == 0
-            if not drained:
-                log.info("drain_deadline", sessions=len(registry))
-                for live in registry:
-                    live.end(errors.shutting_down(), "drain_deadline")
+    async def _drain_listener(self, name: str, holder: CurrentContext) -> None:
+        """A listener removed by a reload (no longer accepting): let its sessions finish
+        within ``drain_timeout``, then end the rest with a FATAL."""
+        try:
+            contexts = holder.contexts()
+            log.info(
+                "listener_draining",
+                listener=name,
+                connections=holder.tasks(),
+                drain_timeout=self.config.drain_timeout,
+            )
+            with trio.move_on_after(self.config.drain_timeout):
+                await holder.wait_idle()
+            if holder.tasks():
+                ended = 0
+                for live in self.registry:
+                    if live.owner in contexts:
+                        live.end(errors.listener_removed(), "listener_removed")
+                        ended += 1
+                log.info("listener_drain_deadline", listener=name, sessions=ended)
                 with trio.move_on_after(FINAL_GRACE):
-                    await registry.wait_empty()
-            sessions.cancel_scope.cancel()
-        background.cancel()
-        root.cancel_scope.cancel()
-    log.info("shutdown_complete")
+                    await holder.wait_idle()
+            log.info("listener_removed", listener=name, connections=holder.tasks())
+        finally:
+            self._draining.remove(holder)
+        for c in contexts:
+            await self._close_if_unused(c.provisioner)
+
+
+@attrs.define(eq=False)
+class _Staged:
+    """A reload's new contexts and newly bound listeners, before they serve."""
+
+    contexts: dict[str, ListenerContext] = attrs.field(factory=dict)
+    bound: dict[str, _Listening] = attrs.field(factory=dict)
+    #: A new identity provider (a changed static table), or None to keep the running one.
+    provider: IdentityProvider | None = None
 
 
 def _add_health_checks(
@@ -370,16 +806,15 @@ async def _sweep_orphans(
     await reaper_service.sweep_orphans_at_start(contexts, registry, metrics)
 
 
-async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event) -> None:
+async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event, service: _Service) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         count = 0
         async for signum in signals:
             if signum == signal.SIGHUP:
-                # The reload signal (systemd's ExecReload): this version does not re-read its
-                # configuration, and a SIGHUP must not end the process as its default would.
-                log.warning(
-                    "sighup_ignored", note="the configuration is not reloaded; restart to apply"
-                )
+                # The reload signal (systemd's ExecReload, ``waypoint reload``): signals that
+                # arrive while a reload runs make one more reload after it.
+                log.info("signal", signal="SIGHUP", note="reloading the configuration")
+                service.reload_requested.set()
                 continue
             count += 1
             log.info("signal", signal=signal.Signals(signum).name, count=count)

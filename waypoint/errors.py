@@ -1,4 +1,4 @@
-"""Client-facing refusals: one table of SQLSTATEs and messages (SPEC §4).
+"""Client-facing refusals: one table of SQLSTATEs and messages (docs/troubleshooting.md).
 
 Every error a client sees is built here, as data: the SQLSTATE, the message the
 client reads, and a log-only ``detail`` that never leaves the process.
@@ -20,14 +20,6 @@ class Refusal:
 
     def with_detail(self, detail: str) -> Refusal:
         return Refusal(self.sqlstate, self.message, detail, self.hint)
-
-
-class RefusedError(Exception):
-    """Raised where a refusal must unwind a call stack; carries the :class:`Refusal`."""
-
-    def __init__(self, refusal: Refusal) -> None:
-        super().__init__(f"{refusal.sqlstate}: {refusal.message}")
-        self.refusal = refusal
 
 
 # SQLSTATE codes used by Waypoint (one place).
@@ -129,6 +121,16 @@ def backend_login_failed(detail: str = "") -> Refusal:
 
 
 def identity_unavailable(what: str, detail: str = "") -> Refusal:
+    """The identity provider (tailscaled, or its certificate service) is unavailable."""
+    return dependency_unavailable(what, detail)
+
+
+def state_unavailable(detail: str = "") -> Refusal:
+    """The shared state store (Redis) is unavailable: no slot can be counted."""
+    return dependency_unavailable("shared state (Redis)", detail)
+
+
+def dependency_unavailable(what: str, detail: str = "") -> Refusal:
     return Refusal(
         LOGIN_FAILED,
         f"{what} is unavailable; Waypoint refuses connections until it is back",
@@ -167,6 +169,14 @@ def replication_refused() -> Refusal:
 
 def shutting_down() -> Refusal:
     return Refusal(SHUTDOWN, "Waypoint is shutting down; the session was ended at the drain deadline")
+
+
+def listener_removed() -> Refusal:
+    return Refusal(
+        SHUTDOWN,
+        "this listener was removed from Waypoint's configuration;"
+        " the session was ended at the drain deadline",
+    )
 
 
 def not_accepting() -> Refusal:

@@ -20,15 +20,11 @@ from waypoint.config.keys import KeyPath
 from waypoint.config.load import ConfigError, load_config
 from waypoint.config.render import render_config
 
+TAKES_CONFIG = True
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-c",
-        "--config",
-        default="waypoint.toml",
-        metavar="FILE",
-        help="configuration file (default: waypoint.toml)",
-    )
+    """Nothing beyond ``-c/--config`` (``TAKES_CONFIG``)."""
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""``waypoint explain``: how a capability grant evaluates for one identity (SPEC §11).
+"""``waypoint explain``: how a capability grant evaluates for one identity (docs/policy.md).
 
 Rules come from ``--rules FILE.json`` (an array of rule objects, one rule
 object, or a whole LocalAPI whois body with ``CapMap``), else from the
@@ -35,8 +35,10 @@ class _UsageError(Exception):
     pass
 
 
+TAKES_CONFIG = True
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", required=True, metavar="FILE", help="waypoint.toml")
     parser.add_argument("--login", required=True, help="the caller's Tailscale login name")
     parser.add_argument("--node", required=True, help="the caller's node name")
     parser.add_argument(

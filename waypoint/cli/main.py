@@ -1,7 +1,8 @@
 """The ``waypoint`` command line.
 
 Each subcommand lives in its own module ``waypoint.cli.<name>`` exposing
-``add_arguments(parser)`` and ``run(args) -> int``; modules are imported lazily.
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported lazily. A module
+with ``TAKES_CONFIG = True`` gets ``-c/--config`` from :func:`waypoint.cli.options.config_parent`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import importlib
 import sys
 
 from waypoint import __version__
+from waypoint.cli.options import config_parent
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("waypoint.cli.run_cmd", "run the daemon"),
+    "reload": ("waypoint.cli.reload", "validate a config file and make the running daemon reload it"),
     "check": ("waypoint.cli.check", "validate a config file and print the effective configuration"),
     "explain": ("waypoint.cli.explain", "show how a grant evaluates for an identity"),
     "roles": ("waypoint.cli.roles", "list or reap the roles Waypoint created"),
@@ -35,7 +38,8 @@ def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
             if exc.name == module_name and available_only:
                 continue
             raise
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+        parents = [config_parent()] if getattr(module, "TAKES_CONFIG", False) else []
+        sp = sub.add_parser(name, help=help_text, description=help_text, parents=parents)
         module.add_arguments(sp)
         sp.set_defaults(_module=module)
     return parser

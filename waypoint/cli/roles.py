@@ -21,6 +21,7 @@ from typing import TextIO
 
 import trio
 
+from waypoint.cli.options import config_parent
 from waypoint.config.load import ConfigError, load_config
 from waypoint.config.model import Config, ListenerConfig
 from waypoint.provision.engine import Provisioner
@@ -40,6 +41,7 @@ EXIT_USAGE = 2
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="roles_command", metavar="ACTION", required=True)
+    config = config_parent()
     for name, help_text in (
         ("list", "list the roles and groups Waypoint created"),
         (
@@ -48,14 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "unused groups",
         ),
     ):
-        sp = sub.add_parser(name, help=help_text, description=help_text)
-        sp.add_argument(
-            "-c",
-            "--config",
-            default="waypoint.toml",
-            metavar="FILE",
-            help="configuration file (default: waypoint.toml)",
-        )
+        sp = sub.add_parser(name, help=help_text, description=help_text, parents=[config])
         sp.add_argument(
             "--listener", metavar="NAME", help="only this listener (default: every listener)"
         )

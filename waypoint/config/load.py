@@ -1,4 +1,4 @@
-"""Loading the TOML configuration (SPEC §1) into :class:`waypoint.config.model.Config`.
+"""Loading the TOML configuration (docs/configuration.md) into :class:`waypoint.config.model.Config`.
 
 Steps: parse with tomlkit → plain Python values → ``${VAR}`` expansion per
 string value → strict structuring with cattrs (no coercion; durations and
@@ -279,7 +279,7 @@ def _describe_structure_error(
 
 
 def _sanitize_part(text: str) -> str:
-    """The role-name sanitizing of SPEC §5, to compare listener names as they will appear."""
+    """The role-name sanitizing (docs/design.md), to compare listener names as they will appear."""
     return re.sub(r"[^a-z0-9]", "_", text.lower())
 
 
@@ -290,6 +290,88 @@ def _check_host_port(value: str | None, path: KeyPath, out: list[tuple[KeyPath, 
         split_host_port(value)
     except ValueError as exc:
         out.append((path, f'{exc} (expected "host:port" or "[v6]:port")'))
+
+
+def _validate_state(cfg: Config, out: list[tuple[KeyPath, str]]) -> None:
+    """Where Redis is: exactly one of ``url``, ``sentinels`` and ``cluster = true``."""
+    st = cfg.state
+    where = [
+        key
+        for key, given in (
+            ("url", st.url is not None),
+            ("sentinels", bool(st.sentinels)),
+            ("cluster", st.cluster),
+        )
+        if given
+    ]
+    if st.backend != "redis":
+        for key in ("sentinels", "cluster", "nodes"):
+            if getattr(st, key):
+                out.append((("state", key), 'is only used with backend = "redis"'))
+        return
+    if not where:
+        out.append(
+            (
+                ("state", "url"),
+                'backend = "redis" requires url (e.g. "redis://127.0.0.1:6379/0"), or sentinels '
+                "with service_name (Redis Sentinel), or cluster = true with nodes (Redis Cluster)",
+            )
+        )
+    for key in where[1:]:
+        out.append(
+            (
+                ("state", key),
+                f"set only one of url, sentinels and cluster = true (found {' and '.join(where)})",
+            )
+        )
+    mode = where[0] if where else None
+    if st.url is not None:
+        scheme = urllib.parse.urlsplit(st.url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            out.append((("state", "url"), "must be a redis://, rediss:// or unix:// URL"))
+    if mode == "url":
+        for key in ("username", "password", "tls"):
+            if getattr(st, key) not in (None, False):
+                out.append(
+                    (
+                        ("state", key),
+                        "is for sentinels and cluster; with url, the credentials and TLS go in "
+                        'the URL ("rediss://user:password@host:6379/0")',
+                    )
+                )
+    for key in ("username", "password", "sentinel_password", "service_name", "tls_ca_file"):
+        if getattr(st, key) == "":
+            out.append((("state", key), "must not be empty (leave it out instead)"))
+    if st.tls_ca_file is not None and not st.tls:
+        out.append((("state", "tls_ca_file"), "is only used with tls = true"))
+    if st.sentinels:
+        for i, address in enumerate(st.sentinels):
+            _check_host_port(address, ("state", "sentinels", i), out)
+        if st.service_name is None:
+            out.append(
+                (
+                    ("state", "service_name"),
+                    "sentinels needs service_name (the master's name in the Sentinel "
+                    'configuration, e.g. "mymaster")',
+                )
+            )
+    else:
+        for key in ("service_name", "sentinel_password"):
+            if getattr(st, key) is not None:
+                out.append((("state", key), "is only used with sentinels"))
+    if st.cluster:
+        if not st.nodes:
+            out.append(
+                (
+                    ("state", "nodes"),
+                    'cluster = true needs nodes, a few cluster members to start from (e.g. '
+                    '["10.0.2.31:6379", "10.0.2.32:6379"])',
+                )
+            )
+        for i, address in enumerate(st.nodes):
+            _check_host_port(address, ("state", "nodes", i), out)
+    elif st.nodes:
+        out.append((("state", "nodes"), "is only used with cluster = true"))
 
 
 def _validate(cfg: Config) -> list[tuple[KeyPath, str]]:
@@ -358,18 +440,7 @@ def _validate(cfg: Config) -> list[tuple[KeyPath, str]]:
         out.append(((*lpath, "max_conns_per_user"), "must not be negative (0 means no limit)"))
 
     # state
-    if cfg.state.backend == "redis":
-        if not cfg.state.url:
-            out.append(
-                (
-                    ("state", "url"),
-                    'backend = "redis" requires url (e.g. "redis://127.0.0.1:6379/0")',
-                )
-            )
-        else:
-            scheme = urllib.parse.urlsplit(cfg.state.url).scheme
-            if scheme not in ("redis", "rediss", "unix"):
-                out.append((("state", "url"), "must be a redis://, rediss:// or unix:// URL"))
+    _validate_state(cfg, out)
     if not cfg.state.key_prefix:
         out.append((("state", "key_prefix"), "must not be empty"))
 

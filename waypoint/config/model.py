@@ -1,4 +1,4 @@
-"""The configuration as typed values (SPEC §1). Durations are float seconds, sizes int bytes.
+"""The configuration as typed values (docs/configuration.md). Durations are float seconds, sizes int bytes.
 
 Every ``float`` field is a duration (written as ``"90s"`` in TOML); ``int``
 fields with ``metadata={"unit": "size"}`` are sizes (``"10GB"`` or bytes).
@@ -19,6 +19,8 @@ BackendTls = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
 PasswordEncryption = Literal["auto", "scram-sha-256", "md5"]
 StateBackend = Literal["memory", "redis"]
 ListenerMode = Literal["postgres"]
+LogFormat = Literal["human", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 @frozen
@@ -77,6 +79,31 @@ class StateConfig:
     url_file: str | None = None
     key_prefix: str = "waypoint:"
     lease: float = 30.0
+    # Highly available Redis (docs/scaling.md): Sentinel, or Cluster. Exactly one of ``url``,
+    # ``sentinels`` and ``cluster = true`` names where Redis is.
+    sentinels: tuple[str, ...] = ()
+    service_name: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    sentinel_password_file: str | None = None
+    cluster: bool = False
+    nodes: tuple[str, ...] = ()
+    # The Redis servers' credentials with ``sentinels`` or ``cluster`` (``url`` carries its own).
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    password_file: str | None = None  # files holding them; read at every load
+    # TLS to the Redis servers and Sentinels with ``sentinels`` or ``cluster`` (``url`` says
+    # rediss://); certificates are verified against ``tls_ca_file`` or the system's store.
+    tls: bool = False
+    tls_ca_file: str | None = None
+
+    @property
+    def redis_mode(self) -> Literal["url", "sentinel", "cluster"]:
+        """Where Redis is: one server (``url``), Sentinel, or Cluster."""
+        if self.cluster:
+            return "cluster"
+        if self.sentinels:
+            return "sentinel"
+        return "url"
 
 
 @frozen
@@ -98,6 +125,15 @@ class MetricsConfig:
     # Bound on each /readyz dependency check (they run concurrently): one without an answer
     # by then fails.
     readiness_timeout: float = 2.0
+
+
+@frozen
+class LogConfig:
+    """Log lines; both switch at once on a reload."""
+
+    # Unset: the ``--log-format`` flag of ``waypoint run`` (human by default).
+    format: LogFormat | None = None
+    level: LogLevel = "info"
 
 
 @frozen
@@ -181,6 +217,9 @@ class Config:
     state: StateConfig = field(factory=StateConfig)
     admission: AdmissionConfig = field(factory=AdmissionConfig)
     metrics: MetricsConfig = field(factory=MetricsConfig)
+    log: LogConfig = field(factory=LogConfig)
+    # ``waypoint run`` writes its process id here (``waypoint reload`` signals it); unset: none.
+    pid_file: str | None = None
     # Where the file came from (for messages); not a TOML key.
     source: str | None = field(default=None, eq=False)
 

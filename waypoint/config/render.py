@@ -104,7 +104,9 @@ def _render_fields(
             continue
         if isinstance(value, tuple) and value and attrs.has(type(value[0])):
             continue  # arrays of tables come last
-        if masked.covers(here) or (mask and name == "admin_password"):
+        if masked.covers(here) or (
+            mask and name in ("admin_password", "password", "sentinel_password")
+        ):
             value = SECRET_MASK
         elif mask and name == "url" and isinstance(value, str):
             value = _mask_url(value)
@@ -152,9 +154,9 @@ def render_config(
     """The effective configuration as TOML: every key, defaults included.
 
     Durations and sizes are written in their string forms. With
-    ``mask_secrets`` (the default) ``admin_password`` and the password in a
-    Redis URL are replaced by ``********``. Keys that are not set (no
-    default) appear as comments. Without masking, the text loads back into
+    ``mask_secrets`` (the default) ``admin_password``, the Redis passwords of
+    ``[state]`` and the password in a Redis URL are replaced by ``********``.
+    Keys that are not set (no default) appear as comments. Without masking, the text loads back into
     an equal Config. Every value at a key path in ``expanded`` (where a ``${VAR}``
     was expanded: the environment may hold a secret put in the wrong field) is
     masked too, whatever the field; so is an array element or inline table

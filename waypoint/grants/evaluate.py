@@ -1,4 +1,4 @@
-"""Capability rules + listener + database (+ preset cap) → EffectiveGrant or Refusal (SPEC §3).
+"""Capability rules + listener + database (+ preset cap) → EffectiveGrant or Refusal (docs/policy.md).
 
 Semantics:
 - A rule applies when its ``backends`` has this listener. No rule applies:

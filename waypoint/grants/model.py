@@ -19,7 +19,7 @@ class Preset(enum.IntEnum):
 
 @frozen(order=True)
 class SchemaPrivilege:
-    """One (preset, schema) pair, kept paired per rule (SPEC §3 "Better")."""
+    """One (preset, schema) pair, kept paired per rule (docs/design.md#grants)."""
 
     preset: Preset
     schema: str
@@ -27,7 +27,7 @@ class SchemaPrivilege:
 
 @frozen
 class CustomGrant:
-    """A database entry that carries raw SQL: its own private group (SPEC §5/§6)."""
+    """A database entry that carries raw SQL: its own private group (docs/design.md#grants)."""
 
     privileges: frozenset[SchemaPrivilege]
     sql: tuple[str, ...]

@@ -1,4 +1,4 @@
-"""PostgreSQL role and group names, and the ownership markers on them (SPEC §5).
+"""PostgreSQL role and group names, and the ownership markers on them (docs/design.md).
 
 Every name is decided here, once:
 

@@ -1,4 +1,4 @@
-"""Preset names and the client's preset cap (SPEC §3 presets, §4 step 3).
+"""Preset names and the client's preset cap (docs/policy.md#presets).
 
 A client may ask for *less* than its grant: the startup parameter
 ``waypoint_presets`` (alias ``waypoint_preset``), or, the form libpq clients

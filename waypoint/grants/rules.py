@@ -1,4 +1,4 @@
-"""Capability rules (the JSON objects in ``Identity.rules``) as typed values (SPEC §3).
+"""Capability rules (the JSON objects in ``Identity.rules``) as typed values (docs/policy.md).
 
 Shape of one rule::
 
@@ -14,7 +14,7 @@ warnings (the caller logs them); a value of the wrong type is a
 :class:`RuleError` whose message names the path of the field, e.g.
 ``rules[0].backends.pg-main.pg.databases.myapp.permissions[1]: expected a string``.
 
-Decisions beyond the spec text:
+Decisions the policy format leaves open:
 - ``schemas`` absent means ``["public"]``; an explicit empty list next to
   permissions is an error (the permissions would grant nothing).
 - A database entry with neither ``permissions`` nor ``sql`` is an error

@@ -2,10 +2,11 @@
 
 HTTP/1.1 is spoken with **h11** (sans-IO): this module owns the socket, the
 clock and the size bound; h11 owns the framing (``Content-Length`` and
-``Transfer-Encoding: chunked`` bodies alike). One connection per request:
-tailscaled is local, the request rate is one per accepted client connection,
-and a fresh connection cannot inherit a half-read response from a timed-out
-call.
+``Transfer-Encoding: chunked`` bodies alike). Up to ``max_idle`` (8)
+connections whose last exchange ended cleanly are kept alive for the next
+calls, saving a connect per whois in a burst; a connection whose call failed
+or timed out is closed, so none can hand a half-read response to the next
+call. The requests and answers used are described in docs/localapi.md.
 
 Every call is bounded by ``timeout`` (connect + request + response) and by a
 maximum response size. Failures become distinct :class:`IdentityError`

@@ -1,4 +1,4 @@
-"""The static identity provider (SPEC §1): identities by source CIDR, from the config.
+"""The static identity provider (docs/configuration.md): identities by source CIDR, from the config.
 
 For development, demos and networks without Tailscale. The first
 ``[[identity.static]]`` entry whose CIDR contains the peer address wins

@@ -3,7 +3,7 @@
 The whois JSON is untrusted input: :func:`identity_from_whois` checks every
 field it reads and turns any wrong shape into :class:`MalformedResponse`
 (never a KeyError or TypeError). Unknown fields are ignored and ``null`` is
-accepted for every list and map, as tailscale-localapi.md requires.
+accepted for every list and map (docs/localapi.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,14 @@
-"""Structured event logging: one event name plus fields, rendered human-readable or as JSON lines.
+r"""Structured event logging: one event name plus fields, rendered human-readable or as JSON lines.
 
 Callers never pass secrets; values are rendered with ``repr``-free formatting and long values are
 cut. ``configure(fmt)`` is called once by the CLI (or by tests).
+
+Many values are chosen by clients (database and user names, application_name, TLS server
+names, node names, refusal details that quote them). No character that is not printable
+(``str.isprintable``: control characters such as CR and ESC, C1 controls, line and paragraph
+separators, bidirectional overrides) ever reaches the log raw, in either format: the human
+format writes it as ``\r``, ``\x1b``, ``\u2028``... inside a quoted value, JSON as ``\uXXXX``.
+So a value can neither start a forged line nor send a terminal escape.
 
 JSON lines always carry the keys of :data:`STABLE_KEYS` (``null`` when a line has no such
 value), then the event's other fields. Records from plain stdlib loggers under ``waypoint``
@@ -42,6 +49,59 @@ STABLE_KEYS: tuple[str, ...] = (
 )
 
 
+_SHORT_ESCAPES: dict[str, str] = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\\": "\\\\"}
+
+
+def _escape_char(ch: str) -> str:
+    short = _SHORT_ESCAPES.get(ch)
+    if short is not None:
+        return short
+    code = ord(ch)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def escape_text(text: str, *, quoted: bool = True) -> str:
+    """``text`` with every character that is not printable written as an escape (``\\r``,
+    ``\\x1b``, ``\\u202e``); with ``quoted`` also ``"`` and ``\\``, so the result can stand
+    between quotes."""
+    special = '"\\' if quoted else ""
+    if text.isprintable() and not any(c in text for c in special):
+        return text
+    return "".join(
+        ch if ch.isprintable() and ch not in special else _escape_char(ch) for ch in text
+    )
+
+
+def human_value(text: str) -> str:
+    """A value as the human format writes it: bare when it is plain, else quoted and escaped."""
+    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
+        return text
+    return f'"{escape_text(text)}"'
+
+
+def _json_safe(line: str) -> str:
+    """A JSON text with every non-printable character still in it written as ``\\uXXXX``
+    (``json.dumps`` with ``ensure_ascii=False`` escapes only U+0000..U+001F)."""
+    if line.isprintable():
+        return line
+    out: list[str] = []
+    for ch in line:
+        if ch.isprintable():
+            out.append(ch)
+            continue
+        code = ord(ch)
+        if code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            code -= 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+    return "".join(out)
+
+
 def _component(name: str) -> str:
     prefix = LOGGER_NAME + "."
     return name[len(prefix) :] if name.startswith(prefix) else name
@@ -67,7 +127,7 @@ class _JsonFormatter(logging.Formatter):
             out[key] = _clip(value)
         if record.exc_info and record.exc_info[1] is not None:
             out["exception"] = _clip(f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}")
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return _json_safe(json.dumps(out, default=str, ensure_ascii=False))
 
 
 def _message(record: logging.LogRecord) -> str:
@@ -83,19 +143,19 @@ class _HumanFormatter(logging.Formatter):
         ts = _dt.datetime.fromtimestamp(record.created).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         event = getattr(record, "wp_event", None)
         if event is None:
-            event = f"{_component(record.name)}: {_message(record)}"
+            message = escape_text(str(_clip(_message(record))), quoted=False)
+            event = f"{_component(record.name)}: {message}"
+        else:
+            event = escape_text(str(event), quoted=False)
         parts = [f"{ts} {record.levelname:<7} {event}"]
         for key, value in fields.items():
             if value is None:
                 continue
-            text = str(_clip(value))
-            if not text or any(c in text for c in ' "=\n\t'):
-                text = json.dumps(text, ensure_ascii=False)
-            parts.append(f"{key}={text}")
+            parts.append(f"{escape_text(str(key), quoted=False)}={human_value(str(_clip(value)))}")
         line = " ".join(parts)
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
-            line += f" exception={json.dumps(str(_clip(f'{type(exc).__name__}: {exc}')))}"
+            line += f" exception={human_value(str(_clip(f'{type(exc).__name__}: {exc}')))}"
         return line
 
 
@@ -117,6 +177,34 @@ def configure(
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+
+
+LEVELS: dict[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def current_format() -> Format:
+    """The format Waypoint's handlers write now (human when none is configured)."""
+    for handler in logging.getLogger(LOGGER_NAME).handlers:
+        if isinstance(handler.formatter, _JsonFormatter):
+            return "json"
+    return "human"
+
+
+def switch(fmt: Format, level: int) -> None:
+    """Change the format and level of Waypoint's configured handlers in place (a reload):
+    the lines go on to the same stream."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if not logger.handlers:
+        configure(fmt, level=level)
+        return
+    for handler in logger.handlers:
+        handler.setFormatter(_JsonFormatter() if fmt == "json" else _HumanFormatter())
+    logger.setLevel(level)
 
 
 class EventLogger:

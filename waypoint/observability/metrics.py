@@ -1,11 +1,16 @@
-"""Prometheus metrics (SPEC §11, issue 8). One registry per app, so tests can run several apps.
+"""Prometheus metrics (docs/observability.md). One registry per app, so tests can run several apps.
 
 No per-user label by default (cardinality): listeners, outcomes and SQLSTATEs only.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+#: The ``outcome`` label values of ``waypoint_config_reloads_total``.
+RELOAD_OUTCOMES = ("applied", "invalid", "failed")
 
 _HANDSHAKE_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0)
 
@@ -120,6 +125,23 @@ class Metrics:
             registry=r,
         )
 
+        self.config_reloads = Counter(
+            "waypoint_config_reloads",
+            "Configuration reloads (SIGHUP), by outcome: applied, invalid (the file did not"
+            " validate; nothing changed), failed (it could not be applied; nothing changed)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in RELOAD_OUTCOMES:
+            self.config_reloads.labels(outcome)
+        self.config_info = Gauge(
+            "waypoint_config_info",
+            "Always 1; hash is the SHA-256 of the configuration in force as `waypoint check`"
+            " prints it (secrets masked)",
+            ["hash"],
+            registry=r,
+        )
+
     # -- the calls the session makes ------------------------------------------------
     def backend_ended(self, listener: str, reason: str, how: str, count: int = 1) -> None:
         """Backends ended (``how``) because their session, or orphan, ended (``reason``)."""
@@ -169,6 +191,16 @@ class Metrics:
 
     def readiness_checked(self, check: str, outcome: str) -> None:
         self.readiness_checks.labels(check, outcome).inc()
+
+    def config_reloaded(self, outcome: str) -> None:
+        self.config_reloads.labels(outcome).inc()
+
+    def config_loaded(self, config_hash: str, *, previous: str | None = None) -> None:
+        """The info metric names ``config_hash`` (and no longer ``previous``)."""
+        if previous is not None and previous != config_hash:
+            with contextlib.suppress(KeyError):
+                self.config_info.remove(previous)
+        self.config_info.labels(config_hash).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

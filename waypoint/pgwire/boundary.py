@@ -2,7 +2,7 @@
 
 The relay never parses what it forwards; it only needs to know where one typed
 message ends and the next begins, in each direction, so that Waypoint can end a
-session with a FATAL ErrorResponse *between* two messages (SPEC §4 step 7), and
+session with a FATAL ErrorResponse *between* two messages (docs/protocol.md), and
 so that a later statement-logging capability can hook on message headers.
 
 Every typed message is ``type (1 byte) + int32 length (counting itself) + body``.
@@ -23,15 +23,11 @@ from collections.abc import Callable
 from .errors import ProtocolError
 
 __all__ = [
-    "MAX_MESSAGE_LENGTH",
     "BoundaryTracker",
     "HeaderCallback",
     "ProtocolError",
     "bad_length_error",
 ]
-
-#: Largest value the int32 length word can carry (PostgreSQL's own bound).
-MAX_MESSAGE_LENGTH = 0x7FFFFFFF
 
 _HEADER = struct.Struct("!Bi")
 _HEADER_SIZE = _HEADER.size  # 5

@@ -26,7 +26,6 @@ __all__ = [
 DEFAULT_MAX_MESSAGE_SIZE = 0x3FFFFFFF - 1
 
 _HEADER = struct.Struct("!cI")
-_LENGTH = struct.Struct("!I")
 
 # Compact the buffer once this many consumed bytes sit in front of it (and they
 # are more than half of it), so that a long stream costs amortised O(1) per byte.
@@ -136,9 +135,3 @@ class MessageReader:
         elif self._pos >= _COMPACT_THRESHOLD and self._pos * 2 >= len(self._buf):
             del self._buf[: self._pos]
             self._pos = 0
-
-
-def read_length(data: bytes | bytearray | memoryview, offset: int = 0) -> int:
-    """The Int32 (unsigned) at ``offset``."""
-    value: int = _LENGTH.unpack_from(data, offset)[0]
-    return value

@@ -1,4 +1,4 @@
-"""Provisioning: admin sessions, role lifecycle, groups, raw-SQL validation, dialects (SPEC §5-6)."""
+"""Provisioning: admin sessions, role lifecycle, groups, raw-SQL validation, dialects (docs/design.md)."""
 
 from waypoint.provision.engine import (
     Credentials,

@@ -1,4 +1,4 @@
-"""Admin sessions: pg8000 connections in worker threads (SPEC §5 "Admin sessions", §12).
+"""Admin sessions: pg8000 connections in worker threads (docs/design.md).
 
 One small pool of idle connections per target database (grants must run
 connected to the client's database) plus dedicated connections handed out for

@@ -65,7 +65,7 @@ class PostgresDialect:
 
 @frozen
 class CockroachDialect:
-    """CockroachDB: no advisory locks (a Redis role lock is required), roles in system.users."""
+    """CockroachDB: no advisory locks (so provisioning is refused), roles in system.users."""
 
     version_text: str
     major: int

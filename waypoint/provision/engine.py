@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from typing import Final, Literal
 
 import trio
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 
 from waypoint.config.model import ListenerConfig
 from waypoint.errors import Refusal, bad_grant, provisioning_failed
@@ -200,6 +200,12 @@ class _RoleNotOurs(Exception):
 class _GroupNotOurs(Exception):
     def __init__(self, group: str) -> None:
         super().__init__(f"group {group!r} exists without Waypoint's group marker")
+
+
+class _NameTaken(ProvisionError):
+    """The role name this caller was about to use carries another caller's marker (it was
+    dropped and recreated for someone else, or a look-alike won a race for it): the caller's
+    name is resolved again."""
 
 
 class _RoleMissing(Exception):
@@ -416,6 +422,7 @@ class _LeaderGone(Exception):
 @define
 class _Flight:
     fingerprint: str
+    owner: naming.RoleOwner
     phase: Phase = "provisioning"
     participants: int = 1
     done: trio.Event = field(factory=trio.Event)
@@ -437,10 +444,13 @@ class _RoleState:
 
 @frozen
 class _Cached:
+    """A secret this process set, for the caller ``owner`` (the role's marker when it was set)."""
+
     secret: str = field(repr=False)
     scram_keys: ScramKeys | None = field(repr=False)
     valid_until: datetime
     fingerprint: str
+    owner: naming.RoleOwner
 
 
 @frozen
@@ -516,6 +526,13 @@ class Provisioner:
         )
 
     async def _resolve_role(self, identity: Identity, grant: EffectiveGrant) -> str:
+        """The role name for this caller: the remembered one, else the deterministic name when it
+        is free or carries this caller's marker, else the collision name.
+
+        What is remembered is only a hint: every use is checked again (a cached secret only
+        for the caller it was set for, a provision against the marker under the role lock),
+        and a name found to carry another caller's marker is forgotten (:class:`_NameTaken`).
+        """
         key = self._name_key(identity, grant)
         if key in self._resolved:
             return self._resolved[key]
@@ -529,12 +546,18 @@ class Provisioner:
 
         found = await self._pools.run(self._pools.admin_database, lookup)
         for candidate in (base, fallback):
-            if candidate not in found or naming.parse_role_comment(found[candidate] or "") == owner:
-                self._resolved[key] = candidate
-                if candidate != base:
-                    log.info("role name %s is taken; using %s for this identity", base, candidate)
-                return candidate
+            if candidate in found and naming.parse_role_comment(found[candidate] or "") != owner:
+                continue
+            self._resolved[key] = candidate
+            if candidate != base:
+                log.info("role name %s is taken; using %s for this identity", base, candidate)
+            return candidate
         raise _RoleNotOurs(fallback)
+
+    def _forget_names_of(self, role: str) -> None:
+        """Forget every remembered caller-to-name mapping that points at ``role``."""
+        for key in [k for k, v in self._resolved.items() if v == role]:
+            del self._resolved[key]
 
     # -- server info -------------------------------------------------------------
 
@@ -557,8 +580,8 @@ class Provisioner:
                     raise ProvisionError(
                         provisioning_failed(
                             new_correlation_id(),
-                            "CockroachDB has no advisory locks: configure [state] backend = "
-                            '"redis" so role locks use Redis',
+                            "CockroachDB has no advisory locks and Waypoint has no other role "
+                            "lock for it: provisioning on CockroachDB is not supported",
                         )
                     )
                 self._info = _ServerInfo(dialect, enc)
@@ -592,21 +615,30 @@ class Provisioner:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), UTC)
 
-    def _cached(self, role: str, fingerprint: str) -> _Cached | None:
+    def _cached(self, role: str, fingerprint: str, owner: naming.RoleOwner) -> _Cached | None:
+        """The cached secret of ``role`` for this very caller and grant (never another's)."""
         entry = self._cache.get(role)
-        if entry is None or entry.fingerprint != fingerprint:
+        if entry is None or entry.fingerprint != fingerprint or entry.owner != owner:
             return None
         if entry.valid_until.timestamp() - self._clock() <= self._handshake_timeout:
             return None
         return entry
 
-    def peek(self, role: str) -> Credentials | None:
-        """The cached credentials of ``role`` if they are valid for a handshake, whatever
-        grant they were provisioned for; no database access and no lock. For a login made
-        ahead of need (``proxy.backend.BackendPrefetch``): :meth:`credentials` still decides
-        whether the caller gets that session."""
+    @staticmethod
+    def owner_of(identity: Identity, grant: EffectiveGrant) -> naming.RoleOwner:
+        """The caller as a role's marker records it."""
+        return naming.role_owner(identity, grant.listener, grant.database, grant.preset_cap)
+
+    def peek(self, role: str, owner: naming.RoleOwner | None) -> Credentials | None:
+        """The cached credentials of ``role`` if they are valid for a handshake and were set
+        for ``owner`` (None: nobody; nothing is given), whatever grant they were provisioned
+        for; no database access and no lock. For a login made ahead of need
+        (``proxy.backend.BackendPrefetch``): :meth:`credentials` still decides whether the
+        caller gets that session, and it answers with a cached secret only for the caller that
+        secret was set for, so a session logged in with a secret that is not the caller's own
+        is never handed over."""
         entry = self._cache.get(role)
-        if entry is None:
+        if entry is None or owner is None or entry.owner != owner:
             return None
         if entry.valid_until.timestamp() - self._clock() <= self._handshake_timeout:
             return None
@@ -633,45 +665,89 @@ class Provisioner:
         runs and is released on exit (also on error or cancellation).
         """
         cid = new_correlation_id()
-        fingerprint = grant_fingerprint(grant)
-        deadline = self._deadline()
+        creds, st, flight = await self._obtain(identity, grant, rotate, cid)
+        if flight is None:
+            yield creds
+            return
         try:
-            with trio.fail_at(deadline):
-                role = await self._resolve_role(identity, grant)
-        except trio.TooSlowError:
-            raise ProvisionError(
-                provisioning_failed(cid, "timed out resolving the role name")
-            ) from None
-        except _RoleNotOurs as exc:
-            raise ProvisionError(provisioning_failed(cid, str(exc))) from None
-        except AdminError as exc:
-            raise self._admin_failure(cid, exc) from None
+            yield creds
+        finally:
+            await self._leave(st, flight)
 
+    async def _obtain(
+        self, identity: Identity, grant: EffectiveGrant, rotate: bool, cid: str
+    ) -> tuple[Credentials, _RoleState, _Flight | None]:
+        """The caller's credentials, and the flight to leave when done (None: a cache hit).
+
+        A role name whose marker turns out to name another caller is forgotten and the name
+        resolved again (at most twice more): by then the marker decides the name.
+        """
+        fingerprint = grant_fingerprint(grant)
+        owner = naming.role_owner(identity, grant.listener, grant.database, grant.preset_cap)
+        deadline = self._deadline()
+        last: _NameTaken | None = None
+        for _attempt in range(3):
+            try:
+                with trio.fail_at(deadline):
+                    role = await self._resolve_role(identity, grant)
+            except trio.TooSlowError:
+                raise ProvisionError(
+                    provisioning_failed(cid, "timed out resolving the role name")
+                ) from None
+            except _RoleNotOurs as exc:
+                raise ProvisionError(provisioning_failed(cid, str(exc))) from None
+            except AdminError as exc:
+                raise self._admin_failure(cid, exc) from None
+            try:
+                return await self._obtain_role(
+                    identity, grant, role, owner, fingerprint, rotate, deadline, cid
+                )
+            except _NameTaken as exc:
+                last = exc
+                if self._resolved.get(self._name_key(identity, grant)) == role:
+                    del self._resolved[self._name_key(identity, grant)]
+        assert last is not None
+        raise ProvisionError(last.refusal) from None
+
+    async def _obtain_role(
+        self,
+        identity: Identity,
+        grant: EffectiveGrant,
+        role: str,
+        owner: naming.RoleOwner,
+        fingerprint: str,
+        rotate: bool,
+        deadline: float,
+        cid: str,
+    ) -> tuple[Credentials, _RoleState, _Flight | None]:
         st = self._state(role)
         while True:
             flight = st.flight
             if flight is not None and flight.phase == "provisioning":
-                if flight.fingerprint != fingerprint:
+                if flight.fingerprint != fingerprint or flight.owner != owner:
+                    # Another grant, or another caller whose name looks the same: never join
+                    # it; wait for it to finish, then the marker decides.
                     await self._wait(flight.done, deadline, cid)
                     continue
                 flight.participants += 1
                 try:
                     await self._wait(flight.done, deadline, cid)
-                    if flight.creds is None:
-                        if isinstance(flight.error, ProvisionError):
-                            raise flight.error
-                        continue  # the leader was cancelled: try again ourselves
-                    yield flight.creds
-                    return
-                finally:
+                except BaseException:
                     await self._leave(st, flight)
+                    raise
+                if flight.creds is None:
+                    await self._leave(st, flight)
+                    if isinstance(flight.error, ProvisionError):
+                        raise flight.error
+                    continue  # the leader was cancelled: try again ourselves
+                return flight.creds, st, flight
             if not rotate:
-                entry = self._cached(role, fingerprint)
+                entry = self._cached(role, fingerprint, owner)
                 if entry is not None:
-                    yield Credentials(
+                    creds = Credentials(
                         role, entry.secret, entry.scram_keys, entry.valid_until, False
                     )
-                    return
+                    return creds, st, None
             try:
                 st.sem.acquire_nowait()
             except trio.WouldBlock:
@@ -680,7 +756,7 @@ class Provisioner:
             break
 
         # We lead a new flight.
-        flight = _Flight(fingerprint)
+        flight = _Flight(fingerprint, owner)
         st.flight = flight
         st.notify()
         try:
@@ -700,10 +776,7 @@ class Provisioner:
         flight.phase = "holding"
         flight.done.set()
         st.notify()
-        try:
-            yield creds
-        finally:
-            await self._leave(st, flight)
+        return creds, st, flight
 
     async def _wait(self, event: trio.Event, deadline: float, cid: str) -> None:
         try:
@@ -771,10 +844,17 @@ class Provisioner:
             ) from None
         except AdminError as exc:
             raise self._admin_failure(cid, exc) from None
-        except (_RoleNotOurs, _GroupNotOurs, _RoleMissing) as exc:
+        except _RoleNotOurs as exc:
+            # The name carries another caller's marker: whatever this process remembers
+            # about it is someone else's now.
+            self._forget_names_of(role)
+            self._cache.pop(role, None)
+            raise _NameTaken(provisioning_failed(cid, str(exc))) from None
+        except (_GroupNotOurs, _RoleMissing) as exc:
             self._resolved.pop(self._name_key(identity, grant), None)
             raise ProvisionError(provisioning_failed(cid, str(exc))) from None
-        self._cache[role] = _Cached(secret, keys, valid_until, fingerprint)
+        owner = naming.role_owner(identity, grant.listener, grant.database, grant.preset_cap)
+        self._cache[role] = _Cached(secret, keys, valid_until, fingerprint, owner)
         return Credentials(role, secret, keys, valid_until, True), lease
 
     def _plan(
@@ -904,9 +984,7 @@ class Provisioner:
             raise ProvisionError(provisioning_failed(cid, str(exc))) from None
         entry = self._cache.get(role)
         if entry is not None:
-            self._cache[role] = _Cached(
-                entry.secret, entry.scram_keys, entry.valid_until, grant_fingerprint(grant)
-            )
+            self._cache[role] = evolve(entry, fingerprint=grant_fingerprint(grant))
 
     async def extend_validity(self, roles: Iterable[str]) -> None:
         """Push ``VALID UNTIL`` to now + user_ttl for Waypoint's roles among ``roles``.
@@ -953,9 +1031,7 @@ class Provisioner:
             for name in extended:
                 entry = self._cache.get(name)
                 if entry is not None:
-                    self._cache[name] = _Cached(
-                        entry.secret, entry.scram_keys, until, entry.fingerprint
-                    )
+                    self._cache[name] = evolve(entry, valid_until=until)
         finally:
             with trio.CancelScope(shield=True):
                 for _, lease in held:
@@ -1014,8 +1090,10 @@ class Provisioner:
             raise ProvisionError(provisioning_failed(cid, str(exc))) from None
 
     def forget(self, role: str) -> None:
-        """Drop the cached secret of ``role`` (the next connection provisions)."""
+        """Drop the cached secret of ``role`` and every caller-to-name mapping that points at
+        it (the role was dropped: the next connection resolves its name and provisions)."""
         self._cache.pop(role, None)
+        self._forget_names_of(role)
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):

@@ -12,8 +12,8 @@ are re-entrant, so a lock connection is checked out by exactly one lease at a
 time and never shared between roles; when a holder cannot release cleanly the
 connection is closed, which releases the lock server-side.
 
-:class:`RoleLockBackend` is the protocol; the state helper backs it with Redis
-(``SET NX PX`` with a random token) for CockroachDB, which has no advisory locks.
+:class:`RoleLockBackend` is the protocol; the Provisioner accepts another implementation
+(``lock_backend``), but none ships: CockroachDB, which has no advisory locks, is refused.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Raw SQL grants: render the two template variables, then validate the final text (SPEC §6).
+"""Raw SQL grants: render the two template variables, then validate the final text (docs/policy.md).
 
 There is no template logic. ``{{.Role}}`` and ``{{.Database}}`` are replaced,
 in one pass, by double-quoted identifiers; any other ``{{...}}`` is an error.
@@ -352,7 +352,7 @@ DATABASE_LEVEL: Final = ""
 
 
 def touched_schemas(statements: Sequence[str]) -> set[str]:
-    """Schemas that validated statements change ACLs in (for the group locks of SPEC §5).
+    """Schemas that validated statements change ACLs in (for the group locks, docs/design.md).
 
     Database-level forms (``ON DATABASE``, ``ALTER DEFAULT PRIVILEGES`` without
     ``IN SCHEMA``) are reported as :data:`DATABASE_LEVEL` (the empty string).

@@ -5,6 +5,10 @@ Before a connection gets its task, its source address must have fewer than
 ``[admission] max_handshakes_per_address`` connections still in their handshake; one more is
 answered with FATAL 53300 and closed. A transient ``accept()`` error (out of file descriptors
 or memory) waits a bounded, doubling back-off, is counted, and is logged once per burst.
+
+A listener's settings live in :class:`CurrentContext`: each accepted connection takes the
+context current at its accept and keeps it to its end, so a reload that swaps the context
+applies to new connections at once and never changes a session half-way through.
 """
 
 from __future__ import annotations
@@ -33,6 +37,49 @@ TOO_MANY_HANDSHAKES = build_error_response(
 )
 
 
+class CurrentContext:
+    """One listener's current :class:`ListenerContext` (a reload swaps it), and how many
+    connection tasks each context, current or earlier, still runs."""
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.current = ctx
+        self._tasks: dict[ListenerContext, int] = {}
+        self._changed = trio.Event()
+
+    @property
+    def name(self) -> str:
+        return self.current.listener.name
+
+    def tasks(self, ctx: ListenerContext | None = None) -> int:
+        """Connection tasks of ``ctx`` (of every context when None)."""
+        if ctx is None:
+            return sum(self._tasks.values())
+        return self._tasks.get(ctx, 0)
+
+    def contexts(self) -> list[ListenerContext]:
+        """The current context and every earlier one with a connection task left."""
+        return [self.current, *(c for c in self._tasks if c is not self.current)]
+
+    def enter(self) -> ListenerContext:
+        ctx = self.current
+        self._tasks[ctx] = self._tasks.get(ctx, 0) + 1
+        return ctx
+
+    def leave(self, ctx: ListenerContext) -> None:
+        left = self._tasks.get(ctx, 0) - 1
+        if left > 0:
+            self._tasks[ctx] = left
+        else:
+            self._tasks.pop(ctx, None)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_idle(self, ctx: ListenerContext | None = None) -> None:
+        """Until ``ctx`` (every context, when None) has no connection task left."""
+        while self.tasks(ctx):
+            await self._changed.wait()
+
+
 async def open_listener(ctx: ListenerContext) -> list[trio.SocketListener]:
     host, port = ctx.listener.listen_address
     return await trio.open_tcp_listeners(port, host=host or None)
@@ -51,12 +98,19 @@ def peer_address(stream: trio.SocketStream) -> str:
 
 
 async def accept_loop(
-    ctx: ListenerContext, listener: trio.SocketListener, sessions: trio.Nursery
+    current: ListenerContext | CurrentContext,
+    listener: trio.SocketListener,
+    sessions: trio.Nursery,
 ) -> None:
-    name = ctx.listener.name
+    """Accept on ``listener`` until cancelled; each connection runs in ``sessions`` with the
+    context current at its accept."""
+    holder = current if isinstance(current, CurrentContext) else CurrentContext(current)
+    name = holder.name
+    ctx = holder.current
     admission = ctx.admission
 
     async def admit(stream: trio.SocketStream) -> None:
+        ctx = holder.current
         source = peer_address(stream)
         ticket = admission.handshakes.enter(source)
         if ticket is None:
@@ -66,7 +120,7 @@ async def accept_loop(
             )
             sessions.start_soon(_turn_away, stream)
             return
-        sessions.start_soon(_serve, ctx, stream, ticket)
+        sessions.start_soon(_serve, holder, stream, ticket)
 
     await accept_forever(
         listener,
@@ -111,11 +165,15 @@ async def accept_forever(
         await admit(stream)
 
 
-async def _serve(ctx: ListenerContext, stream: trio.SocketStream, ticket: HandshakeTicket) -> None:
+async def _serve(
+    holder: CurrentContext, stream: trio.SocketStream, ticket: HandshakeTicket
+) -> None:
+    ctx = holder.enter()
     try:
         await serve_connection(ctx, stream, ticket.release)
     finally:
         ticket.release()
+        holder.leave(ctx)
 
 
 async def _turn_away(stream: trio.SocketStream) -> None:

@@ -1,4 +1,4 @@
-"""Live sessions (for revalidation, drain and metrics) and the short refusal cache (SPEC §4 step 8)."""
+"""Live sessions (for revalidation, drain and metrics) and the short refusal cache (docs/protocol.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import trio
 
 from waypoint.errors import Refusal
 from waypoint.grants.model import EffectiveGrant, Preset
+from waypoint.grants.naming import RoleOwner
 from waypoint.identity.model import Identity
 from waypoint.pgwire import build_error_response
 from waypoint.proxy.relay import RelayControl
@@ -45,6 +46,9 @@ class LiveSession:
     #: The ``max_conn_duration`` timer's scope; revalidation moves its deadline.
     duration_scope: trio.CancelScope | None = None
     _pending_end: Refusal | None = None
+    #: The listener context that accepted it (after a reload, maybe no longer the current one:
+    #: its backend and provisioner stay the session's own).
+    owner: object | None = attrs.field(default=None, kw_only=True)
 
     def attach(self, relay: RelayControl) -> None:
         self.relay = relay
@@ -158,18 +162,29 @@ class LoginGuess:
     database: str
     parameters: tuple[tuple[str, str], ...]  # sorted
     protocol: tuple[int, int]
+    #: The caller that role was that time: the early login uses a cached secret only if it is
+    #: still that caller's (``Provisioner.peek``).
+    owner: RoleOwner | None = None
 
     @staticmethod
     def of(
-        role: str, database: str, parameters: Mapping[str, str], protocol: tuple[int, int]
+        role: str,
+        database: str,
+        parameters: Mapping[str, str],
+        protocol: tuple[int, int],
+        owner: RoleOwner | None = None,
     ) -> LoginGuess:
-        return LoginGuess(role, database, tuple(sorted(parameters.items())), protocol)
+        return LoginGuess(role, database, tuple(sorted(parameters.items())), protocol, owner)
 
     def same_session(
         self, database: str, parameters: Mapping[str, str], protocol: tuple[int, int]
     ) -> bool:
         """Whether a new connection asks for the session this guess was made for."""
-        return self == LoginGuess.of(self.role, database, parameters, protocol)
+        return (self.database, self.parameters, self.protocol) == (
+            database,
+            tuple(sorted(parameters.items())),
+            protocol,
+        )
 
 
 class WarmPeers:

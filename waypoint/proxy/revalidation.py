@@ -9,7 +9,7 @@ of other instances, orphans of a crashed one, direct logins with a self-set pass
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import trio
 
@@ -20,6 +20,7 @@ from waypoint.grants.model import EffectiveGrant
 from waypoint.identity.model import Identity, IdentityError
 from waypoint.observability.log import get_logger
 from waypoint.provision.backends import cancel_role_statements, terminate_role_backends
+from waypoint.provision.engine import Provisioner
 from waypoint.proxy.registry import LiveSession, SessionRegistry
 from waypoint.proxy.session import ListenerContext, set_duration_deadline
 from waypoint.state.base import SlotUsage
@@ -29,9 +30,15 @@ log = get_logger("revalidation")
 # A pass never takes longer than this (each LocalAPI call and admin statement has its own bound).
 PASS_BOUND = 60.0
 
+#: Which context revalidates a session (after a reload: the listener's current settings, with
+#: the provisioner of the backend the session is on). Default: the listener's current context.
+ContextFor = Callable[[LiveSession], ListenerContext | None]
+
 
 async def revalidate_once(
-    contexts: Mapping[str, ListenerContext], registry: SessionRegistry
+    contexts: Mapping[str, ListenerContext],
+    registry: SessionRegistry,
+    context_for: ContextFor | None = None,
 ) -> None:
     sessions = list(registry)
     if not sessions:
@@ -39,15 +46,17 @@ async def revalidate_once(
     any_ctx = next(iter(contexts.values()))
     any_ctx.metrics.revalidation_runs.inc()
     identities: dict[tuple[str, int], Identity | IdentityError] = {}
-    extend: dict[str, set[str]] = {}
-    stripped: set[tuple[str, str]] = set()
-    reconciled: set[tuple[str, str]] = set()
-    cancelled: set[tuple[str, str]] = set()
-    changed_principals: set[tuple[str, str]] = set()
+    # Role work is keyed by the provisioner too: after a reload that moved a listener's
+    # backend, its earlier sessions' roles live on the backend they were opened on.
+    extend: dict[Provisioner, tuple[str, set[str]]] = {}
+    stripped: dict[tuple[str, str, Provisioner], ListenerContext] = {}
+    reconciled: set[tuple[str, str, Provisioner]] = set()
+    cancelled: set[tuple[str, str, Provisioner]] = set()
+    changed_principals: dict[tuple[str, str], ListenerContext] = {}
     for live in sessions:
         if live.ended_by is not None or live.closing:
             continue
-        ctx = contexts.get(live.listener)
+        ctx = context_for(live) if context_for is not None else contexts.get(live.listener)
         if ctx is None:
             continue
         found = identities.get(live.peer)
@@ -78,10 +87,10 @@ async def revalidate_once(
             preset_cap=live.preset_cap,
             allow_raw_sql=ctx.allow_raw_sql,
         )
+        key = (live.listener, live.role, ctx.provisioner)
         if isinstance(grant, Refusal):
-            key = (live.listener, live.role)
             if key not in stripped:
-                stripped.add(key)
+                stripped[key] = ctx
                 try:
                     await ctx.provisioner.strip(live.role)
                 except Exception as exc:
@@ -90,9 +99,8 @@ async def revalidate_once(
             continue
         live.identity = found
         if grant == live.grant:
-            extend.setdefault(live.listener, set()).add(live.role)
+            extend.setdefault(ctx.provisioner, (live.listener, set()))[1].add(live.role)
             continue
-        key = (live.listener, live.role)
         if key not in reconciled:
             try:
                 await ctx.provisioner.reconcile(found, grant)
@@ -119,17 +127,17 @@ async def revalidate_once(
         old = live.grant
         live.grant = grant
         _apply_limits(live, old)
-        changed_principals.add((live.listener, live.identity.principal))
-        extend.setdefault(live.listener, set()).add(live.role)
+        changed_principals.setdefault((live.listener, live.identity.principal), ctx)
+        extend.setdefault(ctx.provisioner, (live.listener, set()))[1].add(live.role)
     # Every backend of a role whose grant is gone ends, wherever it came from. This
     # instance's own sessions of it end through their session's end (FATAL first).
-    for listener, role in sorted(stripped):
-        await _end_role_backends(contexts[listener], registry, role)
-    for listener, principal in sorted(changed_principals):
-        await _enforce_max_conns(contexts[listener], registry, principal)
-    for listener, roles in extend.items():
+    for (_, role, _), ctx in sorted(stripped.items(), key=lambda kv: kv[0][:2]):
+        await _end_role_backends(ctx, registry, role)
+    for (_, principal), ctx in sorted(changed_principals.items(), key=lambda kv: kv[0]):
+        await _enforce_max_conns(ctx, registry, principal)
+    for provisioner, (listener, roles) in extend.items():
         try:
-            await contexts[listener].provisioner.extend_validity(roles)
+            await provisioner.extend_validity(roles)
         except Exception as exc:
             log.error("extend_validity_failed", listener=listener, error=str(exc))
 
@@ -230,7 +238,10 @@ def _conn_limit(live: LiveSession, scope: str) -> int:
 
 
 async def revalidation_loop(
-    contexts: Mapping[str, ListenerContext], registry: SessionRegistry, interval: float
+    contexts: Mapping[str, ListenerContext],
+    registry: SessionRegistry,
+    interval: float,
+    context_for: ContextFor | None = None,
 ) -> None:
     if interval <= 0:
         return
@@ -238,7 +249,7 @@ async def revalidation_loop(
         await trio.sleep(interval)
         with trio.move_on_after(max(PASS_BOUND, interval)) as scope:
             try:
-                await revalidate_once(contexts, registry)
+                await revalidate_once(contexts, registry, context_for)
             except Exception as exc:
                 log.error("revalidation_pass_failed", exc_info=True, error=str(exc))
         if scope.cancelled_caught:

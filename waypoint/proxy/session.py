@@ -1,4 +1,4 @@
-"""One client connection, start to end (SPEC §4): first packet, TLS, identity, grant, slot,
+"""One client connection, start to end (docs/protocol.md): first packet, TLS, identity, grant, slot,
 provisioning, backend login, relay, and the one log line when it ends.
 
 Every step before the relay runs inside one cancel scope bounded by ``handshake_timeout``.
@@ -552,8 +552,10 @@ async def _authorize_and_connect(
             ctx, client, startup, database, cap, forward, prefetch, conn_id, log, out
         )
         established = True
-        role = result[3].role
-        ctx.warm_peers.mark(client.peer[0], LoginGuess.of(role, database, forward, protocol))
+        live = result[3]
+        owner = ctx.provisioner.owner_of(live.identity, live.grant)
+        guess = LoginGuess.of(live.role, database, forward, protocol, owner)
+        ctx.warm_peers.mark(client.peer[0], guess)
         return result
     finally:
         if not established:
@@ -581,7 +583,7 @@ def _plan_prefetch(
     guess = ctx.warm_peers.guess(peer_ip)
     login = None
     if guess is not None and guess.same_session(database, forward, protocol):
-        creds = ctx.provisioner.peek(guess.role)
+        creds = ctx.provisioner.peek(guess.role, guess.owner)
         if creds is not None:
             login = _backend_login(ctx, creds, database, forward, protocol)
     return BackendPrefetch(ctx.listener, ctx.backend_ssl, ctx.metrics, login)
@@ -709,6 +711,7 @@ async def _establish(
         role=role,
         started=trio.current_time(),
         backend_pid=start.key.pid if start.key is not None else None,
+        owner=ctx,
     )
     ctx.registry.add(live)
     return backend, start, lease, live
@@ -717,7 +720,7 @@ async def _establish(
 def _client_negotiation(
     startup: StartupMessage, backend_npv: NegotiateProtocolVersion | None
 ) -> NegotiateProtocolVersion | None:
-    """The one NegotiateProtocolVersion the client gets, if something changed (SPEC §4 step 1)."""
+    """The one NegotiateProtocolVersion the client gets, if something changed (docs/protocol.md)."""
     requested = startup.protocol[1]
     asked_backend = min(requested, MAX_MINOR)
     backend_minor = backend_npv.newest_minor if backend_npv is not None else asked_backend

@@ -1,6 +1,6 @@
 """Client-side TLS for listeners: certificate choice by SNI, Tailscale certificates, ClientHello peeking.
 
-Certificate choice (SPEC §4): the file certificate when the SNI matches one of its names or no
+Certificate choice (docs/localapi.md): the file certificate when the SNI matches one of its names or no
 SNI was sent; with ``use_tailscale_tls``, a Tailscale certificate fetched through the LocalAPI
 for a name this node can hold (cached, renewed ahead of expiry; a failed fetch falls back to a
 still-valid cached one). ALPN ``postgresql`` is offered on every context.

@@ -511,6 +511,10 @@ class Reaper:
         failed: list[Failure],
         retired: list[str],
     ) -> None:
+        if outcome in ("dropped", "retired"):
+            # Its secret and any caller-to-name mapping pointing at it are stale: the next
+            # connection resolves its name again (the marker decides whose it is).
+            self._prov.forget(role)
         if outcome == "dropped":
             dropped.append(role)
             self._log.info("role_dropped", role=role)

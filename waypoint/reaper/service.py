@@ -5,7 +5,7 @@ then drops roles. :func:`sweep_orphans_at_start` is the one sweep ``run`` makes 
 accepts connections.
 
 Proxy types are imported for type checking only: the reaper does not depend on the proxy
-at run time (ARCHITECTURE.md).
+at run time (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -125,6 +125,11 @@ class Health:
     def add_check(self, name: str, check: Check) -> None:
         self._checks[name] = check
 
+    def remove_check(self, name: str) -> None:
+        """Stop running ``name`` (a listener a reload removed)."""
+        self._checks.pop(name, None)
+        self._last_ok.pop(name, None)
+
     # -- the background tasks ----------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -7,6 +7,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -26,6 +27,9 @@ from waypoint.state.base import (
 )
 from waypoint.state.memory import MemoryStateStore
 
+if TYPE_CHECKING:
+    from waypoint.state.redis_store import RedisStateStore
+
 __all__ = [
     "LIMIT_TOTAL",
     "LIMIT_USER",
@@ -44,6 +48,17 @@ __all__ = [
 
 # Worker threads (and pooled Redis connections) per instance.
 REDIS_THREADS = 16
+
+
+class _ConnectHook:
+    """Forwards redis-py's "new connection" to the store (made before the store exists)."""
+
+    def __init__(self) -> None:
+        self.store: RedisStateStore | None = None
+
+    def __call__(self) -> None:
+        if self.store is not None:
+            self.store.note_new_connection()
 
 
 def default_instance_id() -> str:
@@ -68,23 +83,19 @@ async def open_state(
         return
     if cfg.backend != "redis":
         raise ValueError(f'[state] backend must be "memory" or "redis", not {cfg.backend!r}')
-    if not cfg.url:
-        raise ValueError('[state] backend = "redis" needs [state] url')
     if cfg.lease <= 0:
         raise ValueError("[state] lease must be positive")
 
-    import redis  # only when configured
-
-    from waypoint.state.redis_store import KeyLayout, RedisStateStore
-
-    pool = redis.BlockingConnectionPool.from_url(
-        cfg.url,
-        max_connections=REDIS_THREADS,
-        timeout=op_timeout,
-        socket_timeout=op_timeout,
-        socket_connect_timeout=min(1.0, op_timeout),
+    from waypoint.state.redis_store import (  # only when configured
+        KeyLayout,
+        RedisStateStore,
+        make_client,
     )
-    client = redis.Redis(connection_pool=pool)
+
+    hook = _ConnectHook()
+    client = make_client(
+        cfg, max_connections=REDIS_THREADS, op_timeout=op_timeout, on_connect=hook
+    )
     store = RedisStateStore(
         client,
         KeyLayout(cfg.key_prefix),
@@ -93,7 +104,9 @@ async def open_state(
         trio.CapacityLimiter(REDIS_THREADS),
         op_timeout,
     )
+    hook.store = store
     try:
+        await store.warm_up()
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run_maintenance)
             try:

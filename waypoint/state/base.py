@@ -18,7 +18,7 @@ from attrs import define, field, frozen
 
 from waypoint.errors import Refusal
 
-# The names a refusal gives each limit (SPEC §3 scopes).
+# The names a refusal gives each limit (docs/policy.md#limits).
 LIMIT_USER = "max_conns (all listeners)"
 LIMIT_TOTAL = "max_conns_total"
 

@@ -14,23 +14,38 @@ that failed), and refreshes ``{prefix}instance:<id>``.
 One user's keys share a cluster hash tag (``{<principal>}``) and are changed by one script;
 the deployment total lives on its own key and is changed by a second script, so no script
 ever touches two cluster slots.
+
+Where Redis is (:func:`make_client`): one server (``url``), a Sentinel-managed master
+(``sentinels``), or a Redis Cluster (``cluster = true``), each through redis-py's own sync
+client. None of them retries a command: a script whose answer was lost may have run, and
+running it again would count twice; the store marks the keys for repair instead. Every new
+connection (a restart, a failover, a topology change) may reach a server that lost the last
+acknowledged writes, so it makes the store re-assert everything it holds.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import redis
+import redis.cluster
+import redis.sentinel
 import trio
 from attrs import define, field
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisClusterException
+from redis.retry import Retry
 
 from waypoint import errors
+from waypoint.config.model import StateConfig, split_host_port
 from waypoint.errors import Refusal
 from waypoint.state.base import (
     LIMIT_TOTAL,
@@ -51,8 +66,14 @@ log = logging.getLogger("waypoint.state")
 
 T = TypeVar("T")
 
-# What "Redis is unavailable" looks like from here.
-UNAVAILABLE: tuple[type[BaseException], ...] = (redis.RedisError, OSError, trio.TooSlowError)
+# What "Redis is unavailable" looks like from here. RedisClusterException (no cluster node
+# answers, or the slot table is incomplete) is not a RedisError.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    redis.RedisError,
+    RedisClusterException,
+    OSError,
+    trio.TooSlowError,
+)
 
 _RETRY_MIN = 0.05
 # Longest cancel-key value read back (an encoded CancelTarget is far shorter).
@@ -111,8 +132,12 @@ end
 """
 
 # KEYS: limit keys (one cluster slot). ARGV: instance, lease_ms, epoch, limit per key (0 =
-# none). Returns {0, 0} when granted (every key incremented), {-1, 0} when stale (fenced),
-# else {index of the full key, count}.
+# none), then per key 1 if this instance holds sessions there (optional; 0 = no check).
+# Returns {0, 0} when granted (every key incremented), {-1, 0} when stale (fenced), {-2, 0}
+# when a key this instance holds sessions on has no live entry of it (Redis lost writes it
+# acknowledged: a restart, a failover; or the entry's lease ran out), else {index of the
+# full key, count}. Only acquires and re-assertions write e:, and nothing but its expiry
+# removes it, so the check holds whatever order this instance's concurrent scripts run in.
 ACQUIRE_LUA = (
     _NOW_MS
     + _LIVE_COUNT
@@ -121,6 +146,12 @@ ACQUIRE_LUA = (
 local iid, lease, epoch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 for _, key in ipairs(KEYS) do
   if fenced(key, iid, epoch) then return {-1, 0} end
+end
+for i, key in ipairs(KEYS) do
+  if (tonumber(ARGV[3 + #KEYS + i]) or 0) > 0 then
+    local until_ms = tonumber(redis.call('HGET', key, 'e:' .. iid) or '0')
+    if until_ms < now then return {-2, 0} end
+  end
 end
 for i, key in ipairs(KEYS) do
   local limit = tonumber(ARGV[3 + i])
@@ -211,6 +242,183 @@ return 0
 """
 
 
+class RedisClient(Protocol):
+    """The commands the store sends: what ``redis.Redis`` (one server or a Sentinel-managed
+    master) and ``redis.cluster.RedisCluster`` have in common."""
+
+    def set(
+        self, name: str, value: str, *, px: int | None = None, nx: bool = False
+    ) -> Any: ...
+
+    def delete(self, *names: str) -> Any: ...
+
+    def getrange(self, key: str, start: int, end: int) -> Any: ...
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: str | int) -> Any: ...
+
+    def script_load(self, script: bytes) -> Any: ...
+
+    def ping(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+ConnectHook = Callable[[], None]
+
+
+class LazyClusterClient:
+    """A ``RedisCluster`` made at its first use, in a worker thread.
+
+    redis-py's cluster client reads the slot table from a seed node when it is created, so
+    making it where the store is opened would block the event loop and fail the start when
+    the cluster is down; here a call made while no seed answers fails like any unavailable
+    Redis (the store refuses connections) and the next call tries again."""
+
+    def __init__(self, make: Callable[[], redis.cluster.RedisCluster]) -> None:
+        self._make = make
+        self._lock = threading.Lock()
+        self._client: redis.cluster.RedisCluster | None = None
+        self._closed = False
+
+    def _get(self) -> redis.cluster.RedisCluster:
+        with self._lock:
+            if self._closed:
+                raise redis.ConnectionError("the Redis Cluster client is closed")
+            if self._client is None:
+                self._client = self._make()
+            return self._client
+
+    def set(self, name: str, value: str, *, px: int | None = None, nx: bool = False) -> Any:
+        return self._get().set(name, value, px=px, nx=nx)
+
+    def delete(self, *names: str) -> Any:
+        return self._get().delete(*names)
+
+    def getrange(self, key: str, start: int, end: int) -> Any:
+        return self._get().getrange(key, start, end)
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: str | int) -> Any:
+        return self._get().evalsha(sha, numkeys, *keys_and_args)
+
+    def script_load(self, script: bytes) -> Any:
+        return self._get().script_load(script)  # to every primary
+
+    def ping(self) -> Any:
+        return self._get().ping()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+def _no_retry() -> Retry:
+    return Retry(NoBackoff(), 0)
+
+
+def make_client(
+    cfg: StateConfig, *, max_connections: int, op_timeout: float, on_connect: ConnectHook
+) -> RedisClient:
+    """The redis-py client for ``cfg`` (one server, Sentinel or Cluster). ``on_connect``
+    runs in the connecting thread after every new connection to a Redis server."""
+
+    def plain_hook(conn: Any) -> None:  # redis_connect_func replaces the handshake
+        conn.on_connect()
+        on_connect()
+
+    def cluster_hook(_conn: Any) -> None:  # RedisCluster runs it after its handshake
+        on_connect()
+
+    timeouts: dict[str, Any] = {
+        "socket_timeout": op_timeout,
+        "socket_connect_timeout": min(1.0, op_timeout),
+    }
+    mode = cfg.redis_mode
+    if mode == "url":
+        if not cfg.url:
+            raise ValueError('[state] backend = "redis" needs [state] url')
+        pool = redis.BlockingConnectionPool.from_url(
+            cfg.url,
+            max_connections=max_connections,
+            timeout=op_timeout,
+            retry=_no_retry(),
+            redis_connect_func=plain_hook,
+            **timeouts,
+        )
+        return redis.Redis(connection_pool=pool, retry=_no_retry())
+    credentials: dict[str, Any] = {"username": cfg.username, "password": cfg.password}
+    tls: dict[str, Any] = {}
+    if cfg.tls:
+        tls = {
+            "ssl": True,
+            "ssl_cert_reqs": "required",
+            "ssl_check_hostname": True,
+            "ssl_ca_certs": cfg.tls_ca_file,
+        }
+    if mode == "sentinel":
+        if not cfg.service_name:
+            raise ValueError("[state] sentinels needs [state] service_name")
+        sentinel = redis.sentinel.Sentinel(
+            [split_host_port(a) for a in cfg.sentinels],
+            sentinel_kwargs={"password": cfg.sentinel_password, **tls, **timeouts},
+            **timeouts,
+        )
+        # SentinelConnectionPool does not block for a free connection; the store's capacity
+        # limiter already keeps the calls (and so the connections) to max_connections.
+        client: redis.Redis = sentinel.master_for(
+            cfg.service_name,
+            max_connections=max_connections,
+            retry=_no_retry(),
+            redis_connect_func=plain_hook,
+            **credentials,
+            **tls,
+            **timeouts,
+        )
+        return client
+    if not cfg.nodes:
+        raise ValueError("[state] cluster = true needs [state] nodes")
+    # (redis-py leaves ClusterNode's constructor unannotated.)
+    seeds = [
+        redis.cluster.ClusterNode(*split_host_port(a))  # type: ignore[no-untyped-call]
+        for a in cfg.nodes
+    ]
+
+    def make() -> redis.cluster.RedisCluster:
+        return redis.cluster.RedisCluster(
+            startup_nodes=seeds,
+            retry=_no_retry(),
+            max_connections=max_connections,
+            redis_connect_func=cluster_hook,
+            **credentials,
+            **tls,
+            **timeouts,
+        )
+
+    return LazyClusterClient(make)
+
+
+# What _change_once returns when an acquire found Redis missing this instance's counts.
+_LOST = object()
+
+
+def _script_entry(text: str) -> tuple[bytes, str]:
+    body = text.encode()
+    return body, hashlib.sha1(body, usedforsecurity=False).hexdigest()
+
+
+# Every script, by name: its text and SHA-1 (what EVALSHA names it by).
+SCRIPTS: dict[str, tuple[bytes, str]] = {
+    "acquire": _script_entry(ACQUIRE_LUA),
+    "release": _script_entry(RELEASE_LUA),
+    "reconcile": _script_entry(RECONCILE_LUA),
+    "refresh": _script_entry(REFRESH_LUA),
+    "count": _script_entry(COUNT_LUA),
+    "unlock": _script_entry(UNLOCK_LUA),
+}
+
+
 def _part(text: str) -> str:
     """Encode a key component: braces (cluster hash tags) and '%' can never come from data."""
     return quote(text, safe="@.-_+:=/ ")
@@ -249,6 +457,7 @@ class _Held:
     in_flight: int = 0  # scripts changing the key right now
     dirty: bool = False  # Redis may disagree with ``confirmed``: re-assert it
     reconciling: trio.Event | None = None
+    idle: trio.Event | None = None  # set when in_flight drops to zero (someone waits for it)
 
 
 @define(eq=False)  # a store is a thing, compared by identity
@@ -258,7 +467,7 @@ class RedisStateStore:
     maintenance does not run behaves like an instance that died: its slots expire after
     ``lease``."""
 
-    _client: redis.Redis
+    _client: RedisClient
     _layout: KeyLayout
     _lease: float
     instance_id: str
@@ -271,21 +480,20 @@ class RedisStateStore:
     # Fencing epoch: writes carry the current one, each re-assertion takes a new one. Starts
     # at the wall clock in microseconds, so a restarted process with the same id is newer.
     _epoch: int = field(init=False, factory=lambda: time.time_ns() // 1000)
-    _scripts: dict[str, Any] = field(factory=dict)
     _closed: bool = False
+    # Set from a worker thread when a new connection to Redis was made (see
+    # :meth:`note_new_connection`); read and cleared on the trio side.
+    _reconnected: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self._lease <= 0:
             raise ValueError("[state] lease must be positive")
-        for name, text in (
-            ("acquire", ACQUIRE_LUA),
-            ("release", RELEASE_LUA),
-            ("reconcile", RECONCILE_LUA),
-            ("refresh", REFRESH_LUA),
-            ("count", COUNT_LUA),
-            ("unlock", UNLOCK_LUA),
-        ):
-            self._scripts[name] = self._client.register_script(text)
+
+    def note_new_connection(self) -> None:
+        """Called in a worker thread after each new connection to a Redis server. That server
+        may be a replica just promoted, or a restarted one, missing the writes its predecessor
+        acknowledged last: the next calls re-assert every count this instance holds."""
+        self._reconnected = True
 
     @property
     def _lease_ms(self) -> int:
@@ -294,25 +502,71 @@ class RedisStateStore:
     # -- transport ---------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[[], T], timeout: float | None = None) -> T:
-        with trio.fail_after(self._op_timeout if timeout is None else timeout):
-            return await trio.to_thread.run_sync(fn, limiter=self._limiter, abandon_on_cancel=True)
+        try:
+            with trio.fail_after(self._op_timeout if timeout is None else timeout):
+                return await trio.to_thread.run_sync(
+                    fn, limiter=self._limiter, abandon_on_cancel=True
+                )
+        finally:
+            if self._reconnected:
+                self._reconnected = False
+                self._reassert_all()
+
+    def _reassert_all(self) -> None:
+        """Mark every key this instance holds for re-assertion (a new connection was made)."""
+        for h in self._held.values():
+            h.dirty = True
+        if self._held:
+            self._wake.set()
 
     async def _script(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        script = self._scripts[name]
-        return await self._run(functools.partial(script, keys=list(keys), args=list(args)))
+        text, sha = SCRIPTS[name]
+        client = self._client
+
+        def call() -> Any:
+            try:
+                return client.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:  # a server that has not seen it (restarted, promoted, new)
+                client.script_load(text)
+                return client.evalsha(sha, len(keys), *keys, *args)
+
+        return await self._run(call)
 
     # -- slot bookkeeping --------------------------------------------------------------------
 
-    async def _begin(self, keys: Sequence[str]) -> list[_Held]:
+    async def _begin(self, keys: Sequence[str], *, acquire: bool) -> list[_Held] | None:
+        """Count a script on ``keys`` as in flight, after any re-assertion of them.
+
+        A key marked for repair is re-asserted before a script counts on it (here, once the
+        writes in flight on it have ended), so a key that is never idle under load cannot put
+        its repair off for ever, and no slot is granted against a count this instance knows
+        may be wrong. If that re-assertion fails: an acquire gets what Redis raised (and is
+        refused); a release gets None, is applied locally only, and the re-assertion that
+        follows writes the lower count."""
         while True:
             busy = [
                 h.reconciling
                 for k in keys
                 if (h := self._held.get(k)) is not None and h.reconciling is not None
             ]
-            if not busy:
+            if busy:
+                await busy[0].wait()
+                continue
+            dirty = [(k, h) for k in keys if (h := self._held.get(k)) is not None and h.dirty]
+            if not dirty:
                 break
-            await busy[0].wait()
+            key, h = dirty[0]
+            if h.in_flight > 0:
+                if h.idle is None:
+                    h.idle = trio.Event()
+                await h.idle.wait()
+                continue
+            try:
+                await self._reconcile(key, h)
+            except UNAVAILABLE:
+                if acquire:
+                    raise
+                return None
         held = [self._held.setdefault(k, _Held()) for k in keys]
         for h in held:
             h.in_flight += 1
@@ -325,6 +579,9 @@ class RedisStateStore:
             if not certain:
                 h.dirty = True
                 self._wake.set()
+            if h.in_flight == 0 and h.idle is not None:
+                h.idle.set()
+                h.idle = None
             self._maybe_forget(key, h)
 
     def _maybe_forget(self, key: str, h: _Held) -> None:
@@ -334,16 +591,46 @@ class RedisStateStore:
     async def _change(self, name: str, keys: Sequence[str], limits: Sequence[int] = ()) -> Any:
         """Run the acquire or release script; on success the local count moves with it.
         Returns None if Redis did not answer or the write was fenced (the keys are then marked
-        for repair)."""
-        held = await self._begin(keys)
+        for repair). An acquire that finds Redis lost this instance's counts on a key
+        re-asserts them and tries once more."""
+        for attempt in (1, 2):
+            result = await self._change_once(name, keys, limits)
+            if result is not _LOST:
+                return result
+            if attempt == 2:
+                return None
+        raise AssertionError("unreachable")
+
+    async def _change_once(self, name: str, keys: Sequence[str], limits: Sequence[int]) -> Any:
+        acquire = name == "acquire"
+        began = False
+        try:
+            maybe_held = await self._begin(keys, acquire=acquire)
+            began = True
+        except UNAVAILABLE as exc:  # only an acquire's re-assertion raises
+            log.warning(
+                "shared state (Redis) unavailable re-asserting counts before %s: %s",
+                name,
+                _describe(exc),
+            )
+            return None
+        finally:
+            if not began and not acquire:
+                # Cancelled while waiting (a bounded release): the slot is still gone.
+                self._release_locally(keys)
+        if maybe_held is None:  # a release on keys whose re-assertion failed
+            self._release_locally(keys)
+            return None
+        held = maybe_held
         result: Any = None
         certain = False
         try:
             # The epoch is read after _begin: a re-assertion it waited for has an older one.
             epoch = self._epoch
-            acquire = name == "acquire"
+            # The keys Redis must hold a live entry of this instance on.
+            holds = [1 if h.confirmed > 0 else 0 for h in held]
             args: list[str | int] = (
-                [self.instance_id, self._lease_ms, epoch, *limits]
+                [self.instance_id, self._lease_ms, epoch, *limits, *holds]
                 if acquire
                 else [self.instance_id, epoch]
             )
@@ -352,16 +639,24 @@ class RedisStateStore:
             if fenced:
                 # Not applied: only a write older than a re-assertion can be; repair it.
                 log.warning("shared state (Redis): %s was fenced by a newer re-assertion", name)
+            elif acquire and int(result[0]) == -2:
+                log.warning(
+                    "shared state (Redis) lost this instance's counts (a restart or a "
+                    "failover); re-asserting them before the next acquire"
+                )
+                result = _LOST
             else:
                 certain = True
         except UNAVAILABLE as exc:
             log.warning("shared state (Redis) unavailable during %s: %s", name, _describe(exc))
         finally:
-            if name == "acquire":
+            if acquire:
                 granted = certain and int(result[0]) == 0
                 self._end(keys, held, 1 if granted else 0, certain=certain)
             else:  # release: the slot is gone locally whatever Redis answered
                 self._end(keys, held, -1, certain=certain)
+        if result is _LOST:
+            return _LOST
         return result if certain else None
 
     async def acquire_slot(self, req: SlotRequest) -> SlotLease | Refusal:
@@ -372,7 +667,7 @@ class RedisStateStore:
         total_key = [self._layout.total()]
         res = await self._change("acquire", user_keys, [req.max_user, req.max_user_listener])
         if res is None:
-            return errors.identity_unavailable("shared state (Redis)", "slot acquire failed")
+            return errors.state_unavailable("slot acquire failed")
         if int(res[0]) != 0:
             if int(res[0]) == 1:
                 return errors.limit_reached(LIMIT_USER, req.max_user, f"principal={req.principal}")
@@ -384,9 +679,7 @@ class RedisStateStore:
         try:
             res = await self._change("acquire", total_key, [req.max_total])
             if res is None:
-                refusal = errors.identity_unavailable(
-                    "shared state (Redis)", "total slot acquire failed"
-                )
+                refusal = errors.state_unavailable("total slot acquire failed")
             elif int(res[0]) != 0:
                 refusal = errors.limit_reached(LIMIT_TOTAL, req.max_total)
             else:
@@ -401,18 +694,19 @@ class RedisStateStore:
         self._leases[lease.lease_id] = lease
         return lease
 
-    async def _undo(self, keys: list[str]) -> None:
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(self._op_timeout):
-                await self._change("release", keys)
-                return
-        # Not answered in time: take the slot back locally; maintenance repairs Redis.
+    def _release_locally(self, keys: Sequence[str]) -> None:
+        """A release Redis did not get: count it here; the re-assertion writes it."""
         for key in keys:
-            h = self._held.get(key)
-            if h is not None and h.confirmed > 0:
-                h.confirmed -= 1
-                h.dirty = True
+            h = self._held.setdefault(key, _Held())
+            h.confirmed = max(0, h.confirmed - 1)
+            h.dirty = True
         self._wake.set()
+
+    async def _undo(self, keys: list[str]) -> None:
+        # Shielded and bounded; every way out of a release counts it locally exactly once
+        # (a release that did not reach Redis marks the keys for repair).
+        with trio.CancelScope(shield=True), trio.move_on_after(self._op_timeout):
+            await self._change("release", keys)
 
     async def release_slot(self, lease: SlotLease) -> None:
         if self._leases.pop(lease.lease_id, None) is None:
@@ -619,6 +913,16 @@ class RedisStateStore:
                 "shared state (Redis) unavailable releasing a lock (it expires by its ttl): %s",
                 _describe(exc),
             )
+
+    async def warm_up(self) -> None:
+        """Connect once, bounded by a few call timeouts, so that the first session does not
+        pay for it (a cluster client reads the slot table and the server's command table
+        when it is made, which takes a while on a busy machine). Failure is logged only:
+        the calls that follow fail closed and try again."""
+        try:
+            await self._run(self._client.ping, timeout=3 * self._op_timeout)
+        except UNAVAILABLE as exc:
+            log.warning("shared state (Redis) unavailable at start: %s", _describe(exc))
 
     async def ping(self) -> None:
         """One PING, bounded by the operation timeout (the readiness check). Raises
