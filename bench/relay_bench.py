@@ -1,7 +1,12 @@
 """Relay data-path benchmark: epoll engine vs trio streams vs direct vs PgBouncer.
 
 ``python -m bench.relay_bench [--duration 5] [--rounds 3] [--clients 1,8,32]
-[--systems direct,pgbouncer,engine,streams] [--tls]``
+[--systems direct,pgbouncer,engine,engine-audit,streams] [--tls]``
+
+``engine-audit``: the engine with the statement audit on (``parameters = "hash"``, a
+JSON Lines file in the run's temporary directory, the default queue bound), as ``[audit]``
+makes a session; the table gives its TPS over the engine's without audit
+(``audit on/off``), both from the same run.
 
 ``--tls``: clients speak TLS to the relays and to PgBouncer (``sslmode=require``, a
 throwaway trustme certificate; the backend link stays plain). Both relays do the handshake
@@ -29,6 +34,7 @@ Environment switches for the relay processes (measurement only):
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import shutil
@@ -41,10 +47,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
+from waypoint.audit.session import SessionAudit
+from waypoint.audit.sink import AuditSink, FileWriter
+from waypoint.audit.tracker import AuditTracker
+from waypoint.pgwire import build_error_response
 from waypoint.proxy.relay import RelayEngine, open_relay_engine, relay_streams
 from waypoint.proxy.streams import ServerTLSStream
 
@@ -135,8 +146,27 @@ async def _pass_startup(
                 await backend.send_all(await c.message())
 
 
+def _audit_service(path: str) -> tuple[AuditSink, Callable[[int], SessionAudit]]:
+    sink = AuditSink(FileWriter(path, max_size=1 << 30, keep=1))
+    sink.start()
+    fatal = build_error_response("FATAL", "58030", "audit unavailable")
+
+    def make(conn: int) -> SessionAudit:
+        context = {"instance": "bench", "listener": "bench", "conn_id": f"bench-{conn}",
+                   "client": "127.0.0.1", "login": "bench@example.com", "node": "bench",
+                   "database": "postgres", "role": "postgres"}  # fmt: skip
+        tracker = AuditTracker(context, parameters="hash", wall_clock=time.time)
+        return SessionAudit(tracker, sink, fatal)
+
+    return sink, make
+
+
 async def _serve(
-    mode: str, listen_port: int, backend: tuple[str, int] | str, cert_dir: str | None = None
+    mode: str,
+    listen_port: int,
+    backend: tuple[str, int] | str,
+    cert_dir: str | None = None,
+    audit_file: str | None = None,
 ) -> None:
     listeners = await trio.open_tcp_listeners(listen_port, host="127.0.0.1")
     tls: ssl.SSLContext | None = None
@@ -151,6 +181,11 @@ async def _serve(
         if isinstance(backend, str):
             return await trio.open_unix_socket(backend)
         return await trio.open_tcp_stream(*backend)
+
+    make_audit: Callable[[int], SessionAudit] | None = None
+    if audit_file:
+        _, make_audit = _audit_service(audit_file)
+    conns = itertools.count()
 
     async def engine_conn(engine: RelayEngine, client: trio.SocketStream) -> None:
         backend_stream = await open_backend()
@@ -169,7 +204,8 @@ async def _serve(
             if s.family != socket.AF_UNIX:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            handle = engine.start_relay(c, b, client_tls=handover)
+            audit = make_audit(next(conns)) if make_audit is not None else None
+            handle = engine.start_relay(c, b, client_tls=handover, audit=audit)
             await handle.wait()
         finally:
             c.close()
@@ -192,7 +228,7 @@ async def _serve(
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stop_on_sigterm, scope)
-            if mode == "engine":
+            if mode in ("engine", "engine-audit"):
                 profile_dir = os.environ.get("RELAY_BENCH_PROFILE")
                 engine_cm = open_relay_engine()
                 if profile_dir:
@@ -304,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--systems",
         default="direct,pgbouncer,engine,streams",
-        help="comma-separated subset of direct,pgbouncer,engine,streams",
+        help="comma-separated subset of direct,pgbouncer,engine,engine-audit,streams",
     )
     parser.add_argument("--tls", action="store_true", help="clients speak TLS to the relays")
     parser.add_argument(
@@ -312,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the relays and PgBouncer reach PostgreSQL over its unix socket (clients: TCP)",
     )
-    parser.add_argument("--serve", choices=["engine", "streams"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve", choices=["engine", "engine-audit", "streams"], help=argparse.SUPPRESS
+    )
+    parser.add_argument("--audit-file", help=argparse.SUPPRESS)
     parser.add_argument("--cert-dir", help=argparse.SUPPRESS)
     parser.add_argument("--listen-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend-port", type=int, help=argparse.SUPPRESS)
@@ -320,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.serve:
         backend: tuple[str, int] | str = args.backend_path or ("127.0.0.1", args.backend_port)
-        trio.run(_serve, args.serve, args.listen_port, backend, args.cert_dir)
+        trio.run(_serve, args.serve, args.listen_port, backend, args.cert_dir, args.audit_file)
         return 0
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -328,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
 
     clients = [int(c) for c in args.clients.split(",")]
     wanted = set(args.systems.split(","))
-    unknown = wanted - {"direct", "pgbouncer", "engine", "streams"}
+    unknown = wanted - {"direct", "pgbouncer", "engine", "engine-audit", "streams"}
     if unknown:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
     cluster = PgCluster.start(max_connections=200)
@@ -371,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         if bouncer is not None:
             procs.append(bouncer[0])
             systems["pgbouncer"] = bouncer[1]
-        for mode in ("engine", "streams"):
+        for mode in ("engine", "engine-audit", "streams"):
             if mode not in wanted:
                 continue
             port = _free_port()
@@ -389,6 +428,11 @@ def main(argv: list[str] | None = None) -> int:
                         str(cluster.port),
                         *(["--cert-dir", str(cert_dir)] if cert_dir is not None else []),
                         *(["--backend-path", cluster.socket_path()] if args.backend_unix else []),
+                        *(
+                            ["--audit-file", str(tmp / "audit.jsonl")]
+                            if mode == "engine-audit"
+                            else []
+                        ),
                     ],
                 )
             )
@@ -403,7 +447,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     results.setdefault((name, n), []).append(tps)
                     print(f"round {rnd + 1} clients {n:>2} {name:<9} {tps:>10.0f} tps", flush=True)
-        print("\nclients | " + " | ".join(systems) + " | engine/pgbouncer | engine/direct")
+        print(
+            "\nclients | "
+            + " | ".join(systems)
+            + " | engine/pgbouncer | engine/direct | audit on/off"
+        )
         for n in clients:
             med = {name: statistics.median(results[(name, n)]) for name in systems}
             cells = " | ".join(f"{med[name]:,.0f}" for name in systems)
@@ -412,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
             direct_tps = med.get("direct")
             vs_bouncer = f"{engine / bouncer_tps:.2f}x" if engine and bouncer_tps else "n/a"
             vs_direct = f"{engine / direct_tps:.2f}x" if engine and direct_tps else "n/a"
-            print(f"{n} | {cells} | {vs_bouncer} | {vs_direct}")
+            audited = med.get("engine-audit")
+            on_off = f"{audited / engine:.2f}x" if audited and engine else "n/a"
+            print(f"{n} | {cells} | {vs_bouncer} | {vs_direct} | {on_off}")
     finally:
         for proc in procs:
             proc.terminate()

@@ -528,13 +528,17 @@ class RawSession:
         return self.read_result(timeout=timeout)
 
     def read_until_closed(self, *, timeout: float) -> dict[str, str]:
-        """Without sending anything: the fields of the ErrorResponse Waypoint sends before it
-        closes (AssertionError if it closes without one)."""
+        """Without sending anything: the fields of the FATAL ErrorResponse Waypoint sends before
+        it closes (AssertionError if it closes without one). A statement's ERROR before it is
+        skipped: a revocation can fail the running statement (its grants are gone) before the
+        session's FATAL arrives."""
         self.sock.settimeout(timeout)
         while True:
             kind, payload = self.read_message()
             if kind == b"E":
-                return dict((f[:1].decode(), f[1:].decode()) for f in payload.split(b"\0") if f)
+                fields = dict((f[:1].decode(), f[1:].decode()) for f in payload.split(b"\0") if f)
+                if fields.get("V", fields.get("S")) != "ERROR":
+                    return fields
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

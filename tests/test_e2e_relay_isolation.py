@@ -108,7 +108,10 @@ async def _wait_for_lock_waiters(pg: PgCluster, db: str, count: int) -> None:
 async def _isolation_run(pg: PgCluster, tmp_path: Path, seconds: float) -> None:
     db = create_app_database(pg)
     pg.execute(
-        f"SET ROLE {pg.admin_user}; CREATE TABLE public.sink (sess text, seq int, payload text)",
+        f"SET ROLE {pg.admin_user}; CREATE TABLE public.sink (sess text, seq int, payload text);"
+        # each session reads its own rows back at the end: without an index, a long run
+        # makes that a scan of every session's rows, once per session
+        " CREATE INDEX ON public.sink (sess, seq)",
         dbname=db,
     )
     certs = make_cert_files(tmp_path / "certs")

@@ -738,3 +738,29 @@ def test_lane_tls_methods_are_the_python_record_layer(fd: int) -> None:
     assert lane.tls_own() == b""
     lane.tls_take(b"")  # EOF without close_notify: the end of the stream
     assert lane.tls_decrypt(100) == b""
+
+
+def test_a_relay_has_an_audit_tap_or_a_c_record_layer_never_both() -> None:
+    """The audit tap and the C record layer exclude each other on a relay: a tapped relay's
+    TLS stays in Python (tls_attach says False), and a relay whose TLS runs in C gets no tap."""
+    server_ctx, client_ctx = _tls_contexts()
+    server, client = TlsPeer(server_ctx, True), TlsPeer(client_ctx, False)
+    _handshake(server, client)
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    try:
+        tapped, backend = Lane(a.fileno()), Lane(c.fileno())
+        tapped.link(backend)
+        tapped.tap_enable(256 * 1024)
+        assert tapped.tls_attach(server.obj, server.incoming, server.outgoing) is False
+        assert not tapped.tls_in_c
+        in_c, backend2 = Lane(b.fileno()), Lane(d.fileno())
+        in_c.link(backend2)
+        assert in_c.tls_attach(server.obj, server.incoming, server.outgoing) is True
+        with pytest.raises(RuntimeError, match="audit tap"):
+            in_c.tap_enable(256 * 1024)
+        with pytest.raises(RuntimeError, match="audit tap"):
+            backend2.tap_enable(256 * 1024)
+    finally:
+        for s in (a, b, c, d):
+            s.close()

@@ -41,6 +41,7 @@ from waypoint.state import (
     StateUnavailableError,
     open_state,
 )
+from waypoint.state.console import InstanceRecord, KillRequest, LockRecord, RedisDirectory
 from waypoint.state.redis_store import ACQUIRE_LUA, KeyLayout, RedisStateStore
 
 LEASE = 3.0  # short, so a lost release frees within the test; production uses 30 s
@@ -382,6 +383,30 @@ def test_cluster_refuses_a_script_whose_keys_span_two_slots(
         0,
         0,
     ]
+
+
+async def test_cluster_serves_the_console_records(cluster_servers: RedisClusterServers) -> None:
+    """The console's keys share one hash tag: its MGET of every instance's list, its
+    pipelines and its kill-request transaction run on a cluster (they name several keys)."""
+    prefix = f"wpha:{secrets.token_hex(4)}:"
+    now = time.time()
+    async with open_state(cluster_cfg(cluster_servers.nodes[:1], prefix)) as store:
+        assert isinstance(store, RedisStateStore)
+        d = RedisDirectory(store, time.time)
+        for instance in ("a", "b", "c", "d"):
+            await d.publish(InstanceRecord(instance, now, now), ttl=5)
+        assert sorted(r.instance for r in await d.instances()) == ["a", "b", "c", "d"]
+        await d.withdraw("b")
+        assert sorted(r.instance for r in await d.instances()) == ["a", "c", "d"]
+        await d.request_kill("c", KillRequest("c-1", "admin", "why"))
+        assert await d.take_kills("c") == [KillRequest("c-1", "admin", "why")]
+        assert await d.take_kills("c") == []
+        await d.set_lock(LockRecord("bob", None, "r1", "admin", now, now + 60))
+        await d.set_lock(LockRecord("eve", "box", "r2", "admin", now))
+        assert await d.lock_for("bob", "any") is not None
+        assert await d.lock_for("eve", "other") is None
+        assert sorted(lock.login for lock in await d.locks()) == ["bob", "eve"]
+        assert await d.remove_lock("eve", "box")
 
 
 async def test_cluster_unreachable_fails_closed_and_a_later_seed_is_used(

@@ -7,14 +7,17 @@ from __future__ import annotations
 import functools
 import resource
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
 
 from waypoint import errors
+from waypoint.audit.service import AuditService, open_audit
 from waypoint.config.load import ConfigError, load_config
 from waypoint.config.model import Config, ListenerConfig, split_host_port
+from waypoint.console.activity import backend_states
+from waypoint.console.hub import ConsoleHub
 from waypoint.identity import make_provider
 from waypoint.identity.localapi import LocalAPIClient
 from waypoint.identity.model import IdentityProvider
@@ -107,7 +110,16 @@ async def run(
     provider = make_provider(config.identity)
     service: _Service | None = None
     try:
-        async with open_state(config.state) as state, open_relay_engine() as engine:
+        async with (
+            open_state(config.state) as state,
+            open_audit(
+                config.audit,
+                metrics=metrics,
+                instance=getattr(state, "instance_id", None),
+                log_error=_audit_error,
+            ) as audit,
+            open_relay_engine() as engine,
+        ):
             service = _Service(
                 config,
                 metrics=metrics,
@@ -118,6 +130,7 @@ async def run(
                 state=state,
                 engine=engine,
             )
+            service.audit = audit
             for lst in config.listeners:
                 service.contexts[lst.name] = service.build_context(config, lst, None)
             _add_health_checks(config, health, provider, state, service.contexts)
@@ -171,8 +184,13 @@ class _Service:
         self.provider = provider
         self.state = state
         self.engine = engine
+        #: The statement audit (opened once at start: ``[audit]`` changes need a restart).
+        self.audit: AuditService | None = None
         self.registry = SessionRegistry()
         self.refusals = RefusalCache()
+        #: The console (one per service, every listener's console database); its state
+        #: probe reads the contexts current when it runs, so listeners a reload adds count.
+        self.console = ConsoleHub.for_state(state, self.registry, probe=self._backend_states)
         self.admin_limiter = trio.CapacityLimiter(16)
         self.pbkdf2_limiter = trio.CapacityLimiter(2)
         self.contexts: dict[str, ListenerContext] = {}
@@ -256,6 +274,8 @@ class _Service:
             pbkdf2_limiter=self.pbkdf2_limiter,
             admission=self.admission,
             warm_peers=previous.warm_peers if previous is not None else WarmPeers(),
+            console=self.console,
+            audit=self.audit,
         )
 
     def context_for(self, live: LiveSession) -> ListenerContext | None:
@@ -269,6 +289,11 @@ class _Service:
         if owner is None or owner.provisioner is current.provisioner:
             return current
         return attrs.evolve(current, provisioner=owner.provisioner)
+
+    async def _backend_states(self, sessions: Sequence[LiveSession]) -> dict[str, str]:
+        """The console's ``state`` column: each session's backend asked through the admin
+        pool of the backend it is on (:meth:`context_for`, so after a reload too)."""
+        return await backend_states(self.context_for, sessions)
 
     # -- serving -----------------------------------------------------------------------
 
@@ -321,6 +346,7 @@ class _Service:
         async with trio.open_nursery() as bg:
             self._background = bg
             bg.start_soon(self.admission.run)
+            bg.start_soon(self.console.run)
             for provisioner in set(ctx.provisioner for ctx in self.contexts.values()):
                 self._start_expiry(provisioner)
             self._restart_revalidation()
@@ -821,3 +847,8 @@ async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event, service: 
             shutdown.set()
             if count >= 2:
                 immediate.set()
+
+
+def _audit_error(message: str) -> None:
+    """A failed write to the audit sink (it is retried; sessions wait or close)."""
+    log.error("audit_sink_failed", error=message)

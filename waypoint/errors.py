@@ -189,3 +189,36 @@ def session_limit(which: str, value: str) -> Refusal:
 
 def access_revoked(reason: str) -> Refusal:
     return Refusal(NOT_AUTHORIZED, f"session ended: access revoked on revalidation ({reason})")
+
+
+def console_not_authorized(listener: str, detail: str = "") -> Refusal:
+    return Refusal(
+        NOT_AUTHORIZED,
+        f'not authorized for the Waypoint console on listener "{listener}"',
+        detail,
+        hint='the grant needs "console": "read" or "admin" for this listener',
+    )
+
+
+def killed_by(who: str, reason: str = "") -> Refusal:
+    """A session ended from the console (``KILL``, or a ``LOCK`` on its identity)."""
+    why = f": {reason}" if reason else ""
+    return Refusal(SHUTDOWN, f"session ended by {who} from the Waypoint console{why}")
+
+
+def login_locked(principal: str, who: str, reason: str, until: str) -> Refusal:
+    return Refusal(
+        NOT_AUTHORIZED,
+        f"not authorized: {principal} is locked by {who} (until {until}): {reason}",
+    )
+
+
+AUDIT_UNAVAILABLE = "58030"  # io_error
+
+
+def audit_unavailable() -> Refusal:
+    return Refusal(
+        AUDIT_UNAVAILABLE,
+        "session ended: the statement audit cannot record statements "
+        '(audit sink failing or full, on_error = "close")',
+    )

@@ -21,6 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("waypoint.cli.check", "validate a config file and print the effective configuration"),
     "explain": ("waypoint.cli.explain", "show how a grant evaluates for an identity"),
     "roles": ("waypoint.cli.roles", "list or reap the roles Waypoint created"),
+    "sessions": ("waypoint.cli.sessions", "list or end live sessions through a listener's console"),
+    "lock": ("waypoint.cli.lock", "lock a login out, unlock it, or list locks (console)"),
+    "audit": ("waypoint.cli.audit", "verify or search statement audit files"),
     "demo": ("waypoint.cli.demo", "run everything locally: throwaway PostgreSQL, static identity, Waypoint"),
 }
 

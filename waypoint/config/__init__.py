@@ -8,6 +8,7 @@ from waypoint.config.load import (
 )
 from waypoint.config.model import (
     AdmissionConfig,
+    AuditConfig,
     Config,
     DefaultsConfig,
     IdentityConfig,
@@ -26,6 +27,7 @@ from waypoint.config.units import format_duration, format_size, parse_duration, 
 
 __all__ = [
     "AdmissionConfig",
+    "AuditConfig",
     "Config",
     "ConfigError",
     "ConfigProblem",

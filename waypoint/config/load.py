@@ -448,6 +448,17 @@ def _validate(cfg: Config) -> list[tuple[KeyPath, str]]:
     if cfg.metrics.readiness_timeout <= 0:
         out.append((("metrics", "readiness_timeout"), "must be greater than 0s"))
 
+    # audit
+    audit = cfg.audit
+    if audit.enabled and audit.sink == "file" and not audit.file:
+        out.append((("audit", "file"), 'sink = "file" requires file (e.g. "/var/log/waypoint/audit.jsonl")'))
+    if audit.max_size < 1024:
+        out.append((("audit", "max_size"), "must be at least 1KiB"))
+    if audit.keep < 0:
+        out.append((("audit", "keep"), "must not be negative"))
+    if audit.max_statement_bytes < 64:
+        out.append((("audit", "max_statement_bytes"), "must be at least 64 bytes"))
+
     # listeners
     if not cfg.listeners:
         out.append((("listeners",), "at least one [[listeners]] table is required"))
@@ -519,6 +530,11 @@ def _validate_listener(cfg: Config, i: int, lst: ListenerConfig) -> list[tuple[K
                 'tls_mode = "require" needs a certificate: set cert_file and key_file, or use_tailscale_tls = true',
             )
         )
+
+    if not lst.console_database or len(lst.console_database.encode()) > 63:
+        out.append(((*base, "console_database"), "must be 1 to 63 bytes long"))
+    elif lst.console_database in ("template0", "template1", lst.postgres.admin_database):
+        out.append(((*base, "console_database"), "must not name a template or the admin_database"))
 
     pg = lst.postgres
     pbase: KeyPath = (*base, "postgres")

@@ -19,6 +19,9 @@ BackendTls = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
 PasswordEncryption = Literal["auto", "scram-sha-256", "md5"]
 StateBackend = Literal["memory", "redis"]
 ListenerMode = Literal["postgres"]
+AuditSinkName = Literal["file", "stdout"]
+AuditParameters = Literal["none", "hash", "full"]
+AuditOnError = Literal["block", "close"]
 LogFormat = Literal["human", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -120,6 +123,22 @@ class AdmissionConfig:
 
 
 @frozen
+class AuditConfig:
+    """Statement audit (off by default): every statement, with who sent it."""
+
+    enabled: bool = False
+    sink: AuditSinkName = "file"
+    file: str | None = None
+    # Past this size the file is rotated (file.1 ... file.<keep>).
+    max_size: int = field(default=100 * 1024 * 1024, metadata={"unit": "size"})
+    keep: int = 10
+    parameters: AuditParameters = "none"
+    # Statement texts and parameters longer than this are cut (marked, with their SHA-256).
+    max_statement_bytes: int = field(default=64 * 1024, metadata={"unit": "size"})
+    on_error: AuditOnError = "block"
+
+
+@frozen
 class MetricsConfig:
     listen: str | None = None
     # Bound on each /readyz dependency check (they run concurrently): one without an answer
@@ -190,6 +209,8 @@ class ListenerConfig:
     key_file: str | None = None
     backend_tls: BackendTls = "prefer"
     backend_ca_file: str | None = None
+    #: The virtual database Waypoint itself answers on this listener (the console).
+    console_database: str = "waypoint"
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -217,6 +238,7 @@ class Config:
     state: StateConfig = field(factory=StateConfig)
     admission: AdmissionConfig = field(factory=AdmissionConfig)
     metrics: MetricsConfig = field(factory=MetricsConfig)
+    audit: AuditConfig = field(factory=AuditConfig)
     log: LogConfig = field(factory=LogConfig)
     # ``waypoint run`` writes its process id here (``waypoint reload`` signals it); unset: none.
     pid_file: str | None = None

@@ -258,3 +258,24 @@ def evaluate(
         preset_cap=preset_cap,
         allow_raw_sql=allow_raw_sql,
     ).result
+
+
+def console_access(identity: Identity, listener: str) -> str | Refusal:
+    """The console access ``identity`` has on ``listener``: ``"admin"`` or ``"read"`` (the
+    highest any applying rule gives), or the refusal (``28000``) when no rule gives any, or
+    the rules are malformed."""
+    try:
+        parsed = parse_rules(list(identity.rules))
+    except RuleError as exc:
+        return errors.bad_grant(exc.problems[0], detail="; ".join(exc.problems))
+    levels = {
+        entry.console
+        for rule in parsed.rules
+        for name, entry in rule.backends.items()
+        if name == listener and entry.console is not None
+    }
+    if "admin" in levels:
+        return "admin"
+    if "read" in levels:
+        return "read"
+    return errors.console_not_authorized(listener)

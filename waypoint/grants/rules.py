@@ -6,7 +6,8 @@ Shape of one rule::
      "backends": {LISTENER: {"pg": {"databases": {DB_OR_*: {"permissions": [...],
                                                           "schemas": [...],
                                                           "sql": [...]}}},
-                             "limits": {...}}}}
+                             "limits": {...},
+                             "console": "read" | "admin"}}}
 
 :func:`parse_rules` structures a list of such objects with a strict cattrs
 converter. Unknown fields are tolerated and reported once per field name as
@@ -98,6 +99,8 @@ class BackendRule:
 
     pg: PgRule | None = None
     limits: RuleLimits = attrs.field(factory=RuleLimits)
+    #: Access to the listener's console database: "read" (SHOW) or "admin" (also KILL, LOCK).
+    console: str | None = None
 
 
 @frozen
@@ -194,6 +197,17 @@ def _structure_preset(obj: object, _: type) -> Preset:
     return preset_from_name(obj)
 
 
+CONSOLE_LEVELS: tuple[str, ...] = ("read", "admin")
+
+
+def _structure_console(obj: object, _: Any) -> str:
+    if not isinstance(obj, str):
+        raise TypeError(f"expected a string, got {_type_name(obj)}")
+    if obj not in CONSOLE_LEVELS:
+        raise ValueError(f'expected "read" or "admin", got {obj!r}')
+    return obj
+
+
 T = TypeVar("T")
 
 
@@ -203,7 +217,8 @@ _FIELD_HOOKS: dict[type, dict[str, Callable[[object, Any], Any]]] = {
         "max_conns": _structure_count,
         "max_conn_duration": _structure_duration,
         "max_bytes_per_conn": _structure_size,
-    }
+    },
+    BackendRule: {"console": _structure_console},
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from attrs import frozen
+from attrs import field, frozen
 
 from waypoint.errors import Refusal
 
@@ -18,6 +18,9 @@ class Identity:
     tags: tuple[str, ...] = ()
     # Raw capability rule objects (CapMap[capability]), exactly as in the policy.
     rules: tuple[Any, ...] = ()
+    # The node's stable id (whois Node.StableID; "" when unknown, e.g. static identities).
+    # Recorded by the statement audit; not part of equality.
+    node_id: str = field(default="", eq=False)
 
     @property
     def principal(self) -> str:

@@ -104,6 +104,7 @@ def identity_from_whois(body: Any, capability: str) -> Identity:
         node=_node_name(node),
         tags=_tags(node),
         rules=_rules(body, capability),
+        node_id=stable if isinstance(stable := node.get("StableID"), str) else "",
     )
 
 

@@ -125,6 +125,26 @@ class Metrics:
             registry=r,
         )
 
+        self.audit_records = Counter(
+            "waypoint_audit_records",
+            "Statement audit records written to the sink (none is ever dropped)",
+            registry=r,
+        )
+        self.audit_blocked_seconds = Counter(
+            "waypoint_audit_blocked_seconds",
+            "Time sessions spent waiting for the audit sink (on_error = block)",
+            registry=r,
+        )
+        self.audit_sink_errors = Counter(
+            "waypoint_audit_sink_errors",
+            "Failed writes to the audit sink (each retried)",
+            registry=r,
+        )
+        self.audit_sessions_closed = Counter(
+            "waypoint_audit_sessions_closed",
+            "Sessions ended because the audit sink could not take their records (on_error = close)",
+            registry=r,
+        )
         self.config_reloads = Counter(
             "waypoint_config_reloads",
             "Configuration reloads (SIGHUP), by outcome: applied, invalid (the file did not"

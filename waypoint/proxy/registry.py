@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import secrets
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -16,6 +17,9 @@ from waypoint.grants.naming import RoleOwner
 from waypoint.identity.model import Identity
 from waypoint.pgwire import build_error_response
 from waypoint.proxy.relay import RelayControl
+
+if TYPE_CHECKING:
+    from waypoint.audit.session import SessionAudit
 
 
 def fatal_bytes(refusal: Refusal) -> bytes:
@@ -38,6 +42,9 @@ class LiveSession:
     #: The backend's process id (from its BackendKeyData), None if it sent none.
     backend_pid: int | None = None
     relay: RelayControl | None = None
+    tls: bool = False
+    #: What the backend is doing (``pg_stat_activity.state``) as the console last read it.
+    state: str = ""
     ended_by: Refusal | None = None
     #: Why Waypoint ended it (a fixed metric label), when it did.
     end_kind: str | None = None
@@ -45,6 +52,9 @@ class LiveSession:
     closing: bool = False
     #: The ``max_conn_duration`` timer's scope; revalidation moves its deadline.
     duration_scope: trio.CancelScope | None = None
+    #: The statement audit of this session (None when audit is off); its read-only
+    #: ``last_statement`` is the text of the current or last statement.
+    audit: SessionAudit | None = None
     _pending_end: Refusal | None = None
     #: The listener context that accepted it (after a reload, maybe no longer the current one:
     #: its backend and provisioner stay the session's own).

@@ -8,6 +8,7 @@ A failure here ends this connection only: the task catches its own errors.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import socket
 import ssl
@@ -17,10 +18,14 @@ import attrs
 import trio
 
 from waypoint import errors
+from waypoint.audit.service import AuditService
+from waypoint.audit.session import SessionAudit
 from waypoint.config.model import Config, ListenerConfig
 from waypoint.config.units import format_duration
+from waypoint.console.hub import Caller, ConsoleHub
+from waypoint.console.server import serve_console
 from waypoint.errors import Refusal
-from waypoint.grants.evaluate import evaluate
+from waypoint.grants.evaluate import console_access, evaluate
 from waypoint.grants.model import EffectiveGrant
 from waypoint.grants.presets import PresetCapResult, parse_preset_cap
 from waypoint.identity.model import Identity, IdentityError, IdentityProvider
@@ -110,6 +115,10 @@ class ListenerContext:
     warm_peers: WarmPeers = attrs.field(factory=WarmPeers)
     #: The app's pre-authentication bounds (handshakes per address, cancel rate).
     admission: Admission = attrs.field(kw_only=True)
+    #: The console (its database, SHOW SESSIONS, KILL, LOCK); None: no console database.
+    console: ConsoleHub | None = attrs.field(default=None, kw_only=True)
+    #: The statement audit (None: ``[audit]`` is off, and no relay carries a hook).
+    audit: AuditService | None = attrs.field(default=None, kw_only=True)
 
     @property
     def allow_raw_sql(self) -> bool:
@@ -254,13 +263,19 @@ async def _run(
     handshake_done: Callable[[], None] | None = None,
 ) -> None:
     startup: StartupMessage | None = None
+    console: Caller | None = None
+    established: tuple[BackendConnection, BackendSessionStart, SlotLease, LiveSession] | None
+    established = None
     handshake_started = trio.current_time()
     with trio.move_on_after(ctx.config.handshake_timeout) as handshake_scope:
         try:
             startup, pending = await _negotiate(ctx, client)
             if startup is None:
                 return
-            established = await _authorize_and_connect(ctx, client, startup, conn_id, log, out)
+            if _asks_for_console(ctx, startup):
+                console = await _authorize_console(ctx, client, conn_id, out)
+            else:
+                established = await _authorize_and_connect(ctx, client, startup, conn_id, log, out)
         except _Refused as exc:
             await _refuse(ctx, client, startup, exc.refusal, out, log, cache=exc.cache)
             return
@@ -282,6 +297,21 @@ async def _run(
             )
         return
     ctx.metrics.handshake_done(ctx.listener.name, trio.current_time() - handshake_started)
+    if console is not None:
+        assert startup is not None and ctx.console is not None
+        out.outcome = "console"
+        await serve_console(
+            ctx.console,
+            console,
+            startup.parameters,
+            client.send,
+            client.receive,
+            pending,
+            _console_preamble(startup),
+            functools.partial(_recheck_console, ctx, client, conn_id),
+        )
+        return
+    assert established is not None
     backend, start, slot, live = established
     link = _BackendLink(backend.socket_stream.socket)
     try:
@@ -657,6 +687,10 @@ async def _establish(
     )
     if isinstance(grant, Refusal):
         raise _Refused(grant)
+    if ctx.console is not None:
+        locked = await ctx.console.lock_refusal(identity)
+        if locked is not None:
+            raise _Refused(locked, cache=False)
 
     lease = await ctx.state.acquire_slot(
         SlotRequest(
@@ -711,6 +745,7 @@ async def _establish(
         role=role,
         started=trio.current_time(),
         backend_pid=start.key.pid if start.key is not None else None,
+        tls=client.tls,
         owner=ctx,
     )
     ctx.registry.add(live)
@@ -814,6 +849,57 @@ async def _provision_and_login(
                 await backend.aclose()
 
 
+# --------------------------------------------------------------------------- console
+
+
+def _asks_for_console(ctx: ListenerContext, startup: StartupMessage) -> bool:
+    params = startup.parameters
+    database = params.get("database") or params.get("user")
+    return ctx.console is not None and database == ctx.listener.console_database
+
+
+async def _authorize_console(
+    ctx: ListenerContext, client: _Client, conn_id: str, out: _Outcome
+) -> Caller:
+    """Who may use this listener's console database: a known peer whose grant gives
+    ``"console"`` for the listener, and whose login is not locked."""
+    out.database = ctx.listener.console_database
+    if not ctx.accepting:
+        raise _Refused(errors.not_accepting(), cache=False)
+    if ctx.listener.tls_mode == "require" and not client.tls:
+        raise _Refused(errors.tls_required(), cache=False)
+    caller = await _recheck_console(ctx, client, conn_id)
+    if isinstance(caller, Refusal):
+        raise _Refused(caller, cache=False)
+    out.identity = caller.identity
+    return caller
+
+
+async def _recheck_console(ctx: ListenerContext, client: _Client, conn_id: str) -> Caller | Refusal:
+    """The console caller as of now (identity, grant, locks), or why it is refused."""
+    assert ctx.console is not None
+    try:
+        identity = await ctx.identity.whois(*client.peer)
+    except IdentityError as exc:
+        return exc.refusal
+    access = console_access(identity, ctx.listener.name)
+    if isinstance(access, Refusal):
+        return access
+    locked = await ctx.console.lock_refusal(identity)
+    if locked is not None:
+        return locked
+    return Caller(
+        identity, access, ctx.listener.name, conn_id, f"{client.peer[0]}:{client.peer[1]}"
+    )
+
+
+def _console_preamble(startup: StartupMessage) -> bytes:
+    """The console speaks protocol 3.0 only: a newer client is told so first."""
+    if startup.protocol[1] == 0 and not startup.protocol_options:
+        return b""
+    return NegotiateProtocolVersion(0, startup.protocol_options).encode()
+
+
 # --------------------------------------------------------------------------- relay
 
 
@@ -851,6 +937,7 @@ async def _relay(
         byte_limit_fatal = fatal_bytes(
             errors.session_limit("max_bytes_per_conn", f"{limits.max_bytes_per_conn} bytes")
         )
+    audit = _session_audit(ctx, client, live)
     result: RelayResult
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_duration_timer, live)
@@ -875,6 +962,7 @@ async def _relay(
                     byte_limit_error=byte_limit_fatal,
                     initial_to_client=start.leftover,
                     initial_to_backend=pending,
+                    audit=audit,
                 )
                 live.attach(handle)
                 result = await handle.wait()
@@ -888,6 +976,7 @@ async def _relay(
                 byte_limit_error=byte_limit_fatal,
                 initial_to_client=start.leftover,
                 initial_to_backend=pending,
+                audit=audit,
             )
             live.attach(relay)
             result = await relay.wait()
@@ -895,7 +984,12 @@ async def _relay(
     out.bytes_in = result.bytes_from_client
     out.bytes_out = result.bytes_from_backend
     out.relay_reason = result.reason
-    if result.reason == "terminated" and live.ended_by is not None:
+    if result.reason == "terminated" and audit is not None and audit.closed:
+        out.outcome = "ended"
+        out.sqlstate = errors.AUDIT_UNAVAILABLE
+        out.detail = "audit sink cannot record statements"
+        live.end_kind = live.end_kind or "audit_unavailable"
+    elif result.reason == "terminated" and live.ended_by is not None:
         out.outcome = "ended"
         out.sqlstate = live.ended_by.sqlstate
         out.detail = live.ended_by.message
@@ -908,6 +1002,26 @@ async def _relay(
         out.detail = result.error
     else:
         out.outcome = result.reason
+
+
+def _session_audit(ctx: ListenerContext, client: _Client, live: LiveSession) -> SessionAudit | None:
+    """This session's statement audit (None when audit is off), set on ``live``."""
+    if ctx.audit is None:
+        return None
+    identity = live.identity
+    live.audit = ctx.audit.for_session(
+        listener=live.listener,
+        conn_id=live.conn_id,
+        client=f"{live.peer[0]}:{live.peer[1]}",
+        login=identity.login,
+        node=identity.node,
+        node_id=identity.node_id or None,
+        tags=list(identity.tags),
+        database=live.database,
+        role=live.role,
+        tls=client.tls,
+    )
+    return live.audit
 
 
 def set_duration_deadline(live: LiveSession) -> None:

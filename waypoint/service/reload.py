@@ -34,8 +34,9 @@ __all__ = [
 #: Sections and root keys that a reload cannot change while serving: the shared state store
 #: (``[state]``), the identity provider (``[identity]``; but the ``[[identity.static]]``
 #: entries of the static provider change live), the pre-authentication bounds
-#: (``[admission]``), the metrics endpoint (``[metrics]``) and ``pid_file``.
-RESTART_ONLY: tuple[str, ...] = ("state", "identity", "admission", "metrics", "pid_file")
+#: (``[admission]``), the metrics endpoint (``[metrics]``), the statement audit (``[audit]``:
+#: its sink is opened once) and ``pid_file``.
+RESTART_ONLY: tuple[str, ...] = ("state", "identity", "admission", "metrics", "audit", "pid_file")
 
 
 @attrs.frozen

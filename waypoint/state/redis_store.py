@@ -260,6 +260,27 @@ class RedisClient(Protocol):
 
     def ping(self) -> Any: ...
 
+    # The console's records (waypoint.state.console).
+    def pipeline(self, transaction: bool = True) -> Any: ...
+
+    def zadd(self, name: str, mapping: dict[str, int]) -> Any: ...
+
+    def zrem(self, name: str, *values: str) -> Any: ...
+
+    def zremrangebyscore(self, name: str, min: int | str, max: int | str) -> Any: ...
+
+    def zrangebyscore(self, name: str, min: int | str, max: int | str) -> Any: ...
+
+    def mget(self, keys: list[str]) -> Any: ...
+
+    def hset(self, name: str, key: str, value: str) -> Any: ...
+
+    def hdel(self, name: str, *keys: str) -> Any: ...
+
+    def hgetall(self, name: str) -> Any: ...
+
+    def hmget(self, name: str, keys: list[str]) -> Any: ...
+
     def close(self) -> None: ...
 
 
@@ -305,6 +326,36 @@ class LazyClusterClient:
 
     def ping(self) -> Any:
         return self._get().ping()
+
+    def pipeline(self, transaction: bool = True) -> Any:
+        return self._get().pipeline(transaction=transaction)  # type: ignore[no-untyped-call]
+
+    def zadd(self, name: str, mapping: dict[str, int]) -> Any:
+        return self._get().zadd(name, mapping)
+
+    def zrem(self, name: str, *values: str) -> Any:
+        return self._get().zrem(name, *values)
+
+    def zremrangebyscore(self, name: str, min: int | str, max: int | str) -> Any:
+        return self._get().zremrangebyscore(name, min, max)
+
+    def zrangebyscore(self, name: str, min: int | str, max: int | str) -> Any:
+        return self._get().zrangebyscore(name, min, max)
+
+    def mget(self, keys: list[str]) -> Any:
+        return self._get().mget(keys)
+
+    def hset(self, name: str, key: str, value: str) -> Any:
+        return self._get().hset(name, key, value)
+
+    def hdel(self, name: str, *keys: str) -> Any:
+        return self._get().hdel(name, *keys)
+
+    def hgetall(self, name: str) -> Any:
+        return self._get().hgetall(name)
+
+    def hmget(self, name: str, keys: list[str]) -> Any:
+        return self._get().hmget(name, keys)
 
     def close(self) -> None:
         with self._lock:

@@ -12,7 +12,8 @@
  * and, for a client that speaks TLS (see "Client TLS"), the same with its records
  * decrypted on the way in and encrypted on the way out, on the session's own SSL.
  * Everything else (back-pressure, EOF, errors, byte limits, FATAL injection at a
- * boundary, TLS alerts and close_notify, header hooks, commands from trio) stays in Python
+ * boundary, TLS alerts and close_notify, header hooks, recording the statement audit,
+ * commands from trio) stays in Python
  * (loop.py drives, core.py decides): Pump.run() returns to Python
  * at the first event it does not handle, with what it already did to that event.
  *
@@ -31,10 +32,14 @@
  * about bytes read (a report that carries data ends the batch). Before run() returns, a
  * report that carries data (PARTIAL: the bytes the peer did not take, for a TLS client
  * the ciphertext it did not take followed by what its own session's write BIO still
- * holds; PAST_END: the whole chunk) gets them as a bytes object of its own. Every TLS
- * session's records stay in that session's own BIOs. So a report refers to no shared memory at all: whatever Python does with
- * one report (other relays' reads included) cannot change the bytes of another, and no
- * session can be handed bytes that another session read. The Python paths of loop.py
+ * holds; PAST_END and TAP: the whole chunk) gets them as a bytes object of its own. Every
+ * TLS session's records stay in that session's own BIOs. A relay with statement audit has
+ * an audit tap of its own (on its owner lane, bounded): the pump appends a copy of what
+ * either of that relay's lanes read before sending it, and Lane.take_tap() hands Python
+ * a new bytes object; no tap is shared, and a relay whose client TLS runs in C has none
+ * (its audit is recorded in Python). So a report refers to no shared memory at all:
+ * whatever Python does with one report (other relays' reads included) cannot change the
+ * bytes of another, and no session can be handed bytes that another session read. The Python paths of loop.py
  * read into bytes objects of their own too (no engine-wide buffer).
  *
  * Threading: a Pump and its Lanes are used by one thread (the engine thread), except
@@ -123,9 +128,15 @@ enum {
     CODE_TLS_END = 7,   /* the client's TLS stream ended (close_notify): plaintext before it passed on */
     CODE_TLS_ERROR = 8, /* the client's TLS session failed (this lane's, or the peer's when
                            encrypting toward it): arg = OpenSSL's reason (str) */
-    CODE_TLS_OWN = 9    /* decrypting made TLS write records of its own (a key update answer,
+    CODE_TLS_OWN = 9,   /* decrypting made TLS write records of its own (a key update answer,
                            an alert): Python takes them with tls_own() and sends them */
+    CODE_TAP = 10       /* n bytes read, counted and fed, not sent: the relay's audit tap is
+                         * full: arg = those bytes (a copy) */
 };
+
+/* An audit tap record: direction ('c' client, 'b' backend), uint32 length, double
+ * monotonic time (native byte order, no padding: struct "=cId"), then the bytes. */
+#define TAP_HEADER 13
 
 static PyObject *bad_length_func; /* waypoint.pgwire.boundary.bad_length_error */
 static PyObject *ssl_error_type;  /* ssl.SSLError */
@@ -155,6 +166,12 @@ typedef struct Lane {
     BIO *rbio;
     BIO *wbio;
     PyObject *tls_refs;
+    /* The audit tap (on the owner lane): what both lanes read, appended before it is sent.
+     * tap_max 0: no tap. Raw memory (PyMem_Raw*): grown without the GIL. */
+    unsigned char *tap;
+    Py_ssize_t tap_used;
+    Py_ssize_t tap_cap;
+    Py_ssize_t tap_max;
 } Lane;
 
 static PyTypeObject LaneType;
@@ -379,11 +396,21 @@ Lane_clear(Lane *self)
 }
 
 static void
+tap_free(Lane *self)
+{
+    PyMem_RawFree(self->tap);
+    self->tap = NULL;
+    self->tap_used = 0;
+    self->tap_cap = 0;
+}
+
+static void
 Lane_dealloc(Lane *self)
 {
     /* Also reached from a Python subclass's dealloc, which owns the type reference. */
     PyObject_GC_UnTrack(self);
     Lane_clear(self);
+    tap_free(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -778,7 +805,8 @@ Lane_tls_attach(Lane *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "tls_attach() once, before the Lane is pumped");
         return NULL;
     }
-    if (!tls_bound)
+    /* An audited relay (a tap on either lane's owner) keeps its record layer in Python. */
+    if (!tls_bound || self->tap_max > 0 || (self->owner != NULL && self->owner->tap_max > 0))
         Py_RETURN_FALSE;
     PyObject *sock = PyObject_GetAttrString(sslobject, "_sslobj");
     if (sock == NULL)
@@ -852,6 +880,26 @@ Lane_tls_take(Lane *self, PyObject *arg)
 }
 
 static PyObject *
+Lane_tap_enable(Lane *self, PyObject *arg)
+{
+    Py_ssize_t max = PyLong_AsSsize_t(arg);
+    if (max == -1 && PyErr_Occurred())
+        return NULL;
+    if (max < 1024 || max > (1 << 30)) {
+        PyErr_SetString(PyExc_ValueError, "tap size must be between 1024 and 2**30");
+        return NULL;
+    }
+    /* A relay whose client TLS runs in C has no tap: its audit is recorded in Python
+     * (loop.py keeps the record layer of an audited relay there). */
+    if (self->ssl != NULL || (self->peer != NULL && self->peer->ssl != NULL)) {
+        PyErr_SetString(PyExc_RuntimeError, "no audit tap on a relay whose TLS runs in C");
+        return NULL;
+    }
+    self->tap_max = max;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 Lane_tls_decrypt(Lane *self, PyObject *arg)
 {
     if (require_tls(self) < 0)
@@ -921,7 +969,30 @@ Lane_get_tls(Lane *self, void *closure)
     return PyBool_FromLong(self->ssl != NULL);
 }
 
+static PyObject *
+Lane_take_tap(Lane *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *out = PyBytes_FromStringAndSize((const char *)self->tap, self->tap_used);
+    if (out == NULL)
+        return NULL;
+    self->tap_used = 0;
+    if (self->tap_cap > 65536)
+        tap_free(self); /* an idle session keeps no large buffer */
+    return out;
+}
+
+static PyObject *
+Lane_get_tap_used(Lane *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->tap_used);
+}
+
 static PyMethodDef Lane_methods[] = {
+    {"tap_enable", (PyCFunction)Lane_tap_enable, METH_O,
+     "tap_enable(max_bytes): append what both lanes read to this (owner) lane's audit tap "
+     "before it is sent; a read that does not fit is reported as TAP."},
+    {"take_tap", (PyCFunction)Lane_take_tap, METH_NOARGS,
+     "The tap's records (struct '=cId' + bytes each), emptied."},
     {"link", (PyCFunction)Lane_link, METH_O,
      "link(peer): make the two lanes each other's peer; self holds the shared budget."},
     {"feed", (PyCFunction)Lane_feed, METH_O,
@@ -961,6 +1032,7 @@ static PyGetSetDef Lane_getset[] = {
     {"partial_header", (getter)Lane_get_partial_header, NULL,
      "bytes of a header split across chunks", NULL},
     {"skip", (getter)Lane_get_skip, NULL, "body bytes still to skip", NULL},
+    {"tap_used", (getter)Lane_get_tap_used, NULL, "bytes in the audit tap", NULL},
     {"received", (getter)Lane_get_received, (setter)Lane_set_received,
      "bytes read from this lane (readable from any thread)", NULL},
     {"messages", (getter)Lane_get_messages, NULL,
@@ -1167,6 +1239,38 @@ monotonic_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* Append a record to the owner's tap; 0 when it does not fit (or memory ran out). No GIL. */
+static int
+tap_append(Lane *owner, int from_client, const unsigned char *p, ssize_t n)
+{
+    Py_ssize_t need = owner->tap_used + TAP_HEADER + n;
+    if (need > owner->tap_max)
+        return 0;
+    if (need > owner->tap_cap) {
+        Py_ssize_t cap = owner->tap_cap * 2;
+        if (cap < 4096)
+            cap = 4096;
+        if (cap < need)
+            cap = need;
+        if (cap > owner->tap_max)
+            cap = owner->tap_max;
+        unsigned char *grown = PyMem_RawRealloc(owner->tap, (size_t)cap);
+        if (grown == NULL)
+            return 0;
+        owner->tap = grown;
+        owner->tap_cap = cap;
+    }
+    unsigned char *out = owner->tap + owner->tap_used;
+    uint32_t len = (uint32_t)n;
+    double now = monotonic_now();
+    out[0] = from_client ? 'c' : 'b';
+    memcpy(out + 1, &len, 4);
+    memcpy(out + 5, &now, 8);
+    memcpy(out + TAP_HEADER, p, (size_t)n);
+    owner->tap_used = need;
+    return 1;
+}
+
 /* Encrypt n plaintext bytes toward peer (a TLS client) and send the records. 1 when a
  * report was written: TLS_ERROR, SEND_ERROR, or PARTIAL with the ciphertext the client
  * did not take (tbuf[arg:tlen] and what its write BIO still holds). */
@@ -1223,6 +1327,10 @@ pass_on(Pump *self, Lane *lane, const unsigned char *data, long long n, Report *
     }
     if (feed(lane, data, n, 0, &rep->bad_type, &rep->bad_len) < 0) {
         rep->code = CODE_PROTOCOL;
+        return 1;
+    }
+    if (owner->tap_max > 0 && !tap_append(owner, lane == owner, data, n)) {
+        rep->code = CODE_TAP; /* Python records it, then sends it */
         return 1;
     }
     Lane *peer = lane->peer;
@@ -1428,7 +1536,8 @@ Pump_run(Pump *self, PyObject *args)
         else if (rep->code == CODE_TLS_ERROR) {
             arg = tls_reason((unsigned long)rep->arg);
         }
-        else if (rep->code == CODE_PAST_END || rep->code == CODE_PARTIAL) {
+        else if (rep->code == CODE_PAST_END || rep->code == CODE_PARTIAL ||
+                 rep->code == CODE_TAP) {
             /* The batch's only data report (it ended the batch): its bytes are copied
              * out of the pump's buffer before anything else can run. */
             long long from = rep->code == CODE_PARTIAL ? rep->arg : 0;
@@ -1544,7 +1653,8 @@ PyInit__pump(void)
         PyModule_AddIntConstant(m, "SEND_ERROR", CODE_SEND_ERROR) < 0 ||
         PyModule_AddIntConstant(m, "TLS_END", CODE_TLS_END) < 0 ||
         PyModule_AddIntConstant(m, "TLS_ERROR", CODE_TLS_ERROR) < 0 ||
-        PyModule_AddIntConstant(m, "TLS_OWN", CODE_TLS_OWN) < 0) {
+        PyModule_AddIntConstant(m, "TLS_OWN", CODE_TLS_OWN) < 0 ||
+        PyModule_AddIntConstant(m, "TAP", CODE_TAP) < 0) {
         Py_DECREF(m);
         return NULL;
     }

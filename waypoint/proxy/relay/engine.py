@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -28,6 +29,9 @@ from .base import RECV_BUFFER_SIZE, TEARDOWN_TIMEOUT, RelayEngineError, check_li
 from .bridge import Commands, RelayHandle, Reporter
 from .client_tls import TlsHandover
 from .loop import EpollLoop, Relay, wire
+
+if TYPE_CHECKING:
+    from waypoint.audit.session import SessionAudit
 
 __all__ = ["RelayEngine", "RelayHandle", "TlsHandover", "open_relay_engine"]
 
@@ -81,6 +85,7 @@ class RelayEngine:
         initial_to_client: bytes = b"",
         initial_to_backend: bytes = b"",
         c_tls: bool | None = None,
+        audit: SessionAudit | None = None,
     ) -> RelayHandle:
         """Hand two connected sockets to the engine; returns at once.
 
@@ -97,9 +102,16 @@ class RelayEngine:
         it (see :class:`TlsHandover`), the backend side is plain. The engine decrypts and
         encrypts in its thread: in C without the GIL on the session's own ``SSL*`` when it
         can take it over (client_tls.py), else with the ``SSLObject`` in Python (``c_tls``:
-        False keeps this relay's record layer in Python; None: the engine's choice). Byte counts, limits and message boundaries are in
-        plaintext; ``initial_to_client`` is plaintext (it is encrypted before anything
-        else is sent). No close_notify is sent at the end.
+        False keeps this relay's record layer in Python; None: the engine's choice). Byte
+        counts, limits and message boundaries are in plaintext; ``initial_to_client`` is
+        plaintext (it is encrypted before anything else is sent). No close_notify is sent
+        at the end.
+
+        ``audit``: record every statement (see :mod:`waypoint.audit`), from the plaintext.
+        A plain relay whose sink blocks stays on the C loop, which copies what it reads
+        into the relay's bounded audit tap before sending it; otherwise (a sink that closes
+        the session, or a TLS client: an audited relay keeps its TLS record layer in
+        Python) every read is recorded by Python before it is sent.
         """
         if client_tls is not None:
             client_tls.check()
@@ -122,12 +134,19 @@ class RelayEngine:
             on_backend_header=on_backend_header,
             client_tls=client_tls,
             c_tls=self._loop.c_tls if c_tls is None else c_tls,
+            audit=audit,
         )
         handle = relay.handle = RelayHandle(self._commands, relay)
         client, backend = relay.client, relay.backend
         if client_tls is not None:
             client.out = client_tls.unsent
         relay.core.start(bytes(initial_to_client), bytes(initial_to_backend), time.monotonic())
+        if audit is not None and not relay.core.done:
+            now = time.monotonic()
+            if initial_to_client:
+                audit.backend(bytes(initial_to_client), now)
+            if initial_to_backend and not audit.client(bytes(initial_to_backend), now):
+                relay.core.terminate(audit.fatal, "terminated", 2.0, now)
         if initial_to_backend:
             backend.out = bytes(initial_to_backend)
             client.reading = False

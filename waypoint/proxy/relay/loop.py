@@ -23,8 +23,9 @@ import os
 import select
 import socket
 import ssl
+import struct
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from waypoint.pgwire.boundary import HeaderCallback, ProtocolError
 
@@ -32,6 +33,9 @@ from .base import RelayReason
 from .bridge import Command, Commands, RelayHandle, Reporter
 from .client_tls import TlsEnd, TlsHandover, TlsRecords, records_for
 from .core import RelayCore
+
+if TYPE_CHECKING:
+    from waypoint.audit.session import SessionAudit
 
 try:
     from . import _pump
@@ -46,6 +50,13 @@ _EPOLLOUT: Final = select.EPOLLOUT
 _EPOLLBAD: Final = select.EPOLLERR | select.EPOLLHUP
 #: Events taken per ``epoll_wait`` (the C loop's batch).
 _MAX_EVENTS: Final = 256
+#: How often a session waiting for the audit sink looks again, and how often the audit
+#: taps of relays served in C are read (epoll timeout bound).
+_AUDIT_POLL: Final = 0.02
+#: Bytes an audited relay served in C may read ahead of its records (its tap's bound);
+#: a read that does not fit is recorded by Python before it is sent.
+_TAP_MAX: Final = 256 * 1024
+_TAP_RECORD: Final = struct.Struct("=cId")
 _PEER_GONE_ERRNOS: Final = frozenset(
     {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN}
 )
@@ -90,7 +101,7 @@ class Relay:
     """One relay's sockets and its core. Mutated only by the engine thread once added,
     except the counters the trio side reads."""
 
-    __slots__ = ("backend", "client", "core", "finished", "handle", "stopped", "tls")
+    __slots__ = ("audit", "backend", "client", "core", "finished", "handle", "stopped", "tls")
 
     def __init__(
         self,
@@ -103,15 +114,22 @@ class Relay:
         on_backend_header: HeaderCallback | None,
         client_tls: TlsHandover | None,
         c_tls: bool = True,
+        audit: SessionAudit | None = None,
     ) -> None:
+        #: The statement audit of this session (None: audit off; the C loop serves it).
+        self.audit = audit
         self.client = client = Side(self, client_sock, True, on_client_header)
         self.backend = backend = Side(self, backend_sock, False, on_backend_header)
         client.link(backend)  # the client lane holds the shared budget
         client.peer = backend
         backend.peer = client
-        self.core = RelayCore(client, backend, max_bytes=max_bytes, byte_limit_error=byte_limit_error)
+        self.core = RelayCore(
+            client, backend, max_bytes=max_bytes, byte_limit_error=byte_limit_error
+        )
         if client_tls is not None:
-            client.tls = records_for(client, client_tls, c_tls=c_tls)
+            # An audited relay keeps its record layer in Python: every read is recorded
+            # (from the plaintext) before it is sent.
+            client.tls = records_for(client, client_tls, c_tls=c_tls and audit is None)
         #: The client's TLS record layer runs in Python: both sides are served off the C loop.
         self.tls = client.tls is not None and not client.tls.in_c
         self.handle: RelayHandle
@@ -122,9 +140,15 @@ class Relay:
 
     @property
     def pumped(self) -> bool:
-        """Served by the C loop: plain sockets or a TLS client whose record layer runs in C,
-        no header hooks."""
-        return not self.tls and self.client.hook is None and self.backend.hook is None
+        """Served by the C loop: plain sockets or a TLS client whose record layer runs in C
+        (never an audited relay), no header hooks. An audited relay is when its sink blocks
+        (``on_error = "block"``): the C loop appends what it reads to the relay's bounded
+        audit tap before sending it, and the tap is recorded after each batch. With
+        ``"close"`` every read is recorded by Python before it is sent, so that a sink known
+        to fail ends the session before one more statement goes through."""
+        if self.tls or self.client.hook is not None or self.backend.hook is not None:
+            return False
+        return self.audit is None or self.audit.sink.on_error == "block"
 
 
 def wire(side: Side, plaintext: bytes) -> bytes:
@@ -148,6 +172,10 @@ class EpollLoop:
         self._tls_sides: dict[int, Side] = {}
         self.relays: set[Relay] = set()
         self._timed: set[Relay] = set()
+        #: Relays whose client is not read until the audit sink has room: since when.
+        self._audit_waiting: dict[Relay, float] = {}
+        #: Audited relays served in C: their taps are read after every batch.
+        self._tapped: set[Relay] = set()
         #: Bytes per read (each read in Python gets a bytes object of its own).
         self._recv_size = recv_buffer_size
         #: Run client TLS record layers in C when the session allows it (client_tls.py).
@@ -190,6 +218,8 @@ class EpollLoop:
         tls_event = self._tls_event
         while True:
             timeout = max(0.0, min(r.core.deadline for r in timed) - monotonic()) if timed else -1.0
+            if self._audit_waiting or self._tapped:
+                timeout = _AUDIT_POLL if timeout < 0 else min(timeout, _AUDIT_POLL)
             for code, fd, events, _n, arg in run(timeout):
                 side = sides.get(fd)
                 if side is None:
@@ -232,10 +262,17 @@ class EpollLoop:
                 elif code == _pump.TLS_ERROR:
                     assert isinstance(arg, str)
                     self._tls_failed(side if side.tls is not None else side.peer, arg)
+                elif code == _pump.TAP:
+                    assert isinstance(arg, bytes)  # counted and fed, not sent (a copy)
+                    self._after_read(side, arg)
             if timed:
                 now = monotonic()
                 for relay in [r for r in timed if r.core.expired(now)]:
                     self._finish(relay)
+            if self._tapped:
+                self._drain_taps()
+            if self._audit_waiting:
+                self._audit_resume()
 
     # -- commands from trio ----------------------------------------------------------------
 
@@ -277,6 +314,9 @@ class EpollLoop:
         for side in (relay.client, relay.backend):
             table[side.fd] = side
         if relay.pumped:
+            if relay.audit is not None:
+                relay.client.tap_enable(_TAP_MAX)
+                self._tapped.add(relay)
             self.pump.add(relay.client)
             self.pump.add(relay.backend)
         for side in (relay.client, relay.backend):
@@ -317,7 +357,9 @@ class EpollLoop:
         """Read ``side`` once and pass the chunk on (the C loop's work, in Python: for
         relays with header hooks or a TLS client, and reads that follow another event)."""
         if side.tls is not None:
-            self._tls_read(side, True)
+            self._tls_read(side, True)  # the audit's hold is checked there
+            return
+        if side.is_client and side.relay.audit is not None and self._audit_hold(side):
             return
         chunk = self._recv(side)
         if chunk is not None:
@@ -332,6 +374,9 @@ class EpollLoop:
             return
         if not core.terminating:
             if data:
+                audit = relay.audit
+                if audit is not None and not self._audit(audit, side, data):
+                    return
                 self._forward(side, data)
             return
         self._stop_for_end(relay)
@@ -412,6 +457,8 @@ class EpollLoop:
         size = self._recv_size
         core = relay.core
         while side.reading and not relay.finished:
+            if relay.audit is not None and self._audit_hold(side):
+                break
             try:
                 data = tls.decrypt(size)
             except TlsEnd:
@@ -437,6 +484,116 @@ class EpollLoop:
             backend.reading = False
             self._update(backend)
         self._flush(side)
+
+    # -- statement audit ----------------------------------------------------------------
+
+    def _audit(self, audit: SessionAudit, side: Side, data: bytes) -> bool:
+        """Record ``data`` (read from ``side``) before it is forwarded; False when it must
+        not be (the session is being ended for the audit, or the tracker failed)."""
+        relay = side.relay
+        now = time.monotonic()
+        try:
+            if relay in self._tapped and relay.client.tap_used:
+                self._drain_tap(relay)  # what the C loop read first is recorded first
+                if relay.finished:
+                    return False
+            if not side.is_client:
+                audit.backend(data, now)
+                return True
+            if audit.client(data, now):
+                return True
+        except Exception as exc:  # a bug in the tracker: never relay unrecorded
+            self._finish(
+                side.relay, "error", f"statement audit failed: {type(exc).__name__}: {exc}"
+            )
+            return False
+        self._audit_close(side.relay)
+        return False
+
+    def _audit_hold(self, side: Side) -> bool:
+        """Before reading the client: True when it must not be read now (the sink is
+        full: the session waits; or it ends, with ``on_error = "close"``)."""
+        relay = side.relay
+        audit = relay.audit
+        assert audit is not None
+        if audit.must_close:
+            audit.close()
+            self._audit_close(relay)
+            return True
+        if not audit.must_wait:
+            return False
+        side.reading = False
+        self._update(side)
+        self._audit_waiting.setdefault(relay, time.monotonic())
+        return True
+
+    def _drain_tap(self, relay: Relay) -> None:
+        """Record what the C loop read for ``relay`` (already sent: its bytes were in the
+        bounded tap before that)."""
+        audit = relay.audit
+        assert audit is not None
+        data = relay.client.take_tap()
+        pos, n = 0, len(data)
+        unpack = _TAP_RECORD.unpack_from
+        size = _TAP_RECORD.size
+        while pos < n:
+            direction, length, at = unpack(data, pos)
+            pos += size
+            audit.forwarded(direction == b"c", data[pos : pos + length], at)
+            pos += length
+
+    def _drain_taps(self) -> None:
+        """After each batch: record every tap, then (the sink may have filled meanwhile)
+        park the client of every audited relay while the sink is full (``block``) or end
+        the session (``close``), before the C loop reads again."""
+        for relay in list(self._tapped):
+            if relay.finished:
+                self._tapped.discard(relay)
+            elif relay.client.tap_used:
+                try:
+                    self._drain_tap(relay)
+                except Exception as exc:  # a bug in the tracker: end the relay
+                    self._finish(
+                        relay, "error", f"statement audit failed: {type(exc).__name__}: {exc}"
+                    )
+        for relay in list(self._tapped):
+            audit = relay.audit
+            assert audit is not None
+            if audit.must_close:
+                audit.close()
+                self._audit_close(relay)
+            elif audit.must_wait and relay not in self._audit_waiting and relay.client.reading:
+                client = relay.client
+                client.reading = False
+                self._update(client)
+                self._audit_waiting[relay] = time.monotonic()
+
+    def _audit_close(self, relay: Relay) -> None:
+        audit = relay.audit
+        assert audit is not None
+        if relay.core.terminate(audit.fatal, "terminated", 2.0, time.monotonic()):
+            self._begin_end(relay)
+
+    def _audit_resume(self) -> None:
+        """Sessions waiting for the sink read again once it has room."""
+        now = time.monotonic()
+        for relay, since in list(self._audit_waiting.items()):
+            audit = relay.audit
+            assert audit is not None
+            if relay.finished or relay.stopped:
+                del self._audit_waiting[relay]
+                continue
+            if audit.must_wait:
+                continue
+            del self._audit_waiting[relay]
+            audit.blocked(now - since)
+            client = relay.client
+            if relay.backend.out:
+                continue  # back-pressure: the flush resumes reading
+            client.reading = True
+            self._update(client)
+            if client.tls is not None:
+                self._tls_read(client, False)
 
     def _tls_error(self, side: Side, exc: ssl.SSLError) -> None:
         self._tls_failed(side, exc.reason or type(exc).__name__)
@@ -498,7 +655,9 @@ class EpollLoop:
                 self._update(side)
             return
         peer = side.peer
-        if not (core.terminating and peer.is_client):
+        if not (core.terminating and peer.is_client) and not (
+            peer.is_client and relay in self._audit_waiting
+        ):
             peer.reading = True
         self._update(side)
         self._update(peer)
@@ -575,6 +734,11 @@ class EpollLoop:
         if relay.finished:
             return
         relay.finished = True
+        if relay in self._tapped:
+            self._tapped.discard(relay)
+            if relay.client.tap_used:
+                with contextlib.suppress(Exception):  # the verdict goes out whatever happens
+                    self._drain_tap(relay)
         result = relay.core.end(reason, error, force=force)
         for side in (relay.client, relay.backend):
             side.reading = False
@@ -588,6 +752,7 @@ class EpollLoop:
                 side.mask = 0
         self.relays.discard(relay)
         self._timed.discard(relay)
+        self._audit_waiting.pop(relay, None)
         relay.client.out = relay.backend.out = b""
         if self._reporter is not None:
             self._reporter.report(relay.handle, result)

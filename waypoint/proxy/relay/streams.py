@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -11,6 +12,12 @@ from waypoint.pgwire.boundary import HeaderCallback
 
 from .base import DEFAULT_BOUNDARY_TIMEOUT, RECV_BUFFER_SIZE, RelayResult
 from .core import RelayCore, TrackedDirection
+
+if TYPE_CHECKING:
+    from waypoint.audit.session import SessionAudit
+
+#: How often a session waiting for the audit sink looks again.
+_AUDIT_POLL = 0.02
 
 
 class StreamRelay:
@@ -34,7 +41,9 @@ class StreamRelay:
         initial_to_client: bytes = b"",
         initial_to_backend: bytes = b"",
         recv_buffer_size: int = RECV_BUFFER_SIZE,
+        audit: SessionAudit | None = None,
     ) -> None:
+        self._audit = audit
         self._client = client
         self._backend = backend
         self._from_client = TrackedDirection(on_client_header)
@@ -111,6 +120,13 @@ class StreamRelay:
         core = self._core
         if core.result is None:
             core.start(self._initial_to_client, self._initial_to_backend, trio.current_time())
+        audit = self._audit
+        if audit is not None and core.result is None:
+            now = trio.current_time()
+            if self._initial_to_client:
+                audit.backend(self._initial_to_client, now)
+            if self._initial_to_backend and not audit.client(self._initial_to_backend, now):
+                self.terminate(audit.fatal)
         if core.result is None:
             with trio.CancelScope(deadline=core.deadline) as outer:
                 self._outer = outer
@@ -176,13 +192,34 @@ class StreamRelay:
         initial = b"" if core.terminating else self._initial_to_backend
         if initial and not await self._send(self._backend, initial, False):
             return
+        audit = self._audit
         while not (core.terminating or core.closing or core.result is not None):
+            if audit is not None and await self._audit_hold(audit):
+                continue
             data = await self._receive(self._client, True)
             if data is None:
                 continue
             out = self._pass_on(self._from_client, data)
+            if out and audit is not None and not audit.client(out, trio.current_time()):
+                self.terminate(audit.fatal)
+                return
             if out and not await self._send(self._backend, out, False):
                 return
+
+    async def _audit_hold(self, audit: SessionAudit) -> bool:
+        """Before reading the client: True when the relay's state may have changed (the
+        session waited for the audit sink, or is being ended for it)."""
+        if audit.must_close:
+            audit.close()
+            self.terminate(audit.fatal)
+            return True
+        if not audit.must_wait:
+            return False
+        since = trio.current_time()
+        while audit.must_wait and not (self._core.terminating or self._core.closing):
+            await trio.sleep(_AUDIT_POLL)
+        audit.blocked(trio.current_time() - since)
+        return True
 
     async def _backend_to_client(self) -> None:
         core = self._core
@@ -201,6 +238,8 @@ class StreamRelay:
             if data is None:
                 continue
             out = self._pass_on(self._from_backend, data)
+            if out and self._audit is not None:
+                self._audit.backend(out, trio.current_time())
             if out and not await self._send(self._client, out, True):
                 return
 

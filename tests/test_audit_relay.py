@@ -1,0 +1,308 @@
+"""The audit in both relay drivers: records queued before bytes are forwarded, a full
+sink makes the session wait (bounded memory), a failing sink with ``on_error = "close"``
+ends it with a FATAL. Real sockets, no PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import ssl
+import struct
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trustme
+
+from waypoint.audit.session import SessionAudit
+from waypoint.audit.sink import AuditSink, OnError
+from waypoint.audit.tracker import AuditTracker
+from waypoint.proxy.relay import RelayControl, RelayEngine, StreamRelay, _pump, open_relay_engine
+from waypoint.proxy.relay import client_tls as client_tls_module
+from waypoint.proxy.streams import ServerTLSStream
+
+FATAL_TEXT = b"audit unavailable"
+
+
+def msg(kind: bytes, body: bytes = b"") -> bytes:
+    return kind + struct.pack("!i", len(body) + 4) + body
+
+
+def query(text: str) -> bytes:
+    return msg(b"Q", text.encode() + b"\0")
+
+
+FATAL = msg(b"E", b"SFATAL\0C58030\0M" + FATAL_TEXT + b"\0\0")
+
+
+class GateWriter:
+    """Blocks in ``write`` until opened; or fails while ``failing``."""
+
+    def __init__(self, *, failing: bool = False) -> None:
+        self.gate = threading.Event()
+        self.failing = failing
+        self.lines: list[bytes] = []
+        self.entered = threading.Event()
+
+    def last_line(self) -> bytes | None:
+        return None
+
+    def write(self, lines: list[bytes]) -> None:
+        self.entered.set()
+        if self.failing:
+            raise OSError(5, "Input/output error")
+        self.gate.wait(30)
+        self.lines += lines
+
+    def close(self) -> None:
+        self.gate.set()
+
+    def texts(self) -> list[str]:
+        return [json.loads(x).get("text") for x in self.lines if json.loads(x)["event"] == "query"]
+
+
+async def poll(cond: Callable[[], bool], what: str, bound: float = 10.0) -> None:
+    with trio.fail_after(bound):
+        while not cond():
+            await trio.sleep(0.005)
+    assert cond(), what
+
+
+async def read_exactly(sock: trio.abc.ReceiveStream, n: int) -> bytes:
+    data = b""
+    with trio.fail_after(10):
+        while len(data) < n:
+            chunk = await sock.receive_some(n - len(data))
+            assert chunk
+            data += chunk
+    return data
+
+
+@asynccontextmanager
+async def relayed(
+    driver: str, audit: SessionAudit
+) -> AsyncIterator[tuple[trio.SocketStream, trio.SocketStream, RelayControl, RelayEngine | None]]:
+    app_client, proxy_client = socket.socketpair()
+    proxy_backend, app_backend = socket.socketpair()
+    client = trio.SocketStream(trio.socket.from_stdlib_socket(app_client))
+    backend = trio.SocketStream(trio.socket.from_stdlib_socket(app_backend))
+    async with trio.open_nursery() as nursery:
+        if driver == "engine":
+            async with open_relay_engine() as engine:
+                handle = engine.start_relay(proxy_client, proxy_backend, audit=audit)
+                yield client, backend, handle, engine
+                handle.abort()
+                with trio.fail_after(10):
+                    await handle.wait()
+        else:
+            relay = StreamRelay(
+                trio.SocketStream(trio.socket.from_stdlib_socket(proxy_client)),
+                trio.SocketStream(trio.socket.from_stdlib_socket(proxy_backend)),
+                audit=audit,
+            )
+            nursery.start_soon(relay.wait)
+            yield client, backend, relay, None
+            nursery.cancel_scope.cancel()
+    for s in (proxy_client, proxy_backend):
+        s.close()
+    await client.aclose()
+    await backend.aclose()
+
+
+def make_audit(
+    writer: GateWriter, on_error: OnError, max_queue: int, counts: dict[str, Any]
+) -> SessionAudit:
+    sink = AuditSink(writer, on_error=on_error, max_queue=max_queue, retry_interval=0.01)
+    sink.start()
+    counts["sink"] = sink
+    counts["blocked"] = 0.0
+    counts["closed"] = 0
+
+    def blocked(seconds: float) -> None:
+        counts["blocked"] += seconds
+
+    def closed() -> None:
+        counts["closed"] += 1
+
+    tracker = AuditTracker({"login": "alice@example.com"})
+    return SessionAudit(tracker, sink, FATAL, on_blocked=blocked, on_closed=closed)
+
+
+@pytest.mark.parametrize("driver", ["engine", "streams"])
+async def test_a_full_sink_makes_the_session_wait_and_nothing_runs_unrecorded(driver: str) -> None:
+    writer = GateWriter()
+    counts: dict[str, Any] = {}
+    audit = make_audit(writer, "block", 2, counts)
+    sink: AuditSink = counts["sink"]
+    async with relayed(driver, audit) as (client, backend, _control, _engine):
+        q1, q2, q3 = query("select 1"), query("select 2"), query("select 3")
+        await client.send_all(q1)
+        assert await read_exactly(backend, len(q1)) == q1
+        await client.send_all(q2)
+        assert await read_exactly(backend, len(q2)) == q2
+        await poll(lambda: sink.full, "the queue fills while the writer is stuck")
+        await client.send_all(q3)
+        # The session waits: the third query is not read while the queue is full.
+        await poll(lambda: audit.must_wait, "still full")
+        with trio.move_on_after(0.3):
+            extra = await backend.receive_some(1024)
+            pytest.fail(f"forwarded while the audit queue was full: {extra!r}")
+        writer.gate.set()
+        assert await read_exactly(backend, len(q3)) == q3
+        await poll(lambda: len(writer.texts()) == 3, "every record written")
+        assert writer.texts() == ["select 1", "select 2", "select 3"]
+        await poll(lambda: counts["blocked"] > 0, "blocked time counted")
+    sink.stop()
+
+
+@pytest.mark.parametrize("driver", ["engine", "streams"])
+async def test_a_failing_sink_with_close_ends_the_session_with_a_fatal(driver: str) -> None:
+    writer = GateWriter(failing=True)
+    counts: dict[str, Any] = {}
+    audit = make_audit(writer, "close", 100, counts)
+    sink: AuditSink = counts["sink"]
+    async with relayed(driver, audit) as (client, backend, control, _engine):
+        q1 = query("select 1")
+        await client.send_all(q1)
+        assert await read_exactly(backend, len(q1)) == q1
+        await poll(lambda: sink.failed, "the writer failed")
+        await client.send_all(query("select 2"))
+        got = await read_exactly(client, len(FATAL))
+        assert got == FATAL
+        if isinstance(control, StreamRelay):  # it runs in the fixture's task
+            await poll(lambda: control.result is not None, "the relay ended")
+            result = control.result
+            assert result is not None
+        else:
+            with trio.fail_after(10):
+                result = await control.wait()
+        assert result.reason == "terminated" and result.fatal_sent
+        assert audit.closed and counts["closed"] == 1
+        # The statement that could not be recorded never reached the server.
+        with trio.move_on_after(0.2):
+            rest = await backend.receive_some(1024)
+            assert rest == b""
+    sink.stop()
+
+
+@pytest.mark.parametrize("driver", ["engine", "streams"])
+async def test_every_statement_is_recorded_in_order_big_and_small(driver: str) -> None:
+    """Many small statements (the engine's C loop records them through its tap) and
+    statements larger than the tap (recorded by Python before they are sent)."""
+    writer = GateWriter()
+    writer.gate.set()
+    counts: dict[str, Any] = {}
+    audit = make_audit(writer, "block", 10_000, counts)
+    sink: AuditSink = counts["sink"]
+    big = "select '" + "x" * (600 * 1024) + "'"
+    texts = [f"select {i}" for i in range(300)] + [big] + [f"select {i}" for i in range(300, 310)]
+    async with relayed(driver, audit) as (client, backend, _control, _engine):
+        payload = b"".join(query(t) for t in texts)
+
+        async def send() -> None:
+            await client.send_all(payload)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            assert await read_exactly(backend, len(payload)) == payload
+        await poll(lambda: len(writer.texts()) == len(texts), "every record written")
+    recorded = writer.texts()
+    assert recorded[:300] == texts[:300] and recorded[301:] == texts[301:]
+    (big_rec,) = [json.loads(x) for x in writer.lines if json.loads(x).get("text_truncated")]
+    assert big_rec["text_bytes"] == len(big)
+    assert big_rec["text_sha256"] == hashlib.sha256(big.encode()).hexdigest()
+    sink.stop()
+
+
+def test_the_tap_is_bounded_and_emptied() -> None:
+    a, b = socket.socketpair()
+    try:
+        lane = _pump.Lane(a.fileno())
+        with pytest.raises(ValueError):
+            lane.tap_enable(10)
+        lane.tap_enable(4096)
+        assert lane.tap_used == 0 and lane.take_tap() == b""
+    finally:
+        a.close()
+        b.close()
+
+
+def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("relay.test").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+@pytest.mark.parametrize("audited", [True, False])
+async def test_a_tls_client_is_recorded_in_plaintext_by_the_python_record_layer(
+    audited: bool,
+) -> None:
+    """An audited relay with a TLS client keeps its record layer in Python even when the
+    engine runs client TLS in C (no tap on a C TLS session): every decrypted statement is
+    recorded, in order, before it reaches the server. Without audit the same session's
+    record layer runs in C."""
+    if not client_tls_module.c_tls_available():
+        pytest.fail("OpenSSL could not be bound: the C record layer is not testable here")
+    writer = GateWriter()
+    writer.gate.set()
+    counts: dict[str, Any] = {}
+    audit = make_audit(writer, "block", 10_000, counts) if audited else None
+    app_client, proxy_client = socket.socketpair()
+    proxy_backend, app_backend = socket.socketpair()
+    server_ctx, client_ctx = _tls_contexts()
+    for s in (app_client, proxy_client):
+        s.setblocking(False)
+    app = trio.SSLStream(
+        trio.SocketStream(trio.socket.from_stdlib_socket(app_client)),
+        client_ctx,
+        server_hostname="relay.test",
+        https_compatible=True,
+    )
+    proxy = ServerTLSStream(
+        trio.SocketStream(trio.socket.from_stdlib_socket(proxy_client)), server_ctx
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(app.do_handshake)
+            n.start_soon(proxy.do_handshake)
+    handover = proxy.handover()
+    raw = proxy.transport_stream
+    assert isinstance(raw, trio.SocketStream)
+    tls_sock = socket.socket(fileno=raw.socket.detach())
+    backend = trio.SocketStream(trio.socket.from_stdlib_socket(app_backend))
+    texts = [f"select {i}" for i in range(200)] + ["select '" + "y" * 300_000 + "'"]
+    payload = b"".join(query(t) for t in texts)
+    async with open_relay_engine(c_tls=True) as engine:
+        handle = engine.start_relay(tls_sock, proxy_backend, client_tls=handover, audit=audit)
+        relay: Any = handle._relay  # which record layer serves it
+        assert relay.client.tls is not None
+        assert relay.client.tls.in_c is (not audited)
+        assert relay.client.tls_in_c is (not audited)
+        assert relay.pumped is (not audited)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as n:
+                n.start_soon(app.send_all, payload)
+                assert await read_exactly(backend, len(payload)) == payload
+            reply = msg(b"Z", b"I")
+            await backend.send_all(reply)
+            assert await read_exactly(app, len(reply)) == reply
+        if audited:
+            await poll(lambda: len(writer.texts()) == len(texts), "every record written")
+            assert writer.texts()[:-1] == texts[:-1]
+            (big,) = [json.loads(x) for x in writer.lines if json.loads(x).get("text_truncated")]
+            assert big["text_sha256"] == hashlib.sha256(texts[-1].encode()).hexdigest()
+        handle.abort()
+        with trio.fail_after(10):
+            await handle.wait()
+    if audit is not None:
+        counts["sink"].stop()
+    for s in (tls_sock, proxy_backend):
+        s.close()
+    await backend.aclose()

@@ -1,0 +1,262 @@
+"""The console's shared directory (memory and Redis) and the hub over it, without sockets:
+published session lists expire, kill requests reach only their instance, locks carry their
+expiry (wall clock, injected) and survive the store that set them; the hub ends local sessions
+a lock covers, refuses a locked login, keeps ``console: read`` to SHOW, and logs every command."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import trio
+from e2e_support import capture_logs
+from state_support import delete_prefix, require_redis, unique_prefix
+
+from waypoint.config.model import StateConfig
+from waypoint.console.hub import Caller, ConsoleHub
+from waypoint.grants.model import EffectiveGrant
+from waypoint.identity.model import Identity
+from waypoint.pgwire.responder import Result, StatementError
+from waypoint.proxy.registry import LiveSession, SessionRegistry
+from waypoint.state import open_state
+from waypoint.state.console import (
+    ConsoleDirectory,
+    InstanceRecord,
+    KillRequest,
+    LockRecord,
+    MemoryDirectory,
+    RedisDirectory,
+)
+from waypoint.state.redis_store import RedisStateStore
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Wall:
+    """A settable wall clock."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@contextlib.asynccontextmanager
+async def directories(kind: str, wall: Wall) -> AsyncIterator[Callable[[], ConsoleDirectory]]:
+    """A factory of directories sharing one store (one dict, or one Redis prefix)."""
+    if kind == "memory":
+        shared = MemoryDirectory(wall)
+        yield lambda: shared
+        return
+    require_redis()
+    prefix = unique_prefix()
+    cfg = StateConfig(backend="redis", url=REDIS_URL, key_prefix=prefix)
+    try:
+        async with open_state(cfg, instance_id="a") as store:
+            assert isinstance(store, RedisStateStore)
+            yield lambda: RedisDirectory(store, wall)
+    finally:
+        delete_prefix(prefix)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def test_lists_expire_and_withdraw(kind: str) -> None:
+    wall = Wall()
+    async with directories(kind, wall) as make:
+        d = make()
+        await d.publish(InstanceRecord("a", wall.now, wall.now), ttl=5)
+        await d.publish(InstanceRecord("b", wall.now, wall.now), ttl=5)
+        assert sorted(r.instance for r in await d.instances()) == ["a", "b"]
+        await d.withdraw("b")
+        assert [r.instance for r in await d.instances()] == ["a"]
+        wall.now += 6
+        assert await d.instances() == []
+
+
+async def test_kill_requests_reach_their_instance_once(kind: str) -> None:
+    async with directories(kind, Wall()) as make:
+        d = make()
+        await d.request_kill("b", KillRequest("c-1", "admin", "why"))
+        assert await d.take_kills("a") == []
+        assert await d.take_kills("b") == [KillRequest("c-1", "admin", "why")]
+        assert await d.take_kills("b") == []
+
+
+async def test_locks_expire_and_match_login_and_node(kind: str) -> None:
+    wall = Wall()
+    async with directories(kind, wall) as make:
+        d = make()
+        await d.set_lock(LockRecord("bob", None, "r1", "admin", wall.now, wall.now + 60))
+        await d.set_lock(LockRecord("eve", "box", "r2", "admin", wall.now))
+        assert (await d.lock_for("bob", "any")) is not None
+        assert (await d.lock_for("eve", "box")) is not None
+        assert (await d.lock_for("eve", "other")) is None
+        assert len(await d.locks()) == 2
+        wall.now += 61
+        assert (await d.lock_for("bob", "any")) is None
+        assert [lock.login for lock in await d.locks()] == ["eve"]
+        assert await d.remove_lock("eve", "box")
+        assert not await d.remove_lock("eve", "box")
+        assert await d.locks() == []
+
+
+async def test_redis_locks_outlive_the_store_that_set_them() -> None:
+    require_redis()
+    wall = Wall()
+    prefix = unique_prefix()
+    cfg = StateConfig(backend="redis", url=REDIS_URL, key_prefix=prefix)
+    try:
+        async with open_state(cfg, instance_id="a") as store:
+            assert isinstance(store, RedisStateStore)
+            await RedisDirectory(store, wall).set_lock(LockRecord("bob", None, "r", "admin", wall.now))
+        async with open_state(cfg, instance_id="b") as store:
+            assert isinstance(store, RedisStateStore)
+            [lock] = await RedisDirectory(store, wall).locks()
+            assert (lock.login, lock.reason, lock.by) == ("bob", "r", "admin")
+    finally:
+        delete_prefix(prefix)
+
+
+async def test_hostile_values_in_redis_are_skipped() -> None:
+    require_redis()
+    from state_support import redis_client
+
+    prefix = unique_prefix()
+    cfg = StateConfig(backend="redis", url=REDIS_URL, key_prefix=prefix)
+    try:
+        async with open_state(cfg, instance_id="a") as store:
+            assert isinstance(store, RedisStateStore)
+            d = RedisDirectory(store, Wall())
+            client = redis_client()
+            client.hset(prefix + "console:{console}:locks", "x", "not json")
+            client.hset(prefix + "console:{console}:locks", "y", '{"login": 1}')
+            client.rpush(prefix + "console:{console}:kills:a", "[]")
+            client.zadd(prefix + "console:{console}:instances", {"z": 10**15})
+            client.set(prefix + "console:{console}:sessions:z", '{"instance": "z"}')
+            assert await d.locks() == []
+            assert await d.lock_for("x", "y") is None
+            assert await d.take_kills("a") == []
+            assert await d.instances() == []
+    finally:
+        delete_prefix(prefix)
+
+
+# -- the hub -------------------------------------------------------------------------------
+
+
+class FakeRelay:
+    def __init__(self) -> None:
+        self.fatal: bytes | None = None
+        self.bytes_from_client = 10
+        self.bytes_from_backend = 20
+        self.buffered_bytes = 0
+
+    def terminate(self, fatal: bytes, *, timeout: float = 2.0) -> None:
+        self.fatal = fatal
+
+    async def wait(self) -> Any:  # pragma: no cover - not used
+        raise NotImplementedError
+
+
+def live(conn_id: str, login: str, node: str) -> tuple[LiveSession, FakeRelay]:
+    session = LiveSession(
+        conn_id=conn_id,
+        listener="pg-main",
+        peer=("127.0.0.2", 5000),
+        identity=Identity(login, node),
+        grant=EffectiveGrant("pg-main", "app"),
+        database="app",
+        preset_cap=None,
+        role="wp_role",
+        started=trio.current_time(),
+    )
+    relay = FakeRelay()
+    session.attach(relay)
+    return session, relay
+
+
+def caller(access: str) -> Caller:
+    return Caller(Identity("admin@example.com", "ops"), access, "pg-main", "c0", "127.0.0.1:1")
+
+
+async def test_hub_lock_ends_sessions_refuses_logins_and_is_audited() -> None:
+    wall = Wall()
+    registry = SessionRegistry()
+    hub = ConsoleHub(registry, MemoryDirectory(wall), "a", wall)
+    bob, bob_relay = live("c1", "bob", "laptop")
+    eve, eve_relay = live("c2", "eve", "box")
+    registry.add(bob)
+    registry.add(eve)
+
+    result = await hub.execute(caller("admin"), "SHOW SESSIONS")
+    assert isinstance(result, Result) and sorted(r[0] for r in result.rows) == ["c1", "c2"]
+    assert {r[11:13] for r in result.rows} == {("10", "20")}
+
+    with capture_logs() as logs:
+        result = await hub.execute(caller("admin"), "LOCK LOGIN 'bob' FOR '10m' REASON 'stolen'")
+    assert result == Result("LOCK")
+    assert bob_relay.fatal is not None and b"57P01" in bob_relay.fatal and b"admin@example.com" in bob_relay.fatal
+    assert eve_relay.fatal is None
+    [event] = logs.events("console_command")
+    assert event["login"] == "admin@example.com" and event["statement"].startswith("LOCK LOGIN")
+
+    refusal = await hub.lock_refusal(Identity("bob", "other-node"))
+    assert refusal is not None and refusal.sqlstate == "28000" and "stolen" in refusal.message
+    assert await hub.lock_refusal(Identity("eve", "box")) is None
+    wall.now += 601
+    assert await hub.lock_refusal(Identity("bob", "laptop")) is None
+
+
+async def test_hub_read_only_may_only_show() -> None:
+    registry = SessionRegistry()
+    hub = ConsoleHub(registry, MemoryDirectory(Wall()), "a", Wall())
+    bob, relay = live("c1", "bob", "laptop")
+    registry.add(bob)
+    for sql in ("KILL 'c1'", "KILL LOGIN 'bob'", "LOCK LOGIN 'bob' REASON 'x'", "UNLOCK LOGIN 'bob'"):
+        with capture_logs() as logs:
+            result = await hub.execute(caller("read"), sql)
+        assert isinstance(result, StatementError) and result.sqlstate == "42501", sql
+        assert logs.events("console_command")[0]["sqlstate"] == "42501"
+    assert relay.fatal is None
+    assert isinstance(await hub.execute(caller("read"), "SHOW LOCKS"), Result)
+
+
+async def test_hub_tick_applies_remote_kills_and_locks() -> None:
+    wall = Wall()
+    shared = MemoryDirectory(wall)
+    registry_a, registry_b = SessionRegistry(), SessionRegistry()
+    hub_a = ConsoleHub(registry_a, shared, "a", wall)
+    hub_b = ConsoleHub(registry_b, shared, "b", wall)
+    on_b, relay = live("c9", "bob", "laptop")
+    registry_b.add(on_b)
+    await hub_b.tick()  # B publishes
+    result = await hub_a.execute(caller("admin"), "KILL 'c9'")
+    assert result == Result("KILL 1") and relay.fatal is None  # not A's to end
+    await hub_b.tick()
+    assert relay.fatal is not None and b"admin@example.com" in relay.fatal
+
+    other, other_relay = live("c10", "eve", "box")
+    registry_b.add(other)
+    await hub_a.execute(caller("admin"), "LOCK LOGIN 'eve' NODE 'box' REASON 'r'")
+    assert other_relay.fatal is None
+    await hub_b.tick()
+    assert other_relay.fatal is not None and b"locked: r" in other_relay.fatal
+
+
+async def test_lock_check_fails_closed_when_state_is_unavailable() -> None:
+    class Down(MemoryDirectory):
+        async def lock_for(self, login: str, node: str) -> LockRecord | None:
+            from waypoint.state.base import StateUnavailableError
+
+            raise StateUnavailableError("Redis did not answer")
+
+    hub = ConsoleHub(SessionRegistry(), Down(Wall()), "a", Wall())
+    refusal = await hub.lock_refusal(Identity("bob", "laptop"))
+    assert refusal is not None and refusal.sqlstate == "08004"

@@ -1,0 +1,292 @@
+"""Statement audit end to end on PostgreSQL 15 and 18: psql (libpq, simple protocol) and
+psycopg 3 (extended protocol, prepared statements, pipeline mode, COPY, errors, a
+cancelled statement, a 1 MiB statement), the records' identity fields, and the hash chain."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import trio
+from e2e_support import E2EEnv, create_app_database, e2e_env
+from pgcluster import PgCluster
+
+from waypoint.audit.chain import verify
+
+LOGIN = "carol@example.com"
+# The markers come first: only the first max_statement_bytes of the text are kept.
+BIG_SIMPLE = "/* big-simple */ select length('" + "x" * (1 << 20) + "')"
+BIG_EXTENDED = "/* big-ext */ select length(%s) + length('" + "x" * (1 << 20) + "')"
+
+
+def audit_section(path: Path, parameters: str = "hash", max_statement_bytes: int = 4096) -> str:
+    return (
+        f'[audit]\nenabled = true\nsink = "file"\nfile = "{path}"\n'
+        f'parameters = "{parameters}"\nmax_statement_bytes = {max_statement_bytes}\n'
+    )
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+async def wait_for(path: Path, pred: Any, what: str, bound: float = 20.0) -> list[dict[str, Any]]:
+    """Poll the audit file (bounded) until ``pred(records)`` holds."""
+    with trio.move_on_after(bound):
+        while True:
+            recs = records(path)
+            if pred(recs):
+                return recs
+            await trio.sleep(0.05)
+    raise AssertionError(f"audit file never showed {what}: {records(path)[-10:]}")
+
+
+def results_by_id(recs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Results keyed by (conn_id, statement_id) folded into the statement id of one session."""
+    return {r["statement_id"]: r for r in recs if r["event"] == "result"}
+
+
+def _psycopg_work(dsn: str) -> int:
+    """Prepared statements, a pipeline, COPY, an error; returns the backend pid."""
+    with psycopg.connect(dsn, connect_timeout=20, autocommit=True) as conn:
+        for i in range(5):
+            conn.execute(
+                "select v from t where id = %s::int /* prepared */", (str(i),), prepare=True
+            )
+        with conn.pipeline():
+            conn.execute("select %s::int /* pipe-a */", (1,))
+            conn.execute("select %s::text /* pipe-b */", ("b",))
+            conn.execute("select 3 /* pipe-c */")
+        with conn.cursor() as cur, cur.copy("copy t (id, v) from stdin") as copy:
+            for i in range(100, 103):
+                copy.write_row((i, f"row{i}"))
+        with contextlib.suppress(psycopg.errors.DivisionByZero):
+            conn.execute("select 1/0 /* div */")
+        conn.execute(BIG_SIMPLE)  # no parameters: psycopg sends a simple Query
+        conn.execute(BIG_EXTENDED, ("y",))
+        pid = conn.info.backend_pid
+    return pid
+
+
+def _cancelled(env: E2EEnv, dsn: str) -> str:
+    with psycopg.connect(dsn, connect_timeout=20, autocommit=True) as conn:
+        pid = conn.info.backend_pid
+        marker = "cancel-me-audit"
+        done = threading.Event()
+
+        def cancel_when_running() -> None:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not done.is_set():
+                rows = env.cluster.execute(
+                    "SELECT state, query FROM pg_stat_activity WHERE pid = :p", p=pid
+                )
+                if rows and rows[0][0] == "active" and marker in str(rows[0][1]):
+                    conn.cancel_safe(timeout=10)
+                    return
+                time.sleep(0.05)
+
+        t = threading.Thread(target=cancel_when_running)
+        t.start()
+        try:
+            conn.execute(f"select pg_sleep(30) /* {marker} */")
+        except psycopg.errors.QueryCanceled as exc:
+            state = exc.sqlstate or ""
+        else:  # pragma: no cover - the assertion reports it
+            state = "not cancelled"
+        finally:
+            done.set()
+            t.join(30)
+        return state
+
+
+async def test_statements_of_every_kind_are_recorded_with_who_ran_them(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    db = create_app_database(pg)
+    path = tmp_path / "audit.jsonl"
+    with trio.fail_after(180):
+        async with e2e_env(pg, tmp_path, tables_extra=audit_section(path)) as env:
+            env.grant(
+                "127.0.0.1",
+                {db: {"permissions": ["readwrite"]}},
+                login=LOGIN,
+                node="laptop",
+                tags=["tag:dev"],
+            )
+            # psql: simple protocol, and an error
+            r = await env.psql("select v from t where id = 1 /* psql-ok */", db)
+            assert r.returncode == 0, r.stderr
+            r = await env.psql("select 1/0 /* psql-div */", db)
+            assert r.returncode != 0
+            recs = await wait_for(
+                path,
+                lambda rs: sum(1 for x in rs if x["event"] == "result") >= 2,
+                "psql results",
+            )
+            q = {x["text"]: x for x in recs if x["event"] == "query"}
+            ok = q["select v from t where id = 1 /* psql-ok */"]
+            assert ok["protocol"] == "simple" and ok["login"] == LOGIN and ok["node"] == "laptop"
+            assert ok["tags"] == ["tag:dev"] and ok["database"] == db
+            assert ok["role"].startswith("wp_pg_main_carol_example_com")
+            assert ok["listener"] == "pg-main" and ok["client"].startswith("127.0.0.1:")
+            assert ok["node_id"] and ok["instance"] and ok["conn_id"] and ok["time"]
+            res = {(x["conn_id"], x["statement_id"]): x for x in recs if x["event"] == "result"}
+            assert res[(ok["conn_id"], ok["statement_id"])]["tag"] == "SELECT 1"
+            div = q["select 1/0 /* psql-div */"]
+            assert res[(div["conn_id"], div["statement_id"])]["sqlstate"] == "22012"
+
+            # psycopg: extended protocol
+            dsn = env.dsn(db)
+            await trio.to_thread.run_sync(_psycopg_work, dsn)
+            recs = await wait_for(
+                path,
+                lambda rs: any("/* big-ext */" in (x.get("text") or "") for x in rs),
+                "the big statement",
+            )
+            recs = await wait_for(
+                path,
+                lambda rs: (
+                    len([x for x in rs if x["event"] == "result"])
+                    >= len([x for x in rs if x["event"] in ("query", "execute", "function_call")])
+                ),
+                "every result",
+            )
+            res = {(x["conn_id"], x["statement_id"]): x for x in recs if x["event"] == "result"}
+            execs = [x for x in recs if x["event"] == "execute"]
+            prepared = [x for x in execs if "/* prepared */" in x["text"]]
+            assert len(prepared) == 5
+            assert len({x["statement"] for x in prepared}) == 1 and prepared[0]["statement"]
+            assert all(
+                x["text"] == "select v from t where id = $1::int /* prepared */" for x in prepared
+            )
+            assert all(
+                x["parameter_count"] == 1 and len(x["parameters"][0]) == 64 for x in prepared
+            )
+            assert prepared[1]["parameters"][0] == hashlib.sha256(b"1").hexdigest()
+            parses = [x for x in recs if x["event"] == "parse" and "/* prepared */" in x["text"]]
+            assert len(parses) == 1  # parsed once, executed five times: each recorded
+            for tag in ("pipe-a", "pipe-b", "pipe-c"):
+                (e,) = [x for x in execs if f"/* {tag} */" in x["text"]]
+                assert e["protocol"] == "extended"
+                assert res[(e["conn_id"], e["statement_id"])]["status"] == "ok"
+            (copy_stmt,) = [x for x in recs if x.get("text") == "copy t (id, v) from stdin"]
+            copy_res = res[(copy_stmt["conn_id"], copy_stmt["statement_id"])]
+            assert copy_res["rows"] == 3 and copy_res["tag"] == "COPY 3"
+            assert any(
+                x["event"] == "copy"
+                and x["statement_id"] == copy_stmt["statement_id"]
+                and x["conn_id"] == copy_stmt["conn_id"]
+                and x["direction"] == "in"
+                for x in recs
+            )
+            stmts = [x for x in recs if x["event"] in ("query", "execute")]
+            (d,) = [x for x in stmts if "/* div */" in x["text"]]
+            assert res[(d["conn_id"], d["statement_id"])]["sqlstate"] == "22012"
+            # The 1 MiB statements: recorded, cut, with the hash of the whole text.
+            (big_q,) = [x for x in stmts if "/* big-simple */" in x["text"]]
+            assert big_q["event"] == "query" and big_q["text_truncated"] is True
+            assert big_q["text"] == BIG_SIMPLE[:4096] and big_q["text_bytes"] == len(BIG_SIMPLE)
+            assert big_q["text_sha256"] == hashlib.sha256(BIG_SIMPLE.encode()).hexdigest()
+            assert res[(big_q["conn_id"], big_q["statement_id"])]["tag"] == "SELECT 1"
+            sent = BIG_EXTENDED.replace("%s", "$1")
+            (big_parse,) = [
+                x for x in recs if x["event"] == "parse" and "/* big-ext */" in x["text"]
+            ]
+            assert big_parse["text"] == sent[:4096] and big_parse["text_bytes"] == len(sent)
+            assert big_parse["text_sha256"] == hashlib.sha256(sent.encode()).hexdigest()
+            (big_exec,) = [x for x in execs if "/* big-ext */" in x["text"]]
+            assert (
+                big_exec["text_truncated"] and big_exec["text_sha256"] == big_parse["text_sha256"]
+            )
+            assert big_exec["parameters"] == [hashlib.sha256(b"y").hexdigest()]
+            assert res[(big_exec["conn_id"], big_exec["statement_id"])]["tag"] == "SELECT 1"
+
+            # A cancelled statement: 57014 on its result.
+            state = await trio.to_thread.run_sync(_cancelled, env, dsn)
+            assert state == "57014"
+            recs = await wait_for(
+                path, lambda rs: any(x.get("sqlstate") == "57014" for x in rs), "the cancel"
+            )
+            (sleep,) = [
+                x
+                for x in recs
+                if "cancel-me-audit" in (x.get("text") or "") and x["event"] in ("query", "execute")
+            ]
+            assert res_of(recs, sleep)["sqlstate"] == "57014"
+
+            await env.assert_clean()
+    # Every record chained, whatever the sessions.
+    report = verify([str(path)])
+    assert report.problem is None and report.records == len(records(path))
+    assert "x" * 5000 not in path.read_text()
+
+
+def res_of(recs: list[dict[str, Any]], stmt: dict[str, Any]) -> dict[str, Any]:
+    (r,) = [
+        x
+        for x in recs
+        if x["event"] == "result"
+        and x["conn_id"] == stmt["conn_id"]
+        and x["statement_id"] == stmt["statement_id"]
+    ]
+    return r
+
+
+def _metric(env: E2EEnv, name: str) -> float:
+    total = 0.0
+    for family in env.running.metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == name:
+                total += sample.value
+    return total
+
+
+def _after_failure(conn: psycopg.Connection[Any]) -> str:
+    try:
+        conn.execute("select 2 /* must not run unrecorded */")
+    except psycopg.OperationalError as exc:
+        return f"{exc.sqlstate}: {exc}"
+    return "not closed"
+
+
+async def test_a_failing_sink_with_on_error_close_ends_the_session(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """The audit file is /dev/full: every write fails (ENOSPC). With ``on_error = "close"``
+    the session ends with a FATAL that says why, and the metrics count it."""
+    db = create_app_database(pg)
+    section = audit_section(Path("/dev/full")) + 'on_error = "close"\n'
+    with trio.fail_after(120):
+        async with e2e_env(pg, tmp_path, tables_extra=section) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}}, login=LOGIN)
+            conn = await trio.to_thread.run_sync(
+                lambda: psycopg.connect(env.dsn(db), connect_timeout=20, autocommit=True)
+            )
+            try:
+                # Recorded (queued) before the sink is known to fail: it runs.
+                await trio.to_thread.run_sync(conn.execute, "select 1 /* before the failure */")
+                with trio.fail_after(20):
+                    while _metric(env, "waypoint_audit_sink_errors_total") < 1:
+                        await trio.sleep(0.02)
+                outcome = await trio.to_thread.run_sync(_after_failure, conn)
+            finally:
+                await trio.to_thread.run_sync(conn.close)
+            assert outcome.startswith("58030: ") and "audit" in outcome, outcome
+            assert _metric(env, "waypoint_audit_sessions_closed_total") >= 1
+            assert _metric(env, "waypoint_audit_records_total") == 0
+            # The statement that could not be recorded never ran.
+            rows = pg.execute(
+                "select count(*) from pg_stat_activity where query like :q and datname = :d",
+                q="%must not run unrecorded%",
+                d=db,
+            )
+            assert rows[0][0] == 0
+            await env.assert_clean()

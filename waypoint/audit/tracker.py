@@ -1,0 +1,745 @@
+"""The audit tracker of one session, sans I/O.
+
+:class:`AuditTracker` is fed the bytes of a relayed session as they pass, in order:
+``client(chunk, now)`` for frontend bytes, ``backend(chunk, now)`` for backend bytes.
+Each call returns the records that chunk produced (plain dicts, ready for JSON). The
+caller queues the records of a client chunk *before* it forwards the chunk, so no
+statement reaches the server unrecorded.
+
+What is recorded (``event``):
+
+* ``query`` — a simple-protocol Query (its text);
+* ``parse`` — a Parse (statement name and text); the name is remembered, so that
+* ``execute`` — every Execute carries the text of the statement its portal was bound to
+  (the unnamed statement too), and the Bind parameters per ``parameters``
+  (``none``: only their count; ``hash``: the SHA-256 of each; ``full``: each as text, or
+  hex when not UTF-8 / bound in binary);
+* ``function_call`` — a FunctionCall (the function's OID, arguments as parameters);
+* ``copy`` — the server started a COPY (direction) for the statement before it;
+* ``result`` — the server finished a query / execute / function call: ``tag`` (the last
+  CommandComplete), ``commands`` (how many), ``sqlstate`` on error, ``rows`` for COPY,
+  ``copy_data`` (CopyData messages the client sent), ``duration_ms``; ``status`` is
+  ``ok``, ``error``, ``suspended`` or ``not_run`` (skipped after an earlier error in the
+  same pipeline segment).
+
+Size is no way around it: texts and parameters longer than ``max_statement_bytes`` are
+cut, marked (``text_truncated``) and carry the SHA-256 of the whole (``text_sha256``),
+computed incrementally; a message body is never buffered beyond the bound, however large.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import struct
+from collections import deque
+from collections.abc import Callable, Generator, Mapping
+from typing import Any, Final, Literal
+
+ParameterMode = Literal["none", "hash", "full"]
+#: A record's session context: JSON object members (``"login":"…","node":"…"``), serialized
+#: once per session; the sink writes them into the line in place of this key.
+CONTEXT_KEY: Final = "_context"
+#: The context fields a ``result`` or ``copy`` record carries.
+_SHORT_CONTEXT: Final = ("instance", "conn_id", "login", "node", "database")
+Record = dict[str, Any]
+
+#: Cap on names (statement, portal) kept from the wire.
+_NAME_CAP: Final = 256
+#: Cap on a backend message body kept (CommandComplete, ErrorResponse); the rest is skipped.
+_BACKEND_CAP: Final = 4096
+_HEADER: Final = struct.Struct("!Bi")
+_I16: Final = struct.Struct("!h")
+_I32: Final = struct.Struct("!i")
+
+# Frontend message types.
+_Q, _P, _B, _E, _C, _F, _S, _COPYDATA = (
+    b"Q"[0],
+    b"P"[0],
+    b"B"[0],
+    b"E"[0],
+    b"C"[0],
+    b"F"[0],
+    b"S"[0],
+    b"d"[0],
+)
+_FRONT_PARSED: Final = frozenset({_Q, _P, _B, _E, _C, _F})
+# Backend message types.
+_BC, _BE, _BZ, _BI, _BS = b"C"[0], b"E"[0], b"Z"[0], b"I"[0], b"s"[0]
+_BG, _BH, _BW = b"G"[0], b"H"[0], b"W"[0]
+_BACK_PARSED: Final = frozenset({_BC, _BE, _BG, _BH, _BW})
+
+
+class _Text:
+    """A field read incrementally: at most ``cap`` bytes kept, the whole hashed when cut
+    (or always, with ``always_hash``)."""
+
+    __slots__ = ("cap", "hasher", "kept", "size")
+
+    def __init__(self, cap: int, always_hash: bool = False) -> None:
+        self.cap = cap
+        self.kept = bytearray()
+        self.size = 0
+        self.hasher: Any = hashlib.sha256() if always_hash else None
+
+    def add(self, data: bytes | memoryview) -> None:
+        n = len(data)
+        room = self.cap - len(self.kept)
+        if n <= room and self.hasher is None:
+            self.kept += data
+        else:
+            if self.hasher is None:
+                self.hasher = hashlib.sha256(self.kept)
+            if room > 0:
+                self.kept += data[:room]
+            self.hasher.update(data)
+        self.size += n
+
+    @classmethod
+    def whole(cls, data: bytes, cap: int) -> _Text:
+        """A field already complete in memory (the common case of a small message)."""
+        text = cls(cap)
+        text.size = len(data)
+        if len(data) <= cap:
+            text.kept = bytearray(data)
+        else:
+            text.kept = bytearray(data[:cap])
+            text.hasher = hashlib.sha256(data)
+        return text
+
+    @property
+    def truncated(self) -> bool:
+        return self.size > len(self.kept)
+
+    def sha256(self) -> str:
+        h = self.hasher if self.hasher is not None else hashlib.sha256(self.kept)
+        return str(h.hexdigest())
+
+    def text(self) -> str:
+        return self.kept.decode("utf-8", "replace")
+
+
+# A body parser is a generator of requests, answered by :class:`_Body`:
+#   ("take", n)         -> bytes: the next n bytes (n is small and bounded)
+#   ("cstr", text)      -> None: bytes up to the next NUL go into ``text`` (a _Text)
+#   ("blob", n, text)   -> None: the next n bytes go into ``text``
+# It returns its result when done; what is left of the body is skipped.
+_Request = tuple[Any, ...]
+_Parser = Generator[_Request, Any, dict[str, Any]]
+
+
+class _Short(Exception):
+    """The message body ended before its parser did (a malformed message)."""
+
+
+class _Body:
+    """Drives one body parser over the chunks of one message body."""
+
+    __slots__ = ("gen", "need", "remaining", "req", "result", "small")
+
+    def __init__(self, gen: _Parser, length: int) -> None:
+        self.gen = gen
+        self.remaining = length
+        self.small = bytearray()
+        self.result: dict[str, Any] | None = None
+        self.need = 0
+        self.req: _Request | None = None
+        self._next(None)
+
+    def _next(self, value: Any) -> None:
+        while True:
+            try:
+                req = self.gen.send(value)
+            except StopIteration as stop:
+                self.result = stop.value
+                self.req = None
+                return
+            self.req = req
+            if req[0] == "take":
+                if req[1] <= 0:
+                    value = b""
+                    continue
+                self.need = req[1]
+                self.small = bytearray()
+            elif req[0] == "blob":
+                if req[1] <= 0:
+                    value = None
+                    continue
+                self.need = req[1]
+            return
+
+    def feed(self, data: memoryview) -> None:
+        """Feed body bytes (never more than ``remaining``)."""
+        self.remaining -= len(data)
+        pos, n = 0, len(data)
+        while pos < n and self.req is not None:
+            kind = self.req[0]
+            if kind == "take":
+                take = min(self.need - len(self.small), n - pos)
+                self.small += data[pos : pos + take]
+                pos += take
+                if len(self.small) == self.need:
+                    self._next(bytes(self.small))
+            elif kind == "cstr":
+                text: _Text = self.req[1]
+                rest = bytes(data[pos:])
+                end = rest.find(b"\0")
+                if end < 0:
+                    text.add(rest)
+                    pos = n
+                else:
+                    text.add(rest[:end])
+                    pos += end + 1
+                    self._next(None)
+            else:  # blob
+                text = self.req[2]
+                take = min(self.need, n - pos)
+                text.add(data[pos : pos + take])
+                pos += take
+                self.need -= take
+                if self.need == 0:
+                    self._next(None)
+
+    def finish(self) -> dict[str, Any]:
+        """The body is complete: the parser's result (partial if the body was short)."""
+        if self.result is not None:
+            return self.result
+        try:
+            self.gen.throw(_Short())
+        except StopIteration as stop:
+            return dict(stop.value or {}, malformed=True)
+        except _Short:
+            pass
+        return {"malformed": True}
+
+
+def _i16(b: bytes) -> int:
+    return int(_I16.unpack(b)[0])
+
+
+def _i32(b: bytes) -> int:
+    return int(_I32.unpack(b)[0])
+
+
+class AuditTracker:
+    """Record the statements of one session and pair the server's answers with them."""
+
+    def __init__(
+        self,
+        context: Mapping[str, Any],
+        *,
+        parameters: ParameterMode = "none",
+        max_statement_bytes: int = 65536,
+        wall_clock: Callable[[], float] | None = None,
+    ) -> None:
+        if max_statement_bytes < 1:
+            raise ValueError("max_statement_bytes must be >= 1")
+        self.context = dict(context)
+        #: The context as JSON members, serialized once (the sink splices it into each
+        #: line: ``CONTEXT_KEY``); results and copy records carry a shorter one.
+        self._ctx = _members(self.context)
+        self._ctx_short = _members(
+            {k: self.context[k] for k in _SHORT_CONTEXT if k in self.context}
+        )
+        self.parameters = parameters
+        self.cap = max_statement_bytes
+        self._wall = wall_clock
+        #: Prepared statements by name ("" is the unnamed one): (text, sha256, truncated, size).
+        self.statements: dict[str, tuple[str, str | None, bool, int]] = {}
+        #: Portals by name: (statement name, parameters record fields).
+        self.portals: dict[str, tuple[str, dict[str, Any]]] = {}
+        #: What the server answers next, in order: [kind, record-or-None, started].
+        self.pending: deque[list[Any]] = deque()
+        self.seq = 0
+        #: The text of the current or last statement run (what a console shows).
+        self.last_statement: str | None = None
+        self._front = _Framer(
+            _FRONT_PARSED, self._front_parser, self._on_front, _front_fast(self.cap)
+        )
+        self._back = _Framer(_BACK_PARSED, _back_parser, self._on_back, _back_fast)
+        self._out: list[Record] = []
+        self._now = 0.0
+        #: The COPY the client is sending data for (its pending entry).
+        self._copy_in: list[Any] | None = None
+
+    # -- input ------------------------------------------------------------------------------
+
+    def client(self, chunk: bytes, now: float) -> list[Record]:
+        """Frontend bytes (in order): the records to queue before forwarding them."""
+        self._now = now
+        out: list[Record] = []
+        self._out = out
+        self._front.feed(chunk)
+        return out
+
+    def backend(self, chunk: bytes, now: float) -> list[Record]:
+        """Backend bytes (in order): the ``copy`` and ``result`` records they complete."""
+        self._now = now
+        out: list[Record] = []
+        self._out = out
+        self._back.feed(chunk)
+        return out
+
+    # -- frontend ---------------------------------------------------------------------------
+
+    def _front_parser(self, kind: int) -> _Parser:
+        if kind == _Q:
+            return _parse_query(self.cap)
+        if kind == _P:
+            return _parse_parse(self.cap)
+        if kind == _B:
+            return _parse_bind(self.cap, self.parameters)
+        if kind == _E:
+            return _parse_execute()
+        if kind == _C:
+            return _parse_close()
+        return _parse_function_call(self.cap, self.parameters)
+
+    def _record(self, event: str, protocol: str, fields: dict[str, Any]) -> Record:
+        self.seq += 1
+        rec: Record = {"event": event, "statement_id": self.seq, "protocol": protocol}
+        if self._wall is not None:
+            rec["time"] = self._wall()
+        rec[CONTEXT_KEY] = self._ctx
+        rec.update(fields)
+        self._out.append(rec)
+        return rec
+
+    def _on_front(self, kind: int, body: dict[str, Any] | None) -> None:
+        now = self._now
+        if kind == _COPYDATA:
+            if self._copy_in is not None:
+                self._copy_in[3] += 1
+            return
+        if kind == _S:
+            self.pending.append(["sync", None, now, 0])
+            return
+        if body is None:
+            return
+        if kind == _Q:
+            rec = self._record("query", "simple", _text_fields(body["text"]))
+            rec.update(_malformed(body))
+            self.last_statement = rec["text"]
+            self.pending.append(["query", rec, now, 0, []])
+        elif kind == _P:
+            name = body["name"]
+            text: _Text = body["text"]
+            fields = _text_fields(text)
+            self.statements[name] = (
+                fields["text"],
+                fields.get("text_sha256"),
+                bool(fields.get("text_truncated")),
+                text.size,
+            )
+            self._record("parse", "extended", {"statement": name, **fields, **_malformed(body)})
+        elif kind == _B:
+            self.portals[body["portal"]] = (body["statement"], body["params"])
+        elif kind == _E:
+            portal = body["portal"]
+            stmt_name, params = self.portals.get(portal, ("", {}))
+            fields = {"statement": stmt_name, "portal": portal}
+            known = self.statements.get(stmt_name)
+            if known is None:
+                fields["text"] = None  # unknown statement: the server will refuse it
+            else:
+                stext, ssha, struncated, ssize = known
+                fields["text"] = stext
+                if struncated:
+                    fields.update(text_truncated=True, text_bytes=ssize, text_sha256=ssha)
+            fields.update(params)
+            rec = self._record("execute", "extended", {**fields, **_malformed(body)})
+            self.last_statement = rec["text"]
+            self.pending.append(["exec", rec, now, 0, []])
+            if not portal:
+                pass  # the unnamed portal lives until the next Bind
+        elif kind == _C:
+            if body["what"] == "S":
+                self.statements.pop(body["name"], None)
+            elif body["what"] == "P":
+                self.portals.pop(body["name"], None)
+        elif kind == _F:
+            fields = {"function_oid": body.get("oid"), **body["params"], **_malformed(body)}
+            rec = self._record("function_call", "simple", fields)
+            self.last_statement = f"function call {body.get('oid')}"
+            self.pending.append(["fcall", rec, now, 0, []])
+
+    # -- backend ----------------------------------------------------------------------------
+
+    def _head_run(self) -> list[Any] | None:
+        return self.pending[0] if self.pending and self.pending[0][0] != "sync" else None
+
+    def _result(self, entry: list[Any], status: str, **fields: Any) -> None:
+        rec: Record = entry[1]
+        tags: list[str] = entry[4]
+        res: Record = {"event": "result", "statement_id": rec["statement_id"]}
+        if self._wall is not None:
+            res["time"] = self._wall()
+        res[CONTEXT_KEY] = self._ctx_short
+        res["status"] = status
+        if tags:
+            res["tag"] = tags[-1]
+            res["commands"] = len(tags)
+            if tags[-1].startswith("COPY "):
+                with contextlib.suppress(ValueError):
+                    res["rows"] = int(tags[-1].split()[-1])
+        if entry[3]:
+            res["copy_data"] = entry[3]
+        res.update(fields)
+        res["duration_ms"] = round(max(0.0, self._now - entry[2]) * 1000.0, 3)
+        self._out.append(res)
+        if self._copy_in is entry:
+            self._copy_in = None
+
+    def _on_back(self, kind: int, body: dict[str, Any] | None) -> None:
+        pending = self.pending
+        if kind in (_BC, _BI, _BS):
+            head = self._head_run()
+            if head is None:
+                return
+            if kind == _BC and body is not None:
+                head[4].append(body["tag"])
+            if head[0] == "exec":
+                pending.popleft()
+                self._result(head, "suspended" if kind == _BS else "ok")
+        elif kind == _BE:
+            head = self._head_run()
+            sqlstate = (body or {}).get("sqlstate")
+            if head is None:
+                return
+            if head[0] == "exec":
+                pending.popleft()
+                self._result(head, "error", sqlstate=sqlstate)
+                # The server skips the rest of this pipeline segment, up to Sync.
+                while pending and pending[0][0] == "exec":
+                    self._result(pending.popleft(), "not_run")
+            elif len(head) == 5:
+                head.append(sqlstate)
+        elif kind == _BZ:
+            while pending:
+                entry = pending.popleft()
+                kind_ = entry[0]
+                if kind_ == "sync":
+                    return
+                if kind_ == "exec":
+                    self._result(entry, "not_run")
+                    continue
+                sqlstate = entry[5] if len(entry) > 5 else None
+                if sqlstate is not None:
+                    self._result(entry, "error", sqlstate=sqlstate)
+                else:
+                    self._result(entry, "ok")
+                return
+        elif kind in (_BG, _BH, _BW):
+            head = self._head_run()
+            if head is None:
+                return
+            direction = {_BG: "in", _BH: "out", _BW: "both"}[kind]
+            if kind == _BG:
+                self._copy_in = head
+            rec = head[1]
+            res: Record = {
+                "event": "copy",
+                "statement_id": rec["statement_id"],
+                "direction": direction,
+            }
+            if self._wall is not None:
+                res["time"] = self._wall()
+            res[CONTEXT_KEY] = self._ctx_short
+            self._out.append(res)
+
+
+def _members(fields: Mapping[str, Any]) -> str:
+    return json.dumps(dict(fields), separators=(",", ":"), ensure_ascii=False)[1:-1]
+
+
+def with_context(record: Record) -> Record:
+    """``record`` with its context members merged in (what the sink writes)."""
+    out = {k: v for k, v in record.items() if k != CONTEXT_KEY}
+    ctx = record.get(CONTEXT_KEY)
+    if ctx:
+        out.update(json.loads("{" + ctx + "}"))
+    return out
+
+
+def _malformed(body: dict[str, Any]) -> dict[str, Any]:
+    return {"malformed": True} if body.get("malformed") else {}
+
+
+def _text_fields(text: _Text) -> dict[str, Any]:
+    fields: dict[str, Any] = {"text": text.text()}
+    if text.truncated:
+        fields.update(text_truncated=True, text_bytes=text.size, text_sha256=text.sha256())
+    return fields
+
+
+# -- body parsers -------------------------------------------------------------------------
+
+
+def _parse_query(cap: int) -> _Parser:
+    text = _Text(cap)
+    try:
+        yield ("cstr", text)
+    except _Short:
+        return {"text": text, "malformed": True}
+    return {"text": text}
+
+
+def _parse_parse(cap: int) -> _Parser:
+    name = _Text(_NAME_CAP)
+    text = _Text(cap)
+    try:
+        yield ("cstr", name)
+        yield ("cstr", text)
+    except _Short:
+        return {"name": name.text(), "text": text, "malformed": True}
+    return {"name": name.text(), "text": text}
+
+
+def _param_value(data: _Text, binary: bool, mode: ParameterMode) -> Any:
+    if mode == "hash":
+        return data.sha256()
+    value: dict[str, Any]
+    raw = bytes(data.kept)
+    if not binary:
+        try:
+            value = {"text": raw.decode("utf-8")}
+        except UnicodeDecodeError:
+            value = {"hex": raw.hex()}
+    else:
+        value = {"hex": raw.hex()}
+    if data.truncated:
+        value.update(truncated=True, bytes=data.size, sha256=data.sha256())
+    return value
+
+
+def _params(
+    count: int, formats: list[int], mode: ParameterMode, cap: int
+) -> Generator[_Request, Any, dict[str, Any]]:
+    values: list[Any] = []
+    for i in range(count):
+        length = _i32((yield ("take", 4)))
+        if length < 0:
+            values.append(None)
+            continue
+        binary = (formats[i] if len(formats) > 1 else (formats[0] if formats else 0)) == 1
+        if mode == "none":
+            yield ("blob", length, _NullText())
+            continue
+        data = _Text(cap, always_hash=mode == "hash")
+        if length:
+            yield ("blob", length, data)
+        values.append(_param_value(data, binary, mode))
+    fields: dict[str, Any] = {"parameter_count": count}
+    if mode != "none":
+        fields["parameters"] = values
+    return fields
+
+
+class _NullText(_Text):
+    """Discards what it is given (parameters with ``parameters = "none"``)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+    def add(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+
+
+def _parse_bind(cap: int, mode: ParameterMode) -> _Parser:
+    portal = _Text(_NAME_CAP)
+    stmt = _Text(_NAME_CAP)
+    params: dict[str, Any] = {}
+    try:
+        yield ("cstr", portal)
+        yield ("cstr", stmt)
+        nfmt = _i16((yield ("take", 2)))
+        formats = (
+            [_i16(b) for b in _chunks((yield ("take", 2 * max(0, nfmt))), 2)] if nfmt > 0 else []
+        )
+        count = _i16((yield ("take", 2)))
+        params = yield from _params(max(0, count), formats, mode, cap)
+    except _Short:
+        return {
+            "portal": portal.text(),
+            "statement": stmt.text(),
+            "params": params,
+            "malformed": True,
+        }
+    return {"portal": portal.text(), "statement": stmt.text(), "params": params}
+
+
+def _chunks(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def _parse_execute() -> _Parser:
+    portal = _Text(_NAME_CAP)
+    try:
+        yield ("cstr", portal)
+    except _Short:
+        return {"portal": portal.text(), "malformed": True}
+    return {"portal": portal.text()}
+
+
+def _parse_close() -> _Parser:
+    name = _Text(_NAME_CAP)
+    try:
+        what = (yield ("take", 1)).decode("latin-1")
+        yield ("cstr", name)
+    except _Short:
+        return {"what": "", "name": "", "malformed": True}
+    return {"what": what, "name": name.text()}
+
+
+def _parse_function_call(cap: int, mode: ParameterMode) -> _Parser:
+    out: dict[str, Any] = {"params": {}}
+    try:
+        out["oid"] = _i32((yield ("take", 4)))
+        nfmt = _i16((yield ("take", 2)))
+        formats = (
+            [_i16(b) for b in _chunks((yield ("take", 2 * max(0, nfmt))), 2)] if nfmt > 0 else []
+        )
+        count = _i16((yield ("take", 2)))
+        out["params"] = yield from _params(max(0, count), formats, mode, cap)
+    except _Short:
+        out["malformed"] = True
+    return out
+
+
+def _back_parser(kind: int) -> _Parser:
+    if kind == _BC:
+        return _parse_tag()
+    if kind == _BE:
+        return _parse_error()
+    return _parse_nothing()
+
+
+def _parse_nothing() -> _Parser:
+    return {}
+    yield ("take", 0)  # pragma: no cover - makes this a generator
+
+
+def _parse_tag() -> _Parser:
+    tag = _Text(_BACKEND_CAP)
+    with contextlib.suppress(_Short):
+        yield ("cstr", tag)
+    return {"tag": tag.text()}
+
+
+def _parse_error() -> _Parser:
+    sqlstate: str | None = None
+    with contextlib.suppress(_Short):
+        while True:
+            code = yield ("take", 1)
+            if code in (b"\0", b""):
+                break
+            value = _Text(_BACKEND_CAP)
+            yield ("cstr", value)
+            if code == b"C":
+                sqlstate = value.text()
+    return {"sqlstate": sqlstate}
+
+
+def _front_fast(cap: int) -> Callable[[int, bytes], dict[str, Any] | None]:
+    def fast(kind: int, body: bytes) -> dict[str, Any] | None:
+        if kind == _Q and body.endswith(b"\0"):
+            return {"text": _Text.whole(body[:-1], cap)}
+        if kind == _E:
+            nul = body.find(b"\0")
+            if nul >= 0 and len(body) - nul == 5:
+                return {"portal": body[:nul].decode("utf-8", "replace")[:_NAME_CAP]}
+        return None
+
+    return fast
+
+
+def _back_fast(kind: int, body: bytes) -> dict[str, Any] | None:
+    if kind == _BC and body.endswith(b"\0") and len(body) <= _BACKEND_CAP:
+        return {"tag": body[:-1].decode("utf-8", "replace")}
+    return None
+
+
+class _Framer:
+    """Splits one direction into messages: bodies of ``parsed`` types go through their
+    parser (bounded memory), the others are skipped; ``on_message(type, result)``."""
+
+    __slots__ = ("body", "fast", "header", "kind", "make", "on_message", "parsed", "skip")
+
+    def __init__(
+        self,
+        parsed: frozenset[int],
+        make: Callable[[int], _Parser],
+        on_message: Callable[[int, dict[str, Any] | None], None],
+        fast: Callable[[int, bytes], dict[str, Any] | None] | None = None,
+    ) -> None:
+        #: For a whole body in one chunk: the result without a body parser, or None
+        #: (then the parser runs).
+        self.fast = fast
+        self.parsed = parsed
+        self.make = make
+        self.on_message = on_message
+        self.header = bytearray()
+        self.skip = 0  # body bytes of the current skipped message still to come
+        self.body: _Body | None = None
+        self.kind = 0
+
+    def feed(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        n = len(view)
+        pos = 0
+        while pos < n:
+            body = self.body
+            if body is not None:
+                take = min(body.remaining, n - pos)
+                body.feed(view[pos : pos + take])
+                pos += take
+                if body.remaining == 0:
+                    self.body = None
+                    self.on_message(self.kind, body.finish())
+                continue
+            if self.skip:
+                take = min(self.skip, n - pos)
+                self.skip -= take
+                pos += take
+                continue
+            if not self.header and n - pos >= 5:
+                kind, length = _HEADER.unpack_from(view, pos)
+                pos += 5
+                size = length - 4 if length > 4 else 0
+                if pos + size <= n:  # the whole message is in this chunk
+                    if kind not in self.parsed:
+                        self.on_message(kind, None)
+                        pos += size
+                        continue
+                    fast = self.fast
+                    if fast is not None:
+                        result = fast(kind, chunk[pos : pos + size])
+                        if result is not None:
+                            self.kind = kind
+                            self.on_message(kind, result)
+                            pos += size
+                            continue
+                self._start(kind, size)
+                continue
+            else:
+                take = min(5 - len(self.header), n - pos)
+                self.header += view[pos : pos + take]
+                pos += take
+                if len(self.header) < 5:
+                    return
+                kind, length = _HEADER.unpack(self.header)
+                self.header.clear()
+            self._start(kind, max(0, length - 4))
+
+    def _start(self, kind: int, size: int) -> None:
+        self.kind = kind
+        if kind in self.parsed:
+            body = _Body(self.make(kind), size)
+            if size == 0:
+                self.on_message(kind, body.finish())
+            else:
+                self.body = body
+        else:
+            self.on_message(kind, None)
+            self.skip = size
