@@ -44,8 +44,9 @@ command -v "$PY" >/dev/null 2>&1 || die "no $PY on PATH (Python 3.11+ is needed;
 
 # System packages: PostgreSQL server and pgbench (the system cluster in tests, the benchmark),
 # Redis (state tests), systemd (systemd-analyze verify of contrib/systemd), the venv module,
-# a C compiler and the Python headers (the relay's C extension, waypoint/proxy/relay/_pump.c),
-# pgjdbc and a Java runtime (the console's end-to-end tests with pgjdbc).
+# a C compiler, the Python headers and OpenSSL's headers (libssl-dev: the relay's C extension,
+# waypoint/proxy/relay/_pump.c, runs the client TLS record layer), pgjdbc and a Java runtime
+# (the console's end-to-end tests with pgjdbc).
 # WAYPOINT_NO_SYSTEM_PACKAGES=1 skips this step.
 need_apt=()
 if [ "${WAYPOINT_NO_SYSTEM_PACKAGES:-0}" != 1 ]; then
@@ -58,6 +59,7 @@ if [ "${WAYPOINT_NO_SYSTEM_PACKAGES:-0}" != 1 ]; then
   command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
   "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
     || need_apt+=(python3-dev)
+  [ -f /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
   [ -f /usr/share/java/postgresql.jar ] || need_apt+=(libpostgresql-jdbc-java)
   command -v java >/dev/null 2>&1 || need_apt+=(default-jre-headless)
 fi

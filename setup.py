@@ -1,4 +1,5 @@
-"""Build step for the one C extension (the relay engine's hot path); metadata is in pyproject.toml."""
+"""Build step for the one C extension (the relay engine's hot path; OpenSSL's headers,
+Debian libssl-dev, at build time); metadata is in pyproject.toml."""
 
 from setuptools import Extension, setup
 
@@ -7,6 +8,10 @@ setup(
         Extension(
             "waypoint.proxy.relay._pump",
             sources=["waypoint/proxy/relay/_pump.c"],
+            # The client TLS record layer runs on the SSL* of the session's ssl.SSLObject:
+            # OpenSSL's headers at build time (Debian: libssl-dev); at run time the
+            # functions of Python's own _ssl module (bound through ctypes, see _pump.c), so
+            # nothing is linked.
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
         )
     ]

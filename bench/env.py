@@ -177,6 +177,9 @@ class BenchEnv:
     pgbouncer_pid: int | None
     peers_file: Path
     peers: dict[str, dict[str, Any]]
+    #: A second PgBouncer with client TLS (client_tls_sslmode = require, Waypoint's certificate).
+    pgbouncer_tls_port: int | None = None
+    pgbouncer_tls_pid: int | None = None
 
     @property
     def direct_port(self) -> int:
@@ -208,6 +211,8 @@ class BenchEnv:
             return cpu_seconds(self.waypoint.pid)
         if target == "pgbouncer" and self.pgbouncer_pid is not None:
             return cpu_seconds(self.pgbouncer_pid)
+        if target == "pgbouncer_tls" and self.pgbouncer_tls_pid is not None:
+            return cpu_seconds(self.pgbouncer_tls_pid)
         return None
 
     def check_alive(self) -> None:
@@ -267,12 +272,24 @@ def ensure_pgbouncer(log: Callable[[str], None], *, install_timeout: float = 300
 
 
 def _start_pgbouncer(
-    exe: str, cluster: Any, password: str, tmp: Path, stack: contextlib.ExitStack
+    exe: str, cluster: Any, password: str, tmp: Path, stack: contextlib.ExitStack, tls: Tls | None = None
 ) -> tuple[int, str, int]:
+    """One PgBouncer in session mode; with ``tls``, clients must speak TLS to it
+    (``client_tls_sslmode = require``) with that certificate (Waypoint's)."""
     port = free_port()
-    bdir = tmp / "pgbouncer"
+    bdir = tmp / ("pgbouncer-tls" if tls else "pgbouncer")
     bdir.mkdir(mode=0o755)
     ini = bdir / "pgbouncer.ini"
+    tls_lines = ""
+    own = [ini]
+    if tls is not None:
+        # Copies PgBouncer (running as postgres) may read.
+        cert, key = bdir / "cert.pem", bdir / "key.pem"
+        shutil.copyfile(tls.cert_file, cert)
+        shutil.copyfile(tls.key_file, key)
+        os.chmod(key, 0o600)
+        own += [cert, key]
+        tls_lines = f"client_tls_sslmode = require\nclient_tls_cert_file = {cert}\nclient_tls_key_file = {key}\n"
     ini.write_text(
         "[databases]\n"
         f"{BENCH_DB} = host=127.0.0.1 port={cluster.port} dbname={BENCH_DB} "
@@ -280,7 +297,7 @@ def _start_pgbouncer(
         "[pgbouncer]\n"
         f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
         "auth_type = any\npool_mode = session\nmax_client_conn = 2000\n"
-        "default_pool_size = 100\nlogfile =\npidfile =\n"
+        "default_pool_size = 100\nlogfile =\npidfile =\n" + tls_lines
     )
     os.chmod(ini, 0o600)
     cmd = [exe, str(ini)]
@@ -288,8 +305,8 @@ def _start_pgbouncer(
         import pwd
 
         pw = pwd.getpwnam("postgres")
-        os.chown(ini, pw.pw_uid, pw.pw_gid)
-        os.chown(bdir, pw.pw_uid, pw.pw_gid)
+        for path in (*own, bdir):
+            os.chown(path, pw.pw_uid, pw.pw_gid)
         cmd = [exe, "-u", "postgres", str(ini)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(bdir / "stderr").open("wb"), stdin=subprocess.DEVNULL)
     stack.callback(stop_process, proc)
@@ -379,11 +396,14 @@ def open_bench_env(
         bouncer_port: int | None = None
         bouncer_version: str | None = None
         bouncer_pid: int | None = None
+        bouncer_tls_port: int | None = None
+        bouncer_tls_pid: int | None = None
         note = "PgBouncer not requested"
         if with_pgbouncer:
             exe, note = ensure_pgbouncer(log)
             if exe is not None:
                 bouncer_port, bouncer_version, bouncer_pid = _start_pgbouncer(exe, cluster, scram_password, tmp, stack)
+                bouncer_tls_port, _, bouncer_tls_pid = _start_pgbouncer(exe, cluster, scram_password, tmp, stack, tls)
 
         yield BenchEnv(
             cluster=cluster, tmp=tmp, scram_password=scram_password, waypoint=waypoint,
@@ -391,6 +411,7 @@ def open_bench_env(
             pgbouncer_port=bouncer_port, pgbouncer_note=note, pgbouncer_version=bouncer_version,
             pgbouncer_pid=bouncer_pid,
             peers_file=peers_file, peers=peers,
+            pgbouncer_tls_port=bouncer_tls_port, pgbouncer_tls_pid=bouncer_tls_pid,
         )  # fmt: skip
 
 

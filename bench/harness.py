@@ -104,6 +104,9 @@ def targets(env: BenchEnv) -> dict[str, Target]:
     if env.pgbouncer_port is not None:
         out["pgbouncer"] = Target("pgbouncer", env.pgbouncer_port, {"PGUSER": SCRAM_USER, "PGSSLMODE": "disable"})
     out["waypoint"] = Target("waypoint", env.waypoint_port, {"PGUSER": "bench", "PGSSLMODE": "disable"})
+    # Client TLS (sslmode=require, the same certificate), each right before Waypoint + TLS.
+    if env.pgbouncer_tls_port is not None:
+        out["pgbouncer_tls"] = Target("pgbouncer_tls", env.pgbouncer_tls_port, {"PGUSER": SCRAM_USER, "PGSSLMODE": "require"})
     out["waypoint_tls"] = Target("waypoint_tls", env.waypoint_port, {"PGUSER": "bench", "PGSSLMODE": "require"})
     return out
 

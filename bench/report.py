@@ -11,11 +11,12 @@ from typing import Any
 
 import attrs
 
-SYSTEMS = ("direct", "pgbouncer", "waypoint", "waypoint_tls")
+SYSTEMS = ("direct", "pgbouncer", "waypoint", "pgbouncer_tls", "waypoint_tls")
 SYSTEM_LABELS = {
     "direct": "direct",
     "pgbouncer": "PgBouncer (session)",
     "waypoint": "Waypoint",
+    "pgbouncer_tls": "PgBouncer + client TLS",
     "waypoint_tls": "Waypoint + client TLS",
 }
 
@@ -97,6 +98,12 @@ def bars(r: Results) -> list[Bar]:
     for n in sorted(r.relay.get("waypoint", {})):
         v = ratio(median(r.relay["waypoint"][n]), median(r.relay.get("pgbouncer", {}).get(n, [])))
         out.append(_bar(f"relay TPS Waypoint/PgBouncer, {n} clients", ">= 1.0", v, v is not None and v >= 1.0))
+    for n in (1, 8, 32):
+        v = ratio(
+            median(r.relay.get("waypoint_tls", {}).get(n, [])),
+            median(r.relay.get("pgbouncer_tls", {}).get(n, [])),
+        )
+        out.append(_bar(f"relay TPS Waypoint+TLS/PgBouncer+TLS, {n} clients", ">= 1.0", v, v is not None and v >= 1.0))
     v = ratio(median(r.relay.get("waypoint", {}).get(8, [])), median(r.relay.get("direct", {}).get(8, [])))
     out.append(_bar("relay TPS Waypoint/direct, 8 clients", ">= 0.7", v, v is not None and v >= 0.7))
     v = ratio(median(r.connect.get("waypoint", [])), median(r.connect.get("direct", [])))
@@ -110,6 +117,8 @@ def bars(r: Results) -> list[Bar]:
         out.append(Bar("concurrent connections: failures", "0", None, None))
     v = ratio(median(r.bulk.get("waypoint", [])), median(r.bulk.get("direct", [])))
     out.append(_bar("bulk COPY MB/s Waypoint/direct", ">= 0.8", v, v is not None and v >= 0.8))
+    v = ratio(median(r.bulk.get("waypoint_tls", [])), median(r.bulk.get("waypoint", [])))
+    out.append(_bar("bulk COPY MB/s Waypoint+TLS/Waypoint", ">= 0.9", v, v is not None and v >= 0.9))
     fp = r.footprint
     v = fp.per_session_kib if fp is not None and fp.sessions_open else None
     out.append(_bar("RSS per idle session (KiB)", "<= 100", v, v is not None and v <= 100))
@@ -138,6 +147,10 @@ def rows(r: Results) -> dict[str, float | None]:
     for system, by_clients in r.relay.items():
         for n, samples in by_clients.items():
             out[f"relay_tps.{system}.c{n}"] = median(samples)
+    for n, samples in r.relay.get("waypoint_tls", {}).items():
+        out[f"relay_ratio.waypoint_tls_to_pgbouncer_tls.c{n}"] = ratio(
+            median(samples), median(r.relay.get("pgbouncer_tls", {}).get(n, []))
+        )
     for system, samples in r.connect.items():
         out[f"connect_ms.{system}"] = median(samples)
     for i, b in enumerate(r.bursts):
@@ -179,19 +192,21 @@ def render_markdown(r: Results, chart_name: str | None) -> str:
         f"## Relay: `pgbench -S -T {m.get('relay_seconds', '?')} -j 2`, TPS",
         "",
         "| clients | " + " | ".join(SYSTEM_LABELS[s] for s in present)
-        + " | Waypoint/PgBouncer | Waypoint/direct | Waypoint TLS/direct"
-        + " | CPU µs/transaction: Waypoint | PgBouncer |",
-        "|---|" + "---|" * (len(present) + 5),
+        + " | Waypoint/PgBouncer | Waypoint TLS/PgBouncer TLS | Waypoint/direct | Waypoint TLS/direct"
+        + " | CPU µs/transaction: Waypoint | PgBouncer | Waypoint TLS | PgBouncer TLS |",
+        "|---|" + "---|" * (len(present) + 8),
     ]
     for n in clients:
         med = {s: median(r.relay[s].get(n, [])) for s in present}
-        cpu_us = {s: _cpu_per_txn(r, s, n) for s in ("waypoint", "pgbouncer")}
+        cpu_us = {s: _cpu_per_txn(r, s, n) for s in ("waypoint", "pgbouncer", "waypoint_tls", "pgbouncer_tls")}
         lines.append(
             f"| {n} | " + " | ".join(_fmt(med[s]) for s in present)
             + f" | {_x(ratio(med.get('waypoint'), med.get('pgbouncer')))}"
+            + f" | {_x(ratio(med.get('waypoint_tls'), med.get('pgbouncer_tls')))}"
             + f" | {_x(ratio(med.get('waypoint'), med.get('direct')))}"
             + f" | {_x(ratio(med.get('waypoint_tls'), med.get('direct')))}"
-            + f" | {_fmt(cpu_us['waypoint'], '.1f')} | {_fmt(cpu_us['pgbouncer'], '.1f')} |"
+            + f" | {_fmt(cpu_us['waypoint'], '.1f')} | {_fmt(cpu_us['pgbouncer'], '.1f')}"
+            + f" | {_fmt(cpu_us['waypoint_tls'], '.1f')} | {_fmt(cpu_us['pgbouncer_tls'], '.1f')} |"
         )
     lines += ["", "Samples (TPS per repetition):", ""]
     for s in present:
@@ -310,7 +325,12 @@ def render_chart(r: Results, path: Path) -> str | None:
     for i, s in enumerate(present):
         xs = [c + (i - (len(present) - 1) / 2) * width for c in range(len(clients))]
         ys = [median(r.relay[s].get(n, [])) or 0.0 for n in clients]
-        ax1.bar(xs, ys, width, label=SYSTEM_LABELS[s])
+        drawn = ax1.bar(xs, ys, width, label=SYSTEM_LABELS[s])
+        # The deciding ratios on the Waypoint bars: against PgBouncer with the same client TLS.
+        against = {"waypoint": "pgbouncer", "waypoint_tls": "pgbouncer_tls"}.get(s)
+        if against in r.relay:
+            ratios = [ratio(median(r.relay[s].get(n, [])), median(r.relay[against].get(n, []))) for n in clients]
+            ax1.bar_label(drawn, [f"{x:.2f}x" if x is not None else "" for x in ratios], fontsize=7)
     ax1.set_xticks(range(len(clients)), [f"{n} clients" for n in clients])
     ax1.set_ylabel("TPS (pgbench -S), median")
     ax1.set_title("Relay throughput")
@@ -363,6 +383,8 @@ def write_report(r: Results, out_dir: Path, stem: str) -> tuple[Path, Path, Path
 def expected_row_ids(systems: Sequence[str], clients: Sequence[int], bursts: Mapping[int, str]) -> list[str]:
     """The row ids a complete run produces (for the quick test)."""
     ids = [f"relay_tps.{s}.c{n}" for s in systems for n in clients]
+    if "pgbouncer_tls" in systems:
+        ids += [f"relay_ratio.waypoint_tls_to_pgbouncer_tls.c{n}" for n in clients]
     ids += ["connect_ms.direct", "connect_ms.waypoint"]
     for i, label in bursts.items():
         ids += [f"burst.{i}.{label}.p50_ms", f"burst.{i}.{label}.p99_ms", f"burst.{i}.{label}.failures"]

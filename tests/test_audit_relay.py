@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -15,11 +16,14 @@ from typing import Any
 
 import pytest
 import trio
+import trustme
 
 from waypoint.audit.session import SessionAudit
 from waypoint.audit.sink import AuditSink, OnError
 from waypoint.audit.tracker import AuditTracker
 from waypoint.proxy.relay import RelayControl, RelayEngine, StreamRelay, _pump, open_relay_engine
+from waypoint.proxy.relay import client_tls as client_tls_module
+from waypoint.proxy.streams import ServerTLSStream
 
 FATAL_TEXT = b"audit unavailable"
 
@@ -68,7 +72,7 @@ async def poll(cond: Callable[[], bool], what: str, bound: float = 10.0) -> None
     assert cond(), what
 
 
-async def read_exactly(sock: trio.SocketStream, n: int) -> bytes:
+async def read_exactly(sock: trio.abc.ReceiveStream, n: int) -> bytes:
     data = b""
     with trio.fail_after(10):
         while len(data) < n:
@@ -225,3 +229,80 @@ def test_the_tap_is_bounded_and_emptied() -> None:
     finally:
         a.close()
         b.close()
+
+
+def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("relay.test").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+@pytest.mark.parametrize("audited", [True, False])
+async def test_a_tls_client_is_recorded_in_plaintext_by_the_python_record_layer(
+    audited: bool,
+) -> None:
+    """An audited relay with a TLS client keeps its record layer in Python even when the
+    engine runs client TLS in C (no tap on a C TLS session): every decrypted statement is
+    recorded, in order, before it reaches the server. Without audit the same session's
+    record layer runs in C."""
+    if not client_tls_module.c_tls_available():
+        pytest.fail("OpenSSL could not be bound: the C record layer is not testable here")
+    writer = GateWriter()
+    writer.gate.set()
+    counts: dict[str, Any] = {}
+    audit = make_audit(writer, "block", 10_000, counts) if audited else None
+    app_client, proxy_client = socket.socketpair()
+    proxy_backend, app_backend = socket.socketpair()
+    server_ctx, client_ctx = _tls_contexts()
+    for s in (app_client, proxy_client):
+        s.setblocking(False)
+    app = trio.SSLStream(
+        trio.SocketStream(trio.socket.from_stdlib_socket(app_client)),
+        client_ctx,
+        server_hostname="relay.test",
+        https_compatible=True,
+    )
+    proxy = ServerTLSStream(
+        trio.SocketStream(trio.socket.from_stdlib_socket(proxy_client)), server_ctx
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(app.do_handshake)
+            n.start_soon(proxy.do_handshake)
+    handover = proxy.handover()
+    raw = proxy.transport_stream
+    assert isinstance(raw, trio.SocketStream)
+    tls_sock = socket.socket(fileno=raw.socket.detach())
+    backend = trio.SocketStream(trio.socket.from_stdlib_socket(app_backend))
+    texts = [f"select {i}" for i in range(200)] + ["select '" + "y" * 300_000 + "'"]
+    payload = b"".join(query(t) for t in texts)
+    async with open_relay_engine(c_tls=True) as engine:
+        handle = engine.start_relay(tls_sock, proxy_backend, client_tls=handover, audit=audit)
+        relay: Any = handle._relay  # which record layer serves it
+        assert relay.client.tls is not None
+        assert relay.client.tls.in_c is (not audited)
+        assert relay.client.tls_in_c is (not audited)
+        assert relay.pumped is (not audited)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as n:
+                n.start_soon(app.send_all, payload)
+                assert await read_exactly(backend, len(payload)) == payload
+            reply = msg(b"Z", b"I")
+            await backend.send_all(reply)
+            assert await read_exactly(app, len(reply)) == reply
+        if audited:
+            await poll(lambda: len(writer.texts()) == len(texts), "every record written")
+            assert writer.texts()[:-1] == texts[:-1]
+            (big,) = [json.loads(x) for x in writer.lines if json.loads(x).get("text_truncated")]
+            assert big["text_sha256"] == hashlib.sha256(texts[-1].encode()).hexdigest()
+        handle.abort()
+        with trio.fail_after(10):
+            await handle.wait()
+    if audit is not None:
+        counts["sink"].stop()
+    for s in (tls_sock, proxy_backend):
+        s.close()
+    await backend.aclose()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import subprocess
 from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
@@ -199,3 +201,39 @@ async def test_one_log_line_per_connection_and_no_secret_in_logs(
     )
     assert pg15.admin_password not in text
     assert "SCRAM-SHA-256$" not in text and "md5" not in text.lower().replace("md5sum", "")
+
+
+_PGJDBC_JAR = Path.home() / ".m2/repository/org/postgresql/postgresql/42.7.13/postgresql-42.7.13.jar"
+_PGJDBC_PROGRAM = Path(__file__).parent / "data" / "pgjdbc" / "TlsSession.java"
+
+
+def _pgjdbc_session(url: str) -> list[str]:
+    java = shutil.which("java")
+    assert java is not None
+    proc = subprocess.run(
+        [java, "-cp", str(_PGJDBC_JAR), str(_PGJDBC_PROGRAM), url],
+        capture_output=True, text=True, timeout=120, check=False, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.split()
+
+
+@pytest.mark.skipif(
+    shutil.which("java") is None or not _PGJDBC_JAR.exists(),
+    reason=f"pgjdbc needs java and {_PGJDBC_JAR}",
+)
+async def test_pgjdbc_with_sslmode_require(pg: PgCluster, tmp_path: Path) -> None:
+    """pgjdbc (sslmode=require) through a listener that requires TLS: its session is relayed
+    by the engine (the client TLS record layer in C), a result spanning many TLS records
+    arrives whole, the grant holds."""
+    db = create_app_database(pg)
+    certs = make_cert_files(tmp_path / "certs")
+    with trio.fail_after(180):
+        async with e2e_env(pg, tmp_path, tls_mode="require", listener_extra=certs.listener_extra()) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            url = f"jdbc:postgresql://{env.host}:{env.port}/{db}?user=jdbc_user&sslmode=require&connectTimeout=30"
+            user, length, insert = await trio.to_thread.run_sync(_pgjdbc_session, url)
+            assert user.startswith("wp_pg_main_")  # a role Waypoint provisioned, not jdbc_user
+            assert length == str(20000 * 32)
+            assert insert == "42501"
+            await env.assert_clean()

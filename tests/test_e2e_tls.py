@@ -8,6 +8,7 @@ import functools
 import socket
 import ssl
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -15,6 +16,8 @@ import trio
 from cryptography import x509
 from e2e_support import LISTENER, E2EEnv, create_app_database, db_rule, e2e_env, make_cert_files
 from pgcluster import PgCluster
+
+from waypoint.proxy.relay import RelayEngine
 
 
 def _psycopg_direct(dsn: str) -> tuple[bool, str]:
@@ -197,9 +200,16 @@ async def test_unknown_server_names_make_no_certificate_requests(
             await env.assert_clean()
 
 
+def _relays_in_c(engine: RelayEngine) -> tuple[int, list[bool]]:
+    """How many relays the engine holds, and for each with a TLS client whether its record
+    layer runs in the C loop (read from another thread: a snapshot)."""
+    relays = list(engine._loop.relays)
+    return len(relays), [r.client.tls.in_c and r.client.tls_in_c for r in relays if r.client.tls is not None]
+
+
 def _tls_session_sees_relay(
-    dsn: str, engine_relays: functools.partial[int]
-) -> tuple[bool, int, int]:
+    dsn: str, engine_relays: Callable[[], tuple[int, list[bool]]]
+) -> tuple[bool, tuple[int, list[bool]], int]:
     """Open a TLS session, run queries big enough to span several TLS records, and report
     how many relays the epoll engine holds meanwhile."""
     with psycopg.connect(dsn, connect_timeout=20) as conn:
@@ -214,7 +224,8 @@ def _tls_session_sees_relay(
 
 async def test_client_tls_sessions_are_relayed_by_the_engine(pg: PgCluster, tmp_path: Path) -> None:
     """After the handshake, a client-TLS session is handed from trio to the epoll engine (the
-    trio stream relay is the fallback for backend TLS only)."""
+    trio stream relay is the fallback for backend TLS only), whose C loop runs its record
+    layer, for both negotiations (SSLRequest, direct TLS with ALPN)."""
     db = create_app_database(pg)
     certs = make_cert_files(tmp_path / "certs")
     with trio.fail_after(90):
@@ -224,15 +235,54 @@ async def test_client_tls_sessions_are_relayed_by_the_engine(pg: PgCluster, tmp_
             env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
             engine = env.running.contexts[LISTENER].engine
             assert engine is not None
-            relays = functools.partial(lambda e: e.active_relays, engine)
+            relays = functools.partial(_relays_in_c, engine)
             for negotiation in ("postgres", "direct"):
                 dsn = env.dsn(db, sslmode="require", sslnegotiation=negotiation)
                 ssl_in_use, during, length = await trio.to_thread.run_sync(
                     _tls_session_sees_relay, dsn, relays
                 )
                 assert ssl_in_use
-                assert during == 1
+                assert during == (1, [True])  # the record layer runs in C
                 assert length == 20000 * 32
+            await env.assert_clean()
+
+
+def _revoked_while_idle(dsn: str, engine_relays: Callable[[], tuple[int, list[bool]]], revoke: Callable[[], None]) -> str:
+    """A TLS session whose grant is revoked while it is idle: what its next query gets."""
+    with psycopg.connect(dsn, connect_timeout=20, autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+        assert bool(conn.info.pgconn.ssl_in_use)
+        assert engine_relays() == (1, [True])
+        revoke()
+        try:
+            for _ in range(100):  # revalidation runs every second: bounded at 10 s
+                conn.execute("select pg_sleep(0.1)")
+        except psycopg.OperationalError as exc:
+            return f"{exc.diag.severity}: {exc}"
+    return "not ended"
+
+
+async def test_revalidation_ends_a_tls_session_with_its_fatal_inside_tls(pg: PgCluster, tmp_path: Path) -> None:
+    """The relay of a TLS client ends on revocation with the FATAL encrypted on the client's
+    own session (a FATAL in plaintext would reach libpq as a TLS record error instead)."""
+    db = create_app_database(pg)
+    certs = make_cert_files(tmp_path / "certs")
+    with trio.fail_after(90):
+        async with e2e_env(
+            pg, tmp_path, tls_mode="optional", listener_extra=certs.listener_extra(),
+            revalidation_interval="1s",
+        ) as env:  # fmt: skip
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            engine = env.running.contexts[LISTENER].engine
+            assert engine is not None
+
+            def revoke() -> None:
+                env.grant("127.0.0.1", rules=[db_rule({db: {"permissions": ["readonly"]}}, listener="other")])
+
+            err = await trio.to_thread.run_sync(
+                _revoked_while_idle, env.dsn(db, sslmode="require"), functools.partial(_relays_in_c, engine), revoke
+            )
+            assert "FATAL" in err and "access revoked" in err, err
             await env.assert_clean()
 
 

@@ -8,21 +8,26 @@ places; the pump half over real socket pairs, one report code at a time.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import gc
 import math
+import os
 import select
 import socket
+import ssl
 import struct
 from collections.abc import Callable, Iterator
 
 import pytest
+import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 
 from waypoint.pgwire.boundary import BoundaryTracker, ProtocolError
 from waypoint.proxy.relay import _pump
 from waypoint.proxy.relay._pump import Lane, Pump
+from waypoint.proxy.relay.client_tls import c_tls_available
 
 
 def message(type_byte: bytes, body: bytes) -> bytes:
@@ -459,3 +464,303 @@ def test_pump_rejects_a_bad_buffer_size() -> None:
                 Pump(ep.fileno(), size)
     finally:
         ep.close()
+
+
+# -- client TLS in the pump ------------------------------------------------------------------
+#
+# The client lane takes over the SSL* of a server-side ssl.SSLObject whose handshake Python
+# completed (Lane.tls_attach); the pump then decrypts what the client sends and encrypts
+# what the backend sends, without Python. The test's client is an ssl.SSLObject too, driven
+# by hand over its own memory BIOs, so that every record is under the test's control.
+
+_TLS_CA = trustme.CA()
+_TLS_CERT = _TLS_CA.issue_cert("pump.test")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bound() -> None:
+    """OpenSSL's functions, as Python's _ssl resolves them, given to the pump."""
+    assert c_tls_available()
+
+
+class TlsPeer:
+    """One end of a TLS session over memory BIOs."""
+
+    def __init__(self, ctx: ssl.SSLContext, server: bool) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(
+            self.incoming, self.outgoing, server_side=server, server_hostname=None if server else "pump.test"
+        )
+
+
+def _tls_contexts(max_version: ssl.TLSVersion | None = None) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    _TLS_CERT.configure_cert(server)
+    client = ssl.create_default_context()
+    _TLS_CA.configure_trust(client)
+    if max_version is not None:
+        client.maximum_version = max_version
+    return server, client
+
+
+def _handshake(server: TlsPeer, client: TlsPeer) -> None:
+    """Both handshakes, in memory; the server's post-handshake records reach the client."""
+    done = [False, False]
+    for _ in range(20):
+        for i, (me, other) in enumerate(((client, server), (server, client))):
+            if not done[i]:
+                try:
+                    me.obj.do_handshake()
+                    done[i] = True
+                except ssl.SSLWantReadError:
+                    pass
+            if me.outgoing.pending:
+                other.incoming.write(me.outgoing.read())
+        if all(done):
+            break
+    assert all(done)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.obj.read(1)  # takes session tickets, if any
+    assert server.outgoing.pending == 0
+
+
+class TlsRig(Rig):
+    """A Rig whose client speaks TLS; the client lane runs the record layer in C."""
+
+    def __init__(self, bufsize: int = 4096, max_version: ssl.TLSVersion | None = None) -> None:
+        super().__init__(bufsize)
+        server_ctx, client_ctx = _tls_contexts(max_version)
+        self.server = TlsPeer(server_ctx, True)
+        self.tls = TlsPeer(client_ctx, False)
+        _handshake(self.server, self.tls)
+        self.pump.discard(self.client)
+        assert self.client.tls_attach(self.server.obj, self.server.incoming, self.server.outgoing)
+        assert self.client.tls_in_c
+        self.pump.add(self.client)
+
+    def send(self, plaintext: bytes) -> None:
+        """The TLS client writes ``plaintext``; its records go on the wire."""
+        self.tls.obj.write(plaintext)
+        self.client_app.sendall(self.tls.outgoing.read())
+
+    def receive(self, ciphertext: bytes = b"") -> bytes:
+        """Everything the client can decrypt of what reached it (plus ``ciphertext``)."""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := self.client_app.recv(1 << 20, socket.MSG_DONTWAIT):
+                ciphertext += chunk
+        self.tls.incoming.write(ciphertext)
+        out = bytearray()
+        with contextlib.suppress(ssl.SSLWantReadError):
+            while data := self.tls.obj.read(1 << 20):
+                out += data
+        if self.tls.outgoing.pending:  # the client's own answers (a key update)
+            self.client_app.sendall(self.tls.outgoing.read())
+        return bytes(out)
+
+
+@pytest.fixture
+def tls_rig() -> Iterator[TlsRig]:
+    r = TlsRig()
+    yield r
+    r.close()
+
+
+def test_pump_decrypts_and_encrypts_a_tls_client_in_c(tls_rig: TlsRig) -> None:
+    rig = tls_rig
+    q = message(b"Q", b"select 1\x00") * 3
+    rig.send(q)
+    assert rig.pump.run(0.1) == []  # decrypted, counted and sent in C: nothing for Python
+    assert rig.backend_app.recv(1000) == q
+    reply = message(b"D", os.urandom(30_000)) + message(b"Z", b"I")
+    rig.backend_app.sendall(reply)
+    got = b""
+    for _ in range(50):
+        assert rig.pump.run(0.05) == []
+        got += rig.receive()
+        if len(got) >= len(reply):
+            break
+    assert got == reply
+    # Counts, budget and message boundaries are in plaintext.
+    assert (rig.client.received, rig.backend.received) == (len(q), len(reply))
+    assert (rig.client.messages, rig.backend.messages) == (3, 2)
+    assert rig.client.budget == (1 << 62) - len(q) - len(reply)
+
+
+def test_pump_hands_back_tls_plaintext_past_the_budget(tls_rig: TlsRig) -> None:
+    rig = tls_rig
+    rig.client.budget = 10
+    q = message(b"Q", b"select 12345\x00")
+    rig.send(q)
+    [(code, fd, _, n, arg)] = rig.pump.run(1.0)
+    assert (code, fd, n, arg) == (_pump.PAST_END, rig.client.fd, len(q), q)  # plaintext
+
+
+def test_pump_hands_back_unsent_tls_records_as_a_copy() -> None:
+    rig = TlsRig()
+    try:
+        rig.client_proxy.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        rig.client_app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        body = os.urandom(1000)
+        sent = bytearray()
+        for _ in range(2000):
+            rig.backend_app.sendall(message(b"D", body))
+            sent += message(b"D", body)
+            reports = rig.pump.run(0.05)
+            if reports:
+                break
+        [(code, fd, _, _n, rest)] = reports
+        assert (code, fd) == (_pump.PARTIAL, rig.backend.fd)
+        assert type(rest) is bytes and rest  # ciphertext the client did not take, a copy
+        # What reached the client, then the rest, decrypts to everything the backend lane read.
+        got = rig.receive(b"") + rig.receive(rest)
+        assert got == bytes(sent[: rig.backend.received])
+    finally:
+        rig.close()
+
+
+def test_pump_reports_close_notify_and_bad_records(tls_rig: TlsRig) -> None:
+    rig = tls_rig
+    rig.send(message(b"Q", b"x\x00"))
+    with pytest.raises(ssl.SSLWantReadError):
+        rig.tls.obj.unwrap()  # close_notify
+    rig.client_app.sendall(rig.tls.outgoing.read())
+    [(code, fd, _, _, _)] = rig.pump.run(1.0)
+    assert (code, fd) == (_pump.TLS_END, rig.client.fd)
+    assert rig.backend_app.recv(100) == message(b"Q", b"x\x00")  # what came before it
+
+
+def test_pump_reports_a_bad_tls_record_with_openssls_reason(tls_rig: TlsRig) -> None:
+    rig = tls_rig
+    rig.client_app.sendall(b"\x17\x03\x03\x00\x20" + bytes(32))
+    [(code, fd, _, _, reason)] = rig.pump.run(1.0)
+    assert (code, fd) == (_pump.TLS_ERROR, rig.client.fd)
+    assert isinstance(reason, str) and reason
+
+
+def _ssl_pointer(obj: ssl.SSLObject) -> int:
+    """The SSL* of an SSLObject (as _pump.c reads it, verified there; here for the test's
+    own client, to drive what Python's ssl module has no call for)."""
+    sslsock = obj._sslobj  # type: ignore[attr-defined]
+    ptr = ctypes.c_void_p.from_address(id(sslsock) + object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)).value
+    assert ptr is not None
+    return ptr
+
+
+def _libssl() -> ctypes.CDLL:
+    lib = ctypes.CDLL("libssl.so.3")
+    lib.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.SSL_renegotiate.argtypes = [ctypes.c_void_p]
+    lib.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
+    lib.SSL_get_SSL_CTX.restype = ctypes.c_void_p
+    return lib
+
+
+def test_a_tls13_key_update_from_the_client_is_answered_and_data_keeps_flowing(tls_rig: TlsRig) -> None:
+    rig = tls_rig
+    assert rig.tls.obj.version() == "TLSv1.3"
+    lib = _libssl()
+    assert lib.SSL_key_update(_ssl_pointer(rig.tls.obj), 1) == 1  # SSL_KEY_UPDATE_REQUESTED
+    q = message(b"Q", b"after key update\x00")
+    rig.send(q)  # the KeyUpdate goes out with this record
+    reports = rig.pump.run(0.2)
+    for code, fd, _, _, _ in reports:
+        # The server's own KeyUpdate answer, for Python to send.
+        assert (code, fd) == (_pump.TLS_OWN, rig.client.fd)
+        rig.client_app.sendall(rig.client.tls_own())
+    assert rig.backend_app.recv(1000) == q
+    reply = message(b"Z", b"I")
+    rig.backend_app.sendall(reply)
+    assert rig.pump.run(0.2) == []
+    assert rig.receive() == reply
+    rig.send(q)
+    assert rig.pump.run(0.2) == []
+    assert rig.backend_app.recv(1000) == q
+
+
+def test_tls12_renegotiation_from_the_client_is_refused() -> None:
+    rig = TlsRig(max_version=ssl.TLSVersion.TLSv1_2)
+    try:
+        assert rig.tls.obj.version() == "TLSv1.2"
+        lib = _libssl()
+        assert lib.SSL_renegotiate(_ssl_pointer(rig.tls.obj)) == 1
+        with pytest.raises(ssl.SSLWantReadError):
+            rig.tls.obj.do_handshake()  # the client's renegotiation ClientHello
+        rig.client_app.sendall(rig.tls.outgoing.read())
+        [(code, fd, _, _, _)] = rig.pump.run(1.0)
+        # No handshake: a no_renegotiation alert, the only record the server writes.
+        assert (code, fd) == (_pump.TLS_OWN, rig.client.fd)
+        alert = rig.client.tls_own()
+        assert alert
+        rig.tls.incoming.write(alert)
+        with pytest.raises(ssl.SSLError, match="NO_RENEGOTIATION"):
+            rig.tls.obj.do_handshake()
+    finally:
+        rig.close()
+
+
+def test_tls_attach_refuses_what_it_cannot_take_over(fd: int) -> None:
+    server_ctx, client_ctx = _tls_contexts()
+    server, client = TlsPeer(server_ctx, True), TlsPeer(client_ctx, False)
+    lane = Lane(fd)
+    # Before the handshake is complete.
+    assert lane.tls_attach(server.obj, server.incoming, server.outgoing) is False
+    _handshake(server, client)
+    # A client-side session, and BIOs that are not the session's own.
+    assert lane.tls_attach(client.obj, client.incoming, client.outgoing) is False
+    assert lane.tls_attach(server.obj, ssl.MemoryBIO(), server.outgoing) is False
+    assert lane.tls_attach(server.obj, server.outgoing, server.incoming) is False
+    assert not lane.tls_in_c
+    with pytest.raises(RuntimeError):
+        lane.tls_encrypt(b"x")
+    with pytest.raises(AttributeError):
+        lane.tls_attach(object(), server.incoming, server.outgoing)
+    assert lane.tls_attach(server.obj, server.incoming, server.outgoing) is True
+    with pytest.raises(RuntimeError):
+        lane.tls_attach(server.obj, server.incoming, server.outgoing)  # once
+
+
+def test_lane_tls_methods_are_the_python_record_layer(fd: int) -> None:
+    """What the loop's Python paths call: encrypt, take, decrypt (None / b"" at the end)."""
+    server_ctx, client_ctx = _tls_contexts()
+    server, client = TlsPeer(server_ctx, True), TlsPeer(client_ctx, False)
+    _handshake(server, client)
+    lane = Lane(fd)
+    assert lane.tls_attach(server.obj, server.incoming, server.outgoing)
+    del server  # the lane keeps the session alive
+    gc.collect()
+    client.incoming.write(lane.tls_encrypt(b"hello"))
+    assert client.obj.read(100) == b"hello"
+    assert lane.tls_decrypt(100) is None
+    client.obj.write(b"world")
+    lane.tls_take(client.outgoing.read())
+    assert lane.tls_decrypt(3) == b"wor"
+    assert lane.tls_decrypt(100) == b"ld"
+    assert lane.tls_own() == b""
+    lane.tls_take(b"")  # EOF without close_notify: the end of the stream
+    assert lane.tls_decrypt(100) == b""
+
+
+def test_a_relay_has_an_audit_tap_or_a_c_record_layer_never_both() -> None:
+    """The audit tap and the C record layer exclude each other on a relay: a tapped relay's
+    TLS stays in Python (tls_attach says False), and a relay whose TLS runs in C gets no tap."""
+    server_ctx, client_ctx = _tls_contexts()
+    server, client = TlsPeer(server_ctx, True), TlsPeer(client_ctx, False)
+    _handshake(server, client)
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    try:
+        tapped, backend = Lane(a.fileno()), Lane(c.fileno())
+        tapped.link(backend)
+        tapped.tap_enable(256 * 1024)
+        assert tapped.tls_attach(server.obj, server.incoming, server.outgoing) is False
+        assert not tapped.tls_in_c
+        in_c, backend2 = Lane(b.fileno()), Lane(d.fileno())
+        in_c.link(backend2)
+        assert in_c.tls_attach(server.obj, server.incoming, server.outgoing) is True
+        with pytest.raises(RuntimeError, match="audit tap"):
+            in_c.tap_enable(256 * 1024)
+        with pytest.raises(RuntimeError, match="audit tap"):
+            backend2.tap_enable(256 * 1024)
+    finally:
+        for s in (a, b, c, d):
+            s.close()

@@ -24,6 +24,7 @@ from waypoint.proxy.relay import (
     RelayEngineError,
     RelayResult,
     StreamRelay,
+    client_tls,
     open_relay_engine,
 )
 from waypoint.proxy.streams import ServerTLSStream
@@ -70,7 +71,7 @@ def epoll_registered_fds(engine: RelayEngine) -> int:
 class Session:
     """One relayed connection: the application ends and the relay's control handle."""
 
-    client: trio.abc.Stream  # what the PostgreSQL client holds (TLS in "engine-tls")
+    client: trio.abc.Stream  # what the PostgreSQL client holds (TLS in "engine-tls*")
     backend: trio.SocketStream  # what the PostgreSQL server holds
     control: RelayControl
     proxy_socks: tuple[socket.socket, socket.socket]
@@ -148,13 +149,14 @@ class Harness:
     ) -> Session:
         client_app, client_proxy = _pair(socket_kind, bufsize)
         backend_proxy, backend_app = _pair(socket_kind, bufsize)
-        if self.engine is not None and self.kind == "engine-tls":
+        if self.engine is not None and self.kind.startswith("engine-tls"):
             app, proxy = await _tls_pair(client_app, client_proxy)
             handover = proxy.handover()
             raw = proxy.transport_stream
             assert isinstance(raw, trio.SocketStream)
             tls_sock = socket.socket(fileno=raw.socket.detach())
             handle = self.engine.start_relay(tls_sock, backend_proxy, client_tls=handover, **kw)
+            assert_tls_path(handle, in_c=self.kind == "engine-tls")
             return Session(
                 app, _stream(backend_app), handle, (tls_sock, backend_proxy), handle.wait
             )
@@ -190,11 +192,21 @@ class Harness:
         )
 
 
-@pytest.fixture(params=["engine", "engine-py", "engine-tls", "streams"])
+def assert_tls_path(handle: Any, *, in_c: bool) -> None:
+    """The relay's client TLS record layer runs where the test expects it: in C on the
+    client lane (``tls_attach`` took the session over), or in Python."""
+    client = handle._relay.client
+    assert client.tls is not None
+    assert client.tls.in_c is in_c and client.tls_in_c is in_c
+    assert handle._relay.pumped is (in_c and client.hook is None and handle._relay.backend.hook is None)
+
+
+#: engine-tls: client TLS with its record layer in C; engine-tls-py: in Python (c_tls=False).
+@pytest.fixture(params=["engine", "engine-py", "engine-tls", "engine-tls-py", "streams"])
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     async with trio.open_nursery() as nursery:
-        if request.param in ("engine", "engine-py", "engine-tls"):
-            async with open_relay_engine() as engine:
+        if request.param.startswith("engine"):
+            async with open_relay_engine(c_tls=request.param != "engine-tls-py") as engine:
                 yield Harness(request.param, engine, nursery)
         else:
             yield Harness("streams", None, nursery)
@@ -327,7 +339,7 @@ async def test_slow_reader_keeps_relay_buffering_bounded(harness: Harness) -> No
         assert sent < 3_000_000
         assert s.control.bytes_from_backend < 3_000_000
         # TLS adds its record framing (about 22 bytes per 16 KiB record) to one buffer.
-        assert peak <= RECV_BUFFER_SIZE + (1024 if harness.kind == "engine-tls" else 0)
+        assert peak <= RECV_BUFFER_SIZE + (1024 if harness.kind.startswith("engine-tls") else 0)
         received = await read_all(s.client, total)
         assert len(received) == total
         n.cancel_scope.cancel()
@@ -642,7 +654,7 @@ async def test_start_relay_rejects_bad_arguments() -> None:
 
 
 async def _tls_relay(
-    engine: RelayEngine, prefetch: int = 0, forward: bool = True, **kw: Any
+    engine: RelayEngine, prefetch: int = 0, forward: bool = True, in_c: bool | None = None, **kw: Any
 ) -> tuple[trio.SSLStream[trio.SocketStream], trio.SocketStream, socket.socket, Any]:
     """A TLS client relayed by the engine. With ``prefetch``, the proxy's trio stream
     first reads that many plaintext bytes (passed on as ``initial_to_backend`` if
@@ -667,15 +679,17 @@ async def _tls_relay(
         initial_to_backend=initial if forward else b"",
         **kw,
     )
+    assert_tls_path(handle, in_c=engine._loop.c_tls if in_c is None else in_c)
     return app, _stream(backend_app), tls_sock, handle
 
 
+@pytest.mark.parametrize("c_tls", [True, False], ids=["c-tls", "py-tls"])
 @pytest.mark.parametrize("forward", [True, False])
-async def test_tls_input_buffered_at_handover_is_relayed_first(forward: bool) -> None:
+async def test_tls_input_buffered_at_handover_is_relayed_first(forward: bool, c_tls: bool) -> None:
     first = message(b"Q", b"select 1\x00")
     batch = message(b"P", b"\x00select 1\x00\x00\x00") + message(b"S", b"") * 50
     expected = first + batch if forward else batch
-    async with open_relay_engine() as engine:
+    async with open_relay_engine(c_tls=c_tls) as engine:
         app, backend, tls_sock, handle = await _tls_relay(
             engine, prefetch=len(first), forward=forward, pipelined=first + batch
         )
@@ -691,8 +705,50 @@ async def test_tls_input_buffered_at_handover_is_relayed_first(forward: bool) ->
     assert result.messages_from_client == (52 if forward else 51)
 
 
-async def test_tls_garbage_from_the_client_ends_the_relay_with_an_error() -> None:
+async def test_without_c_tls_the_engine_keeps_the_python_record_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interpreter whose OpenSSL the C loop cannot bind (client_tls.c_tls_available)
+    gets the Python record layer, which relays all the same."""
+    monkeypatch.setattr(client_tls, "c_tls_available", lambda: False)
     async with open_relay_engine() as engine:
+        app, backend, tls_sock, handle = await _tls_relay(engine, in_c=False)
+        with trio.fail_after(10):
+            q = message(b"Q", b"select 1\x00")
+            await app.send_all(q)
+            assert await read_all(backend, len(q)) == q
+            reply = message(b"D", os.urandom(100_000)) + message(b"Z", b"I")
+            await backend.send_all(reply)
+            assert await read_all(app, len(reply)) == reply
+            await app.aclose()
+            result = await handle.wait()
+        tls_sock.close()
+    assert result.reason == "client_closed"
+
+
+@pytest.mark.parametrize("c_tls", [True, False], ids=["c-tls", "py-tls"])
+async def test_tls_close_notify_ends_the_relay_as_client_closed(c_tls: bool) -> None:
+    async with open_relay_engine(c_tls=c_tls) as engine:
+        app, backend, tls_sock, handle = await _tls_relay(engine)
+        with trio.fail_after(10):
+            q = message(b"Q", b"select 1\x00")
+            await app.send_all(q)
+            assert await read_all(backend, len(q)) == q
+            # close_notify alone, the socket left open (no reset racing it): what
+            # trio.SSLStream's aclose() writes before it closes the socket.
+            ssl_object: ssl.SSLObject = getattr(app, "_ssl_object")  # noqa: B009
+            outgoing: ssl.MemoryBIO = getattr(app, "_outgoing")  # noqa: B009
+            with pytest.raises(ssl.SSLWantReadError):
+                ssl_object.unwrap()
+            await app.transport_stream.send_all(outgoing.read())
+            result = await handle.wait()
+        await app.transport_stream.aclose()
+        tls_sock.close()
+    assert result.reason == "client_closed" and result.error is None
+    assert result.bytes_from_client == len(q)
+
+
+@pytest.mark.parametrize("c_tls", [True, False], ids=["c-tls", "py-tls"])
+async def test_tls_garbage_from_the_client_ends_the_relay_with_an_error(c_tls: bool) -> None:
+    async with open_relay_engine(c_tls=c_tls) as engine:
         app, _backend, tls_sock, handle = await _tls_relay(engine)
         # Bytes that are no TLS record, written under the TLS layer.
         raw = app.transport_stream

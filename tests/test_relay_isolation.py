@@ -20,7 +20,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_relay import _pair, _stream, _tls_pair, message
+from test_relay import _pair, _stream, _tls_pair, assert_tls_path, message
 
 from waypoint.proxy.relay import (
     RelayEngine,
@@ -30,7 +30,9 @@ from waypoint.proxy.relay import (
 )
 
 #: The relay kinds: how the client side is served, and which sides have a header hook.
-KINDS = ("plain", "tls", "hook-client", "hook-backend", "tls-hooked")
+#: "tls": the client's TLS record layer in the C loop; "tls-hooked": in C, driven from
+#: the Python read path (hooks); "tls-py": the Python record layer (the fallback).
+KINDS = ("plain", "tls", "hook-client", "hook-backend", "tls-hooked", "tls-py")
 
 
 def session_stream(marker: bytes, direction: bytes, size: int, rng: random.Random) -> bytes:
@@ -78,7 +80,9 @@ async def open_session(engine: RelayEngine, kind: str, marker: bytes, size: int,
         raw = proxy.transport_stream
         assert isinstance(raw, trio.SocketStream)
         tls_sock = socket.socket(fileno=raw.socket.detach())
-        handle = engine.start_relay(tls_sock, backend_proxy, client_tls=handover, **kw)
+        in_c = kind != "tls-py"
+        handle = engine.start_relay(tls_sock, backend_proxy, client_tls=handover, c_tls=in_c, **kw)
+        assert_tls_path(handle, in_c=in_c)
         return Live(marker, kind, app, _stream(backend_app), handle, (tls_sock, backend_proxy), up, down)
     handle = engine.start_relay(client_proxy, backend_proxy, **kw)
     return Live(

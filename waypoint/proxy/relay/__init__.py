@@ -14,8 +14,9 @@ One state machine, two drivers:
   :meth:`RelayEngine.start_relay`; it then awaits :meth:`RelayHandle.wait` (bridge.py).
   Opened and closed with the trio app by :func:`open_relay_engine`. A client that speaks
   TLS is relayed by the engine too: its TLS session is handed over as a
-  :class:`TlsHandover` (client_tls.py) and decrypted/encrypted in the engine thread (off
-  the plaintext hot path; the backend side stays plain).
+  :class:`TlsHandover` (client_tls.py) and its records are decrypted/encrypted by the C
+  loop on the session's own ``SSL*`` (or by the ``SSLObject`` in the engine thread, the
+  fallback); the backend side stays plain.
 * :func:`relay_streams` / :class:`StreamRelay` — a trio task per direction over
   ``trio.abc.Stream`` objects, for any pair of streams (TLS on the backend side).
 

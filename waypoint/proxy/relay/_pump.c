@@ -9,9 +9,12 @@
  *
  *     epoll_wait -> recv into the pump's buffer -> count -> skip message headers -> send
  *
+ * and, for a client that speaks TLS (see "Client TLS"), the same with its records
+ * decrypted on the way in and encrypted on the way out, on the session's own SSL.
  * Everything else (back-pressure, EOF, errors, byte limits, FATAL injection at a
- * boundary, TLS, header hooks, commands from trio) stays in Python (loop.py drives,
- * core.py decides): Pump.run() returns to Python
+ * boundary, TLS alerts and close_notify, header hooks, recording the statement audit,
+ * commands from trio) stays in Python
+ * (loop.py drives, core.py decides): Pump.run() returns to Python
  * at the first event it does not handle, with what it already did to that event.
  *
  * Types:
@@ -23,14 +26,20 @@
  *   Pump  the fd -> Lane table of the plain relays the C loop serves, over the
  *         engine's epoll fd, with a receive buffer of its own.
  *
- * Isolation (what a report may point to): a Pump reads into a buffer of its own,
- * allocated here and never exposed to Python; only pump_lane() writes it, only inside
- * run(), and one batch holds at most one report about bytes read (a report that carries
- * data ends the batch). Before run() returns, a report that carries data (PARTIAL: the
- * bytes the peer did not take; PAST_END: the whole chunk) gets them as a bytes object
- * of its own. So a report refers to no shared memory at all: whatever Python does with
- * one report (other relays' reads included) cannot change the bytes of another, and no
- * session can be handed bytes that another session read. The Python paths of loop.py
+ * Isolation (what a report may point to): a Pump reads into buffers of its own (buf:
+ * plaintext; tbuf: TLS clients' ciphertext), allocated here and never exposed to Python;
+ * only pump_lane() writes them, only inside run(), and one batch holds at most one report
+ * about bytes read (a report that carries data ends the batch). Before run() returns, a
+ * report that carries data (PARTIAL: the bytes the peer did not take, for a TLS client
+ * the ciphertext it did not take followed by what its own session's write BIO still
+ * holds; PAST_END and TAP: the whole chunk) gets them as a bytes object of its own. Every
+ * TLS session's records stay in that session's own BIOs. A relay with statement audit has
+ * an audit tap of its own (on its owner lane, bounded): the pump appends a copy of what
+ * either of that relay's lanes read before sending it, and Lane.take_tap() hands Python
+ * a new bytes object; no tap is shared, and a relay whose client TLS runs in C has none
+ * (its audit is recorded in Python). So a report refers to no shared memory at all:
+ * whatever Python does with one report (other relays' reads included) cannot change the
+ * bytes of another, and no session can be handed bytes that another session read. The Python paths of loop.py
  * read into bytes objects of their own too (no engine-wide buffer).
  *
  * Threading: a Pump and its Lanes are used by one thread (the engine thread), except
@@ -43,11 +52,52 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
+
+#include <openssl/bio.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
+/* OpenSSL is not linked: every OpenSSL function this module calls is the one the _ssl
+ * module itself resolves (tls_bind(), given their addresses by client_tls.py through
+ * ctypes on the _ssl module), so the SSL* taken from an ssl.SSLObject is always driven by
+ * the very library that made it, and the extension adds no library to the process (or to
+ * a repaired wheel). Until bound, no TLS lane can exist. Only OpenSSL's headers are
+ * needed at build time (Debian: libssl-dev). */
+#define OSSL_FUNCTIONS(X)                                                                         \
+    X(SSL_read_ex) X(SSL_write_ex) X(SSL_get_error) X(SSL_get_SSL_CTX) X(SSL_get_rbio)          \
+    X(SSL_get_wbio) X(SSL_is_server) X(SSL_is_init_finished) X(SSL_CTX_get_keylog_callback)     \
+    X(SSL_set_options) X(SSL_pending) X(BIO_write) X(BIO_read) X(BIO_ctrl_pending) X(BIO_ctrl)                 \
+    X(ERR_peek_last_error) X(ERR_clear_error) X(ERR_reason_error_string) X(OpenSSL_version_num)
+#define OSSL_POINTER(name) static __typeof__(name) *p_##name;
+OSSL_FUNCTIONS(OSSL_POINTER)
+#undef OSSL_POINTER
+/* From here on every call (also those inside OpenSSL's macros) goes through the pointers. */
+#define SSL_read_ex p_SSL_read_ex
+#define SSL_write_ex p_SSL_write_ex
+#define SSL_get_error p_SSL_get_error
+#define SSL_get_SSL_CTX p_SSL_get_SSL_CTX
+#define SSL_get_rbio p_SSL_get_rbio
+#define SSL_get_wbio p_SSL_get_wbio
+#define SSL_is_server p_SSL_is_server
+#define SSL_is_init_finished p_SSL_is_init_finished
+#define SSL_CTX_get_keylog_callback p_SSL_CTX_get_keylog_callback
+#define SSL_set_options p_SSL_set_options
+#define SSL_pending p_SSL_pending
+#define BIO_write p_BIO_write
+#define BIO_read p_BIO_read
+#define BIO_ctrl_pending p_BIO_ctrl_pending
+#define BIO_ctrl p_BIO_ctrl
+#define ERR_peek_last_error p_ERR_peek_last_error
+#define ERR_clear_error p_ERR_clear_error
+#define ERR_reason_error_string p_ERR_reason_error_string
+#define OpenSSL_version_num p_OpenSSL_version_num
 
 #define HEADER_SIZE 5
 /* epoll_wait's bound for one wait (ms): a long timeout is waited in slices. */
@@ -75,7 +125,12 @@ enum {
     CODE_PROTOCOL = 4,  /* n bytes read; a header had an invalid length: arg = exception */
     CODE_PARTIAL = 5,   /* n bytes read, some sent: arg = the bytes the peer did not take (a copy) */
     CODE_SEND_ERROR = 6,/* n bytes read, sending them to the peer failed: arg = errno */
-    CODE_TAP = 7        /* n bytes read, counted and fed, not sent: the relay's audit tap is
+    CODE_TLS_END = 7,   /* the client's TLS stream ended (close_notify): plaintext before it passed on */
+    CODE_TLS_ERROR = 8, /* the client's TLS session failed (this lane's, or the peer's when
+                           encrypting toward it): arg = OpenSSL's reason (str) */
+    CODE_TLS_OWN = 9,   /* decrypting made TLS write records of its own (a key update answer,
+                           an alert): Python takes them with tls_own() and sends them */
+    CODE_TAP = 10       /* n bytes read, counted and fed, not sent: the relay's audit tap is
                          * full: arg = those bytes (a copy) */
 };
 
@@ -84,6 +139,7 @@ enum {
 #define TAP_HEADER 13
 
 static PyObject *bad_length_func; /* waypoint.pgwire.boundary.bad_length_error */
+static PyObject *ssl_error_type;  /* ssl.SSLError */
 
 /* ----------------------------------------------------------------------------------- */
 /* Lane                                                                                  */
@@ -103,6 +159,13 @@ typedef struct Lane {
     long long skip;              /* body bytes of the current message still to skip */
     long long budget;
     unsigned char header[HEADER_SIZE];
+    /* Client TLS (see "Client TLS" below): the session's SSL and its memory BIOs, owned
+     * by the Python objects in tls_refs (the ssl.SSLObject's _ssl._SSLSocket and the two
+     * ssl.MemoryBIO), which this lane keeps alive. NULL: this lane's socket is plain. */
+    SSL *ssl;
+    BIO *rbio;
+    BIO *wbio;
+    PyObject *tls_refs;
     /* The audit tap (on the owner lane): what both lanes read, appended before it is sent.
      * tap_max 0: no tap. Raw memory (PyMem_Raw*): grown without the GIL. */
     unsigned char *tap;
@@ -307,6 +370,7 @@ Lane_traverse(Lane *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->peer);
     Py_VISIT(self->hook);
+    Py_VISIT(self->tls_refs);
     return 0;
 }
 
@@ -325,6 +389,9 @@ Lane_clear(Lane *self)
     }
     Py_CLEAR(self->peer);
     Py_CLEAR(self->hook);
+    self->ssl = NULL;
+    self->rbio = self->wbio = NULL;
+    Py_CLEAR(self->tls_refs);
     return 0;
 }
 
@@ -558,6 +625,260 @@ Lane_get_skip(Lane *self, void *closure)
     return PyLong_FromLongLong(self->skip);
 }
 
+
+/* ----------------------------------------------------------------------------------- */
+/* Client TLS                                                                            */
+/* ----------------------------------------------------------------------------------- */
+/*
+ * The client's TLS handshake is done in Python (waypoint/proxy/streams.py: certificate
+ * choice by SNI, ALPN, direct TLS) by an ssl.SSLObject over two ssl.MemoryBIO. After it,
+ * tls_attach() takes the very SSL* of that SSLObject, and its two memory BIOs, so that
+ * the pump runs the record layer (SSL_read / SSL_write of application data) without the
+ * GIL. CPython does not expose the SSL*: tls_attach() reads it out of the _ssl objects,
+ * whose leading fields are declared below as CPython 3.11 to 3.13 lay them out, and
+ * refuses (returns False: the engine then keeps the Python record layer) unless
+ *   - OpenSSL was bound (tls_bind: the _ssl module's own functions, OpenSSL 3, the
+ *     version the _ssl module reports);
+ *   - the objects are of the _ssl types (the context: or a subclass) and those types are
+ *     large enough for the fields read;
+ *   - the socket's context field is the very context object Python reports for it, the
+ *     SSL* belongs to that context's SSL_CTX, and its read / write BIOs are the two
+ *     MemoryBIO objects handed over;
+ *   - the session is a server's, its handshake is complete, and no key-log callback is set.
+ * The lane keeps those Python objects alive; from the hand-over on only the engine
+ * thread uses them (Python never touches the SSLObject again). Renegotiation is refused
+ * (SSL_OP_NO_RENEGOTIATION); TLS 1.3 key updates are answered by OpenSSL (the answer is a
+ * CODE_TLS_OWN report). */
+
+typedef struct {
+    PyObject_HEAD
+    SSL_CTX *ctx;
+} SSLContextHead;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *Socket;
+    SSL *ssl;
+    PyObject *ctx;
+} SSLSocketHead;
+
+typedef struct {
+    PyObject_HEAD
+    BIO *bio;
+} MemoryBIOHead;
+
+/* tls_bind() succeeded: the function pointers are set, and the _ssl types known. */
+static int tls_bound;
+/* _ssl._SSLSocket, _ssl._SSLContext, _ssl.MemoryBIO. */
+static PyTypeObject *ssl_socket_type, *ssl_context_type, *memory_bio_type;
+
+/* The _ssl type called name, at least size bytes large, in *out (a new reference).
+ * 1: found; 0: not usable; -1: an exception. */
+static int
+get_ssl_type(PyObject *mod, const char *name, size_t size, PyTypeObject **out)
+{
+    PyObject *t = PyObject_GetAttrString(mod, name);
+    if (t == NULL)
+        return -1;
+    if (!PyType_Check(t) || (size_t)((PyTypeObject *)t)->tp_basicsize < size) {
+        Py_DECREF(t);
+        return 0;
+    }
+    Py_XSETREF(*out, (PyTypeObject *)t);
+    return 1;
+}
+
+#define OSSL_NAME(name) #name,
+static const char *const ossl_names[] = {OSSL_FUNCTIONS(OSSL_NAME) NULL};
+#undef OSSL_NAME
+
+/* tls_bind({name: address}): the addresses of the _ssl module's OpenSSL functions (every
+ * name of TLS_FUNCTIONS). True when client TLS can run in C: OpenSSL 3, the version the
+ * _ssl module reports, and _ssl types of the expected size. Once bound, it stays bound. */
+static PyObject *
+pump_tls_bind(PyObject *module, PyObject *addresses)
+{
+    if (tls_bound)
+        Py_RETURN_TRUE;
+    if (!PyDict_Check(addresses)) {
+        PyErr_SetString(PyExc_TypeError, "tls_bind() needs a dict of addresses");
+        return NULL;
+    }
+    void *found[sizeof(ossl_names) / sizeof(ossl_names[0])];
+    for (size_t i = 0; ossl_names[i] != NULL; i++) {
+        PyObject *v = PyDict_GetItemString(addresses, ossl_names[i]);
+        if (v == NULL || v == Py_None)
+            Py_RETURN_FALSE;
+        found[i] = PyLong_AsVoidPtr(v);
+        if (found[i] == NULL) {
+            if (PyErr_Occurred())
+                return NULL;
+            Py_RETURN_FALSE;
+        }
+    }
+    PyObject *mod = PyImport_ImportModule("_ssl");
+    if (mod == NULL)
+        return NULL;
+    PyObject *version = PyObject_GetAttrString(mod, "OPENSSL_VERSION_NUMBER");
+    if (version == NULL) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    unsigned long expected = PyLong_AsUnsignedLong(version);
+    Py_DECREF(version);
+    if (expected == (unsigned long)-1 && PyErr_Occurred()) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    int ok = get_ssl_type(mod, "_SSLSocket", sizeof(SSLSocketHead), &ssl_socket_type);
+    if (ok > 0)
+        ok = get_ssl_type(mod, "_SSLContext", sizeof(SSLContextHead), &ssl_context_type);
+    if (ok > 0)
+        ok = get_ssl_type(mod, "MemoryBIO", sizeof(MemoryBIOHead), &memory_bio_type);
+    Py_DECREF(mod);
+    if (ok < 0)
+        return NULL;
+    if (ok == 0)
+        Py_RETURN_FALSE;
+    /* OpenSSL_version_num is the last name: ask the library itself which it is. */
+    unsigned long (*version_num)(void) = (unsigned long (*)(void))found[sizeof(ossl_names) / sizeof(ossl_names[0]) - 2];
+    unsigned long actual = version_num();
+    if (actual != expected || actual < 0x30000000UL || actual >= 0x40000000UL)
+        Py_RETURN_FALSE;
+    size_t i = 0;
+#define OSSL_SET(name) p_##name = (__typeof__(p_##name))found[i++];
+    OSSL_FUNCTIONS(OSSL_SET)
+#undef OSSL_SET
+    tls_bound = 1;
+    Py_RETURN_TRUE;
+}
+
+/* OpenSSL's reason for an error code, as the str of a report or an exception. */
+static PyObject *
+tls_reason(unsigned long code)
+{
+    const char *reason = code ? ERR_reason_error_string(code) : NULL;
+    return PyUnicode_FromString(reason ? reason : "TLS failure");
+}
+
+/* Raise ssl.SSLError for OpenSSL's last error (the thread's error queue is cleared). */
+static PyObject *
+raise_tls_error(void)
+{
+    unsigned long code = ERR_peek_last_error();
+    ERR_clear_error();
+    PyObject *reason = tls_reason(code);
+    if (reason == NULL)
+        return NULL;
+    PyObject *exc = PyObject_CallFunction(ssl_error_type, "iO", 1, reason);
+    if (exc != NULL && PyObject_SetAttrString(exc, "reason", reason) == 0)
+        PyErr_SetObject(ssl_error_type, exc);
+    Py_XDECREF(exc);
+    Py_DECREF(reason);
+    return NULL;
+}
+
+/* What the write BIO holds, as bytes (empty: nothing). */
+static PyObject *
+drain_bio(BIO *bio)
+{
+    size_t pending = BIO_ctrl_pending(bio);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)pending);
+    if (out == NULL || pending == 0)
+        return out;
+    int got = BIO_read(bio, PyBytes_AS_STRING(out), (int)pending);
+    if (got != (int)pending) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_RuntimeError, "TLS write buffer: short read");
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *
+Lane_tls_attach(Lane *self, PyObject *args)
+{
+    PyObject *sslobject, *incoming, *outgoing;
+    if (!PyArg_ParseTuple(args, "OOO", &sslobject, &incoming, &outgoing))
+        return NULL;
+    if (self->ssl != NULL || self->in_pump) {
+        PyErr_SetString(PyExc_RuntimeError, "tls_attach() once, before the Lane is pumped");
+        return NULL;
+    }
+    /* An audited relay (a tap on either lane's owner) keeps its record layer in Python. */
+    if (!tls_bound || self->tap_max > 0 || (self->owner != NULL && self->owner->tap_max > 0))
+        Py_RETURN_FALSE;
+    PyObject *sock = PyObject_GetAttrString(sslobject, "_sslobj");
+    if (sock == NULL)
+        return NULL;
+    PyObject *context = PyObject_GetAttrString(sock, "context");
+    if (context == NULL) {
+        Py_DECREF(sock);
+        return NULL;
+    }
+    /* ssl.SSLContext subclasses _ssl._SSLContext: its leading fields stay where they are. */
+    int ok = Py_IS_TYPE(sock, ssl_socket_type) && PyObject_TypeCheck(context, ssl_context_type) &&
+             Py_IS_TYPE(incoming, memory_bio_type) && Py_IS_TYPE(outgoing, memory_bio_type) &&
+             ((SSLSocketHead *)sock)->ctx == context;
+    SSL *ssl = ok ? ((SSLSocketHead *)sock)->ssl : NULL;
+    SSL_CTX *ctx = ok ? ((SSLContextHead *)context)->ctx : NULL;
+    BIO *rbio = ok ? ((MemoryBIOHead *)incoming)->bio : NULL;
+    BIO *wbio = ok ? ((MemoryBIOHead *)outgoing)->bio : NULL;
+    ok = ok && ssl != NULL && ctx != NULL && SSL_get_SSL_CTX(ssl) == ctx &&
+         SSL_get_rbio(ssl) == rbio && SSL_get_wbio(ssl) == wbio && SSL_is_server(ssl) &&
+         SSL_is_init_finished(ssl) && SSL_CTX_get_keylog_callback(ctx) == NULL &&
+         BIO_ctrl_pending(wbio) == 0;
+    Py_DECREF(context);
+    if (!ok) {
+        Py_DECREF(sock);
+        Py_RETURN_FALSE;
+    }
+    PyObject *refs = PyTuple_Pack(4, sslobject, sock, incoming, outgoing);
+    Py_DECREF(sock);
+    if (refs == NULL)
+        return NULL;
+    SSL_set_options(ssl, SSL_OP_NO_RENEGOTIATION);
+    Py_XSETREF(self->tls_refs, refs);
+    self->ssl = ssl;
+    self->rbio = rbio;
+    self->wbio = wbio;
+    Py_RETURN_TRUE;
+}
+
+static int
+require_tls(Lane *self)
+{
+    if (self->ssl == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this Lane has no TLS session (tls_attach)");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+Lane_tls_take(Lane *self, PyObject *arg)
+{
+    if (require_tls(self) < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (view.len > INT_MAX) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_OverflowError, "ciphertext chunk too large");
+        return NULL;
+    }
+    int rc = 0;
+    if (view.len == 0)
+        BIO_set_mem_eof_return(self->rbio, 0); /* EOF under TLS */
+    else
+        rc = BIO_write(self->rbio, view.buf, (int)view.len) == (int)view.len ? 0 : -1;
+    PyBuffer_Release(&view);
+    if (rc < 0)
+        return raise_tls_error();
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 Lane_tap_enable(Lane *self, PyObject *arg)
 {
@@ -568,8 +889,84 @@ Lane_tap_enable(Lane *self, PyObject *arg)
         PyErr_SetString(PyExc_ValueError, "tap size must be between 1024 and 2**30");
         return NULL;
     }
+    /* A relay whose client TLS runs in C has no tap: its audit is recorded in Python
+     * (loop.py keeps the record layer of an audited relay there). */
+    if (self->ssl != NULL || (self->peer != NULL && self->peer->ssl != NULL)) {
+        PyErr_SetString(PyExc_RuntimeError, "no audit tap on a relay whose TLS runs in C");
+        return NULL;
+    }
     self->tap_max = max;
     Py_RETURN_NONE;
+}
+
+static PyObject *
+Lane_tls_decrypt(Lane *self, PyObject *arg)
+{
+    if (require_tls(self) < 0)
+        return NULL;
+    Py_ssize_t size = PyLong_AsSsize_t(arg);
+    if (size == -1 && PyErr_Occurred())
+        return NULL;
+    if (size < 1 || size > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "size must be between 1 and 2**31-1");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL)
+        return NULL;
+    size_t got = 0;
+    if (SSL_read_ex(self->ssl, PyBytes_AS_STRING(out), (size_t)size, &got) == 1) {
+        if (_PyBytes_Resize(&out, (Py_ssize_t)got) < 0)
+            return NULL;
+        return out;
+    }
+    Py_DECREF(out);
+    int err = SSL_get_error(self->ssl, 0);
+    if (err == SSL_ERROR_WANT_READ) {
+        ERR_clear_error();
+        Py_RETURN_NONE;
+    }
+    if (err == SSL_ERROR_ZERO_RETURN || err == SSL_ERROR_SYSCALL ||
+        (err == SSL_ERROR_SSL &&
+         ERR_GET_REASON(ERR_peek_last_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING)) {
+        ERR_clear_error();
+        return PyBytes_FromStringAndSize(NULL, 0); /* the end of the client's stream */
+    }
+    return raise_tls_error();
+}
+
+static PyObject *
+Lane_tls_encrypt(Lane *self, PyObject *arg)
+{
+    if (require_tls(self) < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int ok = 1;
+    if (view.len > 0) {
+        size_t written = 0;
+        ok = SSL_write_ex(self->ssl, view.buf, (size_t)view.len, &written) == 1 &&
+             written == (size_t)view.len;
+    }
+    PyBuffer_Release(&view);
+    if (!ok)
+        return raise_tls_error();
+    return drain_bio(self->wbio);
+}
+
+static PyObject *
+Lane_tls_own(Lane *self, PyObject *noargs)
+{
+    if (require_tls(self) < 0)
+        return NULL;
+    return drain_bio(self->wbio);
+}
+
+static PyObject *
+Lane_get_tls(Lane *self, void *closure)
+{
+    return PyBool_FromLong(self->ssl != NULL);
 }
 
 static PyObject *
@@ -602,6 +999,17 @@ static PyMethodDef Lane_methods[] = {
      "Account for the next chunk read from this lane (BoundaryTracker.feed)."},
     {"feed_until_boundary", (PyCFunction)Lane_feed_until_boundary, METH_O,
      "Consume the chunk only up to the next message boundary; return how many bytes."},
+    {"tls_attach", (PyCFunction)Lane_tls_attach, METH_VARARGS,
+     "tls_attach(ssl_object, incoming, outgoing): run this client lane's TLS record layer "
+     "in C on the session's own SSL; False when it cannot be taken over safely."},
+    {"tls_take", (PyCFunction)Lane_tls_take, METH_O,
+     "Ciphertext received from the client (b'': EOF under TLS)."},
+    {"tls_decrypt", (PyCFunction)Lane_tls_decrypt, METH_O,
+     "tls_decrypt(size): plaintext; None until more ciphertext comes; b'' at the end."},
+    {"tls_encrypt", (PyCFunction)Lane_tls_encrypt, METH_O,
+     "The TLS records for the plaintext (raises ssl.SSLError)."},
+    {"tls_own", (PyCFunction)Lane_tls_own, METH_NOARGS,
+     "Records TLS wrote by itself while decrypting (a key update answer, an alert)."},
     {NULL},
 };
 
@@ -618,6 +1026,7 @@ static PyGetSetDef Lane_getset[] = {
      "bytes the relay may still read (shared by both lanes); < 0 sends reads to Python", NULL},
     {"reading", (getter)Lane_get_reading, (setter)Lane_set_reading, "reads are wanted", NULL},
     {"linked", (getter)Lane_get_linked, NULL, "link() was called", NULL},
+    {"tls_in_c", (getter)Lane_get_tls, NULL, "the client's TLS record layer runs in C", NULL},
     {"hook", (getter)Lane_get_hook, (setter)Lane_set_hook,
      "on_header(type, length) per message header, or None", NULL},
     {"partial_header", (getter)Lane_get_partial_header, NULL,
@@ -658,12 +1067,17 @@ typedef struct {
     long long arg; /* errno, bytes sent */
     int bad_type;
     int32_t bad_len;
+    int from_tbuf;   /* PARTIAL of ciphertext: tbuf[arg:tlen], then what more holds */
+    long long tlen;
+    BIO *more;
 } Report;
 
 typedef struct {
     PyObject_HEAD
     int epfd;
-    unsigned char *buf; /* private: see "Isolation" above */
+    unsigned char *buf;  /* private: see "Isolation" above */
+    unsigned char *tbuf; /* private too: ciphertext to or from TLS clients */
+    Py_ssize_t tbufsize; /* bufsize and room for the records' framing */
     Py_ssize_t bufsize;
     Lane **table; /* indexed by fd */
     int capacity;
@@ -700,8 +1114,12 @@ Pump_init(Pump *self, PyObject *args, PyObject *kwds)
     self->events = PyMem_Calloc((size_t)max_events, sizeof(struct epoll_event));
     self->reports = PyMem_Calloc((size_t)max_events, sizeof(Report));
     self->buf = PyMem_Malloc((size_t)bufsize);
+    /* One buffer of plaintext encrypted fits in one send: TLS adds at most a few hundred
+     * bytes per 16 KiB record. */
+    self->tbufsize = bufsize + (bufsize / 16384 + 1) * 512;
+    self->tbuf = PyMem_Malloc((size_t)self->tbufsize);
     self->bufsize = bufsize;
-    if (self->events == NULL || self->reports == NULL || self->buf == NULL) {
+    if (self->events == NULL || self->reports == NULL || self->buf == NULL || self->tbuf == NULL) {
         PyErr_NoMemory();
         return -1;
     }
@@ -738,6 +1156,7 @@ Pump_dealloc(Pump *self)
     PyMem_Free(self->events);
     PyMem_Free(self->reports);
     PyMem_Free(self->buf);
+    PyMem_Free(self->tbuf);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -852,28 +1271,52 @@ tap_append(Lane *owner, int from_client, const unsigned char *p, ssize_t n)
     return 1;
 }
 
-/* Serve one readable lane in C. Returns 1 when a report was written (stop the batch),
- * 0 when the chunk went through (or there was nothing to read). */
+/* Encrypt n plaintext bytes toward peer (a TLS client) and send the records. 1 when a
+ * report was written: TLS_ERROR, SEND_ERROR, or PARTIAL with the ciphertext the client
+ * did not take (tbuf[arg:tlen] and what its write BIO still holds). */
 static int
-pump_lane(Pump *self, Lane *lane, Report *rep)
+send_tls(Pump *self, Lane *peer, const unsigned char *data, long long n, Report *rep)
 {
-    unsigned char *buf = self->buf;
-    size_t size = (size_t)self->bufsize;
-    ssize_t n;
-    do {
-        n = recv(lane->fd, buf, size, MSG_DONTWAIT);
-    } while (n < 0 && errno == EINTR);
-    if (n < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
+    size_t written = 0;
+    if (SSL_write_ex(peer->ssl, data, (size_t)n, &written) != 1 || written != (size_t)n) {
+        rep->code = CODE_TLS_ERROR;
+        rep->arg = (long long)ERR_peek_last_error();
+        ERR_clear_error();
+        return 1;
+    }
+    int size = self->tbufsize > INT_MAX ? INT_MAX : (int)self->tbufsize;
+    for (;;) {
+        int m = BIO_read(peer->wbio, self->tbuf, size);
+        if (m <= 0)
             return 0;
-        rep->code = CODE_RECV_ERROR;
-        rep->arg = errno;
-        return 1;
+        ssize_t sent;
+        do {
+            sent = send(peer->fd, self->tbuf, (size_t)m, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } while (sent < 0 && errno == EINTR);
+        if (sent < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                rep->code = CODE_SEND_ERROR;
+                rep->arg = errno;
+                return 1;
+            }
+            sent = 0;
+        }
+        if (sent != m) {
+            rep->code = CODE_PARTIAL;
+            rep->from_tbuf = 1;
+            rep->arg = sent;
+            rep->tlen = m;
+            rep->more = peer->wbio;
+            return 1;
+        }
     }
-    if (n == 0) {
-        rep->code = CODE_EOF;
-        return 1;
-    }
+}
+
+/* n bytes read from lane (plaintext, in data): count, track, pass on to the peer. 1 when
+ * a report was written (stop the batch). */
+static int
+pass_on(Pump *self, Lane *lane, const unsigned char *data, long long n, Report *rep)
+{
     rep->n = n;
     add_count(&lane->received, n);
     Lane *owner = lane->owner;
@@ -882,17 +1325,20 @@ pump_lane(Pump *self, Lane *lane, Report *rep)
         rep->code = CODE_PAST_END;
         return 1;
     }
-    if (feed(lane, buf, n, 0, &rep->bad_type, &rep->bad_len) < 0) {
+    if (feed(lane, data, n, 0, &rep->bad_type, &rep->bad_len) < 0) {
         rep->code = CODE_PROTOCOL;
         return 1;
     }
-    if (owner->tap_max > 0 && !tap_append(owner, lane == owner, buf, n)) {
+    if (owner->tap_max > 0 && !tap_append(owner, lane == owner, data, n)) {
         rep->code = CODE_TAP; /* Python records it, then sends it */
         return 1;
     }
+    Lane *peer = lane->peer;
+    if (peer->ssl != NULL)
+        return send_tls(self, peer, data, n, rep);
     ssize_t sent;
     do {
-        sent = send(lane->peer->fd, buf, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
+        sent = send(peer->fd, data, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
     } while (sent < 0 && errno == EINTR);
     if (sent < 0) {
         if (errno != EAGAIN && errno != EWOULDBLOCK) {
@@ -908,6 +1354,80 @@ pump_lane(Pump *self, Lane *lane, Report *rep)
         return 1;
     }
     return 0;
+}
+
+/* recv from lane into into. > 0: bytes read; 0: nothing to read; -1: a report (EOF, error). */
+static ssize_t
+receive(Pump *self, Lane *lane, unsigned char *into, Report *rep)
+{
+    ssize_t n;
+    do {
+        n = recv(lane->fd, into, (size_t)self->bufsize, MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return 0;
+        rep->code = CODE_RECV_ERROR;
+        rep->arg = errno;
+        return -1;
+    }
+    if (n == 0) {
+        rep->code = CODE_EOF;
+        return -1;
+    }
+    return n;
+}
+
+/* A TLS client's lane: its ciphertext (in tbuf) goes to its read BIO; every record that
+ * is complete is decrypted into buf and passed on. */
+static int
+pump_tls_in(Pump *self, Lane *lane, Report *rep)
+{
+    ssize_t n = receive(self, lane, self->tbuf, rep);
+    if (n <= 0)
+        return n < 0;
+    if (n > INT_MAX || BIO_write(lane->rbio, self->tbuf, (int)n) != (int)n) {
+        rep->code = CODE_TLS_ERROR;
+        rep->arg = (long long)ERR_peek_last_error();
+        ERR_clear_error();
+        return 1;
+    }
+    for (;;) {
+        size_t got = 0;
+        if (SSL_read_ex(lane->ssl, self->buf, (size_t)self->bufsize, &got) != 1) {
+            int err = SSL_get_error(lane->ssl, 0);
+            if (err == SSL_ERROR_WANT_READ)
+                break;
+            rep->arg = (long long)ERR_peek_last_error();
+            ERR_clear_error();
+            rep->code = err == SSL_ERROR_ZERO_RETURN || err == SSL_ERROR_SYSCALL ? CODE_TLS_END
+                                                                                : CODE_TLS_ERROR;
+            return 1;
+        }
+        if (pass_on(self, lane, self->buf, (long long)got, rep))
+            return 1;
+        if (SSL_pending(lane->ssl) == 0 && BIO_ctrl_pending(lane->rbio) == 0)
+            break; /* nothing left that could decrypt without more ciphertext */
+    }
+    ERR_clear_error();
+    if (BIO_ctrl_pending(lane->wbio) > 0) {
+        rep->code = CODE_TLS_OWN;
+        return 1;
+    }
+    return 0;
+}
+
+/* Serve one readable lane in C. Returns 1 when a report was written (stop the batch),
+ * 0 when the chunk went through (or there was nothing to read). */
+static int
+pump_lane(Pump *self, Lane *lane, Report *rep)
+{
+    if (lane->ssl != NULL)
+        return pump_tls_in(self, lane, rep);
+    ssize_t n = receive(self, lane, self->buf, rep);
+    if (n <= 0)
+        return n < 0;
+    return pass_on(self, lane, self->buf, (long long)n, rep);
 }
 
 static PyObject *
@@ -969,6 +1489,7 @@ Pump_run(Pump *self, PyObject *args)
             rep->events = events;
             rep->n = 0;
             rep->arg = 0;
+            rep->from_tbuf = 0;
             if (pump_lane(self, lane, rep)) {
                 nreports++;
                 break;
@@ -997,6 +1518,23 @@ Pump_run(Pump *self, PyObject *args)
                 Py_DECREF(list);
                 return NULL;
             }
+        }
+        else if (rep->code == CODE_PARTIAL && rep->from_tbuf) {
+            /* Ciphertext for a TLS client that it did not take: copied out of the pump's
+             * buffer, with what the session's own write BIO still holds behind it. */
+            size_t head = (size_t)(rep->tlen - rep->arg);
+            size_t more = BIO_ctrl_pending(rep->more);
+            arg = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(head + more));
+            if (arg != NULL) {
+                memcpy(PyBytes_AS_STRING(arg), self->tbuf + rep->arg, head);
+                if (more && BIO_read(rep->more, PyBytes_AS_STRING(arg) + head, (int)more) != (int)more)
+                    Py_CLEAR(arg);
+                if (arg == NULL && !PyErr_Occurred())
+                    PyErr_SetString(PyExc_RuntimeError, "TLS write buffer: short read");
+            }
+        }
+        else if (rep->code == CODE_TLS_ERROR) {
+            arg = tls_reason((unsigned long)rep->arg);
         }
         else if (rep->code == CODE_PAST_END || rep->code == CODE_PARTIAL ||
                  rep->code == CODE_TAP) {
@@ -1053,11 +1591,19 @@ static PyTypeObject PumpType = {
 
 /* ----------------------------------------------------------------------------------- */
 
+static PyMethodDef pump_functions[] = {
+    {"tls_bind", (PyCFunction)pump_tls_bind, METH_O,
+     "tls_bind({name: address}): the _ssl module's OpenSSL functions (TLS_FUNCTIONS); True "
+     "when client TLS can run in C."},
+    {NULL},
+};
+
 static struct PyModuleDef pump_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "waypoint.proxy.relay._pump",
     .m_doc = "The relay engine's hot path in C (see engine.py).",
     .m_size = -1,
+    .m_methods = pump_functions,
 };
 
 PyMODINIT_FUNC
@@ -1070,11 +1616,32 @@ PyInit__pump(void)
     Py_DECREF(boundary);
     if (bad_length_func == NULL)
         return NULL;
+    PyObject *ssl = PyImport_ImportModule("ssl");
+    if (ssl == NULL)
+        return NULL;
+    ssl_error_type = PyObject_GetAttrString(ssl, "SSLError");
+    Py_DECREF(ssl);
+    if (ssl_error_type == NULL)
+        return NULL;
     if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&PumpType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&pump_module);
     if (m == NULL)
         return NULL;
+    size_t nnames = sizeof(ossl_names) / sizeof(ossl_names[0]) - 1;
+    PyObject *names = PyTuple_New((Py_ssize_t)nnames);
+    for (size_t i = 0; names != NULL && i < nnames; i++) {
+        PyObject *name = PyUnicode_FromString(ossl_names[i]);
+        if (name == NULL)
+            Py_CLEAR(names);
+        else
+            PyTuple_SET_ITEM(names, (Py_ssize_t)i, name);
+    }
+    if (names == NULL || PyModule_AddObject(m, "TLS_FUNCTIONS", names) < 0) {
+        Py_XDECREF(names);
+        Py_DECREF(m);
+        return NULL;
+    }
     if (PyModule_AddObjectRef(m, "Lane", (PyObject *)&LaneType) < 0 ||
         PyModule_AddObjectRef(m, "Pump", (PyObject *)&PumpType) < 0 ||
         PyModule_AddIntConstant(m, "EVENT", CODE_EVENT) < 0 ||
@@ -1084,6 +1651,9 @@ PyInit__pump(void)
         PyModule_AddIntConstant(m, "PROTOCOL", CODE_PROTOCOL) < 0 ||
         PyModule_AddIntConstant(m, "PARTIAL", CODE_PARTIAL) < 0 ||
         PyModule_AddIntConstant(m, "SEND_ERROR", CODE_SEND_ERROR) < 0 ||
+        PyModule_AddIntConstant(m, "TLS_END", CODE_TLS_END) < 0 ||
+        PyModule_AddIntConstant(m, "TLS_ERROR", CODE_TLS_ERROR) < 0 ||
+        PyModule_AddIntConstant(m, "TLS_OWN", CODE_TLS_OWN) < 0 ||
         PyModule_AddIntConstant(m, "TAP", CODE_TAP) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -43,11 +43,11 @@ class RelayEngine:
     trio thread; everything else runs in the engine thread (loop.py).
     """
 
-    def __init__(self, *, recv_buffer_size: int = RECV_BUFFER_SIZE) -> None:
+    def __init__(self, *, recv_buffer_size: int = RECV_BUFFER_SIZE, c_tls: bool = True) -> None:
         if recv_buffer_size < 1024:
             raise ValueError(f"recv_buffer_size must be >= 1024, got {recv_buffer_size}")
         self._commands = Commands()
-        self._loop = EpollLoop(recv_buffer_size, self._commands)
+        self._loop = EpollLoop(recv_buffer_size, self._commands, c_tls=c_tls)
         self._thread: threading.Thread | None = None
 
     @property
@@ -84,6 +84,7 @@ class RelayEngine:
         on_backend_header: HeaderCallback | None = None,
         initial_to_client: bytes = b"",
         initial_to_backend: bytes = b"",
+        c_tls: bool | None = None,
         audit: SessionAudit | None = None,
     ) -> RelayHandle:
         """Hand two connected sockets to the engine; returns at once.
@@ -99,13 +100,18 @@ class RelayEngine:
 
         ``client_tls``: the client speaks TLS; ``client_sock`` is the raw TCP socket under
         it (see :class:`TlsHandover`), the backend side is plain. The engine decrypts and
-        encrypts in its thread. Byte counts, limits and message boundaries are in
-        plaintext; ``initial_to_client`` is plaintext (it is encrypted before anything
-        else is sent). No close_notify is sent at the end.
+        encrypts in its thread: in C without the GIL on the session's own ``SSL*`` when it
+        can take it over (client_tls.py), else with the ``SSLObject`` in Python (``c_tls``:
+        False keeps this relay's record layer in Python; None: the engine's choice). Byte
+        counts, limits and message boundaries are in plaintext; ``initial_to_client`` is
+        plaintext (it is encrypted before anything else is sent). No close_notify is sent
+        at the end.
 
-        ``audit``: record every statement (see :mod:`waypoint.audit`): the relay is then
-        served by the Python loop, and no client bytes are forwarded before their records
-        are queued.
+        ``audit``: record every statement (see :mod:`waypoint.audit`), from the plaintext.
+        A plain relay whose sink blocks stays on the C loop, which copies what it reads
+        into the relay's bounded audit tap before sending it; otherwise (a sink that closes
+        the session, or a TLS client: an audited relay keeps its TLS record layer in
+        Python) every read is recorded by Python before it is sent.
         """
         if client_tls is not None:
             client_tls.check()
@@ -127,6 +133,7 @@ class RelayEngine:
             on_client_header=on_client_header,
             on_backend_header=on_backend_header,
             client_tls=client_tls,
+            c_tls=self._loop.c_tls if c_tls is None else c_tls,
             audit=audit,
         )
         handle = relay.handle = RelayHandle(self._commands, relay)
@@ -175,14 +182,15 @@ class RelayEngine:
 
 @contextlib.asynccontextmanager
 async def open_relay_engine(
-    *, recv_buffer_size: int = RECV_BUFFER_SIZE
+    *, recv_buffer_size: int = RECV_BUFFER_SIZE, c_tls: bool = True
 ) -> AsyncIterator[RelayEngine]:
     """Run a :class:`RelayEngine` thread for the duration of the block.
 
     On exit every relay still running ends with reason ``terminated`` and the thread is
-    joined (bounded).
+    joined (bounded). ``c_tls=False`` keeps client TLS record layers in Python (the
+    fallback when the C loop cannot take a session over).
     """
-    engine = RelayEngine(recv_buffer_size=recv_buffer_size)
+    engine = RelayEngine(recv_buffer_size=recv_buffer_size, c_tls=c_tls)
     engine._start(trio.lowlevel.current_trio_token())
     try:
         yield engine

@@ -1,10 +1,11 @@
 """The relay engine's epoll loop: everything that runs in the engine thread.
 
 The common case runs in C (``_pump.Pump.run``, waypoint/proxy/relay/_pump.c): it waits,
-and relays every plain readable socket (recv, count, skip headers, send) without the GIL
-until an event needs Python. What it hands back is dispatched here: back-pressure, EOF and
-errors, reads past the byte budget, relays with header hooks, client TLS
-(client_tls.py) and commands from trio (bridge.py). What a read means (counts, the
+and relays every readable socket (recv, count, skip headers, send; for a TLS client also
+decrypt / encrypt its records on the session's own SSL) without the GIL until an event
+needs Python. What it hands back is dispatched here: back-pressure, EOF and errors, reads
+past the byte budget, relays with header hooks, client TLS when its record layer stays in
+Python (client_tls.py) and commands from trio (bridge.py). What a read means (counts, the
 budget, the decided end, the FATAL at a boundary, flush-then-finish, the verdict) is
 decided by each relay's :class:`~waypoint.proxy.relay.core.RelayCore`; this module only
 moves bytes and keeps epoll interest in step.
@@ -30,7 +31,7 @@ from waypoint.pgwire.boundary import HeaderCallback, ProtocolError
 
 from .base import RelayReason
 from .bridge import Command, Commands, RelayHandle, Reporter
-from .client_tls import TlsEnd, TlsHandover, decrypt, encrypt, own_records, take_ciphertext
+from .client_tls import TlsEnd, TlsHandover, TlsRecords, records_for
 from .core import RelayCore
 
 if TYPE_CHECKING:
@@ -92,8 +93,8 @@ class Side(_pump.Lane):
         #: The epoll mask currently registered (0: not registered).
         self.mask = 0
         self.peer: Side = self  # set by Relay
-        #: The client's TLS session when the client side speaks TLS (engine-thread only).
-        self.tls: TlsHandover | None = None
+        #: The client's TLS record layer when the client side speaks TLS (engine-thread only).
+        self.tls: TlsRecords | None = None
 
 
 class Relay:
@@ -112,6 +113,7 @@ class Relay:
         on_client_header: HeaderCallback | None,
         on_backend_header: HeaderCallback | None,
         client_tls: TlsHandover | None,
+        c_tls: bool = True,
         audit: SessionAudit | None = None,
     ) -> None:
         #: The statement audit of this session (None: audit off; the C loop serves it).
@@ -124,9 +126,12 @@ class Relay:
         self.core = RelayCore(
             client, backend, max_bytes=max_bytes, byte_limit_error=byte_limit_error
         )
-        #: The client side speaks TLS: both sides are served off the plaintext hot path.
-        self.tls = client_tls is not None
-        client.tls = client_tls
+        if client_tls is not None:
+            # An audited relay keeps its record layer in Python: every read is recorded
+            # (from the plaintext) before it is sent.
+            client.tls = records_for(client, client_tls, c_tls=c_tls and audit is None)
+        #: The client's TLS record layer runs in Python: both sides are served off the C loop.
+        self.tls = client.tls is not None and not client.tls.in_c
         self.handle: RelayHandle
         #: The decided end has been applied to the sockets (client no longer read).
         self.stopped = False
@@ -135,11 +140,12 @@ class Relay:
 
     @property
     def pumped(self) -> bool:
-        """Served by the C loop: plain sockets, no header hooks. An audited relay is when
-        its sink blocks (``on_error = "block"``): the C loop appends what it reads to the
-        relay's bounded audit tap before sending it, and the tap is recorded after each
-        batch. With ``"close"`` every read is recorded by Python before it is sent, so that
-        a sink known to fail ends the session before one more statement goes through."""
+        """Served by the C loop: plain sockets or a TLS client whose record layer runs in C
+        (never an audited relay), no header hooks. An audited relay is when its sink blocks
+        (``on_error = "block"``): the C loop appends what it reads to the relay's bounded
+        audit tap before sending it, and the tap is recorded after each batch. With
+        ``"close"`` every read is recorded by Python before it is sent, so that a sink known
+        to fail ends the session before one more statement goes through."""
         if self.tls or self.client.hook is not None or self.backend.hook is not None:
             return False
         return self.audit is None or self.audit.sink.on_error == "block"
@@ -147,7 +153,7 @@ class Relay:
 
 def wire(side: Side, plaintext: bytes) -> bytes:
     """What to put on ``side``'s socket for ``plaintext``: itself, or TLS records."""
-    return plaintext if side.tls is None else encrypt(side.tls, plaintext)
+    return plaintext if side.tls is None else side.tls.encrypt(plaintext)
 
 
 def _who(side: Side) -> str:
@@ -157,7 +163,7 @@ def _who(side: Side) -> str:
 class EpollLoop:
     """The engine thread's state and its loop (see the module docstring)."""
 
-    def __init__(self, recv_buffer_size: int, commands: Commands) -> None:
+    def __init__(self, recv_buffer_size: int, commands: Commands, *, c_tls: bool = True) -> None:
         self._commands = commands
         self.epoll = select.epoll()
         self.epoll.register(commands.wake_fd, _EPOLLIN)
@@ -172,6 +178,8 @@ class EpollLoop:
         self._tapped: set[Relay] = set()
         #: Bytes per read (each read in Python gets a bytes object of its own).
         self._recv_size = recv_buffer_size
+        #: Run client TLS record layers in C when the session allows it (client_tls.py).
+        self.c_tls = c_tls
         #: The C loop over ``epoll``, with a receive buffer of its own.
         self.pump = _pump.Pump(self.epoll.fileno(), recv_buffer_size, _MAX_EVENTS)
         self._reporter: Reporter | None = None
@@ -246,6 +254,14 @@ class EpollLoop:
                 elif code == _pump.SEND_ERROR:
                     assert isinstance(arg, int)
                     self._socket_error(side.peer, OSError(arg, os.strerror(arg)))
+                elif code == _pump.TLS_OWN:
+                    assert side.tls is not None
+                    self._send_own(side, side.tls.own_records())
+                elif code == _pump.TLS_END:
+                    self._closed(side)
+                elif code == _pump.TLS_ERROR:
+                    assert isinstance(arg, str)
+                    self._tls_failed(side if side.tls is not None else side.peer, arg)
                 elif code == _pump.TAP:
                     assert isinstance(arg, bytes)  # counted and fed, not sent (a copy)
                     self._after_read(side, arg)
@@ -340,6 +356,9 @@ class EpollLoop:
     def _read_plain(self, side: Side) -> None:
         """Read ``side`` once and pass the chunk on (the C loop's work, in Python: for
         relays with header hooks or a TLS client, and reads that follow another event)."""
+        if side.tls is not None:
+            self._tls_read(side, True)  # the audit's hold is checked there
+            return
         if side.is_client and side.relay.audit is not None and self._audit_hold(side):
             return
         chunk = self._recv(side)
@@ -377,7 +396,7 @@ class EpollLoop:
         peer = side.peer
         if peer.tls is not None:
             try:
-                data = encrypt(peer.tls, data)
+                data = peer.tls.encrypt(data)
             except ssl.SSLError as exc:
                 self._tls_error(peer, exc)
                 return
@@ -413,12 +432,8 @@ class EpollLoop:
     # -- client TLS (off the plaintext hot path) -------------------------------------------
 
     def _tls_event(self, side: Side, events: int) -> None:
-        if not self._other_event(side, events):
-            return
-        if side.is_client:
-            self._tls_read(side, True)
-        else:
-            self._read_plain(side)  # plaintext from the backend, encrypted by _forward
+        if self._other_event(side, events):
+            self._read_plain(side)  # the client's ciphertext, or the backend's plaintext
 
     def _tls_read(self, side: Side, receive: bool) -> None:
         """Ciphertext from the TLS client: receive it (if ``receive``), then decrypt and
@@ -434,14 +449,18 @@ class EpollLoop:
             except OSError as exc:
                 self._socket_error(side, exc)
                 return
-            take_ciphertext(tls, ciphertext)
+            try:
+                tls.take(ciphertext)
+            except ssl.SSLError as exc:
+                self._tls_error(side, exc)
+                return
         size = self._recv_size
         core = relay.core
         while side.reading and not relay.finished:
             if relay.audit is not None and self._audit_hold(side):
                 break
             try:
-                data = decrypt(tls, size)
+                data = tls.decrypt(size)
             except TlsEnd:
                 self._closed(side)
                 return
@@ -451,9 +470,20 @@ class EpollLoop:
             if data is None:
                 break
             self._after_read(side, core.read(side, data, time.monotonic()))
-        if not relay.finished and (records := own_records(tls)):
-            side.out += records
-            self._flush(side)
+        if not relay.finished and (records := tls.own_records()):
+            self._send_own(side, records)
+
+    def _send_own(self, side: Side, records: bytes) -> None:
+        """Records the client's TLS session wrote by itself (a key update answer, an
+        alert): they go to the client before anything more from the backend."""
+        if side.relay.finished or not records:
+            return
+        side.out += records
+        backend = side.peer
+        if backend.reading:  # resumed by _flush once the client took everything
+            backend.reading = False
+            self._update(backend)
+        self._flush(side)
 
     # -- statement audit ----------------------------------------------------------------
 
@@ -566,9 +596,10 @@ class EpollLoop:
                 self._tls_read(client, False)
 
     def _tls_error(self, side: Side, exc: ssl.SSLError) -> None:
-        side.relay.core.closed(
-            side, time.monotonic(), f"client TLS: {exc.reason or type(exc).__name__}", gone=False
-        )
+        self._tls_failed(side, exc.reason or type(exc).__name__)
+
+    def _tls_failed(self, side: Side, reason: str) -> None:
+        side.relay.core.closed(side, time.monotonic(), f"client TLS: {reason}", gone=False)
         self._closing(side.relay, side)
 
     # -- writes ----------------------------------------------------------------------------
