@@ -192,6 +192,7 @@ def test_random_interleavings_keep_every_session_to_its_own_bytes(kinds: list[st
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 200 examples of up to 16 relays: ~10 minutes on this machine
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     kinds=st.lists(st.sampled_from(KINDS), min_size=2, max_size=16),
