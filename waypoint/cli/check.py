@@ -15,9 +15,9 @@ import sys
 
 import tomlkit
 
+from waypoint.cli.options import load_or_report
 from waypoint.config.env import expanded_paths
 from waypoint.config.keys import KeyPath
-from waypoint.config.load import ConfigError, load_config
 from waypoint.config.render import render_config
 
 TAKES_CONFIG = True
@@ -28,15 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        count = len(exc.problems)
-        print(str(exc), file=sys.stderr)
-        print(
-            f"{args.config}: {count} problem{'s' if count != 1 else ''}, configuration not valid",
-            file=sys.stderr,
-        )
+    config = load_or_report(args.config, refused="configuration not valid")
+    if config is None:
         return 1
     sys.stdout.write(render_config(config, mask_secrets=True, expanded=_expanded(args.config)))
     return 0

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from waypoint.config.load import ConfigError, load_config
+from waypoint.cli.options import load_or_report
 
 TAKES_CONFIG = True  # -c/--config: the configuration file the daemon runs
 
@@ -28,15 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        count = len(exc.problems)
-        print(str(exc), file=sys.stderr)
-        print(
-            f"{args.config}: {count} problem{'s' if count != 1 else ''}, not reloaded",
-            file=sys.stderr,
-        )
+    config = load_or_report(args.config, refused="not reloaded")
+    if config is None:
         return 1
     pid_file = args.pid_file or config.pid_file
     if not pid_file:
