@@ -134,7 +134,9 @@ async def _isolation_run(pg: PgCluster, tmp_path: Path, seconds: float) -> None:
                 lambda: locker.execute("LOCK TABLE sink IN SHARE MODE")
             )
             limiter = trio.CapacityLimiter(SESSIONS)
-            with trio.fail_after(seconds + 90):
+            # The read-back at the end grows with the run (a long run stores gigabytes, and
+            # reads them back through the relay): the bound grows with it.
+            with trio.fail_after(seconds * 2 + 120):
                 async with trio.open_nursery() as nursery:
 
                     async def one(i: int) -> None:
