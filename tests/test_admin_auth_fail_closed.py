@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
+from test_backend_channel_binding import FakeBackend
 
 from waypoint.config.model import ListenerConfig, PostgresListenerConfig
 from waypoint.provision.admin import AdminError, AdminPools, admin_auth_refusal
 
 PASSWORD = "the-admin-password-never-on-the-wire"
-SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 
 
 def _auth_request(code: int, payload: bytes = b"") -> bytes:
@@ -30,41 +30,6 @@ REQUESTS = {
     "md5": _auth_request(5, b"salt"),
     "scram-unbound": _auth_request(10, b"SCRAM-SHA-256\0\0"),
 }
-
-
-class FakeBackend:
-    """A TLS backend that answers the startup message with one authentication request and
-    records every byte it is sent after the TLS handshake."""
-
-    def __init__(self, context: ssl.SSLContext, request: bytes) -> None:
-        self.context = context
-        self.request = request
-        self.received = bytearray()
-        self.asked = False
-        self.done = trio.Event()
-
-    async def handle(self, stream: trio.SocketStream) -> None:
-        try:
-            with trio.fail_after(10):
-                assert await stream.receive_some(8) == SSL_REQUEST
-                await stream.send_all(b"S")
-                tls = trio.SSLStream(stream, self.context, server_side=True)
-                await tls.do_handshake()
-                while True:
-                    data = await tls.receive_some(65536)
-                    if not data:
-                        break
-                    self.received += data
-                    if self.asked:
-                        break
-                    if len(self.received) >= 8:
-                        self.asked = True
-                        await tls.send_all(self.request)
-        except (trio.BrokenResourceError, ssl.SSLError):
-            pass
-        finally:
-            self.done.set()
-            await trio.aclose_forcefully(stream)
 
 
 def _listener(port: int, backend_tls: str, ca_file: Path) -> ListenerConfig:
@@ -114,7 +79,7 @@ async def test_unverified_tls_backend_gets_no_admin_password(
     tmp_path: Path, backend_tls: str, kind: str
 ) -> None:
     fake, error = await _attempt(tmp_path, backend_tls, REQUESTS[kind])
-    assert fake.asked
+    assert fake.asked_for_password
     assert "not verified" in error and "verify-full" in error, error
     assert PASSWORD.encode() not in fake.received
     # after the startup message, no PasswordMessage or SASLInitialResponse: at most the
@@ -127,7 +92,7 @@ async def test_a_verified_backend_keeps_its_own_choice(tmp_path: Path) -> None:
     """Under verify-full the server proved who it is: its cleartext request is answered (the
     operator's pg_hba decides), so fail-closed does not break such setups."""
     fake, _error = await _attempt(tmp_path, "verify-full", REQUESTS["cleartext"])
-    assert fake.asked
+    assert fake.asked_for_password
     assert PASSWORD.encode() in fake.received
 
 

@@ -29,11 +29,12 @@ CLEARTEXT_REQUEST = b"R" + struct.pack("!ii", 8, 3)
 
 
 class FakeBackend:
-    """A TLS backend with an Ed25519 certificate that answers any startup message with
-    AuthenticationCleartextPassword and records every byte it is sent after the handshake."""
+    """A TLS backend that answers any startup message with one authentication request
+    (AuthenticationCleartextPassword unless told otherwise) and records every byte it is sent after the handshake."""
 
-    def __init__(self, server_context: ssl.SSLContext) -> None:
+    def __init__(self, server_context: ssl.SSLContext, request: bytes = CLEARTEXT_REQUEST) -> None:
         self.context = server_context
+        self.request = request
         self.received = bytearray()
         self.asked_for_password = False
         self.done = trio.Event()
@@ -55,7 +56,7 @@ class FakeBackend:
                         break  # the answer to the password request: hang up
                     if len(self.received) >= 8:
                         self.asked_for_password = True
-                        await tls.send_all(CLEARTEXT_REQUEST)
+                        await tls.send_all(self.request)
         except (trio.BrokenResourceError, ssl.SSLError):
             pass  # the client hung up mid-TLS: what it sent so far is recorded
         finally:
