@@ -1,8 +1,9 @@
 """Session pooling per provisioned role (docs/architecture.md#backend-pooling).
 
-``book`` (sans I/O: keys, bounds, eviction), ``wire`` (the reset and the check over a
-logged-in backend), ``keys`` (a cancel key of its own for each client), ``handout`` (the
-session start a client of a pooled backend is sent).
+``book`` (sans I/O: keys, bounds, eviction), ``service`` (the app's pool: closes what the
+book gives up, on time), ``wire`` (the reset and the check over a logged-in backend), ``keys``
+(a cancel key of its own for each client), ``handout`` (the session start a client of a pooled
+backend is sent).
 """
 
 from waypoint.pool.book import (
@@ -15,18 +16,21 @@ from waypoint.pool.book import (
     PoolLimits,
     idle_cap,
 )
-from waypoint.pool.handout import session_start, updated_parameters
+from waypoint.pool.handout import session_start, updated_parameters, with_client_key
 from waypoint.pool.keys import client_cancel_key, secret_length
+from waypoint.pool.service import BackendPool, Pooled
 from waypoint.pool.wire import PooledBackendFailed, RoundTrip, check, reset, round_trip
 
 __all__ = [
     "CLOSE_REASONS",
+    "BackendPool",
     "CloseReason",
     "Closing",
     "Entry",
     "PoolBook",
     "PoolKey",
     "PoolLimits",
+    "Pooled",
     "PooledBackendFailed",
     "RoundTrip",
     "check",
@@ -37,4 +41,5 @@ __all__ = [
     "secret_length",
     "session_start",
     "updated_parameters",
+    "with_client_key",
 ]

@@ -230,7 +230,11 @@ class PoolBook(Generic[T]):
     def close_where(self, pred: Callable[[PoolKey], bool], reason: CloseReason) -> list[Closing[T]]:
         """Remove every backend whose key ``pred`` accepts (a role's access changed, a listener
         was reconfigured, shutdown); returns them."""
-        return [self._evict(e, reason) for e in self if pred(e.key)]
+        return self.close_if(lambda e: pred(e.key), reason)
+
+    def close_if(self, pred: Callable[[Entry[T]], bool], reason: CloseReason) -> list[Closing[T]]:
+        """Remove every backend ``pred`` accepts; returns them."""
+        return [self._evict(e, reason) for e in self if pred(e)]
 
     def _evict(self, entry: Entry[T], reason: CloseReason) -> Closing[T]:
         entries = self._by_key[entry.key]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from waypoint.pgwire import BackendKeyData, ParameterStatus, ReadyForQuery
+from waypoint.pgwire import BackendKeyData, MessageReader, ParameterStatus, ReadyForQuery
 
 
 def updated_parameters(
@@ -29,4 +29,17 @@ def session_start(parameters: Mapping[str, str], key: BackendKeyData | None) -> 
     return bytes(out)
 
 
-__all__ = ["session_start", "updated_parameters"]
+def with_client_key(raw: bytes, key: BackendKeyData) -> bytes:
+    """A backend's session start (``raw``: whole messages) with its BackendKeyData replaced
+    by the client's own ``key``; the backend's real secret never reaches the client."""
+    reader = MessageReader()
+    reader.feed(raw)
+    out = bytearray()
+    while (msg := reader.next_message()) is not None:
+        out += key.encode() if msg.type == b"K" else msg.raw
+    if reader.take_buffered():
+        raise ValueError("a session start ends inside a message")
+    return bytes(out)
+
+
+__all__ = ["session_start", "updated_parameters", "with_client_key"]

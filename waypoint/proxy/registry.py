@@ -92,6 +92,10 @@ class SessionRegistry:
     def __init__(self) -> None:
         self._sessions: dict[str, LiveSession] = {}
         self._changed = trio.Event()
+        #: Process ids of backends this instance holds outside a session, per listener (the
+        #: pool's idle backends): not live sessions (no role is kept alive for them), but not
+        #: orphans either.
+        self.held_pids: Callable[[str], set[int]] | None = None
 
     def add(self, session: LiveSession) -> None:
         self._sessions[session.conn_id] = session
@@ -111,12 +115,16 @@ class SessionRegistry:
         return {s.role for s in self._sessions.values() if s.listener == listener}
 
     def backend_pids(self, listener: str) -> set[int]:
-        """The backend pids of this instance's sessions on ``listener`` (ending ones too)."""
-        return {
+        """The backend pids of this instance's sessions on ``listener`` (ending ones too), and
+        of the backends it holds idle for the listener (``held_pids``)."""
+        pids = {
             s.backend_pid
             for s in self._sessions.values()
             if s.listener == listener and s.backend_pid is not None
         }
+        if self.held_pids is not None:
+            pids |= self.held_pids(listener)
+        return pids
 
     async def wait_empty(self) -> None:
         while self._sessions:

@@ -218,8 +218,9 @@ class RelayCore:
         """A chunk from the client (counted and fed) whose last message header is a
         Terminate, in a relay that stops at it: what goes on to the backend. A chunk that
         ends with the whole Terminate goes on without it (the backend stays, idle, for the
-        pool); any other (a Terminate split across reads, bytes after it) goes on whole,
-        and the backend ends as without the pool."""
+        pool), and the driver then ends the relay as the client closing (``terminate_held``:
+        the client may wait for the end of the stream); any other (a Terminate split across
+        reads, bytes after it) goes on whole, and the backend ends as without the pool."""
         self.terminate_held = chunk.endswith(TERMINATE) and self.client.at_boundary
         return chunk[: -len(TERMINATE)] if self.terminate_held else chunk
 

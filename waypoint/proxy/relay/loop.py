@@ -387,6 +387,10 @@ class EpollLoop:
                 if audit is not None and not self._audit(audit, side, data):
                     return
                 self._forward(side, data)
+            if core.terminate_held and side.is_client and not relay.finished:
+                # The client's Terminate, held back: the session is over (the client may
+                # wait for the end of the stream before it closes).
+                self._closed(side)
             return
         self._stop_for_end(relay)
         client = relay.client

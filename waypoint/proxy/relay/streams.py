@@ -207,6 +207,12 @@ class StreamRelay:
                 return
             if out and not await self._send(self._backend, out, False):
                 return
+            if core.terminate_held:
+                # The client's Terminate, held back: the session is over (the client may
+                # wait for the end of the stream before it closes).
+                core.closed(self._from_client, trio.current_time())
+                self._closing()
+                return
 
     async def _audit_hold(self, audit: SessionAudit) -> bool:
         """Before reading the client: True when the relay's state may have changed (the
