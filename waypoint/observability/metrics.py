@@ -61,13 +61,6 @@ class Metrics:
             ["listener"],
             registry=r,
         )
-        self.backend_prefetches = Counter(
-            "waypoint_backend_prefetches",
-            "Backend connections opened (stage connected) or also logged in (stage logged_in)"
-            " during the whois of a warm peer, by outcome",
-            ["listener", "stage", "outcome"],
-            registry=r,
-        )
         self.pool_idle = Gauge(
             "waypoint_pool_idle",
             "Idle backends kept in the pool now (they count toward no client limit)",
@@ -226,10 +219,6 @@ class Metrics:
 
     def backend_login_failed(self, listener: str) -> None:
         self.backend_login_failures.labels(listener).inc()
-
-    def backend_prefetched(self, listener: str, *, logged_in: bool, used: bool) -> None:
-        stage = "logged_in" if logged_in else "connected"
-        self.backend_prefetches.labels(listener, stage, "used" if used else "discarded").inc()
 
     def pool_idle_now(self, listeners: Iterable[str], counts: Mapping[str, int]) -> None:
         """The idle gauge of each of ``listeners`` from ``counts`` (absent: 0)."""
