@@ -191,6 +191,14 @@ class ConnectingSource:
     async def connect(self) -> BackendConnection:
         return await connect_backend(self.listener, self.backend_ssl)
 
+    def may_have(self, request: BackendRequest) -> bool:
+        """Whether the pool holds a backend for ``request`` on this listener, of any role."""
+        pool = self.pool
+        if pool is None:
+            return False
+        key = self.key_for("", request)
+        return any(attrs.evolve(e.key, role="") == key for e in pool.book)
+
     def key_for(self, role: str, request: BackendRequest) -> PoolKey:
         return PoolKey.of(
             role=role,
@@ -347,12 +355,13 @@ class _ConnectingOrder:
         listener = source.listener
         rotate = False
         while True:
-            # Without the pool, the backend connection first: a backend that is down is 08006
-            # "unavailable" (the provisioner's admin connection would fail too, and say 58000
-            # "provisioning failed"). With it, the role first: it may have a backend waiting.
+            # The backend connection first: a backend that is down is 08006 "unavailable" (the
+            # provisioner's admin connection would fail too, and say 58000 "provisioning
+            # failed"); unless the pool holds a backend for this session of some role: then
+            # the role first, whose backend may be waiting.
             connection: BackendConnection | None = None
             try:
-                if not source.pooling:
+                if not source.pooling or not source.may_have(self.request):
                     connection = await source.connect()
             except BackendUnavailable as exc:
                 raise Refused(
@@ -373,12 +382,16 @@ class _ConnectingOrder:
                             source.pool.close_role(
                                 listener.backend_address, creds.role, "role_closed"
                             )
-                        else:
+                            source.metrics.pool_taken(listener.name, hit=False)
+                        elif connection is None:
                             pooled = await source.from_pool(creds.role, self.request)
                             if pooled is not None:
                                 logged_in = True
                                 return pooled
-                        connection = await source.connect()
+                        else:
+                            source.metrics.pool_taken(listener.name, hit=False)
+                        if connection is None:
+                            connection = await source.connect()
                     assert connection is not None
                     start = await login_backend(connection, source.login_for(creds, self.request))
                     logged_in = True
