@@ -66,6 +66,7 @@ class BackendPool:
                 while True:
                     self._close(self.book.expire())
                     self._expire_roles()
+                    self._gauge()
                     deadline = min(self._next_deadline(), self._clock() + 60.0)
                     with trio.move_on_at(deadline):
                         await self._changed.wait()
