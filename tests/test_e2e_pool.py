@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import socket
 import struct
 from collections.abc import Callable
@@ -391,3 +392,31 @@ async def test_pool_off_ends_every_backend(pg: PgCluster, tmp_path: Path) -> Non
         assert raw.pid != pid
         raw.close()
         assert _pooled(env) == 0
+
+
+async def test_roles_list_shows_pooled_backends_apart_from_live_sessions(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    from waypoint.cli.main import main
+    from waypoint.config import render_config
+
+    db = create_app_database(pg)
+    async with e2e_env(pg, tmp_path) as env:
+        env.grant("127.0.0.1", {db: RW})
+        (role,) = await session(env, db, ["SELECT current_user"])
+        await wait_pooled(env, 1)
+        path = tmp_path / "roles.toml"
+        path.write_text(render_config(env.config, mask_secrets=False))
+        path.chmod(0o600)
+
+        def roles_list() -> str:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                assert main(["roles", "list", "-c", str(path), "--listener", LISTENER]) == 0
+            return out.getvalue()
+
+        text = await trio.to_thread.run_sync(roles_list)
+    lines = text.splitlines()
+    assert lines[1].split()[-4:] == ["LIVE", "POOLED", "GROUPS", "OWNS"]
+    row = next(line for line in lines if line.startswith(role + " ")).split()
+    assert row[-4:-2] == ["0", "1"], text  # no live session, one pooled backend
