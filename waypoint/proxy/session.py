@@ -965,6 +965,8 @@ async def _relay(
                     audit=audit,
                 )
                 live.attach(handle)
+                if handle.tls_record_layer is not None:
+                    ctx.metrics.client_tls_relayed(ctx.listener.name, handle.tls_record_layer)
                 result = await handle.wait()
             finally:
                 client_sock.close()
@@ -979,6 +981,8 @@ async def _relay(
                 audit=audit,
             )
             live.attach(relay)
+            if client.tls:
+                ctx.metrics.client_tls_relayed(ctx.listener.name, "stream")
             result = await relay.wait()
         nursery.cancel_scope.cancel()
     out.bytes_in = result.bytes_from_client
