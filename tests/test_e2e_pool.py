@@ -420,3 +420,30 @@ async def test_roles_list_shows_pooled_backends_apart_from_live_sessions(
     assert lines[1].split()[-4:] == ["LIVE", "POOLED", "GROUPS", "OWNS"]
     row = next(line for line in lines if line.startswith(role + " ")).split()
     assert row[-4:-2] == ["0", "1"], text  # no live session, one pooled backend
+
+
+async def test_pgjdbc_gets_the_pooled_backend_clean(pg: PgCluster, tmp_path: Path) -> None:
+    from console_support import jdbc
+
+    db = create_app_database(pg)
+    async with e2e_env(pg, tmp_path) as env:
+        env.grant("127.0.0.1", {db: RW})
+        first = await jdbc(
+            env.host,
+            env.port,
+            "SELECT pg_catalog.pg_backend_pid()",
+            "SET work_mem = '7MB'",
+            "CREATE TEMP TABLE jdbc_scratch (x int)",
+            db=db,
+        )
+        assert first[0] == "COLUMNS\tpg_backend_pid" and first[2:] == ["OK 0", "OK 0"], first
+        pid = first[1].split("\t")[1]
+        await wait_pooled(env, 1)
+        second = await jdbc(
+            env.host,
+            env.port,
+            "SELECT pg_catalog.pg_backend_pid(), pg_catalog.current_setting('work_mem'),"
+            " pg_catalog.to_regclass('pg_temp.jdbc_scratch') IS NULL",
+            db=db,
+        )
+        assert second[1].split("\t")[1:] == [pid, "4MB", "t"], second
