@@ -182,6 +182,16 @@ def rows(r: Results) -> dict[str, float | None]:
     return out
 
 
+def _connect_rows(figures: Mapping[str, list[float]], spec: str) -> list[str]:
+    """The connect section's table rows (median, then every sample), and a blank line."""
+    rows = [
+        f"| {label} | {_fmt(median(figures[s]), spec)} | " + ", ".join(format(x, spec) for x in figures[s]) + " |"
+        for s, label in CONNECT_LABELS.items()
+        if s in figures
+    ]
+    return [*rows, ""]
+
+
 def render_markdown(r: Results, chart_name: str | None) -> str:
     m = r.meta
     reps = m.get("repetitions", "?")
@@ -236,10 +246,7 @@ def render_markdown(r: Results, chart_name: str | None) -> str:
         "| system | ms (median) | samples (ms) |",
         "|---|---|---|",
     ]
-    for s, label in CONNECT_LABELS.items():
-        if s in r.connect:
-            lines.append(f"| {label} | {_fmt(median(r.connect[s]), '.2f')} | " + ", ".join(f"{x:.2f}" for x in r.connect[s]) + " |")
-    lines.append("")
+    lines += _connect_rows(r.connect, ".2f")
 
     def connect_ratio(a: str, b: str) -> str:
         return _x(ratio(median(r.connect.get(a, [])), median(r.connect.get(b, []))))
@@ -258,10 +265,7 @@ def render_markdown(r: Results, chart_name: str | None) -> str:
         "| system | TPS (median) | samples |",
         "|---|---|---|",
     ]
-    for s, label in CONNECT_LABELS.items():
-        if s in r.connect_tps:
-            lines.append(f"| {label} | {_fmt(median(r.connect_tps[s]))} | " + ", ".join(f"{x:,.0f}" for x in r.connect_tps[s]) + " |")
-    lines.append("")
+    lines += _connect_rows(r.connect_tps, ",.0f")
     lines.append(
         "Waypoint pooled/direct: "
         + _x(ratio(median(r.connect_tps.get("waypoint_pooled", [])), median(r.connect_tps.get("direct", []))))

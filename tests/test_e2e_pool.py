@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import socket
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +23,7 @@ import pytest
 import trio
 from e2e_support import LISTENER, E2EEnv, RawSession, create_app_database, e2e_env
 from pgcluster import PgCluster
-
-from waypoint.pgwire import build_cancel_request
+from test_e2e_cancel import _send_cancel, cancel_outcomes
 
 RW = {"permissions": ["readwrite"]}
 RO = {"permissions": ["readonly"]}
@@ -242,24 +240,6 @@ async def test_a_client_that_leaves_in_copy_pools_nothing(pg: PgCluster, tmp_pat
         assert rows[0][0] == 0
 
 
-def _cancel(host: str, port: int, pid: int, secret: bytes) -> None:
-    with socket.create_connection((host, port), timeout=10) as s:
-        s.sendall(build_cancel_request(pid, secret))
-        s.settimeout(10)
-        while s.recv(64):
-            pass
-
-
-def _cancel_outcomes(env: E2EEnv) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for fam in env.running.metrics.registry.collect():
-        if fam.name == "waypoint_cancel_requests":
-            for sample in fam.samples:
-                if sample.name.endswith("_total") and sample.labels["listener"] == LISTENER:
-                    out[sample.labels["outcome"]] = sample.value
-    return out
-
-
 @pytest.mark.parametrize("minor", [0, 2])
 async def test_the_previous_clients_cancel_key_cancels_nothing(
     pg: PgCluster, tmp_path: Path, minor: int
@@ -285,16 +265,16 @@ async def test_the_previous_clients_cancel_key_cancels_nothing(
                 if rows and rows[0][0] == "active":
                     break
                 await trio.sleep(0.05)
-        await trio.to_thread.run_sync(_cancel, env.host, env.port, old_pid, old_secret)
+        await trio.to_thread.run_sync(_send_cancel, env, old_pid, old_secret)
         with trio.fail_after(BOUND):
-            while _cancel_outcomes(env).get("unknown_key", 0) < 1:
+            while cancel_outcomes(env).get("unknown_key", 0) < 1:
                 await trio.sleep(0.02)
         rows = pg.execute(
             "SELECT state FROM pg_catalog.pg_stat_activity WHERE pid = :pid", pid=old_pid
         )
         assert rows and rows[0][0] == "active"  # the old key cancelled nothing
         # The client's own key does (the mapping reaches the backend's real key).
-        await trio.to_thread.run_sync(_cancel, env.host, env.port, second.pid, second.secret)
+        await trio.to_thread.run_sync(_send_cancel, env, second.pid, second.secret)
         result = await trio.to_thread.run_sync(lambda: second.read_result(timeout=BOUND))
         assert result.startswith("error:57014"), result
         second.close()

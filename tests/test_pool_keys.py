@@ -5,11 +5,12 @@ secret, and a withdrawn client key cancels nothing."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from state_support import REDIS_URL, delete_prefix, redis_client, require_redis, unique_prefix
+from state_support import REDIS_URL, redis_client
+from test_state_redis import prefix  # noqa: F401 (the fixture: a key prefix of its own)
 
 from waypoint.config.model import ListenerConfig, PostgresListenerConfig, StateConfig
 from waypoint.pgwire import BackendKeyData, CancelRequest, build_cancel_request
@@ -127,17 +128,10 @@ async def test_memory_registry(backend: trio.socket.SocketType) -> None:
     await _two_clients_one_backend(store, store, backend)
 
 
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    require_redis()
-    p = unique_prefix()
-    yield p
-    delete_prefix(p)
-
-
 @pytest.mark.redis
 async def test_redis_registry_across_two_instances(
-    backend: trio.socket.SocketType, prefix: str
+    backend: trio.socket.SocketType,
+    prefix: str,  # noqa: F811 (test_state_redis's fixture)
 ) -> None:
     config = StateConfig(backend="redis", url=REDIS_URL, key_prefix=prefix)
     async with (
