@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,14 @@ import asyncpg  # type: ignore[import-untyped]
 import psycopg
 import pytest
 import trio
-from e2e_support import LISTENER, E2EEnv, RawSession, create_app_database, e2e_env
+from e2e_support import (
+    LISTENER,
+    E2EEnv,
+    RawSession,
+    create_app_database,
+    e2e_env,
+    roles_with_prefix,
+)
 from pgcluster import PgCluster
 from test_e2e_cancel import _send_cancel, cancel_outcomes
 
@@ -427,3 +435,34 @@ async def test_pgjdbc_gets_the_pooled_backend_clean(pg: PgCluster, tmp_path: Pat
             db=db,
         )
         assert second[1].split("\t")[1:] == [pid, "4MB", "t"], second
+
+
+async def test_a_pooled_backend_keeps_no_role_alive_past_its_ttl(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """The role's VALID UNTIL passes: its pooled backend is closed (``role_closed``) and the
+    reaper drops the role; a pooled backend is not a live session."""
+    from test_e2e_reaper import connect, current_user, short_ttl_env
+
+    db = create_app_database(pg)
+    prefix = f"pl{os.getpid() % 100000}x_"
+    async with short_ttl_env(pg, tmp_path, prefix) as env:
+        env.grant("127.0.0.4", {db: RO})
+        conn = await connect(env, db, "127.0.0.4")
+        role = await current_user(conn)
+        await trio.to_thread.run_sync(conn.close)
+        await wait_pooled(env, 1)
+        registry = env.running.metrics.registry
+        with trio.fail_after(BOUND):
+            while (
+                registry.get_sample_value(
+                    "waypoint_reaper_dropped_roles_total", {"listener": LISTENER}
+                )
+                or 0
+            ) < 1 or role in await trio.to_thread.run_sync(roles_with_prefix, pg, prefix):
+                await trio.sleep(0.1)
+        closed = registry.get_sample_value(
+            "waypoint_pool_closes_total", {"listener": LISTENER, "reason": "role_closed"}
+        )
+        assert closed == 1
+        assert _pooled(env) == 0
