@@ -14,6 +14,7 @@ import contextlib
 import io
 import os
 import struct
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from e2e_support import (
     E2EEnv,
     RawSession,
     create_app_database,
+    db_rule,
     e2e_env,
     roles_with_prefix,
 )
@@ -466,3 +468,43 @@ async def test_a_pooled_backend_keeps_no_role_alive_past_its_ttl(
         )
         assert closed == 1
         assert _pooled(env) == 0
+
+
+async def test_cancel_mapping_across_two_instances_with_redis(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """Redis holds each client's key sealed: instance B forwards a pooled client's cancel to
+    the backend it reached through A, and the previous client's key, through B, cancels
+    nothing."""
+    from test_e2e_multi_instance import (
+        cancel_outcome,
+        send_cancel,
+        two_instances,
+        wait_until_running,
+    )
+
+    db = create_app_database(pg)
+    async with two_instances(pg, tmp_path) as (standin, a, b):
+        standin.set_peer(
+            "127.0.0.1", login="erin@example.com", node="erin-laptop", rules=[db_rule({db: RO})]
+        )
+        host, port = a.address(LISTENER)
+        via_a = types.SimpleNamespace(host=host, port=port)
+        first = await trio.to_thread.run_sync(lambda: RawSession.open(via_a, db, 2))  # type: ignore[arg-type]
+        await trio.to_thread.run_sync(first.close)
+        with trio.fail_after(BOUND):
+            while a._service is None or len(a._service.pool.book) != 1:
+                await trio.sleep(0.02)
+        second = await trio.to_thread.run_sync(lambda: RawSession.open(via_a, db, 2))  # type: ignore[arg-type]
+        assert second.pid == first.pid and second.secret != first.secret
+        second.send_query("select pg_catalog.pg_sleep(60)")
+        await wait_until_running(pg, second.pid)
+        await send_cancel(b, first.pid, first.secret, "127.0.0.1")
+        assert cancel_outcome(b, "unknown_key") == 1
+        state = pg.execute("SELECT state FROM pg_stat_activity WHERE pid = :p", p=second.pid)
+        assert state and state[0][0] == "active"
+        await send_cancel(b, second.pid, second.secret, "127.0.0.1")
+        result = await trio.to_thread.run_sync(lambda: second.read_result(timeout=BOUND))
+        assert result.startswith("error:57014"), result
+        assert cancel_outcome(b, "forwarded") == 1
+        second.close()
