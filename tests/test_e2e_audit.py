@@ -1,12 +1,15 @@
-"""Statement audit end to end on PostgreSQL 15 and 18: psql (libpq, simple protocol) and
+"""Statement audit end to end on PostgreSQL 15 and 18: psql (libpq, simple protocol),
 psycopg 3 (extended protocol, prepared statements, pipeline mode, COPY, errors, a
-cancelled statement, a 1 MiB statement), the records' identity fields, and the hash chain."""
+cancelled statement, a 1 MiB statement) and pgjdbc (server-prepared statements, a batch, an
+error, simple mode), the records' identity fields, and the hash chain."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Any
 
 import psycopg
 import trio
+from console_support import pgjdbc_jar
 from e2e_support import E2EEnv, create_app_database, e2e_env
 from pgcluster import PgCluster
 
@@ -227,6 +231,87 @@ async def test_statements_of_every_kind_are_recorded_with_who_ran_them(
     report = verify([str(path)])
     assert report.problem is None and report.records == len(records(path))
     assert "x" * 5000 not in path.read_text()
+
+
+JDBC_PROGRAM = Path(__file__).parent / "java" / "AuditWork.java"
+
+
+def _pgjdbc_work(host: str, port: int, db: str) -> list[str]:
+    java = shutil.which("java")
+    assert java is not None, "pgjdbc needs java on PATH"
+    url = f"jdbc:postgresql://{host}:{port}/{db}?user=anyone&sslmode=disable&connectTimeout=20&prepareThreshold=3"
+    r = subprocess.run(
+        [java, "-cp", pgjdbc_jar(), str(JDBC_PROGRAM), url],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+async def test_pgjdbc_statements_are_recorded_with_who_ran_them(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """pgjdbc: a plain statement (extended protocol, unnamed), a prepared statement run six
+    times (server-prepared after prepareThreshold: Parse once under a name, then Bind and
+    Execute only), a batch, an error and a simple-protocol statement; every execution is
+    recorded with its text and the identity, every result paired."""
+    db = create_app_database(pg)
+    path = tmp_path / "audit.jsonl"
+    with trio.fail_after(180):
+        async with e2e_env(pg, tmp_path, tables_extra=audit_section(path)) as env:
+            env.grant(
+                "127.0.0.1",
+                {db: {"permissions": ["readwrite"]}},
+                login=LOGIN,
+                node="jdbc-box",
+                tags=["tag:jdbc"],
+            )
+            out = await trio.to_thread.run_sync(_pgjdbc_work, env.host, env.port, db)
+            assert out == [
+                "OK plain",
+                "OK prepared",
+                "OK batch 3",
+                "ERROR 22012",
+                "OK simple",
+                "DONE",
+            ], out
+            recs = await wait_for(
+                path,
+                lambda rs: (
+                    any("/* jdbc-simple */" in (x.get("text") or "") for x in rs)
+                    and len([x for x in rs if x["event"] == "result"])
+                    >= len([x for x in rs if x["event"] in ("query", "execute")])
+                ),
+                "the pgjdbc statements and their results",
+            )
+            await env.assert_clean()
+    stmts = [x for x in recs if x["event"] in ("query", "execute", "parse")]
+    for x in stmts:
+        assert x["login"] == LOGIN and x["node"] == "jdbc-box" and x["tags"] == ["tag:jdbc"]
+        assert x["database"] == db and x["node_id"] and x["conn_id"] and x["time"]
+    execs = [x for x in recs if x["event"] == "execute"]
+    prepared = [x for x in execs if "/* jdbc-prepared */" in (x["text"] or "")]
+    assert len(prepared) == 6
+    assert all(x["text"] == "select v from t where id = $1 /* jdbc-prepared */" for x in prepared)
+    assert all(x["parameter_count"] == 1 for x in prepared)
+    # Server-prepared from the threshold on: later executions run a named statement that
+    # was parsed once, and still carry its text.
+    named = {x["statement"] for x in prepared if x["statement"]}
+    assert len(named) == 1, prepared
+    parses = [x for x in recs if x["event"] == "parse" and x["statement"] in named]
+    assert len(parses) == 1
+    assert sum(1 for x in prepared if x["statement"] in named) >= 3
+    batch = [x for x in execs if "/* jdbc-batch */" in (x["text"] or "")]
+    assert len(batch) == 3 and all(x["parameter_count"] == 2 for x in batch)
+    assert [res_of(recs, x)["tag"] for x in batch] == ["INSERT 0 1"] * 3
+    (div,) = [x for x in execs if "/* jdbc-div */" in (x["text"] or "")]
+    assert res_of(recs, div)["status"] == "error" and res_of(recs, div)["sqlstate"] == "22012"
+    (plain,) = [x for x in execs if "/* jdbc-plain */" in (x["text"] or "")]
+    assert plain["protocol"] == "extended" and res_of(recs, plain)["tag"] == "SELECT 1"
+    (simple,) = [x for x in recs if x["event"] == "query" and "/* jdbc-simple */" in x["text"]]
+    assert simple["protocol"] == "simple" and res_of(recs, simple)["tag"] == "SELECT 1"
+    report = verify([str(path)])
+    assert report.problem is None and report.records == len(records(path))
 
 
 def res_of(recs: list[dict[str, Any]], stmt: dict[str, Any]) -> dict[str, Any]:
