@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,21 @@ def audit_section(path: Path, parameters: str = "hash", max_statement_bytes: int
         f'[audit]\nenabled = true\nsink = "file"\nfile = "{path}"\n'
         f'parameters = "{parameters}"\nmax_statement_bytes = {max_statement_bytes}\n'
     )
+
+
+@contextlib.asynccontextmanager
+async def audited_env(
+    pg: PgCluster, tmp_path: Path, *, node: str, tags: list[str]
+) -> AsyncIterator[tuple[E2EEnv, str, Path]]:
+    """Waypoint with the audit on (``audit_section``), a fresh database the test's client
+    (127.0.0.1, ``LOGIN`` on ``node``) may read and write: (env, database, audit file)."""
+    db = create_app_database(pg)
+    path = tmp_path / "audit.jsonl"
+    async with e2e_env(pg, tmp_path, tables_extra=audit_section(path)) as env:
+        env.grant(
+            "127.0.0.1", {db: {"permissions": ["readwrite"]}}, login=LOGIN, node=node, tags=tags
+        )
+        yield env, db, path
 
 
 def records(path: Path) -> list[dict[str, Any]]:
@@ -114,17 +130,8 @@ def _cancelled(env: E2EEnv, dsn: str) -> str:
 async def test_statements_of_every_kind_are_recorded_with_who_ran_them(
     pg: PgCluster, tmp_path: Path
 ) -> None:
-    db = create_app_database(pg)
-    path = tmp_path / "audit.jsonl"
     with trio.fail_after(180):
-        async with e2e_env(pg, tmp_path, tables_extra=audit_section(path)) as env:
-            env.grant(
-                "127.0.0.1",
-                {db: {"permissions": ["readwrite"]}},
-                login=LOGIN,
-                node="laptop",
-                tags=["tag:dev"],
-            )
+        async with audited_env(pg, tmp_path, node="laptop", tags=["tag:dev"]) as (env, db, path):
             # psql: simple protocol, and an error
             r = await env.psql("select v from t where id = 1 /* psql-ok */", db)
             assert r.returncode == 0, r.stderr
@@ -255,17 +262,8 @@ async def test_pgjdbc_statements_are_recorded_with_who_ran_them(
     times (server-prepared after prepareThreshold: Parse once under a name, then Bind and
     Execute only), a batch, an error and a simple-protocol statement; every execution is
     recorded with its text and the identity, every result paired."""
-    db = create_app_database(pg)
-    path = tmp_path / "audit.jsonl"
     with trio.fail_after(180):
-        async with e2e_env(pg, tmp_path, tables_extra=audit_section(path)) as env:
-            env.grant(
-                "127.0.0.1",
-                {db: {"permissions": ["readwrite"]}},
-                login=LOGIN,
-                node="jdbc-box",
-                tags=["tag:jdbc"],
-            )
+        async with audited_env(pg, tmp_path, node="jdbc-box", tags=["tag:jdbc"]) as (env, db, path):
             out = await trio.to_thread.run_sync(_pgjdbc_work, env.host, env.port, db)
             assert out == [
                 "OK plain",

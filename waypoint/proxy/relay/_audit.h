@@ -1056,83 +1056,66 @@ params_step(Tracker *t, Framer *f)
     }
 }
 
+/* The fields of each parsed frontend message, in order: '1' / '2' a string into t1 / t2,
+ * 'b' a byte (Close: what), 'o' an int32 (FunctionCall: the function's OID), 'p' the
+ * parameters (format codes, values); what follows is not read. */
+static const char *
+front_fields(int kind)
+{
+    switch (kind) {
+    case 'Q': return "2";   /* query text */
+    case 'P': return "12";  /* statement name, text */
+    case 'B': return "12p"; /* portal, statement name, parameters */
+    case 'E': return "1";   /* portal */
+    case 'C': return "b1";  /* 'S' or 'P', name */
+    case 'F': return "op";  /* function OID, arguments */
+    }
+    return "";
+}
+
 /* The next request of the frontend message f->kind's parser (after the previous one was
- * answered); REQ_DONE at its end. */
+ * answered); REQ_DONE at its end. Steps 0..9: its fields; 10..: params_step. */
 static void
 front_step(Tracker *t, Framer *f)
 {
-    switch (f->kind) {
-    case 'Q':
-        if (f->step == 0) {
-            want_cstr(f, &f->t2);
-            f->step = 1;
-            return;
+    if (f->step < 10) {
+        const char *fields = front_fields(f->kind);
+        if (f->step > 0) { /* the field just read */
+            char done = fields[f->step - 1];
+            if (done == 'b')
+                f->what = f->small[0];
+            else if (done == 'o') {
+                f->oid = small_i32(f);
+                f->has_oid = 1;
+            }
         }
-        break;
-    case 'P':
-        if (f->step == 0) {
+        switch (fields[f->step]) {
+        case '1':
             want_cstr(f, &f->t1);
-            f->step = 1;
+            f->step++;
             return;
-        }
-        if (f->step == 1) {
+        case '2':
             want_cstr(f, &f->t2);
-            f->step = 2;
+            f->step++;
             return;
-        }
-        break;
-    case 'B':
-        if (f->step == 0) {
-            want_cstr(f, &f->t1);
-            f->step = 1;
-            return;
-        }
-        if (f->step == 1) {
-            want_cstr(f, &f->t2);
-            f->step = 10;
-            return;
-        }
-        if (params_step(t, f))
-            return;
-        f->step = 99;
-        break;
-    case 'E':
-        if (f->step == 0) {
-            want_cstr(f, &f->t1);
-            f->step = 1;
-            return;
-        }
-        break;
-    case 'C':
-        if (f->step == 0) {
+        case 'b':
             want_take(f, 1);
-            f->step = 1;
+            f->step++;
             return;
-        }
-        if (f->step == 1) {
-            f->what = f->small[0];
-            want_cstr(f, &f->t1);
-            f->step = 2;
-            return;
-        }
-        break;
-    case 'F':
-        if (f->step == 0) {
+        case 'o':
             want_take(f, 4);
-            f->step = 1;
+            f->step++;
             return;
-        }
-        if (f->step == 1) {
-            f->oid = small_i32(f);
-            f->has_oid = 1;
+        case 'p':
             f->step = 10;
-        }
-        if (params_step(t, f))
+            break;
+        default:
+            f->req = REQ_DONE;
             return;
-        f->step = 99;
-        break;
+        }
     }
-    f->req = REQ_DONE;
+    if (!params_step(t, f))
+        f->req = REQ_DONE;
 }
 
 static void
