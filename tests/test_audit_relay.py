@@ -22,6 +22,7 @@ from waypoint.audit.session import SessionAudit, session_tracker
 from waypoint.audit.sink import AuditSink, OnError
 from waypoint.proxy.relay import RelayControl, RelayEngine, StreamRelay, _pump, open_relay_engine
 from waypoint.proxy.relay import client_tls as client_tls_module
+from waypoint.proxy.relay import loop as loop_module
 from waypoint.proxy.streams import ServerTLSStream
 
 FATAL_TEXT = b"audit unavailable"
@@ -190,8 +191,8 @@ async def test_a_failing_sink_with_close_ends_the_session_with_a_fatal(driver: s
 
 @pytest.mark.parametrize("driver", ["engine", "streams"])
 async def test_every_statement_is_recorded_in_order_big_and_small(driver: str) -> None:
-    """Many small statements (the engine's C loop records them through its tap) and
-    statements larger than the tap (recorded by Python before they are sent)."""
+    """Many small statements and one far larger than a read and than max_statement_bytes
+    (the engine's C loop feeds them to the session's tracker through its tap)."""
     writer = GateWriter()
     writer.gate.set()
     counts: dict[str, Any] = {}
@@ -215,6 +216,37 @@ async def test_every_statement_is_recorded_in_order_big_and_small(driver: str) -
     assert big_rec["text_bytes"] == len(big)
     assert big_rec["text_sha256"] == hashlib.sha256(big.encode()).hexdigest()
     sink.stop()
+
+
+async def test_past_the_tap_bound_python_records_a_read_before_sending_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the tap at its bound (records not yet queued), the C loop sends nothing more:
+    it hands the read to Python (TAP), which queues the records, records the read and only
+    then sends it. Every statement is recorded, in order, and relayed."""
+    calls: list[int] = []
+    audit_read = loop_module.EpollLoop._audit
+
+    def counting(self: Any, audit: SessionAudit, side: Any, data: bytes) -> bool:
+        calls.append(len(data))
+        return audit_read(self, audit, side, data)
+
+    monkeypatch.setattr(loop_module, "_TAP_MAX", 1024)
+    monkeypatch.setattr(loop_module.EpollLoop, "_audit", counting)
+    writer = GateWriter()
+    writer.gate.set()
+    counts: dict[str, Any] = {}
+    audit = make_audit(writer, "block", 100_000, counts)
+    texts = [f"select {i} /* {'p' * (i % 50)} */" for i in range(3000)]
+    async with relayed("engine", audit) as (client, backend, _control, _engine):
+        for start in range(0, len(texts), 100):  # many reads, each past the bound
+            payload = b"".join(query(t) for t in texts[start : start + 100])
+            await client.send_all(payload)
+            assert await read_exactly(backend, len(payload)) == payload
+        await poll(lambda: len(writer.texts()) == len(texts), "every record written")
+    assert writer.texts() == texts
+    assert calls, "the tap never reached its bound: the TAP path did not run"
+    counts["sink"].stop()
 
 
 def test_the_tap_is_bounded_and_emptied() -> None:
