@@ -18,8 +18,8 @@ from typing import Any
 
 import psycopg
 import trio
-from console_support import pgjdbc_jar
-from e2e_support import E2EEnv, create_app_database, e2e_env
+from console_support import admin_rule, pgjdbc_jar, psycopg_rows
+from e2e_support import E2EEnv, RawSession, create_app_database, e2e_env
 from pgcluster import PgCluster
 
 from waypoint.audit.chain import verify
@@ -310,6 +310,36 @@ async def test_pgjdbc_statements_are_recorded_with_who_ran_them(
     assert simple["protocol"] == "simple" and res_of(recs, simple)["tag"] == "SELECT 1"
     report = verify([str(path)])
     assert report.problem is None and report.records == len(records(path))
+
+
+async def test_show_sessions_shows_the_statement_a_session_last_ran(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """With the audit on, the console's SHOW SESSIONS carries each session's current or
+    last statement (taken from its tracker as the engine queues its records)."""
+    db = create_app_database(pg)
+    path = tmp_path / "audit.jsonl"
+    with trio.fail_after(120):
+        async with e2e_env(pg, tmp_path, tables_extra=audit_section(path)) as env:
+            env.grant("127.0.0.1", rules=[admin_rule()], login="admin@example.com")
+            env.grant("127.0.0.2", {db: {"permissions": ["readonly"]}}, login=LOGIN)
+            raw = await trio.to_thread.run_sync(
+                lambda: RawSession.open(env, db, source="127.0.0.2")
+            )
+            try:
+                for marker in ("first", "second"):
+                    sql = f"select v from t /* shown-{marker} */"
+                    assert await trio.to_thread.run_sync(raw.read_result_of, sql) == "ok:one"
+                    with trio.fail_after(15):
+                        while True:
+                            cols, rows = await psycopg_rows(env.host, env.port, "SHOW SESSIONS")
+                            at = cols.index("statement")
+                            (row,) = [r for r in rows if r[cols.index("login")] == LOGIN]
+                            if row[at] == sql:
+                                break
+                            await trio.sleep(0.05)
+            finally:
+                raw.close()
 
 
 def res_of(recs: list[dict[str, Any]], stmt: dict[str, Any]) -> dict[str, Any]:
