@@ -1,4 +1,6 @@
-"""The audit tracker of one session, sans I/O.
+"""The audit tracker of one session, sans I/O: the reference for the C tracker sessions run
+(waypoint/proxy/relay/_audit.h; tests/test_audit_ctracker.py requires both to give the
+same records for the same bytes, however split).
 
 :class:`AuditTracker` is fed the bytes of a relayed session as they pass, in order:
 ``client(chunk, now)`` for frontend bytes, ``backend(chunk, now)`` for backend bytes.
