@@ -51,7 +51,7 @@ def test_bench_quick_writes_a_complete_report(tmp_path: Path) -> None:
         assert row in row_values, f"row {row} missing from the report"
         assert row_values[row] is not None, f"row {row} has no value"
     for row, value in row_values.items():
-        if row.startswith(("relay_tps.", "bulk_mbps.", "connect_ms.")) or row.endswith("_ms"):
+        if row.startswith(("relay_tps.", "audit_tps.", "audit_ratio.", "audit_records", "bulk_mbps.", "connect_ms.")) or row.endswith("_ms"):
             assert value > 0, f"{row} = {value}"
         if row.endswith(".failures"):
             assert value == 0, f"{row}: {value} logins failed; see {mds[0]}"
@@ -59,10 +59,12 @@ def test_bench_quick_writes_a_complete_report(tmp_path: Path) -> None:
     assert row_values["footprint.rss_after_kib"] > 0
 
     # The Markdown carries the table, the bars with a verdict each, machine, versions, commands.
-    for heading in ("## Bars", "## Relay", "## Connection setup", "## Bulk", "## Footprint", "## Machine", "## Versions", "## Commands"):
+    for heading in ("## Bars", "## Relay", "## Statement audit", "## Connection setup", "## Bulk", "## Footprint", "## Machine", "## Versions", "## Commands"):
         assert heading in md
-    assert md.count("**PASS**") + md.count("**MISS**") + md.count("**n/a**") == len(data["bars"]) == 14
+    assert md.count("**PASS**") + md.count("**MISS**") + md.count("**n/a**") == len(data["bars"]) == 17
     assert f"pgbench -S -n -T {QUICK.relay_seconds} -c 32 -j 2" in md
+    assert f"[waypoint_audit] PGUSER=bench PGSSLMODE=disable pgbench -S -n -T {QUICK.audit_seconds} -c 32 -j 2" in md
+    assert "| relay TPS Waypoint audit on/off, 32 clients | >= 0.85 |" in md
     assert data["meta"]["waypoint_git"] != "unknown"
     # The benchmark identity's secret never reaches the report.
     assert "PGPASSWORD=***" in md
