@@ -290,6 +290,28 @@ async def test_the_previous_clients_cancel_key_cancels_nothing(
         second.close()
 
 
+async def test_a_pooled_backend_the_server_ended_is_replaced_unseen(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """The server ends the pooled backend while it waits: the next client gets a new one, and
+    sees no error (the hand-out's check caught the FATAL and the end of the stream)."""
+    db = create_app_database(pg)
+    async with e2e_env(pg, tmp_path) as env:
+        env.grant("127.0.0.1", {db: RW})
+        pid, role = await session(
+            env, db, ["SELECT pg_catalog.pg_backend_pid()", "SELECT current_user"]
+        )
+        await wait_pooled(env, 1)
+        await trio.to_thread.run_sync(
+            lambda: pg.execute("SELECT pg_catalog.pg_terminate_backend(:pid)", pid=pid)
+        )
+        await wait_pids(pg, role, lambda pids: pid not in pids)
+        new_pid, answer = await session(env, db, ["SELECT pg_catalog.pg_backend_pid()", "SELECT 1"])
+        assert new_pid != pid and answer == 1
+        await wait_pooled(env, 1)
+        assert await session(env, db, ["SELECT pg_catalog.pg_backend_pid()"]) == [new_pid]
+
+
 async def test_two_identities_never_share_a_backend(pg: PgCluster, tmp_path: Path) -> None:
     db = create_app_database(pg)
     async with e2e_env(pg, tmp_path) as env:

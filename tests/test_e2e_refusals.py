@@ -5,6 +5,7 @@ to the refusal cache of step 8), with the SQLSTATE checked through psycopg."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import socket
 from pathlib import Path
@@ -188,6 +189,52 @@ async def test_backend_down_is_08006_and_not_cached(pg15: PgCluster, tmp_path: P
             env.grant("127.0.0.1", {"whatever": {"permissions": ["readonly"]}})
             await _refused(env, "whatever", fragment="unavailable", sqlstate="08006", whois=2)
             await env.assert_clean()
+
+
+async def test_a_refused_peer_gets_no_byte_to_the_backend(pg15: PgCluster, tmp_path: Path) -> None:
+    """The backend connection a new session needs is opened while the whois runs; a peer the
+    whois or the grant refuses has it closed without a byte sent on it (no startup packet,
+    no login). The backend here is a listener that records what each connection sends."""
+    admin = pg15.admin_user.encode()
+    # What each connection sent so far, and whether it was closed.
+    received: list[tuple[bytearray, trio.Event]] = []
+
+    async def record(stream: trio.SocketStream) -> None:
+        data, closed = bytearray(), trio.Event()
+        received.append((data, closed))
+        with trio.move_on_after(60):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+                if admin in data:
+                    break  # the admin connection's: refused at once (nothing here is a server)
+        closed.set()
+        await stream.aclose()
+
+    def sessions() -> list[tuple[bytearray, trio.Event]]:
+        # The admin connection may speak to this backend too (its startup packet names the
+        # admin user); the rest are the sessions' connections.
+        return [(d, c) for d, c in received if admin not in d]
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, record, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(60):
+            async with e2e_env(pg15, tmp_path, backend=f"127.0.0.1:{port}") as env:
+                env.grant("127.0.0.1", {"granted": {"permissions": ["readonly"]}})
+                # Identified, but no grant for this database: the whois let the connect finish.
+                state, _ = await trio.to_thread.run_sync(
+                    lambda: _sqlstate_of(env.host, env.port, "other", tls=False)
+                )
+                assert state == "42501"
+                # Nobody the whois knows: the connect is abandoned (or closed if it was done).
+                with pytest.raises(pg8000.native.DatabaseError):
+                    await env.pg8000_connect("granted", source="127.0.0.9")
+                while not sessions() or not all(c.is_set() for _, c in sessions()):
+                    await trio.sleep(0.02)
+                assert [bytes(d) for d, _ in sessions()] == [b""] * len(sessions()), received
+        nursery.cancel_scope.cancel()
 
 
 async def test_tls_required_refuses_plaintext_and_repeats_the_cached_reason(

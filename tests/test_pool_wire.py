@@ -3,7 +3,8 @@ backend; MockClock drives the bound)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 
 import pytest
 import trio
@@ -20,6 +21,7 @@ from waypoint.pgwire.framing import build_message
 from waypoint.pool import (
     PooledBackendFailed,
     check,
+    peek,
     reset,
     session_start,
     updated_parameters,
@@ -160,6 +162,56 @@ async def test_check_fails_on_a_backend_the_server_ended() -> None:
     await theirs.send_all(fatal)
     with pytest.raises(PooledBackendFailed, match="57P01"):
         await check(ours, 1.0)
+
+
+@pytest.fixture
+def sockets() -> Iterator[tuple[trio.socket.SocketType, socket.socket]]:
+    """A pooled backend's socket (Waypoint's end, as trio holds it) and the server's end."""
+    ours, theirs = socket.socketpair()
+    with trio.socket.from_stdlib_socket(ours) as held, theirs:
+        yield held, theirs
+
+
+def test_peek_passes_a_quiet_backend(
+    sockets: tuple[trio.socket.SocketType, socket.socket],
+) -> None:
+    held, _ = sockets
+    peek(held)
+    peek(held)
+
+
+@pytest.mark.parametrize(
+    ("sent", "close", "fragment"),
+    [
+        (b"", True, "closed the connection"),
+        (
+            build_error_response(
+                "FATAL", "57P01", "terminating connection due to administrator command"
+            ),
+            True,
+            "sent data while it was pooled",
+        ),
+        (build_message(b"A", b"\0\0\0\x01chan\0payload\0"), False, "sent data while"),
+        (build_message(b"N", b"SNOTICE\0Mhello\0\0"), False, "sent data while"),
+    ],
+)
+def test_peek_fails_a_backend_that_closed_or_spoke_unasked(
+    sockets: tuple[trio.socket.SocketType, socket.socket], sent: bytes, close: bool, fragment: str
+) -> None:
+    held, theirs = sockets
+    if sent:
+        theirs.sendall(sent)
+    if close:
+        theirs.close()
+    with pytest.raises(PooledBackendFailed, match=fragment):
+        peek(held)
+    if sent:
+        # A peek: what was sent is still there to read (it is not taken from the socket).
+        with socket.socket(fileno=held.fileno()) as raw:
+            try:
+                assert raw.recv(len(sent) + 1, socket.MSG_DONTWAIT) == sent
+            finally:
+                raw.detach()
 
 
 def test_session_start_for_a_pooled_client() -> None:

@@ -19,7 +19,7 @@ from waypoint.pool.book import (
 from waypoint.pool.handout import session_start, updated_parameters, with_client_key
 from waypoint.pool.keys import client_cancel_key, secret_length
 from waypoint.pool.service import BackendPool, Pooled
-from waypoint.pool.wire import PooledBackendFailed, RoundTrip, check, reset, round_trip
+from waypoint.pool.wire import PooledBackendFailed, RoundTrip, check, peek, reset, round_trip
 
 __all__ = [
     "CLOSE_REASONS",
@@ -36,6 +36,7 @@ __all__ = [
     "check",
     "client_cancel_key",
     "idle_cap",
+    "peek",
     "reset",
     "round_trip",
     "secret_length",

@@ -1,6 +1,7 @@
 """The pool's two exchanges with a logged-in backend: the reset before it is kept, and the
 check before it is handed out. Each is one simple Query, read to its ReadyForQuery within a
-bound.
+bound; or, for a plaintext backend, the check is a peek at its socket (:func:`peek`), which
+costs no round trip.
 
 Either one fails (:class:`PooledBackendFailed`, and the caller closes the backend and ends it
 on the server) when the backend answers with an error, is not idle afterwards (a reset query
@@ -14,6 +15,8 @@ backend holds now.
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Final
 
 import attrs
@@ -110,6 +113,29 @@ async def reset(stream: trio.abc.Stream, query: str, bound: float) -> RoundTrip:
     return await round_trip(stream, query, bound)
 
 
+def peek(sock: trio.socket.SocketType) -> None:
+    """Before a pooled plaintext backend is handed out, without a round trip: its socket has
+    nothing to read. An idle backend sends nothing unasked; one the server ended while it
+    waited (``pg_terminate_backend``, a shutdown) has sent its FATAL and closed, so the socket
+    holds those bytes or the end of the stream, and a backend that sent anything else
+    unasked is not handed out either. Raises :class:`PooledBackendFailed`.
+
+    Not for a TLS backend: bytes already taken off the socket by the TLS layer are out of
+    sight here (those backends get :func:`check`)."""
+    # A duplicate of the descriptor for one non-blocking peek (trio's socket has no
+    # synchronous receive); the data stays in the kernel for the relay to read.
+    with socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno())) as dup:
+        try:
+            data = dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise PooledBackendFailed(f"the backend connection broke: {exc}") from exc
+    if not data:
+        raise PooledBackendFailed("the backend closed the connection")
+    raise PooledBackendFailed("the backend sent data while it was pooled")
+
+
 async def check(stream: trio.abc.Stream, bound: float) -> RoundTrip:
     """Before a pooled backend is handed out: it answers an empty query, idle, within
     ``bound``. A backend the server ended while it waited (``pg_terminate_backend``, a
@@ -122,6 +148,7 @@ __all__ = [
     "RoundTrip",
     "build_query",
     "check",
+    "peek",
     "reset",
     "round_trip",
 ]

@@ -51,6 +51,7 @@ from waypoint.pool import (
     updated_parameters,
 )
 from waypoint.pool import check as pool_check
+from waypoint.pool import peek as pool_peek
 from waypoint.pool import reset as pool_reset
 from waypoint.provision.backends import server_max_connections, terminate_pid
 from waypoint.provision.engine import Credentials, DatabaseMissing, Provisioner, ProvisionError
@@ -175,7 +176,11 @@ class ConnectingSource:
 
     @contextlib.asynccontextmanager
     async def order(self, peer_ip: str, request: BackendRequest) -> AsyncIterator[BackendOrder]:
-        yield _ConnectingOrder(self, request)
+        order = _ConnectingOrder(self, request)
+        try:
+            yield order
+        finally:
+            await order.discard_early()
 
     def login_for(self, creds: Credentials, request: BackendRequest) -> BackendLogin:
         return BackendLogin(
@@ -218,17 +223,22 @@ class ConnectingSource:
         while (pooled := pool.take(key)) is not None:
             backend = pooled.backend
             assert isinstance(backend, LoggedInBackend)
+            connection = backend.connection
             try:
-                answer = await pool_check(
-                    backend.connection.stream, self.listener.pool_reset_timeout
-                )
+                if connection.tls:
+                    # Bytes may wait decrypted or in the TLS layer, out of the socket's sight.
+                    answer = await pool_check(connection.stream, self.listener.pool_reset_timeout)
+                    reported = answer.parameters
+                else:
+                    pool_peek(backend.sock)
+                    reported = ()
             except PooledBackendFailed as exc:
                 log.info("pooled_backend_failed_check", role=role, pid=pooled.pid, error=str(exc))
                 self.metrics.pool_closed(self.listener.name, "check_failed")
                 await self._end(backend, closed_by_backend=False)
                 continue
             start = backend.start
-            params = updated_parameters(start.parameters, answer.parameters)
+            params = updated_parameters(start.parameters, reported)
             backend.start = attrs.evolve(
                 start, raw=session_start(params, start.key), parameters=params, leftover=b""
             )
@@ -343,10 +353,56 @@ class _ConnectingOrder:
     source: ConnectingSource
     request: BackendRequest
     role: str | None = None
+    #: The backend connection opened during the lookup (TCP and TLS, no login), or why it
+    #: could not be opened; None when none was opened (or it was taken).
+    _early: BackendConnection | Exception | None = None
 
     async def identify(self, whois: Whois) -> Identity | Refusal:
-        """Who the peer is."""
-        return await whois()
+        """Who the peer is; meanwhile, when this session will need a new backend (pooling
+        off, or nothing pooled for the request), its connection is opened: the connect and
+        TLS overlap the lookup. Nothing is sent on it before the peer is known and granted;
+        a refused peer's is abandoned at once (and closed by ``order``'s end)."""
+        source = self.source
+        if source.pooling and source.may_have(self.request):
+            return await whois()
+        found: Identity | Refusal | None = None
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._connect_early)
+            try:
+                found = await whois()
+            except Exception as exc:
+                # Raised below as the lookup raised it (not in a group).
+                failure = exc
+            if failure is not None or isinstance(found, Refusal):
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        assert found is not None
+        return found
+
+    async def _connect_early(self) -> None:
+        try:
+            connection = await self.source.connect()
+        except Exception as exc:
+            # Raised by ``open``, where the connect would have raised it.
+            self._early = exc
+            return
+        self._early = connection
+
+    def _take_early(self) -> BackendConnection | None:
+        """The connection opened during the lookup, once (None: none). Raises what the
+        connect raised (:class:`BackendUnavailable`) when it could not be opened."""
+        early, self._early = self._early, None
+        if isinstance(early, Exception):
+            raise early
+        return early
+
+    async def discard_early(self) -> None:
+        """Close the early connection if the session did not take it (refused, failed)."""
+        early, self._early = self._early, None
+        if isinstance(early, BackendConnection):
+            await early.aclose()
 
     async def open(
         self, identity: Identity, grant: EffectiveGrant, log: EventLogger
@@ -361,7 +417,8 @@ class _ConnectingOrder:
             # the role first, whose backend may be waiting.
             connection: BackendConnection | None = None
             try:
-                if not source.pooling or not source.may_have(self.request):
+                connection = self._take_early()
+                if connection is None and (not source.pooling or not source.may_have(self.request)):
                     connection = await source.connect()
             except BackendUnavailable as exc:
                 raise self._refusal(exc, log) from exc
