@@ -20,6 +20,7 @@ whose session ended in step and idle, and keeps it; anything else it ends.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
@@ -197,11 +198,14 @@ class ConnectingSource:
         return await connect_backend(self.listener, self.backend_ssl)
 
     def may_have(self, request: BackendRequest) -> bool:
-        """Whether the pool holds a backend for ``request`` on this listener, of any role."""
+        """Whether the pool holds a backend for ``request`` on this listener, of any role, or
+        one is being reset for it (a client that reconnects at once finds it there)."""
         pool = self.pool
         if pool is None:
             return False
         key = self.key_for("", request)
+        if self._resetting[key]:
+            return True
         return any(attrs.evolve(e.key, role="") == key for e in pool.book)
 
     def key_for(self, role: str, request: BackendRequest) -> PoolKey:
@@ -275,6 +279,8 @@ class ConnectingSource:
         if not connection.tls:
             # The relay engine took the stream apart; the socket it kept is the connection.
             connection.socket_stream = connection.stream = trio.SocketStream(backend.sock)
+        resetting = self.key_for("", request)
+        self._resetting[resetting] += 1
         try:
             answer = await pool_reset(
                 connection.stream, listener.pool_reset_query, listener.pool_reset_timeout
@@ -284,6 +290,10 @@ class ConnectingSource:
             self.metrics.pool_reset(listener.name, ok=False)
             self.metrics.pool_closed(listener.name, "reset_failed")
             return False
+        finally:
+            self._resetting[resetting] -= 1
+            if not self._resetting[resetting]:
+                del self._resetting[resetting]
         self.metrics.pool_reset(listener.name, ok=True)
         params = updated_parameters(backend.start.parameters, answer.parameters)
         backend.start = attrs.evolve(backend.start, parameters=params)
@@ -317,6 +327,8 @@ class ConnectingSource:
         return idle_cap(self.listener.pool_max_idle, self._max_connections)
 
     _max_connections: int | None = attrs.field(default=None, init=False)
+    #: Backends being reset before they are kept, by their key without the role.
+    _resetting: collections.Counter[PoolKey] = attrs.field(factory=collections.Counter, init=False)
 
     async def _end(self, backend: LoggedInBackend, *, closed_by_backend: bool) -> BackendEnd:
         """End the backend on the server (:mod:`waypoint.proxy.backend_end`)."""
