@@ -1,7 +1,7 @@
 """Profile the Waypoint process under one benchmark load, with py-spy attached to its PID.
 
 ``python -m bench.profile_waypoint --load relay --clients 1 --seconds 15 [--tls] [--out DIR]``
-``python -m bench.profile_waypoint --load connect --seconds 15``
+``python -m bench.profile_waypoint --load connect --seconds 15 [--pooled]`` (``--pooled``: the listener with the pool on)
 ``python -m bench.profile_waypoint --load bulk``
 
 Sets up the same world as ``python -m bench`` (without PgBouncer), starts the load, records
@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import attrs
 
 from bench.env import BENCH_DB, BenchSetupError, open_bench_env
 from bench.harness import _clean_env, log, targets
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--tls", action="store_true", help="clients use sslmode=require")
+    parser.add_argument("--pooled", action="store_true", help="the listener with the pool on")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", type=Path, help="keep the raw stacks here (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open_bench_env(scale=1, max_connections=300, max_conns_total=1000, with_pgbouncer=False, log=log) as env:
             t = targets(env)["waypoint_tls" if args.tls else "waypoint"]
+            if args.pooled:
+                t = attrs.evolve(t, port=env.waypoint_pooled_port)
             if args.load == "bulk":
                 rows = 2_000_000
                 cmd = [env.binary("psql"), "-X", "-h", "127.0.0.1", "-p", str(t.port), "-d", BENCH_DB, "-c",
