@@ -27,6 +27,16 @@ What is recorded (``event``):
 Size is no way around it: texts and parameters longer than ``max_statement_bytes`` are
 cut, marked (``text_truncated``) and carry the SHA-256 of the whole (``text_sha256``),
 computed incrementally; a message body is never buffered beyond the bound, however large.
+
+Nor is the number of names: what the tracker keeps per session (prepared statements and
+portals, each table on its own) is bounded by ``max_session_statement_bytes``, counted as
+:data:`ENTRY_COST` per entry plus its name, kept text and parameter members
+(``retained_bytes``). Past the bound, the oldest kept statement texts are replaced by their
+SHA-256 and length (an Execute of that statement is recorded with ``text_evicted``, the
+length and the hash: its text is in the ``parse`` record with that hash) and the oldest
+portals lose their parameters (``parameters_evicted``); when that is not enough, the oldest
+such entries are forgotten (an Execute of an unknown name is then recorded with
+``text_evicted`` or ``portal_evicted``, its name, and no text). Close frees entries.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import contextlib
 import hashlib
 import json
 import struct
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Mapping
 from typing import Any, Final, Literal
 
@@ -47,6 +57,8 @@ CONTEXT_KEY: Final = "_context"
 SHORT_CONTEXT: Final = ("instance", "conn_id", "login", "node", "database")
 Record = dict[str, Any]
 
+#: What one kept statement or portal counts for beyond its bytes (``retained_bytes``).
+ENTRY_COST: Final = 192
 #: Cap on names (statement, portal) kept from the wire.
 _NAME_CAP: Final = 256
 #: Cap on a backend message body kept (CommandComplete, ErrorResponse); the rest is skipped.
@@ -216,6 +228,97 @@ class _Body:
         return {"malformed": True}
 
 
+class _Statement:
+    """A prepared statement kept: its text (or, evicted, only its SHA-256 and length)."""
+
+    __slots__ = ("kept", "key_len", "sha", "size", "truncated")
+
+    def __init__(self, key_len: int, text: _Text) -> None:
+        self.key_len = key_len
+        self.kept: bytes | None = bytes(text.kept)
+        self.truncated = text.truncated
+        self.sha: str | None = text.sha256() if self.truncated else None
+        self.size = text.size
+
+    def cost(self) -> int:
+        return ENTRY_COST + self.key_len + (len(self.kept) if self.kept is not None else 0)
+
+    def evict(self) -> None:
+        if self.kept is not None and self.sha is None:
+            self.sha = hashlib.sha256(self.kept).hexdigest()
+        self.kept = None
+
+
+class _Portal:
+    """A portal kept: its statement's name and parameter members (evicted: dropped)."""
+
+    __slots__ = ("key_len", "params", "params_len", "statement", "statement_len")
+
+    def __init__(self, key_len: int, statement: str, statement_len: int,
+                 params: dict[str, Any]) -> None:  # fmt: skip
+        self.key_len = key_len
+        self.statement = statement
+        self.statement_len = statement_len
+        self.params: dict[str, Any] | None = params
+        # The parameter members as the C tracker keeps them (encoded).
+        self.params_len = len(_dumps(params).encode()) - 2 if params else 0
+
+    def cost(self) -> int:
+        return ENTRY_COST + self.key_len + self.statement_len + self.params_len
+
+    def evict(self) -> None:
+        self.params = None
+        self.params_len = 0
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class _Table:
+    """Named entries of one session within ``budget`` (``retained``: their cost): past it,
+    the oldest kept entries are evicted (made smaller), then the oldest evicted ones
+    dropped (``dropped`` counts them)."""
+
+    __slots__ = ("budget", "dropped", "entries", "evicted", "kept", "retained")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.entries: dict[str, Any] = {}
+        #: Names in the order their entries will be evicted, then dropped.
+        self.kept: OrderedDict[str, None] = OrderedDict()
+        self.evicted: OrderedDict[str, None] = OrderedDict()
+        self.retained = 0
+        self.dropped = 0
+
+    def get(self, name: str) -> Any:
+        return self.entries.get(name)
+
+    def remove(self, name: str) -> None:
+        entry = self.entries.pop(name, None)
+        if entry is not None:
+            self.retained -= entry.cost()
+            self.kept.pop(name, None)
+            self.evicted.pop(name, None)
+
+    def put(self, name: str, entry: _Statement | _Portal) -> None:
+        """Keep ``entry`` under ``name`` (the newest), then shrink to the budget."""
+        self.remove(name)
+        self.entries[name] = entry
+        self.kept[name] = None
+        self.retained += entry.cost()
+        while self.retained > self.budget and self.kept:
+            old, _ = self.kept.popitem(last=False)
+            victim = self.entries[old]
+            self.retained -= victim.cost()
+            victim.evict()
+            self.retained += victim.cost()
+            self.evicted[old] = None
+        while self.retained > self.budget and self.evicted:
+            old, _ = self.evicted.popitem(last=False)
+            self.retained -= self.entries.pop(old).cost()
+            self.dropped += 1
+
+
 def _i16(b: bytes) -> int:
     return int(_I16.unpack(b)[0])
 
@@ -233,10 +336,13 @@ class AuditTracker:
         *,
         parameters: ParameterMode = "none",
         max_statement_bytes: int = 65536,
+        max_session_statement_bytes: int = 4 << 20,
         wall_clock: Callable[[], float] | None = None,
     ) -> None:
         if max_statement_bytes < 1:
             raise ValueError("max_statement_bytes must be >= 1")
+        if max_session_statement_bytes < 1:
+            raise ValueError("max_session_statement_bytes must be >= 1")
         self.context = dict(context)
         #: The context as JSON members, serialized once (the sink splices it into each
         #: line: ``CONTEXT_KEY``); results and copy records carry a shorter one.
@@ -247,10 +353,9 @@ class AuditTracker:
         self.parameters = parameters
         self.cap = max_statement_bytes
         self._wall = wall_clock
-        #: Prepared statements by name ("" is the unnamed one): (text, sha256, truncated, size).
-        self.statements: dict[str, tuple[str, str | None, bool, int]] = {}
-        #: Portals by name: (statement name, parameters record fields).
-        self.portals: dict[str, tuple[str, dict[str, Any]]] = {}
+        #: Prepared statements by name ("" is the unnamed one), and portals by name.
+        self.statements = _Table(max_session_statement_bytes)
+        self.portals = _Table(max_session_statement_bytes)
         #: What the server answers next, in order: [kind, record-or-None, started].
         self.pending: deque[list[Any]] = deque()
         self.seq = 0
@@ -264,6 +369,11 @@ class AuditTracker:
         self._now = 0.0
         #: The COPY the client is sending data for (its pending entry).
         self._copy_in: list[Any] | None = None
+
+    @property
+    def retained_bytes(self) -> int:
+        """What the statement and portal tables hold (bounded: 2 x the session budget)."""
+        return self.statements.retained + self.portals.retained
 
     # -- input ------------------------------------------------------------------------------
 
@@ -328,38 +438,51 @@ class AuditTracker:
             name = body["name"]
             text: _Text = body["text"]
             fields = _text_fields(text)
-            self.statements[name] = (
-                fields["text"],
-                fields.get("text_sha256"),
-                bool(fields.get("text_truncated")),
-                text.size,
-            )
+            self.statements.put(name, _Statement(body["name_len"], text))
             self._record("parse", "extended", {"statement": name, **fields, **_malformed(body)})
         elif kind == _B:
-            self.portals[body["portal"]] = (body["statement"], body["params"])
+            self.portals.put(
+                body["portal"],
+                _Portal(body["portal_len"], body["statement"], body["statement_len"],
+                        body["params"]),
+            )  # fmt: skip
         elif kind == _E:
             portal = body["portal"]
-            stmt_name, params = self.portals.get(portal, ("", {}))
-            fields = {"statement": stmt_name, "portal": portal}
-            known = self.statements.get(stmt_name)
-            if known is None:
-                fields["text"] = None  # unknown statement: the server will refuse it
+            bound: _Portal | None = self.portals.get(portal)
+            fields = {"statement": "", "portal": portal}
+            if bound is None and self.portals.dropped:
+                fields.update(statement=None, text=None, portal_evicted=True)
+                known = None
             else:
-                stext, ssha, struncated, ssize = known
-                fields["text"] = stext
-                if struncated:
-                    fields.update(text_truncated=True, text_bytes=ssize, text_sha256=ssha)
-            fields.update(params)
+                if bound is not None:
+                    fields["statement"] = bound.statement
+                known = self.statements.get(fields["statement"])
+                if known is None:
+                    fields["text"] = None  # unknown statement: the server will refuse it
+                    if self.statements.dropped:
+                        fields["text_evicted"] = True
+                elif known.kept is None:
+                    fields.update(text=None, text_evicted=True, text_bytes=known.size,
+                                  text_sha256=known.sha)  # fmt: skip
+                else:
+                    fields["text"] = known.kept.decode("utf-8", "replace")
+                    if known.truncated:
+                        fields.update(
+                            text_truncated=True, text_bytes=known.size, text_sha256=known.sha
+                        )
+            if bound is not None:
+                if bound.params is None:
+                    fields["parameters_evicted"] = True
+                else:
+                    fields.update(bound.params)
             rec = self._record("execute", "extended", {**fields, **_malformed(body)})
             self.last_statement = rec["text"]
             self.pending.append(["exec", rec, now, 0, []])
-            if not portal:
-                pass  # the unnamed portal lives until the next Bind
         elif kind == _C:
             if body["what"] == "S":
-                self.statements.pop(body["name"], None)
+                self.statements.remove(body["name"])
             elif body["what"] == "P":
-                self.portals.pop(body["name"], None)
+                self.portals.remove(body["name"])
         elif kind == _F:
             fields = {"function_oid": body.get("oid"), **body["params"], **_malformed(body)}
             rec = self._record("function_call", "simple", fields)
@@ -491,12 +614,13 @@ def _parse_query(cap: int) -> _Parser:
 def _parse_parse(cap: int) -> _Parser:
     name = _Text(_NAME_CAP)
     text = _Text(cap)
+    out: dict[str, Any] = {"text": text}
     try:
         yield ("cstr", name)
         yield ("cstr", text)
     except _Short:
-        return {"name": name.text(), "text": text, "malformed": True}
-    return {"name": name.text(), "text": text}
+        out["malformed"] = True
+    return dict(out, name=name.text(), name_len=len(name.kept))
 
 
 def _param_value(data: _Text, binary: bool, mode: ParameterMode) -> Any:
@@ -565,13 +689,17 @@ def _parse_bind(cap: int, mode: ParameterMode) -> _Parser:
         count = _i16((yield ("take", 2)))
         params = yield from _params(max(0, count), formats, mode, cap)
     except _Short:
-        return {
-            "portal": portal.text(),
-            "statement": stmt.text(),
-            "params": params,
-            "malformed": True,
-        }
-    return {"portal": portal.text(), "statement": stmt.text(), "params": params}
+        return dict(_bind_names(portal, stmt), params=params, malformed=True)
+    return dict(_bind_names(portal, stmt), params=params)
+
+
+def _bind_names(portal: _Text, stmt: _Text) -> dict[str, Any]:
+    return {
+        "portal": portal.text(),
+        "portal_len": len(portal.kept),
+        "statement": stmt.text(),
+        "statement_len": len(stmt.kept),
+    }
 
 
 def _chunks(data: bytes, size: int) -> list[bytes]:

@@ -35,6 +35,7 @@ class AuditTracker:
         *,
         parameters: str = "none",
         max_statement_bytes: int = 65536,
+        max_session_statement_bytes: int = 4194304,
         wall_clock: bool = True,
     ) -> None: ...
     def client(self, data: Buffer, now: float, /) -> int: ...
@@ -44,6 +45,8 @@ class AuditTracker:
     def last_statement(self) -> str | None: ...
     @property
     def queued(self) -> int: ...
+    @property
+    def retained_bytes(self) -> int: ...
 
 class Lane:
     """One socket of a relay, with its message-boundary tracker."""
