@@ -196,6 +196,29 @@ def test_close_frees_entries(what: bytes) -> None:
     assert both.retained == empty
 
 
+def test_a_pipeline_the_server_skips_keeps_nothing_waiting() -> None:
+    """After an error in an extended-protocol pipeline the server discards everything up to
+    Sync and answers nothing: a client streaming statements there without ever sending
+    Sync piled up entries waiting for answers that never come. Each is recorded, and
+    recorded as not run at once (the server skips it), and nothing is kept waiting."""
+    both = Both()
+    both.client(parse(b"bad", b"select 1/0") + bind(b"", b"bad", []) + execute())
+    error = msg(b"E", b"SERROR\0C22012\0Mdivision by zero\0\0")
+    want = [with_context(r) for r in both.py.backend(error, 2.0)]
+    both.c.backend(error, 2.0)
+    assert [json.loads(b"{" + x + b"}") for x in both.c.take()[0].splitlines()] == want
+    assert want[0]["status"] == "error" and both.py.awaiting == both.c.awaiting == 0
+    wave = (bind(b"", b"bad", []) + execute()) * 50 + msg(b"Q", b"select 2\0")
+    for _ in range(200):
+        records = both.client(wave)
+        assert len(records) == 102  # 51 statements, each with its not_run result
+        assert {r["status"] for r in records if r["event"] == "result"} == {"not_run"}
+        assert both.py.awaiting == both.c.awaiting == 0
+    # Sync ends the skipping: the next statement waits for its answer again.
+    both.client(msg(b"S") + bind(b"", b"bad", []) + execute())
+    assert both.py.awaiting == both.c.awaiting == 2
+
+
 def test_the_budget_is_configuration_checked() -> None:
     with pytest.raises(ValueError, match="max_session_statement_bytes"):
         AuditTracker(CONTEXT, max_session_statement_bytes=0)

@@ -369,11 +369,21 @@ class AuditTracker:
         self._now = 0.0
         #: The COPY the client is sending data for (its pending entry).
         self._copy_in: list[Any] | None = None
+        #: An extended-protocol statement failed and the client has not sent Sync since:
+        #: the server discards what comes until Sync, answering nothing, so a statement
+        #: now is recorded ``not_run`` at once (waiting would keep it for an answer that
+        #: never comes: a client could pile up millions).
+        self._skipping = False
 
     @property
     def retained_bytes(self) -> int:
         """What the statement and portal tables hold (bounded: 2 x the session budget)."""
         return self.statements.retained + self.portals.retained
+
+    @property
+    def awaiting(self) -> int:
+        """Statements and Syncs waiting for the server's answer."""
+        return len(self.pending)
 
     # -- input ------------------------------------------------------------------------------
 
@@ -425,6 +435,7 @@ class AuditTracker:
                 self._copy_in[3] += 1
             return
         if kind == _S:
+            self._skipping = False
             self.pending.append(["sync", None, now, 0])
             return
         if body is None:
@@ -433,7 +444,7 @@ class AuditTracker:
             rec = self._record("query", "simple", _text_fields(body["text"]))
             rec.update(_malformed(body))
             self.last_statement = rec["text"]
-            self.pending.append(["query", rec, now, 0, []])
+            self._await(["query", rec, now, 0, []])
         elif kind == _P:
             name = body["name"]
             text: _Text = body["text"]
@@ -477,7 +488,7 @@ class AuditTracker:
                     fields.update(bound.params)
             rec = self._record("execute", "extended", {**fields, **_malformed(body)})
             self.last_statement = rec["text"]
-            self.pending.append(["exec", rec, now, 0, []])
+            self._await(["exec", rec, now, 0, []])
         elif kind == _C:
             if body["what"] == "S":
                 self.statements.remove(body["name"])
@@ -487,7 +498,14 @@ class AuditTracker:
             fields = {"function_oid": body.get("oid"), **body["params"], **_malformed(body)}
             rec = self._record("function_call", "simple", fields)
             self.last_statement = f"function call {body.get('oid')}"
-            self.pending.append(["fcall", rec, now, 0, []])
+            self._await(["fcall", rec, now, 0, []])
+
+    def _await(self, entry: list[Any]) -> None:
+        """A statement waits for the server's answer, unless the server will skip it."""
+        if self._skipping:
+            self._result(entry, "not_run")
+        else:
+            self.pending.append(entry)
 
     # -- backend ----------------------------------------------------------------------------
 
@@ -538,6 +556,7 @@ class AuditTracker:
                 # The server skips the rest of this pipeline segment, up to Sync.
                 while pending and pending[0][0] == "exec":
                     self._result(pending.popleft(), "not_run")
+                self._skipping = not pending
             elif len(head) == 5:
                 head.append(sqlstate)
         elif kind == _BZ:

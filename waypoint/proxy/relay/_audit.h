@@ -755,6 +755,7 @@ typedef struct {
     Buf sqlstate;
     long long copy_data;
     int copy_in;
+    int skipping;   /* tracker.py's _skipping: until the client's Sync, nothing is answered */
     Table statements, portals;
     /* Encoded records not yet taken; the statement last run. */
     Buf out;
@@ -1321,6 +1322,19 @@ parser_feed(Tracker *t, Framer *f, int is_front, const unsigned char *p, size_t 
     }
 }
 
+/* A statement waits for the server's answer, unless the server will skip it (then it is
+ * not_run at once; pending is empty then, so is the head's collected state). */
+static void
+await_answer(Tracker *t, int kind, long long id)
+{
+    if (t->skipping) {
+        Pending e = {kind, id, t->now};
+        emit_result(t, &e, "not_run", 0, 0, NULL);
+    }
+    else
+        pending_push(t, kind, id);
+}
+
 /* A frontend message is complete (or unparsed: at its header). */
 static void
 on_front(Tracker *t, Framer *f, int kind, int parsed)
@@ -1331,6 +1345,7 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
         return;
     }
     if (kind == 'S') {
+        t->skipping = 0;
         pending_push(t, PEND_SYNC, 0);
         return;
     }
@@ -1349,7 +1364,7 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
         json_text_fields(b, f->t2.kept.p, f->t2.kept.len, f->t2.size, cut, sha);
         record_close(t, malformed);
         set_last(t, f->t2.kept.p, f->t2.kept.len);
-        pending_push(t, PEND_QUERY, id);
+        await_answer(t, PEND_QUERY, id);
     }
     else if (kind == 'P') {
         int cut = text_truncated(&f->t2);
@@ -1431,7 +1446,7 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
             buf_put(b, portal->params.p, portal->params.len);
         }
         record_close(t, malformed);
-        pending_push(t, PEND_EXEC, id);
+        await_answer(t, PEND_EXEC, id);
     }
     else if (kind == 'C') {
         if (malformed)
@@ -1461,7 +1476,7 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
         }
         record_close(t, malformed);
         set_last(t, (const unsigned char *)tmp, (size_t)n);
-        pending_push(t, PEND_FCALL, id);
+        await_answer(t, PEND_FCALL, id);
     }
 }
 
@@ -1495,6 +1510,7 @@ on_back(Tracker *t, Framer *f, int kind)
                 e = pending_pop(t);
                 emit_result(t, &e, "not_run", 0, 0, NULL);
             }
+            t->skipping = t->pcount == 0;
         }
         else if (!t->err_seen) {
             t->err_seen = 1;
@@ -1731,6 +1747,12 @@ Tracker_get_retained(Tracker *self, void *closure)
     return PyLong_FromLongLong(self->statements.retained + self->portals.retained);
 }
 
+static PyObject *
+Tracker_get_awaiting(Tracker *self, void *closure)
+{
+    return PyLong_FromSize_t(self->pcount);
+}
+
 static PyMethodDef Tracker_methods[] = {
     {"client", (PyCFunction)Tracker_client, METH_VARARGS,
      "client(data, now): frontend bytes, in order; how many records they completed."},
@@ -1748,6 +1770,8 @@ static PyGetSetDef Tracker_getset[] = {
     {"retained_bytes", (getter)Tracker_get_retained, NULL,
      "what the statement and portal tables hold (each within max_session_statement_bytes)",
      NULL},
+    {"awaiting", (getter)Tracker_get_awaiting, NULL,
+     "statements and Syncs waiting for the server's answer", NULL},
     {NULL},
 };
 
