@@ -102,6 +102,25 @@ def test_millions_of_prepared_statements_do_not_grow_memory() -> None:
             assert grown < 4 * BUDGET, grown
 
 
+def test_reparsing_names_with_small_texts_frees_the_large_ones() -> None:
+    """A name parsed with a large text, then again with a tiny one (an entry reused): the
+    C tracker must not keep the large buffer the budget no longer counts."""
+    tracker = session_tracker(CONTEXT, max_session_statement_bytes=BUDGET, wall_clock=False)
+    big = b"select '" + b"z" * 30_000 + b"'"
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        grown = 0
+        for i in range(1000):
+            tracker.client(parse(b"s%d" % i, big) + parse(b"s%d" % i, b"select 1"), 1.0)
+            tracker.take()
+            grown = max(grown, tracemalloc.get_traced_memory()[0] - base)
+    finally:
+        tracemalloc.stop()
+    assert tracker.retained_bytes <= BUDGET
+    assert grown < 4 * BUDGET, grown
+
+
 def test_millions_of_portals_do_not_grow_memory() -> None:
     """Bind after Bind of distinct portals with large parameters, never closed."""
     both = Both()

@@ -594,12 +594,34 @@ table_remove(Table *t, const unsigned char *key, size_t klen)
     }
 }
 
-/* A new (empty) entry for key, replacing any; NULL when memory ran out. The caller fills
- * it, then table_admit()s it. */
+/* An emptied buffer of a reused entry keeps its memory only when small (a large one would
+ * be memory the budget does not count). */
+static void
+buf_empty(Buf *b)
+{
+    if (b->cap > 1024)
+        buf_free(b);
+    b->len = 0;
+    b->failed = 0;
+}
+
+/* The (empty) entry for key, the newest: the existing one emptied (the unnamed statement,
+ * replaced at every Parse, keeps its small buffers), or a new one; NULL when memory ran
+ * out. The caller fills it, then table_admit()s it. */
 static Named *
 table_put(Table *t, const unsigned char *key, size_t klen)
 {
-    table_remove(t, key, klen);
+    Named *old = table_get(t, key, klen);
+    if (old != NULL) {
+        list_unlink(old->evicted ? &t->evicted : &t->kept, old);
+        t->retained -= named_cost(old);
+        buf_empty(&old->text);
+        buf_empty(&old->params);
+        old->size = 0;
+        old->truncated = old->evicted = 0;
+        list_append(&t->kept, old);
+        return old;
+    }
     if (t->count >= t->nslots) {
         size_t n = t->nslots ? t->nslots * 2 : 16;
         Named **slots = PyMem_RawCalloc(n, sizeof(Named *));
