@@ -121,6 +121,33 @@ def test_reparsing_names_with_small_texts_frees_the_large_ones() -> None:
     assert grown < 4 * BUDGET, grown
 
 
+def test_a_bind_of_many_large_parameters_keeps_them_within_the_cap() -> None:
+    """One Bind of 600 parameters of 16 KB each (``parameters = "full"``): each alone is
+    under max_statement_bytes, together they are 10 MB. What the message's parameters keep,
+    together, is max_statement_bytes; the rest are recorded cut, with the SHA-256 of each."""
+    both = Both()
+    both.client(parse(b"s", b"select 1"))
+    values = [bytes([65 + i % 26]) * 16_000 for i in range(600)]
+    stream = bind(b"", b"s", values) + execute()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        both.c.client(stream, 1.0)
+        grown = tracemalloc.get_traced_memory()[1] - base
+        lines, _ = both.c.take()
+    finally:
+        tracemalloc.stop()
+    got = [json.loads(b"{" + line + b"}") for line in lines.splitlines()]
+    assert got == [with_context(r) for r in both.py.client(stream, 1.0)]
+    params = got[0]["parameters"]
+    assert len(params) == 600 and sum(len(p["text"]) for p in params) == 65536
+    assert params[0] == {"text": values[0].decode()}
+    for p, v in zip(params[5:], values[5:], strict=True):
+        assert p["truncated"] is True and p["bytes"] == 16_000
+        assert p["sha256"] == hashlib.sha256(v).hexdigest()
+    assert grown < 2 << 20, grown
+
+
 def test_millions_of_portals_do_not_grow_memory() -> None:
     """Bind after Bind of distinct portals with large parameters, never closed."""
     both = Both()
@@ -190,15 +217,23 @@ def test_forgotten_statements_and_portals_are_marked_not_misattributed() -> None
     assert rec["statement"] == "s4" and "portal_evicted" not in rec
 
 
-def test_an_evicted_portal_runs_recorded_without_its_parameters_marked() -> None:
-    both = Both(budget=800)
+def test_an_evicted_portal_has_its_parameters_recorded_when_evicted() -> None:
+    """A named portal's parameters dropped past the budget are recorded then (a ``bind``
+    record); an Execute of the portal refers to it. The unnamed portal is never evicted."""
+    both = Both(budget=900)
     both.client(parse(b"s", b"select $1"))
-    both.client(bind(b"p0", b"s", [b"a" * 100]))
-    both.client(bind(b"p1", b"s", [b"b" * 100]))
-    both.client(bind(b"p2", b"s", [b"c" * 100]))
+    both.client(bind(b"", b"s", [b"u" * 5000]))
+    assert both.client(bind(b"p0", b"s", [b"a" * 100])) == []
+    assert both.client(bind(b"p1", b"s", [b"b" * 100])) == []
+    (bound,) = both.client(bind(b"p2", b"s", [b"c" * 100]))
+    assert bound["event"] == "bind" and bound["portal"] == "p0" and bound["statement"] == "s"
+    assert bound["parameters"] == [{"text": "a" * 100}]
     (rec,) = both.client(execute(b"p0"))
     assert rec["statement"] == "s" and rec["text"] == "select $1"
     assert rec["parameters_evicted"] is True and "parameters" not in rec
+    assert rec["bind_id"] == bound["statement_id"]
+    (rec,) = both.client(execute())
+    assert rec["parameters"] == [{"text": "u" * 5000}]
 
 
 @pytest.mark.parametrize("what", [b"S", b"P"])

@@ -17,6 +17,8 @@ What is recorded (``event``):
   (``none``: only their count; ``hash``: the SHA-256 of each; ``full``: each as text, or
   hex when not UTF-8 / bound in binary);
 * ``function_call`` — a FunctionCall (the function's OID, arguments as parameters);
+* ``bind`` — a named portal's statement and parameters, when the session budget drops
+  them from the portal (see below);
 * ``copy`` — the server started a COPY (direction) for the statement before it;
 * ``result`` — the server finished a query / execute / function call: ``tag`` (the last
   CommandComplete), ``commands`` (how many), ``sqlstate`` on error, ``rows`` for COPY,
@@ -34,9 +36,12 @@ portals, each table on its own) is bounded by ``max_session_statement_bytes``, c
 (``retained_bytes``). Past the bound, the oldest kept statement texts are replaced by their
 SHA-256 and length (an Execute of that statement is recorded with ``text_evicted``, the
 length and the hash: its text is in the ``parse`` record with that hash) and the oldest
-portals lose their parameters (``parameters_evicted``); when that is not enough, the oldest
-such entries are forgotten (an Execute of an unknown name is then recorded with
-``text_evicted`` or ``portal_evicted``, its name, and no text). Close frees entries.
+named portals lose their parameters, recorded then in a ``bind`` record (an Execute of the
+portal carries ``parameters_evicted`` and that record's ``bind_id``); when that is not
+enough, the oldest such entries are forgotten (an Execute of an unknown name is then
+recorded with ``text_evicted`` or ``portal_evicted``, its name, and no text). The unnamed
+portal is never evicted nor counted (it is replaced by every Bind, and one message's
+parameters keep at most ``max_statement_bytes`` together). Close frees entries.
 """
 
 from __future__ import annotations
@@ -252,7 +257,7 @@ class _Statement:
 class _Portal:
     """A portal kept: its statement's name and parameter members (evicted: dropped)."""
 
-    __slots__ = ("key_len", "params", "params_len", "statement", "statement_len")
+    __slots__ = ("bind_id", "key_len", "params", "params_len", "statement", "statement_len")
 
     def __init__(self, key_len: int, statement: str, statement_len: int,
                  params: dict[str, Any]) -> None:  # fmt: skip
@@ -260,6 +265,8 @@ class _Portal:
         self.statement = statement
         self.statement_len = statement_len
         self.params: dict[str, Any] | None = params
+        #: Evicted: the ``bind`` record that has the parameters.
+        self.bind_id = 0
         # The parameter members as the C tracker keeps them (encoded).
         self.params_len = len(_dumps(params).encode()) - 2 if params else 0
 
@@ -279,10 +286,20 @@ class _Table:
     the oldest kept entries are evicted (made smaller), then the oldest evicted ones
     dropped (``dropped`` counts them)."""
 
-    __slots__ = ("budget", "dropped", "entries", "evicted", "kept", "retained")
+    __slots__ = ("budget", "dropped", "entries", "evicted", "kept", "on_evict", "pin", "retained")
 
-    def __init__(self, budget: int) -> None:
+    def __init__(
+        self,
+        budget: int,
+        *,
+        pin: str | None = None,
+        on_evict: Callable[[str, Any], None] | None = None,
+    ) -> None:
         self.budget = budget
+        #: A name whose entry is neither counted nor evicted (the unnamed portal).
+        self.pin = pin
+        #: Called with an entry about to be evicted.
+        self.on_evict = on_evict
         self.entries: dict[str, Any] = {}
         #: Names in the order their entries will be evicted, then dropped.
         self.kept: OrderedDict[str, None] = OrderedDict()
@@ -295,7 +312,7 @@ class _Table:
 
     def remove(self, name: str) -> None:
         entry = self.entries.pop(name, None)
-        if entry is not None:
+        if entry is not None and name != self.pin:
             self.retained -= entry.cost()
             self.kept.pop(name, None)
             self.evicted.pop(name, None)
@@ -304,12 +321,16 @@ class _Table:
         """Keep ``entry`` under ``name`` (the newest), then shrink to the budget."""
         self.remove(name)
         self.entries[name] = entry
+        if name == self.pin:
+            return
         self.kept[name] = None
         self.retained += entry.cost()
         while self.retained > self.budget and self.kept:
             old, _ = self.kept.popitem(last=False)
             victim = self.entries[old]
             self.retained -= victim.cost()
+            if self.on_evict is not None:
+                self.on_evict(old, victim)
             victim.evict()
             self.retained += victim.cost()
             self.evicted[old] = None
@@ -355,7 +376,7 @@ class AuditTracker:
         self._wall = wall_clock
         #: Prepared statements by name ("" is the unnamed one), and portals by name.
         self.statements = _Table(max_session_statement_bytes)
-        self.portals = _Table(max_session_statement_bytes)
+        self.portals = _Table(max_session_statement_bytes, pin="", on_evict=self._evict_portal)
         #: What the server answers next, in order: [kind, record-or-None, started].
         self.pending: deque[list[Any]] = deque()
         self.seq = 0
@@ -483,7 +504,7 @@ class AuditTracker:
                         )
             if bound is not None:
                 if bound.params is None:
-                    fields["parameters_evicted"] = True
+                    fields.update(parameters_evicted=True, bind_id=bound.bind_id)
                 else:
                     fields.update(bound.params)
             rec = self._record("execute", "extended", {**fields, **_malformed(body)})
@@ -499,6 +520,11 @@ class AuditTracker:
             rec = self._record("function_call", "simple", fields)
             self.last_statement = f"function call {body.get('oid')}"
             self._await(["fcall", rec, now, 0, []])
+
+    def _evict_portal(self, name: str, portal: _Portal) -> None:
+        """A portal's parameters are about to be dropped: record them now."""
+        fields = {"statement": portal.statement, "portal": name, **(portal.params or {})}
+        portal.bind_id = self._record("bind", "extended", fields)["statement_id"]
 
     def _await(self, entry: list[Any]) -> None:
         """A statement waits for the server's answer, unless the server will skip it."""
@@ -663,6 +689,9 @@ def _params(
     count: int, formats: list[int], mode: ParameterMode, cap: int
 ) -> Generator[_Request, Any, dict[str, Any]]:
     values: list[Any] = []
+    # What all the parameters of one message keep, together: ``cap`` (32767 parameters of
+    # ``cap`` bytes each would otherwise be held at once); past it they are hashed, cut.
+    left = cap
     for i in range(count):
         length = _i32((yield ("take", 4)))
         if length < 0:
@@ -674,9 +703,10 @@ def _params(
         if mode == "none":
             yield ("blob", length, _NullText())
             continue
-        data = _Text(cap, always_hash=mode == "hash")
+        data = _Text(left, always_hash=mode == "hash")
         if length:
             yield ("blob", length, data)
+        left -= len(data.kept)
         values.append(_param_value(data, binary, mode))
     fields: dict[str, Any] = {"parameter_count": count}
     if mode != "none":

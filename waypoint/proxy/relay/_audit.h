@@ -488,6 +488,8 @@ typedef struct Named {
     long long size;
     int truncated;
     int evicted;
+    int pinned;         /* neither counted nor evicted (the unnamed portal) */
+    long long bind_id;  /* an evicted portal: the bind record with its parameters */
     char sha[65];
     Buf params;
 } Named;
@@ -503,6 +505,9 @@ typedef struct {
     int is_statements; /* eviction drops the text (statements) or the parameters (portals) */
     long long budget, retained, dropped; /* tracker.py's _Table */
     NamedList kept, evicted;
+    int pin_unnamed;                     /* the entry of "" is pinned */
+    void (*on_evict)(void *owner, Named *e);
+    void *owner;
 } Table;
 
 static size_t
@@ -578,8 +583,10 @@ table_unlink(Table *t, Named **at)
 {
     Named *e = *at;
     *at = e->next;
-    list_unlink(e->evicted ? &t->evicted : &t->kept, e);
-    t->retained -= named_cost(e);
+    if (!e->pinned) {
+        list_unlink(e->evicted ? &t->evicted : &t->kept, e);
+        t->retained -= named_cost(e);
+    }
     t->count--;
 }
 
@@ -613,13 +620,16 @@ table_put(Table *t, const unsigned char *key, size_t klen)
 {
     Named *old = table_get(t, key, klen);
     if (old != NULL) {
-        list_unlink(old->evicted ? &t->evicted : &t->kept, old);
-        t->retained -= named_cost(old);
+        if (!old->pinned) {
+            list_unlink(old->evicted ? &t->evicted : &t->kept, old);
+            t->retained -= named_cost(old);
+        }
         buf_empty(&old->text);
         buf_empty(&old->params);
         old->size = 0;
         old->truncated = old->evicted = 0;
-        list_append(&t->kept, old);
+        if (!old->pinned)
+            list_append(&t->kept, old);
         return old;
     }
     if (t->count >= t->nslots) {
@@ -655,7 +665,10 @@ table_put(Table *t, const unsigned char *key, size_t klen)
     e->klen = klen;
     *at = e;
     t->count++;
-    list_append(&t->kept, e);
+    if (t->pin_unnamed && klen == 0)
+        e->pinned = 1;
+    else
+        list_append(&t->kept, e);
     return e;
 }
 
@@ -664,11 +677,15 @@ table_put(Table *t, const unsigned char *key, size_t klen)
 static void
 table_admit(Table *t, Named *e)
 {
+    if (e->pinned)
+        return;
     t->retained += named_cost(e);
     while (t->retained > t->budget && t->kept.oldest != NULL) {
         Named *v = t->kept.oldest;
         t->retained -= named_cost(v);
         list_unlink(&t->kept, v);
+        if (t->on_evict != NULL)
+            t->on_evict(t->owner, v);
         if (t->is_statements) {
             if (!v->truncated) {
                 Sha256 s;
@@ -739,6 +756,7 @@ typedef struct {
     /* The message's fields. */
     Text t1, t2, param;
     long long nfmt, ifmt, count, iparam;
+    size_t param_left;   /* bytes the message's parameters may still keep, together */
     unsigned char *fmts; /* 1: binary, per format code */
     long long fmts_cap;
     int32_t oid;
@@ -1114,6 +1132,7 @@ params_step(Tracker *t, Framer *f)
                 f->count = 0;
             f->iparam = 0;
             f->values.len = 0;
+            f->param_left = t->cap;
             f->step = 15;
             continue;
         case 15: /* each parameter's length */
@@ -1144,7 +1163,7 @@ params_step(Tracker *t, Framer *f)
                 continue;
             }
             int binary = f->nfmt == 1 ? f->fmts[0] : (i < f->nfmt ? f->fmts[i] : 0);
-            text_reset(&f->param, t->cap, t->mode == MODE_HASH);
+            text_reset(&f->param, f->param_left, t->mode == MODE_HASH);
             f->param.discard = t->mode == MODE_NONE;
             f->what = (unsigned char)binary;
             if (len > 0) {
@@ -1156,6 +1175,7 @@ params_step(Tracker *t, Framer *f)
             continue;
         }
         case 17:
+            f->param_left -= f->param.kept.len;
             if (t->mode != MODE_NONE)
                 param_value(t, f, f->what);
             f->step = 15;
@@ -1344,6 +1364,26 @@ parser_feed(Tracker *t, Framer *f, int is_front, const unsigned char *p, size_t 
     }
 }
 
+/* A portal's parameters are about to be dropped: record them now (tracker.py's
+ * _evict_portal). */
+static void
+evict_portal(void *owner, Named *e)
+{
+    Tracker *t = owner;
+    Buf *b = &t->out;
+    e->bind_id = ++t->seq;
+    record_open(t, &t->ctx, "bind", e->bind_id, "extended");
+    buf_lit(b, ",\"statement\":");
+    json_str(b, e->text.p, e->text.len);
+    buf_lit(b, ",\"portal\":");
+    json_str(b, e->key, e->klen);
+    if (e->params.len) {
+        buf_putc(b, ',');
+        buf_put(b, e->params.p, e->params.len);
+    }
+    record_close(t, 0);
+}
+
 /* A statement waits for the server's answer, unless the server will skip it (then it is
  * not_run at once; pending is empty then, so is the head's collected state). */
 static void
@@ -1461,8 +1501,10 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
                 set_last(t, s->text.p, s->text.len);
             }
         }
-        if (portal != NULL && portal->evicted)
-            buf_lit(b, ",\"parameters_evicted\":true");
+        if (portal != NULL && portal->evicted) {
+            buf_lit(b, ",\"parameters_evicted\":true,\"bind_id\":");
+            buf_int(b, portal->bind_id);
+        }
         else if (portal != NULL && portal->params.len) {
             buf_putc(b, ',');
             buf_put(b, portal->params.p, portal->params.len);
@@ -1674,6 +1716,9 @@ Tracker_init(Tracker *self, PyObject *args, PyObject *kwds)
         self->wall = wall;
         self->statements.budget = self->portals.budget = budget;
         self->statements.is_statements = 1;
+        self->portals.pin_unnamed = 1;
+        self->portals.on_evict = evict_portal;
+        self->portals.owner = self;
         buf_put(&self->ctx, ctx.buf, (size_t)ctx.len);
         buf_put(&self->ctx_short, short_ctx.buf, (size_t)short_ctx.len);
         framer_init(&self->front);
