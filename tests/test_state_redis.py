@@ -6,7 +6,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import redis
@@ -41,18 +41,6 @@ def prefix() -> Iterator[str]:
 
 def cfg(prefix: str, *, url: str = REDIS_URL, lease: float = 30.0) -> StateConfig:
     return StateConfig(backend="redis", url=url, key_prefix=prefix, lease=lease)
-
-
-@pytest.fixture
-async def own_redis() -> AsyncIterator[OwnRedis]:
-    server = OwnRedis()
-    server.start()
-    try:
-        yield server
-    finally:
-        if server.proc is not None:
-            server.proc.send_signal(signal.SIGCONT)
-        server.stop()
 
 
 def req(principal: str = "alice@example.com", **limits: int) -> SlotRequest:
