@@ -11,6 +11,7 @@ from typing import Any
 
 import pg8000.native
 import pytest
+import test_reaper_pg
 import trio
 from fixtures_pg import PrivatePg
 from pg8000.exceptions import DatabaseError
@@ -50,10 +51,7 @@ def grant(
     )
 
 
-@pytest.fixture
-def app_db(pg: PgCluster, pg_db: str) -> str:
-    setup_app_db(pg, pg_db)
-    return pg_db
+app_db = test_reaper_pg.app_db
 
 
 @pytest.fixture
