@@ -129,7 +129,7 @@ async def test_json_log_lines_have_stable_keys_and_never_a_secret(
     created = [r for r in records if r["event"] == "role_created"]
     assert {r["role"] for r in created} == {r["role"] for r in ok}, created
     for r in created:
-        assert (r["listener"], r["database"]) == (LISTENER, db), r
+        assert (r["listener"], r["db"]) == (LISTENER, db), r
         assert "message" not in r
     granted = [r for r in records if r["event"] == "role_grants_changed"]
     assert {r["role"] for r in granted} == {r["role"] for r in ok}, granted

@@ -382,7 +382,7 @@ class AdminPools:
                 except AdminConnectionLost:
                     if not sess.reused:
                         raise
-            log.info("admin_session_dead", listener=self._listener.name, database=database)
+            log.info("admin_session_dead", listener=self._listener.name, db=database)
 
     async def aclose(self) -> None:
         self._closed = True

@@ -382,7 +382,7 @@ async def disarm_everywhere(
             log.info(
                 "role_triggers_dropped",
                 role=owner,
-                database=database,
+                db=database,
                 triggers=list(dropped),
                 disarmed=changed,
             )
@@ -554,7 +554,7 @@ class Provisioner:
                 log.info(
                     "role_name_taken",
                     listener=grant.listener,
-                    database=grant.database,
+                    db=grant.database,
                     taken=base,
                     role=candidate,
                 )
@@ -903,14 +903,14 @@ class Provisioner:
                     log.info(
                         "provision_retry",
                         listener=self._listener.name,
-                        database=plan.database,
+                        db=plan.database,
                         role=plan.role,
                         error_sqlstate=exc.sqlstate,
                     )
                     continue
                 raise
             self._group_signatures.update(result.signatures)
-            where = {"listener": self._listener.name, "database": plan.database, "role": plan.role}
+            where = {"listener": self._listener.name, "db": plan.database, "role": plan.role}
             if result.created:
                 log.info("role_created", **where)
             if result.granted or result.revoked:
