@@ -5,8 +5,8 @@ Markers by construction: a test that requests a PostgreSQL fixture (:data:`PG_FI
 directly or through another fixture) gets ``pg``, one that requests a Redis fixture
 (:data:`REDIS_FIXTURES`) or has a parameter naming a Redis backend (:data:`REDIS_PARAMS`)
 gets ``redis``. So ``-m "not pg and not redis"`` deselects them. And a guard makes a test
-that starts PostgreSQL (``initdb``, a server start) or opens a Redis connection without the
-marker fail at that moment, so a test that does it some other way cannot slip through either
+that starts a PostgreSQL server (``pgrun.start_server``: the harness's clusters and the demo's)
+or opens a Redis connection without the marker fail at that moment, so a test that does it some other way cannot slip through either
 (tests/test_markers.py)."""
 
 from __future__ import annotations
@@ -108,7 +108,6 @@ def _guarded(marker: str, what: str, fn: Callable[..., Any]) -> Callable[..., An
     return guarded
 
 
-pgrun.initdb = _guarded("pg", "runs initdb", pgrun.initdb)  # type: ignore[assignment]
 pgrun.start_server = _guarded("pg", "starts PostgreSQL", pgrun.start_server)  # type: ignore[assignment]
 redis.connection.AbstractConnection.connect = _guarded(  # type: ignore[method-assign]
     "redis", "connects to Redis", redis.connection.AbstractConnection.connect
