@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -174,14 +175,19 @@ def test_library_record_with_bad_format_args_still_formats_as_json(json_log: io.
     assert record["logger"] == "pg8000" and "role %s and %s" in record["message"]
 
 
+@functools.cache
+def _package_trees() -> list[tuple[Path, ast.Module]]:
+    return [(p, ast.parse(p.read_text(), str(p))) for p in sorted(PACKAGE.rglob("*.py"))]
+
+
 def test_waypoint_logs_only_through_event_logger() -> None:
     """Every line of Waypoint's own is an event with named fields: no module but the logging
     module itself uses the stdlib ``logging`` API (whose lines would be free text)."""
     offenders = []
-    for path in sorted(PACKAGE.rglob("*.py")):
+    for path, tree in _package_trees():
         if path == PACKAGE / "observability" / "log.py":
             continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(tree):
             names = (
                 [a.name for a in node.names]
                 if isinstance(node, ast.Import)
@@ -198,8 +204,8 @@ def _logged_events() -> dict[str, set[str]]:
     """Every event the package logs (``log.info("name", field=...)``, ``self._log...``, the burst
     logs' ``BurstLog(log, "name")``) with the fields named at its call sites."""
     events: dict[str, set[str]] = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for _, tree in _package_trees():
+        for node in ast.walk(tree):
             if not (isinstance(node, ast.Call) and node.args):
                 continue
             first = node.args[0] if isinstance(node.func, ast.Attribute) else None
