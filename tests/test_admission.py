@@ -28,8 +28,8 @@ from waypoint.proxy.admission import (
     TokenBuckets,
 )
 from waypoint.proxy.cancel import forward_cancel
+from waypoint.proxy.context import ListenerContext
 from waypoint.proxy.listener import accept_forever, accept_loop
-from waypoint.proxy.session import ListenerContext
 from waypoint.state import CancelTarget, MemoryStateStore
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import resource
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import attrs
 import trio
@@ -27,11 +27,11 @@ from waypoint.observability.metrics import Metrics
 from waypoint.provision.engine import Provisioner
 from waypoint.proxy.admission import Admission
 from waypoint.proxy.backend import backend_ssl_context
+from waypoint.proxy.context import ListenerContext
 from waypoint.proxy.listener import CurrentContext, accept_loop, open_listener
 from waypoint.proxy.registry import LiveSession, RefusalCache, SessionRegistry, WarmPeers
 from waypoint.proxy.relay import RelayEngine, open_relay_engine
 from waypoint.proxy.revalidation import revalidation_loop
-from waypoint.proxy.session import ListenerContext
 from waypoint.proxy.tls import MIN_VALIDITY, ClientTLS
 from waypoint.reaper import service as reaper_service
 from waypoint.service.health import Health, SupportsPing, backend_check, identity_check
@@ -410,7 +410,9 @@ class _Service:
                         bound[name] = await self._bind(CurrentContext(ctx), ctx)
                     # A reassign_to that could hand callers' objects to a privileged role
                     # refuses the start.
-                    problems = await reaper_service.reassign_target_problems(self.contexts)
+                    problems = await reaper_service.reassign_target_problems(
+                        _reap_targets(self.contexts)
+                    )
                     if problems:
                         raise StartupRefused("; ".join(problems))
                 except BaseException:
@@ -621,7 +623,7 @@ class _Service:
                 )
             # A reassign_to that startup would refuse fails the reload the same way.
             checked = {name: staged.contexts[name] for name in (*plan.added, *plan.changed)}
-            problems = await reaper_service.reassign_target_problems(checked)
+            problems = await reaper_service.reassign_target_problems(_reap_targets(checked))
             if problems:
                 raise StartupRefused("; ".join(problems))
             for name in (*plan.added, *plan.rebind):
@@ -822,14 +824,27 @@ def _extra_background(
     metrics: Metrics,
 ) -> list[Callable[[], Awaitable[None]]]:
     """Background services beside revalidation: the reaper's periodic task per listener."""
-    return reaper_service.reaper_tasks(config, contexts, registry, metrics)
+    return reaper_service.reaper_tasks(config, _reap_targets(contexts), registry, metrics)
 
 
 async def _sweep_orphans(
     contexts: dict[str, ListenerContext], registry: SessionRegistry, metrics: Metrics
 ) -> None:
     """The reaper's start sweep of orphan backends."""
-    await reaper_service.sweep_orphans_at_start(contexts, registry, metrics)
+    await reaper_service.sweep_orphans_at_start(_reap_targets(contexts), registry, metrics)
+
+
+def _reap_targets(contexts: Mapping[str, ListenerContext]) -> dict[str, reaper_service.ReapTarget]:
+    """Each listener as the reaper sees it (plain values: the reaper knows no proxy types)."""
+    return {
+        name: reaper_service.ReapTarget(
+            listener=ctx.listener,
+            provisioner=ctx.provisioner,
+            state=ctx.state,
+            shared_state=ctx.config.state.backend != "memory",
+        )
+        for name, ctx in contexts.items()
+    }
 
 
 async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event, service: _Service) -> None:

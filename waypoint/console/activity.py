@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from waypoint.provision.admin import AdminPools, AdminSession
+from waypoint.proxy.context import ListenerContext
 from waypoint.proxy.registry import LiveSession
-from waypoint.proxy.session import ListenerContext
 
 _STATES: Final = (
     "SELECT a.pid, a.state FROM pg_catalog.pg_stat_activity AS a "

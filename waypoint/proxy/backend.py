@@ -4,7 +4,6 @@ read the session start up to ReadyForQuery."""
 from __future__ import annotations
 
 import contextlib
-import hmac
 import ssl
 from collections.abc import Mapping
 
@@ -12,7 +11,6 @@ import attrs
 import trio
 
 from waypoint.config.model import ListenerConfig
-from waypoint.observability.metrics import Metrics
 from waypoint.pgwire import (
     Authenticated,
     BackendError,
@@ -32,7 +30,6 @@ from waypoint.pgwire import (
     parse_backend_message,
     tls_server_end_point_hash,
 )
-from waypoint.pgwire.errors import ProtocolError
 
 RECV_SIZE = 64 * 1024
 
@@ -146,7 +143,7 @@ class BackendSessionStart:
 @attrs.frozen
 class BackendLogin:
     """Who to log in to the backend as, and the session asked for. Made ahead of need
-    (``BackendPrefetch``) with credentials the provisioner already holds
+    (``source.BackendPrefetch``) with credentials the provisioner already holds
     (``Provisioner.peek``) for the role the peer's last handshake got."""
 
     role: str
@@ -266,7 +263,6 @@ __all__ = [
     "BackendConnection",
     "BackendError",
     "BackendLogin",
-    "BackendPrefetch",
     "BackendSessionStart",
     "BackendUnavailable",
     "LoginError",
@@ -274,103 +270,3 @@ __all__ = [
     "connect_backend",
     "login_backend",
 ]
-
-
-class BackendPrefetch:
-    """A backend connection opened ahead of need: for a warm peer, while its identity is
-    looked up (``session._whois``), and, with a :class:`BackendLogin`, logged in too.
-
-    Without a login, ``run`` never raises BackendUnavailable: the failure is kept and raised
-    by ``take``, where the connection would have been opened without a prefetch. With one,
-    the connection is only ever handed out logged in, by ``take_session`` to a caller whose
-    credentials are the very role and secret it logged in with; a login that fails for any
-    reason is dropped quietly (the caller connects as without a prefetch). ``aclose`` closes
-    a connection nobody took (a refusal, another role, a rotation that reconnects).
-    """
-
-    def __init__(
-        self,
-        listener: ListenerConfig,
-        ssl_context: ssl.SSLContext | None,
-        metrics: Metrics,
-        login: BackendLogin | None = None,
-    ) -> None:
-        self._listener = listener
-        self._ssl_context = ssl_context
-        self._metrics = metrics
-        self._login = login
-        self._done = trio.Event()
-        self._backend: BackendConnection | None = None
-        self._start: BackendSessionStart | None = None
-        self._failure: BackendUnavailable | None = None
-        self._taken = False
-
-    async def run(self) -> None:
-        try:
-            self._backend = await connect_backend(self._listener, self._ssl_context)
-            if self._login is not None:
-                self._start = await self._log_in(self._backend, self._login)
-                if self._start is None:
-                    await self.aclose()  # counted: logged_in, discarded
-        except BackendUnavailable as exc:
-            self._failure = exc
-        finally:
-            self._done.set()
-
-    async def _log_in(
-        self, backend: BackendConnection, login: BackendLogin
-    ) -> BackendSessionStart | None:
-        try:
-            return await login_backend(backend, login)
-        except (BackendError, LoginError, ProtocolError, BackendUnavailable):
-            # A role dropped or rotated meanwhile, a backend gone: the real login will say.
-            return None
-
-    @property
-    def logged_in(self) -> bool:
-        """The planned login succeeded and the session is not taken yet."""
-        return not self._taken and self._start is not None and self._backend is not None
-
-    @property
-    def available(self) -> bool:
-        """A plain connection (no login planned), not taken yet, and the attempt finished
-        (the whois waited for it)."""
-        return self._login is None and not self._taken and self._done.is_set()
-
-    def take(self) -> BackendConnection:
-        """The connection (once), or the attempt's BackendUnavailable."""
-        assert self.available
-        self._taken = True
-        self._metrics.backend_prefetched(self._listener.name, logged_in=False, used=True)
-        if self._failure is not None:
-            raise self._failure
-        assert self._backend is not None
-        backend, self._backend = self._backend, None
-        return backend
-
-    def take_session(
-        self, role: str, secret: str
-    ) -> tuple[BackendConnection, BackendSessionStart] | None:
-        """The logged-in session (once) if it was made as ``role`` with ``secret``."""
-        login, start, backend = self._login, self._start, self._backend
-        if (
-            self._taken
-            or login is None
-            or start is None
-            or backend is None
-            or login.role != role
-            or not hmac.compare_digest(login.secret.encode(), secret.encode())
-        ):
-            return None
-        self._taken = True
-        self._backend = None
-        self._metrics.backend_prefetched(self._listener.name, logged_in=True, used=True)
-        return backend, start
-
-    async def aclose(self) -> None:
-        backend, self._backend = self._backend, None
-        if backend is not None:
-            logged_in = self._login is not None
-            self._metrics.backend_prefetched(self._listener.name, logged_in=logged_in, used=False)
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await backend.aclose()

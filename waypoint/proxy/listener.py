@@ -22,7 +22,8 @@ import trio
 from waypoint.observability.log import get_logger
 from waypoint.pgwire import build_error_response
 from waypoint.proxy.admission import AcceptBackoff, HandshakeTicket
-from waypoint.proxy.session import ListenerContext, serve_connection
+from waypoint.proxy.context import ListenerContext
+from waypoint.proxy.session import serve_connection
 
 log = get_logger("listener")
 

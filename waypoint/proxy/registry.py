@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import secrets
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
@@ -76,6 +77,15 @@ class LiveSession:
             self.relay.terminate(fatal_bytes(refusal))
         else:
             self._pending_end = refusal
+
+
+def set_duration_deadline(live: LiveSession) -> None:
+    """Point the session's ``max_conn_duration`` timer at its grant's limit (revalidation
+    calls this after a grant change: a lower limit already passed ends the session now)."""
+    scope = live.duration_scope
+    if scope is not None:
+        seconds = live.grant.limits.max_conn_duration
+        scope.deadline = live.started + seconds if seconds > 0 else math.inf
 
 
 class SessionRegistry:
@@ -201,7 +211,7 @@ class WarmPeers:
     """Peer addresses that logged in recently (a few minutes), for the backend prefetch.
 
     A warm peer's next connection opens its backend connection while its identity is
-    looked up (``backend.BackendPrefetch``), hiding the TCP (and TLS) connect and
+    looked up (``source.BackendPrefetch``), hiding the TCP (and TLS) connect and
     PostgreSQL's fork behind the whois, and, when the peer asks for what its last handshake
     got (:class:`LoginGuess`), the backend login too. Only peers that got through the whole
     handshake are warm, so a peer that is refused, or unknown to the tailnet, never makes

@@ -21,8 +21,8 @@ from waypoint.identity.model import Identity, IdentityError
 from waypoint.observability.log import get_logger
 from waypoint.provision.backends import cancel_role_statements, terminate_role_backends
 from waypoint.provision.engine import Provisioner
-from waypoint.proxy.registry import LiveSession, SessionRegistry
-from waypoint.proxy.session import ListenerContext, set_duration_deadline
+from waypoint.proxy.context import ListenerContext
+from waypoint.proxy.registry import LiveSession, SessionRegistry, set_duration_deadline
 from waypoint.state.base import SlotUsage
 
 log = get_logger("revalidation")

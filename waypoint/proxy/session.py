@@ -1,198 +1,69 @@
-"""One client connection, start to end (docs/protocol.md): first packet, TLS, identity, grant, slot,
-provisioning, backend login, relay, and the one log line when it ends.
+"""One client connection, start to end (docs/protocol.md, docs/architecture.md): first packet,
+TLS, identity, grant, slot, a logged-in backend, relay, and the one log line when it ends.
 
-Every step before the relay runs inside one cancel scope bounded by ``handshake_timeout``.
-A failure here ends this connection only: the task catches its own errors.
+A connection's state lives on one :class:`Session` (hypercorn's ``TCPServer`` is the model):
+``run`` is its whole life and ends in one shielded ``finally`` (:meth:`Session._end`). Its
+parts: the client side of the handshake (:mod:`waypoint.proxy.handshake`), authorization and
+the slot (here), the logged-in backend (:mod:`waypoint.proxy.source`), and the relay or the
+console. Every step before the relay runs inside one cancel scope bounded by
+``handshake_timeout``. A failure here ends this connection only: the task catches its own
+errors.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import math
 import socket
-import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import attrs
 import trio
 
 from waypoint import errors
-from waypoint.audit.service import AuditService
 from waypoint.audit.session import SessionAudit
-from waypoint.config.model import Config, ListenerConfig
 from waypoint.config.units import format_duration
-from waypoint.console.hub import Caller, ConsoleHub
+from waypoint.console.hub import Caller
 from waypoint.console.server import serve_console
 from waypoint.errors import Refusal
 from waypoint.grants.evaluate import console_access, evaluate
-from waypoint.grants.model import EffectiveGrant
-from waypoint.grants.presets import PresetCapResult, parse_preset_cap
-from waypoint.identity.model import Identity, IdentityError, IdentityProvider
+from waypoint.grants.model import EffectiveGrant, Preset
+from waypoint.grants.presets import parse_preset_cap
+from waypoint.identity.model import Identity, IdentityError
 from waypoint.observability.log import EventLogger, get_logger
-from waypoint.observability.metrics import Metrics
 from waypoint.pgwire import (
     AuthenticationOk,
-    BackendError,
-    CancelRequest,
-    DirectTLS,
+    BackendKeyData,
     ErrorResponse,
-    FirstPacketReader,
-    GSSENCRequest,
-    LoginError,
     NegotiateProtocolVersion,
-    ProtocolError,
-    SSLRequest,
     StartupMessage,
     build_error_response,
 )
-from waypoint.provision.backends import terminate_pid
-from waypoint.provision.engine import Credentials, DatabaseMissing, Provisioner, ProvisionError
-from waypoint.proxy.admission import Admission
-from waypoint.proxy.backend import (
-    BackendConnection,
-    BackendLogin,
-    BackendPrefetch,
-    BackendSessionStart,
-    BackendUnavailable,
-    connect_backend,
-    login_backend,
+from waypoint.proxy.backend_end import BackendEnd
+from waypoint.proxy.context import ListenerContext
+from waypoint.proxy.handshake import (
+    ClientConnection,
+    Close,
+    ForwardBackendError,
+    Refused,
+    negotiate,
+    peer_of,
 )
-from waypoint.proxy.backend_end import BackendEnd, stop_backend
-from waypoint.proxy.cancel import send_cancel, serve_cancel_request
 from waypoint.proxy.registry import (
     LiveSession,
-    LoginGuess,
-    RefusalCache,
-    SessionRegistry,
-    WarmPeers,
     fatal_bytes,
     new_conn_id,
+    set_duration_deadline,
 )
-from waypoint.proxy.relay import (
-    RelayEngine,
-    RelayResult,
-    StreamRelay,
-    TlsHandover,
-)
+from waypoint.proxy.relay import RelayControl, RelayResult, StreamRelay, TlsHandover
+from waypoint.proxy.source import BackendRequest, LoggedInBackend
 from waypoint.proxy.streams import ServerTLSStream
-from waypoint.proxy.tls import (
-    ALPN_POSTGRESQL,
-    ClientHelloError,
-    ClientTLS,
-    client_hello_length,
-    parse_client_hello,
-)
-from waypoint.state.base import CancelTarget, SlotLease, SlotRequest, StateStore
+from waypoint.state.base import CancelTarget, SlotLease, SlotRequest
 
-RECV_SIZE = 16 * 1024
 # Newest protocol minor version Waypoint speaks (3.2: variable-length cancel keys).
 MAX_MINOR = 2
-# How many SSLRequest / GSSENCRequest rounds a client may make before its startup packet.
-MAX_NEGOTIATION_ROUNDS = 4
 # Cancel keys live this long in shared state at most (a session ends sooner, and unregisters).
 CANCEL_KEY_TTL = 7 * 24 * 3600.0
 
-
-@attrs.define(eq=False)
-class ListenerContext:
-    """Everything a connection task of one listener needs, owned by the app's nursery."""
-
-    config: Config
-    listener: ListenerConfig
-    identity: IdentityProvider
-    provisioner: Provisioner
-    state: StateStore
-    engine: RelayEngine | None
-    tls: ClientTLS
-    backend_ssl: ssl.SSLContext | None
-    registry: SessionRegistry
-    refusals: RefusalCache
-    metrics: Metrics
-    pbkdf2_limiter: trio.CapacityLimiter
-    accepting: bool = True
-    #: Peers that logged in recently: their backend connection opens during the whois.
-    warm_peers: WarmPeers = attrs.field(factory=WarmPeers)
-    #: The app's pre-authentication bounds (handshakes per address, cancel rate).
-    admission: Admission = attrs.field(kw_only=True)
-    #: The console (its database, SHOW SESSIONS, KILL, LOCK); None: no console database.
-    console: ConsoleHub | None = attrs.field(default=None, kw_only=True)
-    #: The statement audit (None: ``[audit]`` is off, and no relay carries a hook).
-    audit: AuditService | None = attrs.field(default=None, kw_only=True)
-
-    @property
-    def allow_raw_sql(self) -> bool:
-        return self.config.allow_raw_sql(self.listener)
-
-
-class _Refused(Exception):
-    """Ends the handshake with a FATAL to the client (already TLS-negotiated, if any)."""
-
-    def __init__(self, refusal: Refusal, *, cache: bool = True) -> None:
-        super().__init__(refusal.message)
-        self.refusal = refusal
-        self.cache = cache
-
-
-class _ForwardBackendError(Exception):
-    """Ends the handshake by forwarding the backend's own ErrorResponse verbatim."""
-
-    def __init__(self, fields: Mapping[str, str]) -> None:
-        super().__init__(fields.get("M", ""))
-        self.fields = dict(fields)
-
-
-class _Close(Exception):
-    """Ends the connection without a message (TLS failures, cancel requests, garbage)."""
-
-
-@attrs.define(eq=False)
-class _Client:
-    raw: trio.SocketStream
-    stream: trio.abc.Stream
-    peer: tuple[str, int]
-    tls: bool = False
-    tls_version: str | None = None
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def receive(self) -> bytes:
-        try:
-            data = await self.stream.receive_some(RECV_SIZE)
-        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-            raise _Close(f"client connection broke: {exc}") from exc
-        if not data:
-            raise _Close("client closed the connection")
-        return bytes(data)
-
-
-@attrs.define(eq=False)
-class _Outcome:
-    """What the connection log line reports."""
-
-    outcome: str = "closed"
-    sqlstate: str | None = None
-    detail: str | None = None
-    identity: Identity | None = None
-    database: str | None = None
-    role: str | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    relay_reason: str | None = None
-    backend_end: BackendEnd | None = None
-    backend_end_ms: float | None = None
-
-
-def _peer_of(stream: trio.SocketStream) -> tuple[str, int]:
-    try:
-        addr = stream.socket.getpeername()
-    except OSError:
-        return ("?", 0)
-    host = str(addr[0])
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return host, int(addr[1])
+_OWN_PARAMETERS = frozenset({"user", "database", "replication"})
 
 
 async def serve_connection(
@@ -203,553 +74,476 @@ async def serve_connection(
     """The connection task. Never raises (except Cancelled): one bad client affects nobody.
     ``handshake_done`` is called once the handshake is over (before the relay starts)."""
     conn_id = new_conn_id()
-    peer = _peer_of(raw)
-    client = _Client(raw, raw, peer)
+    peer = peer_of(raw)
     log = get_logger(
         "session", conn_id=conn_id, listener=ctx.listener.name, peer=f"{peer[0]}:{peer[1]}"
     )
-    out = _Outcome()
-    started = trio.current_time()
-    ctx.metrics.connection_opened(ctx.listener.name)
-    try:
-        await _run(ctx, client, conn_id, log, out, handshake_done)
-    except _Close as exc:
-        out.outcome = "closed"
-        out.detail = str(exc)
-    except Exception as exc:  # a bug: log it, end this connection only
-        out.outcome = "error"
-        out.detail = f"{type(exc).__name__}: {exc}"
-        log.error("session_internal_error", exc_info=True, error=out.detail)
-    finally:
-        with (
-            trio.CancelScope(shield=True),
-            trio.move_on_after(1),
-            contextlib.suppress(
-                trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError
-            ),
-        ):
-            await client.stream.aclose()
-        duration = trio.current_time() - started
-        ctx.metrics.connection_closed(
-            ctx.listener.name, out.outcome, out.sqlstate, out.bytes_in, out.bytes_out
-        )
-        ident = out.identity
-        log.info(
-            "connection_end",
-            outcome=out.outcome,
-            sqlstate=out.sqlstate,
-            login=ident.login if ident else None,
-            node=ident.node if ident else None,
-            db=out.database,
-            role=out.role,
-            tls=client.tls,
-            relay_end=out.relay_reason,
-            backend_end=out.backend_end.how if out.backend_end else None,
-            backend_end_detail=out.backend_end.detail if out.backend_end else None,
-            backend_end_ms=out.backend_end_ms,
-            bytes_in=out.bytes_in,
-            bytes_out=out.bytes_out,
-            duration_ms=round(duration * 1000, 1),
-            detail=out.detail,
-        )
-
-
-async def _run(
-    ctx: ListenerContext,
-    client: _Client,
-    conn_id: str,
-    log: EventLogger,
-    out: _Outcome,
-    handshake_done: Callable[[], None] | None = None,
-) -> None:
-    startup: StartupMessage | None = None
-    console: Caller | None = None
-    established: tuple[BackendConnection, BackendSessionStart, SlotLease, LiveSession] | None
-    established = None
-    handshake_started = trio.current_time()
-    with trio.move_on_after(ctx.config.handshake_timeout) as handshake_scope:
-        try:
-            startup, pending = await _negotiate(ctx, client)
-            if startup is None:
-                return
-            if _asks_for_console(ctx, startup):
-                console = await _authorize_console(ctx, client, conn_id, out)
-            else:
-                established = await _authorize_and_connect(ctx, client, startup, conn_id, log, out)
-        except _Refused as exc:
-            await _refuse(ctx, client, startup, exc.refusal, out, log, cache=exc.cache)
-            return
-        except _ForwardBackendError as exc:
-            out.outcome = "backend_error"
-            out.sqlstate = exc.fields.get("C")
-            out.detail = exc.fields.get("M")
-            await _send_quietly(client, ErrorResponse(exc.fields).encode())
-            return
-    if handshake_done is not None:
-        handshake_done()
-    if handshake_scope.cancelled_caught:
-        out.outcome = "handshake_timeout"
-        out.sqlstate = "08006"
-        if startup is not None:
-            await _send_quietly(
-                client,
-                build_error_response("FATAL", "08006", "Waypoint handshake timed out; try again"),
-            )
-        return
-    ctx.metrics.handshake_done(ctx.listener.name, trio.current_time() - handshake_started)
-    if console is not None:
-        assert startup is not None and ctx.console is not None
-        out.outcome = "console"
-        await serve_console(
-            ctx.console,
-            console,
-            startup.parameters,
-            client.send,
-            client.receive,
-            pending,
-            _console_preamble(startup),
-            functools.partial(_recheck_console, ctx, client, conn_id),
-        )
-        return
-    assert established is not None
-    backend, start, slot, live = established
-    link = _BackendLink(backend.socket_stream.socket)
-    try:
-        await _relay(ctx, client, backend, start, live, link, pending, out, log)
-    finally:
-        with trio.CancelScope(shield=True):
-            await _end_session(ctx, client, backend, start, slot, live, link, out, log)
+    session = Session(ctx, ClientConnection(raw, raw, peer), conn_id, log, handshake_done)
+    await session.run()
 
 
 @attrs.define(eq=False)
-class _BackendLink:
-    """The backend connection's raw socket, kept open past the relay for the backend's end."""
+class Session:
+    """One client connection: what its handshake found, what it holds, and what its one log
+    line reports."""
 
-    sock: trio.socket.SocketType | None
+    ctx: ListenerContext
+    client: ClientConnection
+    conn_id: str
+    log: EventLogger
+    handshake_done: Callable[[], None] | None = None
+    started: float = attrs.field(factory=trio.current_time)
 
+    # What the handshake found.
+    startup: StartupMessage | None = None
+    #: Bytes the client sent after its StartupMessage (go to the backend first).
+    pending: bytes = b""
+    database: str | None = None
+    identity: Identity | None = None
+    #: A console session's caller (None: a relayed session).
+    caller: Caller | None = None
 
-async def _end_session(
-    ctx: ListenerContext,
-    client: _Client,
-    backend: BackendConnection,
-    start: BackendSessionStart,
-    slot: SlotLease,
-    live: LiveSession,
-    link: _BackendLink,
-    out: _Outcome,
-    log: EventLogger,
-) -> None:
-    """The one way a relayed session ends, whatever ended its relay (the caller shields it):
-    the client's connection closes, the backend is ended (:mod:`waypoint.proxy.backend_end`),
-    and only then are the session's slot and cancel key given back, so the limits count
-    what exists on the server."""
-    live.closing = True
-    reason = live.end_kind or out.relay_reason or "cancelled"
-    key = start.key
-    cancel = terminate = None
-    if key is not None:
-        pid, secret = key.pid, key.secret
+    # What the session holds; :meth:`_end` gives each back.
+    slot: SlotLease | None = None
+    backend: LoggedInBackend | None = None
+    #: The backend's cancel key, once registered in shared state.
+    cancel_key: BackendKeyData | None = None
+    live: LiveSession | None = None
 
-        async def cancel() -> None:
-            # Waypoint's own cancel, to the configured backend (no rate limit or identity).
-            await send_cancel(
-                ctx.listener.backend_address, pid, secret, ctx.listener, ctx.backend_ssl
-            )
+    # What the ``connection_end`` line reports.
+    outcome: str = "closed"
+    sqlstate: str | None = None
+    detail: str | None = None
+    role: str | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    relay_reason: str | None = None
+    backend_end: BackendEnd | None = None
+    backend_end_ms: float | None = None
 
-        async def terminate(wait: float) -> bool:
-            return await terminate_pid(ctx.provisioner.pools, pid, live.role, wait)
-
-    began = trio.current_time()
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_close_client, client)
-            ended = await stop_backend(
-                link.sock,
-                closed_by_backend=out.relay_reason == "backend_closed",
-                send_cancel=cancel,
-                terminate=terminate,
-                bound=ctx.config.backend_end_timeout,
-            )
-        out.backend_end = ended
-        out.backend_end_ms = round((trio.current_time() - began) * 1000, 1)
-        ctx.metrics.backend_ended(ctx.listener.name, reason, ended.how)
-    finally:
-        # Whatever happened above, the session's resources go back (last: the slot).
-        if link.sock is not None:
-            link.sock.close()
-        with trio.move_on_after(1):
-            await backend.aclose()
-        ctx.registry.remove(live)
-        with trio.move_on_after(2):
-            await ctx.state.release_slot(slot)
-            if key is not None:
-                try:
-                    await ctx.state.unregister_cancel_key(key.pid, key.secret)
-                except Exception as exc:
-                    log.warning("cancel_key_unregister_failed", error=str(exc))
-
-
-async def _close_client(client: _Client) -> None:
-    with (
-        trio.move_on_after(1),
-        contextlib.suppress(
-            trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError
-        ),
-    ):
-        await client.stream.aclose()
-
-
-async def _send_quietly(client: _Client, data: bytes) -> None:
-    with (
-        trio.CancelScope(shield=True),
-        trio.move_on_after(1),
-        contextlib.suppress(
-            trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError
-        ),
-    ):
-        await client.send(data)
-
-
-async def _refuse(
-    ctx: ListenerContext,
-    client: _Client,
-    startup: StartupMessage | None,
-    refusal: Refusal,
-    out: _Outcome,
-    log: EventLogger,
-    *,
-    cache: bool,
-) -> None:
-    out.outcome = "refused"
-    out.sqlstate = refusal.sqlstate
-    out.detail = refusal.detail or refusal.message
-    ctx.metrics.refused(ctx.listener.name, refusal.sqlstate)
-    if cache and startup is not None:
-        ctx.refusals.put(client.peer[0], startup.parameters, refusal)
-    await _send_quietly(
-        client,
-        build_error_response("FATAL", refusal.sqlstate, refusal.message, hint=refusal.hint),
-    )
-
-
-# --------------------------------------------------------------------------- first packet
-
-
-async def _negotiate(ctx: ListenerContext, client: _Client) -> tuple[StartupMessage | None, bytes]:
-    """SSLRequest / GSSENCRequest / direct TLS / CancelRequest loop up to the StartupMessage.
-
-    Returns (startup, bytes the client sent after it), or (None, b"") when the connection
-    was a cancel request."""
-    reader = FirstPacketReader()
-    rounds = 0
-    while True:
+    async def run(self) -> None:
+        self.ctx.metrics.connection_opened(self.ctx.listener.name)
         try:
-            event = reader.next_event()
-        except ProtocolError as exc:
-            raise _Refused(Refusal(exc.sqlstate, str(exc)), cache=False) from exc
-        if event is None:
-            reader.feed(await client.receive())
-            continue
-        rounds += 1
-        if rounds > MAX_NEGOTIATION_ROUNDS:
-            raise _Refused(errors.protocol_violation("too many negotiation requests"), cache=False)
-        if isinstance(event, StartupMessage):
-            return event, reader.take_buffered()
-        if isinstance(event, CancelRequest):
-            await serve_cancel_request(
-                event,
-                client.peer,
-                admission=ctx.admission,
-                identity=ctx.identity,
-                state=ctx.state,
-                listener=ctx.listener,
-                ssl_context=ctx.backend_ssl,
-            )
-            return None, b""
-        if isinstance(event, GSSENCRequest):
-            await client.send(b"N")
-            continue
-        if isinstance(event, SSLRequest):
-            if client.tls:
-                raise _Refused(errors.protocol_violation("SSLRequest inside TLS"), cache=False)
-            if reader.buffered:
-                # Bytes sent before our answer travelled in plaintext (CVE-2021-23214).
-                raise _Close("client sent data after SSLRequest before the answer")
-            if not ctx.tls.enabled:
-                await client.send(b"N")
-                continue
-            await client.send(b"S")
-            hello = await _read_client_hello(client, b"")
-            await _start_tls(ctx, client, hello, direct=False)
-            reader = FirstPacketReader()
-            continue
-        if isinstance(event, DirectTLS):
-            if client.tls or not ctx.tls.enabled:
-                raise _Close("direct TLS on a listener without TLS")
-            hello = await _read_client_hello(client, event.data)
-            await _start_tls(ctx, client, hello, direct=True)
-            reader = FirstPacketReader()
-            continue
-        raise _Close(f"unexpected first packet {type(event).__name__}")  # pragma: no cover
+            await self._serve()
+        except Close as exc:
+            self.outcome = "closed"
+            self.detail = str(exc)
+        except Exception as exc:  # a bug: log it, end this connection only
+            self.outcome = "error"
+            self.detail = f"{type(exc).__name__}: {exc}"
+            self.log.error("session_internal_error", exc_info=True, error=self.detail)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._end()
 
+    async def _serve(self) -> None:
+        ctx = self.ctx
+        began = trio.current_time()
+        with trio.move_on_after(ctx.config.handshake_timeout) as handshake:
+            try:
+                self.startup, self.pending = await negotiate(ctx, self.client)
+                if self.startup is None:
+                    return  # a CancelRequest, served
+                if self._asks_for_console(self.startup):
+                    await self._authorize_console()
+                else:
+                    await self._authorize_and_open(self.startup)
+            except Refused as exc:
+                await self._refuse(exc.refusal, cache=exc.cache)
+                return
+            except ForwardBackendError as exc:
+                self.outcome = "backend_error"
+                self.sqlstate = exc.fields.get("C")
+                self.detail = exc.fields.get("M")
+                await self.client.send_quietly(ErrorResponse(exc.fields).encode())
+                return
+        if self.handshake_done is not None:
+            self.handshake_done()
+        if handshake.cancelled_caught:
+            self.outcome = "handshake_timeout"
+            self.sqlstate = "08006"
+            if self.startup is not None:
+                await self.client.send_quietly(
+                    build_error_response(
+                        "FATAL", "08006", "Waypoint handshake timed out; try again"
+                    )
+                )
+            return
+        ctx.metrics.handshake_done(ctx.listener.name, trio.current_time() - began)
+        if self.caller is not None:
+            await self._serve_console()
+        else:
+            await self._relay()
 
-async def _read_client_hello(client: _Client, have: bytes) -> bytes:
-    buf = bytearray(have)
-    while True:
+    async def _end(self) -> None:
+        """The one way a session ends, whatever ended it (shielded by the caller): the client's
+        connection closes while the backend is ended (the source takes it back), and only then
+        are the registry entry, the slot and the cancel key given back, so the limits count
+        what exists on the server; last, the one log line."""
+        ctx = self.ctx
+        if self.live is not None:
+            self.live.closing = True
         try:
-            n = client_hello_length(buf)
-        except ClientHelloError as exc:
-            raise _Close(f"bad TLS ClientHello: {exc}") from exc
-        if n is not None:
-            return bytes(buf)
-        buf += await client.receive()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.client.close)
+                if self.backend is not None:
+                    await self._end_backend(self.backend)
+        finally:
+            if self.live is not None:
+                ctx.registry.remove(self.live)
+            if self.slot is not None:
+                with trio.move_on_after(2):
+                    await ctx.state.release_slot(self.slot)
+                    if self.cancel_key is not None:
+                        try:
+                            await ctx.state.unregister_cancel_key(
+                                self.cancel_key.pid, self.cancel_key.secret
+                            )
+                        except Exception as exc:
+                            self.log.warning("cancel_key_unregister_failed", error=str(exc))
+            self._log_end()
 
-
-async def _start_tls(ctx: ListenerContext, client: _Client, hello: bytes, *, direct: bool) -> None:
-    try:
-        info = parse_client_hello(hello)
-    except ClientHelloError as exc:
-        raise _Close(f"bad TLS ClientHello: {exc}") from exc
-    if direct and ALPN_POSTGRESQL not in info.alpn:
-        # PostgreSQL 17 refuses direct TLS without ALPN "postgresql" (protects against
-        # cross-protocol attacks); so do we.
-        raise _Close("direct TLS without ALPN postgresql")
-    context = await ctx.tls.context_for(info.server_name)
-    if context is None:
-        raise _Close(f"no certificate for server name {info.server_name!r}")
-    # Waypoint's own SSLObject and memory BIOs from the first byte: the peeked ClientHello is
-    # its first input, and the relay later takes this very TLS state over (``handover``).
-    tls_stream = ServerTLSStream(client.raw, context, hello)
-    try:
-        await tls_stream.do_handshake()
-    except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
-        raise _Close(f"TLS handshake failed: {exc}") from exc
-    if direct and tls_stream.selected_alpn_protocol() != ALPN_POSTGRESQL:
-        raise _Close("direct TLS: ALPN postgresql was not negotiated")
-    client.stream = tls_stream
-    client.tls = True
-    client.tls_version = tls_stream.version()
-
-
-# --------------------------------------------------------------------------- authorization
-
-
-_OWN_PARAMETERS = frozenset({"user", "database", "replication"})
-
-
-async def _authorize_and_connect(
-    ctx: ListenerContext,
-    client: _Client,
-    startup: StartupMessage,
-    conn_id: str,
-    log: EventLogger,
-    out: _Outcome,
-) -> tuple[BackendConnection, BackendSessionStart, SlotLease, LiveSession]:
-    listener = ctx.listener
-    params = startup.parameters
-    if not ctx.accepting:
-        raise _Refused(errors.not_accepting(), cache=False)
-    cached = ctx.refusals.get(client.peer[0], params)
-    if listener.tls_mode == "require" and not client.tls:
-        raise _Refused(errors.tls_required(cached.message if cached else None), cache=False)
-    if cached is not None:
-        raise _Refused(cached, cache=False)
-    user = params.get("user")
-    if not user:
-        raise _Refused(
-            Refusal(errors.NOT_AUTHORIZED, "no PostgreSQL user name specified in startup packet")
+    async def _end_backend(self, backend: LoggedInBackend) -> None:
+        live = self.live
+        reason = (live.end_kind if live is not None else None) or self.relay_reason or "cancelled"
+        began = trio.current_time()
+        ended = await self.ctx.backends.release(
+            backend,
+            closed_by_backend=self.relay_reason == "backend_closed",
+            ready_status=None,  # the relay does not report it: the backend is ended
         )
-    database = params.get("database") or user
-    out.database = database
-    replication = params.get("replication", "").lower()
-    if replication not in ("", "false", "off", "no", "0"):
-        raise _Refused(errors.replication_refused())
+        self.backend_end = ended
+        self.backend_end_ms = round((trio.current_time() - began) * 1000, 1)
+        self.ctx.metrics.backend_ended(self.ctx.listener.name, reason, ended.how)
 
-    cap = parse_preset_cap(params)
-    if isinstance(cap, Refusal):
-        raise _Refused(cap)
-    forward = {
-        k: v
-        for k, v in cap.forward_parameters.items()
-        if k not in _OWN_PARAMETERS and not k.startswith("_pq_.")
-    }
-
-    protocol = _backend_protocol(startup)
-    prefetch = _plan_prefetch(ctx, client.peer[0], database, forward, protocol)
-    established = False
-    try:
-        result = await _establish(
-            ctx, client, startup, database, cap, forward, prefetch, conn_id, log, out
+    def _log_end(self) -> None:
+        ctx = self.ctx
+        ctx.metrics.connection_closed(
+            ctx.listener.name, self.outcome, self.sqlstate, self.bytes_in, self.bytes_out
         )
-        established = True
-        live = result[3]
-        owner = ctx.provisioner.owner_of(live.identity, live.grant)
-        guess = LoginGuess.of(live.role, database, forward, protocol, owner)
-        ctx.warm_peers.mark(client.peer[0], guess)
-        return result
-    finally:
-        if not established:
-            ctx.warm_peers.forget(client.peer[0])
-        if prefetch is not None:
-            await prefetch.aclose()
+        ident = self.identity
+        ended = self.backend_end
+        self.log.info(
+            "connection_end",
+            outcome=self.outcome,
+            sqlstate=self.sqlstate,
+            login=ident.login if ident else None,
+            node=ident.node if ident else None,
+            db=self.database,
+            role=self.role,
+            tls=self.client.tls,
+            relay_end=self.relay_reason,
+            backend_end=ended.how if ended else None,
+            backend_end_detail=ended.detail if ended else None,
+            backend_end_ms=self.backend_end_ms,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            duration_ms=round((trio.current_time() - self.started) * 1000, 1),
+            detail=self.detail,
+        )
 
+    async def _refuse(self, refusal: Refusal, *, cache: bool) -> None:
+        ctx = self.ctx
+        self.outcome = "refused"
+        self.sqlstate = refusal.sqlstate
+        self.detail = refusal.detail or refusal.message
+        ctx.metrics.refused(ctx.listener.name, refusal.sqlstate)
+        if cache and self.startup is not None:
+            ctx.refusals.put(self.client.peer[0], self.startup.parameters, refusal)
+        await self.client.send_quietly(
+            build_error_response("FATAL", refusal.sqlstate, refusal.message, hint=refusal.hint)
+        )
 
-def _backend_protocol(startup: StartupMessage) -> tuple[int, int]:
-    """The protocol version Waypoint asks the backend for: the client's, up to 3.2."""
-    return (3, min(startup.protocol[1], MAX_MINOR))
+    # ----------------------------------------------------------------------- authorization
 
+    def _request(self, startup: StartupMessage) -> tuple[BackendRequest, Preset | None]:
+        """What the client asks for, checked before anything is looked up: the backend
+        session to ask for, and the preset cap it named (if any)."""
+        ctx = self.ctx
+        params = startup.parameters
+        if not ctx.accepting:
+            raise Refused(errors.not_accepting(), cache=False)
+        cached = ctx.refusals.get(self.client.peer[0], params)
+        if ctx.listener.tls_mode == "require" and not self.client.tls:
+            raise Refused(errors.tls_required(cached.message if cached else None), cache=False)
+        if cached is not None:
+            raise Refused(cached, cache=False)
+        user = params.get("user")
+        if not user:
+            raise Refused(
+                Refusal(
+                    errors.NOT_AUTHORIZED, "no PostgreSQL user name specified in startup packet"
+                )
+            )
+        database = params.get("database") or user
+        self.database = database
+        replication = params.get("replication", "").lower()
+        if replication not in ("", "false", "off", "no", "0"):
+            raise Refused(errors.replication_refused())
+        cap = parse_preset_cap(params)
+        if isinstance(cap, Refusal):
+            raise Refused(cap)
+        forward = {
+            k: v
+            for k, v in cap.forward_parameters.items()
+            if k not in _OWN_PARAMETERS and not k.startswith("_pq_.")
+        }
+        return BackendRequest(database, forward, _backend_protocol(startup)), cap.cap
 
-def _plan_prefetch(
-    ctx: ListenerContext,
-    peer_ip: str,
-    database: str,
-    forward: Mapping[str, str],
-    protocol: tuple[int, int],
-) -> BackendPrefetch | None:
-    """For a warm peer, the backend connection to open during its whois; logged in as its
-    last role when it asks for the same session and that role's credentials are cached."""
-    if not ctx.warm_peers.is_warm(peer_ip):
-        return None
-    guess = ctx.warm_peers.guess(peer_ip)
-    login = None
-    if guess is not None and guess.same_session(database, forward, protocol):
-        creds = ctx.provisioner.peek(guess.role, guess.owner)
-        if creds is not None:
-            login = _backend_login(ctx, creds, database, forward, protocol)
-    return BackendPrefetch(ctx.listener, ctx.backend_ssl, ctx.metrics, login)
-
-
-def _backend_login(
-    ctx: ListenerContext,
-    creds: Credentials,
-    database: str,
-    forward: Mapping[str, str],
-    protocol: tuple[int, int],
-) -> BackendLogin:
-    return BackendLogin(
-        role=creds.role,
-        secret=creds.secret,
-        scram_keys=creds.scram_keys,
-        database=database,
-        parameters=dict(forward),
-        protocol=protocol,
-        limiter=ctx.pbkdf2_limiter,
-    )
-
-
-async def _whois(
-    ctx: ListenerContext, client: _Client, prefetch: BackendPrefetch | None
-) -> Identity | Refusal:
-    """Who the peer is; with a prefetch, its backend connection opens meanwhile."""
-    if prefetch is None:
+    async def _whois(self) -> Identity | Refusal:
         try:
-            return await ctx.identity.whois(*client.peer)
+            return await self.ctx.identity.whois(*self.client.peer)
         except IdentityError as exc:
             return exc.refusal
-    answer: Identity | Refusal
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(prefetch.run)
-        try:
-            answer = await ctx.identity.whois(*client.peer)
-        except IdentityError as exc:
-            answer = exc.refusal
-            nursery.cancel_scope.cancel()  # no backend connection for a refused peer
-    return answer
 
+    async def _authorize_and_open(self, startup: StartupMessage) -> None:
+        """Identity, grant, lock, slot, a logged-in backend; then the client's session start."""
+        ctx = self.ctx
+        request, preset_cap = self._request(startup)
+        async with ctx.backends.order(self.client.peer[0], request) as order:
+            identity = await order.identify(self._whois)
+            if isinstance(identity, Refusal):
+                raise Refused(identity)
+            self.identity = identity
+            self.log = self.log.bind(login=identity.login, node=identity.node, db=request.database)
+            grant = evaluate(
+                identity,
+                ctx.listener.name,
+                request.database,
+                admin_database=ctx.listener.postgres.admin_database,
+                defaults=ctx.config.defaults.limits,
+                preset_cap=preset_cap,
+                allow_raw_sql=ctx.allow_raw_sql,
+            )
+            if isinstance(grant, Refusal):
+                raise Refused(grant)
+            if ctx.console is not None:
+                locked = await ctx.console.lock_refusal(identity)
+                if locked is not None:
+                    raise Refused(locked, cache=False)
+            lease = await ctx.state.acquire_slot(
+                SlotRequest(
+                    principal=identity.principal,
+                    listener=ctx.listener.name,
+                    max_user=grant.limits.max_conns_user,
+                    max_user_listener=grant.limits.max_conns_listener,
+                    max_total=ctx.config.defaults.limits.max_conns_total,
+                )
+            )
+            if isinstance(lease, Refusal):
+                raise Refused(lease, cache=False)
+            self.slot = lease
+            try:
+                self.backend = await order.open(identity, grant, self.log)
+            finally:
+                self.role = order.role
+            await self._start_client_session(startup, identity, grant, preset_cap)
 
-async def _establish(
-    ctx: ListenerContext,
-    client: _Client,
-    startup: StartupMessage,
-    database: str,
-    cap: PresetCapResult,
-    forward: dict[str, str],
-    prefetch: BackendPrefetch | None,
-    conn_id: str,
-    log: EventLogger,
-    out: _Outcome,
-) -> tuple[BackendConnection, BackendSessionStart, SlotLease, LiveSession]:
-    listener = ctx.listener
-    identity = await _whois(ctx, client, prefetch)
-    if isinstance(identity, Refusal):
-        raise _Refused(identity)
-    out.identity = identity
-    log = log.bind(login=identity.login, node=identity.node, db=database)
-
-    grant = evaluate(
-        identity,
-        listener.name,
-        database,
-        admin_database=listener.postgres.admin_database,
-        defaults=ctx.config.defaults.limits,
-        preset_cap=cap.cap,
-        allow_raw_sql=ctx.allow_raw_sql,
-    )
-    if isinstance(grant, Refusal):
-        raise _Refused(grant)
-    if ctx.console is not None:
-        locked = await ctx.console.lock_refusal(identity)
-        if locked is not None:
-            raise _Refused(locked, cache=False)
-
-    lease = await ctx.state.acquire_slot(
-        SlotRequest(
-            principal=identity.principal,
-            listener=listener.name,
-            max_user=grant.limits.max_conns_user,
-            max_user_listener=grant.limits.max_conns_listener,
-            max_total=ctx.config.defaults.limits.max_conns_total,
-        )
-    )
-    if isinstance(lease, Refusal):
-        raise _Refused(lease, cache=False)
-    try:
-        backend, start, role = await _provision_and_login(
-            ctx, startup, identity, grant, database, forward, prefetch, conn_id, log, out
-        )
-    except BaseException:
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            await ctx.state.release_slot(lease)
-        raise
-    try:
-        # The client sees: NegotiateProtocolVersion (if due), AuthenticationOk, then the
-        # backend's own ParameterStatus / BackendKeyData / notices and ReadyForQuery.
+    async def _start_client_session(
+        self,
+        startup: StartupMessage,
+        identity: Identity,
+        grant: EffectiveGrant,
+        preset_cap: Preset | None,
+    ) -> None:
+        """The client sees: NegotiateProtocolVersion (if due), AuthenticationOk, then the
+        backend's own ParameterStatus / BackendKeyData / notices and ReadyForQuery. Its cancel
+        key is registered, and the session is live."""
+        ctx = self.ctx
+        backend = self.backend
+        assert backend is not None and self.database is not None
+        start = backend.start
         preamble = bytearray()
         npv = _client_negotiation(startup, start.negotiate)
         if npv is not None:
             preamble += npv.encode()
         preamble += AuthenticationOk().encode()
         preamble += start.raw
-        await client.send(bytes(preamble))
-        if start.key is not None:
-            target = CancelTarget(listener.name, backend.address, identity.principal)
-            await ctx.state.register_cancel_key(
-                start.key.pid, start.key.secret, target, CANCEL_KEY_TTL
+        await self.client.send(bytes(preamble))
+        key = backend.key
+        if key is not None:
+            target = CancelTarget(ctx.listener.name, backend.connection.address, identity.principal)
+            await ctx.state.register_cancel_key(key.pid, key.secret, target, CANCEL_KEY_TTL)
+            self.cancel_key = key
+        self.live = LiveSession(
+            conn_id=self.conn_id,
+            listener=ctx.listener.name,
+            peer=self.client.peer,
+            identity=identity,
+            grant=grant,
+            database=self.database,
+            preset_cap=preset_cap,
+            role=backend.role,
+            started=trio.current_time(),
+            backend_pid=key.pid if key is not None else None,
+            tls=self.client.tls,
+            owner=ctx,
+        )
+        ctx.registry.add(self.live)
+
+    # ----------------------------------------------------------------------------- console
+
+    def _asks_for_console(self, startup: StartupMessage) -> bool:
+        params = startup.parameters
+        database = params.get("database") or params.get("user")
+        return self.ctx.console is not None and database == self.ctx.listener.console_database
+
+    async def _authorize_console(self) -> None:
+        """Who may use this listener's console database: a known peer whose grant gives
+        ``"console"`` for the listener, and whose login is not locked."""
+        ctx = self.ctx
+        self.database = ctx.listener.console_database
+        if not ctx.accepting:
+            raise Refused(errors.not_accepting(), cache=False)
+        if ctx.listener.tls_mode == "require" and not self.client.tls:
+            raise Refused(errors.tls_required(), cache=False)
+        caller = await self._recheck_console()
+        if isinstance(caller, Refusal):
+            raise Refused(caller, cache=False)
+        self.identity = caller.identity
+        self.caller = caller
+
+    async def _recheck_console(self) -> Caller | Refusal:
+        """The console caller as of now (identity, grant, locks), or why it is refused."""
+        ctx, peer = self.ctx, self.client.peer
+        assert ctx.console is not None
+        try:
+            identity = await ctx.identity.whois(*peer)
+        except IdentityError as exc:
+            return exc.refusal
+        access = console_access(identity, ctx.listener.name)
+        if isinstance(access, Refusal):
+            return access
+        locked = await ctx.console.lock_refusal(identity)
+        if locked is not None:
+            return locked
+        return Caller(identity, access, ctx.listener.name, self.conn_id, f"{peer[0]}:{peer[1]}")
+
+    async def _serve_console(self) -> None:
+        assert self.startup is not None and self.caller is not None
+        assert self.ctx.console is not None
+        self.outcome = "console"
+        await serve_console(
+            self.ctx.console,
+            self.caller,
+            self.startup.parameters,
+            self.client.send,
+            self.client.receive,
+            self.pending,
+            _console_preamble(self.startup),
+            self._recheck_console,
+        )
+
+    # ------------------------------------------------------------------------------- relay
+
+    async def _relay(self) -> None:
+        backend, live = self.backend, self.live
+        assert backend is not None and live is not None
+        audit = self._session_audit(live)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_duration_timer, live)
+            result = await self._run_relay(backend, live, audit)
+            nursery.cancel_scope.cancel()
+        self._record_relay(result, live, audit)
+
+    async def _run_relay(
+        self, backend: LoggedInBackend, live: LiveSession, audit: SessionAudit | None
+    ) -> RelayResult:
+        """The epoll engine relays plain sockets and client TLS (the session's own SSLObject
+        and BIOs, handed over after the startup); backend TLS stays on the trio stream relay."""
+        ctx, client = self.ctx, self.client
+        limits = live.grant.limits
+        byte_limit_fatal = b""
+        if limits.max_bytes_per_conn > 0:
+            byte_limit_fatal = fatal_bytes(
+                errors.session_limit("max_bytes_per_conn", f"{limits.max_bytes_per_conn} bytes")
             )
-    except BaseException:
-        # An idle backend that just logged in: it exits on the end of its stream. Closed
-        # before the slot goes back.
-        with trio.CancelScope(shield=True):
-            await backend.aclose()
-            with trio.move_on_after(2):
-                await ctx.state.release_slot(lease)
-        raise
-    live = LiveSession(
-        conn_id=conn_id,
-        listener=listener.name,
-        peer=client.peer,
-        identity=identity,
-        grant=grant,
-        database=database,
-        preset_cap=cap.cap,
-        role=role,
-        started=trio.current_time(),
-        backend_pid=start.key.pid if start.key is not None else None,
-        tls=client.tls,
-        owner=ctx,
-    )
-    ctx.registry.add(live)
-    return backend, start, lease, live
+        handover: TlsHandover | None = None
+        use_engine = ctx.engine is not None and not backend.connection.tls
+        if use_engine and client.tls:
+            handover = _client_tls_handover(client)
+            use_engine = handover is not None
+        relay: RelayControl
+        if ctx.engine is not None and use_engine:
+            client_sock = _detach(client.raw)
+            backend_sock = _detach(backend.connection.socket_stream)
+            # The backend socket outlives the relay: the session's end reads its EOF.
+            backend.sock = trio.socket.from_stdlib_socket(backend_sock)
+            try:
+                handle = ctx.engine.start_relay(
+                    client_sock,
+                    backend_sock,
+                    client_tls=handover,
+                    max_bytes=limits.max_bytes_per_conn,
+                    byte_limit_error=byte_limit_fatal,
+                    initial_to_client=backend.start.leftover,
+                    initial_to_backend=self.pending,
+                    audit=audit,
+                )
+                live.attach(handle)
+                return await handle.wait()
+            finally:
+                client_sock.close()
+        relay = StreamRelay(
+            client.stream,
+            backend.connection.stream,
+            max_bytes=limits.max_bytes_per_conn,
+            byte_limit_error=byte_limit_fatal,
+            initial_to_client=backend.start.leftover,
+            initial_to_backend=self.pending,
+            audit=audit,
+        )
+        live.attach(relay)
+        return await relay.wait()
+
+    def _record_relay(
+        self, result: RelayResult, live: LiveSession, audit: SessionAudit | None
+    ) -> None:
+        self.bytes_in = result.bytes_from_client
+        self.bytes_out = result.bytes_from_backend
+        self.relay_reason = result.reason
+        if result.reason == "terminated" and audit is not None and audit.closed:
+            self.outcome = "ended"
+            self.sqlstate = errors.AUDIT_UNAVAILABLE
+            self.detail = "audit sink cannot record statements"
+            live.end_kind = live.end_kind or "audit_unavailable"
+        elif result.reason == "terminated" and live.ended_by is not None:
+            self.outcome = "ended"
+            self.sqlstate = live.ended_by.sqlstate
+            self.detail = live.ended_by.message
+        elif result.reason == "byte_limit":
+            self.outcome = "ended"
+            self.sqlstate = errors.LIMIT_REACHED
+            self.detail = "max_bytes_per_conn"
+        elif result.reason == "error":
+            self.outcome = "relay_error"
+            self.detail = result.error
+        else:
+            self.outcome = result.reason
+
+    def _session_audit(self, live: LiveSession) -> SessionAudit | None:
+        """This session's statement audit (None when audit is off), set on ``live``."""
+        if self.ctx.audit is None:
+            return None
+        identity = live.identity
+        live.audit = self.ctx.audit.for_session(
+            listener=live.listener,
+            conn_id=live.conn_id,
+            client=f"{live.peer[0]}:{live.peer[1]}",
+            login=identity.login,
+            node=identity.node,
+            node_id=identity.node_id or None,
+            tags=list(identity.tags),
+            database=live.database,
+            role=live.role,
+            tls=self.client.tls,
+        )
+        return live.audit
+
+
+def _backend_protocol(startup: StartupMessage) -> tuple[int, int]:
+    """The protocol version Waypoint asks the backend for: the client's, up to 3.2."""
+    return (3, min(startup.protocol[1], MAX_MINOR))
 
 
 def _client_negotiation(
@@ -766,133 +560,6 @@ def _client_negotiation(
     return NegotiateProtocolVersion(final, options)
 
 
-async def _provision_and_login(
-    ctx: ListenerContext,
-    startup: StartupMessage,
-    identity: Identity,
-    grant: EffectiveGrant,
-    database: str,
-    forward: Mapping[str, str],
-    prefetch: BackendPrefetch | None,
-    conn_id: str,
-    log: EventLogger,
-    out: _Outcome,
-) -> tuple[BackendConnection, BackendSessionStart, str]:
-    protocol = _backend_protocol(startup)
-    rotate = False
-    while True:
-        # The backend connection first: a backend that is down is 08006 "unavailable" (the
-        # provisioner's admin connection would fail too, and say 58000 "provisioning failed").
-        # A session the prefetch logged in already is taken below if the credentials match.
-        backend: BackendConnection | None = None
-        try:
-            if prefetch is not None and prefetch.available:
-                backend = prefetch.take()
-            elif prefetch is None or not prefetch.logged_in or rotate:
-                backend = await connect_backend(ctx.listener, ctx.backend_ssl)
-        except BackendUnavailable as exc:
-            raise _Refused(
-                errors.backend_unavailable(ctx.listener.name, str(exc)), cache=False
-            ) from exc
-        logged_in = False
-        t0 = trio.current_time()
-        try:
-            async with ctx.provisioner.credentials(identity, grant, rotate=rotate) as creds:
-                if creds.provisioned:
-                    ctx.metrics.provisioned(ctx.listener.name, trio.current_time() - t0)
-                out.role = creds.role
-                if backend is None:
-                    assert prefetch is not None
-                    ready = (
-                        None
-                        if creds.provisioned
-                        else prefetch.take_session(creds.role, creds.secret)
-                    )
-                    if ready is not None:
-                        logged_in = True
-                        return ready[0], ready[1], creds.role
-                    backend = await connect_backend(ctx.listener, ctx.backend_ssl)
-                start = await login_backend(
-                    backend, _backend_login(ctx, creds, database, forward, protocol)
-                )
-                logged_in = True
-                return backend, start, creds.role
-        except DatabaseMissing as exc:
-            raise _ForwardBackendError(exc.fields) from exc
-        except ProvisionError as exc:
-            ctx.metrics.provision_failed(ctx.listener.name)
-            refusal = exc.refusal
-            log.error("provision_failed", sqlstate=refusal.sqlstate, detail=refusal.detail)
-            raise _Refused(refusal, cache=refusal.sqlstate != errors.PROVISIONING_FAILED) from exc
-        except BackendError as exc:
-            if exc.sqlstate == "28P01":
-                if not rotate and not creds.provisioned:
-                    # Another instance rotated the secret: provision once more.
-                    log.info("backend_login_rotating", role=creds.role)
-                    rotate = True
-                    continue
-                ctx.metrics.backend_login_failed(ctx.listener.name)
-                raise _Refused(
-                    errors.backend_login_failed(f"backend said 28P01 for role {creds.role}"),
-                    cache=False,
-                ) from exc
-            raise _ForwardBackendError(exc.fields) from exc
-        except (LoginError, ProtocolError) as exc:
-            ctx.metrics.backend_login_failed(ctx.listener.name)
-            raise _Refused(errors.backend_login_failed(str(exc)), cache=False) from exc
-        except BackendUnavailable as exc:
-            raise _Refused(
-                errors.backend_unavailable(ctx.listener.name, str(exc)), cache=False
-            ) from exc
-        finally:
-            if not logged_in and backend is not None:
-                await backend.aclose()
-
-
-# --------------------------------------------------------------------------- console
-
-
-def _asks_for_console(ctx: ListenerContext, startup: StartupMessage) -> bool:
-    params = startup.parameters
-    database = params.get("database") or params.get("user")
-    return ctx.console is not None and database == ctx.listener.console_database
-
-
-async def _authorize_console(
-    ctx: ListenerContext, client: _Client, conn_id: str, out: _Outcome
-) -> Caller:
-    """Who may use this listener's console database: a known peer whose grant gives
-    ``"console"`` for the listener, and whose login is not locked."""
-    out.database = ctx.listener.console_database
-    if not ctx.accepting:
-        raise _Refused(errors.not_accepting(), cache=False)
-    if ctx.listener.tls_mode == "require" and not client.tls:
-        raise _Refused(errors.tls_required(), cache=False)
-    caller = await _recheck_console(ctx, client, conn_id)
-    if isinstance(caller, Refusal):
-        raise _Refused(caller, cache=False)
-    out.identity = caller.identity
-    return caller
-
-
-async def _recheck_console(ctx: ListenerContext, client: _Client, conn_id: str) -> Caller | Refusal:
-    """The console caller as of now (identity, grant, locks), or why it is refused."""
-    assert ctx.console is not None
-    try:
-        identity = await ctx.identity.whois(*client.peer)
-    except IdentityError as exc:
-        return exc.refusal
-    access = console_access(identity, ctx.listener.name)
-    if isinstance(access, Refusal):
-        return access
-    locked = await ctx.console.lock_refusal(identity)
-    if locked is not None:
-        return locked
-    return Caller(
-        identity, access, ctx.listener.name, conn_id, f"{client.peer[0]}:{client.peer[1]}"
-    )
-
-
 def _console_preamble(startup: StartupMessage) -> bytes:
     """The console speaks protocol 3.0 only: a newer client is told so first."""
     if startup.protocol[1] == 0 and not startup.protocol_options:
@@ -900,10 +567,7 @@ def _console_preamble(startup: StartupMessage) -> bytes:
     return NegotiateProtocolVersion(0, startup.protocol_options).encode()
 
 
-# --------------------------------------------------------------------------- relay
-
-
-def _client_tls_handover(client: _Client) -> TlsHandover | None:
+def _client_tls_handover(client: ClientConnection) -> TlsHandover | None:
     """The client's TLS session for the engine, or None (then the trio stream relay serves
     it): Waypoint's own TLS stream over the accepted socket, intact and with nothing unsent."""
     stream = client.stream
@@ -918,119 +582,6 @@ def _client_tls_handover(client: _Client) -> TlsHandover | None:
 def _detach(stream: trio.SocketStream) -> socket.socket:
     fd = stream.socket.detach()
     return socket.socket(fileno=fd)
-
-
-async def _relay(
-    ctx: ListenerContext,
-    client: _Client,
-    backend: BackendConnection,
-    start: BackendSessionStart,
-    live: LiveSession,
-    link: _BackendLink,
-    pending: bytes,
-    out: _Outcome,
-    log: EventLogger,
-) -> None:
-    limits = live.grant.limits
-    byte_limit_fatal = b""
-    if limits.max_bytes_per_conn > 0:
-        byte_limit_fatal = fatal_bytes(
-            errors.session_limit("max_bytes_per_conn", f"{limits.max_bytes_per_conn} bytes")
-        )
-    audit = _session_audit(ctx, client, live)
-    result: RelayResult
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_duration_timer, live)
-        # The epoll engine relays plain sockets and client TLS (the session's own SSLObject
-        # and BIOs, handed over after the startup); backend TLS stays on the trio stream relay.
-        handover: TlsHandover | None = None
-        use_engine = ctx.engine is not None and not backend.tls
-        if use_engine and client.tls:
-            handover = _client_tls_handover(client)
-            use_engine = handover is not None
-        if ctx.engine is not None and use_engine:
-            client_sock = _detach(client.raw)
-            backend_sock = _detach(backend.socket_stream)
-            # The backend socket outlives the relay: the session's end reads its EOF.
-            link.sock = trio.socket.from_stdlib_socket(backend_sock)
-            try:
-                handle = ctx.engine.start_relay(
-                    client_sock,
-                    backend_sock,
-                    client_tls=handover,
-                    max_bytes=limits.max_bytes_per_conn,
-                    byte_limit_error=byte_limit_fatal,
-                    initial_to_client=start.leftover,
-                    initial_to_backend=pending,
-                    audit=audit,
-                )
-                live.attach(handle)
-                result = await handle.wait()
-            finally:
-                client_sock.close()
-        else:
-            relay = StreamRelay(
-                client.stream,
-                backend.stream,
-                max_bytes=limits.max_bytes_per_conn,
-                byte_limit_error=byte_limit_fatal,
-                initial_to_client=start.leftover,
-                initial_to_backend=pending,
-                audit=audit,
-            )
-            live.attach(relay)
-            result = await relay.wait()
-        nursery.cancel_scope.cancel()
-    out.bytes_in = result.bytes_from_client
-    out.bytes_out = result.bytes_from_backend
-    out.relay_reason = result.reason
-    if result.reason == "terminated" and audit is not None and audit.closed:
-        out.outcome = "ended"
-        out.sqlstate = errors.AUDIT_UNAVAILABLE
-        out.detail = "audit sink cannot record statements"
-        live.end_kind = live.end_kind or "audit_unavailable"
-    elif result.reason == "terminated" and live.ended_by is not None:
-        out.outcome = "ended"
-        out.sqlstate = live.ended_by.sqlstate
-        out.detail = live.ended_by.message
-    elif result.reason == "byte_limit":
-        out.outcome = "ended"
-        out.sqlstate = errors.LIMIT_REACHED
-        out.detail = "max_bytes_per_conn"
-    elif result.reason == "error":
-        out.outcome = "relay_error"
-        out.detail = result.error
-    else:
-        out.outcome = result.reason
-
-
-def _session_audit(ctx: ListenerContext, client: _Client, live: LiveSession) -> SessionAudit | None:
-    """This session's statement audit (None when audit is off), set on ``live``."""
-    if ctx.audit is None:
-        return None
-    identity = live.identity
-    live.audit = ctx.audit.for_session(
-        listener=live.listener,
-        conn_id=live.conn_id,
-        client=f"{live.peer[0]}:{live.peer[1]}",
-        login=identity.login,
-        node=identity.node,
-        node_id=identity.node_id or None,
-        tags=list(identity.tags),
-        database=live.database,
-        role=live.role,
-        tls=client.tls,
-    )
-    return live.audit
-
-
-def set_duration_deadline(live: LiveSession) -> None:
-    """Point the session's ``max_conn_duration`` timer at its grant's limit (revalidation
-    calls this after a grant change: a lower limit already passed ends the session now)."""
-    scope = live.duration_scope
-    if scope is not None:
-        seconds = live.grant.limits.max_conn_duration
-        scope.deadline = live.started + seconds if seconds > 0 else math.inf
 
 
 async def _duration_timer(live: LiveSession) -> None:

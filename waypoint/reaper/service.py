@@ -4,28 +4,48 @@ ends orphan backends (:mod:`waypoint.reaper.orphans`),
 then drops roles. :func:`sweep_orphans_at_start` is the one sweep ``run`` makes before it
 accepts connections.
 
-Proxy types are imported for type checking only: the reaper does not depend on the proxy
-at run time (docs/architecture.md).
+The reaper does not depend on the proxy: the app gives it each listener as a
+:class:`ReapTarget` (plain values) and this instance's live sessions as
+:class:`LiveSessions` (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
+import attrs
 import trio
 
-from waypoint.config.model import Config
+from waypoint.config.model import Config, ListenerConfig
 from waypoint.observability.log import get_logger
+from waypoint.observability.metrics import Metrics
 from waypoint.provision.admin import AdminError
+from waypoint.provision.engine import Provisioner
 from waypoint.reaper.engine import Reaper
 from waypoint.reaper.orphans import OrphanSweeper, Pass
 from waypoint.reaper.schedule import reap_periodically
+from waypoint.state.base import StateStore
 
-if TYPE_CHECKING:
-    from waypoint.observability.metrics import Metrics
-    from waypoint.proxy.registry import SessionRegistry
-    from waypoint.proxy.session import ListenerContext
+
+@attrs.frozen
+class ReapTarget:
+    """One listener as the reaper sees it."""
+
+    listener: ListenerConfig
+    provisioner: Provisioner
+    state: StateStore
+    #: Shared state (Redis): another instance's sessions hold slots there.
+    shared_state: bool
+
+
+class LiveSessions(Protocol):
+    """This instance's live sessions (the proxy's session registry)."""
+
+    def roles_in_use(self, listener: str) -> set[str]: ...
+
+    def backend_pids(self, listener: str) -> set[int]: ...
+
 
 #: The start sweep waits this long at most (per instance) before accepting connections.
 START_SWEEP_TIMEOUT: Final = 10.0
@@ -34,9 +54,9 @@ log = get_logger("reaper")
 
 
 def _sweeper(
-    ctx: ListenerContext,
-    contexts: Mapping[str, ListenerContext],
-    registry: SessionRegistry,
+    ctx: ReapTarget,
+    contexts: Mapping[str, ReapTarget],
+    registry: LiveSessions,
     metrics: Metrics,
 ) -> OrphanSweeper:
     known = frozenset(contexts)
@@ -64,13 +84,13 @@ def _sweeper(
         known_listeners=known,
         roles_in_use=roles_in_use,
         pids_in_use=lambda: registry.backend_pids(name),
-        live_elsewhere=live_elsewhere if ctx.config.state.backend != "memory" else None,
+        live_elsewhere=live_elsewhere if ctx.shared_state else None,
         on_ended=on_ended,
     )
 
 
 async def sweep_orphans_at_start(
-    contexts: Mapping[str, ListenerContext], registry: SessionRegistry, metrics: Metrics
+    contexts: Mapping[str, ReapTarget], registry: LiveSessions, metrics: Metrics
 ) -> None:
     """End the orphans of every postgres listener once (a restarted instance's leftovers).
     Bounded; a failure is logged and the instance starts anyway (the periodic pass retries
@@ -87,7 +107,7 @@ async def sweep_orphans_at_start(
         log.warning("orphan_sweep_timeout", sweep="start", timeout=START_SWEEP_TIMEOUT)
 
 
-async def reassign_target_problems(contexts: Mapping[str, ListenerContext]) -> list[str]:
+async def reassign_target_problems(contexts: Mapping[str, ReapTarget]) -> list[str]:
     """Why each listener's ``reassign_to`` may not receive callers' objects, read from the
     catalog now (startup refuses to run with any). A server that cannot be asked is logged
     and skipped: every reaper pass checks again before it reassigns anything."""
@@ -112,8 +132,8 @@ async def reassign_target_problems(contexts: Mapping[str, ListenerContext]) -> l
 
 def reaper_tasks(
     config: Config,
-    contexts: Mapping[str, ListenerContext],
-    registry: SessionRegistry,
+    contexts: Mapping[str, ReapTarget],
+    registry: LiveSessions,
     metrics: Metrics,
 ) -> list[Callable[[], Awaitable[None]]]:
     """One task per listener: a pass at start, then every ``effective_reap_interval``."""
