@@ -201,8 +201,9 @@ def test_waypoint_logs_only_through_event_logger() -> None:
 
 
 def _logged_events() -> dict[str, set[str]]:
-    """Every event the package logs (``log.info("name", field=...)``, ``self._log...``, the burst
-    logs' ``BurstLog(log, "name")``) with the fields named at its call sites."""
+    """Every event the package logs (``log.info("name", field=...)``, ``self.log...``,
+    ``self._log...``, the burst logs' ``BurstLog(log, "name")``) with the fields named at its
+    call sites."""
     events: dict[str, set[str]] = {}
     for _, tree in _package_trees():
         for node in ast.walk(tree):
@@ -212,7 +213,7 @@ def _logged_events() -> dict[str, set[str]]:
             if (
                 isinstance(node.func, ast.Attribute)
                 and node.func.attr in ("debug", "info", "warning", "error")
-                and ast.unparse(node.func.value) in ("log", "self._log")
+                and ast.unparse(node.func.value).split(".")[-1] in ("log", "_log")
                 and isinstance(first, ast.Constant)
                 and isinstance(first.value, str)
             ):
