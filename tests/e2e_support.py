@@ -249,6 +249,18 @@ class E2EEnv:
             f"not clean: sessions={len(self.running.registry)} slots={usage_total} cancel_keys={keys}"
         )
 
+    def tls_record_layers(self) -> dict[str, int]:
+        """How many relays of TLS clients this listener started, by where their record layer
+        ran (``waypoint_client_tls_relays_total``): ``{"c": n}`` when every one ran in C."""
+        counts: dict[str, int] = {}
+        for family in self.running.metrics.registry.collect():
+            if family.name != "waypoint_client_tls_relays":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels["listener"] == LISTENER:
+                    counts[sample.labels["record_layer"]] = int(sample.value)
+        return counts
+
     async def pg8000_connect(self, dbname: str, *, source: str = "127.0.0.1", **kwargs: Any) -> pg8000.native.Connection:
         def _connect() -> pg8000.native.Connection:
             return pg8000.native.Connection(

@@ -1,6 +1,7 @@
 """``./dev.sh``'s setup is quiet: one progress line per step, and a tool's full output only
-when its step fails. Driven with a stand-in venv whose ``python`` and ``just`` are scripts
-(the real install is what CI's ``./dev.sh setup`` does), system packages skipped."""
+when its step fails. Driven with a stand-in venv whose ``python`` and ``just`` are scripts,
+and a stand-in ``npm`` first on PATH (the real install is what CI's ``./dev.sh setup``
+does), system packages skipped."""
 
 from __future__ import annotations
 
@@ -27,13 +28,18 @@ def _stand_in_venv(venv: Path, *, fail_on: str | None) -> None:
     )
     just = bin_dir / "just"
     just.write_text('#!/bin/sh\necho "just ran: $*"\n')
-    python.chmod(0o755)
-    just.chmod(0o755)
+    # npm: as noisy, and it records its arguments (dev.sh must not touch the real tests/node).
+    npm = venv / "npm-bin" / "npm"
+    npm.parent.mkdir()
+    npm.write_text(f'#!/bin/sh\necho "$*" >> "{venv}/npm-calls"\ncat <<\'X\'\n{noise}\nX\nexit 0\n')
+    for script in (python, just, npm):
+        script.chmod(0o755)
 
 
 def _dev_sh(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(WAYPOINT_VENV=str(venv), WAYPOINT_NO_SYSTEM_PACKAGES="1")
+    env["PATH"] = f"{venv / 'npm-bin'}:{env['PATH']}"
     return subprocess.run(
         ["bash", str(ROOT / "dev.sh"), *args],
         env=env,
@@ -52,10 +58,13 @@ def test_setup_prints_one_line_per_step_and_no_tool_output(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr
     assert "noisy tool line" not in proc.stdout + proc.stderr
     lines = proc.stderr.splitlines()
-    assert len(lines) == 3, proc.stderr
+    assert len(lines) == 4, proc.stderr
     assert lines[0] == f"dev.sh: upgrading pip in {venv} ... ok"
     assert lines[1].startswith("dev.sh: installing Waypoint") and lines[1].endswith("s)")
     assert lines[2].startswith("dev.sh: checking the install ... ok (")
+    assert lines[3].startswith("dev.sh: installing node-postgres for the tests (npm ci in tests/node) ... ok (")
+    # exactly the lock file, into tests/node
+    assert (venv / "npm-calls").read_text() == "ci --no-audit --no-fund --prefix tests/node\n"
     assert proc.stdout == f"dev.sh: ready ({venv})\n"
     # the second run finds the venv up to date and runs the recipe
     again = _dev_sh(venv, "demo", "--port", "0")

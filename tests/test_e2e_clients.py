@@ -1,10 +1,14 @@
 """Real clients through Waypoint (docs/protocol.md): psql with sslmode disable / prefer /
-require, psycopg 3, asyncpg and pg8000, each with an arbitrary user name, getting exactly the
-granted privileges; and the libpq-reachable preset cap ``options=-c waypoint.presets=...``."""
+require, psycopg 3, asyncpg, pg8000, pgjdbc and node-postgres, each with an arbitrary user
+name, getting exactly the granted privileges; and the libpq-reachable preset cap
+``options=-c waypoint.presets=...``. Every TLS session among them is asserted to have run its
+record layer in C (``waypoint_client_tls_relays_total{record_layer="c"}``): a silent fallback
+to the Python record layer fails these tests."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import subprocess
@@ -15,6 +19,7 @@ import pg8000.native
 import psycopg
 import pytest
 import trio
+from console_support import pgjdbc_jar
 from e2e_support import E2EEnv, create_app_database, e2e_env, make_cert_files
 from pgcluster import PgCluster
 
@@ -38,13 +43,14 @@ def _psycopg_session(dsn: str) -> tuple[str, bool, str]:
         return str(user[0]), bool(conn.info.pgconn.ssl_in_use), str(row[0]) + "|" + denied
 
 
-async def _asyncpg_session(host: str, port: int, db: str) -> tuple[str, str, str]:
+async def _asyncpg_session(host: str, port: int, db: str, ssl: str) -> tuple[str, str, str]:
     conn = await asyncpg.connect(
-        host=host, port=port, user="whoever", database=db, ssl="prefer", timeout=20
+        host=host, port=port, user="whoever", database=db, ssl=ssl, timeout=20
     )
     try:
+        assert conn._transport.get_extra_info("ssl_object") is not None
         user = await conn.fetchval("select current_user")
-        v = await conn.fetchval("select v from t where id = 1")
+        v = await conn.fetchval("select v from t where id = $1", 1)
         try:
             await conn.execute("insert into t values (51, 'x')")
         except asyncpg.exceptions.InsufficientPrivilegeError as exc:
@@ -108,18 +114,22 @@ async def test_every_client_gets_readonly_grant_select_ok_insert_denied(
             assert ssl_in_use
             assert rest.startswith("one|") and "permission denied for table t" in rest
 
-            user, v, denied = await trio.to_thread.run_sync(
-                asyncio.run, _asyncpg_session(env.host, env.port, db)
-            )
-            assert user.startswith("wp_pg_main_carol_example_com")
-            assert v == "one"
-            assert "permission denied for table t" in denied
+            for asyncpg_ssl in ("prefer", "require"):
+                user, v, denied = await trio.to_thread.run_sync(
+                    asyncio.run, _asyncpg_session(env.host, env.port, db, asyncpg_ssl)
+                )
+                assert user.startswith("wp_pg_main_carol_example_com")
+                assert v == "one"
+                assert "permission denied for table t" in denied
 
             v, denied = await trio.to_thread.run_sync(_pg8000_session, env, db)
             assert v == "one"
             assert "permission denied for table t" in denied and "42501" in denied
 
             await env.assert_clean()
+            # psql prefer and require (two sessions each), psycopg, asyncpg prefer and
+            # require, pg8000 (TLS when the server offers it): every record layer ran in C.
+            assert env.tls_record_layers() == {"c": 8}
 
 
 @pytest.mark.parametrize("form", ["options", "startup_parameter"])
@@ -203,25 +213,20 @@ async def test_one_log_line_per_connection_and_no_secret_in_logs(
     assert "SCRAM-SHA-256$" not in text and "md5" not in text.lower().replace("md5sum", "")
 
 
-_PGJDBC_JAR = Path.home() / ".m2/repository/org/postgresql/postgresql/42.7.13/postgresql-42.7.13.jar"
 _PGJDBC_PROGRAM = Path(__file__).parent / "data" / "pgjdbc" / "TlsSession.java"
 
 
 def _pgjdbc_session(url: str) -> list[str]:
     java = shutil.which("java")
-    assert java is not None
+    assert java is not None, "java not found (dev.sh installs default-jre-headless)"
     proc = subprocess.run(
-        [java, "-cp", str(_PGJDBC_JAR), str(_PGJDBC_PROGRAM), url],
+        [java, "-cp", pgjdbc_jar(), str(_PGJDBC_PROGRAM), url],
         capture_output=True, text=True, timeout=120, check=False, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout.split()
 
 
-@pytest.mark.skipif(
-    shutil.which("java") is None or not _PGJDBC_JAR.exists(),
-    reason=f"pgjdbc needs java and {_PGJDBC_JAR}",
-)
 async def test_pgjdbc_with_sslmode_require(pg: PgCluster, tmp_path: Path) -> None:
     """pgjdbc (sslmode=require) through a listener that requires TLS: its session is relayed
     by the engine (the client TLS record layer in C), a result spanning many TLS records
@@ -237,3 +242,59 @@ async def test_pgjdbc_with_sslmode_require(pg: PgCluster, tmp_path: Path) -> Non
             assert length == str(20000 * 32)
             assert insert == "42501"
             await env.assert_clean()
+            assert env.tls_record_layers() == {"c": 1}
+
+
+NODE_DIR = Path(__file__).parent / "node"
+
+
+def _node_session(spec: dict[str, object]) -> dict[str, object]:
+    """tests/node/session.js with ``spec``: what it saw (it checks itself and exits non-zero
+    on any mismatch, which fails here with its output)."""
+    node = shutil.which("node")
+    assert node is not None, "node not found (dev.sh installs nodejs)"
+    assert (NODE_DIR / "node_modules" / "pg").is_dir(), (
+        "node-postgres is not installed in tests/node: run ./dev.sh setup "
+        "(or npm ci --prefix tests/node)"
+    )
+    proc = subprocess.run(
+        [node, str(NODE_DIR / "session.js"), json.dumps(spec)],
+        capture_output=True, text=True, timeout=120, check=False, stdin=subprocess.DEVNULL, cwd=NODE_DIR,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert isinstance(result, dict) and result["problems"] == [], result
+    seen = result["seen"]
+    assert isinstance(seen, dict)
+    return seen
+
+
+async def test_node_postgres_with_sslmode_require_and_plaintext(pg: PgCluster, tmp_path: Path) -> None:
+    """node-postgres (``ssl`` verified against the test CA: sslmode=require and more) through a
+    listener that requires TLS, its record layer in C; then plaintext through a plaintext
+    listener. Simple and extended (parameterized) queries, the grant holds (42501)."""
+    db = create_app_database(pg)
+    certs = make_cert_files(tmp_path / "certs")
+    expect = {"value": "one", "role_prefix": "wp_pg_main_erin_example_com"}
+    with trio.fail_after(180):
+        async with e2e_env(pg, tmp_path, tls_mode="require", listener_extra=certs.listener_extra()) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}}, login="erin@example.com")
+            spec = {
+                "host": env.host, "port": env.port, "database": db, "user": "node_user",
+                "ssl": {"ca": certs.ca_pem.read_text()}, "expect": {**expect, "tls": True},
+            }  # fmt: skip
+            seen = await trio.to_thread.run_sync(_node_session, spec)
+            assert seen["tls"] is True and seen["insert"] == "42501"
+            await env.assert_clean()
+            assert env.tls_record_layers() == {"c": 1}
+        (tmp_path / "plain").mkdir()
+        async with e2e_env(pg, tmp_path / "plain") as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}}, login="erin@example.com")
+            spec = {
+                "host": env.host, "port": env.port, "database": db, "user": "node_user",
+                "ssl": False, "expect": {**expect, "tls": False},
+            }  # fmt: skip
+            seen = await trio.to_thread.run_sync(_node_session, spec)
+            assert seen["tls"] is False and seen["insert"] == "42501"
+            await env.assert_clean()
+            assert env.tls_record_layers() == {}

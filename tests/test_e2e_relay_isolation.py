@@ -175,6 +175,8 @@ async def _isolation_run(pg: PgCluster, tmp_path: Path, seconds: float) -> None:
         assert all(foreign == 0 for _, foreign in stored.values()), stored
         assert stored == {m: (sent, 0) for m, _, sent in results if sent}, stored
         await env.assert_clean()
+        # Every TLS session (the even ones) had its record layer in C.
+        assert env.tls_record_layers() == {"c": len(range(0, SESSIONS, 2))}
 
 
 async def test_concurrent_sessions_read_and_store_only_their_own_bytes(

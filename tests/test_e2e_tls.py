@@ -1,10 +1,14 @@
 """Client TLS (docs/protocol.md, docs/localapi.md): direct SSL from libpq 18 (``sslnegotiation=direct``),
 refusals readable over it, direct TLS without ALPN ``postgresql`` refused; Tailscale certificates
-chosen by SNI, fetched once, and a failed fetch falling back to the file certificate."""
+chosen by SNI, fetched once, and a failed fetch falling back to the file certificate. Every
+relayed TLS session here is asserted to have run its record layer in C
+(``waypoint_client_tls_relays_total{record_layer="c"}``), so a silent fallback to Python fails."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import socket
 import ssl
 import struct
@@ -14,7 +18,18 @@ from pathlib import Path
 import psycopg
 import trio
 from cryptography import x509
-from e2e_support import LISTENER, E2EEnv, create_app_database, db_rule, e2e_env, make_cert_files
+from e2e_support import (
+    LISTENER,
+    SSL_REQUEST,
+    E2EEnv,
+    RawSession,
+    capture_logs,
+    create_app_database,
+    db_rule,
+    e2e_env,
+    make_cert_files,
+    raw_startup_packet,
+)
 from pgcluster import PgCluster
 
 from waypoint.proxy.relay import RelayEngine
@@ -106,6 +121,7 @@ async def test_direct_ssl_from_libpq_18(pg: PgCluster, tmp_path: Path) -> None:
                 else:
                     raise AssertionError(f"direct TLS with ALPN {alpn} was accepted")
             await env.assert_clean()
+            assert env.tls_record_layers() == {"c": 2}  # the two sessions that were relayed
 
 
 async def test_tailscale_certificate_by_sni_cached_and_file_fallback(
@@ -152,6 +168,7 @@ async def test_tailscale_certificate_by_sni_cached_and_file_fallback(
             )
             assert "localhost" in _names(cert)
             await env.assert_clean()
+            assert env.tls_record_layers() == {"c": 1}
 
 
 async def test_unknown_server_names_make_no_certificate_requests(
@@ -245,6 +262,7 @@ async def test_client_tls_sessions_are_relayed_by_the_engine(pg: PgCluster, tmp_
                 assert during == (1, [True])  # the record layer runs in C
                 assert length == 20000 * 32
             await env.assert_clean()
+            assert env.tls_record_layers() == {"c": 2}
 
 
 def _revoked_while_idle(dsn: str, engine_relays: Callable[[], tuple[int, list[bool]]], revoke: Callable[[], None]) -> str:
@@ -284,6 +302,65 @@ async def test_revalidation_ends_a_tls_session_with_its_fatal_inside_tls(pg: PgC
             )
             assert "FATAL" in err and "access revoked" in err, err
             await env.assert_clean()
+            assert env.tls_record_layers() == {"c": 1}
+
+
+def _close_notify_session(env: E2EEnv, db: str) -> bytes:
+    """A TLS session (SSLRequest) that runs a query, then sends close_notify alone (no
+    Terminate) and keeps its socket open: returns what it reads after, until Waypoint closes."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection((env.host, env.port), timeout=10)
+    raw.sendall(SSL_REQUEST)
+    assert raw.recv(1) == b"S"
+    tls = ctx.wrap_socket(raw, server_hostname=None)
+    session = RawSession(tls)
+    tls.sendall(raw_startup_packet({"user": "x", "database": db}))
+    while session.read_message()[0] != b"Z":
+        pass
+    assert session.read_result_of("select v from t") == "ok:one"
+    plain = socket.socket(fileno=os.dup(tls.fileno()))  # the TCP stream under the TLS session
+    try:
+        # Sends close_notify, then waits for the server's: Waypoint answers by closing.
+        tls.unwrap()
+    except TimeoutError as exc:
+        raise AssertionError("Waypoint did not close the connection after close_notify") from exc
+    except (ssl.SSLError, OSError):
+        pass
+    plain.settimeout(10)
+    rest = b""
+    with plain, tls, contextlib.suppress(ConnectionResetError):
+        while chunk := plain.recv(4096):
+            rest += chunk
+    return rest
+
+
+async def test_close_notify_is_a_clean_client_end_and_its_backend_ends(pg: PgCluster, tmp_path: Path) -> None:
+    """A TLS client that sends close_notify without a Terminate ended its session: the relay
+    ends as client_closed (not an error), Waypoint sends it nothing more and closes, and the
+    backend is ended by Waypoint's own Terminate."""
+    db = create_app_database(pg)
+    certs = make_cert_files(tmp_path / "certs")
+    with capture_logs() as logs, trio.fail_after(90):
+        async with e2e_env(pg, tmp_path, tls_mode="require", listener_extra=certs.listener_extra()) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            rest = await trio.to_thread.run_sync(_close_notify_session, env, db)
+            assert rest == b""
+            await env.assert_clean()
+            with trio.fail_after(10):
+                while not logs.events("connection_end"):
+                    await trio.sleep(0.05)
+            [end] = logs.events("connection_end")
+            assert (end["outcome"], end["relay_end"], end["tls"]) == ("client_closed", "client_closed", True), end
+            assert end["backend_end"] == "terminate", end
+            rows = pg.execute(
+                "SELECT count(*) FROM pg_catalog.pg_stat_activity"
+                " WHERE datname = :d AND starts_with(usename, 'wp_')",
+                d=db,
+            )
+            assert rows[0][0] == 0
+            assert env.tls_record_layers() == {"c": 1}
 
 
 def _pipelined_after_ssl_request(host: str, port: int, db: str) -> bytes:

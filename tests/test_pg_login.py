@@ -1,7 +1,8 @@
 """Upstream login (waypoint.pgwire.login.UpstreamLogin) against real PostgreSQL 15 and 18.
 
-Each test drives the sans-IO state machine over a plain blocking socket with
-:func:`open_session`, then proves the session is usable with a simple Query.
+Each test drives the sans-IO backend start (``pgwire.upstream``: SSLNegotiation, then
+BackendStartup running the login) over a plain blocking socket with :func:`open_session`,
+then proves the session is usable with a simple Query.
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ from pgcluster import HbaMethod, PgCluster
 from waypoint.pgwire.errors import BackendError
 from waypoint.pgwire.framing import Message, MessageReader, build_message
 from waypoint.pgwire.login import (
-    Authenticated,
     ScramKeys,
-    Send,
     UpstreamLogin,
     make_scram_verifier,
     tls_server_end_point_hash,
@@ -32,12 +31,15 @@ from waypoint.pgwire.login import (
 from waypoint.pgwire.messages import (
     BackendKeyData,
     ErrorResponse,
-    NoticeResponse,
-    ParameterStatus,
-    ReadyForQuery,
     parse_backend_message,
 )
-from waypoint.pgwire.startup import build_ssl_request, build_startup_message
+from waypoint.pgwire.upstream import (
+    BackendStartup,
+    DeriveKey,
+    NeedData,
+    SendBytes,
+    SSLNegotiation,
+)
 
 IO_TIMEOUT = 15.0
 _user_numbers = itertools.count(1)
@@ -123,34 +125,34 @@ def open_session(
     cb_hash: bytes | None = None
     try:
         if tls is not None:
-            sock.sendall(build_ssl_request())
-            answer = sock.recv(1)
-            assert answer == b"S", f"server refused SSL: {answer!r}"
+            negotiation = SSLNegotiation(allow_plain=False)
+            sock.sendall(negotiation.request())
+            assert negotiation.receive_data(sock.recv(65536))
             sock = tls.wrap_socket(sock, server_hostname=cluster.host)
             cert = sock.getpeercert(binary_form=True)
             assert cert is not None
             cb_hash = tls_server_end_point_hash(cert)
         login = UpstreamLogin(user, password, scram_keys=scram_keys, tls_server_end_point=cb_hash)
-        session = Session(sock=sock, reader=MessageReader(), login=login, parameters={}, key=None)
-        sock.sendall(build_startup_message({"user": user, "database": dbname}, protocol=protocol))
-        while not login.authenticated:
-            step = login.receive_message(session.next_message())
-            if isinstance(step, Send):
-                sock.sendall(step.data)
-            elif isinstance(step, Authenticated):
-                break
+        startup = BackendStartup(login, {"user": user, "database": dbname}, protocol)
         while True:
-            parsed = parse_backend_message(session.next_message())
-            if isinstance(parsed, ParameterStatus):
-                session.parameters[parsed.name] = parsed.value
-            elif isinstance(parsed, BackendKeyData):
-                session.key = parsed
-            elif isinstance(parsed, ErrorResponse):
-                raise BackendError(parsed.fields)
-            elif isinstance(parsed, ReadyForQuery):
-                break
+            event = startup.next_event()
+            if isinstance(event, SendBytes):
+                sock.sendall(event.data)
+            elif isinstance(event, NeedData):
+                startup.receive_data(sock.recv(65536))
+            elif isinstance(event, DeriveKey):
+                startup.derive_key()
             else:
-                assert isinstance(parsed, NoticeResponse), parsed
+                break
+        start = event.start
+        session = Session(
+            sock=sock,
+            reader=MessageReader(),
+            login=login,
+            parameters=start.parameters,
+            key=start.key,
+        )
+        session.reader.feed(start.leftover)
     except BaseException:
         sock.close()
         raise

@@ -268,9 +268,9 @@ def test_lanes_in_a_reference_cycle_are_collected(fd: int) -> None:
 class Rig:
     """client_app <-> [client lane | pump | backend lane] <-> backend_app, over socket pairs."""
 
-    def __init__(self, bufsize: int = 4096) -> None:
+    def __init__(self, bufsize: int = 4096, backend_type: int = socket.SOCK_STREAM) -> None:
         self.client_app, client_proxy = socket.socketpair()
-        backend_proxy, self.backend_app = socket.socketpair()
+        backend_proxy, self.backend_app = socket.socketpair(type=backend_type)
         self.socks = [self.client_app, client_proxy, backend_proxy, self.backend_app]
         for s in (client_proxy, backend_proxy):
             s.setblocking(False)
@@ -527,8 +527,13 @@ def _handshake(server: TlsPeer, client: TlsPeer) -> None:
 class TlsRig(Rig):
     """A Rig whose client speaks TLS; the client lane runs the record layer in C."""
 
-    def __init__(self, bufsize: int = 4096, max_version: ssl.TLSVersion | None = None) -> None:
-        super().__init__(bufsize)
+    def __init__(
+        self,
+        bufsize: int = 4096,
+        max_version: ssl.TLSVersion | None = None,
+        backend_type: int = socket.SOCK_STREAM,
+    ) -> None:
+        super().__init__(bufsize, backend_type)
         server_ctx, client_ctx = _tls_contexts(max_version)
         self.server = TlsPeer(server_ctx, True)
         self.tls = TlsPeer(client_ctx, False)
@@ -584,6 +589,42 @@ def test_pump_decrypts_and_encrypts_a_tls_client_in_c(tls_rig: TlsRig) -> None:
     assert (rig.client.received, rig.backend.received) == (len(q), len(reply))
     assert (rig.client.messages, rig.backend.messages) == (3, 2)
     assert rig.client.budget == (1 << 62) - len(q) - len(reply)
+
+
+@pytest.mark.parametrize(("size", "count"), [(100, 5), (3000, 3)])
+def test_tls_records_read_together_are_passed_on_together(size: int, count: int) -> None:
+    """The records one read brings are decrypted back to back and sent on at once, not one
+    send per record: the backend socket here is a SOCK_SEQPACKET pair, so each send arrives
+    as a packet of its own."""
+    rig = TlsRig(bufsize=16384, backend_type=socket.SOCK_SEQPACKET)
+    try:
+        plaintext = b""
+        records = b""
+        for i in range(count):
+            m = message(b"d", bytes([i]) * (size - 5))
+            plaintext += m
+            rig.tls.obj.write(m)
+            records += rig.tls.outgoing.read()  # one record per message
+        rig.client_app.sendall(records)
+        assert rig.pump.run(0.2) == []
+        packets = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                packets.append(rig.backend_app.recv(1 << 16, socket.MSG_DONTWAIT))
+        assert packets == [plaintext]
+        assert (rig.client.received, rig.client.messages) == (len(plaintext), count)
+    finally:
+        rig.close()
+
+
+def test_an_attached_session_keeps_its_record_buffers(tls_rig: TlsRig) -> None:
+    """Python's contexts free a session's record buffers whenever they are empty (allocated
+    again for every record); the pump's sessions keep them."""
+    lib = _libssl()
+    mode = lib.SSL_ctrl(_ssl_pointer(tls_rig.server.obj), 33, 0, None)  # SSL_CTRL_MODE
+    assert mode & 0x10 == 0  # SSL_MODE_RELEASE_BUFFERS
+    other = TlsPeer(_tls_contexts()[0], True)  # not attached: Python's default
+    assert lib.SSL_ctrl(_ssl_pointer(other.obj), 33, 0, None) & 0x10
 
 
 def test_pump_hands_back_tls_plaintext_past_the_budget(tls_rig: TlsRig) -> None:
@@ -652,6 +693,8 @@ def _libssl() -> ctypes.CDLL:
     lib.SSL_renegotiate.argtypes = [ctypes.c_void_p]
     lib.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
     lib.SSL_get_SSL_CTX.restype = ctypes.c_void_p
+    lib.SSL_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    lib.SSL_ctrl.restype = ctypes.c_long
     return lib
 
 

@@ -73,6 +73,14 @@ class Metrics:
             ["listener", "direction"],
             registry=r,
         )
+        self.client_tls_relays = Counter(
+            "waypoint_client_tls_relays",
+            "Relays of TLS clients, by where their TLS record layer runs: c (the relay engine's"
+            " C loop), python (the engine thread in Python: an audited session, or an OpenSSL"
+            " the C loop cannot take over), stream (the trio stream relay: a TLS backend link)",
+            ["listener", "record_layer"],
+            registry=r,
+        )
         self.revalidation_runs = Counter(
             "waypoint_revalidation_runs", "Revalidation passes", registry=r
         )
@@ -180,6 +188,10 @@ class Metrics:
             self.bytes_total.labels(listener, "client_to_backend").inc(bytes_in)
         if bytes_out:
             self.bytes_total.labels(listener, "backend_to_client").inc(bytes_out)
+
+    def client_tls_relayed(self, listener: str, record_layer: str) -> None:
+        """A relay of a TLS client started; its record layer runs in ``record_layer``."""
+        self.client_tls_relays.labels(listener, record_layer).inc()
 
     def refused(self, listener: str, sqlstate: str) -> None:
         self.refused_total.labels(listener, sqlstate).inc()

@@ -1,5 +1,6 @@
 """Sans-IO PostgreSQL v3 wire core: first packet, message framing, the
-startup-phase messages and the upstream login state machine.
+startup-phase messages, the upstream login state machine and the backend
+connection's start (SSLRequest answer, login up to ReadyForQuery).
 
 No sockets, no TLS objects, no clock, no threads: callers feed bytes and get
 typed values back, or build bytes from values.
@@ -62,11 +63,24 @@ from .startup import (
     build_startup_message,
     parse_first_packet,
 )
+from .upstream import (
+    STARTUP_MAX_MESSAGE_SIZE,
+    STARTUP_MAX_TOTAL,
+    BackendSessionStart,
+    BackendStartup,
+    DeriveKey,
+    NeedData,
+    SendBytes,
+    SSLNegotiation,
+    Started,
+)
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "MAX_FIRST_PACKET_LENGTH",
     "MIN_FIRST_PACKET_LENGTH",
+    "STARTUP_MAX_MESSAGE_SIZE",
+    "STARTUP_MAX_TOTAL",
     "Authenticated",
     "AuthenticationCleartextPassword",
     "AuthenticationMD5Password",
@@ -78,8 +92,11 @@ __all__ = [
     "BackendError",
     "BackendKeyData",
     "BackendMessage",
+    "BackendSessionStart",
+    "BackendStartup",
     "CancelRequest",
     "Continue",
+    "DeriveKey",
     "DirectTLS",
     "ErrorResponse",
     "FirstPacket",
@@ -89,6 +106,7 @@ __all__ = [
     "LoginStep",
     "Message",
     "MessageReader",
+    "NeedData",
     "NegotiateProtocolVersion",
     "NoticeResponse",
     "ParameterStatus",
@@ -97,9 +115,12 @@ __all__ = [
     "ReadyForQuery",
     "SASLInitialResponse",
     "SASLResponse",
+    "SSLNegotiation",
     "SSLRequest",
     "ScramKeys",
     "Send",
+    "SendBytes",
+    "Started",
     "StartupMessage",
     "Terminate",
     "UnsupportedCertificate",

@@ -12,22 +12,18 @@ import trio
 
 from waypoint.config.model import ListenerConfig
 from waypoint.pgwire import (
-    Authenticated,
     BackendError,
-    BackendKeyData,
-    ErrorResponse,
+    BackendSessionStart,
+    BackendStartup,
+    DeriveKey,
     LoginError,
-    MessageReader,
-    NegotiateProtocolVersion,
-    ParameterStatus,
-    ReadyForQuery,
+    NeedData,
+    ProtocolError,
     ScramKeys,
-    Send,
+    SendBytes,
+    SSLNegotiation,
     UnsupportedCertificate,
     UpstreamLogin,
-    build_ssl_request,
-    build_startup_message,
-    parse_backend_message,
     tls_server_end_point_hash,
 )
 
@@ -74,14 +70,37 @@ class BackendConnection:
             await self.stream.aclose()
 
 
-async def _recv_exact(stream: trio.abc.Stream, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await stream.receive_some(n - len(buf))
-        if not chunk:
-            raise BackendUnavailable("backend closed the connection during TLS negotiation")
-        buf += chunk
-    return bytes(buf)
+async def start_backend_tls(
+    stream: trio.SocketStream,
+    backend: tuple[str, int],
+    listener: ListenerConfig,
+    ssl_context: ssl.SSLContext,
+) -> trio.SSLStream[trio.SocketStream] | None:
+    """SSLRequest on a new connection to ``backend`` (host, port: from the configuration) (:class:`~waypoint.pgwire.SSLNegotiation`), then
+    the TLS handshake: the TLS stream, or None when the backend refused TLS and
+    ``backend_tls = prefer`` lets the connection go on in plaintext. Raises
+    BackendUnavailable (a refusal, a bad answer, bytes after the answer, a failed handshake).
+    The caller bounds the time and closes ``stream`` on error."""
+    host, port = backend
+    negotiation = SSLNegotiation(allow_plain=listener.backend_tls == "prefer")
+    try:
+        await stream.send_all(negotiation.request())
+        if not negotiation.receive_data(await stream.receive_some(RECV_SIZE)):
+            return None
+        ssl_stream = trio.SSLStream(
+            stream,
+            ssl_context,
+            server_hostname=host if listener.backend_tls == "verify-full" else None,
+            https_compatible=False,
+        )
+        await ssl_stream.do_handshake()
+        return ssl_stream
+    except ProtocolError as exc:
+        raise BackendUnavailable(
+            f"backend {host}:{port}: {exc} (backend_tls = {listener.backend_tls})"
+        ) from exc
+    except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+        raise BackendUnavailable(f"TLS to backend {host}:{port} failed: {exc}") from exc
 
 
 async def connect_backend(
@@ -97,47 +116,17 @@ async def connect_backend(
     if ssl_context is None:
         return conn
     try:
-        await sock_stream.send_all(build_ssl_request())
-        answer = await _recv_exact(sock_stream, 1)
-        if answer == b"N":
-            if listener.backend_tls == "prefer":
-                return conn
-            raise BackendUnavailable(
-                f"backend {host}:{port} refused TLS but backend_tls = {listener.backend_tls}"
-            )
-        if answer != b"S":
-            raise BackendUnavailable(f"backend answered SSLRequest with {answer!r}")
-        ssl_stream = trio.SSLStream(
-            sock_stream,
-            ssl_context,
-            server_hostname=host if listener.backend_tls == "verify-full" else None,
-            https_compatible=False,
-        )
-        await ssl_stream.do_handshake()
-        cert = ssl_stream.getpeercert(binary_form=True)
-        conn.stream = ssl_stream
-        conn.tls = True
-        conn.cert_der = cert
-        conn.verified_host = listener.backend_tls == "verify-full"
-        return conn
-    except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-        await conn.aclose()
-        raise BackendUnavailable(f"TLS to backend {host}:{port} failed: {exc}") from exc
+        ssl_stream = await start_backend_tls(sock_stream, (host, port), listener, ssl_context)
     except BaseException:
         await conn.aclose()
         raise
-
-
-@attrs.define(eq=False)
-class BackendSessionStart:
-    """What the backend said between AuthenticationOk and ReadyForQuery, to forward verbatim."""
-
-    raw: bytes  # ParameterStatus / BackendKeyData / NoticeResponse ... ReadyForQuery, verbatim
-    key: BackendKeyData | None
-    negotiate: NegotiateProtocolVersion | None
-    parameters: dict[str, str]
-    leftover: bytes  # bytes the backend sent after ReadyForQuery (forward before relaying)
-    method: str | None
+    if ssl_stream is None:
+        return conn
+    conn.stream = ssl_stream
+    conn.tls = True
+    conn.cert_der = ssl_stream.getpeercert(binary_form=True)
+    conn.verified_host = listener.backend_tls == "verify-full"
+    return conn
 
 
 @attrs.frozen
@@ -197,64 +186,28 @@ async def login_backend(conn: BackendConnection, login: BackendLogin) -> Backend
         channel_binding_required=scram_role and cb is not None,
         scram_required=scram_role,
     )
-    startup = {"user": login.role, "database": login.database}
+    parameters = {"user": login.role, "database": login.database}
     for k, v in login.parameters.items():
         if k not in ("user", "database"):
-            startup[k] = v
-    reader = MessageReader()
+            parameters[k] = v
+    startup = BackendStartup(upstream, parameters, login.protocol)
     try:
-        await stream.send_all(build_startup_message(startup, protocol=login.protocol))
-        # Authentication.
-        while not upstream.authenticated:
-            msg = reader.next_message()
-            if msg is None:
-                data = await stream.receive_some(RECV_SIZE)
-                if not data:
-                    raise BackendUnavailable("backend closed the connection during login")
-                reader.feed(data)
-                continue
-            if upstream.will_derive_key(msg):
-                step = await trio.to_thread.run_sync(
-                    upstream.receive_message, msg, limiter=login.limiter
-                )
-            else:
-                step = upstream.receive_message(msg)
-            if isinstance(step, Send):
-                await stream.send_all(step.data)
-            elif isinstance(step, Authenticated):
-                break
-        # Session start up to ReadyForQuery.
-        out = bytearray()
-        key: BackendKeyData | None = None
-        params: dict[str, str] = {}
-        for notice in upstream.notices:
-            out += notice.encode()
         while True:
-            msg = reader.next_message()
-            if msg is None:
+            event = startup.next_event()
+            if isinstance(event, SendBytes):
+                await stream.send_all(event.data)
+            elif isinstance(event, NeedData):
                 data = await stream.receive_some(RECV_SIZE)
                 if not data:
-                    raise BackendUnavailable("backend closed the connection before ReadyForQuery")
-                reader.feed(data)
-                continue
-            parsed = parse_backend_message(msg)
-            if isinstance(parsed, ErrorResponse):
-                raise BackendError(parsed.fields)
-            out += msg.raw
-            if isinstance(parsed, BackendKeyData):
-                key = parsed
-            elif isinstance(parsed, ParameterStatus):
-                params[parsed.name] = parsed.value
-            elif isinstance(parsed, ReadyForQuery):
-                break
-        return BackendSessionStart(
-            raw=bytes(out),
-            key=key,
-            negotiate=upstream.negotiate,
-            parameters=params,
-            leftover=reader.take_buffered(),
-            method=upstream.method,
-        )
+                    raise BackendUnavailable(
+                        "backend closed the connection "
+                        + ("before ReadyForQuery" if startup.authenticated else "during login")
+                    )
+                startup.receive_data(data)
+            elif isinstance(event, DeriveKey):
+                await trio.to_thread.run_sync(startup.derive_key, limiter=login.limiter)
+            else:
+                return event.start
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise BackendUnavailable(f"backend connection lost during login: {exc}") from exc
 
@@ -269,4 +222,5 @@ __all__ = [
     "backend_ssl_context",
     "connect_backend",
     "login_backend",
+    "start_backend_tls",
 ]

@@ -27,8 +27,9 @@ import trio
 from waypoint.config.model import ListenerConfig
 from waypoint.identity.model import IdentityError, IdentityProvider
 from waypoint.observability.log import get_logger
-from waypoint.pgwire import CancelRequest, build_cancel_request, build_ssl_request
+from waypoint.pgwire import CancelRequest, build_cancel_request
 from waypoint.proxy.admission import Admission
+from waypoint.proxy.backend import BackendUnavailable, start_backend_tls
 from waypoint.state.base import CancelTarget, StateStore, format_backend
 
 log = get_logger("cancel")
@@ -151,25 +152,20 @@ async def send_cancel(
     sent = False
     with trio.move_on_after(CANCEL_TIMEOUT) as scope:
         try:
-            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+            sock = await trio.open_tcp_stream(host, port)
         except OSError as exc:
             log.warning("cancel_failed", backend=f"{host}:{port}", error=str(exc))
             return False
+        stream: trio.abc.Stream = sock
         try:
             if ssl_context is not None:
-                await stream.send_all(build_ssl_request())
-                answer = await stream.receive_some(1)
-                if answer == b"S":
-                    tls = trio.SSLStream(
-                        stream,
-                        ssl_context,
-                        server_hostname=host if listener.backend_tls == "verify-full" else None,
-                    )
-                    await tls.do_handshake()
-                    stream = tls
-                elif answer != b"N" or listener.backend_tls != "prefer":
-                    log.warning("cancel_failed", backend=f"{host}:{port}", error="TLS refused")
+                try:
+                    tls = await start_backend_tls(sock, backend, listener, ssl_context)
+                except BackendUnavailable as exc:
+                    log.warning("cancel_failed", backend=f"{host}:{port}", error=str(exc))
                     return False
+                if tls is not None:
+                    stream = tls
             await stream.send_all(build_cancel_request(pid, secret))
             sent = True
             # The server closes the connection once it has processed the request.

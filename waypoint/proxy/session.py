@@ -481,6 +481,8 @@ class Session:
                     audit=audit,
                 )
                 live.attach(handle)
+                if handle.tls_record_layer is not None:
+                    ctx.metrics.client_tls_relayed(ctx.listener.name, handle.tls_record_layer)
                 return await handle.wait()
             finally:
                 client_sock.close()
@@ -494,6 +496,8 @@ class Session:
             audit=audit,
         )
         live.attach(relay)
+        if client.tls:
+            ctx.metrics.client_tls_relayed(ctx.listener.name, "stream")
         return await relay.wait()
 
     def _record_relay(

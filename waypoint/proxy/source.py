@@ -254,7 +254,6 @@ class _ConnectingOrder:
         self, identity: Identity, grant: EffectiveGrant, log: EventLogger
     ) -> tuple[BackendConnection, BackendSessionStart, str]:
         source = self.source
-        listener = source.listener
         prefetch = self.prefetch
         rotate = False
         while True:
@@ -269,15 +268,13 @@ class _ConnectingOrder:
                 elif prefetch is None or not prefetch.logged_in or rotate:
                     backend = await source.connect()
             except BackendUnavailable as exc:
-                raise Refused(
-                    errors.backend_unavailable(listener.name, str(exc)), cache=False
-                ) from exc
+                raise self._refusal(exc, log) from exc
             logged_in = False
             t0 = trio.current_time()
             try:
                 async with source.provisioner.credentials(identity, grant, rotate=rotate) as creds:
                     if creds.provisioned:
-                        source.metrics.provisioned(listener.name, trio.current_time() - t0)
+                        source.metrics.provisioned(source.listener.name, trio.current_time() - t0)
                     self.role = creds.role
                     if backend is None:
                         assert prefetch is not None
@@ -293,38 +290,46 @@ class _ConnectingOrder:
                     start = await login_backend(backend, source.login_for(creds, self.request))
                     logged_in = True
                     return backend, start, creds.role
-            except DatabaseMissing as exc:
-                raise ForwardBackendError(exc.fields) from exc
-            except ProvisionError as exc:
-                source.metrics.provision_failed(listener.name)
-                refusal = exc.refusal
-                log.error("provision_failed", sqlstate=refusal.sqlstate, detail=refusal.detail)
-                raise Refused(
-                    refusal, cache=refusal.sqlstate != errors.PROVISIONING_FAILED
-                ) from exc
             except BackendError as exc:
-                if exc.sqlstate == "28P01":
-                    if not rotate and not creds.provisioned:
-                        # Another instance rotated the secret: provision once more.
-                        log.info("backend_login_rotating", role=creds.role)
-                        rotate = True
-                        continue
-                    source.metrics.backend_login_failed(listener.name)
-                    raise Refused(
-                        errors.backend_login_failed(f"backend said 28P01 for role {creds.role}"),
-                        cache=False,
-                    ) from exc
-                raise ForwardBackendError(exc.fields) from exc
-            except (LoginError, ProtocolError) as exc:
-                source.metrics.backend_login_failed(listener.name)
-                raise Refused(errors.backend_login_failed(str(exc)), cache=False) from exc
-            except BackendUnavailable as exc:
-                raise Refused(
-                    errors.backend_unavailable(listener.name, str(exc)), cache=False
-                ) from exc
+                if exc.sqlstate == "28P01" and not rotate and not creds.provisioned:
+                    # Another instance rotated the secret: provision once more.
+                    log.info("backend_login_rotating", role=creds.role)
+                    rotate = True
+                    continue
+                raise self._refusal(exc, log) from exc
+            except (
+                DatabaseMissing,
+                ProvisionError,
+                LoginError,
+                ProtocolError,
+                BackendUnavailable,
+            ) as exc:
+                raise self._refusal(exc, log) from exc
             finally:
                 if not logged_in and backend is not None:
                     await backend.aclose()
+
+    def _refusal(self, exc: Exception, log: EventLogger) -> Refused | ForwardBackendError:
+        """How a failure to provision, connect or log in ends the handshake (and is counted)."""
+        source = self.source
+        name = source.listener.name
+        if isinstance(exc, DatabaseMissing):
+            return ForwardBackendError(exc.fields)
+        if isinstance(exc, ProvisionError):
+            source.metrics.provision_failed(name)
+            refusal = exc.refusal
+            log.error("provision_failed", sqlstate=refusal.sqlstate, detail=refusal.detail)
+            return Refused(refusal, cache=refusal.sqlstate != errors.PROVISIONING_FAILED)
+        if isinstance(exc, BackendError):
+            if exc.sqlstate != "28P01":
+                return ForwardBackendError(exc.fields)
+            source.metrics.backend_login_failed(name)
+            detail = f"backend said 28P01 for role {self.role}"
+            return Refused(errors.backend_login_failed(detail), cache=False)
+        if isinstance(exc, LoginError | ProtocolError):
+            source.metrics.backend_login_failed(name)
+            return Refused(errors.backend_login_failed(str(exc)), cache=False)
+        return Refused(errors.backend_unavailable(name, str(exc)), cache=False)
 
 
 class BackendPrefetch:

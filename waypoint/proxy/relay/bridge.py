@@ -88,6 +88,16 @@ class RelayHandle:
         return len(relay.client.out) + len(relay.backend.out)
 
     @property
+    def tls_record_layer(self) -> Literal["c", "python"] | None:
+        """Where the client's TLS record layer runs: ``c`` (the C loop, on the session's own
+        ``SSL*``), ``python`` (the engine thread, in Python), None for a plain client. Fixed
+        when the relay starts."""
+        tls = self._relay.client.tls
+        if tls is None:
+            return None
+        return "c" if tls.in_c else "python"
+
+    @property
     def result(self) -> RelayResult | None:
         """The verdict once the relay has ended, else None."""
         return self._result
