@@ -34,7 +34,8 @@ if str(TESTS) not in sys.path:
 
 from pgcluster import PgCluster  # type: ignore[import-not-found]  # noqa: E402
 
-LISTENER = "pg-main"
+LISTENER = "pg-main"  # pool = false: the unpooled figures (relay, connect, burst, bulk)
+POOLED_LISTENER = "pg-pooled"  # the pool's defaults: the pooled connect figures
 BENCH_DB = "benchdb"
 SCRAM_USER = "bench_scram"
 PGBENCH_IDENTITY = "127.0.0.1"
@@ -85,7 +86,8 @@ def raise_fd_limit() -> int:
 
 
 def grant_rule(database: str) -> dict[str, Any]:
-    return {"backends": {LISTENER: {"pg": {"databases": {database: {"permissions": ["readonly"]}}}}}}
+    entry = {"pg": {"databases": {database: {"permissions": ["readonly"]}}}}
+    return {"backends": {LISTENER: entry, POOLED_LISTENER: entry}}
 
 
 def peer(ip: str, database: str) -> dict[str, Any]:
@@ -127,7 +129,7 @@ def _make_tls(tmp: Path) -> Tls:
 
 
 def waypoint_config_text(
-    cluster: Any, *, socket_path: str, port: int, tls: Tls, max_conns_total: int
+    cluster: Any, *, socket_path: str, port: int, pooled_port: int, tls: Tls, max_conns_total: int
 ) -> str:
     return f"""
 handshake_timeout = "30s"
@@ -152,6 +154,18 @@ tls_mode = "optional"
 cert_file = "{tls.cert_file}"
 key_file = "{tls.key_file}"
 backend_tls = "disable"
+pool = false
+
+[listeners.postgres]
+admin_user = "{cluster.admin_user}"
+admin_password = "{cluster.admin_password}"
+
+[[listeners]]
+name = "{POOLED_LISTENER}"
+listen = "127.0.0.1:{pooled_port}"
+backend = "{cluster.host}:{cluster.port}"
+tls_mode = "off"
+backend_tls = "disable"
 
 [listeners.postgres]
 admin_user = "{cluster.admin_user}"
@@ -168,6 +182,8 @@ class BenchEnv:
     scram_password: str
     waypoint: subprocess.Popen[bytes]
     waypoint_port: int
+    #: The listener with the pool on (its defaults); ``waypoint_port``'s has ``pool = false``.
+    waypoint_pooled_port: int
     waypoint_log: Path
     waypoint_command: list[str]
     tls: Tls
@@ -371,12 +387,12 @@ def open_bench_env(
 
         # Waypoint, as a subprocess.
         tls = _make_tls(tmp)
-        port = free_port()
+        port, pooled_port = free_port(), free_port()
         config = tmp / "waypoint.toml"
         config.write_text(
             waypoint_config_text(
-                cluster, socket_path=str(socket_path), port=port, tls=tls,
-                max_conns_total=max_conns_total,
+                cluster, socket_path=str(socket_path), port=port, pooled_port=pooled_port,
+                tls=tls, max_conns_total=max_conns_total,
             )
         )  # fmt: skip
         os.chmod(config, 0o600)
@@ -390,6 +406,7 @@ def open_bench_env(
         stack.callback(stop_process, waypoint)
         try:
             wait_port(port, waypoint, "waypoint")
+            wait_port(pooled_port, waypoint, "waypoint (pooled listener)")
         except BenchSetupError as exc:
             raise BenchSetupError(f"{exc}\n{wp_log.read_text(errors='replace')[-3000:]}") from None
 
@@ -407,7 +424,7 @@ def open_bench_env(
 
         yield BenchEnv(
             cluster=cluster, tmp=tmp, scram_password=scram_password, waypoint=waypoint,
-            waypoint_port=port, waypoint_log=wp_log, waypoint_command=wp_cmd, tls=tls,
+            waypoint_port=port, waypoint_pooled_port=pooled_port, waypoint_log=wp_log, waypoint_command=wp_cmd, tls=tls,
             pgbouncer_port=bouncer_port, pgbouncer_note=note, pgbouncer_version=bouncer_version,
             pgbouncer_pid=bouncer_pid,
             peers_file=peers_file, peers=peers,

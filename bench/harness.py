@@ -165,11 +165,29 @@ def measure_relay(env: BenchEnv, p: Profile, r: Results) -> None:
                 log(f"relay rep {rep + 1}/{p.repetitions} clients {n:>2} {t.name:<13} {tps:>10,.0f} tps")
 
 
-def measure_connect(env: BenchEnv, p: Profile, r: Results) -> None:
+#: The connect section's systems: direct SCRAM, Waypoint without and with the pool, and
+#: PgBouncer in session mode (it keeps its server connections: its pooled reconnect).
+CONNECT_SYSTEMS = ("direct", "waypoint", "waypoint_pooled", "pgbouncer")
+#: Clients of the connect section's throughput run (pgbench -S -C: a new connection per
+#: transaction).
+CONNECT_CLIENTS = 8
+
+
+def connect_targets(env: BenchEnv) -> dict[str, Target]:
     ts = targets(env)
+    ts["waypoint_pooled"] = Target("waypoint_pooled", env.waypoint_pooled_port, {"PGUSER": "bench", "PGSSLMODE": "disable"})
+    return {name: ts[name] for name in CONNECT_SYSTEMS if name in ts}
+
+
+def measure_connect(env: BenchEnv, p: Profile, r: Results) -> None:
+    ts = connect_targets(env)
+    for name, t in ts.items():
+        if name.startswith("waypoint"):
+            # Provision the role (and, pooled, leave one backend in the pool): the figures are
+            # for a role that exists, as for every connection after a caller's first.
+            run_pgbench(env, t, ["-S", "-n", "-C", "-t", "3", "-c", "1", "-j", "1"], 120, r)
     for rep in range(p.repetitions):
-        for name in ("direct", "waypoint"):
-            t = ts[name]
+        for name, t in ts.items():
             out = run_pgbench(env, t, ["-S", "-n", "-C", "-T", str(p.connect_seconds), "-c", "1", "-j", "1"], p.connect_seconds + 120, r)
             m = _CONN_TIME.search(out)
             if m is None:  # older pgbench: the latency includes the connection
@@ -179,7 +197,16 @@ def measure_connect(env: BenchEnv, p: Profile, r: Results) -> None:
                 raise BenchSetupError(f"no connection time in pgbench output for {name}:\n{out[-500:]}")
             ms = float(m.group(1))
             r.connect.setdefault(name, []).append(ms)
-            log(f"connect rep {rep + 1}/{p.repetitions} {name:<9} {ms:.2f} ms")
+            log(f"connect rep {rep + 1}/{p.repetitions} {name:<15} {ms:.2f} ms")
+        for name, t in ts.items():
+            n = str(CONNECT_CLIENTS)
+            out = run_pgbench(env, t, ["-S", "-n", "-C", "-T", str(p.connect_seconds), "-c", n, "-j", "2"], p.connect_seconds + 120, r)
+            m = _TPS.search(out)
+            if m is None:
+                raise BenchSetupError(f"no tps line in pgbench output for {name}:\n{out[-500:]}")
+            tps = float(m.group(1))
+            r.connect_tps.setdefault(name, []).append(tps)
+            log(f"connect rep {rep + 1}/{p.repetitions} {name:<15} -C -c {n}: {tps:,.0f} tps")
 
 
 def _percentile(values: list[float], q: float) -> float:

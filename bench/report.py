@@ -18,6 +18,14 @@ SYSTEM_LABELS = {
     "waypoint": "Waypoint",
     "pgbouncer_tls": "PgBouncer + client TLS",
     "waypoint_tls": "Waypoint + client TLS",
+    "waypoint_pooled": "Waypoint, pooled",
+}
+#: The connect section's rows (bench/README.md).
+CONNECT_LABELS = {
+    "direct": "direct SCRAM login",
+    "waypoint": "Waypoint, pool = false (whois + cached role + backend SCRAM login)",
+    "waypoint_pooled": "Waypoint, pooled (whois + a pooled backend: check, cancel key)",
+    "pgbouncer": "PgBouncer, pooled session mode (no authentication of the caller)",
 }
 
 
@@ -55,6 +63,7 @@ class Results:
     relay: dict[str, dict[int, list[float]]] = attrs.field(factory=dict)  # system -> clients -> TPS
     relay_cpu: dict[str, dict[int, list[float]]] = attrs.field(factory=dict)  # proxy CPU s/s
     connect: dict[str, list[float]] = attrs.field(factory=dict)  # system -> avg connection ms
+    connect_tps: dict[str, list[float]] = attrs.field(factory=dict)  # system -> TPS, -C -c 8
     bursts: list[BurstSample] = attrs.field(factory=list)
     bulk: dict[str, list[float]] = attrs.field(factory=dict)  # system -> MB/s
     footprint: Footprint | None = None
@@ -108,6 +117,10 @@ def bars(r: Results) -> list[Bar]:
     out.append(_bar("relay TPS Waypoint/direct, 8 clients", ">= 0.7", v, v is not None and v >= 0.7))
     v = ratio(median(r.connect.get("waypoint", [])), median(r.connect.get("direct", [])))
     out.append(_bar("connect time Waypoint/direct SCRAM", "<= 1.0", v, v is not None and v <= 1.0))
+    v = ratio(median(r.connect.get("waypoint_pooled", [])), median(r.connect.get("direct", [])))
+    out.append(_bar("connect time Waypoint pooled/direct SCRAM", "<= 0.3", v, v is not None and v <= 0.3))
+    v = ratio(median(r.connect_tps.get("waypoint_pooled", [])), median(r.connect_tps.get("direct", [])))
+    out.append(_bar("-C -c 8 TPS Waypoint pooled/direct SCRAM", ">= 2.0", v, v is not None and v >= 2.0))
     if r.bursts:
         fails = float(sum(b.failures for b in r.bursts))
         conns = r.bursts[0].connections
@@ -153,6 +166,8 @@ def rows(r: Results) -> dict[str, float | None]:
         )
     for system, samples in r.connect.items():
         out[f"connect_ms.{system}"] = median(samples)
+    for system, samples in r.connect_tps.items():
+        out[f"connect_tps.{system}.c8"] = median(samples)
     for i, b in enumerate(r.bursts):
         out[f"burst.{i}.{b.label}.p50_ms"] = b.p50_ms
         out[f"burst.{i}.{b.label}.p99_ms"] = b.p99_ms
@@ -165,6 +180,16 @@ def rows(r: Results) -> dict[str, float | None]:
         out["footprint.rss_after_kib"] = float(r.footprint.rss_after_kib)
         out["footprint.per_session_kib"] = r.footprint.per_session_kib
     return out
+
+
+def _connect_rows(figures: Mapping[str, list[float]], spec: str) -> list[str]:
+    """The connect section's table rows (median, then every sample), and a blank line."""
+    rows = [
+        f"| {label} | {_fmt(median(figures[s]), spec)} | " + ", ".join(format(x, spec) for x in figures[s]) + " |"
+        for s, label in CONNECT_LABELS.items()
+        if s in figures
+    ]
+    return [*rows, ""]
 
 
 def render_markdown(r: Results, chart_name: str | None) -> str:
@@ -221,12 +246,32 @@ def render_markdown(r: Results, chart_name: str | None) -> str:
         "| system | ms (median) | samples (ms) |",
         "|---|---|---|",
     ]
-    for s in ("direct", "waypoint"):
-        if s in r.connect:
-            label = "direct SCRAM login" if s == "direct" else "Waypoint (whois + cached role + backend SCRAM login)"
-            lines.append(f"| {label} | {_fmt(median(r.connect[s]), '.2f')} | " + ", ".join(f"{x:.2f}" for x in r.connect[s]) + " |")
+    lines += _connect_rows(r.connect, ".2f")
+
+    def connect_ratio(a: str, b: str) -> str:
+        return _x(ratio(median(r.connect.get(a, [])), median(r.connect.get(b, []))))
+
+    lines.append(f"Waypoint/direct: {connect_ratio('waypoint', 'direct')}; Waypoint pooled/direct: {connect_ratio('waypoint_pooled', 'direct')}")
     lines.append("")
-    lines.append(f"Waypoint/direct: {_x(ratio(median(r.connect.get('waypoint', [])), median(r.connect.get('direct', []))))}")
+    lines.append(
+        f"Reported, not a bar: PgBouncer pooled/direct: {connect_ratio('pgbouncer', 'direct')}; "
+        f"Waypoint pooled/PgBouncer pooled: {connect_ratio('waypoint_pooled', 'pgbouncer')} "
+        "(PgBouncer authenticates nobody here; Waypoint asks tailscaled on every connection)"
+    )
+    lines += [
+        "",
+        f"### A new connection per transaction: `pgbench -S -n -C -T {m.get('connect_seconds', '?')} -c 8 -j 2`",
+        "",
+        "| system | TPS (median) | samples |",
+        "|---|---|---|",
+    ]
+    lines += _connect_rows(r.connect_tps, ",.0f")
+    lines.append(
+        "Waypoint pooled/direct: "
+        + _x(ratio(median(r.connect_tps.get("waypoint_pooled", [])), median(r.connect_tps.get("direct", []))))
+        + "; PgBouncer pooled/direct (reported): "
+        + _x(ratio(median(r.connect_tps.get("pgbouncer", [])), median(r.connect_tps.get("direct", []))))
+    )
     if r.bursts:
         lines += [
             "",
@@ -299,6 +344,7 @@ def to_json(r: Results) -> dict[str, Any]:
         "relay": {s: {str(n): v for n, v in by.items()} for s, by in r.relay.items()},
         "relay_cpu": {s: {str(n): v for n, v in by.items()} for s, by in r.relay_cpu.items()},
         "connect": r.connect,
+        "connect_tps": r.connect_tps,
         "bursts": [attrs.asdict(b) for b in r.bursts],
         "bulk": r.bulk,
         "footprint": None if r.footprint is None else {**attrs.asdict(r.footprint), "per_session_kib": r.footprint.per_session_kib},
@@ -338,7 +384,7 @@ def render_chart(r: Results, path: Path) -> str | None:
         ax1.legend(fontsize=8)
     labels: list[str] = []
     values: list[float] = []
-    for s, lab in (("direct", "direct\nSCRAM"), ("waypoint", "Waypoint")):
+    for s, lab in (("direct", "direct\nSCRAM"), ("waypoint", "Waypoint"), ("waypoint_pooled", "Waypoint\npooled"), ("pgbouncer", "PgBouncer\npooled")):
         v = median(r.connect.get(s, []))
         if v is not None:
             labels.append(lab)
@@ -348,7 +394,7 @@ def render_chart(r: Results, path: Path) -> str | None:
         labels += ["burst p50", "burst p99"]
         values += [statistics.median(b.p50_ms for b in warm), statistics.median(b.p99_ms for b in warm)]
     if values and min(values) > 0:
-        bars_ = ax2.bar(range(len(values)), values, color=["tab:blue", "tab:green", "tab:olive", "tab:red"][: len(values)])
+        bars_ = ax2.bar(range(len(values)), values, color=["tab:blue", "tab:green", "tab:cyan", "tab:orange", "tab:olive", "tab:red"][: len(values)])
         ax2.bar_label(bars_, fmt="%.1f", fontsize=8)
         ax2.set_xticks(range(len(values)), labels, fontsize=8)
         ax2.set_yscale("log")
@@ -385,7 +431,8 @@ def expected_row_ids(systems: Sequence[str], clients: Sequence[int], bursts: Map
     ids = [f"relay_tps.{s}.c{n}" for s in systems for n in clients]
     if "pgbouncer_tls" in systems:
         ids += [f"relay_ratio.waypoint_tls_to_pgbouncer_tls.c{n}" for n in clients]
-    ids += ["connect_ms.direct", "connect_ms.waypoint"]
+    connect = ["direct", "waypoint", "waypoint_pooled"] + (["pgbouncer"] if "pgbouncer" in systems else [])
+    ids += [f"connect_ms.{s}" for s in connect] + [f"connect_tps.{s}.c8" for s in connect]
     for i, label in bursts.items():
         ids += [f"burst.{i}.{label}.p50_ms", f"burst.{i}.{label}.p99_ms", f"burst.{i}.{label}.failures"]
     ids += [f"bulk_mbps.{s}" for s in systems]

@@ -120,7 +120,7 @@ def test_bench_quick_writes_a_complete_report(tmp_path: Path) -> None:
     # The Markdown carries the table, the bars with a verdict each, machine, versions, commands.
     for heading in HEADINGS:
         assert heading in md
-    assert md.count("**PASS**") + md.count("**MISS**") + md.count("**n/a**") == len(data["bars"]) == 12
+    assert md.count("**PASS**") + md.count("**MISS**") + md.count("**n/a**") == len(data["bars"]) == 14
     assert f"pgbench -S -n -T {QUICK.relay_seconds} -c 32 -j 2" in md
     assert data["meta"]["waypoint_git"] != "unknown"
     # The benchmark identity's secret never reaches the report.

@@ -160,104 +160,12 @@ async def test_metrics_count_connections_refusals_handshakes_and_bytes(
         assert (
             value(body, "waypoint_sessions_ended_total", listener=LISTENER, outcome="refused") == 2
         )
-        # The second login of 127.0.0.1 had its backend session logged in during the whois
-        # (same database and parameters as its first); the refused one from that (warm) peer
-        # asked for another database: only a connection was opened, and closed unused.
-        assert prefetches(body) == {("logged_in", "used"): 1, ("connected", "discarded"): 1}
-
-
-def prefetches(body: str) -> dict[tuple[str, str], float]:
-    """waypoint_backend_prefetches_total of LISTENER by (stage, outcome), the non-zero ones."""
-    out = {}
-    for (name, labels), v in samples(body).items():
-        d = dict(labels)
-        if name == "waypoint_backend_prefetches_total" and d["listener"] == LISTENER and v:
-            out[(d["stage"], d["outcome"])] = v
-    return out
-
-
-@pytest.mark.pg
-async def test_backend_prefetch_only_for_peers_whose_last_login_succeeded(
-    pg15: PgCluster,
-) -> None:
-    db = create_app_database(pg15)
-    config = load_config_text(static_config(pg15, db), source="metrics.toml")
-    async with run_waypoint(config) as running:
-
-        async def login_and_query() -> None:
-            conn = await connect(running, db)
-            assert await query(conn, "SELECT v FROM t") == [["one"]]
-            conn.close()
-
-        # An unknown peer never gets a backend connection before its identity is known.
-        for _ in range(2):
-            assert (await refused_sqlstate(running, db, source="127.0.0.9"))[0] == "28000"
-        await login_and_query()  # cold: connects after the whois
-        await login_and_query()  # warm: logged in during the whois
-        body = await scrape_until_idle(running)
-        assert prefetches(body) == {("logged_in", "used"): 1}
-        # A refusal makes the peer cold again.
-        assert (await refused_sqlstate(running, "postgres"))[0] == "42501"
-        await login_and_query()  # cold again
-        await login_and_query()  # warm
-        body = await scrape_until_idle(running)
-        assert prefetches(body) == {("logged_in", "used"): 2, ("connected", "discarded"): 1}
-
-
-@pytest.mark.pg
-async def test_a_session_logged_in_during_the_whois_is_the_one_a_direct_login_gives(
-    pg15: PgCluster,
-) -> None:
-    """The prefetched session is the caller's own: its role, database, parameters and
-    backend PID; another parameter set gets a plain connection and its own login."""
-    db = create_app_database(pg15)
-    config = load_config_text(static_config(pg15, db), source="metrics.toml")
-    async with run_waypoint(config) as running:
-        first = await connect(running, db)
-        ((role, pid0),) = await query(first, "SELECT current_user, pg_backend_pid()")
-        first.close()
-        warm = await connect(running, db)
-        rows = await query(
-            warm, "SELECT current_user, current_database(), pg_backend_pid(), 1 FROM t"
-        )
-        assert rows[0][:2] == [role, db] and rows[0][2] != pid0
-        # BackendKeyData (pid, secret) is that session's own.
-        assert int.from_bytes(warm._backend_key_data[:4], "big") == rows[0][2]
-        warm.close()
-        body = await scrape_until_idle(running)
-        assert prefetches(body) == {("logged_in", "used"): 1}
-        # Another application_name: the guess does not hold, the login waits for the whois.
-        other = await connect(running, db, application_name="other-app")
-        assert await query(other, "SELECT current_setting('application_name')") == [["other-app"]]
-        other.close()
-        body = await scrape_until_idle(running)
-        assert prefetches(body) == {("logged_in", "used"): 1, ("connected", "used"): 1}
-
-
-@pytest.mark.pg
-async def test_a_prefetched_login_that_fails_falls_back_to_the_normal_login(
-    pg15: PgCluster,
-) -> None:
-    """The role's password changed behind Waypoint's back: the login made during the whois
-    fails and is dropped quietly; the caller's own login rotates the secret and succeeds."""
-    db = create_app_database(pg15)
-    config = load_config_text(static_config(pg15, db), source="metrics.toml")
-    async with run_waypoint(config) as running:
-        first = await connect(running, db)
-        ((role,),) = await query(first, "SELECT current_user")
-        first.close()
-        await trio.to_thread.run_sync(
-            lambda: pg15.execute(f"ALTER ROLE \"{role}\" PASSWORD 'changed-elsewhere'")
-        )
-        again = await connect(running, db)
-        assert await query(again, "SELECT current_user, v FROM t") == [[role, "one"]]
-        again.close()
-        body = await scrape_until_idle(running)
-        assert prefetches(body) == {("logged_in", "discarded"): 1}
-        assert value(body, "waypoint_backend_login_failures_total", listener=LISTENER) == 0
-        assert (
-            value(body, "waypoint_sessions_ended_total", listener=LISTENER, outcome="refused") == 0
-        )
+        # The second login of 127.0.0.1 got the backend its first one left idle (same role,
+        # database and parameters): one miss, one hit, one reset (after each clean end).
+        assert value(body, "waypoint_pool_misses_total", listener=LISTENER) == 1
+        assert value(body, "waypoint_pool_hits_total", listener=LISTENER) == 1
+        assert value(body, "waypoint_pool_resets_total", listener=LISTENER, outcome="ok") == 2
+        assert value(body, "waypoint_pool_idle", listener=LISTENER) == 1
 
 
 @pytest.mark.pg
@@ -280,7 +188,10 @@ async def test_metrics_families_have_help_and_no_per_user_labels(pg15: PgCluster
             "waypoint_provision_seconds",
             "waypoint_provision_errors",
             "waypoint_backend_login_failures",
-            "waypoint_backend_prefetches",
+            "waypoint_pool_idle",
+            "waypoint_pool_hits",
+            "waypoint_pool_misses",
+            "waypoint_pool_resets",
             "waypoint_relayed_bytes",
             "waypoint_revalidation_runs",
             "waypoint_revalidation_failures",

@@ -38,7 +38,9 @@ def message(type_byte: bytes, body: bytes) -> bytes:
 
 _bodies = st.binary(max_size=40)
 _messages = st.lists(
-    st.tuples(st.integers(0, 255), _bodies).map(lambda tb: message(bytes([tb[0]]), tb[1])),
+    st.tuples(st.one_of(st.sampled_from(b"QSFZXE"), st.integers(0, 255)), _bodies).map(
+        lambda tb: message(bytes([tb[0]]), tb[1])
+    ),
     max_size=12,
 )
 
@@ -52,12 +54,14 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     return chunks
 
 
-def _state(t: BoundaryTracker) -> tuple[int, bool, int, int]:
-    return (t.messages, t.at_boundary, t._skip, len(t._header))
+def _state(t: BoundaryTracker) -> tuple[int, ...]:
+    where = (t.last_type, t.prev_type, t.last_byte, t.readies, t.syncs)
+    return (t.messages, t.at_boundary, t._skip, len(t._header), *where)
 
 
-def _lane_state(lane: Lane) -> tuple[int, bool, int, int]:
-    return (lane.messages, lane.at_boundary, lane.skip, lane.partial_header)
+def _lane_state(lane: Lane) -> tuple[int, ...]:
+    where = (lane.last_type, lane.prev_type, lane.last_byte, lane.readies, lane.syncs)
+    return (lane.messages, lane.at_boundary, lane.skip, lane.partial_header, *where)
 
 
 @pytest.fixture
@@ -73,7 +77,9 @@ def fd() -> Iterator[int]:
     garbage=st.binary(max_size=12),
     cuts=st.lists(st.integers(0, 10_000), max_size=8),
 )
-def test_lane_feed_matches_boundary_tracker(stream: list[bytes], garbage: bytes, cuts: list[int]) -> None:
+def test_lane_feed_matches_boundary_tracker(
+    stream: list[bytes], garbage: bytes, cuts: list[int]
+) -> None:
     data = b"".join(stream) + garbage
     ref = BoundaryTracker()
     lane = Lane(0)
@@ -314,6 +320,39 @@ def test_pump_relays_both_ways_and_counts(rig: Rig) -> None:
     assert rig.client.budget == (1 << 62) - len(q) - len(reply)
 
 
+def test_a_lane_that_stops_at_terminate_hands_that_read_back_unsent(rig: Rig) -> None:
+    """The pool's relays: the read holding the client's Terminate goes to Python (counted
+    and fed, not sent); reads without one stay in C; the backend lane tracks its last
+    ReadyForQuery."""
+    rig.client.stop_at_terminate = True
+    q = message(b"Q", b"select 1\x00")
+    rig.client_app.sendall(q)
+    assert rig.pump.run(0.05) == []  # no Terminate: relayed in C
+    assert rig.backend_app.recv(100) == q
+    rig.backend_app.sendall(message(b"C", b"SELECT 1\x00") + message(b"Z", b"I"))
+    rig.pump.run(0.2)
+    assert (rig.backend.last_type, rig.backend.last_byte, rig.backend.readies) == (
+        ord("Z"),
+        ord("I"),
+        1,
+    )
+    rig.client_app.sendall(message(b"S", b"") + message(b"X", b""))
+    [(code, fd, _, n, chunk)] = rig.pump.run(1.0)
+    assert (code, fd, n) == (_pump.TERMINATE, rig.client.fd, 10)
+    assert chunk == message(b"S", b"") + message(b"X", b"") and type(chunk) is bytes
+    assert (rig.client.last_type, rig.client.prev_type, rig.client.syncs) == (ord("X"), ord("S"), 2)
+    assert rig.client.received == len(q) + 10
+    rig.backend_proxy.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        rig.backend_app.recv(100, socket.MSG_DONTWAIT)  # nothing was sent on
+
+
+def test_a_lane_that_does_not_stop_passes_the_terminate_on(rig: Rig) -> None:
+    rig.client_app.sendall(message(b"X", b""))
+    assert rig.pump.run(0.05) == []
+    assert rig.backend_app.recv(100) == message(b"X", b"")
+
+
 def test_pump_returns_empty_after_the_timeout(rig: Rig) -> None:
     assert rig.pump.run(0.0) == []
     assert rig.pump.run(0.01) == []
@@ -489,11 +528,16 @@ class TlsPeer:
     def __init__(self, ctx: ssl.SSLContext, server: bool) -> None:
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(
-            self.incoming, self.outgoing, server_side=server, server_hostname=None if server else "pump.test"
+            self.incoming,
+            self.outgoing,
+            server_side=server,
+            server_hostname=None if server else "pump.test",
         )
 
 
-def _tls_contexts(max_version: ssl.TLSVersion | None = None) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+def _tls_contexts(
+    max_version: ssl.TLSVersion | None = None,
+) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     _TLS_CERT.configure_cert(server)
     client = ssl.create_default_context()
@@ -682,7 +726,9 @@ def _ssl_pointer(obj: ssl.SSLObject) -> int:
     """The SSL* of an SSLObject (as _pump.c reads it, verified there; here for the test's
     own client, to drive what Python's ssl module has no call for)."""
     sslsock = obj._sslobj  # type: ignore[attr-defined]
-    ptr = ctypes.c_void_p.from_address(id(sslsock) + object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)).value
+    ptr = ctypes.c_void_p.from_address(
+        id(sslsock) + object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)
+    ).value
     assert ptr is not None
     return ptr
 
@@ -698,7 +744,9 @@ def _libssl() -> ctypes.CDLL:
     return lib
 
 
-def test_a_tls13_key_update_from_the_client_is_answered_and_data_keeps_flowing(tls_rig: TlsRig) -> None:
+def test_a_tls13_key_update_from_the_client_is_answered_and_data_keeps_flowing(
+    tls_rig: TlsRig,
+) -> None:
     rig = tls_rig
     assert rig.tls.obj.version() == "TLSv1.3"
     lib = _libssl()

@@ -759,3 +759,38 @@ async def test_tls_garbage_from_the_client_ends_the_relay_with_an_error(c_tls: b
         tls_sock.close()
     assert result.reason == "error"
     assert result.error is not None and result.error.startswith("client TLS: ")
+
+
+async def test_a_relay_that_stops_at_terminate_keeps_the_backend_and_says_it_is_idle(
+    harness: Harness,
+) -> None:
+    """The pool's relay, in every implementation: the client's Terminate does not reach the
+    backend, and the verdict gives the backend's last ReadyForQuery status."""
+    s = await harness.open(stop_at_terminate=True)
+    query = message(b"Q", b"select 1\x00")
+    answer = message(b"C", b"SELECT 1\x00") + message(b"Z", b"I")
+    with trio.fail_after(10):
+        await s.client.send_all(query)
+        assert await read_all(s.backend, len(query)) == query
+        await s.backend.send_all(answer)
+        assert await read_all(s.client, len(answer)) == answer
+        await s.client.send_all(message(b"X", b""))
+    # The relay is over at the Terminate, without the client closing (asyncpg waits for the
+    # end of the stream first; the session closes the client's connection after the relay).
+    result = await s.result()
+    assert result.reason == "client_closed"
+    assert result.ready_status == b"I"
+    # The backend connection is open and got nothing more: it can take the next query.
+    s.close_proxy_side()
+    with trio.fail_after(10):
+        assert await read_to_eof(s.backend) == b""
+
+
+async def test_a_relay_that_does_not_stop_passes_the_terminate_on(harness: Harness) -> None:
+    s = await harness.open()
+    with trio.fail_after(10):
+        await s.client.send_all(message(b"X", b""))
+        assert await read_all(s.backend, 5) == message(b"X", b"")
+        await s.client.aclose()
+    result = await s.result()
+    assert result.ready_status is None

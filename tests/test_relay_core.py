@@ -60,7 +60,9 @@ def core_of(pair: Callable[[], tuple[Direction, Direction]], **kw: object) -> Re
     return RelayCore(client, backend, **kw)  # type: ignore[arg-type]
 
 
-def test_reads_are_counted_tracked_and_passed_on(pair: Callable[[], tuple[Direction, Direction]]) -> None:
+def test_reads_are_counted_tracked_and_passed_on(
+    pair: Callable[[], tuple[Direction, Direction]],
+) -> None:
     core = core_of(pair)
     q = message(b"Q", b"select 1\x00")
     assert core.read(core.client, q[:3], 0.0) == q[:3]
@@ -129,7 +131,9 @@ def test_the_first_end_wins(pair: Callable[[], tuple[Direction, Direction]]) -> 
     assert core.end().error == "client socket: reset"  # idempotent
 
 
-def test_eof_and_errors_close_with_a_flush_bound(pair: Callable[[], tuple[Direction, Direction]]) -> None:
+def test_eof_and_errors_close_with_a_flush_bound(
+    pair: Callable[[], tuple[Direction, Direction]],
+) -> None:
     core = core_of(pair)
     core.closed(core.backend, 5.0)
     assert core.closing and core.reason == "backend_closed" and core.deadline == 7.0
@@ -160,7 +164,9 @@ def test_handshake_leftovers_count_and_can_begin_the_end(
     assert core.backend.received == len(leftover) and core.backend.messages == 2
 
 
-def test_the_driver_can_force_its_own_failure(pair: Callable[[], tuple[Direction, Direction]]) -> None:
+def test_the_driver_can_force_its_own_failure(
+    pair: Callable[[], tuple[Direction, Direction]],
+) -> None:
     core = core_of(pair)
     core.closed(core.client, 0.0)
     assert core.end("error", "engine failed", force=True).reason == "error"
@@ -169,7 +175,9 @@ def test_the_driver_can_force_its_own_failure(pair: Callable[[], tuple[Direction
 _chunks = st.lists(
     st.tuples(
         st.sampled_from(["client", "backend", "terminate", "fatal?"]),
-        st.lists(st.sampled_from([ROW, message(b"Q", b"x\x00"), message(b"D", bytes(300))]), max_size=4),
+        st.lists(
+            st.sampled_from([ROW, message(b"Q", b"x\x00"), message(b"D", bytes(300))]), max_size=4
+        ),
         st.integers(0, 50),
     ),
     max_size=30,
@@ -207,3 +215,105 @@ def test_the_c_lanes_and_the_python_directions_give_the_same_answers(
     finally:
         a.close()
         b.close()
+
+
+# -- the pool's question: did the session end in step, the backend idle? --------------------
+
+Q = message(b"Q", b"select 1\x00")
+SYNC = message(b"S", b"")
+TERM = message(b"X", b"")
+DONE = message(b"C", b"SELECT 1\x00")
+
+
+def ready(status: bytes) -> bytes:
+    return message(b"Z", status)
+
+
+def _session(
+    pair: Callable[[], tuple[Direction, Direction]],
+    steps: list[tuple[str, bytes]],
+    *,
+    stop: bool = True,
+    end: str = "client",
+) -> tuple[RelayCore, bytes]:
+    """Drive a core through ``steps`` (("c", bytes from the client) / ("b", from the
+    backend)); returns it, ended by ``end`` closing, and what was passed to the backend."""
+    core = core_of(pair, stop_at_terminate=stop)
+    to_backend = b""
+    for who, data in steps:
+        side = core.client if who == "c" else core.backend
+        out = core.read(side, data, 0.0)
+        if who == "c":
+            to_backend += out
+    core.closed(core.client if end == "client" else core.backend, 1.0)
+    core.end()
+    return core, to_backend
+
+
+@pytest.mark.parametrize(
+    ("steps", "status"),
+    [
+        ([("c", Q), ("b", DONE + ready(b"I")), ("c", TERM)], b"I"),
+        ([("c", TERM)], b"I"),  # nothing asked after the login
+        ([("c", Q), ("b", DONE + ready(b"T")), ("c", TERM)], b"T"),  # inside a transaction
+        ([("c", Q), ("b", DONE + ready(b"E")), ("c", TERM)], b"E"),  # a failed transaction
+        ([("c", Q + TERM)], None),  # left before the answer came
+        ([("c", Q + TERM), ("b", DONE + ready(b"I"))], b"I"),  # ... which came before the EOF
+        ([("c", Q), ("c", Q), ("b", DONE + ready(b"I")), ("c", TERM)], None),  # one pending
+        ([("c", Q), ("b", DONE), ("c", TERM)], None),  # results still coming
+        ([("c", Q), ("b", message(b"E", b"SERROR\x00\x00") + ready(b"I")), ("c", TERM)], None),
+        ([("c", Q), ("b", DONE + ready(b"I") + message(b"A", b"\x00" * 6)), ("c", TERM)], None),
+        ([("c", Q), ("b", message(b"G", b"\x00\x00\x00")), ("c", TERM)], None),  # COPY IN
+        (
+            [("c", message(b"P", b"\x00x\x00\x00\x00")), ("b", message(b"1", b"")), ("c", TERM)],
+            None,
+        ),
+        (
+            [
+                ("c", message(b"P", b"\x00x\x00\x00\x00") + SYNC),
+                ("b", message(b"1", b"") + ready(b"I")),
+                ("c", TERM),
+            ],
+            b"I",
+        ),
+        ([("c", Q), ("b", DONE + ready(b"I")), ("c", TERM[:2]), ("c", TERM[2:])], None),  # split
+        ([("c", Q), ("b", DONE + ready(b"I")), ("c", TERM + b"Q")], None),  # bytes after it
+        ([("c", Q), ("b", DONE + ready(b"I")), ("c", TERM), ("c", Q)], None),  # more after it
+    ],
+)
+def test_ready_status_only_for_a_session_that_ended_in_step(
+    pair: Callable[[], tuple[Direction, Direction]],
+    steps: list[tuple[str, bytes]],
+    status: bytes | None,
+) -> None:
+    core, to_backend = _session(pair, steps)
+    assert core.result is not None and core.result.reason == "client_closed"
+    assert core.result.ready_status == status
+    sent_terminate = to_backend.endswith(TERM) or TERM in to_backend
+    if status is not None:
+        assert not sent_terminate  # held back: the backend waits for its next query
+        assert to_backend == b"".join(d for w, d in steps if w == "c")[: -len(TERM)]
+
+
+def test_without_stop_at_terminate_it_is_passed_on_and_no_status_is_given(
+    pair: Callable[[], tuple[Direction, Direction]],
+) -> None:
+    core, to_backend = _session(
+        pair, [("c", Q), ("b", DONE + ready(b"I")), ("c", TERM)], stop=False
+    )
+    assert to_backend == Q + TERM
+    assert core.result is not None and core.result.ready_status is None
+
+
+def test_no_status_when_the_backend_or_a_limit_ended_it(
+    pair: Callable[[], tuple[Direction, Direction]],
+) -> None:
+    core, _ = _session(pair, [("c", Q), ("b", DONE + ready(b"I"))], end="backend")
+    assert core.result is not None and core.result.ready_status is None
+    core = core_of(pair, stop_at_terminate=True)
+    core.read(core.client, Q, 0.0)
+    core.read(core.backend, DONE + ready(b"I"), 0.0)
+    core.terminate(FATAL, "terminated", 2.0, 0.0)
+    core.read(core.client, TERM, 0.0)
+    core.closed(core.client, 1.0)
+    assert core.end().ready_status is None

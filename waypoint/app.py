@@ -24,12 +24,13 @@ from waypoint.identity.model import IdentityProvider
 from waypoint.identity.tailscale import TailscaleProvider
 from waypoint.observability.log import LEVELS, Format, current_format, get_logger, switch
 from waypoint.observability.metrics import Metrics
+from waypoint.pool import BackendPool
 from waypoint.provision.engine import Provisioner
 from waypoint.proxy.admission import Admission
 from waypoint.proxy.backend import backend_ssl_context
 from waypoint.proxy.context import ListenerContext
 from waypoint.proxy.listener import CurrentContext, accept_loop, open_listener
-from waypoint.proxy.registry import LiveSession, RefusalCache, SessionRegistry, WarmPeers
+from waypoint.proxy.registry import LiveSession, RefusalCache, SessionRegistry
 from waypoint.proxy.relay import RelayEngine, open_relay_engine
 from waypoint.proxy.revalidation import revalidation_loop
 from waypoint.proxy.tls import MIN_VALIDITY, ClientTLS
@@ -186,7 +187,11 @@ class _Service:
         self.engine = engine
         #: The statement audit (opened once at start: ``[audit]`` changes need a restart).
         self.audit: AuditService | None = None
+        #: Idle backends of every listener (docs/architecture.md#backend-pooling).
+        self.pool = BackendPool(metrics)
         self.registry = SessionRegistry()
+        # The orphan sweep must not end the pooled backends this instance owns.
+        self.registry.held_pids = self.pool.pids
         self.refusals = RefusalCache()
         #: The console (one per service, every listener's console database); its state
         #: probe reads the contexts current when it runs, so listeners a reload adds count.
@@ -273,7 +278,7 @@ class _Service:
             metrics=self.metrics,
             pbkdf2_limiter=self.pbkdf2_limiter,
             admission=self.admission,
-            warm_peers=previous.warm_peers if previous is not None else WarmPeers(),
+            pool=self.pool,
             console=self.console,
             audit=self.audit,
         )
@@ -438,6 +443,7 @@ class _Service:
                                 with trio.CancelScope(shield=True):
                                     await sl.aclose()
                         raise
+                await root.start(self.pool.run)
                 await root.start(self._run_background)
                 if handle_signals:
                     root.start_soon(_signal_watcher, self.shutdown, self.immediate, self)
@@ -483,6 +489,8 @@ class _Service:
                     health.listener_stopped(name)
                 for ctx in self._all_contexts():
                     ctx.accepting = False
+                # Pooled backends go first; the sessions that end from now on keep nothing.
+                await self.pool.close_all("shutdown")
                 drained = False
                 with trio.move_on_after(config.drain_timeout):
                     async with trio.open_nursery() as waiter:
@@ -655,6 +663,9 @@ class _Service:
         fmt = config.log.format or self.log_format
         switch(fmt, LEVELS[config.log.level])
         replaced: list[tuple[CurrentContext, ListenerContext]] = []
+        # Backends pooled under a listener's old settings are not handed out again.
+        gone = {*plan.removed, *plan.changed}
+        self.pool.close_where(lambda k: k.listener in gone, "listener_changed")
         for name, ctx in staged.contexts.items():
             if name in plan.added:
                 continue

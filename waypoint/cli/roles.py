@@ -2,8 +2,8 @@
 (docs/operations.md).
 
 ``list`` prints, per listener, each Waypoint role (name, the identity recorded in its
-marker, listener, database, ``VALID UNTIL`` or ``retired``, live sessions, groups, and what
-it owns: counts per kind per database) and each Waypoint group with its members. ``reap``
+marker, listener, database, ``VALID UNTIL`` or ``retired``, live sessions, backends waiting in
+a Waypoint pool, groups, and what it owns: counts per kind per database) and each Waypoint group with its members. ``reap``
 runs one pass and prints what it dropped, retired, skipped and could not drop; with
 ``--dry-run`` it prints what a pass would do and changes nothing.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -24,7 +24,9 @@ import trio
 from waypoint.cli.options import config_parent
 from waypoint.config.load import ConfigError, load_config
 from waypoint.config.model import Config, ListenerConfig
+from waypoint.provision.admin import AdminError
 from waypoint.provision.engine import Provisioner
+from waypoint.reaper import catalog
 from waypoint.reaper.engine import (
     Owned,
     Reaper,
@@ -99,14 +101,40 @@ async def _list(config: Config, listeners: Sequence[ListenerConfig], out: TextIO
         try:
             listing = await reaper.list_roles()
             owned = await reaper.owned_summary()
+            pooled = await _pooled_counts(prov, lst)
         except ReapError as exc:
             print(f"{lst.name}: {exc}", file=sys.stderr)
             status = EXIT_FAILED
             continue
         finally:
             await prov.aclose()
-        _print_listing(lst, listing, out, owned)
+        _print_listing(lst, listing, out, owned, pooled)
     return status
+
+
+# Backends of the listener's roles waiting in a Waypoint instance's pool: idle, their last
+# statement the listener's reset (a pooled backend is reset before it waits, and checked
+# only when it is handed out again).
+_POOLED_QUERY = (
+    "SELECT usename::pg_catalog.text, pg_catalog.count(*) FROM pg_catalog.pg_stat_activity "
+    f"WHERE usename LIKE :pattern ESCAPE '{catalog.LIKE_ESCAPE}' AND state = 'idle' "
+    "AND query = :reset GROUP BY 1"
+)
+
+
+async def _pooled_counts(prov: Provisioner, lst: ListenerConfig) -> dict[str, int]:
+    """Pooled backends per role of ``lst`` (none when its pool is off)."""
+    if not lst.pool:
+        return {}
+    pattern = catalog.like_prefix(lst.postgres.user_prefix)
+    try:
+        rows = await prov.pools.run(
+            prov.pools.admin_database,
+            lambda s: s.run(_POOLED_QUERY, pattern=pattern, reset=lst.pool_reset_query),
+        )
+    except AdminError as exc:
+        raise ReapError(f"listing pooled backends failed: {exc}") from None
+    return {str(role): int(str(count)) for role, count in rows}
 
 
 def _format_until(info: RoleInfo) -> str:
@@ -134,7 +162,11 @@ def format_owned(role: str, owned: Sequence[Owned]) -> str:
 
 
 def _print_listing(
-    lst: ListenerConfig, listing: RoleListing, out: TextIO, owned: Sequence[Owned] = ()
+    lst: ListenerConfig,
+    listing: RoleListing,
+    out: TextIO,
+    owned: Sequence[Owned] = (),
+    pooled: Mapping[str, int] | None = None,
 ) -> None:
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
     retired = sum(1 for r in listing.roles if r.retired)
@@ -145,7 +177,17 @@ def _print_listing(
     )
     if listing.roles:
         rows: list[tuple[str, ...]] = [
-            ("ROLE", "IDENTITY", "LISTENER", "DATABASE", "VALID UNTIL", "LIVE", "GROUPS", "OWNS")
+            (
+                "ROLE",
+                "IDENTITY",
+                "LISTENER",
+                "DATABASE",
+                "VALID UNTIL",
+                "LIVE",
+                "POOLED",
+                "GROUPS",
+                "OWNS",
+            )
         ]
         for info in listing.roles:
             owner = info.owner
@@ -160,7 +202,8 @@ def _print_listing(
                     owner.listener,
                     owner.database,
                     _format_until(info),
-                    str(info.live_sessions),
+                    str(info.live_sessions - (pooled or {}).get(info.name, 0)),
+                    str((pooled or {}).get(info.name, 0)),
                     ",".join(info.groups) or "-",
                     format_owned(info.name, owned),
                 )

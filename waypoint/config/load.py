@@ -50,6 +50,7 @@ from waypoint.config.units import (
     describe_value,
     format_duration,
     parse_duration,
+    parse_share,
     parse_size,
 )
 
@@ -61,8 +62,9 @@ __all__ = [
     "load_config_text",
 ]
 
-#: attrs field metadata marking an ``int`` field as a size (bytes; accepts "10GB").
-#: Every ``float`` field of the config is a duration in seconds.
+#: attrs field metadata marking an ``int`` field as a size (bytes; accepts "10GB"), or a
+#: ``float`` field as a share (``"share"``: a percentage such as "25%", kept as 0.25).
+#: Every other ``float`` field of the config is a duration in seconds.
 UNIT_KEY = "unit"
 
 _MAX_USER_PREFIX_BYTES = 16
@@ -141,6 +143,13 @@ def _size(value: Any, _: Any) -> int:
         raise _Invalid(str(exc)) from None
 
 
+def _share(value: Any, _: Any) -> float:
+    try:
+        return parse_share(value)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+
+
 def _is_literal(tp: Any) -> bool:
     return typing.get_origin(tp) is Literal
 
@@ -196,6 +205,8 @@ def _make_converter() -> cattrs.Converter:
         for f in attrs.fields(cl):
             if f.metadata.get(UNIT_KEY) == "size":
                 overrides[f.name] = cattrs.override(struct_hook=_size)
+            elif f.metadata.get(UNIT_KEY) == "share":
+                overrides[f.name] = cattrs.override(struct_hook=_share)
         if cl is Config:
             overrides["source"] = cattrs.override(omit=True)
         inner = make_dict_structure_fn(cl, conv, **overrides)
@@ -536,6 +547,8 @@ def _validate_listener(cfg: Config, i: int, lst: ListenerConfig) -> list[tuple[K
     elif lst.console_database in ("template0", "template1", lst.postgres.admin_database):
         out.append(((*base, "console_database"), "must not name a template or the admin_database"))
 
+    out.extend(_validate_pool(lst, base))
+
     pg = lst.postgres
     pbase: KeyPath = (*base, "postgres")
     if not pg.admin_user:
@@ -580,6 +593,31 @@ def _validate_listener(cfg: Config, i: int, lst: ListenerConfig) -> list[tuple[K
         problem = _reassign_to_problem(pg.reassign_to, pg.admin_user, pg.user_prefix)
         if problem is not None:
             out.append(((*pbase, "reassign_to"), problem))
+    return out
+
+
+#: Longest ``pool_reset_query`` accepted (it is sent at every session end that pools).
+_MAX_RESET_QUERY_BYTES = 4096
+
+
+def _validate_pool(lst: ListenerConfig, base: KeyPath) -> list[tuple[KeyPath, str]]:
+    out: list[tuple[KeyPath, str]] = []
+    for name in ("pool_idle_timeout", "pool_max_lifetime", "pool_reset_timeout"):
+        if getattr(lst, name) <= 0:
+            out.append(((*base, name), "must be greater than 0s"))
+    if lst.pool_max_per_role < 1:
+        out.append(
+            ((*base, "pool_max_per_role"), "must be at least 1 (pool = false turns pooling off)")
+        )
+    query = lst.pool_reset_query
+    if not query.strip():
+        out.append(((*base, "pool_reset_query"), "must not be empty"))
+    elif "\0" in query:
+        out.append(((*base, "pool_reset_query"), "must not contain a NUL character"))
+    elif len(query.encode()) > _MAX_RESET_QUERY_BYTES:
+        out.append(
+            ((*base, "pool_reset_query"), f"must be at most {_MAX_RESET_QUERY_BYTES} bytes long")
+        )
     return out
 
 

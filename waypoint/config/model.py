@@ -211,6 +211,20 @@ class ListenerConfig:
     backend_ca_file: str | None = None
     #: The virtual database Waypoint itself answers on this listener (the console).
     console_database: str = "waypoint"
+    #: Session pooling per provisioned role (docs/architecture.md#backend-pooling): a backend
+    #: left idle by a clean session end is reset and kept for the same role's next connection.
+    pool: bool = True
+    #: A pooled backend unused this long is closed.
+    pool_idle_timeout: float = 60.0
+    #: A backend is pooled no longer than this after its login.
+    pool_max_lifetime: float = 3600.0
+    #: Idle pooled backends per role, at most.
+    pool_max_per_role: int = 8
+    #: Idle pooled backends per backend server, at most: this share of its max_connections.
+    pool_max_idle: float = field(default=0.25, metadata={"unit": "share"})
+    #: Sent before a backend is pooled; it must end with the backend idle, within the bound.
+    pool_reset_query: str = "DISCARD ALL"
+    pool_reset_timeout: float = 2.0
 
     @property
     def listen_address(self) -> tuple[str, int]:

@@ -14,7 +14,7 @@ from waypoint.config.keys import KeyPath
 from waypoint.config.load import UNIT_KEY
 from waypoint.config.model import Config, MetricsConfig, PostgresListenerConfig
 from waypoint.config.secrets import FILE_KEYS
-from waypoint.config.units import format_duration, format_size
+from waypoint.config.units import format_duration, format_share, format_size
 
 __all__ = ["SECRET_MASK", "render_config"]
 
@@ -112,6 +112,8 @@ def _render_fields(
             value = _mask_url(value)
         elif f.metadata.get(UNIT_KEY) == "size":
             value = format_size(value)
+        elif f.metadata.get(UNIT_KEY) == "share":
+            value = format_share(value)
         elif isinstance(value, float):
             value = format_duration(value)
         elif isinstance(value, tuple):

@@ -192,6 +192,28 @@ def format_size(size: int) -> int | str:
     return f"{size}B"
 
 
+_SHARE_RE = re.compile(r"(\d+(?:\.\d+)?)%")
+
+
+def parse_share(value: object) -> float:
+    """``"25%"`` → ``0.25``: a share of something, written as a percentage above 0 and at
+    most 100. Raises ValueError with a message fit for a user."""
+    if not isinstance(value, str):
+        raise ValueError(f'expected a percentage string such as "25%", got {describe_value(value)}')
+    m = _SHARE_RE.fullmatch(value.strip())
+    if m is None:
+        raise ValueError(f'invalid percentage {value!r}; write it as "25%" or "12.5%"')
+    percent = Decimal(m.group(1))
+    if not 0 < percent <= 100:
+        raise ValueError(f"percentage {value!r} must be above 0% and at most 100%")
+    return float(percent / 100)
+
+
+def format_share(share: float) -> str:
+    """The inverse of :func:`parse_share`: ``0.25`` → ``"25%"``."""
+    return f"{_plain(_CONTEXT.multiply(Decimal(repr(share)), Decimal(100)))}%"
+
+
 def _plain(d: Decimal) -> str:
     """A Decimal in plain positional notation without trailing zeros."""
     text = format(d, "f")

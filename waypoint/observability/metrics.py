@@ -6,6 +6,7 @@ No per-user label by default (cardinality): listeners, outcomes and SQLSTATEs on
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -60,11 +61,34 @@ class Metrics:
             ["listener"],
             registry=r,
         )
-        self.backend_prefetches = Counter(
-            "waypoint_backend_prefetches",
-            "Backend connections opened (stage connected) or also logged in (stage logged_in)"
-            " during the whois of a warm peer, by outcome",
-            ["listener", "stage", "outcome"],
+        self.pool_idle = Gauge(
+            "waypoint_pool_idle",
+            "Idle backends kept in the pool now (they count toward no client limit)",
+            ["listener"],
+            registry=r,
+        )
+        self.pool_hits = Counter(
+            "waypoint_pool_hits",
+            "Sessions given a pooled backend (checked, with a cancel key of their own)",
+            ["listener"],
+            registry=r,
+        )
+        self.pool_misses = Counter(
+            "waypoint_pool_misses",
+            "Sessions that found no pooled backend for their key and logged in",
+            ["listener"],
+            registry=r,
+        )
+        self.pool_resets = Counter(
+            "waypoint_pool_resets",
+            "Resets of backends a session left idle, by outcome (ok: pooled; failed: closed)",
+            ["listener", "outcome"],
+            registry=r,
+        )
+        self.pool_closes = Counter(
+            "waypoint_pool_closes",
+            "Backends closed instead of pooled or kept, by reason",
+            ["listener", "reason"],
             registry=r,
         )
         self.bytes_total = Counter(
@@ -208,9 +232,19 @@ class Metrics:
     def backend_login_failed(self, listener: str) -> None:
         self.backend_login_failures.labels(listener).inc()
 
-    def backend_prefetched(self, listener: str, *, logged_in: bool, used: bool) -> None:
-        stage = "logged_in" if logged_in else "connected"
-        self.backend_prefetches.labels(listener, stage, "used" if used else "discarded").inc()
+    def pool_idle_now(self, listeners: Iterable[str], counts: Mapping[str, int]) -> None:
+        """The idle gauge of each of ``listeners`` from ``counts`` (absent: 0)."""
+        for listener in listeners:
+            self.pool_idle.labels(listener).set(counts.get(listener, 0))
+
+    def pool_taken(self, listener: str, *, hit: bool) -> None:
+        (self.pool_hits if hit else self.pool_misses).labels(listener).inc()
+
+    def pool_reset(self, listener: str, *, ok: bool) -> None:
+        self.pool_resets.labels(listener, "ok" if ok else "failed").inc()
+
+    def pool_closed(self, listener: str, reason: str) -> None:
+        self.pool_closes.labels(listener, reason).inc()
 
     def cancel_request(self, listener: str, outcome: str) -> None:
         self.cancel_requests.labels(listener, outcome).inc()

@@ -38,6 +38,10 @@ _unpack_header = _HEADER.unpack_from
 #: relay's hot path: keep it cheap and never block in it.
 HeaderCallback = Callable[[int, int], None]
 
+_READY = ord("Z")
+#: The frontend's sync points: each is answered by exactly one ReadyForQuery.
+_SYNC_TYPES = frozenset(b"QSF")
+
 
 class BoundaryTracker:
     """Follows message boundaries in one direction of a v3 byte stream.
@@ -49,7 +53,17 @@ class BoundaryTracker:
     stream any more; the tracker must not be fed again (the relay ends).
     """
 
-    __slots__ = ("_header", "_skip", "messages", "on_header")
+    __slots__ = (
+        "_header",
+        "_skip",
+        "last_byte",
+        "last_type",
+        "messages",
+        "on_header",
+        "prev_type",
+        "readies",
+        "syncs",
+    )
 
     def __init__(self, on_header: HeaderCallback | None = None) -> None:
         #: Body bytes of the current message still to be skipped.
@@ -60,6 +74,15 @@ class BoundaryTracker:
         self.messages = 0
         #: Optional hook, see :data:`HeaderCallback`; ``None`` costs nothing.
         self.on_header = on_header
+        #: Where the stream stands (for the pool: did a session end idle?): the type bytes
+        #: of the last two headers (0: none), the last byte fed (a ReadyForQuery's status
+        #: when it ends the stream), the ReadyForQuery headers and the frontend sync points
+        #: (Query, Sync, FunctionCall; each is answered by one ReadyForQuery) seen.
+        self.last_type = 0
+        self.prev_type = 0
+        self.last_byte = 0
+        self.readies = 0
+        self.syncs = 0
 
     @property
     def at_boundary(self) -> bool:
@@ -77,6 +100,8 @@ class BoundaryTracker:
     def feed(self, chunk: bytes | bytearray | memoryview) -> None:
         """Account for the next ``chunk`` of the stream (any size, including empty)."""
         n = len(chunk)
+        if n:
+            self.last_byte = chunk[n - 1]
         skip = self._skip
         if skip >= n and not self._header:
             # The whole chunk lies inside the current message body (or is empty).
@@ -99,6 +124,7 @@ class BoundaryTracker:
                     if length < 4:
                         self.messages += count
                         raise bad_length_error(type_byte, length)
+                    self._note(type_byte)
                     count += 1
                     pos += 1 + length
             else:
@@ -112,6 +138,7 @@ class BoundaryTracker:
                     except BaseException:
                         self.messages += count
                         raise
+                    self._note(type_byte)
                     count += 1
                     pos += 1 + length
             self.messages += count
@@ -164,8 +191,17 @@ class BoundaryTracker:
             raise bad_length_error(type_byte, length)
         if self.on_header is not None:
             self.on_header(type_byte, length)
+        self._note(type_byte)
         self.messages += 1
         return take + length - 4
+
+    def _note(self, type_byte: int) -> None:
+        self.prev_type = self.last_type
+        self.last_type = type_byte
+        if type_byte == _READY:
+            self.readies += 1
+        elif type_byte in _SYNC_TYPES:
+            self.syncs += 1
 
 
 def bad_length_error(type_byte: int, length: int) -> ProtocolError:

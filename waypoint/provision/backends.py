@@ -101,8 +101,18 @@ async def terminate_pids(pools: AdminPools, role: str, pids: Collection[int]) ->
     return await pools.run(pools.admin_database, run)
 
 
+async def server_max_connections(pools: AdminPools) -> int:
+    """The server's ``max_connections`` (the pool's ``pool_max_idle`` is a share of it)."""
+
+    def run(sess: AdminSession) -> int:
+        return int(sess.run("SELECT pg_catalog.current_setting('max_connections')")[0][0])
+
+    return await pools.run(pools.admin_database, run)
+
+
 __all__ = [
     "cancel_role_statements",
+    "server_max_connections",
     "terminate_pid",
     "terminate_pids",
     "terminate_role_backends",

@@ -639,11 +639,10 @@ class Provisioner:
     def peek(self, role: str, owner: naming.RoleOwner | None) -> Credentials | None:
         """The cached credentials of ``role`` if they are valid for a handshake and were set
         for ``owner`` (None: nobody; nothing is given), whatever grant they were provisioned
-        for; no database access and no lock. For a login made ahead of need
-        (``proxy.source.BackendPrefetch``): :meth:`credentials` still decides whether the
-        caller gets that session, and it answers with a cached secret only for the caller that
-        secret was set for, so a session logged in with a secret that is not the caller's own
-        is never handed over."""
+        for; no database access and no lock. For a login made ahead of need:
+        :meth:`credentials` still decides whether the caller gets that session, and it answers
+        with a cached secret only for the caller that secret was set for, so a session logged
+        in with a secret that is not the caller's own is never handed over."""
         entry = self._cache.get(role)
         if entry is None or owner is None or entry.owner != owner:
             return None

@@ -131,9 +131,7 @@ async def connect_backend(
 
 @attrs.frozen
 class BackendLogin:
-    """Who to log in to the backend as, and the session asked for. Made ahead of need
-    (``source.BackendPrefetch``) with credentials the provisioner already holds
-    (``Provisioner.peek``) for the role the peer's last handshake got."""
+    """Who to log in to the backend as, and the session asked for (``proxy.source``)."""
 
     role: str
     secret: str = attrs.field(repr=False)

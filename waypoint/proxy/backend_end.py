@@ -38,14 +38,17 @@ import trio
 #: then is running a statement and gets a CancelRequest.
 TERMINATE_GRACE: Final = 0.1
 
-EndHow = Literal["backend_closed", "terminate", "cancel", "pg_terminate_backend", "unconfirmed"]
+EndHow = Literal[
+    "backend_closed", "terminate", "cancel", "pg_terminate_backend", "unconfirmed", "pooled"
+]
 
 
 @attrs.frozen
 class BackendEnd:
     """How a session's backend ended: it closed by itself (``backend_closed``), on Waypoint's
     Terminate (``terminate``), after a CancelRequest (``cancel``), by the admin
-    (``pg_terminate_backend``), or could not be confirmed (``unconfirmed``, with why)."""
+    (``pg_terminate_backend``), or could not be confirmed (``unconfirmed``, with why); or it
+    did not end: reset and kept in the pool (``pooled``) for the role's next session."""
 
     how: EndHow
     detail: str | None = None

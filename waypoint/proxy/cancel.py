@@ -70,15 +70,16 @@ async def serve_cancel_request(
     """Serve one client CancelRequest received on ``listener`` from ``peer``; returns the
     outcome (also counted and, unless forwarded, burst-logged)."""
     outcome, detail = await _check(request, peer, admission, identity, state, listener)
-    if isinstance(detail, tuple):
-        sent = await send_cancel(detail, request.pid, request.secret, listener, ssl_context)
+    if detail is not None:
+        backend, secret = detail
+        sent = await send_cancel(backend, request.pid, secret, listener, ssl_context)
         outcome = FORWARDED if sent else FAILED
         if sent:
             log.info(
                 "cancel_forwarded",
                 listener=listener.name,
                 source=peer[0],
-                backend=format_backend(detail),
+                backend=format_backend(backend),
                 pid=request.pid,
             )
     admission.metrics.cancel_request(listener.name, outcome)
@@ -94,7 +95,8 @@ async def _check(
     identity: IdentityProvider,
     state: StateStore,
     listener: ListenerConfig,
-) -> tuple[str, tuple[str, int] | None]:
+) -> tuple[str, tuple[tuple[str, int], bytes] | None]:
+    """The outcome, and for a forwarded request the backend and the secret to send it."""
     if not admission.cancel_buckets.take(peer[0]):
         return RATE_LIMITED, None
     # Who is asking, before anything about the key: an unknown peer learns nothing and
@@ -111,7 +113,7 @@ async def _check(
         return TARGET_REFUSED, None
     if who.principal != target.principal:
         return WRONG_IDENTITY, None
-    return FORWARDED, backend
+    return FORWARDED, (backend, target.backend_secret(request.pid, request.secret))
 
 
 async def forward_cancel(
@@ -135,7 +137,8 @@ async def forward_cancel(
             target_backend=format_backend(target.backend),
         )
         return False
-    return await send_cancel(backend, request.pid, request.secret, listener, ssl_context)
+    secret = target.backend_secret(request.pid, request.secret)
+    return await send_cancel(backend, request.pid, secret, listener, ssl_context)
 
 
 async def send_cancel(

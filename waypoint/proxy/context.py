@@ -15,9 +15,10 @@ from waypoint.config.model import Config, ListenerConfig
 from waypoint.console.hub import ConsoleHub
 from waypoint.identity.model import IdentityProvider
 from waypoint.observability.metrics import Metrics
+from waypoint.pool import BackendPool
 from waypoint.provision.engine import Provisioner
 from waypoint.proxy.admission import Admission
-from waypoint.proxy.registry import RefusalCache, SessionRegistry, WarmPeers
+from waypoint.proxy.registry import RefusalCache, SessionRegistry
 from waypoint.proxy.relay import RelayEngine
 from waypoint.proxy.source import BackendSource, ConnectingSource
 from waypoint.proxy.tls import ClientTLS
@@ -41,14 +42,15 @@ class ListenerContext:
     metrics: Metrics
     pbkdf2_limiter: trio.CapacityLimiter
     accepting: bool = True
-    #: Peers that logged in recently: their backend connection opens during the whois.
-    warm_peers: WarmPeers = attrs.field(factory=WarmPeers)
     #: The app's pre-authentication bounds (handshakes per address, cancel rate).
     admission: Admission = attrs.field(kw_only=True)
     #: The console (its database, SHOW SESSIONS, KILL, LOCK); None: no console database.
     console: ConsoleHub | None = attrs.field(default=None, kw_only=True)
     #: The statement audit (None: ``[audit]`` is off, and no relay carries a hook).
     audit: AuditService | None = attrs.field(default=None, kw_only=True)
+    #: The app's pool of idle backends (every listener's; None: no pooling anywhere). A
+    #: listener with ``pool = false`` neither keeps nor takes.
+    pool: BackendPool | None = attrs.field(default=None, kw_only=True)
     #: Where this listener's sessions get their logged-in backends (``proxy.source``).
     backends: BackendSource = attrs.field(init=False)
 
@@ -59,7 +61,7 @@ class ListenerContext:
             self.provisioner,
             self.metrics,
             self.pbkdf2_limiter,
-            self.warm_peers,
+            pool=self.pool,
             end_bound=self.config.backend_end_timeout,
         )
 

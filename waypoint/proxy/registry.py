@@ -14,7 +14,6 @@ import trio
 
 from waypoint.errors import Refusal
 from waypoint.grants.model import EffectiveGrant, Preset
-from waypoint.grants.naming import RoleOwner
 from waypoint.identity.model import Identity
 from waypoint.pgwire import build_error_response
 from waypoint.proxy.relay import RelayControl
@@ -92,6 +91,10 @@ class SessionRegistry:
     def __init__(self) -> None:
         self._sessions: dict[str, LiveSession] = {}
         self._changed = trio.Event()
+        #: Process ids of backends this instance holds outside a session, per listener (the
+        #: pool's idle backends): not live sessions (no role is kept alive for them), but not
+        #: orphans either.
+        self.held_pids: Callable[[str], set[int]] | None = None
 
     def add(self, session: LiveSession) -> None:
         self._sessions[session.conn_id] = session
@@ -111,12 +114,16 @@ class SessionRegistry:
         return {s.role for s in self._sessions.values() if s.listener == listener}
 
     def backend_pids(self, listener: str) -> set[int]:
-        """The backend pids of this instance's sessions on ``listener`` (ending ones too)."""
-        return {
+        """The backend pids of this instance's sessions on ``listener`` (ending ones too), and
+        of the backends it holds idle for the listener (``held_pids``)."""
+        pids = {
             s.backend_pid
             for s in self._sessions.values()
             if s.listener == listener and s.backend_pid is not None
         }
+        if self.held_pids is not None:
+            pids |= self.held_pids(listener)
+        return pids
 
     async def wait_empty(self) -> None:
         while self._sessions:
@@ -171,95 +178,3 @@ class RefusalCache:
         if len(self._entries) > 10_000:
             self._entries = {k: e for k, e in self._entries.items() if e.expires > now}
         self._entries[self._key(peer_ip, parameters)] = _CachedRefusal(refusal, now + self.ttl)
-
-
-@attrs.frozen
-class LoginGuess:
-    """What a peer's last handshake logged in to the backend as. Its next connection, if it
-    asks for the same database, parameters and protocol, logs in so during the whois."""
-
-    role: str
-    database: str
-    parameters: tuple[tuple[str, str], ...]  # sorted
-    protocol: tuple[int, int]
-    #: The caller that role was that time: the early login uses a cached secret only if it is
-    #: still that caller's (``Provisioner.peek``).
-    owner: RoleOwner | None = None
-
-    @staticmethod
-    def of(
-        role: str,
-        database: str,
-        parameters: Mapping[str, str],
-        protocol: tuple[int, int],
-        owner: RoleOwner | None = None,
-    ) -> LoginGuess:
-        return LoginGuess(role, database, tuple(sorted(parameters.items())), protocol, owner)
-
-    def same_session(
-        self, database: str, parameters: Mapping[str, str], protocol: tuple[int, int]
-    ) -> bool:
-        """Whether a new connection asks for the session this guess was made for."""
-        return (self.database, self.parameters, self.protocol) == (
-            database,
-            tuple(sorted(parameters.items())),
-            protocol,
-        )
-
-
-class WarmPeers:
-    """Peer addresses that logged in recently (a few minutes), for the backend prefetch.
-
-    A warm peer's next connection opens its backend connection while its identity is
-    looked up (``source.BackendPrefetch``), hiding the TCP (and TLS) connect and
-    PostgreSQL's fork behind the whois, and, when the peer asks for what its last handshake
-    got (:class:`LoginGuess`), the backend login too. Only peers that got through the whole
-    handshake are warm, so a peer that is refused, or unknown to the tailnet, never makes
-    Waypoint open a backend connection before its identity and grant are checked.
-    Bounded: the oldest entries go first past ``max_entries``.
-    """
-
-    def __init__(
-        self,
-        ttl: float = 600.0,
-        max_entries: int = 10_000,
-        clock: Callable[[], float] = trio.current_time,
-    ) -> None:
-        if ttl <= 0 or max_entries <= 0:
-            raise ValueError("ttl and max_entries must be positive")
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._clock = clock
-        # peer IP -> (last login, what it logged in as); insertion order = age
-        self._seen: dict[str, tuple[float, LoginGuess | None]] = {}
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def is_warm(self, peer_ip: str) -> bool:
-        return self._entry(peer_ip) is not None
-
-    def guess(self, peer_ip: str) -> LoginGuess | None:
-        """What a warm peer logged in as last time (None when cold or not recorded)."""
-        entry = self._entry(peer_ip)
-        return None if entry is None else entry[1]
-
-    def _entry(self, peer_ip: str) -> tuple[float, LoginGuess | None] | None:
-        entry = self._seen.get(peer_ip)
-        if entry is None:
-            return None
-        if self._clock() - entry[0] >= self.ttl:
-            del self._seen[peer_ip]
-            return None
-        return entry
-
-    def mark(self, peer_ip: str, guess: LoginGuess | None = None) -> None:
-        """``peer_ip`` completed a handshake now (logged in as ``guess``)."""
-        self._seen.pop(peer_ip, None)
-        self._seen[peer_ip] = (self._clock(), guess)
-        while len(self._seen) > self.max_entries:
-            del self._seen[next(iter(self._seen))]
-
-    def forget(self, peer_ip: str) -> None:
-        """``peer_ip`` was refused: its next connection waits for its identity again."""
-        self._seen.pop(peer_ip, None)

@@ -91,6 +91,7 @@ async def revalidate_once(
         if isinstance(grant, Refusal):
             if key not in stripped:
                 stripped[key] = ctx
+                _close_pooled(ctx, live.role)
                 try:
                     await ctx.provisioner.strip(live.role)
                 except Exception as exc:
@@ -102,6 +103,7 @@ async def revalidate_once(
             extend.setdefault(ctx.provisioner, (live.listener, set()))[1].add(live.role)
             continue
         if key not in reconciled:
+            _close_pooled(ctx, live.role)
             try:
                 await ctx.provisioner.reconcile(found, grant)
                 reconciled.add(key)
@@ -158,6 +160,13 @@ def _end(
         detail=detail,
     )
     live.end(errors.access_revoked(reason), kind)
+
+
+def _close_pooled(ctx: ListenerContext, role: str) -> None:
+    """The role's access changed: its idle pooled backends go first (in the background;
+    ended on the server like a session's), before its grant is applied or stripped."""
+    if ctx.pool is not None:
+        ctx.pool.close_role(ctx.listener.backend_address, role, "role_closed")
 
 
 async def _end_role_backends(ctx: ListenerContext, registry: SessionRegistry, role: str) -> None:

@@ -37,6 +37,7 @@ from waypoint.pgwire import (
     StartupMessage,
     build_error_response,
 )
+from waypoint.pool import client_cancel_key, with_client_key
 from waypoint.proxy.backend_end import BackendEnd
 from waypoint.proxy.context import ListenerContext
 from waypoint.proxy.handshake import (
@@ -120,6 +121,9 @@ class Session:
     relay_reason: str | None = None
     backend_end: BackendEnd | None = None
     backend_end_ms: float | None = None
+    #: The relay's word on how the session ended (``RelayResult.ready_status``): the
+    #: backend's last ReadyForQuery status when it ended in step; None otherwise.
+    ready_status: bytes | None = None
 
     async def run(self) -> None:
         self.ctx.metrics.connection_opened(self.ctx.listener.name)
@@ -184,33 +188,47 @@ class Session:
         if self.live is not None:
             self.live.closing = True
         try:
+            # The client's cancel key goes first: it must cancel nothing of whoever the
+            # backend serves next (a pooled backend is kept only when it is gone).
+            withdrawn = await self._withdraw_cancel_key()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.client.close)
                 if self.backend is not None:
-                    await self._end_backend(self.backend)
+                    await self._end_backend(self.backend, keep=withdrawn)
         finally:
             if self.live is not None:
                 ctx.registry.remove(self.live)
             if self.slot is not None:
                 with trio.move_on_after(2):
                     await ctx.state.release_slot(self.slot)
-                    if self.cancel_key is not None:
-                        try:
-                            await ctx.state.unregister_cancel_key(
-                                self.cancel_key.pid, self.cancel_key.secret
-                            )
-                        except Exception as exc:
-                            self.log.warning("cancel_key_unregister_failed", error=str(exc))
             self._log_end()
 
-    async def _end_backend(self, backend: LoggedInBackend) -> None:
+    async def _withdraw_cancel_key(self) -> bool:
+        """Unregister the client's cancel key (bounded); whether it is gone (or there was
+        none)."""
+        key = self.cancel_key
+        if key is None:
+            return True
+        with trio.move_on_after(2):
+            try:
+                await self.ctx.state.unregister_cancel_key(key.pid, key.secret)
+            except Exception as exc:
+                self.log.warning("cancel_key_unregister_failed", error=str(exc))
+                return False
+            return True
+        self.log.warning("cancel_key_unregister_failed", error="timed out")
+        return False
+
+    async def _end_backend(self, backend: LoggedInBackend, *, keep: bool) -> None:
+        """Hand the backend back to its source, which ends it, or keeps it idle for the role's
+        next session (``keep``: the client's cancel key is gone, so it may)."""
         live = self.live
         reason = (live.end_kind if live is not None else None) or self.relay_reason or "cancelled"
         began = trio.current_time()
         ended = await self.ctx.backends.release(
             backend,
             closed_by_backend=self.relay_reason == "backend_closed",
-            ready_status=None,  # the relay does not report it: the backend is ended
+            ready_status=self.ready_status if keep else None,
         )
         self.backend_end = ended
         self.backend_end_ms = round((trio.current_time() - began) * 1000, 1)
@@ -358,13 +376,23 @@ class Session:
         if npv is not None:
             preamble += npv.encode()
         preamble += AuthenticationOk().encode()
-        preamble += start.raw
-        await self.client.send(bytes(preamble))
         key = backend.key
-        if key is not None:
-            target = CancelTarget(ctx.listener.name, backend.connection.address, identity.principal)
-            await ctx.state.register_cancel_key(key.pid, key.secret, target, CANCEL_KEY_TTL)
-            self.cancel_key = key
+        target = CancelTarget(ctx.listener.name, backend.connection.address, identity.principal)
+        client_key = key
+        if key is not None and backend.pooling:
+            # A backend that may serve other sessions: the client gets a cancel key of its
+            # own (the backend's pid, a fresh secret), mapped to the real one.
+            minor = _final_minor(startup, start.negotiate)
+            client_key, target = client_cancel_key(key, (3, minor), target)
+            preamble += with_client_key(start.raw, client_key)
+        else:
+            preamble += start.raw
+        await self.client.send(bytes(preamble))
+        if client_key is not None:
+            await ctx.state.register_cancel_key(
+                client_key.pid, client_key.secret, target, CANCEL_KEY_TTL
+            )
+            self.cancel_key = client_key
         self.live = LiveSession(
             conn_id=self.conn_id,
             listener=ctx.listener.name,
@@ -479,6 +507,7 @@ class Session:
                     initial_to_client=backend.start.leftover,
                     initial_to_backend=self.pending,
                     audit=audit,
+                    stop_at_terminate=backend.pooling,
                 )
                 live.attach(handle)
                 if handle.tls_record_layer is not None:
@@ -494,6 +523,7 @@ class Session:
             initial_to_client=backend.start.leftover,
             initial_to_backend=self.pending,
             audit=audit,
+            stop_at_terminate=backend.pooling,
         )
         live.attach(relay)
         if client.tls:
@@ -506,6 +536,7 @@ class Session:
         self.bytes_in = result.bytes_from_client
         self.bytes_out = result.bytes_from_backend
         self.relay_reason = result.reason
+        self.ready_status = result.ready_status
         if result.reason == "terminated" and audit is not None and audit.closed:
             self.outcome = "ended"
             self.sqlstate = errors.AUDIT_UNAVAILABLE
@@ -550,14 +581,20 @@ def _backend_protocol(startup: StartupMessage) -> tuple[int, int]:
     return (3, min(startup.protocol[1], MAX_MINOR))
 
 
+def _final_minor(startup: StartupMessage, backend_npv: NegotiateProtocolVersion | None) -> int:
+    """The protocol minor version the client ends up with."""
+    requested = startup.protocol[1]
+    asked_backend = min(requested, MAX_MINOR)
+    backend_minor = backend_npv.newest_minor if backend_npv is not None else asked_backend
+    return min(requested, MAX_MINOR, backend_minor)
+
+
 def _client_negotiation(
     startup: StartupMessage, backend_npv: NegotiateProtocolVersion | None
 ) -> NegotiateProtocolVersion | None:
     """The one NegotiateProtocolVersion the client gets, if something changed (docs/protocol.md)."""
     requested = startup.protocol[1]
-    asked_backend = min(requested, MAX_MINOR)
-    backend_minor = backend_npv.newest_minor if backend_npv is not None else asked_backend
-    final = min(requested, MAX_MINOR, backend_minor)
+    final = _final_minor(startup, backend_npv)
     options = startup.protocol_options
     if final == requested and not options:
         return None

@@ -12,20 +12,21 @@ connection (TCP, TLS per ``backend_tls``) and the login; what comes back is a
 session's end, after the relay, the session hands it back with ``release``; the source ends
 it (:mod:`waypoint.proxy.backend_end`) and says how.
 
-The source here, :class:`ConnectingSource`, opens a new backend for every session, and
-overlaps what it can with the identity lookup: a peer whose last handshake succeeded gets its
-backend connection (and, for the same session as last time with credentials the provisioner
-holds, its login) made during the whois (:class:`BackendPrefetch`, ``registry.WarmPeers``,
-``registry.LoginGuess``).
+The source here, :class:`ConnectingSource`, logs a new backend in for a session, or, with the
+listener's ``pool`` on, hands it one a previous session of the same role left idle
+(:mod:`waypoint.pool`, docs/architecture.md#backend-pooling): ``release`` then resets a backend
+whose session ended in step and idle, and keeps it; anything else it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
+import functools
+import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime
 from typing import Protocol
 
 import attrs
@@ -36,10 +37,22 @@ from waypoint.config.model import ListenerConfig
 from waypoint.errors import Refusal
 from waypoint.grants.model import EffectiveGrant
 from waypoint.identity.model import Identity
-from waypoint.observability.log import EventLogger
+from waypoint.observability.log import EventLogger, get_logger
 from waypoint.observability.metrics import Metrics
 from waypoint.pgwire import BackendError, BackendKeyData, LoginError, ProtocolError
-from waypoint.provision.backends import terminate_pid
+from waypoint.pool import (
+    BackendPool,
+    Pooled,
+    PooledBackendFailed,
+    PoolKey,
+    PoolLimits,
+    idle_cap,
+    session_start,
+    updated_parameters,
+)
+from waypoint.pool import check as pool_check
+from waypoint.pool import reset as pool_reset
+from waypoint.provision.backends import server_max_connections, terminate_pid
 from waypoint.provision.engine import Credentials, DatabaseMissing, Provisioner, ProvisionError
 from waypoint.proxy.backend import (
     BackendConnection,
@@ -52,7 +65,8 @@ from waypoint.proxy.backend import (
 from waypoint.proxy.backend_end import BackendEnd, stop_backend
 from waypoint.proxy.cancel import send_cancel
 from waypoint.proxy.handshake import ForwardBackendError, Refused
-from waypoint.proxy.registry import LoginGuess, WarmPeers
+
+log = get_logger("source")
 
 
 @attrs.frozen
@@ -73,12 +87,24 @@ class LoggedInBackend:
 
     connection: BackendConnection
     #: What the backend said from AuthenticationOk to ReadyForQuery (ParameterStatus,
-    #: BackendKeyData, notices), forwarded verbatim to the client, and what followed it.
+    #: BackendKeyData, notices), forwarded verbatim to the client, and what followed it. For
+    #: a backend from the pool: the settings it reports now, its key, ReadyForQuery.
     start: BackendSessionStart
     role: str
     #: The connection's raw socket: the session's end reads the backend's EOF on it (the
     #: relay engine takes the stream apart and sets the socket it kept here).
     sock: trio.socket.SocketType
+    #: The session it was logged in for (None: not from a pooling source).
+    request: BackendRequest | None = None
+    #: When it logged in (``pool_max_lifetime`` counts from here).
+    born: float = attrs.field(factory=trio.current_time)
+    #: Its role's secret stops being valid then (``VALID UNTIL``, on trio's clock).
+    role_valid_until: float = math.inf
+    #: The source pools backends: the client gets a cancel key of its own, never this
+    #: backend's real one (the next client of the backend must not be cancellable by it).
+    pooling: bool = False
+    #: It came from the pool (a previous session of the role used it).
+    reused: bool = False
 
     @property
     def key(self) -> BackendKeyData | None:
@@ -129,47 +155,27 @@ class BackendSource(Protocol):
 
 @attrs.define(eq=False)
 class ConnectingSource:
-    """A new backend for every session, from the listener's configured backend, with the
-    warm-peer prefetch (see the module docstring); ``release`` ends it."""
+    """A logged-in backend for every session, from the listener's configured backend: from
+    the pool (``pool``, when the listener's ``pool`` is on) or a new login; ``release``
+    keeps a backend whose session ended in step and idle (reset first), and ends the rest."""
 
     listener: ListenerConfig
     backend_ssl: ssl.SSLContext | None
     provisioner: Provisioner
     metrics: Metrics
     pbkdf2_limiter: trio.CapacityLimiter
-    warm_peers: WarmPeers
+    #: The app's pool of idle backends (None: no pooling).
+    pool: BackendPool | None = attrs.field(default=None, kw_only=True)
     #: ``backend_end_timeout``: the bound on ending a backend.
     end_bound: float = attrs.field(kw_only=True)
 
+    @property
+    def pooling(self) -> bool:
+        return self.pool is not None and self.listener.pool
+
     @contextlib.asynccontextmanager
     async def order(self, peer_ip: str, request: BackendRequest) -> AsyncIterator[BackendOrder]:
-        order = _ConnectingOrder(self, request, self._plan_prefetch(peer_ip, request))
-        started = False
-        try:
-            yield order
-            started = True
-            if order.guess is not None:
-                self.warm_peers.mark(peer_ip, order.guess)
-        finally:
-            if not started:
-                self.warm_peers.forget(peer_ip)
-            if order.prefetch is not None:
-                await order.prefetch.aclose()
-
-    def _plan_prefetch(self, peer_ip: str, request: BackendRequest) -> BackendPrefetch | None:
-        """For a warm peer, the backend connection to open during its whois; logged in as its
-        last role when it asks for the same session and that role's credentials are cached."""
-        if not self.warm_peers.is_warm(peer_ip):
-            return None
-        guess = self.warm_peers.guess(peer_ip)
-        login = None
-        if guess is not None and guess.same_session(
-            request.database, request.parameters, request.protocol
-        ):
-            creds = self.provisioner.peek(guess.role, guess.owner)
-            if creds is not None:
-                login = self.login_for(creds, request)
-        return BackendPrefetch(self.listener, self.backend_ssl, self.metrics, login)
+        yield _ConnectingOrder(self, request)
 
     def login_for(self, creds: Credentials, request: BackendRequest) -> BackendLogin:
         return BackendLogin(
@@ -185,10 +191,125 @@ class ConnectingSource:
     async def connect(self) -> BackendConnection:
         return await connect_backend(self.listener, self.backend_ssl)
 
+    def may_have(self, request: BackendRequest) -> bool:
+        """Whether the pool holds a backend for ``request`` on this listener, of any role."""
+        pool = self.pool
+        if pool is None:
+            return False
+        key = self.key_for("", request)
+        return any(attrs.evolve(e.key, role="") == key for e in pool.book)
+
+    def key_for(self, role: str, request: BackendRequest) -> PoolKey:
+        return PoolKey.of(
+            role=role,
+            listener=self.listener.name,
+            server=self.listener.backend_address,
+            database=request.database,
+            protocol=request.protocol,
+            startup_parameters=request.parameters,
+        )
+
+    async def from_pool(self, role: str, request: BackendRequest) -> LoggedInBackend | None:
+        """A pooled backend of ``role`` for ``request`` that answers its check, or None (a
+        miss). A pooled backend that fails its check is ended, and the next one tried."""
+        pool = self.pool
+        assert pool is not None
+        key = self.key_for(role, request)
+        while (pooled := pool.take(key)) is not None:
+            backend = pooled.backend
+            assert isinstance(backend, LoggedInBackend)
+            try:
+                answer = await pool_check(
+                    backend.connection.stream, self.listener.pool_reset_timeout
+                )
+            except PooledBackendFailed as exc:
+                log.info("pooled_backend_failed_check", role=role, pid=pooled.pid, error=str(exc))
+                self.metrics.pool_closed(self.listener.name, "check_failed")
+                await self._end(backend, closed_by_backend=False)
+                continue
+            start = backend.start
+            params = updated_parameters(start.parameters, answer.parameters)
+            backend.start = attrs.evolve(
+                start, raw=session_start(params, start.key), parameters=params, leftover=b""
+            )
+            backend.reused = True
+            self.metrics.pool_taken(self.listener.name, hit=True)
+            return backend
+        self.metrics.pool_taken(self.listener.name, hit=False)
+        return None
+
     async def release(
         self, backend: LoggedInBackend, *, closed_by_backend: bool, ready_status: bytes | None
     ) -> BackendEnd:
-        """End the backend (whatever ``ready_status``: this source keeps nothing)."""
+        """Keep the backend when its session ended in step with it idle (``ready_status``
+        ``I``) on a pooling listener, after a reset; end it otherwise."""
+        if (
+            ready_status == b"I"
+            and not closed_by_backend
+            and self.pooling
+            and backend.request is not None
+            and await self._keep(backend, backend.request)
+        ):
+            return BackendEnd("pooled")
+        if self.pooling and not closed_by_backend:
+            self.metrics.pool_closed(self.listener.name, "not_idle")
+        return await self._end(backend, closed_by_backend=closed_by_backend)
+
+    async def _keep(self, backend: LoggedInBackend, request: BackendRequest) -> bool:
+        pool = self.pool
+        assert pool is not None
+        if not pool.open:
+            return False
+        listener = self.listener
+        connection = backend.connection
+        if not connection.tls:
+            # The relay engine took the stream apart; the socket it kept is the connection.
+            connection.socket_stream = connection.stream = trio.SocketStream(backend.sock)
+        try:
+            answer = await pool_reset(
+                connection.stream, listener.pool_reset_query, listener.pool_reset_timeout
+            )
+        except PooledBackendFailed as exc:
+            log.info("pool_reset_failed", role=backend.role, error=str(exc))
+            self.metrics.pool_reset(listener.name, ok=False)
+            self.metrics.pool_closed(listener.name, "reset_failed")
+            return False
+        self.metrics.pool_reset(listener.name, ok=True)
+        params = updated_parameters(backend.start.parameters, answer.parameters)
+        backend.start = attrs.evolve(backend.start, parameters=params)
+        limits = PoolLimits(
+            idle_timeout=listener.pool_idle_timeout,
+            max_lifetime=listener.pool_max_lifetime,
+            max_per_role=listener.pool_max_per_role,
+            max_idle=await self._idle_cap(),
+        )
+        key = backend.key
+        pooled = Pooled(
+            backend,
+            key.pid if key is not None else None,
+            functools.partial(self._end, backend, closed_by_backend=False),
+            backend.role_valid_until,
+        )
+        return pool.keep(
+            self.key_for(backend.role, request), pooled, born=backend.born, limits=limits
+        )
+
+    async def _idle_cap(self) -> int:
+        """``pool_max_idle`` as a count for this listener's server (its max_connections read
+        once by the admin connection; 100 assumed, and logged, when it cannot be read)."""
+        if self._max_connections is None:
+            try:
+                with trio.fail_after(5):
+                    self._max_connections = await server_max_connections(self.provisioner.pools)
+            except Exception as exc:
+                log.warning("max_connections_unread", error=str(exc), assumed=100)
+                return idle_cap(self.listener.pool_max_idle, 100)
+        return idle_cap(self.listener.pool_max_idle, self._max_connections)
+
+    _max_connections: int | None = attrs.field(default=None, init=False)
+
+    async def _end(self, backend: LoggedInBackend, *, closed_by_backend: bool) -> BackendEnd:
+        """End the backend on the server (:mod:`waypoint.proxy.backend_end`)."""
         key = backend.key
         cancel = terminate = None
         if key is not None:
@@ -221,52 +342,27 @@ class ConnectingSource:
 class _ConnectingOrder:
     source: ConnectingSource
     request: BackendRequest
-    prefetch: BackendPrefetch | None
     role: str | None = None
-    #: What the peer's next connection may log in as early (set once a backend is open).
-    guess: LoginGuess | None = None
 
     async def identify(self, whois: Whois) -> Identity | Refusal:
-        """Who the peer is; with a prefetch, its backend connection opens meanwhile."""
-        prefetch = self.prefetch
-        if prefetch is None:
-            return await whois()
-        answer: Identity | Refusal
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(prefetch.run)
-            answer = await whois()
-            if isinstance(answer, Refusal):
-                nursery.cancel_scope.cancel()  # no backend connection for a refused peer
-        return answer
+        """Who the peer is."""
+        return await whois()
 
     async def open(
         self, identity: Identity, grant: EffectiveGrant, log: EventLogger
     ) -> LoggedInBackend:
-        connection, start, role = await self._provision_and_login(identity, grant, log)
-        owner = self.source.provisioner.owner_of(identity, grant)
-        request = self.request
-        self.guess = LoginGuess.of(
-            role, request.database, request.parameters, request.protocol, owner
-        )
-        return LoggedInBackend(connection, start, role, connection.socket_stream.socket)
-
-    async def _provision_and_login(
-        self, identity: Identity, grant: EffectiveGrant, log: EventLogger
-    ) -> tuple[BackendConnection, BackendSessionStart, str]:
         source = self.source
-        prefetch = self.prefetch
+        listener = source.listener
         rotate = False
         while True:
             # The backend connection first: a backend that is down is 08006 "unavailable" (the
             # provisioner's admin connection would fail too, and say 58000 "provisioning
-            # failed"). A session the prefetch logged in already is taken below if the
-            # credentials match.
-            backend: BackendConnection | None = None
+            # failed"); unless the pool holds a backend for this session of some role: then
+            # the role first, whose backend may be waiting.
+            connection: BackendConnection | None = None
             try:
-                if prefetch is not None and prefetch.available:
-                    backend = prefetch.take()
-                elif prefetch is None or not prefetch.logged_in or rotate:
-                    backend = await source.connect()
+                if not source.pooling or not source.may_have(self.request):
+                    connection = await source.connect()
             except BackendUnavailable as exc:
                 raise self._refusal(exc, log) from exc
             logged_in = False
@@ -274,22 +370,38 @@ class _ConnectingOrder:
             try:
                 async with source.provisioner.credentials(identity, grant, rotate=rotate) as creds:
                     if creds.provisioned:
-                        source.metrics.provisioned(source.listener.name, trio.current_time() - t0)
+                        source.metrics.provisioned(listener.name, trio.current_time() - t0)
                     self.role = creds.role
-                    if backend is None:
-                        assert prefetch is not None
-                        ready = (
-                            None
-                            if creds.provisioned
-                            else prefetch.take_session(creds.role, creds.secret)
-                        )
-                        if ready is not None:
-                            logged_in = True
-                            return ready[0], ready[1], creds.role
-                        backend = await source.connect()
-                    start = await login_backend(backend, source.login_for(creds, self.request))
+                    if source.pooling:
+                        assert source.pool is not None
+                        if creds.provisioned:
+                            # A new role, a changed grant, a new secret: what was pooled
+                            # under the old state goes first.
+                            source.pool.close_role(
+                                listener.backend_address, creds.role, "role_closed"
+                            )
+                            source.metrics.pool_taken(listener.name, hit=False)
+                        elif connection is None:
+                            pooled = await source.from_pool(creds.role, self.request)
+                            if pooled is not None:
+                                logged_in = True
+                                return pooled
+                        else:
+                            source.metrics.pool_taken(listener.name, hit=False)
+                        if connection is None:
+                            connection = await source.connect()
+                    assert connection is not None
+                    start = await login_backend(connection, source.login_for(creds, self.request))
                     logged_in = True
-                    return backend, start, creds.role
+                    return LoggedInBackend(
+                        connection,
+                        start,
+                        creds.role,
+                        connection.socket_stream.socket,
+                        request=self.request,
+                        role_valid_until=_on_trio_clock(creds.valid_until),
+                        pooling=source.pooling,
+                    )
             except BackendError as exc:
                 if exc.sqlstate == "28P01" and not rotate and not creds.provisioned:
                     # Another instance rotated the secret: provision once more.
@@ -306,8 +418,8 @@ class _ConnectingOrder:
             ) as exc:
                 raise self._refusal(exc, log) from exc
             finally:
-                if not logged_in and backend is not None:
-                    await backend.aclose()
+                if not logged_in and connection is not None:
+                    await connection.aclose()
 
     def _refusal(self, exc: Exception, log: EventLogger) -> Refused | ForwardBackendError:
         """How a failure to provision, connect or log in ends the handshake (and is counted)."""
@@ -332,101 +444,6 @@ class _ConnectingOrder:
         return Refused(errors.backend_unavailable(name, str(exc)), cache=False)
 
 
-class BackendPrefetch:
-    """A backend connection opened ahead of need: for a warm peer, while its identity is
-    looked up (``BackendOrder.identify``), and, with a :class:`BackendLogin`, logged in too.
-
-    Without a login, ``run`` never raises BackendUnavailable: the failure is kept and raised
-    by ``take``, where the connection would have been opened without a prefetch. With one,
-    the connection is only ever handed out logged in, by ``take_session`` to a caller whose
-    credentials are the very role and secret it logged in with; a login that fails for any
-    reason is dropped quietly (the caller connects as without a prefetch). ``aclose`` closes
-    a connection nobody took (a refusal, another role, a rotation that reconnects).
-    """
-
-    def __init__(
-        self,
-        listener: ListenerConfig,
-        ssl_context: ssl.SSLContext | None,
-        metrics: Metrics,
-        login: BackendLogin | None = None,
-    ) -> None:
-        self._listener = listener
-        self._ssl_context = ssl_context
-        self._metrics = metrics
-        self._login = login
-        self._done = trio.Event()
-        self._backend: BackendConnection | None = None
-        self._start: BackendSessionStart | None = None
-        self._failure: BackendUnavailable | None = None
-        self._taken = False
-
-    async def run(self) -> None:
-        try:
-            self._backend = await connect_backend(self._listener, self._ssl_context)
-            if self._login is not None:
-                self._start = await self._log_in(self._backend, self._login)
-                if self._start is None:
-                    await self.aclose()  # counted: logged_in, discarded
-        except BackendUnavailable as exc:
-            self._failure = exc
-        finally:
-            self._done.set()
-
-    async def _log_in(
-        self, backend: BackendConnection, login: BackendLogin
-    ) -> BackendSessionStart | None:
-        try:
-            return await login_backend(backend, login)
-        except (BackendError, LoginError, ProtocolError, BackendUnavailable):
-            # A role dropped or rotated meanwhile, a backend gone: the real login will say.
-            return None
-
-    @property
-    def logged_in(self) -> bool:
-        """The planned login succeeded and the session is not taken yet."""
-        return not self._taken and self._start is not None and self._backend is not None
-
-    @property
-    def available(self) -> bool:
-        """A plain connection (no login planned), not taken yet, and the attempt finished
-        (the whois waited for it)."""
-        return self._login is None and not self._taken and self._done.is_set()
-
-    def take(self) -> BackendConnection:
-        """The connection (once), or the attempt's BackendUnavailable."""
-        assert self.available
-        self._taken = True
-        self._metrics.backend_prefetched(self._listener.name, logged_in=False, used=True)
-        if self._failure is not None:
-            raise self._failure
-        assert self._backend is not None
-        backend, self._backend = self._backend, None
-        return backend
-
-    def take_session(
-        self, role: str, secret: str
-    ) -> tuple[BackendConnection, BackendSessionStart] | None:
-        """The logged-in session (once) if it was made as ``role`` with ``secret``."""
-        login, start, backend = self._login, self._start, self._backend
-        if (
-            self._taken
-            or login is None
-            or start is None
-            or backend is None
-            or login.role != role
-            or not hmac.compare_digest(login.secret.encode(), secret.encode())
-        ):
-            return None
-        self._taken = True
-        self._backend = None
-        self._metrics.backend_prefetched(self._listener.name, logged_in=True, used=True)
-        return backend, start
-
-    async def aclose(self) -> None:
-        backend, self._backend = self._backend, None
-        if backend is not None:
-            logged_in = self._login is not None
-            self._metrics.backend_prefetched(self._listener.name, logged_in=logged_in, used=False)
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await backend.aclose()
+def _on_trio_clock(valid_until: datetime) -> float:
+    """A wall-clock instant (``VALID UNTIL``) on trio's clock."""
+    return trio.current_time() + (valid_until - datetime.now(UTC)).total_seconds()

@@ -79,17 +79,30 @@ class CancelTarget:
 
     A target read from shared state is a claim, not an address to trust: the cancel path
     sends only to the backend configured for ``listener`` and only for a peer whose identity
-    is ``principal``."""
+    is ``principal``.
+
+    ``sealed``: when the client was given a cancel secret of its own (a pooled backend serves
+    one client after another, each with a fresh secret), the backend's real secret, masked
+    with the client's (:func:`seal_backend_secret`); empty when the client holds the backend's
+    own key. Shared state never holds a secret a cancel could be sent with: the entry is
+    stored under a hash of the client's key, and only that key unmasks ``sealed``."""
 
     listener: str
     backend: tuple[str, int]
     principal: str
+    sealed: bytes = field(default=b"", repr=False)
+
+    def backend_secret(self, pid: int, client_secret: bytes) -> bytes:
+        """The secret to send to the backend for a client that presented ``client_secret``."""
+        if not self.sealed:
+            return client_secret
+        return seal_backend_secret(pid, client_secret, self.sealed)
 
     def encode(self) -> str:
-        return json.dumps(
-            {"l": self.listener, "b": format_backend(self.backend), "p": self.principal},
-            separators=(",", ":"),
-        )
+        data = {"l": self.listener, "b": format_backend(self.backend), "p": self.principal}
+        if self.sealed:
+            data["s"] = self.sealed.hex()
+        return json.dumps(data, separators=(",", ":"))
 
     @staticmethod
     def decode(text: str) -> CancelTarget | None:
@@ -106,12 +119,35 @@ class CancelTarget:
         if not isinstance(data, dict):
             return None
         listener, address, principal = data.get("l"), data.get("b"), data.get("p")
+        sealed_hex = data.get("s", "")
         if not (
-            isinstance(listener, str) and isinstance(address, str) and isinstance(principal, str)
+            isinstance(listener, str)
+            and isinstance(address, str)
+            and isinstance(principal, str)
+            and isinstance(sealed_hex, str)
         ):
             return None
+        try:
+            sealed = bytes.fromhex(sealed_hex)
+        except ValueError:
+            return None
+        if sealed and not 4 <= len(sealed) <= 256:
+            return None
         backend = parse_backend(address)
-        return None if backend is None else CancelTarget(listener, backend, principal)
+        if backend is None:
+            return None
+        return CancelTarget(listener, backend, principal, sealed)
+
+
+def seal_backend_secret(pid: int, client_secret: bytes, secret: bytes) -> bytes:
+    """``secret`` (a backend's cancel secret) XOR a SHAKE-256 stream of ``client_secret``:
+    its own inverse. The stream is domain-separated from :func:`cancel_key_digest` (the name
+    the entry is stored under), so what shared state holds unmasks nothing without the
+    client's secret, which is random, fresh per client and never stored."""
+    mask = hashlib.shake_256(
+        b"waypoint cancel seal\0" + struct.pack("!I", pid & 0xFFFFFFFF) + client_secret
+    ).digest(len(secret))
+    return bytes(a ^ b for a, b in zip(secret, mask, strict=True))
 
 
 @frozen

@@ -132,8 +132,10 @@ enum {
                            encrypting toward it): arg = OpenSSL's reason (str) */
     CODE_TLS_OWN = 9,   /* decrypting made TLS write records of its own (a key update answer,
                            an alert): Python takes them with tls_own() and sends them */
-    CODE_TAP = 10       /* n bytes read, counted and fed, not sent: the relay's audit tap is
+    CODE_TAP = 10,      /* n bytes read, counted and fed, not sent: the relay's audit tap is
                          * full: arg = those bytes (a copy) */
+    CODE_TERMINATE = 11 /* n bytes read, counted and fed, not sent: a lane that stops at the
+                         * client's Terminate saw one: arg = those bytes (a copy) */
 };
 
 /* An audit tap record: direction ('c' client, 'b' backend), uint32 length, double
@@ -161,6 +163,16 @@ typedef struct Lane {
     long long skip;              /* body bytes of the current message still to skip */
     long long budget;
     unsigned char header[HEADER_SIZE];
+    /* Where the stream stands, for the pool (a session that ends idle keeps its backend):
+     * the types of the last two message headers, the last byte read (a ReadyForQuery's
+     * status when it ends the stream), and counts of ReadyForQuery headers and of the
+     * frontend's sync points (Query, Sync, FunctionCall: each is answered by one). */
+    int last_type;
+    int prev_type;
+    unsigned char last_byte;
+    char stop_at_terminate;      /* hand a read holding a Terminate ('X') to Python unsent */
+    long long readies;
+    long long syncs;
     /* Client TLS (see "Client TLS" below): the session's SSL and its memory BIOs, owned
      * by the Python objects in tls_refs (the ssl.SSLObject's _ssl._SSLSocket and the two
      * ssl.MemoryBIO), which this lane keeps alive. NULL: this lane's socket is plain. */
@@ -177,6 +189,18 @@ typedef struct Lane {
 } Lane;
 
 static PyTypeObject LaneType;
+
+/* A message header of type t was read. */
+static inline void
+note_type(Lane *lane, int t)
+{
+    lane->prev_type = lane->last_type;
+    lane->last_type = t;
+    if (t == 'Z')
+        lane->readies++;
+    else if (t == 'Q' || t == 'S' || t == 'F')
+        lane->syncs++;
+}
 
 /* The int32 length word of a message header (big-endian). */
 static inline int32_t
@@ -209,6 +233,7 @@ complete_header(Lane *lane, const unsigned char *p, long long n, int *bad_type, 
         return -1;
     }
     *got_header = 1;
+    note_type(lane, lane->header[0]);
     add_count(&lane->messages, 1);
     return take + (long long)length - 4;
 }
@@ -234,6 +259,8 @@ feed(Lane *lane, const unsigned char *p, long long n, int with_hook, int *bad_ty
 {
     long long pos;
     int completed = 0;
+    if (n > 0)
+        lane->last_byte = p[n - 1];
     if (lane->hlen == 0) {
         if (lane->skip >= n) {
             /* The whole chunk lies inside the current message body (or is empty). */
@@ -281,6 +308,7 @@ feed(Lane *lane, const unsigned char *p, long long n, int with_hook, int *bad_ty
             rc = -2;
             break;
         }
+        note_type(lane, p[pos]);
         count += 1;
         pos += 1 + (long long)length;
     }
@@ -351,6 +379,10 @@ Lane_init(Lane *self, PyObject *args, PyObject *kwds)
     self->messages = 0;
     self->skip = 0;
     self->budget = 0;
+    self->last_type = self->prev_type = 0;
+    self->last_byte = 0;
+    self->stop_at_terminate = 0;
+    self->readies = self->syncs = 0;
     if (self->owner == NULL)
         self->owner = self;
     return 0;
@@ -1022,6 +1054,16 @@ static PyMethodDef Lane_methods[] = {
 static PyMemberDef Lane_members[] = {
     {"fd", T_INT, offsetof(Lane, fd), READONLY, "the socket's file descriptor"},
     {"in_pump", T_BOOL, offsetof(Lane, in_pump), READONLY, "served by a Pump's C loop"},
+    {"last_type", T_INT, offsetof(Lane, last_type), READONLY,
+     "the type byte of the last message header (0: none yet)"},
+    {"prev_type", T_INT, offsetof(Lane, prev_type), READONLY,
+     "the type byte of the header before it (0: none)"},
+    {"last_byte", T_UBYTE, offsetof(Lane, last_byte), READONLY, "the last byte fed"},
+    {"readies", T_LONGLONG, offsetof(Lane, readies), READONLY, "ReadyForQuery headers seen"},
+    {"syncs", T_LONGLONG, offsetof(Lane, syncs), READONLY,
+     "Query, Sync and FunctionCall headers seen"},
+    {"stop_at_terminate", T_BOOL, offsetof(Lane, stop_at_terminate), 0,
+     "a read whose last header is a Terminate goes to Python unsent (TERMINATE)"},
     {NULL},
 };
 
@@ -1335,6 +1377,10 @@ pass_on(Pump *self, Lane *lane, const unsigned char *data, long long n, Report *
         rep->code = CODE_PROTOCOL;
         return 1;
     }
+    if (lane->stop_at_terminate && lane->last_type == 'X') {
+        rep->code = CODE_TERMINATE; /* Python passes on what precedes it */
+        return 1;
+    }
     if (owner->tap_max > 0 && !tap_append(owner, lane == owner, data, n)) {
         rep->code = CODE_TAP; /* Python records it, then sends it */
         return 1;
@@ -1563,7 +1609,7 @@ Pump_run(Pump *self, PyObject *args)
             arg = tls_reason((unsigned long)rep->arg);
         }
         else if (rep->code == CODE_PAST_END || rep->code == CODE_PARTIAL ||
-                 rep->code == CODE_TAP) {
+                 rep->code == CODE_TAP || rep->code == CODE_TERMINATE) {
             /* The batch's only data report (it ended the batch): its bytes are copied
              * out of the pump's buffer before anything else can run. */
             long long from = rep->code == CODE_PARTIAL ? rep->arg : 0;
@@ -1680,7 +1726,8 @@ PyInit__pump(void)
         PyModule_AddIntConstant(m, "TLS_END", CODE_TLS_END) < 0 ||
         PyModule_AddIntConstant(m, "TLS_ERROR", CODE_TLS_ERROR) < 0 ||
         PyModule_AddIntConstant(m, "TLS_OWN", CODE_TLS_OWN) < 0 ||
-        PyModule_AddIntConstant(m, "TAP", CODE_TAP) < 0) {
+        PyModule_AddIntConstant(m, "TAP", CODE_TAP) < 0 ||
+        PyModule_AddIntConstant(m, "TERMINATE", CODE_TERMINATE) < 0) {
         Py_DECREF(m);
         return NULL;
     }

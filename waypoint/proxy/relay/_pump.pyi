@@ -16,6 +16,7 @@ TLS_END: Final[int]
 TLS_ERROR: Final[int]
 TLS_OWN: Final[int]
 TAP: Final[int]
+TERMINATE: Final[int]
 TLS_FUNCTIONS: Final[tuple[str, ...]]
 
 def tls_bind(addresses: dict[str, int | None], /) -> bool: ...
@@ -27,6 +28,17 @@ class Lane:
     reading: bool
     budget: int
     hook: Callable[[int, int], object] | None
+    stop_at_terminate: bool
+    @property
+    def last_type(self) -> int: ...
+    @property
+    def prev_type(self) -> int: ...
+    @property
+    def last_byte(self) -> int: ...
+    @property
+    def readies(self) -> int: ...
+    @property
+    def syncs(self) -> int: ...
     @property
     def fd(self) -> int: ...
     @property

@@ -35,6 +35,14 @@ class RelayResult:
     fatal_sent: bool = False
     messages_from_client: int = 0
     messages_from_backend: int = 0
+    #: A relay that stops at the client's Terminate (``stop_at_terminate``): the status of
+    #: the backend's last ReadyForQuery (``b"I"``, ``b"T"``, ``b"E"``) when the session
+    #: ended in step, the backend waiting for its next query: the client closed right after
+    #: a Terminate that was not passed on, which followed a sync point (Query, Sync,
+    #: FunctionCall) or nothing; every sync point was answered by a ReadyForQuery; that
+    #: ReadyForQuery was the last thing the backend sent, and not after an ErrorResponse.
+    #: None otherwise (the backend then got the Terminate, or is ended anyway).
+    ready_status: bytes | None = None
 
 
 class RelayEngineError(RuntimeError):

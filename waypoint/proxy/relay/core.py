@@ -43,11 +43,32 @@ NO_LIMIT: Final = 1 << 62
 TERMINATING: Final = -(1 << 62)
 
 
+#: The frontend's Terminate message, whole.
+TERMINATE: Final = b"X\x00\x00\x00\x04"
+_SYNC_TYPES: Final = frozenset(b"QSF")
+
+
 class Direction(Protocol):
-    """What is read from one side: counted, and tracked for message boundaries."""
+    """What is read from one side: counted, and tracked for message boundaries (and, for
+    the pool, where the stream stands: see ``BoundaryTracker``)."""
 
     received: int
     budget: int
+
+    @property
+    def last_type(self) -> int: ...
+
+    @property
+    def prev_type(self) -> int: ...
+
+    @property
+    def last_byte(self) -> int: ...
+
+    @property
+    def readies(self) -> int: ...
+
+    @property
+    def syncs(self) -> int: ...
 
     @property
     def messages(self) -> int: ...
@@ -87,6 +108,8 @@ class RelayCore:
         "limit_fatal",
         "reason",
         "result",
+        "stop_at_terminate",
+        "terminate_held",
     )
 
     def __init__(
@@ -96,8 +119,14 @@ class RelayCore:
         *,
         max_bytes: int = 0,
         byte_limit_error: bytes = b"",
+        stop_at_terminate: bool = False,
     ) -> None:
         check_limits(max_bytes, byte_limit_error)
+        #: The client's Terminate is not passed on (the backend may be pooled); the
+        #: verdict says whether the session ended in step (``RelayResult.ready_status``).
+        self.stop_at_terminate = stop_at_terminate
+        #: The last chunk from the client ended with a whole Terminate, which was held back.
+        self.terminate_held = False
         self.client = client
         self.backend = backend
         self.limit = max_bytes if max_bytes > 0 else NO_LIMIT
@@ -179,7 +208,21 @@ class RelayCore:
         except ProtocolError as exc:
             self.end("error", f"{self.side_name(direction)}: {exc}")
             return b""
+        if self.stop_at_terminate and direction is client:
+            if direction.last_type == TERMINATE[0]:
+                return self.client_terminate(chunk)
+            self.terminate_held = False
         return chunk
+
+    def client_terminate(self, chunk: bytes) -> bytes:
+        """A chunk from the client (counted and fed) whose last message header is a
+        Terminate, in a relay that stops at it: what goes on to the backend. A chunk that
+        ends with the whole Terminate goes on without it (the backend stays, idle, for the
+        pool), and the driver then ends the relay as the client closing (``terminate_held``:
+        the client may wait for the end of the stream); any other (a Terminate split across
+        reads, bytes after it) goes on whole, and the backend ends as without the pool."""
+        self.terminate_held = chunk.endswith(TERMINATE) and self.client.at_boundary
+        return chunk[: -len(TERMINATE)] if self.terminate_held else chunk
 
     def read_counted(self, direction: Direction, chunk: bytes, now: float) -> bytes:
         """A chunk already counted that took the budget below 0 (past ``max_bytes``, or
@@ -271,8 +314,31 @@ class RelayCore:
             fatal_sent=self.fatal_sent,
             messages_from_client=client.messages,
             messages_from_backend=backend.messages,
+            ready_status=self._ready_status(),
         )
         return self.result
+
+    def _ready_status(self) -> bytes | None:
+        """See ``RelayResult.ready_status``."""
+        client, backend = self.client, self.backend
+        if not (
+            self.terminate_held
+            and self.reason == "client_closed"
+            and client.at_boundary
+            and backend.at_boundary
+            and client.last_type == TERMINATE[0]
+            and client.syncs == backend.readies
+        ):
+            return None
+        if client.syncs == 0:
+            # Nothing was asked: the backend stands where its login left it, idle, if it
+            # sent nothing since.
+            return b"I" if backend.last_type == 0 else None
+        if client.prev_type not in _SYNC_TYPES or backend.last_type != ord("Z"):
+            return None
+        if backend.prev_type == ord("E"):
+            return None
+        return bytes([backend.last_byte])
 
     def _bound(self, now: float, timeout: float) -> None:
         deadline = now + max(0.0, timeout)

@@ -86,6 +86,7 @@ class RelayEngine:
         initial_to_backend: bytes = b"",
         c_tls: bool | None = None,
         audit: SessionAudit | None = None,
+        stop_at_terminate: bool = False,
     ) -> RelayHandle:
         """Hand two connected sockets to the engine; returns at once.
 
@@ -106,6 +107,10 @@ class RelayEngine:
         counts, limits and message boundaries are in plaintext; ``initial_to_client`` is
         plaintext (it is encrypted before anything else is sent). No close_notify is sent
         at the end.
+
+        ``stop_at_terminate``: the client's Terminate is not passed on to the backend, and
+        the verdict's ``ready_status`` says whether the session ended in step with the
+        backend idle (the pool keeps such a backend; see ``RelayResult``).
 
         ``audit``: record every statement (see :mod:`waypoint.audit`), from the plaintext.
         A plain relay whose sink blocks stays on the C loop, which copies what it reads
@@ -135,6 +140,7 @@ class RelayEngine:
             client_tls=client_tls,
             c_tls=self._loop.c_tls if c_tls is None else c_tls,
             audit=audit,
+            stop_at_terminate=stop_at_terminate,
         )
         handle = relay.handle = RelayHandle(self._commands, relay)
         client, backend = relay.client, relay.backend

@@ -115,6 +115,7 @@ class Relay:
         client_tls: TlsHandover | None,
         c_tls: bool = True,
         audit: SessionAudit | None = None,
+        stop_at_terminate: bool = False,
     ) -> None:
         #: The statement audit of this session (None: audit off; the C loop serves it).
         self.audit = audit
@@ -124,8 +125,13 @@ class Relay:
         client.peer = backend
         backend.peer = client
         self.core = RelayCore(
-            client, backend, max_bytes=max_bytes, byte_limit_error=byte_limit_error
+            client,
+            backend,
+            max_bytes=max_bytes,
+            byte_limit_error=byte_limit_error,
+            stop_at_terminate=stop_at_terminate,
         )
+        client.stop_at_terminate = stop_at_terminate
         if client_tls is not None:
             # An audited relay keeps its record layer in Python: every read is recorded
             # (from the plaintext) before it is sent.
@@ -265,6 +271,9 @@ class EpollLoop:
                 elif code == _pump.TAP:
                     assert isinstance(arg, bytes)  # counted and fed, not sent (a copy)
                     self._after_read(side, arg)
+                elif code == _pump.TERMINATE:
+                    assert isinstance(arg, bytes)  # counted and fed, not sent (a copy)
+                    self._after_read(side, side.relay.core.client_terminate(arg))
             if timed:
                 now = monotonic()
                 for relay in [r for r in timed if r.core.expired(now)]:
@@ -378,6 +387,10 @@ class EpollLoop:
                 if audit is not None and not self._audit(audit, side, data):
                     return
                 self._forward(side, data)
+            if core.terminate_held and side.is_client and not relay.finished:
+                # The client's Terminate, held back: the session is over (the client may
+                # wait for the end of the stream before it closes).
+                self._closed(side)
             return
         self._stop_for_end(relay)
         client = relay.client

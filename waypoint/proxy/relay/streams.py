@@ -42,6 +42,7 @@ class StreamRelay:
         initial_to_backend: bytes = b"",
         recv_buffer_size: int = RECV_BUFFER_SIZE,
         audit: SessionAudit | None = None,
+        stop_at_terminate: bool = False,
     ) -> None:
         self._audit = audit
         self._client = client
@@ -53,6 +54,7 @@ class StreamRelay:
             self._from_backend,
             max_bytes=max_bytes,
             byte_limit_error=byte_limit_error,
+            stop_at_terminate=stop_at_terminate,
         )
         self._initial_to_client = bytes(initial_to_client)
         self._initial_to_backend = bytes(initial_to_backend)
@@ -204,6 +206,12 @@ class StreamRelay:
                 self.terminate(audit.fatal)
                 return
             if out and not await self._send(self._backend, out, False):
+                return
+            if core.terminate_held:
+                # The client's Terminate, held back: the session is over (the client may
+                # wait for the end of the stream before it closes).
+                core.closed(self._from_client, trio.current_time())
+                self._closing()
                 return
 
     async def _audit_hold(self, audit: SessionAudit) -> bool:

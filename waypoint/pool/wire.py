@@ -1,0 +1,127 @@
+"""The pool's two exchanges with a logged-in backend: the reset before it is kept, and the
+check before it is handed out. Each is one simple Query, read to its ReadyForQuery within a
+bound.
+
+Either one fails (:class:`PooledBackendFailed`, and the caller closes the backend and ends it
+on the server) when the backend answers with an error, is not idle afterwards (a reset query
+that opens a transaction), asks for COPY, sends anything a simple query cannot produce,
+closes the connection, or does not answer within the bound. Asynchronous messages
+(notifications of a session that ended, notices) are dropped: they were the previous
+client's. The ParameterStatus messages the backend sends are collected: after a reset they
+say which reported settings it changed back, so the next client is told the values the
+backend holds now.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import attrs
+import trio
+
+from waypoint.pgwire import (
+    ErrorResponse,
+    MessageReader,
+    ParameterStatus,
+    ProtocolError,
+    ReadyForQuery,
+    parse_backend_message,
+)
+from waypoint.pgwire.framing import build_message
+
+RECV_SIZE: Final = 16 * 1024
+#: Most bytes one reset or check may bring back (a reset query is not a report: a query
+#: returning more than this is not one).
+MAX_ANSWER_BYTES: Final = 1024 * 1024
+
+# Messages a simple query may answer with, besides ParameterStatus, errors and ReadyForQuery:
+# CommandComplete, EmptyQueryResponse, RowDescription, DataRow, NoticeResponse,
+# NotificationResponse (a previous LISTEN's, dropped).
+_QUIET: Final = frozenset({b"C", b"I", b"T", b"D", b"N", b"A"})
+
+
+class PooledBackendFailed(Exception):
+    """The backend cannot be pooled or handed out; close it (the message says why)."""
+
+
+@attrs.frozen
+class RoundTrip:
+    """A reset's or check's outcome: the ParameterStatus values the backend reported, in order
+    (later ones win)."""
+
+    parameters: tuple[tuple[str, str], ...] = ()
+
+
+def build_query(sql: str) -> bytes:
+    """A simple-protocol Query message."""
+    return build_message(b"Q", sql.encode() + b"\0")
+
+
+async def round_trip(stream: trio.abc.Stream, sql: str, bound: float) -> RoundTrip:
+    """Send ``sql`` as a simple Query and read its answer to a ReadyForQuery that says idle,
+    within ``bound`` seconds. Raises :class:`PooledBackendFailed`."""
+    reader = MessageReader()
+    reported: list[tuple[str, str]] = []
+    received = 0
+    with trio.move_on_after(bound):
+        try:
+            await stream.send_all(build_query(sql))
+            while True:
+                msg = reader.next_message()
+                if msg is None:
+                    data = await stream.receive_some(RECV_SIZE)
+                    if not data:
+                        raise PooledBackendFailed("the backend closed the connection")
+                    received += len(data)
+                    if received > MAX_ANSWER_BYTES:
+                        raise PooledBackendFailed(f"answer longer than {MAX_ANSWER_BYTES} bytes")
+                    reader.feed(data)
+                    continue
+                if msg.type in _QUIET:
+                    continue
+                if msg.type not in (b"S", b"E", b"Z"):
+                    raise PooledBackendFailed(f"unexpected message {msg.type!r} from the backend")
+                parsed = parse_backend_message(msg)
+                if isinstance(parsed, ParameterStatus):
+                    reported.append((parsed.name, parsed.value))
+                elif isinstance(parsed, ErrorResponse):
+                    # The rest (ReadyForQuery) is not read: the backend is closed anyway.
+                    raise PooledBackendFailed(
+                        f"the backend answered {parsed.fields.get('C', '?')}: "
+                        f"{parsed.fields.get('M', '')}"
+                    )
+                elif isinstance(parsed, ReadyForQuery):
+                    if parsed.status != b"I":
+                        raise PooledBackendFailed(
+                            f"the backend is not idle after it (status {parsed.status!r})"
+                        )
+                    if reader.take_buffered():
+                        raise PooledBackendFailed("the backend sent more after ReadyForQuery")
+                    return RoundTrip(tuple(reported))
+        except ProtocolError as exc:
+            raise PooledBackendFailed(f"malformed answer: {exc}") from exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise PooledBackendFailed(f"the backend connection broke: {exc}") from exc
+    raise PooledBackendFailed(f"no answer within {bound:g}s")
+
+
+async def reset(stream: trio.abc.Stream, query: str, bound: float) -> RoundTrip:
+    """Reset a backend the last session left idle (``pool_reset_query``)."""
+    return await round_trip(stream, query, bound)
+
+
+async def check(stream: trio.abc.Stream, bound: float) -> RoundTrip:
+    """Before a pooled backend is handed out: it answers an empty query, idle, within
+    ``bound``. A backend the server ended while it waited (``pg_terminate_backend``, a
+    restart) answers with its FATAL or the end of the stream instead."""
+    return await round_trip(stream, "", bound)
+
+
+__all__ = [
+    "PooledBackendFailed",
+    "RoundTrip",
+    "build_query",
+    "check",
+    "reset",
+    "round_trip",
+]
