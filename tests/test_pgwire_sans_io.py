@@ -22,6 +22,7 @@ OTHER_CORES = [
     PACKAGE_DIR / "proxy" / "relay" / "base.py",
     PACKAGE_DIR / "audit" / "tracker.py",
     PACKAGE_DIR / "console" / "parser.py",
+    PACKAGE_DIR / "pool" / "book.py",
 ]
 MODULES = sorted(PGWIRE_DIR.glob("*.py")) + OTHER_CORES
 FORBIDDEN = {
