@@ -52,7 +52,10 @@ def canned_results() -> Results:
         r.relay[system] = {n: [1000.0 * (i + 1) * n, 1000.0 * (i + 1) * n + 2] for n in QUICK.relay_clients}
         r.relay_cpu[system] = {n: [0.5, 0.5] for n in QUICK.relay_clients}
         r.bulk[system] = [100.0 + i, 102.0 + i]
-    r.connect = {"direct": [4.0, 6.0], "waypoint": [3.0, 5.0]}
+    r.connect = {"direct": [4.0, 6.0], "waypoint": [3.0, 5.0], "waypoint_pooled": [1.0, 1.0]}
+    r.connect["pgbouncer"] = [2.0, 2.0]
+    r.connect_tps = {"direct": [100.0, 100.0], "waypoint": [90.0, 90.0]}
+    r.connect_tps |= {"waypoint_pooled": [300.0, 300.0], "pgbouncer": [400.0, 400.0]}
     r.bursts = [BurstSample("cold", 100, 4, 0, 12.0, 40.0, 55.0, 1.5)]
     r.footprint = Footprint(QUICK.footprint_sessions, QUICK.footprint_sessions, [], 50_000, 60_000)
     r.command("pgbench -S -n -T 3 -c 32 -j 2")
@@ -73,11 +76,13 @@ def test_report_of_canned_samples_is_complete(tmp_path: Path) -> None:
     assert row_values["footprint.per_session_kib"] == 10_000 / QUICK.footprint_sessions
     for heading in HEADINGS:
         assert heading in md
-    assert md.count("**PASS**") + md.count("**MISS**") + md.count("**n/a**") == len(data["bars"]) == 12
+    assert md.count("**PASS**") + md.count("**MISS**") + md.count("**n/a**") == len(data["bars"]) == 14
     verdicts = {b["name"]: b["verdict"] for b in data["bars"]}
     assert verdicts["relay TPS Waypoint/PgBouncer, 8 clients"] == "PASS"  # 3/2
     assert verdicts["connect time Waypoint/direct SCRAM"] == "PASS"  # 4/5
     assert verdicts["RSS per idle session (KiB)"] == "PASS"  # 50 KiB
+    assert verdicts["connect time Waypoint pooled/direct SCRAM"] == "PASS"  # 1/5
+    assert verdicts["-C -c 8 TPS Waypoint pooled/direct SCRAM"] == "PASS"  # 3
     assert "pgbench -S -n -T 3 -c 32 -j 2" in md
 
 
