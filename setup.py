@@ -8,6 +8,7 @@ setup(
         Extension(
             "waypoint.proxy.relay._pump",
             sources=["waypoint/proxy/relay/_pump.c"],
+            depends=["waypoint/proxy/relay/_audit.h"],
             # The client TLS record layer runs on the SSL* of the session's ssl.SSLObject:
             # OpenSSL's headers at build time (Debian: libssl-dev); at run time the
             # functions of Python's own _ssl module (bound through ctypes, see _pump.c), so

@@ -432,6 +432,54 @@ def open_bench_env(
         )  # fmt: skip
 
 
+#: The statement audit of the audited Waypoint (the audit rows): as an operator would turn
+#: it on, parameters hashed; rotated so that a long run stays within ~200 MB of disk.
+AUDIT_CONFIG = """
+[audit]
+enabled = true
+sink = "file"
+file = "{file}"
+max_size = "64MB"
+keep = 2
+parameters = "hash"
+"""
+
+
+@contextlib.contextmanager
+def audited_waypoint(env: BenchEnv, log: Callable[[str], None] = print) -> Iterator[tuple[int, subprocess.Popen[bytes], Path]]:
+    """A second ``waypoint run``, the same configuration as ``env``'s on its own port, with
+    ``[audit]`` on (:data:`AUDIT_CONFIG`): yields its port, process and audit file; stopped
+    when the block ends."""
+    audit_file = env.tmp / "audit.jsonl"
+    text = (env.tmp / "waypoint.toml").read_text()
+    # Every listener on a port of its own (the first one is measured).
+    ports: list[int] = []
+
+    def own_port(_: re.Match[str]) -> str:
+        ports.append(free_port())
+        return f'listen = "127.0.0.1:{ports[-1]}"'
+
+    text = re.sub(r'(?m)^listen = "127\.0\.0\.1:\d+"$', own_port, text)
+    port = ports[0]
+    config = env.tmp / "waypoint-audit.toml"
+    config.write_text(text + AUDIT_CONFIG.format(file=audit_file))
+    os.chmod(config, 0o600)
+    cmd = [str(Path(sys.executable).with_name("waypoint")), "run", "-c", str(config)]
+    wp_log = env.tmp / "waypoint-audit.log"
+    log(f"starting the audited waypoint: {' '.join(cmd)}")
+    proc = subprocess.Popen(cmd, stdout=wp_log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        try:
+            wait_port(port, proc, "audited waypoint")
+        except BenchSetupError as exc:
+            raise BenchSetupError(f"{exc}\n{wp_log.read_text(errors='replace')[-3000:]}") from None
+        yield port, proc, audit_file
+        if proc.poll() is not None:
+            raise BenchSetupError(f"the audited waypoint exited ({proc.returncode}):\n{wp_log.read_text(errors='replace')[-3000:]}")
+    finally:
+        stop_process(proc)
+
+
 def _wait_ready_line(proc: subprocess.Popen[bytes], what: str, timeout: float = _PORT_WAIT) -> None:
     assert proc.stdout is not None
     import selectors

@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--out-dir DIR] [--only relay,connect,burst,bulk,footprint]``
+"""``python -m bench [--quick] [--out-dir DIR] [--only relay,audit,connect,burst,bulk,footprint]``
 
 Waypoint's benchmark harness: one throwaway cluster, the LocalAPI stand-in
 and ``waypoint run`` as processes, PgBouncer in session mode; relay TPS, connection setup,
@@ -31,6 +31,8 @@ from bench.env import (
     SCRAM_USER,
     BenchEnv,
     BenchSetupError,
+    audited_waypoint,
+    cpu_seconds,
     identity_ips,
     open_bench_env,
 )
@@ -42,7 +44,7 @@ _LATENCY = re.compile(r"^latency average = ([0-9.]+) ms", re.M)
 _PROCESSED = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
 _COPY_ROWS = re.compile(r"^COPY (\d+)", re.M)
 BULK_ROW_BYTES = 201  # lpad(g::text, 200, 'x') + newline
-SECTIONS = ("relay", "connect", "burst", "bulk", "footprint")
+SECTIONS = ("relay", "audit", "connect", "burst", "bulk", "footprint")
 
 
 @attrs.frozen
@@ -59,17 +61,18 @@ class Profile:
     bulk_rows: int
     footprint_sessions: int
     footprint_identities: int
+    audit_seconds: int
 
 
 FULL = Profile(
     quick=False, scale=10, relay_seconds=15, relay_clients=(1, 8, 32), repetitions=3,
     connect_seconds=10, burst_identities=50, burst_per_identity=10, burst_repetitions=3,
-    bulk_rows=1_000_000, footprint_sessions=1000, footprint_identities=10,
+    bulk_rows=1_000_000, footprint_sessions=1000, footprint_identities=10, audit_seconds=15,
 )  # fmt: skip
 QUICK = Profile(
     quick=True, scale=1, relay_seconds=3, relay_clients=(1, 8, 32), repetitions=1,
     connect_seconds=3, burst_identities=50, burst_per_identity=2, burst_repetitions=1,
-    bulk_rows=100_000, footprint_sessions=200, footprint_identities=4,
+    bulk_rows=100_000, footprint_sessions=200, footprint_identities=4, audit_seconds=2,
 )  # fmt: skip
 
 BURST_FIRST_IP = 2  # 127.0.0.2 .. 127.0.0.51
@@ -163,6 +166,38 @@ def measure_relay(env: BenchEnv, p: Profile, r: Results) -> None:
                 if cpu0 is not None and cpu1 is not None:
                     r.relay_cpu.setdefault(t.name, {}).setdefault(n, []).append((cpu1 - cpu0) / wall)
                 log(f"relay rep {rep + 1}/{p.repetitions} clients {n:>2} {t.name:<13} {tps:>10,.0f} tps")
+
+
+def measure_audit(env: BenchEnv, p: Profile, r: Results) -> None:
+    """``pgbench -S`` through Waypoint with ``[audit]`` on (a second ``waypoint run``, the
+    same configuration plus bench/env.py AUDIT_CONFIG) and through Waypoint without,
+    interleaved; both processes idle while the other is measured."""
+    from waypoint.audit.chain import verify
+
+    with audited_waypoint(env, log) as (port, proc, audit_file):
+        plain = targets(env)["waypoint"]
+        audited = Target("waypoint_audit", port, plain.env)
+        pids = {"waypoint": env.waypoint.pid, "waypoint_audit": proc.pid}
+        for rep in range(p.repetitions):
+            for n in p.relay_clients:
+                for t in (plain, audited):
+                    cpu0, wall0 = cpu_seconds(pids[t.name]), time.monotonic()
+                    args = ["-S", "-n", "-T", str(p.audit_seconds), "-c", str(n), "-j", "2"]
+                    m = _TPS.search(run_pgbench(env, t, args, p.audit_seconds + 120, r))
+                    if m is None:
+                        raise BenchSetupError(f"no tps line in pgbench output for {t.name}")
+                    cpu = (cpu_seconds(pids[t.name]) - cpu0) / (time.monotonic() - wall0)
+                    r.audit.setdefault(t.name, {}).setdefault(n, []).append(float(m.group(1)))
+                    r.audit_cpu.setdefault(t.name, {}).setdefault(n, []).append(cpu)
+                    log(f"audit rep {rep + 1}/{p.repetitions} clients {n:>2} {t.name:<15} {float(m.group(1)):>10,.0f} tps")
+        # What the audited runs wrote: the newest file's records and its hash chain.
+        time.sleep(0.5)  # the writer thread flushes every 10 ms
+        report = verify([str(audit_file)])
+        r.audit_records = report.records
+        problem = "" if report.problem is None else f"; chain problem: {report.problem}"
+        r.notes.append(f"audit: {audit_file.name} held {report.records:,} records at the end (rotated at 64 MB, 2 kept){problem}")
+        if report.problem is not None or report.records == 0:
+            raise BenchSetupError(f"the audited Waypoint's audit file is not a verified chain of records{problem}")
 
 
 #: The connect section's systems: direct SCRAM, Waypoint without and with the pool, and
@@ -358,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     r.meta.update(
         date=f"{now:%Y-%m-%d %H:%M}", host=host, quick=p.quick, repetitions=p.repetitions,
         relay_seconds=p.relay_seconds, connect_seconds=p.connect_seconds, bulk_rows=p.bulk_rows,
+        audit_seconds=p.audit_seconds,
         bulk_mb=p.bulk_rows * BULK_ROW_BYTES / 1e6, scale=p.scale, sections=only,
         python=sys.version.split()[0], waypoint_git=git_sha(),
     )  # fmt: skip
@@ -380,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                 r.notes.append(env.pgbouncer_note)
             r.command(f"waypoint: {' '.join(env.waypoint_command)}  (config: bench/env.py waypoint_config_text)")
             r.command(f"pgbench -i -q -s {p.scale} {BENCH_DB}  (as the admin role, which owns the tables)")
-            measures = {"relay": measure_relay, "connect": measure_connect, "burst": measure_burst, "bulk": measure_bulk, "footprint": measure_footprint}
+            measures = {"relay": measure_relay, "audit": measure_audit, "connect": measure_connect, "burst": measure_burst, "bulk": measure_bulk, "footprint": measure_footprint}
             try:
                 for section in SECTIONS:
                     if section in only:

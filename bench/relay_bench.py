@@ -52,11 +52,11 @@ from pathlib import Path
 
 import trio
 
-from waypoint.audit.session import SessionAudit
+from waypoint.audit.session import SessionAudit, session_tracker
 from waypoint.audit.sink import AuditSink, FileWriter
-from waypoint.audit.tracker import AuditTracker
 from waypoint.pgwire import build_error_response
 from waypoint.proxy.relay import RelayEngine, open_relay_engine, relay_streams
+from waypoint.proxy.relay.bridge import Reporter
 from waypoint.proxy.streams import ServerTLSStream
 
 _TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
@@ -70,15 +70,16 @@ def _profile_engine(engine: RelayEngine, out_dir: str) -> None:
     import cProfile
 
     loop = engine._loop
+    run = loop.run
 
-    def profiled() -> None:
+    def profiled(reporter: Reporter) -> None:
         profiler = cProfile.Profile()
         try:
-            profiler.runcall(loop)
+            profiler.runcall(run, reporter)
         finally:
             profiler.dump_stats(os.path.join(out_dir, f"engine-{os.getpid()}.prof"))
 
-    engine._loop = profiled  # type: ignore[method-assign]
+    loop.run = profiled  # type: ignore[method-assign]
 
 
 _SSL_REQUEST = 80877103
@@ -155,8 +156,7 @@ def _audit_service(path: str) -> tuple[AuditSink, Callable[[int], SessionAudit]]
         context = {"instance": "bench", "listener": "bench", "conn_id": f"bench-{conn}",
                    "client": "127.0.0.1", "login": "bench@example.com", "node": "bench",
                    "database": "postgres", "role": "postgres"}  # fmt: skip
-        tracker = AuditTracker(context, parameters="hash", wall_clock=time.time)
-        return SessionAudit(tracker, sink, fatal)
+        return SessionAudit(session_tracker(context, parameters="hash"), sink, fatal)
 
     return sink, make
 

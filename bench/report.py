@@ -67,6 +67,10 @@ class Results:
     bursts: list[BurstSample] = attrs.field(factory=list)
     bulk: dict[str, list[float]] = attrs.field(factory=dict)  # system -> MB/s
     footprint: Footprint | None = None
+    #: Waypoint with [audit] on ("waypoint_audit") and off ("waypoint"): clients -> TPS.
+    audit: dict[str, dict[int, list[float]]] = attrs.field(factory=dict)
+    audit_cpu: dict[str, dict[int, list[float]]] = attrs.field(factory=dict)
+    audit_records: int | None = None
     commands: list[str] = attrs.field(factory=list)
     notes: list[str] = attrs.field(factory=list)
 
@@ -113,6 +117,9 @@ def bars(r: Results) -> list[Bar]:
             median(r.relay.get("pgbouncer_tls", {}).get(n, [])),
         )
         out.append(_bar(f"relay TPS Waypoint+TLS/PgBouncer+TLS, {n} clients", ">= 1.0", v, v is not None and v >= 1.0))
+    for n in (1, 8, 32):
+        v = audit_ratio(r, n)
+        out.append(_bar(f"relay TPS Waypoint audit on/off, {n} clients", ">= 0.85", v, v is not None and v >= 0.85))
     v = ratio(median(r.relay.get("waypoint", {}).get(8, [])), median(r.relay.get("direct", {}).get(8, [])))
     out.append(_bar("relay TPS Waypoint/direct, 8 clients", ">= 0.7", v, v is not None and v >= 0.7))
     v = ratio(median(r.connect.get("waypoint", [])), median(r.connect.get("direct", [])))
@@ -138,10 +145,15 @@ def bars(r: Results) -> list[Bar]:
     return out
 
 
-def _cpu_per_txn(r: Results, system: str, clients: int) -> float | None:
+def audit_ratio(r: Results, clients: int) -> float | None:
+    """Waypoint's TPS with the statement audit on over off (medians of the same run)."""
+    return ratio(median(r.audit.get("waypoint_audit", {}).get(clients, [])), median(r.audit.get("waypoint", {}).get(clients, [])))
+
+
+def _cpu_per_txn(r: Results, system: str, clients: int, audit: bool = False) -> float | None:
     """Median over repetitions of the proxy's CPU time per transaction, in microseconds."""
-    cpu = r.relay_cpu.get(system, {}).get(clients, [])
-    tps = r.relay.get(system, {}).get(clients, [])
+    cpu = (r.audit_cpu if audit else r.relay_cpu).get(system, {}).get(clients, [])
+    tps = (r.audit if audit else r.relay).get(system, {}).get(clients, [])
     per = [c / t * 1e6 for c, t in zip(cpu, tps, strict=False) if t > 0]
     return median(per)
 
@@ -164,6 +176,13 @@ def rows(r: Results) -> dict[str, float | None]:
         out[f"relay_ratio.waypoint_tls_to_pgbouncer_tls.c{n}"] = ratio(
             median(samples), median(r.relay.get("pgbouncer_tls", {}).get(n, []))
         )
+    for system, by_clients in r.audit.items():
+        for n, samples in by_clients.items():
+            out[f"audit_tps.{system}.c{n}"] = median(samples)
+    for n in r.audit.get("waypoint_audit", {}):
+        out[f"audit_ratio.on_to_off.c{n}"] = audit_ratio(r, n)
+    if r.audit_records is not None:
+        out["audit_records"] = float(r.audit_records)
     for system, samples in r.connect.items():
         out[f"connect_ms.{system}"] = median(samples)
     for system, samples in r.connect_tps.items():
@@ -238,6 +257,31 @@ def render_markdown(r: Results, chart_name: str | None) -> str:
         for n in clients:
             samples = r.relay[s].get(n, [])
             lines.append(f"- {SYSTEM_LABELS[s]}, {n} clients: " + ", ".join(f"{x:,.0f}" for x in samples))
+
+    if r.audit:
+        audit_clients = sorted({n for by in r.audit.values() for n in by})
+        lines += [
+            "",
+            f"## Statement audit: `pgbench -S -T {m.get('audit_seconds', '?')} -j 2`, Waypoint with `[audit]` on "
+            "(`parameters = \"hash\"`, file sink) and off, interleaved, TPS",
+            "",
+            "| clients | Waypoint audit off | Waypoint audit on | on/off (bar >= 0.85) | verdict | CPU µs/transaction: off | on |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for n in audit_clients:
+            off, on = median(r.audit.get("waypoint", {}).get(n, [])), median(r.audit.get("waypoint_audit", {}).get(n, []))
+            v = audit_ratio(r, n)
+            verdict = "n/a" if v is None else ("PASS" if v >= 0.85 else "MISS")
+            lines.append(
+                f"| {n} | {_fmt(off)} | {_fmt(on)} | {_x(v)} | {verdict} | "
+                f"{_fmt(_cpu_per_txn(r, 'waypoint', n, audit=True), '.1f')} | {_fmt(_cpu_per_txn(r, 'waypoint_audit', n, audit=True), '.1f')} |"
+            )
+        lines += ["", "Samples (TPS per repetition):", ""]
+        for s, label in (("waypoint", "audit off"), ("waypoint_audit", "audit on")):
+            for n in audit_clients:
+                lines.append(f"- Waypoint {label}, {n} clients: " + ", ".join(f"{x:,.0f}" for x in r.audit.get(s, {}).get(n, [])))
+        if r.audit_records is not None:
+            lines += ["", f"The audit file's hash chain verified: {r.audit_records:,} records in the newest file."]
 
     lines += [
         "",
@@ -347,6 +391,9 @@ def to_json(r: Results) -> dict[str, Any]:
         "connect_tps": r.connect_tps,
         "bursts": [attrs.asdict(b) for b in r.bursts],
         "bulk": r.bulk,
+        "audit": {s: {str(n): v for n, v in by.items()} for s, by in r.audit.items()},
+        "audit_cpu": {s: {str(n): v for n, v in by.items()} for s, by in r.audit_cpu.items()},
+        "audit_records": r.audit_records,
         "footprint": None if r.footprint is None else {**attrs.asdict(r.footprint), "per_session_kib": r.footprint.per_session_kib},
         "rows": rows(r),
         "bars": [{"name": b.name, "target": b.target, "value": b.value, "verdict": b.verdict} for b in bars(r)],
@@ -431,6 +478,8 @@ def expected_row_ids(systems: Sequence[str], clients: Sequence[int], bursts: Map
     ids = [f"relay_tps.{s}.c{n}" for s in systems for n in clients]
     if "pgbouncer_tls" in systems:
         ids += [f"relay_ratio.waypoint_tls_to_pgbouncer_tls.c{n}" for n in clients]
+    ids += [f"audit_tps.{s}.c{n}" for s in ("waypoint", "waypoint_audit") for n in clients]
+    ids += [f"audit_ratio.on_to_off.c{n}" for n in clients] + ["audit_records"]
     connect = ["direct", "waypoint", "waypoint_pooled"] + (["pgbouncer"] if "pgbouncer" in systems else [])
     ids += [f"connect_ms.{s}" for s in connect] + [f"connect_tps.{s}.c8" for s in connect]
     for i, label in bursts.items():

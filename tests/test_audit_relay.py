@@ -18,11 +18,11 @@ import pytest
 import trio
 import trustme
 
-from waypoint.audit.session import SessionAudit
+from waypoint.audit.session import SessionAudit, session_tracker
 from waypoint.audit.sink import AuditSink, OnError
-from waypoint.audit.tracker import AuditTracker
 from waypoint.proxy.relay import RelayControl, RelayEngine, StreamRelay, _pump, open_relay_engine
 from waypoint.proxy.relay import client_tls as client_tls_module
+from waypoint.proxy.relay import loop as loop_module
 from waypoint.proxy.streams import ServerTLSStream
 
 FATAL_TEXT = b"audit unavailable"
@@ -56,7 +56,7 @@ class GateWriter:
         if self.failing:
             raise OSError(5, "Input/output error")
         self.gate.wait(30)
-        self.lines += lines
+        self.lines += [line for chunk in lines for line in chunk.splitlines(keepends=True)]
 
     def close(self) -> None:
         self.gate.set()
@@ -128,7 +128,7 @@ def make_audit(
     def closed() -> None:
         counts["closed"] += 1
 
-    tracker = AuditTracker({"login": "alice@example.com"})
+    tracker = session_tracker({"login": "alice@example.com"})
     return SessionAudit(tracker, sink, FATAL, on_blocked=blocked, on_closed=closed)
 
 
@@ -191,8 +191,8 @@ async def test_a_failing_sink_with_close_ends_the_session_with_a_fatal(driver: s
 
 @pytest.mark.parametrize("driver", ["engine", "streams"])
 async def test_every_statement_is_recorded_in_order_big_and_small(driver: str) -> None:
-    """Many small statements (the engine's C loop records them through its tap) and
-    statements larger than the tap (recorded by Python before they are sent)."""
+    """Many small statements and one far larger than a read and than max_statement_bytes
+    (the engine's C loop feeds them to the session's tracker through its tap)."""
     writer = GateWriter()
     writer.gate.set()
     counts: dict[str, Any] = {}
@@ -218,14 +218,52 @@ async def test_every_statement_is_recorded_in_order_big_and_small(driver: str) -
     sink.stop()
 
 
+async def test_past_the_tap_bound_python_records_a_read_before_sending_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the tap at its bound (records not yet queued), the C loop sends nothing more:
+    it hands the read to Python (TAP), which queues the records, records the read and only
+    then sends it. Every statement is recorded, in order, and relayed."""
+    calls: list[int] = []
+    audit_read = loop_module.EpollLoop._audit
+
+    def counting(self: Any, audit: SessionAudit, side: Any, data: bytes) -> bool:
+        calls.append(len(data))
+        return audit_read(self, audit, side, data)
+
+    monkeypatch.setattr(loop_module, "_TAP_MAX", 1024)
+    monkeypatch.setattr(loop_module.EpollLoop, "_audit", counting)
+    writer = GateWriter()
+    writer.gate.set()
+    counts: dict[str, Any] = {}
+    audit = make_audit(writer, "block", 100_000, counts)
+    texts = [f"select {i} /* {'p' * (i % 50)} */" for i in range(3000)]
+    async with relayed("engine", audit) as (client, backend, _control, _engine):
+        for start in range(0, len(texts), 100):  # many reads, each past the bound
+            payload = b"".join(query(t) for t in texts[start : start + 100])
+            await client.send_all(payload)
+            assert await read_exactly(backend, len(payload)) == payload
+        await poll(lambda: len(writer.texts()) == len(texts), "every record written")
+    assert writer.texts() == texts
+    assert calls, "the tap never reached its bound: the TAP path did not run"
+    counts["sink"].stop()
+
+
 def test_the_tap_is_bounded_and_emptied() -> None:
     a, b = socket.socketpair()
     try:
         lane = _pump.Lane(a.fileno())
+        tracker = session_tracker({"login": "alice@example.com"})
         with pytest.raises(ValueError):
-            lane.tap_enable(10)
-        lane.tap_enable(4096)
-        assert lane.tap_used == 0 and lane.take_tap() == b""
+            lane.tap_enable(tracker, 10)
+        with pytest.raises(TypeError):
+            lane.tap_enable(object(), 4096)  # type: ignore[arg-type]
+        lane.tap_enable(tracker, 4096)
+        assert lane.tap_used == 0
+        tracker.client(b"Q\0\0\0\x0dSELECT 1\0", 1.0)
+        assert lane.tap_used > 0
+        lines, count = tracker.take()
+        assert count == 1 and lines.endswith(b"\n") and lane.tap_used == 0
     finally:
         a.close()
         b.close()
@@ -240,20 +278,20 @@ def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, client
 
 
-@pytest.mark.parametrize("audited", [True, False])
-async def test_a_tls_client_is_recorded_in_plaintext_by_the_python_record_layer(
-    audited: bool,
-) -> None:
-    """An audited relay with a TLS client keeps its record layer in Python even when the
-    engine runs client TLS in C (no tap on a C TLS session): every decrypted statement is
-    recorded, in order, before it reaches the server. Without audit the same session's
-    record layer runs in C."""
+@pytest.mark.parametrize("mode", ["block", "close", None])
+async def test_a_tls_client_is_recorded_in_plaintext(mode: OnError | None) -> None:
+    """An audited relay with a TLS client: with ``on_error = "block"`` its record layer
+    stays in C and the C loop's tap records the decrypted plaintext; with ``"close"`` it
+    runs in Python (every read recorded before it is sent). Either way every statement is
+    recorded, in order, before it reaches the server. Without audit: in C."""
+    audited = mode is not None
+    in_c = mode != "close"
     if not client_tls_module.c_tls_available():
         pytest.fail("OpenSSL could not be bound: the C record layer is not testable here")
     writer = GateWriter()
     writer.gate.set()
     counts: dict[str, Any] = {}
-    audit = make_audit(writer, "block", 10_000, counts) if audited else None
+    audit = make_audit(writer, mode, 10_000, counts) if mode is not None else None
     app_client, proxy_client = socket.socketpair()
     proxy_backend, app_backend = socket.socketpair()
     server_ctx, client_ctx = _tls_contexts()
@@ -283,9 +321,9 @@ async def test_a_tls_client_is_recorded_in_plaintext_by_the_python_record_layer(
         handle = engine.start_relay(tls_sock, proxy_backend, client_tls=handover, audit=audit)
         relay: Any = handle._relay  # which record layer serves it
         assert relay.client.tls is not None
-        assert relay.client.tls.in_c is (not audited)
-        assert relay.client.tls_in_c is (not audited)
-        assert relay.pumped is (not audited)
+        assert relay.client.tls.in_c is in_c
+        assert relay.client.tls_in_c is in_c
+        assert relay.pumped is in_c
         with trio.fail_after(30):
             async with trio.open_nursery() as n:
                 n.start_soon(app.send_all, payload)

@@ -175,7 +175,7 @@ class FlakyWriter:
         self.attempts += 1
         if not self.ok.is_set():
             raise OSError(28, "No space left on device")
-        self.lines += lines
+        self.lines += [line for chunk in lines for line in chunk.splitlines(keepends=True)]
 
     def close(self) -> None:
         pass

@@ -35,6 +35,7 @@ from bench.report import (  # noqa: E402
 HEADINGS = (
     "## Bars",
     "## Relay",
+    "## Statement audit",
     "## Connection setup",
     "## Bulk",
     "## Footprint",
@@ -57,6 +58,10 @@ def canned_results() -> Results:
     r.connect_tps = {"direct": [100.0, 100.0], "waypoint": [90.0, 90.0]}
     r.connect_tps |= {"waypoint_pooled": [300.0, 300.0], "pgbouncer": [400.0, 400.0]}
     r.bursts = [BurstSample("cold", 100, 4, 0, 12.0, 40.0, 55.0, 1.5)]
+    r.audit = {"waypoint": {n: [1000.0 * n] for n in QUICK.relay_clients}}
+    r.audit["waypoint_audit"] = {n: [900.0 * n] for n in QUICK.relay_clients}
+    r.audit_cpu = {s: {n: [0.5] for n in QUICK.relay_clients} for s in r.audit}
+    r.audit_records = 1234
     r.footprint = Footprint(QUICK.footprint_sessions, QUICK.footprint_sessions, [], 50_000, 60_000)
     r.command("pgbench -S -n -T 3 -c 32 -j 2")
     return r
@@ -76,12 +81,14 @@ def test_report_of_canned_samples_is_complete(tmp_path: Path) -> None:
     assert row_values["footprint.per_session_kib"] == 10_000 / QUICK.footprint_sessions
     for heading in HEADINGS:
         assert heading in md
-    assert md.count("**PASS**") + md.count("**MISS**") + md.count("**n/a**") == len(data["bars"]) == 14
+    assert md.count("**PASS**") + md.count("**MISS**") + md.count("**n/a**") == len(data["bars"]) == 17
     verdicts = {b["name"]: b["verdict"] for b in data["bars"]}
     assert verdicts["relay TPS Waypoint/PgBouncer, 8 clients"] == "PASS"  # 3/2
     assert verdicts["connect time Waypoint/direct SCRAM"] == "PASS"  # 4/5
     assert verdicts["RSS per idle session (KiB)"] == "PASS"  # 50 KiB
     assert verdicts["connect time Waypoint pooled/direct SCRAM"] == "PASS"  # 1/5
+    assert verdicts["relay TPS Waypoint audit on/off, 32 clients"] == "PASS"  # 0.9
+    assert row_values["audit_ratio.on_to_off.c8"] == 0.9
     assert verdicts["-C -c 8 TPS Waypoint pooled/direct SCRAM"] == "PASS"  # 3
     assert "pgbench -S -n -T 3 -c 32 -j 2" in md
 
@@ -115,7 +122,7 @@ def test_bench_quick_writes_a_complete_report(tmp_path: Path) -> None:
         assert row in row_values, f"row {row} missing from the report"
         assert row_values[row] is not None, f"row {row} has no value"
     for row, value in row_values.items():
-        if row.startswith(("relay_tps.", "bulk_mbps.", "connect_ms.")) or row.endswith("_ms"):
+        if row.startswith(("relay_tps.", "audit_tps.", "audit_ratio.", "audit_records", "bulk_mbps.", "connect_ms.")) or row.endswith("_ms"):
             assert value > 0, f"{row} = {value}"
         if row.endswith(".failures"):
             assert value == 0, f"{row}: {value} logins failed; see {mds[0]}"
@@ -125,8 +132,10 @@ def test_bench_quick_writes_a_complete_report(tmp_path: Path) -> None:
     # The Markdown carries the table, the bars with a verdict each, machine, versions, commands.
     for heading in HEADINGS:
         assert heading in md
-    assert md.count("**PASS**") + md.count("**MISS**") + md.count("**n/a**") == len(data["bars"]) == 14
+    assert md.count("**PASS**") + md.count("**MISS**") + md.count("**n/a**") == len(data["bars"]) == 17
     assert f"pgbench -S -n -T {QUICK.relay_seconds} -c 32 -j 2" in md
+    assert f"[waypoint_audit] PGUSER=bench PGSSLMODE=disable pgbench -S -n -T {QUICK.audit_seconds} -c 32 -j 2" in md
+    assert "| relay TPS Waypoint audit on/off, 32 clients | >= 0.85 |" in md
     assert data["meta"]["waypoint_git"] != "unknown"
     # The benchmark identity's secret never reaches the report.
     assert "PGPASSWORD=***" in md

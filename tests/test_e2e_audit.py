@@ -1,20 +1,25 @@
-"""Statement audit end to end on PostgreSQL 15 and 18: psql (libpq, simple protocol) and
+"""Statement audit end to end on PostgreSQL 15 and 18: psql (libpq, simple protocol),
 psycopg 3 (extended protocol, prepared statements, pipeline mode, COPY, errors, a
-cancelled statement, a 1 MiB statement), the records' identity fields, and the hash chain."""
+cancelled statement, a 1 MiB statement) and pgjdbc (server-prepared statements, a batch, an
+error, simple mode), the records' identity fields, and the hash chain."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import shutil
+import subprocess
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import trio
-from e2e_support import E2EEnv, create_app_database, e2e_env
+from console_support import admin_rule, pgjdbc_jar, psycopg_rows
+from e2e_support import E2EEnv, RawSession, create_app_database, e2e_env
 from pgcluster import PgCluster
 
 from waypoint.audit.chain import verify
@@ -30,6 +35,21 @@ def audit_section(path: Path, parameters: str = "hash", max_statement_bytes: int
         f'[audit]\nenabled = true\nsink = "file"\nfile = "{path}"\n'
         f'parameters = "{parameters}"\nmax_statement_bytes = {max_statement_bytes}\n'
     )
+
+
+@contextlib.asynccontextmanager
+async def audited_env(
+    pg: PgCluster, tmp_path: Path, *, node: str, tags: list[str]
+) -> AsyncIterator[tuple[E2EEnv, str, Path]]:
+    """Waypoint with the audit on (``audit_section``), a fresh database the test's client
+    (127.0.0.1, ``LOGIN`` on ``node``) may read and write: (env, database, audit file)."""
+    db = create_app_database(pg)
+    path = tmp_path / "audit.jsonl"
+    async with e2e_env(pg, tmp_path, tables_extra=audit_section(path)) as env:
+        env.grant(
+            "127.0.0.1", {db: {"permissions": ["readwrite"]}}, login=LOGIN, node=node, tags=tags
+        )
+        yield env, db, path
 
 
 def records(path: Path) -> list[dict[str, Any]]:
@@ -110,17 +130,8 @@ def _cancelled(env: E2EEnv, dsn: str) -> str:
 async def test_statements_of_every_kind_are_recorded_with_who_ran_them(
     pg: PgCluster, tmp_path: Path
 ) -> None:
-    db = create_app_database(pg)
-    path = tmp_path / "audit.jsonl"
     with trio.fail_after(180):
-        async with e2e_env(pg, tmp_path, tables_extra=audit_section(path)) as env:
-            env.grant(
-                "127.0.0.1",
-                {db: {"permissions": ["readwrite"]}},
-                login=LOGIN,
-                node="laptop",
-                tags=["tag:dev"],
-            )
+        async with audited_env(pg, tmp_path, node="laptop", tags=["tag:dev"]) as (env, db, path):
             # psql: simple protocol, and an error
             r = await env.psql("select v from t where id = 1 /* psql-ok */", db)
             assert r.returncode == 0, r.stderr
@@ -227,6 +238,108 @@ async def test_statements_of_every_kind_are_recorded_with_who_ran_them(
     report = verify([str(path)])
     assert report.problem is None and report.records == len(records(path))
     assert "x" * 5000 not in path.read_text()
+
+
+JDBC_PROGRAM = Path(__file__).parent / "java" / "AuditWork.java"
+
+
+def _pgjdbc_work(host: str, port: int, db: str) -> list[str]:
+    java = shutil.which("java")
+    assert java is not None, "pgjdbc needs java on PATH"
+    url = f"jdbc:postgresql://{host}:{port}/{db}?user=anyone&sslmode=disable&connectTimeout=20&prepareThreshold=3"
+    r = subprocess.run(
+        [java, "-cp", pgjdbc_jar(), str(JDBC_PROGRAM), url],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+async def test_pgjdbc_statements_are_recorded_with_who_ran_them(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """pgjdbc: a plain statement (extended protocol, unnamed), a prepared statement run six
+    times (server-prepared after prepareThreshold: Parse once under a name, then Bind and
+    Execute only), a batch, an error and a simple-protocol statement; every execution is
+    recorded with its text and the identity, every result paired."""
+    with trio.fail_after(180):
+        async with audited_env(pg, tmp_path, node="jdbc-box", tags=["tag:jdbc"]) as (env, db, path):
+            out = await trio.to_thread.run_sync(_pgjdbc_work, env.host, env.port, db)
+            assert out == [
+                "OK plain",
+                "OK prepared",
+                "OK batch 3",
+                "ERROR 22012",
+                "OK simple",
+                "DONE",
+            ], out
+            recs = await wait_for(
+                path,
+                lambda rs: (
+                    any("/* jdbc-simple */" in (x.get("text") or "") for x in rs)
+                    and len([x for x in rs if x["event"] == "result"])
+                    >= len([x for x in rs if x["event"] in ("query", "execute")])
+                ),
+                "the pgjdbc statements and their results",
+            )
+            await env.assert_clean()
+    stmts = [x for x in recs if x["event"] in ("query", "execute", "parse")]
+    for x in stmts:
+        assert x["login"] == LOGIN and x["node"] == "jdbc-box" and x["tags"] == ["tag:jdbc"]
+        assert x["database"] == db and x["node_id"] and x["conn_id"] and x["time"]
+    execs = [x for x in recs if x["event"] == "execute"]
+    prepared = [x for x in execs if "/* jdbc-prepared */" in (x["text"] or "")]
+    assert len(prepared) == 6
+    assert all(x["text"] == "select v from t where id = $1 /* jdbc-prepared */" for x in prepared)
+    assert all(x["parameter_count"] == 1 for x in prepared)
+    # Server-prepared from the threshold on: later executions run a named statement that
+    # was parsed once, and still carry its text.
+    named = {x["statement"] for x in prepared if x["statement"]}
+    assert len(named) == 1, prepared
+    parses = [x for x in recs if x["event"] == "parse" and x["statement"] in named]
+    assert len(parses) == 1
+    assert sum(1 for x in prepared if x["statement"] in named) >= 3
+    batch = [x for x in execs if "/* jdbc-batch */" in (x["text"] or "")]
+    assert len(batch) == 3 and all(x["parameter_count"] == 2 for x in batch)
+    assert [res_of(recs, x)["tag"] for x in batch] == ["INSERT 0 1"] * 3
+    (div,) = [x for x in execs if "/* jdbc-div */" in (x["text"] or "")]
+    assert res_of(recs, div)["status"] == "error" and res_of(recs, div)["sqlstate"] == "22012"
+    (plain,) = [x for x in execs if "/* jdbc-plain */" in (x["text"] or "")]
+    assert plain["protocol"] == "extended" and res_of(recs, plain)["tag"] == "SELECT 1"
+    (simple,) = [x for x in recs if x["event"] == "query" and "/* jdbc-simple */" in x["text"]]
+    assert simple["protocol"] == "simple" and res_of(recs, simple)["tag"] == "SELECT 1"
+    report = verify([str(path)])
+    assert report.problem is None and report.records == len(records(path))
+
+
+async def test_show_sessions_shows_the_statement_a_session_last_ran(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """With the audit on, the console's SHOW SESSIONS carries each session's current or
+    last statement (taken from its tracker as the engine queues its records)."""
+    db = create_app_database(pg)
+    path = tmp_path / "audit.jsonl"
+    with trio.fail_after(120):
+        async with e2e_env(pg, tmp_path, tables_extra=audit_section(path)) as env:
+            env.grant("127.0.0.1", rules=[admin_rule()], login="admin@example.com")
+            env.grant("127.0.0.2", {db: {"permissions": ["readonly"]}}, login=LOGIN)
+            raw = await trio.to_thread.run_sync(
+                lambda: RawSession.open(env, db, source="127.0.0.2")
+            )
+            try:
+                for marker in ("first", "second"):
+                    sql = f"select v from t /* shown-{marker} */"
+                    assert await trio.to_thread.run_sync(raw.read_result_of, sql) == "ok:one"
+                    with trio.fail_after(15):
+                        while True:
+                            cols, rows = await psycopg_rows(env.host, env.port, "SHOW SESSIONS")
+                            at = cols.index("statement")
+                            (row,) = [r for r in rows if r[cols.index("login")] == LOGIN]
+                            if row[at] == sql:
+                                break
+                            await trio.sleep(0.05)
+            finally:
+                raw.close()
 
 
 def res_of(recs: list[dict[str, Any]], stmt: dict[str, Any]) -> dict[str, Any]:

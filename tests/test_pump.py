@@ -831,27 +831,31 @@ def test_lane_tls_methods_are_the_python_record_layer(fd: int) -> None:
     assert lane.tls_decrypt(100) == b""
 
 
-def test_a_relay_has_an_audit_tap_or_a_c_record_layer_never_both() -> None:
-    """The audit tap and the C record layer exclude each other on a relay: a tapped relay's
-    TLS stays in Python (tls_attach says False), and a relay whose TLS runs in C gets no tap."""
+def test_an_audited_relay_keeps_its_c_record_layer() -> None:
+    """The audit tap and the C record layer go together (the tap is fed the plaintext):
+    a tapped lane still takes over its TLS session, and a lane whose TLS runs in C gets a
+    tap; the tap goes on the relay's owner lane only, before it is pumped."""
+    from waypoint.audit.session import session_tracker
+
     server_ctx, client_ctx = _tls_contexts()
     server, client = TlsPeer(server_ctx, True), TlsPeer(client_ctx, False)
     _handshake(server, client)
+    server2, client2 = TlsPeer(server_ctx, True), TlsPeer(client_ctx, False)
+    _handshake(server2, client2)
     a, b = socket.socketpair()
     c, d = socket.socketpair()
     try:
         tapped, backend = Lane(a.fileno()), Lane(c.fileno())
         tapped.link(backend)
-        tapped.tap_enable(256 * 1024)
-        assert tapped.tls_attach(server.obj, server.incoming, server.outgoing) is False
-        assert not tapped.tls_in_c
+        tapped.tap_enable(session_tracker({}), 256 * 1024)
+        assert tapped.tls_attach(server.obj, server.incoming, server.outgoing) is True
+        assert tapped.tls_in_c
         in_c, backend2 = Lane(b.fileno()), Lane(d.fileno())
         in_c.link(backend2)
-        assert in_c.tls_attach(server.obj, server.incoming, server.outgoing) is True
-        with pytest.raises(RuntimeError, match="audit tap"):
-            in_c.tap_enable(256 * 1024)
-        with pytest.raises(RuntimeError, match="audit tap"):
-            backend2.tap_enable(256 * 1024)
+        assert in_c.tls_attach(server2.obj, server2.incoming, server2.outgoing) is True
+        in_c.tap_enable(session_tracker({}), 256 * 1024)
+        with pytest.raises(RuntimeError, match="owner lane"):
+            backend2.tap_enable(session_tracker({}), 256 * 1024)
     finally:
         for s in (a, b, c, d):
             s.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -14,9 +13,8 @@ from waypoint import errors
 from waypoint.config.model import AuditConfig
 from waypoint.pgwire import build_error_response
 
-from .session import SessionAudit, session_context
+from .session import SessionAudit, session_context, session_tracker
 from .sink import AuditSink, FileWriter, LineWriter, StreamWriter
-from .tracker import AuditTracker
 
 if TYPE_CHECKING:
     from waypoint.observability.metrics import Metrics
@@ -41,11 +39,10 @@ class AuditService:
         """The audit of one session; ``fields`` are the identity every record carries
         (listener, conn_id, client, login, node, node_id, tags, database, role)."""
         metrics = self._metrics
-        tracker = AuditTracker(
+        tracker = session_tracker(
             session_context(instance=self.instance, **fields),
             parameters=self.config.parameters,
             max_statement_bytes=self.config.max_statement_bytes,
-            wall_clock=time.time,
         )
         return SessionAudit(
             tracker,

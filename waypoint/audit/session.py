@@ -2,23 +2,56 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from .sink import AuditSink
-from .tracker import AuditTracker, Record
+from waypoint.proxy.relay._pump import AuditTracker as CTracker
+
+from .sink import AuditSink, bind_openssl_sha256
+from .tracker import SHORT_CONTEXT, ParameterMode, context_members
+
+
+def session_tracker(
+    context: Mapping[str, Any],
+    *,
+    parameters: ParameterMode = "none",
+    max_statement_bytes: int = 65536,
+    wall_clock: bool = True,
+) -> CTracker:
+    """The C tracker of one session (waypoint/proxy/relay/_audit.h; the same records as
+    :class:`~waypoint.audit.tracker.AuditTracker`, encoded): ``context`` is the identity
+    every record carries, serialized once here."""
+    bind_openssl_sha256()
+    short = {k: context[k] for k in SHORT_CONTEXT if k in context}
+    return CTracker(
+        context_members(context).encode(),
+        context_members(short).encode(),
+        parameters=parameters,
+        max_statement_bytes=max_statement_bytes,
+        wall_clock=wall_clock,
+    )
 
 
 class SessionAudit:
     """The tracker of one session, the shared sink, and what the relay does when the sink
     cannot take records (``sink.on_error``): wait (``block``) or end the session with
-    ``fatal`` (``close``). Driven by one relay thread or task at a time."""
+    ``fatal`` (``close``). Driven by one relay thread or task at a time: the relay engine's
+    C loop feeds the tracker itself (its audit tap) and the engine thread calls
+    :meth:`drain` after each batch."""
 
-    __slots__ = ("_on_blocked", "_on_closed", "closed", "fatal", "sink", "tracker")
+    __slots__ = (
+        "_on_blocked",
+        "_on_closed",
+        "closed",
+        "fatal",
+        "last_statement",
+        "sink",
+        "tracker",
+    )
 
     def __init__(
         self,
-        tracker: AuditTracker,
+        tracker: CTracker,
         sink: AuditSink,
         fatal: bytes,
         *,
@@ -30,14 +63,11 @@ class SessionAudit:
         self.fatal = fatal
         #: The session was ended because the sink could not take its records.
         self.closed = False
+        #: The text of the current or last statement of this session (for the console;
+        #: set by the relay's thread at each drain). None before the first one.
+        self.last_statement: str | None = None
         self._on_blocked = on_blocked
         self._on_closed = on_closed
-
-    @property
-    def last_statement(self) -> str | None:
-        """The text of the current or last statement of this session (read-only; for
-        the console). None before the first one."""
-        return self.tracker.last_statement
 
     @property
     def must_wait(self) -> bool:
@@ -49,29 +79,27 @@ class SessionAudit:
         """``close``: the sink is full or failing; end the session rather than go on."""
         return self.sink.on_error == "close" and self.sink.refusing
 
+    def drain(self) -> None:
+        """Queue the records the tracker holds (the C loop fed it what it relayed)."""
+        tracker = self.tracker
+        lines, count = tracker.take()
+        if count:
+            self.sink.put_encoded(lines, count)
+            self.last_statement = tracker.last_statement
+
     def client(self, data: bytes, now: float) -> bool:
         """Record frontend bytes before they are forwarded. False: they must not be
         forwarded (``close`` and the sink refuses; ``closed`` is then set)."""
-        records = self.tracker.client(data, now)
-        if records:
-            if self.must_close:
-                self.close()
-                return False
-            self.sink.put(records)
+        if self.tracker.client(data, now) and self.must_close:
+            self.tracker.take()  # not forwarded: the session ends here
+            self.close()
+            return False
+        self.drain()
         return True
 
-    def forwarded(self, from_client: bool, data: bytes, now: float) -> None:
-        """Record bytes the relay's C loop already sent (they were held in its bounded
-        tap until now): always queued."""
-        tracker = self.tracker
-        records = tracker.client(data, now) if from_client else tracker.backend(data, now)
-        if records:
-            self.sink.put(records)
-
     def backend(self, data: bytes, now: float) -> None:
-        records: list[Record] = self.tracker.backend(data, now)
-        if records:
-            self.sink.put(records)
+        self.tracker.backend(data, now)
+        self.drain()
 
     def close(self) -> None:
         if not self.closed:

@@ -1,8 +1,10 @@
 """The audit sink: a bounded queue between the relay and one writer thread.
 
-The relay puts the records of a client chunk in the queue *before* it forwards the chunk
-(:meth:`AuditSink.put`). The writer thread turns them into JSON Lines, chains them (each
-line carries ``prev``, the SHA-256 of the line before it, and ``seq``) and hands them to a
+The relay puts the records of a client chunk in the queue *before* it forwards the chunk:
+already encoded by the session's C tracker (:meth:`AuditSink.put_encoded`: JSON object
+members, one record per line), or as dicts (:meth:`AuditSink.put`, encoded here). The
+writer thread chains them (each line gets ``seq`` and ``prev``, the SHA-256 of the line
+before it; in C, without the GIL: ``_pump.audit_chain``) and hands them to a
 :class:`LineWriter`: a file with size-based rotation (:class:`FileWriter`) or standard
 output (:class:`StreamWriter`).
 
@@ -15,7 +17,9 @@ successful one; the writer retries the same lines every ``retry_interval`` secon
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -27,11 +31,29 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal, Protocol
 
+from waypoint.proxy.relay._pump import audit_chain, sha256_bind
+
 from .tracker import CONTEXT_KEY
 
 OnError = Literal["block", "close"]
 #: ``prev`` of the first record ever written.
 GENESIS: Final = "0" * 64
+
+
+@functools.cache
+def bind_openssl_sha256() -> bool:
+    """Hash the chain and oversized texts in C with OpenSSL's SHA-256 (the library
+    Python's ``_ssl`` module loaded, found through that module by ctypes; SHA-NI where the
+    CPU has it) rather than the extension's portable code. False when not available."""
+    try:
+        import _ssl
+
+        lib = ctypes.CDLL(_ssl.__file__)
+        names = ("SHA256_Init", "SHA256_Update", "SHA256_Final")
+        addresses = {name: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in names}
+    except (AttributeError, OSError):
+        return False
+    return sha256_bind(addresses)
 
 
 def line_hash(line: bytes) -> str:
@@ -45,7 +67,8 @@ class LineWriter(Protocol):
         ...
 
     def write(self, lines: list[bytes]) -> None:
-        """Write complete lines (each ends with a newline); raise OSError on failure."""
+        """Write chunks of complete lines (each chunk ends with a newline), in order;
+        raise OSError on failure."""
         ...
 
     def close(self) -> None: ...
@@ -119,6 +142,10 @@ class FileWriter:
         batch: list[bytes] = []
         size = self._size if self._fd is not None else _size(self.path)
         rotate = self.path.is_file() or not self.path.exists()  # never rename a device
+        if not rotate or size + sum(map(len, lines)) <= self.max_size:
+            self._emit(lines)  # the common case: no rotation in this batch
+            return
+        lines = [line + b"\n" for chunk in lines for line in chunk.split(b"\n")[:-1]]
         for line in lines:
             if rotate and size > 0 and size + len(line) > self.max_size:
                 if batch:
@@ -216,6 +243,7 @@ class AuditSink:
     ) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
+        bind_openssl_sha256()
         self.writer = writer
         self.on_error = on_error
         self.max_queue = max_queue
@@ -227,7 +255,9 @@ class AuditSink:
         self._on_written = on_written
         self._on_sink_error = on_sink_error
         self._log_error = log_error
-        self._queue: deque[dict[str, Any]] = deque()
+        #: Encoded records (lines of JSON object members) and how many each holds.
+        self._queue: deque[tuple[bytes, int]] = deque()
+        self._queued = 0
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -249,7 +279,7 @@ class AuditSink:
     @property
     def full(self) -> bool:
         """The queue is at its bound: a blocked session must not read more."""
-        return len(self._queue) >= self.max_queue
+        return self._queued >= self.max_queue
 
     @property
     def refusing(self) -> bool:
@@ -257,16 +287,25 @@ class AuditSink:
         return self.failed or self.full
 
     def put(self, records: Iterable[dict[str, Any]]) -> None:
-        """Queue records (any thread). The caller checks ``full`` before reading what
-        produces them, so the queue exceeds its bound by at most one chunk's records."""
+        """Queue records given as dicts (see :func:`encode_body`)."""
+        bodies = [encode_body(record) for record in records]
+        if bodies:
+            self.put_encoded(b"\n".join(bodies) + b"\n", len(bodies))
+
+    def put_encoded(self, lines: bytes, count: int) -> None:
+        """Queue ``count`` encoded records (any thread). The caller checks ``full`` before
+        reading what produces them, so the queue exceeds its bound by at most one chunk's
+        records."""
         with self._cond:
-            self._queue.extend(records)
-            if len(self._queue) >= self._wake_at:
+            self._queue.append((lines, count))
+            self._queued += count
+            if self._queued >= self._wake_at:
                 self._cond.notify()
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Records queued, not yet written."""
+        return self._queued
 
     # -- the writer thread ----------------------------------------------------------------
 
@@ -288,15 +327,18 @@ class AuditSink:
             with self._cond:
                 while not self._queue and not self._stopping:
                     self._cond.wait(self.flush_interval)
-                if len(self._queue) < self._wake_at and not self._stopping:
+                if self._queued < self._wake_at and not self._stopping:
                     self._cond.wait(self.flush_interval)  # let a batch gather
                 if not self._queue and self._stopping:
                     return
                 batch = list(self._queue)
-            lines, prev, seq = self._encode(batch)
+            count = sum(n for _, n in batch)
+            lines, prev, seq = audit_chain(
+                self._prev, self._seq, b"".join(chunk for chunk, _ in batch)
+            )
             while True:
                 try:
-                    self.writer.write(lines)
+                    self.writer.write([lines])
                 except Exception as exc:  # OSError, or a writer's own failure
                     self.errors += 1
                     self.failed = True
@@ -315,31 +357,25 @@ class AuditSink:
             with self._cond:
                 for _ in range(len(batch)):
                     self._queue.popleft()
-            self.written += len(batch)
+                self._queued -= count
+            self.written += count
             if self._on_written is not None:
-                self._on_written(len(batch))
+                self._on_written(count)
 
-    def _encode(self, batch: list[dict[str, Any]]) -> tuple[list[bytes], str, int]:
-        prev, seq = self._prev, self._seq
-        lines: list[bytes] = []
-        dumps = _dumps
-        sha256 = hashlib.sha256
-        for record in batch:
-            seq += 1
-            ctx = record.get(CONTEXT_KEY)
-            if ctx is not None:
-                record = dict(record)
-                del record[CONTEXT_KEY]
-            ts = record.get("time")
-            if isinstance(ts, float):
-                record["time"] = _iso(ts)
-            body = dumps(record)
-            head = f'{{"seq":{seq},"prev":"{prev}",'
-            text = f"{head}{ctx},{body[1:]}" if ctx else f"{head}{body[1:]}"
-            line = text.encode()
-            prev = sha256(line).hexdigest()
-            lines.append(line + b"\n")
-        return lines, prev, seq
+
+def encode_body(record: dict[str, Any]) -> bytes:
+    """A record as the members of its JSON line (without ``seq`` and ``prev``): its
+    context members (``CONTEXT_KEY``) first, ``time`` (a float) as ISO 8601. What the C
+    tracker writes for the same record."""
+    ctx = record.get(CONTEXT_KEY)
+    if ctx is not None:
+        record = dict(record)
+        del record[CONTEXT_KEY]
+    ts = record.get("time")
+    if isinstance(ts, float):
+        record = dict(record, time=_iso(ts))
+    body = _dumps(record)[1:-1]
+    return (f"{ctx},{body}" if ctx and body else ctx or body).encode()
 
 
 def wait_drained(

@@ -1,4 +1,6 @@
-"""The audit tracker of one session, sans I/O.
+"""The audit tracker of one session, sans I/O: the reference for the C tracker sessions run
+(waypoint/proxy/relay/_audit.h; tests/test_audit_ctracker.py requires both to give the
+same records for the same bytes, however split).
 
 :class:`AuditTracker` is fed the bytes of a relayed session as they pass, in order:
 ``client(chunk, now)`` for frontend bytes, ``backend(chunk, now)`` for backend bytes.
@@ -42,7 +44,7 @@ ParameterMode = Literal["none", "hash", "full"]
 #: once per session; the sink writes them into the line in place of this key.
 CONTEXT_KEY: Final = "_context"
 #: The context fields a ``result`` or ``copy`` record carries.
-_SHORT_CONTEXT: Final = ("instance", "conn_id", "login", "node", "database")
+SHORT_CONTEXT: Final = ("instance", "conn_id", "login", "node", "database")
 Record = dict[str, Any]
 
 #: Cap on names (statement, portal) kept from the wire.
@@ -238,9 +240,9 @@ class AuditTracker:
         self.context = dict(context)
         #: The context as JSON members, serialized once (the sink splices it into each
         #: line: ``CONTEXT_KEY``); results and copy records carry a shorter one.
-        self._ctx = _members(self.context)
-        self._ctx_short = _members(
-            {k: self.context[k] for k in _SHORT_CONTEXT if k in self.context}
+        self._ctx = context_members(self.context)
+        self._ctx_short = context_members(
+            {k: self.context[k] for k in SHORT_CONTEXT if k in self.context}
         )
         self.parameters = parameters
         self.cap = max_statement_bytes
@@ -380,9 +382,9 @@ class AuditTracker:
         if tags:
             res["tag"] = tags[-1]
             res["commands"] = len(tags)
-            if tags[-1].startswith("COPY "):
-                with contextlib.suppress(ValueError):
-                    res["rows"] = int(tags[-1].split()[-1])
+            word = tags[-1].rsplit(" ", 1)[-1]
+            if tags[-1].startswith("COPY ") and word.isascii() and word.isdigit():
+                res["rows"] = int(word)
         if entry[3]:
             res["copy_data"] = entry[3]
         res.update(fields)
@@ -449,7 +451,8 @@ class AuditTracker:
             self._out.append(res)
 
 
-def _members(fields: Mapping[str, Any]) -> str:
+def context_members(fields: Mapping[str, Any]) -> str:
+    """Fields as the members of a JSON object (no braces): a record's context."""
     return json.dumps(dict(fields), separators=(",", ":"), ensure_ascii=False)[1:-1]
 
 
@@ -522,7 +525,9 @@ def _params(
         if length < 0:
             values.append(None)
             continue
-        binary = (formats[i] if len(formats) > 1 else (formats[0] if formats else 0)) == 1
+        # One format code applies to all; else each its own (none given: text).
+        fmt = formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
+        binary = fmt == 1
         if mode == "none":
             yield ("blob", length, _NullText())
             continue
@@ -643,19 +648,20 @@ def _parse_error() -> _Parser:
 
 def _front_fast(cap: int) -> Callable[[int, bytes], dict[str, Any] | None]:
     def fast(kind: int, body: bytes) -> dict[str, Any] | None:
-        if kind == _Q and body.endswith(b"\0"):
+        # Only when the first NUL ends the field where the streaming parser would.
+        if kind == _Q and body and body.find(b"\0") == len(body) - 1:
             return {"text": _Text.whole(body[:-1], cap)}
         if kind == _E:
             nul = body.find(b"\0")
             if nul >= 0 and len(body) - nul == 5:
-                return {"portal": body[:nul].decode("utf-8", "replace")[:_NAME_CAP]}
+                return {"portal": body[:nul][:_NAME_CAP].decode("utf-8", "replace")}
         return None
 
     return fast
 
 
 def _back_fast(kind: int, body: bytes) -> dict[str, Any] | None:
-    if kind == _BC and body.endswith(b"\0") and len(body) <= _BACKEND_CAP:
+    if kind == _BC and body and body.find(b"\0") == len(body) - 1 and len(body) <= _BACKEND_CAP:
         return {"tag": body[:-1].decode("utf-8", "replace")}
     return None
 

@@ -34,10 +34,10 @@
  * the ciphertext it did not take followed by what its own session's write BIO still
  * holds; PAST_END and TAP: the whole chunk) gets them as a bytes object of its own. Every
  * TLS session's records stay in that session's own BIOs. A relay with statement audit has
- * an audit tap of its own (on its owner lane, bounded): the pump appends a copy of what
- * either of that relay's lanes read before sending it, and Lane.take_tap() hands Python
- * a new bytes object; no tap is shared, and a relay whose client TLS runs in C has none
- * (its audit is recorded in Python). So a report refers to no shared memory at all:
+ * an audit tap of its own: its session's AuditTracker (_audit.h), which the pump feeds
+ * what either of that relay's lanes read (plaintext, for a TLS client after decrypting)
+ * before sending it, and whose encoded records Python takes as a new bytes object; no
+ * tracker is shared. So a report refers to no shared memory at all:
  * whatever Python does with one report (other relays' reads included) cannot change the
  * bytes of another, and no session can be handed bytes that another session read. The Python paths of loop.py
  * read into bytes objects of their own too (no engine-wide buffer).
@@ -132,15 +132,11 @@ enum {
                            encrypting toward it): arg = OpenSSL's reason (str) */
     CODE_TLS_OWN = 9,   /* decrypting made TLS write records of its own (a key update answer,
                            an alert): Python takes them with tls_own() and sends them */
-    CODE_TAP = 10,      /* n bytes read, counted and fed, not sent: the relay's audit tap is
-                         * full: arg = those bytes (a copy) */
+    CODE_TAP = 10,      /* n bytes read, counted and fed, not sent: the relay's audit tap holds
+                         * its bound of records: arg = those bytes (a copy) */
     CODE_TERMINATE = 11 /* n bytes read, counted and fed, not sent: a lane that stops at the
                          * client's Terminate saw one: arg = those bytes (a copy) */
 };
-
-/* An audit tap record: direction ('c' client, 'b' backend), uint32 length, double
- * monotonic time (native byte order, no padding: struct "=cId"), then the bytes. */
-#define TAP_HEADER 13
 
 static PyObject *bad_length_func; /* waypoint.pgwire.boundary.bad_length_error */
 static PyObject *ssl_error_type;  /* ssl.SSLError */
@@ -180,11 +176,10 @@ typedef struct Lane {
     BIO *rbio;
     BIO *wbio;
     PyObject *tls_refs;
-    /* The audit tap (on the owner lane): what both lanes read, appended before it is sent.
-     * tap_max 0: no tap. Raw memory (PyMem_Raw*): grown without the GIL. */
-    unsigned char *tap;
-    Py_ssize_t tap_used;
-    Py_ssize_t tap_cap;
+    /* The audit tap (on the owner lane): the session's AuditTracker (_audit.h), fed what
+     * both lanes read before it is sent; NULL: no tap. tap_max bounds the encoded records
+     * it may hold before Python takes them. */
+    PyObject *tracker;
     Py_ssize_t tap_max;
 } Lane;
 
@@ -209,6 +204,8 @@ read_length(const unsigned char *p)
     return (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) |
                      (uint32_t)p[3]);
 }
+
+#include "_audit.h"
 
 /* Complete a split header with bytes of chunk. Returns the position in the chunk after
  * the body of the completed message (possibly beyond n), or n if still incomplete;
@@ -405,6 +402,7 @@ Lane_traverse(Lane *self, visitproc visit, void *arg)
     Py_VISIT(self->peer);
     Py_VISIT(self->hook);
     Py_VISIT(self->tls_refs);
+    Py_VISIT(self->tracker);
     return 0;
 }
 
@@ -426,16 +424,8 @@ Lane_clear(Lane *self)
     self->ssl = NULL;
     self->rbio = self->wbio = NULL;
     Py_CLEAR(self->tls_refs);
+    Py_CLEAR(self->tracker);
     return 0;
-}
-
-static void
-tap_free(Lane *self)
-{
-    PyMem_RawFree(self->tap);
-    self->tap = NULL;
-    self->tap_used = 0;
-    self->tap_cap = 0;
 }
 
 static void
@@ -444,7 +434,6 @@ Lane_dealloc(Lane *self)
     /* Also reached from a Python subclass's dealloc, which owns the type reference. */
     PyObject_GC_UnTrack(self);
     Lane_clear(self);
-    tap_free(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -839,8 +828,7 @@ Lane_tls_attach(Lane *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "tls_attach() once, before the Lane is pumped");
         return NULL;
     }
-    /* An audited relay (a tap on either lane's owner) keeps its record layer in Python. */
-    if (!tls_bound || self->tap_max > 0 || (self->owner != NULL && self->owner->tap_max > 0))
+    if (!tls_bound)
         Py_RETURN_FALSE;
     PyObject *sock = PyObject_GetAttrString(sslobject, "_sslobj");
     if (sock == NULL)
@@ -918,21 +906,22 @@ Lane_tls_take(Lane *self, PyObject *arg)
 }
 
 static PyObject *
-Lane_tap_enable(Lane *self, PyObject *arg)
+Lane_tap_enable(Lane *self, PyObject *args)
 {
-    Py_ssize_t max = PyLong_AsSsize_t(arg);
-    if (max == -1 && PyErr_Occurred())
+    PyObject *tracker;
+    Py_ssize_t max;
+    if (!PyArg_ParseTuple(args, "O!n", &TrackerType, &tracker, &max))
         return NULL;
     if (max < 1024 || max > (1 << 30)) {
         PyErr_SetString(PyExc_ValueError, "tap size must be between 1024 and 2**30");
         return NULL;
     }
-    /* A relay whose client TLS runs in C has no tap: its audit is recorded in Python
-     * (loop.py keeps the record layer of an audited relay there). */
-    if (self->ssl != NULL || (self->peer != NULL && self->peer->ssl != NULL)) {
-        PyErr_SetString(PyExc_RuntimeError, "no audit tap on a relay whose TLS runs in C");
+    if (self->in_pump || self->owner != self) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "tap_enable() on the relay's owner lane, before it is pumped");
         return NULL;
     }
+    Py_XSETREF(self->tracker, Py_NewRef(tracker));
     self->tap_max = max;
     Py_RETURN_NONE;
 }
@@ -1008,29 +997,16 @@ Lane_get_tls(Lane *self, void *closure)
 }
 
 static PyObject *
-Lane_take_tap(Lane *self, PyObject *Py_UNUSED(ignored))
-{
-    PyObject *out = PyBytes_FromStringAndSize((const char *)self->tap, self->tap_used);
-    if (out == NULL)
-        return NULL;
-    self->tap_used = 0;
-    if (self->tap_cap > 65536)
-        tap_free(self); /* an idle session keeps no large buffer */
-    return out;
-}
-
-static PyObject *
 Lane_get_tap_used(Lane *self, void *closure)
 {
-    return PyLong_FromSsize_t(self->tap_used);
+    return PyLong_FromSize_t(self->tracker ? ((Tracker *)self->tracker)->out.len : 0);
 }
 
 static PyMethodDef Lane_methods[] = {
-    {"tap_enable", (PyCFunction)Lane_tap_enable, METH_O,
-     "tap_enable(max_bytes): append what both lanes read to this (owner) lane's audit tap "
-     "before it is sent; a read that does not fit is reported as TAP."},
-    {"take_tap", (PyCFunction)Lane_take_tap, METH_NOARGS,
-     "The tap's records (struct '=cId' + bytes each), emptied."},
+    {"tap_enable", (PyCFunction)Lane_tap_enable, METH_VARARGS,
+     "tap_enable(tracker, max_bytes): feed what both lanes read to the session's "
+     "AuditTracker before it is sent; once it holds max_bytes of records not yet taken, "
+     "a read is reported as TAP instead."},
     {"link", (PyCFunction)Lane_link, METH_O,
      "link(peer): make the two lanes each other's peer; self holds the shared budget."},
     {"feed", (PyCFunction)Lane_feed, METH_O,
@@ -1080,7 +1056,8 @@ static PyGetSetDef Lane_getset[] = {
     {"partial_header", (getter)Lane_get_partial_header, NULL,
      "bytes of a header split across chunks", NULL},
     {"skip", (getter)Lane_get_skip, NULL, "body bytes still to skip", NULL},
-    {"tap_used", (getter)Lane_get_tap_used, NULL, "bytes in the audit tap", NULL},
+    {"tap_used", (getter)Lane_get_tap_used, NULL,
+     "bytes of records in the audit tap's tracker not yet taken", NULL},
     {"received", (getter)Lane_get_received, (setter)Lane_set_received,
      "bytes read from this lane (readable from any thread)", NULL},
     {"messages", (getter)Lane_get_messages, NULL,
@@ -1287,38 +1264,6 @@ monotonic_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* Append a record to the owner's tap; 0 when it does not fit (or memory ran out). No GIL. */
-static int
-tap_append(Lane *owner, int from_client, const unsigned char *p, ssize_t n)
-{
-    Py_ssize_t need = owner->tap_used + TAP_HEADER + n;
-    if (need > owner->tap_max)
-        return 0;
-    if (need > owner->tap_cap) {
-        Py_ssize_t cap = owner->tap_cap * 2;
-        if (cap < 4096)
-            cap = 4096;
-        if (cap < need)
-            cap = need;
-        if (cap > owner->tap_max)
-            cap = owner->tap_max;
-        unsigned char *grown = PyMem_RawRealloc(owner->tap, (size_t)cap);
-        if (grown == NULL)
-            return 0;
-        owner->tap = grown;
-        owner->tap_cap = cap;
-    }
-    unsigned char *out = owner->tap + owner->tap_used;
-    uint32_t len = (uint32_t)n;
-    double now = monotonic_now();
-    out[0] = from_client ? 'c' : 'b';
-    memcpy(out + 1, &len, 4);
-    memcpy(out + 5, &now, 8);
-    memcpy(out + TAP_HEADER, p, (size_t)n);
-    owner->tap_used = need;
-    return 1;
-}
-
 /* Encrypt n plaintext bytes toward peer (a TLS client) and send the records. 1 when a
  * report was written: TLS_ERROR, SEND_ERROR, or PARTIAL with the ciphertext the client
  * did not take (tbuf[arg:tlen] and what its write BIO still holds). */
@@ -1377,14 +1322,18 @@ pass_on(Pump *self, Lane *lane, const unsigned char *data, long long n, Report *
         rep->code = CODE_PROTOCOL;
         return 1;
     }
+    Tracker *tracker = (Tracker *)owner->tracker;
+    if (tracker != NULL && ((Py_ssize_t)tracker->out.len >= owner->tap_max || tracker->failed)) {
+        rep->code = CODE_TAP; /* Python takes the records, records this, then sends it */
+        return 1;
+    }
     if (lane->stop_at_terminate && lane->last_type == 'X') {
-        rep->code = CODE_TERMINATE; /* Python passes on what precedes it */
+        /* Python records what precedes it (audited relays) and passes that on */
+        rep->code = CODE_TERMINATE;
         return 1;
     }
-    if (owner->tap_max > 0 && !tap_append(owner, lane == owner, data, n)) {
-        rep->code = CODE_TAP; /* Python records it, then sends it */
-        return 1;
-    }
+    if (tracker != NULL)
+        tracker_feed(tracker, lane == owner, data, (size_t)n, monotonic_now());
     Lane *peer = lane->peer;
     if (peer->ssl != NULL)
         return send_tls(self, peer, data, n, rep);
@@ -1664,6 +1613,13 @@ static PyTypeObject PumpType = {
 /* ----------------------------------------------------------------------------------- */
 
 static PyMethodDef pump_functions[] = {
+    {"audit_chain", (PyCFunction)audit_chain, METH_VARARGS,
+     "audit_chain(prev, seq, bodies): the audit hash chain over records (one per line): "
+     "(lines, last hash, last seq)."},
+    {"sha256", (PyCFunction)audit_sha256, METH_O, "The SHA-256 of bytes, as hex."},
+    {"sha256_bind", (PyCFunction)audit_sha256_bind, METH_O,
+     "sha256_bind({name: address}): OpenSSL's SHA256_Init/Update/Final from the _ssl "
+     "module's library; True when the audit hashes with them."},
     {"tls_bind", (PyCFunction)pump_tls_bind, METH_O,
      "tls_bind({name: address}): the _ssl module's OpenSSL functions (TLS_FUNCTIONS); True "
      "when client TLS can run in C."},
@@ -1695,7 +1651,8 @@ PyInit__pump(void)
     Py_DECREF(ssl);
     if (ssl_error_type == NULL)
         return NULL;
-    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&PumpType) < 0)
+    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&PumpType) < 0 ||
+        PyType_Ready(&TrackerType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&pump_module);
     if (m == NULL)
@@ -1716,6 +1673,7 @@ PyInit__pump(void)
     }
     if (PyModule_AddObjectRef(m, "Lane", (PyObject *)&LaneType) < 0 ||
         PyModule_AddObjectRef(m, "Pump", (PyObject *)&PumpType) < 0 ||
+        PyModule_AddObjectRef(m, "AuditTracker", (PyObject *)&TrackerType) < 0 ||
         PyModule_AddIntConstant(m, "EVENT", CODE_EVENT) < 0 ||
         PyModule_AddIntConstant(m, "EOF", CODE_EOF) < 0 ||
         PyModule_AddIntConstant(m, "RECV_ERROR", CODE_RECV_ERROR) < 0 ||

@@ -23,7 +23,6 @@ import os
 import select
 import socket
 import ssl
-import struct
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -53,10 +52,9 @@ _MAX_EVENTS: Final = 256
 #: How often a session waiting for the audit sink looks again, and how often the audit
 #: taps of relays served in C are read (epoll timeout bound).
 _AUDIT_POLL: Final = 0.02
-#: Bytes an audited relay served in C may read ahead of its records (its tap's bound);
-#: a read that does not fit is recorded by Python before it is sent.
+#: Bytes of encoded records an audited relay served in C may hold before the engine
+#: thread takes them (its tap's bound); a read past it is recorded by Python first.
 _TAP_MAX: Final = 256 * 1024
-_TAP_RECORD: Final = struct.Struct("=cId")
 _PEER_GONE_ERRNOS: Final = frozenset(
     {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN}
 )
@@ -133,9 +131,11 @@ class Relay:
         )
         client.stop_at_terminate = stop_at_terminate
         if client_tls is not None:
-            # An audited relay keeps its record layer in Python: every read is recorded
-            # (from the plaintext) before it is sent.
-            client.tls = records_for(client, client_tls, c_tls=c_tls and audit is None)
+            # An audited relay with on_error = "close" keeps its record layer in Python
+            # (every read is recorded before it is sent, see ``pumped``); otherwise its C
+            # tap records the plaintext.
+            in_c = c_tls and (audit is None or audit.sink.on_error == "block")
+            client.tls = records_for(client, client_tls, c_tls=in_c)
         #: The client's TLS record layer runs in Python: both sides are served off the C loop.
         self.tls = client.tls is not None and not client.tls.in_c
         self.handle: RelayHandle
@@ -146,10 +146,10 @@ class Relay:
 
     @property
     def pumped(self) -> bool:
-        """Served by the C loop: plain sockets or a TLS client whose record layer runs in C
-        (never an audited relay), no header hooks. An audited relay is when its sink blocks
-        (``on_error = "block"``): the C loop appends what it reads to the relay's bounded
-        audit tap before sending it, and the tap is recorded after each batch. With
+        """Served by the C loop: plain sockets or a TLS client whose record layer runs in C,
+        no header hooks. An audited relay is when its sink blocks (``on_error = "block"``):
+        the C loop feeds what it reads (plaintext) to the session's C tracker (the relay's
+        audit tap) before sending it, and its records are queued after each batch. With
         ``"close"`` every read is recorded by Python before it is sent, so that a sink known
         to fail ends the session before one more statement goes through."""
         if self.tls or self.client.hook is not None or self.backend.hook is not None:
@@ -324,7 +324,7 @@ class EpollLoop:
             table[side.fd] = side
         if relay.pumped:
             if relay.audit is not None:
-                relay.client.tap_enable(_TAP_MAX)
+                relay.client.tap_enable(relay.audit.tracker, _TAP_MAX)
                 self._tapped.add(relay)
             self.pump.add(relay.client)
             self.pump.add(relay.backend)
@@ -503,13 +503,9 @@ class EpollLoop:
     def _audit(self, audit: SessionAudit, side: Side, data: bytes) -> bool:
         """Record ``data`` (read from ``side``) before it is forwarded; False when it must
         not be (the session is being ended for the audit, or the tracker failed)."""
-        relay = side.relay
         now = time.monotonic()
         try:
-            if relay in self._tapped and relay.client.tap_used:
-                self._drain_tap(relay)  # what the C loop read first is recorded first
-                if relay.finished:
-                    return False
+            # What the C loop fed the tracker before is queued first (one tracker, in order).
             if not side.is_client:
                 audit.backend(data, now)
                 return True
@@ -541,19 +537,11 @@ class EpollLoop:
         return True
 
     def _drain_tap(self, relay: Relay) -> None:
-        """Record what the C loop read for ``relay`` (already sent: its bytes were in the
-        bounded tap before that)."""
+        """Queue the records of what the C loop relayed for ``relay`` (its tracker was fed
+        each read before it was sent)."""
         audit = relay.audit
         assert audit is not None
-        data = relay.client.take_tap()
-        pos, n = 0, len(data)
-        unpack = _TAP_RECORD.unpack_from
-        size = _TAP_RECORD.size
-        while pos < n:
-            direction, length, at = unpack(data, pos)
-            pos += size
-            audit.forwarded(direction == b"c", data[pos : pos + length], at)
-            pos += length
+        audit.drain()
 
     def _drain_taps(self) -> None:
         """After each batch: record every tap, then (the sink may have filled meanwhile)

@@ -1,0 +1,1765 @@
+/*
+ * The statement audit's per-statement work in C (included by _pump.c).
+ *
+ * waypoint/audit/tracker.py is the reference: this is the same tracker (framing both
+ * directions, pairing the server's answers with the statements, cutting oversized texts
+ * with the SHA-256 of the whole) with the same records, encoded here as JSON object
+ * members (the session's identity members first, pre-encoded once per session), one
+ * record per line. tests/test_audit_ctracker.py feeds both the same byte streams and
+ * requires the same records. The pump feeds a relay's tracker without the GIL (Lane.
+ * tap_enable); Python takes the encoded records (AuditTracker.take) after each batch.
+ *
+ * chain() is the sink's hash chain over such lines: each gets "seq" and "prev" (the
+ * SHA-256 of the line before it), computed without the GIL.
+ *
+ * Memory: texts are kept up to max_statement_bytes (names 256, server texts 4096 bytes)
+ * whatever their size; the rest is hashed as it passes. Only the engine thread uses a
+ * tracker once its relay runs (the pump, or Python on that thread with the GIL).
+ */
+
+#include <time.h>
+
+#include <openssl/sha.h>
+
+/* ----------------------------------------------------------------------------------- */
+/* SHA-256 (FIPS 180-4)                                                                  */
+/* ----------------------------------------------------------------------------------- */
+
+typedef struct {
+    uint32_t h[8];
+    uint64_t len;
+    unsigned char block[64];
+    size_t used;
+    int ossl;        /* driven by OpenSSL's functions (bound when it started) */
+    SHA256_CTX ctx;
+} Sha256;
+
+/* OpenSSL's SHA-256 (SHA-NI where the CPU has it), from the library Python's _ssl module
+ * loaded (sha256_bind, as tls_bind); until bound, the portable code below. */
+static int (*p_sha_init)(SHA256_CTX *);
+static int (*p_sha_update)(SHA256_CTX *, const void *, size_t);
+static int (*p_sha_final)(unsigned char *, SHA256_CTX *);
+
+static const uint32_t sha256_k[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+    0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+    0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+    0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+    0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+    0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+    0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+    0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+    0xc67178f2};
+
+#define ROR32(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+static void
+sha256_init(Sha256 *s)
+{
+    static const uint32_t h0[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+    s->ossl = p_sha_init != NULL;
+    if (s->ossl) {
+        p_sha_init(&s->ctx);
+        return;
+    }
+    memcpy(s->h, h0, sizeof(h0));
+    s->len = 0;
+    s->used = 0;
+}
+
+static void
+sha256_block(Sha256 *s, const unsigned char *p)
+{
+    uint32_t w[64];
+    for (int i = 0; i < 16; i++)
+        w[i] = ((uint32_t)p[4 * i] << 24) | ((uint32_t)p[4 * i + 1] << 16) |
+               ((uint32_t)p[4 * i + 2] << 8) | (uint32_t)p[4 * i + 3];
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ROR32(w[i - 15], 7) ^ ROR32(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ROR32(w[i - 2], 17) ^ ROR32(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = s->h[0], b = s->h[1], c = s->h[2], d = s->h[3], e = s->h[4], f = s->h[5],
+             g = s->h[6], h = s->h[7];
+    for (int i = 0; i < 64; i++) {
+        uint32_t t1 = h + (ROR32(e, 6) ^ ROR32(e, 11) ^ ROR32(e, 25)) + ((e & f) ^ (~e & g)) +
+                      sha256_k[i] + w[i];
+        uint32_t t2 = (ROR32(a, 2) ^ ROR32(a, 13) ^ ROR32(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+        h = g;
+        g = f;
+        f = e;
+        e = d + t1;
+        d = c;
+        c = b;
+        b = a;
+        a = t1 + t2;
+    }
+    s->h[0] += a;
+    s->h[1] += b;
+    s->h[2] += c;
+    s->h[3] += d;
+    s->h[4] += e;
+    s->h[5] += f;
+    s->h[6] += g;
+    s->h[7] += h;
+}
+
+static void
+sha256_update(Sha256 *s, const unsigned char *p, size_t n)
+{
+    if (n == 0)
+        return; /* p may be NULL (an empty buffer) */
+    if (s->ossl) {
+        p_sha_update(&s->ctx, p, n);
+        return;
+    }
+    s->len += n;
+    if (s->used) {
+        size_t take = 64 - s->used < n ? 64 - s->used : n;
+        memcpy(s->block + s->used, p, take);
+        s->used += take;
+        p += take;
+        n -= take;
+        if (s->used < 64)
+            return;
+        sha256_block(s, s->block);
+        s->used = 0;
+    }
+    while (n >= 64) {
+        sha256_block(s, p);
+        p += 64;
+        n -= 64;
+    }
+    memcpy(s->block, p, n);
+    s->used = n;
+}
+
+/* The digest as 64 lowercase hex digits (and a NUL) in hex. s is spent. */
+static void
+sha256_hex(Sha256 *s, char hex[65])
+{
+    static const char digits[] = "0123456789abcdef";
+    if (s->ossl) {
+        unsigned char md[32];
+        p_sha_final(md, &s->ctx);
+        for (int i = 0; i < 32; i++) {
+            hex[2 * i] = digits[md[i] >> 4];
+            hex[2 * i + 1] = digits[md[i] & 15];
+        }
+        hex[64] = '\0';
+        return;
+    }
+    uint64_t bits = s->len * 8;
+    unsigned char pad = 0x80;
+    sha256_update(s, &pad, 1);
+    unsigned char zero[64] = {0};
+    size_t fill = s->used <= 56 ? 56 - s->used : 120 - s->used;
+    sha256_update(s, zero, fill);
+    unsigned char lenbytes[8];
+    for (int i = 0; i < 8; i++)
+        lenbytes[i] = (unsigned char)(bits >> (56 - 8 * i));
+    sha256_update(s, lenbytes, 8);
+    for (int i = 0; i < 8; i++)
+        for (int j = 0; j < 4; j++) {
+            unsigned char byte = (unsigned char)(s->h[i] >> (24 - 8 * j));
+            hex[8 * i + 2 * j] = digits[byte >> 4];
+            hex[8 * i + 2 * j + 1] = digits[byte & 15];
+        }
+    hex[64] = '\0';
+}
+
+/* ----------------------------------------------------------------------------------- */
+/* Buffers and JSON                                                                      */
+/* ----------------------------------------------------------------------------------- */
+
+/* A growable byte buffer in raw memory (grown without the GIL). ok drops to 0 when memory
+ * ran out: what was appended since is lost, and the tracker reports the failure. */
+typedef struct {
+    unsigned char *p;
+    size_t len;
+    size_t cap;
+    int failed;
+} Buf;
+
+static int
+buf_reserve(Buf *b, size_t more)
+{
+    if (b->len + more <= b->cap)
+        return 1;
+    if (b->failed)
+        return 0;
+    size_t cap = b->cap ? b->cap * 2 : 256;
+    while (cap < b->len + more)
+        cap *= 2;
+    unsigned char *p = PyMem_RawRealloc(b->p, cap);
+    if (p == NULL) {
+        b->failed = 1;
+        return 0;
+    }
+    b->p = p;
+    b->cap = cap;
+    return 1;
+}
+
+static inline void
+buf_put(Buf *b, const void *p, size_t n)
+{
+    if (n && buf_reserve(b, n)) {
+        memcpy(b->p + b->len, p, n);
+        b->len += n;
+    }
+}
+
+static inline void
+buf_putc(Buf *b, unsigned char c)
+{
+    if (buf_reserve(b, 1))
+        b->p[b->len++] = c;
+}
+
+#define buf_lit(b, s) buf_put((b), (s), sizeof(s) - 1)
+
+static void
+buf_free(Buf *b)
+{
+    PyMem_RawFree(b->p);
+    b->p = NULL;
+    b->len = b->cap = 0;
+    b->failed = 0;
+}
+
+static void
+buf_int(Buf *b, long long v)
+{
+    char tmp[24];
+    int i = sizeof(tmp);
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do {
+        tmp[--i] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        tmp[--i] = '-';
+    buf_put(b, tmp + i, sizeof(tmp) - (size_t)i);
+}
+
+/* n decimal digits of v, zero-padded. */
+static void
+buf_digits(Buf *b, long long v, int n)
+{
+    char tmp[24];
+    for (int i = n - 1; i >= 0; i--) {
+        tmp[i] = (char)('0' + v % 10);
+        v /= 10;
+    }
+    buf_put(b, tmp, (size_t)n);
+}
+
+/* The length of the well-formed UTF-8 sequence at s (> 0), or minus the length of its
+ * maximal ill-formed subpart (one U+FFFD each, as Python's "replace" decoding). */
+static long
+utf8_seq(const unsigned char *s, size_t n)
+{
+    unsigned char c = s[0], lo = 0x80, hi = 0xBF;
+    int need;
+    if (c < 0x80)
+        return 1;
+    if (c >= 0xC2 && c <= 0xDF)
+        need = 1;
+    else if (c == 0xE0) {
+        need = 2;
+        lo = 0xA0;
+    }
+    else if ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF)
+        need = 2;
+    else if (c == 0xED) {
+        need = 2;
+        hi = 0x9F;
+    }
+    else if (c == 0xF0) {
+        need = 3;
+        lo = 0x90;
+    }
+    else if (c >= 0xF1 && c <= 0xF3)
+        need = 3;
+    else if (c == 0xF4) {
+        need = 3;
+        hi = 0x8F;
+    }
+    else
+        return -1;
+    for (int k = 1; k <= need; k++) {
+        if ((size_t)k >= n || s[k] < lo || s[k] > hi)
+            return -k;
+        lo = 0x80;
+        hi = 0xBF;
+    }
+    return need + 1;
+}
+
+/* Well-formed UTF-8 throughout (Python's strict decoding succeeds). */
+static int
+utf8_valid(const unsigned char *s, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        if (s[i] < 0x80) {
+            i++;
+            continue;
+        }
+        long k = utf8_seq(s + i, n - i);
+        if (k < 0)
+            return 0;
+        i += (size_t)k;
+    }
+    return 1;
+}
+
+/* A JSON string for bytes decoded as UTF-8 with replacement (json.dumps with
+ * ensure_ascii=False of bytes.decode("utf-8", "replace")). */
+static void
+json_str(Buf *b, const unsigned char *s, size_t n)
+{
+    static const char hexd[] = "0123456789abcdef";
+    if (!buf_reserve(b, n + 2))
+        return;
+    buf_putc(b, '"');
+    size_t i = 0;
+    while (i < n) {
+        size_t run = i;
+        while (run < n && s[run] >= 0x20 && s[run] < 0x80 && s[run] != '"' && s[run] != '\\')
+            run++;
+        buf_put(b, s + i, run - i);
+        i = run;
+        if (i >= n)
+            break;
+        unsigned char c = s[i];
+        if (c < 0x80) {
+            char esc[7] = {'\\', 0, 0, 0, 0, 0, 0};
+            size_t len = 2;
+            switch (c) {
+            case '"': esc[1] = '"'; break;
+            case '\\': esc[1] = '\\'; break;
+            case '\n': esc[1] = 'n'; break;
+            case '\r': esc[1] = 'r'; break;
+            case '\t': esc[1] = 't'; break;
+            case '\b': esc[1] = 'b'; break;
+            case '\f': esc[1] = 'f'; break;
+            default:
+                esc[1] = 'u';
+                esc[2] = '0';
+                esc[3] = '0';
+                esc[4] = hexd[c >> 4];
+                esc[5] = hexd[c & 15];
+                len = 6;
+            }
+            buf_put(b, esc, len);
+            i++;
+            continue;
+        }
+        long k = utf8_seq(s + i, n - i);
+        if (k > 0) {
+            buf_put(b, s + i, (size_t)k);
+            i += (size_t)k;
+        }
+        else {
+            buf_lit(b, "\xef\xbf\xbd");
+            i += (size_t)(-k);
+        }
+    }
+    buf_putc(b, '"');
+}
+
+static void
+json_hex(Buf *b, const unsigned char *s, size_t n)
+{
+    static const char hexd[] = "0123456789abcdef";
+    if (!buf_reserve(b, 2 * n + 2))
+        return;
+    b->p[b->len++] = '"';
+    for (size_t i = 0; i < n; i++) {
+        b->p[b->len++] = (unsigned char)hexd[s[i] >> 4];
+        b->p[b->len++] = (unsigned char)hexd[s[i] & 15];
+    }
+    b->p[b->len++] = '"';
+}
+
+/* ----------------------------------------------------------------------------------- */
+/* Texts read incrementally (tracker.py's _Text)                                         */
+/* ----------------------------------------------------------------------------------- */
+
+typedef struct {
+    Buf kept;
+    size_t cap;
+    long long size;
+    int hashing;    /* the whole is being hashed (it was cut, or always_hash) */
+    int discard;    /* keep nothing, hash nothing (parameters = "none") */
+    Sha256 sha;
+} Text;
+
+static void
+text_reset(Text *t, size_t cap, int always_hash)
+{
+    t->kept.len = 0;
+    t->kept.failed = 0;
+    if (t->kept.cap > 65536 && cap < t->kept.cap) /* a large buffer is not kept idle */
+        buf_free(&t->kept);
+    t->cap = cap;
+    t->size = 0;
+    t->discard = 0;
+    t->hashing = always_hash;
+    if (always_hash)
+        sha256_init(&t->sha);
+}
+
+static void
+text_add(Text *t, const unsigned char *p, size_t n)
+{
+    t->size += (long long)n;
+    if (t->discard)
+        return;
+    size_t room = t->cap > t->kept.len ? t->cap - t->kept.len : 0;
+    if (n > room && !t->hashing) {
+        t->hashing = 1;
+        sha256_init(&t->sha);
+        sha256_update(&t->sha, t->kept.p, t->kept.len);
+    }
+    buf_put(&t->kept, p, n < room ? n : room);
+    if (t->hashing)
+        sha256_update(&t->sha, p, n);
+}
+
+static int
+text_truncated(const Text *t)
+{
+    return t->size > (long long)t->kept.len;
+}
+
+/* The SHA-256 of the whole text (the text stays usable). */
+static void
+text_sha(const Text *t, char hex[65])
+{
+    Sha256 s;
+    if (t->hashing)
+        s = t->sha;
+    else {
+        sha256_init(&s);
+        sha256_update(&s, t->kept.p, t->kept.len);
+    }
+    sha256_hex(&s, hex);
+}
+
+/* "text":"…"[,"text_truncated":true,"text_bytes":N,"text_sha256":"…"] */
+static void
+json_text_fields(Buf *b, const unsigned char *kept, size_t len, long long size, int truncated,
+                 const char *sha)
+{
+    buf_lit(b, "\"text\":");
+    json_str(b, kept, len);
+    if (truncated) {
+        buf_lit(b, ",\"text_truncated\":true,\"text_bytes\":");
+        buf_int(b, size);
+        buf_lit(b, ",\"text_sha256\":\"");
+        buf_put(b, sha, 64);
+        buf_putc(b, '"');
+    }
+}
+
+/* ----------------------------------------------------------------------------------- */
+/* Name tables (prepared statements, portals)                                           */
+/* ----------------------------------------------------------------------------------- */
+
+typedef struct Named {
+    struct Named *next;
+    unsigned char *key;
+    size_t klen;
+    /* A statement: its kept text, whole size, cut, SHA-256 of the whole (if cut).
+     * A portal: its statement's name (in text) and its parameter members (in params). */
+    Buf text;
+    long long size;
+    int truncated;
+    char sha[65];
+    Buf params;
+} Named;
+
+typedef struct {
+    Named **slots;
+    size_t nslots; /* a power of two */
+    size_t count;
+} Table;
+
+static size_t
+name_hash(const unsigned char *p, size_t n)
+{
+    size_t h = 1469598103934665603ULL;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ p[i]) * 1099511628211ULL;
+    return h;
+}
+
+static void
+named_free(Named *e)
+{
+    PyMem_RawFree(e->key);
+    buf_free(&e->text);
+    buf_free(&e->params);
+    PyMem_RawFree(e);
+}
+
+static Named **
+table_find(Table *t, const unsigned char *key, size_t klen)
+{
+    if (t->nslots == 0)
+        return NULL;
+    Named **at = &t->slots[name_hash(key, klen) & (t->nslots - 1)];
+    while (*at != NULL && !((*at)->klen == klen && (klen == 0 || memcmp((*at)->key, key, klen) == 0)))
+        at = &(*at)->next;
+    return at;
+}
+
+static Named *
+table_get(Table *t, const unsigned char *key, size_t klen)
+{
+    Named **at = table_find(t, key, klen);
+    return at == NULL ? NULL : *at;
+}
+
+static void
+table_remove(Table *t, const unsigned char *key, size_t klen)
+{
+    Named **at = table_find(t, key, klen);
+    if (at != NULL && *at != NULL) {
+        Named *e = *at;
+        *at = e->next;
+        named_free(e);
+        t->count--;
+    }
+}
+
+/* The entry for key, new (and emptied) or reused; NULL when memory ran out. */
+static Named *
+table_put(Table *t, const unsigned char *key, size_t klen)
+{
+    if (t->count >= t->nslots) {
+        size_t n = t->nslots ? t->nslots * 2 : 16;
+        Named **slots = PyMem_RawCalloc(n, sizeof(Named *));
+        if (slots == NULL)
+            return NULL;
+        for (size_t i = 0; i < t->nslots; i++) {
+            Named *e = t->slots[i];
+            while (e != NULL) {
+                Named *next = e->next;
+                size_t j = name_hash(e->key, e->klen) & (n - 1);
+                e->next = slots[j];
+                slots[j] = e;
+                e = next;
+            }
+        }
+        PyMem_RawFree(t->slots);
+        t->slots = slots;
+        t->nslots = n;
+    }
+    Named **at = table_find(t, key, klen);
+    if (*at != NULL) {
+        Named *e = *at;
+        e->text.len = e->params.len = 0;
+        e->text.failed = e->params.failed = 0;
+        return e;
+    }
+    Named *e = PyMem_RawCalloc(1, sizeof(Named));
+    if (e == NULL)
+        return NULL;
+    e->key = PyMem_RawMalloc(klen ? klen : 1);
+    if (e->key == NULL) {
+        PyMem_RawFree(e);
+        return NULL;
+    }
+    if (klen)
+        memcpy(e->key, key, klen);
+    e->klen = klen;
+    *at = e;
+    t->count++;
+    return e;
+}
+
+static void
+table_clear(Table *t)
+{
+    for (size_t i = 0; i < t->nslots; i++) {
+        Named *e = t->slots[i];
+        while (e != NULL) {
+            Named *next = e->next;
+            named_free(e);
+            e = next;
+        }
+    }
+    PyMem_RawFree(t->slots);
+    t->slots = NULL;
+    t->nslots = t->count = 0;
+}
+
+/* ----------------------------------------------------------------------------------- */
+/* The tracker                                                                           */
+/* ----------------------------------------------------------------------------------- */
+
+#define NAME_CAP 256
+#define BACKEND_CAP 4096
+
+enum { MODE_NONE = 0, MODE_HASH = 1, MODE_FULL = 2 };
+enum { REQ_DONE = 0, REQ_TAKE, REQ_CSTR, REQ_BLOB };
+enum { PEND_SYNC = 0, PEND_QUERY, PEND_EXEC, PEND_FCALL };
+
+/* One direction's message framing and the body parser of the current message. */
+typedef struct {
+    unsigned char hdr[HEADER_SIZE];
+    int hlen;
+    long long skip;      /* body bytes of an unparsed message still to come */
+    int in_body;
+    int kind;
+    long long remaining; /* body bytes of the parsed message still to come */
+    /* The body parser: its request, and where it is in its message. */
+    int req;
+    int need;            /* REQ_TAKE: bytes wanted (<= 4); REQ_BLOB: bytes left */
+    unsigned char small[4];
+    int got;
+    Text *into;          /* REQ_CSTR / REQ_BLOB: where the bytes go */
+    int step;
+    int malformed;
+    /* The message's fields. */
+    Text t1, t2, param;
+    long long nfmt, ifmt, count, iparam;
+    unsigned char *fmts; /* 1: binary, per format code */
+    long long fmts_cap;
+    int32_t oid;
+    int has_oid;
+    unsigned char what;
+    Buf values;          /* parameters (JSON values, comma-separated) */
+    Buf params;          /* the parameter members of a complete Bind / FunctionCall */
+    int has_sqlstate;
+    Buf sqlstate;
+} Framer;
+
+typedef struct {
+    int kind;
+    long long id;
+    double started;
+} Pending;
+
+typedef struct {
+    PyObject_HEAD
+    /* Configuration. */
+    Buf ctx;        /* the identity members (no braces) */
+    Buf ctx_short;  /* those a result or copy record carries */
+    int mode;
+    size_t cap;
+    int wall;       /* records carry "time" */
+    /* State. */
+    long long seq;
+    Framer front, back;
+    Pending *pending;
+    size_t pcap, phead, pcount;
+    /* What the head of pending (its only entry the server answers) collected. */
+    Buf tag;
+    long long commands;
+    int err_seen;
+    int has_sqlstate;
+    Buf sqlstate;
+    long long copy_data;
+    int copy_in;
+    Table statements, portals;
+    /* Encoded records not yet taken; the statement last run. */
+    Buf out;
+    long long out_records;
+    Buf last;
+    int last_set;   /* 0: none yet; 1: text in last; 2: None (an unknown statement) */
+    int failed;     /* memory ran out: the tracker must not be trusted any more */
+    double now;
+    /* The wall clock second last formatted, and its text. */
+    time_t iso_second;
+    char iso[32];
+} Tracker;
+
+static PyTypeObject TrackerType;
+
+static void
+framer_init(Framer *f)
+{
+    memset(f, 0, sizeof(*f));
+}
+
+static void
+framer_free(Framer *f)
+{
+    buf_free(&f->t1.kept);
+    buf_free(&f->t2.kept);
+    buf_free(&f->param.kept);
+    buf_free(&f->values);
+    buf_free(&f->params);
+    buf_free(&f->sqlstate);
+    PyMem_RawFree(f->fmts);
+    f->fmts = NULL;
+}
+
+static void
+head_reset(Tracker *t)
+{
+    t->tag.len = 0;
+    t->commands = 0;
+    t->err_seen = 0;
+    t->has_sqlstate = 0;
+    t->sqlstate.len = 0;
+    t->copy_data = 0;
+    t->copy_in = 0;
+}
+
+static int
+pending_push(Tracker *t, int kind, long long id)
+{
+    if (t->pcount == t->pcap) {
+        size_t cap = t->pcap ? t->pcap * 2 : 16;
+        Pending *p = PyMem_RawMalloc(cap * sizeof(Pending));
+        if (p == NULL) {
+            t->failed = 1;
+            return 0;
+        }
+        for (size_t i = 0; i < t->pcount; i++)
+            p[i] = t->pending[(t->phead + i) % t->pcap];
+        PyMem_RawFree(t->pending);
+        t->pending = p;
+        t->pcap = cap;
+        t->phead = 0;
+    }
+    Pending *e = &t->pending[(t->phead + t->pcount) % t->pcap];
+    e->kind = kind;
+    e->id = id;
+    e->started = t->now;
+    t->pcount++;
+    return 1;
+}
+
+static Pending *
+pending_first(Tracker *t)
+{
+    return t->pcount ? &t->pending[t->phead] : NULL;
+}
+
+static Pending
+pending_pop(Tracker *t)
+{
+    Pending e = t->pending[t->phead];
+    t->phead = (t->phead + 1) % t->pcap;
+    t->pcount--;
+    return e;
+}
+
+/* The head of pending when it is a statement (not a Sync), else NULL. */
+static Pending *
+head_run(Tracker *t)
+{
+    Pending *e = pending_first(t);
+    return e != NULL && e->kind != PEND_SYNC ? e : NULL;
+}
+
+static void
+put_time(Tracker *t, Buf *b)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    if (ts.tv_sec != t->iso_second || t->iso[0] == '\0') {
+        struct tm tm;
+        gmtime_r(&ts.tv_sec, &tm);
+        strftime(t->iso, sizeof(t->iso), "%Y-%m-%dT%H:%M:%S", &tm);
+        t->iso_second = ts.tv_sec;
+    }
+    buf_lit(b, ",\"time\":\"");
+    buf_put(b, t->iso, strlen(t->iso));
+    buf_putc(b, '.');
+    buf_digits(b, ts.tv_nsec / 1000, 6);
+    buf_lit(b, "+00:00\"");
+}
+
+/* Opens a record: context members, event, statement_id (and protocol, time). */
+static void
+record_open(Tracker *t, const Buf *ctx, const char *event, long long id, const char *protocol)
+{
+    Buf *b = &t->out;
+    if (ctx->len) {
+        buf_put(b, ctx->p, ctx->len);
+        buf_putc(b, ',');
+    }
+    buf_lit(b, "\"event\":\"");
+    buf_put(b, event, strlen(event));
+    buf_lit(b, "\",\"statement_id\":");
+    buf_int(b, id);
+    if (protocol != NULL) {
+        buf_lit(b, ",\"protocol\":\"");
+        buf_put(b, protocol, strlen(protocol));
+        buf_putc(b, '"');
+    }
+    if (t->wall)
+        put_time(t, b);
+}
+
+static void
+record_close(Tracker *t, int malformed)
+{
+    if (malformed)
+        buf_lit(&t->out, ",\"malformed\":true");
+    buf_putc(&t->out, '\n');
+    t->out_records++;
+}
+
+static void
+set_last(Tracker *t, const unsigned char *p, size_t n)
+{
+    t->last.len = 0;
+    buf_put(&t->last, p, n);
+    t->last_set = 1;
+}
+
+/* The COPY row count of a tag: "COPY " and ASCII digits after its last space. */
+static int
+copy_rows(const Buf *tag, size_t *from, size_t *to)
+{
+    if (tag->len < 6 || memcmp(tag->p, "COPY ", 5) != 0)
+        return 0;
+    size_t i = tag->len;
+    while (i > 0 && tag->p[i - 1] != ' ')
+        i--;
+    if (i == tag->len)
+        return 0;
+    for (size_t k = i; k < tag->len; k++)
+        if (tag->p[k] < '0' || tag->p[k] > '9')
+            return 0;
+    while (i < tag->len - 1 && tag->p[i] == '0')
+        i++;
+    *from = i;
+    *to = tag->len;
+    return 1;
+}
+
+/* The result record of the entry just popped (the head's collected state), then the
+ * head's state is cleared. sqlstate: NULL for none, or (has_sqlstate 0) JSON null. */
+static void
+emit_result(Tracker *t, const Pending *e, const char *status, int with_sqlstate,
+            int has_sqlstate, const Buf *sqlstate)
+{
+    Buf *b = &t->out;
+    record_open(t, &t->ctx_short, "result", e->id, NULL);
+    buf_lit(b, ",\"status\":\"");
+    buf_put(b, status, strlen(status));
+    buf_putc(b, '"');
+    if (t->commands) {
+        buf_lit(b, ",\"tag\":");
+        json_str(b, t->tag.p, t->tag.len);
+        buf_lit(b, ",\"commands\":");
+        buf_int(b, t->commands);
+        size_t from, to;
+        if (copy_rows(&t->tag, &from, &to)) {
+            buf_lit(b, ",\"rows\":");
+            buf_put(b, t->tag.p + from, to - from);
+        }
+    }
+    if (t->copy_data) {
+        buf_lit(b, ",\"copy_data\":");
+        buf_int(b, t->copy_data);
+    }
+    if (with_sqlstate) {
+        buf_lit(b, ",\"sqlstate\":");
+        if (has_sqlstate)
+            json_str(b, sqlstate->p, sqlstate->len);
+        else
+            buf_lit(b, "null");
+    }
+    double us = (t->now - e->started) * 1e6;
+    long long micros = us > 0 && us < 9e18 ? (long long)(us + 0.5) : 0;
+    buf_lit(b, ",\"duration_ms\":");
+    buf_int(b, micros / 1000);
+    buf_putc(b, '.');
+    buf_digits(b, micros % 1000, 3);
+    record_close(t, 0);
+    head_reset(t);
+}
+
+/* -- the body parsers: each step asks for the next field (want_*) or ends (REQ_DONE) -- */
+
+static void
+want_take(Framer *f, int n)
+{
+    f->req = REQ_TAKE;
+    f->need = n;
+    f->got = 0;
+}
+
+static void
+want_cstr(Framer *f, Text *into)
+{
+    f->req = REQ_CSTR;
+    f->into = into;
+}
+
+static void
+want_blob(Framer *f, long long n, Text *into)
+{
+    f->req = REQ_BLOB;
+    f->need = (int)n;
+    f->into = into;
+}
+
+static int32_t
+small_i32(const Framer *f)
+{
+    return (int32_t)(((uint32_t)f->small[0] << 24) | ((uint32_t)f->small[1] << 16) |
+                     ((uint32_t)f->small[2] << 8) | (uint32_t)f->small[3]);
+}
+
+static int16_t
+small_i16(const Framer *f)
+{
+    return (int16_t)(((uint16_t)f->small[0] << 8) | (uint16_t)f->small[1]);
+}
+
+/* A parameter value, complete in f->param, appended to f->values (tracker.py's
+ * _param_value). */
+static void
+param_value(Tracker *t, Framer *f, int binary)
+{
+    Buf *b = &f->values;
+    Text *d = &f->param;
+    if (b->len)
+        buf_putc(b, ',');
+    char sha[65];
+    if (t->mode == MODE_HASH) {
+        text_sha(d, sha);
+        buf_putc(b, '"');
+        buf_put(b, sha, 64);
+        buf_putc(b, '"');
+        return;
+    }
+    if (!binary && utf8_valid(d->kept.p, d->kept.len)) {
+        buf_lit(b, "{\"text\":");
+        json_str(b, d->kept.p, d->kept.len);
+    }
+    else {
+        buf_lit(b, "{\"hex\":");
+        json_hex(b, d->kept.p, d->kept.len);
+    }
+    if (text_truncated(d)) {
+        text_sha(d, sha);
+        buf_lit(b, ",\"truncated\":true,\"bytes\":");
+        buf_int(b, d->size);
+        buf_lit(b, ",\"sha256\":\"");
+        buf_put(b, sha, 64);
+        buf_putc(b, '"');
+    }
+    buf_putc(b, '}');
+}
+
+/* The parameters of a Bind or FunctionCall, from the format codes on (steps 10..):
+ * nfmt, formats, count, then per parameter its length and value. Returns 1 when the
+ * parser asked for more, 0 when the parameters are complete (f->params is set). */
+static int
+params_step(Tracker *t, Framer *f)
+{
+    for (;;) {
+        switch (f->step) {
+        case 10: /* format count */
+            want_take(f, 2);
+            f->step = 11;
+            return 1;
+        case 11:
+            f->nfmt = small_i16(f);
+            f->ifmt = 0;
+            if (f->nfmt > 0 && f->fmts_cap < f->nfmt) {
+                unsigned char *p = PyMem_RawRealloc(f->fmts, (size_t)f->nfmt);
+                if (p == NULL) {
+                    t->failed = 1;
+                    f->nfmt = 0;
+                }
+                else {
+                    f->fmts = p;
+                    f->fmts_cap = f->nfmt;
+                }
+            }
+            f->step = 12;
+            continue;
+        case 12: /* each format code */
+            if (f->ifmt < f->nfmt) {
+                want_take(f, 2);
+                f->step = 13;
+                return 1;
+            }
+            want_take(f, 2);
+            f->step = 14;
+            return 1;
+        case 13:
+            f->fmts[f->ifmt++] = small_i16(f) == 1;
+            f->step = 12;
+            continue;
+        case 14: /* parameter count */
+            f->count = small_i16(f);
+            if (f->count < 0)
+                f->count = 0;
+            f->iparam = 0;
+            f->values.len = 0;
+            f->step = 15;
+            continue;
+        case 15: /* each parameter's length */
+            if (f->iparam < f->count) {
+                want_take(f, 4);
+                f->step = 16;
+                return 1;
+            }
+            f->params.len = 0;
+            buf_lit(&f->params, "\"parameter_count\":");
+            buf_int(&f->params, f->count);
+            if (t->mode != MODE_NONE) {
+                buf_lit(&f->params, ",\"parameters\":[");
+                buf_put(&f->params, f->values.p, f->values.len);
+                buf_putc(&f->params, ']');
+            }
+            return 0;
+        case 16: {
+            int32_t len = small_i32(f);
+            long long i = f->iparam++;
+            if (len < 0) {
+                if (t->mode != MODE_NONE) {
+                    if (f->values.len)
+                        buf_putc(&f->values, ',');
+                    buf_lit(&f->values, "null");
+                }
+                f->step = 15;
+                continue;
+            }
+            int binary = f->nfmt == 1 ? f->fmts[0] : (i < f->nfmt ? f->fmts[i] : 0);
+            text_reset(&f->param, t->cap, t->mode == MODE_HASH);
+            f->param.discard = t->mode == MODE_NONE;
+            f->what = (unsigned char)binary;
+            if (len > 0) {
+                want_blob(f, len, &f->param);
+                f->step = 17;
+                return 1;
+            }
+            f->step = 17;
+            continue;
+        }
+        case 17:
+            if (t->mode != MODE_NONE)
+                param_value(t, f, f->what);
+            f->step = 15;
+            continue;
+        default:
+            return 0;
+        }
+    }
+}
+
+/* The fields of each parsed frontend message, in order: '1' / '2' a string into t1 / t2,
+ * 'b' a byte (Close: what), 'o' an int32 (FunctionCall: the function's OID), 'p' the
+ * parameters (format codes, values); what follows is not read. */
+static const char *
+front_fields(int kind)
+{
+    switch (kind) {
+    case 'Q': return "2";   /* query text */
+    case 'P': return "12";  /* statement name, text */
+    case 'B': return "12p"; /* portal, statement name, parameters */
+    case 'E': return "1";   /* portal */
+    case 'C': return "b1";  /* 'S' or 'P', name */
+    case 'F': return "op";  /* function OID, arguments */
+    }
+    return "";
+}
+
+/* The next request of the frontend message f->kind's parser (after the previous one was
+ * answered); REQ_DONE at its end. Steps 0..9: its fields; 10..: params_step. */
+static void
+front_step(Tracker *t, Framer *f)
+{
+    if (f->step < 10) {
+        const char *fields = front_fields(f->kind);
+        if (f->step > 0) { /* the field just read */
+            char done = fields[f->step - 1];
+            if (done == 'b')
+                f->what = f->small[0];
+            else if (done == 'o') {
+                f->oid = small_i32(f);
+                f->has_oid = 1;
+            }
+        }
+        switch (fields[f->step]) {
+        case '1':
+            want_cstr(f, &f->t1);
+            f->step++;
+            return;
+        case '2':
+            want_cstr(f, &f->t2);
+            f->step++;
+            return;
+        case 'b':
+            want_take(f, 1);
+            f->step++;
+            return;
+        case 'o':
+            want_take(f, 4);
+            f->step++;
+            return;
+        case 'p':
+            f->step = 10;
+            break;
+        default:
+            f->req = REQ_DONE;
+            return;
+        }
+    }
+    if (!params_step(t, f))
+        f->req = REQ_DONE;
+}
+
+static void
+back_step(Tracker *t, Framer *f)
+{
+    if (f->kind == 'C') {
+        if (f->step == 0) {
+            want_cstr(f, &f->t1);
+            f->step = 1;
+            return;
+        }
+    }
+    else if (f->kind == 'E') {
+        for (;;) {
+            if (f->step == 0) { /* a field code */
+                want_take(f, 1);
+                f->step = 1;
+                return;
+            }
+            if (f->step == 1) {
+                if (f->small[0] == 0)
+                    break;
+                f->what = f->small[0];
+                text_reset(&f->t1, BACKEND_CAP, 0);
+                if (f->what != 'C')
+                    f->t1.discard = 1;
+                want_cstr(f, &f->t1);
+                f->step = 2;
+                return;
+            }
+            /* step 2: a field value is complete */
+            if (f->what == 'C') {
+                f->has_sqlstate = 1;
+                f->sqlstate.len = 0;
+                buf_put(&f->sqlstate, f->t1.kept.p, f->t1.kept.len);
+            }
+            f->step = 0;
+        }
+    }
+    f->req = REQ_DONE;
+}
+
+static int
+front_parsed(int kind)
+{
+    return kind == 'Q' || kind == 'P' || kind == 'B' || kind == 'E' || kind == 'C' ||
+           kind == 'F';
+}
+
+static int
+back_parsed(int kind)
+{
+    return kind == 'C' || kind == 'E' || kind == 'G' || kind == 'H' || kind == 'W';
+}
+
+static void
+parser_start(Tracker *t, Framer *f, int is_front, int kind)
+{
+    f->kind = kind;
+    f->step = 0;
+    f->malformed = 0;
+    f->has_oid = 0;
+    f->has_sqlstate = 0;
+    f->what = 0;
+    f->params.len = 0;
+    size_t cap1 = (!is_front && kind == 'C') ? BACKEND_CAP : NAME_CAP;
+    text_reset(&f->t1, cap1, 0);
+    text_reset(&f->t2, (is_front && (kind == 'Q' || kind == 'P')) ? t->cap : NAME_CAP, 0);
+    if (is_front)
+        front_step(t, f);
+    else
+        back_step(t, f);
+}
+
+/* Body bytes for the current parser (the rest of a body it no longer wants is dropped). */
+static void
+parser_feed(Tracker *t, Framer *f, int is_front, const unsigned char *p, size_t n)
+{
+    size_t pos = 0;
+    while (pos < n && f->req != REQ_DONE) {
+        if (f->req == REQ_TAKE) {
+            size_t take = (size_t)(f->need - f->got);
+            if (take > n - pos)
+                take = n - pos;
+            memcpy(f->small + f->got, p + pos, take);
+            f->got += (int)take;
+            pos += take;
+            if (f->got < f->need)
+                continue;
+        }
+        else if (f->req == REQ_CSTR) {
+            const unsigned char *nul = memchr(p + pos, 0, n - pos);
+            if (nul == NULL) {
+                text_add(f->into, p + pos, n - pos);
+                pos = n;
+                continue;
+            }
+            size_t len = (size_t)(nul - (p + pos));
+            text_add(f->into, p + pos, len);
+            pos += len + 1;
+        }
+        else { /* REQ_BLOB */
+            size_t take = (size_t)f->need;
+            if (take > n - pos)
+                take = n - pos;
+            text_add(f->into, p + pos, take);
+            f->need -= (int)take;
+            pos += take;
+            if (f->need > 0)
+                continue;
+        }
+        if (is_front)
+            front_step(t, f);
+        else
+            back_step(t, f);
+    }
+}
+
+/* A frontend message is complete (or unparsed: at its header). */
+static void
+on_front(Tracker *t, Framer *f, int kind, int parsed)
+{
+    if (kind == 'd') {
+        if (t->copy_in)
+            t->copy_data++;
+        return;
+    }
+    if (kind == 'S') {
+        pending_push(t, PEND_SYNC, 0);
+        return;
+    }
+    if (!parsed)
+        return;
+    int malformed = f->malformed;
+    Buf *b = &t->out;
+    char sha[65];
+    if (kind == 'Q') {
+        long long id = ++t->seq;
+        record_open(t, &t->ctx, "query", id, "simple");
+        buf_putc(b, ',');
+        int cut = text_truncated(&f->t2);
+        if (cut)
+            text_sha(&f->t2, sha);
+        json_text_fields(b, f->t2.kept.p, f->t2.kept.len, f->t2.size, cut, sha);
+        record_close(t, malformed);
+        set_last(t, f->t2.kept.p, f->t2.kept.len);
+        pending_push(t, PEND_QUERY, id);
+    }
+    else if (kind == 'P') {
+        int cut = text_truncated(&f->t2);
+        if (cut)
+            text_sha(&f->t2, sha);
+        Named *s = table_put(&t->statements, f->t1.kept.p, f->t1.kept.len);
+        if (s == NULL)
+            t->failed = 1;
+        else {
+            buf_put(&s->text, f->t2.kept.p, f->t2.kept.len);
+            s->size = f->t2.size;
+            s->truncated = cut;
+            if (cut)
+                memcpy(s->sha, sha, 65);
+        }
+        record_open(t, &t->ctx, "parse", ++t->seq, "extended");
+        buf_lit(b, ",\"statement\":");
+        json_str(b, f->t1.kept.p, f->t1.kept.len);
+        buf_putc(b, ',');
+        json_text_fields(b, f->t2.kept.p, f->t2.kept.len, f->t2.size, cut, sha);
+        record_close(t, malformed);
+    }
+    else if (kind == 'B') {
+        Named *portal = table_put(&t->portals, f->t1.kept.p, f->t1.kept.len);
+        if (portal == NULL)
+            t->failed = 1;
+        else {
+            buf_put(&portal->text, f->t2.kept.p, f->t2.kept.len);
+            if (!malformed)
+                buf_put(&portal->params, f->params.p, f->params.len);
+        }
+    }
+    else if (kind == 'E') {
+        Named *portal = table_get(&t->portals, f->t1.kept.p, f->t1.kept.len);
+        const unsigned char *sname = portal ? portal->text.p : NULL;
+        size_t slen = portal ? portal->text.len : 0;
+        Named *s = table_get(&t->statements, sname ? sname : (const unsigned char *)"", slen);
+        long long id = ++t->seq;
+        record_open(t, &t->ctx, "execute", id, "extended");
+        buf_lit(b, ",\"statement\":");
+        json_str(b, sname, slen);
+        buf_lit(b, ",\"portal\":");
+        json_str(b, f->t1.kept.p, f->t1.kept.len);
+        buf_putc(b, ',');
+        if (s == NULL) {
+            buf_lit(b, "\"text\":null");
+            t->last.len = 0;
+            t->last_set = 2;
+        }
+        else {
+            json_text_fields(b, s->text.p, s->text.len, s->size, s->truncated, s->sha);
+            set_last(t, s->text.p, s->text.len);
+        }
+        if (portal != NULL && portal->params.len) {
+            buf_putc(b, ',');
+            buf_put(b, portal->params.p, portal->params.len);
+        }
+        record_close(t, malformed);
+        pending_push(t, PEND_EXEC, id);
+    }
+    else if (kind == 'C') {
+        if (malformed)
+            return;
+        if (f->what == 'S')
+            table_remove(&t->statements, f->t1.kept.p, f->t1.kept.len);
+        else if (f->what == 'P')
+            table_remove(&t->portals, f->t1.kept.p, f->t1.kept.len);
+    }
+    else if (kind == 'F') {
+        long long id = ++t->seq;
+        record_open(t, &t->ctx, "function_call", id, "simple");
+        buf_lit(b, ",\"function_oid\":");
+        char tmp[48];
+        int n;
+        if (f->has_oid) {
+            buf_int(b, f->oid);
+            n = snprintf(tmp, sizeof(tmp), "function call %d", (int)f->oid);
+        }
+        else {
+            buf_lit(b, "null");
+            n = snprintf(tmp, sizeof(tmp), "function call None");
+        }
+        if (!malformed && f->params.len) {
+            buf_putc(b, ',');
+            buf_put(b, f->params.p, f->params.len);
+        }
+        record_close(t, malformed);
+        set_last(t, (const unsigned char *)tmp, (size_t)n);
+        pending_push(t, PEND_FCALL, id);
+    }
+}
+
+/* A backend message is complete (or unparsed: at its header). */
+static void
+on_back(Tracker *t, Framer *f, int kind)
+{
+    if (kind == 'C' || kind == 'I' || kind == 's') {
+        Pending *head = head_run(t);
+        if (head == NULL)
+            return;
+        if (kind == 'C') {
+            t->tag.len = 0;
+            buf_put(&t->tag, f->t1.kept.p, f->t1.kept.len);
+            t->commands++;
+        }
+        if (head->kind == PEND_EXEC) {
+            Pending e = pending_pop(t);
+            emit_result(t, &e, kind == 's' ? "suspended" : "ok", 0, 0, NULL);
+        }
+    }
+    else if (kind == 'E') {
+        Pending *head = head_run(t);
+        if (head == NULL)
+            return;
+        if (head->kind == PEND_EXEC) {
+            Pending e = pending_pop(t);
+            emit_result(t, &e, "error", 1, f->has_sqlstate, &f->sqlstate);
+            /* The server skips the rest of this pipeline segment, up to Sync. */
+            while ((head = pending_first(t)) != NULL && head->kind == PEND_EXEC) {
+                e = pending_pop(t);
+                emit_result(t, &e, "not_run", 0, 0, NULL);
+            }
+        }
+        else if (!t->err_seen) {
+            t->err_seen = 1;
+            t->has_sqlstate = f->has_sqlstate;
+            t->sqlstate.len = 0;
+            buf_put(&t->sqlstate, f->sqlstate.p, f->sqlstate.len);
+        }
+    }
+    else if (kind == 'Z') {
+        while (t->pcount) {
+            Pending e = pending_pop(t);
+            if (e.kind == PEND_SYNC)
+                return;
+            if (e.kind == PEND_EXEC) {
+                emit_result(t, &e, "not_run", 0, 0, NULL);
+                continue;
+            }
+            if (t->err_seen && t->has_sqlstate) {
+                Buf state = t->sqlstate; /* emit_result clears the head's state after */
+                emit_result(t, &e, "error", 1, 1, &state);
+            }
+            else
+                emit_result(t, &e, "ok", 0, 0, NULL);
+            return;
+        }
+    }
+    else if (kind == 'G' || kind == 'H' || kind == 'W') {
+        Pending *head = head_run(t);
+        if (head == NULL)
+            return;
+        if (kind == 'G')
+            t->copy_in = 1;
+        record_open(t, &t->ctx_short, "copy", head->id, NULL);
+        buf_lit(&t->out, ",\"direction\":\"");
+        buf_put(&t->out, kind == 'G' ? "in" : kind == 'H' ? "out" : "both",
+                kind == 'G' ? 2 : kind == 'H' ? 3 : 4);
+        buf_putc(&t->out, '"');
+        record_close(t, 0);
+    }
+}
+
+static void
+message_done(Tracker *t, Framer *f, int is_front, int kind, int parsed)
+{
+    if (parsed && f->req != REQ_DONE)
+        f->malformed = 1; /* the body ended before its parser did */
+    if (is_front)
+        on_front(t, f, kind, parsed);
+    else
+        on_back(t, f, kind);
+}
+
+/* Bytes of one direction, in order (tracker.py's _Framer.feed). No Python object is
+ * touched: the pump calls it without the GIL. */
+static void
+tracker_feed(Tracker *t, int is_front, const unsigned char *p, size_t n, double now)
+{
+    Framer *f = is_front ? &t->front : &t->back;
+    t->now = now;
+    size_t pos = 0;
+    while (pos < n) {
+        if (f->in_body) {
+            size_t take = (long long)(n - pos) < f->remaining ? n - pos : (size_t)f->remaining;
+            parser_feed(t, f, is_front, p + pos, take);
+            pos += take;
+            f->remaining -= (long long)take;
+            if (f->remaining == 0) {
+                f->in_body = 0;
+                message_done(t, f, is_front, f->kind, 1);
+            }
+            continue;
+        }
+        if (f->skip) {
+            size_t take = (long long)(n - pos) < f->skip ? n - pos : (size_t)f->skip;
+            f->skip -= (long long)take;
+            pos += take;
+            continue;
+        }
+        size_t take = (size_t)(HEADER_SIZE - f->hlen);
+        if (take > n - pos)
+            take = n - pos;
+        memcpy(f->hdr + f->hlen, p + pos, take);
+        f->hlen += (int)take;
+        pos += take;
+        if (f->hlen < HEADER_SIZE)
+            break;
+        f->hlen = 0;
+        int kind = f->hdr[0];
+        int32_t length = read_length(f->hdr + 1);
+        long long size = length > 4 ? (long long)length - 4 : 0;
+        if (is_front ? front_parsed(kind) : back_parsed(kind)) {
+            parser_start(t, f, is_front, kind);
+            if (size == 0)
+                message_done(t, f, is_front, kind, 1);
+            else {
+                f->in_body = 1;
+                f->remaining = size;
+            }
+        }
+        else {
+            message_done(t, f, is_front, kind, 0);
+            f->skip = size;
+        }
+    }
+    if (t->out.failed || t->last.failed || t->tag.failed || t->sqlstate.failed ||
+        f->values.failed || f->params.failed || f->sqlstate.failed)
+        t->failed = 1;
+}
+
+/* -- the Python type ------------------------------------------------------------------ */
+
+static int
+Tracker_init(Tracker *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"context", "short_context", "parameters", "max_statement_bytes",
+                             "wall_clock", NULL};
+    Py_buffer ctx, short_ctx;
+    const char *mode = "none";
+    Py_ssize_t cap = 65536;
+    int wall = 1;
+    if (self->ctx.p != NULL || self->seq != 0 || self->out.len != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "AuditTracker already initialized");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*y*|$snp", kwlist, &ctx, &short_ctx, &mode,
+                                     &cap, &wall))
+        return -1;
+    int rc = -1;
+    if (cap < 1 || cap > (1 << 30))
+        PyErr_SetString(PyExc_ValueError, "max_statement_bytes must be >= 1");
+    else if (strcmp(mode, "none") && strcmp(mode, "hash") && strcmp(mode, "full"))
+        PyErr_Format(PyExc_ValueError, "parameters must be none, hash or full, not %s", mode);
+    else {
+        self->mode = mode[0] == 'n' ? MODE_NONE : mode[0] == 'h' ? MODE_HASH : MODE_FULL;
+        self->cap = (size_t)cap;
+        self->wall = wall;
+        buf_put(&self->ctx, ctx.buf, (size_t)ctx.len);
+        buf_put(&self->ctx_short, short_ctx.buf, (size_t)short_ctx.len);
+        framer_init(&self->front);
+        framer_init(&self->back);
+        if (self->ctx.failed || self->ctx_short.failed)
+            PyErr_NoMemory();
+        else
+            rc = 0;
+    }
+    PyBuffer_Release(&ctx);
+    PyBuffer_Release(&short_ctx);
+    return rc;
+}
+
+static void
+Tracker_dealloc(Tracker *self)
+{
+    buf_free(&self->ctx);
+    buf_free(&self->ctx_short);
+    framer_free(&self->front);
+    framer_free(&self->back);
+    PyMem_RawFree(self->pending);
+    buf_free(&self->tag);
+    buf_free(&self->sqlstate);
+    table_clear(&self->statements);
+    table_clear(&self->portals);
+    buf_free(&self->out);
+    buf_free(&self->last);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+tracker_feed_py(Tracker *self, PyObject *args, int is_front)
+{
+    Py_buffer view;
+    double now;
+    if (!PyArg_ParseTuple(args, "y*d", &view, &now))
+        return NULL;
+    long long before = self->out_records;
+    tracker_feed(self, is_front, (const unsigned char *)view.buf, (size_t)view.len, now);
+    PyBuffer_Release(&view);
+    if (self->failed)
+        return PyErr_NoMemory();
+    return PyLong_FromLongLong(self->out_records - before);
+}
+
+static PyObject *
+Tracker_client(Tracker *self, PyObject *args)
+{
+    return tracker_feed_py(self, args, 1);
+}
+
+static PyObject *
+Tracker_backend(Tracker *self, PyObject *args)
+{
+    return tracker_feed_py(self, args, 0);
+}
+
+static PyObject *
+Tracker_take(Tracker *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->failed)
+        return PyErr_NoMemory();
+    PyObject *out = PyBytes_FromStringAndSize((const char *)self->out.p, (Py_ssize_t)self->out.len);
+    PyObject *res = out == NULL ? NULL : Py_BuildValue("(NL)", out, self->out_records);
+    if (res == NULL)
+        return NULL;
+    self->out.len = 0;
+    self->out_records = 0;
+    if (self->out.cap > 65536)
+        buf_free(&self->out); /* an idle session keeps no large buffer */
+    return res;
+}
+
+static PyObject *
+Tracker_get_last(Tracker *self, void *closure)
+{
+    if (self->last_set != 1)
+        Py_RETURN_NONE;
+    return PyUnicode_DecodeUTF8((const char *)self->last.p, (Py_ssize_t)self->last.len,
+                                "replace");
+}
+
+static PyObject *
+Tracker_get_queued(Tracker *self, void *closure)
+{
+    return PyLong_FromSize_t(self->out.len);
+}
+
+static PyMethodDef Tracker_methods[] = {
+    {"client", (PyCFunction)Tracker_client, METH_VARARGS,
+     "client(data, now): frontend bytes, in order; how many records they completed."},
+    {"backend", (PyCFunction)Tracker_backend, METH_VARARGS,
+     "backend(data, now): backend bytes, in order; how many records they completed."},
+    {"take", (PyCFunction)Tracker_take, METH_NOARGS,
+     "(lines, count): the records not yet taken (JSON object members, one per line)."},
+    {NULL},
+};
+
+static PyGetSetDef Tracker_getset[] = {
+    {"last_statement", (getter)Tracker_get_last, NULL,
+     "the text of the current or last statement (None before one, or when unknown)", NULL},
+    {"queued", (getter)Tracker_get_queued, NULL, "bytes of records not yet taken", NULL},
+    {NULL},
+};
+
+static PyTypeObject TrackerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "waypoint.proxy.relay._pump.AuditTracker",
+    .tp_basicsize = sizeof(Tracker),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "AuditTracker(context, short_context, *, parameters, max_statement_bytes, "
+              "wall_clock): the statement audit of one session (waypoint/audit/tracker.py "
+              "in C), its records encoded.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Tracker_init,
+    .tp_dealloc = (destructor)Tracker_dealloc,
+    .tp_methods = Tracker_methods,
+    .tp_getset = Tracker_getset,
+};
+
+/* ----------------------------------------------------------------------------------- */
+/* The hash chain                                                                        */
+/* ----------------------------------------------------------------------------------- */
+
+/* chain(prev, seq, bodies): bodies are records (JSON object members), one per line;
+ * each becomes {"seq":N,"prev":"<prev>",<members>} (prev: the SHA-256 of the line before
+ * it, as written without its newline). Returns (lines, last hash, last seq). */
+static PyObject *
+audit_chain(PyObject *module, PyObject *args)
+{
+    const char *prev_in;
+    Py_ssize_t prev_len;
+    long long seq;
+    Py_buffer view;
+    if (!PyArg_ParseTuple(args, "s#Ly*", &prev_in, &prev_len, &seq, &view))
+        return NULL;
+    if (prev_len != 64) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "prev must be 64 hex digits");
+        return NULL;
+    }
+    char prev[65];
+    memcpy(prev, prev_in, 64);
+    prev[64] = '\0';
+    Buf out = {0};
+    const unsigned char *p = view.buf;
+    size_t n = (size_t)view.len;
+    Py_BEGIN_ALLOW_THREADS
+    buf_reserve(&out, n + (n / 64 + 1) * 100);
+    size_t pos = 0;
+    while (pos < n) {
+        const unsigned char *nl = memchr(p + pos, '\n', n - pos);
+        size_t len = nl ? (size_t)(nl - (p + pos)) : n - pos;
+        size_t start = out.len;
+        buf_lit(&out, "{\"seq\":");
+        buf_int(&out, ++seq);
+        buf_lit(&out, ",\"prev\":\"");
+        buf_put(&out, prev, 64);
+        buf_lit(&out, "\",");
+        buf_put(&out, p + pos, len);
+        buf_putc(&out, '}');
+        if (!out.failed) {
+            Sha256 s;
+            sha256_init(&s);
+            sha256_update(&s, out.p + start, out.len - start);
+            sha256_hex(&s, prev);
+        }
+        buf_putc(&out, '\n');
+        pos += len + 1;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    if (out.failed) {
+        buf_free(&out);
+        return PyErr_NoMemory();
+    }
+    PyObject *res = Py_BuildValue("(y#s#L)", out.p ? (const char *)out.p : "", (Py_ssize_t)out.len,
+                                  prev, (Py_ssize_t)64, seq);
+    buf_free(&out);
+    return res;
+}
+
+/* sha256_bind({"SHA256_Init": address, ...}): OpenSSL's SHA-256 from the library
+ * Python's _ssl module loaded (resolved by ctypes through that module). True when bound
+ * (checked against a known digest first); False: the portable code stays. A context
+ * keeps the implementation it started with, so binding while hashing is harmless. */
+static PyObject *
+audit_sha256_bind(PyObject *module, PyObject *addresses)
+{
+    if (p_sha_init != NULL)
+        Py_RETURN_TRUE;
+    if (!PyDict_Check(addresses)) {
+        PyErr_SetString(PyExc_TypeError, "sha256_bind() needs a dict of addresses");
+        return NULL;
+    }
+    static const char *const names[] = {"SHA256_Init", "SHA256_Update", "SHA256_Final"};
+    void *found[3];
+    for (int i = 0; i < 3; i++) {
+        PyObject *v = PyDict_GetItemString(addresses, names[i]);
+        if (v == NULL || v == Py_None)
+            Py_RETURN_FALSE;
+        found[i] = PyLong_AsVoidPtr(v);
+        if (found[i] == NULL) {
+            if (PyErr_Occurred())
+                return NULL;
+            Py_RETURN_FALSE;
+        }
+    }
+    int (*init)(SHA256_CTX *) = (int (*)(SHA256_CTX *))found[0];
+    int (*update)(SHA256_CTX *, const void *, size_t) =
+        (int (*)(SHA256_CTX *, const void *, size_t))found[1];
+    int (*final)(unsigned char *, SHA256_CTX *) = (int (*)(unsigned char *, SHA256_CTX *))found[2];
+    SHA256_CTX ctx;
+    unsigned char md[32];
+    static const unsigned char abc_digest[32] = {
+        0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea, 0x41, 0x41, 0x40, 0xde, 0x5d, 0xae, 0x22,
+        0x23, 0xb0, 0x03, 0x61, 0xa3, 0x96, 0x17, 0x7a, 0x9c, 0xb4, 0x10, 0xff, 0x61, 0xf2, 0x00,
+        0x15, 0xad};
+    if (init(&ctx) != 1 || update(&ctx, "abc", 3) != 1 || final(md, &ctx) != 1 ||
+        memcmp(md, abc_digest, 32) != 0)
+        Py_RETURN_FALSE;
+    p_sha_update = update;
+    p_sha_final = final;
+    p_sha_init = init; /* last: a context that sees it also sees the others */
+    Py_RETURN_TRUE;
+}
+
+/* sha256(data) -> hex (the tests compare it with hashlib). */
+static PyObject *
+audit_sha256(PyObject *module, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Sha256 s;
+    char hex[65];
+    sha256_init(&s);
+    sha256_update(&s, view.buf, (size_t)view.len);
+    sha256_hex(&s, hex);
+    PyBuffer_Release(&view);
+    return PyUnicode_FromStringAndSize(hex, 64);
+}
