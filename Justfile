@@ -18,9 +18,12 @@ check:
 sanitize *ARGS:
     ./.ci/sanitize {{ARGS}}
 
-# The slow soak / load / long fuzz runs (opt-in).
+# The slow soak / load runs, the random atheris runs and the benchmark smoke (opt-in).
 slow *ARGS:
     python -m pytest -m slow {{ARGS}}
+
+# For a scheduled (nightly) job: the default suite, then the slow one; both must pass.
+scheduled *ARGS: (test ARGS) (slow ARGS)
 
 # A local demo: throwaway PostgreSQL, static identity provider, Waypoint.
 demo *ARGS:

@@ -19,6 +19,7 @@ import os
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -453,6 +454,35 @@ def tls_client_hello(*, alpn: Sequence[str] = (), server_name: str | None = "loc
     with contextlib.suppress(ssl.SSLWantReadError):
         obj.do_handshake()
     return outgoing.read()
+
+
+def backend_state(cluster: PgCluster, pid: int) -> tuple[str, str] | None:
+    """(state, query) of backend ``pid`` in pg_stat_activity, or None if it is gone."""
+    rows = cluster.execute("SELECT state, query FROM pg_stat_activity WHERE pid = :p", p=pid)
+    return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
+
+def wait_running_blocking(cluster: PgCluster, pid: int, needle: str, timeout: float = 20.0) -> str:
+    """Poll pg_stat_activity (bounded) until backend ``pid`` is active on a statement that
+    contains ``needle`` ("the query has started", never a sleep); returns its role."""
+    deadline = time.monotonic() + timeout
+    seen: list[list[Any]] = []
+    while time.monotonic() < deadline:
+        seen = cluster.execute(
+            "SELECT state, usename::text, query FROM pg_catalog.pg_stat_activity WHERE pid = :p",
+            p=pid,
+        )
+        if seen and seen[0][0] == "active" and needle in str(seen[0][2]):
+            return str(seen[0][1])
+        time.sleep(0.05)
+    raise AssertionError(f"backend {pid} never ran {needle!r}: {seen}")
+
+
+async def wait_running(cluster: PgCluster, pid: int, needle: str, timeout: float = 20.0) -> str:
+    """:func:`wait_running_blocking` from trio (in a worker thread)."""
+    return await trio.to_thread.run_sync(
+        wait_running_blocking, cluster, pid, needle, timeout, abandon_on_cancel=True
+    )
 
 
 def roles_with_prefix(cluster: PgCluster, prefix: str) -> set[str]:

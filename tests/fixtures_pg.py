@@ -5,33 +5,53 @@
 - ``pg``: parametrized over both (ids ``pg15`` / ``pg18``): ``def test_x(pg): ...`` runs twice.
 - ``pg15_ssl``: the system PostgreSQL with ``ssl = on`` (trustme CA: ``pg15_ssl.ca_pem_path``).
 - ``pg_db``: a fresh database on ``pg`` for one test, dropped afterwards.
+- ``private_pg``: starts clusters of a test's (or a fixture's) own, with
+  :meth:`PgCluster.start`'s options: ``with private_pg("18", log_statement="all") as c: ...``.
 
 A cluster that cannot start FAILS the tests that need it (never a skip): CI must show that
-both versions ran. Tests using these fixtures get the ``pg`` marker automatically.
+both versions ran. Tests using these fixtures get the ``pg`` marker automatically
+(tests/conftest.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from pgcluster import PgCluster, PgClusterError, Version
 
-CLUSTER_FIXTURES = frozenset({"pg", "pg15", "pg18", "pg15_ssl", "pg_db"})
 _db_counter = itertools.count(1)
 
+#: What ``private_pg`` is: ``private_pg(version, **PgCluster.start options)`` -> a ``with``.
+PrivatePg = Callable[..., contextlib.AbstractContextManager[PgCluster]]
 
-def _start(version: Version, *, ssl: bool = False) -> Iterator[PgCluster]:
+
+@contextlib.contextmanager
+def _private(version: Version = "system", **options: Any) -> Iterator[PgCluster]:
     try:
-        cluster = PgCluster.start(version, ssl=ssl)
+        cluster = PgCluster.start(version, **options)
     except PgClusterError as exc:
-        pytest.fail(f"PostgreSQL {version} (ssl={ssl}) could not start: {exc}", pytrace=False)
+        pytest.fail(f"PostgreSQL {version} {options} could not start: {exc}", pytrace=False)
     try:
         yield cluster
     finally:
         cluster.stop()
+
+
+def _start(version: Version, *, ssl: bool = False) -> Iterator[PgCluster]:
+    with _private(version, ssl=ssl) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def private_pg() -> PrivatePg:
+    """Start a cluster of one's own (stopped at the end of the ``with``); a test that requests
+    this, directly or through its fixtures, is marked ``pg``."""
+    return _private
 
 
 @pytest.fixture(scope="session")
@@ -64,9 +84,3 @@ def pg_db(pg: PgCluster) -> Iterator[str]:
         yield name
     finally:
         pg.drop_database(name)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if CLUSTER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.pg)

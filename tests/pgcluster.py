@@ -17,7 +17,8 @@ temp dir (data directory, unix socket, CA files) that :meth:`PgCluster.stop` rem
 ``weakref.finalize`` does the same at interpreter exit, and clusters left behind by a process
 that died without cleaning up (SIGKILL) are stopped and removed by the next :meth:`start`
 (:func:`waypoint.demo.pgrun.reap_orphans`: only directories of this user that nobody else can
-write, only a verified postmaster is signalled, nothing is run from them). The shared copy of
+write, only a verified postmaster is signalled, nothing is run from them). ``initdb`` runs once
+per server build and process, into a template; each cluster's data directory is a copy of it. The shared copy of
 the embedded server is used only when every entry in it is ours and not writable by others;
 otherwise this process makes a private copy.
 
@@ -39,6 +40,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from base64 import b64encode
@@ -240,6 +242,44 @@ def _teardown(res: _Resources) -> None:
     shutil.rmtree(res.root, ignore_errors=True)
 
 
+# initdb once per server build and process: every cluster's data directory is a copy of that
+# template (``cp -a`` as the server user), which costs a fraction of an initdb. Clusters differ
+# only in what is written after the copy (settings, pg_hba.conf, certificates, roles).
+_templates: dict[Path, Path] = {}
+_templates_lock = threading.Lock()
+
+
+def _template_datadir(runner: pgrun.Runner, bindir: Path) -> Path:
+    """The template data directory for ``bindir``'s server (made by the first call), in a temp
+    dir of its own that is removed at exit or, after a SIGKILL, by :func:`reap_orphans`."""
+    with _templates_lock:
+        datadir = _templates.get(bindir)
+        if datadir is not None and (datadir / "PG_VERSION").is_file():
+            return datadir
+        root = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX))
+        try:
+            pgrun.write_owner_file(root, _OWNER_FILE)
+            os.chmod(root, 0o700)
+            runner.chown(root)
+            datadir = root / "data"
+            pgrun.initdb(
+                runner,
+                bindir,
+                datadir,
+                auth=("--auth=trust",),
+                include="waypoint.conf",
+                extra=("--no-instructions",),
+                timeout=_CMD_TIMEOUT,
+                cwd=root,
+            )
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _templates[bindir] = datadir
+        return datadir
+
+
 def reap_orphans() -> list[Path]:
     """Stop and remove clusters whose owning process died without cleaning up (SIGKILL)
     (:func:`waypoint.demo.pgrun.reap_orphans`: only our own private directories, only a
@@ -368,15 +408,9 @@ class PgCluster:
         os.chmod(self.root, 0o700)
         self._runner.chown(self.root)
         self._runner.chown(self.socket_dir)
-        pgrun.initdb(
-            self._runner,
-            self.bindir,
-            self.datadir,
-            auth=("--auth=trust",),
-            include="waypoint.conf",
-            extra=("--no-instructions",),
-            timeout=_CMD_TIMEOUT,
-            cwd=self.root,
+        template = _template_datadir(self._runner, self.bindir)
+        self._runner.run(
+            ["cp", "-a", "--", str(template), str(self.datadir)], timeout=_CMD_TIMEOUT, cwd=self.root
         )
 
         conf: dict[str, str] = {

@@ -58,17 +58,19 @@ def free_port() -> int:
 class OwnRedis:
     """A private redis-server on a free port that a test may kill, stall and restart."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, password: str | None = None) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise AssertionError("redis-server is not installed (dev.sh installs it)")
         self.exe = exe
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.password = password
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = "" if self.password is None else f":{self.password}@"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -82,6 +84,7 @@ class OwnRedis:
                 "",
                 "--appendonly",
                 "no",
+                *([] if self.password is None else ["--requirepass", self.password]),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

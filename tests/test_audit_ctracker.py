@@ -116,10 +116,18 @@ def chunks(rng: random.Random, data: bytes) -> list[bytes]:
 
 
 def run_both(
-    events: list[tuple[bool, bytes]], mode: ParameterMode, cap: int
+    events: list[tuple[bool, bytes]], mode: ParameterMode, cap: int, budget: int = 4 << 20
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str | None]]:
-    py = AuditTracker(CONTEXT, parameters=mode, max_statement_bytes=cap)
-    c = session_tracker(CONTEXT, parameters=mode, max_statement_bytes=cap, wall_clock=False)
+    py = AuditTracker(
+        CONTEXT, parameters=mode, max_statement_bytes=cap, max_session_statement_bytes=budget
+    )
+    c = session_tracker(
+        CONTEXT,
+        parameters=mode,
+        max_statement_bytes=cap,
+        max_session_statement_bytes=budget,
+        wall_clock=False,
+    )
     expected: list[dict[str, Any]] = []
     got: list[dict[str, Any]] = []
     lasts: list[str | None] = []
@@ -133,6 +141,7 @@ def run_both(
         assert count == len(records) == lines.count(b"\n")
         got += [json.loads(b"{" + line + b"}") for line in lines.splitlines()]
         assert c.last_statement == py.last_statement
+        assert c.retained_bytes == py.retained_bytes <= 2 * budget
         lasts.append(c.last_statement)
     return expected, got, lasts
 
@@ -152,14 +161,17 @@ def same(expected: list[dict[str, Any]], got: list[dict[str, Any]]) -> None:
     back=st.lists(back_message(), max_size=12),
     mode=st.sampled_from(["none", "hash", "full"]),
     cap=st.sampled_from([1, 3, 8, 64, 65536]),
+    budget=st.sampled_from([1, 200, 230, 300, 400, 600, 900, 4 << 20]),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_the_c_tracker_records_what_the_reference_records(
-    front: list[bytes], back: list[bytes], mode: ParameterMode, cap: int, seed: int
+    front: list[bytes], back: list[bytes], mode: ParameterMode, cap: int, budget: int, seed: int
 ) -> None:
     """Random message sequences (simple, extended, pipelines, COPY, errors, malformed
     bodies, invalid UTF-8), each direction split at random places and the two interleaved
-    at random: the C tracker's records are the reference tracker's, record for record."""
+    at random, under session budgets small enough to evict and drop statements and
+    portals: the C tracker's records are the reference tracker's, record for record, and
+    both retain the same bytes."""
     rng = random.Random(seed)
     fc, bc = chunks(rng, b"".join(front)), chunks(rng, b"".join(back))
     events: list[tuple[bool, bytes]] = []
@@ -168,7 +180,43 @@ def test_the_c_tracker_records_what_the_reference_records(
             events.append((True, fc.pop(0)))
         else:
             events.append((False, bc.pop(0)))
-    expected, got, _ = run_both(events, mode, cap)
+    expected, got, _ = run_both(events, mode, cap, budget)
+    same(expected, got)
+
+
+@st.composite
+def named_message(draw: st.DrawFn) -> bytes:
+    """Parse, Bind, Execute, Close and Sync only: what fills and empties the tables."""
+    kind = draw(st.sampled_from("PPPBBEEECS"))
+    if kind == "P":
+        return msg(b"P", draw(names) + b"\0" + draw(texts) + b"\0" + struct.pack("!h", 0))
+    if kind == "B":
+        body = draw(names) + b"\0" + draw(names) + b"\0" + draw(params())
+        return msg(b"B", body + struct.pack("!h", 0))
+    if kind == "E":
+        return msg(b"E", draw(names) + b"\0" + struct.pack("!i", 0))
+    if kind == "C":
+        return msg(b"C", draw(st.sampled_from([b"S", b"P"])) + draw(names) + b"\0")
+    return msg(b"S")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    front=st.lists(named_message(), max_size=24),
+    mode=st.sampled_from(["none", "hash", "full"]),
+    cap=st.sampled_from([3, 64, 65536]),
+    budget=st.sampled_from([200, 230, 300, 400, 500, 600, 900]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_eviction_is_the_same_in_both_trackers(
+    front: list[bytes], mode: ParameterMode, cap: int, budget: int, seed: int
+) -> None:
+    """Statements and portals filling budgets a few entries wide: the same texts and
+    parameters evicted, the same entries forgotten, the same records (``text_evicted``
+    with the hash, ``parameters_evicted``, ``portal_evicted``) in both trackers."""
+    rng = random.Random(seed)
+    events = [(True, chunk) for chunk in chunks(rng, b"".join(front))]
+    expected, got, _ = run_both(events, mode, cap, budget)
     same(expected, got)
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import test_reaper_pg
 import trio
 from pgcluster import PgCluster
-from provision_support import role_exists, setup_app_db
+from provision_support import role_exists
 from test_reaper_pg import (
     ALICE,
     BOB,
@@ -65,10 +66,7 @@ def provision(pg: PgCluster, prefix: str, db: str, *who: Identity) -> list[str]:
     return trio.run(go)
 
 
-@pytest.fixture
-def app_db(pg: PgCluster, pg_db: str) -> str:
-    setup_app_db(pg, pg_db)
-    return pg_db
+app_db = test_reaper_pg.app_db
 
 
 def test_roles_reap_dry_run_prints_the_plan_and_changes_nothing(

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 from e2e_support import capture_logs
-from state_support import delete_prefix, require_redis, unique_prefix
+from state_support import REDIS_URL, delete_prefix, require_redis, unique_prefix
 
 from waypoint.config.model import StateConfig
 from waypoint.console.hub import Caller, ConsoleHub
@@ -30,8 +30,6 @@ from waypoint.state.console import (
     RedisDirectory,
 )
 from waypoint.state.redis_store import RedisStateStore
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 class Wall:
@@ -107,11 +105,10 @@ async def test_locks_expire_and_match_login_and_node(kind: str) -> None:
         assert await d.locks() == []
 
 
-async def test_redis_locks_outlive_the_store_that_set_them() -> None:
-    require_redis()
+async def test_redis_locks_outlive_the_store_that_set_them(redis_url: str) -> None:
     wall = Wall()
     prefix = unique_prefix()
-    cfg = StateConfig(backend="redis", url=REDIS_URL, key_prefix=prefix)
+    cfg = StateConfig(backend="redis", url=redis_url, key_prefix=prefix)
     try:
         async with open_state(cfg, instance_id="a") as store:
             assert isinstance(store, RedisStateStore)
@@ -124,12 +121,11 @@ async def test_redis_locks_outlive_the_store_that_set_them() -> None:
         delete_prefix(prefix)
 
 
-async def test_hostile_values_in_redis_are_skipped() -> None:
-    require_redis()
+async def test_hostile_values_in_redis_are_skipped(redis_url: str) -> None:
     from state_support import redis_client
 
     prefix = unique_prefix()
-    cfg = StateConfig(backend="redis", url=REDIS_URL, key_prefix=prefix)
+    cfg = StateConfig(backend="redis", url=redis_url, key_prefix=prefix)
     try:
         async with open_state(cfg, instance_id="a") as store:
             assert isinstance(store, RedisStateStore)

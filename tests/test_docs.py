@@ -191,3 +191,16 @@ def test_the_repository_cites_only_itself() -> None:
         if _OUTSIDE_CITATION.search(line)
     ]
     assert hits == [], "cite a page in docs/ instead:\n" + "\n".join(hits)
+
+
+_CONFLICT_MARKER = re.compile(r"^(<{7} |={7}$|>{7} )", re.M)
+
+
+def test_no_merge_conflict_markers_are_left_in_the_tree() -> None:
+    files = _cited_files()
+    hits = [
+        str(path.relative_to(ROOT))
+        for path in files
+        if _CONFLICT_MARKER.search(path.read_text(encoding="utf-8", errors="replace"))
+    ]
+    assert hits == [], "unresolved merge conflict in: " + ", ".join(hits)

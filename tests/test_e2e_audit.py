@@ -39,13 +39,13 @@ def audit_section(path: Path, parameters: str = "hash", max_statement_bytes: int
 
 @contextlib.asynccontextmanager
 async def audited_env(
-    pg: PgCluster, tmp_path: Path, *, node: str, tags: list[str]
+    pg: PgCluster, tmp_path: Path, *, node: str, tags: list[str], extra: str = ""
 ) -> AsyncIterator[tuple[E2EEnv, str, Path]]:
     """Waypoint with the audit on (``audit_section``), a fresh database the test's client
     (127.0.0.1, ``LOGIN`` on ``node``) may read and write: (env, database, audit file)."""
     db = create_app_database(pg)
     path = tmp_path / "audit.jsonl"
-    async with e2e_env(pg, tmp_path, tables_extra=audit_section(path)) as env:
+    async with e2e_env(pg, tmp_path, tables_extra=audit_section(path) + extra) as env:
         env.grant(
             "127.0.0.1", {db: {"permissions": ["readwrite"]}}, login=LOGIN, node=node, tags=tags
         )
@@ -125,6 +125,50 @@ def _cancelled(env: E2EEnv, dsn: str) -> str:
             done.set()
             t.join(30)
         return state
+
+
+def _many_prepared(dsn: str) -> list[int]:
+    """One prepared statement, four more (past a 1KiB session budget), the first again."""
+    with psycopg.connect(dsn, connect_timeout=20, autocommit=True) as conn:
+        out = []
+        for i in [0, 1, 2, 3, 4, 0]:
+            row = conn.execute(f"select {i} /* evict-{i} */", prepare=True).fetchone()
+            assert row is not None
+            out.append(int(row[0]))
+    return out
+
+
+async def test_an_evicted_prepared_statement_still_runs_recorded(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """max_session_statement_bytes small: the oldest prepared statement's text is evicted,
+    and running it again is recorded with the SHA-256 of the text its parse record has."""
+    extra = "max_session_statement_bytes = 1024\n"
+    with trio.fail_after(120):
+        async with audited_env(pg, tmp_path, node="laptop", tags=[], extra=extra) as (
+            env,
+            db,
+            path,
+        ):
+            got = await trio.to_thread.run_sync(_many_prepared, env.dsn(db))
+            assert got == [0, 1, 2, 3, 4, 0]
+            recs = await wait_for(
+                path,
+                lambda rs: sum(1 for x in rs if x["event"] == "execute") >= 6,
+                "six executes",
+            )
+    parse = next(x for x in recs if x["event"] == "parse" and "evict-0" in x["text"])
+    execs = [x for x in recs if x["event"] == "execute" and x["statement"] == parse["statement"]]
+    first, again = execs[0], execs[-1]
+    assert first["text"] == parse["text"] and "text_evicted" not in first
+    assert again["text"] is None and again["text_evicted"] is True
+    assert again["text_sha256"] == hashlib.sha256(parse["text"].encode()).hexdigest()
+    assert again["text_bytes"] == len(parse["text"].encode())
+    result = next(
+        x for x in recs if x["event"] == "result" and x["statement_id"] == again["statement_id"]
+    )
+    assert result["status"] == "ok" and result["tag"] == "SELECT 1"
+    assert verify([str(path)]).problem is None
 
 
 async def test_statements_of_every_kind_are_recorded_with_who_ran_them(

@@ -30,12 +30,14 @@ import trio
 from e2e_support import (
     E2EEnv,
     RawSession,
+    backend_state,
     create_app_database,
     db_rule,
     e2e_env,
     make_config_text,
     peers_file,
     run_waypoint,
+    wait_running,
 )
 from localapi_standin import run_standin
 from pgcluster import PgCluster
@@ -45,7 +47,6 @@ from waypoint.config.load import load_config_text
 
 TESTS = Path(__file__).parent
 WAYPOINT = Path(sys.executable).with_name("waypoint")
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
 # Every wait is bounded; none of these is a timing claim (the backend end's own bound is 2 s).
 GONE_BOUND = 20.0
@@ -62,33 +63,16 @@ SLEEP = "select pg_catalog.pg_sleep(30)"
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _activity(cluster: PgCluster, pid: int) -> list[list[Any]]:
-    return cluster.execute(
-        "SELECT state, usename::text, query FROM pg_catalog.pg_stat_activity WHERE pid = :pid",
-        pid=pid,
-    )
-
-
-async def wait_running(cluster: PgCluster, pid: int, needle: str) -> str:
-    """Until backend ``pid`` is active on a statement containing ``needle``; its role."""
-    with trio.fail_after(GONE_BOUND):
-        while True:
-            rows = await trio.to_thread.run_sync(_activity, cluster, pid)
-            if rows and rows[0][0] == "active" and needle in str(rows[0][2]):
-                return str(rows[0][1])
-            await trio.sleep(0.05)
-
-
 async def wait_gone(cluster: PgCluster, pid: int) -> None:
     """Until backend ``pid`` is no longer in pg_stat_activity (bounded)."""
-    rows: list[list[Any]] = []
+    state: tuple[str, str] | None = None
     with trio.move_on_after(GONE_BOUND):
         while True:
-            rows = await trio.to_thread.run_sync(_activity, cluster, pid)
-            if not rows:
+            state = await trio.to_thread.run_sync(backend_state, cluster, pid)
+            if state is None:
                 return
             await trio.sleep(0.05)
-    raise AssertionError(f"backend {pid} still in pg_stat_activity: {rows}")
+    raise AssertionError(f"backend {pid} still in pg_stat_activity: {state}")
 
 
 def _count(cluster: PgCluster, db: str) -> int:
@@ -459,14 +443,14 @@ async def test_tightened_limits_end_open_sessions(pg: PgCluster, tmp_path: Path)
 
 
 async def test_revocation_on_one_instance_ends_backend_of_another(
-    pg: PgCluster, tmp_path: Path
+    pg: PgCluster, tmp_path: Path, redis_url: str
 ) -> None:
     """Instance B runs a session's loop; instance A starts after it: A's start sweep leaves
     B's backend alone (the caller holds a slot in Redis). A revalidates, B does not: A's
     revocation ends the role's backend behind B's session too."""
     db = create_app_database(pg)
     key_prefix = f"wp-end-{secrets.token_hex(6)}:"
-    state = f'[state]\nbackend = "redis"\nurl = "{REDIS_URL}"\nkey_prefix = "{key_prefix}"\n'
+    state = f'[state]\nbackend = "redis"\nurl = "{redis_url}"\nkey_prefix = "{key_prefix}"\n'
     async with run_standin(tmp_path) as standin:
 
         def config(interval: str) -> Any:
@@ -489,7 +473,7 @@ async def test_revocation_on_one_instance_ends_backend_of_another(
                 async with run_waypoint(config("1s")) as a:
                     # A's start sweep ran before it accepted: B's session is not an orphan.
                     await wait_rows(pg, db, await trio.to_thread.run_sync(_count, pg, db) + 3)
-                    assert await trio.to_thread.run_sync(_activity, pg, via_b.pid)
+                    assert await trio.to_thread.run_sync(backend_state, pg, via_b.pid) is not None
                     via_a = await open_raw(E2EEnv(pg, standin, a, config("1s")), db, ip)
                     try:
                         standin.set_peer(

@@ -22,6 +22,7 @@ import trio
 import trustme
 from cert_support import KeyType, make_certificate
 from e2e_support import LISTENER, E2EEnv, RawSession, create_app_database, e2e_env
+from fixtures_pg import PrivatePg
 from pgcluster import PgCluster, _HbaEntry
 
 import waypoint.proxy.backend
@@ -30,15 +31,14 @@ from waypoint.pgwire import UpstreamLogin
 json_log = test_logs.json_log  # Waypoint's log as JSON lines into a buffer
 
 
-def _pg15_ssl_with(key_type: KeyType) -> Iterator[tuple[PgCluster, Path]]:
+def _pg15_ssl_with(key_type: KeyType, private_pg: PrivatePg) -> Iterator[tuple[PgCluster, Path]]:
     """A TLS backend whose server certificate is of ``key_type``, and the CA file that
     verifies it.
 
     Waypoint's admin connection (pg8000) takes SCRAM-SHA-256-PLUS whenever it is offered, and
     PostgreSQL cannot complete that with an Ed25519 certificate: the admin logs in by ``trust``
     here so that the provisioned roles' own (scram-sha-256) logins are what the tests exercise."""
-    cluster = PgCluster.start("system", ssl=True)
-    try:
+    with private_pg("system", ssl=True) as cluster:
         cert = make_certificate(key_type, cluster.host)
         cluster._write_datadir_file("server.crt", cert.cert_pem.decode(), 0o644)
         cluster._write_datadir_file("server.key", cert.key_pem.decode(), 0o600)
@@ -48,35 +48,30 @@ def _pg15_ssl_with(key_type: KeyType) -> Iterator[tuple[PgCluster, Path]]:
         ca = cluster.ca_pem_path.with_name(f"{key_type}-ca.pem")
         ca.write_bytes(cert.ca_pem)
         yield cluster, ca
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="module")
-def pg15_ssl_ed25519() -> Iterator[tuple[PgCluster, Path]]:
+def pg15_ssl_ed25519(private_pg: PrivatePg) -> Iterator[tuple[PgCluster, Path]]:
     """No channel binding can exist for its certificate; PostgreSQL still offers
     SCRAM-SHA-256-PLUS."""
-    yield from _pg15_ssl_with("ed25519")
+    yield from _pg15_ssl_with("ed25519", private_pg)
 
 
 @pytest.fixture(scope="module")
-def pg15_ssl_rsa_pss() -> Iterator[tuple[PgCluster, Path]]:
+def pg15_ssl_rsa_pss(private_pg: PrivatePg) -> Iterator[tuple[PgCluster, Path]]:
     """Its certificate is signed with RSASSA-PSS (SHA-384 in the signature's parameters)."""
-    yield from _pg15_ssl_with("rsa-pss")
+    yield from _pg15_ssl_with("rsa-pss", private_pg)
 
 
 @pytest.fixture(scope="module")
-def pg15_ssl_cleartext() -> Iterator[PgCluster]:
+def pg15_ssl_cleartext(private_pg: PrivatePg) -> Iterator[PgCluster]:
     """A TLS backend whose pg_hba asks every Waypoint role for a cleartext password (the
     admin keeps SCRAM: an admin asked for cleartext over an unverified link is refused
     first, tests/test_admin_auth_fail_closed.py)."""
-    cluster = PgCluster.start("system", ssl=True, hba_default_method="password")
-    cluster._hba_users.append(_HbaEntry("host", cluster.admin_user, "scram-sha-256"))
-    cluster.reload()
-    try:
+    with private_pg("system", ssl=True, hba_default_method="password") as cluster:
+        cluster._hba_users.append(_HbaEntry("host", cluster.admin_user, "scram-sha-256"))
+        cluster.reload()
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def _ssl_in_use(env: E2EEnv, db: str) -> tuple[bool, str]:

@@ -23,9 +23,11 @@ from e2e_support import (
     LISTENER,
     E2EEnv,
     RawSession,
+    backend_state,
     capture_logs,
     create_app_database,
     e2e_env,
+    wait_running_blocking,
 )
 from pgcluster import PgCluster
 
@@ -215,25 +217,6 @@ def cancel_outcomes(env: E2EEnv) -> dict[str, float]:
     return out
 
 
-def backend_state(cluster: PgCluster, pid: int) -> tuple[str, str] | None:
-    """(state, query) of backend ``pid`` in pg_stat_activity, or None if it is gone."""
-    rows = cluster.execute("SELECT state, query FROM pg_stat_activity WHERE pid = :p", p=pid)
-    return (str(rows[0][0]), str(rows[0][1])) if rows else None
-
-
-def wait_until_running(cluster: PgCluster, pid: int, marker: str, timeout: float = 20.0) -> None:
-    """Poll pg_stat_activity (bounded) until backend ``pid`` runs a statement containing
-    ``marker``."""
-    deadline = time.monotonic() + timeout
-    seen = None
-    while time.monotonic() < deadline:
-        seen = backend_state(cluster, pid)
-        if seen is not None and seen[0] == "active" and marker in seen[1]:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"backend {pid} never ran {marker!r}: {seen}")
-
-
 def _cancel_attempts(
     env: E2EEnv, raw: RawSession, marker: str, strangers: list[str], owner: str
 ) -> tuple[list[tuple[str, str] | None], str]:
@@ -241,7 +224,7 @@ def _cancel_attempts(
     the statement's state is read after each; then ``owner`` sends it. Returns the states and
     the statement's result."""
     raw.send_query(f"select pg_sleep(30) /* {marker} */")
-    wait_until_running(env.cluster, raw.pid, marker)
+    wait_running_blocking(env.cluster, raw.pid, marker)
     states = []
     for source in strangers:
         # Waypoint closes a cancel connection only after it has sent the request on (and the

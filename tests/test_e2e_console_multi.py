@@ -13,21 +13,24 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 import trio
 from console_support import admin_rule, console_run, sessions_of
 from e2e_support import LISTENER, RawSession, create_app_database, make_config_text, run_waypoint
 from localapi_standin import LocalAPIStandin, run_standin
 from pgcluster import PgCluster
-from state_support import redis_client
+from state_support import REDIS_URL, redis_client
 
 from waypoint.app import Running
 from waypoint.config.load import load_config_text
 from waypoint.config.model import Config
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 ADMIN = "admin@example.com"
 VICTIM = "victim@example.com"
 VICTIM_IP = "127.0.0.2"
+
+# Every test here runs two instances sharing the machine's Redis.
+pytestmark = pytest.mark.redis
 
 
 @attrs.frozen

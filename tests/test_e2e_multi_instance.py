@@ -16,11 +16,19 @@ from typing import Any
 import pg8000.native
 import pytest
 import trio
-from e2e_support import LISTENER, create_app_database, db_rule, make_config_text, run_waypoint
+from e2e_support import (
+    LISTENER,
+    backend_state,
+    create_app_database,
+    db_rule,
+    make_config_text,
+    run_waypoint,
+    wait_running,
+)
 from localapi_standin import LocalAPIStandin, run_standin
 from pg8000.exceptions import DatabaseError
 from pgcluster import PgCluster
-from state_support import redis_client
+from state_support import REDIS_URL, redis_client
 
 from waypoint.app import Running
 from waypoint.config.load import load_config_text
@@ -35,7 +43,9 @@ from waypoint.pgwire import (
 )
 from waypoint.state import CancelTarget, cancel_key_digest
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+# Every test here runs two instances sharing the machine's Redis.
+pytestmark = pytest.mark.redis
+
 
 
 @contextlib.asynccontextmanager
@@ -171,7 +181,7 @@ async def test_cancel_sent_to_instance_b_cancels_query_running_through_a(
             with trio.fail_after(30):
                 key = await client.startup(db)
             await stream.send_all(build_message(b"Q", b"select pg_sleep(30)\0"))
-            await trio.sleep(0.3)  # let the query start on the backend
+            await wait_running(pg, key.pid, "pg_sleep")
             with trio.fail_after(10):
                 cancel = await trio.open_tcp_stream(*b.address(LISTENER))
                 async with cancel:
@@ -202,22 +212,6 @@ async def send_cancel(running: Running, pid: int, secret: bytes, source: str) ->
                 pass
 
 
-async def wait_until_running(pg: PgCluster, pid: int, timeout: float = 20.0) -> None:
-    """Poll pg_stat_activity (bounded) until backend ``pid`` runs pg_sleep."""
-    with trio.move_on_after(timeout):
-        while True:
-            state = await trio.to_thread.run_sync(backend_state, pg, pid)
-            if state is not None and state[0] == "active" and "pg_sleep" in state[1]:
-                return
-            await trio.sleep(0.05)
-    raise AssertionError(f"backend {pid} never ran pg_sleep")
-
-
-def backend_state(pg: PgCluster, pid: int) -> tuple[str, str] | None:
-    rows = pg.execute("SELECT state, query FROM pg_stat_activity WHERE pid = :p", p=pid)
-    return (str(rows[0][0]), str(rows[0][1])) if rows else None
-
-
 async def test_a_cancel_via_b_from_another_identity_does_not_cancel_the_query_through_a(
     pg: PgCluster, tmp_path: Path
 ) -> None:
@@ -233,7 +227,7 @@ async def test_a_cancel_via_b_from_another_identity_does_not_cancel_the_query_th
             with trio.fail_after(30):
                 key = await client.startup(db)
             await stream.send_all(build_message(b"Q", b"select pg_sleep(30)\0"))
-            await wait_until_running(pg, key.pid)
+            await wait_running(pg, key.pid, "pg_sleep")
 
             # The right key, through the other instance, from another identity: nothing.
             await send_cancel(b, key.pid, key.secret, "127.0.0.3")

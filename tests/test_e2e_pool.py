@@ -492,18 +492,15 @@ async def test_a_pooled_backend_keeps_no_role_alive_past_its_ttl(
         assert _pooled(env) == 0
 
 
+@pytest.mark.redis  # the two instances share the machine's Redis
 async def test_cancel_mapping_across_two_instances_with_redis(
     pg: PgCluster, tmp_path: Path
 ) -> None:
     """Redis holds each client's key sealed: instance B forwards a pooled client's cancel to
     the backend it reached through A, and the previous client's key, through B, cancels
     nothing."""
-    from test_e2e_multi_instance import (
-        cancel_outcome,
-        send_cancel,
-        two_instances,
-        wait_until_running,
-    )
+    from e2e_support import wait_running
+    from test_e2e_multi_instance import cancel_outcome, send_cancel, two_instances
 
     db = create_app_database(pg)
     async with two_instances(pg, tmp_path) as (standin, a, b):
@@ -520,7 +517,7 @@ async def test_cancel_mapping_across_two_instances_with_redis(
         second = await trio.to_thread.run_sync(lambda: RawSession.open(via_a, db, 2))  # type: ignore[arg-type]
         assert second.pid == first.pid and second.secret != first.secret
         second.send_query("select pg_catalog.pg_sleep(60)")
-        await wait_until_running(pg, second.pid)
+        await wait_running(pg, second.pid, "pg_sleep")
         await send_cancel(b, first.pid, first.secret, "127.0.0.1")
         assert cancel_outcome(b, "unknown_key") == 1
         state = pg.execute("SELECT state FROM pg_stat_activity WHERE pid = :p", p=second.pid)

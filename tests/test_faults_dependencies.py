@@ -26,8 +26,9 @@ from e2e_support import (
     roles_with_prefix,
     run_waypoint,
 )
+from fixtures_pg import PrivatePg
 from localapi_standin import run_standin
-from pgcluster import PgCluster, PgClusterError
+from pgcluster import PgCluster
 from state_support import OwnRedis
 
 from waypoint.config.load import load_config_text
@@ -39,16 +40,10 @@ IDENTITY_TIMEOUT = 2.0  # make_config_text's [identity] timeout
 
 
 @pytest.fixture(params=["system", "18"], ids=["pg15", "pg18"])
-def own_pg(request: pytest.FixtureRequest) -> Iterator[PgCluster]:
+def own_pg(request: pytest.FixtureRequest, private_pg: PrivatePg) -> Iterator[PgCluster]:
     """A cluster this test may stop, start and restart (PostgreSQL 15 and 18)."""
-    try:
-        cluster = PgCluster.start(request.param)
-    except PgClusterError as exc:
-        pytest.fail(f"PostgreSQL could not start: {exc}", pytrace=False)
-    try:
+    with private_pg(request.param) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def _pg_ctl(cluster: PgCluster, action: str) -> None:
@@ -206,11 +201,10 @@ async def test_localapi_unavailable_fails_closed_with_08004_in_time(
 
 
 async def test_redis_stopped_refuses_new_connections_and_live_sessions_continue(
-    pg: PgCluster, tmp_path: Path
+    pg: PgCluster, tmp_path: Path, own_redis: OwnRedis
 ) -> None:
     db = create_app_database(pg)
-    redis = OwnRedis()
-    redis.start()
+    redis = own_redis
     try:
         state = f'[state]\nbackend = "redis"\nurl = "{redis.url}"\nkey_prefix = "wpfault:"\n'
         with trio.fail_after(120):

@@ -18,6 +18,7 @@ import trio
 from e2e_support import LISTENER, E2EEnv, create_app_database, e2e_env, roles_with_prefix
 from pgcluster import PgCluster
 
+from waypoint.app import reap_targets
 from waypoint.reaper import Reaper
 
 pytestmark = pytest.mark.pg
@@ -25,14 +26,58 @@ pytestmark = pytest.mark.pg
 IDENTITIES = ("127.0.0.7", "127.0.0.8", "127.0.0.9")
 
 
-def _reaper(env: E2EEnv) -> Reaper:
+def _reaper(env: E2EEnv, *, release_idle: bool = True) -> Reaper:
+    """The listener's reaper as the app builds it (``release_idle``: the app's way to end the
+    pooled backends of expired roles first)."""
     ctx = env.running.contexts[LISTENER]
+    target = reap_targets(env.running.contexts)[LISTENER]
     return Reaper(
         ctx.listener,
         ctx.provisioner,
         roles_in_use=lambda: env.running.registry.roles_in_use(LISTENER),
         known_listeners={LISTENER},
+        release_idle=target.release_idle if release_idle else None,
     )
+
+
+async def test_a_pooled_backend_does_not_keep_an_expired_role_alive(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """The attack: a caller's role expires on the server's clock (here: VALID UNTIL set in
+    the past behind Waypoint's back, so the pool's own expiry timer knows nothing) while an
+    idle backend of it waits in the pool. That backend is a session in pg_stat_activity; a
+    reaper that counted it would keep the role until the pool let go of it. The app's
+    reaper ends this instance's pooled backends of expired roles first, then drops them."""
+    from test_e2e_pool import wait_pooled
+
+    prefix = f"wprpool{os.getpid() % 100000}_"
+    db = create_app_database(pg)
+    with trio.fail_after(120):
+        async with e2e_env(
+            pg, tmp_path, postgres_extra=f'user_prefix = "{prefix}"\nreap_interval = "1h"'
+        ) as env:
+            env.grant("127.0.0.7", {db: {"permissions": ["readonly"]}})
+            conn = await env.pg8000_connect(db, source="127.0.0.7")
+            try:
+                role = (await trio.to_thread.run_sync(conn.run, "SELECT current_user"))[0][0]
+                pid = (await trio.to_thread.run_sync(conn.run, "SELECT pg_backend_pid()"))[0][0]
+            finally:
+                await trio.to_thread.run_sync(conn.close)
+            await wait_pooled(env, 1)
+            pg.execute(f"ALTER ROLE {pg8000.native.identifier(role)} VALID UNTIL '2000-01-01'")
+
+            # Without the release, the pooled backend keeps the role (what must not happen).
+            report = await _reaper(env, release_idle=False).run_pass()
+            assert [s.role for s in report.skipped] == [role], report
+            assert "live session" in report.skipped[0].reason
+
+            report = await _reaper(env).run_pass()
+            assert report.dropped_roles == (role,), report
+            assert role not in roles_with_prefix(pg, prefix)
+            gone = pg.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = :p", p=pid)
+            assert gone == [[0]]
+            await wait_pooled(env, 0)
+            await env.assert_clean()
 
 
 def _admin_advisory_locks(cluster: PgCluster) -> int:

@@ -225,11 +225,10 @@ class Tailscaled:
 
 @pytest.mark.pg
 async def test_each_dependency_check_fails_alone_and_recovers(
-    pg: PgCluster, tmp_path: Path
+    pg: PgCluster, tmp_path: Path, own_redis: OwnRedis
 ) -> None:
     db = create_app_database(pg)
-    redis = OwnRedis()
-    redis.start()
+    redis = own_redis
     sock_dir = tempfile.mkdtemp(prefix="wp-health-")
     try:
         async with trio.open_nursery() as nursery:
@@ -350,10 +349,9 @@ admin_password = "{cluster.admin_password}"
 
 @pytest.mark.pg
 async def test_a_backend_down_or_hanging_fails_its_check_alone(
-    pg: PgCluster, tmp_path: Path
+    pg: PgCluster, tmp_path: Path, own_redis: OwnRedis
 ) -> None:
-    redis = OwnRedis()
-    redis.start()
+    redis = own_redis
     try:
         async with silent_server() as (hung_port, held):
             tables = (

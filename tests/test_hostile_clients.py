@@ -30,7 +30,8 @@ from e2e_support import (
     roles_with_prefix,
     tls_client_hello,
 )
-from pgcluster import PgCluster, PgClusterError
+from fixtures_pg import PrivatePg
+from pgcluster import PgCluster
 
 HANDSHAKE = 2.0
 # A refused or stalled connection must be gone by the handshake timeout plus this margin.
@@ -43,17 +44,11 @@ pytestmark = pytest.mark.pg
 
 
 @pytest.fixture(scope="module", params=["system", "18"], ids=["pg15", "pg18"])
-def logged_pg(request: pytest.FixtureRequest) -> Iterator[PgCluster]:
+def logged_pg(request: pytest.FixtureRequest, private_pg: PrivatePg) -> Iterator[PgCluster]:
     """A cluster of its own that logs every statement (to prove what ran and what did not),
     PostgreSQL 15 and 18."""
-    try:
-        cluster = PgCluster.start(request.param, log_statement="all")
-    except PgClusterError as exc:
-        pytest.fail(f"PostgreSQL could not start: {exc}", pytrace=False)
-    try:
+    with private_pg(request.param, log_statement="all") as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ none), the trigger on the foreign table is gone, and the table keeps its rows.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pg8000.native
 import pytest
+import test_reaper_pg
 import trio
 from pg8000.exceptions import DatabaseError
 from pg8000.native import identifier
@@ -105,20 +105,8 @@ def triggers_on_t(pg: PgCluster, db: str) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
-@pytest.fixture
-def app_db(pg: PgCluster, pg_db: str) -> str:
-    setup_app_db(pg, pg_db)
-    return pg_db
-
-
-@pytest.fixture
-async def env(pg: PgCluster) -> AsyncIterator[Env]:
-    prefix = new_prefix()
-    e = Env(pg, prefix, listener_for(pg, prefix))
-    try:
-        yield e
-    finally:
-        await e.prov.aclose()
+app_db = test_reaper_pg.app_db
+env = test_reaper_pg.env
 
 
 async def _plant(pg: PgCluster, env: Env, db: str) -> tuple[Credentials, Credentials]:

@@ -8,11 +8,15 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pg8000.native
 import psycopg
 import pytest
-from pgcluster import PgCluster, PgClusterError, pid_alive, reap_orphans
+from fixtures_pg import PrivatePg
+from pgcluster import PgCluster, PgClusterError, Version, pid_alive, reap_orphans
+
+from waypoint.demo import pgrun
 
 
 def _login(cluster: PgCluster, user: str, password: str | None) -> str:
@@ -167,6 +171,30 @@ def test_stop_leaves_no_process_and_no_directory(version: str) -> None:
     assert not root.exists()
     assert _wait_gone(pid)
     cluster.stop()  # idempotent
+
+
+@pytest.mark.parametrize("version", ["system", "18"])
+def test_clusters_of_one_build_are_copies_of_one_initdb(
+    version: Version, private_pg: PrivatePg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """initdb runs at most once per build and process (the template); each cluster is a copy of
+    its own: what one cluster holds, the other does not."""
+    calls: list[object] = []
+    real = pgrun.initdb
+
+    def counting(*args: Any, **kwargs: Any) -> None:
+        calls.append(args)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(pgrun, "initdb", counting)
+    with private_pg(version) as a, private_pg(version) as b:
+        assert len(calls) <= 1, calls  # none when this build's template was made before
+        assert a.datadir != b.datadir and a.port != b.port
+        a.execute("CREATE DATABASE only_in_a")
+        assert b.execute("SELECT count(*) FROM pg_database WHERE datname = 'only_in_a'") == [[0]]
+    with private_pg(version) as c:
+        assert c.execute("SELECT count(*) FROM pg_database WHERE datname = 'only_in_a'") == [[0]]
+    assert len(calls) <= 1, calls
 
 
 @pytest.mark.pg

@@ -11,7 +11,9 @@ from typing import Any
 
 import pg8000.native
 import pytest
+import test_reaper_pg
 import trio
+from fixtures_pg import PrivatePg
 from pg8000.exceptions import DatabaseError
 from pgcluster import PgCluster
 from provision_support import role_exists, role_marker_login, setup_app_db
@@ -49,10 +51,7 @@ def grant(
     )
 
 
-@pytest.fixture
-def app_db(pg: PgCluster, pg_db: str) -> str:
-    setup_app_db(pg, pg_db)
-    return pg_db
+app_db = test_reaper_pg.app_db
 
 
 @pytest.fixture
@@ -486,13 +485,10 @@ async def test_fifty_identities_concurrently_all_log_in(
 
 
 @pytest.fixture(scope="module", params=["system", "18"], ids=["pg15", "pg18"])
-def logged_pg(request: pytest.FixtureRequest) -> Iterator[PgCluster]:
+def logged_pg(request: pytest.FixtureRequest, private_pg: PrivatePg) -> Iterator[PgCluster]:
     # md5 in pg_hba accepts both md5 and SCRAM verifiers; every statement is logged.
-    cluster = PgCluster.start(request.param, log_statement="all", hba_default_method="md5")
-    try:
+    with private_pg(request.param, log_statement="all", hba_default_method="md5") as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.mark.parametrize("encryption", ["scram-sha-256", "md5"])

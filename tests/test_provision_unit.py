@@ -251,7 +251,7 @@ class FakeProvisioner(Provisioner):
         return Credentials(role, secret, None, until, True), lease
 
 
-async def test_concurrent_calls_share_one_provision_and_hold_lock_until_last_exit() -> None:
+async def test_concurrent_calls_share_one_provision_and_hold_lock_until_last_exit(autojump_clock: trio.testing.MockClock) -> None:
     locks = FakeLocks()
     p = FakeProvisioner(locks, [1_000_000.0])
     g = grant((RO, "public"))
@@ -274,7 +274,7 @@ async def test_concurrent_calls_share_one_provision_and_hold_lock_until_last_exi
     assert locks.acquired == 1 and locks.released == 1 and not locks.held
 
 
-async def test_cached_secret_is_reused_with_no_provision_and_no_lock() -> None:
+async def test_cached_secret_is_reused_with_no_provision_and_no_lock(autojump_clock: trio.testing.MockClock) -> None:
     locks = FakeLocks()
     p = FakeProvisioner(locks, [1_000_000.0])
     g = grant((RO, "public"))
@@ -286,7 +286,7 @@ async def test_cached_secret_is_reused_with_no_provision_and_no_lock() -> None:
     assert p.provisions == 1 and locks.acquired == 1
 
 
-async def test_secret_close_to_valid_until_is_not_reused() -> None:
+async def test_secret_close_to_valid_until_is_not_reused(autojump_clock: trio.testing.MockClock) -> None:
     locks = FakeLocks()
     clock = [1_000_000.0]
     p = FakeProvisioner(locks, clock)
@@ -298,7 +298,7 @@ async def test_secret_close_to_valid_until_is_not_reused() -> None:
         assert second.provisioned and second.secret != first.secret
 
 
-async def test_peek_gives_cached_credentials_only_while_a_handshake_could_use_them() -> None:
+async def test_peek_gives_cached_credentials_only_while_a_handshake_could_use_them(autojump_clock: trio.testing.MockClock) -> None:
     locks = FakeLocks()
     clock = [1_000_000.0]
     p = FakeProvisioner(locks, clock)
@@ -319,7 +319,7 @@ async def test_peek_gives_cached_credentials_only_while_a_handshake_could_use_th
     assert p.peek(first.role, alice) is None
 
 
-async def test_grant_change_and_rotate_each_provision_again() -> None:
+async def test_grant_change_and_rotate_each_provision_again(autojump_clock: trio.testing.MockClock) -> None:
     locks = FakeLocks()
     p = FakeProvisioner(locks, [1_000_000.0])
     async with p.credentials(ALICE, grant((RO, "public"))):
@@ -331,7 +331,7 @@ async def test_grant_change_and_rotate_each_provision_again() -> None:
     assert p.provisions == 3
 
 
-async def test_lock_released_when_body_raises_or_is_cancelled() -> None:
+async def test_lock_released_when_body_raises_or_is_cancelled(autojump_clock: trio.testing.MockClock) -> None:
     locks = FakeLocks()
     p = FakeProvisioner(locks, [1_000_000.0])
     g = grant((RO, "public"))
@@ -345,7 +345,7 @@ async def test_lock_released_when_body_raises_or_is_cancelled() -> None:
     assert not locks.held and locks.released == locks.acquired == 2
 
 
-async def test_waiters_share_a_failed_provision_error() -> None:
+async def test_waiters_share_a_failed_provision_error(autojump_clock: trio.testing.MockClock) -> None:
     locks = FakeLocks()
     p = FakeProvisioner(locks, [1_000_000.0])
     p.fail_next = ProvisionError(provisioning_failed("cid", "boom"))
@@ -365,7 +365,7 @@ async def test_waiters_share_a_failed_provision_error() -> None:
     assert p.provisions == 1 and not locks.held
 
 
-async def test_waiter_takes_over_when_leader_is_cancelled() -> None:
+async def test_waiter_takes_over_when_leader_is_cancelled(autojump_clock: trio.testing.MockClock) -> None:
     locks = FakeLocks()
     p = FakeProvisioner(locks, [1_000_000.0], delay=0.2)
     g = grant((RO, "public"))
@@ -388,7 +388,7 @@ async def test_waiter_takes_over_when_leader_is_cancelled() -> None:
     assert p.provisions == 2 and not locks.held
 
 
-async def test_different_roles_provision_concurrently() -> None:
+async def test_different_roles_provision_concurrently(autojump_clock: trio.testing.MockClock) -> None:
     locks = FakeLocks()
     p = FakeProvisioner(locks, [1_000_000.0], delay=0.2)
     start = trio.current_time()
@@ -401,10 +401,12 @@ async def test_different_roles_provision_concurrently() -> None:
         for i in range(10):
             n.start_soon(one, i)
     assert p.provisions == 10
-    assert trio.current_time() - start < 1.0  # not serialized behind one global lock
+    # Virtual time (autojump): ten 0.2 s provisions side by side, not one after another
+    # behind one global lock.
+    assert trio.current_time() - start == pytest.approx(0.2)
 
 
-async def test_extend_validity_skips_roles_with_a_running_flight() -> None:
+async def test_extend_validity_skips_roles_with_a_running_flight(autojump_clock: trio.testing.MockClock) -> None:
     locks = FakeLocks()
     p = FakeProvisioner(locks, [1_000_000.0])
     g = grant((RO, "public"))
@@ -423,7 +425,7 @@ class SameNameProvisioner(FakeProvisioner):
         return "wp_pg_main_ann_lee_x_com_pc_app"
 
 
-async def test_cached_secret_and_shared_flight_never_cross_to_another_caller() -> None:
+async def test_cached_secret_and_shared_flight_never_cross_to_another_caller(autojump_clock: trio.testing.MockClock) -> None:
     locks = FakeLocks()
     p = SameNameProvisioner(locks, [1_000_000.0])
     g = grant((RO, "public"))

@@ -195,6 +195,17 @@ def test_substituted_values_are_not_rescanned_as_templates() -> None:
     assert text == 'GRANT SELECT ON public.t TO "{{.Database}}"'
 
 
+@pytest.mark.parametrize(("role", "database"), [("", "app"), ("r\x00x", "app"), ("r", "")])
+def test_an_empty_or_nul_name_is_a_refused_entry_not_sql(role: str, database: str) -> None:
+    with pytest.raises(RawSqlError, match="refused"):
+        render_and_validate(
+            ["GRANT CONNECT ON DATABASE {{.Database}} TO {{.Role}}"],
+            role=role,
+            database=database,
+            dialect=PG,
+        )
+
+
 def test_go_template_conditional_bypass_is_impossible() -> None:
     # The Go reference renders the template once with a dummy context to validate and again
     # with the real one to run, so {{if}} can choose a harmless statement for the check and

@@ -6,16 +6,14 @@ left alone."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pg8000.native
-import pytest
+import test_reaper_pg
 import trio
 from pg8000.native import identifier, literal
 from pgcluster import PgCluster
-from provision_support import setup_app_db
-from test_reaper_pg import ALICE, BOB, Env, connect_as, expire, grant, listener_for, new_prefix
+from test_reaper_pg import ALICE, BOB, Env, connect_as, expire, grant
 
 from waypoint.grants.model import Preset
 from waypoint.identity.model import Identity
@@ -26,20 +24,8 @@ DAVE = Identity(login="dave@example.com", node="dave-pc")
 ERIN = Identity(login="erin@example.com", node="erin-pc")
 
 
-@pytest.fixture
-def orphan_db(pg: PgCluster, pg_db: str) -> str:
-    setup_app_db(pg, pg_db)
-    return pg_db
-
-
-@pytest.fixture
-async def orphan_env(pg: PgCluster) -> AsyncIterator[Env]:
-    prefix = new_prefix()
-    e = Env(pg, prefix, listener_for(pg, prefix))
-    try:
-        yield e
-    finally:
-        await e.prov.aclose()
+orphan_db = test_reaper_pg.app_db
+orphan_env = test_reaper_pg.env
 
 
 def _pids(pg: PgCluster, role: str) -> list[int]:

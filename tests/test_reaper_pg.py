@@ -103,12 +103,15 @@ class Env:
 
 @pytest.fixture
 def app_db(pg: PgCluster, pg_db: str) -> str:
+    """A fresh database set up as the application's (:func:`setup_app_db`); the ownership,
+    orphan and ``waypoint roles`` suites take this fixture from here."""
     setup_app_db(pg, pg_db)
     return pg_db
 
 
 @pytest.fixture
 async def env(pg: PgCluster) -> AsyncIterator[Env]:
+    """A provisioner and a reaper of a prefix of this test's own (shared like ``app_db``)."""
     prefix = new_prefix()
     e = Env(pg, prefix, listener_for(pg, prefix))
     try:

@@ -9,10 +9,8 @@ live session at its next revalidation. End to end on PostgreSQL 15 and 18."""
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,37 +19,18 @@ import pytest
 import trio
 from e2e_support import LISTENER, create_app_database, db_rule, make_config_text, run_waypoint
 from localapi_standin import LocalAPIStandin, run_standin
+from log_support import configured_log
 from pg8000.exceptions import DatabaseError, InterfaceError
 from pgcluster import PgCluster
 
 from waypoint.app import Running
 from waypoint.config.load import ConfigError, load_config
-from waypoint.observability.log import LOGGER_NAME, configure
 from waypoint.service.reload import config_hash
 
 OTHER = "pg-other"
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-@contextlib.contextmanager
-def captured_logs() -> Iterator[io.StringIO]:
-    """Waypoint's log lines in a buffer (human format to begin with); the handlers and level
-    in force before are restored afterwards (a reload may switch the format)."""
-    logger = logging.getLogger(LOGGER_NAME)
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    buffer = io.StringIO()
-    configure("human", stream=buffer)
-    try:
-        yield buffer
-    finally:
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-        for handler in saved[0]:
-            logger.addHandler(handler)
-        logger.setLevel(saved[1])
-        logger.propagate = saved[2]
 
 
 class Forwarder:
@@ -167,7 +146,7 @@ async def test_live_session_survives_a_reload_that_changes_listeners_limits_logs
             make_config_text(pg, **base, tables_extra="[defaults.limits]\nmax_conns_per_user = 1")
         )
         grant_both(standin, "127.0.0.2", db, 2)
-        with captured_logs() as logs:
+        with configured_log() as logs:
             async with waypoint_from(path) as running:
                 live = await connect(running, db, "127.0.0.2")
                 pid = (await query(live, "select pg_backend_pid()"))[0][0]
@@ -237,7 +216,7 @@ async def test_an_invalid_file_changes_nothing_and_one_line_names_every_problem(
         standin.set_peer(
             "127.0.0.2", login="a@example.com", node="a", rules=[db_rule({db: {"permissions": ["readonly"]}})]
         )
-        with captured_logs() as logs:
+        with configured_log() as logs:
             async with waypoint_from(path) as running:
                 live = await connect(running, db, "127.0.0.2")
                 before_ctx = running.contexts[LISTENER]
@@ -280,7 +259,7 @@ async def test_a_removed_listener_stops_accepting_and_drains_its_sessions(
         base = make_config_text(pg, socket_path=standin.socket_path, drain_timeout="2s")
         path.write_text(base + second_listener(pg))
         grant_both(standin, "127.0.0.2", db, 2)
-        with captured_logs() as logs:
+        with configured_log() as logs:
             async with waypoint_from(path) as running:
                 kept = await connect(running, db, "127.0.0.2")
                 draining = await connect(running, db, "127.0.0.2", listener=OTHER)
@@ -449,7 +428,7 @@ async def test_a_tightened_limit_reaches_live_sessions_at_their_next_revalidatio
         standin.set_peer(
             "127.0.0.2", login="a@example.com", node="a", rules=[db_rule({db: {"permissions": ["readonly"]}})]
         )
-        with captured_logs() as logs:
+        with configured_log() as logs:
             await _tighten(path, text, db)
         log_text = logs.getvalue()
     over = [line for line in log_text.splitlines() if "session_over_limit" in line]
@@ -492,7 +471,7 @@ async def test_a_reassign_to_that_startup_would_refuse_fails_the_reload(
     try:
         async with run_standin(tmp_path) as standin:
             path.write_text(make_config_text(pg, socket_path=standin.socket_path))
-            with captured_logs() as logs:
+            with configured_log() as logs:
                 async with waypoint_from(path) as running:
                     ctx = running.contexts[LISTENER]
                     path.write_text(

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 from e2e_support import run_waypoint
+from log_support import configured_log
 from state_support import free_port
-from test_reload import captured_logs
 
 from waypoint.config.load import load_config, load_config_text
 from waypoint.identity.model import IdentityError
@@ -71,7 +71,7 @@ def test_plan_names_added_removed_changed_rebind_and_kept() -> None:
 async def test_a_reload_that_cannot_bind_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "w.toml"
     path.write_text(_text(("a", "127.0.0.1:0")))
-    with socket.socket() as taken, captured_logs() as logs:
+    with socket.socket() as taken, configured_log() as logs:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         busy = f"127.0.0.1:{taken.getsockname()[1]}"
@@ -101,7 +101,7 @@ async def test_restart_only_settings_are_named_and_kept_and_the_level_switches(t
     path = tmp_path / "w.toml"
     metrics = free_port()
     path.write_text(_text(("a", "127.0.0.1:0"), extra=f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n'))
-    with captured_logs() as logs:
+    with configured_log() as logs:
         async with run_waypoint(load_config(path)) as running:
             path.write_text(
                 _text(
@@ -134,7 +134,7 @@ async def test_restart_only_settings_are_named_and_kept_and_the_level_switches(t
 async def test_the_reload_line_names_kept_settings(tmp_path: Path) -> None:
     path = tmp_path / "w.toml"
     path.write_text(_text(("a", "127.0.0.1:0")))
-    with captured_logs() as logs:
+    with configured_log() as logs:
         async with run_waypoint(load_config(path)) as running:
             path.write_text(
                 _text(("a", "127.0.0.1:0"), extra='[admission]\nmax_handshakes_per_address = 3\n\n[state]\nlease = "45s"\n')

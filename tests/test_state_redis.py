@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import redis
 import trio
+from log_support import configured_log, parse_lines
 from redis.crc import key_slot
 from state_support import (
     REDIS_URL,
@@ -39,18 +41,6 @@ def prefix() -> Iterator[str]:
 
 def cfg(prefix: str, *, url: str = REDIS_URL, lease: float = 30.0) -> StateConfig:
     return StateConfig(backend="redis", url=url, key_prefix=prefix, lease=lease)
-
-
-@pytest.fixture
-async def own_redis() -> AsyncIterator[OwnRedis]:
-    server = OwnRedis()
-    server.start()
-    try:
-        yield server
-    finally:
-        if server.proc is not None:
-            server.proc.send_signal(signal.SIGCONT)
-        server.stop()
 
 
 def req(principal: str = "alice@example.com", **limits: int) -> SlotRequest:
@@ -314,6 +304,40 @@ async def test_release_during_a_stall_is_retried_and_lands(own_redis: OwnRedis) 
         # Well before the next heartbeat (lease/3 = 10 s): the background retry did it
         # (its back-off is capped at 2 s).
         await wait_for(landed, timeout=6)
+
+
+async def test_a_redis_failover_and_outage_are_events_whose_fields_are_json_keys() -> None:
+    """Lost counts (a failover to a replica that missed writes) and an outage are events with
+    named fields, and the Redis password (in the URL) is in none of them."""
+    password = "redis-" + secrets.token_hex(8)
+    server = OwnRedis(password=password)
+    server.start()
+    try:
+        with configured_log("json") as buffer:
+            async with open_state(
+                cfg(unique_prefix(), url=server.url, lease=30.0), op_timeout=0.5
+            ) as store:
+                assert isinstance(await store.acquire_slot(req(max_user=5)), SlotLease)
+                # What a replica promoted before it had the writes holds: none of them.
+                redis_client(server.url).flushall()
+                with trio.fail_after(10):
+                    await store.acquire_slot(req(max_user=5))  # the counts are found lost
+                server.stop()
+                with trio.fail_after(5):
+                    refused = await store.acquire_slot(req(max_user=5))
+                assert isinstance(refused, Refusal)
+    finally:
+        server.stop()
+    records = parse_lines(buffer)
+    unavailable = [r for r in records if r["event"] == "state_unavailable"]
+    assert unavailable, records
+    for r in unavailable:
+        assert r["level"] == "warning" and isinstance(r["operation"], str), r
+        assert isinstance(r["error"], str) and "message" not in r, r
+    assert "acquire" in {r["operation"] for r in unavailable}
+    lost = [r for r in records if r["event"] == "state_counts_lost"]
+    assert lost and {r["operation"] for r in lost} == {"acquire"}, records
+    assert password not in buffer.getvalue()
 
 
 async def test_writes_sent_before_a_reassertion_are_fenced(prefix: str) -> None:

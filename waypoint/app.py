@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import resource
 import signal
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 import attrs
 import trio
@@ -416,7 +416,7 @@ class _Service:
                     # A reassign_to that could hand callers' objects to a privileged role
                     # refuses the start.
                     problems = await reaper_service.reassign_target_problems(
-                        _reap_targets(self.contexts)
+                        reap_targets(self.contexts)
                     )
                     if problems:
                         raise StartupRefused("; ".join(problems))
@@ -631,7 +631,7 @@ class _Service:
                 )
             # A reassign_to that startup would refuse fails the reload the same way.
             checked = {name: staged.contexts[name] for name in (*plan.added, *plan.changed)}
-            problems = await reaper_service.reassign_target_problems(_reap_targets(checked))
+            problems = await reaper_service.reassign_target_problems(reap_targets(checked))
             if problems:
                 raise StartupRefused("; ".join(problems))
             for name in (*plan.added, *plan.rebind):
@@ -835,17 +835,17 @@ def _extra_background(
     metrics: Metrics,
 ) -> list[Callable[[], Awaitable[None]]]:
     """Background services beside revalidation: the reaper's periodic task per listener."""
-    return reaper_service.reaper_tasks(config, _reap_targets(contexts), registry, metrics)
+    return reaper_service.reaper_tasks(config, reap_targets(contexts), registry, metrics)
 
 
 async def _sweep_orphans(
     contexts: dict[str, ListenerContext], registry: SessionRegistry, metrics: Metrics
 ) -> None:
     """The reaper's start sweep of orphan backends."""
-    await reaper_service.sweep_orphans_at_start(_reap_targets(contexts), registry, metrics)
+    await reaper_service.sweep_orphans_at_start(reap_targets(contexts), registry, metrics)
 
 
-def _reap_targets(contexts: Mapping[str, ListenerContext]) -> dict[str, reaper_service.ReapTarget]:
+def reap_targets(contexts: Mapping[str, ListenerContext]) -> dict[str, reaper_service.ReapTarget]:
     """Each listener as the reaper sees it (plain values: the reaper knows no proxy types)."""
     return {
         name: reaper_service.ReapTarget(
@@ -853,9 +853,22 @@ def _reap_targets(contexts: Mapping[str, ListenerContext]) -> dict[str, reaper_s
             provisioner=ctx.provisioner,
             state=ctx.state,
             shared_state=ctx.config.state.backend != "memory",
+            release_idle=None if ctx.pool is None else _release_idle(ctx.pool, ctx.listener),
         )
         for name, ctx in contexts.items()
     }
+
+
+def _release_idle(
+    pool: BackendPool, listener: ListenerConfig
+) -> Callable[[Collection[str]], Awaitable[int]]:
+    """The reaper's way to end this instance's pooled backends of expired roles (and wait
+    until they are gone) before it decides whether a role is still in use."""
+
+    async def release(roles: Collection[str]) -> int:
+        return await pool.close_roles_now(listener.backend_address, roles, "role_closed")
+
+    return release
 
 
 async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event, service: _Service) -> None:

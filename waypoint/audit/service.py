@@ -43,6 +43,7 @@ class AuditService:
             session_context(instance=self.instance, **fields),
             parameters=self.config.parameters,
             max_statement_bytes=self.config.max_statement_bytes,
+            max_session_statement_bytes=self.config.max_session_statement_bytes,
         )
         return SessionAudit(
             tracker,

@@ -16,6 +16,7 @@ def session_tracker(
     *,
     parameters: ParameterMode = "none",
     max_statement_bytes: int = 65536,
+    max_session_statement_bytes: int = 4 << 20,
     wall_clock: bool = True,
 ) -> CTracker:
     """The C tracker of one session (waypoint/proxy/relay/_audit.h; the same records as
@@ -28,6 +29,7 @@ def session_tracker(
         context_members(short).encode(),
         parameters=parameters,
         max_statement_bytes=max_statement_bytes,
+        max_session_statement_bytes=max_session_statement_bytes,
         wall_clock=wall_clock,
     )
 

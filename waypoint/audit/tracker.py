@@ -17,6 +17,8 @@ What is recorded (``event``):
   (``none``: only their count; ``hash``: the SHA-256 of each; ``full``: each as text, or
   hex when not UTF-8 / bound in binary);
 * ``function_call`` — a FunctionCall (the function's OID, arguments as parameters);
+* ``bind`` — a named portal's statement and parameters, when the session budget drops
+  them from the portal (see below);
 * ``copy`` — the server started a COPY (direction) for the statement before it;
 * ``result`` — the server finished a query / execute / function call: ``tag`` (the last
   CommandComplete), ``commands`` (how many), ``sqlstate`` on error, ``rows`` for COPY,
@@ -27,6 +29,19 @@ What is recorded (``event``):
 Size is no way around it: texts and parameters longer than ``max_statement_bytes`` are
 cut, marked (``text_truncated``) and carry the SHA-256 of the whole (``text_sha256``),
 computed incrementally; a message body is never buffered beyond the bound, however large.
+
+Nor is the number of names: what the tracker keeps per session (prepared statements and
+portals, each table on its own) is bounded by ``max_session_statement_bytes``, counted as
+:data:`ENTRY_COST` per entry plus its name, kept text and parameter members
+(``retained_bytes``). Past the bound, the oldest kept statement texts are replaced by their
+SHA-256 and length (an Execute of that statement is recorded with ``text_evicted``, the
+length and the hash: its text is in the ``parse`` record with that hash) and the oldest
+named portals lose their parameters, recorded then in a ``bind`` record (an Execute of the
+portal carries ``parameters_evicted`` and that record's ``bind_id``); when that is not
+enough, the oldest such entries are forgotten (an Execute of an unknown name is then
+recorded with ``text_evicted`` or ``portal_evicted``, its name, and no text). The unnamed
+portal is never evicted nor counted (it is replaced by every Bind, and one message's
+parameters keep at most ``max_statement_bytes`` together). Close frees entries.
 """
 
 from __future__ import annotations
@@ -35,7 +50,7 @@ import contextlib
 import hashlib
 import json
 import struct
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Mapping
 from typing import Any, Final, Literal
 
@@ -47,6 +62,8 @@ CONTEXT_KEY: Final = "_context"
 SHORT_CONTEXT: Final = ("instance", "conn_id", "login", "node", "database")
 Record = dict[str, Any]
 
+#: What one kept statement or portal counts for beyond its bytes (``retained_bytes``).
+ENTRY_COST: Final = 192
 #: Cap on names (statement, portal) kept from the wire.
 _NAME_CAP: Final = 256
 #: Cap on a backend message body kept (CommandComplete, ErrorResponse); the rest is skipped.
@@ -216,6 +233,113 @@ class _Body:
         return {"malformed": True}
 
 
+class _Statement:
+    """A prepared statement kept: its text (or, evicted, only its SHA-256 and length)."""
+
+    __slots__ = ("kept", "key_len", "sha", "size", "truncated")
+
+    def __init__(self, key_len: int, text: _Text) -> None:
+        self.key_len = key_len
+        self.kept: bytes | None = bytes(text.kept)
+        self.truncated = text.truncated
+        self.sha: str | None = text.sha256() if self.truncated else None
+        self.size = text.size
+
+    def cost(self) -> int:
+        return ENTRY_COST + self.key_len + (len(self.kept) if self.kept is not None else 0)
+
+    def evict(self) -> None:
+        if self.kept is not None and self.sha is None:
+            self.sha = hashlib.sha256(self.kept).hexdigest()
+        self.kept = None
+
+
+class _Portal:
+    """A portal kept: its statement's name and parameter members (evicted: dropped)."""
+
+    __slots__ = ("bind_id", "key_len", "params", "params_len", "statement", "statement_len")
+
+    def __init__(self, key_len: int, statement: str, statement_len: int,
+                 params: dict[str, Any]) -> None:  # fmt: skip
+        self.key_len = key_len
+        self.statement = statement
+        self.statement_len = statement_len
+        self.params: dict[str, Any] | None = params
+        #: Evicted: the ``bind`` record that has the parameters.
+        self.bind_id = 0
+        # The parameter members as the C tracker keeps them (encoded).
+        self.params_len = len(_dumps(params).encode()) - 2 if params else 0
+
+    def cost(self) -> int:
+        return ENTRY_COST + self.key_len + self.statement_len + self.params_len
+
+    def evict(self) -> None:
+        self.params = None
+        self.params_len = 0
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class _Table:
+    """Named entries of one session within ``budget`` (``retained``: their cost): past it,
+    the oldest kept entries are evicted (made smaller), then the oldest evicted ones
+    dropped (``dropped`` counts them)."""
+
+    __slots__ = ("budget", "dropped", "entries", "evicted", "kept", "on_evict", "pin", "retained")
+
+    def __init__(
+        self,
+        budget: int,
+        *,
+        pin: str | None = None,
+        on_evict: Callable[[str, Any], None] | None = None,
+    ) -> None:
+        self.budget = budget
+        #: A name whose entry is neither counted nor evicted (the unnamed portal).
+        self.pin = pin
+        #: Called with an entry about to be evicted.
+        self.on_evict = on_evict
+        self.entries: dict[str, Any] = {}
+        #: Names in the order their entries will be evicted, then dropped.
+        self.kept: OrderedDict[str, None] = OrderedDict()
+        self.evicted: OrderedDict[str, None] = OrderedDict()
+        self.retained = 0
+        self.dropped = 0
+
+    def get(self, name: str) -> Any:
+        return self.entries.get(name)
+
+    def remove(self, name: str) -> None:
+        entry = self.entries.pop(name, None)
+        if entry is not None and name != self.pin:
+            self.retained -= entry.cost()
+            self.kept.pop(name, None)
+            self.evicted.pop(name, None)
+
+    def put(self, name: str, entry: _Statement | _Portal) -> None:
+        """Keep ``entry`` under ``name`` (the newest), then shrink to the budget."""
+        self.remove(name)
+        self.entries[name] = entry
+        if name == self.pin:
+            return
+        self.kept[name] = None
+        self.retained += entry.cost()
+        while self.retained > self.budget and self.kept:
+            old, _ = self.kept.popitem(last=False)
+            victim = self.entries[old]
+            self.retained -= victim.cost()
+            if self.on_evict is not None:
+                self.on_evict(old, victim)
+            victim.evict()
+            self.retained += victim.cost()
+            self.evicted[old] = None
+        while self.retained > self.budget and self.evicted:
+            old, _ = self.evicted.popitem(last=False)
+            self.retained -= self.entries.pop(old).cost()
+            self.dropped += 1
+
+
 def _i16(b: bytes) -> int:
     return int(_I16.unpack(b)[0])
 
@@ -233,10 +357,13 @@ class AuditTracker:
         *,
         parameters: ParameterMode = "none",
         max_statement_bytes: int = 65536,
+        max_session_statement_bytes: int = 4 << 20,
         wall_clock: Callable[[], float] | None = None,
     ) -> None:
         if max_statement_bytes < 1:
             raise ValueError("max_statement_bytes must be >= 1")
+        if max_session_statement_bytes < 1:
+            raise ValueError("max_session_statement_bytes must be >= 1")
         self.context = dict(context)
         #: The context as JSON members, serialized once (the sink splices it into each
         #: line: ``CONTEXT_KEY``); results and copy records carry a shorter one.
@@ -247,10 +374,9 @@ class AuditTracker:
         self.parameters = parameters
         self.cap = max_statement_bytes
         self._wall = wall_clock
-        #: Prepared statements by name ("" is the unnamed one): (text, sha256, truncated, size).
-        self.statements: dict[str, tuple[str, str | None, bool, int]] = {}
-        #: Portals by name: (statement name, parameters record fields).
-        self.portals: dict[str, tuple[str, dict[str, Any]]] = {}
+        #: Prepared statements by name ("" is the unnamed one), and portals by name.
+        self.statements = _Table(max_session_statement_bytes)
+        self.portals = _Table(max_session_statement_bytes, pin="", on_evict=self._evict_portal)
         #: What the server answers next, in order: [kind, record-or-None, started].
         self.pending: deque[list[Any]] = deque()
         self.seq = 0
@@ -264,6 +390,21 @@ class AuditTracker:
         self._now = 0.0
         #: The COPY the client is sending data for (its pending entry).
         self._copy_in: list[Any] | None = None
+        #: An extended-protocol statement failed and the client has not sent Sync since:
+        #: the server discards what comes until Sync, answering nothing, so a statement
+        #: now is recorded ``not_run`` at once (waiting would keep it for an answer that
+        #: never comes: a client could pile up millions).
+        self._skipping = False
+
+    @property
+    def retained_bytes(self) -> int:
+        """What the statement and portal tables hold (bounded: 2 x the session budget)."""
+        return self.statements.retained + self.portals.retained
+
+    @property
+    def awaiting(self) -> int:
+        """Statements and Syncs waiting for the server's answer."""
+        return len(self.pending)
 
     # -- input ------------------------------------------------------------------------------
 
@@ -315,6 +456,7 @@ class AuditTracker:
                 self._copy_in[3] += 1
             return
         if kind == _S:
+            self._skipping = False
             self.pending.append(["sync", None, now, 0])
             return
         if body is None:
@@ -323,48 +465,73 @@ class AuditTracker:
             rec = self._record("query", "simple", _text_fields(body["text"]))
             rec.update(_malformed(body))
             self.last_statement = rec["text"]
-            self.pending.append(["query", rec, now, 0, []])
+            self._await(["query", rec, now, 0, []])
         elif kind == _P:
             name = body["name"]
             text: _Text = body["text"]
             fields = _text_fields(text)
-            self.statements[name] = (
-                fields["text"],
-                fields.get("text_sha256"),
-                bool(fields.get("text_truncated")),
-                text.size,
-            )
+            self.statements.put(name, _Statement(body["name_len"], text))
             self._record("parse", "extended", {"statement": name, **fields, **_malformed(body)})
         elif kind == _B:
-            self.portals[body["portal"]] = (body["statement"], body["params"])
+            self.portals.put(
+                body["portal"],
+                _Portal(body["portal_len"], body["statement"], body["statement_len"],
+                        body["params"]),
+            )  # fmt: skip
         elif kind == _E:
             portal = body["portal"]
-            stmt_name, params = self.portals.get(portal, ("", {}))
-            fields = {"statement": stmt_name, "portal": portal}
-            known = self.statements.get(stmt_name)
-            if known is None:
-                fields["text"] = None  # unknown statement: the server will refuse it
+            bound: _Portal | None = self.portals.get(portal)
+            fields = {"statement": "", "portal": portal}
+            if bound is None and self.portals.dropped:
+                fields.update(statement=None, text=None, portal_evicted=True)
+                known = None
             else:
-                stext, ssha, struncated, ssize = known
-                fields["text"] = stext
-                if struncated:
-                    fields.update(text_truncated=True, text_bytes=ssize, text_sha256=ssha)
-            fields.update(params)
+                if bound is not None:
+                    fields["statement"] = bound.statement
+                known = self.statements.get(fields["statement"])
+                if known is None:
+                    fields["text"] = None  # unknown statement: the server will refuse it
+                    if self.statements.dropped:
+                        fields["text_evicted"] = True
+                elif known.kept is None:
+                    fields.update(text=None, text_evicted=True, text_bytes=known.size,
+                                  text_sha256=known.sha)  # fmt: skip
+                else:
+                    fields["text"] = known.kept.decode("utf-8", "replace")
+                    if known.truncated:
+                        fields.update(
+                            text_truncated=True, text_bytes=known.size, text_sha256=known.sha
+                        )
+            if bound is not None:
+                if bound.params is None:
+                    fields.update(parameters_evicted=True, bind_id=bound.bind_id)
+                else:
+                    fields.update(bound.params)
             rec = self._record("execute", "extended", {**fields, **_malformed(body)})
             self.last_statement = rec["text"]
-            self.pending.append(["exec", rec, now, 0, []])
-            if not portal:
-                pass  # the unnamed portal lives until the next Bind
+            self._await(["exec", rec, now, 0, []])
         elif kind == _C:
             if body["what"] == "S":
-                self.statements.pop(body["name"], None)
+                self.statements.remove(body["name"])
             elif body["what"] == "P":
-                self.portals.pop(body["name"], None)
+                self.portals.remove(body["name"])
         elif kind == _F:
             fields = {"function_oid": body.get("oid"), **body["params"], **_malformed(body)}
             rec = self._record("function_call", "simple", fields)
             self.last_statement = f"function call {body.get('oid')}"
-            self.pending.append(["fcall", rec, now, 0, []])
+            self._await(["fcall", rec, now, 0, []])
+
+    def _evict_portal(self, name: str, portal: _Portal) -> None:
+        """A portal's parameters are about to be dropped: record them now."""
+        fields = {"statement": portal.statement, "portal": name, **(portal.params or {})}
+        portal.bind_id = self._record("bind", "extended", fields)["statement_id"]
+
+    def _await(self, entry: list[Any]) -> None:
+        """A statement waits for the server's answer, unless the server will skip it."""
+        if self._skipping:
+            self._result(entry, "not_run")
+        else:
+            self.pending.append(entry)
 
     # -- backend ----------------------------------------------------------------------------
 
@@ -415,6 +582,7 @@ class AuditTracker:
                 # The server skips the rest of this pipeline segment, up to Sync.
                 while pending and pending[0][0] == "exec":
                     self._result(pending.popleft(), "not_run")
+                self._skipping = not pending
             elif len(head) == 5:
                 head.append(sqlstate)
         elif kind == _BZ:
@@ -491,12 +659,13 @@ def _parse_query(cap: int) -> _Parser:
 def _parse_parse(cap: int) -> _Parser:
     name = _Text(_NAME_CAP)
     text = _Text(cap)
+    out: dict[str, Any] = {"text": text}
     try:
         yield ("cstr", name)
         yield ("cstr", text)
     except _Short:
-        return {"name": name.text(), "text": text, "malformed": True}
-    return {"name": name.text(), "text": text}
+        out["malformed"] = True
+    return dict(out, name=name.text(), name_len=len(name.kept))
 
 
 def _param_value(data: _Text, binary: bool, mode: ParameterMode) -> Any:
@@ -520,6 +689,9 @@ def _params(
     count: int, formats: list[int], mode: ParameterMode, cap: int
 ) -> Generator[_Request, Any, dict[str, Any]]:
     values: list[Any] = []
+    # What all the parameters of one message keep, together: ``cap`` (32767 parameters of
+    # ``cap`` bytes each would otherwise be held at once); past it they are hashed, cut.
+    left = cap
     for i in range(count):
         length = _i32((yield ("take", 4)))
         if length < 0:
@@ -531,9 +703,10 @@ def _params(
         if mode == "none":
             yield ("blob", length, _NullText())
             continue
-        data = _Text(cap, always_hash=mode == "hash")
+        data = _Text(left, always_hash=mode == "hash")
         if length:
             yield ("blob", length, data)
+        left -= len(data.kept)
         values.append(_param_value(data, binary, mode))
     fields: dict[str, Any] = {"parameter_count": count}
     if mode != "none":
@@ -565,13 +738,17 @@ def _parse_bind(cap: int, mode: ParameterMode) -> _Parser:
         count = _i16((yield ("take", 2)))
         params = yield from _params(max(0, count), formats, mode, cap)
     except _Short:
-        return {
-            "portal": portal.text(),
-            "statement": stmt.text(),
-            "params": params,
-            "malformed": True,
-        }
-    return {"portal": portal.text(), "statement": stmt.text(), "params": params}
+        return dict(_bind_names(portal, stmt), params=params, malformed=True)
+    return dict(_bind_names(portal, stmt), params=params)
+
+
+def _bind_names(portal: _Text, stmt: _Text) -> dict[str, Any]:
+    return {
+        "portal": portal.text(),
+        "portal_len": len(portal.kept),
+        "statement": stmt.text(),
+        "statement_len": len(stmt.kept),
+    }
 
 
 def _chunks(data: bytes, size: int) -> list[bytes]:

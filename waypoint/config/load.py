@@ -469,6 +469,8 @@ def _validate(cfg: Config) -> list[tuple[KeyPath, str]]:
         out.append((("audit", "keep"), "must not be negative"))
     if audit.max_statement_bytes < 64:
         out.append((("audit", "max_statement_bytes"), "must be at least 64 bytes"))
+    if audit.max_session_statement_bytes < 1024:
+        out.append((("audit", "max_session_statement_bytes"), "must be at least 1KiB"))
 
     # listeners
     if not cfg.listeners:

@@ -135,6 +135,9 @@ class AuditConfig:
     parameters: AuditParameters = "none"
     # Statement texts and parameters longer than this are cut (marked, with their SHA-256).
     max_statement_bytes: int = field(default=64 * 1024, metadata={"unit": "size"})
+    # What a session's prepared statements (and, apart, its portals) may hold in Waypoint;
+    # past it the oldest texts are kept as their SHA-256 only.
+    max_session_statement_bytes: int = field(default=4 * 1024 * 1024, metadata={"unit": "size"})
     on_error: AuditOnError = "block"
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import decimal
 import json
 import re
+from collections.abc import Mapping
 from decimal import Decimal
 
 __all__ = ["format_duration", "format_size", "parse_duration", "parse_size"]
@@ -219,6 +220,24 @@ def _plain(d: Decimal) -> str:
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return text
+
+
+def json_type(value: object) -> str:
+    """The JSON type of a decoded value, as a problem message names it: ``null``, ``boolean``,
+    ``number``, ``string``, ``array``, ``object`` (else the Python type's name)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "array"
+    if isinstance(value, Mapping):
+        return "object"
+    return type(value).__name__
 
 
 def describe_value(value: object) -> str:

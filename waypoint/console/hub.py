@@ -235,7 +235,7 @@ class ConsoleHub:
         try:
             lock = await self.directory.lock_for(identity.login, identity.node)
         except StateUnavailableError as exc:
-            return errors.identity_unavailable("shared state (Redis)", f"lock check failed: {exc}")
+            return errors.state_unavailable(f"lock check failed: {exc}")
         if lock is None:
             return None
         until = _iso(lock.expires) or "UNLOCK"

@@ -43,7 +43,7 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, override
 
-from waypoint.config.units import parse_duration, parse_size
+from waypoint.config.units import json_type, parse_duration, parse_size
 from waypoint.grants.model import Preset
 from waypoint.grants.presets import preset_from_name
 
@@ -132,19 +132,13 @@ _WHAT = {
 
 
 def _type_name(obj: object) -> str:
-    if obj is None:
-        return "null"
-    if isinstance(obj, bool):
-        return "a boolean"
-    if isinstance(obj, int | float):
-        return "a number"
-    if isinstance(obj, str):
-        return "a string"
-    if isinstance(obj, Mapping):
-        return "an object"
-    if isinstance(obj, list | tuple):
-        return "an array"
-    return type(obj).__name__
+    """``a string``, ``an object``, ``null``: :func:`json_type` with its article."""
+    name = json_type(obj)
+    if name in ("string", "number", "boolean"):
+        return f"a {name}"
+    if name in ("array", "object"):
+        return f"an {name}"
+    return name
 
 
 def _structure_str(obj: object, _: type) -> str:

@@ -32,6 +32,7 @@ import trio
 from attrs import frozen
 
 from waypoint import errors
+from waypoint.config.units import json_type
 from waypoint.identity.model import IdentityError
 
 LOCALAPI_HOST: Final = "local-tailscaled.sock"
@@ -515,5 +516,5 @@ def _decode_json_object(body: bytes, what: str) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MalformedResponse(f"{what}: answer is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise MalformedResponse(f"{what}: answer is a JSON {type(value).__name__}, not an object")
+        raise MalformedResponse(f"{what}: answer is a JSON {json_type(value)}, not an object")
     return value

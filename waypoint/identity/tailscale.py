@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from waypoint.config.model import IdentityConfig
+from waypoint.config.units import json_type
 from waypoint.identity.localapi import LocalAPIClient, MalformedResponse
 from waypoint.identity.model import Identity
 
@@ -21,37 +22,21 @@ def _optional_object(value: Any, what: str) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise MalformedResponse(f"{what} is a JSON {_kind(value)}, not an object")
+        raise MalformedResponse(f"{what} is a JSON {json_type(value)}, not an object")
     return value
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
 
 
 def _node_name(node: dict[str, Any]) -> str:
     computed = node.get("ComputedName")
     if computed is not None and not isinstance(computed, str):
         raise MalformedResponse(
-            f"whois Node.ComputedName is a JSON {_kind(computed)}, not a string"
+            f"whois Node.ComputedName is a JSON {json_type(computed)}, not a string"
         )
     if computed:
         return computed
     name = node.get("Name")
     if name is not None and not isinstance(name, str):
-        raise MalformedResponse(f"whois Node.Name is a JSON {_kind(name)}, not a string")
+        raise MalformedResponse(f"whois Node.Name is a JSON {json_type(name)}, not a string")
     label = (name or "").rstrip(".").split(".", 1)[0]
     if not label:
         raise MalformedResponse("whois answer has neither Node.ComputedName nor a Node.Name")
@@ -76,12 +61,12 @@ def _rules(body: dict[str, Any], capability: str) -> tuple[dict[str, Any], ...]:
         return ()
     if not isinstance(rules, list):
         raise MalformedResponse(
-            f"whois CapMap[{capability!r}] is a JSON {_kind(rules)}, not an array"
+            f"whois CapMap[{capability!r}] is a JSON {json_type(rules)}, not an array"
         )
     for index, rule in enumerate(rules):
         if not isinstance(rule, dict):
             raise MalformedResponse(
-                f"whois CapMap[{capability!r}][{index}] is a JSON {_kind(rule)}, not an object"
+                f"whois CapMap[{capability!r}][{index}] is a JSON {json_type(rule)}, not an object"
             )
     return tuple(rules)
 
@@ -89,7 +74,7 @@ def _rules(body: dict[str, Any], capability: str) -> tuple[dict[str, Any], ...]:
 def identity_from_whois(body: Any, capability: str) -> Identity:
     """The :class:`Identity` in a decoded whois answer. Raises :class:`MalformedResponse`."""
     if not isinstance(body, dict):
-        raise MalformedResponse(f"whois answer is a JSON {_kind(body)}, not an object")
+        raise MalformedResponse(f"whois answer is a JSON {json_type(body)}, not an object")
     profile = _optional_object(body.get("UserProfile"), "whois UserProfile")
     if profile is None:
         raise MalformedResponse("whois answer has no UserProfile")

@@ -11,10 +11,11 @@ format writes it as ``\r``, ``\x1b``, ``\u2028``... inside a quoted value, JSON 
 So a value can neither start a forged line nor send a terminal escape.
 
 JSON lines always carry the keys of :data:`STABLE_KEYS` (``null`` when a line has no such
-value), then the event's other fields. Records from plain stdlib loggers under ``waypoint``
-(the provisioning engine logs ``logging.getLogger("waypoint.provision...")`` with plain
-messages) become JSON lines too: ``event`` is the logger name without the ``waypoint.`` prefix
-(``provision.engine``) and ``message`` the formatted text.
+value), then the event's other fields. Waypoint's own code logs only through
+:class:`EventLogger` (``tests/test_logs.py`` checks that no module under ``waypoint`` uses
+``logging`` directly): every value is a named field. Records of the libraries underneath
+(pg8000, redis, trio...) go through the same handler and formatters at warning and above, as the
+event ``library_log`` with the fields ``logger`` (``redis.sentinel``) and ``message`` (their text).
 """
 
 from __future__ import annotations
@@ -102,25 +103,29 @@ def _json_safe(line: str) -> str:
     return "".join(out)
 
 
-def _component(name: str) -> str:
-    prefix = LOGGER_NAME + "."
-    return name[len(prefix) :] if name.startswith(prefix) else name
+#: The event of a record that did not come through :class:`EventLogger` (a library's).
+LIBRARY_EVENT = "library_log"
+
+
+def _event_and_fields(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
+    """The event name and fields of ``record``; a plain stdlib record (a library's) becomes
+    :data:`LIBRARY_EVENT` with its logger's name and its text as fields."""
+    event = getattr(record, "wp_event", None)
+    if event is not None:
+        fields: dict[str, Any] = getattr(record, "wp_fields", {})
+        return str(event), fields
+    return LIBRARY_EVENT, {"logger": record.name, "message": _message(record)}
 
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = getattr(record, "wp_fields", {})
+        event, fields = _event_and_fields(record)
         out: dict[str, Any] = dict.fromkeys(STABLE_KEYS)
         out["ts"] = _dt.datetime.fromtimestamp(record.created, _dt.UTC).isoformat(
             timespec="milliseconds"
         )
         out["level"] = record.levelname.lower()
-        event = getattr(record, "wp_event", None)
-        if event is None:  # a plain stdlib record: name the source, keep the text apart
-            out["event"] = _component(record.name)
-            out["message"] = _clip(_message(record))
-        else:
-            out["event"] = event
+        out["event"] = event
         for key, value in fields.items():
             if key in ("ts", "level", "event"):
                 key = f"field_{key}"
@@ -139,15 +144,9 @@ def _message(record: logging.LogRecord) -> str:
 
 class _HumanFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = getattr(record, "wp_fields", {})
+        event, fields = _event_and_fields(record)
         ts = _dt.datetime.fromtimestamp(record.created).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-        event = getattr(record, "wp_event", None)
-        if event is None:
-            message = escape_text(str(_clip(_message(record))), quoted=False)
-            event = f"{_component(record.name)}: {message}"
-        else:
-            event = escape_text(str(event), quoted=False)
-        parts = [f"{ts} {record.levelname:<7} {event}"]
+        parts = [f"{ts} {record.levelname:<7} {escape_text(event, quoted=False)}"]
         for key, value in fields.items():
             if value is None:
                 continue
@@ -165,18 +164,36 @@ def _clip(value: Any) -> Any:
     return value
 
 
+class _Handler(logging.StreamHandler[TextIO]):
+    """The handler :func:`configure` installs (on Waypoint's logger and on the root logger
+    for the libraries'), so that a second call replaces it rather than adding one."""
+
+
+def _formatter(fmt: Format) -> logging.Formatter:
+    return _JsonFormatter() if fmt == "json" else _HumanFormatter()
+
+
 def configure(
     fmt: Format = "human", *, level: int = logging.INFO, stream: TextIO | None = None
 ) -> None:
-    """Route Waypoint's events to ``stream`` (stderr by default) in the given format."""
+    """Route Waypoint's events to ``stream`` (stderr by default) in the given format, and the
+    libraries' records at warning and above to the same stream, as ``library_log`` events."""
+    target = stream or sys.stderr
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else _HumanFormatter())
+    handler = _Handler(target)
+    handler.setFormatter(_formatter(fmt))
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)
+    libraries = _Handler(target)
+    libraries.setFormatter(_formatter(fmt))
+    libraries.setLevel(max(level, logging.WARNING))
+    root.addHandler(libraries)
 
 
 LEVELS: dict[str, int] = {
@@ -203,8 +220,12 @@ def switch(fmt: Format, level: int) -> None:
         configure(fmt, level=level)
         return
     for handler in logger.handlers:
-        handler.setFormatter(_JsonFormatter() if fmt == "json" else _HumanFormatter())
+        handler.setFormatter(_formatter(fmt))
     logger.setLevel(level)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _Handler):
+            handler.setFormatter(_formatter(fmt))
+            handler.setLevel(max(level, logging.WARNING))
 
 
 class EventLogger:

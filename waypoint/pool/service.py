@@ -9,7 +9,7 @@ one after :meth:`BackendPool.take`; the pool itself never talks to a backend.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Final
 
 import attrs
@@ -123,6 +123,16 @@ class BackendPool:
 
     def close_role(self, server: tuple[str, int], role: str, reason: CloseReason) -> int:
         return self.close_where(lambda k: k.server == server and k.role == role, reason)
+
+    async def close_roles_now(
+        self, server: tuple[str, int], roles: Collection[str], reason: CloseReason
+    ) -> int:
+        """Close the pooled backends of ``roles`` on ``server`` and wait until each is ended
+        (bounded); returns how many."""
+        wanted = frozenset(roles)
+        closing = self.book.close_where(lambda k: k.server == server and k.role in wanted, reason)
+        await self._close_now(closing)
+        return len(closing)
 
     async def close_all(self, reason: CloseReason = "shutdown") -> None:
         """Close every pooled backend and wait until each is ended (bounded); keep nothing

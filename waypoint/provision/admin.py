@@ -18,7 +18,6 @@ ever reaches an admin session.
 from __future__ import annotations
 
 import contextlib
-import logging
 import ssl
 import struct
 from collections import defaultdict
@@ -30,8 +29,9 @@ import trio
 from pg8000.exceptions import DatabaseError, InterfaceError
 
 from waypoint.config.model import ListenerConfig
+from waypoint.observability.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger("provision")
 
 T = TypeVar("T")
 
@@ -382,7 +382,7 @@ class AdminPools:
                 except AdminConnectionLost:
                     if not sess.reused:
                         raise
-            log.info("admin session found dead in the pool; retrying on a new connection")
+            log.info("admin_session_dead", listener=self._listener.name, db=database)
 
     async def aclose(self) -> None:
         self._closed = True

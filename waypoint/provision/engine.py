@@ -24,9 +24,9 @@ verifier computed here (SCRAM, or md5 when configured/required).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -42,6 +42,7 @@ from waypoint.errors import Refusal, bad_grant, provisioning_failed
 from waypoint.grants import naming
 from waypoint.grants.model import EffectiveGrant
 from waypoint.identity.model import Identity
+from waypoint.observability.log import get_logger
 from waypoint.pgwire.scram import ScramKeys, make_md5_verifier, make_scram_verifier
 from waypoint.provision import sql
 from waypoint.provision.admin import AdminError, AdminPools, AdminSession
@@ -55,7 +56,7 @@ from waypoint.provision.locks import (
 )
 from waypoint.provision.rawsql import RawSqlError, render_and_validate, touched_schemas
 
-log = logging.getLogger(__name__)
+log = get_logger("provision")
 
 RETRYABLE_SQLSTATES: Final = frozenset({"23505", "XX000", "40P01"})
 SECRET_BYTES: Final = 32
@@ -370,7 +371,7 @@ async def disarm_everywhere(
     def owned_in(sess: AdminSession) -> list[str]:
         return [str(r[0]) for r in sess.run(sql.OWNED_DATABASES_QUERY, role=owner)]
 
-    def txn(sess: AdminSession) -> None:
+    def txn(sess: AdminSession, database: str) -> None:
         sess.run("BEGIN")
         if check is not None:
             check(sess)
@@ -379,16 +380,16 @@ async def disarm_everywhere(
         sess.run("COMMIT")
         if dropped or changed:
             log.info(
-                "%s: dropped trigger functions on tables it does not own %s; disarmed %d "
-                "object(s) of its code",
-                owner,
-                list(dropped),
-                changed,
+                "role_triggers_dropped",
+                role=owner,
+                db=database,
+                triggers=list(dropped),
+                disarmed=changed,
             )
 
     for database in await pools.run(pools.admin_database, owned_in):
         try:
-            await pools.run(database, txn)
+            await pools.run(database, functools.partial(txn, database=database))
         except AdminError as exc:
             if exc.sqlstate != "3D000":  # a database dropped meanwhile has nothing left
                 raise
@@ -550,7 +551,13 @@ class Provisioner:
                 continue
             self._resolved[key] = candidate
             if candidate != base:
-                log.info("role name %s is taken; using %s for this identity", base, candidate)
+                log.info(
+                    "role_name_taken",
+                    listener=grant.listener,
+                    db=grant.database,
+                    taken=base,
+                    role=candidate,
+                )
             return candidate
         raise _RoleNotOurs(fallback)
 
@@ -892,32 +899,41 @@ class Provisioner:
                 if exc.sqlstate == "3D000":
                     raise DatabaseMissing(exc.fields) from None
                 if attempt == 1 and exc.sqlstate in RETRYABLE_SQLSTATES:
-                    log.info("provision of %s hit %s; retrying once", plan.role, exc.sqlstate)
+                    log.info(
+                        "provision_retry",
+                        listener=self._listener.name,
+                        db=plan.database,
+                        role=plan.role,
+                        error_sqlstate=exc.sqlstate,
+                    )
                     continue
                 raise
             self._group_signatures.update(result.signatures)
+            where = {"listener": self._listener.name, "db": plan.database, "role": plan.role}
             if result.created:
-                log.info("created role %s", plan.role)
+                log.info("role_created", **where)
             if result.granted or result.revoked:
                 log.info(
-                    "role %s: granted %s, revoked %s",
-                    plan.role,
-                    list(result.granted),
-                    list(result.revoked),
+                    "role_grants_changed",
+                    **where,
+                    granted=list(result.granted),
+                    revoked=list(result.revoked),
                 )
             if result.dropped_triggers:
-                log.info(
-                    "role %s: dropped its trigger functions on tables it does not own: %s",
-                    plan.role,
-                    list(result.dropped_triggers),
-                )
+                log.info("role_triggers_dropped", **where, triggers=list(result.dropped_triggers))
             return result
         raise AssertionError("unreachable")
 
     def _admin_failure(self, cid: str, exc: AdminError) -> ProvisionError:
         if exc.sqlstate == "3D000":
             return DatabaseMissing(exc.fields)
-        log.warning("provisioning failed (correlation id %s): %s", cid, exc)
+        log.warning(
+            "provision_admin_error",
+            listener=self._listener.name,
+            correlation_id=cid,
+            error_sqlstate=exc.sqlstate,
+            error=str(exc),
+        )
         return ProvisionError(provisioning_failed(cid, str(exc)))
 
     # -- other operations ----------------------------------------------------------

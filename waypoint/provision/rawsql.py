@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import pglast
+from pg8000.exceptions import InterfaceError
+from pg8000.native import identifier
 from pglast import ast
 from pglast.enums import DropBehavior, GrantTargetType, ObjectType, RoleSpecType
 
@@ -93,19 +95,12 @@ class RawSqlError(ValueError):
         self.reason = reason
 
 
-def quote_identifier(name: str) -> str:
-    """Always-quoted SQL identifier (keywords and mixed case stay what they are)."""
-    if not name:
-        raise ValueError("an identifier cannot be empty")
-    if "\x00" in name:
-        raise ValueError("an identifier cannot contain NUL")
-    return '"' + name.replace('"', '""') + '"'
-
-
 def render(entry: str, *, role: str, database: str) -> str:
     """Substitute ``{{.Role}}`` / ``{{.Database}}`` (one pass). Raises ValueError otherwise."""
-    role_q = quote_identifier(role)
-    db_q = quote_identifier(database)
+    try:  # always quoted, as all DDL here (keywords and mixed case stay what they are)
+        role_q, db_q = str(identifier(role)), str(identifier(database))
+    except InterfaceError as exc:  # empty, or a NUL in it
+        raise ValueError(str(exc)) from None
 
     def substitute(m: re.Match[str]) -> str:
         name = m.group(1).strip()

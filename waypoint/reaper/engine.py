@@ -7,7 +7,10 @@ A pass, for one listener:
    marker (:func:`waypoint.grants.naming.parse_role_comment`); a role with the prefix but
    no marker is never touched;
 2. candidates: ``VALID UNTIL`` passed (the server's clock), no session in
-   ``pg_stat_activity``, not in use by this instance (``roles_in_use()``);
+   ``pg_stat_activity``, not in use by this instance (``roles_in_use()``). An expired role
+   whose only backends are idle ones this instance keeps for reuse (``release_idle``) has
+   those ended first and the roles are listed again: a kept backend never keeps a role
+   alive;
 3. for each candidate, in lock order: the in-process role guard
    (:meth:`Provisioner.role_guard`, waited for briefly), then one attempt at the
    cross-instance role lock (``try_acquire``; busy → skipped this pass), then under both,
@@ -41,7 +44,7 @@ plan and changes nothing.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Final, Literal
@@ -308,7 +311,8 @@ class Reaper:
     locks. ``roles_in_use`` returns the roles this instance's live sessions use;
     ``known_listeners`` are the listener names this instance serves: roles whose marker
     names this listener, or a listener not among them (a removed or renamed listener), are
-    this reaper's to drop."""
+    this reaper's to drop. ``release_idle`` ends this instance's idle kept (pooled)
+    backends of the given roles and returns how many it ended."""
 
     def __init__(
         self,
@@ -317,6 +321,7 @@ class Reaper:
         *,
         roles_in_use: Callable[[], Collection[str]] = frozenset,
         known_listeners: Collection[str] = (),
+        release_idle: Callable[[Collection[str]], Awaitable[int]] | None = None,
         guard_wait: float = GUARD_WAIT,
         role_timeout: float = ROLE_TIMEOUT,
         max_drops_per_pass: int = MAX_DROPS_PER_PASS,
@@ -328,6 +333,7 @@ class Reaper:
         self._prov = provisioner
         self._pools: AdminPools = provisioner.pools
         self._roles_in_use = roles_in_use
+        self._release_idle = release_idle
         self._known = frozenset(known_listeners) | {listener.name}
         self._guard_wait = guard_wait
         self._role_timeout = role_timeout
@@ -426,6 +432,17 @@ class Reaper:
                 raise ReapError(f"reassign_to refused, nothing reaped: {problem}")
         listing = await self.list_roles()
         in_use = set(self._roles_in_use())
+        if self._release_idle is not None and not dry_run:
+            held = [
+                info.name
+                for info in listing.roles
+                if info.expired
+                and self._mine(info)
+                and info.live_sessions
+                and info.name not in in_use
+            ]
+            if held and await self._release_idle(held):
+                listing = await self.list_roles()
         skipped: list[Skipped] = []
         failed: list[Failure] = []
         dropped: list[str] = []

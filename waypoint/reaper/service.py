@@ -11,7 +11,7 @@ The reaper does not depend on the proxy: the app gives it each listener as a
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Final, Protocol
 
 import attrs
@@ -37,6 +37,8 @@ class ReapTarget:
     state: StateStore
     #: Shared state (Redis): another instance's sessions hold slots there.
     shared_state: bool
+    #: Ends this instance's idle kept (pooled) backends of the given roles; how many ended.
+    release_idle: Callable[[Collection[str]], Awaitable[int]] | None = None
 
 
 class LiveSessions(Protocol):
@@ -155,6 +157,7 @@ def reaper_tasks(
             ctx.provisioner,
             roles_in_use=roles_in_use,
             known_listeners=known,
+            release_idle=ctx.release_idle,
         )
         sweeper = _sweeper(ctx, contexts, registry, metrics)
         tasks.append(

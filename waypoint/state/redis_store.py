@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import secrets
 import threading
 import time
@@ -47,6 +46,7 @@ from redis.retry import Retry
 from waypoint import errors
 from waypoint.config.model import StateConfig, split_host_port
 from waypoint.errors import Refusal
+from waypoint.observability.log import get_logger
 from waypoint.state.base import (
     LIMIT_TOTAL,
     LIMIT_USER,
@@ -62,7 +62,7 @@ from waypoint.state.base import (
     validate_cancel_args,
 )
 
-log = logging.getLogger("waypoint.state")
+log = get_logger("state")
 
 T = TypeVar("T")
 
@@ -246,9 +246,7 @@ class RedisClient(Protocol):
     """The commands the store sends: what ``redis.Redis`` (one server or a Sentinel-managed
     master) and ``redis.cluster.RedisCluster`` have in common."""
 
-    def set(
-        self, name: str, value: str, *, px: int | None = None, nx: bool = False
-    ) -> Any: ...
+    def set(self, name: str, value: str, *, px: int | None = None, nx: bool = False) -> Any: ...
 
     def delete(self, *names: str) -> Any: ...
 
@@ -660,9 +658,7 @@ class RedisStateStore:
             began = True
         except UNAVAILABLE as exc:  # only an acquire's re-assertion raises
             log.warning(
-                "shared state (Redis) unavailable re-asserting counts before %s: %s",
-                name,
-                _describe(exc),
+                "state_unavailable", operation="reassert", before=name, error=_describe(exc)
             )
             return None
         finally:
@@ -689,17 +685,14 @@ class RedisStateStore:
             fenced = int(result[0]) == -1 if acquire else int(result) == 0
             if fenced:
                 # Not applied: only a write older than a re-assertion can be; repair it.
-                log.warning("shared state (Redis): %s was fenced by a newer re-assertion", name)
+                log.warning("state_write_fenced", operation=name)
             elif acquire and int(result[0]) == -2:
-                log.warning(
-                    "shared state (Redis) lost this instance's counts (a restart or a "
-                    "failover); re-asserting them before the next acquire"
-                )
+                log.warning("state_counts_lost", operation=name)
                 result = _LOST
             else:
                 certain = True
         except UNAVAILABLE as exc:
-            log.warning("shared state (Redis) unavailable during %s: %s", name, _describe(exc))
+            log.warning("state_unavailable", operation=name, error=_describe(exc))
         finally:
             if acquire:
                 granted = certain and int(result[0]) == 0
@@ -828,7 +821,7 @@ class RedisStateStore:
                 )
             )
         except UNAVAILABLE as exc:
-            log.warning("shared state (Redis) heartbeat failed: %s", _describe(exc))
+            log.warning("state_unavailable", operation="heartbeat", error=_describe(exc))
             return
         await self._repair(list(self._held))
 
@@ -845,7 +838,7 @@ class RedisStateStore:
                     continue
                 await self._reconcile(key, h)
             except UNAVAILABLE as exc:
-                log.warning("shared state (Redis) repair failed: %s", _describe(exc))
+                log.warning("state_unavailable", operation="repair", error=_describe(exc))
                 return
 
     async def _reconcile(self, key: str, h: _Held) -> None:
@@ -857,7 +850,7 @@ class RedisStateStore:
             args: list[str | int] = [self.instance_id, h.confirmed, self._lease_ms, self._epoch]
             ok = int(await self._script("reconcile", [key], args)) == 1
             if not ok:
-                log.warning("shared state (Redis): a re-assertion was fenced; retrying")
+                log.warning("state_write_fenced", operation="reconcile")
         finally:
             h.reconciling = None
             done.set()
@@ -881,8 +874,10 @@ class RedisStateStore:
             )
         except UNAVAILABLE as exc:
             log.warning(
-                "shared state (Redis) unavailable: cancel key kept on this instance only: %s",
-                _describe(exc),
+                "state_unavailable",
+                operation="register_cancel_key",
+                error=_describe(exc),
+                effect="cancel key kept on this instance only",
             )
 
     async def unregister_cancel_key(self, pid: int, secret: bytes) -> None:
@@ -893,7 +888,7 @@ class RedisStateStore:
             )
         except UNAVAILABLE as exc:
             log.warning(
-                "shared state (Redis) unavailable removing a cancel key: %s", _describe(exc)
+                "state_unavailable", operation="unregister_cancel_key", error=_describe(exc)
             )
 
     async def lookup_cancel_key(self, pid: int, secret: bytes) -> CancelTarget | None:
@@ -917,7 +912,10 @@ class RedisStateStore:
             )
         except UNAVAILABLE as exc:
             log.warning(
-                "shared state (Redis) unavailable: cancel request dropped: %s", _describe(exc)
+                "state_unavailable",
+                operation="lookup_cancel_key",
+                error=_describe(exc),
+                effect="cancel request dropped",
             )
             return None
         if not raw:  # no such key
@@ -925,7 +923,7 @@ class RedisStateStore:
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
         target = None if len(raw) >= MAX_CANCEL_VALUE else CancelTarget.decode(text)
         if target is None:
-            log.warning("malformed cancel-key value in shared state; cancel request dropped")
+            log.warning("cancel_key_malformed", pid=pid, length=len(raw))
         return target
 
     # -- locks -------------------------------------------------------------------------------
@@ -948,7 +946,9 @@ class RedisStateStore:
                 if taken:
                     return LockToken(name, token)
             except UNAVAILABLE as exc:
-                log.warning("shared state (Redis) unavailable taking a lock: %s", _describe(exc))
+                log.warning(
+                    "state_unavailable", operation="acquire_lock", lock=name, error=_describe(exc)
+                )
             remaining = deadline - trio.current_time()
             if remaining <= 0:
                 return None
@@ -961,8 +961,11 @@ class RedisStateStore:
                 await self._script("unlock", [self._layout.lock(token.name)], [token.token])
         except UNAVAILABLE as exc:
             log.warning(
-                "shared state (Redis) unavailable releasing a lock (it expires by its ttl): %s",
-                _describe(exc),
+                "state_unavailable",
+                operation="release_lock",
+                lock=token.name,
+                error=_describe(exc),
+                effect="the lock expires by its ttl",
             )
 
     async def warm_up(self) -> None:
@@ -973,7 +976,7 @@ class RedisStateStore:
         try:
             await self._run(self._client.ping, timeout=3 * self._op_timeout)
         except UNAVAILABLE as exc:
-            log.warning("shared state (Redis) unavailable at start: %s", _describe(exc))
+            log.warning("state_unavailable", operation="warm_up", error=_describe(exc))
 
     async def ping(self) -> None:
         """One PING, bounded by the operation timeout (the readiness check). Raises
@@ -1001,9 +1004,10 @@ class RedisStateStore:
                 )
             except UNAVAILABLE as exc:
                 log.warning(
-                    "shared state (Redis) unavailable at shutdown; this instance's slots expire "
-                    "by their lease: %s",
-                    _describe(exc),
+                    "state_unavailable",
+                    operation="close",
+                    error=_describe(exc),
+                    effect="this instance's slots expire by their lease",
                 )
         with trio.CancelScope(shield=True), trio.move_on_after(self._op_timeout):
             await trio.to_thread.run_sync(self._client.close, abandon_on_cancel=True)

@@ -13,7 +13,9 @@
  * SHA-256 of the line before it), computed without the GIL.
  *
  * Memory: texts are kept up to max_statement_bytes (names 256, server texts 4096 bytes)
- * whatever their size; the rest is hashed as it passes. Only the engine thread uses a
+ * whatever their size; the rest is hashed as it passes. The statement and portal tables
+ * each stay within max_session_statement_bytes (tracker.py's _Table: the oldest entries
+ * evicted, then dropped). Only the engine thread uses a
  * tracker once its relay runs (the pump, or Python on that thread with the GIL).
  */
 
@@ -471,23 +473,41 @@ json_text_fields(Buf *b, const unsigned char *kept, size_t len, long long size, 
 /* Name tables (prepared statements, portals)                                           */
 /* ----------------------------------------------------------------------------------- */
 
+/* What one kept statement or portal counts for beyond its bytes (tracker.py's ENTRY_COST). */
+#define ENTRY_COST 192
+
 typedef struct Named {
-    struct Named *next;
+    struct Named *next;             /* hash chain */
+    struct Named *older, *newer;    /* its list: kept, or evicted (oldest first) */
     unsigned char *key;
     size_t klen;
-    /* A statement: its kept text, whole size, cut, SHA-256 of the whole (if cut).
-     * A portal: its statement's name (in text) and its parameter members (in params). */
+    /* A statement: its kept text, whole size, cut, SHA-256 of the whole (if cut, or
+     * evicted). A portal: its statement's name (in text) and its parameter members (in
+     * params). Evicted: a statement's text, a portal's parameters are dropped. */
     Buf text;
     long long size;
     int truncated;
+    int evicted;
+    int pinned;         /* neither counted nor evicted (the unnamed portal) */
+    long long bind_id;  /* an evicted portal: the bind record with its parameters */
     char sha[65];
     Buf params;
 } Named;
 
 typedef struct {
+    Named *oldest, *newest;
+} NamedList;
+
+typedef struct {
     Named **slots;
     size_t nslots; /* a power of two */
     size_t count;
+    int is_statements; /* eviction drops the text (statements) or the parameters (portals) */
+    long long budget, retained, dropped; /* tracker.py's _Table */
+    NamedList kept, evicted;
+    int pin_unnamed;                     /* the entry of "" is pinned */
+    void (*on_evict)(void *owner, Named *e);
+    void *owner;
 } Table;
 
 static size_t
@@ -497,6 +517,38 @@ name_hash(const unsigned char *p, size_t n)
     for (size_t i = 0; i < n; i++)
         h = (h ^ p[i]) * 1099511628211ULL;
     return h;
+}
+
+static long long
+named_cost(const Named *e)
+{
+    return ENTRY_COST + (long long)(e->klen + e->text.len + e->params.len);
+}
+
+static void
+list_unlink(NamedList *l, Named *e)
+{
+    if (e->older != NULL)
+        e->older->newer = e->newer;
+    else
+        l->oldest = e->newer;
+    if (e->newer != NULL)
+        e->newer->older = e->older;
+    else
+        l->newest = e->older;
+    e->older = e->newer = NULL;
+}
+
+static void
+list_append(NamedList *l, Named *e)
+{
+    e->newer = NULL;
+    e->older = l->newest;
+    if (l->newest != NULL)
+        l->newest->newer = e;
+    else
+        l->oldest = e;
+    l->newest = e;
 }
 
 static void
@@ -527,21 +579,59 @@ table_get(Table *t, const unsigned char *key, size_t klen)
 }
 
 static void
+table_unlink(Table *t, Named **at)
+{
+    Named *e = *at;
+    *at = e->next;
+    if (!e->pinned) {
+        list_unlink(e->evicted ? &t->evicted : &t->kept, e);
+        t->retained -= named_cost(e);
+    }
+    t->count--;
+}
+
+static void
 table_remove(Table *t, const unsigned char *key, size_t klen)
 {
     Named **at = table_find(t, key, klen);
     if (at != NULL && *at != NULL) {
         Named *e = *at;
-        *at = e->next;
+        table_unlink(t, at);
         named_free(e);
-        t->count--;
     }
 }
 
-/* The entry for key, new (and emptied) or reused; NULL when memory ran out. */
+/* An emptied buffer of a reused entry keeps its memory only when small (a large one would
+ * be memory the budget does not count). */
+static void
+buf_empty(Buf *b)
+{
+    if (b->cap > 1024)
+        buf_free(b);
+    b->len = 0;
+    b->failed = 0;
+}
+
+/* The (empty) entry for key, the newest: the existing one emptied (the unnamed statement,
+ * replaced at every Parse, keeps its small buffers), or a new one; NULL when memory ran
+ * out. The caller fills it, then table_admit()s it. */
 static Named *
 table_put(Table *t, const unsigned char *key, size_t klen)
 {
+    Named *old = table_get(t, key, klen);
+    if (old != NULL) {
+        if (!old->pinned) {
+            list_unlink(old->evicted ? &t->evicted : &t->kept, old);
+            t->retained -= named_cost(old);
+        }
+        buf_empty(&old->text);
+        buf_empty(&old->params);
+        old->size = 0;
+        old->truncated = old->evicted = 0;
+        if (!old->pinned)
+            list_append(&t->kept, old);
+        return old;
+    }
     if (t->count >= t->nslots) {
         size_t n = t->nslots ? t->nslots * 2 : 16;
         Named **slots = PyMem_RawCalloc(n, sizeof(Named *));
@@ -562,12 +652,6 @@ table_put(Table *t, const unsigned char *key, size_t klen)
         t->nslots = n;
     }
     Named **at = table_find(t, key, klen);
-    if (*at != NULL) {
-        Named *e = *at;
-        e->text.len = e->params.len = 0;
-        e->text.failed = e->params.failed = 0;
-        return e;
-    }
     Named *e = PyMem_RawCalloc(1, sizeof(Named));
     if (e == NULL)
         return NULL;
@@ -581,7 +665,47 @@ table_put(Table *t, const unsigned char *key, size_t klen)
     e->klen = klen;
     *at = e;
     t->count++;
+    if (t->pin_unnamed && klen == 0)
+        e->pinned = 1;
+    else
+        list_append(&t->kept, e);
     return e;
+}
+
+/* The entry put last is filled: count it, then shrink the table to its budget (the oldest
+ * kept entries evicted, then the oldest evicted ones dropped). */
+static void
+table_admit(Table *t, Named *e)
+{
+    if (e->pinned)
+        return;
+    t->retained += named_cost(e);
+    while (t->retained > t->budget && t->kept.oldest != NULL) {
+        Named *v = t->kept.oldest;
+        t->retained -= named_cost(v);
+        list_unlink(&t->kept, v);
+        if (t->on_evict != NULL)
+            t->on_evict(t->owner, v);
+        if (t->is_statements) {
+            if (!v->truncated) {
+                Sha256 s;
+                sha256_init(&s);
+                sha256_update(&s, v->text.p, v->text.len);
+                sha256_hex(&s, v->sha);
+            }
+            buf_free(&v->text);
+        }
+        else
+            buf_free(&v->params);
+        v->evicted = 1;
+        t->retained += named_cost(v);
+        list_append(&t->evicted, v);
+    }
+    while (t->retained > t->budget && t->evicted.oldest != NULL) {
+        Named *v = t->evicted.oldest;
+        table_remove(t, v->key, v->klen);
+        t->dropped++;
+    }
 }
 
 static void
@@ -598,6 +722,8 @@ table_clear(Table *t)
     PyMem_RawFree(t->slots);
     t->slots = NULL;
     t->nslots = t->count = 0;
+    t->retained = 0;
+    t->kept.oldest = t->kept.newest = t->evicted.oldest = t->evicted.newest = NULL;
 }
 
 /* ----------------------------------------------------------------------------------- */
@@ -630,6 +756,7 @@ typedef struct {
     /* The message's fields. */
     Text t1, t2, param;
     long long nfmt, ifmt, count, iparam;
+    size_t param_left;   /* bytes the message's parameters may still keep, together */
     unsigned char *fmts; /* 1: binary, per format code */
     long long fmts_cap;
     int32_t oid;
@@ -668,6 +795,7 @@ typedef struct {
     Buf sqlstate;
     long long copy_data;
     int copy_in;
+    int skipping;   /* tracker.py's _skipping: until the client's Sync, nothing is answered */
     Table statements, portals;
     /* Encoded records not yet taken; the statement last run. */
     Buf out;
@@ -1004,6 +1132,7 @@ params_step(Tracker *t, Framer *f)
                 f->count = 0;
             f->iparam = 0;
             f->values.len = 0;
+            f->param_left = t->cap;
             f->step = 15;
             continue;
         case 15: /* each parameter's length */
@@ -1034,7 +1163,7 @@ params_step(Tracker *t, Framer *f)
                 continue;
             }
             int binary = f->nfmt == 1 ? f->fmts[0] : (i < f->nfmt ? f->fmts[i] : 0);
-            text_reset(&f->param, t->cap, t->mode == MODE_HASH);
+            text_reset(&f->param, f->param_left, t->mode == MODE_HASH);
             f->param.discard = t->mode == MODE_NONE;
             f->what = (unsigned char)binary;
             if (len > 0) {
@@ -1046,6 +1175,7 @@ params_step(Tracker *t, Framer *f)
             continue;
         }
         case 17:
+            f->param_left -= f->param.kept.len;
             if (t->mode != MODE_NONE)
                 param_value(t, f, f->what);
             f->step = 15;
@@ -1234,6 +1364,39 @@ parser_feed(Tracker *t, Framer *f, int is_front, const unsigned char *p, size_t 
     }
 }
 
+/* A portal's parameters are about to be dropped: record them now (tracker.py's
+ * _evict_portal). */
+static void
+evict_portal(void *owner, Named *e)
+{
+    Tracker *t = owner;
+    Buf *b = &t->out;
+    e->bind_id = ++t->seq;
+    record_open(t, &t->ctx, "bind", e->bind_id, "extended");
+    buf_lit(b, ",\"statement\":");
+    json_str(b, e->text.p, e->text.len);
+    buf_lit(b, ",\"portal\":");
+    json_str(b, e->key, e->klen);
+    if (e->params.len) {
+        buf_putc(b, ',');
+        buf_put(b, e->params.p, e->params.len);
+    }
+    record_close(t, 0);
+}
+
+/* A statement waits for the server's answer, unless the server will skip it (then it is
+ * not_run at once; pending is empty then, so is the head's collected state). */
+static void
+await_answer(Tracker *t, int kind, long long id)
+{
+    if (t->skipping) {
+        Pending e = {kind, id, t->now};
+        emit_result(t, &e, "not_run", 0, 0, NULL);
+    }
+    else
+        pending_push(t, kind, id);
+}
+
 /* A frontend message is complete (or unparsed: at its header). */
 static void
 on_front(Tracker *t, Framer *f, int kind, int parsed)
@@ -1244,6 +1407,7 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
         return;
     }
     if (kind == 'S') {
+        t->skipping = 0;
         pending_push(t, PEND_SYNC, 0);
         return;
     }
@@ -1262,7 +1426,7 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
         json_text_fields(b, f->t2.kept.p, f->t2.kept.len, f->t2.size, cut, sha);
         record_close(t, malformed);
         set_last(t, f->t2.kept.p, f->t2.kept.len);
-        pending_push(t, PEND_QUERY, id);
+        await_answer(t, PEND_QUERY, id);
     }
     else if (kind == 'P') {
         int cut = text_truncated(&f->t2);
@@ -1277,6 +1441,7 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
             s->truncated = cut;
             if (cut)
                 memcpy(s->sha, sha, 65);
+            table_admit(&t->statements, s);
         }
         record_open(t, &t->ctx, "parse", ++t->seq, "extended");
         buf_lit(b, ",\"statement\":");
@@ -1293,35 +1458,59 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
             buf_put(&portal->text, f->t2.kept.p, f->t2.kept.len);
             if (!malformed)
                 buf_put(&portal->params, f->params.p, f->params.len);
+            table_admit(&t->portals, portal);
         }
     }
     else if (kind == 'E') {
         Named *portal = table_get(&t->portals, f->t1.kept.p, f->t1.kept.len);
-        const unsigned char *sname = portal ? portal->text.p : NULL;
-        size_t slen = portal ? portal->text.len : 0;
-        Named *s = table_get(&t->statements, sname ? sname : (const unsigned char *)"", slen);
         long long id = ++t->seq;
         record_open(t, &t->ctx, "execute", id, "extended");
-        buf_lit(b, ",\"statement\":");
-        json_str(b, sname, slen);
-        buf_lit(b, ",\"portal\":");
-        json_str(b, f->t1.kept.p, f->t1.kept.len);
-        buf_putc(b, ',');
-        if (s == NULL) {
-            buf_lit(b, "\"text\":null");
+        if (portal == NULL && t->portals.dropped) {
+            /* a forgotten portal (or none): its statement is not known any more */
+            buf_lit(b, ",\"statement\":null,\"portal\":");
+            json_str(b, f->t1.kept.p, f->t1.kept.len);
+            buf_lit(b, ",\"text\":null,\"portal_evicted\":true");
             t->last.len = 0;
             t->last_set = 2;
         }
         else {
-            json_text_fields(b, s->text.p, s->text.len, s->size, s->truncated, s->sha);
-            set_last(t, s->text.p, s->text.len);
+            const unsigned char *sname = portal ? portal->text.p : NULL;
+            size_t slen = portal ? portal->text.len : 0;
+            Named *s = table_get(&t->statements, sname ? sname : (const unsigned char *)"", slen);
+            buf_lit(b, ",\"statement\":");
+            json_str(b, sname, slen);
+            buf_lit(b, ",\"portal\":");
+            json_str(b, f->t1.kept.p, f->t1.kept.len);
+            buf_putc(b, ',');
+            if (s == NULL || s->evicted) {
+                buf_lit(b, "\"text\":null");
+                if (s != NULL) {
+                    buf_lit(b, ",\"text_evicted\":true,\"text_bytes\":");
+                    buf_int(b, s->size);
+                    buf_lit(b, ",\"text_sha256\":\"");
+                    buf_put(b, s->sha, 64);
+                    buf_putc(b, '"');
+                }
+                else if (t->statements.dropped)
+                    buf_lit(b, ",\"text_evicted\":true");
+                t->last.len = 0;
+                t->last_set = 2;
+            }
+            else {
+                json_text_fields(b, s->text.p, s->text.len, s->size, s->truncated, s->sha);
+                set_last(t, s->text.p, s->text.len);
+            }
         }
-        if (portal != NULL && portal->params.len) {
+        if (portal != NULL && portal->evicted) {
+            buf_lit(b, ",\"parameters_evicted\":true,\"bind_id\":");
+            buf_int(b, portal->bind_id);
+        }
+        else if (portal != NULL && portal->params.len) {
             buf_putc(b, ',');
             buf_put(b, portal->params.p, portal->params.len);
         }
         record_close(t, malformed);
-        pending_push(t, PEND_EXEC, id);
+        await_answer(t, PEND_EXEC, id);
     }
     else if (kind == 'C') {
         if (malformed)
@@ -1351,7 +1540,7 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
         }
         record_close(t, malformed);
         set_last(t, (const unsigned char *)tmp, (size_t)n);
-        pending_push(t, PEND_FCALL, id);
+        await_answer(t, PEND_FCALL, id);
     }
 }
 
@@ -1385,6 +1574,7 @@ on_back(Tracker *t, Framer *f, int kind)
                 e = pending_pop(t);
                 emit_result(t, &e, "not_run", 0, 0, NULL);
             }
+            t->skipping = t->pcount == 0;
         }
         else if (!t->err_seen) {
             t->err_seen = 1;
@@ -1500,27 +1690,35 @@ static int
 Tracker_init(Tracker *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"context", "short_context", "parameters", "max_statement_bytes",
-                             "wall_clock", NULL};
+                             "max_session_statement_bytes", "wall_clock", NULL};
     Py_buffer ctx, short_ctx;
     const char *mode = "none";
     Py_ssize_t cap = 65536;
+    long long budget = 4LL << 20;
     int wall = 1;
     if (self->ctx.p != NULL || self->seq != 0 || self->out.len != 0) {
         PyErr_SetString(PyExc_RuntimeError, "AuditTracker already initialized");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*y*|$snp", kwlist, &ctx, &short_ctx, &mode,
-                                     &cap, &wall))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*y*|$snLp", kwlist, &ctx, &short_ctx, &mode,
+                                     &cap, &budget, &wall))
         return -1;
     int rc = -1;
     if (cap < 1 || cap > (1 << 30))
         PyErr_SetString(PyExc_ValueError, "max_statement_bytes must be >= 1");
+    else if (budget < 1)
+        PyErr_SetString(PyExc_ValueError, "max_session_statement_bytes must be >= 1");
     else if (strcmp(mode, "none") && strcmp(mode, "hash") && strcmp(mode, "full"))
         PyErr_Format(PyExc_ValueError, "parameters must be none, hash or full, not %s", mode);
     else {
         self->mode = mode[0] == 'n' ? MODE_NONE : mode[0] == 'h' ? MODE_HASH : MODE_FULL;
         self->cap = (size_t)cap;
         self->wall = wall;
+        self->statements.budget = self->portals.budget = budget;
+        self->statements.is_statements = 1;
+        self->portals.pin_unnamed = 1;
+        self->portals.on_evict = evict_portal;
+        self->portals.owner = self;
         buf_put(&self->ctx, ctx.buf, (size_t)ctx.len);
         buf_put(&self->ctx_short, short_ctx.buf, (size_t)short_ctx.len);
         framer_init(&self->front);
@@ -1610,6 +1808,18 @@ Tracker_get_queued(Tracker *self, void *closure)
     return PyLong_FromSize_t(self->out.len);
 }
 
+static PyObject *
+Tracker_get_retained(Tracker *self, void *closure)
+{
+    return PyLong_FromLongLong(self->statements.retained + self->portals.retained);
+}
+
+static PyObject *
+Tracker_get_awaiting(Tracker *self, void *closure)
+{
+    return PyLong_FromSize_t(self->pcount);
+}
+
 static PyMethodDef Tracker_methods[] = {
     {"client", (PyCFunction)Tracker_client, METH_VARARGS,
      "client(data, now): frontend bytes, in order; how many records they completed."},
@@ -1624,6 +1834,11 @@ static PyGetSetDef Tracker_getset[] = {
     {"last_statement", (getter)Tracker_get_last, NULL,
      "the text of the current or last statement (None before one, or when unknown)", NULL},
     {"queued", (getter)Tracker_get_queued, NULL, "bytes of records not yet taken", NULL},
+    {"retained_bytes", (getter)Tracker_get_retained, NULL,
+     "what the statement and portal tables hold (each within max_session_statement_bytes)",
+     NULL},
+    {"awaiting", (getter)Tracker_get_awaiting, NULL,
+     "statements and Syncs waiting for the server's answer", NULL},
     {NULL},
 };
 
@@ -1632,7 +1847,7 @@ static PyTypeObject TrackerType = {
     .tp_basicsize = sizeof(Tracker),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "AuditTracker(context, short_context, *, parameters, max_statement_bytes, "
-              "wall_clock): the statement audit of one session (waypoint/audit/tracker.py "
+              "max_session_statement_bytes, wall_clock): the statement audit of one session (waypoint/audit/tracker.py "
               "in C), its records encoded.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Tracker_init,
