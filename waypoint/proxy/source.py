@@ -485,10 +485,22 @@ class _ConnectingOrder:
                 ProtocolError,
                 BackendUnavailable,
             ) as exc:
+                if isinstance(exc, ProvisionError) and connection is None:
+                    await self._down_first(exc, log)
                 raise self._refusal(exc, log) from exc
             finally:
                 if not logged_in and connection is not None:
                     await connection.aclose()
+
+    async def _down_first(self, exc: ProvisionError, log: EventLogger) -> None:
+        """A provision failed before this session opened a backend connection (the pool
+        might have served it): a backend that is down is refused as 08006 "unavailable",
+        as when the connection comes first, not as the admin connection's 58000."""
+        try:
+            probe = await self.source.connect()
+        except BackendUnavailable as down:
+            raise self._refusal(down, log) from exc
+        await probe.aclose()
 
     def _refusal(self, exc: Exception, log: EventLogger) -> Refused | ForwardBackendError:
         """How a failure to provision, connect or log in ends the handshake (and is counted)."""
