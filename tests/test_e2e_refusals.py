@@ -25,6 +25,8 @@ from e2e_support import (
 )
 from pgcluster import PgCluster
 
+from waypoint.proxy.source import ConnectingSource
+
 SYSTEM_PSQL = "/usr/bin/psql"
 
 
@@ -192,10 +194,14 @@ async def test_backend_down_is_08006_and_not_cached(pg15: PgCluster, tmp_path: P
 
 
 async def test_a_refused_peer_gets_no_byte_to_the_backend(pg15: PgCluster, tmp_path: Path) -> None:
-    """The backend connection a new session needs is opened while the whois runs; a peer the
-    whois or the grant refuses has it closed without a byte sent on it (no startup packet,
-    no login). The backend here is a listener that records what each connection sends."""
+    """A peer this listener has not served lately opens no backend connection before it is
+    identified and granted (a scan or an ungranted peer makes the server fork nothing). A
+    peer served lately has its session's backend connection opened while the whois runs;
+    if the whois or the grant then refuses it, that connection is closed without a byte
+    sent on it (no startup packet, no login). The backend here is a listener that records
+    what each connection sends."""
     admin = pg15.admin_user.encode()
+    sentinel = b"sentinel"
     # What each connection sent so far, and whether it was closed.
     received: list[tuple[bytearray, trio.Event]] = []
 
@@ -205,15 +211,25 @@ async def test_a_refused_peer_gets_no_byte_to_the_backend(pg15: PgCluster, tmp_p
         with trio.move_on_after(60):
             while chunk := await stream.receive_some(65536):
                 data += chunk
-                if admin in data:
+                if admin in data or sentinel in data:
                     break  # the admin connection's: refused at once (nothing here is a server)
         closed.set()
         await stream.aclose()
 
     def sessions() -> list[tuple[bytearray, trio.Event]]:
         # The admin connection may speak to this backend too (its startup packet names the
-        # admin user); the rest are the sessions' connections.
+        # admin user); the rest are the sessions' connections (and the test's sentinel).
         return [(d, c) for d, c in received if admin not in d]
+
+    async def refuse_twice(env: E2EEnv) -> None:
+        # Identified, but no grant for this database.
+        state, _ = await trio.to_thread.run_sync(
+            lambda: _sqlstate_of(env.host, env.port, "other", tls=False)
+        )
+        assert state == "42501"
+        # Nobody the whois knows.
+        with pytest.raises(pg8000.native.DatabaseError):
+            await env.pg8000_connect("granted", source="127.0.0.9")
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
@@ -223,17 +239,26 @@ async def test_a_refused_peer_gets_no_byte_to_the_backend(pg15: PgCluster, tmp_p
         with trio.fail_after(60):
             async with e2e_env(pg15, tmp_path, backend=f"127.0.0.1:{port}") as env:
                 env.grant("127.0.0.1", {"granted": {"permissions": ["readonly"]}})
-                # Identified, but no grant for this database: the whois let the connect finish.
-                state, _ = await trio.to_thread.run_sync(
-                    lambda: _sqlstate_of(env.host, env.port, "other", tls=False)
-                )
-                assert state == "42501"
-                # Nobody the whois knows: the connect is abandoned (or closed if it was done).
-                with pytest.raises(pg8000.native.DatabaseError):
-                    await env.pg8000_connect("granted", source="127.0.0.9")
-                while not sessions() or not all(c.is_set() for _, c in sessions()):
+                await refuse_twice(env)
+                # Connections are accepted in order: once the sentinel's is recorded, any
+                # the refused sessions had opened would have been recorded before it.
+                probe = await trio.open_tcp_stream("127.0.0.1", port)
+                await probe.send_all(sentinel)
+                while not any(sentinel in d for d, _ in received):
                     await trio.sleep(0.02)
-                assert [bytes(d) for d, _ in sessions()] == [b""] * len(sessions()), received
+                await probe.aclose()
+                assert [bytes(d) for d, _ in sessions()] == [sentinel], received
+
+                # Both peers served lately: their connections open during the lookup.
+                source = env.running.contexts[LISTENER].backends
+                assert isinstance(source, ConnectingSource)
+                source.served("127.0.0.1")
+                source.served("127.0.0.9")
+                await refuse_twice(env)
+                while len(sessions()) < 2 or not all(c.is_set() for _, c in sessions()):
+                    await trio.sleep(0.02)
+                early = [bytes(d) for d, _ in sessions()][1:]
+                assert early and early == [b""] * len(early), received
         nursery.cancel_scope.cancel()
 
 

@@ -28,7 +28,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Final, Protocol
 
 import attrs
 import trio
@@ -155,6 +155,12 @@ class BackendSource(Protocol):
         bounded; never raises (except Cancelled)."""
 
 
+#: How many peers, and for how long, count as recently served (their next connection's
+#: backend is opened while they are being identified).
+RECENT_PEERS: Final = 4096
+RECENT_FOR: Final = 600.0
+
+
 @attrs.define(eq=False)
 class ConnectingSource:
     """A logged-in backend for every session, from the listener's configured backend: from
@@ -175,9 +181,23 @@ class ConnectingSource:
     def pooling(self) -> bool:
         return self.pool is not None and self.listener.pool
 
+    def recently_served(self, peer_ip: str) -> bool:
+        """Whether ``peer_ip`` started a session on this listener in the last
+        :data:`RECENT_FOR` seconds. Only such a peer's backend connection is opened before
+        it is identified: a peer that was never granted, or a scan, makes the server fork
+        nothing."""
+        seen = self._recent.get(peer_ip)
+        return seen is not None and trio.current_time() - seen < RECENT_FOR
+
+    def served(self, peer_ip: str) -> None:
+        self._recent[peer_ip] = trio.current_time()
+        self._recent.move_to_end(peer_ip)
+        while len(self._recent) > RECENT_PEERS:
+            self._recent.popitem(last=False)
+
     @contextlib.asynccontextmanager
     async def order(self, peer_ip: str, request: BackendRequest) -> AsyncIterator[BackendOrder]:
-        order = _ConnectingOrder(self, request)
+        order = _ConnectingOrder(self, request, peer_ip)
         try:
             yield order
         finally:
@@ -329,6 +349,10 @@ class ConnectingSource:
     _max_connections: int | None = attrs.field(default=None, init=False)
     #: Backends being reset before they are kept, by their key without the role.
     _resetting: collections.Counter[PoolKey] = attrs.field(factory=collections.Counter, init=False)
+    #: Peers that started a session lately (address -> when, trio's clock), oldest first.
+    _recent: collections.OrderedDict[str, float] = attrs.field(
+        factory=collections.OrderedDict, init=False
+    )
 
     async def _end(self, backend: LoggedInBackend, *, closed_by_backend: bool) -> BackendEnd:
         """End the backend on the server (:mod:`waypoint.proxy.backend_end`)."""
@@ -364,6 +388,7 @@ class ConnectingSource:
 class _ConnectingOrder:
     source: ConnectingSource
     request: BackendRequest
+    peer_ip: str
     role: str | None = None
     #: The backend connection opened during the lookup (TCP and TLS, no login), or why it
     #: could not be opened; None when none was opened (or it was taken).
@@ -371,11 +396,15 @@ class _ConnectingOrder:
 
     async def identify(self, whois: Whois) -> Identity | Refusal:
         """Who the peer is; meanwhile, when this session will need a new backend (pooling
-        off, or nothing pooled for the request), its connection is opened: the connect and
-        TLS overlap the lookup. Nothing is sent on it before the peer is known and granted;
-        a refused peer's is abandoned at once (and closed by ``order``'s end)."""
+        off, or nothing pooled for the request) and the peer started a session here lately,
+        its connection is opened: the connect and TLS overlap the lookup. Nothing is sent on
+        it before the peer is known and granted; a refused peer's is abandoned at once (and
+        closed by ``order``'s end). A peer not served lately opens nothing before it is
+        identified and granted."""
         source = self.source
-        if source.pooling and source.may_have(self.request):
+        if (source.pooling and source.may_have(self.request)) or not source.recently_served(
+            self.peer_ip
+        ):
             return await whois()
         found: Identity | Refusal | None = None
         failure: Exception | None = None
@@ -454,6 +483,7 @@ class _ConnectingOrder:
                             pooled = await source.from_pool(creds.role, self.request)
                             if pooled is not None:
                                 logged_in = True
+                                source.served(self.peer_ip)
                                 return pooled
                         else:
                             source.metrics.pool_taken(listener.name, hit=False)
@@ -462,6 +492,7 @@ class _ConnectingOrder:
                     assert connection is not None
                     start = await login_backend(connection, source.login_for(creds, self.request))
                     logged_in = True
+                    source.served(self.peer_ip)
                     return LoggedInBackend(
                         connection,
                         start,
