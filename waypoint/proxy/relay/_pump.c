@@ -1264,6 +1264,24 @@ monotonic_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* One non-blocking send of n bytes to fd: how many went (0 when the socket is full), or -1
+ * with rep set to CODE_SEND_ERROR (errno in arg). */
+static ssize_t
+send_now(int fd, const void *buf, size_t n, Report *rep)
+{
+    ssize_t sent;
+    do {
+        sent = send(fd, buf, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (sent < 0 && errno == EINTR);
+    if (sent >= 0)
+        return sent;
+    if (errno == EAGAIN || errno == EWOULDBLOCK)
+        return 0;
+    rep->code = CODE_SEND_ERROR;
+    rep->arg = errno;
+    return -1;
+}
+
 /* Encrypt n plaintext bytes toward peer (a TLS client) and send the records. 1 when a
  * report was written: TLS_ERROR, SEND_ERROR, or PARTIAL with the ciphertext the client
  * did not take (tbuf[arg:tlen] and what its write BIO still holds). */
@@ -1282,18 +1300,9 @@ send_tls(Pump *self, Lane *peer, const unsigned char *data, long long n, Report 
         int m = BIO_read(peer->wbio, self->tbuf, size);
         if (m <= 0)
             return 0;
-        ssize_t sent;
-        do {
-            sent = send(peer->fd, self->tbuf, (size_t)m, MSG_DONTWAIT | MSG_NOSIGNAL);
-        } while (sent < 0 && errno == EINTR);
-        if (sent < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK) {
-                rep->code = CODE_SEND_ERROR;
-                rep->arg = errno;
-                return 1;
-            }
-            sent = 0;
-        }
+        ssize_t sent = send_now(peer->fd, self->tbuf, (size_t)m, rep);
+        if (sent < 0)
+            return 1;
         if (sent != m) {
             rep->code = CODE_PARTIAL;
             rep->from_tbuf = 1;
@@ -1337,18 +1346,9 @@ pass_on(Pump *self, Lane *lane, const unsigned char *data, long long n, Report *
     Lane *peer = lane->peer;
     if (peer->ssl != NULL)
         return send_tls(self, peer, data, n, rep);
-    ssize_t sent;
-    do {
-        sent = send(peer->fd, data, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
-    } while (sent < 0 && errno == EINTR);
-    if (sent < 0) {
-        if (errno != EAGAIN && errno != EWOULDBLOCK) {
-            rep->code = CODE_SEND_ERROR;
-            rep->arg = errno;
-            return 1;
-        }
-        sent = 0;
-    }
+    ssize_t sent = send_now(peer->fd, data, (size_t)n, rep);
+    if (sent < 0)
+        return 1;
     if (sent != n) {
         rep->code = CODE_PARTIAL;
         rep->arg = sent;
