@@ -29,6 +29,7 @@ import pg8000.native
 import trio
 from localapi_standin import LocalAPIStandin, run_standin
 from pgcluster import PgCluster
+from state_support import KeySpace
 
 from waypoint.app import Running, run
 from waypoint.config.load import load_config_text
@@ -293,6 +294,20 @@ async def e2e_env(
         config = load_config_text(text, source="e2e.toml")
         async with run_waypoint(config) as running:
             yield E2EEnv(cluster, standin, running, config)
+
+
+@contextlib.asynccontextmanager
+async def two_instances(
+    cluster: PgCluster, tmp_path: Path, space: KeySpace
+) -> AsyncIterator[tuple[LocalAPIStandin, Config, Running, Running]]:
+    """Two Waypoint instances in this process, in front of ``cluster`` and one LocalAPI
+    stand-in, with one configuration whose ``[state]`` is the Redis key space ``space``."""
+    async with run_standin(tmp_path) as standin:
+        text = make_config_text(cluster, socket_path=standin.socket_path, tables_extra=space.toml())
+        config = load_config_text(text, source="multi.toml")
+        async with run_waypoint(config) as a, run_waypoint(config) as b:
+            assert a.address(LISTENER) != b.address(LISTENER)
+            yield standin, config, a, b
 
 
 @attrs.frozen

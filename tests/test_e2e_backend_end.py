@@ -41,6 +41,7 @@ from e2e_support import (
 )
 from localapi_standin import run_standin
 from pgcluster import PgCluster
+from state_support import KeySpace
 
 from waypoint.app import Running
 from waypoint.config.load import load_config_text
@@ -443,14 +444,13 @@ async def test_tightened_limits_end_open_sessions(pg: PgCluster, tmp_path: Path)
 
 
 async def test_revocation_on_one_instance_ends_backend_of_another(
-    pg: PgCluster, tmp_path: Path, redis_url: str
+    pg: PgCluster, tmp_path: Path, redis_space: KeySpace
 ) -> None:
     """Instance B runs a session's loop; instance A starts after it: A's start sweep leaves
     B's backend alone (the caller holds a slot in Redis). A revalidates, B does not: A's
     revocation ends the role's backend behind B's session too."""
     db = create_app_database(pg)
-    key_prefix = f"wp-end-{secrets.token_hex(6)}:"
-    state = f'[state]\nbackend = "redis"\nurl = "{redis_url}"\nkey_prefix = "{key_prefix}"\n'
+    state = redis_space.toml()
     async with run_standin(tmp_path) as standin:
 
         def config(interval: str) -> Any:

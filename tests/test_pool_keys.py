@@ -9,10 +9,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from state_support import REDIS_URL, redis_client
-from test_state_redis import prefix  # noqa: F401 (the fixture: a key prefix of its own)
+from state_support import KeySpace
 
-from waypoint.config.model import ListenerConfig, PostgresListenerConfig, StateConfig
+from waypoint.config.model import ListenerConfig, PostgresListenerConfig
 from waypoint.pgwire import BackendKeyData, CancelRequest, build_cancel_request
 from waypoint.pool import client_cancel_key, secret_length
 from waypoint.proxy.cancel import forward_cancel
@@ -130,16 +129,15 @@ async def test_memory_registry(backend: trio.socket.SocketType) -> None:
 
 @pytest.mark.redis
 async def test_redis_registry_across_two_instances(
-    backend: trio.socket.SocketType,
-    prefix: str,  # noqa: F811 (test_state_redis's fixture)
+    backend: trio.socket.SocketType, redis_space: KeySpace
 ) -> None:
-    config = StateConfig(backend="redis", url=REDIS_URL, key_prefix=prefix)
+    config = redis_space.config()
     async with (
         open_state(config, instance_id="a") as a,
         open_state(config, instance_id="b") as b,
     ):
         await _two_clients_one_backend(a, b, backend)
-        values = [
-            redis_client().get(k) for k in redis_client().scan_iter(match=f"{prefix}cancel:*")
-        ]
+        client = redis_space.client()
+        values = [client.get(k) for k in redis_space.keys("cancel:*")]
+        client.close()
         assert len(values) == 1  # the second client's; the first one's is gone
