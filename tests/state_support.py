@@ -3,16 +3,15 @@ private redis-server (the session's shared one, or one a test may stop and stall
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
+from redis_ha_support import exe, throwaway_args, wait_until
 
 from waypoint.config.model import StateConfig
 from waypoint.state import CancelTarget
@@ -82,10 +81,7 @@ class OwnRedis:
     restart (empty: nothing is saved)."""
 
     def __init__(self, workdir: Path, *, password: str | None = None) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise AssertionError("redis-server is not installed (dev.sh installs it)")
-        self.exe = exe
+        self.exe = exe("redis-server")
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.password = password
@@ -98,35 +94,18 @@ class OwnRedis:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        auth = [] if self.password is None else ["--requirepass", self.password]
         self.proc = subprocess.Popen(
-            [
-                self.exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                *([] if self.password is None else ["--requirepass", self.password]),
-            ],
+            [self.exe, "--port", str(self.port), *throwaway_args(self.workdir), *auth],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=self.workdir,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis_client(self.url).ping()
-                return
-            except (redis.RedisError, OSError):
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise AssertionError("own redis-server did not start") from None
-                time.sleep(0.05)
+        try:
+            wait_until("own redis-server", lambda: bool(redis_client(self.url).ping()), 10)
+        except AssertionError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc is not None:
