@@ -18,7 +18,7 @@ import pytest
 import trio
 import trustme
 
-from waypoint.audit.session import SessionAudit, session_tracker
+from waypoint.audit.session import SessionAudit, limit_fatal, session_tracker
 from waypoint.audit.sink import AuditSink, OnError
 from waypoint.proxy.relay import RelayControl, RelayEngine, StreamRelay, _pump, open_relay_engine
 from waypoint.proxy.relay import client_tls as client_tls_module
@@ -186,6 +186,57 @@ async def test_a_failing_sink_with_close_ends_the_session_with_a_fatal(driver: s
         with trio.move_on_after(0.2):
             rest = await backend.receive_some(1024)
             assert rest == b""
+    sink.stop()
+
+
+@pytest.mark.parametrize("on_error", ["block", "close"])
+@pytest.mark.parametrize("driver", ["engine", "streams"])
+async def test_a_pipeline_never_read_ends_the_session_at_the_audit_limit(
+    driver: str, on_error: OnError
+) -> None:
+    """The attack: a client sends statements and never reads the answers (here the
+    server does not answer either). Past ``max_awaiting`` statements waiting to be paired
+    with their results, the session ends with FATAL 53400; the read that went past it is
+    never forwarded, and the audit has every statement recorded, then ``audit_limit``.
+    (The engine with ``block``: the C loop's tap.)"""
+    writer = GateWriter()
+    writer.gate.set()
+    sink = AuditSink(writer, on_error=on_error, max_queue=1000, retry_interval=0.01)
+    sink.start()
+    tracker = session_tracker({"login": "mallory@example.com"}, max_awaiting=8)
+    audit = SessionAudit(tracker, sink, FATAL)
+    texts = [f"select {i}" for i in range(15)]
+    first = b"".join(query(t) for t in texts[:5])
+    rest = b"".join(query(t) for t in texts[5:])
+    async with relayed(driver, audit) as (client, backend, control, _engine):
+        await client.send_all(first)
+        assert await read_exactly(backend, len(first)) == first
+        await poll(lambda: tracker.awaiting == 5, "five statements wait for answers")
+        await client.send_all(rest)
+        fatal = limit_fatal(tracker)
+        assert b"C53400\0" in fatal and b"more than 8 statements waiting" in fatal
+        assert await read_exactly(client, len(fatal)) == fatal
+        if isinstance(control, StreamRelay):
+            await poll(lambda: control.result is not None, "the relay ended")
+            result = control.result
+            assert result is not None
+        else:
+            with trio.fail_after(10):
+                result = await control.wait()
+        assert result.reason == "terminated" and result.fatal_sent
+        # At most the statements within the limit reached the server, never the read that
+        # went past it (a read is forwarded whole or not at all).
+        forwarded = b""
+        with trio.move_on_after(0.3):
+            while chunk := await backend.receive_some(1024):
+                forwarded += chunk
+        assert rest.startswith(forwarded)
+        assert forwarded.count(b"Q") <= 3
+    await poll(lambda: any(b"audit_limit" in line for line in writer.lines), "the limit recorded")
+    records = [json.loads(line) for line in writer.lines]
+    assert [r["text"] for r in records if r["event"] == "query"] == texts[:9]
+    assert records[-1]["event"] == "audit_limit" and records[-1]["max_awaiting"] == 8
+    assert not audit.closed  # not the sink's doing
     sink.stop()
 
 
