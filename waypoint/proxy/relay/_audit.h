@@ -182,10 +182,12 @@ sha256_hex(Sha256 *s, char hex[65])
  *
  * With WAYPOINT_AUDIT_FAULTS defined (the sanitizer build, or a test's own build), the
  * module has audit_faults(n): the n-th allocation from then on fails (0: none), so that
- * tests can make each allocation fail in turn. Not in a normal build. */
+ * tests can make each allocation fail in turn, and the blocks alive are counted (a leak
+ * shows). Not in a normal build. Tests only: the counters are not thread-safe. */
 #ifdef WAYPOINT_AUDIT_FAULTS
 static long long audit_alloc_count; /* allocations since audit_faults() */
 static long long audit_fail_at;     /* the one that fails (0: none) */
+static long long audit_live;        /* blocks allocated and not freed */
 
 static int
 audit_alloc_fails(void)
@@ -193,7 +195,16 @@ audit_alloc_fails(void)
     return ++audit_alloc_count == audit_fail_at;
 }
 
-/* audit_faults(n) -> allocations made since the previous call; the n-th from now fails. */
+static void *
+audit_counted(void *p)
+{
+    if (p != NULL)
+        audit_live++;
+    return p;
+}
+
+/* audit_faults(n) -> (allocations made since the previous call, blocks alive); the n-th
+ * allocation from now fails. */
 static PyObject *
 audit_faults(PyObject *module, PyObject *arg)
 {
@@ -203,33 +214,47 @@ audit_faults(PyObject *module, PyObject *arg)
     long long made = audit_alloc_count;
     audit_alloc_count = 0;
     audit_fail_at = n > 0 ? n : 0;
-    return PyLong_FromLongLong(made);
+    return Py_BuildValue("(LL)", made, audit_live);
 }
 #define AUDIT_FAULTS_FUNCTION                                                                 \
     {"audit_faults", (PyCFunction)audit_faults, METH_O,                                       \
-     "audit_faults(n): the n-th audit allocation from now fails (0: none); returns the "      \
-     "number made since the last call. Fault-injection builds only."},
+     "audit_faults(n): the n-th audit allocation from now fails (0: none); returns (the "     \
+     "number made since the last call, blocks alive). Fault-injection builds only."},
 #else
 #define audit_alloc_fails() 0
+#define audit_counted(p) (p)
 #define AUDIT_FAULTS_FUNCTION
 #endif
 
 static void *
 audit_malloc(size_t n)
 {
-    return audit_alloc_fails() ? NULL : PyMem_RawMalloc(n);
+    return audit_alloc_fails() ? NULL : audit_counted(PyMem_RawMalloc(n));
 }
 
 static void *
 audit_calloc(size_t count, size_t size)
 {
-    return audit_alloc_fails() ? NULL : PyMem_RawCalloc(count, size);
+    return audit_alloc_fails() ? NULL : audit_counted(PyMem_RawCalloc(count, size));
 }
 
 static void *
 audit_realloc(void *p, size_t n)
 {
-    return audit_alloc_fails() ? NULL : PyMem_RawRealloc(p, n);
+    if (audit_alloc_fails())
+        return NULL;
+    void *q = PyMem_RawRealloc(p, n);
+    return p == NULL ? audit_counted(q) : q;
+}
+
+static void
+audit_free(void *p)
+{
+#ifdef WAYPOINT_AUDIT_FAULTS
+    if (p != NULL)
+        audit_live--;
+#endif
+    PyMem_RawFree(p);
 }
 
 /* ----------------------------------------------------------------------------------- */
@@ -287,7 +312,7 @@ buf_putc(Buf *b, unsigned char c)
 static void
 buf_free(Buf *b)
 {
-    PyMem_RawFree(b->p);
+    audit_free(b->p);
     b->p = NULL;
     b->len = b->cap = 0;
     b->failed = 0;
@@ -615,10 +640,10 @@ list_append(NamedList *l, Named *e)
 static void
 named_free(Named *e)
 {
-    PyMem_RawFree(e->key);
+    audit_free(e->key);
     buf_free(&e->text);
     buf_free(&e->params);
-    PyMem_RawFree(e);
+    audit_free(e);
 }
 
 static Named **
@@ -708,7 +733,7 @@ table_put(Table *t, const unsigned char *key, size_t klen)
                 e = next;
             }
         }
-        PyMem_RawFree(t->slots);
+        audit_free(t->slots);
         t->slots = slots;
         t->nslots = n;
     }
@@ -718,7 +743,7 @@ table_put(Table *t, const unsigned char *key, size_t klen)
         return NULL;
     e->key = audit_malloc(klen ? klen : 1);
     if (e->key == NULL) {
-        PyMem_RawFree(e);
+        audit_free(e);
         return NULL;
     }
     if (klen)
@@ -780,7 +805,7 @@ table_clear(Table *t)
             e = next;
         }
     }
-    PyMem_RawFree(t->slots);
+    audit_free(t->slots);
     t->slots = NULL;
     t->nslots = t->count = 0;
     t->retained = 0;
@@ -895,7 +920,7 @@ framer_free(Framer *f)
     buf_free(&f->values);
     buf_free(&f->params);
     buf_free(&f->sqlstate);
-    PyMem_RawFree(f->fmts);
+    audit_free(f->fmts);
     f->fmts = NULL;
 }
 
@@ -945,7 +970,7 @@ pending_push(Tracker *t, int kind, long long id)
         }
         for (size_t i = 0; i < t->pcount; i++)
             p[i] = t->pending[(t->phead + i) % t->pcap];
-        PyMem_RawFree(t->pending);
+        audit_free(t->pending);
         t->pending = p;
         t->pcap = cap;
         t->phead = 0;
@@ -1872,7 +1897,7 @@ Tracker_dealloc(Tracker *self)
     buf_free(&self->ctx_short);
     framer_free(&self->front);
     framer_free(&self->back);
-    PyMem_RawFree(self->pending);
+    audit_free(self->pending);
     buf_free(&self->tag);
     buf_free(&self->sqlstate);
     table_clear(&self->statements);
