@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import select
 import socket
 import ssl
 import struct
@@ -166,6 +167,9 @@ async def test_a_failing_sink_with_close_ends_the_session_with_a_fatal(driver: s
     audit = make_audit(writer, "close", 100, counts)
     sink: AuditSink = counts["sink"]
     async with relayed(driver, audit) as (client, backend, control, _engine):
+        if driver == "engine":
+            relay: Any = getattr(control, "_relay")  # noqa: B009  # which loop serves it
+            assert relay.pumped  # the C loop, its tap holding the sink's gate
         q1 = query("select 1")
         await client.send_all(q1)
         assert await read_exactly(backend, len(q1)) == q1
@@ -300,6 +304,64 @@ async def test_past_the_tap_bound_python_records_a_read_before_sending_it(
     counts["sink"].stop()
 
 
+def test_a_client_read_is_handed_to_python_unsent_while_the_sink_refuses() -> None:
+    """``on_error = "close"`` on the C loop: while the sink's gate is set (the sink failing
+    or full) a client read goes to Python (TAP) neither recorded nor sent, so that the
+    session ends before it reaches the server; the backend's reads still pass in C; once
+    the gate is clear the C loop records and sends client reads again."""
+    client_app, client_proxy = socket.socketpair()
+    backend_proxy, backend_app = socket.socketpair()
+    socks = [client_app, client_proxy, backend_proxy, backend_app]
+    for s in (client_proxy, backend_proxy):
+        s.setblocking(False)
+    ep = select.epoll()
+    pump = _pump.Pump(ep.fileno(), 65536, 16)
+    client, backend = _pump.Lane(client_proxy.fileno()), _pump.Lane(backend_proxy.fileno())
+    client.link(backend)
+    client.budget = 1 << 62
+    tracker = session_tracker({"login": "alice@example.com"})
+    gate = bytearray(1)
+    tracker.refuse_with(gate)
+    client.tap_enable(tracker, 1 << 20)
+    try:
+        for lane in (client, backend):
+            ep.register(lane.fd, select.EPOLLIN)
+            pump.add(lane)
+        q1, q2 = query("select 1"), query("select 2")
+        client_app.sendall(q1)
+        assert pump.run(1.0) == []  # gate clear: recorded and sent in C
+        assert backend_app.recv(100) == q1
+        gate[0] = 1
+        client_app.sendall(q2)
+        [(code, fd, _, n, chunk)] = pump.run(1.0)
+        assert (code, fd, n, chunk) == (_pump.TAP, client.fd, len(q2), q2)
+        backend_app.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            backend_app.recv(100)  # not sent
+        backend_app.setblocking(True)
+        lines, count = tracker.take()
+        assert count == 1 and b"select 1" in lines  # nor recorded: Python records it
+        reply = msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I")
+        backend_app.sendall(reply)
+        assert pump.run(1.0) == []  # the backend's read passes in C, recorded
+        assert client_app.recv(100) == reply
+        assert tracker.take()[1] == 1  # the result of select 1
+        gate[0] = 0
+        client_app.sendall(q2)
+        assert pump.run(1.0) == []
+        assert backend_app.recv(100) == q2
+        with pytest.raises(ValueError, match="gate"):
+            tracker.refuse_with(b"x")  # read-only
+        with pytest.raises(BufferError):
+            gate.append(0)  # held by the tracker: the C loop's pointer stays valid
+    finally:
+        pump.discard(client)
+        pump.discard(backend)
+        ep.close()
+        for s in socks:
+            s.close()
+
+
 def test_the_tap_is_bounded_and_emptied() -> None:
     a, b = socket.socketpair()
     try:
@@ -331,12 +393,12 @@ def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
 
 @pytest.mark.parametrize("mode", ["block", "close", None])
 async def test_a_tls_client_is_recorded_in_plaintext(mode: OnError | None) -> None:
-    """An audited relay with a TLS client: with ``on_error = "block"`` its record layer
-    stays in C and the C loop's tap records the decrypted plaintext; with ``"close"`` it
-    runs in Python (every read recorded before it is sent). Either way every statement is
-    recorded, in order, before it reaches the server. Without audit: in C."""
+    """An audited relay with a TLS client: its record layer stays in C and the C loop's tap
+    records the decrypted plaintext (``block`` and ``close`` alike: with ``close`` a client
+    read while the sink refuses records goes to Python unsent). Every statement is
+    recorded, in order, before it reaches the server. Without audit: in C too."""
     audited = mode is not None
-    in_c = mode != "close"
+    in_c = True
     if not client_tls_module.c_tls_available():
         pytest.fail("OpenSSL could not be bound: the C record layer is not testable here")
     writer = GateWriter()

@@ -49,7 +49,9 @@ class SessionAudit:
     cannot take records (``sink.on_error``): wait (``block``) or end the session with
     ``fatal`` (``close``). Driven by one relay thread or task at a time: the relay engine's
     C loop feeds the tracker itself (its audit tap) and the engine thread calls
-    :meth:`drain` after each batch."""
+    :meth:`drain` after each batch. With ``close`` the tracker holds the sink's gate: while
+    the sink refuses records the C loop sends no client read before :meth:`client` has
+    seen it."""
 
     __slots__ = (
         "_on_blocked",
@@ -80,6 +82,8 @@ class SessionAudit:
         self.last_statement: str | None = None
         self._on_blocked = on_blocked
         self._on_closed = on_closed
+        if sink.on_error == "close":
+            tracker.refuse_with(sink.gate)
 
     @property
     def must_wait(self) -> bool:
@@ -105,6 +109,8 @@ class SessionAudit:
         ``closed`` is then set; or more statements wait for answers than the tracker pairs:
         its ``audit_limit`` record is queued, ``fatal`` is then the limit's)."""
         tracker = self.tracker
+        if tracker.queued:
+            self.drain()  # what the C loop recorded (and sent) before: queued first
         if tracker.client(data, now) and self.must_close:
             tracker.take()  # not forwarded: the session ends here
             self.close()

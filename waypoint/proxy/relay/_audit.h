@@ -893,6 +893,11 @@ typedef struct {
     long long out_records;
     Buf last;
     int last_set;   /* 0: none yet; 1: text in last; 2: None (an unknown statement) */
+    /* refuse_with(): the sink's gate, a byte it sets while it refuses records (failing or
+     * full, on_error = "close"): the pump then sends no client read it has not handed to
+     * Python (tracker_refusing). */
+    Py_buffer gate;
+    int has_gate;
     int failed;     /* memory ran out: the tracker must not be trusted any more */
     int limited;    /* past max_awaiting: the session must end (awaiting_limit) */
     size_t mark_len;          /* out and out_records before the chunk being fed */
@@ -1776,6 +1781,14 @@ tracker_halted(const Tracker *t)
     return t->failed || t->limited;
 }
 
+/* The sink refuses records now (its gate, set by Python on any thread): a client read goes
+ * to Python before it is fed or sent. Read without the GIL. */
+static inline int
+tracker_refusing(const Tracker *t)
+{
+    return t->has_gate && __atomic_load_n((const unsigned char *)t->gate.buf, __ATOMIC_RELAXED);
+}
+
 /* Bytes of one direction, in order (tracker.py's _Framer.feed). No Python object is
  * touched: the pump calls it without the GIL. Once halted (tracker_halted) it takes
  * nothing more: the caller must not send the chunk that halted it. */
@@ -1898,6 +1911,8 @@ Tracker_dealloc(Tracker *self)
     framer_free(&self->front);
     framer_free(&self->back);
     audit_free(self->pending);
+    if (self->has_gate)
+        PyBuffer_Release(&self->gate);
     buf_free(&self->tag);
     buf_free(&self->sqlstate);
     table_clear(&self->statements);
@@ -1996,7 +2011,29 @@ Tracker_get_max_awaiting(Tracker *self, void *closure)
     return PyLong_FromSize_t(self->max_awaiting);
 }
 
+/* refuse_with(gate): a buffer whose first byte the sink sets while it refuses records. */
+static PyObject *
+Tracker_refuse_with(Tracker *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (view.len < 1 || view.readonly) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "the gate must be a writable buffer of one byte");
+        return NULL;
+    }
+    if (self->has_gate)
+        PyBuffer_Release(&self->gate);
+    self->gate = view; /* held: a bytearray cannot be resized while exported */
+    self->has_gate = 1;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Tracker_methods[] = {
+    {"refuse_with", (PyCFunction)Tracker_refuse_with, METH_O,
+     "refuse_with(gate): while gate[0] is set (the sink refuses records), the C loop hands "
+     "each client read to Python before feeding or sending it."},
     {"client", (PyCFunction)Tracker_client, METH_VARARGS,
      "client(data, now): frontend bytes, in order; how many records they completed."},
     {"backend", (PyCFunction)Tracker_backend, METH_VARARGS,

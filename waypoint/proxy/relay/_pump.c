@@ -132,9 +132,10 @@ enum {
                            encrypting toward it): arg = OpenSSL's reason (str) */
     CODE_TLS_OWN = 9,   /* decrypting made TLS write records of its own (a key update answer,
                            an alert): Python takes them with tls_own() and sends them */
-    CODE_TAP = 10,      /* n bytes read, counted and fed, not sent: the relay's audit tap holds
-                         * its bound of records, or its tracker halted (failed, or past its
-                         * limit; then on this read): arg = those bytes (a copy) */
+    CODE_TAP = 10,      /* n bytes read, counted and fed, not sent, for Python to record: the
+                         * relay's audit tap holds its bound of records, its tracker halted
+                         * (failed, or past its limit: then on these bytes), or (a client
+                         * read) its sink refuses records: arg = those bytes (a copy) */
     CODE_TERMINATE = 11 /* n bytes read, counted and fed, not sent: a lane that stops at the
                          * client's Terminate saw one: arg = those bytes (a copy) */
 };
@@ -1333,7 +1334,8 @@ pass_on(Pump *self, Lane *lane, const unsigned char *data, long long n, Report *
         return 1;
     }
     Tracker *tracker = (Tracker *)owner->tracker;
-    if (tracker != NULL && ((Py_ssize_t)tracker->out.len >= owner->tap_max || tracker_halted(tracker))) {
+    if (tracker != NULL && ((Py_ssize_t)tracker->out.len >= owner->tap_max || tracker_halted(tracker) ||
+                            (lane == owner && tracker_refusing(tracker)))) {
         rep->code = CODE_TAP; /* Python takes the records, records this, then sends it */
         return 1;
     }
