@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import select
 import shutil
-import socket
 import struct
 import subprocess
 import sysconfig
@@ -20,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from tap_rig import TapRig
 
 from waypoint.audit.tracker import SHORT_CONTEXT, AuditTracker, context_members, with_context
 from waypoint.proxy.relay import _pump
@@ -193,46 +192,23 @@ def test_the_c_loop_never_sends_a_read_whose_feed_failed_the_tracker(faulty: Mod
     """A relay served in C with an audit tap: the read during which the tracker ran out of
     memory goes back to Python unsent (TAP), and so does every read after it; what was
     recorded before is taken whole."""
-    client_app, client_proxy = socket.socketpair()
-    backend_proxy, backend_app = socket.socketpair()
-    socks = [client_app, client_proxy, backend_proxy, backend_app]
-    for s in (client_proxy, backend_proxy):
-        s.setblocking(False)
-    ep = select.epoll()
-    pump = faulty.Pump(ep.fileno(), 65536, 16)
-    client, backend = faulty.Lane(client_proxy.fileno()), faulty.Lane(backend_proxy.fileno())
-    client.link(backend)
-    client.budget = 1 << 62
     t = tracker(faulty)
-    client.tap_enable(t, 1 << 20)
-    try:
-        for lane in (client, backend):
-            ep.register(lane.fd, select.EPOLLIN)
-            pump.add(lane)
+    with TapRig(faulty, t) as rig:
         q1 = msg(b"Q", b"select 1\0")
-        client_app.sendall(q1)
-        assert pump.run(1.0) == []  # recorded and sent in C
-        assert backend_app.recv(100) == q1
+        rig.client_app.sendall(q1)
+        assert rig.pump.run(1.0) == []  # recorded and sent in C
+        assert rig.backend_app.recv(100) == q1
         faulty.audit_faults(1)  # the next allocation: growing the next query's kept text
         q2 = msg(b"Q", b"select 2" + b" " * 4000 + b"\0")
-        client_app.sendall(q2)
-        [(code, fd, _, n, chunk)] = pump.run(1.0)
-        assert (code, fd, n, chunk) == (faulty.TAP, client.fd, len(q2), q2)
+        rig.client_app.sendall(q2)
+        [(code, fd, _, n, chunk)] = rig.pump.run(1.0)
+        assert (code, fd, n, chunk) == (faulty.TAP, rig.client.fd, len(q2), q2)
         assert faulty.audit_faults(0)[0] >= 1
         with pytest.raises(MemoryError):
-            t.client(chunk, 2.0)  # what Python does with it: the relay ends
-        lines, count = t.take()
+            t.client(chunk, 2.0)  # type: ignore[attr-defined]  # what Python does: the relay ends
+        lines, count = t.take()  # type: ignore[attr-defined]
         assert count == 1 and parsed(lines)[0]["text"] == "select 1"
-        client_app.sendall(msg(b"Q", b"select 3\0"))
-        [(code, _, _, _, _)] = pump.run(1.0)
+        rig.client_app.sendall(msg(b"Q", b"select 3\0"))
+        [(code, _, _, _, _)] = rig.pump.run(1.0)
         assert code == faulty.TAP
-        backend_app.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            backend_app.recv(100)  # neither read reached the server
-    finally:
-        pump.discard(client)
-        pump.discard(backend)
-        ep.close()
-        for s in socks:
-            s.close()
-
+        assert rig.backend_got_nothing()  # neither read reached the server

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import select
 import socket
 import ssl
 import struct
@@ -18,10 +17,18 @@ from typing import Any
 import pytest
 import trio
 import trustme
+from tap_rig import TapRig
 
 from waypoint.audit.session import SessionAudit, limit_fatal, session_tracker
 from waypoint.audit.sink import AuditSink, OnError
-from waypoint.proxy.relay import RelayControl, RelayEngine, StreamRelay, _pump, open_relay_engine
+from waypoint.proxy.relay import (
+    RelayControl,
+    RelayEngine,
+    RelayResult,
+    StreamRelay,
+    _pump,
+    open_relay_engine,
+)
 from waypoint.proxy.relay import client_tls as client_tls_module
 from waypoint.proxy.relay import loop as loop_module
 from waypoint.proxy.streams import ServerTLSStream
@@ -114,6 +121,17 @@ async def relayed(
     await backend.aclose()
 
 
+async def ended(control: RelayControl) -> RelayResult:
+    """The verdict of the relay, once it ended."""
+    if isinstance(control, StreamRelay):  # it runs in the fixture's task
+        await poll(lambda: control.result is not None, "the relay ended")
+        result = control.result
+        assert result is not None
+        return result
+    with trio.fail_after(10):
+        return await control.wait()
+
+
 def make_audit(
     writer: GateWriter, on_error: OnError, max_queue: int, counts: dict[str, Any]
 ) -> SessionAudit:
@@ -177,13 +195,7 @@ async def test_a_failing_sink_with_close_ends_the_session_with_a_fatal(driver: s
         await client.send_all(query("select 2"))
         got = await read_exactly(client, len(FATAL))
         assert got == FATAL
-        if isinstance(control, StreamRelay):  # it runs in the fixture's task
-            await poll(lambda: control.result is not None, "the relay ended")
-            result = control.result
-            assert result is not None
-        else:
-            with trio.fail_after(10):
-                result = await control.wait()
+        result = await ended(control)
         assert result.reason == "terminated" and result.fatal_sent
         assert audit.closed and counts["closed"] == 1
         # The statement that could not be recorded never reached the server.
@@ -220,13 +232,7 @@ async def test_a_pipeline_never_read_ends_the_session_at_the_audit_limit(
         fatal = limit_fatal(tracker)
         assert b"C53400\0" in fatal and b"more than 8 statements waiting" in fatal
         assert await read_exactly(client, len(fatal)) == fatal
-        if isinstance(control, StreamRelay):
-            await poll(lambda: control.result is not None, "the relay ended")
-            result = control.result
-            assert result is not None
-        else:
-            with trio.fail_after(10):
-                result = await control.wait()
+        result = await ended(control)
         assert result.reason == "terminated" and result.fatal_sent
         # At most the statements within the limit reached the server, never the read that
         # went past it (a read is forwarded whole or not at all).
@@ -309,57 +315,34 @@ def test_a_client_read_is_handed_to_python_unsent_while_the_sink_refuses() -> No
     or full) a client read goes to Python (TAP) neither recorded nor sent, so that the
     session ends before it reaches the server; the backend's reads still pass in C; once
     the gate is clear the C loop records and sends client reads again."""
-    client_app, client_proxy = socket.socketpair()
-    backend_proxy, backend_app = socket.socketpair()
-    socks = [client_app, client_proxy, backend_proxy, backend_app]
-    for s in (client_proxy, backend_proxy):
-        s.setblocking(False)
-    ep = select.epoll()
-    pump = _pump.Pump(ep.fileno(), 65536, 16)
-    client, backend = _pump.Lane(client_proxy.fileno()), _pump.Lane(backend_proxy.fileno())
-    client.link(backend)
-    client.budget = 1 << 62
     tracker = session_tracker({"login": "alice@example.com"})
     gate = bytearray(1)
     tracker.refuse_with(gate)
-    client.tap_enable(tracker, 1 << 20)
-    try:
-        for lane in (client, backend):
-            ep.register(lane.fd, select.EPOLLIN)
-            pump.add(lane)
+    with TapRig(_pump, tracker) as rig:
         q1, q2 = query("select 1"), query("select 2")
-        client_app.sendall(q1)
-        assert pump.run(1.0) == []  # gate clear: recorded and sent in C
-        assert backend_app.recv(100) == q1
+        rig.client_app.sendall(q1)
+        assert rig.pump.run(1.0) == []  # gate clear: recorded and sent in C
+        assert rig.backend_app.recv(100) == q1
         gate[0] = 1
-        client_app.sendall(q2)
-        [(code, fd, _, n, chunk)] = pump.run(1.0)
-        assert (code, fd, n, chunk) == (_pump.TAP, client.fd, len(q2), q2)
-        backend_app.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            backend_app.recv(100)  # not sent
-        backend_app.setblocking(True)
+        rig.client_app.sendall(q2)
+        [(code, fd, _, n, chunk)] = rig.pump.run(1.0)
+        assert (code, fd, n, chunk) == (_pump.TAP, rig.client.fd, len(q2), q2)
+        assert rig.backend_got_nothing()  # not sent
         lines, count = tracker.take()
         assert count == 1 and b"select 1" in lines  # nor recorded: Python records it
         reply = msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I")
-        backend_app.sendall(reply)
-        assert pump.run(1.0) == []  # the backend's read passes in C, recorded
-        assert client_app.recv(100) == reply
+        rig.backend_app.sendall(reply)
+        assert rig.pump.run(1.0) == []  # the backend's read passes in C, recorded
+        assert rig.client_app.recv(100) == reply
         assert tracker.take()[1] == 1  # the result of select 1
         gate[0] = 0
-        client_app.sendall(q2)
-        assert pump.run(1.0) == []
-        assert backend_app.recv(100) == q2
+        rig.client_app.sendall(q2)
+        assert rig.pump.run(1.0) == []
+        assert rig.backend_app.recv(100) == q2
         with pytest.raises(ValueError, match="gate"):
             tracker.refuse_with(b"x")  # read-only
         with pytest.raises(BufferError):
             gate.append(0)  # held by the tracker: the C loop's pointer stays valid
-    finally:
-        pump.discard(client)
-        pump.discard(backend)
-        ep.close()
-        for s in socks:
-            s.close()
 
 
 def test_the_tap_is_bounded_and_emptied() -> None:
