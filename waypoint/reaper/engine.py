@@ -59,12 +59,8 @@ from waypoint.observability.log import get_logger
 from waypoint.provision import sql as provision_sql
 from waypoint.provision.admin import AdminError, AdminPools, AdminSession
 from waypoint.provision.dialect import Dialect, detect_dialect
-from waypoint.provision.engine import (
-    Provisioner,
-    disarm_code,
-    disarm_everywhere,
-    drop_foreign_triggers,
-)
+from waypoint.provision.disarm import disarm_code, disarm_everywhere, drop_foreign_triggers
+from waypoint.provision.engine import Provisioner
 from waypoint.provision.locks import RoleLease
 from waypoint.reaper import catalog
 
