@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 import trio
+import trio.testing
 from log_support import configured_log, parse_lines
 from redis.crc import key_slot
 from state_support import KeySpace, OwnRedis, free_port, redis_client
@@ -135,6 +138,98 @@ async def test_closing_an_instance_gives_back_its_slots(redis_space: KeySpace) -
     async with open_state(redis_space.config(), instance_id="b") as b:
         assert isinstance(await b.acquire_slot(req(max_user=1)), SlotLease)
     assert redis_space.client().exists(f"{redis_space.prefix}instance:a") == 0
+
+
+class GatedRedis(redis.Redis):
+    """A client whose SET of ``instance_key`` (the heartbeat) waits at ``gate`` once it has
+    begun, and whose DELETE of that key (the close) opens the gate when done: the latest
+    moment a heartbeat still in flight could land."""
+
+    instance_key = ""
+    gate: threading.Event
+    set_begun: threading.Event
+    set_done: threading.Event
+
+    def set(self, name: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+        if name != self.instance_key:
+            return super().set(name, value, *args, **kwargs)
+        self.set_begun.set()
+        self.gate.wait(timeout=60)  # bounded: the test fails below if it ran out
+        try:
+            return super().set(name, value, *args, **kwargs)
+        finally:
+            self.set_done.set()
+
+    def delete(self, *names: Any) -> Any:
+        try:
+            return super().delete(*names)
+        finally:
+            if self.instance_key in names:
+                self.gate.set()
+
+
+def gated_client(url: str, instance_key: str) -> GatedRedis:
+    client = GatedRedis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+    client.instance_key = instance_key
+    client.gate, client.set_begun, client.set_done = (threading.Event() for _ in range(3))
+    return client
+
+
+async def wait_for_thread_event(event: threading.Event, timeout: float = 30) -> None:
+    with trio.fail_after(timeout):
+        while not event.is_set():
+            await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize("maintenance_stopped_first", [True, False], ids=["stopped", "running"])
+async def test_a_heartbeat_in_flight_never_revives_a_closed_instance(
+    redis_space: KeySpace, maintenance_stopped_first: bool
+) -> None:
+    """The heartbeat's SET of the instance key is in flight when the instance closes (its
+    maintenance stopped first, as open_state does, or still running). Whatever the order,
+    the close's DELETE must be the last write: the instance must not look alive for a lease
+    after it closed, nor hold its slot again."""
+    layout = KeyLayout(redis_space.prefix)
+    client = gated_client(redis_space.url, layout.instance("closing"))
+    limiter = trio.CapacityLimiter(4)
+    store = RedisStateStore(client, layout, 30.0, "closing", limiter, 5.0)
+    assert isinstance(await store.acquire_slot(req(max_user=1)), SlotLease)
+
+    async def open_gate_when_only_the_heartbeat_is_out() -> None:
+        # Once every task waits and the heartbeat's SET is the only Redis call out, nothing
+        # but that SET can move on: let it land (a close that did not wait has deleted
+        # already, and its DELETE opened the gate itself).
+        while not client.gate.is_set():
+            await trio.testing.wait_all_tasks_blocked()
+            if limiter.borrowed_tokens == 1:
+                client.gate.set()
+            await trio.sleep(0.01)
+
+    maintenance = trio.CancelScope()
+
+    async def maintain() -> None:
+        with maintenance:
+            await store.run_maintenance()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(maintain)
+            await wait_for_thread_event(client.set_begun)
+            nursery.start_soon(open_gate_when_only_the_heartbeat_is_out)
+            if maintenance_stopped_first:
+                maintenance.cancel()
+            await store.aclose()
+            maintenance.cancel()
+        await wait_for_thread_event(client.set_done)
+    assert client.gate.is_set()
+    raw = redis_space.client()
+    try:
+        assert raw.exists(layout.instance("closing")) == 0
+        assert raw.hget(layout.user("alice@example.com"), "c:closing") is None
+    finally:
+        raw.close()
+    async with open_state(redis_space.config(), instance_id="other") as other:
+        assert isinstance(await other.acquire_slot(req(max_user=1)), SlotLease)
 
 
 async def test_cancel_keys_route_across_instances_and_hide_the_secret(

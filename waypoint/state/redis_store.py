@@ -309,6 +309,9 @@ class RedisStateStore:
     # at the wall clock in microseconds, so a restarted process with the same id is newer.
     _epoch: int = field(init=False, factory=lambda: time.time_ns() // 1000)
     _closed: bool = False
+    # Held for every write of the instance key: the close's DELETE waits for a heartbeat SET
+    # in flight, and a heartbeat that takes it after the close began writes nothing.
+    _instance_lock: trio.Lock = field(factory=trio.Lock)
     # Set from a worker thread when a new connection to Redis was made (see
     # :meth:`note_new_connection`); read and cleared on the trio side.
     _reconnected: bool = False
@@ -329,11 +332,16 @@ class RedisStateStore:
 
     # -- transport ---------------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[[], T], timeout: float | None = None) -> T:
+    async def _run(
+        self, fn: Callable[[], T], timeout: float | None = None, *, abandon: bool = True
+    ) -> T:
+        """Run one call in a worker thread. With ``abandon=False`` a cancellation (or the
+        timeout) waits for the call to end instead of leaving it running behind: for a write
+        that must not land after what follows it; the client's socket timeouts bound it."""
         try:
             with trio.fail_after(self._op_timeout if timeout is None else timeout):
                 return await trio.to_thread.run_sync(
-                    fn, limiter=self._limiter, abandon_on_cancel=True
+                    fn, limiter=self._limiter, abandon_on_cancel=abandon
                 )
         finally:
             if self._reconnected:
@@ -566,11 +574,12 @@ class RedisStateStore:
     async def run_maintenance(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Heartbeat every lease/3 and repair dirty keys soon after they turn dirty."""
+        """Heartbeat every lease/3 and repair dirty keys soon after they turn dirty. Returns
+        once the store is closed."""
         task_status.started()
         backoff = _RETRY_MIN
         next_beat = trio.current_time()
-        while True:
+        while not self._closed:
             if trio.current_time() >= next_beat:
                 await self._heartbeat()
                 next_beat = trio.current_time() + self._lease / 3
@@ -590,23 +599,31 @@ class RedisStateStore:
         return [k for k, h in self._held.items() if h.dirty]
 
     async def _heartbeat(self) -> None:
-        try:
-            await self._run(
-                functools.partial(
-                    self._client.set,
-                    self._layout.instance(self.instance_id),
-                    "1",
-                    px=self._lease_ms,
+        async with self._instance_lock:
+            if self._closed:  # the close deletes the key: never write it again
+                return
+            try:
+                await self._run(
+                    functools.partial(
+                        self._client.set,
+                        self._layout.instance(self.instance_id),
+                        "1",
+                        px=self._lease_ms,
+                    ),
+                    abandon=False,
                 )
-            )
-        except UNAVAILABLE as exc:
-            log.warning("state_unavailable", operation="heartbeat", error=_describe(exc))
-            return
+            except UNAVAILABLE as exc:
+                log.warning("state_unavailable", operation="heartbeat", error=_describe(exc))
+                return
         await self._repair(list(self._held))
 
     async def _repair(self, keys: list[str]) -> None:
-        """Re-assert this instance's count on each key; stop at the first failure."""
+        """Re-assert this instance's count on each key; stop at the first failure, and once
+        the store is closed (the close gives the counts back; a re-assertion begun before
+        carries an older epoch and is fenced)."""
         for key in keys:
+            if self._closed:
+                return
             h = self._held.get(key)
             if h is None:
                 continue
@@ -769,7 +786,8 @@ class RedisStateStore:
 
     async def aclose(self) -> None:
         """Give back this instance's remaining slots and heartbeat, then close the pool.
-        Shielded, bounded by a few operation timeouts."""
+        Shielded, bounded by a few operation timeouts. The instance key is deleted after any
+        heartbeat in flight has landed, and no heartbeat writes it afterwards."""
         if self._closed:
             return
         self._closed = True
@@ -778,9 +796,12 @@ class RedisStateStore:
                 for key, h in list(self._held.items()):
                     h.confirmed = 0
                     await self._reconcile(key, h)
-                await self._run(
-                    functools.partial(self._client.delete, self._layout.instance(self.instance_id))
-                )
+                async with self._instance_lock:
+                    await self._run(
+                        functools.partial(
+                            self._client.delete, self._layout.instance(self.instance_id)
+                        )
+                    )
             except UNAVAILABLE as exc:
                 log.warning(
                     "state_unavailable",
