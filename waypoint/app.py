@@ -507,7 +507,10 @@ class _Service:
         # Pooled backends go first; the sessions that end from now on keep nothing.
         await self.pool.close_all("shutdown")
         if not await self._sessions_ended(config.drain_timeout):
-            log.info("drain_deadline", sessions=len(registry))
+            # ``timeout``: drain_timeout ran out; ``immediate``: a second signal (or an
+            # immediate shutdown) cut the wait short.
+            reason = "immediate" if self.immediate.is_set() else "timeout"
+            log.info("drain_deadline", sessions=len(registry), reason=reason)
             for live in registry:
                 live.end(errors.shutting_down(), "drain_deadline")
             with trio.move_on_after(FINAL_GRACE):
