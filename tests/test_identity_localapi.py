@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import socket
 import ssl
@@ -29,6 +30,7 @@ from waypoint.identity import (
     MalformedResponse,
     PeerNotFound,
     TailscaleProvider,
+    tailscale,
 )
 from waypoint.identity.localapi import (
     MAX_CERT_DOMAINS,
@@ -159,6 +161,61 @@ async def test_grant_change_is_seen_on_next_whois(standin: LocalAPIStandin) -> N
     standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[])
     assert (await provider.whois("127.0.0.2", 1)).rules == ()
     assert standin.whois_count("127.0.0.2") == 2
+
+
+async def test_the_same_answer_is_read_once_and_asked_every_time(
+    standin: LocalAPIStandin,
+) -> None:
+    provider = provider_for(standin)
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[RULE])
+    first = await provider.whois("127.0.0.2", 1)
+    again = await provider.whois("127.0.0.2", 2)
+    # tailscaled is asked each time; the identity read from the same bytes is the same object
+    # (so the grant evaluation can keep its parse of those rules).
+    assert standin.whois_count("127.0.0.2") == 2
+    assert again is first
+
+
+async def test_a_revoked_or_removed_peer_is_seen_at_once_after_a_kept_answer(
+    standin: LocalAPIStandin,
+) -> None:
+    provider = provider_for(standin)
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[RULE])
+    kept = await provider.whois("127.0.0.2", 1)
+    assert kept.rules == (RULE,)
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[])
+    revoked = await provider.whois("127.0.0.2", 1)
+    assert revoked.rules == ()
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[RULE])
+    assert (await provider.whois("127.0.0.2", 1)) is kept  # the first answer again
+    standin.remove_peer("127.0.0.2")
+    with pytest.raises(PeerNotFound):
+        await provider.whois("127.0.0.2", 1)
+
+
+async def test_the_kept_identities_are_bounded(
+    standin: LocalAPIStandin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tailscale, "PARSED_ANSWERS", 2)
+    provider = provider_for(standin)
+    for n in range(2, 6):
+        standin.set_peer(f"127.0.0.{n}", login=f"u{n}@example.com", node=f"n{n}")
+        await provider.whois(f"127.0.0.{n}", 1)
+    assert [i.login for i in provider._parsed.values()] == ["u4@example.com", "u5@example.com"]
+
+
+async def test_standin_serialises_a_peer_once_and_anew_after_a_change(
+    standin: LocalAPIStandin,
+) -> None:
+    client = LocalAPIClient(standin.socket_path, timeout=2.0)
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[RULE])
+    before = await client.whois_body("127.0.0.2", 1)
+    assert await client.whois_body("127.0.0.2", 1) == before
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[])
+    after = await client.whois_body("127.0.0.2", 1)
+    assert after != before
+    assert json.loads(after)["CapMap"] == {CAP: []}
+    assert b"\n\t" in after and not after.endswith(b"\n")  # tailscaled's indented JSON
 
 
 # -- faults: each maps to its error type and SQLSTATE -----------------------

@@ -224,9 +224,7 @@ class ConnectingSource:
         if pool is None:
             return False
         key = self.key_for("", request)
-        if self._resetting[key]:
-            return True
-        return any(attrs.evolve(e.key, role="") == key for e in pool.book)
+        return bool(self._resetting[key]) or pool.book.holds_any_role(key)
 
     def key_for(self, role: str, request: BackendRequest) -> PoolKey:
         return PoolKey.of(
@@ -261,11 +259,13 @@ class ConnectingSource:
                 self.metrics.pool_closed(self.listener.name, "check_failed")
                 await self._end(backend, closed_by_backend=False)
                 continue
-            start = backend.start
-            params = updated_parameters(start.parameters, reported)
-            backend.start = attrs.evolve(
-                start, raw=session_start(params, start.key), parameters=params, leftover=b""
-            )
+            if reported:
+                # The check saw settings change since the reset: the client is told those.
+                start = backend.start
+                params = updated_parameters(start.parameters, reported)
+                backend.start = attrs.evolve(
+                    start, raw=session_start(params, start.key), parameters=params
+                )
             backend.reused = True
             self.metrics.pool_taken(self.listener.name, hit=True)
             return backend
@@ -315,8 +315,15 @@ class ConnectingSource:
             if not self._resetting[resetting]:
                 del self._resetting[resetting]
         self.metrics.pool_reset(listener.name, ok=True)
-        params = updated_parameters(backend.start.parameters, answer.parameters)
-        backend.start = attrs.evolve(backend.start, parameters=params)
+        if answer.parameters or not backend.reused:
+            # What the next client of this backend is sent, made now rather than during its
+            # handshake (a backend back from the pool already holds it, unless the reset
+            # changed a reported setting).
+            start = backend.start
+            params = updated_parameters(start.parameters, answer.parameters)
+            backend.start = attrs.evolve(
+                start, raw=session_start(params, start.key), parameters=params, leftover=b""
+            )
         limits = PoolLimits(
             idle_timeout=listener.pool_idle_timeout,
             max_lifetime=listener.pool_max_lifetime,
