@@ -218,6 +218,42 @@ async def test_standin_serialises_a_peer_once_and_anew_after_a_change(
     assert b"\n\t" in after and not after.endswith(b"\n")  # tailscaled's indented JSON
 
 
+async def _raw_exchange(path: str, request: bytes, answers: int) -> bytes:
+    """Send ``request`` (one or more) on a new connection to the stand-in; read until
+    ``answers`` HTTP responses have come, or the end."""
+    stream = await trio.open_unix_socket(path)
+    async with stream:
+        await stream.send_all(request)
+        got = b""
+        while got.count(b"HTTP/1.1 ") < answers or not got.endswith(b"}"):
+            data = await stream.receive_some(65536)
+            if not data:
+                break
+            got += data
+        return got
+
+
+async def test_standin_sends_a_made_whois_answer_byte_for_byte_as_h11_frames_it(
+    standin: LocalAPIStandin,
+) -> None:
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[RULE])
+    get = b"GET /localapi/v0/whois?addr=127.0.0.2%3A1 HTTP/1.1\r\nHost: local-tailscaled.sock\r\n\r\n"
+    # Two requests in one write (pipelined): both answered, on the made bytes.
+    made = await _raw_exchange(standin.socket_path, get + get, 2)
+    standin.close_after_answer = True  # the answer is then framed by h11 on the spot
+    framed = await _raw_exchange(standin.socket_path, get, 1)
+    assert framed.startswith(b"HTTP/1.1 200 ") and b"Content-Length: " in framed
+    assert made == framed + framed
+    assert standin.whois_count("127.0.0.2") == 3
+    # A client that asks to close gets h11's own framing (it says so).
+    standin.close_after_answer = False
+    closing = await _raw_exchange(
+        standin.socket_path, get.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"), 1
+    )
+    assert b"connection: close" in closing.lower()
+    assert closing.endswith(framed.partition(b"\r\n\r\n")[2])
+
+
 # -- faults: each maps to its error type and SQLSTATE -----------------------
 
 
