@@ -78,10 +78,14 @@ class PoolKey:
         protocol: tuple[int, int],
         startup_parameters: Mapping[str, str],
     ) -> PoolKey:
-        params = tuple(
-            sorted((k, v) for k, v in startup_parameters.items() if k not in _NOT_IN_KEY)
+        return cls(
+            role, listener, server, database, protocol, cls.parameters_of(startup_parameters)
         )
-        return cls(role, listener, server, database, protocol, params)
+
+    @staticmethod
+    def parameters_of(startup_parameters: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+        """The ``parameters`` of a key for these startup parameters."""
+        return tuple(sorted((k, v) for k, v in startup_parameters.items() if k not in _NOT_IN_KEY))
 
 
 def idle_cap(share: float, max_connections: int) -> int:

@@ -81,6 +81,13 @@ class BackendRequest:
     parameters: Mapping[str, str]
     #: The protocol version asked of the backend: the client's, up to the newest Waypoint speaks.
     protocol: tuple[int, int]
+    #: ``parameters`` as a pool key holds them (made once: a pooled session looks its key up
+    #: several times).
+    key_parameters: tuple[tuple[str, str], ...] = attrs.field(init=False, eq=False, repr=False)
+
+    @key_parameters.default
+    def _key_parameters(self) -> tuple[tuple[str, str], ...]:
+        return PoolKey.parameters_of(self.parameters)
 
 
 @attrs.define(eq=False)
@@ -227,13 +234,13 @@ class ConnectingSource:
         return bool(self._resetting[key]) or pool.book.holds_any_role(key)
 
     def key_for(self, role: str, request: BackendRequest) -> PoolKey:
-        return PoolKey.of(
-            role=role,
-            listener=self.listener.name,
-            server=self.listener.backend_address,
-            database=request.database,
-            protocol=request.protocol,
-            startup_parameters=request.parameters,
+        return PoolKey(
+            role,
+            self.listener.name,
+            self._server,
+            request.database,
+            request.protocol,
+            request.key_parameters,
         )
 
     async def from_pool(self, role: str, request: BackendRequest) -> LoggedInBackend | None:
@@ -354,6 +361,13 @@ class ConnectingSource:
         return idle_cap(self.listener.pool_max_idle, self._max_connections)
 
     _max_connections: int | None = attrs.field(default=None, init=False)
+    #: The listener's backend server, (host, port).
+    _server: tuple[str, int] = attrs.field(init=False)
+
+    @_server.default
+    def _backend_server(self) -> tuple[str, int]:
+        return self.listener.backend_address
+
     #: Backends being reset before they are kept, by their key without the role.
     _resetting: collections.Counter[PoolKey] = attrs.field(factory=collections.Counter, init=False)
     #: Peers that started a session lately (address -> when, trio's clock), oldest first.
