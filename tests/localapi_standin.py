@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import ipaddress
 import json
 import os
@@ -104,8 +105,10 @@ _UNSET: Any = object()
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-@dataclass
+@dataclass(frozen=True)
 class Peer:
+    """One peer of the table; replaced whole (``set_peer``) when anything about it changes."""
+
     ip: IPAddress
     login: str
     node: str
@@ -171,6 +174,22 @@ class Peer:
         )
         return {"Node": node, "UserProfile": profile, "CapMap": cap_map}
 
+    @functools.cached_property
+    def whois_json(self) -> bytes:
+        """The whois answer's body, serialised once per peer (``set_peer`` makes a new
+        :class:`Peer`): tailscaled (Go) answers a whois in about 0.1 ms, and building and
+        indenting this JSON again on every request would make the stand-in, not Waypoint,
+        the cost of a connection in the benchmark."""
+        return json.dumps(self.body(), indent="\t").encode()
+
+    @functools.cached_property
+    def whois_answer(self) -> _Answer:
+        """The 200 answer to a whois for this peer, with its bytes on the wire made once
+        (by h11, as for every other answer)."""
+        answer = _Answer(200, self.whois_json, content_type="application/json")
+        answer.wire = _wire(answer)
+        return answer
+
 
 @dataclass(frozen=True)
 class RecordedRequest:
@@ -190,6 +209,9 @@ class _Answer:
     content_type: str = "text/plain; charset=utf-8"
     headers: list[tuple[str, str]] = field(default_factory=list)
     fault: str | None = None  # hang / close_mid_response / bad_http: the transport misbehaves
+    #: The whole HTTP/1.1 response as :meth:`LocalAPIStandin._send` writes it (a peer's whois
+    #: answer, made once per peer), or None: made on the spot.
+    wire: bytes | None = None
 
 
 def _text(status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> _Answer:
@@ -420,6 +442,17 @@ class LocalAPIStandin:
                     if request is None:
                         return
                     answer = self._answer(request)
+                    if answer.wire is not None and self._may_send_made(conn, request):
+                        # Exactly what h11 would write (``_wire``); the next request gets a
+                        # state machine of its own, fed what already arrived of it.
+                        await stream.send_all(answer.wire)
+                        data, closed = conn.trailing_data
+                        conn = h11.Connection(h11.SERVER)
+                        if data:
+                            conn.receive_data(bytes(data))
+                        if closed:
+                            conn.receive_data(b"")  # h11's end of the stream
+                        continue
                     if answer.fault == "hang":
                         await trio.sleep_forever()
                     if answer.fault == "bad_http":
@@ -431,6 +464,17 @@ class LocalAPIStandin:
                     if conn.their_state is not h11.DONE or self.close_after_answer:
                         return
                     conn.start_next_cycle()
+
+    def _may_send_made(self, conn: h11.Connection, request: RecordedRequest) -> bool:
+        """Whether an answer made in advance may go out as it is: an HTTP/1.1 request read
+        to its end that keeps the connection alive (otherwise h11 frames the answer)."""
+        if self.close_after_answer or conn.their_state is not h11.DONE:
+            return False
+        if conn.their_http_version != b"1.1":
+            return False
+        return not any(
+            k.lower() == "connection" and "close" in v.lower() for k, v in request.headers
+        )
 
     async def _read_request(
         self, conn: h11.Connection, stream: trio.abc.Stream
@@ -463,11 +507,7 @@ class LocalAPIStandin:
 
     async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, answer: _Answer) -> None:
         body = answer.body
-        headers = [
-            ("Content-Type", answer.content_type),
-            ("Date", "Mon, 01 Jan 2024 00:00:00 GMT"),
-            *answer.headers,
-        ]
+        headers = _headers(answer)
         chunked = len(body) > CHUNKING_THRESHOLD
         if answer.fault == "close_mid_response":
             headers.append(("Content-Length", str(len(body))))
@@ -525,8 +565,7 @@ class LocalAPIStandin:
         peer = self._peers.get(ip)
         if peer is None:
             return _text(404, "no match for IP:port")
-        body = json.dumps(peer.body(), indent="\t").encode()
-        return _Answer(200, body, content_type="application/json")
+        return peer.whois_answer
 
     def _status(self, params: dict[str, list[str]]) -> _Answer:
         """This node's status (ipnstate.Status), the fields a client may read and some more."""
@@ -637,6 +676,30 @@ def _unlink_stale_socket(path: str) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
     os.unlink(path)
+
+
+def _headers(answer: _Answer) -> list[tuple[str, str]]:
+    """An answer's headers before its framing (``Content-Length`` or chunked)."""
+    return [
+        ("Content-Type", answer.content_type),
+        ("Date", "Mon, 01 Jan 2024 00:00:00 GMT"),
+        *answer.headers,
+    ]
+
+
+def _wire(answer: _Answer) -> bytes | None:
+    """The bytes :meth:`LocalAPIStandin._send` writes for ``answer`` on a kept-alive
+    connection, made by h11 on a connection of its own; None for an answer sent chunked."""
+    if len(answer.body) > CHUNKING_THRESHOLD or answer.fault is not None:
+        return None
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(f"GET / HTTP/1.1\r\nHost: {LOCALAPI_HOST}\r\n\r\n".encode())
+    while conn.next_event() is not h11.NEED_DATA:
+        pass
+    headers = [*_headers(answer), ("Content-Length", str(len(answer.body)))]
+    out = conn.send(h11.Response(status_code=answer.status, headers=headers)) or b""
+    out += conn.send(h11.Data(data=answer.body)) or b""
+    return out + (conn.send(h11.EndOfMessage()) or b"")
 
 
 @contextlib.asynccontextmanager

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from waypoint.identity.localapi import (
     BadAddress,
     MalformedResponse,
-    _decode_json_object,
     _parse_retry_after,
+    decode_json_object,
     format_whois_addr,
     split_pem_pair,
 )
@@ -29,7 +29,7 @@ from waypoint.identity.localapi import (
 @given(body=st.binary(max_size=300))
 def test_arbitrary_answer_bytes_decode_to_an_object_or_malformed(body: bytes) -> None:
     try:
-        value = _decode_json_object(body, "test")
+        value = decode_json_object(body, "test")
     except MalformedResponse:
         return
     assert isinstance(value, dict)
@@ -48,7 +48,7 @@ def test_arbitrary_answer_bytes_decode_to_an_object_or_malformed(body: bytes) ->
 )
 def test_hostile_json_answers_are_malformed_responses(body: bytes) -> None:
     with pytest.raises(MalformedResponse):
-        _decode_json_object(body, "test")
+        decode_json_object(body, "test")
 
 
 http_dates = st.builds(
@@ -131,4 +131,4 @@ def test_any_peer_address_formats_or_is_a_bad_address(host: str, port: int) -> N
 
 def test_decoded_answers_keep_unicode_and_big_numbers() -> None:
     doc = {"UserProfile": {"LoginName": "zoë@例え.jp"}, "n": 2**70}
-    assert _decode_json_object(json.dumps(doc).encode(), "test") == doc
+    assert decode_json_object(json.dumps(doc).encode(), "test") == doc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import pytest
@@ -11,6 +12,9 @@ from waypoint.errors import Refusal
 from waypoint.grants.evaluate import evaluate, evaluate_rules
 from waypoint.grants.model import CustomGrant, EffectiveGrant, Limits, Preset, SchemaPrivilege
 from waypoint.identity.model import Identity
+
+#: The module (the package's ``evaluate`` is the function of that name).
+evaluate_module = importlib.import_module("waypoint.grants.evaluate")
 
 RO, RW, AD = Preset.READONLY, Preset.READWRITE, Preset.ADMIN
 NO_DEFAULTS = LimitsConfig(max_conns_total=1000, max_conns_per_user=0)
@@ -510,3 +514,44 @@ def test_a_database_name_over_63_bytes_is_refused_never_evaluated(database: str,
         assert isinstance(result, Refusal), result
         assert result.sqlstate == "42622"
         assert "63 bytes" in result.message
+
+
+# -- an identity's rules are parsed once -------------------------------------------------
+
+
+def _evaluate(identity: Identity, database: str = "app") -> EffectiveGrant | Refusal:
+    return evaluate(
+        identity, "pg-main", database, admin_database="postgres", defaults=NO_DEFAULTS,
+        allow_raw_sql=True,
+    )  # fmt: skip
+
+
+def test_the_same_identity_rules_are_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    parses: list[object] = []
+    real = evaluate_module.parse_rules
+
+    def counting(raw: object, **kw: Any) -> Any:
+        parses.append(raw)
+        return real(raw, **kw)
+
+    monkeypatch.setattr(evaluate_module, "parse_rules", counting)
+    identity = Identity("alice@example.com", "a", rules=(db_rule("pg-main", {"app": {"permissions": ["readonly"]}}),))
+    first, again = _evaluate(identity), _evaluate(identity)
+    assert isinstance(first, EffectiveGrant) and first == again
+    assert len(parses) == 1
+    bad = Identity("bob@example.com", "b", rules=({"backends": []},))
+    assert isinstance(_evaluate(bad), Refusal) and isinstance(_evaluate(bad), Refusal)
+    assert len(parses) == 2  # a malformed grant is refused each time, parsed once
+
+
+def test_kept_parses_never_answer_for_other_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rule tuples made and dropped one after another (their ids come back); each is judged on
+    # its own content, also once the kept parses are evicted.
+    monkeypatch.setattr(evaluate_module, "PARSED_RULES", 3)
+    for n in range(40):
+        database = "app" if n % 2 else "other"
+        rules = (db_rule("pg-main", {database: {"permissions": ["readonly"]}}),)
+        result = _evaluate(Identity("alice@example.com", "a", rules=rules))
+        assert isinstance(result, EffectiveGrant) == (database == "app"), n
+        del rules, result
+    assert len(evaluate_module._parsed) <= 3

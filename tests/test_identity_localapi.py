@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import socket
 import ssl
@@ -29,6 +30,7 @@ from waypoint.identity import (
     MalformedResponse,
     PeerNotFound,
     TailscaleProvider,
+    tailscale,
 )
 from waypoint.identity.localapi import (
     MAX_CERT_DOMAINS,
@@ -159,6 +161,89 @@ async def test_grant_change_is_seen_on_next_whois(standin: LocalAPIStandin) -> N
     standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[])
     assert (await provider.whois("127.0.0.2", 1)).rules == ()
     assert standin.whois_count("127.0.0.2") == 2
+
+
+async def test_the_same_answer_is_read_once_and_a_changed_one_at_once(
+    standin: LocalAPIStandin,
+) -> None:
+    provider = provider_for(standin)
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[RULE])
+    kept = await provider.whois("127.0.0.2", 1)
+    assert kept.rules == (RULE,)
+    # tailscaled is asked each time; the identity read from the same bytes is the same object
+    # (so the grant evaluation can keep its parse of those rules).
+    assert (await provider.whois("127.0.0.2", 2)) is kept
+    assert standin.whois_count("127.0.0.2") == 2
+    # A revocation shows in the very next answer, and so does a removal.
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[])
+    assert (await provider.whois("127.0.0.2", 1)).rules == ()
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[RULE])
+    assert (await provider.whois("127.0.0.2", 1)) is kept  # the first answer again
+    standin.remove_peer("127.0.0.2")
+    with pytest.raises(PeerNotFound):
+        await provider.whois("127.0.0.2", 1)
+    assert standin.whois_count("127.0.0.2") == 5
+
+
+async def test_the_kept_identities_are_bounded(
+    standin: LocalAPIStandin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tailscale, "PARSED_ANSWERS", 2)
+    provider = provider_for(standin)
+    for n in range(2, 6):
+        standin.set_peer(f"127.0.0.{n}", login=f"u{n}@example.com", node=f"n{n}")
+        await provider.whois(f"127.0.0.{n}", 1)
+    assert [i.login for i in provider._parsed.values()] == ["u4@example.com", "u5@example.com"]
+
+
+async def test_standin_serialises_a_peer_once_and_anew_after_a_change(
+    standin: LocalAPIStandin,
+) -> None:
+    client = LocalAPIClient(standin.socket_path, timeout=2.0)
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[RULE])
+    before = await client.whois_body("127.0.0.2", 1)
+    assert await client.whois_body("127.0.0.2", 1) == before
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[])
+    after = await client.whois_body("127.0.0.2", 1)
+    assert after != before
+    assert json.loads(after)["CapMap"] == {CAP: []}
+    assert b"\n\t" in after and not after.endswith(b"\n")  # tailscaled's indented JSON
+
+
+async def _raw_exchange(path: str, request: bytes, answers: int) -> bytes:
+    """Send ``request`` (one or more) on a new connection to the stand-in; read until
+    ``answers`` HTTP responses have come, or the end."""
+    stream = await trio.open_unix_socket(path)
+    async with stream:
+        await stream.send_all(request)
+        got = b""
+        while got.count(b"HTTP/1.1 ") < answers or not got.endswith(b"}"):
+            data = await stream.receive_some(65536)
+            if not data:
+                break
+            got += data
+        return got
+
+
+async def test_standin_sends_a_made_whois_answer_byte_for_byte_as_h11_frames_it(
+    standin: LocalAPIStandin,
+) -> None:
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[RULE])
+    get = b"GET /localapi/v0/whois?addr=127.0.0.2%3A1 HTTP/1.1\r\nHost: local-tailscaled.sock\r\n\r\n"
+    # Two requests in one write (pipelined): both answered, on the made bytes.
+    made = await _raw_exchange(standin.socket_path, get + get, 2)
+    standin.close_after_answer = True  # the answer is then framed by h11 on the spot
+    framed = await _raw_exchange(standin.socket_path, get, 1)
+    assert framed.startswith(b"HTTP/1.1 200 ") and b"Content-Length: " in framed
+    assert made == framed + framed
+    assert standin.whois_count("127.0.0.2") == 3
+    # A client that asks to close gets h11's own framing (it says so).
+    standin.close_after_answer = False
+    closing = await _raw_exchange(
+        standin.socket_path, get.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"), 1
+    )
+    assert b"connection: close" in closing.lower()
+    assert closing.endswith(framed.partition(b"\r\n\r\n")[2])
 
 
 # -- faults: each maps to its error type and SQLSTATE -----------------------

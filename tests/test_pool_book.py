@@ -7,6 +7,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -246,6 +247,12 @@ def test_random_operations_keep_every_bound(
             assert len(held) <= cap
             for role in ROLES:
                 assert sum(1 for e in held if e.key.role == role) <= per_role
+            for db in ("app", "other"):
+                # The index agrees with the entries, whatever was kept, taken or closed.
+                k = key(role="", server=server, database=db)
+                unroled = {attrs.evolve(e.key, role="") for e in book}
+                assert book.holds_any_role(k) == (k in unroled)
+                assert book.holds_any_role(attrs.evolve(k, role="wp_x")) == (k in unroled)
     # Every backend kept is pooled, handed out or closed: none is lost.
     pooled = {e.backend for e in book}
     assert pooled | taken | closed == set(keys)

@@ -10,10 +10,20 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 from cancel_support import forwarded, listening_socket
+from hypothesis import given
+from hypothesis import strategies as st
 from state_support import KeySpace
 
-from waypoint.pgwire import BackendKeyData, CancelRequest, build_cancel_request
-from waypoint.pool import client_cancel_key, secret_length
+from waypoint.pgwire import (
+    BackendKeyData,
+    CancelRequest,
+    MessageReader,
+    ParameterStatus,
+    ReadyForQuery,
+    build_cancel_request,
+)
+from waypoint.pgwire.framing import build_message
+from waypoint.pool import client_cancel_key, secret_length, with_client_key
 from waypoint.state import CancelTarget, MemoryStateStore, StateStore, open_state
 from waypoint.state.base import seal_backend_secret
 
@@ -104,3 +114,39 @@ async def test_redis_registry_across_two_instances(
         values = [client.get(k) for k in redis_space.keys("cancel:*")]
         client.close()
         assert len(values) == 1  # the second client's; the first one's is gone
+
+
+def _cstring(min_size: int = 0) -> st.SearchStrategy[str]:
+    # text a backend can send: no NUL, no lone surrogates (UTF-8 has none)
+    alphabet = st.characters(blacklist_characters="\0", blacklist_categories=("Cs",))
+    return st.text(alphabet, min_size=min_size, max_size=12)
+
+
+_messages = st.lists(
+    st.one_of(
+        st.tuples(_cstring(min_size=1), _cstring()).map(
+            lambda kv: ParameterStatus(*kv).encode()
+        ),
+        st.binary(min_size=4, max_size=32).map(lambda s: BackendKeyData(77, s).encode()),
+        st.binary(max_size=40).map(lambda body: build_message(b"N", body)),
+    ),
+    max_size=12,
+)
+
+
+@given(_messages, st.binary(min_size=4, max_size=32))
+def test_the_client_key_replaces_every_backend_key_and_nothing_else(
+    messages: list[bytes], secret: bytes
+) -> None:
+    raw = b"".join(messages) + ReadyForQuery(b"I").encode()
+    client = BackendKeyData(77, secret)
+    # As a message-by-message rewrite would do it.
+    reader = MessageReader()
+    reader.feed(raw)
+    expected = b""
+    while (msg := reader.next_message()) is not None:
+        expected += client.encode() if msg.type == b"K" else msg.raw
+    assert with_client_key(raw, client) == expected
+    for cut in range(1, 6):  # inside the closing ReadyForQuery (6 bytes)
+        with pytest.raises(ValueError, match="ends inside a message"):
+            with_client_key(raw[:-cut], client)

@@ -30,6 +30,7 @@ Semantics:
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
@@ -201,6 +202,36 @@ def evaluate_parsed(
     )
 
 
+#: How many rule tuples keep their parse (:func:`_parse`).
+PARSED_RULES: Final = 512
+#: id(rules) -> (rules, their parse or why they do not parse), least recently used first.
+_parsed: collections.OrderedDict[int, tuple[tuple[Any, ...], ParsedRules | RuleError]] = (
+    collections.OrderedDict()
+)
+
+
+def _parse(rules: Sequence[Any]) -> ParsedRules | RuleError:
+    """``parse_rules(rules)``, or the :class:`RuleError` it raises. A tuple (an identity's
+    rules) keeps its result, by the tuple itself (held here, so its id names no other while
+    kept): the identity provider hands out the same identity, rules and all, for the same
+    answer from tailscaled, so each connection after the first skips the parse. The rule
+    objects are JSON values nobody changes."""
+    if isinstance(rules, tuple):
+        entry = _parsed.get(id(rules))
+        if entry is not None and entry[0] is rules:
+            _parsed.move_to_end(id(rules))
+            return entry[1]
+    try:
+        result: ParsedRules | RuleError = parse_rules(list(rules))
+    except RuleError as exc:
+        result = exc
+    if isinstance(rules, tuple):
+        _parsed[id(rules)] = (rules, result)
+        while len(_parsed) > PARSED_RULES:
+            _parsed.popitem(last=False)
+    return result
+
+
 def evaluate_rules(
     rules: Sequence[Any],
     listener: str,
@@ -212,9 +243,9 @@ def evaluate_rules(
     allow_raw_sql: bool,
 ) -> Evaluation:
     """Parse raw rule objects and evaluate them; keeps the parse warnings."""
-    try:
-        parsed = parse_rules(list(rules))
-    except RuleError as exc:
+    parsed = _parse(rules)
+    if isinstance(parsed, RuleError):
+        exc = parsed
         first = exc.problems[0]
         more = f" (and {len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
         detail = "; ".join(exc.problems)

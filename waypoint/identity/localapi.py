@@ -53,6 +53,7 @@ __all__ = [
     "LocalAPIUnavailable",
     "MalformedResponse",
     "PeerNotFound",
+    "decode_json_object",
     "format_go_duration",
     "format_whois_addr",
     "split_pem_pair",
@@ -284,6 +285,13 @@ class LocalAPIClient:
         address that is not an IP), :class:`MalformedResponse` (not a JSON
         object) or :class:`LocalAPIUnavailable` (everything else).
         """
+        body = await self.whois_body(host, port)
+        return decode_json_object(body, f"tailscaled whois {format_whois_addr(host, port)}")
+
+    async def whois_body(self, host: str, port: int) -> bytes:
+        """``GET /localapi/v0/whois`` for the peer at (host, port): the 200 answer's body, not
+        yet decoded (:meth:`whois_raw` decodes it). Raises as :meth:`whois_raw`, except
+        :class:`MalformedResponse` for the body."""
         addr = format_whois_addr(host, port)
         target = "/localapi/v0/whois?addr=" + urllib.parse.quote(addr, safe="")
         resp = await self.get(target)
@@ -295,7 +303,7 @@ class LocalAPIClient:
             raise LocalAPIUnavailable(
                 f"tailscaled whois {addr}: HTTP {resp.status} {_body_excerpt(resp.body)}"
             )
-        return _decode_json_object(resp.body, f"tailscaled whois {addr}")
+        return resp.body
 
     async def cert_pair(self, domain: str, *, min_validity: float | None) -> tuple[bytes, bytes]:
         """``GET /localapi/v0/cert/<domain>?type=pair``: (key_pem, cert_chain_pem).
@@ -346,7 +354,7 @@ class LocalAPIClient:
             raise LocalAPIUnavailable(
                 f"tailscaled status: HTTP {resp.status} {_body_excerpt(resp.body)}"
             )
-        body = _decode_json_object(resp.body, "tailscaled status")
+        body = decode_json_object(resp.body, "tailscaled status")
         raw = body.get("CertDomains")
         if raw is None:
             return ()
@@ -510,7 +518,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-JSON constant {name}")
 
 
-def _decode_json_object(body: bytes, what: str) -> dict[str, Any]:
+def decode_json_object(body: bytes, what: str) -> dict[str, Any]:
+    """``body`` as a JSON object; :class:`MalformedResponse` (``what`` says whose) if it is
+    not valid UTF-8 JSON, holds a non-JSON constant (``NaN``, ``Infinity``) or is not an
+    object."""
     try:
         value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

@@ -4,16 +4,34 @@ The whois JSON is untrusted input: :func:`identity_from_whois` checks every
 field it reads and turns any wrong shape into :class:`MalformedResponse`
 (never a KeyError or TypeError). Unknown fields are ignored and ``null`` is
 accepted for every list and map (docs/localapi.md).
+
+tailscaled is asked on every connection (a revoked grant or a removed peer shows in the
+next answer); what is kept is only the work of reading an answer: the same bytes from
+tailscaled are the same :class:`Identity`, so :class:`TailscaleProvider` keeps the identity
+read from each of the last :data:`PARSED_ANSWERS` answer bodies and hands out that very
+object when the next answer is byte for byte the same (which also lets the grant evaluation
+reuse its parse of the identity's rules, :mod:`waypoint.grants.evaluate`). An answer that
+differs in any byte is read anew.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import collections
+from typing import Any, Final
 
 from waypoint.config.model import IdentityConfig
 from waypoint.config.units import json_type
-from waypoint.identity.localapi import LocalAPIClient, MalformedResponse
+from waypoint.identity.localapi import (
+    LocalAPIClient,
+    MalformedResponse,
+    decode_json_object,
+    format_whois_addr,
+)
 from waypoint.identity.model import Identity
+
+#: How many whois answer bodies, and how large each at most, have their identity kept.
+PARSED_ANSWERS: Final = 512
+PARSED_ANSWER_MAX_BYTES: Final = 16 * 1024
 
 __all__ = ["TailscaleProvider", "identity_from_whois"]
 
@@ -99,6 +117,8 @@ class TailscaleProvider:
     def __init__(self, cfg: IdentityConfig, *, client: LocalAPIClient | None = None) -> None:
         self.capability = cfg.capability
         self.client = client or LocalAPIClient(cfg.socket, timeout=cfg.timeout)
+        #: Answer body -> the identity read from it, least recently used first.
+        self._parsed: collections.OrderedDict[bytes, Identity] = collections.OrderedDict()
 
     def __repr__(self) -> str:
         return f"TailscaleProvider({self.client!r}, capability={self.capability!r})"
@@ -106,11 +126,23 @@ class TailscaleProvider:
     async def whois(self, host: str, port: int) -> Identity:
         """Who is at (host, port). Raises an :class:`~waypoint.identity.model.IdentityError`
         subclass: PeerNotFound, BadAddress, MalformedResponse or LocalAPIUnavailable."""
-        body = await self.client.whois_raw(host, port)
+        body = await self.client.whois_body(host, port)
+        parsed = self._parsed
+        identity = parsed.get(body)
+        if identity is not None:
+            parsed.move_to_end(body)
+            return identity
+        what = f"tailscaled whois {format_whois_addr(host, port)}"
+        decoded = decode_json_object(body, what)
         try:
-            return identity_from_whois(body, self.capability)
+            identity = identity_from_whois(decoded, self.capability)
         except MalformedResponse as exc:
             raise MalformedResponse(f"tailscaled whois {host}:{port}: {exc}") from None
+        if len(body) <= PARSED_ANSWER_MAX_BYTES:
+            parsed[body] = identity
+            while len(parsed) > PARSED_ANSWERS:
+                parsed.popitem(last=False)
+        return identity
 
     async def cert_pair(self, domain: str, *, min_validity: float | None) -> tuple[bytes, bytes]:
         """(key_pem, cert_chain_pem) for ``domain`` from tailscaled (see LocalAPIClient.cert_pair)."""

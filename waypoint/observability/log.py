@@ -50,6 +50,11 @@ STABLE_KEYS: tuple[str, ...] = (
 )
 
 
+#: Characters a quoted value escapes, and those that make a value need quotes (set
+#: lookups: the human format checks every field of every line).
+_QUOTED_SPECIAL = frozenset('"\\')
+_BARE_SPECIAL = frozenset(' "=\\')
+
 _SHORT_ESCAPES: dict[str, str] = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\\": "\\\\"}
 
 
@@ -70,7 +75,7 @@ def escape_text(text: str, *, quoted: bool = True) -> str:
     ``\\x1b``, ``\\u202e``); with ``quoted`` also ``"`` and ``\\``, so the result can stand
     between quotes."""
     special = '"\\' if quoted else ""
-    if text.isprintable() and not any(c in text for c in special):
+    if text.isprintable() and (not quoted or _QUOTED_SPECIAL.isdisjoint(text)):
         return text
     return "".join(
         ch if ch.isprintable() and ch not in special else _escape_char(ch) for ch in text
@@ -79,7 +84,7 @@ def escape_text(text: str, *, quoted: bool = True) -> str:
 
 def human_value(text: str) -> str:
     """A value as the human format writes it: bare when it is plain, else quoted and escaped."""
-    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
+    if text and text.isprintable() and _BARE_SPECIAL.isdisjoint(text):
         return text
     return f'"{escape_text(text)}"'
 

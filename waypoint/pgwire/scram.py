@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import secrets
 from typing import Final
 
@@ -158,8 +159,12 @@ class ServerFirst:
     iterations: int
 
 
+#: RFC 5802's ``printable``: %x21-2B / %x2D-7E (no comma), as a nonce is made of.
+_PRINTABLE_NONCE: Final = re.compile(r"[\x21-\x2b\x2d-\x7e]*")
+
+
 def _is_printable_nonce(nonce: str) -> bool:
-    return all(0x21 <= ord(ch) <= 0x7E and ch != "," for ch in nonce)
+    return _PRINTABLE_NONCE.fullmatch(nonce) is not None
 
 
 def parse_server_first(data_untrusted: bytes, client_nonce: str) -> ServerFirst:
@@ -219,9 +224,16 @@ def client_proof_and_server_signature(
     client_key = _hmac(salted_password, b"Client Key")
     stored_key = hashlib.sha256(client_key).digest()
     client_signature = _hmac(stored_key, auth_message)
-    proof = bytes(a ^ b for a, b in zip(client_key, client_signature, strict=True))
+    proof = _xor(client_key, client_signature)
     server_key = _hmac(salted_password, b"Server Key")
     return proof, _hmac(server_key, auth_message)
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    """``a`` XOR ``b``, byte for byte (equal lengths)."""
+    if len(a) != len(b):
+        raise ValueError("XOR of byte strings of different lengths")
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
 def client_final(without_proof: str, proof: bytes) -> str:

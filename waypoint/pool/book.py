@@ -23,6 +23,7 @@ Time comes from an injected clock (``trio.current_time`` in the app, a fake in t
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, Literal, TypeVar
@@ -77,10 +78,14 @@ class PoolKey:
         protocol: tuple[int, int],
         startup_parameters: Mapping[str, str],
     ) -> PoolKey:
-        params = tuple(
-            sorted((k, v) for k, v in startup_parameters.items() if k not in _NOT_IN_KEY)
+        return cls(
+            role, listener, server, database, protocol, cls.parameters_of(startup_parameters)
         )
-        return cls(role, listener, server, database, protocol, params)
+
+    @staticmethod
+    def parameters_of(startup_parameters: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+        """The ``parameters`` of a key for these startup parameters."""
+        return tuple(sorted((k, v) for k, v in startup_parameters.items() if k not in _NOT_IN_KEY))
 
 
 def idle_cap(share: float, max_connections: int) -> int:
@@ -153,6 +158,8 @@ class PoolBook(Generic[T]):
         self._clock = clock
         # key -> entries, oldest idle first (take pops the newest: the others age out)
         self._by_key: dict[PoolKey, list[Entry[T]]] = {}
+        # key without its role (role "") -> how many entries (:meth:`holds_any_role`)
+        self._any_role: collections.Counter[PoolKey] = collections.Counter()
 
     # -- reading ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -161,6 +168,11 @@ class PoolBook(Generic[T]):
     def __iter__(self) -> Iterator[Entry[T]]:
         for entries in list(self._by_key.values()):
             yield from list(entries)
+
+    def holds_any_role(self, key: PoolKey) -> bool:
+        """Whether a backend is kept for ``key`` (whose role is ignored) of any role, without
+        a look at each entry."""
+        return self._any_role[attrs.evolve(key, role="")] > 0
 
     def idle_by_listener(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -192,6 +204,7 @@ class PoolBook(Generic[T]):
             return [Closing(key, backend, "max_lifetime")]
         closing = self.expire()
         self._by_key.setdefault(key, []).append(entry)
+        self._any_role[attrs.evolve(key, role="")] += 1
         role = (key.server, key.role)
         while True:
             of_role = [e for e in self if (e.key.server, e.key.role) == role]
@@ -215,6 +228,7 @@ class PoolBook(Generic[T]):
         entry = entries.pop()
         if not entries:
             del self._by_key[key]
+        self._forget_role_of(key)
         return entry, closing
 
     def expire(self) -> list[Closing[T]]:
@@ -241,7 +255,14 @@ class PoolBook(Generic[T]):
         entries.remove(entry)
         if not entries:
             del self._by_key[entry.key]
+        self._forget_role_of(entry.key)
         return Closing(entry.key, entry.backend, reason)
+
+    def _forget_role_of(self, key: PoolKey) -> None:
+        unroled = attrs.evolve(key, role="")
+        self._any_role[unroled] -= 1
+        if self._any_role[unroled] <= 0:
+            del self._any_role[unroled]
 
 
 def _longest_idle(entries: list[Entry[T]]) -> Entry[T]:

@@ -51,6 +51,8 @@ class BackendPool:
         self.book: PoolBook[Pooled] = PoolBook(clock)
         self._nursery: trio.Nursery | None = None
         self._changed = trio.Event()
+        #: When the background task wakes next by itself (``inf`` until it first sleeps).
+        self._wakes_at = math.inf
         self._closing = 0
         self._idle_closes = trio.Event()
         self.open = False
@@ -68,6 +70,7 @@ class BackendPool:
                     self._expire_roles()
                     self._gauge()
                     deadline = min(self._next_deadline(), self._clock() + 60.0)
+                    self._wakes_at = deadline
                     with trio.move_on_at(deadline):
                         await self._changed.wait()
                     self._changed = trio.Event()
@@ -97,7 +100,15 @@ class BackendPool:
         self._close([c for c in closing if c.backend is not item])
         if not kept:
             self.metrics.pool_closed(key.listener, "max_lifetime")
-        self._changed.set()
+        elif (
+            min(self._clock() + limits.idle_timeout, born + limits.max_lifetime)
+            < self._wakes_at
+            or item.role_valid_until < self._wakes_at
+        ):
+            # The background task sleeps until the earliest expiry it knew of; only a backend
+            # that expires sooner needs it awake now (a reconnecting client's backend, kept
+            # many times a second, usually does not).
+            self._changed.set()
         self._gauge()
         return kept
 

@@ -43,6 +43,9 @@ MAX_ANSWER_BYTES: Final = 1024 * 1024
 _QUIET: Final = frozenset({b"C", b"I", b"T", b"D", b"N", b"A"})
 
 
+_PEEK: Final = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
 class PooledBackendFailed(Exception):
     """The backend cannot be pooled or handed out; close it (the message says why)."""
 
@@ -124,9 +127,9 @@ def peek(sock: trio.socket.SocketType) -> None:
     sight here (those backends get :func:`check`)."""
     # A duplicate of the descriptor for one non-blocking peek (trio's socket has no
     # synchronous receive); the data stays in the kernel for the relay to read.
-    with socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno())) as dup:
+    with socket.socket(fileno=os.dup(sock.fileno())) as dup:
         try:
-            data = dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            data = dup.recv(1, _PEEK)
         except BlockingIOError:
             return
         except OSError as exc:

@@ -4,6 +4,9 @@ read the session start up to ReadyForQuery."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import ipaddress
+import socket
 import ssl
 from collections.abc import Mapping
 
@@ -109,7 +112,7 @@ async def connect_backend(
     """Open the TCP connection and negotiate TLS per ``backend_tls``. The caller bounds the time."""
     host, port = listener.backend_address
     try:
-        sock_stream = await trio.open_tcp_stream(host, port)
+        sock_stream = await _open_tcp(host, port)
     except OSError as exc:
         raise BackendUnavailable(f"connect to {host}:{port} failed: {exc}") from exc
     conn = BackendConnection(sock_stream, sock_stream, False, None, (host, port))
@@ -127,6 +130,32 @@ async def connect_backend(
     conn.cert_der = ssl_stream.getpeercert(binary_form=True)
     conn.verified_host = listener.backend_tls == "verify-full"
     return conn
+
+
+async def _open_tcp(host: str, port: int) -> trio.SocketStream:
+    """A TCP connection to ``host``: an IP address is connected to directly (the one address
+    there is to try; this runs for every unpooled session), a name through
+    ``trio.open_tcp_stream`` (resolution, and each address in turn)."""
+    family = _ip_family(host)
+    if family is None:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+@functools.lru_cache(maxsize=64)
+def _ip_family(host: str) -> socket.AddressFamily | None:
+    """``AF_INET`` / ``AF_INET6`` for an IP address, None for a name."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return socket.AF_INET if address.version == 4 else socket.AF_INET6
 
 
 @attrs.frozen

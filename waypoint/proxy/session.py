@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio
@@ -191,8 +192,14 @@ class Session:
             # The client's cancel key goes first: it must cancel nothing of whoever the
             # backend serves next (a pooled backend is kept only when it is gone).
             withdrawn = await self._withdraw_cancel_key()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.client.close)
+            if self.client.tls and self.backend is not None:
+                # Closing TLS sends close_notify, which may wait on the client: beside the
+                # backend's end, not before it.
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.client.close)
+                    await self._end_backend(self.backend, keep=withdrawn)
+            else:
+                await self.client.close()
                 if self.backend is not None:
                     await self._end_backend(self.backend, keep=withdrawn)
         finally:
@@ -480,12 +487,7 @@ class Session:
         """The epoll engine relays plain sockets and client TLS (the session's own SSLObject
         and BIOs, handed over after the startup); backend TLS stays on the trio stream relay."""
         ctx, client = self.ctx, self.client
-        limits = live.grant.limits
-        byte_limit_fatal = b""
-        if limits.max_bytes_per_conn > 0:
-            byte_limit_fatal = fatal_bytes(
-                errors.session_limit("max_bytes_per_conn", f"{limits.max_bytes_per_conn} bytes")
-            )
+        options = _RelayOptions.of(self, backend, live, audit)
         handover: TlsHandover | None = None
         use_engine = ctx.engine is not None and not backend.connection.tls
         if use_engine and client.tls:
@@ -499,15 +501,7 @@ class Session:
             backend.sock = trio.socket.from_stdlib_socket(backend_sock)
             try:
                 handle = ctx.engine.start_relay(
-                    client_sock,
-                    backend_sock,
-                    client_tls=handover,
-                    max_bytes=limits.max_bytes_per_conn,
-                    byte_limit_error=byte_limit_fatal,
-                    initial_to_client=backend.start.leftover,
-                    initial_to_backend=self.pending,
-                    audit=audit,
-                    stop_at_terminate=backend.pooling,
+                    client_sock, backend_sock, client_tls=handover, **options.keywords()
                 )
                 live.attach(handle)
                 if handle.tls_record_layer is not None:
@@ -515,16 +509,7 @@ class Session:
                 return await handle.wait()
             finally:
                 client_sock.close()
-        relay = StreamRelay(
-            client.stream,
-            backend.connection.stream,
-            max_bytes=limits.max_bytes_per_conn,
-            byte_limit_error=byte_limit_fatal,
-            initial_to_client=backend.start.leftover,
-            initial_to_backend=self.pending,
-            audit=audit,
-            stop_at_terminate=backend.pooling,
-        )
+        relay = StreamRelay(client.stream, backend.connection.stream, **options.keywords())
         live.attach(relay)
         if client.tls:
             ctx.metrics.client_tls_relayed(ctx.listener.name, "stream")
@@ -574,6 +559,47 @@ class Session:
             tls=self.client.tls,
         )
         return live.audit
+
+
+@attrs.frozen
+class _RelayOptions:
+    """What a session's relay is told, whichever relay serves it (the epoll engine's
+    ``start_relay`` or :class:`StreamRelay` take the same keywords)."""
+
+    #: ``max_bytes_per_conn`` (0: none) over both directions, and the FATAL sent past it.
+    max_bytes: int
+    byte_limit_error: bytes
+    #: What the backend sent after its ReadyForQuery, and the client after its startup.
+    initial_to_client: bytes
+    initial_to_backend: bytes
+    audit: SessionAudit | None
+    #: A pooling backend: the client's Terminate ends the relay and is not passed on.
+    stop_at_terminate: bool
+
+    @classmethod
+    def of(
+        cls,
+        session: Session,
+        backend: LoggedInBackend,
+        live: LiveSession,
+        audit: SessionAudit | None,
+    ) -> _RelayOptions:
+        limit = live.grant.limits.max_bytes_per_conn
+        fatal = b""
+        if limit > 0:
+            fatal = fatal_bytes(errors.session_limit("max_bytes_per_conn", f"{limit} bytes"))
+        return cls(
+            max_bytes=limit,
+            byte_limit_error=fatal,
+            initial_to_client=backend.start.leftover,
+            initial_to_backend=session.pending,
+            audit=audit,
+            stop_at_terminate=backend.pooling,
+        )
+
+    def keywords(self) -> dict[str, Any]:
+        """The relay's keyword arguments (the field names are theirs)."""
+        return attrs.asdict(self, recurse=False)
 
 
 def _backend_protocol(startup: StartupMessage) -> tuple[int, int]:

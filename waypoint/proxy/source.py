@@ -81,6 +81,13 @@ class BackendRequest:
     parameters: Mapping[str, str]
     #: The protocol version asked of the backend: the client's, up to the newest Waypoint speaks.
     protocol: tuple[int, int]
+    #: ``parameters`` as a pool key holds them (made once: a pooled session looks its key up
+    #: several times).
+    key_parameters: tuple[tuple[str, str], ...] = attrs.field(init=False, eq=False, repr=False)
+
+    @key_parameters.default
+    def _key_parameters(self) -> tuple[tuple[str, str], ...]:
+        return PoolKey.parameters_of(self.parameters)
 
 
 @attrs.define(eq=False)
@@ -224,18 +231,16 @@ class ConnectingSource:
         if pool is None:
             return False
         key = self.key_for("", request)
-        if self._resetting[key]:
-            return True
-        return any(attrs.evolve(e.key, role="") == key for e in pool.book)
+        return bool(self._resetting[key]) or pool.book.holds_any_role(key)
 
     def key_for(self, role: str, request: BackendRequest) -> PoolKey:
-        return PoolKey.of(
-            role=role,
-            listener=self.listener.name,
-            server=self.listener.backend_address,
-            database=request.database,
-            protocol=request.protocol,
-            startup_parameters=request.parameters,
+        return PoolKey(
+            role,
+            self.listener.name,
+            self._server,
+            request.database,
+            request.protocol,
+            request.key_parameters,
         )
 
     async def from_pool(self, role: str, request: BackendRequest) -> LoggedInBackend | None:
@@ -261,11 +266,13 @@ class ConnectingSource:
                 self.metrics.pool_closed(self.listener.name, "check_failed")
                 await self._end(backend, closed_by_backend=False)
                 continue
-            start = backend.start
-            params = updated_parameters(start.parameters, reported)
-            backend.start = attrs.evolve(
-                start, raw=session_start(params, start.key), parameters=params, leftover=b""
-            )
+            if reported:
+                # The check saw settings change since the reset: the client is told those.
+                start = backend.start
+                params = updated_parameters(start.parameters, reported)
+                backend.start = attrs.evolve(
+                    start, raw=session_start(params, start.key), parameters=params
+                )
             backend.reused = True
             self.metrics.pool_taken(self.listener.name, hit=True)
             return backend
@@ -315,8 +322,15 @@ class ConnectingSource:
             if not self._resetting[resetting]:
                 del self._resetting[resetting]
         self.metrics.pool_reset(listener.name, ok=True)
-        params = updated_parameters(backend.start.parameters, answer.parameters)
-        backend.start = attrs.evolve(backend.start, parameters=params)
+        if answer.parameters or not backend.reused:
+            # What the next client of this backend is sent, made now rather than during its
+            # handshake (a backend back from the pool already holds it, unless the reset
+            # changed a reported setting).
+            start = backend.start
+            params = updated_parameters(start.parameters, answer.parameters)
+            backend.start = attrs.evolve(
+                start, raw=session_start(params, start.key), parameters=params, leftover=b""
+            )
         limits = PoolLimits(
             idle_timeout=listener.pool_idle_timeout,
             max_lifetime=listener.pool_max_lifetime,
@@ -347,6 +361,13 @@ class ConnectingSource:
         return idle_cap(self.listener.pool_max_idle, self._max_connections)
 
     _max_connections: int | None = attrs.field(default=None, init=False)
+    #: The listener's backend server, (host, port).
+    _server: tuple[str, int] = attrs.field(init=False)
+
+    @_server.default
+    def _backend_server(self) -> tuple[str, int]:
+        return self.listener.backend_address
+
     #: Backends being reset before they are kept, by their key without the role.
     _resetting: collections.Counter[PoolKey] = attrs.field(factory=collections.Counter, init=False)
     #: Peers that started a session lately (address -> when, trio's clock), oldest first.
