@@ -30,10 +30,9 @@ def test_runner_failure_raises_the_callers_error_with_stderr() -> None:
 
 
 def test_runner_timeout_is_bounded_and_named() -> None:
-    began = time.monotonic()
+    # A timeout that were not applied would let sleep finish with exit 0: no error at all.
     with pytest.raises(_OwnError, match=r"sleep timed out after 0.3s"):
         _local_runner().run(["sleep", "20"], timeout=0.3)
-    assert time.monotonic() - began < 5
 
 
 def test_runner_missing_program_is_a_clear_error() -> None:
@@ -149,10 +148,9 @@ def test_start_moves_to_another_port_when_its_port_is_taken_and_stop_kills_a_stu
     assert pid is not None and pgrun.pid_alive(pid)
     # No pg_ctl to ask: the postmaster is killed once PID_GONE_WAIT has passed.
     monkeypatch.setattr(pgrun, "PID_GONE_WAIT", 0.5)
-    began = time.monotonic()
+    # Nothing else stops this server: a postmaster gone within the bounded wait was killed.
     pgrun.stop_server(runner, None, datadir, started=True, modes=("fast",), ctl_wait=20)
     deadline = time.monotonic() + 5
     while pgrun.pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not pgrun.pid_alive(pid)
-    assert time.monotonic() - began < 6

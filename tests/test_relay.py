@@ -8,7 +8,6 @@ import random
 import socket
 import ssl
 import struct
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -462,10 +461,9 @@ async def test_terminate_while_idle_sends_fatal_at_once(harness: Harness) -> Non
     s = await harness.open()
     await s.backend.send_all(message(b"Z", b"I"))
     assert await read_all(s.client, 6) == message(b"Z", b"I")
-    start = time.monotonic()
-    s.control.terminate(FATAL)
+    # With an hour's bound, only a FATAL sent at once ends the relay within result()'s wait.
+    s.control.terminate(FATAL, timeout=3600)
     result = await s.result()
-    assert time.monotonic() - start < 1.0
     s.close_proxy_side()
     assert await read_to_eof(s.client) == FATAL
     assert result.reason == "terminated"
@@ -482,11 +480,10 @@ async def test_terminate_with_backend_stuck_mid_message_closes_after_the_bound(
     partial = message(b"D", bytes(5000))[:1200]
     await s.backend.send_all(partial)
     assert await read_all(s.client, len(partial)) == partial
-    start = time.monotonic()
+    # result() bounds the wait; that the relay holds on until the bound (and not less) is
+    # the deadline arithmetic of test_relay_core and test_terminate_waits_for_the_end_of_a_long_message.
     s.control.terminate(FATAL, timeout=0.3)
     result = await s.result()
-    elapsed = time.monotonic() - start
-    assert 0.25 <= elapsed < 2.0
     s.close_proxy_side()
     assert await read_to_eof(s.client) == b""  # no FATAL in the middle of a message
     assert result.reason == "terminated"
