@@ -32,37 +32,46 @@ from e2e_support import (
 from pgcluster import PgCluster
 
 CANCELED = "canceling statement due to user request"
+_SLEEP_30 = "select pg_sleep(30)"
+
+
+def _sleep_running(env: E2EEnv) -> bool:
+    """The psql statement is active on the server (pg_stat_activity)."""
+    return bool(
+        env.cluster.execute(
+            "SELECT 1 FROM pg_catalog.pg_stat_activity WHERE state = 'active' AND query = :q",
+            q=_SLEEP_30,
+        )
+    )
 
 
 async def _psql_ctrl_c(env: E2EEnv, db: str, *, binary: str, extra_env: dict[str, str]) -> None:
-    """psql runs pg_sleep(30) through Waypoint; SIGINT must cancel it within 2 s."""
-    cmd = [binary, env.dsn(db, sslmode="disable"), "-X", "-c", "select pg_sleep(30)"]
+    """psql runs pg_sleep(30) through Waypoint; SIGINT must cancel it (the query error says
+    so; an uncanceled pg_sleep would outlast the bounded wait for psql)."""
+    cmd = [binary, env.dsn(db, sslmode="disable"), "-X", "-c", _SLEEP_30]
     full_env = {**os.environ, **extra_env}
 
-    def run() -> tuple[int, str, float]:
+    def run() -> tuple[int, str]:
         proc = subprocess.Popen(
             cmd, env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True,
         )
         try:
-            # Wait until the statement runs (the session is in the registry and had time to send).
+            # Wait (bounded) until the statement runs on the server.
             deadline = time.monotonic() + 20
-            while not len(env.running.registry) and time.monotonic() < deadline:
+            while not _sleep_running(env) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            time.sleep(0.5)
-            sent = time.monotonic()
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=10)
-            return proc.returncode, err, time.monotonic() - sent
+            return proc.returncode, err
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
 
-    rc, err, elapsed = await trio.to_thread.run_sync(run)
+    rc, err = await trio.to_thread.run_sync(run)
     assert CANCELED in err, err
     assert rc != 0
-    assert elapsed < 2.0, elapsed
 
 
 _PSYCOPG_CANCEL = r"""
@@ -78,25 +87,23 @@ with psycopg.connect(dsn, connect_timeout=20) as conn:
         except BaseException as exc:
             errors.append(repr(exc))
     t = threading.Thread(target=canceller)
-    t0 = time.monotonic()
     t.start()
     try:
         conn.execute("select pg_sleep(30)")
         message = "not canceled"
     except psycopg.errors.QueryCanceled as exc:
         message = str(exc)
-    elapsed = time.monotonic() - t0
     t.join(5)
     conn.rollback()
     one = conn.execute("select 1").fetchone()[0]
-    print(json.dumps({"message": message, "elapsed": elapsed, "errors": errors,
+    print(json.dumps({"message": message, "errors": errors,
                       "protocol": conn.info.pgconn.full_protocol_version, "one": one}))
 """
 
 
-def _psycopg_cancel(dsn: str, method: str) -> tuple[str, float, int, int]:
-    """pg_sleep(30) canceled by ``conn.<method>()`` from another thread; the session works
-    afterwards. In a child process: libpq's blocking PQcancel (``cancel()``) holds the GIL,
+def _psycopg_cancel(dsn: str, method: str) -> tuple[str, int, int]:
+    """pg_sleep(30) canceled by ``conn.<method>()`` from another thread (an uncanceled one
+    ends with the message "not canceled"); the session works afterwards. In a child process: libpq's blocking PQcancel (``cancel()``) holds the GIL,
     which would stall the in-process Waypoint it talks to."""
     r = subprocess.run(
         [sys.executable, "-c", _PSYCOPG_CANCEL, dsn, method],
@@ -105,7 +112,7 @@ def _psycopg_cancel(dsn: str, method: str) -> tuple[str, float, int, int]:
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert not out["errors"], out
-    return out["message"], out["elapsed"], out["protocol"], out["one"]
+    return out["message"], out["protocol"], out["one"]
 
 
 async def test_psql_ctrl_c_and_psycopg_cancel(pg: PgCluster, tmp_path: Path) -> None:
@@ -116,11 +123,11 @@ async def test_psql_ctrl_c_and_psycopg_cancel(pg: PgCluster, tmp_path: Path) -> 
             await _psql_ctrl_c(env, db, binary="/usr/bin/psql", extra_env={})
             await env.assert_clean()
             for method in ("cancel", "cancel_safe"):
-                message, elapsed, _, one = await trio.to_thread.run_sync(
+                message, _, one = await trio.to_thread.run_sync(
                     _psycopg_cancel, env.dsn(db), method
                 )
                 assert CANCELED in message, (method, message)
-                assert elapsed < 3.0 and one == 1
+                assert one == 1
             await env.assert_clean()
 
 
@@ -129,11 +136,11 @@ async def test_protocol_32_with_postgresql_18(pg18: PgCluster, tmp_path: Path) -
     with trio.fail_after(120):
         async with e2e_env(pg18, tmp_path) as env:
             env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
-            message, elapsed, protocol, one = await trio.to_thread.run_sync(
+            message, protocol, one = await trio.to_thread.run_sync(
                 _psycopg_cancel, env.dsn(db, max_protocol_version="3.2"), "cancel_safe"
             )
             assert protocol == 30002
-            assert CANCELED in message and elapsed < 3.0 and one == 1
+            assert CANCELED in message and one == 1
 
             # What Waypoint forwarded: a 32-byte key in BackendKeyData.
             raw = await trio.to_thread.run_sync(RawSession.open, env, db, 2)
@@ -158,7 +165,7 @@ async def test_protocol_32_is_negotiated_down_with_postgresql_15(
     with trio.fail_after(90):
         async with e2e_env(pg15, tmp_path) as env:
             env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
-            message, _, protocol, one = await trio.to_thread.run_sync(
+            message, protocol, one = await trio.to_thread.run_sync(
                 _psycopg_cancel, env.dsn(db, max_protocol_version="3.2"), "cancel_safe"
             )
             assert protocol == 30000
