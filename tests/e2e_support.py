@@ -437,11 +437,10 @@ def error_fields(payload: bytes) -> dict[str, str]:
 
 @attrs.frozen
 class WireReply:
-    """What a raw client saw: every byte the server sent, whether it closed, and when."""
+    """What a raw client saw: every byte the server sent and whether it closed."""
 
     data: bytes
     closed: bool  # the server closed (EOF or reset) before the client gave up
-    elapsed: float  # seconds from connect to close (or to giving up)
 
     @property
     def messages(self) -> list[tuple[str, bytes]]:
@@ -472,7 +471,6 @@ async def raw_exchange(
     """Connect from ``source``, send ``chunks`` (``delay`` seconds apart), and read until the
     server closes or ``timeout`` passes. Sending stops quietly once the server has closed."""
     stream = await trio.open_tcp_stream(host, port, local_address=source)
-    started = trio.current_time()
     received = bytearray()
     closed = False
     async with stream:
@@ -497,7 +495,7 @@ async def raw_exchange(
                         break
                     received += data
                 nursery.cancel_scope.cancel()
-    return WireReply(bytes(received), closed, trio.current_time() - started)
+    return WireReply(bytes(received), closed)
 
 
 def tls_client_hello(*, alpn: Sequence[str] = (), server_name: str | None = "localhost") -> bytes:

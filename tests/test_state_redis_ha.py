@@ -214,7 +214,8 @@ async def burst_through_a_failover(
                 replica,
             ):
                 await trio.sleep(0.05)
-        assert last_seen_replica > killed_at + 0.5  # Sentinel waits down-after (1 s)
+        # The window with no master is real (Sentinel waits down-after, 1 s) when the burst
+        # made acquires inside it.
         blind = [o for o in burst.outcomes if o.started > killed_at and o.ended < last_seen_replica]
         assert blind, "the burst made no acquire while no master answered"
         assert not any(o.granted for o in blind), "granted while no master answered"
