@@ -10,6 +10,7 @@ import socket
 import ssl
 import struct
 import threading
+import types
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -246,6 +247,53 @@ async def test_past_the_tap_bound_python_records_a_read_before_sending_it(
         await poll(lambda: len(writer.texts()) == len(texts), "every record written")
     assert writer.texts() == texts
     assert calls, "the tap never reached its bound: the TAP path did not run"
+    counts["sink"].stop()
+
+
+async def test_an_idle_audited_relay_leaves_the_engine_waiting_without_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A relay served in C with its audit tap: the engine's wait is bounded only once a
+    read gave the tap records (they are queued within the audit poll), so an idle audited
+    session wakes nothing, and what it sent is still recorded."""
+    waits: list[tuple[float, float]] = []
+
+    class RecordingPump:
+        def __init__(self, *args: int) -> None:
+            self._pump = _pump.Pump(*args)
+
+        def add(self, lane: _pump.Lane) -> None:
+            self._pump.add(lane)
+
+        def discard(self, lane: _pump.Lane) -> None:
+            self._pump.discard(lane)
+
+        def __len__(self) -> int:
+            return len(self._pump)
+
+        def run(self, timeout: float, tap_wait: float = -1.0) -> list[Any]:
+            waits.append((timeout, tap_wait))
+            return self._pump.run(timeout, tap_wait)
+
+    shim = types.SimpleNamespace(**{k: getattr(_pump, k) for k in dir(_pump) if not k.startswith("__")})
+    shim.Pump = RecordingPump
+    monkeypatch.setattr(loop_module, "_pump", shim)
+    writer = GateWriter()
+    writer.gate.set()
+    counts: dict[str, Any] = {}
+    audit = make_audit(writer, "block", 1000, counts)
+    unbounded = (-1.0, loop_module._AUDIT_POLL)
+    async with relayed("engine", audit) as (client, backend, _control, _engine):
+        q = query("select 1")
+        await client.send_all(q)
+        assert await read_exactly(backend, len(q)) == q
+        await poll(lambda: writer.texts() == ["select 1"], "the statement recorded")
+        await poll(lambda: waits[-1] == unbounded, "the engine waiting without a bound")
+        reply = msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I")
+        await backend.send_all(reply)
+        assert await read_exactly(client, len(reply)) == reply
+        await poll(lambda: len(writer.lines) == 2, "the result recorded")
+        await poll(lambda: waits[-1] == unbounded, "waiting without a bound again")
     counts["sink"].stop()
 
 
