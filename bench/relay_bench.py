@@ -27,6 +27,8 @@ Environment switches for the relay processes (measurement only):
 
 * ``RELAY_BENCH_PROFILE=<dir>``: run the engine thread under cProfile and write
   ``<dir>/engine-<pid>.prof`` when the process is told to stop (SIGTERM).
+* ``RELAY_BENCH_AUDIT_ON_ERROR=close``: ``engine-audit`` with ``[audit] on_error = "close"``
+  (default ``block``).
 * ``RELAY_BENCH_SWITCHINTERVAL=<seconds>``: ``sys.setswitchinterval`` in the relay
   processes (the GIL hand-off interval between the engine thread and trio).
 """
@@ -53,7 +55,7 @@ from pathlib import Path
 import trio
 
 from waypoint.audit.session import SessionAudit, session_tracker
-from waypoint.audit.sink import AuditSink, FileWriter
+from waypoint.audit.sink import AuditSink, FileWriter, OnError
 from waypoint.pgwire import build_error_response
 from waypoint.proxy.relay import RelayEngine, open_relay_engine, relay_streams
 from waypoint.proxy.relay.bridge import Reporter
@@ -148,7 +150,8 @@ async def _pass_startup(
 
 
 def _audit_service(path: str) -> tuple[AuditSink, Callable[[int], SessionAudit]]:
-    sink = AuditSink(FileWriter(path, max_size=1 << 30, keep=1))
+    on_error: OnError = "close" if os.environ.get("RELAY_BENCH_AUDIT_ON_ERROR") == "close" else "block"
+    sink = AuditSink(FileWriter(path, max_size=1 << 30, keep=1), on_error=on_error)
     sink.start()
     fatal = build_error_response("FATAL", "58030", "audit unavailable")
 

@@ -116,10 +116,18 @@ def chunks(rng: random.Random, data: bytes) -> list[bytes]:
 
 
 def run_both(
-    events: list[tuple[bool, bytes]], mode: ParameterMode, cap: int, budget: int = 4 << 20
+    events: list[tuple[bool, bytes]],
+    mode: ParameterMode,
+    cap: int,
+    budget: int = 4 << 20,
+    max_awaiting: int = 65536,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str | None]]:
     py = AuditTracker(
-        CONTEXT, parameters=mode, max_statement_bytes=cap, max_session_statement_bytes=budget
+        CONTEXT,
+        parameters=mode,
+        max_statement_bytes=cap,
+        max_session_statement_bytes=budget,
+        max_awaiting=max_awaiting,
     )
     c = session_tracker(
         CONTEXT,
@@ -127,6 +135,7 @@ def run_both(
         max_statement_bytes=cap,
         max_session_statement_bytes=budget,
         wall_clock=False,
+        max_awaiting=max_awaiting,
     )
     expected: list[dict[str, Any]] = []
     got: list[dict[str, Any]] = []
@@ -142,6 +151,8 @@ def run_both(
         got += [json.loads(b"{" + line + b"}") for line in lines.splitlines()]
         assert c.last_statement == py.last_statement
         assert c.retained_bytes == py.retained_bytes <= 2 * budget
+        assert c.awaiting == py.awaiting <= max_awaiting
+        assert c.limited == py.limited
         lasts.append(c.last_statement)
     return expected, got, lasts
 
@@ -162,16 +173,24 @@ def same(expected: list[dict[str, Any]], got: list[dict[str, Any]]) -> None:
     mode=st.sampled_from(["none", "hash", "full"]),
     cap=st.sampled_from([1, 3, 8, 64, 65536]),
     budget=st.sampled_from([1, 200, 230, 300, 400, 600, 900, 4 << 20]),
+    max_awaiting=st.sampled_from([1, 2, 3, 5, 65536]),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_the_c_tracker_records_what_the_reference_records(
-    front: list[bytes], back: list[bytes], mode: ParameterMode, cap: int, budget: int, seed: int
+    front: list[bytes],
+    back: list[bytes],
+    mode: ParameterMode,
+    cap: int,
+    budget: int,
+    max_awaiting: int,
+    seed: int,
 ) -> None:
     """Random message sequences (simple, extended, pipelines, COPY, errors, malformed
     bodies, invalid UTF-8), each direction split at random places and the two interleaved
     at random, under session budgets small enough to evict and drop statements and
-    portals: the C tracker's records are the reference tracker's, record for record, and
-    both retain the same bytes."""
+    portals, and limits on the statements awaiting answers low enough to be hit (the
+    ``audit_limit`` record, then nothing more): the C tracker's records are the reference
+    tracker's, record for record, and both retain and await the same."""
     rng = random.Random(seed)
     fc, bc = chunks(rng, b"".join(front)), chunks(rng, b"".join(back))
     events: list[tuple[bool, bytes]] = []
@@ -180,7 +199,7 @@ def test_the_c_tracker_records_what_the_reference_records(
             events.append((True, fc.pop(0)))
         else:
             events.append((False, bc.pop(0)))
-    expected, got, _ = run_both(events, mode, cap, budget)
+    expected, got, _ = run_both(events, mode, cap, budget, max_awaiting)
     same(expected, got)
 
 

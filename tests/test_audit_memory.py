@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from waypoint.audit.session import session_tracker
-from waypoint.audit.tracker import ENTRY_COST, AuditTracker, with_context
+from waypoint.audit.tracker import ENTRY_COST, MAX_AWAITING, AuditTracker, with_context
 
 CONTEXT = {"instance": "i1", "conn_id": "c-1", "login": "mallory@example.com", "node": "n1"}
 BUDGET = 64 * 1024
@@ -271,6 +271,45 @@ def test_a_pipeline_the_server_skips_keeps_nothing_waiting() -> None:
     # Sync ends the skipping: the next statement waits for its answer again.
     both.client(msg(b"S") + bind(b"", b"bad", []) + execute())
     assert both.py.awaiting == both.c.awaiting == 2
+
+
+def test_a_pipeline_never_read_is_bounded_and_ends_with_an_audit_limit_record() -> None:
+    """The attack: a client pipelining tiny statements (Bind, Execute, Sync: 31 bytes)
+    without reading an answer, each waiting to be paired with its result. Both trackers
+    keep at most MAX_AWAITING waiting (in the C tracker fixed-size entries, their memory
+    within MAX_AWAITING of them); the one past it is recorded, then an ``audit_limit``
+    record, and nothing more is taken, from either side (the session must end)."""
+    both = Both()
+    both.client(parse(b"s", b"select 1"))
+    step = bind(b"", b"s", []) + execute() + msg(b"S")
+    wave = step * 1000
+    sent = 0
+    records: list[dict[str, Any]] = []
+    while not both.c.limited:
+        assert sent <= MAX_AWAITING  # each step awaits two answers: the limit comes first
+        records = both.client(wave)
+        sent += 1000
+        assert both.py.awaiting == both.c.awaiting <= MAX_AWAITING
+        assert both.c.awaiting_bytes <= MAX_AWAITING * 32
+    assert both.py.limited and both.c.awaiting == MAX_AWAITING
+    *_, last_execute, limit = records
+    assert last_execute["event"] == "execute"
+    assert limit == {**CONTEXT, "event": "audit_limit", "statement_id": limit["statement_id"],
+                     "limit": "awaiting", "max_awaiting": MAX_AWAITING}  # fmt: skip
+    assert limit["statement_id"] == last_execute["statement_id"] + 1
+    # Whatever comes after is not taken (nor the server's answers).
+    assert both.client(wave) == []
+    assert both.py.backend(msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"), 2.0) == []
+    assert both.c.backend(msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"), 2.0) == 0
+    assert both.py.awaiting == both.c.awaiting == MAX_AWAITING
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 25])
+def test_the_awaiting_limit_is_checked(limit: int) -> None:
+    with pytest.raises(ValueError, match="max_awaiting"):
+        AuditTracker(CONTEXT, max_awaiting=limit)
+    with pytest.raises(ValueError, match="max_awaiting"):
+        session_tracker(CONTEXT, max_awaiting=limit)
 
 
 def test_the_budget_is_configuration_checked() -> None:

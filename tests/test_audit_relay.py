@@ -18,10 +18,18 @@ from typing import Any
 import pytest
 import trio
 import trustme
+from tap_rig import TapRig
 
-from waypoint.audit.session import SessionAudit, session_tracker
+from waypoint.audit.session import SessionAudit, limit_fatal, session_tracker
 from waypoint.audit.sink import AuditSink, OnError
-from waypoint.proxy.relay import RelayControl, RelayEngine, StreamRelay, _pump, open_relay_engine
+from waypoint.proxy.relay import (
+    RelayControl,
+    RelayEngine,
+    RelayResult,
+    StreamRelay,
+    _pump,
+    open_relay_engine,
+)
 from waypoint.proxy.relay import client_tls as client_tls_module
 from waypoint.proxy.relay import loop as loop_module
 from waypoint.proxy.streams import ServerTLSStream
@@ -114,6 +122,17 @@ async def relayed(
     await backend.aclose()
 
 
+async def ended(control: RelayControl) -> RelayResult:
+    """The verdict of the relay, once it ended."""
+    if isinstance(control, StreamRelay):  # it runs in the fixture's task
+        await poll(lambda: control.result is not None, "the relay ended")
+        result = control.result
+        assert result is not None
+        return result
+    with trio.fail_after(10):
+        return await control.wait()
+
+
 def make_audit(
     writer: GateWriter, on_error: OnError, max_queue: int, counts: dict[str, Any]
 ) -> SessionAudit:
@@ -167,6 +186,9 @@ async def test_a_failing_sink_with_close_ends_the_session_with_a_fatal(driver: s
     audit = make_audit(writer, "close", 100, counts)
     sink: AuditSink = counts["sink"]
     async with relayed(driver, audit) as (client, backend, control, _engine):
+        if driver == "engine":
+            relay: Any = getattr(control, "_relay")  # noqa: B009  # which loop serves it
+            assert relay.pumped  # the C loop, its tap holding the sink's gate
         q1 = query("select 1")
         await client.send_all(q1)
         assert await read_exactly(backend, len(q1)) == q1
@@ -174,19 +196,58 @@ async def test_a_failing_sink_with_close_ends_the_session_with_a_fatal(driver: s
         await client.send_all(query("select 2"))
         got = await read_exactly(client, len(FATAL))
         assert got == FATAL
-        if isinstance(control, StreamRelay):  # it runs in the fixture's task
-            await poll(lambda: control.result is not None, "the relay ended")
-            result = control.result
-            assert result is not None
-        else:
-            with trio.fail_after(10):
-                result = await control.wait()
+        result = await ended(control)
         assert result.reason == "terminated" and result.fatal_sent
         assert audit.closed and counts["closed"] == 1
         # The statement that could not be recorded never reached the server.
         with trio.move_on_after(0.2):
             rest = await backend.receive_some(1024)
             assert rest == b""
+    sink.stop()
+
+
+@pytest.mark.parametrize("on_error", ["block", "close"])
+@pytest.mark.parametrize("driver", ["engine", "streams"])
+async def test_a_pipeline_never_read_ends_the_session_at_the_audit_limit(
+    driver: str, on_error: OnError
+) -> None:
+    """The attack: a client sends statements and never reads the answers (here the
+    server does not answer either). Past ``max_awaiting`` statements waiting to be paired
+    with their results, the session ends with FATAL 53400; the read that went past it is
+    never forwarded, and the audit has every statement recorded, then ``audit_limit``.
+    (The engine with ``block``: the C loop's tap.)"""
+    writer = GateWriter()
+    writer.gate.set()
+    sink = AuditSink(writer, on_error=on_error, max_queue=1000, retry_interval=0.01)
+    sink.start()
+    tracker = session_tracker({"login": "mallory@example.com"}, max_awaiting=8)
+    audit = SessionAudit(tracker, sink, FATAL)
+    texts = [f"select {i}" for i in range(15)]
+    first = b"".join(query(t) for t in texts[:5])
+    rest = b"".join(query(t) for t in texts[5:])
+    async with relayed(driver, audit) as (client, backend, control, _engine):
+        await client.send_all(first)
+        assert await read_exactly(backend, len(first)) == first
+        await poll(lambda: tracker.awaiting == 5, "five statements wait for answers")
+        await client.send_all(rest)
+        fatal = limit_fatal(tracker)
+        assert b"C53400\0" in fatal and b"more than 8 statements waiting" in fatal
+        assert await read_exactly(client, len(fatal)) == fatal
+        result = await ended(control)
+        assert result.reason == "terminated" and result.fatal_sent
+        # At most the statements within the limit reached the server, never the read that
+        # went past it (a read is forwarded whole or not at all).
+        forwarded = b""
+        with trio.move_on_after(0.3):
+            while chunk := await backend.receive_some(1024):
+                forwarded += chunk
+        assert rest.startswith(forwarded)
+        assert forwarded.count(b"Q") <= 3
+    await poll(lambda: any(b"audit_limit" in line for line in writer.lines), "the limit recorded")
+    records = [json.loads(line) for line in writer.lines]
+    assert [r["text"] for r in records if r["event"] == "query"] == texts[:9]
+    assert records[-1]["event"] == "audit_limit" and records[-1]["max_awaiting"] == 8
+    assert not audit.closed  # not the sink's doing
     sink.stop()
 
 
@@ -297,6 +358,61 @@ async def test_an_idle_audited_relay_leaves_the_engine_waiting_without_a_bound(
     counts["sink"].stop()
 
 
+def test_a_client_read_is_handed_to_python_unsent_while_the_sink_refuses() -> None:
+    """``on_error = "close"`` on the C loop: while the sink's gate is set (the sink failing
+    or full) a client read goes to Python (TAP) neither recorded nor sent, so that the
+    session ends before it reaches the server; the backend's reads still pass in C; once
+    the gate is clear the C loop records and sends client reads again."""
+    tracker = session_tracker({"login": "alice@example.com"})
+    gate = bytearray(1)
+    tracker.refuse_with(gate)
+    with TapRig(_pump, tracker) as rig:
+        q1, q2 = query("select 1"), query("select 2")
+        rig.client_app.sendall(q1)
+        assert rig.pump.run(1.0) == []  # gate clear: recorded and sent in C
+        assert rig.backend_app.recv(100) == q1
+        gate[0] = 1
+        rig.client_app.sendall(q2)
+        [(code, fd, _, n, chunk)] = rig.pump.run(1.0)
+        assert (code, fd, n, chunk) == (_pump.TAP, rig.client.fd, len(q2), q2)
+        assert rig.backend_got_nothing()  # not sent
+        lines, count = tracker.take()
+        assert count == 1 and b"select 1" in lines  # nor recorded: Python records it
+        reply = msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I")
+        rig.backend_app.sendall(reply)
+        assert rig.pump.run(1.0) == []  # the backend's read passes in C, recorded
+        assert rig.client_app.recv(100) == reply
+        assert tracker.take()[1] == 1  # the result of select 1
+        gate[0] = 0
+        rig.client_app.sendall(q2)
+        assert rig.pump.run(1.0) == []
+        assert rig.backend_app.recv(100) == q2
+        with pytest.raises(ValueError, match="gate"):
+            tracker.refuse_with(b"x")  # read-only
+        with pytest.raises(BufferError):
+            gate.append(0)  # held by the tracker: the C loop's pointer stays valid
+
+
+def test_the_c_loop_comes_back_for_the_records_it_gave_a_tap() -> None:
+    """With ``tap_wait``, Pump.run returns that long after it first fed records to an audit
+    tap, also without a timeout: an idle audited relay wakes nothing, and what it records
+    is queued within ``tap_wait`` of the read."""
+    with TapRig(_pump, session_tracker({})) as rig:
+        q = query("select 1")
+        rig.client_app.sendall(q)
+        result: list[object] = []
+        runner = threading.Thread(target=lambda: result.append(rig.pump.run(-1.0, 0.0)), daemon=True)
+        runner.start()
+        runner.join(10)
+        if runner.is_alive():  # let it go (EOF is a report) before failing
+            rig.client_app.shutdown(socket.SHUT_WR)
+            runner.join(10)
+            pytest.fail("run() without a timeout did not come back for the tap's records")
+        assert result == [[]]  # relayed in C, nothing for Python but the records
+        assert rig.backend_app.recv(100) == q
+        assert rig.client.tap_used > 0
+
+
 def test_the_tap_is_bounded_and_emptied() -> None:
     a, b = socket.socketpair()
     try:
@@ -328,12 +444,12 @@ def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
 
 @pytest.mark.parametrize("mode", ["block", "close", None])
 async def test_a_tls_client_is_recorded_in_plaintext(mode: OnError | None) -> None:
-    """An audited relay with a TLS client: with ``on_error = "block"`` its record layer
-    stays in C and the C loop's tap records the decrypted plaintext; with ``"close"`` it
-    runs in Python (every read recorded before it is sent). Either way every statement is
-    recorded, in order, before it reaches the server. Without audit: in C."""
+    """An audited relay with a TLS client: its record layer stays in C and the C loop's tap
+    records the decrypted plaintext (``block`` and ``close`` alike: with ``close`` a client
+    read while the sink refuses records goes to Python unsent). Every statement is
+    recorded, in order, before it reaches the server. Without audit: in C too."""
     audited = mode is not None
-    in_c = mode != "close"
+    in_c = True
     if not client_tls_module.c_tls_available():
         pytest.fail("OpenSSL could not be bound: the C record layer is not testable here")
     writer = GateWriter()

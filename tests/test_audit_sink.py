@@ -6,6 +6,7 @@ import io
 import itertools
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,34 @@ def test_a_failing_writer_is_retried_and_nothing_is_dropped() -> None:
     assert wait_drained(sink, 10.0)
     assert not sink.failed and sink.written == 5
     assert [json.loads(x)["n"] for x in writer.lines] == [0, 1, 2, 3, 4]
+    sink.stop()
+
+
+def test_the_gate_is_set_exactly_while_the_sink_refuses() -> None:
+    """``gate[0]`` (what the relay engine's C loop reads for ``on_error = "close"``) is
+    ``refusing``: set once the queue is full or a write failed, clear once written."""
+    writer = FlakyWriter()
+    sink = AuditSink(writer, on_error="close", max_queue=3, retry_interval=0.01)
+    sink.put([{"n": 0}, {"n": 1}])
+    assert sink.gate == b"\0" and not sink.refusing
+    sink.put([{"n": 2}])
+    assert sink.gate == b"\1" and sink.refusing and sink.full
+    writer.ok.set()
+    sink.start()
+    assert wait_drained(sink, 10.0)
+    assert sink.gate == b"\0" and not sink.refusing
+    writer.ok.clear()
+    sink.put([{"n": 3}])
+    for _ in range(1000):  # bounded: until the writer tried and failed
+        if sink.failed:
+            break
+        time.sleep(0.01)
+    assert sink.failed and not sink.full
+    assert sink.gate == b"\1" and sink.refusing
+    writer.ok.set()
+    assert wait_drained(sink, 10.0)
+    assert sink.gate == b"\0" and not sink.refusing
+    assert [json.loads(x)["n"] for x in writer.lines] == [0, 1, 2, 3]
     sink.stop()
 
 

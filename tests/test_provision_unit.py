@@ -15,14 +15,9 @@ from waypoint.grants.model import CustomGrant, EffectiveGrant, Limits, Preset, S
 from waypoint.identity.model import Identity
 from waypoint.provision import sql
 from waypoint.provision.dialect import CockroachDialect, PostgresDialect, detect_dialect
-from waypoint.provision.engine import (
-    Credentials,
-    Provisioner,
-    ProvisionError,
-    build_plan,
-    grant_fingerprint,
-)
+from waypoint.provision.engine import Credentials, Provisioner, ProvisionError
 from waypoint.provision.locks import RoleLease
+from waypoint.provision.plan import build_plan, grant_fingerprint
 
 RO, RW, ADM = Preset.READONLY, Preset.READWRITE, Preset.ADMIN
 ALICE = Identity(login="alice@example.com", node="alice-laptop")
@@ -242,12 +237,12 @@ class FakeProvisioner(Provisioner):
         except BaseException:
             await self.fake_locks.release(lease)
             raise
-        from waypoint.provision.engine import _Cached
+        from waypoint.provision.secret import CachedSecret
 
         secret = secrets.token_urlsafe(32)
         until = datetime.fromtimestamp(self._clock() + self._pg.user_ttl, UTC)
         owner = naming.role_owner(identity, grant.listener, grant.database, grant.preset_cap)
-        self._cache[role] = _Cached(secret, None, until, fingerprint, owner)
+        self._cache.put(role, CachedSecret(secret, None, until, fingerprint, owner))
         return Credentials(role, secret, None, until, True), lease
 
 

@@ -17,7 +17,6 @@ import select
 import socket
 import ssl
 import struct
-import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -357,30 +356,6 @@ def test_a_lane_that_does_not_stop_passes_the_terminate_on(rig: Rig) -> None:
 def test_pump_returns_empty_after_the_timeout(rig: Rig) -> None:
     assert rig.pump.run(0.0) == []
     assert rig.pump.run(0.01) == []
-
-
-def test_pump_comes_back_for_the_records_it_gave_an_audit_tap(rig: Rig) -> None:
-    """With ``tap_wait``, run() returns that long after it first fed records to an audit
-    tap, also without a timeout: an idle audited relay wakes nothing, and what it records
-    is queued within ``tap_wait`` of the read."""
-    from waypoint.audit.session import session_tracker
-
-    rig.pump.discard(rig.client)
-    rig.client.tap_enable(session_tracker({}), 256 * 1024)
-    rig.pump.add(rig.client)
-    q = message(b"Q", b"select 1\x00")
-    rig.client_app.sendall(q)
-    result: list[object] = []
-    runner = threading.Thread(target=lambda: result.append(rig.pump.run(-1.0, 0.0)), daemon=True)
-    runner.start()
-    runner.join(10)
-    if runner.is_alive():  # let it go (EOF is a report) before failing
-        rig.client_app.shutdown(socket.SHUT_WR)
-        runner.join(10)
-        pytest.fail("run() without a timeout did not come back for the tap's records")
-    assert result == [[]]  # relayed in C, nothing for Python but the records
-    assert rig.backend_app.recv(100) == q
-    assert rig.client.tap_used > 0
 
 
 @pytest.mark.parametrize("timeout", [1e7, 3e9, math.inf])

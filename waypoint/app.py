@@ -400,121 +400,138 @@ class _Service:
         self._background.start_soon(reapers)
 
     async def serve(self, handle_signals: bool, task_status: trio.TaskStatus[Running]) -> None:
-        config = self.config
-        health = self.health
-        registry = self.registry
+        """Bind, start, serve until shutdown, drain."""
         async with trio.open_nursery() as root:
-            await root.start(health.run)
-            health.expect_listeners(list(self.contexts))
+            await root.start(self.health.run)
+            self.health.expect_listeners(list(self.contexts))
             # Sessions live in their own nursery so accepting can stop while they drain.
             async with trio.open_nursery() as sessions:
                 self._sessions = sessions
-                bound: dict[str, _Listening] = {}
-                try:
-                    for name, ctx in self.contexts.items():
-                        bound[name] = await self._bind(CurrentContext(ctx), ctx)
-                    # A reassign_to that could hand callers' objects to a privileged role
-                    # refuses the start.
-                    problems = await reaper_service.reassign_target_problems(
-                        reap_targets(self.contexts)
-                    )
-                    if problems:
-                        raise StartupRefused("; ".join(problems))
-                except BaseException:
-                    for listening in bound.values():
-                        for sl in listening.sockets:
-                            with trio.CancelScope(shield=True):
-                                await sl.aclose()
-                    raise
-                metrics_address: tuple[str, int] | None = None
-                if config.metrics.listen:
-                    from waypoint.observability.metrics_server import serve_metrics
-
-                    mhost, mport = split_host_port(config.metrics.listen)
-                    try:
-                        metrics_address = await root.start(
-                            functools.partial(
-                                serve_metrics, mhost, mport, self.metrics, health=health
-                            )
-                        )
-                    except BaseException:
-                        for listening in bound.values():
-                            for sl in listening.sockets:
-                                with trio.CancelScope(shield=True):
-                                    await sl.aclose()
-                        raise
-                await root.start(self.pool.run)
-                await root.start(self._run_background)
-                if handle_signals:
-                    root.start_soon(_signal_watcher, self.shutdown, self.immediate, self)
-                root.start_soon(self._reload_loop)
-                # Before accepting: the backends a killed predecessor left behind end now.
-                await _sweep_orphans(self.contexts, registry, self.metrics)
-                for name, listening in bound.items():
-                    await self._start_accepting(name, listening)
-                running = Running(
-                    self._addresses(),
-                    metrics_address,
-                    self.metrics,
-                    registry,
-                    self.contexts,
-                    self.shutdown,
-                    self.immediate,
-                    health=health,
-                    service=self,
+                bound, metrics_address = await self._bind_all(root)
+                await self._start_serving(
+                    root, bound, metrics_address, handle_signals, task_status
                 )
-                self.running = running
-                task_status.started(running)
-                # Every listener is bound and accepting (and the metrics endpoint answers).
-                self.notifier.ready(status=f"serving {len(self.contexts)} listener(s)")
-                root.start_soon(self.notifier.watchdog_loop)
-
                 await self.shutdown.wait()
-                # Take the reload lock: no reload opens a listener while the drain runs.
-                await self._reload_lock.acquire()
-                config = self.config
-                # Readiness goes first, so balancers polling /readyz move traffic before the
-                # listeners stop accepting (``drain_delay`` gives them time to notice).
-                health.begin_drain()
-                self.notifier.stopping(status=f"draining {len(registry)} session(s)")
-                log.info(
-                    "shutdown_begin", sessions=len(registry), drain_timeout=config.drain_timeout
-                )
-                if config.drain_delay > 0 and not self.immediate.is_set():
-                    log.info("drain_delay", seconds=config.drain_delay)
-                    with trio.move_on_after(config.drain_delay):
-                        await self.immediate.wait()
-                for name, listening in self.listening.items():
-                    listening.scope.cancel()
-                    health.listener_stopped(name)
-                for ctx in self._all_contexts():
-                    ctx.accepting = False
-                # Pooled backends go first; the sessions that end from now on keep nothing.
-                await self.pool.close_all("shutdown")
-                drained = False
-                with trio.move_on_after(config.drain_timeout):
-                    async with trio.open_nursery() as waiter:
-
-                        async def _wait_drain() -> None:
-                            await registry.wait_empty()
-                            waiter.cancel_scope.cancel()
-
-                        async def _wait_immediate() -> None:
-                            await self.immediate.wait()
-                            waiter.cancel_scope.cancel()
-
-                        waiter.start_soon(_wait_drain)
-                        waiter.start_soon(_wait_immediate)
-                    drained = len(registry) == 0
-                if not drained:
-                    log.info("drain_deadline", sessions=len(registry))
-                    for live in registry:
-                        live.end(errors.shutting_down(), "drain_deadline")
-                    with trio.move_on_after(FINAL_GRACE):
-                        await registry.wait_empty()
+                await self._drain()
                 sessions.cancel_scope.cancel()
             root.cancel_scope.cancel()
         log.info("shutdown_complete")
+
+    async def _bind_all(
+        self, root: trio.Nursery
+    ) -> tuple[dict[str, _Listening], tuple[str, int] | None]:
+        """Every listener bound (not accepting yet), the reassign targets checked, the metrics
+        endpoint started (its address, if configured); on failure the sockets are closed."""
+        bound: dict[str, _Listening] = {}
+        metrics_address: tuple[str, int] | None = None
+        try:
+            for name, ctx in self.contexts.items():
+                bound[name] = await self._bind(CurrentContext(ctx), ctx)
+            # A reassign_to that could hand callers' objects to a privileged role refuses the
+            # start.
+            problems = await reaper_service.reassign_target_problems(reap_targets(self.contexts))
+            if problems:
+                raise StartupRefused("; ".join(problems))
+            if self.config.metrics.listen:
+                from waypoint.observability.metrics_server import serve_metrics
+
+                mhost, mport = split_host_port(self.config.metrics.listen)
+                metrics_address = await root.start(
+                    functools.partial(serve_metrics, mhost, mport, self.metrics, health=self.health)
+                )
+        except BaseException:
+            for listening in bound.values():
+                for sl in listening.sockets:
+                    with trio.CancelScope(shield=True):
+                        await sl.aclose()
+            raise
+        return bound, metrics_address
+
+    async def _start_serving(
+        self,
+        root: trio.Nursery,
+        bound: dict[str, _Listening],
+        metrics_address: tuple[str, int] | None,
+        handle_signals: bool,
+        task_status: trio.TaskStatus[Running],
+    ) -> None:
+        """The pool, the background tasks, signals and reloads, the orphan sweep; then every
+        listener accepting, :class:`Running` reported and the service manager told."""
+        await root.start(self.pool.run)
+        await root.start(self._run_background)
+        if handle_signals:
+            root.start_soon(_signal_watcher, self.shutdown, self.immediate, self)
+        root.start_soon(self._reload_loop)
+        # Before accepting: the backends a killed predecessor left behind end now.
+        await _sweep_orphans(self.contexts, self.registry, self.metrics)
+        for name, listening in bound.items():
+            await self._start_accepting(name, listening)
+        running = Running(
+            self._addresses(),
+            metrics_address,
+            self.metrics,
+            self.registry,
+            self.contexts,
+            self.shutdown,
+            self.immediate,
+            health=self.health,
+            service=self,
+        )
+        self.running = running
+        task_status.started(running)
+        # Every listener is bound and accepting (and the metrics endpoint answers).
+        self.notifier.ready(status=f"serving {len(self.contexts)} listener(s)")
+        root.start_soon(self.notifier.watchdog_loop)
+
+    async def _drain(self) -> None:
+        """The graceful drain: readiness off, ``drain_delay``, listeners stopped, pooled
+        backends closed, sessions given ``drain_timeout``, then ended."""
+        registry = self.registry
+        # Take the reload lock: no reload opens a listener while the drain runs.
+        await self._reload_lock.acquire()
+        config = self.config
+        # Readiness goes first, so balancers polling /readyz move traffic before the
+        # listeners stop accepting (``drain_delay`` gives them time to notice).
+        self.health.begin_drain()
+        self.notifier.stopping(status=f"draining {len(registry)} session(s)")
+        log.info("shutdown_begin", sessions=len(registry), drain_timeout=config.drain_timeout)
+        if config.drain_delay > 0 and not self.immediate.is_set():
+            log.info("drain_delay", seconds=config.drain_delay)
+            with trio.move_on_after(config.drain_delay):
+                await self.immediate.wait()
+        for name, listening in self.listening.items():
+            listening.scope.cancel()
+            self.health.listener_stopped(name)
+        for ctx in self._all_contexts():
+            ctx.accepting = False
+        # Pooled backends go first; the sessions that end from now on keep nothing.
+        await self.pool.close_all("shutdown")
+        if not await self._sessions_ended(config.drain_timeout):
+            log.info("drain_deadline", sessions=len(registry))
+            for live in registry:
+                live.end(errors.shutting_down(), "drain_deadline")
+            with trio.move_on_after(FINAL_GRACE):
+                await registry.wait_empty()
+
+    async def _sessions_ended(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` (less after :meth:`Running.shutdown` with ``immediate``) for
+        every session to end; whether they did."""
+        drained = False
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as waiter:
+
+                async def _wait_drain() -> None:
+                    await self.registry.wait_empty()
+                    waiter.cancel_scope.cancel()
+
+                async def _wait_immediate() -> None:
+                    await self.immediate.wait()
+                    waiter.cancel_scope.cancel()
+
+                waiter.start_soon(_wait_drain)
+                waiter.start_soon(_wait_immediate)
+            drained = len(self.registry) == 0
+        return drained
 
     def _all_contexts(self) -> list[ListenerContext]:
         """Current contexts, and earlier ones whose connections still run."""
@@ -686,16 +703,7 @@ class _Service:
             await self._start_accepting(name, staged.bound[name])
             await old.stop()
         for name in plan.removed:
-            listening = self.listening.pop(name)
-            del self.contexts[name]
-            self.health.listener_stopped(name)
-            self.health.remove_check(f"backend:{name}")
-            for c in listening.holder.contexts():
-                c.accepting = False
-            await listening.stop()
-            self._draining.append(listening.holder)
-            assert self._background is not None
-            self._background.start_soon(self._drain_listener, name, listening.holder)
+            await self._remove_listener(name)
         for name in plan.changed:
             self.health.add_check(
                 f"backend:{name}", backend_check(self.contexts[name].provisioner.pools)
@@ -714,6 +722,19 @@ class _Service:
         if self.running is not None:
             self.running.addresses.clear()
             self.running.addresses.update(self._addresses())
+
+    async def _remove_listener(self, name: str) -> None:
+        """A listener a reload removed: it stops accepting and its sessions drain."""
+        listening = self.listening.pop(name)
+        del self.contexts[name]
+        self.health.listener_stopped(name)
+        self.health.remove_check(f"backend:{name}")
+        for c in listening.holder.contexts():
+            c.accepting = False
+        await listening.stop()
+        self._draining.append(listening.holder)
+        assert self._background is not None
+        self._background.start_soon(self._drain_listener, name, listening.holder)
 
     async def _retire(self, holder: CurrentContext, ctx: ListenerContext) -> None:
         """Close a provisioner no current context uses once the sessions of ``ctx`` are over

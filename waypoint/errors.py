@@ -216,6 +216,17 @@ def login_locked(principal: str, who: str, reason: str, until: str) -> Refusal:
 AUDIT_UNAVAILABLE = "58030"  # io_error
 
 
+def audit_awaiting_limit(limit: int) -> Refusal:
+    """A session with more statements waiting for the server's answers than the audit
+    pairs (a pipeline sent without reading its results)."""
+    return Refusal(
+        LIMIT_REACHED,
+        f"session ended: more than {limit} statements waiting for the server's answers "
+        "(the statement audit pairs each with its result; read the results of a pipeline "
+        "before sending more)",
+    )
+
+
 def audit_unavailable() -> Refusal:
     return Refusal(
         AUDIT_UNAVAILABLE,

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from waypoint import errors
+from waypoint.pgwire import build_error_response
 from waypoint.proxy.relay._pump import AuditTracker as CTracker
 
 from .sink import AuditSink, bind_openssl_sha256
-from .tracker import SHORT_CONTEXT, ParameterMode, context_members
+from .tracker import MAX_AWAITING, SHORT_CONTEXT, ParameterMode, context_members
 
 
 def session_tracker(
@@ -18,6 +20,7 @@ def session_tracker(
     max_statement_bytes: int = 65536,
     max_session_statement_bytes: int = 4 << 20,
     wall_clock: bool = True,
+    max_awaiting: int = MAX_AWAITING,
 ) -> CTracker:
     """The C tracker of one session (waypoint/proxy/relay/_audit.h; the same records as
     :class:`~waypoint.audit.tracker.AuditTracker`, encoded): ``context`` is the identity
@@ -31,7 +34,14 @@ def session_tracker(
         max_statement_bytes=max_statement_bytes,
         max_session_statement_bytes=max_session_statement_bytes,
         wall_clock=wall_clock,
+        max_awaiting=max_awaiting,
     )
+
+
+def limit_fatal(tracker: CTracker) -> bytes:
+    """The FATAL of a session whose tracker is ``limited`` (past ``max_awaiting``)."""
+    refusal = errors.audit_awaiting_limit(tracker.max_awaiting)
+    return build_error_response("FATAL", refusal.sqlstate, refusal.message)
 
 
 class SessionAudit:
@@ -39,7 +49,9 @@ class SessionAudit:
     cannot take records (``sink.on_error``): wait (``block``) or end the session with
     ``fatal`` (``close``). Driven by one relay thread or task at a time: the relay engine's
     C loop feeds the tracker itself (its audit tap) and the engine thread calls
-    :meth:`drain` after each batch."""
+    :meth:`drain` after each batch. With ``close`` the tracker holds the sink's gate: while
+    the sink refuses records the C loop sends no client read before :meth:`client` has
+    seen it."""
 
     __slots__ = (
         "_on_blocked",
@@ -70,6 +82,8 @@ class SessionAudit:
         self.last_statement: str | None = None
         self._on_blocked = on_blocked
         self._on_closed = on_closed
+        if sink.on_error == "close":
+            tracker.refuse_with(sink.gate)
 
     @property
     def must_wait(self) -> bool:
@@ -91,12 +105,20 @@ class SessionAudit:
 
     def client(self, data: bytes, now: float) -> bool:
         """Record frontend bytes before they are forwarded. False: they must not be
-        forwarded (``close`` and the sink refuses; ``closed`` is then set)."""
-        if self.tracker.client(data, now) and self.must_close:
-            self.tracker.take()  # not forwarded: the session ends here
+        forwarded, the session ends with ``fatal`` (``close`` and the sink refuses:
+        ``closed`` is then set; or more statements wait for answers than the tracker pairs:
+        its ``audit_limit`` record is queued, ``fatal`` is then the limit's)."""
+        tracker = self.tracker
+        if tracker.queued:
+            self.drain()  # what the C loop recorded (and sent) before: queued first
+        if tracker.client(data, now) and self.must_close:
+            tracker.take()  # not forwarded: the session ends here
             self.close()
             return False
         self.drain()
+        if tracker.limited:
+            self.fatal = limit_fatal(tracker)
+            return False
         return True
 
     def backend(self, data: bytes, now: float) -> None:

@@ -263,6 +263,10 @@ class AuditSink:
         self._thread: threading.Thread | None = None
         #: A write failed and has not succeeded since.
         self.failed = False
+        #: ``gate[0]`` is 1 while the sink refuses records (``refusing``): what the relay
+        #: engine's C loop reads, without the GIL, for sessions with ``on_error = "close"``
+        #: (their C trackers hold it: ``AuditTracker.refuse_with``).
+        self.gate = bytearray(1)
         self.written = 0
         self.errors = 0
         last = writer.last_line()
@@ -299,6 +303,8 @@ class AuditSink:
         with self._cond:
             self._queue.append((lines, count))
             self._queued += count
+            if self._queued >= self.max_queue:
+                self.gate[0] = 1
             if self._queued >= self._wake_at:
                 self._cond.notify()
 
@@ -341,6 +347,7 @@ class AuditSink:
                     self.writer.write([lines])
                 except Exception as exc:  # OSError, or a writer's own failure
                     self.errors += 1
+                    self.gate[0] = 1
                     self.failed = True
                     if self._on_sink_error is not None:
                         self._on_sink_error()
@@ -358,6 +365,7 @@ class AuditSink:
                 for _ in range(len(batch)):
                     self._queue.popleft()
                 self._queued -= count
+                self.gate[0] = self._queued >= self.max_queue
             self.written += count
             if self._on_written is not None:
                 self._on_written(count)

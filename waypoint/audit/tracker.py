@@ -42,6 +42,11 @@ enough, the oldest such entries are forgotten (an Execute of an unknown name is 
 recorded with ``text_evicted`` or ``portal_evicted``, its name, and no text). The unnamed
 portal is never evicted nor counted (it is replaced by every Bind, and one message's
 parameters keep at most ``max_statement_bytes`` together). Close frees entries.
+
+Nor is pipelining: statements and Syncs waiting for the server's answer (``awaiting``) are
+at most ``max_awaiting``. One more (a client sending without reading the answers) makes
+an ``audit_limit`` record after its own, and the tracker takes nothing more (``limited``):
+the session must end, without forwarding the chunk that hit the limit.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ Record = dict[str, Any]
 
 #: What one kept statement or portal counts for beyond its bytes (``retained_bytes``).
 ENTRY_COST: Final = 192
+#: Statements and Syncs waiting for the server's answer, at most (``awaiting``).
+MAX_AWAITING: Final = 65536
 #: Cap on names (statement, portal) kept from the wire.
 _NAME_CAP: Final = 256
 #: Cap on a backend message body kept (CommandComplete, ErrorResponse); the rest is skipped.
@@ -150,6 +157,10 @@ _Parser = Generator[_Request, Any, dict[str, Any]]
 
 class _Short(Exception):
     """The message body ended before its parser did (a malformed message)."""
+
+
+class _Halt(Exception):
+    """Past ``max_awaiting``: the rest of the chunk is not read."""
 
 
 class _Body:
@@ -359,11 +370,17 @@ class AuditTracker:
         max_statement_bytes: int = 65536,
         max_session_statement_bytes: int = 4 << 20,
         wall_clock: Callable[[], float] | None = None,
+        max_awaiting: int = MAX_AWAITING,
     ) -> None:
         if max_statement_bytes < 1:
             raise ValueError("max_statement_bytes must be >= 1")
         if max_session_statement_bytes < 1:
             raise ValueError("max_session_statement_bytes must be >= 1")
+        if not 1 <= max_awaiting <= 1 << 24:
+            raise ValueError("max_awaiting must be between 1 and 2**24")
+        self.max_awaiting = max_awaiting
+        #: Past ``max_awaiting``: the ``audit_limit`` record was made, nothing more is read.
+        self.limited = False
         self.context = dict(context)
         #: The context as JSON members, serialized once (the sink splices it into each
         #: line: ``CONTEXT_KEY``); results and copy records carry a shorter one.
@@ -412,14 +429,19 @@ class AuditTracker:
         """Frontend bytes (in order): the records to queue before forwarding them."""
         self._now = now
         out: list[Record] = []
+        if self.limited:
+            return out
         self._out = out
-        self._front.feed(chunk)
+        with contextlib.suppress(_Halt):
+            self._front.feed(chunk)
         return out
 
     def backend(self, chunk: bytes, now: float) -> list[Record]:
         """Backend bytes (in order): the ``copy`` and ``result`` records they complete."""
         self._now = now
         out: list[Record] = []
+        if self.limited:
+            return out
         self._out = out
         self._back.feed(chunk)
         return out
@@ -457,7 +479,7 @@ class AuditTracker:
             return
         if kind == _S:
             self._skipping = False
-            self.pending.append(["sync", None, now, 0])
+            self._wait(["sync", None, now, 0])
             return
         if body is None:
             return
@@ -531,7 +553,23 @@ class AuditTracker:
         if self._skipping:
             self._result(entry, "not_run")
         else:
+            self._wait(entry)
+
+    def _wait(self, entry: list[Any]) -> None:
+        """``entry`` waits for the server's answer, unless ``max_awaiting`` already do:
+        then the ``audit_limit`` record, and nothing more is read."""
+        if len(self.pending) < self.max_awaiting:
             self.pending.append(entry)
+            return
+        self.seq += 1
+        rec: Record = {"event": "audit_limit", "statement_id": self.seq}
+        if self._wall is not None:
+            rec["time"] = self._wall()
+        rec[CONTEXT_KEY] = self._ctx
+        rec.update(limit="awaiting", max_awaiting=self.max_awaiting)
+        self._out.append(rec)
+        self.limited = True
+        raise _Halt
 
     # -- backend ----------------------------------------------------------------------------
 

@@ -1,4 +1,6 @@
-"""The provisioning engine: one :class:`Provisioner` per listener.
+"""The provisioner: one :class:`Provisioner` per listener, the front of provisioning (single
+flight, the secret cache, the role's name, the locks); the plan is :mod:`.plan`, the one
+transaction :mod:`.apply`, the secrets :mod:`.secret`.
 
 Lock order, never violated here:
 
@@ -24,29 +26,33 @@ verifier computed here (SCRAM, or md5 when configured/required).
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
-import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import UTC, datetime
-from typing import Final, Literal
+from typing import Final
 
 import trio
-from attrs import define, evolve, field, frozen
+from attrs import frozen
 
 from waypoint.config.model import ListenerConfig
-from waypoint.errors import Refusal, bad_grant, provisioning_failed
+from waypoint.errors import bad_grant, provisioning_failed
 from waypoint.grants import naming
 from waypoint.grants.model import EffectiveGrant
 from waypoint.identity.model import Identity
 from waypoint.observability.log import get_logger
-from waypoint.pgwire.scram import ScramKeys, make_md5_verifier, make_scram_verifier
 from waypoint.provision import sql
 from waypoint.provision.admin import AdminError, AdminPools, AdminSession
-from waypoint.provision.dialect import CockroachDialect, Dialect, PostgresDialect, detect_dialect
+from waypoint.provision.apply import (
+    PasswordChange,
+    Signature,
+    TxnResult,
+    provision_txn,
+    strip_txn,
+)
+from waypoint.provision.dialect import CockroachDialect, Dialect, detect_dialect
+from waypoint.provision.disarm import disarm_everywhere
+from waypoint.provision.flight import Flight, LeaderGone, RoleState, wait_for
 from waypoint.provision.locks import (
     GroupLocks,
     PgAdvisoryRoleLock,
@@ -54,413 +60,47 @@ from waypoint.provision.locks import (
     RoleLockBackend,
     RoleLockTimeout,
 )
-from waypoint.provision.rawsql import RawSqlError, render_and_validate, touched_schemas
+from waypoint.provision.model import (
+    Credentials,
+    DatabaseMissing,
+    GroupNotOurs,
+    NameTaken,
+    ProvisionError,
+    RoleMissing,
+    RoleNotOurs,
+    new_correlation_id,
+)
+from waypoint.provision.plan import ProvisionPlan, build_plan, grant_fingerprint
+from waypoint.provision.rawsql import RawSqlError
+from waypoint.provision.secret import (
+    CachedSecret,
+    SecretCache,
+    extend_txn,
+    make_verifier,
+    new_secret,
+)
+from waypoint.provision.server import ServerInfo, probe_server, role_settings, use_md5
+
+# What callers import from here: the provisioner and what it hands out or raises.
+__all__ = ["Credentials", "DatabaseMissing", "ProvisionError", "Provisioner"]
 
 log = get_logger("provision")
 
 RETRYABLE_SQLSTATES: Final = frozenset({"23505", "XX000", "40P01"})
-SECRET_BYTES: Final = 32
 EXTEND_BATCH: Final = 8
 
 
-# -- public values -------------------------------------------------------------
-
-
 @frozen
-class Credentials:
-    """What the proxy logs in to the backend with. The secret is never in a repr."""
+class _Ask:
+    """One caller's request for its role's credentials, as the single flight sees it."""
 
+    identity: Identity
+    grant: EffectiveGrant
     role: str
-    secret: str = field(repr=False)
-    scram_keys: ScramKeys | None = field(repr=False)
-    valid_until: datetime
-    provisioned: bool
-
-
-class ProvisionError(Exception):
-    """Provisioning failed; ``refusal`` is what the client sees (58000 unless said otherwise)."""
-
-    def __init__(self, refusal: Refusal) -> None:
-        super().__init__(f"{refusal.sqlstate}: {refusal.message}")
-        self.refusal = refusal
-
-
-class DatabaseMissing(ProvisionError):
-    """The target database does not exist: ``fields`` are the server's 3D000 error fields,
-    for the proxy to forward as the FATAL the client would have got directly."""
-
-    def __init__(self, fields: Mapping[str, str]) -> None:
-        self.fields = dict(fields)
-        super().__init__(
-            Refusal(
-                self.fields.get("C", "3D000"),
-                self.fields.get("M", "database does not exist"),
-            )
-        )
-
-
-def new_correlation_id() -> str:
-    return secrets.token_hex(6)
-
-
-def grant_fingerprint(grant: EffectiveGrant) -> str:
-    """What decides a role's privileges (limits excluded): changes force a new secret."""
-    doc = {
-        "listener": grant.listener,
-        "database": grant.database,
-        "cap": grant.preset_cap.label if grant.preset_cap is not None else None,
-        "privileges": sorted([p.preset.label, p.schema] for p in grant.privileges),
-        "custom": sorted(
-            [sorted([p.preset.label, p.schema] for p in c.privileges), list(c.sql)]
-            for c in grant.custom
-        ),
-    }
-    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-# -- the plan: what groups a grant needs (pure) ----------------------------------
-
-
-@frozen
-class GroupPlan:
-    name: str
-    comment: str
-    # (schema, statements that need the schema to exist); applied in order.
-    schema_grants: tuple[tuple[str, tuple[str, ...]], ...]
-    raw_sql: tuple[str, ...]
-    schemas: frozenset[str]  # what its ACL statements touch (group locks and signature)
-
-
-@frozen
-class ProvisionPlan:
-    role: str
-    database: str
     owner: naming.RoleOwner
-    comment: str
-    groups: tuple[GroupPlan, ...]
-
-    @property
-    def schemas(self) -> frozenset[str]:
-        out: set[str] = set()
-        for g in self.groups:
-            out |= g.schemas
-        return frozenset(out)
-
-
-def build_plan(
-    prefix: str, role: str, identity: Identity, grant: EffectiveGrant, dialect: Dialect
-) -> ProvisionPlan:
-    """The groups for ``grant``. Raises RawSqlError for a refused raw-SQL entry."""
-    db = grant.database
-    groups: list[GroupPlan] = []
-    for sp in sorted(grant.privileges):
-        name = naming.group_name(prefix, sp.preset, sp.schema, db)
-        groups.append(
-            GroupPlan(
-                name=name,
-                comment=naming.group_comment(sp.preset, sp.schema, db),
-                schema_grants=((sp.schema, tuple(sql.preset_grants(sp.preset, sp.schema, name))),),
-                raw_sql=(),
-                schemas=frozenset({sp.schema}),
-            )
-        )
-    for custom in grant.custom:
-        name = naming.custom_group_name(prefix, custom, db)
-        raw = tuple(render_and_validate(custom.sql, role=name, database=db, dialect=dialect))
-        pairs = sorted(custom.privileges)
-        groups.append(
-            GroupPlan(
-                name=name,
-                comment=naming.custom_group_comment(custom, db),
-                schema_grants=tuple(
-                    (sp.schema, tuple(sql.preset_grants(sp.preset, sp.schema, name)))
-                    for sp in pairs
-                ),
-                raw_sql=raw,
-                schemas=frozenset({sp.schema for sp in pairs} | touched_schemas(raw)),
-            )
-        )
-    # One group per name (two identical custom entries share their group).
-    unique = {g.name: g for g in groups}
-    owner = naming.role_owner(identity, grant.listener, db, grant.preset_cap)
-    comment = naming.role_comment(identity, grant.listener, db, grant.preset_cap)
-    return ProvisionPlan(role, db, owner, comment, tuple(unique.values()))
-
-
-# -- the transaction (runs in a worker thread) ----------------------------------
-
-
-class _RoleNotOurs(Exception):
-    def __init__(self, role: str) -> None:
-        super().__init__(
-            f"role {role!r} exists but is not owned by this identity (or not Waypoint's)"
-        )
-
-
-class _GroupNotOurs(Exception):
-    def __init__(self, group: str) -> None:
-        super().__init__(f"group {group!r} exists without Waypoint's group marker")
-
-
-class _NameTaken(ProvisionError):
-    """The role name this caller was about to use carries another caller's marker (it was
-    dropped and recreated for someone else, or a look-alike won a race for it): the caller's
-    name is resolved again."""
-
-
-class _RoleMissing(Exception):
-    def __init__(self, role: str) -> None:
-        super().__init__(f"role {role!r} does not exist")
-
-
-Signature = tuple[tuple[str, int, int], ...]
-
-
-@frozen
-class _PasswordChange:
-    verifier: str = field(repr=False)
-    valid_until: datetime
-    #: ``ALTER ROLE ... SET`` statements applied with the secret (created or rotated).
-    settings: tuple[str, ...] = ()
-
-
-@frozen
-class _TxnResult:
-    created: bool
-    signatures: dict[str, Signature]
-    dropped_triggers: tuple[str, ...]
-    granted: tuple[str, ...]
-    revoked: tuple[str, ...]
-
-
-def _provision_txn(
-    sess: AdminSession,
-    plan: ProvisionPlan,
-    password: _PasswordChange | None,
-    known_signatures: Mapping[str, Signature],
-    inherit_clause: str,
-    member_clause: str = "",
-    disarm: bool = True,
-) -> _TxnResult:
-    """One transaction in the target database, under the group locks of ``plan.schemas``
-    (held by the caller in ``admin_database``). Blocking; call in a worker thread."""
-    sess.run("BEGIN")
-
-    names = [plan.role, *(g.name for g in plan.groups)]
-    existing = {
-        str(r[0]): (r[1] if r[1] is None else str(r[1]))
-        for r in sess.run(sql.ROLES_QUERY, names=names)
-    }
-    role_exists = plan.role in existing
-    if role_exists and naming.parse_role_comment(existing[plan.role] or "") != plan.owner:
-        raise _RoleNotOurs(plan.role)
-    retired = role_exists and naming.is_retired_comment(existing[plan.role] or "")
-    if (not role_exists or retired) and password is None:
-        raise _RoleMissing(plan.role)  # a retired role comes back only with a new secret
-
-    schemas = sorted(s for s in plan.schemas if s)
-    present: dict[str, tuple[int, int]] = {}
-    if schemas:
-        for nsp, count, maxoid in sess.run(sql.SCHEMA_SIGNATURE_QUERY, schemas=schemas):
-            present[str(nsp)] = (int(count), int(maxoid))
-
-    signatures: dict[str, Signature] = {}
-    for group in plan.groups:
-        sig: Signature = tuple(
-            (s, *present.get(s, (-1, -1))) for s in sorted(x for x in group.schemas if x)
-        )
-        signatures[group.name] = sig
-        if group.name not in existing:
-            for stmt in sql.create_group(group.name, plan.database, group.comment):
-                sess.run(stmt)
-        else:
-            if naming.parse_group_comment(existing[group.name] or "") is None:
-                raise _GroupNotOurs(group.name)
-            if known_signatures.get(group.name) == sig:
-                continue
-        for schema, stmts in group.schema_grants:
-            if schema not in present:
-                continue  # a schema that does not exist (yet): its signature will change
-            for stmt in stmts:
-                sess.run(stmt)
-        for stmt in group.raw_sql:
-            sess.run(stmt)
-
-    if password is not None:
-        if role_exists:
-            sess.run(sql.set_password(plan.role, password.verifier, password.valid_until))
-            if retired:  # its own caller again (the marker matched): active once more
-                sess.run(sql.comment_on_role(plan.role, plan.comment))
-        else:
-            sess.run(sql.create_login_role(plan.role, password.verifier, password.valid_until))
-            sess.run(sql.comment_on_role(plan.role, plan.comment))
-            sess.run(sql.grant_role_to_admin(plan.role, inherit_clause))
-        for stmt in password.settings:
-            sess.run(stmt)
-
-    current: set[str] = set()
-    if role_exists:
-        for gname, comment in sess.run(sql.MEMBERSHIPS_QUERY, role=plan.role):
-            if naming.parse_group_comment(str(comment or "")) is not None:
-                current.add(str(gname))
-    desired = {g.name for g in plan.groups}
-    extra = sorted(current - desired)
-    missing = sorted(desired - current)
-    # Objects the role created stay its own: nothing is ever reassigned (to the admin or
-    # anyone), so its SECURITY DEFINER functions, views and rules run with the privileges the
-    # role holds from now on. Its triggers on tables it no longer may put triggers on go.
-    # A group's own code (a member may have created it after SET ROLE on 15; 16+ grants no
-    # SET) is disarmed whenever a member leaves, so no former member keeps its privileges.
-    dropped: tuple[str, ...] = ()
-    for g in extra:
-        sess.run(sql.revoke_membership(g, plan.role))
-    if extra and disarm:  # PostgreSQL (CockroachDB has no functions owned this way)
-        dropped = drop_foreign_triggers(
-            sess, plan.role, lost_only=True, inherit_clause=inherit_clause
-        )
-        for g in extra:
-            dropped += drop_foreign_triggers(
-                sess, g, lost_only=False, inherit_clause=inherit_clause
-            )
-            disarm_code(sess, g, inherit_clause)
-    for g in missing:
-        sess.run(sql.grant_membership(g, plan.role, member_clause))
-    sess.run("COMMIT")
-    return _TxnResult(not role_exists, signatures, dropped, tuple(missing), tuple(extra))
-
-
-def _act_as(sess: AdminSession, owner: str, inherit_clause: str) -> None:
-    """Give the admin the privileges of ``owner`` (it created the role, so it may: 15
-    CREATEROLE, 16+ its ADMIN OPTION) unless it has them: needed to alter or drop what
-    ``owner`` owns. Waypoint's login roles have it from creation, its groups not."""
-    if not sess.run(sql.ADMIN_HAS_ROLE_QUERY, role=owner)[0][0]:
-        sess.run(sql.grant_role_to_admin(owner, inherit_clause))
-
-
-def disarm_code(sess: AdminSession, owner: str, inherit_clause: str = "") -> int:
-    """In the current database and transaction: make the code ``owner`` owns run as whoever
-    calls it (SECURITY INVOKER routines, ``security_invoker`` views) and drop the rules on its
-    tables (see :data:`sql.DEFINER_ROUTINES_QUERY`). Returns how many objects changed."""
-    routines = [str(r[0]) for r in sess.run(sql.DEFINER_ROUTINES_QUERY, role=owner)]
-    views = [(str(a), str(b)) for a, b in sess.run(sql.OWNED_VIEWS_QUERY, role=owner)]
-    rules = [(str(a), str(b), str(c)) for a, b, c in sess.run(sql.OWNED_RULES_QUERY, role=owner)]
-    if routines or views or rules:
-        _act_as(sess, owner, inherit_clause)
-    for sig in routines:
-        sess.run(sql.make_invoker(sig))
-    for schema, view in views:
-        sess.run(sql.view_as_invoker(schema, view))
-    for schema, table, rule in rules:
-        sess.run(sql.drop_rule(schema, table, rule))
-    return len(routines) + len(views) + len(rules)
-
-
-async def disarm_everywhere(
-    pools: AdminPools,
-    owner: str,
-    *,
-    group: bool,
-    inherit_clause: str,
-    check: Callable[[AdminSession], object] | None = None,
-) -> None:
-    """In every connectable database where ``owner`` owns objects, one transaction each:
-    ``check`` (raising stops it), its trigger functions on tables it does not own dropped,
-    and for a Waypoint group (``group``) its code disarmed (:func:`disarm_code`)."""
-
-    def owned_in(sess: AdminSession) -> list[str]:
-        return [str(r[0]) for r in sess.run(sql.OWNED_DATABASES_QUERY, role=owner)]
-
-    def txn(sess: AdminSession, database: str) -> None:
-        sess.run("BEGIN")
-        if check is not None:
-            check(sess)
-        dropped = drop_foreign_triggers(sess, owner, lost_only=False, inherit_clause=inherit_clause)
-        changed = disarm_code(sess, owner, inherit_clause) if group else 0
-        sess.run("COMMIT")
-        if dropped or changed:
-            log.info(
-                "role_triggers_dropped",
-                role=owner,
-                db=database,
-                triggers=list(dropped),
-                disarmed=changed,
-            )
-
-    for database in await pools.run(pools.admin_database, owned_in):
-        try:
-            await pools.run(database, functools.partial(txn, database=database))
-        except AdminError as exc:
-            if exc.sqlstate != "3D000":  # a database dropped meanwhile has nothing left
-                raise
-
-
-def drop_foreign_triggers(
-    sess: AdminSession, role: str, *, lost_only: bool, inherit_clause: str = ""
-) -> tuple[str, ...]:
-    """In the current database and transaction: drop the trigger functions ``role`` owns that
-    fire on tables it does not own (with their triggers; see
-    :data:`sql.FOREIGN_TRIGGER_FUNCTIONS_QUERY`). ``lost_only``: only those on tables where
-    the role no longer holds TRIGGER. Returns the functions dropped. Blocking."""
-    found = sess.run(sql.FOREIGN_TRIGGER_FUNCTIONS_QUERY, role=role, lost=lost_only)
-    names = tuple(str(r[0]) for r in found)
-    if names:
-        _act_as(sess, role, inherit_clause)
-    for name in names:
-        sess.run(sql.drop_function_cascade(name))
-    return names
-
-
-# -- single flight ---------------------------------------------------------------
-
-Phase = Literal["provisioning", "holding", "failed", "done"]
-
-
-class _LeaderGone(Exception):
-    """The task running a shared provision was cancelled; a waiter retries on its own."""
-
-
-@define
-class _Flight:
     fingerprint: str
-    owner: naming.RoleOwner
-    phase: Phase = "provisioning"
-    participants: int = 1
-    done: trio.Event = field(factory=trio.Event)
-    creds: Credentials | None = None
-    error: BaseException | None = None
-    lease: RoleLease | None = None
-
-
-@define
-class _RoleState:
-    sem: trio.Semaphore = field(factory=lambda: trio.Semaphore(1))
-    flight: _Flight | None = None
-    changed: trio.Event = field(factory=trio.Event)
-
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-
-@frozen
-class _Cached:
-    """A secret this process set, for the caller ``owner`` (the role's marker when it was set)."""
-
-    secret: str = field(repr=False)
-    scram_keys: ScramKeys | None = field(repr=False)
-    valid_until: datetime
-    fingerprint: str
-    owner: naming.RoleOwner
-
-
-@frozen
-class _ServerInfo:
-    dialect: Dialect
-    password_encryption: str
-
-
-# -- the provisioner ---------------------------------------------------------------
+    deadline: float
+    cid: str
 
 
 class Provisioner:
@@ -495,11 +135,11 @@ class Provisioner:
         self._locks: RoleLockBackend = lock_backend or pg_locks
         self._pg_locks = pg_locks
         self._group_locks = GroupLocks(pg_locks.sessions)
-        self._states: dict[str, _RoleState] = {}
-        self._cache: dict[str, _Cached] = {}
+        self._states: dict[str, RoleState] = {}
+        self._cache = SecretCache(clock, handshake_timeout)
         self._resolved: dict[tuple[str, str, str, str, str | None], str] = {}
         self._group_signatures: dict[str, Signature] = {}
-        self._info: _ServerInfo | None = None
+        self._info: ServerInfo | None = None
         self._info_lock = trio.Lock()
 
     # -- naming ----------------------------------------------------------------
@@ -532,7 +172,8 @@ class Provisioner:
 
         What is remembered is only a hint: every use is checked again (a cached secret only
         for the caller it was set for, a provision against the marker under the role lock),
-        and a name found to carry another caller's marker is forgotten (:class:`_NameTaken`).
+        and a name found to carry another caller's marker is forgotten
+        (:class:`~waypoint.provision.model.NameTaken`).
         """
         key = self._name_key(identity, grant)
         if key in self._resolved:
@@ -559,7 +200,7 @@ class Provisioner:
                     role=candidate,
                 )
             return candidate
-        raise _RoleNotOurs(fallback)
+        raise RoleNotOurs(fallback)
 
     def _forget_names_of(self, role: str) -> None:
         """Forget every remembered caller-to-name mapping that points at ``role``."""
@@ -568,20 +209,12 @@ class Provisioner:
 
     # -- server info -------------------------------------------------------------
 
-    async def _server_info(self) -> _ServerInfo:
+    async def _server_info(self) -> ServerInfo:
         if self._info is not None:
             return self._info
         async with self._info_lock:
             if self._info is None:
-
-                def probe(sess: AdminSession) -> tuple[str, str]:
-                    rows = sess.run(
-                        "SELECT pg_catalog.version(), "
-                        "pg_catalog.current_setting('password_encryption', true)"
-                    )
-                    return str(rows[0][0]), str(rows[0][1] or "scram-sha-256")
-
-                version, enc = await self._pools.run(self._pools.admin_database, probe)
+                version, enc = await self._pools.run(self._pools.admin_database, probe_server)
                 dialect = detect_dialect(version)
                 if isinstance(dialect, CockroachDialect) and not self._custom_lock_backend:
                     raise ProvisionError(
@@ -591,45 +224,13 @@ class Provisioner:
                             "lock for it: provisioning on CockroachDB is not supported",
                         )
                     )
-                self._info = _ServerInfo(dialect, enc)
+                self._info = ServerInfo(dialect, enc)
             return self._info
-
-    def _role_settings(self, role: str, info: _ServerInfo) -> tuple[str, ...]:
-        """Per-role settings: ``client_connection_check_interval`` (PostgreSQL 14+), so a
-        backend whose client is gone notices it during a long statement. A first line only:
-        the caller can change it for its own session, and Waypoint's session end does not
-        rely on it."""
-        interval = self._pg.client_connection_check_interval
-        dialect = info.dialect
-        if interval <= 0 or not isinstance(dialect, PostgresDialect) or dialect.major < 14:
-            return ()
-        return (
-            sql.set_role_setting(
-                role, "client_connection_check_interval", f"{interval * 1000:.0f}ms"
-            ),
-        )
-
-    def _use_md5(self, info: _ServerInfo) -> bool:
-        mode = self._pg.password_encryption
-        if mode == "md5":
-            return True
-        if mode == "scram-sha-256":
-            return False
-        return info.password_encryption.lower() == "md5"
 
     # -- the cache ----------------------------------------------------------------
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), UTC)
-
-    def _cached(self, role: str, fingerprint: str, owner: naming.RoleOwner) -> _Cached | None:
-        """The cached secret of ``role`` for this very caller and grant (never another's)."""
-        entry = self._cache.get(role)
-        if entry is None or entry.fingerprint != fingerprint or entry.owner != owner:
-            return None
-        if entry.valid_until.timestamp() - self._clock() <= self._handshake_timeout:
-            return None
-        return entry
 
     @staticmethod
     def owner_of(identity: Identity, grant: EffectiveGrant) -> naming.RoleOwner:
@@ -643,17 +244,12 @@ class Provisioner:
         :meth:`credentials` still decides whether the caller gets that session, and it answers
         with a cached secret only for the caller that secret was set for, so a session logged
         in with a secret that is not the caller's own is never handed over."""
-        entry = self._cache.get(role)
-        if entry is None or owner is None or entry.owner != owner:
-            return None
-        if entry.valid_until.timestamp() - self._clock() <= self._handshake_timeout:
-            return None
-        return Credentials(role, entry.secret, entry.scram_keys, entry.valid_until, False)
+        return self._cache.peek(role, owner)
 
-    def _state(self, role: str) -> _RoleState:
+    def _state(self, role: str) -> RoleState:
         st = self._states.get(role)
         if st is None:
-            st = self._states[role] = _RoleState()
+            st = self._states[role] = RoleState()
         return st
 
     def _deadline(self) -> float:
@@ -682,7 +278,7 @@ class Provisioner:
 
     async def _obtain(
         self, identity: Identity, grant: EffectiveGrant, rotate: bool, cid: str
-    ) -> tuple[Credentials, _RoleState, _Flight | None]:
+    ) -> tuple[Credentials, RoleState, Flight | None]:
         """The caller's credentials, and the flight to leave when done (None: a cache hit).
 
         A role name whose marker turns out to name another caller is forgotten and the name
@@ -691,7 +287,7 @@ class Provisioner:
         fingerprint = grant_fingerprint(grant)
         owner = naming.role_owner(identity, grant.listener, grant.database, grant.preset_cap)
         deadline = self._deadline()
-        last: _NameTaken | None = None
+        last: NameTaken | None = None
         for _attempt in range(3):
             try:
                 with trio.fail_at(deadline):
@@ -700,15 +296,14 @@ class Provisioner:
                 raise ProvisionError(
                     provisioning_failed(cid, "timed out resolving the role name")
                 ) from None
-            except _RoleNotOurs as exc:
+            except RoleNotOurs as exc:
                 raise ProvisionError(provisioning_failed(cid, str(exc))) from None
             except AdminError as exc:
                 raise self._admin_failure(cid, exc) from None
+            ask = _Ask(identity, grant, role, owner, fingerprint, deadline, cid)
             try:
-                return await self._obtain_role(
-                    identity, grant, role, owner, fingerprint, rotate, deadline, cid
-                )
-            except _NameTaken as exc:
+                return await self._obtain_role(ask, rotate)
+            except NameTaken as exc:
                 last = exc
                 if self._resolved.get(self._name_key(identity, grant)) == role:
                     del self._resolved[self._name_key(identity, grant)]
@@ -716,60 +311,64 @@ class Provisioner:
         raise ProvisionError(last.refusal) from None
 
     async def _obtain_role(
-        self,
-        identity: Identity,
-        grant: EffectiveGrant,
-        role: str,
-        owner: naming.RoleOwner,
-        fingerprint: str,
-        rotate: bool,
-        deadline: float,
-        cid: str,
-    ) -> tuple[Credentials, _RoleState, _Flight | None]:
-        st = self._state(role)
+        self, ask: _Ask, rotate: bool
+    ) -> tuple[Credentials, RoleState, Flight | None]:
+        """Join the caller's flight, answer from the cache, or lead a new flight once the
+        role's guard is free."""
+        st = self._state(ask.role)
         while True:
             flight = st.flight
             if flight is not None and flight.phase == "provisioning":
-                if flight.fingerprint != fingerprint or flight.owner != owner:
-                    # Another grant, or another caller whose name looks the same: never join
-                    # it; wait for it to finish, then the marker decides.
-                    await self._wait(flight.done, deadline, cid)
+                creds = await self._join(st, flight, ask)
+                if creds is None:
                     continue
-                flight.participants += 1
-                try:
-                    await self._wait(flight.done, deadline, cid)
-                except BaseException:
-                    await self._leave(st, flight)
-                    raise
-                if flight.creds is None:
-                    await self._leave(st, flight)
-                    if isinstance(flight.error, ProvisionError):
-                        raise flight.error
-                    continue  # the leader was cancelled: try again ourselves
-                return flight.creds, st, flight
+                return creds, st, flight
             if not rotate:
-                entry = self._cached(role, fingerprint, owner)
+                entry = self._cache.usable(ask.role, ask.fingerprint, ask.owner)
                 if entry is not None:
-                    creds = Credentials(
-                        role, entry.secret, entry.scram_keys, entry.valid_until, False
-                    )
-                    return creds, st, None
+                    return entry.credentials(ask.role), st, None
             try:
                 st.sem.acquire_nowait()
             except trio.WouldBlock:
-                await self._wait(st.changed, deadline, cid)
+                await wait_for(st.changed, ask.deadline, ask.cid)
                 continue
-            break
+            return await self._lead(st, ask)
 
-        # We lead a new flight.
-        flight = _Flight(fingerprint, owner)
+    async def _join(self, st: RoleState, flight: Flight, ask: _Ask) -> Credentials | None:
+        """Wait for a flight in progress: its credentials when it is this caller's and it
+        succeeded, None to look again (another caller's flight ended, or its leader was
+        cancelled); its error when it failed."""
+        if flight.fingerprint != ask.fingerprint or flight.owner != ask.owner:
+            # Another grant, or another caller whose name looks the same: never join
+            # it; wait for it to finish, then the marker decides.
+            await wait_for(flight.done, ask.deadline, ask.cid)
+            return None
+        flight.participants += 1
+        try:
+            await wait_for(flight.done, ask.deadline, ask.cid)
+        except BaseException:
+            await self._leave(st, flight)
+            raise
+        if flight.creds is None:
+            await self._leave(st, flight)
+            if isinstance(flight.error, ProvisionError):
+                raise flight.error
+            return None  # the leader was cancelled: try again ourselves
+        return flight.creds
+
+    async def _lead(self, st: RoleState, ask: _Ask) -> tuple[Credentials, RoleState, Flight]:
+        """Run a new flight (the role's guard is held): provision, then hold the role lock
+        for every participant."""
+        flight = Flight(ask.fingerprint, ask.owner)
         st.flight = flight
         st.notify()
         try:
-            creds, lease = await self._provision(identity, grant, role, fingerprint, deadline, cid)
+            creds, lease = await self._provision(
+                ask.identity, ask.grant, ask.role, ask.fingerprint, ask.deadline, ask.cid
+            )
         except BaseException as exc:
             flight.phase = "failed"
-            flight.error = exc if isinstance(exc, ProvisionError) else _LeaderGone()
+            flight.error = exc if isinstance(exc, ProvisionError) else LeaderGone()
             flight.participants -= 1
             if st.flight is flight:
                 st.flight = None
@@ -784,16 +383,7 @@ class Provisioner:
         st.notify()
         return creds, st, flight
 
-    async def _wait(self, event: trio.Event, deadline: float, cid: str) -> None:
-        try:
-            with trio.fail_at(deadline):
-                await event.wait()
-        except trio.TooSlowError:
-            raise ProvisionError(
-                provisioning_failed(cid, "timed out waiting for a concurrent provision")
-            ) from None
-
-    async def _leave(self, st: _RoleState, flight: _Flight) -> None:
+    async def _leave(self, st: RoleState, flight: Flight) -> None:
         if flight.phase in ("failed", "done"):
             flight.participants -= 1
             return
@@ -826,19 +416,17 @@ class Provisioner:
             with trio.fail_at(deadline):
                 info = await self._server_info()
                 plan = self._plan(identity, grant, role, info, cid)
-                secret = secrets.token_urlsafe(SECRET_BYTES)
+                secret = new_secret()
                 valid_until = datetime.fromtimestamp(self._clock() + self._pg.user_ttl, UTC)
-                use_md5 = self._use_md5(info)
-
-                def make_verifier() -> tuple[str, ScramKeys | None]:
-                    if use_md5:
-                        return make_md5_verifier(secret, role), None
-                    return make_scram_verifier(secret)
-
-                verifier, keys = await trio.to_thread.run_sync(make_verifier, limiter=self._limiter)
+                md5 = use_md5(self._pg, info)
+                verifier, keys = await trio.to_thread.run_sync(
+                    lambda: make_verifier(secret, role, md5=md5), limiter=self._limiter
+                )
                 lease = await self._locks.acquire(role, deadline)
                 try:
-                    change = _PasswordChange(verifier, valid_until, self._role_settings(role, info))
+                    change = PasswordChange(
+                        verifier, valid_until, role_settings(self._pg, role, info)
+                    )
                     await self._run_txn(plan, change, info)
                 except BaseException:
                     with trio.CancelScope(shield=True):
@@ -850,17 +438,17 @@ class Provisioner:
             ) from None
         except AdminError as exc:
             raise self._admin_failure(cid, exc) from None
-        except _RoleNotOurs as exc:
+        except RoleNotOurs as exc:
             # The name carries another caller's marker: whatever this process remembers
             # about it is someone else's now.
             self._forget_names_of(role)
-            self._cache.pop(role, None)
-            raise _NameTaken(provisioning_failed(cid, str(exc))) from None
-        except (_GroupNotOurs, _RoleMissing) as exc:
+            self._cache.pop(role)
+            raise NameTaken(provisioning_failed(cid, str(exc))) from None
+        except (GroupNotOurs, RoleMissing) as exc:
             self._resolved.pop(self._name_key(identity, grant), None)
             raise ProvisionError(provisioning_failed(cid, str(exc))) from None
         owner = naming.role_owner(identity, grant.listener, grant.database, grant.preset_cap)
-        self._cache[role] = _Cached(secret, keys, valid_until, fingerprint, owner)
+        self._cache.put(role, CachedSecret(secret, keys, valid_until, fingerprint, owner))
         return Credentials(role, secret, keys, valid_until, True), lease
 
     def _plan(
@@ -868,7 +456,7 @@ class Provisioner:
         identity: Identity,
         grant: EffectiveGrant,
         role: str,
-        info: _ServerInfo,
+        info: ServerInfo,
         cid: str,
     ) -> ProvisionPlan:
         try:
@@ -877,11 +465,8 @@ class Provisioner:
             raise ProvisionError(bad_grant(str(exc), f"correlation id {cid}")) from None
 
     async def _run_txn(
-        self, plan: ProvisionPlan, password: _PasswordChange | None, info: _ServerInfo
-    ) -> _TxnResult:
-        inherit = info.dialect.admin_inherit_clause
-        member = info.dialect.member_clause
-        disarm = not isinstance(info.dialect, CockroachDialect)
+        self, plan: ProvisionPlan, password: PasswordChange | None, info: ServerInfo
+    ) -> TxnResult:
         for attempt in (1, 2):
             known = {
                 g.name: self._group_signatures[g.name]
@@ -889,8 +474,8 @@ class Provisioner:
                 if g.name in self._group_signatures
             }
 
-            def txn(sess: AdminSession, known: dict[str, Signature] = known) -> _TxnResult:
-                return _provision_txn(sess, plan, password, known, inherit, member, disarm)
+            def txn(sess: AdminSession, known: dict[str, Signature] = known) -> TxnResult:
+                return provision_txn(sess, plan, password, known, info.dialect)
 
             try:
                 async with self.group_locks(plan.database, plan.schemas, info.dialect):
@@ -909,20 +494,23 @@ class Provisioner:
                     continue
                 raise
             self._group_signatures.update(result.signatures)
-            where = {"listener": self._listener.name, "db": plan.database, "role": plan.role}
-            if result.created:
-                log.info("role_created", **where)
-            if result.granted or result.revoked:
-                log.info(
-                    "role_grants_changed",
-                    **where,
-                    granted=list(result.granted),
-                    revoked=list(result.revoked),
-                )
-            if result.dropped_triggers:
-                log.info("role_triggers_dropped", **where, triggers=list(result.dropped_triggers))
+            self._log_txn(plan, result)
             return result
         raise AssertionError("unreachable")
+
+    def _log_txn(self, plan: ProvisionPlan, result: TxnResult) -> None:
+        where = {"listener": self._listener.name, "db": plan.database, "role": plan.role}
+        if result.created:
+            log.info("role_created", **where)
+        if result.granted or result.revoked:
+            log.info(
+                "role_grants_changed",
+                **where,
+                granted=list(result.granted),
+                revoked=list(result.revoked),
+            )
+        if result.dropped_triggers:
+            log.info("role_triggers_dropped", **where, triggers=list(result.dropped_triggers))
 
     def _admin_failure(self, cid: str, exc: AdminError) -> ProvisionError:
         if exc.sqlstate == "3D000":
@@ -995,11 +583,9 @@ class Provisioner:
             ) from None
         except AdminError as exc:
             raise self._admin_failure(cid, exc) from None
-        except (_RoleNotOurs, _GroupNotOurs, _RoleMissing) as exc:
+        except (RoleNotOurs, GroupNotOurs, RoleMissing) as exc:
             raise ProvisionError(provisioning_failed(cid, str(exc))) from None
-        entry = self._cache.get(role)
-        if entry is not None:
-            self._cache[role] = evolve(entry, fingerprint=grant_fingerprint(grant))
+        self._cache.refingerprint(role, grant_fingerprint(grant))
 
     async def extend_validity(self, roles: Iterable[str]) -> None:
         """Push ``VALID UNTIL`` to now + user_ttl for Waypoint's roles among ``roles``.
@@ -1013,7 +599,7 @@ class Provisioner:
 
     async def _extend_batch(self, roles: list[str]) -> None:
         held: list[tuple[str, RoleLease]] = []
-        guarded: list[_RoleState] = []
+        guarded: list[RoleState] = []
         try:
             for role in roles:
                 st = self._state(role)
@@ -1031,22 +617,11 @@ class Provisioner:
             names = [r for r, _ in held]
 
             def txn(sess: AdminSession) -> list[str]:
-                sess.run("BEGIN")
-                done: list[str] = []
-                for name, comment, _login in sess.run(sql.ROLES_QUERY, names=names):
-                    if naming.parse_role_comment(str(comment or "")) is None:
-                        continue
-                    sess.run(sql.set_valid_until(str(name), until))
-                    done.append(str(name))
-                sess.run("COMMIT")
-                return done
+                return extend_txn(sess, names, until)
 
             with trio.fail_after(self._handshake_timeout):
                 extended = await self._pools.run(self._pools.admin_database, txn)
-            for name in extended:
-                entry = self._cache.get(name)
-                if entry is not None:
-                    self._cache[name] = evolve(entry, valid_until=until)
+            self._cache.extended(extended, until)
         finally:
             with trio.CancelScope(shield=True):
                 for _, lease in held:
@@ -1062,24 +637,10 @@ class Provisioner:
         cid = new_correlation_id()
         deadline = trio.current_time() + self._handshake_timeout
         now = self._now()
-        self._cache.pop(role, None)
+        self._cache.pop(role)
 
         def txn(sess: AdminSession) -> list[str] | None:
-            sess.run("BEGIN")
-            rows = sess.run(sql.ROLES_QUERY, names=[role])
-            if not rows:
-                sess.run("ROLLBACK")
-                return None
-            if naming.parse_role_comment(str(rows[0][1] or "")) is None:
-                raise _RoleNotOurs(role)
-            revoked: list[str] = []
-            for gname, comment in sess.run(sql.MEMBERSHIPS_QUERY, role=role):
-                if naming.parse_group_comment(str(comment or "")) is not None:
-                    sess.run(sql.revoke_membership(str(gname), role))
-                    revoked.append(str(gname))
-            sess.run(sql.set_valid_until(role, now))
-            sess.run("COMMIT")
-            return revoked
+            return strip_txn(sess, role, now)
 
         try:
             with trio.fail_at(deadline):
@@ -1101,13 +662,13 @@ class Provisioner:
             ) from None
         except AdminError as exc:
             raise self._admin_failure(cid, exc) from None
-        except _RoleNotOurs as exc:
+        except RoleNotOurs as exc:
             raise ProvisionError(provisioning_failed(cid, str(exc))) from None
 
     def forget(self, role: str) -> None:
         """Drop the cached secret of ``role`` and every caller-to-name mapping that points at
         it (the role was dropped: the next connection resolves its name and provisions)."""
-        self._cache.pop(role, None)
+        self._cache.pop(role)
         self._forget_names_of(role)
 
     async def aclose(self) -> None:

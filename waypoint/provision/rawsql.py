@@ -271,23 +271,7 @@ def _check_grant(stmt: ast.GrantStmt, *, role: str, database: str, defaults: boo
     if not objects:
         raise ValueError("no objects named")
     if objtype == ObjectType.OBJECT_DATABASE:
-        for obj in objects:
-            name = _string_value(obj, what="database name")
-            if name != database:
-                raise ValueError(
-                    f"{verb} ON DATABASE is allowed only for the client's database "
-                    "({{.Database}}), not another database"
-                )
-        privs = stmt.privileges
-        if privs is None:
-            raise ValueError("ALL PRIVILEGES ON DATABASE is not allowed: only TEMPORARY / CREATE")
-        for p in privs:
-            if not isinstance(p, ast.AccessPriv) or p.priv_name not in _DATABASE_PRIVILEGES:
-                name = getattr(p, "priv_name", "?")
-                raise ValueError(
-                    f"privilege {str(name).upper()} ON DATABASE is not allowed: only "
-                    "TEMPORARY / CREATE"
-                )
+        _check_database_grant(stmt, database=database, verb=verb)
         return
     if objtype == ObjectType.OBJECT_SCHEMA:
         for obj in objects:
@@ -295,6 +279,27 @@ def _check_grant(stmt: ast.GrantStmt, *, role: str, database: str, defaults: boo
         return
     for obj in objects:
         _check_qualified(obj, objtype)
+
+
+def _check_database_grant(stmt: ast.GrantStmt, *, database: str, verb: str) -> None:
+    """ON DATABASE: only the client's own database, only TEMPORARY / CREATE."""
+    for obj in stmt.objects or ():
+        name = _string_value(obj, what="database name")
+        if name != database:
+            raise ValueError(
+                f"{verb} ON DATABASE is allowed only for the client's database "
+                "({{.Database}}), not another database"
+            )
+    privs = stmt.privileges
+    if privs is None:
+        raise ValueError("ALL PRIVILEGES ON DATABASE is not allowed: only TEMPORARY / CREATE")
+    for p in privs:
+        if not isinstance(p, ast.AccessPriv) or p.priv_name not in _DATABASE_PRIVILEGES:
+            name = getattr(p, "priv_name", "?")
+            raise ValueError(
+                f"privilege {str(name).upper()} ON DATABASE is not allowed: only "
+                "TEMPORARY / CREATE"
+            )
 
 
 def _check_grantees(grantees: Any, *, role: str, verb: str) -> None:

@@ -195,7 +195,7 @@ OWNED_DATABASES_QUERY: Final = (
 # Code a role owns in the current database that runs with its owner's privileges whoever
 # calls it: SECURITY DEFINER functions and procedures, views (unless security_invoker, which
 # PostgreSQL has from 15 on), and rules on its tables other than a view's own ``_RETURN``.
-# Disarmed (:func:`waypoint.provision.engine.disarm_code`) before such code could run with
+# Disarmed (:func:`waypoint.provision.disarm.disarm_code`) before such code could run with
 # privileges its author does not hold: a Waypoint group's (created by a member after SET
 # ROLE) when a member leaves it, a reaped role's before its objects go to ``reassign_to``.
 DEFINER_ROUTINES_QUERY: Final = (

@@ -50,7 +50,7 @@ from functools import partial
 from typing import Any, Final, Literal
 
 import trio
-from attrs import frozen
+from attrs import define, field, frozen
 from pg8000.exceptions import DatabaseError
 
 from waypoint.config.model import ListenerConfig
@@ -59,12 +59,8 @@ from waypoint.observability.log import get_logger
 from waypoint.provision import sql as provision_sql
 from waypoint.provision.admin import AdminError, AdminPools, AdminSession
 from waypoint.provision.dialect import Dialect, detect_dialect
-from waypoint.provision.engine import (
-    Provisioner,
-    disarm_code,
-    disarm_everywhere,
-    drop_foreign_triggers,
-)
+from waypoint.provision.disarm import disarm_code, disarm_everywhere, drop_foreign_triggers
+from waypoint.provision.engine import Provisioner
 from waypoint.provision.locks import RoleLease
 from waypoint.reaper import catalog
 
@@ -173,7 +169,35 @@ class _Refused(Exception):
 
 
 Check = Callable[[AdminSession], None]
+#: Re-reads a role under the locks (given the roles this instance uses); raises if it may not
+#: be reaped any more.
+Recheck = Callable[[AdminSession, frozenset[str]], RoleInfo]
 _Outcome = Literal["dropped", "retired"] | Skipped | Failure
+
+
+@define
+class _Tally:
+    """What a pass has done so far, and how many more roles it may reap (``budget``)."""
+
+    budget: int
+    dropped: list[str] = field(factory=list)
+    retired: list[str] = field(factory=list)
+    dropped_groups: list[str] = field(factory=list)
+    skipped: list[Skipped] = field(factory=list)
+    failed: list[Failure] = field(factory=list)
+    deferred: int = 0
+
+    def report(self, listener: str, dry_run: bool) -> ReapReport:
+        return ReapReport(
+            listener,
+            dry_run,
+            dropped_roles=tuple(self.dropped),
+            retired_roles=tuple(self.retired),
+            dropped_groups=tuple(self.dropped_groups),
+            skipped=tuple(self.skipped),
+            failed=tuple(self.failed),
+            deferred=self.deferred,
+        )
 
 
 def _parse_rows(rows: Iterable[list[Any]]) -> list[RoleInfo]:
@@ -283,6 +307,45 @@ def _drop_txn(
     sess.run(catalog.drop_owned(role))
     if drop_role:
         sess.run(catalog.drop_role(role))
+    sess.run("COMMIT")
+
+
+def _strip_for_retirement(
+    sess: AdminSession, role: str, past: str, recheck: Recheck, in_use: frozenset[str]
+) -> tuple[list[str], list[str]]:
+    """A retirement's first transaction, in ``admin_database``: ``recheck``, every membership
+    revoked, NOLOGIN, no password, ``VALID UNTIL`` ``past``, per-role settings reset. Returns
+    the Waypoint groups the role left and the memberships that could not be revoked."""
+    sess.run("BEGIN")
+    recheck(sess, in_use)
+    groups: list[str] = []
+    for group, member in sess.run(catalog.ALL_MEMBERSHIPS_QUERY, role=role):
+        # A membership another role granted may not be the admin's to revoke (16+):
+        # the rest of the retirement goes on, and the pass reports it.
+        sess.run("SAVEPOINT revoke_one")
+        try:
+            sess.run(catalog.revoke_role(str(group), str(member)))
+        except DatabaseError:
+            sess.run("ROLLBACK TO SAVEPOINT revoke_one")
+        sess.run("RELEASE SAVEPOINT revoke_one")
+        if str(member) == role and naming.parse_group_comment(
+            str(sess.run(catalog.COMMENT_QUERY, name=str(group))[0][0] or "")
+        ):
+            groups.append(str(group))
+    sess.run(catalog.retire_role(role, past))
+    for (database,) in sess.run(catalog.ROLE_SETTINGS_QUERY, role=role):
+        sess.run(catalog.reset_role_settings(role, None if database is None else str(database)))
+    left = [f"{g} to {m}" for g, m in sess.run(catalog.ALL_MEMBERSHIPS_QUERY, role=role)]
+    sess.run("COMMIT")
+    return groups, left
+
+
+def _mark_retired(sess: AdminSession, role: str, recheck: Recheck, in_use: frozenset[str]) -> None:
+    """A retirement's last transaction: ``recheck``, then the retired marker."""
+    sess.run("BEGIN")
+    owner = recheck(sess, in_use).owner
+    assert owner is not None  # recheck: still ours
+    sess.run(catalog.comment_on_role(role, naming.retired_role_comment(owner)))
     sess.run("COMMIT")
 
 
@@ -411,27 +474,50 @@ class Reaper:
 
     async def run_pass(self, *, dry_run: bool = False) -> ReapReport:
         """One pass. Raises :class:`ReapError` when the roles cannot even be listed."""
-        name = self._listener.name
+        disabled = await self._disabled()
+        if disabled is not None:
+            return ReapReport(self._listener.name, dry_run, disabled=disabled)
+        in_use = set(self._roles_in_use())
+        listing = await self._listing_without_kept_backends(in_use, dry_run)
+        tally = _Tally(budget=self._max_drops)
+        await self._reap_roles(self._candidates(listing, in_use, tally), tally, dry_run)
+        await self._reap_groups(listing, tally, dry_run)
+        if tally.dropped or tally.retired or tally.dropped_groups or tally.failed or tally.deferred:
+            self._log.info(
+                "reap_pass",
+                dry_run=dry_run,
+                dropped_roles=len(tally.dropped),
+                retired_roles=len(tally.retired),
+                dropped_groups=len(tally.dropped_groups),
+                skipped=len(tally.skipped),
+                failed=len(tally.failed),
+                deferred=tally.deferred,
+            )
+        return tally.report(self._listener.name, dry_run)
+
+    async def _disabled(self) -> str | None:
+        """Why this pass does nothing (None: it runs). Raises :class:`ReapError` when the
+        server cannot be reached or ``reassign_to`` is refused (every pass, the first one at
+        startup included, refuses then: nothing is reaped)."""
         try:
             dialect = await self.dialect()
         except AdminError as exc:
             raise ReapError(f"cannot reach the server: {_admin_reason(exc)}") from None
         if not dialect.reaper_enabled(self._pg.reap_on_cockroachdb):
-            return ReapReport(
-                name,
-                dry_run,
-                disabled=f"{dialect.name}: the reaper is off (set reap_on_cockroachdb = true)",
-            )
+            return f"{dialect.name}: the reaper is off (set reap_on_cockroachdb = true)"
         if self._pg.reassign_to is not None:
             try:
                 problem = await self.check_reassign_to()
             except AdminError as exc:
                 raise ReapError(f"cannot check reassign_to: {_admin_reason(exc)}") from None
             if problem is not None:
-                # Every pass, the first one at startup included, refuses: nothing is reaped.
                 raise ReapError(f"reassign_to refused, nothing reaped: {problem}")
+        return None
+
+    async def _listing_without_kept_backends(self, in_use: set[str], dry_run: bool) -> RoleListing:
+        """The roles; an expired role whose only backends are idle ones this instance keeps
+        has those ended first and the roles are listed again."""
         listing = await self.list_roles()
-        in_use = set(self._roles_in_use())
         if self._release_idle is not None and not dry_run:
             held = [
                 info.name
@@ -443,10 +529,10 @@ class Reaper:
             ]
             if held and await self._release_idle(held):
                 listing = await self.list_roles()
-        skipped: list[Skipped] = []
-        failed: list[Failure] = []
-        dropped: list[str] = []
-        retired: list[str] = []
+        return listing
+
+    def _candidates(self, listing: RoleListing, in_use: set[str], tally: _Tally) -> list[RoleInfo]:
+        """This listener's expired roles that may go now; those in use are skipped."""
         candidates: list[RoleInfo] = []
         for info in listing.roles:
             if not info.expired or not self._mine(info):
@@ -454,94 +540,69 @@ class Reaper:
             if info.retired and info.owned and self._pg.reassign_to is None:
                 continue  # retired and still owning objects: nothing to do until it owns none
             if info.live_sessions:
-                skipped.append(Skipped(info.name, f"{info.live_sessions} live session(s)"))
+                tally.skipped.append(Skipped(info.name, f"{info.live_sessions} live session(s)"))
             elif info.name in in_use:
-                skipped.append(Skipped(info.name, "in use by this instance"))
+                tally.skipped.append(Skipped(info.name, "in use by this instance"))
             else:
                 candidates.append(info)
-        budget = self._max_drops
-        deferred = max(0, len(candidates) - budget)
-        for info in candidates[:budget]:
-            budget -= 1
+        return candidates
+
+    async def _reap_roles(self, candidates: list[RoleInfo], tally: _Tally, dry_run: bool) -> None:
+        """Drop or retire the candidates, as many as the per-pass bound allows."""
+        tally.deferred = max(0, len(candidates) - tally.budget)
+        for info in candidates[: tally.budget]:
+            tally.budget -= 1
             if dry_run:
                 owns = info.owned and self._pg.reassign_to is None
-                (retired if owns else dropped).append(info.name)
+                (tally.retired if owns else tally.dropped).append(info.name)
                 continue
             outcome = await self._reap_role(info.name)
-            self._record(info.name, outcome, dropped, skipped, failed, retired)
+            self._record(info.name, outcome, tally, group=False)
 
-        dropped_groups: list[str] = []
+    async def _reap_groups(self, listing: RoleListing, tally: _Tally, dry_run: bool) -> None:
+        """Drop Waypoint's groups no role is a member of any more, within what is left of the
+        per-pass bound (with ``dry_run``: those the roles this pass would reap leave empty)."""
         if dry_run:
-            gone = set(dropped) | set(retired)
+            gone = set(tally.dropped) | set(tally.retired)
             groups = [g for g in listing.groups if set(g.members) <= gone]
         else:
             try:
                 groups = [g for g in (await self.list_roles()).groups if not g.members]
             except ReapError as exc:
-                failed.append(Failure("(groups)", str(exc)))
+                tally.failed.append(Failure("(groups)", str(exc)))
                 groups = []
-        group_candidates = groups[: max(0, budget)]
-        deferred += len(groups) - len(group_candidates)
+        group_candidates = groups[: max(0, tally.budget)]
+        tally.deferred += len(groups) - len(group_candidates)
         connectable: set[str] | None = None
         for info in group_candidates:
             if dry_run:
-                dropped_groups.append(info.name)
+                tally.dropped_groups.append(info.name)
                 continue
             if connectable is None:
                 try:
                     connectable = await self._connectable_databases()
                 except AdminError as exc:
-                    failed.append(Failure("(groups)", _admin_reason(exc)))
+                    tally.failed.append(Failure("(groups)", _admin_reason(exc)))
                     break
             outcome = await self._reap_group(info, connectable)
-            self._record(info.name, outcome, dropped_groups, skipped, failed, [])
+            self._record(info.name, outcome, tally, group=True)
 
-        report = ReapReport(
-            name,
-            dry_run,
-            dropped_roles=tuple(dropped),
-            retired_roles=tuple(retired),
-            dropped_groups=tuple(dropped_groups),
-            skipped=tuple(skipped),
-            failed=tuple(failed),
-            deferred=deferred,
-        )
-        if dropped or retired or dropped_groups or failed or deferred:
-            self._log.info(
-                "reap_pass",
-                dry_run=dry_run,
-                dropped_roles=len(dropped),
-                retired_roles=len(retired),
-                dropped_groups=len(dropped_groups),
-                skipped=len(skipped),
-                failed=len(failed),
-                deferred=deferred,
-            )
-        return report
-
-    def _record(
-        self,
-        role: str,
-        outcome: _Outcome,
-        dropped: list[str],
-        skipped: list[Skipped],
-        failed: list[Failure],
-        retired: list[str],
-    ) -> None:
+    def _record(self, role: str, outcome: _Outcome, tally: _Tally, *, group: bool) -> None:
         if outcome in ("dropped", "retired"):
             # Its secret and any caller-to-name mapping pointing at it are stale: the next
             # connection resolves its name again (the marker decides whose it is).
             self._prov.forget(role)
         if outcome == "dropped":
-            dropped.append(role)
+            (tally.dropped_groups if group else tally.dropped).append(role)
             self._log.info("role_dropped", role=role)
         elif outcome == "retired":
-            retired.append(role)
+            if not group:  # a group is never retired
+                tally.retired.append(role)
             self._log.info("role_retired", role=role)
         elif isinstance(outcome, Skipped):
-            skipped.append(outcome)
+            tally.skipped.append(outcome)
         elif isinstance(outcome, Failure):
-            failed.append(outcome)
+            tally.failed.append(outcome)
             self._log.warning("role_drop_failed", role=role, reason=outcome.reason)
 
     async def _connectable_databases(self) -> set[str]:
@@ -639,9 +700,7 @@ class Reaper:
         await self._drop_in(admin_db, role, partial(owns_nothing, in_use=snapshot), drop_role=True)
         return "dropped"
 
-    async def _retire_locked(
-        self, role: str, recheck: Callable[[AdminSession, frozenset[str]], RoleInfo]
-    ) -> _Outcome:
+    async def _retire_locked(self, role: str, recheck: Recheck) -> _Outcome:
         """The role owns objects: keep them (and their data) its own and take away everything
         else. First in ``admin_database``: every membership revoked (verified), NOLOGIN, no
         password, ``VALID UNTIL`` in the past, per-role settings reset; then in every database
@@ -649,43 +708,15 @@ class Reaper:
         last the retired marker, so that a failure on the way is retried by the next pass."""
         admin_db = self._pools.admin_database
         past = provision_sql.timestamp_literal(RETIRED_VALID_UNTIL)
-
-        def strip(sess: AdminSession, in_use: frozenset[str]) -> tuple[list[str], list[str]]:
-            sess.run("BEGIN")
-            recheck(sess, in_use)
-            groups: list[str] = []
-            for group, member in sess.run(catalog.ALL_MEMBERSHIPS_QUERY, role=role):
-                # A membership another role granted may not be the admin's to revoke (16+):
-                # the rest of the retirement goes on, and the pass reports it.
-                sess.run("SAVEPOINT revoke_one")
-                try:
-                    sess.run(catalog.revoke_role(str(group), str(member)))
-                except DatabaseError:
-                    sess.run("ROLLBACK TO SAVEPOINT revoke_one")
-                sess.run("RELEASE SAVEPOINT revoke_one")
-                if str(member) == role and naming.parse_group_comment(
-                    str(sess.run(catalog.COMMENT_QUERY, name=str(group))[0][0] or "")
-                ):
-                    groups.append(str(group))
-            sess.run(catalog.retire_role(role, past))
-            for (database,) in sess.run(catalog.ROLE_SETTINGS_QUERY, role=role):
-                sess.run(
-                    catalog.reset_role_settings(role, None if database is None else str(database))
-                )
-            left = [f"{g} to {m}" for g, m in sess.run(catalog.ALL_MEMBERSHIPS_QUERY, role=role)]
-            sess.run("COMMIT")
-            return groups, left
-
-        def mark(sess: AdminSession, in_use: frozenset[str]) -> None:
-            sess.run("BEGIN")
-            info = recheck(sess, in_use)
-            owner = info.owner
-            assert owner is not None  # recheck: still ours
-            sess.run(catalog.comment_on_role(role, naming.retired_role_comment(owner)))
-            sess.run("COMMIT")
-
         groups, left = await self._pools.run(
-            admin_db, partial(strip, in_use=frozenset(self._roles_in_use()))
+            admin_db,
+            partial(
+                _strip_for_retirement,
+                role=role,
+                past=past,
+                recheck=recheck,
+                in_use=frozenset(self._roles_in_use()),
+            ),
         )
         snapshot = frozenset(self._roles_in_use())
 
@@ -703,7 +734,12 @@ class Reaper:
                 f"retired except for membership(s) the admin could not revoke ({', '.join(left)}:"
                 " granted by another role); revoke them and the next pass finishes"
             )
-        await self._pools.run(admin_db, partial(mark, in_use=frozenset(self._roles_in_use())))
+        await self._pools.run(
+            admin_db,
+            partial(
+                _mark_retired, role=role, recheck=recheck, in_use=frozenset(self._roles_in_use())
+            ),
+        )
         return "retired"
 
     async def _drop_in(

@@ -86,16 +86,11 @@ async def open_state(
     if cfg.lease <= 0:
         raise ValueError("[state] lease must be positive")
 
-    from waypoint.state.redis_store import (  # only when configured
-        KeyLayout,
-        RedisStateStore,
-        make_client,
-    )
+    from waypoint.state.redis_client import make_client  # only when configured
+    from waypoint.state.redis_store import KeyLayout, RedisStateStore
 
     hook = _ConnectHook()
-    client = make_client(
-        cfg, max_connections=REDIS_THREADS, op_timeout=op_timeout, on_connect=hook
-    )
+    client = make_client(cfg, max_connections=REDIS_THREADS, op_timeout=op_timeout, on_connect=hook)
     store = RedisStateStore(
         client,
         KeyLayout(cfg.key_prefix),

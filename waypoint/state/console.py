@@ -23,7 +23,8 @@ from typing import Any, Protocol
 import attrs
 
 from waypoint.state.base import StateUnavailableError
-from waypoint.state.redis_store import UNAVAILABLE, RedisStateStore, _part
+from waypoint.state.redis_client import UNAVAILABLE
+from waypoint.state.redis_store import RedisStateStore, _part
 
 #: Longest JSON value read back from Redis (anyone who can write Redis could make it huge).
 MAX_VALUE = 32 * 1024 * 1024

@@ -173,11 +173,97 @@ sha256_hex(Sha256 *s, char hex[65])
 }
 
 /* ----------------------------------------------------------------------------------- */
+/* Allocation                                                                            */
+/* ----------------------------------------------------------------------------------- */
+
+/* Every allocation of the tracker goes through these (raw memory: they run without the
+ * GIL). Whatever fails, the tracker goes to its failed state (nothing it holds is
+ * trusted any more; the relay ends, nothing more is sent) and frees what it allocated.
+ *
+ * With WAYPOINT_AUDIT_FAULTS defined (the sanitizer build, or a test's own build), the
+ * module has audit_faults(n): the n-th allocation from then on fails (0: none), so that
+ * tests can make each allocation fail in turn, and the blocks alive are counted (a leak
+ * shows). Not in a normal build. Tests only: the counters are not thread-safe. */
+#ifdef WAYPOINT_AUDIT_FAULTS
+static long long audit_alloc_count; /* allocations since audit_faults() */
+static long long audit_fail_at;     /* the one that fails (0: none) */
+static long long audit_live;        /* blocks allocated and not freed */
+
+static int
+audit_alloc_fails(void)
+{
+    return ++audit_alloc_count == audit_fail_at;
+}
+
+static void *
+audit_counted(void *p)
+{
+    if (p != NULL)
+        audit_live++;
+    return p;
+}
+
+/* audit_faults(n) -> (allocations made since the previous call, blocks alive); the n-th
+ * allocation from now fails. */
+static PyObject *
+audit_faults(PyObject *module, PyObject *arg)
+{
+    long long n = PyLong_AsLongLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    long long made = audit_alloc_count;
+    audit_alloc_count = 0;
+    audit_fail_at = n > 0 ? n : 0;
+    return Py_BuildValue("(LL)", made, audit_live);
+}
+#define AUDIT_FAULTS_FUNCTION                                                                 \
+    {"audit_faults", (PyCFunction)audit_faults, METH_O,                                       \
+     "audit_faults(n): the n-th audit allocation from now fails (0: none); returns (the "     \
+     "number made since the last call, blocks alive). Fault-injection builds only."},
+#else
+#define audit_alloc_fails() 0
+#define audit_counted(p) (p)
+#define AUDIT_FAULTS_FUNCTION
+#endif
+
+static void *
+audit_malloc(size_t n)
+{
+    return audit_alloc_fails() ? NULL : audit_counted(PyMem_RawMalloc(n));
+}
+
+static void *
+audit_calloc(size_t count, size_t size)
+{
+    return audit_alloc_fails() ? NULL : audit_counted(PyMem_RawCalloc(count, size));
+}
+
+static void *
+audit_realloc(void *p, size_t n)
+{
+    if (audit_alloc_fails())
+        return NULL;
+    void *q = PyMem_RawRealloc(p, n);
+    return p == NULL ? audit_counted(q) : q;
+}
+
+static void
+audit_free(void *p)
+{
+#ifdef WAYPOINT_AUDIT_FAULTS
+    if (p != NULL)
+        audit_live--;
+#endif
+    PyMem_RawFree(p);
+}
+
+/* ----------------------------------------------------------------------------------- */
 /* Buffers and JSON                                                                      */
 /* ----------------------------------------------------------------------------------- */
 
-/* A growable byte buffer in raw memory (grown without the GIL). ok drops to 0 when memory
- * ran out: what was appended since is lost, and the tracker reports the failure. */
+/* A growable byte buffer in raw memory (grown without the GIL). failed is set when memory
+ * ran out: what was appended since is lost, and the tracker fails (see tracker_check);
+ * it stays set until the buffer is freed. */
 typedef struct {
     unsigned char *p;
     size_t len;
@@ -195,7 +281,7 @@ buf_reserve(Buf *b, size_t more)
     size_t cap = b->cap ? b->cap * 2 : 256;
     while (cap < b->len + more)
         cap *= 2;
-    unsigned char *p = PyMem_RawRealloc(b->p, cap);
+    unsigned char *p = audit_realloc(b->p, cap);
     if (p == NULL) {
         b->failed = 1;
         return 0;
@@ -226,7 +312,7 @@ buf_putc(Buf *b, unsigned char c)
 static void
 buf_free(Buf *b)
 {
-    PyMem_RawFree(b->p);
+    audit_free(b->p);
     b->p = NULL;
     b->len = b->cap = 0;
     b->failed = 0;
@@ -404,10 +490,10 @@ typedef struct {
 static void
 text_reset(Text *t, size_t cap, int always_hash)
 {
-    t->kept.len = 0;
-    t->kept.failed = 0;
-    if (t->kept.cap > 65536 && cap < t->kept.cap) /* a large buffer is not kept idle */
+    /* A large buffer is not kept idle; a failed one stays failed (tracker_check). */
+    if (t->kept.cap > 65536 && cap < t->kept.cap && !t->kept.failed)
         buf_free(&t->kept);
+    t->kept.len = 0;
     t->cap = cap;
     t->size = 0;
     t->discard = 0;
@@ -554,10 +640,10 @@ list_append(NamedList *l, Named *e)
 static void
 named_free(Named *e)
 {
-    PyMem_RawFree(e->key);
+    audit_free(e->key);
     buf_free(&e->text);
     buf_free(&e->params);
-    PyMem_RawFree(e);
+    audit_free(e);
 }
 
 static Named **
@@ -634,7 +720,7 @@ table_put(Table *t, const unsigned char *key, size_t klen)
     }
     if (t->count >= t->nslots) {
         size_t n = t->nslots ? t->nslots * 2 : 16;
-        Named **slots = PyMem_RawCalloc(n, sizeof(Named *));
+        Named **slots = audit_calloc(n, sizeof(Named *));
         if (slots == NULL)
             return NULL;
         for (size_t i = 0; i < t->nslots; i++) {
@@ -647,17 +733,17 @@ table_put(Table *t, const unsigned char *key, size_t klen)
                 e = next;
             }
         }
-        PyMem_RawFree(t->slots);
+        audit_free(t->slots);
         t->slots = slots;
         t->nslots = n;
     }
     Named **at = table_find(t, key, klen);
-    Named *e = PyMem_RawCalloc(1, sizeof(Named));
+    Named *e = audit_calloc(1, sizeof(Named));
     if (e == NULL)
         return NULL;
-    e->key = PyMem_RawMalloc(klen ? klen : 1);
+    e->key = audit_malloc(klen ? klen : 1);
     if (e->key == NULL) {
-        PyMem_RawFree(e);
+        audit_free(e);
         return NULL;
     }
     if (klen)
@@ -719,7 +805,7 @@ table_clear(Table *t)
             e = next;
         }
     }
-    PyMem_RawFree(t->slots);
+    audit_free(t->slots);
     t->slots = NULL;
     t->nslots = t->count = 0;
     t->retained = 0;
@@ -736,6 +822,10 @@ table_clear(Table *t)
 enum { MODE_NONE = 0, MODE_HASH = 1, MODE_FULL = 2 };
 enum { REQ_DONE = 0, REQ_TAKE, REQ_CSTR, REQ_BLOB };
 enum { PEND_SYNC = 0, PEND_QUERY, PEND_EXEC, PEND_FCALL };
+
+/* Statements and Syncs waiting for the server's answer, at most (tracker.py's
+ * MAX_AWAITING): past it the session is ended (awaiting_limit). */
+#define MAX_AWAITING 65536
 
 /* One direction's message framing and the body parser of the current message. */
 typedef struct {
@@ -785,8 +875,9 @@ typedef struct {
     /* State. */
     long long seq;
     Framer front, back;
-    Pending *pending;
+    Pending *pending;   /* a ring of pcap entries, pcount from phead */
     size_t pcap, phead, pcount;
+    size_t max_awaiting;
     /* What the head of pending (its only entry the server answers) collected. */
     Buf tag;
     long long commands;
@@ -802,7 +893,15 @@ typedef struct {
     long long out_records;
     Buf last;
     int last_set;   /* 0: none yet; 1: text in last; 2: None (an unknown statement) */
+    /* refuse_with(): the sink's gate, a byte it sets while it refuses records (failing or
+     * full, on_error = "close"): the pump then sends no client read it has not handed to
+     * Python (tracker_refusing). */
+    Py_buffer gate;
+    int has_gate;
     int failed;     /* memory ran out: the tracker must not be trusted any more */
+    int limited;    /* past max_awaiting: the session must end (awaiting_limit) */
+    size_t mark_len;          /* out and out_records before the chunk being fed */
+    long long mark_records;
     double now;
     /* The wall clock second last formatted, and its text. */
     time_t iso_second;
@@ -826,7 +925,7 @@ framer_free(Framer *f)
     buf_free(&f->values);
     buf_free(&f->params);
     buf_free(&f->sqlstate);
-    PyMem_RawFree(f->fmts);
+    audit_free(f->fmts);
     f->fmts = NULL;
 }
 
@@ -842,19 +941,41 @@ head_reset(Tracker *t)
     t->copy_in = 0;
 }
 
+static void record_open(Tracker *t, const Buf *ctx, const char *event, long long id,
+                        const char *protocol);
+static void record_close(Tracker *t, int malformed);
+
+/* One more statement or Sync would wait past max_awaiting (a client pipelining without
+ * reading the answers): recorded, and the tracker stops (tracker.py's _limit). */
+static void
+awaiting_limit(Tracker *t)
+{
+    record_open(t, &t->ctx, "audit_limit", ++t->seq, NULL);
+    buf_lit(&t->out, ",\"limit\":\"awaiting\",\"max_awaiting\":");
+    buf_int(&t->out, (long long)t->max_awaiting);
+    record_close(t, 0);
+    t->limited = 1;
+}
+
 static int
 pending_push(Tracker *t, int kind, long long id)
 {
+    if (t->pcount >= t->max_awaiting) {
+        awaiting_limit(t);
+        return 0;
+    }
     if (t->pcount == t->pcap) {
         size_t cap = t->pcap ? t->pcap * 2 : 16;
-        Pending *p = PyMem_RawMalloc(cap * sizeof(Pending));
+        if (cap > t->max_awaiting)
+            cap = t->max_awaiting;
+        Pending *p = audit_malloc(cap * sizeof(Pending));
         if (p == NULL) {
             t->failed = 1;
             return 0;
         }
         for (size_t i = 0; i < t->pcount; i++)
             p[i] = t->pending[(t->phead + i) % t->pcap];
-        PyMem_RawFree(t->pending);
+        audit_free(t->pending);
         t->pending = p;
         t->pcap = cap;
         t->phead = 0;
@@ -1101,7 +1222,7 @@ params_step(Tracker *t, Framer *f)
             f->nfmt = small_i16(f);
             f->ifmt = 0;
             if (f->nfmt > 0 && f->fmts_cap < f->nfmt) {
-                unsigned char *p = PyMem_RawRealloc(f->fmts, (size_t)f->nfmt);
+                unsigned char *p = audit_realloc(f->fmts, (size_t)f->nfmt);
                 if (p == NULL) {
                     t->failed = 1;
                     f->nfmt = 0;
@@ -1441,6 +1562,8 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
             s->truncated = cut;
             if (cut)
                 memcpy(s->sha, sha, 65);
+            if (s->text.failed)
+                t->failed = 1;
             table_admit(&t->statements, s);
         }
         record_open(t, &t->ctx, "parse", ++t->seq, "extended");
@@ -1458,6 +1581,8 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
             buf_put(&portal->text, f->t2.kept.p, f->t2.kept.len);
             if (!malformed)
                 buf_put(&portal->params, f->params.p, f->params.len);
+            if (portal->text.failed || portal->params.failed)
+                t->failed = 1;
             table_admit(&t->portals, portal);
         }
     }
@@ -1627,15 +1752,57 @@ message_done(Tracker *t, Framer *f, int is_front, int kind, int parsed)
         on_back(t, f, kind);
 }
 
+static int
+framer_failed(const Framer *f)
+{
+    return f->t1.kept.failed || f->t2.kept.failed || f->param.kept.failed || f->values.failed ||
+           f->params.failed || f->sqlstate.failed;
+}
+
+/* After a feed: a buffer that ran out of memory fails the tracker. The records of the
+ * chunk just fed are dropped (it is not sent: see tracker_feed); those before it stay
+ * whole for take(). */
+static void
+tracker_check(Tracker *t)
+{
+    if (t->out.failed || t->last.failed || t->tag.failed || t->sqlstate.failed ||
+        framer_failed(&t->front) || framer_failed(&t->back))
+        t->failed = 1;
+    if (t->failed) {
+        t->out.len = t->mark_len;
+        t->out_records = t->mark_records;
+    }
+}
+
+/* Failed or past its limit: it takes nothing more, and what was fed last is not sent. */
+static inline int
+tracker_halted(const Tracker *t)
+{
+    return t->failed || t->limited;
+}
+
+/* The sink refuses records now (its gate, set by Python on any thread): a client read goes
+ * to Python before it is fed or sent. Read without the GIL. */
+static inline int
+tracker_refusing(const Tracker *t)
+{
+    return t->has_gate && __atomic_load_n((const unsigned char *)t->gate.buf, __ATOMIC_RELAXED);
+}
+
 /* Bytes of one direction, in order (tracker.py's _Framer.feed). No Python object is
- * touched: the pump calls it without the GIL. */
+ * touched: the pump calls it without the GIL. Once halted (tracker_halted) it takes
+ * nothing more: the caller must not send the chunk that halted it. */
 static void
 tracker_feed(Tracker *t, int is_front, const unsigned char *p, size_t n, double now)
 {
     Framer *f = is_front ? &t->front : &t->back;
+    if (tracker_halted(t))
+        return;
     t->now = now;
+    t->mark_len = t->out.len;
+    t->mark_records = t->out_records;
     size_t pos = 0;
-    while (pos < n) {
+    while (pos < n && !tracker_halted(t)) {
         if (f->in_body) {
             size_t take = (long long)(n - pos) < f->remaining ? n - pos : (size_t)f->remaining;
             parser_feed(t, f, is_front, p + pos, take);
@@ -1679,9 +1846,7 @@ tracker_feed(Tracker *t, int is_front, const unsigned char *p, size_t n, double 
             f->skip = size;
         }
     }
-    if (t->out.failed || t->last.failed || t->tag.failed || t->sqlstate.failed ||
-        f->values.failed || f->params.failed || f->sqlstate.failed)
-        t->failed = 1;
+    tracker_check(t);
 }
 
 /* -- the Python type ------------------------------------------------------------------ */
@@ -1690,30 +1855,35 @@ static int
 Tracker_init(Tracker *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"context", "short_context", "parameters", "max_statement_bytes",
-                             "max_session_statement_bytes", "wall_clock", NULL};
+                             "max_session_statement_bytes", "wall_clock", "max_awaiting",
+                             NULL};
     Py_buffer ctx, short_ctx;
     const char *mode = "none";
     Py_ssize_t cap = 65536;
     long long budget = 4LL << 20;
     int wall = 1;
+    Py_ssize_t max_awaiting = MAX_AWAITING;
     if (self->ctx.p != NULL || self->seq != 0 || self->out.len != 0) {
         PyErr_SetString(PyExc_RuntimeError, "AuditTracker already initialized");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*y*|$snLp", kwlist, &ctx, &short_ctx, &mode,
-                                     &cap, &budget, &wall))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*y*|$snLpn", kwlist, &ctx, &short_ctx,
+                                     &mode, &cap, &budget, &wall, &max_awaiting))
         return -1;
     int rc = -1;
     if (cap < 1 || cap > (1 << 30))
         PyErr_SetString(PyExc_ValueError, "max_statement_bytes must be >= 1");
     else if (budget < 1)
         PyErr_SetString(PyExc_ValueError, "max_session_statement_bytes must be >= 1");
+    else if (max_awaiting < 1 || max_awaiting > (1 << 24))
+        PyErr_SetString(PyExc_ValueError, "max_awaiting must be between 1 and 2**24");
     else if (strcmp(mode, "none") && strcmp(mode, "hash") && strcmp(mode, "full"))
         PyErr_Format(PyExc_ValueError, "parameters must be none, hash or full, not %s", mode);
     else {
         self->mode = mode[0] == 'n' ? MODE_NONE : mode[0] == 'h' ? MODE_HASH : MODE_FULL;
         self->cap = (size_t)cap;
         self->wall = wall;
+        self->max_awaiting = (size_t)max_awaiting;
         self->statements.budget = self->portals.budget = budget;
         self->statements.is_statements = 1;
         self->portals.pin_unnamed = 1;
@@ -1740,7 +1910,9 @@ Tracker_dealloc(Tracker *self)
     buf_free(&self->ctx_short);
     framer_free(&self->front);
     framer_free(&self->back);
-    PyMem_RawFree(self->pending);
+    audit_free(self->pending);
+    if (self->has_gate)
+        PyBuffer_Release(&self->gate);
     buf_free(&self->tag);
     buf_free(&self->sqlstate);
     table_clear(&self->statements);
@@ -1750,6 +1922,8 @@ Tracker_dealloc(Tracker *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* MemoryError once the tracker failed (the chunk must not be sent); past its limit it
+ * takes nothing (0 records, limited is set). */
 static PyObject *
 tracker_feed_py(Tracker *self, PyObject *args, int is_front)
 {
@@ -1777,11 +1951,10 @@ Tracker_backend(Tracker *self, PyObject *args)
     return tracker_feed_py(self, args, 0);
 }
 
+/* Also once failed: the records of the chunks before the one that failed it are whole. */
 static PyObject *
 Tracker_take(Tracker *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->failed)
-        return PyErr_NoMemory();
     PyObject *out = PyBytes_FromStringAndSize((const char *)self->out.p, (Py_ssize_t)self->out.len);
     PyObject *res = out == NULL ? NULL : Py_BuildValue("(NL)", out, self->out_records);
     if (res == NULL)
@@ -1820,7 +1993,47 @@ Tracker_get_awaiting(Tracker *self, void *closure)
     return PyLong_FromSize_t(self->pcount);
 }
 
+static PyObject *
+Tracker_get_awaiting_bytes(Tracker *self, void *closure)
+{
+    return PyLong_FromSize_t(self->pcap * sizeof(Pending));
+}
+
+static PyObject *
+Tracker_get_limited(Tracker *self, void *closure)
+{
+    return PyBool_FromLong(self->limited);
+}
+
+static PyObject *
+Tracker_get_max_awaiting(Tracker *self, void *closure)
+{
+    return PyLong_FromSize_t(self->max_awaiting);
+}
+
+/* refuse_with(gate): a buffer whose first byte the sink sets while it refuses records. */
+static PyObject *
+Tracker_refuse_with(Tracker *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (view.len < 1 || view.readonly) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "the gate must be a writable buffer of one byte");
+        return NULL;
+    }
+    if (self->has_gate)
+        PyBuffer_Release(&self->gate);
+    self->gate = view; /* held: a bytearray cannot be resized while exported */
+    self->has_gate = 1;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Tracker_methods[] = {
+    {"refuse_with", (PyCFunction)Tracker_refuse_with, METH_O,
+     "refuse_with(gate): while gate[0] is set (the sink refuses records), the C loop hands "
+     "each client read to Python before feeding or sending it."},
     {"client", (PyCFunction)Tracker_client, METH_VARARGS,
      "client(data, now): frontend bytes, in order; how many records they completed."},
     {"backend", (PyCFunction)Tracker_backend, METH_VARARGS,
@@ -1838,7 +2051,15 @@ static PyGetSetDef Tracker_getset[] = {
      "what the statement and portal tables hold (each within max_session_statement_bytes)",
      NULL},
     {"awaiting", (getter)Tracker_get_awaiting, NULL,
-     "statements and Syncs waiting for the server's answer", NULL},
+     "statements and Syncs waiting for the server's answer (at most max_awaiting)", NULL},
+    {"awaiting_bytes", (getter)Tracker_get_awaiting_bytes, NULL,
+     "the memory holding them (fixed-size entries, at most max_awaiting of them)", NULL},
+    {"limited", (getter)Tracker_get_limited, NULL,
+     "past max_awaiting: an audit_limit record was made, nothing more is taken and the "
+     "session must end",
+     NULL},
+    {"max_awaiting", (getter)Tracker_get_max_awaiting, NULL,
+     "statements and Syncs that may wait for the server's answer", NULL},
     {NULL},
 };
 
@@ -1847,7 +2068,7 @@ static PyTypeObject TrackerType = {
     .tp_basicsize = sizeof(Tracker),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "AuditTracker(context, short_context, *, parameters, max_statement_bytes, "
-              "max_session_statement_bytes, wall_clock): the statement audit of one session (waypoint/audit/tracker.py "
+              "max_session_statement_bytes, wall_clock, max_awaiting): the statement audit of one session (waypoint/audit/tracker.py "
               "in C), its records encoded.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Tracker_init,
@@ -1978,3 +2199,14 @@ audit_sha256(PyObject *module, PyObject *arg)
     PyBuffer_Release(&view);
     return PyUnicode_FromStringAndSize(hex, 64);
 }
+
+/* The module functions of the audit (the extension's function table lists them). */
+#define AUDIT_FUNCTIONS                                                                       \
+    {"audit_chain", (PyCFunction)audit_chain, METH_VARARGS,                                   \
+     "audit_chain(prev, seq, bodies): the audit hash chain over records (one per line): "     \
+     "(lines, last hash, last seq)."},                                                        \
+    {"sha256", (PyCFunction)audit_sha256, METH_O, "The SHA-256 of bytes, as hex."},          \
+    {"sha256_bind", (PyCFunction)audit_sha256_bind, METH_O,                                   \
+     "sha256_bind({name: address}): OpenSSL's SHA256_Init/Update/Final from the _ssl "       \
+     "module's library; True when the audit hashes with them."},                             \
+    AUDIT_FAULTS_FUNCTION

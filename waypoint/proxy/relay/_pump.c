@@ -132,8 +132,10 @@ enum {
                            encrypting toward it): arg = OpenSSL's reason (str) */
     CODE_TLS_OWN = 9,   /* decrypting made TLS write records of its own (a key update answer,
                            an alert): Python takes them with tls_own() and sends them */
-    CODE_TAP = 10,      /* n bytes read, counted and fed, not sent: the relay's audit tap holds
-                         * its bound of records: arg = those bytes (a copy) */
+    CODE_TAP = 10,      /* n bytes read, counted and fed, not sent, for Python to record: the
+                         * relay's audit tap holds its bound of records, its tracker halted
+                         * (failed, or past its limit: then on these bytes), or (a client
+                         * read) its sink refuses records: arg = those bytes (a copy) */
     CODE_TERMINATE = 11 /* n bytes read, counted and fed, not sent: a lane that stops at the
                          * client's Terminate saw one: arg = those bytes (a copy) */
 };
@@ -1337,7 +1339,8 @@ pass_on(Pump *self, Lane *lane, const unsigned char *data, long long n, Report *
         return 1;
     }
     Tracker *tracker = (Tracker *)owner->tracker;
-    if (tracker != NULL && ((Py_ssize_t)tracker->out.len >= owner->tap_max || tracker->failed)) {
+    if (tracker != NULL && ((Py_ssize_t)tracker->out.len >= owner->tap_max || tracker_halted(tracker) ||
+                            (lane == owner && tracker_refusing(tracker)))) {
         rep->code = CODE_TAP; /* Python takes the records, records this, then sends it */
         return 1;
     }
@@ -1349,6 +1352,10 @@ pass_on(Pump *self, Lane *lane, const unsigned char *data, long long n, Report *
     if (tracker != NULL) {
         double now = monotonic_now();
         tracker_feed(tracker, lane == owner, data, (size_t)n, now);
+        if (tracker_halted(tracker)) {
+            rep->code = CODE_TAP; /* not recorded whole, or past the audit's limit: unsent */
+            return 1;
+        }
         if (self->tap_wait >= 0 && self->tap_due < 0 && tracker->out.len > 0)
             self->tap_due = now + self->tap_wait;
     }
@@ -1631,13 +1638,7 @@ static PyTypeObject PumpType = {
 /* ----------------------------------------------------------------------------------- */
 
 static PyMethodDef pump_functions[] = {
-    {"audit_chain", (PyCFunction)audit_chain, METH_VARARGS,
-     "audit_chain(prev, seq, bodies): the audit hash chain over records (one per line): "
-     "(lines, last hash, last seq)."},
-    {"sha256", (PyCFunction)audit_sha256, METH_O, "The SHA-256 of bytes, as hex."},
-    {"sha256_bind", (PyCFunction)audit_sha256_bind, METH_O,
-     "sha256_bind({name: address}): OpenSSL's SHA256_Init/Update/Final from the _ssl "
-     "module's library; True when the audit hashes with them."},
+    AUDIT_FUNCTIONS
     {"tls_bind", (PyCFunction)pump_tls_bind, METH_O,
      "tls_bind({name: address}): the _ssl module's OpenSSL functions (TLS_FUNCTIONS); True "
      "when client TLS can run in C."},

@@ -113,10 +113,11 @@ class RelayEngine:
         backend idle (the pool keeps such a backend; see ``RelayResult``).
 
         ``audit``: record every statement (see :mod:`waypoint.audit`), from the plaintext.
-        A plain relay whose sink blocks stays on the C loop, which copies what it reads
-        into the relay's bounded audit tap before sending it; otherwise (a sink that closes
-        the session, or a TLS client: an audited relay keeps its TLS record layer in
-        Python) every read is recorded by Python before it is sent.
+        A relay the C loop serves (plain, or its client TLS record layer in C) stays there:
+        it feeds what it reads to the session's C tracker (the relay's bounded audit tap)
+        before sending it; with a sink that closes sessions, a client read while the sink
+        refuses records goes to Python unsent. Otherwise every read is recorded by Python
+        before it is sent.
         """
         if client_tls is not None:
             client_tls.check()

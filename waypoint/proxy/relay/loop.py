@@ -132,11 +132,8 @@ class Relay:
         )
         client.stop_at_terminate = stop_at_terminate
         if client_tls is not None:
-            # An audited relay with on_error = "close" keeps its record layer in Python
-            # (every read is recorded before it is sent, see ``pumped``); otherwise its C
-            # tap records the plaintext.
-            in_c = c_tls and (audit is None or audit.sink.on_error == "block")
-            client.tls = records_for(client, client_tls, c_tls=in_c)
+            # With statement audit the C loop's tap records the plaintext (see ``pumped``).
+            client.tls = records_for(client, client_tls, c_tls=c_tls)
         #: The client's TLS record layer runs in Python: both sides are served off the C loop.
         self.tls = client.tls is not None and not client.tls.in_c
         self.handle: RelayHandle
@@ -148,14 +145,13 @@ class Relay:
     @property
     def pumped(self) -> bool:
         """Served by the C loop: plain sockets or a TLS client whose record layer runs in C,
-        no header hooks. An audited relay is when its sink blocks (``on_error = "block"``):
-        the C loop feeds what it reads (plaintext) to the session's C tracker (the relay's
-        audit tap) before sending it, and its records are queued after each batch. With
-        ``"close"`` every read is recorded by Python before it is sent, so that a sink known
-        to fail ends the session before one more statement goes through."""
-        if self.tls or self.client.hook is not None or self.backend.hook is not None:
-            return False
-        return self.audit is None or self.audit.sink.on_error == "block"
+        no header hooks. An audited relay too: the C loop feeds what it reads (plaintext) to
+        the session's C tracker (the relay's audit tap) before sending it, and its records
+        are queued after each batch. With ``on_error = "close"``, while the sink refuses
+        records (its gate, which the tracker holds) the C loop hands each client read to
+        Python unsent (TAP), so that a sink known to fail ends the session before one more
+        statement goes through."""
+        return not (self.tls or self.client.hook is not None or self.backend.hook is not None)
 
 
 def wire(side: Side, plaintext: bytes) -> bytes:
