@@ -31,10 +31,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 #: Fixtures that start or use a throwaway PostgreSQL cluster.
 PG_FIXTURES = frozenset({"pg", "pg15", "pg18", "pg15_ssl", "pg_db", "private_pg"})
-#: Fixtures that use the machine's Redis or start Redis servers of their own.
+#: Fixtures that start Redis servers (the session's shared one, or servers of their own).
 REDIS_FIXTURES = frozenset(
     {
+        "redis_server",
         "redis_url",
+        "redis_space",
         "own_redis",
         "redis_cluster",
         "redis_sentinel",

@@ -16,19 +16,22 @@ import itertools
 import json
 import logging
 import os
+import select
 import socket
 import struct
 import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import pg8000.native
 import trio
 from localapi_standin import LocalAPIStandin, run_standin
 from pgcluster import PgCluster
+from state_support import KeySpace
 
 from waypoint.app import Running, run
 from waypoint.config.load import load_config_text
@@ -36,6 +39,7 @@ from waypoint.config.model import Config
 from waypoint.observability.log import LOGGER_NAME
 
 LISTENER = "pg-main"
+T = TypeVar("T")
 _db_counter = itertools.count(1)
 
 
@@ -295,6 +299,36 @@ async def e2e_env(
             yield E2EEnv(cluster, standin, running, config)
 
 
+@contextlib.asynccontextmanager
+async def two_instances(
+    cluster: PgCluster, tmp_path: Path, space: KeySpace
+) -> AsyncIterator[tuple[LocalAPIStandin, Config, Running, Running]]:
+    """Two Waypoint instances in this process, in front of ``cluster`` and one LocalAPI
+    stand-in, with one configuration whose ``[state]`` is the Redis key space ``space``."""
+    async with run_standin(tmp_path) as standin:
+        text = make_config_text(cluster, socket_path=standin.socket_path, tables_extra=space.toml())
+        config = load_config_text(text, source="multi.toml")
+        async with run_waypoint(config) as a, run_waypoint(config) as b:
+            assert a.address(LISTENER) != b.address(LISTENER)
+            yield standin, config, a, b
+
+
+def tls_session(dsn: str, probe: Callable[[], T]) -> tuple[bool, T, int]:
+    """Open a session (psycopg) to ``dsn``, run a query, ask ``probe`` (what the relay looks
+    like meanwhile), then run one whose result spans many TLS records. Returns whether TLS
+    was in use, the probe's answer and the length of that result (640000 when whole)."""
+    import psycopg
+
+    with psycopg.connect(dsn, connect_timeout=20) as conn:
+        conn.execute("select v from t").fetchone()
+        during = probe()
+        row = conn.execute(
+            "select length(string_agg(md5(i::text), '')) from generate_series(1, 20000) i"
+        ).fetchone()
+        assert row is not None
+        return bool(conn.info.pgconn.ssl_in_use), during, int(row[0])
+
+
 @attrs.frozen
 class CertFiles:
     """A trustme server certificate written to files (for ``cert_file`` / ``key_file``)."""
@@ -330,6 +364,32 @@ def peers_file(path: Path, peers: Sequence[Mapping[str, Any]]) -> Path:
     tmp.write_text(json.dumps({"peers": list(peers)}))
     tmp.replace(path)
     return path
+
+
+@contextlib.contextmanager
+def standin_process(tmp: Path, peers: Sequence[Mapping[str, Any]]) -> Iterator[str]:
+    """The LocalAPI stand-in as a process of its own (for a Waypoint that runs as a process,
+    not on the test's trio loop), serving ``peers``; yields its socket path."""
+    sock = str(tmp / "ts.sock")
+    path = peers_file(tmp / "peers.json", peers)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("localapi_standin.py")),
+         "--socket", sock, "--peers", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        started, _, _ = select.select([proc.stdout], [], [], 30)
+        line = proc.stdout.readline() if started else ""
+        assert line.startswith("ready"), (line, proc.poll())
+        yield sock
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # --- raw wire clients (hostile-client and fault tests) ----------------------------------------

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pg8000.native
+import trio
+from pg8000.exceptions import DatabaseError
 from pgcluster import PgCluster
+
+from waypoint.provision.engine import Credentials
 
 
 def setup_app_db(pg: PgCluster, db: str) -> None:
@@ -39,3 +46,30 @@ def role_marker_login(pg: PgCluster, role: str) -> str | None:
         return None
     owner = naming.parse_role_comment(str(rows[0][0] or ""))
     return None if owner is None else owner.login
+
+
+def connect_as(pg: PgCluster, creds: Credentials, db: str) -> pg8000.native.Connection:
+    """A direct connection to ``db`` as the role ``creds`` name, with its secret."""
+    return pg8000.native.Connection(
+        user=creds.role, password=creds.secret, host=pg.host, port=pg.port, database=db, timeout=30
+    )
+
+
+async def run_as(pg: PgCluster, creds: Credentials, db: str, sql: str) -> list[list[Any]]:
+    """The rows of ``sql`` run in ``db`` as the role ``creds`` name (a connection of its own)."""
+
+    def go() -> list[list[Any]]:
+        conn = connect_as(pg, creds, db)
+        try:
+            return [list(r) for r in conn.run(sql) or []]
+        finally:
+            conn.close()
+
+    return await trio.to_thread.run_sync(go)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a server error pg8000 raised (None for anything else)."""
+    if isinstance(exc, DatabaseError) and exc.args and isinstance(exc.args[0], dict):
+        return str(exc.args[0].get("C"))
+    return None

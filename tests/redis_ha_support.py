@@ -27,11 +27,18 @@ DOWN_AFTER_MS = 1000
 START_TIMEOUT = 30.0
 
 
-def _exe(name: str) -> str:
-    exe = shutil.which(name)
-    if exe is None:
+def exe(name: str) -> str:
+    """The path of a Redis program (``redis-server``, ``redis-cli``)."""
+    found = shutil.which(name)
+    if found is None:
         raise AssertionError(f"{name} is not installed (dev.sh installs the redis-server package)")
-    return exe
+    return found
+
+
+def throwaway_args(workdir: Path) -> list[str]:
+    """The ``redis-server`` arguments of every test server: loopback only, nothing saved,
+    its files in ``workdir``."""
+    return ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
 
 
 def _port_free(port: int) -> bool:
@@ -133,7 +140,7 @@ class _Servers:
     def spawn(self, port: int, args: list[str]) -> None:
         log = (self.dir / f"{port}.log").open("wb")
         self.procs[port] = subprocess.Popen(
-            [_exe("redis-server"), *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.dir
+            [exe("redis-server"), *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.dir
         )
         log.close()
 
@@ -160,14 +167,7 @@ def _data_node_args(servers: _Servers, port: int, workdir: Path) -> list[str]:
     return [
         *servers.port_args(port),
         *servers.tls_args(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(workdir),
+        *throwaway_args(workdir),
         "--requirepass",
         PASSWORD,
         "--masterauth",
@@ -213,7 +213,7 @@ class RedisClusterServers(_Servers):
             wait_until(f"cluster node {port}", functools.partial(self.answers, port))
         subprocess.run(
             [
-                _exe("redis-cli"),
+                exe("redis-cli"),
                 *(("--tls", "--cacert", str(self.ca_file)) if self.tls else ()),
                 *("-a", PASSWORD, "--no-auth-warning", "--cluster", "create"),
                 *self.nodes,

@@ -1,33 +1,24 @@
-"""Helpers for the state tests: the machine's Redis, unique key prefixes, own redis-server."""
+"""Helpers for the state tests: a test's own key space on a Redis, unique key prefixes, a
+private redis-server (the session's shared one, or one a test may stop and stall)."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
-import time
 import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import redis
+from redis_ha_support import exe, throwaway_args, wait_until
 
+from waypoint.config.model import StateConfig
 from waypoint.state import CancelTarget
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
-
-def redis_client(url: str = REDIS_URL) -> redis.Redis:
+def redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-
-
-def require_redis(url: str = REDIS_URL) -> None:
-    """Fail (never skip) when the Redis the suite needs is not there."""
-    try:
-        redis_client(url).ping()
-    except (redis.RedisError, OSError) as exc:
-        raise AssertionError(
-            f"Redis at {url} is not reachable ({exc}); start one (.ci/run does) — "
-            "the Redis state tests fail rather than skip"
-        ) from exc
 
 
 def cancel_target(
@@ -41,12 +32,42 @@ def unique_prefix() -> str:
     return f"wptest:{uuid.uuid4().hex[:12]}:"
 
 
-def delete_prefix(prefix: str, url: str = REDIS_URL) -> None:
+def delete_prefix(prefix: str, url: str) -> None:
     client = redis_client(url)
     keys = list(client.scan_iter(match=f"{prefix}*", count=500))
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@dataclass(frozen=True)
+class KeySpace:
+    """One test's keys on a Redis: the server's URL and a key prefix no other test uses."""
+
+    url: str
+    prefix: str = field(default_factory=unique_prefix)
+
+    def config(self, **fields: Any) -> StateConfig:
+        """A Redis ``[state]`` configuration for this key space."""
+        return StateConfig(backend="redis", url=self.url, key_prefix=self.prefix, **fields)
+
+    def toml(self) -> str:
+        """The same as a ``[state]`` table of a configuration file."""
+        return f'[state]\nbackend = "redis"\nurl = "{self.url}"\nkey_prefix = "{self.prefix}"\n'
+
+    def client(self) -> redis.Redis:
+        return redis_client(self.url)
+
+    def keys(self, pattern: str = "*") -> list[bytes]:
+        """This space's keys matching ``pattern`` (after the prefix)."""
+        client = self.client()
+        try:
+            return list(client.scan_iter(match=self.prefix + pattern, count=500))
+        finally:
+            client.close()
+
+    def delete(self) -> None:
+        delete_prefix(self.prefix, self.url)
 
 
 def free_port() -> int:
@@ -56,16 +77,16 @@ def free_port() -> int:
 
 
 class OwnRedis:
-    """A private redis-server on a free port that a test may kill, stall and restart."""
+    """A private redis-server on a free port, in ``workdir``, that a test may kill, stall and
+    restart (empty: nothing is saved)."""
 
-    def __init__(self, *, password: str | None = None) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise AssertionError("redis-server is not installed (dev.sh installs it)")
-        self.exe = exe
+    def __init__(self, workdir: Path, *, password: str | None = None) -> None:
+        self.exe = exe("redis-server")
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.password = password
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
@@ -73,32 +94,18 @@ class OwnRedis:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        auth = [] if self.password is None else ["--requirepass", self.password]
         self.proc = subprocess.Popen(
-            [
-                self.exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                *([] if self.password is None else ["--requirepass", self.password]),
-            ],
+            [self.exe, "--port", str(self.port), *throwaway_args(self.workdir), *auth],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            cwd=self.workdir,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis_client(self.url).ping()
-                return
-            except (redis.RedisError, OSError):
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise AssertionError("own redis-server did not start") from None
-                time.sleep(0.05)
+        try:
+            wait_until("own redis-server", lambda: bool(redis_client(self.url).ping()), 10)
+        except AssertionError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -13,10 +13,11 @@ from typing import cast
 import pytest
 import trio
 import trio.testing
+from cancel_support import forwarded, listening_socket
 from e2e_support import LogRecords, capture_logs
 
 from waypoint.app import raise_nofile_limit
-from waypoint.config.model import AdmissionConfig, ListenerConfig, PostgresListenerConfig
+from waypoint.config.model import AdmissionConfig
 from waypoint.observability.log import get_logger
 from waypoint.observability.metrics import Metrics
 from waypoint.pgwire import CancelRequest, build_cancel_request
@@ -27,7 +28,6 @@ from waypoint.proxy.admission import (
     HandshakeGate,
     TokenBuckets,
 )
-from waypoint.proxy.cancel import forward_cancel
 from waypoint.proxy.context import ListenerContext
 from waypoint.proxy.listener import accept_forever, accept_loop
 from waypoint.state import CancelTarget, MemoryStateStore
@@ -189,47 +189,20 @@ def test_nofile_limit_is_raised_to_the_hard_limit() -> None:
 async def test_waypoints_own_cancel_goes_only_to_the_configured_backend() -> None:
     """``forward_cancel`` (Waypoint cancelling its own session's statement) sends to the
     listener's configured backend and never to an address a cancel entry names otherwise."""
-    configured, other = trio.socket.socket(), trio.socket.socket()
-    with configured, other:
-        for s in (configured, other):
-            await s.bind(("127.0.0.1", 0))
-            s.listen(4)
+    async with listening_socket() as configured, listening_socket() as other:
         port, other_port = configured.getsockname()[1], other.getsockname()[1]
-        listener = ListenerConfig(
-            name="pg-main",
-            listen="127.0.0.1:0",
-            backend=f"127.0.0.1:{port}",
-            postgres=PostgresListenerConfig(admin_user="a", admin_password="p"),
-            backend_tls="disable",
-        )
         store = MemoryStateStore()
-        secret = b"\x01\x02\x03\x04"
+        request = CancelRequest(7, b"\x01\x02\x03\x04")
         for target in (
             CancelTarget("pg-main", ("127.0.0.1", other_port), "ann@example.com"),
             CancelTarget("pg-other", ("127.0.0.1", port), "ann@example.com"),
         ):
-            await store.register_cancel_key(7, secret, target, ttl=60)
-            assert not await forward_cancel(CancelRequest(7, secret), store, listener, None)
-        await store.register_cancel_key(
-            7, secret, CancelTarget("pg-main", ("127.0.0.1", port), "ann@example.com"), ttl=60
-        )
-        received = b""
-
-        async def serve_one() -> None:
-            nonlocal received
-            conn, _ = await configured.accept()
-            with conn:
-                while len(received) < 16:
-                    chunk = await conn.recv(64)
-                    if not chunk:
-                        break
-                    received += chunk
-
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(serve_one)
-                assert await forward_cancel(CancelRequest(7, secret), store, listener, None)
-        assert received == build_cancel_request(7, secret)
+            await store.register_cancel_key(request.pid, request.secret, target, ttl=60)
+            assert await forwarded(store, request, configured) is None
+        target = CancelTarget("pg-main", ("127.0.0.1", port), "ann@example.com")
+        await store.register_cancel_key(request.pid, request.secret, target, ttl=60)
+        sent = await forwarded(store, request, configured)
+        assert sent == build_cancel_request(request.pid, request.secret)
         with trio.move_on_after(0.2):
             await other.accept()
             raise AssertionError("a cancel went to the address the entry named")

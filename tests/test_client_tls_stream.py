@@ -6,7 +6,6 @@ needing nothing of ``trio.SSLStream``."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import socket
@@ -18,10 +17,10 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from e2e_support import LISTENER, create_app_database, e2e_env, make_cert_files
+from e2e_support import LISTENER, create_app_database, e2e_env, make_cert_files, tls_session
 from pgcluster import PgCluster
 
-from waypoint.proxy.relay import RelayEngine, RelayResult, StreamRelay, open_relay_engine
+from waypoint.proxy.relay import RelayResult, StreamRelay, open_relay_engine
 from waypoint.proxy.streams import ServerTLSStream
 from waypoint.proxy.tls import ALPN_POSTGRESQL, client_hello_length
 
@@ -297,17 +296,6 @@ class _NoTrioSSLStream:
         raise AssertionError("the session must not use trio.SSLStream for client TLS")
 
 
-def _tls_session(dsn: str, engine: RelayEngine) -> tuple[bool, int, int]:
-    with psycopg.connect(dsn, connect_timeout=20) as conn:
-        conn.execute("select v from t").fetchone()
-        during = engine.active_relays
-        row = conn.execute(
-            "select length(string_agg(md5(i::text), '')) from generate_series(1, 20000) i"
-        ).fetchone()
-        assert row is not None
-        return bool(conn.info.pgconn.ssl_in_use), during, int(row[0])
-
-
 async def test_client_tls_needs_nothing_of_trio_ssl_stream(
     pg: PgCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -327,7 +315,7 @@ async def test_client_tls_needs_nothing_of_trio_ssl_stream(
             for negotiation in ("postgres", "direct"):
                 dsn = env.dsn(db, sslmode="require", sslnegotiation=negotiation)
                 ssl_in_use, during, length = await trio.to_thread.run_sync(
-                    functools.partial(_tls_session, dsn, engine)
+                    tls_session, dsn, lambda: engine.active_relays
                 )
                 assert ssl_in_use
                 assert during == 1
@@ -359,7 +347,7 @@ async def test_client_tls_over_a_tls_backend_link_uses_the_stream_relay(
             for negotiation in ("postgres", "direct"):
                 dsn = env.dsn(db, sslmode="require", sslnegotiation=negotiation)
                 ssl_in_use, during, length = await trio.to_thread.run_sync(
-                    functools.partial(_tls_session, dsn, engine)
+                    tls_session, dsn, lambda: engine.active_relays
                 )
                 assert ssl_in_use
                 assert during == 0  # not the engine: the stream relay

@@ -7,11 +7,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from config_support import LISTENER, SOURCE, load_text, problems_of
 from hypothesis import given
 from hypothesis import strategies as st
 
 from waypoint.config import (
-    Config,
     ConfigError,
     ConfigProblem,
     load_config,
@@ -22,32 +22,6 @@ from waypoint.config.env import expand_env
 from waypoint.config.keys import KeyLocator, format_key_path
 
 DATA = Path(__file__).parent / "data"
-SRC = "test.toml"
-
-LISTENER = """\
-[[listeners]]
-name = "pg-main"
-listen = "127.0.0.1:5432"
-backend = "10.0.0.1:5432"
-
-[listeners.postgres]
-admin_user = "admin"
-admin_password = "pw"
-"""
-
-
-def cfg(text: str, environ: dict[str, str] | None = None) -> Config:
-    return load_config_text(textwrap.dedent(text), source=SRC, environ=environ or {})
-
-
-def problems(text: str, environ: dict[str, str] | None = None) -> list[ConfigProblem]:
-    with pytest.raises(ConfigError) as info:
-        cfg(text, environ)
-    # the message lists every problem, one per line, as FILE:LINE: path: message
-    assert str(info.value).splitlines() == [str(p) for p in info.value.problems]
-    return list(info.value.problems)
-
-
 def line_no(text: str, needle: str, occurrence: int = 1) -> int:
     """1-based number of the line containing ``needle`` (the n-th such line)."""
     seen = 0
@@ -68,16 +42,16 @@ def one_problem(
     environ: dict[str, str] | None = None,
 ) -> ConfigProblem:
     """Assert that loading fails with exactly one problem at ``path``; check file, line, message."""
-    found = problems(text, environ)
+    found = problems_of(text, environ)
     assert len(found) == 1, [str(p) for p in found]
     (p,) = found
-    assert p.source == SRC
+    assert p.source == SOURCE
     assert format_key_path(p.path) == path
     assert fragment in p.message, str(p)
     expected_line = None if needle is None else line_no(text, needle)
     assert p.line == expected_line, str(p)
     rendered = str(p)
-    prefix = SRC if expected_line is None else f"{SRC}:{expected_line}"
+    prefix = SOURCE if expected_line is None else f"{SOURCE}:{expected_line}"
     assert rendered.startswith(f"{prefix}: {path}: "), rendered
     return p
 
@@ -86,7 +60,7 @@ def one_problem(
 
 
 def test_minimal_config_gets_spec_defaults() -> None:
-    c = cfg(LISTENER)
+    c = load_text(LISTENER)
     assert c.handshake_timeout == 15.0
     assert c.drain_timeout == 30.0
     assert c.identity.provider == "tailscale"
@@ -118,7 +92,7 @@ def test_minimal_config_gets_spec_defaults() -> None:
     assert pg.effective_reap_interval == 3600.0
     assert pg.reassign_to is None
     assert pg.reap_on_cockroachdb is False
-    assert c.source == SRC
+    assert c.source == SOURCE
 
 
 def test_spec_example_loads_unchanged() -> None:
@@ -167,14 +141,14 @@ def test_non_utf8_file_is_a_config_error_with_line(tmp_path: Path) -> None:
 
 def test_toml_syntax_error_names_file_and_line() -> None:
     text = 'handshake_timeout = "15s"\n[identity\nprovider = "static"\n'
-    found = problems(text)
+    found = problems_of(text)
     assert len(found) == 1
     assert found[0].line == 2
-    assert str(found[0]).startswith(f"{SRC}:2: TOML syntax error")
+    assert str(found[0]).startswith(f"{SOURCE}:2: TOML syntax error")
 
 
 def test_duplicate_key_is_a_syntax_error() -> None:
-    found = problems(LISTENER + 'admin_user = "again"\n')
+    found = problems_of(LISTENER + 'admin_user = "again"\n')
     assert len(found) == 1
     assert "TOML" in found[0].message
 
@@ -254,13 +228,13 @@ def test_listeners_as_single_table_is_rejected() -> None:
 
 def test_size_string_and_integer_are_both_accepted() -> None:
     assert (
-        cfg(
+        load_text(
             '[defaults.limits]\nmax_bytes_per_conn = "1MiB"\n' + LISTENER
         ).defaults.limits.max_bytes_per_conn
         == 1024**2
     )
     assert (
-        cfg(
+        load_text(
             "[defaults.limits]\nmax_bytes_per_conn = 4096\n" + LISTENER
         ).defaults.limits.max_bytes_per_conn
         == 4096
@@ -311,9 +285,9 @@ def test_zero_handshake_timeout_is_rejected() -> None:
 def test_zero_readiness_timeout_is_rejected_and_drain_delay_defaults_to_zero() -> None:
     text = '[metrics]\nreadiness_timeout = "0s"\n' + LISTENER
     one_problem(text, "metrics.readiness_timeout", "greater than 0s", needle="readiness_timeout")
-    loaded = cfg('drain_delay = "10s"\n' + LISTENER)
+    loaded = load_text('drain_delay = "10s"\n' + LISTENER)
     assert loaded.drain_delay == 10.0 and loaded.metrics.readiness_timeout == 2.0
-    assert cfg(LISTENER).drain_delay == 0.0
+    assert load_text(LISTENER).drain_delay == 0.0
 
 
 def test_backend_end_timeout_must_be_positive_and_the_check_interval_may_be_off() -> None:
@@ -323,17 +297,17 @@ def test_backend_end_timeout_must_be_positive_and_the_check_interval_may_be_off(
         "greater than 0s",
         needle="backend_end_timeout",
     )
-    loaded = cfg(LISTENER)
+    loaded = load_text(LISTENER)
     assert loaded.backend_end_timeout == 2.0
     assert loaded.listeners[0].postgres.client_connection_check_interval == 5.0
     off = LISTENER.replace(
         'admin_password = "pw"', 'admin_password = "pw"\nclient_connection_check_interval = "0s"'
     )
-    assert cfg(off).listeners[0].postgres.client_connection_check_interval == 0.0
+    assert load_text(off).listeners[0].postgres.client_connection_check_interval == 0.0
 
 
 def test_zero_revalidation_interval_disables_and_is_allowed() -> None:
-    assert cfg('[revalidation]\ninterval = "0s"\n' + LISTENER).revalidation.interval == 0.0
+    assert load_text('[revalidation]\ninterval = "0s"\n' + LISTENER).revalidation.interval == 0.0
 
 
 # --------------------------------------------------------------------------- unknown keys
@@ -385,12 +359,12 @@ def test_source_is_not_a_toml_key() -> None:
 
 def test_env_variable_is_expanded() -> None:
     text = LISTENER.replace('"pw"', '"${PGPW}"')
-    assert cfg(text, {"PGPW": "secret"}).listeners[0].postgres.admin_password == "secret"
+    assert load_text(text, {"PGPW": "secret"}).listeners[0].postgres.admin_password == "secret"
 
 
 def test_env_variable_expands_inside_a_longer_string() -> None:
     text = LISTENER.replace('"10.0.0.1:5432"', '"${DBHOST}:5432"')
-    assert cfg(text, {"DBHOST": "db.internal"}).listeners[0].backend == "db.internal:5432"
+    assert load_text(text, {"DBHOST": "db.internal"}).listeners[0].backend == "db.internal:5432"
 
 
 def test_missing_env_variable_names_variable_key_and_line() -> None:
@@ -405,12 +379,12 @@ def test_missing_env_variable_names_variable_key_and_line() -> None:
 
 def test_double_dollar_brace_writes_a_literal() -> None:
     text = LISTENER.replace('"pw"', '"a$${NOT_A_VAR}b"')
-    assert cfg(text).listeners[0].postgres.admin_password == "a${NOT_A_VAR}b"
+    assert load_text(text).listeners[0].postgres.admin_password == "a${NOT_A_VAR}b"
 
 
 def test_lone_dollar_is_left_alone() -> None:
     text = LISTENER.replace('"pw"', '"pa$$word$ and $HOME"')
-    assert cfg(text).listeners[0].postgres.admin_password == "pa$$word$ and $HOME"
+    assert load_text(text).listeners[0].postgres.admin_password == "pa$$word$ and $HOME"
 
 
 def test_unterminated_env_reference_is_an_error() -> None:
@@ -423,7 +397,7 @@ def test_unterminated_env_reference_is_an_error() -> None:
 def test_env_expansion_is_per_value_not_over_the_text() -> None:
     # A ${...} inside a TOML comment is not a value: nothing to expand, no error.
     text = "# admin_password = ${NOT_SET}\n" + LISTENER
-    assert cfg(text).listeners[0].postgres.admin_password == "pw"
+    assert load_text(text).listeners[0].postgres.admin_password == "pw"
 
 
 def test_expand_env_reports_every_missing_variable() -> None:
@@ -444,7 +418,7 @@ def test_env_expansion_reaches_values_in_static_grants_but_not_keys() -> None:
         grants = [{ backends = { "pg-main" = { pg = { databases = { "${DB}" = { permissions = ["${PRESET}"] } } } } } }]
         """
     )
-    c = cfg(text, {"WHO": "alice@example.com", "DB": "app", "PRESET": "readonly"})
+    c = load_text(text, {"WHO": "alice@example.com", "DB": "app", "PRESET": "readonly"})
     entry = c.identity.static[0]
     assert entry.login == "alice@example.com"
     assert entry.grants == (
@@ -470,7 +444,7 @@ def test_no_listener_is_an_error() -> None:
 
 def test_duplicate_listener_names_are_rejected() -> None:
     text = LISTENER + "\n" + LISTENER.replace("127.0.0.1:5432", "127.0.0.1:5433")
-    found = problems(text)
+    found = problems_of(text)
     assert len(found) == 1
     assert format_key_path(found[0].path) == "listeners[1].name"
     assert 'duplicate listener name "pg-main"' in found[0].message
@@ -479,7 +453,7 @@ def test_duplicate_listener_names_are_rejected() -> None:
 
 def test_two_listeners_on_one_address_are_rejected() -> None:
     text = LISTENER + "\n" + LISTENER.replace('"pg-main"', '"pg-two"')
-    found = problems(text)
+    found = problems_of(text)
     assert len(found) == 1
     assert format_key_path(found[0].path) == "listeners[1].listen"
     assert "also used by listeners[0]" in found[0].message
@@ -488,7 +462,7 @@ def test_two_listeners_on_one_address_are_rejected() -> None:
 
 def test_listener_names_that_sanitize_alike_are_rejected() -> None:
     text = LISTENER + "\n" + LISTENER.replace('"pg-main"', '"pg_main"').replace(":5432", ":5433", 1)
-    found = problems(text)
+    found = problems_of(text)
     assert len(found) == 1
     assert format_key_path(found[0].path) == "listeners[1].name"
     assert "same role-name part" in found[0].message
@@ -541,17 +515,17 @@ def test_tls_require_with_tailscale_tls_or_files_is_accepted() -> None:
     ts = LISTENER.replace(
         'name = "pg-main"', 'name = "pg-main"\ntls_mode = "require"\nuse_tailscale_tls = true'
     )
-    assert cfg(ts).listeners[0].tls_mode == "require"
+    assert load_text(ts).listeners[0].tls_mode == "require"
     files = LISTENER.replace(
         'name = "pg-main"',
         'name = "pg-main"\ntls_mode = "require"\ncert_file = "/c"\nkey_file = "/k"',
     )
-    assert cfg(files).listeners[0].cert_file == "/c"
+    assert load_text(files).listeners[0].cert_file == "/c"
 
 
 def test_verify_full_without_ca_file_uses_system_cas_and_is_accepted() -> None:
     text = LISTENER.replace('name = "pg-main"', 'name = "pg-main"\nbackend_tls = "verify-full"')
-    lst = cfg(text).listeners[0]
+    lst = load_text(text).listeners[0]
     assert (lst.backend_tls, lst.backend_ca_file) == ("verify-full", None)
 
 
@@ -609,7 +583,7 @@ def test_backend_port_zero_is_rejected() -> None:
 
 def test_ipv6_listen_address_is_accepted() -> None:
     text = LISTENER.replace('"127.0.0.1:5432"', '"[::1]:5432"')
-    assert cfg(text).listeners[0].listen_address == ("::1", 5432)
+    assert load_text(text).listeners[0].listen_address == ("::1", 5432)
 
 
 def test_uppercase_user_prefix_is_rejected() -> None:
@@ -696,14 +670,14 @@ def test_reassign_to_a_plain_role_name_is_left_to_the_catalog_check() -> None:
     text = LISTENER.replace(
         'admin_password = "pw"', 'admin_password = "pw"\nreassign_to = "app_keeper"'
     )
-    assert cfg(text).listeners[0].postgres.reassign_to == "app_keeper"
+    assert load_text(text).listeners[0].postgres.reassign_to == "app_keeper"
 
 
 def test_per_listener_allow_raw_sql_overrides_provisioning() -> None:
     text = "[provisioning]\nallow_raw_sql = true\n" + LISTENER.replace(
         'admin_password = "pw"', 'admin_password = "pw"\nallow_raw_sql = false'
     )
-    c = cfg(text)
+    c = load_text(text)
     assert c.provisioning.allow_raw_sql is True
     assert c.allow_raw_sql(c.listeners[0]) is False
 
@@ -765,7 +739,7 @@ def test_static_grants_become_plain_python_values() -> None:
         + 'tags = ["tag:dev"]\ngrants = [{ backends = { "pg-main" = { pg = { databases = { "*" = { permissions = ["readonly"] } } } } } }]\n'
         + LISTENER
     )
-    entry = cfg(text).identity.static[0]
+    entry = load_text(text).identity.static[0]
     assert entry.tags == ("tag:dev",)
     (rule,) = entry.grants
     assert type(rule) is dict
@@ -780,14 +754,14 @@ def test_grants_json_array_is_parsed_into_grants() -> None:
         + """grants_json = '[{"backends": {"pg-main": {}}}, {"limits": {"max_conns": 2}}]'\n"""
         + LISTENER
     )
-    entry = cfg(text).identity.static[0]
+    entry = load_text(text).identity.static[0]
     assert entry.grants == ({"backends": {"pg-main": {}}}, {"limits": {"max_conns": 2}})
     assert entry.grants_json is None
 
 
 def test_grants_json_object_is_one_rule() -> None:
     text = STATIC + """grants_json = '{"backends": {"pg-main": {}}}'\n""" + LISTENER
-    assert cfg(text).identity.static[0].grants == ({"backends": {"pg-main": {}}},)
+    assert load_text(text).identity.static[0].grants == ({"backends": {"pg-main": {}}},)
 
 
 def test_grants_json_invalid_json_is_rejected() -> None:
@@ -853,7 +827,7 @@ def test_every_problem_is_reported_in_line_order() -> None:
         admin_pasword = "p"
         """
     )
-    found = problems(text)
+    found = problems_of(text)
     assert [(p.line, format_key_path(p.path)) for p in found] == [
         (1, "handshake_timeout"),
         (3, "provisioning.allow_raw_sql"),
@@ -867,7 +841,7 @@ def test_secret_values_never_appear_in_error_messages() -> None:
         'admin_password = "pw"', 'admin_password = "hunter2-secret"\nadmin_pasword = 1'
     )
     text = text.replace('"127.0.0.1:5432"', '"nope"')
-    found = problems(text)
+    found = problems_of(text)
     assert found
     assert all("hunter2-secret" not in str(p) for p in found)
 
@@ -943,7 +917,7 @@ def test_rendered_config_loads_back_equal_without_masking() -> None:
         + 'tags = ["tag:a"]\ngrants_json = \'[{"backends": {"pg-main": {"pg": {"databases": {"*": {"permissions": ["readonly"]}}}}}}]\'\n'
         + LISTENER
     )
-    original = cfg(text)
+    original = load_text(text)
     again = load_config_text(render_config(original, mask_secrets=False), environ={})
     assert again == original
 
@@ -953,7 +927,7 @@ def test_rendered_config_masks_secrets() -> None:
         '[state]\nbackend = "redis"\nurl = "redis://user:topsecret@127.0.0.1:6379/0"\n'
         + LISTENER.replace('"pw"', '"hunter2"')
     )
-    out = render_config(cfg(text))
+    out = render_config(load_text(text))
     assert "hunter2" not in out
     assert "topsecret" not in out
     assert 'admin_password = "********"' in out
@@ -961,7 +935,7 @@ def test_rendered_config_masks_secrets() -> None:
 
 
 def test_rendered_config_writes_units_and_all_defaults() -> None:
-    out = render_config(cfg(LISTENER))
+    out = render_config(load_text(LISTENER))
     for line in (
         'handshake_timeout = "15s"',
         'interval = "1m"',
@@ -978,7 +952,7 @@ def test_environ_argument_replaces_process_environment(
 ) -> None:
     monkeypatch.setenv("WP_TEST_ONLY_VAR", "from-process")
     text = LISTENER.replace('"pw"', '"${WP_TEST_ONLY_VAR}"')
-    assert cfg(text, {"WP_TEST_ONLY_VAR": "given"}).listeners[0].postgres.admin_password == "given"
+    assert load_text(text, {"WP_TEST_ONLY_VAR": "given"}).listeners[0].postgres.admin_password == "given"
     c = load_config_text(textwrap.dedent(text))
     assert c.listeners[0].postgres.admin_password == os.environ["WP_TEST_ONLY_VAR"]
 

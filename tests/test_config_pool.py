@@ -5,36 +5,23 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+from config_support import listener_toml, load_text, problems_of
 from hypothesis import given
 from hypothesis import strategies as st
 
-from waypoint.config import ConfigError, load_config_text, render_config
+from waypoint.config import render_config
 from waypoint.config.keys import format_key_path
 from waypoint.config.model import ListenerConfig
 from waypoint.config.units import format_share, parse_share
 
-LISTENER = """\
-[[listeners]]
-name = "pg-main"
-listen = "127.0.0.1:5432"
-backend = "10.0.0.1:5432"
-{extra}
-[listeners.postgres]
-admin_user = "admin"
-admin_password = "pw"
-"""
-
 
 def _load(extra: str) -> ListenerConfig:
-    text = LISTENER.format(extra=textwrap.dedent(extra))
-    return load_config_text(text, source="t.toml", environ={}).listeners[0]
+    return load_text(listener_toml(textwrap.dedent(extra) + "\n")).listeners[0]
 
 
 def _problems(extra: str) -> list[tuple[str, int | None, str]]:
-    text = LISTENER.format(extra=textwrap.dedent(extra))
-    with pytest.raises(ConfigError) as info:
-        load_config_text(text, source="t.toml", environ={})
-    return [(format_key_path(p.path), p.line, p.message) for p in info.value.problems]
+    found = problems_of(listener_toml(textwrap.dedent(extra) + "\n"))
+    return [(format_key_path(p.path), p.line, p.message) for p in found]
 
 
 def test_defaults() -> None:
@@ -95,14 +82,13 @@ def test_bad_values_are_named_with_their_line(extra: str, key: str, fragment: st
 
 
 def test_check_renders_the_settings_and_they_load_back() -> None:
-    text = LISTENER.format(extra='pool_max_idle = "12.5%"\npool_idle_timeout = "90s"\n')
-    config = load_config_text(text, source="t.toml", environ={})
+    config = load_text(listener_toml('pool_max_idle = "12.5%"\npool_idle_timeout = "90s"\n'))
     rendered = render_config(config, mask_secrets=False)
     assert 'pool_max_idle = "12.5%"' in rendered
     assert 'pool_idle_timeout = "1m30s"' in rendered
     assert 'pool_reset_query = "DISCARD ALL"' in rendered
     assert "pool = true" in rendered
-    again = load_config_text(rendered, source="t.toml", environ={})
+    again = load_text(rendered)
     assert again == config
 
 

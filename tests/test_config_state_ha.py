@@ -5,31 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from config_support import LISTENER, SOURCE, load_text, problems_of
 
-from waypoint.config import ConfigError, load_config_text
 from waypoint.config.model import Config
 from waypoint.config.render import SECRET_MASK, render_config
 
-LISTENER = """
-[[listeners]]
-name = "pg-main"
-listen = "127.0.0.1:5432"
-backend = "10.0.0.1:5432"
-
-[listeners.postgres]
-admin_user = "admin"
-admin_password = "pw"
-"""
-
 
 def load(state: str, environ: dict[str, str] | None = None) -> Config:
-    return load_config_text("[state]\n" + state + LISTENER, source="w.toml", environ=environ or {})
+    return load_text("[state]\n" + state + "\n" + LISTENER, environ)
 
 
 def problems(state: str) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        load(state)
-    return [str(p) for p in info.value.problems]
+    return [str(p) for p in problems_of("[state]\n" + state + "\n" + LISTENER)]
 
 
 def test_sentinel_configuration_loads() -> None:
@@ -74,7 +61,7 @@ def test_check_masks_both_redis_passwords() -> None:
     assert f'password = "{SECRET_MASK}"' in text
     assert f'sentinel_password = "{SECRET_MASK}"' in text
     # Unmasked, the rendering loads back into the same configuration.
-    assert load_config_text(render_config(c, mask_secrets=False), source="x").state == c.state
+    assert load_text(render_config(c, mask_secrets=False)).state == c.state
 
 
 @pytest.mark.parametrize(
@@ -82,7 +69,7 @@ def test_check_masks_both_redis_passwords() -> None:
     [
         (
             'backend = "redis"\n',
-            ['w.toml:1: state.url: backend = "redis" requires url', "or sentinels", "cluster"],
+            [f'{SOURCE}:1: state.url: backend = "redis" requires url', "or sentinels", "cluster"],
         ),
         (
             'backend = "redis"\nurl = "redis://h:6379"\nsentinels = ["h:26379"]\n'

@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 import trio
 from e2e_support import capture_logs
-from state_support import REDIS_URL, delete_prefix, require_redis, unique_prefix
+from state_support import KeySpace
 
-from waypoint.config.model import StateConfig
 from waypoint.console.hub import Caller, ConsoleHub
 from waypoint.grants.model import EffectiveGrant
 from waypoint.identity.model import Identity
@@ -43,31 +42,31 @@ class Wall:
 
 
 @contextlib.asynccontextmanager
-async def directories(kind: str, wall: Wall) -> AsyncIterator[Callable[[], ConsoleDirectory]]:
-    """A factory of directories sharing one store (one dict, or one Redis prefix)."""
-    if kind == "memory":
+async def directories(
+    space: KeySpace | None, wall: Wall
+) -> AsyncIterator[Callable[[], ConsoleDirectory]]:
+    """A factory of directories sharing one store (one dict, or one Redis key space)."""
+    if space is None:
         shared = MemoryDirectory(wall)
         yield lambda: shared
         return
-    require_redis()
-    prefix = unique_prefix()
-    cfg = StateConfig(backend="redis", url=REDIS_URL, key_prefix=prefix)
-    try:
-        async with open_state(cfg, instance_id="a") as store:
-            assert isinstance(store, RedisStateStore)
-            yield lambda: RedisDirectory(store, wall)
-    finally:
-        delete_prefix(prefix)
+    async with open_state(space.config(), instance_id="a") as store:
+        assert isinstance(store, RedisStateStore)
+        yield lambda: RedisDirectory(store, wall)
 
 
 @pytest.fixture(params=["memory", "redis"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+def space(request: pytest.FixtureRequest) -> KeySpace | None:
+    """No key space (the memory directory), or a Redis key space of the test's own."""
+    if request.param == "memory":
+        return None
+    found: KeySpace = request.getfixturevalue("redis_space")
+    return found
 
 
-async def test_lists_expire_and_withdraw(kind: str) -> None:
+async def test_lists_expire_and_withdraw(space: KeySpace | None) -> None:
     wall = Wall()
-    async with directories(kind, wall) as make:
+    async with directories(space, wall) as make:
         d = make()
         await d.publish(InstanceRecord("a", wall.now, wall.now), ttl=5)
         await d.publish(InstanceRecord("b", wall.now, wall.now), ttl=5)
@@ -78,8 +77,8 @@ async def test_lists_expire_and_withdraw(kind: str) -> None:
         assert await d.instances() == []
 
 
-async def test_kill_requests_reach_their_instance_once(kind: str) -> None:
-    async with directories(kind, Wall()) as make:
+async def test_kill_requests_reach_their_instance_once(space: KeySpace | None) -> None:
+    async with directories(space, Wall()) as make:
         d = make()
         await d.request_kill("b", KillRequest("c-1", "admin", "why"))
         assert await d.take_kills("a") == []
@@ -87,9 +86,9 @@ async def test_kill_requests_reach_their_instance_once(kind: str) -> None:
         assert await d.take_kills("b") == []
 
 
-async def test_locks_expire_and_match_login_and_node(kind: str) -> None:
+async def test_locks_expire_and_match_login_and_node(space: KeySpace | None) -> None:
     wall = Wall()
-    async with directories(kind, wall) as make:
+    async with directories(space, wall) as make:
         d = make()
         await d.set_lock(LockRecord("bob", None, "r1", "admin", wall.now, wall.now + 60))
         await d.set_lock(LockRecord("eve", "box", "r2", "admin", wall.now))
@@ -105,43 +104,34 @@ async def test_locks_expire_and_match_login_and_node(kind: str) -> None:
         assert await d.locks() == []
 
 
-async def test_redis_locks_outlive_the_store_that_set_them(redis_url: str) -> None:
+async def test_redis_locks_outlive_the_store_that_set_them(redis_space: KeySpace) -> None:
     wall = Wall()
-    prefix = unique_prefix()
-    cfg = StateConfig(backend="redis", url=redis_url, key_prefix=prefix)
-    try:
-        async with open_state(cfg, instance_id="a") as store:
-            assert isinstance(store, RedisStateStore)
-            await RedisDirectory(store, wall).set_lock(LockRecord("bob", None, "r", "admin", wall.now))
-        async with open_state(cfg, instance_id="b") as store:
-            assert isinstance(store, RedisStateStore)
-            [lock] = await RedisDirectory(store, wall).locks()
-            assert (lock.login, lock.reason, lock.by) == ("bob", "r", "admin")
-    finally:
-        delete_prefix(prefix)
+    cfg = redis_space.config()
+    async with open_state(cfg, instance_id="a") as store:
+        assert isinstance(store, RedisStateStore)
+        await RedisDirectory(store, wall).set_lock(LockRecord("bob", None, "r", "admin", wall.now))
+    async with open_state(cfg, instance_id="b") as store:
+        assert isinstance(store, RedisStateStore)
+        [lock] = await RedisDirectory(store, wall).locks()
+        assert (lock.login, lock.reason, lock.by) == ("bob", "r", "admin")
 
 
-async def test_hostile_values_in_redis_are_skipped(redis_url: str) -> None:
-    from state_support import redis_client
-
-    prefix = unique_prefix()
-    cfg = StateConfig(backend="redis", url=redis_url, key_prefix=prefix)
-    try:
-        async with open_state(cfg, instance_id="a") as store:
-            assert isinstance(store, RedisStateStore)
-            d = RedisDirectory(store, Wall())
-            client = redis_client()
-            client.hset(prefix + "console:{console}:locks", "x", "not json")
-            client.hset(prefix + "console:{console}:locks", "y", '{"login": 1}')
-            client.rpush(prefix + "console:{console}:kills:a", "[]")
-            client.zadd(prefix + "console:{console}:instances", {"z": 10**15})
-            client.set(prefix + "console:{console}:sessions:z", '{"instance": "z"}')
-            assert await d.locks() == []
-            assert await d.lock_for("x", "y") is None
-            assert await d.take_kills("a") == []
-            assert await d.instances() == []
-    finally:
-        delete_prefix(prefix)
+async def test_hostile_values_in_redis_are_skipped(redis_space: KeySpace) -> None:
+    prefix = redis_space.prefix
+    async with open_state(redis_space.config(), instance_id="a") as store:
+        assert isinstance(store, RedisStateStore)
+        d = RedisDirectory(store, Wall())
+        client = redis_space.client()
+        client.hset(prefix + "console:{console}:locks", "x", "not json")
+        client.hset(prefix + "console:{console}:locks", "y", '{"login": 1}')
+        client.rpush(prefix + "console:{console}:kills:a", "[]")
+        client.zadd(prefix + "console:{console}:instances", {"z": 10**15})
+        client.set(prefix + "console:{console}:sessions:z", '{"instance": "z"}')
+        assert await d.locks() == []
+        assert await d.lock_for("x", "y") is None
+        assert await d.take_kills("a") == []
+        assert await d.instances() == []
+        client.close()
 
 
 # -- the hub -------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +34,17 @@ from e2e_support import (
     db_rule,
     e2e_env,
     make_config_text,
-    peers_file,
     run_waypoint,
+    standin_process,
     wait_running,
 )
 from localapi_standin import run_standin
 from pgcluster import PgCluster
+from state_support import KeySpace, free_port
 
 from waypoint.app import Running
 from waypoint.config.load import load_config_text
 
-TESTS = Path(__file__).parent
 WAYPOINT = Path(sys.executable).with_name("waypoint")
 
 # Every wait is bounded; none of these is a timing claim (the backend end's own bound is 2 s).
@@ -443,14 +442,13 @@ async def test_tightened_limits_end_open_sessions(pg: PgCluster, tmp_path: Path)
 
 
 async def test_revocation_on_one_instance_ends_backend_of_another(
-    pg: PgCluster, tmp_path: Path, redis_url: str
+    pg: PgCluster, tmp_path: Path, redis_space: KeySpace
 ) -> None:
     """Instance B runs a session's loop; instance A starts after it: A's start sweep leaves
     B's backend alone (the caller holds a slot in Redis). A revalidates, B does not: A's
     revocation ends the role's backend behind B's session too."""
     db = create_app_database(pg)
-    key_prefix = f"wp-end-{secrets.token_hex(6)}:"
-    state = f'[state]\nbackend = "redis"\nurl = "{redis_url}"\nkey_prefix = "{key_prefix}"\n'
+    state = redis_space.toml()
     async with run_standin(tmp_path) as standin:
 
         def config(interval: str) -> Any:
@@ -493,48 +491,6 @@ async def test_revocation_on_one_instance_ends_backend_of_another(
                 via_b.close()
 
 
-@contextlib.contextmanager
-def _standin_process(tmp: Path, db: str) -> Iterator[str]:
-    sock = str(tmp / "ts.sock")
-    peers = peers_file(
-        tmp / "peers.json",
-        [
-            {
-                "ip": "127.0.0.14",
-                "login": "gil@example.com",
-                "node": "gil-pc",
-                "rules": [db_rule({db: RW})],
-            }
-        ],
-    )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(TESTS / "localapi_standin.py"),
-            "--socket",
-            sock,
-            "--peers",
-            str(peers),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("ready"), (line, proc.poll())
-        yield sock
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _start_waypoint(config: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
     out = open(log, "ab")  # noqa: SIM115 - the child owns it
     proc = subprocess.Popen(
@@ -557,10 +513,9 @@ def _start_waypoint(config: Path, log: Path, port: int) -> subprocess.Popen[byte
 
 async def test_waypoint_killed_then_restarted_ends_orphans(pg: PgCluster, tmp_path: Path) -> None:
     db = create_app_database(pg)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    with _standin_process(tmp_path, db) as sock:
+    port = free_port()
+    gil = {"ip": "127.0.0.14", "login": "gil@example.com", "node": "gil-pc", "rules": [db_rule({db: RW})]}
+    with standin_process(tmp_path, [gil]) as sock:
         config = tmp_path / "wp.toml"
         config.write_text(make_config_text(pg, socket_path=sock, listen=f"127.0.0.1:{port}"))
         log = tmp_path / "wp.log"

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 import trio
 from console_support import pgjdbc_jar
-from e2e_support import E2EEnv, create_app_database, e2e_env, make_cert_files
+from e2e_support import E2EEnv, RawSession, create_app_database, e2e_env, make_cert_files
 from pgcluster import PgCluster
 
 from waypoint.grants.naming import role_name
@@ -212,6 +212,35 @@ async def test_one_log_line_per_connection_and_no_secret_in_logs(
     )
     assert pg15.admin_password not in text
     assert "SCRAM-SHA-256$" not in text and "md5" not in text.lower().replace("md5sum", "")
+
+
+async def test_a_client_that_sent_terminate_ended_its_session_whatever_the_backend_did(
+    pg15: PgCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without the pool the client's Terminate goes on to the backend, which closes at once;
+    a client that waits for the end of the stream before it closes (as many drivers do) sees
+    Waypoint close after the backend did. The client ended the session all the same: the
+    line says ``client_closed``."""
+    caplog.set_level(logging.INFO, logger="waypoint")
+    db = create_app_database(pg15)
+    with trio.fail_after(60):
+        async with e2e_env(pg15, tmp_path, listener_extra="pool = false") as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}}, login="fay@example.com")
+            raw = await trio.to_thread.run_sync(RawSession.open, env, db)
+            assert await trio.to_thread.run_sync(raw.read_result_of, "select 1") == "ok:1"
+
+            def terminate_then_wait_for_the_end() -> bytes:
+                raw.sock.sendall(b"X\0\0\0\4")
+                raw.sock.settimeout(20)
+                return raw.sock.recv(1)
+
+            assert await trio.to_thread.run_sync(terminate_then_wait_for_the_end) == b""
+            raw.sock.close()
+            await env.assert_clean()
+    [end] = [r for r in caplog.records if getattr(r, "wp_event", None) == "connection_end"]
+    fields = getattr(end, "wp_fields", {})
+    assert (fields["outcome"], fields["relay_end"]) == ("client_closed", "client_closed"), fields
+    assert fields["backend_end"] == "terminate", fields
 
 
 _PGJDBC_PROGRAM = Path(__file__).parent / "data" / "pgjdbc" / "TlsSession.java"

@@ -6,9 +6,6 @@ it)."""
 
 from __future__ import annotations
 
-import contextlib
-import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +13,17 @@ import attrs
 import pytest
 import trio
 from console_support import admin_rule, console_run, sessions_of
-from e2e_support import LISTENER, RawSession, create_app_database, make_config_text, run_waypoint
-from localapi_standin import LocalAPIStandin, run_standin
+from e2e_support import LISTENER, RawSession, create_app_database, run_waypoint, two_instances
 from pgcluster import PgCluster
-from state_support import REDIS_URL, redis_client
+from state_support import KeySpace
 
 from waypoint.app import Running
-from waypoint.config.load import load_config_text
-from waypoint.config.model import Config
 
 ADMIN = "admin@example.com"
 VICTIM = "victim@example.com"
 VICTIM_IP = "127.0.0.2"
 
-# Every test here runs two instances sharing the machine's Redis.
+# Every test here runs two instances sharing the session's Redis.
 pytestmark = pytest.mark.redis
 
 
@@ -39,26 +33,6 @@ class _At:
 
     host: str
     port: int
-
-
-@contextlib.asynccontextmanager
-async def _two(pg: PgCluster, tmp_path: Path) -> AsyncIterator[tuple[LocalAPIStandin, Config, Running, Running, str]]:
-    prefix = f"wp-console-{secrets.token_hex(6)}:"
-    async with run_standin(tmp_path) as standin:
-        text = make_config_text(
-            pg,
-            socket_path=standin.socket_path,
-            tables_extra=f'[state]\nbackend = "redis"\nurl = "{REDIS_URL}"\nkey_prefix = "{prefix}"\n',
-        )
-        config = load_config_text(text, source="console-multi.toml")
-        try:
-            async with run_waypoint(config) as a, run_waypoint(config) as b:
-                yield standin, config, a, b, prefix
-        finally:
-            client = redis_client()
-            keys = list(client.scan_iter(match=prefix + "*"))
-            if keys:
-                client.delete(*keys)
 
 
 async def _open(running: Running, db: str) -> RawSession:
@@ -85,10 +59,12 @@ async def _wait_listed(running: Running, login: str, count: int) -> list[dict[st
             await trio.sleep(0.1)
 
 
-async def test_show_kill_and_lock_across_instances(pg: PgCluster, tmp_path: Path) -> None:
+async def test_show_kill_and_lock_across_instances(
+    pg: PgCluster, tmp_path: Path, redis_space: KeySpace
+) -> None:
     db = create_app_database(pg)
     with trio.fail_after(240):
-        async with _two(pg, tmp_path) as (standin, config, a, b, _prefix):
+        async with two_instances(pg, tmp_path, redis_space) as (standin, config, a, b):
             standin.set_peer("127.0.0.1", login=ADMIN, node="ops", rules=[admin_rule()])
             standin.set_peer(
                 VICTIM_IP,

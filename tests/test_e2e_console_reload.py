@@ -6,73 +6,37 @@ listener's console ends the new listener's session and its backend."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
-import pg8000.native
 import trio
 from console_support import admin_rule
 from e2e_support import LISTENER, create_app_database, db_rule, make_config_text, run_waypoint
 from localapi_standin import run_standin
 from pg8000.exceptions import DatabaseError, InterfaceError
 from pgcluster import PgCluster
+from reload_support import OTHER, close, connect, query, second_listener
 
 from waypoint.app import Running
 from waypoint.config.load import load_config
 from waypoint.console.parser import COLUMNS
 
-OTHER = "pg-other"
 ADMIN = "admin@example.com"
 VICTIM = "victim@example.com"
 
 
-def _other_listener(cluster: PgCluster) -> str:
-    return f"""
-[[listeners]]
-name = "{OTHER}"
-listen = "127.0.0.1:0"
-backend = "{cluster.host}:{cluster.port}"
-tls_mode = "off"
-backend_tls = "disable"
-console_database = "ops"
-
-[listeners.postgres]
-admin_user = "{cluster.admin_user}"
-admin_password = "{cluster.admin_password}"
-"""
-
-
-async def _connect(running: Running, listener: str, db: str, source: str) -> pg8000.native.Connection:
-    host, port = running.address(listener)
-
-    def go() -> pg8000.native.Connection:
-        return pg8000.native.Connection(
-            user="anyone", host=host, port=port, database=db, source_address=(source, 0),
-            timeout=30, ssl_context=False,
-        )
-
-    with trio.fail_after(30):
-        return await trio.to_thread.run_sync(go)
-
-
-async def _run(conn: pg8000.native.Connection, sql: str) -> Any:
-    with trio.fail_after(30):
-        return await trio.to_thread.run_sync(conn.run, sql)
-
-
 async def _console(running: Running, listener: str, db: str, sql: str) -> list[list[Any]]:
-    conn = await _connect(running, listener, db, "127.0.0.1")
+    conn = await connect(running, db, "127.0.0.1", listener)
     try:
-        rows: list[list[Any]] = await _run(conn, sql) or []
+        rows: list[list[Any]] = await query(conn, sql) or []
         return rows
     finally:
-        await trio.to_thread.run_sync(conn.close)
+        await close(conn)
 
 
 async def _refused(running: Running, listener: str, db: str) -> dict[str, str]:
     try:
-        conn = await _connect(running, listener, db, "127.0.0.1")
+        conn = await connect(running, db, "127.0.0.1", listener)
     except DatabaseError as exc:
         return {str(k): str(v) for k, v in exc.args[0].items()}
     await trio.to_thread.run_sync(conn.close)
@@ -98,13 +62,13 @@ async def test_a_reload_adds_a_console_and_renames_one(pg: PgCluster, tmp_path: 
             renamed = make_config_text(
                 pg, socket_path=standin.socket_path, listener_extra='console_database = "ctl"'
             )
-            path.write_text(renamed + _other_listener(pg))
+            path.write_text(renamed + second_listener(pg, extra='console_database = "ops"\n'))
             assert await running.reload() == "applied"
 
-            victim = await _connect(running, OTHER, db, "127.0.0.2")
+            victim = await connect(running, db, "127.0.0.2", OTHER)
             try:
-                assert await _run(victim, "select v from t") == [["one"]]
-                pid = int((await _run(victim, "select pg_catalog.pg_backend_pid()"))[0][0])
+                assert await query(victim, "select v from t") == [["one"]]
+                pid = int((await query(victim, "select pg_catalog.pg_backend_pid()"))[0][0])
                 # The added listener's console, under the name the reloaded file gives it; the
                 # state column comes from the new listener's backend.
                 with trio.fail_after(15):
@@ -129,7 +93,7 @@ async def test_a_reload_adds_a_console_and_renames_one(pg: PgCluster, tmp_path: 
                 with trio.fail_after(15):
                     while True:
                         try:
-                            await _run(victim, "select 1")
+                            await query(victim, "select 1")
                         except (DatabaseError, InterfaceError):
                             break
                         await trio.sleep(0.1)
@@ -137,5 +101,4 @@ async def test_a_reload_adds_a_console_and_renames_one(pg: PgCluster, tmp_path: 
                     while pg.execute("SELECT 1 FROM pg_stat_activity WHERE pid = :p", p=pid):
                         await trio.sleep(0.05)
             finally:
-                with contextlib.suppress(Exception):
-                    await trio.to_thread.run_sync(victim.close)
+                await close(victim)

@@ -5,64 +5,24 @@ SIGTERM ends sessions at once. The LocalAPI stand-in runs as its own process."""
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pg8000.native
-from e2e_support import RawSession, create_app_database, make_config_text, peers_file
+from e2e_support import RawSession, create_app_database, db_rule, make_config_text, standin_process
 from pgcluster import PgCluster
+from state_support import free_port
 
-TESTS = Path(__file__).parent
 WAYPOINT = Path(sys.executable).with_name("waypoint")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _standin(tmp: Path, db: str) -> Iterator[str]:
-    sock = str(tmp / "ts.sock")
-    peers = peers_file(
-        tmp / "peers.json",
-        [
-            {
-                "ip": "127.0.0.1",
-                "login": "erin@example.com",
-                "node": "erin-pc",
-                "rules": [{"backends": {"pg-main": {"pg": {"databases": {db: {"permissions": ["readonly"]}}}}}}],
-            }
-        ],
-    )
-    proc = subprocess.Popen(
-        [sys.executable, str(TESTS / "localapi_standin.py"), "--socket", sock, "--peers", str(peers)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("ready"), (line, proc.poll())
-        yield sock
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class _Waypoint:
     def __init__(self, cluster: PgCluster, tmp: Path, sock: str, drain: str, name: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         config = tmp / f"{name}.toml"
         config.write_text(
             make_config_text(
@@ -121,7 +81,9 @@ def _refused(wp: _Waypoint, db: str) -> str:
 
 def test_sigterm_drains_then_deadline_then_second_signal(pg15: PgCluster, tmp_path: Path) -> None:
     db = create_app_database(pg15)
-    with _standin(tmp_path, db) as sock:
+    erin = {"ip": "127.0.0.1", "login": "erin@example.com", "node": "erin-pc",
+            "rules": [db_rule({db: {"permissions": ["readonly"]}})]}  # fmt: skip
+    with standin_process(tmp_path, [erin]) as sock:
         # 1. Drain: the open session keeps working; new ones are refused; exit 0 after it ends.
         wp = _Waypoint(pg15, tmp_path, sock, "30s", "drain")
         try:

@@ -7,9 +7,7 @@ LocalAPI stand-in, with ``[state] backend = "redis"`` and a key prefix unique to
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +19,14 @@ from e2e_support import (
     backend_state,
     create_app_database,
     db_rule,
-    make_config_text,
-    run_waypoint,
+    two_instances,
     wait_running,
 )
-from localapi_standin import LocalAPIStandin, run_standin
 from pg8000.exceptions import DatabaseError
 from pgcluster import PgCluster
-from state_support import REDIS_URL, redis_client
+from state_support import KeySpace
 
 from waypoint.app import Running
-from waypoint.config.load import load_config_text
 from waypoint.pgwire import (
     BackendKeyData,
     ErrorResponse,
@@ -43,28 +38,9 @@ from waypoint.pgwire import (
 )
 from waypoint.state import CancelTarget, cancel_key_digest
 
-# Every test here runs two instances sharing the machine's Redis.
+# Every test here runs two instances sharing the session's Redis.
 pytestmark = pytest.mark.redis
 
-
-
-@contextlib.asynccontextmanager
-async def two_instances(
-    pg: PgCluster, tmp_path: Path
-) -> AsyncIterator[tuple[LocalAPIStandin, Running, Running]]:
-    key_prefix = f"wp-multi-{secrets.token_hex(6)}:"
-    async with run_standin(tmp_path) as standin:
-        text = make_config_text(
-            pg,
-            socket_path=standin.socket_path,
-            tables_extra=(
-                f'[state]\nbackend = "redis"\nurl = "{REDIS_URL}"\nkey_prefix = "{key_prefix}"\n'
-            ),
-        )
-        config = load_config_text(text, source="multi.toml")
-        async with run_waypoint(config) as a, run_waypoint(config) as b:
-            assert a.address(LISTENER) != b.address(LISTENER)
-            yield standin, a, b
 
 
 async def connect(running: Running, db: str, source: str) -> pg8000.native.Connection:
@@ -90,9 +66,11 @@ def sqlstate(exc: BaseException) -> str | None:
     return None
 
 
-async def test_max_conns_holds_across_two_instances(pg: PgCluster, tmp_path: Path) -> None:
+async def test_max_conns_holds_across_two_instances(
+    pg: PgCluster, tmp_path: Path, redis_space: KeySpace
+) -> None:
     db = create_app_database(pg)
-    async with two_instances(pg, tmp_path) as (standin, a, b):
+    async with two_instances(pg, tmp_path, redis_space) as (standin, _, a, b):
         ip = "127.0.0.2"
         standin.set_peer(
             ip,
@@ -164,10 +142,10 @@ class RawClient:
 
 
 async def test_cancel_sent_to_instance_b_cancels_query_running_through_a(
-    pg: PgCluster, tmp_path: Path
+    pg: PgCluster, tmp_path: Path, redis_space: KeySpace
 ) -> None:
     db = create_app_database(pg)
-    async with two_instances(pg, tmp_path) as (standin, a, b):
+    async with two_instances(pg, tmp_path, redis_space) as (standin, _, a, b):
         standin.set_peer(
             "127.0.0.1",
             login="dave@example.com",
@@ -213,10 +191,10 @@ async def send_cancel(running: Running, pid: int, secret: bytes, source: str) ->
 
 
 async def test_a_cancel_via_b_from_another_identity_does_not_cancel_the_query_through_a(
-    pg: PgCluster, tmp_path: Path
+    pg: PgCluster, tmp_path: Path, redis_space: KeySpace
 ) -> None:
     db = create_app_database(pg)
-    async with two_instances(pg, tmp_path) as (standin, a, b):
+    async with two_instances(pg, tmp_path, redis_space) as (standin, _, a, b):
         rules = [db_rule({db: {"permissions": ["readonly"]}})]
         standin.set_peer("127.0.0.2", login="erin@example.com", node="erin-pc", rules=rules)
         standin.set_peer("127.0.0.3", login="mallory@example.com", node="mal-pc", rules=rules)
@@ -247,20 +225,19 @@ async def test_a_cancel_via_b_from_another_identity_does_not_cancel_the_query_th
 
 
 async def test_a_poisoned_redis_cancel_entry_makes_no_connection_to_its_address(
-    pg: PgCluster, tmp_path: Path
+    pg: PgCluster, tmp_path: Path, redis_space: KeySpace
 ) -> None:
     """Whoever can write Redis writes a cancel entry naming another host and port (in the old
     bare format and in the current one, with the sender's own identity): no instance connects
     there, and each attempt is counted."""
     db = create_app_database(pg)
-    async with two_instances(pg, tmp_path) as (standin, a, _b):
+    async with two_instances(pg, tmp_path, redis_space) as (standin, _, a, _b):
         standin.set_peer(
             "127.0.0.2",
             login="erin@example.com",
             node="erin-pc",
             rules=[db_rule({db: {"permissions": ["readonly"]}})],
         )
-        prefix = a.contexts[LISTENER].config.state.key_prefix
         bait = trio.socket.socket()
         await bait.bind(("127.0.0.1", 0))
         bait.listen(16)
@@ -270,11 +247,12 @@ async def test_a_poisoned_redis_cancel_entry_makes_no_connection_to_its_address(
             CancelTarget(LISTENER, ("127.0.0.1", bait_port), "erin@example.com").encode(),
             CancelTarget("elsewhere", ("127.0.0.1", bait_port), "erin@example.com").encode(),
         ]
-        client = redis_client(REDIS_URL)
+        client = redis_space.client()
         with bait:
             for i, value in enumerate(poisoned):
                 pid, secret = 4000 + i, secrets.token_bytes(4)
-                client.set(f"{prefix}cancel:{cancel_key_digest(pid, secret)}", value, px=60_000)
+                key = f"{redis_space.prefix}cancel:{cancel_key_digest(pid, secret)}"
+                client.set(key, value, px=60_000)
                 await send_cancel(a, pid, secret, "127.0.0.2")
             # Nothing connected to the bait (every attempt above has finished; wait a bound
             # more for anything late).

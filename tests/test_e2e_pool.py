@@ -33,6 +33,7 @@ from e2e_support import (
     roles_with_prefix,
 )
 from pgcluster import PgCluster
+from state_support import KeySpace
 from test_e2e_cancel import _send_cancel, cancel_outcomes
 
 RW = {"permissions": ["readwrite"]}
@@ -492,18 +493,17 @@ async def test_a_pooled_backend_keeps_no_role_alive_past_its_ttl(
         assert _pooled(env) == 0
 
 
-@pytest.mark.redis  # the two instances share the machine's Redis
 async def test_cancel_mapping_across_two_instances_with_redis(
-    pg: PgCluster, tmp_path: Path
+    pg: PgCluster, tmp_path: Path, redis_space: KeySpace
 ) -> None:
     """Redis holds each client's key sealed: instance B forwards a pooled client's cancel to
     the backend it reached through A, and the previous client's key, through B, cancels
     nothing."""
-    from e2e_support import wait_running
-    from test_e2e_multi_instance import cancel_outcome, send_cancel, two_instances
+    from e2e_support import two_instances, wait_running
+    from test_e2e_multi_instance import cancel_outcome, send_cancel
 
     db = create_app_database(pg)
-    async with two_instances(pg, tmp_path) as (standin, a, b):
+    async with two_instances(pg, tmp_path, redis_space) as (standin, _, a, b):
         standin.set_peer(
             "127.0.0.1", login="erin@example.com", node="erin-laptop", rules=[db_rule({db: RO})]
         )

@@ -29,6 +29,7 @@ from e2e_support import (
     e2e_env,
     make_cert_files,
     raw_startup_packet,
+    tls_session,
 )
 from pgcluster import PgCluster
 
@@ -224,21 +225,6 @@ def _relays_in_c(engine: RelayEngine) -> tuple[int, list[bool]]:
     return len(relays), [r.client.tls.in_c and r.client.tls_in_c for r in relays if r.client.tls is not None]
 
 
-def _tls_session_sees_relay(
-    dsn: str, engine_relays: Callable[[], tuple[int, list[bool]]]
-) -> tuple[bool, tuple[int, list[bool]], int]:
-    """Open a TLS session, run queries big enough to span several TLS records, and report
-    how many relays the epoll engine holds meanwhile."""
-    with psycopg.connect(dsn, connect_timeout=20) as conn:
-        conn.execute("select v from t").fetchone()
-        during = engine_relays()
-        row = conn.execute(
-            "select length(string_agg(md5(i::text), '')) from generate_series(1, 20000) i"
-        ).fetchone()
-        assert row is not None
-        return bool(conn.info.pgconn.ssl_in_use), during, int(row[0])
-
-
 async def test_client_tls_sessions_are_relayed_by_the_engine(pg: PgCluster, tmp_path: Path) -> None:
     """After the handshake, a client-TLS session is handed from trio to the epoll engine (the
     trio stream relay is the fallback for backend TLS only), whose C loop runs its record
@@ -256,7 +242,7 @@ async def test_client_tls_sessions_are_relayed_by_the_engine(pg: PgCluster, tmp_
             for negotiation in ("postgres", "direct"):
                 dsn = env.dsn(db, sslmode="require", sslnegotiation=negotiation)
                 ssl_in_use, during, length = await trio.to_thread.run_sync(
-                    _tls_session_sees_relay, dsn, relays
+                    tls_session, dsn, relays
                 )
                 assert ssl_in_use
                 assert during == (1, [True])  # the record layer runs in C

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import pg8000.native
 import pytest
 import test_reaper_pg
 import trio
 from pg8000.exceptions import DatabaseError
 from pg8000.native import identifier
 from pgcluster import PgCluster
-from provision_support import role_exists, setup_app_db
+from provision_support import role_exists, run_as, setup_app_db, sqlstate
 from test_reaper_pg import ALICE, BOB, Env, expire, grant, listener_for, new_prefix
 
 from waypoint.config.model import ListenerConfig
@@ -60,30 +59,12 @@ ORDER BY 1
 """
 
 
-def _connect(pg: PgCluster, creds: Credentials, db: str) -> pg8000.native.Connection:
-    return pg8000.native.Connection(
-        user=creds.role, password=creds.secret, host=pg.host, port=pg.port, database=db, timeout=30
-    )
-
-
-async def query_as(pg: PgCluster, creds: Credentials, db: str, sql: str) -> list[list[Any]]:
-    def go() -> list[list[Any]]:
-        conn = _connect(pg, creds, db)
-        try:
-            return [list(r) for r in conn.run(sql) or []]
-        finally:
-            conn.close()
-
-    return await trio.to_thread.run_sync(go)
-
-
 async def sqlstate_of(pg: PgCluster, creds: Credentials, db: str, sql: str) -> str:
     """The SQLSTATE ``sql`` fails with as the role of ``creds`` (fails the test if it works)."""
     try:
-        await query_as(pg, creds, db, sql)
+        await run_as(pg, creds, db, sql)
     except DatabaseError as exc:
-        fields = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
-        return str(fields.get("C"))
+        return str(sqlstate(exc))
     raise AssertionError(f"{sql!r} succeeded as {creds.role}")
 
 
@@ -112,13 +93,13 @@ env = test_reaper_pg.env
 async def _plant(pg: PgCluster, env: Env, db: str) -> tuple[Credentials, Credentials]:
     """ALICE (admin on public, readonly on app) plants everything; BOB reads public."""
     alice = await env.provision(ALICE, grant(db, (ADM, "public"), (RO, "app")))
-    await query_as(pg, alice, db, PLANT)
+    await run_as(pg, alice, db, PLANT)
     bob = await env.provision(BOB, grant(db, (RO, "public")))
     # The trap fires as whoever writes public.t (here the superuser): what must end.
     pg.execute("INSERT INTO public.t (v) VALUES ('before')", dbname=db)
     assert pg.execute("SELECT who FROM public.seen", dbname=db) == [["postgres"]]
     # Before: the function runs as alice's role, with alice's (admin-preset) privileges.
-    assert await query_as(pg, bob, db, "SELECT public.pwn('SELECT 1')") == [[alice.role]]
+    assert await run_as(pg, bob, db, "SELECT public.pwn('SELECT 1')") == [[alice.role]]
     return alice, bob
 
 
@@ -152,7 +133,7 @@ async def test_caller_code_and_objects_after_privileges_shrink(
         ["pwn", alice.role],
     ]
     # SECURITY DEFINER function: runs as alice's role, which cannot escalate.
-    assert await query_as(pg, bob, db, "SELECT public.pwn('SELECT 1')") == [[alice.role]]
+    assert await run_as(pg, bob, db, "SELECT public.pwn('SELECT 1')") == [[alice.role]]
     assert pg.execute("SELECT public.pwn('SELECT 1')", dbname=db) == [[alice.role]]
     grant_self = f"SELECT public.pwn('GRANT app_owner TO {identifier(bob.role)}')"
     assert await sqlstate_of(pg, bob, db, grant_self) == "42501"
@@ -202,7 +183,7 @@ async def test_downgrade_by_a_new_provision_keeps_objects_and_drops_foreign_trig
     alice, _bob = await _plant(pg, env, db)
     again = await env.provision(ALICE, grant(db, (RO, "public")))
     assert again.provisioned and again.role == alice.role
-    assert await query_as(pg, again, db, "SELECT public.pwn('SELECT 1')") == [[alice.role]]
+    assert await run_as(pg, again, db, "SELECT public.pwn('SELECT 1')") == [[alice.role]]
     assert await sqlstate_of(pg, again, db, "SELECT public.pwn('CREATE ROLE wp_backdoor')") == (
         "42501"
     )
@@ -216,7 +197,7 @@ async def test_downgrade_keeps_a_trigger_where_the_role_still_may_have_it(
     """Only triggers on tables where the role lost TRIGGER go; admin on public stays."""
     db = app_db
     alice = await env.provision(ALICE, grant(db, (ADM, "public"), (ADM, "app")))
-    await query_as(pg, alice, db, PLANT)
+    await run_as(pg, alice, db, PLANT)
     await env.prov.reconcile(ALICE, grant(db, (ADM, "public")))
     assert triggers_on_t(pg, db) == ["trap"]
     await env.prov.reconcile(ALICE, grant(db, (RO, "public")))
@@ -231,7 +212,7 @@ async def test_legacy_public_schema_readonly_caller_cannot_escalate_through_reap
     setup_app_db(pg, db)
     pg.execute("GRANT CREATE ON SCHEMA public TO PUBLIC", dbname=db)
     mallory = await env.provision(ALICE, grant(db, (RO, "public")))
-    await query_as(
+    await run_as(
         pg,
         mallory,
         db,
@@ -243,7 +224,7 @@ async def test_legacy_public_schema_readonly_caller_cannot_escalate_through_reap
     with trio.fail_after(60):
         report = await env.reaper().run_pass()
     assert report.retired_roles == (mallory.role,), report
-    assert await query_as(pg, bob, db, "SELECT public.pwn('SELECT 1')") == [[mallory.role]]
+    assert await run_as(pg, bob, db, "SELECT public.pwn('SELECT 1')") == [[mallory.role]]
     grant_self = f"SELECT public.pwn('GRANT app_owner TO {identifier(bob.role)}')"
     assert await sqlstate_of(pg, bob, db, grant_self) == "42501"
     assert await sqlstate_of(pg, bob, db, "SELECT public.pwn('CREATE ROLE wp_backdoor')") == "42501"
@@ -256,7 +237,7 @@ async def test_role_owning_only_a_large_object_is_retired_not_dropped(
     """A readonly caller may create large objects: they count as owned; the role is retired."""
     db = app_db
     ro = await env.provision(ALICE, grant(db, (RO, "public")))
-    await query_as(pg, ro, db, "SELECT pg_catalog.lo_from_bytea(4343, 'kept')")
+    await run_as(pg, ro, db, "SELECT pg_catalog.lo_from_bytea(4343, 'kept')")
     expire(pg, ro.role)
     with trio.fail_after(60):
         report = await env.reaper().run_pass()
@@ -273,7 +254,7 @@ async def test_retired_role_is_left_alone_then_dropped_once_it_owns_nothing(
 ) -> None:
     db = app_db
     alice = await env.provision(ALICE, grant(db, (ADM, "public")))
-    await query_as(
+    await run_as(
         pg, alice, db, "CREATE TABLE public.mine (x int); INSERT INTO public.mine VALUES (5)"
     )
     expire(pg, alice.role)
@@ -306,7 +287,7 @@ async def test_same_caller_reactivates_its_retired_role(
     db = app_db
     g = grant(db, (ADM, "public"))
     alice = await env.provision(ALICE, g)
-    await query_as(
+    await run_as(
         pg, alice, db, "CREATE TABLE public.mine (x int); INSERT INTO public.mine VALUES (5)"
     )
     expire(pg, alice.role)
@@ -317,7 +298,7 @@ async def test_same_caller_reactivates_its_retired_role(
 
     back = await env.provision(ALICE, g)
     assert back.provisioned and back.role == alice.role
-    assert await query_as(pg, back, db, "SELECT x FROM public.mine") == [[5]]
+    assert await run_as(pg, back, db, "SELECT x FROM public.mine") == [[5]]
     row = pg.execute(
         "SELECT rolcanlogin, shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = :r",
         r=alice.role,
@@ -332,7 +313,7 @@ async def test_reconcile_does_not_reactivate_a_retired_role(
     """Only a new provision (with a new secret) brings a retired role back."""
     db = app_db
     alice = await env.provision(ALICE, grant(db, (ADM, "public")))
-    await query_as(pg, alice, db, "CREATE TABLE public.mine (x int)")
+    await run_as(pg, alice, db, "CREATE TABLE public.mine (x int)")
     expire(pg, alice.role)
     with trio.fail_after(60):
         await env.reaper().run_pass()
@@ -370,7 +351,7 @@ async def test_reassign_to_with_privileges_is_refused_and_nothing_is_reaped(
     env, _ = await _reaper_env(pg, reassign_to=target)
     try:
         alice = await env.provision(ALICE, grant(app_db, (ADM, "public"), (RO, "app")))
-        await query_as(pg, alice, app_db, PLANT)
+        await run_as(pg, alice, app_db, PLANT)
         assert why in (await env.reaper().check_reassign_to() or "")
         expire(pg, alice.role)
         with trio.fail_after(60), pytest.raises(ReapError) as info:
@@ -405,7 +386,7 @@ async def test_reassign_to_receives_objects_whose_code_then_runs_as_its_caller(
     env, _ = await _reaper_env(pg, reassign_to=target)
     try:
         alice = await env.provision(ALICE, grant(app_db, (ADM, "public"), (RO, "app")))
-        await query_as(pg, alice, app_db, PLANT)
+        await run_as(pg, alice, app_db, PLANT)
         bob = await env.provision(BOB, grant(app_db, (RO, "public")))
         expire(pg, alice.role)
         with trio.fail_after(60):
@@ -416,7 +397,7 @@ async def test_reassign_to_receives_objects_whose_code_then_runs_as_its_caller(
         assert owners == [[k, target] for k in ("lo", "mine", "peek", "proc", "pwn")]
         assert pg.execute("SELECT x FROM public.mine ORDER BY x", dbname=app_db) == [[1], [2], [3]]
         # SECURITY INVOKER now: it runs as whoever calls it.
-        assert await query_as(pg, bob, app_db, "SELECT public.pwn('SELECT 1')") == [[bob.role]]
+        assert await run_as(pg, bob, app_db, "SELECT public.pwn('SELECT 1')") == [[bob.role]]
         assert pg.execute(
             "SELECT bool_or(prosecdef) FROM pg_proc WHERE proname IN ('pwn', 'proc')",
             dbname=app_db,
@@ -453,11 +434,11 @@ async def test_member_cannot_set_role_to_its_group_on_16_and_later(
     alice = await env.provision(ALICE, grant(app_db, (ADM, "public")))
     group = naming.group_name(env.prefix, ADM, "public", app_db)
     if server_major(pg) < 16:
-        await query_as(pg, alice, app_db, f"SET ROLE {identifier(group)}")  # 15: allowed
+        await run_as(pg, alice, app_db, f"SET ROLE {identifier(group)}")  # 15: allowed
         return
     assert await sqlstate_of(pg, alice, app_db, f"SET ROLE {identifier(group)}") == "42501"
     # ... while the privileges still come through inheritance.
-    await query_as(pg, alice, app_db, "INSERT INTO public.t (v) VALUES ('inherited')")
+    await run_as(pg, alice, app_db, "INSERT INTO public.t (v) VALUES ('inherited')")
 
 
 @pytest.mark.parametrize("path", ["downgrade", "revocation", "reap"])
@@ -474,13 +455,13 @@ async def test_group_code_is_disarmed_when_a_member_leaves(pg15: PgCluster, path
         setup_app_db(pg, db)
         alice = await env.provision(ALICE, grant(db, (ADM, "public")))
         group = naming.group_name(prefix, ADM, "public", db)
-        await query_as(pg, alice, db, f"SET ROLE {identifier(group)};" + GROUP_PLANT)
+        await run_as(pg, alice, db, f"SET ROLE {identifier(group)};" + GROUP_PLANT)
         bob = await env.provision(BOB, grant(db, (RO, "public")))
-        assert await query_as(pg, bob, db, "SELECT public.gpwn('SELECT 1')") == [[group]]
+        assert await run_as(pg, bob, db, "SELECT public.gpwn('SELECT 1')") == [[group]]
 
         await _shrink_group(path, pg, env, db, alice)
 
-        assert await query_as(pg, bob, db, "SELECT public.gpwn('SELECT 1')") == [[bob.role]]
+        assert await run_as(pg, bob, db, "SELECT public.gpwn('SELECT 1')") == [[bob.role]]
         insert = "INSERT INTO public.t (v) VALUES (''pwned'')"
         assert await sqlstate_of(pg, bob, db, f"SELECT public.gpwn('{insert}')") == "42501"
         assert pg.execute("SELECT reloptions FROM pg_class WHERE relname = 'gpeek'", dbname=db) == [
@@ -516,7 +497,7 @@ async def test_role_with_only_default_privileges_is_dropped_not_retired(
 ) -> None:
     """``ALTER DEFAULT PRIVILEGES`` leaves a setting, not an object: nothing to keep."""
     ro = await env.provision(ALICE, grant(app_db, (RO, "public")))
-    await query_as(pg, ro, app_db, "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO PUBLIC")
+    await run_as(pg, ro, app_db, "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO PUBLIC")
     expire(pg, ro.role)
     with trio.fail_after(60):
         report = await env.reaper().run_pass()
@@ -531,7 +512,7 @@ async def test_membership_the_admin_cannot_revoke_fails_the_retirement_loudly(
     retirement holds (NOLOGIN, Waypoint's groups gone), the role is not marked retired, and
     the pass says why; once the operator revokes it, the next pass finishes."""
     alice = await env.provision(ALICE, grant(app_db, (ADM, "public")))
-    await query_as(pg, alice, app_db, "CREATE TABLE public.mine (x int)")
+    await run_as(pg, alice, app_db, "CREATE TABLE public.mine (x int)")
     pg.execute(f"GRANT app_owner TO {identifier(alice.role)}")  # by the superuser
     expire(pg, alice.role)
     with trio.fail_after(60):

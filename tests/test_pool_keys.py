@@ -9,13 +9,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from state_support import REDIS_URL, redis_client
-from test_state_redis import prefix  # noqa: F401 (the fixture: a key prefix of its own)
+from cancel_support import forwarded, listening_socket
+from state_support import KeySpace
 
-from waypoint.config.model import ListenerConfig, PostgresListenerConfig, StateConfig
 from waypoint.pgwire import BackendKeyData, CancelRequest, build_cancel_request
 from waypoint.pool import client_cancel_key, secret_length
-from waypoint.proxy.cancel import forward_cancel
 from waypoint.state import CancelTarget, MemoryStateStore, StateStore, open_state
 from waypoint.state.base import seal_backend_secret
 
@@ -59,45 +57,9 @@ def test_the_stored_target_holds_neither_secret() -> None:
     assert seal_backend_secret(1, b"k" * 4, seal_backend_secret(1, b"k" * 4, b"abcd")) == b"abcd"
 
 
-async def _forwarded(
-    store: StateStore, request: CancelRequest, backend: trio.socket.SocketType
-) -> bytes | None:
-    """What ``forward_cancel`` sends to the configured backend (None: nothing was sent)."""
-    port = backend.getsockname()[1]
-    listener = ListenerConfig(
-        name="pg-main",
-        listen="127.0.0.1:0",
-        backend=f"127.0.0.1:{port}",
-        postgres=PostgresListenerConfig(admin_user="a", admin_password="p"),
-        backend_tls="disable",
-    )
-    received = b""
-
-    async def serve() -> None:
-        nonlocal received
-        conn, _ = await backend.accept()
-        with conn:  # one CancelRequest (its length word first), then close as PostgreSQL does
-            while len(received) < 4 or len(received) < int.from_bytes(received[:4], "big"):
-                chunk = await conn.recv(512)
-                if not chunk:
-                    break
-                received += chunk
-
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve)
-            sent = await forward_cancel(request, store, listener, None)
-            if not sent:
-                nursery.cancel_scope.cancel()
-    return received if sent else None
-
-
 @pytest.fixture
 async def backend() -> AsyncIterator[trio.socket.SocketType]:
-    sock = trio.socket.socket()
-    with sock:
-        await sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
+    async with listening_socket() as sock:
         yield sock
 
 
@@ -110,17 +72,17 @@ async def _two_clients_one_backend(
     target = CancelTarget("pg-main", ("127.0.0.1", backend.getsockname()[1]), "ann@example.com")
     first, mapped1 = client_cancel_key(real, (3, 2), target)
     await a.register_cancel_key(first.pid, first.secret, mapped1, ttl=60)
-    sent = await _forwarded(b, CancelRequest(first.pid, first.secret), backend)
+    sent = await forwarded(b, CancelRequest(first.pid, first.secret), backend)
     assert sent == build_cancel_request(real.pid, real.secret)
     # Client 1's session ends; its key is withdrawn before the backend is pooled again.
     await a.unregister_cancel_key(first.pid, first.secret)
     second, mapped2 = client_cancel_key(real, (3, 2), target)
     await a.register_cancel_key(second.pid, second.secret, mapped2, ttl=60)
-    assert await _forwarded(b, CancelRequest(first.pid, first.secret), backend) is None
-    sent = await _forwarded(b, CancelRequest(second.pid, second.secret), backend)
+    assert await forwarded(b, CancelRequest(first.pid, first.secret), backend) is None
+    sent = await forwarded(b, CancelRequest(second.pid, second.secret), backend)
     assert sent == build_cancel_request(real.pid, real.secret)
     # Nor does the real key itself reach the registry: only Waypoint holds it.
-    assert await _forwarded(b, CancelRequest(real.pid, real.secret), backend) is None
+    assert await forwarded(b, CancelRequest(real.pid, real.secret), backend) is None
 
 
 async def test_memory_registry(backend: trio.socket.SocketType) -> None:
@@ -130,16 +92,15 @@ async def test_memory_registry(backend: trio.socket.SocketType) -> None:
 
 @pytest.mark.redis
 async def test_redis_registry_across_two_instances(
-    backend: trio.socket.SocketType,
-    prefix: str,  # noqa: F811 (test_state_redis's fixture)
+    backend: trio.socket.SocketType, redis_space: KeySpace
 ) -> None:
-    config = StateConfig(backend="redis", url=REDIS_URL, key_prefix=prefix)
+    config = redis_space.config()
     async with (
         open_state(config, instance_id="a") as a,
         open_state(config, instance_id="b") as b,
     ):
         await _two_clients_one_backend(a, b, backend)
-        values = [
-            redis_client().get(k) for k in redis_client().scan_iter(match=f"{prefix}cancel:*")
-        ]
+        client = redis_space.client()
+        values = [client.get(k) for k in redis_space.keys("cancel:*")]
+        client.close()
         assert len(values) == 1  # the second client's; the first one's is gone

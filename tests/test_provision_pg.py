@@ -16,7 +16,14 @@ import trio
 from fixtures_pg import PrivatePg
 from pg8000.exceptions import DatabaseError
 from pgcluster import PgCluster
-from provision_support import role_exists, role_marker_login, setup_app_db
+from provision_support import (
+    connect_as,
+    role_exists,
+    role_marker_login,
+    run_as,
+    setup_app_db,
+    sqlstate,
+)
 
 from waypoint.config.model import ListenerConfig, PostgresListenerConfig
 from waypoint.grants import naming
@@ -63,31 +70,8 @@ async def prov(pg: PgCluster) -> AsyncIterator[Provisioner]:
         await p.aclose()
 
 
-def _connect(pg: PgCluster, creds: Credentials, db: str) -> pg8000.native.Connection:
-    return pg8000.native.Connection(
-        user=creds.role, password=creds.secret, host=pg.host, port=pg.port, database=db, timeout=30
-    )
-
-
 async def login(pg: PgCluster, creds: Credentials, db: str) -> pg8000.native.Connection:
-    return await trio.to_thread.run_sync(_connect, pg, creds, db)
-
-
-async def run_as(pg: PgCluster, creds: Credentials, db: str, sql: str) -> list[list[Any]]:
-    def go() -> list[list[Any]]:
-        conn = _connect(pg, creds, db)
-        try:
-            return [list(r) for r in conn.run(sql) or []]
-        finally:
-            conn.close()
-
-    return await trio.to_thread.run_sync(go)
-
-
-def sqlstate(exc: BaseException) -> str | None:
-    if isinstance(exc, DatabaseError) and exc.args and isinstance(exc.args[0], dict):
-        return str(exc.args[0].get("C"))
-    return None
+    return await trio.to_thread.run_sync(connect_as, pg, creds, db)
 
 
 async def assert_denied(pg: PgCluster, creds: Credentials, db: str, sql: str) -> None:

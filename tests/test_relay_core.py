@@ -317,3 +317,27 @@ def test_no_status_when_the_backend_or_a_limit_ended_it(
     core.read(core.client, TERM, 0.0)
     core.closed(core.client, 1.0)
     assert core.end().ready_status is None
+
+
+
+def test_a_backend_closing_after_the_clients_terminate_is_the_client_closing(
+    pair: Callable[[], tuple[Direction, Direction]],
+) -> None:
+    """Without stop_at_terminate the client's Terminate goes on to the backend, which then
+    closes, often before the client does: the client ended the session all the same. A
+    Terminate not yet whole, or a query after it, is no such end; nor is a failure of ours."""
+
+    def backend_ends(client_sent: list[bytes], error: str | None = None, gone: bool = True) -> str:
+        core = core_of(pair)
+        for chunk in client_sent:
+            assert core.read(core.client, chunk, 0.0) == chunk  # passed on, Terminate too
+        core.closed(core.backend, 1.0, error, gone=gone)
+        return core.end().reason
+
+    assert backend_ends([Q, TERM]) == "client_closed"
+    assert backend_ends([TERM]) == "client_closed"
+    assert backend_ends([Q + TERM], "backend socket: [Errno 104] reset") == "client_closed"
+    assert backend_ends([Q, TERM[:3]]) == "backend_closed"
+    assert backend_ends([TERM + Q]) == "backend_closed"
+    assert backend_ends([Q]) == "backend_closed"
+    assert backend_ends([TERM], "backend TLS: bad record", gone=False) == "error"

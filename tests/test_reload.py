@@ -22,13 +22,11 @@ from localapi_standin import LocalAPIStandin, run_standin
 from log_support import configured_log
 from pg8000.exceptions import DatabaseError, InterfaceError
 from pgcluster import PgCluster
+from reload_support import OTHER, close, connect, query, second_listener
 
 from waypoint.app import Running
 from waypoint.config.load import ConfigError, load_config
 from waypoint.service.reload import config_hash
-
-OTHER = "pg-other"
-
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -63,46 +61,6 @@ class Forwarder:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pump, client, server)
                 nursery.start_soon(pump, server, client)
-
-
-def second_listener(cluster: PgCluster, name: str = OTHER, *, password: str | None = None) -> str:
-    return f"""
-[[listeners]]
-name = "{name}"
-listen = "127.0.0.1:0"
-backend = "{cluster.host}:{cluster.port}"
-tls_mode = "off"
-backend_tls = "disable"
-
-[listeners.postgres]
-admin_user = "{cluster.admin_user}"
-admin_password = "{password or cluster.admin_password}"
-"""
-
-
-async def connect(
-    running: Running, db: str, source: str, listener: str = LISTENER
-) -> pg8000.native.Connection:
-    host, port = running.address(listener)
-
-    def go() -> pg8000.native.Connection:
-        return pg8000.native.Connection(
-            user="anyone", host=host, port=port, database=db, source_address=(source, 0),
-            timeout=30, ssl_context=False,
-        )
-
-    with trio.fail_after(30):
-        return await trio.to_thread.run_sync(go)
-
-
-async def query(conn: pg8000.native.Connection, sql: str) -> Any:
-    with trio.fail_after(30):
-        return await trio.to_thread.run_sync(conn.run, sql)
-
-
-async def close(conn: pg8000.native.Connection) -> None:
-    with contextlib.suppress(Exception):
-        await trio.to_thread.run_sync(conn.close)
 
 
 def sqlstate(exc: BaseException) -> str | None:

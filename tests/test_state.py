@@ -1,4 +1,4 @@
-"""The same behaviour suite against every state backend: memory, the machine's Redis, a
+"""The same behaviour suite against every state backend: memory, the test session's Redis, a
 three-master Redis Cluster and a Sentinel-managed master (both started by this module).
 
 On the cluster every script must keep to one hash slot (the server refuses a script whose keys
@@ -19,7 +19,7 @@ from redis_ha_support import (
     RedisClusterServers,
     SentinelServers,
 )
-from state_support import REDIS_URL, delete_prefix, require_redis, unique_prefix
+from state_support import KeySpace, unique_prefix
 from state_support import cancel_target as target
 
 from waypoint.config.model import StateConfig
@@ -55,8 +55,8 @@ def open_store(backend: str, request: pytest.FixtureRequest) -> Iterator[OpenSto
     prefix = unique_prefix()
     where: dict[str, object] = {}
     if backend == "redis":
-        require_redis()
-        where = {"url": REDIS_URL}
+        space: KeySpace = request.getfixturevalue("redis_space")
+        prefix, where = space.prefix, {"url": space.url}
     elif backend == "redis-cluster":
         cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
         where = {"cluster": True, "nodes": cluster.nodes[:1], "password": PASSWORD}
@@ -79,9 +79,8 @@ def open_store(backend: str, request: pytest.FixtureRequest) -> Iterator[OpenSto
         return open_state(cfg)
 
     yield factory
-    if backend == "redis":
-        delete_prefix(prefix)
-    # The cluster and the Sentinel-managed servers are this module's own: they go with it.
+    # redis_space deletes its keys; the cluster and the Sentinel-managed servers are this
+    # module's own: they go with it.
 
 
 @pytest.fixture

@@ -6,24 +6,17 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import redis
 import trio
 from log_support import configured_log, parse_lines
 from redis.crc import key_slot
-from state_support import (
-    REDIS_URL,
-    OwnRedis,
-    delete_prefix,
-    redis_client,
-    require_redis,
-    unique_prefix,
-)
+from state_support import KeySpace, OwnRedis, free_port, redis_client
 from state_support import cancel_target as target
 
-from waypoint.config.model import StateConfig
 from waypoint.errors import Refusal
 from waypoint.state import SlotLease, SlotRequest, StateStore, cancel_key_digest, open_state
 from waypoint.state.redis_store import ACQUIRE_LUA, RELEASE_LUA, KeyLayout, RedisStateStore
@@ -31,28 +24,18 @@ from waypoint.state.redis_store import ACQUIRE_LUA, RELEASE_LUA, KeyLayout, Redi
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    require_redis()
-    p = unique_prefix()
-    yield p
-    delete_prefix(p)
-
-
-def cfg(prefix: str, *, url: str = REDIS_URL, lease: float = 30.0) -> StateConfig:
-    return StateConfig(backend="redis", url=url, key_prefix=prefix, lease=lease)
-
-
 def req(principal: str = "alice@example.com", **limits: int) -> SlotRequest:
     limits.setdefault("max_total", 1000)
     return SlotRequest(principal, "pg-main", **limits)
 
 
-def unmaintained_store(prefix: str, lease: float, url: str = REDIS_URL) -> RedisStateStore:
+def unmaintained_store(
+    space: KeySpace, lease: float, op_timeout: float = 2.0
+) -> RedisStateStore:
     """An instance whose heartbeat never runs: it behaves like one that died."""
-    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1)
+    client = redis.Redis.from_url(space.url, socket_timeout=2, socket_connect_timeout=1)
     return RedisStateStore(
-        client, KeyLayout(prefix), lease, "dead-instance", trio.CapacityLimiter(4), 2.0
+        client, KeyLayout(space.prefix), lease, "dead-instance", trio.CapacityLimiter(4), op_timeout
     )
 
 
@@ -66,10 +49,10 @@ async def wait_for(
     return trio.current_time() - start
 
 
-async def test_two_instances_share_one_user_budget(prefix: str) -> None:
+async def test_two_instances_share_one_user_budget(redis_space: KeySpace) -> None:
     async with (
-        open_state(cfg(prefix), instance_id="a") as a,
-        open_state(cfg(prefix), instance_id="b") as b,
+        open_state(redis_space.config(), instance_id="a") as a,
+        open_state(redis_space.config(), instance_id="b") as b,
     ):
         a1 = await a.acquire_slot(req(max_user=3))
         a2 = await a.acquire_slot(req(max_user=3))
@@ -84,11 +67,13 @@ async def test_two_instances_share_one_user_budget(prefix: str) -> None:
         assert (usage.user, usage.total) == (3, 3)
 
 
-async def test_200_concurrent_acquires_across_two_instances_grant_exactly_10(prefix: str) -> None:
+async def test_200_concurrent_acquires_across_two_instances_grant_exactly_10(
+    redis_space: KeySpace,
+) -> None:
     results: list[tuple[StateStore, SlotLease | Refusal]] = []
     async with (
-        open_state(cfg(prefix), instance_id="a") as a,
-        open_state(cfg(prefix), instance_id="b") as b,
+        open_state(redis_space.config(), instance_id="a") as a,
+        open_state(redis_space.config(), instance_id="b") as b,
     ):
 
         async def one(store: StateStore) -> None:
@@ -110,13 +95,13 @@ async def test_200_concurrent_acquires_across_two_instances_grant_exactly_10(pre
         assert (usage.user, usage.user_listener, usage.total) == (0, 0, 0)
 
 
-async def test_dead_instance_slots_expire_within_the_lease(prefix: str) -> None:
+async def test_dead_instance_slots_expire_within_the_lease(redis_space: KeySpace) -> None:
     limits = {"max_user": 4, "max_total": 4}
-    async with open_state(cfg(prefix, lease=1.0), instance_id="live") as live:
+    async with open_state(redis_space.config(lease=1.0), instance_id="live") as live:
         # The live instance holds a slot too, so its heartbeat keeps the keys themselves alive:
         # only the per-instance lease can free the dead instance's slots.
         assert isinstance(await live.acquire_slot(req(**limits)), SlotLease)
-        dead = unmaintained_store(prefix, lease=1.0)
+        dead = unmaintained_store(redis_space, lease=1.0)
         for _ in range(3):
             assert isinstance(await dead.acquire_slot(req(**limits)), SlotLease)
         dead._client.close()  # never releases, never heartbeats
@@ -132,39 +117,41 @@ async def test_dead_instance_slots_expire_within_the_lease(prefix: str) -> None:
         assert (usage.user, usage.total) == (2, 2)
 
 
-async def test_live_instance_keeps_its_slots_past_the_lease(prefix: str) -> None:
-    async with open_state(cfg(prefix, lease=1.0), instance_id="live") as live:
+async def test_live_instance_keeps_its_slots_past_the_lease(redis_space: KeySpace) -> None:
+    async with open_state(redis_space.config(lease=1.0), instance_id="live") as live:
         for _ in range(2):
             assert isinstance(await live.acquire_slot(req(max_user=2)), SlotLease)
         await trio.sleep(2.5)  # 2.5 leases: only the heartbeat keeps them
-        async with open_state(cfg(prefix, lease=1.0), instance_id="other") as other:
+        async with open_state(redis_space.config(lease=1.0), instance_id="other") as other:
             usage = await other.slot_usage("alice@example.com", "pg-main")
             assert (usage.user, usage.total) == (2, 2)
             assert isinstance(await other.acquire_slot(req(max_user=2)), Refusal)
-        assert redis_client().exists(f"{prefix}instance:live") == 1
+        assert redis_space.client().exists(f"{redis_space.prefix}instance:live") == 1
 
 
-async def test_closing_an_instance_gives_back_its_slots(prefix: str) -> None:
-    async with open_state(cfg(prefix), instance_id="a") as a:
+async def test_closing_an_instance_gives_back_its_slots(redis_space: KeySpace) -> None:
+    async with open_state(redis_space.config(), instance_id="a") as a:
         assert isinstance(await a.acquire_slot(req(max_user=1)), SlotLease)
-    async with open_state(cfg(prefix), instance_id="b") as b:
+    async with open_state(redis_space.config(), instance_id="b") as b:
         assert isinstance(await b.acquire_slot(req(max_user=1)), SlotLease)
-    assert redis_client().exists(f"{prefix}instance:a") == 0
+    assert redis_space.client().exists(f"{redis_space.prefix}instance:a") == 0
 
 
-async def test_cancel_keys_route_across_instances_and_hide_the_secret(prefix: str) -> None:
+async def test_cancel_keys_route_across_instances_and_hide_the_secret(
+    redis_space: KeySpace,
+) -> None:
     secret = os.urandom(32)
     async with (
-        open_state(cfg(prefix), instance_id="a") as a,
-        open_state(cfg(prefix), instance_id="b") as b,
+        open_state(redis_space.config(), instance_id="a") as a,
+        open_state(redis_space.config(), instance_id="b") as b,
     ):
         await a.register_cancel_key(1234, secret, target("10.0.0.5", 5432), ttl=60)
         assert await b.lookup_cancel_key(1234, secret) == target("10.0.0.5", 5432)
         assert await b.lookup_cancel_key(1234, os.urandom(32)) is None
-        keys = [k.decode() for k in redis_client().scan_iter(match=f"{prefix}cancel:*")]
+        keys = [k.decode() for k in redis_space.keys("cancel:*")]
         assert len(keys) == 1
         assert secret.hex() not in keys[0]
-        ttl_ms = redis_client().pttl(keys[0])
+        ttl_ms = redis_space.client().pttl(keys[0])
         assert 0 < ttl_ms <= 60_000
         await a.unregister_cancel_key(1234, secret)
         assert await b.lookup_cancel_key(1234, secret) is None
@@ -175,13 +162,13 @@ async def test_cancel_keys_route_across_instances_and_hide_the_secret(prefix: st
 
 
 async def test_cancel_values_written_by_others_are_read_bounded_and_parsed_strictly(
-    prefix: str,
+    redis_space: KeySpace,
 ) -> None:
     """Whoever can write Redis chooses a cancel key's value: the lookup reads at most a few
     KiB of it and gives a target only for a well-formed one (a bare ``host:port`` names no
     listener and no owner, so no cancel matches it)."""
-    client = redis_client()
-    async with open_state(cfg(prefix), instance_id="b") as b:
+    client = redis_space.client()
+    async with open_state(redis_space.config(), instance_id="b") as b:
         good = target("10.0.0.5", 5432)
         cases: list[tuple[bytes, object]] = [
             (good.encode().encode(), good),
@@ -192,15 +179,16 @@ async def test_cancel_values_written_by_others_are_read_bounded_and_parsed_stric
         ]
         for i, (value, expected) in enumerate(cases):
             secret = os.urandom(8)
-            client.set(f"{prefix}cancel:{cancel_key_digest(i + 1, secret)}", value, px=60_000)
+            key = f"{redis_space.prefix}cancel:{cancel_key_digest(i + 1, secret)}"
+            client.set(key, value, px=60_000)
             assert await b.lookup_cancel_key(i + 1, secret) == expected, value[:60]
     client.close()
 
 
-async def test_lock_is_exclusive_across_instances(prefix: str) -> None:
+async def test_lock_is_exclusive_across_instances(redis_space: KeySpace) -> None:
     async with (
-        open_state(cfg(prefix), instance_id="a") as a,
-        open_state(cfg(prefix), instance_id="b") as b,
+        open_state(redis_space.config(), instance_id="a") as a,
+        open_state(redis_space.config(), instance_id="b") as b,
     ):
         token = await a.acquire_lock("role:wp_x", ttl=30, deadline=trio.current_time() + 1)
         assert token is not None
@@ -213,10 +201,10 @@ async def test_lock_is_exclusive_across_instances(prefix: str) -> None:
         )
 
 
-async def test_lock_expires_by_its_ttl_across_instances(prefix: str) -> None:
+async def test_lock_expires_by_its_ttl_across_instances(redis_space: KeySpace) -> None:
     async with (
-        open_state(cfg(prefix), instance_id="a") as a,
-        open_state(cfg(prefix), instance_id="b") as b,
+        open_state(redis_space.config(), instance_id="a") as a,
+        open_state(redis_space.config(), instance_id="b") as b,
     ):
         assert await a.acquire_lock("l", ttl=0.5, deadline=trio.current_time() + 1) is not None
         start = trio.current_time()
@@ -241,10 +229,8 @@ def test_one_users_keys_share_a_cluster_slot_and_total_is_apart() -> None:
 
 
 async def test_unreachable_redis_fails_closed() -> None:
-    from state_support import free_port
-
-    url = f"redis://127.0.0.1:{free_port()}/0"
-    async with open_state(cfg(unique_prefix(), url=url), op_timeout=0.5) as store:
+    redis_space = KeySpace(f"redis://127.0.0.1:{free_port()}/0")
+    async with open_state(redis_space.config(), op_timeout=0.5) as store:
         with trio.fail_after(5):
             refused = await store.acquire_slot(req(max_user=10))
             assert isinstance(refused, Refusal)
@@ -255,8 +241,7 @@ async def test_unreachable_redis_fails_closed() -> None:
 
 
 async def test_redis_restart_fails_closed_then_release_lands(own_redis: OwnRedis) -> None:
-    prefix = unique_prefix()
-    async with open_state(cfg(prefix, url=own_redis.url, lease=3.0), op_timeout=0.5) as store:
+    async with open_state(KeySpace(own_redis.url).config(lease=3.0), op_timeout=0.5) as store:
         first = await store.acquire_slot(req(max_user=5))
         second = await store.acquire_slot(req(max_user=5))
         assert isinstance(first, SlotLease) and isinstance(second, SlotLease)
@@ -279,9 +264,8 @@ async def test_redis_restart_fails_closed_then_release_lands(own_redis: OwnRedis
 
 
 async def test_release_during_a_stall_is_retried_and_lands(own_redis: OwnRedis) -> None:
-    prefix = unique_prefix()
     assert own_redis.proc is not None
-    async with open_state(cfg(prefix, url=own_redis.url, lease=30.0), op_timeout=0.5) as store:
+    async with open_state(KeySpace(own_redis.url).config(), op_timeout=0.5) as store:
         leases = [await store.acquire_slot(req(max_user=5)) for _ in range(3)]
         assert all(isinstance(x, SlotLease) for x in leases)
         own_redis.proc.send_signal(signal.SIGSTOP)
@@ -306,26 +290,29 @@ async def test_release_during_a_stall_is_retried_and_lands(own_redis: OwnRedis) 
         await wait_for(landed, timeout=6)
 
 
-async def test_a_redis_failover_and_outage_are_events_whose_fields_are_json_keys() -> None:
+async def test_a_redis_failover_and_outage_are_events_whose_fields_are_json_keys(
+    tmp_path: Path,
+) -> None:
     """Lost counts (a failover to a replica that missed writes) and an outage are events with
     named fields, and the Redis password (in the URL) is in none of them."""
     password = "redis-" + secrets.token_hex(8)
-    server = OwnRedis(password=password)
+    server = OwnRedis(tmp_path, password=password)
     server.start()
     try:
         with configured_log("json") as buffer:
-            async with open_state(
-                cfg(unique_prefix(), url=server.url, lease=30.0), op_timeout=0.5
-            ) as store:
-                assert isinstance(await store.acquire_slot(req(max_user=5)), SlotLease)
-                # What a replica promoted before it had the writes holds: none of them.
-                redis_client(server.url).flushall()
-                with trio.fail_after(10):
-                    await store.acquire_slot(req(max_user=5))  # the counts are found lost
-                server.stop()
-                with trio.fail_after(5):
-                    refused = await store.acquire_slot(req(max_user=5))
-                assert isinstance(refused, Refusal)
+            # No heartbeat: its repair could re-assert the lost counts before the acquire
+            # below finds them lost.
+            store = unmaintained_store(KeySpace(server.url), lease=30.0, op_timeout=0.5)
+            assert isinstance(await store.acquire_slot(req(max_user=5)), SlotLease)
+            # What a replica promoted before it had the writes holds: none of them.
+            redis_client(server.url).flushall()
+            with trio.fail_after(10):
+                await store.acquire_slot(req(max_user=5))  # the counts are found lost
+            server.stop()
+            with trio.fail_after(5):
+                refused = await store.acquire_slot(req(max_user=5))
+            assert isinstance(refused, Refusal)
+            store._client.close()
     finally:
         server.stop()
     records = parse_lines(buffer)
@@ -340,17 +327,17 @@ async def test_a_redis_failover_and_outage_are_events_whose_fields_are_json_keys
     assert password not in buffer.getvalue()
 
 
-async def test_writes_sent_before_a_reassertion_are_fenced(prefix: str) -> None:
+async def test_writes_sent_before_a_reassertion_are_fenced(redis_space: KeySpace) -> None:
     """A stalled Redis may execute a write whose answer timed out after the repair that
     re-asserted the count: it must not count twice (the CI flake this replaced: a late release
     undercounted the total until the next heartbeat)."""
     before = time.time_ns() // 1000  # older than any epoch of the store opened below
-    raw = redis_client()
+    raw = redis_space.client()
     release = raw.register_script(RELEASE_LUA)
     acquire = raw.register_script(ACQUIRE_LUA)
-    layout = KeyLayout(prefix)
+    layout = KeyLayout(redis_space.prefix)
     user = layout.user("alice@example.com")
-    async with open_state(cfg(prefix, lease=0.6), instance_id="fenced") as store:
+    async with open_state(redis_space.config(lease=0.6), instance_id="fenced") as store:
         for _ in range(2):
             assert isinstance(await store.acquire_slot(req(max_user=5)), SlotLease)
 
@@ -376,8 +363,7 @@ async def test_a_redis_that_restarted_empty_gets_the_counts_back_before_any_gran
     """A Redis that lost acknowledged writes (restarted empty, or a replica promoted before
     it had them) must not grant against the counts it lost: the first acquire on such a key
     sees this instance's entry missing, re-asserts it and only then counts."""
-    prefix = unique_prefix()
-    async with open_state(cfg(prefix, url=own_redis.url, lease=30.0), op_timeout=0.5) as store:
+    async with open_state(KeySpace(own_redis.url).config(), op_timeout=0.5) as store:
         for _ in range(3):
             assert isinstance(await store.acquire_slot(req(max_user=3, max_total=3)), SlotLease)
         own_redis.stop()
@@ -398,16 +384,18 @@ async def test_a_redis_that_restarted_empty_gets_the_counts_back_before_any_gran
         assert (usage.user, usage.user_listener, usage.total) == (3, 3, 3)
 
 
-async def test_a_release_cut_off_by_its_bound_still_gives_the_slot_back(prefix: str) -> None:
+async def test_a_release_cut_off_by_its_bound_still_gives_the_slot_back(
+    redis_space: KeySpace,
+) -> None:
     """A release waits for the writes in flight on a key marked for repair. If its bound runs
     out meanwhile, the slot must still be gone from this instance's count (else every later
     re-assertion would write one session too many, for ever)."""
-    async with open_state(cfg(prefix), instance_id="w", op_timeout=0.2) as store:
+    async with open_state(redis_space.config(), instance_id="w", op_timeout=0.2) as store:
         assert isinstance(store, RedisStateStore)
         leases = [await store.acquire_slot(req(max_user=5)) for _ in range(2)]
         first = leases[0]
         assert isinstance(first, SlotLease)
-        user = KeyLayout(prefix).user("alice@example.com")
+        user = KeyLayout(redis_space.prefix).user("alice@example.com")
         held = store._held[user]
         held.dirty = True
         held.in_flight += 1  # a write that does not end within the release's bound

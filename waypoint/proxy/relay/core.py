@@ -269,10 +269,16 @@ class RelayCore:
     def closed(self, direction: Direction, now: float, error: str | None = None, *, gone: bool = True) -> None:
         """EOF from ``direction`` (``error`` None) or a failed socket / stream. ``gone``:
         the peer went away (reset, broken pipe), not an error of ours. The relay then
-        only flushes what is owed to the other side (bounded), and ends."""
+        only flushes what is owed to the other side (bounded), and ends. A client whose last
+        message was a whole Terminate ended the session, even when the backend it went on to
+        closes first."""
         if self.reason is None:
             if gone:
-                self.reason = "client_closed" if direction is self.client else "backend_closed"
+                client = self.client
+                by_client = direction is client or (
+                    client.last_type == TERMINATE[0] and client.at_boundary
+                )
+                self.reason = "client_closed" if by_client else "backend_closed"
             else:
                 self.reason = "error"
             self.error = error
