@@ -10,6 +10,7 @@ import socket
 import ssl
 import struct
 import threading
+import types
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -310,6 +311,53 @@ async def test_past_the_tap_bound_python_records_a_read_before_sending_it(
     counts["sink"].stop()
 
 
+async def test_an_idle_audited_relay_leaves_the_engine_waiting_without_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A relay served in C with its audit tap: the engine's wait is bounded only once a
+    read gave the tap records (they are queued within the audit poll), so an idle audited
+    session wakes nothing, and what it sent is still recorded."""
+    waits: list[tuple[float, float]] = []
+
+    class RecordingPump:
+        def __init__(self, *args: int) -> None:
+            self._pump = _pump.Pump(*args)
+
+        def add(self, lane: _pump.Lane) -> None:
+            self._pump.add(lane)
+
+        def discard(self, lane: _pump.Lane) -> None:
+            self._pump.discard(lane)
+
+        def __len__(self) -> int:
+            return len(self._pump)
+
+        def run(self, timeout: float, tap_wait: float = -1.0) -> list[Any]:
+            waits.append((timeout, tap_wait))
+            return self._pump.run(timeout, tap_wait)
+
+    shim = types.SimpleNamespace(**{k: getattr(_pump, k) for k in dir(_pump) if not k.startswith("__")})
+    shim.Pump = RecordingPump
+    monkeypatch.setattr(loop_module, "_pump", shim)
+    writer = GateWriter()
+    writer.gate.set()
+    counts: dict[str, Any] = {}
+    audit = make_audit(writer, "block", 1000, counts)
+    unbounded = (-1.0, loop_module._AUDIT_POLL)
+    async with relayed("engine", audit) as (client, backend, _control, _engine):
+        q = query("select 1")
+        await client.send_all(q)
+        assert await read_exactly(backend, len(q)) == q
+        await poll(lambda: writer.texts() == ["select 1"], "the statement recorded")
+        await poll(lambda: waits[-1] == unbounded, "the engine waiting without a bound")
+        reply = msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I")
+        await backend.send_all(reply)
+        assert await read_exactly(client, len(reply)) == reply
+        await poll(lambda: len(writer.lines) == 2, "the result recorded")
+        await poll(lambda: waits[-1] == unbounded, "waiting without a bound again")
+    counts["sink"].stop()
+
+
 def test_a_client_read_is_handed_to_python_unsent_while_the_sink_refuses() -> None:
     """``on_error = "close"`` on the C loop: while the sink's gate is set (the sink failing
     or full) a client read goes to Python (TAP) neither recorded nor sent, so that the
@@ -343,6 +391,26 @@ def test_a_client_read_is_handed_to_python_unsent_while_the_sink_refuses() -> No
             tracker.refuse_with(b"x")  # read-only
         with pytest.raises(BufferError):
             gate.append(0)  # held by the tracker: the C loop's pointer stays valid
+
+
+def test_the_c_loop_comes_back_for_the_records_it_gave_a_tap() -> None:
+    """With ``tap_wait``, Pump.run returns that long after it first fed records to an audit
+    tap, also without a timeout: an idle audited relay wakes nothing, and what it records
+    is queued within ``tap_wait`` of the read."""
+    with TapRig(_pump, session_tracker({})) as rig:
+        q = query("select 1")
+        rig.client_app.sendall(q)
+        result: list[object] = []
+        runner = threading.Thread(target=lambda: result.append(rig.pump.run(-1.0, 0.0)), daemon=True)
+        runner.start()
+        runner.join(10)
+        if runner.is_alive():  # let it go (EOF is a report) before failing
+            rig.client_app.shutdown(socket.SHUT_WR)
+            runner.join(10)
+            pytest.fail("run() without a timeout did not come back for the tap's records")
+        assert result == [[]]  # relayed in C, nothing for Python but the records
+        assert rig.backend_app.recv(100) == q
+        assert rig.client.tap_used > 0
 
 
 def test_the_tap_is_bounded_and_emptied() -> None:

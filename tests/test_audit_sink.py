@@ -233,3 +233,51 @@ def test_a_device_that_fails_is_reported_and_never_rotated() -> None:
             writer.write([b'{"x":1}\n' * 200])
     writer.close()
     assert Path("/dev/full").exists() and not Path("/dev/full.1").exists()
+
+
+class _RecordingCondition:
+    """A Condition that notes the timeout of every wait (the writer thread's wake-ups)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.timeouts: list[float | None] = []
+
+    def __enter__(self) -> bool:
+        return self._cond.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._cond.__exit__(*exc)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.timeouts.append(timeout)
+        return self._cond.wait(timeout)
+
+    def notify(self) -> None:
+        self._cond.notify()
+
+
+def _until(check: Any, bound: float = 10.0) -> None:
+    end = time.monotonic() + bound
+    while not check():
+        assert time.monotonic() < end, "the writer thread did not get there"
+        time.sleep(0.005)
+
+
+def test_an_idle_writer_sleeps_until_a_record_comes() -> None:
+    out = io.BytesIO()
+    sink = AuditSink(StreamWriter(out), flush_interval=0.01)
+    cond = _RecordingCondition()
+    sink._cond = cond  # type: ignore[assignment]
+    sink.start()
+    try:
+        # Idle: one wait, without a timeout (no periodic wake-up with nothing queued).
+        _until(lambda: len(cond.timeouts) >= 1)
+        assert cond.timeouts == [None]
+        # A record wakes it (no quarter-full queue needed) and is written; then it sleeps again.
+        sink.put([{"event": "query", "text": "select 1"}])
+        assert wait_drained(sink, 10.0)
+        _until(lambda: cond.timeouts[-1] is None and len(cond.timeouts) >= 3)
+        assert cond.timeouts[1:] == [0.01, None]
+        assert b"select 1" in out.getvalue()
+    finally:
+        sink.stop()

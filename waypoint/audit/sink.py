@@ -248,8 +248,9 @@ class AuditSink:
         self.on_error = on_error
         self.max_queue = max_queue
         self.retry_interval = retry_interval
-        #: The writer wakes this often, or as soon as the queue is a quarter full: records
-        #: are written in batches, not one thread hand-off per record.
+        #: Once a record is queued the writer waits this long for a batch to gather, or
+        #: until the queue is a quarter full: records are written in batches, not one
+        #: thread hand-off per record. With nothing queued it sleeps until a record comes.
         self.flush_interval = flush_interval
         self._wake_at = max(1, max_queue // 4)
         self._on_written = on_written
@@ -301,11 +302,14 @@ class AuditSink:
         reading what produces them, so the queue exceeds its bound by at most one chunk's
         records."""
         with self._cond:
+            first = not self._queue
             self._queue.append((lines, count))
             self._queued += count
             if self._queued >= self.max_queue:
                 self.gate[0] = 1
-            if self._queued >= self._wake_at:
+            if first or self._queued >= self._wake_at:
+                # The idle writer waits for the first record; then ``flush_interval`` for
+                # a batch to gather, unless the queue fills a quarter first.
                 self._cond.notify()
 
     @property
@@ -332,7 +336,7 @@ class AuditSink:
         while True:
             with self._cond:
                 while not self._queue and not self._stopping:
-                    self._cond.wait(self.flush_interval)
+                    self._cond.wait()  # woken by the first record or by stop()
                 if self._queued < self._wake_at and not self._stopping:
                     self._cond.wait(self.flush_interval)  # let a batch gather
                 if not self._queue and self._stopping:

@@ -1113,6 +1113,11 @@ typedef struct {
     int max_events;
     Report *reports;
     int running;
+    /* During run(): how long an audit tap may hold records before run() returns for Python
+     * to queue them (< 0: no bound), and when the first records fed since run() began are
+     * due (< 0: none fed yet). An idle relay with a tap adds no wake-up. */
+    double tap_wait;
+    double tap_due;
 } Pump;
 
 static int
@@ -1345,11 +1350,14 @@ pass_on(Pump *self, Lane *lane, const unsigned char *data, long long n, Report *
         return 1;
     }
     if (tracker != NULL) {
-        tracker_feed(tracker, lane == owner, data, (size_t)n, monotonic_now());
+        double now = monotonic_now();
+        tracker_feed(tracker, lane == owner, data, (size_t)n, now);
         if (tracker_halted(tracker)) {
             rep->code = CODE_TAP; /* not recorded whole, or past the audit's limit: unsent */
             return 1;
         }
+        if (self->tap_wait >= 0 && self->tap_due < 0 && tracker->out.len > 0)
+            self->tap_due = now + self->tap_wait;
     }
     Lane *peer = lane->peer;
     if (peer->ssl != NULL)
@@ -1462,8 +1470,8 @@ pump_lane(Pump *self, Lane *lane, Report *rep)
 static PyObject *
 Pump_run(Pump *self, PyObject *args)
 {
-    double timeout;
-    if (!PyArg_ParseTuple(args, "d", &timeout))
+    double timeout, tap_wait = -1.0;
+    if (!PyArg_ParseTuple(args, "d|d", &timeout, &tap_wait))
         return NULL;
     if (self->running) {
         PyErr_SetString(PyExc_RuntimeError, "Pump.run() is not reentrant");
@@ -1477,11 +1485,16 @@ Pump_run(Pump *self, PyObject *args)
     int failed_errno = 0;
     double deadline = timeout >= 0 ? monotonic_now() + timeout : -1.0;
     self->running = 1;
+    self->tap_wait = tap_wait;
+    self->tap_due = -1.0;
     Py_BEGIN_ALLOW_THREADS
     for (;;) {
         int wait_ms = -1;
-        if (deadline >= 0) {
-            double left = deadline - monotonic_now();
+        double until = deadline;
+        if (self->tap_due >= 0 && (until < 0 || self->tap_due < until))
+            until = self->tap_due;
+        if (until >= 0) {
+            double left = until - monotonic_now();
             if (left <= 0)
                 wait_ms = 0;
             else if (left >= MAX_WAIT_MS / 1000.0)
@@ -1526,8 +1539,11 @@ Pump_run(Pump *self, PyObject *args)
         }
         if (nreports > 0)
             break;
-        if (deadline >= 0 && monotonic_now() >= deadline)
-            break;
+        if (deadline >= 0 || self->tap_due >= 0) {
+            double now = monotonic_now();
+            if ((deadline >= 0 && now >= deadline) || (self->tap_due >= 0 && now >= self->tap_due))
+                break;
+        }
     }
     Py_END_ALLOW_THREADS
     self->running = 0;
@@ -1595,8 +1611,9 @@ static PyMethodDef Pump_methods[] = {
     {"add", (PyCFunction)Pump_add, METH_O, "Serve this linked Lane's reads in C."},
     {"discard", (PyCFunction)Pump_discard, METH_O, "Stop serving this Lane (if served)."},
     {"run", (PyCFunction)Pump_run, METH_VARARGS,
-     "run(timeout): wait and pump until an event needs Python or timeout seconds pass "
-     "(< 0: no bound). Returns a list of (code, fd, events, n, arg)."},
+     "run(timeout, tap_wait=-1): wait and pump until an event needs Python or timeout "
+     "seconds pass (< 0: no bound), or, with tap_wait >= 0, tap_wait seconds after an audit "
+     "tap was first given records in this call. Returns a list of (code, fd, events, n, arg)."},
     {NULL},
 };
 

@@ -49,8 +49,9 @@ _EPOLLOUT: Final = select.EPOLLOUT
 _EPOLLBAD: Final = select.EPOLLERR | select.EPOLLHUP
 #: Events taken per ``epoll_wait`` (the C loop's batch).
 _MAX_EVENTS: Final = 256
-#: How often a session waiting for the audit sink looks again, and how often the audit
-#: taps of relays served in C are read (epoll timeout bound).
+#: How often a session waiting for the audit sink looks again, and how long records may
+#: wait in the audit tap of a relay served in C before they are queued (the C loop returns
+#: that long after it first fed a tap; an idle tap wakes nothing).
 _AUDIT_POLL: Final = 0.02
 #: Bytes of encoded records an audited relay served in C may hold before the engine
 #: thread takes them (its tap's bound); a read past it is recorded by Python first.
@@ -220,9 +221,12 @@ class EpollLoop:
         tls_event = self._tls_event
         while True:
             timeout = max(0.0, min(r.core.deadline for r in timed) - monotonic()) if timed else -1.0
-            if self._audit_waiting or self._tapped:
+            if self._audit_waiting:
                 timeout = _AUDIT_POLL if timeout < 0 else min(timeout, _AUDIT_POLL)
-            for code, fd, events, _n, arg in run(timeout):
+            # Every tap is empty here (drained after the last batch): the C loop comes back
+            # _AUDIT_POLL after it feeds one, not every _AUDIT_POLL.
+            tap_wait = _AUDIT_POLL if self._tapped else -1.0
+            for code, fd, events, _n, arg in run(timeout, tap_wait):
                 side = sides.get(fd)
                 if side is None:
                     side = tls_sides.get(fd)
