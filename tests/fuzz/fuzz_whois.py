@@ -1,6 +1,6 @@
 """atheris target: a LocalAPI whois answer, end to end through the pure layers.
 
-Bytes → ``_decode_json_object`` (the LocalAPI client's JSON decoding) →
+Bytes → ``decode_json_object`` (the LocalAPI client's JSON decoding) →
 ``identity_from_whois`` → ``evaluate_rules`` on the identity's capability rules →
 ``render_and_validate`` on any raw SQL the grant carries. Allowed: MalformedResponse
 from the first two steps, RawSqlError from the last; the evaluation itself never
@@ -23,7 +23,7 @@ with instrumentation(__name__ == "__main__"):
     from fuzz_grants import check
 
     from waypoint.grants.model import EffectiveGrant
-    from waypoint.identity.localapi import MalformedResponse, _decode_json_object
+    from waypoint.identity.localapi import MalformedResponse, decode_json_object
     from waypoint.identity.model import Identity
     from waypoint.identity.tailscale import identity_from_whois
     from waypoint.provision.dialect import PostgresDialect
@@ -37,7 +37,7 @@ DIALECT = PostgresDialect("PostgreSQL 18.0", 18)
 def test_one_input(data: bytes) -> None:
     chunks = Chunks(data)
     try:
-        body = _decode_json_object(chunks.payload, "fuzz whois")
+        body = decode_json_object(chunks.payload, "fuzz whois")
         identity = identity_from_whois(body, CAPABILITY)
     except MalformedResponse as exc:
         assert exc.refusal.sqlstate == "08004"
