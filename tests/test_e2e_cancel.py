@@ -80,8 +80,16 @@ import psycopg
 dsn, method = sys.argv[1], sys.argv[2]
 with psycopg.connect(dsn, connect_timeout=20) as conn:
     errors = []
+    pid = conn.info.backend_pid
     def canceller():
-        time.sleep(0.7)
+        # once the statement runs (pg_stat_activity, seen from a second session of the role)
+        with psycopg.connect(dsn, connect_timeout=20, autocommit=True) as watch:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not watch.execute(
+                "select 1 from pg_stat_activity where pid = %s and state = 'active'"
+                " and query like 'select pg_sleep(30)%%'", (pid,)
+            ).fetchone():
+                time.sleep(0.02)
         try:
             getattr(conn, method)()
         except BaseException as exc:
@@ -186,21 +194,22 @@ async def _cancel_checks(env: E2EEnv, raw: RawSession) -> None:
     wrong_len = raw.secret + b"\x00" if len(raw.secret) == 4 else raw.secret[:4]
     wrong_bytes = bytes(b ^ 0xFF for b in raw.secret)
 
-    def run() -> tuple[str, str]:
-        raw.send_query("select pg_sleep(1.5), 'done'")
-        time.sleep(0.3)
+    def run() -> tuple[list[tuple[str, str] | None], str]:
+        raw.send_query("select pg_sleep(30) /* wrong-keys */")
+        wait_running_blocking(env.cluster, raw.pid, "wrong-keys")
+        states = []
         for secret in (wrong_len, wrong_bytes):
+            # Waypoint closes a cancel connection once it has forwarded or dropped the
+            # request, so the statement's state read after it is final.
             _send_cancel(env, raw.pid, secret)
-        first = raw.read_result(timeout=10)
-        raw.send_query("select pg_sleep(30)")
-        time.sleep(0.5)
+            states.append(backend_state(env.cluster, raw.pid))
         _send_cancel(env, raw.pid, raw.secret)
-        second = raw.read_result(timeout=5)
-        return first, second
+        return states, raw.read_result(timeout=10)
 
-    first, second = await trio.to_thread.run_sync(run)
-    assert first == "ok:done", first
-    assert second.startswith("error:57014"), second
+    states, result = await trio.to_thread.run_sync(run)
+    for state in states:
+        assert state is not None and state[0] == "active" and "wrong-keys" in state[1], states
+    assert result.startswith("error:57014"), result
 
 
 def _send_cancel(env: E2EEnv, pid: int, secret: bytes, *, source: str = "127.0.0.1") -> None:
