@@ -391,6 +391,76 @@ async def test_lock_expires_by_its_ttl_across_instances(redis_space: KeySpace) -
         assert raw.get(key) == token.token.encode()
 
 
+class LosingRedis(redis.Redis):
+    """A client whose next write (a script, or a SET), once ``lose`` is set, runs on the
+    server but loses its answer: a call that timed out after Redis ran it. ``before_raise``
+    runs in between (in the worker thread)."""
+
+    lose = False
+    before_raise: Callable[[], object] = staticmethod(lambda: None)
+
+    def _answer(self, result: Any) -> Any:
+        if self.lose:
+            self.lose = False
+            self.before_raise()
+            raise redis.TimeoutError("the answer was lost")
+        return result
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        return self._answer(super().evalsha(sha, numkeys, *keys_and_args))
+
+    def set(self, name: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._answer(super().set(name, value, *args, **kwargs))
+
+
+def losing_store(space: KeySpace) -> tuple[RedisStateStore, LosingRedis]:
+    client = LosingRedis.from_url(space.url, socket_timeout=5, socket_connect_timeout=2)
+    store = RedisStateStore(
+        client, KeyLayout(space.prefix), 30.0, "losing", trio.CapacityLimiter(4), 5.0
+    )
+    return store, client
+
+
+async def test_a_lock_taken_by_a_try_whose_answer_was_lost_is_the_next_trys(
+    redis_space: KeySpace,
+) -> None:
+    """The first try takes the lock but its answer is lost: the next try finds the lock its
+    own token's instead of waiting out the ttl (longer than the deadline: it would fail)."""
+    store, client = losing_store(redis_space)
+    raw = redis_space.client()
+    key = KeyLayout(redis_space.prefix).lock("l")
+    try:
+        client.lose = True
+        token = await store.acquire_lock("l", ttl=300, deadline=trio.current_time() + 60)
+        assert token is not None
+        assert raw.get(key) == token.token.encode()
+        assert 0 < raw.pttl(key) <= 300_000
+        await store.release_lock(token)
+        assert raw.exists(key) == 0
+    finally:
+        client.close()
+        raw.close()
+
+
+async def test_a_lock_try_whose_answer_was_lost_is_given_back_at_the_deadline(
+    redis_space: KeySpace, mock_clock: trio.testing.MockClock
+) -> None:
+    """The only try before the deadline takes the lock but its answer is lost (trio's clock
+    is moved past the deadline meanwhile): the caller gets None, and the lock must not stay
+    held until its ttl by a token no caller has."""
+    store, client = losing_store(redis_space)
+    raw = redis_space.client()
+    key = KeyLayout(redis_space.prefix).lock("l")
+    try:
+        client.lose = True
+        client.before_raise = lambda: trio.from_thread.run_sync(mock_clock.jump, 100)
+        assert await store.acquire_lock("l", ttl=30, deadline=trio.current_time() + 10) is None
+        assert raw.exists(key) == 0
+    finally:
+        client.close()
+        raw.close()
+
+
 def test_one_users_keys_share_a_cluster_slot_and_total_is_apart() -> None:
     layout = KeyLayout("waypoint:")
     for principal in ("alice@example.com", "tagged-devices:web1", "a}b{c", "{x}"):
