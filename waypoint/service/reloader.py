@@ -38,6 +38,7 @@ from waypoint.service.reload import Plan, config_hash, plan_reload
 
 __all__ = ["Reloader", "Service"]
 
+# The reload's events keep the logger of the service they change.
 log = get_logger("app")
 
 
