@@ -196,6 +196,21 @@ async def test_the_kept_identities_are_bounded(
     assert [i.login for _, i in provider._parsed.items()] == ["u4@example.com", "u5@example.com"]
 
 
+@pytest.mark.parametrize("spare", [0, -1], ids=["at-the-bound", "one-byte-over"])
+async def test_only_answers_within_the_size_bound_are_kept(
+    standin: LocalAPIStandin, monkeypatch: pytest.MonkeyPatch, spare: int
+) -> None:
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[RULE])
+    size = len(await LocalAPIClient(standin.socket_path, timeout=2.0).whois_body("127.0.0.2", 1))
+    monkeypatch.setattr(tailscale, "PARSED_ANSWER_MAX_BYTES", size + spare)
+    provider = provider_for(standin)
+    first = await provider.whois("127.0.0.2", 1)
+    again = await provider.whois("127.0.0.2", 1)
+    assert first == again
+    assert (again is first) == (spare == 0)
+    assert len(provider._parsed) == (1 if spare == 0 else 0)
+
+
 async def test_standin_serialises_a_peer_once_and_anew_after_a_change(
     standin: LocalAPIStandin,
 ) -> None:
