@@ -1,7 +1,7 @@
 """Revalidation: every ``interval``, re-identify each live session and re-evaluate its
 grant. Unchanged: extend the role's VALID UNTIL (batched per role). Changed but still granted:
 reconcile the role live, cancel the statements its backends are running (they started under
-the old privileges), and apply tightened limits to the open sessions (a passed
+the old privileges) and end the transactions they hold open from before the change, and apply tightened limits to the open sessions (a passed
 ``max_conn_duration`` or ``max_bytes_per_conn``, or more sessions than ``max_conns``, end
 with the limit's FATAL 53400). Gone, or identity lookup failing: FATAL, close; a grant that is
 gone strips the role and ends every backend of it, not only this instance's sessions (those
@@ -19,7 +19,12 @@ from waypoint.grants.evaluate import evaluate
 from waypoint.grants.model import EffectiveGrant
 from waypoint.identity.model import Identity, IdentityError
 from waypoint.observability.log import get_logger
-from waypoint.provision.backends import cancel_role_statements, terminate_role_backends
+from waypoint.provision.backends import (
+    cancel_role_statements,
+    end_transactions_begun_before,
+    server_now,
+    terminate_role_backends,
+)
 from waypoint.provision.engine import Provisioner
 from waypoint.proxy.context import ListenerContext
 from waypoint.proxy.registry import LiveSession, SessionRegistry, set_duration_deadline
@@ -125,7 +130,7 @@ async def revalidate_once(
         )
         if key not in cancelled and privileges_changed:
             cancelled.add(key)
-            await _cancel_statements(ctx, live.role)
+            await _stop_old_work(ctx, live.role)
         old = live.grant
         live.grant = grant
         _apply_limits(live, old)
@@ -183,14 +188,30 @@ async def _end_role_backends(ctx: ListenerContext, registry: SessionRegistry, ro
         log.info("role_backends_ended", role=role, pids=pids, reason="access_revoked")
 
 
-async def _cancel_statements(ctx: ListenerContext, role: str) -> None:
+async def _stop_old_work(ctx: ListenerContext, role: str) -> None:
+    """The role's privileges changed (the change is committed): what its backends started
+    under the old ones stops. Running statements are cancelled; then every backend still
+    in a transaction begun before the change is terminated, whichever instance's session
+    it serves: rows it wrote, or a cursor it opened, under the old privileges must not be
+    committed or read after the change (a cancel cannot stop that; see
+    :func:`end_transactions_begun_before`). A session outside a transaction goes on."""
+    pools = ctx.provisioner.pools
     try:
-        pids = await cancel_role_statements(ctx.provisioner.pools, role)
+        before = await server_now(pools)
+        cancelled = await cancel_role_statements(pools, role)
+        ended = await end_transactions_begun_before(
+            pools, role, before, ctx.config.backend_end_timeout
+        )
     except Exception as exc:
         log.error("role_statements_cancel_failed", role=role, error=str(exc))
         return
-    if pids:
-        log.info("role_statements_cancelled", role=role, pids=pids, reason="grant_changed")
+    if cancelled:
+        log.info("role_statements_cancelled", role=role, pids=cancelled, reason="grant_changed")
+    if ended:
+        ctx.metrics.backend_ended(
+            ctx.listener.name, "grant_changed_in_transaction", "pg_terminate_backend", len(ended)
+        )
+        log.info("role_transactions_ended", role=role, pids=ended, reason="grant_changed")
 
 
 def _apply_limits(live: LiveSession, old: EffectiveGrant) -> None:

@@ -1,0 +1,157 @@
+"""Attacks by a caller with a live session on a grant that is lowered while it holds a
+transaction open, on PostgreSQL 15 and 18 through a real Waypoint.
+
+Revalidation cancels the statements a role's backends are running when its grant changes:
+they passed their privilege checks under the old grant. A transaction is the same thing
+spread over several statements: rows written under ``readwrite`` wait uncommitted while the
+client sits idle in the transaction, and a ``COMMIT`` sent after the downgrade to
+``readonly`` would make them land. A cancel does nothing to a backend idle in a transaction,
+and a statement cancelled inside one leaves a transaction the client can take back with
+``ROLLBACK TO SAVEPOINT`` and commit. So a changed grant ends every transaction of the role
+that began before the change (its backend is terminated), and each attack here must leave
+the table as it was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+from e2e_support import RawSession, create_app_database, e2e_env, wait_running
+from pgcluster import PgCluster
+
+from waypoint.app import Running
+
+BOUND = 20.0
+RW = {"permissions": ["readwrite"]}
+RO = {"permissions": ["readonly"]}
+PEER = "127.0.0.31"
+
+
+def _passes(running: Running) -> float:
+    for family in running.metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == "waypoint_revalidation_runs_total":
+                return sample.value
+    return 0.0
+
+
+def _role_of(cluster: PgCluster, pid: int) -> str:
+    rows = cluster.execute(
+        "SELECT usename::text FROM pg_catalog.pg_stat_activity WHERE pid = :p", p=pid
+    )
+    return str(rows[0][0])
+
+
+def _may_insert(cluster: PgCluster, role: str, db: str) -> bool:
+    rows = cluster.execute(
+        "SELECT pg_catalog.has_table_privilege(:r, 'public.t', 'INSERT')", r=role, dbname=db
+    )
+    return bool(rows[0][0])
+
+
+def _ids(cluster: PgCluster, db: str) -> list[int]:
+    rows = cluster.execute("SELECT id FROM public.t ORDER BY id", dbname=db)
+    return [int(r[0]) for r in rows]
+
+
+async def _wait_downgrade_applied(running: Running, cluster: PgCluster, role: str, db: str) -> None:
+    """Until the role has lost INSERT and the revalidation pass that took it away is over:
+    the next pass has started (passes run one after another; one is counted only while a
+    session is open), or no session is left."""
+    with trio.fail_after(BOUND):
+        while await trio.to_thread.run_sync(_may_insert, cluster, role, db):
+            await trio.sleep(0.05)
+        seen = _passes(running)
+        while _passes(running) < seen + 1 and len(running.registry) > 0:
+            await trio.sleep(0.05)
+
+
+def _outcome(raw: RawSession, sql: str) -> str:
+    """What the client gets for ``sql``: a result, an error, or ``closed``."""
+    try:
+        return raw.read_result_of(sql, timeout=15)
+    except (AssertionError, OSError):
+        return "closed"
+
+
+async def test_rows_written_before_a_downgrade_cannot_be_committed_after_it(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """A readwrite caller inserts in an open transaction and waits, idle in it; its grant
+    becomes readonly; its ``COMMIT`` must not land the row."""
+    db = create_app_database(pg)
+    async with e2e_env(pg, tmp_path, revalidation_interval="1s") as env:
+        env.grant(PEER, {db: RW})
+        raw = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
+        try:
+            begun = await trio.to_thread.run_sync(
+                lambda: raw.read_result_of("BEGIN; INSERT INTO public.t VALUES (2, 'rw')")
+            )
+            assert not begun.startswith("error"), begun
+            role = await trio.to_thread.run_sync(_role_of, pg, raw.pid)
+            env.grant(PEER, {db: RO})
+            await _wait_downgrade_applied(env.running, pg, role, db)
+            committed = await trio.to_thread.run_sync(_outcome, raw, "COMMIT")
+            assert await trio.to_thread.run_sync(_ids, pg, db) == [1], committed
+            assert not committed.startswith("ok"), committed
+        finally:
+            raw.close()
+        await env.assert_clean()
+
+
+async def test_a_cancelled_statement_cannot_be_rolled_back_to_a_savepoint_and_committed(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """The downgrade's cancel fails the running statement, but inside a transaction with a
+    savepoint the client can roll back to the savepoint and commit what it wrote before:
+    the row must not land."""
+    db = create_app_database(pg)
+    async with e2e_env(pg, tmp_path, revalidation_interval="1s") as env:
+        env.grant(PEER, {db: RW})
+        raw = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
+        try:
+            raw.send_query(
+                "BEGIN; INSERT INTO public.t VALUES (2, 'rw'); SAVEPOINT s; "
+                "SELECT pg_catalog.pg_sleep(30)"
+            )
+            role = await wait_running(pg, raw.pid, "pg_sleep")
+            env.grant(PEER, {db: RO})
+            await _wait_downgrade_applied(env.running, pg, role, db)
+            cancelled = await trio.to_thread.run_sync(lambda: raw.read_result(timeout=15))
+            assert cancelled.startswith("error:"), cancelled
+            revived = await trio.to_thread.run_sync(_outcome, raw, "ROLLBACK TO SAVEPOINT s")
+            committed = await trio.to_thread.run_sync(_outcome, raw, "COMMIT")
+            assert await trio.to_thread.run_sync(_ids, pg, db) == [1], (revived, committed)
+        finally:
+            raw.close()
+        await env.assert_clean()
+
+
+async def test_a_transaction_begun_after_the_downgrade_goes_on(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """The other side: only transactions older than the change end. A session idle outside
+    a transaction at the downgrade stays open, and its next transaction runs with the new
+    grant (a write is refused, a read works)."""
+    db = create_app_database(pg)
+    async with e2e_env(pg, tmp_path, revalidation_interval="1s") as env:
+        env.grant(PEER, {db: RW})
+        raw = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
+        try:
+            assert await trio.to_thread.run_sync(lambda: raw.read_result_of("select 1")) == "ok:1"
+            role = await trio.to_thread.run_sync(_role_of, pg, raw.pid)
+            env.grant(PEER, {db: RO})
+            await _wait_downgrade_applied(env.running, pg, role, db)
+            refused = await trio.to_thread.run_sync(
+                lambda: raw.read_result_of("BEGIN; INSERT INTO public.t VALUES (3, 'ro')")
+            )
+            assert refused.startswith("error:42501:"), refused
+            assert await trio.to_thread.run_sync(lambda: raw.read_result_of("ROLLBACK")) == ""
+            read = await trio.to_thread.run_sync(
+                lambda: raw.read_result_of("SELECT pg_catalog.count(*) FROM public.t")
+            )
+            assert read == "ok:1", read
+        finally:
+            raw.close()
+        await env.assert_clean()
