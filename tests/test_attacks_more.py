@@ -43,9 +43,14 @@ def _role_of(cluster: PgCluster, pid: int) -> str:
     return str(rows[0][0])
 
 
-def _may_insert(cluster: PgCluster, role: str, db: str) -> bool:
+def _may(cluster: PgCluster, role: str, db: str, table: str, privilege: str) -> bool:
     rows = cluster.execute(
-        "SELECT pg_catalog.has_table_privilege(:r, 'public.t', 'INSERT')", r=role, dbname=db
+        "SELECT pg_catalog.has_schema_privilege(:r, pg_catalog.split_part(:t, '.', 1), 'USAGE') "
+        "AND pg_catalog.has_table_privilege(:r, :t, :p)",
+        r=role,
+        t=table,
+        p=privilege,
+        dbname=db,
     )
     return bool(rows[0][0])
 
@@ -55,12 +60,19 @@ def _ids(cluster: PgCluster, db: str) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
-async def _wait_downgrade_applied(running: Running, cluster: PgCluster, role: str, db: str) -> None:
-    """Until the role has lost INSERT and the revalidation pass that took it away is over:
+async def _wait_downgrade_applied(
+    running: Running,
+    cluster: PgCluster,
+    role: str,
+    db: str,
+    lost: tuple[str, str] = ("public.t", "INSERT"),
+) -> None:
+    """Until the role has lost ``lost`` (table, privilege) and the revalidation pass that
+    took it away is over:
     the next pass has started (passes run one after another; one is counted only while a
     session is open), or no session is left."""
     with trio.fail_after(BOUND):
-        while await trio.to_thread.run_sync(_may_insert, cluster, role, db):
+        while await trio.to_thread.run_sync(_may, cluster, role, db, *lost):
             await trio.sleep(0.05)
         seen = _passes(running)
         while _passes(running) < seen + 1 and len(running.registry) > 0:
@@ -123,6 +135,39 @@ async def test_a_cancelled_statement_cannot_be_rolled_back_to_a_savepoint_and_co
             revived = await trio.to_thread.run_sync(_outcome, raw, "ROLLBACK TO SAVEPOINT s")
             committed = await trio.to_thread.run_sync(_outcome, raw, "COMMIT")
             assert await trio.to_thread.run_sync(_ids, pg, db) == [1], (revived, committed)
+        finally:
+            raw.close()
+        await env.assert_clean()
+
+
+async def test_a_cursor_opened_before_a_downgrade_reads_nothing_after_it(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """A readonly caller on schemas ``public`` and ``secret`` opens a cursor on a table of
+    ``secret`` and waits; its grant drops ``secret``; its ``FETCH`` must return no row (the
+    cursor's privilege check ran when it was opened, and a cancel leaves an idle backend
+    alone)."""
+    db = create_app_database(pg)
+    pg.execute(
+        f"SET ROLE {pg.admin_user}; CREATE SCHEMA secret; "
+        "CREATE TABLE secret.s (v text); INSERT INTO secret.s VALUES ('classified')",
+        dbname=db,
+    )
+    both = {"permissions": ["readonly"], "schemas": ["public", "secret"]}
+    public = {"permissions": ["readonly"], "schemas": ["public"]}
+    async with e2e_env(pg, tmp_path, revalidation_interval="1s") as env:
+        env.grant(PEER, {db: both})
+        raw = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
+        try:
+            opened = await trio.to_thread.run_sync(
+                lambda: raw.read_result_of("BEGIN; DECLARE c CURSOR FOR SELECT v FROM secret.s")
+            )
+            assert not opened.startswith("error"), opened
+            role = await trio.to_thread.run_sync(_role_of, pg, raw.pid)
+            env.grant(PEER, {db: public})
+            await _wait_downgrade_applied(env.running, pg, role, db, ("secret.s", "SELECT"))
+            fetched = await trio.to_thread.run_sync(_outcome, raw, "FETCH ALL FROM c")
+            assert "classified" not in fetched, fetched
         finally:
             raw.close()
         await env.assert_clean()
