@@ -10,14 +10,25 @@ and a statement cancelled inside one leaves a transaction the client can take ba
 ``ROLLBACK TO SAVEPOINT`` and commit. So a changed grant ends every transaction of the role
 that began before the change (its backend is terminated), and each attack here must leave
 the table as it was.
+
+With ``max_prepared_transactions`` above zero (an operator's choice, for XA), a transaction
+can also outlive its session: ``PREPARE TRANSACTION`` detaches it, with its rows and locks,
+from the backend, and only its owner (or a superuser) may finish it. Written under
+``readwrite`` and committed with ``COMMIT PREPARED`` after the downgrade, its rows would land;
+left prepared by a caller whose grant is then revoked, it holds its locks and the cluster's
+oldest transaction for ever. So a changed grant rolls back the role's prepared transactions
+from before the change, and a revoked grant all of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import trio
 from e2e_support import RawSession, create_app_database, e2e_env, wait_running
+from fixtures_pg import PrivatePg
 from pgcluster import PgCluster
 
 from waypoint.app import Running
@@ -199,4 +210,130 @@ async def test_a_transaction_begun_after_the_downgrade_goes_on(
             assert read == "ok:1", read
         finally:
             raw.close()
+        await env.assert_clean()
+
+
+# --- prepared transactions ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["system", "18"], ids=["pg15", "pg18"])
+def pg_2pc(request: pytest.FixtureRequest, private_pg: PrivatePg) -> Iterator[PgCluster]:
+    """A cluster that allows prepared transactions (off by default in PostgreSQL)."""
+    with private_pg(request.param, settings={"max_prepared_transactions": "8"}) as cluster:
+        yield cluster
+
+
+def _prepared(cluster: PgCluster, role: str) -> list[str]:
+    rows = cluster.execute(
+        "SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE owner = :r ORDER BY 1", r=role
+    )
+    return [str(r[0]) for r in rows]
+
+
+async def test_a_transaction_prepared_before_a_downgrade_cannot_be_committed_after_it(
+    pg_2pc: PgCluster, tmp_path: Path
+) -> None:
+    """A readwrite caller prepares a transaction holding an insert (its session is then
+    idle, outside any transaction); its grant becomes readonly; ``COMMIT PREPARED`` must not
+    land the row. The gid carries a quote and a backslash: it reaches the admin's SQL only
+    as a literal."""
+    pg = pg_2pc
+    db = create_app_database(pg)
+    gid = "w'\\'; x"
+    async with e2e_env(pg, tmp_path, revalidation_interval="1s") as env:
+        env.grant(PEER, {db: RW})
+        raw = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
+        try:
+            prepared = await trio.to_thread.run_sync(
+                lambda: raw.read_result_of(
+                    "BEGIN; INSERT INTO public.t VALUES (2, 'rw'); "
+                    f"PREPARE TRANSACTION E'{gid.replace(chr(92), chr(92) * 2).replace(chr(39), chr(39) * 2)}'"
+                )
+            )
+            assert not prepared.startswith("error"), prepared
+            role = await trio.to_thread.run_sync(_role_of, pg, raw.pid)
+            assert await trio.to_thread.run_sync(_prepared, pg, role) == [gid]
+            env.grant(PEER, {db: RO})
+            await _wait_downgrade_applied(env.running, pg, role, db)
+            committed = await trio.to_thread.run_sync(
+                _outcome,
+                raw,
+                f"COMMIT PREPARED E'{gid.replace(chr(92), chr(92) * 2).replace(chr(39), chr(39) * 2)}'",
+            )
+            assert await trio.to_thread.run_sync(_ids, pg, db) == [1], committed
+            assert await trio.to_thread.run_sync(_prepared, pg, role) == []
+        finally:
+            raw.close()
+        await env.assert_clean()
+
+
+async def test_a_revoked_readonly_caller_leaves_no_prepared_transaction_holding_locks(
+    pg_2pc: PgCluster, tmp_path: Path
+) -> None:
+    """With the weakest grant: a readonly caller reads a table in a transaction and prepares
+    it, which keeps the table's lock (and the oldest transaction) after its session. Its grant
+    is revoked: nothing of it may stay, so the table's owner can take its lock again."""
+    pg = pg_2pc
+    db = create_app_database(pg)
+    async with e2e_env(pg, tmp_path, revalidation_interval="1s") as env:
+        env.grant(PEER, {db: RO})
+        raw = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
+        try:
+            prepared = await trio.to_thread.run_sync(
+                lambda: raw.read_result_of(
+                    "BEGIN; SELECT pg_catalog.count(*) FROM public.t; PREPARE TRANSACTION 'hold'"
+                )
+            )
+            assert not prepared.startswith("error"), prepared
+            role = await trio.to_thread.run_sync(_role_of, pg, raw.pid)
+            env.grant(PEER, rules=[])
+            fatal = await trio.to_thread.run_sync(lambda: raw.read_until_closed(timeout=15))
+            assert fatal.get("C") == "28000", fatal
+        finally:
+            raw.close()
+        with trio.fail_after(BOUND):
+            while await trio.to_thread.run_sync(_prepared, pg, role):
+                await trio.sleep(0.05)
+        await trio.to_thread.run_sync(
+            lambda: pg.execute(
+                f"SET ROLE {pg.admin_user}; SET lock_timeout = '5s'; "
+                "BEGIN; LOCK TABLE public.t IN ACCESS EXCLUSIVE MODE; COMMIT",
+                dbname=db,
+            )
+        )
+        await env.assert_clean()
+
+
+async def test_a_transaction_prepared_in_an_ended_session_cannot_be_committed_after_a_downgrade(
+    pg_2pc: PgCluster, tmp_path: Path
+) -> None:
+    """The same without a live session for revalidation to find: the caller prepares, leaves,
+    and comes back after its grant became readonly; the provision that lowers its role
+    rolls the prepared transaction back before its ``COMMIT PREPARED`` can run."""
+    pg = pg_2pc
+    db = create_app_database(pg)
+    async with e2e_env(pg, tmp_path) as env:
+        env.grant(PEER, {db: RW})
+        raw = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
+        try:
+            prepared = await trio.to_thread.run_sync(
+                lambda: raw.read_result_of(
+                    "BEGIN; INSERT INTO public.t VALUES (2, 'rw'); PREPARE TRANSACTION 'later'"
+                )
+            )
+            assert not prepared.startswith("error"), prepared
+            role = await trio.to_thread.run_sync(_role_of, pg, raw.pid)
+        finally:
+            raw.close()
+        await env.assert_clean()
+        env.grant(PEER, {db: RO})
+        again = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
+        try:
+            assert await trio.to_thread.run_sync(_role_of, pg, again.pid) == role
+            assert not await trio.to_thread.run_sync(_may, pg, role, db, "public.t", "INSERT")
+            committed = await trio.to_thread.run_sync(_outcome, again, "COMMIT PREPARED 'later'")
+            assert await trio.to_thread.run_sync(_ids, pg, db) == [1], committed
+            assert committed.startswith("error:42704:"), committed
+        finally:
+            again.close()
         await env.assert_clean()

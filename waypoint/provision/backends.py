@@ -14,8 +14,9 @@ from datetime import datetime
 from typing import Final
 
 import trio
+from pg8000.native import identifier
 
-from waypoint.provision.admin import AdminPools, AdminSession
+from waypoint.provision.admin import AdminError, AdminPools, AdminSession
 
 #: How often ``pg_stat_activity`` is read while waiting for a terminated backend to go.
 POLL_INTERVAL: Final = 0.05
@@ -52,6 +53,12 @@ _TERMINATE_OLD: Final = (
     f"SELECT a.pid {_OLD_TRANSACTIONS} OFFSET 0) AS s"
 )
 _SERVER_NOW: Final = "SELECT pg_catalog.clock_timestamp()"
+# Transactions of the role prepared (PREPARE TRANSACTION) before ``:before``, and where.
+_PREPARED: Final = (
+    "SELECT p.gid, p.database::pg_catalog.text FROM pg_catalog.pg_prepared_xacts AS p "
+    "WHERE p.owner = :role AND p.prepared < CAST(:before AS pg_catalog.timestamptz) "
+    "ORDER BY p.prepared"
+)
 
 _TERMINATE_PIDS: Final = (
     "SELECT s.pid, pg_catalog.pg_terminate_backend(s.pid) FROM ("
@@ -144,6 +151,49 @@ async def end_transactions_begun_before(
     return await pools.run(database, terminate)
 
 
+def escaped_literal(text: str) -> str:
+    """``text`` as an ``E'...'`` literal: read the same whatever the server's
+    ``standard_conforming_strings`` (a plain ``'...'`` literal holding a backslash is not)."""
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+async def rollback_prepared(pools: AdminPools, role: str, before: datetime) -> list[str]:
+    """``ROLLBACK PREPARED`` every transaction ``role`` prepared before ``before`` (the
+    server's clock); returns their gids. A prepared transaction has left its session: it
+    keeps its rows (to be committed by its owner whenever it likes), its locks and the
+    cluster's oldest transaction, whatever happens to the session or the grant. Only its
+    owner or a superuser may finish it, so the admin does it as the role (``SET ROLE``: it
+    is a member of each role it provisions) in the transaction's database, on a session that
+    is closed afterwards rather than pooled with the role set. The gid is the caller's text:
+    it reaches SQL only as an escaped literal. One already finished is skipped; any other
+    failure is raised once every gid was tried."""
+
+    def listed(sess: AdminSession) -> list[tuple[str, str]]:
+        return [(str(r[0]), str(r[1])) for r in sess.run(_PREPARED, role=role, before=before)]
+
+    done: list[str] = []
+    failed: AdminError | None = None
+    for gid, database in await pools.run(pools.admin_database, listed):
+
+        def rollback(sess: AdminSession, gid: str = gid) -> None:
+            try:
+                sess.run(f"SET ROLE {identifier(role)}")
+                sess.run(f"ROLLBACK PREPARED {escaped_literal(gid)}")
+            finally:
+                sess.close()
+
+        try:
+            await pools.run(database, rollback)
+        except AdminError as exc:
+            if exc.sqlstate != "42704":  # finished by its owner meanwhile
+                failed = failed or exc
+            continue
+        done.append(gid)
+    if failed is not None:
+        raise failed
+    return done
+
+
 async def terminate_pids(pools: AdminPools, role: str, pids: Collection[int]) -> list[int]:
     """Terminate those of ``pids`` that are still backends of ``role``; returns them."""
 
@@ -166,6 +216,8 @@ async def server_max_connections(pools: AdminPools) -> int:
 __all__ = [
     "cancel_role_statements",
     "end_transactions_begun_before",
+    "escaped_literal",
+    "rollback_prepared",
     "server_max_connections",
     "server_now",
     "terminate_pid",

@@ -50,6 +50,7 @@ from waypoint.provision.apply import (
     provision_txn,
     strip_txn,
 )
+from waypoint.provision.backends import rollback_prepared, server_now
 from waypoint.provision.dialect import CockroachDialect, Dialect, detect_dialect
 from waypoint.provision.disarm import disarm_everywhere
 from waypoint.provision.flight import Flight, LeaderGone, RoleState, wait_for
@@ -427,7 +428,9 @@ class Provisioner:
                     change = PasswordChange(
                         verifier, valid_until, role_settings(self._pg, role, info)
                     )
-                    await self._run_txn(plan, change, info)
+                    result = await self._run_txn(plan, change, info)
+                    if result.revoked and not isinstance(info.dialect, CockroachDialect):
+                        await self._rollback_prepared(role)
                 except BaseException:
                     with trio.CancelScope(shield=True):
                         await self._locks.release(lease)
@@ -450,6 +453,21 @@ class Provisioner:
         owner = naming.role_owner(identity, grant.listener, grant.database, grant.preset_cap)
         self._cache.put(role, CachedSecret(secret, keys, valid_until, fingerprint, owner))
         return Credentials(role, secret, keys, valid_until, True), lease
+
+    async def _rollback_prepared(self, role: str) -> None:
+        """The provision took privileges from the role: the transactions it prepared before
+        (in a session that may be long gone) hold rows written and locks taken under them,
+        which a ``COMMIT PREPARED`` would otherwise land now. They are rolled back before the
+        caller gets its login (a failure fails the provision)."""
+        gids = await rollback_prepared(self._pools, role, await server_now(self._pools))
+        if gids:
+            log.info(
+                "role_prepared_rolled_back",
+                listener=self._listener.name,
+                role=role,
+                count=len(gids),
+                reason="grant_changed",
+            )
 
     def _plan(
         self,

@@ -1,11 +1,13 @@
 """Revalidation: every ``interval``, re-identify each live session and re-evaluate its
 grant. Unchanged: extend the role's VALID UNTIL (batched per role). Changed but still granted:
 reconcile the role live, cancel the statements its backends are running (they started under
-the old privileges) and end the transactions they hold open from before the change, and apply tightened limits to the open sessions (a passed
+the old privileges), end the transactions they hold open from before the change and roll back
+the ones the role prepared before it, and apply tightened limits to the open sessions (a passed
 ``max_conn_duration`` or ``max_bytes_per_conn``, or more sessions than ``max_conns``, end
 with the limit's FATAL 53400). Gone, or identity lookup failing: FATAL, close; a grant that is
 gone strips the role and ends every backend of it, not only this instance's sessions (those
-of other instances, orphans of a crashed one, direct logins with a self-set password)."""
+of other instances, orphans of a crashed one, direct logins with a self-set password), and
+rolls back every transaction it prepared."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from waypoint.observability.log import get_logger
 from waypoint.provision.backends import (
     cancel_role_statements,
     end_transactions_begun_before,
+    rollback_prepared,
     server_now,
     terminate_role_backends,
 )
@@ -140,6 +143,7 @@ async def revalidate_once(
     # instance's own sessions of it end through their session's end (FATAL first).
     for (_, role, _), ctx in sorted(stripped.items(), key=lambda kv: kv[0][:2]):
         await _end_role_backends(ctx, registry, role)
+        await _rollback_prepared(ctx, role, "access_revoked")
     for (_, principal), ctx in sorted(changed_principals.items(), key=lambda kv: kv[0]):
         await _enforce_max_conns(ctx, registry, principal)
     for provisioner, (listener, roles) in extend.items():
@@ -204,7 +208,7 @@ async def _stop_old_work(ctx: ListenerContext, role: str) -> None:
         )
     except Exception as exc:
         log.error("role_statements_cancel_failed", role=role, error=str(exc))
-        return
+        cancelled, ended = [], []
     if cancelled:
         log.info("role_statements_cancelled", role=role, pids=cancelled, reason="grant_changed")
     if ended:
@@ -212,6 +216,21 @@ async def _stop_old_work(ctx: ListenerContext, role: str) -> None:
             ctx.listener.name, "grant_changed_in_transaction", "pg_terminate_backend", len(ended)
         )
         log.info("role_transactions_ended", role=role, pids=ended, reason="grant_changed")
+    await _rollback_prepared(ctx, role, "grant_changed")
+
+
+async def _rollback_prepared(ctx: ListenerContext, role: str, reason: str) -> None:
+    """Roll back the transactions the role prepared until now: each holds rows written, and
+    locks taken, under privileges the role no longer has (after the old transactions were
+    ended, one prepared later began under the new ones)."""
+    pools = ctx.provisioner.pools
+    try:
+        gids = await rollback_prepared(pools, role, await server_now(pools))
+    except Exception as exc:
+        log.error("role_prepared_rollback_failed", role=role, error=str(exc))
+        return
+    if gids:
+        log.info("role_prepared_rolled_back", role=role, count=len(gids), reason=reason)
 
 
 def _apply_limits(live: LiveSession, old: EffectiveGrant) -> None:
