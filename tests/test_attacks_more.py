@@ -22,16 +22,19 @@ from before the change, and a revoked grant all of them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
-from e2e_support import RawSession, create_app_database, e2e_env, wait_running
+from e2e_support import E2EEnv, RawSession, create_app_database, e2e_env, wait_running
 from fixtures_pg import PrivatePg
 from pgcluster import PgCluster
 
 from waypoint.app import Running
+from waypoint.provision.backends import escaped_literal
 
 BOUND = 20.0
 RW = {"permissions": ["readwrite"]}
@@ -79,9 +82,8 @@ async def _wait_downgrade_applied(
     lost: tuple[str, str] = ("public.t", "INSERT"),
 ) -> None:
     """Until the role has lost ``lost`` (table, privilege) and the revalidation pass that
-    took it away is over:
-    the next pass has started (passes run one after another; one is counted only while a
-    session is open), or no session is left."""
+    took it away is over: the next pass has started (passes run one after another; one is
+    counted only while a session is open), or no session is left."""
     with trio.fail_after(BOUND):
         while await trio.to_thread.run_sync(_may, cluster, role, db, *lost):
             await trio.sleep(0.05)
@@ -98,6 +100,23 @@ def _outcome(raw: RawSession, sql: str) -> str:
         return "closed"
 
 
+@contextlib.asynccontextmanager
+async def _caller(
+    env: E2EEnv, db: str, grant: Mapping[str, Any], first: str | None = None
+) -> AsyncIterator[tuple[RawSession, str]]:
+    """The peer holding ``grant`` on ``db``, logged in, having run ``first`` without an
+    error: its session and its role (the session is closed at the end of the block)."""
+    env.grant(PEER, {db: grant})
+    raw = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
+    try:
+        if first is not None:
+            result = await trio.to_thread.run_sync(_outcome, raw, first)
+            assert not result.startswith(("error", "closed")), result
+        yield raw, await trio.to_thread.run_sync(_role_of, env.cluster, raw.pid)
+    finally:
+        raw.close()
+
+
 async def test_rows_written_before_a_downgrade_cannot_be_committed_after_it(
     pg: PgCluster, tmp_path: Path
 ) -> None:
@@ -105,21 +124,13 @@ async def test_rows_written_before_a_downgrade_cannot_be_committed_after_it(
     becomes readonly; its ``COMMIT`` must not land the row."""
     db = create_app_database(pg)
     async with e2e_env(pg, tmp_path, revalidation_interval="1s") as env:
-        env.grant(PEER, {db: RW})
-        raw = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
-        try:
-            begun = await trio.to_thread.run_sync(
-                lambda: raw.read_result_of("BEGIN; INSERT INTO public.t VALUES (2, 'rw')")
-            )
-            assert not begun.startswith("error"), begun
-            role = await trio.to_thread.run_sync(_role_of, pg, raw.pid)
+        first = "BEGIN; INSERT INTO public.t VALUES (2, 'rw')"
+        async with _caller(env, db, RW, first) as (raw, role):
             env.grant(PEER, {db: RO})
             await _wait_downgrade_applied(env.running, pg, role, db)
             committed = await trio.to_thread.run_sync(_outcome, raw, "COMMIT")
             assert await trio.to_thread.run_sync(_ids, pg, db) == [1], committed
             assert not committed.startswith("ok"), committed
-        finally:
-            raw.close()
         await env.assert_clean()
 
 
@@ -131,14 +142,12 @@ async def test_a_cancelled_statement_cannot_be_rolled_back_to_a_savepoint_and_co
     the row must not land."""
     db = create_app_database(pg)
     async with e2e_env(pg, tmp_path, revalidation_interval="1s") as env:
-        env.grant(PEER, {db: RW})
-        raw = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
-        try:
+        async with _caller(env, db, RW) as (raw, role):
             raw.send_query(
                 "BEGIN; INSERT INTO public.t VALUES (2, 'rw'); SAVEPOINT s; "
                 "SELECT pg_catalog.pg_sleep(30)"
             )
-            role = await wait_running(pg, raw.pid, "pg_sleep")
+            await wait_running(pg, raw.pid, "pg_sleep")
             env.grant(PEER, {db: RO})
             await _wait_downgrade_applied(env.running, pg, role, db)
             cancelled = await trio.to_thread.run_sync(lambda: raw.read_result(timeout=15))
@@ -146,8 +155,6 @@ async def test_a_cancelled_statement_cannot_be_rolled_back_to_a_savepoint_and_co
             revived = await trio.to_thread.run_sync(_outcome, raw, "ROLLBACK TO SAVEPOINT s")
             committed = await trio.to_thread.run_sync(_outcome, raw, "COMMIT")
             assert await trio.to_thread.run_sync(_ids, pg, db) == [1], (revived, committed)
-        finally:
-            raw.close()
         await env.assert_clean()
 
 
@@ -167,20 +174,12 @@ async def test_a_cursor_opened_before_a_downgrade_reads_nothing_after_it(
     both = {"permissions": ["readonly"], "schemas": ["public", "secret"]}
     public = {"permissions": ["readonly"], "schemas": ["public"]}
     async with e2e_env(pg, tmp_path, revalidation_interval="1s") as env:
-        env.grant(PEER, {db: both})
-        raw = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
-        try:
-            opened = await trio.to_thread.run_sync(
-                lambda: raw.read_result_of("BEGIN; DECLARE c CURSOR FOR SELECT v FROM secret.s")
-            )
-            assert not opened.startswith("error"), opened
-            role = await trio.to_thread.run_sync(_role_of, pg, raw.pid)
+        first = "BEGIN; DECLARE c CURSOR FOR SELECT v FROM secret.s"
+        async with _caller(env, db, both, first) as (raw, role):
             env.grant(PEER, {db: public})
             await _wait_downgrade_applied(env.running, pg, role, db, ("secret.s", "SELECT"))
             fetched = await trio.to_thread.run_sync(_outcome, raw, "FETCH ALL FROM c")
             assert "classified" not in fetched, fetched
-        finally:
-            raw.close()
         await env.assert_clean()
 
 
@@ -192,24 +191,18 @@ async def test_a_transaction_begun_after_the_downgrade_goes_on(
     grant (a write is refused, a read works)."""
     db = create_app_database(pg)
     async with e2e_env(pg, tmp_path, revalidation_interval="1s") as env:
-        env.grant(PEER, {db: RW})
-        raw = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
-        try:
-            assert await trio.to_thread.run_sync(lambda: raw.read_result_of("select 1")) == "ok:1"
-            role = await trio.to_thread.run_sync(_role_of, pg, raw.pid)
+        async with _caller(env, db, RW, "select 1") as (raw, role):
             env.grant(PEER, {db: RO})
             await _wait_downgrade_applied(env.running, pg, role, db)
             refused = await trio.to_thread.run_sync(
-                lambda: raw.read_result_of("BEGIN; INSERT INTO public.t VALUES (3, 'ro')")
+                _outcome, raw, "BEGIN; INSERT INTO public.t VALUES (3, 'ro')"
             )
             assert refused.startswith("error:42501:"), refused
-            assert await trio.to_thread.run_sync(lambda: raw.read_result_of("ROLLBACK")) == ""
+            assert await trio.to_thread.run_sync(_outcome, raw, "ROLLBACK") == ""
             read = await trio.to_thread.run_sync(
-                lambda: raw.read_result_of("SELECT pg_catalog.count(*) FROM public.t")
+                _outcome, raw, "SELECT pg_catalog.count(*) FROM public.t"
             )
             assert read == "ok:1", read
-        finally:
-            raw.close()
         await env.assert_clean()
 
 
@@ -240,30 +233,19 @@ async def test_a_transaction_prepared_before_a_downgrade_cannot_be_committed_aft
     pg = pg_2pc
     db = create_app_database(pg)
     gid = "w'\\'; x"
+    first = (
+        f"BEGIN; INSERT INTO public.t VALUES (2, 'rw'); PREPARE TRANSACTION {escaped_literal(gid)}"
+    )
     async with e2e_env(pg, tmp_path, revalidation_interval="1s") as env:
-        env.grant(PEER, {db: RW})
-        raw = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
-        try:
-            prepared = await trio.to_thread.run_sync(
-                lambda: raw.read_result_of(
-                    "BEGIN; INSERT INTO public.t VALUES (2, 'rw'); "
-                    f"PREPARE TRANSACTION E'{gid.replace(chr(92), chr(92) * 2).replace(chr(39), chr(39) * 2)}'"
-                )
-            )
-            assert not prepared.startswith("error"), prepared
-            role = await trio.to_thread.run_sync(_role_of, pg, raw.pid)
+        async with _caller(env, db, RW, first) as (raw, role):
             assert await trio.to_thread.run_sync(_prepared, pg, role) == [gid]
             env.grant(PEER, {db: RO})
             await _wait_downgrade_applied(env.running, pg, role, db)
             committed = await trio.to_thread.run_sync(
-                _outcome,
-                raw,
-                f"COMMIT PREPARED E'{gid.replace(chr(92), chr(92) * 2).replace(chr(39), chr(39) * 2)}'",
+                _outcome, raw, f"COMMIT PREPARED {escaped_literal(gid)}"
             )
             assert await trio.to_thread.run_sync(_ids, pg, db) == [1], committed
             assert await trio.to_thread.run_sync(_prepared, pg, role) == []
-        finally:
-            raw.close()
         await env.assert_clean()
 
 
@@ -275,22 +257,12 @@ async def test_a_revoked_readonly_caller_leaves_no_prepared_transaction_holding_
     is revoked: nothing of it may stay, so the table's owner can take its lock again."""
     pg = pg_2pc
     db = create_app_database(pg)
+    first = "BEGIN; SELECT pg_catalog.count(*) FROM public.t; PREPARE TRANSACTION 'hold'"
     async with e2e_env(pg, tmp_path, revalidation_interval="1s") as env:
-        env.grant(PEER, {db: RO})
-        raw = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
-        try:
-            prepared = await trio.to_thread.run_sync(
-                lambda: raw.read_result_of(
-                    "BEGIN; SELECT pg_catalog.count(*) FROM public.t; PREPARE TRANSACTION 'hold'"
-                )
-            )
-            assert not prepared.startswith("error"), prepared
-            role = await trio.to_thread.run_sync(_role_of, pg, raw.pid)
+        async with _caller(env, db, RO, first) as (raw, role):
             env.grant(PEER, rules=[])
             fatal = await trio.to_thread.run_sync(lambda: raw.read_until_closed(timeout=15))
             assert fatal.get("C") == "28000", fatal
-        finally:
-            raw.close()
         with trio.fail_after(BOUND):
             while await trio.to_thread.run_sync(_prepared, pg, role):
                 await trio.sleep(0.05)
@@ -312,28 +284,15 @@ async def test_a_transaction_prepared_in_an_ended_session_cannot_be_committed_af
     rolls the prepared transaction back before its ``COMMIT PREPARED`` can run."""
     pg = pg_2pc
     db = create_app_database(pg)
+    first = "BEGIN; INSERT INTO public.t VALUES (2, 'rw'); PREPARE TRANSACTION 'later'"
     async with e2e_env(pg, tmp_path) as env:
-        env.grant(PEER, {db: RW})
-        raw = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
-        try:
-            prepared = await trio.to_thread.run_sync(
-                lambda: raw.read_result_of(
-                    "BEGIN; INSERT INTO public.t VALUES (2, 'rw'); PREPARE TRANSACTION 'later'"
-                )
-            )
-            assert not prepared.startswith("error"), prepared
-            role = await trio.to_thread.run_sync(_role_of, pg, raw.pid)
-        finally:
-            raw.close()
+        async with _caller(env, db, RW, first) as (_, role):
+            pass
         await env.assert_clean()
-        env.grant(PEER, {db: RO})
-        again = await trio.to_thread.run_sync(lambda: RawSession.open(env, db, source=PEER))
-        try:
-            assert await trio.to_thread.run_sync(_role_of, pg, again.pid) == role
+        async with _caller(env, db, RO) as (again, role_again):
+            assert role_again == role
             assert not await trio.to_thread.run_sync(_may, pg, role, db, "public.t", "INSERT")
             committed = await trio.to_thread.run_sync(_outcome, again, "COMMIT PREPARED 'later'")
             assert await trio.to_thread.run_sync(_ids, pg, db) == [1], committed
             assert committed.startswith("error:42704:"), committed
-        finally:
-            again.close()
         await env.assert_clean()
