@@ -583,6 +583,10 @@ class Provisioner:
     def pools(self) -> AdminPools:
         return self._pools
 
+    async def members_can_set_role(self) -> bool:
+        """Whether the server lets a role ``SET ROLE`` to its groups (see the dialect)."""
+        return (await self._server_info()).dialect.members_can_set_role
+
     async def reconcile(self, identity: Identity, grant: EffectiveGrant) -> None:
         """Bring the role's memberships to ``grant`` (a revalidation downgrade); no new secret."""
         cid = new_correlation_id()

@@ -35,6 +35,12 @@ from waypoint.state.base import SlotUsage
 
 log = get_logger("revalidation")
 
+#: Why a session ends when its role left a group on a server where it could have switched
+#: to that group: the switch outlives the membership, and Waypoint cannot see it.
+_GROUP_LEFT = (
+    "the grant no longer includes a group role this session may have switched to with SET ROLE"
+)
+
 # A pass never takes longer than this (each LocalAPI call and admin statement has its own bound).
 PASS_BOUND = 60.0
 
@@ -60,6 +66,8 @@ async def revalidate_once(
     stripped: dict[tuple[str, str, Provisioner], ListenerContext] = {}
     reconciled: set[tuple[str, str, Provisioner]] = set()
     cancelled: set[tuple[str, str, Provisioner]] = set()
+    # Roles whose sessions all end: they left a group they may have SET ROLE to.
+    regrouped: dict[tuple[str, str, Provisioner], ListenerContext] = {}
     changed_principals: dict[tuple[str, str], ListenerContext] = {}
     for live in sessions:
         if live.ended_by is not None or live.closing:
@@ -127,6 +135,12 @@ async def revalidate_once(
                     str(exc),
                 )
                 continue
+        if key in regrouped or (
+            live.grant.privileges - grant.privileges and await _members_can_set_role(ctx)
+        ):
+            regrouped[key] = ctx
+            _end(ctx, live, "group_left", _GROUP_LEFT, None)
+            continue
         privileges_changed = (grant.privileges, grant.custom) != (
             live.grant.privileges,
             live.grant.custom,
@@ -142,8 +156,11 @@ async def revalidate_once(
     # Every backend of a role whose grant is gone ends, wherever it came from. This
     # instance's own sessions of it end through their session's end (FATAL first).
     for (_, role, _), ctx in sorted(stripped.items(), key=lambda kv: kv[0][:2]):
-        await _end_role_backends(ctx, registry, role)
+        await _end_role_backends(ctx, registry, role, "access_revoked")
         await _rollback_prepared(ctx, role, "access_revoked")
+    for (_, role, _), ctx in sorted(regrouped.items(), key=lambda kv: kv[0][:2]):
+        await _end_role_backends(ctx, registry, role, "group_left")
+        await _rollback_prepared(ctx, role, "grant_changed")
     for (_, principal), ctx in sorted(changed_principals.items(), key=lambda kv: kv[0]):
         await _enforce_max_conns(ctx, registry, principal)
     for provisioner, (listener, roles) in extend.items():
@@ -178,7 +195,9 @@ def _close_pooled(ctx: ListenerContext, role: str) -> None:
         ctx.pool.close_role(ctx.listener.backend_address, role, "role_closed")
 
 
-async def _end_role_backends(ctx: ListenerContext, registry: SessionRegistry, role: str) -> None:
+async def _end_role_backends(
+    ctx: ListenerContext, registry: SessionRegistry, role: str, reason: str
+) -> None:
     keep = registry.backend_pids(ctx.listener.name)
     try:
         pids = await terminate_role_backends(ctx.provisioner.pools, role, keep)
@@ -187,9 +206,18 @@ async def _end_role_backends(ctx: ListenerContext, registry: SessionRegistry, ro
         return
     if pids:
         ctx.metrics.backend_ended(
-            ctx.listener.name, "access_revoked_role", "pg_terminate_backend", len(pids)
+            ctx.listener.name, f"{reason}_role", "pg_terminate_backend", len(pids)
         )
-        log.info("role_backends_ended", role=role, pids=pids, reason="access_revoked")
+        log.info("role_backends_ended", role=role, pids=pids, reason=reason)
+
+
+async def _members_can_set_role(ctx: ListenerContext) -> bool:
+    """Whether the backend lets roles ``SET ROLE`` to their groups (unknown: yes)."""
+    try:
+        return await ctx.provisioner.members_can_set_role()
+    except Exception as exc:
+        log.error("server_info_failed", error=str(exc))
+        return True
 
 
 async def _stop_old_work(ctx: ListenerContext, role: str) -> None:
