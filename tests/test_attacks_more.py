@@ -219,8 +219,11 @@ async def test_a_transaction_begun_after_the_downgrade_goes_on(
 
 @pytest.fixture(scope="module", params=["system", "18"], ids=["pg15", "pg18"])
 def pg_2pc(request: pytest.FixtureRequest, private_pg: PrivatePg) -> Iterator[PgCluster]:
-    """A cluster that allows prepared transactions (off by default in PostgreSQL)."""
-    with private_pg(request.param, settings={"max_prepared_transactions": "8"}) as cluster:
+    """A cluster that allows prepared transactions (off by default in PostgreSQL), with
+    ``standard_conforming_strings`` off (a legacy setting some servers keep), where a plain
+    ``'...'`` literal holding a backslash would end early."""
+    settings = {"max_prepared_transactions": "8", "standard_conforming_strings": "off"}
+    with private_pg(request.param, settings=settings) as cluster:
         yield cluster
 
 
