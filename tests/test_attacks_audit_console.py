@@ -1,0 +1,275 @@
+"""Attacks on the statement audit and the console, as a caller with the weakest grant
+(``readonly``), a console caller with ``"console": "read"``, or a hostile client speaking
+the protocol by hand; real PostgreSQL 15 and 18 behind Waypoint where a backend is involved.
+
+Each test states the attack and what must hold. Attacks the product does not stop yet are
+``xfail(strict=True)`` with the reason: they fail today and must start passing with the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import struct
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from e2e_support import E2EEnv, RawSession, create_app_database, e2e_env
+from pgcluster import PgCluster
+
+from waypoint.audit.chain import verify
+
+LOGIN = "mallory@example.com"
+NODE = "mallory-laptop"
+#: What the attacker wants to read, and what it wants the audit to say it ran instead.
+SECRET_QUERY = "select v from t /* the-real-read */"
+DECOY_QUERY = "select 'harmless' /* decoy */"
+
+
+# -- the protocol, by hand --------------------------------------------------------------------
+
+
+def _msg(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!i", len(body) + 4) + body
+
+
+def parse(name: str, sql: str) -> bytes:
+    return _msg(b"P", name.encode() + b"\0" + sql.encode() + b"\0" + struct.pack("!h", 0))
+
+
+def bind(portal: str, statement: str) -> bytes:
+    return _msg(
+        b"B",
+        portal.encode() + b"\0" + statement.encode() + b"\0" + struct.pack("!hhh", 0, 0, 0),
+    )
+
+
+def execute(portal: str = "") -> bytes:
+    return _msg(b"E", portal.encode() + b"\0" + struct.pack("!i", 0))
+
+
+def close_statement(name: str) -> bytes:
+    return _msg(b"C", b"S" + name.encode() + b"\0")
+
+
+def query(sql: str) -> bytes:
+    return _msg(b"Q", sql.encode() + b"\0")
+
+
+SYNC = _msg(b"S", b"")
+
+
+def read_until_ready(raw: RawSession) -> list[tuple[bytes, bytes]]:
+    """Every message up to and including the next ReadyForQuery."""
+    raw.sock.settimeout(20)
+    out = []
+    while True:
+        kind, payload = raw.read_message()
+        out.append((kind, payload))
+        if kind == b"Z":
+            return out
+
+
+def data_rows(messages: Sequence[tuple[bytes, bytes]]) -> list[str]:
+    """The first column of every DataRow, as text."""
+    rows = []
+    for kind, payload in messages:
+        if kind == b"D":
+            (n,) = struct.unpack("!i", payload[2:6])
+            rows.append(payload[6 : 6 + n].decode())
+    return rows
+
+
+def sqlstates(messages: Sequence[tuple[bytes, bytes]]) -> list[str]:
+    out = []
+    for kind, payload in messages:
+        if kind == b"E":
+            for field in payload.split(b"\0"):
+                if field[:1] == b"C":
+                    out.append(field[1:].decode())
+    return out
+
+
+# -- the audited deployment -------------------------------------------------------------------
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+async def wait_for(path: Path, pred: Any, what: str, bound: float = 20.0) -> list[dict[str, Any]]:
+    """Poll the audit file (bounded) until ``pred(records)`` holds."""
+    with trio.move_on_after(bound):
+        while True:
+            recs = records(path)
+            if pred(recs):
+                return recs
+            await trio.sleep(0.05)
+    raise AssertionError(f"audit file never showed {what}: {records(path)[-10:]}")
+
+
+@contextlib.asynccontextmanager
+async def readonly_env(pg: PgCluster, tmp_path: Path) -> AsyncIterator[tuple[E2EEnv, str, Path]]:
+    """Waypoint with the audit on and a fresh database the attacker (127.0.0.1) may only
+    read: (env, database, audit file)."""
+    db = create_app_database(pg)
+    path = tmp_path / "audit.jsonl"
+    audit = f'[audit]\nenabled = true\nsink = "file"\nfile = "{path}"\nparameters = "hash"\n'
+    async with e2e_env(pg, tmp_path, tables_extra=audit) as env:
+        env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}}, login=LOGIN, node=NODE)
+        yield env, db, path
+
+
+def _executes_with_results(recs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    results = {r["statement_id"]: r for r in recs if r["event"] == "result"}
+    return [
+        (r, results[r["statement_id"]])
+        for r in recs
+        if r["event"] == "execute" and r["statement_id"] in results
+    ]
+
+
+async def _run_and_read_audit(
+    env: E2EEnv, db: str, path: Path, steps: Sequence[bytes]
+) -> tuple[list[list[tuple[bytes, bytes]]], list[dict[str, Any]]]:
+    """Send each step (ending in Sync or a Query) and read its answer; then the audit of
+    the session once its last execute has a result."""
+
+    def work() -> list[list[tuple[bytes, bytes]]]:
+        raw = RawSession.open(env, db)
+        try:
+            answers = []
+            for step in steps:
+                raw.sock.sendall(step)
+                answers.append(read_until_ready(raw))
+            return answers
+        finally:
+            raw.sock.close()
+
+    answers = await trio.to_thread.run_sync(work)
+    last_exec_id = None
+
+    def done(recs: list[dict[str, Any]]) -> bool:
+        nonlocal last_exec_id
+        execs = [r for r in recs if r["event"] == "execute"]
+        if not execs:
+            return False
+        last_exec_id = execs[-1]["statement_id"]
+        return any(r["event"] == "result" and r["statement_id"] == last_exec_id for r in recs)
+
+    recs = await wait_for(path, done, "the last execute's result")
+    assert verify([str(path)]).problem is None
+    return answers, recs
+
+
+def _the_secret_ran_recorded_as(
+    answers: list[list[tuple[bytes, bytes]]], recs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The server ran the secret read (its row came back); the execute record of it."""
+    assert data_rows(answers[-1]) == ["one"], answers[-1]
+    (execute_rec, result), *_ = reversed(_executes_with_results(recs))
+    assert result["status"] == "ok" and result["tag"] == "SELECT 1"
+    assert execute_rec["login"] == LOGIN and execute_rec["node"] == NODE
+    return execute_rec
+
+
+# -- audit: the text of an Execute ------------------------------------------------------------
+
+C_TRACKER_FIX = (
+    "the C tracker (waypoint/proxy/relay/_audit.h) and its Python reference update their "
+    "prepared-statement table at every Parse the client sends, not when the server confirms "
+    "it (ParseComplete), so a Parse the server refuses or skips renames what a later Execute "
+    "ran; a fix in C is needed (see the branch report)"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=C_TRACKER_FIX)
+async def test_a_refused_reparse_does_not_rename_what_an_execute_ran(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """Parse "s" as the real read; Parse "s" again as a decoy, which the server refuses
+    (42P05: the name exists) and so keeps the first text; Execute "s". The execute record
+    must carry the text that ran, not the decoy's."""
+    with trio.fail_after(120):
+        async with readonly_env(pg, tmp_path) as (env, db, path):
+            answers, recs = await _run_and_read_audit(
+                env,
+                db,
+                path,
+                [
+                    parse("s", SECRET_QUERY) + SYNC,
+                    parse("s", DECOY_QUERY) + SYNC,
+                    bind("", "s") + execute() + SYNC,
+                ],
+            )
+    assert sqlstates(answers[1]) == ["42P05"]
+    assert _the_secret_ran_recorded_as(answers, recs)["text"] == SECRET_QUERY
+
+
+@pytest.mark.xfail(strict=True, reason=C_TRACKER_FIX)
+async def test_a_parse_the_server_skips_after_an_error_does_not_rename_a_statement(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """After an error in an extended-protocol pipeline the server ignores everything up to
+    Sync, a Parse too: Parse "s" as the real read; then Bind of an unknown statement (an
+    error) and Parse "s" as the decoy (skipped); Execute "s". The record must carry the
+    text that ran."""
+    with trio.fail_after(120):
+        async with readonly_env(pg, tmp_path) as (env, db, path):
+            answers, recs = await _run_and_read_audit(
+                env,
+                db,
+                path,
+                [
+                    parse("s", SECRET_QUERY) + SYNC,
+                    bind("", "no_such_statement") + close_statement("s")
+                    + parse("s", DECOY_QUERY) + SYNC,  # fmt: skip
+                    bind("", "s") + execute() + SYNC,
+                ],
+            )
+    assert sqlstates(answers[1]) == ["26000"]
+    assert _the_secret_ran_recorded_as(answers, recs)["text"] == SECRET_QUERY
+
+
+def _sql_replacing_s(route: str) -> str:
+    """SQL that replaces prepared statement "s" by the real read: plainly, or inside a DO
+    block with the text hex-encoded (no PREPARE command tag, nothing to match in the text)."""
+    if route == "sql":
+        return f"deallocate s; prepare s as {SECRET_QUERY}"
+    hidden = SECRET_QUERY.encode().hex()
+    return (
+        "do $$ begin execute 'deallocate s'; execute 'prepare s as ' || "
+        f"convert_from(decode('{hidden}', 'hex'), 'UTF8'); end $$"
+    )
+
+
+@pytest.mark.xfail(strict=True, reason=C_TRACKER_FIX)
+@pytest.mark.parametrize("route", ["sql", "do_block"])
+async def test_sql_prepare_does_not_leave_an_execute_recorded_with_an_old_text(
+    pg: PgCluster, tmp_path: Path, route: str
+) -> None:
+    """SQL's DEALLOCATE and PREPARE (also run from PL/pgSQL, where no command tag shows
+    them) name the same prepared statements as the protocol's Parse: Parse "s" as the
+    decoy; a simple Query replaces "s" by the real read; Execute "s". The execute record
+    must not claim the decoy ran (the text that ran, or no text with a mark that it is
+    unknown)."""
+    with trio.fail_after(120):
+        async with readonly_env(pg, tmp_path) as (env, db, path):
+            answers, recs = await _run_and_read_audit(
+                env,
+                db,
+                path,
+                [
+                    parse("s", DECOY_QUERY) + SYNC,
+                    query(_sql_replacing_s(route)),
+                    bind("", "s") + execute() + SYNC,
+                ],
+            )
+    assert sqlstates(answers[1]) == []
+    assert _the_secret_ran_recorded_as(answers, recs)["text"] != DECOY_QUERY
