@@ -21,7 +21,9 @@ import trio
 from e2e_support import E2EEnv, RawSession, create_app_database, e2e_env
 from pgcluster import PgCluster
 
-from waypoint.audit.chain import verify
+from waypoint.audit.chain import search, verify
+from waypoint.audit.sink import GENESIS, line_hash
+from waypoint.cli.main import main
 
 LOGIN = "mallory@example.com"
 NODE = "mallory-laptop"
@@ -428,3 +430,101 @@ async def test_a_query_the_server_ignores_does_not_shift_results_onto_other_stat
     assert (secret["status"], secret.get("tag")) == ("ok", "SELECT 1"), secret
     ignored = results[by_text["select 'ignored' /* ignored */"]["statement_id"]]
     assert ignored["status"] in ("not_run", "error"), ignored
+
+
+# -- audit: forging or hiding records in the file ---------------------------------------------
+
+#: Texts a client sends hoping to end its record's line and start a forged one (another
+#: login's record), or to break the line for a reader: newlines, JSON, quotes and
+#: backslashes, the Unicode line separators, a NUL cut short, control bytes.
+FORGING_TEXTS = [
+    'select 1 /* "}\n{"seq":99,"prev":"x","login":"victim@example.com","text":"forged"} */',
+    'select 1 /* \\"} ,"login":"victim@example.com" \\u000a */',
+    'select 1 /* \u2028{"login":"victim@example.com"}\u2029 */',
+    "select 1 /* \r\n\x0b\x0c\x1b[2K */",
+]
+
+
+async def test_statement_texts_cannot_forge_or_split_audit_lines(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """Each hostile text (simple Query, and Parse/Bind/Execute), plus a Query whose bytes
+    are not UTF-8: one line per record, each a JSON object with the attacker's identity,
+    nothing attributed to the victim, the text recorded as sent, the chain intact."""
+    with trio.fail_after(120):
+        async with readonly_env(pg, tmp_path) as (env, db, path):
+            steps = [query(text) for text in FORGING_TEXTS]
+            steps += [parse("", text) + bind("", "") + execute() + SYNC for text in FORGING_TEXTS]
+            steps.append(_msg(b"Q", b"select '\xff\xfe\xc0\x80' /* not utf-8 */\0"))
+            answers, recs = await _run_and_read_audit(env, db, path, steps)
+            want = 2 * len(FORGING_TEXTS) + 1  # statements, each with its result
+            recs = await wait_for(
+                path,
+                lambda rs: sum(1 for r in rs if r["event"] == "result") >= want,
+                "every result",
+            )
+    assert sqlstates(answers[-1]) == ["22021"]  # the server refused the bytes; recorded anyway
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == len(recs)
+    assert all(isinstance(r, dict) and r["login"] == LOGIN and r["node"] == NODE for r in recs)
+    texts = [r["text"] for r in recs if r["event"] in ("query", "parse")]
+    assert texts[: len(FORGING_TEXTS)] == FORGING_TEXTS
+    assert texts[len(FORGING_TEXTS) : 2 * len(FORGING_TEXTS)] == FORGING_TEXTS
+    assert texts[-1] == "select '\ufffd\ufffd\ufffd\ufffd' /* not utf-8 */"
+    assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
+    assert list(search([str(path)], login="victim@example.com")) == []
+    assert verify([str(path)]).problem is None
+
+
+# -- `waypoint audit verify` on a tampered file -----------------------------------------------
+
+
+def _chained_lines(n: int) -> list[bytes]:
+    """``n`` records chained as the sink chains them."""
+    lines, prev = [], GENESIS
+    for seq in range(1, n + 1):
+        line = json.dumps(
+            {"seq": seq, "prev": prev, "event": "query", "text": f"select {seq}"},
+            separators=(",", ":"),
+        ).encode()
+        lines.append(line)
+        prev = line_hash(line)
+    return lines
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        pytest.param(b'{"seq":1e999,"prev":"x"}', id="seq_out_of_range"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, id="nested_past_recursion"),
+    ],
+)
+def test_verify_and_search_answer_any_line_without_a_traceback(
+    tmp_path: Path, hostile: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Someone who can write the audit file adds a line no JSON reader expects: verify
+    names it as the first broken link (exit 1), search goes on past it; neither raises."""
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"\n".join([*_chained_lines(3), hostile]) + b"\n")
+    report = verify([str(path)])
+    assert report.records == 3 and report.problem is not None and report.problem.line == 4
+    assert main(["audit", "verify", str(path)]) == 1
+    assert f"{path}:4:" in capsys.readouterr().err
+    assert [r["seq"] for r in search([str(path)])][:3] == [1, 2, 3]
+    assert main(["audit", "search", "--since", "2020-01-01", str(path)]) == 0
+
+
+def test_verify_finds_rotated_files_swapped(tmp_path: Path) -> None:
+    """The chain split over three files, the two rotated ones' contents exchanged (names
+    kept): verify, given the files oldest first, names the first broken link."""
+    lines = _chained_lines(9)
+    files = [tmp_path / name for name in ("audit.jsonl.2", "audit.jsonl.1", "audit.jsonl")]
+    for i, f in enumerate(files):
+        f.write_bytes(b"".join(line + b"\n" for line in lines[3 * i : 3 * i + 3]))
+    names = [str(f) for f in files]
+    assert verify(names).problem is None and verify(names).records == 9
+    older, newer = files[0].read_bytes(), files[1].read_bytes()
+    files[0].write_bytes(newer)
+    files[1].write_bytes(older)
+    problem = verify(names).problem
+    assert problem is not None and (problem.file, problem.line) == (names[1], 1)
