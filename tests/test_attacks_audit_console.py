@@ -366,6 +366,39 @@ async def test_a_statement_pipelined_with_the_startup_never_runs_unrecorded_when
             await env.assert_clean()
 
 
+UNKNOWN_PORTAL_FIX = (
+    "an Execute of a portal the C tracker never saw bound (a cursor made by SQL DECLARE, or "
+    "by PL/pgSQL) is recorded with the unnamed statement's text; it must be recorded with no "
+    "text and no statement (a fix in C, see the branch report)"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=UNKNOWN_PORTAL_FIX)
+async def test_executing_a_sql_cursor_is_not_recorded_as_the_unnamed_statement(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """Parse the unnamed statement as the decoy; DECLARE a cursor over the real read (SQL:
+    a portal no Bind made); Execute that portal by name. The execute record must not carry
+    the decoy's text: it ran the cursor."""
+    with trio.fail_after(120):
+        async with readonly_env(pg, tmp_path) as (env, db, path):
+            answers, recs = await _run_and_read_audit(
+                env,
+                db,
+                path,
+                [
+                    parse("", DECOY_QUERY) + SYNC,
+                    query(f"declare c cursor with hold for {SECRET_QUERY}"),
+                    execute("c") + SYNC,
+                ],
+            )
+    assert sqlstates(answers[1]) == []
+    assert data_rows(answers[-1]) == ["one"]
+    execute_rec = [r for r in recs if r["event"] == "execute"][-1]
+    assert execute_rec["portal"] == "c"
+    assert execute_rec["text"] != DECOY_QUERY, execute_rec
+
+
 # -- audit: results paired with the wrong statement -------------------------------------------
 
 RESULT_PAIRING_FIX = (
