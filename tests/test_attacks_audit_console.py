@@ -561,3 +561,75 @@ def test_verify_finds_rotated_files_swapped(tmp_path: Path) -> None:
     files[1].write_bytes(older)
     problem = verify(names).problem
     assert problem is not None and (problem.file, problem.line) == (names[1], 1)
+
+
+# -- the console: a "read" caller trying to change something ----------------------------------
+
+VICTIM_IP = "127.0.0.2"
+VICTIM = "victim@example.com"
+_KILL = f"KILL LOGIN '{VICTIM}'"
+_LOCK = f"LOCK LOGIN '{VICTIM}' REASON 'gotcha'"
+#: Admin commands dressed up: case, whitespace and comments, a Unicode letter whose upper
+#: case is ASCII (dotless i, long s), behind a driver's no-op statement, behind a SHOW;
+#: each as a simple Query, then through Parse/Bind/Execute (named and unnamed).
+READ_ONLY_ATTEMPTS = [
+    query(_KILL.lower()),
+    query(f"\t-- a comment\n  KiLl\n  LOGIN\n'{VICTIM}' ;"),
+    query(f"K\u0131LL LOGIN '{VICTIM}'"),
+    query(f"\u017fet x = 1; {_LOCK}"),
+    query(f"BEGIN; {_KILL}"),
+    query(f"SHOW LOCKS; {_LOCK}"),
+    parse("", _LOCK) + bind("", "") + execute() + SYNC,
+    parse("s", f"UNLOCK LOGIN '{VICTIM}'") + bind("p", "s") + execute("p") + SYNC,
+    parse("k", _KILL) + SYNC,  # parsed (described), never executed
+]
+
+
+async def test_a_read_console_caller_changes_nothing_by_any_route(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """Every attempt is refused (42501 for a command that parses, 42601 otherwise) or, parsed
+    and never executed, does nothing; the victim's session lives on, no lock is set, and the
+    console connection keeps serving SHOW."""
+    db = create_app_database(pg)
+    with trio.fail_after(120):
+        async with e2e_env(pg, tmp_path) as env:
+            env.grant(
+                "127.0.0.1",
+                rules=[{"backends": {"pg-main": {"console": "read"}}}],
+                login=LOGIN,
+                node=NODE,
+            )
+            env.grant(VICTIM_IP, {db: {"permissions": ["readonly"]}}, login=VICTIM, node="box")
+            victim = await env.pg8000_connect(db, source=VICTIM_IP)
+
+            def attack() -> tuple[list[list[str]], list[bytes]]:
+                raw = RawSession.open(env, "waypoint")
+                try:
+                    out = []
+                    for step in READ_ONLY_ATTEMPTS:
+                        raw.sock.sendall(step)
+                        out.append(sqlstates(read_until_ready(raw)))
+                    raw.sock.sendall(query("SHOW LOCKS"))
+                    locks = read_until_ready(raw)
+                    out.append(sqlstates(locks))
+                    return out, [kind for kind, _ in locks]
+                finally:
+                    raw.sock.close()
+
+            got, locks = await trio.to_thread.run_sync(attack)
+            assert b"D" not in locks and b"C" in locks, locks  # no lock was set
+            assert got == [
+                ["42501"],
+                ["42501"],
+                ["42501"],
+                ["42601"],
+                ["42601"],
+                ["42601"],
+                ["42501"],
+                ["42501"],
+                [],
+                [],
+            ], got
+            assert await trio.to_thread.run_sync(victim.run, "select 1") == [[1]]
+            victim.close()
