@@ -9,7 +9,9 @@ Each test states the attack and what must hold. Attacks the product does not sto
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Sequence
@@ -24,6 +26,8 @@ from pgcluster import PgCluster
 from waypoint.audit.chain import search, verify
 from waypoint.audit.sink import GENESIS, line_hash
 from waypoint.cli.main import main
+from waypoint.observability.metrics import Metrics
+from waypoint.observability.metrics_server import serve_metrics
 
 LOGIN = "mallory@example.com"
 NODE = "mallory-laptop"
@@ -633,3 +637,66 @@ async def test_a_read_console_caller_changes_nothing_by_any_route(
             ], got
             assert await trio.to_thread.run_sync(victim.run, "select 1") == [[1]]
             victim.close()
+
+
+# -- metrics and health: an unauthenticated caller holding connections ------------------------
+
+
+async def test_idle_connections_to_the_metrics_listener_are_bounded() -> None:
+    """Anyone who reaches the metrics listener opens connections and sends nothing: past
+    ``max_connections`` each new one is closed at once (the process keeps its descriptors
+    for its database listeners); those within the bound wait for their request, and once
+    they are gone a scrape is answered."""
+    cap, extra = 8, 12
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(
+            functools.partial(
+                serve_metrics, "127.0.0.1", 0, Metrics(), max_connections=cap, request_timeout=600
+            )
+        )
+        idle = []
+        for _ in range(cap):
+            idle.append(await trio.open_tcp_stream(*address))
+        # The first ``cap`` are being served (each waits for its request) before more come.
+        with trio.fail_after(20):
+            while not _serving_all(address, cap):
+                await trio.sleep(0.01)
+        refused = [await trio.open_tcp_stream(*address) for _ in range(extra)]
+        with trio.fail_after(20):
+            for stream in refused:
+                with contextlib.suppress(trio.BrokenResourceError):  # a reset: closed too
+                    assert await stream.receive_some(1) == b""
+        assert all(_open_and_quiet(stream) for stream in idle)
+        for stream in [*idle, *refused]:
+            await stream.aclose()
+        with trio.fail_after(20):
+            while True:
+                stream = await trio.open_tcp_stream(*address)
+                await stream.send_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+                answer = await stream.receive_some(65536)
+                await stream.aclose()
+                if answer.startswith(b"HTTP/1.1 200"):
+                    break
+                await trio.sleep(0.01)  # the idle ones' handlers are still ending
+        nursery.cancel_scope.cancel()
+
+
+def _open_and_quiet(stream: trio.SocketStream) -> bool:
+    """Nothing to read and not closed by the peer, looked at without waiting."""
+    with socket.socket(fileno=os.dup(stream.socket.fileno())) as dup:
+        try:
+            dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+    return False
+
+
+def _serving_all(address: tuple[str, int], n: int) -> bool:
+    """``n`` connections to ``address`` are established on the server's side (its accepted
+    sockets, seen in /proc/net/tcp: local port ``address[1]``, state ESTABLISHED)."""
+    port = f"{address[1]:04X}"
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(1 for r in rows if r[1].endswith(":" + port) and r[3] == "01") >= n
