@@ -22,6 +22,7 @@ import pytest
 import trio
 from e2e_support import E2EEnv, RawSession, create_app_database, e2e_env
 from pgcluster import PgCluster
+from test_e2e_audit import wait_for
 
 from waypoint.audit.chain import search, verify
 from waypoint.audit.sink import GENESIS, line_hash
@@ -103,23 +104,6 @@ def sqlstates(messages: Sequence[tuple[bytes, bytes]]) -> list[str]:
 # -- the audited deployment -------------------------------------------------------------------
 
 
-def records(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_bytes().splitlines()]
-
-
-async def wait_for(path: Path, pred: Any, what: str, bound: float = 20.0) -> list[dict[str, Any]]:
-    """Poll the audit file (bounded) until ``pred(records)`` holds."""
-    with trio.move_on_after(bound):
-        while True:
-            recs = records(path)
-            if pred(recs):
-                return recs
-            await trio.sleep(0.05)
-    raise AssertionError(f"audit file never showed {what}: {records(path)[-10:]}")
-
-
 @contextlib.asynccontextmanager
 async def readonly_env(pg: PgCluster, tmp_path: Path) -> AsyncIterator[tuple[E2EEnv, str, Path]]:
     """Waypoint with the audit on and a fresh database the attacker (127.0.0.1) may only
@@ -195,58 +179,6 @@ C_TRACKER_FIX = (
     "it (ParseComplete), so a Parse the server refuses or skips renames what a later Execute "
     "ran; a fix in C is needed (see the branch report)"
 )
-
-
-@pytest.mark.xfail(strict=True, reason=C_TRACKER_FIX)
-async def test_a_refused_reparse_does_not_rename_what_an_execute_ran(
-    pg: PgCluster, tmp_path: Path
-) -> None:
-    """Parse "s" as the real read; Parse "s" again as a decoy, which the server refuses
-    (42P05: the name exists) and so keeps the first text; Execute "s". The execute record
-    must carry the text that ran, not the decoy's."""
-    with trio.fail_after(120):
-        async with readonly_env(pg, tmp_path) as (env, db, path):
-            answers, recs = await _run_and_read_audit(
-                env,
-                db,
-                path,
-                [
-                    parse("s", SECRET_QUERY) + SYNC,
-                    parse("s", DECOY_QUERY) + SYNC,
-                    bind("", "s") + execute() + SYNC,
-                ],
-            )
-    assert sqlstates(answers[1]) == ["42P05"]
-    assert _the_secret_ran_recorded_as(answers, recs)["text"] == SECRET_QUERY
-
-
-@pytest.mark.xfail(strict=True, reason=C_TRACKER_FIX)
-async def test_a_parse_the_server_skips_after_an_error_does_not_rename_a_statement(
-    pg: PgCluster, tmp_path: Path
-) -> None:
-    """After an error in an extended-protocol pipeline the server ignores everything up to
-    Sync, a Parse too: Parse "s" as the real read; then Bind of an unknown statement (an
-    error) and Parse "s" as the decoy (skipped); Execute "s". The record must carry the
-    text that ran."""
-    with trio.fail_after(120):
-        async with readonly_env(pg, tmp_path) as (env, db, path):
-            answers, recs = await _run_and_read_audit(
-                env,
-                db,
-                path,
-                [
-                    parse("s", SECRET_QUERY) + SYNC,
-                    bind("", "no_such_statement")
-                    + close_statement("s")
-                    + parse("s", DECOY_QUERY)
-                    + SYNC,
-                    bind("", "s") + execute() + SYNC,
-                ],
-            )
-    assert sqlstates(answers[1]) == ["26000"]
-    assert _the_secret_ran_recorded_as(answers, recs)["text"] == SECRET_QUERY
-
-
 SQL_PREPARE_GAP = (
     "SQL PREPARE and DEALLOCATE (from PL/pgSQL too, where no command tag shows them) change "
     "what a prepared statement's name means without any Parse on the wire: the C tracker "
@@ -254,153 +186,87 @@ SQL_PREPARE_GAP = (
     "as unconfirmed once SQL may have replaced it or learn the server's text (a design "
     "decision, see the branch report)"
 )
-
-
-def _sql_replacing_s(route: str) -> str:
-    """SQL that replaces prepared statement "s" by the real read: plainly, or inside a DO
-    block with the text hex-encoded (no PREPARE command tag, nothing to match in the text)."""
-    if route == "sql":
-        return f"deallocate s; prepare s as {SECRET_QUERY}"
-    hidden = SECRET_QUERY.encode().hex()
-    return (
-        "do $$ begin execute 'deallocate s'; execute 'prepare s as ' || "
-        f"convert_from(decode('{hidden}', 'hex'), 'UTF8'); end $$"
-    )
-
-
-@pytest.mark.xfail(strict=True, reason=SQL_PREPARE_GAP)
-@pytest.mark.parametrize("route", ["sql", "do_block"])
-async def test_sql_prepare_does_not_leave_an_execute_recorded_with_an_old_text(
-    pg: PgCluster, tmp_path: Path, route: str
-) -> None:
-    """SQL's DEALLOCATE and PREPARE (also run from PL/pgSQL, where no command tag shows
-    them) name the same prepared statements as the protocol's Parse: Parse "s" as the
-    decoy; a simple Query replaces "s" by the real read; Execute "s". The execute record
-    must not claim the decoy ran (the text that ran, or no text with a mark that it is
-    unknown)."""
-    with trio.fail_after(120):
-        async with readonly_env(pg, tmp_path) as (env, db, path):
-            answers, recs = await _run_and_read_audit(
-                env,
-                db,
-                path,
-                [
-                    parse("s", DECOY_QUERY) + SYNC,
-                    query(_sql_replacing_s(route)),
-                    bind("", "s") + execute() + SYNC,
-                ],
-            )
-    assert sqlstates(answers[1]) == []
-    assert _the_secret_ran_recorded_as(answers, recs)["text"] != DECOY_QUERY
-
-
-# -- audit: statements pipelined behind the startup packet ------------------------------------
-
-
-def _metric(env: E2EEnv, name: str) -> float:
-    return sum(
-        sample.value
-        for family in env.running.metrics.registry.collect()
-        for sample in family.samples
-        if sample.name == name
-    )
-
-
-def _startup(db: str) -> bytes:
-    body = struct.pack("!i", 3 << 16)
-    for k, v in (("user", "raw"), ("database", db)):
-        body += k.encode() + b"\0" + v.encode() + b"\0"
-    body += b"\0"
-    return struct.pack("!i", len(body) + 4) + body
-
-
-def _pipelined_after_startup(env: E2EEnv, db: str, after: bytes) -> list[tuple[bytes, bytes]]:
-    """Send the startup packet and ``after`` in one write (they reach Waypoint together,
-    before it has logged in to the backend); every message back until the connection
-    closes or a ReadyForQuery follows the statements."""
-    sock = socket.create_connection((env.host, env.port), timeout=20)
-    raw = RawSession(sock)
-    try:
-        sock.sendall(_startup(db) + after)
-        out: list[tuple[bytes, bytes]] = []
-        ready = 0
-        while True:
-            try:
-                kind, payload = raw.read_message()
-            except (AssertionError, OSError):
-                return out  # closed
-            out.append((kind, payload))
-            if kind == b"Z":
-                ready += 1
-                if ready == 2:  # the login's, then the statement's
-                    return out
-    finally:
-        sock.close()
-
-
-async def test_a_statement_pipelined_with_the_startup_never_runs_unrecorded_when_the_sink_fails(
-    pg: PgCluster, tmp_path: Path
-) -> None:
-    """With ``on_error = "close"`` and a sink that fails every write (/dev/full), a
-    statement sent in the same packet as the startup (it waits in the handshake's buffer
-    and is relayed first) must not run: the session ends with 58030 and the table is
-    unchanged."""
-    db = create_app_database(pg)
-    audit = '[audit]\nenabled = true\nsink = "file"\nfile = "/dev/full"\non_error = "close"\n'
-    with trio.fail_after(120):
-        async with e2e_env(pg, tmp_path, tables_extra=audit) as env:
-            env.grant("127.0.0.1", {db: {"permissions": ["readwrite"]}}, login=LOGIN, node=NODE)
-            # A first session's statement makes the sink fail (and stay failed).
-            first = await trio.to_thread.run_sync(
-                _pipelined_after_startup, env, db, query("select 1 /* fails the sink */")
-            )
-            assert first and any(kind == b"Z" for kind, _ in first), first
-            with trio.fail_after(20):
-                while _metric(env, "waypoint_audit_sink_errors_total") < 1:
-                    await trio.sleep(0.02)
-            answer = await trio.to_thread.run_sync(
-                _pipelined_after_startup,
-                env,
-                db,
-                query("insert into t values (2, 'ran unrecorded')"),
-            )
-            assert "58030" in sqlstates(answer), answer
-            rows = pg.execute("select count(*) from t where id = 2", dbname=db)
-            assert rows[0][0] == 0, "the pipelined INSERT ran though it could not be recorded"
-            await env.assert_clean()
-
-
 UNKNOWN_PORTAL_FIX = (
     "an Execute of a portal the C tracker never saw bound (a cursor made by SQL DECLARE, or "
     "by PL/pgSQL) is recorded with the unnamed statement's text; it must be recorded with no "
     "text and no statement (a fix in C, see the branch report)"
 )
+_HIDDEN = SECRET_QUERY.encode().hex()
+
+#: (steps, the SQLSTATEs of the middle step): the decoy's text is recorded for a name or
+#: portal, the server is made to keep (or get) the real read under it, then runs it.
+DECOY_ATTACKS = [
+    pytest.param(
+        [
+            parse("s", SECRET_QUERY) + SYNC,
+            parse("s", DECOY_QUERY) + SYNC,  # refused: the name exists; the server keeps it
+            bind("", "s") + execute() + SYNC,
+        ],
+        ["42P05"],
+        id="reparse_refused",
+        marks=pytest.mark.xfail(strict=True, reason=C_TRACKER_FIX),
+    ),
+    pytest.param(
+        [
+            parse("s", SECRET_QUERY) + SYNC,
+            # An error, then Close and Parse, which the server skips up to the Sync.
+            bind("", "no_such_statement") + close_statement("s") + parse("s", DECOY_QUERY) + SYNC,
+            bind("", "s") + execute() + SYNC,
+        ],
+        ["26000"],
+        id="reparse_skipped_after_an_error",
+        marks=pytest.mark.xfail(strict=True, reason=C_TRACKER_FIX),
+    ),
+    pytest.param(
+        [
+            parse("s", DECOY_QUERY) + SYNC,
+            query(f"deallocate s; prepare s as {SECRET_QUERY}"),
+            bind("", "s") + execute() + SYNC,
+        ],
+        [],
+        id="sql_prepare",
+        marks=pytest.mark.xfail(strict=True, reason=SQL_PREPARE_GAP),
+    ),
+    pytest.param(
+        [
+            parse("s", DECOY_QUERY) + SYNC,
+            # No PREPARE command tag, and nothing in the text to match.
+            query(
+                "do $$ begin execute 'deallocate s'; execute 'prepare s as ' || "
+                f"convert_from(decode('{_HIDDEN}', 'hex'), 'UTF8'); end $$"
+            ),
+            bind("", "s") + execute() + SYNC,
+        ],
+        [],
+        id="prepare_in_plpgsql",
+        marks=pytest.mark.xfail(strict=True, reason=SQL_PREPARE_GAP),
+    ),
+    pytest.param(
+        [
+            parse("", DECOY_QUERY) + SYNC,
+            query(f"declare c cursor with hold for {SECRET_QUERY}"),  # a portal no Bind made
+            execute("c") + SYNC,
+        ],
+        [],
+        id="sql_cursor",
+        marks=pytest.mark.xfail(strict=True, reason=UNKNOWN_PORTAL_FIX),
+    ),
+]
 
 
-@pytest.mark.xfail(strict=True, reason=UNKNOWN_PORTAL_FIX)
-async def test_executing_a_sql_cursor_is_not_recorded_as_the_unnamed_statement(
-    pg: PgCluster, tmp_path: Path
+@pytest.mark.parametrize(("steps", "middle"), DECOY_ATTACKS)
+async def test_an_execute_record_never_claims_a_decoy_ran(
+    pg: PgCluster, tmp_path: Path, steps: list[bytes], middle: list[str]
 ) -> None:
-    """Parse the unnamed statement as the decoy; DECLARE a cursor over the real read (SQL:
-    a portal no Bind made); Execute that portal by name. The execute record must not carry
-    the decoy's text: it ran the cursor."""
+    """A caller with the weakest grant records a harmless text under a prepared statement's
+    name (or as the unnamed statement), makes the server keep or put the real read under the
+    name it executes, and executes it: the server returns the real read's row, and the
+    execute record must not carry the decoy's text (the text that ran, or none)."""
     with trio.fail_after(120):
         async with readonly_env(pg, tmp_path) as (env, db, path):
-            answers, recs = await _run_and_read_audit(
-                env,
-                db,
-                path,
-                [
-                    parse("", DECOY_QUERY) + SYNC,
-                    query(f"declare c cursor with hold for {SECRET_QUERY}"),
-                    execute("c") + SYNC,
-                ],
-            )
-    assert sqlstates(answers[1]) == []
-    assert data_rows(answers[-1]) == ["one"]
-    execute_rec = [r for r in recs if r["event"] == "execute"][-1]
-    assert execute_rec["portal"] == "c"
-    assert execute_rec["text"] != DECOY_QUERY, execute_rec
+            answers, recs = await _run_and_read_audit(env, db, path, steps)
+    assert sqlstates(answers[1]) == middle
+    assert _the_secret_ran_recorded_as(answers, recs)["text"] != DECOY_QUERY
 
 
 # -- audit: results paired with the wrong statement -------------------------------------------
