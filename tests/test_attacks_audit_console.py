@@ -269,6 +269,82 @@ async def test_an_execute_record_never_claims_a_decoy_ran(
     assert _the_secret_ran_recorded_as(answers, recs)["text"] != DECOY_QUERY
 
 
+# -- audit: statements pipelined behind the startup packet ------------------------------------
+
+
+def _metric(env: E2EEnv, name: str) -> float:
+    return sum(
+        sample.value
+        for family in env.running.metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+def _startup(db: str) -> bytes:
+    body = struct.pack("!i", 3 << 16)
+    for k, v in (("user", "raw"), ("database", db)):
+        body += k.encode() + b"\0" + v.encode() + b"\0"
+    body += b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+def _pipelined_after_startup(env: E2EEnv, db: str, after: bytes) -> list[tuple[bytes, bytes]]:
+    """Send the startup packet and ``after`` in one write (they reach Waypoint together,
+    before it has logged in to the backend); every message back until the connection
+    closes or a ReadyForQuery follows the statements."""
+    sock = socket.create_connection((env.host, env.port), timeout=20)
+    raw = RawSession(sock)
+    try:
+        sock.sendall(_startup(db) + after)
+        out: list[tuple[bytes, bytes]] = []
+        ready = 0
+        while True:
+            try:
+                kind, payload = raw.read_message()
+            except (AssertionError, OSError):
+                return out  # closed
+            out.append((kind, payload))
+            if kind == b"Z":
+                ready += 1
+                if ready == 2:  # the login's, then the statement's
+                    return out
+    finally:
+        sock.close()
+
+
+async def test_a_statement_pipelined_with_the_startup_never_runs_unrecorded_when_the_sink_fails(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """With ``on_error = "close"`` and a sink that fails every write (/dev/full), a
+    statement sent in the same packet as the startup (it waits in the handshake's buffer
+    and is relayed first) must not run: the session ends with 58030 and the table is
+    unchanged."""
+    db = create_app_database(pg)
+    audit = '[audit]\nenabled = true\nsink = "file"\nfile = "/dev/full"\non_error = "close"\n'
+    with trio.fail_after(120):
+        async with e2e_env(pg, tmp_path, tables_extra=audit) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readwrite"]}}, login=LOGIN, node=NODE)
+            # A first session's statement makes the sink fail (and stay failed).
+            first = await trio.to_thread.run_sync(
+                _pipelined_after_startup, env, db, query("select 1 /* fails the sink */")
+            )
+            assert first and any(kind == b"Z" for kind, _ in first), first
+            with trio.fail_after(20):
+                while _metric(env, "waypoint_audit_sink_errors_total") < 1:
+                    await trio.sleep(0.02)
+            answer = await trio.to_thread.run_sync(
+                _pipelined_after_startup,
+                env,
+                db,
+                query("insert into t values (2, 'ran unrecorded')"),
+            )
+            assert "58030" in sqlstates(answer), answer
+            rows = pg.execute("select count(*) from t where id = 2", dbname=db)
+            assert rows[0][0] == 0, "the pipelined INSERT ran though it could not be recorded"
+            await env.assert_clean()
+
+
 # -- audit: results paired with the wrong statement -------------------------------------------
 
 RESULT_PAIRING_FIX = (
