@@ -138,18 +138,7 @@ REJECTED = [
         id="float_is_not_an_integer",
     ),
     rejected(
-        LISTENER
-        + textwrap.dedent(
-            """\
-            [identity]
-            provider = "static"
-            [[identity.static]]
-            cidr = "127.0.0.0/8"
-            login = "alice@example.com"
-            node = "laptop"
-            tags = "tag:dev"
-            """
-        ),
+        LISTENER + STATIC + 'tags = "tag:dev"\n',
         "identity.static[0].tags",
         "expected an array, got string",
         "tags =",
