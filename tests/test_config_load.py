@@ -7,7 +7,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from _pytest.mark import ParameterSet
 from config_support import LISTENER, SOURCE, load_text, problems_of
 from hypothesis import given
 from hypothesis import strategies as st
@@ -85,10 +84,10 @@ node = "laptop"
 
 def rejected(
     text: str, path: str, fragment: str, needle: str | None, *also: str, id: str
-) -> ParameterSet:
+) -> object:
     """A text that fails to load with exactly one problem: at key ``path``, whose message
     holds ``fragment`` and every one of ``also``, reported on the line that holds ``needle``
-    (None: no line). ``id`` names the case."""
+    (None: no line). ``id`` names the case; a ``pytest.param`` for the table."""
     return pytest.param(text, path, fragment, needle, also, id=id)
 
 
