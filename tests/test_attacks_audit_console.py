@@ -173,12 +173,6 @@ def _the_secret_ran_recorded_as(
 
 # -- audit: the text of an Execute ------------------------------------------------------------
 
-C_TRACKER_FIX = (
-    "the C tracker (waypoint/proxy/relay/_audit.h) and its Python reference update their "
-    "prepared-statement table at every Parse the client sends, not when the server confirms "
-    "it (ParseComplete), so a Parse the server refuses or skips renames what a later Execute "
-    "ran; a fix in C is needed (see the branch report)"
-)
 SQL_PREPARE_GAP = (
     "SQL PREPARE and DEALLOCATE (from PL/pgSQL too, where no command tag shows them) change "
     "what a prepared statement's name means without any Parse on the wire: the C tracker "
@@ -204,7 +198,6 @@ DECOY_ATTACKS = [
         ],
         ["42P05"],
         id="reparse_refused",
-        marks=pytest.mark.xfail(strict=True, reason=C_TRACKER_FIX),
     ),
     pytest.param(
         [
@@ -215,7 +208,6 @@ DECOY_ATTACKS = [
         ],
         ["26000"],
         id="reparse_skipped_after_an_error",
-        marks=pytest.mark.xfail(strict=True, reason=C_TRACKER_FIX),
     ),
     pytest.param(
         [
@@ -347,14 +339,6 @@ async def test_a_statement_pipelined_with_the_startup_never_runs_unrecorded_when
 
 # -- audit: results paired with the wrong statement -------------------------------------------
 
-RESULT_PAIRING_FIX = (
-    "after an ErrorResponse to an extended-protocol message the server ignores every "
-    "message up to Sync, a simple Query too, answering nothing; the C tracker (and its Python "
-    "reference) waits for an answer to such a Query and, at the Sync's ReadyForQuery, records "
-    "it as run, after which every result is paired with the statement before its own; a fix "
-    "in C is needed (see the branch report)"
-)
-
 
 def _results_of_queries(n: int) -> Any:
     """A predicate: the first ``n`` query records of the file have their results."""
@@ -367,7 +351,6 @@ def _results_of_queries(n: int) -> Any:
     return done
 
 
-@pytest.mark.xfail(strict=True, reason=RESULT_PAIRING_FIX)
 @pytest.mark.parametrize(
     "failing",
     [

@@ -13,7 +13,8 @@ What is recorded (``event``):
 * ``query`` — a simple-protocol Query (its text);
 * ``parse`` — a Parse (statement name and text); the name is remembered, so that
 * ``execute`` — every Execute carries the text of the statement its portal was bound to
-  (the unnamed statement too), and the Bind parameters per ``parameters``
+  (the unnamed statement too), ``text_unconfirmed`` when that text may not be the one the
+  server runs (see below), and the Bind parameters per ``parameters``
   (``none``: only their count; ``hash``: the SHA-256 of each; ``full``: each as text, or
   hex when not UTF-8 / bound in binary);
 * ``function_call`` — a FunctionCall (the function's OID, arguments as parameters);
@@ -24,7 +25,20 @@ What is recorded (``event``):
   CommandComplete), ``commands`` (how many), ``sqlstate`` on error, ``rows`` for COPY,
   ``copy_data`` (CopyData messages the client sent), ``duration_ms``; ``status`` is
   ``ok``, ``error``, ``suspended`` or ``not_run`` (skipped after an earlier error in the
-  same pipeline segment).
+  same pipeline segment). A ``parse`` the server refuses or skips has one too (``error``,
+  ``not_run``).
+
+A Parse, Bind or Close changes a name when the server confirms it (ParseComplete,
+BindComplete, CloseComplete, paired in order like the results); one it refuses (a name that
+exists) or skips never does. After an error in an extended-protocol segment the server
+ignores every message up to Sync, whatever its kind: each is skipped (``not_run``) rather
+than waiting for an answer that never comes. An Execute is recorded when sent, with the
+text of its name's newest change sent: should that change be in an earlier segment still
+unanswered, the server may refuse it and run what was there before (``text_unconfirmed``).
+SQL ``PREPARE`` / ``DEALLOCATE`` change names the tracker cannot follow (it does not read
+SQL): after such a command tag an Execute of a named statement is ``text_unconfirmed``
+until the name is parsed again and confirmed, and so is the result of an Execute recorded
+before the tag and run after it. Run from PL/pgSQL they show no tag: that gap stays.
 
 Size is no way around it: texts and parameters longer than ``max_statement_bytes`` are
 cut, marked (``text_truncated``) and carry the SHA-256 of the whole (``text_sha256``),
@@ -40,11 +54,13 @@ named portals lose their parameters, recorded then in a ``bind`` record (an Exec
 portal carries ``parameters_evicted`` and that record's ``bind_id``); when that is not
 enough, the oldest such entries are forgotten (an Execute of an unknown name is then
 recorded with ``text_evicted`` or ``portal_evicted``, its name, and no text). The unnamed
-portal is never evicted nor counted (it is replaced by every Bind, and one message's
-parameters keep at most ``max_statement_bytes`` together). Close frees entries.
+portal, once confirmed, is never evicted nor counted (it is replaced by every Bind, and one
+message's parameters keep at most ``max_statement_bytes`` together). Close frees entries.
+Changes sent and not yet confirmed are kept and counted the same way, each under a key of
+its own, with a mark of each name's newest (forgetting one forgets what its name had).
 
-Nor is pipelining: statements and Syncs waiting for the server's answer (``awaiting``) are
-at most ``max_awaiting``. One more (a client sending without reading the answers) makes
+Nor is pipelining: statements, Parses, Binds, Closes, Describes and Syncs waiting for the
+server's answer (``awaiting``) are at most ``max_awaiting``. One more (a client sending without reading the answers) makes
 an ``audit_limit`` record after its own, and the tracker takes nothing more (``limited``):
 the session must end, without forwarding the chunk that hit the limit.
 """
