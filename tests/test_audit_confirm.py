@@ -7,14 +7,11 @@ its text is not confirmed. Sans I/O: the server's answers are written by hand.""
 
 from __future__ import annotations
 
-import json
 import struct
 from typing import Any
 
-from waypoint.audit.session import session_tracker
-from waypoint.audit.tracker import AuditTracker, with_context
+import test_audit_memory
 
-CONTEXT = {"instance": "i1", "conn_id": "c-1", "login": "mallory@example.com", "node": "n1"}
 SECRET = "select v from t /* the real read */"
 DECOY = "select 'harmless' /* decoy */"
 
@@ -65,22 +62,16 @@ def error(sqlstate: str) -> bytes:
     return msg(b"E", b"SERROR\0C" + sqlstate.encode() + b"\0Mno\0\0")
 
 
-class Both:
-    """The C and the reference tracker fed the same bytes: the same records."""
+class Both(test_audit_memory.Both):
+    """The C and the reference tracker fed the same bytes (the same records), which it
+    keeps."""
 
     def __init__(self) -> None:
-        self.py = AuditTracker(CONTEXT)
-        self.c = session_tracker(CONTEXT, wall_clock=False)
+        super().__init__(budget=4 << 20, parameters="none")
         self.records: list[dict[str, Any]] = []
 
     def feed(self, client: bool, data: bytes) -> list[dict[str, Any]]:
-        want = [with_context(r) for r in (self.py.client if client else self.py.backend)(data, 1.0)]
-        (self.c.client if client else self.c.backend)(data, 1.0)
-        lines, _ = self.c.take()
-        got = [json.loads(b"{" + line + b"}") for line in lines.splitlines()]
-        assert got == want
-        assert self.c.retained_bytes == self.py.retained_bytes
-        assert self.c.awaiting == self.py.awaiting
+        got = super().feed(client, data)
         self.records += got
         return got
 

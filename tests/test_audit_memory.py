@@ -78,18 +78,20 @@ class Both:
     def client(self, data: bytes, answer: bool = True) -> list[dict[str, Any]]:
         """Feed ``data``; then, with ``answer``, the server's answers to it (their records
         compared, not returned)."""
-        got = self._feed(True, data)
+        got = self.feed(True, data)
         if answer:
-            self._feed(False, answers(data))
+            self.feed(False, answers(data))
         return got
 
-    def _feed(self, client: bool, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, client: bool, data: bytes) -> list[dict[str, Any]]:
+        """Client (or, not ``client``, server) bytes to both: the records, the same."""
         want = [with_context(r) for r in (self.py.client if client else self.py.backend)(data, 1.0)]
         (self.c.client if client else self.c.backend)(data, 1.0)
         lines, _ = self.c.take()
         got = [json.loads(b"{" + line + b"}") for line in lines.splitlines()]
         assert got == want
         assert self.c.retained_bytes == self.py.retained_bytes
+        assert self.c.awaiting == self.py.awaiting
         return got
 
     @property
