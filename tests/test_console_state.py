@@ -358,6 +358,9 @@ async def test_hub_node_lock_follows_the_node_across_a_rename() -> None:
     on_b, relay = live("c1", "eve@example.com", "eve-box", node_id="nEVE1")
     registry_b.add(on_b)
     await hub_b.tick()  # B publishes its session (with the stable id)
+    result = await hub_a.execute(caller("read"), "SHOW SESSIONS")
+    assert isinstance(result, Result) and result.columns[-1] == "node_id"
+    assert [(row[0], row[-1]) for row in result.rows] == [("c1", "nEVE1")]
     result = await hub_a.execute(caller("admin"), "LOCK LOGIN 'eve@example.com' NODE 'EVE-BOX' REASON 'r'")
     assert result == Result("LOCK")
     result = await hub_a.execute(caller("read"), "SHOW LOCKS")

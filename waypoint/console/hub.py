@@ -308,6 +308,7 @@ class ConsoleHub:
                         str(s.bytes_in),
                         str(s.bytes_out),
                         s.statement,
+                        s.node_id or None,
                     )
                     for s in await self._sessions()
                 ]

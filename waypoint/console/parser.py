@@ -104,6 +104,7 @@ COLUMNS: Final[dict[str, tuple[str, ...]]] = {
         "bytes_in",
         "bytes_out",
         "statement",
+        "node_id",
     ),
     "LOCKS": ("login", "node", "reason", "locked_by", "locked_at", "expires", "node_ids"),
     "INSTANCES": ("instance", "started", "sessions", "last_seen"),
