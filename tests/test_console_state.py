@@ -28,6 +28,7 @@ from waypoint.state.console import (
     LockRecord,
     MemoryDirectory,
     RedisDirectory,
+    lock_key,
 )
 from waypoint.state.redis_store import RedisStateStore
 
@@ -189,6 +190,36 @@ async def test_redis_locks_under_old_exact_keys_are_found_replaced_and_removed(
     client.close()
 
 
+async def test_redis_lock_records_keep_the_shape_older_instances_read(redis_space: KeySpace) -> None:
+    """An instance of an older version reads a lock record only when it has exactly the fields
+    it knows: the stable ids are kept in a field of their own, so it still enforces a node lock
+    by its name, and reads a lock by stable id as a lock on the whole login (more, not less)."""
+    name = redis_space.prefix + "console:{console}:locks"
+    known = {"login", "node", "reason", "by", "set_at", "expires"}
+    wall = Wall()
+    client = redis_space.client()
+    async with open_state(redis_space.config(), instance_id="a") as store:
+        assert isinstance(store, RedisStateStore)
+        d = RedisDirectory(store, wall)
+        await d.set_lock(LockRecord("Eve", "Box", "r", "admin", wall.now, None, ("nA",)))
+        await d.set_lock(LockRecord("bob", None, "r", "admin", wall.now, None, ("nB",)))
+        records = {
+            k.decode(): json.loads(v) for k, v in client.hgetall(name).items() if not k.startswith(b"ids:")
+        }
+        assert records[lock_key("eve", "box")]["node"] == "Box"
+        assert records[lock_key("bob", None, "nB")]["node"] is None
+        assert all(set(r) == known for r in records.values())
+        assert sorted(lock.node_ids for lock in await d.locks()) == [("nA",), ("nB",)]
+        # Set again without ids (no session now): the old ids field goes with the old record.
+        await d.set_lock(LockRecord("eve", "box", "r2", "admin", wall.now))
+        [eve] = [lock for lock in await d.locks() if lock.login == "eve"]
+        assert eve.node_ids == ()
+        assert await d.remove_lock("bob", None, "nB")
+        assert await d.remove_lock("EVE", "BOX")
+        assert client.hkeys(name) == []
+    client.close()
+
+
 async def test_redis_locks_outlive_the_store_that_set_them(redis_space: KeySpace) -> None:
     wall = Wall()
     cfg = redis_space.config()
@@ -212,6 +243,8 @@ async def test_hostile_values_in_redis_are_skipped(redis_space: KeySpace) -> Non
         bad = {"login": "x", "node": None, "reason": "r", "by": "b", "set_at": 1.0}
         for extra in ({"node_ids": "nA"}, {"node_ids": [1]}, {"login": 7}, {"set_at": "1"}, {"expires": "x"}):
             client.hset(prefix + "console:{console}:locks", json.dumps(extra), json.dumps(bad | extra))
+        for i, ids in enumerate(("not json", "[1]", '"nA"', '{"a": 1}')):
+            client.hset(prefix + "console:{console}:locks", f"ids:{i}", ids)
         client.rpush(prefix + "console:{console}:kills:a", "[]")
         client.zadd(prefix + "console:{console}:instances", {"z": 10**15})
         client.set(prefix + "console:{console}:sessions:z", '{"instance": "z"}')

@@ -9,8 +9,12 @@ Redis keys (under the ``[state] key_prefix``):
 - ``console:sessions:<instance>``: that instance's live sessions (JSON), with a TTL, rewritten
   every publish interval: an instance that dies drops out within the TTL;
 - ``console:kills:<instance>``: a list of kill requests that instance takes and acts on;
-- ``console:locks``: a hash, lock key → lock record (JSON). Locks carry their own wall-clock
-  expiry (checked on every read) and survive restarts.
+- ``console:locks``: a hash, lock key → lock record (JSON), and ``ids:`` + lock key → the
+  stable ids that lock also covers (a JSON list). Locks carry their own wall-clock expiry
+  (checked on every read) and survive restarts. The ids have a field of their own so that an
+  instance of an older version, which reads records of the fields it knows only, still
+  enforces the lock by its name (a lock by stable id reads there as a lock on the whole login:
+  more than asked, never less).
 
 A lock matches logins and node names regardless of case (both are case-insensitive at
 Tailscale: e-mail-like logins and DNS host names), compared casefolded; over-matching case
@@ -36,6 +40,8 @@ from waypoint.state.redis_store import RedisStateStore, _part
 
 #: Longest JSON value read back from Redis (anyone who can write Redis could make it huge).
 MAX_VALUE = 32 * 1024 * 1024
+#: Before a lock's key, the field of the stable ids that lock covers.
+_IDS = b"ids:"
 
 
 @attrs.frozen
@@ -73,7 +79,7 @@ class KillRequest:
 
 
 def _node_ids(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise TypeError("node_ids must be a list of strings")
     return tuple(value)
 
@@ -138,11 +144,17 @@ def lock_key(login: str, node: str | None, node_id: str | None = None) -> str:
 
 
 def _encode_lock(lock: LockRecord) -> str:
+    """The record without its stable ids (kept beside it, see the module docstring)."""
     data = attrs.asdict(lock)
-    if not lock.node_ids:
-        # Left out when empty: a login or name lock stays readable by older instances.
-        del data["node_ids"]
+    del data["node_ids"]
     return json.dumps(data, separators=(",", ":"))
+
+
+def _decode_ids(text: str | bytes) -> tuple[str, ...]:
+    try:
+        return _node_ids(json.loads(text))
+    except (ValueError, TypeError):
+        return ()
 
 
 def _encode_instance(rec: InstanceRecord) -> str:
@@ -343,23 +355,39 @@ class RedisDirectory:
         found = [_decode_kill(raw) for raw in await self._call(go) if len(raw) <= MAX_VALUE]
         return [k for k in found if k is not None]
 
-    async def _stored_locks(self) -> dict[Any, LockRecord]:
-        """Every lock record in the hash that parses (expired ones too), by its field."""
+    async def _stored_locks(self) -> dict[bytes, LockRecord]:
+        """Every lock record in the hash that parses (expired ones too), with the stable ids
+        kept beside it, by its field."""
         raw: dict[Any, Any] = await self._call(
             functools.partial(self.store._client.hgetall, self._key("locks"))
         )
-        out = {}
+        records: dict[bytes, Any] = {}
+        ids: dict[bytes, tuple[str, ...]] = {}
         for field, value in raw.items():
-            lock = _decode_lock(value) if len(value) <= MAX_VALUE else None
+            name = field if isinstance(field, bytes) else str(field).encode()
+            if len(value) > MAX_VALUE:
+                continue
+            if name.startswith(_IDS):
+                ids[name.removeprefix(_IDS)] = _decode_ids(value)
+            else:
+                records[name] = value
+        out = {}
+        for name, value in records.items():
+            lock = _decode_lock(value)
             if lock is not None:
-                out[field] = lock
+                extra = ids.get(name, ())
+                if extra:
+                    lock = attrs.evolve(lock, node_ids=(*lock.node_ids, *extra))
+                out[name] = lock
         return out
 
-    async def _fields_for(self, key: str) -> list[Any]:
-        """The fields that hold the lock of ``key``: its own, and any a lock of the same login
-        and node has under an older key (the login as typed, before keys were casefolded)."""
+    async def _fields_for(self, key: str) -> list[bytes]:
+        """The fields that hold the lock of ``key`` (and its stable ids): its own, and any a
+        lock of the same login and node has under an older key (the login as typed, before
+        keys were casefolded)."""
         stored = await self._stored_locks()
-        return [f for f, lock in stored.items() if lock.key == key and f != key.encode()]
+        found = {key.encode(), *(f for f, lock in stored.items() if lock.key == key)}
+        return [g for f in sorted(found) for g in (f, _IDS + f)]
 
     async def set_lock(self, lock: LockRecord) -> None:
         client = self.store._client
@@ -368,16 +396,17 @@ class RedisDirectory:
 
         def go() -> None:
             pipe = client.pipeline(transaction=True)
+            pipe.hdel(name, *stale)
             pipe.hset(name, lock.key, _encode_lock(lock))
-            if stale:
-                pipe.hdel(name, *stale)
+            if lock.node_ids:
+                pipe.hset(name, _IDS + lock.key.encode(), json.dumps(list(lock.node_ids)))
             pipe.execute()
 
         await self._call(go)
 
     async def remove_lock(self, login: str, node: str | None, node_id: str | None = None) -> bool:
         key = lock_key(login, node, node_id)
-        fields = [key, *await self._fields_for(key)]
+        fields: list[Any] = await self._fields_for(key)  # bytes: as Redis gave them
         removed = await self._call(
             functools.partial(self.store._client.hdel, self._key("locks"), *fields)
         )
