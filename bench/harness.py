@@ -18,8 +18,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 import trio
@@ -140,11 +141,24 @@ def run_pgbench(env: BenchEnv, t: Target, args: list[str], timeout: float, r: Re
     return proc.stdout
 
 
+T = TypeVar("T")
+
+
+def in_rep_order(items: Sequence[T], rep: int) -> list[T]:
+    """The systems of one repetition: in order on even repetitions, reversed on odd ones.
+
+    The machine's speed drifts during a run (other load, clocks, caches); run always in the
+    same order, the system that follows another would carry that drift in every sample of
+    the pair. Alternating the order puts each system before and after its neighbour.
+    """
+    return list(items) if rep % 2 == 0 else list(reversed(items))
+
+
 def measure_relay(env: BenchEnv, p: Profile, r: Results) -> None:
     ts = targets(env)
     for rep in range(p.repetitions):
         for n in p.relay_clients:
-            for t in ts.values():
+            for t in in_rep_order(list(ts.values()), rep):
                 cpu0, wall0 = env.proxy_cpu_seconds(t.name), time.monotonic()
                 relay_args = ["-S", "-n", "-T", str(p.relay_seconds), "-c", str(n), "-j", "2"]
                 try:
@@ -180,7 +194,7 @@ def measure_audit(env: BenchEnv, p: Profile, r: Results) -> None:
         pids = {"waypoint": env.waypoint.pid, "waypoint_audit": proc.pid}
         for rep in range(p.repetitions):
             for n in p.relay_clients:
-                for t in (plain, audited):
+                for t in in_rep_order([plain, audited], rep):
                     cpu0, wall0 = cpu_seconds(pids[t.name]), time.monotonic()
                     args = ["-S", "-n", "-T", str(p.audit_seconds), "-c", str(n), "-j", "2"]
                     m = _TPS.search(run_pgbench(env, t, args, p.audit_seconds + 120, r))
@@ -222,7 +236,7 @@ def measure_connect(env: BenchEnv, p: Profile, r: Results) -> None:
             # for a role that exists, as for every connection after a caller's first.
             run_pgbench(env, t, ["-S", "-n", "-C", "-t", "3", "-c", "1", "-j", "1"], 120, r)
     for rep in range(p.repetitions):
-        for name, t in ts.items():
+        for name, t in in_rep_order(list(ts.items()), rep):
             out = run_pgbench(env, t, ["-S", "-n", "-C", "-T", str(p.connect_seconds), "-c", "1", "-j", "1"], p.connect_seconds + 120, r)
             m = _CONN_TIME.search(out)
             if m is None:  # older pgbench: the latency includes the connection
@@ -233,7 +247,7 @@ def measure_connect(env: BenchEnv, p: Profile, r: Results) -> None:
             ms = float(m.group(1))
             r.connect.setdefault(name, []).append(ms)
             log(f"connect rep {rep + 1}/{p.repetitions} {name:<15} {ms:.2f} ms")
-        for name, t in ts.items():
+        for name, t in in_rep_order(list(ts.items()), rep):
             n = str(CONNECT_CLIENTS)
             out = run_pgbench(env, t, ["-S", "-n", "-C", "-T", str(p.connect_seconds), "-c", n, "-j", "2"], p.connect_seconds + 120, r)
             m = _TPS.search(out)

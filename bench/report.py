@@ -218,7 +218,7 @@ def render_markdown(r: Results, chart_name: str | None) -> str:
         f"# Waypoint benchmark: {m.get('date', '?')} on {m.get('host', '?')}"
         + (" (quick mode: a smoke run, not figures)" if m.get("quick") else ""),
         "",
-        f"Medians of {reps} interleaved repetition(s) per cell (systems run A B C D A B C D …).",
+        f"Medians of {reps} interleaved repetition(s) per cell (systems run A B C D, then D C B A, then A B C D …).",
         "",
         "## Bars (the deciding relay ratio is Waypoint/PgBouncer; see bench/README.md)",
         "",

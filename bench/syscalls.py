@@ -1,6 +1,6 @@
 """System calls and context switches per relayed transaction, Waypoint and PgBouncer.
 
-``python -m bench.syscalls [--clients 1,8] [--transactions 40000] [--repetitions 1] [--tls] [--audit] [--no-pgbouncer]``
+``python -m bench.syscalls [--clients 1,8] [--transactions 40000] [--repetitions 1] [--tls] [--audit] [--no-pgbouncer] [--where]``
 
 Sets up the same world as ``python -m bench`` (scale 1) and, for each proxy and client
 count, runs ``pgbench -S -n -t T -c N -j 2`` (T x N = ``--transactions``) with
@@ -15,6 +15,10 @@ does depend on timing (with several clients, one wait returns several sockets); 
 
 The CPU µs per transaction printed beside them are the proxy's own (``/proc/<pid>/stat``)
 and are inflated by perf's tracepoints; compare them only with each other.
+
+``--where``: also sample, with ``perf record -F 2000`` during a second run of the same
+load, where the proxy's CPU time goes by object (the kernel, libc, the relay extension,
+libpython, PgBouncer and libevent): how much of the relay is still the proxy's own code.
 
 Needs ``perf`` (Debian: linux-perf) and the kernel's syscall tracepoints (root, or
 ``kernel.perf_event_paranoid`` low enough).
@@ -127,6 +131,52 @@ def measure(env: BenchEnv, target: Target, pid: int, clients: int, transactions:
     return Sample(target.name, clients, done, float(m.group(1)), (cpu1 - cpu0) / done * 1e6, parse_perf_stat(out.read_text()))
 
 
+def parse_perf_report_dso(text: str) -> dict[str, float]:
+    """Shares in percent by object from ``perf report --sort dso -g none -q --stdio``
+    (``    95.91%  [kernel.kallsyms]``); other lines are left out."""
+    shares: dict[str, float] = {}
+    for line in text.splitlines():
+        fields = line.split(None, 1)
+        if len(fields) == 2 and fields[0].endswith("%"):
+            try:
+                shares[fields[1].strip()] = shares.get(fields[1].strip(), 0.0) + float(fields[0][:-1])
+            except ValueError:
+                continue
+    return shares
+
+
+def where(env: BenchEnv, target: Target, pid: int, clients: int, transactions: int, work: Path) -> str:
+    """Sample the proxy's CPU by object while ``pgbench`` runs the same load again."""
+    data = work / f"perf-{target.name}-{clients}.data"
+    per_client = max(1, transactions // clients)
+    record = subprocess.Popen(
+        ["perf", "record", "-q", "-F", "2000", "-p", str(pid), "-o", str(data)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(_ATTACH_WAIT)
+        if record.poll() is not None:
+            raise BenchSetupError(f"perf record exited ({record.returncode}): {record.communicate()[1].strip()[-500:]}")
+        cmd = [env.binary("pgbench"), "-S", "-n", "-t", str(per_client), "-c", str(clients), "-j", str(min(clients, 2)),
+               "-h", "127.0.0.1", "-p", str(target.port), BENCH_DB]  # fmt: skip
+        subprocess.run(cmd, env=_clean_env(target.env), capture_output=True, timeout=900, check=False)
+    finally:
+        if record.poll() is None:
+            record.send_signal(signal.SIGINT)
+        try:
+            record.wait(30)
+        except subprocess.TimeoutExpired:
+            record.kill()
+            record.wait(10)
+    report = subprocess.run(
+        ["perf", "report", "-i", str(data), "--sort", "dso", "-g", "none", "-q", "--stdio"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    shares = parse_perf_report_dso(report.stdout)
+    top = sorted(shares.items(), key=lambda kv: -kv[1])[:6]
+    return f"{target.name:<15} c={clients:<3} CPU by object: " + ", ".join(f"{name} {share:.1f}%" for name, share in top)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.syscalls", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--clients", default="1,8", help="client counts, comma separated (default 1,8)")
@@ -135,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls", action="store_true", help="also Waypoint and PgBouncer with client TLS")
     parser.add_argument("--audit", action="store_true", help="also Waypoint with statement audit on")
     parser.add_argument("--no-pgbouncer", action="store_true")
+    parser.add_argument("--where", action="store_true", help="also sample the proxy's CPU by object (perf record)")
     args = parser.parse_args(argv)
     try:
         clients = [int(c) for c in args.clients.split(",")]
@@ -173,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                 for n in clients:
                     for target, pid in chosen:
                         print(measure(env, target, pid, n, args.transactions, work).report(), flush=True)
+                        if args.where:
+                            print(where(env, target, pid, n, args.transactions, work), flush=True)
     except BenchSetupError as exc:
         log(f"FAILED: {exc}")
         return 1

@@ -58,7 +58,7 @@ def params(draw: st.DrawFn) -> bytes:
 
 @st.composite
 def front_message(draw: st.DrawFn) -> bytes:
-    kind = draw(st.sampled_from("QQPBBEECFSdHcX"))
+    kind = draw(st.sampled_from("QQPPBBEECCFSSdDHcX"))
     if kind == "Q":
         m = msg(b"Q", draw(texts) + b"\0" + draw(st.sampled_from([b"", b"junk\0"])))
     elif kind == "P":
@@ -81,10 +81,11 @@ def front_message(draw: st.DrawFn) -> bytes:
 
 @st.composite
 def back_message(draw: st.DrawFn) -> bytes:
-    kind = draw(st.sampled_from("CCCEEZZZIsGHWTDN"))
+    kind = draw(st.sampled_from("CCCEEZZZIsGHWTDN1112223nT"))
     if kind == "C":
         tag = draw(st.sampled_from([b"SELECT 1", b"COPY 12", b"COPY 007", b"COPY x", b"COPY ",
-                                    b"INSERT 0 3", b"COPY 1 2", b"\xffCOPY 3"]))  # fmt: skip
+                                    b"INSERT 0 3", b"COPY 1 2", b"\xffCOPY 3", b"PREPARE",
+                                    b"DEALLOCATE", b"DEALLOCATE ALL"]))  # fmt: skip
         m = msg(b"C", tag + b"\0")
     elif kind == "E":
         fields = b""
@@ -219,22 +220,37 @@ def named_message(draw: st.DrawFn) -> bytes:
     return msg(b"S")
 
 
+#: The server's answers to what fills the tables: confirmations, results, an error.
+confirmations = st.sampled_from(
+    [msg(b"1"), msg(b"2"), msg(b"3"), msg(b"C", b"SELECT 1\0"), msg(b"Z", b"I"),
+     msg(b"E", b"C42P05\0\0"), msg(b"C", b"DEALLOCATE ALL\0")]
+)  # fmt: skip
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     front=st.lists(named_message(), max_size=24),
+    back=st.lists(confirmations, max_size=24),
     mode=st.sampled_from(["none", "hash", "full"]),
     cap=st.sampled_from([3, 64, 65536]),
     budget=st.sampled_from([200, 230, 300, 400, 500, 600, 900]),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_eviction_is_the_same_in_both_trackers(
-    front: list[bytes], mode: ParameterMode, cap: int, budget: int, seed: int
+    front: list[bytes], back: list[bytes], mode: ParameterMode, cap: int, budget: int, seed: int
 ) -> None:
-    """Statements and portals filling budgets a few entries wide: the same texts and
-    parameters evicted, the same entries forgotten, the same records (``text_evicted``
-    with the hash, ``parameters_evicted``, ``portal_evicted``) in both trackers."""
+    """Statements and portals filling budgets a few entries wide, changed when the server
+    confirms them (and not when it refuses them): the same texts and parameters evicted,
+    the same entries forgotten, the same records (``text_evicted`` with the hash,
+    ``parameters_evicted``, ``portal_evicted``, ``text_unconfirmed``) in both trackers."""
     rng = random.Random(seed)
-    events = [(True, chunk) for chunk in chunks(rng, b"".join(front))]
+    fc = chunks(rng, b"".join(front))
+    events: list[tuple[bool, bytes]] = []
+    for answer in back:
+        events += [(True, chunk) for chunk in fc[: rng.randrange(4)]]
+        del fc[:3]
+        events.append((False, answer))
+    events += [(True, chunk) for chunk in fc]
     expected, got, _ = run_both(events, mode, cap, budget)
     same(expected, got)
 

@@ -48,6 +48,23 @@ def close(what: bytes, name: bytes) -> bytes:
     return msg(b"C", what + name + b"\0")
 
 
+def answers(data: bytes) -> bytes:
+    """What a server answers to the complete messages of ``data`` when all goes well (a
+    name changes when the server confirms it: ParseComplete, BindComplete, CloseComplete)."""
+    out, pos = b"", 0
+    while pos < len(data):
+        kind = data[pos : pos + 1]
+        (length,) = struct.unpack("!i", data[pos + 1 : pos + 5])
+        pos += 1 + length
+        if kind in (b"P", b"B", b"C"):
+            out += msg({b"P": b"1", b"B": b"2", b"C": b"3"}[kind])
+        elif kind == b"E":
+            out += msg(b"C", b"SELECT 1\0")
+        elif kind == b"S":
+            out += msg(b"Z", b"I")
+    return out
+
+
 class Both:
     """The C and the reference tracker fed the same bytes: the same records, the same
     retained bytes."""
@@ -58,13 +75,23 @@ class Both:
         self.c = session_tracker(CONTEXT, parameters=parameters,  # type: ignore[arg-type]
                                  max_session_statement_bytes=budget, wall_clock=False)  # fmt: skip
 
-    def client(self, data: bytes) -> list[dict[str, Any]]:
-        want = [with_context(r) for r in self.py.client(data, 1.0)]
-        self.c.client(data, 1.0)
+    def client(self, data: bytes, answer: bool = True) -> list[dict[str, Any]]:
+        """Feed ``data``; then, with ``answer``, the server's answers to it (their records
+        compared, not returned)."""
+        got = self.feed(True, data)
+        if answer:
+            self.feed(False, answers(data))
+        return got
+
+    def feed(self, client: bool, data: bytes) -> list[dict[str, Any]]:
+        """Client (or, not ``client``, server) bytes to both: the records, the same."""
+        want = [with_context(r) for r in (self.py.client if client else self.py.backend)(data, 1.0)]
+        (self.c.client if client else self.c.backend)(data, 1.0)
         lines, _ = self.c.take()
         got = [json.loads(b"{" + line + b"}") for line in lines.splitlines()]
         assert got == want
         assert self.c.retained_bytes == self.py.retained_bytes
+        assert self.c.awaiting == self.py.awaiting
         return got
 
     @property
@@ -89,6 +116,7 @@ def test_millions_of_prepared_statements_do_not_grow_memory() -> None:
             for i in range(0, 40_000, 100):
                 batch = b"".join(parse(b"s%d" % j, text) for j in range(i, i + 100))
                 tracker.client(batch, 1.0)
+                tracker.backend(msg(b"1") * 100, 1.0)  # the server confirms them
                 if make == "c":
                     tracker.take()
                 assert tracker.retained_bytes <= BUDGET
@@ -112,7 +140,10 @@ def test_reparsing_names_with_small_texts_frees_the_large_ones() -> None:
         base = tracemalloc.get_traced_memory()[0]
         grown = 0
         for i in range(1000):
-            tracker.client(parse(b"s%d" % i, big) + parse(b"s%d" % i, b"select 1"), 1.0)
+            tracker.client(parse(b"s%d" % i, big), 1.0)
+            tracker.backend(msg(b"1"), 1.0)
+            tracker.client(close(b"S", b"s%d" % i) + parse(b"s%d" % i, b"select 1"), 1.0)
+            tracker.backend(msg(b"3") + msg(b"1"), 1.0)
             tracker.take()
             grown = max(grown, tracemalloc.get_traced_memory()[0] - base)
     finally:
@@ -162,7 +193,7 @@ def test_millions_of_portals_do_not_grow_memory() -> None:
 def test_an_evicted_statement_runs_recorded_with_its_hash() -> None:
     """Past the budget the oldest text is replaced by its SHA-256 and length: a later
     Execute of it carries them (the parse record has the text with that hash)."""
-    both = Both(budget=ENTRY_COST * 4 + 100)
+    both = Both(budget=ENTRY_COST * 5 + 100)
     old = b"select 'the oldest statement'"
     both.client(parse(b"old", old))
     for i in range(3):
@@ -183,12 +214,17 @@ def test_an_evicted_statement_runs_recorded_with_its_hash() -> None:
 
 def test_a_cut_statement_evicted_keeps_the_hash_of_the_whole() -> None:
     big = b"select " + b"y" * 5000
-    py = AuditTracker(CONTEXT, max_statement_bytes=100, max_session_statement_bytes=650)
-    c = session_tracker(CONTEXT, max_statement_bytes=100, max_session_statement_bytes=650,
+    py = AuditTracker(CONTEXT, max_statement_bytes=100, max_session_statement_bytes=800)
+    c = session_tracker(CONTEXT, max_statement_bytes=100, max_session_statement_bytes=800,
                         wall_clock=False)  # fmt: skip
-    stream = parse(b"big", big) + parse(b"a", b"select 1") + parse(b"b", b"select 2")
-    stream += bind(b"", b"big", []) + execute()
-    want = [with_context(r) for r in py.client(stream, 1.0)]
+    want: list[dict[str, Any]] = []
+    for stream in (parse(b"big", big), parse(b"a", b"select 1"), parse(b"b", b"select 2")):
+        want += [with_context(r) for r in py.client(stream, 1.0)]
+        c.client(stream, 1.0)
+        py.backend(answers(stream), 1.0)  # the server confirms it
+        c.backend(answers(stream), 1.0)
+    stream = bind(b"", b"big", []) + execute()
+    want += [with_context(r) for r in py.client(stream, 1.0)]
     c.client(stream, 1.0)
     got = [json.loads(b"{" + line + b"}") for line in c.take()[0].splitlines()]
     assert got == want
@@ -200,7 +236,7 @@ def test_forgotten_statements_and_portals_are_marked_not_misattributed() -> None
     """When even the evicted entries do not fit, the oldest are forgotten: an Execute of
     one is recorded with its name and ``text_evicted`` (no text); an Execute of a forgotten
     portal with ``portal_evicted`` (never as the unnamed statement)."""
-    both = Both(budget=ENTRY_COST * 2 + 10)
+    both = Both(budget=ENTRY_COST * 2 + 50)
     both.client(parse(b"", b"select 'unnamed'"))
     for i in range(5):
         both.client(parse(b"s%d" % i, b"select %d" % i))
@@ -219,10 +255,11 @@ def test_forgotten_statements_and_portals_are_marked_not_misattributed() -> None
 
 def test_an_evicted_portal_has_its_parameters_recorded_when_evicted() -> None:
     """A named portal's parameters dropped past the budget are recorded then (a ``bind``
-    record); an Execute of the portal refers to it. The unnamed portal is never evicted."""
-    both = Both(budget=900)
+    record); an Execute of the portal refers to it. The unnamed portal, once the server
+    confirmed it, is never evicted."""
+    both = Both(budget=1100)
     both.client(parse(b"s", b"select $1"))
-    both.client(bind(b"", b"s", [b"u" * 5000]))
+    both.client(bind(b"", b"s", [b"u" * 400]))
     assert both.client(bind(b"p0", b"s", [b"a" * 100])) == []
     assert both.client(bind(b"p1", b"s", [b"b" * 100])) == []
     (bound,) = both.client(bind(b"p2", b"s", [b"c" * 100]))
@@ -233,7 +270,7 @@ def test_an_evicted_portal_has_its_parameters_recorded_when_evicted() -> None:
     assert rec["parameters_evicted"] is True and "parameters" not in rec
     assert rec["bind_id"] == bound["statement_id"]
     (rec,) = both.client(execute())
-    assert rec["parameters"] == [{"text": "u" * 5000}]
+    assert rec["parameters"] == [{"text": "u" * 400}]
 
 
 @pytest.mark.parametrize("what", [b"S", b"P"])
@@ -256,7 +293,7 @@ def test_a_pipeline_the_server_skips_keeps_nothing_waiting() -> None:
     Sync piled up entries waiting for answers that never come. Each is recorded, and
     recorded as not run at once (the server skips it), and nothing is kept waiting."""
     both = Both()
-    both.client(parse(b"bad", b"select 1/0") + bind(b"", b"bad", []) + execute())
+    both.client(parse(b"bad", b"select 1/0") + bind(b"", b"bad", []) + execute(), answer=False)
     error = msg(b"E", b"SERROR\0C22012\0Mdivision by zero\0\0")
     want = [with_context(r) for r in both.py.backend(error, 2.0)]
     both.c.backend(error, 2.0)
@@ -264,13 +301,13 @@ def test_a_pipeline_the_server_skips_keeps_nothing_waiting() -> None:
     assert want[0]["status"] == "error" and both.py.awaiting == both.c.awaiting == 0
     wave = (bind(b"", b"bad", []) + execute()) * 50 + msg(b"Q", b"select 2\0")
     for _ in range(200):
-        records = both.client(wave)
+        records = both.client(wave, answer=False)
         assert len(records) == 102  # 51 statements, each with its not_run result
         assert {r["status"] for r in records if r["event"] == "result"} == {"not_run"}
         assert both.py.awaiting == both.c.awaiting == 0
     # Sync ends the skipping: the next statement waits for its answer again.
-    both.client(msg(b"S") + bind(b"", b"bad", []) + execute())
-    assert both.py.awaiting == both.c.awaiting == 2
+    both.client(msg(b"S") + bind(b"", b"bad", []) + execute(), answer=False)
+    assert both.py.awaiting == both.c.awaiting == 3  # Sync, Bind, Execute
 
 
 def test_a_pipeline_never_read_is_bounded_and_ends_with_an_audit_limit_record() -> None:
@@ -287,7 +324,7 @@ def test_a_pipeline_never_read_is_bounded_and_ends_with_an_audit_limit_record() 
     records: list[dict[str, Any]] = []
     while not both.c.limited:
         assert sent <= MAX_AWAITING  # each step awaits two answers: the limit comes first
-        records = both.client(wave)
+        records = both.client(wave, answer=False)
         sent += 1000
         assert both.py.awaiting == both.c.awaiting <= MAX_AWAITING
         assert both.c.awaiting_bytes <= MAX_AWAITING * 32
@@ -298,7 +335,7 @@ def test_a_pipeline_never_read_is_bounded_and_ends_with_an_audit_limit_record() 
                      "limit": "awaiting", "max_awaiting": MAX_AWAITING}  # fmt: skip
     assert limit["statement_id"] == last_execute["statement_id"] + 1
     # Whatever comes after is not taken (nor the server's answers).
-    assert both.client(wave) == []
+    assert both.client(wave, answer=False) == []
     assert both.py.backend(msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"), 2.0) == []
     assert both.c.backend(msg(b"C", b"SELECT 1\0") + msg(b"Z", b"I"), 2.0) == 0
     assert both.py.awaiting == both.c.awaiting == MAX_AWAITING

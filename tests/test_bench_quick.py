@@ -139,3 +139,16 @@ def test_bench_quick_writes_a_complete_report(tmp_path: Path) -> None:
     assert data["meta"]["waypoint_git"] != "unknown"
     # The benchmark identity's secret never reaches the report.
     assert "PGPASSWORD=***" in md
+
+
+def test_repetitions_alternate_the_order_of_the_systems() -> None:
+    from bench.harness import in_rep_order
+
+    systems = ["direct", "pgbouncer", "waypoint"]
+    assert in_rep_order(systems, 0) == systems
+    assert in_rep_order(systems, 1) == ["waypoint", "pgbouncer", "direct"]
+    assert in_rep_order(systems, 2) == systems
+    # Over two repetitions each neighbour runs once before and once after the other.
+    first, second = in_rep_order(systems, 0), in_rep_order(systems, 1)
+    assert first.index("waypoint") > first.index("pgbouncer")
+    assert second.index("waypoint") < second.index("pgbouncer")

@@ -46,3 +46,26 @@ def test_report_per_transaction() -> None:
         ["sendto", "2.00"],
         ["epoll_wait", "0.84"],
     ]  # epoll_ctl (0.003 per transaction) is below the floor
+
+
+def test_cpu_shares_by_object() -> None:
+    from bench.syscalls import parse_perf_report_dso
+
+    report = """
+
+    95.91%  [kernel.kallsyms]
+     2.09%  libc.so.6
+     1.83%  _pump.cpython-311-x86_64-linux-gnu.so
+     0.17%  libpython3.11.so.1.0
+
+
+#
+# (Tip: ...)
+#
+"""
+    assert parse_perf_report_dso(report) == {
+        "[kernel.kallsyms]": 95.91,
+        "libc.so.6": 2.09,
+        "_pump.cpython-311-x86_64-linux-gnu.so": 1.83,
+        "libpython3.11.so.1.0": 0.17,
+    }

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 from console_support import admin_rule
 from e2e_support import E2EEnv, RawSession, create_app_database, e2e_env
@@ -53,6 +54,14 @@ def test_statements_are_quoted() -> None:
     args = parser.parse_args(["sessions", "--kill-login", "x'y", "--node", "n"])
     assert sessions.statement(args) == "KILL LOGIN 'x''y' NODE 'n'"
     assert sessions.statement(parser.parse_args(["sessions"])) == "SHOW SESSIONS"
+    args = parser.parse_args(["lock", "a", "--node-id", "nX'1", "--reason", "r"])
+    assert lock.statement(args) == "LOCK LOGIN 'a' NODE ID 'nX''1' REASON 'r'"
+    args = parser.parse_args(["lock", "a", "--node-id", "n1", "--unlock"])
+    assert lock.statement(args) == "UNLOCK LOGIN 'a' NODE ID 'n1'"
+    args = parser.parse_args(["sessions", "--kill-login", "x", "--node-id", "n1"])
+    assert sessions.statement(args) == "KILL LOGIN 'x' NODE ID 'n1'"
+    with pytest.raises(SystemExit):  # a name or a stable id, not both
+        parser.parse_args(["lock", "a", "--node", "n", "--node-id", "n1", "--reason", "r"])
 
 
 async def test_sessions_and_lock_commands(pg: PgCluster, tmp_path: Path) -> None:

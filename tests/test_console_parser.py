@@ -35,6 +35,11 @@ from waypoint.console.parser import (
         ("LOCK LOGIN 'a@b' NODE 'n' FOR '1h30m' REASON 'r'", Lock("a@b", "n", "r", 5400.0)),
         ("UNLOCK LOGIN 'a@b'", Unlock("a@b")),
         ("UNLOCK LOGIN 'a@b' NODE 'n';", Unlock("a@b", "n")),
+        ("LOCK LOGIN 'a@b' NODE ID 'nX1CNTRL' FOR '1h' REASON 'r'", Lock("a@b", None, "r", 3600.0, "nX1CNTRL")),
+        ("lock login 'a@b' node id 'nX' reason 'r'", Lock("a@b", None, "r", None, "nX")),
+        ("UNLOCK LOGIN 'a@b' NODE ID 'nX'", Unlock("a@b", None, "nX")),
+        ("KILL LOGIN 'a@b' NODE ID 'nX'", KillLogin("a@b", None, "nX")),
+        ("LOCK LOGIN 'a@b' NODE 'id' REASON 'r'", Lock("a@b", "id", "r")),
         ("SET extra_float_digits = 3", Noop("SET")),
         ("SET application_name = 'PostgreSQL JDBC Driver'", Noop("SET")),
         ("BEGIN", Noop("BEGIN")),
@@ -68,6 +73,9 @@ def test_commands(text: str, command: object) -> None:
         ("SHOW * FROM x", 6, '"*"'),
         ("SET", 4, "a parameter"),
         ("UNLOCK LOGIN 'a' REASON 'x'", 18, "end of statement"),
+        ("LOCK LOGIN 'a' NODE ID REASON 'x'", 24, "a quoted node id"),
+        ("UNLOCK LOGIN 'a' NODE ID ''", 26, "empty node id"),
+        ("LOCK LOGIN 'a' NODE IDS 'n' REASON 'x'", 21, "a quoted node"),
     ],
 )
 def test_bad_input_names_the_position(text: str, position: int, words: str) -> None:

@@ -142,8 +142,9 @@ async def test_an_evicted_prepared_statement_still_runs_recorded(
     pg: PgCluster, tmp_path: Path
 ) -> None:
     """max_session_statement_bytes small: the oldest prepared statement's text is evicted,
-    and running it again is recorded with the SHA-256 of the text its parse record has."""
-    extra = "max_session_statement_bytes = 1024\n"
+    and running it again is recorded with the SHA-256 of the text its parse record has
+    (the budget counts each Parse and Bind awaiting the server's confirmation, too)."""
+    extra = "max_session_statement_bytes = 1280\n"
     with trio.fail_after(120):
         async with audited_env(pg, tmp_path, node="laptop", tags=[], extra=extra) as (
             env,

@@ -122,7 +122,7 @@ async def test_clients_read_sessions_and_kill_ends_one(pg: PgCluster, tmp_path: 
             out = await jdbc(env.host, env.port, "SHOW SESSIONS", "SHOW LOCKS")
             assert out[0].split("\t")[1:4] == ["conn_id", "instance", "listener"]
             assert any(line.startswith(f"ROW\t{conn_id}\t") for line in out), out
-            assert out[-1].split("\t") == ["COLUMNS", "login", "node", "reason", "locked_by", "locked_at", "expires"]
+            assert out[-1].split("\t") == ["COLUMNS", "login", "node", "reason", "locked_by", "locked_at", "expires", "node_ids"]
 
             with capture_logs() as logs:
                 _, killed = await psycopg_rows(env.host, env.port, f"KILL '{conn_id}'")
@@ -181,6 +181,74 @@ async def test_lock_refuses_and_ends_then_unlock(pg: PgCluster, tmp_path: Path) 
             again.close()
             await console_run(env.running, f"UNLOCK LOGIN '{VICTIM}' NODE 'other-box'")
             assert await console_run(env.running, "SHOW LOCKS") == []
+            await env.assert_clean()
+
+
+async def test_a_lock_set_in_another_case_locks_the_login(pg: PgCluster, tmp_path: Path) -> None:
+    """Attack: the admin types the login as the directory shows it (``Victim@Example.COM``),
+    the caller is ``victim@example.com``: the lock must end and refuse the caller all the same,
+    stay one lock when set again in another case, and be removed by UNLOCK in any case."""
+    db = create_app_database(pg)
+    with trio.fail_after(240):
+        async with e2e_env(pg, tmp_path) as env:
+            _setup(env, db)
+            live = await _open(env, db)
+            await console_run(env.running, "LOCK LOGIN 'Victim@Example.COM' NODE 'VICTIM-BOX' REASON 'case'")
+            fields = await _ended(live)
+            assert fields["C"] == "57P01" and "locked: case" in fields["M"]
+            refused = await _refused(env, db, VICTIM_IP)
+            assert refused["C"] == "28000" and "case" in refused["M"]
+
+            await console_run(env.running, f"LOCK LOGIN '{VICTIM}' NODE 'victim-box' REASON 'again'")
+            [lock] = await console_run(env.running, "SHOW LOCKS")
+            assert lock[2] == "again"
+            assert "again" in (await _refused(env, db, VICTIM_IP))["M"]
+            assert await console_run(env.running, "UNLOCK LOGIN 'VICTIM@example.com' NODE 'Victim-Box'") == []
+            assert await console_run(env.running, "SHOW LOCKS") == []
+            (await _open(env, db)).close()
+            await env.assert_clean()
+
+
+async def test_a_node_lock_follows_the_device_renamed(pg: PgCluster, tmp_path: Path) -> None:
+    """Attack: the owner of a locked device renames it (same Tailscale node, same stable id,
+    another name) and connects again: still refused. Another device of the login is not
+    locked; ``NODE ID`` locks a device by its stable id whatever its name."""
+    db = create_app_database(pg)
+    other_ip = "127.0.0.3"
+    with trio.fail_after(240):
+        async with e2e_env(pg, tmp_path) as env:
+            _setup(env, db)
+            env.grant(other_ip, {db: {"permissions": ["readonly"]}}, login=VICTIM, node="victim-phone")
+            live = await _open(env, db)
+            [listed] = await sessions_of(env.running, VICTIM)
+            assert listed["node"] == "victim-box"
+            await console_run(env.running, f"LOCK LOGIN '{VICTIM}' NODE 'victim-box' REASON 'stolen box'")
+            assert (await _ended(live))["C"] == "57P01"
+
+            # The same node under a new name (tailscaled keeps its stable id): refused.
+            env.grant(VICTIM_IP, {db: {"permissions": ["readonly"]}}, login=VICTIM, node="innocent-box")
+            refused = await _refused(env, db, VICTIM_IP)
+            assert refused["C"] == "28000" and "stolen box" in refused["M"]
+            [lock] = await console_run(env.running, "SHOW LOCKS")
+            stable_id = lock[-1]
+            assert stable_id == listed["node_id"] and stable_id.startswith("n"), lock
+            # Another device of the same login: not locked.
+            phone = await _open(env, db, source=other_ip)
+            [phone_row] = await sessions_of(env.running, VICTIM)
+            assert phone_row["node"] == "victim-phone"
+            await console_run(env.running, f"UNLOCK LOGIN '{VICTIM}' NODE 'victim-box'")
+            (await _open(env, db)).close()
+
+            # By stable id (SHOW SESSIONS lists it): the phone, whatever it is called.
+            phone_id = phone_row["node_id"]
+            assert phone_id and phone_id != stable_id
+            await console_run(env.running, f"LOCK LOGIN '{VICTIM}' NODE ID '{phone_id}' REASON 'by id'")
+            assert (await _ended(phone))["C"] == "57P01"
+            env.grant(other_ip, {db: {"permissions": ["readonly"]}}, login=VICTIM, node="new-phone")
+            assert "by id" in (await _refused(env, db, other_ip))["M"]
+            (await _open(env, db)).close()  # the renamed box is not this node
+            await console_run(env.running, f"UNLOCK LOGIN '{VICTIM}' NODE ID '{phone_id}'")
+            (await _open(env, db, source=other_ip)).close()
             await env.assert_clean()
 
 

@@ -40,7 +40,7 @@ from waypoint.identity.model import Identity
 from waypoint.provision import sql
 from waypoint.provision.engine import Provisioner, ProvisionError
 from waypoint.reaper import catalog
-from waypoint.reaper import engine as reaper_engine
+from waypoint.reaper import transactions as reaper_txn
 
 ATTACKER = "127.0.0.2"
 _names = itertools.count(1)
@@ -249,7 +249,7 @@ def test_a_reap_transaction_touching_a_schema_it_has_not_locked_stops_before_any
     checked: list[object] = []
 
     def drop(locked: set[str]) -> None:
-        reaper_engine._drop_txn(
+        reaper_txn.drop_txn(
             sess,  # type: ignore[arg-type]
             "wp_r",
             database="appdb",
@@ -260,7 +260,7 @@ def test_a_reap_transaction_touching_a_schema_it_has_not_locked_stops_before_any
             inherit_clause="",
         )
 
-    with pytest.raises(reaper_engine._MoreSchemas) as info:
+    with pytest.raises(reaper_txn.MoreSchemas) as info:
         drop({"public"})
     assert info.value.schemas == {"public", "app"}
     assert checked == [] and sess.statements == ["BEGIN", catalog.DEPENDENT_SCHEMAS_QUERY]

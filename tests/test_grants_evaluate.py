@@ -12,6 +12,7 @@ from waypoint.errors import Refusal
 from waypoint.grants.evaluate import evaluate, evaluate_rules
 from waypoint.grants.model import CustomGrant, EffectiveGrant, Limits, Preset, SchemaPrivilege
 from waypoint.identity.model import Identity
+from waypoint.lru import LRU
 
 #: The module (the package's ``evaluate`` is the function of that name).
 evaluate_module = importlib.import_module("waypoint.grants.evaluate")
@@ -547,7 +548,7 @@ def test_the_same_identity_rules_are_parsed_once(monkeypatch: pytest.MonkeyPatch
 def test_kept_parses_never_answer_for_other_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     # Rule tuples made and dropped one after another (their ids come back); each is judged on
     # its own content, also once the kept parses are evicted.
-    monkeypatch.setattr(evaluate_module, "PARSED_RULES", 3)
+    monkeypatch.setattr(evaluate_module, "_parsed", LRU(3))
     for n in range(40):
         database = "app" if n % 2 else "other"
         rules = (db_rule("pg-main", {database: {"permissions": ["readonly"]}}),)

@@ -193,7 +193,22 @@ async def test_the_kept_identities_are_bounded(
     for n in range(2, 6):
         standin.set_peer(f"127.0.0.{n}", login=f"u{n}@example.com", node=f"n{n}")
         await provider.whois(f"127.0.0.{n}", 1)
-    assert [i.login for i in provider._parsed.values()] == ["u4@example.com", "u5@example.com"]
+    assert [i.login for _, i in provider._parsed.items()] == ["u4@example.com", "u5@example.com"]
+
+
+@pytest.mark.parametrize("spare", [0, -1], ids=["at-the-bound", "one-byte-over"])
+async def test_only_answers_within_the_size_bound_are_kept(
+    standin: LocalAPIStandin, monkeypatch: pytest.MonkeyPatch, spare: int
+) -> None:
+    standin.set_peer("127.0.0.2", login="alice@example.com", node="a", rules=[RULE])
+    size = len(await LocalAPIClient(standin.socket_path, timeout=2.0).whois_body("127.0.0.2", 1))
+    monkeypatch.setattr(tailscale, "PARSED_ANSWER_MAX_BYTES", size + spare)
+    provider = provider_for(standin)
+    first = await provider.whois("127.0.0.2", 1)
+    again = await provider.whois("127.0.0.2", 1)
+    assert first == again
+    assert (again is first) == (spare == 0)
+    assert len(provider._parsed) == (1 if spare == 0 else 0)
 
 
 async def test_standin_serialises_a_peer_once_and_anew_after_a_change(
@@ -303,6 +318,36 @@ async def test_malformed_json_is_malformed_response(standin: LocalAPIStandin) ->
         await provider_for(standin).whois("127.0.0.2", 1)
     assert info.value.refusal.sqlstate == "08004"
     assert "not valid JSON" in info.value.refusal.detail
+
+
+@pytest.mark.parametrize(
+    ("ip", "host", "named"),
+    [
+        ("127.0.0.2", "::ffff:127.0.0.2", "127.0.0.2:7"),  # IPv4-mapped: unmapped
+        ("fd7a:115c:a1e0::5", "fd7a:115c:a1e0::5%eth0", "[fd7a:115c:a1e0::5]:7"),
+    ],
+    ids=["mapped-ipv4", "ipv6-zone"],
+)
+async def test_a_malformed_answer_names_the_peer_one_way(
+    standin: LocalAPIStandin, ip: str, host: str, named: str
+) -> None:
+    # Not JSON, and JSON of the wrong shape: both messages name the peer as it was asked for
+    # (the address tailscaled was sent), not as the caller spelled it.
+    standin.set_peer(ip, login="alice@example.com", node="a")
+    standin.set_fault("malformed_json", ip)
+    with pytest.raises(MalformedResponse) as not_json:
+        await provider_for(standin).whois(host, 7)
+    assert not_json.value.refusal.detail.startswith(
+        f"tailscaled whois {named}: answer is not valid JSON: "
+    ), not_json.value.refusal.detail
+    standin.set_fault(None, ip)
+    standin.set_peer(ip, login="alice@example.com", node="a", cap_map="not a map")
+    with pytest.raises(MalformedResponse) as wrong_shape:
+        await provider_for(standin).whois(host, 7)
+    assert wrong_shape.value.refusal.detail == (
+        f"tailscaled whois {named}: whois CapMap is a JSON string, not an object"
+    )
+    assert standin.whois_count(ip) == 2
 
 
 @pytest.mark.parametrize("fault", ["close_mid_response", "bad_http"])

@@ -1,6 +1,6 @@
 """``waypoint.run(config)``: the root nursery wiring listeners, revalidation, the reaper, metrics,
 graceful shutdown, and the configuration reload (SIGHUP) that changes listeners and settings
-while sessions go on (docs/operations.md)."""
+while sessions go on (docs/operations.md; applied by :mod:`waypoint.service.reloader`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import trio
 
 from waypoint import errors
 from waypoint.audit.service import AuditService, open_audit
-from waypoint.config.load import ConfigError, load_config
 from waypoint.config.model import Config, ListenerConfig, split_host_port
 from waypoint.console.activity import backend_states
 from waypoint.console.hub import ConsoleHub
@@ -22,29 +21,28 @@ from waypoint.identity import make_provider
 from waypoint.identity.localapi import LocalAPIClient
 from waypoint.identity.model import IdentityProvider
 from waypoint.identity.tailscale import TailscaleProvider
-from waypoint.observability.log import LEVELS, Format, current_format, get_logger, switch
+from waypoint.observability.log import Format, current_format, get_logger
 from waypoint.observability.metrics import Metrics
 from waypoint.pool import BackendPool
 from waypoint.provision.engine import Provisioner
 from waypoint.proxy.admission import Admission
 from waypoint.proxy.backend import backend_ssl_context
 from waypoint.proxy.context import ListenerContext
-from waypoint.proxy.listener import CurrentContext, accept_loop, open_listener
+from waypoint.proxy.listener import CurrentContext
 from waypoint.proxy.registry import LiveSession, RefusalCache, SessionRegistry
 from waypoint.proxy.relay import RelayEngine, open_relay_engine
 from waypoint.proxy.revalidation import revalidation_loop
 from waypoint.proxy.tls import MIN_VALIDITY, ClientTLS
 from waypoint.reaper import service as reaper_service
 from waypoint.service.health import Health, SupportsPing, backend_check, identity_check
+from waypoint.service.listening import FINAL_GRACE, Listening, bind
 from waypoint.service.notify import Notifier
-from waypoint.service.reload import Plan, config_hash, plan_reload, provisioner_inputs_equal
+from waypoint.service.reload import provisioner_inputs_equal
+from waypoint.service.reloader import Reloader
 from waypoint.state import open_state
 from waypoint.state.base import StateStore
 
 log = get_logger("app")
-
-# After the drain deadline, sessions get their FATAL; this long to go before they are cut.
-FINAL_GRACE = 5.0
 
 
 class StartupRefused(Exception):
@@ -89,7 +87,7 @@ class Running:
         file did not validate), ``failed`` (it could not be applied) or ``skipped`` (a drain
         has begun); nothing changes unless ``applied``."""
         assert self._service is not None
-        return await self._service.reload(config)
+        return await self._service.reloader.reload(config)
 
 
 async def run(
@@ -144,26 +142,9 @@ async def run(
                 await provider.aclose()
 
 
-@attrs.define(eq=False)
-class _Listening:
-    """One listener's bound sockets and the scope of their accept loops."""
-
-    holder: CurrentContext
-    sockets: list[trio.SocketListener]
-    addresses: list[tuple[str, int]]
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    #: Set once the accept loops ended and the sockets are closed.
-    closed: trio.Event = attrs.field(factory=trio.Event)
-
-    async def stop(self) -> None:
-        """Stop accepting; returns once the sockets are closed (new connections are refused)."""
-        self.scope.cancel()
-        await self.closed.wait()
-
-
 class _Service:
-    """The running service: its listeners, their contexts, the background tasks, and the
-    reload that changes them while sessions go on."""
+    """The running service: its listeners, their contexts, the background tasks; its
+    :class:`Reloader` changes them while sessions go on."""
 
     def __init__(
         self,
@@ -199,13 +180,11 @@ class _Service:
         self.admin_limiter = trio.CapacityLimiter(16)
         self.pbkdf2_limiter = trio.CapacityLimiter(2)
         self.contexts: dict[str, ListenerContext] = {}
-        self.listening: dict[str, _Listening] = {}
+        self.listening: dict[str, Listening] = {}
         #: Every provisioner not yet closed (current ones, and earlier ones live sessions use).
         self.provisioners: set[Provisioner] = set()
         self.shutdown = trio.Event()
         self.immediate = trio.Event()
-        self.reload_requested = trio.Event()
-        self._reload_lock = trio.Lock()
         self._cert_client: LocalAPIClient | None = None
         self._own_cert_client = False
         self._sessions: trio.Nursery | None = None
@@ -213,12 +192,10 @@ class _Service:
         self._revalidation = trio.CancelScope()
         self._reapers = trio.CancelScope()
         self._expiry: dict[Provisioner, trio.CancelScope] = {}
-        self._draining: list[CurrentContext] = []
         self.running: Running | None = None
         #: The log format when ``[log] format`` is unset (``waypoint run --log-format``).
         self.log_format: Format = current_format()
-        self._hash = config_hash(config)
-        metrics.config_loaded(self._hash)
+        self.reloader = Reloader(self)
 
     # -- contexts ----------------------------------------------------------------------
 
@@ -302,37 +279,9 @@ class _Service:
 
     # -- serving -----------------------------------------------------------------------
 
-    async def _bind(self, holder: CurrentContext, ctx: ListenerContext) -> _Listening:
-        sockets = await open_listener(ctx)
-        addresses = []
-        for sl in sockets:
-            sockname = sl.socket.getsockname()
-            addresses.append((str(sockname[0]), int(sockname[1])))
-        return _Listening(holder, sockets, addresses)
-
-    async def _accept(
-        self,
-        listening: _Listening,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def start_accepting(self, name: str, listening: Listening) -> None:
         assert self._sessions is not None
-        sessions = self._sessions
-        try:
-            with listening.scope:
-                async with trio.open_nursery() as acc:
-                    for sl in listening.sockets:
-                        acc.start_soon(accept_loop, listening.holder, sl, sessions)
-                    task_status.started()
-        finally:
-            with trio.CancelScope(shield=True):
-                for sl in listening.sockets:
-                    await sl.aclose()
-            listening.closed.set()
-
-    async def _start_accepting(self, name: str, listening: _Listening) -> None:
-        assert self._sessions is not None
-        await self._sessions.start(self._accept, listening)
+        await self._sessions.start(listening.accept, self._sessions)
         self.listening[name] = listening
         self.health.listener_accepting(name, listening.addresses)
         log.info(
@@ -345,6 +294,15 @@ class _Service:
     def _addresses(self) -> dict[str, list[tuple[str, int]]]:
         return {name: list(lst.addresses) for name, lst in self.listening.items()}
 
+    def publish_addresses(self) -> None:
+        if self.running is not None:
+            self.running.addresses.clear()
+            self.running.addresses.update(self._addresses())
+
+    def start_background(self, fn: Callable[[], Awaitable[object]]) -> None:
+        assert self._background is not None
+        self._background.start_soon(fn)
+
     async def _run_background(
         self, *, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -353,13 +311,13 @@ class _Service:
             bg.start_soon(self.admission.run)
             bg.start_soon(self.console.run)
             for provisioner in set(ctx.provisioner for ctx in self.contexts.values()):
-                self._start_expiry(provisioner)
-            self._restart_revalidation()
-            self._restart_reapers()
+                self.start_expiry(provisioner)
+            self.restart_revalidation()
+            self.restart_reapers()
             task_status.started(bg)
             await trio.sleep_forever()
 
-    def _start_expiry(self, provisioner: Provisioner) -> None:
+    def start_expiry(self, provisioner: Provisioner) -> None:
         assert self._background is not None
         if provisioner in self._expiry:
             return
@@ -371,7 +329,12 @@ class _Service:
 
         self._background.start_soon(expire)
 
-    def _restart_revalidation(self) -> None:
+    def stop_expiry(self, provisioner: Provisioner) -> None:
+        scope = self._expiry.pop(provisioner, None)
+        if scope is not None:
+            scope.cancel()
+
+    def restart_revalidation(self) -> None:
         assert self._background is not None
         self._revalidation.cancel()
         scope = self._revalidation = trio.CancelScope()
@@ -385,7 +348,7 @@ class _Service:
 
         self._background.start_soon(revalidate)
 
-    def _restart_reapers(self) -> None:
+    def restart_reapers(self) -> None:
         assert self._background is not None
         self._reapers.cancel()
         scope = self._reapers = trio.CancelScope()
@@ -419,19 +382,15 @@ class _Service:
 
     async def _bind_all(
         self, root: trio.Nursery
-    ) -> tuple[dict[str, _Listening], tuple[str, int] | None]:
+    ) -> tuple[dict[str, Listening], tuple[str, int] | None]:
         """Every listener bound (not accepting yet), the reassign targets checked, the metrics
         endpoint started (its address, if configured); on failure the sockets are closed."""
-        bound: dict[str, _Listening] = {}
+        bound: dict[str, Listening] = {}
         metrics_address: tuple[str, int] | None = None
         try:
             for name, ctx in self.contexts.items():
-                bound[name] = await self._bind(CurrentContext(ctx), ctx)
-            # A reassign_to that could hand callers' objects to a privileged role refuses the
-            # start.
-            problems = await reaper_service.reassign_target_problems(reap_targets(self.contexts))
-            if problems:
-                raise StartupRefused("; ".join(problems))
+                bound[name] = await bind(CurrentContext(ctx), ctx)
+            await self.refuse_unsafe_reassign(self.contexts)
             if self.config.metrics.listen:
                 from waypoint.observability.metrics_server import serve_metrics
 
@@ -441,16 +400,22 @@ class _Service:
                 )
         except BaseException:
             for listening in bound.values():
-                for sl in listening.sockets:
-                    with trio.CancelScope(shield=True):
-                        await sl.aclose()
+                await listening.discard()
             raise
         return bound, metrics_address
+
+    async def refuse_unsafe_reassign(self, contexts: Mapping[str, ListenerContext]) -> None:
+        """Raise :class:`StartupRefused` when a ``reassign_to`` of ``contexts`` could hand
+        callers' objects to a privileged role (at start, and for what a reload adds or
+        changes)."""
+        problems = await reaper_service.reassign_target_problems(reap_targets(contexts))
+        if problems:
+            raise StartupRefused("; ".join(problems))
 
     async def _start_serving(
         self,
         root: trio.Nursery,
-        bound: dict[str, _Listening],
+        bound: dict[str, Listening],
         metrics_address: tuple[str, int] | None,
         handle_signals: bool,
         task_status: trio.TaskStatus[Running],
@@ -460,12 +425,12 @@ class _Service:
         await root.start(self.pool.run)
         await root.start(self._run_background)
         if handle_signals:
-            root.start_soon(_signal_watcher, self.shutdown, self.immediate, self)
-        root.start_soon(self._reload_loop)
+            root.start_soon(_signal_watcher, self.shutdown, self.immediate, self.reloader)
+        root.start_soon(self.reloader.run_requested)
         # Before accepting: the backends a killed predecessor left behind end now.
         await _sweep_orphans(self.contexts, self.registry, self.metrics)
         for name, listening in bound.items():
-            await self._start_accepting(name, listening)
+            await self.start_accepting(name, listening)
         running = Running(
             self._addresses(),
             metrics_address,
@@ -487,8 +452,8 @@ class _Service:
         """The graceful drain: readiness off, ``drain_delay``, listeners stopped, pooled
         backends closed, sessions given ``drain_timeout``, then ended."""
         registry = self.registry
-        # Take the reload lock: no reload opens a listener while the drain runs.
-        await self._reload_lock.acquire()
+        # No reload opens a listener while the drain runs.
+        await self.reloader.close()
         config = self.config
         # Readiness goes first, so balancers polling /readyz move traffic before the
         # listeners stop accepting (``drain_delay`` gives them time to notice).
@@ -539,7 +504,7 @@ class _Service:
     def _all_contexts(self) -> list[ListenerContext]:
         """Current contexts, and earlier ones whose connections still run."""
         seen: dict[int, ListenerContext] = {id(ctx): ctx for ctx in self.contexts.values()}
-        for holder in [lst.holder for lst in self.listening.values()] + self._draining:
+        for holder in self.reloader.holders():
             for ctx in holder.contexts():
                 seen[id(ctx)] = ctx
         return list(seen.values())
@@ -554,255 +519,6 @@ class _Service:
         if self._own_cert_client and self._cert_client is not None:
             with trio.move_on_after(2):
                 await self._cert_client.aclose()
-
-    # -- reload ------------------------------------------------------------------------
-
-    async def _reload_loop(self) -> None:
-        """Run the reloads SIGHUP asks for, one at a time; signals that arrive during one
-        reload make one more (not one each)."""
-        while True:
-            await self.reload_requested.wait()
-            self.reload_requested = trio.Event()
-            await self.reload(None)
-
-    async def reload(self, loaded: Config | None) -> str:
-        if self.shutdown.is_set():
-            log.warning("config_reload_skipped", reason="shutting down")
-            return "skipped"
-        async with self._reload_lock:
-            if self.shutdown.is_set():
-                return "skipped"
-            source = self.config.source
-            self.notifier.reloading(status=f"reloading {source or 'the configuration'}")
-            try:
-                outcome, status = await self._reload(loaded)
-            except Exception as exc:
-                # A reload never ends the service, whatever went wrong.
-                log.error(
-                    "config_reload_failed",
-                    exc_info=True,
-                    file=source,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                outcome, status = "failed", f"serving {len(self.contexts)} listener(s)"
-            self.metrics.config_reloaded(outcome)
-            self.notifier.ready(status=status)
-            return outcome
-
-    async def _reload(self, loaded: Config | None) -> tuple[str, str]:
-        source = self.config.source
-        serving = f"serving {len(self.contexts)} listener(s)"
-        if loaded is None:
-            if source is None:
-                log.error("config_reload_failed", reason="the configuration came from no file")
-                return "failed", serving + "; reload failed"
-            try:
-                loaded = await trio.to_thread.run_sync(load_config, source)
-            except ConfigError as exc:
-                log.error(
-                    "config_reload_invalid",
-                    file=source,
-                    problems=len(exc.problems),
-                    error=str(exc),
-                    note="nothing changed; the previous configuration still serves",
-                )
-                return "invalid", serving + "; the reloaded configuration is not valid"
-        plan = plan_reload(self.config, loaded)
-        new_hash = await trio.to_thread.run_sync(config_hash, loaded)
-        try:
-            staged = await self._stage(plan)
-        except Exception as exc:
-            log.error(
-                "config_reload_failed",
-                file=source,
-                error=f"{type(exc).__name__}: {exc}",
-                note="nothing changed; the previous configuration still serves",
-            )
-            return "failed", serving + "; reload failed"
-        await self._commit(plan, staged)
-        self.metrics.config_loaded(new_hash, previous=self._hash)
-        self._hash = new_hash
-        log.info(
-            "config_reloaded",
-            file=source,
-            hash=new_hash,
-            added=list(plan.added),
-            removed=list(plan.removed),
-            changed=list(plan.changed),
-            settings=list(plan.settings),
-            kept_until_restart=list(plan.kept),
-            sessions=len(self.registry),
-        )
-        return "applied", f"serving {len(self.contexts)} listener(s)"
-
-    async def _stage(self, plan: Plan) -> _Staged:
-        """Everything that can fail, before anything changes: the new contexts (TLS files
-        load), the new sockets (addresses bind). On failure, what was made is undone."""
-        config = plan.config
-        staged = _Staged()
-        if config.identity != self.config.identity:
-            # Only the static provider's table changes live (plan_reload keeps the rest).
-            staged.provider = make_provider(config.identity)
-        before = set(self.provisioners)
-        try:
-            for lst in config.listeners:
-                staged.contexts[lst.name] = self.build_context(
-                    config, lst, self.contexts.get(lst.name), staged.provider
-                )
-            # A reassign_to that startup would refuse fails the reload the same way.
-            checked = {name: staged.contexts[name] for name in (*plan.added, *plan.changed)}
-            problems = await reaper_service.reassign_target_problems(reap_targets(checked))
-            if problems:
-                raise StartupRefused("; ".join(problems))
-            for name in (*plan.added, *plan.rebind):
-                holder = (
-                    CurrentContext(staged.contexts[name])
-                    if name in plan.added
-                    else self.listening[name].holder
-                )
-                staged.bound[name] = await self._bind(holder, staged.contexts[name])
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                for listening in staged.bound.values():
-                    for sl in listening.sockets:
-                        await sl.aclose()
-                for provisioner in self.provisioners - before:
-                    self.provisioners.discard(provisioner)
-                    with trio.move_on_after(5):
-                        await provisioner.aclose()
-            raise
-        return staged
-
-    async def _commit(self, plan: Plan, staged: _Staged) -> None:
-        """Apply a staged reload; nothing here fails."""
-        old_config = self.config
-        config = plan.config
-        self.config = config
-        if staged.provider is not None:
-            self.provider = staged.provider
-        fmt = config.log.format or self.log_format
-        switch(fmt, LEVELS[config.log.level])
-        replaced: list[tuple[CurrentContext, ListenerContext]] = []
-        # Backends pooled under a listener's old settings are not handed out again.
-        gone = {*plan.removed, *plan.changed}
-        self.pool.close_where(lambda k: k.listener in gone, "listener_changed")
-        for name, ctx in staged.contexts.items():
-            if name in plan.added:
-                continue
-            holder = self.listening[name].holder
-            replaced.append((holder, holder.current))
-            holder.current = ctx
-            self.contexts[name] = ctx
-        for name in plan.added:
-            self.contexts[name] = staged.contexts[name]
-        self.health.expect_listeners([lst.name for lst in config.listeners])
-        for name in plan.added:
-            await self._start_accepting(name, staged.bound[name])
-            self.health.add_check(
-                f"backend:{name}", backend_check(self.contexts[name].provisioner.pools)
-            )
-        for name in plan.rebind:
-            old = self.listening[name]
-            await self._start_accepting(name, staged.bound[name])
-            await old.stop()
-        for name in plan.removed:
-            await self._remove_listener(name)
-        for name in plan.changed:
-            self.health.add_check(
-                f"backend:{name}", backend_check(self.contexts[name].provisioner.pools)
-            )
-        current = {ctx.provisioner for ctx in self.contexts.values()}
-        for provisioner in current:
-            self._start_expiry(provisioner)
-        for holder, old_ctx in replaced:
-            if old_ctx.provisioner not in current:
-                assert self._background is not None
-                self._background.start_soon(self._retire, holder, old_ctx)
-        if config.revalidation.interval != old_config.revalidation.interval:
-            self._restart_revalidation()
-        if plan.added or plan.removed or plan.changed:
-            self._restart_reapers()
-        if self.running is not None:
-            self.running.addresses.clear()
-            self.running.addresses.update(self._addresses())
-
-    async def _remove_listener(self, name: str) -> None:
-        """A listener a reload removed: it stops accepting and its sessions drain."""
-        listening = self.listening.pop(name)
-        del self.contexts[name]
-        self.health.listener_stopped(name)
-        self.health.remove_check(f"backend:{name}")
-        for c in listening.holder.contexts():
-            c.accepting = False
-        await listening.stop()
-        self._draining.append(listening.holder)
-        assert self._background is not None
-        self._background.start_soon(self._drain_listener, name, listening.holder)
-
-    async def _retire(self, holder: CurrentContext, ctx: ListenerContext) -> None:
-        """Close a provisioner no current context uses once the sessions of ``ctx`` are over
-        (they keep their backend until they end)."""
-        await holder.wait_idle(ctx)
-        await self._close_if_unused(ctx.provisioner)
-
-    async def _close_if_unused(self, provisioner: Provisioner) -> None:
-        if self._provisioner_in_use(provisioner) or provisioner not in self.provisioners:
-            return
-        self.provisioners.discard(provisioner)
-        scope = self._expiry.pop(provisioner, None)
-        if scope is not None:
-            scope.cancel()
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await provisioner.aclose()
-
-    def _provisioner_in_use(self, provisioner: Provisioner) -> bool:
-        """A current context uses it, or a connection of an earlier context still runs."""
-        if any(c.provisioner is provisioner for c in self.contexts.values()):
-            return True
-        holders = [lst.holder for lst in self.listening.values()] + self._draining
-        return any(
-            c.provisioner is provisioner and holder.tasks(c)
-            for holder in holders
-            for c in holder.contexts()
-        )
-
-    async def _drain_listener(self, name: str, holder: CurrentContext) -> None:
-        """A listener removed by a reload (no longer accepting): let its sessions finish
-        within ``drain_timeout``, then end the rest with a FATAL."""
-        try:
-            contexts = holder.contexts()
-            log.info(
-                "listener_draining",
-                listener=name,
-                connections=holder.tasks(),
-                drain_timeout=self.config.drain_timeout,
-            )
-            with trio.move_on_after(self.config.drain_timeout):
-                await holder.wait_idle()
-            if holder.tasks():
-                ended = 0
-                for live in self.registry:
-                    if live.owner in contexts:
-                        live.end(errors.listener_removed(), "listener_removed")
-                        ended += 1
-                log.info("listener_drain_deadline", listener=name, sessions=ended)
-                with trio.move_on_after(FINAL_GRACE):
-                    await holder.wait_idle()
-            log.info("listener_removed", listener=name, connections=holder.tasks())
-        finally:
-            self._draining.remove(holder)
-        for c in contexts:
-            await self._close_if_unused(c.provisioner)
-
-
-@attrs.define(eq=False)
-class _Staged:
-    """A reload's new contexts and newly bound listeners, before they serve."""
-
-    contexts: dict[str, ListenerContext] = attrs.field(factory=dict)
-    bound: dict[str, _Listening] = attrs.field(factory=dict)
-    #: A new identity provider (a changed static table), or None to keep the running one.
-    provider: IdentityProvider | None = None
 
 
 def _add_health_checks(
@@ -895,7 +611,7 @@ def _release_idle(
     return release
 
 
-async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event, service: _Service) -> None:
+async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event, reloader: Reloader) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         count = 0
         async for signum in signals:
@@ -903,7 +619,7 @@ async def _signal_watcher(shutdown: trio.Event, immediate: trio.Event, service: 
                 # The reload signal (systemd's ExecReload, ``waypoint reload``): signals that
                 # arrive while a reload runs make one more reload after it.
                 log.info("signal", signal="SIGHUP", note="reloading the configuration")
-                service.reload_requested.set()
+                reloader.request()
                 continue
             count += 1
             log.info("signal", signal=signal.Signals(signum).name, count=count)

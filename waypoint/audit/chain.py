@@ -45,14 +45,12 @@ def verify(files: Sequence[str]) -> ChainReport:
     prev_seq: int | None = None
     count = 0
     for name, number, line in _lines(files):
-        try:
-            record = json.loads(line)
-            seq = int(record["seq"])
-            prev = str(record["prev"])
-        except (ValueError, KeyError, TypeError):
+        link = _link(line)
+        if link is None:
             return ChainReport(
                 count, ChainProblem(name, number, "not an audit record (no seq/prev)")
             )
+        seq, prev = link
         if prev_hash is None:
             if seq == 1 and prev != GENESIS:
                 return _problem(count, name, number, "the first record does not start the chain")
@@ -76,6 +74,28 @@ def verify(files: Sequence[str]) -> ChainReport:
         prev_seq = seq
         count += 1
     return ChainReport(count, None)
+
+
+def _record(line: bytes) -> Any:
+    """The JSON value of one line, or None when it is not JSON. Any bytes are answered: a
+    file being checked may have been written by an attacker (a line nested deeper than the
+    parser's recursion, invalid UTF-8, numbers out of range)."""
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _link(line: bytes) -> tuple[int, str] | None:
+    """A record's ``seq`` (an integer, as Waypoint writes it) and ``prev`` (a string), or
+    None when the line is not an audit record."""
+    record = _record(line)
+    if not isinstance(record, dict):
+        return None
+    seq, prev = record.get("seq"), record.get("prev")
+    if type(seq) is not int or not isinstance(prev, str):
+        return None
+    return seq, prev
 
 
 def _problem(count: int, name: str, number: int, message: str) -> ChainReport:
@@ -102,10 +122,7 @@ def search(
     the statement text). Lines that are not JSON are skipped."""
     needle = text.lower() if text is not None else None
     for _, _, line in _lines(files):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
+        record = _record(line)
         if not isinstance(record, dict):
             continue
         if login is not None and record.get("login") != login:

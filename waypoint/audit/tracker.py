@@ -13,7 +13,8 @@ What is recorded (``event``):
 * ``query`` — a simple-protocol Query (its text);
 * ``parse`` — a Parse (statement name and text); the name is remembered, so that
 * ``execute`` — every Execute carries the text of the statement its portal was bound to
-  (the unnamed statement too), and the Bind parameters per ``parameters``
+  (the unnamed statement too), ``text_unconfirmed`` when that text may not be the one the
+  server runs (see below), and the Bind parameters per ``parameters``
   (``none``: only their count; ``hash``: the SHA-256 of each; ``full``: each as text, or
   hex when not UTF-8 / bound in binary);
 * ``function_call`` — a FunctionCall (the function's OID, arguments as parameters);
@@ -24,7 +25,20 @@ What is recorded (``event``):
   CommandComplete), ``commands`` (how many), ``sqlstate`` on error, ``rows`` for COPY,
   ``copy_data`` (CopyData messages the client sent), ``duration_ms``; ``status`` is
   ``ok``, ``error``, ``suspended`` or ``not_run`` (skipped after an earlier error in the
-  same pipeline segment).
+  same pipeline segment). A ``parse`` the server refuses or skips has one too (``error``,
+  ``not_run``).
+
+A Parse, Bind or Close changes a name when the server confirms it (ParseComplete,
+BindComplete, CloseComplete, paired in order like the results); one it refuses (a name that
+exists) or skips never does. After an error in an extended-protocol segment the server
+ignores every message up to Sync, whatever its kind: each is skipped (``not_run``) rather
+than waiting for an answer that never comes. An Execute is recorded when sent, with the
+text of its name's newest change sent: should that change be in an earlier segment still
+unanswered, the server may refuse it and run what was there before (``text_unconfirmed``).
+SQL ``PREPARE`` / ``DEALLOCATE`` change names the tracker cannot follow (it does not read
+SQL): after such a command tag an Execute of a named statement is ``text_unconfirmed``
+until the name is parsed again and confirmed, and so is the result of an Execute recorded
+before the tag and run after it. Run from PL/pgSQL they show no tag: that gap stays.
 
 Size is no way around it: texts and parameters longer than ``max_statement_bytes`` are
 cut, marked (``text_truncated``) and carry the SHA-256 of the whole (``text_sha256``),
@@ -40,11 +54,13 @@ named portals lose their parameters, recorded then in a ``bind`` record (an Exec
 portal carries ``parameters_evicted`` and that record's ``bind_id``); when that is not
 enough, the oldest such entries are forgotten (an Execute of an unknown name is then
 recorded with ``text_evicted`` or ``portal_evicted``, its name, and no text). The unnamed
-portal is never evicted nor counted (it is replaced by every Bind, and one message's
-parameters keep at most ``max_statement_bytes`` together). Close frees entries.
+portal, once confirmed, is never evicted nor counted (it is replaced by every Bind, and one
+message's parameters keep at most ``max_statement_bytes`` together). Close frees entries.
+Changes sent and not yet confirmed are kept and counted the same way, each under a key of
+its own, with a mark of each name's newest (forgetting one forgets what its name had).
 
-Nor is pipelining: statements and Syncs waiting for the server's answer (``awaiting``) are
-at most ``max_awaiting``. One more (a client sending without reading the answers) makes
+Nor is pipelining: statements, Parses, Binds, Closes, Describes and Syncs waiting for the
+server's answer (``awaiting``) are at most ``max_awaiting``. One more (a client sending without reading the answers) makes
 an ``audit_limit`` record after its own, and the tracker takes nothing more (``limited``):
 the session must end, without forwarding the chunk that hit the limit.
 """
@@ -95,6 +111,20 @@ _FRONT_PARSED: Final = frozenset({_Q, _P, _B, _E, _C, _F})
 _BC, _BE, _BZ, _BI, _BS = b"C"[0], b"E"[0], b"Z"[0], b"I"[0], b"s"[0]
 _BG, _BH, _BW = b"G"[0], b"H"[0], b"W"[0]
 _BACK_PARSED: Final = frozenset({_BC, _BE, _BG, _BH, _BW})
+_D = b"D"[0]
+#: The backend message that completes each kind of waiting message with no result of its
+#: own: ParseComplete, BindComplete, CloseComplete, RowDescription or NoData (Describe).
+_ANSWERS: Final = {
+    b"1"[0]: ("parse",),
+    b"2"[0]: ("bind",),
+    b"3"[0]: ("close", "close_s", "close_p"),
+    b"T"[0]: ("describe",),
+    b"n"[0]: ("describe",),
+}
+#: Waiting messages the server answers with a result (the others change names, or describe).
+_STATEMENTS: Final = ("query", "exec", "fcall")
+#: Command tags of SQL that changes prepared statements behind the protocol's back.
+_PREPARE_TAGS: Final = frozenset({"PREPARE", "DEALLOCATE", "DEALLOCATE ALL"})
 
 
 class _Text:
@@ -245,9 +275,13 @@ class _Body:
 
 
 class _Statement:
-    """A prepared statement kept: its text (or, evicted, only its SHA-256 and length)."""
+    """A prepared statement kept: its text (or, evicted, only its SHA-256 and length).
 
-    __slots__ = ("kept", "key_len", "sha", "size", "truncated")
+    Sent but not yet confirmed by the server, it is kept under its Parse's key (see
+    :meth:`AuditTracker._op_key`) with its own ``name``, counted in its cost."""
+
+    __slots__ = ("epoch", "kept", "key_len", "name", "name_len", "segment", "sha", "size",
+                 "truncated")  # fmt: skip
 
     def __init__(self, key_len: int, text: _Text) -> None:
         self.key_len = key_len
@@ -255,9 +289,15 @@ class _Statement:
         self.truncated = text.truncated
         self.sha: str | None = text.sha256() if self.truncated else None
         self.size = text.size
+        self.name = ""
+        self.name_len = 0
+        #: Pending: the Sync segment it was sent in; confirmed: SQL PREPAREs seen before.
+        self.segment = 0
+        self.epoch = 0
 
     def cost(self) -> int:
-        return ENTRY_COST + self.key_len + (len(self.kept) if self.kept is not None else 0)
+        kept = len(self.kept) if self.kept is not None else 0
+        return ENTRY_COST + self.key_len + self.name_len + kept
 
     def evict(self) -> None:
         if self.kept is not None and self.sha is None:
@@ -268,11 +308,16 @@ class _Statement:
 class _Portal:
     """A portal kept: its statement's name and parameter members (evicted: dropped)."""
 
-    __slots__ = ("bind_id", "key_len", "params", "params_len", "statement", "statement_len")
+    __slots__ = ("bind_id", "key_len", "name", "name_len", "params", "params_len", "segment",
+                 "statement", "statement_len")  # fmt: skip
 
     def __init__(self, key_len: int, statement: str, statement_len: int,
                  params: dict[str, Any]) -> None:  # fmt: skip
         self.key_len = key_len
+        #: Sent but not yet confirmed (kept under its Bind's key): the portal's name.
+        self.name = ""
+        self.name_len = 0
+        self.segment = 0
         self.statement = statement
         self.statement_len = statement_len
         self.params: dict[str, Any] | None = params
@@ -282,11 +327,33 @@ class _Portal:
         self.params_len = len(_dumps(params).encode()) - 2 if params else 0
 
     def cost(self) -> int:
-        return ENTRY_COST + self.key_len + self.statement_len + self.params_len
+        return ENTRY_COST + self.key_len + self.name_len + self.statement_len + self.params_len
 
     def evict(self) -> None:
         self.params = None
         self.params_len = 0
+
+
+class _Mark:
+    """A table entry with no content: a Close sent but not yet confirmed (under its key,
+    ``name`` what it closes), or a name's newest unconfirmed Parse, Bind or Close (under
+    ``"\\0"`` and the name: ``op``, its number)."""
+
+    __slots__ = ("key_len", "name", "name_len", "op", "segment")
+
+    def __init__(self, key_len: int, name: str = "", name_len: int = 0, op: int = 0,
+                 segment: int = 0) -> None:  # fmt: skip
+        self.key_len = key_len
+        self.name = name
+        self.name_len = name_len
+        self.op = op
+        self.segment = segment
+
+    def cost(self) -> int:
+        return ENTRY_COST + self.key_len + self.name_len
+
+    def evict(self) -> None:
+        pass
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -328,7 +395,7 @@ class _Table:
             self.kept.pop(name, None)
             self.evicted.pop(name, None)
 
-    def put(self, name: str, entry: _Statement | _Portal) -> None:
+    def put(self, name: str, entry: _Statement | _Portal | _Mark) -> None:
         """Keep ``entry`` under ``name`` (the newest), then shrink to the budget."""
         self.remove(name)
         self.entries[name] = entry
@@ -336,6 +403,24 @@ class _Table:
             return
         self.kept[name] = None
         self.retained += entry.cost()
+        self._shrink()
+
+    def adopt(self, key: str, name: str) -> None:
+        """The unconfirmed entry under ``key`` becomes ``name``'s (the newest): the server
+        confirmed it."""
+        entry = self.entries[key]
+        evicted = key in self.evicted
+        self.remove(key)
+        self.remove(name)
+        entry.key_len, entry.name, entry.name_len = entry.name_len, "", 0
+        self.entries[name] = entry
+        if name == self.pin:
+            return
+        (self.evicted if evicted else self.kept)[name] = None
+        self.retained += entry.cost()
+        self._shrink()
+
+    def _shrink(self) -> None:
         while self.retained > self.budget and self.kept:
             old, _ = self.kept.popitem(last=False)
             victim = self.entries[old]
@@ -347,8 +432,21 @@ class _Table:
             self.evicted[old] = None
         while self.retained > self.budget and self.evicted:
             old, _ = self.evicted.popitem(last=False)
-            self.retained -= self.entries.pop(old).cost()
+            victim = self.entries.pop(old)
+            self.retained -= victim.cost()
             self.dropped += 1
+            # An unconfirmed change forgotten (or which is a name's newest): what the name
+            # had before is forgotten too, as it may be stale.
+            if old.startswith("\0"):
+                self.remove(old[1:])
+            elif old.startswith("\x01"):
+                self.remove(victim.name)
+
+
+def _op_key(op: int) -> str:
+    """The key of the change numbered ``op`` until the server confirms or refuses it (no
+    name from the wire starts with NUL or 0x01; its cost counts 9 bytes, as in C)."""
+    return f"\x01{op}"
 
 
 def _i16(b: bytes) -> int:
@@ -412,6 +510,11 @@ class AuditTracker:
         #: now is recorded ``not_run`` at once (waiting would keep it for an answer that
         #: never comes: a client could pile up millions).
         self._skipping = False
+        #: Parses, Binds and Closes sent so far (each one's number, ``op``), Syncs sent,
+        #: and PREPARE / DEALLOCATE command tags seen.
+        self._ops = 0
+        self._segment = 0
+        self._epoch = 0
 
     @property
     def retained_bytes(self) -> int:
@@ -479,7 +582,12 @@ class AuditTracker:
             return
         if kind == _S:
             self._skipping = False
+            self._segment += 1
             self._wait(["sync", None, now, 0])
+            return
+        if kind == _D:
+            if not self._skipping:
+                self._wait(["describe", None, now, 0, []])
             return
         if body is None:
             return
@@ -492,25 +600,40 @@ class AuditTracker:
             name = body["name"]
             text: _Text = body["text"]
             fields = _text_fields(text)
-            self.statements.put(name, _Statement(body["name_len"], text))
-            self._record("parse", "extended", {"statement": name, **fields, **_malformed(body)})
+            rec = self._record(
+                "parse", "extended", {"statement": name, **fields, **_malformed(body)}
+            )
+            entry = ["parse", rec, now, 0, []]
+            if self._skipping:
+                self._result(entry, "not_run")
+            else:
+                op = self._change(self.statements, name, body["name_len"], _Statement(9, text))
+                self._wait([*entry, op])
         elif kind == _B:
-            self.portals.put(
-                body["portal"],
-                _Portal(body["portal_len"], body["statement"], body["statement_len"],
-                        body["params"]),
-            )  # fmt: skip
+            if not self._skipping:
+                portal_ = _Portal(9, body["statement"], body["statement_len"], body["params"])
+                op = self._change(self.portals, body["portal"], body["portal_len"], portal_)
+                self._wait(["bind", None, now, 0, [], op])
         elif kind == _E:
             portal = body["portal"]
-            bound: _Portal | None = self.portals.get(portal)
+            bound, _, unconfirmed = self._current(self.portals, portal)
             fields = {"statement": "", "portal": portal}
+            watch: int | None = None
             if bound is None and self.portals.dropped:
                 fields.update(statement=None, text=None, portal_evicted=True)
                 known = None
             else:
                 if bound is not None:
                     fields["statement"] = bound.statement
-                known = self.statements.get(fields["statement"])
+                sname = fields["statement"]
+                known, confirmed, later = self._current(self.statements, sname)
+                unconfirmed = unconfirmed or later
+                if sname:
+                    # SQL PREPARE / DEALLOCATE since this name's text was confirmed (or, no
+                    # text known, at all): the server may run another text under it.
+                    watch = self._epoch
+                    stale = known is None or (confirmed and known.epoch < self._epoch)
+                    unconfirmed = unconfirmed or (self._epoch > 0 and stale)
                 if known is None:
                     fields["text"] = None  # unknown statement: the server will refuse it
                     if self.statements.dropped:
@@ -524,6 +647,8 @@ class AuditTracker:
                         fields.update(
                             text_truncated=True, text_bytes=known.size, text_sha256=known.sha
                         )
+            if unconfirmed:
+                fields["text_unconfirmed"] = True
             if bound is not None:
                 if bound.params is None:
                     fields.update(parameters_evicted=True, bind_id=bound.bind_id)
@@ -531,27 +656,119 @@ class AuditTracker:
                     fields.update(bound.params)
             rec = self._record("execute", "extended", {**fields, **_malformed(body)})
             self.last_statement = rec["text"]
-            self._await(["exec", rec, now, 0, []])
+            self._await(["exec", rec, now, 0, [], watch])
         elif kind == _C:
-            if body["what"] == "S":
-                self.statements.remove(body["name"])
-            elif body["what"] == "P":
-                self.portals.remove(body["name"])
+            if self._skipping:
+                return
+            what = body["what"] if not body.get("malformed") else ""
+            if what in ("S", "P"):
+                table = self.statements if what == "S" else self.portals
+                mark = _Mark(9)
+                op = self._change(table, body["name"], body["name_len"], mark)
+                self._wait(["close_s" if what == "S" else "close_p", None, now, 0, [], op])
+            else:
+                self._wait(["close", None, now, 0, [], 0])  # the server refuses it
         elif kind == _F:
             fields = {"function_oid": body.get("oid"), **body["params"], **_malformed(body)}
             rec = self._record("function_call", "simple", fields)
             self.last_statement = f"function call {body.get('oid')}"
             self._await(["fcall", rec, now, 0, []])
 
-    def _evict_portal(self, name: str, portal: _Portal) -> None:
+    def _evict_portal(self, name: str, portal: _Portal | _Mark) -> None:
         """A portal's parameters are about to be dropped: record them now."""
+        if isinstance(portal, _Mark):
+            return
+        if name.startswith("\x01"):
+            name = portal.name  # not yet confirmed: under its Bind's key
         fields = {"statement": portal.statement, "portal": name, **(portal.params or {})}
         portal.bind_id = self._record("bind", "extended", fields)["statement_id"]
+
+    def _change(self, table: _Table, name: str, name_len: int,
+                entry: _Statement | _Portal | _Mark) -> int:  # fmt: skip
+        """A Parse, Bind or Close of ``name`` was sent: ``entry`` is kept under its own key
+        until the server confirms it (then it is ``name``'s) or refuses or skips it (then it
+        never was), counted in the budget as the rest; ``"\\0"`` and the name keep its
+        number, the name's newest change (what a statement sent now will find)."""
+        self._ops += 1
+        op = self._ops
+        entry.name, entry.name_len, entry.segment = name, name_len, self._segment
+        table.put(_op_key(op), entry)
+        table.put("\0" + name, _Mark(1 + name_len, op=op))
+        return op
+
+    def _current(self, table: _Table, name: str) -> tuple[Any, bool, bool]:
+        """What ``name`` means for a statement sent now: its entry (None: none, or closed,
+        or forgotten), whether the server confirmed it, and whether it is a change sent
+        before a Sync not yet answered (the server may refuse it, and run the statement
+        with what was there before)."""
+        latest = table.get("\0" + name)
+        if latest is None:
+            return table.get(name), True, False
+        change = table.get(_op_key(latest.op))
+        if change is None:
+            return None, False, False
+        earlier = change.segment < self._segment
+        return (None if isinstance(change, _Mark) else change), False, earlier
+
+    def _settle(self, entry: list[Any], ok: bool) -> None:
+        """The server confirmed (``ok``), or refused or skipped, the change ``entry``."""
+        kind = entry[0]
+        if kind in ("parse", "close_s"):
+            table = self.statements
+        elif kind in ("bind", "close_p"):
+            table = self.portals
+        else:
+            return
+        key = _op_key(entry[5])
+        change = table.get(key)
+        if change is None:  # forgotten (the budget): so was its name's entry
+            return
+        latest = table.get("\0" + change.name)
+        if latest is not None and latest.op == entry[5]:
+            table.remove("\0" + change.name)
+        if not ok:
+            table.remove(key)
+        elif isinstance(change, _Mark):  # a Close
+            table.remove(key)
+            table.remove(change.name)
+        else:
+            if isinstance(change, _Statement):
+                change.epoch = self._epoch
+            table.adopt(key, change.name)
+
+    def _skip(self, entry: list[Any]) -> None:
+        """The server skipped ``entry`` (after an error, up to Sync)."""
+        self._settle(entry, False)
+        if entry[1] is not None:
+            self._result(entry, "not_run")
+
+    def _fail(self, sqlstate: str | None) -> None:
+        """The extended-protocol message at the head of ``pending`` failed: the server skips
+        what follows up to Sync. The error is the head's result if it has a record (a
+        Parse, an Execute) and, as ever, that of the first statement it kept from running."""
+        pending = self.pending
+        head = pending.popleft()
+        charged = False
+        if head[0] == "exec":
+            self._result(head, "error", sqlstate=sqlstate)
+            charged = True
+        else:
+            self._settle(head, False)
+            if head[1] is not None:
+                self._result(head, "error", sqlstate=sqlstate)
+        while pending and pending[0][0] != "sync":
+            entry = pending.popleft()
+            if entry[0] in _STATEMENTS and not charged:
+                self._result(entry, "error", sqlstate=sqlstate)
+                charged = True
+            else:
+                self._skip(entry)
+        self._skipping = not pending
 
     def _await(self, entry: list[Any]) -> None:
         """A statement waits for the server's answer, unless the server will skip it."""
         if self._skipping:
-            self._result(entry, "not_run")
+            self._skip(entry)
         else:
             self._wait(entry)
 
@@ -573,9 +790,6 @@ class AuditTracker:
 
     # -- backend ----------------------------------------------------------------------------
 
-    def _head_run(self) -> list[Any] | None:
-        return self.pending[0] if self.pending and self.pending[0][0] != "sync" else None
-
     def _result(self, entry: list[Any], status: str, **fields: Any) -> None:
         rec: Record = entry[1]
         tags: list[str] = entry[4]
@@ -593,6 +807,9 @@ class AuditTracker:
         if entry[3]:
             res["copy_data"] = entry[3]
         res.update(fields)
+        if entry[0] == "exec" and entry[5] is not None and entry[5] != self._epoch:
+            # SQL PREPARE / DEALLOCATE ran after the Execute was recorded, before it ran.
+            res["text_unconfirmed"] = True
         res["duration_ms"] = round(max(0.0, self._now - entry[2]) * 1000.0, 3)
         self._out.append(res)
         if self._copy_in is entry:
@@ -600,48 +817,49 @@ class AuditTracker:
 
     def _on_back(self, kind: int, body: dict[str, Any] | None) -> None:
         pending = self.pending
-        if kind in (_BC, _BI, _BS):
-            head = self._head_run()
-            if head is None:
-                return
-            if kind == _BC and body is not None:
-                head[4].append(body["tag"])
-            if head[0] == "exec":
+        if kind == _BC and body is not None and body["tag"] in _PREPARE_TAGS:
+            self._epoch += 1
+        if not pending:
+            return
+        head = pending[0]
+        what = head[0]
+        answers = _ANSWERS.get(kind)
+        if answers is not None:
+            if what in answers:
                 pending.popleft()
-                self._result(head, "suspended" if kind == _BS else "ok")
-        elif kind == _BE:
-            head = self._head_run()
-            sqlstate = (body or {}).get("sqlstate")
-            if head is None:
-                return
-            if head[0] == "exec":
-                pending.popleft()
-                self._result(head, "error", sqlstate=sqlstate)
-                # The server skips the rest of this pipeline segment, up to Sync.
-                while pending and pending[0][0] == "exec":
-                    self._result(pending.popleft(), "not_run")
-                self._skipping = not pending
-            elif len(head) == 5:
-                head.append(sqlstate)
+                self._settle(head, True)
         elif kind == _BZ:
             while pending:
                 entry = pending.popleft()
-                kind_ = entry[0]
-                if kind_ == "sync":
+                what = entry[0]
+                if what == "sync":
                     return
-                if kind_ == "exec":
-                    self._result(entry, "not_run")
-                    continue
-                sqlstate = entry[5] if len(entry) > 5 else None
-                if sqlstate is not None:
-                    self._result(entry, "error", sqlstate=sqlstate)
-                else:
-                    self._result(entry, "ok")
-                return
+                if what in ("query", "fcall"):
+                    sqlstate = entry[5] if len(entry) > 5 else None
+                    if sqlstate is not None:
+                        self._result(entry, "error", sqlstate=sqlstate)
+                    else:
+                        self._result(entry, "ok")
+                    return
+                self._skip(entry)
+        elif what == "sync":
+            return
+        elif kind == _BE:
+            sqlstate = (body or {}).get("sqlstate")
+            if what in ("query", "fcall"):
+                if len(head) == 5:
+                    head.append(sqlstate)
+            else:
+                self._fail(sqlstate)
+        elif what not in _STATEMENTS:
+            return
+        elif kind in (_BC, _BI, _BS):
+            if kind == _BC and body is not None:
+                head[4].append(body["tag"])
+            if what == "exec":
+                pending.popleft()
+                self._result(head, "suspended" if kind == _BS else "ok")
         elif kind in (_BG, _BH, _BW):
-            head = self._head_run()
-            if head is None:
-                return
             direction = {_BG: "in", _BH: "out", _BW: "both"}[kind]
             if kind == _BG:
                 self._copy_in = head
@@ -808,8 +1026,8 @@ def _parse_close() -> _Parser:
         what = (yield ("take", 1)).decode("latin-1")
         yield ("cstr", name)
     except _Short:
-        return {"what": "", "name": "", "malformed": True}
-    return {"what": what, "name": name.text()}
+        return {"what": "", "name": "", "name_len": 0, "malformed": True}
+    return {"what": what, "name": name.text(), "name_len": len(name.kept)}
 
 
 def _parse_function_call(cap: int, mode: ParameterMode) -> _Parser:

@@ -35,6 +35,22 @@ def quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def add_node_arguments(parser: argparse.ArgumentParser, scope: str) -> None:
+    """``--node NAME`` or ``--node-id STABLE_ID`` (one of them): narrow ``scope`` to one node."""
+    node = parser.add_mutually_exclusive_group()
+    node.add_argument("--node", help=f"{scope}: only this node (by its name)")
+    node.add_argument(
+        "--node-id", help=f"{scope}: only this node, by its stable id (survives a rename)"
+    )
+
+
+def node_clause(args: argparse.Namespace) -> str:
+    """The console's `` NODE '<name>'`` / `` NODE ID '<stable id>'`` clause, or nothing."""
+    if args.node_id:
+        return f" NODE ID {quote(args.node_id)}"
+    return f" NODE {quote(args.node)}" if args.node else ""
+
+
 def run_statement(args: argparse.Namespace, sql: str) -> tuple[list[str], list[list[Any]]]:
     """Column names and rows of ``sql`` on the console. Raises pg8000's errors."""
     import pg8000.native

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import argparse
 
-from waypoint.cli.console_client import add_connection_arguments, execute, quote
+from waypoint.cli.console_client import (
+    add_connection_arguments,
+    add_node_arguments,
+    execute,
+    node_clause,
+    quote,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_connection_arguments(parser)
     parser.add_argument("login", nargs="?", help="the login to lock or unlock")
-    parser.add_argument("--node", help="only this node of the login")
+    add_node_arguments(parser, "lock or unlock")
     parser.add_argument("--reason", help="why (required to lock; the refused caller reads it)")
     parser.add_argument(
         "--for", dest="duration", metavar="DURATION", help="e.g. 30m, 2h (default: until unlocked)"
@@ -26,7 +32,7 @@ def statement(args: argparse.Namespace) -> str:
         return "SHOW LOCKS"
     if not args.login:
         raise SystemExit("waypoint lock: give a LOGIN (or --list)")
-    node = f" NODE {quote(args.node)}" if args.node else ""
+    node = node_clause(args)
     if args.unlock:
         return f"UNLOCK LOGIN {quote(args.login)}{node}"
     if not args.reason:

@@ -27,14 +27,8 @@ from waypoint.config.model import Config, ListenerConfig
 from waypoint.provision.admin import AdminError
 from waypoint.provision.engine import Provisioner
 from waypoint.reaper import catalog
-from waypoint.reaper.engine import (
-    Owned,
-    Reaper,
-    ReapError,
-    ReapReport,
-    RoleInfo,
-    RoleListing,
-)
+from waypoint.reaper.engine import Reaper, ReapError, ReapReport, RoleListing
+from waypoint.reaper.transactions import Owned, RoleInfo
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -36,6 +36,8 @@ from waypoint.state.console import (
     MemoryDirectory,
     RedisDirectory,
     SessionRecord,
+    covers,
+    lock_key,
 )
 
 log = get_logger("console")
@@ -178,7 +180,7 @@ class ConsoleHub:
         if locks:
             for live in self.registry:
                 for lock in locks:
-                    if lock.applies(live.identity.login, live.identity.node):
+                    if lock.applies(live.identity.login, live.identity.node, live.identity.node_id):
                         self._end(live, lock.by, f"locked: {lock.reason}", "console_lock")
                         break
 
@@ -211,6 +213,7 @@ class ConsoleHub:
             bytes_in=relay.bytes_from_client if relay is not None else 0,
             bytes_out=relay.bytes_from_backend if relay is not None else 0,
             statement=statement if isinstance(statement, str) else "",
+            node_id=live.identity.node_id,
         )
 
     def _end(self, live: LiveSession, by: str, reason: str, kind: str = "console_kill") -> None:
@@ -233,7 +236,7 @@ class ConsoleHub:
         """Why ``identity`` may not connect now (a lock in force), or None. Shared state
         unreachable: refused too (fail closed)."""
         try:
-            lock = await self.directory.lock_for(identity.login, identity.node)
+            lock = await self.directory.lock_for(identity.login, identity.node, identity.node_id)
         except StateUnavailableError as exc:
             return errors.state_unavailable(f"lock check failed: {exc}")
         if lock is None:
@@ -305,6 +308,7 @@ class ConsoleHub:
                         str(s.bytes_in),
                         str(s.bytes_out),
                         s.statement,
+                        s.node_id or None,
                     )
                     for s in await self._sessions()
                 ]
@@ -317,6 +321,7 @@ class ConsoleHub:
                         lock.by,
                         _iso(lock.set_at),
                         _iso(lock.expires),
+                        ",".join(lock.node_ids) or None,
                     )
                     for lock in sorted(await self.directory.locks(), key=lambda x: x.set_at)
                 ]
@@ -332,10 +337,11 @@ class ConsoleHub:
                 await self._kill(s, caller.who, "")
             return Result(f"KILL {len(found)}")
         if isinstance(command, parser.KillLogin):
+            ids = () if command.node_id is None else (command.node_id,)
             found = [
                 s
                 for s in await self._sessions()
-                if s.login == command.login and command.node in (None, s.node)
+                if covers(command.login, command.node, ids, s.login, s.node, s.node_id)
             ]
             for s in found:
                 await self._kill(s, caller.who, "")
@@ -349,16 +355,20 @@ class ConsoleHub:
                 caller.who,
                 now,
                 None if command.duration is None else now + command.duration,
+                await self._node_ids(command),
             )
             await self.directory.set_lock(lock)
             for live in self.registry:
-                if lock.applies(live.identity.login, live.identity.node):
+                if lock.applies(live.identity.login, live.identity.node, live.identity.node_id):
                     self._end(live, caller.who, f"locked: {lock.reason}", "console_lock")
             what = command.login + (f" on node {command.node}" if command.node else "")
+            if command.node_id is not None:
+                what += f" on node id {command.node_id}"
             log.info(
                 "console_lock",
                 login=command.login,
                 node=command.node,
+                node_ids=list(lock.node_ids),
                 by=caller.who,
                 reason=command.reason,
                 duration=format_duration(command.duration) if command.duration else None,
@@ -366,8 +376,25 @@ class ConsoleHub:
             )
             return Result("LOCK")
         assert isinstance(command, parser.Unlock)
-        removed = await self.directory.remove_lock(command.login, command.node)
+        removed = await self.directory.remove_lock(command.login, command.node, command.node_id)
         return Result(f"UNLOCK {1 if removed else 0}")
+
+    async def _node_ids(self, command: parser.Lock) -> tuple[str, ...]:
+        """The stable ids a lock covers: the one it names (``NODE ID``); for a lock naming a
+        node, those of the live sessions (every instance) of that login on a node of that
+        name, and those the same lock already had, so the lock follows the device when its
+        owner renames it. A device not connected now is known only by its name."""
+        if command.node_id is not None:
+            return (command.node_id,)
+        if command.node is None:
+            return ()
+        key = lock_key(command.login, command.node)
+        ids = {i for lock in await self.directory.locks() if lock.key == key for i in lock.node_ids}
+        for rec in await self._instances():
+            for s in rec.sessions:
+                if s.node_id and covers(command.login, command.node, (), s.login, s.node):
+                    ids.add(s.node_id)
+        return tuple(sorted(ids))
 
     async def _instances(self) -> list[InstanceRecord]:
         """Every instance, this one with its sessions as of now."""

@@ -2,9 +2,9 @@
 
     SHOW SESSIONS | SHOW LOCKS | SHOW INSTANCES
     KILL '<conn_id>'
-    KILL LOGIN '<login>' [NODE '<node>']
-    LOCK LOGIN '<login>' [NODE '<node>'] [FOR '<duration>'] REASON '<text>'
-    UNLOCK LOGIN '<login>' [NODE '<node>']
+    KILL LOGIN '<login>' [NODE '<node>' | NODE ID '<stable id>']
+    LOCK LOGIN '<login>' [NODE '<node>' | NODE ID '<stable id>'] [FOR '<duration>'] REASON '<text>'
+    UNLOCK LOGIN '<login>' [NODE '<node>' | NODE ID '<stable id>']
 
 Keywords are case-insensitive; values are single-quoted SQL strings (``''`` for a quote); one
 trailing ``;`` is allowed. Drivers' own startup statements (``SET ...``, ``BEGIN``, ``COMMIT``,
@@ -57,6 +57,7 @@ class Kill:
 class KillLogin:
     login: str
     node: str | None = None
+    node_id: str | None = None  # the node's stable id (``NODE ID``), instead of its name
 
 
 @attrs.frozen
@@ -65,12 +66,14 @@ class Lock:
     node: str | None
     reason: str
     duration: float | None = None  # seconds; None: until UNLOCK
+    node_id: str | None = None  # the node's stable id (``NODE ID``), instead of its name
 
 
 @attrs.frozen
 class Unlock:
     login: str
     node: str | None = None
+    node_id: str | None = None
 
 
 @attrs.frozen
@@ -101,8 +104,9 @@ COLUMNS: Final[dict[str, tuple[str, ...]]] = {
         "bytes_in",
         "bytes_out",
         "statement",
+        "node_id",
     ),
-    "LOCKS": ("login", "node", "reason", "locked_by", "locked_at", "expires"),
+    "LOCKS": ("login", "node", "reason", "locked_by", "locked_at", "expires", "node_ids"),
     "INSTANCES": ("instance", "started", "sessions", "last_seen"),
 }
 
@@ -204,6 +208,14 @@ class _Parser:
         self.i += 1
         return tok.text
 
+    def node(self) -> tuple[str | None, str | None]:
+        """An optional ``NODE '<name>'`` or ``NODE ID '<stable id>'``: (name, stable id)."""
+        if not self.keyword("NODE"):
+            return None, None
+        if self.keyword("ID"):
+            return None, self.string("node id")
+        return self.string("node"), None
+
     def finish(self) -> None:
         if self.tok.kind == "punct" and self.tok.text == ";":
             self.i += 1
@@ -247,14 +259,14 @@ def parse(text: str) -> Command:
     elif verb == "KILL":
         if p.keyword("LOGIN"):
             login = p.string("login")
-            node = p.string("node") if p.keyword("NODE") else None
-            command = KillLogin(login, node)
+            node, node_id = p.node()
+            command = KillLogin(login, node, node_id)
         else:
             command = Kill(p.string("connection id"))
     elif verb == "LOCK":
         p.expect("LOGIN")
         login = p.string("login")
-        node = p.string("node") if p.keyword("NODE") else None
+        node, node_id = p.node()
         duration: float | None = None
         if p.keyword("FOR"):
             tok = p.tok
@@ -266,12 +278,12 @@ def parse(text: str) -> Command:
             if duration <= 0:
                 raise ConsoleSyntaxError("the duration must be positive", tok.position)
         p.expect("REASON")
-        command = Lock(login, node, p.string("reason"), duration)
+        command = Lock(login, node, p.string("reason"), duration, node_id)
     elif verb == "UNLOCK":
         p.expect("LOGIN")
         login = p.string("login")
-        node = p.string("node") if p.keyword("NODE") else None
-        command = Unlock(login, node)
+        node, node_id = p.node()
+        command = Unlock(login, node, node_id)
     elif verb in ("SET", "RESET"):
         if p.tok.kind == "end":
             raise p.error("a parameter")

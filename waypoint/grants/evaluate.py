@@ -30,7 +30,6 @@ Semantics:
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
@@ -42,6 +41,7 @@ from waypoint.errors import Refusal
 from waypoint.grants.model import CustomGrant, EffectiveGrant, Limits, Preset, SchemaPrivilege
 from waypoint.grants.rules import WILDCARD, ParsedRules, RuleError, parse_rules
 from waypoint.identity.model import Identity
+from waypoint.lru import LRU
 
 MAX_DATABASE_NAME_BYTES: Final = 63
 TEMPLATE_DATABASES: Final = frozenset({"template0", "template1"})
@@ -204,10 +204,8 @@ def evaluate_parsed(
 
 #: How many rule tuples keep their parse (:func:`_parse`).
 PARSED_RULES: Final = 512
-#: id(rules) -> (rules, their parse or why they do not parse), least recently used first.
-_parsed: collections.OrderedDict[int, tuple[tuple[Any, ...], ParsedRules | RuleError]] = (
-    collections.OrderedDict()
-)
+#: id(rules) -> (rules, their parse or why they do not parse).
+_parsed: LRU[int, tuple[tuple[Any, ...], ParsedRules | RuleError]] = LRU(PARSED_RULES)
 
 
 def _parse(rules: Sequence[Any]) -> ParsedRules | RuleError:
@@ -219,16 +217,13 @@ def _parse(rules: Sequence[Any]) -> ParsedRules | RuleError:
     if isinstance(rules, tuple):
         entry = _parsed.get(id(rules))
         if entry is not None and entry[0] is rules:
-            _parsed.move_to_end(id(rules))
             return entry[1]
     try:
         result: ParsedRules | RuleError = parse_rules(list(rules))
     except RuleError as exc:
         result = exc
     if isinstance(rules, tuple):
-        _parsed[id(rules)] = (rules, result)
-        while len(_parsed) > PARSED_RULES:
-            _parsed.popitem(last=False)
+        _parsed.put(id(rules), (rules, result))
     return result
 
 

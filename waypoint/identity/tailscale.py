@@ -16,7 +16,6 @@ differs in any byte is read anew.
 
 from __future__ import annotations
 
-import collections
 from typing import Any, Final
 
 from waypoint.config.model import IdentityConfig
@@ -28,6 +27,7 @@ from waypoint.identity.localapi import (
     format_whois_addr,
 )
 from waypoint.identity.model import Identity
+from waypoint.lru import LRU
 
 #: How many whois answer bodies, and how large each at most, have their identity kept.
 PARSED_ANSWERS: Final = 512
@@ -111,14 +111,27 @@ def identity_from_whois(body: Any, capability: str) -> Identity:
     )
 
 
+def _read_whois_answer(body: bytes, host: str, port: int, capability: str) -> Identity:
+    """The :class:`Identity` in tailscaled's whois answer ``body`` for the peer at (host,
+    port). Raises :class:`MalformedResponse` naming the peer as it was asked for
+    (:func:`format_whois_addr`), whether the body is not a JSON object or has the wrong shape,
+    so a log names one peer one way."""
+    what = f"tailscaled whois {format_whois_addr(host, port)}"
+    decoded = decode_json_object(body, what)
+    try:
+        return identity_from_whois(decoded, capability)
+    except MalformedResponse as exc:
+        raise MalformedResponse(f"{what}: {exc}") from None
+
+
 class TailscaleProvider:
     """:class:`~waypoint.identity.model.IdentityProvider` backed by tailscaled's LocalAPI."""
 
     def __init__(self, cfg: IdentityConfig, *, client: LocalAPIClient | None = None) -> None:
         self.capability = cfg.capability
         self.client = client or LocalAPIClient(cfg.socket, timeout=cfg.timeout)
-        #: Answer body -> the identity read from it, least recently used first.
-        self._parsed: collections.OrderedDict[bytes, Identity] = collections.OrderedDict()
+        #: Answer body (at most :data:`PARSED_ANSWER_MAX_BYTES`) -> the identity read from it.
+        self._parsed: LRU[bytes, Identity] = LRU(PARSED_ANSWERS)
 
     def __repr__(self) -> str:
         return f"TailscaleProvider({self.client!r}, capability={self.capability!r})"
@@ -127,21 +140,12 @@ class TailscaleProvider:
         """Who is at (host, port). Raises an :class:`~waypoint.identity.model.IdentityError`
         subclass: PeerNotFound, BadAddress, MalformedResponse or LocalAPIUnavailable."""
         body = await self.client.whois_body(host, port)
-        parsed = self._parsed
-        identity = parsed.get(body)
+        identity = self._parsed.get(body)
         if identity is not None:
-            parsed.move_to_end(body)
             return identity
-        what = f"tailscaled whois {format_whois_addr(host, port)}"
-        decoded = decode_json_object(body, what)
-        try:
-            identity = identity_from_whois(decoded, self.capability)
-        except MalformedResponse as exc:
-            raise MalformedResponse(f"tailscaled whois {host}:{port}: {exc}") from None
+        identity = _read_whois_answer(body, host, port, self.capability)
         if len(body) <= PARSED_ANSWER_MAX_BYTES:
-            parsed[body] = identity
-            while len(parsed) > PARSED_ANSWERS:
-                parsed.popitem(last=False)
+            self._parsed.put(body, identity)
         return identity
 
     async def cert_pair(self, domain: str, *, min_validity: float | None) -> tuple[bytes, bytes]:

@@ -15,6 +15,12 @@ from waypoint.observability.metrics import Metrics
 log = get_logger("metrics")
 
 REQUEST_TIMEOUT = 5.0
+#: Connections the metrics listener serves at once; one more is closed at once. The
+#: endpoint needs no identity: without a bound, anyone who can reach it could hold a
+#: connection per file descriptor (each for ``REQUEST_TIMEOUT``, then again) and leave the
+#: whole process, its database listeners included, without descriptors or memory.
+#: Scrapers and health probes make a few requests at a time.
+MAX_CONNECTIONS = 64
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 JSON_TYPE = b"application/json"
 
@@ -56,12 +62,15 @@ async def _answer(
 
 
 async def _handle(
-    stream: trio.abc.Stream, metrics: Metrics, health: HealthEndpoints | None = None
+    stream: trio.abc.Stream,
+    metrics: Metrics,
+    health: HealthEndpoints | None = None,
+    request_timeout: float = REQUEST_TIMEOUT,
 ) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
     try:
         request: h11.Request | None = None
-        with trio.move_on_after(REQUEST_TIMEOUT):
+        with trio.move_on_after(request_timeout):
             request = await _read_request(conn, stream)
         if request is None:
             return
@@ -72,7 +81,7 @@ async def _handle(
             (b"cache-control", b"no-store"),
             (b"connection", b"close"),
         ]
-        with trio.move_on_after(REQUEST_TIMEOUT):
+        with trio.move_on_after(request_timeout):
             await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
             await stream.send_all(conn.send(h11.Data(data=body)))
             await stream.send_all(conn.send(h11.EndOfMessage()))
@@ -93,14 +102,26 @@ async def serve_metrics(
     metrics: Metrics,
     *,
     health: HealthEndpoints | None = None,
+    max_connections: int = MAX_CONNECTIONS,
+    request_timeout: float = REQUEST_TIMEOUT,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     listeners = await trio.open_tcp_listeners(port, host=host)
     addr = listeners[0].socket.getsockname()
     log.info("metrics_listening", address=f"{addr[0]}:{addr[1]}")
     task_status.started((str(addr[0]), int(addr[1])))
+    serving = 0
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _handle(stream, metrics, health)
+        nonlocal serving
+        if serving >= max_connections:
+            # Closed unread (an RST when the peer sent something): nothing waits on it.
+            await trio.aclose_forcefully(stream)
+            return
+        serving += 1
+        try:
+            await _handle(stream, metrics, health, request_timeout)
+        finally:
+            serving -= 1
 
     await trio.serve_listeners(handler, listeners)

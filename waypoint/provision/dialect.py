@@ -52,6 +52,14 @@ class PostgresDialect:
         return " WITH INHERIT TRUE, SET FALSE" if self.major >= 16 else ""
 
     @property
+    def members_can_set_role(self) -> bool:
+        """Whether a user role may ``SET ROLE`` to a group it is a member of (15 and older:
+        every membership carries it; 16+: ``member_clause`` grants without SET). A session
+        that did keeps the group's privileges after the membership is revoked: PostgreSQL
+        checks membership only when ``SET ROLE`` runs."""
+        return self.major < 16
+
+    @property
     def role_lookup_sql(self) -> str:
         """One row (rolname, comment, rolcanlogin) when the role ``$1`` exists."""
         return (
@@ -91,6 +99,11 @@ class CockroachDialect:
     @property
     def member_clause(self) -> str:
         return ""
+
+    @property
+    def members_can_set_role(self) -> bool:
+        # Downgrades there only revoke memberships and end nothing (docs/security.md).
+        return False
 
     @property
     def role_lookup_sql(self) -> str:

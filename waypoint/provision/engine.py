@@ -27,8 +27,13 @@ verifier computed here (SCRAM, or md5 when configured/required).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import (
+    AbstractAsyncContextManager,
+    asynccontextmanager,
+    contextmanager,
+    nullcontext,
+)
 from datetime import UTC, datetime
 from typing import Final
 
@@ -41,6 +46,7 @@ from waypoint.grants import naming
 from waypoint.grants.model import EffectiveGrant
 from waypoint.identity.model import Identity
 from waypoint.observability.log import get_logger
+from waypoint.pgwire.scram import ScramKeys
 from waypoint.provision import sql
 from waypoint.provision.admin import AdminError, AdminPools, AdminSession
 from waypoint.provision.apply import (
@@ -50,6 +56,7 @@ from waypoint.provision.apply import (
     provision_txn,
     strip_txn,
 )
+from waypoint.provision.backends import rollback_prepared, server_now
 from waypoint.provision.dialect import CockroachDialect, Dialect, detect_dialect
 from waypoint.provision.disarm import disarm_everywhere
 from waypoint.provision.flight import Flight, LeaderGone, RoleState, wait_for
@@ -290,16 +297,10 @@ class Provisioner:
         last: NameTaken | None = None
         for _attempt in range(3):
             try:
-                with trio.fail_at(deadline):
+                with self._failures(cid, "resolving the role name"), trio.fail_at(deadline):
                     role = await self._resolve_role(identity, grant)
-            except trio.TooSlowError:
-                raise ProvisionError(
-                    provisioning_failed(cid, "timed out resolving the role name")
-                ) from None
             except RoleNotOurs as exc:
                 raise ProvisionError(provisioning_failed(cid, str(exc))) from None
-            except AdminError as exc:
-                raise self._admin_failure(cid, exc) from None
             ask = _Ask(identity, grant, role, owner, fingerprint, deadline, cid)
             try:
                 return await self._obtain_role(ask, rotate)
@@ -413,7 +414,7 @@ class Provisioner:
         cid: str,
     ) -> tuple[Credentials, RoleLease]:
         try:
-            with trio.fail_at(deadline):
+            with self._failures(cid, f"provisioning role {role}"), trio.fail_at(deadline):
                 info = await self._server_info()
                 plan = self._plan(identity, grant, role, info, cid)
                 secret = new_secret()
@@ -427,17 +428,13 @@ class Provisioner:
                     change = PasswordChange(
                         verifier, valid_until, role_settings(self._pg, role, info)
                     )
-                    await self._run_txn(plan, change, info)
+                    result = await self._run_txn(plan, change, info)
+                    if result.revoked and not isinstance(info.dialect, CockroachDialect):
+                        await self._rollback_prepared(role)
                 except BaseException:
                     with trio.CancelScope(shield=True):
                         await self._locks.release(lease)
                     raise
-        except (trio.TooSlowError, RoleLockTimeout):
-            raise ProvisionError(
-                provisioning_failed(cid, f"timed out provisioning role {role}")
-            ) from None
-        except AdminError as exc:
-            raise self._admin_failure(cid, exc) from None
         except RoleNotOurs as exc:
             # The name carries another caller's marker: whatever this process remembers
             # about it is someone else's now.
@@ -447,9 +444,38 @@ class Provisioner:
         except (GroupNotOurs, RoleMissing) as exc:
             self._resolved.pop(self._name_key(identity, grant), None)
             raise ProvisionError(provisioning_failed(cid, str(exc))) from None
+        return self._remember(identity, grant, role, fingerprint, secret, keys, valid_until), lease
+
+    def _remember(
+        self,
+        identity: Identity,
+        grant: EffectiveGrant,
+        role: str,
+        fingerprint: str,
+        secret: str,
+        keys: ScramKeys | None,
+        valid_until: datetime,
+    ) -> Credentials:
+        """Cache the secret just set on ``role`` (for the caller, and the grant by its
+        ``fingerprint``) and give the credentials of the fresh provision."""
         owner = naming.role_owner(identity, grant.listener, grant.database, grant.preset_cap)
         self._cache.put(role, CachedSecret(secret, keys, valid_until, fingerprint, owner))
-        return Credentials(role, secret, keys, valid_until, True), lease
+        return Credentials(role, secret, keys, valid_until, True)
+
+    async def _rollback_prepared(self, role: str) -> None:
+        """The provision took privileges from the role: the transactions it prepared before
+        (in a session that may be long gone) hold rows written and locks taken under them,
+        which a ``COMMIT PREPARED`` would otherwise land now. They are rolled back before the
+        caller gets its login (a failure fails the provision)."""
+        gids = await rollback_prepared(self._pools, role, await server_now(self._pools))
+        if gids:
+            log.info(
+                "role_prepared_rolled_back",
+                listener=self._listener.name,
+                role=role,
+                count=len(gids),
+                reason="grant_changed",
+            )
 
     def _plan(
         self,
@@ -512,6 +538,17 @@ class Provisioner:
         if result.dropped_triggers:
             log.info("role_triggers_dropped", **where, triggers=list(result.dropped_triggers))
 
+    @contextmanager
+    def _failures(self, cid: str, doing: str) -> Iterator[None]:
+        """Refuse, for what the block was ``doing``, when it ran out of time (its deadline, or
+        a role lock not had by then) or an admin statement failed (:meth:`_admin_failure`)."""
+        try:
+            yield
+        except (trio.TooSlowError, RoleLockTimeout):
+            raise ProvisionError(provisioning_failed(cid, f"timed out {doing}")) from None
+        except AdminError as exc:
+            raise self._admin_failure(cid, exc) from None
+
     def _admin_failure(self, cid: str, exc: AdminError) -> ProvisionError:
         if exc.sqlstate == "3D000":
             return DatabaseMissing(exc.fields)
@@ -565,24 +602,22 @@ class Provisioner:
     def pools(self) -> AdminPools:
         return self._pools
 
+    async def members_can_set_role(self) -> bool:
+        """Whether the server lets a role ``SET ROLE`` to its groups (see the dialect)."""
+        return (await self._server_info()).dialect.members_can_set_role
+
     async def reconcile(self, identity: Identity, grant: EffectiveGrant) -> None:
         """Bring the role's memberships to ``grant`` (a revalidation downgrade); no new secret."""
         cid = new_correlation_id()
         role = self.role_for(identity, grant)
         deadline = trio.current_time() + self._handshake_timeout
         try:
-            with trio.fail_at(deadline):
+            with self._failures(cid, f"reconciling role {role}"), trio.fail_at(deadline):
                 async with self.role_guard(role):
                     info = await self._server_info()
                     plan = self._plan(identity, grant, role, info, cid)
                     async with self._role_lock(role, deadline):
                         await self._run_txn(plan, None, info)
-        except (trio.TooSlowError, RoleLockTimeout):
-            raise ProvisionError(
-                provisioning_failed(cid, f"timed out reconciling role {role}")
-            ) from None
-        except AdminError as exc:
-            raise self._admin_failure(cid, exc) from None
         except (RoleNotOurs, GroupNotOurs, RoleMissing) as exc:
             raise ProvisionError(provisioning_failed(cid, str(exc))) from None
         self._cache.refingerprint(role, grant_fingerprint(grant))
@@ -643,7 +678,7 @@ class Provisioner:
             return strip_txn(sess, role, now)
 
         try:
-            with trio.fail_at(deadline):
+            with self._failures(cid, f"stripping role {role}"), trio.fail_at(deadline):
                 async with self.role_guard(role), self._role_lock(role, deadline):
                     info = await self._server_info()
                     inherit = info.dialect.admin_inherit_clause
@@ -656,12 +691,6 @@ class Provisioner:
                             await disarm_everywhere(
                                 self._pools, g, group=True, inherit_clause=inherit
                             )
-        except (trio.TooSlowError, RoleLockTimeout):
-            raise ProvisionError(
-                provisioning_failed(cid, f"timed out stripping role {role}")
-            ) from None
-        except AdminError as exc:
-            raise self._admin_failure(cid, exc) from None
         except RoleNotOurs as exc:
             raise ProvisionError(provisioning_failed(cid, str(exc))) from None
 

@@ -1,11 +1,13 @@
 """Revalidation: every ``interval``, re-identify each live session and re-evaluate its
 grant. Unchanged: extend the role's VALID UNTIL (batched per role). Changed but still granted:
 reconcile the role live, cancel the statements its backends are running (they started under
-the old privileges), and apply tightened limits to the open sessions (a passed
+the old privileges), end the transactions they hold open from before the change and roll back
+the ones the role prepared before it, and apply tightened limits to the open sessions (a passed
 ``max_conn_duration`` or ``max_bytes_per_conn``, or more sessions than ``max_conns``, end
 with the limit's FATAL 53400). Gone, or identity lookup failing: FATAL, close; a grant that is
 gone strips the role and ends every backend of it, not only this instance's sessions (those
-of other instances, orphans of a crashed one, direct logins with a self-set password)."""
+of other instances, orphans of a crashed one, direct logins with a self-set password), and
+rolls back every transaction it prepared."""
 
 from __future__ import annotations
 
@@ -19,13 +21,25 @@ from waypoint.grants.evaluate import evaluate
 from waypoint.grants.model import EffectiveGrant
 from waypoint.identity.model import Identity, IdentityError
 from waypoint.observability.log import get_logger
-from waypoint.provision.backends import cancel_role_statements, terminate_role_backends
+from waypoint.provision.backends import (
+    cancel_role_statements,
+    end_transactions_begun_before,
+    rollback_prepared,
+    server_now,
+    terminate_role_backends,
+)
 from waypoint.provision.engine import Provisioner
 from waypoint.proxy.context import ListenerContext
 from waypoint.proxy.registry import LiveSession, SessionRegistry, set_duration_deadline
 from waypoint.state.base import SlotUsage
 
 log = get_logger("revalidation")
+
+#: Why a session ends when its role left a group on a server where it could have switched
+#: to that group: the switch outlives the membership, and Waypoint cannot see it.
+_GROUP_LEFT = (
+    "the grant no longer includes a group role this session may have switched to with SET ROLE"
+)
 
 # A pass never takes longer than this (each LocalAPI call and admin statement has its own bound).
 PASS_BOUND = 60.0
@@ -52,6 +66,8 @@ async def revalidate_once(
     stripped: dict[tuple[str, str, Provisioner], ListenerContext] = {}
     reconciled: set[tuple[str, str, Provisioner]] = set()
     cancelled: set[tuple[str, str, Provisioner]] = set()
+    # Roles whose sessions all end: they left a group they may have SET ROLE to.
+    regrouped: dict[tuple[str, str, Provisioner], ListenerContext] = {}
     changed_principals: dict[tuple[str, str], ListenerContext] = {}
     for live in sessions:
         if live.ended_by is not None or live.closing:
@@ -119,13 +135,19 @@ async def revalidate_once(
                     str(exc),
                 )
                 continue
+        if key in regrouped or (
+            live.grant.privileges - grant.privileges and await _members_can_set_role(ctx)
+        ):
+            regrouped[key] = ctx
+            _end(ctx, live, "group_left", _GROUP_LEFT, None)
+            continue
         privileges_changed = (grant.privileges, grant.custom) != (
             live.grant.privileges,
             live.grant.custom,
         )
         if key not in cancelled and privileges_changed:
             cancelled.add(key)
-            await _cancel_statements(ctx, live.role)
+            await _stop_old_work(ctx, live.role)
         old = live.grant
         live.grant = grant
         _apply_limits(live, old)
@@ -134,7 +156,11 @@ async def revalidate_once(
     # Every backend of a role whose grant is gone ends, wherever it came from. This
     # instance's own sessions of it end through their session's end (FATAL first).
     for (_, role, _), ctx in sorted(stripped.items(), key=lambda kv: kv[0][:2]):
-        await _end_role_backends(ctx, registry, role)
+        await _end_role_backends(ctx, registry, role, "access_revoked")
+        await _rollback_prepared(ctx, role, "access_revoked")
+    for (_, role, _), ctx in sorted(regrouped.items(), key=lambda kv: kv[0][:2]):
+        await _end_role_backends(ctx, registry, role, "group_left")
+        await _rollback_prepared(ctx, role, "grant_changed")
     for (_, principal), ctx in sorted(changed_principals.items(), key=lambda kv: kv[0]):
         await _enforce_max_conns(ctx, registry, principal)
     for provisioner, (listener, roles) in extend.items():
@@ -169,7 +195,9 @@ def _close_pooled(ctx: ListenerContext, role: str) -> None:
         ctx.pool.close_role(ctx.listener.backend_address, role, "role_closed")
 
 
-async def _end_role_backends(ctx: ListenerContext, registry: SessionRegistry, role: str) -> None:
+async def _end_role_backends(
+    ctx: ListenerContext, registry: SessionRegistry, role: str, reason: str
+) -> None:
     keep = registry.backend_pids(ctx.listener.name)
     try:
         pids = await terminate_role_backends(ctx.provisioner.pools, role, keep)
@@ -178,19 +206,59 @@ async def _end_role_backends(ctx: ListenerContext, registry: SessionRegistry, ro
         return
     if pids:
         ctx.metrics.backend_ended(
-            ctx.listener.name, "access_revoked_role", "pg_terminate_backend", len(pids)
+            ctx.listener.name, f"{reason}_role", "pg_terminate_backend", len(pids)
         )
-        log.info("role_backends_ended", role=role, pids=pids, reason="access_revoked")
+        log.info("role_backends_ended", role=role, pids=pids, reason=reason)
 
 
-async def _cancel_statements(ctx: ListenerContext, role: str) -> None:
+async def _members_can_set_role(ctx: ListenerContext) -> bool:
+    """Whether the backend lets roles ``SET ROLE`` to their groups (unknown: yes)."""
     try:
-        pids = await cancel_role_statements(ctx.provisioner.pools, role)
+        return await ctx.provisioner.members_can_set_role()
+    except Exception as exc:
+        log.error("server_info_failed", error=str(exc))
+        return True
+
+
+async def _stop_old_work(ctx: ListenerContext, role: str) -> None:
+    """The role's privileges changed (the change is committed): what its backends started
+    under the old ones stops. Running statements are cancelled; then every backend still
+    in a transaction begun before the change is terminated, whichever instance's session
+    it serves: rows it wrote, or a cursor it opened, under the old privileges must not be
+    committed or read after the change (a cancel cannot stop that; see
+    :func:`end_transactions_begun_before`). A session outside a transaction goes on."""
+    pools = ctx.provisioner.pools
+    try:
+        before = await server_now(pools)
+        cancelled = await cancel_role_statements(pools, role)
+        ended = await end_transactions_begun_before(
+            pools, role, before, ctx.config.backend_end_timeout
+        )
     except Exception as exc:
         log.error("role_statements_cancel_failed", role=role, error=str(exc))
+        cancelled, ended = [], []
+    if cancelled:
+        log.info("role_statements_cancelled", role=role, pids=cancelled, reason="grant_changed")
+    if ended:
+        ctx.metrics.backend_ended(
+            ctx.listener.name, "grant_changed_in_transaction", "pg_terminate_backend", len(ended)
+        )
+        log.info("role_transactions_ended", role=role, pids=ended, reason="grant_changed")
+    await _rollback_prepared(ctx, role, "grant_changed")
+
+
+async def _rollback_prepared(ctx: ListenerContext, role: str, reason: str) -> None:
+    """Roll back the transactions the role prepared until now: each holds rows written, and
+    locks taken, under privileges the role no longer has (after the old transactions were
+    ended, one prepared later began under the new ones)."""
+    pools = ctx.provisioner.pools
+    try:
+        gids = await rollback_prepared(pools, role, await server_now(pools))
+    except Exception as exc:
+        log.error("role_prepared_rollback_failed", role=role, error=str(exc))
         return
-    if pids:
-        log.info("role_statements_cancelled", role=role, pids=pids, reason="grant_changed")
+    if gids:
+        log.info("role_prepared_rolled_back", role=role, count=len(gids), reason=reason)
 
 
 def _apply_limits(live: LiveSession, old: EffectiveGrant) -> None:

@@ -38,6 +38,7 @@ from waypoint.config.model import ListenerConfig
 from waypoint.errors import Refusal
 from waypoint.grants.model import EffectiveGrant
 from waypoint.identity.model import Identity
+from waypoint.lru import LRU
 from waypoint.observability.log import EventLogger, get_logger
 from waypoint.observability.metrics import Metrics
 from waypoint.pgwire import BackendError, BackendKeyData, LoginError, ProtocolError
@@ -193,14 +194,11 @@ class ConnectingSource:
         :data:`RECENT_FOR` seconds. Only such a peer's backend connection is opened before
         it is identified: a peer that was never granted, or a scan, makes the server fork
         nothing."""
-        seen = self._recent.get(peer_ip)
+        seen = self._recent.peek(peer_ip)
         return seen is not None and trio.current_time() - seen < RECENT_FOR
 
     def served(self, peer_ip: str) -> None:
-        self._recent[peer_ip] = trio.current_time()
-        self._recent.move_to_end(peer_ip)
-        while len(self._recent) > RECENT_PEERS:
-            self._recent.popitem(last=False)
+        self._recent.put(peer_ip, trio.current_time())
 
     @contextlib.asynccontextmanager
     async def order(self, peer_ip: str, request: BackendRequest) -> AsyncIterator[BackendOrder]:
@@ -370,10 +368,9 @@ class ConnectingSource:
 
     #: Backends being reset before they are kept, by their key without the role.
     _resetting: collections.Counter[PoolKey] = attrs.field(factory=collections.Counter, init=False)
-    #: Peers that started a session lately (address -> when, trio's clock), oldest first.
-    _recent: collections.OrderedDict[str, float] = attrs.field(
-        factory=collections.OrderedDict, init=False
-    )
+    #: Peers that started a session lately (address -> when, trio's clock). Looking a peer
+    #: up does not count as using it: the peers forgotten first are the longest unserved.
+    _recent: LRU[str, float] = attrs.field(factory=lambda: LRU(RECENT_PEERS), init=False)
 
     async def _end(self, backend: LoggedInBackend, *, closed_by_backend: bool) -> BackendEnd:
         """End the backend on the server (:mod:`waypoint.proxy.backend_end`)."""

@@ -6,11 +6,11 @@ from waypoint.reaper.engine import (
     Reaper,
     ReapError,
     ReapReport,
-    RoleInfo,
     RoleListing,
     Skipped,
 )
 from waypoint.reaper.schedule import reap_periodically
+from waypoint.reaper.transactions import RoleInfo
 
 __all__ = [
     "Failure",

@@ -39,30 +39,40 @@ A pass, for one listener:
 A failure on one role is logged, reported and the pass goes on; the next pass retries (the
 ``VALID UNTIL`` backstop keeps an undropped role harmless). ``dry_run`` computes the same
 plan and changes nothing.
+
+This module decides, orders and holds the locks; what runs on an admin session (the catalog
+reads, each transaction) is in :mod:`waypoint.reaper.transactions`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 import trio
 from attrs import define, field, frozen
-from pg8000.exceptions import DatabaseError
 
 from waypoint.config.model import ListenerConfig
-from waypoint.grants import naming
 from waypoint.observability.log import get_logger
 from waypoint.provision import sql as provision_sql
 from waypoint.provision.admin import AdminError, AdminPools, AdminSession
 from waypoint.provision.dialect import Dialect, detect_dialect
-from waypoint.provision.disarm import disarm_code, disarm_everywhere, drop_foreign_triggers
+from waypoint.provision.disarm import disarm_everywhere
 from waypoint.provision.engine import Provisioner
 from waypoint.provision.locks import RoleLease
-from waypoint.reaper import catalog
+from waypoint.reaper import transactions as txn
+from waypoint.reaper.transactions import (
+    Check,
+    MoreSchemas,
+    NotEligible,
+    Owned,
+    Recheck,
+    Refused,
+    RoleInfo,
+)
 
 GUARD_WAIT: Final = 1.0
 ROLE_TIMEOUT: Final = 60.0
@@ -75,50 +85,11 @@ RETIRED_VALID_UNTIL: Final = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 @frozen
-class RoleInfo:
-    """A role with the listener's prefix, as the catalog shows it now."""
-
-    name: str
-    comment: str | None
-    valid_until: datetime | None  # None: unset or infinite
-    expired: bool
-    live_sessions: int
-    groups: tuple[str, ...]  # roles it is a member of
-    members: tuple[str, ...]  # roles that are members of it (the admin excluded)
-    owned: int = 0  # objects it owns in the whole cluster (pg_shdepend owner rows)
-
-    @property
-    def retired(self) -> bool:
-        """Whether the reaper retired it (it owned objects when it expired)."""
-        return naming.is_retired_comment(self.comment or "")
-
-    @property
-    def owner(self) -> naming.RoleOwner | None:
-        """The identity recorded in Waypoint's role marker, or None (not a Waypoint user role)."""
-        return naming.parse_role_comment(self.comment or "")
-
-    @property
-    def group_owner(self) -> naming.GroupOwner | None:
-        """What Waypoint's group marker records, or None (not a Waypoint group)."""
-        return naming.parse_group_comment(self.comment or "")
-
-
-@frozen
 class RoleListing:
     """Waypoint's user roles and group roles under one prefix (unmarked roles left out)."""
 
     roles: tuple[RoleInfo, ...]
     groups: tuple[RoleInfo, ...]
-
-
-@frozen
-class Owned:
-    """How many objects of one kind a role owns in one database (None: cluster-wide)."""
-
-    role: str
-    database: str | None
-    kind: str
-    count: int
 
 
 @frozen
@@ -155,23 +126,6 @@ class ReapError(Exception):
 # -- internals -------------------------------------------------------------------------
 
 
-class _NotEligible(Exception):
-    """Raised inside a drop transaction when the re-check under the locks says no."""
-
-    def __init__(self, reason: str, *, gone: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.gone = gone
-
-
-class _Refused(Exception):
-    """The reap of one role cannot go on safely (its reason is reported as a failure)."""
-
-
-Check = Callable[[AdminSession], None]
-#: Re-reads a role under the locks (given the roles this instance uses); raises if it may not
-#: be reaped any more.
-Recheck = Callable[[AdminSession, frozenset[str]], RoleInfo]
 _Outcome = Literal["dropped", "retired"] | Skipped | Failure
 
 
@@ -200,170 +154,10 @@ class _Tally:
         )
 
 
-def _parse_rows(rows: Iterable[list[Any]]) -> list[RoleInfo]:
-    out: list[RoleInfo] = []
-    for name, comment, until, expired, live, groups, members, owned in rows:
-        out.append(
-            RoleInfo(
-                name=str(name),
-                comment=None if comment is None else str(comment),
-                valid_until=until if isinstance(until, datetime) else None,
-                expired=bool(expired),
-                live_sessions=int(str(live)),
-                groups=tuple(str(g) for g in (groups or ())),
-                members=tuple(str(m) for m in (members or ())),
-                owned=int(str(owned)),
-            )
-        )
-    return out
-
-
-def reassign_target_problem(sess: AdminSession, target: str) -> str | None:
-    """Why ``target`` may not receive a caller's objects (None: it may). A role that could
-    log in, holds any of SUPERUSER / CREATEROLE / CREATEDB / BYPASSRLS / REPLICATION, or is a
-    member of any role would run the caller's code (SECURITY DEFINER functions, views) with
-    more than the caller had. Blocking."""
-    rows = sess.run(catalog.REASSIGN_TARGET_QUERY, name=target)
-    if not rows:
-        return f"role {target!r} does not exist"
-    login, superuser, createrole, createdb, bypassrls, replication, groups = rows[0]
-    attrs = [
-        name
-        for name, held in (
-            ("LOGIN", login),
-            ("SUPERUSER", superuser),
-            ("CREATEROLE", createrole),
-            ("CREATEDB", createdb),
-            ("BYPASSRLS", bypassrls),
-            ("REPLICATION", replication),
-        )
-        if held
-    ]
-    problems: list[str] = []
-    if attrs:
-        problems.append("has " + ", ".join(attrs))
-    if groups:
-        problems.append("is a member of " + ", ".join(str(g) for g in groups))
-    if not problems:
-        return None
-    return (
-        f"role {target!r} {' and '.join(problems)}: objects of reaped roles (their SECURITY "
-        "DEFINER functions and views) would run with its privileges; use a NOLOGIN role "
-        "with none of SUPERUSER, CREATEROLE, CREATEDB, BYPASSRLS, REPLICATION and no "
-        "memberships"
-    )
-
-
 def _admin_reason(exc: AdminError) -> str:
     detail = exc.fields.get("D")
     text = str(exc)
     return f"{text} ({detail})" if detail else text
-
-
-def _drop_txn(
-    sess: AdminSession,
-    role: str,
-    *,
-    database: str,
-    reassign_to: str | None,
-    locked: Collection[str],
-    check: Check,
-    drop_role: bool,
-    inherit_clause: str,
-) -> None:
-    """One transaction in ``database``: re-check, [REASSIGN OWNED,] DROP OWNED [, DROP ROLE],
-    under the group locks of the schemas ``locked`` (held by the caller). Objects in a schema
-    outside ``locked`` (created since the caller looked) raise :class:`_MoreSchemas`.
-
-    Without ``reassign_to`` the role must own nothing here (re-checked): ``DROP OWNED`` then
-    only revokes its privileges, it never drops a caller's objects. With ``reassign_to``
-    (checked by the caller in this pass) the role's foreign-table trigger functions are
-    dropped and its code made to run as its invoker before ``REASSIGN OWNED``.
-
-    ``REASSIGN OWNED`` and ``DROP OWNED`` need the privileges of ``role``: the admin makes
-    itself a member first (15: ``GRANT r TO CURRENT_USER``; 16+: ``... WITH INHERIT TRUE``,
-    which its ADMIN OPTION on roles it created allows). Provisioning already does this for
-    login roles; groups, and roles of a cluster upgraded from 15, need it here.
-    Blocking (a worker thread). ``pools.run`` rolls back on any exception.
-    """
-    sess.run("BEGIN")
-    schemas = _dependent_schemas(sess, role)
-    if not schemas <= set(locked):
-        raise _MoreSchemas(schemas)
-    check(sess)
-    sess.run(provision_sql.grant_role_to_admin(role, inherit_clause))
-    if reassign_to is None:
-        rows = sess.run(catalog.OWNED_HERE_QUERY, role=role)
-        owned = int(str(rows[0][0])) if rows else 0
-        if owned:
-            raise _NotEligible(f"owns {owned} object(s) in {database}")
-    else:
-        problem = reassign_target_problem(sess, reassign_to)  # again, in this transaction
-        if problem is not None:
-            raise _Refused(f"reassign_to refused, nothing reaped: {problem}")
-        drop_foreign_triggers(sess, role, lost_only=False, inherit_clause=inherit_clause)
-        disarm_code(sess, role, inherit_clause)
-        sess.run(catalog.reassign_owned(role, reassign_to))
-    sess.run(catalog.drop_owned(role))
-    if drop_role:
-        sess.run(catalog.drop_role(role))
-    sess.run("COMMIT")
-
-
-def _strip_for_retirement(
-    sess: AdminSession, role: str, past: str, recheck: Recheck, in_use: frozenset[str]
-) -> tuple[list[str], list[str]]:
-    """A retirement's first transaction, in ``admin_database``: ``recheck``, every membership
-    revoked, NOLOGIN, no password, ``VALID UNTIL`` ``past``, per-role settings reset. Returns
-    the Waypoint groups the role left and the memberships that could not be revoked."""
-    sess.run("BEGIN")
-    recheck(sess, in_use)
-    groups: list[str] = []
-    for group, member in sess.run(catalog.ALL_MEMBERSHIPS_QUERY, role=role):
-        # A membership another role granted may not be the admin's to revoke (16+):
-        # the rest of the retirement goes on, and the pass reports it.
-        sess.run("SAVEPOINT revoke_one")
-        try:
-            sess.run(catalog.revoke_role(str(group), str(member)))
-        except DatabaseError:
-            sess.run("ROLLBACK TO SAVEPOINT revoke_one")
-        sess.run("RELEASE SAVEPOINT revoke_one")
-        if str(member) == role and naming.parse_group_comment(
-            str(sess.run(catalog.COMMENT_QUERY, name=str(group))[0][0] or "")
-        ):
-            groups.append(str(group))
-    sess.run(catalog.retire_role(role, past))
-    for (database,) in sess.run(catalog.ROLE_SETTINGS_QUERY, role=role):
-        sess.run(catalog.reset_role_settings(role, None if database is None else str(database)))
-    left = [f"{g} to {m}" for g, m in sess.run(catalog.ALL_MEMBERSHIPS_QUERY, role=role)]
-    sess.run("COMMIT")
-    return groups, left
-
-
-def _mark_retired(sess: AdminSession, role: str, recheck: Recheck, in_use: frozenset[str]) -> None:
-    """A retirement's last transaction: ``recheck``, then the retired marker."""
-    sess.run("BEGIN")
-    owner = recheck(sess, in_use).owner
-    assert owner is not None  # recheck: still ours
-    sess.run(catalog.comment_on_role(role, naming.retired_role_comment(owner)))
-    sess.run("COMMIT")
-
-
-class _MoreSchemas(Exception):
-    """The role has objects in schemas whose group locks are not held: retry with them."""
-
-    def __init__(self, schemas: set[str]) -> None:
-        super().__init__(f"objects in schemas {sorted(schemas)}")
-        self.schemas = schemas
-
-
-def _dependent_schemas(sess: AdminSession, role: str) -> set[str]:
-    return {str(r[0]) for r in sess.run(catalog.DEPENDENT_SCHEMAS_QUERY, role=role)}
-
-
-def _one_role(sess: AdminSession, name: str) -> RoleInfo | None:
-    rows = _parse_rows(sess.run(catalog.ROLE_QUERY, name=name))
-    return rows[0] if rows else None
 
 
 # -- the reaper -----------------------------------------------------------------------------
@@ -413,46 +207,31 @@ class Reaper:
     async def dialect(self) -> Dialect:
         """The server's dialect (``SELECT version()`` once)."""
         if self._dialect is None:
-            rows = await self._pools.run(
-                self._pools.admin_database, lambda s: s.run(catalog.VERSION_QUERY)
-            )
-            self._dialect = detect_dialect(str(rows[0][0]))
+            version = await self._pools.run(self._pools.admin_database, txn.server_version)
+            self._dialect = detect_dialect(version)
         return self._dialect
 
     async def list_roles(self) -> RoleListing:
         """Waypoint's roles and groups under this listener's prefix (marker required)."""
-        pattern = catalog.like_prefix(self._pg.user_prefix)
         try:
-            rows = await self._pools.run(
-                self._pools.admin_database,
-                lambda s: s.run(catalog.ROLES_QUERY, pattern=pattern),
+            infos = await self._pools.run(
+                self._pools.admin_database, partial(txn.list_roles, prefix=self._pg.user_prefix)
             )
         except AdminError as exc:
             raise ReapError(f"listing roles failed: {_admin_reason(exc)}") from None
-        infos = _parse_rows(rows)
         roles = tuple(i for i in infos if i.owner is not None)
         groups = tuple(i for i in infos if i.owner is None and i.group_owner is not None)
         return RoleListing(roles, groups)
 
     async def owned_summary(self) -> tuple[Owned, ...]:
         """What the roles under this listener's prefix own, per database and kind."""
-        pattern = catalog.like_prefix(self._pg.user_prefix)
         try:
-            rows = await self._pools.run(
+            return await self._pools.run(
                 self._pools.admin_database,
-                lambda s: s.run(catalog.OWNED_SUMMARY_QUERY, pattern=pattern),
+                partial(txn.owned_summary, prefix=self._pg.user_prefix),
             )
         except AdminError as exc:
             raise ReapError(f"listing owned objects failed: {_admin_reason(exc)}") from None
-        return tuple(
-            Owned(
-                str(role),
-                None if db is None else str(db),
-                catalog.OBJECT_KINDS.get(str(cls), str(cls)),
-                int(str(n)),
-            )
-            for role, db, cls, n in rows
-        )
 
     async def check_reassign_to(self) -> str | None:
         """Why the configured ``reassign_to`` is refused, read from the catalog now (None: not
@@ -461,7 +240,7 @@ class Reaper:
         if target is None:
             return None
         return await self._pools.run(
-            self._pools.admin_database, lambda s: reassign_target_problem(s, target)
+            self._pools.admin_database, partial(txn.reassign_target_problem, target=target)
         )
 
     def _mine(self, info: RoleInfo) -> bool:
@@ -606,17 +385,12 @@ class Reaper:
             self._log.warning("role_drop_failed", role=role, reason=outcome.reason)
 
     async def _connectable_databases(self) -> set[str]:
-        rows = await self._pools.run(
-            self._pools.admin_database, lambda s: s.run(catalog.CONNECTABLE_DATABASES_QUERY)
-        )
-        return {str(r[0]) for r in rows}
+        return await self._pools.run(self._pools.admin_database, txn.connectable_databases)
 
     async def _dependent_databases(self, role: str) -> list[tuple[str, bool]]:
-        rows = await self._pools.run(
-            self._pools.admin_database,
-            lambda s: s.run(catalog.DEPENDENT_DATABASES_QUERY, role=role),
+        return await self._pools.run(
+            self._pools.admin_database, partial(txn.dependent_databases, role=role)
         )
-        return [(str(r[0]), bool(r[1])) for r in rows]
 
     # -- user roles ------------------------------------------------------------------------
 
@@ -643,11 +417,11 @@ class Reaper:
         turned out not to be eligible, else a failure with the reason."""
         if isinstance(exc, trio.TooSlowError):
             return Failure(name, f"timed out after {self._role_timeout:g}s")
-        if isinstance(exc, _NotEligible):
+        if isinstance(exc, NotEligible):
             return Skipped(name, exc.reason)
         if isinstance(exc, AdminError):
             return Failure(name, _admin_reason(exc))
-        if isinstance(exc, _Refused):
+        if isinstance(exc, Refused):
             return Failure(name, str(exc))
         return Failure(name, f"{type(exc).__name__}: {exc}")
 
@@ -659,17 +433,17 @@ class Reaper:
         admin_db = self._pools.admin_database
 
         def recheck(sess: AdminSession, in_use: frozenset[str]) -> RoleInfo:
-            info = _one_role(sess, role)
+            info = txn.one_role(sess, role)
             if info is None:
-                raise _NotEligible("already dropped", gone=True)
+                raise NotEligible("already dropped", gone=True)
             if not self._mine(info):
-                raise _NotEligible("no Waypoint marker for this listener any more")
+                raise NotEligible("no Waypoint marker for this listener any more")
             if not info.expired:
-                raise _NotEligible("VALID UNTIL was extended")
+                raise NotEligible("VALID UNTIL was extended")
             if info.live_sessions:
-                raise _NotEligible(f"{info.live_sessions} live session(s)")
+                raise NotEligible(f"{info.live_sessions} live session(s)")
             if role in in_use:
-                raise _NotEligible("in use by this instance")
+                raise NotEligible("in use by this instance")
             return info
 
         snapshot = frozenset(self._roles_in_use())
@@ -678,14 +452,14 @@ class Reaper:
         if target is not None:
             problem = await self.check_reassign_to()
             if problem is not None:
-                raise _Refused(f"reassign_to refused, nothing reaped: {problem}")
+                raise Refused(f"reassign_to refused, nothing reaped: {problem}")
         elif info.owned:
             return await self._retire_locked(role, recheck)
 
         def owns_nothing(sess: AdminSession, in_use: frozenset[str]) -> None:
             now = recheck(sess, in_use)
             if target is None and now.owned:
-                raise _NotEligible(f"owns {now.owned} object(s) now; retired next pass")
+                raise NotEligible(f"owns {now.owned} object(s) now; retired next pass")
 
         for database, allowconn in await self._dependent_databases(role):
             if database == admin_db or not allowconn:
@@ -711,7 +485,7 @@ class Reaper:
         groups, left = await self._pools.run(
             admin_db,
             partial(
-                _strip_for_retirement,
+                txn.strip_for_retirement,
                 role=role,
                 past=past,
                 recheck=recheck,
@@ -730,14 +504,14 @@ class Reaper:
         for group in groups:
             await disarm_everywhere(self._pools, group, group=True, inherit_clause=inherit)
         if left:  # not marked retired: the next pass tries again
-            raise _Refused(
+            raise Refused(
                 f"retired except for membership(s) the admin could not revoke ({', '.join(left)}:"
                 " granted by another role); revoke them and the next pass finishes"
             )
         await self._pools.run(
             admin_db,
             partial(
-                _mark_retired, role=role, recheck=recheck, in_use=frozenset(self._roles_in_use())
+                txn.mark_retired, role=role, recheck=recheck, in_use=frozenset(self._roles_in_use())
             ),
         )
         return "retired"
@@ -753,8 +527,8 @@ class Reaper:
     ) -> None:
         dialect = await self.dialect()
 
-        def txn(sess: AdminSession, locked: frozenset[str]) -> None:
-            _drop_txn(
+        def drop(sess: AdminSession, locked: frozenset[str]) -> None:
+            txn.drop_txn(
                 sess,
                 role,
                 database=database,
@@ -768,15 +542,15 @@ class Reaper:
         # The schemas to lock are read first; the transaction re-reads them under the locks
         # and asks again when objects appeared elsewhere (bounded by the role's timeout).
         locked = set(extra_schemas) | await self._pools.run(
-            database, lambda s: _dependent_schemas(s, role)
+            database, partial(txn.dependent_schemas, role=role)
         )
         while True:
             held = frozenset(locked)
             try:
                 async with self._prov.group_locks(database, held, dialect):
-                    await self._pools.run(database, partial(txn, locked=held))
+                    await self._pools.run(database, partial(drop, locked=held))
                 return
-            except _MoreSchemas as exc:
+            except MoreSchemas as exc:
                 locked |= exc.schemas
 
     # -- groups --------------------------------------------------------------------------
@@ -788,13 +562,13 @@ class Reaper:
             return Skipped(group, "no Waypoint group marker")
 
         def recheck(sess: AdminSession) -> None:
-            now = _one_role(sess, group)
+            now = txn.one_role(sess, group)
             if now is None:
-                raise _NotEligible("already dropped", gone=True)
+                raise NotEligible("already dropped", gone=True)
             if now.group_owner is None:
-                raise _NotEligible("no Waypoint group marker any more")
+                raise NotEligible("no Waypoint group marker any more")
             if now.members:
-                raise _NotEligible(f"has {len(now.members)} member(s) again")
+                raise NotEligible(f"has {len(now.members)} member(s) again")
 
         # The group's privileges live in its own database, where provisioning takes the group
         # locks; a database that is gone (or not connectable) cannot be provisioned into.
@@ -825,7 +599,7 @@ class Reaper:
             with trio.fail_after(self._role_timeout):
                 problem = await self.check_reassign_to()
                 if problem is not None:
-                    raise _Refused(f"reassign_to refused, nothing reaped: {problem}")
+                    raise Refused(f"reassign_to refused, nothing reaped: {problem}")
                 for database, allowconn in await self._dependent_databases(group):
                     if database == home or not allowconn:
                         continue
@@ -847,7 +621,6 @@ __all__ = [
     "ReapError",
     "ReapReport",
     "Reaper",
-    "RoleInfo",
     "RoleListing",
     "Skipped",
 ]

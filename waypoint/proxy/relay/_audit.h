@@ -561,6 +561,8 @@ json_text_fields(Buf *b, const unsigned char *kept, size_t len, long long size, 
 
 /* What one kept statement or portal counts for beyond its bytes (tracker.py's ENTRY_COST). */
 #define ENTRY_COST 192
+/* Cap on names (statement, portal) kept from the wire. */
+#define NAME_CAP 256
 
 typedef struct Named {
     struct Named *next;             /* hash chain */
@@ -578,7 +580,18 @@ typedef struct Named {
     long long bind_id;  /* an evicted portal: the bind record with its parameters */
     char sha[65];
     Buf params;
+    /* tracker.py's _change: a Parse, Bind or Close sent and not yet confirmed is kept under
+     * its key (NAMED_CHANGE, NAMED_CLOSE: 0x01 and its number) with the name it changes
+     * (counted in its cost); under 0x00 and a name, the number (op) of the name's newest
+     * such change (NAMED_LATEST). */
+    int role;
+    Buf name;
+    long long op;
+    long long segment;  /* a change: the Sync segment it was sent in */
+    long long epoch;    /* a confirmed statement: PREPARE / DEALLOCATE tags seen before */
 } Named;
+
+enum { NAMED_REAL = 0, NAMED_CHANGE, NAMED_CLOSE, NAMED_LATEST };
 
 typedef struct {
     Named *oldest, *newest;
@@ -608,7 +621,7 @@ name_hash(const unsigned char *p, size_t n)
 static long long
 named_cost(const Named *e)
 {
-    return ENTRY_COST + (long long)(e->klen + e->text.len + e->params.len);
+    return ENTRY_COST + (long long)(e->klen + e->text.len + e->params.len + e->name.len);
 }
 
 static void
@@ -643,6 +656,7 @@ named_free(Named *e)
     audit_free(e->key);
     buf_free(&e->text);
     buf_free(&e->params);
+    buf_free(&e->name);
     audit_free(e);
 }
 
@@ -712,6 +726,9 @@ table_put(Table *t, const unsigned char *key, size_t klen)
         }
         buf_empty(&old->text);
         buf_empty(&old->params);
+        buf_empty(&old->name);
+        old->role = NAMED_REAL;
+        old->op = old->segment = old->epoch = 0;
         old->size = 0;
         old->truncated = old->evicted = 0;
         if (!old->pinned)
@@ -789,9 +806,73 @@ table_admit(Table *t, Named *e)
     }
     while (t->retained > t->budget && t->evicted.oldest != NULL) {
         Named *v = t->evicted.oldest;
+        /* An unconfirmed change forgotten (or which is a name's newest): what the name had
+         * before is forgotten too, as it may be stale. */
+        unsigned char also[NAME_CAP + 1];
+        size_t alen = 0;
+        int has_also = 0;
+        if (v->role == NAMED_LATEST && v->klen >= 1 && v->klen - 1 <= NAME_CAP) {
+            alen = v->klen - 1;
+            memcpy(also, v->key + 1, alen);
+            has_also = 1;
+        }
+        else if ((v->role == NAMED_CHANGE || v->role == NAMED_CLOSE) && v->name.len <= NAME_CAP) {
+            alen = v->name.len;
+            if (alen)
+                memcpy(also, v->name.p, alen);
+            has_also = 1;
+        }
         table_remove(t, v->key, v->klen);
         t->dropped++;
+        if (has_also)
+            table_remove(t, also, alen);
     }
+}
+
+#define CHANGE_KEY 9
+
+/* The key of the change numbered op (no name from the wire starts with 0x00 or 0x01). */
+static void
+change_key(unsigned char key[CHANGE_KEY], long long op)
+{
+    key[0] = 1;
+    for (int i = 8; i >= 1; i--) {
+        key[i] = (unsigned char)(op & 0xff);
+        op >>= 8;
+    }
+}
+
+/* The unconfirmed entry under key becomes name's, the newest (tracker.py's _Table.adopt):
+ * 0 when memory ran out. */
+static int
+table_adopt(Table *t, const unsigned char key[CHANGE_KEY], const unsigned char *name,
+            size_t nlen)
+{
+    Named *n = table_put(t, name, nlen);
+    if (n == NULL)
+        return 0;
+    Named **at = table_find(t, key, CHANGE_KEY);
+    Named *e = *at;
+    table_unlink(t, at); /* uncounted as it is, before its buffers move */
+    Buf swap = n->text;
+    n->text = e->text;
+    e->text = swap;
+    swap = n->params;
+    n->params = e->params;
+    e->params = swap;
+    n->size = e->size;
+    n->truncated = e->truncated;
+    memcpy(n->sha, e->sha, sizeof(n->sha));
+    n->bind_id = e->bind_id;
+    n->epoch = e->epoch;
+    n->evicted = e->evicted;
+    if (n->evicted && !n->pinned) {
+        list_unlink(&t->kept, n);
+        list_append(&t->evicted, n);
+    }
+    named_free(e);
+    table_admit(t, n);
+    return 1;
 }
 
 static void
@@ -816,12 +897,14 @@ table_clear(Table *t)
 /* The tracker                                                                           */
 /* ----------------------------------------------------------------------------------- */
 
-#define NAME_CAP 256
 #define BACKEND_CAP 4096
 
 enum { MODE_NONE = 0, MODE_HASH = 1, MODE_FULL = 2 };
 enum { REQ_DONE = 0, REQ_TAKE, REQ_CSTR, REQ_BLOB };
-enum { PEND_SYNC = 0, PEND_QUERY, PEND_EXEC, PEND_FCALL };
+enum { PEND_SYNC = 0, PEND_QUERY, PEND_EXEC, PEND_FCALL, /* statements: a result each */
+       PEND_PARSE, PEND_BIND, PEND_CLOSE_S, PEND_CLOSE_P, PEND_CLOSE, PEND_DESCRIBE };
+
+#define PEND_STATEMENT(k) ((k) == PEND_QUERY || (k) == PEND_EXEC || (k) == PEND_FCALL)
 
 /* Statements and Syncs waiting for the server's answer, at most (tracker.py's
  * MAX_AWAITING): past it the session is ended (awaiting_limit). */
@@ -860,8 +943,11 @@ typedef struct {
 
 typedef struct {
     int kind;
-    long long id;
+    long long id;       /* its record's statement_id (0: none) */
     double started;
+    /* A Parse, Bind or Close: its change's number. An Execute: the PREPARE / DEALLOCATE
+     * tags seen when it was sent, if its statement is named (else -1). */
+    long long arg;
 } Pending;
 
 typedef struct {
@@ -887,6 +973,7 @@ typedef struct {
     long long copy_data;
     int copy_in;
     int skipping;   /* tracker.py's _skipping: until the client's Sync, nothing is answered */
+    long long ops, segment, epoch; /* changes and Syncs sent, PREPARE tags seen */
     Table statements, portals;
     /* Encoded records not yet taken; the statement last run. */
     Buf out;
@@ -958,7 +1045,7 @@ awaiting_limit(Tracker *t)
 }
 
 static int
-pending_push(Tracker *t, int kind, long long id)
+pending_push(Tracker *t, int kind, long long id, long long arg)
 {
     if (t->pcount >= t->max_awaiting) {
         awaiting_limit(t);
@@ -984,6 +1071,7 @@ pending_push(Tracker *t, int kind, long long id)
     e->kind = kind;
     e->id = id;
     e->started = t->now;
+    e->arg = arg;
     t->pcount++;
     return 1;
 }
@@ -1001,14 +1089,6 @@ pending_pop(Tracker *t)
     t->phead = (t->phead + 1) % t->pcap;
     t->pcount--;
     return e;
-}
-
-/* The head of pending when it is a statement (not a Sync), else NULL. */
-static Pending *
-head_run(Tracker *t)
-{
-    Pending *e = pending_first(t);
-    return e != NULL && e->kind != PEND_SYNC ? e : NULL;
 }
 
 static void
@@ -1122,6 +1202,8 @@ emit_result(Tracker *t, const Pending *e, const char *status, int with_sqlstate,
         else
             buf_lit(b, "null");
     }
+    if (e->kind == PEND_EXEC && e->arg >= 0 && e->arg != t->epoch)
+        buf_lit(b, ",\"text_unconfirmed\":true"); /* SQL PREPARE ran before the Execute */
     double us = (t->now - e->started) * 1e6;
     long long micros = us > 0 && us < 9e18 ? (long long)(us + 0.5) : 0;
     buf_lit(b, ",\"duration_ms\":");
@@ -1492,12 +1574,17 @@ evict_portal(void *owner, Named *e)
 {
     Tracker *t = owner;
     Buf *b = &t->out;
+    if (e->role == NAMED_CLOSE || e->role == NAMED_LATEST)
+        return;
     e->bind_id = ++t->seq;
     record_open(t, &t->ctx, "bind", e->bind_id, "extended");
     buf_lit(b, ",\"statement\":");
     json_str(b, e->text.p, e->text.len);
     buf_lit(b, ",\"portal\":");
-    json_str(b, e->key, e->klen);
+    if (e->role == NAMED_CHANGE) /* not yet confirmed: under its Bind's key */
+        json_str(b, e->name.p, e->name.len);
+    else
+        json_str(b, e->key, e->klen);
     if (e->params.len) {
         buf_putc(b, ',');
         buf_put(b, e->params.p, e->params.len);
@@ -1505,17 +1592,165 @@ evict_portal(void *owner, Named *e)
     record_close(t, 0);
 }
 
-/* A statement waits for the server's answer, unless the server will skip it (then it is
- * not_run at once; pending is empty then, so is the head's collected state). */
+/* -- names changed when the server confirms it (tracker.py's _change, _settle) -- */
+
+/* A Parse, Bind or Close of name was sent: its entry, kept under its own key until the
+ * server confirms it (then it becomes name's) or refuses or skips it (then it never was),
+ * for the caller to fill, then change_close() (NULL: memory ran out). */
+static Named *
+change_open(Tracker *t, Table *tb, int role)
+{
+    unsigned char key[CHANGE_KEY];
+    change_key(key, ++t->ops);
+    Named *e = table_put(tb, key, CHANGE_KEY);
+    if (e == NULL) {
+        t->failed = 1;
+        return NULL;
+    }
+    e->role = role;
+    e->segment = t->segment;
+    return e;
+}
+
+/* The change's entry is filled: counted, and made its name's newest change (0x00 and the
+ * name: what a statement sent now will find). */
 static void
-await_answer(Tracker *t, int kind, long long id)
+change_close(Tracker *t, Table *tb, Named *e, const unsigned char *name, size_t nlen)
+{
+    buf_put(&e->name, name, nlen);
+    if (e->name.failed || e->text.failed || e->params.failed)
+        t->failed = 1;
+    table_admit(tb, e);
+    unsigned char lk[NAME_CAP + 1];
+    lk[0] = 0;
+    if (nlen)
+        memcpy(lk + 1, name, nlen);
+    Named *l = table_put(tb, lk, nlen + 1);
+    if (l == NULL) {
+        t->failed = 1;
+        return;
+    }
+    l->role = NAMED_LATEST;
+    l->op = t->ops;
+    table_admit(tb, l);
+}
+
+/* What name means for a statement sent now (tracker.py's _current): its entry (NULL: none,
+ * closed or forgotten); confirmed: by the server; earlier: a change sent before a Sync not
+ * yet answered (the server may refuse it and run the statement with what was before). */
+static Named *
+current(Tracker *t, Table *tb, const unsigned char *name, size_t nlen, int *confirmed,
+        int *earlier)
+{
+    unsigned char lk[NAME_CAP + 1];
+    *confirmed = 1;
+    *earlier = 0;
+    if (nlen > NAME_CAP)
+        nlen = NAME_CAP;
+    lk[0] = 0;
+    if (nlen)
+        memcpy(lk + 1, name, nlen);
+    Named *l = table_get(tb, lk, nlen + 1);
+    if (l == NULL)
+        return table_get(tb, name != NULL ? name : (const unsigned char *)"", nlen);
+    *confirmed = 0;
+    unsigned char key[CHANGE_KEY];
+    change_key(key, l->op);
+    Named *c = table_get(tb, key, CHANGE_KEY);
+    if (c == NULL)
+        return NULL;
+    *earlier = c->segment < t->segment;
+    return c->role == NAMED_CLOSE ? NULL : c;
+}
+
+/* The server confirmed (ok), or refused or skipped, the change of e. */
+static void
+settle(Tracker *t, const Pending *e, int ok)
+{
+    Table *tb;
+    if (e->kind == PEND_PARSE || e->kind == PEND_CLOSE_S)
+        tb = &t->statements;
+    else if (e->kind == PEND_BIND || e->kind == PEND_CLOSE_P)
+        tb = &t->portals;
+    else
+        return;
+    unsigned char key[CHANGE_KEY];
+    change_key(key, e->arg);
+    Named *c = table_get(tb, key, CHANGE_KEY);
+    if (c == NULL) /* forgotten (the budget): so was its name's entry */
+        return;
+    unsigned char name[NAME_CAP + 1];
+    size_t nlen = c->name.len <= NAME_CAP ? c->name.len : NAME_CAP;
+    name[0] = 0;
+    if (nlen)
+        memcpy(name + 1, c->name.p, nlen);
+    Named *l = table_get(tb, name, nlen + 1);
+    if (l != NULL && l->op == e->arg)
+        table_remove(tb, name, nlen + 1);
+    if (!ok)
+        table_remove(tb, key, CHANGE_KEY);
+    else if (c->role == NAMED_CLOSE) {
+        table_remove(tb, key, CHANGE_KEY);
+        table_remove(tb, name + 1, nlen);
+    }
+    else {
+        if (tb == &t->statements)
+            c->epoch = t->epoch;
+        if (!table_adopt(tb, key, name + 1, nlen))
+            t->failed = 1;
+    }
+}
+
+/* The server skipped e (after an error, up to Sync). */
+static void
+skip(Tracker *t, const Pending *e)
+{
+    settle(t, e, 0);
+    if (PEND_STATEMENT(e->kind) || e->kind == PEND_PARSE)
+        emit_result(t, e, "not_run", 0, 0, NULL);
+}
+
+/* The extended-protocol message at the head of pending failed (tracker.py's _fail): the
+ * server skips what follows up to Sync. The error is the head's result if it has a record
+ * (a Parse, an Execute) and that of the first statement it kept from running. */
+static void
+fail(Tracker *t, Framer *f)
+{
+    Pending e = pending_pop(t);
+    int charged = 0;
+    if (e.kind == PEND_EXEC) {
+        emit_result(t, &e, "error", 1, f->has_sqlstate, &f->sqlstate);
+        charged = 1;
+    }
+    else {
+        settle(t, &e, 0);
+        if (e.kind == PEND_PARSE)
+            emit_result(t, &e, "error", 1, f->has_sqlstate, &f->sqlstate);
+    }
+    Pending *head;
+    while ((head = pending_first(t)) != NULL && head->kind != PEND_SYNC) {
+        e = pending_pop(t);
+        if (PEND_STATEMENT(e.kind) && !charged) {
+            emit_result(t, &e, "error", 1, f->has_sqlstate, &f->sqlstate);
+            charged = 1;
+        }
+        else
+            skip(t, &e);
+    }
+    t->skipping = t->pcount == 0;
+}
+
+/* A message waits for the server's answer, unless the server will skip it (then it is
+ * skipped at once; pending is empty then, so is the head's collected state). */
+static void
+await_answer(Tracker *t, int kind, long long id, long long arg)
 {
     if (t->skipping) {
-        Pending e = {kind, id, t->now};
-        emit_result(t, &e, "not_run", 0, 0, NULL);
+        Pending e = {kind, id, t->now, arg};
+        skip(t, &e);
     }
     else
-        pending_push(t, kind, id);
+        pending_push(t, kind, id, arg);
 }
 
 /* A frontend message is complete (or unparsed: at its header). */
@@ -1529,7 +1764,13 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
     }
     if (kind == 'S') {
         t->skipping = 0;
-        pending_push(t, PEND_SYNC, 0);
+        t->segment++;
+        pending_push(t, PEND_SYNC, 0, 0);
+        return;
+    }
+    if (kind == 'D') {
+        if (!t->skipping)
+            pending_push(t, PEND_DESCRIBE, 0, 0);
         return;
     }
     if (!parsed)
@@ -1547,47 +1788,53 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
         json_text_fields(b, f->t2.kept.p, f->t2.kept.len, f->t2.size, cut, sha);
         record_close(t, malformed);
         set_last(t, f->t2.kept.p, f->t2.kept.len);
-        await_answer(t, PEND_QUERY, id);
+        await_answer(t, PEND_QUERY, id, 0);
     }
     else if (kind == 'P') {
         int cut = text_truncated(&f->t2);
         if (cut)
             text_sha(&f->t2, sha);
-        Named *s = table_put(&t->statements, f->t1.kept.p, f->t1.kept.len);
-        if (s == NULL)
-            t->failed = 1;
-        else {
-            buf_put(&s->text, f->t2.kept.p, f->t2.kept.len);
-            s->size = f->t2.size;
-            s->truncated = cut;
-            if (cut)
-                memcpy(s->sha, sha, 65);
-            if (s->text.failed)
-                t->failed = 1;
-            table_admit(&t->statements, s);
-        }
-        record_open(t, &t->ctx, "parse", ++t->seq, "extended");
+        long long id = ++t->seq;
+        record_open(t, &t->ctx, "parse", id, "extended");
         buf_lit(b, ",\"statement\":");
         json_str(b, f->t1.kept.p, f->t1.kept.len);
         buf_putc(b, ',');
         json_text_fields(b, f->t2.kept.p, f->t2.kept.len, f->t2.size, cut, sha);
         record_close(t, malformed);
+        if (t->skipping) {
+            await_answer(t, PEND_PARSE, id, 0);
+            return;
+        }
+        Named *s = change_open(t, &t->statements, NAMED_CHANGE);
+        if (s == NULL)
+            return;
+        buf_put(&s->text, f->t2.kept.p, f->t2.kept.len);
+        s->size = f->t2.size;
+        s->truncated = cut;
+        if (cut)
+            memcpy(s->sha, sha, 65);
+        long long op = t->ops;
+        change_close(t, &t->statements, s, f->t1.kept.p, f->t1.kept.len);
+        pending_push(t, PEND_PARSE, id, op);
     }
     else if (kind == 'B') {
-        Named *portal = table_put(&t->portals, f->t1.kept.p, f->t1.kept.len);
+        if (t->skipping)
+            return;
+        Named *portal = change_open(t, &t->portals, NAMED_CHANGE);
         if (portal == NULL)
-            t->failed = 1;
-        else {
-            buf_put(&portal->text, f->t2.kept.p, f->t2.kept.len);
-            if (!malformed)
-                buf_put(&portal->params, f->params.p, f->params.len);
-            if (portal->text.failed || portal->params.failed)
-                t->failed = 1;
-            table_admit(&t->portals, portal);
-        }
+            return;
+        buf_put(&portal->text, f->t2.kept.p, f->t2.kept.len);
+        if (!malformed)
+            buf_put(&portal->params, f->params.p, f->params.len);
+        long long op = t->ops;
+        change_close(t, &t->portals, portal, f->t1.kept.p, f->t1.kept.len);
+        pending_push(t, PEND_BIND, 0, op);
     }
     else if (kind == 'E') {
-        Named *portal = table_get(&t->portals, f->t1.kept.p, f->t1.kept.len);
+        int confirmed, earlier, unconfirmed;
+        long long watch = -1;
+        Named *portal = current(t, &t->portals, f->t1.kept.p, f->t1.kept.len, &confirmed,
+                                &unconfirmed);
         long long id = ++t->seq;
         record_open(t, &t->ctx, "execute", id, "extended");
         if (portal == NULL && t->portals.dropped) {
@@ -1601,7 +1848,16 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
         else {
             const unsigned char *sname = portal ? portal->text.p : NULL;
             size_t slen = portal ? portal->text.len : 0;
-            Named *s = table_get(&t->statements, sname ? sname : (const unsigned char *)"", slen);
+            Named *s = current(t, &t->statements, sname, slen, &confirmed, &earlier);
+            unconfirmed = unconfirmed || earlier;
+            if (slen) {
+                /* SQL PREPARE / DEALLOCATE since this name's text was confirmed (or, no text
+                 * known, at all): the server may run another text under it. */
+                watch = t->epoch;
+                int stale = s == NULL || (confirmed && s->epoch < t->epoch);
+                if (t->epoch > 0 && stale)
+                    unconfirmed = 1;
+            }
             buf_lit(b, ",\"statement\":");
             json_str(b, sname, slen);
             buf_lit(b, ",\"portal\":");
@@ -1626,6 +1882,8 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
                 set_last(t, s->text.p, s->text.len);
             }
         }
+        if (unconfirmed)
+            buf_lit(b, ",\"text_unconfirmed\":true");
         if (portal != NULL && portal->evicted) {
             buf_lit(b, ",\"parameters_evicted\":true,\"bind_id\":");
             buf_int(b, portal->bind_id);
@@ -1635,15 +1893,22 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
             buf_put(b, portal->params.p, portal->params.len);
         }
         record_close(t, malformed);
-        await_answer(t, PEND_EXEC, id);
+        await_answer(t, PEND_EXEC, id, watch);
     }
     else if (kind == 'C') {
-        if (malformed)
+        if (t->skipping)
             return;
-        if (f->what == 'S')
-            table_remove(&t->statements, f->t1.kept.p, f->t1.kept.len);
-        else if (f->what == 'P')
-            table_remove(&t->portals, f->t1.kept.p, f->t1.kept.len);
+        if (malformed || (f->what != 'S' && f->what != 'P')) {
+            pending_push(t, PEND_CLOSE, 0, 0); /* the server refuses it */
+            return;
+        }
+        Table *tb = f->what == 'S' ? &t->statements : &t->portals;
+        Named *mark = change_open(t, tb, NAMED_CLOSE);
+        if (mark == NULL)
+            return;
+        long long op = t->ops;
+        change_close(t, tb, mark, f->t1.kept.p, f->t1.kept.len);
+        pending_push(t, f->what == 'S' ? PEND_CLOSE_S : PEND_CLOSE_P, 0, op);
     }
     else if (kind == 'F') {
         long long id = ++t->seq;
@@ -1665,47 +1930,36 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
         }
         record_close(t, malformed);
         set_last(t, (const unsigned char *)tmp, (size_t)n);
-        await_answer(t, PEND_FCALL, id);
+        await_answer(t, PEND_FCALL, id, 0);
     }
+}
+
+/* Command tags of SQL that changes prepared statements behind the protocol's back. */
+static int
+prepare_tag(const Buf *tag)
+{
+    return (tag->len == 7 && memcmp(tag->p, "PREPARE", 7) == 0) ||
+           (tag->len == 10 && memcmp(tag->p, "DEALLOCATE", 10) == 0) ||
+           (tag->len == 14 && memcmp(tag->p, "DEALLOCATE ALL", 14) == 0);
 }
 
 /* A backend message is complete (or unparsed: at its header). */
 static void
 on_back(Tracker *t, Framer *f, int kind)
 {
-    if (kind == 'C' || kind == 'I' || kind == 's') {
-        Pending *head = head_run(t);
-        if (head == NULL)
-            return;
-        if (kind == 'C') {
-            t->tag.len = 0;
-            buf_put(&t->tag, f->t1.kept.p, f->t1.kept.len);
-            t->commands++;
-        }
-        if (head->kind == PEND_EXEC) {
+    if (kind == 'C' && prepare_tag(&f->t1.kept))
+        t->epoch++;
+    Pending *head = pending_first(t);
+    if (head == NULL)
+        return;
+    int what = head->kind;
+    if (kind == '1' || kind == '2' || kind == '3' || kind == 'T' || kind == 'n') {
+        /* ParseComplete, BindComplete, CloseComplete, RowDescription / NoData (Describe) */
+        if ((kind == '1' && what == PEND_PARSE) || (kind == '2' && what == PEND_BIND) ||
+            (kind == '3' && (what == PEND_CLOSE || what == PEND_CLOSE_S || what == PEND_CLOSE_P)) ||
+            ((kind == 'T' || kind == 'n') && what == PEND_DESCRIBE)) {
             Pending e = pending_pop(t);
-            emit_result(t, &e, kind == 's' ? "suspended" : "ok", 0, 0, NULL);
-        }
-    }
-    else if (kind == 'E') {
-        Pending *head = head_run(t);
-        if (head == NULL)
-            return;
-        if (head->kind == PEND_EXEC) {
-            Pending e = pending_pop(t);
-            emit_result(t, &e, "error", 1, f->has_sqlstate, &f->sqlstate);
-            /* The server skips the rest of this pipeline segment, up to Sync. */
-            while ((head = pending_first(t)) != NULL && head->kind == PEND_EXEC) {
-                e = pending_pop(t);
-                emit_result(t, &e, "not_run", 0, 0, NULL);
-            }
-            t->skipping = t->pcount == 0;
-        }
-        else if (!t->err_seen) {
-            t->err_seen = 1;
-            t->has_sqlstate = f->has_sqlstate;
-            t->sqlstate.len = 0;
-            buf_put(&t->sqlstate, f->sqlstate.p, f->sqlstate.len);
+            settle(t, &e, 1);
         }
     }
     else if (kind == 'Z') {
@@ -1713,23 +1967,46 @@ on_back(Tracker *t, Framer *f, int kind)
             Pending e = pending_pop(t);
             if (e.kind == PEND_SYNC)
                 return;
-            if (e.kind == PEND_EXEC) {
-                emit_result(t, &e, "not_run", 0, 0, NULL);
-                continue;
+            if (e.kind == PEND_QUERY || e.kind == PEND_FCALL) {
+                if (t->err_seen && t->has_sqlstate) {
+                    Buf state = t->sqlstate; /* emit_result clears the head's state after */
+                    emit_result(t, &e, "error", 1, 1, &state);
+                }
+                else
+                    emit_result(t, &e, "ok", 0, 0, NULL);
+                return;
             }
-            if (t->err_seen && t->has_sqlstate) {
-                Buf state = t->sqlstate; /* emit_result clears the head's state after */
-                emit_result(t, &e, "error", 1, 1, &state);
+            skip(t, &e);
+        }
+    }
+    else if (what == PEND_SYNC)
+        return;
+    else if (kind == 'E') {
+        if (what == PEND_QUERY || what == PEND_FCALL) {
+            if (!t->err_seen) {
+                t->err_seen = 1;
+                t->has_sqlstate = f->has_sqlstate;
+                t->sqlstate.len = 0;
+                buf_put(&t->sqlstate, f->sqlstate.p, f->sqlstate.len);
             }
-            else
-                emit_result(t, &e, "ok", 0, 0, NULL);
-            return;
+        }
+        else
+            fail(t, f);
+    }
+    else if (!PEND_STATEMENT(what))
+        return;
+    else if (kind == 'C' || kind == 'I' || kind == 's') {
+        if (kind == 'C') {
+            t->tag.len = 0;
+            buf_put(&t->tag, f->t1.kept.p, f->t1.kept.len);
+            t->commands++;
+        }
+        if (what == PEND_EXEC) {
+            Pending e = pending_pop(t);
+            emit_result(t, &e, kind == 's' ? "suspended" : "ok", 0, 0, NULL);
         }
     }
     else if (kind == 'G' || kind == 'H' || kind == 'W') {
-        Pending *head = head_run(t);
-        if (head == NULL)
-            return;
         if (kind == 'G')
             t->copy_in = 1;
         record_open(t, &t->ctx_short, "copy", head->id, NULL);
