@@ -543,7 +543,7 @@ async def test_release_during_a_stall_is_retried_and_lands(own_redis: OwnRedis) 
             return (usage.user, usage.user_listener, usage.total) == (2, 2, 2)
 
         # Long before the next heartbeat (100 s): the background retry did it (its back-off
-        # is capped at 2 s).
+        # starts at 50 ms and doubles per failure: a few seconds after a stall this long).
         await wait_for(landed, timeout=30)
 
 
