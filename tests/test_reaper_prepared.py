@@ -17,6 +17,7 @@ text, which escapes a quote in a login with a backslash) are stored exactly.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pg8000.native
 import pytest
@@ -26,8 +27,10 @@ from fixtures_pg import PrivatePg
 from pg8000.native import identifier
 from pgcluster import PgCluster
 from provision_support import role_exists, role_marker_login
-from test_reaper_pg import ALICE, Env, connect_as, expire, grant, run_as
+from test_cli_roles import write_config
+from test_reaper_pg import ALICE, LISTENER, Env, connect_as, expire, grant, new_prefix, run_as
 
+from waypoint.cli.main import main
 from waypoint.grants.model import Preset
 from waypoint.identity.model import Identity
 from waypoint.provision.backends import escaped_literal
@@ -109,6 +112,42 @@ async def test_an_expired_role_with_a_prepared_transaction_is_dropped_after_its_
         )
     finally:
         _rollback_as_superuser(pg, GID)
+
+
+def test_roles_reap_says_which_prepared_transactions_it_rolls_back(
+    pg: PgCluster, app_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``waypoint roles reap --dry-run`` names the prepared transactions a pass would roll
+    back (and leaves them); the pass itself says it rolled them back."""
+    prefix = new_prefix()
+
+    async def provision() -> Credentials:
+        env = Env(pg, prefix, test_reaper_pg.listener_for(pg, prefix))
+        try:
+            return await env.provision(ALICE, grant(app_db, (Preset.READONLY, "public")))
+        finally:
+            await env.prov.aclose()
+
+    creds = trio.run(provision)
+    gid = "cli-shows-me"
+    try:
+        _prepare(pg, creds, app_db, "SELECT pg_catalog.count(*) FROM public.t", gid)
+        expire(pg, creds.role)
+        config = write_config(pg, tmp_path, prefix)
+
+        assert main(["roles", "reap", "-c", str(config), "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert f"{LISTENER}: would roll back 1 prepared transaction(s) of {creds.role}" in out
+        assert f"{LISTENER}: would drop role {creds.role}" in out
+        assert _prepared(pg, gid) == [[creds.role]]
+
+        assert main(["roles", "reap", "-c", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert f"{LISTENER}: rolled back 1 prepared transaction(s) of {creds.role}" in out
+        assert f"{LISTENER}: dropped role {creds.role}" in out
+        assert _prepared(pg, gid) == []
+    finally:
+        _rollback_as_superuser(pg, gid)
 
 
 async def test_an_expired_role_owning_objects_is_retired_after_its_rollback(
