@@ -31,6 +31,7 @@ from test_cli_roles import write_config
 from test_reaper_pg import ALICE, LISTENER, Env, connect_as, expire, grant, new_prefix, run_as
 
 from waypoint.cli.main import main
+from waypoint.grants import naming
 from waypoint.grants.model import Preset
 from waypoint.identity.model import Identity
 from waypoint.provision.backends import escaped_literal
@@ -216,6 +217,41 @@ async def test_a_rollback_that_fails_keeps_the_role_and_is_reported(
         pg.execute(f"ALTER DATABASE {identifier(other_db)} ALLOW_CONNECTIONS true")
         _rollback_as_superuser(pg, gid)
         pg.drop_database(other_db)
+
+
+async def test_a_memberless_groups_prepared_transaction_is_rolled_back_before_its_drop(
+    pg: PgCluster, app_db: str, env: Env
+) -> None:
+    """On 15 a member may ``SET ROLE`` to its group and prepare a transaction the group owns;
+    once the member is reaped the memberless group is dropped, its transaction rolled back
+    first (as the group). On 16 and later the ``SET ROLE`` is refused: no group owns one."""
+    creds = await env.provision(ALICE, grant(app_db, (Preset.READWRITE, "public")))
+    group = naming.group_name(env.prefix, Preset.READWRITE, "public", app_db)
+    gid = "the-groups"
+    sql = f"SET ROLE {identifier(group)}; INSERT INTO public.t (v) VALUES ('group')"
+    try:
+        if pg.version >= 16:
+            with pytest.raises(pg8000.native.DatabaseError, match="42501"):
+                await trio.to_thread.run_sync(_prepare, pg, creds, app_db, sql, gid)
+            return
+        await trio.to_thread.run_sync(_prepare, pg, creds, app_db, sql, gid)
+        assert _prepared(pg, gid) == [[group]]
+        expire(pg, creds.role)
+
+        with trio.fail_after(60):
+            plan = await env.reaper().run_pass(dry_run=True)
+        assert plan.dropped_groups == (group,) and plan.rolled_back == ((group, 1),), plan
+
+        with trio.fail_after(60):
+            report = await env.reaper().run_pass()
+        assert report.dropped_roles == (creds.role,), report
+        assert report.dropped_groups == (group,), report
+        assert report.rolled_back == ((group, 1),), report
+        assert not role_exists(pg, group)
+        assert _prepared(pg, gid) == []
+        assert pg.execute("SELECT count(*) FROM public.t WHERE v = 'group'", dbname=app_db) == [[0]]
+    finally:
+        _rollback_as_superuser(pg, gid)
 
 
 async def test_admin_sessions_read_literals_with_standard_conforming_strings(
