@@ -91,6 +91,23 @@ async def _handshake(
     return app, box[0], raw
 
 
+async def _client_hello_only() -> tuple[
+    socket.socket, ssl.SSLObject, ssl.MemoryBIO, ServerTLSStream
+]:
+    """(the client's socket, its TLS state and the BIO that feeds it, Waypoint's TLS stream)
+    once the client has sent its ClientHello and nothing after it: the server's handshake
+    is still to run."""
+    server_ctx, client_ctx = _contexts()
+    app_sock, proxy_sock = _tcp_pair()
+    raw = _stream(proxy_sock)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(incoming, outgoing, server_hostname="client-tls.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    app_sock.sendall(outgoing.read())
+    return app_sock, client, incoming, ServerTLSStream(raw, server_ctx, await _peek_hello(raw))
+
+
 async def test_handshake_from_a_peeked_client_hello_then_startup_both_ways() -> None:
     app, tls, _raw = await _handshake(alpn=True)
     assert tls.selected_alpn_protocol() == ALPN_POSTGRESQL
@@ -191,15 +208,7 @@ async def test_a_stalled_handshake_ends_at_the_callers_deadline(
 ) -> None:
     """A client that sends its ClientHello and then nothing: the handshake waits only as long
     as the session's deadline, and the half-done stream is unusable afterwards."""
-    server_ctx, client_ctx = _contexts()
-    app_sock, proxy_sock = _tcp_pair()
-    raw = _stream(proxy_sock)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = client_ctx.wrap_bio(incoming, outgoing, server_hostname="client-tls.test")
-    with pytest.raises(ssl.SSLWantReadError):
-        client.do_handshake()
-    app_sock.sendall(outgoing.read())
-    tls = ServerTLSStream(raw, server_ctx, await _peek_hello(raw))
+    app_sock, _client, _incoming, tls = await _client_hello_only()
     with trio.move_on_after(15) as scope:
         await tls.do_handshake()
     assert scope.cancelled_caught
@@ -230,15 +239,7 @@ async def test_a_read_cut_short_by_a_deadline_leaves_the_stream_usable(
 
 
 async def test_garbage_after_the_client_hello_fails_the_handshake_with_an_alert() -> None:
-    server_ctx, client_ctx = _contexts()
-    app_sock, proxy_sock = _tcp_pair()
-    raw = _stream(proxy_sock)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = client_ctx.wrap_bio(incoming, outgoing, server_hostname="client-tls.test")
-    with pytest.raises(ssl.SSLWantReadError):
-        client.do_handshake()
-    app_sock.sendall(outgoing.read())
-    tls = ServerTLSStream(raw, server_ctx, await _peek_hello(raw))
+    app_sock, client, incoming, tls = await _client_hello_only()
     app_sock.sendall(b"\x17\x03\x03\x00\x10" + bytes(16))
     with trio.fail_after(10), pytest.raises(trio.BrokenResourceError) as info:
         await tls.do_handshake()

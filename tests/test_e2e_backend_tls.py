@@ -11,9 +11,9 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import pg8000.native
 import pytest
@@ -27,6 +27,8 @@ from pgcluster import PgCluster, _HbaEntry
 
 import waypoint.proxy.backend
 from waypoint.pgwire import UpstreamLogin
+
+T = TypeVar("T")
 
 json_log = test_logs.json_log  # Waypoint's log as JSON lines into a buffer
 
@@ -102,39 +104,52 @@ def _backend_tls_extra(ca: Path) -> str:
     return f'backend_ca_file = "{ca}"'
 
 
-async def test_verify_full_against_the_backend_ca(pg15_ssl: PgCluster, tmp_path: Path) -> None:
-    assert pg15_ssl.ca_pem_path is not None
-    db = create_app_database(pg15_ssl)
+async def _through_waypoint(
+    cluster: PgCluster,
+    tmp_path: Path,
+    login: Callable[[E2EEnv, str], T],
+    *,
+    backend_tls: str,
+    listener_extra: str = "",
+) -> T:
+    """What ``login`` (run in a thread) gets through a Waypoint with ``backend_tls`` in front
+    of ``cluster``, logging in to a new database 127.0.0.1 may read; Waypoint ends clean."""
+    db = create_app_database(cluster)
     with trio.fail_after(90):
         async with e2e_env(
-            pg15_ssl,
-            tmp_path,
-            backend_tls="verify-full",
-            listener_extra=_backend_tls_extra(pg15_ssl.ca_pem_path),
+            cluster, tmp_path, backend_tls=backend_tls, listener_extra=listener_extra
         ) as env:
             env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
-            ssl_in_use, user = await trio.to_thread.run_sync(_ssl_in_use, env, db)
-            assert ssl_in_use
-            assert user.startswith("wp_pg_main_")
+            result = await trio.to_thread.run_sync(login, env, db)
             await env.assert_clean()
+    return result
+
+
+async def test_verify_full_against_the_backend_ca(pg15_ssl: PgCluster, tmp_path: Path) -> None:
+    assert pg15_ssl.ca_pem_path is not None
+    ssl_in_use, user = await _through_waypoint(
+        pg15_ssl,
+        tmp_path,
+        _ssl_in_use,
+        backend_tls="verify-full",
+        listener_extra=_backend_tls_extra(pg15_ssl.ca_pem_path),
+    )
+    assert ssl_in_use
+    assert user.startswith("wp_pg_main_")
 
 
 async def test_verify_full_with_a_wrong_ca_is_refused(pg15_ssl: PgCluster, tmp_path: Path) -> None:
     other_ca = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other_ca))
-    db = create_app_database(pg15_ssl)
-    with trio.fail_after(90):
-        async with e2e_env(
-            pg15_ssl,
-            tmp_path,
-            backend_tls="verify-full",
-            listener_extra=_backend_tls_extra(other_ca),
-        ) as env:
-            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
-            fields = await trio.to_thread.run_sync(_login_error, env, db)
-            assert fields["C"] == "08006", fields
-            assert LISTENER in fields["M"]
-            await env.assert_clean()
+    fields = await _through_waypoint(
+        pg15_ssl,
+        tmp_path,
+        _login_error,
+        backend_tls="verify-full",
+        listener_extra=_backend_tls_extra(other_ca),
+    )
+    assert fields["C"] == "08006", fields
+    assert LISTENER in fields["M"]
 
 
 async def test_cleartext_request_over_tls_is_refused_not_answered(
@@ -142,13 +157,10 @@ async def test_cleartext_request_over_tls_is_refused_not_answered(
 ) -> None:
     """A TLS backend (or a man in the middle of an unverified link) that asks for the password
     in cleartext gets nothing: over TLS, Waypoint logs in only with SCRAM-SHA-256-PLUS."""
-    db = create_app_database(pg15_ssl_cleartext)
-    with trio.fail_after(90):
-        async with e2e_env(pg15_ssl_cleartext, tmp_path, backend_tls="require") as env:
-            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
-            fields = await trio.to_thread.run_sync(_login_error, env, db)
-            assert fields["C"] == "08004", fields
-            await env.assert_clean()
+    fields = await _through_waypoint(
+        pg15_ssl_cleartext, tmp_path, _login_error, backend_tls="require"
+    )
+    assert fields["C"] == "08004", fields
     # The server saw no password at all: its log has no authentication failure for the role
     # and no successful login by it.
     log = pg15_ssl_cleartext.read_log()
@@ -182,13 +194,8 @@ async def test_ed25519_backend_certificate_fails_the_login_closed(
     """No tls-server-end-point hash exists for an Ed25519 certificate: over an unverified link
     the login fails before the role's secret is used, and the log names the algorithm."""
     cluster, _ca = pg15_ssl_ed25519
-    db = create_app_database(cluster)
-    with trio.fail_after(90):
-        async with e2e_env(cluster, tmp_path, backend_tls="require") as env:
-            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
-            fields = await trio.to_thread.run_sync(_login_error, env, db)
-            assert fields["C"] == "08004", fields
-            await env.assert_clean()
+    fields = await _through_waypoint(cluster, tmp_path, _login_error, backend_tls="require")
+    assert fields["C"] == "08004", fields
     logged = json.dumps(test_logs.parse_lines(json_log))
     assert "signed with Ed25519 (1.3.101.112)" in logged
     assert "backend_tls = verify-full" in logged
@@ -201,16 +208,15 @@ async def test_ed25519_backend_certificate_under_verify_full_logs_in_unbound(
     """With the certificate verified (CA and host name), SCRAM runs without channel binding
     against a real server that offers SCRAM-SHA-256-PLUS."""
     cluster, ca = pg15_ssl_ed25519
-    db = create_app_database(cluster)
-    with trio.fail_after(90):
-        async with e2e_env(
-            cluster, tmp_path, backend_tls="verify-full", listener_extra=_backend_tls_extra(ca)
-        ) as env:
-            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
-            ssl_in_use, user = await trio.to_thread.run_sync(_ssl_in_use, env, db)
-            assert ssl_in_use
-            assert user.startswith("wp_pg_main_")
-            await env.assert_clean()
+    ssl_in_use, user = await _through_waypoint(
+        cluster,
+        tmp_path,
+        _ssl_in_use,
+        backend_tls="verify-full",
+        listener_extra=_backend_tls_extra(ca),
+    )
+    assert ssl_in_use
+    assert user.startswith("wp_pg_main_")
 
 
 class _RecordingLogin(UpstreamLogin):
@@ -231,14 +237,11 @@ async def test_rsa_pss_backend_certificate_binds_as_postgres_does(
     cluster, _ca = pg15_ssl_rsa_pss
     monkeypatch.setattr(_RecordingLogin, "made", [])
     monkeypatch.setattr(waypoint.proxy.backend, "UpstreamLogin", _RecordingLogin)
-    db = create_app_database(cluster)
-    with trio.fail_after(90):
-        async with e2e_env(cluster, tmp_path, backend_tls="require") as env:
-            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
-            ssl_in_use, user = await trio.to_thread.run_sync(_ssl_in_use, env, db)
-            assert ssl_in_use
-            assert user.startswith("wp_pg_main_")
-            await env.assert_clean()
+    ssl_in_use, user = await _through_waypoint(
+        cluster, tmp_path, _ssl_in_use, backend_tls="require"
+    )
+    assert ssl_in_use
+    assert user.startswith("wp_pg_main_")
     methods = {login.method for login in _RecordingLogin.made if login.authenticated}
     assert methods == {"SCRAM-SHA-256-PLUS"}
 

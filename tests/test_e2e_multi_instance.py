@@ -7,7 +7,9 @@ LocalAPI stand-in, with ``[state] backend = "redis"`` and a key prefix unique to
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +142,30 @@ class RawClient:
         assert key is not None, "no BackendKeyData before ReadyForQuery"
         return key
 
+    async def error(self) -> ErrorResponse:
+        """The next ErrorResponse (what comes before it is skipped)."""
+        while True:
+            msg = await self.next()
+            if isinstance(msg, ErrorResponse):
+                return msg
+
+
+@contextlib.asynccontextmanager
+async def sleeping_session(
+    pg: PgCluster, running: Running, db: str, source: str | None = None
+) -> AsyncIterator[tuple[RawClient, BackendKeyData]]:
+    """A raw session through ``running`` (from ``source``) whose backend is running
+    ``pg_sleep(30)``: its client, and its cancel key."""
+    with trio.fail_after(30):
+        stream = await trio.open_tcp_stream(*running.address(LISTENER), local_address=source)
+    async with stream:
+        client = RawClient(stream)
+        with trio.fail_after(30):
+            key = await client.startup(db)
+        await stream.send_all(build_message(b"Q", b"select pg_sleep(30)\0"))
+        await wait_running(pg, key.pid, "pg_sleep")
+        yield client, key
+
 
 async def test_cancel_sent_to_instance_b_cancels_query_running_through_a(
     pg: PgCluster, tmp_path: Path, redis_space: KeySpace
@@ -152,23 +178,13 @@ async def test_cancel_sent_to_instance_b_cancels_query_running_through_a(
             node="dave-laptop",
             rules=[db_rule({db: {"permissions": ["readonly"]}})],
         )
-        with trio.fail_after(30):
-            stream = await trio.open_tcp_stream(*a.address(LISTENER))
-        async with stream:
-            client = RawClient(stream)
-            with trio.fail_after(30):
-                key = await client.startup(db)
-            await stream.send_all(build_message(b"Q", b"select pg_sleep(30)\0"))
-            await wait_running(pg, key.pid, "pg_sleep")
+        async with sleeping_session(pg, a, db) as (client, key):
             with trio.fail_after(10):
                 cancel = await trio.open_tcp_stream(*b.address(LISTENER))
                 async with cancel:
                     await cancel.send_all(build_cancel_request(key.pid, key.secret))
             with trio.fail_after(2):
-                while True:
-                    msg = await client.next()
-                    if isinstance(msg, ErrorResponse):
-                        break
+                msg = await client.error()
             assert msg.sqlstate == "57014", dict(msg.fields)
 
 
@@ -198,15 +214,7 @@ async def test_a_cancel_via_b_from_another_identity_does_not_cancel_the_query_th
         rules = [db_rule({db: {"permissions": ["readonly"]}})]
         standin.set_peer("127.0.0.2", login="erin@example.com", node="erin-pc", rules=rules)
         standin.set_peer("127.0.0.3", login="mallory@example.com", node="mal-pc", rules=rules)
-        with trio.fail_after(30):
-            stream = await trio.open_tcp_stream(*a.address(LISTENER), local_address="127.0.0.2")
-        async with stream:
-            client = RawClient(stream)
-            with trio.fail_after(30):
-                key = await client.startup(db)
-            await stream.send_all(build_message(b"Q", b"select pg_sleep(30)\0"))
-            await wait_running(pg, key.pid, "pg_sleep")
-
+        async with sleeping_session(pg, a, db, "127.0.0.2") as (client, key):
             # The right key, through the other instance, from another identity: nothing.
             await send_cancel(b, key.pid, key.secret, "127.0.0.3")
             state = await trio.to_thread.run_sync(backend_state, pg, key.pid)
@@ -216,10 +224,7 @@ async def test_a_cancel_via_b_from_another_identity_does_not_cancel_the_query_th
             # The owner, through the other instance: cancelled.
             await send_cancel(b, key.pid, key.secret, "127.0.0.2")
             with trio.fail_after(5):
-                while True:
-                    msg = await client.next()
-                    if isinstance(msg, ErrorResponse):
-                        break
+                msg = await client.error()
             assert msg.sqlstate == "57014", dict(msg.fields)
             assert cancel_outcome(b, "forwarded") == 1.0
 

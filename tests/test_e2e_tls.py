@@ -12,7 +12,7 @@ import os
 import socket
 import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import psycopg
@@ -125,25 +125,36 @@ async def test_direct_ssl_from_libpq_18(pg: PgCluster, tmp_path: Path) -> None:
             assert env.tls_record_layers() == {"c": 2}  # the two sessions that were relayed
 
 
+@contextlib.asynccontextmanager
+async def _tailscale_tls_env(
+    pg: PgCluster, tmp_path: Path, db: str, own: str
+) -> AsyncIterator[tuple[E2EEnv, Path]]:
+    """Waypoint with a certificate file and ``use_tailscale_tls``, where 127.0.0.1 may read
+    ``db`` and tailscaled holds a certificate for ``own``: the env, and the CA file that
+    verifies the certificates tailscaled hands out."""
+    certs = make_cert_files(tmp_path / "certs")
+    async with e2e_env(
+        pg,
+        tmp_path,
+        tls_mode="optional",
+        listener_extra=certs.listener_extra() + "\nuse_tailscale_tls = true",
+    ) as env:
+        env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+        env.standin.add_cert_domain(own)
+        ts_ca = tmp_path / "ts-ca.pem"
+        env.standin.ca.cert_pem.write_to_path(str(ts_ca))
+        yield env, ts_ca
+
+
 async def test_tailscale_certificate_by_sni_cached_and_file_fallback(
     pg15: PgCluster, tmp_path: Path
 ) -> None:
     db = create_app_database(pg15)
-    certs = make_cert_files(tmp_path / "certs")
     name = "waypoint.tail1234.ts.net"
     with trio.fail_after(90):
-        async with e2e_env(
-            pg15,
-            tmp_path,
-            tls_mode="optional",
-            listener_extra=certs.listener_extra() + "\nuse_tailscale_tls = true",
-        ) as env:
-            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
-            env.standin.add_cert_domain(name)
+        async with _tailscale_tls_env(pg15, tmp_path, db, name) as (env, ts_ca):
             other = "other.tail1234.ts.net"
             env.standin.add_cert_domain(other)
-            ts_ca = tmp_path / "ts-ca.pem"
-            env.standin.ca.cert_pem.write_to_path(str(ts_ca))
 
             for _ in range(3):
                 cert = await trio.to_thread.run_sync(
@@ -179,19 +190,9 @@ async def test_unknown_server_names_make_no_certificate_requests(
     certificate without a certificate request to tailscaled (its status is asked once); the
     node's own name still gets its Tailscale certificate."""
     db = create_app_database(pg)
-    certs = make_cert_files(tmp_path / "certs")
     own = "waypoint.tail1234.ts.net"
     with trio.fail_after(90):
-        async with e2e_env(
-            pg,
-            tmp_path,
-            tls_mode="optional",
-            listener_extra=certs.listener_extra() + "\nuse_tailscale_tls = true",
-        ) as env:
-            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
-            env.standin.add_cert_domain(own)
-            ts_ca = tmp_path / "ts-ca.pem"
-            env.standin.ca.cert_pem.write_to_path(str(ts_ca))
+        async with _tailscale_tls_env(pg, tmp_path, db, own) as (env, ts_ca):
 
             def handshakes() -> list[list[str]]:
                 return [

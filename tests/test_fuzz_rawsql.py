@@ -11,41 +11,15 @@ template text), and the role and database names are arbitrary.
 
 from __future__ import annotations
 
-import pglast
+from fuzz.rawsql_oracle import DIALECTS, assert_pinned_to_role
 from hypothesis import given
 from hypothesis import strategies as st
-from pglast import ast
-from pglast.enums import RoleSpecType
 
-from waypoint.provision.dialect import CockroachDialect, Dialect, PostgresDialect
+from waypoint.provision.dialect import CockroachDialect, Dialect
 from waypoint.provision.rawsql import RawSqlError, render_and_validate
 
-DIALECTS: tuple[Dialect, ...] = (
-    PostgresDialect("PostgreSQL 18.0", 18),
-    CockroachDialect("CockroachDB CCL v24.1.0", 24),
-)
 ROLE = "wp_grp_fuzz_0123456789abcdef_app"
 DATABASE = "app"
-
-
-def assert_pinned_to_role(sql: str, role: str) -> None:
-    stmts = pglast.parse_sql(sql)
-    assert len(stmts) == 1, f"{len(stmts)} statements accepted: {sql!r}"
-    stmt = stmts[0].stmt
-    grant: object
-    if isinstance(stmt, ast.AlterDefaultPrivilegesStmt):
-        for opt in stmt.options or ():
-            assert isinstance(opt, ast.DefElem) and opt.defname == "schemas", sql
-        grant = stmt.action
-    else:
-        grant = stmt
-    assert isinstance(grant, ast.GrantStmt), f"{type(grant).__name__} accepted: {sql!r}"
-    assert not grant.grant_option and grant.grantor is None, sql
-    grantees = grant.grantees or ()
-    assert len(grantees) == 1, sql
-    (grantee,) = grantees
-    assert isinstance(grantee, ast.RoleSpec), sql
-    assert grantee.roletype == RoleSpecType.ROLESPEC_CSTRING and grantee.rolename == role, sql
 
 
 privilege = st.sampled_from(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pg8000.native
@@ -54,16 +54,30 @@ def certs(tmp_path: Path) -> CertFiles:
     return make_cert_files(tmp_path / "certs")
 
 
-def _env(
-    cluster: PgCluster, tmp_path: Path, certs: CertFiles
-) -> contextlib.AbstractAsyncContextManager[E2EEnv]:
-    return e2e_env(
+@contextlib.asynccontextmanager
+async def _env(
+    cluster: PgCluster, tmp_path: Path, certs: CertFiles, db: str
+) -> AsyncIterator[E2EEnv]:
+    """Waypoint in front of ``cluster`` (the short handshake timeout, TLS optional), where
+    the normal client (127.0.0.1, see :func:`_normal_client_works`) may read ``db``."""
+    async with e2e_env(
         cluster,
         tmp_path,
         handshake_timeout=f"{HANDSHAKE:g}s",
         tls_mode="optional",
         listener_extra=certs.listener_extra(),
-    )
+    ) as env:
+        env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+        yield env
+
+
+async def _send(
+    env: E2EEnv, chunks: list[bytes], *, source: str = ATTACKER, delay: float = 0.0
+) -> WireReply:
+    """Send ``chunks`` raw from ``source`` and read what comes back until the server closes
+    (bounded: a hang fails the test)."""
+    with trio.fail_after(15):
+        return await raw_exchange(env.host, env.port, chunks, source=source, delay=delay)
 
 
 async def _normal_client_works(env: E2EEnv, db: str) -> None:
@@ -119,8 +133,7 @@ async def test_slowloris_startup_is_closed_by_the_handshake_timeout(
     logged_pg: PgCluster, tmp_path: Path, certs: CertFiles
 ) -> None:
     db = create_app_database(logged_pg)
-    async with _env(logged_pg, tmp_path, certs) as env:
-        env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+    async with _env(logged_pg, tmp_path, certs, db) as env:
         env.grant(ATTACKER, {db: {"permissions": ["readonly"]}}, login="slow@example.com")
         packet = raw_startup_packet({"user": "slow", "database": db})
         give_up = HANDSHAKE * 10
@@ -163,12 +176,10 @@ async def test_first_packet_length_out_of_range_is_refused_with_08p01(
     logged_pg: PgCluster, tmp_path: Path, certs: CertFiles
 ) -> None:
     db = create_app_database(logged_pg)
-    async with _env(logged_pg, tmp_path, certs) as env:
-        env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+    async with _env(logged_pg, tmp_path, certs, db) as env:
         for length, what in BAD_LENGTHS:
             packet = length.to_bytes(4, "big") + (3 << 16).to_bytes(4, "big") + b"user\0x\0\0"
-            with trio.fail_after(15):
-                reply = await raw_exchange(env.host, env.port, [packet], source=ATTACKER)
+            reply = await _send(env, [packet])
             _assert_closed_in_time(reply, what)
             err = reply.error
             assert err is not None, (what, reply.data)
@@ -182,11 +193,9 @@ async def test_first_packet_that_claims_more_than_it_sends_is_closed_in_time(
     logged_pg: PgCluster, tmp_path: Path, certs: CertFiles
 ) -> None:
     db = create_app_database(logged_pg)
-    async with _env(logged_pg, tmp_path, certs) as env:
-        env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+    async with _env(logged_pg, tmp_path, certs, db) as env:
         packet = (10004).to_bytes(4, "big") + (3 << 16).to_bytes(4, "big") + b"user\0x\0"
-        with trio.fail_after(15):
-            reply = await raw_exchange(env.host, env.port, [packet], source=ATTACKER)
+        reply = await _send(env, [packet])
         _assert_closed_in_time(reply, "short packet")
         assert reply.data == b""
         await _normal_client_works(env, db)
@@ -196,15 +205,13 @@ async def test_startup_with_10000_parameters_is_refused(
     logged_pg: PgCluster, tmp_path: Path, certs: CertFiles
 ) -> None:
     db = create_app_database(logged_pg)
-    async with _env(logged_pg, tmp_path, certs) as env:
-        env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+    async with _env(logged_pg, tmp_path, certs, db) as env:
         env.grant(ATTACKER, {db: {"permissions": ["readonly"]}}, login="many@example.com")
         before = roles_with_prefix(logged_pg, PREFIX)
         params = [("user", "many"), ("database", db)] + [(f"p{i}", "v") for i in range(10_000)]
         packet = raw_startup_packet(params)
         assert len(packet) > 10004
-        with trio.fail_after(15):
-            reply = await raw_exchange(env.host, env.port, [packet], source=ATTACKER)
+        reply = await _send(env, [packet])
         _assert_closed_in_time(reply, "10,000 parameters")
         err = reply.error
         assert err is not None and err["C"] == "08P01", (err, reply.data[:200])
@@ -218,13 +225,11 @@ async def test_direct_tls_without_alpn_postgresql_is_closed(
     logged_pg: PgCluster, tmp_path: Path, certs: CertFiles
 ) -> None:
     db = create_app_database(logged_pg)
-    async with _env(logged_pg, tmp_path, certs) as env:
-        env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+    async with _env(logged_pg, tmp_path, certs, db) as env:
         for alpn in [(), ("http/1.1",)]:
             hello = tls_client_hello(alpn=alpn)
             assert hello[0] == 0x16
-            with trio.fail_after(15):
-                reply = await raw_exchange(env.host, env.port, [hello], source=ATTACKER)
+            reply = await _send(env, [hello])
             _assert_closed_in_time(reply, f"direct TLS with ALPN {alpn}")
             # Nothing in plaintext and no ServerHello: at most a TLS alert record.
             assert reply.data == b"" or reply.data[0] == 0x15, (alpn, reply.data[:40])
@@ -244,14 +249,10 @@ async def test_tls_handshake_garbage_after_s_is_closed(
     logged_pg: PgCluster, tmp_path: Path, certs: CertFiles
 ) -> None:
     db = create_app_database(logged_pg)
-    async with _env(logged_pg, tmp_path, certs) as env:
-        env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+    async with _env(logged_pg, tmp_path, certs, db) as env:
         for garbage, what in TLS_GARBAGE:
             # The garbage goes after the answer (a client sending it earlier is refused anyway).
-            with trio.fail_after(15):
-                reply = await raw_exchange(
-                    env.host, env.port, [SSL_REQUEST, garbage], source=ATTACKER, delay=0.2
-                )
+            reply = await _send(env, [SSL_REQUEST, garbage], delay=0.2)
             _assert_closed_in_time(reply, what)
             assert reply.data[:1] == b"S", (what, reply.data[:40])
             rest = reply.data[1:]
@@ -265,16 +266,12 @@ async def test_sql_injection_in_startup_parameters_runs_nothing(
 ) -> None:
     db = create_app_database(logged_pg)
     log_start = len(logged_pg.read_log())
-    async with _env(logged_pg, tmp_path, certs) as env:
-        env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+    async with _env(logged_pg, tmp_path, certs, db) as env:
         before = roles_with_prefix(logged_pg, PREFIX)
 
         async def attempt(source: str = "127.0.0.1", **startup: str) -> dict[str, str] | None:
             packet = raw_startup_packet({"user": "attacker", **startup})
-            with trio.fail_after(15):
-                reply = await raw_exchange(
-                    env.host, env.port, [packet, b"X\0\0\0\4"], source=source
-                )
+            reply = await _send(env, [packet, b"X\0\0\0\4"], source=source)
             assert reply.closed
             return reply.error if not reply.authenticated else None
 
@@ -342,8 +339,7 @@ async def test_identity_strings_from_localapi_are_data(
 
     db = create_app_database(logged_pg)
     log_start = len(logged_pg.read_log())
-    async with _env(logged_pg, tmp_path, certs) as env:
-        env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+    async with _env(logged_pg, tmp_path, certs, db) as env:
         for n, (login, node) in enumerate(WEIRD_IDENTITIES):
             ip = f"127.0.0.{70 + n}"
             env.grant(ip, {db: {"permissions": ["readonly"]}}, login=login, node=node)

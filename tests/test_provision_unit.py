@@ -10,7 +10,6 @@ import trio
 
 from waypoint.config.model import ListenerConfig, PostgresListenerConfig
 from waypoint.errors import provisioning_failed
-from waypoint.grants import naming
 from waypoint.grants.model import CustomGrant, EffectiveGrant, Limits, Preset, SchemaPrivilege
 from waypoint.identity.model import Identity
 from waypoint.provision import sql
@@ -237,13 +236,9 @@ class FakeProvisioner(Provisioner):
         except BaseException:
             await self.fake_locks.release(lease)
             raise
-        from waypoint.provision.secret import CachedSecret
-
         secret = secrets.token_urlsafe(32)
         until = datetime.fromtimestamp(self._clock() + self._pg.user_ttl, UTC)
-        owner = naming.role_owner(identity, grant.listener, grant.database, grant.preset_cap)
-        self._cache.put(role, CachedSecret(secret, None, until, fingerprint, owner))
-        return Credentials(role, secret, None, until, True), lease
+        return self._remember(identity, grant, role, fingerprint, secret, None, until), lease
 
 
 async def test_concurrent_calls_share_one_provision_and_hold_lock_until_last_exit(autojump_clock: trio.testing.MockClock) -> None:

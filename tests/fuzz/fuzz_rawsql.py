@@ -18,41 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Chunks, fuzz, instrumentation
 
 with instrumentation(__name__ == "__main__"):
-    import pglast
-    from pglast import ast
-    from pglast.enums import RoleSpecType
+    from rawsql_oracle import DIALECTS, assert_pinned_to_role
 
-    from waypoint.provision.dialect import CockroachDialect, Dialect, PostgresDialect
     from waypoint.provision.rawsql import RawSqlError, render_and_validate
 
-DIALECTS: tuple[Dialect, ...] = (
-    PostgresDialect("PostgreSQL 18.0", 18),
-    CockroachDialect("CockroachDB CCL v24.1.0", 24),
-)
 ROLES = ("wp_grp_fuzz_0123456789abcdef_app", 'wp_"odd" Role')
 DATABASES = ("app", 'my "db"')
-
-
-def assert_pinned_to_role(sql: str, role: str) -> None:
-    """``sql`` is exactly one privilege GRANT/REVOKE or ALTER DEFAULT PRIVILEGES whose
-    only grantee is ``role``."""
-    stmts = pglast.parse_sql(sql)
-    assert len(stmts) == 1, f"{len(stmts)} statements accepted"
-    stmt = stmts[0].stmt
-    grant: object
-    if isinstance(stmt, ast.AlterDefaultPrivilegesStmt):
-        for opt in stmt.options or ():
-            assert isinstance(opt, ast.DefElem) and opt.defname == "schemas", opt
-        grant = stmt.action
-    else:
-        grant = stmt
-    assert isinstance(grant, ast.GrantStmt), type(grant).__name__
-    assert not grant.grant_option and grant.grantor is None
-    grantees = grant.grantees or ()
-    assert len(grantees) == 1
-    (grantee,) = grantees
-    assert isinstance(grantee, ast.RoleSpec)
-    assert grantee.roletype == RoleSpecType.ROLESPEC_CSTRING and grantee.rolename == role
 
 
 def test_one_input(data: bytes) -> None:

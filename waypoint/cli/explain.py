@@ -20,7 +20,7 @@ from waypoint.config.load import ConfigError, load_config
 from waypoint.config.model import Config, ListenerConfig
 from waypoint.config.units import format_duration
 from waypoint.errors import Refusal
-from waypoint.grants.evaluate import evaluate_rules
+from waypoint.grants.evaluate import Evaluation, evaluate_rules
 from waypoint.grants.model import EffectiveGrant, Limits, Preset
 from waypoint.grants.naming import custom_group_name, group_name, role_name, validate_prefix
 from waypoint.grants.presets import parse_preset_cap
@@ -192,15 +192,18 @@ def explain(args: argparse.Namespace, out: TextIO) -> int:
         cap = capped.cap
     emit(f"preset cap: {cap.label if cap is not None else 'none'}")
 
-    evaluation = evaluate_rules(
-        rules,
-        listener.name,
-        args.db,
-        admin_database=listener.postgres.admin_database,
-        defaults=config.defaults.limits,
-        preset_cap=cap,
-        allow_raw_sql=allow_raw_sql,
-    )
+    def evaluate(raw_sql: bool) -> Evaluation:
+        return evaluate_rules(
+            rules,
+            listener.name,
+            args.db,
+            admin_database=listener.postgres.admin_database,
+            defaults=config.defaults.limits,
+            preset_cap=cap,
+            allow_raw_sql=raw_sql,
+        )
+
+    evaluation = evaluate(allow_raw_sql)
     for warning in evaluation.warnings:
         emit(f"warning: {warning}")
     result = evaluation.result
@@ -209,15 +212,7 @@ def explain(args: argparse.Namespace, out: TextIO) -> int:
             emit(line)
         if not allow_raw_sql:
             # Show what the grant holds, so the operator sees which raw SQL is in the way.
-            would_be = evaluate_rules(
-                rules,
-                listener.name,
-                args.db,
-                admin_database=listener.postgres.admin_database,
-                defaults=config.defaults.limits,
-                preset_cap=cap,
-                allow_raw_sql=True,
-            ).result
+            would_be = evaluate(True).result
             if isinstance(would_be, EffectiveGrant) and would_be.has_raw_sql:
                 emit("the grant would hold, if allow_raw_sql were on:")
                 for line in _grant_lines(would_be, prefix, True, args.login, args.node):

@@ -27,8 +27,13 @@ verifier computed here (SCRAM, or md5 when configured/required).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import (
+    AbstractAsyncContextManager,
+    asynccontextmanager,
+    contextmanager,
+    nullcontext,
+)
 from datetime import UTC, datetime
 from typing import Final
 
@@ -41,6 +46,7 @@ from waypoint.grants import naming
 from waypoint.grants.model import EffectiveGrant
 from waypoint.identity.model import Identity
 from waypoint.observability.log import get_logger
+from waypoint.pgwire.scram import ScramKeys
 from waypoint.provision import sql
 from waypoint.provision.admin import AdminError, AdminPools, AdminSession
 from waypoint.provision.apply import (
@@ -291,16 +297,10 @@ class Provisioner:
         last: NameTaken | None = None
         for _attempt in range(3):
             try:
-                with trio.fail_at(deadline):
+                with self._failures(cid, "resolving the role name"), trio.fail_at(deadline):
                     role = await self._resolve_role(identity, grant)
-            except trio.TooSlowError:
-                raise ProvisionError(
-                    provisioning_failed(cid, "timed out resolving the role name")
-                ) from None
             except RoleNotOurs as exc:
                 raise ProvisionError(provisioning_failed(cid, str(exc))) from None
-            except AdminError as exc:
-                raise self._admin_failure(cid, exc) from None
             ask = _Ask(identity, grant, role, owner, fingerprint, deadline, cid)
             try:
                 return await self._obtain_role(ask, rotate)
@@ -414,7 +414,7 @@ class Provisioner:
         cid: str,
     ) -> tuple[Credentials, RoleLease]:
         try:
-            with trio.fail_at(deadline):
+            with self._failures(cid, f"provisioning role {role}"), trio.fail_at(deadline):
                 info = await self._server_info()
                 plan = self._plan(identity, grant, role, info, cid)
                 secret = new_secret()
@@ -435,12 +435,6 @@ class Provisioner:
                     with trio.CancelScope(shield=True):
                         await self._locks.release(lease)
                     raise
-        except (trio.TooSlowError, RoleLockTimeout):
-            raise ProvisionError(
-                provisioning_failed(cid, f"timed out provisioning role {role}")
-            ) from None
-        except AdminError as exc:
-            raise self._admin_failure(cid, exc) from None
         except RoleNotOurs as exc:
             # The name carries another caller's marker: whatever this process remembers
             # about it is someone else's now.
@@ -450,9 +444,23 @@ class Provisioner:
         except (GroupNotOurs, RoleMissing) as exc:
             self._resolved.pop(self._name_key(identity, grant), None)
             raise ProvisionError(provisioning_failed(cid, str(exc))) from None
+        return self._remember(identity, grant, role, fingerprint, secret, keys, valid_until), lease
+
+    def _remember(
+        self,
+        identity: Identity,
+        grant: EffectiveGrant,
+        role: str,
+        fingerprint: str,
+        secret: str,
+        keys: ScramKeys | None,
+        valid_until: datetime,
+    ) -> Credentials:
+        """Cache the secret just set on ``role`` (for the caller, and the grant by its
+        ``fingerprint``) and give the credentials of the fresh provision."""
         owner = naming.role_owner(identity, grant.listener, grant.database, grant.preset_cap)
         self._cache.put(role, CachedSecret(secret, keys, valid_until, fingerprint, owner))
-        return Credentials(role, secret, keys, valid_until, True), lease
+        return Credentials(role, secret, keys, valid_until, True)
 
     async def _rollback_prepared(self, role: str) -> None:
         """The provision took privileges from the role: the transactions it prepared before
@@ -530,6 +538,17 @@ class Provisioner:
         if result.dropped_triggers:
             log.info("role_triggers_dropped", **where, triggers=list(result.dropped_triggers))
 
+    @contextmanager
+    def _failures(self, cid: str, doing: str) -> Iterator[None]:
+        """Refuse, for what the block was ``doing``, when it ran out of time (its deadline, or
+        a role lock not had by then) or an admin statement failed (:meth:`_admin_failure`)."""
+        try:
+            yield
+        except (trio.TooSlowError, RoleLockTimeout):
+            raise ProvisionError(provisioning_failed(cid, f"timed out {doing}")) from None
+        except AdminError as exc:
+            raise self._admin_failure(cid, exc) from None
+
     def _admin_failure(self, cid: str, exc: AdminError) -> ProvisionError:
         if exc.sqlstate == "3D000":
             return DatabaseMissing(exc.fields)
@@ -593,18 +612,12 @@ class Provisioner:
         role = self.role_for(identity, grant)
         deadline = trio.current_time() + self._handshake_timeout
         try:
-            with trio.fail_at(deadline):
+            with self._failures(cid, f"reconciling role {role}"), trio.fail_at(deadline):
                 async with self.role_guard(role):
                     info = await self._server_info()
                     plan = self._plan(identity, grant, role, info, cid)
                     async with self._role_lock(role, deadline):
                         await self._run_txn(plan, None, info)
-        except (trio.TooSlowError, RoleLockTimeout):
-            raise ProvisionError(
-                provisioning_failed(cid, f"timed out reconciling role {role}")
-            ) from None
-        except AdminError as exc:
-            raise self._admin_failure(cid, exc) from None
         except (RoleNotOurs, GroupNotOurs, RoleMissing) as exc:
             raise ProvisionError(provisioning_failed(cid, str(exc))) from None
         self._cache.refingerprint(role, grant_fingerprint(grant))
@@ -665,7 +678,7 @@ class Provisioner:
             return strip_txn(sess, role, now)
 
         try:
-            with trio.fail_at(deadline):
+            with self._failures(cid, f"stripping role {role}"), trio.fail_at(deadline):
                 async with self.role_guard(role), self._role_lock(role, deadline):
                     info = await self._server_info()
                     inherit = info.dialect.admin_inherit_clause
@@ -678,12 +691,6 @@ class Provisioner:
                             await disarm_everywhere(
                                 self._pools, g, group=True, inherit_clause=inherit
                             )
-        except (trio.TooSlowError, RoleLockTimeout):
-            raise ProvisionError(
-                provisioning_failed(cid, f"timed out stripping role {role}")
-            ) from None
-        except AdminError as exc:
-            raise self._admin_failure(cid, exc) from None
         except RoleNotOurs as exc:
             raise ProvisionError(provisioning_failed(cid, str(exc))) from None
 
