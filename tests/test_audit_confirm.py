@@ -245,3 +245,43 @@ def test_sql_prepare_pipelined_before_an_execute_marks_its_result() -> None:
     assert "text_unconfirmed" not in rec
     both.feed(False, complete("DEALLOCATE ALL") + READY + BOUND + complete("SELECT 1") + READY)
     assert both.result_of(rec)["text_unconfirmed"] is True
+
+
+def test_an_execute_of_a_cursor_no_bind_made_names_no_statement() -> None:
+    """A named portal no Bind made is a cursor SQL opened (DECLARE, or PL/pgSQL): its
+    Execute is recorded with no statement and no text (``portal_unknown``), never with the
+    unnamed statement's text; the unnamed portal itself still means the unnamed statement."""
+    both = Both()
+    both.step(parse("", DECOY) + SYNC, PARSED + READY)
+    both.step(query(f"declare c cursor with hold for {SECRET}"), complete("DECLARE CURSOR") + READY)
+    rec = last(both.step(execute("c") + SYNC, complete("SELECT 1") + READY), "execute")
+    assert rec["statement"] is None and rec["text"] is None and rec["portal_unknown"] is True
+    assert both.result_of(rec)["status"] == "ok"
+    rec = last(both.step(bind("", "") + execute() + SYNC, BOUND + complete("SELECT 1") + READY),
+               "execute")  # fmt: skip
+    assert rec["text"] == DECOY and "portal_unknown" not in rec
+
+
+def test_after_sql_cursor_commands_a_named_portal_is_marked_unconfirmed() -> None:
+    """Cursors and portals share one namespace: after a DECLARE / CLOSE CURSOR tag, an
+    Execute of a portal bound before it carries ``text_unconfirmed`` (SQL may have closed it
+    and opened a cursor of the same name), until it is bound again and confirmed; pipelined,
+    the result says so."""
+    both = Both()
+    both.step(parse("s", DECOY) + bind("c", "s") + SYNC, PARSED + BOUND + READY)
+    rec = last(both.step(execute("c") + SYNC, complete("SELECT 1") + READY), "execute")
+    assert rec["text"] == DECOY and "text_unconfirmed" not in rec
+    both.step(
+        query(f"close c; declare c cursor with hold for {SECRET}"),
+        complete("CLOSE CURSOR") + complete("DECLARE CURSOR") + READY,
+    )
+    rec = last(both.step(execute("c") + SYNC, complete("SELECT 1") + READY), "execute")
+    assert rec["text"] == DECOY and rec["text_unconfirmed"] is True
+    both.step(bind("c", "s") + SYNC, BOUND + READY)
+    rec = last(both.step(execute("c") + SYNC, complete("SELECT 1") + READY), "execute")
+    assert "text_unconfirmed" not in rec
+    recs = both.feed(True, query("close all") + execute("c") + SYNC)
+    rec = last(recs, "execute")
+    assert "text_unconfirmed" not in rec
+    both.feed(False, complete("CLOSE CURSOR ALL") + READY + complete("SELECT 1") + READY)
+    assert both.result_of(rec)["text_unconfirmed"] is True

@@ -85,7 +85,8 @@ def back_message(draw: st.DrawFn) -> bytes:
     if kind == "C":
         tag = draw(st.sampled_from([b"SELECT 1", b"COPY 12", b"COPY 007", b"COPY x", b"COPY ",
                                     b"INSERT 0 3", b"COPY 1 2", b"\xffCOPY 3", b"PREPARE",
-                                    b"DEALLOCATE", b"DEALLOCATE ALL"]))  # fmt: skip
+                                    b"DEALLOCATE", b"DEALLOCATE ALL", b"DECLARE CURSOR",
+                                    b"CLOSE CURSOR", b"CLOSE CURSOR ALL"]))  # fmt: skip
         m = msg(b"C", tag + b"\0")
     elif kind == "E":
         fields = b""

@@ -501,10 +501,12 @@ async def test_plaintext_secret_never_in_server_log(logged_pg: PgCluster, encryp
 
 async def test_admin_sessions_pin_search_path_and_timeouts(pg: PgCluster) -> None:
     """The PgBouncer lesson (CVE-2025-12819, docs/design.md): admin sessions pin ``search_path`` to
-    ``pg_catalog, pg_temp`` and bound every statement, whatever the server's defaults."""
+    ``pg_catalog, pg_temp`` and bound every statement, whatever the server's defaults; they
+    read literals with ``standard_conforming_strings`` on (a backslash is just a backslash)."""
     from waypoint.provision.admin import AdminPools
 
     pg.execute(f'ALTER ROLE {pg.admin_user} SET search_path = public, "$user"')
+    pg.execute(f"ALTER ROLE {pg.admin_user} SET standard_conforming_strings = off")
     try:
         pools = AdminPools(
             listener_for(pg),
@@ -520,14 +522,16 @@ async def test_admin_sessions_pin_search_path_and_timeouts(pg: PgCluster) -> Non
                     "SELECT pg_catalog.current_setting('search_path'), "
                     "pg_catalog.current_setting('statement_timeout'), "
                     "pg_catalog.current_setting('lock_timeout'), "
-                    "pg_catalog.current_setting('application_name')"
+                    "pg_catalog.current_setting('application_name'), "
+                    "pg_catalog.current_setting('standard_conforming_strings')"
                 ),
             )
         finally:
             await pools.aclose()
     finally:
         pg.execute(f"ALTER ROLE {pg.admin_user} RESET search_path")
-    assert rows == [["pg_catalog,pg_temp", "7s", "3s", "waypoint-admin"]]
+        pg.execute(f"ALTER ROLE {pg.admin_user} RESET standard_conforming_strings")
+    assert rows == [["pg_catalog,pg_temp", "7s", "3s", "waypoint-admin", "on"]]
 
 
 # -- one caller never gets another caller's role ---------------------------------------------

@@ -38,7 +38,12 @@ unanswered, the server may refuse it and run what was there before (``text_uncon
 SQL ``PREPARE`` / ``DEALLOCATE`` change names the tracker cannot follow (it does not read
 SQL): after such a command tag an Execute of a named statement is ``text_unconfirmed``
 until the name is parsed again and confirmed, and so is the result of an Execute recorded
-before the tag and run after it. Run from PL/pgSQL they show no tag: that gap stays.
+before the tag and run after it. Cursors are portals by another name: an Execute of a
+named portal no Bind made (a cursor SQL ``DECLARE`` opened) is recorded with no statement
+and no text (``portal_unknown``), and after a ``DECLARE CURSOR`` / ``CLOSE CURSOR`` tag an
+Execute of a portal bound before it is ``text_unconfirmed``, as for statements. Run from
+PL/pgSQL (``PREPARE`` in ``EXECUTE``, ``OPEN`` of a named cursor) they show no tag: that
+gap stays.
 
 Size is no way around it: texts and parameters longer than ``max_statement_bytes`` are
 cut, marked (``text_truncated``) and carry the SHA-256 of the whole (``text_sha256``),
@@ -125,6 +130,8 @@ _ANSWERS: Final = {
 _STATEMENTS: Final = ("query", "exec", "fcall")
 #: Command tags of SQL that changes prepared statements behind the protocol's back.
 _PREPARE_TAGS: Final = frozenset({"PREPARE", "DEALLOCATE", "DEALLOCATE ALL"})
+#: Command tags of SQL that opens or closes cursors, which are portals by another name.
+_CURSOR_TAGS: Final = frozenset({"DECLARE CURSOR", "CLOSE CURSOR", "CLOSE CURSOR ALL"})
 
 
 class _Text:
@@ -308,12 +315,14 @@ class _Statement:
 class _Portal:
     """A portal kept: its statement's name and parameter members (evicted: dropped)."""
 
-    __slots__ = ("bind_id", "key_len", "name", "name_len", "params", "params_len", "segment",
-                 "statement", "statement_len")  # fmt: skip
+    __slots__ = ("bind_id", "epoch", "key_len", "name", "name_len", "params", "params_len",
+                 "segment", "statement", "statement_len")  # fmt: skip
 
     def __init__(self, key_len: int, statement: str, statement_len: int,
                  params: dict[str, Any]) -> None:  # fmt: skip
         self.key_len = key_len
+        #: Confirmed: the cursor command tags seen by then (see ``_cursor_epoch``).
+        self.epoch = 0
         #: Sent but not yet confirmed (kept under its Bind's key): the portal's name.
         self.name = ""
         self.name_len = 0
@@ -515,6 +524,9 @@ class AuditTracker:
         self._ops = 0
         self._segment = 0
         self._epoch = 0
+        #: DECLARE CURSOR / CLOSE CURSOR command tags seen: SQL that may have replaced what a
+        #: portal name means (cursors and protocol portals share one namespace).
+        self._cursor_epoch = 0
 
     @property
     def retained_bytes(self) -> int:
@@ -616,13 +628,23 @@ class AuditTracker:
                 self._wait(["bind", None, now, 0, [], op])
         elif kind == _E:
             portal = body["portal"]
-            bound, _, unconfirmed = self._current(self.portals, portal)
+            bound, bound_confirmed, unconfirmed = self._current(self.portals, portal)
             fields = {"statement": "", "portal": portal}
             watch: int | None = None
-            if bound is None and self.portals.dropped:
-                fields.update(statement=None, text=None, portal_evicted=True)
+            cursor_watch: int | None = None
+            if bound is None and (self.portals.dropped or portal):
+                # Forgotten (the budget), or a named portal no Bind made: a cursor opened by
+                # SQL (DECLARE, or PL/pgSQL). Its statement is not known here.
+                fields.update(statement=None, text=None)
+                fields["portal_evicted" if self.portals.dropped else "portal_unknown"] = True
                 known = None
             else:
+                if portal:
+                    # DECLARE / CLOSE CURSOR since the Bind was confirmed: SQL may have
+                    # replaced the portal by a cursor of the same name.
+                    cursor_watch = self._cursor_epoch
+                    if bound_confirmed and bound.epoch < self._cursor_epoch:
+                        unconfirmed = True
                 if bound is not None:
                     fields["statement"] = bound.statement
                 sname = fields["statement"]
@@ -656,7 +678,7 @@ class AuditTracker:
                     fields.update(bound.params)
             rec = self._record("execute", "extended", {**fields, **_malformed(body)})
             self.last_statement = rec["text"]
-            self._await(["exec", rec, now, 0, [], watch])
+            self._await(["exec", rec, now, 0, [], watch, cursor_watch])
         elif kind == _C:
             if self._skipping:
                 return
@@ -734,6 +756,8 @@ class AuditTracker:
         else:
             if isinstance(change, _Statement):
                 change.epoch = self._epoch
+            elif isinstance(change, _Portal):
+                change.epoch = self._cursor_epoch
             table.adopt(key, change.name)
 
     def _skip(self, entry: list[Any]) -> None:
@@ -807,8 +831,12 @@ class AuditTracker:
         if entry[3]:
             res["copy_data"] = entry[3]
         res.update(fields)
-        if entry[0] == "exec" and entry[5] is not None and entry[5] != self._epoch:
-            # SQL PREPARE / DEALLOCATE ran after the Execute was recorded, before it ran.
+        if entry[0] == "exec" and (
+            (entry[5] is not None and entry[5] != self._epoch)
+            or (entry[6] is not None and entry[6] != self._cursor_epoch)
+        ):
+            # SQL PREPARE / DEALLOCATE, or DECLARE / CLOSE CURSOR, ran after the Execute was
+            # recorded, before it ran.
             res["text_unconfirmed"] = True
         res["duration_ms"] = round(max(0.0, self._now - entry[2]) * 1000.0, 3)
         self._out.append(res)
@@ -817,8 +845,11 @@ class AuditTracker:
 
     def _on_back(self, kind: int, body: dict[str, Any] | None) -> None:
         pending = self.pending
-        if kind == _BC and body is not None and body["tag"] in _PREPARE_TAGS:
-            self._epoch += 1
+        if kind == _BC and body is not None:
+            if body["tag"] in _PREPARE_TAGS:
+                self._epoch += 1
+            elif body["tag"] in _CURSOR_TAGS:
+                self._cursor_epoch += 1
         if not pending:
             return
         head = pending[0]

@@ -4,7 +4,8 @@
 ``list`` prints, per listener, each Waypoint role (name, the identity recorded in its
 marker, listener, database, ``VALID UNTIL`` or ``retired``, live sessions, backends waiting in
 a Waypoint pool, groups, and what it owns: counts per kind per database) and each Waypoint group with its members. ``reap``
-runs one pass and prints what it dropped, retired, skipped and could not drop; with
+runs one pass and prints what it dropped, retired, skipped and could not drop (and the
+prepared transactions of those roles it rolled back first); with
 ``--dry-run`` it prints what a pass would do and changes nothing.
 
 Exit status: 0 done; 1 the server could not be reached or some role could not be
@@ -249,6 +250,10 @@ def _print_report(report: ReapReport, out: TextIO) -> None:
         return
     verb = "would drop" if report.dry_run else "dropped"
     retire = "would retire" if report.dry_run else "retired"
+    undo = "would roll back" if report.dry_run else "rolled back"
+    for role, count in report.rolled_back:
+        # Before the drop or retirement: DROP ROLE would leave them with no owner.
+        print(f"{name}: {undo} {count} prepared transaction(s) of {role}", file=out)
     for role in report.dropped_roles:
         print(f"{name}: {verb} role {role}", file=out)
     for role in report.retired_roles:

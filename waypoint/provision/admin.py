@@ -9,8 +9,9 @@ in: an idle session in a template database would make ``CREATE DATABASE``
 from it fail, and one in any database blocks ``DROP DATABASE``. Every blocking call runs through
 ``trio.to_thread.run_sync(..., limiter=...)`` with one shared
 :class:`trio.CapacityLimiter`. Each session is opened with
-``statement_timeout``, ``lock_timeout``, ``search_path = pg_catalog, pg_temp``
-and ``application_name = 'waypoint-admin'`` in the startup packet, so no
+``statement_timeout``, ``lock_timeout``, ``search_path = pg_catalog, pg_temp``,
+``standard_conforming_strings = on`` and ``application_name = 'waypoint-admin'`` in the
+startup packet, so no
 statement runs before they apply and nothing from a client's startup packet
 ever reaches an admin session.
 """
@@ -243,10 +244,13 @@ class AdminPools:
     def _options(self) -> str:
         st = max(1, int(self._statement_timeout * 1000))
         lt = max(1, int(self._lock_timeout * 1000))
+        # standard_conforming_strings: the literals of admin SQL (pg8000's ``literal()``:
+        # markers, settings) are plain ``'...'``, read with backslash escapes where a server,
+        # database or role default turns it off; a marker's JSON escapes would then break.
         return (
             f"-c statement_timeout={st} -c lock_timeout={lt} "
             "-c search_path=pg_catalog,pg_temp -c idle_in_transaction_session_timeout="
-            f"{st * 2}"
+            f"{st * 2} -c standard_conforming_strings=on"
         )
 
     def _connect_blocking(self, database: str) -> AdminSession:

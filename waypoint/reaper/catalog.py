@@ -32,7 +32,8 @@ def like_prefix(prefix: str) -> str:
 # groups it is a member of, roles that are members of it (the admin itself excluded: on 16+
 # the creator of a role holds a membership row carrying ADMIN OPTION), and how many objects
 # it owns in the whole cluster (``pg_shdepend`` owner rows: relations, functions, types,
-# schemas, large objects ... of every database; default privileges are not objects).
+# schemas, large objects ... of every database; default privileges are not objects), and
+# how many transactions it prepared that wait to be finished (``pg_prepared_xacts``).
 ROLES_QUERY: Final = (
     "SELECT r.rolname::pg_catalog.text, "
     "pg_catalog.shobj_description(r.oid, 'pg_authid'), "
@@ -48,7 +49,9 @@ ROLES_QUERY: Final = (
     "(SELECT pg_catalog.count(*) FROM pg_catalog.pg_shdepend AS s "
     " WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass "
     " AND s.refobjid = r.oid AND s.deptype = 'o' "
-    f" AND s.classid <> {_DEFAULT_ACL}) "
+    f" AND s.classid <> {_DEFAULT_ACL}), "
+    "(SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_xacts AS p "
+    " WHERE p.owner = r.rolname) "
     "FROM pg_catalog.pg_roles AS r "
     f"WHERE r.rolname LIKE :pattern ESCAPE '{LIKE_ESCAPE}' "
     "ORDER BY r.rolname"

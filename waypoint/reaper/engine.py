@@ -13,8 +13,11 @@ A pass, for one listener:
    alive;
 3. for each candidate, in lock order: the in-process role guard
    (:meth:`Provisioner.role_guard`, waited for briefly), then one attempt at the
-   cross-instance role lock (``try_acquire``; busy → skipped this pass), then under both,
-   re-checked in every transaction, one of:
+   cross-instance role lock (``try_acquire``; busy → skipped this pass), then under both
+   its prepared transactions are rolled back, as the role (``DROP ROLE`` would leave them
+   with no owner, for only a superuser to end; a rollback that fails keeps the role for the
+   next pass), then, re-checked in every transaction (one prepared since: next pass), one
+   of:
 
    - the role owns nothing anywhere (``pg_shdepend`` owner rows): in every database where it
      holds privileges ``DROP OWNED BY r`` (which then only revokes), each transaction run
@@ -33,7 +36,8 @@ A pass, for one listener:
      reassigned to the admin;
 4. Waypoint's group roles (``{prefix}grp_*`` with the group marker) that no role is a
    member of any more (the admin's own ADMIN OPTION row excluded) and that own nothing are
-   dropped the same way, in their own database under their group locks, membership
+   dropped the same way (their prepared transactions rolled back first: a member on 15 may
+   ``SET ROLE`` to one), in their own database under their group locks, membership
    re-checked under them.
 
 A failure on one role is logged, reported and the pass goes on; the next pass retries (the
@@ -59,6 +63,7 @@ from waypoint.config.model import ListenerConfig
 from waypoint.observability.log import get_logger
 from waypoint.provision import sql as provision_sql
 from waypoint.provision.admin import AdminError, AdminPools, AdminSession
+from waypoint.provision.backends import rollback_prepared, server_now
 from waypoint.provision.dialect import Dialect, detect_dialect
 from waypoint.provision.disarm import disarm_everywhere
 from waypoint.provision.engine import Provisioner
@@ -117,6 +122,8 @@ class ReapReport:
     failed: tuple[Failure, ...] = ()
     deferred: int = 0  # candidates left for the next pass (the per-pass bound)
     disabled: str | None = None  # why the pass did nothing at all (CockroachDB)
+    # (role or group, how many of its prepared transactions were, or would be, rolled back)
+    rolled_back: tuple[tuple[str, int], ...] = ()
 
 
 class ReapError(Exception):
@@ -140,6 +147,7 @@ class _Tally:
     skipped: list[Skipped] = field(factory=list)
     failed: list[Failure] = field(factory=list)
     deferred: int = 0
+    rolled_back: list[tuple[str, int]] = field(factory=list)
 
     def report(self, listener: str, dry_run: bool) -> ReapReport:
         return ReapReport(
@@ -151,6 +159,7 @@ class _Tally:
             skipped=tuple(self.skipped),
             failed=tuple(self.failed),
             deferred=self.deferred,
+            rolled_back=tuple(self.rolled_back),
         )
 
 
@@ -334,8 +343,10 @@ class Reaper:
             if dry_run:
                 owns = info.owned and self._pg.reassign_to is None
                 (tally.retired if owns else tally.dropped).append(info.name)
+                if info.prepared:
+                    tally.rolled_back.append((info.name, info.prepared))
                 continue
-            outcome = await self._reap_role(info.name)
+            outcome = await self._reap_role(info.name, tally.rolled_back)
             self._record(info.name, outcome, tally, group=False)
 
     async def _reap_groups(self, listing: RoleListing, tally: _Tally, dry_run: bool) -> None:
@@ -356,6 +367,8 @@ class Reaper:
         for info in group_candidates:
             if dry_run:
                 tally.dropped_groups.append(info.name)
+                if info.prepared and not (info.owned and self._pg.reassign_to is None):
+                    tally.rolled_back.append((info.name, info.prepared))
                 continue
             if connectable is None:
                 try:
@@ -363,7 +376,7 @@ class Reaper:
                 except AdminError as exc:
                     tally.failed.append(Failure("(groups)", _admin_reason(exc)))
                     break
-            outcome = await self._reap_group(info, connectable)
+            outcome = await self._reap_group(info, connectable, tally.rolled_back)
             self._record(info.name, outcome, tally, group=True)
 
     def _record(self, role: str, outcome: _Outcome, tally: _Tally, *, group: bool) -> None:
@@ -394,7 +407,7 @@ class Reaper:
 
     # -- user roles ------------------------------------------------------------------------
 
-    async def _reap_role(self, role: str) -> _Outcome:
+    async def _reap_role(self, role: str, rolled_back: list[tuple[str, int]]) -> _Outcome:
         try:
             with trio.fail_after(self._role_timeout):
                 async with contextlib.AsyncExitStack() as stack:
@@ -408,7 +421,7 @@ class Reaper:
                     if lease is None:
                         return Skipped(role, "busy: role lock held (being provisioned)")
                     stack.push_async_callback(self._release, lease)
-                    return await self._drop_role_locked(role)
+                    return await self._drop_role_locked(role, rolled_back)
         except Exception as exc:  # one role's trouble never ends the pass
             return self._error_outcome(role, exc)
 
@@ -429,7 +442,31 @@ class Reaper:
         with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
             await self._prov.lock_backend.release(lease)
 
-    async def _drop_role_locked(self, role: str) -> _Outcome:
+    async def _roll_back_prepared(self, name: str, rolled_back: list[tuple[str, int]]) -> None:
+        """Roll back every transaction ``name`` prepared, as ``name``, before it is dropped or
+        retired: each keeps its rows, its locks and the cluster's oldest transaction, and
+        ``DROP ROLE`` does not refuse a role that has one but leaves it with no owner, which
+        only a superuser can end. The admin makes itself a member first (a group's creator
+        may not ``SET ROLE`` to it on 16+). Raises :class:`Refused` when one could not be
+        rolled back: the role then stays, for the next pass."""
+        inherit = (await self.dialect()).admin_inherit_clause
+
+        def member(sess: AdminSession) -> None:
+            sess.run(provision_sql.grant_role_to_admin(name, inherit))
+
+        try:
+            await self._pools.run(self._pools.admin_database, member)
+            gids = await rollback_prepared(self._pools, name, await server_now(self._pools))
+        except AdminError as exc:
+            raise Refused(
+                "its prepared transaction(s) could not be rolled back, so it is kept (dropped, "
+                f"it would leave them with no owner): {_admin_reason(exc)}"
+            ) from None
+        if gids:
+            rolled_back.append((name, len(gids)))
+            self._log.info("role_prepared_rolled_back", role=name, count=len(gids), reason="reap")
+
+    async def _drop_role_locked(self, role: str, rolled_back: list[tuple[str, int]]) -> _Outcome:
         admin_db = self._pools.admin_database
 
         def recheck(sess: AdminSession, in_use: frozenset[str]) -> RoleInfo:
@@ -446,6 +483,12 @@ class Reaper:
                 raise NotEligible("in use by this instance")
             return info
 
+        def settled(sess: AdminSession, in_use: frozenset[str]) -> RoleInfo:
+            info = recheck(sess, in_use)
+            if info.prepared:
+                raise NotEligible(f"prepared {info.prepared} transaction(s) again; next pass")
+            return info
+
         snapshot = frozenset(self._roles_in_use())
         info = await self._pools.run(admin_db, lambda s: recheck(s, snapshot))
         target = self._pg.reassign_to
@@ -453,11 +496,13 @@ class Reaper:
             problem = await self.check_reassign_to()
             if problem is not None:
                 raise Refused(f"reassign_to refused, nothing reaped: {problem}")
-        elif info.owned:
-            return await self._retire_locked(role, recheck)
+        if info.prepared:
+            await self._roll_back_prepared(role, rolled_back)
+        if target is None and info.owned:
+            return await self._retire_locked(role, settled)
 
         def owns_nothing(sess: AdminSession, in_use: frozenset[str]) -> None:
-            now = recheck(sess, in_use)
+            now = settled(sess, in_use)
             if target is None and now.owned:
                 raise NotEligible(f"owns {now.owned} object(s) now; retired next pass")
 
@@ -555,13 +600,15 @@ class Reaper:
 
     # -- groups --------------------------------------------------------------------------
 
-    async def _reap_group(self, info: RoleInfo, connectable: set[str]) -> _Outcome:
+    async def _reap_group(
+        self, info: RoleInfo, connectable: set[str], rolled_back: list[tuple[str, int]]
+    ) -> _Outcome:
         group = info.name
         owner = info.group_owner
         if owner is None:  # listed as a group, so it had the marker
             return Skipped(group, "no Waypoint group marker")
 
-        def recheck(sess: AdminSession) -> None:
+        def recheck(sess: AdminSession) -> RoleInfo:
             now = txn.one_role(sess, group)
             if now is None:
                 raise NotEligible("already dropped", gone=True)
@@ -569,6 +616,12 @@ class Reaper:
                 raise NotEligible("no Waypoint group marker any more")
             if now.members:
                 raise NotEligible(f"has {len(now.members)} member(s) again")
+            return now
+
+        def settled(sess: AdminSession) -> None:
+            prepared = recheck(sess).prepared
+            if prepared:
+                raise NotEligible(f"prepared {prepared} transaction(s) again; next pass")
 
         # The group's privileges live in its own database, where provisioning takes the group
         # locks; a database that is gone (or not connectable) cannot be provisioned into.
@@ -600,16 +653,18 @@ class Reaper:
                 problem = await self.check_reassign_to()
                 if problem is not None:
                     raise Refused(f"reassign_to refused, nothing reaped: {problem}")
+                if info.prepared:
+                    await self._roll_back_prepared(group, rolled_back)
                 for database, allowconn in await self._dependent_databases(group):
                     if database == home or not allowconn:
                         continue
                     try:
-                        await self._drop_in(database, group, recheck)
+                        await self._drop_in(database, group, settled)
                     except AdminError as exc:
                         if exc.sqlstate != "3D000":
                             raise
                 await self._drop_in(
-                    home, group, recheck, extra_schemas=home_schemas, drop_role=True
+                    home, group, settled, extra_schemas=home_schemas, drop_role=True
                 )
         except Exception as exc:  # one group's trouble never ends the pass
             return self._error_outcome(group, exc)

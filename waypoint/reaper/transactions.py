@@ -61,6 +61,7 @@ class RoleInfo:
     groups: tuple[str, ...]  # roles it is a member of
     members: tuple[str, ...]  # roles that are members of it (the admin excluded)
     owned: int = 0  # objects it owns in the whole cluster (pg_shdepend owner rows)
+    prepared: int = 0  # its prepared transactions (PREPARE TRANSACTION), in any database
 
     @property
     def retired(self) -> bool:
@@ -136,7 +137,7 @@ def one_role(sess: AdminSession, name: str) -> RoleInfo | None:
 
 def _parse_rows(rows: Iterable[list[Any]]) -> list[RoleInfo]:
     out: list[RoleInfo] = []
-    for name, comment, until, expired, live, groups, members, owned in rows:
+    for name, comment, until, expired, live, groups, members, owned, prepared in rows:
         out.append(
             RoleInfo(
                 name=str(name),
@@ -147,6 +148,7 @@ def _parse_rows(rows: Iterable[list[Any]]) -> list[RoleInfo]:
                 groups=tuple(str(g) for g in (groups or ())),
                 members=tuple(str(m) for m in (members or ())),
                 owned=int(str(owned)),
+                prepared=int(str(prepared)),
             )
         )
     return out

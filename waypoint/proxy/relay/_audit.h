@@ -588,7 +588,8 @@ typedef struct Named {
     Buf name;
     long long op;
     long long segment;  /* a change: the Sync segment it was sent in */
-    long long epoch;    /* a confirmed statement: PREPARE / DEALLOCATE tags seen before */
+    long long epoch;    /* confirmed: the PREPARE / DEALLOCATE tags (a statement) or the
+                         * DECLARE / CLOSE CURSOR tags (a portal) seen before */
 } Named;
 
 enum { NAMED_REAL = 0, NAMED_CHANGE, NAMED_CLOSE, NAMED_LATEST };
@@ -943,12 +944,17 @@ typedef struct {
 
 typedef struct {
     int kind;
+    /* An Execute of a named portal: the DECLARE / CLOSE CURSOR tags seen when it was sent,
+     * modulo 2^31 (CURSOR_MARK; else -1). Beside kind, it keeps an entry 32 bytes. */
+    int cursor;
     long long id;       /* its record's statement_id (0: none) */
     double started;
     /* A Parse, Bind or Close: its change's number. An Execute: the PREPARE / DEALLOCATE
      * tags seen when it was sent, if its statement is named (else -1). */
     long long arg;
 } Pending;
+
+#define CURSOR_MARK(n) ((int)((n) & 0x7fffffff))
 
 typedef struct {
     PyObject_HEAD
@@ -974,6 +980,7 @@ typedef struct {
     int copy_in;
     int skipping;   /* tracker.py's _skipping: until the client's Sync, nothing is answered */
     long long ops, segment, epoch; /* changes and Syncs sent, PREPARE tags seen */
+    long long cursor_epoch;        /* DECLARE / CLOSE CURSOR tags seen */
     Table statements, portals;
     /* Encoded records not yet taken; the statement last run. */
     Buf out;
@@ -1072,6 +1079,7 @@ pending_push(Tracker *t, int kind, long long id, long long arg)
     e->id = id;
     e->started = t->now;
     e->arg = arg;
+    e->cursor = -1;
     t->pcount++;
     return 1;
 }
@@ -1202,8 +1210,10 @@ emit_result(Tracker *t, const Pending *e, const char *status, int with_sqlstate,
         else
             buf_lit(b, "null");
     }
-    if (e->kind == PEND_EXEC && e->arg >= 0 && e->arg != t->epoch)
-        buf_lit(b, ",\"text_unconfirmed\":true"); /* SQL PREPARE ran before the Execute */
+    if (e->kind == PEND_EXEC && ((e->arg >= 0 && e->arg != t->epoch) ||
+                                 (e->cursor >= 0 && e->cursor != CURSOR_MARK(t->cursor_epoch))))
+        /* SQL PREPARE / DEALLOCATE or DECLARE / CLOSE CURSOR ran before the Execute did */
+        buf_lit(b, ",\"text_unconfirmed\":true");
     double us = (t->now - e->started) * 1e6;
     long long micros = us > 0 && us < 9e18 ? (long long)(us + 0.5) : 0;
     buf_lit(b, ",\"duration_ms\":");
@@ -1694,8 +1704,7 @@ settle(Tracker *t, const Pending *e, int ok)
         table_remove(tb, name + 1, nlen);
     }
     else {
-        if (tb == &t->statements)
-            c->epoch = t->epoch;
+        c->epoch = tb == &t->statements ? t->epoch : t->cursor_epoch;
         if (!table_adopt(tb, key, name + 1, nlen))
             t->failed = 1;
     }
@@ -1743,14 +1752,14 @@ fail(Tracker *t, Framer *f)
 /* A message waits for the server's answer, unless the server will skip it (then it is
  * skipped at once; pending is empty then, so is the head's collected state). */
 static void
-await_answer(Tracker *t, int kind, long long id, long long arg)
+await_answer(Tracker *t, int kind, long long id, long long arg, int cursor)
 {
     if (t->skipping) {
-        Pending e = {kind, id, t->now, arg};
+        Pending e = {kind, cursor, id, t->now, arg};
         skip(t, &e);
     }
-    else
-        pending_push(t, kind, id, arg);
+    else if (pending_push(t, kind, id, arg))
+        t->pending[(t->phead + t->pcount - 1) % t->pcap].cursor = cursor;
 }
 
 /* A frontend message is complete (or unparsed: at its header). */
@@ -1788,7 +1797,7 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
         json_text_fields(b, f->t2.kept.p, f->t2.kept.len, f->t2.size, cut, sha);
         record_close(t, malformed);
         set_last(t, f->t2.kept.p, f->t2.kept.len);
-        await_answer(t, PEND_QUERY, id, 0);
+        await_answer(t, PEND_QUERY, id, 0, -1);
     }
     else if (kind == 'P') {
         int cut = text_truncated(&f->t2);
@@ -1802,7 +1811,7 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
         json_text_fields(b, f->t2.kept.p, f->t2.kept.len, f->t2.size, cut, sha);
         record_close(t, malformed);
         if (t->skipping) {
-            await_answer(t, PEND_PARSE, id, 0);
+            await_answer(t, PEND_PARSE, id, 0, -1);
             return;
         }
         Named *s = change_open(t, &t->statements, NAMED_CHANGE);
@@ -1831,21 +1840,33 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
         pending_push(t, PEND_BIND, 0, op);
     }
     else if (kind == 'E') {
-        int confirmed, earlier, unconfirmed;
+        int confirmed, earlier, unconfirmed, portal_confirmed;
         long long watch = -1;
-        Named *portal = current(t, &t->portals, f->t1.kept.p, f->t1.kept.len, &confirmed,
-                                &unconfirmed);
+        int cursor_watch = -1;
+        Named *portal = current(t, &t->portals, f->t1.kept.p, f->t1.kept.len,
+                                &portal_confirmed, &unconfirmed);
         long long id = ++t->seq;
         record_open(t, &t->ctx, "execute", id, "extended");
-        if (portal == NULL && t->portals.dropped) {
-            /* a forgotten portal (or none): its statement is not known any more */
+        if (portal == NULL && (t->portals.dropped || f->t1.kept.len)) {
+            /* a forgotten portal (the budget), or a named one no Bind made: a cursor SQL
+             * opened (DECLARE, or PL/pgSQL); its statement is not known here */
             buf_lit(b, ",\"statement\":null,\"portal\":");
             json_str(b, f->t1.kept.p, f->t1.kept.len);
-            buf_lit(b, ",\"text\":null,\"portal_evicted\":true");
+            if (t->portals.dropped)
+                buf_lit(b, ",\"text\":null,\"portal_evicted\":true");
+            else
+                buf_lit(b, ",\"text\":null,\"portal_unknown\":true");
             t->last.len = 0;
             t->last_set = 2;
         }
         else {
+            if (f->t1.kept.len) {
+                /* DECLARE / CLOSE CURSOR since the Bind was confirmed: SQL may have replaced
+                 * the portal by a cursor of the same name */
+                cursor_watch = CURSOR_MARK(t->cursor_epoch);
+                if (portal_confirmed && portal->epoch < t->cursor_epoch)
+                    unconfirmed = 1;
+            }
             const unsigned char *sname = portal ? portal->text.p : NULL;
             size_t slen = portal ? portal->text.len : 0;
             Named *s = current(t, &t->statements, sname, slen, &confirmed, &earlier);
@@ -1893,7 +1914,7 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
             buf_put(b, portal->params.p, portal->params.len);
         }
         record_close(t, malformed);
-        await_answer(t, PEND_EXEC, id, watch);
+        await_answer(t, PEND_EXEC, id, watch, cursor_watch);
     }
     else if (kind == 'C') {
         if (t->skipping)
@@ -1930,7 +1951,7 @@ on_front(Tracker *t, Framer *f, int kind, int parsed)
         }
         record_close(t, malformed);
         set_last(t, (const unsigned char *)tmp, (size_t)n);
-        await_answer(t, PEND_FCALL, id, 0);
+        await_answer(t, PEND_FCALL, id, 0, -1);
     }
 }
 
@@ -1943,12 +1964,23 @@ prepare_tag(const Buf *tag)
            (tag->len == 14 && memcmp(tag->p, "DEALLOCATE ALL", 14) == 0);
 }
 
+/* Command tags of SQL that opens or closes cursors: portals by another name. */
+static int
+cursor_tag(const Buf *tag)
+{
+    return (tag->len == 14 && memcmp(tag->p, "DECLARE CURSOR", 14) == 0) ||
+           (tag->len == 12 && memcmp(tag->p, "CLOSE CURSOR", 12) == 0) ||
+           (tag->len == 16 && memcmp(tag->p, "CLOSE CURSOR ALL", 16) == 0);
+}
+
 /* A backend message is complete (or unparsed: at its header). */
 static void
 on_back(Tracker *t, Framer *f, int kind)
 {
     if (kind == 'C' && prepare_tag(&f->t1.kept))
         t->epoch++;
+    else if (kind == 'C' && cursor_tag(&f->t1.kept))
+        t->cursor_epoch++;
     Pending *head = pending_first(t);
     if (head == NULL)
         return;
