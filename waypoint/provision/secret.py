@@ -86,6 +86,14 @@ class SecretCache:
         if entry is not None:
             self._entries[role] = evolve(entry, fingerprint=fingerprint)
 
+    def adopt_valid_until(self, role: str, secret: str, until: datetime) -> None:
+        """The server's ``VALID UNTIL`` of ``role`` is ``until`` while its secret is still
+        ``secret`` (an extension made by another instance); nothing if the cache has since
+        set another secret."""
+        entry = self._entries.get(role)
+        if entry is not None and entry.secret == secret:
+            self._entries[role] = evolve(entry, valid_until=until)
+
     def extended(self, roles: Iterable[str], until: datetime) -> None:
         """The ``VALID UNTIL`` of ``roles`` moved to ``until``."""
         for role in roles:

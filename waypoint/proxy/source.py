@@ -482,6 +482,7 @@ class _ConnectingOrder:
             except BackendUnavailable as exc:
                 raise self._refusal(exc, log) from exc
             logged_in = False
+            unconfirmed: datetime | None = None
             t0 = trio.current_time()
             try:
                 async with source.provisioner.credentials(identity, grant, rotate=rotate) as creds:
@@ -498,11 +499,24 @@ class _ConnectingOrder:
                             )
                             source.metrics.pool_taken(listener.name, hit=False)
                         elif connection is None:
-                            pooled = await source.from_pool(creds.role, self.request)
-                            if pooled is not None:
-                                logged_in = True
-                                source.served(self.peer_ip)
-                                return pooled
+                            seen = await source.provisioner.server_valid_until(creds.role)
+                            if seen == creds.valid_until:
+                                pooled = await source.from_pool(creds.role, self.request)
+                                if pooled is not None:
+                                    logged_in = True
+                                    source.served(self.peer_ip)
+                                    return pooled
+                            else:
+                                # The role changed on the server since this process set
+                                # its secret (another instance provisioned or extended it):
+                                # what is pooled may hold the memberships of another grant.
+                                # A login with the cached secret tells which (28P01 after
+                                # a provision: provision again below).
+                                source.pool.close_role(
+                                    listener.backend_address, creds.role, "role_closed"
+                                )
+                                source.metrics.pool_taken(listener.name, hit=False)
+                                unconfirmed = seen
                         else:
                             source.metrics.pool_taken(listener.name, hit=False)
                         if connection is None:
@@ -510,6 +524,8 @@ class _ConnectingOrder:
                     assert connection is not None
                     start = await login_backend(connection, source.login_for(creds, self.request))
                     logged_in = True
+                    if unconfirmed is not None:
+                        source.provisioner.adopt_valid_until(creds, unconfirmed)
                     source.served(self.peer_ip)
                     return LoggedInBackend(
                         connection,

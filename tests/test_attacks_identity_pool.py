@@ -1,0 +1,121 @@
+"""Attacks on identity, admission and pooling, on PostgreSQL 15 and 18 through a real Waypoint.
+
+A pooled backend is handed out in place of a login as its role: the role is the caller's,
+and the caller's cached secret and grant say the backend may be used. Whatever a caller (or
+the caller's other instances, or another caller) does between a backend's keep and its
+reuse must not let a session run with privileges its grant no longer gives, nor as another
+caller's role. Every wait is bounded and polls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import trio
+from e2e_support import LISTENER, create_app_database, db_rule, two_instances
+from pgcluster import PgCluster
+from state_support import KeySpace
+
+from waypoint.app import Running
+
+BOUND = 20.0
+RW = {"permissions": ["readwrite"]}
+RO = {"permissions": ["readonly"]}
+
+
+def _psycopg(host: str, port: int, db: str, statements: list[str]) -> list[Any]:
+    """One connection: each statement's first value (or its error's SQLSTATE)."""
+    out: list[Any] = []
+    dsn = f"host={host} port={port} dbname={db} user=anyone sslmode=disable"
+    with psycopg.connect(dsn, connect_timeout=20, autocommit=True) as conn:
+        for sql in statements:
+            try:
+                cur = conn.execute(sql)
+                row = cur.fetchone() if cur.description is not None else None
+                out.append(row[0] if row else None)
+            except psycopg.Error as exc:
+                out.append(f"error:{exc.sqlstate}")
+    return out
+
+
+async def via(running: Running, db: str, statements: list[str]) -> list[Any]:
+    host, port = running.address(LISTENER)
+    return await trio.to_thread.run_sync(_psycopg, host, port, db, statements)
+
+
+async def wait_pooled(running: Running, count: int) -> None:
+    with trio.fail_after(BOUND):
+        while running._service is None or len(running._service.pool.book) != count:
+            await trio.sleep(0.02)
+
+
+async def test_a_backend_pooled_under_a_grant_is_not_reused_after_another_instance_changed_the_role(
+    pg: PgCluster, tmp_path: Path, redis_space: KeySpace
+) -> None:
+    """readonly through A (its backend pooled there, A's cached secret set for readonly),
+    then readwrite through B (B provisions the role: readwrite memberships, a new secret),
+    then readonly again through A. A's cache still says "readonly, this caller", so without
+    a check A hands its pooled backend over without a login: the role still holds B's
+    readwrite memberships and the caller's INSERT lands with a readonly grant. The stale
+    secret is what would have told A (a login with it fails): a pooled backend must not
+    skip that."""
+    db = create_app_database(pg)
+    insert = "INSERT INTO public.t VALUES ({}, 'x')"
+    async with two_instances(pg, tmp_path, redis_space) as (standin, _, a, b):
+
+        def grant(rights: dict[str, Any]) -> None:
+            standin.set_peer(
+                "127.0.0.1",
+                login="mallory@example.com",
+                node="mallory-laptop",
+                rules=[db_rule({db: rights})],
+            )
+
+        grant(RO)
+        role, pid = await via(a, db, ["SELECT current_user", "SELECT pg_catalog.pg_backend_pid()"])
+        await wait_pooled(a, 1)
+
+        grant(RW)
+        role_b, written = await via(b, db, ["SELECT current_user", insert.format(11)])
+        assert role_b == role and written is None
+
+        grant(RO)
+        role_a, pid_a, attack = await via(
+            a,
+            db,
+            ["SELECT current_user", "SELECT pg_catalog.pg_backend_pid()", insert.format(12)],
+        )
+        assert role_a == role and pid_a != pid
+        assert attack == "error:42501", "a readonly grant wrote through a pooled backend"
+        rows = pg.execute("SELECT id FROM public.t WHERE id = 12", dbname=db)
+        assert rows == []
+
+
+async def test_an_extension_made_by_another_instance_costs_one_login_and_pooling_goes_on(
+    pg: PgCluster, tmp_path: Path, redis_space: KeySpace
+) -> None:
+    """The check above must not end pooling between instances that extend each other's
+    roles: after B extends the role's ``VALID UNTIL``, A logs in once with its cached secret
+    (the server takes it: no provision ran), keeps the new ``VALID UNTIL`` and pools
+    again."""
+    db = create_app_database(pg)
+    pid_query = "SELECT pg_catalog.pg_backend_pid()"
+    async with two_instances(pg, tmp_path, redis_space) as (standin, _, a, b):
+        standin.set_peer(
+            "127.0.0.1",
+            login="mallory@example.com",
+            node="mallory-laptop",
+            rules=[db_rule({db: RO})],
+        )
+        role, first = await via(a, db, ["SELECT current_user", pid_query])
+        await wait_pooled(a, 1)
+        assert await via(a, db, [pid_query]) == [first]
+        await wait_pooled(a, 1)
+
+        await b.contexts[LISTENER].provisioner.extend_validity([role])
+        (second,) = await via(a, db, [pid_query])
+        assert second != first
+        await wait_pooled(a, 1)
+        assert await via(a, db, [pid_query]) == [second]
