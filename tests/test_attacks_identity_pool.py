@@ -14,9 +14,17 @@ from typing import Any
 
 import psycopg
 import trio
-from e2e_support import LISTENER, create_app_database, db_rule, two_instances
+from e2e_support import (
+    LISTENER,
+    RawSession,
+    create_app_database,
+    db_rule,
+    e2e_env,
+    two_instances,
+)
 from pgcluster import PgCluster
 from state_support import KeySpace
+from test_e2e_cancel import _cancel_attempts, cancel_outcomes
 
 from waypoint.app import Running
 
@@ -119,3 +127,49 @@ async def test_an_extension_made_by_another_instance_costs_one_login_and_pooling
         assert second != first
         await wait_pooled(a, 1)
         assert await via(a, db, [pid_query]) == [second]
+
+
+async def test_lookalike_tagged_nodes_get_their_own_roles_pooled_backends_and_cancels(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """Two tagged nodes share the login ``tagged-devices`` and a tag; one is shared in from
+    another tailnet, so tailscaled names it by its full name (``db.other-tailnet.ts.net``),
+    whose first label (``db``) is the other's name: both sanitize to the same role name.
+    The marker keeps the node exactly, so the second gets a role of its own; neither is
+    ever handed the other's pooled backend, and neither can cancel the other's statement
+    with the right key."""
+    db = create_app_database(pg)
+    async with e2e_env(pg, tmp_path) as env:
+        for ip, node in (("127.0.0.2", "db"), ("127.0.0.3", "db.other-tailnet.ts.net")):
+            env.grant(ip, {db: RW}, login="tagged-devices", node=node, tags=["tag:db"])
+
+        async def pid_and_role(source: str) -> tuple[int, str]:
+            conn = await env.pg8000_connect(db, source=source)
+            try:
+                row = conn.run("SELECT pg_catalog.pg_backend_pid(), current_user")[0]
+                return int(row[0]), str(row[1])
+            finally:
+                conn.close()
+
+        local = await pid_and_role("127.0.0.2")
+        await wait_pooled(env.running, 1)
+        shared = await pid_and_role("127.0.0.3")
+        await wait_pooled(env.running, 2)
+        assert local[1] != shared[1] and local[0] != shared[0]
+        # The second is the first's name and a hash of its exact identity (the collision name).
+        assert shared[1].startswith(local[1] + "_")
+        for _ in range(2):
+            assert await pid_and_role("127.0.0.3") == shared
+            assert await pid_and_role("127.0.0.2") == local
+
+        raw = await trio.to_thread.run_sync(RawSession.open, env, db, 0, "127.0.0.2")
+        try:
+            assert raw.pid == local[0]
+            states, result = await trio.to_thread.run_sync(
+                _cancel_attempts, env, raw, "lookalike", ["127.0.0.3"], "127.0.0.2"
+            )
+        finally:
+            raw.close()
+        assert states[0] is not None and states[0][0] == "active", states
+        assert result.startswith("error:57014"), result
+        assert cancel_outcomes(env) == {"wrong_identity": 1.0, "forwarded": 1.0}
