@@ -173,3 +173,59 @@ async def test_lookalike_tagged_nodes_get_their_own_roles_pooled_backends_and_ca
         assert states[0] is not None and states[0][0] == "active", states
         assert result.startswith("error:57014"), result
         assert cancel_outcomes(env) == {"wrong_identity": 1.0, "forwarded": 1.0}
+
+
+async def test_a_caller_cannot_give_its_role_to_another_nor_rewrite_its_marker(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """Role names are public (``pg_roles``). A caller tries to make another caller's role a
+    member of its own (``GRANT`` of its own role: before PostgreSQL 16 a role held ADMIN
+    OPTION on itself), to rename its role, and to rewrite its ownership marker so that a
+    lookalike's login resolves to it; the other caller then tries to act as the first."""
+    db = create_app_database(pg)
+    async with e2e_env(pg, tmp_path) as env:
+        env.grant("127.0.0.2", {db: RW}, login="mary.sue@example.com", node="laptop")
+        env.grant("127.0.0.3", {db: RW}, login="mary_sue@example.com", node="laptop")
+
+        async def run(source: str, statements: list[str]) -> list[Any]:
+            conn = await env.pg8000_connect(db, source=source)
+            out: list[Any] = []
+            try:
+                for statement in statements:
+                    try:
+                        rows = conn.run(statement)
+                        out.append(rows[0][0] if rows else None)
+                    except Exception as exc:
+                        out.append(f"error:{getattr(exc, 'args', [{}])[0].get('C', exc)}")
+            finally:
+                conn.close()
+            return out
+
+        (mary_dot,) = await run("127.0.0.2", ["SELECT current_user"])
+        (mary_under,) = await run("127.0.0.3", ["SELECT current_user"])
+        assert mary_dot != mary_under
+        marker = pg.execute(
+            "SELECT pg_catalog.shobj_description(oid, 'pg_authid') FROM pg_catalog.pg_roles"
+            " WHERE rolname = :r",
+            r=mary_dot,
+        )[0][0]
+        forged = str(marker).replace("mary.sue@", "mary_sue@")
+        quoted = forged.replace("'", "''")
+        attempts = await run(
+            "127.0.0.2",
+            [
+                f'GRANT "{mary_dot}" TO "{mary_under}"',
+                f"COMMENT ON ROLE \"{mary_dot}\" IS '{quoted}'",
+                f'ALTER ROLE "{mary_dot}" RENAME TO "wp_taken_over"',
+            ],
+        )
+        # The rename is refused as the session's own user (0A000) before any privilege check.
+        assert attempts == ["error:42501", "error:42501", "error:0A000"], attempts
+        assert await run("127.0.0.3", [f'ALTER ROLE "{mary_dot}" RENAME TO "wp_x"']) == [
+            "error:42501"
+        ]
+        assert await run("127.0.0.3", [f'SET ROLE "{mary_dot}"']) == ["error:42501"]
+        member = pg.execute(
+            "SELECT pg_catalog.pg_has_role(:b, :a, 'MEMBER')", a=mary_dot, b=mary_under
+        )
+        assert member[0][0] is False
