@@ -622,35 +622,13 @@ class Provisioner:
             raise ProvisionError(provisioning_failed(cid, str(exc))) from None
         self._cache.refingerprint(role, grant_fingerprint(grant))
 
-    async def server_valid_until(self, role: str) -> datetime | None:
-        """The ``VALID UNTIL`` the server holds for ``role`` now (None: no such role, none
-        set, or it could not be read in time).
-
-        Every provision sets a new one, and so does every extension, wherever it runs. A
-        cached secret whose ``valid_until`` is not this value may no longer be the role's:
-        another instance may have provisioned it since (a new secret, and memberships for
-        the grant it saw then). A login with the secret finds that out (``28P01``); a
-        pooled backend, handed over without a login, cannot, so it is used only while this
-        value is the cached one."""
-        deadline = self._deadline()
-
-        def read(sess: AdminSession) -> datetime | None:
-            rows = sess.run(sql.VALID_UNTIL_QUERY, name=role)
-            value = rows[0][0] if rows else None
-            return value if isinstance(value, datetime) else None
-
-        try:
-            with self._failures(new_correlation_id(), f"reading role {role}"):
-                with trio.fail_at(deadline):
-                    return await self._pools.run(self._pools.admin_database, read)
-        except ProvisionError:
-            return None
-
     def adopt_valid_until(self, creds: Credentials, until: datetime) -> None:
         """``creds`` (from the cache) logged in after the server's ``VALID UNTIL`` for their
-        role was read as ``until``: no provision replaced the secret in between (it would
-        have failed the login), so ``until`` is an extension made elsewhere and the cache
-        takes it (while it still holds that secret)."""
+        role was read as ``until``, which was not the cached one. Every provision sets a new
+        secret and a new ``VALID UNTIL``, and one since the read would have failed the
+        login: so ``until`` came from an extension made elsewhere, and the cache takes it
+        (while it still holds that secret), so that the role's pooled backends, checked
+        against it (:mod:`waypoint.pool.wire`), serve again."""
         self._cache.adopt_valid_until(creds.role, creds.secret, until)
 
     async def extend_validity(self, roles: Iterable[str]) -> None:

@@ -153,11 +153,6 @@ ROLES_QUERY: Final = (
     "FROM pg_catalog.pg_roles AS r WHERE r.rolname = ANY(CAST(:names AS pg_catalog.text[]))"
 )
 
-VALID_UNTIL_QUERY: Final = (
-    "SELECT r.rolvaliduntil FROM pg_catalog.pg_roles AS r "
-    "WHERE r.rolname = CAST(:name AS pg_catalog.text)"
-)
-
 MEMBERSHIPS_QUERY: Final = (
     "SELECT g.rolname, pg_catalog.shobj_description(g.oid, 'pg_authid') "
     "FROM pg_catalog.pg_auth_members AS m "
