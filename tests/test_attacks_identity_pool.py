@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import trio
 from e2e_support import (
     LISTENER,
@@ -25,6 +24,7 @@ from e2e_support import (
 from pgcluster import PgCluster
 from state_support import KeySpace
 from test_e2e_cancel import _cancel_attempts, cancel_outcomes
+from test_e2e_pool import _psycopg, pid_and_role
 
 from waypoint.app import Running
 
@@ -33,24 +33,10 @@ RW = {"permissions": ["readwrite"]}
 RO = {"permissions": ["readonly"]}
 
 
-def _psycopg(host: str, port: int, db: str, statements: list[str]) -> list[Any]:
-    """One connection: each statement's first value (or its error's SQLSTATE)."""
-    out: list[Any] = []
-    dsn = f"host={host} port={port} dbname={db} user=anyone sslmode=disable"
-    with psycopg.connect(dsn, connect_timeout=20, autocommit=True) as conn:
-        for sql in statements:
-            try:
-                cur = conn.execute(sql)
-                row = cur.fetchone() if cur.description is not None else None
-                out.append(row[0] if row else None)
-            except psycopg.Error as exc:
-                out.append(f"error:{exc.sqlstate}")
-    return out
-
-
 async def via(running: Running, db: str, statements: list[str]) -> list[Any]:
     host, port = running.address(LISTENER)
-    return await trio.to_thread.run_sync(_psycopg, host, port, db, statements)
+    dsn = f"host={host} port={port} dbname={db} user=anyone sslmode=disable"
+    return await trio.to_thread.run_sync(_psycopg, dsn, statements)
 
 
 async def wait_pooled(running: Running, count: int) -> None:
@@ -143,24 +129,16 @@ async def test_lookalike_tagged_nodes_get_their_own_roles_pooled_backends_and_ca
         for ip, node in (("127.0.0.2", "db"), ("127.0.0.3", "db.other-tailnet.ts.net")):
             env.grant(ip, {db: RW}, login="tagged-devices", node=node, tags=["tag:db"])
 
-        async def pid_and_role(source: str) -> tuple[int, str]:
-            conn = await env.pg8000_connect(db, source=source)
-            try:
-                row = conn.run("SELECT pg_catalog.pg_backend_pid(), current_user")[0]
-                return int(row[0]), str(row[1])
-            finally:
-                conn.close()
-
-        local = await pid_and_role("127.0.0.2")
+        local = await pid_and_role(env, db, "127.0.0.2")
         await wait_pooled(env.running, 1)
-        shared = await pid_and_role("127.0.0.3")
+        shared = await pid_and_role(env, db, "127.0.0.3")
         await wait_pooled(env.running, 2)
         assert local[1] != shared[1] and local[0] != shared[0]
         # The second is the first's name and a hash of its exact identity (the collision name).
         assert shared[1].startswith(local[1] + "_")
         for _ in range(2):
-            assert await pid_and_role("127.0.0.3") == shared
-            assert await pid_and_role("127.0.0.2") == local
+            assert await pid_and_role(env, db, "127.0.0.3") == shared
+            assert await pid_and_role(env, db, "127.0.0.2") == local
 
         raw = await trio.to_thread.run_sync(RawSession.open, env, db, 0, "127.0.0.2")
         try:
