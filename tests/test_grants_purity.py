@@ -13,6 +13,7 @@ ALLOWED_WAYPOINT = (
     "waypoint.config",
     "waypoint.errors",
     "waypoint.identity.model",
+    "waypoint.lru",
     "waypoint.grants",
 )
 

@@ -220,6 +220,17 @@ return out
 """
 )
 
+# KEYS: the lock key. ARGV: token, ttl_ms. Takes the lock when it is free, and also when the
+# token already holds it: a try whose answer was lost (it timed out after Redis ran it) may
+# have taken the lock, and the next try must find it its own instead of waiting out the ttl.
+# Returns 1 when the token holds the lock (for ttl_ms from now), else 0.
+LOCK_LUA = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
 # KEYS: the lock key. ARGV: token. Deletes the lock only if the token still owns it.
 UNLOCK_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -243,6 +254,7 @@ SCRIPTS: dict[str, tuple[bytes, str]] = {
     "reconcile": _script_entry(RECONCILE_LUA),
     "refresh": _script_entry(REFRESH_LUA),
     "count": _script_entry(COUNT_LUA),
+    "lock": _script_entry(LOCK_LUA),
     "unlock": _script_entry(UNLOCK_LUA),
 }
 
@@ -355,7 +367,13 @@ class RedisStateStore:
         if self._held:
             self._wake.set()
 
-    async def _script(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def _script(
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[str | int],
+        timeout: float | None = None,
+    ) -> Any:
         text, sha = SCRIPTS[name]
         client = self._client
 
@@ -366,7 +384,7 @@ class RedisStateStore:
                 client.script_load(text)
                 return client.evalsha(sha, len(keys), *keys, *args)
 
-        return await self._run(call)
+        return await self._run(call, timeout)
 
     # -- slot bookkeeping --------------------------------------------------------------------
 
@@ -729,24 +747,28 @@ class RedisStateStore:
             raise ValueError("lock ttl must be positive")
         key = self._layout.lock(name)
         token = secrets.token_hex(16)
+        args: list[str | int] = [token, max(1, int(ttl * 1000))]
         delay = _LOCK_POLL_MIN
+        unanswered = False  # a try that may have taken the lock without our knowing
         while True:
             remaining = deadline - trio.current_time()
             try:
-                taken = await self._run(
-                    functools.partial(
-                        self._client.set, key, token, nx=True, px=max(1, int(ttl * 1000))
-                    ),
-                    timeout=max(0.001, min(self._op_timeout, remaining)),
+                taken = await self._script(
+                    "lock", [key], args, timeout=max(0.001, min(self._op_timeout, remaining))
                 )
-                if taken:
+                if int(taken) == 1:
                     return LockToken(name, token)
             except UNAVAILABLE as exc:
+                unanswered = True
                 log.warning(
                     "state_unavailable", operation="acquire_lock", lock=name, error=_describe(exc)
                 )
             remaining = deadline - trio.current_time()
             if remaining <= 0:
+                if unanswered:
+                    # Give back what a try whose answer was lost may hold: else a token no
+                    # caller has would keep everyone out until the ttl.
+                    await self.release_lock(LockToken(name, token))
                 return None
             await trio.sleep(min(delay, remaining))
             delay = min(delay * 2, _LOCK_POLL_MAX)
