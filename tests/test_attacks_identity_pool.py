@@ -9,6 +9,7 @@ caller's role. Every wait is bounded and polls.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,50 @@ async def test_a_caller_cannot_give_its_role_to_another_nor_rewrite_its_marker(
             "SELECT pg_catalog.pg_has_role(:b, :a, 'MEMBER')", a=mary_dot, b=mary_under
         )
         assert member[0][0] is False
+
+
+async def test_a_grant_raised_by_another_instances_revalidation_is_not_kept_by_a_cached_secret(
+    pg: PgCluster, tmp_path: Path, redis_space: KeySpace
+) -> None:
+    """readonly: a session through B, then one through A (A provisions: its cached secret is
+    the role's, set for readonly). readwrite: B's revalidation brings the role's memberships
+    to readwrite for its live session, with no new secret. B's session ends; readonly again,
+    through A: A's cache still says "readonly, this caller" and its secret still logs in, so
+    the role's readwrite memberships must not be what the caller gets."""
+    import pg8000.exceptions
+    import pg8000.native
+
+    from waypoint.proxy.revalidation import revalidate_once
+
+    db = create_app_database(pg)
+    insert = "INSERT INTO public.t VALUES ({}, 'x')"
+    async with two_instances(pg, tmp_path, redis_space) as (standin, _, a, b):
+
+        def grant(rights: dict[str, Any]) -> None:
+            standin.set_peer(
+                "127.0.0.1",
+                login="mallory@example.com",
+                node="mallory-laptop",
+                rules=[db_rule({db: rights})],
+            )
+
+        def connect_b() -> pg8000.native.Connection:
+            host, port = b.address(LISTENER)
+            return pg8000.native.Connection(
+                user="anyone", host=host, port=port, database=db, timeout=30
+            )
+
+        grant(RO)
+        held = await trio.to_thread.run_sync(connect_b)
+        try:
+            (role,) = await via(a, db, ["SELECT current_user"])
+            grant(RW)
+            await revalidate_once(b.contexts, b.registry)
+        finally:
+            # On 15 revalidation has ended it (readonly's group left for readwrite's).
+            with contextlib.suppress(pg8000.exceptions.InterfaceError):
+                held.close()
+        grant(RO)
+        role_a, attack = await via(a, db, ["SELECT current_user", insert.format(21)])
+        assert role_a == role
+        assert attack == "error:42501", "a readonly grant wrote with memberships set elsewhere"
