@@ -76,6 +76,17 @@ async def session(env: E2EEnv, db: str, statements: list[str]) -> list[Any]:
     return await trio.to_thread.run_sync(_psycopg, env.dsn(db), statements)
 
 
+async def pid_and_role(env: E2EEnv, db: str, source: str) -> tuple[int, str]:
+    """The backend pid and role of a connection from ``source`` (pg8000 binds the source
+    address, which picks the identity)."""
+    conn = await env.pg8000_connect(db, source=source)
+    try:
+        row = conn.run("SELECT pg_catalog.pg_backend_pid(), current_user")[0]
+        return int(row[0]), str(row[1])
+    finally:
+        conn.close()
+
+
 def _pooled(env: E2EEnv) -> int:
     service = env.running._service
     assert service is not None
@@ -319,22 +330,13 @@ async def test_two_identities_never_share_a_backend(pg: PgCluster, tmp_path: Pat
         env.grant("127.0.0.1", {db: RW})
         env.grant("127.0.0.2", {db: RW})
 
-        # Source addresses pick the identity: pg8000 binds them.
-        async def pid_and_role(source: str) -> tuple[int, str]:
-            conn = await env.pg8000_connect(db, source=source)
-            try:
-                row = conn.run("SELECT pg_catalog.pg_backend_pid(), current_user")[0]
-                return int(row[0]), str(row[1])
-            finally:
-                conn.close()
-
-        a_pid, a_role = await pid_and_role("127.0.0.1")
+        a_pid, a_role = await pid_and_role(env, db, "127.0.0.1")
         await wait_pooled(env, 1)
-        b_pid, b_role = await pid_and_role("127.0.0.2")
+        b_pid, b_role = await pid_and_role(env, db, "127.0.0.2")
         assert a_role != b_role and a_pid != b_pid
         await wait_pooled(env, 2)
-        assert await pid_and_role("127.0.0.1") == (a_pid, a_role)
-        assert await pid_and_role("127.0.0.2") == (b_pid, b_role)
+        assert await pid_and_role(env, db, "127.0.0.1") == (a_pid, a_role)
+        assert await pid_and_role(env, db, "127.0.0.2") == (b_pid, b_role)
 
 
 async def test_a_downgrade_closes_the_roles_pooled_backends(pg: PgCluster, tmp_path: Path) -> None:

@@ -4,7 +4,9 @@ backend; MockClock drives the bound)."""
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 
 import pytest
 import trio
@@ -26,6 +28,7 @@ from waypoint.pool import (
     session_start,
     updated_parameters,
 )
+from waypoint.pool.wire import CHECK_QUERY
 
 Answer = Callable[[str], bytes]
 
@@ -140,16 +143,61 @@ async def test_reset_is_bounded_on_a_backend_that_answers_slowly(
         nursery.cancel_scope.cancel()
 
 
-async def test_check_sends_an_empty_query() -> None:
+def _data_row(*values: bytes | None) -> bytes:
+    body = struct.pack("!h", len(values))
+    for value in values:
+        body += struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value
+    return build_message(b"D", body)
+
+
+async def test_check_asks_for_the_roles_valid_until() -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     seen: list[str] = []
-    answer = build_message(b"I") + ParameterStatus("TimeZone", "UTC").encode() + IDLE
+    answer = (
+        build_message(b"T", b"\0\0")
+        + _data_row(b"1796000000.123456")
+        + build_message(b"C", b"SELECT 1\0")
+        + ParameterStatus("TimeZone", "UTC").encode()
+        + IDLE
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_backend, theirs, lambda _: answer, seen)
         result = await check(ours, 1.0)
         nursery.cancel_scope.cancel()
-    assert seen == [""]
+    assert seen == [CHECK_QUERY]
     assert result.parameters == (("TimeZone", "UTC"),)
+    assert result.valid_until == datetime(2026, 11, 30, 0, 53, 20, 123456, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        b"",  # no such role
+        _data_row(None),  # no VALID UNTIL
+        _data_row(b"Infinity"),
+        _data_row(b"not a number"),
+        _data_row(b"1796000000") + _data_row(b"1796000000"),  # more than one row
+        _data_row(),  # no column
+    ],
+)
+async def test_a_check_answer_that_is_not_one_finite_time_has_no_valid_until(rows: bytes) -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    answer = rows + build_message(b"C", b"SELECT 0\0") + IDLE
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_backend, theirs, lambda _: answer, [])
+        result = await check(ours, 1.0)
+        nursery.cancel_scope.cancel()
+    assert result.valid_until is None
+
+
+async def test_a_data_row_shorter_than_it_says_fails_the_check() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    answer = build_message(b"D", struct.pack("!hi", 1, 10) + b"12") + IDLE
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_backend, theirs, lambda _: answer, [])
+        with pytest.raises(PooledBackendFailed, match="malformed"):
+            await check(ours, 1.0)
+        nursery.cancel_scope.cancel()
 
 
 async def test_check_fails_on_a_backend_the_server_ended() -> None:

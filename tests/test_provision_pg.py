@@ -260,10 +260,14 @@ async def test_downgrade_takes_effect_in_live_session(
         assert await trio.to_thread.run_sync(conn.run, "SELECT count(*) FROM public.t") == [[2]]
     finally:
         await trio.to_thread.run_sync(conn.close)
-    # reconcile changed no password: the cached secret still logs in, without a provision.
+    # reconcile set a new secret and cached it: the old one no longer logs in (another
+    # instance caching it provisions again), this process's next login needs no provision.
     async with prov.credentials(ALICE, grant(app_db, (RO, "public"))) as again:
-        assert not again.provisioned and again.secret == c.secret
+        assert not again.provisioned and again.secret != c.secret
         await run_as(pg, again, app_db, "SELECT 1")
+    with pytest.raises(DatabaseError) as old:
+        await run_as(pg, c, app_db, "SELECT 1")
+    assert sqlstate(old.value) == "28P01"
 
 
 async def test_objects_created_by_role_survive_downgrade_still_its_own(

@@ -1,7 +1,14 @@
 """The pool's two exchanges with a logged-in backend: the reset before it is kept, and the
 check before it is handed out. Each is one simple Query, read to its ReadyForQuery within a
-bound; or, for a plaintext backend, the check is a peek at its socket (:func:`peek`), which
-costs no round trip.
+bound; a plaintext backend's socket is peeked at first (:func:`peek`), which finds a backend
+the server ended without a round trip.
+
+The check asks the backend for its role's ``VALID UNTIL`` on the server now
+(:data:`CHECK_QUERY`). A pooled backend is handed out without a login, so the secret the
+caller's credentials hold is never tried; every provision (wherever it runs: another
+instance may have given the role a new secret and the memberships of another grant) and
+every extension sets a new ``VALID UNTIL``, so the source hands the backend out only while
+that value is the one its credentials were set or seen with.
 
 Either one fails (:class:`PooledBackendFailed`, and the caller closes the backend and ends it
 on the server) when the backend answers with an error, is not idle afterwards (a reset query
@@ -17,6 +24,9 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from typing import Final
 
 import attrs
@@ -45,6 +55,17 @@ _QUIET: Final = frozenset({b"C", b"I", b"T", b"D", b"N", b"A"})
 
 _PEEK: Final = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
+#: The check's query: the session user's ``VALID UNTIL`` in seconds since the epoch (a
+#: numeric, whatever the session's DateStyle or TimeZone). Every name is qualified and the
+#: comparison is pg_catalog's own operator, so nothing the role's own settings bring in (an
+#: ``ALTER ROLE ... SET search_path`` of the caller's) can answer in its place.
+CHECK_QUERY: Final = (
+    "SELECT EXTRACT(EPOCH FROM r.rolvaliduntil) FROM pg_catalog.pg_roles AS r"
+    " WHERE r.rolname OPERATOR(pg_catalog.=) session_user"
+)
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 class PooledBackendFailed(Exception):
     """The backend cannot be pooled or handed out; close it (the message says why)."""
@@ -53,9 +74,39 @@ class PooledBackendFailed(Exception):
 @attrs.frozen
 class RoundTrip:
     """A reset's or check's outcome: the ParameterStatus values the backend reported, in order
-    (later ones win)."""
+    (later ones win), and the first value of the first row the query returned (None: no
+    row, or NULL)."""
 
     parameters: tuple[tuple[str, str], ...] = ()
+    first_value: bytes | None = None
+
+    @property
+    def valid_until(self) -> datetime | None:
+        """The answer to :data:`CHECK_QUERY` as an aware datetime (None: no role, no
+        ``VALID UNTIL``, or not a finite number of seconds)."""
+        if self.first_value is None:
+            return None
+        try:
+            seconds = Decimal(self.first_value.decode("ascii"))
+            return _EPOCH + timedelta(microseconds=int(seconds * 1_000_000))
+        except (UnicodeDecodeError, InvalidOperation, ValueError, OverflowError):
+            return None
+
+
+def _first_value(body: bytes) -> bytes | None:
+    """The first column of a DataRow body (None for NULL). Raises ProtocolError."""
+    try:
+        (columns,) = struct.unpack_from("!h", body, 0)
+        if columns < 1:
+            return None
+        (length,) = struct.unpack_from("!i", body, 2)
+    except struct.error as exc:
+        raise ProtocolError(f"DataRow too short: {exc}") from None
+    if length < 0:
+        return None
+    if 6 + length > len(body):
+        raise ProtocolError("DataRow value longer than the message")
+    return body[6 : 6 + length]
 
 
 def build_query(sql: str) -> bytes:
@@ -68,6 +119,8 @@ async def round_trip(stream: trio.abc.Stream, sql: str, bound: float) -> RoundTr
     within ``bound`` seconds. Raises :class:`PooledBackendFailed`."""
     reader = MessageReader()
     reported: list[tuple[str, str]] = []
+    first: bytes | None = None
+    rows = 0
     received = 0
     with trio.move_on_after(bound):
         try:
@@ -82,6 +135,11 @@ async def round_trip(stream: trio.abc.Stream, sql: str, bound: float) -> RoundTr
                     if received > MAX_ANSWER_BYTES:
                         raise PooledBackendFailed(f"answer longer than {MAX_ANSWER_BYTES} bytes")
                     reader.feed(data)
+                    continue
+                if msg.type == b"D":
+                    if rows == 0:
+                        first = _first_value(msg.body)
+                    rows += 1
                     continue
                 if msg.type in _QUIET:
                     continue
@@ -103,7 +161,7 @@ async def round_trip(stream: trio.abc.Stream, sql: str, bound: float) -> RoundTr
                         )
                     if reader.take_buffered():
                         raise PooledBackendFailed("the backend sent more after ReadyForQuery")
-                    return RoundTrip(tuple(reported))
+                    return RoundTrip(tuple(reported), first if rows == 1 else None)
         except ProtocolError as exc:
             raise PooledBackendFailed(f"malformed answer: {exc}") from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -140,13 +198,15 @@ def peek(sock: trio.socket.SocketType) -> None:
 
 
 async def check(stream: trio.abc.Stream, bound: float) -> RoundTrip:
-    """Before a pooled backend is handed out: it answers an empty query, idle, within
-    ``bound``. A backend the server ended while it waited (``pg_terminate_backend``, a
-    restart) answers with its FATAL or the end of the stream instead."""
-    return await round_trip(stream, "", bound)
+    """Before a pooled backend is handed out: it answers :data:`CHECK_QUERY` (its role's
+    ``VALID UNTIL``, :attr:`RoundTrip.valid_until`), idle, within ``bound``. A backend the
+    server ended while it waited (``pg_terminate_backend``, a restart) answers with its
+    FATAL or the end of the stream instead."""
+    return await round_trip(stream, CHECK_QUERY, bound)
 
 
 __all__ = [
+    "CHECK_QUERY",
     "PooledBackendFailed",
     "RoundTrip",
     "build_query",

@@ -30,6 +30,9 @@ class PasswordChange:
     valid_until: datetime
     #: ``ALTER ROLE ... SET`` statements applied with the secret (created or rotated).
     settings: tuple[str, ...] = ()
+    #: Only on the role as it is, active (a reconcile): a missing or retired role is
+    #: refused as without a new secret, never created or brought back.
+    existing_only: bool = False
 
 
 @frozen
@@ -80,12 +83,13 @@ def _check_role(
     plan: ProvisionPlan, existing: Mapping[str, str | None], password: PasswordChange | None
 ) -> _RoleFound:
     """The role as it is: another caller's (refused), missing or retired (refused without a
-    new secret: a retired role comes back only with one), or this caller's."""
+    new secret, or with one only for an existing active role: a retired role comes back only
+    with a provision's), or this caller's."""
     exists = plan.role in existing
     if exists and naming.parse_role_comment(existing[plan.role] or "") != plan.owner:
         raise RoleNotOurs(plan.role)
     retired = exists and naming.is_retired_comment(existing[plan.role] or "")
-    if (not exists or retired) and password is None:
+    if (not exists or retired) and (password is None or password.existing_only):
         raise RoleMissing(plan.role)
     return _RoleFound(exists, retired)
 

@@ -417,17 +417,9 @@ class Provisioner:
             with self._failures(cid, f"provisioning role {role}"), trio.fail_at(deadline):
                 info = await self._server_info()
                 plan = self._plan(identity, grant, role, info, cid)
-                secret = new_secret()
-                valid_until = datetime.fromtimestamp(self._clock() + self._pg.user_ttl, UTC)
-                md5 = use_md5(self._pg, info)
-                verifier, keys = await trio.to_thread.run_sync(
-                    lambda: make_verifier(secret, role, md5=md5), limiter=self._limiter
-                )
+                secret, keys, change = await self._new_password(role, info)
                 lease = await self._locks.acquire(role, deadline)
                 try:
-                    change = PasswordChange(
-                        verifier, valid_until, role_settings(self._pg, role, info)
-                    )
                     result = await self._run_txn(plan, change, info)
                     if result.revoked and not isinstance(info.dialect, CockroachDialect):
                         await self._rollback_prepared(role)
@@ -444,7 +436,22 @@ class Provisioner:
         except (GroupNotOurs, RoleMissing) as exc:
             self._resolved.pop(self._name_key(identity, grant), None)
             raise ProvisionError(provisioning_failed(cid, str(exc))) from None
-        return self._remember(identity, grant, role, fingerprint, secret, keys, valid_until), lease
+        creds = self._remember(identity, grant, role, fingerprint, secret, keys, change.valid_until)
+        return creds, lease
+
+    async def _new_password(
+        self, role: str, info: ServerInfo, *, existing_only: bool = False
+    ) -> tuple[str, ScramKeys | None, PasswordChange]:
+        """A new secret for ``role``, its SCRAM keys, and the change that sets its verifier,
+        a new ``VALID UNTIL`` and the role's settings (PBKDF2 in a worker thread)."""
+        secret = new_secret()
+        valid_until = datetime.fromtimestamp(self._clock() + self._pg.user_ttl, UTC)
+        md5 = use_md5(self._pg, info)
+        verifier, keys = await trio.to_thread.run_sync(
+            lambda: make_verifier(secret, role, md5=md5), limiter=self._limiter
+        )
+        settings = role_settings(self._pg, role, info)
+        return secret, keys, PasswordChange(verifier, valid_until, settings, existing_only)
 
     def _remember(
         self,
@@ -607,7 +614,15 @@ class Provisioner:
         return (await self._server_info()).dialect.members_can_set_role
 
     async def reconcile(self, identity: Identity, grant: EffectiveGrant) -> None:
-        """Bring the role's memberships to ``grant`` (a revalidation downgrade); no new secret."""
+        """Bring the role's memberships to ``grant`` (revalidation saw the grant change).
+
+        With a new secret, as a provision: a cached secret is proof, to whichever instance
+        holds it, that the role's memberships are still those it set (a login with it, or
+        its ``VALID UNTIL`` for a pooled backend). Without one, another instance that
+        provisioned the role for a lower grant before this change would go on logging the
+        caller in with its cached secret into the memberships set here, after the grant
+        went back down and with no live session left here to bring them down again. The
+        live sessions are not touched by it; this process caches the new secret."""
         cid = new_correlation_id()
         role = self.role_for(identity, grant)
         deadline = trio.current_time() + self._handshake_timeout
@@ -616,11 +631,29 @@ class Provisioner:
                 async with self.role_guard(role):
                     info = await self._server_info()
                     plan = self._plan(identity, grant, role, info, cid)
+                    secret, keys, change = await self._new_password(role, info, existing_only=True)
                     async with self._role_lock(role, deadline):
-                        await self._run_txn(plan, None, info)
+                        await self._run_txn(plan, change, info)
+                    self._remember(
+                        identity,
+                        grant,
+                        role,
+                        grant_fingerprint(grant),
+                        secret,
+                        keys,
+                        change.valid_until,
+                    )
         except (RoleNotOurs, GroupNotOurs, RoleMissing) as exc:
             raise ProvisionError(provisioning_failed(cid, str(exc))) from None
-        self._cache.refingerprint(role, grant_fingerprint(grant))
+
+    def adopt_valid_until(self, creds: Credentials, until: datetime) -> None:
+        """``creds`` (from the cache) logged in after the server's ``VALID UNTIL`` for their
+        role was read as ``until``, which was not the cached one. Every provision sets a new
+        secret and a new ``VALID UNTIL``, and one since the read would have failed the
+        login: so ``until`` came from an extension made elsewhere, and the cache takes it
+        (while it still holds that secret), so that the role's pooled backends, checked
+        against it (:mod:`waypoint.pool.wire`), serve again."""
+        self._cache.adopt_valid_until(creds.role, creds.secret, until)
 
     async def extend_validity(self, roles: Iterable[str]) -> None:
         """Push ``VALID UNTIL`` to now + user_ttl for Waypoint's roles among ``roles``.

@@ -80,11 +80,13 @@ class SecretCache:
     def pop(self, role: str) -> None:
         self._entries.pop(role, None)
 
-    def refingerprint(self, role: str, fingerprint: str) -> None:
-        """The role's memberships now follow the grant of ``fingerprint`` (same secret)."""
+    def adopt_valid_until(self, role: str, secret: str, until: datetime) -> None:
+        """The server's ``VALID UNTIL`` of ``role`` is ``until`` while its secret is still
+        ``secret`` (an extension made by another instance); nothing if the cache has since
+        set another secret."""
         entry = self._entries.get(role)
-        if entry is not None:
-            self._entries[role] = evolve(entry, fingerprint=fingerprint)
+        if entry is not None and entry.secret == secret:
+            self._entries[role] = evolve(entry, valid_until=until)
 
     def extended(self, roles: Iterable[str], until: datetime) -> None:
         """The ``VALID UNTIL`` of ``roles`` moved to ``until``."""

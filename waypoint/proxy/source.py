@@ -241,9 +241,16 @@ class ConnectingSource:
             request.key_parameters,
         )
 
-    async def from_pool(self, role: str, request: BackendRequest) -> LoggedInBackend | None:
+    async def from_pool(
+        self, role: str, request: BackendRequest, valid_until: datetime
+    ) -> LoggedInBackend | RoleChanged | None:
         """A pooled backend of ``role`` for ``request`` that answers its check, or None (a
-        miss). A pooled backend that fails its check is ended, and the next one tried."""
+        miss). A pooled backend that fails its check is ended, and the next one tried.
+
+        ``valid_until`` is the role's ``VALID UNTIL`` the caller's credentials were set or
+        seen with: a backend whose role holds another one on the server now is not handed
+        out (:mod:`waypoint.pool.wire`), and the role's pooled backends are closed
+        (:class:`RoleChanged`)."""
         pool = self.pool
         assert pool is not None
         key = self.key_for(role, request)
@@ -252,18 +259,24 @@ class ConnectingSource:
             assert isinstance(backend, LoggedInBackend)
             connection = backend.connection
             try:
-                if connection.tls:
-                    # Bytes may wait decrypted or in the TLS layer, out of the socket's sight.
-                    answer = await pool_check(connection.stream, self.listener.pool_reset_timeout)
-                    reported = answer.parameters
-                else:
+                if not connection.tls:
+                    # No round trip for a backend the server ended (over TLS, bytes may
+                    # wait decrypted or in the TLS layer, out of the socket's sight).
                     pool_peek(backend.sock)
-                    reported = ()
+                answer = await pool_check(connection.stream, self.listener.pool_reset_timeout)
+                reported = answer.parameters
             except PooledBackendFailed as exc:
                 log.info("pooled_backend_failed_check", role=role, pid=pooled.pid, error=str(exc))
                 self.metrics.pool_closed(self.listener.name, "check_failed")
                 await self._end(backend, closed_by_backend=False)
                 continue
+            if answer.valid_until != valid_until:
+                log.info("pooled_backend_role_changed", role=role, pid=pooled.pid)
+                self.metrics.pool_closed(self.listener.name, "role_closed")
+                await self._end(backend, closed_by_backend=False)
+                pool.close_role(self.listener.backend_address, role, "role_closed")
+                self.metrics.pool_taken(self.listener.name, hit=False)
+                return RoleChanged(answer.valid_until)
             if reported:
                 # The check saw settings change since the reset: the client is told those.
                 start = backend.start
@@ -402,6 +415,14 @@ class ConnectingSource:
                 await backend.connection.aclose()
 
 
+@attrs.frozen
+class RoleChanged:
+    """A pooled backend's role holds another ``VALID UNTIL`` on the server than the caller's
+    credentials were set or seen with: ``seen`` (None: none, or no such role)."""
+
+    seen: datetime | None
+
+
 @attrs.define(eq=False)
 class _ConnectingOrder:
     source: ConnectingSource
@@ -482,6 +503,7 @@ class _ConnectingOrder:
             except BackendUnavailable as exc:
                 raise self._refusal(exc, log) from exc
             logged_in = False
+            unconfirmed: datetime | None = None
             t0 = trio.current_time()
             try:
                 async with source.provisioner.credentials(identity, grant, rotate=rotate) as creds:
@@ -498,11 +520,18 @@ class _ConnectingOrder:
                             )
                             source.metrics.pool_taken(listener.name, hit=False)
                         elif connection is None:
-                            pooled = await source.from_pool(creds.role, self.request)
-                            if pooled is not None:
+                            found = await source.from_pool(
+                                creds.role, self.request, creds.valid_until
+                            )
+                            if isinstance(found, LoggedInBackend):
                                 logged_in = True
                                 source.served(self.peer_ip)
-                                return pooled
+                                return found
+                            if found is not None:
+                                # The role changed on the server since these credentials
+                                # were set (another instance provisioned or extended it):
+                                # the login tells which (28P01 after a provision).
+                                unconfirmed = found.seen
                         else:
                             source.metrics.pool_taken(listener.name, hit=False)
                         if connection is None:
@@ -510,6 +539,8 @@ class _ConnectingOrder:
                     assert connection is not None
                     start = await login_backend(connection, source.login_for(creds, self.request))
                     logged_in = True
+                    if unconfirmed is not None:
+                        source.provisioner.adopt_valid_until(creds, unconfirmed)
                     source.served(self.peer_ip)
                     return LoggedInBackend(
                         connection,
