@@ -138,8 +138,12 @@ async def test_lookalike_tagged_nodes_get_their_own_roles_pooled_backends_and_ca
         # The second is the first's name and a hash of its exact identity (the collision name).
         assert shared[1].startswith(local[1] + "_")
         for _ in range(2):
+            # Each waits for the backend before it to be back in the pool (its reset runs
+            # after the client has gone): a connection before that is a miss, a new backend.
             assert await pid_and_role(env, db, "127.0.0.3") == shared
+            await wait_pooled(env.running, 2)
             assert await pid_and_role(env, db, "127.0.0.2") == local
+            await wait_pooled(env.running, 2)
 
         raw = await trio.to_thread.run_sync(RawSession.open, env, db, 0, "127.0.0.2")
         try:
