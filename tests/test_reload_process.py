@@ -125,7 +125,9 @@ def _sighup_during_burst(cluster: PgCluster, tmp_path: Path, count: int) -> None
                 result = runner.submit(_burst, port, db, count, 16, done)
                 total = 1000
                 while not done.is_set():
-                    total = 1999 - total  # 1000, 999, 1000, ...: every reload changes settings
+                    # 1001, 1002, ...: whichever write a reload reads (signals that arrive
+                    # before it runs make one reload), its settings differ from the running ones.
+                    total += 1
                     _write(path, _config(cluster, db, pid_file, port, metrics, total))
                     if signals % 20 != 5:
                         proc.send_signal(signal.SIGHUP)
