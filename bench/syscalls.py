@@ -35,6 +35,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -100,30 +101,44 @@ class Sample:
         return "\n".join(lines)
 
 
+def _load(env: BenchEnv, target: Target, clients: int, per_client: int) -> list[str]:
+    """The ``pgbench -S -t`` run both measurements drive through the proxy."""
+    return [env.binary("pgbench"), "-S", "-n", "-t", str(per_client), "-c", str(clients), "-j", str(min(clients, 2)),
+            "-h", "127.0.0.1", "-p", str(target.port), BENCH_DB]  # fmt: skip
+
+
+@contextlib.contextmanager
+def _perf(args: list[str], pid: int, what: str) -> Iterator[None]:
+    """``perf <args> -p pid`` attached for the block (given time to attach first), then told
+    to stop (SIGINT) so it writes its output; bounded waits throughout."""
+    proc = subprocess.Popen(
+        ["perf", *args, "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(_ATTACH_WAIT)
+        if proc.poll() is not None:
+            raise BenchSetupError(f"perf {what} exited ({proc.returncode}): {proc.communicate()[1].strip()[-500:]}")
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def measure(env: BenchEnv, target: Target, pid: int, clients: int, transactions: int, work: Path) -> Sample:
     per_client = max(1, transactions // clients)
     out = work / f"perf-{target.name}-{clients}.txt"
-    perf = subprocess.Popen(
-        ["perf", "stat", "-x", ",", "-e", f"{_SYSCALL_PREFIX}*,context-switches", "-p", str(pid), "-o", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        time.sleep(_ATTACH_WAIT)
-        if perf.poll() is not None:
-            raise BenchSetupError(f"perf stat exited ({perf.returncode}): {perf.communicate()[1].strip()[-500:]}")
-        cmd = [env.binary("pgbench"), "-S", "-n", "-t", str(per_client), "-c", str(clients), "-j", str(min(clients, 2)),
-               "-h", "127.0.0.1", "-p", str(target.port), BENCH_DB]  # fmt: skip
+    with _perf(["stat", "-x", ",", "-e", f"{_SYSCALL_PREFIX}*,context-switches", "-o", str(out)], pid, "stat"):
         cpu0 = cpu_seconds(pid)
-        run = subprocess.run(cmd, env=_clean_env(target.env), capture_output=True, text=True, timeout=900, check=False)
+        run = subprocess.run(
+            _load(env, target, clients, per_client), env=_clean_env(target.env), capture_output=True,
+            text=True, timeout=900, check=False,
+        )  # fmt: skip
         cpu1 = cpu_seconds(pid)
-    finally:
-        if perf.poll() is None:
-            perf.send_signal(signal.SIGINT)
-        try:
-            perf.wait(30)
-        except subprocess.TimeoutExpired:
-            perf.kill()
-            perf.wait(10)
     m = _TPS.search(run.stdout)
     if run.returncode != 0 or m is None:
         raise BenchSetupError(f"pgbench against {target.name} failed ({run.returncode}): {run.stderr.strip()[-500:]}")
@@ -149,25 +164,11 @@ def where(env: BenchEnv, target: Target, pid: int, clients: int, transactions: i
     """Sample the proxy's CPU by object while ``pgbench`` runs the same load again."""
     data = work / f"perf-{target.name}-{clients}.data"
     per_client = max(1, transactions // clients)
-    record = subprocess.Popen(
-        ["perf", "record", "-q", "-F", "2000", "-p", str(pid), "-o", str(data)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        time.sleep(_ATTACH_WAIT)
-        if record.poll() is not None:
-            raise BenchSetupError(f"perf record exited ({record.returncode}): {record.communicate()[1].strip()[-500:]}")
-        cmd = [env.binary("pgbench"), "-S", "-n", "-t", str(per_client), "-c", str(clients), "-j", str(min(clients, 2)),
-               "-h", "127.0.0.1", "-p", str(target.port), BENCH_DB]  # fmt: skip
-        subprocess.run(cmd, env=_clean_env(target.env), capture_output=True, timeout=900, check=False)
-    finally:
-        if record.poll() is None:
-            record.send_signal(signal.SIGINT)
-        try:
-            record.wait(30)
-        except subprocess.TimeoutExpired:
-            record.kill()
-            record.wait(10)
+    with _perf(["record", "-q", "-F", "2000", "-o", str(data)], pid, "record"):
+        subprocess.run(
+            _load(env, target, clients, per_client), env=_clean_env(target.env), capture_output=True,
+            timeout=900, check=False,
+        )  # fmt: skip
     report = subprocess.run(
         ["perf", "report", "-i", str(data), "--sort", "dso", "-g", "none", "-q", "--stdio"],
         capture_output=True, text=True, timeout=300, check=False,
