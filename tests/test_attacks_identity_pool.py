@@ -40,6 +40,13 @@ async def via(running: Running, db: str, statements: list[str]) -> list[Any]:
     return await trio.to_thread.run_sync(_psycopg, dsn, statements)
 
 
+def grant_mallory(standin: Any, db: str, rights: dict[str, Any]) -> None:
+    """Set the attacker's (127.0.0.1) grant on ``db`` in the LocalAPI stand-in."""
+    standin.set_peer(
+        "127.0.0.1", login="mallory@example.com", node="mallory-laptop", rules=[db_rule({db: rights})]
+    )
+
+
 async def wait_pooled(running: Running, count: int) -> None:
     with trio.fail_after(BOUND):
         while running._service is None or len(running._service.pool.book) != count:
@@ -61,12 +68,7 @@ async def test_a_backend_pooled_under_a_grant_is_not_reused_after_another_instan
     async with two_instances(pg, tmp_path, redis_space) as (standin, _, a, b):
 
         def grant(rights: dict[str, Any]) -> None:
-            standin.set_peer(
-                "127.0.0.1",
-                login="mallory@example.com",
-                node="mallory-laptop",
-                rules=[db_rule({db: rights})],
-            )
+            grant_mallory(standin, db, rights)
 
         grant(RO)
         role, pid = await via(a, db, ["SELECT current_user", "SELECT pg_catalog.pg_backend_pid()"])
@@ -232,12 +234,7 @@ async def test_a_grant_raised_by_another_instances_revalidation_is_not_kept_by_a
     async with two_instances(pg, tmp_path, redis_space) as (standin, _, a, b):
 
         def grant(rights: dict[str, Any]) -> None:
-            standin.set_peer(
-                "127.0.0.1",
-                login="mallory@example.com",
-                node="mallory-laptop",
-                rules=[db_rule({db: rights})],
-            )
+            grant_mallory(standin, db, rights)
 
         def connect_b() -> pg8000.native.Connection:
             host, port = b.address(LISTENER)
