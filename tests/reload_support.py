@@ -60,3 +60,16 @@ async def query(conn: pg8000.native.Connection, sql: str) -> Any:
 async def close(conn: pg8000.native.Connection) -> None:
     with contextlib.suppress(Exception):
         await trio.to_thread.run_sync(conn.close)
+
+
+async def wait_until_ended(conn: pg8000.native.Connection, timeout: float = 30, poll: float = 0.2) -> None:
+    """Query ``conn`` until Waypoint has ended its session. An ended session shows as the
+    server's error, as pg8000's "closed" error, or as a reset socket: the client's next query
+    can reach a socket Waypoint has already closed, and the kernel answers it with a reset."""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                await query(conn, "select 1")
+            except (pg8000.native.DatabaseError, pg8000.native.InterfaceError, OSError):
+                return
+            await trio.sleep(poll)

@@ -13,9 +13,9 @@ import trio
 from console_support import admin_rule
 from e2e_support import LISTENER, create_app_database, db_rule, make_config_text, run_waypoint
 from localapi_standin import run_standin
-from pg8000.exceptions import DatabaseError, InterfaceError
+from pg8000.exceptions import DatabaseError
 from pgcluster import PgCluster
-from reload_support import OTHER, close, connect, query, second_listener
+from reload_support import OTHER, close, connect, query, second_listener, wait_until_ended
 
 from waypoint.app import Running
 from waypoint.config.load import load_config
@@ -90,13 +90,7 @@ async def test_a_reload_adds_a_console_and_renames_one(pg: PgCluster, tmp_path: 
                 assert fields["C"] == "42501" and 'database "waypoint"' in fields["M"], fields
                 # KILL through the renamed console ends the new listener's session and backend.
                 await _console(running, LISTENER, "ctl", f"KILL '{mine[0]['conn_id']}'")
-                with trio.fail_after(15):
-                    while True:
-                        try:
-                            await query(victim, "select 1")
-                        except (DatabaseError, InterfaceError):
-                            break
-                        await trio.sleep(0.1)
+                await wait_until_ended(victim, timeout=15, poll=0.1)
                 with trio.fail_after(15):
                     while pg.execute("SELECT 1 FROM pg_stat_activity WHERE pid = :p", p=pid):
                         await trio.sleep(0.05)

@@ -20,9 +20,9 @@ import trio
 from e2e_support import LISTENER, create_app_database, db_rule, make_config_text, run_waypoint
 from localapi_standin import LocalAPIStandin, run_standin
 from log_support import configured_log
-from pg8000.exceptions import DatabaseError, InterfaceError
+from pg8000.exceptions import DatabaseError
 from pgcluster import PgCluster
-from reload_support import OTHER, close, connect, query, second_listener
+from reload_support import OTHER, close, connect, query, second_listener, wait_until_ended
 
 from waypoint.app import Running
 from waypoint.config.load import ConfigError, load_config
@@ -231,13 +231,7 @@ async def test_a_removed_listener_stops_accepting_and_drains_its_sessions(
                         await trio.open_tcp_stream(*other_address)
                 # Its session goes on for now, then is ended at the drain deadline.
                 assert await query(draining, "select v from t") == [["one"]]
-                with trio.fail_after(30):
-                    while True:
-                        try:
-                            await query(draining, "select 1")
-                        except (DatabaseError, InterfaceError):
-                            break
-                        await trio.sleep(0.2)
+                await wait_until_ended(draining)
                 # The session on the listener that stayed was never touched.
                 assert await query(kept, "select v from t") == [["one"]]
                 for conn in (kept, draining):
@@ -406,13 +400,7 @@ async def _tighten(path: Path, text: Callable[[int], str], db: str) -> None:
             await connect(running, db, "127.0.0.2")
         assert sqlstate(info.value) == "53300", info.value
         # ...and the next revalidation ends the newer open one; the older one goes on.
-        with trio.fail_after(30):
-            while True:
-                try:
-                    await query(newer, "select 1")
-                except (DatabaseError, InterfaceError):
-                    break
-                await trio.sleep(0.2)
+        await wait_until_ended(newer)
         assert await query(older, "select v from t") == [["one"]]
         for conn in (older, newer):
             await close(conn)
