@@ -9,7 +9,11 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
+import pytest
+from e2e_support import tls_client_hello
+
 from waypoint.proxy.handshake import _read_client_hello
+from waypoint.proxy.tls import ClientHelloError, ClientHelloScanner, client_hello_length
 
 # -- a ClientHello sent in one-byte records -------------------------------------------------
 
@@ -66,3 +70,20 @@ def test_a_client_hello_dribbled_in_one_byte_records_costs_work_linear_in_its_by
     # Four times the bytes: about four times the work (it was sixteen).
     assert large <= 6 * small, (small, large)
 
+
+
+def test_a_client_hello_read_in_pieces_of_any_size_ends_where_it_ends_in_one() -> None:
+    hello = tls_client_hello(alpn=("postgresql",))
+    assert client_hello_length(hello) == len(hello)
+    for piece in range(1, 12):
+        assert _calls_to_read(hello, piece) > 0  # the read returned the whole hello
+        scanner = ClientHelloScanner()
+        found = [scanner.feed(hello[i : i + piece]) for i in range(0, len(hello), piece)]
+        assert found[-1] == len(hello) and set(found[:-1]) <= {None}, piece
+    # A record that is not a handshake is refused when its header arrives, in whatever
+    # pieces the records before it came.
+    wire = _one_byte_records(10)[:18] + b"\x17\x03\x03\x00\x01"
+    scanner = ClientHelloScanner()
+    assert [scanner.feed(wire[i : i + 4]) for i in range(0, 20, 4)] == [None] * 5
+    with pytest.raises(ClientHelloError, match="not a TLS handshake record"):
+        scanner.feed(wire[20:])

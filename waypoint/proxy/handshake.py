@@ -29,7 +29,7 @@ from waypoint.proxy.streams import ServerTLSStream
 from waypoint.proxy.tls import (
     ALPN_POSTGRESQL,
     ClientHelloError,
-    client_hello_length,
+    ClientHelloScanner,
     parse_client_hello,
 )
 
@@ -175,15 +175,16 @@ async def negotiate(
 
 
 async def _read_client_hello(client: ClientConnection, have: bytes) -> bytes:
-    buf = bytearray(have)
+    scanner = ClientHelloScanner()
+    data = have
     while True:
         try:
-            n = client_hello_length(buf)
+            n = scanner.feed(data)
         except ClientHelloError as exc:
             raise Close(f"bad TLS ClientHello: {exc}") from exc
         if n is not None:
-            return bytes(buf)
-        buf += await client.receive()
+            return bytes(scanner.buffer)
+        data = await client.receive()
 
 
 async def _start_tls(

@@ -57,30 +57,55 @@ def client_hello_length(buf: bytes | bytearray) -> int | None:
     """How many bytes of ``buf`` hold the complete ClientHello handshake message (which may span
     several TLS records), or None if more are needed. Raises ClientHelloError if ``buf`` is not a
     TLS handshake."""
-    offset = 0
-    handshake = bytearray()
-    while True:
-        if len(buf) < offset + 5:
-            return None
-        if buf[offset] != 0x16:
-            raise ClientHelloError("not a TLS handshake record")
-        rec_len = int.from_bytes(buf[offset + 3 : offset + 5], "big")
-        if rec_len == 0 or rec_len > 16384 + 2048:
-            raise ClientHelloError(f"bad TLS record length {rec_len}")
-        if len(buf) < offset + 5 + rec_len:
-            return None
-        handshake += buf[offset + 5 : offset + 5 + rec_len]
-        offset += 5 + rec_len
-        if len(handshake) >= 4:
-            if handshake[0] != 0x01:
-                raise ClientHelloError("first handshake message is not a ClientHello")
-            need = 4 + int.from_bytes(handshake[1:4], "big")
-            if need > MAX_CLIENT_HELLO:
+    return ClientHelloScanner().feed(buf)
+
+
+class ClientHelloScanner:
+    """:func:`client_hello_length` for bytes that arrive in pieces: each record is read once,
+    however the bytes are cut. (Reading the whole buffer again for each piece is quadratic: a
+    peer sending 64 KiB as one-byte records, one at a time, kept the event loop busy for the
+    whole handshake timeout.) ``buffer`` holds every byte fed."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        #: Where the next record starts (the records before it were read).
+        self._offset = 0
+        #: The handshake message's first four bytes (type and length), and how many bytes of
+        #: it the records read hold.
+        self._header = bytearray()
+        self._have = 0
+
+    def feed(self, data: bytes | bytearray) -> int | None:
+        """Add ``data``: the ClientHello's length in ``buffer`` once it is complete, else None.
+        Raises ClientHelloError as soon as the bytes are not a ClientHello."""
+        buf = self.buffer
+        buf += data
+        while len(buf) >= self._offset + 5:
+            offset = self._offset
+            if buf[offset] != 0x16:
+                raise ClientHelloError("not a TLS handshake record")
+            rec_len = int.from_bytes(buf[offset + 3 : offset + 5], "big")
+            if rec_len == 0 or rec_len > 16384 + 2048:
+                raise ClientHelloError(f"bad TLS record length {rec_len}")
+            end = offset + 5 + rec_len
+            if len(buf) < end:
+                return None
+            missing = 4 - len(self._header)
+            if missing > 0:
+                self._header += buf[offset + 5 : offset + 5 + min(missing, rec_len)]
+            self._have += rec_len
+            self._offset = end
+            if len(self._header) == 4:
+                if self._header[0] != 0x01:
+                    raise ClientHelloError("first handshake message is not a ClientHello")
+                need = 4 + int.from_bytes(self._header[1:4], "big")
+                if need > MAX_CLIENT_HELLO:
+                    raise ClientHelloError("ClientHello too large")
+                if self._have >= need:
+                    return end
+            if end > MAX_CLIENT_HELLO:
                 raise ClientHelloError("ClientHello too large")
-            if len(handshake) >= need:
-                return offset
-        if offset > MAX_CLIENT_HELLO:
-            raise ClientHelloError("ClientHello too large")
+        return None
 
 
 @attrs.frozen
