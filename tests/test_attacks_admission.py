@@ -1,17 +1,43 @@
-"""Attacks on connection admission: the TLS ClientHello read before anyone is known, and (with
-PostgreSQL and Redis) slots across two instances, slots of connections that die during their
-setup, a caller naming someone else in its startup packet, and stalled TLS handshakes."""
+"""Attacks on connection admission: the TLS ClientHello read before anyone is known; with
+PostgreSQL (15 and 18) and Redis, slots across two instances under bursts, the slots of
+connections that die during their setup, a caller naming someone else in its startup packet,
+and stalled TLS handshakes."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
 import sys
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import pytest
-from e2e_support import tls_client_hello
+import trio
+from e2e_support import (
+    LISTENER,
+    SSL_REQUEST,
+    CertFiles,
+    capture_logs,
+    create_app_database,
+    db_rule,
+    error_fields,
+    make_cert_files,
+    make_config_text,
+    run_waypoint,
+    tls_client_hello,
+)
+from localapi_standin import LocalAPIStandin, run_standin
+from pgcluster import PgCluster
+from state_support import KeySpace
 
+from waypoint.app import Running
+from waypoint.config.load import load_config_text
+from waypoint.pgwire import MessageReader, build_startup_message
+from waypoint.provision.sql import GROUP_LOCK_CLASS, group_lock_key
 from waypoint.proxy.handshake import _read_client_hello
 from waypoint.proxy.tls import ClientHelloError, ClientHelloScanner, client_hello_length
 
@@ -87,3 +113,277 @@ def test_a_client_hello_read_in_pieces_of_any_size_ends_where_it_ends_in_one() -
     assert [scanner.feed(wire[i : i + 4]) for i in range(0, 20, 4)] == [None] * 5
     with pytest.raises(ClientHelloError, match="not a TLS handshake record"):
         scanner.feed(wire[20:])
+
+
+# -- two instances sharing Redis -----------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _two_instances(
+    cluster: PgCluster, tmp_path: Path, space: KeySpace, certs: CertFiles, *, total: int
+) -> AsyncIterator[tuple[LocalAPIStandin, Running, Running]]:
+    """Two instances in this process sharing the Redis key space ``space``, client TLS
+    optional, ``max_conns_total = total``."""
+    async with run_standin(tmp_path) as standin:
+        text = make_config_text(
+            cluster,
+            socket_path=standin.socket_path,
+            tables_extra=f"{space.toml()}\n[defaults.limits]\nmax_conns_total = {total}\n",
+            tls_mode="optional",
+            listener_extra=certs.listener_extra(),
+        )
+        config = load_config_text(text, source="attacks.toml")
+        async with run_waypoint(config) as a, run_waypoint(config) as b:
+            yield standin, a, b
+
+
+async def _login(
+    running: Running, db: str, source: str, *, user: str = "anyone"
+) -> trio.SocketStream | dict[str, str]:
+    """A raw login through ``running`` from ``source``: the open stream once ReadyForQuery
+    came, or the fields of the ErrorResponse that refused it (the stream closed)."""
+    stream = await trio.open_tcp_stream(*running.address(LISTENER), local_address=source)
+    reader = MessageReader()
+    try:
+        await stream.send_all(build_startup_message({"user": user, "database": db}))
+        while True:
+            msg = reader.next_message()
+            if msg is None:
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise AssertionError("closed without a word")
+                reader.feed(data)
+            elif msg.type == b"E":
+                await stream.aclose()
+                return error_fields(msg.body)
+            elif msg.type == b"Z":
+                return stream
+    except BaseException:
+        await stream.aclose()
+        raise
+
+
+def _reset_socket(address: tuple[str, int], source: str, data: bytes) -> None:
+    """Connect from ``source``, send ``data``, and reset the connection at once (RST)."""
+    with socket.create_connection(address, timeout=10, source_address=(source, 0)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.sendall(data)
+
+
+async def _usage(running: Running, principal: str) -> tuple[int, int]:
+    usage = await running.contexts[LISTENER].state.slot_usage(principal, LISTENER)
+    return usage.user, usage.total
+
+
+def _counted_in_redis(space: KeySpace) -> dict[str, int]:
+    """Every slot count Redis holds under ``space`` (by key), whichever instance wrote it."""
+    client = space.client()
+    try:
+        counts: dict[str, int] = {}
+        for key in client.scan_iter(match=space.prefix + "slots:*", count=500):
+            fields = client.hgetall(key)
+            n = sum(int(v) for f, v in fields.items() if f.startswith(b"c:"))
+            if n:
+                counts[key.decode()] = n
+        return counts
+    finally:
+        client.close()
+
+
+VICTIM, ATTACKER, BYSTANDER, NEWCOMER = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
+VICTIM_LOGIN = "victim@example.com"
+
+
+async def test_bursts_through_two_instances_get_exactly_the_limits_and_dead_setups_give_back_their_slots(
+    pg: PgCluster, tmp_path: Path, redis_space: KeySpace
+) -> None:
+    """Concurrent logins alternating between two instances that share Redis: a user gets
+    exactly its ``max_conns``, the deployment exactly ``max_conns_total``; a caller with the
+    weakest grant naming the victim in its startup packet spends its own budget, never the
+    victim's. Connections that die during their setup (mid-startup, mid-TLS, reset while
+    their backend is provisioned and logged in, refused by the backend) hold nothing
+    afterwards: the counts in Redis go back to zero and the victim gets its N again."""
+    db = create_app_database(pg)
+    n_victim, total, n_newcomer = 3, 5, 4
+    certs = make_cert_files(tmp_path / "certs")
+    with trio.fail_after(120), capture_logs() as logs:
+        async with _two_instances(pg, tmp_path, redis_space, certs, total=total) as (
+            standin,
+            a,
+            b,
+        ):
+            readonly = {db: {"permissions": ["readonly"]}}
+            standin.set_peer(
+                VICTIM, login=VICTIM_LOGIN, node="victim-laptop",
+                rules=[db_rule(readonly, limits={"max_conns": n_victim})],
+            )
+            standin.set_peer(
+                ATTACKER, login="mallory@example.com", node="mallory-laptop",
+                rules=[db_rule(readonly, limits={"max_conns": 1})],
+            )
+            standin.set_peer(
+                BYSTANDER, login="bob@example.com", node="bob-laptop", rules=[db_rule(readonly)]
+            )
+            standin.set_peer(
+                NEWCOMER, login="new@example.com", node="new-laptop",
+                rules=[
+                    db_rule({"*": {"permissions": ["readonly"]}}, limits={"max_conns": n_newcomer})
+                ],
+            )
+            instances = (a, b)
+            held: dict[str, list[trio.SocketStream]] = defaultdict(list)
+            refused: dict[str, list[str]] = defaultdict(list)
+
+            async def attempt(i: int, who: str, source: str, user: str) -> None:
+                got = await _login(instances[i % 2], db, source, user=user)
+                if isinstance(got, dict):
+                    refused[who].append(got["C"])
+                else:
+                    held[who].append(got)
+
+            try:
+                # 1. One burst: 8 of the victim, 4 of the attacker (as the victim), 6 others.
+                async with trio.open_nursery() as nursery:
+                    for i in range(8):
+                        nursery.start_soon(attempt, i, "victim", VICTIM, "anyone")
+                    for i in range(4):
+                        nursery.start_soon(attempt, i, "attacker", ATTACKER, VICTIM_LOGIN)
+                    for i in range(6):
+                        nursery.start_soon(attempt, i, "bystander", BYSTANDER, "anyone")
+                granted = {who: len(streams) for who, streams in held.items()}
+                assert sum(granted.values()) == total, (granted, dict(refused))
+                assert granted.get("victim", 0) <= n_victim, granted
+                assert granted.get("attacker", 0) <= 1, granted
+                assert {c for codes in refused.values() for c in codes} == {"53300"}, refused
+                for running in instances:
+                    assert await _usage(running, VICTIM_LOGIN) == (granted.get("victim", 0), total)
+                    assert await _usage(running, "mallory@example.com") == (
+                        granted.get("attacker", 0),
+                        total,
+                    )
+            finally:
+                for streams in held.values():
+                    for stream in streams:
+                        await stream.aclose()
+                held.clear()
+            await _wait_counted(instances, redis_space, 0)
+
+            # 2. The victim alone, in a burst: exactly N, through either instance.
+            refused.clear()
+            try:
+                async with trio.open_nursery() as nursery:
+                    for i in range(3 * n_victim):
+                        nursery.start_soon(attempt, i, "victim", VICTIM, "anyone")
+                assert len(held["victim"]) == n_victim, dict(refused)
+                assert refused["victim"] == ["53300"] * (2 * n_victim)
+            finally:
+                for stream in held.pop("victim", []):
+                    await stream.aclose()
+
+            # 3. Setups that die before a slot: mid-startup, mid-TLS, reset at once.
+            async with trio.open_nursery() as nursery:
+                for i in range(12):
+                    nursery.start_soon(_die_early, instances[i % 2], i % 4, db)
+            await _wait_counted(instances, redis_space, 0)
+
+            # 4. Setups that die holding a slot: the newcomer's role is provisioned while the
+            #    test holds the group lock its provision needs, so each session waits there
+            #    with its slot; the clients reset; then the lock goes and every session logs
+            #    its backend in and finds its client gone.
+            await _die_while_provisioned(pg, instances, db, n_newcomer)
+            await _wait_counted(instances, redis_space, 0)
+            # And refused by the backend after the slot was taken (3D000, forwarded).
+            async with trio.open_nursery() as nursery:
+                for i in range(n_newcomer):
+                    nursery.start_soon(_refused_by_backend, instances[i % 2])
+            await _wait_counted(instances, redis_space, 0)
+
+            # 5. The victim gets its N again, through both instances.
+            try:
+                for i in range(n_victim):
+                    got = await _login(instances[i % 2], db, VICTIM)
+                    assert not isinstance(got, dict), got
+                    held["victim"].append(got)
+                for running in instances:
+                    got = await _login(running, db, VICTIM)
+                    assert isinstance(got, dict) and got["C"] == "53300", got
+            finally:
+                for stream in held.pop("victim", []):
+                    await stream.aclose()
+            await _wait_counted(instances, redis_space, 0)
+    assert logs.events("session_internal_error") == []
+
+
+async def _wait_counted(instances: tuple[Running, ...], space: KeySpace, expected: int) -> None:
+    """Until every instance sees ``expected`` slots in all, and Redis holds that many."""
+    with trio.move_on_after(20):
+        while True:
+            seen = [(await _usage(r, VICTIM_LOGIN))[1] for r in instances]
+            in_redis = await trio.to_thread.run_sync(_counted_in_redis, space)
+            total_key = space.prefix + "slots:total"
+            if seen == [expected] * len(instances) and in_redis.get(total_key, 0) == expected:
+                if expected == 0:
+                    assert in_redis == {}, in_redis
+                return
+            await trio.sleep(0.05)
+    raise AssertionError(f"slots counted: {seen}, in Redis {in_redis}")
+
+
+async def _die_early(running: Running, how: int, db: str) -> None:
+    """A connection that ends before it could hold a slot: after half a startup packet, after
+    half a ClientHello, after the server's first TLS flight, or reset right after a whole
+    startup packet."""
+    address = running.address(LISTENER)
+    if how == 3:
+        startup = build_startup_message({"user": "anyone", "database": db})
+        await trio.to_thread.run_sync(_reset_socket, address, BYSTANDER, startup)
+        return
+    stream = await trio.open_tcp_stream(*address, local_address=BYSTANDER)
+    async with stream:
+        if how == 0:
+            await stream.send_all(build_startup_message({"user": "x", "database": db})[:9])
+            return
+        hello = tls_client_hello(alpn=("postgresql",))
+        await stream.send_all(SSL_REQUEST)
+        assert await stream.receive_some(1) == b"S"
+        if how == 1:
+            await stream.send_all(hello[: len(hello) // 2])
+            return
+        await stream.send_all(hello)
+        assert await stream.receive_some(65536)
+
+
+async def _die_while_provisioned(
+    cluster: PgCluster, instances: tuple[Running, ...], db: str, count: int
+) -> None:
+    """``count`` sessions of the newcomer (alternating instances) wait in their provision
+    with a slot each, their clients reset, then the provision goes on."""
+    admin = cluster.connect(user=cluster.admin_user, dbname="postgres")
+    key = group_lock_key(db, "public")
+    admin.run(f"SELECT pg_advisory_lock({GROUP_LOCK_CLASS}, {key})")
+    socks: list[socket.socket] = []
+    try:
+        startup = build_startup_message({"user": "anyone", "database": db})
+        for i in range(count):
+            address = instances[i % 2].address(LISTENER)
+            sock = socket.create_connection(address, timeout=10, source_address=(NEWCOMER, 0))
+            socks.append(sock)
+            sock.sendall(startup)
+        with trio.fail_after(20):
+            while (await _usage(instances[0], "new@example.com"))[0] != count:
+                await trio.sleep(0.02)
+        for sock in socks:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+    finally:
+        for sock in socks:
+            sock.close()
+        admin.run(f"SELECT pg_advisory_unlock({GROUP_LOCK_CLASS}, {key})")
+        admin.close()
+
+
+async def _refused_by_backend(running: Running) -> None:
+    """The newcomer's grant covers any database: one that does not exist is the backend's
+    refusal, after the slot was taken."""
+    got = await _login(running, "no_such_database", NEWCOMER)
+    assert isinstance(got, dict) and got["C"] == "3D000", got
