@@ -77,7 +77,12 @@ class ClientConnection:
     tls_version: str | None = None
 
     async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
+        """Send to the client; a client that went away (reset, closed, TLS broken) is a
+        :class:`Close`, as when reading, never an error of Waypoint's."""
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            raise Close(f"client connection broke: {exc}") from exc
 
     async def receive(self) -> bytes:
         try:
@@ -93,7 +98,7 @@ class ClientConnection:
         with (
             trio.CancelScope(shield=True),
             trio.move_on_after(1),
-            contextlib.suppress(*_CLOSE_ERRORS),
+            contextlib.suppress(Close, *_CLOSE_ERRORS),
         ):
             await self.send(data)
 
