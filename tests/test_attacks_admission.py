@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import struct
 import sys
 from collections import defaultdict
@@ -21,12 +22,16 @@ from e2e_support import (
     LISTENER,
     SSL_REQUEST,
     CertFiles,
+    E2EEnv,
     capture_logs,
     create_app_database,
     db_rule,
+    e2e_env,
     error_fields,
     make_cert_files,
     make_config_text,
+    parse_server_messages,
+    raw_exchange,
     run_waypoint,
     tls_client_hello,
 )
@@ -387,3 +392,150 @@ async def _refused_by_backend(running: Running) -> None:
     refusal, after the slot was taken."""
     got = await _login(running, "no_such_database", NEWCOMER)
     assert isinstance(got, dict) and got["C"] == "3D000", got
+
+
+# -- stalled TLS handshakes ----------------------------------------------------------------
+
+STALLER = "127.0.0.66"
+HANDSHAKE = 1.0
+
+
+def _client_tls() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["postgresql"])
+    return context
+
+
+async def _until_closed(stream: trio.abc.ReceiveStream) -> bytes:
+    """Everything the server sends until it closes (EOF, reset, or a broken TLS session)."""
+    got = bytearray()
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        while data := await stream.receive_some(65536):
+            got += data
+    return bytes(got)
+
+
+async def _stall(address: tuple[str, int], how: str, closed: list[str]) -> None:
+    """One client that stops half-way through its TLS handshake (``how``) and waits for the
+    server to close; appends ``how`` to ``closed`` when it has."""
+    stream = await trio.open_tcp_stream(*address, local_address=STALLER)
+    hello = tls_client_hello(alpn=("postgresql",))
+    async with stream:
+        if how != "direct TLS, after the server's flight":
+            await stream.send_all(SSL_REQUEST)
+            assert await stream.receive_some(1) == b"S"
+        if how == "after S":
+            pass
+        elif how == "half a ClientHello":
+            await stream.send_all(hello[: len(hello) // 2])
+        elif how in ("after the server's flight", "direct TLS, after the server's flight"):
+            await stream.send_all(hello)
+            assert await stream.receive_some(65536)
+        elif how == "a ClientHello dribbled in one-byte records":
+            message = hello[5:]  # the handshake message, resent one byte per record
+
+            async def dribble() -> None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    for i in range(len(message)):
+                        await stream.send_all(b"\x16\x03\x01\x00\x01" + message[i : i + 1])
+                        await trio.sleep(HANDSHAKE / 20)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dribble)
+                await _until_closed(stream)
+                nursery.cancel_scope.cancel()
+            closed.append(how)
+            return
+        elif how == "TLS done, no startup":
+            tls = trio.SSLStream(stream, _client_tls(), server_hostname="localhost")
+            await tls.do_handshake()
+            assert await _until_closed(tls) == b""
+            closed.append(how)
+            return
+        else:  # pragma: no cover
+            raise AssertionError(how)
+        assert await _until_closed(stream) == b""
+    closed.append(how)
+
+
+STALLS = (
+    "after S",
+    "half a ClientHello",
+    "after the server's flight",
+    "direct TLS, after the server's flight",
+    "a ClientHello dribbled in one-byte records",
+    "TLS done, no startup",
+)
+
+
+async def test_stalled_tls_handshakes_block_nobody_hold_nothing_and_end_at_the_timeout(
+    pg: PgCluster, tmp_path: Path
+) -> None:
+    """Clients that stop (or dribble) half-way through their TLS handshake: meanwhile other
+    clients log in over TLS and in plaintext; each staller is closed by the handshake timeout,
+    none is ever looked up or holds a slot; a second SSLRequest in place of the ClientHello
+    is a close, one inside TLS a FATAL 08P01 read over TLS, and an SSLRequest whose client
+    resets before the answer is a close, never an internal error."""
+    db = create_app_database(pg)
+    certs = make_cert_files(tmp_path / "certs")
+    with trio.fail_after(90), capture_logs() as logs:
+        async with e2e_env(
+            pg,
+            tmp_path,
+            handshake_timeout=f"{HANDSHAKE:g}s",
+            tls_mode="optional",
+            listener_extra=certs.listener_extra(),
+        ) as env:
+            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+            await _query_plaintext(env, db)  # its role is provisioned: later logins are quick
+            address = (env.host, env.port)
+            closed: list[str] = []
+            async with trio.open_nursery() as nursery:
+                for how in STALLS * 2:
+                    nursery.start_soon(_stall, address, how, closed)
+                # Every staller in its handshake; then others are served meanwhile, over
+                # TLS (psql) and in plaintext (pg8000).
+                gate = env.running.contexts[LISTENER].admission.handshakes
+                while gate.pending(STALLER) < len(STALLS) * 2:
+                    await trio.sleep(0.01)
+                r = await env.psql("select v from t", db, sslmode="require", binary="/usr/bin/psql")
+                assert (r.returncode, r.stdout.strip()) == (0, "one"), r.stderr
+                await _query_plaintext(env, db)
+            assert sorted(closed) == sorted(STALLS * 2)
+
+            # A second SSLRequest where the ClientHello belongs: closed, nothing but the S.
+            reply = await raw_exchange(env.host, env.port, [SSL_REQUEST, SSL_REQUEST], source=STALLER, delay=0.2)
+            assert (reply.closed, reply.data) == (True, b"S")
+            # An SSLRequest inside TLS: a FATAL 08P01, read over TLS.
+            assert await _ssl_request_inside_tls(address) == "08P01"
+            # A client that resets right after its SSLRequest.
+            for _ in range(4):
+                await trio.to_thread.run_sync(_reset_socket, address, STALLER, SSL_REQUEST)
+            await env.assert_clean()
+            assert env.standin.whois_count(STALLER) == 0
+            r = await env.psql("select v from t", db, sslmode="require", binary="/usr/bin/psql")
+            assert (r.returncode, r.stdout.strip()) == (0, "one"), r.stderr
+    assert logs.events("session_internal_error") == []
+
+
+async def _query_plaintext(env: E2EEnv, db: str) -> None:
+    conn = await env.pg8000_connect(db)
+    try:
+        assert await trio.to_thread.run_sync(conn.run, "SELECT v FROM t") == [["one"]]
+    finally:
+        await trio.to_thread.run_sync(conn.close)
+
+
+async def _ssl_request_inside_tls(address: tuple[str, int]) -> str:
+    stream = await trio.open_tcp_stream(*address, local_address=STALLER)
+    async with stream:
+        await stream.send_all(SSL_REQUEST)
+        assert await stream.receive_some(1) == b"S"
+        tls = trio.SSLStream(stream, _client_tls(), server_hostname="localhost")
+        await tls.send_all(SSL_REQUEST)
+        data = await _until_closed(tls)
+    messages = parse_server_messages(data)
+    assert [kind for kind, _ in messages] == ["E"], data
+    return error_fields(messages[0][1])["C"]
