@@ -13,27 +13,13 @@ from typing import Any, Final, Literal
 
 ParameterMode = Literal["none", "hash", "full"]
 
-# Frontend message types.
-QUERY: Final = b"Q"[0]
-PARSE: Final = b"P"[0]
-BIND: Final = b"B"[0]
-EXECUTE: Final = b"E"[0]
-CLOSE: Final = b"C"[0]
-DESCRIBE: Final = b"D"[0]
-FUNCTION_CALL: Final = b"F"[0]
-SYNC: Final = b"S"[0]
-COPY_DATA: Final = b"d"[0]
+# Frontend message types, by their type bytes.
+QUERY, PARSE, BIND, EXECUTE, CLOSE, DESCRIBE, FUNCTION_CALL, SYNC, COPY_DATA = b"QPBECDFSd"
 #: The frontend messages whose bodies go through a parser (the others' are skipped).
 FRONT_PARSED: Final = frozenset({QUERY, PARSE, BIND, EXECUTE, CLOSE, FUNCTION_CALL})
 # Backend message types.
-COMMAND_COMPLETE: Final = b"C"[0]
-ERROR_RESPONSE: Final = b"E"[0]
-READY_FOR_QUERY: Final = b"Z"[0]
-EMPTY_QUERY_RESPONSE: Final = b"I"[0]
-PORTAL_SUSPENDED: Final = b"s"[0]
-COPY_IN_RESPONSE: Final = b"G"[0]
-COPY_OUT_RESPONSE: Final = b"H"[0]
-COPY_BOTH_RESPONSE: Final = b"W"[0]
+COMMAND_COMPLETE, ERROR_RESPONSE, READY_FOR_QUERY, EMPTY_QUERY_RESPONSE = b"CEZI"
+PORTAL_SUSPENDED, COPY_IN_RESPONSE, COPY_OUT_RESPONSE, COPY_BOTH_RESPONSE = b"sGHW"
 #: The backend messages whose bodies go through a parser.
 BACK_PARSED: Final = frozenset(
     {COMMAND_COMPLETE, ERROR_RESPONSE, COPY_IN_RESPONSE, COPY_OUT_RESPONSE, COPY_BOTH_RESPONSE}
