@@ -4,8 +4,11 @@ default: test
 
 # Lint, type-check and the default (not slow) test suite. CI runs exactly this via ./dev.sh test.
 # pytest exits 5 when no test was collected; just fails on any non-zero exit, so that fails too.
+# Two pytest-xdist workers (WAYPOINT_TEST_WORKERS; 0 runs in one process): most tests wait on
+# PostgreSQL, Redis or a timeout, so two share this 2-core machine well. Each worker starts its
+# own clusters and Redis on free ports.
 test *ARGS: check
-    python -m pytest -m "not slow" --durations=15 {{ARGS}}
+    python -m pytest -m "not slow" -n "${WAYPOINT_TEST_WORKERS:-2}" --durations=15 {{ARGS}}
 
 # ruff and mypy --strict (the package, and the cluster harness that bench/ and the demo share)
 check:

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from waypoint.audit.messages import ParameterMode
 from waypoint.audit.session import session_tracker
 from waypoint.audit.sink import GENESIS, encode_body, line_hash
-from waypoint.audit.tracker import AuditTracker, ParameterMode, with_context
+from waypoint.audit.tracker import AuditTracker, with_context
 from waypoint.proxy.relay import _pump
 
 CONTEXT = {"instance": "i1", "conn_id": "c-1", "login": "alice@example.com", "node": "n1",

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from waypoint.audit.names import ENTRY_COST
 from waypoint.audit.session import session_tracker
-from waypoint.audit.tracker import ENTRY_COST, MAX_AWAITING, AuditTracker, with_context
+from waypoint.audit.tracker import MAX_AWAITING, AuditTracker, with_context
 
 CONTEXT = {"instance": "i1", "conn_id": "c-1", "login": "mallory@example.com", "node": "n1"}
 BUDGET = 64 * 1024

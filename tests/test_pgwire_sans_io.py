@@ -21,6 +21,8 @@ OTHER_CORES = [
     PACKAGE_DIR / "proxy" / "relay" / "core.py",
     PACKAGE_DIR / "proxy" / "relay" / "base.py",
     PACKAGE_DIR / "audit" / "tracker.py",
+    PACKAGE_DIR / "audit" / "messages.py",
+    PACKAGE_DIR / "audit" / "names.py",
     PACKAGE_DIR / "console" / "parser.py",
     PACKAGE_DIR / "pool" / "book.py",
 ]

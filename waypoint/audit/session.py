@@ -9,8 +9,9 @@ from waypoint import errors
 from waypoint.pgwire import build_error_response
 from waypoint.proxy.relay._pump import AuditTracker as CTracker
 
+from .messages import ParameterMode
 from .sink import AuditSink, bind_openssl_sha256
-from .tracker import MAX_AWAITING, SHORT_CONTEXT, ParameterMode, context_members
+from .tracker import MAX_AWAITING, SHORT_CONTEXT, context_members
 
 
 def session_tracker(

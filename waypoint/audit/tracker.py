@@ -51,10 +51,10 @@ computed incrementally; a message body is never buffered beyond the bound, howev
 
 Nor is the number of names: what the tracker keeps per session (prepared statements and
 portals, each table on its own) is bounded by ``max_session_statement_bytes``, counted as
-:data:`ENTRY_COST` per entry plus its name, kept text and parameter members
-(``retained_bytes``). Past the bound, the oldest kept statement texts are replaced by their
-SHA-256 and length (an Execute of that statement is recorded with ``text_evicted``, the
-length and the hash: its text is in the ``parse`` record with that hash) and the oldest
+:data:`~waypoint.audit.names.ENTRY_COST` per entry plus its name, kept text and parameter
+members (``retained_bytes``). Past the bound, the oldest kept statement texts are replaced
+by their SHA-256 and length (an Execute of that statement is recorded with ``text_evicted``,
+the length and the hash: its text is in the ``parse`` record with that hash) and the oldest
 named portals lose their parameters, recorded then in a ``bind`` record (an Execute of the
 portal carries ``parameters_evicted`` and that record's ``bind_id``); when that is not
 enough, the oldest such entries are forgotten (an Execute of an unknown name is then
@@ -68,19 +68,50 @@ Nor is pipelining: statements, Parses, Binds, Closes, Describes and Syncs waitin
 server's answer (``awaiting``) are at most ``max_awaiting``. One more (a client sending without reading the answers) makes
 an ``audit_limit`` record after its own, and the tracker takes nothing more (``limited``):
 the session must end, without forwarding the chunk that hit the limit.
+
+How the bytes are read is :mod:`waypoint.audit.messages`; the names kept and their budget,
+:mod:`waypoint.audit.names`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import struct
-from collections import OrderedDict, deque
-from collections.abc import Callable, Generator, Mapping
-from typing import Any, Final, Literal
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
-ParameterMode = Literal["none", "hash", "full"]
+from .messages import (
+    BACK_PARSED,
+    BIND,
+    CLOSE,
+    COMMAND_COMPLETE,
+    COPY_BOTH_RESPONSE,
+    COPY_DATA,
+    COPY_IN_RESPONSE,
+    COPY_OUT_RESPONSE,
+    DESCRIBE,
+    EMPTY_QUERY_RESPONSE,
+    ERROR_RESPONSE,
+    EXECUTE,
+    FRONT_PARSED,
+    FUNCTION_CALL,
+    PARSE,
+    PORTAL_SUSPENDED,
+    QUERY,
+    READY_FOR_QUERY,
+    SYNC,
+    Framer,
+    ParameterMode,
+    Parser,
+    Text,
+    back_fast,
+    back_parser,
+    front_fast,
+    front_parser,
+)
+from .names import Mark, Portal, Statement, Table, op_key
+
 #: A record's session context: JSON object members (``"login":"…","node":"…"``), serialized
 #: once per session; the sink writes them into the line in place of this key.
 CONTEXT_KEY: Final = "_context"
@@ -88,35 +119,8 @@ CONTEXT_KEY: Final = "_context"
 SHORT_CONTEXT: Final = ("instance", "conn_id", "login", "node", "database")
 Record = dict[str, Any]
 
-#: What one kept statement or portal counts for beyond its bytes (``retained_bytes``).
-ENTRY_COST: Final = 192
 #: Statements and Syncs waiting for the server's answer, at most (``awaiting``).
 MAX_AWAITING: Final = 65536
-#: Cap on names (statement, portal) kept from the wire.
-_NAME_CAP: Final = 256
-#: Cap on a backend message body kept (CommandComplete, ErrorResponse); the rest is skipped.
-_BACKEND_CAP: Final = 4096
-_HEADER: Final = struct.Struct("!Bi")
-_I16: Final = struct.Struct("!h")
-_I32: Final = struct.Struct("!i")
-
-# Frontend message types.
-_Q, _P, _B, _E, _C, _F, _S, _COPYDATA = (
-    b"Q"[0],
-    b"P"[0],
-    b"B"[0],
-    b"E"[0],
-    b"C"[0],
-    b"F"[0],
-    b"S"[0],
-    b"d"[0],
-)
-_FRONT_PARSED: Final = frozenset({_Q, _P, _B, _E, _C, _F})
-# Backend message types.
-_BC, _BE, _BZ, _BI, _BS = b"C"[0], b"E"[0], b"Z"[0], b"I"[0], b"s"[0]
-_BG, _BH, _BW = b"G"[0], b"H"[0], b"W"[0]
-_BACK_PARSED: Final = frozenset({_BC, _BE, _BG, _BH, _BW})
-_D = b"D"[0]
 #: The backend message that completes each kind of waiting message with no result of its
 #: own: ParseComplete, BindComplete, CloseComplete, RowDescription or NoData (Describe).
 _ANSWERS: Final = {
@@ -134,336 +138,8 @@ _PREPARE_TAGS: Final = frozenset({"PREPARE", "DEALLOCATE", "DEALLOCATE ALL"})
 _CURSOR_TAGS: Final = frozenset({"DECLARE CURSOR", "CLOSE CURSOR", "CLOSE CURSOR ALL"})
 
 
-class _Text:
-    """A field read incrementally: at most ``cap`` bytes kept, the whole hashed when cut
-    (or always, with ``always_hash``)."""
-
-    __slots__ = ("cap", "hasher", "kept", "size")
-
-    def __init__(self, cap: int, always_hash: bool = False) -> None:
-        self.cap = cap
-        self.kept = bytearray()
-        self.size = 0
-        self.hasher: Any = hashlib.sha256() if always_hash else None
-
-    def add(self, data: bytes | memoryview) -> None:
-        n = len(data)
-        room = self.cap - len(self.kept)
-        if n <= room and self.hasher is None:
-            self.kept += data
-        else:
-            if self.hasher is None:
-                self.hasher = hashlib.sha256(self.kept)
-            if room > 0:
-                self.kept += data[:room]
-            self.hasher.update(data)
-        self.size += n
-
-    @classmethod
-    def whole(cls, data: bytes, cap: int) -> _Text:
-        """A field already complete in memory (the common case of a small message)."""
-        text = cls(cap)
-        text.size = len(data)
-        if len(data) <= cap:
-            text.kept = bytearray(data)
-        else:
-            text.kept = bytearray(data[:cap])
-            text.hasher = hashlib.sha256(data)
-        return text
-
-    @property
-    def truncated(self) -> bool:
-        return self.size > len(self.kept)
-
-    def sha256(self) -> str:
-        h = self.hasher if self.hasher is not None else hashlib.sha256(self.kept)
-        return str(h.hexdigest())
-
-    def text(self) -> str:
-        return self.kept.decode("utf-8", "replace")
-
-
-# A body parser is a generator of requests, answered by :class:`_Body`:
-#   ("take", n)         -> bytes: the next n bytes (n is small and bounded)
-#   ("cstr", text)      -> None: bytes up to the next NUL go into ``text`` (a _Text)
-#   ("blob", n, text)   -> None: the next n bytes go into ``text``
-# It returns its result when done; what is left of the body is skipped.
-_Request = tuple[Any, ...]
-_Parser = Generator[_Request, Any, dict[str, Any]]
-
-
-class _Short(Exception):
-    """The message body ended before its parser did (a malformed message)."""
-
-
 class _Halt(Exception):
     """Past ``max_awaiting``: the rest of the chunk is not read."""
-
-
-class _Body:
-    """Drives one body parser over the chunks of one message body."""
-
-    __slots__ = ("gen", "need", "remaining", "req", "result", "small")
-
-    def __init__(self, gen: _Parser, length: int) -> None:
-        self.gen = gen
-        self.remaining = length
-        self.small = bytearray()
-        self.result: dict[str, Any] | None = None
-        self.need = 0
-        self.req: _Request | None = None
-        self._next(None)
-
-    def _next(self, value: Any) -> None:
-        while True:
-            try:
-                req = self.gen.send(value)
-            except StopIteration as stop:
-                self.result = stop.value
-                self.req = None
-                return
-            self.req = req
-            if req[0] == "take":
-                if req[1] <= 0:
-                    value = b""
-                    continue
-                self.need = req[1]
-                self.small = bytearray()
-            elif req[0] == "blob":
-                if req[1] <= 0:
-                    value = None
-                    continue
-                self.need = req[1]
-            return
-
-    def feed(self, data: memoryview) -> None:
-        """Feed body bytes (never more than ``remaining``)."""
-        self.remaining -= len(data)
-        pos, n = 0, len(data)
-        while pos < n and self.req is not None:
-            kind = self.req[0]
-            if kind == "take":
-                take = min(self.need - len(self.small), n - pos)
-                self.small += data[pos : pos + take]
-                pos += take
-                if len(self.small) == self.need:
-                    self._next(bytes(self.small))
-            elif kind == "cstr":
-                text: _Text = self.req[1]
-                rest = bytes(data[pos:])
-                end = rest.find(b"\0")
-                if end < 0:
-                    text.add(rest)
-                    pos = n
-                else:
-                    text.add(rest[:end])
-                    pos += end + 1
-                    self._next(None)
-            else:  # blob
-                text = self.req[2]
-                take = min(self.need, n - pos)
-                text.add(data[pos : pos + take])
-                pos += take
-                self.need -= take
-                if self.need == 0:
-                    self._next(None)
-
-    def finish(self) -> dict[str, Any]:
-        """The body is complete: the parser's result (partial if the body was short)."""
-        if self.result is not None:
-            return self.result
-        try:
-            self.gen.throw(_Short())
-        except StopIteration as stop:
-            return dict(stop.value or {}, malformed=True)
-        except _Short:
-            pass
-        return {"malformed": True}
-
-
-class _Statement:
-    """A prepared statement kept: its text (or, evicted, only its SHA-256 and length).
-
-    Sent but not yet confirmed by the server, it is kept under its Parse's key (see
-    :meth:`AuditTracker._op_key`) with its own ``name``, counted in its cost."""
-
-    __slots__ = ("epoch", "kept", "key_len", "name", "name_len", "segment", "sha", "size",
-                 "truncated")  # fmt: skip
-
-    def __init__(self, key_len: int, text: _Text) -> None:
-        self.key_len = key_len
-        self.kept: bytes | None = bytes(text.kept)
-        self.truncated = text.truncated
-        self.sha: str | None = text.sha256() if self.truncated else None
-        self.size = text.size
-        self.name = ""
-        self.name_len = 0
-        #: Pending: the Sync segment it was sent in; confirmed: SQL PREPAREs seen before.
-        self.segment = 0
-        self.epoch = 0
-
-    def cost(self) -> int:
-        kept = len(self.kept) if self.kept is not None else 0
-        return ENTRY_COST + self.key_len + self.name_len + kept
-
-    def evict(self) -> None:
-        if self.kept is not None and self.sha is None:
-            self.sha = hashlib.sha256(self.kept).hexdigest()
-        self.kept = None
-
-
-class _Portal:
-    """A portal kept: its statement's name and parameter members (evicted: dropped)."""
-
-    __slots__ = ("bind_id", "epoch", "key_len", "name", "name_len", "params", "params_len",
-                 "segment", "statement", "statement_len")  # fmt: skip
-
-    def __init__(self, key_len: int, statement: str, statement_len: int,
-                 params: dict[str, Any]) -> None:  # fmt: skip
-        self.key_len = key_len
-        #: Confirmed: the cursor command tags seen by then (see ``_cursor_epoch``).
-        self.epoch = 0
-        #: Sent but not yet confirmed (kept under its Bind's key): the portal's name.
-        self.name = ""
-        self.name_len = 0
-        self.segment = 0
-        self.statement = statement
-        self.statement_len = statement_len
-        self.params: dict[str, Any] | None = params
-        #: Evicted: the ``bind`` record that has the parameters.
-        self.bind_id = 0
-        # The parameter members as the C tracker keeps them (encoded).
-        self.params_len = len(_dumps(params).encode()) - 2 if params else 0
-
-    def cost(self) -> int:
-        return ENTRY_COST + self.key_len + self.name_len + self.statement_len + self.params_len
-
-    def evict(self) -> None:
-        self.params = None
-        self.params_len = 0
-
-
-class _Mark:
-    """A table entry with no content: a Close sent but not yet confirmed (under its key,
-    ``name`` what it closes), or a name's newest unconfirmed Parse, Bind or Close (under
-    ``"\\0"`` and the name: ``op``, its number)."""
-
-    __slots__ = ("key_len", "name", "name_len", "op", "segment")
-
-    def __init__(self, key_len: int, name: str = "", name_len: int = 0, op: int = 0,
-                 segment: int = 0) -> None:  # fmt: skip
-        self.key_len = key_len
-        self.name = name
-        self.name_len = name_len
-        self.op = op
-        self.segment = segment
-
-    def cost(self) -> int:
-        return ENTRY_COST + self.key_len + self.name_len
-
-    def evict(self) -> None:
-        pass
-
-
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
-class _Table:
-    """Named entries of one session within ``budget`` (``retained``: their cost): past it,
-    the oldest kept entries are evicted (made smaller), then the oldest evicted ones
-    dropped (``dropped`` counts them)."""
-
-    __slots__ = ("budget", "dropped", "entries", "evicted", "kept", "on_evict", "pin", "retained")
-
-    def __init__(
-        self,
-        budget: int,
-        *,
-        pin: str | None = None,
-        on_evict: Callable[[str, Any], None] | None = None,
-    ) -> None:
-        self.budget = budget
-        #: A name whose entry is neither counted nor evicted (the unnamed portal).
-        self.pin = pin
-        #: Called with an entry about to be evicted.
-        self.on_evict = on_evict
-        self.entries: dict[str, Any] = {}
-        #: Names in the order their entries will be evicted, then dropped.
-        self.kept: OrderedDict[str, None] = OrderedDict()
-        self.evicted: OrderedDict[str, None] = OrderedDict()
-        self.retained = 0
-        self.dropped = 0
-
-    def get(self, name: str) -> Any:
-        return self.entries.get(name)
-
-    def remove(self, name: str) -> None:
-        entry = self.entries.pop(name, None)
-        if entry is not None and name != self.pin:
-            self.retained -= entry.cost()
-            self.kept.pop(name, None)
-            self.evicted.pop(name, None)
-
-    def put(self, name: str, entry: _Statement | _Portal | _Mark) -> None:
-        """Keep ``entry`` under ``name`` (the newest), then shrink to the budget."""
-        self.remove(name)
-        self.entries[name] = entry
-        if name == self.pin:
-            return
-        self.kept[name] = None
-        self.retained += entry.cost()
-        self._shrink()
-
-    def adopt(self, key: str, name: str) -> None:
-        """The unconfirmed entry under ``key`` becomes ``name``'s (the newest): the server
-        confirmed it."""
-        entry = self.entries[key]
-        evicted = key in self.evicted
-        self.remove(key)
-        self.remove(name)
-        entry.key_len, entry.name, entry.name_len = entry.name_len, "", 0
-        self.entries[name] = entry
-        if name == self.pin:
-            return
-        (self.evicted if evicted else self.kept)[name] = None
-        self.retained += entry.cost()
-        self._shrink()
-
-    def _shrink(self) -> None:
-        while self.retained > self.budget and self.kept:
-            old, _ = self.kept.popitem(last=False)
-            victim = self.entries[old]
-            self.retained -= victim.cost()
-            if self.on_evict is not None:
-                self.on_evict(old, victim)
-            victim.evict()
-            self.retained += victim.cost()
-            self.evicted[old] = None
-        while self.retained > self.budget and self.evicted:
-            old, _ = self.evicted.popitem(last=False)
-            victim = self.entries.pop(old)
-            self.retained -= victim.cost()
-            self.dropped += 1
-            # An unconfirmed change forgotten (or which is a name's newest): what the name
-            # had before is forgotten too, as it may be stale.
-            if old.startswith("\0"):
-                self.remove(old[1:])
-            elif old.startswith("\x01"):
-                self.remove(victim.name)
-
-
-def _op_key(op: int) -> str:
-    """The key of the change numbered ``op`` until the server confirms or refuses it (no
-    name from the wire starts with NUL or 0x01; its cost counts 9 bytes, as in C)."""
-    return f"\x01{op}"
-
-
-def _i16(b: bytes) -> int:
-    return int(_I16.unpack(b)[0])
-
-
-def _i32(b: bytes) -> int:
-    return int(_I32.unpack(b)[0])
 
 
 class AuditTracker:
@@ -499,17 +175,15 @@ class AuditTracker:
         self.cap = max_statement_bytes
         self._wall = wall_clock
         #: Prepared statements by name ("" is the unnamed one), and portals by name.
-        self.statements = _Table(max_session_statement_bytes)
-        self.portals = _Table(max_session_statement_bytes, pin="", on_evict=self._evict_portal)
+        self.statements = Table(max_session_statement_bytes)
+        self.portals = Table(max_session_statement_bytes, pin="", on_evict=self._evict_portal)
         #: What the server answers next, in order: [kind, record-or-None, started].
         self.pending: deque[list[Any]] = deque()
         self.seq = 0
         #: The text of the current or last statement run (what a console shows).
         self.last_statement: str | None = None
-        self._front = _Framer(
-            _FRONT_PARSED, self._front_parser, self._on_front, _front_fast(self.cap)
-        )
-        self._back = _Framer(_BACK_PARSED, _back_parser, self._on_back, _back_fast)
+        self._front = Framer(FRONT_PARSED, self._front_parser, self._on_front, front_fast(self.cap))
+        self._back = Framer(BACK_PARSED, back_parser, self._on_back, back_fast)
         self._out: list[Record] = []
         self._now = 0.0
         #: The COPY the client is sending data for (its pending entry).
@@ -563,18 +237,8 @@ class AuditTracker:
 
     # -- frontend ---------------------------------------------------------------------------
 
-    def _front_parser(self, kind: int) -> _Parser:
-        if kind == _Q:
-            return _parse_query(self.cap)
-        if kind == _P:
-            return _parse_parse(self.cap)
-        if kind == _B:
-            return _parse_bind(self.cap, self.parameters)
-        if kind == _E:
-            return _parse_execute()
-        if kind == _C:
-            return _parse_close()
-        return _parse_function_call(self.cap, self.parameters)
+    def _front_parser(self, kind: int) -> Parser:
+        return front_parser(kind, self.cap, self.parameters)
 
     def _record(self, event: str, protocol: str, fields: dict[str, Any]) -> Record:
         self.seq += 1
@@ -588,29 +252,29 @@ class AuditTracker:
 
     def _on_front(self, kind: int, body: dict[str, Any] | None) -> None:
         now = self._now
-        if kind == _COPYDATA:
+        if kind == COPY_DATA:
             if self._copy_in is not None:
                 self._copy_in[3] += 1
             return
-        if kind == _S:
+        if kind == SYNC:
             self._skipping = False
             self._segment += 1
             self._wait(["sync", None, now, 0])
             return
-        if kind == _D:
+        if kind == DESCRIBE:
             if not self._skipping:
                 self._wait(["describe", None, now, 0, []])
             return
         if body is None:
             return
-        if kind == _Q:
+        if kind == QUERY:
             rec = self._record("query", "simple", _text_fields(body["text"]))
             rec.update(_malformed(body))
             self.last_statement = rec["text"]
             self._await(["query", rec, now, 0, []])
-        elif kind == _P:
+        elif kind == PARSE:
             name = body["name"]
-            text: _Text = body["text"]
+            text: Text = body["text"]
             fields = _text_fields(text)
             rec = self._record(
                 "parse", "extended", {"statement": name, **fields, **_malformed(body)}
@@ -619,14 +283,14 @@ class AuditTracker:
             if self._skipping:
                 self._result(entry, "not_run")
             else:
-                op = self._change(self.statements, name, body["name_len"], _Statement(9, text))
+                op = self._change(self.statements, name, body["name_len"], Statement(9, text))
                 self._wait([*entry, op])
-        elif kind == _B:
+        elif kind == BIND:
             if not self._skipping:
-                portal_ = _Portal(9, body["statement"], body["statement_len"], body["params"])
+                portal_ = Portal(9, body["statement"], body["statement_len"], body["params"])
                 op = self._change(self.portals, body["portal"], body["portal_len"], portal_)
                 self._wait(["bind", None, now, 0, [], op])
-        elif kind == _E:
+        elif kind == EXECUTE:
             portal = body["portal"]
             bound, bound_confirmed, unconfirmed = self._current(self.portals, portal)
             fields = {"statement": "", "portal": portal}
@@ -679,34 +343,34 @@ class AuditTracker:
             rec = self._record("execute", "extended", {**fields, **_malformed(body)})
             self.last_statement = rec["text"]
             self._await(["exec", rec, now, 0, [], watch, cursor_watch])
-        elif kind == _C:
+        elif kind == CLOSE:
             if self._skipping:
                 return
             what = body["what"] if not body.get("malformed") else ""
             if what in ("S", "P"):
                 table = self.statements if what == "S" else self.portals
-                mark = _Mark(9)
+                mark = Mark(9)
                 op = self._change(table, body["name"], body["name_len"], mark)
                 self._wait(["close_s" if what == "S" else "close_p", None, now, 0, [], op])
             else:
                 self._wait(["close", None, now, 0, [], 0])  # the server refuses it
-        elif kind == _F:
+        elif kind == FUNCTION_CALL:
             fields = {"function_oid": body.get("oid"), **body["params"], **_malformed(body)}
             rec = self._record("function_call", "simple", fields)
             self.last_statement = f"function call {body.get('oid')}"
             self._await(["fcall", rec, now, 0, []])
 
-    def _evict_portal(self, name: str, portal: _Portal | _Mark) -> None:
+    def _evict_portal(self, name: str, portal: Portal | Mark) -> None:
         """A portal's parameters are about to be dropped: record them now."""
-        if isinstance(portal, _Mark):
+        if isinstance(portal, Mark):
             return
         if name.startswith("\x01"):
             name = portal.name  # not yet confirmed: under its Bind's key
         fields = {"statement": portal.statement, "portal": name, **(portal.params or {})}
         portal.bind_id = self._record("bind", "extended", fields)["statement_id"]
 
-    def _change(self, table: _Table, name: str, name_len: int,
-                entry: _Statement | _Portal | _Mark) -> int:  # fmt: skip
+    def _change(self, table: Table, name: str, name_len: int,
+                entry: Statement | Portal | Mark) -> int:  # fmt: skip
         """A Parse, Bind or Close of ``name`` was sent: ``entry`` is kept under its own key
         until the server confirms it (then it is ``name``'s) or refuses or skips it (then it
         never was), counted in the budget as the rest; ``"\\0"`` and the name keep its
@@ -714,11 +378,11 @@ class AuditTracker:
         self._ops += 1
         op = self._ops
         entry.name, entry.name_len, entry.segment = name, name_len, self._segment
-        table.put(_op_key(op), entry)
-        table.put("\0" + name, _Mark(1 + name_len, op=op))
+        table.put(op_key(op), entry)
+        table.put("\0" + name, Mark(1 + name_len, op=op))
         return op
 
-    def _current(self, table: _Table, name: str) -> tuple[Any, bool, bool]:
+    def _current(self, table: Table, name: str) -> tuple[Any, bool, bool]:
         """What ``name`` means for a statement sent now: its entry (None: none, or closed,
         or forgotten), whether the server confirmed it, and whether it is a change sent
         before a Sync not yet answered (the server may refuse it, and run the statement
@@ -726,11 +390,11 @@ class AuditTracker:
         latest = table.get("\0" + name)
         if latest is None:
             return table.get(name), True, False
-        change = table.get(_op_key(latest.op))
+        change = table.get(op_key(latest.op))
         if change is None:
             return None, False, False
         earlier = change.segment < self._segment
-        return (None if isinstance(change, _Mark) else change), False, earlier
+        return (None if isinstance(change, Mark) else change), False, earlier
 
     def _settle(self, entry: list[Any], ok: bool) -> None:
         """The server confirmed (``ok``), or refused or skipped, the change ``entry``."""
@@ -741,7 +405,7 @@ class AuditTracker:
             table = self.portals
         else:
             return
-        key = _op_key(entry[5])
+        key = op_key(entry[5])
         change = table.get(key)
         if change is None:  # forgotten (the budget): so was its name's entry
             return
@@ -750,13 +414,13 @@ class AuditTracker:
             table.remove("\0" + change.name)
         if not ok:
             table.remove(key)
-        elif isinstance(change, _Mark):  # a Close
+        elif isinstance(change, Mark):  # a Close
             table.remove(key)
             table.remove(change.name)
         else:
-            if isinstance(change, _Statement):
+            if isinstance(change, Statement):
                 change.epoch = self._epoch
-            elif isinstance(change, _Portal):
+            elif isinstance(change, Portal):
                 change.epoch = self._cursor_epoch
             table.adopt(key, change.name)
 
@@ -845,7 +509,7 @@ class AuditTracker:
 
     def _on_back(self, kind: int, body: dict[str, Any] | None) -> None:
         pending = self.pending
-        if kind == _BC and body is not None:
+        if kind == COMMAND_COMPLETE and body is not None:
             if body["tag"] in _PREPARE_TAGS:
                 self._epoch += 1
             elif body["tag"] in _CURSOR_TAGS:
@@ -859,7 +523,7 @@ class AuditTracker:
             if what in answers:
                 pending.popleft()
                 self._settle(head, True)
-        elif kind == _BZ:
+        elif kind == READY_FOR_QUERY:
             while pending:
                 entry = pending.popleft()
                 what = entry[0]
@@ -875,7 +539,7 @@ class AuditTracker:
                 self._skip(entry)
         elif what == "sync":
             return
-        elif kind == _BE:
+        elif kind == ERROR_RESPONSE:
             sqlstate = (body or {}).get("sqlstate")
             if what in ("query", "fcall"):
                 if len(head) == 5:
@@ -884,15 +548,19 @@ class AuditTracker:
                 self._fail(sqlstate)
         elif what not in _STATEMENTS:
             return
-        elif kind in (_BC, _BI, _BS):
-            if kind == _BC and body is not None:
+        elif kind in (COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, PORTAL_SUSPENDED):
+            if kind == COMMAND_COMPLETE and body is not None:
                 head[4].append(body["tag"])
             if what == "exec":
                 pending.popleft()
-                self._result(head, "suspended" if kind == _BS else "ok")
-        elif kind in (_BG, _BH, _BW):
-            direction = {_BG: "in", _BH: "out", _BW: "both"}[kind]
-            if kind == _BG:
+                self._result(head, "suspended" if kind == PORTAL_SUSPENDED else "ok")
+        elif kind in (COPY_IN_RESPONSE, COPY_OUT_RESPONSE, COPY_BOTH_RESPONSE):
+            direction = {
+                COPY_IN_RESPONSE: "in",
+                COPY_OUT_RESPONSE: "out",
+                COPY_BOTH_RESPONSE: "both",
+            }[kind]
+            if kind == COPY_IN_RESPONSE:
                 self._copy_in = head
             rec = head[1]
             res: Record = {
@@ -924,292 +592,8 @@ def _malformed(body: dict[str, Any]) -> dict[str, Any]:
     return {"malformed": True} if body.get("malformed") else {}
 
 
-def _text_fields(text: _Text) -> dict[str, Any]:
+def _text_fields(text: Text) -> dict[str, Any]:
     fields: dict[str, Any] = {"text": text.text()}
     if text.truncated:
         fields.update(text_truncated=True, text_bytes=text.size, text_sha256=text.sha256())
     return fields
-
-
-# -- body parsers -------------------------------------------------------------------------
-
-
-def _parse_query(cap: int) -> _Parser:
-    text = _Text(cap)
-    try:
-        yield ("cstr", text)
-    except _Short:
-        return {"text": text, "malformed": True}
-    return {"text": text}
-
-
-def _parse_parse(cap: int) -> _Parser:
-    name = _Text(_NAME_CAP)
-    text = _Text(cap)
-    out: dict[str, Any] = {"text": text}
-    try:
-        yield ("cstr", name)
-        yield ("cstr", text)
-    except _Short:
-        out["malformed"] = True
-    return dict(out, name=name.text(), name_len=len(name.kept))
-
-
-def _param_value(data: _Text, binary: bool, mode: ParameterMode) -> Any:
-    if mode == "hash":
-        return data.sha256()
-    value: dict[str, Any]
-    raw = bytes(data.kept)
-    if not binary:
-        try:
-            value = {"text": raw.decode("utf-8")}
-        except UnicodeDecodeError:
-            value = {"hex": raw.hex()}
-    else:
-        value = {"hex": raw.hex()}
-    if data.truncated:
-        value.update(truncated=True, bytes=data.size, sha256=data.sha256())
-    return value
-
-
-def _params(
-    count: int, formats: list[int], mode: ParameterMode, cap: int
-) -> Generator[_Request, Any, dict[str, Any]]:
-    values: list[Any] = []
-    # What all the parameters of one message keep, together: ``cap`` (32767 parameters of
-    # ``cap`` bytes each would otherwise be held at once); past it they are hashed, cut.
-    left = cap
-    for i in range(count):
-        length = _i32((yield ("take", 4)))
-        if length < 0:
-            values.append(None)
-            continue
-        # One format code applies to all; else each its own (none given: text).
-        fmt = formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
-        binary = fmt == 1
-        if mode == "none":
-            yield ("blob", length, _NullText())
-            continue
-        data = _Text(left, always_hash=mode == "hash")
-        if length:
-            yield ("blob", length, data)
-        left -= len(data.kept)
-        values.append(_param_value(data, binary, mode))
-    fields: dict[str, Any] = {"parameter_count": count}
-    if mode != "none":
-        fields["parameters"] = values
-    return fields
-
-
-class _NullText(_Text):
-    """Discards what it is given (parameters with ``parameters = "none"``)."""
-
-    def __init__(self) -> None:
-        super().__init__(0)
-
-    def add(self, data: bytes | memoryview) -> None:
-        self.size += len(data)
-
-
-def _parse_bind(cap: int, mode: ParameterMode) -> _Parser:
-    portal = _Text(_NAME_CAP)
-    stmt = _Text(_NAME_CAP)
-    params: dict[str, Any] = {}
-    try:
-        yield ("cstr", portal)
-        yield ("cstr", stmt)
-        nfmt = _i16((yield ("take", 2)))
-        formats = (
-            [_i16(b) for b in _chunks((yield ("take", 2 * max(0, nfmt))), 2)] if nfmt > 0 else []
-        )
-        count = _i16((yield ("take", 2)))
-        params = yield from _params(max(0, count), formats, mode, cap)
-    except _Short:
-        return dict(_bind_names(portal, stmt), params=params, malformed=True)
-    return dict(_bind_names(portal, stmt), params=params)
-
-
-def _bind_names(portal: _Text, stmt: _Text) -> dict[str, Any]:
-    return {
-        "portal": portal.text(),
-        "portal_len": len(portal.kept),
-        "statement": stmt.text(),
-        "statement_len": len(stmt.kept),
-    }
-
-
-def _chunks(data: bytes, size: int) -> list[bytes]:
-    return [data[i : i + size] for i in range(0, len(data), size)]
-
-
-def _parse_execute() -> _Parser:
-    portal = _Text(_NAME_CAP)
-    try:
-        yield ("cstr", portal)
-    except _Short:
-        return {"portal": portal.text(), "malformed": True}
-    return {"portal": portal.text()}
-
-
-def _parse_close() -> _Parser:
-    name = _Text(_NAME_CAP)
-    try:
-        what = (yield ("take", 1)).decode("latin-1")
-        yield ("cstr", name)
-    except _Short:
-        return {"what": "", "name": "", "name_len": 0, "malformed": True}
-    return {"what": what, "name": name.text(), "name_len": len(name.kept)}
-
-
-def _parse_function_call(cap: int, mode: ParameterMode) -> _Parser:
-    out: dict[str, Any] = {"params": {}}
-    try:
-        out["oid"] = _i32((yield ("take", 4)))
-        nfmt = _i16((yield ("take", 2)))
-        formats = (
-            [_i16(b) for b in _chunks((yield ("take", 2 * max(0, nfmt))), 2)] if nfmt > 0 else []
-        )
-        count = _i16((yield ("take", 2)))
-        out["params"] = yield from _params(max(0, count), formats, mode, cap)
-    except _Short:
-        out["malformed"] = True
-    return out
-
-
-def _back_parser(kind: int) -> _Parser:
-    if kind == _BC:
-        return _parse_tag()
-    if kind == _BE:
-        return _parse_error()
-    return _parse_nothing()
-
-
-def _parse_nothing() -> _Parser:
-    return {}
-    yield ("take", 0)  # pragma: no cover - makes this a generator
-
-
-def _parse_tag() -> _Parser:
-    tag = _Text(_BACKEND_CAP)
-    with contextlib.suppress(_Short):
-        yield ("cstr", tag)
-    return {"tag": tag.text()}
-
-
-def _parse_error() -> _Parser:
-    sqlstate: str | None = None
-    with contextlib.suppress(_Short):
-        while True:
-            code = yield ("take", 1)
-            if code in (b"\0", b""):
-                break
-            value = _Text(_BACKEND_CAP)
-            yield ("cstr", value)
-            if code == b"C":
-                sqlstate = value.text()
-    return {"sqlstate": sqlstate}
-
-
-def _front_fast(cap: int) -> Callable[[int, bytes], dict[str, Any] | None]:
-    def fast(kind: int, body: bytes) -> dict[str, Any] | None:
-        # Only when the first NUL ends the field where the streaming parser would.
-        if kind == _Q and body and body.find(b"\0") == len(body) - 1:
-            return {"text": _Text.whole(body[:-1], cap)}
-        if kind == _E:
-            nul = body.find(b"\0")
-            if nul >= 0 and len(body) - nul == 5:
-                return {"portal": body[:nul][:_NAME_CAP].decode("utf-8", "replace")}
-        return None
-
-    return fast
-
-
-def _back_fast(kind: int, body: bytes) -> dict[str, Any] | None:
-    if kind == _BC and body and body.find(b"\0") == len(body) - 1 and len(body) <= _BACKEND_CAP:
-        return {"tag": body[:-1].decode("utf-8", "replace")}
-    return None
-
-
-class _Framer:
-    """Splits one direction into messages: bodies of ``parsed`` types go through their
-    parser (bounded memory), the others are skipped; ``on_message(type, result)``."""
-
-    __slots__ = ("body", "fast", "header", "kind", "make", "on_message", "parsed", "skip")
-
-    def __init__(
-        self,
-        parsed: frozenset[int],
-        make: Callable[[int], _Parser],
-        on_message: Callable[[int, dict[str, Any] | None], None],
-        fast: Callable[[int, bytes], dict[str, Any] | None] | None = None,
-    ) -> None:
-        #: For a whole body in one chunk: the result without a body parser, or None
-        #: (then the parser runs).
-        self.fast = fast
-        self.parsed = parsed
-        self.make = make
-        self.on_message = on_message
-        self.header = bytearray()
-        self.skip = 0  # body bytes of the current skipped message still to come
-        self.body: _Body | None = None
-        self.kind = 0
-
-    def feed(self, chunk: bytes) -> None:
-        view = memoryview(chunk)
-        n = len(view)
-        pos = 0
-        while pos < n:
-            body = self.body
-            if body is not None:
-                take = min(body.remaining, n - pos)
-                body.feed(view[pos : pos + take])
-                pos += take
-                if body.remaining == 0:
-                    self.body = None
-                    self.on_message(self.kind, body.finish())
-                continue
-            if self.skip:
-                take = min(self.skip, n - pos)
-                self.skip -= take
-                pos += take
-                continue
-            if not self.header and n - pos >= 5:
-                kind, length = _HEADER.unpack_from(view, pos)
-                pos += 5
-                size = length - 4 if length > 4 else 0
-                if pos + size <= n:  # the whole message is in this chunk
-                    if kind not in self.parsed:
-                        self.on_message(kind, None)
-                        pos += size
-                        continue
-                    fast = self.fast
-                    if fast is not None:
-                        result = fast(kind, chunk[pos : pos + size])
-                        if result is not None:
-                            self.kind = kind
-                            self.on_message(kind, result)
-                            pos += size
-                            continue
-                self._start(kind, size)
-                continue
-            else:
-                take = min(5 - len(self.header), n - pos)
-                self.header += view[pos : pos + take]
-                pos += take
-                if len(self.header) < 5:
-                    return
-                kind, length = _HEADER.unpack(self.header)
-                self.header.clear()
-            self._start(kind, max(0, length - 4))
-
-    def _start(self, kind: int, size: int) -> None:
-        self.kind = kind
-        if kind in self.parsed:
-            body = _Body(self.make(kind), size)
-            if size == 0:
-                self.on_message(kind, body.finish())
-            else:
-                self.body = body
-        else:
-            self.on_message(kind, None)
-            self.skip = size

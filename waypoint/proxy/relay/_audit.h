@@ -1,20 +1,20 @@
 /*
  * The statement audit's per-statement work in C (included by _pump.c).
  *
- * waypoint/audit/tracker.py is the reference: this is the same tracker (framing both
- * directions, pairing the server's answers with the statements, cutting oversized texts
- * with the SHA-256 of the whole) with the same records, encoded here as JSON object
- * members (the session's identity members first, pre-encoded once per session), one
- * record per line. tests/test_audit_ctracker.py feeds both the same byte streams and
- * requires the same records. The pump feeds a relay's tracker without the GIL (Lane.
- * tap_enable); Python takes the encoded records (AuditTracker.take) after each batch.
+ * waypoint/audit/tracker.py (with messages.py and names.py) is the reference: this is the
+ * same tracker (framing both directions, pairing the server's answers with the statements,
+ * cutting oversized texts with the SHA-256 of the whole) with the same records, encoded
+ * here as JSON object members (the session's identity members first, pre-encoded once per
+ * session), one record per line. tests/test_audit_ctracker.py feeds both the same byte
+ * streams and requires the same records. The pump feeds a relay's tracker without the GIL
+ * (Lane.tap_enable); Python takes the encoded records (AuditTracker.take) after each batch.
  *
  * chain() is the sink's hash chain over such lines: each gets "seq" and "prev" (the
  * SHA-256 of the line before it), computed without the GIL.
  *
  * Memory: texts are kept up to max_statement_bytes (names 256, server texts 4096 bytes)
  * whatever their size; the rest is hashed as it passes. The statement and portal tables
- * each stay within max_session_statement_bytes (tracker.py's _Table: the oldest entries
+ * each stay within max_session_statement_bytes (names.py's Table: the oldest entries
  * evicted, then dropped). Only the engine thread uses a
  * tracker once its relay runs (the pump, or Python on that thread with the GIL).
  */
@@ -475,7 +475,7 @@ json_hex(Buf *b, const unsigned char *s, size_t n)
 }
 
 /* ----------------------------------------------------------------------------------- */
-/* Texts read incrementally (tracker.py's _Text)                                         */
+/* Texts read incrementally (messages.py's Text)                                         */
 /* ----------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -559,7 +559,7 @@ json_text_fields(Buf *b, const unsigned char *kept, size_t len, long long size, 
 /* Name tables (prepared statements, portals)                                           */
 /* ----------------------------------------------------------------------------------- */
 
-/* What one kept statement or portal counts for beyond its bytes (tracker.py's ENTRY_COST). */
+/* What one kept statement or portal counts for beyond its bytes (names.py's ENTRY_COST). */
 #define ENTRY_COST 192
 /* Cap on names (statement, portal) kept from the wire. */
 #define NAME_CAP 256
@@ -603,7 +603,7 @@ typedef struct {
     size_t nslots; /* a power of two */
     size_t count;
     int is_statements; /* eviction drops the text (statements) or the parameters (portals) */
-    long long budget, retained, dropped; /* tracker.py's _Table */
+    long long budget, retained, dropped; /* names.py's Table */
     NamedList kept, evicted;
     int pin_unnamed;                     /* the entry of "" is pinned */
     void (*on_evict)(void *owner, Named *e);
@@ -843,7 +843,7 @@ change_key(unsigned char key[CHANGE_KEY], long long op)
     }
 }
 
-/* The unconfirmed entry under key becomes name's, the newest (tracker.py's _Table.adopt):
+/* The unconfirmed entry under key becomes name's, the newest (names.py's Table.adopt):
  * 0 when memory ran out. */
 static int
 table_adopt(Table *t, const unsigned char key[CHANGE_KEY], const unsigned char *name,
@@ -1040,7 +1040,7 @@ static void record_open(Tracker *t, const Buf *ctx, const char *event, long long
 static void record_close(Tracker *t, int malformed);
 
 /* One more statement or Sync would wait past max_awaiting (a client pipelining without
- * reading the answers): recorded, and the tracker stops (tracker.py's _limit). */
+ * reading the answers): recorded, and the tracker stops (tracker.py's _wait). */
 static void
 awaiting_limit(Tracker *t)
 {
@@ -1262,7 +1262,7 @@ small_i16(const Framer *f)
     return (int16_t)(((uint16_t)f->small[0] << 8) | (uint16_t)f->small[1]);
 }
 
-/* A parameter value, complete in f->param, appended to f->values (tracker.py's
+/* A parameter value, complete in f->param, appended to f->values (messages.py's
  * _param_value). */
 static void
 param_value(Tracker *t, Framer *f, int binary)
@@ -2098,7 +2098,7 @@ tracker_refusing(const Tracker *t)
     return t->has_gate && __atomic_load_n((const unsigned char *)t->gate.buf, __ATOMIC_RELAXED);
 }
 
-/* Bytes of one direction, in order (tracker.py's _Framer.feed). No Python object is
+/* Bytes of one direction, in order (messages.py's Framer.feed). No Python object is
  * touched: the pump calls it without the GIL. Once halted (tracker_halted) it takes
  * nothing more: the caller must not send the chunk that halted it. */
 static void
