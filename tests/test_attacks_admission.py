@@ -6,6 +6,7 @@ and stalled TLS handshakes."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import ssl
 import struct
@@ -44,6 +45,7 @@ from waypoint.config.load import load_config_text
 from waypoint.pgwire import MessageReader, build_startup_message
 from waypoint.provision.sql import GROUP_LOCK_CLASS, group_lock_key
 from waypoint.proxy.handshake import _read_client_hello
+from waypoint.proxy.source import EARLY_PER_PEER, ConnectingSource
 from waypoint.proxy.tls import ClientHelloError, ClientHelloScanner, client_hello_length
 
 # -- a ClientHello sent in one-byte records -------------------------------------------------
@@ -539,3 +541,69 @@ async def _ssl_request_inside_tls(address: tuple[str, int]) -> str:
     messages = parse_server_messages(data)
     assert [kind for kind, _ in messages] == ["E"], data
     return error_fields(messages[0][1])["C"]
+
+
+# -- backends opened before admission -------------------------------------------------------
+
+
+async def test_a_burst_from_a_peer_served_lately_opens_few_backends_before_it_is_admitted(
+    pg15: PgCluster, tmp_path: Path
+) -> None:
+    """A peer served lately has its session's backend connection opened while its whois runs
+    (the connect overlaps the lookup). A burst of connections from that peer, each of which
+    may yet be refused (by its grant, its limits, a lock), must not make the server fork a
+    process for every one of them before any is admitted: at most
+    :data:`EARLY_PER_PEER` such connections are open for one peer at a time. The whois hangs
+    here, so every connection of the burst is waiting in its lookup at once; the backend is
+    a listener that records the connections it accepts."""
+    admin = pg15.admin_user.encode()
+    sentinel = b"sentinel"
+    received: list[bytearray] = []
+
+    async def record(stream: trio.SocketStream) -> None:
+        data = bytearray()
+        received.append(data)
+        with trio.move_on_after(60), contextlib.suppress(trio.BrokenResourceError):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+                if admin in data or sentinel in data:
+                    break
+        await stream.aclose()
+
+    burst = 24
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, record, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(60):
+            async with e2e_env(
+                pg15, tmp_path, backend=f"127.0.0.1:{port}", tls_mode="off"
+            ) as env:
+                env.grant("127.0.0.1", {"granted": {"permissions": ["readonly"]}})
+                source = env.running.contexts[LISTENER].backends
+                assert isinstance(source, ConnectingSource)
+                source.served("127.0.0.1")
+                env.standin.set_fault("hang", "127.0.0.1")
+                startup = build_startup_message({"user": "x", "database": "granted"})
+                clients = []
+                for _ in range(burst):
+                    client = await trio.open_tcp_stream(env.host, env.port)
+                    await client.send_all(startup)
+                    clients.append(client)
+                # Every session of the burst is in its lookup; each one that opened a
+                # backend connection did so before its whois went out.
+                while env.standin.whois_count("127.0.0.1") < burst:
+                    await trio.sleep(0.02)
+                # Connections are accepted in order: the sentinel's comes after them all.
+                probe = await trio.open_tcp_stream("127.0.0.1", port)
+                await probe.send_all(sentinel)
+                while not any(sentinel in d for d in received):
+                    await trio.sleep(0.02)
+                await probe.aclose()
+                early = [d for d in received if admin not in d and sentinel not in d]
+                assert 1 <= len(early) <= EARLY_PER_PEER, len(early)
+                assert all(d == b"" for d in early), early  # nothing sent before admission
+                for client in clients:
+                    await client.aclose()
+        nursery.cancel_scope.cancel()

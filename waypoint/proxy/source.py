@@ -167,6 +167,8 @@ class BackendSource(Protocol):
 #: backend is opened while they are being identified).
 RECENT_PEERS: Final = 4096
 RECENT_FOR: Final = 600.0
+#: At most this many backend connections opened before admission, per peer at a time.
+EARLY_PER_PEER: Final = 2
 
 
 @attrs.define(eq=False)
@@ -199,6 +201,21 @@ class ConnectingSource:
 
     def served(self, peer_ip: str) -> None:
         self._recent.put(peer_ip, trio.current_time())
+
+    def early_turn(self, peer_ip: str) -> bool:
+        """Take one of ``peer_ip``'s :data:`EARLY_PER_PEER` turns to open a backend connection
+        before it is admitted (False: all are taken; the session connects once admitted).
+        Whoever got one gives it back with :meth:`early_turn_done`."""
+        taken = self._early_turns.get(peer_ip, 0)
+        if taken >= EARLY_PER_PEER:
+            return False
+        self._early_turns[peer_ip] = taken + 1
+        return True
+
+    def early_turn_done(self, peer_ip: str) -> None:
+        taken = self._early_turns.pop(peer_ip) - 1
+        if taken:
+            self._early_turns[peer_ip] = taken
 
     @contextlib.asynccontextmanager
     async def order(self, peer_ip: str, request: BackendRequest) -> AsyncIterator[BackendOrder]:
@@ -384,6 +401,8 @@ class ConnectingSource:
     #: Peers that started a session lately (address -> when, trio's clock). Looking a peer
     #: up does not count as using it: the peers forgotten first are the longest unserved.
     _recent: LRU[str, float] = attrs.field(factory=lambda: LRU(RECENT_PEERS), init=False)
+    #: Per peer, its backend connections opened before admission and not yet taken or closed.
+    _early_turns: dict[str, int] = attrs.field(factory=dict, init=False)
 
     async def _end(self, backend: LoggedInBackend, *, closed_by_backend: bool) -> BackendEnd:
         """End the backend on the server (:mod:`waypoint.proxy.backend_end`)."""
@@ -432,6 +451,8 @@ class _ConnectingOrder:
     #: The backend connection opened during the lookup (TCP and TLS, no login), or why it
     #: could not be opened; None when none was opened (or it was taken).
     _early: BackendConnection | Exception | None = None
+    #: Whether this order holds one of its peer's turns to open a backend before admission.
+    _turn: bool = False
 
     async def identify(self, whois: Whois) -> Identity | Refusal:
         """Who the peer is; meanwhile, when this session will need a new backend (pooling
@@ -439,12 +460,17 @@ class _ConnectingOrder:
         its connection is opened: the connect and TLS overlap the lookup. Nothing is sent on
         it before the peer is known and granted; a refused peer's is abandoned at once (and
         closed by ``order``'s end). A peer not served lately opens nothing before it is
-        identified and granted."""
+        identified and granted, and one served lately at most :data:`EARLY_PER_PEER` at a
+        time: a burst of its connections, which may all be refused yet, makes the server
+        fork no more processes than that before any is admitted."""
         source = self.source
-        if (source.pooling and source.may_have(self.request)) or not source.recently_served(
-            self.peer_ip
+        if (
+            (source.pooling and source.may_have(self.request))
+            or not source.recently_served(self.peer_ip)
+            or not source.early_turn(self.peer_ip)
         ):
             return await whois()
+        self._turn = True
         found: Identity | Refusal | None = None
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
@@ -474,6 +500,7 @@ class _ConnectingOrder:
         """The connection opened during the lookup, once (None: none). Raises what the
         connect raised (:class:`BackendUnavailable`) when it could not be opened."""
         early, self._early = self._early, None
+        self._give_back_turn()
         if isinstance(early, Exception):
             raise early
         return early
@@ -481,8 +508,14 @@ class _ConnectingOrder:
     async def discard_early(self) -> None:
         """Close the early connection if the session did not take it (refused, failed)."""
         early, self._early = self._early, None
+        self._give_back_turn()
         if isinstance(early, BackendConnection):
             await early.aclose()
+
+    def _give_back_turn(self) -> None:
+        if self._turn:
+            self._turn = False
+            self.source.early_turn_done(self.peer_ip)
 
     async def open(
         self, identity: Identity, grant: EffectiveGrant, log: EventLogger
