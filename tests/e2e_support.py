@@ -300,6 +300,24 @@ async def e2e_env(
 
 
 @contextlib.asynccontextmanager
+async def hostile_client_env(
+    cluster: PgCluster, tmp_path: Path, certs: CertFiles, db: str, *, handshake_timeout: float
+) -> AsyncIterator[E2EEnv]:
+    """Waypoint in front of ``cluster`` with a short ``handshake_timeout`` and TLS optional
+    (``certs``), where a normal client at 127.0.0.1 may read ``db``: for tests of hostile
+    clients, which connect from other addresses or never finish their handshake."""
+    async with e2e_env(
+        cluster,
+        tmp_path,
+        handshake_timeout=f"{handshake_timeout:g}s",
+        tls_mode="optional",
+        listener_extra=certs.listener_extra(),
+    ) as env:
+        env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+        yield env
+
+
+@contextlib.asynccontextmanager
 async def two_instances(
     cluster: PgCluster, tmp_path: Path, space: KeySpace
 ) -> AsyncIterator[tuple[LocalAPIStandin, Config, Running, Running]]:

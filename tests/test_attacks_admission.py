@@ -29,6 +29,7 @@ from e2e_support import (
     db_rule,
     e2e_env,
     error_fields,
+    hostile_client_env,
     make_cert_files,
     make_config_text,
     parse_server_messages,
@@ -483,14 +484,7 @@ async def test_stalled_tls_handshakes_block_nobody_hold_nothing_and_end_at_the_t
     db = create_app_database(pg)
     certs = make_cert_files(tmp_path / "certs")
     with trio.fail_after(90), capture_logs() as logs:
-        async with e2e_env(
-            pg,
-            tmp_path,
-            handshake_timeout=f"{HANDSHAKE:g}s",
-            tls_mode="optional",
-            listener_extra=certs.listener_extra(),
-        ) as env:
-            env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
+        async with hostile_client_env(pg, tmp_path, certs, db, handshake_timeout=HANDSHAKE) as env:
             await _query_plaintext(env, db)  # its role is provisioned: later logins are quick
             address = (env.host, env.port)
             closed: list[str] = []

@@ -8,9 +8,8 @@ parsed with PostgreSQL's own parser); and the listener serves a normal client af
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pg8000.native
@@ -23,7 +22,7 @@ from e2e_support import (
     E2EEnv,
     WireReply,
     create_app_database,
-    e2e_env,
+    hostile_client_env,
     make_cert_files,
     raw_exchange,
     raw_startup_packet,
@@ -52,23 +51,6 @@ def logged_pg(request: pytest.FixtureRequest, private_pg: PrivatePg) -> Iterator
 @pytest.fixture
 def certs(tmp_path: Path) -> CertFiles:
     return make_cert_files(tmp_path / "certs")
-
-
-@contextlib.asynccontextmanager
-async def _env(
-    cluster: PgCluster, tmp_path: Path, certs: CertFiles, db: str
-) -> AsyncIterator[E2EEnv]:
-    """Waypoint in front of ``cluster`` (the short handshake timeout, TLS optional), where
-    the normal client (127.0.0.1, see :func:`_normal_client_works`) may read ``db``."""
-    async with e2e_env(
-        cluster,
-        tmp_path,
-        handshake_timeout=f"{HANDSHAKE:g}s",
-        tls_mode="optional",
-        listener_extra=certs.listener_extra(),
-    ) as env:
-        env.grant("127.0.0.1", {db: {"permissions": ["readonly"]}})
-        yield env
 
 
 async def _send(
@@ -133,7 +115,7 @@ async def test_slowloris_startup_is_closed_by_the_handshake_timeout(
     logged_pg: PgCluster, tmp_path: Path, certs: CertFiles
 ) -> None:
     db = create_app_database(logged_pg)
-    async with _env(logged_pg, tmp_path, certs, db) as env:
+    async with hostile_client_env(logged_pg, tmp_path, certs, db, handshake_timeout=HANDSHAKE) as env:
         env.grant(ATTACKER, {db: {"permissions": ["readonly"]}}, login="slow@example.com")
         packet = raw_startup_packet({"user": "slow", "database": db})
         give_up = HANDSHAKE * 10
@@ -176,7 +158,7 @@ async def test_first_packet_length_out_of_range_is_refused_with_08p01(
     logged_pg: PgCluster, tmp_path: Path, certs: CertFiles
 ) -> None:
     db = create_app_database(logged_pg)
-    async with _env(logged_pg, tmp_path, certs, db) as env:
+    async with hostile_client_env(logged_pg, tmp_path, certs, db, handshake_timeout=HANDSHAKE) as env:
         for length, what in BAD_LENGTHS:
             packet = length.to_bytes(4, "big") + (3 << 16).to_bytes(4, "big") + b"user\0x\0\0"
             reply = await _send(env, [packet])
@@ -193,7 +175,7 @@ async def test_first_packet_that_claims_more_than_it_sends_is_closed_in_time(
     logged_pg: PgCluster, tmp_path: Path, certs: CertFiles
 ) -> None:
     db = create_app_database(logged_pg)
-    async with _env(logged_pg, tmp_path, certs, db) as env:
+    async with hostile_client_env(logged_pg, tmp_path, certs, db, handshake_timeout=HANDSHAKE) as env:
         packet = (10004).to_bytes(4, "big") + (3 << 16).to_bytes(4, "big") + b"user\0x\0"
         reply = await _send(env, [packet])
         _assert_closed_in_time(reply, "short packet")
@@ -205,7 +187,7 @@ async def test_startup_with_10000_parameters_is_refused(
     logged_pg: PgCluster, tmp_path: Path, certs: CertFiles
 ) -> None:
     db = create_app_database(logged_pg)
-    async with _env(logged_pg, tmp_path, certs, db) as env:
+    async with hostile_client_env(logged_pg, tmp_path, certs, db, handshake_timeout=HANDSHAKE) as env:
         env.grant(ATTACKER, {db: {"permissions": ["readonly"]}}, login="many@example.com")
         before = roles_with_prefix(logged_pg, PREFIX)
         params = [("user", "many"), ("database", db)] + [(f"p{i}", "v") for i in range(10_000)]
@@ -225,7 +207,7 @@ async def test_direct_tls_without_alpn_postgresql_is_closed(
     logged_pg: PgCluster, tmp_path: Path, certs: CertFiles
 ) -> None:
     db = create_app_database(logged_pg)
-    async with _env(logged_pg, tmp_path, certs, db) as env:
+    async with hostile_client_env(logged_pg, tmp_path, certs, db, handshake_timeout=HANDSHAKE) as env:
         for alpn in [(), ("http/1.1",)]:
             hello = tls_client_hello(alpn=alpn)
             assert hello[0] == 0x16
@@ -249,7 +231,7 @@ async def test_tls_handshake_garbage_after_s_is_closed(
     logged_pg: PgCluster, tmp_path: Path, certs: CertFiles
 ) -> None:
     db = create_app_database(logged_pg)
-    async with _env(logged_pg, tmp_path, certs, db) as env:
+    async with hostile_client_env(logged_pg, tmp_path, certs, db, handshake_timeout=HANDSHAKE) as env:
         for garbage, what in TLS_GARBAGE:
             # The garbage goes after the answer (a client sending it earlier is refused anyway).
             reply = await _send(env, [SSL_REQUEST, garbage], delay=0.2)
@@ -266,7 +248,7 @@ async def test_sql_injection_in_startup_parameters_runs_nothing(
 ) -> None:
     db = create_app_database(logged_pg)
     log_start = len(logged_pg.read_log())
-    async with _env(logged_pg, tmp_path, certs, db) as env:
+    async with hostile_client_env(logged_pg, tmp_path, certs, db, handshake_timeout=HANDSHAKE) as env:
         before = roles_with_prefix(logged_pg, PREFIX)
 
         async def attempt(source: str = "127.0.0.1", **startup: str) -> dict[str, str] | None:
@@ -339,7 +321,7 @@ async def test_identity_strings_from_localapi_are_data(
 
     db = create_app_database(logged_pg)
     log_start = len(logged_pg.read_log())
-    async with _env(logged_pg, tmp_path, certs, db) as env:
+    async with hostile_client_env(logged_pg, tmp_path, certs, db, handshake_timeout=HANDSHAKE) as env:
         for n, (login, node) in enumerate(WEIRD_IDENTITIES):
             ip = f"127.0.0.{70 + n}"
             env.grant(ip, {db: {"permissions": ["readonly"]}}, login=login, node=node)
