@@ -204,8 +204,11 @@ async def test_statements_of_every_kind_are_recorded_with_who_ran_them(
             await trio.to_thread.run_sync(_psycopg_work, dsn)
             recs = await wait_for(
                 path,
-                lambda rs: any("/* big-ext */" in (x.get("text") or "") for x in rs),
-                "the big statement",
+                lambda rs: any(
+                    x["event"] == "execute" and "/* big-ext */" in (x.get("text") or "")
+                    for x in rs
+                ),
+                "the big statement's execute (its parse is recorded before it)",
             )
             recs = await wait_for(
                 path,
@@ -321,7 +324,11 @@ async def test_pgjdbc_statements_are_recorded_with_who_ran_them(
             recs = await wait_for(
                 path,
                 lambda rs: (
-                    any("/* jdbc-simple */" in (x.get("text") or "") for x in rs)
+                    any(
+                        x["event"] in ("query", "execute")
+                        and "/* jdbc-simple */" in (x.get("text") or "")
+                        for x in rs
+                    )
                     and len([x for x in rs if x["event"] == "result"])
                     >= len([x for x in rs if x["event"] in ("query", "execute")])
                 ),
