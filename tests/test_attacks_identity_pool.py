@@ -16,7 +16,6 @@ from typing import Any
 import trio
 from e2e_support import (
     LISTENER,
-    RawSession,
     create_app_database,
     db_rule,
     e2e_env,
@@ -24,7 +23,7 @@ from e2e_support import (
 )
 from pgcluster import PgCluster
 from state_support import KeySpace
-from test_e2e_cancel import _cancel_attempts, cancel_outcomes
+from test_e2e_cancel import assert_only_the_owner_cancels, cancel_outcomes
 from test_e2e_pool import _psycopg, pid_and_role
 
 from waypoint.app import Running
@@ -147,16 +146,9 @@ async def test_lookalike_tagged_nodes_get_their_own_roles_pooled_backends_and_ca
             assert await pid_and_role(env, db, "127.0.0.2") == local
             await wait_pooled(env.running, 2)
 
-        raw = await trio.to_thread.run_sync(RawSession.open, env, db, 0, "127.0.0.2")
-        try:
-            assert raw.pid == local[0]
-            states, result = await trio.to_thread.run_sync(
-                _cancel_attempts, env, raw, "lookalike", ["127.0.0.3"], "127.0.0.2"
-            )
-        finally:
-            raw.close()
-        assert states[0] is not None and states[0][0] == "active", states
-        assert result.startswith("error:57014"), result
+        await assert_only_the_owner_cancels(
+            env, db, "127.0.0.2", "lookalike", ["127.0.0.3"], "127.0.0.2", pid=local[0]
+        )
         assert cancel_outcomes(env) == {"wrong_identity": 1.0, "forwarded": 1.0}
 
 

@@ -251,6 +251,33 @@ def _cancel_attempts(
     return states, raw.read_result(timeout=10)
 
 
+async def assert_only_the_owner_cancels(
+    env: E2EEnv,
+    db: str,
+    source: str,
+    marker: str,
+    strangers: list[str],
+    owner: str,
+    *,
+    pid: int | None = None,
+) -> None:
+    """A session from ``source`` (whose backend is ``pid``, when given) runs a long statement;
+    cancels with its right key from ``strangers`` leave it running, and the one from ``owner``
+    cancels it (57014)."""
+    raw = await trio.to_thread.run_sync(RawSession.open, env, db, 0, source)
+    try:
+        if pid is not None:
+            assert raw.pid == pid
+        states, result = await trio.to_thread.run_sync(
+            _cancel_attempts, env, raw, marker, strangers, owner
+        )
+    finally:
+        raw.close()
+    for state in states:
+        assert state is not None and state[0] == "active", states
+    assert result.startswith("error:57014"), result
+
+
 async def test_a_cancel_from_another_identity_with_the_right_key_does_not_cancel(
     pg: PgCluster, tmp_path: Path
 ) -> None:
@@ -265,32 +292,13 @@ async def test_a_cancel_from_another_identity_with_the_right_key_does_not_cancel
             for ip, node in (("127.0.0.4", "web1"), ("127.0.0.5", "web2")):
                 env.grant(ip, rights, login="tagged-devices", node=node, tags=["tag:web"])
 
-            ann = await trio.to_thread.run_sync(RawSession.open, env, db, 0, "127.0.0.2")
-            try:
-                states, result = await trio.to_thread.run_sync(
-                    _cancel_attempts,
-                    env,
-                    ann,
-                    "ann",
-                    ["127.0.0.3", "127.0.0.9", "127.0.0.4"],  # bob, not a tailnet peer, a tag
-                    "127.0.0.6",
-                )
-            finally:
-                ann.close()
-            for state in states:
-                assert state is not None and state[0] == "active", states
-            assert result.startswith("error:57014"), result
-
+            # bob, not a tailnet peer, a tag
+            strangers = ["127.0.0.3", "127.0.0.9", "127.0.0.4"]
+            await assert_only_the_owner_cancels(env, db, "127.0.0.2", "ann", strangers, "127.0.0.6")
             # A tagged node is its node: another node with the same tag cannot cancel.
-            web1 = await trio.to_thread.run_sync(RawSession.open, env, db, 0, "127.0.0.4")
-            try:
-                states, result = await trio.to_thread.run_sync(
-                    _cancel_attempts, env, web1, "web1", ["127.0.0.5"], "127.0.0.4"
-                )
-            finally:
-                web1.close()
-            assert states[0] is not None and states[0][0] == "active", states
-            assert result.startswith("error:57014"), result
+            await assert_only_the_owner_cancels(
+                env, db, "127.0.0.4", "web1", ["127.0.0.5"], "127.0.0.4"
+            )
 
             assert cancel_outcomes(env) == {
                 "wrong_identity": 3.0,
